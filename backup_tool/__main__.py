@@ -1,0 +1,3 @@
+from backup_tool.cli import main
+
+main()

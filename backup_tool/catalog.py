@@ -1,0 +1,120 @@
+"""The repository as a catalog of backups, read from the repository alone.
+
+Layout (all keys relative to the repository root)::
+
+    manifests/<id>.json          one per complete backup; written last, the commit point
+    backups/<id>/...             the backup's objects (schema, globals, per-table data)
+
+Listing backups lists ``manifests/`` only, so it is cheap on S3 and needs no local state.
+Objects under ``backups/<id>/`` with no manifest are garbage from an interrupted run:
+never listed, never restored, removed by retention's sweep.
+Backup ids sort by the time the backup started (``20261125T020000Z-F3a9c``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import secrets
+from datetime import datetime, timezone
+
+from backup_tool.errors import BackupToolError, NotFoundError
+from backup_tool.manifest import Manifest, parse_manifest
+from backup_tool.storage import ObjectMissingError, Storage
+
+MANIFEST_PREFIX = "manifests/"
+DATA_PREFIX = "backups/"
+KIND_LETTER = {"full": "F", "incremental": "I", "base": "B"}
+
+
+def manifest_key(backup_id: str) -> str:
+    return f"{MANIFEST_PREFIX}{backup_id}.json"
+
+
+def data_prefix(backup_id: str) -> str:
+    return f"{DATA_PREFIX}{backup_id}/"
+
+
+def new_backup_id(kind: str, started_at: datetime) -> str:
+    stamp = started_at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{KIND_LETTER[kind]}{secrets.token_hex(2)}"
+
+
+class Catalog:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._cache: dict[str, Manifest] = {}
+
+    def ids(self) -> list[str]:
+        return sorted(
+            info.key[len(MANIFEST_PREFIX):-len(".json")]
+            for info in self.storage.list(MANIFEST_PREFIX)
+            if info.key.endswith(".json")
+        )
+
+    def load(self, backup_id: str) -> Manifest:
+        if backup_id not in self._cache:
+            key = manifest_key(backup_id)
+            try:
+                raw = self.storage.get_bytes(key)
+            except ObjectMissingError:
+                raise NotFoundError(f"backup {backup_id} not found in {self.storage.url}",
+                                    "run 'backup-tool list' to see the backups") from None
+            self._cache[backup_id] = parse_manifest(raw, key)
+        return self._cache[backup_id]
+
+    def scan(self) -> tuple[list[Manifest], list[BackupToolError]]:
+        """Every readable manifest (oldest first) and the errors of those that are not."""
+        ids = self.ids()
+        manifests: list[Manifest] = []
+        problems: list[BackupToolError] = []
+        with cf.ThreadPoolExecutor(8) as pool:
+            for backup_id, fut in [(i, pool.submit(self.load, i)) for i in ids]:
+                try:
+                    manifests.append(fut.result())
+                except BackupToolError as exc:
+                    problems.append(exc)
+        manifests.sort(key=lambda m: (m.started_at, m.id))
+        return manifests, problems
+
+    def backups(self) -> list[Manifest]:
+        """Every complete backup, oldest first; raises on the first unreadable manifest."""
+        manifests, problems = self.scan()
+        if problems:
+            raise problems[0]
+        return manifests
+
+    def resolve(self, ref: str | None, kinds: tuple[str, ...] = ("full", "incremental"),
+                database: str | None = None) -> Manifest:
+        """A backup by id, unique id prefix, or ``latest`` (newest of ``kinds``)."""
+        ref = ref or "latest"
+        if ref == "latest":
+            candidates = [m for m in self.scan()[0] if m.kind in kinds
+                          and (database is None or m.database == database)]
+            if not candidates:
+                raise NotFoundError(f"no {' or '.join(kinds)} backup in {self.storage.url}",
+                                    "take one with 'backup-tool backup full'")
+            return candidates[-1]
+        ids = self.ids()
+        if ref in ids:
+            return self.load(ref)
+        matches = [i for i in ids if i.startswith(ref)]
+        if len(matches) == 1:
+            return self.load(matches[0])
+        if len(matches) > 1:
+            raise NotFoundError(f"backup id {ref!r} is ambiguous ({len(matches)} backups match)",
+                                "give more characters of the id")
+        recent = ", ".join(ids[-3:]) or "none"
+        raise NotFoundError(f"backup {ref!r} not found in {self.storage.url} (newest: {recent})",
+                            "run 'backup-tool list' to see the backups")
+
+    def chain(self, manifest: Manifest) -> list[Manifest]:
+        """The backup and its ancestors, full first."""
+        chain = [manifest]
+        while chain[0].parent_id:
+            chain.insert(0, self.load(chain[0].parent_id))
+        return chain
+
+    def commit(self, manifest: Manifest) -> None:
+        """Publish the backup: from here on it is listed and restorable."""
+        self.storage.put_bytes(manifest_key(manifest.id), manifest.to_json())
+        self._cache[manifest.id] = manifest

@@ -1,0 +1,372 @@
+"""The ``backup-tool`` command line: parse options, call one library function, render.
+
+Every command accepts the common options after its own name (``--repo``, ``--dsn``,
+``--policy``, ``--json``, ``--debug``). Errors become one line on stderr and the exit code
+of the CLI contract (0 ok, 1 failed, 2 usage, 3 verification/validation problem, 4 lock
+held); tracebacks only with ``--debug``. Known passwords are scrubbed from everything
+printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from backup_tool import __version__
+from backup_tool.config import Settings, default_repo, resolve_settings
+from backup_tool.errors import EXIT_FAILED, EXIT_VALIDATION, BackupToolError, ValidationFailed
+from backup_tool.report import Reporter
+
+HELP = f"""PostgreSQL backup and disaster recovery: full backups to S3 or a local directory,
+restores that end with integrity validation.
+
+Repository: --repo / BACKUP_TOOL_REPO, s3://BUCKET/PREFIX or a directory; default
+{default_repo()}. Database: --dsn / DATABASE_URL, else libpq's PG* variables as psql uses
+them. S3 credentials and endpoint: boto3's standard chain (AWS_PROFILE, AWS_ACCESS_KEY_ID,
+AWS_ENDPOINT_URL_S3...).
+
+Exit codes: 0 ok, 1 failed, 2 usage error, 3 verification/validation found a problem,
+4 another backup/restore holds the lock.
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+backup_app = typer.Typer(help="Take a backup now.", no_args_is_help=True)
+restore_app = typer.Typer(help="Restore from the repository (never overwrites unless told to).",
+                          no_args_is_help=True)
+app.add_typer(backup_app, name="backup")
+app.add_typer(restore_app, name="restore")
+
+
+@dataclass(frozen=True)
+class Common:
+    repo: Optional[str]
+    dsn: Optional[str]
+    policy: Optional[str]
+    json: bool
+    debug: bool
+
+    def settings(self) -> Settings:
+        return resolve_settings(self.repo, self.dsn, self.policy)
+
+
+COMMON_PARAMS = [
+    inspect.Parameter("repo", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option("--repo", metavar="URL",
+                                    help="Repository: s3://BUCKET/PREFIX or a directory (env BACKUP_TOOL_REPO; "
+                                         "default: the local directory shown in 'backup-tool --help')")]),
+    inspect.Parameter("dsn", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option("--dsn", metavar="DSN",
+                                    help="Source database (postgresql://user@host:port/db or key=value) "
+                                         "(env DATABASE_URL; else PGHOST/PGPORT/PGUSER/PGDATABASE/PGPASSWORD)")]),
+    inspect.Parameter("policy", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option("--policy", metavar="NAME|PATH",
+                                    help="Policy: policies/NAME.toml or a path (env BACKUP_TOOL_POLICY; "
+                                         "default 'default')")]),
+    inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]),
+    inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks on errors.")]),
+]
+COMMON_NAMES = ("repo", "dsn", "policy", "json_output", "debug")
+
+
+def secrets_from(common: Common, extra: list[str]) -> list[str]:
+    """Passwords known to this invocation, to be scrubbed from anything printed."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    found = []
+    for dsn in [common.dsn, os.environ.get("DATABASE_URL"), *extra]:
+        if not dsn:
+            continue
+        try:
+            password = conninfo_to_dict(dsn).get("password")
+        except Exception:
+            continue
+        if password:
+            found.append(str(password))
+    for var in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if os.environ.get(var):
+            found.append(os.environ[var])
+    return [s for s in found if len(s) >= 4]
+
+
+def make_redactor(secrets: list[str]) -> Callable[[str], str]:
+    def redact(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+    return redact
+
+
+@dataclass
+class Invocation:
+    """What a command body gets: settings, a reporter, and output helpers."""
+
+    common: Common
+    reporter: Reporter
+    redact: Callable[[str], str]
+
+    @property
+    def settings(self) -> Settings:
+        return self.common.settings()
+
+    def out(self, data: Any, text: str | Callable[[], str]) -> None:
+        if self.common.json:
+            print(self.redact(json.dumps(data, indent=2, default=str, ensure_ascii=False)))
+        else:
+            print(self.redact(text() if callable(text) else text))
+
+
+def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """Register ``fn(inv, **options)`` as a command that also takes the common options."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "inv"]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> None:
+            common = Common(kwargs.pop("repo"), kwargs.pop("dsn"), kwargs.pop("policy"),
+                            kwargs.pop("json_output"), kwargs.pop("debug"))
+            extra = [kwargs[p] for p in secret_params if kwargs.get(p)]
+            redact = make_redactor(secrets_from(common, extra))
+            raise typer.Exit(invoke(fn, common, redact, kwargs))
+
+        wrapper.__signature__ = sig.replace(parameters=own + COMMON_PARAMS)  # type: ignore[attr-defined]
+        group.command(name)(wrapper)
+        return fn
+
+    return decorate
+
+
+def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str], kwargs: dict[str, Any]) -> int:
+    from backup_tool.console import RichReporter, make_reporter
+
+    reporter = make_reporter(redact)
+    inv = Invocation(common, reporter, redact)
+    try:
+        return fn(inv, **kwargs) or 0
+    except ValidationFailed as exc:
+        report = exc.report
+        if report is not None and hasattr(report, "to_dict"):
+            inv.out(report.to_dict(), lambda: render_report(report))
+        return fail(exc, common, redact)
+    except BackupToolError as exc:
+        return fail(exc, common, redact)
+    except KeyboardInterrupt:
+        print("backup-tool: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        if common.debug:
+            traceback.print_exc()
+        print(redact(f"backup-tool: error: unexpected {type(exc).__name__}: {exc} "
+                     "(rerun with --debug for details)"), file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if isinstance(reporter, RichReporter):
+            reporter.close()
+
+
+def fail(exc: BackupToolError, common: Common, redact: Callable[[str], str]) -> int:
+    if common.debug:
+        traceback.print_exc()
+    print(redact(f"backup-tool: error: {exc}"), file=sys.stderr)
+    return exc.exit_code
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def render_report(report: Any) -> str:
+    """Text for a validation/verification report or a restore result carrying one."""
+    validation = getattr(report, "validation", None)
+    lines = []
+    if validation is not None:
+        lines.append(f"restored {report.backup_id} into {report.target}: {report.tables} tables, "
+                     f"{report.rows} rows, {human_size(report.bytes_read)} read in {report.seconds:.1f}s")
+        report = validation
+    if report is None:
+        return "\n".join(lines + ["validation skipped"])
+    width = max((len(c.name) for c in report.checks), default=10)
+    for c in report.checks:
+        lines.append(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+    lines.append("verdict: OK — complete and consistent" if report.ok else
+                 f"verdict: FAILED — {len(report.failed)} check(s) failed")
+    return "\n".join(lines)
+
+
+def render_entry(entry: dict[str, Any]) -> str:
+    return (f"{entry['id']}  {entry['kind']:<11} {entry['database']:<16} {entry['started_at']:<28} "
+            f"{human_size(entry['size_bytes']):>10}  expires {entry['expires_at'][:10]}")
+
+
+# ---------------------------------------------------------------- backups
+
+@command(backup_app, "full")
+def backup_full_cmd(
+    inv: Invocation,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
+                                                help="Tables dumped in parallel (default: policy backup.jobs)")] = None,
+) -> int:
+    """Take a full logical backup now: schema, roles and every table, from one snapshot."""
+    from backup_tool.backup import backup_full
+
+    manifest = backup_full(inv.settings, inv.reporter, jobs=jobs)
+    entry = manifest.summary()
+    inv.out(entry, lambda: f"backup {entry['id']} complete: {entry['tables']} tables, {entry['rows']} rows, "
+                           f"{human_size(entry['raw_bytes'])} of data stored as {human_size(entry['size_bytes'])}, "
+                           f"expires {entry['expires_at']}")
+    return 0
+
+
+# ---------------------------------------------------------------- catalog
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    print(f"backup-tool {__version__}")
+
+
+@command(app, "list")
+def list_cmd(inv: Invocation) -> int:
+    """List every complete backup in the repository, oldest first (needs no local state)."""
+    from backup_tool.catalog import Catalog
+    from backup_tool.storage import open_storage
+
+    manifests, problems = Catalog(open_storage(inv.settings.repo_url)).scan()
+    for p in problems:
+        inv.reporter.warning(f"unreadable manifest skipped: {p.message}")
+    entries = [m.summary() for m in manifests]
+    header = f"{'ID':<25} {'KIND':<11} {'DATABASE':<16} {'STARTED':<28} {'SIZE':>10}  EXPIRES"
+    inv.out(entries, lambda: "\n".join([header] + [render_entry(e) for e in entries])
+            if entries else f"no backups in {inv.settings.repo_url}")
+    return EXIT_VALIDATION if problems else 0
+
+
+@command(app, "show")
+def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="ID", help="Backup id, unique prefix or 'latest'")]) -> int:
+    """Show one backup's manifest summary: tables, rows, objects, checksums."""
+    from backup_tool.catalog import Catalog
+    from backup_tool.storage import open_storage
+
+    m = Catalog(open_storage(inv.settings.repo_url)).resolve(backup_id)
+    data = {**m.summary(), "system_identifier": m.system_identifier, "snapshot_lsn": m.snapshot_lsn,
+            "schema_fingerprint": m.schema_fingerprint, "policy": m.policy, "options": m.options,
+            "tables": [{"table": t.full_name, "kind": t.relkind, "parent": t.parent, "rows": t.rows,
+                        "checksum": t.checksum, "object": t.object.key if t.object else None,
+                        "size_bytes": t.object.size if t.object else 0} for t in m.tables],
+            "objects": [{"key": o.key, "size": o.size, "sha256": o.sha256, "raw_size": o.raw_size}
+                        for o in m.objects()],
+            "inventory": {k: len(v) for k, v in m.inventory.items()}}
+
+    def text() -> str:
+        lines = [f"{k}: {data[k]}" for k in ("id", "kind", "parent_id", "database", "server_version",
+                                             "started_at", "finished_at", "expires_at", "size_bytes",
+                                             "snapshot_lsn", "schema_fingerprint")]
+        lines.append("inventory: " + ", ".join(f"{k} {v}" for k, v in data["inventory"].items()))
+        lines.append(f"tables ({len(data['tables'])}):")
+        lines += [f"  {t['table']:<48} {t['rows']:>12} rows  {human_size(t['size_bytes']):>10}"
+                  for t in data["tables"]]
+        return "\n".join(lines)
+
+    inv.out(data, text)
+    return 0
+
+
+@command(app, "verify")
+def verify_cmd(
+    inv: Invocation,
+    which: Annotated[str, typer.Argument(metavar="[ID|latest|all]", help="Which backups to verify")] = "latest",
+    restore_test: Annotated[bool, typer.Option("--restore-test", help="Also restore into a scratch database "
+                                               "and validate it (then drop it)")] = False,
+    scratch_dsn: Annotated[Optional[str], typer.Option("--scratch-dsn", metavar="DSN",
+                                                       help="Server for --restore-test (default: the --dsn server)")] = None,
+) -> int:
+    """Re-read every object of the backup(s) and check its sha256; exit 3 naming any bad object."""
+    from backup_tool.verify import verify
+
+    report = verify(inv.settings, which, restore_test, scratch_dsn or "", inv.reporter)
+    inv.out(report.to_dict(), lambda: render_report(report))
+    return 0 if report.ok else EXIT_VALIDATION
+
+
+# ---------------------------------------------------------------- restores
+
+@command(restore_app, "full", secret_params=("target_dsn",))
+def restore_full_cmd(
+    inv: Invocation,
+    target_dsn: Annotated[str, typer.Option("--target-dsn", metavar="DSN",
+                                            help="Database to restore into (must be empty)")],
+    backup: Annotated[str, typer.Option("--backup", metavar="ID|latest", help="Backup to restore")] = "latest",
+    create: Annotated[bool, typer.Option("--create", help="Create the target database if it does not exist")] = False,
+    with_roles: Annotated[bool, typer.Option("--with-roles", help="Create roles the backup needs that the "
+                                             "target server lacks (without passwords)")] = False,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
+                                                help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the final validation")] = False,
+) -> int:
+    """Restore a whole backup into an empty database, then validate it against the manifest (exit 3 if not identical)."""
+    from backup_tool.restore import restore_full
+
+    result = restore_full(inv.settings, target_dsn, backup, create=create, with_roles=with_roles,
+                          jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter)
+    inv.out(result.to_dict(), lambda: render_report(result))
+    return 0
+
+
+# ---------------------------------------------------------------- checks
+
+@command(app, "validate")
+def validate_cmd(
+    inv: Invocation,
+    against: Annotated[Optional[str], typer.Option("--against", metavar="ID|latest",
+                                                   help="Also compare with this backup's manifest")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Parallel checksum sessions")] = 2,
+) -> int:
+    """Run the health checks on the --dsn database: schema, RLS and policies, foreign keys, indexes,
+    functions, row counts and content checksums, sequences. Exit 3 if any fails."""
+    from backup_tool.catalog import Catalog
+    from backup_tool.postgres import ConnInfo
+    from backup_tool.storage import open_storage
+    from backup_tool.validate import validate
+
+    settings = inv.settings
+    manifest = storage = None
+    if against:
+        storage = open_storage(settings.repo_url)
+        manifest = Catalog(storage).resolve(against)
+    report = validate(ConnInfo(settings.dsn), manifest, storage, jobs=jobs, reporter=inv.reporter)
+    inv.out(report.to_dict(), lambda: render_report(report))
+    return 0 if report.ok else EXIT_VALIDATION
+
+
+@command(app, "check")
+def check_cmd(inv: Invocation) -> int:
+    """Check configuration, database connectivity and privileges, client tools, and that the repository is writable."""
+    from backup_tool.check import run_checks
+
+    report = run_checks(inv.settings)
+    inv.out(report.to_dict(), lambda: render_report(report))
+    return 0 if report.ok else EXIT_VALIDATION
+
+
+def main() -> None:
+    app(prog_name="backup-tool")
+
+
+if __name__ == "__main__":
+    main()

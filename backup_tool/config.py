@@ -1,0 +1,35 @@
+"""Where things are: repository URL, source DSN and policy, from options and environment.
+
+Options win over environment variables. With nothing set, the repository is the embedded
+default local directory (``$XDG_DATA_HOME/backup-tool/repo``, usually
+``~/.local/share/backup-tool/repo``) and the database comes from libpq's own ``PG*``
+variables, exactly as psql would connect.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from backup_tool.policy import Policy, load_policy
+
+
+def default_repo() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "backup-tool" / "repo")
+
+
+@dataclass(frozen=True)
+class Settings:
+    repo_url: str
+    dsn: str
+    policy: Policy
+
+
+def resolve_settings(repo: str | None, dsn: str | None, policy: str | None) -> Settings:
+    return Settings(
+        repo_url=repo or os.environ.get("BACKUP_TOOL_REPO") or default_repo(),
+        dsn=dsn if dsn is not None else os.environ.get("DATABASE_URL", ""),
+        policy=load_policy(policy or os.environ.get("BACKUP_TOOL_POLICY")),
+    )

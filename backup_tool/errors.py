@@ -1,0 +1,76 @@
+"""Exception types and the exit code each maps to (the CLI contract).
+
+Every error the library raises on purpose is a :class:`BackupToolError` whose message is
+one line saying what is wrong and what to do. Anything else reaching the CLI is a bug and
+is reported as a failed operation (exit 1).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_VALIDATION = 3
+EXIT_LOCKED = 4
+
+
+class BackupToolError(Exception):
+    """The operation failed; exit code 1."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} — {self.hint}" if self.hint else self.message
+
+
+class UsageError(BackupToolError):
+    """The command line or configuration is wrong; exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """A policy file, repository URL or other setting is invalid; exit code 2."""
+
+
+class NotFoundError(BackupToolError):
+    """A backup, table or object the user named does not exist; exit code 1."""
+
+
+class StorageError(BackupToolError):
+    """The repository could not be read or written; exit code 1."""
+
+
+class DatabaseError(BackupToolError):
+    """PostgreSQL refused or failed; exit code 1."""
+
+
+class RefusedError(BackupToolError):
+    """A destructive action was refused because it would overwrite data; exit code 1."""
+
+
+class IntegrityError(BackupToolError):
+    """Stored data does not match its checksum; exit code 3."""
+
+    exit_code = EXIT_VALIDATION
+
+
+class ValidationFailed(BackupToolError):
+    """Validation or verification found a problem; exit code 3. Carries the report."""
+
+    exit_code = EXIT_VALIDATION
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class LockHeldError(BackupToolError):
+    """Another backup or restore holds the lock; exit code 4."""
+
+    exit_code = EXIT_LOCKED

@@ -1,0 +1,190 @@
+"""The backup manifest: the single source of truth about one backup.
+
+A manifest lists every object the backup consists of (key, stored size, sha256 of the
+stored bytes, uncompressed size), per-table row counts and content checksums, the schema
+fingerprint and the catalog inventory validation compares against, the server it came
+from, and the policy and expiry it was taken under. It is written last: a backup exists
+exactly when its manifest does. The manifest carries a sha256 of its own canonical form,
+so a damaged manifest is detected rather than trusted. ``format`` guards compatibility:
+a manifest from a newer format is refused with a clear message instead of misread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from backup_tool.errors import BackupToolError, IntegrityError
+
+FORMAT_VERSION = 1
+KINDS = ("full", "incremental", "base")
+
+
+def utc_iso(ts: datetime) -> str:
+    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_utc(text: str) -> datetime:
+    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One immutable object in the repository; ``key`` may belong to an earlier backup."""
+
+    key: str
+    size: int
+    sha256: str
+    raw_size: int
+    compression: str = "zstd"
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    schema: str
+    name: str
+    relkind: str
+    parent: str | None
+    columns: tuple[str, ...]
+    rows: int
+    checksum: str
+    object: StoredObject | None
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    kind: str
+    parent_id: str | None
+    database: str
+    server_version: str
+    server_version_num: int
+    encoding: str
+    system_identifier: str
+    started_at: datetime
+    finished_at: datetime
+    expires_at: datetime
+    policy: dict[str, Any]
+    snapshot_lsn: str | None
+    schema: StoredObject | None
+    globals: StoredObject | None
+    schema_fingerprint: str
+    tables: tuple[TableEntry, ...]
+    sequences: tuple[dict[str, Any], ...]
+    inventory: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+    extra_objects: tuple[StoredObject, ...] = ()
+    tool_version: str = ""
+    format: int = FORMAT_VERSION
+
+    def objects(self) -> list[StoredObject]:
+        """Every object the backup needs, including those it shares with its parents."""
+        found = [o for o in (self.schema, self.globals) if o is not None]
+        found += [t.object for t in self.tables if t.object is not None]
+        found += list(self.extra_objects)
+        return found
+
+    def own_objects(self) -> list[StoredObject]:
+        """Objects written by this backup (not referenced from earlier ones)."""
+        prefix = f"backups/{self.id}/"
+        return [o for o in self.objects() if o.key.startswith(prefix)]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(o.size for o in self.own_objects())
+
+    def table(self, schema: str, name: str) -> TableEntry | None:
+        return next((t for t in self.tables if t.schema == schema and t.name == name), None)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``list --json`` entry for this backup."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "parent_id": self.parent_id,
+            "started_at": utc_iso(self.started_at),
+            "finished_at": utc_iso(self.finished_at),
+            "database": self.database,
+            "size_bytes": self.size_bytes,
+            "expires_at": utc_iso(self.expires_at),
+            "server_version": self.server_version,
+            "tables": len([t for t in self.tables if t.relkind == "r"]),
+            "rows": sum(t.rows for t in self.tables if t.relkind == "r"),
+            "raw_bytes": sum(o.raw_size for o in self.own_objects()),
+            "policy": self.policy.get("name"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("started_at", "finished_at", "expires_at"):
+            data[key] = utc_iso(getattr(self, key))
+        return data
+
+    def to_json(self) -> bytes:
+        body = self.to_dict()
+        body["manifest_sha256"] = _digest(body)
+        return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode()
+
+
+def _digest(body: dict[str, Any]) -> str:
+    canonical = json.dumps({k: v for k, v in body.items() if k != "manifest_sha256"},
+                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _obj(data: dict[str, Any] | None) -> StoredObject | None:
+    return StoredObject(**data) if data else None
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """Parse and authenticate a manifest; raise a clear error for damage or a newer format."""
+    try:
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"manifest {where} is not valid JSON",
+                             "the repository is damaged; run 'backup-tool verify all'") from None
+    fmt = body.get("format")
+    if not isinstance(fmt, int):
+        raise IntegrityError(f"manifest {where} has no format version")
+    if fmt > FORMAT_VERSION:
+        raise BackupToolError(
+            f"manifest {where} was written by a newer backup-tool (format {fmt}, this one reads {FORMAT_VERSION})",
+            "upgrade backup-tool to read this repository")
+    if body.get("manifest_sha256") != _digest(body):
+        raise IntegrityError(f"manifest {where} fails its checksum (damaged or edited)",
+                             "run 'backup-tool verify all' and use another backup")
+    try:
+        tables = tuple(
+            TableEntry(**{**t, "columns": tuple(t["columns"]), "object": _obj(t["object"])})
+            for t in body["tables"])
+        return Manifest(
+            id=body["id"], kind=body["kind"], parent_id=body["parent_id"],
+            database=body["database"], server_version=body["server_version"],
+            server_version_num=body["server_version_num"], encoding=body["encoding"],
+            system_identifier=body["system_identifier"],
+            started_at=parse_utc(body["started_at"]), finished_at=parse_utc(body["finished_at"]),
+            expires_at=parse_utc(body["expires_at"]), policy=body["policy"],
+            snapshot_lsn=body["snapshot_lsn"], schema=_obj(body["schema"]),
+            globals=_obj(body["globals"]), schema_fingerprint=body["schema_fingerprint"],
+            tables=tables, sequences=tuple(body["sequences"]), inventory=body["inventory"],
+            options=body.get("options", {}),
+            extra_objects=tuple(StoredObject(**o) for o in body.get("extra_objects", [])),
+            tool_version=body.get("tool_version", ""), format=fmt,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"manifest {where} is malformed ({exc})",
+                             "the repository is damaged; run 'backup-tool verify all'") from None
+
+
+def with_expiry(manifest: Manifest, expires_at: datetime) -> Manifest:
+    return replace(manifest, expires_at=expires_at)

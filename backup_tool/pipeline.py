@@ -1,0 +1,165 @@
+"""Streaming building blocks: child processes, zstd (de)compression, checksum verification.
+
+Everything here works on iterators of byte chunks, so data flows from PostgreSQL to the
+repository (and back) through bounded buffers: memory use depends on chunk and part sizes,
+never on the size of a table. zstd releases the GIL, so parallel streams compress in
+parallel.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import subprocess
+import threading
+from collections import deque
+from typing import IO, Any, Callable, Iterable, Iterator
+
+import zstandard
+
+from backup_tool.errors import DatabaseError, IntegrityError
+from backup_tool.storage.base import HashingCounter
+
+CHUNK = 1 << 20
+
+
+class Process:
+    """A child process whose stdout is streamed and whose stderr tail is kept for errors."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], what: str,
+                 stdin: int | IO[bytes] | None = subprocess.DEVNULL, stdout: int | None = subprocess.PIPE) -> None:
+        self.what = what
+        self._stderr: deque[str] = deque(maxlen=20)
+        try:
+            self.proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                                         env=env, start_new_session=True)
+        except OSError as exc:
+            raise DatabaseError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line.decode("utf-8", "replace").rstrip())
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        fd = self.stdout.fileno()
+        while chunk := os.read(fd, size):
+            yield chunk
+
+    def error_text(self) -> str:
+        lines = [ln for ln in self._stderr if ln]
+        errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
+        return (errors or lines or ["no error output"])[-1]
+
+    def finish(self) -> None:
+        """Wait for the process; raise DatabaseError with its last error line if it failed."""
+        code = self.proc.wait()
+        self._reader.join(timeout=5)
+        if code != 0:
+            raise DatabaseError(f"{self.what} failed: {self.error_text()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run(argv: list[str], env: dict[str, str], what: str, input_bytes: bytes | None = None) -> bytes:
+    """Run a child to completion and return its stdout (for small outputs only)."""
+    try:
+        done = subprocess.run(argv, input=input_bytes, capture_output=True, env=env,
+                              stdin=None if input_bytes is not None else subprocess.DEVNULL)
+    except OSError as exc:
+        raise DatabaseError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
+        raise DatabaseError(f"{what} failed: {(errors or lines or ['no error output'])[-1]}")
+    return done.stdout
+
+
+class StreamStats:
+    """Uncompressed size and line count of a stream (COPY text has one line per row)."""
+
+    def __init__(self) -> None:
+        self.raw_size = 0
+        self.lines = 0
+
+
+def compress(chunks: Iterable[bytes], level: int, threads: int, stats: StreamStats,
+             on_raw: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    chunker = cctx.chunker(chunk_size=CHUNK)
+    for chunk in chunks:
+        stats.raw_size += len(chunk)
+        stats.lines += chunk.count(b"\n")
+        if on_raw:
+            on_raw(len(chunk))
+        yield from chunker.compress(chunk)
+    yield from chunker.finish()
+
+
+class _IterReader:
+    """A read()-able view of a chunk iterator, for zstandard's streaming decompressor."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it = iter(chunks)
+        self._buf = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return b""
+        if size < 0 or size >= len(self._buf):
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:size], self._buf[size:]
+        return out
+
+
+def decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Decompress a zstd stream with output bounded to CHUNK bytes per step."""
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        yield from dctx.read_to_iter(_IterReader(chunks), read_size=CHUNK, write_size=CHUNK)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"stored data does not decompress ({exc})",
+                             "the object is damaged; run 'backup-tool verify'") from None
+
+
+def verified(chunks: Iterable[bytes], key: str, sha256: str, size: int,
+             on_chunk: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """Pass chunks through; at the end raise IntegrityError unless size and sha256 match."""
+    counter = HashingCounter()
+    for chunk in chunks:
+        counter.update(chunk)
+        if on_chunk:
+            on_chunk(len(chunk))
+        yield chunk
+    if counter.size != size or counter.hexdigest() != sha256:
+        raise IntegrityError(
+            f"object {key} is corrupt: sha256 {counter.hexdigest()[:16]}… size {counter.size},"
+            f" expected {sha256[:16]}… size {size}",
+            "restore from another backup and run 'backup-tool verify all'")
+
+
+def run_parallel(jobs: int, tasks: list[tuple[Callable[[Any], None], Any]]) -> None:
+    """Run tasks on ``jobs`` threads; on the first failure cancel the rest and re-raise it."""
+    with cf.ThreadPoolExecutor(jobs, thread_name_prefix="worker") as pool:
+        futures = [pool.submit(fn, arg) for fn, arg in tasks]
+        try:
+            for fut in cf.as_completed(futures):
+                fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise

@@ -1,0 +1,185 @@
+"""Backup policies: schedule, retention, parallelism and immutability settings.
+
+A policy is a TOML file (``policies/default.toml`` documents every key). It is loaded into
+a frozen :class:`Policy`; every backup records the policy it was taken under and the expiry
+that policy gave it, so later policy edits never silently shorten what was promised.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from backup_tool.errors import ConfigError
+
+KINDS = ("full", "incremental", "base")
+LOCK_MODES = ("none", "governance", "compliance")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    timezone: str = "UTC"
+    full: str = "0 2 * * *"
+    incremental: str = "0 */6 * * *"
+    grace_minutes: int = 60
+
+
+@dataclass(frozen=True)
+class Retention:
+    full_days: int = 30
+    incremental_days: int = 7
+    pitr_days: int = 7
+    min_fulls: int = 1
+    max_chain_length: int = 8
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    jobs: int = 2
+    compression_level: int = 3
+    fast_checkpoint: bool = True
+
+
+@dataclass(frozen=True)
+class ObjectLock:
+    mode: str = "none"
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    after_restore: bool = True
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str = "default"
+    description: str = ""
+    source: str = "built-in"
+    schedule: Schedule = field(default_factory=Schedule)
+    retention: Retention = field(default_factory=Retention)
+    backup: BackupSettings = field(default_factory=BackupSettings)
+    object_lock: ObjectLock = field(default_factory=ObjectLock)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+    def retention_for(self, kind: str) -> timedelta:
+        days = {
+            "full": self.retention.full_days,
+            "incremental": self.retention.incremental_days,
+            "base": self.retention.pitr_days,
+        }[kind]
+        return timedelta(days=days)
+
+    def expires_at(self, kind: str, taken_at: datetime) -> datetime:
+        return taken_at + self.retention_for(kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "schedule": Schedule,
+    "retention": Retention,
+    "backup": BackupSettings,
+    "object_lock": ObjectLock,
+    "validation": ValidationSettings,
+}
+
+
+def _check_cron(path: str, key: str, expr: str) -> None:
+    fields_ = expr.split()
+    if len(fields_) != 5:
+        raise ConfigError(f"{path}: [schedule] {key} = {expr!r} is not a cron expression",
+                          "use five fields: minute hour day-of-month month day-of-week")
+
+
+def _build(cls: type, section: str, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [{section}] must be a table")
+    allowed = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown key {section}.{key}",
+                              f"allowed keys: {', '.join(sorted(allowed))}")
+        default = allowed[key].default
+        if type(value) is not type(default):
+            raise ConfigError(f"{path}: {section}.{key} = {value!r} has the wrong type",
+                              f"expected {type(default).__name__}, e.g. {default!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def _validate(policy: Policy, path: str) -> None:
+    r, b = policy.retention, policy.backup
+    for key in ("full_days", "incremental_days", "pitr_days"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"{path}: retention.{key} must be at least 1 (days)")
+    if r.min_fulls < 1:
+        raise ConfigError(f"{path}: retention.min_fulls must be at least 1")
+    if r.max_chain_length < 1:
+        raise ConfigError(f"{path}: retention.max_chain_length must be at least 1")
+    if not 1 <= b.jobs <= 64:
+        raise ConfigError(f"{path}: backup.jobs must be between 1 and 64")
+    if not 1 <= b.compression_level <= 19:
+        raise ConfigError(f"{path}: backup.compression_level must be between 1 and 19")
+    if policy.object_lock.mode not in LOCK_MODES:
+        raise ConfigError(f"{path}: object_lock.mode = {policy.object_lock.mode!r} is not allowed",
+                          f"allowed: {', '.join(LOCK_MODES)}")
+    _check_cron(path, "full", policy.schedule.full)
+    _check_cron(path, "incremental", policy.schedule.incremental)
+
+
+def parse_policy(text: str, path: str) -> Policy:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})", "fix the file's syntax") from None
+    top: dict[str, Any] = {"source": path}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            top[key] = _build(SECTIONS[key], key, value, path)
+        elif key in ("name", "description"):
+            if not isinstance(value, str):
+                raise ConfigError(f"{path}: {key} must be a string")
+            top[key] = value
+        else:
+            raise ConfigError(f"{path}: unknown key {key!r}",
+                              f"allowed: name, description, {', '.join(SECTIONS)}")
+    top.setdefault("name", Path(path).stem)
+    policy = Policy(**top)
+    _validate(policy, path)
+    return policy
+
+
+def policy_dirs() -> list[Path]:
+    dirs = []
+    if env := os.environ.get("BACKUP_TOOL_POLICY_DIR"):
+        dirs.append(Path(env))
+    dirs.append(Path.cwd() / "policies")
+    dirs.append(Path(__file__).resolve().parent.parent / "policies")
+    return dirs
+
+
+def load_policy(name_or_path: str | None) -> Policy:
+    """Load a policy by NAME (``policies/NAME.toml``) or PATH; ``default`` always resolves."""
+    ref = name_or_path or "default"
+    if "/" in ref or ref.endswith(".toml"):
+        candidates = [Path(ref)]
+    else:
+        candidates = [d / f"{ref}.toml" for d in policy_dirs()]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                text = candidate.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot read policy file {candidate}: {exc.strerror}") from None
+            return parse_policy(text, str(candidate))
+    if ref == "default":
+        return Policy()
+    raise ConfigError(f"policy {ref!r} not found",
+                      "pass a path to a .toml file or a name under policies/: "
+                      + ", ".join(str(c) for c in candidates))

@@ -1,0 +1,104 @@
+"""The storage interface: the only way the rest of the tool touches repository objects.
+
+A repository is a flat namespace of immutable objects addressed by ``/``-separated keys.
+Backends guarantee that an object becomes visible only when it is completely and durably
+written (a crashed writer leaves nothing under the key), that ``put`` never replaces an
+existing object, and that ``put`` returns the sha256 and size of exactly the bytes stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Iterator
+
+from backup_tool.errors import StorageError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: datetime
+
+
+@dataclass(frozen=True)
+class PutResult:
+    key: str
+    size: int
+    sha256: str
+
+
+class ObjectExistsError(StorageError):
+    """``put`` was asked to write a key that already holds an object."""
+
+
+class ObjectMissingError(StorageError):
+    """The key holds no object."""
+
+
+def check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"invalid object key {key!r}")
+    return key
+
+
+class HashingCounter:
+    """Running sha256 and byte count of a stream, updated chunk by chunk."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class Storage(ABC):
+    """A repository backend. Implementations: :mod:`.local` and :mod:`.s3`."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        """Store the concatenated chunks under ``key`` atomically; never overwrite."""
+
+    @abstractmethod
+    def get(self, key: str) -> Iterator[bytes]:
+        """Stream the object's bytes (resuming transparently after transient faults)."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every complete object whose key starts with ``prefix``, in key order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; deleting a missing key is not an error."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    def put_bytes(self, key: str, data: bytes) -> PutResult:
+        return self.put(key, [data])
+
+    def get_bytes(self, key: str) -> bytes:
+        return b"".join(self.get(key))
+
+    def check_writable(self) -> None:
+        """Write, read back and delete a probe object; raise StorageError if any step fails."""
+        import uuid
+
+        key = f"tmp/probe-{uuid.uuid4().hex}"
+        self.put_bytes(key, b"probe")
+        try:
+            if self.get_bytes(key) != b"probe":
+                raise StorageError(f"{self.url}: a probe object read back differently")
+        finally:
+            self.delete(key)

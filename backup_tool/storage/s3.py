@@ -1,0 +1,257 @@
+"""S3 repository (AWS S3 and compatible stores: MinIO, R2, test endpoints).
+
+The only module that imports boto3. Endpoint, region and credentials come from boto3's
+standard chain (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, instance roles...).
+
+Uploads stream: chunks are cut into multipart parts uploaded by a few threads, so memory
+stays at (parts in flight + 1) x part size whatever the object size. Objects smaller than
+one part are sent with a single PutObject. Both paths use ``If-None-Match: *`` so an
+existing object is never replaced. Every request is retried with backoff (tenacity) on
+transient faults; a part is re-sent whole from memory, and a download that breaks mid-body
+resumes with a ranged GET from the last byte received. A failed upload is aborted, so the
+key never shows a partial object.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from datetime import datetime
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from tenacity import (
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+from urllib3.exceptions import ProtocolError
+
+from backup_tool.errors import StorageError
+from backup_tool.storage.base import (
+    HashingCounter,
+    ObjectExistsError,
+    ObjectInfo,
+    ObjectMissingError,
+    PutResult,
+    Storage,
+    check_key,
+)
+
+T = TypeVar("T")
+
+MIN_PART = 8 << 20
+PARTS_IN_FLIGHT = 3
+READ_CHUNK = 1 << 20
+ATTEMPTS = 6
+
+TRANSIENT_CODES = {
+    "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
+    "RequestTimeTooSkewed", "500", "502", "503", "504", "ThrottlingException",
+}
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return err.get("Code") in TRANSIENT_CODES or status >= 500
+    return isinstance(exc, (BotoConnectionError, ReadTimeoutError, ResponseStreamingError,
+                            ProtocolError, ConnectionError, TimeoutError))
+
+
+_retry = retry(
+    retry=retry_if_exception(_transient),
+    stop=stop_after_attempt(ATTEMPTS),
+    wait=wait_exponential_jitter(initial=0.2, max=8),
+    reraise=True,
+)
+
+
+def part_size_for(part_number: int) -> int:
+    """Part size grows with the object so 10,000 parts reach ~5 TB while small ones stay cheap."""
+    if part_number <= 2000:
+        return MIN_PART
+    if part_number <= 8000:
+        return MIN_PART * 4
+    return MIN_PART * 32
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    rest = url[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"repository URL {url!r} names no bucket", "use s3://BUCKET/PREFIX")
+    prefix = prefix.strip("/")
+    return bucket, (prefix + "/") if prefix else ""
+
+
+class S3Storage(Storage):
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.bucket, self.prefix = parse_s3_url(url)
+        config = Config(
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=32,
+        )
+        self._client = boto3.session.Session().client("s3", config=config)
+        self._local = threading.local()
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
+        """Run one S3 request with retries, turning failures into one-line StorageErrors."""
+        try:
+            return _retry(fn)(**kwargs)
+        except NoCredentialsError:
+            raise StorageError("no AWS credentials found for " + self.url,
+                               "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
+        except ClientError as exc:
+            raise self._client_error(exc, what) from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 request failed while {what} in {self.url}: {exc}",
+                               "check AWS_ENDPOINT_URL_S3 and the network") from exc
+
+    def _client_error(self, exc: ClientError, what: str) -> StorageError:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return StorageError(f"bucket {self.bucket!r} does not exist",
+                                "create it or correct --repo / BACKUP_TOOL_REPO")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StorageError(f"access denied to {self.url} while {what}",
+                                "check the credentials and the bucket policy")
+        if code in ("NoSuchKey", "404"):
+            return ObjectMissingError(f"object {what} is missing from {self.url}")
+        if code == "PreconditionFailed":
+            return ObjectExistsError(f"object already exists ({what}) in {self.url}")
+        return StorageError(f"S3 error {code or '?'} while {what} in {self.url}")
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        full = self._key(key)
+        counter = HashingCounter()
+        buf = bytearray()
+        it = iter(chunks)
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+        futures: list[cf.Future[dict[str, Any]]] = []
+        pool: cf.ThreadPoolExecutor | None = None
+        try:
+            for chunk in it:
+                counter.update(chunk)
+                buf += chunk
+                while len(buf) >= part_size_for(len(futures) + 1):
+                    size = part_size_for(len(futures) + 1)
+                    if upload_id is None:
+                        upload_id = self._call(f"starting upload of {key}",
+                                               self._client.create_multipart_upload,
+                                               Bucket=self.bucket, Key=full)["UploadId"]
+                        pool = cf.ThreadPoolExecutor(PARTS_IN_FLIGHT, "s3-part")
+                    assert pool is not None
+                    body = bytes(buf[:size])
+                    del buf[:size]
+                    futures.append(pool.submit(self._upload_part, full, upload_id,
+                                               len(futures) + 1, body))
+                    self._bound_in_flight(futures)
+            if upload_id is None:
+                self._call(f"writing {key}", self._client.put_object, Bucket=self.bucket,
+                           Key=full, Body=bytes(buf), IfNoneMatch="*")
+            else:
+                assert pool is not None
+                if buf:
+                    futures.append(pool.submit(self._upload_part, full, upload_id,
+                                               len(futures) + 1, bytes(buf)))
+                buf = bytearray()
+                parts = [f.result() for f in futures]
+                self._call(f"completing {key}", self._client.complete_multipart_upload,
+                           Bucket=self.bucket, Key=full, UploadId=upload_id,
+                           MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+                upload_id = None
+        except BaseException:
+            if upload_id is not None:
+                for f in futures:
+                    f.cancel()
+                try:
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=full,
+                                                        UploadId=upload_id)
+                except Exception:
+                    pass
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return PutResult(key, counter.size, counter.hexdigest())
+
+    @staticmethod
+    def _bound_in_flight(futures: list[cf.Future[dict[str, Any]]]) -> None:
+        pending = [f for f in futures if not f.done()]
+        if len(pending) >= PARTS_IN_FLIGHT:
+            cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+
+    def _upload_part(self, full: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
+        resp = self._call(f"uploading part {number} of {full}", self._client.upload_part,
+                          Bucket=self.bucket, Key=full, UploadId=upload_id,
+                          PartNumber=number, Body=body)
+        return {"ETag": resp["ETag"], "PartNumber": number}
+
+    def get(self, key: str) -> Iterator[bytes]:
+        full = self._key(key)
+        offset = 0
+        attempts = 0
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+            if offset:
+                kwargs["Range"] = f"bytes={offset}-"
+            body = self._call(key, self._client.get_object, **kwargs)["Body"]
+            try:
+                for chunk in body.iter_chunks(READ_CHUNK):
+                    offset += len(chunk)
+                    yield chunk
+                return
+            except Exception as exc:
+                attempts += 1
+                if not _transient(exc) or attempts >= ATTEMPTS:
+                    raise StorageError(f"download of {key} from {self.url} kept failing: {exc}",
+                                       "check the network and retry") from exc
+            finally:
+                body.close()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._call("listing", self._client.list_objects_v2, **kwargs)
+            for obj in resp.get("Contents", []):
+                modified: datetime = obj["LastModified"]
+                yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], modified)
+            if not resp.get("IsTruncated"):
+                return
+            token = resp["NextContinuationToken"]
+
+    def delete(self, key: str) -> None:
+        self._call(f"deleting {key}", self._client.delete_object, Bucket=self.bucket,
+                   Key=self._key(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(key, self._client.head_object, Bucket=self.bucket, Key=self._key(key))
+        except ObjectMissingError:
+            return False
+        return True

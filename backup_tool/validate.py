@@ -1,0 +1,280 @@
+"""Integrity validation: the seed's health checks, as named checks with a verdict each.
+
+Run at the end of every restore and on demand against any live database. Without a
+manifest, the checks that need no reference run (foreign keys hold, indexes valid, RLS on
+where policies exist, sequences not behind their columns). Against a backup's manifest,
+the database is also compared with what was backed up: schema fingerprint, RLS flags and
+policies, foreign keys, indexes, functions, triggers, extensions, per-table row counts and
+order-independent content checksums, and sequences not behind the backed-up values.
+
+Sequences are checked for "not behind", never "equal": after WAL replay PostgreSQL
+legitimately leaves them up to 32 values ahead (they are WAL-logged in batches).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import psycopg
+from psycopg import sql
+
+from backup_tool import pipeline, postgres, schema
+from backup_tool.manifest import Manifest
+from backup_tool.postgres import ConnInfo
+from backup_tool.report import NullReporter, Reporter
+from backup_tool.storage import Storage
+
+SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    target: str
+    against: str | None
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "target": self.target, "against": self.against,
+                "checks": [c.to_dict() for c in self.checks]}
+
+
+def _names(items: Iterable[str]) -> str:
+    items = sorted(items)
+    shown = ", ".join(items[:SHOWN])
+    return shown + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+
+def compare_sets(name: str, what: str, expected: list[dict[str, Any]], actual: list[dict[str, Any]],
+                 key: Callable[[dict[str, Any]], str]) -> Check:
+    """Compare two inventories item by item: missing, unexpected and changed entries."""
+    exp = {key(i): i for i in expected}
+    act = {key(i): i for i in actual}
+    missing = exp.keys() - act.keys()
+    extra = act.keys() - exp.keys()
+    changed = {k for k in exp.keys() & act.keys() if exp[k] != act[k]}
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if extra:
+        problems.append(f"unexpected {_names(extra)}")
+    if changed:
+        problems.append(f"changed {_names(changed)}")
+    if problems:
+        return Check(name, False, f"{what}: " + "; ".join(problems))
+    return Check(name, True, f"{len(exp)} {what} match")
+
+
+def _qual(item: dict[str, Any]) -> str:
+    return f"{item['schema']}.{item['table']}.{item['name']}"
+
+
+def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: Storage | None) -> Check:
+    live = schema.live_schema(conninfo, major)
+    if schema.fingerprint(live) == manifest.schema_fingerprint:
+        return Check("schema_matches", True, f"schema fingerprint {manifest.schema_fingerprint[:12]} matches")
+    detail = "schema fingerprint differs from the backup's"
+    if storage is not None and manifest.schema is not None:
+        obj = manifest.schema
+        archive = b"".join(pipeline.decompress(pipeline.verified(storage.get(obj.key), obj.key,
+                                                                 obj.sha256, obj.size)))
+        expected = schema.normalize(schema.schema_text(archive, major))
+        diff = [ln for ln in difflib.unified_diff(expected.splitlines(), live.splitlines(),
+                                                  "backup", "database", n=0, lineterm="")
+                if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+        detail += f" ({len(diff)} lines): " + " | ".join(ln[:120] for ln in diff[:4])
+    return Check("schema_matches", False, detail)
+
+
+def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]]) -> Check:
+    """Count orphan rows for every foreign key, validated or NOT VALID, honouring MATCH rules."""
+    orphans: dict[str, int] = {}
+    for fk in fks:
+        child = postgres.qualified(fk["schema"], fk["table"])
+        parent = postgres.qualified(fk["ref_schema"], fk["ref_table"])
+        cols = [sql.Identifier(c) for c in fk["columns"]]
+        refs = [sql.Identifier(c) for c in fk["ref_columns"]]
+        join = sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(r, c) for r, c in zip(refs, cols))
+        nulls = sql.SQL(" AND ").join(sql.SQL("c.{} IS NULL").format(c) for c in cols)
+        if fk["match"] == "f":
+            exempt = sql.SQL("({})").format(nulls)
+        else:
+            exempt = sql.SQL("({})").format(sql.SQL(" OR ").join(
+                sql.SQL("c.{} IS NULL").format(c) for c in cols))
+        query = sql.SQL("SELECT count(*) FROM {} c WHERE NOT {} AND NOT EXISTS "
+                        "(SELECT 1 FROM {} p WHERE {})").format(child, exempt, parent, join)
+        row = conn.execute(query).fetchone()
+        if row and row[0]:
+            orphans[_qual(fk)] = int(row[0])
+    if orphans:
+        return Check("foreign_keys_hold", False, "orphan rows: " + _names(
+            f"{k} ({v})" for k, v in orphans.items()))
+    return Check("foreign_keys_hold", True, f"{len(fks)} foreign keys hold, no orphan rows")
+
+
+def check_indexes(live: list[dict[str, Any]], expected: list[dict[str, Any]] | None) -> Check:
+    invalid = [_qual(i) for i in live if not (i["valid"] and i["ready"])]
+    if invalid:
+        return Check("indexes_valid", False, f"invalid indexes: {_names(invalid)}")
+    if expected is None:
+        return Check("indexes_valid", True, f"{len(live)} indexes valid")
+    strip = [{k: v for k, v in i.items() if k in ("schema", "table", "name", "definition")}
+             for i in expected]
+    have = [{k: v for k, v in i.items() if k in ("schema", "table", "name", "definition")}
+            for i in live]
+    check = compare_sets("indexes_valid", "indexes", strip, have, _qual)
+    return check if not check.ok else Check("indexes_valid", True, f"{len(live)} indexes present and valid")
+
+
+def check_rls_without_manifest(inv: dict[str, Any]) -> Check:
+    enabled = {f"{r['schema']}.{r['table']}" for r in inv["rls"] if r["enabled"]}
+    with_policies = {f"{p['schema']}.{p['table']}" for p in inv["policies"]}
+    off = with_policies - enabled
+    if off:
+        return Check("rls_policies", False, f"tables with policies but RLS disabled: {_names(off)}")
+    return Check("rls_policies", True,
+                 f"RLS enabled on {len(enabled)} tables, {len(inv['policies'])} policies")
+
+
+def check_sequences(conn: psycopg.Connection[Any], live: list[dict[str, Any]],
+                    expected: list[dict[str, Any]] | None) -> Check:
+    behind = []
+    for seq in live:
+        owner = seq["owned_by"]
+        if not owner:
+            continue
+        row = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(
+            sql.Identifier(owner["column"]), postgres.qualified(owner["schema"], owner["table"]))).fetchone()
+        top = row[0] if row else None
+        if top is None:
+            continue
+        value, called, step = seq["last_value"], seq["is_called"], seq["increment"]
+        if step > 0 and (value < top or (value == top and not called)):
+            behind.append(f"{seq['schema']}.{seq['name']} at {value}, column max {top}")
+        if step < 0 and (value > top or (value == top and not called)):
+            behind.append(f"{seq['schema']}.{seq['name']} at {value}, column min {top}")
+    if expected is not None:
+        now = {(s["schema"], s["name"]): s for s in live}
+        for seq in expected:
+            cur = now.get((seq["schema"], seq["name"]))
+            if cur is None:
+                behind.append(f"{seq['schema']}.{seq['name']} missing")
+            elif (cur["last_value"] - seq["last_value"]) * seq["increment"] < 0:
+                behind.append(f"{seq['schema']}.{seq['name']} at {cur['last_value']}, "
+                              f"backup had {seq['last_value']}")
+    if behind:
+        return Check("sequences_not_behind", False, "behind: " + _names(behind))
+    return Check("sequences_not_behind", True, f"{len(live)} sequences not behind their columns")
+
+
+def table_checksums(conninfo: ConnInfo, tables: list[tuple[str, str]], jobs: int,
+                    reporter: Reporter) -> dict[tuple[str, str], tuple[int, str] | None]:
+    """Live row count and content checksum of each table (None when the table is missing)."""
+    results: dict[tuple[str, str], tuple[int, str] | None] = {}
+    progress = reporter.task("checksumming tables", total=len(tables))
+
+    def worker(batch: list[tuple[str, str]]) -> None:
+        with conninfo.connect() as conn:
+            for schema_name, name in batch:
+                try:
+                    results[(schema_name, name)] = postgres.table_checksum(conn, schema_name, name)
+                except psycopg.errors.UndefinedTable:
+                    results[(schema_name, name)] = None
+                progress.advance(1)
+
+    batches = [tables[i::jobs] for i in range(jobs)]
+    with cf.ThreadPoolExecutor(jobs) as pool:
+        for fut in [pool.submit(worker, b) for b in batches if b]:
+            fut.result()
+    progress.finish()
+    return results
+
+
+def check_tables(manifest: Manifest, live: dict[tuple[str, str], tuple[int, str] | None]) -> list[Check]:
+    missing, counts, sums = [], [], []
+    tables = [t for t in manifest.tables if t.relkind == "r" and (t.schema, t.name) in live]
+    for t in tables:
+        got = live[(t.schema, t.name)]
+        if got is None:
+            missing.append(t.full_name)
+        elif got[0] != t.rows:
+            counts.append(f"{t.full_name} has {got[0]} rows, backup {t.rows}")
+        elif got[1] != t.checksum:
+            sums.append(t.full_name)
+    rows = sum(t.rows for t in tables)
+    count_check = (Check("row_counts", False, "; ".join(
+        ([f"missing tables: {_names(missing)}"] if missing else []) + ([_names(counts)] if counts else [])))
+        if missing or counts else Check("row_counts", True, f"{len(tables)} tables, {rows} rows match"))
+    sum_check = (Check("content_checksums", False, f"content differs: {_names(sums)}")
+                 if sums or missing or counts else
+                 Check("content_checksums", True, f"{len(tables)} table checksums match"))
+    if not sums and (missing or counts):
+        sum_check = Check("content_checksums", False, "not comparable where row counts differ")
+    return [count_check, sum_check]
+
+
+def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Storage | None = None,
+             jobs: int = 2, reporter: Reporter | None = None,
+             tables: set[tuple[str, str]] | None = None) -> ValidationReport:
+    """Run the health checks against the database; compare with ``manifest`` when given.
+
+    ``tables`` restricts the per-table checks to those tables (after a selective restore);
+    the whole-database schema comparison is then skipped.
+    """
+    reporter = reporter or NullReporter()
+    checks: list[Check] = []
+    with conninfo.connect() as conn:
+        info = postgres.server_info(conn)
+        major = info["server_version_num"] // 10000
+        inv = postgres.inventory(conn)
+        seqs = postgres.sequences(conn)
+        if manifest is not None and tables is None:
+            checks.append(check_schema(conninfo, major, manifest, storage))
+        if manifest is not None:
+            exp = manifest.inventory
+            checks.append(compare_sets("rls_policies", "RLS flags and policies",
+                                       [{**r, "name": "rls"} for r in exp["rls"]] + exp["policies"],
+                                       [{**r, "name": "rls"} for r in inv["rls"]] + inv["policies"], _qual))
+            checks.append(compare_sets("foreign_keys_match", "foreign keys", exp["foreign_keys"],
+                                       inv["foreign_keys"], _qual))
+        else:
+            checks.append(check_rls_without_manifest(inv))
+        checks.append(check_foreign_keys(conn, inv["foreign_keys"]))
+        checks.append(check_indexes(inv["indexes"], manifest.inventory["indexes"] if manifest else None))
+        if manifest is not None:
+            exp = manifest.inventory
+            checks.append(compare_sets("functions_present", "functions", exp["functions"], inv["functions"],
+                                       lambda f: f"{f['schema']}.{f['name']}({f['arguments']})"))
+            checks.append(compare_sets("triggers_present", "triggers", exp["triggers"], inv["triggers"], _qual))
+            checks.append(compare_sets("extensions_present", "extensions", exp["extensions"],
+                                       inv["extensions"], lambda e: e["name"]))
+        checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
+    if manifest is not None:
+        wanted = [(t.schema, t.name) for t in manifest.tables if t.relkind == "r"
+                  and (tables is None or (t.schema, t.name) in tables)]
+        live = table_checksums(conninfo, wanted, max(1, min(jobs, len(wanted))), reporter)
+        checks.extend(check_tables(manifest, live))
+    if tables is not None:
+        checks = [c for c in checks if c.name in ("row_counts", "content_checksums", "foreign_keys_hold",
+                                                  "indexes_valid", "sequences_not_behind")]
+    return ValidationReport(conninfo.redacted(), manifest.id if manifest else None, tuple(checks))
