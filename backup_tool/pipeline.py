@@ -18,7 +18,7 @@ from typing import IO, Any, Callable, Iterable, Iterator
 import zstandard
 
 from backup_tool.errors import DatabaseError, IntegrityError
-from backup_tool.storage.base import HashingCounter
+from backup_tool.storage.base import HashingCounter, Storage
 
 CHUNK = 1 << 20
 
@@ -126,14 +126,14 @@ class _IterReader:
         return out
 
 
-def decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Decompress a zstd stream with output bounded to CHUNK bytes per step."""
+def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:
+    """Decompress a zstd stream of object ``key`` with output bounded to CHUNK bytes per step."""
     dctx = zstandard.ZstdDecompressor()
     try:
         yield from dctx.read_to_iter(_IterReader(chunks), read_size=CHUNK, write_size=CHUNK)
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"stored data does not decompress ({exc})",
-                             "the object is damaged; run 'backup-tool verify'") from None
+        raise IntegrityError(f"object {key} is corrupt: it does not decompress ({exc})",
+                             "restore from another backup and run 'backup-tool verify all'") from None
 
 
 def verified(chunks: Iterable[bytes], key: str, sha256: str, size: int,
@@ -163,3 +163,13 @@ def run_parallel(jobs: int, tasks: list[tuple[Callable[[Any], None], Any]]) -> N
             for fut in futures:
                 fut.cancel()
             raise
+
+
+def read_stored(storage: Storage, key: str, sha256: str, size: int,
+                on_chunk: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """An object's decompressed content; raises IntegrityError if it is damaged in any way.
+
+    The sha256 verdict arrives when the last chunk has been read, so consumers must only
+    commit what they wrote once the iterator is exhausted.
+    """
+    return decompress(verified(storage.get(key), key, sha256, size, on_chunk), key)

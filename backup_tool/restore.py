@@ -22,7 +22,12 @@ from psycopg import sql
 from backup_tool import pipeline, postgres, schema
 from backup_tool.catalog import Catalog
 from backup_tool.config import Settings
-from backup_tool.errors import DatabaseError, LockHeldError, RefusedError, ValidationFailed
+from backup_tool.errors import (
+    DatabaseError,
+    LockHeldError,
+    RefusedError,
+    ValidationFailed,
+)
 from backup_tool.manifest import Manifest, StoredObject, TableEntry
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
@@ -56,8 +61,7 @@ class RestoreResult:
 def read_object(storage: Storage, obj: StoredObject,
                 on_chunk: Callable[[int], None] | None = None) -> bytes:
     """A small object, checksum-verified and decompressed, in memory."""
-    return b"".join(pipeline.decompress(pipeline.verified(storage.get(obj.key), obj.key, obj.sha256,
-                                                          obj.size, on_chunk)))
+    return b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, on_chunk))
 
 
 def create_database(conninfo: ConnInfo, encoding: str) -> bool:
@@ -107,8 +111,7 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
     conn = conn or conninfo.connect(autocommit=True, settings={"client_encoding": encoding})
     try:
         with conn.transaction(), conn.cursor() as cur, cur.copy(stmt) as copy:
-            for chunk in pipeline.decompress(pipeline.verified(storage.get(obj.key), obj.key,
-                                                               obj.sha256, obj.size, advance)):
+            for chunk in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance):
                 copy.write(chunk)
     except psycopg.Error as exc:
         raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None

@@ -96,8 +96,7 @@ def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: St
     detail = "schema fingerprint differs from the backup's"
     if storage is not None and manifest.schema is not None:
         obj = manifest.schema
-        archive = b"".join(pipeline.decompress(pipeline.verified(storage.get(obj.key), obj.key,
-                                                                 obj.sha256, obj.size)))
+        archive = b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size))
         expected = schema.normalize(schema.schema_text(archive, major))
         diff = [ln for ln in difflib.unified_diff(expected.splitlines(), live.splitlines(),
                                                   "backup", "database", n=0, lineterm="")

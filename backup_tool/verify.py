@@ -37,8 +37,7 @@ def check_objects(storage: Storage, manifest: Manifest, reporter: Reporter,
     bad: list[str] = []
     for obj in objects:
         try:
-            for _ in pipeline.decompress(pipeline.verified(storage.get(obj.key), obj.key, obj.sha256,
-                                                           obj.size, progress.advance)):
+            for _ in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, progress.advance):
                 pass
         except BackupToolError as exc:
             bad.append(f"{obj.key}: {exc.message}")

@@ -24,16 +24,18 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
     ResponseStreamingError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 from tenacity import (
     retry,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 from urllib3.exceptions import ProtocolError
 
@@ -73,7 +75,7 @@ def _transient(exc: BaseException) -> bool:
 _retry = retry(
     retry=retry_if_exception(_transient),
     stop=stop_after_attempt(ATTEMPTS),
-    wait=wait_exponential_jitter(initial=0.2, max=8),
+    wait=wait_random_exponential(multiplier=0.2, max=8),
     reraise=True,
 )
 
@@ -180,9 +182,9 @@ class S3Storage(Storage):
                            MultipartUpload={"Parts": parts}, IfNoneMatch="*")
                 upload_id = None
         except BaseException:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             if upload_id is not None:
-                for f in futures:
-                    f.cancel()
                 try:
                     self._client.abort_multipart_upload(Bucket=self.bucket, Key=full,
                                                         UploadId=upload_id)

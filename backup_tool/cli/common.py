@@ -1,4 +1,5 @@
-"""The ``backup-tool`` command line: parse options, call one library function, render.
+"""Shared machinery of the ``backup-tool`` command line: the Typer apps, the common
+options every command takes, error-to-exit-code mapping and text rendering helpers.
 
 Every command accepts the common options after its own name (``--repo``, ``--dsn``,
 ``--policy``, ``--json``, ``--debug``). Errors become one line on stderr and the exit code
@@ -20,9 +21,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from backup_tool import __version__
 from backup_tool.config import Settings, default_repo, resolve_settings
-from backup_tool.errors import EXIT_FAILED, EXIT_VALIDATION, BackupToolError, ValidationFailed
+from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed
 from backup_tool.report import Reporter
 
 HELP = f"""PostgreSQL backup and disaster recovery: full backups to S3 or a local directory,
@@ -42,8 +42,15 @@ app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
 backup_app = typer.Typer(help="Take a backup now.", no_args_is_help=True)
 restore_app = typer.Typer(help="Restore from the repository (never overwrites unless told to).",
                           no_args_is_help=True)
+wal_app = typer.Typer(help="WAL archiving for point-in-time recovery (archive_command / restore_command).",
+                      no_args_is_help=True)
+retention_app = typer.Typer(help="Expire backups and WAL per the policy.", no_args_is_help=True)
+schema_app = typer.Typer(help="Schema reconstruction from migrations and drift checks.", no_args_is_help=True)
 app.add_typer(backup_app, name="backup")
 app.add_typer(restore_app, name="restore")
+app.add_typer(wal_app, name="wal")
+app.add_typer(retention_app, name="retention")
+app.add_typer(schema_app, name="schema")
 
 
 @dataclass(frozen=True)
@@ -214,159 +221,3 @@ def render_entry(entry: dict[str, Any]) -> str:
             f"{human_size(entry['size_bytes']):>10}  expires {entry['expires_at'][:10]}")
 
 
-# ---------------------------------------------------------------- backups
-
-@command(backup_app, "full")
-def backup_full_cmd(
-    inv: Invocation,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
-                                                help="Tables dumped in parallel (default: policy backup.jobs)")] = None,
-) -> int:
-    """Take a full logical backup now: schema, roles and every table, from one snapshot."""
-    from backup_tool.backup import backup_full
-
-    manifest = backup_full(inv.settings, inv.reporter, jobs=jobs)
-    entry = manifest.summary()
-    inv.out(entry, lambda: f"backup {entry['id']} complete: {entry['tables']} tables, {entry['rows']} rows, "
-                           f"{human_size(entry['raw_bytes'])} of data stored as {human_size(entry['size_bytes'])}, "
-                           f"expires {entry['expires_at']}")
-    return 0
-
-
-# ---------------------------------------------------------------- catalog
-
-@app.command("version")
-def version_cmd() -> None:
-    """Print the version."""
-    print(f"backup-tool {__version__}")
-
-
-@command(app, "list")
-def list_cmd(inv: Invocation) -> int:
-    """List every complete backup in the repository, oldest first (needs no local state)."""
-    from backup_tool.catalog import Catalog
-    from backup_tool.storage import open_storage
-
-    manifests, problems = Catalog(open_storage(inv.settings.repo_url)).scan()
-    for p in problems:
-        inv.reporter.warning(f"unreadable manifest skipped: {p.message}")
-    entries = [m.summary() for m in manifests]
-    header = f"{'ID':<25} {'KIND':<11} {'DATABASE':<16} {'STARTED':<28} {'SIZE':>10}  EXPIRES"
-    inv.out(entries, lambda: "\n".join([header] + [render_entry(e) for e in entries])
-            if entries else f"no backups in {inv.settings.repo_url}")
-    return EXIT_VALIDATION if problems else 0
-
-
-@command(app, "show")
-def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="ID", help="Backup id, unique prefix or 'latest'")]) -> int:
-    """Show one backup's manifest summary: tables, rows, objects, checksums."""
-    from backup_tool.catalog import Catalog
-    from backup_tool.storage import open_storage
-
-    m = Catalog(open_storage(inv.settings.repo_url)).resolve(backup_id)
-    data = {**m.summary(), "system_identifier": m.system_identifier, "snapshot_lsn": m.snapshot_lsn,
-            "schema_fingerprint": m.schema_fingerprint, "policy": m.policy, "options": m.options,
-            "tables": [{"table": t.full_name, "kind": t.relkind, "parent": t.parent, "rows": t.rows,
-                        "checksum": t.checksum, "object": t.object.key if t.object else None,
-                        "size_bytes": t.object.size if t.object else 0} for t in m.tables],
-            "objects": [{"key": o.key, "size": o.size, "sha256": o.sha256, "raw_size": o.raw_size}
-                        for o in m.objects()],
-            "inventory": {k: len(v) for k, v in m.inventory.items()}}
-
-    def text() -> str:
-        lines = [f"{k}: {data[k]}" for k in ("id", "kind", "parent_id", "database", "server_version",
-                                             "started_at", "finished_at", "expires_at", "size_bytes",
-                                             "snapshot_lsn", "schema_fingerprint")]
-        lines.append("inventory: " + ", ".join(f"{k} {v}" for k, v in data["inventory"].items()))
-        lines.append(f"tables ({len(data['tables'])}):")
-        lines += [f"  {t['table']:<48} {t['rows']:>12} rows  {human_size(t['size_bytes']):>10}"
-                  for t in data["tables"]]
-        return "\n".join(lines)
-
-    inv.out(data, text)
-    return 0
-
-
-@command(app, "verify")
-def verify_cmd(
-    inv: Invocation,
-    which: Annotated[str, typer.Argument(metavar="[ID|latest|all]", help="Which backups to verify")] = "latest",
-    restore_test: Annotated[bool, typer.Option("--restore-test", help="Also restore into a scratch database "
-                                               "and validate it (then drop it)")] = False,
-    scratch_dsn: Annotated[Optional[str], typer.Option("--scratch-dsn", metavar="DSN",
-                                                       help="Server for --restore-test (default: the --dsn server)")] = None,
-) -> int:
-    """Re-read every object of the backup(s) and check its sha256; exit 3 naming any bad object."""
-    from backup_tool.verify import verify
-
-    report = verify(inv.settings, which, restore_test, scratch_dsn or "", inv.reporter)
-    inv.out(report.to_dict(), lambda: render_report(report))
-    return 0 if report.ok else EXIT_VALIDATION
-
-
-# ---------------------------------------------------------------- restores
-
-@command(restore_app, "full", secret_params=("target_dsn",))
-def restore_full_cmd(
-    inv: Invocation,
-    target_dsn: Annotated[str, typer.Option("--target-dsn", metavar="DSN",
-                                            help="Database to restore into (must be empty)")],
-    backup: Annotated[str, typer.Option("--backup", metavar="ID|latest", help="Backup to restore")] = "latest",
-    create: Annotated[bool, typer.Option("--create", help="Create the target database if it does not exist")] = False,
-    with_roles: Annotated[bool, typer.Option("--with-roles", help="Create roles the backup needs that the "
-                                             "target server lacks (without passwords)")] = False,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
-                                                help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the final validation")] = False,
-) -> int:
-    """Restore a whole backup into an empty database, then validate it against the manifest (exit 3 if not identical)."""
-    from backup_tool.restore import restore_full
-
-    result = restore_full(inv.settings, target_dsn, backup, create=create, with_roles=with_roles,
-                          jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter)
-    inv.out(result.to_dict(), lambda: render_report(result))
-    return 0
-
-
-# ---------------------------------------------------------------- checks
-
-@command(app, "validate")
-def validate_cmd(
-    inv: Invocation,
-    against: Annotated[Optional[str], typer.Option("--against", metavar="ID|latest",
-                                                   help="Also compare with this backup's manifest")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Parallel checksum sessions")] = 2,
-) -> int:
-    """Run the health checks on the --dsn database: schema, RLS and policies, foreign keys, indexes,
-    functions, row counts and content checksums, sequences. Exit 3 if any fails."""
-    from backup_tool.catalog import Catalog
-    from backup_tool.postgres import ConnInfo
-    from backup_tool.storage import open_storage
-    from backup_tool.validate import validate
-
-    settings = inv.settings
-    manifest = storage = None
-    if against:
-        storage = open_storage(settings.repo_url)
-        manifest = Catalog(storage).resolve(against)
-    report = validate(ConnInfo(settings.dsn), manifest, storage, jobs=jobs, reporter=inv.reporter)
-    inv.out(report.to_dict(), lambda: render_report(report))
-    return 0 if report.ok else EXIT_VALIDATION
-
-
-@command(app, "check")
-def check_cmd(inv: Invocation) -> int:
-    """Check configuration, database connectivity and privileges, client tools, and that the repository is writable."""
-    from backup_tool.check import run_checks
-
-    report = run_checks(inv.settings)
-    inv.out(report.to_dict(), lambda: render_report(report))
-    return 0 if report.ok else EXIT_VALIDATION
-
-
-def main() -> None:
-    app(prog_name="backup-tool")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,89 @@
+"""``list``, ``show``, ``verify``: the repository as a catalog, read from the repository alone."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from backup_tool import __version__
+from backup_tool.cli.common import (
+    Invocation,
+    app,
+    command,
+    human_size,
+    render_entry,
+    render_report,
+)
+from backup_tool.errors import EXIT_VALIDATION
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    print(f"backup-tool {__version__}")
+
+
+@command(app, "list")
+def list_cmd(inv: Invocation) -> int:
+    """List every complete backup in the repository, oldest first (needs no local state)."""
+    from backup_tool.catalog import Catalog
+    from backup_tool.storage import open_storage
+
+    manifests, problems = Catalog(open_storage(inv.settings.repo_url)).scan()
+    for p in problems:
+        inv.reporter.warning(f"unreadable manifest skipped: {p.message}")
+    entries = [m.summary() for m in manifests]
+    header = f"{'ID':<25} {'KIND':<11} {'DATABASE':<16} {'STARTED':<28} {'SIZE':>10}  EXPIRES"
+    inv.out(entries, lambda: "\n".join([header] + [render_entry(e) for e in entries])
+            if entries else f"no backups in {inv.settings.repo_url}")
+    return EXIT_VALIDATION if problems else 0
+
+
+@command(app, "show")
+def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="ID", help="Backup id, unique prefix or 'latest'")]) -> int:
+    """Show one backup's manifest summary: tables, rows, objects, checksums."""
+    from backup_tool.catalog import Catalog
+    from backup_tool.storage import open_storage
+
+    m = Catalog(open_storage(inv.settings.repo_url)).resolve(backup_id)
+    data = {**m.summary(), "system_identifier": m.system_identifier, "snapshot_lsn": m.snapshot_lsn,
+            "schema_fingerprint": m.schema_fingerprint, "policy": m.policy, "options": m.options,
+            "tables": [{"table": t.full_name, "kind": t.relkind, "parent": t.parent, "rows": t.rows,
+                        "checksum": t.checksum, "object": t.object.key if t.object else None,
+                        "size_bytes": t.object.size if t.object else 0} for t in m.tables],
+            "objects": [{"key": o.key, "size": o.size, "sha256": o.sha256, "raw_size": o.raw_size}
+                        for o in m.objects()],
+            "inventory": {k: len(v) for k, v in m.inventory.items()}}
+
+    def text() -> str:
+        lines = [f"{k}: {data[k]}" for k in ("id", "kind", "parent_id", "database", "server_version",
+                                             "started_at", "finished_at", "expires_at", "size_bytes",
+                                             "snapshot_lsn", "schema_fingerprint")]
+        lines.append("inventory: " + ", ".join(f"{k} {v}" for k, v in data["inventory"].items()))
+        lines.append(f"tables ({len(data['tables'])}):")
+        lines += [f"  {t['table']:<48} {t['rows']:>12} rows  {human_size(t['size_bytes']):>10}"
+                  for t in data["tables"]]
+        return "\n".join(lines)
+
+    inv.out(data, text)
+    return 0
+
+
+@command(app, "verify")
+def verify_cmd(
+    inv: Invocation,
+    which: Annotated[str, typer.Argument(metavar="[ID|latest|all]", help="Which backups to verify")] = "latest",
+    restore_test: Annotated[bool, typer.Option("--restore-test", help="Also restore into a scratch database "
+                                               "and validate it (then drop it)")] = False,
+    scratch_dsn: Annotated[Optional[str], typer.Option("--scratch-dsn", metavar="DSN",
+                                                       help="Server for --restore-test (default: the --dsn server)")] = None,
+) -> int:
+    """Re-read every object of the backup(s) and check its sha256; exit 3 naming any bad object."""
+    from backup_tool.verify import verify
+
+    report = verify(inv.settings, which, restore_test, scratch_dsn or "", inv.reporter)
+    inv.out(report.to_dict(), lambda: render_report(report))
+    return 0 if report.ok else EXIT_VALIDATION
+
+

@@ -1,0 +1,49 @@
+"""``validate`` and ``check``: health checks of a database and of the configuration."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from backup_tool.cli.common import (
+    Invocation,
+    app,
+    command,
+    render_report,
+)
+from backup_tool.errors import EXIT_VALIDATION
+
+
+@command(app, "validate")
+def validate_cmd(
+    inv: Invocation,
+    against: Annotated[Optional[str], typer.Option("--against", metavar="ID|latest",
+                                                   help="Also compare with this backup's manifest")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Parallel checksum sessions")] = 2,
+) -> int:
+    """Run the health checks on the --dsn database: schema, RLS and policies, foreign keys, indexes,
+    functions, row counts and content checksums, sequences. Exit 3 if any fails."""
+    from backup_tool.catalog import Catalog
+    from backup_tool.postgres import ConnInfo
+    from backup_tool.storage import open_storage
+    from backup_tool.validate import validate
+
+    settings = inv.settings
+    manifest = storage = None
+    if against:
+        storage = open_storage(settings.repo_url)
+        manifest = Catalog(storage).resolve(against)
+    report = validate(ConnInfo(settings.dsn), manifest, storage, jobs=jobs, reporter=inv.reporter)
+    inv.out(report.to_dict(), lambda: render_report(report))
+    return 0 if report.ok else EXIT_VALIDATION
+
+
+@command(app, "check")
+def check_cmd(inv: Invocation) -> int:
+    """Check configuration, database connectivity and privileges, client tools, and that the repository is writable."""
+    from backup_tool.check import run_checks
+
+    report = run_checks(inv.settings)
+    inv.out(report.to_dict(), lambda: render_report(report))
+    return 0 if report.ok else EXIT_VALIDATION

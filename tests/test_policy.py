@@ -1,0 +1,60 @@
+"""Policy files: defaults equal the seed's schedule, bad files name file, key and what is allowed."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from backup_tool.errors import ConfigError
+from backup_tool.policy import Policy, load_policy, parse_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_default_is_the_seed_policy() -> None:
+    p = load_policy(str(ROOT / "policies" / "default.toml"))
+    assert p.schedule.full == "0 2 * * *"
+    assert p.schedule.incremental == "0 */6 * * *"
+    assert (p.retention.full_days, p.retention.incremental_days, p.retention.pitr_days) == (30, 7, 7)
+    builtin = Policy()
+    assert (p.schedule, p.retention, p.backup) == (builtin.schedule, builtin.retention, builtin.backup)
+
+
+def test_expiry_per_kind() -> None:
+    p = Policy()
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert p.expires_at("full", t) == t + timedelta(days=30)
+    assert p.expires_at("incremental", t) == t + timedelta(days=7)
+    assert p.expires_at("base", t) == t + timedelta(days=7)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[retention]\nfull_dayz = 3\n", "retention.full_dayz"),
+    ("[retention]\nfull_days = 'thirty'\n", "wrong type"),
+    ("[retention]\nfull_days = 0\n", "at least 1"),
+    ("[schedule]\nfull = '0 2 * *'\n", "cron"),
+    ("[object_lock]\nmode = 'strict'\n", "allowed"),
+    ("[backup]\njobs = 0\n", "between 1 and 64"),
+    ("bogus = 1\n", "unknown key"),
+    ("[retention\n", "not valid TOML"),
+])
+def test_bad_policy_names_file_and_key(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_policy(text, "/etc/p.toml")
+    assert "/etc/p.toml" in str(err.value)
+    assert needle in str(err.value)
+
+
+def test_unknown_policy_name_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_policy("nosuchpolicy")
+
+
+def test_policy_by_path(tmp_path: Path) -> None:
+    f = tmp_path / "weekly.toml"
+    f.write_text("[retention]\nfull_days = 90\n")
+    p = load_policy(str(f))
+    assert p.retention.full_days == 90 and p.name == "weekly"
