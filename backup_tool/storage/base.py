@@ -61,10 +61,23 @@ class HashingCounter:
         return self._hash.hexdigest()
 
 
+@dataclass(frozen=True)
+class ObjectLock:
+    """WORM retention applied to objects as they are written (S3 Object Lock)."""
+
+    mode: str
+    retain_until: datetime
+
+
 class Storage(ABC):
     """A repository backend. Implementations: :mod:`.local` and :mod:`.s3`."""
 
     url: str
+    object_lock: ObjectLock | None = None
+
+    def lock_new_objects(self, lock: ObjectLock | None) -> None:
+        """Apply ``lock`` to every object written from now on by this instance."""
+        self.object_lock = lock
 
     @abstractmethod
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:

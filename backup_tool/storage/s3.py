@@ -141,6 +141,12 @@ class S3Storage(Storage):
             return ObjectExistsError(f"object already exists ({what}) in {self.url}")
         return StorageError(f"S3 error {code or '?'} while {what} in {self.url}")
 
+    def _lock_args(self) -> dict[str, Any]:
+        if self.object_lock is None:
+            return {}
+        return {"ObjectLockMode": self.object_lock.mode.upper(),
+                "ObjectLockRetainUntilDate": self.object_lock.retain_until}
+
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
         full = self._key(key)
         counter = HashingCounter()
@@ -159,7 +165,8 @@ class S3Storage(Storage):
                     if upload_id is None:
                         upload_id = self._call(f"starting upload of {key}",
                                                self._client.create_multipart_upload,
-                                               Bucket=self.bucket, Key=full)["UploadId"]
+                                               Bucket=self.bucket, Key=full,
+                                               **self._lock_args())["UploadId"]
                         pool = cf.ThreadPoolExecutor(PARTS_IN_FLIGHT, "s3-part")
                     assert pool is not None
                     body = bytes(buf[:size])
@@ -169,7 +176,7 @@ class S3Storage(Storage):
                     self._bound_in_flight(futures)
             if upload_id is None:
                 self._call(f"writing {key}", self._client.put_object, Bucket=self.bucket,
-                           Key=full, Body=bytes(buf), IfNoneMatch="*")
+                           Key=full, Body=bytes(buf), IfNoneMatch="*", **self._lock_args())
             else:
                 assert pool is not None
                 if buf:
