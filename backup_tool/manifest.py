@@ -60,6 +60,31 @@ class TableEntry:
 
 
 @dataclass(frozen=True)
+class PhysicalInfo:
+    """What a physical base backup needs for point-in-time recovery (kind ``base`` only).
+
+    ``start_lsn``..``stop_lsn`` on ``timeline`` is the WAL that must be replayed from the
+    archive before the restored cluster is consistent; ``stop_time`` is the server's clock
+    when the backup ended, the earliest moment a recovery from this backup can target.
+    ``checkpoint`` says whether the backup asked for a fast or a spread checkpoint.
+    """
+
+    start_lsn: str
+    stop_lsn: str
+    timeline: int
+    start_wal: str
+    stop_wal: str
+    stop_time: datetime
+    wal_segment_size: int
+    checkpoint: str
+    backup_label: str
+    superuser: str = "postgres"
+    databases: tuple[str, ...] = ()
+    archive_command: str = ""
+    data_checksums: bool = False
+
+
+@dataclass(frozen=True)
 class Manifest:
     id: str
     kind: str
@@ -84,6 +109,7 @@ class Manifest:
     extra_objects: tuple[StoredObject, ...] = ()
     tool_version: str = ""
     format: int = FORMAT_VERSION
+    physical: PhysicalInfo | None = None
 
     def objects(self) -> list[StoredObject]:
         """Every object the backup needs, including those it shares with its parents."""
@@ -120,12 +146,19 @@ class Manifest:
             "rows": sum(t.rows for t in self.tables if t.relkind == "r"),
             "raw_bytes": sum(o.raw_size for o in self.own_objects()),
             "policy": self.policy.get("name"),
+            **({"start_lsn": self.physical.start_lsn, "stop_lsn": self.physical.stop_lsn,
+                "timeline": self.physical.timeline, "checkpoint": self.physical.checkpoint}
+               if self.physical else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("started_at", "finished_at", "expires_at"):
             data[key] = utc_iso(getattr(self, key))
+        if self.physical is not None:
+            data["physical"]["stop_time"] = utc_iso(self.physical.stop_time)
+        else:
+            del data["physical"]
         return data
 
     def to_json(self) -> bytes:
@@ -142,6 +175,13 @@ def _digest(body: dict[str, Any]) -> str:
 
 def _obj(data: dict[str, Any] | None) -> StoredObject | None:
     return StoredObject(**data) if data else None
+
+
+def _physical(data: dict[str, Any] | None) -> PhysicalInfo | None:
+    if not data:
+        return None
+    return PhysicalInfo(**{**data, "stop_time": parse_utc(data["stop_time"]),
+                           "databases": tuple(data.get("databases", ()))})
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:
@@ -180,6 +220,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             options=body.get("options", {}),
             extra_objects=tuple(StoredObject(**o) for o in body.get("extra_objects", [])),
             tool_version=body.get("tool_version", ""), format=fmt,
+            physical=_physical(body.get("physical")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"manifest {where} is malformed ({exc})",
