@@ -1,4 +1,4 @@
-"""Logical backups: a consistent, streamed, per-table copy of one database.
+"""Logical backups: full and incremental, consistent, streamed, one object per table.
 
 A full backup exports one snapshot and lets every worker import it, so the schema archive
 (pg_dump --snapshot), every table's COPY stream and every checksum describe the same
@@ -7,6 +7,20 @@ from ``psql``'s COPY output straight into the repository: no local copy of the d
 made, and a table can later be restored alone. Content checksums are computed in the same
 snapshot by parallel sessions. Objects go under ``backups/<id>/``; the manifest is written
 last, after every object is durable, so an interrupted backup is never listed.
+
+Incremental backups store only the tables whose content changed since the parent backup
+(the newest complete backup of the same database) and reference the parent's objects for
+the rest. Change detection compares, per table, the content checksum computed in the new
+snapshot with the parent's: row count plus the sum of 64-bit hashes of every row's text
+over the dumped column list. Any INSERT, UPDATE, DELETE, TRUNCATE or COPY changes the
+multiset of rows and so the checksum (a collision needs two different row multisets with
+equal 64-bit hash sums); ALTER TABLE that adds, drops, renames or reorders columns changes
+the column list; partitions attached or detached change the table's parent; new tables
+have no parent entry. The checksum is taken in the backup's own snapshot, so a change
+committed just before it is seen. Unchanged tables yield the same rows from the parent's
+object, so the incremental restores to exactly its own snapshot. Schema, roles and
+sequence values are always stored fresh. Table statistics (pg_stat) are deliberately not
+trusted: they are lossy and reset on crash.
 
 Only one backup of a database into a repository runs at a time: a PostgreSQL advisory
 lock on the source database (visible to every machine that backs it up) guards the run.
@@ -17,7 +31,7 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -27,10 +41,12 @@ from backup_tool import __version__, pipeline, postgres, schema
 from backup_tool.catalog import Catalog, data_prefix, new_backup_id
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError, LockHeldError
-from backup_tool.manifest import Manifest, StoredObject, TableEntry
+from backup_tool.manifest import Manifest, StoredObject, TableEntry, utc_iso
+from backup_tool.policy import Policy
 from backup_tool.postgres import ConnInfo, Snapshot, TableInfo
 from backup_tool.report import NullReporter, Reporter
 from backup_tool.storage import Storage, open_storage
+from backup_tool.storage.base import ObjectLock
 
 
 def compression_threads(jobs: int) -> int:
@@ -87,10 +103,72 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
     return obj, stats.lines
 
 
-def backup_full(settings: Settings, reporter: Reporter | None = None,
-                jobs: int | None = None) -> Manifest:
-    """Take a full logical backup of the settings' database; return its committed manifest."""
-    reporter = reporter or NullReporter()
+def choose_parent(backups: list[Manifest], database: str, policy: Policy,
+                  now: datetime) -> tuple[Manifest | None, str]:
+    """The backup an incremental taken ``now`` builds on, or None and the reason a full is needed.
+
+    Pure: a function of the repository's backups, the policy and the time. The parent is
+    the newest full or incremental of the same database. A full is needed when there is
+    none, when the chain already holds ``max_chain_length`` incrementals, or when the
+    chain's full would expire before the new incremental (a chain must outlive its tips).
+    """
+    chain = [m for m in backups if m.database == database and m.kind in ("full", "incremental")]
+    if not chain:
+        return None, f"no full backup of {database} in the repository"
+    parent = chain[-1]
+    by_id = {m.id: m for m in chain}
+    links = [parent]
+    while links[0].parent_id:
+        ancestor = by_id.get(links[0].parent_id)
+        if ancestor is None:
+            return None, f"the chain of {parent.id} is broken ({links[0].parent_id} is missing)"
+        links.insert(0, ancestor)
+    incrementals = len(links) - 1
+    if incrementals >= policy.retention.max_chain_length:
+        return None, f"the chain of {links[0].id} already has {incrementals} incrementals (max_chain_length)"
+    if links[0].expires_at < policy.expires_at("incremental", now):
+        return None, f"full {links[0].id} expires before a new incremental would"
+    return parent, ""
+
+
+def unchanged(entry: TableEntry | None, table: TableInfo, rows: int, checksum: str) -> bool:
+    """True only if the parent's object holds exactly this table's current rows."""
+    return (entry is not None and entry.object is not None and entry.relkind == table.relkind
+            and entry.parent == table.parent and entry.columns == table.columns
+            and entry.rows == rows and entry.checksum == checksum)
+
+
+def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int | None = None,
+                only_tables: set[tuple[str, str]] | None = None) -> Manifest:
+    """Take a full logical backup of the settings' database; return its committed manifest.
+
+    ``only_tables`` limits the table data to those (schema, name) pairs (and, for a
+    partitioned table, its partitions); the schema archive is always complete.
+    """
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "full", only_tables)
+
+
+def backup_incremental(settings: Settings, reporter: Reporter | None = None,
+                       jobs: int | None = None) -> Manifest:
+    """Back up only what changed since the newest backup; take a full (and say so) if needed."""
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "incremental", None)
+
+
+def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
+    if only is None:
+        return tables
+    chosen = set(only)
+    grew = True
+    while grew:
+        names = {f"{s}.{n}" for s, n in chosen}
+        extra = {(t.schema, t.name) for t in tables if t.parent in names} - chosen
+        chosen |= extra
+        grew = bool(extra)
+    return [t for t in tables if (t.schema, t.name) in chosen]
+
+
+def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, kind: str,
+                    only_tables: set[tuple[str, str]] | None) -> Manifest:
     storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
@@ -104,70 +182,128 @@ def backup_full(settings: Settings, reporter: Reporter | None = None,
         stack.callback(control.close)
         info = postgres.server_info(control)
         major = info["server_version_num"] // 10000
-        catalog.ids()
-        if not postgres.try_advisory_lock(control, lock_name(storage.url, info["database"])):
-            raise LockHeldError(f"another backup of {info['database']} into {storage.url} is running",
+        database = info["database"]
+        if not postgres.try_advisory_lock(control, lock_name(storage.url, database)):
+            raise LockHeldError(f"another backup of {database} into {storage.url} is running",
                                 "wait for it to finish (or let cron retry later)")
         started_at = datetime.now(timezone.utc)
-        backup_id = new_backup_id("full", started_at)
+        parent = None
+        if kind == "incremental":
+            parent, why = choose_parent(catalog.backups(), database, policy, started_at)
+            if parent is None:
+                kind = "full"
+                reporter.warning(f"taking a full backup instead of an incremental: {why}")
+        else:
+            catalog.ids()
+        backup_id = new_backup_id(kind, started_at)
         prefix = data_prefix(backup_id)
-        reporter.event("backup started", id=backup_id, kind="full", database=info["database"],
-                       repository=storage.url)
-
-        snap = Snapshot(conninfo)
-        stack.callback(snap.close)
-        tables = postgres.list_tables(snap.conn)
-        snap.lock_tables(tables)
-        sequences = postgres.sequences(snap.conn)
-        inventory = postgres.inventory(snap.conn)
-
-        archive = schema.dump_schema(conninfo, major, snap.snapshot_id)
-        normalized = schema.normalize(schema.schema_text(archive, major))
-        schema_obj, _ = _store_compressed(storage, prefix + "schema.pgdump.zst", [archive], level, 0)
-        globals_obj, _ = _store_compressed(storage, prefix + "globals.sql.zst",
-                                           [schema.dump_globals(conninfo, major)], level, 0)
-
-        data_tables = [t for t in tables if t.has_data]
-        progress = reporter.task("dumping tables", total=sum(t.size for t in data_tables))
-        workers = _Workers(conninfo, snap.snapshot_id, stack)
-        objects: dict[int, tuple[StoredObject, int]] = {}
-        checksums: dict[int, tuple[int, str]] = {}
-
-        def dump(table: TableInfo) -> None:
-            objects[table.oid] = _dump_table(storage, conninfo, major, snap.snapshot_id, table,
-                                             f"{prefix}data/{table.oid}.copy.zst", level, threads,
-                                             info["encoding"], progress.advance)
-
-        def checksum(table: TableInfo) -> None:
-            checksums[table.oid] = postgres.table_checksum(workers.conn(), table.schema, table.name)
-
-        pipeline.run_parallel(jobs, [(dump, t) for t in data_tables] + [(checksum, t) for t in data_tables])
-        progress.finish()
-
-        entries = []
-        for t in tables:
-            obj, lines = objects.get(t.oid, (None, 0))
-            rows, digest = checksums.get(t.oid, (0, "0" * 16))
-            if obj is not None and lines != rows:
-                raise BackupToolError(f"COPY of {t.schema}.{t.name} produced {lines} rows but the "
-                                      f"table has {rows} in the snapshot", "report this as a bug")
-            entries.append(TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, rows,
-                                      digest, obj))
-        finished_at = datetime.now(timezone.utc)
-        manifest = Manifest(
-            id=backup_id, kind="full", parent_id=None, database=info["database"],
-            server_version=info["server_version"], server_version_num=info["server_version_num"],
-            encoding=info["encoding"], system_identifier=info["system_identifier"],
-            started_at=started_at, finished_at=finished_at,
-            expires_at=policy.expires_at("full", started_at),
-            policy={"name": policy.name, "source": policy.source,
-                    "retention_days": policy.retention.full_days},
-            snapshot_lsn=snap.wal_lsn, schema=schema_obj, globals=globals_obj,
-            schema_fingerprint=schema.fingerprint(normalized),
-            tables=tuple(entries), sequences=tuple(sequences), inventory=inventory,
-            options={"jobs": jobs, "compression_level": level}, tool_version=__version__,
-        )
+        expires_at = policy.expires_at(kind, started_at)
+        lock = None
+        if policy.object_lock.mode != "none":
+            lock = ObjectLock(policy.object_lock.mode, expires_at)
+            storage.lock_new_objects(lock)
+        reporter.event("backup started", id=backup_id, kind=kind, database=database,
+                       parent=parent.id if parent else None, repository=storage.url)
+        try:
+            manifest = _dump(storage, conninfo, info, major, policy, jobs, level, threads, kind,
+                             backup_id, started_at, expires_at, parent, only_tables, reporter, stack)
+        except BaseException:
+            _discard(storage, prefix)
+            raise
+        if lock is not None:
+            manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
         catalog.commit(manifest)
-        reporter.event("backup finished", id=backup_id, size_bytes=manifest.size_bytes,
-                       seconds=round((finished_at - started_at).total_seconds(), 2))
+        reporter.event("backup finished", id=backup_id, kind=kind, size_bytes=manifest.size_bytes,
+                       seconds=round((manifest.finished_at - started_at).total_seconds(), 2))
         return manifest
+
+
+def _discard(storage: Storage, prefix: str) -> None:
+    """Best-effort removal of an unfinished backup's objects (the retention sweep catches the rest)."""
+    try:
+        for obj in storage.list(prefix):
+            storage.delete(obj.key)
+    except Exception:
+        pass
+
+
+def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int, policy: Policy,
+          jobs: int, level: int, threads: int, kind: str, backup_id: str, started_at: datetime,
+          expires_at: datetime, parent: Manifest | None, only_tables: set[tuple[str, str]] | None,
+          reporter: Reporter, stack: ExitStack) -> Manifest:
+    prefix = data_prefix(backup_id)
+    snap = Snapshot(conninfo)
+    stack.callback(snap.close)
+    tables = _selected(postgres.list_tables(snap.conn), only_tables)
+    snap.lock_tables(tables)
+    sequences = postgres.sequences(snap.conn)
+    inventory = postgres.inventory(snap.conn)
+
+    archive = schema.dump_schema(conninfo, major, snap.snapshot_id)
+    normalized = schema.normalize(schema.schema_text(archive, major))
+    schema_obj, _ = _store_compressed(storage, prefix + "schema.pgdump.zst", [archive], level, 0)
+    globals_obj, _ = _store_compressed(storage, prefix + "globals.sql.zst",
+                                       [schema.dump_globals(conninfo, major)], level, 0)
+
+    data_tables = [t for t in tables if t.has_data]
+    workers = _Workers(conninfo, snap.snapshot_id, stack)
+    objects: dict[int, tuple[StoredObject, int]] = {}
+    checksums: dict[int, tuple[int, str]] = {}
+    encoding = info["encoding"]
+
+    def checksum(table: TableInfo) -> None:
+        checksums[table.oid] = postgres.table_checksum(workers.conn(), table.schema, table.name,
+                                                       table.columns)
+
+    def dump(table: TableInfo) -> None:
+        objects[table.oid] = _dump_table(storage, conninfo, major, snap.snapshot_id, table,
+                                         f"{prefix}data/{table.oid}.copy.zst", level, threads,
+                                         encoding, progress.advance)
+
+    reused: dict[int, TableEntry] = {}
+    if parent is None:
+        progress = reporter.task("dumping tables", total=sum(t.size for t in data_tables))
+        pipeline.run_parallel(jobs, [(dump, t) for t in data_tables] + [(checksum, t) for t in data_tables])
+    else:
+        check = reporter.task("comparing tables with the parent backup", total=len(data_tables))
+        pipeline.run_parallel(jobs, [(lambda t: (checksum(t), check.advance(1)), t) for t in data_tables])
+        check.finish()
+        for t in data_tables:
+            entry = parent.table(t.schema, t.name)
+            if entry is not None and unchanged(entry, t, *checksums[t.oid]):
+                reused[t.oid] = entry
+        missing = [e.object.key for e in reused.values() if e.object and not storage.exists(e.object.key)]
+        if missing:
+            raise BackupToolError(f"parent backup {parent.id} lacks objects it lists ({missing[0]})",
+                                  "run 'backup-tool verify all', then take a full backup")
+        changed = [t for t in data_tables if t.oid not in reused]
+        reporter.event("change detection", changed=len(changed), unchanged=len(reused))
+        progress = reporter.task("dumping changed tables", total=sum(t.size for t in changed))
+        pipeline.run_parallel(jobs, [(dump, t) for t in changed])
+    progress.finish()
+
+    entries = []
+    for t in tables:
+        rows, digest = checksums.get(t.oid, (0, "0" * 16))
+        if t.oid in reused:
+            entries.append(replace(reused[t.oid], rows=rows, checksum=digest))
+            continue
+        obj, lines = objects.get(t.oid, (None, 0))
+        if obj is not None and lines != rows:
+            raise BackupToolError(f"COPY of {t.schema}.{t.name} produced {lines} rows but the "
+                                  f"table has {rows} in the snapshot", "report this as a bug")
+        entries.append(TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, rows, digest, obj))
+    return Manifest(
+        id=backup_id, kind=kind, parent_id=parent.id if parent else None, database=info["database"],
+        server_version=info["server_version"], server_version_num=info["server_version_num"],
+        encoding=encoding, system_identifier=info["system_identifier"],
+        started_at=started_at, finished_at=datetime.now(timezone.utc), expires_at=expires_at,
+        policy={"name": policy.name, "source": policy.source,
+                "retention_days": policy.retention_for(kind).days},
+        snapshot_lsn=snap.wal_lsn, schema=schema_obj, globals=globals_obj,
+        schema_fingerprint=schema.fingerprint(normalized),
+        tables=tuple(entries), sequences=tuple(sequences), inventory=inventory,
+        options={"jobs": jobs, "compression_level": level,
+                 "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None},
+        tool_version=__version__,
+    )

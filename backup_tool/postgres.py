@@ -205,18 +205,22 @@ def list_tables(conn: psycopg.Connection[Any]) -> list[TableInfo]:
 
 CHECKSUM_SQL = (
     "SELECT n, (s % 18446744073709551616 + 18446744073709551616) % 18446744073709551616"
-    " FROM (SELECT count(*) AS n, coalesce(sum(hashtextextended(t::text, 0)::numeric), 0) AS s"
+    " FROM (SELECT count(*) AS n, coalesce(sum(hashtextextended(ROW({})::text, 0)::numeric), 0) AS s"
     " FROM ONLY {} AS t) AS agg"
 )
 
 
-def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str) -> tuple[int, str]:
+def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str,
+                   columns: Sequence[str]) -> tuple[int, str]:
     """Row count and an order-independent content checksum (sum of per-row 64-bit hashes).
 
     Order-independent so that a table rewritten by VACUUM FULL or loaded in another order
-    still matches; computed from the row's text form under the pinned session settings.
+    still matches; computed over ``columns`` (the dumped, non-generated ones) from each
+    row's text form under the pinned session settings, so a copy of the table elsewhere
+    (another schema, extra columns) compares equal when it holds the same rows.
     """
-    row = conn.execute(sql.SQL(CHECKSUM_SQL).format(qualified(schema, name))).fetchone()
+    cols = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in columns)
+    row = conn.execute(sql.SQL(CHECKSUM_SQL).format(cols, qualified(schema, name))).fetchone()
     assert row is not None
     return int(row[0]), f"{int(row[1]):016x}"
 

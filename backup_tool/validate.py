@@ -186,24 +186,34 @@ def check_sequences(conn: psycopg.Connection[Any], live: list[dict[str, Any]],
     return Check("sequences_not_behind", True, f"{len(live)} sequences not behind their columns")
 
 
-def table_checksums(conninfo: ConnInfo, tables: list[tuple[str, str]], jobs: int,
-                    reporter: Reporter) -> dict[tuple[str, str], tuple[int, str] | None]:
-    """Live row count and content checksum of each table (None when the table is missing)."""
-    results: dict[tuple[str, str], tuple[int, str] | None] = {}
-    progress = reporter.task("checksumming tables", total=len(tables))
+TableKey = tuple[str, str]
 
-    def worker(batch: list[tuple[str, str]]) -> None:
+
+def table_checksums(conninfo: ConnInfo, targets: dict[TableKey, tuple[str, str, tuple[str, ...]]],
+                    jobs: int, reporter: Reporter) -> dict[TableKey, tuple[int, str] | None]:
+    """Live row count and content checksum per table key, read at (schema, name) over columns.
+
+    None when the table is missing; a row count of -1 when a backed-up column is missing.
+    """
+    results: dict[TableKey, tuple[int, str] | None] = {}
+    progress = reporter.task("checksumming tables", total=len(targets))
+    keys = list(targets)
+
+    def worker(batch: list[TableKey]) -> None:
         with conninfo.connect() as conn:
-            for schema_name, name in batch:
+            for key in batch:
+                schema_name, name, columns = targets[key]
                 try:
-                    results[(schema_name, name)] = postgres.table_checksum(conn, schema_name, name)
+                    results[key] = postgres.table_checksum(conn, schema_name, name, columns)
                 except psycopg.errors.UndefinedTable:
-                    results[(schema_name, name)] = None
+                    results[key] = None
+                except psycopg.errors.UndefinedColumn:
+                    results[key] = (-1, "")
                 progress.advance(1)
 
-    batches = [tables[i::jobs] for i in range(jobs)]
+    jobs = max(1, min(jobs, len(keys)))
     with cf.ThreadPoolExecutor(jobs) as pool:
-        for fut in [pool.submit(worker, b) for b in batches if b]:
+        for fut in [pool.submit(worker, keys[i::jobs]) for i in range(jobs) if keys[i::jobs]]:
             fut.result()
     progress.finish()
     return results
@@ -216,6 +226,8 @@ def check_tables(manifest: Manifest, live: dict[tuple[str, str], tuple[int, str]
         got = live[(t.schema, t.name)]
         if got is None:
             missing.append(t.full_name)
+        elif got[0] < 0:
+            counts.append(f"{t.full_name} lacks backed-up columns")
         elif got[0] != t.rows:
             counts.append(f"{t.full_name} has {got[0]} rows, backup {t.rows}")
         elif got[1] != t.checksum:
@@ -269,9 +281,9 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
                                        inv["extensions"], lambda e: e["name"]))
         checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
     if manifest is not None:
-        wanted = [(t.schema, t.name) for t in manifest.tables if t.relkind == "r"
-                  and (tables is None or (t.schema, t.name) in tables)]
-        live = table_checksums(conninfo, wanted, max(1, min(jobs, len(wanted))), reporter)
+        wanted = {(t.schema, t.name): (t.schema, t.name, t.columns) for t in manifest.tables
+                  if t.relkind == "r" and (tables is None or (t.schema, t.name) in tables)}
+        live = table_checksums(conninfo, wanted, jobs, reporter)
         checks.extend(check_tables(manifest, live))
     if tables is not None:
         checks = [c for c in checks if c.name in ("row_counts", "content_checksums", "foreign_keys_hold",

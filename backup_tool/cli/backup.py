@@ -1,4 +1,4 @@
-"""``backup full``: take a backup now."""
+"""``backup full`` and ``backup incremental``: take a logical backup now."""
 
 from __future__ import annotations
 
@@ -31,3 +31,21 @@ def backup_full_cmd(
     return 0
 
 
+
+
+@command(backup_app, "incremental")
+def backup_incremental_cmd(
+    inv: Invocation,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
+                                                help="Tables compared/dumped in parallel (default: policy backup.jobs)")] = None,
+) -> int:
+    """Back up only the tables that changed since the newest backup of this database (takes a full, and says so, if none)."""
+    from backup_tool.backup import backup_incremental
+
+    manifest = backup_incremental(inv.settings, inv.reporter, jobs=jobs)
+    entry = manifest.summary()
+    changed = len([t for t in manifest.tables if t.object and t.object.key.startswith(f"backups/{manifest.id}/")])
+    inv.out(entry, lambda: f"backup {entry['id']} ({entry['kind']}{', parent ' + entry['parent_id'] if entry['parent_id'] else ''}) "
+                           f"complete: {changed} of {entry['tables']} tables stored, {human_size(entry['size_bytes'])}, "
+                           f"expires {entry['expires_at']}")
+    return 0

@@ -202,8 +202,10 @@ def render_report(report: Any) -> str:
     """Text for a validation/verification report or a restore result carrying one."""
     validation = getattr(report, "validation", None)
     lines = []
-    if validation is not None:
-        lines.append(f"restored {report.backup_id} into {report.target}: {report.tables} tables, "
+    if hasattr(report, "backup_id"):
+        tables = report.tables if isinstance(report.tables, int) else len(report.tables)
+        where = f" into schema {report.into_schema}" if getattr(report, "into_schema", None) else ""
+        lines.append(f"restored {report.backup_id} into {report.target}{where}: {tables} tables, "
                      f"{report.rows} rows, {human_size(report.bytes_read)} read in {report.seconds:.1f}s")
         report = validation
     if report is None:

@@ -12,6 +12,7 @@ from backup_tool.cli.common import (
     render_report,
     restore_app,
 )
+from backup_tool.errors import UsageError
 
 
 @command(restore_app, "full", secret_params=("target_dsn",))
@@ -36,3 +37,41 @@ def restore_full_cmd(
     return 0
 
 
+
+
+@command(restore_app, "tables", secret_params=("target_dsn",))
+def restore_tables_cmd(
+    inv: Invocation,
+    tables: Annotated[str, typer.Option("--tables", metavar="SCHEMA.TABLE[,...]",
+                                        help='Tables to restore; a partitioned table brings its partitions; '
+                                             'quote mixed case: analytics."UserJourneys"')],
+    target_dsn: Annotated[str, typer.Option("--target-dsn", metavar="DSN", help="Database to restore into")],
+    backup: Annotated[Optional[str], typer.Option("--backup", metavar="ID|latest",
+                                                  help="Backup to take the tables from (default: latest)")] = None,
+    target_time: Annotated[Optional[str], typer.Option("--target-time", metavar="TS",
+                                                       help="Tables as they were at this time (point-in-time, "
+                                                            "from base backup + WAL)")] = None,
+    into_schema: Annotated[Optional[str], typer.Option("--into-schema", metavar="NAME",
+                                                       help="Recreate the tables in this new schema, beside the live ones")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace the tables' current contents "
+                                          "(one transaction; rolled back if foreign keys would break)")] = False,
+    with_roles: Annotated[bool, typer.Option("--with-roles", help="Create missing roles from the backup")] = False,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
+                                                help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
+) -> int:
+    """Restore only the named tables: into empty/absent tables, beside them (--into-schema), or over them (--replace)."""
+    names = [t for t in (x.strip() for x in tables.split(",")) if t]
+    if target_time:
+        if backup:
+            raise UsageError("give --backup or --target-time, not both", "--target-time picks the base backup itself")
+        from backup_tool import pitr
+
+        result = pitr.restore_tables_at(inv.settings, target_dsn, names, target_time, into_schema=into_schema,
+                                        replace=replace, jobs=jobs, reporter=inv.reporter)
+    else:
+        from backup_tool.restore_tables import restore_tables
+
+        result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,
+                                replace=replace, with_roles=with_roles, jobs=jobs, reporter=inv.reporter)
+    inv.out(result.to_dict(), lambda: render_report(result))
+    return 0

@@ -1,0 +1,367 @@
+"""Selective restore: bring back some tables from a backup without touching anything else.
+
+Only the manifest, the schema archive and the chosen tables' objects are downloaded. A
+partitioned table selects all its partitions; a single partition can be chosen alone.
+
+Three modes, each refusing rather than overwriting by accident:
+
+- default: each table is restored where it was if it is absent (created from the backup's
+  definition) or empty; a table holding rows is refused and nothing changes.
+- ``into_schema``: the tables are recreated (columns, defaults, check and unique
+  constraints, indexes, RLS and policies; not foreign keys or triggers, which would tie an
+  inspection copy to live data) in a separate schema, live data untouched.
+- ``replace``: the tables' contents are replaced in one transaction (readers see the old
+  rows until commit, never a half-loaded table), with triggers silenced and no cascading
+  to other tables; foreign keys from and to the replaced tables are then checked and any
+  violation rolls everything back, reporting the orphan rows per foreign key. Owned
+  sequences are moved forward (never back) past both the backed-up value and the data.
+
+Table definitions are taken from the backup's own schema archive: it is replayed into a
+scratch database, the tables moved to the inspection schema if asked, and pg_dump then
+extracts exactly those tables' definitions (with their indexes, constraints, owned
+sequences, policies and grants) in PostgreSQL's own quoting.
+"""
+
+from __future__ import annotations
+
+import difflib
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg
+from psycopg import sql
+
+from backup_tool import pipeline, postgres, schema
+from backup_tool.catalog import Catalog
+from backup_tool.config import Settings
+from backup_tool.errors import (
+    DatabaseError,
+    LockHeldError,
+    NotFoundError,
+    RefusedError,
+    UsageError,
+    ValidationFailed,
+)
+from backup_tool.manifest import Manifest, TableEntry
+from backup_tool.postgres import ConnInfo, qualified
+from backup_tool.report import NullReporter, Reporter
+from backup_tool.restore import ensure_roles, load_table, read_object
+from backup_tool.storage import Storage, open_storage
+from backup_tool.validate import (
+    Check,
+    ValidationReport,
+    check_foreign_keys,
+    check_tables,
+    table_checksums,
+)
+
+TableKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class TablesRestoreResult:
+    backup_id: str
+    target: str
+    tables: tuple[str, ...]
+    mode: str
+    into_schema: str | None
+    rows: int
+    bytes_read: int
+    seconds: float
+    validation: ValidationReport | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id,
+            "target": self.target,
+            "tables": list(self.tables),
+            "mode": self.mode,
+            "into_schema": self.into_schema,
+            "rows": self.rows,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+            "ok": self.validation.ok if self.validation else None,
+            "validation": self.validation.to_dict() if self.validation else None,
+        }
+
+
+def split_name(text: str) -> tuple[str | None, str]:
+    """``schema.table`` → (schema, table); double quotes protect dots and are removed."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            if quoted and i + 1 < len(text) and text[i + 1] == '"':
+                current.append('"')
+                i += 1
+            else:
+                quoted = not quoted
+        elif ch == "." and not quoted and not parts:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    if quoted or any(not p for p in parts):
+        raise UsageError(f"cannot read table name {text!r}", 'write SCHEMA.TABLE, quoting parts like "Mixed Case"')
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+def resolve_tables(manifest: Manifest, names: list[str]) -> list[TableEntry]:
+    """The manifest entries the names select, partitions of selected tables included."""
+    known = {(t.schema, t.name): t for t in manifest.tables}
+    chosen: list[TableKey] = []
+    for raw in names:
+        schema_name, name = split_name(raw.strip())
+        matches = [k for k in known if k[1] == name and (schema_name is None or k[0] == schema_name)]
+        if not matches:
+            matches = [k for k in known if k[1].lower() == name.lower()
+                       and (schema_name is None or k[0].lower() == schema_name.lower())]
+        if len(matches) != 1:
+            everything = [f"{s}.{n}" for s, n in known]
+            close = difflib.get_close_matches(raw, everything, n=3, cutoff=0.5)
+            if matches:
+                raise UsageError(f"table name {raw!r} is ambiguous: {', '.join(f'{s}.{n}' for s, n in matches)}",
+                                 "qualify it with its schema")
+            raise NotFoundError(f"table {raw!r} is not in backup {manifest.id}",
+                                f"closest: {', '.join(close)}" if close else "see 'backup-tool show ID' for its tables")
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    grew = True
+    while grew:
+        parents = {f"{s}.{n}" for s, n in chosen}
+        extra = [k for k, t in known.items() if t.parent in parents and k not in chosen]
+        chosen += extra
+        grew = bool(extra)
+    return [known[k] for k in chosen]
+
+
+def _state(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
+    """'absent', 'empty' or 'rows' for a table in the target database."""
+    row = conn.execute("SELECT to_regclass(%s)", (postgres.quoted_table(schema_name, name),)).fetchone()
+    if not row or row[0] is None:
+        return "absent"
+    has = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(qualified(schema_name, name))).fetchone()
+    return "rows" if has and has[0] else "empty"
+
+
+def _pattern(schema_name: str, name: str) -> str:
+    return postgres.quoted_table(schema_name, name)
+
+
+def extract_definitions(target: ConnInfo, major: int, archive_path: Path, tables: list[TableEntry],
+                        into_schema: str | None) -> bytes:
+    """A pg_dump archive holding just ``tables``' definitions (moved to ``into_schema`` if given)."""
+    scratch_name = f"backup_tool_scratch_{secrets.token_hex(4)}"
+    with target.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch_name)))
+    scratch = target.with_database(scratch_name)
+    try:
+        schema.restore_section(archive_path, scratch, major, "pre-data")
+        schema.restore_section(archive_path, scratch, major, "post-data")
+        where = [(t.schema, t.name) for t in tables]
+        if into_schema:
+            with scratch.connect() as conn, conn.transaction():
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
+                for t in tables:
+                    for (con,) in conn.execute(
+                            "SELECT conname FROM pg_constraint WHERE contype = 'f' AND conrelid = %s::regclass"
+                            " AND conparentid = 0", (postgres.quoted_table(t.schema, t.name),)).fetchall():
+                        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                            qualified(t.schema, t.name), sql.Identifier(con)))
+                    for (trg,) in conn.execute(
+                            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgparentid = 0"
+                            " AND tgrelid = %s::regclass", (postgres.quoted_table(t.schema, t.name),)).fetchall():
+                        conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(
+                            sql.Identifier(trg), qualified(t.schema, t.name)))
+                for t in tables:
+                    conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+                        qualified(t.schema, t.name), sql.Identifier(into_schema)))
+            where = [(into_schema, t.name) for t in tables]
+        argv = [postgres.find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
+                "--strict-names", "--dbname", scratch.tool_conninfo()]
+        for schema_name, name in where:
+            argv.append(f"--table={_pattern(schema_name, name)}")
+        return pipeline.run(argv, scratch.tool_env(), "pg_dump (table definitions)")
+    finally:
+        with target.connect() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch_name)))
+
+
+def _is_superuser(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    return bool(row and row[0])
+
+
+def _fks_touching(conn: psycopg.Connection[Any], keys: set[TableKey]) -> list[dict[str, Any]]:
+    return [fk for fk in postgres.inventory(conn)["foreign_keys"]
+            if (fk["schema"], fk["table"]) in keys or (fk["ref_schema"], fk["ref_table"]) in keys]
+
+
+def _owned_sequences(manifest: Manifest, keys: set[TableKey]) -> Iterator[dict[str, Any]]:
+    for seq in manifest.sequences:
+        owner = seq.get("owned_by")
+        if owner and (owner["schema"], owner["table"]) in keys:
+            yield seq
+
+
+def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: Manifest,
+                     entries: list[TableEntry], replace: bool, advance: Callable[[int], None]) -> None:
+    """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back."""
+    keys = {(t.schema, t.name) for t in entries}
+    superuser = _is_superuser(conn)
+    referenced_elsewhere = {(fk["ref_schema"], fk["ref_table"]) for fk in postgres.inventory(conn)["foreign_keys"]}
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL client_encoding = {}").format(sql.Literal(manifest.encoding)))
+        if superuser:
+            conn.execute("SET LOCAL session_replication_role = replica")
+        for t in entries:
+            target = qualified(t.schema, t.name)
+            if not superuser:
+                conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(target))
+            if replace:
+                if (t.schema, t.name) in referenced_elsewhere and not superuser:
+                    raise RefusedError(f"--replace of {t.full_name}, which other tables reference, needs a superuser",
+                                       "connect as a superuser, or use --into-schema")
+                if (t.schema, t.name) in referenced_elsewhere:
+                    conn.execute(sql.SQL("DELETE FROM ONLY {}").format(target))
+                else:
+                    conn.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
+            if t.object is not None:
+                load_table(ConnInfo(), storage, t, manifest.encoding, advance, conn=conn)
+            if not superuser:
+                conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(target))
+        for seq in _owned_sequences(manifest, keys):
+            owner = seq["owned_by"]
+            conn.execute(sql.SQL(
+                "SELECT setval({seq}::regclass, GREATEST((SELECT last_value FROM {seqtab}), %s,"
+                " coalesce((SELECT max({col}) FROM {tab}), %s)), true)").format(
+                seq=sql.Literal(postgres.quoted_table(seq["schema"], seq["name"])),
+                seqtab=qualified(seq["schema"], seq["name"]), col=sql.Identifier(owner["column"]),
+                tab=qualified(owner["schema"], owner["table"])), (seq["last_value"], seq["last_value"]))
+        check = check_foreign_keys(conn, _fks_touching(conn, keys))
+        if not check.ok:
+            raise RefusedError(f"restoring {', '.join(t.full_name for t in entries)} would break foreign keys, "
+                               f"rolled back: {check.detail}",
+                               "restore the referenced tables too, or use --into-schema to inspect")
+
+
+def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
+                   backup_ref: str | None = "latest", into_schema: str | None = None, replace: bool = False,
+                   with_roles: bool = False, jobs: int | None = None, run_validation: bool = True,
+                   reporter: Reporter | None = None) -> TablesRestoreResult:
+    """Restore only ``tables`` from a backup into the target database, then validate them."""
+    if into_schema and replace:
+        raise UsageError("--into-schema and --replace exclude each other", "choose one")
+    if not tables:
+        raise UsageError("no tables given", "pass --tables SCHEMA.TABLE[,...]")
+    reporter = reporter or NullReporter()
+    started = time.monotonic()
+    storage = open_storage(settings.repo_url)
+    manifest = Catalog(storage).resolve(backup_ref)
+    entries = resolve_tables(manifest, tables)
+    target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
+    jobs = jobs or settings.policy.backup.jobs
+    major = manifest.server_version_num // 10000
+    mode = "into-schema" if into_schema else "replace" if replace else "restore"
+    fetched = [0]
+
+    def count(n: int) -> None:
+        fetched[0] += n
+
+    with target.connect() as control:
+        if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
+            raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")
+        location = {(t.schema, t.name): (into_schema or t.schema, t.name) for t in entries}
+        states = {k: _state(control, *loc) for k, loc in location.items()}
+        if into_schema:
+            present = [f"{s}.{n}" for (s, n), st in states.items() if st != "absent"]
+            if present:
+                raise RefusedError(f"schema {into_schema} already has {', '.join(present[:5])}",
+                                   "choose a new --into-schema name or drop those tables")
+        elif not replace:
+            busy = [f"{s}.{n}" for (s, n), st in states.items() if st == "rows"]
+            if busy:
+                raise RefusedError(f"target tables are not empty: {', '.join(busy[:5])}",
+                                   "use --replace to replace their contents, or --into-schema NAME to restore beside them")
+        create = [t for t in entries if states[(t.schema, t.name)] == "absent"]
+        existing = [t for t in entries if states[(t.schema, t.name)] != "absent"]
+        reporter.event("restore tables started", id=manifest.id, mode=mode, target=target.redacted(),
+                       create=len(create), existing=len(existing))
+
+        with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
+            definitions = None
+            if create:
+                assert manifest.schema is not None
+                ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
+                archive_path = Path(tmp) / "schema.pgdump"
+                archive_path.write_bytes(read_object(storage, manifest.schema, count))
+                definitions = Path(tmp) / "tables.pgdump"
+                definitions.write_bytes(extract_definitions(target, major, archive_path, create, into_schema))
+                if into_schema:
+                    control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
+                schema.restore_section(definitions, target, major, "pre-data")
+
+            total = sum(t.object.size for t in entries if t.object)
+            progress = reporter.task("restoring tables", total=total)
+
+            def advance(n: int) -> None:
+                count(n)
+                progress.advance(n)
+
+            if existing:
+                replace_in_place(control, storage, manifest, existing, replace, advance)
+            loads = [t for t in create if t.object is not None]
+            pipeline.run_parallel(jobs, [(lambda t: load_table(target, storage, t, manifest.encoding, advance,
+                                                               target=location[(t.schema, t.name)]), t)
+                                         for t in loads])
+            progress.finish()
+            with control.transaction():
+                for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create}):
+                    seq_schema = into_schema or seq["schema"]
+                    control.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
+                                    (postgres.quoted_table(seq_schema, seq["name"]), seq["last_value"],
+                                     seq["is_called"]))
+            if definitions is not None:
+                try:
+                    schema.restore_section(definitions, target, major, "post-data")
+                except DatabaseError as exc:
+                    raise DatabaseError(f"tables loaded, but building their indexes/constraints failed: {exc.message}",
+                                        "inspect the restored tables; a foreign key may point at rows missing live") from None
+        reporter.event("tables restored", tables=len(entries), bytes=fetched[0])
+
+    report = None
+    if run_validation:
+        report = validate_tables(target, manifest, entries, location, jobs, reporter)
+    result = TablesRestoreResult(manifest.id, target.redacted(), tuple(t.full_name for t in entries), mode,
+                                 into_schema, sum(t.rows for t in entries), fetched[0],
+                                 time.monotonic() - started, report)
+    if report is not None and not report.ok:
+        raise ValidationFailed(f"tables restored from {manifest.id} but validation failed: "
+                               + "; ".join(f"{c.name}: {c.detail}" for c in report.failed)[:400], report=result)
+    return result
+
+
+def validate_tables(target: ConnInfo, manifest: Manifest, entries: list[TableEntry],
+                    location: dict[TableKey, TableKey], jobs: int, reporter: Reporter) -> ValidationReport:
+    """Row counts and content checksums of the restored tables, and the foreign keys touching them."""
+    data = [t for t in entries if t.relkind == "r"]
+    live = table_checksums(target, {(t.schema, t.name): (*location[(t.schema, t.name)], t.columns)
+                                    for t in data}, jobs, reporter)
+    checks = check_tables(manifest, live)
+    with target.connect() as conn:
+        places = set(location.values())
+        checks.append(check_foreign_keys(conn, _fks_touching(conn, places)))
+        bad = [f"{i['schema']}.{i['name']}" for i in postgres.inventory(conn)["indexes"]
+               if (i["schema"], i["table"]) in places and not (i["valid"] and i["ready"])]
+        checks.append(Check("indexes_valid", not bad, f"invalid: {', '.join(bad)}" if bad
+                            else "indexes of the restored tables valid"))
+    return ValidationReport(target.redacted(), manifest.id, tuple(checks))
