@@ -56,6 +56,7 @@ from backup_tool.cluster import (
 )
 from backup_tool.config import Settings
 from backup_tool.errors import (
+    BackupToolError,
     DatabaseError,
     IntegrityError,
     NotFoundError,
@@ -751,7 +752,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
 
     reporter = reporter or NullReporter()
     when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
-    target = Target("time", time=when)
+    target = Target("time", time=when, timeline=_live_timeline(settings, ConnInfo(target_dsn)))
     source_db = ConnInfo(settings.dsn).params.get("dbname") or ConnInfo(target_dsn).dbname
     if not source_db:
         raise UsageError("cannot tell which database the tables come from",
@@ -785,6 +786,22 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                 except Exception:
                     pass
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _live_timeline(settings: Settings, target: Any) -> int | None:
+    """The target server's current timeline when it is the backed-up cluster itself, so that
+    the tables come from *its* history, not from a timeline another recovery forked off."""
+    try:
+        with target.connect() as conn:
+            row = conn.execute("SELECT (SELECT system_identifier FROM pg_control_system())::text,"
+                               " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+    except (BackupToolError, psycopg.Error):
+        return None
+    if row is None:
+        return None
+    storage = open_storage(settings.repo_url)
+    same = any(m.kind == "base" and m.system_identifier == row[0] for m in Catalog(storage).scan()[0])
+    return int(row[1]) if same else None
 
 
 def _resolve_live(live: list[Any], names: list[str], when: datetime) -> set[tuple[str, str]]:
