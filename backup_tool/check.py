@@ -13,7 +13,7 @@ from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError
 from backup_tool.postgres import ConnInfo
 from backup_tool.storage import open_storage
-from backup_tool.validate import Check, ValidationReport
+from backup_tool.validate import Check, ValidationReport, check_restore_finished
 
 
 def run_checks(settings: Settings) -> ValidationReport:
@@ -33,6 +33,7 @@ def run_checks(settings: Settings) -> ValidationReport:
         with conninfo.connect() as conn:
             info = postgres.server_info(conn)
             checks.append(Check("database", True, f"{conninfo.redacted()}: PostgreSQL {info['server_version']}"))
+            checks.append(check_restore_finished(conn))
             row = conn.execute(
                 "SELECT count(*) FILTER (WHERE NOT has_table_privilege(c.oid, 'SELECT'))"
                 "  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"

@@ -421,6 +421,21 @@ def try_advisory_lock(conn: psycopg.Connection[Any], name: str) -> bool:
     return bool(row and row[0])
 
 
+def advisory_lock(conn: psycopg.Connection[Any], name: str, wait_seconds: float = 0.0) -> bool:
+    """Take a session-level advisory lock, waiting up to ``wait_seconds`` for its holder to
+    let go (the server queues waiters fairly); False if it is still held then."""
+    if wait_seconds <= 0:
+        return try_advisory_lock(conn, name)
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(wait_seconds * 1000)}ms",))
+    try:
+        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (name,))
+        return True
+    except psycopg.errors.LockNotAvailable:
+        return False
+    finally:
+        conn.execute("RESET lock_timeout")
+
+
 def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: TableInfo) -> list[str]:
     """psql command line that writes one table's rows as COPY text to stdout, in the snapshot."""
     columns = ", ".join(quote_ident(c) for c in table.columns)

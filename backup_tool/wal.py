@@ -44,6 +44,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from backup_tool import testhooks
 from backup_tool.errors import BackupToolError, IntegrityError, NotFoundError, StorageError, UsageError
 from backup_tool.storage.base import HashingCounter, ObjectExistsError, ObjectLock, Storage
 
@@ -280,7 +281,7 @@ def push_file(storage: Storage, path: Path, level: int = 3) -> PushResult:
                                  "PostgreSQL retries the archive_command; if this repeats, check the disk")
 
     try:
-        result = storage.put(key, compressed())
+        result = storage.put(key, testhooks.paused_stream("wal:upload", compressed()))
     except ObjectExistsError:
         return PushResult(name, key, size, 0, sha, True)
     return PushResult(name, key, size, result.size, sha, False)
@@ -410,7 +411,9 @@ def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
         storage.lock_new_objects(lock)
     ahead = _ready_ahead(path, batch - 1)
     if not ahead:
-        return push_file(storage, path, level)
+        result = push_file(storage, path, level)
+        testhooks.pause_point("wal:before-ack")
+        return result
     _sweep_spool(path)
     pushed: list[str] = []
     with cf.ThreadPoolExecutor(min(PUSH_THREADS, len(ahead) + 1), thread_name_prefix="wal-push") as pool:
@@ -428,6 +431,7 @@ def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
             except OSError:
                 pass
         result = own.result()
+    testhooks.pause_point("wal:before-ack")
     return PushResult(result.name, result.key, result.raw_size, result.stored_size, result.sha256,
                       result.already_archived, tuple(sorted(pushed)))
 

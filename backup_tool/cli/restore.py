@@ -27,12 +27,17 @@ def restore_full_cmd(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
                                                 help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the final validation")] = False,
+    restart_unfinished: Annotated[bool, typer.Option(
+        "--restart-unfinished",
+        help="The target holds an interrupted restore (schema backup_tool_unfinished_restore): drop "
+             "everything that restore created and restore again. Never touches a target without that marker")] = False,
 ) -> int:
     """Restore a whole backup into an empty database, then validate it against the manifest (exit 3 if not identical)."""
     from backup_tool.restore import restore_full
 
     result = restore_full(inv.settings, target_dsn, backup, create=create, with_roles=with_roles,
-                          jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter)
+                          jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter,
+                          restart_unfinished=restart_unfinished)
     inv.out(result.to_dict(), lambda: render_report(result))
     return 0
 
