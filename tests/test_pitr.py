@@ -300,3 +300,17 @@ def test_tables_at_a_time_cleans_up_when_interrupted(scenario: Scenario, sig: si
         time.sleep(0.1)
     with psycopg.connect(scenario.server.dsn("app")) as conn:
         assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'never'").fetchone() == (0,)
+
+
+def test_check_reports_archiving_health(scenario: Scenario, tmp_path: Path) -> None:
+    """check: archive_command pushes to this repository, no archiver failure, no gap, fresh WAL."""
+    report = scenario.cli.json("check", "--repo", scenario.repo, "--dsn", scenario.server.dsn("app"))
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in ("archive_command", "archiver_failures", "archive_destination", "wal_continuity", "wal_newest_age"):
+        assert checks[name]["ok"] is True, checks[name]
+    other = tmp_path / "other-repo"
+    other.mkdir()
+    proc = scenario.cli("check", "--repo", str(other), "--dsn", scenario.server.dsn("app"), "--json")
+    assert proc.returncode == 3
+    bad = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+    assert "another repository" in bad["archive_destination"]
