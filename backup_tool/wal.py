@@ -43,8 +43,19 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from backup_tool.errors import BackupToolError, IntegrityError, NotFoundError, StorageError, UsageError
-from backup_tool.storage.base import HashingCounter, ObjectExistsError, ObjectLock, Storage
+from backup_tool.errors import (
+    BackupToolError,
+    IntegrityError,
+    NotFoundError,
+    StorageError,
+    UsageError,
+)
+from backup_tool.storage.base import (
+    HashingCounter,
+    ObjectExistsError,
+    ObjectLock,
+    Storage,
+)
 
 if TYPE_CHECKING:
     import psycopg
