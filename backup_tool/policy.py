@@ -55,6 +55,14 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True)
+class SchemaSettings:
+    """``[schema] migrations``: the migrations folder whose replay the audit compares with the newest
+    backup (a path relative to the policy file, or absolute); empty: no schema-drift check."""
+
+    migrations: str = ""
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str = "default"
     description: str = ""
@@ -64,6 +72,7 @@ class Policy:
     backup: BackupSettings = field(default_factory=BackupSettings)
     object_lock: ObjectLock = field(default_factory=ObjectLock)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    schema: SchemaSettings = field(default_factory=SchemaSettings)
 
     def retention_for(self, kind: str) -> timedelta:
         days = {
@@ -86,6 +95,7 @@ SECTIONS: dict[str, type] = {
     "backup": BackupSettings,
     "object_lock": ObjectLock,
     "validation": ValidationSettings,
+    "schema": SchemaSettings,
 }
 
 
