@@ -17,7 +17,7 @@ import concurrent.futures as cf
 import secrets
 from datetime import datetime, timezone
 
-from backup_tool.errors import BackupToolError, NotFoundError
+from backup_tool.errors import BackupToolError, NotFoundError, UsageError
 from backup_tool.manifest import Manifest, parse_manifest
 from backup_tool.storage import ObjectMissingError, Storage
 
@@ -106,6 +106,14 @@ class Catalog:
         recent = ", ".join(ids[-3:]) or "none"
         raise NotFoundError(f"backup {ref!r} not found in {self.storage.url} (newest: {recent})",
                             "run 'backup-tool list' to see the backups")
+
+    def resolve_logical(self, ref: str | None) -> Manifest:
+        """Like :meth:`resolve`, refusing a physical base backup (those restore with ``restore pitr``)."""
+        manifest = self.resolve(ref)
+        if manifest.kind not in ("full", "incremental"):
+            raise UsageError(f"backup {manifest.id} is a physical {manifest.kind} backup",
+                             "restore it with 'backup-tool restore pitr', or pick a full/incremental backup")
+        return manifest
 
     def chain(self, manifest: Manifest) -> list[Manifest]:
         """The backup and its ancestors, full first."""

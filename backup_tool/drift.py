@@ -46,7 +46,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from backup_tool import migrations, schema
+from backup_tool import migrations, pipeline, schema
 from backup_tool.catalog import Catalog
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError, DatabaseError, NotFoundError
@@ -501,6 +501,8 @@ def summary_for_audit(settings: Settings, reporter: Reporter | None = None) -> d
                               "differences": None, "by_kind": {}, "drift": [], "error": None}
     try:
         report = diff(settings, folder, against="latest", reporter=reporter)
+    except pipeline.Cancelled:
+        raise
     except (BackupToolError, psycopg.Error, OSError) as exc:
         message = exc.message if isinstance(exc, BackupToolError) else str(exc).splitlines()[0]
         return {**result, "error": message, "line": f"schema drift: NOT CHECKED — {message}"}

@@ -1,9 +1,15 @@
-"""Streaming building blocks: child processes, zstd (de)compression, checksum verification.
+"""Streaming building blocks: child processes, zstd (de)compression, checksum verification,
+and the worker pool with cooperative cancellation.
 
 Everything here works on iterators of byte chunks, so data flows from PostgreSQL to the
 repository (and back) through bounded buffers: memory use depends on chunk and part sizes,
 never on the size of a table. zstd releases the GIL, so parallel streams compress in
 parallel.
+
+Cancellation: on Ctrl-C or SIGTERM the CLI calls :func:`cancel`; every stream checks the
+flag between chunks and every child process is killed, so workers stop within a chunk and
+the operation's own cleanup (abort multipart uploads, discard partial objects, roll back
+transactions, release locks) runs before the process exits.
 """
 
 from __future__ import annotations
@@ -12,15 +18,37 @@ import concurrent.futures as cf
 import os
 import subprocess
 import threading
+import weakref
 from collections import deque
 from typing import IO, Any, Callable, Iterable, Iterator
 
 import zstandard
 
-from backup_tool.errors import DatabaseError, IntegrityError
+from backup_tool.errors import BackupToolError, DatabaseError, IntegrityError
 from backup_tool.storage.base import HashingCounter, Storage
 
 CHUNK = 1 << 20
+_CANCELLED = threading.Event()
+_CHILDREN: "weakref.WeakSet[Process]" = weakref.WeakSet()
+
+
+class Cancelled(BackupToolError):
+    """The operation was interrupted (Ctrl-C or SIGTERM) and has cleaned up."""
+
+
+def cancel() -> None:
+    """Ask every stream to stop and kill every child process."""
+    _CANCELLED.set()
+    for child in list(_CHILDREN):
+        try:
+            child.proc.kill()
+        except OSError:
+            pass
+
+
+def check_cancelled() -> None:
+    if _CANCELLED.is_set():
+        raise Cancelled("interrupted", "nothing was committed; run the command again")
 
 
 class Process:
@@ -37,6 +65,7 @@ class Process:
             raise DatabaseError(f"cannot run {argv[0]}: {exc.strerror}") from exc
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
+        _CHILDREN.add(self)
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
@@ -51,7 +80,9 @@ class Process:
     def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
         fd = self.stdout.fileno()
         while chunk := os.read(fd, size):
+            check_cancelled()
             yield chunk
+        check_cancelled()
 
     def error_text(self) -> str:
         lines = [ln for ln in self._stderr if ln]
@@ -98,6 +129,7 @@ def compress(chunks: Iterable[bytes], level: int, threads: int, stats: StreamSta
     cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     chunker = cctx.chunker(chunk_size=CHUNK)
     for chunk in chunks:
+        check_cancelled()
         stats.raw_size += len(chunk)
         stats.lines += chunk.count(b"\n")
         if on_raw:
@@ -141,6 +173,7 @@ def verified(chunks: Iterable[bytes], key: str, sha256: str, size: int,
     """Pass chunks through; at the end raise IntegrityError unless size and sha256 match."""
     counter = HashingCounter()
     for chunk in chunks:
+        check_cancelled()
         counter.update(chunk)
         if on_chunk:
             on_chunk(len(chunk))
@@ -159,7 +192,9 @@ def run_parallel(jobs: int, tasks: list[tuple[Callable[[Any], None], Any]]) -> N
         try:
             for fut in cf.as_completed(futures):
                 fut.result()
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, BackupToolError):
+                cancel()
             for fut in futures:
                 fut.cancel()
             raise

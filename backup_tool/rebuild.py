@@ -177,6 +177,8 @@ def backup_side(storage: Storage, manifest: Manifest, archive_path: Path, server
             schema.restore_section(archive_path, scratch, major, "post-data")
             with scratch.connect() as conn:
                 return read_shape(conn), drift.read_model(conn)
+    except pipeline.Cancelled:
+        raise
     except BackupToolError as exc:
         reporter.warning(f"the backup's schema archive is unusable ({exc.message}); checking the migrations "
                          "against the manifest's tables, columns and sequences only (not column types)")

@@ -146,7 +146,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     reporter = reporter or NullReporter()
     started = time.monotonic()
     storage = open_storage(settings.repo_url)
-    manifest = Catalog(storage).resolve(backup_ref)
+    manifest = Catalog(storage).resolve_logical(backup_ref)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     jobs = jobs or settings.policy.backup.jobs
     major = manifest.server_version_num // 10000

@@ -266,7 +266,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
     reporter = reporter or NullReporter()
     started = time.monotonic()
     storage = open_storage(settings.repo_url)
-    manifest = Catalog(storage).resolve(backup_ref)
+    manifest = Catalog(storage).resolve_logical(backup_ref)
     entries = resolve_tables(manifest, tables)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     jobs = jobs or settings.policy.backup.jobs

@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -155,8 +156,19 @@ def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = ()) 
     return decorate
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C so every cleanup handler runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str], kwargs: dict[str, Any]) -> int:
+    from backup_tool import pipeline
     from backup_tool.console import RichReporter, make_reporter
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
 
     reporter = make_reporter(redact)
     inv = Invocation(common, reporter, redact)
@@ -169,9 +181,13 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
         return fail(exc, common, redact)
     except BackupToolError as exc:
         return fail(exc, common, redact)
-    except KeyboardInterrupt:
-        print("backup-tool: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated, pipeline.Cancelled) as exc:
+        pipeline.cancel()
+        if common.debug:
+            traceback.print_exc()
+        print("backup-tool: error: interrupted; partial work was discarded or rolled back — run the command again",
+              file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED
     except Exception as exc:  # a bug: still one line unless --debug
         if common.debug:
             traceback.print_exc()

@@ -1,0 +1,105 @@
+"""``wal push``, ``wal fetch``, ``wal status``: the WAL archive behind point-in-time recovery.
+
+``wal push %p`` is PostgreSQL's ``archive_command`` and ``wal fetch %f %p`` its
+``restore_command``: both are silent on success (PostgreSQL's log stays readable) and say
+one line on stderr otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from backup_tool.cli.common import Invocation, command, wal_app
+from backup_tool.errors import EXIT_VALIDATION
+
+
+@command(wal_app, "push")
+def wal_push_cmd(
+    inv: Invocation,
+    wal_path: Annotated[str, typer.Argument(metavar="WAL_PATH",
+                                            help="The file to archive: PostgreSQL's %p")],
+    batch: Annotated[int, typer.Option("--batch", min=1, max=64,
+                                       help="Also push up to N-1 other segments PostgreSQL has marked "
+                                            "ready, in parallel; its next calls for them return at once "
+                                            "(1 = one segment per call)")] = 8,
+) -> int:
+    """Archive one WAL file (archive_command = 'backup-tool wal push %p'). Exit 0 only once it is
+    durable in the repository; pushing identical content again succeeds, different content under
+    the same name is refused (exit 1) and nothing is overwritten."""
+    from backup_tool import wal
+
+    settings = inv.settings
+    if wal.fast_ack(wal_path, settings.repo_url):
+        if inv.common.json:
+            inv.out({"name": wal_path.rsplit("/", 1)[-1], "from_spool": True}, "")
+        return 0
+    from backup_tool.storage import open_storage
+
+    policy = settings.policy
+    result = wal.push(open_storage(settings.repo_url), wal_path, settings.repo_url,
+                      level=policy.backup.compression_level, batch=batch,
+                      lock=wal.wal_lock(policy.object_lock.mode, policy.retention.pitr_days),
+                      warn=inv.reporter.warning)
+    if inv.common.json:
+        inv.out(result.to_dict(), "")
+    return 0
+
+
+@command(wal_app, "fetch")
+def wal_fetch_cmd(
+    inv: Invocation,
+    wal_name: Annotated[str, typer.Argument(metavar="WAL_NAME", help="The file to restore: PostgreSQL's %f")],
+    destination: Annotated[str, typer.Argument(metavar="DEST", help="Where to write it: PostgreSQL's %p")],
+    abort_on_error: Annotated[bool, typer.Option(
+        "--abort-on-error",
+        help="On any failure other than 'not in the archive' exit 255, so that PostgreSQL aborts "
+             "recovery instead of ending it early ('restore pitr' writes this)")] = False,
+) -> int:
+    """Restore one WAL file from the archive (restore_command = 'backup-tool wal fetch %f %p').
+    Exit 0 once DEST holds the verified content; 1 quickly when the file is not in the archive
+    (the normal end of recovery); 3 if the archived copy is corrupt (DEST is not written)."""
+    from backup_tool import wal
+    from backup_tool.errors import BackupToolError
+    from backup_tool.storage import open_storage
+
+    try:
+        result = wal.fetch(open_storage(inv.settings.repo_url), wal_name, destination)
+    except wal.WalMissingError:
+        print(f"backup-tool: {wal_name} is not in the archive (end of archive)", file=sys.stderr)
+        return 1
+    except BackupToolError as exc:
+        if not abort_on_error:
+            raise
+        print(inv.redact(f"backup-tool: error: {exc}"), file=sys.stderr)
+        return 255
+    if inv.common.json:
+        inv.out(result.to_dict(), "")
+    return 0
+
+
+@command(wal_app, "status")
+def wal_status_cmd(inv: Invocation) -> int:
+    """Show what the WAL archive covers: segments, timelines, newest segment and its age, and gaps
+    after the oldest base backup (exit 3 if there is a gap)."""
+    from backup_tool.pitr import repository_health
+    from backup_tool.wal import format_lsn
+
+    health = repository_health(inv.settings)
+
+    def text() -> str:
+        newest = health.newest
+        lines = [f"repository: {health.repository}",
+                 f"segments: {health.segments} on timelines {', '.join(map(str, health.timelines)) or '-'}",
+                 f"newest: {newest.name if newest else '-'} (archived {newest.modified if newest else '-'})"]
+        for c in health.coverage:
+            lines.append(f"timeline {c.timeline}: continuous {c.start_segment} .. {c.last_segment} "
+                         f"(to LSN {format_lsn(c.end_lsn)}, archived until {c.archived_until})")
+        lines += [f"GAP: {g}" for g in health.gaps]
+        lines += [f"{'ok  ' if c.ok else 'FAIL'}  {c.name}  {c.detail}" for c in health.checks()]
+        return "\n".join(lines)
+
+    inv.out(health.to_dict(), text)
+    return EXIT_VALIDATION if health.gaps else 0

@@ -1,0 +1,813 @@
+"""The WAL archive: ``wal push`` (archive_command), ``wal fetch`` (restore_command), and
+what the archive covers.
+
+Layout (keys relative to the repository root)::
+
+    wal/<timeline+log>/<segment>-<sha256>.zst     a WAL segment (also ``<segment>.partial``)
+    wal/history/<name>-<sha256>.zst               timeline history (``00000002.history``) and
+                                                  backup history (``...00000028.backup``) files
+
+``<timeline+log>`` is the first 16 hex digits of the segment name, so one directory holds
+at most 256 segments (with 16 MiB segments) and fetching a segment is one LIST of
+``wal/<dir>/<segment>-`` plus one GET. The sha256 in the key is that of the file's
+*uncompressed* content: it identifies the content independently of the compressor, and
+``fetch`` checks it (plus zstd's own frame checksum) before handing PostgreSQL anything.
+
+Guarantees:
+
+- ``push`` acknowledges a file only once its object is durable in the repository. Pushing
+  the same name with the same content again succeeds without writing; the same name with
+  different content is refused and nothing is overwritten (objects are never replaced).
+- ``fetch`` writes the destination only after the content's sha256 matched, via a
+  temporary file renamed into place: PostgreSQL never sees a partial or damaged segment.
+  A file absent from the archive raises :class:`WalMissingError` (the normal end of the
+  archive during recovery); anything else is a different error.
+- Batching: ``push`` of segment N may also push other segments PostgreSQL has marked
+  ready (``pg_wal/archive_status/*.ready``) and record each, *after* it is durable, in a
+  spool directory beside them (``pg_wal/backup-tool-spool``). PostgreSQL's next calls for
+  those segments are then acknowledged from the spool (:func:`fast_ack`) without
+  contacting the repository; a spool entry is only trusted while the segment file is the
+  very same file (inode, size, modification time) that was pushed, to the same repository.
+
+The pure functions at the end (timeline paths, continuity, gaps) decide what the archive
+covers; :mod:`backup_tool.pitr` and the monitoring commands build on them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+from backup_tool.errors import BackupToolError, IntegrityError, NotFoundError, StorageError, UsageError
+from backup_tool.storage.base import HashingCounter, ObjectExistsError, ObjectLock, Storage
+
+if TYPE_CHECKING:
+    from backup_tool.validate import Check
+
+    Connection = Any
+
+WAL_PREFIX = "wal/"
+HISTORY_PREFIX = "wal/history/"
+DEFAULT_SEGMENT_SIZE = 16 << 20
+SPOOL_DIR = "backup-tool-spool"
+READ_SIZE = 1 << 20
+DEFAULT_BATCH = 8
+PUSH_THREADS = 4
+
+SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
+PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
+BACKUP_RE = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
+HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
+KEY_RE = re.compile(r"^(?P<name>[0-9A-F.a-z]+)-(?P<sha>[0-9a-f]{64})\.zst$")
+
+
+class WalMissingError(NotFoundError):
+    """The requested file is not in the archive (for recovery: the end of the archive)."""
+
+
+class WalConflictError(BackupToolError):
+    """A file of that name is already archived with different content."""
+
+
+# --------------------------------------------------------------------------- names
+
+
+def wal_file_kind(name: str) -> str:
+    """``segment``, ``partial``, ``backup`` or ``history``; UsageError for anything else."""
+    if SEGMENT_RE.match(name):
+        return "segment"
+    if PARTIAL_RE.match(name):
+        return "partial"
+    if BACKUP_RE.match(name):
+        return "backup"
+    if HISTORY_RE.match(name):
+        return "history"
+    raise UsageError(f"{name!r} is not a WAL file name",
+                     "expected a segment (24 hex digits), a .partial, .backup or .history file")
+
+
+def archive_dir(name: str) -> str:
+    kind = wal_file_kind(name)
+    if kind in ("history", "backup"):
+        return HISTORY_PREFIX
+    return f"{WAL_PREFIX}{name[:16]}/"
+
+
+def object_key(name: str, sha256: str) -> str:
+    return f"{archive_dir(name)}{name}-{sha256}.zst"
+
+
+def parse_lsn(text: str) -> int:
+    """``'0/3000060'`` → 0x3000060."""
+    try:
+        hi, lo = text.strip().split("/")
+        return (int(hi, 16) << 32) | int(lo, 16)
+    except ValueError:
+        raise UsageError(f"{text!r} is not an LSN", "write it as PostgreSQL does, e.g. 0/3000060") from None
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def segments_per_log(seg_size: int) -> int:
+    return 0x100000000 // seg_size
+
+
+def segment_name(timeline: int, segno: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> str:
+    per = segments_per_log(seg_size)
+    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
+
+
+def segment_number(name: str, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    return int(name[8:16], 16) * segments_per_log(seg_size) + int(name[16:24], 16)
+
+
+def lsn_segment(lsn: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    return lsn // seg_size
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class WalSegment:
+    """One archived WAL segment (retention and monitoring read these)."""
+
+    name: str
+    timeline: int
+    key: str
+    size: int
+    modified: datetime
+
+    @property
+    def sha256(self) -> str:
+        return self.key.rsplit("-", 1)[1].removesuffix(".zst")
+
+    def segno(self, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+        return segment_number(self.name, seg_size)
+
+
+@dataclass(frozen=True)
+class WalFile:
+    """Any archived WAL-related file: segment, partial segment, history or backup label."""
+
+    name: str
+    kind: str
+    key: str
+    size: int
+    modified: datetime
+    sha256: str
+
+
+def _parse_key(key: str) -> tuple[str, str] | None:
+    match = KEY_RE.match(key.rsplit("/", 1)[-1])
+    if not match:
+        return None
+    return match["name"], match["sha"]
+
+
+def list_archive(storage: Storage) -> list[WalFile]:
+    """Every archived WAL file (segments, partials, history and backup files), by key."""
+    found = []
+    for info in storage.list(WAL_PREFIX):
+        parsed = _parse_key(info.key)
+        if parsed is None:
+            continue
+        name, sha = parsed
+        try:
+            kind = wal_file_kind(name)
+        except UsageError:
+            continue
+        found.append(WalFile(name, kind, info.key, info.size, info.modified, sha))
+    return found
+
+
+def list_segments(storage: Storage) -> list[WalSegment]:
+    """Every archived full WAL segment, sorted by name (timeline, then position)."""
+    return segments_of(list_archive(storage))
+
+
+def segments_of(files: Iterable[WalFile]) -> list[WalSegment]:
+    return sorted((WalSegment(f.name, int(f.name[:8], 16), f.key, f.size, f.modified)
+                   for f in files if f.kind == "segment"), key=lambda s: (s.name, s.key))
+
+
+def _find(storage: Storage, name: str) -> list[WalFile]:
+    prefix = f"{archive_dir(name)}{name}-"
+    found = []
+    for info in storage.list(prefix):
+        parsed = _parse_key(info.key)
+        if parsed and parsed[0] == name:
+            found.append(WalFile(name, wal_file_kind(name), info.key, info.size, info.modified, parsed[1]))
+    return found
+
+
+# --------------------------------------------------------------------------- push
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    key: str
+    raw_size: int
+    stored_size: int
+    sha256: str
+    already_archived: bool
+    ahead: tuple[str, ...] = ()
+    from_spool: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "key": self.key, "raw_size": self.raw_size,
+                "stored_size": self.stored_size, "sha256": self.sha256,
+                "already_archived": self.already_archived, "pushed_ahead": list(self.ahead),
+                "from_spool": self.from_spool}
+
+
+def _file_chunks(path: Path, counter: HashingCounter | None = None) -> Iterator[bytes]:
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(READ_SIZE):
+                if counter is not None:
+                    counter.update(chunk)
+                yield chunk
+    except FileNotFoundError:
+        raise NotFoundError(f"WAL file {path} does not exist",
+                            "archive_command must be 'backup-tool wal push %p' (%p, not %f)") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read WAL file {path}: {exc.strerror}") from None
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    counter = HashingCounter()
+    for _ in _file_chunks(path, counter):
+        pass
+    return counter.hexdigest(), counter.size
+
+
+def push_file(storage: Storage, path: Path, level: int = 3) -> PushResult:
+    """Archive one WAL file; idempotent for identical content, refuses different content."""
+    import zstandard
+
+    name = path.name
+    wal_file_kind(name)
+    sha, size = _hash_file(path)
+    existing = _find(storage, name)
+    for obj in existing:
+        if obj.sha256 == sha:
+            return PushResult(name, obj.key, size, obj.size, sha, True)
+    if existing:
+        raise WalConflictError(
+            f"{name} is already archived with different content ({existing[0].key}); nothing was overwritten",
+            "two clusters may be archiving into the same repository: give each its own --repo")
+    key = object_key(name, sha)
+    counter = HashingCounter()
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+
+    def compressed() -> Iterator[bytes]:
+        chunker = cctx.chunker(chunk_size=READ_SIZE)
+        for chunk in _file_chunks(path, counter):
+            yield from chunker.compress(chunk)
+        yield from chunker.finish()
+        if counter.hexdigest() != sha:
+            raise IntegrityError(f"WAL file {path} changed while it was being archived",
+                                 "PostgreSQL retries the archive_command; if this repeats, check the disk")
+
+    try:
+        result = storage.put(key, compressed())
+    except ObjectExistsError:
+        return PushResult(name, key, size, 0, sha, True)
+    return PushResult(name, key, size, result.size, sha, False)
+
+
+def _spool_dir(wal_path: Path) -> Path:
+    return wal_path.parent / SPOOL_DIR
+
+
+def _identity(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def repo_identity(url: str) -> str:
+    """The repository URL as spool entries record it (without opening the repository)."""
+    if url.startswith("s3://"):
+        return url.rstrip("/")
+    return str(Path(url.removeprefix("file://")).expanduser().absolute())
+
+
+def _write_marker(path: Path, repo_url: str, result: PushResult) -> None:
+    spool = _spool_dir(path)
+    spool.mkdir(mode=0o700, exist_ok=True)
+    marker = spool / f"{path.name}.pushed"
+    tmp = spool / f".{path.name}.pushed.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"repo": repo_url, "key": result.key, "sha256": result.sha256,
+                               **_identity(path)}))
+    os.replace(tmp, marker)
+
+
+def fast_ack(wal_path: str | Path, repo_url: str) -> bool:
+    """True (and the spool entry consumed) if this exact file was already pushed ahead to
+    ``repo_url`` by an earlier batched call; False means: push it normally."""
+    path = Path(wal_path)
+    repo_url = repo_identity(repo_url)
+    marker = _spool_dir(path) / f"{path.name}.pushed"
+    try:
+        data = json.loads(marker.read_text())
+        same = data.get("repo") == repo_url and all(data.get(k) == v for k, v in _identity(path).items())
+    except (OSError, ValueError):
+        return False
+    marker.unlink(missing_ok=True)
+    return bool(same)
+
+
+def try_fast_push(argv: list[str], environ: dict[str, str] | None = None) -> bool:
+    """Acknowledge ``backup-tool wal push WAL_PATH [--repo URL] [--batch N]`` from the spool
+    without loading the command line framework or the S3 client.
+
+    Meant to be called first thing by the executable's entry point with ``sys.argv[1:]``:
+    True means the segment is durable in the repository and the process may exit 0; False
+    (any other command line, no spool entry) means: run the command normally.
+    """
+    env = os.environ if environ is None else environ
+    if argv[:2] != ["wal", "push"]:
+        return False
+    rest = argv[2:]
+    repo = None
+    path = None
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("--repo", "--batch") and i + 1 < len(rest):
+            if arg == "--repo":
+                repo = rest[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--repo="):
+            repo = arg[len("--repo="):]
+        elif arg.startswith("--batch="):
+            pass
+        elif arg.startswith("-") or path is not None:
+            return False
+        else:
+            path = arg
+        i += 1
+    if path is None:
+        return False
+    if repo is None:
+        repo = env.get("BACKUP_TOOL_REPO")
+    if not repo:
+        from backup_tool.config import default_repo
+
+        repo = default_repo()
+    return fast_ack(path, repo)
+
+
+def _ready_ahead(path: Path, limit: int) -> list[Path]:
+    status = path.parent / "archive_status"
+    if limit <= 0 or not status.is_dir():
+        return []
+    names = []
+    for entry in os.scandir(status):
+        if entry.name.endswith(".ready"):
+            name = entry.name[:-len(".ready")]
+            if name != path.name:
+                try:
+                    wal_file_kind(name)
+                except UsageError:
+                    continue
+                names.append(name)
+    names.sort(key=lambda n: (not n.endswith(".history"), n))
+    return [path.parent / n for n in names[:limit]]
+
+
+def _sweep_spool(path: Path) -> None:
+    spool = _spool_dir(path)
+    if not spool.is_dir():
+        return
+    for entry in os.scandir(spool):
+        if entry.name.endswith(".pushed") and not (path.parent / entry.name[:-len(".pushed")]).exists():
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
+         batch: int = DEFAULT_BATCH, lock: ObjectLock | None = None,
+         warn: Callable[[str], None] | None = None) -> PushResult:
+    """``archive_command``: archive ``wal_path``; with ``batch`` > 1 also push up to
+    ``batch - 1`` other ready files in parallel and spool their acknowledgements.
+
+    Returns only when ``wal_path`` itself is durable. Failures of files pushed ahead are
+    reported through ``warn`` and leave no spool entry (PostgreSQL's own call retries them).
+    """
+    path = Path(wal_path)
+    if lock is not None:
+        storage.lock_new_objects(lock)
+    ahead = _ready_ahead(path, batch - 1)
+    if not ahead:
+        return push_file(storage, path, level)
+    _sweep_spool(path)
+    pushed: list[str] = []
+    with cf.ThreadPoolExecutor(min(PUSH_THREADS, len(ahead) + 1), thread_name_prefix="wal-push") as pool:
+        own = pool.submit(push_file, storage, path, level)
+        others = {pool.submit(push_file, storage, p, level): p for p in ahead}
+        for fut in cf.as_completed(others):
+            p = others[fut]
+            try:
+                result = fut.result()
+                _write_marker(p, repo_identity(repo_url), result)
+                pushed.append(p.name)
+            except BackupToolError as exc:
+                if warn is not None:
+                    warn(f"pushing {p.name} ahead failed (PostgreSQL will retry it): {exc}")
+            except OSError:
+                pass
+        result = own.result()
+    return PushResult(result.name, result.key, result.raw_size, result.stored_size, result.sha256,
+                      result.already_archived, tuple(sorted(pushed)))
+
+
+def wal_lock(mode: str, pitr_days: int, now: datetime | None = None) -> ObjectLock | None:
+    """Object Lock for newly archived WAL: kept immutable as long as the PITR window needs it."""
+    if mode == "none":
+        return None
+    return ObjectLock(mode, (now or datetime.now(timezone.utc)) + timedelta(days=pitr_days))
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    name: str
+    key: str
+    raw_size: int
+    destination: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "key": self.key, "raw_size": self.raw_size,
+                "destination": self.destination}
+
+
+def open_archived(storage: Storage, name: str) -> WalFile:
+    """The archive's object for ``name``; WalMissingError if absent, IntegrityError if ambiguous."""
+    found = _find(storage, name)
+    if not found:
+        raise WalMissingError(f"{name} is not in the archive {storage.url}",
+                              "this is the normal end of the archive during recovery")
+    if len({f.sha256 for f in found}) > 1:
+        raise IntegrityError(f"{name} is archived more than once with different content",
+                             "keep the right copy and remove the other from the repository")
+    return found[0]
+
+
+def read_archived(storage: Storage, obj: WalFile) -> Iterator[bytes]:
+    """Decompressed content of an archived file; raises IntegrityError at the end unless the
+    content's sha256 equals the one recorded in its key."""
+    import zstandard
+
+    counter = HashingCounter()
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        reader = dctx.stream_reader(ChunkReader(storage.get(obj.key)),  # type: ignore[arg-type]
+                                   read_across_frames=True)
+        while chunk := reader.read(READ_SIZE):
+            counter.update(chunk)
+            yield chunk
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"archived {obj.name} is corrupt: it does not decompress ({exc})",
+                             "recover to an earlier point, and take a new base backup") from None
+    if counter.hexdigest() != obj.sha256:
+        raise IntegrityError(
+            f"archived {obj.name} is corrupt: content sha256 {counter.hexdigest()[:16]}… "
+            f"does not match {obj.sha256[:16]}… recorded when it was archived",
+            "recover to an earlier point, and take a new base backup")
+
+
+class ChunkReader:
+    """A read()-able view of an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._it = chunks
+        self._buf = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return b""
+        if size < 0 or size >= len(self._buf):
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:size], self._buf[size:]
+        return out
+
+
+def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
+    """``restore_command``: write archived ``name`` to ``destination`` once verified."""
+    wal_file_kind(name)
+    obj = open_archived(storage, name)
+    dest = Path(destination)
+    tmp = dest.with_name(f".{dest.name}.backup-tool-{os.getpid()}")
+    size = 0
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in read_archived(storage, obj):
+                fh.write(chunk)
+                size += len(chunk)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise StorageError(f"cannot write {dest}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return FetchResult(name, obj.key, size, str(dest))
+
+
+def read_history(storage: Storage, tli: int) -> str | None:
+    """Content of ``<tli>.history`` from the archive, or None if it is not archived."""
+    try:
+        obj = open_archived(storage, f"{tli:08X}.history")
+    except WalMissingError:
+        return None
+    return b"".join(read_archived(storage, obj)).decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- coverage (pure)
+
+
+@dataclass(frozen=True)
+class TimelineSpan:
+    """The WAL of ``timeline`` that a recovery along some timeline path reads: [begin, end)."""
+
+    timeline: int
+    begin: int
+    end: int | None
+
+
+def parse_history(text: str) -> list[tuple[int, int]]:
+    """``(parent timeline, switch point LSN)`` entries of a timeline history file, oldest first."""
+    entries = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) >= 2:
+            entries.append((int(parts[0]), parse_lsn(parts[1])))
+    return entries
+
+
+def timeline_path(target: int, history: list[tuple[int, int]]) -> list[TimelineSpan]:
+    """The spans a recovery to ``target`` replays, given ``target``'s history entries."""
+    spans = []
+    begin = 0
+    for tli, switch in history:
+        spans.append(TimelineSpan(tli, begin, switch))
+        begin = switch
+    spans.append(TimelineSpan(target, begin, None))
+    return spans
+
+
+def newest_timeline(start: int, history_timelines: Iterable[int]) -> int:
+    """What ``recovery_target_timeline = 'latest'`` picks: probe start+1, start+2... while the
+    archive holds their history files (as PostgreSQL does)."""
+    have = set(history_timelines)
+    newest = start
+    while newest + 1 in have:
+        newest += 1
+    return newest
+
+
+def timeline_for(path: list[TimelineSpan], segno: int, seg_size: int) -> int:
+    """The timeline whose file recovery reads for segment ``segno`` (the newest one whose
+    span begins in or before that segment)."""
+    chosen = path[0].timeline
+    for span in path:
+        if span.begin // seg_size <= segno:
+            chosen = span.timeline
+    return chosen
+
+
+@dataclass(frozen=True)
+class Gap:
+    first_missing: str
+    next_present: str
+
+    def __str__(self) -> str:
+        return f"missing from {self.first_missing} up to {self.next_present}"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Continuous WAL along a timeline path, from a starting segment.
+
+    ``end_lsn`` is the first byte *not* covered (the end of the last continuous segment);
+    ``archived_until`` the time that last segment was archived, so every record before
+    that moment up to ``end_lsn`` can be replayed. ``gaps`` are holes followed by more WAL
+    (a gap makes recovery past it impossible).
+    """
+
+    start_segment: str
+    last_segment: str | None
+    end_lsn: int
+    archived_until: datetime | None
+    gaps: tuple[Gap, ...] = field(default_factory=tuple)
+    timeline: int = 1
+
+    @property
+    def continuous(self) -> bool:
+        return not self.gaps
+
+
+def coverage(segments: Iterable[WalSegment], path: list[TimelineSpan], start_lsn: int,
+             seg_size: int = DEFAULT_SEGMENT_SIZE) -> Coverage:
+    """How far the archive lets recovery go from ``start_lsn`` along ``path``."""
+    by_name = {s.name: s for s in segments}
+    start = lsn_segment(start_lsn, seg_size)
+    relevant = [segment_number(n, seg_size) for n in by_name
+                if segment_number(n, seg_size) >= start
+                and int(n[:8], 16) == timeline_for(path, segment_number(n, seg_size), seg_size)]
+    top = max(relevant, default=start - 1)
+    last: WalSegment | None = None
+    gaps: list[Gap] = []
+    segno = start
+    end_lsn = start * seg_size
+    broken = False
+    while segno <= top:
+        name = segment_name(timeline_for(path, segno, seg_size), segno, seg_size)
+        seg = by_name.get(name)
+        if seg is None:
+            nxt = segno + 1
+            while nxt <= top and segment_name(timeline_for(path, nxt, seg_size), nxt, seg_size) not in by_name:
+                nxt += 1
+            if nxt <= top:
+                gaps.append(Gap(name, segment_name(timeline_for(path, nxt, seg_size), nxt, seg_size)))
+            broken = True
+            segno = nxt
+            continue
+        if not broken:
+            last = seg
+            end_lsn = (segno + 1) * seg_size
+        segno += 1
+    return Coverage(segment_name(timeline_for(path, start, seg_size), start, seg_size),
+                    last.name if last else None, end_lsn, last.modified if last else None,
+                    tuple(gaps), path[-1].timeline)
+
+
+# --------------------------------------------------------------------------- health
+
+
+def histories(storage: Storage, files: Iterable[WalFile]) -> dict[int, list[tuple[int, int]]]:
+    """Parsed timeline history of every timeline that has an archived history file."""
+    found: dict[int, list[tuple[int, int]]] = {}
+    for f in files:
+        if f.kind == "history":
+            text = b"".join(read_archived(storage, f)).decode("utf-8", "replace")
+            found[int(f.name[:8], 16)] = parse_history(text)
+    return found
+
+
+@dataclass(frozen=True)
+class ArchiveHealth:
+    """The archive's state as monitoring sees it (``check``, ``verify``, ``wal status``).
+
+    ``gaps`` are holes in the WAL after the start of the oldest base backup, on every
+    timeline path the archive holds: PITR past a gap is impossible. ``newest`` is the most
+    recently archived segment; its age tells whether archiving is still running.
+    """
+
+    repository: str
+    segments: int
+    timelines: tuple[int, ...]
+    newest: WalSegment | None
+    newest_age_seconds: float | None
+    oldest_base_start: str | None
+    gaps: tuple[Gap, ...]
+    coverage: tuple[Coverage, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "repository": self.repository, "segments": self.segments, "timelines": list(self.timelines),
+            "newest_segment": self.newest.name if self.newest else None,
+            "newest_archived_at": self.newest.modified.isoformat() if self.newest else None,
+            "newest_age_seconds": self.newest_age_seconds,
+            "oldest_base_start": self.oldest_base_start,
+            "gaps": [str(g) for g in self.gaps],
+            "coverage": [{"timeline": c.timeline, "from": c.start_segment, "to": c.last_segment,
+                          "end_lsn": format_lsn(c.end_lsn),
+                          "archived_until": c.archived_until.isoformat() if c.archived_until else None}
+                         for c in self.coverage],
+        }
+
+    def checks(self, max_age: timedelta | None = None) -> list["Check"]:
+        """``wal_continuity`` and ``wal_newest_age`` as validation checks."""
+        from backup_tool.validate import Check
+
+        if self.oldest_base_start is None:
+            cont = Check("wal_continuity", True, f"{self.segments} segments archived; no base backup yet")
+        elif self.gaps:
+            cont = Check("wal_continuity", False,
+                         f"gap in the WAL archive: {'; '.join(str(g) for g in self.gaps[:3])} "
+                         "(point-in-time recovery past a gap is impossible: take a new base backup)")
+        else:
+            ends = ", ".join(f"timeline {c.timeline} to {c.last_segment}" for c in self.coverage)
+            cont = Check("wal_continuity", True,
+                         f"continuous from {self.oldest_base_start} ({ends})")
+        if self.newest is None:
+            age = Check("wal_newest_age", False, "no WAL segment archived yet: check archive_command")
+        else:
+            seconds = self.newest_age_seconds or 0.0
+            stale = max_age is not None and seconds > max_age.total_seconds()
+            age = Check("wal_newest_age", not stale,
+                        f"newest segment {self.newest.name} archived {_age(seconds)} ago"
+                        + (f" (more than {_age(max_age.total_seconds())}: is archiving stuck?)"
+                           if stale and max_age else ""))
+        return [cont, age]
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def archive_health(storage: Storage, base_starts: Iterable[tuple[int, int, int]],
+                   now: datetime | None = None) -> ArchiveHealth:
+    """Continuity and freshness of the archive after the oldest base backup.
+
+    ``base_starts`` are ``(timeline, start LSN, segment size)`` of the base backups (e.g.
+    from their manifests' ``physical`` sections).
+    """
+    now = now or datetime.now(timezone.utc)
+    files = list_archive(storage)
+    segments = segments_of(files)
+    hist = histories(storage, files)
+    timelines = tuple(sorted({s.timeline for s in segments} | set(hist)))
+    newest = max(segments, key=lambda s: s.modified, default=None)
+    starts = sorted(base_starts, key=lambda b: b[1])
+    gaps: list[Gap] = []
+    covs: list[Coverage] = []
+    oldest = None
+    if starts:
+        tli, start_lsn, seg_size = starts[0]
+        oldest = segment_name(tli, lsn_segment(start_lsn, seg_size), seg_size)
+        for target in sorted({tli, *[t for t in hist if t > tli]}):
+            history = hist.get(target, [])
+            if target != tli and tli not in {p for p, _ in history}:
+                continue
+            path = timeline_path(target, history)
+            cov = coverage(segments, path, start_lsn, seg_size)
+            covs.append(cov)
+            gaps.extend(g for g in cov.gaps if g not in gaps)
+    return ArchiveHealth(storage.url, len(segments), timelines, newest,
+                         (now - newest.modified).total_seconds() if newest else None,
+                         oldest, tuple(gaps), tuple(covs))
+
+
+def archiving_checks(conn: "Connection", storage: Storage) -> list["Check"]:
+    """The server side of archiving, for ``check``: archive_mode and archive_command point at
+    this tool, ``pg_stat_archiver`` shows no current failure, and the last segment the
+    server archived is in *this* repository."""
+    from backup_tool.validate import Check
+
+    row = conn.execute(
+        "SELECT current_setting('archive_mode'), current_setting('archive_command'),"
+        " archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal,"
+        " last_failed_time FROM pg_stat_archiver").fetchone()
+    assert row is not None
+    mode, command, archived, last_wal, last_time, failed, failed_wal, failed_time = row
+    checks = []
+    if mode not in ("on", "always"):
+        checks.append(Check("archive_mode", False, f"archive_mode = {mode}: set it to on (needs a restart) "
+                                                   "for point-in-time recovery"))
+        return checks
+    if "wal push" not in (command or ""):
+        checks.append(Check("archive_command", False,
+                            f"archive_command = {command!r} does not call 'backup-tool wal push %p'"))
+    else:
+        checks.append(Check("archive_command", True, command))
+    if failed_time is not None and (last_time is None or failed_time > last_time):
+        checks.append(Check("archiver_failures", False,
+                            f"archiving is failing: {failed} failures, last for {failed_wal} at "
+                            f"{failed_time:%Y-%m-%d %H:%M:%S%z}; see the server log for the archive_command's error"))
+    else:
+        checks.append(Check("archiver_failures", True,
+                            f"{archived} archived, {failed} failed earlier, none failing now"))
+    if last_wal:
+        try:
+            open_archived(storage, last_wal)
+            checks.append(Check("archive_destination", True,
+                                f"last archived {last_wal} is in {storage.url}"))
+        except WalMissingError:
+            checks.append(Check("archive_destination", False,
+                                f"the server archived {last_wal} but it is not in {storage.url}: "
+                                "archive_command pushes to another repository"))
+    return checks

@@ -1,0 +1,265 @@
+"""Point-in-time recovery end to end: a real PostgreSQL 15 cluster archiving through
+`backup-tool wal push %p` (run as the server's OS user), a base backup, three phases of
+transactions with WAL switches, a recorded moment between phases, a disaster, then
+recoveries to a time, a restore point, an LSN and the archive's end (following the timeline
+a previous recovery created), tables as at a time, and refusals. Each recovered state is
+compared with the state recorded at that moment by an independent fingerprint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import psycopg
+import pytest
+from conftest import SEED_FILES, Cli, PgServer, free_port, start_pg_server
+from server_tool import install_source, write_wrapper
+
+import dbcompare
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Scenario:
+    server: PgServer
+    repo: str
+    base: Path
+    cli: Cli
+    backup: dict[str, Any]
+    t1: str
+    lsn1: str
+    fp_rp: dict[str, Any]
+    fp_t1: dict[str, Any]
+    fp_after: dict[str, Any]
+    recovered: list[Path] = field(default_factory=list)
+
+    def dsn(self, port: int, db: str = "app") -> str:
+        return f"postgresql://postgres:{self.server.password}@127.0.0.1:{port}/{db}"
+
+    def pgdata(self) -> Path:
+        path = self.server.make_user_dir()
+        self.recovered.append(path)
+        return path
+
+    def stop_all(self) -> None:
+        for path in self.recovered:
+            if (path / "postmaster.pid").exists():
+                self.server.run_as_os_user([self.server.bin_dir / "pg_ctl", "-D", path, "-m", "immediate",
+                                            "stop"], check=False)
+
+
+def run_sql(server: PgServer, *statements: str) -> Any:
+    with server.admin_conn("app") as conn:
+        result = None
+        for stmt in statements:
+            cur = conn.execute(stmt)
+            result = cur.fetchone() if cur.description else None
+        return result
+
+
+def switch_and_wait_archived(server: PgServer) -> None:
+    with server.admin_conn() as conn:
+        last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
+        conn.execute("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + 60
+        while True:
+            archived, failed = conn.execute("SELECT last_archived_wal, failed_count FROM pg_stat_archiver").fetchone()
+            if archived is not None and archived >= last:
+                return
+            assert failed == 0, f"archiving failed, see {server.log_file}"
+            assert time.monotonic() < deadline, f"{last} not archived, see {server.log_file}"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def scenario() -> Iterator[Scenario]:
+    base = Path(tempfile.mkdtemp(prefix="backup-tool-pitr-test-", dir="/tmp"))
+    base.chmod(0o755)
+    wrapper = write_wrapper(base / "bin" / "backup-tool", install_source(base / "src"))
+    repo = base / "repo"
+    repo.mkdir()
+    server = start_pg_server({"archive_mode": "on", "archive_command": f"{wrapper} wal push %p --repo {repo}"})
+    shutil.chown(repo, server.os_user, server.os_user)
+    workdir = base / "cli"
+    workdir.mkdir()
+    cli = Cli(workdir=workdir)
+    sc: Scenario | None = None
+    try:
+        server.create_db("app")
+        server.load_sql("app", list(SEED_FILES))
+        run_sql(server, "CREATE TABLE ledger (id bigserial PRIMARY KEY, phase int NOT NULL, note text)")
+        backup = cli.json("backup", "base", "--repo", str(repo), "--dsn", server.dsn("app"))
+
+        run_sql(server, "INSERT INTO ledger (phase, note) SELECT 1, 'one-' || g FROM generate_series(1, 300) g",
+                "UPDATE coupons SET code = code || '-p1' WHERE ctid IN (SELECT ctid FROM coupons LIMIT 2)",
+                "SELECT pg_create_restore_point('after_phase_one')")
+        fp_rp = dbcompare.table_hashes(server.dsn("app"))
+        switch_and_wait_archived(server)
+
+        run_sql(server, "INSERT INTO ledger (phase, note) SELECT 2, 'two-' || g FROM generate_series(1, 300) g",
+                "DELETE FROM ledger WHERE phase = 1 AND id % 10 = 0")
+        time.sleep(0.3)
+        t1, lsn1 = run_sql(server, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                                   "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), pg_current_wal_insert_lsn()::text")
+        fp_t1 = dbcompare.fingerprint(server.dsn("app"))
+        time.sleep(0.3)
+
+        run_sql(server, "INSERT INTO ledger (phase, note) SELECT 3, 'three-' || g FROM generate_series(1, 300) g",
+                "UPDATE ledger SET note = note || ' (edited)' WHERE phase = 2")
+        switch_and_wait_archived(server)
+        run_sql(server, "DELETE FROM ledger", "DROP TABLE coupons CASCADE")
+        switch_and_wait_archived(server)
+        fp_after = dbcompare.table_hashes(server.dsn("app"))
+        sc = Scenario(server, str(repo), base, cli, backup, t1, lsn1, fp_rp, fp_t1, fp_after)
+        yield sc
+    finally:
+        if sc is not None:
+            sc.stop_all()
+        server.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def first_recovery(scenario: Scenario) -> tuple[Path, int, dict[str, Any]]:
+    """PITR to the recorded time with archiving kept on: the new timeline goes to the repository."""
+    pgdata, port = scenario.pgdata(), free_port()
+    result = scenario.cli.json("restore", "pitr", "--repo", scenario.repo, "--target-time", scenario.t1,
+                               "--pgdata", pgdata, "--port", str(port))
+    return pgdata, port, result
+
+
+def test_base_backup_is_listed_with_its_wal_range(scenario: Scenario) -> None:
+    entry = scenario.backup
+    assert entry["kind"] == "base" and entry["parent_id"] is None and entry["size_bytes"] > 0
+    assert entry["timeline"] == 1 and entry["checkpoint"] == "fast"
+    assert entry["start_lsn"] and entry["stop_lsn"]
+    listed = scenario.cli.json("list", "--repo", scenario.repo)
+    assert [(e["id"], e["kind"]) for e in listed] == [(entry["id"], "base")]
+    health = scenario.cli.json("wal", "status", "--repo", scenario.repo)
+    assert health["gaps"] == [] and health["segments"] >= 4 and health["timelines"][0] == 1
+
+
+def test_pitr_to_time_gives_exactly_that_moment(scenario: Scenario,
+                                                first_recovery: tuple[Path, int, dict[str, Any]]) -> None:
+    pgdata, port, result = first_recovery
+    assert result["ok"] is True and result["backup_id"] == scenario.backup["id"]
+    assert result["recovered_to"]["timeline"] == 2
+    assert result["recovered_to"]["stop_reason"].startswith("recovery stopping before commit")
+    assert {c["name"] for c in result["validation"]["checks"]} >= {"app: foreign_keys_hold", "app: indexes_valid",
+                                                                    "app: sequences_not_behind"}
+    conf = (pgdata / "postgresql.auto.conf").read_text()
+    assert "recovery_target_time = '" in conf and "T" not in conf.split("recovery_target_time = '")[1][:20]
+    restored = dbcompare.fingerprint(scenario.dsn(port))
+    dbcompare.assert_same(scenario.fp_t1, restored, ignore=("sequences",))
+    dbcompare.assert_sequences_not_behind(scenario.fp_t1, restored)
+
+
+def test_pitr_to_restore_point_and_lsn(scenario: Scenario) -> None:
+    pgdata, port = scenario.pgdata(), free_port()
+    by_name = scenario.cli.json("restore", "pitr", "--repo", scenario.repo, "--target-name", "after_phase_one",
+                                "--pgdata", pgdata, "--port", str(port), "--no-archive", "--no-validate")
+    assert 'restore point "after_phase_one"' in by_name["recovered_to"]["stop_reason"]
+    assert dbcompare.table_hashes(scenario.dsn(port)) == scenario.fp_rp
+
+    pgdata, port = scenario.pgdata(), free_port()
+    by_lsn = scenario.cli.json("restore", "pitr", "--repo", scenario.repo, "--target-lsn", scenario.lsn1,
+                               "--pgdata", pgdata, "--port", str(port), "--no-archive", "--no-validate")
+    assert "WAL location" in by_lsn["recovered_to"]["stop_reason"]
+    assert dbcompare.table_hashes(scenario.dsn(port)) == scenario.fp_t1["tables"]
+
+
+def test_second_recovery_follows_the_promoted_timeline(scenario: Scenario,
+                                                       first_recovery: tuple[Path, int, dict[str, Any]]) -> None:
+    _, port, _ = first_recovery
+    with psycopg.connect(scenario.dsn(port), autocommit=True) as conn:
+        conn.execute("INSERT INTO ledger (phase, note) VALUES (7, 'written on timeline 2')")
+        last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
+        conn.execute("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + 60
+        while (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < last:
+            assert time.monotonic() < deadline, "timeline 2 was not archived"
+            time.sleep(0.1)
+    expected = dbcompare.table_hashes(scenario.dsn(port))
+    health = scenario.cli.json("wal", "status", "--repo", scenario.repo)
+    assert 2 in health["timelines"] and health["gaps"] == []
+
+    pgdata, port2 = scenario.pgdata(), free_port()
+    result = scenario.cli.json("restore", "pitr", "--repo", scenario.repo, "--latest", "--pgdata", pgdata,
+                               "--port", str(port2), "--no-archive")
+    assert result["ok"] is True and result["recovered_to"]["timeline"] == 3
+    assert dbcompare.table_hashes(scenario.dsn(port2)) == expected
+
+
+def test_tables_at_a_time_beside_the_live_ones(scenario: Scenario) -> None:
+    leftovers = set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*"))
+    result = scenario.cli.json("restore", "tables", "--repo", scenario.repo, "--tables", "public.ledger",
+                               "--target-time", scenario.t1, "--target-dsn", scenario.server.dsn("app"),
+                               "--into-schema", "as_of_t1")
+    assert result["ok"] is True
+    now = dbcompare.table_hashes(scenario.server.dsn("app"))
+    assert now['as_of_t1.ledger'] == scenario.fp_t1["tables"]["public.ledger"]
+    assert {k: v for k, v in now.items() if not k.startswith("as_of_t1.")} == scenario.fp_after
+    assert set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) == leftovers
+    run_sql(scenario.server, "DROP SCHEMA as_of_t1 CASCADE")
+
+
+def test_targets_outside_the_archive_are_refused(scenario: Scenario) -> None:
+    cli, repo = scenario.cli, scenario.repo
+    for args, words in (
+        (["--target-time", "2001-01-01T00:00:00Z"], ["covers", "before the oldest base backup"]),
+        (["--target-time", "2099-01-01T00:00:00Z"], ["covers", "not archived yet"]),
+        (["--target-lsn", "FF/0"], ["covers LSN"]),
+        (["--target-name", "no_such_point"], ["not found in the archived WAL"]),
+    ):
+        pgdata = scenario.pgdata()
+        proc = cli("restore", "pitr", "--repo", repo, *args, "--pgdata", pgdata, "--port", str(free_port()))
+        assert proc.returncode == 1, proc.stderr
+        assert all(w in proc.stderr for w in words), proc.stderr
+        assert list(pgdata.iterdir()) == []
+    busy = scenario.pgdata()
+    (busy / "PG_VERSION").write_text("15\n")
+    proc = cli("restore", "pitr", "--repo", repo, "--latest", "--pgdata", busy)
+    assert proc.returncode == 1 and "not empty" in proc.stderr
+    assert [p.name for p in busy.iterdir()] == ["PG_VERSION"]
+    usage = cli("restore", "pitr", "--repo", repo, "--latest", "--target-time", scenario.t1, "--pgdata", busy)
+    assert usage.returncode == 2
+
+
+def test_damaged_archive_never_reaches_postgres(scenario: Scenario) -> None:
+    """A corrupt segment stops recovery with the reason; a missing one is refused up front."""
+    copy = scenario.server.make_user_dir("repo-copy")
+    copy.rmdir()
+    shutil.copytree(scenario.repo, copy)
+    subprocess.run(["chown", "-R", f"{scenario.server.os_user}:", str(copy)], check=True)
+    target_seg = subprocess.run(["ls", copy / "wal" / "0000000100000000"], capture_output=True, text=True,
+                                check=True).stdout.split()
+    seg_of_t1 = next(k for k in target_seg if k.startswith(_segment_of(scenario.lsn1)))
+    path = copy / "wal" / "0000000100000000" / seg_of_t1
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x55
+    path.write_bytes(bytes(data))
+
+    pgdata = scenario.pgdata()
+    proc = scenario.cli("restore", "pitr", "--repo", str(copy), "--target-time", scenario.t1, "--pgdata", pgdata,
+                        "--port", str(free_port()), "--no-archive", "--target-timeline", "1")
+    assert proc.returncode == 1, proc.stderr
+    assert "corrupt" in proc.stderr and seg_of_t1[:24] in proc.stderr
+    assert not (pgdata / "postmaster.pid").exists()
+
+    path.unlink()
+    pgdata = scenario.pgdata()
+    proc = scenario.cli("restore", "pitr", "--repo", str(copy), "--target-time", scenario.t1, "--pgdata", pgdata,
+                        "--no-archive", "--target-timeline", "1")
+    assert proc.returncode == 1 and "gap" in proc.stderr and seg_of_t1[:24] in proc.stderr
+    assert list(pgdata.iterdir()) == []
+
+
+def _segment_of(lsn: str) -> str:
+    hi, lo = (int(x, 16) for x in lsn.split("/"))
+    return f"00000001{hi:08X}{(lo >> 24):08X}"

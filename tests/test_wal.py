@@ -1,0 +1,326 @@
+"""The WAL archive: names and keys, continuity and base backup choice (pure functions), and
+`wal push` / `wal fetch` through the real CLI against both repository kinds."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backup_tool import pitr, wal
+from backup_tool.basebackup import TarScanner, parse_backup_label, stop_lsn_from_manifest
+from backup_tool.errors import NotFoundError, RefusedError, UsageError
+from backup_tool.manifest import Manifest, PhysicalInfo, parse_manifest
+
+SEG = 16 << 20
+T0 = datetime(2026, 11, 24, 20, 0, tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_names_keys_and_lsns() -> None:
+    assert wal.wal_file_kind("000000010000000000000003") == "segment"
+    assert wal.wal_file_kind("00000002.history") == "history"
+    assert wal.wal_file_kind("000000010000000000000003.00000028.backup") == "backup"
+    assert wal.wal_file_kind("000000010000000000000003.partial") == "partial"
+    for bad in ("RECOVERYXLOG", "../etc/passwd", "00000001000000000000000g", ""):
+        with pytest.raises(UsageError):
+            wal.wal_file_kind(bad)
+    sha = "a" * 64
+    assert wal.object_key("0000000100000002000000FF", sha) == f"wal/0000000100000002/0000000100000002000000FF-{sha}.zst"
+    assert wal.object_key("00000002.history", sha) == f"wal/history/00000002.history-{sha}.zst"
+    assert wal.parse_lsn("0/3000060") == 0x3000060
+    assert wal.parse_lsn("1A/FF") == (0x1A << 32) | 0xFF
+    assert wal.format_lsn(wal.parse_lsn("16/B374D848")) == "16/B374D848"
+    with pytest.raises(UsageError):
+        wal.parse_lsn("nonsense")
+    assert wal.segment_name(1, 0x1FF) == "0000000100000001000000FF"
+    assert wal.segment_number("0000000100000001000000FF") == 0x1FF
+    assert wal.segment_name(3, wal.lsn_segment(wal.parse_lsn("2/5000028"))) == "000000030000000200000005"
+    assert wal.segment_name(1, 5, 64 << 20) == "000000010000000000000005"
+    assert wal.segment_number("000000010000000100000003", 64 << 20) == 64 + 3
+
+
+def test_pg_timestamp_is_postgres_own_form() -> None:
+    ts = datetime(2026, 11, 24, 20, 38, 49, 408950, tzinfo=timezone.utc)
+    assert pitr.pg_timestamp(ts) == "2026-11-24 20:38:49.40895+00"
+    assert pitr.pg_timestamp(ts.replace(microsecond=0)) == "2026-11-24 20:38:49+00"
+    local = ts.astimezone(timezone(timedelta(hours=2)))
+    assert pitr.pg_timestamp(local) == "2026-11-24 20:38:49.40895+00"
+    assert pitr.parse_time("2026-11-24T20:38:49") == ts.replace(microsecond=0)
+    settings = pitr.recovery_settings(pitr.Target("time", time=ts), "cmd %f %p")
+    assert settings["recovery_target_time"] == "2026-11-24 20:38:49.40895+00"
+    assert settings["recovery_target_action"] == "promote"
+    assert settings["recovery_target_timeline"] == "latest"
+    assert "recovery_target_action" not in pitr.recovery_settings(pitr.Target("latest"), "cmd")
+    with pytest.raises(UsageError):
+        pitr.make_target(target_time="2026-11-24T20:00:00Z", latest=True)
+    with pytest.raises(UsageError):
+        pitr.make_target()
+
+
+def seg(name: str, minutes: float) -> wal.WalSegment:
+    return wal.WalSegment(name, int(name[:8], 16), f"wal/{name[:16]}/{name}-{'0' * 64}.zst", 100,
+                          T0 + timedelta(minutes=minutes))
+
+
+def segs(tli: int, first: int, last: int, start_minute: float = 0) -> list[wal.WalSegment]:
+    return [seg(wal.segment_name(tli, n), start_minute + i) for i, n in enumerate(range(first, last + 1))]
+
+
+def test_coverage_gaps_and_timelines() -> None:
+    path1 = wal.timeline_path(1, [])
+    cov = wal.coverage(segs(1, 3, 9), path1, wal.parse_lsn("0/3000028"))
+    assert cov.last_segment == "000000010000000000000009" and not cov.gaps
+    assert cov.end_lsn == 10 * SEG and cov.archived_until == T0 + timedelta(minutes=6)
+
+    holed = [s for s in segs(1, 3, 9) if s.name != "000000010000000000000006"]
+    cov = wal.coverage(holed, path1, wal.parse_lsn("0/3000028"))
+    assert cov.last_segment == "000000010000000000000005"
+    assert [str(g) for g in cov.gaps] == ["missing from 000000010000000000000006 up to 000000010000000000000007"]
+
+    # timeline 2 forked from 1 inside segment 6: segment 6 onwards is read from timeline 2
+    history2 = wal.parse_history("1\t0/6012345\tbefore 2026-11-24 20:05:00+00\n")
+    assert history2 == [(1, 0x6012345)]
+    path2 = wal.timeline_path(2, history2)
+    assert [(s.timeline, s.begin, s.end) for s in path2] == [(1, 0, 0x6012345), (2, 0x6012345, None)]
+    assert wal.timeline_for(path2, 5, SEG) == 1 and wal.timeline_for(path2, 6, SEG) == 2
+    archive = segs(1, 3, 9) + segs(2, 6, 8, start_minute=20)
+    cov = wal.coverage(archive, path2, wal.parse_lsn("0/3000028"))
+    assert cov.last_segment == "000000020000000000000008" and not cov.gaps and cov.timeline == 2
+    assert wal.newest_timeline(1, {2}) == 2 and wal.newest_timeline(1, {3}) == 1
+    assert wal.newest_timeline(1, {2, 3, 5}) == 3
+
+
+def base_manifest(backup_id: str, start: str, stop: str, stop_minute: float, tli: int = 1) -> Manifest:
+    phys = PhysicalInfo(start_lsn=start, stop_lsn=stop, timeline=tli,
+                        start_wal=wal.segment_name(tli, wal.lsn_segment(wal.parse_lsn(start))),
+                        stop_wal=wal.segment_name(tli, wal.lsn_segment(wal.parse_lsn(stop))),
+                        stop_time=T0 + timedelta(minutes=stop_minute), wal_segment_size=SEG,
+                        checkpoint="fast", backup_label="START WAL LOCATION: ...")
+    started = T0 + timedelta(minutes=stop_minute - 0.5)
+    return Manifest(id=backup_id, kind="base", parent_id=None, database="app", server_version="15.1",
+                    server_version_num=150001, encoding="UTF8", system_identifier="1",
+                    started_at=started, finished_at=started, expires_at=started + timedelta(days=7),
+                    policy={}, snapshot_lsn=stop, schema=None, globals=None, schema_fingerprint="",
+                    tables=(), sequences=(), inventory={}, physical=phys)
+
+
+def test_base_manifest_round_trips() -> None:
+    m = base_manifest("20261124T200000Z-B0001", "0/3000028", "0/3000100", 1)
+    again = parse_manifest(m.to_json(), "m")
+    assert again == m
+    assert again.summary()["start_lsn"] == "0/3000028" and again.summary()["checkpoint"] == "fast"
+
+
+def test_choose_base_backup() -> None:
+    old = base_manifest("B1", "0/3000028", "0/3000100", 1)
+    new = base_manifest("B2", "0/7000028", "0/7000100", 5)
+    archive = segs(1, 3, 12)  # segment n archived at minute n - 3
+    target = lambda minutes: pitr.Target("time", time=T0 + timedelta(minutes=minutes))  # noqa: E731
+
+    assert pitr.choose_base_backup([old, new], archive, {}, target(6)).backup.id == "B2"
+    assert pitr.choose_base_backup([old, new], archive, {}, target(3)).backup.id == "B1"
+    assert pitr.choose_base_backup([old, new], archive, {}, pitr.Target("latest")).backup.id == "B2"
+    lsn = pitr.Target("lsn", lsn=wal.parse_lsn("0/6000000"))
+    assert pitr.choose_base_backup([old, new], archive, {}, lsn).backup.id == "B1"
+    assert pitr.choose_base_backup([old, new], archive, {}, pitr.Target("name", name="x"),
+                                   restore_point_lsn=wal.parse_lsn("0/8000000")).backup.id == "B2"
+
+    window = r"covers 2026-11-24T20:01:00Z \.\. 2026-11-24T20:09:00Z.*before the oldest"
+    with pytest.raises(RefusedError, match=window):
+        pitr.choose_base_backup([old, new], archive, {}, target(0.5))
+    with pytest.raises(RefusedError, match="not archived yet"):
+        pitr.choose_base_backup([old, new], archive, {}, target(30))
+    with pytest.raises(NotFoundError):
+        pitr.choose_base_backup([], archive, {}, target(3))
+
+    # a gap after the newest backup's WAL: time targets beyond it are refused, naming the gap
+    holed = [s for s in archive if s.name != "00000001000000000000000A"]
+    with pytest.raises(RefusedError, match="gap"):
+        pitr.choose_base_backup([old, new], holed, {}, target(8.5))
+    assert pitr.choose_base_backup([old, new], holed, {}, target(6)).backup.id == "B2"
+
+    # a backup whose own WAL is incomplete is never chosen
+    no_b2_wal = [s for s in archive if s.name != "000000010000000000000007"]
+    assert pitr.choose_base_backup([old, new], no_b2_wal, {}, target(3)).backup.id == "B1"
+
+
+def test_choose_follows_timelines() -> None:
+    before_fork = base_manifest("B1", "0/3000028", "0/3000100", 1)
+    after_fork_tl1 = base_manifest("B2", "0/9000028", "0/9000100", 7)
+    history = {2: [(1, wal.parse_lsn("0/6012345"))]}
+    archive = segs(1, 3, 10) + segs(2, 6, 8, start_minute=20)
+    plan = pitr.choose_base_backup([before_fork, after_fork_tl1], archive, history, pitr.Target("latest"))
+    assert plan.backup.id == "B1" and plan.timeline == 2
+    assert plan.coverage.last_segment == "000000020000000000000008"
+    plan = pitr.choose_base_backup([before_fork, after_fork_tl1], archive, history,
+                                   pitr.Target("latest", timeline=1))
+    assert plan.backup.id == "B2" and plan.timeline == 1
+
+
+def test_tar_scanner_captures_members_without_changing_the_stream() -> None:
+    buf = io.BytesIO()
+    label = b"START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\nCHECKPOINT LOCATION: 0/3000060\n" \
+            b"BACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-25 13:39:52 UTC\n" \
+            b"LABEL: backup-tool x\nSTART TIMELINE: 1\n"
+    manifest = b'{"WAL-Ranges": [{"Timeline": 1, "Start-LSN": "0/3000028", "End-LSN": "0/3000100"}]}'
+    long_name = "base/" + "x" * 150
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in (("base/1/1234", os.urandom(70000)), (long_name, b"y" * 10),
+                           ("backup_label", label), ("backup_manifest", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    scanner = TarScanner({"backup_label", "backup_manifest"})
+    out = b"".join(scanner.scan(raw[i:i + 777] for i in range(0, len(raw), 777)))
+    assert out == raw
+    assert scanner.found == {"backup_label": label, "backup_manifest": manifest}
+    parsed = parse_backup_label(label.decode())
+    assert (parsed.start_lsn, parsed.start_wal, parsed.timeline) == ("0/3000028", "000000010000000000000003", 1)
+    assert stop_lsn_from_manifest(manifest) == ("0/3000100", 1)
+
+
+def test_parse_recovery_log() -> None:
+    log = """\
+2026-11-25 13:40:20.1 UTC [926] LOG:  restored log file "000000010000000000000004" from archive
+2026-11-25 13:40:20.2 UTC [926] LOG:  restored log file "000000010000000000000005" from archive
+2026-11-25 13:40:22.0 UTC [926] LOG:  recovery stopping before commit of transaction 961, time 2026-11-25 13:40:02.147573+00
+2026-11-25 13:40:22.0 UTC [926] LOG:  redo done at 0/5024610 system usage: CPU: user: 0.00 s
+2026-11-25 13:40:22.0 UTC [926] LOG:  last completed transaction was at log time 2026-11-25 13:40:01.298485+00
+2026-11-25 13:40:22.4 UTC [926] LOG:  selected new timeline ID: 2
+"""
+    point = pitr.parse_recovery_log(log)
+    assert point.stop_reason.startswith("recovery stopping before commit of transaction 961")
+    assert point.redo_done_lsn == "0/5024610" and point.timeline == 2 and point.segments_restored == 2
+    assert point.last_transaction_time == datetime(2026, 11, 25, 13, 40, 1, 298485, tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------------------- push / fetch via the CLI
+
+
+def fake_pg_wal(root: Path, names: list[str], ready: bool = True) -> Path:
+    pg_wal = root / "pg_wal"
+    (pg_wal / "archive_status").mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (pg_wal / name).write_bytes(os.urandom(4096) + bytes([i]) * (SEG // 64))
+        if ready:
+            (pg_wal / "archive_status" / f"{name}.ready").touch()
+    return pg_wal
+
+
+def keys_under(repo: str, prefix: str) -> list[str]:
+    from backup_tool.storage import open_storage
+
+    return [o.key for o in open_storage(repo).list(prefix)]
+
+
+def test_push_is_idempotent_and_never_overwrites(cli: Any, repo: str, tmp_path: Path) -> None:
+    pg_wal = fake_pg_wal(tmp_path, ["000000010000000000000001", "00000002.history"], ready=False)
+    seg_path = pg_wal / "000000010000000000000001"
+    first = cli("wal", "push", seg_path, "--repo", repo)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "" and first.stderr == ""
+    again = cli.json("wal", "push", seg_path, "--repo", repo)
+    assert again["already_archived"] is True
+    (key,) = keys_under(repo, "wal/0000000100000000/")
+    assert key.startswith("wal/0000000100000000/000000010000000000000001-")
+
+    original = seg_path.read_bytes()
+    seg_path.write_bytes(b"different" + original[9:])
+    conflict = cli("wal", "push", seg_path, "--repo", repo)
+    assert conflict.returncode == 1
+    assert "already archived with different content" in conflict.stderr
+    assert keys_under(repo, "wal/0000000100000000/") == [key]
+
+    assert cli("wal", "push", pg_wal / "00000002.history", "--repo", repo).returncode == 0
+    assert [k.split("-")[0] for k in keys_under(repo, "wal/history/")] == ["wal/history/00000002.history"]
+
+    dest = tmp_path / "restored"
+    fetched = cli("wal", "fetch", "000000010000000000000001", dest, "--repo", repo)
+    assert fetched.returncode == 0, fetched.stderr
+    assert dest.read_bytes() == original
+
+
+def test_fetch_missing_is_quick_and_corrupt_is_an_error(cli: Any, local_repo: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    missing = cli("wal", "fetch", "0000000100000000000000AA", tmp_path / "x", "--repo", local_repo)
+    assert missing.returncode == 1 and "not in the archive" in missing.stderr
+    assert time.monotonic() - started < 5
+    assert not (tmp_path / "x").exists()
+
+    pg_wal = fake_pg_wal(tmp_path, ["000000010000000000000002"], ready=False)
+    assert cli("wal", "push", pg_wal / "000000010000000000000002", "--repo", local_repo).returncode == 0
+    (key,) = keys_under(local_repo, "wal/")
+    path = Path(local_repo) / key
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    dest = tmp_path / "RECOVERYXLOG"
+    corrupt = cli("wal", "fetch", "000000010000000000000002", dest, "--repo", local_repo)
+    assert corrupt.returncode == 3, corrupt.stderr
+    assert "corrupt" in corrupt.stderr and "Traceback" not in corrupt.stderr
+    assert not dest.exists() and list(tmp_path.glob(".RECOVERYXLOG*")) == []
+    strict = cli("wal", "fetch", "000000010000000000000002", dest, "--repo", local_repo, "--abort-on-error")
+    assert strict.returncode == 255 and "corrupt" in strict.stderr
+    assert not dest.exists()
+
+    # truncated object (e.g. a partial upload that slipped through): also refused
+    path.write_bytes(bytes(data[:100]))
+    assert cli("wal", "fetch", "000000010000000000000002", dest, "--repo", local_repo).returncode == 3
+    assert not dest.exists()
+
+
+def test_batched_push_acknowledges_from_the_spool(cli: Any, repo: str, tmp_path: Path) -> None:
+    names = [wal.segment_name(1, n) for n in range(1, 7)]
+    pg_wal = fake_pg_wal(tmp_path, names)
+    out = cli.json("wal", "push", pg_wal / names[0], "--repo", repo, "--batch", "4")
+    assert out["name"] == names[0] and out["pushed_ahead"] == names[1:4]
+    assert sorted(k.split("/")[-1].split("-")[0] for k in keys_under(repo, "wal/")) == names[:4]
+    spool = pg_wal / wal.SPOOL_DIR
+    assert sorted(p.name for p in spool.iterdir()) == [f"{n}.pushed" for n in names[1:4]]
+
+    os.utime(pg_wal / names[2], ns=(1, 1))  # not the file that was pushed: no acknowledgement from the spool
+    assert wal.try_fast_push(["wal", "push", str(pg_wal / names[1]), "--repo", repo]) is True
+    assert wal.try_fast_push(["wal", "push", str(pg_wal / names[2]), "--repo", repo]) is False
+    assert wal.try_fast_push(["wal", "push", str(pg_wal / names[3]), "--repo", repo + "-other"]) is False
+    assert not (spool / f"{names[1]}.pushed").exists()
+
+    for name in names[1:]:
+        (pg_wal / "archive_status" / f"{name}.ready").rename(pg_wal / "archive_status" / f"{name}.done")
+        done = cli("wal", "push", pg_wal / name, "--repo", repo, "--batch", "4")
+        assert done.returncode == 0, done.stderr
+    assert sorted(k.split("/")[-1].split("-")[0] for k in keys_under(repo, "wal/")) == names
+    for name in names:
+        dest = tmp_path / f"fetched-{name}"
+        assert cli("wal", "fetch", name, dest, "--repo", repo).returncode == 0
+        assert dest.read_bytes() == (pg_wal / name).read_bytes()
+
+
+def test_list_segments_and_health(tmp_path: Path, local_repo: str) -> None:
+    from backup_tool.storage import open_storage
+
+    storage = open_storage(local_repo)
+    names = [wal.segment_name(1, n) for n in (3, 4, 6)]
+    pg_wal = fake_pg_wal(tmp_path, names + ["00000002.history"], ready=False)
+    for name in names:
+        wal.push_file(storage, pg_wal / name)
+    listed = wal.list_segments(storage)
+    assert [s.name for s in listed] == names and {s.timeline for s in listed} == {1}
+    assert all(s.key.endswith(".zst") and len(s.sha256) == 64 and s.size > 0 for s in listed)
+    health = wal.archive_health(storage, [(1, wal.parse_lsn("0/3000028"), SEG)])
+    assert [str(g) for g in health.gaps] == ["missing from 000000010000000000000005 up to 000000010000000000000006"]
+    checks = {c.name: c for c in health.checks(max_age=timedelta(hours=1))}
+    assert not checks["wal_continuity"].ok and checks["wal_newest_age"].ok
+    stale = wal.archive_health(storage, [(1, wal.parse_lsn("0/3000028"), SEG)],
+                               now=datetime.now(timezone.utc) + timedelta(hours=3))
+    assert not {c.name: c for c in stale.checks(max_age=timedelta(hours=1))}["wal_newest_age"].ok
