@@ -253,7 +253,7 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
     """The audit at ``now`` (pure)."""
     findings: list[Finding] = []
     present = [b for b in backups if b.started_at <= now]
-    gone = [d for d in deletions if d.at <= now]
+    gone = [d for d in deletions if d.started_at is None or d.started_at <= now]
     evidence = [b.started_at for b in present] + [d.started_at for d in gone if d.started_at]
     window_start = now - timedelta(days=policy.audit.window_days)
     facts = list(facts)
@@ -359,7 +359,7 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
         findings.append(Finding("critical", "pitr", "base backups are scheduled but there is none: "
                                                     "point-in-time recovery is impossible"))
 
-    runs = sorted(t for t in retention_runs if t <= now)
+    runs = sorted(retention_runs)
     return AuditReport(now, repository, policy.to_dict(), window_start, now, tuple(rows), tuple(slots),
                        tuple(gone), tuple(v for v in verifications if v.at <= now), pitr,
                        tuple(sorted(findings, key=lambda f: (f.severity != "critical", f.area))),

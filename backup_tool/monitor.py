@@ -324,8 +324,9 @@ def prometheus_text(report: StatusReport) -> str:
         for labels, value in samples:
             if isinstance(value, bool):
                 value = int(value)
-            lines.append(f"backup_tool_{name}{{{labels}}} {value:g}" if isinstance(value, float)
-                         else f"backup_tool_{name}{{{labels}}} {value}")
+            if isinstance(value, float):
+                value = int(value) if value.is_integer() else repr(value)
+            lines.append(f"backup_tool_{name}{{{labels}}} {value}")
 
     def per_kind(key: str) -> list[tuple[str, Any]]:
         return [(f'{repo},kind="{k}"', float(v)) for k, v in sorted(m.get(key, {}).items())]
