@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from zoneinfo import ZoneInfo
@@ -48,7 +48,7 @@ MACROS = {
 MONTHS = {m: i for i, m in enumerate(
     ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
 DAYS = {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
-FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
+FIELDS: tuple[tuple[str, int, int, Mapping[str, int]], ...] = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
           ("month", 1, 12, MONTHS), ("day of week", 0, 7, DAYS))
 SEARCH_DAYS = 4 * 366 + 1
 
@@ -138,7 +138,7 @@ def parse_cron(expr: str) -> Cron:
     parts = text.split()
     if len(parts) != 5:
         raise ValueError(f"{len(parts)} fields instead of 5")
-    sets = [_parse_field(p, lo, hi, names, what) for p, (what, lo, hi, names) in zip(parts, FIELDS)]
+    sets = [_parse_field(p, lo, hi, names, what) for p, (what, lo, hi, names) in zip(parts, FIELDS, strict=True)]
     weekdays = frozenset(d % 7 for d in sets[4])
     return Cron(expr=expr, minutes=tuple(sorted(sets[0])), hours=tuple(sorted(sets[1])),
                 days=frozenset(sets[2]), months=frozenset(sets[3]), weekdays=weekdays,
@@ -411,7 +411,7 @@ class Job:
     cron: str
     commands: tuple[tuple[str, ...], ...]
     description: str
-    ignore_failure: tuple[bool, ...] = field(default=())
+    ignore_failure: tuple[bool, ...]
 
 
 def jobs_for(policy: Policy, textfile: str) -> list[Job]:
@@ -437,7 +437,7 @@ def _env_lines(settings: Settings) -> dict[str, str]:
     if settings.dsn:
         try:
             params = {k: v for k, v in conninfo_to_dict(settings.dsn).items() if k != "password"}
-            env["DATABASE_URL"] = make_conninfo(**params)
+            env["DATABASE_URL"] = make_conninfo("", **params)
         except Exception:
             pass
     return env
@@ -505,7 +505,7 @@ def _render_cron(settings: Settings, exe: Sequence[str], log_file: str, textfile
     log = f">> {shlex.quote(log_file)} 2>&1"
     for job in jobs_for(policy, textfile):
         parts = []
-        for cmd, ignore in zip(job.commands, job.ignore_failure):
+        for cmd, ignore in zip(job.commands, job.ignore_failure, strict=True):
             line = f"{prog} {' '.join(shlex.quote(a) for a in cmd)}"
             parts.append(f"{line} >/dev/null 2>&1" if ignore else f"{line} {log}")
         joiner = "; " if job.name == "run-due" else " && "
@@ -532,7 +532,7 @@ def _render_systemd(settings: Settings, exe: Sequence[str], name: str, textfile:
                 "After=network-online.target", "Wants=network-online.target", "",
                 "[Service]", "Type=oneshot", f"EnvironmentFile={env_file}",
                 "Nice=10", "IOSchedulingClass=best-effort"]
-        for cmd, ignore in zip(job.commands, job.ignore_failure):
+        for cmd, ignore in zip(job.commands, job.ignore_failure, strict=True):
             out.append(f"ExecStart={'-' if ignore else ''}{prog} {' '.join(shlex.quote(a) for a in cmd)}")
         out += ["", f"# --- /etc/systemd/system/{unit_prefix}-{job.name}.timer ---",
                 "[Unit]", f"Description=backup-tool {job.name} ({name}) timer", "",
@@ -556,7 +556,7 @@ def _render_kubernetes(settings: Settings, name: str, image: str) -> str:
             "#     --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...",
             "# (or give the pod an IAM role and keep only DATABASE_URL in the Secret)."]
     for job in jobs_for(policy, "/tmp/backup_tool.prom"):
-        commands = [c for c, ignore in zip(job.commands, job.ignore_failure) if not ignore]
+        commands = [c for c, ignore in zip(job.commands, job.ignore_failure, strict=True) if not ignore]
         script = " && ".join("backup-tool " + " ".join(shlex.quote(a) for a in c) for c in commands)
         tz = policy.schedule.timezone
         docs += ["---", "apiVersion: batch/v1", "kind: CronJob", "metadata:",

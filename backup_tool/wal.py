@@ -35,7 +35,6 @@ covers; :mod:`backup_tool.pitr` and the monitoring commands build on them.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import os
 import re
@@ -48,9 +47,9 @@ from backup_tool.errors import BackupToolError, IntegrityError, NotFoundError, S
 from backup_tool.storage.base import HashingCounter, ObjectExistsError, ObjectLock, Storage
 
 if TYPE_CHECKING:
-    from backup_tool.validate import Check
+    import psycopg
 
-    Connection = Any
+    from backup_tool.validate import Check
 
 WAL_PREFIX = "wal/"
 HISTORY_PREFIX = "wal/history/"
@@ -405,6 +404,8 @@ def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
     Returns only when ``wal_path`` itself is durable. Failures of files pushed ahead are
     reported through ``warn`` and leave no spool entry (PostgreSQL's own call retries them).
     """
+    import concurrent.futures as cf
+
     path = Path(wal_path)
     if lock is not None:
         storage.lock_new_objects(lock)
@@ -772,7 +773,7 @@ def archive_health(storage: Storage, base_starts: Iterable[tuple[int, int, int]]
                          oldest, tuple(gaps), tuple(covs))
 
 
-def archiving_checks(conn: "Connection", storage: Storage) -> list["Check"]:
+def archiving_checks(conn: "psycopg.Connection[Any]", storage: Storage) -> list["Check"]:
     """The server side of archiving, for ``check``: archive_mode and archive_command point at
     this tool, ``pg_stat_archiver`` shows no current failure, and the last segment the
     server archived is in *this* repository."""

@@ -222,6 +222,9 @@ def test_targets_outside_the_archive_are_refused(scenario: Scenario) -> None:
         assert proc.returncode == 1, proc.stderr
         assert all(w in proc.stderr for w in words), proc.stderr
         assert list(pgdata.iterdir()) == []
+    taken = cli("restore", "pitr", "--repo", repo, "--latest", "--pgdata", scenario.pgdata(),
+                "--port", str(scenario.server.port))
+    assert taken.returncode == 1 and "already in use" in taken.stderr
     busy = scenario.pgdata()
     (busy / "PG_VERSION").write_text("15\n")
     proc = cli("restore", "pitr", "--repo", repo, "--latest", "--pgdata", busy)
