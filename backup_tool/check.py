@@ -26,6 +26,10 @@ def run_checks(settings: Settings) -> ValidationReport:
             checks.append(Check("repository", False, problems[0].message))
         else:
             checks.append(Check("repository", True, f"{storage.url} writable, {len(manifests)} backups"))
+        from backup_tool.retention import check_object_lock
+
+        ok, detail = check_object_lock(storage, settings.policy)
+        checks.append(Check("object_lock", ok, detail))
     except BackupToolError as exc:
         checks.append(Check("repository", False, str(exc)))
     conninfo = ConnInfo(settings.dsn)

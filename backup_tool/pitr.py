@@ -689,6 +689,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
             report = validate_cluster(server, settings.policy.backup.jobs, reporter) if do_validate else None
         finally:
             server.stop("fast")
+            shutil.rmtree(layout.pgdata / "pg_wal" / wal.SPOOL_DIR / "prefetch", ignore_errors=True)
     server.start_normal()
     seconds = time.monotonic() - started
     reporter.event("server running", pgdata=str(layout.pgdata), port=port or "as configured")

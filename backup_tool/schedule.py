@@ -364,11 +364,23 @@ def run_due(settings: Settings, now: datetime | None = None, reporter: Reporter 
                    reasons=[i.reason for i in plan.items] or list(plan.notes))
     taken: list[dict[str, Any]] = []
     for item in plan.items:
-        if item.kind == "full":
-            manifest = backup.backup_full(settings, reporter)
-        elif item.kind == "incremental":
-            manifest = backup.backup_incremental(settings, reporter)
-        else:
+
+        def still_due(current: list[Any], kind: str = item.kind) -> bool:
+            fresh = [BackupRecord.from_manifest(m) for m in current
+                     if database is None or m.database == database]
+            return kind in decide_due(fresh, settings.policy, evaluated_at, read_claims(storage)).kinds
+
+        try:
+            if item.kind == "full":
+                manifest = backup.backup_full(settings, reporter, still_due=still_due)
+            elif item.kind == "incremental":
+                manifest = backup.backup_incremental(settings, reporter, still_due=still_due)
+            else:
+                manifest = None
+        except backup.NoLongerDue as exc:
+            reporter.event("nothing to do", reason=str(exc))
+            continue
+        if manifest is None:
             try:
                 from backup_tool import basebackup
             except ImportError:

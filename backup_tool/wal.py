@@ -368,6 +368,28 @@ def try_fast_push(argv: list[str], environ: dict[str, str] | None = None) -> boo
     return fast_ack(path, repo)
 
 
+def try_fast_fetch(argv: list[str]) -> bool:
+    """``backup-tool wal fetch NAME DEST`` answered from the read-ahead directory without
+    loading the command line framework or the repository client (see :func:`try_fast_push`)."""
+    if argv[:2] != ["wal", "fetch"]:
+        return False
+    positional = []
+    rest = argv[2:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("--repo", "--prefetch"):
+            i += 2
+            continue
+        if arg.startswith("-"):
+            if not arg.startswith(("--repo=", "--prefetch=")) and arg != "--abort-on-error":
+                return False
+        else:
+            positional.append(arg)
+        i += 1
+    return len(positional) == 2 and take_prefetched(positional[0], positional[1])
+
+
 def _ready_ahead(path: Path, limit: int) -> list[Path]:
     status = path.parent / "archive_status"
     if limit <= 0 or not status.is_dir():
@@ -390,6 +412,10 @@ def _sweep_spool(path: Path) -> None:
     spool = _spool_dir(path)
     if not spool.is_dir():
         return
+    if (spool / "prefetch").is_dir():
+        import shutil
+
+        shutil.rmtree(spool / "prefetch", ignore_errors=True)
     for entry in os.scandir(spool):
         if entry.name.endswith(".pushed") and not (path.parent / entry.name[:-len(".pushed")]).exists():
             Path(entry.path).unlink(missing_ok=True)
@@ -409,10 +435,10 @@ def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
     path = Path(wal_path)
     if lock is not None:
         storage.lock_new_objects(lock)
+    _sweep_spool(path)
     ahead = _ready_ahead(path, batch - 1)
     if not ahead:
         return push_file(storage, path, level)
-    _sweep_spool(path)
     pushed: list[str] = []
     with cf.ThreadPoolExecutor(min(PUSH_THREADS, len(ahead) + 1), thread_name_prefix="wal-push") as pool:
         own = pool.submit(push_file, storage, path, level)
@@ -510,11 +536,7 @@ class ChunkReader:
         return out
 
 
-def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
-    """``restore_command``: write archived ``name`` to ``destination`` once verified."""
-    wal_file_kind(name)
-    obj = open_archived(storage, name)
-    dest = Path(destination)
+def _download(storage: Storage, obj: WalFile, dest: Path) -> int:
     tmp = dest.with_name(f".{dest.name}.backup-tool-{os.getpid()}")
     size = 0
     try:
@@ -527,7 +549,121 @@ def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
         raise StorageError(f"cannot write {dest}: {exc.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
+    return size
+
+
+def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
+    """``restore_command``: write archived ``name`` to ``destination`` once verified."""
+    wal_file_kind(name)
+    obj = open_archived(storage, name)
+    dest = Path(destination)
+    size = _download(storage, obj, dest)
     return FetchResult(name, obj.key, size, str(dest))
+
+
+# --------------------------------------------------------------------------- read-ahead for recovery
+
+
+def _prefetch_dir(destination: Path) -> Path:
+    return destination.parent / SPOOL_DIR / "prefetch"
+
+
+def take_prefetched(name: str, destination: str | Path) -> bool:
+    """Move ``name`` into place if a read-ahead already downloaded and verified it.
+
+    Files reach the read-ahead directory only after their sha256 matched (renamed into it
+    complete), so moving one is as safe as fetching it. Older segments of the same timeline
+    are dropped: recovery has moved past them.
+    """
+    dest = Path(destination)
+    folder = _prefetch_dir(dest)
+    if not folder.is_dir():
+        return False
+    if SEGMENT_RE.match(name):
+        for entry in os.scandir(folder):
+            if SEGMENT_RE.match(entry.name) and entry.name[:8] == name[:8] and entry.name < name:
+                Path(entry.path).unlink(missing_ok=True)
+    try:
+        os.replace(folder / name, dest)
+    except OSError:
+        return False
+    return True
+
+
+def segment_size_of(path: str | Path) -> int | None:
+    """WAL segment size from a segment's first page header (``xlp_seg_size``), if it looks valid."""
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(40)
+    except OSError:
+        return None
+    if len(header) < 40:
+        return None
+    size = int.from_bytes(header[32:36], "little")
+    if size < (1 << 20) or size > (1 << 30) or size & (size - 1):
+        return None
+    return size
+
+
+def prefetch(storage: Storage, name: str, destination: str | Path, count: int,
+             seg_size: int = DEFAULT_SEGMENT_SIZE) -> list[str]:
+    """Download and verify the ``count`` segments after ``name`` into the read-ahead
+    directory (those not there yet), stopping at the first one not archived."""
+    import fcntl
+
+    folder = _prefetch_dir(Path(destination))
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return []
+        tli = int(name[:8], 16)
+        start = segment_number(name, seg_size)
+        fetched = []
+        for segno in range(start + 1, start + 1 + count):
+            next_name = segment_name(tli, segno, seg_size)
+            target = folder / next_name
+            if target.exists():
+                continue
+            try:
+                obj = open_archived(storage, next_name)
+            except WalMissingError:
+                break
+            _download(storage, obj, target)
+            fetched.append(next_name)
+        return fetched
+
+
+def prefetch_in_background(repo_url: str, name: str, destination: str | Path, count: int) -> bool:
+    """Fork a detached process that reads ahead ``count`` segments after ``name``; return at once.
+
+    The child opens its own repository connection and never touches ``destination``; the
+    restore_command that needs one of its files later takes it with :func:`take_prefetched`.
+    """
+    if count <= 0 or not SEGMENT_RE.match(name):
+        return False
+    seg_size = segment_size_of(destination)
+    if seg_size is None:
+        return False
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return True
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        if os.fork():
+            os._exit(0)
+        from backup_tool.storage import open_storage
+
+        prefetch(open_storage(repo_url), name, destination, count, seg_size)
+    except BaseException:
+        pass
+    finally:
+        os._exit(0)
 
 
 def read_history(storage: Storage, tli: int) -> str | None:
