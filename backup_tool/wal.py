@@ -57,6 +57,7 @@ DEFAULT_SEGMENT_SIZE = 16 << 20
 SPOOL_DIR = "backup-tool-spool"
 READ_SIZE = 1 << 20
 DEFAULT_BATCH = 8
+SPOOL_IN_MEMORY = 64 << 20
 PUSH_THREADS = 4
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
@@ -243,45 +244,43 @@ def _file_chunks(path: Path, counter: HashingCounter | None = None) -> Iterator[
         raise StorageError(f"cannot read WAL file {path}: {exc.strerror}") from None
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
-    counter = HashingCounter()
-    for _ in _file_chunks(path, counter):
-        pass
-    return counter.hexdigest(), counter.size
-
-
 def push_file(storage: Storage, path: Path, level: int = 3) -> PushResult:
-    """Archive one WAL file; idempotent for identical content, refuses different content."""
+    """Archive one WAL file; idempotent for identical content, refuses different content.
+
+    The file is read once: hashed and compressed together into a spooled buffer (memory up
+    to 64 MiB, then a temporary file), which is uploaded under the content's sha256 only
+    if no object of that name exists yet.
+    """
+    import tempfile
+
     import zstandard
 
     name = path.name
     wal_file_kind(name)
-    sha, size = _hash_file(path)
-    existing = _find(storage, name)
-    for obj in existing:
-        if obj.sha256 == sha:
-            return PushResult(name, obj.key, size, obj.size, sha, True)
-    if existing:
-        raise WalConflictError(
-            f"{name} is already archived with different content ({existing[0].key}); nothing was overwritten",
-            "two clusters may be archiving into the same repository: give each its own --repo")
-    key = object_key(name, sha)
     counter = HashingCounter()
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-
-    def compressed() -> Iterator[bytes]:
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as buf:
         chunker = cctx.chunker(chunk_size=READ_SIZE)
         for chunk in _file_chunks(path, counter):
-            yield from chunker.compress(chunk)
-        yield from chunker.finish()
-        if counter.hexdigest() != sha:
-            raise IntegrityError(f"WAL file {path} changed while it was being archived",
-                                 "PostgreSQL retries the archive_command; if this repeats, check the disk")
-
-    try:
-        result = storage.put(key, compressed())
-    except ObjectExistsError:
-        return PushResult(name, key, size, 0, sha, True)
+            for out in chunker.compress(chunk):
+                buf.write(out)
+        for out in chunker.finish():
+            buf.write(out)
+        sha, size = counter.hexdigest(), counter.size
+        existing = _find(storage, name)
+        for obj in existing:
+            if obj.sha256 == sha:
+                return PushResult(name, obj.key, size, obj.size, sha, True)
+        if existing:
+            raise WalConflictError(
+                f"{name} is already archived with different content ({existing[0].key}); nothing was overwritten",
+                "two clusters may be archiving into the same repository: give each its own --repo")
+        key = object_key(name, sha)
+        buf.seek(0)
+        try:
+            result = storage.put(key, iter(lambda: buf.read(READ_SIZE), b""))
+        except ObjectExistsError:
+            return PushResult(name, key, size, 0, sha, True)
     return PushResult(name, key, size, result.size, sha, False)
 
 

@@ -8,6 +8,7 @@ compared with the state recorded at that moment by an independent fingerprint.""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -266,3 +267,36 @@ def test_damaged_archive_never_reaches_postgres(scenario: Scenario) -> None:
 def _segment_of(lsn: str) -> str:
     hi, lo = (int(x, 16) for x in lsn.split("/"))
     return f"00000001{hi:08X}{(lo >> 24):08X}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_tables_at_a_time_cleans_up_when_interrupted(scenario: Scenario, sig: signal.Signals) -> None:
+    before = set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*"))
+    argv = [*scenario.cli.command, "restore", "tables", "--repo", scenario.repo, "--tables", "public.ledger",
+            "--target-time", scenario.t1, "--target-dsn", scenario.server.dsn("app"), "--into-schema", "never"]
+    proc = subprocess.Popen(argv, env=scenario.cli.base_env(), cwd=scenario.cli.workdir,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        running: list[Path] = []
+        while not running:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the temporary cluster never started"
+            running = [p for p in set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) - before
+                       if (p / "data" / "postmaster.pid").exists()]
+            time.sleep(0.05)
+        pid_line = (running[0] / "data" / "postmaster.pid").read_text().splitlines()[0]
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out
+    assert not running[0].exists(), "temporary directory left behind"
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid_line}").exists():
+        status = Path(f"/proc/{pid_line}/status").read_text() if Path(f"/proc/{pid_line}/status").exists() else ""
+        assert time.monotonic() < deadline, f"temporary server left running: {status[:200]} {err[-2000:]}"
+        time.sleep(0.1)
+    with psycopg.connect(scenario.server.dsn("app")) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'never'").fetchone() == (0,)
