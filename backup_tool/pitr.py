@@ -690,6 +690,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
         finally:
             server.stop("fast")
             shutil.rmtree(layout.pgdata / "pg_wal" / wal.SPOOL_DIR / "prefetch", ignore_errors=True)
+    _adapt_to_this_host(server, reporter)
     server.start_normal()
     seconds = time.monotonic() - started
     reporter.event("server running", pgdata=str(layout.pgdata), port=port or "as configured")
@@ -699,6 +700,22 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
         reporter.warning(f"the recovered cluster failed {len(report.failed)} check(s)",
                          failed=[c.name for c in report.failed])
     return result
+
+
+def _adapt_to_this_host(server: LocalServer, reporter: Reporter) -> None:
+    """Settings of the backed-up server that would stop it from starting here (socket
+    directories or TLS files that do not exist on this machine) are overridden, with a warning."""
+    changes: dict[str, str] = {}
+    sockets = [d.strip() for d in server.config_value("unix_socket_directories").split(",")]
+    if any(d and not d.startswith("@") and not Path(d).is_dir() for d in sockets):
+        changes["unix_socket_directories"] = "/var/run/postgresql" if Path("/var/run/postgresql").is_dir() else "/tmp"
+    if server.config_value("ssl") == "on":
+        files = [server.config_value(k) for k in ("ssl_cert_file", "ssl_key_file")]
+        if any(not (server.pgdata / f).exists() for f in files if f):
+            changes["ssl"] = "off"
+    if changes:
+        _append_conf(server.pgdata, changes, "settings this host cannot honour")
+        reporter.warning("restored configuration adjusted for this host", **changes)
 
 
 @contextmanager
