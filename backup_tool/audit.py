@@ -159,6 +159,7 @@ class AuditReport:
     retention_runs: int = 0
     last_retention_run: datetime | None = None
     generated_at: datetime | None = None
+    schema_drift: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> str:
@@ -191,6 +192,7 @@ class AuditReport:
             "verifications": [{"at": iso(v.at), "ok": v.ok, "backups": list(v.backups),
                                "restore_test": v.restore_test} for v in self.verifications],
             "pitr": self.pitr.to_dict(),
+            "schema_drift": self.schema_drift,
         }
 
 
@@ -427,6 +429,15 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     if problems:
         report = replace(report, findings=report.findings + (
             Finding("critical", "integrity", f"{len(problems)} manifest(s) cannot be read"),))
+    if settings.policy.schema.migrations:
+        from backup_tool.drift import summary_for_audit
+
+        drift = summary_for_audit(settings)
+        if drift.get("ok") is False:
+            report = replace(report, findings=report.findings + (Finding("warning", "schema", drift["line"]),))
+        elif drift.get("ok") is None:
+            report = replace(report, facts=report.facts + (drift["line"],))
+        report = replace(report, schema_drift=drift)
     return replace(report, generated_at=generated)
 
 
@@ -506,6 +517,8 @@ def render_markdown(report: AuditReport) -> str:
     out += [f"- **{f.severity.upper()}** ({f.area}): {f.message}" for f in report.findings] or ["- none"]
     if report.facts:
         out += ["", "Notes:", ""] + [f"- {f}" for f in report.facts]
+    if report.schema_drift:
+        out += ["", str(report.schema_drift.get("line", ""))]
     out += ["", "## Schedule adherence", "", "| schedule | met | late | missed | pending |", "|---|---|---|---|---|"]
     out += [f"| {k} | {v['met']} | {v['late']} | {v['missed']} | {v['pending']} |" for k, v in counts.items()]
     out += ["", "| slot | schedule | status | backup |", "|---|---|---|---|"]
@@ -698,6 +711,8 @@ def render_html(report: AuditReport) -> str:
             f" · window {_e(_d(report.window_start))} → {_e(_d(report.window_end))}"
             f" · generated {_e(_d(report.generated_at))}</div>",
             f'<div class="cards">{"".join(cards)}</div>',
+            *([f'<div class="meta">{_e(str(report.schema_drift.get("line", "")))}</div>']
+              if report.schema_drift else []),
             "<h2>Timeline</h2>", f'<div class="tl">{timeline_svg(report)}</div>',
             "<h2>Findings</h2>"]
     if report.findings:

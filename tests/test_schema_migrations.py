@@ -184,6 +184,14 @@ def test_diff_against_a_backup_and_the_audit_line(cli: Any, local_repo: str, see
     unchecked = drift.summary_for_audit(Settings(local_repo, pg_server.dsn(), missing))
     assert unchecked["ok"] is None and "does not exist" in unchecked["error"]
 
+    policy_file = tmp_path / "with-migrations.toml"
+    policy_file.write_text(f'[schema]\nmigrations = "{FIXTURE}"\n')
+    audit = cli.json("audit", "--repo", local_repo, "--dsn", pg_server.dsn(), "--policy", str(policy_file))
+    assert audit["schema_drift"]["ok"] is True
+    markdown = cli("audit", "--repo", local_repo, "--dsn", pg_server.dsn(), "--policy", str(policy_file),
+                   "--format", "markdown")
+    assert "schema drift: none" in markdown.stdout
+
 
 def test_restore_full_onto_migrations(cli: Any, local_repo: str, seed_db: Any, pg_server: Any,
                                       fresh_db: Callable[..., Any], tmp_path: Path) -> None:
