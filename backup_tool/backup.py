@@ -140,22 +140,35 @@ def unchanged(entry: TableEntry | None, table: TableInfo, rows: int, checksum: s
             and entry.rows == rows and entry.checksum == checksum)
 
 
+class NoLongerDue(Exception):
+    """Raised instead of backing up when ``still_due`` says, under the lock, that another
+    run has already taken the backup (run-due's guard against two overlapping cron runs)."""
+
+
+StillDue = Callable[[list[Manifest]], bool]
+
+
 def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int | None = None,
-                only_tables: set[tuple[str, str]] | None = None, lock_timeout: float = 0.0) -> Manifest:
+                only_tables: set[tuple[str, str]] | None = None, still_due: StillDue | None = None,
+                lock_timeout: float = 0.0) -> Manifest:
     """Take a full logical backup of the settings' database; return its committed manifest.
 
     ``only_tables`` limits the table data to those (schema, name) pairs (and, for a
     partitioned table, its partitions); the schema archive is always complete.
+    ``still_due`` is asked, once the lock is held, whether the backup is still wanted.
     ``lock_timeout``: seconds to wait for a running backup of the same database into the
     same repository to finish (0: fail at once with :class:`LockHeldError`).
     """
-    return _logical_backup(settings, reporter or NullReporter(), jobs, "full", only_tables, lock_timeout)
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "full", only_tables, still_due,
+                           lock_timeout)
 
 
 def backup_incremental(settings: Settings, reporter: Reporter | None = None,
-                       jobs: int | None = None, lock_timeout: float = 0.0) -> Manifest:
+                       jobs: int | None = None, still_due: StillDue | None = None,
+                       lock_timeout: float = 0.0) -> Manifest:
     """Back up only what changed since the newest backup; take a full (and say so) if needed."""
-    return _logical_backup(settings, reporter or NullReporter(), jobs, "incremental", None, lock_timeout)
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "incremental", None, still_due,
+                           lock_timeout)
 
 
 def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
@@ -172,7 +185,8 @@ def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> lis
 
 
 def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, kind: str,
-                    only_tables: set[tuple[str, str]] | None, lock_timeout: float) -> Manifest:
+                    only_tables: set[tuple[str, str]] | None, still_due: StillDue | None = None,
+                    lock_timeout: float = 0.0) -> Manifest:
     storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
@@ -193,6 +207,8 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
             waited = f" (waited {lock_timeout:g} s)" if lock_timeout > 0 else ""
             raise LockHeldError(f"another backup of {database} into {storage.url} is running{waited}",
                                 "wait for it to finish, let cron retry later, or pass --lock-timeout SECONDS")
+        if still_due is not None and not still_due(catalog.backups()):
+            raise NoLongerDue(f"another run already took the due backup of {database}")
         started_at = datetime.now(timezone.utc)
         parent = None
         if kind == "incremental":

@@ -34,6 +34,7 @@ SESSION_SETTINGS = {
     "synchronize_seqscans": "off",
     "row_security": "off",
 }
+UNFINISHED_RESTORE_SCHEMA = "backup_tool_unfinished_restore"
 SYSTEM_SCHEMA_FILTER = (
     "n.nspname NOT IN ('pg_catalog', 'information_schema') "
     "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'"
@@ -338,7 +339,8 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 
 
 def user_objects(conn: psycopg.Connection[Any]) -> list[str]:
-    """Names of what makes a database non-empty: user tables, views, sequences, functions, types."""
+    """Names of what makes a database non-empty: user tables, views, sequences, functions, types
+    (the marker schema of an unfinished restore, see :mod:`backup_tool.restore_marker`, is not one)."""
     rows = conn.execute(f"""
         SELECT kind || ' ' || name FROM (
             SELECT 'relation' AS kind, n.nspname || '.' || c.relname AS name
@@ -350,7 +352,7 @@ def user_objects(conn: psycopg.Connection[Any]) -> list[str]:
              WHERE {SYSTEM_SCHEMA_FILTER}
             UNION ALL
             SELECT 'schema', n.nspname FROM pg_namespace n
-             WHERE {SYSTEM_SCHEMA_FILTER} AND n.nspname <> 'public'
+             WHERE {SYSTEM_SCHEMA_FILTER} AND n.nspname NOT IN ('public', '{UNFINISHED_RESTORE_SCHEMA}')
             UNION ALL
             SELECT 'extension', extname FROM pg_extension WHERE extname <> 'plpgsql'
         ) o ORDER BY 1 LIMIT 20""").fetchall()

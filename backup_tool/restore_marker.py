@@ -26,9 +26,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from backup_tool.postgres import SYSTEM_SCHEMA_FILTER
+from backup_tool.postgres import SYSTEM_SCHEMA_FILTER, UNFINISHED_RESTORE_SCHEMA
 
-MARKER_SCHEMA = "backup_tool_unfinished_restore"
+MARKER_SCHEMA = UNFINISHED_RESTORE_SCHEMA
 RESTART_FLAG = "--restart-unfinished"
 
 

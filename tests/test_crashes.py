@@ -448,3 +448,36 @@ def test_a_backup_whose_objects_vanish_is_never_committed(cli: Any, start: Calla
     assert run.finish() == 1
     assert "lost 1 object(s)" in one_line(run.stderr())
     assert listed(cli, local_repo) == []
+
+
+def test_retention_sweeps_crash_garbage_but_never_a_running_backup(cli: Any, start: Callable[..., Running],
+                                                                   local_repo: str, seed_db: Any) -> None:
+    common = ["--repo", local_repo, "--dsn", seed_db.dsn]
+    first = cli.json("backup", "full", *common)["id"]
+    crashed = start("backup", "full", *common, "--jobs", "1", pause_at="backup:upload")
+    crashed.wait_paused()
+    crashed.kill9()
+    (dead,) = running_ids(local_repo)
+    alive = start("backup", "incremental", *common, pause_at="backup:before-manifest")
+    alive.wait_paused()
+    (live,) = [i for i in running_ids(local_repo) if i != dead]
+    assert unfinished_uploads(local_repo) and keys(local_repo, f"backups/{dead}/")
+
+    three_days_ago = time.time() - 3 * 86400
+    root = Path(local_repo)
+    for path in [*root.joinpath("backups").rglob("*"), root / f"running/{dead}.json"]:
+        os.utime(path, (three_days_ago, three_days_ago))
+
+    swept = cli.json("retention", "apply", "--repo", local_repo)
+    assert {g["what"] for g in swept["garbage"]} >= {f"backups/{dead}/", f"running/{dead}.json"}
+    assert not [g for g in swept["garbage"] if live in g["what"]]
+    assert any(live in n and "in progress" in n for n in swept["notes"])
+    assert keys(local_repo, f"backups/{dead}/") == [] and unfinished_uploads(local_repo) == []
+    assert running_ids(local_repo) == [live]
+
+    alive.resume()
+    assert alive.finish() == 0, alive.stderr()
+    assert listed(cli, local_repo) == [first, live]
+    assert cli.json("verify", "--repo", local_repo, "all")["ok"] is True
+    assert {k.split("/")[1] for k in keys(local_repo, "backups/")} == {first, live}
+    assert running_ids(local_repo) == []

@@ -27,6 +27,10 @@ def restore_full_cmd(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
                                                 help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the final validation")] = False,
+    schema_from_migrations: Annotated[Optional[str], typer.Option(
+        "--schema-from-migrations", metavar="DIR",
+        help="Build the schema by replaying these migrations (a Supabase project or a folder of "
+             "<version>_<name>.sql) instead of the backup's schema; refused if it cannot hold the data")] = None,
     restart_unfinished: Annotated[bool, typer.Option(
         "--restart-unfinished",
         help="The target holds an interrupted restore (schema backup_tool_unfinished_restore): drop "
@@ -37,7 +41,7 @@ def restore_full_cmd(
 
     result = restore_full(inv.settings, target_dsn, backup, create=create, with_roles=with_roles,
                           jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter,
-                          restart_unfinished=restart_unfinished)
+                          schema_from_migrations=schema_from_migrations, restart_unfinished=restart_unfinished)
     inv.out(result.to_dict(), lambda: render_report(result))
     return 0
 
