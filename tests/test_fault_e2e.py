@@ -77,7 +77,8 @@ def test_backups_and_restores_through_a_faulty_store_are_identical(
     proxy = proxy_factory(
         rules=[Rule("reset_upload", method="PUT", query="partNumber=1"), Rule("stall", method="PUT", path="/manifests/"),
                Rule("stall", method="GET", path="/schema"), Rule("lose_response", method="POST", query="uploadId"),
-               Rule("reset_download", method="GET", path="/data/")],
+               Rule("reset_download", method="GET", path="/data/"),
+               Rule("truncate", method="GET", path="/data/", skip=1)],
         chaos=Chaos(seed=20261125, rate=0.1, max_faults=25, max_per_request=2,
                     actions=tuple(a for a in CHAOS_ACTIONS if a != "stall")))
     env = via(proxy)
