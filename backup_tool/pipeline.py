@@ -138,7 +138,7 @@ def compress(chunks: Iterable[bytes], level: int, threads: int, stats: StreamSta
     yield from chunker.finish()
 
 
-class _IterReader:
+class ChunkReader:
     """A read()-able view of a chunk iterator, for zstandard's streaming decompressor."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
@@ -165,7 +165,7 @@ def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:
     stage upstream (:func:`verified`) always sees every byte and delivers its verdict.
     """
     dctx = zstandard.ZstdDecompressor()
-    source = _IterReader(chunks)
+    source = ChunkReader(chunks)
     try:
         yield from dctx.read_to_iter(source, read_size=CHUNK, write_size=CHUNK)
     except zstandard.ZstdError as exc:

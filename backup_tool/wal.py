@@ -515,6 +515,8 @@ def read_archived(storage: Storage, obj: WalFile) -> Iterator[bytes]:
     counter = HashingCounter()
     dctx = zstandard.ZstdDecompressor()
     try:
+        from backup_tool.pipeline import ChunkReader
+
         reader = dctx.stream_reader(ChunkReader(storage.get(obj.key)),  # type: ignore[arg-type]
                                    read_across_frames=True)
         while chunk := reader.read(READ_SIZE):
@@ -528,26 +530,6 @@ def read_archived(storage: Storage, obj: WalFile) -> Iterator[bytes]:
             f"archived {obj.name} is corrupt: content sha256 {counter.hexdigest()[:16]}… "
             f"does not match {obj.sha256[:16]}… recorded when it was archived",
             "recover to an earlier point, and take a new base backup")
-
-
-class ChunkReader:
-    """A read()-able view of an iterator of byte chunks."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._it = chunks
-        self._buf = b""
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._buf:
-            try:
-                self._buf = next(self._it)
-            except StopIteration:
-                return b""
-        if size < 0 or size >= len(self._buf):
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:size], self._buf[size:]
-        return out
 
 
 def _download(storage: Storage, obj: WalFile, dest: Path) -> int:
