@@ -320,7 +320,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             extra_objects=(StoredObject(key, result.size, result.sha256, stats.raw_size),),
             tool_version=__version__, physical=physical,
         )
-        catalog.commit(manifest)
+        manifest = catalog.commit(manifest)
         reporter.event("base backup finished", id=backup_id, size_bytes=manifest.size_bytes,
                        start_lsn=physical.start_lsn, stop_lsn=physical.stop_lsn, timeline=physical.timeline,
                        seconds=round((finished_at - started_at).total_seconds(), 2))

@@ -7,6 +7,12 @@ from, and the policy and expiry it was taken under. It is written last: a backup
 exactly when its manifest does. The manifest carries a sha256 of its own canonical form,
 so a damaged manifest is detected rather than trusted. ``format`` guards compatibility:
 a manifest from a newer format is refused with a clear message instead of misread.
+
+Format 2 is format 1 plus what client-side encryption adds: ``options["encryption"]``
+(algorithm and key id, never the key) and ``manifest_mac``, an HMAC of the canonical
+sha256 under the repository key, so a manifest edited by someone without the key is
+detected by anyone with it. Unencrypted backups are still written as format 1, readable
+by older versions.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from backup_tool.errors import BackupToolError, IntegrityError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ENCRYPTED_FORMAT = 2
+SEAL_FIELD = "manifest_mac"
 KINDS = ("full", "incremental", "base")
 
 
@@ -108,7 +116,7 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     extra_objects: tuple[StoredObject, ...] = ()
     tool_version: str = ""
-    format: int = FORMAT_VERSION
+    format: int = 1
     physical: PhysicalInfo | None = None
 
     def objects(self) -> list[StoredObject]:
@@ -161,14 +169,24 @@ class Manifest:
             del data["physical"]
         return data
 
-    def to_json(self) -> bytes:
+    def to_json(self, seal: Callable[[str], str] | None = None) -> bytes:
+        """The stored form; ``seal`` (a MAC of the canonical sha256) authenticates it under a key."""
         body = self.to_dict()
         body["manifest_sha256"] = _digest(body)
+        if seal is not None:
+            body[SEAL_FIELD] = seal(body["manifest_sha256"])
         return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode()
 
 
+def manifest_seal(raw: bytes) -> tuple[str, str | None]:
+    """(canonical sha256, MAC or None) of a manifest that :func:`parse_manifest` accepted."""
+    body = json.loads(raw)
+    mac = body.get(SEAL_FIELD)
+    return str(body["manifest_sha256"]), mac if isinstance(mac, str) else None
+
+
 def _digest(body: dict[str, Any]) -> str:
-    canonical = json.dumps({k: v for k, v in body.items() if k != "manifest_sha256"},
+    canonical = json.dumps({k: v for k, v in body.items() if k not in ("manifest_sha256", SEAL_FIELD)},
                            sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

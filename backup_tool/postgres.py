@@ -61,6 +61,10 @@ def describe_connect_error(exc: Exception, target: str) -> DatabaseError:
     return DatabaseError(f"cannot connect to {target}: {detail}", hint)
 
 
+REPOSITORY_SECRETS = ("BACKUP_TOOL_ENCRYPTION_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                      "AWS_SECURITY_TOKEN")
+
+
 class ConnInfo:
     """A parsed libpq connection string (URL or key=value), with libpq's PG* variables as fallback."""
 
@@ -106,7 +110,9 @@ class ConnInfo:
         return make_conninfo(**params) if params else ""
 
     def tool_env(self, settings: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ)
+        """Environment for a PostgreSQL client tool: the password in PGPASSWORD (never in its
+        arguments) and none of the repository's secrets, which those tools never need."""
+        env = {k: v for k, v in os.environ.items() if k not in REPOSITORY_SECRETS}
         if self.params.get("password"):
             env["PGPASSWORD"] = str(self.params["password"])
         if settings is not None:

@@ -88,7 +88,7 @@ COMMON_NAMES = ("repo", "dsn", "policy", "json_output", "debug")
 
 
 def secrets_from(common: Common, extra: list[str]) -> list[str]:
-    """Passwords known to this invocation, to be scrubbed from anything printed."""
+    """Passwords and keys known to this invocation, to be scrubbed from anything printed."""
     from psycopg.conninfo import conninfo_to_dict
 
     found = []
@@ -104,6 +104,9 @@ def secrets_from(common: Common, extra: list[str]) -> list[str]:
     for var in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         if os.environ.get(var):
             found.append(os.environ[var])
+    from backup_tool.storage.encrypted import secret_texts
+
+    found += secret_texts()
     return [s for s in found if len(s) >= 4]
 
 

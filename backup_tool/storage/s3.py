@@ -10,11 +10,19 @@ existing object is never replaced. Every request is retried with backoff (tenaci
 transient faults; a part is re-sent whole from memory, and a download that breaks mid-body
 resumes with a ranged GET from the last byte received. A failed upload is aborted, so the
 key never shows a partial object.
+
+Server-side encryption is passed through on every write (PutObject and
+CreateMultipartUpload) when ``BACKUP_TOOL_S3_SSE`` asks for it: ``AES256`` (SSE-S3) or
+``aws:kms`` (SSE-KMS, with ``BACKUP_TOOL_S3_SSE_KMS_KEY_ID`` naming the key; without it the
+account's default ``aws/s3`` key). Reads need nothing: S3 decrypts for anyone allowed to use
+the key. It complements client-side encryption (:mod:`.encrypted`): SSE-KMS also keeps the
+plaintext metadata (manifests) from readers who may not use the KMS key.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import threading
 from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -39,7 +47,7 @@ from tenacity import (
 )
 from urllib3.exceptions import ProtocolError
 
-from backup_tool.errors import StorageError
+from backup_tool.errors import ConfigError, StorageError
 from backup_tool.storage.base import (
     HashingCounter,
     ObjectExistsError,
@@ -80,6 +88,30 @@ _retry = retry(
 )
 
 
+SSE_ENV = "BACKUP_TOOL_S3_SSE"
+SSE_KMS_KEY_ENV = "BACKUP_TOOL_S3_SSE_KMS_KEY_ID"
+SSE_MODES = ("AES256", "aws:kms", "aws:kms:dsse")
+
+
+def sse_args(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The server-side encryption parameters of PutObject/CreateMultipartUpload, from the environment."""
+    env = os.environ if environ is None else environ
+    mode, kms_key = env.get(SSE_ENV, "").strip(), env.get(SSE_KMS_KEY_ENV, "").strip()
+    if not mode:
+        if kms_key:
+            raise ConfigError(f"{SSE_KMS_KEY_ENV} is set but {SSE_ENV} is not", f"set {SSE_ENV}=aws:kms")
+        return {}
+    if mode not in SSE_MODES:
+        raise ConfigError(f"{SSE_ENV}={mode!r} is not a server-side encryption mode",
+                          f"use one of: {', '.join(SSE_MODES)}")
+    if kms_key and not mode.startswith("aws:kms"):
+        raise ConfigError(f"{SSE_KMS_KEY_ENV} needs {SSE_ENV}=aws:kms, not {mode}", f"set {SSE_ENV}=aws:kms")
+    args = {"ServerSideEncryption": mode}
+    if kms_key:
+        args["SSEKMSKeyId"] = kms_key
+    return args
+
+
 def part_size_for(part_number: int) -> int:
     """Part size grows with the object so 10,000 parts reach ~5 TB while small ones stay cheap."""
     if part_number <= 2000:
@@ -110,6 +142,7 @@ class S3Storage(Storage):
         )
         self._client = boto3.session.Session().client("s3", config=config)
         self._local = threading.local()
+        self.sse = sse_args()
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
@@ -141,11 +174,12 @@ class S3Storage(Storage):
             return ObjectExistsError(f"object already exists ({what}) in {self.url}")
         return StorageError(f"S3 error {code or '?'} while {what} in {self.url}")
 
-    def _lock_args(self) -> dict[str, Any]:
+    def _write_args(self) -> dict[str, Any]:
+        """Per-object write parameters: Object Lock retention and server-side encryption."""
         if self.object_lock is None:
-            return {}
+            return dict(self.sse)
         return {"ObjectLockMode": self.object_lock.mode.upper(),
-                "ObjectLockRetainUntilDate": self.object_lock.retain_until}
+                "ObjectLockRetainUntilDate": self.object_lock.retain_until, **self.sse}
 
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
         full = self._key(key)
@@ -166,7 +200,7 @@ class S3Storage(Storage):
                         upload_id = self._call(f"starting upload of {key}",
                                                self._client.create_multipart_upload,
                                                Bucket=self.bucket, Key=full,
-                                               **self._lock_args())["UploadId"]
+                                               **self._write_args())["UploadId"]
                         pool = cf.ThreadPoolExecutor(PARTS_IN_FLIGHT, "s3-part")
                     assert pool is not None
                     body = bytes(buf[:size])
@@ -176,7 +210,7 @@ class S3Storage(Storage):
                     self._bound_in_flight(futures)
             if upload_id is None:
                 self._call(f"writing {key}", self._client.put_object, Bucket=self.bucket,
-                           Key=full, Body=bytes(buf), IfNoneMatch="*", **self._lock_args())
+                           Key=full, Body=bytes(buf), IfNoneMatch="*", **self._write_args())
             else:
                 assert pool is not None
                 if buf:
