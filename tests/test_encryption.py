@@ -62,6 +62,12 @@ def test_round_trip_at_frame_boundaries(size: int) -> None:
     assert unseal(stored) == data
 
 
+@pytest.mark.parametrize("chunk", [1, HEADER_SIZE, HEADER_SIZE + 1, 1000, 10**6])
+def test_stored_bytes_read_in_any_chunk_size(chunk: int) -> None:
+    data = secrets.token_bytes(5 * SMALL + 3)
+    assert unseal(seal(data), chunk=chunk) == data
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.binary(max_size=600), cuts=st.lists(st.integers(1, 97), max_size=12), read=st.integers(1, 200))
 def test_any_chunking_round_trips(data: bytes, cuts: list[int], read: int) -> None:
@@ -191,6 +197,9 @@ def test_key_from_environment_forms(tmp_path: Path) -> None:
     path = tmp_path / "key"
     path.write_text(text + "\n")
     assert key_from_environment({KEY_FILE_ENV: str(path)}) == KEY
+    assert key_from_environment({KEY_FILE_ENV: str(path), KEY_ENV: text}) == KEY
+    with pytest.raises(ConfigError, match=f"key id {OTHER.key_id}.*key id {KEY.key_id}.* hold different keys"):
+        key_from_environment({KEY_FILE_ENV: str(path), KEY_ENV: base64.b64encode(OTHER.secret).decode()})
 
 
 @pytest.mark.parametrize("env, needle", [
@@ -198,7 +207,7 @@ def test_key_from_environment_forms(tmp_path: Path) -> None:
     ({KEY_ENV: base64.b64encode(b"short").decode()}, "does not hold an encryption key"),
     ({KEY_ENV: base64.b64encode(bytes(33)).decode()}, "does not hold an encryption key"),
     ({KEY_FILE_ENV: "/nonexistent/key"}, "cannot read the encryption key file"),
-    ({KEY_ENV: base64.b64encode(bytes(32)).decode(), KEY_FILE_ENV: "/x"}, "both"),
+    ({KEY_ENV: base64.b64encode(bytes(32)).decode(), KEY_FILE_ENV: "/x"}, "cannot read"),
 ])
 def test_bad_key_configuration_is_a_usage_error(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle) as info:

@@ -38,6 +38,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import os
 import secrets
 import struct
@@ -115,21 +116,26 @@ def parse_key(text: bytes, where: str) -> EncryptionKey:
 
 
 def key_from_environment(environ: dict[str, str] | None = None) -> EncryptionKey | None:
-    """The key configured by ``BACKUP_TOOL_ENCRYPTION_KEY`` or ``..._KEY_FILE`` (not both), or None."""
+    """The key configured by ``BACKUP_TOOL_ENCRYPTION_KEY`` and/or ``..._KEY_FILE``, or None.
+
+    Both may be set (a wrapper may name the file while the operator exported the key) only
+    if they hold the same key: writing with one of two keys by accident is refused.
+    """
     env = os.environ if environ is None else environ
     value, path = env.get(KEY_ENV, ""), env.get(KEY_FILE_ENV, "")
-    if value and path:
-        raise ConfigError(f"both {KEY_ENV} and {KEY_FILE_ENV} are set", "set only one of them")
-    if value:
-        return parse_key(value.encode(), KEY_ENV)
-    if not path:
-        return None
-    try:
-        data = Path(path).expanduser().read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the encryption key file {path} ({exc.strerror})",
-                          f"check {KEY_FILE_ENV} and the file's permissions") from None
-    return parse_key(data, f"key file {path}")
+    from_value = parse_key(value.encode(), KEY_ENV) if value else None
+    from_file = None
+    if path:
+        try:
+            data = Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the encryption key file {path} ({exc.strerror})",
+                              f"check {KEY_FILE_ENV} and the file's permissions") from None
+        from_file = parse_key(data, f"key file {path}")
+    if from_value and from_file and from_value != from_file:
+        raise ConfigError(f"{KEY_ENV} (key id {from_value.key_id}) and {KEY_FILE_ENV} (key id "
+                          f"{from_file.key_id}) hold different keys", "set only one of them")
+    return from_value or from_file
 
 
 def secret_texts(environ: dict[str, str] | None = None) -> list[str]:
@@ -231,7 +237,8 @@ def decrypt_stream(key: EncryptionKey | None, object_key: str, stored: Iterable[
     aead = AESGCM(key.derive(header.salt, b"backup-tool object v1"))
     aad = _aad(header, object_key)
     sealed = header.frame_size + TAG_SIZE
-    del buf[:HEADER_SIZE]
+    rest = bytes(buf[HEADER_SIZE:])
+    buf = bytearray()
     index = 0
 
     def open_frame(data: bytes, final: bool) -> bytes:
@@ -242,7 +249,7 @@ def decrypt_stream(key: EncryptionKey | None, object_key: str, stored: Iterable[
                                  "truncated or damaged", "restore from another backup and run "
                                  "'backup-tool verify all'") from None
 
-    for chunk in it:
+    for chunk in itertools.chain([rest], it):
         buf += chunk
         while len(buf) > sealed:
             yield open_frame(bytes(buf[:sealed]), False)
