@@ -25,7 +25,10 @@ class Schedule:
     timezone: str = "UTC"
     full: str = "0 2 * * *"
     incremental: str = "0 */6 * * *"
+    base: str = ""
     grace_minutes: int = 60
+    run_due: str = "*/5 * * * *"
+    maintenance: str = "30 5 * * *"
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class Retention:
     pitr_days: int = 7
     min_fulls: int = 1
     max_chain_length: int = 8
+    run_after_backup: bool = True
+    garbage_grace_hours: int = 24
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,17 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    window_days: int = 30
+
+
+@dataclass(frozen=True)
+class MonitoringSettings:
+    verify_max_age_hours: int = 48
+    wal_max_age_minutes: int = 60
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str = "default"
     description: str = ""
@@ -64,6 +80,8 @@ class Policy:
     backup: BackupSettings = field(default_factory=BackupSettings)
     object_lock: ObjectLock = field(default_factory=ObjectLock)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
 
     def retention_for(self, kind: str) -> timedelta:
         days = {
@@ -86,14 +104,32 @@ SECTIONS: dict[str, type] = {
     "backup": BackupSettings,
     "object_lock": ObjectLock,
     "validation": ValidationSettings,
+    "audit": AuditSettings,
+    "monitoring": MonitoringSettings,
 }
 
 
-def _check_cron(path: str, key: str, expr: str) -> None:
-    fields_ = expr.split()
-    if len(fields_) != 5:
-        raise ConfigError(f"{path}: [schedule] {key} = {expr!r} is not a cron expression",
-                          "use five fields: minute hour day-of-month month day-of-week")
+def _check_cron(path: str, key: str, expr: str, optional: bool = False) -> None:
+    from backup_tool.schedule import parse_cron
+
+    if optional and expr == "":
+        return
+    try:
+        parse_cron(expr)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [schedule] {key} = {expr!r} is not a cron expression ({exc})",
+                          "use five fields: minute hour day-of-month month day-of-week, e.g. '0 2 * * *'"
+                          + (", or \"\" to disable" if optional else "")) from None
+
+
+def _check_timezone(path: str, name: str) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{path}: schedule.timezone = {name!r} is not a known time zone",
+                          "use an IANA name such as 'UTC' or 'Europe/Paris'") from None
 
 
 def _build(cls: type, section: str, raw: Any, path: str) -> Any:
@@ -129,8 +165,22 @@ def _validate(policy: Policy, path: str) -> None:
     if policy.object_lock.mode not in LOCK_MODES:
         raise ConfigError(f"{path}: object_lock.mode = {policy.object_lock.mode!r} is not allowed",
                           f"allowed: {', '.join(LOCK_MODES)}")
-    _check_cron(path, "full", policy.schedule.full)
-    _check_cron(path, "incremental", policy.schedule.incremental)
+    s, a, mon = policy.schedule, policy.audit, policy.monitoring
+    _check_timezone(path, s.timezone)
+    _check_cron(path, "full", s.full)
+    _check_cron(path, "incremental", s.incremental, optional=True)
+    _check_cron(path, "base", s.base, optional=True)
+    _check_cron(path, "run_due", s.run_due)
+    _check_cron(path, "maintenance", s.maintenance, optional=True)
+    if not 0 <= s.grace_minutes <= 24 * 60:
+        raise ConfigError(f"{path}: schedule.grace_minutes must be between 0 and 1440")
+    if r.garbage_grace_hours < 1:
+        raise ConfigError(f"{path}: retention.garbage_grace_hours must be at least 1 (hours)",
+                          "a younger object may belong to a backup still in progress")
+    if a.window_days < 1:
+        raise ConfigError(f"{path}: audit.window_days must be at least 1 (days)")
+    if mon.verify_max_age_hours < 0 or mon.wal_max_age_minutes < 0:
+        raise ConfigError(f"{path}: monitoring thresholds must be 0 (off) or positive")
 
 
 def parse_policy(text: str, path: str) -> Policy:

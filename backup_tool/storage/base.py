@@ -39,6 +39,17 @@ class ObjectMissingError(StorageError):
     """The key holds no object."""
 
 
+class ObjectLockedError(StorageError):
+    """The object is under an Object Lock retention that forbids deleting it now."""
+
+
+@dataclass(frozen=True)
+class PartialUpload(ObjectInfo):
+    """An unfinished write (local temp file, S3 multipart upload); ``modified`` is its last activity."""
+
+    upload_id: str = ""
+
+
 def check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -105,6 +116,25 @@ class Storage(ABC):
     def decode(self, key: str, stored: Iterable[bytes]) -> Iterator[bytes]:
         """What the writer passed to :meth:`put`, from :meth:`get_stored`'s bytes (here: the same)."""
         return iter(stored)
+
+    def lock_of(self, key: str) -> ObjectLock | None:
+        """The Object Lock retention on the object's current version (None: not locked)."""
+        return None
+
+    def object_lock_enabled(self) -> bool | None:
+        """Whether the repository can hold locked objects (None: the backend has no Object Lock)."""
+        return None
+
+    def purge(self, key: str) -> None:
+        """Remove the object for good (every stored version); ObjectLockedError if a lock forbids it."""
+        self.delete(key)
+
+    def list_partials(self, prefix: str = "") -> Iterator[PartialUpload]:
+        """Unfinished writes (for garbage collection); none by default."""
+        return iter(())
+
+    def delete_partial(self, partial: PartialUpload) -> None:
+        """Discard an unfinished write found by :meth:`list_partials`."""
 
     def put_bytes(self, key: str, data: bytes) -> PutResult:
         return self.put(key, [data])

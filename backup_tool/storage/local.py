@@ -21,6 +21,7 @@ from backup_tool.storage.base import (
     ObjectExistsError,
     ObjectInfo,
     ObjectMissingError,
+    PartialUpload,
     PutResult,
     Storage,
     check_key,
@@ -106,15 +107,25 @@ class LocalStorage(Storage):
                                             datetime.fromtimestamp(st.st_mtime, timezone.utc)))
         yield from sorted(found, key=lambda o: o.key)
 
-    def list_partials(self) -> Iterator[ObjectInfo]:
+    def list_partials(self, prefix: str = "") -> Iterator[PartialUpload]:
         """Temporary files left by writers that crashed (for garbage collection)."""
         for dirpath, _dirs, filenames in os.walk(self.root):
             for name in filenames:
                 if PARTIAL_MARK in name:
                     full = Path(dirpath) / name
-                    st = full.stat()
-                    yield ObjectInfo(full.relative_to(self.root).as_posix(), st.st_size,
-                                     datetime.fromtimestamp(st.st_mtime, timezone.utc))
+                    key = full.relative_to(self.root).as_posix()
+                    if not key.startswith(prefix):
+                        continue
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue
+                    yield PartialUpload(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+    def delete_partial(self, partial: PartialUpload) -> None:
+        if PARTIAL_MARK not in partial.key:
+            raise StorageError(f"{partial.key} is not a temporary file")
+        self.delete(partial.key)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

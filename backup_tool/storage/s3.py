@@ -24,7 +24,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import threading
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import boto3
@@ -52,7 +52,10 @@ from backup_tool.storage.base import (
     HashingCounter,
     ObjectExistsError,
     ObjectInfo,
+    ObjectLock,
+    ObjectLockedError,
     ObjectMissingError,
+    PartialUpload,
     PutResult,
     Storage,
     check_key,
@@ -291,6 +294,90 @@ class S3Storage(Storage):
     def delete(self, key: str) -> None:
         self._call(f"deleting {key}", self._client.delete_object, Bucket=self.bucket,
                    Key=self._key(key))
+
+    def lock_of(self, key: str) -> ObjectLock | None:
+        head = self._call(key, self._client.head_object, Bucket=self.bucket, Key=self._key(key))
+        until = head.get("ObjectLockRetainUntilDate")
+        mode = head.get("ObjectLockMode")
+        if not until or not mode:
+            return None
+        return ObjectLock(str(mode).lower(), until.astimezone(timezone.utc))
+
+    def object_lock_enabled(self) -> bool | None:
+        try:
+            conf = _retry(self._client.get_object_lock_configuration)(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ObjectLockConfigurationNotFoundError":
+                return False
+            raise self._client_error(exc, "reading the Object Lock configuration") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 request failed while reading the Object Lock configuration of "
+                               f"{self.url}: {exc}") from exc
+        return conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
+    def _versioned(self) -> bool:
+        cached = getattr(self, "_versioning", None)
+        if cached is None:
+            resp = self._call("reading bucket versioning", self._client.get_bucket_versioning,
+                              Bucket=self.bucket)
+            cached = resp.get("Status") in ("Enabled", "Suspended")
+            self._versioning = cached
+        return cached
+
+    def purge(self, key: str) -> None:
+        """Delete every version of the key (a plain delete in a versioned bucket only hides it)."""
+        full = self._key(key)
+        if not self._versioned():
+            self.delete(key)
+            return
+        versions: list[str] = []
+        marker: dict[str, str] = {}
+        while True:
+            resp = self._call(f"listing versions of {key}", self._client.list_object_versions,
+                              Bucket=self.bucket, Prefix=full, **marker)
+            for item in resp.get("Versions", []) + resp.get("DeleteMarkers", []):
+                if item["Key"] == full:
+                    versions.append(item["VersionId"])
+            if not resp.get("IsTruncated"):
+                break
+            marker = {"KeyMarker": resp["NextKeyMarker"], "VersionIdMarker": resp["NextVersionIdMarker"]}
+        for version in versions:
+            try:
+                _retry(self._client.delete_object)(Bucket=self.bucket, Key=full, VersionId=version)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("AccessDenied", "403", "InvalidRequest"):
+                    raise ObjectLockedError(f"{key} is protected by Object Lock in {self.url}",
+                                            "it can be deleted once its retain-until date has passed") from exc
+                raise self._client_error(exc, f"deleting {key}") from exc
+
+    def list_partials(self, prefix: str = "") -> Iterator[PartialUpload]:
+        """Multipart uploads never completed or aborted; ``modified`` is the last part's time."""
+        marker: dict[str, str] = {}
+        while True:
+            resp = self._call("listing multipart uploads", self._client.list_multipart_uploads,
+                              Bucket=self.bucket, Prefix=self.prefix + prefix, **marker)
+            for up in resp.get("Uploads", []):
+                last: datetime = up["Initiated"]
+                size = 0
+                parts = self._call("listing parts", self._client.list_parts, Bucket=self.bucket,
+                                   Key=up["Key"], UploadId=up["UploadId"])
+                for part in parts.get("Parts", []):
+                    size += part.get("Size", 0)
+                    if part.get("LastModified") and part["LastModified"] > last:
+                        last = part["LastModified"]
+                yield PartialUpload(up["Key"][len(self.prefix):], size, last.astimezone(timezone.utc),
+                                    up["UploadId"])
+            if not resp.get("IsTruncated"):
+                return
+            marker = {"KeyMarker": resp["NextKeyMarker"], "UploadIdMarker": resp["NextUploadIdMarker"]}
+
+    def delete_partial(self, partial: PartialUpload) -> None:
+        try:
+            self._call(f"aborting the upload of {partial.key}", self._client.abort_multipart_upload,
+                       Bucket=self.bucket, Key=self._key(partial.key), UploadId=partial.upload_id)
+        except ObjectMissingError:
+            pass
 
     def exists(self, key: str) -> bool:
         try:

@@ -1,0 +1,117 @@
+"""``schedule``, ``run-due``, ``status`` and ``audit``: running the policy unattended and
+proving it was followed."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+from backup_tool.cli.common import Invocation, app, command
+from backup_tool.cli.retention import NOW_HELP, render_retention
+from backup_tool.errors import EXIT_FAILED, EXIT_VALIDATION
+
+
+@command(app, "schedule")
+def schedule_cmd(
+    inv: Invocation,
+    fmt: Annotated[str, typer.Option("--format", metavar="cron|systemd|kubernetes",
+                                     help="crontab lines, systemd timer + service units, or Kubernetes CronJobs")] = "cron",
+    name: Annotated[str, typer.Option("--name", help="Name for units/CronJobs/Secret (default: the database)")] = "",
+    image: Annotated[str, typer.Option("--image", help="Container image for --format kubernetes")] = "backup-tool:latest",
+    log_file: Annotated[str, typer.Option("--log-file", help="Log file for --format cron")] = "/var/log/backup-tool.log",
+    textfile: Annotated[str, typer.Option("--textfile", help="Prometheus textfile written by 'status' after each run")]
+    = "/var/lib/node_exporter/textfile_collector/backup_tool.prom",
+) -> int:
+    """Print what runs the policy: a frequent 'run-due' (takes whichever backup is due, then
+    updates the monitoring textfile) and a daily 'retention apply' + 'verify latest'."""
+    from backup_tool.schedule import render_schedule
+
+    exe = shutil.which("backup-tool")
+    executable = [exe] if exe else [sys.executable, "-m", "backup_tool"]
+    text = render_schedule(inv.settings, fmt, executable, name, image, log_file, textfile)
+    inv.out({"format": fmt, "text": text}, lambda: text.rstrip("\n"))
+    return 0
+
+
+def _render_run_due(data: dict[str, Any]) -> str:
+    lines = [f"as of {data['now']}: " + (", ".join(f"{d['kind']} due ({d['reason']})" for d in data["due"])
+                                         or "nothing due")]
+    lines += [f"  {n}" for n in data["notes"]]
+    lines += [f"took {t['kind']} {t['id']} ({t['size_bytes']} bytes)" for t in data["taken"]]
+    if data["retention"]:
+        lines.append(render_retention(data["retention"]))
+    if data["retention_error"]:
+        lines.append(f"retention failed: {data['retention_error']}")
+    if data["next_full"]:
+        lines.append(f"next full slot {data['next_full']}"
+                     + (f", next incremental slot {data['next_incremental']}" if data["next_incremental"] else ""))
+    return "\n".join(lines)
+
+
+@command(app, "run-due")
+def run_due_cmd(
+    inv: Invocation,
+    now: Annotated[Optional[str], typer.Option("--now", metavar="TS", help=NOW_HELP)] = None,
+) -> int:
+    """Take the backup the policy says is due now (full, incremental, or nothing; a missed
+    slot is taken now), under the lock (exit 4 if another backup runs), then apply retention
+    when the policy says so. Safe to call every few minutes: it never takes a slot twice."""
+    from backup_tool.schedule import parse_ts, run_due
+
+    result = run_due(inv.settings, parse_ts(now) if now else None, inv.reporter)
+    data = result.to_dict()
+    inv.out(data, lambda: _render_run_due(data))
+    failed = result.retention_error or (result.retention and result.retention.get("failed"))
+    return EXIT_FAILED if failed else 0
+
+
+@command(app, "status")
+def status_cmd(
+    inv: Invocation,
+    now: Annotated[Optional[str], typer.Option("--now", metavar="TS", help=NOW_HELP)] = None,
+    prometheus: Annotated[Optional[str], typer.Option("--prometheus", metavar="FILE",
+                                                      help="Also write node_exporter textfile metrics (atomically)")] = None,
+) -> int:
+    """One-line health verdict with Nagios exit codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+
+    CRITICAL: no full since the last full slot + grace, WAL archive stale or gapped, last
+    verification failed. WARNING: incremental late, verification too old."""
+    from backup_tool.monitor import collect_status, prometheus_text, write_textfile
+    from backup_tool.schedule import parse_ts
+
+    report = collect_status(lambda: inv.settings, parse_ts(now) if now else None)
+    if prometheus:
+        write_textfile(prometheus, prometheus_text(report))
+    inv.out(report.to_dict(), report.summary)
+    return report.code
+
+
+@command(app, "audit")
+def audit_cmd(
+    inv: Invocation,
+    now: Annotated[Optional[str], typer.Option("--now", metavar="TS", help=NOW_HELP)] = None,
+    fmt: Annotated[str, typer.Option("--format", metavar="json|markdown|html", help="Report format")] = "json",
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE",
+                                                  help="Write the report to FILE instead of stdout")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 when the verdict is NON-COMPLIANT")] = False,
+) -> int:
+    """The compliance report: policy in force, every backup (taken, size, verified, restore-tested,
+    expiry, lock), every scheduled slot met or missed, retention adherence from the deletion log,
+    PITR coverage, and a verdict. HTML is one self-contained page with a timeline."""
+    from backup_tool.audit import run_audit
+    from backup_tool.schedule import parse_ts
+
+    report, text = run_audit(inv.settings, parse_ts(now) if now else None, fmt, output)
+    if output:
+        summary = {"verdict": report.verdict, "output": output, "format": fmt,
+                   "findings": [f.to_dict() for f in report.findings]}
+        inv.out(summary, f"audit written to {output}: {report.verdict} "
+                         f"({len(report.findings)} finding(s))")
+    elif inv.common.json and fmt == "json":
+        inv.out(report.to_dict(), text)
+    else:
+        print(inv.redact(text), end="" if text.endswith("\n") else "\n")
+    return EXIT_VALIDATION if strict and report.verdict == "NON-COMPLIANT" else 0

@@ -1,0 +1,664 @@
+"""Retention: which backups and WAL the policy lets go, and deleting exactly those.
+
+The decision (:func:`plan_retention`) is a pure function of (backups, policy, now). A backup
+is *expired* once ``now`` passes its expiry: the one recorded in its manifest when it was
+taken, or the current policy's (taken + retention for its kind) if that is later, so a
+policy edit can lengthen but never shorten what was promised. An expired backup is still
+kept, and the plan says why, when any of these safety rules holds:
+
+* it is the newest full of its database, or one of the ``retention.min_fulls`` newest;
+* it is the newest backup of its database (the head the next incremental builds on);
+* a kept backup needs it (its parent chain, or objects it references), transitively;
+* it is a base backup inside the PITR window (``retention.pitr_days``), or the newest one
+  taken before the window starts (recovery to the window's first moment replays from it),
+  or the newest base of all;
+* an Object Lock protects it (recorded in the manifest, or read from the storage at apply
+  time: a locked object is never even attempted).
+
+WAL is kept from the start segment of the oldest retained base backup onwards; without a
+retained base, or with one whose start segment is unknown, no WAL is deleted. A backup in
+progress has no manifest yet and is invisible to these rules; the garbage sweep leaves
+every unlisted prefix alone until nothing under it has been written for
+``retention.garbage_grace_hours`` (judged on the real clock, never on ``--now``).
+
+Every real run appends one record to ``retention-log/`` *before* deleting anything (what,
+why, under which policy, when), and a second record if some deletion then failed; the
+audit reads them. A dry run plans exactly as a real run (including the storage's locks)
+and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from backup_tool.errors import BackupToolError
+from backup_tool.storage.base import ObjectInfo, ObjectLock, ObjectLockedError, PartialUpload
+
+if TYPE_CHECKING:
+    from backup_tool.config import Settings
+    from backup_tool.manifest import Manifest
+    from backup_tool.policy import Policy
+    from backup_tool.report import Reporter
+    from backup_tool.storage import Storage
+
+UTC = timezone.utc
+LOG_PREFIX = "retention-log/"
+LOG_FORMAT = 1
+SEGMENT_RE = re.compile(r"^[0-9A-F]{24}")
+SEGMENTS_PER_LOG = 0x100
+
+
+def iso(ts: datetime | None) -> str | None:
+    return None if ts is None else ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class BackupRecord:
+    """What retention, scheduling, monitoring and the audit need to know about one backup."""
+
+    id: str
+    kind: str
+    started_at: datetime
+    expires_at: datetime
+    parent_id: str | None = None
+    database: str = ""
+    finished_at: datetime | None = None
+    needs: frozenset[str] = frozenset()
+    lock_mode: str | None = None
+    lock_until: datetime | None = None
+    size_bytes: int = 0
+    objects: int = 0
+    start_wal: str | None = None
+    wal_segment_size: int = 16 << 20
+    policy_name: str = ""
+
+    @property
+    def deps(self) -> frozenset[str]:
+        extra = {self.parent_id} if self.parent_id else set()
+        return frozenset((self.needs | extra) - {self.id})
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> BackupRecord:
+        needs = {o.key.split("/")[1] for o in m.objects()
+                 if o.key.startswith("backups/") and o.key.count("/") >= 2}
+        lock = m.options.get("object_lock") or {}
+        until = lock.get("retain_until")
+        physical = getattr(m, "physical", None)
+        return cls(
+            id=m.id, kind=m.kind, parent_id=m.parent_id, database=m.database,
+            started_at=m.started_at, finished_at=m.finished_at, expires_at=m.expires_at,
+            needs=frozenset(needs - {m.id}),
+            lock_mode=lock.get("mode") if until else None,
+            lock_until=_parse(until) if isinstance(until, str) else None,
+            size_bytes=m.size_bytes, objects=len(m.own_objects()),
+            start_wal=base_start_segment(m), policy_name=str(m.policy.get("name", "")),
+            wal_segment_size=getattr(physical, "wal_segment_size", None) or 16 << 20,
+        )
+
+
+def _parse(text: str) -> datetime:
+    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def base_start_segment(m: Manifest) -> str | None:
+    """The WAL segment a base backup's recovery starts from, however the manifest records it."""
+    if m.kind != "base":
+        return None
+    physical = getattr(m, "physical", None)
+    if physical is not None and SEGMENT_RE.match(getattr(physical, "start_wal", "") or ""):
+        return str(physical.start_wal)[:24]
+    for name in ("start_wal", "start_wal_file", "wal_start_file", "start_segment"):
+        value = getattr(m, name, None) or m.options.get(name)
+        if isinstance(value, str) and SEGMENT_RE.match(value):
+            return value[:24]
+    lsn = getattr(m, "start_lsn", None) or m.options.get("start_lsn")
+    timeline = getattr(m, "timeline", None) or m.options.get("timeline") or m.options.get("start_timeline")
+    if isinstance(lsn, str) and "/" in lsn and timeline:
+        hi, lo = (int(x, 16) for x in lsn.split("/"))
+        return f"{int(timeline):08X}{hi:08X}{lo >> 24:08X}"
+    return None
+
+
+def effective_expiry(b: BackupRecord, policy: Policy) -> datetime:
+    return max(b.expires_at, b.started_at + policy.retention_for(b.kind))
+
+
+# ----------------------------------------------------------------------------- WAL helpers
+
+
+def segment_position(name: str, per_log: int = SEGMENTS_PER_LOG) -> int | None:
+    """Position of a WAL segment in the log (timeline ignored); None for other files.
+    ``per_log`` is 0x100000000 / segment size (256 for the default 16 MiB segments)."""
+    if not SEGMENT_RE.match(name):
+        return None
+    return int(name[8:16], 16) * per_log + int(name[16:24], 16)
+
+
+def segment_name(timeline: int, position: int, per_log: int = SEGMENTS_PER_LOG) -> str:
+    return f"{timeline:08X}{position // per_log:08X}{position % per_log:08X}"
+
+
+def per_log_for(segment_size: int) -> int:
+    return max(1, 0x100000000 // max(segment_size, 1))
+
+
+def wal_gaps(names: Iterable[str], start: str | None = None,
+             per_log: int = SEGMENTS_PER_LOG) -> list[tuple[str, str]]:
+    """Missing segment ranges (first, last) between ``start`` (or the oldest) and the newest."""
+    positions: dict[int, int] = {}
+    for name in names:
+        pos = segment_position(name, per_log)
+        if pos is not None and len(name) == 24:
+            positions[pos] = max(positions.get(pos, 0), int(name[:8], 16))
+    if not positions:
+        return []
+    first = segment_position(start, per_log) if start else min(positions)
+    first = min(positions) if first is None else first
+    gaps: list[tuple[str, str]] = []
+    run: int | None = None
+    timeline = positions[min(positions)]
+    for pos in range(first, max(positions) + 1):
+        if pos in positions:
+            timeline = positions[pos]
+            if run is not None:
+                gaps.append((segment_name(timeline, run, per_log), segment_name(timeline, pos - 1, per_log)))
+                run = None
+        elif run is None:
+            run = pos
+    return gaps
+
+
+@dataclass(frozen=True)
+class WalPlan:
+    keep_from: str | None
+    delete: tuple[str, ...]
+    kept: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep_from": self.keep_from, "delete": len(self.delete), "kept": self.kept,
+                "first_deleted": self.delete[0] if self.delete else None,
+                "last_deleted": self.delete[-1] if self.delete else None, "reason": self.reason}
+
+
+def plan_wal(names: Sequence[str], retained_bases: Sequence[BackupRecord]) -> WalPlan:
+    """Segments older than the start of the oldest retained base backup (pure)."""
+    if not retained_bases:
+        return WalPlan(None, (), len(names), "no base backup is retained: all WAL kept")
+    unknown = [b.id for b in retained_bases if not b.start_wal]
+    if unknown:
+        return WalPlan(None, (), len(names), f"base backup {unknown[0]} records no start segment: all WAL kept")
+    oldest = min(retained_bases, key=lambda b: (segment_position(b.start_wal or "") or 0, b.id))
+    cut = segment_position(oldest.start_wal or "")
+    assert cut is not None
+    delete = sorted(n for n in names
+                    if (pos := segment_position(n)) is not None and pos < cut and not n.endswith(".history"))
+    return WalPlan(oldest.start_wal, tuple(delete), len(names) - len(delete),
+                   f"kept from {oldest.start_wal}, the start of the oldest retained base backup {oldest.id}")
+
+
+# ----------------------------------------------------------------------------- the decision
+
+
+@dataclass(frozen=True)
+class Decision:
+    id: str
+    kind: str
+    database: str
+    started_at: datetime
+    expires_at: datetime
+    delete: bool
+    reasons: tuple[str, ...]
+    size_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "database": self.database,
+                "started_at": iso(self.started_at), "expires_at": iso(self.expires_at),
+                "action": "delete" if self.delete else "keep", "reasons": list(self.reasons),
+                "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    now: datetime
+    decisions: tuple[Decision, ...]
+    wal: WalPlan | None = None
+
+    @property
+    def deleted(self) -> list[str]:
+        return [d.id for d in self.decisions if d.delete]
+
+    @property
+    def kept(self) -> list[str]:
+        return [d.id for d in self.decisions if not d.delete]
+
+    def decision(self, backup_id: str) -> Decision:
+        return next(d for d in self.decisions if d.id == backup_id)
+
+
+def _order(b: BackupRecord) -> tuple[datetime, str]:
+    return (b.started_at, b.id)
+
+
+def plan_retention(backups: Sequence[BackupRecord], policy: Policy, now: datetime,
+                   hard_locks: Mapping[str, ObjectLock] | None = None,
+                   wal_segments: Sequence[str] | None = None) -> RetentionPlan:
+    """Decide, for every backup, keep or delete and why (pure: no clock, no I/O)."""
+    hard_locks = hard_locks or {}
+    by_id = {b.id: b for b in backups}
+    reasons: dict[str, list[str]] = {b.id: [] for b in backups}
+    window_start = now - timedelta(days=policy.retention.pitr_days)
+
+    for b in backups:
+        expiry = effective_expiry(b, policy)
+        if b.kind == "base" and b.started_at >= window_start:
+            reasons[b.id].append(f"inside the PITR window (since {iso(window_start)})")
+        elif expiry > now:
+            reasons[b.id].append(f"retained until {iso(expiry)}")
+        if b.lock_until and b.lock_until > now:
+            reasons[b.id].append(f"Object Lock ({b.lock_mode}) until {iso(b.lock_until)}")
+        if (lock := hard_locks.get(b.id)) is not None:
+            reasons[b.id].append(f"objects locked ({lock.mode}) until {iso(lock.retain_until)}: "
+                                 "the storage refuses to delete them before then")
+
+    groups: dict[str, list[BackupRecord]] = defaultdict(list)
+    for b in backups:
+        groups[b.database].append(b)
+    n_min = policy.retention.min_fulls
+    for group in groups.values():
+        fulls = sorted((b for b in group if b.kind == "full"), key=_order)
+        for rank, f in enumerate(reversed(fulls[-n_min:])):
+            reasons[f.id].append("newest full" if rank == 0 else
+                                 f"one of the {n_min} newest fulls (retention.min_fulls)")
+        logical = sorted((b for b in group if b.kind in ("full", "incremental")), key=_order)
+        if logical and logical[-1].kind == "incremental":
+            reasons[logical[-1].id].append("newest backup: the next incremental builds on it")
+
+    bases = sorted((b for b in backups if b.kind == "base"), key=_order)
+    before_window = [b for b in bases if b.started_at <= window_start]
+    if before_window:
+        reasons[before_window[-1].id].append(
+            f"newest base backup before the PITR window starts ({iso(window_start)}): "
+            "recovery to the window's first moment replays from it")
+    if bases:
+        reasons[bases[-1].id].append("newest base backup")
+
+    kept = {i for i, r in reasons.items() if r}
+    work = list(kept)
+    while work:
+        for dep in by_id[work.pop()].deps:
+            if dep in by_id and dep not in kept:
+                kept.add(dep)
+                work.append(dep)
+    needed_by: dict[str, list[str]] = defaultdict(list)
+    for child in sorted(kept):
+        for dep in by_id[child].deps:
+            if dep in by_id:
+                needed_by[dep].append(child)
+    for dep, children in needed_by.items():
+        shown = ", ".join(children[:3]) + (f" (+{len(children) - 3} more)" if len(children) > 3 else "")
+        reasons[dep].append(f"needed by retained {shown}")
+
+    decisions = []
+    for b in sorted(backups, key=_order):
+        expiry = effective_expiry(b, policy)
+        if b.id in kept:
+            decisions.append(Decision(b.id, b.kind, b.database, b.started_at, expiry, False,
+                                      tuple(reasons[b.id]), b.size_bytes))
+            continue
+        days = {"full": policy.retention.full_days, "incremental": policy.retention.incremental_days,
+                "base": policy.retention.pitr_days}.get(b.kind, 0)
+        why = (f"older than the PITR window ({policy.retention.pitr_days} days) and not needed to start it"
+               if b.kind == "base" else f"expired {iso(expiry)} ({b.kind} retention {days} days)")
+        decisions.append(Decision(b.id, b.kind, b.database, b.started_at, expiry, True, (why,), b.size_bytes))
+
+    wal = None
+    if wal_segments is not None:
+        retained_bases = [by_id[d.id] for d in decisions if not d.delete and d.kind == "base"]
+        wal = plan_wal(wal_segments, retained_bases)
+    return RetentionPlan(now, tuple(decisions), wal)
+
+
+# ----------------------------------------------------------------------------- garbage
+
+
+@dataclass(frozen=True)
+class GarbageItem:
+    what: str
+    reason: str
+    keys: tuple[str, ...] = ()
+    partials: tuple[PartialUpload, ...] = ()
+    size: int = 0
+    last_written: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"what": self.what, "reason": self.reason, "objects": len(self.keys),
+                "unfinished_uploads": len(self.partials), "bytes": self.size,
+                "last_written": iso(self.last_written)}
+
+
+def plan_garbage(objects: Sequence[ObjectInfo], partials: Sequence[PartialUpload],
+                 protected_ids: set[str], grace: timedelta, clock: datetime) -> tuple[list[GarbageItem], list[str]]:
+    """Leftovers of crashed runs older than ``grace`` (pure). ``objects`` are those under
+    ``backups/`` and ``tmp/``; ``protected_ids`` are backups with a manifest or referenced by one."""
+    cutoff = clock - grace
+    groups: dict[str, list[ObjectInfo]] = defaultdict(list)
+    loose: list[ObjectInfo] = []
+    for o in objects:
+        parts = o.key.split("/")
+        if parts[0] == "backups" and len(parts) >= 3:
+            groups[parts[1]].append(o)
+        elif parts[0] == "tmp":
+            loose.append(o)
+    group_partials: dict[str, list[PartialUpload]] = defaultdict(list)
+    other_partials: list[PartialUpload] = []
+    for p in partials:
+        parts = p.key.split("/")
+        if parts[0] == "backups" and len(parts) >= 3 and parts[1] not in protected_ids:
+            group_partials[parts[1]].append(p)
+        else:
+            other_partials.append(p)
+    items: list[GarbageItem] = []
+    notes: list[str] = []
+    for backup_id in sorted(set(groups) | set(group_partials)):
+        if backup_id in protected_ids:
+            continue
+        objs, ups = groups.get(backup_id, []), group_partials.get(backup_id, [])
+        last = max([o.modified for o in objs] + [p.modified for p in ups])
+        if last > cutoff:
+            notes.append(f"backups/{backup_id}/ has no manifest but was written {iso(last)} "
+                         f"(within {_hours(grace)}): possibly in progress, left alone")
+            continue
+        items.append(GarbageItem(f"backups/{backup_id}/",
+                                 f"no manifest and nothing written since {iso(last)}: left by an interrupted backup",
+                                 tuple(o.key for o in objs), tuple(ups),
+                                 sum(o.size for o in objs) + sum(p.size for p in ups), last))
+    for o in loose:
+        if o.modified <= cutoff:
+            items.append(GarbageItem(o.key, "stale probe/temporary object", (o.key,), (), o.size, o.modified))
+    for p in other_partials:
+        if p.modified <= cutoff:
+            items.append(GarbageItem(p.key, "unfinished write abandoned since " + (iso(p.modified) or ""),
+                                     (), (p,), p.size, p.modified))
+        else:
+            notes.append(f"unfinished write {p.key} active at {iso(p.modified)}: left alone")
+    return items, notes
+
+
+def _hours(delta: timedelta) -> str:
+    return f"{delta.total_seconds() / 3600:g} h"
+
+
+# ----------------------------------------------------------------------------- applying
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    now: datetime
+    dry_run: bool
+    policy: str
+    plan: RetentionPlan
+    garbage: tuple[GarbageItem, ...]
+    notes: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    failed_ids: tuple[str, ...] = ()
+    log_key: str | None = None
+    wal_deleted: int = 0
+    wal_bytes: int = 0
+    deleted_bytes: int = 0
+
+    @property
+    def deleted(self) -> list[str]:
+        return [i for i in self.plan.deleted if i not in self.failed_ids]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run, "now": iso(self.now), "policy": self.policy,
+            "deleted": self.deleted, "kept": self.plan.kept,
+            "decisions": [d.to_dict() for d in self.plan.decisions],
+            "deleted_bytes": self.deleted_bytes,
+            "wal": None if self.plan.wal is None else {**self.plan.wal.to_dict(), "deleted": self.wal_deleted,
+                                                       "deleted_bytes": self.wal_bytes},
+            "garbage": [g.to_dict() for g in self.garbage],
+            "notes": list(self.notes), "failed": list(self.failed), "log": self.log_key,
+        }
+
+
+def _wal_segments(storage: Storage) -> list[Any] | None:
+    try:
+        from backup_tool import wal
+    except ImportError:
+        return None
+    lister = getattr(wal, "list_segments", None)
+    return None if lister is None else list(lister(storage))
+
+
+def _storage_lock(storage: Storage, keys: Iterable[str], clock: datetime) -> ObjectLock | None:
+    """The latest lock among ``keys`` still in force on the real clock."""
+    found: ObjectLock | None = None
+    for key in keys:
+        try:
+            lock = storage.lock_of(key)
+        except BackupToolError:
+            continue
+        if lock and lock.retain_until > clock and (found is None or lock.retain_until > found.retain_until):
+            found = lock
+    return found
+
+
+def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bool = False,
+                    reporter: Reporter | None = None) -> RetentionResult:
+    """Plan retention at ``now`` (default: the current time) and, unless ``dry_run``, delete
+    what the plan allows, log it in the repository, and sweep garbage."""
+    from backup_tool import __version__
+    from backup_tool.catalog import Catalog, manifest_key
+    from backup_tool.report import NullReporter
+    from backup_tool.storage import open_storage
+
+    reporter = reporter or NullReporter()
+    clock = datetime.now(UTC)
+    now = now or clock
+    policy = settings.policy
+    storage = open_storage(settings.repo_url)
+    catalog = Catalog(storage)
+    all_ids = set(catalog.ids())
+    manifests, problems = catalog.scan()
+    notes = [f"unreadable manifest, its backup is left alone: {p.message}" for p in problems]
+    records = [BackupRecord.from_manifest(m) for m in manifests]
+    segments = _wal_segments(storage)
+    names = None if segments is None else [s.name for s in segments]
+    if segments is None:
+        notes.append("WAL retention skipped: this build has no WAL archive support")
+
+    plan = plan_retention(records, policy, now, wal_segments=names)
+    locking = storage.object_lock_enabled()
+    hard: dict[str, ObjectLock] = {}
+    if locking:
+        for backup_id in plan.deleted:
+            keys = [manifest_key(backup_id)] + [o.key for o in storage.list(f"backups/{backup_id}/")]
+            if (lock := _storage_lock(storage, keys, clock)) is not None:
+                hard[backup_id] = lock
+        if hard:
+            plan = plan_retention(records, policy, now, hard_locks=hard, wal_segments=names)
+
+    referenced = set().union(*(r.deps for r in records)) if records else set()
+    listed = list(storage.list("backups/")) + list(storage.list("tmp/"))
+    partials = list(storage.list_partials())
+    grace = timedelta(hours=policy.retention.garbage_grace_hours)
+    garbage, garbage_notes = plan_garbage(listed, partials, all_ids | referenced, grace, min(now, clock))
+    notes += garbage_notes
+
+    to_delete = [plan.decision(i) for i in plan.deleted]
+    by_id = {r.id: r for r in records}
+    wal_doomed = [] if plan.wal is None or segments is None else \
+        [s for s in segments if s.name in set(plan.wal.delete)]
+    if dry_run:
+        return RetentionResult(now, True, policy.name, plan, tuple(garbage), tuple(notes),
+                               deleted_bytes=sum(d.size_bytes for d in to_delete),
+                               wal_deleted=len(wal_doomed), wal_bytes=sum(s.size for s in wal_doomed))
+
+    run_id = f"{clock.strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(3)}"
+    log_key = f"{LOG_PREFIX}{run_id}.json"
+    record = {
+        "format": LOG_FORMAT, "run": run_id, "at": iso(clock), "evaluated_at": iso(now),
+        "tool_version": __version__, "repository": storage.url,
+        "policy": {"name": policy.name, "source": policy.source,
+                   "retention": {"full_days": policy.retention.full_days,
+                                 "incremental_days": policy.retention.incremental_days,
+                                 "pitr_days": policy.retention.pitr_days,
+                                 "min_fulls": policy.retention.min_fulls},
+                   "object_lock": policy.object_lock.mode},
+        "deleted": [{**d.to_dict(), "finished_at": iso(by_id[d.id].finished_at),
+                     "recorded_expires_at": iso(by_id[d.id].expires_at), "objects": by_id[d.id].objects}
+                    for d in to_delete],
+        "kept": [{"id": d.id, "reasons": list(d.reasons)} for d in plan.decisions if not d.delete],
+        "wal": None if plan.wal is None else {**plan.wal.to_dict(), "segments": list(plan.wal.delete)},
+        "garbage": [g.to_dict() for g in garbage],
+    }
+    storage.put_bytes(log_key, json.dumps(record, indent=1).encode())
+
+    failed: list[str] = []
+    failed_ids: list[str] = []
+    spared: set[str] = set()
+    deleted_bytes = 0
+    for d in sorted(to_delete, key=lambda x: (x.started_at, x.id), reverse=True):
+        if d.id in spared:
+            failed.append(f"{d.id}: kept because a backup that needs it could not be deleted")
+            failed_ids.append(d.id)
+            spared |= by_id[d.id].deps
+            continue
+        try:
+            storage.purge(manifest_key(d.id))
+            for o in list(storage.list(f"backups/{d.id}/")):
+                storage.purge(o.key)
+            deleted_bytes += d.size_bytes
+            reporter.event("retention: deleted", id=d.id, kind=d.kind, reason=d.reasons[0])
+        except BackupToolError as exc:
+            failed.append(f"{d.id}: {exc.message}")
+            failed_ids.append(d.id)
+            spared |= by_id[d.id].deps
+            reporter.warning(f"could not delete {d.id}: {exc.message}")
+
+    wal_deleted = wal_bytes = 0
+    wal_locked = 0
+    for seg in wal_doomed:
+        try:
+            storage.purge(seg.key)
+            wal_deleted += 1
+            wal_bytes += seg.size
+        except ObjectLockedError:
+            wal_locked += 1
+        except BackupToolError as exc:
+            failed.append(f"WAL {seg.name}: {exc.message}")
+    if wal_locked:
+        notes.append(f"{wal_locked} WAL segments are still under Object Lock: they go in a later run")
+
+    for g in garbage:
+        try:
+            for key in g.keys:
+                storage.purge(key)
+            for p in g.partials:
+                storage.delete_partial(p)
+        except ObjectLockedError:
+            notes.append(f"garbage {g.what} is under Object Lock: removed in a later run")
+        except BackupToolError as exc:
+            failed.append(f"garbage {g.what}: {exc.message}")
+
+    if failed:
+        outcome = {"format": LOG_FORMAT, "run": run_id, "at": iso(datetime.now(UTC)), "outcome_of": log_key,
+                   "failed": failed, "failed_ids": failed_ids}
+        storage.put_bytes(f"{LOG_PREFIX}{run_id}-outcome.json", json.dumps(outcome, indent=1).encode())
+    reporter.event("retention applied", deleted=len(to_delete) - len(failed_ids), kept=len(plan.kept),
+                   wal_deleted=wal_deleted, garbage=len(garbage), log=log_key)
+    return RetentionResult(now, False, policy.name, plan, tuple(garbage), tuple(notes), tuple(failed),
+                           tuple(failed_ids), log_key, wal_deleted, wal_bytes, deleted_bytes)
+
+
+# ----------------------------------------------------------------------------- the log
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One deletion recorded in ``retention-log/``."""
+
+    run: str
+    at: datetime
+    id: str
+    kind: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime | None
+    reasons: tuple[str, ...]
+    policy: str
+    completed: bool = True
+    database: str = ""
+    size_bytes: int = 0
+
+
+def read_log(storage: Storage) -> tuple[list[dict[str, Any]], list[LogEntry], list[str]]:
+    """(run records, deletions, problems) from the append-only retention log, oldest first."""
+    runs: list[dict[str, Any]] = []
+    outcomes: dict[str, set[str]] = defaultdict(set)
+    problems: list[str] = []
+    for info in storage.list(LOG_PREFIX):
+        try:
+            body = json.loads(storage.get_bytes(info.key))
+        except (BackupToolError, ValueError) as exc:
+            problems.append(f"{info.key}: unreadable ({exc})")
+            continue
+        if "outcome_of" in body:
+            outcomes[body.get("run", "")] |= set(body.get("failed_ids", []))
+        else:
+            runs.append(body)
+    entries: list[LogEntry] = []
+    for run in runs:
+        for d in run.get("deleted", []):
+            entries.append(LogEntry(
+                run=run.get("run", ""), at=_parse(run["at"]), id=d["id"], kind=d.get("kind", "?"),
+                started_at=_parse(d["started_at"]) if d.get("started_at") else None,
+                finished_at=_parse(d["finished_at"]) if d.get("finished_at") else None,
+                expires_at=_parse(d["expires_at"]) if d.get("expires_at") else None,
+                reasons=tuple(d.get("reasons", [])), policy=str(run.get("policy", {}).get("name", "")),
+                completed=d["id"] not in outcomes.get(run.get("run", ""), set()),
+                database=d.get("database", ""), size_bytes=int(d.get("size_bytes", 0))))
+    runs.sort(key=lambda r: r.get("at", ""))
+    entries.sort(key=lambda e: (e.at, e.id))
+    return runs, entries, problems
+
+
+# ----------------------------------------------------------------------------- Object Lock support
+
+
+def check_object_lock(storage: Storage, policy: Policy) -> tuple[bool, str]:
+    """Whether the repository can honour the policy's Object Lock mode (for ``check``)."""
+    mode = policy.object_lock.mode
+    try:
+        enabled = storage.object_lock_enabled()
+    except BackupToolError as exc:
+        return (mode == "none", f"cannot read the bucket's Object Lock configuration: {exc.message}")
+    if mode == "none":
+        state = {True: "the bucket supports it", False: "the bucket has it disabled",
+                 None: "a local directory has none"}[enabled]
+        return True, f"not requested by policy {policy.name!r} ({state})"
+    if enabled is None:
+        return False, (f"policy {policy.name!r} asks for Object Lock ({mode}) but {storage.url} is a local "
+                       "directory, which cannot make objects immutable: use an S3 bucket with Object Lock")
+    if not enabled:
+        return False, (f"policy {policy.name!r} asks for Object Lock ({mode}) but bucket {storage.url} has "
+                       "Object Lock disabled: create the bucket with Object Lock enabled (it cannot be "
+                       "turned on for objects already written), or set object_lock.mode = \"none\"")
+    return True, f"bucket supports Object Lock; new objects are locked in {mode} mode until their backup expires"
