@@ -391,6 +391,19 @@ class Snapshot:
         self.taken_at = row[2]
 
     def lock_tables(self, tables: Sequence[TableInfo]) -> None:
+        """Share-lock the tables, after checking this role may read them and every sequence."""
+        denied = self.conn.execute(sql.SQL(f"""
+            SELECT current_user, format('%I.%I', n.nspname, c.relname)
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE (c.oid = ANY({{oids}}) OR (c.relkind = 'S' AND {SYSTEM_SCHEMA_FILTER}))
+               AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
+             ORDER BY 2""").format(oids=sql.Literal([t.oid for t in tables]))).fetchall()
+        if denied:
+            user, names = denied[0][0], [row[1] for row in denied]
+            raise DatabaseError(f"role {user} may not read {len(names)} of the tables and sequences to back up "
+                                f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})",
+                                f"grant {user} USAGE on their schemas and SELECT on them, or back up as "
+                                "their owner or a superuser")
         for start in range(0, len(tables), 200):
             names = sql.SQL(", ").join(qualified(t.schema, t.name) for t in tables[start:start + 200])
             try:
