@@ -202,6 +202,39 @@ def _physical(data: dict[str, Any] | None) -> PhysicalInfo | None:
                            "databases": tuple(data.get("databases", ()))})
 
 
+_NONE = type(None)
+_SHAPES: dict[type, dict[str, tuple[type, ...]]] = {
+    StoredObject: {"key": (str,), "size": (int,), "sha256": (str,), "raw_size": (int,), "compression": (str,)},
+    TableEntry: {"schema": (str,), "name": (str,), "relkind": (str,), "parent": (str, _NONE), "columns": (tuple,),
+                 "rows": (int,), "checksum": (str,), "object": (StoredObject, _NONE)},
+    Manifest: {"id": (str,), "kind": (str,), "parent_id": (str, _NONE), "database": (str,),
+               "server_version": (str,), "server_version_num": (int,), "encoding": (str,),
+               "system_identifier": (str,), "policy": (dict,), "snapshot_lsn": (str, _NONE),
+               "schema": (StoredObject, _NONE), "globals": (StoredObject, _NONE), "schema_fingerprint": (str,),
+               "sequences": (tuple,), "inventory": (dict,), "options": (dict,), "tool_version": (str,)},
+}
+
+
+def _check_shape(obj: Any) -> None:
+    for name, types in _SHAPES[type(obj)].items():
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise TypeError(f"{type(obj).__name__}.{name} is a {type(value).__name__}")
+
+
+def _checked(manifest: Manifest) -> Manifest:
+    """The manifest, once every field has the type the rest of the tool relies on."""
+    if manifest.kind not in KINDS:
+        raise ValueError(f"kind {manifest.kind!r}")
+    for obj in [manifest, *manifest.objects(), *manifest.tables]:
+        _check_shape(obj)
+    if not all(isinstance(c, str) for t in manifest.tables for c in t.columns):
+        raise TypeError("a column name is not a string")
+    if not all(isinstance(s, dict) for s in manifest.sequences):
+        raise TypeError("a sequence is not an object")
+    return manifest
+
+
 def parse_manifest(raw: bytes, where: str) -> Manifest:
     """Parse and authenticate a manifest; raise a clear error for damage or a newer format."""
     try:
@@ -225,7 +258,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         tables = tuple(
             TableEntry(**{**t, "columns": tuple(t["columns"]), "object": _obj(t["object"])})
             for t in body["tables"])
-        return Manifest(
+        return _checked(Manifest(
             id=body["id"], kind=body["kind"], parent_id=body["parent_id"],
             database=body["database"], server_version=body["server_version"],
             server_version_num=body["server_version_num"], encoding=body["encoding"],
@@ -239,8 +272,8 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             extra_objects=tuple(StoredObject(**o) for o in body.get("extra_objects", [])),
             tool_version=body.get("tool_version", ""), format=fmt,
             physical=_physical(body.get("physical")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        ))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise IntegrityError(f"manifest {where} is malformed ({exc})",
                              "the repository is damaged; run 'backup-tool verify all'") from None
 
