@@ -113,8 +113,18 @@ class World:
                           result["err"].decode(errors="replace"), seen)
         self.watched.append(watched)
         assert watched.returncode in (expect if isinstance(expect, tuple) else (expect,)), \
-            (args, watched.returncode, watched.stdout[-2000:], watched.stderr[-2000:])
+            (args, watched.returncode, failed_checks(watched.stdout), watched.stderr[-2000:])
         return watched
+
+
+def failed_checks(stdout: str) -> Any:
+    """The failed checks of a --json report (the whole stdout's tail if it is not one)."""
+    try:
+        body = json.loads(stdout)
+    except ValueError:
+        return stdout[-2000:]
+    checks = (body.get("validation") or body).get("checks", []) if isinstance(body, dict) else []
+    return [c for c in checks if not c.get("ok")] or stdout[-2000:]
 
 
 def wait_archived(server: PgServer) -> None:
@@ -265,6 +275,7 @@ def test_no_command_leaks_a_secret(world: World) -> None:
     assert (world.base / "fetched").read_bytes() == segment.read_bytes()
     cmd("wal status")
 
+    wait_archived(server)
     pgdata = server.make_user_dir("recovered")
     world.pgdatas.append(pgdata)
     cmd("restore pitr", "--latest", "--pgdata", pgdata, "--port", str(free_port()), "--no-archive", "--json")
