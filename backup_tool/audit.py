@@ -159,6 +159,7 @@ class AuditReport:
     retention_runs: int = 0
     last_retention_run: datetime | None = None
     generated_at: datetime | None = None
+    schema_drift: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> str:
@@ -191,6 +192,7 @@ class AuditReport:
             "verifications": [{"at": iso(v.at), "ok": v.ok, "backups": list(v.backups),
                                "restore_test": v.restore_test} for v in self.verifications],
             "pitr": self.pitr.to_dict(),
+            "schema_drift": self.schema_drift,
         }
 
 
@@ -325,12 +327,12 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
         findings.append(Finding("critical", "immutability", f"the policy requires Object Lock "
                                 f"({policy.object_lock.mode}) but the repository does not support it"))
 
-    for d in gone:
-        if d.expires_at and d.at < d.expires_at:
-            findings.append(Finding("critical", "retention", f"{d.id} ({d.kind}) was deleted at {iso(d.at)}, "
-                                                             f"before its expiry {iso(d.expires_at)}"))
-        if d.id in present_ids and d.completed:
-            findings.append(Finding("warning", "retention", f"{d.id} is logged as deleted at {iso(d.at)} "
+    for entry in gone:
+        if entry.expires_at and entry.at < entry.expires_at:
+            findings.append(Finding("critical", "retention", f"{entry.id} ({entry.kind}) was deleted at "
+                                                             f"{iso(entry.at)}, before its expiry {iso(entry.expires_at)}"))
+        if entry.id in present_ids and entry.completed:
+            findings.append(Finding("warning", "retention", f"{entry.id} is logged as deleted at {iso(entry.at)} "
                                                             "but is still listed: the deletion was interrupted"))
 
     logical_full = [r for r in rows if r.kind == "full"]
@@ -427,6 +429,15 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     if problems:
         report = replace(report, findings=report.findings + (
             Finding("critical", "integrity", f"{len(problems)} manifest(s) cannot be read"),))
+    if settings.policy.schema.migrations:
+        from backup_tool.drift import summary_for_audit
+
+        drift = summary_for_audit(settings)
+        if drift.get("ok") is False:
+            report = replace(report, findings=report.findings + (Finding("warning", "schema", drift["line"]),))
+        elif drift.get("ok") is None:
+            report = replace(report, facts=report.facts + (drift["line"],))
+        report = replace(report, schema_drift=drift)
     return replace(report, generated_at=generated)
 
 
@@ -506,6 +517,8 @@ def render_markdown(report: AuditReport) -> str:
     out += [f"- **{f.severity.upper()}** ({f.area}): {f.message}" for f in report.findings] or ["- none"]
     if report.facts:
         out += ["", "Notes:", ""] + [f"- {f}" for f in report.facts]
+    if report.schema_drift:
+        out += ["", str(report.schema_drift.get("line", ""))]
     out += ["", "## Schedule adherence", "", "| schedule | met | late | missed | pending |", "|---|---|---|---|---|"]
     out += [f"| {k} | {v['met']} | {v['late']} | {v['missed']} | {v['pending']} |" for k, v in counts.items()]
     out += ["", "| slot | schedule | status | backup |", "|---|---|---|---|"]
@@ -649,8 +662,8 @@ def timeline_svg(report: AuditReport, width: int = 1260) -> str:
                          f'deleted {_e(_d(d.at))}</title></rect>')
     if "wal" in row and report.pitr.recoverable_from:
         y = row["wal"] + 8
-        a, b = x(max(report.pitr.recoverable_from, start)), x(min(report.pitr.recoverable_to or end, end))
-        parts.append(f'<rect x="{a:.1f}" y="{y}" width="{max(b - a, 2):.1f}" height="12" rx="3" '
+        x0, x1 = x(max(report.pitr.recoverable_from, start)), x(min(report.pitr.recoverable_to or end, end))
+        parts.append(f'<rect x="{x0:.1f}" y="{y}" width="{max(x1 - x0, 2):.1f}" height="12" rx="3" '
                      f'fill="{COLORS["wal"]}" opacity="0.8"><title>recoverable {_e(_d(report.pitr.recoverable_from))}'
                      f' to {_e(_d(report.pitr.recoverable_to))}</title></rect>')
     if "wal" in row and report.pitr.gaps:
@@ -661,8 +674,8 @@ def timeline_svg(report: AuditReport, width: int = 1260) -> str:
                  'stroke-dasharray="4,3"/>')
     parts.append(f'<text x="{nx - 4:.1f}" y="{height - 8}" text-anchor="end" fill="#c62828">now {_e(_d(end))}</text>')
     legend = [("met", "slot met", "circle"), ("late", "slot late", "circle"), ("missed", "slot missed", "x"),
-              ("pending", "pending", "circle"), ("full", "full", "rect"), ("incremental", "incremental", "rect"),
-              ("base", "base", "rect")]
+              ("pending", "pending", "circle"), ("full", "full (bar: kept until expiry)", "rect"),
+              ("incremental", "incremental", "rect")] + ([("base", "base", "rect")] if "base" in row else [])
     lx = left
     for key, text, shape in legend:
         c = COLORS[key]
@@ -693,11 +706,13 @@ def render_html(report: AuditReport) -> str:
              f'<div class="card">backups kept<b>{len(report.backups)}</b></div>',
              f'<div class="card">deleted (log)<b>{len(report.deletions)}</b></div>',
              f'<div class="card">findings<b>{crit} critical, {warn} warn</b></div>']
-    body = [f"<h1>Backup compliance audit</h1>",
+    body = ["<h1>Backup compliance audit</h1>",
             f'<div class="meta">Repository <code>{_e(report.repository)}</code> · evaluated at {_e(_d(report.now))}'
             f" · window {_e(_d(report.window_start))} → {_e(_d(report.window_end))}"
             f" · generated {_e(_d(report.generated_at))}</div>",
             f'<div class="cards">{"".join(cards)}</div>',
+            *([f'<div class="meta">{_e(str(report.schema_drift.get("line", "")))}</div>']
+              if report.schema_drift else []),
             "<h2>Timeline</h2>", f'<div class="tl">{timeline_svg(report)}</div>',
             "<h2>Findings</h2>"]
     if report.findings:

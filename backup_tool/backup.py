@@ -146,20 +146,29 @@ def unchanged(entry: TableEntry | None, table: TableInfo, rows: int, checksum: s
             and entry.rows == rows and entry.checksum == checksum)
 
 
+class NoLongerDue(Exception):
+    """Raised instead of backing up when ``still_due`` says, under the lock, that another
+    run has already taken the backup (run-due's guard against two overlapping cron runs)."""
+
+
+StillDue = Callable[[list[Manifest]], bool]
+
+
 def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int | None = None,
-                only_tables: set[tuple[str, str]] | None = None) -> Manifest:
+                only_tables: set[tuple[str, str]] | None = None, still_due: StillDue | None = None) -> Manifest:
     """Take a full logical backup of the settings' database; return its committed manifest.
 
     ``only_tables`` limits the table data to those (schema, name) pairs (and, for a
     partitioned table, its partitions); the schema archive is always complete.
+    ``still_due`` is asked, once the lock is held, whether the backup is still wanted.
     """
-    return _logical_backup(settings, reporter or NullReporter(), jobs, "full", only_tables)
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "full", only_tables, still_due)
 
 
 def backup_incremental(settings: Settings, reporter: Reporter | None = None,
-                       jobs: int | None = None) -> Manifest:
+                       jobs: int | None = None, still_due: StillDue | None = None) -> Manifest:
     """Back up only what changed since the newest backup; take a full (and say so) if needed."""
-    return _logical_backup(settings, reporter or NullReporter(), jobs, "incremental", None)
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "incremental", None, still_due)
 
 
 def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
@@ -176,7 +185,7 @@ def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> lis
 
 
 def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, kind: str,
-                    only_tables: set[tuple[str, str]] | None) -> Manifest:
+                    only_tables: set[tuple[str, str]] | None, still_due: StillDue | None = None) -> Manifest:
     storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
@@ -194,6 +203,8 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         if not postgres.try_advisory_lock(control, lock_name(storage.url, database)):
             raise LockHeldError(f"another backup of {database} into {storage.url} is running",
                                 "wait for it to finish (or let cron retry later)")
+        if still_due is not None and not still_due(catalog.backups()):
+            raise NoLongerDue(f"another run already took the due backup of {database}")
         started_at = datetime.now(timezone.utc)
         parent = None
         if kind == "incremental":

@@ -30,7 +30,12 @@ from typing import Any, Iterable, Iterator
 from backup_tool import __version__, pipeline, postgres, wal
 from backup_tool.catalog import Catalog, data_prefix, new_backup_id
 from backup_tool.config import Settings
-from backup_tool.errors import BackupToolError, DatabaseError, LockHeldError, RefusedError
+from backup_tool.errors import (
+    BackupToolError,
+    DatabaseError,
+    LockHeldError,
+    RefusedError,
+)
 from backup_tool.manifest import Manifest, PhysicalInfo, StoredObject, utc_iso
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter

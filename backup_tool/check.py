@@ -1,31 +1,60 @@
 """Preflight checks (``backup-tool check``): is everything in place for the next backup?
 
 Checks the policy, the repository (reachable, writable, manifests readable), the database
-(reachable, version, privileges to dump) and the PostgreSQL client tools. Each check says
+(reachable, version, privileges to dump), the PostgreSQL client tools, and — when the
+database is set up for point-in-time recovery — WAL archiving: archive_command pushes to
+this repository, pg_stat_archiver shows no failure, no gap after the oldest base backup,
+and the newest segment is recent. Each check says
 what is wrong and what to do, so cron's first run does not have to be the test.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from backup_tool import postgres
 from backup_tool.catalog import Catalog
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError
 from backup_tool.postgres import ConnInfo
-from backup_tool.storage import open_storage
+from backup_tool.storage import Storage, open_storage
 from backup_tool.validate import Check, ValidationReport
+
+
+def archive_checks(conn: Any, storage: Storage, settings: Settings, uses_pitr: bool) -> list[Check]:
+    """Archiving healthy, when this database is meant to be recoverable to a point in time."""
+    from datetime import timedelta
+
+    from backup_tool import wal
+    from backup_tool.pitr import repository_health
+
+    server = wal.archiving_checks(conn, storage)
+    off = [c for c in server if c.name == "archive_mode" and not c.ok]
+    if off and not uses_pitr:
+        return [Check("archiving", True, "archive_mode is off and the repository holds no base backup or WAL: "
+                                         "logical backups only, no point-in-time recovery")]
+    minutes = settings.policy.monitoring.wal_max_age_minutes
+    health = repository_health(settings).checks(timedelta(minutes=minutes) if minutes else None)
+    return server + health
 
 
 def run_checks(settings: Settings) -> ValidationReport:
     checks = [Check("policy", True, f"{settings.policy.name} ({settings.policy.source})")]
+    storage: Storage | None = None
+    uses_pitr = False
     try:
         storage = open_storage(settings.repo_url)
         storage.check_writable()
         manifests, problems = Catalog(storage).scan()
+        uses_pitr = any(m.kind == "base" for m in manifests) or any(True for _ in storage.list("wal/"))
         if problems:
             checks.append(Check("repository", False, problems[0].message))
         else:
             checks.append(Check("repository", True, f"{storage.url} writable, {len(manifests)} backups"))
+        from backup_tool.retention import check_object_lock
+
+        ok, detail = check_object_lock(storage, settings.policy)
+        checks.append(Check("object_lock", ok, detail))
     except BackupToolError as exc:
         checks.append(Check("repository", False, str(exc)))
     conninfo = ConnInfo(settings.dsn)
@@ -44,6 +73,8 @@ def run_checks(settings: Settings) -> ValidationReport:
             major = info["server_version_num"] // 10000
             tools = [postgres.find_tool(t, major) for t in ("pg_dump", "pg_restore", "psql", "pg_dumpall")]
             checks.append(Check("client_tools", True, ", ".join(tools)))
+            if storage is not None:
+                checks.extend(archive_checks(conn, storage, settings, uses_pitr))
     except BackupToolError as exc:
         checks.append(Check("database", False, str(exc)))
     return ValidationReport(conninfo.redacted(), None, tuple(checks))

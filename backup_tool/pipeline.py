@@ -138,7 +138,7 @@ def compress(chunks: Iterable[bytes], level: int, threads: int, stats: StreamSta
     yield from chunker.finish()
 
 
-class _IterReader:
+class ChunkReader:
     """A read()-able view of a chunk iterator, for zstandard's streaming decompressor."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
@@ -162,7 +162,7 @@ def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:
     """Decompress a zstd stream of object ``key`` with output bounded to CHUNK bytes per step."""
     dctx = zstandard.ZstdDecompressor()
     try:
-        yield from dctx.read_to_iter(_IterReader(chunks), read_size=CHUNK, write_size=CHUNK)
+        yield from dctx.read_to_iter(ChunkReader(chunks), read_size=CHUNK, write_size=CHUNK)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"object {key} is corrupt: it does not decompress ({exc})",
                              "restore from another backup and run 'backup-tool verify all'") from None

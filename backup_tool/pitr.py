@@ -62,7 +62,6 @@ from backup_tool.errors import (
     NotFoundError,
     RefusedError,
     UsageError,
-    ValidationFailed,
 )
 from backup_tool.manifest import Manifest, PhysicalInfo, parse_utc, utc_iso
 from backup_tool.report import NullReporter, Reporter
@@ -363,7 +362,7 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
     progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
     written = 0
     stream = pipeline.read_stored(storage, obj.key, obj.sha256, obj.size)
-    with tarfile.open(fileobj=wal.ChunkReader(iter(stream)), mode="r|") as tar:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=pipeline.ChunkReader(iter(stream)), mode="r|") as tar:  # type: ignore[call-overload]
         for member in tar:
             rel = _safe_member(member.name)
             if not rel or rel == ".":
@@ -667,8 +666,15 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                  start: bool = True, os_user: str | None = None, archive: bool = True,
                  server_command: str | None = None, run_validation: bool | None = None,
                  timeout: float | None = None, reporter: Reporter | None = None) -> PitrResult:
-    """``restore pitr``: lay out, and with ``start`` recover, validate and start the server."""
+    """``restore pitr``: lay out, and with ``start`` recover, validate and start the server.
+
+    A failed validation does not raise (the server is recovered and running either way):
+    the result's ``ok`` is False and its ``validation`` names the failed checks.
+    """
     reporter = reporter or NullReporter()
+    if start and port is not None and _port_in_use(port):
+        raise RefusedError(f"port {port} is already in use on this machine",
+                           "pass another --port for the restored server")
     layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter)
     if not start:
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
@@ -684,14 +690,33 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
             report = validate_cluster(server, settings.policy.backup.jobs, reporter) if do_validate else None
         finally:
             server.stop("fast")
+            shutil.rmtree(layout.pgdata / "pg_wal" / wal.SPOOL_DIR / "prefetch", ignore_errors=True)
+    _adapt_to_this_host(server, reporter)
     server.start_normal()
     seconds = time.monotonic() - started
     reporter.event("server running", pgdata=str(layout.pgdata), port=port or "as configured")
     result = PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, True,
                         point, report, layout.seconds, seconds, layout.bytes_written)
     if report is not None and not report.ok:
-        raise ValidationFailed(f"the recovered cluster failed {len(report.failed)} check(s)", result)
+        reporter.warning(f"the recovered cluster failed {len(report.failed)} check(s)",
+                         failed=[c.name for c in report.failed])
     return result
+
+
+def _adapt_to_this_host(server: LocalServer, reporter: Reporter) -> None:
+    """Settings of the backed-up server that would stop it from starting here (socket
+    directories or TLS files that do not exist on this machine) are overridden, with a warning."""
+    changes: dict[str, str] = {}
+    sockets = [d.strip() for d in server.config_value("unix_socket_directories").split(",")]
+    if any(d and not d.startswith("@") and not Path(d).is_dir() for d in sockets):
+        changes["unix_socket_directories"] = "/var/run/postgresql" if Path("/var/run/postgresql").is_dir() else "/tmp"
+    if server.config_value("ssl") == "on":
+        files = [server.config_value(k) for k in ("ssl_cert_file", "ssl_key_file")]
+        if any(not (server.pgdata / f).exists() for f in files if f):
+            changes["ssl"] = "off"
+    if changes:
+        _append_conf(server.pgdata, changes, "settings this host cannot honour")
+        reporter.warning("restored configuration adjusted for this host", **changes)
 
 
 @contextmanager
@@ -824,6 +849,13 @@ def _resolve_live(live: list[Any], names: list[str], when: datetime) -> set[tupl
                                 "check the name and the time")
         chosen.add(matches[0])
     return chosen
+
+
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _free_port() -> int:

@@ -71,6 +71,14 @@ class MonitoringSettings:
 
 
 @dataclass(frozen=True)
+class SchemaSettings:
+    """``[schema] migrations``: the migrations folder whose replay the audit compares with the newest
+    backup (a path relative to the policy file, or absolute); empty: no schema-drift check."""
+
+    migrations: str = ""
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str = "default"
     description: str = ""
@@ -82,6 +90,7 @@ class Policy:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    schema: SchemaSettings = field(default_factory=SchemaSettings)
 
     def retention_for(self, kind: str) -> timedelta:
         days = {
@@ -106,6 +115,7 @@ SECTIONS: dict[str, type] = {
     "validation": ValidationSettings,
     "audit": AuditSettings,
     "monitoring": MonitoringSettings,
+    "schema": SchemaSettings,
 }
 
 

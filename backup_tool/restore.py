@@ -6,6 +6,10 @@ in one transaction, table data in parallel, sequence values, then post-data (ind
 constraints, triggers, policies) built in parallel by pg_restore, then validation against
 the manifest. Each table's data is loaded in its own transaction that commits only after
 the object's sha256 has matched, so a damaged object never leaves half a table behind.
+
+With ``schema_from_migrations`` the schema comes from the team's migrations instead of the
+backup's archive (see :mod:`backup_tool.rebuild`): the migrations replace pre-data and
+post-data, the data loads with triggers silenced, and validation reports any drift.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, Callable
 import psycopg
 from psycopg import sql
 
-from backup_tool import pipeline, postgres, schema
+from backup_tool import pipeline, postgres, rebuild, schema
 from backup_tool.catalog import Catalog
 from backup_tool.config import Settings
 from backup_tool.errors import (
@@ -44,6 +48,7 @@ class RestoreResult:
     bytes_read: int
     seconds: float
     validation: ValidationReport | None
+    schema_from_migrations: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +60,7 @@ class RestoreResult:
             "seconds": round(self.seconds, 3),
             "ok": self.validation.ok if self.validation else None,
             "validation": self.validation.to_dict() if self.validation else None,
+            **({"schema_from_migrations": self.schema_from_migrations} if self.schema_from_migrations else {}),
         }
 
 
@@ -130,8 +136,13 @@ def set_sequences(conn: psycopg.Connection[Any], sequences: list[dict[str, Any]]
 
 def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str | None = "latest",
                  create: bool = False, with_roles: bool = False, jobs: int | None = None,
-                 run_validation: bool | None = None, reporter: Reporter | None = None) -> RestoreResult:
-    """Restore a whole backup (full or incremental) into an empty database, then validate."""
+                 run_validation: bool | None = None, reporter: Reporter | None = None,
+                 schema_from_migrations: str | Path | None = None) -> RestoreResult:
+    """Restore a whole backup (full or incremental) into an empty database, then validate.
+
+    ``schema_from_migrations``: build the schema by replaying this migrations folder instead
+    of from the backup's schema archive (refused if it cannot hold the backup's data).
+    """
     reporter = reporter or NullReporter()
     started = time.monotonic()
     storage = open_storage(settings.repo_url)
@@ -139,6 +150,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     jobs = jobs or settings.policy.backup.jobs
     major = manifest.server_version_num // 10000
+    validating = run_validation if run_validation is not None else settings.policy.validation.after_restore
+    rebuilt = None
     if create and create_database(target, manifest.encoding):
         reporter.event("database created", database=target.dbname)
     reporter.event("restore started", id=manifest.id, target=target.redacted())
@@ -162,9 +175,15 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
 
         with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
             archive_path = Path(tmp) / "schema.pgdump"
-            archive_path.write_bytes(read_object(storage, manifest.schema, count))
-            schema.restore_section(archive_path, target, major, "pre-data")
-            reporter.event("schema created", id=manifest.id)
+            loader = target
+            if schema_from_migrations is None:
+                archive_path.write_bytes(read_object(storage, manifest.schema, count))
+                schema.restore_section(archive_path, target, major, "pre-data")
+                reporter.event("schema created", id=manifest.id)
+            else:
+                rebuilt = rebuild.rebuild_schema(schema_from_migrations, target, storage, manifest, archive_path,
+                                                 major, reporter, count)
+                loader = rebuilt.loader
 
             data = [t for t in manifest.tables if t.object is not None]
             progress = reporter.task("restoring tables", total=sum(t.object.size for t in data if t.object))
@@ -173,21 +192,25 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                 count(n)
                 progress.advance(n)
 
-            pipeline.run_parallel(jobs, [(lambda t: load_table(target, storage, t, manifest.encoding,
+            pipeline.run_parallel(jobs, [(lambda t: load_table(loader, storage, t, manifest.encoding,
                                                                advance), t) for t in data])
             progress.finish()
             set_sequences(control, list(manifest.sequences))
             reporter.event("data loaded", tables=len(data), bytes=fetched[0])
-            schema.restore_section(archive_path, target, major, "post-data", jobs=jobs)
-            reporter.event("indexes and constraints built", id=manifest.id)
+            if rebuilt is None:
+                schema.restore_section(archive_path, target, major, "post-data", jobs=jobs)
+                reporter.event("indexes and constraints built", id=manifest.id)
+            else:
+                rebuild.finish(target, validating)
 
     report = None
-    if run_validation if run_validation is not None else settings.policy.validation.after_restore:
-        report = validate(target, manifest, storage, jobs=jobs, reporter=reporter)
+    if validating:
+        report = validate(target, manifest, storage if rebuilt is None or rebuilt.archive_usable else None,
+                          jobs=jobs, reporter=reporter)
     result = RestoreResult(manifest.id, target.redacted(),
                            len([t for t in manifest.tables if t.relkind == "r"]),
                            sum(t.rows for t in manifest.tables), fetched[0],
-                           time.monotonic() - started, report)
+                           time.monotonic() - started, report, rebuilt.to_dict() if rebuilt else None)
     if report is not None and not report.ok:
         raise ValidationFailed(f"restore of {manifest.id} finished but validation failed: "
                                + "; ".join(f"{c.name}: {c.detail}" for c in report.failed)[:400],

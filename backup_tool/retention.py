@@ -38,7 +38,12 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from backup_tool.errors import BackupToolError
-from backup_tool.storage.base import ObjectInfo, ObjectLock, ObjectLockedError, PartialUpload
+from backup_tool.storage.base import (
+    ObjectInfo,
+    ObjectLock,
+    ObjectLockedError,
+    PartialUpload,
+)
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings

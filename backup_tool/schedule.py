@@ -24,7 +24,7 @@ import json
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from zoneinfo import ZoneInfo
@@ -49,7 +49,7 @@ MACROS = {
 MONTHS = {m: i for i, m in enumerate(
     ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
 DAYS = {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
-FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
+FIELDS: tuple[tuple[str, int, int, Mapping[str, int]], ...] = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
           ("month", 1, 12, MONTHS), ("day of week", 0, 7, DAYS))
 SEARCH_DAYS = 4 * 366 + 1
 
@@ -139,7 +139,7 @@ def parse_cron(expr: str) -> Cron:
     parts = text.split()
     if len(parts) != 5:
         raise ValueError(f"{len(parts)} fields instead of 5")
-    sets = [_parse_field(p, lo, hi, names, what) for p, (what, lo, hi, names) in zip(parts, FIELDS)]
+    sets = [_parse_field(p, lo, hi, names, what) for p, (what, lo, hi, names) in zip(parts, FIELDS, strict=True)]
     weekdays = frozenset(d % 7 for d in sets[4])
     return Cron(expr=expr, minutes=tuple(sorted(sets[0])), hours=tuple(sorted(sets[1])),
                 days=frozenset(sets[2]), months=frozenset(sets[3]), weekdays=weekdays,
@@ -365,11 +365,23 @@ def run_due(settings: Settings, now: datetime | None = None, reporter: Reporter 
                    reasons=[i.reason for i in plan.items] or list(plan.notes))
     taken: list[dict[str, Any]] = []
     for item in plan.items:
-        if item.kind == "full":
-            manifest = backup.backup_full(settings, reporter)
-        elif item.kind == "incremental":
-            manifest = backup.backup_incremental(settings, reporter)
-        else:
+
+        def still_due(current: list[Any], kind: str = item.kind) -> bool:
+            fresh = [BackupRecord.from_manifest(m) for m in current
+                     if database is None or m.database == database]
+            return kind in decide_due(fresh, settings.policy, evaluated_at, read_claims(storage)).kinds
+
+        try:
+            if item.kind == "full":
+                manifest = backup.backup_full(settings, reporter, still_due=still_due)
+            elif item.kind == "incremental":
+                manifest = backup.backup_incremental(settings, reporter, still_due=still_due)
+            else:
+                manifest = None
+        except backup.NoLongerDue as exc:
+            reporter.event("nothing to do", reason=str(exc))
+            continue
+        if manifest is None:
             try:
                 from backup_tool import basebackup
             except ImportError:
@@ -412,7 +424,7 @@ class Job:
     cron: str
     commands: tuple[tuple[str, ...], ...]
     description: str
-    ignore_failure: tuple[bool, ...] = field(default=())
+    ignore_failure: tuple[bool, ...]
 
 
 def jobs_for(policy: Policy, textfile: str) -> list[Job]:
@@ -441,7 +453,7 @@ def _env_lines(settings: Settings) -> dict[str, str]:
     if settings.dsn:
         try:
             params = {k: v for k, v in conninfo_to_dict(settings.dsn).items() if k != "password"}
-            env["DATABASE_URL"] = make_conninfo(**params)
+            env["DATABASE_URL"] = make_conninfo("", **params)
         except Exception:
             pass
     return env
@@ -509,7 +521,7 @@ def _render_cron(settings: Settings, exe: Sequence[str], log_file: str, textfile
     log = f">> {shlex.quote(log_file)} 2>&1"
     for job in jobs_for(policy, textfile):
         parts = []
-        for cmd, ignore in zip(job.commands, job.ignore_failure):
+        for cmd, ignore in zip(job.commands, job.ignore_failure, strict=True):
             line = f"{prog} {' '.join(shlex.quote(a) for a in cmd)}"
             parts.append(f"{line} >/dev/null 2>&1" if ignore else f"{line} {log}")
         joiner = "; " if job.name == "run-due" else " && "
@@ -536,7 +548,7 @@ def _render_systemd(settings: Settings, exe: Sequence[str], name: str, textfile:
                 "After=network-online.target", "Wants=network-online.target", "",
                 "[Service]", "Type=oneshot", f"EnvironmentFile={env_file}",
                 "Nice=10", "IOSchedulingClass=best-effort"]
-        for cmd, ignore in zip(job.commands, job.ignore_failure):
+        for cmd, ignore in zip(job.commands, job.ignore_failure, strict=True):
             out.append(f"ExecStart={'-' if ignore else ''}{prog} {' '.join(shlex.quote(a) for a in cmd)}")
         out += ["", f"# --- /etc/systemd/system/{unit_prefix}-{job.name}.timer ---",
                 "[Unit]", f"Description=backup-tool {job.name} ({name}) timer", "",
@@ -560,7 +572,7 @@ def _render_kubernetes(settings: Settings, name: str, image: str) -> str:
             "#     --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...",
             "# (or give the pod an IAM role and keep only DATABASE_URL in the Secret)."]
     for job in jobs_for(policy, "/tmp/backup_tool.prom"):
-        commands = [c for c, ignore in zip(job.commands, job.ignore_failure) if not ignore]
+        commands = [c for c, ignore in zip(job.commands, job.ignore_failure, strict=True) if not ignore]
         script = " && ".join("backup-tool " + " ".join(shlex.quote(a) for a in c) for c in commands)
         tz = policy.schedule.timezone
         docs += ["---", "apiVersion: batch/v1", "kind: CronJob", "metadata:",

@@ -94,6 +94,10 @@ def verify(settings: Settings, ref: str = "latest", with_restore_test: bool = Fa
         checks.append(check_objects(storage, manifest, reporter, seen))
         if with_restore_test and checks[-1].ok and manifest.kind in ("full", "incremental"):
             checks.append(restore_test(settings, manifest, scratch_dsn, reporter))
+    if any(m.kind == "base" for m in manifests):
+        from backup_tool.pitr import repository_health
+
+        checks.extend(c for c in repository_health(settings).checks() if c.name == "wal_continuity")
     report = ValidationReport(storage.url, ref, tuple(checks))
     record(storage, report, [m.id for m in manifests], with_restore_test)
     return report

@@ -35,7 +35,6 @@ covers; :mod:`backup_tool.pitr` and the monitoring commands build on them.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import os
 import re
@@ -44,13 +43,24 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from backup_tool.errors import BackupToolError, IntegrityError, NotFoundError, StorageError, UsageError
-from backup_tool.storage.base import HashingCounter, ObjectExistsError, ObjectLock, Storage
+from backup_tool.errors import (
+    BackupToolError,
+    IntegrityError,
+    NotFoundError,
+    StorageError,
+    UsageError,
+)
+from backup_tool.storage.base import (
+    HashingCounter,
+    ObjectExistsError,
+    ObjectLock,
+    Storage,
+)
 
 if TYPE_CHECKING:
-    from backup_tool.validate import Check
+    import psycopg
 
-    Connection = Any
+    from backup_tool.validate import Check
 
 WAL_PREFIX = "wal/"
 HISTORY_PREFIX = "wal/history/"
@@ -58,6 +68,7 @@ DEFAULT_SEGMENT_SIZE = 16 << 20
 SPOOL_DIR = "backup-tool-spool"
 READ_SIZE = 1 << 20
 DEFAULT_BATCH = 8
+SPOOL_IN_MEMORY = 64 << 20
 PUSH_THREADS = 4
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
@@ -244,45 +255,43 @@ def _file_chunks(path: Path, counter: HashingCounter | None = None) -> Iterator[
         raise StorageError(f"cannot read WAL file {path}: {exc.strerror}") from None
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
-    counter = HashingCounter()
-    for _ in _file_chunks(path, counter):
-        pass
-    return counter.hexdigest(), counter.size
-
-
 def push_file(storage: Storage, path: Path, level: int = 3) -> PushResult:
-    """Archive one WAL file; idempotent for identical content, refuses different content."""
+    """Archive one WAL file; idempotent for identical content, refuses different content.
+
+    The file is read once: hashed and compressed together into a spooled buffer (memory up
+    to 64 MiB, then a temporary file), which is uploaded under the content's sha256 only
+    if no object of that name exists yet.
+    """
+    import tempfile
+
     import zstandard
 
     name = path.name
     wal_file_kind(name)
-    sha, size = _hash_file(path)
-    existing = _find(storage, name)
-    for obj in existing:
-        if obj.sha256 == sha:
-            return PushResult(name, obj.key, size, obj.size, sha, True)
-    if existing:
-        raise WalConflictError(
-            f"{name} is already archived with different content ({existing[0].key}); nothing was overwritten",
-            "two clusters may be archiving into the same repository: give each its own --repo")
-    key = object_key(name, sha)
     counter = HashingCounter()
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-
-    def compressed() -> Iterator[bytes]:
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as buf:
         chunker = cctx.chunker(chunk_size=READ_SIZE)
         for chunk in _file_chunks(path, counter):
-            yield from chunker.compress(chunk)
-        yield from chunker.finish()
-        if counter.hexdigest() != sha:
-            raise IntegrityError(f"WAL file {path} changed while it was being archived",
-                                 "PostgreSQL retries the archive_command; if this repeats, check the disk")
-
-    try:
-        result = storage.put(key, compressed())
-    except ObjectExistsError:
-        return PushResult(name, key, size, 0, sha, True)
+            for out in chunker.compress(chunk):
+                buf.write(out)
+        for out in chunker.finish():
+            buf.write(out)
+        sha, size = counter.hexdigest(), counter.size
+        existing = _find(storage, name)
+        for obj in existing:
+            if obj.sha256 == sha:
+                return PushResult(name, obj.key, size, obj.size, sha, True)
+        if existing:
+            raise WalConflictError(
+                f"{name} is already archived with different content ({existing[0].key}); nothing was overwritten",
+                "two clusters may be archiving into the same repository: give each its own --repo")
+        key = object_key(name, sha)
+        buf.seek(0)
+        try:
+            result = storage.put(key, iter(lambda: buf.read(READ_SIZE), b""))
+        except ObjectExistsError:
+            return PushResult(name, key, size, 0, sha, True)
     return PushResult(name, key, size, result.size, sha, False)
 
 
@@ -369,6 +378,28 @@ def try_fast_push(argv: list[str], environ: dict[str, str] | None = None) -> boo
     return fast_ack(path, repo)
 
 
+def try_fast_fetch(argv: list[str]) -> bool:
+    """``backup-tool wal fetch NAME DEST`` answered from the read-ahead directory without
+    loading the command line framework or the repository client (see :func:`try_fast_push`)."""
+    if argv[:2] != ["wal", "fetch"]:
+        return False
+    positional = []
+    rest = argv[2:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("--repo", "--prefetch"):
+            i += 2
+            continue
+        if arg.startswith("-"):
+            if not arg.startswith(("--repo=", "--prefetch=")) and arg != "--abort-on-error":
+                return False
+        else:
+            positional.append(arg)
+        i += 1
+    return len(positional) == 2 and take_prefetched(positional[0], positional[1])
+
+
 def _ready_ahead(path: Path, limit: int) -> list[Path]:
     status = path.parent / "archive_status"
     if limit <= 0 or not status.is_dir():
@@ -391,6 +422,10 @@ def _sweep_spool(path: Path) -> None:
     spool = _spool_dir(path)
     if not spool.is_dir():
         return
+    if (spool / "prefetch").is_dir():
+        import shutil
+
+        shutil.rmtree(spool / "prefetch", ignore_errors=True)
     for entry in os.scandir(spool):
         if entry.name.endswith(".pushed") and not (path.parent / entry.name[:-len(".pushed")]).exists():
             Path(entry.path).unlink(missing_ok=True)
@@ -405,13 +440,15 @@ def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
     Returns only when ``wal_path`` itself is durable. Failures of files pushed ahead are
     reported through ``warn`` and leave no spool entry (PostgreSQL's own call retries them).
     """
+    import concurrent.futures as cf
+
     path = Path(wal_path)
     if lock is not None:
         storage.lock_new_objects(lock)
+    _sweep_spool(path)
     ahead = _ready_ahead(path, batch - 1)
     if not ahead:
         return push_file(storage, path, level)
-    _sweep_spool(path)
     pushed: list[str] = []
     with cf.ThreadPoolExecutor(min(PUSH_THREADS, len(ahead) + 1), thread_name_prefix="wal-push") as pool:
         own = pool.submit(push_file, storage, path, level)
@@ -474,6 +511,8 @@ def read_archived(storage: Storage, obj: WalFile) -> Iterator[bytes]:
     counter = HashingCounter()
     dctx = zstandard.ZstdDecompressor()
     try:
+        from backup_tool.pipeline import ChunkReader
+
         reader = dctx.stream_reader(ChunkReader(storage.get(obj.key)),  # type: ignore[arg-type]
                                    read_across_frames=True)
         while chunk := reader.read(READ_SIZE):
@@ -489,31 +528,7 @@ def read_archived(storage: Storage, obj: WalFile) -> Iterator[bytes]:
             "recover to an earlier point, and take a new base backup")
 
 
-class ChunkReader:
-    """A read()-able view of an iterator of byte chunks."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._it = chunks
-        self._buf = b""
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._buf:
-            try:
-                self._buf = next(self._it)
-            except StopIteration:
-                return b""
-        if size < 0 or size >= len(self._buf):
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:size], self._buf[size:]
-        return out
-
-
-def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
-    """``restore_command``: write archived ``name`` to ``destination`` once verified."""
-    wal_file_kind(name)
-    obj = open_archived(storage, name)
-    dest = Path(destination)
+def _download(storage: Storage, obj: WalFile, dest: Path) -> int:
     tmp = dest.with_name(f".{dest.name}.backup-tool-{os.getpid()}")
     size = 0
     try:
@@ -526,7 +541,121 @@ def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
         raise StorageError(f"cannot write {dest}: {exc.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
+    return size
+
+
+def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
+    """``restore_command``: write archived ``name`` to ``destination`` once verified."""
+    wal_file_kind(name)
+    obj = open_archived(storage, name)
+    dest = Path(destination)
+    size = _download(storage, obj, dest)
     return FetchResult(name, obj.key, size, str(dest))
+
+
+# --------------------------------------------------------------------------- read-ahead for recovery
+
+
+def _prefetch_dir(destination: Path) -> Path:
+    return destination.parent / SPOOL_DIR / "prefetch"
+
+
+def take_prefetched(name: str, destination: str | Path) -> bool:
+    """Move ``name`` into place if a read-ahead already downloaded and verified it.
+
+    Files reach the read-ahead directory only after their sha256 matched (renamed into it
+    complete), so moving one is as safe as fetching it. Older segments of the same timeline
+    are dropped: recovery has moved past them.
+    """
+    dest = Path(destination)
+    folder = _prefetch_dir(dest)
+    if not folder.is_dir():
+        return False
+    if SEGMENT_RE.match(name):
+        for entry in os.scandir(folder):
+            if SEGMENT_RE.match(entry.name) and entry.name[:8] == name[:8] and entry.name < name:
+                Path(entry.path).unlink(missing_ok=True)
+    try:
+        os.replace(folder / name, dest)
+    except OSError:
+        return False
+    return True
+
+
+def segment_size_of(path: str | Path) -> int | None:
+    """WAL segment size from a segment's first page header (``xlp_seg_size``), if it looks valid."""
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(40)
+    except OSError:
+        return None
+    if len(header) < 40:
+        return None
+    size = int.from_bytes(header[32:36], "little")
+    if size < (1 << 20) or size > (1 << 30) or size & (size - 1):
+        return None
+    return size
+
+
+def prefetch(storage: Storage, name: str, destination: str | Path, count: int,
+             seg_size: int = DEFAULT_SEGMENT_SIZE) -> list[str]:
+    """Download and verify the ``count`` segments after ``name`` into the read-ahead
+    directory (those not there yet), stopping at the first one not archived."""
+    import fcntl
+
+    folder = _prefetch_dir(Path(destination))
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return []
+        tli = int(name[:8], 16)
+        start = segment_number(name, seg_size)
+        fetched = []
+        for segno in range(start + 1, start + 1 + count):
+            next_name = segment_name(tli, segno, seg_size)
+            target = folder / next_name
+            if target.exists():
+                continue
+            try:
+                obj = open_archived(storage, next_name)
+            except WalMissingError:
+                break
+            _download(storage, obj, target)
+            fetched.append(next_name)
+        return fetched
+
+
+def prefetch_in_background(repo_url: str, name: str, destination: str | Path, count: int) -> bool:
+    """Fork a detached process that reads ahead ``count`` segments after ``name``; return at once.
+
+    The child opens its own repository connection and never touches ``destination``; the
+    restore_command that needs one of its files later takes it with :func:`take_prefetched`.
+    """
+    if count <= 0 or not SEGMENT_RE.match(name):
+        return False
+    seg_size = segment_size_of(destination)
+    if seg_size is None:
+        return False
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return True
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        if os.fork():
+            os._exit(0)
+        from backup_tool.storage import open_storage
+
+        prefetch(open_storage(repo_url), name, destination, count, seg_size)
+    except BaseException:
+        pass
+    finally:
+        os._exit(0)
 
 
 def read_history(storage: Storage, tli: int) -> str | None:
@@ -772,7 +901,7 @@ def archive_health(storage: Storage, base_starts: Iterable[tuple[int, int, int]]
                          oldest, tuple(gaps), tuple(covs))
 
 
-def archiving_checks(conn: "Connection", storage: Storage) -> list["Check"]:
+def archiving_checks(conn: "psycopg.Connection[Any]", storage: Storage) -> list["Check"]:
     """The server side of archiving, for ``check``: archive_mode and archive_command point at
     this tool, ``pg_stat_archiver`` shows no current failure, and the last segment the
     server archived is in *this* repository."""

@@ -8,6 +8,7 @@ compared with the state recorded at that moment by an independent fingerprint.""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -222,6 +223,9 @@ def test_targets_outside_the_archive_are_refused(scenario: Scenario) -> None:
         assert proc.returncode == 1, proc.stderr
         assert all(w in proc.stderr for w in words), proc.stderr
         assert list(pgdata.iterdir()) == []
+    taken = cli("restore", "pitr", "--repo", repo, "--latest", "--pgdata", scenario.pgdata(),
+                "--port", str(scenario.server.port))
+    assert taken.returncode == 1 and "already in use" in taken.stderr
     busy = scenario.pgdata()
     (busy / "PG_VERSION").write_text("15\n")
     proc = cli("restore", "pitr", "--repo", repo, "--latest", "--pgdata", busy)
@@ -263,3 +267,50 @@ def test_damaged_archive_never_reaches_postgres(scenario: Scenario) -> None:
 def _segment_of(lsn: str) -> str:
     hi, lo = (int(x, 16) for x in lsn.split("/"))
     return f"00000001{hi:08X}{(lo >> 24):08X}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_tables_at_a_time_cleans_up_when_interrupted(scenario: Scenario, sig: signal.Signals) -> None:
+    before = set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*"))
+    argv = [*scenario.cli.command, "restore", "tables", "--repo", scenario.repo, "--tables", "public.ledger",
+            "--target-time", scenario.t1, "--target-dsn", scenario.server.dsn("app"), "--into-schema", "never"]
+    proc = subprocess.Popen(argv, env=scenario.cli.base_env(), cwd=scenario.cli.workdir,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        running: list[Path] = []
+        while not running:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the temporary cluster never started"
+            running = [p for p in set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) - before
+                       if (p / "data" / "postmaster.pid").exists()]
+            time.sleep(0.05)
+        pid_line = (running[0] / "data" / "postmaster.pid").read_text().splitlines()[0]
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out
+    assert not running[0].exists(), "temporary directory left behind"
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid_line}").exists():
+        status = Path(f"/proc/{pid_line}/status").read_text() if Path(f"/proc/{pid_line}/status").exists() else ""
+        assert time.monotonic() < deadline, f"temporary server left running: {status[:200]} {err[-2000:]}"
+        time.sleep(0.1)
+    with psycopg.connect(scenario.server.dsn("app")) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'never'").fetchone() == (0,)
+
+
+def test_check_reports_archiving_health(scenario: Scenario, tmp_path: Path) -> None:
+    """check: archive_command pushes to this repository, no archiver failure, no gap, fresh WAL."""
+    report = scenario.cli.json("check", "--repo", scenario.repo, "--dsn", scenario.server.dsn("app"))
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in ("archive_command", "archiver_failures", "archive_destination", "wal_continuity", "wal_newest_age"):
+        assert checks[name]["ok"] is True, checks[name]
+    other = tmp_path / "other-repo"
+    other.mkdir()
+    proc = scenario.cli("check", "--repo", str(other), "--dsn", scenario.server.dsn("app"), "--json")
+    assert proc.returncode == 3
+    bad = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+    assert "another repository" in bad["archive_destination"]

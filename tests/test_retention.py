@@ -11,7 +11,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -389,3 +388,46 @@ def test_cli_dry_run_and_apply(cli: Any, tmp_path: Path) -> None:
     assert text.returncode == 0 and "would delete 0 backup(s)" in text.stdout
     bad = cli("retention", "apply", "--repo", repo, "--now", "soon")
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- WAL (real archive layout)
+
+
+def _base_manifest(started: datetime, start_segment: str, policy: Policy) -> Any:
+    from backup_tool.manifest import PhysicalInfo
+    from simhistory import make_manifest
+
+    m = make_manifest("base", started, policy)
+    physical = PhysicalInfo(start_lsn="0/0", stop_lsn="0/0", timeline=int(start_segment[:8], 16),
+                            start_wal=start_segment, stop_wal=start_segment, stop_time=started,
+                            wal_segment_size=16 << 20, checkpoint="fast", backup_label="")
+    return replace(m, physical=physical)
+
+
+def test_wal_expiry_against_the_real_archive(tmp_path: Path) -> None:
+    from backup_tool import wal
+    from backup_tool.catalog import Catalog
+    from simhistory import store
+
+    repo = str(tmp_path / "repo")
+    storage = open_storage(repo)
+    spool = tmp_path / "pg_wal"
+    spool.mkdir()
+    names = [segment_name(1, p) for p in range(1, 41)]
+    for name in names + ["00000002.history"]:
+        (spool / name).write_bytes(name.encode() * 4)
+        wal.push_file(storage, spool / name)
+    now = ts("2026-11-25T12:00Z")
+    bases = [store(storage, _base_manifest(ts(f"2026-11-{d:02d}T03:00Z"), segment_name(1, p), P))
+             for d, p in ((2, 5), (12, 15), (16, 25), (22, 35))]
+    History(storage).full("2026-11-25T02:00Z")
+    result = apply_retention(_settings(repo), now=now)
+    assert result.deleted == [bases[0].id, bases[1].id]
+    assert result.plan.wal is not None and result.plan.wal.keep_from == segment_name(1, 25)
+    left = [s.name for s in wal.list_segments(storage)]
+    assert left == [segment_name(1, p) for p in range(25, 41)]
+    assert result.wal_deleted == 24
+    assert any(f.key.startswith("wal/history/") for f in wal.list_archive(storage)), "history files are kept"
+    assert {m.id for m in Catalog(storage).backups()} >= {bases[2].id, bases[3].id}
+    runs, _, _ = read_log(storage)
+    assert runs[-1]["wal"]["segments"] == [segment_name(1, p) for p in range(1, 25)]

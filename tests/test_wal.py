@@ -324,3 +324,36 @@ def test_list_segments_and_health(tmp_path: Path, local_repo: str) -> None:
     stale = wal.archive_health(storage, [(1, wal.parse_lsn("0/3000028"), SEG)],
                                now=datetime.now(timezone.utc) + timedelta(hours=3))
     assert not {c.name: c for c in stale.checks(max_age=timedelta(hours=1))}["wal_newest_age"].ok
+
+
+def test_fetch_reads_ahead_verified_segments(cli: Any, local_repo: str, tmp_path: Path) -> None:
+    names = [wal.segment_name(1, n) for n in range(1, 6)]
+    source = tmp_path / "source"
+    source.mkdir()
+    for i, name in enumerate(names):
+        header = bytearray(os.urandom(40))
+        header[32:36] = SEG.to_bytes(4, "little")
+        (source / name).write_bytes(bytes(header) + bytes([i]) * 100000)
+        assert cli("wal", "push", source / name, "--repo", local_repo).returncode == 0
+    pg_wal = tmp_path / "data" / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    dest = pg_wal / "RECOVERYXLOG"
+    first = cli("wal", "fetch", names[0], dest, "--repo", local_repo, "--prefetch", "3")
+    assert first.returncode == 0, first.stderr
+    assert dest.read_bytes() == (source / names[0]).read_bytes()
+    ahead = pg_wal / wal.SPOOL_DIR / "prefetch"
+    deadline = time.monotonic() + 20
+    while sorted(p.name for p in ahead.glob("0*")) != names[1:4]:
+        assert time.monotonic() < deadline, sorted(p.name for p in ahead.glob("*"))
+        time.sleep(0.1)
+
+    moved = Path(local_repo).rename(tmp_path / "repo-offline")
+    assert wal.try_fast_fetch(["wal", "fetch", names[1], str(dest), "--repo", local_repo]) is True
+    assert dest.read_bytes() == (source / names[1]).read_bytes()
+    served = cli("wal", "fetch", names[2], dest, "--repo", local_repo)
+    assert served.returncode == 0, served.stderr
+    assert dest.read_bytes() == (source / names[2]).read_bytes()
+    offline = cli("wal", "fetch", names[4], dest, "--repo", local_repo)
+    assert offline.returncode == 1
+    moved.rename(local_repo)
+    assert list(ahead.glob("0*")) == []  # recovery asked for a later segment: older read-ahead dropped

@@ -27,12 +27,17 @@ def restore_full_cmd(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
                                                 help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the final validation")] = False,
+    schema_from_migrations: Annotated[Optional[str], typer.Option(
+        "--schema-from-migrations", metavar="DIR",
+        help="Build the schema by replaying these migrations (a Supabase project or a folder of "
+             "<version>_<name>.sql) instead of the backup's schema; refused if it cannot hold the data")] = None,
 ) -> int:
     """Restore a whole backup into an empty database, then validate it against the manifest (exit 3 if not identical)."""
     from backup_tool.restore import restore_full
 
     result = restore_full(inv.settings, target_dsn, backup, create=create, with_roles=with_roles,
-                          jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter)
+                          jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter,
+                          schema_from_migrations=schema_from_migrations)
     inv.out(result.to_dict(), lambda: render_report(result))
     return 0
 

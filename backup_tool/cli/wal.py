@@ -53,6 +53,10 @@ def wal_fetch_cmd(
     inv: Invocation,
     wal_name: Annotated[str, typer.Argument(metavar="WAL_NAME", help="The file to restore: PostgreSQL's %f")],
     destination: Annotated[str, typer.Argument(metavar="DEST", help="Where to write it: PostgreSQL's %p")],
+    prefetch: Annotated[int, typer.Option("--prefetch", min=0, max=64,
+                                          help="After fetching a segment, download and verify the next N in "
+                                               "the background so PostgreSQL's next calls return at once "
+                                               "(0 = off)")] = 8,
     abort_on_error: Annotated[bool, typer.Option(
         "--abort-on-error",
         help="On any failure other than 'not in the archive' exit 255, so that PostgreSQL aborts "
@@ -65,8 +69,13 @@ def wal_fetch_cmd(
     from backup_tool.errors import BackupToolError
     from backup_tool.storage import open_storage
 
+    if wal.take_prefetched(wal_name, destination):
+        if inv.common.json:
+            inv.out({"name": wal_name, "destination": destination, "from_read_ahead": True}, "")
+        return 0
+    repo_url = inv.settings.repo_url
     try:
-        result = wal.fetch(open_storage(inv.settings.repo_url), wal_name, destination)
+        result = wal.fetch(open_storage(repo_url), wal_name, destination)
     except wal.WalMissingError:
         print(f"backup-tool: {wal_name} is not in the archive (end of archive)", file=sys.stderr)
         return 1
@@ -75,6 +84,7 @@ def wal_fetch_cmd(
             raise
         print(inv.redact(f"backup-tool: error: {exc}"), file=sys.stderr)
         return 255
+    wal.prefetch_in_background(repo_url, wal_name, destination, prefetch)
     if inv.common.json:
         inv.out(result.to_dict(), "")
     return 0
