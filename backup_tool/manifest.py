@@ -132,6 +132,12 @@ class Manifest:
         return [o for o in self.objects() if o.key.startswith(prefix)]
 
     @property
+    def encryption_key_id(self) -> str | None:
+        """The id of the key the backup's objects are encrypted with (None: not encrypted)."""
+        enc = self.options.get("encryption")
+        return str(enc["key_id"]) if isinstance(enc, dict) and enc.get("key_id") else None
+
+    @property
     def size_bytes(self) -> int:
         return sum(o.size for o in self.own_objects())
 
@@ -154,6 +160,7 @@ class Manifest:
             "rows": sum(t.rows for t in self.tables if t.relkind == "r"),
             "raw_bytes": sum(o.raw_size for o in self.own_objects()),
             "policy": self.policy.get("name"),
+            "encryption_key_id": self.encryption_key_id,
             **({"start_lsn": self.physical.start_lsn, "stop_lsn": self.physical.stop_lsn,
                 "timeline": self.physical.timeline, "checkpoint": self.physical.checkpoint}
                if self.physical else {}),

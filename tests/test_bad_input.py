@@ -288,6 +288,9 @@ CASES = [
          ("--into-schema and --replace",)),
     Case("not a WAL file name", lambda w: ["wal", "push", str(w.base / "notwal.txt"), "--repo", w.repo], 2,
          ("is not a WAL file name",)),
+    Case("migrations folder that does not exist", lambda w: ["schema", "replay", "--migrations",
+                                                             str(w.base / "no-migrations"), "--target-dsn",
+                                                             w.target("replay")], 2, ("does not exist",)),
     Case("WAL file that does not exist", lambda w: ["wal", "push", str(w.base / "000000010000000000000042"),
                                                     "--repo", w.repo], 1, ("does not exist",)),
 ]

@@ -391,7 +391,14 @@ def test_encrypted_backup_restores_identically_and_fails_clearly_otherwise(
         raw = read_object(repo, key)
         assert raw.startswith(b"BTENC") != key.startswith("manifests/"), key
 
-    assert [e["id"] for e in cli.json("list", "--repo", repo)] == [entry["id"]], "list needs no key"
+    listed = cli.json("list", "--repo", repo)
+    assert [(e["id"], e["encryption_key_id"]) for e in listed] == [(entry["id"], KEY.key_id)], "list needs no key"
+    checks = {c["name"]: c for c in cli.json("check", "--repo", repo, "--dsn", seed_db.dsn, env=with_key)["checks"]}
+    assert checks["encryption"]["ok"] and KEY.key_id in checks["encryption"]["detail"]
+    keyless_check = cli("check", "--repo", repo, "--dsn", seed_db.dsn, "--json")
+    checks = {c["name"]: c for c in keyless_check.json()["checks"]}
+    assert keyless_check.returncode == 3 and not checks["encryption"]["ok"]
+    assert "new backups would be unencrypted" in checks["encryption"]["detail"]
     keyless_verify = cli.json("verify", "--repo", repo, "latest")
     assert keyless_verify["ok"] and "not decrypted" in keyless_verify["checks"][0]["detail"]
     assert "not decrypted" not in cli.json("verify", "--repo", repo, "latest", env=with_key)["checks"][0]["detail"]

@@ -280,6 +280,11 @@ def test_no_command_leaks_a_secret(world: World) -> None:
     world.pgdatas.append(pgdata)
     cmd("restore pitr", "--latest", "--pgdata", pgdata, "--port", str(free_port()), "--no-archive", "--json")
 
+    migrations = Path(__file__).parent / "fixtures" / "migrations"
+    with server.admin_conn() as conn:
+        conn.execute("CREATE DATABASE replayed")
+    cmd("schema replay", "--migrations", migrations, "--target-dsn", world.dsn_without_password("replayed"))
+    cmd("schema diff", "--migrations", migrations, "--against", "latest", expect=(0, 3))
     for fmt in ("cron", "systemd", "kubernetes"):
         cmd("schedule", "--format", fmt)
     cmd("run-due")
