@@ -297,9 +297,10 @@ def test_no_command_leaks_a_secret(world: World) -> None:
     cmd("retention apply")
     world.written += [metrics, report]
 
-    bad = cmd("backup full", "--dsn", server.dsn("app").replace(world.password, world.password[::-1]),
-              expect=1)
-    assert "password authentication failed" in bad.stderr
+    wrong = world.password[::-1]
+    bad = cmd("backup full", "--dsn", server.dsn("app").replace(world.password, wrong), "--debug", expect=1)
+    assert "password authentication failed" in bad.stderr and "Traceback" in bad.stderr
+    assert wrong not in bad.stdout + bad.stderr
 
     missing = set(cli_commands()) - covered
     assert not missing, f"commands without a secrets case: {sorted(missing)}"
