@@ -16,8 +16,8 @@ from backup_tool import postgres
 from backup_tool.catalog import Catalog
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError
-from backup_tool.postgres import ConnInfo
 from backup_tool.manifest import Manifest
+from backup_tool.postgres import ConnInfo
 from backup_tool.storage import Storage, open_storage
 from backup_tool.storage.encrypted import ALGORITHM, KEY_HINT, encryption_of
 from backup_tool.validate import Check, ValidationReport

@@ -399,9 +399,9 @@ class Snapshot:
                AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
              ORDER BY 2""").format(oids=sql.Literal([t.oid for t in tables]))).fetchall()
         if denied:
-            user, names = denied[0][0], [row[1] for row in denied]
-            raise DatabaseError(f"role {user} may not read {len(names)} of the tables and sequences to back up "
-                                f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})",
+            user, unreadable = denied[0][0], [row[1] for row in denied]
+            raise DatabaseError(f"role {user} may not read {len(unreadable)} of the tables and sequences to back "
+                                f"up ({', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''})",
                                 f"grant {user} USAGE on their schemas and SELECT on them, or back up as "
                                 "their owner or a superuser")
         for start in range(0, len(tables), 200):

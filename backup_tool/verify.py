@@ -4,8 +4,9 @@
 checksummed, decompressed to prove the zstd frames are whole), so a pass means the backup
 can be read. An encrypted backup is also decrypted (every frame authenticated) when its
 key is configured; without it, the checksums of the stored bytes are still checked, and
-the report says the contents were not decrypted. With ``restore_test`` it goes further: the backup is restored into a scratch
-database, validated against its manifest, and the scratch database dropped. Each run's
+the report says the contents were not decrypted. With ``restore_test`` it goes further:
+the backup is restored into a scratch database, validated against its manifest, and the
+scratch database dropped. Each run's
 outcome is recorded in the repository (``verifications/``) as audit evidence. Physical base
 backups are checked object by object; their restore drill is ``restore pitr``.
 """

@@ -166,7 +166,8 @@ def world(pg_server: PgServer, seed_db: DbHandle, s3_server: Any) -> Iterator[Wo
             subprocess.run(["umount", str(full_disk)], check=False)
         pg_server.drop_db(big.name)
         with pg_server.admin_conn() as conn:
-            leftovers = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bad\\_input\\_%'")]
+            leftovers = [r[0] for r in conn.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'bad\\_input\\_%'")]
         for name in leftovers:
             pg_server.drop_db(name)
         with pg_server.admin_conn(seed_db.name) as conn:
@@ -186,7 +187,8 @@ class Case:
 
 def dsn_with(w: World, **parts: str) -> str:
     host, port = parts.get("host", "127.0.0.1"), parts.get("port", str(w.server.port))
-    return f"postgresql://postgres:{parts.get('password', w.server.password)}@{host}:{port}/{parts.get('db', w.db.name)}"
+    password, db = parts.get("password", w.server.password), parts.get("db", w.db.name)
+    return f"postgresql://postgres:{password}@{host}:{port}/{db}"
 
 
 BAD_TIMES = ("2026-13-45", "yesterday", "25/11/2026", "2026-11-25T25:00", "2026-02-30T00:00:00Z")
@@ -198,7 +200,8 @@ CASES = [
     Case("unknown host name", lambda w: ["backup", "full", "--repo", w.repo,
                                          "--dsn", dsn_with(w, host="no-such-host.invalid")],
          1, ("cannot connect", "no-such-host.invalid")),
-    Case("wrong password", lambda w: ["backup", "full", "--repo", w.repo, "--dsn", dsn_with(w, password=WRONG_PASSWORD)],
+    Case("wrong password", lambda w: ["backup", "full", "--repo", w.repo,
+                                      "--dsn", dsn_with(w, password=WRONG_PASSWORD)],
          1, ("password authentication failed",)),
     Case("missing database", lambda w: ["backup", "full", "--repo", w.repo, "--dsn", dsn_with(w, db="no_such_db")],
          1, ("no_such_db", "does not exist")),
@@ -254,7 +257,8 @@ CASES = [
          lambda w: ["restore", "pitr", "--repo", w.repo, "--target-time", "2026-01-01T00:00:00Z", "--pgdata",
                     str(w.base / "pitr")], 1, ("no base backup",)),
     # policy and configuration
-    Case("policy file that is not TOML", lambda w: ["list", "--repo", w.repo, "--policy", str(w.base / "bad-syntax.toml")],
+    Case("policy file that is not TOML", lambda w: ["list", "--repo", w.repo,
+                                                    "--policy", str(w.base / "bad-syntax.toml")],
          2, ("bad-syntax.toml",)),
     Case("policy value out of range", lambda w: ["list", "--repo", w.repo, "--policy", str(w.base / "bad-value.toml")],
          2, ("full_days",)),

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backup_tool.errors import BackupToolError, ConfigError, IntegrityError
 from backup_tool.manifest import parse_manifest
@@ -267,8 +267,9 @@ def test_open_storage_reads_the_key_from_the_environment(tmp_path: Path, monkeyp
 
 
 def test_commit_records_the_key_id_and_seals_the_manifest(tmp_path: Path) -> None:
-    from backup_tool.catalog import Catalog
     from test_manifest import make_manifest
+
+    from backup_tool.catalog import Catalog
 
     storage = EncryptedStorage(LocalStorage(tmp_path), KEY)
     stored = Catalog(storage).commit(make_manifest())
@@ -296,8 +297,9 @@ def test_commit_records_the_key_id_and_seals_the_manifest(tmp_path: Path) -> Non
 
 
 def test_restoring_needs_the_recorded_key(tmp_path: Path) -> None:
-    from backup_tool.catalog import Catalog
     from test_manifest import make_manifest
+
+    from backup_tool.catalog import Catalog
 
     stored = Catalog(EncryptedStorage(LocalStorage(tmp_path), KEY)).commit(make_manifest())
     with pytest.raises(ConfigError, match=f"backup {stored.id} is encrypted with key id {KEY.key_id} and no"):
@@ -310,9 +312,10 @@ def test_restoring_needs_the_recorded_key(tmp_path: Path) -> None:
 def test_an_incremental_chain_never_mixes_keys() -> None:
     from dataclasses import replace
 
+    from test_manifest import T0, make_manifest
+
     from backup_tool.backup import choose_parent
     from backup_tool.policy import Policy
-    from test_manifest import T0, make_manifest
 
     full = make_manifest()
     sealed = replace(full, options={"encryption": KEY.describe()})

@@ -46,7 +46,7 @@ import secrets
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -117,7 +117,7 @@ def parse_key(text: bytes, where: str) -> EncryptionKey:
     return EncryptionKey(raw)
 
 
-def key_from_environment(environ: dict[str, str] | None = None) -> EncryptionKey | None:
+def key_from_environment(environ: Mapping[str, str] | None = None) -> EncryptionKey | None:
     """The key configured by ``BACKUP_TOOL_ENCRYPTION_KEY`` and/or ``..._KEY_FILE``, or None.
 
     Both may be set (a wrapper may name the file while the operator exported the key) only
@@ -140,7 +140,7 @@ def key_from_environment(environ: dict[str, str] | None = None) -> EncryptionKey
     return from_value or from_file
 
 
-def secret_texts(environ: dict[str, str] | None = None) -> list[str]:
+def secret_texts(environ: Mapping[str, str] | None = None) -> list[str]:
     """The configured key as the texts that could be printed by mistake (for redaction)."""
     env = os.environ if environ is None else environ
     found = [env.get(KEY_ENV, "").strip()]
@@ -292,8 +292,8 @@ class EncryptedStorage(Storage):
         self.key = key
         self.url = inner.url
 
-    @property  # type: ignore[override]
-    def object_lock(self) -> ObjectLock | None:
+    @property
+    def object_lock(self) -> ObjectLock | None:  # type: ignore[override]
         return self.inner.object_lock
 
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:

@@ -25,7 +25,7 @@ import concurrent.futures as cf
 import os
 import threading
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -96,7 +96,7 @@ SSE_KMS_KEY_ENV = "BACKUP_TOOL_S3_SSE_KMS_KEY_ID"
 SSE_MODES = ("AES256", "aws:kms", "aws:kms:dsse")
 
 
-def sse_args(environ: dict[str, str] | None = None) -> dict[str, str]:
+def sse_args(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The server-side encryption parameters of PutObject/CreateMultipartUpload, from the environment."""
     env = os.environ if environ is None else environ
     mode, kms_key = env.get(SSE_ENV, "").strip(), env.get(SSE_KMS_KEY_ENV, "").strip()
