@@ -37,8 +37,8 @@ from typing import Any, Callable
 
 import psycopg
 
-from backup_tool import __version__, pipeline, postgres, schema
-from backup_tool.catalog import Catalog, data_prefix, new_backup_id
+from backup_tool import __version__, pipeline, postgres, schema, testhooks
+from backup_tool.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError, LockHeldError
 from backup_tool.manifest import Manifest, StoredObject, TableEntry, utc_iso
@@ -82,9 +82,11 @@ class _Workers:
 
 
 def _store_compressed(storage: Storage, key: str, chunks: Any, level: int, threads: int,
-                      on_raw: Callable[[int], None] | None = None) -> tuple[StoredObject, pipeline.StreamStats]:
+                      on_raw: Callable[[int], None] | None = None,
+                      pause: str = "") -> tuple[StoredObject, pipeline.StreamStats]:
     stats = pipeline.StreamStats()
-    result = storage.put(key, pipeline.compress(chunks, level, threads, stats, on_raw))
+    stream = pipeline.compress(chunks, level, threads, stats, on_raw)
+    result = storage.put(key, testhooks.paused_stream(pause, stream) if pause else stream)
     return StoredObject(key, result.size, result.sha256, stats.raw_size), stats
 
 
@@ -96,7 +98,7 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
     env["PGCLIENTENCODING"] = encoding
     proc = pipeline.Process(argv, env, f"COPY of {table.schema}.{table.name}")
     try:
-        obj, stats = _store_compressed(storage, key, proc.chunks(), level, threads, advance)
+        obj, stats = _store_compressed(storage, key, proc.chunks(), level, threads, advance, "backup:upload")
         proc.finish()
     except BaseException:
         proc.kill()
@@ -155,20 +157,26 @@ StillDue = Callable[[list[Manifest]], bool]
 
 
 def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int | None = None,
-                only_tables: set[tuple[str, str]] | None = None, still_due: StillDue | None = None) -> Manifest:
+                only_tables: set[tuple[str, str]] | None = None, still_due: StillDue | None = None,
+                lock_timeout: float = 0.0) -> Manifest:
     """Take a full logical backup of the settings' database; return its committed manifest.
 
     ``only_tables`` limits the table data to those (schema, name) pairs (and, for a
     partitioned table, its partitions); the schema archive is always complete.
     ``still_due`` is asked, once the lock is held, whether the backup is still wanted.
+    ``lock_timeout``: seconds to wait for a running backup of the same database into the
+    same repository to finish (0: fail at once with :class:`LockHeldError`).
     """
-    return _logical_backup(settings, reporter or NullReporter(), jobs, "full", only_tables, still_due)
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "full", only_tables, still_due,
+                           lock_timeout)
 
 
 def backup_incremental(settings: Settings, reporter: Reporter | None = None,
-                       jobs: int | None = None, still_due: StillDue | None = None) -> Manifest:
+                       jobs: int | None = None, still_due: StillDue | None = None,
+                       lock_timeout: float = 0.0) -> Manifest:
     """Back up only what changed since the newest backup; take a full (and say so) if needed."""
-    return _logical_backup(settings, reporter or NullReporter(), jobs, "incremental", None, still_due)
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "incremental", None, still_due,
+                           lock_timeout)
 
 
 def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
@@ -185,7 +193,8 @@ def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> lis
 
 
 def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, kind: str,
-                    only_tables: set[tuple[str, str]] | None, still_due: StillDue | None = None) -> Manifest:
+                    only_tables: set[tuple[str, str]] | None, still_due: StillDue | None = None,
+                    lock_timeout: float = 0.0) -> Manifest:
     storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
@@ -200,9 +209,12 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         info = postgres.server_info(control)
         major = info["server_version_num"] // 10000
         database = info["database"]
-        if not postgres.try_advisory_lock(control, lock_name(storage.url, database)):
-            raise LockHeldError(f"another backup of {database} into {storage.url} is running",
-                                "wait for it to finish (or let cron retry later)")
+        if lock_timeout > 0:
+            reporter.event("waiting for the backup lock", database=database, seconds=lock_timeout)
+        if not postgres.advisory_lock(control, lock_name(storage.url, database), lock_timeout):
+            waited = f" (waited {lock_timeout:g} s)" if lock_timeout > 0 else ""
+            raise LockHeldError(f"another backup of {database} into {storage.url} is running{waited}",
+                                "wait for it to finish, let cron retry later, or pass --lock-timeout SECONDS")
         if still_due is not None and not still_due(catalog.backups()):
             raise NoLongerDue(f"another run already took the due backup of {database}")
         started_at = datetime.now(timezone.utc)
@@ -219,6 +231,8 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         backup_id = new_backup_id(kind, started_at)
         prefix = data_prefix(backup_id)
         expires_at = policy.expires_at(kind, started_at)
+        catalog.mark_running(backup_id, kind, database)
+        stack.callback(catalog.unmark_running, backup_id)
         lock = None
         if policy.object_lock.mode != "none":
             lock = ObjectLock(policy.object_lock.mode, expires_at)
@@ -228,20 +242,30 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         try:
             manifest = _dump(storage, conninfo, info, major, policy, jobs, level, threads, kind,
                              backup_id, started_at, expires_at, parent, only_tables, reporter, stack)
+            if lock is not None:
+                manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
+            testhooks.pause_point("backup:before-manifest")
+            missing = catalog.missing_objects(manifest)
+            if missing:
+                raise BackupToolError(f"backup {backup_id} lost {len(missing)} object(s) before its manifest "
+                                      f"was written ({missing[0]}); it was not committed",
+                                      "something deleted them while the backup ran (a retention sweep or a "
+                                      "bucket lifecycle rule?): check, then run the backup again")
+            manifest = catalog.commit(manifest)
         except BaseException:
-            _discard(storage, prefix)
+            _discard(storage, prefix, backup_id)
             raise
-        if lock is not None:
-            manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
-        manifest = catalog.commit(manifest)
         reporter.event("backup finished", id=backup_id, kind=kind, size_bytes=manifest.size_bytes,
                        seconds=round((manifest.finished_at - started_at).total_seconds(), 2))
         return manifest
 
 
-def _discard(storage: Storage, prefix: str) -> None:
-    """Best-effort removal of an unfinished backup's objects (the retention sweep catches the rest)."""
+def _discard(storage: Storage, prefix: str, backup_id: str) -> None:
+    """Best-effort removal of an unfinished backup's objects (the retention sweep catches the
+    rest). Nothing is removed if the manifest made it to the repository after all."""
     try:
+        if storage.exists(manifest_key(backup_id)):
+            return
         for obj in storage.list(prefix):
             storage.delete(obj.key)
     except Exception:
@@ -280,6 +304,7 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
         objects[table.oid] = _dump_table(storage, conninfo, major, snap.snapshot_id, table,
                                          f"{prefix}data/{table.oid}.copy.zst", level, threads,
                                          encoding, progress.advance)
+        testhooks.pause_point("backup:between-objects")
 
     reused: dict[int, TableEntry] = {}
     if parent is None:

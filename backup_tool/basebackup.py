@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
-from backup_tool import __version__, pipeline, postgres, wal
-from backup_tool.catalog import Catalog, data_prefix, new_backup_id
+from backup_tool import __version__, pipeline, postgres, testhooks, wal
+from backup_tool.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.config import Settings
 from backup_tool.errors import (
     BackupToolError,
@@ -287,8 +287,8 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         key = data_prefix(backup_id) + TAR_KEY
         try:
             try:
-                result = storage.put(key, pipeline.compress(scanner.scan(proc.chunks()), level, 0, stats,
-                                                            progress.advance))
+                result = storage.put(key, testhooks.paused_stream("base:upload", pipeline.compress(
+                    scanner.scan(proc.chunks()), level, 0, stats, progress.advance)))
                 proc.finish()
             except DatabaseError as exc:
                 raise explain_basebackup_error(proc.error_text(), facts["user"]) from exc
@@ -306,7 +306,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
                     f"is not in {storage.url}: the server's archive_command pushes elsewhere",
                     f"set archive_command = 'backup-tool wal push %p --repo {storage.url}'")
         except BaseException:
-            _discard(storage, key)
+            _discard(storage, key, backup_id)
             raise
         finished_at = datetime.now(timezone.utc)
         manifest = Manifest(
@@ -325,7 +325,12 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             extra_objects=(StoredObject(key, result.size, result.sha256, stats.raw_size),),
             tool_version=__version__, physical=physical,
         )
-        manifest = catalog.commit(manifest)
+        try:
+            testhooks.pause_point("base:before-manifest")
+            manifest = catalog.commit(manifest)
+        except BaseException:
+            _discard(storage, key, backup_id)
+            raise
         reporter.event("base backup finished", id=backup_id, size_bytes=manifest.size_bytes,
                        start_lsn=physical.start_lsn, stop_lsn=physical.stop_lsn, timeline=physical.timeline,
                        seconds=round((finished_at - started_at).total_seconds(), 2))
@@ -352,8 +357,10 @@ def _physical(scanner: TarScanner, facts: dict[str, Any], fast: bool, stop_time:
         archive_command=facts["archive_command"], data_checksums=bool(facts["data_checksums"]))
 
 
-def _discard(storage: Storage, key: str) -> None:
+def _discard(storage: Storage, key: str, backup_id: str) -> None:
+    """Best-effort removal of the unfinished tar, unless its manifest made it after all."""
     try:
-        storage.delete(key)
+        if not storage.exists(manifest_key(backup_id)):
+            storage.delete(key)
     except Exception:
         pass

@@ -5,9 +5,14 @@ Layout (all keys relative to the repository root)::
     manifests/<id>.json          one per complete backup; written last, the commit point
     backups/<id>/...             the backup's objects (schema, globals, per-table data)
 
+    running/<id>.json            a backup in progress (written before its first object,
+                                 removed after its manifest or its cleanup)
+
 Listing backups lists ``manifests/`` only, so it is cheap on S3 and needs no local state.
 Objects under ``backups/<id>/`` with no manifest are garbage from an interrupted run:
-never listed, never restored, removed by retention's sweep.
+never listed, never restored, removed by retention's sweep. A ``running/`` marker tells the
+sweep (and an operator) that a backup is still writing under its prefix; one left by a
+killed process only delays the sweep until it is older than ``RUNNING_STALE_AFTER``.
 Backup ids sort by the time the backup started (``20261125T020000Z-F3a9c``).
 
 Manifests stay readable without the encryption key (``list``, ``show``, ``verify``,
@@ -20,9 +25,12 @@ so a restore never trusts a manifest edited by someone without the key.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
+import os
 import secrets
-from dataclasses import replace
-from datetime import datetime, timezone
+import socket
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 
 from backup_tool.errors import BackupToolError, ConfigError, IntegrityError, NotFoundError, UsageError
 from backup_tool.manifest import ENCRYPTED_FORMAT, Manifest, manifest_seal, parse_manifest
@@ -31,6 +39,8 @@ from backup_tool.storage.encrypted import KEY_HINT, encryption_of, manifest_encr
 
 MANIFEST_PREFIX = "manifests/"
 DATA_PREFIX = "backups/"
+RUNNING_PREFIX = "running/"
+RUNNING_STALE_AFTER = timedelta(hours=48)
 KIND_LETTER = {"full": "F", "incremental": "I", "base": "B"}
 
 
@@ -40,6 +50,21 @@ def manifest_key(backup_id: str) -> str:
 
 def data_prefix(backup_id: str) -> str:
     return f"{DATA_PREFIX}{backup_id}/"
+
+
+def running_key(backup_id: str) -> str:
+    return f"{RUNNING_PREFIX}{backup_id}.json"
+
+
+@dataclass(frozen=True)
+class RunningBackup:
+    """A backup that announced itself as in progress (its marker's key and write time)."""
+
+    id: str
+    written_at: datetime
+
+    def stale(self, now: datetime) -> bool:
+        return now - self.written_at > RUNNING_STALE_AFTER
 
 
 def new_backup_id(kind: str, started_at: datetime) -> str:
@@ -157,6 +182,31 @@ class Catalog:
         while chain[0].parent_id:
             chain.insert(0, self.load(chain[0].parent_id))
         return chain
+
+    def mark_running(self, backup_id: str, kind: str, database: str) -> None:
+        """Announce a backup in progress, before it writes its first object."""
+        self.storage.put_bytes(running_key(backup_id), json.dumps({
+            "id": backup_id, "kind": kind, "database": database, "host": socket.gethostname(),
+            "pid": os.getpid(), "started_at": datetime.now(timezone.utc).isoformat()}).encode())
+
+    def unmark_running(self, backup_id: str) -> None:
+        """Best effort: a marker left behind only delays the garbage sweep."""
+        try:
+            self.storage.delete(running_key(backup_id))
+        except BackupToolError:
+            pass
+
+    def running(self) -> list[RunningBackup]:
+        """Backups announced as in progress (stale ones included: see :meth:`RunningBackup.stale`)."""
+        return [RunningBackup(info.key[len(RUNNING_PREFIX):-len(".json")], info.modified)
+                for info in self.storage.list(RUNNING_PREFIX) if info.key.endswith(".json")]
+
+    def missing_objects(self, manifest: Manifest) -> list[str]:
+        """Keys the manifest references that the repository does not hold (one LIST per backup prefix)."""
+        wanted = {o.key for o in manifest.objects()}
+        prefixes = {"/".join(k.split("/")[:2]) + "/" for k in wanted}
+        present = {info.key for p in sorted(prefixes) for info in self.storage.list(p)}
+        return sorted(wanted - present)
 
     def commit(self, manifest: Manifest) -> Manifest:
         """Publish the backup: from here on it is listed and restorable. Returns it as stored

@@ -20,7 +20,7 @@ from backup_tool.manifest import Manifest
 from backup_tool.postgres import ConnInfo
 from backup_tool.storage import Storage, open_storage
 from backup_tool.storage.encrypted import ALGORITHM, KEY_HINT, encryption_of
-from backup_tool.validate import Check, ValidationReport
+from backup_tool.validate import Check, ValidationReport, check_restore_finished
 
 
 def archive_checks(conn: Any, storage: Storage, settings: Settings, uses_pitr: bool) -> list[Check]:
@@ -80,6 +80,7 @@ def run_checks(settings: Settings) -> ValidationReport:
         with conninfo.connect() as conn:
             info = postgres.server_info(conn)
             checks.append(Check("database", True, f"{conninfo.redacted()}: PostgreSQL {info['server_version']}"))
+            checks.append(check_restore_finished(conn))
             row = conn.execute(
                 "SELECT count(*) FILTER (WHERE NOT has_table_privilege(c.oid, 'SELECT'))"
                 "  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"

@@ -159,13 +159,20 @@ class ChunkReader:
 
 
 def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:
-    """Decompress a zstd stream of object ``key`` with output bounded to CHUNK bytes per step."""
+    """Decompress a zstd stream of object ``key`` with output bounded to CHUNK bytes per step.
+
+    The input is read to its very end even after the frame is complete, so that a checking
+    stage upstream (:func:`verified`) always sees every byte and delivers its verdict.
+    """
     dctx = zstandard.ZstdDecompressor()
+    source = ChunkReader(chunks)
     try:
-        yield from dctx.read_to_iter(ChunkReader(chunks), read_size=CHUNK, write_size=CHUNK)
+        yield from dctx.read_to_iter(source, read_size=CHUNK, write_size=CHUNK)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"object {key} is corrupt: it does not decompress ({exc})",
                              "restore from another backup and run 'backup-tool verify all'") from None
+    while source.read(CHUNK):
+        pass
 
 
 def verified(chunks: Iterable[bytes], key: str, sha256: str, size: int,

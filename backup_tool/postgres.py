@@ -34,6 +34,7 @@ SESSION_SETTINGS = {
     "synchronize_seqscans": "off",
     "row_security": "off",
 }
+UNFINISHED_RESTORE_SCHEMA = "backup_tool_unfinished_restore"
 SYSTEM_SCHEMA_FILTER = (
     "n.nspname NOT IN ('pg_catalog', 'information_schema') "
     "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'"
@@ -344,7 +345,8 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 
 
 def user_objects(conn: psycopg.Connection[Any]) -> list[str]:
-    """Names of what makes a database non-empty: user tables, views, sequences, functions, types."""
+    """Names of what makes a database non-empty: user tables, views, sequences, functions, types
+    (the marker schema of an unfinished restore, see :mod:`backup_tool.restore_marker`, is not one)."""
     rows = conn.execute(f"""
         SELECT kind || ' ' || name FROM (
             SELECT 'relation' AS kind, n.nspname || '.' || c.relname AS name
@@ -356,7 +358,7 @@ def user_objects(conn: psycopg.Connection[Any]) -> list[str]:
              WHERE {SYSTEM_SCHEMA_FILTER}
             UNION ALL
             SELECT 'schema', n.nspname FROM pg_namespace n
-             WHERE {SYSTEM_SCHEMA_FILTER} AND n.nspname <> 'public'
+             WHERE {SYSTEM_SCHEMA_FILTER} AND n.nspname NOT IN ('public', '{UNFINISHED_RESTORE_SCHEMA}')
             UNION ALL
             SELECT 'extension', extname FROM pg_extension WHERE extname <> 'plpgsql'
         ) o ORDER BY 1 LIMIT 20""").fetchall()
@@ -438,6 +440,21 @@ def try_advisory_lock(conn: psycopg.Connection[Any], name: str) -> bool:
     """Take a session-level advisory lock named by ``name``; False if someone else holds it."""
     row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (name,)).fetchone()
     return bool(row and row[0])
+
+
+def advisory_lock(conn: psycopg.Connection[Any], name: str, wait_seconds: float = 0.0) -> bool:
+    """Take a session-level advisory lock, waiting up to ``wait_seconds`` for its holder to
+    let go (the server queues waiters fairly); False if it is still held then."""
+    if wait_seconds <= 0:
+        return try_advisory_lock(conn, name)
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(wait_seconds * 1000)}ms",))
+    try:
+        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (name,))
+        return True
+    except psycopg.errors.LockNotAvailable:
+        return False
+    finally:
+        conn.execute("RESET lock_timeout")
 
 
 def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: TableInfo) -> list[str]:

@@ -10,6 +10,10 @@ the object's sha256 has matched, so a damaged object never leaves half a table b
 With ``schema_from_migrations`` the schema comes from the team's migrations instead of the
 backup's archive (see :mod:`backup_tool.rebuild`): the migrations replace pre-data and
 post-data, the data loads with triggers silenced, and validation reports any drift.
+
+An interrupted restore never looks complete: the target carries the marker of
+:mod:`backup_tool.restore_marker` from before the first object is created until the last
+step is done; ``restart_unfinished`` starts such a target over.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Callable
 import psycopg
 from psycopg import sql
 
-from backup_tool import pipeline, postgres, rebuild, schema
+from backup_tool import pipeline, postgres, rebuild, restore_marker, schema, testhooks
 from backup_tool.catalog import Catalog
 from backup_tool.config import Settings
 from backup_tool.errors import (
@@ -137,11 +141,14 @@ def set_sequences(conn: psycopg.Connection[Any], sequences: list[dict[str, Any]]
 def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str | None = "latest",
                  create: bool = False, with_roles: bool = False, jobs: int | None = None,
                  run_validation: bool | None = None, reporter: Reporter | None = None,
-                 schema_from_migrations: str | Path | None = None) -> RestoreResult:
+                 schema_from_migrations: str | Path | None = None,
+                 restart_unfinished: bool = False) -> RestoreResult:
     """Restore a whole backup (full or incremental) into an empty database, then validate.
 
     ``schema_from_migrations``: build the schema by replaying this migrations folder instead
     of from the backup's schema archive (refused if it cannot hold the backup's data).
+    ``restart_unfinished``: if the target holds an interrupted restore (see
+    :mod:`backup_tool.restore_marker`), drop what it created and restore again.
     """
     reporter = reporter or NullReporter()
     started = time.monotonic()
@@ -160,12 +167,14 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running",
                                 "wait for it to finish")
+        _start_over_if_unfinished(control, target, restart_unfinished, reporter)
         existing = postgres.user_objects(control)
         if existing:
             raise RefusedError(f"target database {target.redacted()} is not empty ({', '.join(existing[:3])}"
                                f"{' ...' if len(existing) > 3 else ''})",
                                "restore into a new database (--create with a new name) or drop the objects first")
         ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
+        restore_marker.mark(control, manifest.id)
 
         assert manifest.schema is not None
         fetched = [0]
@@ -192,8 +201,11 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                 count(n)
                 progress.advance(n)
 
-            pipeline.run_parallel(jobs, [(lambda t: load_table(loader, storage, t, manifest.encoding,
-                                                               advance), t) for t in data])
+            def load(t: TableEntry) -> None:
+                load_table(loader, storage, t, manifest.encoding, advance)
+                testhooks.pause_point("restore:loading")
+
+            pipeline.run_parallel(jobs, [(load, t) for t in data])
             progress.finish()
             set_sequences(control, list(manifest.sequences))
             reporter.event("data loaded", tables=len(data), bytes=fetched[0])
@@ -202,6 +214,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                 reporter.event("indexes and constraints built", id=manifest.id)
             else:
                 rebuild.finish(target, validating)
+        restore_marker.clear(control)
 
     report = None
     if validating:
@@ -217,3 +230,18 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                                report=result)
     reporter.event("restore finished", id=manifest.id, seconds=round(result.seconds, 2))
     return result
+
+
+def _start_over_if_unfinished(control: psycopg.Connection[Any], target: ConnInfo, restart: bool,
+                              reporter: Reporter) -> None:
+    """Refuse a target holding an interrupted restore, or (``restart``) empty it first."""
+    marker = restore_marker.read(control)
+    if marker is None:
+        return
+    previous = restore_marker.backup_id_of(marker)
+    if not restart:
+        raise RefusedError(f"target database {target.redacted()} holds an unfinished restore of {previous} "
+                           "(it was interrupted)",
+                           f"rerun with {restore_marker.RESTART_FLAG} to drop what it created and restore again")
+    dropped = restore_marker.discard_unfinished(control)
+    reporter.event("unfinished restore discarded", previous=previous, dropped=len(dropped))

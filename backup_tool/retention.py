@@ -19,7 +19,9 @@ WAL is kept from the start segment of the oldest retained base backup onwards; w
 retained base, or with one whose start segment is unknown, no WAL is deleted. A backup in
 progress has no manifest yet and is invisible to these rules; the garbage sweep leaves
 every unlisted prefix alone until nothing under it has been written for
-``retention.garbage_grace_hours`` (judged on the real clock, never on ``--now``).
+``retention.garbage_grace_hours`` (judged on the real clock, never on ``--now``), and
+whatever the age of its objects while the backup's ``running/<id>.json`` marker is younger
+than 48 hours (a backup can spend hours comparing checksums without writing anything).
 
 Every real run appends one record to ``retention-log/`` *before* deleting anything (what,
 why, under which policy, when), and a second record if some deletion then failed; the
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from backup_tool.catalog import RUNNING_PREFIX, RUNNING_STALE_AFTER
 from backup_tool.errors import BackupToolError
 from backup_tool.storage.base import (
     ObjectInfo,
@@ -353,10 +356,24 @@ class GarbageItem:
 
 
 def plan_garbage(objects: Sequence[ObjectInfo], partials: Sequence[PartialUpload],
-                 protected_ids: set[str], grace: timedelta, clock: datetime) -> tuple[list[GarbageItem], list[str]]:
+                 protected_ids: set[str], grace: timedelta, clock: datetime,
+                 running: Sequence[ObjectInfo] = ()) -> tuple[list[GarbageItem], list[str]]:
     """Leftovers of crashed runs older than ``grace`` (pure). ``objects`` are those under
-    ``backups/`` and ``tmp/``; ``protected_ids`` are backups with a manifest or referenced by one."""
+    ``backups/`` and ``tmp/``; ``protected_ids`` are backups with a manifest or referenced by one.
+    ``running`` are the ``running/<id>.json`` markers of backups in progress: a backup whose
+    marker is younger than ``RUNNING_STALE_AFTER`` is left alone however old its objects are;
+    a stale marker, or one left behind by a committed backup, is itself garbage."""
     cutoff = clock - grace
+    in_progress: set[str] = set()
+    markers: list[GarbageItem] = []
+    for m in running:
+        backup_id = m.key[len(RUNNING_PREFIX):].removesuffix(".json")
+        if backup_id in protected_ids or clock - m.modified > RUNNING_STALE_AFTER:
+            markers.append(GarbageItem(m.key, "marker of a backup that is no longer running",
+                                       (m.key,), (), m.size, m.modified))
+        else:
+            in_progress.add(backup_id)
+    protected_ids = protected_ids | in_progress
     groups: dict[str, list[ObjectInfo]] = defaultdict(list)
     loose: list[ObjectInfo] = []
     for o in objects:
@@ -369,6 +386,8 @@ def plan_garbage(objects: Sequence[ObjectInfo], partials: Sequence[PartialUpload
     other_partials: list[PartialUpload] = []
     for p in partials:
         parts = p.key.split("/")
+        if parts[0] == "backups" and len(parts) >= 3 and parts[1] in in_progress:
+            continue
         if parts[0] == "backups" and len(parts) >= 3 and parts[1] not in protected_ids:
             group_partials[parts[1]].append(p)
         else:
@@ -397,7 +416,9 @@ def plan_garbage(objects: Sequence[ObjectInfo], partials: Sequence[PartialUpload
                                      (), (p,), p.size, p.modified))
         else:
             notes.append(f"unfinished write {p.key} active at {iso(p.modified)}: left alone")
-    return items, notes
+    notes += [f"backups/{i}/ belongs to a backup in progress (running/{i}.json): left alone"
+              for i in sorted(in_progress)]
+    return items + markers, notes
 
 
 def _hours(delta: timedelta) -> str:
@@ -504,7 +525,8 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
     listed = list(storage.list("backups/")) + list(storage.list("tmp/"))
     partials = list(storage.list_partials())
     grace = timedelta(hours=policy.retention.garbage_grace_hours)
-    garbage, garbage_notes = plan_garbage(listed, partials, all_ids | referenced, grace, min(now, clock))
+    garbage, garbage_notes = plan_garbage(listed, partials, all_ids | referenced, grace, min(now, clock),
+                                          list(storage.list(RUNNING_PREFIX)))
     notes += garbage_notes
 
     to_delete = [plan.decision(i) for i in plan.deleted]

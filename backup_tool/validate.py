@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from backup_tool import pipeline, postgres, schema
+from backup_tool import pipeline, postgres, restore_marker, schema
 from backup_tool.manifest import Manifest
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
@@ -103,6 +103,17 @@ def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: St
                 if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
         detail += f" ({len(diff)} lines): " + " | ".join(ln[:120] for ln in diff[:4])
     return Check("schema_matches", False, detail)
+
+
+def check_restore_finished(conn: psycopg.Connection[Any]) -> Check:
+    """Fails while the database carries the marker of an interrupted ``restore full``."""
+    marker = restore_marker.read(conn)
+    if marker is None:
+        return Check("restore_finished", True, "no unfinished restore")
+    return Check("restore_finished", False,
+                 f"an interrupted restore left this database unfinished "
+                 f"({restore_marker.backup_id_of(marker)}, schema {restore_marker.MARKER_SCHEMA}): "
+                 f"run 'backup-tool restore full {restore_marker.RESTART_FLAG}' into it")
 
 
 def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]]) -> Check:
@@ -259,6 +270,7 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
         major = info["server_version_num"] // 10000
         inv = postgres.inventory(conn)
         seqs = postgres.sequences(conn)
+        checks.append(check_restore_finished(conn))
         if manifest is not None and tables is None:
             checks.append(check_schema(conninfo, major, manifest, storage))
         if manifest is not None:

@@ -43,6 +43,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from backup_tool import testhooks
 from backup_tool.errors import (
     BackupToolError,
     IntegrityError,
@@ -289,7 +290,7 @@ def push_file(storage: Storage, path: Path, level: int = 3) -> PushResult:
         key = object_key(name, sha)
         buf.seek(0)
         try:
-            result = storage.put(key, iter(lambda: buf.read(READ_SIZE), b""))
+            result = storage.put(key, testhooks.paused_stream("wal:upload", iter(lambda: buf.read(READ_SIZE), b"")))
         except ObjectExistsError:
             return PushResult(name, key, size, 0, sha, True)
     return PushResult(name, key, size, result.size, sha, False)
@@ -448,7 +449,9 @@ def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
     _sweep_spool(path)
     ahead = _ready_ahead(path, batch - 1)
     if not ahead:
-        return push_file(storage, path, level)
+        result = push_file(storage, path, level)
+        testhooks.pause_point("wal:before-ack")
+        return result
     pushed: list[str] = []
     with cf.ThreadPoolExecutor(min(PUSH_THREADS, len(ahead) + 1), thread_name_prefix="wal-push") as pool:
         own = pool.submit(push_file, storage, path, level)
@@ -465,6 +468,7 @@ def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
             except OSError:
                 pass
         result = own.result()
+    testhooks.pause_point("wal:before-ack")
     return PushResult(result.name, result.key, result.raw_size, result.stored_size, result.sha256,
                       result.already_archived, tuple(sorted(pushed)))
 

@@ -245,7 +245,8 @@ def test_stored_size_and_sha256_are_those_of_the_ciphertext(tmp_path: Path) -> N
 
 def test_metadata_stays_plaintext_and_data_is_encrypted(tmp_path: Path) -> None:
     storage = EncryptedStorage(LocalStorage(tmp_path), KEY)
-    for key in ("manifests/a.json", "verifications/b.json", "retention-log/c.json", "schedule-log/d.json",
+    for key in ("manifests/a.json", "running/r.json", "verifications/b.json", "retention-log/c.json",
+                "schedule-log/d.json",
                 "wal/history/00000002.history-abc.zst"):
         storage.put_bytes(key, b'{"x": 1}')
         assert (tmp_path / key).read_bytes() == b'{"x": 1}'

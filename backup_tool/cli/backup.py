@@ -19,11 +19,14 @@ def backup_full_cmd(
     inv: Invocation,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
                                                 help="Tables dumped in parallel (default: policy backup.jobs)")] = None,
+    lock_timeout: Annotated[float, typer.Option("--lock-timeout", metavar="SECONDS", min=0,
+                                                help="If another backup of this database into this repository "
+                                                     "is running, wait up to SECONDS for it (default 0: exit 4 at once)")] = 0.0,
 ) -> int:
     """Take a full logical backup now: schema, roles and every table, from one snapshot."""
     from backup_tool.backup import backup_full
 
-    manifest = backup_full(inv.settings, inv.reporter, jobs=jobs)
+    manifest = backup_full(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout)
     entry = manifest.summary()
     inv.out(entry, lambda: f"backup {entry['id']} complete: {entry['tables']} tables, {entry['rows']} rows, "
                            f"{human_size(entry['raw_bytes'])} of data stored as {human_size(entry['size_bytes'])}, "
@@ -38,11 +41,14 @@ def backup_incremental_cmd(
     inv: Invocation,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
                                                 help="Tables compared/dumped in parallel (default: policy backup.jobs)")] = None,
+    lock_timeout: Annotated[float, typer.Option("--lock-timeout", metavar="SECONDS", min=0,
+                                                help="If another backup of this database into this repository "
+                                                     "is running, wait up to SECONDS for it (default 0: exit 4 at once)")] = 0.0,
 ) -> int:
     """Back up only the tables that changed since the newest backup of this database (takes a full, and says so, if none)."""
     from backup_tool.backup import backup_incremental
 
-    manifest = backup_incremental(inv.settings, inv.reporter, jobs=jobs)
+    manifest = backup_incremental(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout)
     entry = manifest.summary()
     changed = len([t for t in manifest.tables if t.object and t.object.key.startswith(f"backups/{manifest.id}/")])
     inv.out(entry, lambda: f"backup {entry['id']} ({entry['kind']}{', parent ' + entry['parent_id'] if entry['parent_id'] else ''}) "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
 import signal
 import sys
@@ -167,11 +168,23 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _quiet_library_logs(debug: bool) -> None:
+    """Libraries (psycopg, botocore, urllib3) log warnings about conditions the tool already
+    reports in its own one line, e.g. psycopg's "error ignored terminating Copy" when a
+    damaged object aborts a COPY: keep them off stderr unless --debug."""
+    root = logging.getLogger()
+    if debug:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    elif not root.handlers:
+        root.addHandler(logging.NullHandler())
+
+
 def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str], kwargs: dict[str, Any]) -> int:
     from backup_tool import pipeline
     from backup_tool.console import RichReporter, make_reporter
 
     signal.signal(signal.SIGTERM, _raise_terminated)
+    _quiet_library_logs(common.debug)
 
     reporter = make_reporter(redact)
     inv = Invocation(common, reporter, redact)

@@ -31,13 +31,17 @@ def restore_full_cmd(
         "--schema-from-migrations", metavar="DIR",
         help="Build the schema by replaying these migrations (a Supabase project or a folder of "
              "<version>_<name>.sql) instead of the backup's schema; refused if it cannot hold the data")] = None,
+    restart_unfinished: Annotated[bool, typer.Option(
+        "--restart-unfinished",
+        help="The target holds an interrupted restore (schema backup_tool_unfinished_restore): drop "
+             "everything that restore created and restore again. Never touches a target without that marker")] = False,
 ) -> int:
     """Restore a whole backup into an empty database, then validate it against the manifest (exit 3 if not identical)."""
     from backup_tool.restore import restore_full
 
     result = restore_full(inv.settings, target_dsn, backup, create=create, with_roles=with_roles,
                           jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter,
-                          schema_from_migrations=schema_from_migrations)
+                          schema_from_migrations=schema_from_migrations, restart_unfinished=restart_unfinished)
     inv.out(result.to_dict(), lambda: render_report(result))
     return 0
 

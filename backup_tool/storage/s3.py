@@ -6,10 +6,26 @@ standard chain (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, instance roles...).
 Uploads stream: chunks are cut into multipart parts uploaded by a few threads, so memory
 stays at (parts in flight + 1) x part size whatever the object size. Objects smaller than
 one part are sent with a single PutObject. Both paths use ``If-None-Match: *`` so an
-existing object is never replaced. Every request is retried with backoff (tenacity) on
-transient faults; a part is re-sent whole from memory, and a download that breaks mid-body
-resumes with a ranged GET from the last byte received. A failed upload is aborted, so the
-key never shows a partial object.
+existing object is never replaced, and send a SHA-256 of every part/object, so the store
+rejects bytes damaged on the way (S3 answers BadDigest) instead of keeping them.
+
+Faults: every request is retried with jittered exponential backoff (tenacity, the only
+retry layer: botocore's own retries are off so the budget is exactly
+``BACKUP_TOOL_S3_ATTEMPTS`` attempts per request) on throttling (SlowDown), 5xx answers,
+connection resets, truncated bodies and timeouts. A part is re-sent whole from memory. A
+write whose answer was lost but which did reach the store comes back on retry as
+"already exists" (412) or, for a multipart completion, "no such upload": it counts as done
+only if the stored object's size and SHA-256 (or, where the store reports no checksum,
+its MD5-based ETag) prove it holds exactly our bytes; otherwise it is an error. A
+download that breaks mid-body resumes with a ranged GET pinned to the same ETag
+(``If-Match``) from the last byte received; bytes that fail the store's own checksum are
+an :class:`~backup_tool.errors.IntegrityError`. A failed or interrupted upload is aborted
+(itself retried), so the key never shows a partial object; a multipart upload whose
+creation was retried has its lost twin aborted too.
+
+Tunables (environment): ``BACKUP_TOOL_S3_CONNECT_TIMEOUT`` (seconds, default 10),
+``BACKUP_TOOL_S3_READ_TIMEOUT`` (seconds without a byte from the store, default 60),
+``BACKUP_TOOL_S3_ATTEMPTS`` (attempts per request, default 6).
 
 Server-side encryption is passed through on every write (PutObject and
 CreateMultipartUpload) when ``BACKUP_TOOL_S3_SSE`` asks for it: ``AES256`` (SSE-S3) or
@@ -21,9 +37,14 @@ plaintext metadata (manifests) from readers who may not use the KMS key.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
+import hashlib
 import os
+import random
 import threading
+import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
@@ -32,22 +53,26 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    FlexibleChecksumError,
+    HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
-    ReadTimeoutError,
-    ResponseStreamingError,
 )
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 from tenacity import (
+    Retrying,
     retry,
     retry_if_exception,
     stop_after_attempt,
+    stop_when_event_set,
     wait_random_exponential,
 )
 from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
 
-from backup_tool.errors import ConfigError, StorageError
+from backup_tool.errors import ConfigError, IntegrityError, StorageError
 from backup_tool.storage.base import (
     HashingCounter,
     ObjectExistsError,
@@ -67,11 +92,13 @@ MIN_PART = 8 << 20
 PARTS_IN_FLIGHT = 3
 READ_CHUNK = 1 << 20
 ATTEMPTS = 6
+BACKOFF = wait_random_exponential(multiplier=0.25, max=8)
 
 TRANSIENT_CODES = {
     "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
     "RequestTimeTooSkewed", "500", "502", "503", "504", "ThrottlingException",
 }
+LOST_WRITE_CODES = {"PreconditionFailed", "NoSuchUpload"}
 
 
 def _transient(exc: BaseException) -> bool:
@@ -79,16 +106,54 @@ def _transient(exc: BaseException) -> bool:
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return err.get("Code") in TRANSIENT_CODES or status >= 500
-    return isinstance(exc, (BotoConnectionError, ReadTimeoutError, ResponseStreamingError,
-                            ProtocolError, ConnectionError, TimeoutError))
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, ProtocolError,
+                            Urllib3ReadTimeoutError, ConnectionError, TimeoutError))
+
+
+def _error_code(exc: BaseException | None) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
 
 
 _retry = retry(
     retry=retry_if_exception(_transient),
     stop=stop_after_attempt(ATTEMPTS),
-    wait=wait_random_exponential(multiplier=0.2, max=8),
+    wait=BACKOFF,
     reraise=True,
 )
+
+
+@dataclass(frozen=True)
+class S3Tuning:
+    """Timeouts and the retry budget, from the environment (see the module docstring)."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    attempts: int = ATTEMPTS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Tuning:
+        env = os.environ if environ is None else environ
+        return cls(
+            connect_timeout=_positive(env, "BACKUP_TOOL_S3_CONNECT_TIMEOUT", cls.connect_timeout, float),
+            read_timeout=_positive(env, "BACKUP_TOOL_S3_READ_TIMEOUT", cls.read_timeout, float),
+            attempts=int(_positive(env, "BACKUP_TOOL_S3_ATTEMPTS", cls.attempts, int)),
+        )
+
+
+def _positive(env: Mapping[str, str], name: str, default: float, kind: type) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} is not a positive {'integer' if kind is int else 'number'}",
+                          f"unset it or give e.g. {name}={kind(default)}")
+    return value
 
 
 SSE_ENV = "BACKUP_TOOL_S3_SSE"
@@ -115,6 +180,31 @@ def sse_args(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return args
 
 
+@dataclass(frozen=True)
+class _Expected:
+    """What the bucket holds under a key if our conditional write went through."""
+
+    size: int
+    sha256_b64: str
+    etag: str
+
+
+@dataclass(frozen=True)
+class _Part:
+    number: int
+    etag: str
+    sha256: bytes
+    size: int
+
+
+def _backoff_seconds(failures: int) -> float:
+    return random.uniform(0, min(8.0, 0.25 * 2 ** failures))
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
 def part_size_for(part_number: int) -> int:
     """Part size grows with the object so 10,000 parts reach ~5 TB while small ones stay cheap."""
     if part_number <= 2000:
@@ -134,13 +224,14 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 class S3Storage(Storage):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tuning: S3Tuning | None = None) -> None:
         self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(url)
+        self.tuning = tuning or S3Tuning.from_env()
         config = Config(
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=self.tuning.connect_timeout,
+            read_timeout=self.tuning.read_timeout,
             max_pool_connections=32,
         )
         self._client = boto3.session.Session().client("s3", config=config)
@@ -150,18 +241,26 @@ class S3Storage(Storage):
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def _call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
+    def _retrying(self, stop_event: threading.Event | None = None) -> Retrying:
+        stop = stop_after_attempt(self.tuning.attempts)
+        if stop_event is not None:
+            stop = stop | stop_when_event_set(stop_event)
+        return Retrying(retry=retry_if_exception(_transient), stop=stop, wait=BACKOFF, reraise=True)
+
+    def _call(self, what: str, fn: Callable[..., T], stop_event: threading.Event | None = None,
+              **kwargs: Any) -> T:
         """Run one S3 request with retries, turning failures into one-line StorageErrors."""
         try:
-            return _retry(fn)(**kwargs)
+            return self._retrying(stop_event)(fn, **kwargs)
         except NoCredentialsError:
             raise StorageError("no AWS credentials found for " + self.url,
                                "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
         except ClientError as exc:
             raise self._client_error(exc, what) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"S3 request failed while {what} in {self.url}: {exc}",
-                               "check AWS_ENDPOINT_URL_S3 and the network") from exc
+            raise StorageError(f"S3 request failed while {what} in {self.url} "
+                               f"(gave up after {self.tuning.attempts} attempts): {exc}",
+                               "check AWS_ENDPOINT_URL_S3 and the network, then run the command again") from exc
 
     def _client_error(self, exc: ClientError, what: str) -> StorageError:
         code = exc.response.get("Error", {}).get("Code", "")
@@ -175,105 +274,139 @@ class S3Storage(Storage):
             return ObjectMissingError(f"object {what} is missing from {self.url}")
         if code == "PreconditionFailed":
             return ObjectExistsError(f"object already exists ({what}) in {self.url}")
+        if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
+            return StorageError(f"the store rejected damaged bytes while {what} in {self.url} ({code})",
+                                "check the network path to the store (proxies, NICs), then run the command again")
+        if _transient(exc):
+            return StorageError(f"S3 kept answering {code or 'an error'} while {what} in {self.url} "
+                                f"(gave up after {self.tuning.attempts} attempts)",
+                                "the store is overloaded or failing; run the command again later")
         return StorageError(f"S3 error {code or '?'} while {what} in {self.url}")
 
-    def _write_args(self) -> dict[str, Any]:
+    def _lock_args(self) -> dict[str, Any]:
         """Per-object write parameters: Object Lock retention and server-side encryption."""
         if self.object_lock is None:
             return dict(self.sse)
         return {"ObjectLockMode": self.object_lock.mode.upper(),
                 "ObjectLockRetainUntilDate": self.object_lock.retain_until, **self.sse}
 
+    # -- writing ---------------------------------------------------------------------------
+
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
         full = self._key(key)
         counter = HashingCounter()
         buf = bytearray()
-        it = iter(chunks)
-        upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
-        futures: list[cf.Future[dict[str, Any]]] = []
-        pool: cf.ThreadPoolExecutor | None = None
+        upload: _MultipartUpload | None = None
         try:
-            for chunk in it:
+            for chunk in chunks:
                 counter.update(chunk)
                 buf += chunk
-                while len(buf) >= part_size_for(len(futures) + 1):
-                    size = part_size_for(len(futures) + 1)
-                    if upload_id is None:
-                        upload_id = self._call(f"starting upload of {key}",
-                                               self._client.create_multipart_upload,
-                                               Bucket=self.bucket, Key=full,
-                                               **self._write_args())["UploadId"]
-                        pool = cf.ThreadPoolExecutor(PARTS_IN_FLIGHT, "s3-part")
-                    assert pool is not None
-                    body = bytes(buf[:size])
+                while len(buf) >= part_size_for(upload.parts + 1 if upload else 1):
+                    size = part_size_for(upload.parts + 1 if upload else 1)
+                    if upload is None:
+                        upload = _MultipartUpload.start(self, key, full)
+                    upload.submit(bytes(buf[:size]))
                     del buf[:size]
-                    futures.append(pool.submit(self._upload_part, full, upload_id,
-                                               len(futures) + 1, body))
-                    self._bound_in_flight(futures)
-            if upload_id is None:
-                self._call(f"writing {key}", self._client.put_object, Bucket=self.bucket,
-                           Key=full, Body=bytes(buf), IfNoneMatch="*", **self._write_args())
+            if upload is None:
+                self._put_single(key, full, bytes(buf))
             else:
-                assert pool is not None
                 if buf:
-                    futures.append(pool.submit(self._upload_part, full, upload_id,
-                                               len(futures) + 1, bytes(buf)))
+                    upload.submit(bytes(buf))
                 buf = bytearray()
-                parts = [f.result() for f in futures]
-                self._call(f"completing {key}", self._client.complete_multipart_upload,
-                           Bucket=self.bucket, Key=full, UploadId=upload_id,
-                           MultipartUpload={"Parts": parts}, IfNoneMatch="*")
-                upload_id = None
+                upload.complete()
+                upload = None
         except BaseException:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            if upload_id is not None:
-                try:
-                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=full,
-                                                        UploadId=upload_id)
-                except Exception:
-                    pass
+            if upload is not None:
+                upload.abort()
             raise
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
         return PutResult(key, counter.size, counter.hexdigest())
 
-    @staticmethod
-    def _bound_in_flight(futures: list[cf.Future[dict[str, Any]]]) -> None:
-        pending = [f for f in futures if not f.done()]
-        if len(pending) >= PARTS_IN_FLIGHT:
-            cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-        for f in futures:
-            if f.done() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
+    def _put_single(self, key: str, full: str, body: bytes) -> None:
+        sha = hashlib.sha256(body).digest()
+        expected = _Expected(len(body), _b64(sha), hashlib.md5(body, usedforsecurity=False).hexdigest())
+        self._conditional_write(f"writing {key}", full, expected, self._client.put_object,
+                                Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*",
+                                ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(sha), **self._lock_args())
 
-    def _upload_part(self, full: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
-        resp = self._call(f"uploading part {number} of {full}", self._client.upload_part,
-                          Bucket=self.bucket, Key=full, UploadId=upload_id,
-                          PartNumber=number, Body=body)
-        return {"ETag": resp["ETag"], "PartNumber": number}
+    def _conditional_write(self, what: str, full: str, expected: _Expected, fn: Callable[..., Any],
+                           **kwargs: Any) -> None:
+        """A write guarded by ``If-None-Match: *``. When an attempt's answer was lost and the
+        retry finds the key taken (or the upload already completed), the write succeeded only
+        if what is stored is provably our bytes."""
+        attempts = 0
+
+        def attempt(**kw: Any) -> Any:
+            nonlocal attempts
+            attempts += 1
+            return fn(**kw)
+
+        try:
+            self._call(what, attempt, **kwargs)
+        except StorageError as exc:
+            if attempts > 1 and _error_code(exc.__cause__) in LOST_WRITE_CODES and self._holds(full, expected):
+                return
+            raise
+
+    def _holds(self, full: str, expected: _Expected) -> bool:
+        """True if the object under ``full`` has exactly the size and checksum we wrote."""
+        try:
+            head = self._call(f"checking {full}", self._client.head_object, Bucket=self.bucket, Key=full,
+                              ChecksumMode="ENABLED")
+        except ObjectMissingError:
+            return False
+        if head.get("ContentLength") != expected.size:
+            return False
+        stored = head.get("ChecksumSHA256")
+        if stored:
+            return str(stored).split("-")[0] == expected.sha256_b64.split("-")[0]
+        if head.get("ServerSideEncryption") in ("aws:kms", "aws:kms:dsse") or head.get("SSECustomerAlgorithm"):
+            return False
+        return str(head.get("ETag", "")).strip('"') == expected.etag
+
+    def _upload_part(self, full: str, upload_id: str, number: int, body: bytes,
+                     stop: threading.Event) -> _Part:
+        sha = hashlib.sha256(body).digest()
+        resp = self._call(f"uploading part {number} of {full[len(self.prefix):]}", self._client.upload_part, stop_event=stop,
+                          Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body,
+                          ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(sha))
+        return _Part(number, str(resp["ETag"]), sha, len(body))
+
+    # -- reading ---------------------------------------------------------------------------
 
     def get(self, key: str) -> Iterator[bytes]:
         full = self._key(key)
         offset = 0
-        attempts = 0
+        failures = 0
+        etag: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
             if offset:
                 kwargs["Range"] = f"bytes={offset}-"
-            body = self._call(key, self._client.get_object, **kwargs)["Body"]
+            if etag:
+                kwargs["IfMatch"] = etag
+            try:
+                resp = self._call(key, self._client.get_object, **kwargs)
+            except ObjectExistsError:
+                raise StorageError(f"object {key} in {self.url} changed while it was being read",
+                                   "objects are never rewritten by backup-tool: check who writes to the bucket") from None
+            etag = etag or resp.get("ETag")
+            body = resp["Body"]
             try:
                 for chunk in body.iter_chunks(READ_CHUNK):
                     offset += len(chunk)
                     yield chunk
                 return
+            except FlexibleChecksumError as exc:
+                raise IntegrityError(f"object {key} in {self.url} failed the store's checksum on download "
+                                     f"(damaged in storage or on the way): {exc}",
+                                     "run the command again; if it repeats, run 'backup-tool verify all'") from None
             except Exception as exc:
-                attempts += 1
-                if not _transient(exc) or attempts >= ATTEMPTS:
-                    raise StorageError(f"download of {key} from {self.url} kept failing: {exc}",
-                                       "check the network and retry") from exc
+                failures += 1
+                if not _transient(exc) or failures >= self.tuning.attempts:
+                    raise StorageError(f"download of {key} from {self.url} kept failing "
+                                       f"({failures} interrupted reads): {exc}",
+                                       "check the network and run the command again") from exc
+                time.sleep(_backoff_seconds(failures))
             finally:
                 body.close()
 
@@ -385,3 +518,92 @@ class S3Storage(Storage):
         except ObjectMissingError:
             return False
         return True
+
+
+class _MultipartUpload:
+    """One multipart upload in flight: parts go out on a few threads, at most
+    ``PARTS_IN_FLIGHT`` at a time; :meth:`complete` or :meth:`abort` ends it."""
+
+    def __init__(self, storage: S3Storage, key: str, full: str, upload_id: str) -> None:
+        self.storage = storage
+        self.key = key
+        self.full = full
+        self.upload_id = upload_id
+        self.stop = threading.Event()
+        self._pool = cf.ThreadPoolExecutor(PARTS_IN_FLIGHT, "s3-part")
+        self._futures: list[cf.Future[_Part]] = []
+
+    @classmethod
+    def start(cls, storage: S3Storage, key: str, full: str) -> _MultipartUpload:
+        attempts = 0
+        client = storage._client
+
+        def create(**kw: Any) -> Any:
+            nonlocal attempts
+            attempts += 1
+            return client.create_multipart_upload(**kw)
+
+        upload_id = str(storage._call(f"starting upload of {key}", create, Bucket=storage.bucket, Key=full,
+                                      ChecksumAlgorithm="SHA256", **storage._lock_args())["UploadId"])
+        upload = cls(storage, key, full, upload_id)
+        if attempts > 1:
+            upload._abort_lost_twins()
+        return upload
+
+    @property
+    def parts(self) -> int:
+        return len(self._futures)
+
+    def submit(self, body: bytes) -> None:
+        number = len(self._futures) + 1
+        self._futures.append(self._pool.submit(self.storage._upload_part, self.full, self.upload_id,
+                                               number, body, self.stop))
+        pending = [f for f in self._futures if not f.done()]
+        if len(pending) >= PARTS_IN_FLIGHT:
+            cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+
+    def complete(self) -> None:
+        parts = [f.result() for f in self._futures]
+        self._pool.shutdown(wait=True)
+        n = len(parts)
+        expected = _Expected(
+            size=sum(p.size for p in parts),
+            sha256_b64=f"{_b64(hashlib.sha256(b''.join(p.sha256 for p in parts)).digest())}-{n}",
+            etag=hashlib.md5(b"".join(bytes.fromhex(p.etag.strip('"')) for p in parts),
+                             usedforsecurity=False).hexdigest() + f"-{n}"
+            if all(len(p.etag.strip('"')) == 32 for p in parts) else "",
+        )
+        self.storage._conditional_write(
+            f"completing {self.key}", self.full, expected, self.storage._client.complete_multipart_upload,
+            Bucket=self.storage.bucket, Key=self.full, UploadId=self.upload_id, IfNoneMatch="*",
+            MultipartUpload={"Parts": [{"ETag": p.etag, "PartNumber": p.number, "ChecksumSHA256": _b64(p.sha256)}
+                                       for p in parts]})
+
+    def abort(self) -> None:
+        """Stop the part threads and abort the upload so no partial object is left behind."""
+        self.stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._abort(self.upload_id)
+
+    def _abort(self, upload_id: str) -> None:
+        try:
+            self.storage._call(f"aborting the upload of {self.key}", self.storage._client.abort_multipart_upload,
+                               Bucket=self.storage.bucket, Key=self.full, UploadId=upload_id)
+        except StorageError:
+            pass
+
+    def _abort_lost_twins(self) -> None:
+        """A retried CreateMultipartUpload may have created an upload whose answer was lost:
+        abort every other upload of this exact key (keys are unique to one writer: backup
+        ids are random, WAL keys name their content)."""
+        try:
+            resp = self.storage._call(f"listing uploads of {self.key}", self.storage._client.list_multipart_uploads,
+                                      Bucket=self.storage.bucket, Prefix=self.full)
+        except StorageError:
+            return
+        for up in resp.get("Uploads", []):
+            if up["Key"] == self.full and up["UploadId"] != self.upload_id:
+                self._abort(str(up["UploadId"]))
