@@ -47,6 +47,7 @@ from backup_tool.postgres import ConnInfo, Snapshot, TableInfo
 from backup_tool.report import NullReporter, Reporter
 from backup_tool.storage import Storage, open_storage
 from backup_tool.storage.base import ObjectLock
+from backup_tool.storage.encrypted import encryption_of, manifest_encryption
 
 
 def compression_threads(jobs: int) -> int:
@@ -106,18 +107,25 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
 
 
 def choose_parent(backups: list[Manifest], database: str, policy: Policy,
-                  now: datetime) -> tuple[Manifest | None, str]:
+                  now: datetime, key_id: str | None = None) -> tuple[Manifest | None, str]:
     """The backup an incremental taken ``now`` builds on, or None and the reason a full is needed.
 
-    Pure: a function of the repository's backups, the policy and the time. The parent is
-    the newest full or incremental of the same database. A full is needed when there is
-    none, when the chain already holds ``max_chain_length`` incrementals, or when the
-    chain's full would expire before the new incremental (a chain must outlive its tips).
+    Pure: a function of the repository's backups, the policy, the time and the id of the
+    encryption key in use. The parent is the newest full or incremental of the same
+    database. A full is needed when there is none, when the chain already holds
+    ``max_chain_length`` incrementals, when the chain's full would expire before the new
+    incremental (a chain must outlive its tips), or when the chain was written with another
+    encryption key or none (a chain never mixes keys: its tables are read with one key).
     """
     chain = [m for m in backups if m.database == database and m.kind in ("full", "incremental")]
     if not chain:
         return None, f"no full backup of {database} in the repository"
     parent = chain[-1]
+    parent_key = (manifest_encryption(parent.options) or {}).get("key_id")
+    if parent_key != key_id:
+        was = f"encrypted with key id {parent_key}" if parent_key else "not encrypted"
+        now_ = f"key id {key_id}" if key_id else "no key"
+        return None, f"the chain of {parent.id} is {was} and this backup uses {now_} (a chain never mixes keys)"
     by_id = {m.id: m for m in chain}
     links = [parent]
     while links[0].parent_id:
@@ -212,7 +220,9 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         started_at = datetime.now(timezone.utc)
         parent = None
         if kind == "incremental":
-            parent, why = choose_parent(catalog.backups(), database, policy, started_at)
+            key = encryption_of(storage)
+            parent, why = choose_parent(catalog.backups(), database, policy, started_at,
+                                        key.key_id if key else None)
             if parent is None:
                 kind = "full"
                 reporter.warning(f"taking a full backup instead of an incremental: {why}")
@@ -241,7 +251,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
                                       f"was written ({missing[0]}); it was not committed",
                                       "something deleted them while the backup ran (a retention sweep or a "
                                       "bucket lifecycle rule?): check, then run the backup again")
-            catalog.commit(manifest)
+            manifest = catalog.commit(manifest)
         except BaseException:
             _discard(storage, prefix, backup_id)
             raise

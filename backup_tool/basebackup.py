@@ -327,7 +327,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         )
         try:
             testhooks.pause_point("base:before-manifest")
-            catalog.commit(manifest)
+            manifest = catalog.commit(manifest)
         except BaseException:
             _discard(storage, key, backup_id)
             raise

@@ -14,6 +14,12 @@ never listed, never restored, removed by retention's sweep. A ``running/`` marke
 sweep (and an operator) that a backup is still writing under its prefix; one left by a
 killed process only delays the sweep until it is older than ``RUNNING_STALE_AFTER``.
 Backup ids sort by the time the backup started (``20261125T020000Z-F3a9c``).
+
+Manifests stay readable without the encryption key (``list``, ``show``, ``verify``,
+retention and audits need only bucket credentials). When the repository is encrypted,
+:meth:`Catalog.commit` records the key id and seals the manifest with an HMAC under the key,
+and :meth:`Catalog.load` checks that seal whenever the configured key is the one recorded,
+so a restore never trusts a manifest edited by someone without the key.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ import json
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
-from backup_tool.errors import BackupToolError, NotFoundError, UsageError
-from backup_tool.manifest import Manifest, parse_manifest
+from backup_tool.errors import BackupToolError, ConfigError, IntegrityError, NotFoundError, UsageError
+from backup_tool.manifest import ENCRYPTED_FORMAT, Manifest, manifest_seal, parse_manifest
 from backup_tool.storage import ObjectMissingError, Storage
+from backup_tool.storage.encrypted import KEY_HINT, encryption_of, manifest_encryption
 
 MANIFEST_PREFIX = "manifests/"
 DATA_PREFIX = "backups/"
@@ -85,8 +92,34 @@ class Catalog:
             except ObjectMissingError:
                 raise NotFoundError(f"backup {backup_id} not found in {self.storage.url}",
                                     "run 'backup-tool list' to see the backups") from None
-            self._cache[backup_id] = parse_manifest(raw, key)
+            manifest = parse_manifest(raw, key)
+            self._authenticate(manifest, raw, key)
+            self._cache[backup_id] = manifest
         return self._cache[backup_id]
+
+    def _authenticate(self, manifest: Manifest, raw: bytes, where: str) -> None:
+        recorded = manifest_encryption(manifest.options)
+        key = encryption_of(self.storage)
+        if recorded is None or key is None or key.key_id != recorded["key_id"]:
+            return
+        digest, mac = manifest_seal(raw)
+        if mac is None or not key.check_seal(digest, mac):
+            raise IntegrityError(f"manifest {where} fails authentication with key id {key.key_id}: it was "
+                                 "edited by someone without the key", "use another backup and run "
+                                 "'backup-tool verify all'")
+
+    def require_key(self, manifest: Manifest) -> None:
+        """Refuse, naming the key id, to restore an encrypted backup without its key."""
+        recorded = manifest_encryption(manifest.options)
+        if recorded is None:
+            return
+        key = encryption_of(self.storage)
+        if key is None:
+            raise ConfigError(f"backup {manifest.id} is encrypted with key id {recorded['key_id']} and no "
+                              "encryption key is configured", KEY_HINT)
+        if key.key_id != recorded["key_id"]:
+            raise ConfigError(f"backup {manifest.id} is encrypted with key id {recorded['key_id']}, but the "
+                              f"configured key has id {key.key_id}", KEY_HINT)
 
     def scan(self) -> tuple[list[Manifest], list[BackupToolError]]:
         """Every readable manifest (oldest first) and the errors of those that are not."""
@@ -139,6 +172,8 @@ class Catalog:
         if manifest.kind not in ("full", "incremental"):
             raise UsageError(f"backup {manifest.id} is a physical {manifest.kind} backup",
                              "restore it with 'backup-tool restore pitr', or pick a full/incremental backup")
+        for link in self.chain(manifest):
+            self.require_key(link)
         return manifest
 
     def chain(self, manifest: Manifest) -> list[Manifest]:
@@ -173,7 +208,13 @@ class Catalog:
         present = {info.key for p in sorted(prefixes) for info in self.storage.list(p)}
         return sorted(wanted - present)
 
-    def commit(self, manifest: Manifest) -> None:
-        """Publish the backup: from here on it is listed and restorable."""
-        self.storage.put_bytes(manifest_key(manifest.id), manifest.to_json())
+    def commit(self, manifest: Manifest) -> Manifest:
+        """Publish the backup: from here on it is listed and restorable. Returns it as stored
+        (with the key id recorded when the repository is encrypted)."""
+        key = encryption_of(self.storage)
+        if key is not None:
+            manifest = replace(manifest, options={**manifest.options, "encryption": key.describe()},
+                               format=ENCRYPTED_FORMAT)
+        self.storage.put_bytes(manifest_key(manifest.id), manifest.to_json(key.seal if key else None))
         self._cache[manifest.id] = manifest
+        return manifest

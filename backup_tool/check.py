@@ -16,8 +16,10 @@ from backup_tool import postgres
 from backup_tool.catalog import Catalog
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError
+from backup_tool.manifest import Manifest
 from backup_tool.postgres import ConnInfo
 from backup_tool.storage import Storage, open_storage
+from backup_tool.storage.encrypted import ALGORITHM, KEY_HINT, encryption_of
 from backup_tool.validate import Check, ValidationReport, check_restore_finished
 
 
@@ -38,6 +40,21 @@ def archive_checks(conn: Any, storage: Storage, settings: Settings, uses_pitr: b
     return server + health
 
 
+def encryption_check(storage: Storage, manifests: list[Manifest]) -> Check:
+    """Which key new backups will use, and whether it is the one the repository's backups need."""
+    key = encryption_of(storage)
+    used = sorted({m.encryption_key_id for m in manifests if m.encryption_key_id})
+    if key is None:
+        if used:
+            return Check("encryption", False, f"backups here are encrypted (key id {', '.join(used)}) but no key is "
+                         f"configured: new backups would be unencrypted and restores would fail — {KEY_HINT}")
+        return Check("encryption", True, "off: objects are stored unencrypted "
+                                         "(set BACKUP_TOOL_ENCRYPTION_KEY_FILE to encrypt new backups)")
+    others = [k for k in used if k != key.key_id]
+    return Check("encryption", True, f"{ALGORITHM}, key id {key.key_id}" + (
+        f"; older backups use key id {', '.join(others)}: keep that key until they expire" if others else ""))
+
+
 def run_checks(settings: Settings) -> ValidationReport:
     checks = [Check("policy", True, f"{settings.policy.name} ({settings.policy.source})")]
     storage: Storage | None = None
@@ -55,6 +72,7 @@ def run_checks(settings: Settings) -> ValidationReport:
 
         ok, detail = check_object_lock(storage, settings.policy)
         checks.append(Check("object_lock", ok, detail))
+        checks.append(encryption_check(storage, manifests))
     except BackupToolError as exc:
         checks.append(Check("repository", False, str(exc)))
     conninfo = ConnInfo(settings.dsn)

@@ -7,6 +7,12 @@ from, and the policy and expiry it was taken under. It is written last: a backup
 exactly when its manifest does. The manifest carries a sha256 of its own canonical form,
 so a damaged manifest is detected rather than trusted. ``format`` guards compatibility:
 a manifest from a newer format is refused with a clear message instead of misread.
+
+Format 2 is format 1 plus what client-side encryption adds: ``options["encryption"]``
+(algorithm and key id, never the key) and ``manifest_mac``, an HMAC of the canonical
+sha256 under the repository key, so a manifest edited by someone without the key is
+detected by anyone with it. Unencrypted backups are still written as format 1, readable
+by older versions.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from backup_tool.errors import BackupToolError, IntegrityError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ENCRYPTED_FORMAT = 2
+SEAL_FIELD = "manifest_mac"
 KINDS = ("full", "incremental", "base")
 
 
@@ -108,7 +116,7 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     extra_objects: tuple[StoredObject, ...] = ()
     tool_version: str = ""
-    format: int = FORMAT_VERSION
+    format: int = 1
     physical: PhysicalInfo | None = None
 
     def objects(self) -> list[StoredObject]:
@@ -122,6 +130,12 @@ class Manifest:
         """Objects written by this backup (not referenced from earlier ones)."""
         prefix = f"backups/{self.id}/"
         return [o for o in self.objects() if o.key.startswith(prefix)]
+
+    @property
+    def encryption_key_id(self) -> str | None:
+        """The id of the key the backup's objects are encrypted with (None: not encrypted)."""
+        enc = self.options.get("encryption")
+        return str(enc["key_id"]) if isinstance(enc, dict) and enc.get("key_id") else None
 
     @property
     def size_bytes(self) -> int:
@@ -146,6 +160,7 @@ class Manifest:
             "rows": sum(t.rows for t in self.tables if t.relkind == "r"),
             "raw_bytes": sum(o.raw_size for o in self.own_objects()),
             "policy": self.policy.get("name"),
+            "encryption_key_id": self.encryption_key_id,
             **({"start_lsn": self.physical.start_lsn, "stop_lsn": self.physical.stop_lsn,
                 "timeline": self.physical.timeline, "checkpoint": self.physical.checkpoint}
                if self.physical else {}),
@@ -161,14 +176,24 @@ class Manifest:
             del data["physical"]
         return data
 
-    def to_json(self) -> bytes:
+    def to_json(self, seal: Callable[[str], str] | None = None) -> bytes:
+        """The stored form; ``seal`` (a MAC of the canonical sha256) authenticates it under a key."""
         body = self.to_dict()
         body["manifest_sha256"] = _digest(body)
+        if seal is not None:
+            body[SEAL_FIELD] = seal(body["manifest_sha256"])
         return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode()
 
 
+def manifest_seal(raw: bytes) -> tuple[str, str | None]:
+    """(canonical sha256, MAC or None) of a manifest that :func:`parse_manifest` accepted."""
+    body = json.loads(raw)
+    mac = body.get(SEAL_FIELD)
+    return str(body["manifest_sha256"]), mac if isinstance(mac, str) else None
+
+
 def _digest(body: dict[str, Any]) -> str:
-    canonical = json.dumps({k: v for k, v in body.items() if k != "manifest_sha256"},
+    canonical = json.dumps({k: v for k, v in body.items() if k not in ("manifest_sha256", SEAL_FIELD)},
                            sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -182,6 +207,39 @@ def _physical(data: dict[str, Any] | None) -> PhysicalInfo | None:
         return None
     return PhysicalInfo(**{**data, "stop_time": parse_utc(data["stop_time"]),
                            "databases": tuple(data.get("databases", ()))})
+
+
+_NONE = type(None)
+_SHAPES: dict[type, dict[str, tuple[type, ...]]] = {
+    StoredObject: {"key": (str,), "size": (int,), "sha256": (str,), "raw_size": (int,), "compression": (str,)},
+    TableEntry: {"schema": (str,), "name": (str,), "relkind": (str,), "parent": (str, _NONE), "columns": (tuple,),
+                 "rows": (int,), "checksum": (str,), "object": (StoredObject, _NONE)},
+    Manifest: {"id": (str,), "kind": (str,), "parent_id": (str, _NONE), "database": (str,),
+               "server_version": (str,), "server_version_num": (int,), "encoding": (str,),
+               "system_identifier": (str,), "policy": (dict,), "snapshot_lsn": (str, _NONE),
+               "schema": (StoredObject, _NONE), "globals": (StoredObject, _NONE), "schema_fingerprint": (str,),
+               "sequences": (tuple,), "inventory": (dict,), "options": (dict,), "tool_version": (str,)},
+}
+
+
+def _check_shape(obj: Any) -> None:
+    for name, types in _SHAPES[type(obj)].items():
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise TypeError(f"{type(obj).__name__}.{name} is a {type(value).__name__}")
+
+
+def _checked(manifest: Manifest) -> Manifest:
+    """The manifest, once every field has the type the rest of the tool relies on."""
+    if manifest.kind not in KINDS:
+        raise ValueError(f"kind {manifest.kind!r}")
+    for obj in [manifest, *manifest.objects(), *manifest.tables]:
+        _check_shape(obj)
+    if not all(isinstance(c, str) for t in manifest.tables for c in t.columns):
+        raise TypeError("a column name is not a string")
+    if not all(isinstance(s, dict) for s in manifest.sequences):
+        raise TypeError("a sequence is not an object")
+    return manifest
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:
@@ -207,7 +265,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         tables = tuple(
             TableEntry(**{**t, "columns": tuple(t["columns"]), "object": _obj(t["object"])})
             for t in body["tables"])
-        return Manifest(
+        return _checked(Manifest(
             id=body["id"], kind=body["kind"], parent_id=body["parent_id"],
             database=body["database"], server_version=body["server_version"],
             server_version_num=body["server_version_num"], encoding=body["encoding"],
@@ -221,8 +279,8 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             extra_objects=tuple(StoredObject(**o) for o in body.get("extra_objects", [])),
             tool_version=body.get("tool_version", ""), format=fmt,
             physical=_physical(body.get("physical")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        ))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise IntegrityError(f"manifest {where} is malformed ({exc})",
                              "the repository is damaged; run 'backup-tool verify all'") from None
 

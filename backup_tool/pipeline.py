@@ -211,7 +211,9 @@ def read_stored(storage: Storage, key: str, sha256: str, size: int,
                 on_chunk: Callable[[int], None] | None = None) -> Iterator[bytes]:
     """An object's decompressed content; raises IntegrityError if it is damaged in any way.
 
-    The sha256 verdict arrives when the last chunk has been read, so consumers must only
-    commit what they wrote once the iterator is exhausted.
+    The sha256 (of the stored bytes, so of the ciphertext when the repository is encrypted)
+    is checked as they stream; its verdict arrives when the last chunk has been read, so
+    consumers must only commit what they wrote once the iterator is exhausted. Decryption
+    authenticates each frame before releasing it.
     """
-    return decompress(verified(storage.get(key), key, sha256, size, on_chunk), key)
+    return decompress(storage.decode(key, verified(storage.get_stored(key), key, sha256, size, on_chunk)), key)

@@ -442,6 +442,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
         rp_lsn = locate_restore_point(storage, backups, segments, hist, target.name, target.timeline,
                                       backups[-1].server_version_num // 10000, reporter)
     plan = choose_base_backup(backups, segments, hist, target, rp_lsn, storage.url)
+    Catalog(storage).require_key(plan.backup)
     reporter.event("base backup chosen", id=plan.backup.id, stop_lsn=plan.physical.stop_lsn,
                    timeline=plan.physical.timeline, target=target.describe(),
                    recovery_timeline=plan.timeline)

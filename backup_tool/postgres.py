@@ -62,6 +62,10 @@ def describe_connect_error(exc: Exception, target: str) -> DatabaseError:
     return DatabaseError(f"cannot connect to {target}: {detail}", hint)
 
 
+REPOSITORY_SECRETS = ("BACKUP_TOOL_ENCRYPTION_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                      "AWS_SECURITY_TOKEN")
+
+
 class ConnInfo:
     """A parsed libpq connection string (URL or key=value), with libpq's PG* variables as fallback."""
 
@@ -107,7 +111,9 @@ class ConnInfo:
         return make_conninfo(**params) if params else ""
 
     def tool_env(self, settings: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ)
+        """Environment for a PostgreSQL client tool: the password in PGPASSWORD (never in its
+        arguments) and none of the repository's secrets, which those tools never need."""
+        env = {k: v for k, v in os.environ.items() if k not in REPOSITORY_SECRETS}
         if self.params.get("password"):
             env["PGPASSWORD"] = str(self.params["password"])
         if settings is not None:
@@ -387,6 +393,19 @@ class Snapshot:
         self.taken_at = row[2]
 
     def lock_tables(self, tables: Sequence[TableInfo]) -> None:
+        """Share-lock the tables, after checking this role may read them and every sequence."""
+        denied = self.conn.execute(sql.SQL(f"""
+            SELECT current_user, format('%I.%I', n.nspname, c.relname)
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE (c.oid = ANY({{oids}}) OR (c.relkind = 'S' AND {SYSTEM_SCHEMA_FILTER}))
+               AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
+             ORDER BY 2""").format(oids=sql.Literal([t.oid for t in tables]))).fetchall()
+        if denied:
+            user, unreadable = denied[0][0], [row[1] for row in denied]
+            raise DatabaseError(f"role {user} may not read {len(unreadable)} of the tables and sequences to back "
+                                f"up ({', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''})",
+                                f"grant {user} USAGE on their schemas and SELECT on them, or back up as "
+                                "their owner or a superuser")
         for start in range(0, len(tables), 200):
             names = sql.SQL(", ").join(qualified(t.schema, t.name) for t in tables[start:start + 200])
             try:

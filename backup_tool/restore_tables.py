@@ -89,6 +89,24 @@ class TablesRestoreResult:
         }
 
 
+def split_names(text: str) -> list[str]:
+    """``a.b, "x,y".z`` → ['a.b', '"x,y".z']: commas inside double quotes belong to the name,
+    and only whitespace outside quotes is trimmed."""
+    names: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            names.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    names.append("".join(current))
+    return [n.strip() for n in names if n.strip()]
+
+
 def split_name(text: str) -> tuple[str | None, str]:
     """``schema.table`` → (schema, table); double quotes protect dots and are removed."""
     parts: list[str] = []
@@ -242,11 +260,11 @@ def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: 
         for seq in _owned_sequences(manifest, keys):
             owner = seq["owned_by"]
             conn.execute(sql.SQL(
-                "SELECT setval({seq}::regclass, GREATEST((SELECT last_value FROM {seqtab}), %s,"
-                " coalesce((SELECT max({col}) FROM {tab}), %s)), true)").format(
+                "SELECT setval({seq}::regclass, GREATEST((SELECT last_value FROM {seqtab}), {value},"
+                " coalesce((SELECT max({col}) FROM {tab}), {value})), true)").format(
                 seq=sql.Literal(postgres.quoted_table(seq["schema"], seq["name"])),
                 seqtab=qualified(seq["schema"], seq["name"]), col=sql.Identifier(owner["column"]),
-                tab=qualified(owner["schema"], owner["table"])), (seq["last_value"], seq["last_value"]))
+                tab=qualified(owner["schema"], owner["table"]), value=sql.Literal(seq["last_value"])))
         check = check_foreign_keys(conn, _fks_touching(conn, keys))
         if not check.ok:
             raise RefusedError(f"restoring {', '.join(t.full_name for t in entries)} would break foreign keys, "

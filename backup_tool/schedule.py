@@ -21,6 +21,7 @@ same ``--now`` takes at most one backup.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -446,6 +447,9 @@ def _env_lines(settings: Settings) -> dict[str, str]:
     policy = settings.policy
     ref = policy.source if policy.source not in ("built-in", "") else policy.name
     env = {"BACKUP_TOOL_REPO": settings.repo_url, "BACKUP_TOOL_POLICY": ref}
+    for name in ("BACKUP_TOOL_ENCRYPTION_KEY_FILE", "BACKUP_TOOL_S3_SSE", "BACKUP_TOOL_S3_SSE_KMS_KEY_ID"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     if settings.dsn:
         try:
             params = {k: v for k, v in conninfo_to_dict(settings.dsn).items() if k != "password"}

@@ -102,3 +102,88 @@ def test_replace_keeps_frozen_semantics() -> None:
     with pytest.raises(Exception):
         m.id = "y"  # type: ignore[misc]
     assert replace(m, id="y").id == "y"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12)
+
+
+def resealed(body: dict) -> bytes:
+    """The body with a correct self-checksum, so parsing goes past the checksum to the fields."""
+    from backup_tool.manifest import _digest
+
+    body = dict(body)
+    body["manifest_sha256"] = _digest(body)
+    return json.dumps(body).encode()
+
+
+@settings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(sorted(json.loads(make_manifest().to_json()))), value=json_values,
+       drop=st.booleans())
+def test_any_field_of_any_type_is_parsed_or_refused_cleanly(field: str, value: object, drop: bool) -> None:
+    """A manifest with one field missing or of any JSON type either parses into one that the
+    rest of the tool can use, or raises the tool's own error (exit 1 or 3): never a crash."""
+    body = json.loads(make_manifest().to_json())
+    if drop:
+        body.pop(field)
+    else:
+        body[field] = value
+    try:
+        m = parse_manifest(resealed(body), "x")
+    except BackupToolError:
+        return
+    m.summary(), m.objects(), m.own_objects(), m.to_json()
+
+
+@settings(max_examples=100, deadline=None)
+@given(table_field=st.sampled_from(["schema", "name", "relkind", "parent", "columns", "rows", "checksum", "object"]),
+       value=json_values)
+def test_any_table_field_of_any_type_is_parsed_or_refused_cleanly(table_field: str, value: object) -> None:
+    body = json.loads(make_manifest().to_json())
+    body["tables"][0][table_field] = value
+    try:
+        m = parse_manifest(resealed(body), "x")
+    except BackupToolError:
+        return
+    m.summary(), m.objects(), m.own_objects(), m.to_json()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text(max_size=12), json_values, max_size=8))
+def test_arbitrary_json_objects_are_refused_cleanly(body: dict) -> None:
+    for raw in (json.dumps(body).encode(), resealed({**body, "format": 1})):
+        try:
+            parse_manifest(raw, "x")
+        except BackupToolError:
+            pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(field=st.sampled_from(["database", "kind", "parent_id", "expires_at", "schema_fingerprint", "options"]),
+       value=json_values)
+def test_sealed_manifests_detect_any_edit_by_someone_without_the_key(field: str, value: object) -> None:
+    from backup_tool.manifest import manifest_seal
+    from backup_tool.storage.encrypted import EncryptionKey
+
+    key = EncryptionKey(bytes(range(32)))
+    raw = make_manifest().to_json(key.seal)
+    digest, mac = manifest_seal(raw)
+    assert mac is not None and key.check_seal(digest, mac)
+    body = json.loads(raw)
+    if body.get(field) == value:
+        return
+    body[field] = value
+    edited = resealed(body)
+    digest, mac = manifest_seal(edited)
+    assert mac is not None and not key.check_seal(digest, mac)
+
+
+def test_sealing_keeps_the_round_trip_and_older_readers_see_a_newer_format() -> None:
+    from backup_tool.storage.encrypted import EncryptionKey
+
+    key = EncryptionKey(bytes(range(32)))
+    m = replace(make_manifest(), options={"encryption": key.describe()}, format=2)
+    assert parse_manifest(m.to_json(key.seal), "x") == m
+    assert json.loads(make_manifest().to_json())["format"] == 1, "unencrypted backups stay readable by format-1 tools"

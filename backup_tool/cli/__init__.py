@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 
 from backup_tool.cli.common import app
 
@@ -18,7 +19,20 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name !
 
 
 def main() -> None:
-    app(prog_name="backup-tool")
+    """Run the CLI. Usage errors (unknown, missing or malformed options) are one line on
+    stderr with exit 2, like every other error; help still goes to stdout."""
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(prog_name="backup-tool", standalone_mode=False)
+    except TyperException as exc:
+        if type(exc).__name__ != "NoArgsIsHelpError":
+            ctx = getattr(exc, "ctx", None)
+            where = f" — see '{ctx.command_path} --help'" if ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            print(f"backup-tool: error: {message}{where}", file=sys.stderr)
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main"]

@@ -89,7 +89,7 @@ COMMON_NAMES = ("repo", "dsn", "policy", "json_output", "debug")
 
 
 def secrets_from(common: Common, extra: list[str]) -> list[str]:
-    """Passwords known to this invocation, to be scrubbed from anything printed."""
+    """Passwords and keys known to this invocation, to be scrubbed from anything printed."""
     from psycopg.conninfo import conninfo_to_dict
 
     found = []
@@ -105,6 +105,9 @@ def secrets_from(common: Common, extra: list[str]) -> list[str]:
     for var in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         if os.environ.get(var):
             found.append(os.environ[var])
+    from backup_tool.storage.encrypted import secret_texts
+
+    found += secret_texts()
     return [s for s in found if len(s) >= 4]
 
 
@@ -197,13 +200,13 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
     except (KeyboardInterrupt, Terminated, pipeline.Cancelled) as exc:
         pipeline.cancel()
         if common.debug:
-            traceback.print_exc()
+            print_traceback(redact)
         print("backup-tool: error: interrupted; partial work was discarded or rolled back — run the command again",
               file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED
     except Exception as exc:  # a bug: still one line unless --debug
         if common.debug:
-            traceback.print_exc()
+            print_traceback(redact)
         print(redact(f"backup-tool: error: unexpected {type(exc).__name__}: {exc} "
                      "(rerun with --debug for details)"), file=sys.stderr)
         return EXIT_FAILED
@@ -212,9 +215,14 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
             reporter.close()
 
 
+def print_traceback(redact: Callable[[str], str]) -> None:
+    """The current exception's traceback on stderr (``--debug``), with known secrets scrubbed."""
+    print(redact(traceback.format_exc()), file=sys.stderr, end="")
+
+
 def fail(exc: BackupToolError, common: Common, redact: Callable[[str], str]) -> int:
     if common.debug:
-        traceback.print_exc()
+        print_traceback(redact)
     print(redact(f"backup-tool: error: {exc}"), file=sys.stderr)
     return exc.exit_code
 
@@ -232,10 +240,11 @@ def render_report(report: Any) -> str:
     validation = getattr(report, "validation", None)
     lines = []
     if hasattr(report, "backup_id"):
-        tables = report.tables if isinstance(report.tables, int) else len(report.tables)
-        where = f" into schema {report.into_schema}" if getattr(report, "into_schema", None) else ""
-        lines.append(f"restored {report.backup_id} into {report.target}{where}: {tables} tables, "
-                     f"{report.rows} rows, {human_size(report.bytes_read)} read in {report.seconds:.1f}s")
+        if hasattr(report, "tables"):
+            tables = report.tables if isinstance(report.tables, int) else len(report.tables)
+            where = f" into schema {report.into_schema}" if getattr(report, "into_schema", None) else ""
+            lines.append(f"restored {report.backup_id} into {report.target}{where}: {tables} tables, "
+                         f"{report.rows} rows, {human_size(report.bytes_read)} read in {report.seconds:.1f}s")
         report = validation
     if report is None:
         return "\n".join(lines + ["validation skipped"])

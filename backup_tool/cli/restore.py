@@ -69,7 +69,9 @@ def restore_tables_cmd(
                                                 help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
 ) -> int:
     """Restore only the named tables: into empty/absent tables, beside them (--into-schema), or over them (--replace)."""
-    names = [t for t in (x.strip() for x in tables.split(",")) if t]
+    from backup_tool.restore_tables import split_names
+
+    names = split_names(tables)
     if target_time:
         if backup:
             raise UsageError("give --backup or --target-time, not both", "--target-time picks the base backup itself")

@@ -9,17 +9,24 @@ from backup_tool.storage.base import (
     PutResult,
     Storage,
 )
+from backup_tool.storage.encrypted import EncryptedStorage, EncryptionKey, key_from_environment
 
-__all__ = ["ObjectExistsError", "ObjectInfo", "ObjectMissingError", "PutResult", "Storage",
-           "open_storage"]
+__all__ = ["EncryptedStorage", "EncryptionKey", "ObjectExistsError", "ObjectInfo", "ObjectMissingError",
+           "PutResult", "Storage", "open_storage"]
 
 
-def open_storage(url: str) -> Storage:
-    """The backend for a repository URL: ``s3://bucket/prefix`` or a local directory path."""
+def open_storage(url: str, key: EncryptionKey | None = None) -> Storage:
+    """The backend for a repository URL: ``s3://bucket/prefix`` or a local directory path.
+
+    Objects are encrypted with ``key``, else with the key configured in the environment
+    (``BACKUP_TOOL_ENCRYPTION_KEY`` / ``BACKUP_TOOL_ENCRYPTION_KEY_FILE``), else not at all;
+    encrypted objects are recognised (and a missing key named) in every case.
+    """
+    key = key or key_from_environment()
     if url.startswith("s3://"):
         from backup_tool.storage.s3 import S3Storage
 
-        return S3Storage(url)
+        return EncryptedStorage(S3Storage(url), key)
     if "://" in url and not url.startswith("file://"):
         from backup_tool.errors import ConfigError
 
@@ -27,4 +34,4 @@ def open_storage(url: str) -> Storage:
                           "use s3://BUCKET/PREFIX or a local directory path")
     from backup_tool.storage.local import LocalStorage
 
-    return LocalStorage(url.removeprefix("file://"))
+    return EncryptedStorage(LocalStorage(url.removeprefix("file://")), key)

@@ -109,6 +109,14 @@ class Storage(ABC):
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
+    def get_stored(self, key: str) -> Iterator[bytes]:
+        """The object's bytes exactly as stored: what a manifest's size and sha256 describe."""
+        return self.get(key)
+
+    def decode(self, key: str, stored: Iterable[bytes]) -> Iterator[bytes]:
+        """What the writer passed to :meth:`put`, from :meth:`get_stored`'s bytes (here: the same)."""
+        return iter(stored)
+
     def lock_of(self, key: str) -> ObjectLock | None:
         """The Object Lock retention on the object's current version (None: not locked)."""
         return None

@@ -26,6 +26,13 @@ creation was retried has its lost twin aborted too.
 Tunables (environment): ``BACKUP_TOOL_S3_CONNECT_TIMEOUT`` (seconds, default 10),
 ``BACKUP_TOOL_S3_READ_TIMEOUT`` (seconds without a byte from the store, default 60),
 ``BACKUP_TOOL_S3_ATTEMPTS`` (attempts per request, default 6).
+
+Server-side encryption is passed through on every write (PutObject and
+CreateMultipartUpload) when ``BACKUP_TOOL_S3_SSE`` asks for it: ``AES256`` (SSE-S3) or
+``aws:kms`` (SSE-KMS, with ``BACKUP_TOOL_S3_SSE_KMS_KEY_ID`` naming the key; without it the
+account's default ``aws/s3`` key). Reads need nothing: S3 decrypts for anyone allowed to use
+the key. It complements client-side encryption (:mod:`.encrypted`): SSE-KMS also keeps the
+plaintext metadata (manifests) from readers who may not use the KMS key.
 """
 
 from __future__ import annotations
@@ -149,6 +156,30 @@ def _positive(env: Mapping[str, str], name: str, default: float, kind: type) -> 
     return value
 
 
+SSE_ENV = "BACKUP_TOOL_S3_SSE"
+SSE_KMS_KEY_ENV = "BACKUP_TOOL_S3_SSE_KMS_KEY_ID"
+SSE_MODES = ("AES256", "aws:kms", "aws:kms:dsse")
+
+
+def sse_args(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The server-side encryption parameters of PutObject/CreateMultipartUpload, from the environment."""
+    env = os.environ if environ is None else environ
+    mode, kms_key = env.get(SSE_ENV, "").strip(), env.get(SSE_KMS_KEY_ENV, "").strip()
+    if not mode:
+        if kms_key:
+            raise ConfigError(f"{SSE_KMS_KEY_ENV} is set but {SSE_ENV} is not", f"set {SSE_ENV}=aws:kms")
+        return {}
+    if mode not in SSE_MODES:
+        raise ConfigError(f"{SSE_ENV}={mode!r} is not a server-side encryption mode",
+                          f"use one of: {', '.join(SSE_MODES)}")
+    if kms_key and not mode.startswith("aws:kms"):
+        raise ConfigError(f"{SSE_KMS_KEY_ENV} needs {SSE_ENV}=aws:kms, not {mode}", f"set {SSE_ENV}=aws:kms")
+    args = {"ServerSideEncryption": mode}
+    if kms_key:
+        args["SSEKMSKeyId"] = kms_key
+    return args
+
+
 @dataclass(frozen=True)
 class _Expected:
     """What the bucket holds under a key if our conditional write went through."""
@@ -205,6 +236,7 @@ class S3Storage(Storage):
         )
         self._client = boto3.session.Session().client("s3", config=config)
         self._local = threading.local()
+        self.sse = sse_args()
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
@@ -252,10 +284,11 @@ class S3Storage(Storage):
         return StorageError(f"S3 error {code or '?'} while {what} in {self.url}")
 
     def _lock_args(self) -> dict[str, Any]:
+        """Per-object write parameters: Object Lock retention and server-side encryption."""
         if self.object_lock is None:
-            return {}
+            return dict(self.sse)
         return {"ObjectLockMode": self.object_lock.mode.upper(),
-                "ObjectLockRetainUntilDate": self.object_lock.retain_until}
+                "ObjectLockRetainUntilDate": self.object_lock.retain_until, **self.sse}
 
     # -- writing ---------------------------------------------------------------------------
 
