@@ -318,7 +318,7 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
             entry = parent.table(t.schema, t.name)
             if entry is not None and unchanged(entry, t, *checksums[t.oid]):
                 reused[t.oid] = entry
-        missing = [e.object.key for e in reused.values() if e.object and not storage.exists(e.object.key)]
+        missing = Catalog(storage).missing_keys(e.object.key for e in reused.values() if e.object)
         if missing:
             raise BackupToolError(f"parent backup {parent.id} lacks objects it lists ({missing[0]})",
                                   "run 'backup-tool verify all', then take a full backup")

@@ -29,11 +29,23 @@ import json
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
-from backup_tool.errors import BackupToolError, ConfigError, IntegrityError, NotFoundError, UsageError
-from backup_tool.manifest import ENCRYPTED_FORMAT, Manifest, manifest_seal, parse_manifest
+from backup_tool.errors import (
+    BackupToolError,
+    ConfigError,
+    IntegrityError,
+    NotFoundError,
+    UsageError,
+)
+from backup_tool.manifest import (
+    ENCRYPTED_FORMAT,
+    Manifest,
+    manifest_seal,
+    parse_manifest,
+)
 from backup_tool.storage import ObjectMissingError, Storage
 from backup_tool.storage.encrypted import KEY_HINT, encryption_of, manifest_encryption
 
@@ -203,7 +215,11 @@ class Catalog:
 
     def missing_objects(self, manifest: Manifest) -> list[str]:
         """Keys the manifest references that the repository does not hold (one LIST per backup prefix)."""
-        wanted = {o.key for o in manifest.objects()}
+        return self.missing_keys(o.key for o in manifest.objects())
+
+    def missing_keys(self, keys: Iterable[str]) -> list[str]:
+        """Which of ``keys`` the repository does not hold, with one LIST per backup prefix."""
+        wanted = set(keys)
         prefixes = {"/".join(k.split("/")[:2]) + "/" for k in wanted}
         present = {info.key for p in sorted(prefixes) for info in self.storage.list(p)}
         return sorted(wanted - present)

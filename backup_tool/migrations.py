@@ -39,8 +39,8 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from itertools import pairwise
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 

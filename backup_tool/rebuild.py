@@ -43,7 +43,12 @@ from typing import Any, Callable
 import psycopg
 
 from backup_tool import drift, migrations, pipeline, postgres, schema
-from backup_tool.errors import BackupToolError, NotFoundError, RefusedError, ValidationFailed
+from backup_tool.errors import (
+    BackupToolError,
+    NotFoundError,
+    RefusedError,
+    ValidationFailed,
+)
 from backup_tool.manifest import Manifest
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import Reporter

@@ -9,7 +9,11 @@ from backup_tool.storage.base import (
     PutResult,
     Storage,
 )
-from backup_tool.storage.encrypted import EncryptedStorage, EncryptionKey, key_from_environment
+from backup_tool.storage.encrypted import (
+    EncryptedStorage,
+    EncryptionKey,
+    key_from_environment,
+)
 
 __all__ = ["EncryptedStorage", "EncryptionKey", "ObjectExistsError", "ObjectInfo", "ObjectMissingError",
            "PutResult", "Storage", "open_storage"]
