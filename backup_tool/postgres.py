@@ -469,6 +469,11 @@ def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: Ta
     ]
 
 
-def copy_in_statement(schema: str, name: str, columns: Sequence[str]) -> sql.Composed:
-    return sql.SQL("COPY {} ({}) FROM STDIN").format(
-        qualified(schema, name), sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+def copy_in_statement(schema: str, name: str, columns: Sequence[str], freeze: bool = False) -> sql.Composed:
+    return sql.SQL("COPY {} ({}) FROM STDIN{}").format(
+        qualified(schema, name), sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+        sql.SQL(" WITH (FREEZE)" if freeze else ""))
+
+
+def truncate_statement(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("TRUNCATE ONLY {}").format(qualified(schema, name))

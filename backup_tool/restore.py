@@ -111,18 +111,26 @@ def ensure_roles(conn: psycopg.Connection[Any], conninfo: ConnInfo, storage: Sto
 
 def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding: str,
                advance: Callable[[int], None], conn: psycopg.Connection[Any] | None = None,
-               target: tuple[str, str] | None = None) -> None:
-    """COPY one table's object into ``target`` (default: the table itself), in one transaction."""
+               target: tuple[str, str] | None = None, fresh: bool = False) -> None:
+    """COPY one table's object into ``target`` (default: the table itself), in one transaction.
+
+    ``fresh``: the table was created by this restore and nothing references it yet, so it is
+    truncated in the loading transaction and loaded with COPY FREEZE: rows arrive frozen with
+    their hint bits set, so neither validation's scan nor the first VACUUM rewrites every page.
+    """
     obj = entry.object
     assert obj is not None
     schema_name, name = target or (entry.schema, entry.name)
-    stmt = postgres.copy_in_statement(schema_name, name, entry.columns)
+    stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh)
     own = conn is None
     conn = conn or conninfo.connect(autocommit=True, settings={"client_encoding": encoding})
     try:
-        with conn.transaction(), conn.cursor() as cur, cur.copy(stmt) as copy:
-            for chunk in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance):
-                copy.write(chunk)
+        with conn.transaction(), conn.cursor() as cur:
+            if fresh:
+                cur.execute(postgres.truncate_statement(schema_name, name))
+            with cur.copy(stmt) as copy:
+                for chunk in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance):
+                    copy.write(chunk)
     except psycopg.Error as exc:
         raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
     finally:
@@ -195,6 +203,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                 loader = rebuilt.loader
 
             data = [t for t in manifest.tables if t.object is not None]
+            checksums: dict[tuple[str, str], tuple[int, str]] = {}
             progress = reporter.task("restoring tables", total=sum(t.object.size for t in data if t.object))
 
             def advance(n: int) -> None:
@@ -202,7 +211,10 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                 progress.advance(n)
 
             def load(t: TableEntry) -> None:
-                load_table(loader, storage, t, manifest.encoding, advance)
+                with loader.connect(settings={"client_encoding": manifest.encoding}) as conn:
+                    load_table(loader, storage, t, manifest.encoding, advance, conn=conn, fresh=rebuilt is None)
+                    if validating and t.relkind == "r":
+                        checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns)
                 testhooks.pause_point("restore:loading")
 
             pipeline.run_parallel(jobs, [(load, t) for t in data])
@@ -219,7 +231,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     report = None
     if validating:
         report = validate(target, manifest, storage if rebuilt is None or rebuilt.archive_usable else None,
-                          jobs=jobs, reporter=reporter)
+                          jobs=jobs, reporter=reporter, checksums=checksums)
     result = RestoreResult(manifest.id, target.redacted(),
                            len([t for t in manifest.tables if t.relkind == "r"]),
                            sum(t.rows for t in manifest.tables), fetched[0],

@@ -339,7 +339,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                 replace_in_place(control, storage, manifest, existing, replace, advance)
             loads = [t for t in create if t.object is not None]
             pipeline.run_parallel(jobs, [(lambda t: load_table(target, storage, t, manifest.encoding, advance,
-                                                               target=location[(t.schema, t.name)]), t)
+                                                               target=location[(t.schema, t.name)], fresh=True), t)
                                          for t in loads])
             progress.finish()
             with control.transaction():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import difflib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -205,14 +206,21 @@ def table_checksums(conninfo: ConnInfo, targets: dict[TableKey, tuple[str, str, 
     """Live row count and content checksum per table key, read at (schema, name) over columns.
 
     None when the table is missing; a row count of -1 when a backed-up column is missing.
+    Tables are taken largest first by whichever session is free, so one big table does not
+    leave the other sessions idle.
     """
     results: dict[TableKey, tuple[int, str] | None] = {}
     progress = reporter.task("checksumming tables", total=len(targets))
-    keys = list(targets)
+    queue = list(targets)
+    lock = threading.Lock()
 
-    def worker(batch: list[TableKey]) -> None:
+    def next_key() -> TableKey | None:
+        with lock:
+            return queue.pop(0) if queue else None
+
+    def worker() -> None:
         with conninfo.connect() as conn:
-            for key in batch:
+            while (key := next_key()) is not None:
                 schema_name, name, columns = targets[key]
                 try:
                     results[key] = postgres.table_checksum(conn, schema_name, name, columns)
@@ -222,9 +230,9 @@ def table_checksums(conninfo: ConnInfo, targets: dict[TableKey, tuple[str, str, 
                     results[key] = (-1, "")
                 progress.advance(1)
 
-    jobs = max(1, min(jobs, len(keys)))
+    jobs = max(1, min(jobs, len(queue)))
     with cf.ThreadPoolExecutor(jobs) as pool:
-        for fut in [pool.submit(worker, keys[i::jobs]) for i in range(jobs) if keys[i::jobs]]:
+        for fut in [pool.submit(worker) for _ in range(jobs if queue else 0)]:
             fut.result()
     progress.finish()
     return results
@@ -257,11 +265,15 @@ def check_tables(manifest: Manifest, live: dict[tuple[str, str], tuple[int, str]
 
 def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Storage | None = None,
              jobs: int = 2, reporter: Reporter | None = None,
-             tables: set[tuple[str, str]] | None = None) -> ValidationReport:
+             tables: set[tuple[str, str]] | None = None,
+             checksums: dict[TableKey, tuple[int, str]] | None = None) -> ValidationReport:
     """Run the health checks against the database; compare with ``manifest`` when given.
 
     ``tables`` restricts the per-table checks to those tables (after a selective restore);
-    the whole-database schema comparison is then skipped.
+    the whole-database schema comparison is then skipped. ``checksums``: row counts and
+    content checksums already read from this database (a restore takes each table's in the
+    session that loaded it, once its COPY committed, while other tables still load); only
+    the other tables are scanned.
     """
     reporter = reporter or NullReporter()
     checks: list[Check] = []
@@ -293,9 +305,12 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
                                        inv["extensions"], lambda e: e["name"]))
         checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
     if manifest is not None:
-        wanted = {(t.schema, t.name): (t.schema, t.name, t.columns) for t in manifest.tables
+        wanted = {(t.schema, t.name): (t.schema, t.name, t.columns)
+                  for t in sorted(manifest.tables, key=lambda t: -(t.object.raw_size if t.object else 0))
                   if t.relkind == "r" and (tables is None or (t.schema, t.name) in tables)}
-        live = table_checksums(conninfo, wanted, jobs, reporter)
+        known = {k: v for k, v in (checksums or {}).items() if k in wanted}
+        live = {**table_checksums(conninfo, {k: v for k, v in wanted.items() if k not in known}, jobs, reporter),
+                **known}
         checks.extend(check_tables(manifest, live))
     if tables is not None:
         checks = [c for c in checks if c.name in ("row_counts", "content_checksums", "foreign_keys_hold",

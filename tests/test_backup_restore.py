@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import boto3
+import psycopg
 import pytest
 
 import dbcompare
@@ -81,8 +82,21 @@ def test_round_trip_is_identical(cli: Any, repo: str, seed_db: Any, backed_up: d
         dbcompare.assert_same(dbcompare.fingerprint(seed_db.dsn), dbcompare.fingerprint(target_dsn))
         again = cli.json("validate", "--repo", repo, "--dsn", target_dsn, "--against", "latest")
         assert again["ok"] is True
+        assert_loaded_frozen(target_dsn, "public.crm_clients")
     finally:
         pg_server.drop_db(target_name)
+
+
+def assert_loaded_frozen(dsn: str, table: str) -> None:
+    """Rows a restore created its table for arrive frozen (COPY FREEZE): every tuple on the
+    first page has both HEAP_XMIN_COMMITTED and HEAP_XMIN_INVALID set (= frozen)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        masks = [r[0] for r in conn.execute(
+            "SELECT t_infomask FROM heap_page_items(get_raw_page(%s, 0)) WHERE t_infomask IS NOT NULL",
+            (table,))]
+        conn.execute("DROP EXTENSION pageinspect")
+    assert masks and all(m & 0x0300 == 0x0300 for m in masks), [hex(m) for m in masks[:5]]
 
 
 def test_verify_detects_a_flipped_byte_and_restore_refuses_it(cli: Any, repo: str, backed_up: dict[str, Any],
