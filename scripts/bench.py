@@ -74,13 +74,11 @@ def ensure_packages(physical: bool, barman: bool = False) -> None:
         need.append("python3-venv")  # backup-tool's venv for the server's archive_command
     if barman and not shutil.which("barman-cloud-backup"):
         need.append("barman-cli-cloud")
-    if barman and subprocess.run(["/usr/bin/python3", "-c", "import snappy"], capture_output=True).returncode != 0:
-        need.append("python3-snappy")  # barman-cloud-backup --snappy
     if need:
         log(f"installing {' '.join(need)}")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        optional = [p for p in need if p in ("barman-cli-cloud", "python3-snappy")]
+        optional = [p for p in need if p == "barman-cli-cloud"]
         required = [p for p in need if p not in optional]
         if required:
             subprocess.run(["apt-get", "install", "-y", "-qq", *required], check=True, env=env,
@@ -201,8 +199,8 @@ class S3:
 
         client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
-            for obj in page.get("Contents", []):
-                client.delete_object(Bucket=name, Key=obj["Key"])
+            if keys := [{"Key": obj["Key"]} for obj in page.get("Contents", [])]:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
         client.delete_bucket(Bucket=name)
 
 
@@ -680,7 +678,10 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
         self.versions["barman-cloud-backup"] = sh(["barman-cloud-backup", "--version"]).stdout.strip().split()[-1]
         url = f"s3://{bucket}/barman"
         endpoint = ["--endpoint-url", self.s3.endpoint]
-        snappy = sh(["/usr/bin/python3", "-c", "import snappy"], check=False).returncode == 0
+        # --snappy when python-snappy works (Debian 12's python3-snappy 0.5.3 fails on Python 3.11
+        # with "PY_SSIZE_T_CLEAN macro must be defined"): else barman's default, uncompressed
+        snappy = sh(["/usr/bin/python3", "-c", "import snappy; snappy.StreamCompressor().add_chunk(b'x')"],
+                    check=False).returncode == 0
         wrapper = self.work / "bin" / "barman-wal-archive"
         env = " ".join(f"{k}={v}" for k, v in self.s3.env.items())
         wrapper.write_text(f"#!/bin/sh\nexec env {env} barman-cloud-wal-archive {' '.join(endpoint)}"
@@ -739,7 +740,8 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
             "| scenario | contender | median s | throughput | peak RSS MB |",
             "| --- | --- | ---: | ---: | ---: |",
         ]
-        for row in self.rows.values():
+        order = list(dict.fromkeys(r.scenario for r in self.rows.values()))
+        for row in sorted(self.rows.values(), key=lambda r: order.index(r.scenario)):
             rate = (f"{row.segments / row.seconds:.1f} segments/s" if row.segments
                     else f"{mb / row.seconds:.0f} DB MB/s")
             lines.append(f"| {row.scenario} | {row.contender} | {row.seconds:.2f} | {rate} | {row.rss:.0f} |")
