@@ -23,6 +23,7 @@ import os
 import platform
 import pwd
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 OS_USER = "postgres"
+WAL_SEGMENTS = 32
 
 
 def log(msg: str) -> None:
@@ -57,7 +59,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ensure_packages(physical: bool) -> None:
+def ensure_packages(physical: bool, barman: bool = False) -> None:
     need = []
     if not (PG_BIN / "pg_ctl").exists():
         need += ["postgresql-15", "postgresql-client-15"]
@@ -67,11 +69,23 @@ def ensure_packages(physical: bool) -> None:
         need.append("nginx-light")
     if not shutil.which("openssl") and physical:
         need.append("openssl")
+    if physical and not subprocess.run(["/usr/bin/python3", "-c", "import venv, ensurepip"],
+                                       capture_output=True).returncode == 0:
+        need.append("python3-venv")  # backup-tool's venv for the server's archive_command
+    if barman and not shutil.which("barman-cloud-backup"):
+        need.append("barman-cli-cloud")
     if need:
         log(f"installing {' '.join(need)}")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *need], check=True, env=env, stdout=subprocess.DEVNULL)
+        optional = [p for p in need if p == "barman-cli-cloud"]
+        required = [p for p in need if p not in optional]
+        if required:
+            subprocess.run(["apt-get", "install", "-y", "-qq", *required], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+        if optional and subprocess.run(["apt-get", "install", "-y", "-qq", *optional], env=env,
+                                       stdout=subprocess.DEVNULL).returncode != 0:
+            log(f"could not install {' '.join(optional)}; barman-cloud-backup is skipped")
 
 
 @dataclass
@@ -84,11 +98,13 @@ def timed(argv: list[str], env: dict[str, str], user: str | None = None) -> Meas
     """Wall time and peak RSS (process tree, via wait4) of one command; fails loudly."""
     if user and os.geteuid() == 0:
         argv = ["runuser", "-u", user, "--", *argv]
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    with tempfile.TemporaryFile() as errfile:  # a file, not a pipe: a chatty command cannot block on it
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=errfile)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - start
+        errfile.seek(0)
+        err = errfile.read().decode(errors="replace")
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:6])} ... failed ({proc.returncode}): {err[-2000:]}")
@@ -183,8 +199,8 @@ class S3:
 
         client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
-            for obj in page.get("Contents", []):
-                client.delete_object(Bucket=name, Key=obj["Key"])
+            if keys := [{"Key": obj["Key"]} for obj in page.get("Contents", [])]:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
         client.delete_bucket(Bucket=name)
 
 
@@ -206,10 +222,97 @@ def start_s3() -> S3:
 
 
 @dataclass
+class Nginx:
+    port: int
+    proc: subprocess.Popen[bytes]
+    version: str
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_nginx(work: Path, upstream: str) -> Nginx:
+    """nginx with a self-signed certificate on a free loopback port, proxying to ``upstream``
+    (moto's plain-HTTP endpoint) without buffering: pgBackRest only speaks TLS to S3."""
+    d = work / "nginx"
+    (d / "tmp").mkdir(parents=True)
+    (d / "tmp").chmod(0o777)
+    sh(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")])
+    port = free_port()
+    conf = d / "nginx.conf"
+    conf.write_text(f"""worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    upstream moto {{
+        server {upstream.removeprefix("http://")};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {d}/cert.pem;
+        ssl_certificate_key {d}/key.pem;
+        client_max_body_size 0;
+        proxy_request_buffering off;
+        proxy_buffering off;
+        proxy_read_timeout 600s;
+        proxy_send_timeout 600s;
+        location / {{
+            proxy_pass http://moto;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+        }}
+    }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf),
+                             "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    version = sh(["nginx", "-v"]).stderr.strip().removeprefix("nginx version: ")
+    nginx = Nginx(port, proc, version)
+    for _ in range(100):
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited ({proc.returncode}): {(d / 'error.log').read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return nginx
+        except OSError:
+            time.sleep(0.1)
+    nginx.stop()
+    raise RuntimeError(f"nginx did not listen on {port}")
+
+
+def chown_tree(path: Path, user: str = OS_USER) -> None:
+    shutil.chown(path, user, user)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            shutil.chown(Path(root) / name, user, user)
+
+
+def quote_sql(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass
 class Row:
     scenario: str
     contender: str
     runs: list[Measure] = field(default_factory=list)
+    segments: int | None = None  # a WAL-archiving row: report segments per second, not DB MB/s
 
     @property
     def seconds(self) -> float:
@@ -230,9 +333,14 @@ class Bench:
         self.rows: dict[tuple[str, str], Row] = {}
         self.env = {**os.environ, **s3.env, "PGPASSWORD": ""}
         self.tool = [sys.executable, "-m", "backup_tool"]
+        self.nginx: Nginx | None = None
+        self.versions: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.sizes: dict[str, int] = {}
+        self.live_pgdata: list[Path] = []
 
-    def record(self, scenario: str, contender: str, measure: Measure) -> None:
-        self.rows.setdefault((scenario, contender), Row(scenario, contender)).runs.append(measure)
+    def record(self, scenario: str, contender: str, measure: Measure, segments: int | None = None) -> None:
+        self.rows.setdefault((scenario, contender), Row(scenario, contender, segments=segments)).runs.append(measure)
         log(f"{scenario:<28} {contender:<44} {measure.seconds:7.2f}s  {measure.peak_rss_mb:6.0f} MB RSS")
 
     def fresh_db(self, name: str) -> str:
@@ -302,11 +410,303 @@ class Bench:
                                             capture_output=True, text=True, check=True).stdout)
         full_bytes = next(e["size_bytes"] for e in listing if e["kind"] == "full")
         incr_bytes = next(e["size_bytes"] for e in listing if e["kind"] == "incremental")
-        self.sizes = getattr(self, "sizes", {})
         self.sizes.update({"full backup bytes (S3)": full_bytes, "incremental bytes (S3)": incr_bytes,
                            "pg_dump -Fc bytes": dump_file.stat().st_size})
         self.s3.drop_bucket(bucket)
         shutil.rmtree(local_repo, ignore_errors=True)
+
+    # ----------------------------------------------------------------------------------- physical
+
+    def physical_setup(self) -> None:
+        """Once: nginx (TLS) in front of moto, backup-tool runnable by `postgres` for
+        archive_command/restore_command, and real WAL segments of this cluster to push."""
+        if self.nginx is not None:
+            return
+        sys.path.insert(0, str(ROOT / "tests"))
+        from server_tool import install_source, write_wrapper
+
+        self.nginx = start_nginx(self.work, self.s3.endpoint)
+        self.versions["pgBackRest"] = sh(["pgbackrest", "version"]).stdout.strip()
+        self.versions["nginx"] = self.nginx.version
+        self.server_tool = write_wrapper(self.work / "bin" / "backup-tool", install_source(self.work / "srv"),
+                                         self.s3.env)
+        self.versions["backup-tool for the server (archive_command, wal push)"] = (
+            sh([str(self.server_tool), "version"], user=OS_USER).stdout.strip().splitlines()[0]
+            + f" in a venv of {sh(['/usr/bin/python3', '--version']).stdout.strip()}, run as {OS_USER}")
+        self.scratch = self.work / "physical"
+        self.scratch.mkdir()
+        shutil.chown(self.scratch, OS_USER, OS_USER)
+        self.wal_segments = self.make_wal_segments(WAL_SEGMENTS)
+
+    def set_archive(self, command: str) -> None:
+        self.cluster.psql(f"ALTER SYSTEM SET archive_command = {quote_sql(command)}", db="postgres")
+        self.cluster.psql("SELECT pg_reload_conf()", db="postgres")
+        time.sleep(1.0)  # the archiver re-reads its configuration asynchronously
+
+    def wait_archived(self, segment: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            done, failed = self.cluster.psql(
+                "SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver", db="postgres").split("|")
+            if done >= segment:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{segment} not archived after {timeout}s ({failed} failures), "
+                                   f"see {self.cluster.base / 'server.log'}")
+            time.sleep(0.1)
+
+    def make_wal_segments(self, count: int) -> list[Path]:
+        """Real, full WAL segments of this cluster (pgBackRest checks the system id in their
+        header): bulk inserts archived with `cp` into a source directory."""
+        src = self.scratch / "walsrc"
+        src.mkdir()
+        shutil.chown(src, OS_USER, OS_USER)
+        log(f"generating {count} WAL segments")
+        self.set_archive(f"cp %p {src}/%f")
+
+        def segno(name: str) -> int:
+            return int(name[8:16], 16) * 0x100 + int(name[16:24], 16)
+
+        current = "SELECT pg_walfile_name(pg_current_wal_insert_lsn())"
+        first = self.cluster.psql(current, db="postgres")
+        self.cluster.psql("CREATE TABLE bench_walgen (id bigint, pad text)")
+        while segno(self.cluster.psql(current, db="postgres")) - segno(first) <= count:
+            self.cluster.psql("INSERT INTO bench_walgen SELECT g, md5(random()::text) || md5(random()::text) "
+                              "|| repeat(md5(g::text), 2) FROM generate_series(1, 100000) g")
+        last = self.cluster.psql(current, db="postgres")
+        self.cluster.psql("SELECT pg_switch_wal()", db="postgres")
+        self.wait_archived(last)
+        self.set_archive("/bin/true")
+        self.cluster.psql("DROP TABLE bench_walgen")
+        self.cluster.psql("CHECKPOINT", db="postgres")
+        names = sorted(f.name for f in src.iterdir() if len(f.name) == 24 and segno(f.name) > segno(first))
+        return [src / n for n in names[:count]]
+
+    def pgbr_config(self, bucket: str) -> Path:
+        """A pgBackRest configuration for one bucket (its own lock, log and spool paths), and its stanza."""
+        assert self.nginx is not None
+        d = self.scratch / f"pgbackrest-{bucket}"
+        for sub in ("lock", "log", "spool"):
+            (d / sub).mkdir(parents=True)
+        conf = d / "pgbackrest.conf"
+        conf.write_text(f"""[global]
+repo1-type=s3
+repo1-s3-endpoint=127.0.0.1
+repo1-storage-port={self.nginx.port}
+repo1-storage-verify-tls=n
+repo1-s3-uri-style=path
+repo1-s3-bucket={bucket}
+repo1-s3-region=us-east-1
+repo1-s3-key=bench
+repo1-s3-key-secret=bench-secret
+repo1-path=/pgbackrest
+process-max={self.args.jobs}
+compress-type=zst
+compress-level=3
+start-fast=y
+lock-path={d}/lock
+log-path={d}/log
+spool-path={d}/spool
+log-level-console=warn
+log-level-file=off
+
+[bench]
+pg1-path={self.cluster.data}
+pg1-port={self.cluster.port}
+pg1-socket-path={self.cluster.base}
+""")
+        chown_tree(d)
+        conf.chmod(0o644)
+        sh(self.pgbr(conf, "stanza-create"), user=OS_USER)
+        return conf
+
+    @staticmethod
+    def pgbr(conf: Path, *args: str) -> list[str]:
+        return ["pgbackrest", f"--config={conf}", "--stanza=bench", *args]
+
+    def new_pgdata(self, name: str) -> Path:
+        path = self.scratch / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700)
+        shutil.chown(path, OS_USER, OS_USER)
+        self.live_pgdata.append(path)
+        return path
+
+    def drop_pgdata(self, path: Path) -> None:
+        if (path / "postmaster.pid").exists():
+            sh([str(PG_BIN / "pg_ctl"), "-D", str(path), "-w", "-m", "fast", "stop"], user=OS_USER, check=False)
+        shutil.rmtree(path, ignore_errors=True)
+        for log_file in path.parent.glob(f"{path.name}*.log"):
+            log_file.unlink()
+
+    def pgbr_restore(self, conf: Path, pgdata: Path) -> Measure:
+        """`pgbackrest restore` to the end of the backup, then start the server, wait until it
+        is promoted and accepts connections, and stop it: one timed command."""
+        port = free_port()
+        ctl = f"runuser -u {OS_USER} -- {PG_BIN}/pg_ctl -D {pgdata}"
+        script = self.scratch / "pgbackrest-restore.sh"
+        script.write_text(f"""set -euo pipefail
+runuser -u {OS_USER} -- {' '.join(self.pgbr(conf))} restore --pg1-path={pgdata} --type=immediate \\
+    --target-action=promote --archive-mode=off
+{ctl} -l {pgdata}.log -w -t 1200 -o "-c port={port} -c listen_addresses=127.0.0.1" start >/dev/null
+until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres \\
+          -c 'SELECT pg_is_in_recovery()' 2>/dev/null)" = f ]; do sleep 0.05; done
+{ctl} -w -m fast stop >/dev/null
+""")
+        return timed(["bash", str(script)], self.env)
+
+    def push_all(self, name: str, argv_for: Callable[[Path], list[str]]) -> Measure:
+        """Archive every prepared segment with one call each, in order, as PostgreSQL's archiver
+        does: the segments are laid out in a pg_wal directory with an archive_status/*.ready
+        file each, and a successful call turns its .ready into .done. The directory holds the
+        cluster's global/pg_control too: pgBackRest (--pg1-path=<it>) checks the segments
+        against it, and its asynchronous mode only reads archive_status under pg1-path."""
+        pg_wal = self.scratch / name / "pg_wal"
+        status = pg_wal / "archive_status"
+        status.mkdir(parents=True)
+        (pg_wal.parent / "global").mkdir()
+        shutil.copy2(self.cluster.data / "global" / "pg_control", pg_wal.parent / "global" / "pg_control")
+        for seg in self.wal_segments:
+            os.link(seg, pg_wal / seg.name)
+            (status / f"{seg.name}.ready").touch()
+        chown_tree(pg_wal.parent)
+        total, rss = 0.0, 0.0
+        try:
+            for seg in self.wal_segments:
+                m = timed(argv_for(pg_wal / seg.name), self.env, user=OS_USER)
+                (status / f"{seg.name}.ready").rename(status / f"{seg.name}.done")
+                total += m.seconds
+                rss = max(rss, m.peak_rss_mb)
+        finally:
+            shutil.rmtree(pg_wal.parent, ignore_errors=True)
+        return Measure(total, rss)
+
+    def run_physical(self, run: int) -> None:
+        self.physical_setup()
+        j = str(self.args.jobs)
+        src = self.cluster.dsn()
+        buckets: list[str] = []
+
+        def bucket() -> str:
+            buckets.append(self.s3.new_bucket())
+            return buckets[-1]
+
+        try:
+            pgbr_conf = self.pgbr_config(bucket())
+            tool_repo = f"s3://{bucket()}/bench"
+            pgbr_archive = " ".join(self.pgbr(pgbr_conf, "archive-push", "%p"))
+            tool_archive = f"{self.server_tool} wal push %p --repo {tool_repo}"
+
+            base = "physical base backup"
+            backups: list[tuple[str, str, Callable[[], Measure]]] = [
+                (base, f"pgbackrest backup --type=full (process-max {j}, zst 3, TLS via nginx)",
+                 lambda: (self.set_archive(pgbr_archive),
+                          timed(self.pgbr(pgbr_conf, "backup", "--type=full"), self.env, user=OS_USER))[1]),
+                (base, "backup-tool backup base (S3, zstd 3)",
+                 lambda: (self.set_archive(tool_archive),
+                          timed([*self.tool, "backup", "base", "--repo", tool_repo, "--dsn", src], self.env))[1]),
+            ]
+            if run % 2:
+                backups = backups[::-1]
+            for scenario, name, fn in backups:
+                self.record(scenario, name, fn())
+            self.set_archive("/bin/true")
+            self.physical_sizes(pgbr_conf, tool_repo)
+
+            pitr = "PITR restore (to end of backup, server up)"
+            theirs_dir, ours_dir = self.new_pgdata("pitr-pgbackrest"), self.new_pgdata("pitr-tool")
+            restores: list[tuple[str, str, Callable[[], Measure]]] = [
+                (pitr, "pgbackrest restore --type=immediate + start, promote, stop",
+                 lambda: self.pgbr_restore(pgbr_conf, theirs_dir)),
+                (pitr, "backup-tool restore pitr --latest (recover, promote, validate, restart)",
+                 lambda: timed([*self.tool, "restore", "pitr", "--repo", tool_repo, "--latest", "--pgdata",
+                                str(ours_dir), "--port", str(free_port()), "--no-archive"], self.env)),
+            ]
+            if run % 2:
+                restores = restores[::-1]
+            for scenario, name, fn in restores:
+                self.record(scenario, name, fn())
+            for d in (theirs_dir, ours_dir):
+                self.drop_pgdata(d)
+                self.live_pgdata.remove(d)
+
+            n = len(self.wal_segments)
+            walname = f"WAL archiving ({n} segments, one call each)"
+            push_conf = {"sync": self.pgbr_config(bucket()), "async": self.pgbr_config(bucket())}
+            push_repo = f"s3://{bucket()}/bench"
+            pushes: list[tuple[str, str, Callable[[], Measure]]] = [
+                (walname, "pgbackrest archive-push",
+                 lambda: self.push_all("push-pgbr", lambda p: self.pgbr(
+                     push_conf["sync"], f"--pg1-path={p.parent.parent}", "archive-push", str(p)))),
+                (walname, f"pgbackrest archive-push --archive-async (process-max {j})",
+                 lambda: self.push_all("push-pgbr-async", lambda p: self.pgbr(
+                     push_conf["async"], f"--pg1-path={p.parent.parent}", "--archive-async", "archive-push",
+                     str(p)))),
+                (walname, "backup-tool wal push (batch 8, as postgres via venv)",
+                 lambda: self.push_all("push-tool", lambda p: [str(self.server_tool), "wal", "push", str(p),
+                                                               "--repo", push_repo])),
+            ]
+            if run % 2:
+                pushes = pushes[::-1]
+            for scenario, name, fn in pushes:
+                self.record(scenario, name, fn(), segments=n)
+
+            if self.args.barman and run == 0:
+                self.run_barman(bucket())
+        finally:
+            self.set_archive("/bin/true")
+            for b in buckets:
+                try:
+                    self.s3.drop_bucket(b)
+                except Exception as exc:  # noqa: BLE001 - cleanup must go on
+                    log(f"could not drop bucket {b}: {exc}")
+
+    def physical_sizes(self, pgbr_conf: Path, tool_repo: str) -> None:
+        info = json.loads(sh(self.pgbr(pgbr_conf, "info", "--output=json"), user=OS_USER).stdout)
+        last = info[0]["backup"][-1]["info"]
+        listing = json.loads(subprocess.run([*self.tool, "list", "--repo", tool_repo, "--json"], env=self.env,
+                                            capture_output=True, text=True, check=True).stdout)
+        self.sizes.update({"cluster size (pgBackRest's count)": last["size"],
+                           "pgBackRest full backup bytes (S3)": last["repository"]["delta"],
+                           "backup-tool base backup bytes (S3)":
+                               next(e["size_bytes"] for e in listing if e["kind"] == "base")})
+
+    def run_barman(self, bucket: str) -> None:
+        if not shutil.which("barman-cloud-backup"):
+            self.notes.append("barman-cloud-backup: not installed (apt barman-cli-cloud), skipped")
+            return
+        self.versions["barman-cloud-backup"] = sh(["barman-cloud-backup", "--version"]).stdout.strip().split()[-1]
+        url = f"s3://{bucket}/barman"
+        endpoint = ["--endpoint-url", self.s3.endpoint]
+        # --snappy when python-snappy works (Debian 12's python3-snappy 0.5.3 fails on Python 3.11
+        # with "PY_SSIZE_T_CLEAN macro must be defined"): else barman's default, uncompressed
+        snappy = sh(["/usr/bin/python3", "-c", "import snappy; snappy.StreamCompressor().add_chunk(b'x')"],
+                    check=False).returncode == 0
+        wrapper = self.work / "bin" / "barman-wal-archive"
+        env = " ".join(f"{k}={v}" for k, v in self.s3.env.items())
+        wrapper.write_text(f"#!/bin/sh\nexec env {env} barman-cloud-wal-archive {' '.join(endpoint)}"
+                           f"{' --snappy' if snappy else ''} {url} bench \"$1\"\n")
+        wrapper.chmod(0o755)
+        self.set_archive(f"{wrapper} %p")
+        try:
+            m = timed(["barman-cloud-backup", *endpoint, *(["--snappy"] if snappy else []), "--immediate-checkpoint",
+                       "-J", str(self.args.jobs), "-h", str(self.cluster.base), "-p", str(self.cluster.port),
+                       "-U", "postgres", url, "bench"], self.env, user=OS_USER)
+        except RuntimeError as exc:
+            self.notes.append(f"barman-cloud-backup failed: {str(exc)[:300]}")
+            return
+        self.record("physical base backup",
+                    f"barman-cloud-backup -J {self.args.jobs} ({'snappy' if snappy else 'uncompressed'}, "
+                    "plain HTTP, 1 run)", m)
+
+    def close(self) -> None:
+        """Stop whatever the physical part started (restored servers, nginx); safe to call twice."""
+        for d in self.live_pgdata:
+            if (d / "postmaster.pid").exists():
+                sh([str(PG_BIN / "pg_ctl"), "-D", str(d), "-m", "immediate", "stop"], user=OS_USER, check=False)
+        self.live_pgdata.clear()
+        if self.nginx is not None:
+            self.nginx.stop()
 
     def report(self) -> str:
         mb = self.db_bytes / 2**20
@@ -318,24 +718,51 @@ class Bench:
             f"- PostgreSQL: {sh([str(PG_BIN / 'postgres'), '--version']).stdout.strip()}",
             f"- database: pgbench scale {self.args.scale} + 16 wide tables = {mb:.0f} MB; runs: {self.args.runs}"
             f" (median), jobs: {self.args.jobs}; S3: moto server on 127.0.0.1",
+        ]
+        lines += [f"- {k}: {v}" for k, v in self.versions.items()]
+        if self.nginx is not None:
+            lines += [
+                "- physical: pgBackRest reaches moto through nginx (TLS, self-signed, repo1-storage-verify-tls=n,"
+                " no buffering); backup-tool and barman over plain HTTP. Both pgBackRest and backup-tool compress"
+                " with zstd level 3. Each contender archives WAL into its own fresh bucket (archive_command"
+                " switched with ALTER SYSTEM before its backup).",
+                "- PITR restore: pgBackRest's time covers restore + pg_ctl start + recovery to the backup's end +"
+                " promote + fast stop; backup-tool's covers lay-out + private start + recovery to the archive's end"
+                " (= the backup's end) + promote + validation of every database + restart on its port. Archiving"
+                " off on both restored servers.",
+                f"- WAL archiving: {len(self.wal_segments)} real 16 MiB segments of the bench cluster, laid out"
+                " as pg_wal/ + archive_status/*.ready, one call per segment as PostgreSQL's archiver makes them"
+                " (as postgres; .ready -> .done after each); time = sum of the calls.",
+            ]
+        lines += [f"- note: {n}" for n in self.notes]
+        lines += [
             "",
-            "| scenario | contender | median s | DB MB/s | peak RSS MB |",
+            "| scenario | contender | median s | throughput | peak RSS MB |",
             "| --- | --- | ---: | ---: | ---: |",
         ]
-        for row in self.rows.values():
-            lines.append(f"| {row.scenario} | {row.contender} | {row.seconds:.2f} | {mb / row.seconds:.0f} | {row.rss:.0f} |")
-        lines += ["", "| ratio (backup-tool ÷ contender) | value |", "| --- | ---: |"]
+        order = list(dict.fromkeys(r.scenario for r in self.rows.values()))
+        for row in sorted(self.rows.values(), key=lambda r: order.index(r.scenario)):
+            rate = (f"{row.segments / row.seconds:.1f} segments/s" if row.segments
+                    else f"{mb / row.seconds:.0f} DB MB/s")
+            lines.append(f"| {row.scenario} | {row.contender} | {row.seconds:.2f} | {rate} | {row.rss:.0f} |")
+        lines += ["", "| ratio backup-tool ÷ contender | value | target |", "| --- | ---: | --- |"]
+        targets = {"physical base backup": "≤ 1.0", "PITR restore": "≤ 1.0", "WAL archiving": "≥ 1.0"}
         for scenario in dict.fromkeys(r.scenario for r in self.rows.values()):
             ours = [r for r in self.rows.values() if r.scenario == scenario and r.contender.startswith("backup-tool")]
             theirs = [r for r in self.rows.values() if r.scenario == scenario and not r.contender.startswith("backup-tool")]
+            target = next((t for k, t in targets.items() if scenario.startswith(k)), "")
             for a in ours:
                 for b in theirs:
-                    lines.append(f"| {a.contender} ÷ {b.contender} | {a.seconds / b.seconds:.2f} |")
-        if getattr(self, "sizes", None):
+                    goal = target if b.contender.startswith("pgbackrest") else ""
+                    if a.segments:  # throughput: higher is better
+                        lines.append(f"| {a.contender} ÷ {b.contender} (segments/s; ≥ 1 = backup-tool faster) "
+                                     f"| {b.seconds / a.seconds:.2f} | {goal} |")
+                    else:
+                        lines.append(f"| {a.contender} ÷ {b.contender} (time) | {a.seconds / b.seconds:.2f} | {goal} |")
+        if self.sizes:
             lines += ["", "| stored size | bytes |", "| --- | ---: |"]
             lines += [f"| {k} | {v} |" for k, v in self.sizes.items()]
         return "\n".join(lines) + "\n"
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -344,7 +771,11 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs for every contender")
     parser.add_argument("--out", default=str(ROOT / "bench-results.md"), help="markdown report path")
     parser.add_argument("--logical-only", action="store_true", help="skip the physical (pgBackRest) scenarios")
+    parser.add_argument("--physical-only", action="store_true", help="skip the logical (pg_dump) scenarios")
+    parser.add_argument("--barman", action="store_true", help="also time barman-cloud-backup (one run)")
     args = parser.parse_args()
+    if args.logical_only and args.physical_only:
+        parser.error("--logical-only and --physical-only exclude each other")
     if os.geteuid() != 0:
         print("scripts/bench runs as root (it installs packages and runs PostgreSQL as 'postgres')", file=sys.stderr)
         return 2
@@ -352,28 +783,40 @@ def main() -> int:
         pwd.getpwnam(OS_USER)
     except KeyError:
         ensure_packages(False)
-    ensure_packages(not args.logical_only)
+    ensure_packages(not args.logical_only, args.barman and not args.logical_only)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally below) on kill too
     work = Path(tempfile.mkdtemp(prefix="bt-bench-", dir="/tmp"))
     work.chmod(0o755)
-    cluster = start_cluster(work)
-    s3 = start_s3()
+    cluster: Cluster | None = None
+    s3: S3 | None = None
+    bench: Bench | None = None
     try:
+        cluster = start_cluster(work)
+        s3 = start_s3()
         db_bytes = build_database(cluster, args.scale)
         log(f"database ready: {db_bytes / 2**20:.0f} MB")
         bench = Bench(args, work, cluster, s3, db_bytes)
         for run in range(args.runs):
             log(f"run {run + 1}/{args.runs}")
-            bench.run_logical(run)
+            if not args.physical_only:
+                bench.run_logical(run)
+            if not args.logical_only:
+                bench.run_physical(run)
         report = bench.report()
         Path(args.out).write_text(report)
         print(report)
         return 0
     finally:
-        s3.proc.terminate()
-        try:
-            cluster.ctl("stop", "-m", "fast")
-        except subprocess.CalledProcessError:
-            pass
+        if bench is not None:
+            bench.close()
+        if s3 is not None:
+            s3.proc.terminate()
+            s3.proc.wait()
+        if cluster is not None:
+            try:
+                cluster.ctl("stop", "-m", "fast")
+            except subprocess.CalledProcessError:
+                pass
         shutil.rmtree(work, ignore_errors=True)
 
 
