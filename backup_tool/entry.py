@@ -9,7 +9,7 @@ import sys
 
 def main() -> None:
     if sys.argv[1:3] in (["wal", "push"], ["wal", "fetch"]):
-        from backup_tool.wal import try_fast_fetch, try_fast_push
+        from backup_tool.walspool import try_fast_fetch, try_fast_push
 
         if try_fast_push(sys.argv[1:]) or try_fast_fetch(sys.argv[1:]):
             sys.exit(0)

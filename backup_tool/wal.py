@@ -57,6 +57,18 @@ from backup_tool.storage.base import (
     ObjectLock,
     Storage,
 )
+from backup_tool.walspool import (  # noqa: F401  (re-exported: the spool is part of this module's contract)
+    SEGMENT_RE,
+    SPOOL_DIR,
+    fast_ack,
+    prefetch_dir,
+    repo_identity,
+    spool_dir,
+    take_prefetched,
+    try_fast_fetch,
+    try_fast_push,
+    write_marker,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -66,13 +78,11 @@ if TYPE_CHECKING:
 WAL_PREFIX = "wal/"
 HISTORY_PREFIX = "wal/history/"
 DEFAULT_SEGMENT_SIZE = 16 << 20
-SPOOL_DIR = "backup-tool-spool"
 READ_SIZE = 1 << 20
-DEFAULT_BATCH = 8
+DEFAULT_BATCH = 16
 SPOOL_IN_MEMORY = 64 << 20
 PUSH_THREADS = 4
 
-SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
 BACKUP_RE = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
 HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
@@ -289,116 +299,17 @@ def push_file(storage: Storage, path: Path, level: int = 3) -> PushResult:
                 "two clusters may be archiving into the same repository: give each its own --repo")
         key = object_key(name, sha)
         buf.seek(0)
+
+        def spooled() -> Iterator[bytes]:
+            while chunk := buf.read(READ_SIZE):
+                yield chunk
+            buf.truncate(0)  # the store holds its own copy for retries: drop ours now
+
         try:
-            result = storage.put(key, testhooks.paused_stream("wal:upload", iter(lambda: buf.read(READ_SIZE), b"")))
+            result = storage.put(key, testhooks.paused_stream("wal:upload", spooled()))
         except ObjectExistsError:
             return PushResult(name, key, size, 0, sha, True)
     return PushResult(name, key, size, result.size, sha, False)
-
-
-def _spool_dir(wal_path: Path) -> Path:
-    return wal_path.parent / SPOOL_DIR
-
-
-def _identity(path: Path) -> dict[str, int]:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
-
-
-def repo_identity(url: str) -> str:
-    """The repository URL as spool entries record it (without opening the repository)."""
-    if url.startswith("s3://"):
-        return url.rstrip("/")
-    return str(Path(url.removeprefix("file://")).expanduser().absolute())
-
-
-def _write_marker(path: Path, repo_url: str, result: PushResult) -> None:
-    spool = _spool_dir(path)
-    spool.mkdir(mode=0o700, exist_ok=True)
-    marker = spool / f"{path.name}.pushed"
-    tmp = spool / f".{path.name}.pushed.tmp{os.getpid()}"
-    tmp.write_text(json.dumps({"repo": repo_url, "key": result.key, "sha256": result.sha256,
-                               **_identity(path)}))
-    os.replace(tmp, marker)
-
-
-def fast_ack(wal_path: str | Path, repo_url: str) -> bool:
-    """True (and the spool entry consumed) if this exact file was already pushed ahead to
-    ``repo_url`` by an earlier batched call; False means: push it normally."""
-    path = Path(wal_path)
-    repo_url = repo_identity(repo_url)
-    marker = _spool_dir(path) / f"{path.name}.pushed"
-    try:
-        data = json.loads(marker.read_text())
-        same = data.get("repo") == repo_url and all(data.get(k) == v for k, v in _identity(path).items())
-    except (OSError, ValueError):
-        return False
-    marker.unlink(missing_ok=True)
-    return bool(same)
-
-
-def try_fast_push(argv: list[str], environ: dict[str, str] | None = None) -> bool:
-    """Acknowledge ``backup-tool wal push WAL_PATH [--repo URL] [--batch N]`` from the spool
-    without loading the command line framework or the S3 client.
-
-    Meant to be called first thing by the executable's entry point with ``sys.argv[1:]``:
-    True means the segment is durable in the repository and the process may exit 0; False
-    (any other command line, no spool entry) means: run the command normally.
-    """
-    env = os.environ if environ is None else environ
-    if argv[:2] != ["wal", "push"]:
-        return False
-    rest = argv[2:]
-    repo = None
-    path = None
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        if arg in ("--repo", "--batch") and i + 1 < len(rest):
-            if arg == "--repo":
-                repo = rest[i + 1]
-            i += 2
-            continue
-        if arg.startswith("--repo="):
-            repo = arg[len("--repo="):]
-        elif arg.startswith("--batch="):
-            pass
-        elif arg.startswith("-") or path is not None:
-            return False
-        else:
-            path = arg
-        i += 1
-    if path is None:
-        return False
-    if repo is None:
-        repo = env.get("BACKUP_TOOL_REPO")
-    if not repo:
-        from backup_tool.config import default_repo
-
-        repo = default_repo()
-    return fast_ack(path, repo)
-
-
-def try_fast_fetch(argv: list[str]) -> bool:
-    """``backup-tool wal fetch NAME DEST`` answered from the read-ahead directory without
-    loading the command line framework or the repository client (see :func:`try_fast_push`)."""
-    if argv[:2] != ["wal", "fetch"]:
-        return False
-    positional = []
-    rest = argv[2:]
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        if arg in ("--repo", "--prefetch"):
-            i += 2
-            continue
-        if arg.startswith("-"):
-            if not arg.startswith(("--repo=", "--prefetch=")) and arg != "--abort-on-error":
-                return False
-        else:
-            positional.append(arg)
-        i += 1
-    return len(positional) == 2 and take_prefetched(positional[0], positional[1])
 
 
 def _ready_ahead(path: Path, limit: int) -> list[Path]:
@@ -420,7 +331,7 @@ def _ready_ahead(path: Path, limit: int) -> list[Path]:
 
 
 def _sweep_spool(path: Path) -> None:
-    spool = _spool_dir(path)
+    spool = spool_dir(path)
     if not spool.is_dir():
         return
     if (spool / "prefetch").is_dir():
@@ -460,7 +371,7 @@ def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
             p = others[fut]
             try:
                 result = fut.result()
-                _write_marker(p, repo_identity(repo_url), result)
+                write_marker(p, repo_identity(repo_url), result)
                 pushed.append(p.name)
             except BackupToolError as exc:
                 if warn is not None:
@@ -560,32 +471,6 @@ def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
 # --------------------------------------------------------------------------- read-ahead for recovery
 
 
-def _prefetch_dir(destination: Path) -> Path:
-    return destination.parent / SPOOL_DIR / "prefetch"
-
-
-def take_prefetched(name: str, destination: str | Path) -> bool:
-    """Move ``name`` into place if a read-ahead already downloaded and verified it.
-
-    Files reach the read-ahead directory only after their sha256 matched (renamed into it
-    complete), so moving one is as safe as fetching it. Older segments of the same timeline
-    are dropped: recovery has moved past them.
-    """
-    dest = Path(destination)
-    folder = _prefetch_dir(dest)
-    if not folder.is_dir():
-        return False
-    if SEGMENT_RE.match(name):
-        for entry in os.scandir(folder):
-            if SEGMENT_RE.match(entry.name) and entry.name[:8] == name[:8] and entry.name < name:
-                Path(entry.path).unlink(missing_ok=True)
-    try:
-        os.replace(folder / name, dest)
-    except OSError:
-        return False
-    return True
-
-
 def segment_size_of(path: str | Path) -> int | None:
     """WAL segment size from a segment's first page header (``xlp_seg_size``), if it looks valid."""
     try:
@@ -607,7 +492,7 @@ def prefetch(storage: Storage, name: str, destination: str | Path, count: int,
     directory (those not there yet), stopping at the first one not archived."""
     import fcntl
 
-    folder = _prefetch_dir(Path(destination))
+    folder = prefetch_dir(Path(destination))
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         try:

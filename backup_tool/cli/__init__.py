@@ -14,7 +14,18 @@ import sys
 
 from backup_tool.cli.common import app
 
-for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "common"):
+
+
+def _command_modules(argv: list[str]) -> list[str]:
+    """Every command module, except for ``wal push``/``wal fetch``: PostgreSQL starts the
+    tool once per WAL segment, so those load only the ``wal`` group (help lists them all)."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "common")
+    if argv[1:3] in (["wal", "push"], ["wal", "fetch"]) and not {"--help", "-h"} & set(argv):
+        return ["wal"]
+    return names
+
+
+for _module in _command_modules(sys.argv):
     importlib.import_module(f"{__name__}.{_module}")
 
 

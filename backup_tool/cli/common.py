@@ -90,12 +90,12 @@ COMMON_NAMES = ("repo", "dsn", "policy", "json_output", "debug")
 
 def secrets_from(common: Common, extra: list[str]) -> list[str]:
     """Passwords and keys known to this invocation, to be scrubbed from anything printed."""
-    from psycopg.conninfo import conninfo_to_dict
-
     found = []
     for dsn in [common.dsn, os.environ.get("DATABASE_URL"), *extra]:
         if not dsn:
             continue
+        from psycopg.conninfo import conninfo_to_dict
+
         try:
             password = conninfo_to_dict(dsn).get("password")
         except Exception:

@@ -24,7 +24,7 @@ def wal_push_cmd(
     batch: Annotated[int, typer.Option("--batch", min=1, max=64,
                                        help="Also push up to N-1 other segments PostgreSQL has marked "
                                             "ready, in parallel; its next calls for them return at once "
-                                            "(1 = one segment per call)")] = 8,
+                                            "(1 = one segment per call)")] = 16,
 ) -> int:
     """Archive one WAL file (archive_command = 'backup-tool wal push %p'). Exit 0 only once it is
     durable in the repository; pushing identical content again succeeds, different content under

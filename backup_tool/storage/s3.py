@@ -308,7 +308,9 @@ class S3Storage(Storage):
                     upload.submit(bytes(buf[:size]))
                     del buf[:size]
             if upload is None:
-                self._put_single(key, full, bytes(buf))
+                body = bytes(buf)
+                del buf[:]
+                self._put_single(key, full, body)
             else:
                 if buf:
                     upload.submit(bytes(buf))
