@@ -212,7 +212,7 @@ def list_tables(conn: psycopg.Connection[Any]) -> list[TableInfo]:
 
 CHECKSUM_SQL = (
     "SELECT n, (s % 18446744073709551616 + 18446744073709551616) % 18446744073709551616"
-    " FROM (SELECT count(*) AS n, coalesce(sum(hashtextextended(ROW({})::text, 0)::numeric), 0) AS s"
+    " FROM (SELECT count(*) AS n, coalesce(sum(hashtextextended(ROW({})::text, 0)), 0) AS s"
     " FROM ONLY {} AS t) AS agg"
 )
 

@@ -332,12 +332,20 @@ class Bench:
         self.db_bytes = db_bytes
         self.rows: dict[tuple[str, str], Row] = {}
         self.env = {**os.environ, **s3.env, "PGPASSWORD": ""}
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure the tool as installed: bytecode cached
         self.tool = [sys.executable, "-m", "backup_tool"]
         self.nginx: Nginx | None = None
         self.versions: dict[str, str] = {}
         self.notes: list[str] = []
         self.sizes: dict[str, int] = {}
         self.live_pgdata: list[Path] = []
+
+    def settle(self) -> None:
+        """Start every measurement from the same state: the previous step's dirty pages
+        written out (a checkpoint) and the OS caches' dirty data on disk, so no contender
+        pays for another's writes."""
+        self.cluster.psql("CHECKPOINT", db="postgres")
+        os.sync()
 
     def record(self, scenario: str, contender: str, measure: Measure, segments: int | None = None) -> None:
         self.rows.setdefault((scenario, contender), Row(scenario, contender, segments=segments)).runs.append(measure)
@@ -372,6 +380,7 @@ class Bench:
         if run % 2:
             steps = steps[::-1]
         for scenario, name, fn in steps:
+            self.settle()
             self.record(scenario, name, fn())
 
         restores: list[tuple[str, str, Callable[[], Measure]]] = [
@@ -387,6 +396,7 @@ class Bench:
         if run % 2:
             restores = restores[::-1]
         for scenario, name, fn in restores:
+            self.settle()
             self.record(scenario, name, fn())
 
         one = "public.wide_07"
@@ -401,9 +411,11 @@ class Bench:
         if run % 2:
             single = single[::-1]
         for scenario, name, fn in single:
+            self.settle()
             self.record(scenario, name, fn())
 
         self.cluster.psql("UPDATE wide_07 SET note = upper(note) WHERE id % 10 = 0")
+        self.settle()
         self.record("incremental (1 of 20 changed)", "backup-tool backup incremental (S3)",
                     timed([*self.tool, "backup", "incremental", "--repo", s3_repo, "--dsn", src, "--jobs", j], self.env))
         listing = json.loads(subprocess.run([*self.tool, "list", "--repo", s3_repo, "--json"], env=self.env,
@@ -609,24 +621,35 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
             if run % 2:
                 backups = backups[::-1]
             for scenario, name, fn in backups:
+                self.settle()
                 self.record(scenario, name, fn())
             self.set_archive("/bin/true")
             self.physical_sizes(pgbr_conf, tool_repo)
 
             pitr = "PITR restore (to end of backup, server up)"
             theirs_dir, ours_dir = self.new_pgdata("pitr-pgbackrest"), self.new_pgdata("pitr-tool")
+            ours_nv_dir = self.new_pgdata("pitr-tool-nv")
             restores: list[tuple[str, str, Callable[[], Measure]]] = [
                 (pitr, "pgbackrest restore --type=immediate + start, promote, stop",
                  lambda: self.pgbr_restore(pgbr_conf, theirs_dir)),
                 (pitr, "backup-tool restore pitr --latest (recover, promote, validate, restart)",
                  lambda: timed([*self.tool, "restore", "pitr", "--repo", tool_repo, "--latest", "--pgdata",
                                 str(ours_dir), "--port", str(free_port()), "--no-archive"], self.env)),
+                (pitr, "backup-tool restore pitr --latest --no-validate (recover, promote, restart)",
+                 lambda: timed([*self.tool, "restore", "pitr", "--repo", tool_repo, "--latest", "--pgdata",
+                                str(ours_nv_dir), "--port", str(free_port()), "--no-archive", "--no-validate"],
+                               self.env)),
             ]
             if run % 2:
                 restores = restores[::-1]
             for scenario, name, fn in restores:
+                self.settle()
                 self.record(scenario, name, fn())
-            for d in (theirs_dir, ours_dir):
+                for d in (theirs_dir, ours_dir, ours_nv_dir):  # a restored server must not load the next one
+                    if (d / "postmaster.pid").exists():
+                        sh([str(PG_BIN / "pg_ctl"), "-D", str(d), "-w", "-m", "fast", "stop"], user=OS_USER,
+                           check=False)
+            for d in (theirs_dir, ours_dir, ours_nv_dir):
                 self.drop_pgdata(d)
                 self.live_pgdata.remove(d)
 
@@ -642,13 +665,14 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
                  lambda: self.push_all("push-pgbr-async", lambda p: self.pgbr(
                      push_conf["async"], f"--pg1-path={p.parent.parent}", "--archive-async", "archive-push",
                      str(p)))),
-                (walname, "backup-tool wal push (batch 8, as postgres via venv)",
+                (walname, "backup-tool wal push (batch 16, as postgres via venv)",
                  lambda: self.push_all("push-tool", lambda p: [str(self.server_tool), "wal", "push", str(p),
                                                                "--repo", push_repo])),
             ]
             if run % 2:
                 pushes = pushes[::-1]
             for scenario, name, fn in pushes:
+                self.settle()
                 self.record(scenario, name, fn(), segments=n)
 
             if self.args.barman and run == 0:
