@@ -414,7 +414,7 @@ class Bench:
             self.settle()
             self.record(scenario, name, fn())
 
-        self.cluster.psql("UPDATE wide_07 SET note = upper(note) WHERE id % 10 = 0")
+        self.cluster.psql(f"UPDATE wide_07 SET note = md5(note || '{run}') || note WHERE id % 10 = 0")
         self.settle()
         self.record("incremental (1 of 20 changed)", "backup-tool backup incremental (S3)",
                     timed([*self.tool, "backup", "incremental", "--repo", s3_repo, "--dsn", src, "--jobs", j], self.env))
@@ -426,6 +426,8 @@ class Bench:
                            "pg_dump -Fc bytes": dump_file.stat().st_size})
         self.s3.drop_bucket(bucket)
         shutil.rmtree(local_repo, ignore_errors=True)
+        for name in ("r_pg", "r_bt", "r_one"):  # the physical scenarios back up the cluster: only the bench db
+            self.cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", db="postgres")
 
     # ----------------------------------------------------------------------------------- physical
 
@@ -732,6 +734,27 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
         if self.nginx is not None:
             self.nginx.stop()
 
+    def internal_ratios(self) -> list[str]:
+        """The targets that compare backup-tool with itself: one table against the whole
+        restore, an incremental against the full (time and bytes)."""
+        def row(scenario: str, contender: str) -> Row | None:
+            return self.rows.get((scenario, contender))
+
+        out = []
+        one = row("single table restore", "backup-tool restore tables (S3)")
+        whole = row("logical full restore", "backup-tool restore full (S3, validated)")
+        if one and whole:
+            out.append(f"| restore tables (one table) ÷ restore full (time) | {one.seconds / whole.seconds:.2f} | ≤ 0.05 |")
+        incr = row("incremental (1 of 20 changed)", "backup-tool backup incremental (S3)")
+        full = row("logical full backup", "backup-tool backup full (S3)")
+        if incr and full:
+            out.append(f"| backup incremental ÷ backup full, 1 of 20 tables changed (time) "
+                       f"| {incr.seconds / full.seconds:.2f} | ≤ 0.3 |")
+        if self.sizes.get("incremental bytes (S3)") and self.sizes.get("full backup bytes (S3)"):
+            out.append(f"| backup incremental ÷ backup full, 1 of 20 tables changed (bytes) "
+                       f"| {self.sizes['incremental bytes (S3)'] / self.sizes['full backup bytes (S3)']:.3f} | ≤ 0.15 |")
+        return out
+
     def report(self) -> str:
         mb = self.db_bytes / 2**20
         lines = [
@@ -770,19 +793,24 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
                     else f"{mb / row.seconds:.0f} DB MB/s")
             lines.append(f"| {row.scenario} | {row.contender} | {row.seconds:.2f} | {rate} | {row.rss:.0f} |")
         lines += ["", "| ratio backup-tool ÷ contender | value | target |", "| --- | ---: | --- |"]
-        targets = {"physical base backup": "≤ 1.0", "PITR restore": "≤ 1.0", "WAL archiving": "≥ 1.0"}
+        targets = {"physical base backup": "≤ 1.0", "PITR restore": "≤ 1.0", "WAL archiving": "≥ 1.0",
+                   "logical full restore": "≤ 1.0"}
+        logical_goals = {("backup full (S3)", "pg_dump -Fc"): "≤ 0.7", ("backup full (S3)", "pg_dump -Fd"): "≤ 1.0"}
         for scenario in dict.fromkeys(r.scenario for r in self.rows.values()):
             ours = [r for r in self.rows.values() if r.scenario == scenario and r.contender.startswith("backup-tool")]
             theirs = [r for r in self.rows.values() if r.scenario == scenario and not r.contender.startswith("backup-tool")]
             target = next((t for k, t in targets.items() if scenario.startswith(k)), "")
             for a in ours:
                 for b in theirs:
-                    goal = target if b.contender.startswith("pgbackrest") else ""
+                    goal = target if b.contender.startswith(("pgbackrest", "pg_restore -j")) else ""
+                    goal = next((g for (x, y), g in logical_goals.items() if x in a.contender and y in b.contender),
+                                goal)
                     if a.segments:  # throughput: higher is better
                         lines.append(f"| {a.contender} ÷ {b.contender} (segments/s; ≥ 1 = backup-tool faster) "
                                      f"| {b.seconds / a.seconds:.2f} | {goal} |")
                     else:
                         lines.append(f"| {a.contender} ÷ {b.contender} (time) | {a.seconds / b.seconds:.2f} | {goal} |")
+        lines += self.internal_ratios()
         if self.sizes:
             lines += ["", "| stored size | bytes |", "| --- | ---: |"]
             lines += [f"| {k} | {v} |" for k, v in self.sizes.items()]
