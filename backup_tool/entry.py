@@ -9,10 +9,14 @@ import sys
 
 def main() -> None:
     if sys.argv[1:3] in (["wal", "push"], ["wal", "fetch"]):
-        from backup_tool.walspool import try_fast_fetch, try_fast_push
+        from backup_tool.walspool import never_archived, parse_fetch, try_fast_fetch, try_fast_push
 
         if try_fast_push(sys.argv[1:]) or try_fast_fetch(sys.argv[1:]):
             sys.exit(0)
+        fetch = parse_fetch(sys.argv[1:])
+        if fetch is not None and never_archived(fetch[0]):
+            print(f"backup-tool: {fetch[0]} is not in the archive (end of archive)", file=sys.stderr)
+            sys.exit(1)
     from backup_tool.cli import main as cli_main
 
     cli_main()

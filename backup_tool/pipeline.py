@@ -139,23 +139,28 @@ def compress(chunks: Iterable[bytes], level: int, threads: int, stats: StreamSta
 
 
 class ChunkReader:
-    """A read()-able view of a chunk iterator, for zstandard's streaming decompressor."""
+    """A read()-able view of a chunk iterator (for zstandard's streaming decompressor and
+    tarfile). Small reads from a large chunk copy only what they return, never the rest."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._it = iter(chunks)
-        self._buf = b""
+        self._chunk = b""
+        self._pos = 0
 
     def read(self, size: int = -1) -> bytes:
-        while not self._buf:
+        while self._pos >= len(self._chunk):
             try:
-                self._buf = next(self._it)
+                self._chunk, self._pos = next(self._it), 0
             except StopIteration:
+                self._chunk, self._pos = b"", 0
                 return b""
-        if size < 0 or size >= len(self._buf):
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:size], self._buf[size:]
-        return out
+        start = self._pos
+        end = len(self._chunk) if size < 0 else min(len(self._chunk), start + size)
+        self._pos = end
+        if start == 0 and end == len(self._chunk):
+            return self._chunk
+        with memoryview(self._chunk) as view:
+            return view[start:end].tobytes()
 
 
 def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:

@@ -362,7 +362,8 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
     progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
     written = 0
     stream = pipeline.read_stored(storage, obj.key, obj.sha256, obj.size)
-    with tarfile.open(fileobj=pipeline.ChunkReader(iter(stream)), mode="r|") as tar:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=pipeline.ChunkReader(iter(stream)), mode="r|",  # type: ignore[call-overload]
+                      bufsize=pipeline.CHUNK) as tar:
         for member in tar:
             rel = _safe_member(member.name)
             if not rel or rel == ".":

@@ -465,7 +465,25 @@ def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
     obj = open_archived(storage, name)
     dest = Path(destination)
     size = _download(storage, obj, dest)
+    if SEGMENT_RE.match(name):
+        _keep_for_asking_again(dest, name)
     return FetchResult(name, obj.key, size, str(dest))
+
+
+def _keep_for_asking_again(dest: Path, name: str) -> None:
+    """Keep a link to a fetched segment in the read-ahead directory: at the end of the
+    archive PostgreSQL asks again for the last segment it replayed."""
+    folder = prefetch_dir(dest)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = folder / f".{name}.kept-{os.getpid()}"
+        try:
+            os.link(dest, tmp)
+            os.replace(tmp, folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- read-ahead for recovery

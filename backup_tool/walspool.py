@@ -107,11 +107,11 @@ def try_fast_push(argv: list[str], environ: dict[str, str] | None = None) -> boo
     return fast_ack(path, repo)
 
 
-def try_fast_fetch(argv: list[str]) -> bool:
-    """``backup-tool wal fetch NAME DEST`` answered from the read-ahead directory without
-    loading the command line framework or the repository client (see :func:`try_fast_push`)."""
+def parse_fetch(argv: list[str]) -> tuple[str, str] | None:
+    """(NAME, DEST) of a plain ``wal fetch NAME DEST [--repo URL] [--prefetch N]
+    [--abort-on-error]`` command line; None for anything else."""
     if argv[:2] != ["wal", "fetch"]:
-        return False
+        return None
     positional = []
     rest = argv[2:]
     i = 0
@@ -122,11 +122,24 @@ def try_fast_fetch(argv: list[str]) -> bool:
             continue
         if arg.startswith("-"):
             if not arg.startswith(("--repo=", "--prefetch=")) and arg != "--abort-on-error":
-                return False
+                return None
         else:
             positional.append(arg)
         i += 1
-    return len(positional) == 2 and take_prefetched(positional[0], positional[1])
+    return (positional[0], positional[1]) if len(positional) == 2 else None
+
+
+def try_fast_fetch(argv: list[str]) -> bool:
+    """``backup-tool wal fetch NAME DEST`` answered from the read-ahead directory without
+    loading the command line framework or the repository client (see :func:`try_fast_push`)."""
+    parsed = parse_fetch(argv)
+    return parsed is not None and take_prefetched(*parsed)
+
+
+def never_archived(name: str) -> bool:
+    """Files no archive can hold: timeline 1 has no history file (PostgreSQL still asks for
+    it when it writes the history of the timeline it promotes to)."""
+    return name == "00000001.history"
 
 
 def prefetch_dir(destination: Path) -> Path:
@@ -134,22 +147,44 @@ def prefetch_dir(destination: Path) -> Path:
 
 
 def take_prefetched(name: str, destination: str | Path) -> bool:
-    """Move ``name`` into place if a read-ahead already downloaded and verified it.
+    """Put ``name`` in place if a read-ahead (or an earlier fetch) already downloaded and
+    verified it.
 
     Files reach the read-ahead directory only after their sha256 matched (renamed into it
-    complete), so moving one is as safe as fetching it. Older segments of the same timeline
-    are dropped: recovery has moved past them.
+    complete), so using one is as safe as fetching it. The file is linked, not moved: at the
+    end of the archive PostgreSQL asks again for the last segment it replayed. Segments of
+    the same timeline older than one taken are dropped: recovery has moved past them.
     """
     dest = Path(destination)
     folder = prefetch_dir(dest)
     if not folder.is_dir():
         return False
+    if not keep_fetched(folder / name, dest):
+        return False
     if SEGMENT_RE.match(name):
         for entry in os.scandir(folder):
             if SEGMENT_RE.match(entry.name) and entry.name[:8] == name[:8] and entry.name < name:
                 Path(entry.path).unlink(missing_ok=True)
+    return True
+
+
+def keep_fetched(source: Path, dest: Path) -> bool:
+    """Make ``dest`` a verified copy of ``source`` (a hard link, renamed into place) while
+    ``source`` stays; False if ``source`` is not there."""
+    tmp = dest.with_name(f".{dest.name}.backup-tool-{os.getpid()}")
     try:
-        os.replace(folder / name, dest)
-    except OSError:
+        os.link(source, tmp)
+    except FileNotFoundError:
         return False
+    except OSError:
+        import shutil
+
+        try:
+            shutil.copyfile(source, tmp)
+        except FileNotFoundError:
+            return False
+    try:
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return True

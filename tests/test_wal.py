@@ -343,7 +343,7 @@ def test_fetch_reads_ahead_verified_segments(cli: Any, local_repo: str, tmp_path
     assert dest.read_bytes() == (source / names[0]).read_bytes()
     ahead = pg_wal / wal.SPOOL_DIR / "prefetch"
     deadline = time.monotonic() + 20
-    while sorted(p.name for p in ahead.glob("0*")) != names[1:4]:
+    while sorted(p.name for p in ahead.glob("0*")) != names[0:4]:  # the fetched one is kept, 3 read ahead
         assert time.monotonic() < deadline, sorted(p.name for p in ahead.glob("*"))
         time.sleep(0.1)
 
@@ -355,5 +355,12 @@ def test_fetch_reads_ahead_verified_segments(cli: Any, local_repo: str, tmp_path
     assert dest.read_bytes() == (source / names[2]).read_bytes()
     offline = cli("wal", "fetch", names[4], dest, "--repo", local_repo)
     assert offline.returncode == 1
+    dest.unlink()
+    # at the end of the archive PostgreSQL asks again for the last segment it replayed
+    assert wal.try_fast_fetch(["wal", "fetch", names[2], str(dest), "--repo", local_repo]) is True
+    assert dest.read_bytes() == (source / names[2]).read_bytes()
+    never = cli("wal", "fetch", "00000001.history", pg_wal / "RECOVERYHISTORY", "--repo", local_repo)
+    assert never.returncode == 1 and "not in the archive" in never.stderr
     moved.rename(local_repo)
-    assert list(ahead.glob("0*")) == []  # recovery asked for a later segment: older read-ahead dropped
+    # segments older than the last one taken are dropped; the last one and those ahead stay
+    assert sorted(p.name for p in ahead.glob("0*")) == names[2:4]
