@@ -80,8 +80,8 @@ HISTORY_PREFIX = "wal/history/"
 DEFAULT_SEGMENT_SIZE = 16 << 20
 READ_SIZE = 1 << 20
 DEFAULT_BATCH = 16
-SPOOL_IN_MEMORY = 64 << 20
-PUSH_THREADS = 4
+SPOOL_IN_MEMORY = 1 << 20
+PUSH_THREADS = 2
 
 PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
 BACKUP_RE = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
@@ -270,8 +270,9 @@ def push_file(storage: Storage, path: Path, level: int = 3) -> PushResult:
     """Archive one WAL file; idempotent for identical content, refuses different content.
 
     The file is read once: hashed and compressed together into a spooled buffer (memory up
-    to 64 MiB, then a temporary file), which is uploaded under the content's sha256 only
-    if no object of that name exists yet.
+    to 1 MiB, then a temporary file: the store's upload buffers are the only copy in
+    memory), which is uploaded under the content's sha256 only if no object of that name
+    exists yet.
     """
     import tempfile
 
