@@ -212,6 +212,61 @@ def run_parallel(jobs: int, tasks: list[tuple[Callable[[Any], None], Any]]) -> N
             raise
 
 
+READ_AHEAD = 8
+
+
+def read_ahead(chunks: Iterable[bytes], depth: int = READ_AHEAD) -> Iterator[bytes]:
+    """``chunks`` produced by a background thread, at most ``depth`` chunks ahead.
+
+    Lets the network, the checksum and decryption of a stored object run while the caller
+    decompresses and writes the previous chunks. Errors reach the caller in order, after the
+    chunks that preceded them; when the caller stops early the producer stops too and
+    closes its source in its own thread.
+    """
+    import queue
+
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(chunks)
+        try:
+            for chunk in source:
+                if not put(("chunk", chunk)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(("error", exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            kind, value = box.get()
+            if kind == "chunk":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        producer.join(timeout=5)  # a read stalled past that ends on the store's own timeout
+
+
 def read_stored(storage: Storage, key: str, sha256: str, size: int,
                 on_chunk: Callable[[int], None] | None = None) -> Iterator[bytes]:
     """An object's decompressed content; raises IntegrityError if it is damaged in any way.
@@ -221,4 +276,5 @@ def read_stored(storage: Storage, key: str, sha256: str, size: int,
     consumers must only commit what they wrote once the iterator is exhausted. Decryption
     authenticates each frame before releasing it.
     """
-    return decompress(storage.decode(key, verified(storage.get_stored(key), key, sha256, size, on_chunk)), key)
+    return decompress(read_ahead(storage.decode(key, verified(storage.get_stored(key), key, sha256, size, on_chunk))),
+                      key)

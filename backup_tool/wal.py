@@ -80,6 +80,7 @@ HISTORY_PREFIX = "wal/history/"
 DEFAULT_SEGMENT_SIZE = 16 << 20
 READ_SIZE = 1 << 20
 DEFAULT_BATCH = 16
+DEFAULT_PREFETCH = 8
 SPOOL_IN_MEMORY = 1 << 20
 PUSH_THREADS = 2
 
@@ -469,6 +470,18 @@ def fetch(storage: Storage, name: str, destination: str | Path) -> FetchResult:
     if SEGMENT_RE.match(name):
         _keep_for_asking_again(dest, name)
     return FetchResult(name, obj.key, size, str(dest))
+
+
+def quick_fetch(name: str, destination: str, repo: str | None, prefetch: int | None) -> None:
+    """``wal fetch`` as the executable's entry point runs it before loading the command line
+    (PostgreSQL starts it once per file): the same steps as the command, repository from
+    ``--repo``, ``BACKUP_TOOL_REPO`` or the default. Raises like :func:`fetch`."""
+    from backup_tool.config import default_repo
+    from backup_tool.storage import open_storage
+
+    repo_url = repo or os.environ.get("BACKUP_TOOL_REPO") or default_repo()
+    fetch(open_storage(repo_url), name, destination)
+    prefetch_in_background(repo_url, name, destination, DEFAULT_PREFETCH if prefetch is None else prefetch)
 
 
 def _keep_for_asking_again(dest: Path, name: str) -> None:

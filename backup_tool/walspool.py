@@ -15,7 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from backup_tool.wal import PushResult
@@ -107,33 +107,49 @@ def try_fast_push(argv: list[str], environ: dict[str, str] | None = None) -> boo
     return fast_ack(path, repo)
 
 
-def parse_fetch(argv: list[str]) -> tuple[str, str] | None:
-    """(NAME, DEST) of a plain ``wal fetch NAME DEST [--repo URL] [--prefetch N]
+class FetchArgs(NamedTuple):
+    name: str
+    dest: str
+    repo: str | None
+    prefetch: int | None
+
+
+def parse_fetch(argv: list[str]) -> FetchArgs | None:
+    """The arguments of a plain ``wal fetch NAME DEST [--repo URL] [--prefetch N]
     [--abort-on-error]`` command line; None for anything else."""
     if argv[:2] != ["wal", "fetch"]:
         return None
-    positional = []
+    positional: list[str] = []
+    options: dict[str, str] = {}
     rest = argv[2:]
     i = 0
     while i < len(rest):
         arg = rest[i]
-        if arg in ("--repo", "--prefetch"):
+        if arg in ("--repo", "--prefetch") and i + 1 < len(rest):
+            options[arg] = rest[i + 1]
             i += 2
             continue
-        if arg.startswith("-"):
-            if not arg.startswith(("--repo=", "--prefetch=")) and arg != "--abort-on-error":
+        if arg.startswith(("--repo=", "--prefetch=")):
+            key, _, value = arg.partition("=")
+            options[key] = value
+        elif arg.startswith("-"):
+            if arg != "--abort-on-error":
                 return None
         else:
             positional.append(arg)
         i += 1
-    return (positional[0], positional[1]) if len(positional) == 2 else None
+    prefetch = options.get("--prefetch")
+    if len(positional) != 2 or (prefetch is not None and not prefetch.isdigit()):
+        return None
+    return FetchArgs(positional[0], positional[1], options.get("--repo"),
+                     int(prefetch) if prefetch is not None else None)
 
 
 def try_fast_fetch(argv: list[str]) -> bool:
     """``backup-tool wal fetch NAME DEST`` answered from the read-ahead directory without
     loading the command line framework or the repository client (see :func:`try_fast_push`)."""
     parsed = parse_fetch(argv)
-    return parsed is not None and take_prefetched(*parsed)
+    return parsed is not None and take_prefetched(parsed.name, parsed.dest)
 
 
 def never_archived(name: str) -> bool:
