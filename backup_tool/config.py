@@ -20,6 +20,11 @@ def default_repo() -> str:
     return str(Path(base) / "backup-tool" / "repo")
 
 
+def repo_url(repo: str | None) -> str:
+    """The repository: ``--repo``, else ``BACKUP_TOOL_REPO``, else the embedded default."""
+    return repo or os.environ.get("BACKUP_TOOL_REPO") or default_repo()
+
+
 @dataclass(frozen=True)
 class Settings:
     repo_url: str
@@ -29,7 +34,7 @@ class Settings:
 
 def resolve_settings(repo: str | None, dsn: str | None, policy: str | None) -> Settings:
     return Settings(
-        repo_url=repo or os.environ.get("BACKUP_TOOL_REPO") or default_repo(),
+        repo_url=repo_url(repo),
         dsn=dsn if dsn is not None else os.environ.get("DATABASE_URL", ""),
         policy=load_policy(policy or os.environ.get("BACKUP_TOOL_POLICY")),
     )

@@ -35,7 +35,6 @@ covers; :mod:`backup_tool.pitr` and the monitoring commands build on them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from backup_tool.walspool import (  # noqa: F401  (re-exported: the spool is par
     SEGMENT_RE,
     SPOOL_DIR,
     fast_ack,
+    keep_fetched,
     prefetch_dir,
     repo_identity,
     spool_dir,
@@ -476,12 +476,12 @@ def quick_fetch(name: str, destination: str, repo: str | None, prefetch: int | N
     """``wal fetch`` as the executable's entry point runs it before loading the command line
     (PostgreSQL starts it once per file): the same steps as the command, repository from
     ``--repo``, ``BACKUP_TOOL_REPO`` or the default. Raises like :func:`fetch`."""
-    from backup_tool.config import default_repo
+    from backup_tool.config import repo_url
     from backup_tool.storage import open_storage
 
-    repo_url = repo or os.environ.get("BACKUP_TOOL_REPO") or default_repo()
-    fetch(open_storage(repo_url), name, destination)
-    prefetch_in_background(repo_url, name, destination, DEFAULT_PREFETCH if prefetch is None else prefetch)
+    url = repo_url(repo)
+    fetch(open_storage(url), name, destination)
+    prefetch_in_background(url, name, destination, DEFAULT_PREFETCH if prefetch is None else prefetch)
 
 
 def _keep_for_asking_again(dest: Path, name: str) -> None:
@@ -490,12 +490,7 @@ def _keep_for_asking_again(dest: Path, name: str) -> None:
     folder = prefetch_dir(dest)
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = folder / f".{name}.kept-{os.getpid()}"
-        try:
-            os.link(dest, tmp)
-            os.replace(tmp, folder / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        keep_fetched(dest, folder / name)
     except OSError:
         pass
 

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 import dbcompare
+from clioutput import one_line
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +47,6 @@ def overwrite_object(repo: str, key: str, data: bytes) -> None:
         path = Path(repo) / key
         path.chmod(0o644)
         path.write_bytes(data)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -116,7 +110,7 @@ def test_verify_detects_a_flipped_byte_and_restore_refuses_it(cli: Any, repo: st
 
     restore = cli("restore", "full", "--repo", repo, "--target-dsn", empty_db.dsn)
     assert restore.returncode == 3, restore.stderr
-    assert victim["object"] in one_line_error(restore)
+    assert victim["object"] in one_line(restore)
     schema, _, table = victim["table"].partition(".")
     rows = empty_db.execute(f'SELECT count(*) FROM "{schema}"."{table}"')
     assert rows == [(0,)], "a corrupt object must never leave rows behind"
@@ -128,7 +122,7 @@ def test_damaged_manifest_is_reported_not_trusted(cli: Any, local_repo: str, see
     overwrite_object(local_repo, key, read_object(local_repo, key).replace(b'"rows": ', b'"rows": 1', 1))
     proc = cli("show", "--repo", local_repo, entry["id"])
     assert proc.returncode == 3
-    assert "checksum" in one_line_error(proc)
+    assert "checksum" in one_line(proc)
     listed = cli("list", "--repo", local_repo, "--json")
     assert listed.returncode == 3 and listed.json() == []
 
@@ -140,7 +134,7 @@ def test_non_empty_target_is_refused_untouched(cli: Any, repo: str, backed_up: d
     before = dbcompare.fingerprint(target.dsn)
     proc = cli("restore", "full", "--repo", repo, "--target-dsn", target.dsn)
     assert proc.returncode == 1
-    assert "not empty" in one_line_error(proc)
+    assert "not empty" in one_line(proc)
     dbcompare.assert_same(before, dbcompare.fingerprint(target.dsn))
 
 
@@ -151,7 +145,7 @@ def test_missing_roles_are_reported_then_created(cli: Any, local_repo: str, seed
     target = other.create_db("fresh")
     proc = cli("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn)
     assert proc.returncode == 1
-    line = one_line_error(proc)
+    line = one_line(proc)
     assert "roles missing" in line and "authenticated" in line and "--with-roles" in line
     assert target.execute("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace") == [(0,)]
     result = cli.json("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn, "--with-roles")
@@ -206,7 +200,7 @@ def test_overlapping_backup_exits_4(cli: Any, local_repo: str, seed_db: Any) -> 
                      (f"backup-tool:backup:{Path(local_repo).resolve()}:{seed_db.name}",))
         proc = cli("backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn)
     assert proc.returncode == 4
-    assert "another backup" in one_line_error(proc)
+    assert "another backup" in one_line(proc)
     assert cli.json("list", "--repo", local_repo) == []
 
 
@@ -234,7 +228,7 @@ def test_bad_inputs_exit_codes_and_one_line(cli: Any, local_repo: str, s3_server
         assert proc.returncode == code, (args, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr
         if needle:
-            assert needle in one_line_error(proc), (args, proc.stderr)
+            assert needle in one_line(proc), (args, proc.stderr)
         assert password not in proc.stdout + proc.stderr
         assert "pw12345" not in proc.stdout + proc.stderr
         assert "not-the-password-xyz" not in proc.stdout + proc.stderr

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from conftest import Cli, DbHandle, PgServer, free_port
+from clioutput import one_line
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +63,6 @@ class World:
 
     def target(self, name: str = "target") -> str:
         return self.server.dsn(f"bad_input_{name}")
-
-
-def one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
-    return lines[0]
 
 
 def copy_repo(src: str, dest: Path) -> str:

@@ -12,14 +12,9 @@ from typing import Any, Callable
 import pytest
 from conftest import PgServer, free_port
 from server_tool import install_source, write_wrapper
+from clioutput import one_line
 
 pytestmark = pytest.mark.slow
-
-
-def one_line_error(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("{")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def test_missing_replication_privilege_says_what_to_grant(cli: Any, pg_server: PgServer, local_repo: str) -> None:
@@ -30,13 +25,13 @@ def test_missing_replication_privilege_says_what_to_grant(cli: Any, pg_server: P
         dsn = f"postgresql://bt_no_repl:no-repl-pw@{pg_server.host}:{pg_server.port}/postgres"
         proc = cli("backup", "base", "--repo", local_repo, "--dsn", dsn)
         assert proc.returncode == 1
-        line = one_line_error(proc.stderr)
+        line = one_line(proc.stderr)
         assert "REPLICATION" in line and "ALTER ROLE bt_no_repl REPLICATION" in line and "pg_hba.conf" in line
         assert "no-repl-pw" not in proc.stderr
 
         off = cli("backup", "base", "--repo", local_repo, "--dsn", pg_server.dsn())
         assert off.returncode == 1
-        assert "archive_mode" in one_line_error(off.stderr)
+        assert "archive_mode" in one_line(off.stderr)
         assert cli.json("list", "--repo", local_repo) == []
     finally:
         with pg_server.admin_conn() as conn:
@@ -71,7 +66,7 @@ def test_base_backup_and_pitr_through_s3(cli: Any, s3_server: Any, s3_repo: str,
         time.sleep(0.5)
         refused = cli("backup", "base", "--repo", s3_repo, "--dsn", server.dsn())
         assert refused.returncode == 1
-        line = one_line_error(refused.stderr)
+        line = one_line(refused.stderr)
         assert "replication" in line and re.search(r"pg_hba\.conf line such as 'host replication postgres", line)
         hba.write_text(original)
         server.pg_ctl("reload")

@@ -32,6 +32,7 @@ from server_tool import install_source, write_wrapper
 
 import dbcompare
 from backup_tool.wal import segment_name, segment_number
+from clioutput import add_bulk, one_line
 
 pytestmark = pytest.mark.slow
 
@@ -99,19 +100,6 @@ def start(cli: Any, tmp_path: Path) -> Iterator[Callable[..., Running]]:
         if r.proc.poll() is None:
             os.killpg(r.proc.pid, signal.SIGKILL)
             r.proc.wait(30)
-
-
-def one_line(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("{")]
-    assert len(lines) == 1 and "Traceback" not in text, text
-    return lines[0]
-
-
-def add_bulk(db: Any, rows: int = 22000) -> None:
-    """~22 MiB of hex text that compresses to ~11 MiB: two S3 multipart parts."""
-    db.execute("CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL)")
-    db.execute("INSERT INTO public.bulk SELECT g, (SELECT string_agg(md5(random()::text || g || i), '') "
-               f"FROM generate_series(1, 32) i) FROM generate_series(1, {rows}) g")
 
 
 def s3_parts(repo: str) -> tuple[Any, str, str]:

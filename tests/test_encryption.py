@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -37,6 +36,7 @@ from backup_tool.storage.encrypted import (
     key_from_environment,
 )
 from backup_tool.storage.local import LocalStorage
+from clioutput import one_line
 
 KEY = EncryptionKey(bytes(range(32)))
 OTHER = EncryptionKey(bytes(range(1, 33)))
@@ -371,12 +371,6 @@ def test_bad_sse_settings_are_usage_errors(env: dict[str, str], needle: str) -> 
 
 def b64(key: EncryptionKey) -> str:
     return base64.b64encode(key.secret).decode()
-
-
-def one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import pytest
 from faultproxy import CHAOS_ACTIONS, Chaos, FaultProxy, Rule
 
 import dbcompare
+from clioutput import add_bulk, one_line
 
 pytestmark = pytest.mark.slow
 
@@ -37,18 +38,6 @@ def proxy_factory(s3_server: Any) -> Iterator[Callable[..., FaultProxy]]:
 
 def via(proxy: FaultProxy, **extra: str) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL_S3": proxy.url, **FAST_FAILURE, **extra}
-
-
-def one_line(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("{")]
-    assert len(lines) == 1 and "Traceback" not in text, text
-    return lines[0]
-
-
-def add_bulk(db: Any, rows: int = 22000) -> None:
-    db.execute("CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL)")
-    db.execute("INSERT INTO public.bulk SELECT g, (SELECT string_agg(md5(random()::text || g || i), '') "
-               f"FROM generate_series(1, 32) i) FROM generate_series(1, {rows}) g")
 
 
 def s3_keys(repo: str, under: str = "") -> list[str]:

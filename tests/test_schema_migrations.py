@@ -9,7 +9,6 @@ seed_schema.sql directly, and a backup of the seed must restore onto them unchan
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,19 +18,13 @@ import dbcompare
 from backup_tool import drift
 from backup_tool.config import Settings
 from backup_tool.policy import parse_policy
+from clioutput import one_line
 
 pytestmark = pytest.mark.slow
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "migrations"
 FILES = FIXTURE / "supabase" / "migrations"
 DATA_SECTIONS = ("tables", "sequences")
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 def copy_migrations(tmp_path: Path) -> Path:
@@ -63,7 +56,7 @@ def test_replay_equals_the_seed_built_directly(cli: Any, empty_db: Any, seed_db:
 
     assert cli.json("schema", "diff", "--migrations", FIXTURE, "--dsn", empty_db.dsn)["ok"] is True
     again = cli("schema", "replay", "--migrations", FIXTURE, "--target-dsn", empty_db.dsn)
-    assert again.returncode == 1 and "not empty" in one_line_error(again)
+    assert again.returncode == 1 and "not empty" in one_line(again)
 
     empty_db.execute("DROP SCHEMA backup_tool_migrations CASCADE")
     dbcompare.assert_same(dbcompare.fingerprint(seed_db.dsn), dbcompare.fingerprint(empty_db.dsn),
@@ -77,7 +70,7 @@ def test_syntax_error_stops_replay_naming_file_and_line(cli: Any, empty_db: Any,
     line = next(i for i, text in enumerate(broken.read_text().splitlines(), 1) if "GROUP BY p.id,;" in text)
     proc = cli("schema", "replay", "--migrations", folder, "--target-dsn", empty_db.dsn)
     assert proc.returncode == 1
-    error = one_line_error(proc)
+    error = one_line(proc)
     assert f"{broken.name} failed at line {line}: syntax error at or near" in error
     assert "2 earlier file(s) were committed" in error
     applied = empty_db.execute("SELECT file FROM backup_tool_migrations.applied ORDER BY version")
@@ -162,13 +155,13 @@ def test_diff_against_a_backup_and_the_audit_line(cli: Any, local_repo: str, see
     assert report["compared"]["policy"] == 14 and report["compared"]["function"] == 12
     both = cli("schema", "diff", "--migrations", FIXTURE, "--against", "latest", "--dsn", seed_db.dsn,
                "--repo", local_repo)
-    assert both.returncode == 2 and "not both" in one_line_error(both)
+    assert both.returncode == 2 and "not both" in one_line(both)
     broken = copy_migrations(tmp_path)
     edit(broken / "20250122000000_payment_integration.sql", "CREATE TABLE coupons", "CREATE TABLE coupons coupons")
     failed = cli("schema", "diff", "--migrations", broken, "--against", "latest", "--repo", local_repo,
                  "--scratch-dsn", pg_server.dsn())
     assert failed.returncode == 1
-    assert "20250122000000_payment_integration.sql failed at line" in one_line_error(failed)
+    assert "20250122000000_payment_integration.sql failed at line" in one_line(failed)
     with pg_server.admin_conn() as conn:
         leftovers = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'backup\\_tool\\_replay\\_%'"
                                  " OR datname LIKE 'backup\\_tool\\_schema\\_%'").fetchall()
@@ -211,7 +204,7 @@ def test_restore_full_onto_migrations(cli: Any, local_repo: str, seed_db: Any, p
     proc = cli("restore", "full", "--repo", local_repo, "--target-dsn", refused_target.dsn,
                "--schema-from-migrations", lacking)
     assert proc.returncode == 1
-    error = one_line_error(proc)
+    error = one_line(proc)
     assert "cannot hold the data" in error and "public.user_profiles lacks column bio" in error
     assert public_relations(refused_target) == 0, "a refused restore must not touch the target"
 
@@ -235,7 +228,7 @@ def test_unusable_schema_dump_rebuild_from_migrations(cli: Any, local_repo: str,
     archive.chmod(0o644)
     archive.write_bytes(b"not a zstd frame any more")
     plain = cli("restore", "full", "--repo", local_repo, "--target-dsn", fresh_db("plain").dsn)
-    assert plain.returncode == 3 and "schema.pgdump.zst is corrupt" in one_line_error(plain)
+    assert plain.returncode == 3 and "schema.pgdump.zst is corrupt" in one_line(plain)
 
     target = fresh_db("rebuilt")
     proc = cli("restore", "full", "--repo", local_repo, "--backup", "latest", "--target-dsn", target.dsn,
