@@ -818,7 +818,7 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=int, default=50, help="pgbench scale (50 ≈ 750 MB in all)")
+    parser.add_argument("--scale", type=int, default=50, help="pgbench scale (50: 1.25 GB with the 16 wide tables)")
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario (median reported)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs for every contender")
     parser.add_argument("--out", default=str(ROOT / "bench-results.md"), help="markdown report path")
