@@ -37,7 +37,16 @@ from typing import Any, Callable
 
 import psycopg
 
-from backup_tool import __version__, pipeline, postgres, schema, testhooks
+from backup_tool import (
+    __version__,
+    database_level,
+    large_objects,
+    matviews,
+    pipeline,
+    postgres,
+    schema,
+    testhooks,
+)
 from backup_tool.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError, LockHeldError
@@ -282,13 +291,27 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
     tables = _selected(postgres.list_tables(snap.conn), only_tables)
     snap.lock_tables(tables)
     sequences = postgres.sequences(snap.conn)
-    inventory = postgres.inventory(snap.conn)
+    inventory = {**postgres.inventory(snap.conn), "database": database_level.properties(snap.conn),
+                 "matviews": matviews.inventory(snap.conn),
+                 "large_objects": large_objects.summary(snap.conn)}
 
     archive = schema.dump_schema(conninfo, major, snap.snapshot_id)
     normalized = schema.normalize(schema.schema_text(archive, major))
     schema_obj, _ = _store_compressed(storage, prefix + "schema.pgdump.zst", [archive], level, 0)
     globals_obj, _ = _store_compressed(storage, prefix + "globals.sql.zst",
                                        [schema.dump_globals(conninfo, major)], level, 0)
+    lo_obj = None
+    if (parent is not None and parent.large_objects is not None
+            and parent.inventory.get("large_objects") == inventory["large_objects"]):
+        lo_obj = parent.large_objects
+    elif inventory["large_objects"]["count"]:
+        proc = large_objects.dump_stream(conninfo, major, snap.snapshot_id)
+        try:
+            lo_obj, _ = _store_compressed(storage, prefix + "large_objects.pgdump.zst",
+                                          large_objects.chunks_of(proc), level, threads)
+        except BaseException:
+            proc.kill()
+            raise
 
     data_tables = [t for t in tables if t.has_data]
     workers = _Workers(conninfo, snap.snapshot_id, stack)
@@ -348,7 +371,7 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
                 "retention_days": policy.retention_for(kind).days},
         snapshot_lsn=snap.wal_lsn, schema=schema_obj, globals=globals_obj,
         schema_fingerprint=schema.fingerprint(normalized),
-        tables=tuple(entries), sequences=tuple(sequences), inventory=inventory,
+        tables=tuple(entries), sequences=tuple(sequences), inventory=inventory, large_objects=lo_obj,
         options={"jobs": jobs, "compression_level": level,
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None},
         tool_version=__version__,

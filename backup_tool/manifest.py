@@ -118,10 +118,11 @@ class Manifest:
     tool_version: str = ""
     format: int = 1
     physical: PhysicalInfo | None = None
+    large_objects: StoredObject | None = None
 
     def objects(self) -> list[StoredObject]:
         """Every object the backup needs, including those it shares with its parents."""
-        found = [o for o in (self.schema, self.globals) if o is not None]
+        found = [o for o in (self.schema, self.globals, self.large_objects) if o is not None]
         found += [t.object for t in self.tables if t.object is not None]
         found += list(self.extra_objects)
         return found
@@ -174,6 +175,8 @@ class Manifest:
             data["physical"]["stop_time"] = utc_iso(self.physical.stop_time)
         else:
             del data["physical"]
+        if self.large_objects is None:
+            del data["large_objects"]
         return data
 
     def to_json(self, seal: Callable[[str], str] | None = None) -> bytes:
@@ -218,7 +221,8 @@ _SHAPES: dict[type, dict[str, tuple[type, ...]]] = {
                "server_version": (str,), "server_version_num": (int,), "encoding": (str,),
                "system_identifier": (str,), "policy": (dict,), "snapshot_lsn": (str, _NONE),
                "schema": (StoredObject, _NONE), "globals": (StoredObject, _NONE), "schema_fingerprint": (str,),
-               "sequences": (tuple,), "inventory": (dict,), "options": (dict,), "tool_version": (str,)},
+               "sequences": (tuple,), "inventory": (dict,), "options": (dict,), "tool_version": (str,),
+               "large_objects": (StoredObject, _NONE)},
 }
 
 
@@ -279,6 +283,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             extra_objects=tuple(StoredObject(**o) for o in body.get("extra_objects", [])),
             tool_version=body.get("tool_version", ""), format=fmt,
             physical=_physical(body.get("physical")),
+            large_objects=_obj(body.get("large_objects")),
         ))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise IntegrityError(f"manifest {where} is malformed ({exc})",

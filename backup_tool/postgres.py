@@ -458,21 +458,25 @@ def advisory_lock(conn: psycopg.Connection[Any], name: str, wait_seconds: float 
 
 
 def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: TableInfo) -> list[str]:
-    """psql command line that writes one table's rows as COPY text to stdout, in the snapshot."""
-    columns = ", ".join(quote_ident(c) for c in table.columns)
+    """psql command line that writes one table's rows as COPY text to stdout, in the snapshot
+    (a table without columns yields one empty line per row)."""
+    columns = f" ({', '.join(quote_ident(c) for c in table.columns)})" if table.columns else ""
     return [
         find_tool("psql", major), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo.tool_conninfo(),
         "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
         "-c", f"SET TRANSACTION SNAPSHOT '{snapshot_id}'",
-        "-c", f"COPY {table.qualified} ({columns}) TO STDOUT",
+        "-c", f"COPY {table.qualified}{columns} TO STDOUT",
         "-c", "COMMIT",
     ]
 
 
 def copy_in_statement(schema: str, name: str, columns: Sequence[str], freeze: bool = False) -> sql.Composed:
-    return sql.SQL("COPY {} ({}) FROM STDIN{}").format(
-        qualified(schema, name), sql.SQL(", ").join(sql.Identifier(c) for c in columns),
-        sql.SQL(" WITH (FREEZE)" if freeze else ""))
+    """COPY FROM STDIN over ``columns``; with none (a table without columns, which can still
+    hold rows: one empty line each) the column list is left out, as COPY's syntax requires."""
+    column_list = sql.SQL(" ({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns)) \
+        if columns else sql.SQL("")
+    return sql.SQL("COPY {}{} FROM STDIN{}").format(
+        qualified(schema, name), column_list, sql.SQL(" WITH (FREEZE)" if freeze else ""))
 
 
 def truncate_statement(schema: str, name: str) -> sql.Composed:

@@ -27,7 +27,17 @@ from typing import Any, Callable
 import psycopg
 from psycopg import sql
 
-from backup_tool import pipeline, postgres, rebuild, restore_marker, schema, testhooks
+from backup_tool import (
+    database_level,
+    large_objects,
+    matviews,
+    pipeline,
+    postgres,
+    rebuild,
+    restore_marker,
+    schema,
+    testhooks,
+)
 from backup_tool.catalog import Catalog
 from backup_tool.config import Settings
 from backup_tool.errors import (
@@ -74,8 +84,9 @@ def read_object(storage: Storage, obj: StoredObject,
     return b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, on_chunk))
 
 
-def create_database(conninfo: ConnInfo, encoding: str) -> bool:
-    """Create the target database if missing; return True if it was created."""
+def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any] | None = None) -> bool:
+    """Create the target database if missing, with the backed-up encoding and locale
+    (``properties``: the manifest's ``database`` record); return True if it was created."""
     name = conninfo.dbname
     if not name:
         raise RefusedError("--create needs a database name in --target-dsn")
@@ -83,8 +94,13 @@ def create_database(conninfo: ConnInfo, encoding: str) -> bool:
     with admin.connect() as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             return False
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {}").format(
-            sql.Identifier(name), sql.Literal(encoding)))
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 {}").format(
+                sql.Identifier(name), database_level.create_options(properties, encoding)))
+        except psycopg.errors.InvalidParameterValue as exc:
+            raise RefusedError(f"cannot create database {name} as the backup's was: {str(exc).splitlines()[0]}",
+                               "install the locale on the target server, or create the database yourself "
+                               "and restore without --create (validation will report the difference)") from None
     return True
 
 
@@ -150,13 +166,15 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                  create: bool = False, with_roles: bool = False, jobs: int | None = None,
                  run_validation: bool | None = None, reporter: Reporter | None = None,
                  schema_from_migrations: str | Path | None = None,
-                 restart_unfinished: bool = False) -> RestoreResult:
+                 restart_unfinished: bool = False, analyze: bool = True) -> RestoreResult:
     """Restore a whole backup (full or incremental) into an empty database, then validate.
 
     ``schema_from_migrations``: build the schema by replaying this migrations folder instead
     of from the backup's schema archive (refused if it cannot hold the backup's data).
     ``restart_unfinished``: if the target holds an interrupted restore (see
     :mod:`backup_tool.restore_marker`), drop what it created and restore again.
+    ``analyze``: gather planner statistics once everything is loaded (a restored database
+    has none, and plans production queries badly until autovacuum gets to it).
     """
     reporter = reporter or NullReporter()
     started = time.monotonic()
@@ -167,7 +185,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     major = manifest.server_version_num // 10000
     validating = run_validation if run_validation is not None else settings.policy.validation.after_restore
     rebuilt = None
-    if create and create_database(target, manifest.encoding):
+    created = create and create_database(target, manifest.encoding, manifest.inventory.get("database"))
+    if created:
         reporter.event("database created", database=target.dbname)
     reporter.event("restore started", id=manifest.id, target=target.redacted())
 
@@ -220,12 +239,17 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             pipeline.run_parallel(jobs, [(load, t) for t in data])
             progress.finish()
             set_sequences(control, list(manifest.sequences))
+            if manifest.large_objects is not None:
+                lo = manifest.large_objects
+                large_objects.restore(loader, major, storage, lo.key, lo.sha256, lo.size, Path(tmp), count)
+                reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
             reporter.event("data loaded", tables=len(data), bytes=fetched[0])
             if rebuilt is None:
                 schema.restore_section(archive_path, target, major, "post-data", jobs=jobs)
                 reporter.event("indexes and constraints built", id=manifest.id)
             else:
                 rebuild.finish(target, validating)
+        finish_database(target, manifest, jobs, analyze, created, reporter)
         restore_marker.clear(control)
 
     report = None
@@ -242,6 +266,46 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                                report=result)
     reporter.event("restore finished", id=manifest.id, seconds=round(result.seconds, 2))
     return result
+
+
+def finish_database(target: ConnInfo, manifest: Manifest, jobs: int, analyze: bool, created: bool,
+                    reporter: Reporter) -> None:
+    """The steps after the data and post-data: refresh the materialized views that were
+    populated, gather statistics, then apply the database's own properties (last, so that
+    a backed-up setting such as ``default_transaction_read_only`` cannot break the restore)."""
+    populated = {(m["schema"], m["name"]) for m in manifest.inventory.get("matviews", []) if m["populated"]}
+    refreshed = matviews.refresh(target, populated, jobs)
+    if refreshed:
+        reporter.event("materialized views refreshed", count=refreshed)
+    if analyze:
+        analyze_all(target, jobs)
+        reporter.event("statistics gathered")
+    wanted = manifest.inventory.get("database")
+    if wanted is not None:
+        with target.connect() as conn:
+            unapplied = database_level.apply(conn, wanted, created)
+        for item in unapplied:
+            reporter.warning(f"not restored: {item.what} (role {item.role} does not exist on the target server)",
+                             role=item.role)
+
+
+def analyze_all(target: ConnInfo, jobs: int) -> None:
+    """ANALYZE every user table, partitioned table and materialized view, in parallel."""
+    with target.connect() as conn:
+        rels = conn.execute(f"""
+            SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p', 'm') AND {postgres.SYSTEM_SCHEMA_FILTER}
+               AND (c.relkind <> 'm' OR c.relispopulated)
+             ORDER BY pg_table_size(c.oid) DESC""").fetchall()
+
+    def one(rel: tuple[str, str]) -> None:
+        try:
+            with target.connect() as conn:
+                conn.execute(sql.SQL("ANALYZE {}").format(postgres.qualified(*rel)))
+        except psycopg.Error as exc:
+            raise DatabaseError(f"ANALYZE of {rel[0]}.{rel[1]} failed: {str(exc).splitlines()[0]}") from None
+
+    pipeline.run_parallel(max(1, jobs), [(one, r) for r in rels])
 
 
 def _start_over_if_unfinished(control: psycopg.Connection[Any], target: ConnInfo, restart: bool,

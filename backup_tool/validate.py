@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from backup_tool import pipeline, postgres, restore_marker, schema
+from backup_tool import database_level, large_objects, matviews, pipeline, postgres, restore_marker, schema
 from backup_tool.manifest import Manifest
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
@@ -198,6 +198,32 @@ def check_sequences(conn: psycopg.Connection[Any], live: list[dict[str, Any]],
     return Check("sequences_not_behind", True, f"{len(live)} sequences not behind their columns")
 
 
+def check_database_contents(conn: psycopg.Connection[Any], expected: dict[str, Any]) -> list[Check]:
+    """Database-level properties, materialized views and large objects, each compared with
+    the backup's record when the backup has one (older backups did not record them)."""
+    checks = []
+    if "database" in expected:
+        diff = database_level.differences(expected["database"], database_level.properties(conn))
+        checks.append(Check("database_properties", False, "; ".join(diff[:SHOWN])
+                            + (f" and {len(diff) - SHOWN} more" if len(diff) > SHOWN else ""))
+                      if diff else Check("database_properties", True,
+                                         "owner, encoding, locale, comment, grants and settings match"))
+    if "matviews" in expected:
+        checks.append(compare_sets("materialized_views", "materialized views (populated state and content)",
+                                   expected["matviews"], matviews.inventory(conn),
+                                   lambda m: f"{m['schema']}.{m['name']}"))
+    if "large_objects" in expected:
+        want, have = expected["large_objects"], large_objects.summary(conn)
+        if want == have:
+            checks.append(Check("large_objects", True, f"{have['count']} large objects match"))
+        elif want["count"] != have["count"]:
+            checks.append(Check("large_objects", False, f"{have['count']} large objects, backup {want['count']}"))
+        else:
+            checks.append(Check("large_objects", False,
+                                f"content, owner, ACL or comment of the {have['count']} large objects differs"))
+    return checks
+
+
 TableKey = tuple[str, str]
 
 
@@ -304,6 +330,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
             checks.append(compare_sets("extensions_present", "extensions", exp["extensions"],
                                        inv["extensions"], lambda e: e["name"]))
         checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
+        if manifest is not None and tables is None:
+            checks.extend(check_database_contents(conn, manifest.inventory))
     if manifest is not None:
         wanted = {(t.schema, t.name): (t.schema, t.name, t.columns)
                   for t in sorted(manifest.tables, key=lambda t: -(t.object.raw_size if t.object else 0))

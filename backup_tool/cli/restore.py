@@ -27,6 +27,8 @@ def restore_full_cmd(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
                                                 help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the final validation")] = False,
+    no_analyze: Annotated[bool, typer.Option("--no-analyze", help="Skip ANALYZE after the load (a restored "
+                                             "database has no planner statistics until autovacuum runs)")] = False,
     schema_from_migrations: Annotated[Optional[str], typer.Option(
         "--schema-from-migrations", metavar="DIR",
         help="Build the schema by replaying these migrations (a Supabase project or a folder of "
@@ -41,7 +43,8 @@ def restore_full_cmd(
 
     result = restore_full(inv.settings, target_dsn, backup, create=create, with_roles=with_roles,
                           jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter,
-                          schema_from_migrations=schema_from_migrations, restart_unfinished=restart_unfinished)
+                          schema_from_migrations=schema_from_migrations, restart_unfinished=restart_unfinished,
+                          analyze=not no_analyze)
     inv.out(result.to_dict(), lambda: render_report(result))
     return 0
 

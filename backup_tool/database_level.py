@@ -1,0 +1,171 @@
+"""Database-level properties: what ``pg_dump --create`` carries beyond the objects inside.
+
+A logical backup records, in its manifest inventory under ``"database"``, the properties of
+the backed-up database itself: owner, encoding and locale (collation, ctype, provider, ICU
+locale), connection limit, comment, its ACL as a set of (grantee, grantor, privilege,
+grantable), ``ALTER DATABASE … SET`` settings and ``ALTER ROLE … IN DATABASE … SET``
+settings. A restore applies them to the target database under its own name (a restore
+into ``app_dr`` gets ``app``'s properties), last, so that a setting such as
+``default_transaction_read_only`` cannot get in the restore's way. Validation compares the
+same record, name excluded.
+
+Guarantees: the target ends with exactly the backed-up settings and grants (extras on an
+existing target are reset or revoked); what cannot be applied, a setting or grant of a
+role missing on the target server, is returned to the caller to report, never dropped
+silently, and validation then fails naming it. Encoding and locale can only be chosen when
+the database is created (``--create``); on an existing target a difference is reported by
+validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import psycopg
+from psycopg import sql
+
+# Settings whose value is a list (pg_dump's variable_is_guc_list_quote): each element is
+# quoted on its own when the setting is replayed.
+LIST_SETTINGS = frozenset({"local_preload_libraries", "search_path", "session_preload_libraries",
+                           "shared_preload_libraries", "temp_tablespaces", "unix_socket_directories"})
+
+_PROPERTIES_SQL = """
+    SELECT pg_get_userbyid(d.datdba) AS owner, pg_encoding_to_char(d.encoding) AS encoding,
+           d.datcollate AS collate, d.datctype AS ctype, d.datlocprovider::text AS locale_provider,
+           d.daticulocale AS icu_locale, d.datconnlimit AS connection_limit,
+           shobj_description(d.oid, 'pg_database') AS comment,
+           ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+                              pg_get_userbyid(a.grantor), a.privilege_type, a.is_grantable::text]
+                   FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+                  ORDER BY 1) AS acl,
+           ARRAY(SELECT ARRAY[coalesce(pg_get_userbyid(NULLIF(s.setrole, 0)), ''), c.setting]
+                   FROM pg_db_role_setting s, unnest(s.setconfig) c(setting)
+                  WHERE s.setdatabase = d.oid ORDER BY 1) AS settings
+      FROM pg_database d WHERE d.datname = current_database()"""
+
+
+def properties(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """The current database's properties, in the manifest's JSON shape (lists, no oids)."""
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    row = cur.execute(_PROPERTIES_SQL).fetchone()
+    assert row is not None
+    return {**row, "acl": [list(a) for a in row["acl"]], "settings": [list(s) for s in row["settings"]]}
+
+
+def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """What differs between two property records, one phrase per difference."""
+    found = []
+    for key in ("owner", "encoding", "collate", "ctype", "locale_provider", "icu_locale",
+                "connection_limit", "comment"):
+        if expected.get(key) != actual.get(key):
+            found.append(f"{key.replace('_', ' ')} {actual.get(key)!r}, backup {expected.get(key)!r}")
+    for key, what in (("acl", "grant"), ("settings", "setting")):
+        want = {tuple(x) for x in expected.get(key, [])}
+        have = {tuple(x) for x in actual.get(key, [])}
+        found += [f"missing {what} {_describe(key, x)}" for x in sorted(want - have)]
+        found += [f"unexpected {what} {_describe(key, x)}" for x in sorted(have - want)]
+    return found
+
+
+def _describe(key: str, item: tuple[str, ...]) -> str:
+    if key == "acl":
+        grantee, grantor, privilege, grantable = item
+        return f"{privilege} to {grantee} by {grantor}{' with grant option' if grantable == 'true' else ''}"
+    role, setting = item
+    return f"{setting}{f' for role {role}' if role else ''}"
+
+
+@dataclass(frozen=True)
+class Unapplied:
+    """A backed-up setting or grant that names a role missing on the target server."""
+
+    what: str
+    role: str
+
+
+def _set_clause(setting: str) -> sql.Composable:
+    name, _, value = setting.partition("=")
+    if name.lower() in LIST_SETTINGS:
+        items = [v.strip().strip('"') for v in value.split(",")] if value else [""]
+        rendered: sql.Composable = sql.SQL(", ").join(sql.Literal(v) for v in items)
+    else:
+        rendered = sql.Literal(value)
+    return sql.SQL("SET {} TO {}").format(sql.Identifier(name), rendered)
+
+
+def _roles_present(conn: psycopg.Connection[Any], names: Sequence[str]) -> set[str]:
+    rows = conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (list(names),)).fetchall()
+    return {r[0] for r in rows} | {"PUBLIC"}
+
+
+def apply(conn: psycopg.Connection[Any], wanted: dict[str, Any], create: bool) -> list[Unapplied]:
+    """Make the current database's properties equal ``wanted``; return what could not be applied.
+
+    Encoding and locale are not changed here (see :func:`create_options`). ``create``: the
+    database was just created by this restore, so its connection limit is set too.
+    """
+    db = sql.Identifier(conn.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
+    roles = [wanted["owner"], *(a[0] for a in wanted["acl"]), *(a[1] for a in wanted["acl"]),
+             *(s[0] for s in wanted["settings"] if s[0])]
+    present = _roles_present(conn, roles)
+    unapplied: list[Unapplied] = []
+    with conn.transaction():
+        if wanted["owner"] in present:
+            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, sql.Identifier(wanted["owner"])))
+        else:
+            unapplied.append(Unapplied("owner of the database", wanted["owner"]))
+        if create or wanted.get("connection_limit") is not None:
+            conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
+                db, sql.Literal(wanted.get("connection_limit", -1))))
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(wanted.get("comment"))))
+        have = properties(conn)
+        for role, setting in sorted({tuple(s) for s in have["settings"]} - {tuple(s) for s in wanted["settings"]}):
+            name = sql.Identifier(setting.partition("=")[0])
+            if role:
+                conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET {}").format(sql.Identifier(role), db, name))
+            else:
+                conn.execute(sql.SQL("ALTER DATABASE {} RESET {}").format(db, name))
+        for role, setting in wanted["settings"]:
+            if role and role not in present:
+                unapplied.append(Unapplied(f"setting {setting}", role))
+            elif role:
+                conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} {}").format(
+                    sql.Identifier(role), db, _set_clause(setting)))
+            else:
+                conn.execute(sql.SQL("ALTER DATABASE {} {}").format(db, _set_clause(setting)))
+        want_acl = {tuple(a) for a in wanted["acl"]}
+        have_acl = {tuple(a) for a in have["acl"]}
+        for grantee, grantor, privilege, grantable in sorted(have_acl - want_acl):
+            conn.execute(sql.SQL("REVOKE {} ON DATABASE {} FROM {} CASCADE").format(
+                sql.SQL(privilege), db, _grantee(grantee)))
+        for grantee, grantor, privilege, grantable in sorted(want_acl - have_acl):
+            if grantee not in present or grantor not in present:
+                unapplied.append(Unapplied(f"grant of {privilege} on the database",
+                                           grantee if grantee not in present else grantor))
+                continue
+            switch = grantor != wanted["owner"]
+            if switch:
+                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(grantor)))
+            conn.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                sql.SQL(privilege), db, _grantee(grantee),
+                sql.SQL(" WITH GRANT OPTION" if grantable == "true" else "")))
+            if switch:
+                conn.execute("RESET ROLE")
+    return unapplied
+
+
+def _grantee(name: str) -> sql.Composable:
+    return sql.SQL("PUBLIC") if name == "PUBLIC" else sql.Identifier(name)
+
+
+def create_options(wanted: dict[str, Any] | None, encoding: str) -> sql.Composable:
+    """The ``CREATE DATABASE`` options that reproduce the backed-up encoding and locale."""
+    if not wanted:
+        return sql.SQL("ENCODING {}").format(sql.Literal(encoding))
+    parts = [sql.SQL("ENCODING {}").format(sql.Literal(wanted["encoding"])),
+             sql.SQL("LC_COLLATE {}").format(sql.Literal(wanted["collate"])),
+             sql.SQL("LC_CTYPE {}").format(sql.Literal(wanted["ctype"]))]
+    if wanted.get("locale_provider") == "i":
+        parts += [sql.SQL("LOCALE_PROVIDER icu"), sql.SQL("ICU_LOCALE {}").format(sql.Literal(wanted["icu_locale"]))]
+    return sql.SQL(" ").join(parts)
