@@ -4,7 +4,7 @@ A logical backup records, in its manifest inventory under ``"database"``, the pr
 the backed-up database itself: owner, encoding and locale (collation, ctype, provider, ICU
 locale), connection limit, comment, its ACL as a set of (grantee, grantor, privilege,
 grantable), ``ALTER DATABASE … SET`` settings and ``ALTER ROLE … IN DATABASE … SET``
-settings. A restore applies them to the target database under its own name (a restore
+settings (in their stored order, which is the order pg_dump prints them in). A restore applies them to the target database under its own name (a restore
 into ``app_dr`` gets ``app``'s properties), last, so that a setting such as
 ``default_transaction_read_only`` cannot get in the restore's way. Validation compares the
 same record, name excluded.
@@ -40,8 +40,9 @@ _PROPERTIES_SQL = """
                    FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
                   ORDER BY 1) AS acl,
            ARRAY(SELECT ARRAY[coalesce(pg_get_userbyid(NULLIF(s.setrole, 0)), ''), c.setting]
-                   FROM pg_db_role_setting s, unnest(s.setconfig) c(setting)
-                  WHERE s.setdatabase = d.oid ORDER BY 1) AS settings
+                   FROM pg_db_role_setting s, unnest(s.setconfig) WITH ORDINALITY c(setting, i)
+                  WHERE s.setdatabase = d.oid
+                  ORDER BY coalesce(pg_get_userbyid(NULLIF(s.setrole, 0)), ''), c.i) AS settings
       FROM pg_database d WHERE d.datname = current_database()"""
 
 

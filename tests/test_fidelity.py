@@ -1,0 +1,190 @@
+"""Everything a database holds beyond its tables comes back, and the verdict sees it if not:
+materialized views (populated ones refreshed in dependency order), database-level
+properties, large objects, tables without columns, planner statistics.
+
+The oracle is independent of the tool: ``pg_dump --create`` (schema, data, large objects,
+database properties) of the source and of the restore, equal once the database name is
+normalised.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import uuid
+from typing import Any, Callable
+
+import pytest
+
+import dbcompare
+
+pytestmark = pytest.mark.slow
+
+
+def dump_create(db: Any) -> str:
+    """pg_dump --create of a database, its own name replaced by DBNAME, \\restrict keys dropped."""
+    out = subprocess.run([dbcompare.find_pg_dump(), "--create", "--dbname", db.dsn],
+                         capture_output=True, text=True, check=True).stdout
+    lines = [ln for ln in out.splitlines() if not ln.startswith(("\\restrict", "\\unrestrict", "--"))]
+    return re.sub(rf"\b{re.escape(db.name)}\b", "DBNAME", "\n".join(lines))
+
+
+def build_rich_source(db: Any, tag: str) -> dict[str, str]:
+    """A source with what a table-by-table copy misses; returns the role names it made."""
+    roles = {"owner": f"lo_owner_{tag}", "reader": f"lo_reader_{tag}", "app": f"app_user_{tag}"}
+    for role in roles.values():
+        db.execute(f"CREATE ROLE {role}")
+    db.execute(f"""
+        CREATE TABLE public.orders (id int PRIMARY KEY, amount numeric NOT NULL, doc oid);
+        INSERT INTO public.orders SELECT g, g * 1.5, NULL FROM generate_series(1, 500) g;
+        CREATE MATERIALIZED VIEW public.order_totals AS SELECT count(*) AS n, sum(amount) AS total FROM public.orders;
+        CREATE VIEW public.totals_view AS SELECT n, total FROM public.order_totals;
+        CREATE MATERIALIZED VIEW public.totals_of_view AS SELECT n * 2 AS doubled FROM public.totals_view;
+        CREATE MATERIALIZED VIEW public.big_orders AS SELECT id FROM public.orders WHERE amount > 700;
+        CREATE UNIQUE INDEX ON public.big_orders (id);
+        CREATE MATERIALIZED VIEW public.never_filled AS SELECT id FROM public.orders WITH NO DATA;
+        CREATE TABLE public.no_columns ();
+        INSERT INTO public.no_columns DEFAULT VALUES; INSERT INTO public.no_columns DEFAULT VALUES;
+        INSERT INTO public.no_columns DEFAULT VALUES;
+        CREATE TABLE public.all_dropped (a int, b text);
+        INSERT INTO public.all_dropped VALUES (1, 'x'), (2, 'y');
+        ALTER TABLE public.all_dropped DROP COLUMN a; ALTER TABLE public.all_dropped DROP COLUMN b;
+        SELECT lo_from_bytea(424242, convert_to('first large object', 'UTF8'));
+        SELECT lo_from_bytea(424243, decode(repeat('00ff', 300000), 'hex'));
+        ALTER LARGE OBJECT 424242 OWNER TO {roles['owner']};
+        GRANT SELECT ON LARGE OBJECT 424242 TO {roles['reader']};
+        COMMENT ON LARGE OBJECT 424242 IS 'contract scan';
+        UPDATE public.orders SET doc = 424242 WHERE id = 1;
+        ALTER DATABASE {db.name} SET "app.settings.jwt_secret" = 'super-secret-jwt-token';
+        ALTER DATABASE {db.name} SET search_path = "$user", public, extensions;
+        ALTER DATABASE {db.name} SET work_mem = '8MB';
+        ALTER ROLE {roles['app']} IN DATABASE {db.name} SET statement_timeout = '5s';
+        REVOKE TEMPORARY ON DATABASE {db.name} FROM PUBLIC;
+        GRANT TEMPORARY, CREATE ON DATABASE {db.name} TO {roles['app']};
+        COMMENT ON DATABASE {db.name} IS 'orders: the app''s database';
+        ALTER DATABASE {db.name} OWNER TO {roles['owner']};
+    """)
+    return roles
+
+
+def restore_into(cli: Any, repo: str, backup_id: str, target: Any, *extra: str, expect_rc: int = 0) -> Any:
+    return cli.json("restore", "full", "--repo", repo, "--backup", backup_id,
+                    "--target-dsn", target.dsn, "--create", *extra, expect_rc=expect_rc)
+
+
+def check(result: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in result["validation"]["checks"] if c["name"] == name)
+
+
+def test_rich_database_round_trips_with_an_identical_pg_dump(cli: Any, repo: str, fresh_db: Callable[..., Any],
+                                                            pg_server: Any) -> None:
+    source = fresh_db("rich")
+    build_rich_source(source, uuid.uuid4().hex[:6])
+    entry = cli.json("backup", "full", "--repo", repo, "--dsn", source.dsn)
+    target = fresh_db("rich_r")
+    pg_server.drop_db(target.name)
+
+    result = restore_into(cli, repo, entry["id"], target)
+
+    assert result["ok"] is True
+    for name in ("database_properties", "materialized_views", "large_objects"):
+        assert check(result, name)["ok"], check(result, name)
+    assert dump_create(source) == dump_create(target)
+    assert target.scalar("SELECT relispopulated FROM pg_class WHERE relname = 'never_filled'") is False
+    assert target.scalar("SELECT doubled FROM public.totals_of_view") == 1000
+    assert target.scalar("SELECT count(*) FROM public.no_columns") == 3
+    assert target.scalar("SELECT count(*) FROM public.all_dropped") == 2
+    assert bytes(target.scalar("SELECT lo_get(424243)")) == bytes.fromhex("00ff" * 300000)
+    assert target.scalar("SELECT count(*) FROM pg_stats WHERE tablename = 'orders'") > 0
+
+
+def test_incremental_chain_carries_them_too(cli: Any, local_repo: str, fresh_db: Callable[..., Any],
+                                            pg_server: Any) -> None:
+    source = fresh_db("rich")
+    roles = build_rich_source(source, uuid.uuid4().hex[:6])
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    source.execute(f"""
+        INSERT INTO public.orders VALUES (501, 9999, NULL);
+        REFRESH MATERIALIZED VIEW public.order_totals;
+        REFRESH MATERIALIZED VIEW public.totals_of_view;
+        REFRESH MATERIALIZED VIEW public.never_filled;
+        REFRESH MATERIALIZED VIEW public.big_orders;
+        INSERT INTO public.no_columns DEFAULT VALUES;
+        SELECT lo_from_bytea(424250, 'added later');
+        ALTER DATABASE {source.name} SET work_mem = '16MB';
+        ALTER ROLE {roles['app']} IN DATABASE {source.name} SET lock_timeout = '2s';
+    """)
+    incremental = cli.json("backup", "incremental", "--repo", local_repo, "--dsn", source.dsn)
+    assert incremental["kind"] == "incremental"
+    target = fresh_db("rich_i")
+    pg_server.drop_db(target.name)
+
+    result = restore_into(cli, local_repo, incremental["id"], target, "--no-analyze")
+
+    assert result["ok"] is True
+    assert dump_create(source) == dump_create(target)
+    assert target.scalar("SELECT count(*) FROM pg_stats WHERE tablename = 'orders'") == 0
+
+
+def test_validation_names_each_difference(cli: Any, local_repo: str, fresh_db: Callable[..., Any],
+                                          pg_server: Any) -> None:
+    source = fresh_db("rich")
+    roles = build_rich_source(source, uuid.uuid4().hex[:6])
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    target = fresh_db("rich_v")
+    pg_server.drop_db(target.name)
+    restore_into(cli, local_repo, entry["id"], target)
+
+    def verdict() -> dict[str, dict[str, Any]]:
+        out = cli.json("validate", "--repo", local_repo, "--dsn", target.dsn, "--against", entry["id"],
+                       expect_rc=None)
+        return {c["name"]: c for c in out["checks"]}
+
+    assert all(c["ok"] for c in verdict().values())
+    target.execute("REFRESH MATERIALIZED VIEW public.big_orders WITH NO DATA")
+    target.execute(f"ALTER DATABASE {target.name} RESET \"app.settings.jwt_secret\"")
+    target.execute(f"GRANT CONNECT ON DATABASE {target.name} TO {roles['reader']}")
+    target.execute("SELECT lo_put(424243, 0, '\\x01')")
+    checks = verdict()
+    assert not checks["materialized_views"]["ok"] and "public.big_orders" in checks["materialized_views"]["detail"]
+    detail = checks["database_properties"]["detail"]
+    assert "app.settings.jwt_secret" in detail and f"CONNECT to {roles['reader']}" in detail
+    assert not checks["large_objects"]["ok"]
+    proc = cli("validate", "--repo", local_repo, "--dsn", target.dsn, "--against", entry["id"])
+    assert proc.returncode == 3
+
+
+def test_setting_of_a_role_missing_on_the_target_is_reported_not_dropped(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    source = fresh_db("ghost")
+    ghost = f"ghost_{uuid.uuid4().hex[:6]}"
+    source.execute(f"CREATE ROLE {ghost}")
+    source.execute(f"ALTER ROLE {ghost} IN DATABASE {source.name} SET statement_timeout = '7s'")
+    source.execute("CREATE TABLE public.t (id int); INSERT INTO public.t VALUES (1)")
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    source.execute(f"ALTER ROLE {ghost} IN DATABASE {source.name} RESET ALL")
+    source.execute(f"DROP ROLE {ghost}")
+    target = fresh_db("ghost_r")
+    pg_server.drop_db(target.name)
+
+    proc = cli("restore", "full", "--repo", local_repo, "--backup", entry["id"], "--target-dsn", target.dsn,
+               "--create")
+
+    assert proc.returncode == 3
+    warnings = [ln for ln in proc.stderr.splitlines() if "not restored" in ln]
+    assert len(warnings) == 1 and ghost in warnings[0] and "statement_timeout" in warnings[0]
+    out = cli.json("validate", "--repo", local_repo, "--dsn", target.dsn, "--against", entry["id"], expect_rc=3)
+    failed = {c["name"]: c["detail"] for c in out["checks"] if not c["ok"]}
+    assert list(failed) == ["database_properties"]
+    assert f"missing setting statement_timeout=7s for role {ghost}" in failed["database_properties"]
+
+
+def test_zero_column_table_backs_up(cli: Any, local_repo: str, fresh_db: Callable[..., Any]) -> None:
+    source = fresh_db("zero")
+    source.execute("CREATE TABLE public.nothing (); INSERT INTO public.nothing SELECT FROM generate_series(1, 7)")
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    assert entry["rows"] == 7
+    target = fresh_db("zero_r")
+    result = cli.json("restore", "full", "--repo", local_repo, "--backup", entry["id"], "--target-dsn", target.dsn)
+    assert result["ok"] is True and result["rows"] == 7
+    assert target.scalar("SELECT count(*) FROM public.nothing") == 7
