@@ -339,7 +339,9 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                   JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {SYSTEM_SCHEMA_FILTER}
                 UNION SELECT t.typowner FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
                  WHERE {SYSTEM_SCHEMA_FILTER}
-                UNION SELECT unnest(polroles) FROM pg_policy)
+                UNION SELECT unnest(polroles) FROM pg_policy
+                UNION SELECT lomowner FROM pg_largeobject_metadata
+                UNION SELECT (aclexplode(lomacl)).grantee FROM pg_largeobject_metadata)
               AND r.oid <> 0 ORDER BY 1""")],
     }
 
