@@ -341,7 +341,9 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                  WHERE {SYSTEM_SCHEMA_FILTER}
                 UNION SELECT unnest(polroles) FROM pg_policy
                 UNION SELECT lomowner FROM pg_largeobject_metadata
-                UNION SELECT (aclexplode(lomacl)).grantee FROM pg_largeobject_metadata)
+                UNION SELECT (aclexplode(lomacl)).grantee FROM pg_largeobject_metadata
+                UNION SELECT datdba FROM pg_database WHERE datname = current_database()
+                UNION SELECT (aclexplode(datacl)).grantee FROM pg_database WHERE datname = current_database())
               AND r.oid <> 0 ORDER BY 1""")],
     }
 
