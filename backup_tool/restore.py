@@ -282,8 +282,13 @@ def finish_database(target: ConnInfo, manifest: Manifest, jobs: int, analyze: bo
         reporter.event("statistics gathered")
     wanted = manifest.inventory.get("database")
     if wanted is not None:
-        with target.connect() as conn:
-            unapplied = database_level.apply(conn, wanted, created)
+        try:
+            with target.connect() as conn:
+                unapplied = database_level.apply(conn, wanted, created)
+        except psycopg.Error as exc:
+            reporter.warning(f"database properties not restored: {str(exc).splitlines()[0]} "
+                             "(restore as the database owner or a superuser)")
+            unapplied = []
         for item in unapplied:
             reporter.warning(f"not restored: {item.what} (role {item.role} does not exist on the target server)",
                              role=item.role)
