@@ -262,7 +262,11 @@ def sequences(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 
 
 def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions."""
+    """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions,
+    and the inventories of :mod:`backup_tool.inventory` (publications, event triggers, comments,
+    privileges)."""
+    from backup_tool import inventory as more
+
     def q(query: str) -> list[dict[str, Any]]:
         cur = conn.cursor(row_factory=dict_row)
         return list(cur.execute(query).fetchall())
@@ -341,6 +345,7 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                  WHERE {SYSTEM_SCHEMA_FILTER}
                 UNION SELECT unnest(polroles) FROM pg_policy)
               AND r.oid <> 0 ORDER BY 1""")],
+        **more.inventory(conn),
     }
 
 
