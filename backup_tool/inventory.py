@@ -101,7 +101,7 @@ def comments(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
         SELECT i.type || ' ' || i.identity AS object, d.description AS comment
           FROM pg_description d
          CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) i
-          LEFT JOIN pg_namespace n ON n.nspname = i.schema
+          LEFT JOIN pg_namespace n ON quote_ident(n.nspname) = i.schema
          WHERE (i.schema IS NULL OR ({SYSTEM_SCHEMA_FILTER}))
            AND (d.objoid >= {FIRST_NORMAL_OID} OR d.classoid = 'pg_namespace'::regclass)
            AND NOT (d.classoid = 'pg_namespace'::regclass AND d.objoid IN (
