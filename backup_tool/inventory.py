@@ -183,6 +183,14 @@ def default_privileges(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     return [{"object": r["object"], "acl": normalise_acl(r["acl"])} for r in rows]
 
 
+def roles_used(inv: dict[str, list[dict[str, Any]]]) -> set[str]:
+    """Roles these inventories name (ACL grantees and grantors, owners): a restore needs them."""
+    names = {r["owner"] for key in ("publications", "event_triggers") for r in inv.get(key, [])}
+    names |= {e[i] for key in ("object_privileges", "column_privileges", "default_privileges")
+              for r in inv.get(key, []) for e in r["acl"] for i in (0, 1)}
+    return names - {"PUBLIC"}
+
+
 def inventory(conn: psycopg.Connection[Any]) -> dict[str, list[dict[str, Any]]]:
     """All of this module's inventories, under the manifest keys in :data:`KEYS`."""
     row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()

@@ -267,11 +267,13 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     privileges)."""
     from backup_tool import inventory as more
 
+    extra = more.inventory(conn)
+
     def q(query: str) -> list[dict[str, Any]]:
         cur = conn.cursor(row_factory=dict_row)
         return list(cur.execute(query).fetchall())
 
-    return {
+    found: dict[str, Any] = {
         "rls": q(f"""
             SELECT n.nspname AS schema, c.relname AS table, c.relrowsecurity AS enabled,
                    c.relforcerowsecurity AS forced
@@ -345,8 +347,10 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                  WHERE {SYSTEM_SCHEMA_FILTER}
                 UNION SELECT unnest(polroles) FROM pg_policy)
               AND r.oid <> 0 ORDER BY 1""")],
-        **more.inventory(conn),
+        **extra,
     }
+    found["roles"] = sorted(set(found["roles"]) | more.roles_used(extra))
+    return found
 
 
 def user_objects(conn: psycopg.Connection[Any]) -> list[str]:
