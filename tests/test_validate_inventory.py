@@ -235,3 +235,23 @@ def test_unusual_source_states_restore_and_validate(cli: Any, local_repo: str, f
         assert "public.ident_id_seq at 2, column max 50" in failed["sequences_not_behind"]
     finally:
         pg_server.drop_db(target_name)
+
+
+def test_acls_compare_as_sets_and_changes_name_the_entries() -> None:
+    from backup_tool.inventory import normalise_acl
+    from backup_tool.validate import INVENTORY_CHECKS
+
+    acl = [["bob", "alice", "SELECT", False], ["PUBLIC", "alice", "USAGE", False]]
+    assert normalise_acl(acl) == normalise_acl([acl[1], acl[0], acl[0]])
+    check = {c.name: c for c in INVENTORY_CHECKS}["object_privileges"]
+    backup = {"object_privileges": [{"object": "table public.t", "acl": normalise_acl(acl)}]}
+    same = {"object_privileges": [{"object": "table public.t", "acl": normalise_acl(acl[::-1])}]}
+    assert check.run(backup, same).ok
+    changed = {"object_privileges": [{"object": "table public.t",
+                                      "acl": normalise_acl([acl[0], ["bob", "alice", "INSERT", True]])}]}
+    result = check.run(backup, changed)
+    assert not result.ok
+    assert result.detail == ("object privileges: changed table public.t (lost PUBLIC USAGE by alice; "
+                             "gained bob INSERT by alice with grant option)")
+    old = check.run({"functions": []}, changed)
+    assert old.ok and "not recorded by this backup" in old.detail
