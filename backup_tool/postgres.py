@@ -262,12 +262,18 @@ def sequences(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 
 
 def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions."""
+    """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions,
+    and the inventories of :mod:`backup_tool.inventory` (publications, event triggers, comments,
+    privileges)."""
+    from backup_tool import inventory as more
+
+    extra = more.inventory(conn)
+
     def q(query: str) -> list[dict[str, Any]]:
         cur = conn.cursor(row_factory=dict_row)
         return list(cur.execute(query).fetchall())
 
-    return {
+    found: dict[str, Any] = {
         "rls": q(f"""
             SELECT n.nspname AS schema, c.relname AS table, c.relrowsecurity AS enabled,
                    c.relforcerowsecurity AS forced
@@ -345,7 +351,10 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                 UNION SELECT datdba FROM pg_database WHERE datname = current_database()
                 UNION SELECT (aclexplode(datacl)).grantee FROM pg_database WHERE datname = current_database())
               AND r.oid <> 0 ORDER BY 1""")],
+        **extra,
     }
+    found["roles"] = sorted(set(found["roles"]) | more.roles_used(extra))
+    return found
 
 
 def user_objects(conn: psycopg.Connection[Any]) -> list[str]:

@@ -4,8 +4,16 @@ Run at the end of every restore and on demand against any live database. Without
 manifest, the checks that need no reference run (foreign keys hold, indexes valid, RLS on
 where policies exist, sequences not behind their columns). Against a backup's manifest,
 the database is also compared with what was backed up: schema fingerprint, RLS flags and
-policies, foreign keys, indexes, functions, triggers, extensions, per-table row counts and
-order-independent content checksums, and sequences not behind the backed-up values.
+policies, foreign keys, indexes, functions, triggers, extensions (with versions),
+publications, event triggers, comments, object, column and default privileges (ACLs as
+sets, see :mod:`backup_tool.inventory`), per-table row counts and order-independent content
+checksums, and sequences not behind the backed-up values. A manifest that predates one of
+these inventories skips its check (the detail says so) rather than failing it.
+
+Against a manifest, states the backup's source itself was in are not failures: an index
+invalid in the backup may stay invalid, a NOT VALID foreign key's orphans are not counted
+(they are backed-up rows, compared by checksum), and a sequence behind its column at exactly
+the backed-up value passes.
 
 Sequences are checked for "not behind", never "equal": after WAL replay PostgreSQL
 legitimately leaves them up to 32 values ahead (they are WAL-logged in batches).
@@ -66,14 +74,21 @@ def _names(items: Iterable[str]) -> str:
     return shown + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
 
 
+Change = Callable[[str, dict[str, Any], dict[str, Any]], str]
+
+
 def compare_sets(name: str, what: str, expected: list[dict[str, Any]], actual: list[dict[str, Any]],
-                 key: Callable[[dict[str, Any]], str]) -> Check:
-    """Compare two inventories item by item: missing, unexpected and changed entries."""
+                 key: Callable[[dict[str, Any]], str], change: Change | None = None) -> Check:
+    """Compare two inventories item by item: missing, unexpected and changed entries.
+
+    ``change`` words a changed entry from its key, the backup's item and the database's.
+    """
     exp = {key(i): i for i in expected}
     act = {key(i): i for i in actual}
     missing = exp.keys() - act.keys()
     extra = act.keys() - exp.keys()
-    changed = {k for k in exp.keys() & act.keys() if exp[k] != act[k]}
+    changed = {(change(k, exp[k], act[k]) if change else k)
+               for k in exp.keys() & act.keys() if exp[k] != act[k]}
     problems = []
     if missing:
         problems.append(f"missing {_names(missing)}")
@@ -88,6 +103,74 @@ def compare_sets(name: str, what: str, expected: list[dict[str, Any]], actual: l
 
 def _qual(item: dict[str, Any]) -> str:
     return f"{item['schema']}.{item['table']}.{item['name']}"
+
+
+def _by_name(item: dict[str, Any]) -> str:
+    return postgres.quote_ident(item["name"])
+
+
+def _by_object(item: dict[str, Any]) -> str:
+    return str(item["object"])
+
+
+def _function(item: dict[str, Any]) -> str:
+    return f"{item['schema']}.{item['name']}({item['arguments']})"
+
+
+def _version_change(key: str, backup: dict[str, Any], live: dict[str, Any]) -> str:
+    return f"{key} (backup {backup.get('version')}, database {live.get('version')})"
+
+
+def _acl_change(key: str, backup: dict[str, Any], live: dict[str, Any]) -> str:
+    """Which (grantee, grantor, privilege, grantable) entries of an ACL set differ."""
+    def words(entries: set[tuple[Any, ...]]) -> str:
+        return ", ".join(f"{g} {p} by {by}" + (" with grant option" if opt else "")
+                         for g, by, p, opt in sorted(entries)[:3])
+    was = {tuple(e) for e in backup["acl"]}
+    now = {tuple(e) for e in live["acl"]}
+    parts = ([f"lost {words(was - now)}"] if was - now else []) + (
+        [f"gained {words(now - was)}"] if now - was else [])
+    return f"{key} ({'; '.join(parts)})"
+
+
+def _changed_fields(key: str, backup: dict[str, Any], live: dict[str, Any]) -> str:
+    fields = sorted(k for k in backup.keys() | live.keys() if backup.get(k) != live.get(k))
+    return f"{key} ({', '.join(fields)})"
+
+
+@dataclass(frozen=True)
+class InventoryCheck:
+    """A check comparing one manifest inventory key with the same inventory of the database.
+
+    ``identity`` names an item stably (never an oid); ``change`` words a changed item. A
+    manifest without ``key`` (written before the check existed) makes the check pass,
+    saying that the backup did not record it.
+    """
+    key: str
+    name: str
+    what: str
+    identity: Callable[[dict[str, Any]], str]
+    change: Change | None = None
+
+    def run(self, expected: dict[str, Any], live: dict[str, Any]) -> Check:
+        if self.key not in expected:
+            return Check(self.name, True, f"{self.what} not recorded by this backup (made before this check)")
+        return compare_sets(self.name, self.what, expected[self.key], live[self.key], self.identity,
+                            self.change)
+
+
+INVENTORY_CHECKS = (
+    InventoryCheck("functions", "functions_present", "functions", _function),
+    InventoryCheck("triggers", "triggers_present", "triggers", _qual),
+    InventoryCheck("extensions", "extensions_present", "extensions", lambda e: str(e["name"]),
+                   _version_change),
+    InventoryCheck("publications", "publications", "publications", _by_name, _changed_fields),
+    InventoryCheck("event_triggers", "event_triggers", "event triggers", _by_name, _changed_fields),
+    InventoryCheck("column_privileges", "column_privileges", "column privileges", _by_object, _acl_change),
+    InventoryCheck("default_privileges", "default_privileges", "default privileges", _by_object, _acl_change),
+    InventoryCheck("object_privileges", "object_privileges", "object privileges", _by_object, _acl_change),
+    InventoryCheck("comments", "comments", "comments", _by_object),
+)
 
 
 def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: Storage | None) -> Check:
@@ -117,10 +200,17 @@ def check_restore_finished(conn: psycopg.Connection[Any]) -> Check:
                  f"run 'backup-tool restore full {restore_marker.RESTART_FLAG}' into it")
 
 
-def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]]) -> Check:
-    """Count orphan rows for every foreign key, validated or NOT VALID, honouring MATCH rules."""
+def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]],
+                       not_valid_in_backup: frozenset[str] = frozenset()) -> Check:
+    """Count orphan rows for every foreign key, validated or NOT VALID, honouring MATCH rules.
+
+    Keys in ``not_valid_in_backup`` (NOT VALID in the backup's source) are not counted: their
+    orphans, if any, are part of the backed-up data, proven equal by the content checksums.
+    """
     orphans: dict[str, int] = {}
     for fk in fks:
+        if _qual(fk) in not_valid_in_backup:
+            continue
         child = postgres.qualified(fk["schema"], fk["table"])
         parent = postgres.qualified(fk["ref_schema"], fk["ref_table"])
         cols = [sql.Identifier(c) for c in fk["columns"]]
@@ -140,13 +230,21 @@ def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]])
     if orphans:
         return Check("foreign_keys_hold", False, "orphan rows: " + _names(
             f"{k} ({v})" for k, v in orphans.items()))
-    return Check("foreign_keys_hold", True, f"{len(fks)} foreign keys hold, no orphan rows")
+    skipped = sum(1 for fk in fks if _qual(fk) in not_valid_in_backup)
+    note = (f" ({skipped} NOT VALID in the backup not counted: their rows are the backup's, "
+            "compared by content checksums)") if skipped else ""
+    return Check("foreign_keys_hold", True, f"{len(fks) - skipped} foreign keys hold, no orphan rows{note}")
 
 
 def check_indexes(live: list[dict[str, Any]], expected: list[dict[str, Any]] | None) -> Check:
+    """Every index valid and ready; with the backup's inventory, an index that was already
+    invalid (or not ready) in the backup's source may stay so, and the indexes must match."""
+    was_invalid = {_qual(i) for i in expected or [] if not (i["valid"] and i["ready"])}
     invalid = [_qual(i) for i in live if not (i["valid"] and i["ready"])]
-    if invalid:
-        return Check("indexes_valid", False, f"invalid indexes: {_names(invalid)}")
+    new_invalid = [q for q in invalid if q not in was_invalid]
+    if new_invalid:
+        return Check("indexes_valid", False, f"invalid indexes: {_names(new_invalid)}"
+                     + (" (valid in the backup)" if expected is not None else ""))
     if expected is None:
         return Check("indexes_valid", True, f"{len(live)} indexes valid")
     strip = [{k: v for k, v in i.items() if k in ("schema", "table", "name", "definition")}
@@ -154,7 +252,9 @@ def check_indexes(live: list[dict[str, Any]], expected: list[dict[str, Any]] | N
     have = [{k: v for k, v in i.items() if k in ("schema", "table", "name", "definition")}
             for i in live]
     check = compare_sets("indexes_valid", "indexes", strip, have, _qual)
-    return check if not check.ok else Check("indexes_valid", True, f"{len(live)} indexes present and valid")
+    note = f"; invalid as in the backup: {_names(invalid)}" if invalid else ""
+    return check if not check.ok else Check("indexes_valid", True,
+                                            f"{len(live)} indexes present and valid{note}")
 
 
 def check_rls_without_manifest(inv: dict[str, Any]) -> Check:
@@ -169,7 +269,11 @@ def check_rls_without_manifest(inv: dict[str, Any]) -> Check:
 
 def check_sequences(conn: psycopg.Connection[Any], live: list[dict[str, Any]],
                     expected: list[dict[str, Any]] | None) -> Check:
-    behind = []
+    """No sequence behind its column, nor behind the backup's value. With the backup's values, a
+    sequence behind its column at exactly the backed-up value was so in the source (the content
+    checksums prove the column equal) and passes."""
+    recorded = {(s["schema"], s["name"]): s for s in expected or []}
+    behind, as_in_backup = [], []
     for seq in live:
         owner = seq["owned_by"]
         if not owner:
@@ -180,6 +284,12 @@ def check_sequences(conn: psycopg.Connection[Any], live: list[dict[str, Any]],
         if top is None:
             continue
         value, called, step = seq["last_value"], seq["is_called"], seq["increment"]
+        was = recorded.get((seq["schema"], seq["name"]))
+        if was is not None and (was["last_value"], was["is_called"]) == (value, called):
+            if (step > 0 and (value < top or (value == top and not called))) or (
+                    step < 0 and (value > top or (value == top and not called))):
+                as_in_backup.append(f"{seq['schema']}.{seq['name']}")
+            continue
         if step > 0 and (value < top or (value == top and not called)):
             behind.append(f"{seq['schema']}.{seq['name']} at {value}, column max {top}")
         if step < 0 and (value > top or (value == top and not called)):
@@ -195,7 +305,8 @@ def check_sequences(conn: psycopg.Connection[Any], live: list[dict[str, Any]],
                               f"backup had {seq['last_value']}")
     if behind:
         return Check("sequences_not_behind", False, "behind: " + _names(behind))
-    return Check("sequences_not_behind", True, f"{len(live)} sequences not behind their columns")
+    note = f"; behind their column as in the backup: {_names(as_in_backup)}" if as_in_backup else ""
+    return Check("sequences_not_behind", True, f"{len(live)} sequences not behind their columns{note}")
 
 
 def check_database_contents(conn: psycopg.Connection[Any], expected: dict[str, Any]) -> list[Check]:
@@ -320,15 +431,12 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
                                        inv["foreign_keys"], _qual))
         else:
             checks.append(check_rls_without_manifest(inv))
-        checks.append(check_foreign_keys(conn, inv["foreign_keys"]))
+        not_valid = frozenset(_qual(fk) for fk in manifest.inventory["foreign_keys"]
+                              if fk.get("validated") is False) if manifest else frozenset()
+        checks.append(check_foreign_keys(conn, inv["foreign_keys"], not_valid))
         checks.append(check_indexes(inv["indexes"], manifest.inventory["indexes"] if manifest else None))
         if manifest is not None:
-            exp = manifest.inventory
-            checks.append(compare_sets("functions_present", "functions", exp["functions"], inv["functions"],
-                                       lambda f: f"{f['schema']}.{f['name']}({f['arguments']})"))
-            checks.append(compare_sets("triggers_present", "triggers", exp["triggers"], inv["triggers"], _qual))
-            checks.append(compare_sets("extensions_present", "extensions", exp["extensions"],
-                                       inv["extensions"], lambda e: e["name"]))
+            checks.extend(c.run(manifest.inventory, inv) for c in INVENTORY_CHECKS)
         checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
         if manifest is not None and tables is None:
             checks.extend(check_database_contents(conn, manifest.inventory))

@@ -1,0 +1,257 @@
+"""End to end: what a schema archive carries besides tables (publications, event triggers,
+comments, object, column and default privileges, extension versions, FORCE ROW LEVEL
+SECURITY) is compared by named checks after a restore, each failing with the object named;
+and a source in an unusual but legal state (invalid partitioned index, NOT VALID foreign key
+with an orphan, identity sequence behind its column) restores and validates OK."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCHEMA = 'Sch "q" é'
+S = '"Sch ""q"" é"'
+T = f'{S}."Tab le ü"'
+C = '"Col ""x"""'
+PUB = 'pub "ü"'
+EVT = 'evt "ü"'
+
+
+def ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@pytest.fixture
+def role(pg_server: Any) -> Iterator[str]:
+    """A role with an awkward name, dropped (with its grants in every database) afterwards."""
+    name = f'reader "{uuid.uuid4().hex[:6]}" ß'
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE ROLE {ident(name)}")
+    yield name
+    with pg_server.admin_conn() as conn:
+        dbs = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datallowconn")]
+    for db in dbs:
+        with pg_server.admin_conn(db) as conn:
+            conn.execute(f"DROP OWNED BY {ident(name)}")
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"DROP ROLE {ident(name)}")
+
+
+def source_sql(r: str) -> str:
+    return f"""
+        CREATE EXTENSION pg_trgm;
+        CREATE SCHEMA {S};
+        CREATE TABLE {T} (id int PRIMARY KEY, {C} text, secret text, flag bool);
+        INSERT INTO {T} SELECT g, 'v ' || g, 's', g % 2 = 0 FROM generate_series(1, 50) g;
+        CREATE TABLE public.plain (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text);
+        INSERT INTO public.plain (note) VALUES ('a'), ('b');
+        CREATE VIEW {S}."v ü" AS SELECT id FROM {T};
+        CREATE TYPE {S}."mood ü" AS ENUM ('happy', 'sad');
+        CREATE FUNCTION {S}."fn ü"(int) RETURNS int LANGUAGE sql AS 'SELECT $1';
+        CREATE FUNCTION public.on_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$BEGIN END$$;
+        CREATE EVENT TRIGGER {ident(EVT)} ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+            EXECUTE FUNCTION public.on_ddl();
+        CREATE EVENT TRIGGER evt_plain ON sql_drop EXECUTE FUNCTION public.on_ddl();
+        ALTER EVENT TRIGGER evt_plain ENABLE ALWAYS;
+        CREATE PUBLICATION {ident(PUB)} FOR TABLE {T} (id, {C}) WHERE (id > 0), public.plain
+            WITH (publish = 'insert, update', publish_via_partition_root = true);
+        CREATE PUBLICATION pub_schema FOR TABLES IN SCHEMA {S};
+        ALTER TABLE {T} ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE {T} FORCE ROW LEVEL SECURITY;
+        CREATE POLICY "own ü" ON {T} USING (flag);
+        COMMENT ON SCHEMA {S} IS 'schema ü';
+        COMMENT ON TABLE {T} IS 'table with ''quotes''';
+        COMMENT ON COLUMN {T}.{C} IS 'column comment';
+        COMMENT ON VIEW {S}."v ü" IS 'a view';
+        COMMENT ON TYPE {S}."mood ü" IS 'a type';
+        COMMENT ON FUNCTION {S}."fn ü"(int) IS 'a function';
+        COMMENT ON POLICY "own ü" ON {T} IS 'a policy';
+        COMMENT ON PUBLICATION {ident(PUB)} IS 'a publication';
+        COMMENT ON EVENT TRIGGER {ident(EVT)} IS 'an event trigger';
+        COMMENT ON CONSTRAINT "Tab le ü_pkey" ON {T} IS 'a constraint';
+        GRANT USAGE ON SCHEMA {S} TO {ident(r)};
+        GRANT SELECT ({C}), UPDATE (flag, {C}) ON {T} TO {ident(r)};
+        GRANT SELECT, INSERT ON public.plain TO {ident(r)} WITH GRANT OPTION;
+        GRANT SELECT ON {S}."v ü" TO {ident(r)};
+        REVOKE EXECUTE ON FUNCTION {S}."fn ü"(int) FROM PUBLIC;
+        GRANT EXECUTE ON FUNCTION {S}."fn ü"(int) TO {ident(r)};
+        REVOKE USAGE ON TYPE {S}."mood ü" FROM PUBLIC;
+        GRANT USAGE ON TYPE {S}."mood ü" TO {ident(r)};
+        ALTER DEFAULT PRIVILEGES IN SCHEMA {S} GRANT SELECT, UPDATE ON TABLES TO {ident(r)};
+        ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
+        ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO {ident(r)};
+    """
+
+
+def failed_checks(cli: Any, repo: str, dsn: str, backup_id: str) -> dict[str, str]:
+    proc = cli("validate", "--repo", repo, "--dsn", dsn, "--against", backup_id, "--json")
+    report = proc.json()
+    failed = {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
+    assert (proc.returncode == 3) == bool(failed), (proc.returncode, failed)
+    return failed
+
+
+def test_every_inventory_check_catches_its_object(cli: Any, local_repo: str, fresh_db: Callable[..., Any],
+                                                  pg_server: Any, role: str) -> None:
+    source = fresh_db("invsrc")
+    with source.connect() as conn:
+        conn.execute(source_sql(role))
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    target_name = f"invdst_{uuid.uuid4().hex[:8]}"
+    target = pg_server.dsn(target_name)
+    try:
+        result = cli.json("restore", "full", "--repo", local_repo, "--backup", entry["id"],
+                          "--target-dsn", target, "--create")
+        checks = {c["name"]: c for c in result["validation"]["checks"]}
+        assert {"publications", "event_triggers", "column_privileges", "default_privileges", "comments",
+                "object_privileges", "extensions_present", "rls_policies"} <= checks.keys()
+        assert all(c["ok"] for c in checks.values()), checks
+        assert checks["comments"]["detail"] == "12 comments match"
+        assert checks["publications"]["detail"] == "2 publications match"
+        assert checks["event_triggers"]["detail"] == "2 event triggers match"
+        assert checks["default_privileges"]["detail"] == "2 default privileges match"
+        assert failed_checks(cli, local_repo, target, entry["id"]) == {}
+
+        with pg_server.admin_conn(target_name) as conn:
+            conn.execute(f"""
+                COMMENT ON COLUMN {T}.{C} IS NULL;
+                REVOKE UPDATE ({C}) ON {T} FROM {ident(role)};
+                ALTER DEFAULT PRIVILEGES IN SCHEMA {S} REVOKE UPDATE ON TABLES FROM {ident(role)};
+                ALTER PUBLICATION {ident(PUB)} SET (publish_via_partition_root = false);
+                ALTER EVENT TRIGGER {ident(EVT)} DISABLE;
+                ALTER TABLE {T} NO FORCE ROW LEVEL SECURITY;
+                REVOKE INSERT ON public.plain FROM {ident(role)};
+                DROP EXTENSION pg_trgm;
+                CREATE EXTENSION pg_trgm VERSION '1.5';""")
+        failed = failed_checks(cli, local_repo, target, entry["id"])
+        version = source.scalar("SELECT extversion FROM pg_extension WHERE extname = 'pg_trgm'")
+        expected = {
+            "comments": f'missing table column {T}.{C}',
+            "column_privileges": f"changed {T}.{C} (lost {role} UPDATE by postgres)",
+            "default_privileges": f"changed for role postgres in schema {S} on tables (lost {role} UPDATE by postgres)",
+            "publications": f"changed {ident(PUB)} (via_root)",
+            "event_triggers": f"changed {ident(EVT)} (enabled)",
+            "rls_policies": f"changed {SCHEMA}.Tab le ü.rls",
+            "object_privileges": f"changed table public.plain (lost {role} INSERT by postgres with grant option)",
+            "extensions_present": f"changed pg_trgm (backup {version}, database 1.5)",
+        }
+        for name, words in expected.items():
+            assert name in failed and words in failed[name], (name, failed.get(name))
+        assert set(failed) == set(expected) | {"schema_matches"}, failed
+    finally:
+        pg_server.drop_db(target_name)
+
+
+def strip_manifest(repo: str, backup_id: str, keys: tuple[str, ...]) -> None:
+    """Rewrite a local repository's manifest as a version that did not record ``keys`` would
+    have written it (unencrypted manifests carry only a sha256 of their canonical form)."""
+    path = Path(repo) / "manifests" / f"{backup_id}.json"
+    body = json.loads(path.read_text())
+    body["inventory"] = {k: v for k, v in body["inventory"].items() if k not in keys}
+    canonical = json.dumps({k: v for k, v in body.items() if k != "manifest_sha256"},
+                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    body["manifest_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
+    path.chmod(0o644)
+    path.write_text(json.dumps(body))
+
+
+def test_manifest_without_the_new_inventories_skips_their_checks(cli: Any, local_repo: str,
+                                                                  fresh_db: Callable[..., Any],
+                                                                  role: str) -> None:
+    db = fresh_db("invold")
+    with db.connect() as conn:
+        conn.execute(source_sql(role))
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    new = ("publications", "event_triggers", "comments", "object_privileges", "column_privileges",
+           "default_privileges")
+    strip_manifest(local_repo, entry["id"], new)
+    report = cli.json("validate", "--repo", local_repo, "--dsn", db.dsn, "--against", entry["id"])
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in ("publications", "event_triggers", "comments", "object_privileges", "column_privileges",
+                 "default_privileges"):
+        assert checks[name]["ok"] and "not recorded by this backup" in checks[name]["detail"], checks[name]
+    assert cli.json("validate", "--dsn", db.dsn)["ok"] is True
+
+
+UNUSUAL = """
+    CREATE TABLE parted (id int, k int) PARTITION BY RANGE (id);
+    CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100);
+    CREATE TABLE parted_2 PARTITION OF parted FOR VALUES FROM (100) TO (200);
+    INSERT INTO parted SELECT g, g FROM generate_series(0, 199) g;
+    CREATE INDEX parted_k ON ONLY parted (k);
+    CREATE INDEX parted_1_k ON parted_1 (k);
+    ALTER INDEX parted_k ATTACH PARTITION parted_1_k;
+    CREATE TABLE parent (id int PRIMARY KEY);
+    INSERT INTO parent VALUES (1);
+    CREATE TABLE child (id int, pid int, vpid int REFERENCES parent);
+    INSERT INTO child VALUES (1, 999, 1), (2, 1, NULL);
+    ALTER TABLE child ADD CONSTRAINT "child pid ü" FOREIGN KEY (pid) REFERENCES parent NOT VALID;
+    CREATE TABLE ident (id int GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY);
+    INSERT INTO ident (id) VALUES (1), (2), (50);
+"""
+
+
+def test_unusual_source_states_restore_and_validate(cli: Any, local_repo: str, fresh_db: Callable[..., Any],
+                                                    pg_server: Any) -> None:
+    source = fresh_db("unusual")
+    with source.connect() as conn:
+        conn.execute(UNUSUAL)
+    live = {c["name"]: c for c in cli.json("validate", "--dsn", source.dsn, expect_rc=3)["checks"]}
+    assert not live["indexes_valid"]["ok"] and "public.parted.parted_k" in live["indexes_valid"]["detail"]
+    assert not live["foreign_keys_hold"]["ok"] and "child pid ü (1)" in live["foreign_keys_hold"]["detail"]
+    assert not live["sequences_not_behind"]["ok"] and "ident_id_seq" in live["sequences_not_behind"]["detail"]
+
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    assert cli.json("validate", "--repo", local_repo, "--dsn", source.dsn, "--against", entry["id"])["ok"]
+    target_name = f"unusual_dst_{uuid.uuid4().hex[:8]}"
+    target = pg_server.dsn(target_name)
+    try:
+        result = cli.json("restore", "full", "--repo", local_repo, "--backup", entry["id"],
+                          "--target-dsn", target, "--create")
+        assert result["ok"] is True
+        checks = {c["name"]: c["detail"] for c in result["validation"]["checks"]}
+        assert "invalid as in the backup: public.parted.parted_k" in checks["indexes_valid"]
+        assert "1 NOT VALID in the backup not counted" in checks["foreign_keys_hold"]
+        assert "behind their column as in the backup: public.ident_id_seq" in checks["sequences_not_behind"]
+
+        with pg_server.admin_conn(target_name) as conn:
+            assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 'parted_k'::regclass"
+                                ).fetchone() == (False,)
+            conn.execute("SET session_replication_role = replica")
+            conn.execute("INSERT INTO child VALUES (3, 1, 777)")
+            conn.execute("SELECT setval('ident_id_seq', 2)")
+            conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'parted_1_k'::regclass")
+        failed = failed_checks(cli, local_repo, target, entry["id"])
+        assert "child_vpid_fkey (1)" in failed["foreign_keys_hold"]
+        assert "public.parted_1.parted_1_k" in failed["indexes_valid"]
+        assert "child pid" not in failed["foreign_keys_hold"]
+        assert "public.ident_id_seq at 2, column max 50" in failed["sequences_not_behind"]
+    finally:
+        pg_server.drop_db(target_name)
+
+
+def test_acls_compare_as_sets_and_changes_name_the_entries() -> None:
+    from backup_tool.inventory import normalise_acl
+    from backup_tool.validate import INVENTORY_CHECKS
+
+    acl = [["bob", "alice", "SELECT", False], ["PUBLIC", "alice", "USAGE", False]]
+    assert normalise_acl(acl) == normalise_acl([acl[1], acl[0], acl[0]])
+    check = {c.name: c for c in INVENTORY_CHECKS}["object_privileges"]
+    backup = {"object_privileges": [{"object": "table public.t", "acl": normalise_acl(acl)}]}
+    same = {"object_privileges": [{"object": "table public.t", "acl": normalise_acl(acl[::-1])}]}
+    assert check.run(backup, same).ok
+    changed = {"object_privileges": [{"object": "table public.t",
+                                      "acl": normalise_acl([acl[0], ["bob", "alice", "INSERT", True]])}]}
+    result = check.run(backup, changed)
+    assert not result.ok
+    assert result.detail == ("object privileges: changed table public.t (lost PUBLIC USAGE by alice; "
+                             "gained bob INSERT by alice with grant option)")
+    old = check.run({"functions": []}, changed)
+    assert old.ok and "not recorded by this backup" in old.detail
