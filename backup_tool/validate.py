@@ -312,7 +312,11 @@ def check_sequences(conn: psycopg.Connection[Any], live: list[dict[str, Any]],
 def check_database_contents(conn: psycopg.Connection[Any], expected: dict[str, Any]) -> list[Check]:
     """Database-level properties, materialized views and large objects, each compared with
     the backup's record when the backup has one (older backups did not record them)."""
-    checks = []
+    checks = [Check(name, True, f"{what} not recorded by this backup (made before this check)")
+              for key, name, what in (("database", "database_properties", "database properties"),
+                                      ("matviews", "materialized_views", "materialized views"),
+                                      ("large_objects", "large_objects", "large objects"))
+              if key not in expected]
     if "database" in expected:
         diff = database_level.differences(expected["database"], database_level.properties(conn))
         checks.append(Check("database_properties", False, "; ".join(diff[:SHOWN])
@@ -322,7 +326,7 @@ def check_database_contents(conn: psycopg.Connection[Any], expected: dict[str, A
     if "matviews" in expected:
         checks.append(compare_sets("materialized_views", "materialized views (populated state and content)",
                                    expected["matviews"], matviews.inventory(conn),
-                                   lambda m: f"{m['schema']}.{m['name']}"))
+                                   lambda m: f"{m['schema']}.{m['name']}", _changed_fields))
     if "large_objects" in expected:
         want, have = expected["large_objects"], large_objects.summary(conn)
         if want == have:
