@@ -29,6 +29,7 @@ from psycopg import sql
 
 from backup_tool import (
     database_level,
+    extensions,
     large_objects,
     matviews,
     pipeline,
@@ -214,7 +215,9 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             loader = target
             if schema_from_migrations is None:
                 archive_path.write_bytes(read_object(storage, manifest.schema, count))
-                schema.restore_section(archive_path, target, major, "pre-data")
+                for fallback in extensions.restore_pre_data(archive_path, target, major,
+                                                            manifest.inventory.get("extensions")):
+                    reporter.warning(f"extension {fallback}: installed the target server's default version")
                 reporter.event("schema created", id=manifest.id)
             else:
                 rebuilt = rebuild.rebuild_schema(schema_from_migrations, target, storage, manifest, archive_path,

@@ -188,3 +188,27 @@ def test_zero_column_table_backs_up(cli: Any, local_repo: str, fresh_db: Callabl
     result = cli.json("restore", "full", "--repo", local_repo, "--backup", entry["id"], "--target-dsn", target.dsn)
     assert result["ok"] is True and result["rows"] == 7
     assert target.scalar("SELECT count(*) FROM public.nothing") == 7
+
+
+def test_extensions_come_back_at_their_backed_up_version(cli: Any, local_repo: str, fresh_db: Callable[..., Any],
+                                                        pg_server: Any) -> None:
+    source = fresh_db("ext")
+    source.execute("CREATE SCHEMA extensions")
+    source.execute("CREATE EXTENSION pg_trgm VERSION '1.5' SCHEMA extensions")
+    source.execute("CREATE EXTENSION hstore VERSION '1.7'")
+    source.execute("CREATE TABLE public.docs (body text, attrs hstore)")
+    source.execute("CREATE INDEX docs_trgm ON public.docs USING gin (body extensions.gin_trgm_ops)")
+    source.execute("INSERT INTO public.docs VALUES ('hello world', 'a=>1')")
+    defaults = dict(source.execute("SELECT name, default_version FROM pg_available_extensions "
+                                   "WHERE name IN ('pg_trgm', 'hstore')"))
+    assert defaults["pg_trgm"] != "1.5" and defaults["hstore"] != "1.7"
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    target = fresh_db("ext_r")
+    pg_server.drop_db(target.name)
+
+    result = restore_into(cli, local_repo, entry["id"], target)
+
+    assert result["ok"] is True
+    assert dict(target.execute("SELECT extname, extversion FROM pg_extension")) == \
+        {"plpgsql": "1.0", "pg_trgm": "1.5", "hstore": "1.7"}
+    assert dump_create(source) == dump_create(target)
