@@ -93,6 +93,7 @@ class TablesRestoreResult:
     bytes_read: int
     seconds: float
     validation: ValidationReport | None
+    sequences: tuple[SequenceCopy, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +107,8 @@ class TablesRestoreResult:
             "seconds": round(self.seconds, 3),
             "ok": self.validation.ok if self.validation else None,
             "validation": self.validation.to_dict() if self.validation else None,
+            "sequence_copies": [{"source": ".".join(c.source), "copy": ".".join(c.copy),
+                           "column": f"{'.'.join(c.table)}.{c.column}"} for c in self.sequences],
         }
 
 
@@ -483,7 +486,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                                  copies if into_schema else None)
     result = TablesRestoreResult(manifest.id, target.redacted(), tuple(t.full_name for t in entries), mode,
                                  into_schema, sum(t.rows for t in entries), fetched[0],
-                                 time.monotonic() - started, report)
+                                 time.monotonic() - started, report, copies)
     if report is not None and not report.ok:
         raise ValidationFailed(f"tables restored from {manifest.id} but validation failed: "
                                + "; ".join(f"{c.name}: {c.detail}" for c in report.failed)[:400], report=result)

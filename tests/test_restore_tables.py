@@ -9,8 +9,14 @@ import pytest
 
 import clioutput
 import dbcompare
+from backup_tool.catalog import Catalog
+from backup_tool.cli.common import one_line
+from backup_tool.config import resolve_settings
 from backup_tool.errors import NotFoundError, UsageError
-from backup_tool.restore_tables import resolve_tables, split_name
+from backup_tool.postgres import ConnInfo
+from backup_tool.report import NullReporter
+from backup_tool.restore_tables import resolve_tables, restore_tables, split_name, validate_tables
+from backup_tool.storage import open_storage
 from test_manifest import make_manifest
 
 pytestmark = pytest.mark.slow
@@ -271,6 +277,10 @@ def test_into_schema_copy_has_its_own_sequences(cli: Any, local_repo: str, live:
     result = cli.json("restore", "tables", "--repo", local_repo, "--tables",
                       ",".join(f"public.{t}" for t in copied), "--into-schema", "recovered", "--target-dsn", db.dsn)
     assert result["ok"] is True
+    assert {"name": "table_sequences", "ok": True}.items() <= next(
+        c for c in result["validation"]["checks"] if c["name"] == "table_sequences").items()
+    assert {"source": "public.invoice_number_seq", "copy": "recovered.invoice_number_seq",
+            "column": "recovered.payments.invoice_number"} in result["sequence_copies"]
     for table in copied:
         original = column_sequences(seed_db, "public", table)
         copy = column_sequences(db, "recovered", table)
@@ -293,3 +303,52 @@ def test_into_schema_copy_has_its_own_sequences(cli: Any, local_repo: str, live:
     assert {k: v for k, v in after["sequences"].items() if not k.startswith("recovered.")} == before["sequences"]
     dbcompare.assert_same(before, after, ignore=("tables", "schema", "sequences", "indexes", "constraints",
                                                  "rls", "policies", "triggers"))
+
+
+def test_error_text_is_one_line() -> None:
+    text = 'cannot truncate a table referenced in a foreign key constraint\nDETAIL:  Table "a" references "b".\n'
+    assert one_line(text) == 'cannot truncate a table referenced in a foreign key constraint; DETAIL:  Table "a" references "b".'
+
+
+def failures(report: Any) -> str:
+    return " | ".join(f"{c.name}: {c.detail}" for c in report.failed)
+
+
+def test_validation_after_restore_tables_fails_when_the_result_differs(
+        local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
+    db, _ = live
+    settings = resolve_settings(local_repo, db.dsn, None)
+    names = ["public.payments", "public.observability_logs"]
+    manifest = Catalog(open_storage(local_repo)).resolve_logical("latest")
+    entries = resolve_tables(manifest, names)
+    target = ConnInfo(db.dsn)
+
+    copy = restore_tables(settings, db.dsn, names, into_schema="recovered", run_validation=False)
+    assert copy.validation is None and copy.sequences
+    assert {".".join(c.copy) for c in copy.sequences} >= {"recovered.invoice_number_seq"}
+    location = {(t.schema, t.name): ("recovered", t.name) for t in entries}
+
+    def check_copy() -> Any:
+        return validate_tables(target, manifest, entries, location, 2, NullReporter(), copy.sequences)
+
+    assert check_copy().ok, failures(check_copy())
+    db.execute("UPDATE recovered.observability_logs_2025_01 SET message = message || '!'"
+               " WHERE ctid = (SELECT min(ctid) FROM recovered.observability_logs_2025_01)")
+    assert "observability_logs_2025_01" in failures(check_copy())
+    db.execute("SELECT setval('recovered.invoice_number_seq', 5)")
+    assert "recovered.invoice_number_seq at 5" in failures(check_copy())
+    db.execute("ALTER TABLE recovered.payments ALTER COLUMN invoice_number SET DEFAULT nextval('public.invoice_number_seq')")
+    assert "recovered.payments.invoice_number uses public.invoice_number_seq" in failures(check_copy())
+
+    replaced = restore_tables(settings, db.dsn, names, replace=True, run_validation=False)
+    assert replaced.validation is None
+    in_place = {(t.schema, t.name): (t.schema, t.name) for t in entries}
+
+    def check_in_place() -> Any:
+        return validate_tables(target, manifest, entries, in_place, 2, NullReporter())
+
+    assert check_in_place().ok, failures(check_in_place())
+    db.execute("DELETE FROM public.observability_logs_default WHERE ctid = (SELECT min(ctid) FROM public.observability_logs_default)")
+    assert "observability_logs_default" in failures(check_in_place())
+    db.execute("SELECT setval(pg_get_serial_sequence('public.payments', 'id'), 1)")
+    assert "payments_id_seq" in failures(check_in_place())
