@@ -9,10 +9,14 @@ Three modes, each refusing rather than overwriting by accident:
   definition) or empty; a table holding rows is refused and nothing changes.
 - ``into_schema``: the tables are recreated (columns, defaults, check and unique
   constraints, indexes, RLS and policies; not foreign keys or triggers, which would tie an
-  inspection copy to live data) in a separate schema, live data untouched.
+  inspection copy to live data) in a separate schema, live data untouched. A partitioned
+  table comes back as its tree. Every sequence the copy's columns use is the copy's own, in
+  that schema, owned by a copied column and set to the backup's value: nothing the copy
+  does reaches a live sequence.
 - ``replace``: the tables' contents are replaced in one transaction (readers see the old
   rows until commit, never a half-loaded table), with triggers silenced and no cascading
-  to other tables; foreign keys from and to the replaced tables are then checked and any
+  to other tables; a partitioned table is replaced through its leaf partitions, all in that
+  transaction. Foreign keys from and to the replaced tables are then checked and any
   violation rolls everything back, reporting the orphan rows per foreign key. Owned
   sequences are moved forward (never back) past both the backed-up value and the data.
 
@@ -464,11 +468,11 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
             recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
             with control.transaction():
                 if into_schema:
-                    settings_ = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
+                    values = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
                 else:
-                    settings_ = [((seq["schema"], seq["name"]), seq)
+                    values = [((seq["schema"], seq["name"]), seq)
                                  for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create})]
-                for (seq_schema, seq_name), seq in settings_:
+                for (seq_schema, seq_name), seq in values:
                     control.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
                                     (postgres.quoted_table(seq_schema, seq_name), seq["last_value"],
                                      seq["is_called"]))
