@@ -9,10 +9,14 @@ Three modes, each refusing rather than overwriting by accident:
   definition) or empty; a table holding rows is refused and nothing changes.
 - ``into_schema``: the tables are recreated (columns, defaults, check and unique
   constraints, indexes, RLS and policies; not foreign keys or triggers, which would tie an
-  inspection copy to live data) in a separate schema, live data untouched.
+  inspection copy to live data) in a separate schema, live data untouched. A partitioned
+  table comes back as its tree. Every sequence the copy's columns use is the copy's own, in
+  that schema, owned by a copied column and set to the backup's value: nothing the copy
+  does reaches a live sequence.
 - ``replace``: the tables' contents are replaced in one transaction (readers see the old
   rows until commit, never a half-loaded table), with triggers silenced and no cascading
-  to other tables; foreign keys from and to the replaced tables are then checked and any
+  to other tables; a partitioned table is replaced through its leaf partitions, all in that
+  transaction. Foreign keys from and to the replaced tables are then checked and any
   violation rolls everything back, reporting the orphan rows per foreign key. Owned
   sequences are moved forward (never back) past both the backed-up value and the data.
 
@@ -55,11 +59,31 @@ from backup_tool.validate import (
     Check,
     ValidationReport,
     check_foreign_keys,
+    check_sequences,
     check_tables,
     table_checksums,
 )
 
 TableKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class SequenceCopy:
+    """A sequence an ``--into-schema`` copy uses: ``source`` in the backup, ``copy`` in the
+    inspection schema, used by ``column`` of ``table`` (the copy's location)."""
+
+    source: TableKey
+    copy: TableKey
+    table: TableKey
+    column: str
+
+
+@dataclass(frozen=True)
+class TableDefinitions:
+    """The pg_dump archive of the tables' definitions and, for a copy, the sequences it owns."""
+
+    archive: bytes
+    sequences: tuple[SequenceCopy, ...]
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,7 @@ class TablesRestoreResult:
     bytes_read: int
     seconds: float
     validation: ValidationReport | None
+    sequences: tuple[SequenceCopy, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +111,8 @@ class TablesRestoreResult:
             "seconds": round(self.seconds, 3),
             "ok": self.validation.ok if self.validation else None,
             "validation": self.validation.to_dict() if self.validation else None,
+            "sequence_copies": [{"source": ".".join(c.source), "copy": ".".join(c.copy),
+                           "column": f"{'.'.join(c.table)}.{c.column}"} for c in self.sequences],
         }
 
 
@@ -175,9 +202,99 @@ def _pattern(schema_name: str, name: str) -> str:
     return postgres.quoted_table(schema_name, name)
 
 
+_COLUMN_SEQUENCES = """
+    SELECT a.attname, n.nspname, s.relname, s.oid
+      FROM (SELECT ad.adnum AS attnum, d.refobjid AS seq
+              FROM pg_attrdef ad
+              JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                              AND d.refclassid = 'pg_class'::regclass
+             WHERE ad.adrelid = %(table)s::regclass
+            UNION
+            SELECT d.refobjsubid, d.objid FROM pg_depend d
+             WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+               AND d.refobjid = %(table)s::regclass AND d.deptype = 'i') used
+      JOIN pg_class s ON s.oid = used.seq AND s.relkind = 'S'
+      JOIN pg_namespace n ON n.oid = s.relnamespace
+      JOIN pg_attribute a ON a.attrelid = %(table)s::regclass AND a.attnum = used.attnum
+     ORDER BY a.attnum"""
+
+
+def column_sequences(conn: psycopg.Connection[Any], schema_name: str, name: str) -> list[tuple[str, str, str, int]]:
+    """(column, sequence schema, sequence name, sequence oid) for each column of the table whose
+    default calls nextval() or that is an identity column."""
+    rows = conn.execute(_COLUMN_SEQUENCES, {"table": postgres.quoted_table(schema_name, name)}).fetchall()
+    return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+
+def _owner(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
+    row = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = %s::regclass",
+                       (postgres.quoted_table(schema_name, name),)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _free_name(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
+    """``name``, or ``name_2``, ``name_3``... : the first that no relation in the schema has."""
+    candidate, n = name, 1
+    while conn.execute("SELECT 1 FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace"
+                       " WHERE ns.nspname = %s AND c.relname = %s", (schema_name, candidate)).fetchone():
+        n += 1
+        candidate = f"{name[:60]}_{n}"
+    return candidate
+
+
+def _detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_schema: str) -> list[SequenceCopy]:
+    """In the scratch database: move ``tables`` into ``into_schema`` without foreign keys and
+    triggers, and give them their own sequences there, each owned by a copied column.
+
+    Sequences owned by a copied column move with their table; a sequence the copy only calls
+    (a shared one, or one owned elsewhere) is moved into the schema too and made owned by the
+    first copied column that uses it, so the copy's defaults never reach a live sequence.
+    """
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
+    used: list[tuple[TableEntry, str, TableKey, int]] = []
+    for t in tables:
+        table = postgres.quoted_table(t.schema, t.name)
+        for (con,) in conn.execute(
+                "SELECT conname FROM pg_constraint WHERE contype = 'f' AND conrelid = %s::regclass"
+                " AND conparentid = 0", (table,)).fetchall():
+            conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                qualified(t.schema, t.name), sql.Identifier(con)))
+        for (trg,) in conn.execute(
+                "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgparentid = 0"
+                " AND tgrelid = %s::regclass", (table,)).fetchall():
+            conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trg), qualified(t.schema, t.name)))
+        used += [(t, column, (seq_schema, seq_name), oid)
+                 for column, seq_schema, seq_name, oid in column_sequences(conn, t.schema, t.name)]
+    for t in tables:
+        conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+            qualified(t.schema, t.name), sql.Identifier(into_schema)))
+    copies: list[SequenceCopy] = []
+    for t, column, source, oid in used:
+        row = conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
+                           " ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)).fetchone()
+        assert row is not None
+        if row[0] != into_schema:
+            conn.execute(sql.SQL("ALTER SEQUENCE {} OWNER TO {}").format(
+                qualified(row[0], row[1]), sql.Identifier(_owner(conn, into_schema, t.name))))
+            conn.execute(sql.SQL("ALTER SEQUENCE {} OWNED BY NONE").format(qualified(row[0], row[1])))
+            name = _free_name(conn, into_schema, row[1])
+            if name != row[1]:
+                conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
+                    qualified(row[0], row[1]), sql.Identifier(name)))
+            conn.execute(sql.SQL("ALTER SEQUENCE {} SET SCHEMA {}").format(
+                qualified(row[0], name), sql.Identifier(into_schema)))
+            conn.execute(sql.SQL("ALTER SEQUENCE {} OWNED BY {}").format(
+                qualified(into_schema, name), sql.Identifier(into_schema, t.name, column)))
+            row = (into_schema, name)
+        copies.append(SequenceCopy(source, (row[0], row[1]), (into_schema, t.name), column))
+    return copies
+
+
 def extract_definitions(target: ConnInfo, major: int, archive_path: Path, tables: list[TableEntry],
-                        into_schema: str | None) -> bytes:
-    """A pg_dump archive holding just ``tables``' definitions (moved to ``into_schema`` if given)."""
+                        into_schema: str | None) -> TableDefinitions:
+    """A pg_dump archive holding just ``tables``' definitions (moved to ``into_schema`` if given,
+    with their own sequences there: see :func:`_detach_copy`)."""
     scratch_name = f"backup_tool_scratch_{secrets.token_hex(4)}"
     with target.connect() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch_name)))
@@ -186,29 +303,17 @@ def extract_definitions(target: ConnInfo, major: int, archive_path: Path, tables
         schema.restore_section(archive_path, scratch, major, "pre-data")
         schema.restore_section(archive_path, scratch, major, "post-data")
         where = [(t.schema, t.name) for t in tables]
+        copies: list[SequenceCopy] = []
         if into_schema:
             with scratch.connect() as conn, conn.transaction():
-                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
-                for t in tables:
-                    for (con,) in conn.execute(
-                            "SELECT conname FROM pg_constraint WHERE contype = 'f' AND conrelid = %s::regclass"
-                            " AND conparentid = 0", (postgres.quoted_table(t.schema, t.name),)).fetchall():
-                        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                            qualified(t.schema, t.name), sql.Identifier(con)))
-                    for (trg,) in conn.execute(
-                            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgparentid = 0"
-                            " AND tgrelid = %s::regclass", (postgres.quoted_table(t.schema, t.name),)).fetchall():
-                        conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(
-                            sql.Identifier(trg), qualified(t.schema, t.name)))
-                for t in tables:
-                    conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
-                        qualified(t.schema, t.name), sql.Identifier(into_schema)))
+                copies = _detach_copy(conn, tables, into_schema)
             where = [(into_schema, t.name) for t in tables]
         argv = [postgres.find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
                 "--strict-names", "--dbname", scratch.tool_conninfo()]
         for schema_name, name in where:
             argv.append(f"--table={_pattern(schema_name, name)}")
-        return pipeline.run(argv, scratch.tool_env(), "pg_dump (table definitions)")
+        return TableDefinitions(pipeline.run(argv, scratch.tool_env(), "pg_dump (table definitions)"),
+                                tuple(copies))
     finally:
         with target.connect() as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch_name)))
@@ -231,25 +336,40 @@ def _owned_sequences(manifest: Manifest, keys: set[TableKey]) -> Iterator[dict[s
             yield seq
 
 
+def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> bool:
+    """Whether a foreign key references the table or a partitioned table it belongs to (a
+    partition is referenced through its ancestors, so TRUNCATE would refuse it)."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (confrelid = %(t)s::regclass"
+        " OR confrelid IN (SELECT relid FROM pg_partition_ancestors(%(t)s::regclass))))",
+        {"t": postgres.quoted_table(schema_name, name)}).fetchone()
+    return bool(row and row[0])
+
+
 def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: Manifest,
                      entries: list[TableEntry], replace: bool, advance: Callable[[int], None]) -> None:
-    """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back."""
+    """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back.
+
+    A partitioned table holds no rows of its own: it is neither emptied nor loaded, its
+    partitions (always among ``entries``) are, so the whole tree is replaced at once."""
     keys = {(t.schema, t.name) for t in entries}
     superuser = _is_superuser(conn)
-    referenced_elsewhere = {(fk["ref_schema"], fk["ref_table"]) for fk in postgres.inventory(conn)["foreign_keys"]}
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL client_encoding = {}").format(sql.Literal(manifest.encoding)))
         if superuser:
             conn.execute("SET LOCAL session_replication_role = replica")
         for t in entries:
+            if t.relkind == "p":
+                continue
             target = qualified(t.schema, t.name)
             if not superuser:
                 conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(target))
             if replace:
-                if (t.schema, t.name) in referenced_elsewhere and not superuser:
+                referenced = _referenced(conn, t.schema, t.name)
+                if referenced and not superuser:
                     raise RefusedError(f"--replace of {t.full_name}, which other tables reference, needs a superuser",
                                        "connect as a superuser, or use --into-schema")
-                if (t.schema, t.name) in referenced_elsewhere:
+                if referenced:
                     conn.execute(sql.SQL("DELETE FROM ONLY {}").format(target))
                 else:
                     conn.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
@@ -317,13 +437,16 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
 
         with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
             definitions = None
+            copies: tuple[SequenceCopy, ...] = ()
             if create:
                 assert manifest.schema is not None
                 ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
                 archive_path = Path(tmp) / "schema.pgdump"
                 archive_path.write_bytes(read_object(storage, manifest.schema, count))
                 definitions = Path(tmp) / "tables.pgdump"
-                definitions.write_bytes(extract_definitions(target, major, archive_path, create, into_schema))
+                extracted = extract_definitions(target, major, archive_path, create, into_schema)
+                definitions.write_bytes(extracted.archive)
+                copies = extracted.sequences
                 if into_schema:
                     control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
                 schema.restore_section(definitions, target, major, "pre-data")
@@ -342,11 +465,16 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                                                                target=location[(t.schema, t.name)], fresh=True), t)
                                          for t in loads])
             progress.finish()
+            recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
             with control.transaction():
-                for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create}):
-                    seq_schema = into_schema or seq["schema"]
+                if into_schema:
+                    values = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
+                else:
+                    values = [((seq["schema"], seq["name"]), seq)
+                                 for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create})]
+                for (seq_schema, seq_name), seq in values:
                     control.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
-                                    (postgres.quoted_table(seq_schema, seq["name"]), seq["last_value"],
+                                    (postgres.quoted_table(seq_schema, seq_name), seq["last_value"],
                                      seq["is_called"]))
             if definitions is not None:
                 try:
@@ -358,25 +486,67 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
 
     report = None
     if run_validation:
-        report = validate_tables(target, manifest, entries, location, jobs, reporter)
+        report = validate_tables(target, manifest, entries, location, jobs, reporter,
+                                 copies if into_schema else None)
     result = TablesRestoreResult(manifest.id, target.redacted(), tuple(t.full_name for t in entries), mode,
                                  into_schema, sum(t.rows for t in entries), fetched[0],
-                                 time.monotonic() - started, report)
+                                 time.monotonic() - started, report, copies)
     if report is not None and not report.ok:
         raise ValidationFailed(f"tables restored from {manifest.id} but validation failed: "
                                + "; ".join(f"{c.name}: {c.detail}" for c in report.failed)[:400], report=result)
     return result
 
 
+def check_table_sequences(conn: psycopg.Connection[Any], manifest: Manifest, entries: list[TableEntry],
+                          location: dict[TableKey, TableKey], copies: tuple[SequenceCopy, ...] | None) -> Check:
+    """The restored tables' sequences hold the backup's values.
+
+    For an ``--into-schema`` copy (``copies`` not None) each column that used a sequence must
+    use its own copy, in the copy's schema, owned by a copied column and set to the backup's
+    value: a copy whose inserts would advance a live sequence fails. In place, the sequences
+    owned by the restored tables must be neither behind the backup nor behind their column.
+    """
+    recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
+    present = {(s["schema"], s["name"]): s for s in postgres.sequences(conn)}
+    if copies is None:
+        keys = {(t.schema, t.name) for t in entries}
+        mine = [s for s in present.values()
+                if s["owned_by"] and (s["owned_by"]["schema"], s["owned_by"]["table"]) in keys]
+        check = check_sequences(conn, mine, list(_owned_sequences(manifest, keys)))
+        return Check("table_sequences", check.ok, check.detail)
+    copied = set(location.values())
+    bad: list[str] = []
+    for c in copies:
+        uses = {col: (sch, name) for col, sch, name, _ in column_sequences(conn, *c.table)}
+        if uses.get(c.column) != c.copy:
+            used = ".".join(uses[c.column]) if c.column in uses else "no sequence"
+            bad.append(f"{c.table[0]}.{c.table[1]}.{c.column} uses {used}, not its copy {c.copy[0]}.{c.copy[1]}")
+            continue
+        now = present[c.copy]
+        by = now["owned_by"]
+        if not by or (by["schema"], by["table"]) not in copied:
+            bad.append(f"{c.copy[0]}.{c.copy[1]} is not owned by the copy")
+        seq = recorded.get(c.source)
+        if seq and (now["last_value"], now["is_called"]) != (seq["last_value"], seq["is_called"]):
+            bad.append(f"{c.copy[0]}.{c.copy[1]} at {now['last_value']}, backup had {seq['last_value']}")
+    if bad:
+        return Check("table_sequences", False, "; ".join(bad))
+    return Check("table_sequences", True,
+                 f"{len({c.copy for c in copies})} sequences of the copy, its own, at the backup's values")
+
+
 def validate_tables(target: ConnInfo, manifest: Manifest, entries: list[TableEntry],
-                    location: dict[TableKey, TableKey], jobs: int, reporter: Reporter) -> ValidationReport:
-    """Row counts and content checksums of the restored tables, and the foreign keys touching them."""
+                    location: dict[TableKey, TableKey], jobs: int, reporter: Reporter,
+                    copies: tuple[SequenceCopy, ...] | None = None) -> ValidationReport:
+    """Row counts and content checksums of the restored tables, their sequences, and the
+    foreign keys and indexes touching them."""
     data = [t for t in entries if t.relkind == "r"]
     live = table_checksums(target, {(t.schema, t.name): (*location[(t.schema, t.name)], t.columns)
                                     for t in data}, jobs, reporter)
     checks = check_tables(manifest, live)
     with target.connect() as conn:
         places = set(location.values())
+        checks.append(check_table_sequences(conn, manifest, entries, location, copies))
         checks.append(check_foreign_keys(conn, _fks_touching(conn, places)))
         bad = [f"{i['schema']}.{i['name']}" for i in postgres.inventory(conn)["indexes"]
                if (i["schema"], i["table"]) in places and not (i["valid"] and i["ready"])]

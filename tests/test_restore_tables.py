@@ -7,9 +7,16 @@ from typing import Any, Callable
 
 import pytest
 
+import clioutput
 import dbcompare
+from backup_tool.catalog import Catalog
+from backup_tool.cli.common import one_line
+from backup_tool.config import resolve_settings
 from backup_tool.errors import NotFoundError, UsageError
-from backup_tool.restore_tables import resolve_tables, split_name
+from backup_tool.postgres import ConnInfo
+from backup_tool.report import NullReporter
+from backup_tool.restore_tables import resolve_tables, restore_tables, split_name, validate_tables
+from backup_tool.storage import open_storage
 from test_manifest import make_manifest
 
 pytestmark = pytest.mark.slow
@@ -158,3 +165,190 @@ def test_unknown_table_is_a_clear_error(cli: Any, local_repo: str, live: tuple[A
     proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.user_profile", "--target-dsn", db.dsn)
     assert proc.returncode == 1
     assert "public.user_profiles" in proc.stderr and "Traceback" not in proc.stderr
+
+
+LOG_PARTS = ("public.observability_logs_2025_01", "public.observability_logs_2025_02",
+             "public.observability_logs_2025_03", "public.observability_logs_default")
+
+
+def partition_tree(db: Any, schema_name: str, table: str) -> list[tuple[str, str, str | None]]:
+    """(partition, relkind, bound) of the tree under schema.table, the parent first."""
+    rows = db.execute(
+        "SELECT c.relname, c.relkind::text, pg_get_expr(c.relpartbound, c.oid)"
+        " FROM pg_partition_tree(format('%%I.%%I', %s::text, %s::text)::regclass) t"
+        " JOIN pg_class c ON c.oid = t.relid ORDER BY t.level, c.relname", (schema_name, table))
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def test_replace_partitioned_table_replaces_every_partition(cli: Any, local_repo: str,
+                                                            live: tuple[Any, dict[str, Any]], seed_db: Any) -> None:
+    db, _ = live
+    expected = hashes(seed_db)
+    db.execute("UPDATE public.observability_logs SET message = 'vandalised' WHERE level = 'error'")
+    db.execute("DELETE FROM public.observability_logs_2025_02 WHERE ctid = (SELECT min(ctid) FROM public.observability_logs_2025_02)")
+    db.execute("INSERT INTO public.observability_logs (level, message, created_at) VALUES ('info', 'new', '2031-01-01')")
+    before = dbcompare.fingerprint(db.dsn)
+    assert any(before["tables"][p] != expected[p] for p in LOG_PARTS)
+    result = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.observability_logs",
+                      "--replace", "--target-dsn", db.dsn)
+    assert result["ok"] is True and result["mode"] == "replace"
+    after = dbcompare.fingerprint(db.dsn)
+    for part in LOG_PARTS:
+        assert after["tables"][part] == expected[part], part
+    assert_only_changed(before["tables"], after["tables"], set(LOG_PARTS))
+    dbcompare.assert_same(before, after, ignore=("tables",))
+
+
+def test_replace_partitioned_table_that_would_orphan_rows_rolls_back_every_partition(
+        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
+    db, _ = live
+    db.execute("UPDATE public.observability_logs SET message = 'vandalised' WHERE level = 'error'")
+    db.execute("INSERT INTO public.observability_logs (id, level, message, created_at)"
+               " VALUES ('aaaaaaaa-0000-0000-0000-000000000001', 'info', 'kept', '2031-01-01')")
+    db.execute("CREATE TABLE public.log_notes (log_id uuid, created_at timestamptz, note text,"
+               " FOREIGN KEY (log_id, created_at) REFERENCES public.observability_logs (id, created_at))")
+    db.execute("INSERT INTO public.log_notes VALUES ('aaaaaaaa-0000-0000-0000-000000000001', '2031-01-01', 'n')")
+    before = dbcompare.fingerprint(db.dsn)
+    proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.observability_logs", "--replace",
+               "--target-dsn", db.dsn)
+    assert proc.returncode == 1, proc.stderr
+    line = clioutput.one_line(proc)
+    assert "rolled back" in line and "log_notes" in line, line
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+
+
+def test_into_schema_recreates_the_partition_tree(cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]],
+                                                  seed_db: Any) -> None:
+    db, _ = live
+    expected = hashes(seed_db)
+    db.execute("DELETE FROM public.observability_logs WHERE level = 'error'")
+    before = dbcompare.fingerprint(db.dsn)
+    result = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.observability_logs",
+                      "--into-schema", "recovered", "--target-dsn", db.dsn)
+    assert result["ok"] is True
+    live_tree = partition_tree(db, "public", "observability_logs")
+    assert partition_tree(db, "recovered", "observability_logs") == live_tree and len(live_tree) == 5
+    assert live_tree[0][1] == "p"
+    after = dbcompare.fingerprint(db.dsn)
+    for part in LOG_PARTS:
+        assert after["tables"][part.replace("public.", "recovered.")] == expected[part], part
+    for key, value in before["tables"].items():
+        assert after["tables"][key] == value, key
+    copied_indexes = {k for k in after["indexes"] if k.startswith("recovered.")}
+    assert len(copied_indexes) == len({k for k in before["indexes"] if k.startswith("public.observability_logs")})
+    db.execute("INSERT INTO recovered.observability_logs (level, message, created_at) VALUES ('info', 'x', '2025-02-03')")
+    assert db.execute("SELECT count(*) FROM recovered.observability_logs_2025_02 WHERE message = 'x'")[0][0] == 1
+    assert dbcompare.schema_dump(db.dsn) == after["schema"], "inserting into the copy changes no definition"
+
+
+def column_sequences(db: Any, schema_name: str, table: str) -> dict[str, tuple[str, str, bool]]:
+    """{column: (sequence schema, sequence name, owned by that column)} for every column whose
+    default calls nextval() or that is an identity column."""
+    rows = db.execute("""
+        WITH t AS (SELECT format('%%I.%%I', %s::text, %s::text)::regclass AS oid),
+        used AS (
+            SELECT ad.adnum AS attnum, d.refobjid AS seq
+              FROM pg_attrdef ad JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+              JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+             WHERE ad.adrelid = (SELECT oid FROM t)
+            UNION
+            SELECT d.refobjsubid, d.objid FROM pg_depend d
+             WHERE d.classid = 'pg_class'::regclass AND d.refobjid = (SELECT oid FROM t) AND d.deptype = 'i')
+        SELECT a.attname, n.nspname, s.relname,
+               EXISTS (SELECT 1 FROM pg_depend o WHERE o.classid = 'pg_class'::regclass AND o.objid = s.oid
+                          AND o.refobjid = (SELECT oid FROM t) AND o.refobjsubid = a.attnum
+                          AND o.deptype IN ('a', 'i'))
+          FROM used JOIN pg_class s ON s.oid = used.seq JOIN pg_namespace n ON n.oid = s.relnamespace
+          JOIN pg_attribute a ON a.attrelid = (SELECT oid FROM t) AND a.attnum = used.attnum""",
+                      (schema_name, table))
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def sequence_value(db: Any, schema_name: str, name: str) -> tuple[int, bool]:
+    row = db.execute(f'SELECT last_value, is_called FROM "{schema_name}"."{name}"')[0]
+    return int(row[0]), bool(row[1])
+
+
+def test_into_schema_copy_has_its_own_sequences(cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]],
+                                                seed_db: Any) -> None:
+    db, _ = live
+    copied = ("payments", "gamification_logs", "projects")
+    before = dbcompare.fingerprint(db.dsn)
+    result = cli.json("restore", "tables", "--repo", local_repo, "--tables",
+                      ",".join(f"public.{t}" for t in copied), "--into-schema", "recovered", "--target-dsn", db.dsn)
+    assert result["ok"] is True
+    assert {"name": "table_sequences", "ok": True}.items() <= next(
+        c for c in result["validation"]["checks"] if c["name"] == "table_sequences").items()
+    assert {"source": "public.invoice_number_seq", "copy": "recovered.invoice_number_seq",
+            "column": "recovered.payments.invoice_number"} in result["sequence_copies"]
+    for table in copied:
+        original = column_sequences(seed_db, "public", table)
+        copy = column_sequences(db, "recovered", table)
+        assert original and set(copy) == set(original), table
+        for column, (seq_schema, seq_name, owned) in copy.items():
+            assert seq_schema == "recovered" and owned, (table, column, copy[column])
+            source = original[column]
+            assert sequence_value(db, seq_schema, seq_name) == sequence_value(seed_db, source[0], source[1]), column
+    assert column_sequences(seed_db, "public", "payments")["invoice_number"][2] is False, "fixture: a shared sequence"
+    live_sequences = {k: v for k, v in dbcompare.fingerprint(db.dsn)["sequences"].items()
+                      if not k.startswith("recovered.")}
+    assert live_sequences == before["sequences"]
+    invoice_seq = sequence_value(seed_db, "public", "invoice_number_seq")
+    row = db.execute("INSERT INTO recovered.payments (user_id, amount) VALUES (gen_random_uuid(), 1)"
+                     " RETURNING invoice_number")[0]
+    assert row[0] == invoice_seq[0] + (1 if invoice_seq[1] else 0), "the copy's sequence continues the backup's"
+    db.execute("INSERT INTO recovered.gamification_logs (user_id, points) VALUES (gen_random_uuid(), 1)")
+    db.execute("INSERT INTO recovered.projects (user_id, name) VALUES (gen_random_uuid(), 'copy')")
+    after = dbcompare.fingerprint(db.dsn)
+    assert {k: v for k, v in after["sequences"].items() if not k.startswith("recovered.")} == before["sequences"]
+    dbcompare.assert_same(before, after, ignore=("tables", "schema", "sequences", "indexes", "constraints",
+                                                 "rls", "policies", "triggers"))
+
+
+def test_error_text_is_one_line() -> None:
+    text = 'cannot truncate a table referenced in a foreign key constraint\nDETAIL:  Table "a" references "b".\n'
+    assert one_line(text) == 'cannot truncate a table referenced in a foreign key constraint; DETAIL:  Table "a" references "b".'
+
+
+def failures(report: Any) -> str:
+    return " | ".join(f"{c.name}: {c.detail}" for c in report.failed)
+
+
+def test_validation_after_restore_tables_fails_when_the_result_differs(
+        local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
+    db, _ = live
+    settings = resolve_settings(local_repo, db.dsn, None)
+    names = ["public.payments", "public.observability_logs"]
+    manifest = Catalog(open_storage(local_repo)).resolve_logical("latest")
+    entries = resolve_tables(manifest, names)
+    target = ConnInfo(db.dsn)
+
+    copy = restore_tables(settings, db.dsn, names, into_schema="recovered", run_validation=False)
+    assert copy.validation is None and copy.sequences
+    assert {".".join(c.copy) for c in copy.sequences} >= {"recovered.invoice_number_seq"}
+    location = {(t.schema, t.name): ("recovered", t.name) for t in entries}
+
+    def check_copy() -> Any:
+        return validate_tables(target, manifest, entries, location, 2, NullReporter(), copy.sequences)
+
+    assert check_copy().ok, failures(check_copy())
+    db.execute("UPDATE recovered.observability_logs_2025_01 SET message = message || '!'"
+               " WHERE ctid = (SELECT min(ctid) FROM recovered.observability_logs_2025_01)")
+    assert "observability_logs_2025_01" in failures(check_copy())
+    db.execute("SELECT setval('recovered.invoice_number_seq', 5)")
+    assert "recovered.invoice_number_seq at 5" in failures(check_copy())
+    db.execute("ALTER TABLE recovered.payments ALTER COLUMN invoice_number SET DEFAULT nextval('public.invoice_number_seq')")
+    assert "recovered.payments.invoice_number uses public.invoice_number_seq" in failures(check_copy())
+
+    replaced = restore_tables(settings, db.dsn, names, replace=True, run_validation=False)
+    assert replaced.validation is None
+    in_place = {(t.schema, t.name): (t.schema, t.name) for t in entries}
+
+    def check_in_place() -> Any:
+        return validate_tables(target, manifest, entries, in_place, 2, NullReporter())
+
+    assert check_in_place().ok, failures(check_in_place())
+    db.execute("DELETE FROM public.observability_logs_default WHERE ctid = (SELECT min(ctid) FROM public.observability_logs_default)")
+    assert "observability_logs_default" in failures(check_in_place())
+    db.execute("SELECT setval(pg_get_serial_sequence('public.payments', 'id'), 1)")
+    assert "payments_id_seq" in failures(check_in_place())

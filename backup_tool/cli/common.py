@@ -207,7 +207,7 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
     except Exception as exc:  # a bug: still one line unless --debug
         if common.debug:
             print_traceback(redact)
-        print(redact(f"backup-tool: error: unexpected {type(exc).__name__}: {exc} "
+        print(redact(f"backup-tool: error: unexpected {type(exc).__name__}: {one_line(str(exc))} "
                      "(rerun with --debug for details)"), file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -220,10 +220,15 @@ def print_traceback(redact: Callable[[str], str]) -> None:
     print(redact(traceback.format_exc()), file=sys.stderr, end="")
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: a PostgreSQL error's DETAIL and HINT lines joined with "; "."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def fail(exc: BackupToolError, common: Common, redact: Callable[[str], str]) -> int:
     if common.debug:
         print_traceback(redact)
-    print(redact(f"backup-tool: error: {exc}"), file=sys.stderr)
+    print(redact(f"backup-tool: error: {one_line(str(exc))}"), file=sys.stderr)
     return exc.exit_code
 
 
