@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import psycopg
 
-from backup_tool import __version__, pipeline, postgres, schema, testhooks
+from backup_tool import __version__, column_order, pipeline, postgres, schema, testhooks
 from backup_tool.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError, LockHeldError
@@ -283,6 +283,7 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
     snap.lock_tables(tables)
     sequences = postgres.sequences(snap.conn)
     inventory = postgres.inventory(snap.conn)
+    inventory[column_order.INVENTORY_KEY] = column_order.record(snap.conn)
 
     archive = schema.dump_schema(conninfo, major, snap.snapshot_id)
     normalized = schema.normalize(schema.schema_text(archive, major))

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import psycopg
 from psycopg import sql
 
-from backup_tool import pipeline, postgres, rebuild, restore_marker, schema, testhooks
+from backup_tool import column_order, pipeline, postgres, rebuild, restore_marker, schema, testhooks
 from backup_tool.catalog import Catalog
 from backup_tool.config import Settings
 from backup_tool.errors import (
@@ -195,7 +195,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             loader = target
             if schema_from_migrations is None:
                 archive_path.write_bytes(read_object(storage, manifest.schema, count))
-                schema.restore_section(archive_path, target, major, "pre-data")
+                column_order.restore_pre_data(archive_path, target, major, manifest, reporter)
                 reporter.event("schema created", id=manifest.id)
             else:
                 rebuilt = rebuild.rebuild_schema(schema_from_migrations, target, storage, manifest, archive_path,

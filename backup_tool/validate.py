@@ -3,7 +3,8 @@
 Run at the end of every restore and on demand against any live database. Without a
 manifest, the checks that need no reference run (foreign keys hold, indexes valid, RLS on
 where policies exist, sequences not behind their columns). Against a backup's manifest,
-the database is also compared with what was backed up: schema fingerprint, RLS flags and
+the database is also compared with what was backed up: schema fingerprint, every table's
+column order (names and types in attnum order, which pg_dump's text does not show), RLS flags and
 policies, foreign keys, indexes, functions, triggers, extensions, per-table row counts and
 order-independent content checksums, and sequences not behind the backed-up values.
 
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from backup_tool import pipeline, postgres, restore_marker, schema
+from backup_tool import column_order, pipeline, postgres, restore_marker, schema
 from backup_tool.manifest import Manifest
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
@@ -117,8 +118,27 @@ def check_restore_finished(conn: psycopg.Connection[Any]) -> Check:
                  f"run 'backup-tool restore full {restore_marker.RESTART_FLAG}' into it")
 
 
+def _fk_scope(conn: psycopg.Connection[Any], schema_name: str, table: str,
+              name: sql.Composed) -> sql.Composed:
+    """The rows a foreign key covers on one side: the table alone (``ONLY``: a key never
+    covers inheritance children), but a partitioned table whole (its rows are in its partitions)."""
+    row = conn.execute("SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                       " WHERE n.nspname = %s AND c.relname = %s", (schema_name, table)).fetchone()
+    return name if row is not None and row[0] == "p" else sql.SQL("ONLY {}").format(name)
+
+
+def check_column_order(conn: psycopg.Connection[Any], manifest: Manifest) -> Check:
+    """Every recorded table's columns (names and types, attnum order) equal the backup's."""
+    ok, detail = column_order.check_column_order(conn, manifest)
+    return Check(column_order.CHECK_NAME, ok, detail)
+
+
 def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]]) -> Check:
-    """Count orphan rows for every foreign key, validated or NOT VALID, honouring MATCH rules."""
+    """Count orphan rows for every foreign key, validated or NOT VALID, honouring MATCH rules.
+
+    Only the rows the key covers are counted: ``ONLY`` on both sides unless the table is
+    partitioned, so a row of an inheritance child is neither an orphan nor a referenced row.
+    """
     orphans: dict[str, int] = {}
     for fk in fks:
         child = postgres.qualified(fk["schema"], fk["table"])
@@ -133,7 +153,9 @@ def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]])
             exempt = sql.SQL("({})").format(sql.SQL(" OR ").join(
                 sql.SQL("c.{} IS NULL").format(c) for c in cols))
         query = sql.SQL("SELECT count(*) FROM {} c WHERE NOT {} AND NOT EXISTS "
-                        "(SELECT 1 FROM {} p WHERE {})").format(child, exempt, parent, join)
+                        "(SELECT 1 FROM {} p WHERE {})").format(
+            _fk_scope(conn, fk["schema"], fk["table"], child), exempt,
+            _fk_scope(conn, fk["ref_schema"], fk["ref_table"], parent), join)
         row = conn.execute(query).fetchone()
         if row and row[0]:
             orphans[_qual(fk)] = int(row[0])
@@ -285,6 +307,7 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
         checks.append(check_restore_finished(conn))
         if manifest is not None and tables is None:
             checks.append(check_schema(conninfo, major, manifest, storage))
+            checks.append(check_column_order(conn, manifest))
         if manifest is not None:
             exp = manifest.inventory
             checks.append(compare_sets("rls_policies", "RLS flags and policies",
