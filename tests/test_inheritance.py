@@ -9,6 +9,7 @@ it (``column_order``), and ``foreign_keys_hold`` counts only the rows a key cove
 from __future__ import annotations
 
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -224,3 +225,39 @@ def test_foreign_keys_hold_counts_only_the_rows_a_key_covers(cli: Any, ledger: A
     fk = next(c for c in proc.json()["checks"] if c["name"] == "foreign_keys_hold")
     assert fk == {"name": "foreign_keys_hold", "ok": False,
                   "detail": "orphan rows: ledger.payments.payments_account_fk (1)"}
+
+
+def test_without_superuser_the_order_is_kept_and_the_rest_reported(cli: Any, local_repo: str,
+                                                                  pg_server: Any) -> None:
+    """Marking inherited columns non-local is a catalog update only a superuser may make: a
+    database owner's restore keeps the order, warns, and validation names what differs."""
+    role = f"bt_inh_{uuid.uuid4().hex[:8]}"
+    source, target = pg_server.create_db(f"{role}_src"), pg_server.create_db(f"{role}_dst")
+    try:
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'inh-pw-7c1e'")
+            for db in (source, target):
+                conn.execute(f"ALTER DATABASE {db.name} OWNER TO {role}")
+        as_role = {db.name: f"postgresql://{role}:inh-pw-7c1e@{pg_server.host}:{pg_server.port}/{db.name}"
+                   for db in (source, target)}
+        with psycopg.connect(as_role[source.name], autocommit=True) as conn:
+            conn.execute("CREATE TABLE public.parent (a int CHECK (a > 0)); "
+                         "CREATE TABLE public.child (x text) INHERITS (public.parent); "
+                         "ALTER TABLE public.parent ADD COLUMN b date; "
+                         "INSERT INTO public.child VALUES (1, 'one', '2024-01-01')")
+        cli.json("backup", "full", "--repo", local_repo, "--dsn", as_role[source.name])
+
+        proc = cli("restore", "full", "--repo", local_repo, "--target-dsn", as_role[target.name], "--json")
+        assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+        warnings = [ln for ln in proc.stderr.splitlines() if '"level": "warning"' in ln]
+        assert len(warnings) == 1 and "public.child" in warnings[0] and "superuser" in warnings[0]
+        report = proc.json()
+        assert [c["name"] for c in report["validation"]["checks"] if not c["ok"]] == ["schema_matches"]
+        assert rows(as_role[target.name], LAYOUT.replace("'ledger'", "'public'")) == [
+            ("child", ["a integer local=true inh=1", "x text local=true inh=0", "b date local=true inh=1"]),
+            ("parent", ["a integer local=true inh=0", "b date local=true inh=0"])]
+    finally:
+        pg_server.drop_db(source.name)
+        pg_server.drop_db(target.name)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
