@@ -37,7 +37,6 @@ from typing import Any, Iterable, Sequence
 import psycopg
 
 from backup_tool import pipeline, schema
-from backup_tool.errors import DatabaseError
 from backup_tool.manifest import Manifest
 from backup_tool.postgres import SYSTEM_SCHEMA_FILTER, ConnInfo, find_tool, quote_ident, quoted_table
 from backup_tool.report import Reporter
@@ -444,7 +443,8 @@ def _replay(archive_path: Path, target: ConnInfo, major: int, lines: Sequence[st
 def _recreate(conn: psycopg.Connection[Any], table: TableLayout, entry_sql: str) -> bool:
     """Create ``table`` from its rewritten entry in one transaction; True if it is complete
     (its inherited-only columns and constraints marked non-local), False if that needs a
-    superuser. Raises :class:`Unrecognized` before anything is created."""
+    superuser. Raises :class:`Unrecognized` before anything is created, or psycopg's error
+    after the transaction rolled back."""
     conn.execute("SELECT pg_catalog.set_config('search_path', '', false)")
     parent_columns: list[ParentColumn] = []
     parent_checks: list[tuple[str, str]] = []
@@ -454,22 +454,18 @@ def _recreate(conn: psycopg.Connection[Any], table: TableLayout, entry_sql: str)
         parent_checks += [(r[0], r[1]) for r in conn.execute(PARENT_CHECKS_SQL, (name,)).fetchall()]
     rewritten = standalone(entry_sql, table, parent_columns, parent_checks)
     child = quoted_table(table.schema, table.table)
-    try:
-        with conn.transaction():
-            conn.execute(rewritten.script.encode())
-            try:
-                with conn.transaction():
-                    conn.execute("UPDATE pg_catalog.pg_attribute SET attislocal = false"
-                                 " WHERE attrelid = %s::pg_catalog.regclass AND attname = ANY(%s)",
-                                 (child, list(rewritten.inherited_columns)))
-                    conn.execute("UPDATE pg_catalog.pg_constraint SET conislocal = false"
-                                 " WHERE conrelid = %s::pg_catalog.regclass AND conname = ANY(%s)",
-                                 (child, list(rewritten.inherited_constraints)))
-            except psycopg.errors.InsufficientPrivilege:
-                return not rewritten.inherited_columns and not rewritten.inherited_constraints
-    except psycopg.Error as exc:
-        raise DatabaseError(f"creating {table.full_name} with its column order failed: "
-                            f"{str(exc).splitlines()[0]}") from None
+    with conn.transaction():
+        conn.execute(rewritten.script.encode())
+        try:
+            with conn.transaction():
+                conn.execute("UPDATE pg_catalog.pg_attribute SET attislocal = false"
+                             " WHERE attrelid = %s::pg_catalog.regclass AND attname = ANY(%s)",
+                             (child, list(rewritten.inherited_columns)))
+                conn.execute("UPDATE pg_catalog.pg_constraint SET conislocal = false"
+                             " WHERE conrelid = %s::pg_catalog.regclass AND conname = ANY(%s)",
+                             (child, list(rewritten.inherited_constraints)))
+        except psycopg.errors.InsufficientPrivilege:
+            return not rewritten.inherited_columns and not rewritten.inherited_constraints
     return True
 
 
@@ -497,7 +493,8 @@ def restore_pre_data(archive_path: Path, target: ConnInfo, major: int, manifest:
                 entry = _entry_sql(archive_path, major, step.lines, tmp)
                 try:
                     complete = _recreate(conn, step.table, entry)
-                except Unrecognized as why:
+                except (Unrecognized, psycopg.Error) as exc:
+                    why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     reporter.warning(f"could not keep the column order of {step.table.full_name} ({why}); "
                                      "it is created as pg_restore does and validation will report it",
                                      table=step.table.full_name)
