@@ -39,6 +39,7 @@ import psycopg
 
 from backup_tool import (
     __version__,
+    column_order,
     database_level,
     large_objects,
     matviews,
@@ -294,6 +295,7 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
     inventory = {**postgres.inventory(snap.conn), "database": database_level.properties(snap.conn),
                  "matviews": matviews.inventory(snap.conn),
                  "large_objects": large_objects.summary(snap.conn)}
+    inventory[column_order.INVENTORY_KEY] = column_order.record(snap.conn)
 
     archive = schema.dump_schema(conninfo, major, snap.snapshot_id)
     normalized = schema.normalize(schema.schema_text(archive, major))

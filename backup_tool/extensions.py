@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import psycopg
 from psycopg import sql
@@ -51,41 +51,67 @@ def pinned(toc: list[str], backed_up: list[dict[str, Any]], defaults: dict[str, 
     return found
 
 
-def _write_list(path: Path, lines: list[str]) -> Path:
+def _write_list(path: Path, lines: Sequence[str]) -> Path:
     path.write_text("".join(line + "\n" for line in lines))
     return path
 
 
-def restore_pre_data(archive_path: Path, target: ConnInfo, major: int,
-                     backed_up: list[dict[str, Any]] | None) -> list[str]:
-    """Replay the archive's pre-data, extensions at their backed-up versions where the target
-    can install them; return the extensions that had to fall back to the default version."""
-    with target.connect() as conn:
-        defaults = {r[0]: r[1] for r in conn.execute(
-            "SELECT name, default_version FROM pg_available_extensions").fetchall()}
-    toc = pipeline.run([find_tool("pg_restore", major), "--list", str(archive_path)], target.tool_env(),
-                       "pg_restore (list)").decode().splitlines()
-    todo = pinned(toc, backed_up or [], defaults)
-    if not todo:
-        schema.restore_section(archive_path, target, major, "pre-data")
-        return []
-    fallbacks = []
-    start = 0
-    for n, ext in enumerate(todo):
-        part = _write_list(archive_path.with_suffix(f".list{n}"), toc[start:ext.toc_line])
-        schema.restore_section(archive_path, target, major, "pre-data", extra=["--use-list", str(part)])
-        one = _write_list(archive_path.with_suffix(f".ext{n}"), [toc[ext.toc_line]])
-        text = pipeline.run([find_tool("pg_restore", major), "--use-list", str(one), "--file=-", str(archive_path)],
-                            target.tool_env(), "pg_restore (extension)").decode()
-        where = _WITH_SCHEMA.search(text)
+class PreDataReplay:
+    """Replays the archive's pre-data section, whole or a list of its TOC lines at a time,
+    creating each pinned extension at its backed-up version when its entry comes up.
+
+    ``fallbacks`` collects the extensions the target could not install at that version.
+    Callable as ``replay(lines)`` (None: the whole section), which is how
+    :mod:`backup_tool.column_order` hands it the parts between the tables it creates.
+    """
+
+    def __init__(self, archive_path: Path, target: ConnInfo, major: int,
+                 backed_up: list[dict[str, Any]] | None) -> None:
+        self.archive_path, self.target, self.major = archive_path, target, major
+        self.fallbacks: list[str] = []
+        self._parts = 0
         with target.connect() as conn:
+            defaults = {r[0]: r[1] for r in conn.execute(
+                "SELECT name, default_version FROM pg_available_extensions").fetchall()}
+        self.toc = pipeline.run([find_tool("pg_restore", major), "--list", str(archive_path)], target.tool_env(),
+                                "pg_restore (list)").decode().splitlines()
+        self._pins = {self.toc[p.toc_line]: p for p in pinned(self.toc, backed_up or [], defaults)}
+
+    def _list(self, lines: Sequence[str]) -> Path:
+        self._parts += 1
+        return _write_list(self.archive_path.with_suffix(f".part{self._parts}"), lines)
+
+    def _replay(self, lines: Sequence[str] | None) -> None:
+        extra = ["--use-list", str(self._list(lines))] if lines is not None else None
+        schema.restore_section(self.archive_path, self.target, self.major, "pre-data", extra=extra)
+
+    def __call__(self, lines: Sequence[str] | None = None) -> None:
+        if not any(line in self._pins for line in (self.toc if lines is None else lines)):
+            self._replay(lines)
+            return
+        pending: list[str] = []
+        for line in self.toc if lines is None else lines:
+            pin = self._pins.get(line)
+            if pin is None:
+                pending.append(line)
+                continue
+            if pending:
+                self._replay(pending)
+                pending = []
+            self._create(pin, line)
+            pending.append(line)
+        if pending:
+            self._replay(pending)
+
+    def _create(self, pin: Pinned, line: str) -> None:
+        text = pipeline.run([find_tool("pg_restore", self.major), "--use-list", str(self._list([line])),
+                             "--file=-", str(self.archive_path)],
+                            self.target.tool_env(), "pg_restore (extension)").decode()
+        where = _WITH_SCHEMA.search(text)
+        with self.target.connect() as conn:
             try:
                 conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} VERSION {}{}").format(
-                    sql.Identifier(ext.name), sql.Literal(ext.version),
+                    sql.Identifier(pin.name), sql.Literal(pin.version),
                     sql.SQL(" SCHEMA {}").format(sql.SQL(where.group(1))) if where else sql.SQL("")))
             except psycopg.Error as exc:
-                fallbacks.append(f"{ext.name} {ext.version} ({str(exc).splitlines()[0]})")
-        start = ext.toc_line
-    rest = _write_list(archive_path.with_suffix(".rest"), toc[start:])
-    schema.restore_section(archive_path, target, major, "pre-data", extra=["--use-list", str(rest)])
-    return fallbacks
+                self.fallbacks.append(f"{pin.name} {pin.version} ({str(exc).splitlines()[0]})")

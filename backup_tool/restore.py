@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from backup_tool import (
+    column_order,
     database_level,
     extensions,
     large_objects,
@@ -215,8 +216,9 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             loader = target
             if schema_from_migrations is None:
                 archive_path.write_bytes(read_object(storage, manifest.schema, count))
-                for fallback in extensions.restore_pre_data(archive_path, target, major,
-                                                            manifest.inventory.get("extensions")):
+                replay = extensions.PreDataReplay(archive_path, target, major, manifest.inventory.get("extensions"))
+                column_order.restore_pre_data(archive_path, target, major, manifest, reporter, replay)
+                for fallback in replay.fallbacks:
                     reporter.warning(f"extension {fallback}: installed the target server's default version")
                 reporter.event("schema created", id=manifest.id)
             else:

@@ -7,7 +7,8 @@ the database is also compared with what was backed up: schema fingerprint, RLS f
 policies, foreign keys, indexes, functions, triggers, extensions (with versions),
 publications, event triggers, comments, object, column and default privileges (ACLs as
 sets, see :mod:`backup_tool.inventory`), per-table row counts and order-independent content
-checksums, and sequences not behind the backed-up values. A manifest that predates one of
+checksums, every table's column order (names and types in attnum order, which pg_dump's
+text does not show), and sequences not behind the backed-up values. A manifest that predates one of
 these inventories skips its check (the detail says so) rather than failing it.
 
 Against a manifest, states the backup's source itself was in are not failures: an index
@@ -30,7 +31,16 @@ from typing import Any, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from backup_tool import database_level, large_objects, matviews, pipeline, postgres, restore_marker, schema
+from backup_tool import (
+    column_order,
+    database_level,
+    large_objects,
+    matviews,
+    pipeline,
+    postgres,
+    restore_marker,
+    schema,
+)
 from backup_tool.manifest import Manifest
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
@@ -200,12 +210,30 @@ def check_restore_finished(conn: psycopg.Connection[Any]) -> Check:
                  f"run 'backup-tool restore full {restore_marker.RESTART_FLAG}' into it")
 
 
+def _fk_scope(conn: psycopg.Connection[Any], schema_name: str, table: str,
+              name: sql.Composed) -> sql.Composed:
+    """The rows a foreign key covers on one side: the table alone (``ONLY``: a key never
+    covers inheritance children), but a partitioned table whole (its rows are in its partitions)."""
+    row = conn.execute("SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                       " WHERE n.nspname = %s AND c.relname = %s", (schema_name, table)).fetchone()
+    return name if row is not None and row[0] == "p" else sql.SQL("ONLY {}").format(name)
+
+
+def check_column_order(conn: psycopg.Connection[Any], manifest: Manifest) -> Check:
+    """Every recorded table's columns (names and types, attnum order) equal the backup's."""
+    ok, detail = column_order.check_column_order(conn, manifest)
+    return Check(column_order.CHECK_NAME, ok, detail)
+
+
 def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]],
                        not_valid_in_backup: frozenset[str] = frozenset()) -> Check:
     """Count orphan rows for every foreign key, validated or NOT VALID, honouring MATCH rules.
 
     Keys in ``not_valid_in_backup`` (NOT VALID in the backup's source) are not counted: their
     orphans, if any, are part of the backed-up data, proven equal by the content checksums.
+
+    Only the rows the key covers are counted: ``ONLY`` on both sides unless the table is
+    partitioned, so a row of an inheritance child is neither an orphan nor a referenced row.
     """
     orphans: dict[str, int] = {}
     for fk in fks:
@@ -223,7 +251,9 @@ def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]],
             exempt = sql.SQL("({})").format(sql.SQL(" OR ").join(
                 sql.SQL("c.{} IS NULL").format(c) for c in cols))
         query = sql.SQL("SELECT count(*) FROM {} c WHERE NOT {} AND NOT EXISTS "
-                        "(SELECT 1 FROM {} p WHERE {})").format(child, exempt, parent, join)
+                        "(SELECT 1 FROM {} p WHERE {})").format(
+            _fk_scope(conn, fk["schema"], fk["table"], child), exempt,
+            _fk_scope(conn, fk["ref_schema"], fk["ref_table"], parent), join)
         row = conn.execute(query).fetchone()
         if row and row[0]:
             orphans[_qual(fk)] = int(row[0])
@@ -426,6 +456,7 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
         checks.append(check_restore_finished(conn))
         if manifest is not None and tables is None:
             checks.append(check_schema(conninfo, major, manifest, storage))
+            checks.append(check_column_order(conn, manifest))
         if manifest is not None:
             exp = manifest.inventory
             checks.append(compare_sets("rls_policies", "RLS flags and policies",
