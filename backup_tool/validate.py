@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from backup_tool import pipeline, postgres, restore_marker, schema
+from backup_tool import pipeline, postgres, restore_marker, roles, schema
 from backup_tool.manifest import Manifest
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
@@ -91,19 +91,39 @@ def _qual(item: dict[str, Any]) -> str:
 
 
 def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: Storage | None) -> Check:
-    live = schema.live_schema(conninfo, major)
-    if schema.fingerprint(live) == manifest.schema_fingerprint:
+    """Compares the normalized schema text (privileges in canonical order, see
+    :func:`schema.normalize`). A manifest written before that normalisation holds the
+    fingerprint of the older one: it matches either, or the archive's text re-normalized."""
+    raw = schema.schema_text(schema.dump_schema(conninfo, major), major)
+    live = schema.normalize(raw)
+    if manifest.schema_fingerprint in (schema.fingerprint(live), schema.fingerprint(schema.normalize_v1(raw))):
         return Check("schema_matches", True, f"schema fingerprint {manifest.schema_fingerprint[:12]} matches")
     detail = "schema fingerprint differs from the backup's"
     if storage is not None and manifest.schema is not None:
         obj = manifest.schema
         archive = b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size))
         expected = schema.normalize(schema.schema_text(archive, major))
+        if expected == live:
+            return Check("schema_matches", True, "schema matches the backup's archive (privileges compared as sets)")
         diff = [ln for ln in difflib.unified_diff(expected.splitlines(), live.splitlines(),
                                                   "backup", "database", n=0, lineterm="")
                 if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
         detail += f" ({len(diff)} lines): " + " | ".join(ln[:120] for ln in diff[:4])
     return Check("schema_matches", False, detail)
+
+
+def check_roles(conninfo: ConnInfo, major: int, manifest: Manifest, storage: Storage | None,
+                created: frozenset[str] | None) -> Check:
+    """The backup's roles on this server (see :func:`backup_tool.roles.verdict`)."""
+    name = "roles_created_match"
+    if manifest.globals is None:
+        return Check(name, True, "roles not recorded by this backup")
+    if storage is None:
+        return Check(name, True, "roles not compared: the backup's roles are not readable here")
+    obj = manifest.globals
+    backup = roles.parse_globals(b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size)).decode())
+    found = roles.verdict(backup, roles.server_roles(conninfo, major), manifest.inventory.get("roles", []), created)
+    return Check(name, found.ok, found.detail)
 
 
 def check_restore_finished(conn: psycopg.Connection[Any]) -> Check:
@@ -266,14 +286,16 @@ def check_tables(manifest: Manifest, live: dict[tuple[str, str], tuple[int, str]
 def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Storage | None = None,
              jobs: int = 2, reporter: Reporter | None = None,
              tables: set[tuple[str, str]] | None = None,
-             checksums: dict[TableKey, tuple[int, str]] | None = None) -> ValidationReport:
+             checksums: dict[TableKey, tuple[int, str]] | None = None,
+             created_roles: frozenset[str] | None = None) -> ValidationReport:
     """Run the health checks against the database; compare with ``manifest`` when given.
 
     ``tables`` restricts the per-table checks to those tables (after a selective restore);
     the whole-database schema comparison is then skipped. ``checksums``: row counts and
     content checksums already read from this database (a restore takes each table's in the
     session that loaded it, once its COPY committed, while other tables still load); only
-    the other tables are scanned.
+    the other tables are scanned. ``created_roles``: roles the restore created, which must
+    match the backup exactly (other backed-up roles' differences are only listed).
     """
     reporter = reporter or NullReporter()
     checks: list[Check] = []
@@ -303,6 +325,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
             checks.append(compare_sets("triggers_present", "triggers", exp["triggers"], inv["triggers"], _qual))
             checks.append(compare_sets("extensions_present", "extensions", exp["extensions"],
                                        inv["extensions"], lambda e: e["name"]))
+            if tables is None:
+                checks.append(check_roles(conninfo, major, manifest, storage, created_roles))
         checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
     if manifest is not None:
         wanted = {(t.schema, t.name): (t.schema, t.name, t.columns)
