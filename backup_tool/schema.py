@@ -54,10 +54,12 @@ def normalize(text: str) -> str:
     privileges can list them differently. Within each run of consecutive privilege
     statements on the same object, the statements (a grant made under ``SET SESSION
     AUTHORIZATION`` together with its SET/RESET, so the grantor stays attached) are sorted.
-    Every statement is kept, so any difference in the set of privileges still shows.
+    Every statement is kept, so any difference in the set of privileges still shows. The
+    role list of ``CREATE POLICY ... TO`` (which pg_dump writes in role OID order, so it
+    depends on when each role was created on the server) is sorted likewise.
     """
     units: list[tuple[str | None, list[str]]] = []
-    lines = _kept_lines(text)
+    lines = [_sorted_policy_roles(ln) for ln in _kept_lines(text)]
     i = 0
     while i < len(lines):
         if lines[i].startswith("SET SESSION AUTHORIZATION "):
@@ -92,6 +94,19 @@ def _acl_object(line: str) -> str | None:
     if m is None or not line.endswith(";"):
         return None
     return (m.group("scope") or "") + m.group("object")
+
+
+_IDENT = r'(?:"(?:[^"]|"")*"|[^\s",;()])+'
+_POLICY = re.compile(rf"^(CREATE POLICY {_IDENT} ON {_IDENT}(?: AS \w+)?(?: FOR \w+)? TO )"
+                     rf"({_IDENT}(?:, {_IDENT})*)((?: USING | WITH CHECK |;$).*)$")
+
+
+def _sorted_policy_roles(line: str) -> str:
+    m = _POLICY.match(line)
+    if m is None:
+        return line
+    roles = re.findall(_IDENT, m.group(2))
+    return m.group(1) + ", ".join(sorted(roles)) + m.group(3)
 
 
 def _kept_lines(text: str) -> list[str]:
