@@ -145,7 +145,8 @@ def split_statements(script: str) -> list[str]:
             i = script.find("\n", i)
             i = n if i < 0 else i
         elif ch in "'\"":
-            escaped = ch == "'" and bool(buf) and buf[-1] in "Ee" and (len(buf) < 2 or not re.match(r"\w", buf[-2]))
+            escaped = (ch == "'" and bool(buf) and buf[-1] in ("E", "e")
+                       and (len(buf) < 2 or not re.match(r"\w", buf[-2])))
             end = _quoted_end(script, i, escaped)
             buf.append(script[i:end])
             i = end
@@ -267,7 +268,11 @@ def parse_globals(script: str) -> RoleSet:
 # --------------------------------------------------------------------------- decisions
 
 def compare_role(backup: RoleSet, live: RoleSet, name: str, as_granted: bool = False) -> RoleDifference | None:
-    """How ``name`` on the server differs from the backup (None: it does not)."""
+    """How ``name`` on the server differs from the backup (None: it does not).
+
+    Memberships are those ``name`` holds (``as_granted``: and those in it); a backed-up one
+    whose other role is absent from the server cannot exist there and is not counted.
+    """
     want, have = backup.roles[name], live.roles[name]
     details: list[str] = []
     if want.attributes != have.attributes:
@@ -279,7 +284,9 @@ def compare_role(backup: RoleSet, live: RoleSet, name: str, as_granted: bool = F
             details.append(f"setting {key} is {hs.get(key, '(unset)')} here, {ws.get(key, '(unset)')} in the backup")
     if want.comment != have.comment:
         details.append("comment differs")
-    wm, hm = backup.memberships_of(name, as_granted), live.memberships_of(name, as_granted)
+    both = live.roles.keys()
+    wm = frozenset(m for m in backup.memberships_of(name, as_granted) if {m.role, m.member} <= both)
+    hm = live.memberships_of(name, as_granted)
     for m in sorted(wm - hm, key=Membership.describe):
         details.append(f"membership {m.describe()} missing here")
     for m in sorted(hm - wm, key=Membership.describe):

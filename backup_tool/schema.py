@@ -85,7 +85,8 @@ def normalize(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-_ACL_STATEMENT = re.compile(r"^(?P<scope>ALTER DEFAULT PRIVILEGES .*?)?(?:GRANT|REVOKE) .*? ON (?P<object>.+) (?:TO|FROM) ")
+_ACL_STATEMENT = re.compile(
+    r"^(?P<scope>ALTER DEFAULT PRIVILEGES .*?)?(?:GRANT|REVOKE) .*? ON (?P<object>.+) (?:TO|FROM) ")
 
 
 def _acl_object(line: str) -> str | None:

@@ -20,7 +20,6 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
-import psycopg
 import pytest
 
 import dbcompare
@@ -74,8 +73,8 @@ def globals_statements(server: PgServer) -> list[str]:
 
 def role_statements(statements: list[str], ident: str) -> list[str]:
     """The statements defining role ``ident`` (as pg_dumpall quotes it) and its memberships."""
-    pat = re.compile(rf"^(CREATE ROLE {re.escape(ident)}$|ALTER ROLE {re.escape(ident)} |"
-                     rf"COMMENT ON ROLE {re.escape(ident)} |GRANT {re.escape(ident)} TO |GRANT \S+ TO {re.escape(ident)}( |$))")
+    q = re.escape(ident)
+    pat = re.compile(rf"^(CREATE ROLE {q}$|ALTER ROLE {q} |COMMENT ON ROLE {q} |GRANT {q} TO |GRANT \S+ TO {q}( |$))")
     return [s for s in statements if pat.match(s)]
 
 
@@ -321,3 +320,43 @@ def test_plan_and_verdict_decisions() -> None:
     assert not roles.verdict(backup, live, ["grp"], frozenset({"grp"})).ok
     missing = roles.verdict(backup, live, ['App "Owner"'], None)
     assert not missing.ok and 'App "Owner"' in missing.detail
+
+
+def test_normalize_orders_privileges_per_object_and_keeps_every_statement() -> None:
+    from backup_tool import schema
+
+    one = "\n".join([
+        "CREATE TABLE public.t (id integer);",
+        "REVOKE ALL ON TABLE public.t FROM PUBLIC;",
+        "GRANT SELECT ON TABLE public.t TO b;",
+        "SET SESSION AUTHORIZATION owner2;",
+        "GRANT INSERT ON TABLE public.t TO c;",
+        "RESET SESSION AUTHORIZATION;",
+        "GRANT SELECT ON TABLE public.t TO a;",
+        "GRANT SELECT ON TABLE public.u TO z;",
+        "GRANT SELECT ON TABLE public.u TO y;",
+        'CREATE POLICY p ON public.t TO a, "b b" USING (true);',
+    ])
+    swapped = "\n".join([
+        "CREATE TABLE public.t (id integer);",
+        "GRANT SELECT ON TABLE public.t TO a;",
+        "REVOKE ALL ON TABLE public.t FROM PUBLIC;",
+        "SET SESSION AUTHORIZATION owner2;",
+        "GRANT INSERT ON TABLE public.t TO c;",
+        "RESET SESSION AUTHORIZATION;",
+        "GRANT SELECT ON TABLE public.t TO b;",
+        "GRANT SELECT ON TABLE public.u TO y;",
+        "GRANT SELECT ON TABLE public.u TO z;",
+        'CREATE POLICY p ON public.t TO "b b", a USING (true);',
+    ])
+    assert schema.normalize(one) == schema.normalize(swapped)
+    assert schema.normalize_v1(one) != schema.normalize_v1(swapped)
+    normalized = schema.normalize(one)
+    assert sorted(normalized.splitlines()) != sorted(one.splitlines())  # policy roles reordered
+    assert len(normalized.splitlines()) == len(one.splitlines())
+    other_grantor = swapped.replace("SET SESSION AUTHORIZATION owner2;", "SET SESSION AUTHORIZATION owner3;")
+    assert schema.normalize(other_grantor) != schema.normalize(one)
+    lines = normalized.splitlines()
+    block = lines.index("SET SESSION AUTHORIZATION owner2;")
+    assert lines[block + 1:block + 3] == ["GRANT INSERT ON TABLE public.t TO c;", "RESET SESSION AUTHORIZATION;"]
+    assert schema.normalize(one.replace("TO z;", "TO x;")) != normalized
