@@ -4,7 +4,9 @@ Run at the end of every restore and on demand against any live database. Without
 manifest, the checks that need no reference run (foreign keys hold, indexes valid, RLS on
 where policies exist, sequences not behind their columns). Against a backup's manifest,
 the database is also compared with what was backed up: schema fingerprint, RLS flags and
-policies, foreign keys, indexes, functions, triggers, extensions, per-table row counts and
+policies, foreign keys, indexes, functions, triggers, extensions, the backup's roles
+(``roles_created_match``: those a restore created must equal the backup's; pre-existing ones
+are never altered, so their differences are listed, not failed), per-table row counts and
 order-independent content checksums, and sequences not behind the backed-up values.
 
 Sequences are checked for "not behind", never "equal": after WAL replay PostgreSQL
