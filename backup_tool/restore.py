@@ -37,6 +37,7 @@ from backup_tool import (
     postgres,
     rebuild,
     restore_marker,
+    roles,
     schema,
     testhooks,
 )
@@ -107,24 +108,23 @@ def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any
 
 
 def ensure_roles(conn: psycopg.Connection[Any], conninfo: ConnInfo, storage: Storage,
-                 manifest: Manifest, major: int, with_roles: bool, reporter: Reporter) -> None:
-    missing = postgres.missing_roles(conn, manifest.inventory.get("roles", []))
-    if not missing:
-        return
+                 manifest: Manifest, major: int, with_roles: bool, reporter: Reporter) -> frozenset[str]:
+    """Refuse if roles the backup needs are missing; with ``with_roles`` create the backup's
+    missing roles first (see :mod:`backup_tool.roles`). Returns the roles created."""
+    needed = manifest.inventory.get("roles", [])
+    missing = postgres.missing_roles(conn, needed)
     if not with_roles or manifest.globals is None:
-        raise RefusedError(f"roles missing on the target server: {', '.join(missing)}",
-                           "create them, or rerun with --with-roles to create them from the backup")
-    script = read_object(storage, manifest.globals)
-    argv = [postgres.find_tool("psql", major), "-X", "-q", "-d", conninfo.tool_conninfo(), "-f", "-"]
-    try:
-        pipeline.run(argv, conninfo.tool_env(), "creating roles", input_bytes=script)
-    except DatabaseError:
-        pass
+        if missing:
+            raise RefusedError(f"roles missing on the target server: {', '.join(missing)}",
+                               "create them, or rerun with --with-roles to create them from the backup")
+        return frozenset()
+    backup = roles.parse_globals(read_object(storage, manifest.globals).decode())
+    created = roles.apply(conn, roles.plan(backup, roles.server_roles(conninfo, major)), needed, reporter)
     still = postgres.missing_roles(conn, missing)
     if still:
         raise RefusedError(f"could not create roles {', '.join(still)} on the target server",
                            "create them by hand (needs CREATEROLE) and rerun")
-    reporter.event("roles created", roles=missing)
+    return created
 
 
 def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding: str,
@@ -202,7 +202,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             raise RefusedError(f"target database {target.redacted()} is not empty ({', '.join(existing[:3])}"
                                f"{' ...' if len(existing) > 3 else ''})",
                                "restore into a new database (--create with a new name) or drop the objects first")
-        ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
+        created_roles = ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
         restore_marker.mark(control, manifest.id)
 
         assert manifest.schema is not None
@@ -260,7 +260,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     report = None
     if validating:
         report = validate(target, manifest, storage if rebuilt is None or rebuilt.archive_usable else None,
-                          jobs=jobs, reporter=reporter, checksums=checksums)
+                          jobs=jobs, reporter=reporter, checksums=checksums,
+                          created_roles=created_roles)
     result = RestoreResult(manifest.id, target.redacted(),
                            len([t for t in manifest.tables if t.relkind == "r"]),
                            sum(t.rows for t in manifest.tables), fetched[0],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from backup_tool import pipeline
@@ -38,13 +39,80 @@ def schema_text(archive: bytes, major: int) -> str:
     return pipeline.run(argv, dict(os.environ), "pg_restore (schema text)", input_bytes=archive).decode()
 
 
+def normalize_v1(text: str) -> str:
+    """The normalisation of backups written before ACL order was ignored (their stored
+    fingerprints come from it)."""
+    return "\n".join(_kept_lines(text)) + "\n"
+
+
 def normalize(text: str) -> str:
-    kept = []
-    for line in text.splitlines():
-        if line.startswith(("--", "\\restrict", "\\unrestrict")) or not line.strip():
-            continue
-        kept.append(line.rstrip())
-    return "\n".join(kept) + "\n"
+    """The comparable text: varying parts removed and the privilege statements (GRANT,
+    REVOKE, ALTER DEFAULT PRIVILEGES) of each object in a canonical order.
+
+    PostgreSQL keeps an ACL as a list whose order follows the history of the grants, and
+    pg_dump writes one statement per entry in that order; two databases with the same
+    privileges can list them differently. Within each run of consecutive privilege
+    statements on the same object, the statements (a grant made under ``SET SESSION
+    AUTHORIZATION`` together with its SET/RESET, so the grantor stays attached) are sorted.
+    Every statement is kept, so any difference in the set of privileges still shows. The
+    role list of ``CREATE POLICY ... TO`` (which pg_dump writes in role OID order, so it
+    depends on when each role was created on the server) is sorted likewise.
+    """
+    units: list[tuple[str | None, list[str]]] = []
+    lines = [_sorted_policy_roles(ln) for ln in _kept_lines(text)]
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("SET SESSION AUTHORIZATION "):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("RESET SESSION AUTHORIZATION")),
+                       len(lines) - 1)
+            block = lines[i:end + 1]
+            keys = [_acl_object(ln) for ln in block[1:-1]]
+            units.append((keys[0] if keys and len(set(keys)) == 1 else None, block))
+            i = end + 1
+        else:
+            units.append((_acl_object(lines[i]), [lines[i]]))
+            i += 1
+    out: list[str] = []
+    run: list[list[str]] = []
+    run_key: str | None = None
+    for key, block in units:
+        if key is None or key != run_key:
+            out.extend(ln for b in sorted(run) for ln in b)
+            run = []
+        run.append(block)
+        run_key = key
+    out.extend(ln for b in sorted(run) for ln in b)
+    return "\n".join(out) + "\n"
+
+
+_ACL_STATEMENT = re.compile(
+    r"^(?P<scope>ALTER DEFAULT PRIVILEGES .*?)?(?:GRANT|REVOKE) .*? ON (?P<object>.+) (?:TO|FROM) ")
+
+
+def _acl_object(line: str) -> str | None:
+    """The object a one-line privilege statement is about (None: not such a statement)."""
+    m = _ACL_STATEMENT.match(line)
+    if m is None or not line.endswith(";"):
+        return None
+    return (m.group("scope") or "") + m.group("object")
+
+
+_IDENT = r'(?:"(?:[^"]|"")*"|[^\s",;()])+'
+_POLICY = re.compile(rf"^(CREATE POLICY {_IDENT} ON {_IDENT}(?: AS \w+)?(?: FOR \w+)? TO )"
+                     rf"({_IDENT}(?:, {_IDENT})*)((?: USING | WITH CHECK |;$).*)$")
+
+
+def _sorted_policy_roles(line: str) -> str:
+    m = _POLICY.match(line)
+    if m is None:
+        return line
+    roles = re.findall(_IDENT, m.group(2))
+    return m.group(1) + ", ".join(sorted(roles)) + m.group(3)
+
+
+def _kept_lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines()
+            if line.strip() and not line.startswith(("--", "\\restrict", "\\unrestrict"))]
 
 
 def fingerprint(normalized: str) -> str:

@@ -5,7 +5,9 @@ manifest, the checks that need no reference run (foreign keys hold, indexes vali
 where policies exist, sequences not behind their columns). Against a backup's manifest,
 the database is also compared with what was backed up: schema fingerprint, RLS flags and
 policies, foreign keys, indexes, functions, triggers, extensions (with versions),
-publications, event triggers, comments, object, column and default privileges (ACLs as
+the backup's roles (``roles_created_match``: those a restore created
+must equal the backup's; pre-existing ones are never altered, so their differences are
+listed, not failed), publications, event triggers, comments, object, column and default privileges (ACLs as
 sets, see :mod:`backup_tool.inventory`), per-table row counts and order-independent content
 checksums, every table's column order (names and types in attnum order, which pg_dump's
 text does not show), and sequences not behind the backed-up values. A manifest that predates one of
@@ -39,6 +41,7 @@ from backup_tool import (
     pipeline,
     postgres,
     restore_marker,
+    roles,
     schema,
 )
 from backup_tool.manifest import Manifest
@@ -184,19 +187,39 @@ INVENTORY_CHECKS = (
 
 
 def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: Storage | None) -> Check:
-    live = schema.live_schema(conninfo, major)
-    if schema.fingerprint(live) == manifest.schema_fingerprint:
+    """Compares the normalized schema text (privileges in canonical order, see
+    :func:`schema.normalize`). A manifest written before that normalisation holds the
+    fingerprint of the older one: it matches either, or the archive's text re-normalized."""
+    raw = schema.schema_text(schema.dump_schema(conninfo, major), major)
+    live = schema.normalize(raw)
+    if manifest.schema_fingerprint in (schema.fingerprint(live), schema.fingerprint(schema.normalize_v1(raw))):
         return Check("schema_matches", True, f"schema fingerprint {manifest.schema_fingerprint[:12]} matches")
     detail = "schema fingerprint differs from the backup's"
     if storage is not None and manifest.schema is not None:
         obj = manifest.schema
         archive = b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size))
         expected = schema.normalize(schema.schema_text(archive, major))
+        if expected == live:
+            return Check("schema_matches", True, "schema matches the backup's archive (privileges compared as sets)")
         diff = [ln for ln in difflib.unified_diff(expected.splitlines(), live.splitlines(),
                                                   "backup", "database", n=0, lineterm="")
                 if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
         detail += f" ({len(diff)} lines): " + " | ".join(ln[:120] for ln in diff[:4])
     return Check("schema_matches", False, detail)
+
+
+def check_roles(conninfo: ConnInfo, major: int, manifest: Manifest, storage: Storage | None,
+                created: frozenset[str] | None) -> Check:
+    """The backup's roles on this server (see :func:`backup_tool.roles.verdict`)."""
+    name = "roles_created_match"
+    if manifest.globals is None:
+        return Check(name, True, "roles not recorded by this backup")
+    if storage is None:
+        return Check(name, True, "roles not compared: the backup's roles are not readable here")
+    obj = manifest.globals
+    backup = roles.parse_globals(b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size)).decode())
+    found = roles.verdict(backup, roles.server_roles(conninfo, major), manifest.inventory.get("roles", []), created)
+    return Check(name, found.ok, found.detail)
 
 
 def check_restore_finished(conn: psycopg.Connection[Any]) -> Check:
@@ -437,14 +460,16 @@ def check_tables(manifest: Manifest, live: dict[tuple[str, str], tuple[int, str]
 def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Storage | None = None,
              jobs: int = 2, reporter: Reporter | None = None,
              tables: set[tuple[str, str]] | None = None,
-             checksums: dict[TableKey, tuple[int, str]] | None = None) -> ValidationReport:
+             checksums: dict[TableKey, tuple[int, str]] | None = None,
+             created_roles: frozenset[str] | None = None) -> ValidationReport:
     """Run the health checks against the database; compare with ``manifest`` when given.
 
     ``tables`` restricts the per-table checks to those tables (after a selective restore);
     the whole-database schema comparison is then skipped. ``checksums``: row counts and
     content checksums already read from this database (a restore takes each table's in the
     session that loaded it, once its COPY committed, while other tables still load); only
-    the other tables are scanned.
+    the other tables are scanned. ``created_roles``: roles the restore created, which must
+    match the backup exactly (other backed-up roles' differences are only listed).
     """
     reporter = reporter or NullReporter()
     checks: list[Check] = []
@@ -472,6 +497,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
         checks.append(check_indexes(inv["indexes"], manifest.inventory["indexes"] if manifest else None))
         if manifest is not None:
             checks.extend(c.run(manifest.inventory, inv) for c in INVENTORY_CHECKS)
+            if tables is None:
+                checks.append(check_roles(conninfo, major, manifest, storage, created_roles))
         checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
         if manifest is not None and tables is None:
             checks.extend(check_database_contents(conn, manifest.inventory))
