@@ -43,7 +43,7 @@ from typing import Any, Iterator
 import psycopg
 
 from backup_tool import pipeline, wal
-from backup_tool.catalog import Catalog
+from backup_tool.catalog import Catalog, of_cluster_holding
 from backup_tool.cluster import (
     LocalServer,
     chown_to,
@@ -427,14 +427,15 @@ class Layout:
 
 def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
-            reporter: Reporter | None = None) -> Layout:
-    """Choose the base backup, fill the empty ``pgdata`` and write the recovery settings."""
+            reporter: Reporter | None = None, database: str | None = None) -> Layout:
+    """Choose the base backup (of a cluster holding ``database``, if given), fill the empty
+    ``pgdata`` and write the recovery settings."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
     _check_empty(pgdata)
     storage = open_storage(settings.repo_url)
-    backups = [m for m in Catalog(storage).scan()[0] if m.kind == "base"]
+    backups = of_cluster_holding(Catalog(storage).scan()[0], database, storage.url)
     files = wal.list_archive(storage)
     segments = wal.segments_of(files)
     hist = wal.histories(storage, files)
@@ -666,8 +667,10 @@ def validate_cluster(server: LocalServer, jobs: int, reporter: Reporter) -> Vali
 def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: int | None = None,
                  start: bool = True, os_user: str | None = None, archive: bool = True,
                  server_command: str | None = None, run_validation: bool | None = None,
-                 timeout: float | None = None, reporter: Reporter | None = None) -> PitrResult:
+                 timeout: float | None = None, reporter: Reporter | None = None,
+                 database: str | None = None) -> PitrResult:
     """``restore pitr``: lay out, and with ``start`` recover, validate and start the server.
+    ``database``: use only base backups of a cluster that held this database.
 
     A failed validation does not raise (the server is recovered and running either way):
     the result's ``ok`` is False and its ``validation`` names the failed checks.
@@ -676,7 +679,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
     if start and port is not None and _port_in_use(port):
         raise RefusedError(f"port {port} is already in use on this machine",
                            "pass another --port for the restored server")
-    layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter)
+    layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database)
     if not start:
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
                           None, None, layout.seconds, 0.0, layout.bytes_written)
