@@ -15,6 +15,11 @@ sweep (and an operator) that a backup is still writing under its prefix; one lef
 killed process only delays the sweep until it is older than ``RUNNING_STALE_AFTER``.
 Backup ids sort by the time the backup started (``20261125T020000Z-F3a9c``).
 
+A repository may hold backups of several databases. ``latest`` always means the newest
+backup of one database, decided by the pure :func:`choose_latest` (``--database``, else the
+only database, else the one the DSN names; several and none named is a usage error); an id
+contradicting an explicit ``--database`` is refused (:func:`check_database`).
+
 Manifests stay readable without the encryption key (``list``, ``show``, ``verify``,
 retention and audits need only bucket credentials). When the repository is encrypted,
 :meth:`Catalog.commit` records the key id and seals the manifest with an HMAC under the key,

@@ -140,11 +140,17 @@ class Invocation:
         return self.common.settings()
 
     def database(self, option: str | None) -> DatabaseHint:
-        """Which database ``latest`` means: ``--database``, else the one the DSN names."""
+        """Which database ``latest`` means: ``--database``, else the one the DSN names (a
+        malformed DSN names none; the commands that connect with it report it)."""
         from backup_tool.catalog import DatabaseHint
+        from backup_tool.errors import ConfigError
         from backup_tool.postgres import ConnInfo
 
-        return DatabaseHint(option, ConnInfo(self.settings.dsn).dbname)
+        try:
+            named = ConnInfo(self.settings.dsn).dbname
+        except ConfigError:
+            named = None
+        return DatabaseHint(option, named)
 
     def out(self, data: Any, text: str | Callable[[], str]) -> None:
         if self.common.json:
