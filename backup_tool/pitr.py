@@ -25,6 +25,7 @@ record, newest base backup first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -778,6 +779,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
     from backup_tool import postgres
     from backup_tool.backup import backup_full
     from backup_tool.postgres import ConnInfo
+    from backup_tool.restore import BackupOrigin
     from backup_tool.restore_tables import restore_tables
 
     reporter = reporter or NullReporter()
@@ -807,8 +809,10 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             with source.connect() as conn:
                 wanted = _resolve_live(postgres.list_tables(conn), tables, when)
             backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
-            return restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
-                                  into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
+            result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
+                                    into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
+            return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
+                source_db, when, layout.plan.backup.finished_at))
         finally:
             if server is not None:
                 try:

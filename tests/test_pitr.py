@@ -203,6 +203,9 @@ def test_tables_at_a_time_beside_the_live_ones(scenario: Scenario) -> None:
                                "--target-time", scenario.t1, "--target-dsn", scenario.server.dsn("app"),
                                "--into-schema", "as_of_t1")
     assert result["ok"] is True
+    bases = [e["id"] for e in scenario.cli.json("list", "--repo", scenario.repo) if e["kind"] == "base"]
+    assert (result["database"], result["snapshot_at"]) == ("app", scenario.t1.replace(".000000Z", "Z"))
+    assert result["backup_id"] in bases
     now = dbcompare.table_hashes(scenario.server.dsn("app"))
     assert now['as_of_t1.ledger'] == scenario.fp_t1["tables"]["public.ledger"]
     assert {k: v for k, v in now.items() if not k.startswith("as_of_t1.")} == scenario.fp_after
