@@ -574,6 +574,8 @@ class PitrResult:
     layout_seconds: float
     recovery_seconds: float
     bytes_restored: int
+    databases: tuple[str, ...] = ()
+    backup_finished_at: datetime | None = None
 
     @property
     def ok(self) -> bool:
@@ -585,7 +587,8 @@ class PitrResult:
                 "recovered_to": self.recovered.to_dict() if self.recovered else None,
                 "ok": self.ok if self.validation else None,
                 "validation": self.validation.to_dict() if self.validation else None,
-                "bytes_restored": self.bytes_restored,
+                "bytes_restored": self.bytes_restored, "databases": list(self.databases),
+                "backup_finished_at": utc_iso(self.backup_finished_at) if self.backup_finished_at else None,
                 "seconds": {"layout": round(self.layout_seconds, 2), "recovery": round(self.recovery_seconds, 2),
                             "total": round(self.layout_seconds + self.recovery_seconds, 2)}}
 
@@ -683,7 +686,8 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
     layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database)
     if not start:
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
-                          None, None, layout.seconds, 0.0, layout.bytes_written)
+                          None, None, layout.seconds, 0.0, layout.bytes_written, layout.plan.physical.databases,
+                          layout.plan.backup.finished_at)
     started = time.monotonic()
     with private_dir(layout.os_user) as priv:
         server = _server_for(layout, priv, port or 5432)
@@ -701,7 +705,8 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
     seconds = time.monotonic() - started
     reporter.event("server running", pgdata=str(layout.pgdata), port=port or "as configured")
     result = PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, True,
-                        point, report, layout.seconds, seconds, layout.bytes_written)
+                        point, report, layout.seconds, seconds, layout.bytes_written, layout.plan.physical.databases,
+                        layout.plan.backup.finished_at)
     if report is not None and not report.ok:
         reporter.warning(f"the recovered cluster failed {len(report.failed)} check(s)",
                          failed=[c.name for c in report.failed])

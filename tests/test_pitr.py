@@ -131,7 +131,7 @@ def first_recovery(scenario: Scenario) -> tuple[Path, int, dict[str, Any]]:
     """PITR to the recorded time with archiving kept on: the new timeline goes to the repository."""
     pgdata, port = scenario.pgdata(), free_port()
     result = scenario.cli.json("restore", "pitr", "--repo", scenario.repo, "--target-time", scenario.t1,
-                               "--pgdata", pgdata, "--port", str(port))
+                               "--pgdata", pgdata, "--port", str(port), "--database", "app")
     return pgdata, port, result
 
 
@@ -150,6 +150,7 @@ def test_pitr_to_time_gives_exactly_that_moment(scenario: Scenario,
                                                 first_recovery: tuple[Path, int, dict[str, Any]]) -> None:
     pgdata, port, result = first_recovery
     assert result["ok"] is True and result["backup_id"] == scenario.backup["id"]
+    assert "app" in result["databases"] and result["backup_finished_at"] == scenario.backup["finished_at"]
     assert result["recovered_to"]["timeline"] == 2
     assert result["recovered_to"]["stop_reason"].startswith("recovery stopping before commit")
     assert {c["name"] for c in result["validation"]["checks"]} >= {"app: foreign_keys_hold", "app: indexes_valid",
@@ -220,6 +221,7 @@ def test_targets_outside_the_archive_are_refused(scenario: Scenario) -> None:
         (["--target-time", "2099-01-01T00:00:00Z"], ["covers", "not archived yet"]),
         (["--target-lsn", "FF/0"], ["covers LSN"]),
         (["--target-name", "no_such_point"], ["not found in the archived WAL"]),
+        (["--latest", "--database", "shop"], ["no base backup", "holding database 'shop'"]),
     ):
         pgdata = scenario.pgdata()
         proc = cli("restore", "pitr", "--repo", repo, *args, "--pgdata", pgdata, "--port", str(free_port()))

@@ -93,8 +93,9 @@ def restore_pitr_cmd(
 
     def text() -> str:
         d = result.to_dict()
-        lines = [f"restored base backup {d['backup_id']} into {d['pgdata']} (owner {d['os_user']}), "
-                 f"target {target.describe()}"]
+        held = f"databases {', '.join(d['databases'])}; " if d["databases"] else ""
+        lines = [f"restored base backup {d['backup_id']} ({held}finished {d['backup_finished_at']}) into "
+                 f"{d['pgdata']} (owner {d['os_user']}), target {target.describe()}"]
         r = d["recovered_to"]
         if r:
             lines.append(f"recovered to: {r['stop_reason']}; last transaction {r['time']}, LSN {r['lsn']}, "
