@@ -33,6 +33,7 @@ from backup_tool import pipeline, postgres, rebuild, restore_marker, schema, tes
 from backup_tool.catalog import Catalog, DatabaseHint
 from backup_tool.config import Settings
 from backup_tool.errors import (
+    BackupToolError,
     DatabaseError,
     LockHeldError,
     RefusedError,
@@ -122,19 +123,24 @@ class _Created:
 
 
 @contextmanager
-def dropped_unless_kept(conninfo: ConnInfo, created: bool) -> Iterator[_Created]:
+def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter) -> Iterator[_Created]:
     """Drop the database this run created if the block fails before calling ``keep()``: a
     refused or failed ``--create`` restore leaves the server as it found it. A database that
-    already existed is never dropped."""
+    already existed is never dropped. The block's own error is the one raised; a drop that
+    fails too is a warning naming the database."""
     guard = _Created()
     try:
         yield guard
     except BaseException:
         if created and not guard.kept:
             assert conninfo.dbname
-            with conninfo.with_database("postgres").connect() as admin:
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(conninfo.dbname)))
+            try:
+                with conninfo.with_database("postgres").connect() as admin:
+                    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(conninfo.dbname)))
+            except (BackupToolError, psycopg.Error) as exc:
+                reporter.warning(f"could not drop database {conninfo.dbname}, created by this restore: "
+                                 f"{str(exc).splitlines()[0]}")
         raise
 
 
@@ -225,7 +231,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
         reporter.event("database created", database=target.dbname)
     reporter.event("restore started", id=manifest.id, database=manifest.database, target=target.redacted())
 
-    with dropped_unless_kept(target, created) as new_database, target.connect() as control:
+    with dropped_unless_kept(target, created, reporter) as new_database, target.connect() as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running",
                                 "wait for it to finish")
