@@ -15,6 +15,11 @@ sweep (and an operator) that a backup is still writing under its prefix; one lef
 killed process only delays the sweep until it is older than ``RUNNING_STALE_AFTER``.
 Backup ids sort by the time the backup started (``20261125T020000Z-F3a9c``).
 
+A repository may hold backups of several databases. ``latest`` always means the newest
+backup of one database, decided by the pure :func:`choose_latest` (``--database``, else the
+only database, else the one the DSN names; several and none named is a usage error); an id
+contradicting an explicit ``--database`` is refused (:func:`check_database`).
+
 Manifests stay readable without the encryption key (``list``, ``show``, ``verify``,
 retention and audits need only bucket credentials). When the repository is encrypted,
 :meth:`Catalog.commit` records the key id and seals the manifest with an HMAC under the key,
@@ -32,8 +37,11 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
+from enum import Enum
 
 from backup_tool.errors import (
+    EXIT_FAILED,
+    EXIT_USAGE,
     BackupToolError,
     ConfigError,
     IntegrityError,
@@ -82,6 +90,118 @@ class RunningBackup:
 def new_backup_id(kind: str, started_at: datetime) -> str:
     stamp = started_at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{KIND_LETTER[kind]}{secrets.token_hex(2)}"
+
+
+LATEST = "latest"
+
+
+class RefProblem(Enum):
+    """Why a backup reference (id, id prefix or ``latest``) designates no single backup."""
+
+    NO_BACKUPS = "no_backups"
+    NO_BACKUP_OF_DATABASE = "no_backup_of_database"
+    SEVERAL_DATABASES = "several_databases"
+    OTHER_DATABASE = "other_database"
+    UNKNOWN_ID = "unknown_id"
+    AMBIGUOUS_ID = "ambiguous_id"
+
+
+_USAGE_PROBLEMS = (RefProblem.SEVERAL_DATABASES, RefProblem.OTHER_DATABASE)
+
+
+class UnresolvedBackup(BackupToolError):
+    """A backup reference designates no single backup. Exit 2 when the command line must say
+    more (which database, or a database that contradicts the id), else 1 (not found)."""
+
+    def __init__(self, reason: RefProblem, message: str, hint: str) -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+        self.exit_code = EXIT_USAGE if reason in _USAGE_PROBLEMS else EXIT_FAILED
+
+
+@dataclass(frozen=True)
+class DatabaseHint:
+    """Which database ``latest`` means: ``option`` (``--database``) when given, else ``dsn``
+    (the database named by ``--dsn`` / ``DATABASE_URL`` / ``PGDATABASE``) when the repository
+    holds backups of it, else the repository's only database."""
+
+    option: str | None = None
+    dsn: str | None = None
+
+
+def choose_latest(backups: Iterable[Manifest], database: DatabaseHint,
+                  kinds: tuple[str, ...] = ("full", "incremental"), where: str = "the repository") -> Manifest:
+    """The newest backup (by start, the moment its snapshot was taken) of ``kinds`` of one database.
+
+    The database is ``database.option`` if given; else the only database the repository holds
+    backups of; else ``database.dsn`` if the repository holds backups of it. Never crosses
+    databases: several databases and none designated raises ``SEVERAL_DATABASES`` (exit 2).
+    """
+    pool = [m for m in backups if m.kind in kinds]
+    what = " or ".join(kinds)
+    if not pool:
+        raise UnresolvedBackup(RefProblem.NO_BACKUPS, f"no {what} backup in {where}",
+                               "take one with 'backup-tool backup full'")
+    names = sorted({m.database for m in pool})
+    if database.option is not None:
+        if database.option not in names:
+            raise UnresolvedBackup(RefProblem.NO_BACKUP_OF_DATABASE,
+                                   f"no {what} backup of database {database.option!r} in {where} "
+                                   f"(it holds backups of: {', '.join(names)})",
+                                   "check --database, or run 'backup-tool list'")
+        chosen = database.option
+    elif len(names) == 1:
+        chosen = names[0]
+    elif database.dsn in names:
+        chosen = database.dsn
+    else:
+        raise UnresolvedBackup(RefProblem.SEVERAL_DATABASES,
+                               f"'latest' is ambiguous: {where} holds backups of {len(names)} databases "
+                               f"({', '.join(names)}) and none is named",
+                               "add --database NAME (or name the database in --dsn / DATABASE_URL), or give --backup ID")
+    return max((m for m in pool if m.database == chosen), key=lambda m: (m.started_at, m.id))
+
+
+def of_cluster_holding(backups: Iterable[Manifest], database: str | None,
+                       where: str = "the repository") -> list[Manifest]:
+    """The base backups of a cluster that held ``database`` (all of them when None): a physical
+    backup copies the whole cluster, so it serves every database the cluster held."""
+    pool = [m for m in backups if m.kind == "base"]
+    if database is None:
+        return pool
+    held = [m for m in pool if database in ((m.physical.databases if m.physical else ()) or (m.database,))]
+    if pool and not held:
+        raise UnresolvedBackup(RefProblem.NO_BACKUP_OF_DATABASE,
+                               f"no base backup in {where} is of a cluster holding database {database!r}",
+                               "check --database, or run 'backup-tool list'")
+    return held
+
+
+def match_id(ids: Iterable[str], ref: str, where: str = "the repository") -> str:
+    """The backup id ``ref`` names: itself, or the only id it is a prefix of."""
+    known = sorted(ids)
+    if ref in known:
+        return ref
+    matches = [i for i in known if i.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UnresolvedBackup(RefProblem.AMBIGUOUS_ID,
+                               f"backup id {ref!r} is ambiguous ({len(matches)} backups match)",
+                               "give more characters of the id")
+    recent = ", ".join(known[-3:]) or "none"
+    raise UnresolvedBackup(RefProblem.UNKNOWN_ID, f"backup {ref!r} not found in {where} (newest: {recent})",
+                           "run 'backup-tool list' to see the backups")
+
+
+def check_database(manifest: Manifest, database: DatabaseHint) -> None:
+    """Refuse a backup named by id that contradicts an explicit ``--database`` (the database
+    named only by the DSN is a default for ``latest``, never a contradiction)."""
+    if database.option is not None and manifest.database != database.option:
+        raise UnresolvedBackup(RefProblem.OTHER_DATABASE,
+                               f"backup {manifest.id} is a backup of database {manifest.database!r}, "
+                               f"not {database.option!r}",
+                               "drop --database, or pick a backup of that database ('backup-tool list')")
 
 
 class Catalog:
@@ -155,32 +275,20 @@ class Catalog:
         return manifests
 
     def resolve(self, ref: str | None, kinds: tuple[str, ...] = ("full", "incremental"),
-                database: str | None = None) -> Manifest:
-        """A backup by id, unique id prefix, or ``latest`` (newest of ``kinds``)."""
-        ref = ref or "latest"
-        if ref == "latest":
-            candidates = [m for m in self.scan()[0] if m.kind in kinds
-                          and (database is None or m.database == database)]
-            if not candidates:
-                raise NotFoundError(f"no {' or '.join(kinds)} backup in {self.storage.url}",
-                                    "take one with 'backup-tool backup full'")
-            return candidates[-1]
-        ids = self.ids()
-        if ref in ids:
-            return self.load(ref)
-        matches = [i for i in ids if i.startswith(ref)]
-        if len(matches) == 1:
-            return self.load(matches[0])
-        if len(matches) > 1:
-            raise NotFoundError(f"backup id {ref!r} is ambiguous ({len(matches)} backups match)",
-                                "give more characters of the id")
-        recent = ", ".join(ids[-3:]) or "none"
-        raise NotFoundError(f"backup {ref!r} not found in {self.storage.url} (newest: {recent})",
-                            "run 'backup-tool list' to see the backups")
+                database: DatabaseHint | None = None) -> Manifest:
+        """A backup by id, unique id prefix, or ``latest``: the newest of ``kinds`` of the
+        database ``database`` designates (see :func:`choose_latest`)."""
+        ref = ref or LATEST
+        hint = database or DatabaseHint()
+        if ref == LATEST:
+            return choose_latest(self.scan()[0], hint, kinds, self.storage.url)
+        manifest = self.load(match_id(self.ids(), ref, self.storage.url))
+        check_database(manifest, hint)
+        return manifest
 
-    def resolve_logical(self, ref: str | None) -> Manifest:
+    def resolve_logical(self, ref: str | None, database: DatabaseHint | None = None) -> Manifest:
         """Like :meth:`resolve`, refusing a physical base backup (those restore with ``restore pitr``)."""
-        manifest = self.resolve(ref)
+        manifest = self.resolve(ref, database=database)
         if manifest.kind not in ("full", "incremental"):
             raise UsageError(f"backup {manifest.id} is a physical {manifest.kind} backup",
                              "restore it with 'backup-tool restore pitr', or pick a full/incremental backup")

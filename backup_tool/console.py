@@ -1,14 +1,17 @@
 """The CLI's reporters: progress bars on a terminal, JSON log lines otherwise.
 
-Under cron (stderr not a terminal) output stays quiet and machine-readable: one JSON
-object per line for each milestone and warning, no progress chatter. On a terminal, rich
-progress bars show bytes moved per task. Both write to stderr, so stdout stays clean for
-``--json`` documents.
+On a terminal (and without ``--json``), rich progress bars show bytes moved per task and
+milestones print as short lines. Otherwise (cron, pipes, ``--json``) stderr stays quiet and
+machine-readable: one JSON object per line for each warning, and for each milestone only
+when ``BACKUP_TOOL_LOG=json`` asks stderr to carry logs. So a failing command's stderr is
+exactly its one error line unless logs were asked for, and a successful one prints nothing
+there but warnings. Both write to stderr, so stdout stays clean for ``--json`` documents.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from datetime import datetime, timezone
@@ -27,13 +30,16 @@ from rich.progress import (
 
 from backup_tool.report import Reporter, Task
 
+LOG_ENV = "BACKUP_TOOL_LOG"
+
 
 class LogReporter:
-    """JSON lines on stderr: {"ts", "level", "event", ...fields}."""
+    """JSON lines on stderr: {"ts", "level", "event", ...fields}; milestones only if ``info``."""
 
-    def __init__(self, redact: Callable[[str], str], stream: Any = None) -> None:
+    def __init__(self, redact: Callable[[str], str], stream: Any = None, info: bool = True) -> None:
         self.redact = redact
         self.stream = stream or sys.stderr
+        self.info = info
         self._lock = threading.Lock()
 
     def _write(self, level: str, message: str, fields: dict[str, Any]) -> None:
@@ -43,7 +49,8 @@ class LogReporter:
             print(self.redact(line), file=self.stream, flush=True)
 
     def event(self, message: str, **fields: Any) -> None:
-        self._write("info", message, fields)
+        if self.info:
+            self._write("info", message, fields)
 
     def warning(self, message: str, **fields: Any) -> None:
         self._write("warning", message, fields)
@@ -100,5 +107,8 @@ class RichReporter:
         return _RichTask(self.progress, self.progress.add_task(escape(description), total=total))
 
 
-def make_reporter(redact: Callable[[str], str]) -> Reporter:
-    return RichReporter(redact) if sys.stderr.isatty() else LogReporter(redact)
+def make_reporter(redact: Callable[[str], str], json_output: bool = False) -> Reporter:
+    """Progress on a terminal; otherwise warnings only, plus milestones with ``BACKUP_TOOL_LOG=json``."""
+    if sys.stderr.isatty() and not json_output:
+        return RichReporter(redact)
+    return LogReporter(redact, info=os.environ.get(LOG_ENV, "").lower() == "json")

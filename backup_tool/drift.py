@@ -47,7 +47,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from backup_tool import migrations, pipeline, schema
-from backup_tool.catalog import Catalog
+from backup_tool.catalog import Catalog, DatabaseHint
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError, DatabaseError, NotFoundError
 from backup_tool.manifest import Manifest
@@ -437,7 +437,7 @@ def backup_model(manifest: Manifest, storage: Storage, server: ConnInfo, with_ro
 
 def diff(settings: Settings, migrations_dir: str | Path, against: str | None = None,
          scratch_dsn: str | None = None, with_roles: bool = False, exclude_schemas: Sequence[str] = (),
-         reporter: Reporter | None = None) -> DriftReport:
+         reporter: Reporter | None = None, database: DatabaseHint | None = None) -> DriftReport:
     """``schema diff``: compare what the migrations build with a backup's schema (``against``)
     or, without ``against``, with the live database ``settings.dsn``.
 
@@ -449,7 +449,8 @@ def diff(settings: Settings, migrations_dir: str | Path, against: str | None = N
     server = ConnInfo(scratch_dsn if scratch_dsn else settings.dsn)
     if against:
         storage = open_storage(settings.repo_url)
-        manifest = Catalog(storage).resolve(against)
+        hint = database or DatabaseHint(dsn=ConnInfo(settings.dsn).dbname)
+        manifest = Catalog(storage).resolve(against, database=hint)
         label = f"backup {manifest.id}"
         reporter.event("reading the backup's schema", id=manifest.id)
         reference = backup_model(manifest, storage, server, with_roles, exclude_schemas, reporter)

@@ -25,6 +25,7 @@ record, newest base backup first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -43,7 +44,7 @@ from typing import Any, Iterator
 import psycopg
 
 from backup_tool import pipeline, wal
-from backup_tool.catalog import Catalog
+from backup_tool.catalog import Catalog, of_cluster_holding
 from backup_tool.cluster import (
     LocalServer,
     chown_to,
@@ -427,14 +428,15 @@ class Layout:
 
 def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
-            reporter: Reporter | None = None) -> Layout:
-    """Choose the base backup, fill the empty ``pgdata`` and write the recovery settings."""
+            reporter: Reporter | None = None, database: str | None = None) -> Layout:
+    """Choose the base backup (of a cluster holding ``database``, if given), fill the empty
+    ``pgdata`` and write the recovery settings."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
     _check_empty(pgdata)
     storage = open_storage(settings.repo_url)
-    backups = [m for m in Catalog(storage).scan()[0] if m.kind == "base"]
+    backups = of_cluster_holding(Catalog(storage).scan()[0], database, storage.url)
     files = wal.list_archive(storage)
     segments = wal.segments_of(files)
     hist = wal.histories(storage, files)
@@ -572,6 +574,8 @@ class PitrResult:
     layout_seconds: float
     recovery_seconds: float
     bytes_restored: int
+    databases: tuple[str, ...] = ()
+    backup_finished_at: datetime | None = None
 
     @property
     def ok(self) -> bool:
@@ -583,7 +587,8 @@ class PitrResult:
                 "recovered_to": self.recovered.to_dict() if self.recovered else None,
                 "ok": self.ok if self.validation else None,
                 "validation": self.validation.to_dict() if self.validation else None,
-                "bytes_restored": self.bytes_restored,
+                "bytes_restored": self.bytes_restored, "databases": list(self.databases),
+                "backup_finished_at": utc_iso(self.backup_finished_at) if self.backup_finished_at else None,
                 "seconds": {"layout": round(self.layout_seconds, 2), "recovery": round(self.recovery_seconds, 2),
                             "total": round(self.layout_seconds + self.recovery_seconds, 2)}}
 
@@ -666,8 +671,10 @@ def validate_cluster(server: LocalServer, jobs: int, reporter: Reporter) -> Vali
 def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: int | None = None,
                  start: bool = True, os_user: str | None = None, archive: bool = True,
                  server_command: str | None = None, run_validation: bool | None = None,
-                 timeout: float | None = None, reporter: Reporter | None = None) -> PitrResult:
+                 timeout: float | None = None, reporter: Reporter | None = None,
+                 database: str | None = None) -> PitrResult:
     """``restore pitr``: lay out, and with ``start`` recover, validate and start the server.
+    ``database``: use only base backups of a cluster that held this database.
 
     A failed validation does not raise (the server is recovered and running either way):
     the result's ``ok`` is False and its ``validation`` names the failed checks.
@@ -676,10 +683,11 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
     if start and port is not None and _port_in_use(port):
         raise RefusedError(f"port {port} is already in use on this machine",
                            "pass another --port for the restored server")
-    layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter)
+    layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database)
     if not start:
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
-                          None, None, layout.seconds, 0.0, layout.bytes_written)
+                          None, None, layout.seconds, 0.0, layout.bytes_written, layout.plan.physical.databases,
+                          layout.plan.backup.finished_at)
     started = time.monotonic()
     with private_dir(layout.os_user) as priv:
         server = _server_for(layout, priv, port or 5432)
@@ -697,7 +705,8 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
     seconds = time.monotonic() - started
     reporter.event("server running", pgdata=str(layout.pgdata), port=port or "as configured")
     result = PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, True,
-                        point, report, layout.seconds, seconds, layout.bytes_written)
+                        point, report, layout.seconds, seconds, layout.bytes_written, layout.plan.physical.databases,
+                        layout.plan.backup.finished_at)
     if report is not None and not report.ok:
         reporter.warning(f"the recovered cluster failed {len(report.failed)} check(s)",
                          failed=[c.name for c in report.failed])
@@ -775,6 +784,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
     from backup_tool import postgres
     from backup_tool.backup import backup_full
     from backup_tool.postgres import ConnInfo
+    from backup_tool.restore import BackupOrigin
     from backup_tool.restore_tables import restore_tables
 
     reporter = reporter or NullReporter()
@@ -804,8 +814,10 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             with source.connect() as conn:
                 wanted = _resolve_live(postgres.list_tables(conn), tables, when)
             backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
-            return restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
-                                  into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
+            result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
+                                    into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
+            return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
+                source_db, when, layout.plan.backup.finished_at))
         finally:
             if server is not None:
                 try:

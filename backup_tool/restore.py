@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psycopg
 from psycopg import sql
@@ -41,15 +43,16 @@ from backup_tool import (
     schema,
     testhooks,
 )
-from backup_tool.catalog import Catalog
+from backup_tool.catalog import Catalog, DatabaseHint
 from backup_tool.config import Settings
 from backup_tool.errors import (
+    BackupToolError,
     DatabaseError,
     LockHeldError,
     RefusedError,
     ValidationFailed,
 )
-from backup_tool.manifest import Manifest, StoredObject, TableEntry
+from backup_tool.manifest import Manifest, StoredObject, TableEntry, utc_iso
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
 from backup_tool.storage import Storage, open_storage
@@ -66,10 +69,12 @@ class RestoreResult:
     seconds: float
     validation: ValidationReport | None
     schema_from_migrations: dict[str, Any] | None = None
+    source: BackupOrigin | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "backup_id": self.backup_id,
+            **(self.source.to_dict() if self.source else {}),
             "target": self.target,
             "tables": self.tables,
             "rows": self.rows,
@@ -81,6 +86,24 @@ class RestoreResult:
         }
 
 
+@dataclass(frozen=True)
+class BackupOrigin:
+    """What a restore brought back: the source database and the moment its data represents
+    (the backup's snapshot, taken as it started) and when the backup finished."""
+
+    database: str
+    snapshot_at: datetime
+    finished_at: datetime
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "BackupOrigin":
+        return cls(manifest.database, manifest.started_at, manifest.finished_at)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"database": self.database, "snapshot_at": utc_iso(self.snapshot_at),
+                "backup_finished_at": utc_iso(self.finished_at)}
+
+
 def read_object(storage: Storage, obj: StoredObject,
                 on_chunk: Callable[[int], None] | None = None) -> bytes:
     """A small object, checksum-verified and decompressed, in memory."""
@@ -89,7 +112,8 @@ def read_object(storage: Storage, obj: StoredObject,
 
 def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any] | None = None) -> bool:
     """Create the target database if missing, with the backed-up encoding and locale
-    (``properties``: the manifest's ``database`` record); return True if it was created."""
+    (``properties``: the manifest's ``database`` record); return True if it was created (then
+    the caller owns it: see :func:`dropped_unless_kept`)."""
     name = conninfo.dbname
     if not name:
         raise RefusedError("--create needs a database name in --target-dsn")
@@ -105,6 +129,38 @@ def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any
                                "install the locale on the target server, or create the database yourself "
                                "and restore without --create (validation will report the difference)") from None
     return True
+
+
+class _Created:
+    """The database this run created, until the restore is committed to it."""
+
+    def __init__(self) -> None:
+        self.kept = False
+
+    def keep(self) -> None:
+        self.kept = True
+
+
+@contextmanager
+def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter) -> Iterator[_Created]:
+    """Drop the database this run created if the block fails before calling ``keep()``: a
+    refused or failed ``--create`` restore leaves the server as it found it. A database that
+    already existed is never dropped. The block's own error is the one raised; a drop that
+    fails too is a warning naming the database."""
+    guard = _Created()
+    try:
+        yield guard
+    except BaseException:
+        if created and not guard.kept:
+            assert conninfo.dbname
+            try:
+                with conninfo.with_database("postgres").connect() as admin:
+                    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(conninfo.dbname)))
+            except (BackupToolError, psycopg.Error) as exc:
+                reporter.warning(f"could not drop database {conninfo.dbname}, created by this restore: "
+                                 f"{str(exc).splitlines()[0]}")
+        raise
 
 
 def ensure_roles(conn: psycopg.Connection[Any], conninfo: ConnInfo, storage: Storage,
@@ -168,7 +224,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                  create: bool = False, with_roles: bool = False, jobs: int | None = None,
                  run_validation: bool | None = None, reporter: Reporter | None = None,
                  schema_from_migrations: str | Path | None = None,
-                 restart_unfinished: bool = False, analyze: bool = True) -> RestoreResult:
+                 restart_unfinished: bool = False, analyze: bool = True,
+                 database: DatabaseHint | None = None) -> RestoreResult:
     """Restore a whole backup (full or incremental) into an empty database, then validate.
 
     ``schema_from_migrations``: build the schema by replaying this migrations folder instead
@@ -177,11 +234,14 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     :mod:`backup_tool.restore_marker`), drop what it created and restore again.
     ``analyze``: gather planner statistics once everything is loaded (a restored database
     has none, and plans production queries badly until autovacuum gets to it).
+    ``database``: which database ``latest`` means (see :func:`backup_tool.catalog.choose_latest`).
+    With ``create``, a database this call created is dropped again if the restore is refused
+    or fails before the restore marker is in place.
     """
     reporter = reporter or NullReporter()
     started = time.monotonic()
     storage = open_storage(settings.repo_url)
-    manifest = Catalog(storage).resolve_logical(backup_ref)
+    manifest = Catalog(storage).resolve_logical(backup_ref, database)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     jobs = jobs or settings.policy.backup.jobs
     major = manifest.server_version_num // 10000
@@ -190,9 +250,9 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     created = create and create_database(target, manifest.encoding, manifest.inventory.get("database"))
     if created:
         reporter.event("database created", database=target.dbname)
-    reporter.event("restore started", id=manifest.id, target=target.redacted())
+    reporter.event("restore started", id=manifest.id, database=manifest.database, target=target.redacted())
 
-    with target.connect() as control:
+    with dropped_unless_kept(target, created, reporter) as new_database, target.connect() as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running",
                                 "wait for it to finish")
@@ -204,6 +264,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                                "restore into a new database (--create with a new name) or drop the objects first")
         created_roles = ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
         restore_marker.mark(control, manifest.id)
+        new_database.keep()
 
         assert manifest.schema is not None
         fetched = [0]
@@ -265,7 +326,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     result = RestoreResult(manifest.id, target.redacted(),
                            len([t for t in manifest.tables if t.relkind == "r"]),
                            sum(t.rows for t in manifest.tables), fetched[0],
-                           time.monotonic() - started, report, rebuilt.to_dict() if rebuilt else None)
+                           time.monotonic() - started, report, rebuilt.to_dict() if rebuilt else None,
+                           BackupOrigin.of(manifest))
     if report is not None and not report.ok:
         raise ValidationFailed(f"restore of {manifest.id} finished but validation failed: "
                                + "; ".join(f"{c.name}: {c.detail}" for c in report.failed)[:400],

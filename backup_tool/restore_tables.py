@@ -40,7 +40,7 @@ import psycopg
 from psycopg import sql
 
 from backup_tool import pipeline, postgres, schema
-from backup_tool.catalog import Catalog
+from backup_tool.catalog import Catalog, DatabaseHint
 from backup_tool.config import Settings
 from backup_tool.errors import (
     DatabaseError,
@@ -53,7 +53,7 @@ from backup_tool.errors import (
 from backup_tool.manifest import Manifest, TableEntry
 from backup_tool.postgres import ConnInfo, qualified
 from backup_tool.report import NullReporter, Reporter
-from backup_tool.restore import ensure_roles, load_table, read_object
+from backup_tool.restore import BackupOrigin, ensure_roles, load_table, read_object
 from backup_tool.storage import Storage, open_storage
 from backup_tool.validate import (
     Check,
@@ -98,10 +98,12 @@ class TablesRestoreResult:
     seconds: float
     validation: ValidationReport | None
     sequences: tuple[SequenceCopy, ...] = ()
+    source: BackupOrigin | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "backup_id": self.backup_id,
+            **(self.source.to_dict() if self.source else {}),
             "target": self.target,
             "tables": list(self.tables),
             "mode": self.mode,
@@ -395,8 +397,9 @@ def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: 
 def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
                    backup_ref: str | None = "latest", into_schema: str | None = None, replace: bool = False,
                    with_roles: bool = False, jobs: int | None = None, run_validation: bool = True,
-                   reporter: Reporter | None = None) -> TablesRestoreResult:
-    """Restore only ``tables`` from a backup into the target database, then validate them."""
+                   reporter: Reporter | None = None, database: DatabaseHint | None = None) -> TablesRestoreResult:
+    """Restore only ``tables`` from a backup into the target database, then validate them.
+    ``database``: which database ``latest`` means (see :func:`backup_tool.catalog.choose_latest`)."""
     if into_schema and replace:
         raise UsageError("--into-schema and --replace exclude each other", "choose one")
     if not tables:
@@ -404,7 +407,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
     reporter = reporter or NullReporter()
     started = time.monotonic()
     storage = open_storage(settings.repo_url)
-    manifest = Catalog(storage).resolve_logical(backup_ref)
+    manifest = Catalog(storage).resolve_logical(backup_ref, database)
     entries = resolve_tables(manifest, tables)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     jobs = jobs or settings.policy.backup.jobs
@@ -490,7 +493,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                                  copies if into_schema else None)
     result = TablesRestoreResult(manifest.id, target.redacted(), tuple(t.full_name for t in entries), mode,
                                  into_schema, sum(t.rows for t in entries), fetched[0],
-                                 time.monotonic() - started, report, copies)
+                                 time.monotonic() - started, report, copies, BackupOrigin.of(manifest))
     if report is not None and not report.ok:
         raise ValidationFailed(f"tables restored from {manifest.id} but validation failed: "
                                + "; ".join(f"{c.name}: {c.detail}" for c in report.failed)[:400], report=result)

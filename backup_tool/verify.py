@@ -21,7 +21,7 @@ from typing import Iterable
 from psycopg import sql
 
 from backup_tool import pipeline
-from backup_tool.catalog import Catalog
+from backup_tool.catalog import Catalog, DatabaseHint
 from backup_tool.config import Settings
 from backup_tool.errors import BackupToolError
 from backup_tool.manifest import Manifest, utc_iso
@@ -84,11 +84,13 @@ def restore_test(settings: Settings, manifest: Manifest, scratch_dsn: str, repor
 
 
 def verify(settings: Settings, ref: str = "latest", with_restore_test: bool = False,
-           scratch_dsn: str = "", reporter: Reporter | None = None) -> ValidationReport:
+           scratch_dsn: str = "", reporter: Reporter | None = None,
+           database: DatabaseHint | None = None) -> ValidationReport:
+    """Re-read the objects of ``ref`` (an id, ``latest`` of ``database``, or ``all``)."""
     reporter = reporter or NullReporter()
     storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
-    manifests, problems = catalog.scan() if ref == "all" else ([catalog.resolve(ref)], [])
+    manifests, problems = catalog.scan() if ref == "all" else ([catalog.resolve(ref, database=database)], [])
     checks = [Check("manifest", False, p.message) for p in problems]
     seen: set[str] = set()
     for manifest in manifests:

@@ -17,6 +17,16 @@ def one_line(out: str | subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def only_line(out: str | subprocess.CompletedProcess[str]) -> str:
+    """stderr is exactly one line (log lines included): a failing command run without a
+    terminal and without BACKUP_TOOL_LOG prints its error and nothing before it."""
+    text = out if isinstance(out, str) else out.stderr
+    lines = text.splitlines()
+    assert "Traceback" not in text, text
+    assert len(lines) == 1 and lines[0].startswith("backup-tool: error: "), f"expected one error line:\n{text}"
+    return lines[0]
+
+
 def add_bulk(db: Any, rows: int = 22000) -> None:
     """~22 MiB of hex text that compresses to ~11 MiB: two S3 multipart parts."""
     db.execute("CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL)")

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from conftest import Cli, DbHandle, PgServer, free_port
-from clioutput import one_line
+from clioutput import only_line
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,7 @@ class World:
     noread_dsn: str
     full_disk: str | None
     big_db: DbHandle
+    two_db_repo: str
 
     def target(self, name: str = "target") -> str:
         return self.server.dsn(f"bad_input_{name}")
@@ -78,6 +79,17 @@ def rewrite_manifest(repo: str, backup_id: str, edit: Callable[[dict[str, Any]],
     edit(body)
     body["manifest_sha256"] = _digest(body)
     path.write_text(json.dumps(body))
+
+
+def add_backup_of(repo: str, backup_id: str, database: str) -> str:
+    """A second manifest, of another database, sharing ``backup_id``'s objects."""
+    from backup_tool.manifest import _digest
+
+    body = json.loads((Path(repo) / "manifests" / f"{backup_id}.json").read_bytes())
+    body.update(id=backup_id[:-4] + "beef", database=database)
+    body["manifest_sha256"] = _digest(body)
+    (Path(repo) / "manifests" / f"{body['id']}.json").write_text(json.dumps(body))
+    return str(body["id"])
 
 
 def start_auth_s3(base: Path) -> tuple[subprocess.Popen[bytes], AuthS3]:
@@ -150,9 +162,11 @@ def world(pg_server: PgServer, seed_db: DbHandle, s3_server: Any) -> Iterator[Wo
         obj.write_bytes(bytes(data))
         broken = copy_repo(repo, base / "broken-repo")
         (Path(broken) / "manifests" / f"{backup_id}.json").write_text('{"format": 1, "id": ')
+        two_dbs = copy_repo(repo, base / "two-db-repo")
+        add_backup_of(two_dbs, backup_id, "bench")
         yield World(pg_server, seed_db, cli, base, repo, enc_repo, backup_id, enc_id, newer, newer_enc, broken,
                     auth, f"postgresql://bt_noread:noread-pw-2f9a@127.0.0.1:{pg_server.port}/{seed_db.name}",
-                    str(full_disk) if mounted else None, big)
+                    str(full_disk) if mounted else None, big, two_dbs)
     finally:
         auth_proc.terminate()
         auth_proc.wait()
@@ -229,6 +243,14 @@ CASES = [
     Case("unknown backup id", lambda w: ["show", "--repo", w.repo, "20990101T000000Z-Fdead"], 1, ("not found",)),
     Case("unknown backup id to restore", lambda w: ["restore", "full", "--repo", w.repo, "--backup", "nope",
                                                     "--target-dsn", w.target()], 1, ("'nope' not found",)),
+    Case("latest in a repository of several databases, none named",
+         lambda w: ["restore", "full", "--repo", w.two_db_repo, "--target-dsn", w.target("latest")], 2,
+         ("ambiguous", "bench", "--database")),
+    Case("latest of a database the repository has no backup of",
+         lambda w: ["verify", "latest", "--repo", w.repo, "--database", "bench"], 1, ("'bench'", "--database")),
+    Case("a backup id of another database than --database",
+         lambda w: ["show", w.backup_id, "--repo", w.two_db_repo, "--database", "bench"], 2,
+         ("not 'bench'", "is a backup of database")),
     Case("unknown table name", lambda w: ["restore", "tables", "--repo", w.repo, "--tables", "public.cupons",
                                           "--target-dsn", w.target(), "--into-schema", "x"], 1,
          ("public.cupons", "coupons")),
@@ -308,7 +330,7 @@ def test_bad_input_fails_with_one_clear_line(world: World, policies: None, case:
         pytest.skip("needs root to mount a 1 MiB tmpfs")
     proc = world.cli(*case.args(world), env=case.env(world), timeout=120)
     assert proc.returncode == case.code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    line = one_line(proc)
+    line = only_line(proc)
     for needle in case.needles:
         assert needle in line, (needle, line)
     output = proc.stdout + proc.stderr

@@ -131,7 +131,7 @@ def first_recovery(scenario: Scenario) -> tuple[Path, int, dict[str, Any]]:
     """PITR to the recorded time with archiving kept on: the new timeline goes to the repository."""
     pgdata, port = scenario.pgdata(), free_port()
     result = scenario.cli.json("restore", "pitr", "--repo", scenario.repo, "--target-time", scenario.t1,
-                               "--pgdata", pgdata, "--port", str(port))
+                               "--pgdata", pgdata, "--port", str(port), "--database", "app")
     return pgdata, port, result
 
 
@@ -150,6 +150,7 @@ def test_pitr_to_time_gives_exactly_that_moment(scenario: Scenario,
                                                 first_recovery: tuple[Path, int, dict[str, Any]]) -> None:
     pgdata, port, result = first_recovery
     assert result["ok"] is True and result["backup_id"] == scenario.backup["id"]
+    assert "app" in result["databases"] and result["backup_finished_at"] == scenario.backup["finished_at"]
     assert result["recovered_to"]["timeline"] == 2
     assert result["recovered_to"]["stop_reason"].startswith("recovery stopping before commit")
     assert {c["name"] for c in result["validation"]["checks"]} >= {"app: foreign_keys_hold", "app: indexes_valid",
@@ -203,6 +204,9 @@ def test_tables_at_a_time_beside_the_live_ones(scenario: Scenario) -> None:
                                "--target-time", scenario.t1, "--target-dsn", scenario.server.dsn("app"),
                                "--into-schema", "as_of_t1")
     assert result["ok"] is True
+    bases = [e["id"] for e in scenario.cli.json("list", "--repo", scenario.repo) if e["kind"] == "base"]
+    assert (result["database"], result["snapshot_at"]) == ("app", scenario.t1.replace(".000000Z", "Z"))
+    assert result["backup_id"] in bases
     now = dbcompare.table_hashes(scenario.server.dsn("app"))
     assert now['as_of_t1.ledger'] == scenario.fp_t1["tables"]["public.ledger"]
     assert {k: v for k, v in now.items() if not k.startswith("as_of_t1.")} == scenario.fp_after
@@ -217,6 +221,7 @@ def test_targets_outside_the_archive_are_refused(scenario: Scenario) -> None:
         (["--target-time", "2099-01-01T00:00:00Z"], ["covers", "not archived yet"]),
         (["--target-lsn", "FF/0"], ["covers LSN"]),
         (["--target-name", "no_such_point"], ["not found in the archived WAL"]),
+        (["--latest", "--database", "shop"], ["no base backup", "holding database 'shop'"]),
     ):
         pgdata = scenario.pgdata()
         proc = cli("restore", "pitr", "--repo", repo, *args, "--pgdata", pgdata, "--port", str(free_port()))

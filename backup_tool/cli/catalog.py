@@ -8,6 +8,7 @@ import typer
 
 from backup_tool import __version__
 from backup_tool.cli.common import (
+    DatabaseOption,
     Invocation,
     app,
     command,
@@ -41,12 +42,13 @@ def list_cmd(inv: Invocation) -> int:
 
 
 @command(app, "show")
-def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="ID", help="Backup id, unique prefix or 'latest'")]) -> int:
+def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="ID", help="Backup id, unique prefix or 'latest'")],
+             database: DatabaseOption = None) -> int:
     """Show one backup's manifest summary: tables, rows, objects, checksums."""
     from backup_tool.catalog import Catalog
     from backup_tool.storage import open_storage
 
-    m = Catalog(open_storage(inv.settings.repo_url)).resolve(backup_id)
+    m = Catalog(open_storage(inv.settings.repo_url)).resolve(backup_id, database=inv.database(database))
     data = {**m.summary(), "system_identifier": m.system_identifier, "snapshot_lsn": m.snapshot_lsn,
             "schema_fingerprint": m.schema_fingerprint, "policy": m.policy, "options": m.options,
             "tables": [{"table": t.full_name, "kind": t.relkind, "parent": t.parent, "rows": t.rows,
@@ -78,11 +80,12 @@ def verify_cmd(
                                                "and validate it (then drop it)")] = False,
     scratch_dsn: Annotated[Optional[str], typer.Option("--scratch-dsn", metavar="DSN",
                                                        help="Server for --restore-test (default: the --dsn server)")] = None,
+    database: DatabaseOption = None,
 ) -> int:
     """Re-read every object of the backup(s) and check its sha256; exit 3 naming any bad object."""
     from backup_tool.verify import verify
 
-    report = verify(inv.settings, which, restore_test, scratch_dsn or "", inv.reporter)
+    report = verify(inv.settings, which, restore_test, scratch_dsn or "", inv.reporter, inv.database(database))
     inv.out(report.to_dict(), lambda: render_report(report))
     return 0 if report.ok else EXIT_VALIDATION
 

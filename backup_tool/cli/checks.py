@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from backup_tool.cli.common import (
+    DatabaseOption,
     Invocation,
     app,
     command,
@@ -21,6 +22,7 @@ def validate_cmd(
     against: Annotated[Optional[str], typer.Option("--against", metavar="ID|latest",
                                                    help="Also compare with this backup's manifest")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Parallel checksum sessions")] = 2,
+    database: DatabaseOption = None,
 ) -> int:
     """Run the health checks on the --dsn database: schema, RLS and policies, foreign keys, indexes,
     functions, row counts and content checksums, sequences. Exit 3 if any fails."""
@@ -33,7 +35,7 @@ def validate_cmd(
     manifest = storage = None
     if against:
         storage = open_storage(settings.repo_url)
-        manifest = Catalog(storage).resolve(against)
+        manifest = Catalog(storage).resolve(against, database=inv.database(database))
     report = validate(ConnInfo(settings.dsn), manifest, storage, jobs=jobs, reporter=inv.reporter)
     inv.out(report.to_dict(), lambda: render_report(report))
     return 0 if report.ok else EXIT_VALIDATION

@@ -19,13 +19,16 @@ import signal
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
 from backup_tool.config import Settings, default_repo, resolve_settings
 from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed
 from backup_tool.report import Reporter
+
+if TYPE_CHECKING:
+    from backup_tool.catalog import DatabaseHint
 
 HELP = f"""PostgreSQL backup and disaster recovery: full backups to S3 or a local directory,
 restores that end with integrity validation.
@@ -87,6 +90,11 @@ COMMON_PARAMS = [
 ]
 COMMON_NAMES = ("repo", "dsn", "policy", "json_output", "debug")
 
+DatabaseOption = Annotated[Optional[str], typer.Option(
+    "--database", metavar="NAME",
+    help="Which database 'latest' means when the repository holds several (default: the one named "
+         "by --dsn / DATABASE_URL, or the repository's only database)")]
+
 
 def secrets_from(common: Common, extra: list[str]) -> list[str]:
     """Passwords and keys known to this invocation, to be scrubbed from anything printed."""
@@ -130,6 +138,19 @@ class Invocation:
     @property
     def settings(self) -> Settings:
         return self.common.settings()
+
+    def database(self, option: str | None) -> DatabaseHint:
+        """Which database ``latest`` means: ``--database``, else the one the DSN names (a
+        malformed DSN names none; the commands that connect with it report it)."""
+        from backup_tool.catalog import DatabaseHint
+        from backup_tool.errors import ConfigError
+        from backup_tool.postgres import ConnInfo
+
+        try:
+            named = ConnInfo(self.settings.dsn).dbname
+        except ConfigError:
+            named = None
+        return DatabaseHint(option, named)
 
     def out(self, data: Any, text: str | Callable[[], str]) -> None:
         if self.common.json:
@@ -186,7 +207,7 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
     signal.signal(signal.SIGTERM, _raise_terminated)
     _quiet_library_logs(common.debug)
 
-    reporter = make_reporter(redact)
+    reporter = make_reporter(redact, common.json)
     inv = Invocation(common, reporter, redact)
     try:
         return fn(inv, **kwargs) or 0
@@ -248,7 +269,13 @@ def render_report(report: Any) -> str:
         if hasattr(report, "tables"):
             tables = report.tables if isinstance(report.tables, int) else len(report.tables)
             where = f" into schema {report.into_schema}" if getattr(report, "into_schema", None) else ""
-            lines.append(f"restored {report.backup_id} into {report.target}{where}: {tables} tables, "
+            from backup_tool.manifest import utc_iso
+
+            source = getattr(report, "source", None)
+            origin = (f"database {source.database} from backup {report.backup_id} (snapshot of "
+                      f"{utc_iso(source.snapshot_at)}, finished {utc_iso(source.finished_at)})"
+                      if source is not None else report.backup_id)
+            lines.append(f"restored {origin} into {report.target}{where}: {tables} tables, "
                          f"{report.rows} rows, {human_size(report.bytes_read)} read in {report.seconds:.1f}s")
         report = validation
     if report is None:

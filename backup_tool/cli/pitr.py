@@ -74,6 +74,10 @@ def restore_pitr_cmd(
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the final validation")] = False,
     timeout: Annotated[Optional[float], typer.Option("--timeout", metavar="SECONDS",
                                                      help="Give up if recovery takes longer")] = None,
+    database: Annotated[Optional[str], typer.Option(
+        "--database", metavar="NAME",
+        help="Use only base backups of a cluster that held this database (a base backup restores "
+             "the whole cluster)")] = None,
 ) -> int:
     """Point-in-time recovery into a new data directory: the newest base backup before the target plus
     archived WAL. With --start (default) the server recovers privately, promotes at the target, is
@@ -85,12 +89,13 @@ def restore_pitr_cmd(
     result = restore_pitr(inv.settings, target, pgdata, port=port, start=start, os_user=os_user,
                           archive=archive, server_command=server_command,
                           run_validation=False if no_validate else None, timeout=timeout,
-                          reporter=inv.reporter)
+                          reporter=inv.reporter, database=database)
 
     def text() -> str:
         d = result.to_dict()
-        lines = [f"restored base backup {d['backup_id']} into {d['pgdata']} (owner {d['os_user']}), "
-                 f"target {target.describe()}"]
+        held = f"databases {', '.join(d['databases'])}; " if d["databases"] else ""
+        lines = [f"restored base backup {d['backup_id']} ({held}finished {d['backup_finished_at']}) into "
+                 f"{d['pgdata']} (owner {d['os_user']}), target {target.describe()}"]
         r = d["recovered_to"]
         if r:
             lines.append(f"recovered to: {r['stop_reason']}; last transaction {r['time']}, LSN {r['lsn']}, "

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from backup_tool.cli.common import (
+    DatabaseOption,
     Invocation,
     command,
     render_report,
@@ -37,6 +38,7 @@ def restore_full_cmd(
         "--restart-unfinished",
         help="The target holds an interrupted restore (schema backup_tool_unfinished_restore): drop "
              "everything that restore created and restore again. Never touches a target without that marker")] = False,
+    database: DatabaseOption = None,
 ) -> int:
     """Restore a whole backup into an empty database, then validate it against the manifest (exit 3 if not identical)."""
     from backup_tool.restore import restore_full
@@ -44,7 +46,8 @@ def restore_full_cmd(
     result = restore_full(inv.settings, target_dsn, backup, create=create, with_roles=with_roles,
                           jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter,
                           schema_from_migrations=schema_from_migrations, restart_unfinished=restart_unfinished,
-                          analyze=not no_analyze)
+                          analyze=not no_analyze,
+                          database=inv.database(database))
     inv.out(result.to_dict(), lambda: render_report(result))
     return 0
 
@@ -70,6 +73,7 @@ def restore_tables_cmd(
     with_roles: Annotated[bool, typer.Option("--with-roles", help="Create missing roles from the backup")] = False,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
                                                 help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
+    database: DatabaseOption = None,
 ) -> int:
     """Restore only the named tables: into empty/absent tables, beside them (--into-schema), or over them (--replace)."""
     from backup_tool.restore_tables import split_names
@@ -86,6 +90,7 @@ def restore_tables_cmd(
         from backup_tool.restore_tables import restore_tables
 
         result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,
-                                replace=replace, with_roles=with_roles, jobs=jobs, reporter=inv.reporter)
+                                replace=replace, with_roles=with_roles, jobs=jobs, reporter=inv.reporter,
+                                database=inv.database(database))
     inv.out(result.to_dict(), lambda: render_report(result))
     return 0

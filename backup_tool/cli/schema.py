@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from backup_tool.cli.common import Invocation, command, schema_app
+from backup_tool.cli.common import DatabaseOption, Invocation, command, schema_app
 from backup_tool.errors import EXIT_VALIDATION, UsageError
 
 MIGRATIONS_HELP = ("Migrations folder: a Supabase project (uses supabase/migrations) or a folder of "
@@ -54,6 +54,7 @@ def diff_cmd(
     exclude_schema: Annotated[Optional[list[str]], typer.Option(
         "--exclude-schema", metavar="NAME",
         help="Leave this schema out of the comparison (repeatable), e.g. platform-managed schemas")] = None,
+    database: DatabaseOption = None,
 ) -> int:
     """Replay the migrations into a scratch database and compare its schema object by object (tables,
     columns, constraints, indexes, RLS, policies, functions, triggers, enums, extensions, grants) with a
@@ -65,7 +66,8 @@ def diff_cmd(
                          "--against compares with a backup's schema, --dsn with a live database; "
                          "--scratch-dsn names the server for scratch databases")
     report = diff(inv.settings, migrations, against=against, scratch_dsn=scratch_dsn, with_roles=with_roles,
-                  exclude_schemas=tuple(exclude_schema or ()), reporter=inv.reporter)
+                  exclude_schemas=tuple(exclude_schema or ()), reporter=inv.reporter,
+                  database=inv.database(database))
 
     def text() -> str:
         lines = [f"migrations: {report.migrations} ({report.files} files)   reference: {report.against}"]
