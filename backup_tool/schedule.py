@@ -516,6 +516,8 @@ def _render_cron(settings: Settings, exe: Sequence[str], log_file: str, textfile
         "SHELL=/bin/sh",
         "PATH=/usr/local/bin:/usr/bin:/bin",
         f"CRON_TZ={s.timezone}",
+        "# the log file gets every milestone as a JSON line, not only warnings and errors",
+        "BACKUP_TOOL_LOG=json",
     ]
     lines += [f"{k}={v}" for k, v in _env_lines(settings).items()]
     log = f">> {shlex.quote(log_file)} 2>&1"
@@ -546,7 +548,7 @@ def _render_systemd(settings: Settings, exe: Sequence[str], name: str, textfile:
         out += ["", f"# --- /etc/systemd/system/{unit_prefix}-{job.name}.service ---",
                 "[Unit]", f"Description=backup-tool {job.name} ({name}): {job.description}",
                 "After=network-online.target", "Wants=network-online.target", "",
-                "[Service]", "Type=oneshot", f"EnvironmentFile={env_file}",
+                "[Service]", "Type=oneshot", f"EnvironmentFile={env_file}", "Environment=BACKUP_TOOL_LOG=json",
                 "Nice=10", "IOSchedulingClass=best-effort"]
         for cmd, ignore in zip(job.commands, job.ignore_failure, strict=True):
             out.append(f"ExecStart={'-' if ignore else ''}{prog} {' '.join(shlex.quote(a) for a in cmd)}")
