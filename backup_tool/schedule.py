@@ -565,7 +565,7 @@ def _yaml(value: str) -> str:
 
 def _render_kubernetes(settings: Settings, name: str, image: str) -> str:
     policy = settings.policy
-    env = _env_lines(settings)
+    env = {**_env_lines(settings), "BACKUP_TOOL_LOG": "json"}
     secret = f"backup-tool-{name}"
     docs = [f"# backup-tool CronJobs for policy {policy.name!r} (database {name}).",
             f"# Secrets come from the Secret {secret!r}; create it once, e.g.:",
