@@ -19,6 +19,7 @@ diffs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -150,7 +151,7 @@ _RESTRICT = re.compile(r"^\\(un)?restrict \S+$")
 
 def normalise_dump(text: str, dbname: str) -> list[str]:
     """pg_dump --create output with the database name replaced by <DB>, \\restrict keys
-    blanked and the rows of each COPY block sorted."""
+    blanked, the rows of each COPY block sorted, and blank and bare `--` lines dropped."""
     name_re = re.compile(r'(?<![\w"])("?)' + re.escape(dbname) + r'\1(?![\w"])')
     out: list[str] = []
     block: list[str] | None = None
@@ -162,6 +163,8 @@ def normalise_dump(text: str, dbname: str) -> list[str]:
                 block = None
             else:
                 block.append(line)
+            continue
+        if not line or line == "--":
             continue
         if _RESTRICT.match(line):
             out.append(line.split()[0] + " <KEY>")
@@ -202,8 +205,9 @@ def unexplained_diff(label: str, before: list[str], after: list[str]) -> list[st
         diff = subprocess.run(["diff", "-u", str(a), str(b)], capture_output=True, text=True).stdout
     if workdir:
         (workdir / f"{label}.diff").write_text(diff)
-    changed = [ln for ln in diff.splitlines()
-               if ln[:1] in "+-" and not ln.startswith(("+++ ", "--- "))]
+    lines = diff.splitlines()
+    first_hunk = next((i for i, ln in enumerate(lines) if ln.startswith("@@")), len(lines))
+    changed = [ln for ln in lines[first_hunk:] if ln[:1] in "+-"]
     known = [re.compile(k.pattern) for k in KNOWN_DIFFERENCES]
     return [ln for ln in changed if not any(p.search(ln[1:]) for p in known)]
 
@@ -269,20 +273,36 @@ def empty_cluster() -> Iterator[PgServer]:
         server.destroy()
 
 
-def restore(oracle: Oracle, target: PgServer, dbname: str, backup_id: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Restored:
+    """One `restore full` run: its exit code and output (the database stays when the
+    restore's own validation failed, exit 3)."""
+
+    server: PgServer
+    dbname: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def assert_ok(self) -> None:
+        assert self.returncode == 0, (f"restore full into {self.dbname} exited {self.returncode}:\n"
+                                      f"{self.stderr[-3000:]}")
+
+
+def restore(oracle: Oracle, target: PgServer, dbname: str, backup_id: str) -> Restored:
     proc = oracle.cli("restore", "full", "--repo", oracle.repo, "--backup", backup_id,
                       "--target-dsn", target.dsn(dbname), "--create", "--with-roles", "--json")
-    assert proc.returncode == 0, (f"restore full into {dbname} exited {proc.returncode}:\n"
-                                  f"{proc.stderr[-4000:]}\n{proc.stdout[-4000:]}")
-    return proc.json()
+    result = Restored(target, dbname, proc.returncode, proc.stdout, proc.stderr)
+    if proc.returncode not in (0, 3):
+        result.assert_ok()
+    return result
 
 
 @pytest.fixture(scope="module")
-def restored_elsewhere(oracle: Oracle, empty_cluster: PgServer) -> PgServer:
+def restored_elsewhere(oracle: Oracle, empty_cluster: PgServer) -> Restored:
     """The full backup restored (--create --with-roles) into the empty second cluster, under
     the source's name."""
-    restore(oracle, empty_cluster, SOURCE_DB, oracle.full_id)
-    return empty_cluster
+    return restore(oracle, empty_cluster, SOURCE_DB, oracle.full_id)
 
 
 # --------------------------------------------------------------------------- tests
@@ -298,16 +318,21 @@ def test_regression_database_is_populated(oracle: Oracle) -> None:
     assert oracle.regress_seconds < 240
 
 
-def test_full_restore_into_an_empty_cluster_is_identical(oracle: Oracle, restored_elsewhere: PgServer) -> None:
-    assert_same_dump("full-other-cluster", oracle.full_dump, dump_database(restored_elsewhere, SOURCE_DB))
-    assert_same_dump("globals-other-cluster", oracle.full_globals, dump_globals(restored_elsewhere))
+def test_full_restore_into_an_empty_cluster_is_identical(oracle: Oracle, restored_elsewhere: Restored) -> None:
+    target = restored_elsewhere.server
+    db_diff = unexplained_diff("full-other-cluster", oracle.full_dump, dump_database(target, SOURCE_DB))
+    roles_diff = unexplained_diff("globals-other-cluster", oracle.full_globals, dump_globals(target))
+    assert not db_diff, f"{len(db_diff)} differing dump lines, first 120:\n" + "\n".join(db_diff[:120])
+    assert not roles_diff, f"{len(roles_diff)} differing globals lines:\n" + "\n".join(roles_diff[:120])
+    restored_elsewhere.assert_ok()
 
 
 def test_full_restore_into_the_same_cluster_is_identical(oracle: Oracle) -> None:
     name = "regression_restored"
     try:
-        restore(oracle, oracle.source, name, oracle.full_id)
+        restored = restore(oracle, oracle.source, name, oracle.full_id)
         assert_same_dump("full-same-cluster", oracle.full_dump, dump_database(oracle.source, name))
+        restored.assert_ok()
     finally:
         oracle.source.drop_db(name)
 
@@ -330,29 +355,55 @@ ALTERATIONS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def test_validate_accepts_the_untouched_source(oracle: Oracle) -> None:
+    """The verdict on the database the backup was taken from, unchanged, must be OK: a check
+    failing here fails a state the backup itself holds."""
+    proc = oracle.cli("validate", "--repo", oracle.repo, "--dsn", oracle.source.dsn(SOURCE_DB),
+                      "--against", oracle.full_id, "--json")
+    assert proc.returncode == 0, f"validate of the unchanged source failed: {failed_checks(proc)}"
+
+
 def test_validate_passes_the_faithful_restore_and_fails_each_alteration(
-        oracle: Oracle, restored_elsewhere: PgServer) -> None:
-    dsn = restored_elsewhere.dsn(SOURCE_DB)
-    ok = oracle.cli("validate", "--repo", oracle.repo, "--dsn", dsn, "--against", oracle.full_id, "--json")
-    assert ok.returncode == 0, f"validate of a faithful restore exited {ok.returncode}:\n{ok.stdout[-3000:]}"
+        oracle: Oracle, restored_elsewhere: Restored) -> None:
+    target = restored_elsewhere.server
+    dsn = target.dsn(SOURCE_DB)
+
+    def validate() -> Any:
+        return oracle.cli("validate", "--repo", oracle.repo, "--dsn", dsn, "--against", oracle.full_id, "--json")
+
+    baseline = validate()
+    before = set(failed_checks(baseline))
     missed = []
     for name, alter, undo in ALTERATIONS:
-        psql(restored_elsewhere, SOURCE_DB, alter)
-        proc = oracle.cli("validate", "--repo", oracle.repo, "--dsn", dsn, "--against", oracle.full_id, "--json")
-        if proc.returncode != 3:
-            missed.append(f"{name}: validate exited {proc.returncode}: {proc.stdout[-600:]}")
+        psql(target, SOURCE_DB, alter)
+        proc = validate()
+        new_failures = set(failed_checks(proc)) - before
+        if proc.returncode != 3 or not new_failures:
+            missed.append(f"{name}: validate exited {proc.returncode}, no new failing check")
         if undo:
-            psql(restored_elsewhere, SOURCE_DB, undo)
-    assert not missed, "validate did not notice:\n" + "\n".join(missed)
+            psql(target, SOURCE_DB, undo)
+    assert baseline.returncode == 0 and not missed, (
+        f"validate of the restore exited {baseline.returncode} (failing: {sorted(before)}); "
+        "alterations it did not notice:\n" + "\n".join(missed))
+
+
+def failed_checks(proc: Any) -> list[str]:
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        return [f"(no JSON: {proc.stderr.strip()[-300:]})"]
+    checks = report.get("checks") or report.get("validation", {}).get("checks", [])
+    return [f"{c['name']}: {c.get('detail', '')[:200]}" for c in checks if not c.get("ok")]
 
 
 def test_incremental_chain_restores_identically(oracle: Oracle, empty_cluster: PgServer,
-                                                restored_elsewhere: PgServer) -> None:
+                                                restored_elsewhere: Restored) -> None:
     # restored_elsewhere first: it restores the full before the source changes.
     psql(oracle.source, SOURCE_DB, CHANGES_SQL)
     inc = oracle.cli.json("backup", "incremental", "--repo", oracle.repo, "--dsn", oracle.source.dsn(SOURCE_DB))
     assert inc["kind"] == "incremental" and inc["parent_id"] == oracle.full_id
     expected = dump_database(oracle.source, SOURCE_DB)
     name = "regression_incremental"
-    restore(oracle, empty_cluster, name, inc["id"])
+    restored = restore(oracle, empty_cluster, name, inc["id"])
     assert_same_dump("incremental-other-cluster", expected, dump_database(empty_cluster, name))
+    restored.assert_ok()
