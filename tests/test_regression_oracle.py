@@ -24,6 +24,8 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,8 +197,6 @@ def unexplained_diff(label: str, before: list[str], after: list[str]) -> list[st
     workdir = Path(keep) if keep else None
     if workdir:
         workdir.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         base = workdir or Path(tmp)
         a, b = base / f"{label}.source.sql", base / f"{label}.restored.sql"
@@ -227,16 +227,22 @@ class Oracle:
     source: PgServer
     repo: str
     cli: Cli
-    full_id: str
+    backup_proc: Any
     full_dump: list[str]
     full_globals: list[str]
     regress_seconds: float
 
+    @property
+    def full_id(self) -> str:
+        """The full backup's id; fails the calling test when `backup full` failed (reported
+        by test_backup_full_of_the_regression_database)."""
+        if self.backup_proc.returncode != 0:
+            pytest.fail(f"backup full of the regression database failed: {self.backup_proc.stderr.strip()[-500:]}")
+        return str(json.loads(self.backup_proc.stdout)["id"])
+
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
-    import time
-
     source = start_pg_server()
     try:
         psql(source, "postgres", ROLES_SQL)
@@ -255,8 +261,8 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
 
         repo = tmp_path_factory.mktemp("oracle-repo")
         cli = Cli(workdir=tmp_path_factory.mktemp("oracle-cli"))
-        full = cli.json("backup", "full", "--repo", str(repo), "--dsn", source.dsn(SOURCE_DB))
-        yield Oracle(source=source, repo=str(repo), cli=cli, full_id=full["id"],
+        backup_proc = cli("backup", "full", "--repo", str(repo), "--dsn", source.dsn(SOURCE_DB), "--json")
+        yield Oracle(source=source, repo=str(repo), cli=cli, backup_proc=backup_proc,
                      full_dump=dump_database(source, SOURCE_DB), full_globals=dump_globals(source),
                      regress_seconds=regress_seconds)
     finally:
@@ -316,6 +322,12 @@ def test_regression_database_is_populated(oracle: Oracle) -> None:
     los = psql(oracle.source, SOURCE_DB, "SELECT count(*) FROM pg_largeobject_metadata")
     assert int(los) >= 1
     assert oracle.regress_seconds < 240
+
+
+def test_backup_full_of_the_regression_database(oracle: Oracle) -> None:
+    proc = oracle.backup_proc
+    assert proc.returncode == 0, f"backup full exited {proc.returncode}: {proc.stderr.strip()[-1000:]}"
+    assert json.loads(proc.stdout)["kind"] == "full"
 
 
 def test_full_restore_into_an_empty_cluster_is_identical(oracle: Oracle, restored_elsewhere: Restored) -> None:
