@@ -40,11 +40,12 @@ def summary(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 def dump_stream(conninfo: ConnInfo, major: int, snapshot_id: str) -> pipeline.Process:
     """pg_dump writing the large objects (and nothing else) of the snapshot to stdout.
 
-    ``--data-only`` drops the schema; excluding every table's data leaves the large objects
-    (and their ownership, ACL and comment entries, which pg_dump files as data).
+    ``--data-only`` drops the schema; excluding every table's data (``*.*``: a bare ``*``
+    matches only the schemas on the search path) leaves the large objects and their
+    ownership, ACL and comment entries, which pg_dump files as data.
     """
     argv = [find_tool("pg_dump", major), "--format=custom", "--compress=0", "--data-only",
-            "--exclude-table-data=*", f"--snapshot={snapshot_id}", "--dbname", conninfo.tool_conninfo()]
+            "--exclude-table-data=*.*", f"--snapshot={snapshot_id}", "--dbname", conninfo.tool_conninfo()]
     return pipeline.Process(argv, conninfo.tool_env(), "pg_dump (large objects)")
 
 
