@@ -46,6 +46,7 @@ def archive_identity_check(conn: Any, storage: Storage) -> Check:
 
     row = conn.execute("SELECT system_identifier, current_setting('server_version_num')::int / 10000"
                        " FROM pg_control_system()").fetchone()
+    assert row is not None
     local = ClusterIdentity(int(row[0]), int(row[1]))
     try:
         recorded = read_archive_identity(storage)
