@@ -41,6 +41,7 @@ from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
 from backup_tool.storage import Storage, open_storage
 from backup_tool.storage.base import ObjectLock
+from backup_tool.walidentity import ClusterIdentity, verify_archive_identity
 
 TAR_KEY = "base.tar.zst"
 CAPTURED = ("backup_label", "backup_manifest", "tablespace_map")
@@ -262,6 +263,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         facts = _server_facts(control)
         major = info["server_version_num"] // 10000
         _check_prerequisites(facts, conninfo.redacted())
+        verify_archive_identity(storage, ClusterIdentity(int(info["system_identifier"]), major), "backup base")
         catalog.ids()
         lock_name = f"backup-tool:base:{storage.url}:{info['system_identifier']}"
         if not postgres.try_advisory_lock(control, lock_name):

@@ -37,7 +37,29 @@ def archive_checks(conn: Any, storage: Storage, settings: Settings, uses_pitr: b
                                          "logical backups only, no point-in-time recovery")]
     minutes = settings.policy.monitoring.wal_max_age_minutes
     health = repository_health(settings).checks(timedelta(minutes=minutes) if minutes else None)
-    return server + health
+    return server + [archive_identity_check(conn, storage)] + health
+
+
+def archive_identity_check(conn: Any, storage: Storage) -> Check:
+    """The WAL archive belongs to this cluster (``wal/archive.info``, see :mod:`backup_tool.walidentity`)."""
+    from backup_tool.walidentity import ClusterIdentity, mismatch, read_archive_identity
+
+    row = conn.execute("SELECT system_identifier, current_setting('server_version_num')::int / 10000"
+                       " FROM pg_control_system()").fetchone()
+    assert row is not None
+    local = ClusterIdentity(int(row[0]), int(row[1]))
+    try:
+        recorded = read_archive_identity(storage)
+    except BackupToolError as exc:
+        return Check("archive_identity", False, exc.message)
+    if recorded is None:
+        return Check("archive_identity", True, f"no cluster recorded yet in {storage.url}: the first wal push "
+                                               f"records this one ({local.describe()})")
+    if mismatch(recorded, local):
+        return Check("archive_identity", False,
+                     f"the WAL archive in {storage.url} belongs to {recorded.describe()}, not to this cluster "
+                     f"({local.describe()}): its wal push is refused; give each cluster its own repository")
+    return Check("archive_identity", True, f"the WAL archive belongs to this cluster ({local.describe()})")
 
 
 def encryption_check(storage: Storage, manifests: list[Manifest]) -> Check:

@@ -13,7 +13,13 @@ kept, and the plan says why, when any of these safety rules holds:
   taken before the window starts (recovery to the window's first moment replays from it),
   or the newest base of all;
 * an Object Lock protects it (recorded in the manifest, or read from the storage at apply
-  time: a locked object is never even attempted).
+  time, legal holds included: a locked object is never even attempted).
+
+A deletion the storage refuses counts as "locked, deleted in a later run" (not a failure)
+only when the store's own lock state proves a lock (the bucket's Object Lock configuration,
+the object's retention or legal hold); any other refusal is a missing permission, a
+failure (exit 1) naming the key and the IAM action to grant, and so is a refusal whose
+lock state cannot be read (the read permission missing is named instead of guessing).
 
 WAL is kept from the start segment of the oldest retained base backup onwards; without a
 retained base, or with one whose start segment is unknown, no WAL is deleted. A backup in
@@ -276,7 +282,9 @@ def plan_retention(backups: Sequence[BackupRecord], policy: Policy, now: datetim
         if b.lock_until and b.lock_until > now:
             reasons[b.id].append(f"Object Lock ({b.lock_mode}) until {iso(b.lock_until)}")
         if (lock := hard_locks.get(b.id)) is not None:
-            reasons[b.id].append(f"objects locked ({lock.mode}) until {iso(lock.retain_until)}: "
+            reasons[b.id].append("objects under a legal hold: the storage refuses to delete them until it is "
+                                 "removed" if lock.legal_hold else
+                                 f"objects locked ({lock.mode}) until {iso(lock.retain_until)}: "
                                  "the storage refuses to delete them before then")
 
     groups: dict[str, list[BackupRecord]] = defaultdict(list)
@@ -574,6 +582,10 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
                 storage.purge(o.key)
             deleted_bytes += d.size_bytes
             reporter.event("retention: deleted", id=d.id, kind=d.kind, reason=d.reasons[0])
+        except ObjectLockedError as exc:
+            notes.append(f"{d.id} kept: {exc.message}; it goes in a later run")
+            failed_ids.append(d.id)
+            spared |= by_id[d.id].deps
         except BackupToolError as exc:
             failed.append(f"{d.id}: {exc.message}")
             failed_ids.append(d.id)
@@ -605,7 +617,7 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
         except BackupToolError as exc:
             failed.append(f"garbage {g.what}: {exc.message}")
 
-    if failed:
+    if failed or failed_ids:
         outcome = {"format": LOG_FORMAT, "run": run_id, "at": iso(datetime.now(UTC)), "outcome_of": log_key,
                    "failed": failed, "failed_ids": failed_ids}
         storage.put_bytes(f"{LOG_PREFIX}{run_id}-outcome.json", json.dumps(outcome, indent=1).encode())

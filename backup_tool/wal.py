@@ -22,6 +22,9 @@ Guarantees:
   temporary file renamed into place: PostgreSQL never sees a partial or damaged segment.
   A file absent from the archive raises :class:`WalMissingError` (the normal end of the
   archive during recovery); anything else is a different error.
+- Cluster identity: the first push records the pushing cluster (system identifier,
+  PostgreSQL major) in ``wal/archive.info``; a push from another cluster is refused
+  before anything is written (:mod:`backup_tool.walidentity`).
 - Batching: ``push`` of segment N may also push other segments PostgreSQL has marked
   ready (``pg_wal/archive_status/*.ready``) and record each, *after* it is durable, in a
   spool directory beside them (``pg_wal/backup-tool-spool``). PostgreSQL's next calls for
@@ -42,7 +45,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from backup_tool import testhooks
+from backup_tool import testhooks, walidentity
 from backup_tool.errors import (
     BackupToolError,
     IntegrityError,
@@ -267,8 +270,10 @@ def _file_chunks(path: Path, counter: HashingCounter | None = None) -> Iterator[
         raise StorageError(f"cannot read WAL file {path}: {exc.strerror}") from None
 
 
-def push_file(storage: Storage, path: Path, level: int = 3) -> PushResult:
-    """Archive one WAL file; idempotent for identical content, refuses different content.
+def push_file(storage: Storage, path: Path, level: int = 3,
+              archive: walidentity.ClusterIdentity | None = None) -> PushResult:
+    """Archive one WAL file; idempotent for identical content, refuses different content,
+    and refuses a segment whose own header names a cluster other than ``archive``'s.
 
     The file is read once: hashed and compressed together into a spooled buffer (memory up
     to 1 MiB, then a temporary file: the store's upload buffers are the only copy in
@@ -280,7 +285,11 @@ def push_file(storage: Storage, path: Path, level: int = 3) -> PushResult:
     import zstandard
 
     name = path.name
-    wal_file_kind(name)
+    kind = wal_file_kind(name)
+    if archive is not None and kind in ("segment", "partial"):
+        own = walidentity.segment_identity(path)
+        if own is not None and own.system_identifier != archive.system_identifier:
+            raise walidentity.refusal(archive, own, storage.url, f"archiving {name}")
     counter = HashingCounter()
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as buf:
@@ -345,6 +354,19 @@ def _sweep_spool(path: Path) -> None:
             Path(entry.path).unlink(missing_ok=True)
 
 
+def _archive_identity(storage: Storage, path: Path, repo_url: str) -> walidentity.ClusterIdentity | None:
+    """The pushing cluster, verified against (or recorded as) the archive's owner; from the
+    spool's cache when this repository was verified before. None: the cluster is unknown."""
+    local = walidentity.wal_file_identity(path)
+    if local is None:
+        return None
+    repo_id, spool = repo_identity(repo_url), spool_dir(path)
+    if not walidentity.cached(spool, repo_id, local):
+        walidentity.claim_archive(storage, local, f"archiving {path.name}")
+        walidentity.remember(spool, repo_id, local)
+    return local
+
+
 def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
          batch: int = DEFAULT_BATCH, lock: ObjectLock | None = None,
          warn: Callable[[str], None] | None = None) -> PushResult:
@@ -359,16 +381,17 @@ def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
     path = Path(wal_path)
     if lock is not None:
         storage.lock_new_objects(lock)
+    archive = _archive_identity(storage, path, repo_url)
     _sweep_spool(path)
     ahead = _ready_ahead(path, batch - 1)
     if not ahead:
-        result = push_file(storage, path, level)
+        result = push_file(storage, path, level, archive)
         testhooks.pause_point("wal:before-ack")
         return result
     pushed: list[str] = []
     with cf.ThreadPoolExecutor(min(PUSH_THREADS, len(ahead) + 1), thread_name_prefix="wal-push") as pool:
-        own = pool.submit(push_file, storage, path, level)
-        others = {pool.submit(push_file, storage, p, level): p for p in ahead}
+        own = pool.submit(push_file, storage, path, level, archive)
+        others = {pool.submit(push_file, storage, p, level, archive): p for p in ahead}
         for fut in cf.as_completed(others):
             p = others[fut]
             try:

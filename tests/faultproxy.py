@@ -14,6 +14,8 @@ Faults (``ACTIONS``):
 ``reset_download``  response headers and half the body sent, then a reset (mid-download)
 ``truncate``        response headers and half the body sent, then a clean close
 ``corrupt``         one byte of the response body flipped (only when asked for explicitly)
+``access_denied``   403 AccessDenied instead of forwarding, as for a missing IAM permission
+                    (only when asked for explicitly)
 ==================  =========================================================================
 
 Two ways to schedule them, both deterministic:
@@ -52,7 +54,7 @@ from typing import Callable, Iterator
 from urllib.parse import parse_qsl, urlsplit
 
 ACTIONS = ("error500", "error503", "slowdown", "reset_upload", "stall", "lose_response",
-           "reset_download", "truncate", "corrupt")
+           "reset_download", "truncate", "corrupt", "access_denied")
 CHAOS_ACTIONS = ("error500", "error503", "slowdown", "reset_upload", "stall", "lose_response",
                  "reset_download", "truncate")
 STAMPED = re.compile(r"\d{8}T\d{6,}Z-\w+")
@@ -62,6 +64,7 @@ ERRORS = {
     "error500": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
     "error503": (503, "Service Unavailable", "ServiceUnavailable", "Please reduce your request rate."),
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "access_denied": (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
 IO_TIMEOUT = 30.0
 

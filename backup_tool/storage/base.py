@@ -40,7 +40,19 @@ class ObjectMissingError(StorageError):
 
 
 class ObjectLockedError(StorageError):
-    """The object is under an Object Lock retention that forbids deleting it now."""
+    """The object is under an Object Lock retention (or a legal hold) that forbids deleting it now.
+
+    Raised only once the store's own lock state proves it: a refusal the lock does not
+    explain is a :class:`PermissionDeniedError`."""
+
+
+class PermissionDeniedError(StorageError):
+    """The store refused a request for lack of permission; ``action`` is the IAM action missing
+    (e.g. ``s3:DeleteObjectVersion``), or "" when it cannot be named."""
+
+    def __init__(self, message: str, hint: str | None = None, action: str = "") -> None:
+        super().__init__(message, hint)
+        self.action = action
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,13 @@ class HashingCounter:
 
 @dataclass(frozen=True)
 class ObjectLock:
-    """WORM retention applied to objects as they are written (S3 Object Lock)."""
+    """WORM retention applied to objects as they are written (S3 Object Lock). Read back from
+    the store, ``legal_hold`` means the object is held whatever ``retain_until`` says, until
+    someone removes the hold."""
 
     mode: str
     retain_until: datetime
+    legal_hold: bool = False
 
 
 class Storage(ABC):

@@ -70,7 +70,7 @@ _HEADER = struct.Struct(f">{len(MAGIC)}sBI8s{SALT_SIZE}s{PREFIX_SIZE}s")
 HEADER_SIZE = _HEADER.size
 MAX_FRAMES = 1 << 32
 PLAINTEXT_PREFIXES = ("manifests/", "running/", "verifications/", "retention-log/", "schedule-log/",
-                      "wal/history/")
+                      "wal/history/", "wal/archive.info")
 KEY_HINT = (f"set {KEY_ENV} (base64 of the 32-byte key) or {KEY_FILE_ENV} (a file holding it) "
             "to the key with that id")
 

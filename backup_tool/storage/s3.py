@@ -81,6 +81,7 @@ from backup_tool.storage.base import (
     ObjectLockedError,
     ObjectMissingError,
     PartialUpload,
+    PermissionDeniedError,
     PutResult,
     Storage,
     check_key,
@@ -99,6 +100,39 @@ TRANSIENT_CODES = {
     "RequestTimeTooSkewed", "500", "502", "503", "504", "ThrottlingException",
 }
 LOST_WRITE_CODES = {"PreconditionFailed", "NoSuchUpload"}
+DENIED_CODES = {"AccessDenied", "403"}
+
+IAM_ACTIONS = {
+    "put_object": "s3:PutObject", "create_multipart_upload": "s3:PutObject", "upload_part": "s3:PutObject",
+    "complete_multipart_upload": "s3:PutObject", "get_object": "s3:GetObject", "head_object": "s3:GetObject",
+    "list_objects_v2": "s3:ListBucket", "delete_object": "s3:DeleteObject",
+    "abort_multipart_upload": "s3:AbortMultipartUpload", "list_multipart_uploads": "s3:ListBucketMultipartUploads",
+    "list_parts": "s3:ListMultipartUploadParts", "list_object_versions": "s3:ListBucketVersions",
+    "get_bucket_versioning": "s3:GetBucketVersioning",
+    "get_object_lock_configuration": "s3:GetBucketObjectLockConfiguration",
+    "get_object_retention": "s3:GetObjectRetention", "get_object_legal_hold": "s3:GetObjectLegalHold",
+}
+ON_VERSION = {"s3:DeleteObject": "s3:DeleteObjectVersion", "s3:GetObject": "s3:GetObjectVersion"}
+
+
+def iam_action(operation: str, kwargs: Mapping[str, Any]) -> str:
+    """The IAM action a client call needs ("" if unknown): what to name when it is denied."""
+    action = IAM_ACTIONS.get(operation, "")
+    return ON_VERSION.get(action, action) if kwargs.get("VersionId") else action
+
+
+def lock_explaining(lock_enabled: bool, retention: ObjectLock | None, legal_hold: bool,
+                    now: datetime) -> ObjectLock | None:
+    """The Object Lock that explains a refused delete of one object version, or None when
+    nothing in the store's lock state does (then the refusal is a missing permission)."""
+    if not lock_enabled:
+        return None
+    if legal_hold:
+        until = retention.retain_until if retention else datetime.max.replace(tzinfo=timezone.utc)
+        return ObjectLock(retention.mode if retention else "legal hold", until, legal_hold=True)
+    if retention is not None and retention.retain_until > now:
+        return retention
+    return None
 
 
 def _transient(exc: BaseException) -> bool:
@@ -256,17 +290,22 @@ class S3Storage(Storage):
             raise StorageError("no AWS credentials found for " + self.url,
                                "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
         except ClientError as exc:
-            raise self._client_error(exc, what) from exc
+            raise self._client_error(exc, what, iam_action(getattr(fn, "__name__", ""), kwargs)) from exc
         except BotoCoreError as exc:
             raise StorageError(f"S3 request failed while {what} in {self.url} "
                                f"(gave up after {self.tuning.attempts} attempts): {exc}",
                                "check AWS_ENDPOINT_URL_S3 and the network, then run the command again") from exc
 
-    def _client_error(self, exc: ClientError, what: str) -> StorageError:
+    def _client_error(self, exc: ClientError, what: str, action: str = "") -> StorageError:
         code = exc.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
             return StorageError(f"bucket {self.bucket!r} does not exist",
                                 "create it or correct --repo / BACKUP_TOOL_REPO")
+        if code in DENIED_CODES and action:
+            return PermissionDeniedError(
+                f"access denied to {self.url} while {what}: the credentials lack {action}",
+                f"grant {action} on arn:aws:s3:::{self.bucket}/{self.prefix}* to this identity "
+                "(IAM or bucket policy), then run the command again", action=action)
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(f"access denied to {self.url} while {what}",
                                 "check the credentials and the bucket policy")
@@ -342,6 +381,7 @@ class S3Storage(Storage):
             attempts += 1
             return fn(**kw)
 
+        attempt.__name__ = getattr(fn, "__name__", "attempt")
         try:
             self._call(what, attempt, **kwargs)
         except StorageError as exc:
@@ -432,23 +472,72 @@ class S3Storage(Storage):
 
     def lock_of(self, key: str) -> ObjectLock | None:
         head = self._call(key, self._client.head_object, Bucket=self.bucket, Key=self._key(key))
-        until = head.get("ObjectLockRetainUntilDate")
-        mode = head.get("ObjectLockMode")
-        if not until or not mode:
-            return None
-        return ObjectLock(str(mode).lower(), until.astimezone(timezone.utc))
+        return _head_lock(head)
 
     def object_lock_enabled(self) -> bool | None:
         try:
-            conf = _retry(self._client.get_object_lock_configuration)(Bucket=self.bucket)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ObjectLockConfigurationNotFoundError":
+            conf = self._call("reading the bucket's Object Lock configuration",
+                              self._client.get_object_lock_configuration, Bucket=self.bucket)
+        except StorageError as exc:
+            if _error_code(exc.__cause__) == "ObjectLockConfigurationNotFoundError":
                 return False
-            raise self._client_error(exc, "reading the Object Lock configuration") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"S3 request failed while reading the Object Lock configuration of "
-                               f"{self.url}: {exc}") from exc
+            raise
         return conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
+    def _retention(self, key: str, full: str, version: str) -> ObjectLock | None:
+        """The version's retention (GetObjectRetention; from its HEAD on stores that lack that call)."""
+        try:
+            resp = self._client.get_object_retention(Bucket=self.bucket, Key=full, VersionId=version)
+        except (ClientError, BotoCoreError) as exc:
+            code = _error_code(exc)
+            if code in DENIED_CODES and isinstance(exc, ClientError):
+                raise self._client_error(exc, f"reading the retention of {key}", "s3:GetObjectRetention") from exc
+            if code == "NoSuchObjectLockConfiguration":
+                return None
+            head = self._call(f"reading the retention of {key}", self._client.head_object, Bucket=self.bucket,
+                              Key=full, VersionId=version)
+            mode, until = head.get("ObjectLockMode"), head.get("ObjectLockRetainUntilDate")
+        else:
+            retention = resp.get("Retention") or {}
+            mode, until = retention.get("Mode"), retention.get("RetainUntilDate")
+        return ObjectLock(str(mode).lower(), until.astimezone(timezone.utc)) if mode and until else None
+
+    def _legal_hold(self, key: str, full: str, version: str) -> bool:
+        try:
+            resp = self._call(f"reading the legal hold of {key}", self._client.get_object_legal_hold,
+                              Bucket=self.bucket, Key=full, VersionId=version)
+        except StorageError as exc:
+            if _error_code(exc.__cause__) == "NoSuchObjectLockConfiguration":
+                return False
+            raise
+        return (resp.get("LegalHold") or {}).get("Status") == "ON"
+
+    def _denied_delete(self, key: str, full: str, version: str) -> StorageError:
+        """Why deleting one version of ``key`` was refused, from the store's own lock state
+        (the bucket's lock configuration, the version's retention and legal hold): S3 answers
+        AccessDenied both for a lock and for a missing permission."""
+        needed = "s3:DeleteObjectVersion"
+        try:
+            enabled = bool(self.object_lock_enabled())
+            retention = self._retention(key, full, version) if enabled else None
+            hold = self._legal_hold(key, full, version) if enabled else False
+        except PermissionDeniedError as exc:
+            return PermissionDeniedError(
+                f"deleting {key} from {self.url} was refused and {exc.action or 'reading its lock state'} is "
+                f"denied too: cannot tell an Object Lock from a missing {needed} permission",
+                f"grant {exc.action or 's3:GetObjectRetention'} (and {needed}) on "
+                f"arn:aws:s3:::{self.bucket}/{self.prefix}*, then run the command again", action=exc.action)
+        lock = lock_explaining(enabled, retention, hold, datetime.now(timezone.utc))
+        if lock is not None:
+            what = "a legal hold" if lock.legal_hold else f"Object Lock ({lock.mode}) until {lock.retain_until:%Y-%m-%dT%H:%M:%SZ}"
+            return ObjectLockedError(f"{key} is protected by {what} in {self.url}",
+                                     "a legal hold must be removed first" if lock.legal_hold else
+                                     "it can be deleted once its retain-until date has passed")
+        why = "the bucket has no Object Lock" if not enabled else "the object has neither a retention nor a legal hold"
+        return PermissionDeniedError(
+            f"deleting {key} from {self.url} was denied: the credentials lack {needed} ({why})",
+            f"grant {needed} on arn:aws:s3:::{self.bucket}/{self.prefix}* to this identity, "
+            "then run the command again", action=needed)
 
     def _versioned(self) -> bool:
         cached = getattr(self, "_versioning", None)
@@ -480,11 +569,9 @@ class S3Storage(Storage):
             try:
                 _retry(self._client.delete_object)(Bucket=self.bucket, Key=full, VersionId=version)
             except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code in ("AccessDenied", "403", "InvalidRequest"):
-                    raise ObjectLockedError(f"{key} is protected by Object Lock in {self.url}",
-                                            "it can be deleted once its retain-until date has passed") from exc
-                raise self._client_error(exc, f"deleting {key}") from exc
+                if _error_code(exc) in DENIED_CODES:
+                    raise self._denied_delete(key, full, version) from exc
+                raise self._client_error(exc, f"deleting {key}", "s3:DeleteObjectVersion") from exc
 
     def list_partials(self, prefix: str = "") -> Iterator[PartialUpload]:
         """Multipart uploads never completed or aborted; ``modified`` is the last part's time."""
@@ -520,6 +607,19 @@ class S3Storage(Storage):
         except ObjectMissingError:
             return False
         return True
+
+
+def _head_lock(head: Mapping[str, Any]) -> ObjectLock | None:
+    """The retention and legal hold a HeadObject answer shows (None: neither)."""
+    until, mode = head.get("ObjectLockRetainUntilDate"), head.get("ObjectLockMode")
+    hold = head.get("ObjectLockLegalHoldStatus") == "ON"
+    if hold:
+        return ObjectLock(str(mode).lower() if mode else "legal hold",
+                          until.astimezone(timezone.utc) if until else datetime.max.replace(tzinfo=timezone.utc),
+                          legal_hold=True)
+    if not until or not mode:
+        return None
+    return ObjectLock(str(mode).lower(), until.astimezone(timezone.utc))
 
 
 class _MultipartUpload:
