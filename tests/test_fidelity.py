@@ -43,6 +43,9 @@ def build_rich_source(db: Any, tag: str) -> dict[str, str]:
         CREATE MATERIALIZED VIEW public.big_orders AS SELECT id FROM public.orders WHERE amount > 700;
         CREATE UNIQUE INDEX ON public.big_orders (id);
         CREATE MATERIALIZED VIEW public.never_filled AS SELECT id FROM public.orders WITH NO DATA;
+        CREATE SCHEMA crm;
+        CREATE TABLE crm.accounts (id int PRIMARY KEY, name text);
+        INSERT INTO crm.accounts VALUES (1, 'Ærø'), (2, 'O''Brien');
         CREATE TABLE public.no_columns ();
         INSERT INTO public.no_columns DEFAULT VALUES; INSERT INTO public.no_columns DEFAULT VALUES;
         INSERT INTO public.no_columns DEFAULT VALUES;
@@ -96,6 +99,7 @@ def test_rich_database_round_trips_with_an_identical_pg_dump(cli: Any, repo: str
     assert target.scalar("SELECT count(*) FROM public.all_dropped") == 2
     assert bytes(target.scalar("SELECT lo_get(424243)")) == bytes.fromhex("00ff" * 300000)
     assert target.scalar("SELECT count(*) FROM pg_stats WHERE tablename = 'orders'") > 0
+    assert target.scalar("SELECT count(*) FROM crm.accounts") == 2
 
 
 def test_incremental_chain_carries_them_too(cli: Any, local_repo: str, fresh_db: Callable[..., Any],
