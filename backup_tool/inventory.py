@@ -96,13 +96,14 @@ def event_triggers(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 
 def comments(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Every comment in the database (not on the database itself, a shared object), keyed by
-    ``pg_identify_object``'s type and identity."""
+    ``pg_identify_object``'s type and identity. A comment whose object cannot be identified
+    (a leftover no dump carries, e.g. on a subscription of another database) is left out."""
     rows = _rows(conn, f"""
         SELECT i.type || ' ' || i.identity AS object, d.description AS comment
           FROM pg_description d
          CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) i
           LEFT JOIN pg_namespace n ON quote_ident(n.nspname) = i.schema
-         WHERE (i.schema IS NULL OR ({SYSTEM_SCHEMA_FILTER}))
+         WHERE i.identity IS NOT NULL AND (i.schema IS NULL OR ({SYSTEM_SCHEMA_FILTER}))
            AND (d.objoid >= {FIRST_NORMAL_OID} OR d.classoid = 'pg_namespace'::regclass)
            AND NOT (d.classoid = 'pg_namespace'::regclass AND d.objoid IN (
                    SELECT n2.oid FROM pg_namespace n2 WHERE n2.nspname IN ('pg_catalog', 'information_schema')
