@@ -216,3 +216,26 @@ def test_extensions_come_back_at_their_backed_up_version(cli: Any, local_repo: s
     assert dict(target.execute("SELECT extname, extversion FROM pg_extension")) == \
         {"plpgsql": "1.0", "pg_trgm": "1.5", "hstore": "1.7"}
     assert dump_create(source) == dump_create(target)
+
+
+def test_a_materialized_view_stale_in_the_source_is_named_by_the_verdict(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    source = fresh_db("stale")
+    source.execute("CREATE TABLE public.t (v int); INSERT INTO public.t VALUES (1), (2)")
+    source.execute("CREATE MATERIALIZED VIEW public.fresh AS SELECT sum(v) AS s FROM public.t")
+    source.execute("CREATE MATERIALIZED VIEW public.stale AS SELECT count(*) AS n FROM public.t")
+    source.execute("INSERT INTO public.t VALUES (3); REFRESH MATERIALIZED VIEW public.fresh")
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    target = fresh_db("stale_r")
+    pg_server.drop_db(target.name)
+
+    out = restore_into(cli, local_repo, entry["id"], target, expect_rc=3)
+
+    failed = {c["name"]: c["detail"] for c in out["validation"]["checks"] if not c["ok"]} \
+        if "validation" in out else None
+    if failed is None:
+        out = cli.json("validate", "--repo", local_repo, "--dsn", target.dsn, "--against", entry["id"], expect_rc=3)
+        failed = {c["name"]: c["detail"] for c in out["checks"] if not c["ok"]}
+    assert list(failed) == ["materialized_views"]
+    assert "public.stale" in failed["materialized_views"] and "public.fresh" not in failed["materialized_views"]
+    assert target.scalar("SELECT n FROM public.stale") == 3
