@@ -395,11 +395,11 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     from backup_tool.catalog import Catalog
     from backup_tool.monitor import read_verifications, read_wal_state
     from backup_tool.retention import read_log
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
     generated = datetime.now(UTC)
     now = now or generated
-    storage = open_storage(settings.repo_url)
+    storage = open_repository(settings.repo_url)
     manifests, problems = Catalog(storage).scan()
     runs, deletions, log_problems = read_log(storage)
     facts = [f"unreadable manifest: {p.message}" for p in problems] + log_problems

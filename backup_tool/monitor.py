@@ -280,14 +280,14 @@ def read_wal_state(storage: Storage) -> WalState | None:
 def collect_status(settings_factory: Callable[[], Settings], now: datetime | None = None) -> StatusReport:
     """Read the repository and evaluate; any failure to read is an UNKNOWN report, not an error."""
     from backup_tool.catalog import Catalog
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
     now = now or datetime.now(UTC)
     repository = ""
     try:
         settings = settings_factory()
         repository = settings.repo_url
-        storage = open_storage(settings.repo_url)
+        storage = open_repository(settings.repo_url)
         manifests, problems = Catalog(storage).scan()
         records = [BackupRecord.from_manifest(m) for m in manifests]
         report = evaluate(records, read_verifications(storage), read_wal_state(storage), settings.policy, now,

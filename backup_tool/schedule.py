@@ -412,10 +412,10 @@ def plan_due(settings: Settings, now: datetime | None = None, reporter: Reporter
     repository; takes, writes and locks nothing, so any ``now`` is safe."""
     from backup_tool.catalog import Catalog
     from backup_tool.report import NullReporter
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
     reporter = reporter or NullReporter()
-    manifests, problems = Catalog(open_storage(settings.repo_url)).scan()
+    manifests, problems = Catalog(open_repository(settings.repo_url)).scan()
     for p in problems:
         reporter.warning(f"unreadable manifest ignored: {p.message}")
     plan = decide_due(_records(settings, manifests), settings.policy, now or datetime.now(UTC))
