@@ -13,7 +13,7 @@ without a backup taken at or after it.
 * the newest verification run failed: CRITICAL
 * backups older than ``monitoring.verify_max_age_hours`` and no verification that recent:
   WARNING
-* the repository cannot be read (or the policy is broken): UNKNOWN
+* the repository cannot be read or does not exist (or the policy is broken): UNKNOWN
 
 The textfile for node_exporter's textfile collector is written to a temporary file in the
 same directory and renamed over the target, so the collector never reads half a file.

@@ -69,10 +69,10 @@ def run_due_cmd(
     from backup_tool.errors import UsageError
     from backup_tool.schedule import parse_ts, plan_due, run_due
 
-    if now is not None and not dry_run:
+    at = parse_ts(now) if now else None
+    if at is not None and not dry_run:
         raise UsageError("run-due --now only plans: a backup taken now cannot meet another time's slot",
                          "add --dry-run to see what would be due at that time, or drop --now")
-    at = parse_ts(now) if now else None
     result = plan_due(inv.settings, at, inv.reporter) if dry_run else run_due(inv.settings, inv.reporter)
     data = result.to_dict()
     inv.out(data, lambda: _render_run_due(data))
