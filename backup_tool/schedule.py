@@ -10,12 +10,13 @@ exist fires at the same instant an hour later, and a time that occurs twice fire
 (the first time).
 
 Which backup meets a slot is decided in one place, :func:`meet_slot`, used by ``run-due``
-(what is due), ``audit`` (every slot met, late, missed or pending) and ``status``: a slot
+(what is due) and ``audit`` (every slot met, late, missed or pending): a slot
 of a schedule is met by the earliest backup of an accepted kind (a full or an incremental
 for an incremental slot) started in [slot, next slot) and at or before ``now``; on time
 within ``grace_minutes``, late after. So every backup belongs to at most one slot of a
 schedule, the newest slot at or before its start, and a backup is judged by when it really
-started, never by the time a command claimed.
+started, never by the time a command claimed (``schedule-log/`` records written by older
+versions for ``run-due --now`` are not read).
 
 What is due is a pure function of (backups, policy, now): a full is due when the newest
 full slot at or before ``now`` is not met (or there is no full at all, or the chain has
