@@ -4,10 +4,11 @@ It states the policy in force and, over the audit window (``audit.window_days`` 
 ``now``, but not before the repository's first backup), gives evidence for each promise:
 
 * **schedule adherence** — every slot the policy's cron expressions expected, and the backup
-  that met it: a full slot by a full started within [slot, slot + grace], an incremental
-  slot by an incremental or a full in that interval. A slot taken after its grace but before
-  the next slot is *late*; one with no backup is *missed*; one whose grace has not ended is
-  *pending*. Backups since deleted by retention still count (from the deletion log).
+  that met it, by :func:`backup_tool.schedule.meet_slot` (the rule run-due decides by): a
+  full slot by a full started in [slot, next slot), an incremental slot by an incremental or
+  a full; *met* within the grace, *late* after it; one with no backup is *missed*; one whose
+  grace has not ended is *pending*. Backups since deleted by retention still count (from the
+  deletion log).
 * **retention adherence** — backups kept past expiry with the rule that kept them, backups
   overdue for deletion with no such rule, and any deletion before expiry (from the
   append-only ``retention-log/``).
@@ -43,7 +44,7 @@ from backup_tool.retention import (
     segment_position,
     wal_gaps,
 )
-from backup_tool.schedule import iso, slots_between
+from backup_tool.schedule import iso, meet_slot, next_slot, slots_between
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 
 UTC = timezone.utc
 FORMATS = ("json", "markdown", "html")
-ACCEPTS = {"full": ("full",), "incremental": ("full", "incremental"), "base": ("base",)}
 
 
 # ----------------------------------------------------------------------------- model
@@ -201,7 +201,8 @@ class AuditReport:
 
 def schedule_adherence(candidates: Sequence[Candidate], policy: Policy, start: datetime,
                        now: datetime) -> list[SlotResult]:
-    """Every slot in [start, now] with the backup that met it, or why not (pure)."""
+    """Every slot in [start, now] with the backup that met it, or why not (pure); each slot is
+    judged by :func:`backup_tool.schedule.meet_slot`, the rule run-due decides by."""
     s = policy.schedule
     grace = timedelta(minutes=s.grace_minutes)
     results: list[SlotResult] = []
@@ -209,25 +210,12 @@ def schedule_adherence(candidates: Sequence[Candidate], policy: Policy, start: d
         if not expr:
             continue
         slots = slots_between(expr, s.timezone, start, now + timedelta(seconds=1))
-        pool = sorted((c for c in candidates if c.kind in ACCEPTS[schedule]), key=lambda c: (c.started_at, c.id))
-        used: set[str] = set()
         for i, slot in enumerate(slots):
-            following = slots[i + 1] if i + 1 < len(slots) else None
-            on_time = next((c for c in pool if c.id not in used and slot <= c.started_at <= slot + grace), None)
-            if on_time is not None:
-                used.add(on_time.id)
-                results.append(SlotResult(schedule, slot, "met", on_time.id, on_time.started_at, on_time.deleted))
-                continue
-            if now < slot + grace:
-                results.append(SlotResult(schedule, slot, "pending"))
-                continue
-            late = next((c for c in pool if c.id not in used and slot + grace < c.started_at <= now
-                         and (following is None or c.started_at < following)), None)
-            if late is not None:
-                used.add(late.id)
-                results.append(SlotResult(schedule, slot, "late", late.id, late.started_at, late.deleted))
-            else:
-                results.append(SlotResult(schedule, slot, "missed"))
+            following = slots[i + 1] if i + 1 < len(slots) else next_slot(expr, s.timezone, slot)
+            verdict = meet_slot(schedule, slot, following, grace, now, candidates)
+            b = verdict.backup
+            results.append(SlotResult(schedule, slot, verdict.status.value, b.id if b else None,
+                                      b.started_at if b else None, b.deleted if b else False))
     return sorted(results, key=lambda r: (r.slot, r.schedule))
 
 
@@ -407,11 +395,11 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     from backup_tool.catalog import Catalog
     from backup_tool.monitor import read_verifications, read_wal_state
     from backup_tool.retention import read_log
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
     generated = datetime.now(UTC)
     now = now or generated
-    storage = open_storage(settings.repo_url)
+    storage = open_repository(settings.repo_url)
     manifests, problems = Catalog(storage).scan()
     runs, deletions, log_problems = read_log(storage)
     facts = [f"unreadable manifest: {p.message}" for p in problems] + log_problems

@@ -54,7 +54,7 @@ from backup_tool.manifest import Manifest
 from backup_tool.policy import Policy
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
-from backup_tool.storage import Storage, open_storage
+from backup_tool.storage import Storage, open_repository
 
 KINDS = ("extension", "schema", "enum", "domain", "sequence", "table", "column", "constraint", "index",
          "rls", "policy", "function", "trigger", "view", "grant", "default_privileges")
@@ -448,7 +448,7 @@ def diff(settings: Settings, migrations_dir: str | Path, against: str | None = N
     found = migrations.discover(migrations_dir)
     server = ConnInfo(scratch_dsn if scratch_dsn else settings.dsn)
     if against:
-        storage = open_storage(settings.repo_url)
+        storage = open_repository(settings.repo_url)
         hint = database or DatabaseHint(dsn=ConnInfo(settings.dsn).dbname)
         manifest = Catalog(storage).resolve(against, database=hint)
         label = f"backup {manifest.id}"

@@ -42,6 +42,11 @@ class NotFoundError(BackupToolError):
     """A backup, table or object the user named does not exist; exit code 1."""
 
 
+class RepositoryMissingError(NotFoundError):
+    """The repository a reader was pointed at does not exist (a typo, or nothing backed up yet
+    there); exit code 1. An existing but empty repository is not this: it has no backups yet."""
+
+
 class StorageError(BackupToolError):
     """The repository could not be read or written; exit code 1."""
 

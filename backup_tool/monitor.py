@@ -13,7 +13,7 @@ without a backup taken at or after it.
 * the newest verification run failed: CRITICAL
 * backups older than ``monitoring.verify_max_age_hours`` and no verification that recent:
   WARNING
-* the repository cannot be read (or the policy is broken): UNKNOWN
+* the repository cannot be read or does not exist (or the policy is broken): UNKNOWN
 
 The textfile for node_exporter's textfile collector is written to a temporary file in the
 same directory and renamed over the target, so the collector never reads half a file.
@@ -37,7 +37,7 @@ from backup_tool.retention import (
     segment_position,
     wal_gaps,
 )
-from backup_tool.schedule import effective_time, iso, last_due_slot
+from backup_tool.schedule import iso, last_due_slot
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
@@ -143,13 +143,11 @@ def _age(now: datetime, ts: datetime) -> str:
 
 
 def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verification], wal: WalState | None,
-             policy: Policy, now: datetime, claims: Mapping[str, datetime] | None = None,
-             repository: str = "") -> StatusReport:
-    """The monitoring verdict at ``now`` (pure)."""
-    claims = claims or {}
+             policy: Policy, now: datetime, repository: str = "") -> StatusReport:
+    """The monitoring verdict at ``now`` (pure); a backup counts from when it started."""
     s = policy.schedule
     grace = timedelta(minutes=s.grace_minutes)
-    present = sorted((b for b in backups if b.started_at <= now), key=lambda b: (effective_time(b, claims), b.id))
+    present = sorted((b for b in backups if b.started_at <= now), key=lambda b: (b.started_at, b.id))
     newest: dict[str, BackupRecord] = {}
     for b in present:
         newest[b.kind] = b
@@ -160,7 +158,7 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
     full_slot = last_due_slot(s.full, s.timezone, now, grace)
     if full is None:
         checks.append(Check("full", CRITICAL, "no full backup in the repository"))
-    elif full_slot and effective_time(full, claims) < full_slot:
+    elif full_slot and full.started_at < full_slot:
         checks.append(Check("full", CRITICAL,
                             f"full backup missed: newest full {full.id} is {_age(now, full.started_at)} old; "
                             f"the {iso(full_slot)} slot passed its {s.grace_minutes} min grace without one"))
@@ -170,7 +168,7 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
     if s.incremental and logical:
         head = logical[-1]
         slot = last_due_slot(s.incremental, s.timezone, now, grace)
-        if slot and effective_time(head, claims) < slot:
+        if slot and head.started_at < slot:
             checks.append(Check("incremental", WARNING,
                                 f"incremental late: newest backup {head.id} is {_age(now, head.started_at)} old; "
                                 f"the {iso(slot)} slot passed its grace without one"))
@@ -182,7 +180,7 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
         slot = last_due_slot(s.base, s.timezone, now, grace)
         if base is None:
             checks.append(Check("base", CRITICAL, "no base backup: point-in-time recovery is impossible"))
-        elif slot and effective_time(base, claims) < slot:
+        elif slot and base.started_at < slot:
             checks.append(Check("base", CRITICAL, f"base backup missed: newest {base.id} is "
                                                   f"{_age(now, base.started_at)} old; slot {iso(slot)} passed"))
         else:
@@ -282,19 +280,18 @@ def read_wal_state(storage: Storage) -> WalState | None:
 def collect_status(settings_factory: Callable[[], Settings], now: datetime | None = None) -> StatusReport:
     """Read the repository and evaluate; any failure to read is an UNKNOWN report, not an error."""
     from backup_tool.catalog import Catalog
-    from backup_tool.schedule import read_claims
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
     now = now or datetime.now(UTC)
     repository = ""
     try:
         settings = settings_factory()
         repository = settings.repo_url
-        storage = open_storage(settings.repo_url)
+        storage = open_repository(settings.repo_url)
         manifests, problems = Catalog(storage).scan()
         records = [BackupRecord.from_manifest(m) for m in manifests]
         report = evaluate(records, read_verifications(storage), read_wal_state(storage), settings.policy, now,
-                          read_claims(storage), storage.url)
+                          storage.url)
     except BackupToolError as exc:
         return StatusReport(now, repository, (), {}, error=str(exc))
     if problems:

@@ -66,7 +66,7 @@ from backup_tool.errors import (
 )
 from backup_tool.manifest import Manifest, PhysicalInfo, parse_utc, utc_iso
 from backup_tool.report import NullReporter, Reporter
-from backup_tool.storage import Storage, open_storage
+from backup_tool.storage import Storage, open_repository, open_storage
 from backup_tool.validate import Check, ValidationReport, validate
 
 CONF_MARK = "# --- backup-tool restore pitr"
@@ -435,7 +435,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
     _check_empty(pgdata)
-    storage = open_storage(settings.repo_url)
+    storage = open_repository(settings.repo_url)
     backups = of_cluster_holding(Catalog(storage).scan()[0], database, storage.url)
     files = wal.list_archive(storage)
     segments = wal.segments_of(files)
@@ -743,7 +743,7 @@ def private_dir(os_user: str) -> Iterator[Path]:
 
 def repository_health(settings: Settings, now: datetime | None = None) -> wal.ArchiveHealth:
     """The WAL archive's continuity after the oldest base backup and its newest segment's age."""
-    storage = open_storage(settings.repo_url)
+    storage = open_repository(settings.repo_url)
     bases = [m.physical for m in Catalog(storage).scan()[0] if m.kind == "base" and m.physical]
     return wal.archive_health(storage, [(p.timeline, wal.parse_lsn(p.start_lsn), p.wal_segment_size)
                                         for p in bases], now)
@@ -838,7 +838,7 @@ def _live_timeline(settings: Settings, target: Any) -> int | None:
         return None
     if row is None:
         return None
-    storage = open_storage(settings.repo_url)
+    storage = open_repository(settings.repo_url)
     same = any(m.kind == "base" and m.system_identifier == row[0] for m in Catalog(storage).scan()[0])
     return int(row[1]) if same else None
 

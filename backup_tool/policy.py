@@ -11,6 +11,8 @@ import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -215,18 +217,30 @@ def parse_policy(text: str, path: str) -> Policy:
     return policy
 
 
-def policy_dirs() -> list[Path]:
-    dirs = []
+def bundled_policies() -> Traversable:
+    """The shipped policies: ``backup_tool/policies/`` inside an installed wheel (setuptools maps
+    the top-level ``policies/`` folder there), else the source checkout's ``policies/``."""
+    installed = files("backup_tool") / "policies"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "policies"
+
+
+def policy_dirs() -> list[Traversable]:
+    """Where ``--policy NAME`` is looked up, first match wins: ``BACKUP_TOOL_POLICY_DIR``,
+    ``./policies``, then the bundled policies."""
+    dirs: list[Traversable] = []
     if env := os.environ.get("BACKUP_TOOL_POLICY_DIR"):
         dirs.append(Path(env))
     dirs.append(Path.cwd() / "policies")
-    dirs.append(Path(__file__).resolve().parent.parent / "policies")
+    dirs.append(bundled_policies())
     return dirs
 
 
 def load_policy(name_or_path: str | None) -> Policy:
     """Load a policy by NAME (``policies/NAME.toml``) or PATH; ``default`` always resolves."""
     ref = name_or_path or "default"
+    candidates: list[Traversable]
     if "/" in ref or ref.endswith(".toml"):
         candidates = [Path(ref)]
     else:

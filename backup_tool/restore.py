@@ -55,7 +55,7 @@ from backup_tool.errors import (
 from backup_tool.manifest import Manifest, StoredObject, TableEntry, utc_iso
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
-from backup_tool.storage import Storage, open_storage
+from backup_tool.storage import Storage, open_repository
 from backup_tool.validate import ValidationReport, validate
 
 
@@ -240,7 +240,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     """
     reporter = reporter or NullReporter()
     started = time.monotonic()
-    storage = open_storage(settings.repo_url)
+    storage = open_repository(settings.repo_url)
     manifest = Catalog(storage).resolve_logical(backup_ref, database)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     jobs = jobs or settings.policy.backup.jobs

@@ -54,7 +54,7 @@ from backup_tool.manifest import Manifest, TableEntry
 from backup_tool.postgres import ConnInfo, qualified
 from backup_tool.report import NullReporter, Reporter
 from backup_tool.restore import BackupOrigin, ensure_roles, load_table, read_object
-from backup_tool.storage import Storage, open_storage
+from backup_tool.storage import Storage, open_repository
 from backup_tool.validate import (
     Check,
     ValidationReport,
@@ -406,7 +406,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
         raise UsageError("no tables given", "pass --tables SCHEMA.TABLE[,...]")
     reporter = reporter or NullReporter()
     started = time.monotonic()
-    storage = open_storage(settings.repo_url)
+    storage = open_repository(settings.repo_url)
     manifest = Catalog(storage).resolve_logical(backup_ref, database)
     entries = resolve_tables(manifest, tables)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)

@@ -501,13 +501,13 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
     from backup_tool import __version__
     from backup_tool.catalog import Catalog, manifest_key
     from backup_tool.report import NullReporter
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
     reporter = reporter or NullReporter()
     clock = datetime.now(UTC)
     now = now or clock
     policy = settings.policy
-    storage = open_storage(settings.repo_url)
+    storage = open_repository(settings.repo_url)
     catalog = Catalog(storage)
     all_ids = set(catalog.ids())
     manifests, problems = catalog.scan()

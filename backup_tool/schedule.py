@@ -9,13 +9,21 @@ matching either one fires. Across a daylight-saving change a wall-clock time tha
 exist fires at the same instant an hour later, and a time that occurs twice fires once
 (the first time).
 
+Which backup meets a slot is decided in one place, :func:`meet_slot`, used by ``run-due``
+(what is due) and ``audit`` (every slot met, late, missed or pending): a slot
+of a schedule is met by the earliest backup of an accepted kind (a full or an incremental
+for an incremental slot) started in [slot, next slot) and at or before ``now``; on time
+within ``grace_minutes``, late after. So every backup belongs to at most one slot of a
+schedule, the newest slot at or before its start, and a backup is judged by when it really
+started, never by the time a command claimed (``schedule-log/`` records written by older
+versions for ``run-due --now`` are not read).
+
 What is due is a pure function of (backups, policy, now): a full is due when the newest
-full slot at or before ``now`` has no full taken at or after it (or there is no full at
-all, or the chain has reached ``retention.max_chain_length``); an incremental is due when
-the newest incremental slot has no backup of either kind at or after it. Only the newest
-slot matters, so a missed slot is taken at the next run, once. A backup taken by
-``run-due --now T`` counts as taken at T (its claim), so calling run-due twice with the
-same ``--now`` takes at most one backup.
+full slot at or before ``now`` is not met (or there is no full at all, or the chain has
+reached ``retention.max_chain_length``); an incremental when the newest incremental slot is
+not met. Only the newest slot matters, so a missed slot is taken at the next run, once.
+``run-due`` takes backups only at the real current time; ``--now`` only plans
+(``--dry-run``), so a backup can never be recorded against a slot that has not come yet.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import re
 import shlex
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Generic, Mapping, Protocol, Sequence, TypeVar
 from zoneinfo import ZoneInfo
 
 from backup_tool.errors import BackupToolError, UsageError
@@ -39,8 +48,10 @@ if TYPE_CHECKING:
     from backup_tool.storage import Storage
 
 UTC = timezone.utc
-CLAIMS_PREFIX = "schedule-log/"
+RUN_LOG_PREFIX = "schedule-log/"
 LOGICAL = ("full", "incremental")
+ACCEPTS: Mapping[str, tuple[str, ...]] = {"full": ("full",), "incremental": ("full", "incremental"),
+                                          "base": ("base",)}
 
 MACROS = {
     "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
@@ -199,6 +210,67 @@ def last_due_slot(expr: str, tz: str, now: datetime, grace: timedelta) -> dateti
     return previous_slot(expr, tz, now - grace)
 
 
+# ----------------------------------------------------------------------------- which backup meets a slot
+
+
+class Taken(Protocol):
+    """Anything that can meet a slot: a backup record, or a deleted backup from the log."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def started_at(self) -> datetime: ...
+
+
+T = TypeVar("T", bound=Taken)
+
+
+class SlotStatus(str, Enum):
+    MET = "met"
+    LATE = "late"
+    MISSED = "missed"
+    PENDING = "pending"
+
+
+@dataclass(frozen=True)
+class SlotVerdict(Generic[T]):
+    """How one slot stands at ``now``; ``backup`` is the one meeting it (None when missed or pending)."""
+
+    status: SlotStatus
+    backup: T | None = None
+
+
+def meet_slot(schedule: str, slot: datetime, following: datetime | None, grace: timedelta,
+              now: datetime, backups: Sequence[T]) -> SlotVerdict[T]:
+    """Which backup meets ``slot`` of ``schedule`` (full, incremental or base), as seen at ``now``
+    (pure). ``following`` is the schedule's next slot (None: unbounded).
+
+    The earliest backup of a kind in :data:`ACCEPTS` started in [slot, following) and at or
+    before ``now`` meets it: MET when it started within ``grace`` of the slot, LATE after.
+    Without one the slot is PENDING while its grace runs, MISSED once it has passed.
+    """
+    accepted = ACCEPTS[schedule]
+    meeting = [b for b in backups if b.kind in accepted and slot <= b.started_at <= now
+               and (following is None or b.started_at < following)]
+    if meeting:
+        first = min(meeting, key=lambda b: (b.started_at, b.id))
+        return SlotVerdict(SlotStatus.MET if first.started_at <= slot + grace else SlotStatus.LATE, first)
+    return SlotVerdict(SlotStatus.PENDING if now < slot + grace else SlotStatus.MISSED)
+
+
+def newest_slot_verdict(schedule: str, expr: str, tz: str, grace: timedelta, now: datetime,
+                        backups: Sequence[T]) -> tuple[datetime | None, SlotVerdict[T] | None]:
+    """The newest slot of ``expr`` at or before ``now`` and its verdict (None, None: never fired)."""
+    slot = previous_slot(expr, tz, now)
+    if slot is None:
+        return None, None
+    return slot, meet_slot(schedule, slot, next_slot(expr, tz, slot), grace, now, backups)
+
+
 # ----------------------------------------------------------------------------- what is due
 
 
@@ -232,12 +304,6 @@ class DuePlan:
                 "next_full": iso(self.next_full), "next_incremental": iso(self.next_incremental)}
 
 
-def effective_time(b: BackupRecord, claims: Mapping[str, datetime]) -> datetime:
-    """The moment a backup counts as taken for due-ness: its start, or its run-due claim if later."""
-    claim = claims.get(b.id)
-    return max(b.started_at, claim) if claim else b.started_at
-
-
 def chain_length(backups: Sequence[BackupRecord], head: BackupRecord) -> int:
     """Incrementals between ``head`` and its full (0 for a full)."""
     by_id = {b.id: b for b in backups}
@@ -252,33 +318,37 @@ def chain_length(backups: Sequence[BackupRecord], head: BackupRecord) -> int:
     return n
 
 
-def decide_due(backups: Sequence[BackupRecord], policy: Policy, now: datetime,
-               claims: Mapping[str, datetime] | None = None) -> DuePlan:
-    """What is due at ``now`` (pure: no clock, no I/O)."""
-    claims = claims or {}
+def decide_due(backups: Sequence[BackupRecord], policy: Policy, now: datetime) -> DuePlan:
+    """What is due at ``now`` (pure: no clock, no I/O); a slot is covered exactly when
+    :func:`meet_slot` finds a backup meeting it, as the audit does."""
     s, tz = policy.schedule, policy.schedule.timezone
-    logical = sorted((b for b in backups if b.kind in LOGICAL and b.started_at <= now),
-                     key=lambda b: (effective_time(b, claims), b.id))
+    grace = timedelta(minutes=s.grace_minutes)
+    present = [b for b in backups if b.started_at <= now]
+    logical = sorted((b for b in present if b.kind in LOGICAL), key=lambda b: (b.started_at, b.id))
     fulls = [b for b in logical if b.kind == "full"]
     items: list[DueItem] = []
     notes: list[str] = []
-    full_slot = previous_slot(s.full, tz, now)
-    incr_slot = previous_slot(s.incremental, tz, now)
 
-    def late(slot: datetime) -> str:
-        behind = now - slot
-        return " (missed, taking it now)" if behind > timedelta(minutes=s.grace_minutes) else ""
+    def not_taken(schedule: str, slot: datetime, verdict: SlotVerdict[BackupRecord]) -> str:
+        missed = " (missed, taking it now)" if verdict.status is SlotStatus.MISSED else ""
+        return f"{schedule} slot {iso(slot)} not taken yet{missed}"
 
+    def covered(schedule: str, slot: datetime, verdict: SlotVerdict[BackupRecord]) -> str:
+        assert verdict.backup is not None
+        return f"{schedule}: {verdict.backup.id} covers slot {iso(slot)} ({verdict.status.value})"
+
+    full_slot, full_v = newest_slot_verdict("full", s.full, tz, grace, now, present)
     if not fulls:
         items.append(DueItem("full", full_slot, "no full backup yet"))
-    elif full_slot and effective_time(fulls[-1], claims) < full_slot:
-        items.append(DueItem("full", full_slot, f"full slot {iso(full_slot)} not taken yet{late(full_slot)}"))
+    elif full_slot and full_v and full_v.backup is None:
+        items.append(DueItem("full", full_slot, not_taken("full", full_slot, full_v)))
     else:
-        notes.append(f"full: newest {fulls[-1].id} covers slot {iso(full_slot)}" if full_slot
+        notes.append(covered("full", full_slot, full_v) if full_slot and full_v
                      else f"full: newest {fulls[-1].id}; the full schedule has not fired")
-    if not items and incr_slot:
-        head = logical[-1]
-        if effective_time(head, claims) < incr_slot:
+    if not items and s.incremental:
+        incr_slot, incr_v = newest_slot_verdict("incremental", s.incremental, tz, grace, now, present)
+        if incr_slot and incr_v and incr_v.backup is None:
+            head = logical[-1]
             length = chain_length(logical, head)
             if length >= policy.retention.max_chain_length:
                 items.append(DueItem("full", incr_slot,
@@ -286,41 +356,29 @@ def decide_due(backups: Sequence[BackupRecord], policy: Policy, now: datetime,
                                      f"{length} incrementals (max_chain_length {policy.retention.max_chain_length}): "
                                      f"taking a full"))
             else:
-                items.append(DueItem("incremental", incr_slot,
-                                     f"incremental slot {iso(incr_slot)} not taken yet{late(incr_slot)}"))
-        else:
-            notes.append(f"incremental: newest {head.id} covers slot {iso(incr_slot)}")
+                items.append(DueItem("incremental", incr_slot, not_taken("incremental", incr_slot, incr_v)))
+        elif incr_slot and incr_v:
+            notes.append(covered("incremental", incr_slot, incr_v))
     if s.base:
-        bases = [b for b in backups if b.kind == "base" and b.started_at <= now]
-        base_slot = previous_slot(s.base, tz, now)
-        newest = max(bases, key=lambda b: effective_time(b, claims), default=None)
-        if newest is None:
+        bases = [b for b in present if b.kind == "base"]
+        base_slot, base_v = newest_slot_verdict("base", s.base, tz, grace, now, present)
+        if not bases:
             items.append(DueItem("base", base_slot, "no base backup yet"))
-        elif base_slot and effective_time(newest, claims) < base_slot:
-            items.append(DueItem("base", base_slot, f"base slot {iso(base_slot)} not taken yet{late(base_slot)}"))
-        else:
-            notes.append(f"base: newest {newest.id} covers slot {iso(base_slot)}")
+        elif base_slot and base_v and base_v.backup is None:
+            items.append(DueItem("base", base_slot, not_taken("base", base_slot, base_v)))
+        elif base_slot and base_v:
+            notes.append(covered("base", base_slot, base_v))
     return DuePlan(now, tuple(items), tuple(notes), next_slot(s.full, tz, now),
                    next_slot(s.incremental, tz, now) if s.incremental else None)
 
 
-# ----------------------------------------------------------------------------- claims (run-due log)
+# ----------------------------------------------------------------------------- run-due log
 
 
-def read_claims(storage: Storage) -> dict[str, datetime]:
-    """backup id -> the ``--now`` it was taken for, from run-due's records."""
-    claims: dict[str, datetime] = {}
-    for info in storage.list(CLAIMS_PREFIX):
-        try:
-            body = json.loads(storage.get_bytes(info.key))
-            claims[body["backup"]] = parse_ts(body["evaluated_at"])
-        except (BackupToolError, ValueError, KeyError, TypeError):
-            continue
-    return claims
-
-
-def write_claim(storage: Storage, backup_id: str, item: DueItem, evaluated_at: datetime) -> str:
-    key = f"{CLAIMS_PREFIX}{backup_id}.json"
+def write_run_record(storage: Storage, backup_id: str, item: DueItem, evaluated_at: datetime) -> str:
+    """Record why run-due took ``backup_id`` (slot and reason) under ``schedule-log/``: evidence
+    for people; no decision reads it (a backup counts by when it started)."""
+    key = f"{RUN_LOG_PREFIX}{backup_id}.json"
     body = {"backup": backup_id, "kind": item.kind, "slot": iso(item.slot), "reason": item.reason,
             "evaluated_at": iso(evaluated_at), "recorded_at": iso(datetime.now(UTC))}
     storage.put_bytes(key, json.dumps(body, indent=1).encode())
@@ -336,40 +394,59 @@ class RunDueResult:
     taken: tuple[dict[str, Any], ...]
     retention: dict[str, Any] | None
     retention_error: str | None = None
+    dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.plan.to_dict(), "taken": list(self.taken), "retention": self.retention,
-                "retention_error": self.retention_error}
+        return {**self.plan.to_dict(), "dry_run": self.dry_run, "taken": list(self.taken),
+                "retention": self.retention, "retention_error": self.retention_error}
 
 
-def run_due(settings: Settings, now: datetime | None = None, reporter: Reporter | None = None) -> RunDueResult:
-    """Take whatever the policy says is due at ``now`` (default: the current time), under
-    the backup lock; then apply retention when ``retention.run_after_backup`` is set."""
+def _records(settings: Settings, manifests: Sequence[Any]) -> list[BackupRecord]:
+    from backup_tool.retention import BackupRecord
+
+    database = _database_of(settings)
+    return [BackupRecord.from_manifest(m) for m in manifests if database is None or m.database == database]
+
+
+def plan_due(settings: Settings, now: datetime | None = None, reporter: Reporter | None = None) -> RunDueResult:
+    """What run-due would take at ``now`` (default: the current time) and why, read from the
+    repository; takes, writes and locks nothing, so any ``now`` is safe."""
+    from backup_tool.catalog import Catalog
+    from backup_tool.report import NullReporter
+    from backup_tool.storage import open_repository
+
+    reporter = reporter or NullReporter()
+    manifests, problems = Catalog(open_repository(settings.repo_url)).scan()
+    for p in problems:
+        reporter.warning(f"unreadable manifest ignored: {p.message}")
+    plan = decide_due(_records(settings, manifests), settings.policy, now or datetime.now(UTC))
+    return RunDueResult(plan, (), None, None, dry_run=True)
+
+
+def run_due(settings: Settings, reporter: Reporter | None = None) -> RunDueResult:
+    """Take whatever the policy says is due now (the real clock: a backup is only ever taken
+    for a slot that has come), under the backup lock; then apply retention when
+    ``retention.run_after_backup`` is set."""
     from backup_tool import backup
     from backup_tool.catalog import Catalog
     from backup_tool.report import NullReporter
-    from backup_tool.retention import BackupRecord, apply_retention
+    from backup_tool.retention import apply_retention
     from backup_tool.storage import open_storage
 
     reporter = reporter or NullReporter()
-    evaluated_at = now or datetime.now(UTC)
+    evaluated_at = datetime.now(UTC)
     storage = open_storage(settings.repo_url)
     manifests, problems = Catalog(storage).scan()
     for p in problems:
         reporter.warning(f"unreadable manifest ignored: {p.message}")
-    database = _database_of(settings)
-    records = [BackupRecord.from_manifest(m) for m in manifests
-               if database is None or m.database == database]
-    plan = decide_due(records, settings.policy, evaluated_at, read_claims(storage))
+    plan = decide_due(_records(settings, manifests), settings.policy, evaluated_at)
     reporter.event("run-due", now=iso(evaluated_at), due=plan.kinds or "nothing",
                    reasons=[i.reason for i in plan.items] or list(plan.notes))
     taken: list[dict[str, Any]] = []
     for item in plan.items:
 
         def still_due(current: list[Any], kind: str = item.kind) -> bool:
-            fresh = [BackupRecord.from_manifest(m) for m in current
-                     if database is None or m.database == database]
-            return kind in decide_due(fresh, settings.policy, evaluated_at, read_claims(storage)).kinds
+            return kind in decide_due(_records(settings, current), settings.policy, datetime.now(UTC)).kinds
 
         try:
             if item.kind == "full":
@@ -391,13 +468,13 @@ def run_due(settings: Settings, now: datetime | None = None, reporter: Reporter 
                 raise BackupToolError("schedule.base is set but this build cannot take base backups",
                                       "remove schedule.base from the policy or upgrade backup-tool")
             manifest = fn(settings, reporter)
-        write_claim(storage, manifest.id, item, evaluated_at)
+        write_run_record(storage, manifest.id, item, evaluated_at)
         taken.append({**manifest.summary(), "slot": iso(item.slot), "reason": item.reason})
     retention: dict[str, Any] | None = None
     error: str | None = None
     if taken and settings.policy.retention.run_after_backup:
         try:
-            retention = apply_retention(settings, now=now, reporter=reporter).to_dict()
+            retention = apply_retention(settings, reporter=reporter).to_dict()
         except BackupToolError as exc:
             error = str(exc)
             reporter.warning(f"retention after backup failed: {exc}")

@@ -28,7 +28,7 @@ from backup_tool.manifest import Manifest, utc_iso
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
 from backup_tool.restore import restore_full
-from backup_tool.storage import Storage, open_storage
+from backup_tool.storage import Storage, open_repository
 from backup_tool.storage.encrypted import encryption_of, manifest_encryption
 from backup_tool.validate import Check, ValidationReport
 
@@ -88,7 +88,7 @@ def verify(settings: Settings, ref: str = "latest", with_restore_test: bool = Fa
            database: DatabaseHint | None = None) -> ValidationReport:
     """Re-read the objects of ``ref`` (an id, ``latest`` of ``database``, or ``all``)."""
     reporter = reporter or NullReporter()
-    storage = open_storage(settings.repo_url)
+    storage = open_repository(settings.repo_url)
     catalog = Catalog(storage)
     manifests, problems = catalog.scan() if ref == "all" else ([catalog.resolve(ref, database=database)], [])
     checks = [Check("manifest", False, p.message) for p in problems]

@@ -500,10 +500,10 @@ def quick_fetch(name: str, destination: str, repo: str | None, prefetch: int | N
     (PostgreSQL starts it once per file): the same steps as the command, repository from
     ``--repo``, ``BACKUP_TOOL_REPO`` or the default. Raises like :func:`fetch`."""
     from backup_tool.config import repo_url
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
     url = repo_url(repo)
-    fetch(open_storage(url), name, destination)
+    fetch(open_repository(url), name, destination)
     prefetch_in_background(url, name, destination, DEFAULT_PREFETCH if prefetch is None else prefetch)
 
 

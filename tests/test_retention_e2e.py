@@ -39,35 +39,37 @@ def test_run_due_status_and_retention(cli: Any, local_repo: str, seed_db: Any, t
     assert status.stdout.startswith("BACKUP OK")
 
     tomorrow = datetime.now(UTC).replace(hour=3, minute=30, second=0, microsecond=0) + timedelta(days=1)
-    ahead = cli.json("run-due", *common, "--now", _iso(tomorrow))
-    assert [t["kind"] for t in ahead["taken"]] == ["full"]
+    refused = cli("run-due", *common, "--now", _iso(tomorrow))
+    assert refused.returncode == 2 and "--dry-run" in refused.stderr, "a real backup is only taken at the real time"
+    ahead = cli.json("run-due", *common, "--now", _iso(tomorrow), "--dry-run")
+    assert [d["kind"] for d in ahead["due"]] == ["full"] and ahead["taken"] == []
     assert "slot" in ahead["due"][0]["reason"]
-    assert cli.json("run-due", *common, "--now", _iso(tomorrow))["taken"] == [], "a slot is never taken twice"
-    later = tomorrow + timedelta(hours=3)  # the 06:00 incremental slot
-    incr = cli.json("run-due", *common, "--now", _iso(later))
-    assert [t["kind"] for t in incr["taken"]] == ["incremental"]
-    assert incr["taken"][0]["parent_id"] == ahead["taken"][0]["id"]
+    assert len(cli.json("list", "--repo", local_repo)) == 1, "a dry run takes nothing"
+    newer = cli.json("backup", "full", *common)
+    incr = cli.json("backup", "incremental", *common)
+    assert incr["parent_id"] == newer["id"]
 
     missed = cli("status", *common, "--now", _iso(tomorrow + timedelta(days=2)))
     assert missed.returncode == 2 and "full backup missed" in missed.stdout
 
+    fresh = str(tmp_path / "fresh-repo")
     with psycopg.connect(seed_db.dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))",
-                     (lock_name(open_storage(local_repo).url, seed_db.name),))
-        held = cli("run-due", *common, "--now", _iso(tomorrow + timedelta(days=3)))
+                     (lock_name(open_storage(fresh).url, seed_db.name),))
+        held = cli("run-due", "--repo", fresh, "--dsn", seed_db.dsn)
     assert held.returncode == 4, held.stderr
     assert "another backup" in held.stderr
 
     listed = [e["id"] for e in cli.json("list", "--repo", local_repo)]
     assert len(listed) == 3
     far = cli.json("retention", "apply", *common, "--now", _iso(datetime.now(UTC) + timedelta(days=45)))
-    newest_full = ahead["taken"][0]["id"]
+    newest_full = newer["id"]
     assert far["deleted"] == [first["taken"][0]["id"]]
-    assert set(far["kept"]) == {newest_full, incr["taken"][0]["id"]}
+    assert set(far["kept"]) == {newest_full, incr["id"]}
     reasons = {d["id"]: d["reasons"] for d in far["decisions"]}
     assert "newest full" in reasons[newest_full]
-    assert any(r.startswith("newest backup") for r in reasons[incr["taken"][0]["id"]])
-    assert [e["id"] for e in cli.json("list", "--repo", local_repo)] == [newest_full, incr["taken"][0]["id"]]
+    assert any(r.startswith("newest backup") for r in reasons[incr["id"]])
+    assert [e["id"] for e in cli.json("list", "--repo", local_repo)] == [newest_full, incr["id"]]
     assert not list((Path(local_repo) / "backups").glob(first["taken"][0]["id"] + "*"))
     restored_ok = cli.json("verify", "--repo", local_repo, "all")
     assert restored_ok["ok"] is True

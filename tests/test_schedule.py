@@ -187,12 +187,12 @@ def test_chain_at_max_length_takes_a_full() -> None:
     assert decide_due([full, i1], policy, ts("2026-11-25T12:00Z")).kinds == ["incremental"]
 
 
-def test_claims_make_future_now_idempotent() -> None:
+def test_a_backup_counts_from_when_it_started() -> None:
+    """A full taken on the 25th never covers the 27th's slot, whatever run-due was told."""
     full = record("full", "2026-11-25T02:00Z")
-    future = ts("2026-11-27T03:00Z")
     taken_now = record("full", "2026-11-25T13:00Z")
-    assert decide_due([full, taken_now], P, future).kinds == ["full"]
-    assert decide_due([full, taken_now], P, future, {taken_now.id: future}).kinds == []
+    plan = decide_due([full, taken_now], P, ts("2026-11-27T03:00Z"))
+    assert plan.kinds == ["full"] and plan.items[0].slot == ts("2026-11-27T02:00Z")
 
 
 def test_backups_after_now_are_ignored() -> None:

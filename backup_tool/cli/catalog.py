@@ -29,9 +29,9 @@ def version_cmd() -> None:
 def list_cmd(inv: Invocation) -> int:
     """List every complete backup in the repository, oldest first (needs no local state)."""
     from backup_tool.catalog import Catalog
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
-    manifests, problems = Catalog(open_storage(inv.settings.repo_url)).scan()
+    manifests, problems = Catalog(open_repository(inv.settings.repo_url)).scan()
     for p in problems:
         inv.reporter.warning(f"unreadable manifest skipped: {p.message}")
     entries = [m.summary() for m in manifests]
@@ -46,9 +46,9 @@ def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="
              database: DatabaseOption = None) -> int:
     """Show one backup's manifest summary: tables, rows, objects, checksums."""
     from backup_tool.catalog import Catalog
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
-    m = Catalog(open_storage(inv.settings.repo_url)).resolve(backup_id, database=inv.database(database))
+    m = Catalog(open_repository(inv.settings.repo_url)).resolve(backup_id, database=inv.database(database))
     data = {**m.summary(), "system_identifier": m.system_identifier, "snapshot_lsn": m.snapshot_lsn,
             "schema_fingerprint": m.schema_fingerprint, "policy": m.policy, "options": m.options,
             "tables": [{"table": t.full_name, "kind": t.relkind, "parent": t.parent, "rows": t.rows,

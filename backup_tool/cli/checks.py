@@ -28,13 +28,13 @@ def validate_cmd(
     functions, row counts and content checksums, sequences. Exit 3 if any fails."""
     from backup_tool.catalog import Catalog
     from backup_tool.postgres import ConnInfo
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
     from backup_tool.validate import validate
 
     settings = inv.settings
     manifest = storage = None
     if against:
-        storage = open_storage(settings.repo_url)
+        storage = open_repository(settings.repo_url)
         manifest = Catalog(storage).resolve(against, database=inv.database(database))
     report = validate(ConnInfo(settings.dsn), manifest, storage, jobs=jobs, reporter=inv.reporter)
     inv.out(report.to_dict(), lambda: render_report(report))

@@ -40,6 +40,10 @@ def _render_run_due(data: dict[str, Any]) -> str:
     lines = [f"as of {data['now']}: " + (", ".join(f"{d['kind']} due ({d['reason']})" for d in data["due"])
                                          or "nothing due")]
     lines += [f"  {n}" for n in data["notes"]]
+    if data["dry_run"]:
+        lines += [f"would take {d['kind']}" + (f" for slot {d['slot']}" if d["slot"] else "") + f": {d['reason']}"
+                  for d in data["due"]]
+        lines.append("dry run: nothing taken")
     lines += [f"took {t['kind']} {t['id']} ({t['size_bytes']} bytes)" for t in data["taken"]]
     if data["retention"]:
         lines.append(render_retention(data["retention"]))
@@ -54,14 +58,22 @@ def _render_run_due(data: dict[str, Any]) -> str:
 @command(app, "run-due")
 def run_due_cmd(
     inv: Invocation,
-    now: Annotated[Optional[str], typer.Option("--now", metavar="TS", help=NOW_HELP)] = None,
+    now: Annotated[Optional[str], typer.Option("--now", metavar="TS",
+                                               help="Plan as if it were TS (only with --dry-run)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be taken and why; take nothing")] = False,
 ) -> int:
     """Take the backup the policy says is due now (full, incremental, or nothing; a missed
     slot is taken now), under the lock (exit 4 if another backup runs), then apply retention
-    when the policy says so. Safe to call every few minutes: it never takes a slot twice."""
-    from backup_tool.schedule import parse_ts, run_due
+    when the policy says so. Safe to call every few minutes: it never takes a slot twice.
+    Backups are only taken at the real current time; --now plans with --dry-run."""
+    from backup_tool.errors import UsageError
+    from backup_tool.schedule import parse_ts, plan_due, run_due
 
-    result = run_due(inv.settings, parse_ts(now) if now else None, inv.reporter)
+    at = parse_ts(now) if now else None
+    if at is not None and not dry_run:
+        raise UsageError("run-due --now only plans: a backup taken now cannot meet another time's slot",
+                         "add --dry-run to see what would be due at that time, or drop --now")
+    result = plan_due(inv.settings, at, inv.reporter) if dry_run else run_due(inv.settings, inv.reporter)
     data = result.to_dict()
     inv.out(data, lambda: _render_run_due(data))
     failed = result.retention_error or (result.retention and result.retention.get("failed"))

@@ -67,7 +67,7 @@ def wal_fetch_cmd(
     (the normal end of recovery); 3 if the archived copy is corrupt (DEST is not written)."""
     from backup_tool import wal
     from backup_tool.errors import BackupToolError
-    from backup_tool.storage import open_storage
+    from backup_tool.storage import open_repository
 
     if wal.take_prefetched(wal_name, destination):
         if inv.common.json:
@@ -75,7 +75,7 @@ def wal_fetch_cmd(
         return 0
     repo_url = inv.settings.repo_url
     try:
-        result = wal.fetch(open_storage(repo_url), wal_name, destination)
+        result = wal.fetch(open_repository(repo_url), wal_name, destination)
     except wal.WalMissingError:
         print(f"backup-tool: {wal_name} is not in the archive (end of archive)", file=sys.stderr)
         return 1
@@ -93,11 +93,16 @@ def wal_fetch_cmd(
 @command(wal_app, "status")
 def wal_status_cmd(inv: Invocation) -> int:
     """Show what the WAL archive covers: segments, timelines, newest segment and its age, and gaps
-    after the oldest base backup (exit 3 if there is a gap)."""
+    after the oldest base backup. Exit 3 when any check fails (a gap, nothing archived, the newest
+    segment older than the policy's monitoring.wal_max_age_minutes)."""
+    from datetime import timedelta
+
     from backup_tool.pitr import repository_health
     from backup_tool.wal import format_lsn
 
     health = repository_health(inv.settings)
+    minutes = inv.settings.policy.monitoring.wal_max_age_minutes
+    checks = health.checks(timedelta(minutes=minutes) if minutes else None)
 
     def text() -> str:
         newest = health.newest
@@ -108,8 +113,8 @@ def wal_status_cmd(inv: Invocation) -> int:
             lines.append(f"timeline {c.timeline}: continuous {c.start_segment} .. {c.last_segment} "
                          f"(to LSN {format_lsn(c.end_lsn)}, archived until {c.archived_until})")
         lines += [f"GAP: {g}" for g in health.gaps]
-        lines += [f"{'ok  ' if c.ok else 'FAIL'}  {c.name}  {c.detail}" for c in health.checks()]
+        lines += [f"{'ok  ' if c.ok else 'FAIL'}  {c.name}  {c.detail}" for c in checks]
         return "\n".join(lines)
 
-    inv.out(health.to_dict(), text)
-    return EXIT_VALIDATION if health.gaps else 0
+    inv.out({**health.to_dict(), "checks": [c.to_dict() for c in checks]}, text)
+    return EXIT_VALIDATION if health.gaps or not all(c.ok for c in checks) else 0

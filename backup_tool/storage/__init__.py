@@ -16,7 +16,7 @@ from backup_tool.storage.encrypted import (
 )
 
 __all__ = ["EncryptedStorage", "EncryptionKey", "ObjectExistsError", "ObjectInfo", "ObjectMissingError",
-           "PutResult", "Storage", "open_storage"]
+           "PutResult", "Storage", "open_repository", "open_storage"]
 
 
 def open_storage(url: str, key: EncryptionKey | None = None) -> Storage:
@@ -39,3 +39,23 @@ def open_storage(url: str, key: EncryptionKey | None = None) -> Storage:
     from backup_tool.storage.local import LocalStorage
 
     return EncryptedStorage(LocalStorage(url.removeprefix("file://")), key)
+
+
+def open_repository(url: str, key: EncryptionKey | None = None) -> Storage:
+    """:func:`open_storage` for a command that reads the repository: a repository that does not
+    exist is an error naming it (RepositoryMissingError, exit 1), never "no backups".
+
+    A local repository exists once its directory does; an S3 repository once its bucket does
+    (every request to a missing bucket fails with "bucket ... does not exist"). An existing
+    directory or bucket prefix with no backups is a valid empty repository. Commands that write
+    (``backup``, ``run-due``, ``wal push``, ``check``'s write probe) use :func:`open_storage`
+    and create the repository with their first object.
+    """
+    storage = open_storage(url, key)
+    if not storage.repository_exists():
+        from backup_tool.errors import RepositoryMissingError
+
+        raise RepositoryMissingError(f"repository {storage.url} does not exist",
+                                     "check --repo / BACKUP_TOOL_REPO; the first 'backup-tool backup' "
+                                     "or 'run-due' creates it")
+    return storage

@@ -136,6 +136,11 @@ class Storage(ABC):
         """The Object Lock retention on the object's current version (None: not locked)."""
         return None
 
+    def repository_exists(self) -> bool:
+        """Whether the repository's location exists at all (a reader refuses a missing one);
+        an existing location without backups is a valid empty repository."""
+        return True
+
     def object_lock_enabled(self) -> bool | None:
         """Whether the repository can hold locked objects (None: the backend has no Object Lock)."""
         return None

@@ -143,3 +143,7 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def repository_exists(self) -> bool:
+        """The directory exists (the first write creates it)."""
+        return self.root.is_dir()
