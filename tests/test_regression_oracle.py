@@ -83,7 +83,7 @@ GRANT SELECT ON oracle.account_names TO oracle_reader;
 ALTER DEFAULT PRIVILEGES IN SCHEMA oracle GRANT SELECT ON TABLES TO oracle_reader;
 RESET ROLE;
 GRANT CONNECT, TEMPORARY ON DATABASE regression TO oracle_reader;
-COMMENT ON DATABASE regression IS 'PostgreSQL regression database (backup-tool fidelity oracle)';
+COMMENT ON DATABASE regression IS 'PostgreSQL test-suite database (backup-tool fidelity oracle; its name must not appear here, dumps are compared with it normalised)';
 ALTER DATABASE regression SET work_mem = '16MB';
 ALTER ROLE oracle_reader IN DATABASE regression SET search_path = oracle, public;
 """
@@ -376,7 +376,7 @@ ALTERATIONS: tuple[tuple[str, str, str], ...] = (
     ("database setting changed", "ALTER DATABASE regression SET work_mem = '32MB'",
      "ALTER DATABASE regression SET work_mem = '16MB'"),
     ("database comment dropped", "COMMENT ON DATABASE regression IS NULL",
-     "COMMENT ON DATABASE regression IS 'PostgreSQL regression database (backup-tool fidelity oracle)'"),
+     "COMMENT ON DATABASE regression IS 'PostgreSQL test-suite database (backup-tool fidelity oracle; its name must not appear here, dumps are compared with it normalised)'"),
     ("materialized view unpopulated", "REFRESH MATERIALIZED VIEW public.mvtest_tm WITH NO DATA",
      "REFRESH MATERIALIZED VIEW public.mvtest_tm"),
     ("column privilege granted", "GRANT SELECT (secret) ON oracle.accounts TO oracle_reader",
