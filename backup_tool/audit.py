@@ -31,7 +31,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from backup_tool.errors import BackupToolError, UsageError
+from backup_tool.errors import BackupToolError, UnauthenticatedError, UsageError
 from backup_tool.monitor import Verification, WalState
 from backup_tool.retention import (
     SEGMENTS_PER_LOG,
@@ -414,7 +414,8 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     storage = open_storage(settings.repo_url)
     manifests, problems = Catalog(storage).scan()
     runs, deletions, log_problems = read_log(storage)
-    facts = [f"unreadable manifest: {p.message}" for p in problems] + log_problems
+    facts = [f"{'refused' if isinstance(p, UnauthenticatedError) else 'unreadable'} manifest: {p.message}"
+             for p in problems] + log_problems
     try:
         lock_supported = storage.object_lock_enabled()
     except BackupToolError:
@@ -428,7 +429,8 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
                           lock_supported)
     if problems:
         report = replace(report, findings=report.findings + (
-            Finding("critical", "integrity", f"{len(problems)} manifest(s) cannot be read"),))
+            Finding("critical", "integrity", f"{len(problems)} manifest(s) cannot be read or are not "
+                    "authenticated"),))
     if settings.policy.schema.migrations:
         from backup_tool.drift import summary_for_audit
 

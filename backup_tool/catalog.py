@@ -17,9 +17,14 @@ Backup ids sort by the time the backup started (``20261125T020000Z-F3a9c``).
 
 Manifests stay readable without the encryption key (``list``, ``show``, ``verify``,
 retention and audits need only bucket credentials). When the repository is encrypted,
-:meth:`Catalog.commit` records the key id and seals the manifest with an HMAC under the key,
-and :meth:`Catalog.load` checks that seal whenever the configured key is the one recorded,
-so a restore never trusts a manifest edited by someone without the key.
+:meth:`Catalog.commit` records the key id and seals the manifest with an HMAC under the key.
+With a key configured, :meth:`Catalog.load` accepts only manifests sealed under that key:
+one with no tag (written without a key, or stripped of its tag), with a tag under another
+key, or with a tag that fails is refused (:class:`UnauthenticatedError`, exit 3), so nothing
+planted by someone with bucket access but without the key is listed, restored, verified or
+counted by retention. ``BACKUP_TOOL_ALLOW_UNAUTHENTICATED=1`` trusts the untagged and
+other-key ones (pre-encryption backups, an old key's); a failing tag is refused even then.
+Whatever the key, a manifest must hold the backup its name says (no replay under another id).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from backup_tool.errors import (
     ConfigError,
     IntegrityError,
     NotFoundError,
+    UnauthenticatedError,
     UsageError,
 )
 from backup_tool.manifest import (
@@ -47,7 +53,13 @@ from backup_tool.manifest import (
     parse_manifest,
 )
 from backup_tool.storage import ObjectMissingError, Storage
-from backup_tool.storage.encrypted import KEY_HINT, encryption_of, manifest_encryption
+from backup_tool.storage.encrypted import (
+    ALLOW_UNAUTHENTICATED_ENV,
+    KEY_HINT,
+    encryption_of,
+    manifest_encryption,
+    unauthenticated_allowed,
+)
 
 MANIFEST_PREFIX = "manifests/"
 DATA_PREFIX = "backups/"
@@ -85,8 +97,12 @@ def new_backup_id(kind: str, started_at: datetime) -> str:
 
 
 class Catalog:
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, allow_unauthenticated: bool | None = None) -> None:
+        """``allow_unauthenticated`` (default: ``BACKUP_TOOL_ALLOW_UNAUTHENTICATED=1``) trusts
+        manifests with no tag, or a tag under another key, while a key is configured."""
         self.storage = storage
+        self.allow_unauthenticated = (unauthenticated_allowed() if allow_unauthenticated is None
+                                      else allow_unauthenticated)
         self._cache: dict[str, Manifest] = {}
 
     def ids(self) -> list[str]:
@@ -105,20 +121,34 @@ class Catalog:
                 raise NotFoundError(f"backup {backup_id} not found in {self.storage.url}",
                                     "run 'backup-tool list' to see the backups") from None
             manifest = parse_manifest(raw, key)
+            if manifest.id != backup_id:
+                raise UnauthenticatedError(f"manifest {key} holds backup {manifest.id}, not {backup_id}: it was "
+                                           "copied or replayed under another name",
+                                           "do not restore it; run 'backup-tool verify all'")
             self._authenticate(manifest, raw, key)
             self._cache[backup_id] = manifest
         return self._cache[backup_id]
 
     def _authenticate(self, manifest: Manifest, raw: bytes, where: str) -> None:
-        recorded = manifest_encryption(manifest.options)
+        """With a key configured, refuse a manifest not sealed under it (see the module docstring)."""
         key = encryption_of(self.storage)
-        if recorded is None or key is None or key.key_id != recorded["key_id"]:
+        if key is None:
             return
-        digest, mac = manifest_seal(raw)
-        if mac is None or not key.check_seal(digest, mac):
-            raise IntegrityError(f"manifest {where} fails authentication with key id {key.key_id}: it was "
-                                 "edited by someone without the key", "use another backup and run "
-                                 "'backup-tool verify all'")
+        recorded = manifest_encryption(manifest.options)
+        if recorded is not None and recorded["key_id"] == key.key_id:
+            digest, mac = manifest_seal(raw)
+            if mac is None or not key.check_seal(digest, mac):
+                raise UnauthenticatedError(f"manifest {where} fails authentication with key id {key.key_id}: it "
+                                           "was edited by someone without the key", "use another backup and run "
+                                           "'backup-tool verify all'")
+            return
+        if self.allow_unauthenticated:
+            return
+        why = ("carries no authentication tag (written without a key, or stripped of its tag)" if recorded is None
+               else f"is sealed under key id {recorded['key_id']}, which is not the configured key")
+        raise UnauthenticatedError(f"manifest {where} is not authenticated under key id {key.key_id}: it {why}",
+                                   f"do not trust it unless you wrote it; {ALLOW_UNAUTHENTICATED_ENV}=1 trusts it "
+                                   "(README: Guarantees)")
 
     def require_key(self, manifest: Manifest) -> None:
         """Refuse, naming the key id, to restore an encrypted backup without its key."""
@@ -148,10 +178,12 @@ class Catalog:
         return manifests, problems
 
     def backups(self) -> list[Manifest]:
-        """Every complete backup, oldest first; raises on the first unreadable manifest."""
+        """Every complete, authenticated backup, oldest first; raises on the first unreadable
+        manifest (a refused, unauthenticated one is not a backup of ours and is left out)."""
         manifests, problems = self.scan()
-        if problems:
-            raise problems[0]
+        damaged = [p for p in problems if not isinstance(p, UnauthenticatedError)]
+        if damaged:
+            raise damaged[0]
         return manifests
 
     def resolve(self, ref: str | None, kinds: tuple[str, ...] = ("full", "incremental"),

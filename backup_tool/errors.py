@@ -60,6 +60,14 @@ class IntegrityError(BackupToolError):
     exit_code = EXIT_VALIDATION
 
 
+class UnauthenticatedError(IntegrityError):
+    """A manifest is not authenticated under the configured key (untagged, forged or replayed); exit code 3."""
+
+
+class KeyRequiredError(BackupToolError):
+    """A write into an encrypted repository (or under a policy requiring a key) lacks that key; exit code 1."""
+
+
 class ValidationFailed(BackupToolError):
     """Validation or verification found a problem; exit code 3. Carries the report."""
 

@@ -40,7 +40,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from backup_tool.catalog import RUNNING_PREFIX, RUNNING_STALE_AFTER
-from backup_tool.errors import BackupToolError
+from backup_tool.errors import BackupToolError, UnauthenticatedError
 from backup_tool.storage.base import (
     ObjectInfo,
     ObjectLock,
@@ -503,7 +503,8 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
     catalog = Catalog(storage)
     all_ids = set(catalog.ids())
     manifests, problems = catalog.scan()
-    notes = [f"unreadable manifest, its backup is left alone: {p.message}" for p in problems]
+    notes = [f"{'refused' if isinstance(p, UnauthenticatedError) else 'unreadable'} manifest ignored, "
+             f"its backup is left alone: {p.message}" for p in problems]
     records = [BackupRecord.from_manifest(m) for m in manifests]
     segments = _wal_segments(storage)
     names = None if segments is None else [s.name for s in segments]

@@ -70,7 +70,8 @@ _HEADER = struct.Struct(f">{len(MAGIC)}sBI8s{SALT_SIZE}s{PREFIX_SIZE}s")
 HEADER_SIZE = _HEADER.size
 MAX_FRAMES = 1 << 32
 PLAINTEXT_PREFIXES = ("manifests/", "running/", "verifications/", "retention-log/", "schedule-log/",
-                      "wal/history/")
+                      "wal/history/", "encryption/")
+ALLOW_UNAUTHENTICATED_ENV = "BACKUP_TOOL_ALLOW_UNAUTHENTICATED"
 KEY_HINT = (f"set {KEY_ENV} (base64 of the 32-byte key) or {KEY_FILE_ENV} (a file holding it) "
             "to the key with that id")
 
@@ -347,6 +348,13 @@ for _name, _member in vars(Storage).items():
 def encryption_of(storage: Storage) -> EncryptionKey | None:
     """The key a storage encrypts with (None: plaintext repository access)."""
     return storage.key if isinstance(storage, EncryptedStorage) else None
+
+
+def unauthenticated_allowed(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the operator chose to trust manifests that carry no tag under the configured key
+    (``BACKUP_TOOL_ALLOW_UNAUTHENTICATED=1``); a tag that fails is never trusted."""
+    env = os.environ if environ is None else environ
+    return env.get(ALLOW_UNAUTHENTICATED_ENV, "") == "1"
 
 
 def manifest_encryption(options: dict[str, Any]) -> dict[str, str] | None:
