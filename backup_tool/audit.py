@@ -31,7 +31,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from backup_tool.errors import BackupToolError, UnauthenticatedError, UsageError
+from backup_tool.errors import BackupToolError, UsageError
 from backup_tool.monitor import Verification, WalState
 from backup_tool.retention import (
     SEGMENTS_PER_LOG,
@@ -404,7 +404,7 @@ def _pitr(present: Sequence[BackupRecord], wal: WalState | None, policy: Policy,
 
 def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     """Read the repository (manifests, deletion log, verifications, WAL) and build the audit."""
-    from backup_tool.catalog import Catalog
+    from backup_tool.catalog import REFUSED, Catalog
     from backup_tool.monitor import read_verifications, read_wal_state
     from backup_tool.retention import read_log
     from backup_tool.storage import open_storage
@@ -414,7 +414,7 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     storage = open_storage(settings.repo_url)
     manifests, problems = Catalog(storage).scan()
     runs, deletions, log_problems = read_log(storage)
-    facts = [f"{'refused' if isinstance(p, UnauthenticatedError) else 'unreadable'} manifest: {p.message}"
+    facts = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest: {p.message}"
              for p in problems] + log_problems
     try:
         lock_supported = storage.object_lock_enabled()

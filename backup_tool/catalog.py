@@ -42,6 +42,7 @@ from backup_tool.errors import (
     BackupToolError,
     ConfigError,
     IntegrityError,
+    KeyUnavailableError,
     NotFoundError,
     UnauthenticatedError,
     UsageError,
@@ -56,10 +57,14 @@ from backup_tool.storage import ObjectMissingError, Storage
 from backup_tool.storage.encrypted import (
     ALLOW_UNAUTHENTICATED_ENV,
     KEY_HINT,
+    PREVIOUS_KEYS_ENV,
     encryption_of,
+    keyring_of,
     manifest_encryption,
     unauthenticated_allowed,
 )
+
+REFUSED = (UnauthenticatedError, KeyUnavailableError)
 
 MANIFEST_PREFIX = "manifests/"
 DATA_PREFIX = "backups/"
@@ -130,12 +135,15 @@ class Catalog:
         return self._cache[backup_id]
 
     def _authenticate(self, manifest: Manifest, raw: bytes, where: str) -> None:
-        """With a key configured, refuse a manifest not sealed under it (see the module docstring)."""
-        key = encryption_of(self.storage)
-        if key is None:
+        """With a key configured, refuse a manifest not sealed under it or a previous key
+        (see the module docstring)."""
+        keyring = keyring_of(self.storage)
+        if not keyring:
             return
+        current = encryption_of(self.storage)
         recorded = manifest_encryption(manifest.options)
-        if recorded is not None and recorded["key_id"] == key.key_id:
+        key = keyring.get(recorded["key_id"]) if recorded else None
+        if key is not None:
             digest, mac = manifest_seal(raw)
             if mac is None or not key.check_seal(digest, mac):
                 raise UnauthenticatedError(f"manifest {where} fails authentication with key id {key.key_id}: it "
@@ -144,24 +152,28 @@ class Catalog:
             return
         if self.allow_unauthenticated:
             return
-        why = ("carries no authentication tag (written without a key, or stripped of its tag)" if recorded is None
-               else f"is sealed under key id {recorded['key_id']}, which is not the configured key")
-        raise UnauthenticatedError(f"manifest {where} is not authenticated under key id {key.key_id}: it {why}",
-                                   f"do not trust it unless you wrote it; {ALLOW_UNAUTHENTICATED_ENV}=1 trusts it "
-                                   "(README: Guarantees)")
+        have = f"key id {current.key_id}" if current else "the previous keys configured"
+        if recorded is not None:
+            raise KeyUnavailableError(
+                f"backup {manifest.id} is sealed with key id {recorded['key_id']}, but the configured key has id "
+                f"{current.key_id if current else 'none'}: manifest {where} cannot be authenticated",
+                f"{KEY_HINT} (a retired key goes in {PREVIOUS_KEYS_ENV})")
+        raise UnauthenticatedError(f"manifest {where} is not authenticated under {have}: it carries no "
+                                   "authentication tag (written without a key, or stripped of its tag)",
+                                   f"do not trust it unless you wrote it; {ALLOW_UNAUTHENTICATED_ENV}=1 trusts "
+                                   "it (README: Guarantees)")
 
     def require_key(self, manifest: Manifest) -> None:
         """Refuse, naming the key id, to restore an encrypted backup without its key."""
         recorded = manifest_encryption(manifest.options)
-        if recorded is None:
+        if recorded is None or recorded["key_id"] in keyring_of(self.storage):
             return
         key = encryption_of(self.storage)
         if key is None:
             raise ConfigError(f"backup {manifest.id} is encrypted with key id {recorded['key_id']} and no "
                               "encryption key is configured", KEY_HINT)
-        if key.key_id != recorded["key_id"]:
-            raise ConfigError(f"backup {manifest.id} is encrypted with key id {recorded['key_id']}, but the "
-                              f"configured key has id {key.key_id}", KEY_HINT)
+        raise ConfigError(f"backup {manifest.id} is encrypted with key id {recorded['key_id']}, but the "
+                          f"configured key has id {key.key_id}", KEY_HINT)
 
     def scan(self) -> tuple[list[Manifest], list[BackupToolError]]:
         """Every readable manifest (oldest first) and the errors of those that are not."""
@@ -181,7 +193,7 @@ class Catalog:
         """Every complete, authenticated backup, oldest first; raises on the first unreadable
         manifest (a refused, unauthenticated one is not a backup of ours and is left out)."""
         manifests, problems = self.scan()
-        damaged = [p for p in problems if not isinstance(p, UnauthenticatedError)]
+        damaged = [p for p in problems if not isinstance(p, REFUSED)]
         if damaged:
             raise damaged[0]
         return manifests
@@ -191,8 +203,11 @@ class Catalog:
         """A backup by id, unique id prefix, or ``latest`` (newest of ``kinds``)."""
         ref = ref or "latest"
         if ref == "latest":
-            candidates = [m for m in self.scan()[0] if m.kind in kinds
+            manifests, problems = self.scan()
+            candidates = [m for m in manifests if m.kind in kinds
                           and (database is None or m.database == database)]
+            if not candidates and problems:
+                raise problems[-1]
             if not candidates:
                 raise NotFoundError(f"no {' or '.join(kinds)} backup in {self.storage.url}",
                                     "take one with 'backup-tool backup full'")

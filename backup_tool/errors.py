@@ -38,6 +38,10 @@ class ConfigError(UsageError):
     """A policy file, repository URL or other setting is invalid; exit code 2."""
 
 
+class KeyUnavailableError(ConfigError):
+    """A manifest is sealed (or a backup encrypted) under a key that is not configured; exit code 2."""
+
+
 class NotFoundError(BackupToolError):
     """A backup, table or object the user named does not exist; exit code 1."""
 

@@ -40,7 +40,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from backup_tool.catalog import RUNNING_PREFIX, RUNNING_STALE_AFTER
-from backup_tool.errors import BackupToolError, UnauthenticatedError
+from backup_tool.errors import BackupToolError
 from backup_tool.storage.base import (
     ObjectInfo,
     ObjectLock,
@@ -491,7 +491,7 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
     """Plan retention at ``now`` (default: the current time) and, unless ``dry_run``, delete
     what the plan allows, log it in the repository, and sweep garbage."""
     from backup_tool import __version__
-    from backup_tool.catalog import Catalog, manifest_key
+    from backup_tool.catalog import REFUSED, Catalog, manifest_key
     from backup_tool.report import NullReporter
     from backup_tool.storage import open_storage
 
@@ -503,7 +503,7 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
     catalog = Catalog(storage)
     all_ids = set(catalog.ids())
     manifests, problems = catalog.scan()
-    notes = [f"{'refused' if isinstance(p, UnauthenticatedError) else 'unreadable'} manifest ignored, "
+    notes = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest ignored, "
              f"its backup is left alone: {p.message}" for p in problems]
     records = [BackupRecord.from_manifest(m) for m in manifests]
     segments = _wal_segments(storage)

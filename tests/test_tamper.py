@@ -94,7 +94,7 @@ def forgeries(original: bytes) -> dict[str, bytes]:
 
 
 def test_a_manifest_not_sealed_under_the_key_is_refused_by_every_reader(repo: str) -> None:
-    from backup_tool.errors import UnauthenticatedError
+    from backup_tool.catalog import REFUSED
 
     real = make_manifest()
     sealed_repo(repo, real)
@@ -102,10 +102,10 @@ def test_a_manifest_not_sealed_under_the_key_is_refused_by_every_reader(repo: st
     for what, forged in forgeries(original).items():
         plant(repo, manifest_key(real.id), forged)
         with_key = Catalog(open_storage(repo, KEY))
-        with pytest.raises(UnauthenticatedError, match=f"manifest {manifest_key(real.id)} "):
+        with pytest.raises(REFUSED, match=f"manifest {manifest_key(real.id)} "):
             with_key.load(real.id)
         manifests, problems = with_key.scan()
-        assert manifests == [] and [type(p) for p in problems] == [UnauthenticatedError], what
+        assert manifests == [] and len(problems) == 1 and isinstance(problems[0], REFUSED), what
         assert with_key.backups() == [], what
     plant(repo, manifest_key(real.id), original)
     assert Catalog(open_storage(repo, KEY)).load(real.id).tables == real.tables
@@ -132,6 +132,29 @@ def test_untagged_manifests_are_trusted_only_on_request_and_a_failing_tag_never(
     plant(repo, manifest_key(real.id), resealed(edited))
     with pytest.raises(IntegrityError, match="fails authentication"):
         Catalog(open_storage(repo, KEY)).load(real.id)
+
+
+def test_after_a_rotation_previous_keys_authenticate_what_they_sealed(
+        local_repo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backup_tool.catalog import REFUSED
+    from backup_tool.storage.encrypted import PREVIOUS_KEYS_ENV
+
+    old, new = make_manifest("20261101T020000Z-Fold1"), make_manifest()
+    Catalog(open_storage(local_repo, KEY)).commit(old)
+    Catalog(open_storage(local_repo, OTHER)).commit(new)
+    manifests, problems = Catalog(open_storage(local_repo, OTHER)).scan()
+    assert [m.id for m in manifests] == [new.id] and len(problems) == 1 and isinstance(problems[0], REFUSED)
+    assert problems[0].message.startswith(f"backup {old.id} is sealed with key id {KEY.key_id}, but the "
+                                          f"configured key has id {OTHER.key_id}")
+    keys = tmp_path / "previous.keys"
+    keys.write_text(f"# retired\n\n{b64(KEY)}\n")
+    monkeypatch.setenv(PREVIOUS_KEYS_ENV, str(keys))
+    assert [m.id for m in Catalog(open_storage(local_repo, OTHER)).backups()] == [old.id, new.id]
+    forged = json.loads(read_object(local_repo, manifest_key(old.id)))
+    forged["tables"] = forged["tables"][1:]
+    plant(local_repo, manifest_key(old.id), resealed(forged))
+    with pytest.raises(IntegrityError, match=f"fails authentication with key id {KEY.key_id}"):
+        Catalog(open_storage(local_repo, OTHER)).load(old.id)
 
 
 def test_a_manifest_replayed_under_another_id_is_refused_with_or_without_a_key(repo: str) -> None:
