@@ -290,5 +290,19 @@ def test_tampering_without_the_key_is_detected_and_refused(
                        env=env)
         assert restored.returncode != 0, what
         assert named in one_line(restored), (what, restored.stderr)
+        if named == key:
+            listed = cli("list", "--repo", repo, "--json", env=env)
+            assert listed.returncode == 3 and [e["id"] for e in listed.json()] == [older["id"]], what
+            warnings = [json.loads(ln)["event"] for ln in listed.stderr.splitlines() if ln.strip()]
+            assert len(warnings) == 1 and warnings[0].startswith(f"refused manifest skipped: manifest {key} "), what
+            shown = cli("show", "--repo", repo, newer["id"], env=env)
+            assert shown.returncode == 3 and named in one_line(shown), what
         undo()
     assert cli.json("verify", "--repo", repo, newer["id"], env=env)["ok"] is True
+
+    before = sorted(object_keys(repo))
+    for command in (["backup", "full", "--dsn", seed_db.dsn], ["backup", "incremental", "--dsn", seed_db.dsn]):
+        keyless = cli(*command, "--repo", repo)
+        assert keyless.returncode == 1, keyless.stderr
+        assert f"requires encryption with key id {KEY.key_id} and no encryption key" in one_line(keyless)
+    assert sorted(object_keys(repo)) == before

@@ -31,8 +31,10 @@ def list_cmd(inv: Invocation) -> int:
     from backup_tool.storage import open_storage
 
     manifests, problems = Catalog(open_storage(inv.settings.repo_url)).scan()
+    from backup_tool.catalog import REFUSED
+
     for p in problems:
-        inv.reporter.warning(f"unreadable manifest skipped: {p.message}")
+        inv.reporter.warning(f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest skipped: {p.message}")
     entries = [m.summary() for m in manifests]
     header = f"{'ID':<25} {'KIND':<11} {'DATABASE':<16} {'STARTED':<28} {'SIZE':>10}  EXPIRES"
     inv.out(entries, lambda: "\n".join([header] + [render_entry(e) for e in entries])
