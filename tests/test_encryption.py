@@ -397,7 +397,7 @@ def test_encrypted_backup_restores_identically_and_fails_clearly_otherwise(
     keyless_check = cli("check", "--repo", repo, "--dsn", seed_db.dsn, "--json")
     checks = {c["name"]: c for c in keyless_check.json()["checks"]}
     assert keyless_check.returncode == 3 and not checks["encryption"]["ok"]
-    assert "new backups would be unencrypted" in checks["encryption"]["detail"]
+    assert "refuse to write plaintext" in checks["encryption"]["detail"]
     keyless_verify = cli.json("verify", "--repo", repo, "latest")
     assert keyless_verify["ok"] and "not decrypted" in keyless_verify["checks"][0]["detail"]
     assert "not decrypted" not in cli.json("verify", "--repo", repo, "latest", env=with_key)["checks"][0]["detail"]

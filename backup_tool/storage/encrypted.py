@@ -5,7 +5,8 @@ With a key configured (``BACKUP_TOOL_ENCRYPTION_KEY``: base64 of 32 random bytes
 object the tool writes is encrypted before it leaves the process, except the metadata
 records that key-less readers (``list``, ``status``, ``audit``, retention, ``wal status``)
 need (:data:`PLAINTEXT_PREFIXES`: manifests, in-progress markers, verification records,
-retention and schedule logs, timeline and backup history files). Those hold names, counts, checksums, LSNs and
+retention and schedule logs, timeline and backup history files, the repository's key-id records).
+Those hold names, counts, checksums, LSNs and
 times, never row data; manifests are instead authenticated with an HMAC under the key
 (:meth:`EncryptionKey.seal`), history files by the content sha256 in their names.
 
