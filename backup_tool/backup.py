@@ -210,7 +210,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
     policy = settings.policy
-    guard_writes(storage, policy.backup.encryption_key_id, policy.name, f"write a plaintext {kind} backup",
+    guard_writes(storage, policy.backup.encryption_key_id, policy.name, f"take a {kind} backup",
                  lambda: catalog.scan()[0])
     jobs = jobs or policy.backup.jobs
     level = policy.backup.compression_level

@@ -255,7 +255,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
     policy = settings.policy
-    guard_writes(storage, policy.backup.encryption_key_id, policy.name, "write a plaintext base backup",
+    guard_writes(storage, policy.backup.encryption_key_id, policy.name, "take a base backup",
                  lambda: catalog.scan()[0])
     fast = policy.backup.fast_checkpoint if fast_checkpoint is None else fast_checkpoint
     level = policy.backup.compression_level

@@ -46,7 +46,8 @@ class KeyNeeded:
     def message(self, what: str) -> str:
         have = ("no encryption key is configured" if self.configured is None
                 else f"the configured key has id {self.configured}")
-        return f"{self.source} requires encryption with key id {self.key_id} and {have}: refusing to {what}"
+        how = "in plaintext" if self.configured is None else "with another key"
+        return f"{self.source} requires encryption with key id {self.key_id} and {have}: refusing to {what} {how}"
 
 
 def key_needed(configured: str | None, policy_key_id: str, policy_name: str,

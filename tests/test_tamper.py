@@ -193,11 +193,12 @@ def test_key_needed_decisions() -> None:
     assert key_needed(KEY.key_id, "", "default", [OTHER.key_id], "r") is None, "rotation is allowed"
     need = key_needed(None, "", "default", [OTHER.key_id, KEY.key_id], "s3://b/p")
     assert need is not None and need.key_id == KEY.key_id and need.configured is None
-    assert "repository s3://b/p requires encryption with key id" in need.message("x")
+    assert need.message("x") == (f"repository s3://b/p requires encryption with key id {KEY.key_id} and no "
+                                 "encryption key is configured: refusing to x in plaintext")
     need = key_needed(OTHER.key_id, KEY.key_id, "prod", [], "r")
     assert need is not None and need.message("x") == (
         f"policy prod requires encryption with key id {KEY.key_id} and the configured key has id "
-        f"{OTHER.key_id}: refusing to x")
+        f"{OTHER.key_id}: refusing to x with another key")
     assert key_needed(KEY.key_id, KEY.key_id, "prod", [], "r") is None
 
 
@@ -306,3 +307,14 @@ def test_tampering_without_the_key_is_detected_and_refused(
         assert keyless.returncode == 1, keyless.stderr
         assert f"requires encryption with key id {KEY.key_id} and no encryption key" in one_line(keyless)
     assert sorted(object_keys(repo)) == before
+
+
+def test_the_policy_names_a_key_id_or_nothing() -> None:
+    from backup_tool.errors import ConfigError
+    from backup_tool.policy import parse_policy
+
+    assert parse_policy(f'[backup]\nencryption_key_id = "{KEY.key_id}"\n', "p.toml").backup.encryption_key_id \
+        == KEY.key_id
+    for bad in ("9F2C51E0A4B7D3E1", "9f2c51e0", b64(KEY)):
+        with pytest.raises(ConfigError, match="backup.encryption_key_id .* is not a key id"):
+            parse_policy(f'[backup]\nencryption_key_id = "{bad}"\n', "p.toml")

@@ -41,7 +41,7 @@ def wal_push_cmd(
 
     policy = settings.policy
     storage = open_storage(settings.repo_url)
-    guard_writes(storage, policy.backup.encryption_key_id, policy.name, "archive WAL in plaintext")
+    guard_writes(storage, policy.backup.encryption_key_id, policy.name, "archive WAL")
     result = wal.push(storage, wal_path, settings.repo_url,
                       level=policy.backup.compression_level, batch=batch,
                       lock=wal.wal_lock(policy.object_lock.mode, policy.retention.pitr_days),
