@@ -18,9 +18,11 @@ Backup ids sort by the time the backup started (``20261125T020000Z-F3a9c``).
 Manifests stay readable without the encryption key (``list``, ``show``, ``verify``,
 retention and audits need only bucket credentials). When the repository is encrypted,
 :meth:`Catalog.commit` records the key id and seals the manifest with an HMAC under the key.
-With a key configured, :meth:`Catalog.load` accepts only manifests sealed under that key:
-one with no tag (written without a key, or stripped of its tag), with a tag under another
-key, or with a tag that fails is refused (:class:`UnauthenticatedError`, exit 3), so nothing
+With a key configured, :meth:`Catalog.load` accepts only manifests sealed under that key
+or a previous one (``BACKUP_TOOL_PREVIOUS_KEYS_FILE``): one with no tag (written without a
+key, or stripped of its tag) or a failing tag is refused (:class:`UnauthenticatedError`,
+exit 3), one sealed under a key not configured too (:class:`KeyUnavailableError`, exit 2,
+naming both key ids); :data:`REFUSED` is both. So nothing
 planted by someone with bucket access but without the key is listed, restored, verified or
 counted by retention. ``BACKUP_TOOL_ALLOW_UNAUTHENTICATED=1`` trusts the untagged and
 other-key ones (pre-encryption backups, an old key's); a failing tag is refused even then.
