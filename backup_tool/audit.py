@@ -392,7 +392,7 @@ def _pitr(present: Sequence[BackupRecord], wal: WalState | None, policy: Policy,
 
 def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     """Read the repository (manifests, deletion log, verifications, WAL) and build the audit."""
-    from backup_tool.catalog import Catalog
+    from backup_tool.catalog import REFUSED, Catalog
     from backup_tool.monitor import read_verifications, read_wal_state
     from backup_tool.retention import read_log
     from backup_tool.storage import open_repository
@@ -402,7 +402,8 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     storage = open_repository(settings.repo_url)
     manifests, problems = Catalog(storage).scan()
     runs, deletions, log_problems = read_log(storage)
-    facts = [f"unreadable manifest: {p.message}" for p in problems] + log_problems
+    facts = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest: {p.message}"
+             for p in problems] + log_problems
     try:
         lock_supported = storage.object_lock_enabled()
     except BackupToolError:
@@ -416,7 +417,8 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
                           lock_supported)
     if problems:
         report = replace(report, findings=report.findings + (
-            Finding("critical", "integrity", f"{len(problems)} manifest(s) cannot be read"),))
+            Finding("critical", "integrity", f"{len(problems)} manifest(s) cannot be read or are not "
+                    "authenticated"),))
     if settings.policy.schema.migrations:
         from backup_tool.drift import summary_for_audit
 

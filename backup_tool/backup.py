@@ -57,6 +57,7 @@ from backup_tool.postgres import ConnInfo, Snapshot, TableInfo
 from backup_tool.report import NullReporter, Reporter
 from backup_tool.storage import Storage, open_storage
 from backup_tool.storage.base import ObjectLock
+from backup_tool.keyguard import guard_writes
 from backup_tool.storage.encrypted import encryption_of, manifest_encryption
 
 
@@ -209,6 +210,8 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
     policy = settings.policy
+    guard_writes(storage, policy.backup.encryption_key_id, policy.name, f"take a {kind} backup",
+                 lambda: catalog.scan()[0])
     jobs = jobs or policy.backup.jobs
     level = policy.backup.compression_level
     threads = compression_threads(jobs)

@@ -36,6 +36,7 @@ from backup_tool.errors import (
     LockHeldError,
     RefusedError,
 )
+from backup_tool.keyguard import guard_writes
 from backup_tool.manifest import Manifest, PhysicalInfo, StoredObject, utc_iso
 from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
@@ -255,6 +256,8 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
     policy = settings.policy
+    guard_writes(storage, policy.backup.encryption_key_id, policy.name, "take a base backup",
+                 lambda: catalog.scan()[0])
     fast = policy.backup.fast_checkpoint if fast_checkpoint is None else fast_checkpoint
     level = policy.backup.compression_level
 

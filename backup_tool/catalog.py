@@ -22,9 +22,16 @@ contradicting an explicit ``--database`` is refused (:func:`check_database`).
 
 Manifests stay readable without the encryption key (``list``, ``show``, ``verify``,
 retention and audits need only bucket credentials). When the repository is encrypted,
-:meth:`Catalog.commit` records the key id and seals the manifest with an HMAC under the key,
-and :meth:`Catalog.load` checks that seal whenever the configured key is the one recorded,
-so a restore never trusts a manifest edited by someone without the key.
+:meth:`Catalog.commit` records the key id and seals the manifest with an HMAC under the key.
+With a key configured, :meth:`Catalog.load` accepts only manifests sealed under that key
+or a previous one (``BACKUP_TOOL_PREVIOUS_KEYS_FILE``): one with no tag (written without a
+key, or stripped of its tag) or a failing tag is refused (:class:`UnauthenticatedError`,
+exit 3), one sealed under a key not configured too (:class:`KeyUnavailableError`, exit 2,
+naming both key ids); :data:`REFUSED` is both. So nothing
+planted by someone with bucket access but without the key is listed, restored, verified or
+counted by retention. ``BACKUP_TOOL_ALLOW_UNAUTHENTICATED=1`` trusts the untagged and
+other-key ones (pre-encryption backups, an old key's); a failing tag is refused even then.
+Whatever the key, a manifest must hold the backup its name says (no replay under another id).
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ from backup_tool.errors import (
     BackupToolError,
     ConfigError,
     IntegrityError,
+    KeyUnavailableError,
     NotFoundError,
+    UnauthenticatedError,
     UsageError,
 )
 from backup_tool.manifest import (
@@ -55,7 +64,17 @@ from backup_tool.manifest import (
     parse_manifest,
 )
 from backup_tool.storage import ObjectMissingError, Storage
-from backup_tool.storage.encrypted import KEY_HINT, encryption_of, manifest_encryption
+from backup_tool.storage.encrypted import (
+    ALLOW_UNAUTHENTICATED_ENV,
+    KEY_HINT,
+    PREVIOUS_KEYS_ENV,
+    encryption_of,
+    keyring_of,
+    manifest_encryption,
+    unauthenticated_allowed,
+)
+
+REFUSED = (UnauthenticatedError, KeyUnavailableError)
 
 MANIFEST_PREFIX = "manifests/"
 DATA_PREFIX = "backups/"
@@ -205,8 +224,12 @@ def check_database(manifest: Manifest, database: DatabaseHint) -> None:
 
 
 class Catalog:
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, allow_unauthenticated: bool | None = None) -> None:
+        """``allow_unauthenticated`` (default: ``BACKUP_TOOL_ALLOW_UNAUTHENTICATED=1``) trusts
+        manifests with no tag, or a tag under another key, while a key is configured."""
         self.storage = storage
+        self.allow_unauthenticated = (unauthenticated_allowed() if allow_unauthenticated is None
+                                      else allow_unauthenticated)
         self._cache: dict[str, Manifest] = {}
 
     def ids(self) -> list[str]:
@@ -225,33 +248,54 @@ class Catalog:
                 raise NotFoundError(f"backup {backup_id} not found in {self.storage.url}",
                                     "run 'backup-tool list' to see the backups") from None
             manifest = parse_manifest(raw, key)
+            if manifest.id != backup_id:
+                raise UnauthenticatedError(f"manifest {key} holds backup {manifest.id}, not {backup_id}: it was "
+                                           "copied or replayed under another name",
+                                           "do not restore it; run 'backup-tool verify all'")
             self._authenticate(manifest, raw, key)
             self._cache[backup_id] = manifest
         return self._cache[backup_id]
 
     def _authenticate(self, manifest: Manifest, raw: bytes, where: str) -> None:
-        recorded = manifest_encryption(manifest.options)
-        key = encryption_of(self.storage)
-        if recorded is None or key is None or key.key_id != recorded["key_id"]:
+        """With a key configured, refuse a manifest not sealed under it or a previous key
+        (see the module docstring)."""
+        keyring = keyring_of(self.storage)
+        if not keyring:
             return
-        digest, mac = manifest_seal(raw)
-        if mac is None or not key.check_seal(digest, mac):
-            raise IntegrityError(f"manifest {where} fails authentication with key id {key.key_id}: it was "
-                                 "edited by someone without the key", "use another backup and run "
-                                 "'backup-tool verify all'")
+        current = encryption_of(self.storage)
+        recorded = manifest_encryption(manifest.options)
+        key = keyring.get(recorded["key_id"]) if recorded else None
+        if key is not None:
+            digest, mac = manifest_seal(raw)
+            if mac is None or not key.check_seal(digest, mac):
+                raise UnauthenticatedError(f"manifest {where} fails authentication with key id {key.key_id}: it "
+                                           "was edited by someone without the key", "use another backup and run "
+                                           "'backup-tool verify all'")
+            return
+        if self.allow_unauthenticated:
+            return
+        have = f"key id {current.key_id}" if current else "the previous keys configured"
+        if recorded is not None:
+            raise KeyUnavailableError(
+                f"backup {manifest.id} is sealed with key id {recorded['key_id']}, but the configured key has id "
+                f"{current.key_id if current else 'none'}: manifest {where} cannot be authenticated",
+                f"{KEY_HINT} (a retired key goes in {PREVIOUS_KEYS_ENV})")
+        raise UnauthenticatedError(f"manifest {where} is not authenticated under {have}: it carries no "
+                                   "authentication tag (written without a key, or stripped of its tag)",
+                                   f"do not trust it unless you wrote it; {ALLOW_UNAUTHENTICATED_ENV}=1 trusts "
+                                   "it (README: Guarantees)")
 
     def require_key(self, manifest: Manifest) -> None:
         """Refuse, naming the key id, to restore an encrypted backup without its key."""
         recorded = manifest_encryption(manifest.options)
-        if recorded is None:
+        if recorded is None or recorded["key_id"] in keyring_of(self.storage):
             return
         key = encryption_of(self.storage)
         if key is None:
             raise ConfigError(f"backup {manifest.id} is encrypted with key id {recorded['key_id']} and no "
                               "encryption key is configured", KEY_HINT)
-        if key.key_id != recorded["key_id"]:
-            raise ConfigError(f"backup {manifest.id} is encrypted with key id {recorded['key_id']}, but the "
-                              f"configured key has id {key.key_id}", KEY_HINT)
+        raise ConfigError(f"backup {manifest.id} is encrypted with key id {recorded['key_id']}, but the "
+                          f"configured key has id {key.key_id}", KEY_HINT)
 
     def scan(self) -> tuple[list[Manifest], list[BackupToolError]]:
         """Every readable manifest (oldest first) and the errors of those that are not."""
@@ -268,10 +312,12 @@ class Catalog:
         return manifests, problems
 
     def backups(self) -> list[Manifest]:
-        """Every complete backup, oldest first; raises on the first unreadable manifest."""
+        """Every complete, authenticated backup, oldest first; raises on the first unreadable
+        manifest (a refused, unauthenticated one is not a backup of ours and is left out)."""
         manifests, problems = self.scan()
-        if problems:
-            raise problems[0]
+        damaged = [p for p in problems if not isinstance(p, REFUSED)]
+        if damaged:
+            raise damaged[0]
         return manifests
 
     def resolve(self, ref: str | None, kinds: tuple[str, ...] = ("full", "incremental"),
@@ -281,7 +327,13 @@ class Catalog:
         ref = ref or LATEST
         hint = database or DatabaseHint()
         if ref == LATEST:
-            return choose_latest(self.scan()[0], hint, kinds, self.storage.url)
+            manifests, refused = self.scan()
+            try:
+                return choose_latest(manifests, hint, kinds, self.storage.url)
+            except UnresolvedBackup as exc:
+                if exc.reason in (RefProblem.NO_BACKUPS, RefProblem.NO_BACKUP_OF_DATABASE) and refused:
+                    raise refused[-1] from None
+                raise
         manifest = self.load(match_id(self.ids(), ref, self.storage.url))
         check_database(manifest, hint)
         return manifest

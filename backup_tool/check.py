@@ -69,12 +69,13 @@ def encryption_check(storage: Storage, manifests: list[Manifest]) -> Check:
     if key is None:
         if used:
             return Check("encryption", False, f"backups here are encrypted (key id {', '.join(used)}) but no key is "
-                         f"configured: new backups would be unencrypted and restores would fail — {KEY_HINT}")
+                         f"configured: backups and 'wal push' refuse to write plaintext here and restores fail — {KEY_HINT}")
         return Check("encryption", True, "off: objects are stored unencrypted "
                                          "(set BACKUP_TOOL_ENCRYPTION_KEY_FILE to encrypt new backups)")
     others = [k for k in used if k != key.key_id]
     return Check("encryption", True, f"{ALGORITHM}, key id {key.key_id}" + (
-        f"; older backups use key id {', '.join(others)}: keep that key until they expire" if others else ""))
+        f"; older backups use key id {', '.join(others)}: keep that key in BACKUP_TOOL_PREVIOUS_KEYS_FILE until "
+        "they expire" if others else ""))
 
 
 def run_checks(settings: Settings) -> ValidationReport:

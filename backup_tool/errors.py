@@ -38,6 +38,10 @@ class ConfigError(UsageError):
     """A policy file, repository URL or other setting is invalid; exit code 2."""
 
 
+class KeyUnavailableError(ConfigError):
+    """A manifest is sealed (or a backup encrypted) under a key that is not configured; exit code 2."""
+
+
 class NotFoundError(BackupToolError):
     """A backup, table or object the user named does not exist; exit code 1."""
 
@@ -63,6 +67,14 @@ class IntegrityError(BackupToolError):
     """Stored data does not match its checksum; exit code 3."""
 
     exit_code = EXIT_VALIDATION
+
+
+class UnauthenticatedError(IntegrityError):
+    """A manifest is not authenticated under the configured key (untagged, forged or replayed); exit code 3."""
+
+
+class KeyRequiredError(BackupToolError):
+    """A write into an encrypted repository (or under a policy requiring a key) lacks that key; exit code 1."""
 
 
 class ValidationFailed(BackupToolError):

@@ -8,6 +8,7 @@ that policy gave it, so later policy edits never silently shorten what was promi
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta
@@ -49,6 +50,7 @@ class BackupSettings:
     jobs: int = 2
     compression_level: int = 3
     fast_checkpoint: bool = True
+    encryption_key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,9 @@ def _validate(policy: Policy, path: str) -> None:
         raise ConfigError(f"{path}: backup.jobs must be between 1 and 64")
     if not 1 <= b.compression_level <= 19:
         raise ConfigError(f"{path}: backup.compression_level must be between 1 and 19")
+    if b.encryption_key_id and not re.fullmatch(r"[0-9a-f]{16}", b.encryption_key_id):
+        raise ConfigError(f"{path}: backup.encryption_key_id = {b.encryption_key_id!r} is not a key id",
+                          "use the 16 hex digits 'backup-tool check' or 'list --json' show for the key")
     if policy.object_lock.mode not in LOCK_MODES:
         raise ConfigError(f"{path}: object_lock.mode = {policy.object_lock.mode!r} is not allowed",
                           f"allowed: {', '.join(LOCK_MODES)}")

@@ -499,7 +499,7 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
     """Plan retention at ``now`` (default: the current time) and, unless ``dry_run``, delete
     what the plan allows, log it in the repository, and sweep garbage."""
     from backup_tool import __version__
-    from backup_tool.catalog import Catalog, manifest_key
+    from backup_tool.catalog import REFUSED, Catalog, manifest_key
     from backup_tool.report import NullReporter
     from backup_tool.storage import open_repository
 
@@ -511,7 +511,8 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
     catalog = Catalog(storage)
     all_ids = set(catalog.ids())
     manifests, problems = catalog.scan()
-    notes = [f"unreadable manifest, its backup is left alone: {p.message}" for p in problems]
+    notes = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest ignored, "
+             f"its backup is left alone: {p.message}" for p in problems]
     records = [BackupRecord.from_manifest(m) for m in manifests]
     segments = _wal_segments(storage)
     names = None if segments is None else [s.name for s in segments]

@@ -524,7 +524,8 @@ def _env_lines(settings: Settings) -> dict[str, str]:
     policy = settings.policy
     ref = policy.source if policy.source not in ("built-in", "") else policy.name
     env = {"BACKUP_TOOL_REPO": settings.repo_url, "BACKUP_TOOL_POLICY": ref}
-    for name in ("BACKUP_TOOL_ENCRYPTION_KEY_FILE", "BACKUP_TOOL_S3_SSE", "BACKUP_TOOL_S3_SSE_KMS_KEY_ID"):
+    for name in ("BACKUP_TOOL_ENCRYPTION_KEY_FILE", "BACKUP_TOOL_PREVIOUS_KEYS_FILE", "BACKUP_TOOL_S3_SSE",
+                 "BACKUP_TOOL_S3_SSE_KMS_KEY_ID"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     if settings.dsn:

@@ -29,7 +29,7 @@ from backup_tool.postgres import ConnInfo
 from backup_tool.report import NullReporter, Reporter
 from backup_tool.restore import restore_full
 from backup_tool.storage import Storage, open_repository
-from backup_tool.storage.encrypted import encryption_of, manifest_encryption
+from backup_tool.storage.encrypted import keyring_of, manifest_encryption
 from backup_tool.validate import Check, ValidationReport
 
 VERIFICATIONS_PREFIX = "verifications/"
@@ -40,8 +40,7 @@ def check_objects(storage: Storage, manifest: Manifest, reporter: Reporter,
     objects = [o for o in manifest.objects() if o.key not in seen]
     progress = reporter.task(f"verifying {manifest.id}", total=sum(o.size for o in objects))
     recorded = manifest_encryption(manifest.options)
-    key = encryption_of(storage)
-    decrypt = recorded is None or (key is not None and key.key_id == recorded["key_id"])
+    decrypt = recorded is None or recorded["key_id"] in keyring_of(storage)
     bad: list[str] = []
     for obj in objects:
         try:

@@ -28,6 +28,7 @@ from backup_tool.storage.encrypted import (
     HEADER_SIZE,
     KEY_ENV,
     KEY_FILE_ENV,
+    PREVIOUS_KEYS_ENV,
     TAG_SIZE,
     EncryptedStorage,
     EncryptionKey,
@@ -387,7 +388,7 @@ def test_encrypted_backup_restores_identically_and_fails_clearly_otherwise(
     assert show["options"]["encryption"] == {"algorithm": "AES-256-GCM", "key_id": KEY.key_id}
     for key in object_keys(repo):
         raw = read_object(repo, key)
-        assert raw.startswith(b"BTENC") != key.startswith("manifests/"), key
+        assert raw.startswith(b"BTENC") != key.startswith(("manifests/", "encryption/")), key
 
     listed = cli.json("list", "--repo", repo)
     assert [(e["id"], e["encryption_key_id"]) for e in listed] == [(entry["id"], KEY.key_id)], "list needs no key"
@@ -396,7 +397,7 @@ def test_encrypted_backup_restores_identically_and_fails_clearly_otherwise(
     keyless_check = cli("check", "--repo", repo, "--dsn", seed_db.dsn, "--json")
     checks = {c["name"]: c for c in keyless_check.json()["checks"]}
     assert keyless_check.returncode == 3 and not checks["encryption"]["ok"]
-    assert "new backups would be unencrypted" in checks["encryption"]["detail"]
+    assert "refuse to write plaintext" in checks["encryption"]["detail"]
     keyless_verify = cli.json("verify", "--repo", repo, "latest")
     assert keyless_verify["ok"] and "not decrypted" in keyless_verify["checks"][0]["detail"]
     assert "not decrypted" not in cli.json("verify", "--repo", repo, "latest", env=with_key)["checks"][0]["detail"]
@@ -430,9 +431,13 @@ def test_incremental_after_a_key_change_starts_a_new_chain(cli: Any, local_repo:
     first = cli.json("backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn, env={KEY_ENV: b64(KEY)})
     same = cli.json("backup", "incremental", "--repo", local_repo, "--dsn", seed_db.dsn, env={KEY_ENV: b64(KEY)})
     assert same["kind"] == "incremental" and same["parent_id"] == first["id"]
+    previous = Path(local_repo).parent / "previous.keys"
+    previous.write_text(f"# retired 2026-11\n{b64(KEY)}\n")
     proc = cli("backup", "incremental", "--repo", local_repo, "--dsn", seed_db.dsn, "--json",
-               env={KEY_ENV: b64(OTHER)})
+               env={KEY_ENV: b64(OTHER), PREVIOUS_KEYS_ENV: str(previous)})
     assert proc.returncode == 0, proc.stderr
     assert proc.json()["kind"] == "full" and "never mixes keys" in proc.stderr
+    listed = cli.json("list", "--repo", local_repo, env={KEY_ENV: b64(OTHER), PREVIOUS_KEYS_ENV: str(previous)})
+    assert [e["encryption_key_id"] for e in listed] == [KEY.key_id, KEY.key_id, OTHER.key_id]
     plain = cli("backup", "incremental", "--repo", local_repo, "--dsn", seed_db.dsn, "--json")
-    assert plain.json()["kind"] == "full" and "not encrypted" not in plain.stderr and "no key" in plain.stderr
+    assert plain.returncode == 1 and f"key id {OTHER.key_id} and no encryption key" in one_line(plain)

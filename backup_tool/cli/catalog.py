@@ -28,12 +28,12 @@ def version_cmd() -> None:
 @command(app, "list")
 def list_cmd(inv: Invocation) -> int:
     """List every complete backup in the repository, oldest first (needs no local state)."""
-    from backup_tool.catalog import Catalog
+    from backup_tool.catalog import REFUSED, Catalog
     from backup_tool.storage import open_repository
 
     manifests, problems = Catalog(open_repository(inv.settings.repo_url)).scan()
     for p in problems:
-        inv.reporter.warning(f"unreadable manifest skipped: {p.message}")
+        inv.reporter.warning(f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest skipped: {p.message}")
     entries = [m.summary() for m in manifests]
     header = f"{'ID':<25} {'KIND':<11} {'DATABASE':<16} {'STARTED':<28} {'SIZE':>10}  EXPIRES"
     inv.out(entries, lambda: "\n".join([header] + [render_entry(e) for e in entries])

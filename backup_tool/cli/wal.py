@@ -36,10 +36,13 @@ def wal_push_cmd(
         if inv.common.json:
             inv.out({"name": wal_path.rsplit("/", 1)[-1], "from_spool": True}, "")
         return 0
+    from backup_tool.keyguard import guard_writes
     from backup_tool.storage import open_storage
 
     policy = settings.policy
-    result = wal.push(open_storage(settings.repo_url), wal_path, settings.repo_url,
+    storage = open_storage(settings.repo_url)
+    guard_writes(storage, policy.backup.encryption_key_id, policy.name, "archive WAL")
+    result = wal.push(storage, wal_path, settings.repo_url,
                       level=policy.backup.compression_level, batch=batch,
                       lock=wal.wal_lock(policy.object_lock.mode, policy.retention.pitr_days),
                       warn=inv.reporter.warning)

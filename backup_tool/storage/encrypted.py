@@ -5,7 +5,8 @@ With a key configured (``BACKUP_TOOL_ENCRYPTION_KEY``: base64 of 32 random bytes
 object the tool writes is encrypted before it leaves the process, except the metadata
 records that key-less readers (``list``, ``status``, ``audit``, retention, ``wal status``)
 need (:data:`PLAINTEXT_PREFIXES`: manifests, in-progress markers, verification records,
-retention and schedule logs, timeline and backup history files). Those hold names, counts, checksums, LSNs and
+retention and schedule logs, timeline and backup history files, the repository's key-id records).
+Those hold names, counts, checksums, LSNs and
 times, never row data; manifests are instead authenticated with an HMAC under the key
 (:meth:`EncryptionKey.seal`), history files by the content sha256 in their names.
 
@@ -58,6 +59,7 @@ from backup_tool.storage.base import ObjectInfo, ObjectLock, PutResult, Storage
 
 KEY_ENV = "BACKUP_TOOL_ENCRYPTION_KEY"
 KEY_FILE_ENV = "BACKUP_TOOL_ENCRYPTION_KEY_FILE"
+PREVIOUS_KEYS_ENV = "BACKUP_TOOL_PREVIOUS_KEYS_FILE"
 ALGORITHM = "AES-256-GCM"
 MAGIC = b"BTENC"
 VERSION = 1
@@ -70,7 +72,8 @@ _HEADER = struct.Struct(f">{len(MAGIC)}sBI8s{SALT_SIZE}s{PREFIX_SIZE}s")
 HEADER_SIZE = _HEADER.size
 MAX_FRAMES = 1 << 32
 PLAINTEXT_PREFIXES = ("manifests/", "running/", "verifications/", "retention-log/", "schedule-log/",
-                      "wal/history/", "wal/archive.info")
+                      "wal/history/", "wal/archive.info", "encryption/")
+ALLOW_UNAUTHENTICATED_ENV = "BACKUP_TOOL_ALLOW_UNAUTHENTICATED"
 KEY_HINT = (f"set {KEY_ENV} (base64 of the 32-byte key) or {KEY_FILE_ENV} (a file holding it) "
             "to the key with that id")
 
@@ -141,15 +144,35 @@ def key_from_environment(environ: Mapping[str, str] | None = None) -> Encryption
     return from_value or from_file
 
 
+def previous_keys_from_environment(environ: Mapping[str, str] | None = None) -> tuple[EncryptionKey, ...]:
+    """Keys retired by a rotation (``BACKUP_TOOL_PREVIOUS_KEYS_FILE``: one base64 key per line,
+    blank lines and ``#`` comments ignored). They decrypt and authenticate what was written
+    with them; nothing new is written with them."""
+    env = os.environ if environ is None else environ
+    path = env.get(PREVIOUS_KEYS_ENV, "")
+    if not path:
+        return ()
+    try:
+        lines = Path(path).expanduser().read_bytes().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the previous keys file {path} ({exc.strerror})",
+                          f"check {PREVIOUS_KEYS_ENV} and the file's permissions") from None
+    return tuple(parse_key(line, f"line {n} of the previous keys file {path}")
+                 for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith(b"#"))
+
+
 def secret_texts(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The configured key as the texts that could be printed by mistake (for redaction)."""
+    """The configured keys as the texts that could be printed by mistake (for redaction)."""
     env = os.environ if environ is None else environ
     found = [env.get(KEY_ENV, "").strip()]
-    try:
-        key = key_from_environment(env)
-    except BackupToolError:
-        key = None
-    if key is not None:
+    keys: list[EncryptionKey] = []
+    for read in (key_from_environment, previous_keys_from_environment):
+        try:
+            got = read(env)
+        except BackupToolError:
+            continue
+        keys += [got] if isinstance(got, EncryptionKey) else list(got or ())
+    for key in keys:
         found += [base64.b64encode(key.secret).decode(), key.secret.hex()]
     return [s for s in found if s]
 
@@ -213,8 +236,10 @@ def encrypt_stream(key: EncryptionKey, object_key: str, chunks: Iterable[bytes],
     yield aead.encrypt(_nonce(header, index, True), bytes(buf), aad)
 
 
-def decrypt_stream(key: EncryptionKey | None, object_key: str, stored: Iterable[bytes]) -> Iterator[bytes]:
+def decrypt_stream(key: EncryptionKey | None, object_key: str, stored: Iterable[bytes],
+                   previous: Iterable[EncryptionKey] = ()) -> Iterator[bytes]:
     """The plaintext of a stored object; unencrypted objects pass through unchanged.
+    An object written with one of the ``previous`` keys is read with it.
 
     Each frame's plaintext is released only once its tag has verified, and the stream ends
     only after a frame sealed as final, so no truncated or altered content is ever returned.
@@ -231,6 +256,7 @@ def decrypt_stream(key: EncryptionKey | None, object_key: str, stored: Iterable[
             yield bytes(buf)
         yield from it
         return
+    key = next((k for k in previous if k.key_id == header.key_id), key)
     if key is None:
         raise ConfigError(f"object {object_key} is encrypted with key id {header.key_id} and no encryption "
                           "key is configured", KEY_HINT)
@@ -288,9 +314,11 @@ class EncryptedStorage(Storage):
     seen by the rest of the tool are those of the stored bytes.
     """
 
-    def __init__(self, inner: Storage, key: EncryptionKey | None) -> None:
+    def __init__(self, inner: Storage, key: EncryptionKey | None,
+                 previous: tuple[EncryptionKey, ...] = ()) -> None:
         self.inner = inner
         self.key = key
+        self.previous = previous
         self.url = inner.url
 
     @property
@@ -306,7 +334,7 @@ class EncryptedStorage(Storage):
         return self.inner.get_stored(key)
 
     def decode(self, key: str, stored: Iterable[bytes]) -> Iterator[bytes]:
-        return decrypt_stream(self.key, key, stored)
+        return decrypt_stream(self.key, key, stored, self.previous)
 
     def get(self, key: str) -> Iterator[bytes]:
         return self.decode(key, self.inner.get_stored(key))
@@ -347,6 +375,21 @@ for _name, _member in vars(Storage).items():
 def encryption_of(storage: Storage) -> EncryptionKey | None:
     """The key a storage encrypts with (None: plaintext repository access)."""
     return storage.key if isinstance(storage, EncryptedStorage) else None
+
+
+def keyring_of(storage: Storage) -> dict[str, EncryptionKey]:
+    """Every key a storage reads with (the current one and the previous ones), by key id."""
+    if not isinstance(storage, EncryptedStorage):
+        return {}
+    keys = [*storage.previous, *([storage.key] if storage.key else [])]
+    return {k.key_id: k for k in keys}
+
+
+def unauthenticated_allowed(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the operator chose to trust manifests that carry no tag under the configured key
+    (``BACKUP_TOOL_ALLOW_UNAUTHENTICATED=1``); a tag that fails is never trusted."""
+    env = os.environ if environ is None else environ
+    return env.get(ALLOW_UNAUTHENTICATED_ENV, "") == "1"
 
 
 def manifest_encryption(options: dict[str, Any]) -> dict[str, str] | None:
