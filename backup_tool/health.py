@@ -330,10 +330,15 @@ def _size(n: float) -> str:
     return f"{n} B"
 
 
-def _q(schema: str, name: str) -> str:
-    from backup_tool.postgres import quoted_table
+def _ident(name: str) -> str:
+    """An identifier as psql shows it: quoted only when it needs to be."""
+    if name.isidentifier() and name == name.lower() and name.isascii():
+        return name
+    return '"' + name.replace('"', '""') + '"'
 
-    return quoted_table(schema, name)
+
+def _q(schema: str, name: str) -> str:
+    return f"{_ident(schema)}.{_ident(name)}"
 
 
 def check_schema(ctx: Context) -> HealthCheck:
@@ -419,7 +424,7 @@ def check_rls(ctx: Context) -> HealthCheck:
               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               JOIN pg_roles r ON r.rolname = ANY(%s)
              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND NOT c.relrowsecurity
-               AND {SYSTEM_SCHEMA_FILTER} AND {not_extension}
+               AND {SYSTEM_SCHEMA_FILTER.replace("%", "%%")} AND {not_extension}
                AND has_schema_privilege(r.oid, n.oid, 'USAGE') AND has_table_privilege(r.oid, c.oid, 'SELECT')
              GROUP BY 1, 2 ORDER BY 1, 2""", (list(SUPABASE_ROLES),)):
         name = _q(t["schema"], t["name"])
@@ -445,7 +450,7 @@ def check_foreign_keys(ctx: Context) -> HealthCheck:
     sampled: list[str] = []
     limit = ctx.h.fk_sample_rows
     for fk in fks:
-        qual = f"{_q(fk['schema'], fk['table'])}.{postgres.quote_ident(fk['name'])}"
+        qual = f"{_q(fk['schema'], fk['table'])}.{_ident(fk['name'])}"
         rows = estimates.get((fk["schema"], fk["table"]), 0.0)
         percent = None if ctx.full or rows <= limit else max(0.0001, round(100.0 * limit / rows, 4))
         started = time.monotonic()
@@ -561,7 +566,7 @@ def check_index_performance(ctx: Context) -> HealthCheck:
         name = _q(r["schema"], r["name"])
         findings.append(Finding(Level.WARN, name, f"index {name} on {r['table']} unused (0 scans {since}; "
                                                   f"{_size(float(r['bytes']))})"))
-    for r in ctx.rows(BLOAT_SQL.format(system=SYSTEM_SCHEMA_FILTER), {"min": h.report_min_bytes}):
+    for r in ctx.rows(BLOAT_SQL.format(system=SYSTEM_SCHEMA_FILTER.replace("%", "%%")), {"min": h.report_min_bytes}):
         ratio = index_bloat(r)
         if ratio is not None and ratio > h.bloat_ratio:
             name = _q(r["schema"], r["name"])

@@ -138,3 +138,201 @@ def test_audit_table_is_the_documents_table() -> None:
     assert rows["index_performance"]["last_status"] == "never run"
     assert table["failures"] == [{"check": "foreign_keys", "at": "2025-08-24T09:01:00Z", "database": "app",
                                   "detail": "orphan"}]
+
+
+# ----------------------------------------------------------------------------- live database, planted problems
+
+SCHEMA = """
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN NOINHERIT; END IF;
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
+    CREATE ROLE authenticated NOLOGIN NOINHERIT; END IF;
+END $$;
+CREATE SCHEMA "Billing";
+CREATE TABLE public.profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text UNIQUE NOT NULL,
+                              tags text[] DEFAULT '{}');
+CREATE TABLE public.projects (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                              owner_id uuid NOT NULL REFERENCES public.profiles (id), "Name" text NOT NULL);
+CREATE INDEX projects_owner_id_idx ON public.projects (owner_id);
+CREATE TABLE public.documents (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                               project_id bigint NOT NULL REFERENCES public.projects (id) ON DELETE CASCADE,
+                               body jsonb NOT NULL DEFAULT '{}');
+CREATE INDEX documents_project_id_idx ON public.documents (project_id);
+CREATE TABLE "Billing"."Invoices" (id bigint PRIMARY KEY, profile_id uuid REFERENCES public.profiles (id),
+                                   amount numeric(12, 2));
+CREATE INDEX invoices_profile_idx ON "Billing"."Invoices" (profile_id);
+CREATE TABLE public.audit_trail (at timestamptz NOT NULL DEFAULT now(), what text);
+ALTER TABLE public.profiles ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.projects ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.documents ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.audit_trail ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_profile ON public.profiles FOR SELECT TO authenticated USING (email = current_user);
+CREATE POLICY own_projects ON public.projects FOR ALL TO authenticated USING (owner_id IS NOT NULL);
+CREATE POLICY project_documents ON public.documents FOR SELECT TO authenticated
+    USING (EXISTS (SELECT 1 FROM public.projects p WHERE p.id = project_id));
+CREATE POLICY audit_read ON public.audit_trail FOR SELECT TO authenticated USING (true);
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO anon, authenticated;
+CREATE FUNCTION public.project_count(owner uuid) RETURNS bigint LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RETURN (SELECT count(*) FROM public.projects WHERE owner_id = owner);
+END $$;
+CREATE FUNCTION public.recent_audit() RETURNS bigint LANGUAGE plpgsql STABLE AS $$
+DECLARE n bigint;
+BEGIN
+  SELECT count(*) INTO n FROM public.audit_trail WHERE at > now() - interval '1 day';
+  RETURN n;
+END $$;
+CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  NEW.body := NEW.body || jsonb_build_object('touched', true);
+  RETURN NEW;
+END $$;
+CREATE TRIGGER documents_touch BEFORE UPDATE ON public.documents FOR EACH ROW EXECUTE FUNCTION public.touch();
+CREATE FUNCTION public.email_of(p uuid) RETURNS text LANGUAGE sql STABLE AS
+    $$ SELECT email FROM public.profiles WHERE id = p $$;
+INSERT INTO public.profiles (id, email) VALUES ('00000000-0000-0000-0000-000000000001', 'ana@example.com'),
+                                               ('00000000-0000-0000-0000-000000000002', 'zoë@example.com');
+INSERT INTO public.projects (owner_id, "Name") SELECT '00000000-0000-0000-0000-000000000001', 'p' || g
+  FROM generate_series(1, 3) g;
+INSERT INTO public.documents (project_id, body) SELECT 1 + g % 3, jsonb_build_object('n', g)
+  FROM generate_series(1, 3000) g;
+INSERT INTO "Billing"."Invoices" VALUES (1, '00000000-0000-0000-0000-000000000002', 10.50), (2, NULL, 3);
+INSERT INTO public.audit_trail (what) VALUES ('created');
+ANALYZE;
+"""
+SMOKE = "SELECT public.recent_audit()"
+
+
+@pytest.fixture(scope="module")
+def health_db(pg_server: PgServer) -> Iterator[DbHandle]:
+    """One small Supabase-like database for the module; each test plants a problem and undoes it."""
+    db = pg_server.create_db("health_src")
+    try:
+        with db.connect() as conn:
+            conn.execute(SCHEMA)
+        yield db
+    finally:
+        pg_server.drop_db(db.name)
+
+
+def settings_for(db: DbHandle, tmp_path: Path, health: str = "") -> Settings:
+    policy = parse_policy(f"[health]\n{health}", str(tmp_path / "policy.toml"))
+    (tmp_path / "repo").mkdir(exist_ok=True)
+    return Settings(repo_url=str(tmp_path / "repo"), dsn=db.dsn, policy=policy)
+
+
+def one(db: DbHandle, tmp_path: Path, name: str, health: str = "", full: bool = False) -> Any:
+    report = run_health(settings_for(db, tmp_path, health), [name], full=full)
+    [check] = report.checks
+    return check
+
+
+def failing(check: Any) -> list[str]:
+    return [f.message for f in check.findings if f.level.value == "fail"]
+
+
+def test_clean_database_passes_every_check(health_db: DbHandle, tmp_path: Path) -> None:
+    report = run_health(settings_for(health_db, tmp_path, f'smoke_calls = ["{SMOKE}"]\n'))
+    levels = {c.name: c.level.value for c in report.checks}
+    assert levels == {"schema": "warn", "rls": "ok", "foreign_keys": "ok", "index_performance": "ok",  # noqa
+                      "function_execution": "ok"}, "\n".join(c.detail for c in report.checks)
+    assert report.ok
+    schema = report.checks[0]
+    assert schema.detail.startswith("not checked: no backup of database 'health_src'")
+
+
+def test_rls_disabled_on_a_policy_table(health_db: DbHandle, tmp_path: Path) -> None:
+    health_db.execute("ALTER TABLE public.documents DISABLE ROW LEVEL SECURITY")
+    try:
+        check = one(health_db, tmp_path, "rls")
+        assert not check.ok
+        assert failing(check) == [
+            "public.documents has 1 policies but RLS is disabled (they are not applied)",
+            "public.documents is readable by anon, authenticated with RLS disabled (every row exposed)"]
+    finally:
+        health_db.execute("ALTER TABLE public.documents ENABLE ROW LEVEL SECURITY")
+    assert one(health_db, tmp_path, "rls").level.value == "ok"
+
+
+def test_rls_exposed_schema_setting(health_db: DbHandle, tmp_path: Path) -> None:
+    check = one(health_db, tmp_path, "rls", 'exposed_schemas = ["public", "Billing"]\n')
+    assert failing(check) == ['"Billing"."Invoices" in exposed schema Billing has RLS disabled']
+
+
+def test_unindexed_foreign_key_and_duplicate_index(health_db: DbHandle, tmp_path: Path) -> None:
+    health_db.execute("DROP INDEX public.documents_project_id_idx")
+    health_db.execute("CREATE INDEX projects_owner_again ON public.projects (owner_id)")
+    try:
+        check = one(health_db, tmp_path, "index_performance")
+        messages = failing(check)
+        assert len(messages) == 2, messages
+        assert messages[0].startswith("duplicate indexes on public.projects: projects_owner_again, "
+                                      "projects_owner_id_idx (same columns")
+        assert messages[1].startswith("foreign key documents_project_id_fkey on public.documents (project_id) "
+                                      "has no index leading with its columns (table ")
+    finally:
+        health_db.execute("DROP INDEX public.projects_owner_again")
+        health_db.execute("CREATE INDEX documents_project_id_idx ON public.documents (project_id)")
+    fixed = one(health_db, tmp_path, "index_performance")
+    assert fixed.level.value == "ok", fixed.detail
+
+
+def test_invalid_index_fails(health_db: DbHandle, tmp_path: Path) -> None:
+    health_db.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = '\"Billing\".invoices_profile_idx'::regclass")
+    try:
+        check = one(health_db, tmp_path, "index_performance")
+        assert failing(check) == ['index "Billing".invoices_profile_idx on Invoices is invalid (a failed CREATE '
+                                  'INDEX CONCURRENTLY?): REINDEX or drop it']
+    finally:
+        health_db.execute('REINDEX INDEX "Billing".invoices_profile_idx')
+    assert one(health_db, tmp_path, "index_performance").ok
+
+
+def test_function_referencing_a_dropped_table(health_db: DbHandle, tmp_path: Path) -> None:
+    health_db.execute("ALTER TABLE public.audit_trail RENAME TO audit_trail_old")
+    try:
+        smoke = one(health_db, tmp_path, "function_execution", f'smoke_calls = ["{SMOKE}"]\n')
+        assert not smoke.ok
+        smoke_failures = [m for m in failing(smoke) if m.startswith("smoke call")]
+        assert len(smoke_failures) == 1
+        assert smoke_failures[0].startswith(f"smoke call '{SMOKE}' failed after ")
+        assert smoke_failures[0].endswith('relation "public.audit_trail" does not exist')
+        with health_db.connect() as conn:
+            deep_available = conn.execute(
+                "SELECT 1 FROM pg_available_extensions WHERE name = 'plpgsql_check'").fetchone() is not None
+        if deep_available:
+            deep = one(health_db, tmp_path, "function_execution")
+            assert failing(deep) == ['public.recent_audit() line 4: relation "public.audit_trail" does not exist']
+        with health_db.connect() as conn:
+            assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'plpgsql_check'").fetchone() == (0,)
+    finally:
+        health_db.execute("ALTER TABLE public.audit_trail_old RENAME TO audit_trail")
+    fixed = one(health_db, tmp_path, "function_execution", f'smoke_calls = ["{SMOKE}"]\n')
+    assert fixed.level.value == "ok", fixed.detail
+    assert "1 smoke call(s) ok: 'SELECT public.recent_audit()'" in fixed.detail
+
+
+def test_orphan_rows_exhaustive_and_sampled(health_db: DbHandle, tmp_path: Path) -> None:
+    with health_db.connect() as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("UPDATE public.documents SET project_id = 99")
+        conn.execute('INSERT INTO "Billing"."Invoices" VALUES (3, \'00000000-0000-0000-0000-0000000000ff\', 1)')
+    try:
+        full = one(health_db, tmp_path, "foreign_keys", full=True)
+        assert [m.split(" (")[0] for m in failing(full)] == [
+            '"Billing"."Invoices"."Invoices_profile_id_fkey": 1 orphan row(s) referencing public.profiles',
+            "public.documents.documents_project_id_fkey: 3000 orphan row(s) referencing public.projects"]
+        sampled = one(health_db, tmp_path, "foreign_keys", "fk_sample_rows = 2000\n")
+        messages = failing(sampled)
+        assert messages[0].startswith('"Billing"."Invoices"."Invoices_profile_id_fkey": 1 orphan row(s)')
+        assert messages[1].startswith("public.documents.documents_project_id_fkey: at least ")
+        assert "orphan row(s) in a 66.6667% sample of ~3000 rows" in messages[1]
+    finally:
+        with health_db.connect() as conn:
+            conn.execute("SET session_replication_role = replica")
+            conn.execute("UPDATE public.documents SET project_id = 1 + id % 3")
+            conn.execute('DELETE FROM "Billing"."Invoices" WHERE id = 3')
+    fixed = one(health_db, tmp_path, "foreign_keys", "fk_sample_rows = 2000\n")
+    assert fixed.level.value == "ok"
+    assert "sampled 1 key(s) on tables above 2000 rows: public.documents.documents_project_id_fkey 66.6667% of ~3000 rows" \
+        in fixed.detail
