@@ -801,6 +801,20 @@ def of_database(records: Sequence[HealthRecord], database: str | None) -> list[H
     return [r for r in records if database is None or r.database == database]
 
 
+def records_for(settings: Settings, records: Sequence[HealthRecord]) -> list[HealthRecord]:
+    """For ``status`` and ``audit``: the runs on the database ``--dsn`` names, else every run
+    (a repository of one database; with several and none named, the newest run per check wins)."""
+    from backup_tool.postgres import ConnInfo
+
+    try:
+        named = ConnInfo(settings.dsn).dbname
+    except BackupToolError:
+        named = None
+    if named in {r.database for r in records}:
+        return of_database(records, named)
+    return list(records)
+
+
 @dataclass(frozen=True)
 class DueRun:
     plan: HealthPlan
