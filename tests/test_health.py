@@ -161,16 +161,13 @@ CREATE INDEX documents_project_id_idx ON public.documents (project_id);
 CREATE TABLE "Billing"."Invoices" (id bigint PRIMARY KEY, profile_id uuid REFERENCES public.profiles (id),
                                    amount numeric(12, 2));
 CREATE INDEX invoices_profile_idx ON "Billing"."Invoices" (profile_id);
-CREATE TABLE public.audit_trail (at timestamptz NOT NULL DEFAULT now(), what text);
 ALTER TABLE public.profiles ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.projects ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.documents ENABLE ROW LEVEL SECURITY;
-ALTER TABLE public.audit_trail ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_profile ON public.profiles FOR SELECT TO authenticated USING (email = current_user);
 CREATE POLICY own_projects ON public.projects FOR ALL TO authenticated USING (owner_id IS NOT NULL);
 CREATE POLICY project_documents ON public.documents FOR SELECT TO authenticated
     USING (EXISTS (SELECT 1 FROM public.projects p WHERE p.id = project_id));
-CREATE POLICY audit_read ON public.audit_trail FOR SELECT TO authenticated USING (true);
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO anon, authenticated;
 CREATE FUNCTION public.project_count(owner uuid) RETURNS bigint LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -197,8 +194,13 @@ INSERT INTO public.projects (owner_id, "Name") SELECT '00000000-0000-0000-0000-0
 INSERT INTO public.documents (project_id, body) SELECT 1 + g % 3, jsonb_build_object('n', g)
   FROM generate_series(1, 3000) g;
 INSERT INTO "Billing"."Invoices" VALUES (1, '00000000-0000-0000-0000-000000000002', 10.50), (2, NULL, 3);
+"""
+AUDIT_TRAIL = """
+CREATE TABLE public.audit_trail (at timestamptz NOT NULL DEFAULT now(), what text);
+ALTER TABLE public.audit_trail ENABLE ROW LEVEL SECURITY;
+CREATE POLICY audit_read ON public.audit_trail FOR SELECT TO authenticated USING (true);
+GRANT SELECT ON public.audit_trail TO anon, authenticated;
 INSERT INTO public.audit_trail (what) VALUES ('created');
-ANALYZE;
 """
 SMOKE = "SELECT public.recent_audit()"
 
@@ -209,7 +211,7 @@ def health_db(pg_server: PgServer) -> Iterator[DbHandle]:
     db = pg_server.create_db("health_src")
     try:
         with db.connect() as conn:
-            conn.execute(SCHEMA)
+            conn.execute(SCHEMA + AUDIT_TRAIL + "ANALYZE;")
         yield db
     finally:
         pg_server.drop_db(db.name)
@@ -289,7 +291,7 @@ def test_invalid_index_fails(health_db: DbHandle, tmp_path: Path) -> None:
 
 
 def test_function_referencing_a_dropped_table(health_db: DbHandle, tmp_path: Path) -> None:
-    health_db.execute("ALTER TABLE public.audit_trail RENAME TO audit_trail_old")
+    health_db.execute("DROP TABLE public.audit_trail")
     try:
         smoke = one(health_db, tmp_path, "function_execution", f'smoke_calls = ["{SMOKE}"]\n')
         assert not smoke.ok
@@ -306,7 +308,8 @@ def test_function_referencing_a_dropped_table(health_db: DbHandle, tmp_path: Pat
         with health_db.connect() as conn:
             assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'plpgsql_check'").fetchone() == (0,)
     finally:
-        health_db.execute("ALTER TABLE public.audit_trail_old RENAME TO audit_trail")
+        with health_db.connect() as conn:
+            conn.execute(AUDIT_TRAIL)
     fixed = one(health_db, tmp_path, "function_execution", f'smoke_calls = ["{SMOKE}"]\n')
     assert fixed.level.value == "ok", fixed.detail
     assert "1 smoke call(s) ok: 'SELECT public.recent_audit()'" in fixed.detail
@@ -336,3 +339,77 @@ def test_orphan_rows_exhaustive_and_sampled(health_db: DbHandle, tmp_path: Path)
     assert fixed.level.value == "ok"
     assert "sampled 1 key(s) on tables above 2000 rows: public.documents.documents_project_id_fkey 66.6667% of ~3000 rows" \
         in fixed.detail
+
+
+# ----------------------------------------------------------------------------- CLI end to end
+
+
+@pytest.mark.slow
+def test_cli_run_due_status_audit_and_schema_drift(cli: Any, health_db: DbHandle, tmp_path: Path) -> None:
+    repo = str(tmp_path / "repo")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[health]\nsmoke_calls = ["{SMOKE}"]\n')
+    common = ["--repo", repo, "--dsn", health_db.dsn, "--policy", str(policy)]
+    health_db.execute("CREATE INDEX projects_owner_again ON public.projects (owner_id)")
+    try:
+        ran = cli.json("run-due", *common)
+    finally:
+        health_db.execute("DROP INDEX public.projects_owner_again")
+    assert [t["kind"] for t in ran["taken"]] == ["full"]
+    checks = {c["name"]: c for c in ran["health"]["ran"]["checks"]}
+    assert [d["check"] for d in ran["health"]["due"]] == list(checks)
+    assert checks["schema"]["level"] == "ok" and checks["schema"]["detail"].startswith(
+        f"live schema matches backup {ran['taken'][0]['id']}")
+    assert checks["index_performance"]["ok"] is False
+    assert "duplicate indexes on public.projects" in checks["index_performance"]["detail"]
+    assert [k.name for k in (Path(repo) / "health-log").iterdir()] == [Path(ran["health"]["record"]).name]
+    again = cli.json("run-due", *common)["health"]
+    assert (again["due"], again["ran"], again["record"]) == ([], None, None)
+
+    metrics = tmp_path / "m.prom"
+    status = cli("status", *common, "--prometheus", metrics)
+    assert status.returncode == 1 and status.stdout.startswith(
+        "BACKUP WARNING - health check index_performance failed at "), status.stdout
+    prom = metrics.read_text()
+    assert 'backup_tool_health_last_ok{repository="' in prom
+    last_ok = {ln.split('check="')[1].split('"')[0]: ln.rsplit(" ", 1)[1]
+               for ln in prom.splitlines() if ln.startswith("backup_tool_health_last_ok")}
+    assert last_ok == {"schema": "1", "rls": "1", "foreign_keys": "1", "index_performance": "0",
+                       "function_execution": "1"}
+    assert 'check="health_index_performance"} 1' in prom
+
+    audit = cli("audit", *common, "--format", "markdown")
+    assert audit.returncode == 0
+    text = audit.stdout
+    assert "| check | frequency | last status | last run | next check |" in text
+    assert "| Index performance | Weekly | FAILED |" in text and "| Schema validation | Daily | passed |" in text
+    assert "index_performance: duplicate indexes on public.projects" in text
+    assert "**WARNING** (health): health check index_performance failed" in text
+
+    # Since the backup the duplicate index was dropped; now a column is added: both are drift.
+    health_db.execute("ALTER TABLE public.projects ADD COLUMN archived boolean")
+    try:
+        drifted = cli("health", *common, "--check", "schema", "--json")
+        assert drifted.returncode == 3, drifted.stderr
+        body = drifted.json()
+        assert body["ok"] is False and [c["name"] for c in body["checks"]] == ["schema"]
+        detail = body["checks"][0]["detail"]
+        assert detail.startswith(f"live schema drifted from backup {ran['taken'][0]['id']}: ")
+        assert "-CREATE INDEX projects_owner_again ON public.projects USING btree (owner_id)" in detail
+        assert "+    archived boolean" in detail
+    finally:
+        health_db.execute("ALTER TABLE public.projects DROP COLUMN archived")
+    health_db.execute("CREATE INDEX projects_owner_again ON public.projects (owner_id)")
+    try:
+        fixed = cli("health", *common, "--check", "schema", "--check", "rls", "--record")
+    finally:
+        health_db.execute("DROP INDEX public.projects_owner_again")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert fixed.stdout.splitlines()[0].startswith("ok    schema  live schema matches backup")
+    assert fixed.stdout.splitlines()[-1] == "verdict: OK"
+    assert len(list((Path(repo) / "health-log").iterdir())) == 2
+
+    bad = cli("health", *common, "--check", "speed")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "backup-tool: error: unknown health check 'speed' — choose from: schema, rls, foreign_keys, "
+        "index_performance, function_execution")
