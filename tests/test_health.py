@@ -158,12 +158,19 @@ CREATE TABLE public.documents (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KE
                                project_id bigint NOT NULL REFERENCES public.projects (id) ON DELETE CASCADE,
                                body jsonb NOT NULL DEFAULT '{}');
 CREATE INDEX documents_project_id_idx ON public.documents (project_id);
+CREATE TABLE public.page_views (profile_id uuid NOT NULL REFERENCES public.profiles (id), viewed_at date NOT NULL,
+                                path text) PARTITION BY RANGE (viewed_at);
+CREATE TABLE public.page_views_2025 PARTITION OF public.page_views FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE public.page_views_2026 PARTITION OF public.page_views FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+CREATE INDEX page_views_profile_idx ON public.page_views (profile_id, viewed_at);
 CREATE TABLE "Billing"."Invoices" (id bigint PRIMARY KEY, profile_id uuid REFERENCES public.profiles (id),
                                    amount numeric(12, 2));
 CREATE INDEX invoices_profile_idx ON "Billing"."Invoices" (profile_id);
 ALTER TABLE public.profiles ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.projects ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.documents ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.page_views ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_views ON public.page_views FOR SELECT TO authenticated USING (path IS NOT NULL);
 CREATE POLICY own_profile ON public.profiles FOR SELECT TO authenticated USING (email = current_user);
 CREATE POLICY own_projects ON public.projects FOR ALL TO authenticated USING (owner_id IS NOT NULL);
 CREATE POLICY project_documents ON public.documents FOR SELECT TO authenticated
@@ -193,6 +200,8 @@ INSERT INTO public.projects (owner_id, "Name") SELECT '00000000-0000-0000-0000-0
   FROM generate_series(1, 3) g;
 INSERT INTO public.documents (project_id, body) SELECT 1 + g % 3, jsonb_build_object('n', g)
   FROM generate_series(1, 3000) g;
+INSERT INTO public.page_views SELECT '00000000-0000-0000-0000-000000000001', date '2025-12-25' + g, '/p/' || g
+  FROM generate_series(1, 20) g;
 INSERT INTO "Billing"."Invoices" VALUES (1, '00000000-0000-0000-0000-000000000002', 10.50), (2, NULL, 3);
 """
 AUDIT_TRAIL = """
