@@ -16,6 +16,9 @@ It states the policy in force and, over the audit window (``audit.window_days`` 
 * **verification** — when each backup's checksums were last re-read and last restore-tested
   (from ``verifications/``).
 * **PITR coverage** — base backups, the WAL range and its gaps, against the PITR window.
+* **health checks** — the seed's table (check, frequency, last status, last run, next check)
+  from ``health-log/``, and every failed run in the window; a check whose newest run failed or
+  that is overdue is a warning (:func:`backup_tool.health.status_checks`).
 
 Findings are *critical* (a promise broken) or *warnings*; the verdict is NON-COMPLIANT with
 any critical finding, COMPLIANT WITH WARNINGS with warnings only, COMPLIANT otherwise.
@@ -160,6 +163,7 @@ class AuditReport:
     last_retention_run: datetime | None = None
     generated_at: datetime | None = None
     schema_drift: dict[str, Any] | None = None
+    health: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> str:
@@ -193,6 +197,7 @@ class AuditReport:
                                "restore_test": v.restore_test} for v in self.verifications],
             "pitr": self.pitr.to_dict(),
             "schema_drift": self.schema_drift,
+            "health": self.health,
         }
 
 
@@ -428,7 +433,46 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
         elif drift.get("ok") is None:
             report = replace(report, facts=report.facts + (drift["line"],))
         report = replace(report, schema_drift=drift)
+    report = _with_health(report, storage, settings, now)
     return replace(report, generated_at=generated)
+
+
+def _with_health(report: AuditReport, storage: Any, settings: Settings, now: datetime) -> AuditReport:
+    from backup_tool.health import audit_table, read_records, records_for, status_checks
+
+    found, problems = read_records(storage)
+    records = records_for(settings, found)
+    findings = tuple(Finding("warning", "health", s.detail)
+                     for s in status_checks(records, settings.policy, now) if s.severity)
+    return replace(report, health=audit_table(records, settings.policy, now, report.window_start),
+                   findings=report.findings + findings, facts=report.facts + tuple(problems))
+
+
+def _health_markdown(health: dict[str, Any]) -> list[str]:
+    out = ["", "## Health checks", "", "| check | frequency | last status | last run | next check |",
+           "|---|---|---|---|---|"]
+    out += [f"| {r['title']} | {r['frequency']} | {r['last_status']} | {_d(_ts(r['last_run']))} | "
+            f"{_d(_ts(r['next_check']))} |" for r in health["checks"]]
+    out += ["", "Failed runs in the audit window:", ""]
+    out += [f"- {_d(_ts(f['at']))} {f['check']}: {f['detail']}" for f in health["failures"][:50]] or ["- none"]
+    return out
+
+
+def _health_html(health: dict[str, Any]) -> str:
+    crit = ' class="crit"'
+    rows = "".join(f"<tr><td>{_e(r['title'])}</td><td>{_e(r['frequency'])}</td>"
+                   f"<td{crit if r['last_status'] == 'FAILED' else ''}>{_e(r['last_status'])}</td>"
+                   f"<td>{_e(_d(_ts(r['last_run'])))}</td><td>{_e(_d(_ts(r['next_check'])))}</td></tr>"
+                   for r in health["checks"])
+    failures = "".join(f"<li>{_e(_d(_ts(f['at'])))} {_e(f['check'])}: {_e(f['detail'])}</li>"
+                       for f in health["failures"][:50]) or "<li>none</li>"
+    return ("<h2>Health checks</h2><table><tr><th>check</th><th>frequency</th><th>last status</th>"
+            f"<th>last run</th><th>next check</th></tr>{rows}</table>"
+            f"<p>Failed runs in the audit window:</p><ul>{failures}</ul>")
+
+
+def _ts(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
 def run_audit(settings: Settings, now: datetime | None = None, fmt: str = "json",
@@ -546,6 +590,8 @@ def render_markdown(report: AuditReport) -> str:
     out += ["", "## Verification runs", "", "| at | result | backups | restore test |", "|---|---|---|---|"]
     out += [f"| {_d(v.at)} | {'ok' if v.ok else 'FAILED'} | {len(v.backups)} | {'yes' if v.restore_test else 'no'} |"
             for v in report.verifications[-20:]]
+    if report.health:
+        out += _health_markdown(report.health)
     return "\n".join(out) + "\n"
 
 
@@ -761,6 +807,8 @@ def render_html(report: AuditReport) -> str:
                                   f"{'ok' if v.ok else 'FAILED'}</td><td>{len(v.backups)}</td>"
                                   f"<td>{'yes' if v.restore_test else 'no'}</td></tr>"
                                   for v in report.verifications[-30:]) + "</table>")
+    if report.health:
+        body.append(_health_html(report.health))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>Backup audit — {_e(report.verdict)}</title><style>{CSS}</style></head>"
             f"<body><main>{''.join(body)}</main></body></html>\n")

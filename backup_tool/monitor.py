@@ -13,6 +13,9 @@ without a backup taken at or after it.
 * the newest verification run failed: CRITICAL
 * backups older than ``monitoring.verify_max_age_hours`` and no verification that recent:
   WARNING
+* a health check (``[health]``, recorded in ``health-log/``) whose newest run failed, or whose
+  newest slot passed its grace without a run: WARNING; overdue by more than one period:
+  CRITICAL; never run: OK, "not run yet" (see :func:`backup_tool.health.status_checks`)
 * the repository cannot be read or does not exist (or the policy is broken): UNKNOWN
 
 The textfile for node_exporter's textfile collector is written to a temporary file in the
@@ -41,6 +44,7 @@ from backup_tool.schedule import iso, last_due_slot
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
+    from backup_tool.health import HealthRecord
     from backup_tool.policy import Policy
     from backup_tool.storage import Storage
 
@@ -143,8 +147,11 @@ def _age(now: datetime, ts: datetime) -> str:
 
 
 def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verification], wal: WalState | None,
-             policy: Policy, now: datetime, repository: str = "") -> StatusReport:
+             policy: Policy, now: datetime, repository: str = "",
+             health: Sequence[HealthRecord] = ()) -> StatusReport:
     """The monitoring verdict at ``now`` (pure); a backup counts from when it started."""
+    from backup_tool.health import status_checks
+
     s = policy.schedule
     grace = timedelta(minutes=s.grace_minutes)
     present = sorted((b for b in backups if b.started_at <= now), key=lambda b: (b.started_at, b.id))
@@ -228,7 +235,12 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
         checks.append(Check("verification", OK, f"last verification {iso(last_verify.at)} passed" if last_verify
                             else "no verification yet"))
 
+    per_check = status_checks(health, policy, now)
+    checks += [Check(f"health_{h.check}", h.severity, h.detail) for h in per_check]
+
     metrics: dict[str, Any] = {
+        "health": {h.check: {"last_run": h.last_run.timestamp() if h.last_run else None,
+                             "last_ok": h.last_ok} for h in per_check},
         "backups": len(present),
         "age_seconds": {k: (now - b.started_at).total_seconds() for k, b in newest.items()},
         "last_success": {k: b.finished_at.timestamp() if b.finished_at else b.started_at.timestamp()
@@ -280,6 +292,7 @@ def read_wal_state(storage: Storage) -> WalState | None:
 def collect_status(settings_factory: Callable[[], Settings], now: datetime | None = None) -> StatusReport:
     """Read the repository and evaluate; any failure to read is an UNKNOWN report, not an error."""
     from backup_tool.catalog import Catalog
+    from backup_tool.health import read_records, records_for
     from backup_tool.storage import open_repository
 
     now = now or datetime.now(UTC)
@@ -290,8 +303,9 @@ def collect_status(settings_factory: Callable[[], Settings], now: datetime | Non
         storage = open_repository(settings.repo_url)
         manifests, problems = Catalog(storage).scan()
         records = [BackupRecord.from_manifest(m) for m in manifests]
+        health, _ = read_records(storage)
         report = evaluate(records, read_verifications(storage), read_wal_state(storage), settings.policy, now,
-                          storage.url)
+                          storage.url, records_for(settings, health))
     except BackupToolError as exc:
         return StatusReport(now, repository, (), {}, error=str(exc))
     if problems:
@@ -349,6 +363,11 @@ def prometheus_text(report: StatusReport) -> str:
            [(repo, m.get("verification_age_seconds"))])
     metric("verification_success", "1 if the newest verification run passed", "gauge",
            [(repo, m.get("verification_ok"))])
+    health = sorted(m.get("health", {}).items())
+    metric("health_last_run_timestamp_seconds", "Start of the newest run of each health check", "gauge",
+           [(f'{repo},check="{name}"', h["last_run"]) for name, h in health])
+    metric("health_last_ok", "1 if the newest run of each health check passed (warnings pass)", "gauge",
+           [(f'{repo},check="{name}"', h["last_ok"]) for name, h in health])
     metric("status_evaluated_timestamp_seconds", "When this file was computed (policy time)", "gauge",
            [(repo, float(report.now.timestamp()))])
     return "\n".join(lines) + "\n"

@@ -83,6 +83,26 @@ class SchemaSettings:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """``[health]``: when run-due runs each health check (a cron expression, or ``daily`` /
+    ``weekly`` / ``hourly``; ``""`` = never) and what the checks look at
+    (:mod:`backup_tool.health`)."""
+
+    schema: str = "daily"
+    rls: str = "weekly"
+    foreign_keys: str = "daily"
+    index_performance: str = "weekly"
+    function_execution: str = "daily"
+    exposed_schemas: tuple[str, ...] = ("public",)
+    smoke_calls: tuple[str, ...] = ()
+    smoke_timeout_seconds: int = 30
+    fk_sample_rows: int = 100000
+    report_min_bytes: int = 1048576
+    bloat_ratio: float = 0.5
+    seq_scan_min_bytes: int = 104857600
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str = "default"
     description: str = ""
@@ -95,6 +115,7 @@ class Policy:
     audit: AuditSettings = field(default_factory=AuditSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     schema: SchemaSettings = field(default_factory=SchemaSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
     def retention_for(self, kind: str) -> timedelta:
         days = {
@@ -120,6 +141,7 @@ SECTIONS: dict[str, type] = {
     "audit": AuditSettings,
     "monitoring": MonitoringSettings,
     "schema": SchemaSettings,
+    "health": HealthSettings,
 }
 
 
@@ -156,6 +178,10 @@ def _build(cls: type, section: str, raw: Any, path: str) -> Any:
             raise ConfigError(f"{path}: unknown key {section}.{key}",
                               f"allowed keys: {', '.join(sorted(allowed))}")
         default = allowed[key].default
+        if isinstance(default, tuple) and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = tuple(value)
+        elif isinstance(default, float) and type(value) is int:
+            value = float(value)
         if type(value) is not type(default):
             raise ConfigError(f"{path}: {section}.{key} = {value!r} has the wrong type",
                               f"expected {type(default).__name__}, e.g. {default!r}")
@@ -198,6 +224,26 @@ def _validate(policy: Policy, path: str) -> None:
         raise ConfigError(f"{path}: audit.window_days must be at least 1 (days)")
     if mon.verify_max_age_hours < 0 or mon.wal_max_age_minutes < 0:
         raise ConfigError(f"{path}: monitoring thresholds must be 0 (off) or positive")
+    _validate_health(policy.health, path)
+
+
+def _validate_health(h: HealthSettings, path: str) -> None:
+    from backup_tool.health import CHECK_NAMES, frequency_cron
+
+    for name in CHECK_NAMES:
+        value = getattr(h, name)
+        try:
+            frequency_cron(value)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: health.{name} = {value!r} is not a frequency ({exc})",
+                              "use daily, weekly, hourly, a cron expression such as '0 9 * * *', or \"\" for never") from None
+    for key in ("smoke_timeout_seconds", "fk_sample_rows"):
+        if getattr(h, key) < 1:
+            raise ConfigError(f"{path}: health.{key} must be at least 1")
+    if h.report_min_bytes < 0 or h.seq_scan_min_bytes < 0 or not 0 < h.bloat_ratio < 1:
+        raise ConfigError(f"{path}: health thresholds: byte sizes must be 0 or positive, bloat_ratio between 0 and 1")
+    if not h.exposed_schemas:
+        raise ConfigError(f"{path}: health.exposed_schemas must name at least one schema", "e.g. [\"public\"]")
 
 
 def parse_policy(text: str, path: str) -> Policy:

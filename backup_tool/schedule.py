@@ -395,10 +395,13 @@ class RunDueResult:
     retention: dict[str, Any] | None
     retention_error: str | None = None
     dry_run: bool = False
+    health: dict[str, Any] | None = None
+    health_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.plan.to_dict(), "dry_run": self.dry_run, "taken": list(self.taken),
-                "retention": self.retention, "retention_error": self.retention_error}
+                "retention": self.retention, "retention_error": self.retention_error,
+                "health": self.health, "health_error": self.health_error}
 
 
 def _records(settings: Settings, manifests: Sequence[Any]) -> list[BackupRecord]:
@@ -415,12 +418,16 @@ def plan_due(settings: Settings, now: datetime | None = None, reporter: Reporter
     from backup_tool.report import NullReporter
     from backup_tool.storage import open_repository
 
+    from backup_tool.health import plan_health
+
     reporter = reporter or NullReporter()
-    manifests, problems = Catalog(open_repository(settings.repo_url)).scan()
+    storage = open_repository(settings.repo_url)
+    manifests, problems = Catalog(storage).scan()
     for p in problems:
         reporter.warning(f"unreadable manifest ignored: {p.message}")
-    plan = decide_due(_records(settings, manifests), settings.policy, now or datetime.now(UTC))
-    return RunDueResult(plan, (), None, None, dry_run=True)
+    at = now or datetime.now(UTC)
+    plan = decide_due(_records(settings, manifests), settings.policy, at)
+    return RunDueResult(plan, (), None, None, dry_run=True, health=plan_health(settings, storage, at).to_dict())
 
 
 def run_due(settings: Settings, reporter: Reporter | None = None) -> RunDueResult:
@@ -478,7 +485,21 @@ def run_due(settings: Settings, reporter: Reporter | None = None) -> RunDueResul
         except BackupToolError as exc:
             error = str(exc)
             reporter.warning(f"retention after backup failed: {exc}")
-    return RunDueResult(plan, tuple(taken), retention, error)
+    health, health_error = _due_health_checks(settings, storage, reporter)
+    return RunDueResult(plan, tuple(taken), retention, error, health=health, health_error=health_error)
+
+
+def _due_health_checks(settings: Settings, storage: Storage, reporter: Reporter
+                       ) -> tuple[dict[str, Any] | None, str | None]:
+    """The health checks due now (:mod:`backup_tool.health`), after any backup: their run and
+    record, or why they could not run."""
+    from backup_tool.health import run_due_checks
+
+    try:
+        return run_due_checks(settings, storage, reporter).to_dict(), None
+    except BackupToolError as exc:
+        reporter.warning(f"health checks failed to run: {exc}")
+        return None, str(exc)
 
 
 def _database_of(settings: Settings) -> str | None:

@@ -248,6 +248,31 @@ def check_column_order(conn: psycopg.Connection[Any], manifest: Manifest) -> Che
     return Check(column_order.CHECK_NAME, ok, detail)
 
 
+def orphan_count_query(conn: psycopg.Connection[Any], fk: dict[str, Any],
+                       sample_percent: float | None = None) -> sql.Composed:
+    """``SELECT count(*)`` of the referencing rows of ``fk`` (an inventory entry) with no
+    referenced row, honouring its MATCH rule; with ``sample_percent``, over a
+    ``TABLESAMPLE SYSTEM`` sample of the referencing table only (every referenced row is
+    still looked up)."""
+    child = postgres.qualified(fk["schema"], fk["table"])
+    parent = postgres.qualified(fk["ref_schema"], fk["ref_table"])
+    cols = [sql.Identifier(c) for c in fk["columns"]]
+    refs = [sql.Identifier(c) for c in fk["ref_columns"]]
+    join = sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(r, c) for r, c in zip(refs, cols))
+    nulls = sql.SQL(" AND ").join(sql.SQL("c.{} IS NULL").format(c) for c in cols)
+    if fk["match"] == "f":
+        exempt = sql.SQL("({})").format(nulls)
+    else:
+        exempt = sql.SQL("({})").format(sql.SQL(" OR ").join(
+            sql.SQL("c.{} IS NULL").format(c) for c in cols))
+    sample = (sql.SQL(" TABLESAMPLE SYSTEM ({})").format(sql.Literal(sample_percent))
+              if sample_percent is not None else sql.SQL(""))
+    return sql.SQL("SELECT count(*) FROM {} c{} WHERE NOT {} AND NOT EXISTS "
+                   "(SELECT 1 FROM {} p WHERE {})").format(
+        _fk_scope(conn, fk["schema"], fk["table"], child), sample, exempt,
+        _fk_scope(conn, fk["ref_schema"], fk["ref_table"], parent), join)
+
+
 def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]],
                        not_valid_in_backup: frozenset[str] = frozenset()) -> Check:
     """Count orphan rows for every foreign key, validated or NOT VALID, honouring MATCH rules.
@@ -262,21 +287,7 @@ def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]],
     for fk in fks:
         if _qual(fk) in not_valid_in_backup:
             continue
-        child = postgres.qualified(fk["schema"], fk["table"])
-        parent = postgres.qualified(fk["ref_schema"], fk["ref_table"])
-        cols = [sql.Identifier(c) for c in fk["columns"]]
-        refs = [sql.Identifier(c) for c in fk["ref_columns"]]
-        join = sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(r, c) for r, c in zip(refs, cols))
-        nulls = sql.SQL(" AND ").join(sql.SQL("c.{} IS NULL").format(c) for c in cols)
-        if fk["match"] == "f":
-            exempt = sql.SQL("({})").format(nulls)
-        else:
-            exempt = sql.SQL("({})").format(sql.SQL(" OR ").join(
-                sql.SQL("c.{} IS NULL").format(c) for c in cols))
-        query = sql.SQL("SELECT count(*) FROM {} c WHERE NOT {} AND NOT EXISTS "
-                        "(SELECT 1 FROM {} p WHERE {})").format(
-            _fk_scope(conn, fk["schema"], fk["table"], child), exempt,
-            _fk_scope(conn, fk["ref_schema"], fk["ref_table"], parent), join)
+        query = orphan_count_query(conn, fk)
         row = conn.execute(query).fetchone()
         if row and row[0]:
             orphans[_qual(fk)] = int(row[0])

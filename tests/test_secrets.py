@@ -288,6 +288,7 @@ def test_no_command_leaks_a_secret(world: World) -> None:
     for fmt in ("cron", "systemd", "kubernetes"):
         cmd("schedule", "--format", fmt)
     cmd("run-due")
+    cmd("health", "--record", "--full", expect=(0, 3))
     metrics = world.base / "metrics.prom"
     cmd("status", "--prometheus", metrics, expect=(0, 1, 2))
     report = world.base / "audit.html"

@@ -49,6 +49,13 @@ def _render_run_due(data: dict[str, Any]) -> str:
         lines.append(render_retention(data["retention"]))
     if data["retention_error"]:
         lines.append(f"retention failed: {data['retention_error']}")
+    health = data.get("health") or {}
+    if data["dry_run"] and health:
+        lines += [f"would run health check {d['check']}: {d['reason']}" for d in health["due"]]
+    if health.get("ran"):
+        lines += [f"health check {c['name']}: {c['level']} — {c['detail']}" for c in health["ran"]["checks"]]
+    if data.get("health_error"):
+        lines.append(f"health checks failed to run: {data['health_error']}")
     if data["next_full"]:
         lines.append(f"next full slot {data['next_full']}"
                      + (f", next incremental slot {data['next_incremental']}" if data["next_incremental"] else ""))
@@ -64,7 +71,8 @@ def run_due_cmd(
 ) -> int:
     """Take the backup the policy says is due now (full, incremental, or nothing; a missed
     slot is taken now), under the lock (exit 4 if another backup runs), then apply retention
-    when the policy says so. Safe to call every few minutes: it never takes a slot twice.
+    when the policy says so, then run and record the health checks that are due ([health]
+    frequencies; a failed check is reported by 'status', not by this exit code). Safe to call every few minutes: it never takes a slot twice.
     Backups are only taken at the real current time; --now plans with --dry-run."""
     from backup_tool.errors import UsageError
     from backup_tool.schedule import parse_ts, plan_due, run_due
@@ -76,7 +84,7 @@ def run_due_cmd(
     result = plan_due(inv.settings, at, inv.reporter) if dry_run else run_due(inv.settings, inv.reporter)
     data = result.to_dict()
     inv.out(data, lambda: _render_run_due(data))
-    failed = result.retention_error or (result.retention and result.retention.get("failed"))
+    failed = result.retention_error or (result.retention and result.retention.get("failed")) or result.health_error
     return EXIT_FAILED if failed else 0
 
 
