@@ -102,9 +102,6 @@ class RunningBackup:
     id: str
     written_at: datetime
 
-    def stale(self, now: datetime) -> bool:
-        return now - self.written_at > RUNNING_STALE_AFTER
-
 
 def new_backup_id(kind: str, started_at: datetime) -> str:
     stamp = started_at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -369,7 +366,7 @@ class Catalog:
             pass
 
     def running(self) -> list[RunningBackup]:
-        """Backups announced as in progress (stale ones included: see :meth:`RunningBackup.stale`)."""
+        """Backups announced as in progress (stale ones included: older than ``RUNNING_STALE_AFTER``)."""
         return [RunningBackup(info.key[len(RUNNING_PREFIX):-len(".json")], info.modified)
                 for info in self.storage.list(RUNNING_PREFIX) if info.key.endswith(".json")]
 

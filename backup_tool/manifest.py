@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -289,6 +289,3 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         raise IntegrityError(f"manifest {where} is malformed ({exc})",
                              "the repository is damaged; run 'backup-tool verify all'") from None
 
-
-def with_expiry(manifest: Manifest, expires_at: datetime) -> Manifest:
-    return replace(manifest, expires_at=expires_at)

@@ -597,15 +597,6 @@ def prefetch_in_background(repo_url: str, name: str, destination: str | Path, co
         os._exit(0)
 
 
-def read_history(storage: Storage, tli: int) -> str | None:
-    """Content of ``<tli>.history`` from the archive, or None if it is not archived."""
-    try:
-        obj = open_archived(storage, f"{tli:08X}.history")
-    except WalMissingError:
-        return None
-    return b"".join(read_archived(storage, obj)).decode("utf-8", "replace")
-
-
 # --------------------------------------------------------------------------- coverage (pure)
 
 

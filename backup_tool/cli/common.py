@@ -88,7 +88,6 @@ COMMON_PARAMS = [
     inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
         bool, typer.Option("--debug", help="Show tracebacks on errors.")]),
 ]
-COMMON_NAMES = ("repo", "dsn", "policy", "json_output", "debug")
 
 DatabaseOption = Annotated[Optional[str], typer.Option(
     "--database", metavar="NAME",

@@ -290,12 +290,6 @@ def decrypt_stream(key: EncryptionKey | None, object_key: str, stored: Iterable[
     yield open_frame(bytes(buf), True)
 
 
-def stored_key_id(head: bytes) -> str | None:
-    """The key id of an object whose first bytes are ``head`` (None: not encrypted)."""
-    header = read_header(head[:HEADER_SIZE], "?") if head.startswith(MAGIC) else None
-    return header.key_id if header else None
-
-
 # --------------------------------------------------------------------------- the storage wrapper
 
 

@@ -269,7 +269,6 @@ class S3Storage(Storage):
             max_pool_connections=32,
         )
         self._client = boto3.session.Session().client("s3", config=config)
-        self._local = threading.local()
         self.sse = sse_args()
 
     def _key(self, key: str) -> str:
