@@ -33,16 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from backup_tool.errors import BackupToolError, UsageError
-from backup_tool.monitor import Verification, WalState
+from backup_tool.monitor import Verification, WalState, wal_gap_ranges
+from backup_tool.walnames import DEFAULT_SEGMENT_SIZE, segment_number
 from backup_tool.retention import (
-    SEGMENTS_PER_LOG,
     BackupRecord,
     LogEntry,
     effective_expiry,
-    per_log_for,
     plan_retention,
-    segment_position,
-    wal_gaps,
 )
 from backup_tool.schedule import iso, meet_slot, next_slot, slots_between
 
@@ -363,15 +360,13 @@ def _pitr(present: Sequence[BackupRecord], wal: WalState | None, policy: Policy,
     in_use = bool(bases or names)
     if not in_use:
         return Pitr(False, window_start, (), None, None, 0, None, (), None, None)
-    per_log = per_log_for(bases[-1].wal_segment_size) if bases else SEGMENTS_PER_LOG
+    seg_size = bases[-1].wal_segment_size if bases else DEFAULT_SEGMENT_SIZE
 
     def pos(name: str | None) -> int:
-        found = segment_position(name, per_log) if name else None
-        return -1 if found is None else found
+        return segment_number(name, seg_size) if name else -1
 
-    start = min((b.start_wal for b in bases if b.start_wal), default=None, key=pos)
     names = sorted(names, key=pos)
-    gaps = tuple(wal_gaps(names, start, per_log))
+    gaps = tuple(wal_gap_ranges(present, wal)) if wal else ()
     recoverable_from = None
     if bases and names:
         first = pos(names[0])
