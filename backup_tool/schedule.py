@@ -38,7 +38,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Generic, Mapping, Protocol, Sequence, TypeVar
 from zoneinfo import ZoneInfo
 
-from backup_tool.errors import BackupToolError, UsageError
+from backup_tool.errors import BackupToolError, ConfigError, UsageError
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
@@ -519,6 +519,7 @@ def jobs_for(policy: Policy, textfile: str) -> list[Job]:
 
 
 def _env_lines(settings: Settings) -> dict[str, str]:
+    from psycopg import ProgrammingError
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     policy = settings.policy
@@ -532,8 +533,10 @@ def _env_lines(settings: Settings) -> dict[str, str]:
         try:
             params = {k: v for k, v in conninfo_to_dict(settings.dsn).items() if k != "password"}
             env["DATABASE_URL"] = make_conninfo("", **params)
-        except Exception:
-            pass
+        except ProgrammingError:
+            raise ConfigError("the DSN (--dsn or DATABASE_URL) is not a valid PostgreSQL connection string, "
+                              "so the schedule cannot carry it",
+                              "use postgresql://user@host:port/dbname or 'host=... dbname=...'") from None
     return env
 
 

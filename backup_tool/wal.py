@@ -570,7 +570,7 @@ def prefetch_in_background(repo_url: str, name: str, destination: str | Path, co
         from backup_tool.storage import open_storage
 
         prefetch(open_storage(repo_url), name, destination, count, seg_size)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - detached read-ahead: restore_command fetches anything it missed
         pass
     finally:
         os._exit(0)

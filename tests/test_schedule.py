@@ -338,6 +338,14 @@ def test_kubernetes_rendering_is_valid_yaml_with_secret_refs() -> None:
     assert docs[1]["spec"]["schedule"] == "30 5 * * *"
 
 
+def test_unparsable_dsn_is_named_not_dropped() -> None:
+    bad = Settings("s3://acme-backups/prod", "nonsense=1 s3cr3t-pw", P)
+    for fmt in ("cron", "systemd", "kubernetes"):
+        with pytest.raises(ConfigError, match="DSN") as err:
+            render_schedule(bad, fmt, ["backup-tool"])
+        assert "s3cr3t-pw" not in str(err.value)
+
+
 def test_unknown_format() -> None:
     with pytest.raises(UsageError):
         render_schedule(_settings(), "launchd", ["backup-tool"])

@@ -105,7 +105,7 @@ def secrets_from(common: Common, extra: list[str]) -> list[str]:
 
         try:
             password = conninfo_to_dict(dsn).get("password")
-        except Exception:
+        except Exception:  # noqa: BLE001 - an unparsable DSN is refused with its own error where it is used
             continue
         if password:
             found.append(str(password))
