@@ -395,7 +395,7 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     generated = datetime.now(UTC)
     now = now or generated
     storage = open_repository(settings.repo_url)
-    manifests, problems = Catalog(storage).scan()
+    records, problems = Catalog(storage).records()
     runs, deletions, log_problems = read_log(storage)
     facts = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest: {p.message}"
              for p in problems] + log_problems
@@ -406,7 +406,7 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     wal = read_wal_state(storage)
     if wal is None:
         facts.append("this build has no WAL archive support: PITR coverage not assessed")
-    report = build_report([BackupRecord.from_manifest(m) for m in manifests], deletions,
+    report = build_report(records, deletions,
                           read_verifications(storage), wal, settings.policy, now, storage.url, facts,
                           [datetime.fromisoformat(r["at"].replace("Z", "+00:00")) for r in runs if r.get("at")],
                           lock_supported)

@@ -290,8 +290,7 @@ def collect_status(settings_factory: Callable[[], Settings], now: datetime | Non
         settings = settings_factory()
         repository = settings.repo_url
         storage = open_repository(settings.repo_url)
-        manifests, problems = Catalog(storage).scan()
-        records = [BackupRecord.from_manifest(m) for m in manifests]
+        records, problems = Catalog(storage).records(refresh=True)
         report = evaluate(records, read_verifications(storage), read_wal_state(storage), settings.policy, now,
                           storage.url)
     except BackupToolError as exc:

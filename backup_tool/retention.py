@@ -126,6 +126,33 @@ class BackupRecord:
         )
 
 
+    def to_index(self) -> dict[str, Any]:
+        """The record as the catalog index stores it (:mod:`backup_tool.catalog_index`)."""
+        return {"id": self.id, "kind": self.kind, "started_at": iso(self.started_at),
+                "expires_at": iso(self.expires_at), "parent_id": self.parent_id, "database": self.database,
+                "finished_at": iso(self.finished_at), "needs": sorted(self.needs), "lock_mode": self.lock_mode,
+                "lock_until": iso(self.lock_until), "size_bytes": self.size_bytes, "objects": self.objects,
+                "start_wal": self.start_wal, "wal_segment_size": self.wal_segment_size,
+                "policy_name": self.policy_name}
+
+    @classmethod
+    def from_index(cls, body: Mapping[str, Any]) -> BackupRecord:
+        """Inverse of :meth:`to_index`; KeyError/TypeError/ValueError for a malformed entry."""
+        def when(name: str) -> datetime | None:
+            value = body[name]
+            return None if value is None else _parse(str(value))
+
+        started, expires = when("started_at"), when("expires_at")
+        if started is None or expires is None:
+            raise ValueError("started_at and expires_at are required")
+        return cls(id=str(body["id"]), kind=str(body["kind"]), started_at=started, expires_at=expires,
+                   parent_id=body["parent_id"], database=str(body["database"]), finished_at=when("finished_at"),
+                   needs=frozenset(str(n) for n in body["needs"]), lock_mode=body["lock_mode"],
+                   lock_until=when("lock_until"), size_bytes=int(body["size_bytes"]),
+                   objects=int(body["objects"]), start_wal=body["start_wal"],
+                   wal_segment_size=int(body["wal_segment_size"]), policy_name=str(body["policy_name"]))
+
+
 def _parse(text: str) -> datetime:
     ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
@@ -481,10 +508,9 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
     storage = open_repository(settings.repo_url)
     catalog = Catalog(storage)
     all_ids = set(catalog.ids())
-    manifests, problems = catalog.scan()
+    records, problems = catalog.records()
     notes = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest ignored, "
              f"its backup is left alone: {p.message}" for p in problems]
-    records = [BackupRecord.from_manifest(m) for m in manifests]
     segments = _wal_segments(storage)
     names = None if segments is None else [s.name for s in segments]
     if segments is None:
@@ -588,6 +614,10 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
         except BackupToolError as exc:
             failed.append(f"garbage {g.what}: {exc.message}")
 
+    try:
+        catalog.entries(refresh=True)
+    except BackupToolError:
+        pass  # the catalog index is a cache: the next run (or status) rewrites it
     if failed or failed_ids:
         outcome = {"format": LOG_FORMAT, "run": run_id, "at": iso(datetime.now(UTC)), "outcome_of": log_key,
                    "failed": failed, "failed_ids": failed_ids}

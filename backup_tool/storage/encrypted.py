@@ -5,7 +5,8 @@ With a key configured (``BACKUP_TOOL_ENCRYPTION_KEY``: base64 of 32 random bytes
 object the tool writes is encrypted before it leaves the process, except the metadata
 records that key-less readers (``list``, ``status``, ``audit``, retention, ``wal status``)
 need (:data:`PLAINTEXT_PREFIXES`: manifests, in-progress markers, verification records,
-retention and schedule logs, timeline and backup history files, the repository's key-id records).
+retention and schedule logs, timeline and backup history files, the repository's key-id records,
+the catalog index).
 Those hold names, counts, checksums, LSNs and
 times, never row data; manifests are instead authenticated with an HMAC under the key
 (:meth:`EncryptionKey.seal`), history files by the content sha256 in their names.
@@ -72,7 +73,7 @@ _HEADER = struct.Struct(f">{len(MAGIC)}sBI8s{SALT_SIZE}s{PREFIX_SIZE}s")
 HEADER_SIZE = _HEADER.size
 MAX_FRAMES = 1 << 32
 PLAINTEXT_PREFIXES = ("manifests/", "running/", "verifications/", "retention-log/", "schedule-log/",
-                      "wal/history/", "wal/archive.info", "encryption/")
+                      "wal/history/", "wal/archive.info", "encryption/", "catalog/")
 ALLOW_UNAUTHENTICATED_ENV = "BACKUP_TOOL_ALLOW_UNAUTHENTICATED"
 KEY_HINT = (f"set {KEY_ENV} (base64 of the 32-byte key) or {KEY_FILE_ENV} (a file holding it) "
             "to the key with that id")
