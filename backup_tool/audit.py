@@ -42,6 +42,7 @@ from backup_tool.retention import (
     plan_retention,
 )
 from backup_tool.schedule import iso, meet_slot, next_slot, slots_between
+from backup_tool.timestamps import parse_utc
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
@@ -408,7 +409,7 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
         facts.append("this build has no WAL archive support: PITR coverage not assessed")
     report = build_report(records, deletions,
                           read_verifications(storage), wal, settings.policy, now, storage.url, facts,
-                          [datetime.fromisoformat(r["at"].replace("Z", "+00:00")) for r in runs if r.get("at")],
+                          [parse_utc(r["at"]) for r in runs if r.get("at")],
                           lock_supported)
     if problems:
         report = replace(report, findings=report.findings + (

@@ -52,7 +52,6 @@ from backup_tool.errors import (
     EXIT_USAGE,
     BackupToolError,
     ConfigError,
-    IntegrityError,
     KeyUnavailableError,
     NotFoundError,
     UnauthenticatedError,

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from backup_tool.errors import BackupToolError
 from backup_tool.storage.encrypted import keyring_of, manifest_encryption
+from backup_tool.timestamps import utc_iso
 
 if TYPE_CHECKING:
     from backup_tool.manifest import Manifest
@@ -142,7 +143,7 @@ def write_index(storage: Storage, ids: Iterable[str], entries: Iterable[IndexEnt
     if (keyring_of(storage) and key is None) or storage.object_lock is not None:
         return None
     now = now or datetime.now(timezone.utc)
-    body: dict[str, Any] = {"format": INDEX_FORMAT, "written_at": now.isoformat().replace("+00:00", "Z"),
+    body: dict[str, Any] = {"format": INDEX_FORMAT, "written_at": utc_iso(now),
                             "ids": sorted(ids), "entries": [e.to_dict() for e in sorted(entries, key=lambda e: e.id)],
                             "sealed_by": key.key_id if key else None}
     body["index_sha256"] = _digest(body)

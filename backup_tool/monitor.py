@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from backup_tool.errors import BackupToolError
 from backup_tool.retention import BackupRecord
 from backup_tool.schedule import iso, last_due_slot
+from backup_tool.timestamps import parse_utc
 from backup_tool.wal import archive_gaps
 from backup_tool.walnames import DEFAULT_SEGMENT_SIZE, segment_number
 
@@ -258,7 +259,7 @@ def read_verifications(storage: Storage) -> list[Verification]:
     for info in storage.list(VERIFICATIONS_PREFIX):
         try:
             body = json.loads(storage.get_bytes(info.key))
-            at = datetime.fromisoformat(body["at"].replace("Z", "+00:00")).astimezone(UTC)
+            at = parse_utc(body["at"])
             found.append(Verification(at, bool(body.get("ok")), tuple(body.get("backups", [])),
                                       bool(body.get("restore_test")), tuple(body.get("checks", [])), info.key))
         except (BackupToolError, ValueError, KeyError, TypeError, AttributeError):

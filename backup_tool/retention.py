@@ -52,6 +52,7 @@ from backup_tool.storage.base import (
     ObjectLockedError,
     PartialUpload,
 )
+from backup_tool.timestamps import iso, parse_utc
 from backup_tool.walnames import (  # noqa: F401  (segment_name re-exported for callers of this module)
     DEFAULT_SEGMENT_SIZE,
     is_segment,
@@ -73,10 +74,6 @@ if TYPE_CHECKING:
 UTC = timezone.utc
 LOG_PREFIX = "retention-log/"
 LOG_FORMAT = 1
-
-
-def iso(ts: datetime | None) -> str | None:
-    return None if ts is None else ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -119,7 +116,7 @@ class BackupRecord:
             started_at=m.started_at, finished_at=m.finished_at, expires_at=m.expires_at,
             needs=frozenset(needs - {m.id}),
             lock_mode=lock.get("mode") if until else None,
-            lock_until=_parse(until) if isinstance(until, str) else None,
+            lock_until=parse_utc(until) if isinstance(until, str) else None,
             size_bytes=m.size_bytes, objects=len(m.own_objects()),
             start_wal=base_start_segment(m), policy_name=str(m.policy.get("name", "")),
             wal_segment_size=getattr(physical, "wal_segment_size", None) or DEFAULT_SEGMENT_SIZE,
@@ -140,7 +137,7 @@ class BackupRecord:
         """Inverse of :meth:`to_index`; KeyError/TypeError/ValueError for a malformed entry."""
         def when(name: str) -> datetime | None:
             value = body[name]
-            return None if value is None else _parse(str(value))
+            return None if value is None else parse_utc(str(value))
 
         started, expires = when("started_at"), when("expires_at")
         if started is None or expires is None:
@@ -151,11 +148,6 @@ class BackupRecord:
                    lock_until=when("lock_until"), size_bytes=int(body["size_bytes"]),
                    objects=int(body["objects"]), start_wal=body["start_wal"],
                    wal_segment_size=int(body["wal_segment_size"]), policy_name=str(body["policy_name"]))
-
-
-def _parse(text: str) -> datetime:
-    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 def base_start_segment(m: Manifest) -> str | None:
@@ -668,10 +660,10 @@ def read_log(storage: Storage) -> tuple[list[dict[str, Any]], list[LogEntry], li
     for run in runs:
         for d in run.get("deleted", []):
             entries.append(LogEntry(
-                run=run.get("run", ""), at=_parse(run["at"]), id=d["id"], kind=d.get("kind", "?"),
-                started_at=_parse(d["started_at"]) if d.get("started_at") else None,
-                finished_at=_parse(d["finished_at"]) if d.get("finished_at") else None,
-                expires_at=_parse(d["expires_at"]) if d.get("expires_at") else None,
+                run=run.get("run", ""), at=parse_utc(run["at"]), id=d["id"], kind=d.get("kind", "?"),
+                started_at=parse_utc(d["started_at"]) if d.get("started_at") else None,
+                finished_at=parse_utc(d["finished_at"]) if d.get("finished_at") else None,
+                expires_at=parse_utc(d["expires_at"]) if d.get("expires_at") else None,
                 reasons=tuple(d.get("reasons", [])), policy=str(run.get("policy", {}).get("name", "")),
                 completed=d["id"] not in outcomes.get(run.get("run", ""), set()),
                 database=d.get("database", ""), size_bytes=int(d.get("size_bytes", 0))))

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Generic, Mapping, Protocol, Sequence, Typ
 from zoneinfo import ZoneInfo
 
 from backup_tool.errors import BackupToolError, ConfigError, UsageError
+from backup_tool.timestamps import iso, parse_utc  # noqa: F401  (iso re-exported for callers)
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
@@ -71,15 +72,10 @@ SEARCH_DAYS = 4 * 366 + 1
 def parse_ts(text: str, option: str = "--now") -> datetime:
     """An ISO 8601 timestamp (``Z`` or an offset; none means UTC) as an aware UTC datetime."""
     try:
-        ts = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        return parse_utc(text)
     except ValueError:
         raise UsageError(f"{option} {text!r} is not an ISO 8601 time",
                          "use e.g. 2026-11-25T14:02:00Z (a time without zone is UTC)") from None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
-def iso(ts: datetime | None) -> str | None:
-    return None if ts is None else ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------- cron
