@@ -36,18 +36,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from backup_tool.errors import BackupToolError, UsageError
-from backup_tool.monitor import Verification, WalState
+from backup_tool.monitor import Verification, WalState, wal_gap_ranges
+from backup_tool.walnames import DEFAULT_SEGMENT_SIZE, segment_number
 from backup_tool.retention import (
-    SEGMENTS_PER_LOG,
     BackupRecord,
     LogEntry,
     effective_expiry,
-    per_log_for,
     plan_retention,
-    segment_position,
-    wal_gaps,
 )
 from backup_tool.schedule import iso, meet_slot, next_slot, slots_between
+from backup_tool.timestamps import parse_utc
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
@@ -368,15 +366,13 @@ def _pitr(present: Sequence[BackupRecord], wal: WalState | None, policy: Policy,
     in_use = bool(bases or names)
     if not in_use:
         return Pitr(False, window_start, (), None, None, 0, None, (), None, None)
-    per_log = per_log_for(bases[-1].wal_segment_size) if bases else SEGMENTS_PER_LOG
+    seg_size = bases[-1].wal_segment_size if bases else DEFAULT_SEGMENT_SIZE
 
     def pos(name: str | None) -> int:
-        found = segment_position(name, per_log) if name else None
-        return -1 if found is None else found
+        return segment_number(name, seg_size) if name else -1
 
-    start = min((b.start_wal for b in bases if b.start_wal), default=None, key=pos)
     names = sorted(names, key=pos)
-    gaps = tuple(wal_gaps(names, start, per_log))
+    gaps = tuple(wal_gap_ranges(present, wal)) if wal else ()
     recoverable_from = None
     if bases and names:
         first = pos(names[0])
@@ -405,7 +401,7 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     generated = datetime.now(UTC)
     now = now or generated
     storage = open_repository(settings.repo_url)
-    manifests, problems = Catalog(storage).scan()
+    records, problems = Catalog(storage).records()
     runs, deletions, log_problems = read_log(storage)
     facts = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest: {p.message}"
              for p in problems] + log_problems
@@ -416,9 +412,9 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     wal = read_wal_state(storage)
     if wal is None:
         facts.append("this build has no WAL archive support: PITR coverage not assessed")
-    report = build_report([BackupRecord.from_manifest(m) for m in manifests], deletions,
+    report = build_report(records, deletions,
                           read_verifications(storage), wal, settings.policy, now, storage.url, facts,
-                          [datetime.fromisoformat(r["at"].replace("Z", "+00:00")) for r in runs if r.get("at")],
+                          [parse_utc(r["at"]) for r in runs if r.get("at")],
                           lock_supported)
     if problems:
         report = replace(report, findings=report.findings + (

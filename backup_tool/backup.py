@@ -281,7 +281,7 @@ def _discard(storage: Storage, prefix: str, backup_id: str) -> None:
             return
         for obj in storage.list(prefix):
             storage.delete(obj.key)
-    except Exception:
+    except Exception:  # noqa: BLE001 - cleanup on a failure path: the caller reports the failure itself
         pass
 
 

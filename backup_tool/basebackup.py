@@ -367,5 +367,5 @@ def _discard(storage: Storage, key: str, backup_id: str) -> None:
     try:
         if not storage.exists(manifest_key(backup_id)):
             storage.delete(key)
-    except Exception:
+    except Exception:  # noqa: BLE001 - cleanup on a failure path: the caller reports the failure itself
         pass

@@ -45,13 +45,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from backup_tool.errors import (
     EXIT_FAILED,
     EXIT_USAGE,
     BackupToolError,
     ConfigError,
-    IntegrityError,
     KeyUnavailableError,
     NotFoundError,
     UnauthenticatedError,
@@ -73,6 +73,10 @@ from backup_tool.storage.encrypted import (
     manifest_encryption,
     unauthenticated_allowed,
 )
+
+if TYPE_CHECKING:
+    from backup_tool.catalog_index import IndexEntry
+    from backup_tool.retention import BackupRecord
 
 REFUSED = (UnauthenticatedError, KeyUnavailableError)
 
@@ -101,9 +105,6 @@ class RunningBackup:
 
     id: str
     written_at: datetime
-
-    def stale(self, now: datetime) -> bool:
-        return now - self.written_at > RUNNING_STALE_AFTER
 
 
 def new_backup_id(kind: str, started_at: datetime) -> str:
@@ -231,6 +232,7 @@ class Catalog:
         self.allow_unauthenticated = (unauthenticated_allowed() if allow_unauthenticated is None
                                       else allow_unauthenticated)
         self._cache: dict[str, Manifest] = {}
+        self._digests: dict[str, str] = {}
 
     def ids(self) -> list[str]:
         return sorted(
@@ -253,6 +255,7 @@ class Catalog:
                                            "copied or replayed under another name",
                                            "do not restore it; run 'backup-tool verify all'")
             self._authenticate(manifest, raw, key)
+            self._digests[backup_id] = manifest_seal(raw)[0]
             self._cache[backup_id] = manifest
         return self._cache[backup_id]
 
@@ -299,17 +302,52 @@ class Catalog:
 
     def scan(self) -> tuple[list[Manifest], list[BackupToolError]]:
         """Every readable manifest (oldest first) and the errors of those that are not."""
-        ids = self.ids()
+        manifests, problems = self._load_many(self.ids())
+        manifests.sort(key=lambda m: (m.started_at, m.id))
+        return manifests, problems
+
+    def _load_many(self, ids: list[str]) -> tuple[list[Manifest], list[BackupToolError]]:
         manifests: list[Manifest] = []
         problems: list[BackupToolError] = []
         with cf.ThreadPoolExecutor(8) as pool:
-            for backup_id, fut in [(i, pool.submit(self.load, i)) for i in ids]:
+            for fut in [pool.submit(self.load, i) for i in ids]:
                 try:
                     manifests.append(fut.result())
                 except BackupToolError as exc:
                     problems.append(exc)
-        manifests.sort(key=lambda m: (m.started_at, m.id))
         return manifests, problems
+
+    def entries(self, refresh: bool = False) -> tuple[list[IndexEntry], list[BackupToolError]]:
+        """What :meth:`scan` would give, as index entries (oldest first), reading only the
+        manifests the catalog index does not vouch for (:mod:`backup_tool.catalog_index`).
+        With ``refresh``, a stale or missing index is rewritten (best effort: a read-only
+        repository just stays without one)."""
+        from backup_tool.catalog_index import IndexEntry, read_index, write_index
+        from backup_tool.manifest import parse_utc
+
+        ids = self.ids()
+        index = read_index(self.storage)
+        known, vouched = index if index is not None else ([], {})
+        listed = set(ids)
+        use = {i: e for i, e in vouched.items() if i in listed}
+        missing = [i for i in ids if i not in use]
+        loaded, problems = self._load_many(missing)
+        keyring = keyring_of(self.storage)
+        for m in loaded:
+            use[m.id] = IndexEntry.of(m, self._digests[m.id], keyring)
+        if refresh and (loaded or sorted(known) != ids):
+            try:
+                write_index(self.storage, ids, use.values())
+            except BackupToolError:
+                pass  # a cache: without write access (or on a lost race) the manifests still answer
+        ordered = sorted(use.values(), key=lambda e: (parse_utc(str(e.record["started_at"])), e.id))
+        return ordered, problems
+
+    def records(self, refresh: bool = False) -> tuple[list[BackupRecord], list[BackupToolError]]:
+        """Every backup as retention, scheduling, monitoring and the audit see it (oldest
+        first), and the manifests that could not be read; see :meth:`entries`."""
+        entries, problems = self.entries(refresh)
+        return [e.backup_record() for e in entries], problems
 
     def backups(self) -> list[Manifest]:
         """Every complete, authenticated backup, oldest first; raises on the first unreadable
@@ -369,7 +407,7 @@ class Catalog:
             pass
 
     def running(self) -> list[RunningBackup]:
-        """Backups announced as in progress (stale ones included: see :meth:`RunningBackup.stale`)."""
+        """Backups announced as in progress (stale ones included: older than ``RUNNING_STALE_AFTER``)."""
         return [RunningBackup(info.key[len(RUNNING_PREFIX):-len(".json")], info.modified)
                 for info in self.storage.list(RUNNING_PREFIX) if info.key.endswith(".json")]
 
@@ -391,6 +429,26 @@ class Catalog:
         if key is not None:
             manifest = replace(manifest, options={**manifest.options, "encryption": key.describe()},
                                format=ENCRYPTED_FORMAT)
-        self.storage.put_bytes(manifest_key(manifest.id), manifest.to_json(key.seal if key else None))
+        raw = manifest.to_json(key.seal if key else None)
+        self.storage.put_bytes(manifest_key(manifest.id), raw)
         self._cache[manifest.id] = manifest
+        self._digests[manifest.id] = manifest_seal(raw)[0]
+        self._index_committed(manifest)
         return manifest
+
+    def _index_committed(self, manifest: Manifest) -> None:
+        """Add a just-committed backup to a current index (one that lists every other
+        manifest): the next reader then reads no manifest at all. Best effort."""
+        from backup_tool.catalog_index import IndexEntry, read_index, write_index
+
+        try:
+            index = read_index(self.storage)
+            if index is None:
+                return
+            known, vouched = index
+            if set(known) != set(vouched) or manifest.id in known:
+                return
+            entry = IndexEntry.of(manifest, self._digests[manifest.id], keyring_of(self.storage))
+            write_index(self.storage, [*known, manifest.id], [*vouched.values(), entry])
+        except BackupToolError:
+            pass  # the index is a cache: the committed manifest is what counts, readers catch up

@@ -19,25 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, Callable
 
 from backup_tool.errors import BackupToolError, IntegrityError
+from backup_tool.timestamps import parse_utc, utc_iso  # noqa: F401  (re-exported for callers)
 
 FORMAT_VERSION = 2
 ENCRYPTED_FORMAT = 2
 SEAL_FIELD = "manifest_mac"
 KINDS = ("full", "incremental", "base")
-
-
-def utc_iso(ts: datetime) -> str:
-    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def parse_utc(text: str) -> datetime:
-    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -289,6 +281,3 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         raise IntegrityError(f"manifest {where} is malformed ({exc})",
                              "the repository is damaged; run 'backup-tool verify all'") from None
 
-
-def with_expiry(manifest: Manifest, expires_at: datetime) -> Manifest:
-    return replace(manifest, expires_at=expires_at)

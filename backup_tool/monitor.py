@@ -27,20 +27,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from backup_tool.errors import BackupToolError
-from backup_tool.retention import (
-    SEGMENTS_PER_LOG,
-    BackupRecord,
-    per_log_for,
-    segment_position,
-    wal_gaps,
-)
+from backup_tool.retention import BackupRecord
 from backup_tool.schedule import iso, last_due_slot
+from backup_tool.timestamps import parse_utc
+from backup_tool.wal import archive_gaps
+from backup_tool.walnames import DEFAULT_SEGMENT_SIZE, segment_number
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
@@ -74,6 +71,7 @@ class WalState:
     names: tuple[str, ...]
     newest_modified: datetime | None
     total_bytes: int = 0
+    histories: Mapping[int, Sequence[tuple[int, int]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -202,11 +200,7 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
                                                  "check archive_command"))
         else:
             wal_lag = max(0.0, (now - wal.newest_modified).total_seconds())
-            bases = [b for b in present if b.kind == "base" and b.start_wal]
-            per_log = per_log_for(bases[-1].wal_segment_size) if bases else SEGMENTS_PER_LOG
-            start = min((b.start_wal for b in bases if b.start_wal), default=None,
-                        key=lambda n: segment_position(n, per_log) or 0)
-            gaps = wal_gaps(wal.names, start, per_log)
+            gaps = wal_gap_ranges(present, wal)
             if gaps:
                 first, last = gaps[0]
                 checks.append(Check("wal", CRITICAL, f"WAL archive has {len(gaps)} gap(s), first {first}"
@@ -259,6 +253,16 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
     return StatusReport(now, repository, tuple(checks), metrics)
 
 
+def wal_gap_ranges(present: Sequence[BackupRecord], wal: WalState) -> list[tuple[str, str]]:
+    """(first, last) missing segment of each gap after the oldest base backup's start, on
+    every timeline path the archive holds (:func:`backup_tool.wal.archive_gaps`)."""
+    bases = [b for b in present if b.kind == "base" and b.start_wal]
+    seg_size = bases[-1].wal_segment_size if bases else DEFAULT_SEGMENT_SIZE
+    start = min((b.start_wal for b in bases if b.start_wal), default=None,
+                key=lambda n: segment_number(n, seg_size))
+    return [(g.first_missing, g.last_missing) for g in archive_gaps(wal.names, wal.histories, start, seg_size)]
+
+
 # ----------------------------------------------------------------------------- reading the repository
 
 
@@ -267,7 +271,7 @@ def read_verifications(storage: Storage) -> list[Verification]:
     for info in storage.list(VERIFICATIONS_PREFIX):
         try:
             body = json.loads(storage.get_bytes(info.key))
-            at = datetime.fromisoformat(body["at"].replace("Z", "+00:00")).astimezone(UTC)
+            at = parse_utc(body["at"])
             found.append(Verification(at, bool(body.get("ok")), tuple(body.get("backups", [])),
                                       bool(body.get("restore_test")), tuple(body.get("checks", [])), info.key))
         except (BackupToolError, ValueError, KeyError, TypeError, AttributeError):
@@ -281,12 +285,11 @@ def read_wal_state(storage: Storage) -> WalState | None:
         from backup_tool import wal
     except ImportError:
         return None
-    lister = getattr(wal, "list_segments", None)
-    if lister is None:
-        return None
-    segments = list(lister(storage))
+    files = wal.list_archive(storage)
+    segments = wal.segments_of(files)
     newest = max((s.modified for s in segments), default=None)
-    return WalState(tuple(s.name for s in segments), newest, sum(s.size for s in segments))
+    return WalState(tuple(s.name for s in segments), newest, sum(s.size for s in segments),
+                    wal.histories(storage, files))
 
 
 def collect_status(settings_factory: Callable[[], Settings], now: datetime | None = None) -> StatusReport:
@@ -301,8 +304,7 @@ def collect_status(settings_factory: Callable[[], Settings], now: datetime | Non
         settings = settings_factory()
         repository = settings.repo_url
         storage = open_repository(settings.repo_url)
-        manifests, problems = Catalog(storage).scan()
-        records = [BackupRecord.from_manifest(m) for m in manifests]
+        records, problems = Catalog(storage).records(refresh=True)
         health, _ = read_records(storage)
         report = evaluate(records, read_verifications(storage), read_wal_state(storage), settings.policy, now,
                           storage.url, records_for(settings, health))

@@ -822,7 +822,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             if server is not None:
                 try:
                     server.stop("immediate")
-                except Exception:
+                except Exception:  # noqa: BLE001 - the scratch server dies with its directory, removed next
                     pass
             shutil.rmtree(work, ignore_errors=True)
 

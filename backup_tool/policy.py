@@ -19,7 +19,6 @@ from typing import Any
 
 from backup_tool.errors import ConfigError
 
-KINDS = ("full", "incremental", "base")
 LOCK_MODES = ("none", "governance", "compliance")
 
 

@@ -38,7 +38,6 @@ and writes nothing.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from collections import defaultdict
 from dataclasses import dataclass
@@ -53,6 +52,16 @@ from backup_tool.storage.base import (
     ObjectLockedError,
     PartialUpload,
 )
+from backup_tool.timestamps import iso, parse_utc
+from backup_tool.walnames import (  # noqa: F401  (segment_name re-exported for callers of this module)
+    DEFAULT_SEGMENT_SIZE,
+    is_segment,
+    lsn_segment,
+    parse_lsn,
+    segment_name,
+    segment_number,
+    segment_prefix,
+)
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
@@ -60,16 +69,11 @@ if TYPE_CHECKING:
     from backup_tool.policy import Policy
     from backup_tool.report import Reporter
     from backup_tool.storage import Storage
+    from backup_tool.wal import WalSegment
 
 UTC = timezone.utc
 LOG_PREFIX = "retention-log/"
 LOG_FORMAT = 1
-SEGMENT_RE = re.compile(r"^[0-9A-F]{24}")
-SEGMENTS_PER_LOG = 0x100
-
-
-def iso(ts: datetime | None) -> str | None:
-    return None if ts is None else ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -92,7 +96,7 @@ class BackupRecord:
     size_bytes: int = 0
     objects: int = 0
     start_wal: str | None = None
-    wal_segment_size: int = 16 << 20
+    wal_segment_size: int = DEFAULT_SEGMENT_SIZE
     policy_name: str = ""
 
     @property
@@ -112,16 +116,38 @@ class BackupRecord:
             started_at=m.started_at, finished_at=m.finished_at, expires_at=m.expires_at,
             needs=frozenset(needs - {m.id}),
             lock_mode=lock.get("mode") if until else None,
-            lock_until=_parse(until) if isinstance(until, str) else None,
+            lock_until=parse_utc(until) if isinstance(until, str) else None,
             size_bytes=m.size_bytes, objects=len(m.own_objects()),
             start_wal=base_start_segment(m), policy_name=str(m.policy.get("name", "")),
-            wal_segment_size=getattr(physical, "wal_segment_size", None) or 16 << 20,
+            wal_segment_size=getattr(physical, "wal_segment_size", None) or DEFAULT_SEGMENT_SIZE,
         )
 
 
-def _parse(text: str) -> datetime:
-    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    def to_index(self) -> dict[str, Any]:
+        """The record as the catalog index stores it (:mod:`backup_tool.catalog_index`)."""
+        return {"id": self.id, "kind": self.kind, "started_at": iso(self.started_at),
+                "expires_at": iso(self.expires_at), "parent_id": self.parent_id, "database": self.database,
+                "finished_at": iso(self.finished_at), "needs": sorted(self.needs), "lock_mode": self.lock_mode,
+                "lock_until": iso(self.lock_until), "size_bytes": self.size_bytes, "objects": self.objects,
+                "start_wal": self.start_wal, "wal_segment_size": self.wal_segment_size,
+                "policy_name": self.policy_name}
+
+    @classmethod
+    def from_index(cls, body: Mapping[str, Any]) -> BackupRecord:
+        """Inverse of :meth:`to_index`; KeyError/TypeError/ValueError for a malformed entry."""
+        def when(name: str) -> datetime | None:
+            value = body[name]
+            return None if value is None else parse_utc(str(value))
+
+        started, expires = when("started_at"), when("expires_at")
+        if started is None or expires is None:
+            raise ValueError("started_at and expires_at are required")
+        return cls(id=str(body["id"]), kind=str(body["kind"]), started_at=started, expires_at=expires,
+                   parent_id=body["parent_id"], database=str(body["database"]), finished_at=when("finished_at"),
+                   needs=frozenset(str(n) for n in body["needs"]), lock_mode=body["lock_mode"],
+                   lock_until=when("lock_until"), size_bytes=int(body["size_bytes"]),
+                   objects=int(body["objects"]), start_wal=body["start_wal"],
+                   wal_segment_size=int(body["wal_segment_size"]), policy_name=str(body["policy_name"]))
 
 
 def base_start_segment(m: Manifest) -> str | None:
@@ -129,17 +155,17 @@ def base_start_segment(m: Manifest) -> str | None:
     if m.kind != "base":
         return None
     physical = getattr(m, "physical", None)
-    if physical is not None and SEGMENT_RE.match(getattr(physical, "start_wal", "") or ""):
-        return str(physical.start_wal)[:24]
+    if physical is not None and (found := segment_prefix(getattr(physical, "start_wal", "") or "")):
+        return found
     for name in ("start_wal", "start_wal_file", "wal_start_file", "start_segment"):
         value = getattr(m, name, None) or m.options.get(name)
-        if isinstance(value, str) and SEGMENT_RE.match(value):
-            return value[:24]
+        if isinstance(value, str) and (found := segment_prefix(value)):
+            return found
     lsn = getattr(m, "start_lsn", None) or m.options.get("start_lsn")
     timeline = getattr(m, "timeline", None) or m.options.get("timeline") or m.options.get("start_timeline")
     if isinstance(lsn, str) and "/" in lsn and timeline:
-        hi, lo = (int(x, 16) for x in lsn.split("/"))
-        return f"{int(timeline):08X}{hi:08X}{lo >> 24:08X}"
+        seg_size = getattr(physical, "wal_segment_size", None) or DEFAULT_SEGMENT_SIZE
+        return segment_name(int(timeline), lsn_segment(parse_lsn(lsn), seg_size), seg_size)
     return None
 
 
@@ -148,48 +174,6 @@ def effective_expiry(b: BackupRecord, policy: Policy) -> datetime:
 
 
 # ----------------------------------------------------------------------------- WAL helpers
-
-
-def segment_position(name: str, per_log: int = SEGMENTS_PER_LOG) -> int | None:
-    """Position of a WAL segment in the log (timeline ignored); None for other files.
-    ``per_log`` is 0x100000000 / segment size (256 for the default 16 MiB segments)."""
-    if not SEGMENT_RE.match(name):
-        return None
-    return int(name[8:16], 16) * per_log + int(name[16:24], 16)
-
-
-def segment_name(timeline: int, position: int, per_log: int = SEGMENTS_PER_LOG) -> str:
-    return f"{timeline:08X}{position // per_log:08X}{position % per_log:08X}"
-
-
-def per_log_for(segment_size: int) -> int:
-    return max(1, 0x100000000 // max(segment_size, 1))
-
-
-def wal_gaps(names: Iterable[str], start: str | None = None,
-             per_log: int = SEGMENTS_PER_LOG) -> list[tuple[str, str]]:
-    """Missing segment ranges (first, last) between ``start`` (or the oldest) and the newest."""
-    positions: dict[int, int] = {}
-    for name in names:
-        pos = segment_position(name, per_log)
-        if pos is not None and len(name) == 24:
-            positions[pos] = max(positions.get(pos, 0), int(name[:8], 16))
-    if not positions:
-        return []
-    first = segment_position(start, per_log) if start else min(positions)
-    first = min(positions) if first is None else first
-    gaps: list[tuple[str, str]] = []
-    run: int | None = None
-    timeline = positions[min(positions)]
-    for pos in range(first, max(positions) + 1):
-        if pos in positions:
-            timeline = positions[pos]
-            if run is not None:
-                gaps.append((segment_name(timeline, run, per_log), segment_name(timeline, pos - 1, per_log)))
-                run = None
-        elif run is None:
-            run = pos
-    return gaps
 
 
 @dataclass(frozen=True)
@@ -206,17 +190,17 @@ class WalPlan:
 
 
 def plan_wal(names: Sequence[str], retained_bases: Sequence[BackupRecord]) -> WalPlan:
-    """Segments older than the start of the oldest retained base backup (pure)."""
+    """Segments older than the start of the oldest retained base backup, on any timeline
+    (pure; O(n log n) in the number of names)."""
     if not retained_bases:
         return WalPlan(None, (), len(names), "no base backup is retained: all WAL kept")
     unknown = [b.id for b in retained_bases if not b.start_wal]
     if unknown:
         return WalPlan(None, (), len(names), f"base backup {unknown[0]} records no start segment: all WAL kept")
-    oldest = min(retained_bases, key=lambda b: (segment_position(b.start_wal or "") or 0, b.id))
-    cut = segment_position(oldest.start_wal or "")
-    assert cut is not None
-    delete = sorted(n for n in names
-                    if (pos := segment_position(n)) is not None and pos < cut and not n.endswith(".history"))
+    seg_size = retained_bases[0].wal_segment_size
+    oldest = min(retained_bases, key=lambda b: (segment_number(b.start_wal or "", seg_size), b.id))
+    cut = segment_number(oldest.start_wal or "", seg_size)
+    delete = sorted(n for n in names if is_segment(n) and segment_number(n, seg_size) < cut)
     return WalPlan(oldest.start_wal, tuple(delete), len(names) - len(delete),
                    f"kept from {oldest.start_wal}, the start of the oldest retained base backup {oldest.id}")
 
@@ -436,6 +420,12 @@ def _hours(delta: timedelta) -> str:
 # ----------------------------------------------------------------------------- applying
 
 
+def doomed_segments(segments: Iterable[WalSegment], plan: WalPlan) -> list[WalSegment]:
+    """The archived segments ``plan`` deletes, in archive order (linear: one set, built once)."""
+    doomed = frozenset(plan.delete)
+    return [s for s in segments if s.name in doomed]
+
+
 @dataclass(frozen=True)
 class RetentionResult:
     now: datetime
@@ -510,10 +500,9 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
     storage = open_repository(settings.repo_url)
     catalog = Catalog(storage)
     all_ids = set(catalog.ids())
-    manifests, problems = catalog.scan()
+    records, problems = catalog.records()
     notes = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest ignored, "
              f"its backup is left alone: {p.message}" for p in problems]
-    records = [BackupRecord.from_manifest(m) for m in manifests]
     segments = _wal_segments(storage)
     names = None if segments is None else [s.name for s in segments]
     if segments is None:
@@ -540,8 +529,7 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
 
     to_delete = [plan.decision(i) for i in plan.deleted]
     by_id = {r.id: r for r in records}
-    wal_doomed = [] if plan.wal is None or segments is None else \
-        [s for s in segments if s.name in set(plan.wal.delete)]
+    wal_doomed = [] if plan.wal is None or segments is None else doomed_segments(segments, plan.wal)
     if dry_run:
         return RetentionResult(now, True, policy.name, plan, tuple(garbage), tuple(notes),
                                deleted_bytes=sum(d.size_bytes for d in to_delete),
@@ -618,6 +606,10 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
         except BackupToolError as exc:
             failed.append(f"garbage {g.what}: {exc.message}")
 
+    try:
+        catalog.entries(refresh=True)
+    except BackupToolError:
+        pass  # the catalog index is a cache: the next run (or status) rewrites it
     if failed or failed_ids:
         outcome = {"format": LOG_FORMAT, "run": run_id, "at": iso(datetime.now(UTC)), "outcome_of": log_key,
                    "failed": failed, "failed_ids": failed_ids}
@@ -668,10 +660,10 @@ def read_log(storage: Storage) -> tuple[list[dict[str, Any]], list[LogEntry], li
     for run in runs:
         for d in run.get("deleted", []):
             entries.append(LogEntry(
-                run=run.get("run", ""), at=_parse(run["at"]), id=d["id"], kind=d.get("kind", "?"),
-                started_at=_parse(d["started_at"]) if d.get("started_at") else None,
-                finished_at=_parse(d["finished_at"]) if d.get("finished_at") else None,
-                expires_at=_parse(d["expires_at"]) if d.get("expires_at") else None,
+                run=run.get("run", ""), at=parse_utc(run["at"]), id=d["id"], kind=d.get("kind", "?"),
+                started_at=parse_utc(d["started_at"]) if d.get("started_at") else None,
+                finished_at=parse_utc(d["finished_at"]) if d.get("finished_at") else None,
+                expires_at=parse_utc(d["expires_at"]) if d.get("expires_at") else None,
                 reasons=tuple(d.get("reasons", [])), policy=str(run.get("policy", {}).get("name", "")),
                 completed=d["id"] not in outcomes.get(run.get("run", ""), set()),
                 database=d.get("database", ""), size_bytes=int(d.get("size_bytes", 0))))

@@ -38,7 +38,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Generic, Mapping, Protocol, Sequence, TypeVar
 from zoneinfo import ZoneInfo
 
-from backup_tool.errors import BackupToolError, UsageError
+from backup_tool.errors import BackupToolError, ConfigError, UsageError
+from backup_tool.timestamps import iso, parse_utc  # noqa: F401  (iso re-exported for callers)
 
 if TYPE_CHECKING:
     from backup_tool.config import Settings
@@ -71,15 +72,10 @@ SEARCH_DAYS = 4 * 366 + 1
 def parse_ts(text: str, option: str = "--now") -> datetime:
     """An ISO 8601 timestamp (``Z`` or an offset; none means UTC) as an aware UTC datetime."""
     try:
-        ts = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        return parse_utc(text)
     except ValueError:
         raise UsageError(f"{option} {text!r} is not an ISO 8601 time",
                          "use e.g. 2026-11-25T14:02:00Z (a time without zone is UTC)") from None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
-def iso(ts: datetime | None) -> str | None:
-    return None if ts is None else ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------- cron
@@ -540,6 +536,7 @@ def jobs_for(policy: Policy, textfile: str) -> list[Job]:
 
 
 def _env_lines(settings: Settings) -> dict[str, str]:
+    from psycopg import ProgrammingError
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     policy = settings.policy
@@ -553,8 +550,10 @@ def _env_lines(settings: Settings) -> dict[str, str]:
         try:
             params = {k: v for k, v in conninfo_to_dict(settings.dsn).items() if k != "password"}
             env["DATABASE_URL"] = make_conninfo("", **params)
-        except Exception:
-            pass
+        except ProgrammingError:
+            raise ConfigError("the DSN (--dsn or DATABASE_URL) is not a valid PostgreSQL connection string, "
+                              "so the schedule cannot carry it",
+                              "use postgresql://user@host:port/dbname or 'host=... dbname=...'") from None
     return env
 
 

@@ -43,7 +43,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from backup_tool import testhooks, walidentity
 from backup_tool.errors import (
@@ -59,8 +59,18 @@ from backup_tool.storage.base import (
     ObjectLock,
     Storage,
 )
-from backup_tool.walspool import (  # noqa: F401  (re-exported: the spool is part of this module's contract)
+from backup_tool.walnames import (  # noqa: F401  (re-exported: callers name them wal.<name>)
+    DEFAULT_SEGMENT_SIZE,
     SEGMENT_RE,
+    format_lsn,
+    lsn_segment,
+    parse_lsn,
+    segment_name,
+    segment_number,
+    segment_timeline,
+    segments_per_log,
+)
+from backup_tool.walspool import (  # noqa: F401  (re-exported: the spool is part of this module's contract)
     SPOOL_DIR,
     fast_ack,
     keep_fetched,
@@ -80,7 +90,6 @@ if TYPE_CHECKING:
 
 WAL_PREFIX = "wal/"
 HISTORY_PREFIX = "wal/history/"
-DEFAULT_SEGMENT_SIZE = 16 << 20
 READ_SIZE = 1 << 20
 DEFAULT_BATCH = 16
 DEFAULT_PREFETCH = 8
@@ -127,36 +136,6 @@ def archive_dir(name: str) -> str:
 
 def object_key(name: str, sha256: str) -> str:
     return f"{archive_dir(name)}{name}-{sha256}.zst"
-
-
-def parse_lsn(text: str) -> int:
-    """``'0/3000060'`` → 0x3000060."""
-    try:
-        hi, lo = text.strip().split("/")
-        return (int(hi, 16) << 32) | int(lo, 16)
-    except ValueError:
-        raise UsageError(f"{text!r} is not an LSN", "write it as PostgreSQL does, e.g. 0/3000060") from None
-
-
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def segments_per_log(seg_size: int) -> int:
-    return 0x100000000 // seg_size
-
-
-def segment_name(timeline: int, segno: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> str:
-    per = segments_per_log(seg_size)
-    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
-
-
-def segment_number(name: str, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
-    return int(name[8:16], 16) * segments_per_log(seg_size) + int(name[16:24], 16)
-
-
-def lsn_segment(lsn: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
-    return lsn // seg_size
 
 
 # --------------------------------------------------------------------------- listing
@@ -221,7 +200,7 @@ def list_segments(storage: Storage) -> list[WalSegment]:
 
 
 def segments_of(files: Iterable[WalFile]) -> list[WalSegment]:
-    return sorted((WalSegment(f.name, int(f.name[:8], 16), f.key, f.size, f.modified)
+    return sorted((WalSegment(f.name, segment_timeline(f.name), f.key, f.size, f.modified)
                    for f in files if f.kind == "segment"), key=lambda s: (s.name, s.key))
 
 
@@ -549,7 +528,7 @@ def prefetch(storage: Storage, name: str, destination: str | Path, count: int,
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return []
-        tli = int(name[:8], 16)
+        tli = segment_timeline(name)
         start = segment_number(name, seg_size)
         fetched = []
         for segno in range(start + 1, start + 1 + count):
@@ -591,19 +570,10 @@ def prefetch_in_background(repo_url: str, name: str, destination: str | Path, co
         from backup_tool.storage import open_storage
 
         prefetch(open_storage(repo_url), name, destination, count, seg_size)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - detached read-ahead: restore_command fetches anything it missed
         pass
     finally:
         os._exit(0)
-
-
-def read_history(storage: Storage, tli: int) -> str | None:
-    """Content of ``<tli>.history`` from the archive, or None if it is not archived."""
-    try:
-        obj = open_archived(storage, f"{tli:08X}.history")
-    except WalMissingError:
-        return None
-    return b"".join(read_archived(storage, obj)).decode("utf-8", "replace")
 
 
 # --------------------------------------------------------------------------- coverage (pure)
@@ -664,8 +634,12 @@ def timeline_for(path: list[TimelineSpan], segno: int, seg_size: int) -> int:
 
 @dataclass(frozen=True)
 class Gap:
+    """Missing WAL along a timeline path: from ``first_missing`` to ``last_missing``, with
+    ``next_present`` the segment recovery would need to resume at."""
+
     first_missing: str
     next_present: str
+    last_missing: str = ""
 
     def __str__(self) -> str:
         return f"missing from {self.first_missing} up to {self.next_present}"
@@ -693,39 +667,92 @@ class Coverage:
         return not self.gaps
 
 
-def coverage(segments: Iterable[WalSegment], path: list[TimelineSpan], start_lsn: int,
-             seg_size: int = DEFAULT_SEGMENT_SIZE) -> Coverage:
-    """How far the archive lets recovery go from ``start_lsn`` along ``path``."""
-    by_name = {s.name: s for s in segments}
-    start = lsn_segment(start_lsn, seg_size)
-    relevant = [segment_number(n, seg_size) for n in by_name
-                if segment_number(n, seg_size) >= start
-                and int(n[:8], 16) == timeline_for(path, segment_number(n, seg_size), seg_size)]
+def _walk(present: Mapping[str, datetime | None], path: list[TimelineSpan], start: int,
+          seg_size: int) -> tuple[str | None, int, tuple[Gap, ...]]:
+    """(last continuous segment, its number + 1, gaps) along ``path`` from segment ``start``.
+
+    Linear in the number of names plus the span walked: every segment number from ``start``
+    to the newest one on the path is looked at once.
+    """
+    def name_at(segno: int) -> str:
+        return segment_name(timeline_for(path, segno, seg_size), segno, seg_size)
+
+    relevant = [segno for n in present if SEGMENT_RE.match(n)
+                and (segno := segment_number(n, seg_size)) >= start
+                and segment_timeline(n) == timeline_for(path, segno, seg_size)]
     top = max(relevant, default=start - 1)
-    last: WalSegment | None = None
+    last: str | None = None
+    end = start
     gaps: list[Gap] = []
     segno = start
-    end_lsn = start * seg_size
     broken = False
     while segno <= top:
-        name = segment_name(timeline_for(path, segno, seg_size), segno, seg_size)
-        seg = by_name.get(name)
-        if seg is None:
+        name = name_at(segno)
+        if name not in present:
             nxt = segno + 1
-            while nxt <= top and segment_name(timeline_for(path, nxt, seg_size), nxt, seg_size) not in by_name:
+            while nxt <= top and name_at(nxt) not in present:
                 nxt += 1
             if nxt <= top:
-                gaps.append(Gap(name, segment_name(timeline_for(path, nxt, seg_size), nxt, seg_size)))
+                gaps.append(Gap(name, name_at(nxt), name_at(nxt - 1)))
             broken = True
             segno = nxt
             continue
         if not broken:
-            last = seg
-            end_lsn = (segno + 1) * seg_size
+            last, end = name, segno + 1
         segno += 1
+    return last, end, tuple(gaps)
+
+
+def coverage(segments: Iterable[WalSegment], path: list[TimelineSpan], start_lsn: int,
+             seg_size: int = DEFAULT_SEGMENT_SIZE) -> Coverage:
+    """How far the archive lets recovery go from ``start_lsn`` along ``path``."""
+    present: dict[str, datetime | None] = {s.name: s.modified for s in segments}
+    start = lsn_segment(start_lsn, seg_size)
+    last, end, gaps = _walk(present, path, start, seg_size)
     return Coverage(segment_name(timeline_for(path, start, seg_size), start, seg_size),
-                    last.name if last else None, end_lsn, last.modified if last else None,
-                    tuple(gaps), path[-1].timeline)
+                    last, end * seg_size, present[last] if last else None, gaps, path[-1].timeline)
+
+
+def timeline_paths(start_timeline: int, hist: Mapping[int, Sequence[tuple[int, int]]]) -> list[list[TimelineSpan]]:
+    """Every timeline path a recovery starting on ``start_timeline`` can follow: that
+    timeline itself and each later one whose archived history descends from it."""
+    paths = []
+    for target in sorted({start_timeline, *[t for t in hist if t > start_timeline]}):
+        history = list(hist.get(target, []))
+        if target != start_timeline and start_timeline not in {p for p, _ in history}:
+            continue
+        paths.append(timeline_path(target, history))
+    return paths
+
+
+def archive_coverage(segments: Iterable[WalSegment], hist: Mapping[int, Sequence[tuple[int, int]]],
+                     start_timeline: int, start_lsn: int,
+                     seg_size: int = DEFAULT_SEGMENT_SIZE) -> tuple[tuple[Coverage, ...], tuple[Gap, ...]]:
+    """Coverage along every timeline path from (``start_timeline``, ``start_lsn``) and the
+    union of their gaps: what ``check``, ``wal status``, ``status`` and ``audit`` report."""
+    segments = list(segments)
+    covs = tuple(coverage(segments, path, start_lsn, seg_size) for path in timeline_paths(start_timeline, hist))
+    gaps: list[Gap] = []
+    for cov in covs:
+        gaps.extend(g for g in cov.gaps if g not in gaps)
+    return covs, tuple(gaps)
+
+
+def archive_gaps(names: Iterable[str], hist: Mapping[int, Sequence[tuple[int, int]]], start: str | None,
+                 seg_size: int = DEFAULT_SEGMENT_SIZE) -> tuple[Gap, ...]:
+    """The gaps :func:`archive_coverage` finds, from segment names alone: from ``start`` (the
+    oldest base backup's first segment), or from the oldest archived segment without one."""
+    names = [n for n in names if SEGMENT_RE.match(n)]
+    if start is None:
+        if not names:
+            return ()
+        start = min(names, key=lambda n: (segment_number(n, seg_size), n))
+    segments = [WalSegment(n, segment_timeline(n), "", 0, _EPOCH) for n in dict.fromkeys(names)]
+    return archive_coverage(segments, hist, segment_timeline(start),
+                            segment_number(start, seg_size) * seg_size, seg_size)[1]
+
+
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)
 
 
 # --------------------------------------------------------------------------- health
@@ -821,23 +848,16 @@ def archive_health(storage: Storage, base_starts: Iterable[tuple[int, int, int]]
     timelines = tuple(sorted({s.timeline for s in segments} | set(hist)))
     newest = max(segments, key=lambda s: s.modified, default=None)
     starts = sorted(base_starts, key=lambda b: b[1])
-    gaps: list[Gap] = []
-    covs: list[Coverage] = []
+    gaps: tuple[Gap, ...] = ()
+    covs: tuple[Coverage, ...] = ()
     oldest = None
     if starts:
         tli, start_lsn, seg_size = starts[0]
         oldest = segment_name(tli, lsn_segment(start_lsn, seg_size), seg_size)
-        for target in sorted({tli, *[t for t in hist if t > tli]}):
-            history = hist.get(target, [])
-            if target != tli and tli not in {p for p, _ in history}:
-                continue
-            path = timeline_path(target, history)
-            cov = coverage(segments, path, start_lsn, seg_size)
-            covs.append(cov)
-            gaps.extend(g for g in cov.gaps if g not in gaps)
+        covs, gaps = archive_coverage(segments, hist, tli, start_lsn, seg_size)
     return ArchiveHealth(storage.url, len(segments), timelines, newest,
                          (now - newest.modified).total_seconds() if newest else None,
-                         oldest, tuple(gaps), tuple(covs))
+                         oldest, gaps, covs)
 
 
 def archiving_checks(conn: "psycopg.Connection[Any]", storage: Storage) -> list["Check"]:

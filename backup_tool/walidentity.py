@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backup_tool.errors import RefusedError, StorageError
+from backup_tool.timestamps import utc_iso
 
 if TYPE_CHECKING:
     from backup_tool.storage import Storage
@@ -133,7 +134,7 @@ def parse_info(data: bytes) -> ClusterIdentity:
 def render_info(identity: ClusterIdentity, tool_version: str, now: datetime) -> bytes:
     return json.dumps({"format": INFO_FORMAT, "system_identifier": str(identity.system_identifier),
                        "pg_major": identity.pg_major,
-                       "created_at": now.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
+                       "created_at": utc_iso(now),
                        "tool_version": tool_version}, indent=1).encode()
 
 

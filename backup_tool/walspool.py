@@ -3,7 +3,7 @@ ahead.
 
 PostgreSQL starts ``archive_command`` and ``restore_command`` once per 16 MiB segment, so
 the calls answered from the spool must cost little more than starting the interpreter.
-This module therefore imports only the standard library, and the executable's entry
+This module therefore imports only the standard library (and :mod:`backup_tool.walnames`), and the executable's entry
 point consults it before loading the command line, psycopg or boto3. An entry is trusted
 only for the very same file (inode, size, modification time) and the same repository;
 fetched files enter the read-ahead directory only after their sha256 matched.
@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
+
+from backup_tool.walnames import is_segment
 
 if TYPE_CHECKING:
     from backup_tool.wal import PushResult
 
 SPOOL_DIR = "backup-tool-spool"
-SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 
 
 def spool_dir(wal_path: Path) -> Path:
@@ -177,9 +177,9 @@ def take_prefetched(name: str, destination: str | Path) -> bool:
         return False
     if not keep_fetched(folder / name, dest):
         return False
-    if SEGMENT_RE.match(name):
+    if is_segment(name):
         for entry in os.scandir(folder):
-            if SEGMENT_RE.match(entry.name) and entry.name[:8] == name[:8] and entry.name < name:
+            if is_segment(entry.name) and entry.name[:8] == name[:8] and entry.name < name:
                 Path(entry.path).unlink(missing_ok=True)
     return True
 

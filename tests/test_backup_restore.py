@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -250,20 +251,34 @@ def test_secrets_never_reach_output_repository_or_argv(cli: Any, local_repo: str
             if path.suffix == ".zst":
                 import zstandard
                 assert password.encode() not in zstandard.ZstdDecompressor().decompressobj().decompress(raw), path
+    # Paused inside the first table's stream: the backup and its COPY client are running, so
+    # every argv it has is visible in /proc at that moment.
+    flag = tmp_path / "pause-flag"
     watcher = subprocess.Popen(
         [sys.executable, "-m", "backup_tool", "backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn],
-        env={**cli.base_env()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    seen = []
-    while watcher.poll() is None:
+        env={**cli.base_env(), "BACKUP_TOOL_TEST_PAUSE_AT": "backup:upload",
+             "BACKUP_TOOL_TEST_PAUSE_FILE": str(flag)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    seen: dict[int, bytes] = {}
+    try:
+        for _ in range(6000):
+            if flag.exists() or watcher.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert flag.exists(), "the backup never reached its first table stream"
         for pid in os.listdir("/proc"):
             if pid.isdigit():
                 try:
-                    seen.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+                    seen[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
                     pass
+    finally:
+        flag.unlink(missing_ok=True)
+        watcher.wait(timeout=300)
     assert watcher.returncode == 0
-    assert any(b"pg_dump" in c or b"psql" in c for c in seen) or True
-    assert not [c for c in seen if password.encode() in c and b"pytest" not in c]
+    assert b"backup_tool" in seen[watcher.pid] and password.encode() in seen[watcher.pid]
+    # The user gave the password on our own command line; no process we start may carry it.
+    assert not [c for pid, c in seen.items() if password.encode() in c and pid not in (watcher.pid, os.getpid())]
 
 
 def test_backup_memory_stays_bounded(cli: Any, s3_repo: str, fresh_db: Callable[..., Any]) -> None:

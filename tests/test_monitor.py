@@ -20,7 +20,7 @@ from backup_tool.monitor import (
     write_textfile,
 )
 from backup_tool.policy import Policy
-from backup_tool.retention import segment_name
+from backup_tool.walnames import segment_name
 from backup_tool.storage import open_storage
 from simhistory import History, record, seed_schedule, ts
 

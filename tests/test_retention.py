@@ -24,11 +24,10 @@ from backup_tool.retention import (
     plan_retention,
     plan_wal,
     read_log,
-    segment_name,
-    wal_gaps,
 )
 from backup_tool.storage import ObjectInfo, open_storage
 from backup_tool.storage.base import ObjectLock, PartialUpload
+from backup_tool.walnames import segment_name
 from simhistory import History, record, seed_schedule, ts
 
 UTC = timezone.utc
@@ -160,11 +159,20 @@ def test_wal_is_kept_without_a_usable_base() -> None:
     assert plan.delete == tuple(segment_name(1, p) for p in range(1, 5))
 
 
-def test_wal_gaps_across_timelines() -> None:
-    names = [segment_name(1, p) for p in (1, 2, 3, 6, 7)] + [segment_name(2, p) for p in (7, 8, 9, 12)]
-    assert wal_gaps(names) == [(segment_name(1, 4), segment_name(1, 5)), (segment_name(2, 10), segment_name(2, 11))]
-    assert wal_gaps(names, segment_name(1, 8)) == [(segment_name(2, 10), segment_name(2, 11))]
-    assert wal_gaps([segment_name(1, 255), segment_name(1, 256)]) == []
+def test_wal_deletion_list_is_linear_on_100k_segments() -> None:
+    """A week of one-per-minute WAL is ~10k segments; 100k must plan in well under a second
+    (the old list rebuilt a set of the deletions for every segment: quadratic)."""
+    from backup_tool.retention import doomed_segments
+    from backup_tool.wal import WalSegment
+
+    n, cut = 100_000, 60_000
+    when = ts("2026-11-01T00:00Z")
+    segments = [WalSegment(segment_name(1, p), 1, f"wal/{p}", 1, when) for p in range(n)]
+    plan = plan_wal([s.name for s in segments],
+                    [record("base", "2026-11-01T00:00Z", start_wal=segment_name(1, cut))])
+    doomed = doomed_segments(segments, plan)
+    assert len(doomed) == cut and doomed[0].name == segment_name(1, 0) and doomed[-1].name == segment_name(1, cut - 1)
+    assert plan.keep_from == segment_name(1, cut) and plan.kept == n - cut
 
 
 # ----------------------------------------------------------------------------- properties

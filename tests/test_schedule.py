@@ -36,7 +36,43 @@ P = Policy()
 @pytest.mark.parametrize("expr", ["0 2 * * *", "*/15 * * * *", "0 0 1,15 * *", "30 4 * jan-mar mon-fri",
                                   "0 0 * * 7", "5-10/2 */3 * * SUN", "@daily", "@hourly", "@weekly", "0 12 L-1 * *"[:0] + "0 12 1 * *"])
 def test_valid_cron(expr: str) -> None:
-    parse_cron(expr)
+    _agrees_with_croniter(expr, datetime(2026, 11, 25, 13, 7, tzinfo=UTC), fires=8)
+
+
+def _agrees_with_croniter(expr: str, start: datetime, fires: int) -> None:
+    """The parser's next slots equal those of croniter, an independent implementation."""
+    from croniter import croniter
+
+    reference = croniter(expr, start)
+    now = start
+    for _ in range(fires):
+        mine = next_slot(expr, "UTC", now)
+        theirs = reference.get_next(datetime)
+        assert mine == theirs, (expr, now)
+        assert mine is not None
+        now = mine
+
+
+def _field(lo: int, hi: int, star_step: bool = True) -> st.SearchStrategy[str]:
+    """One cron field. Left out, because croniter reads them unlike Vixie cron: one-value ranges
+    (croniter takes ``0-0`` in day of week for "every day") and ``*/n`` in the day fields
+    (Vixie treats them as unrestricted for the day-of-month/day-of-week OR rule)."""
+    value = st.integers(lo, hi)
+    rng = st.tuples(value, value).filter(lambda ab: ab[0] != ab[1]).map(lambda ab: f"{min(ab)}-{max(ab)}")
+    step = st.integers(1, hi - lo + 1)
+    item = st.one_of(value.map(str), rng, st.tuples(rng, step).map(lambda rs: f"{rs[0]}/{rs[1]}"))
+    listed = st.lists(item, min_size=1, max_size=3).map(",".join)
+    stars = [st.just("*")] + ([step.map(lambda s: f"*/{s}")] if star_step else [])
+    return st.one_of(*stars, listed)
+
+
+@settings(max_examples=150, deadline=None)
+@given(minute=_field(0, 59), hour=_field(0, 23), dom=_field(1, 28, star_step=False), month=_field(1, 12),
+       dow=_field(0, 6, star_step=False), minute_of_start=st.integers(0, 60 * 24 * 400))
+def test_cron_next_fire_times_match_croniter(minute: str, hour: str, dom: str, month: str, dow: str,
+                                             minute_of_start: int) -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=minute_of_start, seconds=17)
+    _agrees_with_croniter(f"{minute} {hour} {dom} {month} {dow}", start, fires=4)
 
 
 @pytest.mark.parametrize("expr, needle", [
@@ -137,8 +173,10 @@ def test_optional_schedules_may_be_empty() -> None:
 
 def test_shipped_policies_load() -> None:
     root = Path(__file__).resolve().parent.parent / "policies"
-    for path in root.glob("*.toml"):
-        parse_policy(path.read_text(), str(path))
+    paths = sorted(root.glob("*.toml"))
+    assert [p.name for p in paths] == ["compliance.toml", "default.toml", "staging.toml"]
+    for path in paths:
+        assert parse_policy(path.read_text(), str(path)).name == path.stem
 
 
 # ----------------------------------------------------------------------------- due
@@ -298,6 +336,14 @@ def test_kubernetes_rendering_is_valid_yaml_with_secret_refs() -> None:
     assert {"name": "BACKUP_TOOL_REPO", "value": "s3://acme-backups/prod"} in container["env"]
     assert all(e["name"] != "DATABASE_URL" for e in container["env"])
     assert docs[1]["spec"]["schedule"] == "30 5 * * *"
+
+
+def test_unparsable_dsn_is_named_not_dropped() -> None:
+    bad = Settings("s3://acme-backups/prod", "nonsense=1 s3cr3t-pw", P)
+    for fmt in ("cron", "systemd", "kubernetes"):
+        with pytest.raises(ConfigError, match="DSN") as err:
+            render_schedule(bad, fmt, ["backup-tool"])
+        assert "s3cr3t-pw" not in str(err.value)
 
 
 def test_unknown_format() -> None:

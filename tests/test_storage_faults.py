@@ -198,11 +198,25 @@ def test_stall_past_the_read_timeout_gives_up_bounded(through: Callable[..., Any
 
 
 def test_download_interrupted_too_often_fails_clearly(through: Callable[..., Any]) -> None:
-    storage, _ = through([Rule("truncate", method="GET", times=1000)])
+    storage, proxy = through([Rule("truncate", method="GET", times=1000)])
     storage.put("big", chunks(BIG))
     with pytest.raises(StorageError) as err:
         storage.get_bytes("big")
     assert "kept failing" in str(err.value)
+    assert proxy.counts()["truncate"] == TUNING.attempts
+
+
+def test_version_deletes_honour_the_attempt_budget(through: Callable[..., Any], s3_server: Any,
+                                                   bucket: str) -> None:
+    """``purge`` in a versioned bucket retries like every other request: BACKUP_TOOL_S3_ATTEMPTS."""
+    s3_server.client().put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    storage, proxy = through([Rule("slowdown", method="DELETE", times=1000)])
+    storage.put("small", chunks(SMALL))
+    with pytest.raises(StorageError) as err:
+        storage.purge("small")
+    assert "SlowDown" in str(err.value)
+    assert proxy.counts()["slowdown"] == TUNING.attempts
+    assert storage.get_bytes("small") == SMALL
 
 
 # ------------------------------------------------------------------------ damaged downloads

@@ -75,6 +75,54 @@ def segs(tli: int, first: int, last: int, start_minute: float = 0) -> list[wal.W
     return [seg(wal.segment_name(tli, n), start_minute + i) for i, n in enumerate(range(first, last + 1))]
 
 
+def test_walnames_round_trips() -> None:
+    from backup_tool import walnames
+
+    for size in (1 << 20, 16 << 20, 64 << 20, 1 << 30):
+        for segno in (0, 1, walnames.segments_per_log(size) - 1, walnames.segments_per_log(size), 123457):
+            name = walnames.segment_name(7, segno, size)
+            assert walnames.is_segment(name) and walnames.segment_timeline(name) == 7
+            assert walnames.segment_number(name, size) == segno
+            assert walnames.segment_number(walnames.next_segment(name, size), size) == segno + 1
+    assert walnames.next_segment("0000000100000001000000FF") == "000000010000000200000000"
+    assert walnames.format_lsn(walnames.parse_lsn("1A/FF00028")) == "1A/FF00028"
+    assert walnames.segment_prefix("000000010000000000000002.00000028.backup") == "000000010000000000000002"
+    assert walnames.segment_prefix("00000002.history") is None
+    assert wal.segment_name is walnames.segment_name and wal.parse_lsn is walnames.parse_lsn
+
+
+def test_status_audit_check_and_pitr_agree_across_a_timeline_switch() -> None:
+    """Timeline 2 forked from 1 inside segment 5 and lacks its segment 6, which timeline 1
+    (abandoned) has. Recovery along timeline 2 cannot cross 6: everyone must say so. (The
+    old ``retention.wal_gaps`` merged timelines by position and saw no gap.)"""
+    from backup_tool.audit import build_report
+    from backup_tool.monitor import CRITICAL, WalState, evaluate
+    from backup_tool.policy import Policy
+    from backup_tool.retention import BackupRecord
+
+    hist = {2: wal.parse_history("1\t0/5800000\tno reason\n")}
+    archive = segs(1, 2, 9) + [s for s in segs(2, 5, 9, start_minute=20) if s.name != "000000020000000000000006"]
+    now = T0 + timedelta(hours=1)
+    base = BackupRecord("20261124T195500Z-Babcd", "base", T0 - timedelta(minutes=5), now + timedelta(days=7),
+                        finished_at=T0 - timedelta(minutes=4), start_wal="000000010000000000000002")
+    full = BackupRecord("20261124T195000Z-Fabcd", "full", T0 - timedelta(minutes=10), now + timedelta(days=7),
+                        finished_at=T0 - timedelta(minutes=9))
+    expected = [("000000020000000000000006", "000000020000000000000006")]
+
+    covs, gaps = wal.archive_coverage(archive, hist, 1, wal.parse_lsn("0/2000028"))  # check, wal status
+    assert [(g.first_missing, g.last_missing) for g in gaps] == expected
+    assert [(c.timeline, c.last_segment) for c in covs] == [(1, "000000010000000000000009"),
+                                                            (2, "000000020000000000000005")]
+    path = wal.timeline_path(wal.newest_timeline(1, hist), hist[2])  # restore pitr, as pitr.plan does
+    cov = wal.coverage(archive, path, wal.parse_lsn("0/2000028"))
+    assert [(g.first_missing, g.last_missing) for g in cov.gaps] == expected
+    state = WalState(tuple(s.name for s in archive), max(s.modified for s in archive), histories=hist)
+    status = evaluate([full, base], [], state, Policy(), now)  # status
+    assert status.metrics["wal_gaps"] == 1 and status.code == CRITICAL
+    assert "000000020000000000000006" in next(c.detail for c in status.checks if c.name == "wal")
+    assert list(build_report([full, base], [], [], state, Policy(), now).pitr.gaps) == expected  # audit
+
+
 def test_coverage_gaps_and_timelines() -> None:
     path1 = wal.timeline_path(1, [])
     cov = wal.coverage(segs(1, 3, 9), path1, wal.parse_lsn("0/3000028"))

@@ -31,10 +31,10 @@ def list_cmd(inv: Invocation) -> int:
     from backup_tool.catalog import REFUSED, Catalog
     from backup_tool.storage import open_repository
 
-    manifests, problems = Catalog(open_repository(inv.settings.repo_url)).scan()
+    indexed, problems = Catalog(open_repository(inv.settings.repo_url)).entries()
     for p in problems:
         inv.reporter.warning(f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest skipped: {p.message}")
-    entries = [m.summary() for m in manifests]
+    entries = [dict(e.summary) for e in indexed]
     header = f"{'ID':<25} {'KIND':<11} {'DATABASE':<16} {'STARTED':<28} {'SIZE':>10}  EXPIRES"
     inv.out(entries, lambda: "\n".join([header] + [render_entry(e) for e in entries])
             if entries else f"no backups in {inv.settings.repo_url}")

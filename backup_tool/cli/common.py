@@ -88,7 +88,6 @@ COMMON_PARAMS = [
     inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
         bool, typer.Option("--debug", help="Show tracebacks on errors.")]),
 ]
-COMMON_NAMES = ("repo", "dsn", "policy", "json_output", "debug")
 
 DatabaseOption = Annotated[Optional[str], typer.Option(
     "--database", metavar="NAME",
@@ -106,7 +105,7 @@ def secrets_from(common: Common, extra: list[str]) -> list[str]:
 
         try:
             password = conninfo_to_dict(dsn).get("password")
-        except Exception:
+        except Exception:  # noqa: BLE001 - an unparsable DSN is refused with its own error where it is used
             continue
         if password:
             found.append(str(password))

@@ -5,7 +5,8 @@ With a key configured (``BACKUP_TOOL_ENCRYPTION_KEY``: base64 of 32 random bytes
 object the tool writes is encrypted before it leaves the process, except the metadata
 records that key-less readers (``list``, ``status``, ``audit``, retention, ``wal status``)
 need (:data:`PLAINTEXT_PREFIXES`: manifests, in-progress markers, verification records,
-retention and schedule logs, timeline and backup history files, the repository's key-id records).
+retention and schedule logs, timeline and backup history files, the repository's key-id records,
+the catalog index).
 Those hold names, counts, checksums, LSNs and
 times, never row data; manifests are instead authenticated with an HMAC under the key
 (:meth:`EncryptionKey.seal`), history files by the content sha256 in their names.
@@ -72,7 +73,7 @@ _HEADER = struct.Struct(f">{len(MAGIC)}sBI8s{SALT_SIZE}s{PREFIX_SIZE}s")
 HEADER_SIZE = _HEADER.size
 MAX_FRAMES = 1 << 32
 PLAINTEXT_PREFIXES = ("manifests/", "running/", "verifications/", "retention-log/", "schedule-log/",
-                      "wal/history/", "wal/archive.info", "encryption/")
+                      "wal/history/", "wal/archive.info", "encryption/", "catalog/")
 ALLOW_UNAUTHENTICATED_ENV = "BACKUP_TOOL_ALLOW_UNAUTHENTICATED"
 KEY_HINT = (f"set {KEY_ENV} (base64 of the 32-byte key) or {KEY_FILE_ENV} (a file holding it) "
             "to the key with that id")
@@ -288,12 +289,6 @@ def decrypt_stream(key: EncryptionKey | None, object_key: str, stored: Iterable[
         raise IntegrityError(f"object {object_key} is truncated (its final frame is missing)",
                              "restore from another backup and run 'backup-tool verify all'")
     yield open_frame(bytes(buf), True)
-
-
-def stored_key_id(head: bytes) -> str | None:
-    """The key id of an object whose first bytes are ``head`` (None: not encrypted)."""
-    header = read_header(head[:HEADER_SIZE], "?") if head.startswith(MAGIC) else None
-    return header.key_id if header else None
 
 
 # --------------------------------------------------------------------------- the storage wrapper

@@ -41,9 +41,7 @@ import base64
 import concurrent.futures as cf
 import hashlib
 import os
-import random
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
@@ -63,7 +61,6 @@ from botocore.exceptions import (
 )
 from tenacity import (
     Retrying,
-    retry,
     retry_if_exception,
     stop_after_attempt,
     stop_when_event_set,
@@ -150,14 +147,6 @@ def _error_code(exc: BaseException | None) -> str:
     return ""
 
 
-_retry = retry(
-    retry=retry_if_exception(_transient),
-    stop=stop_after_attempt(ATTEMPTS),
-    wait=BACKOFF,
-    reraise=True,
-)
-
-
 @dataclass(frozen=True)
 class S3Tuning:
     """Timeouts and the retry budget, from the environment (see the module docstring)."""
@@ -231,10 +220,6 @@ class _Part:
     size: int
 
 
-def _backoff_seconds(failures: int) -> float:
-    return random.uniform(0, min(8.0, 0.25 * 2 ** failures))
-
-
 def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
@@ -269,13 +254,14 @@ class S3Storage(Storage):
             max_pool_connections=32,
         )
         self._client = boto3.session.Session().client("s3", config=config)
-        self._local = threading.local()
         self.sse = sse_args()
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
 
     def _retrying(self, stop_event: threading.Event | None = None) -> Retrying:
+        """The one retry policy: transient failures, ``tuning.attempts`` attempts in all,
+        jittered exponential backoff; the last failure is re-raised as it was."""
         stop = stop_after_attempt(self.tuning.attempts)
         if stop_event is not None:
             stop = stop | stop_when_event_set(stop_event)
@@ -292,9 +278,12 @@ class S3Storage(Storage):
         except ClientError as exc:
             raise self._client_error(exc, what, iam_action(getattr(fn, "__name__", ""), kwargs)) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"S3 request failed while {what} in {self.url} "
-                               f"(gave up after {self.tuning.attempts} attempts): {exc}",
-                               "check AWS_ENDPOINT_URL_S3 and the network, then run the command again") from exc
+            raise self._transport_error(exc, what) from exc
+
+    def _transport_error(self, exc: BotoCoreError, what: str) -> StorageError:
+        return StorageError(f"S3 request failed while {what} in {self.url} "
+                            f"(gave up after {self.tuning.attempts} attempts): {exc}",
+                            "check AWS_ENDPOINT_URL_S3 and the network, then run the command again")
 
     def _client_error(self, exc: ClientError, what: str, action: str = "") -> StorageError:
         code = exc.response.get("Error", {}).get("Code", "")
@@ -416,41 +405,46 @@ class S3Storage(Storage):
     # -- reading ---------------------------------------------------------------------------
 
     def get(self, key: str) -> Iterator[bytes]:
+        """The object's bytes; a read interrupted mid-stream resumes where it stopped (a Range
+        request pinned to the first answer's ETag), under the same retry policy as requests."""
         full = self._key(key)
         offset = 0
-        failures = 0
+        reads = 0
         etag: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
-            if offset:
-                kwargs["Range"] = f"bytes={offset}-"
-            if etag:
-                kwargs["IfMatch"] = etag
-            try:
-                resp = self._call(key, self._client.get_object, **kwargs)
-            except ObjectExistsError:
-                raise StorageError(f"object {key} in {self.url} changed while it was being read",
-                                   "objects are never rewritten by backup-tool: check who writes to the bucket") from None
-            etag = etag or resp.get("ETag")
-            body = resp["Body"]
-            try:
-                for chunk in body.iter_chunks(READ_CHUNK):
-                    offset += len(chunk)
-                    yield chunk
-                return
-            except FlexibleChecksumError as exc:
-                raise IntegrityError(f"object {key} in {self.url} failed the store's checksum on download "
-                                     f"(damaged in storage or on the way): {exc}",
-                                     "run the command again; if it repeats, run 'backup-tool verify all'") from None
-            except Exception as exc:
-                failures += 1
-                if not _transient(exc) or failures >= self.tuning.attempts:
-                    raise StorageError(f"download of {key} from {self.url} kept failing "
-                                       f"({failures} interrupted reads): {exc}",
-                                       "check the network and run the command again") from exc
-                time.sleep(_backoff_seconds(failures))
-            finally:
-                body.close()
+        try:
+            for attempt in self._retrying():
+                with attempt:
+                    reads += 1
+                    kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+                    if offset:
+                        kwargs["Range"] = f"bytes={offset}-"
+                    if etag:
+                        kwargs["IfMatch"] = etag
+                    try:
+                        resp = self._call(key, self._client.get_object, **kwargs)
+                    except ObjectExistsError:
+                        raise StorageError(f"object {key} in {self.url} changed while it was being read",
+                                           "objects are never rewritten by backup-tool: check who writes to "
+                                           "the bucket") from None
+                    etag = etag or resp.get("ETag")
+                    body = resp["Body"]
+                    try:
+                        for chunk in body.iter_chunks(READ_CHUNK):
+                            offset += len(chunk)
+                            yield chunk
+                    except FlexibleChecksumError as exc:
+                        raise IntegrityError(f"object {key} in {self.url} failed the store's checksum on download "
+                                             f"(damaged in storage or on the way): {exc}",
+                                             "run the command again; if it repeats, run 'backup-tool verify all'"
+                                             ) from None
+                    finally:
+                        body.close()
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            raise StorageError(f"download of {key} from {self.url} kept failing "
+                               f"({reads} interrupted reads): {exc}",
+                               "check the network and run the command again") from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: str | None = None
@@ -567,11 +561,13 @@ class S3Storage(Storage):
             marker = {"KeyMarker": resp["NextKeyMarker"], "VersionIdMarker": resp["NextVersionIdMarker"]}
         for version in versions:
             try:
-                _retry(self._client.delete_object)(Bucket=self.bucket, Key=full, VersionId=version)
+                self._retrying()(self._client.delete_object, Bucket=self.bucket, Key=full, VersionId=version)
             except ClientError as exc:
                 if _error_code(exc) in DENIED_CODES:
                     raise self._denied_delete(key, full, version) from exc
                 raise self._client_error(exc, f"deleting {key}", "s3:DeleteObjectVersion") from exc
+            except BotoCoreError as exc:
+                raise self._transport_error(exc, f"deleting {key}") from exc
 
     def list_partials(self, prefix: str = "") -> Iterator[PartialUpload]:
         """Multipart uploads never completed or aborted; ``modified`` is the last part's time."""

@@ -1,0 +1,79 @@
+"""WAL file names and LSNs: the one implementation every module uses.
+
+A segment name is 24 upper-case hex digits: timeline (8), then the segment number split
+into "log" (8) and "segment within the log" (8). How many segments a log holds depends on
+the cluster's WAL segment size (0x100000000 / size: 256 for the default 16 MiB), so every
+conversion between names and segment numbers takes that size; it defaults to 16 MiB.
+
+Guaranteed: :func:`segment_name` and :func:`segment_number` are inverse for a given size;
+:func:`parse_lsn` and :func:`format_lsn` are inverse, and write LSNs as PostgreSQL does.
+This module imports only the standard library and :mod:`backup_tool.errors`, so the
+``wal push``/``wal fetch`` fast paths can use it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from backup_tool.errors import UsageError
+
+DEFAULT_SEGMENT_SIZE = 16 << 20
+SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
+_SEGMENT_PREFIX_RE = re.compile(r"^[0-9A-F]{24}")
+
+
+def is_segment(name: str) -> bool:
+    """Whether ``name`` is a full segment's name (not a .partial, .history or .backup file)."""
+    return bool(SEGMENT_RE.match(name))
+
+
+def segment_prefix(text: str) -> str | None:
+    """The segment name ``text`` starts with (``000000010000000000000002.00000028.backup``
+    → ``000000010000000000000002``), or None."""
+    return text[:24] if _SEGMENT_PREFIX_RE.match(text) else None
+
+
+def segments_per_log(seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    return max(1, 0x100000000 // max(seg_size, 1))
+
+
+def segment_name(timeline: int, segno: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> str:
+    """The name of segment number ``segno`` on ``timeline``."""
+    per = segments_per_log(seg_size)
+    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
+
+
+def segment_number(name: str, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    """The segment number of a segment name (its timeline ignored)."""
+    return int(name[8:16], 16) * segments_per_log(seg_size) + int(name[16:24], 16)
+
+
+def segment_timeline(name: str) -> int:
+    return int(name[:8], 16)
+
+
+def next_segment(name: str, seg_size: int = DEFAULT_SEGMENT_SIZE) -> str:
+    """The segment after ``name`` on the same timeline."""
+    return segment_name(segment_timeline(name), segment_number(name, seg_size) + 1, seg_size)
+
+
+def parse_lsn(text: str) -> int:
+    """``'0/3000060'`` → 0x3000060; UsageError for anything else."""
+    try:
+        hi, lo = text.strip().split("/")
+        return (int(hi, 16) << 32) | int(lo, 16)
+    except ValueError:
+        raise UsageError(f"{text!r} is not an LSN", "write it as PostgreSQL does, e.g. 0/3000060") from None
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def lsn_segment(lsn: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    """The number of the segment holding byte ``lsn``."""
+    return lsn // seg_size
+
+
+def segment_start_lsn(segno: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    return segno * seg_size

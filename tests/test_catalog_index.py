@@ -1,0 +1,161 @@
+"""The catalog index (``catalog/index-*.json``): planning commands read one object instead
+of every manifest, the ``manifests/`` listing stays the truth, and with a key an index (or
+entry) written by someone without it is never believed."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from test_manifest import make_manifest
+from test_tamper import KEY, plant, resealed, sealed_repo
+
+from backup_tool.catalog import REFUSED, Catalog, manifest_key
+from backup_tool.catalog_index import INDEX_PREFIX, IndexEntry, _digest, index_keys, write_index
+from backup_tool.errors import IntegrityError
+from backup_tool.policy import Policy
+from backup_tool.retention import BackupRecord
+from backup_tool.storage.encrypted import EncryptedStorage, EncryptionKey
+from backup_tool.storage.local import LocalStorage
+from simhistory import History, ts
+
+
+class CountingStorage(LocalStorage):
+    """A local repository that remembers which objects were read."""
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root)
+        self.reads: list[str] = []
+
+    def get(self, key: str) -> Iterator[bytes]:
+        self.reads.append(key)
+        return super().get(key)
+
+
+def opened(root: Path, key: EncryptionKey | None = None) -> tuple[EncryptedStorage, CountingStorage]:
+    inner = CountingStorage(root)
+    return EncryptedStorage(inner, key), inner
+
+
+def manifest_reads(inner: CountingStorage) -> list[str]:
+    return [k for k in inner.reads if k.startswith("manifests/")]
+
+
+def history(root: Path) -> History:
+    storage, _ = opened(root)
+    h = History(storage, Policy())
+    start = ts("2026-11-01T02:00Z")
+    for day in range(4):
+        h.full(start + timedelta(days=day))
+        for hour in (6, 12, 18):
+            h.incremental(start + timedelta(days=day, hours=hour))
+    return h
+
+
+def test_the_index_answers_exactly_as_the_manifests_and_reads_none_of_them(tmp_path: Path) -> None:
+    h = history(tmp_path)
+    storage, inner = opened(tmp_path)
+    truth = [BackupRecord.from_manifest(m) for m in Catalog(storage).scan()[0]]
+    assert len(truth) == 16 and index_keys(storage) == []
+
+    assert Catalog(storage).records(refresh=True) == (truth, [])
+    assert len(index_keys(storage)) == 1
+    inner.reads.clear()
+    records, problems = Catalog(storage).records()
+    assert (records, problems) == (truth, []) and manifest_reads(inner) == []
+    summaries = [dict(e.summary) for e in Catalog(storage).entries()[0]]
+    assert summaries == [m.summary() for m in Catalog(storage).scan()[0]]
+
+    # a committed backup joins the index: still no manifest read
+    h.full(ts("2026-11-06T02:00Z"))
+    assert len(index_keys(storage)) == 1
+    inner.reads.clear()
+    records, _ = Catalog(storage).records()
+    assert [r.id for r in records] == [r.id for r in truth] + [h.manifests[-1].id]
+    assert manifest_reads(inner) == []
+
+
+def test_the_listing_is_the_truth_when_the_index_is_stale(tmp_path: Path) -> None:
+    h = history(tmp_path)
+    storage, inner = opened(tmp_path)
+    Catalog(storage).records(refresh=True)
+    gone, kept = h.manifests[0], h.manifests[1:]
+    storage.purge(manifest_key(gone.id))
+    late = make_manifest("20261120T020000Z-Flate")
+    storage.put_bytes(manifest_key(late.id), late.to_json())  # not through commit: the index lacks it
+    inner.reads.clear()
+    records, problems = Catalog(storage).records(refresh=True)
+    assert problems == [] and [r.id for r in records] == [m.id for m in kept] + [late.id]
+    assert manifest_reads(inner) == [manifest_key(late.id)]
+    inner.reads.clear()
+    assert [r.id for r in Catalog(storage).records()[0]] == [r.id for r in records]
+    assert manifest_reads(inner) == [] and len(index_keys(storage)) == 1
+
+
+def test_a_damaged_index_is_ignored(tmp_path: Path) -> None:
+    history(tmp_path)
+    storage, inner = opened(tmp_path)
+    truth = Catalog(storage).records(refresh=True)[0]
+    key = index_keys(storage)[0]
+    body = json.loads(storage.get_bytes(key))
+    body["entries"][0]["record"]["size_bytes"] = 1
+    plant(str(tmp_path), key, json.dumps(body).encode())
+    inner.reads.clear()
+    assert Catalog(storage).records()[0] == truth
+    assert len(manifest_reads(inner)) == len(truth)
+
+
+def test_with_a_key_only_a_sealed_index_vouches_and_only_for_sealed_manifests(tmp_path: Path) -> None:
+    repo = str(tmp_path)
+    real = [make_manifest(f"2026112{d}T020000Z-Fabc{d}") for d in range(3)]
+    sealed_repo(repo, *real)
+    storage, inner = opened(tmp_path, KEY)
+    truth = Catalog(storage).records(refresh=True)[0]
+    assert [r.id for r in truth] == [m.id for m in real]
+    genuine = index_keys(storage)[0]
+    inner.reads.clear()
+    assert Catalog(storage).records()[0] == truth and manifest_reads(inner) == []
+
+    # the attacker plants a manifest and lists it in an index claiming it was verified
+    planted = make_manifest("20261125T020000Z-Fevil")
+    plant(repo, manifest_key(planted.id), planted.to_json())
+    keyless, _ = opened(tmp_path)
+    forged_entry = IndexEntry.of(planted, "0" * 64, [KEY.key_id])
+    forged_entry = IndexEntry(**{**forged_entry.__dict__, "key_id": KEY.key_id, "verified": True})
+    body = json.loads(keyless.get_bytes(genuine))
+    body["ids"].append(planted.id)
+    body["entries"].append(forged_entry.to_dict())
+    for seal in ("kept", "dropped"):
+        if seal == "dropped":
+            body.pop("seal")
+        body["index_sha256"] = _digest(body)
+        plant(repo, f"{INDEX_PREFIX}index-29991231T235959999999Z-abcdef.json", json.dumps(body).encode())
+        records, problems = Catalog(storage).records()
+        assert records == truth, seal
+        assert len(problems) == 1 and isinstance(problems[0], REFUSED) and planted.id in problems[0].message
+
+    # a sealed index vouches only for entries whose seal its writer checked
+    (tmp_path / f"{INDEX_PREFIX}index-29991231T235959999999Z-abcdef.json").unlink()
+    write_index(storage, [m.id for m in real], [IndexEntry.of(m, "0" * 64, []) for m in real])
+    inner.reads.clear()
+    records, problems = Catalog(storage).records()
+    assert records == truth and len(problems) == 1
+    assert sorted(manifest_reads(inner)) == sorted([manifest_key(m.id) for m in real] + [manifest_key(planted.id)])
+
+
+def test_an_edited_manifest_behind_a_sealed_index_is_still_refused_when_read(tmp_path: Path) -> None:
+    repo = str(tmp_path)
+    real = make_manifest()
+    sealed_repo(repo, real)
+    storage, _ = opened(tmp_path, KEY)
+    Catalog(storage).records(refresh=True)
+    body = json.loads((tmp_path / manifest_key(real.id)).read_bytes())
+    body["tables"][0]["rows"] = 4
+    plant(repo, manifest_key(real.id), resealed(body))
+    catalog = Catalog(storage)
+    assert [r.id for r in catalog.records()[0]] == [real.id]  # planning sees what the key holder sealed
+    with pytest.raises(IntegrityError, match="fails authentication"):
+        catalog.load(real.id)
