@@ -45,7 +45,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from backup_tool import testhooks, walidentity
+from backup_tool import testhooks, walidentity, walnames
 from backup_tool.errors import (
     BackupToolError,
     IntegrityError,
@@ -502,17 +502,8 @@ def _keep_for_asking_again(dest: Path, name: str) -> None:
 
 def segment_size_of(path: str | Path) -> int | None:
     """WAL segment size from a segment's first page header (``xlp_seg_size``), if it looks valid."""
-    try:
-        with open(path, "rb") as fh:
-            header = fh.read(40)
-    except OSError:
-        return None
-    if len(header) < 40:
-        return None
-    size = int.from_bytes(header[32:36], "little")
-    if size < (1 << 20) or size > (1 << 30) or size & (size - 1):
-        return None
-    return size
+    header = walnames.read_long_header(path)
+    return header.segment_size if header else None
 
 
 def prefetch(storage: Storage, name: str, destination: str | Path, count: int,

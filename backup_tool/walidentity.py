@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backup_tool import walnames
 from backup_tool.errors import RefusedError, StorageError
 from backup_tool.timestamps import utc_iso
 
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 ARCHIVE_INFO_KEY = "wal/archive.info"
 INFO_FORMAT = 1
-XLP_LONG_HEADER = 0x0002
 
 
 @dataclass(frozen=True)
@@ -93,22 +93,8 @@ def pg_control_identity(data_dir: Path) -> ClusterIdentity | None:
 
 def segment_identity(path: Path) -> ClusterIdentity | None:
     """``xlp_sysid`` of a segment's first (long) page header, if the header is plausible."""
-    try:
-        with open(path, "rb") as fh:
-            header = fh.read(40)
-    except OSError:
-        return None
-    if len(header) < 40:
-        return None
-    magic = int.from_bytes(header[0:2], "little")
-    info = int.from_bytes(header[2:4], "little")
-    pageaddr = int.from_bytes(header[8:16], "little")
-    seg_size = int.from_bytes(header[32:36], "little")
-    blcksz = int.from_bytes(header[36:40], "little")
-    plausible = (magic >> 8 == 0xD1 and info & XLP_LONG_HEADER
-                 and (1 << 20) <= seg_size <= (1 << 30) and not seg_size & (seg_size - 1)
-                 and 1024 <= blcksz <= 32768 and not blcksz & (blcksz - 1) and pageaddr % seg_size == 0)
-    return ClusterIdentity(int.from_bytes(header[24:32], "little")) if plausible else None
+    header = walnames.read_long_header(path)
+    return ClusterIdentity(header.system_identifier) if header else None
 
 
 def wal_file_identity(path: Path) -> ClusterIdentity | None:

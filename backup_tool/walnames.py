@@ -14,6 +14,8 @@ This module imports only the standard library and :mod:`backup_tool.errors`, so 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 from backup_tool.errors import UsageError
 
@@ -77,3 +79,42 @@ def lsn_segment(lsn: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
 
 def segment_start_lsn(segno: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
     return segno * seg_size
+
+
+XLP_LONG_HEADER = 0x0002
+LONG_HEADER_SIZE = 40
+
+
+@dataclass(frozen=True)
+class LongPageHeader:
+    """What a segment's first page (XLogLongPageHeaderData) says about the cluster that wrote it."""
+
+    system_identifier: int
+    segment_size: int
+    block_size: int
+
+
+def parse_long_header(data: bytes) -> LongPageHeader | None:
+    """The long page header at the start of a segment, or None unless every field is plausible
+    (magic of a post-9.x server, the long-header flag, power-of-two sizes in range, a page
+    address on a segment boundary)."""
+    if len(data) < LONG_HEADER_SIZE:
+        return None
+    magic = int.from_bytes(data[0:2], "little")
+    info = int.from_bytes(data[2:4], "little")
+    pageaddr = int.from_bytes(data[8:16], "little")
+    seg_size = int.from_bytes(data[32:36], "little")
+    blcksz = int.from_bytes(data[36:40], "little")
+    plausible = (magic >> 8 == 0xD1 and info & XLP_LONG_HEADER
+                 and (1 << 20) <= seg_size <= (1 << 30) and not seg_size & (seg_size - 1)
+                 and 1024 <= blcksz <= 32768 and not blcksz & (blcksz - 1) and pageaddr % seg_size == 0)
+    return LongPageHeader(int.from_bytes(data[24:32], "little"), seg_size, blcksz) if plausible else None
+
+
+def read_long_header(path: str | Path) -> LongPageHeader | None:
+    """:func:`parse_long_header` of the file at ``path`` (None if it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return parse_long_header(fh.read(LONG_HEADER_SIZE))
+    except OSError:
+        return None

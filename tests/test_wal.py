@@ -379,8 +379,13 @@ def test_fetch_reads_ahead_verified_segments(cli: Any, local_repo: str, tmp_path
     source = tmp_path / "source"
     source.mkdir()
     for i, name in enumerate(names):
-        header = bytearray(os.urandom(40))
+        header = bytearray(os.urandom(40))  # a long page header as PostgreSQL 15 writes it
+        header[0:2] = (0xD110).to_bytes(2, "little")
+        header[2:4] = (0x0002).to_bytes(2, "little")
+        header[8:16] = ((i + 1) * SEG).to_bytes(8, "little")
+        header[24:32] = (7311234567890123456).to_bytes(8, "little")
         header[32:36] = SEG.to_bytes(4, "little")
+        header[36:40] = (8192).to_bytes(4, "little")
         (source / name).write_bytes(bytes(header) + bytes([i]) * 100000)
         assert cli("wal", "push", source / name, "--repo", local_repo).returncode == 0
     pg_wal = tmp_path / "data" / "pg_wal"
