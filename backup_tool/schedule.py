@@ -649,7 +649,10 @@ def _render_systemd(settings: Settings, exe: Sequence[str], name: str, textfile:
                 "[Service]", "Type=oneshot", f"EnvironmentFile={env_file}", "Environment=BACKUP_TOOL_LOG=json",
                 "Nice=10", "IOSchedulingClass=best-effort"]
         for cmd, ignore in zip(job.commands, job.ignore_failure, strict=True):
-            out.append(f"ExecStart={'-' if ignore else ''}{prog} {' '.join(shlex.quote(a) for a in cmd)}")
+            # A refresh that must run whatever the job's outcome (the metrics matter most after a
+            # failure) is ExecStopPost: systemd skips later ExecStart lines of a failed oneshot.
+            directive = "ExecStopPost=-" if ignore else "ExecStart="
+            out.append(f"{directive}{prog} {' '.join(shlex.quote(a) for a in cmd)}")
         out += ["", f"# --- /etc/systemd/system/{unit_prefix}-{job.name}.timer ---",
                 "[Unit]", f"Description=backup-tool {job.name} ({name}) timer", "",
                 "[Timer]", *[f"OnCalendar={c}" for c in calendars], "Persistent=true",

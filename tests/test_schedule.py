@@ -315,7 +315,12 @@ def test_systemd_rendering() -> None:
     assert "OnCalendar=*-*-* *:00,05,10,15,20,25,30,35,40,45,50,55:00 Europe/Paris" in text
     assert "OnCalendar=Mon,Tue,Wed,Thu,Fri *-*-* 05:30:00 Europe/Paris" in text
     assert "ExecStart=/usr/bin/backup-tool run-due --json" in text
-    assert "ExecStart=-/usr/bin/backup-tool status --prometheus" in text
+    service = text.split("# --- /etc/systemd/system/backup-tool-app-run-due.service ---")[1].split("# ---")[0]
+    exec_lines = [ln for ln in service.splitlines() if ln.startswith("Exec")]
+    # the metrics refresh runs after success *and* failure of run-due: systemd skips a second
+    # ExecStart of a oneshot once the first failed, never an ExecStopPost
+    assert exec_lines == ["ExecStart=/usr/bin/backup-tool run-due --json",
+                          "ExecStopPost=-/usr/bin/backup-tool status --prometheus /var/lib/node_exporter/textfile_collector/backup_tool.prom"]
     assert "EnvironmentFile=/etc/backup-tool/app.env" in text and "Persistent=true" in text
 
 
