@@ -37,7 +37,9 @@ def main() -> None:
     try:
         code = app(prog_name="backup-tool", standalone_mode=False)
     except TyperException as exc:
-        if type(exc).__name__ != "NoArgsIsHelpError":
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.format_message())
+        else:
             ctx = getattr(exc, "ctx", None)
             where = f" — see '{ctx.command_path} --help'" if ctx is not None else ""
             message = " ".join(exc.format_message().split())

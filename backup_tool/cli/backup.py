@@ -17,7 +17,7 @@ from backup_tool.cli.common import (
 @command(backup_app, "full")
 def backup_full_cmd(
     inv: Invocation,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", min=1, max=64,
                                                 help="Tables dumped in parallel (default: policy backup.jobs)")] = None,
     lock_timeout: Annotated[float, typer.Option("--lock-timeout", metavar="SECONDS", min=0,
                                                 help="If another backup of this database into this repository "
@@ -39,7 +39,7 @@ def backup_full_cmd(
 @command(backup_app, "incremental")
 def backup_incremental_cmd(
     inv: Invocation,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", min=1, max=64,
                                                 help="Tables compared/dumped in parallel (default: policy backup.jobs)")] = None,
     lock_timeout: Annotated[float, typer.Option("--lock-timeout", metavar="SECONDS", min=0,
                                                 help="If another backup of this database into this repository "

@@ -25,6 +25,20 @@ def version_cmd() -> None:
     print(f"backup-tool {__version__}")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"backup-tool {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Options of 'backup-tool' itself (the help text is the app's)."""
+
+
 @command(app, "list")
 def list_cmd(inv: Invocation) -> int:
     """List every complete backup in the repository, oldest first (needs no local state)."""

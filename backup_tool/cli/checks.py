@@ -21,7 +21,7 @@ def validate_cmd(
     inv: Invocation,
     against: Annotated[Optional[str], typer.Option("--against", metavar="ID|latest",
                                                    help="Also compare with this backup's manifest")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Parallel checksum sessions")] = 2,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="N", min=1, max=64, help="Parallel checksum sessions")] = 2,
     database: DatabaseOption = None,
 ) -> int:
     """Run the health checks on the --dsn database: schema, RLS and policies, foreign keys, indexes,

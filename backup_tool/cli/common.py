@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from backup_tool.config import Settings, default_repo, resolve_settings
 from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed
 from backup_tool.report import Reporter
 
 if TYPE_CHECKING:
+    from typer._click import Context, HelpFormatter
+
     from backup_tool.catalog import DatabaseHint
 
 HELP = f"""PostgreSQL backup and disaster recovery: full backups to S3 or a local directory,
@@ -42,15 +45,71 @@ Exit codes: 0 ok, 1 failed, 2 usage error, 3 verification/validation found a pro
 4 another backup/restore holds the lock.
 """
 
-app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
-backup_app = typer.Typer(help="Take a backup now.", no_args_is_help=True)
-restore_app = typer.Typer(help="Restore from the repository (never overwrites unless told to).",
-                          no_args_is_help=True)
-wal_app = typer.Typer(help="WAL archiving for point-in-time recovery (archive_command / restore_command).",
-                      no_args_is_help=True)
-retention_app = typer.Typer(help="Expire backups and WAL per the policy.", no_args_is_help=True)
-schema_app = typer.Typer(help="Schema reconstruction from migrations and drift checks.", no_args_is_help=True)
+# The main verbs first in 'backup-tool --help', then the rest in registration order.
+MAIN_COMMANDS = ("backup", "restore", "list", "show", "verify", "validate")
+
+
+class WrappedGroup(TyperGroup):
+    """A command group whose listing gives each command's whole first sentence, wrapped, where
+    click would cut it to the space left on one line ("Check configuration, database...")."""
+
+    def format_commands(self, ctx: Context, formatter: HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class HelpCommand(TyperCommand):
+    """A command whose help names a positional argument by its metavar alone ("ID"), where
+    typer would add its Python type ("ID <str>")."""
+
+    def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((param.metavar or record[0], record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+class MainVerbsFirst(WrappedGroup):
+    """The top-level group, listing the commands an operator reaches for first at the top."""
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return [n for n in MAIN_COMMANDS if n in names] + [n for n in names if n not in MAIN_COMMANDS]
+
+
+# Help is click's plain formatter (rich_markup_mode=None): it wraps every line at the terminal
+# width (COLUMNS when piped) and never truncates an option name or its help with "…", and a
+# flag shows no metavar. max_content_width lets a wide terminal use its width.
+_HELP_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
+
+
+def _group(help: str) -> typer.Typer:
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, cls=WrappedGroup,
+                       context_settings=_HELP_SETTINGS)
+
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  cls=MainVerbsFirst, context_settings=_HELP_SETTINGS)
+backup_app = _group("Take a backup now.")
+restore_app = _group("Restore from the repository (never overwrites unless told to).")
+wal_app = _group("WAL archiving for point-in-time recovery (archive_command / restore_command).")
+retention_app = _group("Expire backups and WAL per the policy.")
+schema_app = _group("Schema reconstruction from migrations and drift checks.")
 app.add_typer(backup_app, name="backup")
 app.add_typer(restore_app, name="restore")
 app.add_typer(wal_app, name="wal")
@@ -68,6 +127,17 @@ class Common:
 
     def settings(self) -> Settings:
         return resolve_settings(self.repo, self.dsn, self.policy)
+
+
+DSN_HELP = ("Source database (postgresql://user@host:port/db or key=value) "
+            "(env DATABASE_URL; else PGHOST/PGPORT/PGUSER/PGDATABASE/PGPASSWORD)")
+
+
+def common_params(dsn_help: str = DSN_HELP) -> list[inspect.Parameter]:
+    """The common options, with ``--dsn`` explained for what this command uses it for."""
+    dsn = inspect.Parameter("dsn", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option("--dsn", metavar="DSN", help=dsn_help)])
+    return [dsn if p.name == "dsn" else p for p in COMMON_PARAMS]
 
 
 COMMON_PARAMS = [
@@ -158,8 +228,10 @@ class Invocation:
             print(self.redact(text() if callable(text) else text))
 
 
-def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = ()) -> Callable[..., Any]:
-    """Register ``fn(inv, **options)`` as a command that also takes the common options."""
+def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = (),
+            dsn_help: str = DSN_HELP) -> Callable[..., Any]:
+    """Register ``fn(inv, **options)`` as a command that also takes the common options
+    (``dsn_help`` says what ``--dsn`` is for where it is not the database the command reads)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn, eval_str=True)
@@ -173,8 +245,8 @@ def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = ()) 
             redact = make_redactor(secrets_from(common, extra))
             raise typer.Exit(invoke(fn, common, redact, kwargs))
 
-        wrapper.__signature__ = sig.replace(parameters=own + COMMON_PARAMS)  # type: ignore[attr-defined]
-        group.command(name)(wrapper)
+        wrapper.__signature__ = sig.replace(parameters=own + common_params(dsn_help))  # type: ignore[attr-defined]
+        group.command(name, cls=HelpCommand)(wrapper)
         return fn
 
     return decorate

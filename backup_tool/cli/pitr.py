@@ -54,7 +54,7 @@ def restore_pitr_cmd(
     latest: Annotated[bool, typer.Option("--latest", help="Recover everything the archive holds")] = False,
     target_timeline: Annotated[str, typer.Option("--target-timeline", metavar="N|latest",
                                                  help="Timeline to follow")] = "latest",
-    port: Annotated[Optional[int], typer.Option("--port", min=1, max=65535,
+    port: Annotated[Optional[int], typer.Option("--port", metavar="PORT", min=1, max=65535,
                                                 help="Port for the restored server (written to its "
                                                      "postgresql.auto.conf; default: the backed-up one)")] = None,
     start: Annotated[bool, typer.Option("--start/--no-start",

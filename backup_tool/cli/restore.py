@@ -15,8 +15,11 @@ from backup_tool.cli.common import (
 )
 from backup_tool.errors import UsageError
 
+RESTORE_DSN_HELP = ("Not written to: only names the database 'latest' means when the repository "
+                    "holds several, like --database (env DATABASE_URL). The restore goes to --target-dsn")
 
-@command(restore_app, "full", secret_params=("target_dsn",))
+
+@command(restore_app, "full", secret_params=("target_dsn",), dsn_help=RESTORE_DSN_HELP)
 def restore_full_cmd(
     inv: Invocation,
     target_dsn: Annotated[str, typer.Option("--target-dsn", metavar="DSN",
@@ -25,7 +28,7 @@ def restore_full_cmd(
     create: Annotated[bool, typer.Option("--create", help="Create the target database if it does not exist")] = False,
     with_roles: Annotated[bool, typer.Option("--with-roles", help="Create roles the backup needs that the "
                                              "target server lacks (without passwords)")] = False,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", min=1, max=64,
                                                 help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the final validation")] = False,
     no_analyze: Annotated[bool, typer.Option("--no-analyze", help="Skip ANALYZE after the load (a restored "
@@ -54,7 +57,7 @@ def restore_full_cmd(
 
 
 
-@command(restore_app, "tables", secret_params=("target_dsn",))
+@command(restore_app, "tables", secret_params=("target_dsn",), dsn_help=RESTORE_DSN_HELP)
 def restore_tables_cmd(
     inv: Invocation,
     tables: Annotated[str, typer.Option("--tables", metavar="SCHEMA.TABLE[,...]",
@@ -71,7 +74,7 @@ def restore_tables_cmd(
     replace: Annotated[bool, typer.Option("--replace", help="Replace the tables' current contents "
                                           "(one transaction; rolled back if foreign keys would break)")] = False,
     with_roles: Annotated[bool, typer.Option("--with-roles", help="Create missing roles from the backup")] = False,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", min=1, max=64,
                                                 help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
     database: DatabaseOption = None,
 ) -> int:

@@ -19,10 +19,10 @@ def schedule_cmd(
     inv: Invocation,
     fmt: Annotated[str, typer.Option("--format", metavar="cron|systemd|kubernetes",
                                      help="crontab lines, systemd timer + service units, or Kubernetes CronJobs")] = "cron",
-    name: Annotated[str, typer.Option("--name", help="Name for units/CronJobs/Secret (default: the database)")] = "",
-    image: Annotated[str, typer.Option("--image", help="Container image for --format kubernetes")] = "backup-tool:latest",
-    log_file: Annotated[str, typer.Option("--log-file", help="Log file for --format cron")] = "/var/log/backup-tool.log",
-    textfile: Annotated[str, typer.Option("--textfile", help="Prometheus textfile written by 'status' after each run")]
+    name: Annotated[str, typer.Option("--name", metavar="NAME", help="Name for units/CronJobs/Secret (default: the database)")] = "",
+    image: Annotated[str, typer.Option("--image", metavar="IMAGE", help="Container image for --format kubernetes")] = "backup-tool:latest",
+    log_file: Annotated[str, typer.Option("--log-file", metavar="FILE", help="Log file for --format cron")] = "/var/log/backup-tool.log",
+    textfile: Annotated[str, typer.Option("--textfile", metavar="FILE", help="Prometheus textfile written by 'status' after each run")]
     = "/var/lib/node_exporter/textfile_collector/backup_tool.prom",
 ) -> int:
     """Print what runs the policy: a frequent 'run-due' (takes whichever backup is due, then

@@ -21,7 +21,7 @@ def wal_push_cmd(
     inv: Invocation,
     wal_path: Annotated[str, typer.Argument(metavar="WAL_PATH",
                                             help="The file to archive: PostgreSQL's %p")],
-    batch: Annotated[int, typer.Option("--batch", min=1, max=64,
+    batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, max=64,
                                        help="Also push up to N-1 other segments PostgreSQL has marked "
                                             "ready, in parallel; its next calls for them return at once "
                                             "(1 = one segment per call)")] = 16,
@@ -56,7 +56,7 @@ def wal_fetch_cmd(
     inv: Invocation,
     wal_name: Annotated[str, typer.Argument(metavar="WAL_NAME", help="The file to restore: PostgreSQL's %f")],
     destination: Annotated[str, typer.Argument(metavar="DEST", help="Where to write it: PostgreSQL's %p")],
-    prefetch: Annotated[int, typer.Option("--prefetch", min=0, max=64,
+    prefetch: Annotated[int, typer.Option("--prefetch", metavar="N", min=0, max=64,
                                           help="After fetching a segment, download and verify the next N in "
                                                "the background so PostgreSQL's next calls return at once "
                                                "(0 = off)")] = 8,

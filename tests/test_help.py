@@ -1,0 +1,123 @@
+"""``--help`` at 80 columns: piped (COLUMNS=80) and on an 80-column pseudo-terminal, every
+command's help wraps its text and never truncates it ("--schema-from-migra…"), a flag shows
+no metavar ("<bool>"), and the main verbs come first in the command list."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+
+ROOT = Path(__file__).resolve().parent.parent
+TYPE_DISPLAY = re.compile(r"<(bool|str|int|float|int range|float range|path)>")
+
+
+def _commands() -> list[tuple[list[str], Any]]:
+    from backup_tool.cli import app
+
+    found: list[tuple[list[str], Any]] = []
+
+    def walk(path: list[str], cmd: Any) -> None:
+        found.append((path, cmd))
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk([*path, name], sub)
+
+    walk([], typer.main.get_command(app))
+    return found
+
+
+def _help(path: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from backup_tool.cli import app
+
+    assert app([*path, "--help"], prog_name="backup-tool", standalone_mode=False) in (0, None)
+    return capsys.readouterr().out
+
+
+def _squeezed(text: str) -> str:
+    return "".join(text.split())
+
+
+def test_every_help_wraps_at_80_columns_without_truncating(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    commands = _commands()
+    assert len(commands) > 20
+    for path, cmd in commands:
+        text = _help(path, capsys)
+        where = " ".join(path) or "backup-tool"
+        assert "…" not in text, where
+        assert not TYPE_DISPLAY.search(text), (where, TYPE_DISPLAY.search(text))
+        assert max(len(line) for line in text.splitlines()) <= 80, where
+        squeezed = _squeezed(text)
+        for param in cmd.params:
+            for opt in param.opts if param.param_type_name == "option" else []:
+                assert re.search(rf"(^|[\s,]){re.escape(opt)}([\s,]|$)", text, re.M), (where, opt)
+            if getattr(param, "help", None):
+                assert _squeezed(param.help) in squeezed, (where, param.help)
+            if param.param_type_name == "option" and param.is_flag:
+                names = " / ".join(", ".join(sorted(o, key=len)) for o in (param.opts, param.secondary_opts) if o)
+                options = text.split("\nOptions:\n", 1)[1].splitlines()
+                row = next(ln.strip() for ln in options if ln.strip().startswith(names + " ") or ln.strip() == names)
+                assert row == names or row[len(names):].startswith("  "), (where, row)
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                first_sentence = re.split(r"\.\s", sub.help or "")[0]
+                assert _squeezed(first_sentence) in squeezed, (where, name)
+
+
+def test_main_verbs_first_and_version(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    text = _help([], capsys)
+    listed = [ln.split()[0] for ln in text.split("Commands:")[1].splitlines() if ln.startswith("  ") and
+              not ln.startswith("   ")]
+    assert listed[:6] == ["backup", "restore", "list", "show", "verify", "validate"]
+    from backup_tool import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "backup_tool", "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"backup-tool {__version__}\n", "")
+
+
+def test_restore_full_help_on_an_80_column_terminal() -> None:
+    """Through a real pseudo-terminal (no COLUMNS: the width comes from the tty)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, "-m", "backup_tool", "restore", "full", "--help"], cwd=ROOT,
+                            stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([leader], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode()).replace("\r\n", "\n")
+    lines = text.splitlines()
+    assert "…" not in text and not TYPE_DISPLAY.search(text)
+    assert max(len(line) for line in lines) <= 80
+    assert any(line.startswith("  --schema-from-migrations DIR ") for line in lines)
+    assert "PGHOST/PGPORT/PGUSER" not in text  # restore's --dsn says what it is for instead
+    assert any(line.strip() == "--create" or line.startswith("  --create  ") for line in lines)
+    dsn_help = " ".join(text.split("--dsn DSN", 1)[1].split("--policy")[0].split())
+    assert "The restore goes to --target-dsn" in dsn_help and "'latest'" in dsn_help
