@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from backup_tool.errors import ConfigError
 from backup_tool.policy import Policy, load_policy
 
 
@@ -32,9 +34,20 @@ class Settings:
     policy: Policy
 
 
-def resolve_settings(repo: str | None, dsn: str | None, policy: str | None) -> Settings:
+def resolve_settings(repo: str | None, dsn: str | None, policy: str | None,
+                     on_bad_policy: Callable[[ConfigError], None] | None = None) -> Settings:
+    """The settings of one invocation. A policy that cannot be loaded is an error, unless
+    ``on_bad_policy`` is given: commands that only take defaults from the policy (``list``,
+    ``restore full``...) then hear about it there and run with the built-in defaults."""
+    try:
+        loaded = load_policy(policy or os.environ.get("BACKUP_TOOL_POLICY"))
+    except ConfigError as exc:
+        if on_bad_policy is None:
+            raise
+        on_bad_policy(exc)
+        loaded = Policy()
     return Settings(
         repo_url=repo_url(repo),
         dsn=dsn if dsn is not None else os.environ.get("DATABASE_URL", ""),
-        policy=load_policy(policy or os.environ.get("BACKUP_TOOL_POLICY")),
+        policy=loaded,
     )

@@ -47,16 +47,29 @@ def session_options(extra: dict[str, str] | None = None) -> str:
 
 
 def describe_connect_error(exc: Exception, target: str) -> DatabaseError:
+    """One line saying why libpq could not connect: its whole first error (the reason and its
+    explanation, e.g. "Connection refused Is the server running on that host...?", or "server
+    closed the connection unexpectedly This probably means..."), not only its last line; the
+    per-host repetition psycopg appends after several addresses were tried is dropped."""
     text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    detail = next((ln for ln in lines if "FATAL" in ln), lines[-1] if lines else text)
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("Multiple connection attempts failed"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    detail = " ".join(" ".join(lines).split()) or text
     detail = re.sub(r"^connection failed:\s*", "", detail)
     if "password authentication failed" in text or "no password supplied" in text:
         hint = "check the password (in the DSN, PGPASSWORD or ~/.pgpass)"
     elif "does not exist" in text and "database" in text:
-        hint = "check the database name, or create it first"
-    elif "Connection refused" in text or "could not translate host" in text or "timeout" in text:
+        hint = ("check the database name; to restore into a new database add --create "
+                "(restore full), or create it first with createdb")
+    elif "Connection refused" in text or "could not translate host" in text or "resolve host" in text \
+            or "timeout" in text:
         hint = "check the host and port in --dsn / DATABASE_URL and that the server is running"
+    elif "closed the connection unexpectedly" in text:
+        hint = "the server (or a proxy or pooler in front of it) dropped the connection: check its log and sslmode"
     else:
         hint = "check --dsn / DATABASE_URL"
     return DatabaseError(f"cannot connect to {target}: {detail}", hint)

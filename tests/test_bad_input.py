@@ -278,14 +278,19 @@ CASES = [
          lambda w: ["restore", "pitr", "--repo", w.repo, "--target-time", "2026-01-01T00:00:00Z", "--pgdata",
                     str(w.base / "pitr")], 1, ("no base backup",)),
     # policy and configuration
-    Case("policy file that is not TOML", lambda w: ["list", "--repo", w.repo,
+    # a broken policy blocks the commands that act on it (list and restores only warn: see
+    # tests/test_operator_errors.py)
+    Case("policy file that is not TOML", lambda w: ["retention", "apply", "--dry-run", "--repo", w.repo,
                                                     "--policy", str(w.base / "bad-syntax.toml")],
          2, ("bad-syntax.toml",)),
-    Case("policy value out of range", lambda w: ["list", "--repo", w.repo, "--policy", str(w.base / "bad-value.toml")],
+    Case("policy value out of range", lambda w: ["retention", "apply", "--dry-run", "--repo", w.repo,
+                                                 "--policy", str(w.base / "bad-value.toml")],
          2, ("full_days",)),
-    Case("policy with an unknown key", lambda w: ["list", "--repo", w.repo, "--policy", str(w.base / "bad-key.toml")],
+    Case("policy with an unknown key", lambda w: ["retention", "apply", "--dry-run", "--repo", w.repo,
+                                                  "--policy", str(w.base / "bad-key.toml")],
          2, ("fulldays",)),
-    Case("policy file missing", lambda w: ["list", "--repo", w.repo, "--policy", str(w.base / "missing.toml")],
+    Case("policy file missing", lambda w: ["retention", "apply", "--dry-run", "--repo", w.repo,
+                                           "--policy", str(w.base / "missing.toml")],
          2, ("missing.toml",)),
     Case("encryption key that is not base64 of 32 bytes", lambda w: ["list", "--repo", w.repo], 2,
          ("BACKUP_TOOL_ENCRYPTION_KEY does not hold an encryption key",),

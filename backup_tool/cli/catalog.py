@@ -39,7 +39,7 @@ def main_options(
     """Options of 'backup-tool' itself (the help text is the app's)."""
 
 
-@command(app, "list")
+@command(app, "list", needs_policy=False)
 def list_cmd(inv: Invocation) -> int:
     """List every complete backup in the repository, oldest first (needs no local state)."""
     from backup_tool.catalog import REFUSED, Catalog
@@ -55,7 +55,7 @@ def list_cmd(inv: Invocation) -> int:
     return EXIT_VALIDATION if problems else 0
 
 
-@command(app, "show")
+@command(app, "show", needs_policy=False)
 def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="ID", help="Backup id, unique prefix or 'latest'")],
              database: DatabaseOption = None) -> int:
     """Show one backup's manifest summary: tables, rows, objects, checksums."""
@@ -86,7 +86,7 @@ def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="
     return 0
 
 
-@command(app, "verify")
+@command(app, "verify", needs_policy=False)
 def verify_cmd(
     inv: Invocation,
     which: Annotated[str, typer.Argument(metavar="[ID|latest|all]", help="Which backups to verify")] = "latest",

@@ -125,8 +125,8 @@ class Common:
     json: bool
     debug: bool
 
-    def settings(self) -> Settings:
-        return resolve_settings(self.repo, self.dsn, self.policy)
+    def settings(self, on_bad_policy: Callable[[BackupToolError], None] | None = None) -> Settings:
+        return resolve_settings(self.repo, self.dsn, self.policy, on_bad_policy)
 
 
 DSN_HELP = ("Source database (postgresql://user@host:port/db or key=value) "
@@ -203,10 +203,21 @@ class Invocation:
     common: Common
     reporter: Reporter
     redact: Callable[[str], str]
+    needs_policy: bool = True
 
-    @property
+    @functools.cached_property
     def settings(self) -> Settings:
-        return self.common.settings()
+        """Loaded once. A command that only takes defaults from the policy (``needs_policy``
+        false) runs on the built-in defaults, with a warning, when the policy file is broken:
+        a typo there must not stand between an operator and ``list`` or a restore."""
+        if self.needs_policy:
+            return self.common.settings()
+
+        def warn(exc: BackupToolError) -> None:
+            self.reporter.warning(f"{one_line(str(exc))} — ignored: this command runs on the built-in "
+                                  "policy defaults; fix the policy file before the next backup")
+
+        return self.common.settings(warn)
 
     def database(self, option: str | None) -> DatabaseHint:
         """Which database ``latest`` means: ``--database``, else the one the DSN names (a
@@ -229,9 +240,10 @@ class Invocation:
 
 
 def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = (),
-            dsn_help: str = DSN_HELP) -> Callable[..., Any]:
+            dsn_help: str = DSN_HELP, needs_policy: bool = True) -> Callable[..., Any]:
     """Register ``fn(inv, **options)`` as a command that also takes the common options
-    (``dsn_help`` says what ``--dsn`` is for where it is not the database the command reads)."""
+    (``dsn_help`` says what ``--dsn`` is for where it is not the database the command reads;
+    ``needs_policy=False``: a broken policy file is a warning, see :attr:`Invocation.settings`)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn, eval_str=True)
@@ -243,7 +255,7 @@ def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = (),
                             kwargs.pop("json_output"), kwargs.pop("debug"))
             extra = [kwargs[p] for p in secret_params if kwargs.get(p)]
             redact = make_redactor(secrets_from(common, extra))
-            raise typer.Exit(invoke(fn, common, redact, kwargs))
+            raise typer.Exit(invoke(fn, common, redact, kwargs, needs_policy))
 
         wrapper.__signature__ = sig.replace(parameters=own + common_params(dsn_help))  # type: ignore[attr-defined]
         group.command(name, cls=HelpCommand)(wrapper)
@@ -271,7 +283,8 @@ def _quiet_library_logs(debug: bool) -> None:
         root.addHandler(logging.NullHandler())
 
 
-def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str], kwargs: dict[str, Any]) -> int:
+def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str], kwargs: dict[str, Any],
+           needs_policy: bool = True) -> int:
     from backup_tool import pipeline
     from backup_tool.console import RichReporter, make_reporter
 
@@ -279,7 +292,7 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
     _quiet_library_logs(common.debug)
 
     reporter = make_reporter(redact, common.json)
-    inv = Invocation(common, reporter, redact)
+    inv = Invocation(common, reporter, redact, needs_policy)
     try:
         return fn(inv, **kwargs) or 0
     except ValidationFailed as exc:

@@ -39,7 +39,7 @@ def backup_base_cmd(
     return 0
 
 
-@command(restore_app, "pitr")
+@command(restore_app, "pitr", needs_policy=False)
 def restore_pitr_cmd(
     inv: Invocation,
     pgdata: Annotated[str, typer.Option("--pgdata", metavar="DIR",

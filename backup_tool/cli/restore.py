@@ -19,7 +19,7 @@ RESTORE_DSN_HELP = ("Not written to: only names the database 'latest' means when
                     "holds several, like --database (env DATABASE_URL). The restore goes to --target-dsn")
 
 
-@command(restore_app, "full", secret_params=("target_dsn",), dsn_help=RESTORE_DSN_HELP)
+@command(restore_app, "full", secret_params=("target_dsn",), dsn_help=RESTORE_DSN_HELP, needs_policy=False)
 def restore_full_cmd(
     inv: Invocation,
     target_dsn: Annotated[str, typer.Option("--target-dsn", metavar="DSN",
@@ -57,7 +57,7 @@ def restore_full_cmd(
 
 
 
-@command(restore_app, "tables", secret_params=("target_dsn",), dsn_help=RESTORE_DSN_HELP)
+@command(restore_app, "tables", secret_params=("target_dsn",), dsn_help=RESTORE_DSN_HELP, needs_policy=False)
 def restore_tables_cmd(
     inv: Invocation,
     tables: Annotated[str, typer.Option("--tables", metavar="SCHEMA.TABLE[,...]",

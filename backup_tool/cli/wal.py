@@ -51,7 +51,7 @@ def wal_push_cmd(
     return 0
 
 
-@command(wal_app, "fetch")
+@command(wal_app, "fetch", needs_policy=False)
 def wal_fetch_cmd(
     inv: Invocation,
     wal_name: Annotated[str, typer.Argument(metavar="WAL_NAME", help="The file to restore: PostgreSQL's %f")],

@@ -1,0 +1,92 @@
+"""What the operator reads when something is wrong: a connection error keeps libpq's reason
+(not only its last line), a missing restore target mentions --create, and a typo in the
+policy file blocks only the commands that use the policy."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import pytest
+from clioutput import only_line
+from conftest import Cli, PgServer, free_port
+
+from backup_tool.postgres import describe_connect_error
+
+
+def _connect_error(conninfo: str) -> psycopg.OperationalError:
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(conninfo, connect_timeout=5)
+    return info.value
+
+
+@pytest.fixture
+def closing_server() -> Iterator[int]:
+    """A TCP port whose server reads the startup packet and hangs up, like a crashing
+    backend or a misconfigured pooler: libpq's message then ends "before or while
+    processing the request."."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.recv(1024)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def test_server_closed_connection_keeps_the_reason(closing_server: int) -> None:
+    exc = _connect_error(f"host=127.0.0.1 port={closing_server} dbname=app user=app sslmode=disable")
+    message = str(describe_connect_error(exc, "PostgreSQL at app@127.0.0.1"))
+    assert "\n" not in message
+    assert message.startswith(f'cannot connect to PostgreSQL at app@127.0.0.1: connection to server at "127.0.0.1", '
+                              f"port {closing_server} failed: server closed the connection unexpectedly This probably "
+                              "means the server terminated abnormally before or while processing the request.")
+    assert "dropped the connection" in message
+
+
+def test_refused_connection_keeps_the_reason_once_per_error() -> None:
+    port = free_port()
+    exc = _connect_error(f"host=127.0.0.1,127.0.0.1 port={port},{port} dbname=app")
+    message = str(describe_connect_error(exc, "PostgreSQL at 127.0.0.1"))
+    assert message.count("Connection refused") == 1 and "Multiple connection attempts" not in message
+    assert f'connection to server at "127.0.0.1", port {port} failed: Connection refused Is the server running' in message
+
+
+def test_missing_database_mentions_create(pg_server: PgServer) -> None:
+    exc = _connect_error(pg_server.dsn("no_such_restore_target"))
+    message = str(describe_connect_error(exc, "PostgreSQL"))
+    assert 'database "no_such_restore_target" does not exist' in message
+    assert "add --create (restore full)" in message
+
+
+def test_broken_policy_blocks_only_the_commands_that_use_it(cli: Cli, tmp_path: Path) -> None:
+    policy = tmp_path / "typo.toml"
+    policy.write_text("[retention]\nkeep_dialy = 7\n")
+    (tmp_path / "repo").mkdir()
+    repo = str(tmp_path / "repo")
+    listed = cli("list", "--repo", repo, "--policy", str(policy), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.json() == []
+    warning = [ln for ln in listed.stderr.splitlines() if str(policy) in ln]
+    assert len(warning) == 1 and "keep_dialy" in warning[0] and "built-in policy defaults" in warning[0]
+    strict = cli("retention", "apply", "--repo", repo, "--policy", str(policy))
+    assert strict.returncode == 2
+    line = only_line(strict)
+    assert str(policy) in line and "keep_dialy" in line
