@@ -11,6 +11,7 @@ from backup_tool.cli.common import (
     backup_app,
     command,
     human_size,
+    human_time,
 )
 
 
@@ -30,7 +31,7 @@ def backup_full_cmd(
     entry = manifest.summary()
     inv.out(entry, lambda: f"backup {entry['id']} complete: {entry['tables']} tables, {entry['rows']} rows, "
                            f"{human_size(entry['raw_bytes'])} of data stored as {human_size(entry['size_bytes'])}, "
-                           f"expires {entry['expires_at']}")
+                           f"expires {human_time(entry['expires_at'])}")
     return 0
 
 
@@ -53,5 +54,5 @@ def backup_incremental_cmd(
     changed = len([t for t in manifest.tables if t.object and t.object.key.startswith(f"backups/{manifest.id}/")])
     inv.out(entry, lambda: f"backup {entry['id']} ({entry['kind']}{', parent ' + entry['parent_id'] if entry['parent_id'] else ''}) "
                            f"complete: {changed} of {entry['tables']} tables stored, {human_size(entry['size_bytes'])}, "
-                           f"expires {entry['expires_at']}")
+                           f"expires {human_time(entry['expires_at'])}")
     return 0

@@ -12,9 +12,9 @@ from backup_tool.cli.common import (
     Invocation,
     app,
     command,
-    human_size,
-    render_entry,
+    render_entries,
     render_report,
+    render_show,
 )
 from backup_tool.errors import EXIT_VALIDATION
 
@@ -49,9 +49,7 @@ def list_cmd(inv: Invocation) -> int:
     for p in problems:
         inv.reporter.warning(f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest skipped: {p.message}")
     entries = [dict(e.summary) for e in indexed]
-    header = f"{'ID':<25} {'KIND':<11} {'DATABASE':<16} {'STARTED':<28} {'SIZE':>10}  EXPIRES"
-    inv.out(entries, lambda: "\n".join([header] + [render_entry(e) for e in entries])
-            if entries else f"no backups in {inv.settings.repo_url}")
+    inv.out(entries, lambda: render_entries(entries) if entries else f"no backups in {inv.settings.repo_url}")
     return EXIT_VALIDATION if problems else 0
 
 
@@ -70,19 +68,10 @@ def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="
                         "size_bytes": t.object.size if t.object else 0} for t in m.tables],
             "objects": [{"key": o.key, "size": o.size, "sha256": o.sha256, "raw_size": o.raw_size}
                         for o in m.objects()],
-            "inventory": {k: len(v) for k, v in m.inventory.items()}}
+            "inventory": {k: len(v) for k, v in m.inventory.items()},
+            **({"databases": list(m.physical.databases)} if m.physical else {})}
 
-    def text() -> str:
-        lines = [f"{k}: {data[k]}" for k in ("id", "kind", "parent_id", "database", "server_version",
-                                             "started_at", "finished_at", "expires_at", "size_bytes",
-                                             "snapshot_lsn", "schema_fingerprint")]
-        lines.append("inventory: " + ", ".join(f"{k} {v}" for k, v in data["inventory"].items()))
-        lines.append(f"tables ({len(data['tables'])}):")
-        lines += [f"  {t['table']:<48} {t['rows']:>12} rows  {human_size(t['size_bytes']):>10}"
-                  for t in data["tables"]]
-        return "\n".join(lines)
-
-    inv.out(data, text)
+    inv.out(data, lambda: render_show(data))
     return 0
 
 

@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -357,7 +358,7 @@ def render_report(report: Any) -> str:
 
             source = getattr(report, "source", None)
             origin = (f"database {source.database} from backup {report.backup_id} (snapshot of "
-                      f"{utc_iso(source.snapshot_at)}, finished {utc_iso(source.finished_at)})"
+                      f"{human_time(utc_iso(source.snapshot_at))}, finished {human_time(utc_iso(source.finished_at))})"
                       if source is not None else report.backup_id)
             lines.append(f"restored {origin} into {report.target}{where}: {tables} tables, "
                          f"{report.rows} rows, {human_size(report.bytes_read)} read in {report.seconds:.1f}s")
@@ -372,8 +373,76 @@ def render_report(report: Any) -> str:
     return "\n".join(lines)
 
 
-def render_entry(entry: dict[str, Any]) -> str:
-    return (f"{entry['id']}  {entry['kind']:<11} {entry['database']:<16} {entry['started_at']:<28} "
-            f"{human_size(entry['size_bytes']):>10}  expires {entry['expires_at'][:10]}")
+NONE_SHOWN = "—"
+_ISO_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.\d+)?(?:Z|\+00:00)")
 
 
+def human_time(value: str | None) -> str:
+    """An ISO UTC timestamp as people read it: to the second, with "Z" ("—" for none)."""
+    if not value:
+        return NONE_SHOWN
+    return _ISO_TIME.sub(r"\1Z", value)
+
+
+def human_times(text: str) -> str:
+    """Every ISO UTC timestamp inside ``text`` (a reason, a note) cut to the second."""
+    return _ISO_TIME.sub(r"\1Z", text)
+
+
+def render_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: frozenset[int] = frozenset()) -> str:
+    """Columns as wide as their widest cell, header included; ``right`` columns right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = []
+    for row in (header, *rows):
+        cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _entry_database(entry: dict[str, Any]) -> str:
+    return "(cluster)" if entry["kind"] == "base" else entry["database"] or NONE_SHOWN
+
+
+def render_entries(entries: list[dict[str, Any]]) -> str:
+    """The ``list`` table: one row per backup, columns aligned under their header."""
+    rows = [(e["id"], e["kind"], _entry_database(e), human_time(e["started_at"]),
+             human_size(e["size_bytes"]), human_time(e["expires_at"])) for e in entries]
+    return render_table(("ID", "KIND", "DATABASE", "STARTED", "SIZE", "EXPIRES"), rows, frozenset({4}))
+
+
+def render_show(data: dict[str, Any]) -> str:
+    """``show``: what an operator needs of one backup, with absent facts left out (never
+    "None") and a base backup described as the cluster it is: WAL start/stop LSN, timeline,
+    system identifier, the databases it holds."""
+    base = data["kind"] == "base"
+    fields: list[tuple[str, Any]] = [("id", data["id"]), ("kind", data["kind"]),
+                                     ("parent", data.get("parent_id"))]
+    if base:
+        fields += [("cluster", f"system identifier {data['system_identifier']}"),
+                   ("databases", ", ".join(data.get("databases") or ()) or None)]
+    else:
+        fields += [("database", data["database"]),
+                   ("cluster", f"system identifier {data['system_identifier']}" if data.get("system_identifier")
+                    else None)]
+    fields += [("server version", data.get("server_version")),
+               ("started", human_time(data["started_at"])), ("finished", human_time(data["finished_at"])),
+               ("expires", human_time(data["expires_at"])), ("size", human_size(data["size_bytes"]))]
+    if base:
+        fields += [("WAL start", f"{data['start_lsn']} (timeline {data['timeline']})"),
+                   ("WAL stop", data["stop_lsn"]), ("checkpoint", data.get("checkpoint"))]
+    else:
+        fields += [("snapshot LSN", data.get("snapshot_lsn")), ("schema fingerprint", data.get("schema_fingerprint"))]
+    fields += [("policy", data.get("policy")), ("encryption key", data.get("encryption_key_id"))]
+    inventory = ", ".join(f"{k} {v}" for k, v in (data.get("inventory") or {}).items() if v)
+    fields.append(("inventory", inventory or None))
+    shown = [(k, v) for k, v in fields if v not in (None, "", (), [])]
+    width = max(len(k) for k, _ in shown) + 1
+    lines = [f"{k + ':':<{width}} {v}" for k, v in shown]
+    tables = data.get("tables") or []
+    if tables:
+        lines.append(f"tables ({len(tables)}):")
+        rows = [("  " + t["table"], f"{t['rows']} rows", human_size(t["size_bytes"])) for t in tables]
+        lines.append(render_table(("", "", ""), rows, frozenset({1, 2})).split("\n", 1)[1])
+    elif not base:
+        lines.append("tables: none")
+    return "\n".join(lines)

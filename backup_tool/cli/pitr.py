@@ -11,6 +11,7 @@ from backup_tool.cli.common import (
     backup_app,
     command,
     human_size,
+    human_time,
     render_report,
     restore_app,
 )
@@ -35,7 +36,7 @@ def backup_base_cmd(
     inv.out(entry, lambda: f"base backup {entry['id']} complete: {human_size(entry['raw_bytes'])} stored as "
                            f"{human_size(entry['size_bytes'])}, WAL {entry['start_lsn']} .. {entry['stop_lsn']} "
                            f"on timeline {entry['timeline']}, {entry['checkpoint']} checkpoint, "
-                           f"expires {entry['expires_at']}")
+                           f"expires {human_time(entry['expires_at'])}")
     return 0
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from backup_tool.cli.common import Invocation, command, human_size, retention_app
+from backup_tool.cli.common import Invocation, command, human_size, human_time, human_times, retention_app
 from backup_tool.errors import EXIT_FAILED
 
 NOW_HELP = "Evaluate the policy as of this ISO 8601 time (no zone = UTC); recorded times never change"
@@ -17,18 +17,19 @@ def render_retention(data: dict[str, Any]) -> str:
     lines = []
     for d in data["decisions"]:
         mark = ("DELETE" if data["dry_run"] else "deleted") if d["action"] == "delete" else "keep  "
-        lines.append(f"{mark}  {d['id']:<25} {d['kind']:<11} {d['started_at'][:16]}  {'; '.join(d['reasons'])}")
+        lines.append(f"{mark}  {d['id']:<25} {d['kind']:<11} {human_time(d['started_at'])}  "
+                     + human_times("; ".join(d["reasons"])))
     if data["wal"]:
         w = data["wal"]
-        lines.append(f"WAL: {verb} {w['delete']} segment(s), kept {w['kept']}: {w['reason']}")
+        lines.append(f"WAL: {verb} {w['delete']} segment(s), kept {w['kept']}: {human_times(w['reason'])}")
     for g in data["garbage"]:
         lines.append(f"garbage: {verb} {g['what']} ({g['objects']} objects, {g['unfinished_uploads']} unfinished "
                      f"uploads, {human_size(g['bytes'])}): {g['reason']}")
-    lines += [f"note: {n}" for n in data["notes"]]
+    lines += [f"note: {human_times(n)}" for n in data["notes"]]
     lines += [f"FAILED: {f}" for f in data["failed"]]
     lines.append(f"{verb} {len(data['deleted'])} backup(s) ({human_size(data['deleted_bytes'])}), kept "
                  f"{len(data['kept'])}" + (f"; logged in {data['log']}" if data["log"] else "")
-                 + f" (policy {data['policy']}, as of {data['now']})")
+                 + f" (policy {data['policy']}, as of {human_time(data['now'])})")
     return "\n".join(lines)
 
 
