@@ -121,3 +121,27 @@ def test_restore_full_help_on_an_80_column_terminal() -> None:
     assert any(line.strip() == "--create" or line.startswith("  --create  ") for line in lines)
     dsn_help = " ".join(text.split("--dsn DSN", 1)[1].split("--policy")[0].split())
     assert "The restore goes to --target-dsn" in dsn_help and "'latest'" in dsn_help
+
+
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_incident_index_links_to_distinct_walkthroughs() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = [ln.lstrip("#").strip() for ln in readme.splitlines() if re.match(r"#{1,4} ", ln)]
+    anchors = {_github_anchor(h) for h in headings}
+    top = headings[:4]
+    assert "In an incident" in top and "Back up your own database in three commands" in top
+    index = readme.split("## In an incident\n", 1)[1].split("\n## ", 1)[0]
+    links = re.findall(r"\]\(#([^)]+)\)", index)
+    assert len(links) >= 6
+    assert [a for a in links if a not in anchors] == []
+    incidents = [h for h in headings if h.startswith("Incident")]
+    assert len(incidents) == len(set(incidents)) >= 4
+    assert all(_github_anchor(h) in links for h in incidents), incidents
+    three = readme.split("## Back up your own database in three commands\n", 1)[1].split("```bash\n", 1)[1]
+    commands = [ln for ln in three.split("```", 1)[0].splitlines() if ln.strip()]
+    assert len(commands) == 3 and commands[1].startswith("backup-tool check") \
+        and commands[2].startswith("backup-tool backup full")
