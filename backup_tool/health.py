@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from backup_tool.errors import BackupToolError, UsageError
 from backup_tool.schedule import iso, last_due_slot, next_slot, parse_cron, previous_slot
+from backup_tool.units import human_size
 
 if TYPE_CHECKING:
     import psycopg
@@ -322,14 +323,6 @@ class Context:
         return list(cur.execute(query, params).fetchall())
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def _ident(name: str) -> str:
     """An identifier as psql shows it: quoted only when it needs to be."""
     if name.isidentifier() and name == name.lower() and name.isascii():
@@ -532,7 +525,7 @@ def check_index_performance(ctx: Context) -> HealthCheck:
         table = _q(r["schema"], r["table"])
         findings.append(Finding(Level.FAIL, table, f"duplicate indexes on {table}: {', '.join(r['names'])} "
                                                    f"(same columns, operator classes and predicate; "
-                                                   f"{_size(float(r['bytes']))} together): keep one"))
+                                                   f"{human_size(float(r['bytes']))} together): keep one"))
     for r in ctx.rows(f"""
             SELECT n.nspname AS schema, c.relname AS table, con.conname AS name,
                    ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(num, ord)
@@ -551,7 +544,7 @@ def check_index_performance(ctx: Context) -> HealthCheck:
         table = _q(r["schema"], r["table"])
         findings.append(Finding(Level.FAIL, f"{table}.{r['name']}",
                                 f"foreign key {r['name']} on {table} ({', '.join(r['columns'])}) has no index "
-                                f"leading with its columns (table {_size(float(r['bytes']))}): deletes and updates "
+                                f"leading with its columns (table {human_size(float(r['bytes']))}): deletes and updates "
                                 "of the referenced rows scan it"))
     reset = ctx.conn.execute("SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()").fetchone()
     since = f"since the statistics reset at {iso(reset[0])}" if reset and reset[0] else \
@@ -565,7 +558,7 @@ def check_index_performance(ctx: Context) -> HealthCheck:
                AND pg_relation_size(s.indexrelid) >= %s ORDER BY 4 DESC, 1, 2, 3""", (h.report_min_bytes,)):
         name = _q(r["schema"], r["name"])
         findings.append(Finding(Level.WARN, name, f"index {name} on {r['table']} unused (0 scans {since}; "
-                                                  f"{_size(float(r['bytes']))})"))
+                                                  f"{human_size(float(r['bytes']))})"))
     for r in ctx.rows(BLOAT_SQL.format(system=SYSTEM_SCHEMA_FILTER.replace("%", "%%")), {"min": h.report_min_bytes}):
         ratio = index_bloat(r)
         if ratio is not None and ratio > h.bloat_ratio:
@@ -583,7 +576,7 @@ def check_index_performance(ctx: Context) -> HealthCheck:
         table = _q(r["schema"], r["table"])
         ratio = r["dead"] / (r["live"] + r["dead"])
         findings.append(Finding(Level.WARN, table, f"table {table} ~{ratio:.0%} dead tuples ({r['dead']} dead, "
-                                                   f"{r['live']} live, {_size(float(r['bytes']))}): check autovacuum"))
+                                                   f"{r['live']} live, {human_size(float(r['bytes']))}): check autovacuum"))
     for r in ctx.rows("""
             SELECT schemaname AS schema, relname AS table, seq_scan, coalesce(idx_scan, 0) AS idx_scan,
                    seq_tup_read, pg_relation_size(relid) AS bytes
@@ -591,7 +584,7 @@ def check_index_performance(ctx: Context) -> HealthCheck:
              WHERE pg_relation_size(relid) >= %s AND seq_scan >= 10 AND seq_scan > coalesce(idx_scan, 0)
              ORDER BY seq_tup_read DESC""", (h.seq_scan_min_bytes,)):
         table = _q(r["schema"], r["table"])
-        findings.append(Finding(Level.WARN, table, f"table {table} ({_size(float(r['bytes']))}) read mostly by "
+        findings.append(Finding(Level.WARN, table, f"table {table} ({human_size(float(r['bytes']))}) read mostly by "
                                                    f"sequential scans: {r['seq_scan']} seq scans ({r['seq_tup_read']} "
                                                    f"rows read) vs {r['idx_scan']} index scans {since}"))
     count = ctx.conn.execute(f"""SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid

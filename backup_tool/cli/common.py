@@ -28,6 +28,7 @@ from typer.core import TyperCommand, TyperGroup
 from backup_tool.config import Settings, default_repo, resolve_settings
 from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed
 from backup_tool.report import Reporter
+from backup_tool.units import human_size  # noqa: F401  (re-exported for the command modules)
 
 if TYPE_CHECKING:
     from typer._click import Context, HelpFormatter
@@ -336,14 +337,6 @@ def fail(exc: BackupToolError, common: Common, redact: Callable[[str], str]) -> 
         print_traceback(redact)
     print(redact(f"backup-tool: error: {one_line(str(exc))}"), file=sys.stderr)
     return exc.exit_code
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def render_report(report: Any) -> str:
