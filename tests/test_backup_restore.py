@@ -219,7 +219,7 @@ def test_bad_inputs_exit_codes_and_one_line(cli: Any, local_repo: str, s3_server
         (["backup", "full", "--repo", "s3://no-such-bucket-zz/p", "--dsn", seed_db.dsn], 1, "does not exist"),
         (["show", "--repo", local_repo, "20990101T000000Z-Fdead"], 1, "not found"),
         (["restore", "full", "--repo", local_repo, "--backup", "nope", "--target-dsn", seed_db.dsn], 1, "not found"),
-        (["list", "--repo", local_repo, "--policy", str(bad_policy)], 2, "full_days"),
+        (["retention", "apply", "--dry-run", "--repo", local_repo, "--policy", str(bad_policy)], 2, "full_days"),
         (["list", "--repo", "ftp://x/y"], 2, "unsupported repository"),
         (["backup", "full", "--repo", local_repo, "--dsn", "host=127.0.0.1 port=notaport"], 1, ""),
         (["restore", "full", "--repo", local_repo], 2, ""),
