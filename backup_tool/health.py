@@ -432,7 +432,7 @@ def check_rls(ctx: Context) -> HealthCheck:
 def check_foreign_keys(ctx: Context) -> HealthCheck:
     from backup_tool import postgres, validate
 
-    fks = postgres.inventory(ctx.conn)["foreign_keys"]
+    fks = postgres.foreign_keys(ctx.conn)
     estimates = {(r["schema"], r["name"]): float(r["rows"]) for r in ctx.rows("""
         SELECT n.nspname AS schema, c.relname AS name,
                CASE WHEN c.relkind = 'p' THEN coalesce((SELECT sum(greatest(p.reltuples, 0))

@@ -274,31 +274,15 @@ def sequences(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     return result
 
 
-def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions,
-    and the inventories of :mod:`backup_tool.inventory` (publications, event triggers, comments,
-    privileges)."""
-    from backup_tool import inventory as more
+def _dict_rows(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=dict_row)
+    return list(cur.execute(query).fetchall())
 
-    extra = more.inventory(conn)
 
-    def q(query: str) -> list[dict[str, Any]]:
-        cur = conn.cursor(row_factory=dict_row)
-        return list(cur.execute(query).fetchall())
-
-    found: dict[str, Any] = {
-        "rls": q(f"""
-            SELECT n.nspname AS schema, c.relname AS table, c.relrowsecurity AS enabled,
-                   c.relforcerowsecurity AS forced
-              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMA_FILTER}
-               AND (c.relrowsecurity OR c.relforcerowsecurity)
-             ORDER BY 1, 2"""),
-        "policies": q("""
-            SELECT schemaname AS schema, tablename AS table, policyname AS name, permissive,
-                   roles::text[] AS roles, cmd, qual, with_check
-              FROM pg_policies ORDER BY 1, 2, 3"""),
-        "foreign_keys": q(f"""
+def foreign_keys(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Every user foreign key (partition clones left out) with its columns and MATCH rule: what
+    orphan counts and restore-time checks need, without the rest of :func:`inventory`."""
+    return _dict_rows(conn, f"""
             SELECT n.nspname AS schema, c.relname AS table, con.conname AS name,
                    fn.nspname AS ref_schema, f.relname AS ref_table,
                    ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
@@ -315,8 +299,12 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
               JOIN pg_class f ON f.oid = con.confrelid
               JOIN pg_namespace fn ON fn.oid = f.relnamespace
              WHERE con.contype = 'f' AND con.conparentid = 0 AND {SYSTEM_SCHEMA_FILTER}
-             ORDER BY 1, 2, 3"""),
-        "indexes": q(f"""
+             ORDER BY 1, 2, 3""")
+
+
+def indexes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Every user index with its definition and valid/ready state."""
+    return _dict_rows(conn, f"""
             SELECT n.nspname AS schema, t.relname AS table, c.relname AS name,
                    pg_get_indexdef(c.oid) AS definition, i.indisvalid AS valid,
                    i.indisready AS ready
@@ -325,7 +313,34 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
               JOIN pg_class t ON t.oid = i.indrelid
               JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE {SYSTEM_SCHEMA_FILTER}
-             ORDER BY 1, 2, 3"""),
+             ORDER BY 1, 2, 3""")
+
+
+def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions,
+    and the inventories of :mod:`backup_tool.inventory` (publications, event triggers, comments,
+    privileges)."""
+    from backup_tool import inventory as more
+
+    extra = more.inventory(conn)
+
+    def q(query: str) -> list[dict[str, Any]]:
+        return _dict_rows(conn, query)
+
+    found: dict[str, Any] = {
+        "rls": q(f"""
+            SELECT n.nspname AS schema, c.relname AS table, c.relrowsecurity AS enabled,
+                   c.relforcerowsecurity AS forced
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMA_FILTER}
+               AND (c.relrowsecurity OR c.relforcerowsecurity)
+             ORDER BY 1, 2"""),
+        "policies": q("""
+            SELECT schemaname AS schema, tablename AS table, policyname AS name, permissive,
+                   roles::text[] AS roles, cmd, qual, with_check
+              FROM pg_policies ORDER BY 1, 2, 3"""),
+        "foreign_keys": foreign_keys(conn),
+        "indexes": indexes(conn),
         "functions": q(f"""
             SELECT n.nspname AS schema, p.proname AS name,
                    pg_get_function_identity_arguments(p.oid) AS arguments,

@@ -231,6 +231,6 @@ def finish(target: ConnInfo, validating: bool) -> None:
     if validating:
         return
     with target.connect() as conn:
-        check = check_foreign_keys(conn, postgres.inventory(conn)["foreign_keys"])
+        check = check_foreign_keys(conn, postgres.foreign_keys(conn))
     if not check.ok:
         raise ValidationFailed(f"data loaded into the schema rebuilt from migrations, but {check.detail}")

@@ -327,7 +327,7 @@ def _is_superuser(conn: psycopg.Connection[Any]) -> bool:
 
 
 def _fks_touching(conn: psycopg.Connection[Any], keys: set[TableKey]) -> list[dict[str, Any]]:
-    return [fk for fk in postgres.inventory(conn)["foreign_keys"]
+    return [fk for fk in postgres.foreign_keys(conn)
             if (fk["schema"], fk["table"]) in keys or (fk["ref_schema"], fk["ref_table"]) in keys]
 
 
@@ -551,7 +551,7 @@ def validate_tables(target: ConnInfo, manifest: Manifest, entries: list[TableEnt
         places = set(location.values())
         checks.append(check_table_sequences(conn, manifest, entries, location, copies))
         checks.append(check_foreign_keys(conn, _fks_touching(conn, places)))
-        bad = [f"{i['schema']}.{i['name']}" for i in postgres.inventory(conn)["indexes"]
+        bad = [f"{i['schema']}.{i['name']}" for i in postgres.indexes(conn)
                if (i["schema"], i["table"]) in places and not (i["valid"] and i["ready"])]
         checks.append(Check("indexes_valid", not bad, f"invalid: {', '.join(bad)}" if bad
                             else "indexes of the restored tables valid"))
