@@ -2,7 +2,7 @@
 
 The package is a library with a thin Typer CLI on top (``cli.py``). Operations live in
 one module per concern (``backup``, ``restore``, ``validate``...); they report progress
-through a :class:`backup_tool.report.Reporter` and never print.
+through a :class:`backup_tool.core.report.Reporter` and never print.
 """
 
 __version__ = "0.1.0"

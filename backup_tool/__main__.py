@@ -1,3 +1,3 @@
-from backup_tool.entry import main
+from backup_tool.cli.entry import main
 
 main()

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from backup_tool.catalog import Catalog, KIND_LETTER
-from backup_tool.manifest import Manifest, StoredObject, TableEntry
-from backup_tool.policy import Policy
-from backup_tool.retention import BackupRecord
-from backup_tool.storage import Storage
+from backup_tool.repository.catalog import Catalog, KIND_LETTER
+from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry
+from backup_tool.config.policy import Policy
+from backup_tool.governance.retention import BackupRecord
+from backup_tool.repository.storage import Storage
 
 UTC = timezone.utc
 

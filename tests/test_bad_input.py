@@ -72,7 +72,7 @@ def copy_repo(src: str, dest: Path) -> str:
 
 
 def rewrite_manifest(repo: str, backup_id: str, edit: Callable[[dict[str, Any]], None]) -> None:
-    from backup_tool.manifest import _digest
+    from backup_tool.repository.manifest import _digest
 
     path = Path(repo) / "manifests" / f"{backup_id}.json"
     body = json.loads(path.read_bytes())
@@ -83,7 +83,7 @@ def rewrite_manifest(repo: str, backup_id: str, edit: Callable[[dict[str, Any]],
 
 def add_backup_of(repo: str, backup_id: str, database: str) -> str:
     """A second manifest, of another database, sharing ``backup_id``'s objects."""
-    from backup_tool.manifest import _digest
+    from backup_tool.repository.manifest import _digest
 
     body = json.loads((Path(repo) / "manifests" / f"{backup_id}.json").read_bytes())
     body.update(id=backup_id[:-4] + "beef", database=database)

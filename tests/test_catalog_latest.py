@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 from simhistory import make_manifest, ts
 
-from backup_tool.catalog import (
+from backup_tool.repository.catalog import (
     DatabaseHint,
     RefProblem,
     UnresolvedBackup,
@@ -23,7 +23,7 @@ from backup_tool.catalog import (
     of_cluster_holding,
 )
 from backup_tool.errors import EXIT_FAILED, EXIT_USAGE
-from backup_tool.manifest import PhysicalInfo
+from backup_tool.repository.manifest import PhysicalInfo
 
 APP_FULL = make_manifest("full", ts("2026-11-20T02:00:00Z"), database="app")
 APP_INCR = make_manifest("incremental", ts("2026-11-20T08:00:00Z"), database="app", parent=APP_FULL)

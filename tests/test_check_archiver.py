@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from conftest import Cli, PgServer
 
-from backup_tool.check import DirStat, first_blocked
+from backup_tool.jobs.check import DirStat, first_blocked
 
 
 def test_mode_bits_decide_by_owner_then_group_then_other() -> None:

@@ -1,7 +1,7 @@
 """Crashes, signals, interrupted restores and overlapping runs, through the real CLI.
 
 Commands are stopped at named moments with the test-only pause points of
-``backup_tool/testhooks.py`` (``BACKUP_TOOL_TEST_PAUSE_AT``), then killed with SIGKILL,
+``backup_tool/core/testhooks.py`` (``BACKUP_TOOL_TEST_PAUSE_AT``), then killed with SIGKILL,
 interrupted with SIGINT sent to their process group (a terminal's Ctrl-C) or SIGTERM (what
 systemd and cron send), or let go. What must hold afterwards: no listed partial backup, the
 garbage invisible to list/show/restore, the next run succeeding, no unfinished multipart
@@ -31,7 +31,7 @@ from conftest import PgServer, start_pg_server
 from server_tool import install_source, write_wrapper
 
 import dbcompare
-from backup_tool.wal import segment_name, segment_number
+from backup_tool.physical.wal import segment_name, segment_number
 from clioutput import add_bulk, one_line
 
 pytestmark = pytest.mark.slow

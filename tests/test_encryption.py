@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backup_tool.errors import BackupToolError, ConfigError, IntegrityError
-from backup_tool.manifest import parse_manifest
-from backup_tool.storage import open_storage
-from backup_tool.storage.base import Storage
-from backup_tool.storage.encrypted import (
+from backup_tool.repository.manifest import parse_manifest
+from backup_tool.repository.storage import open_storage
+from backup_tool.repository.storage.base import Storage
+from backup_tool.repository.storage.encrypted import (
     CONTENT_METHODS,
     FRAME_SIZE,
     HEADER_SIZE,
@@ -36,7 +36,7 @@ from backup_tool.storage.encrypted import (
     encrypt_stream,
     key_from_environment,
 )
-from backup_tool.storage.local import LocalStorage
+from backup_tool.repository.storage.local import LocalStorage
 from clioutput import one_line
 
 KEY = EncryptionKey(bytes(range(32)))
@@ -101,7 +101,7 @@ def test_any_flipped_bit_fails_authentication(position: int, bit: int) -> None:
 
 
 def test_a_damaged_magic_reads_as_ciphertext_which_the_sha256_then_refuses() -> None:
-    from backup_tool import pipeline
+    from backup_tool.streams import pipeline
 
     stored = bytearray(seal(b"secret" * 40))
     stored[0] ^= 1
@@ -271,7 +271,7 @@ def test_open_storage_reads_the_key_from_the_environment(tmp_path: Path, monkeyp
 def test_commit_records_the_key_id_and_seals_the_manifest(tmp_path: Path) -> None:
     from test_manifest import make_manifest
 
-    from backup_tool.catalog import Catalog
+    from backup_tool.repository.catalog import Catalog
 
     storage = EncryptedStorage(LocalStorage(tmp_path), KEY)
     stored = Catalog(storage).commit(make_manifest())
@@ -285,7 +285,7 @@ def test_commit_records_the_key_id_and_seals_the_manifest(tmp_path: Path) -> Non
     assert Catalog(LocalStorage(tmp_path)).load(stored.id).id == stored.id, "list needs no key"
 
     body["tables"] = body["tables"][1:]
-    from backup_tool.manifest import _digest
+    from backup_tool.repository.manifest import _digest
 
     body["manifest_sha256"] = _digest(body)
     (tmp_path / f"manifests/{stored.id}.json").write_bytes(json.dumps(body).encode())
@@ -301,7 +301,7 @@ def test_commit_records_the_key_id_and_seals_the_manifest(tmp_path: Path) -> Non
 def test_restoring_needs_the_recorded_key(tmp_path: Path) -> None:
     from test_manifest import make_manifest
 
-    from backup_tool.catalog import Catalog
+    from backup_tool.repository.catalog import Catalog
 
     stored = Catalog(EncryptedStorage(LocalStorage(tmp_path), KEY)).commit(make_manifest())
     with pytest.raises(ConfigError, match=f"backup {stored.id} is encrypted with key id {KEY.key_id} and no"):
@@ -316,8 +316,8 @@ def test_an_incremental_chain_never_mixes_keys() -> None:
 
     from test_manifest import T0, make_manifest
 
-    from backup_tool.backup import choose_parent
-    from backup_tool.policy import Policy
+    from backup_tool.logical.backup import choose_parent
+    from backup_tool.config.policy import Policy
 
     full = make_manifest()
     sealed = replace(full, options={"encryption": KEY.describe()})
@@ -337,7 +337,7 @@ def test_an_incremental_chain_never_mixes_keys() -> None:
 def test_s3_server_side_encryption_is_requested_on_every_write(s3_server: Any, s3_bucket: str, mode: str,
                                                                kms_key: str | None,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from backup_tool.storage.s3 import S3Storage
+    from backup_tool.repository.storage.s3 import S3Storage
 
     monkeypatch.setenv("BACKUP_TOOL_S3_SSE", mode)
     if kms_key:
@@ -361,7 +361,7 @@ def test_s3_server_side_encryption_is_requested_on_every_write(s3_server: Any, s
     ({"BACKUP_TOOL_S3_SSE": "AES256", "BACKUP_TOOL_S3_SSE_KMS_KEY_ID": "k"}, "needs BACKUP_TOOL_S3_SSE=aws:kms"),
 ])
 def test_bad_sse_settings_are_usage_errors(env: dict[str, str], needle: str) -> None:
-    from backup_tool.storage.s3 import sse_args
+    from backup_tool.repository.storage.s3 import sse_args
 
     with pytest.raises(ConfigError, match=needle):
         sse_args(env)

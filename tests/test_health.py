@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from backup_tool.config import Settings
+from backup_tool.config.settings import Settings
 from backup_tool.errors import ConfigError, UsageError
-from backup_tool.health import (
+from backup_tool.jobs.health import (
     HealthRecord,
     audit_table,
     decide_health_due,
@@ -22,7 +22,7 @@ from backup_tool.health import (
     run_health,
     status_checks,
 )
-from backup_tool.policy import Policy, parse_policy
+from backup_tool.config.policy import Policy, parse_policy
 from conftest import DbHandle, PgServer
 
 UTC = timezone.utc

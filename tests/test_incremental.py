@@ -10,8 +10,8 @@ from typing import Any, Callable
 import pytest
 
 import dbcompare
-from backup_tool.backup import choose_parent
-from backup_tool.policy import Policy, Retention
+from backup_tool.logical.backup import choose_parent
+from backup_tool.config.policy import Policy, Retention
 from test_manifest import make_manifest
 
 T0 = datetime(2026, 11, 1, 2, 0, tzinfo=timezone.utc)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from backup_tool.errors import BackupToolError, IntegrityError
-from backup_tool.manifest import FORMAT_VERSION, Manifest, StoredObject, TableEntry, parse_manifest
+from backup_tool.repository.manifest import FORMAT_VERSION, Manifest, StoredObject, TableEntry, parse_manifest
 
 T0 = datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc)
 
@@ -112,7 +112,7 @@ json_values = st.recursive(
 
 def resealed(body: dict) -> bytes:
     """The body with a correct self-checksum, so parsing goes past the checksum to the fields."""
-    from backup_tool.manifest import _digest
+    from backup_tool.repository.manifest import _digest
 
     body = dict(body)
     body["manifest_sha256"] = _digest(body)
@@ -164,8 +164,8 @@ def test_arbitrary_json_objects_are_refused_cleanly(body: dict) -> None:
 @given(field=st.sampled_from(["database", "kind", "parent_id", "expires_at", "schema_fingerprint", "options"]),
        value=json_values)
 def test_sealed_manifests_detect_any_edit_by_someone_without_the_key(field: str, value: object) -> None:
-    from backup_tool.manifest import manifest_seal
-    from backup_tool.storage.encrypted import EncryptionKey
+    from backup_tool.repository.manifest import manifest_seal
+    from backup_tool.repository.storage.encrypted import EncryptionKey
 
     key = EncryptionKey(bytes(range(32)))
     raw = make_manifest().to_json(key.seal)
@@ -181,7 +181,7 @@ def test_sealed_manifests_detect_any_edit_by_someone_without_the_key(field: str,
 
 
 def test_sealing_keeps_the_round_trip_and_older_readers_see_a_newer_format() -> None:
-    from backup_tool.storage.encrypted import EncryptionKey
+    from backup_tool.repository.storage.encrypted import EncryptionKey
 
     key = EncryptionKey(bytes(range(32)))
     m = replace(make_manifest(), options={"encryption": key.describe()}, format=2)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from backup_tool.monitor import (
+from backup_tool.governance.status import (
     CRITICAL,
     OK,
     UNKNOWN,
@@ -19,9 +19,9 @@ from backup_tool.monitor import (
     prometheus_text,
     write_textfile,
 )
-from backup_tool.policy import Policy
-from backup_tool.walnames import segment_name
-from backup_tool.storage import open_storage
+from backup_tool.config.policy import Policy
+from backup_tool.core.walnames import segment_name
+from backup_tool.repository.storage import open_storage
 from simhistory import History, record, seed_schedule, ts
 
 P = Policy()

@@ -14,7 +14,7 @@ import pytest
 from clioutput import only_line
 from conftest import Cli, PgServer, free_port
 
-from backup_tool.postgres import describe_connect_error
+from backup_tool.postgres.connection import describe_connect_error
 
 
 def _connect_error(conninfo: str) -> psycopg.OperationalError:

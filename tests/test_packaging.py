@@ -58,7 +58,7 @@ def _run(installed: tuple[Path, dict[str, str], Path], *args: str) -> subprocess
 def test_wheel_is_imported_from_the_venv(installed: tuple[Path, dict[str, str], Path]) -> None:
     venv, env, work = installed
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import backup_tool.policy as p; print(p.__file__); print(p.bundled_policies())"],
+                            "import backup_tool.config.policy as p; print(p.__file__); print(p.bundled_policies())"],
                            capture_output=True, text=True, cwd=work, env=env)
     assert where.returncode == 0, where.stderr
     module, bundled = where.stdout.split("\n")[:2]

@@ -9,14 +9,14 @@ import pytest
 
 import clioutput
 import dbcompare
-from backup_tool.catalog import Catalog
+from backup_tool.repository.catalog import Catalog
 from backup_tool.cli.common import one_line
-from backup_tool.config import resolve_settings
+from backup_tool.config.settings import resolve_settings
 from backup_tool.errors import NotFoundError, UsageError
-from backup_tool.postgres import ConnInfo
-from backup_tool.report import NullReporter
-from backup_tool.restore_tables import resolve_tables, restore_tables, split_name, validate_tables
-from backup_tool.storage import open_storage
+from backup_tool.postgres.connection import ConnInfo
+from backup_tool.core.report import NullReporter
+from backup_tool.logical.restore_tables import resolve_tables, restore_tables, split_name, validate_tables
+from backup_tool.repository.storage import open_storage
 from test_manifest import make_manifest
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backup_tool.config import Settings
-from backup_tool.policy import Policy, Retention
-from backup_tool.retention import (
+from backup_tool.config.settings import Settings
+from backup_tool.config.policy import Policy, Retention
+from backup_tool.governance.retention import (
     BackupRecord,
     apply_retention,
     check_object_lock,
@@ -25,9 +25,9 @@ from backup_tool.retention import (
     plan_wal,
     read_log,
 )
-from backup_tool.storage import ObjectInfo, open_storage
-from backup_tool.storage.base import ObjectLock, PartialUpload
-from backup_tool.walnames import segment_name
+from backup_tool.repository.storage import ObjectInfo, open_storage
+from backup_tool.repository.storage.base import ObjectLock, PartialUpload
+from backup_tool.core.walnames import segment_name
 from simhistory import History, record, seed_schedule, ts
 
 UTC = timezone.utc
@@ -162,8 +162,8 @@ def test_wal_is_kept_without_a_usable_base() -> None:
 def test_wal_deletion_list_is_linear_on_100k_segments() -> None:
     """A week of one-per-minute WAL is ~10k segments; 100k must plan in well under a second
     (the old list rebuilt a set of the deletions for every segment: quadratic)."""
-    from backup_tool.retention import doomed_segments
-    from backup_tool.wal import WalSegment
+    from backup_tool.governance.retention import doomed_segments
+    from backup_tool.physical.wal import WalSegment
 
     n, cut = 100_000, 60_000
     when = ts("2026-11-01T00:00Z")
@@ -402,7 +402,7 @@ def test_cli_dry_run_and_apply(cli: Any, tmp_path: Path) -> None:
 
 
 def _base_manifest(started: datetime, start_segment: str, policy: Policy) -> Any:
-    from backup_tool.manifest import PhysicalInfo
+    from backup_tool.repository.manifest import PhysicalInfo
     from simhistory import make_manifest
 
     m = make_manifest("base", started, policy)
@@ -413,8 +413,8 @@ def _base_manifest(started: datetime, start_segment: str, policy: Policy) -> Any
 
 
 def test_wal_expiry_against_the_real_archive(tmp_path: Path) -> None:
-    from backup_tool import wal
-    from backup_tool.catalog import Catalog
+    from backup_tool.physical import wal
+    from backup_tool.repository.catalog import Catalog
     from simhistory import store
 
     repo = str(tmp_path / "repo")

@@ -17,8 +17,8 @@ import boto3
 import pytest
 from faultproxy import FaultProxy, Rule
 
-from backup_tool.storage.base import ObjectLock, ObjectLockedError, PermissionDeniedError
-from backup_tool.storage.s3 import S3Storage, lock_explaining
+from backup_tool.repository.storage.base import ObjectLock, ObjectLockedError, PermissionDeniedError
+from backup_tool.repository.storage.s3 import S3Storage, lock_explaining
 
 UTC = timezone.utc
 DENY_VERSION_DELETE = Rule("access_denied", method="DELETE", query="versionId=", times=1000)

@@ -15,10 +15,10 @@ import psycopg
 import pytest
 from botocore.exceptions import ClientError
 
-from backup_tool.backup import lock_name
-from backup_tool.policy import load_policy
-from backup_tool.retention import check_object_lock
-from backup_tool.storage import open_storage
+from backup_tool.logical.backup import lock_name
+from backup_tool.config.policy import load_policy
+from backup_tool.governance.retention import check_object_lock
+from backup_tool.repository.storage import open_storage
 
 pytestmark = pytest.mark.slow
 UTC = timezone.utc

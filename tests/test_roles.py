@@ -253,7 +253,7 @@ def test_old_manifest_fingerprint_still_validates(cli: Cli, local_repo: str, pg_
                                                    seed_copy: Callable[..., Any]) -> None:
     import zstandard
 
-    from backup_tool.manifest import _digest
+    from backup_tool.repository.manifest import _digest
 
     db = seed_copy("oldfp")
     entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
@@ -293,7 +293,7 @@ GRANT grp TO {APP_OWNER} WITH ADMIN OPTION GRANTED BY postgres;
 
 
 def test_globals_script_is_read_per_role() -> None:
-    from backup_tool import roles
+    from backup_tool.postgres import roles
 
     found = roles.parse_globals(GLOBALS)
     owner = found.roles['App "Owner"']
@@ -306,7 +306,7 @@ def test_globals_script_is_read_per_role() -> None:
 
 
 def test_plan_and_verdict_decisions() -> None:
-    from backup_tool import roles
+    from backup_tool.postgres import roles
 
     backup = roles.parse_globals(GLOBALS)
     live = roles.parse_globals(GLOBALS.replace("NOLOGIN NOREPLICATION", "LOGIN NOREPLICATION")
@@ -323,7 +323,7 @@ def test_plan_and_verdict_decisions() -> None:
 
 
 def test_normalize_orders_privileges_per_object_and_keeps_every_statement() -> None:
-    from backup_tool import schema
+    from backup_tool.postgres import schema
 
     one = "\n".join([
         "CREATE TABLE public.t (id integer);",

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backup_tool.config import Settings
+from backup_tool.config.settings import Settings
 from backup_tool.errors import ConfigError, UsageError
-from backup_tool.policy import Policy, Retention, Schedule, parse_policy
-from backup_tool.schedule import (
+from backup_tool.config.policy import Policy, Retention, Schedule, parse_policy
+from backup_tool.jobs.schedule import (
     decide_due,
     next_slot,
     parse_cron,

@@ -15,9 +15,9 @@ from typing import Any, Callable
 import pytest
 
 import dbcompare
-from backup_tool import drift
-from backup_tool.config import Settings
-from backup_tool.policy import parse_policy
+from backup_tool.schema import drift
+from backup_tool.config.settings import Settings
+from backup_tool.config.policy import parse_policy
 from clioutput import one_line
 
 pytestmark = pytest.mark.slow

@@ -32,7 +32,7 @@ import zstandard
 from conftest import SEED_FILES, Cli, PgServer, free_port, start_pg_server
 from server_tool import install_source, write_wrapper
 
-from backup_tool.storage.encrypted import EncryptionKey, decrypt_stream
+from backup_tool.repository.storage.encrypted import EncryptionKey, decrypt_stream
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from backup_tool.errors import StorageError
-from backup_tool.storage import ObjectExistsError, ObjectMissingError, Storage, open_storage
-from backup_tool.storage.local import LocalStorage
+from backup_tool.repository.storage import ObjectExistsError, ObjectMissingError, Storage, open_storage
+from backup_tool.repository.storage.local import LocalStorage
 
 
 @pytest.fixture

@@ -23,11 +23,11 @@ import pytest
 from test_backup_restore import object_keys, overwrite_object, read_object
 from test_manifest import T0, make_manifest
 
-from backup_tool.catalog import Catalog, manifest_key
+from backup_tool.repository.catalog import Catalog, manifest_key
 from backup_tool.errors import IntegrityError
-from backup_tool.manifest import SEAL_FIELD, Manifest, _digest
-from backup_tool.storage import open_storage
-from backup_tool.storage.encrypted import KEY_ENV, EncryptionKey
+from backup_tool.repository.manifest import SEAL_FIELD, Manifest, _digest
+from backup_tool.repository.storage import open_storage
+from backup_tool.repository.storage.encrypted import KEY_ENV, EncryptionKey
 from clioutput import one_line
 
 KEY = EncryptionKey(bytes(range(32)))
@@ -94,7 +94,7 @@ def forgeries(original: bytes) -> dict[str, bytes]:
 
 
 def test_a_manifest_not_sealed_under_the_key_is_refused_by_every_reader(repo: str) -> None:
-    from backup_tool.catalog import REFUSED
+    from backup_tool.repository.catalog import REFUSED
 
     real = make_manifest()
     sealed_repo(repo, real)
@@ -113,7 +113,7 @@ def test_a_manifest_not_sealed_under_the_key_is_refused_by_every_reader(repo: st
 
 def test_untagged_manifests_are_trusted_only_on_request_and_a_failing_tag_never(
         repo: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from backup_tool.storage.encrypted import ALLOW_UNAUTHENTICATED_ENV
+    from backup_tool.repository.storage.encrypted import ALLOW_UNAUTHENTICATED_ENV
 
     old = make_manifest("20261101T020000Z-Fold1")
     Catalog(open_storage(repo, None)).commit(old)
@@ -136,8 +136,8 @@ def test_untagged_manifests_are_trusted_only_on_request_and_a_failing_tag_never(
 
 def test_after_a_rotation_previous_keys_authenticate_what_they_sealed(
         local_repo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from backup_tool.catalog import REFUSED
-    from backup_tool.storage.encrypted import PREVIOUS_KEYS_ENV
+    from backup_tool.repository.catalog import REFUSED
+    from backup_tool.repository.storage.encrypted import PREVIOUS_KEYS_ENV
 
     old, new = make_manifest("20261101T020000Z-Fold1"), make_manifest()
     Catalog(open_storage(local_repo, KEY)).commit(old)
@@ -187,7 +187,7 @@ def test_retention_is_not_tricked_by_a_planted_full(cli: Any, repo: str) -> None
 
 
 def test_key_needed_decisions() -> None:
-    from backup_tool.keyguard import key_needed
+    from backup_tool.repository.keyguard import key_needed
 
     assert key_needed(None, "", "default", [], "r") is None
     assert key_needed(KEY.key_id, "", "default", [OTHER.key_id], "r") is None, "rotation is allowed"
@@ -204,7 +204,7 @@ def test_key_needed_decisions() -> None:
 
 def test_guard_refuses_without_writing_and_records_the_key(local_repo: str) -> None:
     from backup_tool.errors import KeyRequiredError
-    from backup_tool.keyguard import guard_writes, key_marker
+    from backup_tool.repository.keyguard import guard_writes, key_marker
 
     with_key, keyless = open_storage(local_repo, KEY), open_storage(local_repo, None)
     guard_writes(keyless, "", "default", "write")
@@ -227,7 +227,7 @@ def test_every_writer_refuses_plaintext_before_writing(cli: Any, repo: str, tmp_
     env: dict[str, str] = {}
     args: list[str] = ["--repo", repo]
     if source == "repository":
-        from backup_tool.keyguard import guard_writes
+        from backup_tool.repository.keyguard import guard_writes
 
         guard_writes(open_storage(repo, KEY), "", "default", "write")
         sealed_repo(repo, make_manifest())
@@ -311,7 +311,7 @@ def test_tampering_without_the_key_is_detected_and_refused(
 
 def test_the_policy_names_a_key_id_or_nothing() -> None:
     from backup_tool.errors import ConfigError
-    from backup_tool.policy import parse_policy
+    from backup_tool.config.policy import parse_policy
 
     assert parse_policy(f'[backup]\nencryption_key_id = "{KEY.key_id}"\n', "p.toml").backup.encryption_key_id \
         == KEY.key_id

@@ -238,8 +238,8 @@ def test_unusual_source_states_restore_and_validate(cli: Any, local_repo: str, f
 
 
 def test_acls_compare_as_sets_and_changes_name_the_entries() -> None:
-    from backup_tool.inventory import normalise_acl
-    from backup_tool.validate import INVENTORY_CHECKS
+    from backup_tool.postgres.inventory import normalise_acl
+    from backup_tool.validation.validate import INVENTORY_CHECKS
 
     acl = [["bob", "alice", "SELECT", False], ["PUBLIC", "alice", "USAGE", False]]
     assert normalise_acl(acl) == normalise_acl([acl[1], acl[0], acl[0]])

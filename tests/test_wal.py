@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from backup_tool import pitr, wal
-from backup_tool.basebackup import TarScanner, parse_backup_label, stop_lsn_from_manifest
+from backup_tool.physical import pitr, wal
+from backup_tool.physical.basebackup import TarScanner, parse_backup_label, stop_lsn_from_manifest
 from backup_tool.errors import NotFoundError, RefusedError, UsageError
-from backup_tool.manifest import Manifest, PhysicalInfo, parse_manifest
+from backup_tool.repository.manifest import Manifest, PhysicalInfo, parse_manifest
 
 SEG = 16 << 20
 T0 = datetime(2026, 11, 24, 20, 0, tzinfo=timezone.utc)
@@ -76,7 +76,7 @@ def segs(tli: int, first: int, last: int, start_minute: float = 0) -> list[wal.W
 
 
 def test_walnames_round_trips() -> None:
-    from backup_tool import walnames
+    from backup_tool.core import walnames
 
     for size in (1 << 20, 16 << 20, 64 << 20, 1 << 30):
         for segno in (0, 1, walnames.segments_per_log(size) - 1, walnames.segments_per_log(size), 123457):
@@ -95,10 +95,10 @@ def test_status_audit_check_and_pitr_agree_across_a_timeline_switch() -> None:
     """Timeline 2 forked from 1 inside segment 5 and lacks its segment 6, which timeline 1
     (abandoned) has. Recovery along timeline 2 cannot cross 6: everyone must say so. (The
     old ``retention.wal_gaps`` merged timelines by position and saw no gap.)"""
-    from backup_tool.audit import build_report
-    from backup_tool.monitor import CRITICAL, WalState, evaluate
-    from backup_tool.policy import Policy
-    from backup_tool.retention import BackupRecord
+    from backup_tool.governance.audit import build_report
+    from backup_tool.governance.status import CRITICAL, WalState, evaluate
+    from backup_tool.config.policy import Policy
+    from backup_tool.governance.retention import BackupRecord
 
     hist = {2: wal.parse_history("1\t0/5800000\tno reason\n")}
     archive = segs(1, 2, 9) + [s for s in segs(2, 5, 9, start_minute=20) if s.name != "000000020000000000000006"]
@@ -266,7 +266,7 @@ def fake_pg_wal(root: Path, names: list[str], ready: bool = True) -> Path:
 
 
 def keys_under(repo: str, prefix: str) -> list[str]:
-    from backup_tool.storage import open_storage
+    from backup_tool.repository.storage import open_storage
 
     return [o.key for o in open_storage(repo).list(prefix)]
 
@@ -355,7 +355,7 @@ def test_batched_push_acknowledges_from_the_spool(cli: Any, repo: str, tmp_path:
 
 
 def test_list_segments_and_health(tmp_path: Path, local_repo: str) -> None:
-    from backup_tool.storage import open_storage
+    from backup_tool.repository.storage import open_storage
 
     storage = open_storage(local_repo)
     names = [wal.segment_name(1, n) for n in (3, 4, 6)]

@@ -20,8 +20,9 @@ from conftest import Cli, PgServer, start_pg_server
 from faultproxy import FaultProxy, Rule
 from server_tool import install_source, write_wrapper
 
-from backup_tool import wal, walidentity
-from backup_tool.storage import open_storage
+from backup_tool.physical import wal
+from backup_tool.repository import walidentity
+from backup_tool.repository.storage import open_storage
 
 SEG = 16 << 20
 SYSID_A = 7301234567890123456

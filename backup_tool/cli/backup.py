@@ -25,7 +25,7 @@ def backup_full_cmd(
                                                      "is running, wait up to SECONDS for it (default 0: exit 4 at once)")] = 0.0,
 ) -> int:
     """Take a full logical backup now: schema, roles and every table, from one snapshot."""
-    from backup_tool.backup import backup_full
+    from backup_tool.logical.backup import backup_full
 
     manifest = backup_full(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout)
     entry = manifest.summary()
@@ -47,7 +47,7 @@ def backup_incremental_cmd(
                                                      "is running, wait up to SECONDS for it (default 0: exit 4 at once)")] = 0.0,
 ) -> int:
     """Back up only the tables that changed since the newest backup of this database (takes a full, and says so, if none)."""
-    from backup_tool.backup import backup_incremental
+    from backup_tool.logical.backup import backup_incremental
 
     manifest = backup_incremental(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout)
     entry = manifest.summary()

@@ -42,8 +42,8 @@ def main_options(
 @command(app, "list", needs_policy=False)
 def list_cmd(inv: Invocation) -> int:
     """List every complete backup in the repository, oldest first (needs no local state)."""
-    from backup_tool.catalog import REFUSED, Catalog
-    from backup_tool.storage import open_repository
+    from backup_tool.repository.catalog import REFUSED, Catalog
+    from backup_tool.repository.storage import open_repository
 
     indexed, problems = Catalog(open_repository(inv.settings.repo_url)).entries()
     for p in problems:
@@ -57,8 +57,8 @@ def list_cmd(inv: Invocation) -> int:
 def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="ID", help="Backup id, unique prefix or 'latest'")],
              database: DatabaseOption = None) -> int:
     """Show one backup's manifest summary: tables, rows, objects, checksums."""
-    from backup_tool.catalog import Catalog
-    from backup_tool.storage import open_repository
+    from backup_tool.repository.catalog import Catalog
+    from backup_tool.repository.storage import open_repository
 
     m = Catalog(open_repository(inv.settings.repo_url)).resolve(backup_id, database=inv.database(database))
     data = {**m.summary(), "system_identifier": m.system_identifier, "snapshot_lsn": m.snapshot_lsn,
@@ -86,7 +86,7 @@ def verify_cmd(
     database: DatabaseOption = None,
 ) -> int:
     """Re-read every object of the backup(s) and check its sha256; exit 3 naming any bad object."""
-    from backup_tool.verify import verify
+    from backup_tool.jobs.verify import verify
 
     report = verify(inv.settings, which, restore_test, scratch_dsn or "", inv.reporter, inv.database(database))
     inv.out(report.to_dict(), lambda: render_report(report))

@@ -26,10 +26,10 @@ def validate_cmd(
 ) -> int:
     """Run the health checks on the --dsn database: schema, RLS and policies, foreign keys, indexes,
     functions, row counts and content checksums, sequences. Exit 3 if any fails."""
-    from backup_tool.catalog import Catalog
-    from backup_tool.postgres import ConnInfo
-    from backup_tool.storage import open_repository
-    from backup_tool.validate import validate
+    from backup_tool.repository.catalog import Catalog
+    from backup_tool.postgres.connection import ConnInfo
+    from backup_tool.repository.storage import open_repository
+    from backup_tool.validation.validate import validate
 
     settings = inv.settings
     manifest = storage = None
@@ -44,7 +44,7 @@ def validate_cmd(
 @command(app, "check")
 def check_cmd(inv: Invocation) -> int:
     """Check configuration, database connectivity and privileges, client tools, and that the repository is writable."""
-    from backup_tool.check import run_checks
+    from backup_tool.jobs.check import run_checks
 
     report = run_checks(inv.settings)
     inv.out(report.to_dict(), lambda: render_report(report))

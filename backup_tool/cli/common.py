@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from backup_tool.config import Settings, default_repo, resolve_settings
+from backup_tool.config.settings import Settings, default_repo, resolve_settings
 from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed
-from backup_tool.report import Reporter
-from backup_tool.units import human_size  # noqa: F401  (re-exported for the command modules)
+from backup_tool.core.report import Reporter
+from backup_tool.core.units import human_size  # noqa: F401  (re-exported for the command modules)
 
 if TYPE_CHECKING:
     from typer._click import Context, HelpFormatter
 
-    from backup_tool.catalog import DatabaseHint
+    from backup_tool.repository.catalog import DatabaseHint
 
 HELP = f"""PostgreSQL backup and disaster recovery: full backups to S3 or a local directory,
 restores that end with integrity validation.
@@ -184,7 +184,7 @@ def secrets_from(common: Common, extra: list[str]) -> list[str]:
     for var in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         if os.environ.get(var):
             found.append(os.environ[var])
-    from backup_tool.storage.encrypted import secret_texts
+    from backup_tool.repository.storage.encrypted import secret_texts
 
     found += secret_texts()
     return [s for s in found if len(s) >= 4]
@@ -224,9 +224,9 @@ class Invocation:
     def database(self, option: str | None) -> DatabaseHint:
         """Which database ``latest`` means: ``--database``, else the one the DSN names (a
         malformed DSN names none; the commands that connect with it report it)."""
-        from backup_tool.catalog import DatabaseHint
+        from backup_tool.repository.catalog import DatabaseHint
         from backup_tool.errors import ConfigError
-        from backup_tool.postgres import ConnInfo
+        from backup_tool.postgres.connection import ConnInfo
 
         try:
             named = ConnInfo(self.settings.dsn).dbname
@@ -287,8 +287,8 @@ def _quiet_library_logs(debug: bool) -> None:
 
 def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str], kwargs: dict[str, Any],
            needs_policy: bool = True) -> int:
-    from backup_tool import pipeline
-    from backup_tool.console import RichReporter, make_reporter
+    from backup_tool.streams import pipeline
+    from backup_tool.render.console import RichReporter, make_reporter
 
     signal.signal(signal.SIGTERM, _raise_terminated)
     _quiet_library_logs(common.debug)
@@ -347,7 +347,7 @@ def render_report(report: Any) -> str:
         if hasattr(report, "tables"):
             tables = report.tables if isinstance(report.tables, int) else len(report.tables)
             where = f" into schema {report.into_schema}" if getattr(report, "into_schema", None) else ""
-            from backup_tool.manifest import utc_iso
+            from backup_tool.repository.manifest import utc_iso
 
             source = getattr(report, "source", None)
             origin = (f"database {source.database} from backup {report.backup_id} (snapshot of "

@@ -1,4 +1,4 @@
-"""``health``: the seed's health checks on the live database (see :mod:`backup_tool.health`)."""
+"""``health``: the seed's health checks on the live database (see :mod:`backup_tool.jobs.health`)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def health_cmd(
     """Run the seed's health checks on the live --dsn database: schema, RLS, foreign keys,
     index performance, function execution. Each check says ok, warn or FAIL with what it
     measured; exit 3 when one fails."""
-    from backup_tool.health import run_health, write_record
-    from backup_tool.storage import open_storage
+    from backup_tool.jobs.health import run_health, write_record
+    from backup_tool.repository.storage import open_storage
 
     settings = inv.settings
     report = run_health(settings, check, full=full, reporter=inv.reporter)

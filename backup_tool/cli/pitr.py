@@ -29,7 +29,7 @@ def backup_base_cmd(
     """Take a physical base backup of the whole cluster (pg_basebackup) for point-in-time recovery.
     Needs a role with REPLICATION, a pg_hba.conf 'replication' line, and WAL archiving into this
     repository (archive_command = 'backup-tool wal push %p')."""
-    from backup_tool.basebackup import backup_base
+    from backup_tool.physical.basebackup import backup_base
 
     manifest = backup_base(inv.settings, inv.reporter, fast_checkpoint)
     entry = manifest.summary()
@@ -84,7 +84,7 @@ def restore_pitr_cmd(
     archived WAL. With --start (default) the server recovers privately, promotes at the target, is
     validated, then runs with its own configuration. A target outside what the repository covers is
     refused, naming the covered window."""
-    from backup_tool.pitr import make_target, restore_pitr
+    from backup_tool.physical.pitr import make_target, restore_pitr
 
     target = make_target(target_time, target_lsn, target_name, latest, target_timeline)
     result = restore_pitr(inv.settings, target, pgdata, port=port, start=start, os_user=os_user,

@@ -44,7 +44,7 @@ def restore_full_cmd(
     database: DatabaseOption = None,
 ) -> int:
     """Restore a whole backup into an empty database, then validate it against the manifest (exit 3 if not identical)."""
-    from backup_tool.restore import restore_full
+    from backup_tool.logical.restore import restore_full
 
     result = restore_full(inv.settings, target_dsn, backup, create=create, with_roles=with_roles,
                           jobs=jobs, run_validation=False if no_validate else None, reporter=inv.reporter,
@@ -79,18 +79,18 @@ def restore_tables_cmd(
     database: DatabaseOption = None,
 ) -> int:
     """Restore only the named tables: into empty/absent tables, beside them (--into-schema), or over them (--replace)."""
-    from backup_tool.restore_tables import split_names
+    from backup_tool.logical.restore_tables import split_names
 
     names = split_names(tables)
     if target_time:
         if backup:
             raise UsageError("give --backup or --target-time, not both", "--target-time picks the base backup itself")
-        from backup_tool import pitr
+        from backup_tool.physical import pitr
 
         result = pitr.restore_tables_at(inv.settings, target_dsn, names, target_time, into_schema=into_schema,
                                         replace=replace, jobs=jobs, reporter=inv.reporter)
     else:
-        from backup_tool.restore_tables import restore_tables
+        from backup_tool.logical.restore_tables import restore_tables
 
         result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,
                                 replace=replace, with_roles=with_roles, jobs=jobs, reporter=inv.reporter,

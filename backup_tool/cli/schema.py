@@ -23,7 +23,7 @@ def replay_cmd(
 ) -> int:
     """Apply the migrations in order to an empty database, each file in its own transaction; stop at the
     first failure naming the file, line and PostgreSQL's message (exit 1)."""
-    from backup_tool.migrations import replay_folder
+    from backup_tool.schema.migrations import replay_folder
 
     result = replay_folder(migrations, target_dsn, record=not no_record, reporter=inv.reporter)
 
@@ -59,7 +59,7 @@ def diff_cmd(
     """Replay the migrations into a scratch database and compare its schema object by object (tables,
     columns, constraints, indexes, RLS, policies, functions, triggers, enums, extensions, grants) with a
     backup's schema (--against) or the live database (--dsn). Exit 3 on drift."""
-    from backup_tool.drift import diff
+    from backup_tool.schema.drift import diff
 
     if against and inv.common.dsn:
         raise UsageError("give --against ID or --dsn DSN, not both",

@@ -29,15 +29,15 @@ def wal_push_cmd(
     """Archive one WAL file (archive_command = 'backup-tool wal push %p'). Exit 0 only once it is
     durable in the repository; pushing identical content again succeeds, different content under
     the same name is refused (exit 1) and nothing is overwritten."""
-    from backup_tool import wal
+    from backup_tool.physical import wal
 
     settings = inv.settings
     if wal.fast_ack(wal_path, settings.repo_url):
         if inv.common.json:
             inv.out({"name": wal_path.rsplit("/", 1)[-1], "from_spool": True}, "")
         return 0
-    from backup_tool.keyguard import guard_writes
-    from backup_tool.storage import open_storage
+    from backup_tool.repository.keyguard import guard_writes
+    from backup_tool.repository.storage import open_storage
 
     policy = settings.policy
     storage = open_storage(settings.repo_url)
@@ -68,9 +68,9 @@ def wal_fetch_cmd(
     """Restore one WAL file from the archive (restore_command = 'backup-tool wal fetch %f %p').
     Exit 0 once DEST holds the verified content; 1 quickly when the file is not in the archive
     (the normal end of recovery); 3 if the archived copy is corrupt (DEST is not written)."""
-    from backup_tool import wal
+    from backup_tool.physical import wal
     from backup_tool.errors import BackupToolError
-    from backup_tool.storage import open_repository
+    from backup_tool.repository.storage import open_repository
 
     if wal.take_prefetched(wal_name, destination):
         if inv.common.json:
@@ -100,8 +100,8 @@ def wal_status_cmd(inv: Invocation) -> int:
     segment older than the policy's monitoring.wal_max_age_minutes)."""
     from datetime import timedelta
 
-    from backup_tool.pitr import repository_health
-    from backup_tool.wal import format_lsn
+    from backup_tool.physical.pitr import repository_health
+    from backup_tool.physical.wal import format_lsn
 
     health = repository_health(inv.settings)
     minutes = inv.settings.policy.monitoring.wal_max_age_minutes

@@ -1,0 +1,396 @@
+"""Monitoring: one verdict with Nagios exit codes, and Prometheus textfile metrics.
+
+:func:`evaluate` is a pure function of (backups, verification records, WAL archive state,
+policy, now). Each rule compares the repository with the policy's schedule, read in its time
+zone: a slot is *late* once its grace period (``schedule.grace_minutes``) has passed
+without a backup taken at or after it.
+
+* no full backup, or the newest full older than the last full slot past its grace: CRITICAL
+* the newest backup older than the last incremental slot past its grace: WARNING
+* base backups scheduled (``schedule.base``) and the last base slot missed: CRITICAL
+* WAL archiving in use (base backups or WAL in the repository) and the newest segment older
+  than ``monitoring.wal_max_age_minutes``, or a gap in the WAL needed by a base: CRITICAL
+* the newest verification run failed: CRITICAL
+* backups older than ``monitoring.verify_max_age_hours`` and no verification that recent:
+  WARNING
+* a health check (``[health]``, recorded in ``health-log/``) whose newest run failed, or whose
+  newest slot passed its grace without a run: WARNING; overdue by more than one period:
+  CRITICAL; never run: OK, "not run yet" (see :func:`backup_tool.jobs.health.status_checks`)
+* the repository cannot be read or does not exist (or the policy is broken): UNKNOWN
+
+The textfile for node_exporter's textfile collector is written to a temporary file in the
+same directory and renamed over the target, so the collector never reads half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from backup_tool.errors import BackupToolError
+from backup_tool.governance.retention import BackupRecord
+from backup_tool.jobs.schedule import iso, last_due_slot
+from backup_tool.core.timestamps import parse_utc
+from backup_tool.physical.wal import archive_gaps
+from backup_tool.core.walnames import DEFAULT_SEGMENT_SIZE, segment_number
+
+if TYPE_CHECKING:
+    from backup_tool.config.settings import Settings
+    from backup_tool.jobs.health import HealthRecord
+    from backup_tool.config.policy import Policy
+    from backup_tool.repository.storage import Storage
+
+UTC = timezone.utc
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+VERIFICATIONS_PREFIX = "verifications/"
+
+
+@dataclass(frozen=True)
+class Verification:
+    at: datetime
+    ok: bool
+    backups: tuple[str, ...]
+    restore_test: bool
+    checks: tuple[dict[str, Any], ...]
+    key: str = ""
+
+    def failed_checks(self) -> list[dict[str, Any]]:
+        return [c for c in self.checks if not c.get("ok")]
+
+
+@dataclass(frozen=True)
+class WalState:
+    """The WAL archive as seen in the repository (segment names, newest archive time)."""
+
+    names: tuple[str, ...]
+    newest_modified: datetime | None
+    total_bytes: int = 0
+    histories: Mapping[int, Sequence[tuple[int, int]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    severity: int
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": LEVELS[self.severity], "ok": self.severity == OK,
+                "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    now: datetime
+    repository: str
+    checks: tuple[Check, ...]
+    metrics: Mapping[str, Any]
+    error: str | None = None
+
+    @property
+    def code(self) -> int:
+        if self.error is not None:
+            return UNKNOWN
+        return max((c.severity for c in self.checks), default=OK)
+
+    @property
+    def summary(self) -> str:
+        level = LEVELS[self.code]
+        if self.error is not None:
+            return f"BACKUP UNKNOWN - {self.error}"
+        worst = [c for c in self.checks if c.severity == self.code and c.severity != OK]
+        if worst:
+            text = worst[0].detail
+            others = sum(1 for c in self.checks if c.severity != OK) - 1
+            if others:
+                text += f" (+{others} more problem{'s' if others > 1 else ''})"
+        else:
+            text = "; ".join(c.detail for c in self.checks if c.name in ("full", "incremental", "wal"))
+        return f"BACKUP {level} - {text} | {self.perfdata()}"
+
+    def perfdata(self) -> str:
+        m = self.metrics
+        parts = []
+        for kind in ("full", "incremental", "base"):
+            age = m.get("age_seconds", {}).get(kind)
+            if age is not None:
+                parts.append(f"{kind}_age={int(age)}s")
+        if m.get("wal_lag_seconds") is not None:
+            parts.append(f"wal_lag={int(m['wal_lag_seconds'])}s")
+        if m.get("verification_age_seconds") is not None:
+            parts.append(f"verify_age={int(m['verification_age_seconds'])}s")
+        parts.append(f"backups={m.get('backups', 0)}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": LEVELS[self.code], "code": self.code, "summary": self.summary,
+                "now": iso(self.now), "repository": self.repository,
+                "checks": [c.to_dict() for c in self.checks], "metrics": dict(self.metrics),
+                "error": self.error}
+
+
+def _age(now: datetime, ts: datetime) -> str:
+    seconds = max(0.0, (now - ts).total_seconds())
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verification], wal: WalState | None,
+             policy: Policy, now: datetime, repository: str = "",
+             health: Sequence[HealthRecord] = ()) -> StatusReport:
+    """The monitoring verdict at ``now`` (pure); a backup counts from when it started."""
+    from backup_tool.jobs.health import status_checks
+
+    s = policy.schedule
+    grace = timedelta(minutes=s.grace_minutes)
+    present = sorted((b for b in backups if b.started_at <= now), key=lambda b: (b.started_at, b.id))
+    newest: dict[str, BackupRecord] = {}
+    for b in present:
+        newest[b.kind] = b
+    logical = [b for b in present if b.kind in ("full", "incremental")]
+    checks: list[Check] = []
+
+    full = newest.get("full")
+    full_slot = last_due_slot(s.full, s.timezone, now, grace)
+    if full is None:
+        checks.append(Check("full", CRITICAL, "no full backup in the repository"))
+    elif full_slot and full.started_at < full_slot:
+        checks.append(Check("full", CRITICAL,
+                            f"full backup missed: newest full {full.id} is {_age(now, full.started_at)} old; "
+                            f"the {iso(full_slot)} slot passed its {s.grace_minutes} min grace without one"))
+    else:
+        checks.append(Check("full", OK, f"newest full {full.id} {_age(now, full.started_at)} old"))
+
+    if s.incremental and logical:
+        head = logical[-1]
+        slot = last_due_slot(s.incremental, s.timezone, now, grace)
+        if slot and head.started_at < slot:
+            checks.append(Check("incremental", WARNING,
+                                f"incremental late: newest backup {head.id} is {_age(now, head.started_at)} old; "
+                                f"the {iso(slot)} slot passed its grace without one"))
+        else:
+            checks.append(Check("incremental", OK, f"newest backup {head.id} {_age(now, head.started_at)} old"))
+
+    base = newest.get("base")
+    if s.base:
+        slot = last_due_slot(s.base, s.timezone, now, grace)
+        if base is None:
+            checks.append(Check("base", CRITICAL, "no base backup: point-in-time recovery is impossible"))
+        elif slot and base.started_at < slot:
+            checks.append(Check("base", CRITICAL, f"base backup missed: newest {base.id} is "
+                                                  f"{_age(now, base.started_at)} old; slot {iso(slot)} passed"))
+        else:
+            checks.append(Check("base", OK, f"newest base {base.id} {_age(now, base.started_at)} old"))
+
+    wal_lag: float | None = None
+    gaps: list[tuple[str, str]] = []
+    if wal is not None and (wal.names or base is not None):
+        limit = timedelta(minutes=policy.monitoring.wal_max_age_minutes)
+        if wal.newest_modified is None:
+            checks.append(Check("wal", CRITICAL, "base backups exist but the WAL archive is empty: "
+                                                 "check archive_command"))
+        else:
+            wal_lag = max(0.0, (now - wal.newest_modified).total_seconds())
+            gaps = wal_gap_ranges(present, wal)
+            if gaps:
+                first, last = gaps[0]
+                checks.append(Check("wal", CRITICAL, f"WAL archive has {len(gaps)} gap(s), first {first}"
+                                                     + (f"..{last}" if last != first else "")
+                                                     + ": point-in-time recovery cannot cross it"))
+            elif limit and now - wal.newest_modified > limit:
+                checks.append(Check("wal", CRITICAL, f"WAL archive stale: newest segment archived "
+                                                     f"{_age(now, wal.newest_modified)} ago (limit "
+                                                     f"{policy.monitoring.wal_max_age_minutes} min)"))
+            else:
+                checks.append(Check("wal", OK, f"WAL archived {_age(now, wal.newest_modified)} ago, no gaps"))
+
+    done = sorted((v for v in verifications if v.at <= now), key=lambda v: v.at)
+    last_verify = done[-1] if done else None
+    max_age = timedelta(hours=policy.monitoring.verify_max_age_hours)
+    if last_verify is not None and not last_verify.ok:
+        failed = last_verify.failed_checks()
+        what = f"{failed[0].get('name')}: {failed[0].get('detail', '')}"[:160] if failed else "see its record"
+        checks.append(Check("verification", CRITICAL, f"last verification ({iso(last_verify.at)}) failed: {what}"))
+    elif max_age and present and min(b.started_at for b in present) < now - max_age and (
+            last_verify is None or last_verify.at < now - max_age):
+        when = f"last one {_age(now, last_verify.at)} ago" if last_verify else "never verified"
+        checks.append(Check("verification", WARNING, f"no verification in {policy.monitoring.verify_max_age_hours} h "
+                                                     f"({when}): run 'backup-tool verify latest'"))
+    else:
+        checks.append(Check("verification", OK, f"last verification {iso(last_verify.at)} passed" if last_verify
+                            else "no verification yet"))
+
+    per_check = status_checks(health, policy, now)
+    checks += [Check(f"health_{h.check}", h.severity, h.detail) for h in per_check]
+
+    metrics: dict[str, Any] = {
+        "health": {h.check: {"last_run": h.last_run.timestamp() if h.last_run else None,
+                             "last_ok": h.last_ok} for h in per_check},
+        "backups": len(present),
+        "age_seconds": {k: (now - b.started_at).total_seconds() for k, b in newest.items()},
+        "last_success": {k: b.finished_at.timestamp() if b.finished_at else b.started_at.timestamp()
+                         for k, b in newest.items()},
+        "last_size_bytes": {k: b.size_bytes for k, b in newest.items()},
+        "last_duration_seconds": {k: ((b.finished_at or b.started_at) - b.started_at).total_seconds()
+                                  for k, b in newest.items()},
+        "count": {k: sum(1 for b in present if b.kind == k) for k in ("full", "incremental", "base")},
+        "repository_bytes": sum(b.size_bytes for b in present),
+        "wal_lag_seconds": wal_lag,
+        "wal_gaps": len(gaps),
+        "wal_segments": len(wal.names) if wal else None,
+        "verification_age_seconds": (now - last_verify.at).total_seconds() if last_verify else None,
+        "verification_ok": None if last_verify is None else last_verify.ok,
+    }
+    return StatusReport(now, repository, tuple(checks), metrics)
+
+
+def wal_gap_ranges(present: Sequence[BackupRecord], wal: WalState) -> list[tuple[str, str]]:
+    """(first, last) missing segment of each gap after the oldest base backup's start, on
+    every timeline path the archive holds (:func:`backup_tool.physical.wal.archive_gaps`)."""
+    bases = [b for b in present if b.kind == "base" and b.start_wal]
+    seg_size = bases[-1].wal_segment_size if bases else DEFAULT_SEGMENT_SIZE
+    start = min((b.start_wal for b in bases if b.start_wal), default=None,
+                key=lambda n: segment_number(n, seg_size))
+    return [(g.first_missing, g.last_missing) for g in archive_gaps(wal.names, wal.histories, start, seg_size)]
+
+
+# ----------------------------------------------------------------------------- reading the repository
+
+
+def read_verifications(storage: Storage) -> list[Verification]:
+    found: list[Verification] = []
+    for info in storage.list(VERIFICATIONS_PREFIX):
+        try:
+            body = json.loads(storage.get_bytes(info.key))
+            at = parse_utc(body["at"])
+            found.append(Verification(at, bool(body.get("ok")), tuple(body.get("backups", [])),
+                                      bool(body.get("restore_test")), tuple(body.get("checks", [])), info.key))
+        except (BackupToolError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return sorted(found, key=lambda v: v.at)
+
+
+def read_wal_state(storage: Storage) -> WalState | None:
+    """The WAL archive's segments, or None when this build has no WAL support."""
+    try:
+        from backup_tool.physical import wal
+    except ImportError:
+        return None
+    files = wal.list_archive(storage)
+    segments = wal.segments_of(files)
+    newest = max((s.modified for s in segments), default=None)
+    return WalState(tuple(s.name for s in segments), newest, sum(s.size for s in segments),
+                    wal.histories(storage, files))
+
+
+def collect_status(settings_factory: Callable[[], Settings], now: datetime | None = None) -> StatusReport:
+    """Read the repository and evaluate; any failure to read is an UNKNOWN report, not an error."""
+    from backup_tool.repository.catalog import Catalog
+    from backup_tool.jobs.health import read_records, records_for
+    from backup_tool.repository.storage import open_repository
+
+    now = now or datetime.now(UTC)
+    repository = ""
+    try:
+        settings = settings_factory()
+        repository = settings.repo_url
+        storage = open_repository(settings.repo_url)
+        records, problems = Catalog(storage).records(refresh=True)
+        health, _ = read_records(storage)
+        report = evaluate(records, read_verifications(storage), read_wal_state(storage), settings.policy, now,
+                          storage.url, records_for(settings, health))
+    except BackupToolError as exc:
+        return StatusReport(now, repository, (), {}, error=str(exc))
+    if problems:
+        extra = Check("manifests", WARNING, f"{len(problems)} unreadable manifest(s): {problems[0].message}")
+        report = StatusReport(report.now, report.repository, report.checks + (extra,), report.metrics)
+    return report
+
+
+# ----------------------------------------------------------------------------- Prometheus
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(report: StatusReport) -> str:
+    repo = f'repository="{_label(report.repository)}"'
+    m = report.metrics
+    lines: list[str] = []
+
+    def metric(name: str, help_: str, kind: str, samples: list[tuple[str, Any]]) -> None:
+        samples = [(lbl, v) for lbl, v in samples if v is not None]
+        if not samples:
+            return
+        lines.append(f"# HELP backup_tool_{name} {help_}")
+        lines.append(f"# TYPE backup_tool_{name} {kind}")
+        for labels, value in samples:
+            if isinstance(value, bool):
+                value = int(value)
+            if isinstance(value, float):
+                value = int(value) if value.is_integer() else repr(value)
+            lines.append(f"backup_tool_{name}{{{labels}}} {value}")
+
+    def per_kind(key: str) -> list[tuple[str, Any]]:
+        return [(f'{repo},kind="{k}"', float(v)) for k, v in sorted(m.get(key, {}).items())]
+
+    metric("status", "Overall status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN", "gauge", [(repo, report.code)])
+    metric("up", "1 if the repository could be read", "gauge", [(repo, int(report.error is None))])
+    metric("check_status", "Status of each check (0 OK, 1 WARNING, 2 CRITICAL)", "gauge",
+           [(f'{repo},check="{c.name}"', c.severity) for c in report.checks])
+    metric("last_success_timestamp_seconds", "Finish time of the newest backup of each kind", "gauge",
+           per_kind("last_success"))
+    metric("last_size_bytes", "Bytes stored by the newest backup of each kind", "gauge", per_kind("last_size_bytes"))
+    metric("last_duration_seconds", "Duration of the newest backup of each kind", "gauge",
+           per_kind("last_duration_seconds"))
+    metric("backup_age_seconds", "Age of the newest backup of each kind", "gauge", per_kind("age_seconds"))
+    metric("backups", "Backups in the repository by kind", "gauge",
+           [(f'{repo},kind="{k}"', v) for k, v in sorted(m.get("count", {}).items())])
+    metric("repository_size_bytes", "Bytes stored by all listed backups", "gauge", [(repo, m.get("repository_bytes"))])
+    metric("wal_archive_lag_seconds", "Seconds since the newest WAL segment was archived", "gauge",
+           [(repo, m.get("wal_lag_seconds"))])
+    metric("wal_gaps", "Missing WAL ranges after the oldest base backup", "gauge",
+           [(repo, m.get("wal_gaps") if m.get("wal_segments") is not None else None)])
+    metric("verification_age_seconds", "Seconds since the newest verification run", "gauge",
+           [(repo, m.get("verification_age_seconds"))])
+    metric("verification_success", "1 if the newest verification run passed", "gauge",
+           [(repo, m.get("verification_ok"))])
+    health = sorted(m.get("health", {}).items())
+    metric("health_last_run_timestamp_seconds", "Start of the newest run of each health check", "gauge",
+           [(f'{repo},check="{name}"', h["last_run"]) for name, h in health])
+    metric("health_last_ok", "1 if the newest run of each health check passed (warnings pass)", "gauge",
+           [(f'{repo},check="{name}"', h["last_ok"]) for name, h in health])
+    metric("status_evaluated_timestamp_seconds", "When this file was computed (policy time)", "gauge",
+           [(repo, float(report.now.timestamp()))])
+    return "\n".join(lines) + "\n"
+
+
+def write_textfile(path: str | Path, text: str) -> None:
+    """Atomically replace ``path`` with ``text`` (same-directory temp file, fsync, rename)."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise BackupToolError(f"cannot write the Prometheus textfile {target}: {exc.strerror}",
+                              "check the directory exists and is writable") from None

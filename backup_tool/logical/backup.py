@@ -1,0 +1,376 @@
+"""Logical backups: full and incremental, consistent, streamed, one object per table.
+
+A full backup exports one snapshot and lets every worker import it, so the schema archive
+(pg_dump --snapshot), every table's COPY stream and every checksum describe the same
+instant. Each ordinary table (and each leaf partition) becomes one zstd object streamed
+from ``psql``'s COPY output straight into the repository: no local copy of the data is
+made, and a table can later be restored alone. Content checksums are computed in the same
+snapshot by parallel sessions. Objects go under ``backups/<id>/``; the manifest is written
+last, after every object is durable, so an interrupted backup is never listed.
+
+Incremental backups store only the tables whose content changed since the parent backup
+(the newest complete backup of the same database) and reference the parent's objects for
+the rest. Change detection compares, per table, the content checksum computed in the new
+snapshot with the parent's: row count plus the sum of 64-bit hashes of every row's text
+over the dumped column list. Any INSERT, UPDATE, DELETE, TRUNCATE or COPY changes the
+multiset of rows and so the checksum (a collision needs two different row multisets with
+equal 64-bit hash sums); ALTER TABLE that adds, drops, renames or reorders columns changes
+the column list; partitions attached or detached change the table's parent; new tables
+have no parent entry. The checksum is taken in the backup's own snapshot, so a change
+committed just before it is seen. Unchanged tables yield the same rows from the parent's
+object, so the incremental restores to exactly its own snapshot. Schema, roles and
+sequence values are always stored fresh. Table statistics (pg_stat) are deliberately not
+trusted: they are lossy and reset on crash.
+
+Only one backup of a database into a repository runs at a time: a PostgreSQL advisory
+lock on the source database (visible to every machine that backs it up) guards the run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import psycopg
+
+from backup_tool import __version__
+from backup_tool.core import testhooks
+from backup_tool.postgres import column_order, connection as postgres, database_level, large_objects, matviews, schema
+from backup_tool.streams import pipeline
+from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
+from backup_tool.config.settings import Settings
+from backup_tool.errors import BackupToolError, LockHeldError
+from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry, utc_iso
+from backup_tool.config.policy import Policy
+from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
+from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.repository.storage import Storage, open_storage
+from backup_tool.repository.storage.base import ObjectLock
+from backup_tool.repository.keyguard import guard_writes
+from backup_tool.repository.storage.encrypted import encryption_of, manifest_encryption
+
+
+def compression_threads(jobs: int) -> int:
+    cores = os.cpu_count() or 1
+    return 0 if jobs >= cores else cores // jobs
+
+
+def lock_name(repo_url: str, database: str) -> str:
+    return f"backup-tool:backup:{repo_url}:{database}"
+
+
+@dataclass
+class _Workers:
+    """Per-thread sessions importing the backup's snapshot, for checksum queries."""
+
+    conninfo: ConnInfo
+    snapshot_id: str
+    stack: ExitStack
+
+    def __post_init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def conn(self) -> psycopg.Connection[Any]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._lock:
+                conn = self.stack.enter_context(
+                    postgres.snapshot_session(self.conninfo, self.snapshot_id))
+            self._local.conn = conn
+        return conn
+
+
+def _store_compressed(storage: Storage, key: str, chunks: Any, level: int, threads: int,
+                      on_raw: Callable[[int], None] | None = None,
+                      pause: str = "") -> tuple[StoredObject, pipeline.StreamStats]:
+    stats = pipeline.StreamStats()
+    stream = pipeline.compress(chunks, level, threads, stats, on_raw)
+    result = storage.put(key, testhooks.paused_stream(pause, stream) if pause else stream)
+    return StoredObject(key, result.size, result.sha256, stats.raw_size), stats
+
+
+def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: str,
+                table: TableInfo, key: str, level: int, threads: int, encoding: str,
+                advance: Callable[[int], None]) -> tuple[StoredObject, int]:
+    argv = postgres.copy_out_command(conninfo, major, snapshot_id, table)
+    env = conninfo.tool_env(settings={})
+    env["PGCLIENTENCODING"] = encoding
+    proc = pipeline.Process(argv, env, f"COPY of {table.schema}.{table.name}")
+    try:
+        obj, stats = _store_compressed(storage, key, proc.chunks(), level, threads, advance, "backup:upload")
+        proc.finish()
+    except BaseException:
+        proc.kill()
+        raise
+    return obj, stats.lines
+
+
+def choose_parent(backups: list[Manifest], database: str, policy: Policy,
+                  now: datetime, key_id: str | None = None) -> tuple[Manifest | None, str]:
+    """The backup an incremental taken ``now`` builds on, or None and the reason a full is needed.
+
+    Pure: a function of the repository's backups, the policy, the time and the id of the
+    encryption key in use. The parent is the newest full or incremental of the same
+    database. A full is needed when there is none, when the chain already holds
+    ``max_chain_length`` incrementals, when the chain's full would expire before the new
+    incremental (a chain must outlive its tips), or when the chain was written with another
+    encryption key or none (a chain never mixes keys: its tables are read with one key).
+    """
+    chain = [m for m in backups if m.database == database and m.kind in ("full", "incremental")]
+    if not chain:
+        return None, f"no full backup of {database} in the repository"
+    parent = chain[-1]
+    parent_key = (manifest_encryption(parent.options) or {}).get("key_id")
+    if parent_key != key_id:
+        was = f"encrypted with key id {parent_key}" if parent_key else "not encrypted"
+        now_ = f"key id {key_id}" if key_id else "no key"
+        return None, f"the chain of {parent.id} is {was} and this backup uses {now_} (a chain never mixes keys)"
+    by_id = {m.id: m for m in chain}
+    links = [parent]
+    while links[0].parent_id:
+        ancestor = by_id.get(links[0].parent_id)
+        if ancestor is None:
+            return None, f"the chain of {parent.id} is broken ({links[0].parent_id} is missing)"
+        links.insert(0, ancestor)
+    incrementals = len(links) - 1
+    if incrementals >= policy.retention.max_chain_length:
+        return None, f"the chain of {links[0].id} already has {incrementals} incrementals (max_chain_length)"
+    if links[0].expires_at < policy.expires_at("incremental", now):
+        return None, f"full {links[0].id} expires before a new incremental would"
+    return parent, ""
+
+
+def unchanged(entry: TableEntry | None, table: TableInfo, rows: int, checksum: str) -> bool:
+    """True only if the parent's object holds exactly this table's current rows."""
+    return (entry is not None and entry.object is not None and entry.relkind == table.relkind
+            and entry.parent == table.parent and entry.columns == table.columns
+            and entry.rows == rows and entry.checksum == checksum)
+
+
+class NoLongerDue(Exception):
+    """Raised instead of backing up when ``still_due`` says, under the lock, that another
+    run has already taken the backup (run-due's guard against two overlapping cron runs)."""
+
+
+StillDue = Callable[[list[Manifest]], bool]
+
+
+def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int | None = None,
+                only_tables: set[tuple[str, str]] | None = None, still_due: StillDue | None = None,
+                lock_timeout: float = 0.0) -> Manifest:
+    """Take a full logical backup of the settings' database; return its committed manifest.
+
+    ``only_tables`` limits the table data to those (schema, name) pairs (and, for a
+    partitioned table, its partitions); the schema archive is always complete.
+    ``still_due`` is asked, once the lock is held, whether the backup is still wanted.
+    ``lock_timeout``: seconds to wait for a running backup of the same database into the
+    same repository to finish (0: fail at once with :class:`LockHeldError`).
+    """
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "full", only_tables, still_due,
+                           lock_timeout)
+
+
+def backup_incremental(settings: Settings, reporter: Reporter | None = None,
+                       jobs: int | None = None, still_due: StillDue | None = None,
+                       lock_timeout: float = 0.0) -> Manifest:
+    """Back up only what changed since the newest backup; take a full (and say so) if needed."""
+    return _logical_backup(settings, reporter or NullReporter(), jobs, "incremental", None, still_due,
+                           lock_timeout)
+
+
+def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
+    if only is None:
+        return tables
+    chosen = set(only)
+    grew = True
+    while grew:
+        names = {f"{s}.{n}" for s, n in chosen}
+        extra = {(t.schema, t.name) for t in tables if t.parent in names} - chosen
+        chosen |= extra
+        grew = bool(extra)
+    return [t for t in tables if (t.schema, t.name) in chosen]
+
+
+def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, kind: str,
+                    only_tables: set[tuple[str, str]] | None, still_due: StillDue | None = None,
+                    lock_timeout: float = 0.0) -> Manifest:
+    storage = open_storage(settings.repo_url)
+    catalog = Catalog(storage)
+    conninfo = ConnInfo(settings.dsn)
+    policy = settings.policy
+    guard_writes(storage, policy.backup.encryption_key_id, policy.name, f"take a {kind} backup",
+                 lambda: catalog.scan()[0])
+    jobs = jobs or policy.backup.jobs
+    level = policy.backup.compression_level
+    threads = compression_threads(jobs)
+
+    with ExitStack() as stack:
+        control = conninfo.connect()
+        stack.callback(control.close)
+        info = postgres.server_info(control)
+        major = info["server_version_num"] // 10000
+        database = info["database"]
+        if lock_timeout > 0:
+            reporter.event("waiting for the backup lock", database=database, seconds=lock_timeout)
+        if not postgres.advisory_lock(control, lock_name(storage.url, database), lock_timeout):
+            waited = f" (waited {lock_timeout:g} s)" if lock_timeout > 0 else ""
+            raise LockHeldError(f"another backup of {database} into {storage.url} is running{waited}",
+                                "wait for it to finish, let cron retry later, or pass --lock-timeout SECONDS")
+        if still_due is not None and not still_due(catalog.backups()):
+            raise NoLongerDue(f"another run already took the due backup of {database}")
+        started_at = datetime.now(timezone.utc)
+        parent = None
+        if kind == "incremental":
+            key = encryption_of(storage)
+            parent, why = choose_parent(catalog.backups(), database, policy, started_at,
+                                        key.key_id if key else None)
+            if parent is None:
+                kind = "full"
+                reporter.warning(f"taking a full backup instead of an incremental: {why}")
+        else:
+            catalog.ids()
+        backup_id = new_backup_id(kind, started_at)
+        prefix = data_prefix(backup_id)
+        expires_at = policy.expires_at(kind, started_at)
+        catalog.mark_running(backup_id, kind, database)
+        stack.callback(catalog.unmark_running, backup_id)
+        lock = None
+        if policy.object_lock.mode != "none":
+            lock = ObjectLock(policy.object_lock.mode, expires_at)
+            storage.lock_new_objects(lock)
+        reporter.event("backup started", id=backup_id, kind=kind, database=database,
+                       parent=parent.id if parent else None, repository=storage.url)
+        try:
+            manifest = _dump(storage, conninfo, info, major, policy, jobs, level, threads, kind,
+                             backup_id, started_at, expires_at, parent, only_tables, reporter, stack)
+            if lock is not None:
+                manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
+            testhooks.pause_point("backup:before-manifest")
+            missing = catalog.missing_objects(manifest)
+            if missing:
+                raise BackupToolError(f"backup {backup_id} lost {len(missing)} object(s) before its manifest "
+                                      f"was written ({missing[0]}); it was not committed",
+                                      "something deleted them while the backup ran (a retention sweep or a "
+                                      "bucket lifecycle rule?): check, then run the backup again")
+            manifest = catalog.commit(manifest)
+        except BaseException:
+            _discard(storage, prefix, backup_id)
+            raise
+        reporter.event("backup finished", id=backup_id, kind=kind, size_bytes=manifest.size_bytes,
+                       seconds=round((manifest.finished_at - started_at).total_seconds(), 2))
+        return manifest
+
+
+def _discard(storage: Storage, prefix: str, backup_id: str) -> None:
+    """Best-effort removal of an unfinished backup's objects (the retention sweep catches the
+    rest). Nothing is removed if the manifest made it to the repository after all."""
+    try:
+        if storage.exists(manifest_key(backup_id)):
+            return
+        for obj in storage.list(prefix):
+            storage.delete(obj.key)
+    except Exception:  # noqa: BLE001 - cleanup on a failure path: the caller reports the failure itself
+        pass
+
+
+def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int, policy: Policy,
+          jobs: int, level: int, threads: int, kind: str, backup_id: str, started_at: datetime,
+          expires_at: datetime, parent: Manifest | None, only_tables: set[tuple[str, str]] | None,
+          reporter: Reporter, stack: ExitStack) -> Manifest:
+    prefix = data_prefix(backup_id)
+    snap = Snapshot(conninfo)
+    stack.callback(snap.close)
+    tables = _selected(postgres.list_tables(snap.conn), only_tables)
+    snap.lock_tables(tables)
+    sequences = postgres.sequences(snap.conn)
+    inventory = {**postgres.inventory(snap.conn), "database": database_level.properties(snap.conn),
+                 "matviews": matviews.inventory(snap.conn),
+                 "large_objects": large_objects.summary(snap.conn)}
+    inventory[column_order.INVENTORY_KEY] = column_order.record(snap.conn)
+
+    archive = schema.dump_schema(conninfo, major, snap.snapshot_id)
+    normalized = schema.normalize(schema.schema_text(archive, major))
+    schema_obj, _ = _store_compressed(storage, prefix + "schema.pgdump.zst", [archive], level, 0)
+    globals_obj, _ = _store_compressed(storage, prefix + "globals.sql.zst",
+                                       [schema.dump_globals(conninfo, major)], level, 0)
+    lo_obj = None
+    if (parent is not None and parent.large_objects is not None
+            and parent.inventory.get("large_objects") == inventory["large_objects"]):
+        lo_obj = parent.large_objects
+    elif inventory["large_objects"]["count"]:
+        proc = large_objects.dump_stream(conninfo, major, snap.snapshot_id)
+        try:
+            lo_obj, _ = _store_compressed(storage, prefix + "large_objects.pgdump.zst",
+                                          large_objects.chunks_of(proc), level, threads)
+        except BaseException:
+            proc.kill()
+            raise
+
+    data_tables = [t for t in tables if t.has_data]
+    workers = _Workers(conninfo, snap.snapshot_id, stack)
+    objects: dict[int, tuple[StoredObject, int]] = {}
+    checksums: dict[int, tuple[int, str]] = {}
+    encoding = info["encoding"]
+
+    def checksum(table: TableInfo) -> None:
+        checksums[table.oid] = postgres.table_checksum(workers.conn(), table.schema, table.name,
+                                                       table.columns)
+
+    def dump(table: TableInfo) -> None:
+        objects[table.oid] = _dump_table(storage, conninfo, major, snap.snapshot_id, table,
+                                         f"{prefix}data/{table.oid}.copy.zst", level, threads,
+                                         encoding, progress.advance)
+        testhooks.pause_point("backup:between-objects")
+
+    reused: dict[int, TableEntry] = {}
+    if parent is None:
+        progress = reporter.task("dumping tables", total=sum(t.size for t in data_tables))
+        pipeline.run_parallel(jobs, [(dump, t) for t in data_tables] + [(checksum, t) for t in data_tables])
+    else:
+        check = reporter.task("comparing tables with the parent backup", total=len(data_tables))
+        pipeline.run_parallel(jobs, [(lambda t: (checksum(t), check.advance(1)), t) for t in data_tables])
+        check.finish()
+        for t in data_tables:
+            entry = parent.table(t.schema, t.name)
+            if entry is not None and unchanged(entry, t, *checksums[t.oid]):
+                reused[t.oid] = entry
+        missing = Catalog(storage).missing_keys(e.object.key for e in reused.values() if e.object)
+        if missing:
+            raise BackupToolError(f"parent backup {parent.id} lacks objects it lists ({missing[0]})",
+                                  "run 'backup-tool verify all', then take a full backup")
+        changed = [t for t in data_tables if t.oid not in reused]
+        reporter.event("change detection", changed=len(changed), unchanged=len(reused))
+        progress = reporter.task("dumping changed tables", total=sum(t.size for t in changed))
+        pipeline.run_parallel(jobs, [(dump, t) for t in changed])
+    progress.finish()
+
+    entries = []
+    for t in tables:
+        rows, digest = checksums.get(t.oid, (0, "0" * 16))
+        if t.oid in reused:
+            entries.append(replace(reused[t.oid], rows=rows, checksum=digest))
+            continue
+        obj, lines = objects.get(t.oid, (None, 0))
+        if obj is not None and lines != rows:
+            raise BackupToolError(f"COPY of {t.schema}.{t.name} produced {lines} rows but the "
+                                  f"table has {rows} in the snapshot", "report this as a bug")
+        entries.append(TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, rows, digest, obj))
+    return Manifest(
+        id=backup_id, kind=kind, parent_id=parent.id if parent else None, database=info["database"],
+        server_version=info["server_version"], server_version_num=info["server_version_num"],
+        encoding=encoding, system_identifier=info["system_identifier"],
+        started_at=started_at, finished_at=datetime.now(timezone.utc), expires_at=expires_at,
+        policy={"name": policy.name, "source": policy.source,
+                "retention_days": policy.retention_for(kind).days},
+        snapshot_lsn=snap.wal_lsn, schema=schema_obj, globals=globals_obj,
+        schema_fingerprint=schema.fingerprint(normalized),
+        tables=tuple(entries), sequences=tuple(sequences), inventory=inventory, large_objects=lo_obj,
+        options={"jobs": jobs, "compression_level": level,
+                 "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None},
+        tool_version=__version__,
+    )

@@ -1,0 +1,386 @@
+"""Restores from the repository into PostgreSQL, each ending with validation.
+
+A full restore goes into an empty database and never overwrites: it refuses a target that
+holds any user object. Order: roles (optional), schema pre-data (types, functions, tables)
+in one transaction, table data in parallel, sequence values, then post-data (indexes,
+constraints, triggers, policies) built in parallel by pg_restore, then validation against
+the manifest. Each table's data is loaded in its own transaction that commits only after
+the object's sha256 has matched, so a damaged object never leaves half a table behind.
+
+With ``schema_from_migrations`` the schema comes from the team's migrations instead of the
+backup's archive (see :mod:`backup_tool.schema.rebuild`): the migrations replace pre-data and
+post-data, the data loads with triggers silenced, and validation reports any drift.
+
+An interrupted restore never looks complete: the target carries the marker of
+:mod:`backup_tool.postgres.restore_marker` from before the first object is created until the last
+step is done; ``restart_unfinished`` starts such a target over.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg
+from psycopg import sql
+
+from backup_tool.core import testhooks
+from backup_tool.postgres import column_order, connection as postgres, database_level, extensions, large_objects, matviews, restore_marker, roles, schema
+from backup_tool.schema import rebuild
+from backup_tool.streams import pipeline
+from backup_tool.repository.catalog import Catalog, DatabaseHint
+from backup_tool.config.settings import Settings
+from backup_tool.errors import (
+    BackupToolError,
+    DatabaseError,
+    LockHeldError,
+    RefusedError,
+    ValidationFailed,
+)
+from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry, utc_iso
+from backup_tool.postgres.connection import ConnInfo
+from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.repository.storage import Storage, open_repository
+from backup_tool.validation.validate import ValidationReport, validate
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    backup_id: str
+    target: str
+    tables: int
+    rows: int
+    bytes_read: int
+    seconds: float
+    validation: ValidationReport | None
+    schema_from_migrations: dict[str, Any] | None = None
+    source: BackupOrigin | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id,
+            **(self.source.to_dict() if self.source else {}),
+            "target": self.target,
+            "tables": self.tables,
+            "rows": self.rows,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+            "ok": self.validation.ok if self.validation else None,
+            "validation": self.validation.to_dict() if self.validation else None,
+            **({"schema_from_migrations": self.schema_from_migrations} if self.schema_from_migrations else {}),
+        }
+
+
+@dataclass(frozen=True)
+class BackupOrigin:
+    """What a restore brought back: the source database and the moment its data represents
+    (the backup's snapshot, taken as it started) and when the backup finished."""
+
+    database: str
+    snapshot_at: datetime
+    finished_at: datetime
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "BackupOrigin":
+        return cls(manifest.database, manifest.started_at, manifest.finished_at)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"database": self.database, "snapshot_at": utc_iso(self.snapshot_at),
+                "backup_finished_at": utc_iso(self.finished_at)}
+
+
+def read_object(storage: Storage, obj: StoredObject,
+                on_chunk: Callable[[int], None] | None = None) -> bytes:
+    """A small object, checksum-verified and decompressed, in memory."""
+    return b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, on_chunk))
+
+
+def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any] | None = None) -> bool:
+    """Create the target database if missing, with the backed-up encoding and locale
+    (``properties``: the manifest's ``database`` record); return True if it was created (then
+    the caller owns it: see :func:`dropped_unless_kept`)."""
+    name = conninfo.dbname
+    if not name:
+        raise RefusedError("--create needs a database name in --target-dsn")
+    admin = conninfo.with_database("postgres")
+    with admin.connect() as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return False
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 {}").format(
+                sql.Identifier(name), database_level.create_options(properties, encoding)))
+        except psycopg.errors.InvalidParameterValue as exc:
+            raise RefusedError(f"cannot create database {name} as the backup's was: {str(exc).splitlines()[0]}",
+                               "install the locale on the target server, or create the database yourself "
+                               "and restore without --create (validation will report the difference)") from None
+    return True
+
+
+class _Created:
+    """The database this run created, until the restore is committed to it."""
+
+    def __init__(self) -> None:
+        self.kept = False
+
+    def keep(self) -> None:
+        self.kept = True
+
+
+@contextmanager
+def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter) -> Iterator[_Created]:
+    """Drop the database this run created if the block fails before calling ``keep()``: a
+    refused or failed ``--create`` restore leaves the server as it found it. A database that
+    already existed is never dropped. The block's own error is the one raised; a drop that
+    fails too is a warning naming the database."""
+    guard = _Created()
+    try:
+        yield guard
+    except BaseException:
+        if created and not guard.kept:
+            assert conninfo.dbname
+            try:
+                with conninfo.with_database("postgres").connect() as admin:
+                    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(conninfo.dbname)))
+            except (BackupToolError, psycopg.Error) as exc:
+                reporter.warning(f"could not drop database {conninfo.dbname}, created by this restore: "
+                                 f"{str(exc).splitlines()[0]}")
+        raise
+
+
+def ensure_roles(conn: psycopg.Connection[Any], conninfo: ConnInfo, storage: Storage,
+                 manifest: Manifest, major: int, with_roles: bool, reporter: Reporter) -> frozenset[str]:
+    """Refuse if roles the backup needs are missing; with ``with_roles`` create the backup's
+    missing roles first (see :mod:`backup_tool.postgres.roles`). Returns the roles created."""
+    needed = manifest.inventory.get("roles", [])
+    missing = postgres.missing_roles(conn, needed)
+    if not with_roles or manifest.globals is None:
+        if missing:
+            raise RefusedError(f"roles missing on the target server: {', '.join(missing)}",
+                               "create them, or rerun with --with-roles to create them from the backup")
+        return frozenset()
+    backup = roles.parse_globals(read_object(storage, manifest.globals).decode())
+    created = roles.apply(conn, roles.plan(backup, roles.server_roles(conninfo, major)), needed, reporter)
+    still = postgres.missing_roles(conn, missing)
+    if still:
+        raise RefusedError(f"could not create roles {', '.join(still)} on the target server",
+                           "create them by hand (needs CREATEROLE) and rerun")
+    return created
+
+
+def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding: str,
+               advance: Callable[[int], None], conn: psycopg.Connection[Any] | None = None,
+               target: tuple[str, str] | None = None, fresh: bool = False) -> None:
+    """COPY one table's object into ``target`` (default: the table itself), in one transaction.
+
+    ``fresh``: the table was created by this restore and nothing references it yet, so it is
+    truncated in the loading transaction and loaded with COPY FREEZE: rows arrive frozen with
+    their hint bits set, so neither validation's scan nor the first VACUUM rewrites every page.
+    """
+    obj = entry.object
+    assert obj is not None
+    schema_name, name = target or (entry.schema, entry.name)
+    stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh)
+    own = conn is None
+    conn = conn or conninfo.connect(autocommit=True, settings={"client_encoding": encoding})
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            if fresh:
+                cur.execute(postgres.truncate_statement(schema_name, name))
+            with cur.copy(stmt) as copy:
+                for chunk in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance):
+                    copy.write(chunk)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        if own:
+            conn.close()
+
+
+def set_sequences(conn: psycopg.Connection[Any], sequences: list[dict[str, Any]]) -> None:
+    with conn.transaction():
+        for seq in sequences:
+            name = postgres.quoted_table(seq["schema"], seq["name"])
+            conn.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
+                         (name, seq["last_value"], seq["is_called"]))
+
+
+def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str | None = "latest",
+                 create: bool = False, with_roles: bool = False, jobs: int | None = None,
+                 run_validation: bool | None = None, reporter: Reporter | None = None,
+                 schema_from_migrations: str | Path | None = None,
+                 restart_unfinished: bool = False, analyze: bool = True,
+                 database: DatabaseHint | None = None) -> RestoreResult:
+    """Restore a whole backup (full or incremental) into an empty database, then validate.
+
+    ``schema_from_migrations``: build the schema by replaying this migrations folder instead
+    of from the backup's schema archive (refused if it cannot hold the backup's data).
+    ``restart_unfinished``: if the target holds an interrupted restore (see
+    :mod:`backup_tool.postgres.restore_marker`), drop what it created and restore again.
+    ``analyze``: gather planner statistics once everything is loaded (a restored database
+    has none, and plans production queries badly until autovacuum gets to it).
+    ``database``: which database ``latest`` means (see :func:`backup_tool.repository.catalog.choose_latest`).
+    With ``create``, a database this call created is dropped again if the restore is refused
+    or fails before the restore marker is in place.
+    """
+    reporter = reporter or NullReporter()
+    started = time.monotonic()
+    storage = open_repository(settings.repo_url)
+    manifest = Catalog(storage).resolve_logical(backup_ref, database)
+    target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
+    jobs = jobs or settings.policy.backup.jobs
+    major = manifest.server_version_num // 10000
+    validating = run_validation if run_validation is not None else settings.policy.validation.after_restore
+    rebuilt = None
+    created = create and create_database(target, manifest.encoding, manifest.inventory.get("database"))
+    if created:
+        reporter.event("database created", database=target.dbname)
+    reporter.event("restore started", id=manifest.id, database=manifest.database, target=target.redacted())
+
+    with dropped_unless_kept(target, created, reporter) as new_database, target.connect() as control:
+        if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
+            raise LockHeldError(f"another restore into {target.redacted()} is running",
+                                "wait for it to finish")
+        _start_over_if_unfinished(control, target, restart_unfinished, reporter)
+        existing = postgres.user_objects(control)
+        if existing:
+            raise RefusedError(f"target database {target.redacted()} is not empty ({', '.join(existing[:3])}"
+                               f"{' ...' if len(existing) > 3 else ''})",
+                               "restore into a new database (--create with a new name) or drop the objects first")
+        created_roles = ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
+        restore_marker.mark(control, manifest.id)
+        new_database.keep()
+
+        assert manifest.schema is not None
+        fetched = [0]
+
+        def count(n: int) -> None:
+            fetched[0] += n
+
+        with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
+            archive_path = Path(tmp) / "schema.pgdump"
+            loader = target
+            if schema_from_migrations is None:
+                archive_path.write_bytes(read_object(storage, manifest.schema, count))
+                replay = extensions.PreDataReplay(archive_path, target, major, manifest.inventory.get("extensions"))
+                column_order.restore_pre_data(archive_path, target, major, manifest, reporter, replay)
+                for fallback in replay.fallbacks:
+                    reporter.warning(f"extension {fallback}: installed the target server's default version")
+                reporter.event("schema created", id=manifest.id)
+            else:
+                rebuilt = rebuild.rebuild_schema(schema_from_migrations, target, storage, manifest, archive_path,
+                                                 major, reporter, count)
+                loader = rebuilt.loader
+
+            data = [t for t in manifest.tables if t.object is not None]
+            checksums: dict[tuple[str, str], tuple[int, str]] = {}
+            progress = reporter.task("restoring tables", total=sum(t.object.size for t in data if t.object))
+
+            def advance(n: int) -> None:
+                count(n)
+                progress.advance(n)
+
+            def load(t: TableEntry) -> None:
+                with loader.connect(settings={"client_encoding": manifest.encoding}) as conn:
+                    load_table(loader, storage, t, manifest.encoding, advance, conn=conn, fresh=rebuilt is None)
+                    if validating and t.relkind == "r":
+                        checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns)
+                testhooks.pause_point("restore:loading")
+
+            pipeline.run_parallel(jobs, [(load, t) for t in data])
+            progress.finish()
+            set_sequences(control, list(manifest.sequences))
+            if manifest.large_objects is not None:
+                lo = manifest.large_objects
+                large_objects.restore(loader, major, storage, lo.key, lo.sha256, lo.size, Path(tmp), count)
+                reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
+            reporter.event("data loaded", tables=len(data), bytes=fetched[0])
+            if rebuilt is None:
+                schema.restore_section(archive_path, target, major, "post-data", jobs=jobs)
+                reporter.event("indexes and constraints built", id=manifest.id)
+            else:
+                rebuild.finish(target, validating)
+        finish_database(target, manifest, jobs, analyze, created, reporter)
+        restore_marker.clear(control)
+
+    report = None
+    if validating:
+        report = validate(target, manifest, storage if rebuilt is None or rebuilt.archive_usable else None,
+                          jobs=jobs, reporter=reporter, checksums=checksums,
+                          created_roles=created_roles)
+    result = RestoreResult(manifest.id, target.redacted(),
+                           len([t for t in manifest.tables if t.relkind == "r"]),
+                           sum(t.rows for t in manifest.tables), fetched[0],
+                           time.monotonic() - started, report, rebuilt.to_dict() if rebuilt else None,
+                           BackupOrigin.of(manifest))
+    if report is not None and not report.ok:
+        raise ValidationFailed(f"restore of {manifest.id} finished but validation failed: "
+                               + "; ".join(f"{c.name}: {c.detail}" for c in report.failed)[:400],
+                               report=result)
+    reporter.event("restore finished", id=manifest.id, seconds=round(result.seconds, 2))
+    return result
+
+
+def finish_database(target: ConnInfo, manifest: Manifest, jobs: int, analyze: bool, created: bool,
+                    reporter: Reporter) -> None:
+    """The steps after the data and post-data: refresh the materialized views that were
+    populated, gather statistics, then apply the database's own properties (last, so that
+    a backed-up setting such as ``default_transaction_read_only`` cannot break the restore)."""
+    populated = {(m["schema"], m["name"]) for m in manifest.inventory.get("matviews", []) if m["populated"]}
+    refreshed = matviews.refresh(target, populated, jobs)
+    if refreshed:
+        reporter.event("materialized views refreshed", count=refreshed)
+    if analyze:
+        analyze_all(target, jobs)
+        reporter.event("statistics gathered")
+    wanted = manifest.inventory.get("database")
+    if wanted is not None:
+        try:
+            with target.connect() as conn:
+                unapplied = database_level.apply(conn, wanted, created)
+        except psycopg.Error as exc:
+            reporter.warning(f"database properties not restored: {str(exc).splitlines()[0]} "
+                             "(restore as the database owner or a superuser)")
+            unapplied = []
+        for item in unapplied:
+            reporter.warning(f"not restored: {item.what} (role {item.role} does not exist on the target server)",
+                             role=item.role)
+
+
+def analyze_all(target: ConnInfo, jobs: int) -> None:
+    """ANALYZE every user table, partitioned table and materialized view, in parallel."""
+    with target.connect() as conn:
+        rels = conn.execute(f"""
+            SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p', 'm') AND {postgres.SYSTEM_SCHEMA_FILTER}
+               AND (c.relkind <> 'm' OR c.relispopulated)
+             ORDER BY pg_table_size(c.oid) DESC""").fetchall()
+
+    def one(rel: tuple[str, str]) -> None:
+        try:
+            with target.connect() as conn:
+                conn.execute(sql.SQL("ANALYZE {}").format(postgres.qualified(*rel)))
+        except psycopg.Error as exc:
+            raise DatabaseError(f"ANALYZE of {rel[0]}.{rel[1]} failed: {str(exc).splitlines()[0]}") from None
+
+    pipeline.run_parallel(max(1, jobs), [(one, r) for r in rels])
+
+
+def _start_over_if_unfinished(control: psycopg.Connection[Any], target: ConnInfo, restart: bool,
+                              reporter: Reporter) -> None:
+    """Refuse a target holding an interrupted restore, or (``restart``) empty it first."""
+    marker = restore_marker.read(control)
+    if marker is None:
+        return
+    previous = restore_marker.backup_id_of(marker)
+    if not restart:
+        raise RefusedError(f"target database {target.redacted()} holds an unfinished restore of {previous} "
+                           "(it was interrupted)",
+                           f"rerun with {restore_marker.RESTART_FLAG} to drop what it created and restore again")
+    dropped = restore_marker.discard_unfinished(control)
+    reporter.event("unfinished restore discarded", previous=previous, dropped=len(dropped))

@@ -1,0 +1,559 @@
+"""Selective restore: bring back some tables from a backup without touching anything else.
+
+Only the manifest, the schema archive and the chosen tables' objects are downloaded. A
+partitioned table selects all its partitions; a single partition can be chosen alone.
+
+Three modes, each refusing rather than overwriting by accident:
+
+- default: each table is restored where it was if it is absent (created from the backup's
+  definition) or empty; a table holding rows is refused and nothing changes.
+- ``into_schema``: the tables are recreated (columns, defaults, check and unique
+  constraints, indexes, RLS and policies; not foreign keys or triggers, which would tie an
+  inspection copy to live data) in a separate schema, live data untouched. A partitioned
+  table comes back as its tree. Every sequence the copy's columns use is the copy's own, in
+  that schema, owned by a copied column and set to the backup's value: nothing the copy
+  does reaches a live sequence.
+- ``replace``: the tables' contents are replaced in one transaction (readers see the old
+  rows until commit, never a half-loaded table), with triggers silenced and no cascading
+  to other tables; a partitioned table is replaced through its leaf partitions, all in that
+  transaction. Foreign keys from and to the replaced tables are then checked and any
+  violation rolls everything back, reporting the orphan rows per foreign key. Owned
+  sequences are moved forward (never back) past both the backed-up value and the data.
+
+Table definitions are taken from the backup's own schema archive: it is replayed into a
+scratch database, the tables moved to the inspection schema if asked, and pg_dump then
+extracts exactly those tables' definitions (with their indexes, constraints, owned
+sequences, policies and grants) in PostgreSQL's own quoting.
+"""
+
+from __future__ import annotations
+
+import difflib
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg
+from psycopg import sql
+
+from backup_tool.postgres import connection as postgres, schema
+from backup_tool.streams import pipeline
+from backup_tool.repository.catalog import Catalog, DatabaseHint
+from backup_tool.config.settings import Settings
+from backup_tool.errors import (
+    DatabaseError,
+    LockHeldError,
+    NotFoundError,
+    RefusedError,
+    UsageError,
+    ValidationFailed,
+)
+from backup_tool.repository.manifest import Manifest, TableEntry
+from backup_tool.postgres.connection import ConnInfo, qualified
+from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.logical.restore import BackupOrigin, ensure_roles, load_table, read_object
+from backup_tool.repository.storage import Storage, open_repository
+from backup_tool.validation.validate import (
+    Check,
+    ValidationReport,
+    check_foreign_keys,
+    check_sequences,
+    check_tables,
+    table_checksums,
+)
+
+TableKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class SequenceCopy:
+    """A sequence an ``--into-schema`` copy uses: ``source`` in the backup, ``copy`` in the
+    inspection schema, used by ``column`` of ``table`` (the copy's location)."""
+
+    source: TableKey
+    copy: TableKey
+    table: TableKey
+    column: str
+
+
+@dataclass(frozen=True)
+class TableDefinitions:
+    """The pg_dump archive of the tables' definitions and, for a copy, the sequences it owns."""
+
+    archive: bytes
+    sequences: tuple[SequenceCopy, ...]
+
+
+@dataclass(frozen=True)
+class TablesRestoreResult:
+    backup_id: str
+    target: str
+    tables: tuple[str, ...]
+    mode: str
+    into_schema: str | None
+    rows: int
+    bytes_read: int
+    seconds: float
+    validation: ValidationReport | None
+    sequences: tuple[SequenceCopy, ...] = ()
+    source: BackupOrigin | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id,
+            **(self.source.to_dict() if self.source else {}),
+            "target": self.target,
+            "tables": list(self.tables),
+            "mode": self.mode,
+            "into_schema": self.into_schema,
+            "rows": self.rows,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+            "ok": self.validation.ok if self.validation else None,
+            "validation": self.validation.to_dict() if self.validation else None,
+            "sequence_copies": [{"source": ".".join(c.source), "copy": ".".join(c.copy),
+                           "column": f"{'.'.join(c.table)}.{c.column}"} for c in self.sequences],
+        }
+
+
+def split_names(text: str) -> list[str]:
+    """``a.b, "x,y".z`` → ['a.b', '"x,y".z']: commas inside double quotes belong to the name,
+    and only whitespace outside quotes is trimmed."""
+    names: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            names.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    names.append("".join(current))
+    return [n.strip() for n in names if n.strip()]
+
+
+def split_name(text: str) -> tuple[str | None, str]:
+    """``schema.table`` → (schema, table); double quotes protect dots and are removed."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            if quoted and i + 1 < len(text) and text[i + 1] == '"':
+                current.append('"')
+                i += 1
+            else:
+                quoted = not quoted
+        elif ch == "." and not quoted and not parts:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    if quoted or any(not p for p in parts):
+        raise UsageError(f"cannot read table name {text!r}", 'write SCHEMA.TABLE, quoting parts like "Mixed Case"')
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+def resolve_tables(manifest: Manifest, names: list[str]) -> list[TableEntry]:
+    """The manifest entries the names select, partitions of selected tables included."""
+    known = {(t.schema, t.name): t for t in manifest.tables}
+    chosen: list[TableKey] = []
+    for raw in names:
+        schema_name, name = split_name(raw.strip())
+        matches = [k for k in known if k[1] == name and (schema_name is None or k[0] == schema_name)]
+        if not matches:
+            matches = [k for k in known if k[1].lower() == name.lower()
+                       and (schema_name is None or k[0].lower() == schema_name.lower())]
+        if len(matches) != 1:
+            everything = [f"{s}.{n}" for s, n in known]
+            close = difflib.get_close_matches(raw, everything, n=3, cutoff=0.5)
+            if matches:
+                raise UsageError(f"table name {raw!r} is ambiguous: {', '.join(f'{s}.{n}' for s, n in matches)}",
+                                 "qualify it with its schema")
+            raise NotFoundError(f"table {raw!r} is not in backup {manifest.id}",
+                                f"closest: {', '.join(close)}" if close else "see 'backup-tool show ID' for its tables")
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    grew = True
+    while grew:
+        parents = {f"{s}.{n}" for s, n in chosen}
+        extra = [k for k, t in known.items() if t.parent in parents and k not in chosen]
+        chosen += extra
+        grew = bool(extra)
+    return [known[k] for k in chosen]
+
+
+def _state(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
+    """'absent', 'empty' or 'rows' for a table in the target database."""
+    row = conn.execute("SELECT to_regclass(%s)", (postgres.quoted_table(schema_name, name),)).fetchone()
+    if not row or row[0] is None:
+        return "absent"
+    has = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(qualified(schema_name, name))).fetchone()
+    return "rows" if has and has[0] else "empty"
+
+
+def _pattern(schema_name: str, name: str) -> str:
+    return postgres.quoted_table(schema_name, name)
+
+
+_COLUMN_SEQUENCES = """
+    SELECT a.attname, n.nspname, s.relname, s.oid
+      FROM (SELECT ad.adnum AS attnum, d.refobjid AS seq
+              FROM pg_attrdef ad
+              JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                              AND d.refclassid = 'pg_class'::regclass
+             WHERE ad.adrelid = %(table)s::regclass
+            UNION
+            SELECT d.refobjsubid, d.objid FROM pg_depend d
+             WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+               AND d.refobjid = %(table)s::regclass AND d.deptype = 'i') used
+      JOIN pg_class s ON s.oid = used.seq AND s.relkind = 'S'
+      JOIN pg_namespace n ON n.oid = s.relnamespace
+      JOIN pg_attribute a ON a.attrelid = %(table)s::regclass AND a.attnum = used.attnum
+     ORDER BY a.attnum"""
+
+
+def column_sequences(conn: psycopg.Connection[Any], schema_name: str, name: str) -> list[tuple[str, str, str, int]]:
+    """(column, sequence schema, sequence name, sequence oid) for each column of the table whose
+    default calls nextval() or that is an identity column."""
+    rows = conn.execute(_COLUMN_SEQUENCES, {"table": postgres.quoted_table(schema_name, name)}).fetchall()
+    return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+
+def _owner(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
+    row = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = %s::regclass",
+                       (postgres.quoted_table(schema_name, name),)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _free_name(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
+    """``name``, or ``name_2``, ``name_3``... : the first that no relation in the schema has."""
+    candidate, n = name, 1
+    while conn.execute("SELECT 1 FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace"
+                       " WHERE ns.nspname = %s AND c.relname = %s", (schema_name, candidate)).fetchone():
+        n += 1
+        candidate = f"{name[:60]}_{n}"
+    return candidate
+
+
+def _detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_schema: str) -> list[SequenceCopy]:
+    """In the scratch database: move ``tables`` into ``into_schema`` without foreign keys and
+    triggers, and give them their own sequences there, each owned by a copied column.
+
+    Sequences owned by a copied column move with their table; a sequence the copy only calls
+    (a shared one, or one owned elsewhere) is moved into the schema too and made owned by the
+    first copied column that uses it, so the copy's defaults never reach a live sequence.
+    """
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
+    used: list[tuple[TableEntry, str, TableKey, int]] = []
+    for t in tables:
+        table = postgres.quoted_table(t.schema, t.name)
+        for (con,) in conn.execute(
+                "SELECT conname FROM pg_constraint WHERE contype = 'f' AND conrelid = %s::regclass"
+                " AND conparentid = 0", (table,)).fetchall():
+            conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                qualified(t.schema, t.name), sql.Identifier(con)))
+        for (trg,) in conn.execute(
+                "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgparentid = 0"
+                " AND tgrelid = %s::regclass", (table,)).fetchall():
+            conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trg), qualified(t.schema, t.name)))
+        used += [(t, column, (seq_schema, seq_name), oid)
+                 for column, seq_schema, seq_name, oid in column_sequences(conn, t.schema, t.name)]
+    for t in tables:
+        conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+            qualified(t.schema, t.name), sql.Identifier(into_schema)))
+    copies: list[SequenceCopy] = []
+    for t, column, source, oid in used:
+        row = conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
+                           " ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)).fetchone()
+        assert row is not None
+        if row[0] != into_schema:
+            conn.execute(sql.SQL("ALTER SEQUENCE {} OWNER TO {}").format(
+                qualified(row[0], row[1]), sql.Identifier(_owner(conn, into_schema, t.name))))
+            conn.execute(sql.SQL("ALTER SEQUENCE {} OWNED BY NONE").format(qualified(row[0], row[1])))
+            name = _free_name(conn, into_schema, row[1])
+            if name != row[1]:
+                conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
+                    qualified(row[0], row[1]), sql.Identifier(name)))
+            conn.execute(sql.SQL("ALTER SEQUENCE {} SET SCHEMA {}").format(
+                qualified(row[0], name), sql.Identifier(into_schema)))
+            conn.execute(sql.SQL("ALTER SEQUENCE {} OWNED BY {}").format(
+                qualified(into_schema, name), sql.Identifier(into_schema, t.name, column)))
+            row = (into_schema, name)
+        copies.append(SequenceCopy(source, (row[0], row[1]), (into_schema, t.name), column))
+    return copies
+
+
+def extract_definitions(target: ConnInfo, major: int, archive_path: Path, tables: list[TableEntry],
+                        into_schema: str | None) -> TableDefinitions:
+    """A pg_dump archive holding just ``tables``' definitions (moved to ``into_schema`` if given,
+    with their own sequences there: see :func:`_detach_copy`)."""
+    scratch_name = f"backup_tool_scratch_{secrets.token_hex(4)}"
+    with target.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch_name)))
+    scratch = target.with_database(scratch_name)
+    try:
+        schema.restore_section(archive_path, scratch, major, "pre-data")
+        schema.restore_section(archive_path, scratch, major, "post-data")
+        where = [(t.schema, t.name) for t in tables]
+        copies: list[SequenceCopy] = []
+        if into_schema:
+            with scratch.connect() as conn, conn.transaction():
+                copies = _detach_copy(conn, tables, into_schema)
+            where = [(into_schema, t.name) for t in tables]
+        argv = [postgres.find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
+                "--strict-names", "--dbname", scratch.tool_conninfo()]
+        for schema_name, name in where:
+            argv.append(f"--table={_pattern(schema_name, name)}")
+        return TableDefinitions(pipeline.run(argv, scratch.tool_env(), "pg_dump (table definitions)"),
+                                tuple(copies))
+    finally:
+        with target.connect() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch_name)))
+
+
+def _is_superuser(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    return bool(row and row[0])
+
+
+def _fks_touching(conn: psycopg.Connection[Any], keys: set[TableKey]) -> list[dict[str, Any]]:
+    return [fk for fk in postgres.foreign_keys(conn)
+            if (fk["schema"], fk["table"]) in keys or (fk["ref_schema"], fk["ref_table"]) in keys]
+
+
+def _owned_sequences(manifest: Manifest, keys: set[TableKey]) -> Iterator[dict[str, Any]]:
+    for seq in manifest.sequences:
+        owner = seq.get("owned_by")
+        if owner and (owner["schema"], owner["table"]) in keys:
+            yield seq
+
+
+def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> bool:
+    """Whether a foreign key references the table or a partitioned table it belongs to (a
+    partition is referenced through its ancestors, so TRUNCATE would refuse it)."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (confrelid = %(t)s::regclass"
+        " OR confrelid IN (SELECT relid FROM pg_partition_ancestors(%(t)s::regclass))))",
+        {"t": postgres.quoted_table(schema_name, name)}).fetchone()
+    return bool(row and row[0])
+
+
+def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: Manifest,
+                     entries: list[TableEntry], replace: bool, advance: Callable[[int], None]) -> None:
+    """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back.
+
+    A partitioned table holds no rows of its own: it is neither emptied nor loaded, its
+    partitions (always among ``entries``) are, so the whole tree is replaced at once."""
+    keys = {(t.schema, t.name) for t in entries}
+    superuser = _is_superuser(conn)
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL client_encoding = {}").format(sql.Literal(manifest.encoding)))
+        if superuser:
+            conn.execute("SET LOCAL session_replication_role = replica")
+        for t in entries:
+            if t.relkind == "p":
+                continue
+            target = qualified(t.schema, t.name)
+            if not superuser:
+                conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(target))
+            if replace:
+                referenced = _referenced(conn, t.schema, t.name)
+                if referenced and not superuser:
+                    raise RefusedError(f"--replace of {t.full_name}, which other tables reference, needs a superuser",
+                                       "connect as a superuser, or use --into-schema")
+                if referenced:
+                    conn.execute(sql.SQL("DELETE FROM ONLY {}").format(target))
+                else:
+                    conn.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
+            if t.object is not None:
+                load_table(ConnInfo(), storage, t, manifest.encoding, advance, conn=conn)
+            if not superuser:
+                conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(target))
+        for seq in _owned_sequences(manifest, keys):
+            owner = seq["owned_by"]
+            conn.execute(sql.SQL(
+                "SELECT setval({seq}::regclass, GREATEST((SELECT last_value FROM {seqtab}), {value},"
+                " coalesce((SELECT max({col}) FROM {tab}), {value})), true)").format(
+                seq=sql.Literal(postgres.quoted_table(seq["schema"], seq["name"])),
+                seqtab=qualified(seq["schema"], seq["name"]), col=sql.Identifier(owner["column"]),
+                tab=qualified(owner["schema"], owner["table"]), value=sql.Literal(seq["last_value"])))
+        check = check_foreign_keys(conn, _fks_touching(conn, keys))
+        if not check.ok:
+            raise RefusedError(f"restoring {', '.join(t.full_name for t in entries)} would break foreign keys, "
+                               f"rolled back: {check.detail}",
+                               "restore the referenced tables too, or use --into-schema to inspect")
+
+
+def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
+                   backup_ref: str | None = "latest", into_schema: str | None = None, replace: bool = False,
+                   with_roles: bool = False, jobs: int | None = None, run_validation: bool = True,
+                   reporter: Reporter | None = None, database: DatabaseHint | None = None) -> TablesRestoreResult:
+    """Restore only ``tables`` from a backup into the target database, then validate them.
+    ``database``: which database ``latest`` means (see :func:`backup_tool.repository.catalog.choose_latest`)."""
+    if into_schema and replace:
+        raise UsageError("--into-schema and --replace exclude each other", "choose one")
+    if not tables:
+        raise UsageError("no tables given", "pass --tables SCHEMA.TABLE[,...]")
+    reporter = reporter or NullReporter()
+    started = time.monotonic()
+    storage = open_repository(settings.repo_url)
+    manifest = Catalog(storage).resolve_logical(backup_ref, database)
+    entries = resolve_tables(manifest, tables)
+    target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
+    jobs = jobs or settings.policy.backup.jobs
+    major = manifest.server_version_num // 10000
+    mode = "into-schema" if into_schema else "replace" if replace else "restore"
+    fetched = [0]
+
+    def count(n: int) -> None:
+        fetched[0] += n
+
+    with target.connect() as control:
+        if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
+            raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")
+        location = {(t.schema, t.name): (into_schema or t.schema, t.name) for t in entries}
+        states = {k: _state(control, *loc) for k, loc in location.items()}
+        if into_schema:
+            present = [f"{s}.{n}" for (s, n), st in states.items() if st != "absent"]
+            if present:
+                raise RefusedError(f"schema {into_schema} already has {', '.join(present[:5])}",
+                                   "choose a new --into-schema name or drop those tables")
+        elif not replace:
+            busy = [f"{s}.{n}" for (s, n), st in states.items() if st == "rows"]
+            if busy:
+                raise RefusedError(f"target tables are not empty: {', '.join(busy[:5])}",
+                                   "use --replace to replace their contents, or --into-schema NAME to restore beside them")
+        create = [t for t in entries if states[(t.schema, t.name)] == "absent"]
+        existing = [t for t in entries if states[(t.schema, t.name)] != "absent"]
+        reporter.event("restore tables started", id=manifest.id, mode=mode, target=target.redacted(),
+                       create=len(create), existing=len(existing))
+
+        with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
+            definitions = None
+            copies: tuple[SequenceCopy, ...] = ()
+            if create:
+                assert manifest.schema is not None
+                ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
+                archive_path = Path(tmp) / "schema.pgdump"
+                archive_path.write_bytes(read_object(storage, manifest.schema, count))
+                definitions = Path(tmp) / "tables.pgdump"
+                extracted = extract_definitions(target, major, archive_path, create, into_schema)
+                definitions.write_bytes(extracted.archive)
+                copies = extracted.sequences
+                if into_schema:
+                    control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
+                schema.restore_section(definitions, target, major, "pre-data")
+
+            total = sum(t.object.size for t in entries if t.object)
+            progress = reporter.task("restoring tables", total=total)
+
+            def advance(n: int) -> None:
+                count(n)
+                progress.advance(n)
+
+            if existing:
+                replace_in_place(control, storage, manifest, existing, replace, advance)
+            loads = [t for t in create if t.object is not None]
+            pipeline.run_parallel(jobs, [(lambda t: load_table(target, storage, t, manifest.encoding, advance,
+                                                               target=location[(t.schema, t.name)], fresh=True), t)
+                                         for t in loads])
+            progress.finish()
+            recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
+            with control.transaction():
+                if into_schema:
+                    values = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
+                else:
+                    values = [((seq["schema"], seq["name"]), seq)
+                                 for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create})]
+                for (seq_schema, seq_name), seq in values:
+                    control.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
+                                    (postgres.quoted_table(seq_schema, seq_name), seq["last_value"],
+                                     seq["is_called"]))
+            if definitions is not None:
+                try:
+                    schema.restore_section(definitions, target, major, "post-data")
+                except DatabaseError as exc:
+                    raise DatabaseError(f"tables loaded, but building their indexes/constraints failed: {exc.message}",
+                                        "inspect the restored tables; a foreign key may point at rows missing live") from None
+        reporter.event("tables restored", tables=len(entries), bytes=fetched[0])
+
+    report = None
+    if run_validation:
+        report = validate_tables(target, manifest, entries, location, jobs, reporter,
+                                 copies if into_schema else None)
+    result = TablesRestoreResult(manifest.id, target.redacted(), tuple(t.full_name for t in entries), mode,
+                                 into_schema, sum(t.rows for t in entries), fetched[0],
+                                 time.monotonic() - started, report, copies, BackupOrigin.of(manifest))
+    if report is not None and not report.ok:
+        raise ValidationFailed(f"tables restored from {manifest.id} but validation failed: "
+                               + "; ".join(f"{c.name}: {c.detail}" for c in report.failed)[:400], report=result)
+    return result
+
+
+def check_table_sequences(conn: psycopg.Connection[Any], manifest: Manifest, entries: list[TableEntry],
+                          location: dict[TableKey, TableKey], copies: tuple[SequenceCopy, ...] | None) -> Check:
+    """The restored tables' sequences hold the backup's values.
+
+    For an ``--into-schema`` copy (``copies`` not None) each column that used a sequence must
+    use its own copy, in the copy's schema, owned by a copied column and set to the backup's
+    value: a copy whose inserts would advance a live sequence fails. In place, the sequences
+    owned by the restored tables must be neither behind the backup nor behind their column.
+    """
+    recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
+    present = {(s["schema"], s["name"]): s for s in postgres.sequences(conn)}
+    if copies is None:
+        keys = {(t.schema, t.name) for t in entries}
+        mine = [s for s in present.values()
+                if s["owned_by"] and (s["owned_by"]["schema"], s["owned_by"]["table"]) in keys]
+        check = check_sequences(conn, mine, list(_owned_sequences(manifest, keys)))
+        return Check("table_sequences", check.ok, check.detail)
+    copied = set(location.values())
+    bad: list[str] = []
+    for c in copies:
+        uses = {col: (sch, name) for col, sch, name, _ in column_sequences(conn, *c.table)}
+        if uses.get(c.column) != c.copy:
+            used = ".".join(uses[c.column]) if c.column in uses else "no sequence"
+            bad.append(f"{c.table[0]}.{c.table[1]}.{c.column} uses {used}, not its copy {c.copy[0]}.{c.copy[1]}")
+            continue
+        now = present[c.copy]
+        by = now["owned_by"]
+        if not by or (by["schema"], by["table"]) not in copied:
+            bad.append(f"{c.copy[0]}.{c.copy[1]} is not owned by the copy")
+        seq = recorded.get(c.source)
+        if seq and (now["last_value"], now["is_called"]) != (seq["last_value"], seq["is_called"]):
+            bad.append(f"{c.copy[0]}.{c.copy[1]} at {now['last_value']}, backup had {seq['last_value']}")
+    if bad:
+        return Check("table_sequences", False, "; ".join(bad))
+    return Check("table_sequences", True,
+                 f"{len({c.copy for c in copies})} sequences of the copy, its own, at the backup's values")
+
+
+def validate_tables(target: ConnInfo, manifest: Manifest, entries: list[TableEntry],
+                    location: dict[TableKey, TableKey], jobs: int, reporter: Reporter,
+                    copies: tuple[SequenceCopy, ...] | None = None) -> ValidationReport:
+    """Row counts and content checksums of the restored tables, their sequences, and the
+    foreign keys and indexes touching them."""
+    data = [t for t in entries if t.relkind == "r"]
+    live = table_checksums(target, {(t.schema, t.name): (*location[(t.schema, t.name)], t.columns)
+                                    for t in data}, jobs, reporter)
+    checks = check_tables(manifest, live)
+    with target.connect() as conn:
+        places = set(location.values())
+        checks.append(check_table_sequences(conn, manifest, entries, location, copies))
+        checks.append(check_foreign_keys(conn, _fks_touching(conn, places)))
+        bad = [f"{i['schema']}.{i['name']}" for i in postgres.indexes(conn)
+               if (i["schema"], i["table"]) in places and not (i["valid"] and i["ready"])]
+        checks.append(Check("indexes_valid", not bad, f"invalid: {', '.join(bad)}" if bad
+                            else "indexes of the restored tables valid"))
+    return ValidationReport(target.redacted(), manifest.id, tuple(checks))

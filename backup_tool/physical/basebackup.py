@@ -1,0 +1,375 @@
+"""Physical base backups (``backup base``): the starting point of point-in-time recovery.
+
+``pg_basebackup -D - -Ft -X none`` streams the whole cluster as one tar on stdout; the tar
+flows through zstd into the repository (``backups/<id>/base.tar.zst``) without a local
+copy. ``-X none``: the WAL that makes the copy consistent is *not* in the tar but in the
+WAL archive, and the server only reports the backup finished once that WAL has been
+archived. Before committing the manifest the tool checks that every segment from the
+backup's start to its stop is in *this* repository, so a listed base backup is always
+restorable from the repository alone.
+
+While the tar streams past, its ``backup_label`` and ``backup_manifest`` members are read
+(never written to disk): the manifest records start and stop LSN, timeline, the label,
+the checkpoint mode used (fast, as pgBackRest's ``start-fast``, or PostgreSQL's spread
+default, per policy ``backup.fast_checkpoint``) and the server's clock at the end, which is
+the earliest moment a recovery from this backup can target.
+
+pg_basebackup needs a replication connection: a role with the REPLICATION attribute (or
+a superuser) and a ``replication`` line in pg_hba.conf; both are checked or translated
+into an error that says what to grant.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator
+
+from backup_tool import __version__
+from backup_tool.core import testhooks
+from backup_tool.physical import wal
+from backup_tool.postgres import connection as postgres
+from backup_tool.streams import pipeline
+from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
+from backup_tool.config.settings import Settings
+from backup_tool.errors import (
+    BackupToolError,
+    DatabaseError,
+    LockHeldError,
+    RefusedError,
+)
+from backup_tool.repository.keyguard import guard_writes
+from backup_tool.repository.manifest import Manifest, PhysicalInfo, StoredObject, utc_iso
+from backup_tool.postgres.connection import ConnInfo
+from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.repository.storage import Storage, open_storage
+from backup_tool.repository.storage.base import ObjectLock
+from backup_tool.repository.walidentity import ClusterIdentity, verify_archive_identity
+
+TAR_KEY = "base.tar.zst"
+CAPTURED = ("backup_label", "backup_manifest", "tablespace_map")
+CAPTURE_LIMIT = 64 << 20
+
+
+class TarScanner:
+    """Passes a tar stream through unchanged, keeping the content of a few small members."""
+
+    def __init__(self, wanted: Iterable[str], limit: int = CAPTURE_LIMIT) -> None:
+        self.wanted = set(wanted)
+        self.limit = limit
+        self.found: dict[str, bytes] = {}
+        self.members = 0
+        self._buf = bytearray()
+        self._remaining = 0
+        self._padding = 0
+        self._current: str | None = None
+        self._data = bytearray()
+        self._long_name: str | None = None
+        self._special: str | None = None
+        self._ended = False
+
+    def scan(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.feed(chunk)
+            yield chunk
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        while not self._ended:
+            if self._remaining or self._padding:
+                if not self._buf:
+                    return
+                if self._remaining:
+                    take = min(self._remaining, len(self._buf))
+                    if self._current is not None or self._special is not None:
+                        self._data += self._buf[:take]
+                    del self._buf[:take]
+                    self._remaining -= take
+                    if self._remaining:
+                        return
+                    self._member_done()
+                take = min(self._padding, len(self._buf))
+                del self._buf[:take]
+                self._padding -= take
+                if self._padding:
+                    return
+                continue
+            if len(self._buf) < 512:
+                return
+            header = bytes(self._buf[:512])
+            del self._buf[:512]
+            if header == b"\0" * 512:
+                continue
+            self._header(header)
+
+    def _header(self, header: bytes) -> None:
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if prefix and header[257:262] == b"ustar":
+            name = f"{prefix}/{name}"
+        size_field = header[124:136]
+        if size_field[0] & 0x80:
+            size = int.from_bytes(size_field[1:], "big")
+        else:
+            size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+        kind = header[156:157]
+        self._remaining = size
+        self._padding = (-size) % 512
+        self._data = bytearray()
+        self._current = None
+        self._special = None
+        if kind in (b"L", b"x"):
+            self._special = kind.decode()
+        else:
+            if self._long_name is not None:
+                name, self._long_name = self._long_name, None
+            name = name.removeprefix("./")
+            self.members += 1
+            if name in self.wanted and kind in (b"0", b"\0") and size <= self.limit:
+                self._current = name
+        if size == 0:
+            self._member_done()
+
+    def _member_done(self) -> None:
+        if self._special == "L":
+            self._long_name = bytes(self._data).split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif self._special == "x":
+            for line in bytes(self._data).decode("utf-8", "replace").splitlines():
+                _, _, rest = line.partition(" ")
+                key, _, value = rest.partition("=")
+                if key == "path":
+                    self._long_name = value
+        elif self._current is not None:
+            self.found[self._current] = bytes(self._data)
+        self._current = None
+        self._special = None
+        self._data = bytearray()
+
+
+@dataclass(frozen=True)
+class BackupLabel:
+    start_lsn: str
+    start_wal: str
+    checkpoint_lsn: str
+    start_time: str
+    label: str
+    timeline: int
+    method: str
+    raw: str = field(repr=False, default="")
+
+
+LABEL_LINE = re.compile(r"^(?P<key>[A-Z ]+): (?P<value>.*)$")
+
+
+def parse_backup_label(text: str) -> BackupLabel:
+    values = {}
+    for line in text.splitlines():
+        m = LABEL_LINE.match(line)
+        if m:
+            values[m["key"]] = m["value"]
+    start = values.get("START WAL LOCATION", "")
+    m = re.match(r"^(\S+) \(file ([0-9A-F]{24})\)", start)
+    if not m:
+        raise BackupToolError("pg_basebackup produced a backup_label without a START WAL LOCATION",
+                              "report this as a bug")
+    return BackupLabel(m.group(1), m.group(2), values.get("CHECKPOINT LOCATION", ""),
+                       values.get("START TIME", ""), values.get("LABEL", ""),
+                       int(values.get("START TIMELINE", "1")), values.get("BACKUP METHOD", ""), text)
+
+
+def stop_lsn_from_manifest(raw: bytes) -> tuple[str, int] | None:
+    """(end LSN, timeline) of the last WAL range in a backup_manifest, if present."""
+    try:
+        ranges = json.loads(raw).get("WAL-Ranges") or []
+    except ValueError:
+        return None
+    if not ranges:
+        return None
+    last = ranges[-1]
+    return last["End-LSN"], int(last["Timeline"])
+
+
+def explain_basebackup_error(text: str, user: str) -> DatabaseError:
+    if "no pg_hba.conf entry for replication connection" in text or (
+            "pg_hba.conf rejects replication connection" in text):
+        return DatabaseError(
+            f"the server refuses replication connections for role {user}: {text}",
+            f"add a pg_hba.conf line such as 'host replication {user} <this host>/32 scram-sha-256' "
+            "and reload the server (SELECT pg_reload_conf())")
+    if "must be superuser or replication role" in text or "permission denied to start WAL sender" in text:
+        return DatabaseError(f"role {user} may not take base backups: {text}",
+                             f"ALTER ROLE {user} REPLICATION (and allow it in pg_hba.conf)")
+    if "max_wal_senders" in text or "too many" in text.lower() and "wal sender" in text.lower():
+        return DatabaseError(f"no WAL sender slot is free: {text}",
+                             "raise max_wal_senders on the server (restart needed) or retry later")
+    if "can only write single tablespace to stdout" in text:
+        return DatabaseError("the cluster has extra tablespaces, which backup base does not support yet",
+                             "move the objects to pg_default or use pg_basebackup directly")
+    return DatabaseError(f"pg_basebackup failed: {text}")
+
+
+def _server_facts(conn: Any) -> dict[str, Any]:
+    row = conn.execute(
+        "SELECT current_user, (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user),"
+        " current_setting('archive_mode'), current_setting('archive_command'),"
+        " pg_size_bytes(current_setting('wal_segment_size')),"
+        " (SELECT rolname FROM pg_roles WHERE oid = 10),"
+        " ARRAY(SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1),"
+        " current_setting('data_checksums') = 'on',"
+        " (SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')),"
+        " (SELECT sum(pg_database_size(oid)) FROM pg_database)::bigint").fetchone()
+    assert row is not None
+    keys = ("user", "can_replicate", "archive_mode", "archive_command", "wal_segment_size", "superuser",
+            "databases", "data_checksums", "tablespaces", "size")
+    return dict(zip(keys, row, strict=True))
+
+
+def _check_prerequisites(facts: dict[str, Any], where: str) -> None:
+    user = facts["user"]
+    if not facts["can_replicate"]:
+        raise RefusedError(
+            f"role {user} at {where} lacks the REPLICATION attribute needed by pg_basebackup",
+            f"as a superuser: ALTER ROLE {user} REPLICATION; and allow it in pg_hba.conf with "
+            f"'host replication {user} <this host>/32 scram-sha-256', then SELECT pg_reload_conf()")
+    if facts["archive_mode"] not in ("on", "always"):
+        raise RefusedError(
+            f"WAL archiving is off at {where} (archive_mode = {facts['archive_mode']}): a base backup "
+            "cannot be restored without the WAL archive",
+            "set archive_mode = on and archive_command = 'backup-tool wal push %p' (restart needed)")
+    if facts["tablespaces"]:
+        raise RefusedError(f"the cluster at {where} has {facts['tablespaces']} extra tablespace(s), "
+                           "which backup base does not support yet",
+                           "move their objects to pg_default or use pg_basebackup directly")
+
+
+def _wal_complete(storage: Storage, timeline: int, start: int, stop: int, seg_size: int) -> list[str]:
+    """Names of segments between start and stop (inclusive) missing from the archive."""
+    present = {s.name for s in wal.list_segments(storage) if s.timeline == timeline}
+    wanted = [wal.segment_name(timeline, n, seg_size)
+              for n in range(wal.lsn_segment(start, seg_size), wal.lsn_segment(stop - 1, seg_size) + 1)]
+    return [n for n in wanted if n not in present]
+
+
+def backup_base(settings: Settings, reporter: Reporter | None = None,
+                fast_checkpoint: bool | None = None) -> Manifest:
+    """Take a physical base backup of the cluster behind ``settings.dsn``; return its manifest."""
+    reporter = reporter or NullReporter()
+    storage = open_storage(settings.repo_url)
+    catalog = Catalog(storage)
+    conninfo = ConnInfo(settings.dsn)
+    policy = settings.policy
+    guard_writes(storage, policy.backup.encryption_key_id, policy.name, "take a base backup",
+                 lambda: catalog.scan()[0])
+    fast = policy.backup.fast_checkpoint if fast_checkpoint is None else fast_checkpoint
+    level = policy.backup.compression_level
+
+    with conninfo.connect() as control:
+        info = postgres.server_info(control)
+        facts = _server_facts(control)
+        major = info["server_version_num"] // 10000
+        _check_prerequisites(facts, conninfo.redacted())
+        verify_archive_identity(storage, ClusterIdentity(int(info["system_identifier"]), major), "backup base")
+        catalog.ids()
+        lock_name = f"backup-tool:base:{storage.url}:{info['system_identifier']}"
+        if not postgres.try_advisory_lock(control, lock_name):
+            raise LockHeldError(f"another base backup of this cluster into {storage.url} is running",
+                                "wait for it to finish (or let cron retry later)")
+        started_at = datetime.now(timezone.utc)
+        backup_id = new_backup_id("base", started_at)
+        expires_at = policy.expires_at("base", started_at)
+        if policy.object_lock.mode != "none":
+            storage.lock_new_objects(ObjectLock(policy.object_lock.mode, expires_at))
+        reporter.event("base backup started", id=backup_id, repository=storage.url,
+                       checkpoint="fast" if fast else "spread")
+        if not fast:
+            reporter.event("waiting for a spread checkpoint (up to checkpoint_timeout x "
+                           "checkpoint_completion_target; use --fast-checkpoint to hurry)")
+        argv = [postgres.find_tool("pg_basebackup", major), "-d", conninfo.tool_conninfo(),
+                "-D", "-", "-Ft", "-X", "none", "-c", "fast" if fast else "spread",
+                "-l", f"backup-tool {backup_id}", "--no-password"]
+        scanner = TarScanner(CAPTURED)
+        proc = pipeline.Process(argv, conninfo.tool_env(), "pg_basebackup")
+        progress = reporter.task("streaming base backup", total=int(facts["size"] or 0) or None)
+        stats = pipeline.StreamStats()
+        key = data_prefix(backup_id) + TAR_KEY
+        try:
+            try:
+                result = storage.put(key, testhooks.paused_stream("base:upload", pipeline.compress(
+                    scanner.scan(proc.chunks()), level, 0, stats, progress.advance)))
+                proc.finish()
+            except DatabaseError as exc:
+                raise explain_basebackup_error(proc.error_text(), facts["user"]) from exc
+            except BaseException:
+                proc.kill()
+                raise
+            progress.finish()
+            stop_time = control.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+            physical = _physical(scanner, facts, fast, stop_time)
+            missing = _wal_complete(storage, physical.timeline, wal.parse_lsn(physical.start_lsn),
+                                    wal.parse_lsn(physical.stop_lsn), physical.wal_segment_size)
+            if missing:
+                raise BackupToolError(
+                    f"the WAL of this base backup ({missing[0]}{' ...' if len(missing) > 1 else ''}) "
+                    f"is not in {storage.url}: the server's archive_command pushes elsewhere",
+                    f"set archive_command = 'backup-tool wal push %p --repo {storage.url}'")
+        except BaseException:
+            _discard(storage, key, backup_id)
+            raise
+        finished_at = datetime.now(timezone.utc)
+        manifest = Manifest(
+            id=backup_id, kind="base", parent_id=None, database=info["database"],
+            server_version=info["server_version"], server_version_num=info["server_version_num"],
+            encoding=info["encoding"], system_identifier=info["system_identifier"],
+            started_at=started_at, finished_at=finished_at, expires_at=expires_at,
+            policy={"name": policy.name, "source": policy.source,
+                    "retention_days": policy.retention.pitr_days},
+            snapshot_lsn=physical.stop_lsn, schema=None, globals=None, schema_fingerprint="",
+            tables=(), sequences=(), inventory={},
+            options={"checkpoint": physical.checkpoint, "compression_level": level,
+                     "tar_members": scanner.members,
+                     **({"object_lock": {"mode": policy.object_lock.mode, "retain_until": utc_iso(expires_at)}}
+                        if policy.object_lock.mode != "none" else {})},
+            extra_objects=(StoredObject(key, result.size, result.sha256, stats.raw_size),),
+            tool_version=__version__, physical=physical,
+        )
+        try:
+            testhooks.pause_point("base:before-manifest")
+            manifest = catalog.commit(manifest)
+        except BaseException:
+            _discard(storage, key, backup_id)
+            raise
+        reporter.event("base backup finished", id=backup_id, size_bytes=manifest.size_bytes,
+                       start_lsn=physical.start_lsn, stop_lsn=physical.stop_lsn, timeline=physical.timeline,
+                       seconds=round((finished_at - started_at).total_seconds(), 2))
+        return manifest
+
+
+def _physical(scanner: TarScanner, facts: dict[str, Any], fast: bool, stop_time: datetime) -> PhysicalInfo:
+    if "backup_label" not in scanner.found:
+        raise BackupToolError("pg_basebackup's tar has no backup_label", "report this as a bug")
+    label = parse_backup_label(scanner.found["backup_label"].decode("utf-8", "replace"))
+    seg_size = int(facts["wal_segment_size"])
+    stop = stop_lsn_from_manifest(scanner.found.get("backup_manifest", b""))
+    if stop is None:
+        raise BackupToolError("pg_basebackup's tar has no backup_manifest with the stop LSN",
+                              "do not disable backup manifests on the server")
+    stop_lsn, stop_tli = stop
+    return PhysicalInfo(
+        start_lsn=label.start_lsn, stop_lsn=stop_lsn, timeline=label.timeline,
+        start_wal=label.start_wal,
+        stop_wal=wal.segment_name(stop_tli, wal.lsn_segment(wal.parse_lsn(stop_lsn) - 1, seg_size), seg_size),
+        stop_time=stop_time.astimezone(timezone.utc), wal_segment_size=seg_size,
+        checkpoint="fast" if fast else "spread", backup_label=label.raw,
+        superuser=facts["superuser"], databases=tuple(facts["databases"]),
+        archive_command=facts["archive_command"], data_checksums=bool(facts["data_checksums"]))
+
+
+def _discard(storage: Storage, key: str, backup_id: str) -> None:
+    """Best-effort removal of the unfinished tar, unless its manifest made it after all."""
+    try:
+        if not storage.exists(manifest_key(backup_id)):
+            storage.delete(key)
+    except Exception:  # noqa: BLE001 - cleanup on a failure path: the caller reports the failure itself
+        pass

@@ -1,0 +1,880 @@
+"""Point-in-time recovery: a base backup plus the WAL archive, replayed to a target.
+
+``restore pitr`` chooses the newest base backup that ends before the target and from
+which the archive is continuous up to the target (:func:`choose_base_backup`, a pure
+function of the backups, the archive listing and the target); a target outside what the
+repository covers is refused, naming the covered window. It then lays the backup out in
+an empty data directory (never a non-empty one), writes the recovery settings
+(``restore_command`` through this tool and repository, the target in PostgreSQL's own
+syntax, ``recovery_target_action = 'promote'``, ``recovery_target_timeline``) and
+``recovery.signal``. With ``start`` it runs the server privately (see
+:mod:`backup_tool.postgres.cluster`), waits until recovery reached the target and promoted,
+reports where it stopped (time, LSN, new timeline), validates every database, and restarts
+the server with its own configuration.
+
+Table-level PITR (:func:`restore_tables_at`) recovers a temporary private cluster to the
+time, takes a logical backup of just the chosen tables from it into a temporary local
+repository, restores them into the target database with selective restore's semantics,
+and removes the temporary cluster and repository whatever happens (failure, Ctrl-C,
+SIGTERM).
+
+Restore points: ``--target-name`` needs to know *where* the named point is to choose a
+base backup before it; the archive is scanned with ``pg_waldump`` for the RESTORE_POINT
+record, newest base backup first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import psycopg
+
+from backup_tool.physical import wal
+from backup_tool.streams import pipeline
+from backup_tool.repository.catalog import Catalog, of_cluster_holding
+from backup_tool.postgres.cluster import (
+    LocalServer,
+    chown_to,
+    conf_quote,
+    find_bin_dir,
+    server_os_user,
+    server_tool_command,
+    tool_candidates,
+    user_can_write,
+)
+from backup_tool.config.settings import Settings
+from backup_tool.errors import (
+    BackupToolError,
+    DatabaseError,
+    IntegrityError,
+    NotFoundError,
+    RefusedError,
+    UsageError,
+)
+from backup_tool.repository.manifest import Manifest, PhysicalInfo, parse_utc, utc_iso
+from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.repository.storage import Storage, open_repository, open_storage
+from backup_tool.validation.validate import Check, ValidationReport, validate
+
+CONF_MARK = "# --- backup-tool restore pitr"
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where recovery should stop: a time, an LSN, a named restore point, or the archive's end."""
+
+    kind: str
+    time: datetime | None = None
+    lsn: int | None = None
+    name: str | None = None
+    timeline: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "time" and self.time is not None:
+            return f"time {utc_iso(self.time)}"
+        if self.kind == "lsn" and self.lsn is not None:
+            return f"LSN {wal.format_lsn(self.lsn)}"
+        if self.kind == "name":
+            return f"restore point {self.name!r}"
+        return "the end of the archive"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "time": utc_iso(self.time) if self.time else None,
+                "lsn": wal.format_lsn(self.lsn) if self.lsn is not None else None,
+                "name": self.name, "timeline": self.timeline or "latest"}
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601; a time without zone is UTC."""
+    try:
+        return parse_utc(text.strip())
+    except ValueError:
+        raise UsageError(f"--target-time {text!r} is not an ISO 8601 time",
+                         "write it like 2025-08-25T14:02:00Z (a time without zone is UTC)") from None
+
+
+def make_target(target_time: str | None = None, target_lsn: str | None = None,
+                target_name: str | None = None, latest: bool = False,
+                timeline: str | None = None) -> Target:
+    given = [x for x in (target_time, target_lsn, target_name) if x] + (["latest"] if latest else [])
+    if len(given) != 1:
+        raise UsageError("give exactly one of --target-time, --target-lsn, --target-name or --latest")
+    tli = None
+    if timeline and timeline != "latest":
+        try:
+            tli = int(timeline)
+        except ValueError:
+            raise UsageError(f"--target-timeline {timeline!r} is not a number or 'latest'") from None
+    if target_time:
+        return Target("time", time=parse_time(target_time), timeline=tli)
+    if target_lsn:
+        return Target("lsn", lsn=wal.parse_lsn(target_lsn), timeline=tli)
+    if target_name:
+        return Target("name", name=target_name, timeline=tli)
+    return Target("latest", timeline=tli)
+
+
+def pg_timestamp(ts: datetime) -> str:
+    """PostgreSQL's own timestamptz text form (``2026-11-24 20:38:49.40895+00``)."""
+    text = ts.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    if ts.microsecond:
+        text += f".{ts.astimezone(timezone.utc).microsecond:06d}".rstrip("0")
+    return text + "+00"
+
+
+def recovery_settings(target: Target, restore_command: str) -> dict[str, str]:
+    settings = {"restore_command": restore_command,
+                "recovery_target_timeline": str(target.timeline) if target.timeline else "latest"}
+    if target.kind == "time" and target.time is not None:
+        settings["recovery_target_time"] = pg_timestamp(target.time)
+    elif target.kind == "lsn" and target.lsn is not None:
+        settings["recovery_target_lsn"] = wal.format_lsn(target.lsn)
+    elif target.kind == "name" and target.name is not None:
+        settings["recovery_target_name"] = target.name
+    if target.kind != "latest":
+        settings["recovery_target_action"] = "promote"
+        settings["recovery_target_inclusive"] = "on"
+    return settings
+
+
+# --------------------------------------------------------------------------- choosing (pure)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen base backup and what the archive lets recovery from it reach."""
+
+    backup: Manifest
+    timeline: int
+    coverage: wal.Coverage
+    window: tuple[datetime, datetime | None]
+
+    @property
+    def physical(self) -> PhysicalInfo:
+        assert self.backup.physical is not None
+        return self.backup.physical
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    backup: Manifest
+    physical: PhysicalInfo
+    timeline: int
+    coverage: wal.Coverage
+
+    @property
+    def usable(self) -> bool:
+        return self.coverage.end_lsn >= wal.parse_lsn(self.physical.stop_lsn)
+
+
+def _candidates(backups: list[Manifest], segments: list[wal.WalSegment],
+                histories: dict[int, list[tuple[int, int]]], timeline: int | None) -> list[_Candidate]:
+    found = []
+    for m in sorted((m for m in backups if m.kind == "base" and m.physical is not None),
+                    key=lambda m: wal.parse_lsn(m.physical.stop_lsn) if m.physical else 0, reverse=True):
+        p = m.physical
+        assert p is not None
+        tli = timeline or wal.newest_timeline(p.timeline, histories)
+        history = histories.get(tli, []) if tli != p.timeline else []
+        path = wal.timeline_path(tli, history)
+        span = next((s for s in path if s.timeline == p.timeline), None)
+        if span is None or (span.end is not None and wal.parse_lsn(p.stop_lsn) > span.end):
+            continue
+        cov = wal.coverage(segments, path, wal.parse_lsn(p.start_lsn), p.wal_segment_size)
+        found.append(_Candidate(m, p, tli, cov))
+    return found
+
+
+def covered_window(backups: list[Manifest], segments: list[wal.WalSegment],
+                   histories: dict[int, list[tuple[int, int]]],
+                   timeline: int | None = None) -> tuple[datetime, datetime | None] | None:
+    """Earliest and latest moment a time target can have (None: nothing is restorable)."""
+    usable = [c for c in _candidates(backups, segments, histories, timeline) if c.usable]
+    if not usable:
+        return None
+    return (min(c.physical.stop_time for c in usable),
+            max((c.coverage.archived_until for c in usable if c.coverage.archived_until), default=None))
+
+
+def choose_base_backup(backups: list[Manifest], segments: list[wal.WalSegment],
+                       histories: dict[int, list[tuple[int, int]]], target: Target,
+                       restore_point_lsn: int | None = None, where: str = "the repository") -> Plan:
+    """The newest base backup that ends before ``target`` with continuous WAL up to it.
+
+    Raises NotFoundError without base backups and RefusedError, naming the covered window,
+    when no backup can reach the target.
+    """
+    candidates = _candidates(backups, segments, histories, target.timeline)
+    if not any(m.kind == "base" for m in backups):
+        raise NotFoundError(f"no base backup in {where}", "take one with 'backup-tool backup base'")
+    usable = [c for c in candidates if c.usable]
+    window = covered_window(backups, segments, histories, target.timeline)
+    if not usable or window is None:
+        broken = candidates[0] if candidates else None
+        detail = (f": the WAL from {broken.coverage.start_segment} is incomplete"
+                  f" ({'; '.join(str(g) for g in broken.coverage.gaps) or 'not archived yet'})"
+                  if broken else "")
+        raise RefusedError(f"no base backup in {where} can be recovered{detail}",
+                           "check archiving ('backup-tool check') and take a new base backup")
+    for c in usable:
+        stop_lsn = wal.parse_lsn(c.physical.stop_lsn)
+        if target.kind == "latest":
+            ok = True
+        elif target.kind == "time":
+            assert target.time is not None
+            ok = (c.physical.stop_time <= target.time and c.coverage.archived_until is not None
+                  and c.coverage.archived_until >= target.time)
+        elif target.kind == "lsn":
+            assert target.lsn is not None
+            ok = stop_lsn <= target.lsn < c.coverage.end_lsn
+        else:
+            ok = restore_point_lsn is not None and stop_lsn <= restore_point_lsn < c.coverage.end_lsn
+        if ok:
+            return Plan(c.backup, c.timeline, c.coverage, (c.physical.stop_time, c.coverage.archived_until))
+    raise _outside(target, usable, window, where, restore_point_lsn)
+
+
+def _outside(target: Target, usable: list[_Candidate], window: tuple[datetime, datetime | None],
+             where: str, restore_point_lsn: int | None) -> RefusedError:
+    first, last = window
+    newest = usable[0]
+    span = f"{utc_iso(first)} .. {utc_iso(last) if last else '?'}"
+    gaps = [g for c in usable for g in c.coverage.gaps]
+    gap_note = f"; the archive has a gap ({gaps[0]})" if gaps else ""
+    if target.kind == "time":
+        assert target.time is not None
+        if target.time < first:
+            why = f"it is before the oldest base backup finished ({utc_iso(first)})"
+        else:
+            why = (f"WAL after {utc_iso(last) if last else '?'} is not archived yet{gap_note}")
+        return RefusedError(f"cannot recover to {target.describe()}: {where} covers {span}; {why}",
+                            "choose a time inside that window (for a very recent time run "
+                            "SELECT pg_switch_wal() on the server so the current segment is archived)")
+    lsn_span = (f"{min(c.physical.stop_lsn for c in usable)} .. "
+                f"{wal.format_lsn(max(c.coverage.end_lsn for c in usable))} (timeline {newest.timeline})")
+    if target.kind == "name":
+        where_rp = (f"at {wal.format_lsn(restore_point_lsn)}" if restore_point_lsn is not None
+                    else "not found in the archived WAL")
+        return RefusedError(f"cannot recover to {target.describe()} ({where_rp}): {where} covers LSN "
+                            f"{lsn_span}, times {span}{gap_note}",
+                            "list restore points with pg_waldump, or use --target-time")
+    return RefusedError(f"cannot recover to {target.describe()}: {where} covers LSN {lsn_span}, "
+                        f"times {span}{gap_note}", "choose an LSN inside that range")
+
+
+# --------------------------------------------------------------------------- restore points
+
+
+def locate_restore_point(storage: Storage, backups: list[Manifest], segments: list[wal.WalSegment],
+                         histories: dict[int, list[tuple[int, int]]], name: str, timeline: int | None,
+                         major: int, reporter: Reporter) -> int | None:
+    """LSN of the newest RESTORE_POINT record called ``name`` in the archived WAL, scanning
+    from the newest base backup backwards; None if it is not there."""
+    from backup_tool.postgres import connection as postgres
+
+    waldump = postgres.find_tool("pg_waldump", major)
+    candidates = [c for c in _candidates(backups, segments, histories, timeline) if c.usable]
+    scanned_until: int | None = None
+    pattern = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.*)$")
+    with tempfile.TemporaryDirectory(prefix="backup-tool-waldump-") as tmp:
+        for c in candidates:
+            seg_size = c.physical.wal_segment_size
+            start = wal.parse_lsn(c.physical.start_lsn)
+            end = c.coverage.end_lsn if scanned_until is None else min(scanned_until, c.coverage.end_lsn)
+            if start >= end:
+                continue
+            history = histories.get(c.timeline, []) if c.timeline != c.physical.timeline else []
+            path = wal.timeline_path(c.timeline, history)
+            reporter.event("looking for the restore point in the archived WAL", name=name,
+                           start=wal.format_lsn(start), end=wal.format_lsn(end))
+            found: list[int] = []
+            for span in path:
+                lo = max(start, span.begin)
+                hi = end if span.end is None else min(end, span.end)
+                if lo >= hi:
+                    continue
+                for segno in range(wal.lsn_segment(lo, seg_size), wal.lsn_segment(hi - 1, seg_size) + 1):
+                    seg_name = wal.segment_name(wal.timeline_for(path, segno, seg_size), segno, seg_size)
+                    file_name = wal.segment_name(span.timeline, segno, seg_size)
+                    dest = Path(tmp) / file_name
+                    if not dest.exists():
+                        try:
+                            wal.fetch(storage, seg_name, dest)
+                        except wal.WalMissingError:
+                            break
+                done = subprocess.run(
+                    [waldump, "-p", tmp, "-t", str(span.timeline), "-s", wal.format_lsn(lo),
+                     "-e", wal.format_lsn(hi), "-r", "XLOG"], capture_output=True, text=True,
+                    stdin=subprocess.DEVNULL)
+                for line in done.stdout.splitlines():
+                    m = pattern.search(line)
+                    if m and m.group(2).strip() == name:
+                        found.append(wal.parse_lsn(m.group(1)))
+            if found:
+                return max(found)
+            scanned_until = start
+    return None
+
+
+# --------------------------------------------------------------------------- laying out
+
+
+def _check_empty(pgdata: Path) -> None:
+    if pgdata.exists():
+        if not pgdata.is_dir():
+            raise RefusedError(f"--pgdata {pgdata} exists and is not a directory",
+                               "choose an empty or new directory")
+        entries = sorted(os.listdir(pgdata))
+        if entries:
+            shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+            raise RefusedError(f"--pgdata {pgdata} is not empty ({len(entries)} entries: {shown})",
+                               "restore pitr never overwrites: choose an empty or new directory")
+
+
+def _safe_member(name: str) -> str:
+    clean = name.removeprefix("./")
+    parts = clean.split("/")
+    if clean.startswith("/") or any(p == ".." for p in parts):
+        raise IntegrityError(f"base backup tar member {name!r} escapes the data directory",
+                             "the backup is damaged or forged; use another one")
+    return clean
+
+
+def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: str,
+                 reporter: Reporter) -> int:
+    """Stream the base backup's tar into ``pgdata`` (verified, decompressed); return bytes written."""
+    obj = manifest.extra_objects[0]
+    progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
+    written = 0
+    stream = pipeline.read_stored(storage, obj.key, obj.sha256, obj.size)
+    with tarfile.open(fileobj=pipeline.ChunkReader(iter(stream)), mode="r|",  # type: ignore[call-overload]
+                      bufsize=pipeline.CHUNK) as tar:
+        for member in tar:
+            rel = _safe_member(member.name)
+            if not rel or rel == ".":
+                continue
+            dest = pgdata / rel
+            if member.isdir():
+                dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+            elif member.isfile():
+                dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, member.mode & 0o600 or 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := src.read(pipeline.CHUNK):
+                        out.write(chunk)
+                        written += len(chunk)
+                        progress.advance(len(chunk))
+                os.utime(dest, (member.mtime, member.mtime))
+            elif member.issym():
+                raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
+            chown_to(dest, os_user)
+    for _ in stream:
+        pass
+    progress.finish()
+    return written
+
+
+def _append_conf(pgdata: Path, settings: dict[str, str], why: str) -> None:
+    conf = pgdata / "postgresql.auto.conf"
+    lines = [f"{CONF_MARK}: {why}"] + [f"{k} = {conf_quote(v)}" for k, v in settings.items()]
+    with conf.open("a") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def _ensure_config(pgdata: Path, os_user: str, reporter: Reporter) -> None:
+    """Clusters whose configuration lives outside the data directory (Debian) get a minimal one."""
+    for name, text in (("postgresql.conf", "# written by backup-tool restore pitr: the backed-up cluster "
+                                           "kept its configuration outside the data directory\n"),
+                       ("pg_hba.conf", "# written by backup-tool restore pitr (the original was outside the data "
+                                       "directory)\nlocal all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n"
+                                       "host all all ::1/128 scram-sha-256\n"),
+                       ("pg_ident.conf", "")):
+        path = pgdata / name
+        if not path.exists():
+            path.write_text(text)
+            path.chmod(0o600)
+            chown_to(path, os_user)
+            reporter.warning(f"{name} was not in the base backup: wrote a minimal one", path=str(path))
+
+
+@dataclass(frozen=True)
+class Layout:
+    plan: Plan
+    pgdata: Path
+    os_user: str
+    restore_command: str
+    settings: dict[str, str]
+    bytes_written: int
+    seconds: float
+
+
+def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
+            os_user: str | None = None, archive: bool = True, server_command: str | None = None,
+            reporter: Reporter | None = None, database: str | None = None) -> Layout:
+    """Choose the base backup (of a cluster holding ``database``, if given), fill the empty
+    ``pgdata`` and write the recovery settings."""
+    reporter = reporter or NullReporter()
+    started = time.monotonic()
+    pgdata = pgdata.expanduser().absolute()
+    _check_empty(pgdata)
+    storage = open_repository(settings.repo_url)
+    backups = of_cluster_holding(Catalog(storage).scan()[0], database, storage.url)
+    files = wal.list_archive(storage)
+    segments = wal.segments_of(files)
+    hist = wal.histories(storage, files)
+    rp_lsn = None
+    if target.kind == "name" and target.name is not None and backups:
+        rp_lsn = locate_restore_point(storage, backups, segments, hist, target.name, target.timeline,
+                                      backups[-1].server_version_num // 10000, reporter)
+    plan = choose_base_backup(backups, segments, hist, target, rp_lsn, storage.url)
+    Catalog(storage).require_key(plan.backup)
+    reporter.event("base backup chosen", id=plan.backup.id, stop_lsn=plan.physical.stop_lsn,
+                   timeline=plan.physical.timeline, target=target.describe(),
+                   recovery_timeline=plan.timeline)
+    user = server_os_user(pgdata, os_user)
+    created = not pgdata.exists()
+    pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        chown_to(pgdata, user)
+        pgdata.chmod(0o700)
+        if not user_can_write(user, pgdata):
+            raise RefusedError(f"OS user {user} cannot reach {pgdata}",
+                               "choose a directory whose parents that user may enter (not under /root)")
+        command = server_tool_command(user, tool_candidates(server_command, plan.physical.archive_command,
+                                                            sys.argv[0], sys.executable))
+        restore_command = (f"{command} wal fetch %f %p --abort-on-error "
+                           f"--repo {_shell_quote(storage.url)}")
+        written = extract_base(storage, plan.backup, pgdata, user, reporter)
+        for stale in ("standby.signal", "recovery.signal", "postmaster.pid", "postmaster.opts"):
+            (pgdata / stale).unlink(missing_ok=True)
+        for sub in ("pg_wal", "pg_wal/archive_status"):
+            (pgdata / sub).mkdir(mode=0o700, exist_ok=True)
+            chown_to(pgdata / sub, user)
+        _ensure_config(pgdata, user, reporter)
+        conf = recovery_settings(target, restore_command)
+        if port is not None:
+            conf["port"] = str(port)
+        if not archive:
+            conf["archive_mode"] = "off"
+        _append_conf(pgdata, conf, f"recovery to {target.describe()} from {plan.backup.id}")
+        signal_file = pgdata / "recovery.signal"
+        signal_file.touch()
+        chown_to(signal_file, user)
+        chown_to(pgdata / "postgresql.auto.conf", user)
+    except BaseException:
+        _empty_dir(pgdata, remove=created)
+        raise
+    reporter.event("data directory laid out", pgdata=str(pgdata), bytes=written, os_user=user)
+    return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started)
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _empty_dir(path: Path, remove: bool) -> None:
+    if not path.exists():
+        return
+    if remove:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for entry in os.listdir(path):
+        full = path / entry
+        if full.is_dir() and not full.is_symlink():
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            full.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- recovering
+
+
+@dataclass(frozen=True)
+class RecoveryPoint:
+    """Where recovery stopped, as PostgreSQL reported it."""
+
+    stop_reason: str
+    last_transaction_time: datetime | None
+    redo_done_lsn: str | None
+    timeline: int | None
+    segments_restored: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stop_reason": self.stop_reason,
+                "time": utc_iso(self.last_transaction_time) if self.last_transaction_time else None,
+                "lsn": self.redo_done_lsn, "timeline": self.timeline,
+                "segments_restored": self.segments_restored}
+
+
+LOG_STOP = re.compile(r"LOG:\s+(recovery stopping .*)$")
+LOG_REDO = re.compile(r"LOG:\s+redo done at ([0-9A-F]+/[0-9A-F]+)")
+LOG_LAST_TX = re.compile(r"last completed transaction was at log time (.+?)$")
+LOG_TIMELINE = re.compile(r"LOG:\s+selected new timeline ID: (\d+)")
+LOG_RESTORED = re.compile(r'LOG:\s+restored log file "([0-9A-F]{24})" from archive')
+
+
+def parse_recovery_log(text: str) -> RecoveryPoint:
+    stop = redo = tli = None
+    last_tx: datetime | None = None
+    restored = set()
+    for line in text.splitlines():
+        if m := LOG_STOP.search(line):
+            stop = m.group(1).strip()
+        if m := LOG_REDO.search(line):
+            redo = m.group(1)
+        if m := LOG_LAST_TX.search(line):
+            try:
+                last_tx = _parse_pg_time(m.group(1))
+            except ValueError:
+                pass
+        if m := LOG_TIMELINE.search(line):
+            tli = int(m.group(1))
+        if m := LOG_RESTORED.search(line):
+            restored.add(m.group(1))
+    return RecoveryPoint(stop or "end of the archived WAL", last_tx, redo, tli, len(restored))
+
+
+def _parse_pg_time(text: str) -> datetime:
+    text = text.strip()
+    if re.search(r"[+-]\d\d$", text):
+        text += ":00"
+    return datetime.fromisoformat(text.replace(" ", "T", 1)).astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class PitrResult:
+    backup_id: str
+    pgdata: str
+    target: Target
+    os_user: str
+    port: int | None
+    started: bool
+    recovered: RecoveryPoint | None
+    validation: ValidationReport | None
+    layout_seconds: float
+    recovery_seconds: float
+    bytes_restored: int
+    databases: tuple[str, ...] = ()
+    backup_finished_at: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.validation is None or self.validation.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backup_id": self.backup_id, "pgdata": self.pgdata, "target": self.target.to_dict(),
+                "os_user": self.os_user, "port": self.port, "started": self.started,
+                "recovered_to": self.recovered.to_dict() if self.recovered else None,
+                "ok": self.ok if self.validation else None,
+                "validation": self.validation.to_dict() if self.validation else None,
+                "bytes_restored": self.bytes_restored, "databases": list(self.databases),
+                "backup_finished_at": utc_iso(self.backup_finished_at) if self.backup_finished_at else None,
+                "seconds": {"layout": round(self.layout_seconds, 2), "recovery": round(self.recovery_seconds, 2),
+                            "total": round(self.layout_seconds + self.recovery_seconds, 2)}}
+
+
+def _server_for(layout: Layout, private_dir: Path, port: int) -> LocalServer:
+    p = layout.plan.physical
+    return LocalServer(pgdata=layout.pgdata, os_user=layout.os_user,
+                       bin_dir=find_bin_dir(layout.plan.backup.server_version_num // 10000),
+                       port=port, private_dir=private_dir,
+                       log_file=layout.pgdata / "log" / "backup-tool-recovery.log", superuser=p.superuser)
+
+
+def _promoted(server: LocalServer) -> bool:
+    try:
+        with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            return row is not None and not row[0]
+    except psycopg.Error:
+        return False
+
+
+def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter: Reporter) -> RecoveryPoint:
+    """Start ``server`` privately and wait until recovery reached the target and promoted."""
+    server.start_private()
+    reporter.event("recovery started", target=layout.settings.get("recovery_target_time")
+                   or layout.settings.get("recovery_target_lsn") or layout.settings.get("recovery_target_name")
+                   or "end of archive")
+    seen = [0]
+
+    def tick() -> None:
+        restored = len(set(LOG_RESTORED.findall(server.log_text())))
+        if restored >= seen[0] + 10:
+            reporter.event("recovering", segments_restored=restored)
+            seen[0] = restored
+
+    try:
+        server.wait_until(lambda: _promoted(server), timeout, "recovery", tick)
+    except DatabaseError as exc:
+        fetch_errors = [ln.strip() for ln in server.log_text().splitlines() if "backup-tool: error" in ln]
+        if fetch_errors:
+            raise DatabaseError(f"recovery failed: {fetch_errors[-1]}", f"see {server.log_file}") from exc
+        raise
+    point = parse_recovery_log(server.log_text())
+    with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True) as conn:
+        row = conn.execute("SELECT pg_last_xact_replay_timestamp(),"
+                           " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+    if row is not None:
+        point = RecoveryPoint(point.stop_reason, point.last_transaction_time or row[0],
+                              point.redo_done_lsn, point.timeline or row[1], point.segments_restored)
+    reporter.event("recovery finished", stop=point.stop_reason, lsn=point.redo_done_lsn,
+                   time=utc_iso(point.last_transaction_time) if point.last_transaction_time else None,
+                   timeline=point.timeline, segments_restored=point.segments_restored)
+    return point
+
+
+def _check_reached_end(point: RecoveryPoint, layout: Layout, storage: Storage) -> None:
+    """After --latest: recovery must not have stopped before the archive's end."""
+    if point.redo_done_lsn is None:
+        return
+    cov = layout.plan.coverage
+    seg_size = layout.plan.physical.wal_segment_size
+    if wal.lsn_segment(wal.parse_lsn(point.redo_done_lsn), seg_size) + 1 < wal.lsn_segment(cov.end_lsn, seg_size):
+        raise DatabaseError(f"recovery ended at {point.redo_done_lsn} although the archive continues to "
+                            f"{cov.last_segment} in {storage.url}",
+                            "a segment could not be fetched: check the server log and 'backup-tool wal status'")
+
+
+def validate_cluster(server: LocalServer, jobs: int, reporter: Reporter) -> ValidationReport:
+    """The health checks that need no manifest, on every database of the recovered cluster."""
+    with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True) as conn:
+        dbs = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1").fetchall()]
+    checks: list[Check] = []
+    for db in dbs:
+        report = validate(server.conninfo(db), None, None, jobs=jobs, reporter=reporter)
+        checks.extend(Check(f"{db}: {c.name}", c.ok, c.detail) for c in report.checks)
+    return ValidationReport(str(server.pgdata), None, tuple(checks))
+
+
+def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: int | None = None,
+                 start: bool = True, os_user: str | None = None, archive: bool = True,
+                 server_command: str | None = None, run_validation: bool | None = None,
+                 timeout: float | None = None, reporter: Reporter | None = None,
+                 database: str | None = None) -> PitrResult:
+    """``restore pitr``: lay out, and with ``start`` recover, validate and start the server.
+    ``database``: use only base backups of a cluster that held this database.
+
+    A failed validation does not raise (the server is recovered and running either way):
+    the result's ``ok`` is False and its ``validation`` names the failed checks.
+    """
+    reporter = reporter or NullReporter()
+    if start and port is not None and _port_in_use(port):
+        raise RefusedError(f"port {port} is already in use on this machine",
+                           "pass another --port for the restored server")
+    layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database)
+    if not start:
+        return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
+                          None, None, layout.seconds, 0.0, layout.bytes_written, layout.plan.physical.databases,
+                          layout.plan.backup.finished_at)
+    started = time.monotonic()
+    with private_dir(layout.os_user) as priv:
+        server = _server_for(layout, priv, port or 5432)
+        try:
+            point = recover(server, layout, timeout, reporter)
+            if target.kind == "latest":
+                _check_reached_end(point, layout, open_storage(settings.repo_url))
+            do_validate = settings.policy.validation.after_restore if run_validation is None else run_validation
+            report = validate_cluster(server, settings.policy.backup.jobs, reporter) if do_validate else None
+        finally:
+            server.stop("fast")
+            shutil.rmtree(layout.pgdata / "pg_wal" / wal.SPOOL_DIR / "prefetch", ignore_errors=True)
+    _adapt_to_this_host(server, reporter)
+    server.start_normal()
+    seconds = time.monotonic() - started
+    reporter.event("server running", pgdata=str(layout.pgdata), port=port or "as configured")
+    result = PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, True,
+                        point, report, layout.seconds, seconds, layout.bytes_written, layout.plan.physical.databases,
+                        layout.plan.backup.finished_at)
+    if report is not None and not report.ok:
+        reporter.warning(f"the recovered cluster failed {len(report.failed)} check(s)",
+                         failed=[c.name for c in report.failed])
+    return result
+
+
+def _adapt_to_this_host(server: LocalServer, reporter: Reporter) -> None:
+    """Settings of the backed-up server that would stop it from starting here (socket
+    directories or TLS files that do not exist on this machine) are overridden, with a warning."""
+    changes: dict[str, str] = {}
+    sockets = [d.strip() for d in server.config_value("unix_socket_directories").split(",")]
+    if any(d and not d.startswith("@") and not Path(d).is_dir() for d in sockets):
+        changes["unix_socket_directories"] = "/var/run/postgresql" if Path("/var/run/postgresql").is_dir() else "/tmp"
+    if server.config_value("ssl") == "on":
+        files = [server.config_value(k) for k in ("ssl_cert_file", "ssl_key_file")]
+        if any(not (server.pgdata / f).exists() for f in files if f):
+            changes["ssl"] = "off"
+    if changes:
+        _append_conf(server.pgdata, changes, "settings this host cannot honour")
+        reporter.warning("restored configuration adjusted for this host", **changes)
+
+
+@contextmanager
+def private_dir(os_user: str) -> Iterator[Path]:
+    """A short-path directory only ``os_user`` (and root) can enter, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="bt-"))
+    try:
+        path.chmod(0o700)
+        chown_to(path, os_user)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def repository_health(settings: Settings, now: datetime | None = None) -> wal.ArchiveHealth:
+    """The WAL archive's continuity after the oldest base backup and its newest segment's age."""
+    storage = open_repository(settings.repo_url)
+    bases = [m.physical for m in Catalog(storage).scan()[0] if m.kind == "base" and m.physical]
+    return wal.archive_health(storage, [(p.timeline, wal.parse_lsn(p.start_lsn), p.wal_segment_size)
+                                        for p in bases], now)
+
+
+# --------------------------------------------------------------------------- tables at a time
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so cleanup runs as for Ctrl-C."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], target_time: str | datetime,
+                      into_schema: str | None = None, replace: bool = False, jobs: int | None = None,
+                      reporter: Reporter | None = None, os_user: str | None = None,
+                      server_command: str | None = None) -> Any:
+    """Restore ``tables`` as they were at ``target_time`` into the target database.
+
+    A temporary cluster is recovered to the time in a private temporary directory, the
+    tables are backed up from it into a temporary local repository and restored from there
+    with selective restore (same refusal rules, ``into_schema`` / ``replace``, validation).
+    The temporary cluster and repository are removed on success, failure, Ctrl-C or SIGTERM.
+    """
+    from backup_tool.postgres import connection as postgres
+    from backup_tool.logical.backup import backup_full
+    from backup_tool.postgres.connection import ConnInfo
+    from backup_tool.logical.restore import BackupOrigin
+    from backup_tool.logical.restore_tables import restore_tables
+
+    reporter = reporter or NullReporter()
+    when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
+    target = Target("time", time=when, timeline=_live_timeline(settings, ConnInfo(target_dsn)))
+    source_db = ConnInfo(settings.dsn).params.get("dbname") or ConnInfo(target_dsn).dbname
+    if not source_db:
+        raise UsageError("cannot tell which database the tables come from",
+                         "name it in --target-dsn (or --dsn)")
+    with _terminate_as_interrupt():
+        work = Path(tempfile.mkdtemp(prefix="backup-tool-tables-at-"))
+        server: LocalServer | None = None
+        try:
+            work.chmod(0o711)
+            user = server_os_user(work / "data", os_user)
+            layout = lay_out(settings, target, work / "data", None, user, archive=False,
+                             server_command=server_command, reporter=reporter)
+            priv = work / "s"
+            server = _server_for(layout, priv, _free_port())
+            point = recover(server, layout, None, reporter)
+            reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
+                           if point.last_transaction_time else None, lsn=point.redo_done_lsn)
+            tmp_repo = work / "repo"
+            tmp_repo.mkdir()
+            source = server.conninfo(source_db)
+            tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=settings.policy)
+            with source.connect() as conn:
+                wanted = _resolve_live(postgres.list_tables(conn), tables, when)
+            backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
+            result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
+                                    into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
+            return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
+                source_db, when, layout.plan.backup.finished_at))
+        finally:
+            if server is not None:
+                try:
+                    server.stop("immediate")
+                except Exception:  # noqa: BLE001 - the scratch server dies with its directory, removed next
+                    pass
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _live_timeline(settings: Settings, target: Any) -> int | None:
+    """The target server's current timeline when it is the backed-up cluster itself, so that
+    the tables come from *its* history, not from a timeline another recovery forked off."""
+    try:
+        with target.connect() as conn:
+            row = conn.execute("SELECT (SELECT system_identifier FROM pg_control_system())::text,"
+                               " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+    except (BackupToolError, psycopg.Error):
+        return None
+    if row is None:
+        return None
+    storage = open_repository(settings.repo_url)
+    same = any(m.kind == "base" and m.system_identifier == row[0] for m in Catalog(storage).scan()[0])
+    return int(row[1]) if same else None
+
+
+def _resolve_live(live: list[Any], names: list[str], when: datetime) -> set[tuple[str, str]]:
+    """(schema, name) of each requested table in the recovered database (exact, then case-insensitive)."""
+    from backup_tool.logical.restore_tables import split_name
+
+    known = [(t.schema, t.name) for t in live]
+    chosen = set()
+    for raw in names:
+        schema_name, name = split_name(raw.strip())
+        matches = [k for k in known if k[1] == name and (schema_name is None or k[0] == schema_name)]
+        if not matches:
+            matches = [k for k in known if k[1].lower() == name.lower()
+                       and (schema_name is None or k[0].lower() == (schema_name or "").lower())]
+        if len(matches) != 1:
+            if matches:
+                raise UsageError(f"table name {raw!r} is ambiguous at {utc_iso(when)}", "qualify it with its schema")
+            raise NotFoundError(f"table {raw!r} did not exist at {utc_iso(when)}",
+                                "check the name and the time")
+        chosen.add(matches[0])
+    return chosen
+
+
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

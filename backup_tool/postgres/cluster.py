@@ -1,0 +1,239 @@
+"""A PostgreSQL server on a restored data directory, run and supervised by this tool.
+
+``initdb`` and ``postgres`` refuse to run as root, so when the tool runs as root the server
+runs as an unprivileged OS user (``postgres`` by default, or the data directory's owner)
+through ``runuser``; files the tool writes for it are owned by that user.
+
+While the tool supervises recovery the server is *private*: no TCP listener, a Unix socket
+in a directory only the server user (and root) can enter, and a temporary pg_hba.conf
+trusting that socket alone. Nobody else can connect to a database that has not been
+recovered and validated yet, and the tool needs no password of the restored cluster. The
+server's own configuration applies again when it is restarted normally.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from backup_tool.postgres import connection as postgres
+from backup_tool.errors import DatabaseError, RefusedError
+from backup_tool.postgres.connection import ConnInfo
+
+DEFAULT_OS_USER = "postgres"
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def server_os_user(pgdata: Path, requested: str | None = None) -> str:
+    """The OS user that will own and run the restored cluster."""
+    if not is_root():
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        if requested and requested != me:
+            raise RefusedError(f"--os-user {requested} needs root (running as {me})",
+                               "run as root or leave --os-user out")
+        return me
+    if requested:
+        candidates = [requested]
+    else:
+        candidates = []
+        probe = pgdata
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        owner = pwd.getpwuid(probe.stat().st_uid).pw_name if probe.exists() else "root"
+        if owner != "root" and probe == pgdata:
+            candidates.append(owner)
+        candidates.append(DEFAULT_OS_USER)
+    for name in candidates:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        if name == "root":
+            raise RefusedError("PostgreSQL cannot run as root", "pass --os-user with an unprivileged user")
+        return name
+    raise RefusedError(f"OS user {candidates[-1]} does not exist to run the restored server",
+                       "pass --os-user NAME (an unprivileged user that will own the data directory)")
+
+
+def as_user(user: str, argv: Sequence[str]) -> list[str]:
+    if is_root() and user != "root":
+        return ["runuser", "-u", user, "--", *argv]
+    return list(argv)
+
+
+def run_as(user: str, argv: Sequence[str], env: dict[str, str] | None = None,
+           cwd: str | Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(as_user(user, argv), env=env if env is not None else dict(os.environ),
+                          cwd=cwd or "/", stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def chown_to(path: Path, user: str) -> None:
+    if is_root():
+        pw = pwd.getpwnam(user)
+        os.chown(path, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+
+
+def user_can_write(user: str, path: Path) -> bool:
+    return run_as(user, ["test", "-w", str(path), "-a", "-x", str(path)]).returncode == 0
+
+
+def tool_candidates(explicit: str | None, archive_command: str, argv0: str, python: str) -> list[str]:
+    """Command prefixes that may run this tool for the server user, best first."""
+    found = []
+    if explicit:
+        found.append(explicit)
+    if env := os.environ.get("BACKUP_TOOL_SERVER_COMMAND"):
+        found.append(env)
+    match = re.match(r"^(.*?)\s+wal\s+push\b", archive_command or "")
+    if match and match.group(1).strip():
+        found.append(match.group(1).strip())
+    if os.path.isabs(argv0) and Path(argv0).name == "backup-tool":
+        found.append(shlex.quote(argv0))
+    if which := shutil.which("backup-tool"):
+        found.append(shlex.quote(which))
+    found.append(f"{shlex.quote(python)} -m backup_tool")
+    unique: list[str] = []
+    for f in found:
+        if f not in unique:
+            unique.append(f)
+    return unique
+
+
+def server_tool_command(user: str, candidates: list[str]) -> str:
+    """The first candidate the server user can actually run (``<cmd> version`` succeeds)."""
+    for candidate in candidates:
+        try:
+            done = run_as(user, ["/bin/sh", "-c", f"{candidate} version"], timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0 and "backup-tool" in done.stdout:
+            return candidate
+    raise RefusedError(
+        f"OS user {user} cannot run backup-tool (tried: {'; '.join(candidates)}), so PostgreSQL's "
+        "restore_command could not fetch WAL",
+        "install backup-tool where that user can run it (e.g. a venv under /opt) and pass "
+        "--server-command /opt/backup-tool/bin/backup-tool, or set BACKUP_TOOL_SERVER_COMMAND")
+
+
+def conf_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass
+class LocalServer:
+    """A server on ``pgdata`` run as ``os_user``; ``private_dir`` holds its socket and hba."""
+
+    pgdata: Path
+    os_user: str
+    bin_dir: Path
+    port: int
+    private_dir: Path
+    log_file: Path
+    superuser: str = "postgres"
+
+    def _ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return run_as(self.os_user, [str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), *args],
+                      timeout=timeout)
+
+    def config_value(self, name: str) -> str:
+        """The effective value of a setting, as the server would read its configuration."""
+        done = run_as(self.os_user, [str(self.bin_dir / "postgres"), "-D", str(self.pgdata), "-C", name])
+        if done.returncode != 0:
+            raise DatabaseError(f"cannot read the restored configuration: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def prepare_private(self) -> None:
+        self.private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        chown_to(self.private_dir, self.os_user)
+        hba = self.private_dir / "pg_hba.conf"
+        hba.write_text("# backup-tool: private socket while recovery is supervised\nlocal all all trust\n")
+        chown_to(hba, self.os_user)
+
+    def start_private(self, extra: dict[str, str] | None = None) -> None:
+        """Start without waiting; only the private socket accepts (trusted) connections."""
+        self.prepare_private()
+        settings = {"listen_addresses": "", "unix_socket_directories": str(self.private_dir),
+                    "hba_file": str(self.private_dir / "pg_hba.conf"), "port": str(self.port),
+                    "lc_messages": "C", "logging_collector": "off", "log_min_messages": "warning",
+                    "ssl": "off", **(extra or {})}
+        options = " ".join(f"-c {k}={shlex.quote(v)}" for k, v in settings.items())
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        chown_to(self.log_file.parent, self.os_user)
+        done = self._ctl("-l", str(self.log_file), "-o", options, "-W", "start")
+        if done.returncode != 0:
+            raise DatabaseError(f"the restored server did not start: {done.stderr.strip() or done.stdout.strip()}",
+                                f"see {self.log_file}")
+
+    def start_normal(self, timeout: int = 300) -> None:
+        done = self._ctl("-l", str(self.log_file), "-w", "-t", str(timeout), "start", timeout=timeout + 30)
+        if done.returncode != 0:
+            raise DatabaseError(f"the restored server did not start with its own configuration: "
+                                f"{self.last_error() or done.stderr.strip()}", f"see {self.log_file}")
+
+    def running(self) -> bool:
+        pid_file = self.pgdata / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().splitlines()[0])
+            os.kill(pid, 0)
+            return True
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def stop(self, mode: str = "fast") -> None:
+        if self.running():
+            self._ctl("-m", mode, "-w", "-t", "120", "stop", timeout=180)
+
+    def conninfo(self, dbname: str = "postgres") -> ConnInfo:
+        return ConnInfo(f"host={self.private_dir} port={self.port} user={self.superuser} dbname={dbname}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def last_error(self) -> str:
+        lines = [ln for ln in self.log_text().splitlines()
+                 if (re.search(r"\b(FATAL|PANIC|ERROR)\b", ln) and "the database system is starting up" not in ln)
+                 or "backup-tool: error" in ln]
+        return lines[-1].strip() if lines else ""
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float | None, what: str,
+                   on_tick: Callable[[], None] | None = None, startup_grace: float = 60.0) -> None:
+        """Poll ``ready`` until it holds; raise if the server stops (or never starts) or time runs out."""
+        began = time.monotonic()
+        deadline = None if timeout is None else began + timeout
+        seen_running = False
+        while True:
+            if ready():
+                return
+            if self.running():
+                seen_running = True
+            elif seen_running or time.monotonic() - began > startup_grace:
+                time.sleep(0.5)
+                if ready():
+                    return
+                raise DatabaseError(f"the restored server stopped during {what}: "
+                                    f"{self.last_error() or 'no error in its log'}",
+                                    f"see {self.log_file}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise DatabaseError(f"{what} did not finish within {timeout:.0f}s", f"see {self.log_file}")
+            if on_tick:
+                on_tick()
+            time.sleep(0.3)
+
+
+def find_bin_dir(major: int) -> Path:
+    return Path(postgres.find_tool("pg_ctl", major)).parent

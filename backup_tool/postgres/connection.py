@@ -1,0 +1,524 @@
+"""Everything that talks to PostgreSQL: connections, snapshots, catalog inventory queries,
+and the command lines of PostgreSQL's own tools (pg_dump, pg_restore, psql, pg_dumpall).
+
+Sessions opened here pin every setting that changes how values are written as text
+(time zone, date and interval style, float digits, bytea format, encoding), so the same
+rows always produce the same COPY text and the same content checksum, at backup time and
+at validation time. Passwords are handed to child processes through ``PGPASSWORD`` in
+their environment, never in their arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+
+from backup_tool.errors import ConfigError, DatabaseError
+
+SESSION_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "3",
+    "bytea_output": "hex",
+    "synchronize_seqscans": "off",
+    "row_security": "off",
+}
+UNFINISHED_RESTORE_SCHEMA = "backup_tool_unfinished_restore"
+SYSTEM_SCHEMA_FILTER = (
+    "n.nspname NOT IN ('pg_catalog', 'information_schema') "
+    "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'"
+)
+
+
+def session_options(extra: dict[str, str] | None = None) -> str:
+    settings = {**SESSION_SETTINGS, **(extra or {})}
+    return " ".join(f"-c {k}={v}" for k, v in settings.items())
+
+
+def describe_connect_error(exc: Exception, target: str) -> DatabaseError:
+    """One line saying why libpq could not connect: its whole first error (the reason and its
+    explanation, e.g. "Connection refused Is the server running on that host...?", or "server
+    closed the connection unexpectedly This probably means..."), not only its last line; the
+    per-host repetition psycopg appends after several addresses were tried is dropped."""
+    text = str(exc).strip()
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("Multiple connection attempts failed"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    detail = " ".join(" ".join(lines).split()) or text
+    detail = re.sub(r"^connection failed:\s*", "", detail)
+    if "password authentication failed" in text or "no password supplied" in text:
+        hint = "check the password (in the DSN, PGPASSWORD or ~/.pgpass)"
+    elif "does not exist" in text and "database" in text:
+        hint = ("check the database name; to restore into a new database add --create "
+                "(restore full), or create it first with createdb")
+    elif "Connection refused" in text or "could not translate host" in text or "resolve host" in text \
+            or "timeout" in text:
+        hint = "check the host and port in --dsn / DATABASE_URL and that the server is running"
+    elif "closed the connection unexpectedly" in text:
+        hint = "the server (or a proxy or pooler in front of it) dropped the connection: check its log and sslmode"
+    else:
+        hint = "check --dsn / DATABASE_URL"
+    return DatabaseError(f"cannot connect to {target}: {detail}", hint)
+
+
+REPOSITORY_SECRETS = ("BACKUP_TOOL_ENCRYPTION_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                      "AWS_SECURITY_TOKEN")
+
+
+class ConnInfo:
+    """A parsed libpq connection string (URL or key=value), with libpq's PG* variables as fallback."""
+
+    def __init__(self, dsn: str = "") -> None:
+        try:
+            self.params: dict[str, Any] = conninfo_to_dict(dsn or "")
+        except psycopg.ProgrammingError:
+            raise ConfigError("the DSN is not a valid PostgreSQL connection string",
+                              "use postgresql://user@host:port/dbname or 'host=... dbname=...'") from None
+
+    def with_database(self, dbname: str) -> "ConnInfo":
+        other = ConnInfo.__new__(ConnInfo)
+        other.params = {**self.params, "dbname": dbname}
+        return other
+
+    @property
+    def dbname(self) -> str | None:
+        return self.params.get("dbname") or os.environ.get("PGDATABASE")
+
+    def redacted(self) -> str:
+        """Host, port, user and database, never the password."""
+        p = self.params
+        host = p.get("host") or os.environ.get("PGHOST") or "localhost"
+        port = p.get("port") or os.environ.get("PGPORT") or "5432"
+        user = p.get("user") or os.environ.get("PGUSER") or ""
+        return f"{user + '@' if user else ''}{host}:{port}/{self.dbname or ''}"
+
+    def connect(self, autocommit: bool = True, settings: dict[str, str] | None = None,
+                application: str = "backup-tool") -> psycopg.Connection[Any]:
+        params = dict(self.params)
+        options = session_options(settings)
+        params["options"] = f"{params['options']} {options}" if params.get("options") else options
+        params.setdefault("application_name", application)
+        params.setdefault("connect_timeout", "15")
+        try:
+            return psycopg.connect(make_conninfo(**params), autocommit=autocommit)
+        except psycopg.OperationalError as exc:
+            raise describe_connect_error(exc, f"PostgreSQL at {self.redacted()}") from None
+
+    def tool_conninfo(self) -> str:
+        """Connection string for a child tool's ``-d``: everything but the password."""
+        params = {k: v for k, v in self.params.items() if k != "password"}
+        return make_conninfo(**params) if params else ""
+
+    def tool_env(self, settings: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for a PostgreSQL client tool: the password in PGPASSWORD (never in its
+        arguments) and none of the repository's secrets, which those tools never need."""
+        env = {k: v for k, v in os.environ.items() if k not in REPOSITORY_SECRETS}
+        if self.params.get("password"):
+            env["PGPASSWORD"] = str(self.params["password"])
+        if settings is not None:
+            env["PGOPTIONS"] = session_options(settings)
+        return env
+
+
+def find_tool(name: str, major: int | None = None) -> str:
+    """Path of a PostgreSQL client tool, preferring the server's major version."""
+    candidates: list[Path] = []
+    if env := os.environ.get("BACKUP_TOOL_PG_BINDIR"):
+        candidates.append(Path(env) / name)
+    if major:
+        candidates.append(Path(f"/usr/lib/postgresql/{major}/bin") / name)
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    if versions:
+        return str(versions[0])
+    raise DatabaseError(f"{name} is not installed",
+                        "install the PostgreSQL client tools (e.g. apt-get install postgresql-client-15)")
+
+
+def qualified(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quoted_table(schema: str, name: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    oid: int
+    schema: str
+    name: str
+    relkind: str
+    parent: str | None
+    columns: tuple[str, ...]
+    size: int
+
+    @property
+    def qualified(self) -> str:
+        return quoted_table(self.schema, self.name)
+
+    @property
+    def has_data(self) -> bool:
+        return self.relkind == "r"
+
+
+def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    row = conn.execute(
+        "SELECT current_database(), current_setting('server_version'),"
+        " current_setting('server_version_num')::int, current_setting('server_encoding'),"
+        " (SELECT system_identifier FROM pg_control_system())::text,"
+        " pg_is_in_recovery()"
+    ).fetchone()
+    assert row is not None
+    return {
+        "database": row[0],
+        "server_version": row[1],
+        "server_version_num": row[2],
+        "encoding": row[3],
+        "system_identifier": row[4],
+        "in_recovery": row[5],
+    }
+
+
+def list_tables(conn: psycopg.Connection[Any]) -> list[TableInfo]:
+    """Ordinary and partitioned tables outside system schemas and extensions, biggest first."""
+    rows = conn.execute(f"""
+        SELECT c.oid, n.nspname, c.relname, c.relkind,
+               (SELECT pn.nspname || '.' || pc.relname FROM pg_inherits i
+                  JOIN pg_class pc ON pc.oid = i.inhparent
+                  JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+                 WHERE i.inhrelid = c.oid AND c.relispartition),
+               ARRAY(SELECT a.attname FROM pg_attribute a
+                      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                        AND a.attgenerated = '' ORDER BY a.attnum),
+               pg_table_size(c.oid)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMA_FILTER}
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                             AND d.objid = c.oid AND d.deptype = 'e')
+         ORDER BY pg_table_size(c.oid) DESC, n.nspname, c.relname""").fetchall()
+    return [TableInfo(r[0], r[1], r[2], r[3], r[4], tuple(r[5]), r[6]) for r in rows]
+
+
+CHECKSUM_SQL = (
+    "SELECT n, (s % 18446744073709551616 + 18446744073709551616) % 18446744073709551616"
+    " FROM (SELECT count(*) AS n, coalesce(sum(hashtextextended(ROW({})::text, 0)), 0) AS s"
+    " FROM ONLY {} AS t) AS agg"
+)
+
+
+def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str,
+                   columns: Sequence[str]) -> tuple[int, str]:
+    """Row count and an order-independent content checksum (sum of per-row 64-bit hashes).
+
+    Order-independent so that a table rewritten by VACUUM FULL or loaded in another order
+    still matches; computed over ``columns`` (the dumped, non-generated ones) from each
+    row's text form under the pinned session settings, so a copy of the table elsewhere
+    (another schema, extra columns) compares equal when it holds the same rows.
+    """
+    cols = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in columns)
+    row = conn.execute(sql.SQL(CHECKSUM_SQL).format(cols, qualified(schema, name))).fetchone()
+    assert row is not None
+    return int(row[0]), f"{int(row[1]):016x}"
+
+
+def sequences(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Every sequence with its current value and the column that owns it, if any."""
+    rows = conn.execute(f"""
+        SELECT n.nspname, c.relname, s.seqincrement,
+               (SELECT json_build_object('schema', tn.nspname, 'table', t.relname,
+                                         'column', a.attname)
+                  FROM pg_depend d
+                  JOIN pg_class t ON t.oid = d.refobjid
+                  JOIN pg_namespace tn ON tn.oid = t.relnamespace
+                  JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
+                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                   AND d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0
+                   AND d.deptype IN ('a', 'i') LIMIT 1)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          JOIN pg_sequence s ON s.seqrelid = c.oid
+         WHERE c.relkind = 'S' AND {SYSTEM_SCHEMA_FILTER}
+         ORDER BY 1, 2""").fetchall()
+    result = []
+    for schema, name, increment, owner in rows:
+        value = conn.execute(
+            sql.SQL("SELECT last_value, is_called FROM {}").format(qualified(schema, name))
+        ).fetchone()
+        assert value is not None
+        result.append({"schema": schema, "name": name, "last_value": int(value[0]),
+                       "is_called": bool(value[1]), "increment": int(increment),
+                       "owned_by": owner})
+    return result
+
+
+def _dict_rows(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=dict_row)
+    return list(cur.execute(query).fetchall())
+
+
+def foreign_keys(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Every user foreign key (partition clones left out) with its columns and MATCH rule: what
+    orphan counts and restore-time checks need, without the rest of :func:`inventory`."""
+    return _dict_rows(conn, f"""
+            SELECT n.nspname AS schema, c.relname AS table, con.conname AS name,
+                   fn.nspname AS ref_schema, f.relname AS ref_table,
+                   ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
+                           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n
+                          ORDER BY k.i)::text[] AS columns,
+                   ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
+                           JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n
+                          ORDER BY k.i)::text[] AS ref_columns,
+                   con.confmatchtype::text AS match, con.convalidated AS validated,
+                   pg_get_constraintdef(con.oid) AS definition
+              FROM pg_constraint con
+              JOIN pg_class c ON c.oid = con.conrelid
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              JOIN pg_class f ON f.oid = con.confrelid
+              JOIN pg_namespace fn ON fn.oid = f.relnamespace
+             WHERE con.contype = 'f' AND con.conparentid = 0 AND {SYSTEM_SCHEMA_FILTER}
+             ORDER BY 1, 2, 3""")
+
+
+def indexes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Every user index with its definition and valid/ready state."""
+    return _dict_rows(conn, f"""
+            SELECT n.nspname AS schema, t.relname AS table, c.relname AS name,
+                   pg_get_indexdef(c.oid) AS definition, i.indisvalid AS valid,
+                   i.indisready AS ready
+              FROM pg_index i
+              JOIN pg_class c ON c.oid = i.indexrelid
+              JOIN pg_class t ON t.oid = i.indrelid
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE {SYSTEM_SCHEMA_FILTER}
+             ORDER BY 1, 2, 3""")
+
+
+def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions,
+    and the inventories of :mod:`backup_tool.postgres.inventory` (publications, event triggers, comments,
+    privileges)."""
+    from backup_tool.postgres import inventory as more
+
+    extra = more.inventory(conn)
+
+    def q(query: str) -> list[dict[str, Any]]:
+        return _dict_rows(conn, query)
+
+    found: dict[str, Any] = {
+        "rls": q(f"""
+            SELECT n.nspname AS schema, c.relname AS table, c.relrowsecurity AS enabled,
+                   c.relforcerowsecurity AS forced
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMA_FILTER}
+               AND (c.relrowsecurity OR c.relforcerowsecurity)
+             ORDER BY 1, 2"""),
+        "policies": q("""
+            SELECT schemaname AS schema, tablename AS table, policyname AS name, permissive,
+                   roles::text[] AS roles, cmd, qual, with_check
+              FROM pg_policies ORDER BY 1, 2, 3"""),
+        "foreign_keys": foreign_keys(conn),
+        "indexes": indexes(conn),
+        "functions": q(f"""
+            SELECT n.nspname AS schema, p.proname AS name,
+                   pg_get_function_identity_arguments(p.oid) AS arguments,
+                   p.prokind::text AS kind, md5(coalesce(p.prosrc, '')) AS source_md5
+              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE {SYSTEM_SCHEMA_FILTER}
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                                 AND d.objid = p.oid AND d.deptype = 'e')
+             ORDER BY 1, 2, 3"""),
+        "triggers": q(f"""
+            SELECT n.nspname AS schema, c.relname AS table, t.tgname AS name,
+                   pg_get_triggerdef(t.oid) AS definition, t.tgenabled::text AS enabled
+              FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE NOT t.tgisinternal AND {SYSTEM_SCHEMA_FILTER}
+             ORDER BY 1, 2, 3"""),
+        "extensions": q("SELECT extname AS name, extversion AS version FROM pg_extension ORDER BY 1"),
+        "roles": [r["name"] for r in q(f"""
+            SELECT DISTINCT r.rolname AS name FROM pg_roles r WHERE r.oid IN (
+                SELECT c.relowner FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT (aclexplode(c.relacl)).grantee FROM pg_class c
+                  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT n.nspowner FROM pg_namespace n WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT (aclexplode(n.nspacl)).grantee FROM pg_namespace n
+                 WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT p.proowner FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                 WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT (aclexplode(p.proacl)).grantee FROM pg_proc p
+                  JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT t.typowner FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                 WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT unnest(polroles) FROM pg_policy
+                UNION SELECT lomowner FROM pg_largeobject_metadata
+                UNION SELECT (aclexplode(lomacl)).grantee FROM pg_largeobject_metadata
+                UNION SELECT datdba FROM pg_database WHERE datname = current_database()
+                UNION SELECT (aclexplode(datacl)).grantee FROM pg_database WHERE datname = current_database())
+              AND r.oid <> 0 ORDER BY 1""")],
+        **extra,
+    }
+    found["roles"] = sorted(set(found["roles"]) | more.roles_used(extra))
+    return found
+
+
+def user_objects(conn: psycopg.Connection[Any]) -> list[str]:
+    """Names of what makes a database non-empty: user tables, views, sequences, functions, types
+    (the marker schema of an unfinished restore, see :mod:`backup_tool.postgres.restore_marker`, is not one)."""
+    rows = conn.execute(f"""
+        SELECT kind || ' ' || name FROM (
+            SELECT 'relation' AS kind, n.nspname || '.' || c.relname AS name
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND {SYSTEM_SCHEMA_FILTER}
+            UNION ALL
+            SELECT 'function', n.nspname || '.' || p.proname
+              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE {SYSTEM_SCHEMA_FILTER}
+            UNION ALL
+            SELECT 'schema', n.nspname FROM pg_namespace n
+             WHERE {SYSTEM_SCHEMA_FILTER} AND n.nspname NOT IN ('public', '{UNFINISHED_RESTORE_SCHEMA}')
+            UNION ALL
+            SELECT 'extension', extname FROM pg_extension WHERE extname <> 'plpgsql'
+        ) o ORDER BY 1 LIMIT 20""").fetchall()
+    return [r[0] for r in rows]
+
+
+def missing_roles(conn: psycopg.Connection[Any], roles: Sequence[str]) -> list[str]:
+    if not roles:
+        return []
+    rows = conn.execute("SELECT r FROM unnest(%s::text[]) r WHERE r NOT IN (SELECT rolname FROM pg_roles)",
+                        (list(roles),)).fetchall()
+    return [r[0] for r in rows]
+
+
+class Snapshot:
+    """An exported snapshot held open by a REPEATABLE READ transaction (pg_export_snapshot).
+
+    Every session that imports ``snapshot_id`` sees exactly the same data, so parallel
+    per-table dumps and pg_dump's schema dump form one consistent backup. The snapshot
+    lives as long as this object's connection; tables are share-locked so that no
+    concurrent DDL can drop or rewrite them while the backup runs.
+    """
+
+    def __init__(self, conninfo: ConnInfo, lock_timeout: str = "5min") -> None:
+        self.conn = conninfo.connect(autocommit=False, settings={"lock_timeout": lock_timeout})
+        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        row = self.conn.execute("SELECT pg_export_snapshot(), pg_current_wal_lsn()::text"
+                                " , now()").fetchone()
+        assert row is not None
+        self.snapshot_id: str = row[0]
+        self.wal_lsn: str = row[1]
+        self.taken_at = row[2]
+
+    def lock_tables(self, tables: Sequence[TableInfo]) -> None:
+        """Share-lock the tables, after checking this role may read them and every sequence."""
+        denied = self.conn.execute(sql.SQL(f"""
+            SELECT current_user, format('%I.%I', n.nspname, c.relname)
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE (c.oid = ANY({{oids}}) OR (c.relkind = 'S' AND {SYSTEM_SCHEMA_FILTER}))
+               AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
+             ORDER BY 2""").format(oids=sql.Literal([t.oid for t in tables]))).fetchall()
+        if denied:
+            user, unreadable = denied[0][0], [row[1] for row in denied]
+            raise DatabaseError(f"role {user} may not read {len(unreadable)} of the tables and sequences to back "
+                                f"up ({', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''})",
+                                f"grant {user} USAGE on their schemas and SELECT on them, or back up as "
+                                "their owner or a superuser")
+        for start in range(0, len(tables), 200):
+            names = sql.SQL(", ").join(qualified(t.schema, t.name) for t in tables[start:start + 200])
+            try:
+                self.conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(names))
+            except psycopg.errors.LockNotAvailable as exc:
+                raise DatabaseError(f"could not lock the tables to back up: {exc}",
+                                    "a long-running DDL or VACUUM FULL holds a lock; retry later") from None
+
+    def close(self) -> None:
+        try:
+            self.conn.rollback()
+        finally:
+            self.conn.close()
+
+
+@contextmanager
+def snapshot_session(conninfo: ConnInfo, snapshot_id: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection whose open transaction imports ``snapshot_id``."""
+    conn = conninfo.connect(autocommit=False)
+    try:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+        yield conn
+    finally:
+        try:
+            conn.rollback()
+        finally:
+            conn.close()
+
+
+def try_advisory_lock(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Take a session-level advisory lock named by ``name``; False if someone else holds it."""
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (name,)).fetchone()
+    return bool(row and row[0])
+
+
+def advisory_lock(conn: psycopg.Connection[Any], name: str, wait_seconds: float = 0.0) -> bool:
+    """Take a session-level advisory lock, waiting up to ``wait_seconds`` for its holder to
+    let go (the server queues waiters fairly); False if it is still held then."""
+    if wait_seconds <= 0:
+        return try_advisory_lock(conn, name)
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(wait_seconds * 1000)}ms",))
+    try:
+        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (name,))
+        return True
+    except psycopg.errors.LockNotAvailable:
+        return False
+    finally:
+        conn.execute("RESET lock_timeout")
+
+
+def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: TableInfo) -> list[str]:
+    """psql command line that writes one table's rows as COPY text to stdout, in the snapshot
+    (a table without columns yields one empty line per row)."""
+    columns = f" ({', '.join(quote_ident(c) for c in table.columns)})" if table.columns else ""
+    return [
+        find_tool("psql", major), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo.tool_conninfo(),
+        "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        "-c", f"SET TRANSACTION SNAPSHOT '{snapshot_id}'",
+        "-c", f"COPY {table.qualified}{columns} TO STDOUT",
+        "-c", "COMMIT",
+    ]
+
+
+def copy_in_statement(schema: str, name: str, columns: Sequence[str], freeze: bool = False) -> sql.Composed:
+    """COPY FROM STDIN over ``columns``; with none (a table without columns, which can still
+    hold rows: one empty line each) the column list is left out, as COPY's syntax requires."""
+    column_list = sql.SQL(" ({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns)) \
+        if columns else sql.SQL("")
+    return sql.SQL("COPY {}{} FROM STDIN{}").format(
+        qualified(schema, name), column_list, sql.SQL(" WITH (FREEZE)" if freeze else ""))
+
+
+def truncate_statement(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("TRUNCATE ONLY {}").format(qualified(schema, name))

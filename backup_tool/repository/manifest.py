@@ -1,0 +1,283 @@
+"""The backup manifest: the single source of truth about one backup.
+
+A manifest lists every object the backup consists of (key, stored size, sha256 of the
+stored bytes, uncompressed size), per-table row counts and content checksums, the schema
+fingerprint and the catalog inventory validation compares against, the server it came
+from, and the policy and expiry it was taken under. It is written last: a backup exists
+exactly when its manifest does. The manifest carries a sha256 of its own canonical form,
+so a damaged manifest is detected rather than trusted. ``format`` guards compatibility:
+a manifest from a newer format is refused with a clear message instead of misread.
+
+Format 2 is format 1 plus what client-side encryption adds: ``options["encryption"]``
+(algorithm and key id, never the key) and ``manifest_mac``, an HMAC of the canonical
+sha256 under the repository key, so a manifest edited by someone without the key is
+detected by anyone with it. Unencrypted backups are still written as format 1, readable
+by older versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+from backup_tool.errors import BackupToolError, IntegrityError
+from backup_tool.core.timestamps import parse_utc, utc_iso  # noqa: F401  (re-exported for callers)
+
+FORMAT_VERSION = 2
+ENCRYPTED_FORMAT = 2
+SEAL_FIELD = "manifest_mac"
+KINDS = ("full", "incremental", "base")
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One immutable object in the repository; ``key`` may belong to an earlier backup."""
+
+    key: str
+    size: int
+    sha256: str
+    raw_size: int
+    compression: str = "zstd"
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    schema: str
+    name: str
+    relkind: str
+    parent: str | None
+    columns: tuple[str, ...]
+    rows: int
+    checksum: str
+    object: StoredObject | None
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True)
+class PhysicalInfo:
+    """What a physical base backup needs for point-in-time recovery (kind ``base`` only).
+
+    ``start_lsn``..``stop_lsn`` on ``timeline`` is the WAL that must be replayed from the
+    archive before the restored cluster is consistent; ``stop_time`` is the server's clock
+    when the backup ended, the earliest moment a recovery from this backup can target.
+    ``checkpoint`` says whether the backup asked for a fast or a spread checkpoint.
+    """
+
+    start_lsn: str
+    stop_lsn: str
+    timeline: int
+    start_wal: str
+    stop_wal: str
+    stop_time: datetime
+    wal_segment_size: int
+    checkpoint: str
+    backup_label: str
+    superuser: str = "postgres"
+    databases: tuple[str, ...] = ()
+    archive_command: str = ""
+    data_checksums: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    kind: str
+    parent_id: str | None
+    database: str
+    server_version: str
+    server_version_num: int
+    encoding: str
+    system_identifier: str
+    started_at: datetime
+    finished_at: datetime
+    expires_at: datetime
+    policy: dict[str, Any]
+    snapshot_lsn: str | None
+    schema: StoredObject | None
+    globals: StoredObject | None
+    schema_fingerprint: str
+    tables: tuple[TableEntry, ...]
+    sequences: tuple[dict[str, Any], ...]
+    inventory: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+    extra_objects: tuple[StoredObject, ...] = ()
+    tool_version: str = ""
+    format: int = 1
+    physical: PhysicalInfo | None = None
+    large_objects: StoredObject | None = None
+
+    def objects(self) -> list[StoredObject]:
+        """Every object the backup needs, including those it shares with its parents."""
+        found = [o for o in (self.schema, self.globals, self.large_objects) if o is not None]
+        found += [t.object for t in self.tables if t.object is not None]
+        found += list(self.extra_objects)
+        return found
+
+    def own_objects(self) -> list[StoredObject]:
+        """Objects written by this backup (not referenced from earlier ones)."""
+        prefix = f"backups/{self.id}/"
+        return [o for o in self.objects() if o.key.startswith(prefix)]
+
+    @property
+    def encryption_key_id(self) -> str | None:
+        """The id of the key the backup's objects are encrypted with (None: not encrypted)."""
+        enc = self.options.get("encryption")
+        return str(enc["key_id"]) if isinstance(enc, dict) and enc.get("key_id") else None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(o.size for o in self.own_objects())
+
+    def table(self, schema: str, name: str) -> TableEntry | None:
+        return next((t for t in self.tables if t.schema == schema and t.name == name), None)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``list --json`` entry for this backup."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "parent_id": self.parent_id,
+            "started_at": utc_iso(self.started_at),
+            "finished_at": utc_iso(self.finished_at),
+            "database": self.database,
+            "size_bytes": self.size_bytes,
+            "expires_at": utc_iso(self.expires_at),
+            "server_version": self.server_version,
+            "tables": len([t for t in self.tables if t.relkind == "r"]),
+            "rows": sum(t.rows for t in self.tables if t.relkind == "r"),
+            "raw_bytes": sum(o.raw_size for o in self.own_objects()),
+            "policy": self.policy.get("name"),
+            "encryption_key_id": self.encryption_key_id,
+            **({"start_lsn": self.physical.start_lsn, "stop_lsn": self.physical.stop_lsn,
+                "timeline": self.physical.timeline, "checkpoint": self.physical.checkpoint}
+               if self.physical else {}),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("started_at", "finished_at", "expires_at"):
+            data[key] = utc_iso(getattr(self, key))
+        if self.physical is not None:
+            data["physical"]["stop_time"] = utc_iso(self.physical.stop_time)
+        else:
+            del data["physical"]
+        if self.large_objects is None:
+            del data["large_objects"]
+        return data
+
+    def to_json(self, seal: Callable[[str], str] | None = None) -> bytes:
+        """The stored form; ``seal`` (a MAC of the canonical sha256) authenticates it under a key."""
+        body = self.to_dict()
+        body["manifest_sha256"] = _digest(body)
+        if seal is not None:
+            body[SEAL_FIELD] = seal(body["manifest_sha256"])
+        return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode()
+
+
+def manifest_seal(raw: bytes) -> tuple[str, str | None]:
+    """(canonical sha256, MAC or None) of a manifest that :func:`parse_manifest` accepted."""
+    body = json.loads(raw)
+    mac = body.get(SEAL_FIELD)
+    return str(body["manifest_sha256"]), mac if isinstance(mac, str) else None
+
+
+def _digest(body: dict[str, Any]) -> str:
+    canonical = json.dumps({k: v for k, v in body.items() if k not in ("manifest_sha256", SEAL_FIELD)},
+                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _obj(data: dict[str, Any] | None) -> StoredObject | None:
+    return StoredObject(**data) if data else None
+
+
+def _physical(data: dict[str, Any] | None) -> PhysicalInfo | None:
+    if not data:
+        return None
+    return PhysicalInfo(**{**data, "stop_time": parse_utc(data["stop_time"]),
+                           "databases": tuple(data.get("databases", ()))})
+
+
+_NONE = type(None)
+_SHAPES: dict[type, dict[str, tuple[type, ...]]] = {
+    StoredObject: {"key": (str,), "size": (int,), "sha256": (str,), "raw_size": (int,), "compression": (str,)},
+    TableEntry: {"schema": (str,), "name": (str,), "relkind": (str,), "parent": (str, _NONE), "columns": (tuple,),
+                 "rows": (int,), "checksum": (str,), "object": (StoredObject, _NONE)},
+    Manifest: {"id": (str,), "kind": (str,), "parent_id": (str, _NONE), "database": (str,),
+               "server_version": (str,), "server_version_num": (int,), "encoding": (str,),
+               "system_identifier": (str,), "policy": (dict,), "snapshot_lsn": (str, _NONE),
+               "schema": (StoredObject, _NONE), "globals": (StoredObject, _NONE), "schema_fingerprint": (str,),
+               "sequences": (tuple,), "inventory": (dict,), "options": (dict,), "tool_version": (str,),
+               "large_objects": (StoredObject, _NONE)},
+}
+
+
+def _check_shape(obj: Any) -> None:
+    for name, types in _SHAPES[type(obj)].items():
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise TypeError(f"{type(obj).__name__}.{name} is a {type(value).__name__}")
+
+
+def _checked(manifest: Manifest) -> Manifest:
+    """The manifest, once every field has the type the rest of the tool relies on."""
+    if manifest.kind not in KINDS:
+        raise ValueError(f"kind {manifest.kind!r}")
+    for obj in [manifest, *manifest.objects(), *manifest.tables]:
+        _check_shape(obj)
+    if not all(isinstance(c, str) for t in manifest.tables for c in t.columns):
+        raise TypeError("a column name is not a string")
+    if not all(isinstance(s, dict) for s in manifest.sequences):
+        raise TypeError("a sequence is not an object")
+    return manifest
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """Parse and authenticate a manifest; raise a clear error for damage or a newer format."""
+    try:
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"manifest {where} is not valid JSON",
+                             "the repository is damaged; run 'backup-tool verify all'") from None
+    fmt = body.get("format")
+    if not isinstance(fmt, int):
+        raise IntegrityError(f"manifest {where} has no format version")
+    if fmt > FORMAT_VERSION:
+        raise BackupToolError(
+            f"manifest {where} was written by a newer backup-tool (format {fmt}, this one reads {FORMAT_VERSION})",
+            "upgrade backup-tool to read this repository")
+    if body.get("manifest_sha256") != _digest(body):
+        raise IntegrityError(f"manifest {where} fails its checksum (damaged or edited)",
+                             "run 'backup-tool verify all' and use another backup")
+    try:
+        tables = tuple(
+            TableEntry(**{**t, "columns": tuple(t["columns"]), "object": _obj(t["object"])})
+            for t in body["tables"])
+        return _checked(Manifest(
+            id=body["id"], kind=body["kind"], parent_id=body["parent_id"],
+            database=body["database"], server_version=body["server_version"],
+            server_version_num=body["server_version_num"], encoding=body["encoding"],
+            system_identifier=body["system_identifier"],
+            started_at=parse_utc(body["started_at"]), finished_at=parse_utc(body["finished_at"]),
+            expires_at=parse_utc(body["expires_at"]), policy=body["policy"],
+            snapshot_lsn=body["snapshot_lsn"], schema=_obj(body["schema"]),
+            globals=_obj(body["globals"]), schema_fingerprint=body["schema_fingerprint"],
+            tables=tables, sequences=tuple(body["sequences"]), inventory=body["inventory"],
+            options=body.get("options", {}),
+            extra_objects=tuple(StoredObject(**o) for o in body.get("extra_objects", [])),
+            tool_version=body.get("tool_version", ""), format=fmt,
+            physical=_physical(body.get("physical")),
+            large_objects=_obj(body.get("large_objects")),
+        ))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise IntegrityError(f"manifest {where} is malformed ({exc})",
+                             "the repository is damaged; run 'backup-tool verify all'") from None
+

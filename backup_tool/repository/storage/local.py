@@ -1,0 +1,149 @@
+"""Local-directory repository.
+
+Writes go to a hidden temporary file in the destination directory, are fsynced, and are
+then hard-linked into place (``link`` fails if the name exists, so objects are never
+replaced), after which the directory itself is fsynced: a crash leaves either the complete
+object or an ignorable ``.partial`` file that garbage collection removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from backup_tool.errors import StorageError
+from backup_tool.repository.storage.base import (
+    HashingCounter,
+    ObjectExistsError,
+    ObjectInfo,
+    ObjectMissingError,
+    PartialUpload,
+    PutResult,
+    Storage,
+    check_key,
+)
+
+PARTIAL_MARK = ".partial-"
+READ_SIZE = 1 << 20
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _os_error(self, exc: OSError, what: str) -> StorageError:
+        if exc.errno == errno.ENOSPC:
+            return StorageError(f"no space left on device while writing {what} in {self.root}",
+                                "free disk space or use another --repo")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return StorageError(f"permission denied writing {what} in {self.root}",
+                                "check the directory's owner and mode, or use another --repo")
+        return StorageError(f"cannot write {what} in {self.root}: {exc.strerror}")
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        path = self._path(key)
+        counter = HashingCounter()
+        tmp = path.with_name(f".{path.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "xb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                    counter.update(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ObjectExistsError(f"object {key} already exists in {self.root}") from None
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise self._os_error(exc, key) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return PutResult(key, counter.size, counter.hexdigest())
+
+    def get(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            raise ObjectMissingError(f"object {key} is missing from {self.root}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {key} in {self.root}: {exc.strerror}") from exc
+        with fh:
+            while chunk := fh.read(READ_SIZE):
+                yield chunk
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.is_dir():
+            return
+        found: list[ObjectInfo] = []
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if PARTIAL_MARK in name:
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    st = full.stat()
+                    found.append(ObjectInfo(key, st.st_size,
+                                            datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+        yield from sorted(found, key=lambda o: o.key)
+
+    def list_partials(self, prefix: str = "") -> Iterator[PartialUpload]:
+        """Temporary files left by writers that crashed (for garbage collection)."""
+        for dirpath, _dirs, filenames in os.walk(self.root):
+            for name in filenames:
+                if PARTIAL_MARK in name:
+                    full = Path(dirpath) / name
+                    key = full.relative_to(self.root).as_posix()
+                    if not key.startswith(prefix):
+                        continue
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue
+                    yield PartialUpload(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+    def delete_partial(self, partial: PartialUpload) -> None:
+        if PARTIAL_MARK not in partial.key:
+            raise StorageError(f"{partial.key} is not a temporary file")
+        self.delete(partial.key)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key} in {self.root}: {exc.strerror}") from exc
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def repository_exists(self) -> bool:
+        """The directory exists (the first write creates it)."""
+        return self.root.is_dir()

@@ -1,0 +1,280 @@
+"""Streaming building blocks: child processes, zstd (de)compression, checksum verification,
+and the worker pool with cooperative cancellation.
+
+Everything here works on iterators of byte chunks, so data flows from PostgreSQL to the
+repository (and back) through bounded buffers: memory use depends on chunk and part sizes,
+never on the size of a table. zstd releases the GIL, so parallel streams compress in
+parallel.
+
+Cancellation: on Ctrl-C or SIGTERM the CLI calls :func:`cancel`; every stream checks the
+flag between chunks and every child process is killed, so workers stop within a chunk and
+the operation's own cleanup (abort multipart uploads, discard partial objects, roll back
+transactions, release locks) runs before the process exits.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import subprocess
+import threading
+import weakref
+from collections import deque
+from typing import IO, Any, Callable, Iterable, Iterator
+
+import zstandard
+
+from backup_tool.errors import BackupToolError, DatabaseError, IntegrityError
+from backup_tool.repository.storage.base import HashingCounter, Storage
+
+CHUNK = 1 << 20
+_CANCELLED = threading.Event()
+_CHILDREN: "weakref.WeakSet[Process]" = weakref.WeakSet()
+
+
+class Cancelled(BackupToolError):
+    """The operation was interrupted (Ctrl-C or SIGTERM) and has cleaned up."""
+
+
+def cancel() -> None:
+    """Ask every stream to stop and kill every child process."""
+    _CANCELLED.set()
+    for child in list(_CHILDREN):
+        try:
+            child.proc.kill()
+        except OSError:
+            pass
+
+
+def check_cancelled() -> None:
+    if _CANCELLED.is_set():
+        raise Cancelled("interrupted", "nothing was committed; run the command again")
+
+
+class Process:
+    """A child process whose stdout is streamed and whose stderr tail is kept for errors."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], what: str,
+                 stdin: int | IO[bytes] | None = subprocess.DEVNULL, stdout: int | None = subprocess.PIPE) -> None:
+        self.what = what
+        self._stderr: deque[str] = deque(maxlen=20)
+        try:
+            self.proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                                         env=env, start_new_session=True)
+        except OSError as exc:
+            raise DatabaseError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+        _CHILDREN.add(self)
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line.decode("utf-8", "replace").rstrip())
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        fd = self.stdout.fileno()
+        while chunk := os.read(fd, size):
+            check_cancelled()
+            yield chunk
+        check_cancelled()
+
+    def error_text(self) -> str:
+        lines = [ln for ln in self._stderr if ln]
+        errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
+        return (errors or lines or ["no error output"])[-1]
+
+    def finish(self) -> None:
+        """Wait for the process; raise DatabaseError with its last error line if it failed."""
+        code = self.proc.wait()
+        self._reader.join(timeout=5)
+        if code != 0:
+            raise DatabaseError(f"{self.what} failed: {self.error_text()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run(argv: list[str], env: dict[str, str], what: str, input_bytes: bytes | None = None) -> bytes:
+    """Run a child to completion and return its stdout (for small outputs only)."""
+    try:
+        done = subprocess.run(argv, input=input_bytes, capture_output=True, env=env,
+                              stdin=None if input_bytes is not None else subprocess.DEVNULL)
+    except OSError as exc:
+        raise DatabaseError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
+        raise DatabaseError(f"{what} failed: {(errors or lines or ['no error output'])[-1]}")
+    return done.stdout
+
+
+class StreamStats:
+    """Uncompressed size and line count of a stream (COPY text has one line per row)."""
+
+    def __init__(self) -> None:
+        self.raw_size = 0
+        self.lines = 0
+
+
+def compress(chunks: Iterable[bytes], level: int, threads: int, stats: StreamStats,
+             on_raw: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    chunker = cctx.chunker(chunk_size=CHUNK)
+    for chunk in chunks:
+        check_cancelled()
+        stats.raw_size += len(chunk)
+        stats.lines += chunk.count(b"\n")
+        if on_raw:
+            on_raw(len(chunk))
+        yield from chunker.compress(chunk)
+    yield from chunker.finish()
+
+
+class ChunkReader:
+    """A read()-able view of a chunk iterator (for zstandard's streaming decompressor and
+    tarfile). Small reads from a large chunk copy only what they return, never the rest."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it = iter(chunks)
+        self._chunk = b""
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        while self._pos >= len(self._chunk):
+            try:
+                self._chunk, self._pos = next(self._it), 0
+            except StopIteration:
+                self._chunk, self._pos = b"", 0
+                return b""
+        start = self._pos
+        end = len(self._chunk) if size < 0 else min(len(self._chunk), start + size)
+        self._pos = end
+        if start == 0 and end == len(self._chunk):
+            return self._chunk
+        with memoryview(self._chunk) as view:
+            return view[start:end].tobytes()
+
+
+def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:
+    """Decompress a zstd stream of object ``key`` with output bounded to CHUNK bytes per step.
+
+    The input is read to its very end even after the frame is complete, so that a checking
+    stage upstream (:func:`verified`) always sees every byte and delivers its verdict.
+    """
+    dctx = zstandard.ZstdDecompressor()
+    source = ChunkReader(chunks)
+    try:
+        yield from dctx.read_to_iter(source, read_size=CHUNK, write_size=CHUNK)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"object {key} is corrupt: it does not decompress ({exc})",
+                             "restore from another backup and run 'backup-tool verify all'") from None
+    while source.read(CHUNK):
+        pass
+
+
+def verified(chunks: Iterable[bytes], key: str, sha256: str, size: int,
+             on_chunk: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """Pass chunks through; at the end raise IntegrityError unless size and sha256 match."""
+    counter = HashingCounter()
+    for chunk in chunks:
+        check_cancelled()
+        counter.update(chunk)
+        if on_chunk:
+            on_chunk(len(chunk))
+        yield chunk
+    if counter.size != size or counter.hexdigest() != sha256:
+        raise IntegrityError(
+            f"object {key} is corrupt: sha256 {counter.hexdigest()[:16]}… size {counter.size},"
+            f" expected {sha256[:16]}… size {size}",
+            "restore from another backup and run 'backup-tool verify all'")
+
+
+def run_parallel(jobs: int, tasks: list[tuple[Callable[[Any], None], Any]]) -> None:
+    """Run tasks on ``jobs`` threads; on the first failure cancel the rest and re-raise it."""
+    with cf.ThreadPoolExecutor(jobs, thread_name_prefix="worker") as pool:
+        futures = [pool.submit(fn, arg) for fn, arg in tasks]
+        try:
+            for fut in cf.as_completed(futures):
+                fut.result()
+        except BaseException as exc:
+            if not isinstance(exc, BackupToolError):
+                cancel()
+            for fut in futures:
+                fut.cancel()
+            raise
+
+
+READ_AHEAD = 8
+
+
+def read_ahead(chunks: Iterable[bytes], depth: int = READ_AHEAD) -> Iterator[bytes]:
+    """``chunks`` produced by a background thread, at most ``depth`` chunks ahead.
+
+    Lets the network, the checksum and decryption of a stored object run while the caller
+    decompresses and writes the previous chunks. Errors reach the caller in order, after the
+    chunks that preceded them; when the caller stops early the producer stops too and
+    closes its source in its own thread.
+    """
+    import queue
+
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(chunks)
+        try:
+            for chunk in source:
+                if not put(("chunk", chunk)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(("error", exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            kind, value = box.get()
+            if kind == "chunk":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        producer.join(timeout=5)  # a read stalled past that ends on the store's own timeout
+
+
+def read_stored(storage: Storage, key: str, sha256: str, size: int,
+                on_chunk: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """An object's decompressed content; raises IntegrityError if it is damaged in any way.
+
+    The sha256 (of the stored bytes, so of the ciphertext when the repository is encrypted)
+    is checked as they stream; its verdict arrives when the last chunk has been read, so
+    consumers must only commit what they wrote once the iterator is exhausted. Decryption
+    authenticates each frame before releasing it.
+    """
+    return decompress(read_ahead(storage.decode(key, verified(storage.get_stored(key), key, sha256, size, on_chunk))),
+                      key)
