@@ -27,10 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backup_tool.config.policy import Policy
 from backup_tool.repository.catalog import manifest_key, new_backup_id
 from backup_tool.repository.catalog_index import INDEX_PREFIX
 from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry
-from backup_tool.config.policy import Policy
 from backup_tool.repository.storage import open_storage
 
 T0 = datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)

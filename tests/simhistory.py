@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from backup_tool.repository.catalog import Catalog, KIND_LETTER
-from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry
 from backup_tool.config.policy import Policy
-from backup_tool.governance.retention import BackupRecord
+from backup_tool.repository.catalog import KIND_LETTER, Catalog
+from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry
+from backup_tool.repository.records import BackupRecord
 from backup_tool.repository.storage import Storage
 
 UTC = timezone.utc

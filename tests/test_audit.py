@@ -10,12 +10,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from backup_tool.governance.audit import Candidate, build_report, render_html, render_markdown, schedule_adherence
-from backup_tool.governance.status import Verification, WalState
+from simhistory import History, record, seed_schedule, ts
+
 from backup_tool.config.policy import Policy
 from backup_tool.core.walnames import segment_name
+from backup_tool.governance.audit import Candidate, build_report, schedule_adherence
+from backup_tool.governance.status import Verification, WalState
+from backup_tool.render.audit import render_html, render_markdown
 from backup_tool.repository.storage import open_storage
-from simhistory import History, record, seed_schedule, ts
 
 P = Policy()
 

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import boto3
+import dbcompare
 import psycopg
 import pytest
-
-import dbcompare
 from clioutput import one_line
 
 pytestmark = pytest.mark.slow

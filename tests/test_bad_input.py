@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import Cli, DbHandle, PgServer, free_port
 from clioutput import only_line
+from conftest import Cli, DbHandle, PgServer, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from clioutput import one_line
 from conftest import PgServer, free_port
 from server_tool import install_source, write_wrapper
-from clioutput import one_line
 
 pytestmark = pytest.mark.slow
 

@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from simhistory import History, ts
 from test_manifest import make_manifest
 from test_tamper import KEY, plant, resealed, sealed_repo
 
+from backup_tool.config.policy import Policy
+from backup_tool.errors import IntegrityError
 from backup_tool.repository.catalog import REFUSED, Catalog, manifest_key
 from backup_tool.repository.catalog_index import INDEX_PREFIX, IndexEntry, _digest, index_keys, write_index
-from backup_tool.errors import IntegrityError
-from backup_tool.config.policy import Policy
-from backup_tool.governance.retention import BackupRecord
+from backup_tool.repository.records import BackupRecord
 from backup_tool.repository.storage.encrypted import EncryptedStorage, EncryptionKey
 from backup_tool.repository.storage.local import LocalStorage
-from simhistory import History, ts
 
 
 class CountingStorage(LocalStorage):

@@ -13,6 +13,7 @@ from datetime import timedelta
 import pytest
 from simhistory import make_manifest, ts
 
+from backup_tool.errors import EXIT_FAILED, EXIT_USAGE
 from backup_tool.repository.catalog import (
     DatabaseHint,
     RefProblem,
@@ -22,7 +23,6 @@ from backup_tool.repository.catalog import (
     match_id,
     of_cluster_holding,
 )
-from backup_tool.errors import EXIT_FAILED, EXIT_USAGE
 from backup_tool.repository.manifest import PhysicalInfo
 
 APP_FULL = make_manifest("full", ts("2026-11-20T02:00:00Z"), database="app")

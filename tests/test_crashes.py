@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import dbcompare
 import pytest
+from clioutput import add_bulk, one_line
 from conftest import PgServer, start_pg_server
 from server_tool import install_source, write_wrapper
 
-import dbcompare
 from backup_tool.physical.wal import segment_name, segment_number
-from clioutput import add_bulk, one_line
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from clioutput import one_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,6 @@ from backup_tool.repository.storage.encrypted import (
     key_from_environment,
 )
 from backup_tool.repository.storage.local import LocalStorage
-from clioutput import one_line
 
 KEY = EncryptionKey(bytes(range(32)))
 OTHER = EncryptionKey(bytes(range(1, 33)))
@@ -316,8 +316,8 @@ def test_an_incremental_chain_never_mixes_keys() -> None:
 
     from test_manifest import T0, make_manifest
 
-    from backup_tool.logical.backup import choose_parent
     from backup_tool.config.policy import Policy
+    from backup_tool.logical.backup import choose_parent
 
     full = make_manifest()
     sealed = replace(full, options={"encryption": KEY.describe()})

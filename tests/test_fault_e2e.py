@@ -11,11 +11,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
-import pytest
-from faultproxy import CHAOS_ACTIONS, Chaos, FaultProxy, Rule
-
 import dbcompare
+import pytest
 from clioutput import add_bulk, one_line
+from faultproxy import CHAOS_ACTIONS, Chaos, FaultProxy, Rule
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,8 @@ import subprocess
 import uuid
 from typing import Any, Callable
 
-import pytest
-
 import dbcompare
+import pytest
 
 pytestmark = pytest.mark.slow
 

@@ -4,26 +4,19 @@ is due is a pure function of (records, policy, now)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import DbHandle, PgServer
 
+from backup_tool.config.policy import Policy, parse_policy
 from backup_tool.config.settings import Settings
 from backup_tool.errors import ConfigError, UsageError
-from backup_tool.jobs.health import (
-    HealthRecord,
-    audit_table,
-    decide_health_due,
-    resolve_names,
-    run_health,
-    status_checks,
-)
-from backup_tool.config.policy import Policy, parse_policy
-from conftest import DbHandle, PgServer
+from backup_tool.governance.health import HealthRecord, audit_table, decide_health_due, status_checks
+from backup_tool.jobs.health import resolve_names, run_health
 
 UTC = timezone.utc
 P = Policy()

@@ -7,12 +7,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
-
 import dbcompare
-from backup_tool.logical.backup import choose_parent
-from backup_tool.config.policy import Policy, Retention
+import pytest
 from test_manifest import make_manifest
+
+from backup_tool.config.policy import Policy, Retention
+from backup_tool.logical.backup import choose_parent
 
 T0 = datetime(2026, 11, 1, 2, 0, tzinfo=timezone.utc)
 

@@ -13,10 +13,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import dbcompare
 import psycopg
 import pytest
-
-import dbcompare
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backup_tool.errors import BackupToolError, IntegrityError
 from backup_tool.repository.manifest import FORMAT_VERSION, Manifest, StoredObject, TableEntry, parse_manifest

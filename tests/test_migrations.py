@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from backup_tool.schema import drift
-from backup_tool.errors import ConfigError, UsageError
-from backup_tool.schema.migrations import MigrationError, discover, split_statements
 from backup_tool.config.policy import parse_policy
+from backup_tool.errors import ConfigError, UsageError
+from backup_tool.schema import drift
+from backup_tool.schema.migrations import MigrationError, discover, split_statements
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "migrations"
 SEED_ORDER = ["init_schema", "user_profiles_system", "projects_core", "ai_integration", "gamification_v1",

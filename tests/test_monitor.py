@@ -8,21 +8,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from backup_tool.governance.status import (
-    CRITICAL,
-    OK,
-    UNKNOWN,
-    WARNING,
-    Verification,
-    WalState,
-    evaluate,
-    prometheus_text,
-    write_textfile,
-)
+from simhistory import History, record, seed_schedule, ts
+
 from backup_tool.config.policy import Policy
 from backup_tool.core.walnames import segment_name
+from backup_tool.governance.status import CRITICAL, OK, UNKNOWN, WARNING, Verification, WalState, evaluate
+from backup_tool.jobs.status import write_textfile
+from backup_tool.render.prometheus import prometheus_text
 from backup_tool.repository.storage import open_storage
-from simhistory import History, record, seed_schedule, ts
 
 P = Policy()
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import dbcompare
 import psycopg
 import pytest
 from conftest import SEED_FILES, Cli, PgServer, free_port, start_pg_server
 from server_tool import install_source, write_wrapper
-
-import dbcompare
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from backup_tool.errors import ConfigError
 from backup_tool.config.policy import Policy, load_policy, parse_policy
+from backup_tool.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

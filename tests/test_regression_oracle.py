@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import REPO_ROOT, Cli, PgServer, start_pg_server
 
 pytestmark = pytest.mark.slow

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import pytest
-
 import clioutput
 import dbcompare
-from backup_tool.repository.catalog import Catalog
+import pytest
+from test_manifest import make_manifest
+
 from backup_tool.cli.common import one_line
 from backup_tool.config.settings import resolve_settings
-from backup_tool.errors import NotFoundError, UsageError
-from backup_tool.postgres.connection import ConnInfo
 from backup_tool.core.report import NullReporter
+from backup_tool.errors import NotFoundError, UsageError
 from backup_tool.logical.restore_tables import resolve_tables, restore_tables, split_name, validate_tables
+from backup_tool.postgres.connection import ConnInfo
+from backup_tool.repository.catalog import Catalog
 from backup_tool.repository.storage import open_storage
-from test_manifest import make_manifest
 
 pytestmark = pytest.mark.slow
 

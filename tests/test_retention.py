@@ -13,22 +13,17 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from simhistory import History, record, seed_schedule, ts
 
-from backup_tool.config.settings import Settings
 from backup_tool.config.policy import Policy, Retention
-from backup_tool.governance.retention import (
-    BackupRecord,
-    apply_retention,
-    check_object_lock,
-    plan_garbage,
-    plan_retention,
-    plan_wal,
-    read_log,
-)
+from backup_tool.config.settings import Settings
+from backup_tool.core.walnames import segment_name
+from backup_tool.governance.retention import BackupRecord, plan_garbage, plan_retention, plan_wal
+from backup_tool.jobs.expire import apply_retention, check_object_lock
+from backup_tool.repository import walarchive
+from backup_tool.repository.retention_log import read_log
 from backup_tool.repository.storage import ObjectInfo, open_storage
 from backup_tool.repository.storage.base import ObjectLock, PartialUpload
-from backup_tool.core.walnames import segment_name
-from simhistory import History, record, seed_schedule, ts
 
 UTC = timezone.utc
 P = Policy()
@@ -402,8 +397,9 @@ def test_cli_dry_run_and_apply(cli: Any, tmp_path: Path) -> None:
 
 
 def _base_manifest(started: datetime, start_segment: str, policy: Policy) -> Any:
-    from backup_tool.repository.manifest import PhysicalInfo
     from simhistory import make_manifest
+
+    from backup_tool.repository.manifest import PhysicalInfo
 
     m = make_manifest("base", started, policy)
     physical = PhysicalInfo(start_lsn="0/0", stop_lsn="0/0", timeline=int(start_segment[:8], 16),
@@ -413,9 +409,10 @@ def _base_manifest(started: datetime, start_segment: str, policy: Policy) -> Any
 
 
 def test_wal_expiry_against_the_real_archive(tmp_path: Path) -> None:
+    from simhistory import store
+
     from backup_tool.physical import wal
     from backup_tool.repository.catalog import Catalog
-    from simhistory import store
 
     repo = str(tmp_path / "repo")
     storage = open_storage(repo)
@@ -432,7 +429,7 @@ def test_wal_expiry_against_the_real_archive(tmp_path: Path) -> None:
     result = apply_retention(_settings(repo), now=now)
     assert result.deleted == [bases[0].id, bases[1].id]
     assert result.plan.wal is not None and result.plan.wal.keep_from == segment_name(1, 25)
-    left = [s.name for s in wal.list_segments(storage)]
+    left = [s.name for s in walarchive.list_segments(storage)]
     assert left == [segment_name(1, p) for p in range(25, 41)]
     assert result.wal_deleted == 24
     assert any(f.key.startswith("wal/history/") for f in wal.list_archive(storage)), "history files are kept"

@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from botocore.exceptions import ClientError
 
-from backup_tool.logical.backup import lock_name
 from backup_tool.config.policy import load_policy
-from backup_tool.governance.retention import check_object_lock
+from backup_tool.jobs.expire import check_object_lock
+from backup_tool.logical.backup import lock_name
 from backup_tool.repository.storage import open_storage
 
 pytestmark = pytest.mark.slow

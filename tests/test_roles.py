@@ -20,9 +20,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
-
 import dbcompare
+import pytest
 from conftest import SEED_FILES, Cli, PgServer
 
 APP_OWNER = '"App ""Owner"""'

@@ -11,20 +11,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from backup_tool.config.settings import Settings
-from backup_tool.errors import ConfigError, UsageError
-from backup_tool.config.policy import Policy, Retention, Schedule, parse_policy
-from backup_tool.jobs.schedule import (
-    decide_due,
-    next_slot,
-    parse_cron,
-    parse_ts,
-    previous_slot,
-    render_schedule,
-    slots_between,
-)
 from simhistory import record, ts
+
+from backup_tool.config.policy import Policy, Retention, Schedule, parse_policy
+from backup_tool.config.settings import Settings
+from backup_tool.core.cron import next_slot, parse_cron, parse_ts, previous_slot, slots_between
+from backup_tool.errors import ConfigError, UsageError
+from backup_tool.governance.due import decide_due
+from backup_tool.render.units import render_schedule
 
 UTC = timezone.utc
 P = Policy()

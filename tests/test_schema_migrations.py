@@ -12,13 +12,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
-
 import dbcompare
-from backup_tool.schema import drift
-from backup_tool.config.settings import Settings
-from backup_tool.config.policy import parse_policy
+import pytest
 from clioutput import one_line
+
+from backup_tool.config.policy import parse_policy
+from backup_tool.config.settings import Settings
+from backup_tool.schema import drift
 
 pytestmark = pytest.mark.slow
 

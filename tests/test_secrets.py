@@ -91,7 +91,7 @@ class World:
         proc = subprocess.Popen(argv, env=self.env(), cwd=self.cli.workdir, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         result: dict[str, bytes] = {}
-        reader = threading.Thread(target=lambda: result.update(zip(("out", "err"), proc.communicate())))
+        reader = threading.Thread(target=lambda: result.update(zip(("out", "err"), proc.communicate(), strict=True)))
         reader.start()
         needles = list(self.secrets().values()) + [b"pg_dump", b"psql", b"pg_restore", b"pg_basebackup",
                                                    b"wal\x00push", b"wal\x00fetch"]

@@ -11,12 +11,13 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from backup_tool.governance.audit import Candidate, schedule_adherence
-from backup_tool.config.policy import Policy, Retention, Schedule
-from backup_tool.jobs.schedule import SlotStatus, decide_due, meet_slot, previous_slot
-from backup_tool.repository.storage import open_storage
 from simhistory import History, record, ts
+
+from backup_tool.config.policy import Policy, Retention, Schedule
+from backup_tool.core.cron import previous_slot
+from backup_tool.governance.audit import Candidate, schedule_adherence
+from backup_tool.governance.due import SlotStatus, decide_due, meet_slot
+from backup_tool.repository.storage import open_storage
 
 UTC = timezone.utc
 P = Policy()

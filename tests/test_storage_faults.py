@@ -15,10 +15,10 @@ import pytest
 import zstandard
 from faultproxy import ACTIONS, CHAOS_ACTIONS, Chaos, FaultProxy, Request, Rule
 
-from backup_tool.streams import pipeline
 from backup_tool.errors import ConfigError, IntegrityError, StorageError
 from backup_tool.repository.storage import ObjectExistsError
 from backup_tool.repository.storage.s3 import MIN_PART, S3Storage, S3Tuning
+from backup_tool.streams import pipeline
 
 TUNING = S3Tuning(connect_timeout=2, read_timeout=1, attempts=4)
 BIG = os.urandom(MIN_PART + 123_456)

@@ -20,15 +20,15 @@ from typing import Any, Callable
 
 import boto3
 import pytest
-from test_backup_restore import object_keys, overwrite_object, read_object
+from clioutput import one_line
+from test_backup_restore import object_keys, read_object
 from test_manifest import T0, make_manifest
 
-from backup_tool.repository.catalog import Catalog, manifest_key
 from backup_tool.errors import IntegrityError
+from backup_tool.repository.catalog import Catalog, manifest_key
 from backup_tool.repository.manifest import SEAL_FIELD, Manifest, _digest
 from backup_tool.repository.storage import open_storage
 from backup_tool.repository.storage.encrypted import KEY_ENV, EncryptionKey
-from clioutput import one_line
 
 KEY = EncryptionKey(bytes(range(32)))
 OTHER = EncryptionKey(bytes(range(1, 33)))
@@ -310,8 +310,8 @@ def test_tampering_without_the_key_is_detected_and_refused(
 
 
 def test_the_policy_names_a_key_id_or_nothing() -> None:
-    from backup_tool.errors import ConfigError
     from backup_tool.config.policy import parse_policy
+    from backup_tool.errors import ConfigError
 
     assert parse_policy(f'[backup]\nencryption_key_id = "{KEY.key_id}"\n', "p.toml").backup.encryption_key_id \
         == KEY.key_id

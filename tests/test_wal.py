@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 
-from backup_tool.physical import pitr, wal
-from backup_tool.physical.basebackup import TarScanner, parse_backup_label, stop_lsn_from_manifest
+from backup_tool.core import walnames
 from backup_tool.errors import NotFoundError, RefusedError, UsageError
+from backup_tool.governance import walcoverage
+from backup_tool.physical import pitr, wal, walspool
+from backup_tool.physical.basebackup import TarScanner, parse_backup_label, stop_lsn_from_manifest
+from backup_tool.repository import walarchive
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, parse_manifest
 
 SEG = 16 << 20
@@ -36,14 +39,14 @@ def test_names_keys_and_lsns() -> None:
     sha = "a" * 64
     assert wal.object_key("0000000100000002000000FF", sha) == f"wal/0000000100000002/0000000100000002000000FF-{sha}.zst"
     assert wal.object_key("00000002.history", sha) == f"wal/history/00000002.history-{sha}.zst"
-    assert wal.parse_lsn("0/3000060") == 0x3000060
-    assert wal.parse_lsn("1A/FF") == (0x1A << 32) | 0xFF
-    assert wal.format_lsn(wal.parse_lsn("16/B374D848")) == "16/B374D848"
+    assert walnames.parse_lsn("0/3000060") == 0x3000060
+    assert walnames.parse_lsn("1A/FF") == (0x1A << 32) | 0xFF
+    assert wal.format_lsn(walnames.parse_lsn("16/B374D848")) == "16/B374D848"
     with pytest.raises(UsageError):
-        wal.parse_lsn("nonsense")
+        walnames.parse_lsn("nonsense")
     assert wal.segment_name(1, 0x1FF) == "0000000100000001000000FF"
     assert wal.segment_number("0000000100000001000000FF") == 0x1FF
-    assert wal.segment_name(3, wal.lsn_segment(wal.parse_lsn("2/5000028"))) == "000000030000000200000005"
+    assert wal.segment_name(3, wal.lsn_segment(walnames.parse_lsn("2/5000028"))) == "000000030000000200000005"
     assert wal.segment_name(1, 5, 64 << 20) == "000000010000000000000005"
     assert wal.segment_number("000000010000000100000003", 64 << 20) == 64 + 3
 
@@ -88,17 +91,17 @@ def test_walnames_round_trips() -> None:
     assert walnames.format_lsn(walnames.parse_lsn("1A/FF00028")) == "1A/FF00028"
     assert walnames.segment_prefix("000000010000000000000002.00000028.backup") == "000000010000000000000002"
     assert walnames.segment_prefix("00000002.history") is None
-    assert wal.segment_name is walnames.segment_name and wal.parse_lsn is walnames.parse_lsn
+    assert wal.segment_name is walnames.segment_name and walnames.parse_lsn is walnames.parse_lsn
 
 
 def test_status_audit_check_and_pitr_agree_across_a_timeline_switch() -> None:
     """Timeline 2 forked from 1 inside segment 5 and lacks its segment 6, which timeline 1
     (abandoned) has. Recovery along timeline 2 cannot cross 6: everyone must say so. (The
     old ``retention.wal_gaps`` merged timelines by position and saw no gap.)"""
+    from backup_tool.config.policy import Policy
     from backup_tool.governance.audit import build_report
     from backup_tool.governance.status import CRITICAL, WalState, evaluate
-    from backup_tool.config.policy import Policy
-    from backup_tool.governance.retention import BackupRecord
+    from backup_tool.repository.records import BackupRecord
 
     hist = {2: wal.parse_history("1\t0/5800000\tno reason\n")}
     archive = segs(1, 2, 9) + [s for s in segs(2, 5, 9, start_minute=20) if s.name != "000000020000000000000006"]
@@ -109,12 +112,12 @@ def test_status_audit_check_and_pitr_agree_across_a_timeline_switch() -> None:
                         finished_at=T0 - timedelta(minutes=9))
     expected = [("000000020000000000000006", "000000020000000000000006")]
 
-    covs, gaps = wal.archive_coverage(archive, hist, 1, wal.parse_lsn("0/2000028"))  # check, wal status
+    covs, gaps = wal.archive_coverage(archive, hist, 1, walnames.parse_lsn("0/2000028"))  # check, wal status
     assert [(g.first_missing, g.last_missing) for g in gaps] == expected
     assert [(c.timeline, c.last_segment) for c in covs] == [(1, "000000010000000000000009"),
                                                             (2, "000000020000000000000005")]
-    path = wal.timeline_path(wal.newest_timeline(1, hist), hist[2])  # restore pitr, as pitr.plan does
-    cov = wal.coverage(archive, path, wal.parse_lsn("0/2000028"))
+    path = walcoverage.timeline_path(walcoverage.newest_timeline(1, hist), hist[2])  # restore pitr, as pitr.plan does
+    cov = walcoverage.coverage(archive, path, walnames.parse_lsn("0/2000028"))
     assert [(g.first_missing, g.last_missing) for g in cov.gaps] == expected
     state = WalState(tuple(s.name for s in archive), max(s.modified for s in archive), histories=hist)
     status = evaluate([full, base], [], state, Policy(), now)  # status
@@ -124,33 +127,33 @@ def test_status_audit_check_and_pitr_agree_across_a_timeline_switch() -> None:
 
 
 def test_coverage_gaps_and_timelines() -> None:
-    path1 = wal.timeline_path(1, [])
-    cov = wal.coverage(segs(1, 3, 9), path1, wal.parse_lsn("0/3000028"))
+    path1 = walcoverage.timeline_path(1, [])
+    cov = walcoverage.coverage(segs(1, 3, 9), path1, walnames.parse_lsn("0/3000028"))
     assert cov.last_segment == "000000010000000000000009" and not cov.gaps
     assert cov.end_lsn == 10 * SEG and cov.archived_until == T0 + timedelta(minutes=6)
 
     holed = [s for s in segs(1, 3, 9) if s.name != "000000010000000000000006"]
-    cov = wal.coverage(holed, path1, wal.parse_lsn("0/3000028"))
+    cov = walcoverage.coverage(holed, path1, walnames.parse_lsn("0/3000028"))
     assert cov.last_segment == "000000010000000000000005"
     assert [str(g) for g in cov.gaps] == ["missing from 000000010000000000000006 up to 000000010000000000000007"]
 
     # timeline 2 forked from 1 inside segment 6: segment 6 onwards is read from timeline 2
     history2 = wal.parse_history("1\t0/6012345\tbefore 2026-11-24 20:05:00+00\n")
     assert history2 == [(1, 0x6012345)]
-    path2 = wal.timeline_path(2, history2)
+    path2 = walcoverage.timeline_path(2, history2)
     assert [(s.timeline, s.begin, s.end) for s in path2] == [(1, 0, 0x6012345), (2, 0x6012345, None)]
-    assert wal.timeline_for(path2, 5, SEG) == 1 and wal.timeline_for(path2, 6, SEG) == 2
+    assert walcoverage.timeline_for(path2, 5, SEG) == 1 and walcoverage.timeline_for(path2, 6, SEG) == 2
     archive = segs(1, 3, 9) + segs(2, 6, 8, start_minute=20)
-    cov = wal.coverage(archive, path2, wal.parse_lsn("0/3000028"))
+    cov = walcoverage.coverage(archive, path2, walnames.parse_lsn("0/3000028"))
     assert cov.last_segment == "000000020000000000000008" and not cov.gaps and cov.timeline == 2
-    assert wal.newest_timeline(1, {2}) == 2 and wal.newest_timeline(1, {3}) == 1
-    assert wal.newest_timeline(1, {2, 3, 5}) == 3
+    assert walcoverage.newest_timeline(1, {2}) == 2 and walcoverage.newest_timeline(1, {3}) == 1
+    assert walcoverage.newest_timeline(1, {2, 3, 5}) == 3
 
 
 def base_manifest(backup_id: str, start: str, stop: str, stop_minute: float, tli: int = 1) -> Manifest:
     phys = PhysicalInfo(start_lsn=start, stop_lsn=stop, timeline=tli,
-                        start_wal=wal.segment_name(tli, wal.lsn_segment(wal.parse_lsn(start))),
-                        stop_wal=wal.segment_name(tli, wal.lsn_segment(wal.parse_lsn(stop))),
+                        start_wal=wal.segment_name(tli, wal.lsn_segment(walnames.parse_lsn(start))),
+                        stop_wal=wal.segment_name(tli, wal.lsn_segment(walnames.parse_lsn(stop))),
                         stop_time=T0 + timedelta(minutes=stop_minute), wal_segment_size=SEG,
                         checkpoint="fast", backup_label="START WAL LOCATION: ...")
     started = T0 + timedelta(minutes=stop_minute - 0.5)
@@ -177,10 +180,10 @@ def test_choose_base_backup() -> None:
     assert pitr.choose_base_backup([old, new], archive, {}, target(6)).backup.id == "B2"
     assert pitr.choose_base_backup([old, new], archive, {}, target(3)).backup.id == "B1"
     assert pitr.choose_base_backup([old, new], archive, {}, pitr.Target("latest")).backup.id == "B2"
-    lsn = pitr.Target("lsn", lsn=wal.parse_lsn("0/6000000"))
+    lsn = pitr.Target("lsn", lsn=walnames.parse_lsn("0/6000000"))
     assert pitr.choose_base_backup([old, new], archive, {}, lsn).backup.id == "B1"
     assert pitr.choose_base_backup([old, new], archive, {}, pitr.Target("name", name="x"),
-                                   restore_point_lsn=wal.parse_lsn("0/8000000")).backup.id == "B2"
+                                   restore_point_lsn=walnames.parse_lsn("0/8000000")).backup.id == "B2"
 
     window = r"covers 2026-11-24T20:01:00Z \.\. 2026-11-24T20:09:00Z.*before the oldest"
     with pytest.raises(RefusedError, match=window):
@@ -204,7 +207,7 @@ def test_choose_base_backup() -> None:
 def test_choose_follows_timelines() -> None:
     before_fork = base_manifest("B1", "0/3000028", "0/3000100", 1)
     after_fork_tl1 = base_manifest("B2", "0/9000028", "0/9000100", 7)
-    history = {2: [(1, wal.parse_lsn("0/6012345"))]}
+    history = {2: [(1, walnames.parse_lsn("0/6012345"))]}
     archive = segs(1, 3, 10) + segs(2, 6, 8, start_minute=20)
     plan = pitr.choose_base_backup([before_fork, after_fork_tl1], archive, history, pitr.Target("latest"))
     assert plan.backup.id == "B1" and plan.timeline == 2
@@ -334,13 +337,13 @@ def test_batched_push_acknowledges_from_the_spool(cli: Any, repo: str, tmp_path:
     out = cli.json("wal", "push", pg_wal / names[0], "--repo", repo, "--batch", "4")
     assert out["name"] == names[0] and out["pushed_ahead"] == names[1:4]
     assert sorted(k.split("/")[-1].split("-")[0] for k in keys_under(repo, "wal/")) == names[:4]
-    spool = pg_wal / wal.SPOOL_DIR
+    spool = pg_wal / walspool.SPOOL_DIR
     assert sorted(p.name for p in spool.iterdir()) == [f"{n}.pushed" for n in names[1:4]]
 
     os.utime(pg_wal / names[2], ns=(1, 1))  # not the file that was pushed: no acknowledgement from the spool
-    assert wal.try_fast_push(["wal", "push", str(pg_wal / names[1]), "--repo", repo]) is True
-    assert wal.try_fast_push(["wal", "push", str(pg_wal / names[2]), "--repo", repo]) is False
-    assert wal.try_fast_push(["wal", "push", str(pg_wal / names[3]), "--repo", repo + "-other"]) is False
+    assert walspool.try_fast_push(["wal", "push", str(pg_wal / names[1]), "--repo", repo]) is True
+    assert walspool.try_fast_push(["wal", "push", str(pg_wal / names[2]), "--repo", repo]) is False
+    assert walspool.try_fast_push(["wal", "push", str(pg_wal / names[3]), "--repo", repo + "-other"]) is False
     assert not (spool / f"{names[1]}.pushed").exists()
 
     for name in names[1:]:
@@ -362,14 +365,14 @@ def test_list_segments_and_health(tmp_path: Path, local_repo: str) -> None:
     pg_wal = fake_pg_wal(tmp_path, names + ["00000002.history"], ready=False)
     for name in names:
         wal.push_file(storage, pg_wal / name)
-    listed = wal.list_segments(storage)
+    listed = walarchive.list_segments(storage)
     assert [s.name for s in listed] == names and {s.timeline for s in listed} == {1}
     assert all(s.key.endswith(".zst") and len(s.sha256) == 64 and s.size > 0 for s in listed)
-    health = wal.archive_health(storage, [(1, wal.parse_lsn("0/3000028"), SEG)])
+    health = wal.archive_health(storage, [(1, walnames.parse_lsn("0/3000028"), SEG)])
     assert [str(g) for g in health.gaps] == ["missing from 000000010000000000000005 up to 000000010000000000000006"]
     checks = {c.name: c for c in health.checks(max_age=timedelta(hours=1))}
     assert not checks["wal_continuity"].ok and checks["wal_newest_age"].ok
-    stale = wal.archive_health(storage, [(1, wal.parse_lsn("0/3000028"), SEG)],
+    stale = wal.archive_health(storage, [(1, walnames.parse_lsn("0/3000028"), SEG)],
                                now=datetime.now(timezone.utc) + timedelta(hours=3))
     assert not {c.name: c for c in stale.checks(max_age=timedelta(hours=1))}["wal_newest_age"].ok
 
@@ -394,14 +397,14 @@ def test_fetch_reads_ahead_verified_segments(cli: Any, local_repo: str, tmp_path
     first = cli("wal", "fetch", names[0], dest, "--repo", local_repo, "--prefetch", "3")
     assert first.returncode == 0, first.stderr
     assert dest.read_bytes() == (source / names[0]).read_bytes()
-    ahead = pg_wal / wal.SPOOL_DIR / "prefetch"
+    ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
     deadline = time.monotonic() + 20
     while sorted(p.name for p in ahead.glob("0*")) != names[0:4]:  # the fetched one is kept, 3 read ahead
         assert time.monotonic() < deadline, sorted(p.name for p in ahead.glob("*"))
         time.sleep(0.1)
 
     moved = Path(local_repo).rename(tmp_path / "repo-offline")
-    assert wal.try_fast_fetch(["wal", "fetch", names[1], str(dest), "--repo", local_repo]) is True
+    assert walspool.try_fast_fetch(["wal", "fetch", names[1], str(dest), "--repo", local_repo]) is True
     assert dest.read_bytes() == (source / names[1]).read_bytes()
     served = cli("wal", "fetch", names[2], dest, "--repo", local_repo)
     assert served.returncode == 0, served.stderr
@@ -410,7 +413,7 @@ def test_fetch_reads_ahead_verified_segments(cli: Any, local_repo: str, tmp_path
     assert offline.returncode == 1
     dest.unlink()
     # at the end of the archive PostgreSQL asks again for the last segment it replayed
-    assert wal.try_fast_fetch(["wal", "fetch", names[2], str(dest), "--repo", local_repo]) is True
+    assert walspool.try_fast_fetch(["wal", "fetch", names[2], str(dest), "--repo", local_repo]) is True
     assert dest.read_bytes() == (source / names[2]).read_bytes()
     never = cli("wal", "fetch", "00000001.history", pg_wal / "RECOVERYHISTORY", "--repo", local_repo)
     assert never.returncode == 1 and "not in the archive" in never.stderr

@@ -15,7 +15,6 @@ import sys
 from backup_tool.cli.common import app
 
 
-
 def _command_modules(argv: list[str]) -> list[str]:
     """Every command module, except for ``wal push``/``wal fetch``: PostgreSQL starts the
     tool once per WAL segment, so those load only the ``wal`` group (help lists them all)."""

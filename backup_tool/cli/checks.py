@@ -26,8 +26,8 @@ def validate_cmd(
 ) -> int:
     """Run the health checks on the --dsn database: schema, RLS and policies, foreign keys, indexes,
     functions, row counts and content checksums, sequences. Exit 3 if any fails."""
-    from backup_tool.repository.catalog import Catalog
     from backup_tool.postgres.connection import ConnInfo
+    from backup_tool.repository.catalog import Catalog
     from backup_tool.repository.storage import open_repository
     from backup_tool.validation.validate import validate
 

@@ -20,15 +20,15 @@ import signal
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from backup_tool.config.settings import Settings, default_repo, resolve_settings
-from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed
 from backup_tool.core.report import Reporter
-from backup_tool.core.units import human_size  # noqa: F401  (re-exported for the command modules)
+from backup_tool.core.units import human_size
+from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed
 
 if TYPE_CHECKING:
     from typer._click import Context, HelpFormatter
@@ -224,9 +224,9 @@ class Invocation:
     def database(self, option: str | None) -> DatabaseHint:
         """Which database ``latest`` means: ``--database``, else the one the DSN names (a
         malformed DSN names none; the commands that connect with it report it)."""
-        from backup_tool.repository.catalog import DatabaseHint
         from backup_tool.errors import ConfigError
         from backup_tool.postgres.connection import ConnInfo
+        from backup_tool.repository.catalog import DatabaseHint
 
         try:
             named = ConnInfo(self.settings.dsn).dbname
@@ -259,7 +259,7 @@ def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = (),
             redact = make_redactor(secrets_from(common, extra))
             raise typer.Exit(invoke(fn, common, redact, kwargs, needs_policy))
 
-        wrapper.__signature__ = sig.replace(parameters=own + common_params(dsn_help))  # type: ignore[attr-defined]
+        wrapper.__signature__ = sig.replace(parameters=own + common_params(dsn_help))  # type: ignore[attr-defined]  # typer reads __signature__
         group.command(name, cls=HelpCommand)(wrapper)
         return fn
 
@@ -287,8 +287,8 @@ def _quiet_library_logs(debug: bool) -> None:
 
 def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str], kwargs: dict[str, Any],
            needs_policy: bool = True) -> int:
-    from backup_tool.streams import pipeline
     from backup_tool.render.console import RichReporter, make_reporter
+    from backup_tool.streams import pipeline
 
     signal.signal(signal.SIGTERM, _raise_terminated)
     _quiet_library_logs(common.debug)
@@ -382,7 +382,7 @@ def human_times(text: str) -> str:
     return _ISO_TIME.sub(r"\1Z", text)
 
 
-def render_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: frozenset[int] = frozenset()) -> str:
+def render_table(header: tuple[str, ...], rows: Sequence[tuple[Any, ...]], right: frozenset[int] = frozenset()) -> str:
     """Columns as wide as their widest cell, header included; ``right`` columns right-aligned."""
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = []

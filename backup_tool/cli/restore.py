@@ -85,10 +85,10 @@ def restore_tables_cmd(
     if target_time:
         if backup:
             raise UsageError("give --backup or --target-time, not both", "--target-time picks the base backup itself")
-        from backup_tool.physical import pitr
+        from backup_tool.jobs.table_pitr import restore_tables_at
 
-        result = pitr.restore_tables_at(inv.settings, target_dsn, names, target_time, into_schema=into_schema,
-                                        replace=replace, jobs=jobs, reporter=inv.reporter)
+        result = restore_tables_at(inv.settings, target_dsn, names, target_time, into_schema=into_schema,
+                                   replace=replace, jobs=jobs, reporter=inv.reporter)
     else:
         from backup_tool.logical.restore_tables import restore_tables
 

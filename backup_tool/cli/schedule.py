@@ -27,7 +27,7 @@ def schedule_cmd(
 ) -> int:
     """Print what runs the policy: a frequent 'run-due' (takes whichever backup is due, then
     updates the monitoring textfile) and a daily 'retention apply' + 'verify latest'."""
-    from backup_tool.jobs.schedule import render_schedule
+    from backup_tool.render.units import render_schedule
 
     exe = shutil.which("backup-tool")
     executable = [exe] if exe else [sys.executable, "-m", "backup_tool"]
@@ -74,8 +74,9 @@ def run_due_cmd(
     when the policy says so, then run and record the health checks that are due ([health]
     frequencies; a failed check is reported by 'status', not by this exit code). Safe to call every few minutes: it never takes a slot twice.
     Backups are only taken at the real current time; --now plans with --dry-run."""
+    from backup_tool.core.cron import parse_ts
     from backup_tool.errors import UsageError
-    from backup_tool.jobs.schedule import parse_ts, plan_due, run_due
+    from backup_tool.jobs.run_due import plan_due, run_due
 
     at = parse_ts(now) if now else None
     if at is not None and not dry_run:
@@ -99,8 +100,9 @@ def status_cmd(
 
     CRITICAL: no full since the last full slot + grace, WAL archive stale or gapped, last
     verification failed. WARNING: incremental late, verification too old."""
-    from backup_tool.governance.status import collect_status, prometheus_text, write_textfile
-    from backup_tool.jobs.schedule import parse_ts
+    from backup_tool.core.cron import parse_ts
+    from backup_tool.jobs.status import collect_status, write_textfile
+    from backup_tool.render.prometheus import prometheus_text
 
     report = collect_status(lambda: inv.settings, parse_ts(now) if now else None)
     if prometheus:
@@ -121,8 +123,8 @@ def audit_cmd(
     """The compliance report: policy in force, every backup (taken, size, verified, restore-tested,
     expiry, lock), every scheduled slot met or missed, retention adherence from the deletion log,
     PITR coverage, and a verdict. HTML is one self-contained page with a timeline."""
-    from backup_tool.governance.audit import run_audit
-    from backup_tool.jobs.schedule import parse_ts
+    from backup_tool.core.cron import parse_ts
+    from backup_tool.jobs.audit import run_audit
 
     report, text = run_audit(inv.settings, parse_ts(now) if now else None, fmt, output)
     if output:

@@ -14,6 +14,7 @@ import typer
 
 from backup_tool.cli.common import Invocation, command, wal_app
 from backup_tool.errors import EXIT_VALIDATION
+from backup_tool.physical import walspool
 
 
 @command(wal_app, "push")
@@ -32,7 +33,7 @@ def wal_push_cmd(
     from backup_tool.physical import wal
 
     settings = inv.settings
-    if wal.fast_ack(wal_path, settings.repo_url):
+    if walspool.fast_ack(wal_path, settings.repo_url):
         if inv.common.json:
             inv.out({"name": wal_path.rsplit("/", 1)[-1], "from_spool": True}, "")
         return 0
@@ -68,11 +69,11 @@ def wal_fetch_cmd(
     """Restore one WAL file from the archive (restore_command = 'backup-tool wal fetch %f %p').
     Exit 0 once DEST holds the verified content; 1 quickly when the file is not in the archive
     (the normal end of recovery); 3 if the archived copy is corrupt (DEST is not written)."""
-    from backup_tool.physical import wal
     from backup_tool.errors import BackupToolError
+    from backup_tool.physical import wal
     from backup_tool.repository.storage import open_repository
 
-    if wal.take_prefetched(wal_name, destination):
+    if walspool.take_prefetched(wal_name, destination):
         if inv.common.json:
             inv.out({"name": wal_name, "destination": destination, "from_read_ahead": True}, "")
         return 0

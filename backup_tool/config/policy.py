@@ -17,9 +17,40 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from backup_tool.core.cron import parse_cron
+from backup_tool.core.kinds import BackupKind
 from backup_tool.errors import ConfigError
 
 LOCK_MODES = ("none", "governance", "compliance")
+
+
+# ----------------------------------------------------------------------------- the [health] vocabulary
+
+CHECK_NAMES = ("schema", "rls", "foreign_keys", "index_performance", "function_execution")
+TITLES = {"schema": "Schema validation", "rls": "RLS policy verification", "foreign_keys": "Foreign key integrity",
+          "index_performance": "Index performance", "function_execution": "Function execution"}
+FREQUENCY_WORDS = {"hourly": "0 * * * *", "daily": "0 9 * * *", "weekly": "0 9 * * sat", "monthly": "0 9 1 * *"}
+
+
+def frequency_cron(value: str) -> str | None:
+    """The cron expression a ``[health]`` frequency means (None: never). ``daily`` is 09:00,
+    ``weekly`` Saturday 09:00 (the seed table's next-check times), ``hourly`` on the hour,
+    ``monthly`` the 1st at 09:00, in ``schedule.timezone``; ValueError for anything else that
+    is not a cron expression."""
+    text = value.strip().lower()
+    if text in ("", "off", "never"):
+        return None
+    if text in FREQUENCY_WORDS:
+        return FREQUENCY_WORDS[text]
+    parse_cron(value)
+    return value
+
+
+def frequency_label(value: str) -> str:
+    text = value.strip().lower()
+    if text in FREQUENCY_WORDS:
+        return text.capitalize()
+    return "never" if frequency_cron(value) is None else f"cron `{value}`"
 
 
 @dataclass(frozen=True)
@@ -116,13 +147,17 @@ class Policy:
     schema: SchemaSettings = field(default_factory=SchemaSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
 
+    def retention_days(self, kind: str) -> int:
+        """Days a backup of ``kind`` is kept (0 for a kind the policy does not know)."""
+        days: dict[str, int] = {
+            BackupKind.FULL: self.retention.full_days,
+            BackupKind.INCREMENTAL: self.retention.incremental_days,
+            BackupKind.BASE: self.retention.pitr_days,
+        }
+        return days.get(kind, 0)
+
     def retention_for(self, kind: str) -> timedelta:
-        days = {
-            "full": self.retention.full_days,
-            "incremental": self.retention.incremental_days,
-            "base": self.retention.pitr_days,
-        }[kind]
-        return timedelta(days=days)
+        return timedelta(days=self.retention_days(kind))
 
     def expires_at(self, kind: str, taken_at: datetime) -> datetime:
         return taken_at + self.retention_for(kind)
@@ -145,7 +180,6 @@ SECTIONS: dict[str, type] = {
 
 
 def _check_cron(path: str, key: str, expr: str, optional: bool = False) -> None:
-    from backup_tool.jobs.schedule import parse_cron
 
     if optional and expr == "":
         return
@@ -227,7 +261,6 @@ def _validate(policy: Policy, path: str) -> None:
 
 
 def _validate_health(h: HealthSettings, path: str) -> None:
-    from backup_tool.jobs.health import CHECK_NAMES, frequency_cron
 
     for name in CHECK_NAMES:
         value = getattr(h, name)

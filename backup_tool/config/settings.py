@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from backup_tool.errors import ConfigError
 from backup_tool.config.policy import Policy, load_policy
+from backup_tool.errors import ConfigError
 
 
 def default_repo() -> str:

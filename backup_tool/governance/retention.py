@@ -1,4 +1,4 @@
-"""Retention: which backups and WAL the policy lets go, and deleting exactly those.
+"""Retention: which backups and WAL the policy lets go (pure; :mod:`backup_tool.jobs.expire` deletes them).
 
 The decision (:func:`plan_retention`) is a pure function of (backups, policy, now). A backup
 is *expired* once ``now`` passes its expiry: the one recorded in its manifest when it was
@@ -37,139 +37,35 @@ and writes nothing.
 
 from __future__ import annotations
 
-import json
-import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
+from backup_tool.core.timestamps import iso
+from backup_tool.core.walnames import (
+    is_segment,
+    segment_number,
+)
 from backup_tool.repository.catalog import RUNNING_PREFIX, RUNNING_STALE_AFTER
-from backup_tool.errors import BackupToolError
+from backup_tool.repository.records import BackupRecord
 from backup_tool.repository.storage.base import (
     ObjectInfo,
     ObjectLock,
-    ObjectLockedError,
     PartialUpload,
-)
-from backup_tool.core.timestamps import iso, parse_utc
-from backup_tool.core.walnames import (  # noqa: F401  (segment_name re-exported for callers of this module)
-    DEFAULT_SEGMENT_SIZE,
-    is_segment,
-    lsn_segment,
-    parse_lsn,
-    segment_name,
-    segment_number,
-    segment_prefix,
 )
 
 if TYPE_CHECKING:
-    from backup_tool.config.settings import Settings
-    from backup_tool.repository.manifest import Manifest
     from backup_tool.config.policy import Policy
-    from backup_tool.core.report import Reporter
-    from backup_tool.repository.storage import Storage
-    from backup_tool.physical.wal import WalSegment
+    from backup_tool.repository.walarchive import WalSegment
 
 UTC = timezone.utc
-LOG_PREFIX = "retention-log/"
-LOG_FORMAT = 1
 
-
-# ----------------------------------------------------------------------------- the model
-
-
-@dataclass(frozen=True)
-class BackupRecord:
-    """What retention, scheduling, monitoring and the audit need to know about one backup."""
-
-    id: str
-    kind: str
-    started_at: datetime
-    expires_at: datetime
-    parent_id: str | None = None
-    database: str = ""
-    finished_at: datetime | None = None
-    needs: frozenset[str] = frozenset()
-    lock_mode: str | None = None
-    lock_until: datetime | None = None
-    size_bytes: int = 0
-    objects: int = 0
-    start_wal: str | None = None
-    wal_segment_size: int = DEFAULT_SEGMENT_SIZE
-    policy_name: str = ""
-
-    @property
-    def deps(self) -> frozenset[str]:
-        extra = {self.parent_id} if self.parent_id else set()
-        return frozenset((self.needs | extra) - {self.id})
-
-    @classmethod
-    def from_manifest(cls, m: Manifest) -> BackupRecord:
-        needs = {o.key.split("/")[1] for o in m.objects()
-                 if o.key.startswith("backups/") and o.key.count("/") >= 2}
-        lock = m.options.get("object_lock") or {}
-        until = lock.get("retain_until")
-        physical = getattr(m, "physical", None)
-        return cls(
-            id=m.id, kind=m.kind, parent_id=m.parent_id, database=m.database,
-            started_at=m.started_at, finished_at=m.finished_at, expires_at=m.expires_at,
-            needs=frozenset(needs - {m.id}),
-            lock_mode=lock.get("mode") if until else None,
-            lock_until=parse_utc(until) if isinstance(until, str) else None,
-            size_bytes=m.size_bytes, objects=len(m.own_objects()),
-            start_wal=base_start_segment(m), policy_name=str(m.policy.get("name", "")),
-            wal_segment_size=getattr(physical, "wal_segment_size", None) or DEFAULT_SEGMENT_SIZE,
-        )
-
-
-    def to_index(self) -> dict[str, Any]:
-        """The record as the catalog index stores it (:mod:`backup_tool.repository.catalog_index`)."""
-        return {"id": self.id, "kind": self.kind, "started_at": iso(self.started_at),
-                "expires_at": iso(self.expires_at), "parent_id": self.parent_id, "database": self.database,
-                "finished_at": iso(self.finished_at), "needs": sorted(self.needs), "lock_mode": self.lock_mode,
-                "lock_until": iso(self.lock_until), "size_bytes": self.size_bytes, "objects": self.objects,
-                "start_wal": self.start_wal, "wal_segment_size": self.wal_segment_size,
-                "policy_name": self.policy_name}
-
-    @classmethod
-    def from_index(cls, body: Mapping[str, Any]) -> BackupRecord:
-        """Inverse of :meth:`to_index`; KeyError/TypeError/ValueError for a malformed entry."""
-        def when(name: str) -> datetime | None:
-            value = body[name]
-            return None if value is None else parse_utc(str(value))
-
-        started, expires = when("started_at"), when("expires_at")
-        if started is None or expires is None:
-            raise ValueError("started_at and expires_at are required")
-        return cls(id=str(body["id"]), kind=str(body["kind"]), started_at=started, expires_at=expires,
-                   parent_id=body["parent_id"], database=str(body["database"]), finished_at=when("finished_at"),
-                   needs=frozenset(str(n) for n in body["needs"]), lock_mode=body["lock_mode"],
-                   lock_until=when("lock_until"), size_bytes=int(body["size_bytes"]),
-                   objects=int(body["objects"]), start_wal=body["start_wal"],
-                   wal_segment_size=int(body["wal_segment_size"]), policy_name=str(body["policy_name"]))
-
-
-def base_start_segment(m: Manifest) -> str | None:
-    """The WAL segment a base backup's recovery starts from, however the manifest records it."""
-    if m.kind != "base":
-        return None
-    physical = getattr(m, "physical", None)
-    if physical is not None and (found := segment_prefix(getattr(physical, "start_wal", "") or "")):
-        return found
-    for name in ("start_wal", "start_wal_file", "wal_start_file", "start_segment"):
-        value = getattr(m, name, None) or m.options.get(name)
-        if isinstance(value, str) and (found := segment_prefix(value)):
-            return found
-    lsn = getattr(m, "start_lsn", None) or m.options.get("start_lsn")
-    timeline = getattr(m, "timeline", None) or m.options.get("timeline") or m.options.get("start_timeline")
-    if isinstance(lsn, str) and "/" in lsn and timeline:
-        seg_size = getattr(physical, "wal_segment_size", None) or DEFAULT_SEGMENT_SIZE
-        return segment_name(int(timeline), lsn_segment(parse_lsn(lsn), seg_size), seg_size)
-    return None
 
 
 def effective_expiry(b: BackupRecord, policy: Policy) -> datetime:
+    """When ``b`` may go: its recorded expiry, or the current policy's if that is later."""
     return max(b.expires_at, b.started_at + policy.retention_for(b.kind))
 
 
@@ -259,7 +155,7 @@ def plan_retention(backups: Sequence[BackupRecord], policy: Policy, now: datetim
 
     for b in backups:
         expiry = effective_expiry(b, policy)
-        if b.kind == "base" and b.started_at >= window_start:
+        if b.kind == BackupKind.BASE and b.started_at >= window_start:
             reasons[b.id].append(f"inside the PITR window (since {iso(window_start)})")
         elif expiry > now:
             reasons[b.id].append(f"retained until {iso(expiry)}")
@@ -276,15 +172,15 @@ def plan_retention(backups: Sequence[BackupRecord], policy: Policy, now: datetim
         groups[b.database].append(b)
     n_min = policy.retention.min_fulls
     for group in groups.values():
-        fulls = sorted((b for b in group if b.kind == "full"), key=_order)
+        fulls = sorted((b for b in group if b.kind == BackupKind.FULL), key=_order)
         for rank, f in enumerate(reversed(fulls[-n_min:])):
             reasons[f.id].append("newest full" if rank == 0 else
                                  f"one of the {n_min} newest fulls (retention.min_fulls)")
-        logical = sorted((b for b in group if b.kind in ("full", "incremental")), key=_order)
-        if logical and logical[-1].kind == "incremental":
+        logical = sorted((b for b in group if b.kind in LOGICAL_KINDS), key=_order)
+        if logical and logical[-1].kind == BackupKind.INCREMENTAL:
             reasons[logical[-1].id].append("newest backup: the next incremental builds on it")
 
-    bases = sorted((b for b in backups if b.kind == "base"), key=_order)
+    bases = sorted((b for b in backups if b.kind == BackupKind.BASE), key=_order)
     before_window = [b for b in bases if b.started_at <= window_start]
     if before_window:
         reasons[before_window[-1].id].append(
@@ -316,15 +212,14 @@ def plan_retention(backups: Sequence[BackupRecord], policy: Policy, now: datetim
             decisions.append(Decision(b.id, b.kind, b.database, b.started_at, expiry, False,
                                       tuple(reasons[b.id]), b.size_bytes))
             continue
-        days = {"full": policy.retention.full_days, "incremental": policy.retention.incremental_days,
-                "base": policy.retention.pitr_days}.get(b.kind, 0)
+        days = policy.retention_days(b.kind)
         why = (f"older than the PITR window ({policy.retention.pitr_days} days) and not needed to start it"
-               if b.kind == "base" else f"expired {iso(expiry)} ({b.kind} retention {days} days)")
+               if b.kind == BackupKind.BASE else f"expired {iso(expiry)} ({b.kind} retention {days} days)")
         decisions.append(Decision(b.id, b.kind, b.database, b.started_at, expiry, True, (why,), b.size_bytes))
 
     wal = None
     if wal_segments is not None:
-        retained_bases = [by_id[d.id] for d in decisions if not d.delete and d.kind == "base"]
+        retained_bases = [by_id[d.id] for d in decisions if not d.delete and d.kind == BackupKind.BASE]
         wal = plan_wal(wal_segments, retained_bases)
     return RetentionPlan(now, tuple(decisions), wal)
 
@@ -425,272 +320,3 @@ def doomed_segments(segments: Iterable[WalSegment], plan: WalPlan) -> list[WalSe
     doomed = frozenset(plan.delete)
     return [s for s in segments if s.name in doomed]
 
-
-@dataclass(frozen=True)
-class RetentionResult:
-    now: datetime
-    dry_run: bool
-    policy: str
-    plan: RetentionPlan
-    garbage: tuple[GarbageItem, ...]
-    notes: tuple[str, ...] = ()
-    failed: tuple[str, ...] = ()
-    failed_ids: tuple[str, ...] = ()
-    log_key: str | None = None
-    wal_deleted: int = 0
-    wal_bytes: int = 0
-    deleted_bytes: int = 0
-
-    @property
-    def deleted(self) -> list[str]:
-        return [i for i in self.plan.deleted if i not in self.failed_ids]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run, "now": iso(self.now), "policy": self.policy,
-            "deleted": self.deleted, "kept": self.plan.kept,
-            "decisions": [d.to_dict() for d in self.plan.decisions],
-            "deleted_bytes": self.deleted_bytes,
-            "wal": None if self.plan.wal is None else {**self.plan.wal.to_dict(), "deleted": self.wal_deleted,
-                                                       "deleted_bytes": self.wal_bytes},
-            "garbage": [g.to_dict() for g in self.garbage],
-            "notes": list(self.notes), "failed": list(self.failed), "log": self.log_key,
-        }
-
-
-def _wal_segments(storage: Storage) -> list[Any] | None:
-    try:
-        from backup_tool.physical import wal
-    except ImportError:
-        return None
-    lister = getattr(wal, "list_segments", None)
-    return None if lister is None else list(lister(storage))
-
-
-def _storage_lock(storage: Storage, keys: Iterable[str], clock: datetime) -> ObjectLock | None:
-    """The latest lock among ``keys`` still in force on the real clock."""
-    found: ObjectLock | None = None
-    for key in keys:
-        try:
-            lock = storage.lock_of(key)
-        except BackupToolError:
-            continue
-        if lock and lock.retain_until > clock and (found is None or lock.retain_until > found.retain_until):
-            found = lock
-    return found
-
-
-def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bool = False,
-                    reporter: Reporter | None = None) -> RetentionResult:
-    """Plan retention at ``now`` (default: the current time) and, unless ``dry_run``, delete
-    what the plan allows, log it in the repository, and sweep garbage."""
-    from backup_tool import __version__
-    from backup_tool.repository.catalog import REFUSED, Catalog, manifest_key
-    from backup_tool.core.report import NullReporter
-    from backup_tool.repository.storage import open_repository
-
-    reporter = reporter or NullReporter()
-    clock = datetime.now(UTC)
-    now = now or clock
-    policy = settings.policy
-    storage = open_repository(settings.repo_url)
-    catalog = Catalog(storage)
-    all_ids = set(catalog.ids())
-    records, problems = catalog.records()
-    notes = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest ignored, "
-             f"its backup is left alone: {p.message}" for p in problems]
-    segments = _wal_segments(storage)
-    names = None if segments is None else [s.name for s in segments]
-    if segments is None:
-        notes.append("WAL retention skipped: this build has no WAL archive support")
-
-    plan = plan_retention(records, policy, now, wal_segments=names)
-    locking = storage.object_lock_enabled()
-    hard: dict[str, ObjectLock] = {}
-    if locking:
-        for backup_id in plan.deleted:
-            keys = [manifest_key(backup_id)] + [o.key for o in storage.list(f"backups/{backup_id}/")]
-            if (lock := _storage_lock(storage, keys, clock)) is not None:
-                hard[backup_id] = lock
-        if hard:
-            plan = plan_retention(records, policy, now, hard_locks=hard, wal_segments=names)
-
-    referenced = set().union(*(r.deps for r in records)) if records else set()
-    listed = list(storage.list("backups/")) + list(storage.list("tmp/"))
-    partials = list(storage.list_partials())
-    grace = timedelta(hours=policy.retention.garbage_grace_hours)
-    garbage, garbage_notes = plan_garbage(listed, partials, all_ids | referenced, grace, min(now, clock),
-                                          list(storage.list(RUNNING_PREFIX)))
-    notes += garbage_notes
-
-    to_delete = [plan.decision(i) for i in plan.deleted]
-    by_id = {r.id: r for r in records}
-    wal_doomed = [] if plan.wal is None or segments is None else doomed_segments(segments, plan.wal)
-    if dry_run:
-        return RetentionResult(now, True, policy.name, plan, tuple(garbage), tuple(notes),
-                               deleted_bytes=sum(d.size_bytes for d in to_delete),
-                               wal_deleted=len(wal_doomed), wal_bytes=sum(s.size for s in wal_doomed))
-
-    run_id = f"{clock.strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(3)}"
-    log_key = f"{LOG_PREFIX}{run_id}.json"
-    record = {
-        "format": LOG_FORMAT, "run": run_id, "at": iso(clock), "evaluated_at": iso(now),
-        "tool_version": __version__, "repository": storage.url,
-        "policy": {"name": policy.name, "source": policy.source,
-                   "retention": {"full_days": policy.retention.full_days,
-                                 "incremental_days": policy.retention.incremental_days,
-                                 "pitr_days": policy.retention.pitr_days,
-                                 "min_fulls": policy.retention.min_fulls},
-                   "object_lock": policy.object_lock.mode},
-        "deleted": [{**d.to_dict(), "finished_at": iso(by_id[d.id].finished_at),
-                     "recorded_expires_at": iso(by_id[d.id].expires_at), "objects": by_id[d.id].objects}
-                    for d in to_delete],
-        "kept": [{"id": d.id, "reasons": list(d.reasons)} for d in plan.decisions if not d.delete],
-        "wal": None if plan.wal is None else {**plan.wal.to_dict(), "segments": list(plan.wal.delete)},
-        "garbage": [g.to_dict() for g in garbage],
-    }
-    storage.put_bytes(log_key, json.dumps(record, indent=1).encode())
-
-    failed: list[str] = []
-    failed_ids: list[str] = []
-    spared: set[str] = set()
-    deleted_bytes = 0
-    for d in sorted(to_delete, key=lambda x: (x.started_at, x.id), reverse=True):
-        if d.id in spared:
-            failed.append(f"{d.id}: kept because a backup that needs it could not be deleted")
-            failed_ids.append(d.id)
-            spared |= by_id[d.id].deps
-            continue
-        try:
-            storage.purge(manifest_key(d.id))
-            for o in list(storage.list(f"backups/{d.id}/")):
-                storage.purge(o.key)
-            deleted_bytes += d.size_bytes
-            reporter.event("retention: deleted", id=d.id, kind=d.kind, reason=d.reasons[0])
-        except ObjectLockedError as exc:
-            notes.append(f"{d.id} kept: {exc.message}; it goes in a later run")
-            failed_ids.append(d.id)
-            spared |= by_id[d.id].deps
-        except BackupToolError as exc:
-            failed.append(f"{d.id}: {exc.message}")
-            failed_ids.append(d.id)
-            spared |= by_id[d.id].deps
-            reporter.warning(f"could not delete {d.id}: {exc.message}")
-
-    wal_deleted = wal_bytes = 0
-    wal_locked = 0
-    for seg in wal_doomed:
-        try:
-            storage.purge(seg.key)
-            wal_deleted += 1
-            wal_bytes += seg.size
-        except ObjectLockedError:
-            wal_locked += 1
-        except BackupToolError as exc:
-            failed.append(f"WAL {seg.name}: {exc.message}")
-    if wal_locked:
-        notes.append(f"{wal_locked} WAL segments are still under Object Lock: they go in a later run")
-
-    for g in garbage:
-        try:
-            for key in g.keys:
-                storage.purge(key)
-            for p in g.partials:
-                storage.delete_partial(p)
-        except ObjectLockedError:
-            notes.append(f"garbage {g.what} is under Object Lock: removed in a later run")
-        except BackupToolError as exc:
-            failed.append(f"garbage {g.what}: {exc.message}")
-
-    try:
-        catalog.entries(refresh=True)
-    except BackupToolError:
-        pass  # the catalog index is a cache: the next run (or status) rewrites it
-    if failed or failed_ids:
-        outcome = {"format": LOG_FORMAT, "run": run_id, "at": iso(datetime.now(UTC)), "outcome_of": log_key,
-                   "failed": failed, "failed_ids": failed_ids}
-        storage.put_bytes(f"{LOG_PREFIX}{run_id}-outcome.json", json.dumps(outcome, indent=1).encode())
-    reporter.event("retention applied", deleted=len(to_delete) - len(failed_ids), kept=len(plan.kept),
-                   wal_deleted=wal_deleted, garbage=len(garbage), log=log_key)
-    return RetentionResult(now, False, policy.name, plan, tuple(garbage), tuple(notes), tuple(failed),
-                           tuple(failed_ids), log_key, wal_deleted, wal_bytes, deleted_bytes)
-
-
-# ----------------------------------------------------------------------------- the log
-
-
-@dataclass(frozen=True)
-class LogEntry:
-    """One deletion recorded in ``retention-log/``."""
-
-    run: str
-    at: datetime
-    id: str
-    kind: str
-    started_at: datetime | None
-    finished_at: datetime | None
-    expires_at: datetime | None
-    reasons: tuple[str, ...]
-    policy: str
-    completed: bool = True
-    database: str = ""
-    size_bytes: int = 0
-
-
-def read_log(storage: Storage) -> tuple[list[dict[str, Any]], list[LogEntry], list[str]]:
-    """(run records, deletions, problems) from the append-only retention log, oldest first."""
-    runs: list[dict[str, Any]] = []
-    outcomes: dict[str, set[str]] = defaultdict(set)
-    problems: list[str] = []
-    for info in storage.list(LOG_PREFIX):
-        try:
-            body = json.loads(storage.get_bytes(info.key))
-        except (BackupToolError, ValueError) as exc:
-            problems.append(f"{info.key}: unreadable ({exc})")
-            continue
-        if "outcome_of" in body:
-            outcomes[body.get("run", "")] |= set(body.get("failed_ids", []))
-        else:
-            runs.append(body)
-    entries: list[LogEntry] = []
-    for run in runs:
-        for d in run.get("deleted", []):
-            entries.append(LogEntry(
-                run=run.get("run", ""), at=parse_utc(run["at"]), id=d["id"], kind=d.get("kind", "?"),
-                started_at=parse_utc(d["started_at"]) if d.get("started_at") else None,
-                finished_at=parse_utc(d["finished_at"]) if d.get("finished_at") else None,
-                expires_at=parse_utc(d["expires_at"]) if d.get("expires_at") else None,
-                reasons=tuple(d.get("reasons", [])), policy=str(run.get("policy", {}).get("name", "")),
-                completed=d["id"] not in outcomes.get(run.get("run", ""), set()),
-                database=d.get("database", ""), size_bytes=int(d.get("size_bytes", 0))))
-    runs.sort(key=lambda r: r.get("at", ""))
-    entries.sort(key=lambda e: (e.at, e.id))
-    return runs, entries, problems
-
-
-# ----------------------------------------------------------------------------- Object Lock support
-
-
-def check_object_lock(storage: Storage, policy: Policy) -> tuple[bool, str]:
-    """Whether the repository can honour the policy's Object Lock mode (for ``check``)."""
-    mode = policy.object_lock.mode
-    try:
-        enabled = storage.object_lock_enabled()
-    except BackupToolError as exc:
-        return (mode == "none", f"cannot read the bucket's Object Lock configuration: {exc.message}")
-    if mode == "none":
-        state = {True: "the bucket supports it", False: "the bucket has it disabled",
-                 None: "a local directory has none"}[enabled]
-        return True, f"not requested by policy {policy.name!r} ({state})"
-    if enabled is None:
-        return False, (f"policy {policy.name!r} asks for Object Lock ({mode}) but {storage.url} is a local "
-                       "directory, which cannot make objects immutable: use an S3 bucket with Object Lock")
-    if not enabled:
-        return False, (f"policy {policy.name!r} asks for Object Lock ({mode}) but bucket {storage.url} has "
-                       "Object Lock disabled: create the bucket with Object Lock enabled (it cannot be "
-                       "turned on for objects already written), or set object_lock.mode = \"none\"")
-    return True, f"bucket supports Object Lock; new objects are locked in {mode} mode until their backup expires"

@@ -1,4 +1,4 @@
-"""Monitoring: one verdict with Nagios exit codes, and Prometheus textfile metrics.
+"""Monitoring: one verdict with Nagios exit codes, and the metrics behind it.
 
 :func:`evaluate` is a pure function of (backups, verification records, WAL archive state,
 policy, now). Each rule compares the repository with the policy's schedule, read in its time
@@ -15,40 +15,34 @@ without a backup taken at or after it.
   WARNING
 * a health check (``[health]``, recorded in ``health-log/``) whose newest run failed, or whose
   newest slot passed its grace without a run: WARNING; overdue by more than one period:
-  CRITICAL; never run: OK, "not run yet" (see :func:`backup_tool.jobs.health.status_checks`)
+  CRITICAL; never run: OK, "not run yet" (see :func:`backup_tool.governance.health.status_checks`)
 * the repository cannot be read or does not exist (or the policy is broken): UNKNOWN
 
-The textfile for node_exporter's textfile collector is written to a temporary file in the
-same directory and renamed over the target, so the collector never reads half a file.
+Reading the repository is :mod:`backup_tool.jobs.status`; the textfile,
+:mod:`backup_tool.render.prometheus`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from backup_tool.errors import BackupToolError
-from backup_tool.governance.retention import BackupRecord
-from backup_tool.jobs.schedule import iso, last_due_slot
-from backup_tool.core.timestamps import parse_utc
-from backup_tool.physical.wal import archive_gaps
+from backup_tool.core.cron import last_due_slot
+from backup_tool.core.kinds import ALL_KINDS, LOGICAL_KINDS, BackupKind
+from backup_tool.core.timestamps import iso
 from backup_tool.core.walnames import DEFAULT_SEGMENT_SIZE, segment_number
+from backup_tool.governance.health import status_checks
+from backup_tool.governance.walcoverage import archive_gaps
+from backup_tool.repository.records import BackupRecord
 
 if TYPE_CHECKING:
-    from backup_tool.config.settings import Settings
-    from backup_tool.jobs.health import HealthRecord
     from backup_tool.config.policy import Policy
-    from backup_tool.repository.storage import Storage
+    from backup_tool.governance.health import HealthRecord
 
 UTC = timezone.utc
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
-VERIFICATIONS_PREFIX = "verifications/"
 
 
 @dataclass(frozen=True)
@@ -117,7 +111,7 @@ class StatusReport:
     def perfdata(self) -> str:
         m = self.metrics
         parts = []
-        for kind in ("full", "incremental", "base"):
+        for kind in ALL_KINDS:
             age = m.get("age_seconds", {}).get(kind)
             if age is not None:
                 parts.append(f"{kind}_age={int(age)}s")
@@ -148,18 +142,16 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
              policy: Policy, now: datetime, repository: str = "",
              health: Sequence[HealthRecord] = ()) -> StatusReport:
     """The monitoring verdict at ``now`` (pure); a backup counts from when it started."""
-    from backup_tool.jobs.health import status_checks
-
     s = policy.schedule
     grace = timedelta(minutes=s.grace_minutes)
     present = sorted((b for b in backups if b.started_at <= now), key=lambda b: (b.started_at, b.id))
     newest: dict[str, BackupRecord] = {}
     for b in present:
         newest[b.kind] = b
-    logical = [b for b in present if b.kind in ("full", "incremental")]
+    logical = [b for b in present if b.kind in LOGICAL_KINDS]
     checks: list[Check] = []
 
-    full = newest.get("full")
+    full = newest.get(BackupKind.FULL)
     full_slot = last_due_slot(s.full, s.timezone, now, grace)
     if full is None:
         checks.append(Check("full", CRITICAL, "no full backup in the repository"))
@@ -180,7 +172,7 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
         else:
             checks.append(Check("incremental", OK, f"newest backup {head.id} {_age(now, head.started_at)} old"))
 
-    base = newest.get("base")
+    base = newest.get(BackupKind.BASE)
     if s.base:
         slot = last_due_slot(s.base, s.timezone, now, grace)
         if base is None:
@@ -242,7 +234,7 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
         "last_size_bytes": {k: b.size_bytes for k, b in newest.items()},
         "last_duration_seconds": {k: ((b.finished_at or b.started_at) - b.started_at).total_seconds()
                                   for k, b in newest.items()},
-        "count": {k: sum(1 for b in present if b.kind == k) for k in ("full", "incremental", "base")},
+        "count": {k: sum(1 for b in present if b.kind == k) for k in ALL_KINDS},
         "repository_bytes": sum(b.size_bytes for b in present),
         "wal_lag_seconds": wal_lag,
         "wal_gaps": len(gaps),
@@ -256,141 +248,9 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
 def wal_gap_ranges(present: Sequence[BackupRecord], wal: WalState) -> list[tuple[str, str]]:
     """(first, last) missing segment of each gap after the oldest base backup's start, on
     every timeline path the archive holds (:func:`backup_tool.physical.wal.archive_gaps`)."""
-    bases = [b for b in present if b.kind == "base" and b.start_wal]
+    bases = [b for b in present if b.kind == BackupKind.BASE and b.start_wal]
     seg_size = bases[-1].wal_segment_size if bases else DEFAULT_SEGMENT_SIZE
     start = min((b.start_wal for b in bases if b.start_wal), default=None,
                 key=lambda n: segment_number(n, seg_size))
     return [(g.first_missing, g.last_missing) for g in archive_gaps(wal.names, wal.histories, start, seg_size)]
 
-
-# ----------------------------------------------------------------------------- reading the repository
-
-
-def read_verifications(storage: Storage) -> list[Verification]:
-    found: list[Verification] = []
-    for info in storage.list(VERIFICATIONS_PREFIX):
-        try:
-            body = json.loads(storage.get_bytes(info.key))
-            at = parse_utc(body["at"])
-            found.append(Verification(at, bool(body.get("ok")), tuple(body.get("backups", [])),
-                                      bool(body.get("restore_test")), tuple(body.get("checks", [])), info.key))
-        except (BackupToolError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return sorted(found, key=lambda v: v.at)
-
-
-def read_wal_state(storage: Storage) -> WalState | None:
-    """The WAL archive's segments, or None when this build has no WAL support."""
-    try:
-        from backup_tool.physical import wal
-    except ImportError:
-        return None
-    files = wal.list_archive(storage)
-    segments = wal.segments_of(files)
-    newest = max((s.modified for s in segments), default=None)
-    return WalState(tuple(s.name for s in segments), newest, sum(s.size for s in segments),
-                    wal.histories(storage, files))
-
-
-def collect_status(settings_factory: Callable[[], Settings], now: datetime | None = None) -> StatusReport:
-    """Read the repository and evaluate; any failure to read is an UNKNOWN report, not an error."""
-    from backup_tool.repository.catalog import Catalog
-    from backup_tool.jobs.health import read_records, records_for
-    from backup_tool.repository.storage import open_repository
-
-    now = now or datetime.now(UTC)
-    repository = ""
-    try:
-        settings = settings_factory()
-        repository = settings.repo_url
-        storage = open_repository(settings.repo_url)
-        records, problems = Catalog(storage).records(refresh=True)
-        health, _ = read_records(storage)
-        report = evaluate(records, read_verifications(storage), read_wal_state(storage), settings.policy, now,
-                          storage.url, records_for(settings, health))
-    except BackupToolError as exc:
-        return StatusReport(now, repository, (), {}, error=str(exc))
-    if problems:
-        extra = Check("manifests", WARNING, f"{len(problems)} unreadable manifest(s): {problems[0].message}")
-        report = StatusReport(report.now, report.repository, report.checks + (extra,), report.metrics)
-    return report
-
-
-# ----------------------------------------------------------------------------- Prometheus
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus_text(report: StatusReport) -> str:
-    repo = f'repository="{_label(report.repository)}"'
-    m = report.metrics
-    lines: list[str] = []
-
-    def metric(name: str, help_: str, kind: str, samples: list[tuple[str, Any]]) -> None:
-        samples = [(lbl, v) for lbl, v in samples if v is not None]
-        if not samples:
-            return
-        lines.append(f"# HELP backup_tool_{name} {help_}")
-        lines.append(f"# TYPE backup_tool_{name} {kind}")
-        for labels, value in samples:
-            if isinstance(value, bool):
-                value = int(value)
-            if isinstance(value, float):
-                value = int(value) if value.is_integer() else repr(value)
-            lines.append(f"backup_tool_{name}{{{labels}}} {value}")
-
-    def per_kind(key: str) -> list[tuple[str, Any]]:
-        return [(f'{repo},kind="{k}"', float(v)) for k, v in sorted(m.get(key, {}).items())]
-
-    metric("status", "Overall status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN", "gauge", [(repo, report.code)])
-    metric("up", "1 if the repository could be read", "gauge", [(repo, int(report.error is None))])
-    metric("check_status", "Status of each check (0 OK, 1 WARNING, 2 CRITICAL)", "gauge",
-           [(f'{repo},check="{c.name}"', c.severity) for c in report.checks])
-    metric("last_success_timestamp_seconds", "Finish time of the newest backup of each kind", "gauge",
-           per_kind("last_success"))
-    metric("last_size_bytes", "Bytes stored by the newest backup of each kind", "gauge", per_kind("last_size_bytes"))
-    metric("last_duration_seconds", "Duration of the newest backup of each kind", "gauge",
-           per_kind("last_duration_seconds"))
-    metric("backup_age_seconds", "Age of the newest backup of each kind", "gauge", per_kind("age_seconds"))
-    metric("backups", "Backups in the repository by kind", "gauge",
-           [(f'{repo},kind="{k}"', v) for k, v in sorted(m.get("count", {}).items())])
-    metric("repository_size_bytes", "Bytes stored by all listed backups", "gauge", [(repo, m.get("repository_bytes"))])
-    metric("wal_archive_lag_seconds", "Seconds since the newest WAL segment was archived", "gauge",
-           [(repo, m.get("wal_lag_seconds"))])
-    metric("wal_gaps", "Missing WAL ranges after the oldest base backup", "gauge",
-           [(repo, m.get("wal_gaps") if m.get("wal_segments") is not None else None)])
-    metric("verification_age_seconds", "Seconds since the newest verification run", "gauge",
-           [(repo, m.get("verification_age_seconds"))])
-    metric("verification_success", "1 if the newest verification run passed", "gauge",
-           [(repo, m.get("verification_ok"))])
-    health = sorted(m.get("health", {}).items())
-    metric("health_last_run_timestamp_seconds", "Start of the newest run of each health check", "gauge",
-           [(f'{repo},check="{name}"', h["last_run"]) for name, h in health])
-    metric("health_last_ok", "1 if the newest run of each health check passed (warnings pass)", "gauge",
-           [(f'{repo},check="{name}"', h["last_ok"]) for name, h in health])
-    metric("status_evaluated_timestamp_seconds", "When this file was computed (policy time)", "gauge",
-           [(repo, float(report.now.timestamp()))])
-    return "\n".join(lines) + "\n"
-
-
-def write_textfile(path: str | Path, text: str) -> None:
-    """Atomically replace ``path`` with ``text`` (same-directory temp file, fsync, rename)."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise BackupToolError(f"cannot write the Prometheus textfile {target}: {exc.strerror}",
-                              "check the directory exists and is writable") from None

@@ -22,14 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from backup_tool.postgres import connection as postgres
-from backup_tool.repository.catalog import Catalog
 from backup_tool.config.settings import Settings
+from backup_tool.core.kinds import BackupKind
 from backup_tool.errors import BackupToolError
-from backup_tool.repository.manifest import Manifest
+from backup_tool.jobs.expire import check_object_lock
+from backup_tool.physical import wal
+from backup_tool.physical.pitr import repository_health
+from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
+from backup_tool.repository.catalog import Catalog
+from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.encrypted import ALGORITHM, KEY_HINT, encryption_of
+from backup_tool.repository.walidentity import ClusterIdentity, mismatch, read_archive_identity
 from backup_tool.validation.validate import Check, ValidationReport, check_restore_finished
 
 
@@ -37,8 +42,6 @@ def archive_checks(conn: Any, storage: Storage, settings: Settings, uses_pitr: b
     """Archiving healthy, when this database is meant to be recoverable to a point in time."""
     from datetime import timedelta
 
-    from backup_tool.physical import wal
-    from backup_tool.physical.pitr import repository_health
 
     server = wal.archiving_checks(conn, storage)
     off = [c for c in server if c.name == "archive_mode" and not c.ok]
@@ -52,8 +55,6 @@ def archive_checks(conn: Any, storage: Storage, settings: Settings, uses_pitr: b
 
 def archive_identity_check(conn: Any, storage: Storage) -> Check:
     """The WAL archive belongs to this cluster (``wal/archive.info``, see :mod:`backup_tool.repository.walidentity`)."""
-    from backup_tool.repository.walidentity import ClusterIdentity, mismatch, read_archive_identity
-
     row = conn.execute("SELECT system_identifier, current_setting('server_version_num')::int / 10000"
                        " FROM pg_control_system()").fetchone()
     assert row is not None
@@ -261,13 +262,12 @@ def run_checks(settings: Settings) -> ValidationReport:
         with _leave_local_dirs_as_found(settings.repo_url):
             storage.check_writable()
         manifests, problems = Catalog(storage).scan()
-        uses_pitr = any(m.kind == "base" for m in manifests) or any(True for _ in storage.list("wal/"))
+        uses_pitr = any(m.kind == BackupKind.BASE for m in manifests) or any(True for _ in storage.list("wal/"))
         if problems:
             checks.append(Check("repository", False, problems[0].message))
         else:
             checks.append(Check("repository", True, f"{storage.url} writable by {_user_name(os.geteuid())}, "
                                                     f"{len(manifests)} backups"))
-        from backup_tool.governance.retention import check_object_lock
 
         ok, detail = check_object_lock(storage, settings.policy)
         checks.append(Check("object_lock", ok, detail))

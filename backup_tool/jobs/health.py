@@ -44,262 +44,49 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
-from enum import Enum
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from backup_tool.errors import BackupToolError, UsageError
-from backup_tool.jobs.schedule import iso, last_due_slot, next_slot, parse_cron, previous_slot
+from backup_tool import __version__
+from backup_tool.config.policy import CHECK_NAMES
+from backup_tool.core.report import NullReporter
+from backup_tool.core.timestamps import iso
 from backup_tool.core.units import human_size
+from backup_tool.errors import BackupToolError, RepositoryMissingError, UsageError
+from backup_tool.governance.health import (
+    SHOWN,
+    Finding,
+    HealthCheck,
+    HealthPlan,
+    HealthRecord,
+    HealthReport,
+    Level,
+    decide_health_due,
+    of_database,
+    verdict,
+)
+from backup_tool.postgres import connection as postgres
+from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER, ConnInfo, scalar, server_info
+from backup_tool.repository.catalog import Catalog, DatabaseHint, RefProblem, UnresolvedBackup
+from backup_tool.repository.storage import open_repository
+from backup_tool.schema import drift
+from backup_tool.validation import validate
 
 if TYPE_CHECKING:
     import psycopg
 
+    from backup_tool.config.policy import HealthSettings
     from backup_tool.config.settings import Settings
-    from backup_tool.config.policy import HealthSettings, Policy
-    from backup_tool.postgres.connection import ConnInfo
     from backup_tool.core.report import Reporter
+    from backup_tool.postgres.connection import ConnInfo
     from backup_tool.repository.storage import Storage
 
 UTC = timezone.utc
-CHECK_NAMES = ("schema", "rls", "foreign_keys", "index_performance", "function_execution")
-TITLES = {"schema": "Schema validation", "rls": "RLS policy verification", "foreign_keys": "Foreign key integrity",
-          "index_performance": "Index performance", "function_execution": "Function execution"}
-FREQUENCY_WORDS = {"hourly": "0 * * * *", "daily": "0 9 * * *", "weekly": "0 9 * * sat", "monthly": "0 9 1 * *"}
 LOG_PREFIX = "health-log/"
 LOG_FORMAT = 1
-SHOWN = 5
 SUPABASE_ROLES = ("anon", "authenticated")
 
 
-# ----------------------------------------------------------------------------- results
-
-
-class Level(str, Enum):
-    OK = "ok"
-    WARN = "warn"
-    FAIL = "fail"
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: Level
-    object: str
-    message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"level": self.level.value, "object": self.object, "message": self.message}
-
-
-@dataclass(frozen=True)
-class HealthCheck:
-    """One check's verdict; ``ok`` is false exactly when ``level`` is FAIL."""
-
-    name: str
-    level: Level
-    detail: str
-    findings: tuple[Finding, ...] = ()
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.level is not Level.FAIL
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "level": self.level.value, "detail": self.detail,
-                "findings": [f.to_dict() for f in self.findings], "seconds": round(self.seconds, 3)}
-
-
-def verdict(name: str, findings: Sequence[Finding], passed: str) -> HealthCheck:
-    """The check's level is its worst finding's; the detail names the worst findings first."""
-    fails = [f for f in findings if f.level is Level.FAIL]
-    warns = [f for f in findings if f.level is Level.WARN]
-    if fails:
-        detail = "; ".join(f.message for f in fails[:SHOWN]) + (
-            f" and {len(fails) - SHOWN} more" if len(fails) > SHOWN else "")
-        if warns:
-            detail += f" (+{len(warns)} warning(s))"
-        return HealthCheck(name, Level.FAIL, detail, tuple(findings))
-    if warns:
-        detail = f"{passed}; {len(warns)} warning(s): " + "; ".join(f.message for f in warns[:SHOWN]) + (
-            f" and {len(warns) - SHOWN} more" if len(warns) > SHOWN else "")
-        return HealthCheck(name, Level.WARN, detail, tuple(findings))
-    return HealthCheck(name, Level.OK, passed, tuple(findings))
-
-
-@dataclass(frozen=True)
-class HealthReport:
-    target: str
-    database: str
-    started_at: datetime
-    finished_at: datetime
-    checks: tuple[HealthCheck, ...]
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "target": self.target, "database": self.database, "at": iso(self.started_at),
-                "finished_at": iso(self.finished_at), "checks": [c.to_dict() for c in self.checks]}
-
-
-# ----------------------------------------------------------------------------- frequencies and what is due
-
-
-def frequency_cron(value: str) -> str | None:
-    """The cron expression a ``[health]`` frequency means (None: never). ``daily`` is 09:00,
-    ``weekly`` Saturday 09:00 (the seed table's next-check times), ``hourly`` on the hour,
-    ``monthly`` the 1st at 09:00, in ``schedule.timezone``; ValueError for anything else that
-    is not a cron expression."""
-    text = value.strip().lower()
-    if text in ("", "off", "never"):
-        return None
-    if text in FREQUENCY_WORDS:
-        return FREQUENCY_WORDS[text]
-    parse_cron(value)
-    return value
-
-
-def frequency_label(value: str) -> str:
-    text = value.strip().lower()
-    if text in FREQUENCY_WORDS:
-        return text.capitalize()
-    return "never" if frequency_cron(value) is None else f"cron `{value}`"
-
-
-@dataclass(frozen=True)
-class HealthRecord:
-    """One run of one check, as recorded in ``health-log/``."""
-
-    check: str
-    at: datetime
-    ok: bool
-    level: str
-    detail: str
-    database: str = ""
-    run: str = ""
-
-
-@dataclass(frozen=True)
-class HealthDue:
-    check: str
-    slot: datetime
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"check": self.check, "slot": iso(self.slot), "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class HealthPlan:
-    now: datetime
-    due: tuple[HealthDue, ...]
-    next_runs: tuple[tuple[str, datetime | None], ...]
-
-    @property
-    def checks(self) -> list[str]:
-        return [d.check for d in self.due]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"now": iso(self.now), "due": [d.to_dict() for d in self.due],
-                "next": {name: iso(at) for name, at in self.next_runs}}
-
-
-def _newest(records: Sequence[HealthRecord], check: str, now: datetime) -> HealthRecord | None:
-    runs = [r for r in records if r.check == check and r.at <= now]
-    return max(runs, key=lambda r: (r.at, r.run)) if runs else None
-
-
-def decide_health_due(records: Sequence[HealthRecord], policy: Policy, now: datetime) -> HealthPlan:
-    """Which checks are due at ``now`` (pure): those whose newest slot at or before ``now``
-    has no run of that check at or after it. Only the newest slot counts, so checks missed
-    for days run once."""
-    tz = policy.schedule.timezone
-    due: list[HealthDue] = []
-    upcoming: list[tuple[str, datetime | None]] = []
-    for name in CHECK_NAMES:
-        cron = frequency_cron(getattr(policy.health, name))
-        if cron is None:
-            continue
-        upcoming.append((name, next_slot(cron, tz, now)))
-        slot = previous_slot(cron, tz, now)
-        if slot is None:
-            continue
-        last = _newest(records, name, now)
-        if last is None:
-            due.append(HealthDue(name, slot, "never run"))
-        elif last.at < slot:
-            due.append(HealthDue(name, slot, f"slot {iso(slot)} not run yet (last run {iso(last.at)})"))
-    return HealthPlan(now, tuple(due), tuple(upcoming))
-
-
-@dataclass(frozen=True)
-class CheckStatus:
-    """How one check stands for ``status`` (severity: 0 OK, 1 WARNING, 2 CRITICAL)."""
-
-    check: str
-    severity: int
-    detail: str
-    last_run: datetime | None
-    last_ok: bool | None
-
-
-def status_checks(records: Sequence[HealthRecord], policy: Policy, now: datetime) -> list[CheckStatus]:
-    """Monitoring per scheduled check (pure). Never run: OK ("not run yet", as a verification
-    is). Newest run failed: WARNING. Overdue (the newest slot past ``schedule.grace_minutes``
-    has no run): WARNING; overdue by more than one period (the slot before it had none either):
-    CRITICAL."""
-    s = policy.schedule
-    grace = timedelta(minutes=s.grace_minutes)
-    out: list[CheckStatus] = []
-    for name in CHECK_NAMES:
-        cron = frequency_cron(getattr(policy.health, name))
-        if cron is None:
-            continue
-        last = _newest(records, name, now)
-        if last is None:
-            out.append(CheckStatus(name, 0, f"health check {name}: not run yet", None, None))
-            continue
-        severity, parts = 0, []
-        due_slot = last_due_slot(cron, s.timezone, now, grace)
-        if due_slot is not None and last.at < due_slot:
-            before = previous_slot(cron, s.timezone, due_slot - timedelta(microseconds=1))
-            severity = 2 if before is not None and last.at < before else 1
-            parts.append(f"health check {name} overdue: slot {iso(due_slot)} not run "
-                         f"(last run {iso(last.at)}{', more than one period ago' if severity == 2 else ''})")
-        if not last.ok:
-            severity = max(severity, 1)
-            parts.append(f"health check {name} failed at {iso(last.at)}: {last.detail[:160]}")
-        if not parts:
-            parts.append(f"health check {name} {last.level} at {iso(last.at)}")
-        out.append(CheckStatus(name, severity, "; ".join(parts), last.at, last.ok))
-    return out
-
-
-def audit_table(records: Sequence[HealthRecord], policy: Policy, now: datetime,
-                window_start: datetime) -> dict[str, Any]:
-    """The seed's table (check, frequency, last status, last run, next check) and the failures
-    recorded in the audit window, newest first (pure)."""
-    tz = policy.schedule.timezone
-    rows = []
-    for name in CHECK_NAMES:
-        value = getattr(policy.health, name)
-        cron = frequency_cron(value)
-        last = _newest(records, name, now)
-        status = "never run" if last is None else {"ok": "passed", "warn": "passed with warnings"}.get(
-            last.level, "FAILED")
-        rows.append({"check": name, "title": TITLES[name], "frequency": frequency_label(value),
-                     "last_status": status, "last_run": iso(last.at) if last else None,
-                     "last_detail": last.detail if last else None,
-                     "next_check": iso(next_slot(cron, tz, now)) if cron else None})
-    failures = sorted((r for r in records if not r.ok and window_start <= r.at <= now),
-                      key=lambda r: (r.at, r.check), reverse=True)
-    return {"checks": rows, "failures": [{"check": r.check, "at": iso(r.at), "database": r.database,
-                                          "detail": r.detail} for r in failures]}
-
-
-# ----------------------------------------------------------------------------- the checks
 
 
 @dataclass
@@ -335,12 +122,6 @@ def _q(schema: str, name: str) -> str:
 
 
 def check_schema(ctx: Context) -> HealthCheck:
-    from backup_tool.schema import drift
-    from backup_tool.validation import validate
-    from backup_tool.repository.catalog import Catalog, DatabaseHint, RefProblem, UnresolvedBackup
-    from backup_tool.errors import RepositoryMissingError
-    from backup_tool.repository.storage import open_repository
-
     folder = drift.policy_migrations(ctx.settings.policy)
     if folder is not None:
         report = drift.diff(ctx.settings, folder, reporter=ctx.reporter)
@@ -372,8 +153,6 @@ def check_schema(ctx: Context) -> HealthCheck:
 
 
 def check_rls(ctx: Context) -> HealthCheck:
-    from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER
-
     exposed = list(ctx.h.exposed_schemas)
     not_extension = ("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass "
                      "AND d.objid = c.oid AND d.deptype = 'e')")
@@ -431,9 +210,6 @@ def check_rls(ctx: Context) -> HealthCheck:
 
 
 def check_foreign_keys(ctx: Context) -> HealthCheck:
-    from backup_tool.postgres import connection as postgres
-    from backup_tool.validation import validate
-
     fks = postgres.foreign_keys(ctx.conn)
     estimates = {(r["schema"], r["name"]): float(r["rows"]) for r in ctx.rows("""
         SELECT n.nspname AS schema, c.relname AS name,
@@ -449,7 +225,7 @@ def check_foreign_keys(ctx: Context) -> HealthCheck:
         rows = estimates.get((fk["schema"], fk["table"]), 0.0)
         percent = None if ctx.full or rows <= limit else max(0.0001, round(100.0 * limit / rows, 4))
         started = time.monotonic()
-        count = int(ctx.conn.execute(validate.orphan_count_query(ctx.conn, fk, percent)).fetchone()[0])  # type: ignore[index]
+        count = int(scalar(ctx.conn, validate.orphan_count_query(ctx.conn, fk, percent)))
         took = time.monotonic() - started
         state = "" if fk.get("validated", True) else " (NOT VALID)"
         if percent is not None:
@@ -500,8 +276,6 @@ def index_bloat(row: dict[str, Any]) -> float | None:
 
 
 def check_index_performance(ctx: Context) -> HealthCheck:
-    from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER
-
     h = ctx.h
     findings: list[Finding] = []
     for r in ctx.rows(f"""
@@ -589,15 +363,13 @@ def check_index_performance(ctx: Context) -> HealthCheck:
         findings.append(Finding(Level.WARN, table, f"table {table} ({human_size(float(r['bytes']))}) read mostly by "
                                                    f"sequential scans: {r['seq_scan']} seq scans ({r['seq_tup_read']} "
                                                    f"rows read) vs {r['idx_scan']} index scans {since}"))
-    count = ctx.conn.execute(f"""SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {SYSTEM_SCHEMA_FILTER}""").fetchone()[0]  # type: ignore[index]
+    count = scalar(ctx.conn, f"""SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {SYSTEM_SCHEMA_FILTER}""")
     return verdict("index_performance", findings,
                    f"{count} indexes valid, no duplicates, every foreign key indexed (statistics {since})")
 
 
 def _functions(ctx: Context) -> list[dict[str, Any]]:
-    from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER
-
     return ctx.rows(f"""
         SELECT p.oid, n.nspname AS schema, p.proname AS name,
                pg_get_function_identity_arguments(p.oid) AS args, l.lanname AS language,
@@ -685,7 +457,7 @@ def check_function_execution(ctx: Context) -> HealthCheck:
             with ctx.conn.transaction(force_rollback=True):
                 ctx.conn.execute("SET TRANSACTION READ ONLY")
                 ctx.conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(timeout_ms)))
-                ctx.conn.execute(sql.SQL(call))  # type: ignore[arg-type]
+                ctx.conn.execute(sql.SQL(call))
         except psycopg.Error as exc:
             took = time.monotonic() - started
             findings.append(Finding(Level.FAIL, call, f"smoke call {call!r} failed after {took * 1000:.0f} ms: "
@@ -726,8 +498,6 @@ def run_health(settings: Settings, names: Sequence[str] | None = None, full: boo
     (a query error, an unreadable backup) fails, saying why; a connection failure raises."""
     import psycopg
 
-    from backup_tool.postgres.connection import ConnInfo, server_info
-    from backup_tool.core.report import NullReporter
 
     reporter = reporter or NullReporter()
     chosen = resolve_names(names)
@@ -759,8 +529,6 @@ def run_health(settings: Settings, names: Sequence[str] | None = None, full: boo
 
 def write_record(storage: Storage, report: HealthReport, trigger: str) -> str:
     """Append one run to ``health-log/`` (a new object per run, never rewritten)."""
-    from backup_tool import __version__
-
     run_id = f"{report.started_at.strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(3)}"
     key = f"{LOG_PREFIX}{run_id}.json"
     body = {"format": LOG_FORMAT, "run": run_id, "trigger": trigger, "tool_version": __version__,
@@ -791,16 +559,9 @@ def read_records(storage: Storage) -> tuple[list[HealthRecord], list[str]]:
     return sorted(found, key=lambda r: (r.at, r.check)), problems
 
 
-def of_database(records: Sequence[HealthRecord], database: str | None) -> list[HealthRecord]:
-    """The runs on ``database`` (all when None)."""
-    return [r for r in records if database is None or r.database == database]
-
-
 def records_for(settings: Settings, records: Sequence[HealthRecord]) -> list[HealthRecord]:
     """For ``status`` and ``audit``: the runs on the database ``--dsn`` names, else every run
     (a repository of one database; with several and none named, the newest run per check wins)."""
-    from backup_tool.postgres.connection import ConnInfo
-
     try:
         named = ConnInfo(settings.dsn).dbname
     except BackupToolError:
@@ -822,8 +583,6 @@ class DueRun:
 
 
 def plan_health(settings: Settings, storage: Storage, now: datetime) -> HealthPlan:
-    from backup_tool.postgres.connection import ConnInfo
-
     records, _ = read_records(storage)
     return decide_health_due(of_database(records, ConnInfo(settings.dsn).dbname or ""), settings.policy, now)
 
@@ -831,8 +590,6 @@ def plan_health(settings: Settings, storage: Storage, now: datetime) -> HealthPl
 def run_due_checks(settings: Settings, storage: Storage, reporter: Reporter | None = None,
                    now: datetime | None = None) -> DueRun:
     """Run the checks due at ``now`` (default: the real clock) and record the run."""
-    from backup_tool.core.report import NullReporter
-
     reporter = reporter or NullReporter()
     plan = plan_health(settings, storage, now or datetime.now(UTC))
     if not plan.due:

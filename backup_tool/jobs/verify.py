@@ -20,16 +20,18 @@ from typing import Iterable
 
 from psycopg import sql
 
-from backup_tool.streams import pipeline
-from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.config.settings import Settings
-from backup_tool.errors import BackupToolError
-from backup_tool.repository.manifest import Manifest, utc_iso
-from backup_tool.postgres.connection import ConnInfo
+from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.errors import BackupToolError
 from backup_tool.logical.restore import restore_full
+from backup_tool.physical.pitr import repository_health
+from backup_tool.postgres.connection import ConnInfo
+from backup_tool.repository.catalog import Catalog, DatabaseHint
+from backup_tool.repository.manifest import Manifest, utc_iso
 from backup_tool.repository.storage import Storage, open_repository
 from backup_tool.repository.storage.encrypted import keyring_of, manifest_encryption
+from backup_tool.streams import pipeline
 from backup_tool.validation.validate import Check, ValidationReport
 
 VERIFICATIONS_PREFIX = "verifications/"
@@ -94,11 +96,9 @@ def verify(settings: Settings, ref: str = "latest", with_restore_test: bool = Fa
     seen: set[str] = set()
     for manifest in manifests:
         checks.append(check_objects(storage, manifest, reporter, seen))
-        if with_restore_test and checks[-1].ok and manifest.kind in ("full", "incremental"):
+        if with_restore_test and checks[-1].ok and manifest.kind in LOGICAL_KINDS:
             checks.append(restore_test(settings, manifest, scratch_dsn, reporter))
-    if any(m.kind == "base" for m in manifests):
-        from backup_tool.physical.pitr import repository_health
-
+    if any(m.kind == BackupKind.BASE for m in manifests):
         checks.extend(c for c in repository_health(settings).checks() if c.name == "wal_continuity")
     report = ValidationReport(storage.url, ref, tuple(checks))
     record(storage, report, [m.id for m in manifests], with_restore_test)

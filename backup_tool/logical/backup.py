@@ -38,20 +38,22 @@ from typing import Any, Callable
 import psycopg
 
 from backup_tool import __version__
-from backup_tool.core import testhooks
-from backup_tool.postgres import column_order, connection as postgres, database_level, large_objects, matviews, schema
-from backup_tool.streams import pipeline
-from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
-from backup_tool.config.settings import Settings
-from backup_tool.errors import BackupToolError, LockHeldError
-from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry, utc_iso
 from backup_tool.config.policy import Policy
-from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
+from backup_tool.config.settings import Settings
+from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.errors import BackupToolError, LockHeldError
+from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema
+from backup_tool.postgres import connection as postgres
+from backup_tool.postgres import inventory as catalog_inventory
+from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
+from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
+from backup_tool.repository.keyguard import guard_writes
+from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.base import ObjectLock
-from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.storage.encrypted import encryption_of, manifest_encryption
+from backup_tool.streams import pipeline, testhooks
 
 
 def compression_threads(jobs: int) -> int:
@@ -121,7 +123,7 @@ def choose_parent(backups: list[Manifest], database: str, policy: Policy,
     incremental (a chain must outlive its tips), or when the chain was written with another
     encryption key or none (a chain never mixes keys: its tables are read with one key).
     """
-    chain = [m for m in backups if m.database == database and m.kind in ("full", "incremental")]
+    chain = [m for m in backups if m.database == database and m.kind in LOGICAL_KINDS]
     if not chain:
         return None, f"no full backup of {database} in the repository"
     parent = chain[-1]
@@ -140,7 +142,7 @@ def choose_parent(backups: list[Manifest], database: str, policy: Policy,
     incrementals = len(links) - 1
     if incrementals >= policy.retention.max_chain_length:
         return None, f"the chain of {links[0].id} already has {incrementals} incrementals (max_chain_length)"
-    if links[0].expires_at < policy.expires_at("incremental", now):
+    if links[0].expires_at < policy.expires_at(BackupKind.INCREMENTAL, now):
         return None, f"full {links[0].id} expires before a new incremental would"
     return parent, ""
 
@@ -171,7 +173,7 @@ def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int 
     ``lock_timeout``: seconds to wait for a running backup of the same database into the
     same repository to finish (0: fail at once with :class:`LockHeldError`).
     """
-    return _logical_backup(settings, reporter or NullReporter(), jobs, "full", only_tables, still_due,
+    return _logical_backup(settings, reporter or NullReporter(), jobs, BackupKind.FULL, only_tables, still_due,
                            lock_timeout)
 
 
@@ -179,7 +181,7 @@ def backup_incremental(settings: Settings, reporter: Reporter | None = None,
                        jobs: int | None = None, still_due: StillDue | None = None,
                        lock_timeout: float = 0.0) -> Manifest:
     """Back up only what changed since the newest backup; take a full (and say so) if needed."""
-    return _logical_backup(settings, reporter or NullReporter(), jobs, "incremental", None, still_due,
+    return _logical_backup(settings, reporter or NullReporter(), jobs, BackupKind.INCREMENTAL, None, still_due,
                            lock_timeout)
 
 
@@ -225,12 +227,12 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
             raise NoLongerDue(f"another run already took the due backup of {database}")
         started_at = datetime.now(timezone.utc)
         parent = None
-        if kind == "incremental":
+        if kind == BackupKind.INCREMENTAL:
             key = encryption_of(storage)
             parent, why = choose_parent(catalog.backups(), database, policy, started_at,
                                         key.key_id if key else None)
             if parent is None:
-                kind = "full"
+                kind = BackupKind.FULL
                 reporter.warning(f"taking a full backup instead of an incremental: {why}")
         else:
             catalog.ids()
@@ -288,7 +290,7 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
     tables = _selected(postgres.list_tables(snap.conn), only_tables)
     snap.lock_tables(tables)
     sequences = postgres.sequences(snap.conn)
-    inventory = {**postgres.inventory(snap.conn), "database": database_level.properties(snap.conn),
+    inventory = {**catalog_inventory.inventory(snap.conn), "database": database_level.properties(snap.conn),
                  "matviews": matviews.inventory(snap.conn),
                  "large_objects": large_objects.summary(snap.conn)}
     inventory[column_order.INVENTORY_KEY] = column_order.record(snap.conn)
@@ -333,7 +335,12 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
         pipeline.run_parallel(jobs, [(dump, t) for t in data_tables] + [(checksum, t) for t in data_tables])
     else:
         check = reporter.task("comparing tables with the parent backup", total=len(data_tables))
-        pipeline.run_parallel(jobs, [(lambda t: (checksum(t), check.advance(1)), t) for t in data_tables])
+
+        def checksum_and_count(t: TableInfo) -> None:
+            checksum(t)
+            check.advance(1)
+
+        pipeline.run_parallel(jobs, [(checksum_and_count, t) for t in data_tables])
         check.finish()
         for t in data_tables:
             entry = parent.table(t.schema, t.name)

@@ -29,12 +29,8 @@ from typing import Any, Callable, Iterator
 import psycopg
 from psycopg import sql
 
-from backup_tool.core import testhooks
-from backup_tool.postgres import column_order, connection as postgres, database_level, extensions, large_objects, matviews, restore_marker, roles, schema
-from backup_tool.schema import rebuild
-from backup_tool.streams import pipeline
-from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.config.settings import Settings
+from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import (
     BackupToolError,
     DatabaseError,
@@ -42,10 +38,23 @@ from backup_tool.errors import (
     RefusedError,
     ValidationFailed,
 )
-from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry, utc_iso
+from backup_tool.postgres import (
+    column_order,
+    database_level,
+    extensions,
+    large_objects,
+    matviews,
+    restore_marker,
+    roles,
+    schema,
+)
+from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
-from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.repository.catalog import Catalog, DatabaseHint
+from backup_tool.repository.manifest import Manifest, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage, open_repository
+from backup_tool.schema import rebuild
+from backup_tool.streams import pipeline, testhooks
 from backup_tool.validation.validate import ValidationReport, validate
 
 
@@ -92,12 +101,6 @@ class BackupOrigin:
     def to_dict(self) -> dict[str, str]:
         return {"database": self.database, "snapshot_at": utc_iso(self.snapshot_at),
                 "backup_finished_at": utc_iso(self.finished_at)}
-
-
-def read_object(storage: Storage, obj: StoredObject,
-                on_chunk: Callable[[int], None] | None = None) -> bytes:
-    """A small object, checksum-verified and decompressed, in memory."""
-    return b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, on_chunk))
 
 
 def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any] | None = None) -> bool:
@@ -151,26 +154,6 @@ def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter) -
                 reporter.warning(f"could not drop database {conninfo.dbname}, created by this restore: "
                                  f"{str(exc).splitlines()[0]}")
         raise
-
-
-def ensure_roles(conn: psycopg.Connection[Any], conninfo: ConnInfo, storage: Storage,
-                 manifest: Manifest, major: int, with_roles: bool, reporter: Reporter) -> frozenset[str]:
-    """Refuse if roles the backup needs are missing; with ``with_roles`` create the backup's
-    missing roles first (see :mod:`backup_tool.postgres.roles`). Returns the roles created."""
-    needed = manifest.inventory.get("roles", [])
-    missing = postgres.missing_roles(conn, needed)
-    if not with_roles or manifest.globals is None:
-        if missing:
-            raise RefusedError(f"roles missing on the target server: {', '.join(missing)}",
-                               "create them, or rerun with --with-roles to create them from the backup")
-        return frozenset()
-    backup = roles.parse_globals(read_object(storage, manifest.globals).decode())
-    created = roles.apply(conn, roles.plan(backup, roles.server_roles(conninfo, major)), needed, reporter)
-    still = postgres.missing_roles(conn, missing)
-    if still:
-        raise RefusedError(f"could not create roles {', '.join(still)} on the target server",
-                           "create them by hand (needs CREATEROLE) and rerun")
-    return created
 
 
 def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding: str,
@@ -252,7 +235,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             raise RefusedError(f"target database {target.redacted()} is not empty ({', '.join(existing[:3])}"
                                f"{' ...' if len(existing) > 3 else ''})",
                                "restore into a new database (--create with a new name) or drop the objects first")
-        created_roles = ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
+        created_roles = roles.ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
         restore_marker.mark(control, manifest.id)
         new_database.keep()
 
@@ -266,7 +249,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             archive_path = Path(tmp) / "schema.pgdump"
             loader = target
             if schema_from_migrations is None:
-                archive_path.write_bytes(read_object(storage, manifest.schema, count))
+                archive_path.write_bytes(pipeline.read_object(storage, manifest.schema, count))
                 replay = extensions.PreDataReplay(archive_path, target, major, manifest.inventory.get("extensions"))
                 column_order.restore_pre_data(archive_path, target, major, manifest, reporter, replay)
                 for fallback in replay.fallbacks:

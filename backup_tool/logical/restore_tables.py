@@ -39,10 +39,8 @@ from typing import Any, Callable, Iterator
 import psycopg
 from psycopg import sql
 
-from backup_tool.postgres import connection as postgres, schema
-from backup_tool.streams import pipeline
-from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.config.settings import Settings
+from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import (
     DatabaseError,
     LockHeldError,
@@ -51,11 +49,14 @@ from backup_tool.errors import (
     UsageError,
     ValidationFailed,
 )
-from backup_tool.repository.manifest import Manifest, TableEntry
+from backup_tool.logical.restore import BackupOrigin, load_table
+from backup_tool.postgres import connection as postgres
+from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, qualified
-from backup_tool.core.report import NullReporter, Reporter
-from backup_tool.logical.restore import BackupOrigin, ensure_roles, load_table, read_object
+from backup_tool.repository.catalog import Catalog, DatabaseHint
+from backup_tool.repository.manifest import Manifest, TableEntry
 from backup_tool.repository.storage import Storage, open_repository
+from backup_tool.streams import pipeline
 from backup_tool.validation.validate import (
     Check,
     ValidationReport,
@@ -444,9 +445,9 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
             copies: tuple[SequenceCopy, ...] = ()
             if create:
                 assert manifest.schema is not None
-                ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
+                roles.ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
                 archive_path = Path(tmp) / "schema.pgdump"
-                archive_path.write_bytes(read_object(storage, manifest.schema, count))
+                archive_path.write_bytes(pipeline.read_object(storage, manifest.schema, count))
                 definitions = Path(tmp) / "tables.pgdump"
                 extracted = extract_definitions(target, major, archive_path, create, into_schema)
                 definitions.write_bytes(extracted.archive)

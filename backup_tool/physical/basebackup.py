@@ -28,25 +28,27 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
 from backup_tool import __version__
-from backup_tool.core import testhooks
-from backup_tool.physical import wal
-from backup_tool.postgres import connection as postgres
-from backup_tool.streams import pipeline
-from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.config.settings import Settings
+from backup_tool.core import walnames
+from backup_tool.core.kinds import BackupKind
+from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import (
     BackupToolError,
     DatabaseError,
     LockHeldError,
     RefusedError,
 )
+from backup_tool.physical import wal
+from backup_tool.postgres import connection as postgres
+from backup_tool.postgres.connection import ConnInfo, scalar
+from backup_tool.repository import walarchive
+from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, StoredObject, utc_iso
-from backup_tool.postgres.connection import ConnInfo
-from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.base import ObjectLock
 from backup_tool.repository.walidentity import ClusterIdentity, verify_archive_identity
+from backup_tool.streams import pipeline, testhooks
 
 TAR_KEY = "base.tar.zst"
 CAPTURED = ("backup_label", "backup_manifest", "tablespace_map")
@@ -246,7 +248,7 @@ def _check_prerequisites(facts: dict[str, Any], where: str) -> None:
 
 def _wal_complete(storage: Storage, timeline: int, start: int, stop: int, seg_size: int) -> list[str]:
     """Names of segments between start and stop (inclusive) missing from the archive."""
-    present = {s.name for s in wal.list_segments(storage) if s.timeline == timeline}
+    present = {s.name for s in walarchive.list_segments(storage) if s.timeline == timeline}
     wanted = [wal.segment_name(timeline, n, seg_size)
               for n in range(wal.lsn_segment(start, seg_size), wal.lsn_segment(stop - 1, seg_size) + 1)]
     return [n for n in wanted if n not in present]
@@ -277,8 +279,8 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             raise LockHeldError(f"another base backup of this cluster into {storage.url} is running",
                                 "wait for it to finish (or let cron retry later)")
         started_at = datetime.now(timezone.utc)
-        backup_id = new_backup_id("base", started_at)
-        expires_at = policy.expires_at("base", started_at)
+        backup_id = new_backup_id(BackupKind.BASE, started_at)
+        expires_at = policy.expires_at(BackupKind.BASE, started_at)
         if policy.object_lock.mode != "none":
             storage.lock_new_objects(ObjectLock(policy.object_lock.mode, expires_at))
         reporter.event("base backup started", id=backup_id, repository=storage.url,
@@ -305,10 +307,10 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
                 proc.kill()
                 raise
             progress.finish()
-            stop_time = control.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+            stop_time = scalar(control, "SELECT clock_timestamp()")
             physical = _physical(scanner, facts, fast, stop_time)
-            missing = _wal_complete(storage, physical.timeline, wal.parse_lsn(physical.start_lsn),
-                                    wal.parse_lsn(physical.stop_lsn), physical.wal_segment_size)
+            missing = _wal_complete(storage, physical.timeline, walnames.parse_lsn(physical.start_lsn),
+                                    walnames.parse_lsn(physical.stop_lsn), physical.wal_segment_size)
             if missing:
                 raise BackupToolError(
                     f"the WAL of this base backup ({missing[0]}{' ...' if len(missing) > 1 else ''}) "
@@ -319,7 +321,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             raise
         finished_at = datetime.now(timezone.utc)
         manifest = Manifest(
-            id=backup_id, kind="base", parent_id=None, database=info["database"],
+            id=backup_id, kind=BackupKind.BASE, parent_id=None, database=info["database"],
             server_version=info["server_version"], server_version_num=info["server_version_num"],
             encoding=info["encoding"], system_identifier=info["system_identifier"],
             started_at=started_at, finished_at=finished_at, expires_at=expires_at,
@@ -359,7 +361,7 @@ def _physical(scanner: TarScanner, facts: dict[str, Any], fast: bool, stop_time:
     return PhysicalInfo(
         start_lsn=label.start_lsn, stop_lsn=stop_lsn, timeline=label.timeline,
         start_wal=label.start_wal,
-        stop_wal=wal.segment_name(stop_tli, wal.lsn_segment(wal.parse_lsn(stop_lsn) - 1, seg_size), seg_size),
+        stop_wal=wal.segment_name(stop_tli, wal.lsn_segment(walnames.parse_lsn(stop_lsn) - 1, seg_size), seg_size),
         stop_time=stop_time.astimezone(timezone.utc), wal_segment_size=seg_size,
         checkpoint="fast" if fast else "spread", backup_label=label.raw,
         superuser=facts["superuser"], databases=tuple(facts["databases"]),

@@ -12,7 +12,7 @@ syntax, ``recovery_target_action = 'promote'``, ``recovery_target_timeline``) an
 reports where it stopped (time, LSN, new timeline), validates every database, and restarts
 the server with its own configuration.
 
-Table-level PITR (:func:`restore_tables_at`) recovers a temporary private cluster to the
+Table-level PITR (:mod:`backup_tool.jobs.table_pitr`) recovers a temporary private cluster to the
 time, takes a logical backup of just the chosen tables from it into a temporary local
 repository, restores them into the target database with selective restore's semantics,
 and removes the temporary cluster and repository whatever happens (failure, Ctrl-C,
@@ -25,7 +25,6 @@ record, newest base backup first.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -43,9 +42,20 @@ from typing import Any, Iterator
 
 import psycopg
 
-from backup_tool.physical import wal
-from backup_tool.streams import pipeline
-from backup_tool.repository.catalog import Catalog, of_cluster_holding
+from backup_tool.config.settings import Settings
+from backup_tool.core import walnames
+from backup_tool.core.kinds import BackupKind
+from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.errors import (
+    DatabaseError,
+    IntegrityError,
+    NotFoundError,
+    RefusedError,
+    UsageError,
+)
+from backup_tool.governance import walcoverage
+from backup_tool.physical import wal, walspool
+from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.cluster import (
     LocalServer,
     chown_to,
@@ -56,18 +66,10 @@ from backup_tool.postgres.cluster import (
     tool_candidates,
     user_can_write,
 )
-from backup_tool.config.settings import Settings
-from backup_tool.errors import (
-    BackupToolError,
-    DatabaseError,
-    IntegrityError,
-    NotFoundError,
-    RefusedError,
-    UsageError,
-)
+from backup_tool.repository.catalog import Catalog, of_cluster_holding
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, parse_utc, utc_iso
-from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.repository.storage import Storage, open_repository, open_storage
+from backup_tool.streams import pipeline
 from backup_tool.validation.validate import Check, ValidationReport, validate
 
 CONF_MARK = "# --- backup-tool restore pitr"
@@ -125,7 +127,7 @@ def make_target(target_time: str | None = None, target_lsn: str | None = None,
     if target_time:
         return Target("time", time=parse_time(target_time), timeline=tli)
     if target_lsn:
-        return Target("lsn", lsn=wal.parse_lsn(target_lsn), timeline=tli)
+        return Target("lsn", lsn=walnames.parse_lsn(target_lsn), timeline=tli)
     if target_name:
         return Target("name", name=target_name, timeline=tli)
     return Target("latest", timeline=tli)
@@ -181,23 +183,23 @@ class _Candidate:
 
     @property
     def usable(self) -> bool:
-        return self.coverage.end_lsn >= wal.parse_lsn(self.physical.stop_lsn)
+        return self.coverage.end_lsn >= walnames.parse_lsn(self.physical.stop_lsn)
 
 
 def _candidates(backups: list[Manifest], segments: list[wal.WalSegment],
                 histories: dict[int, list[tuple[int, int]]], timeline: int | None) -> list[_Candidate]:
     found = []
-    for m in sorted((m for m in backups if m.kind == "base" and m.physical is not None),
-                    key=lambda m: wal.parse_lsn(m.physical.stop_lsn) if m.physical else 0, reverse=True):
+    for m in sorted((m for m in backups if m.kind == BackupKind.BASE and m.physical is not None),
+                    key=lambda m: walnames.parse_lsn(m.physical.stop_lsn) if m.physical else 0, reverse=True):
         p = m.physical
         assert p is not None
-        tli = timeline or wal.newest_timeline(p.timeline, histories)
+        tli = timeline or walcoverage.newest_timeline(p.timeline, histories)
         history = histories.get(tli, []) if tli != p.timeline else []
-        path = wal.timeline_path(tli, history)
+        path = walcoverage.timeline_path(tli, history)
         span = next((s for s in path if s.timeline == p.timeline), None)
-        if span is None or (span.end is not None and wal.parse_lsn(p.stop_lsn) > span.end):
+        if span is None or (span.end is not None and walnames.parse_lsn(p.stop_lsn) > span.end):
             continue
-        cov = wal.coverage(segments, path, wal.parse_lsn(p.start_lsn), p.wal_segment_size)
+        cov = walcoverage.coverage(segments, path, walnames.parse_lsn(p.start_lsn), p.wal_segment_size)
         found.append(_Candidate(m, p, tli, cov))
     return found
 
@@ -222,7 +224,7 @@ def choose_base_backup(backups: list[Manifest], segments: list[wal.WalSegment],
     when no backup can reach the target.
     """
     candidates = _candidates(backups, segments, histories, target.timeline)
-    if not any(m.kind == "base" for m in backups):
+    if not any(m.kind == BackupKind.BASE for m in backups):
         raise NotFoundError(f"no base backup in {where}", "take one with 'backup-tool backup base'")
     usable = [c for c in candidates if c.usable]
     window = covered_window(backups, segments, histories, target.timeline)
@@ -234,7 +236,7 @@ def choose_base_backup(backups: list[Manifest], segments: list[wal.WalSegment],
         raise RefusedError(f"no base backup in {where} can be recovered{detail}",
                            "check archiving ('backup-tool check') and take a new base backup")
     for c in usable:
-        stop_lsn = wal.parse_lsn(c.physical.stop_lsn)
+        stop_lsn = walnames.parse_lsn(c.physical.stop_lsn)
         if target.kind == "latest":
             ok = True
         elif target.kind == "time":
@@ -287,8 +289,6 @@ def locate_restore_point(storage: Storage, backups: list[Manifest], segments: li
                          major: int, reporter: Reporter) -> int | None:
     """LSN of the newest RESTORE_POINT record called ``name`` in the archived WAL, scanning
     from the newest base backup backwards; None if it is not there."""
-    from backup_tool.postgres import connection as postgres
-
     waldump = postgres.find_tool("pg_waldump", major)
     candidates = [c for c in _candidates(backups, segments, histories, timeline) if c.usable]
     scanned_until: int | None = None
@@ -296,12 +296,12 @@ def locate_restore_point(storage: Storage, backups: list[Manifest], segments: li
     with tempfile.TemporaryDirectory(prefix="backup-tool-waldump-") as tmp:
         for c in candidates:
             seg_size = c.physical.wal_segment_size
-            start = wal.parse_lsn(c.physical.start_lsn)
+            start = walnames.parse_lsn(c.physical.start_lsn)
             end = c.coverage.end_lsn if scanned_until is None else min(scanned_until, c.coverage.end_lsn)
             if start >= end:
                 continue
             history = histories.get(c.timeline, []) if c.timeline != c.physical.timeline else []
-            path = wal.timeline_path(c.timeline, history)
+            path = walcoverage.timeline_path(c.timeline, history)
             reporter.event("looking for the restore point in the archived WAL", name=name,
                            start=wal.format_lsn(start), end=wal.format_lsn(end))
             found: list[int] = []
@@ -311,7 +311,7 @@ def locate_restore_point(storage: Storage, backups: list[Manifest], segments: li
                 if lo >= hi:
                     continue
                 for segno in range(wal.lsn_segment(lo, seg_size), wal.lsn_segment(hi - 1, seg_size) + 1):
-                    seg_name = wal.segment_name(wal.timeline_for(path, segno, seg_size), segno, seg_size)
+                    seg_name = wal.segment_name(walcoverage.timeline_for(path, segno, seg_size), segno, seg_size)
                     file_name = wal.segment_name(span.timeline, segno, seg_size)
                     dest = Path(tmp) / file_name
                     if not dest.exists():
@@ -326,7 +326,7 @@ def locate_restore_point(storage: Storage, backups: list[Manifest], segments: li
                 for line in done.stdout.splitlines():
                     m = pattern.search(line)
                     if m and m.group(2).strip() == name:
-                        found.append(wal.parse_lsn(m.group(1)))
+                        found.append(walnames.parse_lsn(m.group(1)))
             if found:
                 return max(found)
             scanned_until = start
@@ -364,7 +364,7 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
     progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
     written = 0
     stream = pipeline.read_stored(storage, obj.key, obj.sha256, obj.size)
-    with tarfile.open(fileobj=pipeline.ChunkReader(iter(stream)), mode="r|",  # type: ignore[call-overload]
+    with tarfile.open(fileobj=pipeline.ChunkReader(iter(stream)), mode="r|",  # type: ignore[call-overload]  # ChunkReader has read(n), all tarfile needs
                       bufsize=pipeline.CHUNK) as tar:
         for member in tar:
             rel = _safe_member(member.name)
@@ -594,7 +594,7 @@ class PitrResult:
                             "total": round(self.layout_seconds + self.recovery_seconds, 2)}}
 
 
-def _server_for(layout: Layout, private_dir: Path, port: int) -> LocalServer:
+def server_for(layout: Layout, private_dir: Path, port: int) -> LocalServer:
     p = layout.plan.physical
     return LocalServer(pgdata=layout.pgdata, os_user=layout.os_user,
                        bin_dir=find_bin_dir(layout.plan.backup.server_version_num // 10000),
@@ -651,7 +651,7 @@ def _check_reached_end(point: RecoveryPoint, layout: Layout, storage: Storage) -
         return
     cov = layout.plan.coverage
     seg_size = layout.plan.physical.wal_segment_size
-    if wal.lsn_segment(wal.parse_lsn(point.redo_done_lsn), seg_size) + 1 < wal.lsn_segment(cov.end_lsn, seg_size):
+    if wal.lsn_segment(walnames.parse_lsn(point.redo_done_lsn), seg_size) + 1 < wal.lsn_segment(cov.end_lsn, seg_size):
         raise DatabaseError(f"recovery ended at {point.redo_done_lsn} although the archive continues to "
                             f"{cov.last_segment} in {storage.url}",
                             "a segment could not be fetched: check the server log and 'backup-tool wal status'")
@@ -691,7 +691,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                           layout.plan.backup.finished_at)
     started = time.monotonic()
     with private_dir(layout.os_user) as priv:
-        server = _server_for(layout, priv, port or 5432)
+        server = server_for(layout, priv, port or 5432)
         try:
             point = recover(server, layout, timeout, reporter)
             if target.kind == "latest":
@@ -700,7 +700,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
             report = validate_cluster(server, settings.policy.backup.jobs, reporter) if do_validate else None
         finally:
             server.stop("fast")
-            shutil.rmtree(layout.pgdata / "pg_wal" / wal.SPOOL_DIR / "prefetch", ignore_errors=True)
+            shutil.rmtree(layout.pgdata / "pg_wal" / walspool.SPOOL_DIR / "prefetch", ignore_errors=True)
     _adapt_to_this_host(server, reporter)
     server.start_normal()
     seconds = time.monotonic() - started
@@ -745,8 +745,8 @@ def private_dir(os_user: str) -> Iterator[Path]:
 def repository_health(settings: Settings, now: datetime | None = None) -> wal.ArchiveHealth:
     """The WAL archive's continuity after the oldest base backup and its newest segment's age."""
     storage = open_repository(settings.repo_url)
-    bases = [m.physical for m in Catalog(storage).scan()[0] if m.kind == "base" and m.physical]
-    return wal.archive_health(storage, [(p.timeline, wal.parse_lsn(p.start_lsn), p.wal_segment_size)
+    bases = [m.physical for m in Catalog(storage).scan()[0] if m.kind == BackupKind.BASE and m.physical]
+    return wal.archive_health(storage, [(p.timeline, walnames.parse_lsn(p.start_lsn), p.wal_segment_size)
                                         for p in bases], now)
 
 
@@ -754,7 +754,7 @@ def repository_health(settings: Settings, now: datetime | None = None) -> wal.Ar
 
 
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt meanwhile, so cleanup runs as for Ctrl-C."""
     try:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -771,100 +771,6 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], target_time: str | datetime,
-                      into_schema: str | None = None, replace: bool = False, jobs: int | None = None,
-                      reporter: Reporter | None = None, os_user: str | None = None,
-                      server_command: str | None = None) -> Any:
-    """Restore ``tables`` as they were at ``target_time`` into the target database.
-
-    A temporary cluster is recovered to the time in a private temporary directory, the
-    tables are backed up from it into a temporary local repository and restored from there
-    with selective restore (same refusal rules, ``into_schema`` / ``replace``, validation).
-    The temporary cluster and repository are removed on success, failure, Ctrl-C or SIGTERM.
-    """
-    from backup_tool.postgres import connection as postgres
-    from backup_tool.logical.backup import backup_full
-    from backup_tool.postgres.connection import ConnInfo
-    from backup_tool.logical.restore import BackupOrigin
-    from backup_tool.logical.restore_tables import restore_tables
-
-    reporter = reporter or NullReporter()
-    when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
-    target = Target("time", time=when, timeline=_live_timeline(settings, ConnInfo(target_dsn)))
-    source_db = ConnInfo(settings.dsn).params.get("dbname") or ConnInfo(target_dsn).dbname
-    if not source_db:
-        raise UsageError("cannot tell which database the tables come from",
-                         "name it in --target-dsn (or --dsn)")
-    with _terminate_as_interrupt():
-        work = Path(tempfile.mkdtemp(prefix="backup-tool-tables-at-"))
-        server: LocalServer | None = None
-        try:
-            work.chmod(0o711)
-            user = server_os_user(work / "data", os_user)
-            layout = lay_out(settings, target, work / "data", None, user, archive=False,
-                             server_command=server_command, reporter=reporter)
-            priv = work / "s"
-            server = _server_for(layout, priv, _free_port())
-            point = recover(server, layout, None, reporter)
-            reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
-                           if point.last_transaction_time else None, lsn=point.redo_done_lsn)
-            tmp_repo = work / "repo"
-            tmp_repo.mkdir()
-            source = server.conninfo(source_db)
-            tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=settings.policy)
-            with source.connect() as conn:
-                wanted = _resolve_live(postgres.list_tables(conn), tables, when)
-            backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
-            result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
-                                    into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
-            return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
-                source_db, when, layout.plan.backup.finished_at))
-        finally:
-            if server is not None:
-                try:
-                    server.stop("immediate")
-                except Exception:  # noqa: BLE001 - the scratch server dies with its directory, removed next
-                    pass
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def _live_timeline(settings: Settings, target: Any) -> int | None:
-    """The target server's current timeline when it is the backed-up cluster itself, so that
-    the tables come from *its* history, not from a timeline another recovery forked off."""
-    try:
-        with target.connect() as conn:
-            row = conn.execute("SELECT (SELECT system_identifier FROM pg_control_system())::text,"
-                               " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
-    except (BackupToolError, psycopg.Error):
-        return None
-    if row is None:
-        return None
-    storage = open_repository(settings.repo_url)
-    same = any(m.kind == "base" and m.system_identifier == row[0] for m in Catalog(storage).scan()[0])
-    return int(row[1]) if same else None
-
-
-def _resolve_live(live: list[Any], names: list[str], when: datetime) -> set[tuple[str, str]]:
-    """(schema, name) of each requested table in the recovered database (exact, then case-insensitive)."""
-    from backup_tool.logical.restore_tables import split_name
-
-    known = [(t.schema, t.name) for t in live]
-    chosen = set()
-    for raw in names:
-        schema_name, name = split_name(raw.strip())
-        matches = [k for k in known if k[1] == name and (schema_name is None or k[0] == schema_name)]
-        if not matches:
-            matches = [k for k in known if k[1].lower() == name.lower()
-                       and (schema_name is None or k[0].lower() == (schema_name or "").lower())]
-        if len(matches) != 1:
-            if matches:
-                raise UsageError(f"table name {raw!r} is ambiguous at {utc_iso(when)}", "qualify it with its schema")
-            raise NotFoundError(f"table {raw!r} did not exist at {utc_iso(when)}",
-                                "check the name and the time")
-        chosen.add(matches[0])
-    return chosen
-
-
 def _port_in_use(port: int) -> bool:
     import socket
 
@@ -872,7 +778,7 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

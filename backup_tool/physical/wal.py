@@ -39,14 +39,22 @@ covers; :mod:`backup_tool.physical.pitr` and the monitoring commands build on th
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from backup_tool.core import testhooks, walnames
-from backup_tool.repository import walidentity
+from backup_tool.config.settings import repo_url
+from backup_tool.core import walnames
+from backup_tool.core.walnames import (
+    DEFAULT_SEGMENT_SIZE,
+    SEGMENT_RE,
+    format_lsn,
+    lsn_segment,
+    segment_name,
+    segment_number,
+    segment_timeline,
+)
 from backup_tool.errors import (
     BackupToolError,
     IntegrityError,
@@ -54,53 +62,47 @@ from backup_tool.errors import (
     StorageError,
     UsageError,
 )
+from backup_tool.governance.walcoverage import Coverage, Gap, archive_coverage, parse_history
+from backup_tool.physical.walspool import (
+    PushResult,
+    keep_fetched,
+    prefetch_dir,
+    repo_identity,
+    spool_dir,
+    write_marker,
+)
+from backup_tool.repository import walidentity
+from backup_tool.repository.storage import open_repository, open_storage
 from backup_tool.repository.storage.base import (
     HashingCounter,
     ObjectExistsError,
     ObjectLock,
     Storage,
 )
-from backup_tool.core.walnames import (  # noqa: F401  (re-exported: callers name them wal.<name>)
-    DEFAULT_SEGMENT_SIZE,
-    SEGMENT_RE,
-    format_lsn,
-    lsn_segment,
-    parse_lsn,
-    segment_name,
-    segment_number,
-    segment_timeline,
-    segments_per_log,
+from backup_tool.repository.walarchive import (
+    WalFile,
+    WalSegment,
+    find_archived,
+    list_archive,
+    object_key,
+    segments_of,
+    wal_file_kind,
 )
-from backup_tool.physical.walspool import (  # noqa: F401  (re-exported: the spool is part of this module's contract)
-    SPOOL_DIR,
-    fast_ack,
-    keep_fetched,
-    prefetch_dir,
-    repo_identity,
-    spool_dir,
-    take_prefetched,
-    try_fast_fetch,
-    try_fast_push,
-    write_marker,
-)
+from backup_tool.streams import testhooks
+from backup_tool.streams.pipeline import ChunkReader
+from backup_tool.validation.validate import Check
 
 if TYPE_CHECKING:
     import psycopg
 
     from backup_tool.validation.validate import Check
 
-WAL_PREFIX = "wal/"
-HISTORY_PREFIX = "wal/history/"
 READ_SIZE = 1 << 20
 DEFAULT_BATCH = 16
 DEFAULT_PREFETCH = 8
 SPOOL_IN_MEMORY = 1 << 20
 PUSH_THREADS = 2
 
-PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
-BACKUP_RE = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
-HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
-KEY_RE = re.compile(r"^(?P<name>[0-9A-F.a-z]+)-(?P<sha>[0-9a-f]{64})\.zst$")
 
 
 class WalMissingError(NotFoundError):
@@ -111,129 +113,7 @@ class WalConflictError(BackupToolError):
     """A file of that name is already archived with different content."""
 
 
-# --------------------------------------------------------------------------- names
-
-
-def wal_file_kind(name: str) -> str:
-    """``segment``, ``partial``, ``backup`` or ``history``; UsageError for anything else."""
-    if SEGMENT_RE.match(name):
-        return "segment"
-    if PARTIAL_RE.match(name):
-        return "partial"
-    if BACKUP_RE.match(name):
-        return "backup"
-    if HISTORY_RE.match(name):
-        return "history"
-    raise UsageError(f"{name!r} is not a WAL file name",
-                     "expected a segment (24 hex digits), a .partial, .backup or .history file")
-
-
-def archive_dir(name: str) -> str:
-    kind = wal_file_kind(name)
-    if kind in ("history", "backup"):
-        return HISTORY_PREFIX
-    return f"{WAL_PREFIX}{name[:16]}/"
-
-
-def object_key(name: str, sha256: str) -> str:
-    return f"{archive_dir(name)}{name}-{sha256}.zst"
-
-
-# --------------------------------------------------------------------------- listing
-
-
-@dataclass(frozen=True)
-class WalSegment:
-    """One archived WAL segment (retention and monitoring read these)."""
-
-    name: str
-    timeline: int
-    key: str
-    size: int
-    modified: datetime
-
-    @property
-    def sha256(self) -> str:
-        return self.key.rsplit("-", 1)[1].removesuffix(".zst")
-
-    def segno(self, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
-        return segment_number(self.name, seg_size)
-
-
-@dataclass(frozen=True)
-class WalFile:
-    """Any archived WAL-related file: segment, partial segment, history or backup label."""
-
-    name: str
-    kind: str
-    key: str
-    size: int
-    modified: datetime
-    sha256: str
-
-
-def _parse_key(key: str) -> tuple[str, str] | None:
-    match = KEY_RE.match(key.rsplit("/", 1)[-1])
-    if not match:
-        return None
-    return match["name"], match["sha"]
-
-
-def list_archive(storage: Storage) -> list[WalFile]:
-    """Every archived WAL file (segments, partials, history and backup files), by key."""
-    found = []
-    for info in storage.list(WAL_PREFIX):
-        parsed = _parse_key(info.key)
-        if parsed is None:
-            continue
-        name, sha = parsed
-        try:
-            kind = wal_file_kind(name)
-        except UsageError:
-            continue
-        found.append(WalFile(name, kind, info.key, info.size, info.modified, sha))
-    return found
-
-
-def list_segments(storage: Storage) -> list[WalSegment]:
-    """Every archived full WAL segment, sorted by name (timeline, then position)."""
-    return segments_of(list_archive(storage))
-
-
-def segments_of(files: Iterable[WalFile]) -> list[WalSegment]:
-    return sorted((WalSegment(f.name, segment_timeline(f.name), f.key, f.size, f.modified)
-                   for f in files if f.kind == "segment"), key=lambda s: (s.name, s.key))
-
-
-def _find(storage: Storage, name: str) -> list[WalFile]:
-    prefix = f"{archive_dir(name)}{name}-"
-    found = []
-    for info in storage.list(prefix):
-        parsed = _parse_key(info.key)
-        if parsed and parsed[0] == name:
-            found.append(WalFile(name, wal_file_kind(name), info.key, info.size, info.modified, parsed[1]))
-    return found
-
-
 # --------------------------------------------------------------------------- push
-
-
-@dataclass(frozen=True)
-class PushResult:
-    name: str
-    key: str
-    raw_size: int
-    stored_size: int
-    sha256: str
-    already_archived: bool
-    ahead: tuple[str, ...] = ()
-    from_spool: bool = False
-
-    def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "key": self.key, "raw_size": self.raw_size,
-                "stored_size": self.stored_size, "sha256": self.sha256,
-                "already_archived": self.already_archived, "pushed_ahead": list(self.ahead),
-                "from_spool": self.from_spool}
 
 
 def _file_chunks(path: Path, counter: HashingCounter | None = None) -> Iterator[bytes]:
@@ -280,7 +160,7 @@ def push_file(storage: Storage, path: Path, level: int = 3,
         for out in chunker.finish():
             buf.write(out)
         sha, size = counter.hexdigest(), counter.size
-        existing = _find(storage, name)
+        existing = find_archived(storage, name)
         for obj in existing:
             if obj.sha256 == sha:
                 return PushResult(name, obj.key, size, obj.size, sha, True)
@@ -413,7 +293,7 @@ class FetchResult:
 
 def open_archived(storage: Storage, name: str) -> WalFile:
     """The archive's object for ``name``; WalMissingError if absent, IntegrityError if ambiguous."""
-    found = _find(storage, name)
+    found = find_archived(storage, name)
     if not found:
         raise WalMissingError(f"{name} is not in the archive {storage.url}",
                               "this is the normal end of the archive during recovery")
@@ -431,9 +311,7 @@ def read_archived(storage: Storage, obj: WalFile) -> Iterator[bytes]:
     counter = HashingCounter()
     dctx = zstandard.ZstdDecompressor()
     try:
-        from backup_tool.streams.pipeline import ChunkReader
-
-        reader = dctx.stream_reader(ChunkReader(storage.get(obj.key)),  # type: ignore[arg-type]
+        reader = dctx.stream_reader(ChunkReader(storage.get(obj.key)),  # type: ignore[arg-type]  # ChunkReader has read(n), all zstandard needs
                                    read_across_frames=True)
         while chunk := reader.read(READ_SIZE):
             counter.update(chunk)
@@ -479,9 +357,6 @@ def quick_fetch(name: str, destination: str, repo: str | None, prefetch: int | N
     """``wal fetch`` as the executable's entry point runs it before loading the command line
     (PostgreSQL starts it once per file): the same steps as the command, repository from
     ``--repo``, ``BACKUP_TOOL_REPO`` or the default. Raises like :func:`fetch`."""
-    from backup_tool.config.settings import repo_url
-    from backup_tool.repository.storage import open_repository
-
     url = repo_url(repo)
     fetch(open_repository(url), name, destination)
     prefetch_in_background(url, name, destination, DEFAULT_PREFETCH if prefetch is None else prefetch)
@@ -559,192 +434,12 @@ def prefetch_in_background(repo_url: str, name: str, destination: str | Path, co
             os.dup2(devnull, fd)
         if os.fork():
             os._exit(0)
-        from backup_tool.repository.storage import open_storage
 
         prefetch(open_storage(repo_url), name, destination, count, seg_size)
     except BaseException:  # noqa: BLE001 - detached read-ahead: restore_command fetches anything it missed
         pass
     finally:
         os._exit(0)
-
-
-# --------------------------------------------------------------------------- coverage (pure)
-
-
-@dataclass(frozen=True)
-class TimelineSpan:
-    """The WAL of ``timeline`` that a recovery along some timeline path reads: [begin, end)."""
-
-    timeline: int
-    begin: int
-    end: int | None
-
-
-def parse_history(text: str) -> list[tuple[int, int]]:
-    """``(parent timeline, switch point LSN)`` entries of a timeline history file, oldest first."""
-    entries = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) >= 2:
-            entries.append((int(parts[0]), parse_lsn(parts[1])))
-    return entries
-
-
-def timeline_path(target: int, history: list[tuple[int, int]]) -> list[TimelineSpan]:
-    """The spans a recovery to ``target`` replays, given ``target``'s history entries."""
-    spans = []
-    begin = 0
-    for tli, switch in history:
-        spans.append(TimelineSpan(tli, begin, switch))
-        begin = switch
-    spans.append(TimelineSpan(target, begin, None))
-    return spans
-
-
-def newest_timeline(start: int, history_timelines: Iterable[int]) -> int:
-    """What ``recovery_target_timeline = 'latest'`` picks: probe start+1, start+2... while the
-    archive holds their history files (as PostgreSQL does)."""
-    have = set(history_timelines)
-    newest = start
-    while newest + 1 in have:
-        newest += 1
-    return newest
-
-
-def timeline_for(path: list[TimelineSpan], segno: int, seg_size: int) -> int:
-    """The timeline whose file recovery reads for segment ``segno`` (the newest one whose
-    span begins in or before that segment)."""
-    chosen = path[0].timeline
-    for span in path:
-        if span.begin // seg_size <= segno:
-            chosen = span.timeline
-    return chosen
-
-
-@dataclass(frozen=True)
-class Gap:
-    """Missing WAL along a timeline path: from ``first_missing`` to ``last_missing``, with
-    ``next_present`` the segment recovery would need to resume at."""
-
-    first_missing: str
-    next_present: str
-    last_missing: str = ""
-
-    def __str__(self) -> str:
-        return f"missing from {self.first_missing} up to {self.next_present}"
-
-
-@dataclass(frozen=True)
-class Coverage:
-    """Continuous WAL along a timeline path, from a starting segment.
-
-    ``end_lsn`` is the first byte *not* covered (the end of the last continuous segment);
-    ``archived_until`` the time that last segment was archived, so every record before
-    that moment up to ``end_lsn`` can be replayed. ``gaps`` are holes followed by more WAL
-    (a gap makes recovery past it impossible).
-    """
-
-    start_segment: str
-    last_segment: str | None
-    end_lsn: int
-    archived_until: datetime | None
-    gaps: tuple[Gap, ...] = field(default_factory=tuple)
-    timeline: int = 1
-
-    @property
-    def continuous(self) -> bool:
-        return not self.gaps
-
-
-def _walk(present: Mapping[str, datetime | None], path: list[TimelineSpan], start: int,
-          seg_size: int) -> tuple[str | None, int, tuple[Gap, ...]]:
-    """(last continuous segment, its number + 1, gaps) along ``path`` from segment ``start``.
-
-    Linear in the number of names plus the span walked: every segment number from ``start``
-    to the newest one on the path is looked at once.
-    """
-    def name_at(segno: int) -> str:
-        return segment_name(timeline_for(path, segno, seg_size), segno, seg_size)
-
-    relevant = [segno for n in present if SEGMENT_RE.match(n)
-                and (segno := segment_number(n, seg_size)) >= start
-                and segment_timeline(n) == timeline_for(path, segno, seg_size)]
-    top = max(relevant, default=start - 1)
-    last: str | None = None
-    end = start
-    gaps: list[Gap] = []
-    segno = start
-    broken = False
-    while segno <= top:
-        name = name_at(segno)
-        if name not in present:
-            nxt = segno + 1
-            while nxt <= top and name_at(nxt) not in present:
-                nxt += 1
-            if nxt <= top:
-                gaps.append(Gap(name, name_at(nxt), name_at(nxt - 1)))
-            broken = True
-            segno = nxt
-            continue
-        if not broken:
-            last, end = name, segno + 1
-        segno += 1
-    return last, end, tuple(gaps)
-
-
-def coverage(segments: Iterable[WalSegment], path: list[TimelineSpan], start_lsn: int,
-             seg_size: int = DEFAULT_SEGMENT_SIZE) -> Coverage:
-    """How far the archive lets recovery go from ``start_lsn`` along ``path``."""
-    present: dict[str, datetime | None] = {s.name: s.modified for s in segments}
-    start = lsn_segment(start_lsn, seg_size)
-    last, end, gaps = _walk(present, path, start, seg_size)
-    return Coverage(segment_name(timeline_for(path, start, seg_size), start, seg_size),
-                    last, end * seg_size, present[last] if last else None, gaps, path[-1].timeline)
-
-
-def timeline_paths(start_timeline: int, hist: Mapping[int, Sequence[tuple[int, int]]]) -> list[list[TimelineSpan]]:
-    """Every timeline path a recovery starting on ``start_timeline`` can follow: that
-    timeline itself and each later one whose archived history descends from it."""
-    paths = []
-    for target in sorted({start_timeline, *[t for t in hist if t > start_timeline]}):
-        history = list(hist.get(target, []))
-        if target != start_timeline and start_timeline not in {p for p, _ in history}:
-            continue
-        paths.append(timeline_path(target, history))
-    return paths
-
-
-def archive_coverage(segments: Iterable[WalSegment], hist: Mapping[int, Sequence[tuple[int, int]]],
-                     start_timeline: int, start_lsn: int,
-                     seg_size: int = DEFAULT_SEGMENT_SIZE) -> tuple[tuple[Coverage, ...], tuple[Gap, ...]]:
-    """Coverage along every timeline path from (``start_timeline``, ``start_lsn``) and the
-    union of their gaps: what ``check``, ``wal status``, ``status`` and ``audit`` report."""
-    segments = list(segments)
-    covs = tuple(coverage(segments, path, start_lsn, seg_size) for path in timeline_paths(start_timeline, hist))
-    gaps: list[Gap] = []
-    for cov in covs:
-        gaps.extend(g for g in cov.gaps if g not in gaps)
-    return covs, tuple(gaps)
-
-
-def archive_gaps(names: Iterable[str], hist: Mapping[int, Sequence[tuple[int, int]]], start: str | None,
-                 seg_size: int = DEFAULT_SEGMENT_SIZE) -> tuple[Gap, ...]:
-    """The gaps :func:`archive_coverage` finds, from segment names alone: from ``start`` (the
-    oldest base backup's first segment), or from the oldest archived segment without one."""
-    names = [n for n in names if SEGMENT_RE.match(n)]
-    if start is None:
-        if not names:
-            return ()
-        start = min(names, key=lambda n: (segment_number(n, seg_size), n))
-    segments = [WalSegment(n, segment_timeline(n), "", 0, _EPOCH) for n in dict.fromkeys(names)]
-    return archive_coverage(segments, hist, segment_timeline(start),
-                            segment_number(start, seg_size) * seg_size, seg_size)[1]
-
-
-_EPOCH = datetime.fromtimestamp(0, timezone.utc)
 
 
 # --------------------------------------------------------------------------- health
@@ -794,8 +489,6 @@ class ArchiveHealth:
 
     def checks(self, max_age: timedelta | None = None) -> list["Check"]:
         """``wal_continuity`` and ``wal_newest_age`` as validation checks."""
-        from backup_tool.validation.validate import Check
-
         if self.oldest_base_start is None:
             cont = Check("wal_continuity", True, f"{self.segments} segments archived; no base backup yet")
         elif self.gaps:
@@ -856,8 +549,6 @@ def archiving_checks(conn: "psycopg.Connection[Any]", storage: Storage) -> list[
     """The server side of archiving, for ``check``: archive_mode and archive_command point at
     this tool, ``pg_stat_archiver`` shows no current failure, and the last segment the
     server archived is in *this* repository."""
-    from backup_tool.validation.validate import Check
-
     row = conn.execute(
         "SELECT current_setting('archive_mode'), current_setting('archive_command'),"
         " archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal,"

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
+from backup_tool.config.settings import default_repo
 from backup_tool.core.walnames import is_segment
-
-if TYPE_CHECKING:
-    from backup_tool.physical.wal import PushResult
 
 SPOOL_DIR = "backup-tool-spool"
 
@@ -38,6 +37,24 @@ def repo_identity(url: str) -> str:
     if url.startswith("s3://"):
         return url.rstrip("/")
     return str(Path(url.removeprefix("file://")).expanduser().absolute())
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    key: str
+    raw_size: int
+    stored_size: int
+    sha256: str
+    already_archived: bool
+    ahead: tuple[str, ...] = ()
+    from_spool: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "key": self.key, "raw_size": self.raw_size,
+                "stored_size": self.stored_size, "sha256": self.sha256,
+                "already_archived": self.already_archived, "pushed_ahead": list(self.ahead),
+                "from_spool": self.from_spool}
 
 
 def write_marker(path: Path, repo_url: str, result: PushResult) -> None:
@@ -101,8 +118,6 @@ def try_fast_push(argv: list[str], environ: dict[str, str] | None = None) -> boo
     if repo is None:
         repo = env.get("BACKUP_TOOL_REPO")
     if not repo:
-        from backup_tool.config.settings import default_repo
-
         repo = default_repo()
     return fast_ack(path, repo)
 

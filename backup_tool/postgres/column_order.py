@@ -36,11 +36,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import psycopg
 
-from backup_tool.postgres import schema
-from backup_tool.streams import pipeline
-from backup_tool.repository.manifest import Manifest
-from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER, ConnInfo, find_tool, quote_ident, quoted_table
 from backup_tool.core.report import Reporter
+from backup_tool.postgres import schema
+from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER, ConnInfo, find_tool, quote_ident, quoted_table
+from backup_tool.repository.manifest import Manifest
+from backup_tool.streams import pipeline
 
 INVENTORY_KEY = "column_order"
 CHECK_NAME = "column_order"

@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from backup_tool.errors import ConfigError, DatabaseError
+from backup_tool.errors import BackupToolError, ConfigError, DatabaseError
 
 SESSION_SETTINGS = {
     "TimeZone": "UTC",
@@ -132,6 +132,14 @@ class ConnInfo:
         if settings is not None:
             env["PGOPTIONS"] = session_options(settings)
         return env
+
+
+def database_of(dsn: str) -> str | None:
+    """The database a DSN (or libpq's PGDATABASE) names; None when the DSN does not parse or names none."""
+    try:
+        return ConnInfo(dsn).dbname
+    except BackupToolError:
+        return None
 
 
 def find_tool(name: str, major: int | None = None) -> str:
@@ -274,7 +282,15 @@ def sequences(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     return result
 
 
-def _dict_rows(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any]]:
+def scalar(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> Any:
+    """The first column of the first row of ``query``; DatabaseError when it returns no row."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise DatabaseError("a catalog query returned no row", "report this as a bug")
+    return row[0]
+
+
+def dict_rows(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
     return list(cur.execute(query).fetchall())
 
@@ -282,7 +298,7 @@ def _dict_rows(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any]
 def foreign_keys(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Every user foreign key (partition clones left out) with its columns and MATCH rule: what
     orphan counts and restore-time checks need, without the rest of :func:`inventory`."""
-    return _dict_rows(conn, f"""
+    return dict_rows(conn, f"""
             SELECT n.nspname AS schema, c.relname AS table, con.conname AS name,
                    fn.nspname AS ref_schema, f.relname AS ref_table,
                    ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
@@ -304,7 +320,7 @@ def foreign_keys(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 
 def indexes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Every user index with its definition and valid/ready state."""
-    return _dict_rows(conn, f"""
+    return dict_rows(conn, f"""
             SELECT n.nspname AS schema, t.relname AS table, c.relname AS name,
                    pg_get_indexdef(c.oid) AS definition, i.indisvalid AS valid,
                    i.indisready AS ready
@@ -314,75 +330,6 @@ def indexes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
               JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE {SYSTEM_SCHEMA_FILTER}
              ORDER BY 1, 2, 3""")
-
-
-def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions,
-    and the inventories of :mod:`backup_tool.postgres.inventory` (publications, event triggers, comments,
-    privileges)."""
-    from backup_tool.postgres import inventory as more
-
-    extra = more.inventory(conn)
-
-    def q(query: str) -> list[dict[str, Any]]:
-        return _dict_rows(conn, query)
-
-    found: dict[str, Any] = {
-        "rls": q(f"""
-            SELECT n.nspname AS schema, c.relname AS table, c.relrowsecurity AS enabled,
-                   c.relforcerowsecurity AS forced
-              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMA_FILTER}
-               AND (c.relrowsecurity OR c.relforcerowsecurity)
-             ORDER BY 1, 2"""),
-        "policies": q("""
-            SELECT schemaname AS schema, tablename AS table, policyname AS name, permissive,
-                   roles::text[] AS roles, cmd, qual, with_check
-              FROM pg_policies ORDER BY 1, 2, 3"""),
-        "foreign_keys": foreign_keys(conn),
-        "indexes": indexes(conn),
-        "functions": q(f"""
-            SELECT n.nspname AS schema, p.proname AS name,
-                   pg_get_function_identity_arguments(p.oid) AS arguments,
-                   p.prokind::text AS kind, md5(coalesce(p.prosrc, '')) AS source_md5
-              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-             WHERE {SYSTEM_SCHEMA_FILTER}
-               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
-                                 AND d.objid = p.oid AND d.deptype = 'e')
-             ORDER BY 1, 2, 3"""),
-        "triggers": q(f"""
-            SELECT n.nspname AS schema, c.relname AS table, t.tgname AS name,
-                   pg_get_triggerdef(t.oid) AS definition, t.tgenabled::text AS enabled
-              FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-              JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE NOT t.tgisinternal AND {SYSTEM_SCHEMA_FILTER}
-             ORDER BY 1, 2, 3"""),
-        "extensions": q("SELECT extname AS name, extversion AS version FROM pg_extension ORDER BY 1"),
-        "roles": [r["name"] for r in q(f"""
-            SELECT DISTINCT r.rolname AS name FROM pg_roles r WHERE r.oid IN (
-                SELECT c.relowner FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE {SYSTEM_SCHEMA_FILTER}
-                UNION SELECT (aclexplode(c.relacl)).grantee FROM pg_class c
-                  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {SYSTEM_SCHEMA_FILTER}
-                UNION SELECT n.nspowner FROM pg_namespace n WHERE {SYSTEM_SCHEMA_FILTER}
-                UNION SELECT (aclexplode(n.nspacl)).grantee FROM pg_namespace n
-                 WHERE {SYSTEM_SCHEMA_FILTER}
-                UNION SELECT p.proowner FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                 WHERE {SYSTEM_SCHEMA_FILTER}
-                UNION SELECT (aclexplode(p.proacl)).grantee FROM pg_proc p
-                  JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {SYSTEM_SCHEMA_FILTER}
-                UNION SELECT t.typowner FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-                 WHERE {SYSTEM_SCHEMA_FILTER}
-                UNION SELECT unnest(polroles) FROM pg_policy
-                UNION SELECT lomowner FROM pg_largeobject_metadata
-                UNION SELECT (aclexplode(lomacl)).grantee FROM pg_largeobject_metadata
-                UNION SELECT datdba FROM pg_database WHERE datname = current_database()
-                UNION SELECT (aclexplode(datacl)).grantee FROM pg_database WHERE datname = current_database())
-              AND r.oid <> 0 ORDER BY 1""")],
-        **extra,
-    }
-    found["roles"] = sorted(set(found["roles"]) | more.roles_used(extra))
-    return found
 
 
 def user_objects(conn: psycopg.Connection[Any]) -> list[str]:

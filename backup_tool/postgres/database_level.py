@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import psycopg
 from psycopg import sql
 
+from backup_tool.postgres.connection import scalar
+
 # Settings whose value is a list (pg_dump's variable_is_guc_list_quote): each element is
 # quoted on its own when the setting is replayed.
 LIST_SETTINGS = frozenset({"local_preload_libraries", "search_path", "session_preload_libraries",
@@ -106,7 +108,7 @@ def apply(conn: psycopg.Connection[Any], wanted: dict[str, Any], create: bool) -
     Encoding and locale are not changed here (see :func:`create_options`). ``create``: the
     database was just created by this restore, so its connection limit is set too.
     """
-    db = sql.Identifier(conn.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
+    db = sql.Identifier(scalar(conn, "SELECT current_database()"))
     roles = [wanted["owner"], *(a[0] for a in wanted["acl"]), *(a[1] for a in wanted["acl"]),
              *(s[0] for s in wanted["settings"] if s[0])]
     present = _roles_present(conn, roles)
@@ -137,7 +139,7 @@ def apply(conn: psycopg.Connection[Any], wanted: dict[str, Any], create: bool) -
                 conn.execute(sql.SQL("ALTER DATABASE {} {}").format(db, _set_clause(setting)))
         want_acl = {tuple(a) for a in wanted["acl"]}
         have_acl = {tuple(a) for a in have["acl"]}
-        for grantee, grantor, privilege, grantable in sorted(have_acl - want_acl):
+        for grantee, _grantor, privilege, _grantable in sorted(have_acl - want_acl):
             conn.execute(sql.SQL("REVOKE {} ON DATABASE {} FROM {} CASCADE").format(
                 sql.SQL(privilege), db, _grantee(grantee)))
         for grantee, grantor, privilege, grantable in sorted(want_acl - have_acl):
@@ -164,7 +166,7 @@ def create_options(wanted: dict[str, Any] | None, encoding: str) -> sql.Composab
     """The ``CREATE DATABASE`` options that reproduce the backed-up encoding and locale."""
     if not wanted:
         return sql.SQL("ENCODING {}").format(sql.Literal(encoding))
-    parts = [sql.SQL("ENCODING {}").format(sql.Literal(wanted["encoding"])),
+    parts: list[sql.Composable] = [sql.SQL("ENCODING {}").format(sql.Literal(wanted["encoding"])),
              sql.SQL("LC_COLLATE {}").format(sql.Literal(wanted["collate"])),
              sql.SQL("LC_CTYPE {}").format(sql.Literal(wanted["ctype"]))]
     if wanted.get("locale_provider") == "i":

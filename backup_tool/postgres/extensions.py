@@ -22,8 +22,8 @@ import psycopg
 from psycopg import sql
 
 from backup_tool.postgres import schema
-from backup_tool.streams import pipeline
 from backup_tool.postgres.connection import ConnInfo, find_tool
+from backup_tool.streams import pipeline
 
 _TOC_EXTENSION = re.compile(r"^\d+; \d+ \d+ EXTENSION - (\S+)")
 _WITH_SCHEMA = re.compile(r"CREATE EXTENSION IF NOT EXISTS .* WITH SCHEMA (.+);")

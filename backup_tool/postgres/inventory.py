@@ -20,9 +20,8 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import psycopg
-from psycopg.rows import dict_row
 
-from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER
+from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER, dict_rows, foreign_keys, indexes
 
 FIRST_NORMAL_OID = 16384
 KEYS = ("publications", "event_triggers", "comments", "object_privileges", "column_privileges",
@@ -49,11 +48,6 @@ def _not_extension_member(classid: str, objid: str) -> str:
             f"AND dep.objid = {objid} AND dep.deptype = 'e')")
 
 
-def _rows(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any]]:
-    cur = conn.cursor(row_factory=dict_row)
-    return list(cur.execute(query).fetchall())
-
-
 def publications(conn: psycopg.Connection[Any], version: int) -> list[dict[str, Any]]:
     """Publications with their options, tables (column lists, row filters) and schemas."""
     if version >= 150000:
@@ -66,7 +60,7 @@ def publications(conn: psycopg.Connection[Any], version: int) -> list[dict[str, 
                             WHERE pn.pnpubid = p.oid ORDER BY 1)::text[]"""
     else:
         extra, schemas = "''", "'{}'::text[]"
-    return _rows(conn, f"""
+    return dict_rows(conn, f"""
         SELECT p.pubname AS name, pg_get_userbyid(p.pubowner) AS owner, p.puballtables AS all_tables,
                p.pubinsert AS insert, p.pubupdate AS update, p.pubdelete AS delete,
                p.pubtruncate AS truncate, p.pubviaroot AS via_root,
@@ -82,7 +76,7 @@ def publications(conn: psycopg.Connection[Any], version: int) -> list[dict[str, 
 
 def event_triggers(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Event triggers: event, function (schema-qualified with its arguments), tags, state, owner."""
-    return _rows(conn, f"""
+    return dict_rows(conn, f"""
         SELECT e.evtname AS name, e.evtevent AS event,
                quote_ident(n.nspname) || '.' || quote_ident(p.proname)
                    || '(' || pg_get_function_identity_arguments(p.oid) || ')' AS function,
@@ -98,7 +92,7 @@ def comments(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Every comment in the database (not on the database itself, a shared object), keyed by
     ``pg_identify_object``'s type and identity. A comment whose object cannot be identified
     (a leftover no dump carries, e.g. on a subscription of another database) is left out."""
-    rows = _rows(conn, f"""
+    rows = dict_rows(conn, f"""
         SELECT i.type || ' ' || i.identity AS object, d.description AS comment
           FROM pg_description d
          CROSS JOIN LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) i
@@ -147,7 +141,7 @@ def object_privileges(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Objects whose ACL differs from the built-in default, with the ACL as a set."""
     result = []
     for query in _object_acl_queries():
-        for row in _rows(conn, query):
+        for row in dict_rows(conn, query):
             acl = normalise_acl(row["acl"])
             if acl != normalise_acl(row["default_acl"]):
                 result.append({"object": row["object"], "acl": acl})
@@ -156,7 +150,7 @@ def object_privileges(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 
 def column_privileges(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Columns with a non-empty column-level ACL (``attacl``), as sets."""
-    rows = _rows(conn, f"""
+    rows = dict_rows(conn, f"""
         SELECT i.identity AS object, {acl_sql("a.attacl")} AS acl
           FROM pg_attribute a
           JOIN pg_class c ON c.oid = a.attrelid
@@ -171,7 +165,7 @@ def column_privileges(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 
 def default_privileges(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """``ALTER DEFAULT PRIVILEGES`` entries per (role, schema, object type), ACLs as sets."""
-    rows = _rows(conn, f"""
+    rows = dict_rows(conn, f"""
         SELECT 'for role ' || quote_ident(pg_get_userbyid(d.defaclrole))
                    || coalesce(' in schema ' || quote_ident(n.nspname), '')
                    || ' on ' || CASE d.defaclobjtype WHEN 'r' THEN 'tables' WHEN 'S' THEN 'sequences'
@@ -192,8 +186,8 @@ def roles_used(inv: dict[str, list[dict[str, Any]]]) -> set[str]:
     return names - {"PUBLIC"}
 
 
-def inventory(conn: psycopg.Connection[Any]) -> dict[str, list[dict[str, Any]]]:
-    """All of this module's inventories, under the manifest keys in :data:`KEYS`."""
+def _more(conn: psycopg.Connection[Any]) -> dict[str, list[dict[str, Any]]]:
+    """The inventories of this module's own queries, under the manifest keys in :data:`KEYS`."""
     row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
     version = int(row[0]) if row else 0
     return {
@@ -204,3 +198,69 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, list[dict[str, Any]]]:
         "column_privileges": column_privileges(conn),
         "default_privileges": default_privileges(conn),
     }
+
+
+def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions,
+    and this module's own (publications, event triggers, comments, privileges)."""
+    extra = _more(conn)
+
+    def q(query: str) -> list[dict[str, Any]]:
+        return dict_rows(conn, query)
+
+    found: dict[str, Any] = {
+        "rls": q(f"""
+            SELECT n.nspname AS schema, c.relname AS table, c.relrowsecurity AS enabled,
+                   c.relforcerowsecurity AS forced
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMA_FILTER}
+               AND (c.relrowsecurity OR c.relforcerowsecurity)
+             ORDER BY 1, 2"""),
+        "policies": q("""
+            SELECT schemaname AS schema, tablename AS table, policyname AS name, permissive,
+                   roles::text[] AS roles, cmd, qual, with_check
+              FROM pg_policies ORDER BY 1, 2, 3"""),
+        "foreign_keys": foreign_keys(conn),
+        "indexes": indexes(conn),
+        "functions": q(f"""
+            SELECT n.nspname AS schema, p.proname AS name,
+                   pg_get_function_identity_arguments(p.oid) AS arguments,
+                   p.prokind::text AS kind, md5(coalesce(p.prosrc, '')) AS source_md5
+              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE {SYSTEM_SCHEMA_FILTER}
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                                 AND d.objid = p.oid AND d.deptype = 'e')
+             ORDER BY 1, 2, 3"""),
+        "triggers": q(f"""
+            SELECT n.nspname AS schema, c.relname AS table, t.tgname AS name,
+                   pg_get_triggerdef(t.oid) AS definition, t.tgenabled::text AS enabled
+              FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE NOT t.tgisinternal AND {SYSTEM_SCHEMA_FILTER}
+             ORDER BY 1, 2, 3"""),
+        "extensions": q("SELECT extname AS name, extversion AS version FROM pg_extension ORDER BY 1"),
+        "roles": [r["name"] for r in q(f"""
+            SELECT DISTINCT r.rolname AS name FROM pg_roles r WHERE r.oid IN (
+                SELECT c.relowner FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT (aclexplode(c.relacl)).grantee FROM pg_class c
+                  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT n.nspowner FROM pg_namespace n WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT (aclexplode(n.nspacl)).grantee FROM pg_namespace n
+                 WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT p.proowner FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                 WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT (aclexplode(p.proacl)).grantee FROM pg_proc p
+                  JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT t.typowner FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                 WHERE {SYSTEM_SCHEMA_FILTER}
+                UNION SELECT unnest(polroles) FROM pg_policy
+                UNION SELECT lomowner FROM pg_largeobject_metadata
+                UNION SELECT (aclexplode(lomacl)).grantee FROM pg_largeobject_metadata
+                UNION SELECT datdba FROM pg_database WHERE datname = current_database()
+                UNION SELECT (aclexplode(datacl)).grantee FROM pg_database WHERE datname = current_database())
+              AND r.oid <> 0 ORDER BY 1""")],
+        **extra,
+    }
+    found["roles"] = sorted(set(found["roles"]) | roles_used(extra))
+    return found

@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator
 
 import psycopg
 
-from backup_tool.streams import pipeline
 from backup_tool.postgres.connection import ConnInfo, find_tool
 from backup_tool.repository.storage import Storage
+from backup_tool.streams import pipeline
 
 _CHECKSUM_SQL = """
     SELECT count(*),

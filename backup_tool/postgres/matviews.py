@@ -20,9 +20,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from backup_tool.errors import DatabaseError
 from backup_tool.postgres import connection as postgres
 from backup_tool.streams import pipeline
-from backup_tool.errors import DatabaseError
 
 _LIST_SQL = f"""
     SELECT n.nspname, c.relname, c.relispopulated,

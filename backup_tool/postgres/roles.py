@@ -31,14 +31,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, LiteralString, Sequence, cast
+from typing import Any, Iterable, Sequence
 
 import psycopg
 
-from backup_tool.postgres import schema
-from backup_tool.errors import RefusedError
-from backup_tool.postgres.connection import ConnInfo
 from backup_tool.core.report import Reporter
+from backup_tool.errors import RefusedError
+from backup_tool.postgres import schema
+from backup_tool.postgres.connection import ConnInfo, missing_roles
+from backup_tool.repository.manifest import Manifest
+from backup_tool.repository.storage import Storage
+from backup_tool.streams import pipeline
 
 
 @dataclass(frozen=True)
@@ -348,7 +351,7 @@ def server_roles(conninfo: ConnInfo, major: int) -> RoleSet:
 
 
 def _execute(conn: psycopg.Connection[Any], statement: str) -> None:
-    conn.execute(cast(LiteralString, statement))
+    conn.execute(statement)  # statements parsed from pg_dumpall output, never user input
 
 
 def _first_line(exc: psycopg.Error) -> str:
@@ -395,3 +398,22 @@ def apply(conn: psycopg.Connection[Any], the_plan: RolePlan, needed: Iterable[st
         reporter.event("roles created", roles=sorted(created), memberships=granted)
     return frozenset(created)
 
+
+def ensure_roles(conn: psycopg.Connection[Any], conninfo: ConnInfo, storage: Storage,
+                 manifest: Manifest, major: int, with_roles: bool, reporter: Reporter) -> frozenset[str]:
+    """Refuse if roles the backup needs are missing; with ``with_roles`` create the backup's
+    missing roles first (see :mod:`backup_tool.postgres.roles`). Returns the roles created."""
+    needed = manifest.inventory.get("roles", [])
+    missing = missing_roles(conn, needed)
+    if not with_roles or manifest.globals is None:
+        if missing:
+            raise RefusedError(f"roles missing on the target server: {', '.join(missing)}",
+                               "create them, or rerun with --with-roles to create them from the backup")
+        return frozenset()
+    backup = parse_globals(pipeline.read_object(storage, manifest.globals).decode())
+    created = apply(conn, plan(backup, server_roles(conninfo, major)), needed, reporter)
+    still = missing_roles(conn, missing)
+    if still:
+        raise RefusedError(f"could not create roles {', '.join(still)} on the target server",
+                           "create them by hand (needs CREATEROLE) and rerun")
+    return created

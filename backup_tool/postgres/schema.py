@@ -15,8 +15,8 @@ import os
 import re
 from pathlib import Path
 
-from backup_tool.streams import pipeline
 from backup_tool.postgres.connection import ConnInfo, find_tool
+from backup_tool.streams import pipeline
 
 
 def dump_schema(conninfo: ConnInfo, major: int, snapshot_id: str | None = None) -> bytes:

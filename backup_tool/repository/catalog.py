@@ -47,6 +47,7 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.errors import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -57,11 +58,13 @@ from backup_tool.errors import (
     UnauthenticatedError,
     UsageError,
 )
+from backup_tool.repository.catalog_index import IndexEntry, read_index, write_index
 from backup_tool.repository.manifest import (
     ENCRYPTED_FORMAT,
     Manifest,
     manifest_seal,
     parse_manifest,
+    parse_utc,
 )
 from backup_tool.repository.storage import ObjectMissingError, Storage
 from backup_tool.repository.storage.encrypted import (
@@ -76,7 +79,7 @@ from backup_tool.repository.storage.encrypted import (
 
 if TYPE_CHECKING:
     from backup_tool.repository.catalog_index import IndexEntry
-    from backup_tool.governance.retention import BackupRecord
+    from backup_tool.repository.records import BackupRecord
 
 REFUSED = (UnauthenticatedError, KeyUnavailableError)
 
@@ -84,7 +87,7 @@ MANIFEST_PREFIX = "manifests/"
 DATA_PREFIX = "backups/"
 RUNNING_PREFIX = "running/"
 RUNNING_STALE_AFTER = timedelta(hours=48)
-KIND_LETTER = {"full": "F", "incremental": "I", "base": "B"}
+KIND_LETTER: dict[str, str] = {BackupKind.FULL: "F", BackupKind.INCREMENTAL: "I", BackupKind.BASE: "B"}
 
 
 def manifest_key(backup_id: str) -> str:
@@ -150,7 +153,7 @@ class DatabaseHint:
 
 
 def choose_latest(backups: Iterable[Manifest], database: DatabaseHint,
-                  kinds: tuple[str, ...] = ("full", "incremental"), where: str = "the repository") -> Manifest:
+                  kinds: tuple[str, ...] = LOGICAL_KINDS, where: str = "the repository") -> Manifest:
     """The newest backup (by start, the moment its snapshot was taken) of ``kinds`` of one database.
 
     The database is ``database.option`` if given; else the only database the repository holds
@@ -186,7 +189,7 @@ def of_cluster_holding(backups: Iterable[Manifest], database: str | None,
                        where: str = "the repository") -> list[Manifest]:
     """The base backups of a cluster that held ``database`` (all of them when None): a physical
     backup copies the whole cluster, so it serves every database the cluster held."""
-    pool = [m for m in backups if m.kind == "base"]
+    pool = [m for m in backups if m.kind == BackupKind.BASE]
     if database is None:
         return pool
     held = [m for m in pool if database in ((m.physical.databases if m.physical else ()) or (m.database,))]
@@ -322,9 +325,6 @@ class Catalog:
         manifests the catalog index does not vouch for (:mod:`backup_tool.repository.catalog_index`).
         With ``refresh``, a stale or missing index is rewritten (best effort: a read-only
         repository just stays without one)."""
-        from backup_tool.repository.catalog_index import IndexEntry, read_index, write_index
-        from backup_tool.repository.manifest import parse_utc
-
         ids = self.ids()
         index = read_index(self.storage)
         known, vouched = index if index is not None else ([], {})
@@ -358,7 +358,7 @@ class Catalog:
             raise damaged[0]
         return manifests
 
-    def resolve(self, ref: str | None, kinds: tuple[str, ...] = ("full", "incremental"),
+    def resolve(self, ref: str | None, kinds: tuple[str, ...] = LOGICAL_KINDS,
                 database: DatabaseHint | None = None) -> Manifest:
         """A backup by id, unique id prefix, or ``latest``: the newest of ``kinds`` of the
         database ``database`` designates (see :func:`choose_latest`)."""
@@ -379,7 +379,7 @@ class Catalog:
     def resolve_logical(self, ref: str | None, database: DatabaseHint | None = None) -> Manifest:
         """Like :meth:`resolve`, refusing a physical base backup (those restore with ``restore pitr``)."""
         manifest = self.resolve(ref, database=database)
-        if manifest.kind not in ("full", "incremental"):
+        if manifest.kind not in LOGICAL_KINDS:
             raise UsageError(f"backup {manifest.id} is a physical {manifest.kind} backup",
                              "restore it with 'backup-tool restore pitr', or pick a full/incremental backup")
         for link in self.chain(manifest):
@@ -439,8 +439,6 @@ class Catalog:
     def _index_committed(self, manifest: Manifest) -> None:
         """Add a just-committed backup to a current index (one that lists every other
         manifest): the next reader then reads no manifest at all. Best effort."""
-        from backup_tool.repository.catalog_index import IndexEntry, read_index, write_index
-
         try:
             index = read_index(self.storage)
             if index is None:

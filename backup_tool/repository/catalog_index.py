@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from backup_tool.errors import BackupToolError
-from backup_tool.repository.storage.encrypted import keyring_of, manifest_encryption
 from backup_tool.core.timestamps import utc_iso
+from backup_tool.errors import BackupToolError
+from backup_tool.repository.records import BackupRecord
+from backup_tool.repository.storage.encrypted import encryption_of, keyring_of, manifest_encryption
 
 if TYPE_CHECKING:
     from backup_tool.repository.manifest import Manifest
-    from backup_tool.governance.retention import BackupRecord
+    from backup_tool.repository.records import BackupRecord
     from backup_tool.repository.storage import Storage
 
 INDEX_PREFIX = "catalog/"
@@ -65,8 +66,6 @@ class IndexEntry:
     def of(cls, manifest: Manifest, manifest_sha256: str, keyring: Iterable[str]) -> IndexEntry:
         """The entry for a manifest that :meth:`Catalog.load` accepted (or that was just
         committed) with ``keyring`` configured: ``verified`` when its seal was checked."""
-        from backup_tool.governance.retention import BackupRecord
-
         recorded = manifest_encryption(manifest.options)
         key_id = recorded["key_id"] if recorded else None
         return cls(manifest.id, manifest_sha256, key_id, key_id is not None and key_id in set(keyring),
@@ -76,8 +75,6 @@ class IndexEntry:
         return not keyring or (self.verified and self.key_id in keyring)
 
     def backup_record(self) -> BackupRecord:
-        from backup_tool.governance.retention import BackupRecord
-
         return BackupRecord.from_index(self.record)
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,8 +134,6 @@ def write_index(storage: Storage, ids: Iterable[str], entries: Iterable[IndexEnt
     """Write a new index and delete the older ones; None (nothing written) when the storage
     has a keyring but no current key to seal with (keyed readers could not trust it), or
     when new objects would be locked (a locked index could never be replaced)."""
-    from backup_tool.repository.storage.encrypted import encryption_of
-
     key = encryption_of(storage)
     if (keyring_of(storage) and key is None) or storage.object_lock is not None:
         return None

@@ -23,13 +23,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
+from backup_tool.core.kinds import ALL_KINDS
+from backup_tool.core.timestamps import parse_utc, utc_iso
 from backup_tool.errors import BackupToolError, IntegrityError
-from backup_tool.core.timestamps import parse_utc, utc_iso  # noqa: F401  (re-exported for callers)
 
 FORMAT_VERSION = 2
 ENCRYPTED_FORMAT = 2
 SEAL_FIELD = "manifest_mac"
-KINDS = ("full", "incremental", "base")
+KINDS = ALL_KINDS
 
 
 @dataclass(frozen=True)

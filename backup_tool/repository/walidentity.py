@@ -35,9 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backup_tool import __version__
 from backup_tool.core import walnames
-from backup_tool.errors import RefusedError, StorageError
 from backup_tool.core.timestamps import utc_iso
+from backup_tool.errors import RefusedError, StorageError
+from backup_tool.repository.storage.base import ObjectExistsError, ObjectMissingError
 
 if TYPE_CHECKING:
     from backup_tool.repository.storage import Storage
@@ -126,8 +128,6 @@ def render_info(identity: ClusterIdentity, tool_version: str, now: datetime) -> 
 
 def read_archive_identity(storage: Storage) -> ClusterIdentity | None:
     """The cluster the repository's WAL archive records (None: nothing recorded yet)."""
-    from backup_tool.repository.storage.base import ObjectMissingError
-
     try:
         return parse_info(storage.get_bytes(ARCHIVE_INFO_KEY))
     except ObjectMissingError:
@@ -152,9 +152,6 @@ def verify_archive_identity(storage: Storage, local: ClusterIdentity, what: str)
 def claim_archive(storage: Storage, local: ClusterIdentity, what: str) -> ClusterIdentity:
     """The archive's identity, recording ``local`` first if the archive records none (only if
     absent, then read back: of two racing clusters the loser is refused)."""
-    from backup_tool import __version__
-    from backup_tool.repository.storage.base import ObjectExistsError
-
     recorded = verify_archive_identity(storage, local, what)
     if recorded is not None:
         return recorded

@@ -46,17 +46,17 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from backup_tool.postgres import schema
+from backup_tool.config.policy import Policy
+from backup_tool.config.settings import Settings
+from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.errors import BackupToolError, DatabaseError, NotFoundError
+from backup_tool.postgres import roles, schema
+from backup_tool.postgres.connection import ConnInfo, scalar
+from backup_tool.repository.catalog import Catalog, DatabaseHint
+from backup_tool.repository.manifest import Manifest
+from backup_tool.repository.storage import Storage, open_repository
 from backup_tool.schema import migrations
 from backup_tool.streams import pipeline
-from backup_tool.repository.catalog import Catalog, DatabaseHint
-from backup_tool.config.settings import Settings
-from backup_tool.errors import BackupToolError, DatabaseError, NotFoundError
-from backup_tool.repository.manifest import Manifest
-from backup_tool.config.policy import Policy
-from backup_tool.postgres.connection import ConnInfo
-from backup_tool.core.report import NullReporter, Reporter
-from backup_tool.repository.storage import Storage, open_repository
 
 KINDS = ("extension", "schema", "enum", "domain", "sequence", "table", "column", "constraint", "index",
          "rls", "policy", "function", "trigger", "view", "grant", "default_privileges")
@@ -419,17 +419,16 @@ def replayed_model(found: migrations.MigrationSet, server: ConnInfo, encoding: s
 def backup_model(manifest: Manifest, storage: Storage, server: ConnInfo, with_roles: bool,
                  exclude_schemas: Sequence[str], reporter: Reporter) -> Model:
     """Restore the backup's schema archive into a scratch database and read its catalog."""
-    from backup_tool.logical.restore import ensure_roles, read_object
 
     if manifest.schema is None:
         raise NotFoundError(f"backup {manifest.id} ({manifest.kind}) has no schema archive to compare with",
                             "choose a full or incremental backup")
     major = manifest.server_version_num // 10000
     with server.with_database("postgres").connect() as conn:
-        ensure_roles(conn, server.with_database("postgres"), storage, manifest, major, with_roles, reporter)
+        roles.ensure_roles(conn, server.with_database("postgres"), storage, manifest, major, with_roles, reporter)
     with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
         archive = Path(tmp) / "schema.pgdump"
-        archive.write_bytes(read_object(storage, manifest.schema))
+        archive.write_bytes(pipeline.read_object(storage, manifest.schema))
         with scratch_database(server, manifest.encoding, "schema") as scratch:
             schema.restore_section(archive, scratch, major, "pre-data")
             schema.restore_section(archive, scratch, major, "post-data")
@@ -461,7 +460,7 @@ def diff(settings: Settings, migrations_dir: str | Path, against: str | None = N
         live = ConnInfo(settings.dsn)
         label = f"database {live.redacted()}"
         with live.connect() as conn:
-            encoding = conn.execute("SELECT current_setting('server_encoding')").fetchone()[0]  # type: ignore[index]
+            encoding = scalar(conn, "SELECT current_setting('server_encoding')")
             reference = read_model(conn, exclude_schemas)
     reporter.event("replaying migrations into a scratch database", files=len(found.migrations))
     built = replayed_model(found, server, encoding, exclude_schemas, reporter)

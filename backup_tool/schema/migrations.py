@@ -47,10 +47,10 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from backup_tool.postgres import connection as postgres
-from backup_tool.errors import DatabaseError, LockHeldError, RefusedError, UsageError
-from backup_tool.postgres.connection import ConnInfo
 from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.errors import DatabaseError, LockHeldError, RefusedError, UsageError
+from backup_tool.postgres import connection as postgres
+from backup_tool.postgres.connection import ConnInfo
 
 BOOKKEEPING_SCHEMA = "backup_tool_migrations"
 FILE_PATTERN = re.compile(r"^(?P<version>[0-9]+)_(?P<name>.+?)(?:\.up)?\.sql$")

@@ -42,19 +42,20 @@ from typing import Any, Callable
 
 import psycopg
 
-from backup_tool.postgres import connection as postgres, schema
-from backup_tool.schema import drift, migrations
-from backup_tool.streams import pipeline
+from backup_tool.core.report import Reporter
 from backup_tool.errors import (
     BackupToolError,
     NotFoundError,
     RefusedError,
     ValidationFailed,
 )
-from backup_tool.repository.manifest import Manifest
+from backup_tool.postgres import connection as postgres
+from backup_tool.postgres import schema
 from backup_tool.postgres.connection import ConnInfo
-from backup_tool.core.report import Reporter
+from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import Storage
+from backup_tool.schema import drift, migrations
+from backup_tool.streams import pipeline
 from backup_tool.validation.validate import check_foreign_keys
 
 TableKey = tuple[str, str]

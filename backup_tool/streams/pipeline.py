@@ -20,11 +20,12 @@ import subprocess
 import threading
 import weakref
 from collections import deque
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 import zstandard
 
 from backup_tool.errors import BackupToolError, DatabaseError, IntegrityError
+from backup_tool.repository.manifest import StoredObject
 from backup_tool.repository.storage.base import HashingCounter, Storage
 
 CHUNK = 1 << 20
@@ -172,7 +173,7 @@ def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
     source = ChunkReader(chunks)
     try:
-        yield from dctx.read_to_iter(source, read_size=CHUNK, write_size=CHUNK)
+        yield from dctx.read_to_iter(source, read_size=CHUNK, write_size=CHUNK)  # type: ignore[arg-type]  # ChunkReader has read(n), all zstandard needs
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"object {key} is corrupt: it does not decompress ({exc})",
                              "restore from another backup and run 'backup-tool verify all'") from None
@@ -197,7 +198,7 @@ def verified(chunks: Iterable[bytes], key: str, sha256: str, size: int,
             "restore from another backup and run 'backup-tool verify all'")
 
 
-def run_parallel(jobs: int, tasks: list[tuple[Callable[[Any], None], Any]]) -> None:
+def run_parallel(jobs: int, tasks: Sequence[tuple[Callable[[Any], object], Any]]) -> None:
     """Run tasks on ``jobs`` threads; on the first failure cancel the rest and re-raise it."""
     with cf.ThreadPoolExecutor(jobs, thread_name_prefix="worker") as pool:
         futures = [pool.submit(fn, arg) for fn, arg in tasks]
@@ -278,3 +279,9 @@ def read_stored(storage: Storage, key: str, sha256: str, size: int,
     """
     return decompress(read_ahead(storage.decode(key, verified(storage.get_stored(key), key, sha256, size, on_chunk))),
                       key)
+
+
+def read_object(storage: Storage, obj: StoredObject,
+                on_chunk: Callable[[int], None] | None = None) -> bytes:
+    """A small object, checksum-verified and decompressed, in memory."""
+    return b"".join(read_stored(storage, obj.key, obj.sha256, obj.size, on_chunk))

@@ -33,12 +33,22 @@ from typing import Any, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from backup_tool.postgres import column_order, connection as postgres, database_level, large_objects, matviews, restore_marker, roles, schema
-from backup_tool.streams import pipeline
-from backup_tool.repository.manifest import Manifest
-from backup_tool.postgres.connection import ConnInfo
 from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.postgres import (
+    column_order,
+    database_level,
+    inventory,
+    large_objects,
+    matviews,
+    restore_marker,
+    roles,
+    schema,
+)
+from backup_tool.postgres import connection as postgres
+from backup_tool.postgres.connection import ConnInfo
+from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import Storage
+from backup_tool.streams import pipeline
 
 SHOWN = 5
 
@@ -249,7 +259,7 @@ def orphan_count_query(conn: psycopg.Connection[Any], fk: dict[str, Any],
     parent = postgres.qualified(fk["ref_schema"], fk["ref_table"])
     cols = [sql.Identifier(c) for c in fk["columns"]]
     refs = [sql.Identifier(c) for c in fk["ref_columns"]]
-    join = sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(r, c) for r, c in zip(refs, cols))
+    join = sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(r, c) for r, c in zip(refs, cols, strict=True))
     nulls = sql.SQL(" AND ").join(sql.SQL("c.{} IS NULL").format(c) for c in cols)
     if fk["match"] == "f":
         exempt = sql.SQL("({})").format(nulls)
@@ -478,7 +488,7 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
     with conninfo.connect() as conn:
         info = postgres.server_info(conn)
         major = info["server_version_num"] // 10000
-        inv = postgres.inventory(conn)
+        inv = inventory.inventory(conn)
         seqs = postgres.sequences(conn)
         checks.append(check_restore_finished(conn))
         if manifest is not None and tables is None:

@@ -153,7 +153,7 @@ class Storage(ABC):
         """Unfinished writes (for garbage collection); none by default."""
         return iter(())
 
-    def delete_partial(self, partial: PartialUpload) -> None:
+    def delete_partial(self, partial: PartialUpload) -> None:  # noqa: B027 - optional hook, a no-op where there are no partial writes
         """Discard an unfinished write found by :meth:`list_partials`."""
 
     def put_bytes(self, key: str, data: bytes) -> PutResult:

@@ -317,7 +317,7 @@ class EncryptedStorage(Storage):
         self.url = inner.url
 
     @property
-    def object_lock(self) -> ObjectLock | None:  # type: ignore[override]
+    def object_lock(self) -> ObjectLock | None:  # type: ignore[override]  # the base declares a plain attribute; a wrapper must delegate
         return self.inner.object_lock
 
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:

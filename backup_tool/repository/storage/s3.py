@@ -66,6 +66,7 @@ from tenacity import (
     stop_when_event_set,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 from urllib3.exceptions import ProtocolError
 from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
 
@@ -262,7 +263,7 @@ class S3Storage(Storage):
     def _retrying(self, stop_event: threading.Event | None = None) -> Retrying:
         """The one retry policy: transient failures, ``tuning.attempts`` attempts in all,
         jittered exponential backoff; the last failure is re-raised as it was."""
-        stop = stop_after_attempt(self.tuning.attempts)
+        stop: stop_base = stop_after_attempt(self.tuning.attempts)
         if stop_event is not None:
             stop = stop | stop_when_event_set(stop_event)
         return Retrying(retry=retry_if_exception(_transient), stop=stop, wait=BACKOFF, reraise=True)
@@ -549,7 +550,7 @@ class S3Storage(Storage):
             self.delete(key)
             return
         versions: list[str] = []
-        marker: dict[str, str] = {}
+        marker: dict[str, Any] = {}
         while True:
             resp = self._call(f"listing versions of {key}", self._client.list_object_versions,
                               Bucket=self.bucket, Prefix=full, **marker)
@@ -571,7 +572,7 @@ class S3Storage(Storage):
 
     def list_partials(self, prefix: str = "") -> Iterator[PartialUpload]:
         """Multipart uploads never completed or aborted; ``modified`` is the last part's time."""
-        marker: dict[str, str] = {}
+        marker: dict[str, Any] = {}
         while True:
             resp = self._call("listing multipart uploads", self._client.list_multipart_uploads,
                               Bucket=self.bucket, Prefix=self.prefix + prefix, **marker)
@@ -661,7 +662,7 @@ class _MultipartUpload:
             cf.wait(pending, return_when=cf.FIRST_COMPLETED)
         for f in self._futures:
             if f.done() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
+                raise f.exception()  # type: ignore[misc]  # not None: checked just above
 
     def complete(self) -> None:
         parts = [f.result() for f in self._futures]

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from backup_tool.streams import pipeline
+
 PAUSE_AT = "BACKUP_TOOL_TEST_PAUSE_AT"
 PAUSE_FILE = "BACKUP_TOOL_TEST_PAUSE_FILE"
 PAUSE_AFTER_BYTES = "BACKUP_TOOL_TEST_PAUSE_AFTER_BYTES"
@@ -45,8 +47,6 @@ def _armed(point: str) -> bool:
 
 
 def _wait() -> None:
-    from backup_tool.streams import pipeline
-
     flag = Path(os.environ.get(PAUSE_FILE) or f"/tmp/backup-tool-pause-{os.getpid()}")
     flag.write_text(str(os.getpid()))
     deadline = time.monotonic() + MAX_PAUSE

@@ -1,0 +1,136 @@
+"""Table point-in-time recovery: ``restore tables --target-time``.
+
+It combines the two paths: a temporary cluster is recovered to the time from a base backup and
+the WAL archive (:mod:`backup_tool.physical.pitr`), the tables are backed up from it into a
+temporary local repository (:mod:`backup_tool.logical.backup`) and restored from there with the
+selective restore (:mod:`backup_tool.logical.restore_tables`: same refusal rules,
+``into_schema`` / ``replace``, validation). Everything temporary is removed on success,
+failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from backup_tool.config.settings import Settings
+from backup_tool.core.kinds import BackupKind
+from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.errors import (
+    BackupToolError,
+    NotFoundError,
+    UsageError,
+)
+from backup_tool.logical.backup import backup_full
+from backup_tool.logical.restore import BackupOrigin
+from backup_tool.logical.restore_tables import restore_tables, split_name
+from backup_tool.physical.pitr import (
+    Target,
+    free_port,
+    lay_out,
+    parse_time,
+    recover,
+    server_for,
+    terminate_as_interrupt,
+)
+from backup_tool.postgres import connection as postgres
+from backup_tool.postgres.cluster import (
+    LocalServer,
+    server_os_user,
+)
+from backup_tool.postgres.connection import ConnInfo
+from backup_tool.repository.catalog import Catalog
+from backup_tool.repository.manifest import utc_iso
+from backup_tool.repository.storage import open_repository
+
+
+def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], target_time: str | datetime,
+                      into_schema: str | None = None, replace: bool = False, jobs: int | None = None,
+                      reporter: Reporter | None = None, os_user: str | None = None,
+                      server_command: str | None = None) -> Any:
+    """Restore ``tables`` as they were at ``target_time`` into the target database.
+
+    A temporary cluster is recovered to the time in a private temporary directory, the
+    tables are backed up from it into a temporary local repository and restored from there
+    with selective restore (same refusal rules, ``into_schema`` / ``replace``, validation).
+    The temporary cluster and repository are removed on success, failure, Ctrl-C or SIGTERM.
+    """
+    reporter = reporter or NullReporter()
+    when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
+    target = Target("time", time=when, timeline=_live_timeline(settings, ConnInfo(target_dsn)))
+    source_db = ConnInfo(settings.dsn).params.get("dbname") or ConnInfo(target_dsn).dbname
+    if not source_db:
+        raise UsageError("cannot tell which database the tables come from",
+                         "name it in --target-dsn (or --dsn)")
+    with terminate_as_interrupt():
+        work = Path(tempfile.mkdtemp(prefix="backup-tool-tables-at-"))
+        server: LocalServer | None = None
+        try:
+            work.chmod(0o711)
+            user = server_os_user(work / "data", os_user)
+            layout = lay_out(settings, target, work / "data", None, user, archive=False,
+                             server_command=server_command, reporter=reporter)
+            priv = work / "s"
+            server = server_for(layout, priv, free_port())
+            point = recover(server, layout, None, reporter)
+            reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
+                           if point.last_transaction_time else None, lsn=point.redo_done_lsn)
+            tmp_repo = work / "repo"
+            tmp_repo.mkdir()
+            source = server.conninfo(source_db)
+            tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=settings.policy)
+            with source.connect() as conn:
+                wanted = _resolve_live(postgres.list_tables(conn), tables, when)
+            backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
+            result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
+                                    into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
+            return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
+                source_db, when, layout.plan.backup.finished_at))
+        finally:
+            if server is not None:
+                try:
+                    server.stop("immediate")
+                except Exception:  # noqa: BLE001 - the scratch server dies with its directory, removed next
+                    pass
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _live_timeline(settings: Settings, target: Any) -> int | None:
+    """The target server's current timeline when it is the backed-up cluster itself, so that
+    the tables come from *its* history, not from a timeline another recovery forked off."""
+    try:
+        with target.connect() as conn:
+            row = conn.execute("SELECT (SELECT system_identifier FROM pg_control_system())::text,"
+                               " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+    except (BackupToolError, psycopg.Error):
+        return None
+    if row is None:
+        return None
+    storage = open_repository(settings.repo_url)
+    same = any(m.kind == BackupKind.BASE and m.system_identifier == row[0] for m in Catalog(storage).scan()[0])
+    return int(row[1]) if same else None
+
+
+def _resolve_live(live: list[Any], names: list[str], when: datetime) -> set[tuple[str, str]]:
+    """(schema, name) of each requested table in the recovered database (exact, then case-insensitive)."""
+    known = [(t.schema, t.name) for t in live]
+    chosen = set()
+    for raw in names:
+        schema_name, name = split_name(raw.strip())
+        matches = [k for k in known if k[1] == name and (schema_name is None or k[0] == schema_name)]
+        if not matches:
+            matches = [k for k in known if k[1].lower() == name.lower()
+                       and (schema_name is None or k[0].lower() == (schema_name or "").lower())]
+        if len(matches) != 1:
+            if matches:
+                raise UsageError(f"table name {raw!r} is ambiguous at {utc_iso(when)}", "qualify it with its schema")
+            raise NotFoundError(f"table {raw!r} did not exist at {utc_iso(when)}",
+                                "check the name and the time")
+        chosen.add(matches[0])
+    return chosen
