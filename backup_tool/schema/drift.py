@@ -46,6 +46,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import schema
 from backup_tool.schema import migrations
 from backup_tool.streams import pipeline
@@ -424,8 +425,8 @@ def backup_model(manifest: Manifest, storage: Storage, server: ConnInfo, with_ro
     if manifest.schema is None:
         raise NotFoundError(f"backup {manifest.id} ({manifest.kind}) has no schema archive to compare with",
                             "choose a full or incremental backup")
-    major = manifest.server_version_num // 10000
     with server.with_database("postgres").connect() as conn:
+        major = postgres.tools_major(conn, manifest.server_version_num // 10000)
         ensure_roles(conn, server.with_database("postgres"), storage, manifest, major, with_roles, reporter)
     with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
         archive = Path(tmp) / "schema.pgdump"
