@@ -42,6 +42,7 @@ SCRUBBED_ENV_NAMES = ("DATABASE_URL",)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end test (real cluster, real repository)")
+    config.addinivalue_line("markers", "versions: the PostgreSQL version matrix (tests/test_versions.py)")
 
 
 # --------------------------------------------------------------------------- helpers

