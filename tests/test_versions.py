@@ -226,6 +226,18 @@ def test_logical_backup_of_15_restores_into_the_newest_major(cli: Cli, local_rep
     again = cli.json("validate", "--repo", local_repo, "--dsn", target, "--against", "latest")
     assert again["ok"] is True
 
+    # The tolerances cover the major change only: a lost privilege, a MAINTAIN beside less
+    # than ALL, and a changed view still fail, named.
+    run_sql(newest_server, "upgraded", "REVOKE TRUNCATE ON public.achievements FROM service_role",
+            "GRANT MAINTAIN ON public.email_templates TO authenticated",
+            "ALTER VIEW public.project_summary SET (security_invoker = false)")
+    broken = cli.json("validate", "--repo", local_repo, "--dsn", target, "--against", "latest", expect_rc=3)
+    failed = {c["name"]: c["detail"] for c in broken["checks"] if not c["ok"]}
+    assert set(failed) == {"schema_matches", "object_privileges"}, failed
+    assert "table public.achievements (lost service_role TRUNCATE by postgres)" in failed["object_privileges"]
+    assert "table public.email_templates (gained authenticated MAINTAIN by postgres)" in failed["object_privileges"]
+    assert "security_invoker" in failed["schema_matches"]
+
 
 USER_RELATION = ("c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
                  "AND n.nspname NOT LIKE 'pg\\_toast%'")

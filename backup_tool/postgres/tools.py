@@ -126,12 +126,13 @@ def install_hint(name: str, need: int, match: Match) -> str:
 
 
 def choose(name: str, need: int, match: Match, candidates: Sequence[Candidate]) -> Tool:
-    """The first candidate of a fitting major; a ToolError naming the major needed otherwise."""
-    for cand in candidates:
+    """The first candidate of a fitting major (only explicit ones count when there are any);
+    a ToolError naming the major needed otherwise."""
+    explicit = [c for c in candidates if c.source is Source.EXPLICIT]
+    for cand in explicit or candidates:
         if cand.version is not None and fits(cand.major, need, match):
             return Tool(name, cand.path, cand.version, cand.source)
     wanted = f"PostgreSQL {need}" if match is Match.EXACT else f"PostgreSQL {need} or newer"
-    explicit = [c for c in candidates if c.source is Source.EXPLICIT]
     if explicit:
         c = explicit[0]
         found = f"is PostgreSQL {c.version}" if c.version else "does not run"
