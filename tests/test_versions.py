@@ -262,12 +262,22 @@ def not_null_constraint_columns(dsn: str) -> set[str]:
 
 def test_a_too_old_pg_dump_is_one_clear_line(cli: Cli, newest_server: PgServer) -> None:
     old = find_pg_bin_dir(15)
-    with psycopg.connect(newest_server.dsn(), autocommit=True):
-        pass
-    proc = cli("backup", "full", "--repo", str(cli.workdir / "repo"), "--dsn", newest_server.dsn(),
-               env={"BACKUP_TOOL_PG_BIN": str(old)})
+    repo = cli.workdir / "repo"
+    proc = cli("backup", "full", "--repo", str(repo), "--dsn", newest_server.dsn(), "--pg-bin", str(old))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert f"pg_dump in {old} is PostgreSQL 15." in lines[0] and f"PostgreSQL {NEWEST} or newer" in lines[0]
-    assert not (cli.workdir / "repo").exists() or not any((cli.workdir / "repo").rglob("manifest*"))
+    assert lines[0].startswith(f"backup-tool: error: pg_dump in {old} is PostgreSQL 15.")
+    assert f"the server needs PostgreSQL {NEWEST} or newer — install PostgreSQL {NEWEST}" in lines[0]
+    assert not repo.exists() or not list(repo.rglob("*manifest*"))
+
+    def tools_check(*extra: str) -> dict[str, Any]:
+        report = cli.json("check", "--repo", str(repo), "--dsn", newest_server.dsn(), *extra, expect_rc=None)
+        return next(c for c in report["checks"] if c["name"] == "client_tools")
+
+    refused = tools_check("--pg-bin", str(old))
+    assert refused["ok"] is False and refused["detail"].startswith(f"pg_dump in {old} is PostgreSQL 15.")
+    used = tools_check()
+    assert used["ok"] is True
+    for name in ("pg_dump", "pg_restore", "psql", "pg_dumpall"):
+        assert f"{name} {NEWEST}." in used["detail"] and f"{newest_server.bin_dir.resolve()}/{name})" in used["detail"]
