@@ -17,15 +17,22 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
-
-import psycopg
-import pytest
-from conftest import SEED_FILES, Cli, PgServer, find_pg_bin_dir, free_port, start_pg_server
-from server_tool import install_source, write_wrapper
+from typing import Any
 
 import dbcompare
+import psycopg
+import pytest
+from conftest import (
+    SEED_FILES,
+    Cli,
+    PgServer,
+    find_pg_bin_dir,
+    free_port,
+    start_pg_server,
+)
+from server_tool import install_source, write_wrapper
 
 pytestmark = [pytest.mark.slow, pytest.mark.versions]
 

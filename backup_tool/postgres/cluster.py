@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from backup_tool.postgres import connection as postgres
-from backup_tool.postgres import tools as pg_tools
 from backup_tool.errors import DatabaseError, RefusedError
+from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo
 
 DEFAULT_OS_USER = "postgres"

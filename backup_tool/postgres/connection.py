@@ -22,8 +22,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from backup_tool.postgres import tools as pg_tools
 from backup_tool.errors import ConfigError, DatabaseError
+from backup_tool.postgres import tools as pg_tools
 
 SESSION_SETTINGS = {
     "TimeZone": "UTC",

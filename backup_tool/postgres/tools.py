@@ -25,10 +25,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from backup_tool.errors import DatabaseError
 
@@ -160,7 +160,7 @@ def program_version(path: Path) -> str | None:
     """The version a program reports (cached per path); None if it does not run."""
     if path not in _versions:
         try:
-            done = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30,
+            done = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30, check=False,
                                   stdin=subprocess.DEVNULL)
             _versions[path] = parse_version(done.stdout) if done.returncode == 0 else None
         except (OSError, subprocess.SubprocessError):
