@@ -183,6 +183,7 @@ class PgServer:
     port: int
     password: str = field(repr=False)
     settings: dict[str, str] = field(default_factory=dict)
+    initdb_args: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     user: str = "postgres"
 
@@ -299,6 +300,7 @@ class PgServer:
                     "--encoding=UTF8",
                     "--locale=C.UTF-8",
                     "--no-sync",
+                    *self.initdb_args,
                 ]
             )
         except subprocess.CalledProcessError as exc:
@@ -371,9 +373,9 @@ class PgServer:
 
 
 def start_pg_server(settings: Mapping[str, str] | None = None, attempts: int = 3,
-                    major: int = PG_MAJOR) -> PgServer:
-    """initdb + start a new PostgreSQL `major` cluster in a fresh /tmp dir on a free port
-    (retrying on a port race).
+                    major: int = PG_MAJOR, initdb_args: Sequence[str] = ()) -> PgServer:
+    """initdb (with `initdb_args` added) + start a new PostgreSQL `major` cluster in a fresh
+    /tmp dir on a free port (retrying on a port race).
 
     The caller owns the returned server and must call `destroy()`.
     """
@@ -390,6 +392,7 @@ def start_pg_server(settings: Mapping[str, str] | None = None, attempts: int = 3
             port=free_port(),
             password=f"pgpw-{secrets.token_hex(12)}",
             settings=dict(settings or {}),
+            initdb_args=tuple(initdb_args),
         )
         try:
             server.init()

@@ -38,6 +38,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.versions]
 
 MAJORS = (16, 17, 18)
 NEWEST = max(MAJORS)
+# One major runs with 1 MiB WAL segments: names and ranges must follow the server's size.
+WAL_SEGMENT_MB = {17: 1}
 
 
 def bin_dir_or_skip(major: int) -> Path:
@@ -130,8 +132,9 @@ def archiving_server(request: pytest.FixtureRequest, workspace: Path) -> Iterato
     wrapper = write_wrapper(base / "bin" / "backup-tool", workspace / "src")
     repo = base / "repo"
     repo.mkdir()
+    segment = WAL_SEGMENT_MB.get(major)
     server = start_pg_server({"archive_mode": "on", "archive_command": f"{wrapper} wal push %p --repo {repo}"},
-                             major=major)
+                             major=major, initdb_args=[f"--wal-segsize={segment}"] if segment else [])
     shutil.chown(repo, server.os_user, server.os_user)
     (base / "cli").mkdir()
     try:
@@ -172,6 +175,9 @@ def test_round_trip_and_pitr(archiving_server: tuple[PgServer, str, Cli]) -> Non
 
     base = cli.json("backup", "base", "--repo", repo, "--dsn", server.dsn("app"))
     assert base["kind"] == "base"
+    segment_mb = WAL_SEGMENT_MB.get(int(major), 16)
+    assert cli.json("show", "--repo", repo, base["id"])["client_tools"]["pg_basebackup"].split(".")[0] == major
+    assert run_sql(server, "app", "SELECT current_setting('wal_segment_size')")[0] == f"{segment_mb}MB"
     run_sql(server, "app", "INSERT INTO ledger (phase, note) SELECT 1, 'one-' || g FROM generate_series(1, 300) g",
             "DELETE FROM ledger WHERE phase = 0 AND id % 7 = 0")
     time.sleep(0.3)
@@ -193,6 +199,8 @@ def test_round_trip_and_pitr(archiving_server: tuple[PgServer, str, Cli]) -> Non
                         "--port", str(port), "--no-archive", "--no-validate", "--database", "app",
                         "--pg-bin", server.bin_dir)
         assert pitr["started"] is True and pitr["recovered_to"]["timeline"] == 2
+        status = cli.json("wal", "status", "--repo", repo)
+        assert status["gaps"] == [] and status["timelines"][0] == 1
         assert dbcompare.table_hashes(server.dsn("app").replace(f":{server.port}/", f":{port}/")) == at_t1
     finally:
         if (pgdata / "postmaster.pid").exists():
