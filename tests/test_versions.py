@@ -296,3 +296,20 @@ def test_a_too_old_pg_dump_is_one_clear_line(cli: Cli, newest_server: PgServer) 
     assert used["ok"] is True
     for name in ("pg_dump", "pg_restore", "psql", "pg_dumpall"):
         assert f"{name} {NEWEST}." in used["detail"] and f"{newest_server.bin_dir.resolve()}/{name})" in used["detail"]
+
+
+def test_the_server_bin_directory_is_read_only_where_allowed(newest_server: PgServer) -> None:
+    from backup_tool.postgres.connection import configured_bindir
+
+    with newest_server.admin_conn() as conn:
+        assert configured_bindir(conn) == newest_server.bin_dir.resolve()
+        conn.execute("DROP ROLE IF EXISTS plain_reader")
+        conn.execute("CREATE ROLE plain_reader LOGIN PASSWORD 'plain-reader-pw'")
+    try:
+        with psycopg.connect(host=newest_server.host, port=newest_server.port, user="plain_reader",
+                             password="plain-reader-pw", dbname="postgres") as conn:
+            assert configured_bindir(conn) is None
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        with newest_server.admin_conn() as conn:
+            conn.execute("DROP ROLE plain_reader")

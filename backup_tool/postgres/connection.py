@@ -169,10 +169,18 @@ def _local_server_bindir(conn: psycopg.Connection[Any]) -> Path | None:
     except OSError:
         pass
     if found is None:
-        row = conn.execute("SELECT CASE WHEN has_function_privilege('pg_config()', 'EXECUTE')"
-                           " THEN (SELECT setting FROM pg_config WHERE name = 'BINDIR') END").fetchone()
-        found = Path(row[0]) if row and row[0] else None
+        found = configured_bindir(conn)
     return found if found is not None and (found / "postgres").is_file() else None
+
+
+def configured_bindir(conn: psycopg.Connection[Any]) -> Path | None:
+    """The server's ``pg_config`` BINDIR, when this role may read that view (superusers
+    and those granted it); None otherwise, without an error in the session."""
+    allowed = conn.execute("SELECT has_table_privilege('pg_catalog.pg_config', 'SELECT')").fetchone()
+    if not (allowed and allowed[0]):
+        return None
+    row = conn.execute("SELECT setting FROM pg_config WHERE name = 'BINDIR'").fetchone()
+    return Path(row[0]) if row and row[0] else None
 
 
 def qualified(schema: str, name: str) -> sql.Composed:
