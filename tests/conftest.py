@@ -42,6 +42,7 @@ SCRUBBED_ENV_NAMES = ("DATABASE_URL",)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end test (real cluster, real repository)")
+    config.addinivalue_line("markers", "versions: the PostgreSQL version matrix (tests/test_versions.py)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -67,16 +68,23 @@ def _major_version(bin_dir: Path) -> int | None:
     return None
 
 
-def find_pg_bin_dir() -> Path:
-    """The bin dir of a PostgreSQL 15 server installation (initdb, pg_ctl, postgres, pg_dump...).
+def extra_majors_dir() -> Path:
+    """Where scripts/pg-majors installs the PostgreSQL majors other than 15 (DIR/<major>/bin)."""
+    return Path(os.environ.get("BACKUP_TOOL_TEST_PG_MAJORS_DIR", "/var/tmp/backup-tool-pg"))
 
-    `BACKUP_TOOL_TEST_PG_BINDIR` wins; then the Debian path, `pg_config --bindir`, and `pg_ctl`
-    on PATH. Raises if none of them is PostgreSQL 15.
+
+def find_pg_bin_dir(major: int = PG_MAJOR) -> Path:
+    """The bin dir of a PostgreSQL `major` server installation (initdb, pg_ctl, postgres,
+    pg_dump...).
+
+    For 15, `BACKUP_TOOL_TEST_PG_BINDIR` wins; then scripts/pg-majors' directory, the Debian
+    path, `pg_config --bindir`, and `pg_ctl` on PATH. Raises if none of them is that major.
     """
     candidates: list[Path] = []
-    if env := os.environ.get("BACKUP_TOOL_TEST_PG_BINDIR"):
+    if major == PG_MAJOR and (env := os.environ.get("BACKUP_TOOL_TEST_PG_BINDIR")):
         candidates.append(Path(env))
-    candidates.append(Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin"))
+    candidates.append(extra_majors_dir() / str(major) / "bin")
+    candidates.append(Path(f"/usr/lib/postgresql/{major}/bin"))
     if pg_config := shutil.which("pg_config"):
         try:
             out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True)
@@ -86,11 +94,12 @@ def find_pg_bin_dir() -> Path:
     if pg_ctl := shutil.which("pg_ctl"):
         candidates.append(Path(pg_ctl).resolve().parent)
     for cand in candidates:
-        if (cand / "pg_ctl").exists() and (cand / "initdb").exists() and _major_version(cand) == PG_MAJOR:
+        if (cand / "pg_ctl").exists() and (cand / "initdb").exists() and _major_version(cand) == major:
             return cand
+    how = f"install postgresql-{major} or set BACKUP_TOOL_TEST_PG_BINDIR" if major == PG_MAJOR \
+        else f"run scripts/pg-majors {major}"
     raise RuntimeError(
-        f"PostgreSQL {PG_MAJOR} server binaries not found (looked in "
-        f"{', '.join(map(str, candidates))}); install postgresql-{PG_MAJOR} or set BACKUP_TOOL_TEST_PG_BINDIR"
+        f"PostgreSQL {major} server binaries not found (looked in {', '.join(map(str, candidates))}); {how}"
     )
 
 
@@ -174,6 +183,7 @@ class PgServer:
     port: int
     password: str = field(repr=False)
     settings: dict[str, str] = field(default_factory=dict)
+    initdb_args: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     user: str = "postgres"
 
@@ -290,6 +300,7 @@ class PgServer:
                     "--encoding=UTF8",
                     "--locale=C.UTF-8",
                     "--no-sync",
+                    *self.initdb_args,
                 ]
             )
         except subprocess.CalledProcessError as exc:
@@ -361,12 +372,14 @@ class PgServer:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
-def start_pg_server(settings: Mapping[str, str] | None = None, attempts: int = 3) -> PgServer:
-    """initdb + start a new cluster in a fresh /tmp dir on a free port (retrying on a port race).
+def start_pg_server(settings: Mapping[str, str] | None = None, attempts: int = 3,
+                    major: int = PG_MAJOR, initdb_args: Sequence[str] = ()) -> PgServer:
+    """initdb (with `initdb_args` added) + start a new PostgreSQL `major` cluster in a fresh
+    /tmp dir on a free port (retrying on a port race).
 
     The caller owns the returned server and must call `destroy()`.
     """
-    bin_dir = find_pg_bin_dir()
+    bin_dir = find_pg_bin_dir(major)
     os_user = server_os_user()
     last_error: Exception | None = None
     for _ in range(attempts):
@@ -379,6 +392,7 @@ def start_pg_server(settings: Mapping[str, str] | None = None, attempts: int = 3
             port=free_port(),
             password=f"pgpw-{secrets.token_hex(12)}",
             settings=dict(settings or {}),
+            initdb_args=tuple(initdb_args),
         )
         try:
             server.init()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -100,7 +101,7 @@ def test_random_bytes_never_crash_the_parser(raw: bytes) -> None:
 
 def test_replace_keeps_frozen_semantics() -> None:
     m = make_manifest()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         m.id = "y"  # type: ignore[misc]
     assert replace(m, id="y").id == "y"
 

@@ -63,6 +63,7 @@ def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="
     m = Catalog(open_repository(inv.settings.repo_url)).resolve(backup_id, database=inv.database(database))
     data = {**m.summary(), "system_identifier": m.system_identifier, "snapshot_lsn": m.snapshot_lsn,
             "schema_fingerprint": m.schema_fingerprint, "policy": m.policy, "options": m.options,
+            "server_major": m.server_major, "client_tools": m.client_tools,
             "tables": [{"table": t.full_name, "kind": t.relkind, "parent": t.parent, "rows": t.rows,
                         "checksum": t.checksum, "object": t.object.key if t.object else None,
                         "size_bytes": t.object.size if t.object else 0} for t in m.tables],

@@ -126,6 +126,7 @@ class Common:
     policy: Optional[str]
     json: bool
     debug: bool
+    pg_bin: Optional[str] = None
 
     def settings(self, on_bad_policy: Callable[[BackupToolError], None] | None = None) -> Settings:
         return resolve_settings(self.repo, self.dsn, self.policy, on_bad_policy)
@@ -159,6 +160,11 @@ COMMON_PARAMS = [
         bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]),
     inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
         bool, typer.Option("--debug", help="Show tracebacks on errors.")]),
+    inspect.Parameter("pg_bin", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option("--pg-bin", metavar="DIR",
+                                    help="Run PostgreSQL's programs (pg_dump, pg_restore, psql, pg_basebackup, "
+                                         "pg_ctl...) from this directory only (env BACKUP_TOOL_PG_BIN; default: "
+                                         "the server's own, /usr/lib/postgresql/<major>/bin, then PATH)")]),
 ]
 
 DatabaseOption = Annotated[Optional[str], typer.Option(
@@ -254,7 +260,9 @@ def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = (),
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> None:
             common = Common(kwargs.pop("repo"), kwargs.pop("dsn"), kwargs.pop("policy"),
-                            kwargs.pop("json_output"), kwargs.pop("debug"))
+                            kwargs.pop("json_output"), kwargs.pop("debug"), kwargs.pop("pg_bin"))
+            if common.pg_bin:
+                os.environ["BACKUP_TOOL_PG_BIN"] = common.pg_bin
             extra = [kwargs[p] for p in secret_params if kwargs.get(p)]
             redact = make_redactor(secrets_from(common, extra))
             raise typer.Exit(invoke(fn, common, redact, kwargs, needs_policy))
@@ -417,7 +425,9 @@ def render_show(data: dict[str, Any]) -> str:
         fields += [("database", data["database"]),
                    ("cluster", f"system identifier {data['system_identifier']}" if data.get("system_identifier")
                     else None)]
+    tools = data.get("client_tools") or {}
     fields += [("server version", data.get("server_version")),
+               ("taken with", ", ".join(f"{k} {v}" for k, v in tools.items()) or None),
                ("started", human_time(data["started_at"])), ("finished", human_time(data["finished_at"])),
                ("expires", human_time(data["expires_at"])), ("size", human_size(data["size_bytes"]))]
     if base:

@@ -29,6 +29,7 @@ from backup_tool.jobs.expire import check_object_lock
 from backup_tool.physical import wal
 from backup_tool.physical.pitr import repository_health
 from backup_tool.postgres import connection as postgres
+from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog
 from backup_tool.repository.manifest import Manifest
@@ -36,6 +37,17 @@ from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.encrypted import ALGORITHM, KEY_HINT, encryption_of
 from backup_tool.repository.walidentity import ClusterIdentity, mismatch, read_archive_identity
 from backup_tool.validation.validate import Check, ValidationReport, check_restore_finished
+
+
+def tools_check(major: int, uses_pitr: bool) -> Check:
+    """Which PostgreSQL programs backups and restores of this server will run (with
+    ``pg_basebackup`` when the repository holds base backups), or the one that is missing."""
+    names = (*pg_tools.CLIENT_TOOLS, *(("pg_basebackup",) if uses_pitr else ()))
+    try:
+        found = [pg_tools.find(name, major) for name in names]
+    except pg_tools.ToolError as exc:
+        return Check("client_tools", False, str(exc))
+    return Check("client_tools", True, ", ".join(f"{t.name} {t.version} ({t.path})" for t in found))
 
 
 def archive_checks(conn: Any, storage: Storage, settings: Settings, uses_pitr: bool) -> list[Check]:
@@ -288,9 +300,7 @@ def run_checks(settings: Settings) -> ValidationReport:
             checks.append(Check("privileges", not unreadable,
                                 "can read every table" if not unreadable else
                                 f"{unreadable} tables/sequences not readable by this user: grant SELECT or use the owner"))
-            major = info["server_version_num"] // 10000
-            tools = [postgres.find_tool(t, major) for t in ("pg_dump", "pg_restore", "psql", "pg_dumpall")]
-            checks.append(Check("client_tools", True, ", ".join(tools)))
+            checks.append(tools_check(info["server_version_num"] // 10000, uses_pitr))
             if storage is not None:
                 access = archiver_access_check(conn, settings.repo_url)
                 if access is not None:

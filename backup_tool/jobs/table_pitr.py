@@ -75,7 +75,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             work.chmod(0o711)
             user = server_os_user(work / "data", os_user)
             layout = lay_out(settings, target, work / "data", None, user, archive=False,
-                             server_command=server_command, reporter=reporter)
+                             server_command=server_command, reporter=reporter, server_binaries=True)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
             point = recover(server, layout, None, reporter)

@@ -216,6 +216,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         stack.callback(control.close)
         info = postgres.server_info(control)
         major = info["server_version_num"] // 10000
+        tools = postgres.tool_versions(major)
         database = info["database"]
         if lock_timeout > 0:
             reporter.event("waiting for the backup lock", database=database, seconds=lock_timeout)
@@ -248,8 +249,9 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         reporter.event("backup started", id=backup_id, kind=kind, database=database,
                        parent=parent.id if parent else None, repository=storage.url)
         try:
-            manifest = _dump(storage, conninfo, info, major, policy, jobs, level, threads, kind,
-                             backup_id, started_at, expires_at, parent, only_tables, reporter, stack)
+            manifest = replace(_dump(storage, conninfo, info, major, policy, jobs, level, threads, kind,
+                                     backup_id, started_at, expires_at, parent, only_tables, reporter, stack),
+                               client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
             testhooks.pause_point("backup:before-manifest")

@@ -217,7 +217,6 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     manifest = Catalog(storage).resolve_logical(backup_ref, database)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     jobs = jobs or settings.policy.backup.jobs
-    major = manifest.server_version_num // 10000
     validating = run_validation if run_validation is not None else settings.policy.validation.after_restore
     rebuilt = None
     created = create and create_database(target, manifest.encoding, manifest.inventory.get("database"))
@@ -226,6 +225,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     reporter.event("restore started", id=manifest.id, database=manifest.database, target=target.redacted())
 
     with dropped_unless_kept(target, created, reporter) as new_database, target.connect() as control:
+        major = postgres.tools_major(control, manifest.server_version_num // 10000)
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running",
                                 "wait for it to finish")

@@ -413,7 +413,6 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
     entries = resolve_tables(manifest, tables)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     jobs = jobs or settings.policy.backup.jobs
-    major = manifest.server_version_num // 10000
     mode = "into-schema" if into_schema else "replace" if replace else "restore"
     fetched = [0]
 
@@ -423,6 +422,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
     with target.connect() as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")
+        major = postgres.tools_major(control, manifest.server_version_num // 10000)
         location = {(t.schema, t.name): (into_schema or t.schema, t.name) for t in entries}
         states = {k: _state(control, *loc) for k, loc in location.items()}
         if into_schema:

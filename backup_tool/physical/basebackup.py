@@ -271,6 +271,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         info = postgres.server_info(control)
         facts = _server_facts(control)
         major = info["server_version_num"] // 10000
+        tools = postgres.tool_versions(major, ("pg_basebackup",))
         _check_prerequisites(facts, conninfo.redacted())
         verify_archive_identity(storage, ClusterIdentity(int(info["system_identifier"]), major), "backup base")
         catalog.ids()
@@ -334,7 +335,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
                      **({"object_lock": {"mode": policy.object_lock.mode, "retain_until": utc_iso(expires_at)}}
                         if policy.object_lock.mode != "none" else {})},
             extra_objects=(StoredObject(key, result.size, result.sha256, stats.raw_size),),
-            tool_version=__version__, physical=physical,
+            tool_version=__version__, physical=physical, client_tools=tools,
         )
         try:
             testhooks.pause_point("base:before-manifest")

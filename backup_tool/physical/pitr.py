@@ -425,13 +425,16 @@ class Layout:
     settings: dict[str, str]
     bytes_written: int
     seconds: float
+    bin_dir: Path | None = None
 
 
 def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
-            reporter: Reporter | None = None, database: str | None = None) -> Layout:
+            reporter: Reporter | None = None, database: str | None = None,
+            server_binaries: bool = False) -> Layout:
     """Choose the base backup (of a cluster holding ``database``, if given), fill the empty
-    ``pgdata`` and write the recovery settings."""
+    ``pgdata`` and write the recovery settings. With ``server_binaries``, the base backup's
+    major's server programs are found first: without them nothing is written."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
@@ -447,6 +450,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                                       backups[-1].server_version_num // 10000, reporter)
     plan = choose_base_backup(backups, segments, hist, target, rp_lsn, storage.url)
     Catalog(storage).require_key(plan.backup)
+    bin_dir = find_bin_dir(plan.backup.server_version_num // 10000) if server_binaries else None
     reporter.event("base backup chosen", id=plan.backup.id, stop_lsn=plan.physical.stop_lsn,
                    timeline=plan.physical.timeline, target=target.describe(),
                    recovery_timeline=plan.timeline)
@@ -484,7 +488,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
         _empty_dir(pgdata, remove=created)
         raise
     reporter.event("data directory laid out", pgdata=str(pgdata), bytes=written, os_user=user)
-    return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started)
+    return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started, bin_dir)
 
 
 def _shell_quote(text: str) -> str:
@@ -597,7 +601,7 @@ class PitrResult:
 def server_for(layout: Layout, private_dir: Path, port: int) -> LocalServer:
     p = layout.plan.physical
     return LocalServer(pgdata=layout.pgdata, os_user=layout.os_user,
-                       bin_dir=find_bin_dir(layout.plan.backup.server_version_num // 10000),
+                       bin_dir=layout.bin_dir or find_bin_dir(layout.plan.backup.server_version_num // 10000),
                        port=port, private_dir=private_dir,
                        log_file=layout.pgdata / "log" / "backup-tool-recovery.log", superuser=p.superuser)
 
@@ -684,7 +688,8 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
     if start and port is not None and _port_in_use(port):
         raise RefusedError(f"port {port} is already in use on this machine",
                            "pass another --port for the restored server")
-    layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database)
+    layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database,
+                     server_binaries=start)
     if not start:
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
                           None, None, layout.seconds, 0.0, layout.bytes_written, layout.plan.physical.databases,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from backup_tool.errors import DatabaseError, RefusedError
-from backup_tool.postgres import connection as postgres
+from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo
 
 DEFAULT_OS_USER = "postgres"
@@ -236,4 +236,12 @@ class LocalServer:
 
 
 def find_bin_dir(major: int) -> Path:
-    return Path(postgres.find_tool("pg_ctl", major)).parent
+    """The directory of PostgreSQL ``major``'s server programs (pg_ctl and postgres of
+    exactly that major: a data directory starts under no other); ToolError otherwise."""
+    pg_ctl = pg_tools.find("pg_ctl", major)
+    server = pg_ctl.path.parent / "postgres"
+    version = pg_tools.program_version(server) if server.is_file() else None
+    if version is None or int(version.split(".")[0]) != major:
+        raise pg_tools.ToolError(f"postgres of PostgreSQL {major} not found beside {pg_ctl.path}",
+                                 pg_tools.install_hint("postgres", major, pg_tools.Match.EXACT))
+    return pg_ctl.path.parent

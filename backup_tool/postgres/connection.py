@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from backup_tool.errors import BackupToolError, ConfigError, DatabaseError
+from backup_tool.postgres import tools as pg_tools
 
 SESSION_SETTINGS = {
     "TimeZone": "UTC",
@@ -142,24 +142,53 @@ def database_of(dsn: str) -> str | None:
         return None
 
 
-def find_tool(name: str, major: int | None = None) -> str:
-    """Path of a PostgreSQL client tool, preferring the server's major version."""
-    candidates: list[Path] = []
-    if env := os.environ.get("BACKUP_TOOL_PG_BINDIR"):
-        candidates.append(Path(env) / name)
-    if major:
-        candidates.append(Path(f"/usr/lib/postgresql/{major}/bin") / name)
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    found = shutil.which(name)
-    if found:
-        return found
-    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
-    if versions:
-        return str(versions[0])
-    raise DatabaseError(f"{name} is not installed",
-                        "install the PostgreSQL client tools (e.g. apt-get install postgresql-client-15)")
+def find_tool(name: str, major: int) -> str:
+    """Path of the PostgreSQL program ``name`` to run against a server of ``major``
+    (client tools of that major or newer, physical programs of exactly it; see
+    :mod:`backup_tool.postgres.tools`)."""
+    return str(pg_tools.find(name, major).path)
+
+
+def tool_versions(major: int, names: Sequence[str] = pg_tools.CLIENT_TOOLS) -> dict[str, str]:
+    """``{"pg_dump": "17.10", ...}``: the versions of the programs that serve ``major``."""
+    return {name: pg_tools.find(name, major).version for name in names}
+
+
+def tools_major(conn: psycopg.Connection[Any], backup_major: int) -> int:
+    """The major the tools restoring a ``backup_major`` backup into ``conn``'s server must
+    reach: the newer of the two (an older pg_restore or psql may not know what the
+    target needs)."""
+    return max(backup_major, server_info(conn)["server_version_num"] // 10000)
+
+
+def _local_server_bindir(conn: psycopg.Connection[Any]) -> Path | None:
+    """The bin directory the connected server runs from, when it runs on this machine:
+    the backend's executable, else the server's ``pg_config`` view (superusers), kept only
+    if the directory exists here and holds ``postgres``."""
+    host = conn.info.host or ""
+    if host and not host.startswith("/") and host not in ("localhost", "::1") and not host.startswith("127."):
+        return None
+    found: Path | None = None
+    pid = conn.info.backend_pid
+    try:
+        exe = Path(os.readlink(f"/proc/{pid}/exe"))
+        if exe.name in ("postgres", "postmaster"):
+            found = exe.parent
+    except OSError:
+        pass
+    if found is None:
+        found = configured_bindir(conn)
+    return found if found is not None and (found / "postgres").is_file() else None
+
+
+def configured_bindir(conn: psycopg.Connection[Any]) -> Path | None:
+    """The server's ``pg_config`` BINDIR, when this role may read that view (superusers
+    and those granted it); None otherwise, without an error in the session."""
+    allowed = conn.execute("SELECT has_table_privilege('pg_catalog.pg_config', 'SELECT')").fetchone()
+    if not (allowed and allowed[0]):
+        return None
+    row = conn.execute("SELECT setting FROM pg_config WHERE name = 'BINDIR'").fetchone()
+    return Path(row[0]) if row and row[0] else None
 
 
 def qualified(schema: str, name: str) -> sql.Composed:
@@ -201,6 +230,9 @@ def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         " pg_is_in_recovery()"
     ).fetchone()
     assert row is not None
+    bindir = _local_server_bindir(conn)
+    if bindir is not None:
+        pg_tools.note_server_bindir(row[2] // 10000, bindir)
     return {
         "database": row[0],
         "server_version": row[1],

@@ -35,7 +35,8 @@ LIST_SETTINGS = frozenset({"local_preload_libraries", "search_path", "session_pr
 _PROPERTIES_SQL = """
     SELECT pg_get_userbyid(d.datdba) AS owner, pg_encoding_to_char(d.encoding) AS encoding,
            d.datcollate AS collate, d.datctype AS ctype, d.datlocprovider::text AS locale_provider,
-           d.daticulocale AS icu_locale, d.datconnlimit AS connection_limit,
+           coalesce(to_jsonb(d) ->> 'datlocale', to_jsonb(d) ->> 'daticulocale') AS icu_locale,
+           d.datconnlimit AS connection_limit,
            shobj_description(d.oid, 'pg_database') AS comment,
            ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
                               pg_get_userbyid(a.grantor), a.privilege_type, a.is_grantable::text]

@@ -112,6 +112,11 @@ class Manifest:
     format: int = 1
     physical: PhysicalInfo | None = None
     large_objects: StoredObject | None = None
+    client_tools: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def server_major(self) -> int:
+        return self.server_version_num // 10000
 
     def objects(self) -> list[StoredObject]:
         """Every object the backup needs, including those it shares with its parents."""
@@ -215,7 +220,7 @@ _SHAPES: dict[type, dict[str, tuple[type, ...]]] = {
                "system_identifier": (str,), "policy": (dict,), "snapshot_lsn": (str, _NONE),
                "schema": (StoredObject, _NONE), "globals": (StoredObject, _NONE), "schema_fingerprint": (str,),
                "sequences": (tuple,), "inventory": (dict,), "options": (dict,), "tool_version": (str,),
-               "large_objects": (StoredObject, _NONE)},
+               "large_objects": (StoredObject, _NONE), "client_tools": (dict,)},
 }
 
 
@@ -277,6 +282,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             tool_version=body.get("tool_version", ""), format=fmt,
             physical=_physical(body.get("physical")),
             large_objects=_obj(body.get("large_objects")),
+            client_tools=dict(body.get("client_tools", {})),
         ))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise IntegrityError(f"manifest {where} is malformed ({exc})",

@@ -50,6 +50,7 @@ from backup_tool.config.policy import Policy
 from backup_tool.config.settings import Settings
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import BackupToolError, DatabaseError, NotFoundError
+from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, scalar
 from backup_tool.repository.catalog import Catalog, DatabaseHint
@@ -423,8 +424,8 @@ def backup_model(manifest: Manifest, storage: Storage, server: ConnInfo, with_ro
     if manifest.schema is None:
         raise NotFoundError(f"backup {manifest.id} ({manifest.kind}) has no schema archive to compare with",
                             "choose a full or incremental backup")
-    major = manifest.server_version_num // 10000
     with server.with_database("postgres").connect() as conn:
+        major = postgres.tools_major(conn, manifest.server_version_num // 10000)
         roles.ensure_roles(conn, server.with_database("postgres"), storage, manifest, major, with_roles, reporter)
     with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
         archive = Path(tmp) / "schema.pgdump"

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import difflib
+import secrets
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import psycopg
@@ -49,6 +52,7 @@ from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import Storage
 from backup_tool.streams import pipeline
+from backup_tool.validation import majors
 
 SHOWN = 5
 
@@ -190,7 +194,9 @@ INVENTORY_CHECKS = (
 def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: Storage | None) -> Check:
     """Compares the normalized schema text (privileges in canonical order, see
     :func:`schema.normalize`). A manifest written before that normalisation holds the
-    fingerprint of the older one: it matches either, or the archive's text re-normalized."""
+    fingerprint of the older one: it matches either, or the archive's text re-normalized.
+    Into a newer major, the comparison is with the archive as that major renders it
+    (``schema_rendered_by_target``, see :mod:`backup_tool.validation.majors`)."""
     raw = schema.schema_text(schema.dump_schema(conninfo, major), major)
     live = schema.normalize(raw)
     if manifest.schema_fingerprint in (schema.fingerprint(live), schema.fingerprint(schema.normalize_v1(raw))):
@@ -199,14 +205,50 @@ def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: St
     if storage is not None and manifest.schema is not None:
         obj = manifest.schema
         archive = b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size))
-        expected = schema.normalize(schema.schema_text(archive, major))
+        upgrade = majors.is_upgrade(manifest.server_major, major)
+        if upgrade:
+            expected = rendered_schema(conninfo, major, archive, manifest.encoding)
+        else:
+            expected = schema.normalize(schema.schema_text(archive, major))
         if expected == live:
-            return Check("schema_matches", True, "schema matches the backup's archive (privileges compared as sets)")
+            return Check("schema_matches", True,
+                         f"schema matches the backup's archive as PostgreSQL {major} renders it" if upgrade
+                         else "schema matches the backup's archive (privileges compared as sets)")
         diff = [ln for ln in difflib.unified_diff(expected.splitlines(), live.splitlines(),
                                                   "backup", "database", n=0, lineterm="")
                 if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
         detail += f" ({len(diff)} lines): " + " | ".join(ln[:120] for ln in diff[:4])
     return Check("schema_matches", False, detail)
+
+
+def check_major_upgrade(backup_major: int, major: int, tolerated: tuple[majors.Tolerance, ...],
+                        whole_schema: bool) -> Check:
+    """Says, by name, what validation tolerates because the backup comes from an older major."""
+    names = (["schema_rendered_by_target"] if whole_schema else []) + [t.describe() for t in tolerated]
+    return Check("major_upgrade", True, f"backup of PostgreSQL {backup_major} restored into {major}; "
+                                        f"tolerated by name: {', '.join(names) or 'nothing'}")
+
+
+def rendered_schema(conninfo: ConnInfo, major: int, archive: bytes, encoding: str) -> str:
+    """The schema archive replayed into a scratch database on ``conninfo``'s server and
+    dumped back, normalized: the backup's schema as that server's major writes it. The
+    scratch database is dropped whatever happens."""
+    name = f"backup_tool_render_{secrets.token_hex(4)}"
+    admin = conninfo.with_database("postgres")
+    with admin.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {}").format(
+            sql.Identifier(name), sql.Literal(encoding)))
+    try:
+        scratch = conninfo.with_database(name)
+        with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
+            path = Path(tmp) / "schema.pgdump"
+            path.write_bytes(archive)
+            schema.restore_section(path, scratch, major, "pre-data")
+            schema.restore_section(path, scratch, major, "post-data")
+        return schema.normalize(schema.schema_text(schema.dump_schema(scratch, major), major))
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def check_roles(conninfo: ConnInfo, major: int, manifest: Manifest, storage: Storage | None,
@@ -508,7 +550,10 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
         checks.append(check_foreign_keys(conn, inv["foreign_keys"], not_valid))
         checks.append(check_indexes(inv["indexes"], manifest.inventory["indexes"] if manifest else None))
         if manifest is not None:
-            checks.extend(c.run(manifest.inventory, inv) for c in INVENTORY_CHECKS)
+            expected_inv, tolerated = majors.expected_inventory(manifest.inventory, manifest.server_major, major)
+            if majors.is_upgrade(manifest.server_major, major):
+                checks.append(check_major_upgrade(manifest.server_major, major, tolerated, tables is None))
+            checks.extend(c.run(expected_inv, inv) for c in INVENTORY_CHECKS)
             if tables is None:
                 checks.append(check_roles(conninfo, major, manifest, storage, created_roles))
         checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
