@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+LOG_ENV = "BACKUP_TOOL_LOG"
+"""``json``: stderr is a log of JSON lines (milestones, warnings, the error), e.g. for a cron log file."""
+
 
 class Task(Protocol):
     def advance(self, amount: int) -> None: ...

@@ -33,6 +33,7 @@ import secrets
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -51,7 +52,7 @@ from backup_tool.errors import (
     UsageError,
     ValidationFailed,
 )
-from backup_tool.repository.manifest import Manifest, TableEntry
+from backup_tool.repository.manifest import Manifest, TableEntry, utc_iso
 from backup_tool.postgres.connection import ConnInfo, qualified
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.logical.restore import BackupOrigin, ensure_roles, load_table, read_object
@@ -100,11 +101,13 @@ class TablesRestoreResult:
     validation: ValidationReport | None
     sequences: tuple[SequenceCopy, ...] = ()
     source: BackupOrigin | None = None
+    recovered_to: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "backup_id": self.backup_id,
             **(self.source.to_dict() if self.source else {}),
+            "recovered_to": utc_iso(self.recovered_to) if self.recovered_to else None,
             "target": self.target,
             "tables": list(self.tables),
             "mode": self.mode,

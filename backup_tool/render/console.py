@@ -28,9 +28,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from backup_tool.core.report import Reporter, Task
+from backup_tool.core.report import LOG_ENV, Reporter, Task
 
-LOG_ENV = "BACKUP_TOOL_LOG"
 
 
 class LogReporter:
