@@ -207,6 +207,7 @@ class Invocation:
     reporter: Reporter
     redact: Callable[[str], str]
     needs_policy: bool = True
+    end_progress: Callable[[], None] = lambda: None
 
     @functools.cached_property
     def settings(self) -> Settings:
@@ -236,6 +237,9 @@ class Invocation:
         return DatabaseHint(option, named)
 
     def out(self, data: Any, text: str | Callable[[], str]) -> None:
+        """Print the result: one JSON line with ``--json``, else text; the progress display
+        stops first, so no bar is redrawn below it."""
+        self.end_progress()
         if self.common.json:
             print(self.redact(json.dumps(data, default=str, ensure_ascii=False)))
         else:
@@ -295,9 +299,13 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
     _quiet_library_logs(common.debug)
 
     reporter = make_reporter(redact, common.json)
-    inv = Invocation(common, reporter, redact, needs_policy)
+    inv = Invocation(common, reporter, redact, needs_policy,
+                     reporter.close if isinstance(reporter, RichReporter) else lambda: None)
     try:
-        return fn(inv, **kwargs) or 0
+        try:
+            return fn(inv, **kwargs) or 0
+        finally:
+            inv.end_progress()
     except ValidationFailed as exc:
         report = exc.report
         data = report.to_dict() if report is not None and hasattr(report, "to_dict") else None

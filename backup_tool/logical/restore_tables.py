@@ -353,7 +353,8 @@ def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> b
 
 
 def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: Manifest,
-                     entries: list[TableEntry], replace: bool, advance: Callable[[int], None]) -> None:
+                     entries: list[TableEntry], replace: bool, advance: Callable[[int], None],
+                     on_raw: Callable[[int], None] | None = None) -> None:
     """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back.
 
     A partitioned table holds no rows of its own: it is neither emptied nor loaded, its
@@ -380,7 +381,7 @@ def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: 
                 else:
                     conn.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
             if t.object is not None:
-                load_table(ConnInfo(), storage, t, manifest.encoding, advance, conn=conn)
+                load_table(ConnInfo(), storage, t, manifest.encoding, advance, conn=conn, on_raw=on_raw)
             if not superuser:
                 conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(target))
         for seq in _owned_sequences(manifest, keys):
@@ -458,18 +459,15 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                     control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
                 schema.restore_section(definitions, target, major, "pre-data")
 
-            total = sum(t.object.size for t in entries if t.object)
-            progress = reporter.task("restoring tables", total=total)
-
-            def advance(n: int) -> None:
-                count(n)
-                progress.advance(n)
+            total = sum(t.object.raw_size for t in entries if t.object)
+            progress = reporter.task("data", total=total)
 
             if existing:
-                replace_in_place(control, storage, manifest, existing, replace, advance)
+                replace_in_place(control, storage, manifest, existing, replace, count, progress.advance)
             loads = [t for t in create if t.object is not None]
-            pipeline.run_parallel(jobs, [(lambda t: load_table(target, storage, t, manifest.encoding, advance,
-                                                               target=location[(t.schema, t.name)], fresh=True), t)
+            pipeline.run_parallel(jobs, [(lambda t: load_table(target, storage, t, manifest.encoding, count,
+                                                               target=location[(t.schema, t.name)], fresh=True,
+                                                               on_raw=progress.advance), t)
                                          for t in loads])
             progress.finish()
             recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}

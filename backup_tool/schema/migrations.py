@@ -50,7 +50,7 @@ from psycopg.conninfo import make_conninfo
 from backup_tool.postgres import connection as postgres
 from backup_tool.errors import DatabaseError, LockHeldError, RefusedError, UsageError
 from backup_tool.postgres.connection import ConnInfo
-from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.core.report import NullReporter, Reporter, Unit
 
 BOOKKEEPING_SCHEMA = "backup_tool_migrations"
 FILE_PATTERN = re.compile(r"^(?P<version>[0-9]+)_(?P<name>.+?)(?:\.up)?\.sql$")
@@ -365,7 +365,7 @@ def replay(target: ConnInfo, migrations: MigrationSet, record: bool = True,
                                "replay into a new, empty database")
         reporter.event("replay started", folder=str(migrations.folder), files=len(migrations.migrations),
                        target=target.redacted())
-        progress = reporter.task("replaying migrations", total=len(migrations.migrations))
+        progress = reporter.task("replaying migrations", total=len(migrations.migrations), unit=Unit.ITEMS)
         applied: list[AppliedMigration] = []
         for migration in migrations.migrations:
             try:
