@@ -264,6 +264,15 @@ def test_damaged_archive_never_reaches_postgres(scenario: Scenario) -> None:
     assert "corrupt" in proc.stderr and seg_of_t1[:24] in proc.stderr
     assert not (pgdata / "postmaster.pid").exists()
 
+    tables = scenario.cli("restore", "tables", "--repo", str(copy), "--tables", "public.ledger", "--target-time",
+                          scenario.t1, "--target-dsn", scenario.server.dsn("app"), "--into-schema", "never_made")
+    assert tables.returncode == 1, tables.stderr
+    kept = re.search(r"the server log is kept at (\S+\.log)$", clioutput.only_line(tables))
+    assert kept and "corrupt" in tables.stderr, tables.stderr
+    log = Path(kept.group(1))
+    assert "corrupt" in log.read_text() and "backup-tool-tables-at-" not in kept.group(1)
+    log.unlink()
+
     path.unlink()
     pgdata = scenario.pgdata()
     proc = scenario.cli("restore", "pitr", "--repo", str(copy), "--target-time", scenario.t1, "--pgdata", pgdata,

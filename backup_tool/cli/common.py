@@ -423,6 +423,8 @@ def as_of(recovered: datetime, target: datetime) -> str:
     target_day = target.astimezone(timezone.utc).date()
     before = clock(target, False) if target_day == day else f"{target_day} {clock(target, False)}"
     return f"as of {day} {clock(recovered, True)} UTC (last commit before {before})"
+
+
 _ISO_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.\d+)?(?:Z|\+00:00)")
 
 

@@ -1,8 +1,9 @@
 """The CLI's reporters: progress bars on a terminal, JSON log lines otherwise.
 
 On a terminal (and without ``--json``), rich progress bars show each phase's progress in its
-own unit (bytes in MiB, as the summaries print them, or rows/items) and milestones print as
-short lines; a phase that ends leaves one line saying it is complete. Otherwise (cron, pipes, ``--json``) stderr stays quiet and
+own unit (bytes in KiB/MiB/GiB, as the summaries print them, or counts) and milestones print
+as short lines; a phase that ends leaves one line saying how far it got (100 % when the
+library's accounting is right). Otherwise (cron, pipes, ``--json``) stderr stays quiet and
 machine-readable: one JSON object per line for each warning, and for each milestone only
 when ``BACKUP_TOOL_LOG=json`` asks stderr to carry logs. So a failing command's stderr is
 exactly its one error line unless logs were asked for, and a successful one prints nothing
@@ -35,7 +36,6 @@ from rich.text import Text
 
 from backup_tool.core.report import LOG_ENV, Reporter, Task, Unit
 from backup_tool.core.units import human_size
-
 
 
 class LogReporter:
@@ -72,18 +72,12 @@ class _QuietTask:
         pass
 
 
-def amount(n: float, unit: Unit) -> str:
-    """An amount as the summaries print it: bytes in binary units (MiB), counts as numbers."""
-    return human_size(n) if unit == Unit.BYTES else f"{int(n)}"
-
-
 def _amounts(done: float, total: float | None, unit: Unit) -> str:
-    label = "" if unit == Unit.BYTES else f" {unit.value}"
-    if total is None:
-        return f"{amount(done, unit)}{label}"
+    """``1.2 MiB / 3.4 MiB`` (the summaries' size formatter), ``120/4000 rows``, or the amount
+    alone without a total."""
     if unit == Unit.BYTES:
-        return f"{human_size(done)} / {human_size(total)}"
-    return f"{int(done)}/{int(total)}{label}"
+        return human_size(done) if total is None else f"{human_size(done)} / {human_size(total)}"
+    return f"{int(done)}{'' if total is None else f'/{int(total)}'} {unit.value}"
 
 
 class _AmountColumn(ProgressColumn):
@@ -94,8 +88,8 @@ class _AmountColumn(ProgressColumn):
 
 
 class _RichTask:
-    """A phase on the live display. ``finish`` replaces its bar with a permanent line showing
-    it complete (100 %, its amount, how long it took), above the bars still running."""
+    """A phase on the live display; advances never pass its total. ``finish`` replaces its bar
+    with a permanent line (percent and amount reached, time taken) above the bars still running."""
 
     def __init__(self, owner: RichReporter, task_id: TaskID, description: str, total: int | None,
                  unit: Unit) -> None:
