@@ -348,7 +348,7 @@ def test_a_time_whose_next_commit_is_not_archived_is_refused_before_anything_is_
                               "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')").fetchone()[0]
         time.sleep(0.3)
         with conn.transaction():
-            conn.execute("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 150000) g")
+            conn.execute("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 90000) g")
             filled = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
             deadline = time.monotonic() + 60
             while (watch.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < \
@@ -376,7 +376,7 @@ def test_a_time_whose_next_commit_is_not_archived_is_refused_before_anything_is_
         proc = subprocess.Popen(argv, env=cli.base_env(), cwd=cli.workdir, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(3)
+            time.sleep(2)
             assert proc.poll() is None, proc.communicate()
             assert set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) == leftovers
             switch_and_wait_archived(server)
