@@ -7,15 +7,18 @@ compared with the state recorded at that moment by an independent fingerprint.""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
+import clioutput
 import dbcompare
 import psycopg
 import pytest
@@ -260,6 +263,15 @@ def test_damaged_archive_never_reaches_postgres(scenario: Scenario) -> None:
     assert "corrupt" in proc.stderr and seg_of_t1[:24] in proc.stderr
     assert not (pgdata / "postmaster.pid").exists()
 
+    tables = scenario.cli("restore", "tables", "--repo", str(copy), "--tables", "public.ledger", "--target-time",
+                          scenario.t1, "--target-dsn", scenario.server.dsn("app"), "--into-schema", "never_made")
+    assert tables.returncode == 1, tables.stderr
+    kept = re.search(r"the server log is kept at (\S+\.log)$", clioutput.only_line(tables))
+    assert kept and "corrupt" in tables.stderr, tables.stderr
+    log = Path(kept.group(1))
+    assert "corrupt" in log.read_text() and "backup-tool-tables-at-" not in kept.group(1)
+    log.unlink()
+
     path.unlink()
     pgdata = scenario.pgdata()
     proc = scenario.cli("restore", "pitr", "--repo", str(copy), "--target-time", scenario.t1, "--pgdata", pgdata,
@@ -318,3 +330,73 @@ def test_check_reports_archiving_health(scenario: Scenario, tmp_path: Path) -> N
     assert proc.returncode == 3
     bad = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
     assert "another repository" in bad["archive_destination"]
+
+
+def test_a_time_whose_next_commit_is_not_archived_is_refused_before_anything_is_written(scenario: Scenario) -> None:
+    """Issue 13: after T one large transaction fills segments that are archived, but its commit
+    (the first after T) sits in the current, unarchived segment. Recovery to T cannot stop
+    there yet: both restore commands refuse up front, naming the remedy; with --wait the
+    table restore succeeds once the source switches WAL, and says the moment it recovered."""
+    server, cli, repo = scenario.server, scenario.cli, scenario.repo
+    with server.admin_conn() as conn:
+        conn.execute("ALTER SYSTEM SET autovacuum = off")
+        conn.execute("SELECT pg_reload_conf()")
+    switch_and_wait_archived(server)
+    with server.admin_conn() as conn, server.admin_conn() as watch:
+        target = conn.execute("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                              "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')").fetchone()[0]
+        time.sleep(0.3)
+        with conn.transaction():
+            conn.execute("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 90000) g")
+            filled = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
+            deadline = time.monotonic() + 60
+            while (watch.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < \
+                    f"{filled[:16]}{int(filled[16:], 16) - 1:08X}":
+                assert time.monotonic() < deadline, "the filled segments were not archived"
+                time.sleep(0.1)
+    leftovers = set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*"))
+    try:
+        started = time.monotonic()
+        refused = cli("restore", "tables", "--repo", repo, "--tables", "public.ledger", "--target-time", target,
+                      "--target-dsn", server.dsn("app"), "--into-schema", "as_of_wait")
+        assert refused.returncode == 1, refused.stderr
+        line = clioutput.only_line(refused)
+        assert "no commit after it is archived" in line and "pg_switch_wal()" in line and "--wait" in line, line
+        assert "archive_timeout" in line and time.monotonic() - started < 30
+        assert set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) == leftovers
+        pgdata = scenario.pgdata()
+        refused = cli("restore", "pitr", "--repo", repo, "--target-time", target, "--pgdata", pgdata,
+                      "--port", str(free_port()), "--no-archive")
+        assert refused.returncode == 1 and "pg_switch_wal()" in clioutput.only_line(refused), refused.stderr
+        assert list(pgdata.iterdir()) == []
+
+        argv = [*cli.command, "restore", "tables", "--repo", repo, "--tables", "public.ledger", "--target-time",
+                target, "--target-dsn", server.dsn("app"), "--into-schema", "as_of_wait", "--wait", "120"]
+        proc = subprocess.Popen(argv, env=cli.base_env(), cwd=cli.workdir, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(2)
+            assert proc.poll() is None, proc.communicate()
+            assert set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) == leftovers
+            switch_and_wait_archived(server)
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err
+        m = re.match(r"restored public\.ledger as of (\d{4}-\d\d-\d\d) (\d\d:\d\d:\d\d\.\d\d) UTC "
+                     r"\(last commit before (\d\d:\d\d:\d\d(?:\.\d+)?)\) into ", out)
+        assert m, out
+        recovered = datetime.fromisoformat(f"{m.group(1)}T{m.group(2)}+00:00")
+        at = datetime.fromisoformat(target.replace("Z", "+00:00"))
+        assert m.group(3) == at.strftime("%H:%M:%S.%f").rstrip("0").rstrip(".")
+        assert at - timedelta(minutes=5) < recovered <= at
+        assert "verdict: OK" in out
+        now = dbcompare.table_hashes(server.dsn("app"))
+        assert now["as_of_wait.ledger"] == now["public.ledger"]
+    finally:
+        run_sql(server, "DROP SCHEMA IF EXISTS as_of_wait CASCADE")
+        with server.admin_conn() as conn:
+            conn.execute("DROP TABLE IF EXISTS filler")
+            conn.execute("ALTER SYSTEM RESET autovacuum")
+            conn.execute("SELECT pg_reload_conf()")

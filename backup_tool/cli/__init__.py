@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 import sys
 
-from backup_tool.cli.common import app
+from backup_tool.cli.common import app, report_error
 
 
 def _command_modules(argv: list[str]) -> list[str]:
@@ -30,7 +30,8 @@ for _module in _command_modules(sys.argv):
 
 def main() -> None:
     """Run the CLI. Usage errors (unknown, missing or malformed options) are one line on
-    stderr with exit 2, like every other error; help still goes to stdout."""
+    stderr with exit 2, like every other error (and, with ``--json``, the error document on
+    stdout); help still goes to stdout."""
     from typer.exceptions import TyperException
 
     try:
@@ -40,9 +41,9 @@ def main() -> None:
             print(exc.format_message())
         else:
             ctx = getattr(exc, "ctx", None)
-            where = f" — see '{ctx.command_path} --help'" if ctx is not None else ""
+            hint = f"see '{ctx.command_path} --help'" if ctx is not None else None
             message = " ".join(exc.format_message().split())
-            print(f"backup-tool: error: {message}{where}", file=sys.stderr)
+            report_error("--json" in sys.argv[1:], exc.exit_code, message, hint, str)
         code = exc.exit_code
     sys.exit(code if isinstance(code, int) else 0)
 

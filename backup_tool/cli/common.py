@@ -20,13 +20,14 @@ import signal
 import sys
 import traceback
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from backup_tool.config.settings import Settings, default_repo, resolve_settings
-from backup_tool.core.report import Reporter
+from backup_tool.core.report import LOG_ENV, Reporter
 from backup_tool.core.units import human_size
 from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed
 
@@ -212,6 +213,7 @@ class Invocation:
     reporter: Reporter
     redact: Callable[[str], str]
     needs_policy: bool = True
+    end_progress: Callable[[], None] = lambda: None
 
     @functools.cached_property
     def settings(self) -> Settings:
@@ -241,8 +243,11 @@ class Invocation:
         return DatabaseHint(option, named)
 
     def out(self, data: Any, text: str | Callable[[], str]) -> None:
+        """Print the result: one JSON line with ``--json``, else text; the progress display
+        stops first, so no bar is redrawn below it."""
+        self.end_progress()
         if self.common.json:
-            print(self.redact(json.dumps(data, indent=2, default=str, ensure_ascii=False)))
+            print(self.redact(json.dumps(data, default=str, ensure_ascii=False)))
         else:
             print(self.redact(text() if callable(text) else text))
 
@@ -302,28 +307,34 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
     _quiet_library_logs(common.debug)
 
     reporter = make_reporter(redact, common.json)
-    inv = Invocation(common, reporter, redact, needs_policy)
+    inv = Invocation(common, reporter, redact, needs_policy,
+                     reporter.close if isinstance(reporter, RichReporter) else lambda: None)
     try:
-        return fn(inv, **kwargs) or 0
+        try:
+            return fn(inv, **kwargs) or 0
+        finally:
+            inv.end_progress()
     except ValidationFailed as exc:
         report = exc.report
-        if report is not None and hasattr(report, "to_dict"):
-            inv.out(report.to_dict(), lambda: render_report(report))
-        return fail(exc, common, redact)
+        data = report.to_dict() if report is not None and hasattr(report, "to_dict") else None
+        if data is not None and not common.json:
+            inv.out(data, lambda: render_report(report))
+        return fail(exc, common, redact, data)
     except BackupToolError as exc:
         return fail(exc, common, redact)
     except (KeyboardInterrupt, Terminated, pipeline.Cancelled) as exc:
         pipeline.cancel()
         if common.debug:
             print_traceback(redact)
-        print("backup-tool: error: interrupted; partial work was discarded or rolled back — run the command again",
-              file=sys.stderr)
-        return 130 if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED
+        code = 130 if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED
+        report_error(common.json, code, "interrupted; partial work was discarded or rolled back",
+                     "run the command again", redact)
+        return code
     except Exception as exc:  # a bug: still one line unless --debug
         if common.debug:
             print_traceback(redact)
-        print(redact(f"backup-tool: error: unexpected {type(exc).__name__}: {one_line(str(exc))} "
-                     "(rerun with --debug for details)"), file=sys.stderr)
+        report_error(common.json, EXIT_FAILED, f"unexpected {type(exc).__name__}: {one_line(str(exc))}",
+                     "rerun with --debug for details", redact)
         return EXIT_FAILED
     finally:
         if isinstance(reporter, RichReporter):
@@ -340,11 +351,35 @@ def one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def fail(exc: BackupToolError, common: Common, redact: Callable[[str], str]) -> int:
+def fail(exc: BackupToolError, common: Common, redact: Callable[[str], str],
+         data: dict[str, Any] | None = None) -> int:
     if common.debug:
         print_traceback(redact)
-    print(redact(f"backup-tool: error: {one_line(str(exc))}"), file=sys.stderr)
+    report_error(common.json, exc.exit_code, one_line(exc.message), one_line(exc.hint) if exc.hint else None,
+                 redact, data)
     return exc.exit_code
+
+
+def report_error(json_output: bool, exit_code: int, message: str, hint: str | None,
+                 redact: Callable[[str], str], data: dict[str, Any] | None = None) -> None:
+    """A failure, said once per stream: with ``--json`` stdout carries the one document
+    (``data``, e.g. the failed validation report, with ``ok`` false, ``exit_code``, ``error``
+    and ``hint``); stderr carries the one error line, itself a JSON line when
+    ``BACKUP_TOOL_LOG=json`` asks stderr for logs (so ``--json >> log 2>&1`` is JSON lines)."""
+    if json_output:
+        doc = {**(data or {}), "ok": False, "exit_code": exit_code, "error": message, "hint": hint}
+        print(redact(json.dumps(doc, default=str, ensure_ascii=False)), flush=True)
+    print(redact(error_line(message, hint, exit_code)), file=sys.stderr, flush=True)
+
+
+def error_line(message: str, hint: str | None, exit_code: int) -> str:
+    """The one line a failure prints on stderr: ``backup-tool: error: what — what to do``, or,
+    when ``BACKUP_TOOL_LOG=json`` makes stderr a JSON-lines log, the same as a log record
+    (``{"ts", "level": "error", "event", "hint", "exit_code"}``)."""
+    if os.environ.get(LOG_ENV, "").lower() == "json":
+        return json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="seconds"), "level": "error",
+                           "event": message, "hint": hint, "exit_code": exit_code}, ensure_ascii=False)
+    return f"backup-tool: error: {message}{f' — {hint}' if hint else ''}"
 
 
 def render_report(report: Any) -> str:
@@ -361,6 +396,8 @@ def render_report(report: Any) -> str:
             origin = (f"database {source.database} from backup {report.backup_id} (snapshot of "
                       f"{human_time(utc_iso(source.snapshot_at))}, finished {human_time(utc_iso(source.finished_at))})"
                       if source is not None else report.backup_id)
+            if source is not None and getattr(report, "recovered_to", None) is not None:
+                origin = f"{', '.join(report.tables)} {as_of(report.recovered_to, source.snapshot_at)}"
             lines.append(f"restored {origin} into {report.target}{where}: {tables} tables, "
                          f"{report.rows} rows, {human_size(report.bytes_read)} read in {report.seconds:.1f}s")
         report = validation
@@ -375,6 +412,27 @@ def render_report(report: Any) -> str:
 
 
 NONE_SHOWN = "—"
+
+
+def as_of(recovered: datetime, target: datetime) -> str:
+    """The moment a point-in-time restore brought back, as an operator reads it: ``as of
+    2026-11-26 21:38:07.95 UTC (last commit before 21:38:10)``. The target's date is shown
+    only when it differs from the commit's."""
+    def clock(ts: datetime, hundredths: bool) -> str:
+        ts = ts.astimezone(timezone.utc)
+        text = ts.strftime("%H:%M:%S")
+        if hundredths:
+            text += f".{ts.microsecond // 10000:02d}"
+        elif ts.microsecond:
+            text += f".{ts.microsecond:06d}".rstrip("0")
+        return text
+
+    day = recovered.astimezone(timezone.utc).date()
+    target_day = target.astimezone(timezone.utc).date()
+    before = clock(target, False) if target_day == day else f"{target_day} {clock(target, False)}"
+    return f"as of {day} {clock(recovered, True)} UTC (last commit before {before})"
+
+
 _ISO_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.\d+)?(?:Z|\+00:00)")
 
 

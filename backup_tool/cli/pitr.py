@@ -15,6 +15,7 @@ from backup_tool.cli.common import (
     render_report,
     restore_app,
 )
+from backup_tool.cli.restore import WAIT_HELP
 from backup_tool.errors import EXIT_VALIDATION
 
 
@@ -79,6 +80,7 @@ def restore_pitr_cmd(
         "--database", metavar="NAME",
         help="Use only base backups of a cluster that held this database (a base backup restores "
              "the whole cluster)")] = None,
+    wait: Annotated[float, typer.Option("--wait", metavar="SECONDS", min=0, help=WAIT_HELP)] = 0.0,
 ) -> int:
     """Point-in-time recovery into a new data directory: the newest base backup before the target plus
     archived WAL. With --start (default) the server recovers privately, promotes at the target, is
@@ -90,7 +92,7 @@ def restore_pitr_cmd(
     result = restore_pitr(inv.settings, target, pgdata, port=port, start=start, os_user=os_user,
                           archive=archive, server_command=server_command,
                           run_validation=False if no_validate else None, timeout=timeout,
-                          reporter=inv.reporter, database=database)
+                          reporter=inv.reporter, database=database, wait=wait)
 
     def text() -> str:
         d = result.to_dict()

@@ -15,6 +15,9 @@ from backup_tool.cli.common import (
 )
 from backup_tool.errors import UsageError
 
+WAIT_HELP = ("With --target-time: when the WAL archive does not reach the time yet (its first commit "
+             "after it is not archived), wait up to SECONDS for it instead of refusing at once")
+
 RESTORE_DSN_HELP = ("Not written to: only names the database 'latest' means when the repository "
                     "holds several, like --database (env DATABASE_URL). The restore goes to --target-dsn")
 
@@ -76,6 +79,8 @@ def restore_tables_cmd(
     with_roles: Annotated[bool, typer.Option("--with-roles", help="Create missing roles from the backup")] = False,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", min=1, max=64,
                                                 help="Tables loaded in parallel (default: policy backup.jobs)")] = None,
+    wait: Annotated[float, typer.Option("--wait", metavar="SECONDS", min=0,
+                                        help=WAIT_HELP)] = 0.0,
     database: DatabaseOption = None,
 ) -> int:
     """Restore only the named tables: into empty/absent tables, beside them (--into-schema), or over them (--replace)."""
@@ -88,8 +93,10 @@ def restore_tables_cmd(
         from backup_tool.jobs.table_pitr import restore_tables_at
 
         result = restore_tables_at(inv.settings, target_dsn, names, target_time, into_schema=into_schema,
-                                   replace=replace, jobs=jobs, reporter=inv.reporter)
+                                   replace=replace, jobs=jobs, reporter=inv.reporter, wait=wait)
     else:
+        if wait:
+            raise UsageError("--wait goes with --target-time", "it waits for the WAL archive to reach that time")
         from backup_tool.logical.restore_tables import restore_tables
 
         result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,

@@ -11,6 +11,7 @@ failure, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 from datetime import datetime
@@ -24,6 +25,7 @@ from backup_tool.core.kinds import BackupKind
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import (
     BackupToolError,
+    DatabaseError,
     NotFoundError,
     UsageError,
 )
@@ -35,6 +37,7 @@ from backup_tool.physical.pitr import (
     free_port,
     lay_out,
     parse_time,
+    plan_recovery,
     recover,
     server_for,
     terminate_as_interrupt,
@@ -53,13 +56,17 @@ from backup_tool.repository.storage import open_repository
 def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], target_time: str | datetime,
                       into_schema: str | None = None, replace: bool = False, jobs: int | None = None,
                       reporter: Reporter | None = None, os_user: str | None = None,
-                      server_command: str | None = None) -> Any:
+                      server_command: str | None = None, wait: float = 0.0) -> Any:
     """Restore ``tables`` as they were at ``target_time`` into the target database.
 
     A temporary cluster is recovered to the time in a private temporary directory, the
     tables are backed up from it into a temporary local repository and restored from there
     with selective restore (same refusal rules, ``into_schema`` / ``replace``, validation).
-    The temporary cluster and repository are removed on success, failure, Ctrl-C or SIGTERM.
+    The temporary cluster and repository are removed on success, failure, Ctrl-C or SIGTERM;
+    when recovery fails its server log is first copied out and named in the error.
+    A time the archive cannot reach yet is refused before anything is written (``wait``:
+    seconds to wait for it, see :func:`backup_tool.physical.pitr.plan_recovery`). The result's
+    ``source`` says the moment recovered: the last commit replayed before ``target_time``.
     """
     reporter = reporter or NullReporter()
     when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
@@ -69,16 +76,21 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
         raise UsageError("cannot tell which database the tables come from",
                          "name it in --target-dsn (or --dsn)")
     with terminate_as_interrupt():
+        plan = plan_recovery(settings, target, None, reporter, wait)
         work = Path(tempfile.mkdtemp(prefix="backup-tool-tables-at-"))
         server: LocalServer | None = None
         try:
             work.chmod(0o711)
             user = server_os_user(work / "data", os_user)
             layout = lay_out(settings, target, work / "data", None, user, archive=False,
-                             server_command=server_command, reporter=reporter, server_binaries=True)
+                             server_command=server_command, reporter=reporter, plan=plan,
+                             server_binaries=True)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
-            point = recover(server, layout, None, reporter)
+            try:
+                point = recover(server, layout, None, reporter)
+            except DatabaseError as exc:
+                raise DatabaseError(exc.message, f"the server log is kept at {_keep_log(server)}") from exc
             reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
                            if point.last_transaction_time else None, lsn=point.redo_done_lsn)
             tmp_repo = work / "repo"
@@ -91,7 +103,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
                                     into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
             return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
-                source_db, when, layout.plan.backup.finished_at))
+                source_db, when, layout.plan.backup.finished_at), recovered_to=point.last_transaction_time)
         finally:
             if server is not None:
                 try:
@@ -99,6 +111,14 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                 except Exception:  # noqa: BLE001 - the scratch server dies with its directory, removed next
                     pass
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _keep_log(server: LocalServer) -> Path:
+    """A copy of the temporary server's log outside the directory about to be removed."""
+    fd, name = tempfile.mkstemp(prefix="backup-tool-recovery-", suffix=".log")
+    with os.fdopen(fd, "w") as out:
+        out.write(server.log_text())
+    return Path(name)
 
 
 def _live_timeline(settings: Settings, target: Any) -> int | None:

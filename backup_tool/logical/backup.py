@@ -41,7 +41,7 @@ from backup_tool import __version__
 from backup_tool.config.policy import Policy
 from backup_tool.config.settings import Settings
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
-from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.core.report import NullReporter, Reporter, Unit
 from backup_tool.errors import BackupToolError, LockHeldError
 from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema
 from backup_tool.postgres import connection as postgres
@@ -324,26 +324,42 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
     def checksum(table: TableInfo) -> None:
         checksums[table.oid] = postgres.table_checksum(workers.conn(), table.schema, table.name,
                                                        table.columns)
+        summed.advance(1)
 
     def dump(table: TableInfo) -> None:
+        credited = [0]
+
+        def advance(n: int) -> None:
+            step = min(n, table.size - credited[0])
+            if step > 0:
+                credited[0] += step
+                progress.advance(step)
+
         objects[table.oid] = _dump_table(storage, conninfo, major, snap.snapshot_id, table,
                                          f"{prefix}data/{table.oid}.copy.zst", level, threads,
-                                         encoding, progress.advance)
+                                         encoding, advance)
+        progress.advance(table.size - credited[0])
+        with pending_lock:
+            pending.discard(table.oid)
+            if not pending:
+                progress.finish()
         testhooks.pause_point("backup:between-objects")
 
+    # The data phase is measured in the tables' on-disk size (the only size known before
+    # COPY): each table is credited as its COPY text flows, never past its own size, and in
+    # full when its object is stored, so the bar ends at exactly 100 %.
     reused: dict[int, TableEntry] = {}
+    pending_lock = threading.Lock()
     if parent is None:
-        progress = reporter.task("dumping tables", total=sum(t.size for t in data_tables))
+        pending = {t.oid for t in data_tables}
+        progress = reporter.task("data", total=sum(t.size for t in data_tables))
+        summed = reporter.task("table checksums", total=len(data_tables), unit=Unit.ITEMS)
         pipeline.run_parallel(jobs, [(dump, t) for t in data_tables] + [(checksum, t) for t in data_tables])
+        summed.finish()
     else:
-        check = reporter.task("comparing tables with the parent backup", total=len(data_tables))
-
-        def checksum_and_count(t: TableInfo) -> None:
-            checksum(t)
-            check.advance(1)
-
-        pipeline.run_parallel(jobs, [(checksum_and_count, t) for t in data_tables])
-        check.finish()
+        summed = reporter.task("comparing tables with the parent backup", total=len(data_tables), unit=Unit.ITEMS)
+        pipeline.run_parallel(jobs, [(checksum, t) for t in data_tables])
+        summed.finish()
         for t in data_tables:
             entry = parent.table(t.schema, t.name)
             if entry is not None and unchanged(entry, t, *checksums[t.oid]):
@@ -354,7 +370,8 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
                                   "run 'backup-tool verify all', then take a full backup")
         changed = [t for t in data_tables if t.oid not in reused]
         reporter.event("change detection", changed=len(changed), unchanged=len(reused))
-        progress = reporter.task("dumping changed tables", total=sum(t.size for t in changed))
+        pending = {t.oid for t in changed}
+        progress = reporter.task("data (changed tables)", total=sum(t.size for t in changed))
         pipeline.run_parallel(jobs, [(dump, t) for t in changed])
     progress.finish()
 

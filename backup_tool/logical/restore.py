@@ -30,7 +30,7 @@ import psycopg
 from psycopg import sql
 
 from backup_tool.config.settings import Settings
-from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.core.report import NullReporter, Reporter, Unit
 from backup_tool.errors import (
     BackupToolError,
     DatabaseError,
@@ -158,8 +158,11 @@ def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter) -
 
 def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding: str,
                advance: Callable[[int], None], conn: psycopg.Connection[Any] | None = None,
-               target: tuple[str, str] | None = None, fresh: bool = False) -> None:
+               target: tuple[str, str] | None = None, fresh: bool = False,
+               on_raw: Callable[[int], None] | None = None) -> None:
     """COPY one table's object into ``target`` (default: the table itself), in one transaction.
+    ``advance`` counts the stored (compressed) bytes read, ``on_raw`` the uncompressed bytes
+    written to COPY (what a progress bar over ``raw_size`` measures).
 
     ``fresh``: the table was created by this restore and nothing references it yet, so it is
     truncated in the loading transaction and loaded with COPY FREEZE: rows arrive frozen with
@@ -178,6 +181,8 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
             with cur.copy(stmt) as copy:
                 for chunk in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance):
                     copy.write(chunk)
+                    if on_raw is not None:
+                        on_raw(len(chunk))
     except psycopg.Error as exc:
         raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
     finally:
@@ -250,10 +255,14 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             loader = target
             if schema_from_migrations is None:
                 archive_path.write_bytes(pipeline.read_object(storage, manifest.schema, count))
+                objects = schema.section_items(archive_path, major, "pre-data")
+                phase = reporter.task("schema", total=objects, unit=Unit.ITEMS)
                 replay = extensions.PreDataReplay(archive_path, target, major, manifest.inventory.get("extensions"))
                 column_order.restore_pre_data(archive_path, target, major, manifest, reporter, replay)
                 for fallback in replay.fallbacks:
                     reporter.warning(f"extension {fallback}: installed the target server's default version")
+                phase.advance(objects)
+                phase.finish()
                 reporter.event("schema created", id=manifest.id)
             else:
                 rebuilt = rebuild.rebuild_schema(schema_from_migrations, target, storage, manifest, archive_path,
@@ -262,15 +271,12 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
 
             data = [t for t in manifest.tables if t.object is not None]
             checksums: dict[tuple[str, str], tuple[int, str]] = {}
-            progress = reporter.task("restoring tables", total=sum(t.object.size for t in data if t.object))
-
-            def advance(n: int) -> None:
-                count(n)
-                progress.advance(n)
+            progress = reporter.task("data", total=sum(t.object.raw_size for t in data if t.object))
 
             def load(t: TableEntry) -> None:
                 with loader.connect(settings={"client_encoding": manifest.encoding}) as conn:
-                    load_table(loader, storage, t, manifest.encoding, advance, conn=conn, fresh=rebuilt is None)
+                    load_table(loader, storage, t, manifest.encoding, count, conn=conn, fresh=rebuilt is None,
+                               on_raw=progress.advance)
                     if validating and t.relkind == "r":
                         checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns)
                 testhooks.pause_point("restore:loading")
@@ -284,7 +290,12 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                 reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
             reporter.event("data loaded", tables=len(data), bytes=fetched[0])
             if rebuilt is None:
-                schema.restore_section(archive_path, target, major, "post-data", jobs=jobs)
+                built = reporter.task("indexes and constraints", total=schema.section_items(archive_path, major,
+                                                                                           "post-data"),
+                                      unit=Unit.ITEMS)
+                schema.restore_section(archive_path, target, major, "post-data", jobs=jobs,
+                                       on_item=lambda: built.advance(1))
+                built.finish()
                 reporter.event("indexes and constraints built", id=manifest.id)
             else:
                 rebuild.finish(target, validating)

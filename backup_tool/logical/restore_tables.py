@@ -33,6 +33,7 @@ import secrets
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -54,7 +55,7 @@ from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, qualified
 from backup_tool.repository.catalog import Catalog, DatabaseHint
-from backup_tool.repository.manifest import Manifest, TableEntry
+from backup_tool.repository.manifest import Manifest, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage, open_repository
 from backup_tool.streams import pipeline
 from backup_tool.validation.validate import (
@@ -101,11 +102,13 @@ class TablesRestoreResult:
     validation: ValidationReport | None
     sequences: tuple[SequenceCopy, ...] = ()
     source: BackupOrigin | None = None
+    recovered_to: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "backup_id": self.backup_id,
             **(self.source.to_dict() if self.source else {}),
+            "recovered_to": utc_iso(self.recovered_to) if self.recovered_to else None,
             "target": self.target,
             "tables": list(self.tables),
             "mode": self.mode,
@@ -351,7 +354,8 @@ def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> b
 
 
 def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: Manifest,
-                     entries: list[TableEntry], replace: bool, advance: Callable[[int], None]) -> None:
+                     entries: list[TableEntry], replace: bool, advance: Callable[[int], None],
+                     on_raw: Callable[[int], None] | None = None) -> None:
     """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back.
 
     A partitioned table holds no rows of its own: it is neither emptied nor loaded, its
@@ -378,7 +382,7 @@ def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: 
                 else:
                     conn.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
             if t.object is not None:
-                load_table(ConnInfo(), storage, t, manifest.encoding, advance, conn=conn)
+                load_table(ConnInfo(), storage, t, manifest.encoding, advance, conn=conn, on_raw=on_raw)
             if not superuser:
                 conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(target))
         for seq in _owned_sequences(manifest, keys):
@@ -456,18 +460,15 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                     control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
                 schema.restore_section(definitions, target, major, "pre-data")
 
-            total = sum(t.object.size for t in entries if t.object)
-            progress = reporter.task("restoring tables", total=total)
-
-            def advance(n: int) -> None:
-                count(n)
-                progress.advance(n)
+            total = sum(t.object.raw_size for t in entries if t.object)
+            progress = reporter.task("data", total=total)
 
             if existing:
-                replace_in_place(control, storage, manifest, existing, replace, advance)
+                replace_in_place(control, storage, manifest, existing, replace, count, progress.advance)
             loads = [t for t in create if t.object is not None]
-            pipeline.run_parallel(jobs, [(lambda t: load_table(target, storage, t, manifest.encoding, advance,
-                                                               target=location[(t.schema, t.name)], fresh=True), t)
+            pipeline.run_parallel(jobs, [(lambda t: load_table(target, storage, t, manifest.encoding, count,
+                                                               target=location[(t.schema, t.name)], fresh=True,
+                                                               on_raw=progress.advance), t)
                                          for t in loads])
             progress.finish()
             recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}

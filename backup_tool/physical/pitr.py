@@ -25,6 +25,7 @@ record, newest base backup first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psycopg
 
@@ -66,6 +67,7 @@ from backup_tool.postgres.cluster import (
     tool_candidates,
     user_can_write,
 )
+from backup_tool.postgres.connection import find_tool
 from backup_tool.repository.catalog import Catalog, of_cluster_holding
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, parse_utc, utc_iso
 from backup_tool.repository.storage import Storage, open_repository, open_storage
@@ -167,6 +169,7 @@ class Plan:
     timeline: int
     coverage: wal.Coverage
     window: tuple[datetime, datetime | None]
+    path: list[walcoverage.TimelineSpan] = dataclasses.field(default_factory=list)
 
     @property
     def physical(self) -> PhysicalInfo:
@@ -180,6 +183,7 @@ class _Candidate:
     physical: PhysicalInfo
     timeline: int
     coverage: wal.Coverage
+    path: list[walcoverage.TimelineSpan]
 
     @property
     def usable(self) -> bool:
@@ -200,7 +204,7 @@ def _candidates(backups: list[Manifest], segments: list[wal.WalSegment],
         if span is None or (span.end is not None and walnames.parse_lsn(p.stop_lsn) > span.end):
             continue
         cov = walcoverage.coverage(segments, path, walnames.parse_lsn(p.start_lsn), p.wal_segment_size)
-        found.append(_Candidate(m, p, tli, cov))
+        found.append(_Candidate(m, p, tli, cov, path))
     return found
 
 
@@ -249,7 +253,8 @@ def choose_base_backup(backups: list[Manifest], segments: list[wal.WalSegment],
         else:
             ok = restore_point_lsn is not None and stop_lsn <= restore_point_lsn < c.coverage.end_lsn
         if ok:
-            return Plan(c.backup, c.timeline, c.coverage, (c.physical.stop_time, c.coverage.archived_until))
+            return Plan(c.backup, c.timeline, c.coverage, (c.physical.stop_time, c.coverage.archived_until),
+                        c.path)
     raise _outside(target, usable, window, where, restore_point_lsn)
 
 
@@ -267,8 +272,9 @@ def _outside(target: Target, usable: list[_Candidate], window: tuple[datetime, d
         else:
             why = (f"WAL after {utc_iso(last) if last else '?'} is not archived yet{gap_note}")
         return RefusedError(f"cannot recover to {target.describe()}: {where} covers {span}; {why}",
-                            "choose a time inside that window (for a very recent time run "
-                            "SELECT pg_switch_wal() on the server so the current segment is archived)")
+                            "choose a time inside that window; for a very recent time wait for the source's "
+                            "archive_timeout, or run SELECT pg_switch_wal() on the source, then retry "
+                            "(or add --wait SECONDS)")
     lsn_span = (f"{min(c.physical.stop_lsn for c in usable)} .. "
                 f"{wal.format_lsn(max(c.coverage.end_lsn for c in usable))} (timeline {newest.timeline})")
     if target.kind == "name":
@@ -279,6 +285,150 @@ def _outside(target: Target, usable: list[_Candidate], window: tuple[datetime, d
                             "list restore points with pg_waldump, or use --target-time")
     return RefusedError(f"cannot recover to {target.describe()}: {where} covers LSN {lsn_span}, "
                         f"times {span}{gap_note}", "choose an LSN inside that range")
+
+
+# --------------------------------------------------------------------------- reaching a time
+
+
+XACT_TIME = re.compile(r"desc: (?:COMMIT|ABORT)(?:_PREPARED \d+:)? "
+                       r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+class ArchiveBehindError(RefusedError):
+    """The archive cannot reach a time target *yet*: the first commit after it is not archived.
+    Waiting (``--wait``) or a WAL switch on the source makes the same request succeed."""
+
+
+def xact_times(waldump_output: str) -> list[datetime]:
+    """Timestamps of the commit/abort records in ``pg_waldump -r Transaction`` output (run
+    with TZ=UTC): the records a time target is compared with during recovery."""
+    return [datetime.fromisoformat(m.group(1)).replace(tzinfo=timezone.utc)
+            for m in XACT_TIME.finditer(waldump_output)]
+
+
+def reaches_time(target: datetime, newest_first: list[tuple[str, tuple[datetime, ...]]]) -> bool | None:
+    """Whether replaying the archive stops at ``target``, from the commit/abort times found in
+    the covered segments, newest segment first (pure).
+
+    Recovery to a time stops at the first commit or abort whose timestamp is after the target;
+    without one it runs out of WAL and fails. So the archive reaches the target exactly when a
+    fully archived commit/abort record has a later timestamp. The newest segment holding any
+    such record decides: its latest time is after the target (True) or not (False: a later
+    timestamp further back would need the clock to have gone backwards, so refusing is safe).
+    None: no record in the segments given (scan further back).
+    """
+    for _, times in newest_first:
+        if times:
+            return max(times) > target
+    return None
+
+
+def _segments_back(plan: Plan) -> Iterator[str]:
+    """Names of the covered segments along the plan's timeline path, newest first, down to the
+    base backup's first segment."""
+    seg_size = plan.physical.wal_segment_size
+    cov = plan.coverage
+    if cov.last_segment is None:
+        return
+    first = wal.lsn_segment(walnames.parse_lsn(plan.physical.start_lsn), seg_size)
+    path = plan.path
+    for segno in range(wal.lsn_segment(cov.end_lsn - 1, seg_size), first - 1, -1):
+        yield wal.segment_name(walcoverage.timeline_for(path, segno, seg_size), segno, seg_size)
+
+
+class CommitScanner:
+    """Reads the commit/abort times of archived segments with ``pg_waldump``, each segment once
+    (archived segments never change, so a poll under ``--wait`` reads only new ones)."""
+
+    def __init__(self, storage: Storage, major: int) -> None:
+        self.storage = storage
+        self.major = major
+        self.seen: dict[str, tuple[datetime, ...]] = {}
+
+    def times(self, segment: str, tmp: Path) -> tuple[datetime, ...]:
+        if segment not in self.seen:
+            dest = tmp / segment
+            wal.fetch(self.storage, segment, dest)
+            done = subprocess.run([find_tool("pg_waldump", self.major), "-r", "Transaction", str(dest)],
+                                  capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  env={**os.environ, "TZ": "UTC"})
+            dest.unlink(missing_ok=True)
+            self.seen[segment] = tuple(xact_times(done.stdout))
+        return self.seen[segment]
+
+    def reaches(self, plan: Plan, target: datetime) -> bool:
+        with tempfile.TemporaryDirectory(prefix="backup-tool-waldump-") as tmp:
+            for segment in _segments_back(plan):
+                decided = reaches_time(target, [(segment, self.times(segment, Path(tmp)))])
+                if decided is not None:
+                    return decided
+        return False
+
+
+def _newest_commit(scanner: CommitScanner) -> datetime | None:
+    return max((t for times in scanner.seen.values() for t in times), default=None)
+
+
+def _behind(target: Target, scanner: CommitScanner, where: str) -> ArchiveBehindError:
+    assert target.time is not None
+    newest = _newest_commit(scanner)
+    seen = f" (the newest archived commit is at {utc_iso(newest)})" if newest else ""
+    return ArchiveBehindError(
+        f"cannot recover to {target.describe()} yet: no commit after it is archived in {where}{seen}",
+        "wait for the source's archive_timeout, or run SELECT pg_switch_wal() on the source, then retry "
+        "(or add --wait SECONDS)")
+
+
+def plan_recovery(settings: Settings, target: Target, database: str | None = None,
+                  reporter: Reporter | None = None, wait: float = 0.0,
+                  clock: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[float], None] = time.sleep) -> Plan:
+    """Choose the base backup for ``target`` from the repository, before anything is written.
+
+    A time target is accepted only when the archive holds a commit or abort record timestamped
+    after it (:func:`reaches_time`): recovery stops there, and without it PostgreSQL would
+    replay to the end of the archive and fail after the base backup was laid out. When the
+    archive is merely behind (:class:`ArchiveBehindError`), ``wait`` seconds of polling give
+    the source's archiver time to catch up; any other refusal is immediate.
+    """
+    reporter = reporter or NullReporter()
+    storage = open_repository(settings.repo_url)
+    backups = of_cluster_holding(Catalog(storage).scan()[0], database, storage.url)
+    scanner = CommitScanner(storage, backups[-1].server_version_num // 10000 if backups else 0)
+    deadline = clock() + max(0.0, wait)
+    announced = False
+    while True:
+        try:
+            return _plan_once(storage, backups, target, scanner, reporter)
+        except ArchiveBehindError as exc:
+            if clock() >= deadline:
+                raise
+            if not announced:
+                reporter.event("waiting for the archive to reach the target", target=target.describe(),
+                               seconds=wait, reason=exc.message)
+                announced = True
+            sleep(min(2.0, max(0.1, deadline - clock())))
+
+
+def _plan_once(storage: Storage, backups: list[Manifest], target: Target, scanner: CommitScanner,
+               reporter: Reporter) -> Plan:
+    files = wal.list_archive(storage)
+    segments = wal.segments_of(files)
+    hist = wal.histories(storage, files)
+    rp_lsn = None
+    if target.kind == "name" and target.name is not None and backups:
+        rp_lsn = locate_restore_point(storage, backups, segments, hist, target.name, target.timeline,
+                                      backups[-1].server_version_num // 10000, reporter)
+    try:
+        plan = choose_base_backup(backups, segments, hist, target, rp_lsn, storage.url)
+    except RefusedError as exc:
+        window = covered_window(backups, segments, hist, target.timeline)
+        if target.kind == "time" and target.time is not None and window is not None and target.time >= window[0]:
+            raise ArchiveBehindError(exc.message, exc.hint) from None
+        raise
+    if target.kind == "time" and target.time is not None and not scanner.reaches(plan, target.time):
+        raise _behind(target, scanner, storage.url)
+    return plan
 
 
 # --------------------------------------------------------------------------- restore points
@@ -430,25 +580,18 @@ class Layout:
 
 def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
-            reporter: Reporter | None = None, database: str | None = None,
-            server_binaries: bool = False) -> Layout:
-    """Choose the base backup (of a cluster holding ``database``, if given), fill the empty
-    ``pgdata`` and write the recovery settings. With ``server_binaries``, the base backup's
-    major's server programs are found first: without them nothing is written."""
+            reporter: Reporter | None = None, database: str | None = None, plan: Plan | None = None,
+            wait: float = 0.0, server_binaries: bool = False) -> Layout:
+    """Choose the base backup (of a cluster holding ``database``, if given; ``plan``: already
+    chosen by :func:`plan_recovery`), fill the empty ``pgdata`` and write the recovery settings.
+    With ``server_binaries``, the base backup's major's server programs are found first: without
+    them nothing is written."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
     _check_empty(pgdata)
     storage = open_repository(settings.repo_url)
-    backups = of_cluster_holding(Catalog(storage).scan()[0], database, storage.url)
-    files = wal.list_archive(storage)
-    segments = wal.segments_of(files)
-    hist = wal.histories(storage, files)
-    rp_lsn = None
-    if target.kind == "name" and target.name is not None and backups:
-        rp_lsn = locate_restore_point(storage, backups, segments, hist, target.name, target.timeline,
-                                      backups[-1].server_version_num // 10000, reporter)
-    plan = choose_base_backup(backups, segments, hist, target, rp_lsn, storage.url)
+    plan = plan or plan_recovery(settings, target, database, reporter, wait)
     Catalog(storage).require_key(plan.backup)
     bin_dir = find_bin_dir(plan.backup.server_version_num // 10000) if server_binaries else None
     reporter.event("base backup chosen", id=plan.backup.id, stop_lsn=plan.physical.stop_lsn,
@@ -677,9 +820,10 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                  start: bool = True, os_user: str | None = None, archive: bool = True,
                  server_command: str | None = None, run_validation: bool | None = None,
                  timeout: float | None = None, reporter: Reporter | None = None,
-                 database: str | None = None) -> PitrResult:
+                 database: str | None = None, wait: float = 0.0) -> PitrResult:
     """``restore pitr``: lay out, and with ``start`` recover, validate and start the server.
-    ``database``: use only base backups of a cluster that held this database.
+    ``database``: use only base backups of a cluster that held this database. ``wait``: seconds
+    to wait for the archive to reach a time target (see :func:`plan_recovery`).
 
     A failed validation does not raise (the server is recovered and running either way):
     the result's ``ok`` is False and its ``validation`` names the failed checks.
@@ -689,7 +833,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
         raise RefusedError(f"port {port} is already in use on this machine",
                            "pass another --port for the restored server")
     layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database,
-                     server_binaries=start)
+                     server_binaries=start, wait=wait)
     if not start:
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
                           None, None, layout.seconds, 0.0, layout.bytes_written, layout.plan.physical.databases,

@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 from backup_tool.postgres.connection import ConnInfo, find_tool
 from backup_tool.streams import pipeline
@@ -124,14 +125,37 @@ def live_schema(conninfo: ConnInfo, major: int) -> str:
     return normalize(schema_text(dump_schema(conninfo, major), major))
 
 
+def section_items(archive_path: Path, major: int, section: str) -> int:
+    """How many objects one section of the schema archive holds (its table of contents)."""
+    listing = pipeline.run([find_tool("pg_restore", major), "--list", f"--section={section}", str(archive_path)],
+                           dict(os.environ), "pg_restore (list)")
+    return sum(1 for line in listing.decode("utf-8", "replace").splitlines() if line and not line.startswith(";"))
+
+
 def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section: str,
-                    jobs: int = 1, extra: list[str] | None = None) -> None:
-    """Replay one section (pre-data or post-data) of the schema archive into the target."""
+                    jobs: int = 1, extra: list[str] | None = None,
+                    on_item: Callable[[], None] | None = None) -> None:
+    """Replay one section (pre-data or post-data) of the schema archive into the target;
+    ``on_item`` is called as pg_restore reports each object it creates (with ``--jobs``:
+    each one finished)."""
     argv = [find_tool("pg_restore", major), f"--section={section}", "--exit-on-error",
             "--dbname", conninfo.tool_conninfo(), *(extra or [])]
     if jobs > 1:
         argv.append(f"--jobs={jobs}")
     else:
         argv.append("--single-transaction")
-    argv.append(str(archive_path))
-    pipeline.run(argv, conninfo.tool_env(), f"pg_restore ({section})")
+    if on_item is None:
+        argv.append(str(archive_path))
+        pipeline.run(argv, conninfo.tool_env(), f"pg_restore ({section})")
+        return
+    # Parallel mode reports each item as finished by a worker, or as a "missed item" the leader
+    # restores after the workers (which items go which way depends on timing).
+    done = re.compile(r"^pg_restore: (finished item|processing missed item) " if jobs > 1
+                      else r"^pg_restore: creating ")
+
+    def seen(line: str) -> None:
+        if done.match(line):
+            on_item()
+
+    argv += ["--verbose", str(archive_path)]
+    pipeline.run_watching(argv, conninfo.tool_env(), f"pg_restore ({section})", seen)

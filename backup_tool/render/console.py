@@ -1,7 +1,9 @@
 """The CLI's reporters: progress bars on a terminal, JSON log lines otherwise.
 
-On a terminal (and without ``--json``), rich progress bars show bytes moved per task and
-milestones print as short lines. Otherwise (cron, pipes, ``--json``) stderr stays quiet and
+On a terminal (and without ``--json``), rich progress bars show each phase's progress in its
+own unit (bytes in KiB/MiB/GiB, as the summaries print them, or counts) and milestones print
+as short lines; a phase that ends leaves one line saying how far it got (100 % when the
+library's accounting is right). Otherwise (cron, pipes, ``--json``) stderr stays quiet and
 machine-readable: one JSON object per line for each warning, and for each milestone only
 when ``BACKUP_TOOL_LOG=json`` asks stderr to carry logs. So a failing command's stderr is
 exactly its one error line unless logs were asked for, and a successful one prints nothing
@@ -14,6 +16,7 @@ import json
 import os
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -21,16 +24,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
+    ProgressColumn,
+    TaskID,
+    TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.progress import Task as ProgressTask
+from rich.text import Text
 
-from backup_tool.core.report import Reporter, Task
-
-LOG_ENV = "BACKUP_TOOL_LOG"
+from backup_tool.core.report import LOG_ENV, Reporter, Task, Unit
+from backup_tool.core.units import human_size
 
 
 class LogReporter:
@@ -55,7 +60,7 @@ class LogReporter:
     def warning(self, message: str, **fields: Any) -> None:
         self._write("warning", message, fields)
 
-    def task(self, description: str, total: int | None = None) -> Task:
+    def task(self, description: str, total: int | None = None, unit: Unit = Unit.BYTES) -> Task:
         return _QuietTask()
 
 
@@ -67,31 +72,76 @@ class _QuietTask:
         pass
 
 
+def _amounts(done: float, total: float | None, unit: Unit) -> str:
+    """``1.2 MiB / 3.4 MiB`` (the summaries' size formatter), ``120/4000 rows``, or the amount
+    alone without a total."""
+    if unit == Unit.BYTES:
+        return human_size(done) if total is None else f"{human_size(done)} / {human_size(total)}"
+    return f"{int(done)}{'' if total is None else f'/{int(total)}'} {unit.value}"
+
+
+class _AmountColumn(ProgressColumn):
+    """``1.2 MiB / 3.4 MiB`` or ``120/4000 rows``: the task's own unit, one size formatter."""
+
+    def render(self, task: ProgressTask) -> Text:
+        return Text(_amounts(task.completed, task.total, task.fields.get("unit", Unit.BYTES)), style="green")
+
+
 class _RichTask:
-    def __init__(self, progress: Progress, task_id: Any) -> None:
-        self.progress = progress
+    """A phase on the live display; advances never pass its total. ``finish`` replaces its bar
+    with a permanent line (percent and amount reached, time taken) above the bars still running."""
+
+    def __init__(self, owner: RichReporter, task_id: TaskID, description: str, total: int | None,
+                 unit: Unit) -> None:
+        self.owner = owner
         self.task_id = task_id
+        self.description = description
+        self.total = total
+        self.unit = unit
+        self.done = 0
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+        self.finished = False
 
     def advance(self, amount: int) -> None:
-        self.progress.advance(self.task_id, amount)
+        with self.lock:
+            if self.finished:
+                return
+            step = amount if self.total is None else max(0, min(amount, self.total - self.done))
+            self.done += step
+        if step:
+            self.owner.progress.advance(self.task_id, step)
 
     def finish(self) -> None:
-        self.progress.update(self.task_id, visible=False)
+        with self.lock:
+            if self.finished:
+                return
+            self.finished = True
+            done = self.done
+        self.owner.complete(self, done)
 
 
 class RichReporter:
-    """Progress bars and short status lines on a terminal (stderr)."""
+    """Progress bars and short status lines on a terminal (stderr).
+
+    Bars are transient: a phase that ends leaves one line saying it is complete; whatever
+    is still drawn disappears when the display stops (:meth:`close`), which the CLI does
+    before it prints the result, so nothing is redrawn below it.
+    """
 
     def __init__(self, redact: Callable[[str], str]) -> None:
         self.redact = redact
         self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                 _AmountColumn(), TimeRemainingColumn(),
                                  console=self.console, transient=True)
         self.progress.start()
+        self.closed = False
 
     def close(self) -> None:
-        self.progress.stop()
+        if not self.closed:
+            self.closed = True
+            self.progress.stop()
 
     def event(self, message: str, **fields: Any) -> None:
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
@@ -103,8 +153,19 @@ class RichReporter:
         self.console.print(f"[yellow]warning:[/yellow] {escape(self.redact(message + ' ' + extra))}",
                            highlight=False)
 
-    def task(self, description: str, total: int | None = None) -> Task:
-        return _RichTask(self.progress, self.progress.add_task(escape(description), total=total))
+    def task(self, description: str, total: int | None = None, unit: Unit = Unit.BYTES) -> Task:
+        text = escape(self.redact(description))
+        return _RichTask(self, self.progress.add_task(text, total=total, unit=unit), text, total, unit)
+
+    def complete(self, task: _RichTask, done: int) -> None:
+        """Replace ``task``'s bar with its completion line: what was done of the total, as
+        reported (a phase whose advances fell short shows less than 100 %)."""
+        self.progress.remove_task(task.task_id)
+        self.progress.refresh()
+        percent = f"{100 * done // task.total} %  " if task.total else ""
+        shown = percent + _amounts(done, task.total if task.total else None, task.unit)
+        self.console.print(f"[green]✓[/green] {task.description}  {shown}  "
+                           f"[dim]{time.monotonic() - task.started:.1f}s[/dim]", highlight=False)
 
 
 def make_reporter(redact: Callable[[str], str], json_output: bool = False) -> Reporter:

@@ -47,7 +47,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.core.report import NullReporter, Reporter, Unit
 from backup_tool.errors import DatabaseError, LockHeldError, RefusedError, UsageError
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
@@ -365,7 +365,7 @@ def replay(target: ConnInfo, migrations: MigrationSet, record: bool = True,
                                "replay into a new, empty database")
         reporter.event("replay started", folder=str(migrations.folder), files=len(migrations.migrations),
                        target=target.redacted())
-        progress = reporter.task("replaying migrations", total=len(migrations.migrations))
+        progress = reporter.task("replaying migrations", total=len(migrations.migrations), unit=Unit.ITEMS)
         applied: list[AppliedMigration] = []
         for migration in migrations.migrations:
             try:

@@ -110,11 +110,32 @@ def run(argv: list[str], env: dict[str, str], what: str, input_bytes: bytes | No
                               stdin=None if input_bytes is not None else subprocess.DEVNULL)
     except OSError as exc:
         raise DatabaseError(f"cannot run {argv[0]}: {exc.strerror}") from exc
-    if done.returncode != 0:
-        lines = [ln for ln in done.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    _raise_failed(done.returncode, done.stderr, what)
+    return done.stdout
+
+
+def run_watching(argv: list[str], env: dict[str, str], what: str, on_line: Callable[[str], None]) -> None:
+    """Run a child to completion, handing each line of its stderr to ``on_line`` as it is
+    written (a tool's ``--verbose`` progress); stdout is discarded."""
+    try:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise DatabaseError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    assert proc.stderr is not None
+    kept: deque[bytes] = deque(maxlen=200)
+    with proc:
+        for raw in proc.stderr:
+            kept.append(raw)
+            on_line(raw.decode("utf-8", "replace"))
+    _raise_failed(proc.returncode, b"".join(kept), what)
+
+
+def _raise_failed(returncode: int, stderr: bytes, what: str) -> None:
+    if returncode != 0:
+        lines = [ln for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
         errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
         raise DatabaseError(f"{what} failed: {(errors or lines or ['no error output'])[-1]}")
-    return done.stdout
 
 
 class StreamStats:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.postgres import (
     column_order,
     database_level,
@@ -447,18 +447,26 @@ def check_database_contents(conn: psycopg.Connection[Any], expected: dict[str, A
 
 
 TableKey = tuple[str, str]
+VALIDATION_STEPS = 3
+"""The validation phase's steps besides one per table read: catalog comparisons, the
+foreign-key scan, and the index/inventory/sequence checks."""
 
 
 def table_checksums(conninfo: ConnInfo, targets: dict[TableKey, tuple[str, str, tuple[str, ...]]],
-                    jobs: int, reporter: Reporter) -> dict[TableKey, tuple[int, str] | None]:
+                    jobs: int, reporter: Reporter,
+                    progress: Task | None = None) -> dict[TableKey, tuple[int, str] | None]:
     """Live row count and content checksum per table key, read at (schema, name) over columns.
 
     None when the table is missing; a row count of -1 when a backed-up column is missing.
     Tables are taken largest first by whichever session is free, so one big table does not
-    leave the other sessions idle.
+    leave the other sessions idle. ``progress`` (advanced by one per table, not finished
+    here) is a caller's phase; without it a phase of its own is shown, unless there is
+    nothing to read.
     """
     results: dict[TableKey, tuple[int, str] | None] = {}
-    progress = reporter.task("checksumming tables", total=len(targets))
+    own = progress is None and bool(targets)
+    progress = (reporter.task("checksumming tables", total=len(targets), unit=Unit.ITEMS) if own
+                else progress or NullReporter().task(""))
     queue = list(targets)
     lock = threading.Lock()
 
@@ -482,7 +490,8 @@ def table_checksums(conninfo: ConnInfo, targets: dict[TableKey, tuple[str, str, 
     with cf.ThreadPoolExecutor(jobs) as pool:
         for fut in [pool.submit(worker) for _ in range(jobs if queue else 0)]:
             fut.result()
-    progress.finish()
+    if own:
+        progress.finish()
     return results
 
 
@@ -527,6 +536,12 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
     """
     reporter = reporter or NullReporter()
     checks: list[Check] = []
+    wanted = {(t.schema, t.name): (t.schema, t.name, t.columns)
+              for t in sorted(manifest.tables, key=lambda t: -(t.object.raw_size if t.object else 0))
+              if t.relkind == "r" and (tables is None or (t.schema, t.name) in tables)} if manifest else {}
+    known = {k: v for k, v in (checksums or {}).items() if k in wanted}
+    to_read = {k: v for k, v in wanted.items() if k not in known}
+    progress = reporter.task("validation", total=VALIDATION_STEPS + len(to_read), unit=Unit.ITEMS)
     with conninfo.connect() as conn:
         info = postgres.server_info(conn)
         major = info["server_version_num"] // 10000
@@ -545,9 +560,11 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
                                        inv["foreign_keys"], _qual))
         else:
             checks.append(check_rls_without_manifest(inv))
+        progress.advance(1)
         not_valid = frozenset(_qual(fk) for fk in manifest.inventory["foreign_keys"]
                               if fk.get("validated") is False) if manifest else frozenset()
         checks.append(check_foreign_keys(conn, inv["foreign_keys"], not_valid))
+        progress.advance(1)
         checks.append(check_indexes(inv["indexes"], manifest.inventory["indexes"] if manifest else None))
         if manifest is not None:
             expected_inv, tolerated = majors.expected_inventory(manifest.inventory, manifest.server_major, major)
@@ -559,14 +576,11 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
         checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
         if manifest is not None and tables is None:
             checks.extend(check_database_contents(conn, manifest.inventory))
+        progress.advance(1)
     if manifest is not None:
-        wanted = {(t.schema, t.name): (t.schema, t.name, t.columns)
-                  for t in sorted(manifest.tables, key=lambda t: -(t.object.raw_size if t.object else 0))
-                  if t.relkind == "r" and (tables is None or (t.schema, t.name) in tables)}
-        known = {k: v for k, v in (checksums or {}).items() if k in wanted}
-        live = {**table_checksums(conninfo, {k: v for k, v in wanted.items() if k not in known}, jobs, reporter),
-                **known}
+        live = {**table_checksums(conninfo, to_read, jobs, reporter, progress), **known}
         checks.extend(check_tables(manifest, live))
+    progress.finish()
     if tables is not None:
         checks = [c for c in checks if c.name in ("row_counts", "content_checksums", "foreign_keys_hold",
                                                   "indexes_valid", "sequences_not_behind")]
