@@ -146,7 +146,7 @@ def test_two_weeks_of_history_audit_and_retention(cli: Any, tmp_path: Path) -> N
 
     md = cli("audit", "--repo", repo, "--now", now, "--format", "markdown")
     assert md.returncode == 0 and md.stdout.startswith("# Backup compliance audit — NON-COMPLIANT")
-    assert "| 2026-11-05 02:00 UTC | full | MISSED | — |" in md.stdout
+    assert "| 2026-11-05T02:00:00Z | full | MISSED | — | — |" in md.stdout
     strict = cli("audit", "--repo", repo, "--now", now, "--strict")
     assert strict.returncode == 3
     out = tmp_path / "audit.html"

@@ -28,15 +28,17 @@ JSON, Markdown, or one self-contained HTML page (inline CSS and SVG, no external
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from backup_tool.errors import BackupToolError, UsageError
-from backup_tool.governance.status import Verification, WalState, wal_gap_ranges
+from backup_tool.governance.status import RestoreTest, Verification, WalState, wal_gap_ranges
+from backup_tool.repository.storage.base import AtRest
 from backup_tool.core.walnames import DEFAULT_SEGMENT_SIZE, segment_number
 from backup_tool.governance.retention import (
     BackupRecord,
@@ -44,8 +46,9 @@ from backup_tool.governance.retention import (
     effective_expiry,
     plan_retention,
 )
-from backup_tool.jobs.schedule import iso, meet_slot, next_slot, slots_between
-from backup_tool.core.timestamps import parse_utc
+from backup_tool.jobs.schedule import meet_slot, next_slot, slots_between
+from backup_tool.core.timestamps import iso_seconds as iso
+from backup_tool.core.timestamps import parse_utc, seconds_in
 
 if TYPE_CHECKING:
     from backup_tool.config.settings import Settings
@@ -93,6 +96,39 @@ class Finding:
         return {"severity": self.severity, "area": self.area, "message": self.message}
 
 
+NOT_RECORDED = "not recorded"
+
+
+@dataclass(frozen=True)
+class BackupEvidence:
+    """What the audit shows of one backup beyond its retention record: where it was taken
+    (None: not recorded, a backup older than the field) and how the store keeps it at rest
+    (``at_rest`` None: not read)."""
+
+    host: str | None = None
+    system_identifier: str | None = None
+    tool_version: str | None = None
+    encryption_key_id: str | None = None
+    at_rest: AtRest | None = None
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One source the audited backups come from: a database on a host, in a cluster (the
+    server's system identifier); None where the backups do not record it."""
+
+    database: str
+    host: str | None
+    system_identifier: str | None
+    backups: int
+    first: datetime
+    last: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"database": self.database, "host": self.host, "system_identifier": self.system_identifier,
+                "backups": self.backups, "first": iso(self.first), "last": iso(self.last)}
+
+
 @dataclass(frozen=True)
 class BackupRow:
     id: str
@@ -111,16 +147,56 @@ class BackupRow:
     last_restore_test_ok: bool | None
     retention: str
     reasons: tuple[str, ...]
+    evidence: BackupEvidence = BackupEvidence()
+    last_restore_test_seconds: float | None = None
+
+    def encryption_text(self) -> str:
+        """Encryption at rest in words: the client-side key id and the store's SSE."""
+        e = self.evidence
+        client = f"client-side key {e.encryption_key_id}" if e.encryption_key_id else "no client-side encryption"
+        rest = e.at_rest
+        if rest is None:
+            sse = "SSE not read"
+        elif not rest.applicable:
+            sse = "no SSE (local directory)"
+        elif rest.sse:
+            sse = f"SSE {rest.sse}" + (f" (KMS key {rest.sse_kms_key_id})" if rest.sse_kms_key_id else "")
+        else:
+            sse = "no SSE reported by the store"
+        return f"{client}; {sse}"
+
+    def lock_text(self) -> str:
+        """Object Lock as the backup records it and as the store reports it on its manifest."""
+        recorded = f"{self.lock_mode} until {iso(self.lock_until)}" if self.lock_until else "none"
+        rest = self.evidence.at_rest
+        if rest is None or not rest.applicable:
+            return f"{recorded} (recorded)" if self.lock_until else "none"
+        lock = rest.lock
+        store = ("legal hold" if lock and lock.legal_hold else
+                 f"{lock.mode} until {iso(lock.retain_until)}" if lock else "none")
+        return f"{store} (store); {recorded} (recorded)"
 
     def to_dict(self) -> dict[str, Any]:
+        e, rest = self.evidence, self.evidence.at_rest
+        store_lock = None
+        if rest is not None and rest.applicable:
+            store_lock = {"mode": rest.lock.mode if rest.lock else None,
+                          "retain_until": iso(rest.lock.retain_until) if rest.lock and not rest.lock.legal_hold
+                          else None, "legal_hold": bool(rest.lock and rest.lock.legal_hold)}
         return {"id": self.id, "kind": self.kind, "database": self.database, "parent_id": self.parent_id,
+                "host": e.host, "system_identifier": e.system_identifier, "tool_version": e.tool_version,
                 "started_at": iso(self.started_at), "finished_at": iso(self.finished_at),
                 "size_bytes": self.size_bytes, "expires_at": iso(self.expires_at),
-                "lock_mode": self.lock_mode, "lock_until": iso(self.lock_until),
+                "lock_mode": self.lock_mode, "lock_until": iso(self.lock_until), "store_lock": store_lock,
+                "encryption": {"client_side_key_id": e.encryption_key_id,
+                               "sse": None if rest is None or not rest.applicable else rest.sse,
+                               "sse_kms_key_id": None if rest is None else rest.sse_kms_key_id,
+                               "text": self.encryption_text()},
                 "last_verified_at": iso(self.last_verified), "last_verified_ok": self.last_verified_ok,
                 "last_restore_test_at": iso(self.last_restore_test),
                 "last_restore_test_ok": self.last_restore_test_ok,
-                "retention": self.retention, "retention_reasons": list(self.reasons)}
+                "last_restore_test_seconds": self.last_restore_test_seconds,
+                "retention": self.retention, "retention_reasons": [seconds_in(r) for r in self.reasons]}
 
 
 @dataclass(frozen=True)
@@ -144,6 +220,27 @@ class Pitr:
 
 
 @dataclass(frozen=True)
+class RepositoryState:
+    """A digest of the repository state the report was built from: sha256 of the lines
+    ``manifests/<id>.json <manifest_sha256>`` (one per backup, sorted, each ending in a
+    newline), the manifest's own canonical sha256 being the one it records. Recomputable
+    from a copy of ``manifests/`` alone (README, Audit)."""
+
+    sha256: str
+    manifests: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "manifests": self.manifests,
+                "covers": "sha256 of the sorted lines 'manifests/<id>.json <manifest_sha256>\\n'"}
+
+
+def repository_state(manifests: Sequence[tuple[str, str]]) -> RepositoryState:
+    """The :class:`RepositoryState` of (manifest key, manifest sha256) pairs (pure)."""
+    lines = "".join(f"{key} {sha}\n" for key, sha in sorted(manifests))
+    return RepositoryState(hashlib.sha256(lines.encode()).hexdigest(), len(manifests))
+
+
+@dataclass(frozen=True)
 class AuditReport:
     now: datetime
     repository: str
@@ -162,6 +259,18 @@ class AuditReport:
     generated_at: datetime | None = None
     schema_drift: dict[str, Any] | None = None
     health: dict[str, Any] | None = None
+    tool_version: str = ""
+    repository_state: RepositoryState | None = None
+
+    @property
+    def scope(self) -> tuple[Scope, ...]:
+        """Each database/host/cluster the backups in the report come from, oldest first."""
+        groups: dict[tuple[str, str | None, str | None], list[BackupRow]] = {}
+        for b in self.backups:
+            groups.setdefault((b.database, b.evidence.host, b.evidence.system_identifier), []).append(b)
+        found = [Scope(db, host, sysid, len(rows), min(r.started_at for r in rows), max(r.started_at for r in rows))
+                 for (db, host, sysid), rows in groups.items()]
+        return tuple(sorted(found, key=lambda s: (s.first, s.database)))
 
     @property
     def verdict(self) -> str:
@@ -182,17 +291,24 @@ class AuditReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "verdict": self.verdict, "now": iso(self.now), "generated_at": iso(self.generated_at),
+            "tool_version": self.tool_version,
             "repository": self.repository, "policy": self.policy,
+            "repository_state": self.repository_state.to_dict() if self.repository_state else None,
+            "scope": [s.to_dict() for s in self.scope],
             "window": {"start": iso(self.window_start), "end": iso(self.window_end)},
-            "findings": [f.to_dict() for f in self.findings], "facts": list(self.facts),
+            "findings": [f.to_dict() for f in self.findings], "facts": [seconds_in(f) for f in self.facts],
             "schedule": {"counts": self.slot_counts(), "slots": [s.to_dict() for s in self.slots]},
             "backups": [b.to_dict() for b in self.backups],
             "deletions": [{"id": d.id, "kind": d.kind, "started_at": iso(d.started_at), "deleted_at": iso(d.at),
-                           "expires_at": iso(d.expires_at), "reasons": list(d.reasons), "policy": d.policy,
+                           "expires_at": iso(d.expires_at), "reasons": [seconds_in(r) for r in d.reasons],
+                           "policy": d.policy,
                            "completed": d.completed, "run": d.run} for d in self.deletions],
             "retention_runs": self.retention_runs, "last_retention_run": iso(self.last_retention_run),
             "verifications": [{"at": iso(v.at), "ok": v.ok, "backups": list(v.backups),
-                               "restore_test": v.restore_test} for v in self.verifications],
+                               "restore_test": v.restore_test,
+                               "restore_tests": [{"backup": t.backup, "ok": t.ok, "seconds": t.seconds}
+                                                 for t in v.restore_tests] if v.restore_tests is not None else None}
+                              for v in self.verifications],
             "pitr": self.pitr.to_dict(),
             "schema_drift": self.schema_drift,
             "health": self.health,
@@ -223,27 +339,34 @@ def schedule_adherence(candidates: Sequence[Candidate], policy: Policy, start: d
 
 
 def _verification_index(verifications: Sequence[Verification], now: datetime
-                        ) -> tuple[dict[str, tuple[datetime, bool]], dict[str, tuple[datetime, bool]]]:
+                        ) -> tuple[dict[str, tuple[datetime, bool]], dict[str, tuple[datetime, bool, float | None]]]:
+    """Per backup, the newest checksum verification (at, ok) and restore test (at, ok, seconds;
+    seconds None in a record from before durations were kept)."""
     checked: dict[str, tuple[datetime, bool]] = {}
-    restored: dict[str, tuple[datetime, bool]] = {}
+    restored: dict[str, tuple[datetime, bool, float | None]] = {}
     for v in sorted(verifications, key=lambda v: v.at):
         if v.at > now:
             continue
+        seconds = {t.backup: t.seconds for t in v.restore_tests or ()}
         for c in v.checks:
             name = str(c.get("name", ""))
             kind, _, backup_id = name.partition(" ")
             if kind == "objects" and backup_id:
                 checked[backup_id] = (v.at, bool(c.get("ok")))
             elif kind == "restore_test" and backup_id:
-                restored[backup_id] = (v.at, bool(c.get("ok")))
+                restored[backup_id] = (v.at, bool(c.get("ok")), seconds.get(backup_id))
     return checked, restored
 
 
 def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
                  verifications: Sequence[Verification], wal: WalState | None, policy: Policy,
                  now: datetime, repository: str = "", facts: Sequence[str] = (),
-                 retention_runs: Sequence[datetime] = (), lock_supported: bool | None = None) -> AuditReport:
-    """The audit at ``now`` (pure)."""
+                 retention_runs: Sequence[datetime] = (), lock_supported: bool | None = None,
+                 backup_evidence: Mapping[str, BackupEvidence] | None = None, tool_version: str = "",
+                 repo_state: RepositoryState | None = None) -> AuditReport:
+    """The audit at ``now`` (pure). ``backup_evidence`` (by backup id) says where each backup was
+    taken and how the store keeps it; ``repo_state`` is the digest of the repository state read."""
+    by_id = backup_evidence or {}
     findings: list[Finding] = []
     present = [b for b in backups if b.started_at <= now]
     gone = [d for d in deletions if d.started_at is None or d.started_at <= now]
@@ -288,10 +411,19 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
         else:
             state = "retained"
         chk, rst = checked.get(b.id), restored.get(b.id)
+        ev = by_id.get(b.id, BackupEvidence())
         rows.append(BackupRow(b.id, b.kind, b.database, b.parent_id, b.started_at, b.finished_at, b.size_bytes,
                               expiry, b.lock_mode, b.lock_until, chk[0] if chk else None,
                               chk[1] if chk else None, rst[0] if rst else None, rst[1] if rst else None,
-                              state, d.reasons))
+                              state, tuple(seconds_in(r) for r in d.reasons), ev, rst[2] if rst else None))
+        store_lock = ev.at_rest.lock if ev.at_rest is not None and ev.at_rest.applicable else None
+        if ev.at_rest is not None and ev.at_rest.applicable and b.lock_until and b.lock_until > now and (
+                store_lock is None or (not store_lock.legal_hold
+                                       and store_lock.retain_until < b.lock_until - timedelta(minutes=1))):
+            findings.append(Finding("critical", "immutability",
+                                    f"{b.id} records Object Lock until {iso(b.lock_until)} but the store holds "
+                                    + (f"its manifest only until {iso(store_lock.retain_until)}" if store_lock
+                                       else "no lock on its manifest")))
         missing = sorted(dep for dep in b.deps if dep not in present_ids)
         if missing:
             findings.append(Finding("critical", "integrity", f"{b.id} needs {', '.join(missing)}, "
@@ -356,7 +488,8 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
     return AuditReport(now, repository, policy.to_dict(), window_start, now, tuple(rows), tuple(slots),
                        tuple(gone), tuple(v for v in verifications if v.at <= now), pitr,
                        tuple(sorted(findings, key=lambda f: (f.severity != "critical", f.area))),
-                       tuple(facts), len(runs), runs[-1] if runs else None)
+                       tuple(seconds_in(f) for f in facts), len(runs), runs[-1] if runs else None,
+                       tool_version=tool_version, repository_state=repo_state)
 
 
 def _pitr(present: Sequence[BackupRecord], wal: WalState | None, policy: Policy, now: datetime) -> Pitr:
@@ -393,7 +526,8 @@ def _pitr(present: Sequence[BackupRecord], wal: WalState | None, policy: Policy,
 
 def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     """Read the repository (manifests, deletion log, verifications, WAL) and build the audit."""
-    from backup_tool.repository.catalog import REFUSED, Catalog
+    from backup_tool import __version__
+    from backup_tool.repository.catalog import REFUSED, Catalog, manifest_key
     from backup_tool.governance.status import read_verifications, read_wal_state
     from backup_tool.governance.retention import read_log
     from backup_tool.repository.storage import open_repository
@@ -401,10 +535,16 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     generated = datetime.now(UTC)
     now = now or generated
     storage = open_repository(settings.repo_url)
-    records, problems = Catalog(storage).records()
+    entries, problems = Catalog(storage).entries()
+    records = [e.backup_record() for e in entries]
     runs, deletions, log_problems = read_log(storage)
     facts = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest: {p.message}"
              for p in problems] + log_problems
+    evidence, unread = _evidence(storage, entries, manifest_key)
+    if unread:
+        facts.append(f"server-side encryption and Object Lock not read for {len(unread)} backup(s) "
+                     f"({unread[0]})")
+    state = repository_state([(manifest_key(e.id), e.manifest_sha256) for e in entries])
     try:
         lock_supported = storage.object_lock_enabled()
     except BackupToolError:
@@ -415,7 +555,7 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     report = build_report(records, deletions,
                           read_verifications(storage), wal, settings.policy, now, storage.url, facts,
                           [parse_utc(r["at"]) for r in runs if r.get("at")],
-                          lock_supported)
+                          lock_supported, evidence, __version__, state)
     if problems:
         report = replace(report, findings=report.findings + (
             Finding("critical", "integrity", f"{len(problems)} manifest(s) cannot be read or are not "
@@ -433,6 +573,28 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     return replace(report, generated_at=generated)
 
 
+def _evidence(storage: Any, entries: Sequence[Any], key_of: Any) -> tuple[dict[str, BackupEvidence], list[str]]:
+    """Each backup's source and at-rest evidence: the manifest's summary, and one HEAD of its
+    manifest object (in parallel: one request per backup); ids whose HEAD failed are returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def head(entry: Any) -> AtRest | None:
+        try:
+            return storage.at_rest(key_of(entry.id))
+        except BackupToolError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        at_rest = list(pool.map(head, entries))
+    found: dict[str, BackupEvidence] = {}
+    for entry, rest in zip(entries, at_rest):
+        summary = entry.summary
+        found[entry.id] = BackupEvidence(summary.get("host") or None, summary.get("system_identifier") or None,
+                                         summary.get("tool_version") or None,
+                                         summary.get("encryption_key_id") or entry.key_id, rest)
+    return found, [e.id for e, rest in zip(entries, at_rest) if rest is None]
+
+
 def _with_health(report: AuditReport, storage: Any, settings: Settings, now: datetime) -> AuditReport:
     from backup_tool.jobs.health import audit_table, read_records, records_for, status_checks
 
@@ -444,59 +606,61 @@ def _with_health(report: AuditReport, storage: Any, settings: Settings, now: dat
                    findings=report.findings + findings, facts=report.facts + tuple(problems))
 
 
-def _health_markdown(health: dict[str, Any]) -> list[str]:
-    out = ["", "## Health checks", "", "| check | frequency | last status | last run | next check |",
-           "|---|---|---|---|---|"]
-    out += [f"| {r['title']} | {r['frequency']} | {r['last_status']} | {_d(_ts(r['last_run']))} | "
-            f"{_d(_ts(r['next_check']))} |" for r in health["checks"]]
-    out += ["", "Failed runs in the audit window:", ""]
-    out += [f"- {_d(_ts(f['at']))} {f['check']}: {f['detail']}" for f in health["failures"][:50]] or ["- none"]
-    return out
-
-
-def _health_html(health: dict[str, Any]) -> str:
-    crit = ' class="crit"'
-    rows = "".join(f"<tr><td>{_e(r['title'])}</td><td>{_e(r['frequency'])}</td>"
-                   f"<td{crit if r['last_status'] == 'FAILED' else ''}>{_e(r['last_status'])}</td>"
-                   f"<td>{_e(_d(_ts(r['last_run'])))}</td><td>{_e(_d(_ts(r['next_check'])))}</td></tr>"
-                   for r in health["checks"])
-    failures = "".join(f"<li>{_e(_d(_ts(f['at'])))} {_e(f['check'])}: {_e(f['detail'])}</li>"
-                       for f in health["failures"][:50]) or "<li>none</li>"
-    return ("<h2>Health checks</h2><table><tr><th>check</th><th>frequency</th><th>last status</th>"
-            f"<th>last run</th><th>next check</th></tr>{rows}</table>"
-            f"<p>Failed runs in the audit window:</p><ul>{failures}</ul>")
-
-
 def _ts(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
+SIDECAR_SUFFIX = ".sha256"
+
+
+@dataclass(frozen=True)
+class WrittenAudit:
+    """A rendered report; with ``output`` it was written there, and its SHA-256 beside it in
+    ``<output>.sha256`` in ``sha256sum`` format (``sha256sum -c`` verifies it)."""
+
+    report: AuditReport
+    text: str
+    sha256: str
+    output: str | None = None
+
+    @property
+    def sidecar(self) -> str | None:
+        return self.output + SIDECAR_SUFFIX if self.output else None
+
+
 def run_audit(settings: Settings, now: datetime | None = None, fmt: str = "json",
-              output: str | None = None) -> tuple[AuditReport, str]:
-    """Build the audit, render it, and write it to ``output`` when given."""
+              output: str | None = None) -> WrittenAudit:
+    """Build the audit, render it, and write it to ``output`` with its ``.sha256`` sidecar;
+    either both files are replaced or neither."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown audit format {fmt!r}", "use json, markdown or html")
     report = collect(settings, now)
-    text = render(report, fmt)
+    text = render(report, fmt, Path(output).name if output else None)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if output:
         path = Path(output)
+        sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+        tmp, tmp_sum = path.with_name(f".{path.name}.tmp"), path.with_name(f".{sidecar.name}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(text, encoding="utf-8")
+            tmp_sum.write_text(f"{digest}  {path.name}\n", encoding="utf-8")
             tmp.replace(path)
+            tmp_sum.replace(sidecar)
         except OSError as exc:
+            for leftover in (tmp, tmp_sum):
+                leftover.unlink(missing_ok=True)
             raise BackupToolError(f"cannot write the audit to {path}: {exc.strerror}",
                                   "choose a writable --output path") from None
-    return report, text
+    return WrittenAudit(report, text, digest, output)
 
 
-def render(report: AuditReport, fmt: str) -> str:
+def render(report: AuditReport, fmt: str, output_name: str | None = None) -> str:
     if fmt == "json":
         return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
     if fmt == "markdown":
-        return render_markdown(report)
-    return render_html(report)
+        return render_markdown(report, output_name)
+    return render_html(report, output_name)
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -512,7 +676,7 @@ def _size(n: int) -> str:
 
 
 def _d(ts: datetime | None) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if ts else "—"
+    return iso(ts) or "—"
 
 
 def _ok(flag: bool | None, ts: datetime | None) -> str:
@@ -535,59 +699,167 @@ def _policy_lines(report: AuditReport) -> list[tuple[str, str]]:
     ]
 
 
-def render_markdown(report: AuditReport) -> str:
-    counts = report.slot_counts()
-    out = [f"# Backup compliance audit — {report.verdict}", "",
-           f"- Repository: `{report.repository}`",
-           f"- Evaluated at: {_d(report.now)} (generated {_d(report.generated_at)})",
-           f"- Audit window: {_d(report.window_start)} → {_d(report.window_end)}", "",
-           "## Policy in force", "", "| | |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in _policy_lines(report)]
-    out += ["", "## Findings", ""]
-    out += [f"- **{f.severity.upper()}** ({f.area}): {f.message}" for f in report.findings] or ["- none"]
+@dataclass(frozen=True)
+class Table:
+    """A table of a report section; without rows it renders as "none"."""
+
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    row_classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Items:
+    """A bulleted list; empty, it renders as "none"."""
+
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Para:
+    text: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section, the same in Markdown and HTML: both renderers draw :func:`sections`."""
+
+    title: str
+    blocks: tuple[Table | Items | Para, ...]
+
+
+NONE = "none"
+
+
+def _restore_test_text(at: datetime | None, ok: bool | None, seconds: float | None) -> str:
+    if at is None:
+        return "never"
+    took = f" in {seconds:.1f} s" if seconds is not None else " (duration not recorded)"
+    return f"{_d(at)} {'ok' if ok else 'FAILED'}{took}"
+
+
+def _drills(report: AuditReport) -> list[tuple[str, str, str, str]]:
+    """Every restore test in the report's verification runs: backup, when, result, duration."""
+    rows = []
+    for v in report.verifications:
+        seconds = {t.backup: t for t in v.restore_tests or ()}
+        for c in v.checks:
+            kind, _, backup_id = str(c.get("name", "")).partition(" ")
+            if kind != "restore_test" or not backup_id:
+                continue
+            t = seconds.get(backup_id)
+            rows.append((backup_id, _d(v.at), "ok" if c.get("ok") else "FAILED",
+                         f"{t.seconds:.1f} s" if t else NOT_RECORDED))
+    return rows
+
+
+def sections(report: AuditReport, output_name: str | None = None) -> list[Section]:
+    """The report's sections in order; ``output_name`` is the file the report is written to
+    (its hash is then in ``<output_name>.sha256``)."""
+    state = report.repository_state
+    meta = Items((
+        f"Repository: {report.repository}",
+        f"Evaluated at: {_d(report.now)} (generated {_d(report.generated_at)})",
+        f"Audit window: {_d(report.window_start)} → {_d(report.window_end)}",
+        f"Tool: backup-tool {report.tool_version or NOT_RECORDED}",
+        (f"Repository state read: sha256 {state.sha256} of {state.manifests} manifest(s) (the sorted lines "
+         "'manifests/<id>.json <manifest_sha256>')") if state else "Repository state read: not computed",
+        f"Report SHA-256: in {output_name + SIDECAR_SUFFIX if output_name else '<report file>' + SIDECAR_SUFFIX}, "
+        "beside the report ('sha256sum -c' checks it)",
+    ))
+    out = [Section("Report", (meta,))]
+    out.append(Section("Scope", (Table(
+        ("database", "host", "cluster (system identifier)", "backups", "first", "last"),
+        tuple((s.database, s.host or NOT_RECORDED, s.system_identifier or NOT_RECORDED, str(s.backups),
+               _d(s.first), _d(s.last)) for s in report.scope)),)))
+    findings: list[Table | Items | Para] = [Table(
+        ("severity", "area", "finding"),
+        tuple((f.severity.upper(), f.area, f.message) for f in report.findings),
+        tuple("crit" if f.severity == "critical" else "warn" for f in report.findings))]
     if report.facts:
-        out += ["", "Notes:", ""] + [f"- {f}" for f in report.facts]
+        findings += [Para("Notes:"), Items(report.facts)]
     if report.schema_drift:
-        out += ["", str(report.schema_drift.get("line", ""))]
-    out += ["", "## Schedule adherence", "", "| schedule | met | late | missed | pending |", "|---|---|---|---|---|"]
-    out += [f"| {k} | {v['met']} | {v['late']} | {v['missed']} | {v['pending']} |" for k, v in counts.items()]
-    out += ["", "| slot | schedule | status | backup |", "|---|---|---|---|"]
-    for s in report.slots:
-        who = f"{s.backup_id} at {_d(s.backup_at)}" + (" (since deleted per retention)" if s.backup_deleted else "") \
-            if s.backup_id else "—"
-        out.append(f"| {_d(s.slot)} | {s.schedule} | {s.status.upper() if s.status != 'met' else 'met'} | {who} |")
-    out += ["", "## Backups", "", "| id | kind | taken | size | expires | lock | checksums verified | restore test | retention |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for b in report.backups:
-        lock = f"{b.lock_mode} until {_d(b.lock_until)}" if b.lock_until else "none"
-        out.append(f"| {b.id} | {b.kind} | {_d(b.started_at)} | {_size(b.size_bytes)} | {_d(b.expires_at)} | {lock} | "
-                   f"{_ok(b.last_verified_ok, b.last_verified)} | {_ok(b.last_restore_test_ok, b.last_restore_test)} | "
-                   f"{b.retention}: {'; '.join(b.reasons)} |")
-    out += ["", "## Retention adherence", "",
-            f"Retention runs recorded: {report.retention_runs}, last {_d(report.last_retention_run)}.", ""]
+        findings.append(Para(str(report.schema_drift.get("line", ""))))
+    out.append(Section("Findings", tuple(findings)))
+    out.append(Section("Policy in force", (Table(("setting", "value"), tuple(_policy_lines(report))),)))
+    counts = report.slot_counts()
+    out.append(Section("Schedule adherence", (
+        Table(("schedule", "met", "late", "missed", "pending"),
+              tuple((k, str(v["met"]), str(v["late"]), str(v["missed"]), str(v["pending"])) for k, v in counts.items())),
+        Para(f"{sum(1 for s in report.slots if s.status in ('missed', 'late'))} slot(s) missed or late; every slot:"),
+        Table(("slot", "schedule", "status", "backup", "taken"),
+              tuple((_d(s.slot), s.schedule, s.status if s.status in ("met", "pending") else s.status.upper(),
+                     (s.backup_id + (" (since deleted per retention)" if s.backup_deleted else "")) if s.backup_id
+                     else "—", _d(s.backup_at)) for s in report.slots),
+              tuple(s.status if s.status in ("missed", "late") else "" for s in report.slots)))))
+    out.append(Section("Backups", (Table(
+        ("id", "kind", "database", "taken", "size", "expires", "encryption at rest", "Object Lock",
+         "checksums verified", "restore test", "retention"),
+        tuple((b.id, b.kind, b.database, _d(b.started_at), _size(b.size_bytes), _d(b.expires_at),
+               b.encryption_text(), b.lock_text(), _ok(b.last_verified_ok, b.last_verified),
+               _restore_test_text(b.last_restore_test, b.last_restore_test_ok, b.last_restore_test_seconds),
+               f"{b.retention}: {'; '.join(b.reasons)}") for b in report.backups)),)))
     past = [b for b in report.backups if b.retention != "retained"]
-    out += ["Kept past expiry:", ""] + ([f"- {b.id} ({b.kind}, expired {_d(b.expires_at)}): {b.retention} — "
-                                         f"{'; '.join(b.reasons)}" for b in past] or ["- none"])
-    out += ["", "Deletions (append-only log):", "", "| id | kind | taken | deleted | expired | why |", "|---|---|---|---|---|---|"]
-    for d in report.deletions:
-        early = " **EARLY**" if d.expires_at and d.at < d.expires_at else ""
-        out.append(f"| {d.id} | {d.kind} | {_d(d.started_at)} | {_d(d.at)}{early} | {_d(d.expires_at)} | "
-                   f"{'; '.join(d.reasons)}{'' if d.completed else ' (failed)'} |")
+    out.append(Section("Retention adherence", (
+        Para(f"Retention runs recorded: {report.retention_runs}, last {_d(report.last_retention_run)}."),
+        Para("Kept past expiry:"),
+        Items(tuple(f"{b.id} ({b.kind}, expired {_d(b.expires_at)}): {b.retention} — {'; '.join(b.reasons)}"
+                    for b in past)),
+        Para("Deletions (append-only log):"),
+        Table(("id", "kind", "taken", "deleted", "expired", "why"),
+              tuple((d.id, d.kind, _d(d.started_at),
+                     _d(d.at) + (" EARLY" if d.expires_at and d.at < d.expires_at else ""), _d(d.expires_at),
+                     "; ".join(d.reasons) + ("" if d.completed else " (failed)")) for d in report.deletions),
+              tuple("missed" if d.expires_at and d.at < d.expires_at else "" for d in report.deletions)))))
     p = report.pitr
-    out += ["", "## Point-in-time recovery", ""]
-    if not p.in_use:
-        out.append("Not in use: no base backups and no archived WAL.")
-    else:
-        out += [f"- PITR window: {_d(p.window_start)} → {_d(report.now)}",
-                f"- Recoverable: {_d(p.recoverable_from)} → {_d(p.recoverable_to)}",
-                f"- Base backups: {', '.join(p.bases) or 'none'}",
-                f"- WAL: {p.wal_segments} segments, {p.wal_first or '—'} … {p.wal_last or '—'}, newest archived {_d(p.newest_wal_at)}",
-                f"- Gaps: {', '.join(f'{a}..{b}' for a, b in p.gaps) or 'none'}"]
-    out += ["", "## Verification runs", "", "| at | result | backups | restore test |", "|---|---|---|---|"]
-    out += [f"| {_d(v.at)} | {'ok' if v.ok else 'FAILED'} | {len(v.backups)} | {'yes' if v.restore_test else 'no'} |"
-            for v in report.verifications[-20:]]
-    if report.health:
-        out += _health_markdown(report.health)
+    out.append(Section("Point-in-time recovery", (Items((
+        f"PITR window: {_d(p.window_start)} → {_d(report.now)}",
+        f"Recoverable: {_d(p.recoverable_from)} → {_d(p.recoverable_to)}",
+        f"Base backups: {', '.join(p.bases) or NONE}",
+        f"WAL: {p.wal_segments} segments, {p.wal_first or '—'} … {p.wal_last or '—'}, newest archived "
+        f"{_d(p.newest_wal_at)}",
+        f"Gaps: {', '.join(f'{a}..{b}' for a, b in p.gaps) or NONE}") if p.in_use else ()),
+        *(() if p.in_use else (Para("No base backups and no archived WAL."),)))))
+    drills = _drills(report)
+    timed = [float(r[3].split()[0]) for r in drills if r[3] != NOT_RECORDED]
+    out.append(Section("Restore tests (recovery-time evidence)", (
+        *((Para(f"{len(drills)} restore test(s); restore and validation took at most {max(timed):.1f} s"),)
+          if timed else ()),
+        Table(("backup", "tested at", "result", "restore + validation time"), tuple(drills)))))
+    out.append(Section("Verification runs", (Table(
+        ("at", "result", "backups covered", "restore test"),
+        tuple((_d(v.at), "ok" if v.ok else "FAILED", ", ".join(v.backups) or NONE, "yes" if v.restore_test else "no")
+              for v in report.verifications),
+        tuple("" if v.ok else "missed" for v in report.verifications)),)))
+    health = report.health
+    out.append(Section("Health checks", (
+        Table(("check", "frequency", "last status", "last run", "next check"),
+              tuple((r["title"], r["frequency"], r["last_status"], _d(_ts(r["last_run"])), _d(_ts(r["next_check"])))
+                    for r in (health or {}).get("checks", ()))),
+        Para("Failed runs in the audit window:"),
+        Items(tuple(f"{_d(_ts(f['at']))} {f['check']}: {f['detail']}" for f in (health or {}).get("failures", [])[:50])))))
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return seconds_in(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: AuditReport, output_name: str | None = None) -> str:
+    out = [f"# Backup compliance audit — {report.verdict}"]
+    for section in sections(report, output_name):
+        out += ["", f"## {section.title}"]
+        for block in section.blocks:
+            out.append("")
+            if isinstance(block, Para):
+                out.append(seconds_in(block.text))
+            elif isinstance(block, Items):
+                out += [f"- {seconds_in(i)}" for i in block.items] or [f"- {NONE}"]
+            elif block.rows:
+                out += ["| " + " | ".join(block.header) + " |", "|" + "---|" * len(block.header)]
+                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
+            else:
+                out.append(NONE)
     return "\n".join(out) + "\n"
 
 
@@ -724,7 +996,22 @@ def timeline_svg(report: AuditReport, width: int = 1260) -> str:
     return "".join(parts)
 
 
-def render_html(report: AuditReport) -> str:
+def _html_block(block: Table | Items | Para) -> str:
+    if isinstance(block, Para):
+        return f"<p>{_e(seconds_in(block.text))}</p>"
+    if isinstance(block, Items):
+        return "<ul>" + ("".join(f"<li>{_e(seconds_in(i))}</li>" for i in block.items)
+                         or f'<li class="none">{NONE}</li>') + "</ul>"
+    if not block.rows:
+        return f'<p class="none">{NONE}</p>'
+    classes = block.row_classes or ("",) * len(block.rows)
+    head = "".join(f"<th>{_e(h)}</th>" for h in block.header)
+    body = "".join((f'<tr class="{c}">' if c else "<tr>") + "".join(f"<td>{_e(seconds_in(cell))}</td>" for cell in row)
+                   + "</tr>" for row, c in zip(block.rows, classes))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(report: AuditReport, output_name: str | None = None) -> str:
     counts = report.slot_counts()
     verdict_class = {"COMPLIANT": "v-ok", "COMPLIANT WITH WARNINGS": "v-warn"}.get(report.verdict, "v-bad")
     crit = sum(1 for f in report.findings if f.severity == "critical")
@@ -738,75 +1025,11 @@ def render_html(report: AuditReport) -> str:
              f'<div class="card">backups kept<b>{len(report.backups)}</b></div>',
              f'<div class="card">deleted (log)<b>{len(report.deletions)}</b></div>',
              f'<div class="card">findings<b>{crit} critical, {warn} warn</b></div>']
-    body = ["<h1>Backup compliance audit</h1>",
-            f'<div class="meta">Repository <code>{_e(report.repository)}</code> · evaluated at {_e(_d(report.now))}'
-            f" · window {_e(_d(report.window_start))} → {_e(_d(report.window_end))}"
-            f" · generated {_e(_d(report.generated_at))}</div>",
-            f'<div class="cards">{"".join(cards)}</div>',
-            *([f'<div class="meta">{_e(str(report.schema_drift.get("line", "")))}</div>']
-              if report.schema_drift else []),
-            "<h2>Timeline</h2>", f'<div class="tl">{timeline_svg(report)}</div>',
-            "<h2>Findings</h2>"]
-    if report.findings:
-        body.append("<table><tr><th>severity</th><th>area</th><th>finding</th></tr>" + "".join(
-            f'<tr><td class="{"crit" if f.severity == "critical" else "warn"}">{_e(f.severity)}</td>'
-            f"<td>{_e(f.area)}</td><td>{_e(f.message)}</td></tr>" for f in report.findings) + "</table>")
-    else:
-        body.append("<p>No findings: every promise of the policy is met.</p>")
-    if report.facts:
-        body.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in report.facts) + "</ul>")
-    body.append("<h2>Policy in force</h2><table>" + "".join(
-        f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in _policy_lines(report)) + "</table>")
-    body.append("<h2>Schedule adherence</h2><table><tr><th>schedule</th><th>met</th><th>late</th><th>missed</th>"
-                "<th>pending</th></tr>" + "".join(
-                    f"<tr><td>{_e(k)}</td><td>{v['met']}</td><td>{v['late']}</td><td>{v['missed']}</td>"
-                    f"<td>{v['pending']}</td></tr>" for k, v in counts.items()) + "</table>")
-    problems = [s for s in report.slots if s.status in ("missed", "late")]
-    rows = "".join(
-        f'<tr class="{s.status}"><td>{_e(_d(s.slot))}</td><td>{_e(s.schedule)}</td><td>{_e(s.status)}</td>'
-        f"<td>{_e(s.backup_id or '—')}{' (since deleted)' if s.backup_deleted else ''}</td>"
-        f"<td>{_e(_d(s.backup_at))}</td></tr>" for s in report.slots)
-    body.append(f"<p>{len(problems)} slot(s) missed or late.</p><details><summary>every slot ({len(report.slots)})"
-                f"</summary><table><tr><th>slot</th><th>schedule</th><th>status</th><th>backup</th><th>taken</th></tr>"
-                f"{rows}</table></details>")
-    body.append("<h2>Backups</h2><table><tr><th>id</th><th>kind</th><th>taken</th><th>size</th><th>expires</th>"
-                "<th>lock</th><th>checksums verified</th><th>restore test</th><th>retention</th></tr>" + "".join(
-                    f"<tr><td>{_e(b.id)}</td><td>{_e(b.kind)}</td><td>{_e(_d(b.started_at))}</td>"
-                    f"<td>{_e(_size(b.size_bytes))}</td><td>{_e(_d(b.expires_at))}</td>"
-                    f"<td>{_e(f'{b.lock_mode} until {_d(b.lock_until)}' if b.lock_until else 'none')}</td>"
-                    f"<td>{_e(_ok(b.last_verified_ok, b.last_verified))}</td>"
-                    f"<td>{_e(_ok(b.last_restore_test_ok, b.last_restore_test))}</td>"
-                    f"<td>{_e(b.retention)}: {_e('; '.join(b.reasons))}</td></tr>" for b in report.backups)
-                + "</table>")
-    body.append(f"<h2>Retention adherence</h2><p>Retention runs recorded: {report.retention_runs}, last "
-                f"{_e(_d(report.last_retention_run))}.</p>")
-    crit_cell = ' class="crit"'
-    body.append("<table><tr><th>deleted backup</th><th>kind</th><th>taken</th><th>deleted</th><th>expired</th>"
-                "<th>why</th></tr>" + "".join(
-                    f"<tr><td>{_e(d.id)}</td><td>{_e(d.kind)}</td><td>{_e(_d(d.started_at))}</td>"
-                    f"<td{crit_cell if d.expires_at and d.at < d.expires_at else ''}>{_e(_d(d.at))}</td>"
-                    f"<td>{_e(_d(d.expires_at))}</td><td>{_e('; '.join(d.reasons))}</td></tr>"
-                    for d in report.deletions) + "</table>")
-    p = report.pitr
-    body.append("<h2>Point-in-time recovery</h2>")
-    if not p.in_use:
-        body.append("<p>Not in use: no base backups and no archived WAL.</p>")
-    else:
-        body.append("<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in [
-            ("PITR window", f"{_d(p.window_start)} → {_d(report.now)}"),
-            ("recoverable", f"{_d(p.recoverable_from)} → {_d(p.recoverable_to)}"),
-            ("base backups", ", ".join(p.bases) or "none"),
-            ("WAL", f"{p.wal_segments} segments {p.wal_first or '—'} … {p.wal_last or '—'}"),
-            ("gaps", ", ".join(f"{a}..{b}" for a, b in p.gaps) or "none")]) + "</table>")
-    body.append("<h2>Verification runs</h2><table><tr><th>at</th><th>result</th><th>backups</th><th>restore test</th>"
-                "</tr>" + "".join(f"<tr><td>{_e(_d(v.at))}</td><td{'' if v.ok else crit_cell}>"
-                                  f"{'ok' if v.ok else 'FAILED'}</td><td>{len(v.backups)}</td>"
-                                  f"<td>{'yes' if v.restore_test else 'no'}</td></tr>"
-                                  for v in report.verifications[-30:]) + "</table>")
-    if report.health:
-        body.append(_health_html(report.health))
+    body = ["<h1>Backup compliance audit</h1>", f'<div class="cards">{"".join(cards)}</div>']
+    for i, section in enumerate(sections(report, output_name)):
+        body.append(f'<section><h2>{_e(section.title)}</h2>{"".join(_html_block(b) for b in section.blocks)}</section>')
+        if i == 0:
+            body.append(f'<section><h2>Timeline</h2><div class="tl">{timeline_svg(report)}</div></section>')
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>Backup audit — {_e(report.verdict)}</title><style>{CSS}</style></head>"
             f"<body><main>{''.join(body)}</main></body></html>\n")
-
-

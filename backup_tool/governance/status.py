@@ -52,6 +52,15 @@ VERIFICATIONS_PREFIX = "verifications/"
 
 
 @dataclass(frozen=True)
+class RestoreTest:
+    """One restore drill of a verification run: how long restoring and validating took."""
+
+    backup: str
+    ok: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Verification:
     at: datetime
     ok: bool
@@ -59,6 +68,7 @@ class Verification:
     restore_test: bool
     checks: tuple[dict[str, Any], ...]
     key: str = ""
+    restore_tests: tuple[RestoreTest, ...] | None = None  # None: a record from before durations were kept
 
     def failed_checks(self) -> list[dict[str, Any]]:
         return [c for c in self.checks if not c.get("ok")]
@@ -272,8 +282,11 @@ def read_verifications(storage: Storage) -> list[Verification]:
         try:
             body = json.loads(storage.get_bytes(info.key))
             at = parse_utc(body["at"])
+            drills = None if "restore_tests" not in body else tuple(
+                RestoreTest(str(t["backup"]), bool(t["ok"]), float(t["seconds"])) for t in body["restore_tests"])
             found.append(Verification(at, bool(body.get("ok")), tuple(body.get("backups", [])),
-                                      bool(body.get("restore_test")), tuple(body.get("checks", [])), info.key))
+                                      bool(body.get("restore_test")), tuple(body.get("checks", [])), info.key,
+                                      drills))
         except (BackupToolError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return sorted(found, key=lambda v: v.at)
