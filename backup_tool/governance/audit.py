@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -883,6 +884,7 @@ table{border-collapse:collapse;width:100%;background:#fff;font-size:12.5px}
 th,td{border:1px solid #e1e5ec;padding:4px 6px;text-align:left;vertical-align:top}
 th{background:#eef1f6}
 .crit{color:#c62828;font-weight:600}.warn{color:#9a6b00;font-weight:600}
+tr.crit td+td,tr.warn td+td{color:inherit;font-weight:normal}
 .missed{background:#fdecec}.late{background:#fff6db}
 .tl{background:#fff;border:1px solid #d8dde6;border-radius:8px;padding:8px}
 details summary{cursor:pointer;color:#1f5fbf}
@@ -894,8 +896,14 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+TICK_SPACING = 64
+LEGEND_CHAR = 7.5  # px per character of an 11px label, wider than any common sans-serif face's average
+
+
 def timeline_svg(report: AuditReport, width: int = 1260) -> str:
-    """The timeline picture: slots, backups, retention spans, the PITR window and WAL coverage."""
+    """The timeline picture: slots, backups, retention spans, the PITR window and WAL coverage.
+    Below the lanes, one row each: the date axis, the "now" label, then the legend (wrapped to
+    the width), so no label can be drawn over another."""
     start, end = report.window_start, report.now
     span = max((end - start).total_seconds(), 3600.0)
     left, right = 130, 20
@@ -905,7 +913,19 @@ def timeline_svg(report: AuditReport, width: int = 1260) -> str:
     if report.policy["schedule"].get("base") or report.pitr.in_use:
         lanes += [("Base backups", "base"), ("WAL archive", "wal")]
     lane_h, top = 34, 34
-    height = top + lane_h * len(lanes) + 46
+    bottom = top + lane_h * len(lanes)
+    legend = [("met", "slot met", "circle"), ("late", "slot late", "circle"), ("missed", "slot missed", "x"),
+              ("pending", "pending", "circle"), ("full", "full (bar: kept until expiry)", "rect"),
+              ("incremental", "incremental", "rect")] + ([("base", "base", "rect")] if any(k == "base" for _, k in lanes) else [])
+    legend_at: list[tuple[float, float]] = []
+    lx, ly = 8.0, bottom + 62.0
+    for _, text, _ in legend:
+        item = 14 + LEGEND_CHAR * len(text)
+        if lx > 8 and lx + item > width - right:
+            lx, ly = 8.0, ly + 18
+        legend_at.append((lx, ly))
+        lx += item + 18
+    height = int(ly + 8)
 
     def x(ts: datetime) -> float:
         return left + plot * min(max((ts - start).total_seconds() / span, 0.0), 1.0)
@@ -917,17 +937,17 @@ def timeline_svg(report: AuditReport, width: int = 1260) -> str:
     pitr_x = x(max(report.pitr.window_start, start))
     parts.append(f'<rect x="{pitr_x:.1f}" y="{top - 8}" width="{x(end) - pitr_x:.1f}" '
                  f'height="{lane_h * len(lanes) + 4}" fill="{COLORS["pitr"]}"/>')
-    parts.append(f'<text x="{pitr_x + 4:.1f}" y="{top - 12}" fill="#1f5fbf">PITR window '
+    parts.append(f'<text x="{min(pitr_x + 4, width - right - 140):.1f}" y="{top - 12}" fill="#1f5fbf">PITR window '
                  f'({report.policy["retention"]["pitr_days"]} days)</text>')
     days = int(span // 86400) + 1
-    step = max(1, days // 16)
+    step = max(1, math.ceil(TICK_SPACING / (plot * 86400 / span)))  # day labels at least TICK_SPACING px apart
     day0 = datetime(start.year, start.month, start.day, tzinfo=UTC)
     for i in range(0, days + 2, step):
         t = day0 + timedelta(days=i)
         if start <= t <= end:
-            parts.append(f'<line x1="{x(t):.1f}" y1="{top - 8}" x2="{x(t):.1f}" y2="{height - 36}" '
+            parts.append(f'<line x1="{x(t):.1f}" y1="{top - 8}" x2="{x(t):.1f}" y2="{bottom + 10}" '
                          'stroke="#e3e6eb"/>')
-            parts.append(f'<text x="{x(t):.1f}" y="{height - 22}" text-anchor="middle">{t:%b %d}</text>')
+            parts.append(f'<text x="{x(t):.1f}" y="{bottom + 24}" text-anchor="middle">{t:%b %d}</text>')
     for label, key in lanes:
         y = row[key]
         parts.append(f'<text class="lbl" x="8" y="{y + 16}">{_e(label)}</text>')
@@ -974,24 +994,20 @@ def timeline_svg(report: AuditReport, width: int = 1260) -> str:
         parts.append(f'<text x="{left + 4}" y="{row["wal"] + 30}" fill="{COLORS["missed"]}">'
                      f'{len(report.pitr.gaps)} WAL gap(s)</text>')
     nx = x(end)
-    parts.append(f'<line x1="{nx:.1f}" y1="{top - 8}" x2="{nx:.1f}" y2="{height - 36}" stroke="#c62828" '
+    parts.append(f'<line x1="{nx:.1f}" y1="{top - 8}" x2="{nx:.1f}" y2="{bottom + 10}" stroke="#c62828" '
                  'stroke-dasharray="4,3"/>')
-    parts.append(f'<text x="{nx - 4:.1f}" y="{height - 8}" text-anchor="end" fill="#c62828">now {_e(_d(end))}</text>')
-    legend = [("met", "slot met", "circle"), ("late", "slot late", "circle"), ("missed", "slot missed", "x"),
-              ("pending", "pending", "circle"), ("full", "full (bar: kept until expiry)", "rect"),
-              ("incremental", "incremental", "rect")] + ([("base", "base", "rect")] if "base" in row else [])
-    lx = left
-    for key, text, shape in legend:
+    parts.append(f'<text x="{nx - 4:.1f}" y="{bottom + 40}" text-anchor="end" fill="#c62828">now {_e(_d(end))}</text>')
+    for (key, text, shape), (lx, ly) in zip(legend, legend_at):
         c = COLORS[key]
         if shape == "circle":
-            parts.append(f'<circle cx="{lx + 5}" cy="{height - 40 + 34}" r="4" fill="{c}"/>')
+            parts.append(f'<circle cx="{lx + 5:.1f}" cy="{ly - 4:.1f}" r="4" fill="{c}"/>')
         elif shape == "x":
-            parts.append(f'<g stroke="{c}" stroke-width="2"><line x1="{lx + 1}" y1="{height - 10}" x2="{lx + 9}" '
-                         f'y2="{height - 2}"/><line x1="{lx + 1}" y1="{height - 2}" x2="{lx + 9}" y2="{height - 10}"/></g>')
+            parts.append(f'<g stroke="{c}" stroke-width="2"><line x1="{lx + 1:.1f}" y1="{ly - 8:.1f}" '
+                         f'x2="{lx + 9:.1f}" y2="{ly:.1f}"/><line x1="{lx + 1:.1f}" y1="{ly:.1f}" x2="{lx + 9:.1f}" '
+                         f'y2="{ly - 8:.1f}"/></g>')
         else:
-            parts.append(f'<rect x="{lx + 2}" y="{height - 13}" width="5" height="13" fill="{c}"/>')
-        parts.append(f'<text x="{lx + 14}" y="{height - 2}">{_e(text)}</text>')
-        lx += 24 + 7 * len(text)
+            parts.append(f'<rect x="{lx + 2:.1f}" y="{ly - 10:.1f}" width="5" height="11" fill="{c}"/>')
+        parts.append(f'<text x="{lx + 14:.1f}" y="{ly:.1f}">{_e(text)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
