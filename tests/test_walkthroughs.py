@@ -115,8 +115,8 @@ def stage(s3_server: S3Server) -> Iterator[Stage]:
         shutil.rmtree(base, ignore_errors=True)
         paginator = client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=BUCKET):
-            for item in page.get("Contents", []):
-                client.delete_object(Bucket=BUCKET, Key=item["Key"])
+            if page.get("Contents"):
+                client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": o["Key"]} for o in page["Contents"]]})
         client.delete_bucket(Bucket=BUCKET)
 
 
