@@ -76,6 +76,7 @@ def test_audit_evidence_on_s3(cli: Any, s3_bucket_factory: Callable[..., str], f
     page = text.decode()
     assert f"| {db.name} | {server.host}:{server.port} | {sysid} | 1 |" in page
     assert f"client-side key {key_id}; SSE AES256" in page
+    assert "- Report SHA-256: in audit.md.sha256 beside this file ('sha256sum -c audit.md.sha256' checks it)" in page
     assert f"- Repository state read: sha256 {audit['repository_state']['sha256']} of 1 manifest(s)" in page
     out.write_bytes(text.replace(b"COMPLIANT", b"COMPLIANT!"))
     tampered = subprocess.run(["sha256sum", "-c", "audit.md.sha256"], cwd=out.parent, capture_output=True, text=True)

@@ -111,6 +111,7 @@ def stage(s3_server: S3Server) -> Iterator[Stage]:
         cli.json("backup", "base", "--dsn", server.dsn("app"), env=env)
         yield Stage(server, cli, shim.parent, full["id"])
     finally:
+        server.pg_ctl("-m", "immediate", "-w", "stop", check=False)  # a fast stop would archive what is left
         server.destroy()
         shutil.rmtree(base, ignore_errors=True)
         paginator = client.get_paginator("list_objects_v2")

@@ -13,8 +13,13 @@ It states the policy in force and, over the audit window (``audit.window_days`` 
   overdue for deletion with no such rule, and any deletion before expiry (from the
   append-only ``retention-log/``).
 * **immutability** — each backup's Object Lock mode and retain-until date against the policy.
-* **verification** — when each backup's checksums were last re-read and last restore-tested
-  (from ``verifications/``).
+* **verification** — when each backup's checksums were last re-read and last restore-tested,
+  how long that restore and its validation took, and which backups each run covered (from
+  ``verifications/``; a duration a record predates says "not recorded").
+* **scope and protection** — the tool version; each database, ``host:port`` and cluster (system
+  identifier) the backups come from; per backup its client-side key id and the server-side
+  encryption and Object Lock the store reports for its manifest now (a recorded lock the store
+  does not hold is critical); a digest of the repository state read (:class:`RepositoryState`).
 * **PITR coverage** — base backups, the WAL range and its gaps, against the PITR window.
 * **health checks** — the seed's table (check, frequency, last status, last run, next check)
   from ``health-log/``, and every failed run in the window; a check whose newest run failed or
@@ -23,7 +28,10 @@ It states the policy in force and, over the audit window (``audit.window_days`` 
 Findings are *critical* (a promise broken) or *warnings*; the verdict is NON-COMPLIANT with
 any critical finding, COMPLIANT WITH WARNINGS with warnings only, COMPLIANT otherwise.
 :func:`build_report` is pure; :func:`collect` reads the repository; the renderers produce
-JSON, Markdown, or one self-contained HTML page (inline CSS and SVG, no external assets).
+JSON, Markdown, or one self-contained HTML page (inline CSS and SVG, no external assets), the
+last two from the same :func:`sections`, where an empty section says "none". Every time in
+every format is ``2026-11-25T02:00:00Z`` (UTC, to the second). :func:`run_audit` writes the
+report with its SHA-256 beside it (``FILE.sha256``, ``sha256sum -c`` format).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from backup_tool.errors import BackupToolError, UsageError
-from backup_tool.governance.status import RestoreTest, Verification, WalState, wal_gap_ranges
+from backup_tool.governance.status import Verification, WalState, wal_gap_ranges
 from backup_tool.repository.storage.base import AtRest
 from backup_tool.core.walnames import DEFAULT_SEGMENT_SIZE, segment_number
 from backup_tool.governance.retention import (
@@ -765,8 +773,9 @@ def sections(report: AuditReport, output_name: str | None = None) -> list[Sectio
         f"Tool: backup-tool {report.tool_version or NOT_RECORDED}",
         (f"Repository state read: sha256 {state.sha256} of {state.manifests} manifest(s) (the sorted lines "
          "'manifests/<id>.json <manifest_sha256>')") if state else "Repository state read: not computed",
-        f"Report SHA-256: in {output_name + SIDECAR_SUFFIX if output_name else '<report file>' + SIDECAR_SUFFIX}, "
-        "beside the report ('sha256sum -c' checks it)",
+        (f"Report SHA-256: in {output_name}{SIDECAR_SUFFIX} beside this file ('sha256sum -c "
+         f"{output_name}{SIDECAR_SUFFIX}' checks it)") if output_name else
+        f"Report SHA-256: not kept (written to standard output; --output FILE keeps it in FILE{SIDECAR_SUFFIX})",
     ))
     out = [Section("Report", (meta,))]
     out.append(Section("Scope", (Table(
