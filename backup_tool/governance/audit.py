@@ -43,8 +43,9 @@ import math
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from backup_tool import __version__
 from backup_tool.errors import BackupToolError, UsageError
 from backup_tool.governance.status import Verification, WalState, wal_gap_ranges
 from backup_tool.repository.storage.base import AtRest
@@ -60,6 +61,8 @@ from backup_tool.core.timestamps import iso_seconds as iso
 from backup_tool.core.timestamps import parse_utc, seconds_in
 
 if TYPE_CHECKING:
+    from backup_tool.repository.catalog_index import IndexEntry
+    from backup_tool.repository.storage import Storage
     from backup_tool.config.settings import Settings
     from backup_tool.config.policy import Policy
 
@@ -535,7 +538,6 @@ def _pitr(present: Sequence[BackupRecord], wal: WalState | None, policy: Policy,
 
 def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     """Read the repository (manifests, deletion log, verifications, WAL) and build the audit."""
-    from backup_tool import __version__
     from backup_tool.repository.catalog import REFUSED, Catalog, manifest_key
     from backup_tool.governance.status import read_verifications, read_wal_state
     from backup_tool.governance.retention import read_log
@@ -582,12 +584,13 @@ def collect(settings: Settings, now: datetime | None = None) -> AuditReport:
     return replace(report, generated_at=generated)
 
 
-def _evidence(storage: Any, entries: Sequence[Any], key_of: Any) -> tuple[dict[str, BackupEvidence], list[str]]:
+def _evidence(storage: Storage, entries: Sequence[IndexEntry], key_of: Callable[[str], str]
+              ) -> tuple[dict[str, BackupEvidence], list[str]]:
     """Each backup's source and at-rest evidence: the manifest's summary, and one HEAD of its
     manifest object (in parallel: one request per backup); ids whose HEAD failed are returned."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def head(entry: Any) -> AtRest | None:
+    def head(entry: IndexEntry) -> AtRest | None:
         try:
             return storage.at_rest(key_of(entry.id))
         except BackupToolError:
@@ -845,7 +848,8 @@ def sections(report: AuditReport, output_name: str | None = None) -> list[Sectio
     out.append(Section("Health checks", (
         Table(("check", "frequency", "last status", "last run", "next check"),
               tuple((r["title"], r["frequency"], r["last_status"], _d(_ts(r["last_run"])), _d(_ts(r["next_check"])))
-                    for r in (health or {}).get("checks", ()))),
+                    for r in (health or {}).get("checks", ())),
+              tuple("missed" if r["last_status"] == "FAILED" else "" for r in (health or {}).get("checks", ()))),
         Para("Failed runs in the audit window:"),
         Items(tuple(f"{_d(_ts(f['at']))} {f['check']}: {f['detail']}" for f in (health or {}).get("failures", [])[:50])))))
     return out
