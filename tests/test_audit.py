@@ -3,6 +3,7 @@ simulated history before and after retention, in JSON, Markdown and self-contain
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import replace
@@ -14,10 +15,12 @@ from simhistory import History, record, seed_schedule, ts
 
 from backup_tool.config.policy import Policy
 from backup_tool.core.walnames import segment_name
-from backup_tool.governance.audit import Candidate, build_report, schedule_adherence
-from backup_tool.governance.status import Verification, WalState
-from backup_tool.render.audit import render_html, render_markdown
+from backup_tool.governance.audit import BackupEvidence, Candidate, build_report, repository_state, schedule_adherence
+from backup_tool.governance.status import RestoreTest, Verification, WalState
+from backup_tool.render.audit import render, render_html, render_markdown
+from backup_tool.repository.retention_log import LogEntry
 from backup_tool.repository.storage import open_storage
+from backup_tool.repository.storage.base import AtRest, ObjectLock
 
 P = Policy()
 
@@ -148,7 +151,7 @@ def test_two_weeks_of_history_audit_and_retention(cli: Any, tmp_path: Path) -> N
 
     md = cli("audit", "--repo", repo, "--now", now, "--format", "markdown")
     assert md.returncode == 0 and md.stdout.startswith("# Backup compliance audit — NON-COMPLIANT")
-    assert "| 2026-11-05 02:00 UTC | full | MISSED | — |" in md.stdout
+    assert "| 2026-11-05T02:00:00Z | full | MISSED | — | — |" in md.stdout
     strict = cli("audit", "--repo", repo, "--now", now, "--strict")
     assert strict.returncode == 3
     out = tmp_path / "audit.html"
@@ -168,3 +171,98 @@ def test_renderers_escape_and_handle_empty(tmp_path: Path) -> None:
     assert "# Backup compliance audit" in render_markdown(report)
     json.dumps(report.to_dict())
     assert isinstance(report.now, datetime)
+
+
+TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|\+00:00| UTC)?")
+
+
+def test_one_timestamp_style_to_the_second_everywhere() -> None:
+    """Real backups start at microsecond times; reasons and notes carry times from elsewhere:
+    every time in every format reads 2026-11-25T02:00:00Z."""
+    now = ts("2026-11-25T12:00:00.654321Z")
+    full = record("full", "2026-11-25T02:00:07.123456Z", lock_mode="compliance",
+                  lock_until=ts("2026-12-25T02:00:07.123456Z"))
+    gone = LogEntry("run1", ts("2026-11-24T01:00:00.5Z"), "20261101T020000Z-Fgone", "full",
+                    ts("2026-11-01T02:00:00.25Z"), None, ts("2026-12-01T02:00:00.25Z"),
+                    ("expired 2026-12-01T02:00:00.250000+00:00",), "default")
+    check = Verification(ts("2026-11-25T07:00:00.999999Z"), True, (full.id,), False,
+                         ({"name": f"objects {full.id}", "ok": True},))
+    report = build_report([full], [gone], [check], None, P, now,
+                          facts=["first seen 2026-11-20T01:02:03.456789Z"])
+    for fmt in ("json", "markdown", "html"):
+        text = render(report, fmt)
+        shown = set(TIMESTAMP.findall(text))
+        assert shown and {t for t in shown if not re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", t)} == set(), fmt
+        assert "2026-11-25T02:00:07Z" in text and "2026-12-01T02:00:00Z" in text and "2026-11-20T01:02:03Z" in text
+
+
+def test_empty_sections_say_none() -> None:
+    report = build_report([], [], [], None, P, ts("2026-11-25T12:00Z"))
+    md = render_markdown(report)
+    sections = dict(re.findall(r"^## (.+?)\n\n(.*?)(?=^## |\Z)", md, re.S | re.M))
+    for title in ("Scope", "Backups", "Point-in-time recovery", "Restore tests (recovery-time evidence)",
+                  "Verification runs", "Health checks"):
+        assert re.search(r"^(- )?none$", sections[title], re.M), (title, sections[title])
+    assert re.search(r"Deletions \(append-only log\):\n\nnone$", sections["Retention adherence"], re.M)
+
+
+def test_scope_encryption_lock_and_repository_state() -> None:
+    """Each backup says where it was taken and how it is kept at rest; the scope groups the
+    sources; an old backup that records no host says so; the store's lock is checked against
+    the recorded one; the repository state digest is the documented sha256."""
+    now = ts("2026-11-25T12:00Z")
+    until = ts("2026-12-25T02:00Z")
+    new = record("full", "2026-11-25T02:00Z", lock_mode="compliance", lock_until=until)
+    old = record("full", "2026-11-24T02:00Z", lock_mode="compliance", lock_until=until)
+    other = record("full", "2026-11-25T03:00Z", database="crm")
+    evidence = {
+        new.id: BackupEvidence("db1.internal:5432", "7301234567890123456", "0.1.0", "k-3f2a",
+                               AtRest("aws:kms", "arn:aws:kms:eu-west-1:1:key/x", ObjectLock("compliance", until))),
+        old.id: BackupEvidence(None, "7301234567890123456", None, None, AtRest("AES256", None, None)),
+        other.id: BackupEvidence("db2.internal:5432", "7309999999999999999", "0.1.0", None, AtRest(applicable=False)),
+    }
+    state = repository_state([(f"manifests/{b.id}.json", f"{i}" * 64) for i, b in enumerate((new, old, other))])
+    lines = "".join(sorted(f"manifests/{b.id}.json {i}" + f"{i}" * 63 + "\n" for i, b in enumerate((new, old, other))))
+    assert state.sha256 == hashlib.sha256(lines.encode()).hexdigest() and state.manifests == 3
+    report = build_report([new, old, other], [], [], None, P, now, backup_evidence=evidence,
+                          tool_version="0.1.0", repo_state=state)
+    body = report.to_dict()
+    assert body["tool_version"] == "0.1.0" and body["repository_state"]["sha256"] == state.sha256
+    assert [(s["database"], s["host"], s["system_identifier"], s["backups"]) for s in body["scope"]] == [
+        ("app", None, "7301234567890123456", 1), ("app", "db1.internal:5432", "7301234567890123456", 1),
+        ("crm", "db2.internal:5432", "7309999999999999999", 1)]
+    rows = {b["id"]: b for b in body["backups"]}
+    assert rows[new.id]["encryption"] == {"client_side_key_id": "k-3f2a", "sse": "aws:kms",
+                                          "sse_kms_key_id": "arn:aws:kms:eu-west-1:1:key/x",
+                                          "text": "client-side key k-3f2a; SSE aws:kms (KMS key arn:aws:kms:eu-west-1:1:key/x)"}
+    assert rows[new.id]["store_lock"] == {"mode": "compliance", "retain_until": "2026-12-25T02:00:00Z", "legal_hold": False}
+    assert rows[old.id]["store_lock"] == {"mode": None, "retain_until": None, "legal_hold": False}
+    assert rows[other.id]["encryption"]["text"] == "no client-side encryption; no SSE (local directory)"
+    assert [f.message for f in report.findings if f.area == "immutability"] == [
+        f"{old.id} records Object Lock until 2026-12-25T02:00:00Z but the store holds no lock on its manifest"]
+    md = render_markdown(report)
+    assert "| app | not recorded | 7301234567890123456 | 1 |" in md
+    assert f"- Repository state read: sha256 {state.sha256} of 3 manifest(s)" in md
+    assert "- Tool: backup-tool 0.1.0" in md
+    assert "compliance until 2026-12-25T02:00:00Z (store); compliance until 2026-12-25T02:00:00Z (recorded)" in md
+    assert "none (store); compliance until 2026-12-25T02:00:00Z (recorded)" in md
+
+
+def test_restore_test_durations_and_backups_covered() -> None:
+    now = ts("2026-11-25T12:00Z")
+    a, b = record("full", "2026-11-24T02:00Z"), record("full", "2026-11-25T02:00Z")
+    old_run = Verification(ts("2026-11-24T05:00Z"), True, (a.id,), True,
+                           ({"name": f"objects {a.id}", "ok": True}, {"name": f"restore_test {a.id}", "ok": True}))
+    new_run = Verification(ts("2026-11-25T05:00Z"), True, (a.id, b.id), True,
+                           ({"name": f"objects {a.id}", "ok": True}, {"name": f"objects {b.id}", "ok": True},
+                            {"name": f"restore_test {b.id}", "ok": True}), "",
+                           (RestoreTest(b.id, True, 12.34),))
+    report = build_report([a, b], [], [old_run, new_run], None, P, now)
+    body = report.to_dict()
+    assert [v["restore_tests"] for v in body["verifications"]] == [None, [{"backup": b.id, "ok": True, "seconds": 12.34}]]
+    assert {r["id"]: r["last_restore_test_seconds"] for r in body["backups"]} == {a.id: None, b.id: 12.34}
+    md = render_markdown(report)
+    assert f"| {a.id} | 2026-11-24T05:00:00Z | ok | not recorded |" in md
+    assert f"| {b.id} | 2026-11-25T05:00:00Z | ok | 12.3 s |" in md
+    assert f"| 2026-11-25T05:00:00Z | ok | {a.id}, {b.id} | yes |" in md
+    assert "2026-11-25T05:00:00Z ok in 12.3 s" in md and "2026-11-24T05:00:00Z ok (duration not recorded)" in md

@@ -159,3 +159,24 @@ def test_an_edited_manifest_behind_a_sealed_index_is_still_refused_when_read(tmp
     assert [r.id for r in catalog.records()[0]] == [real.id]  # planning sees what the key holder sealed
     with pytest.raises(IntegrityError, match="fails authentication"):
         catalog.load(real.id)
+
+
+def test_an_index_of_the_previous_format_is_read_past(tmp_path: Path) -> None:
+    """Format 1 summaries lack the audit's scope (host, system identifier, tool version): such
+    an index is not believed, so the manifests answer (and a refresh writes a format 2 one)."""
+    h = history(tmp_path)
+    storage, inner = opened(tmp_path)
+    Catalog(storage).records(refresh=True)
+    [key] = index_keys(storage)
+    body = json.loads((tmp_path / key).read_text())
+    old = {**body, "format": 1, "entries": [
+        {**e, "summary": {k: v for k, v in e["summary"].items() if k not in ("host", "system_identifier", "tool_version")}}
+        for e in body["entries"]]}
+    old["index_sha256"] = _digest(old)
+    (tmp_path / key).write_text(json.dumps(old))
+    inner.reads.clear()
+    entries, _ = Catalog(storage).entries(refresh=True)
+    assert [e.summary["system_identifier"] for e in entries] == ["7"] * len(h.manifests)
+    assert len(manifest_reads(inner)) == len(h.manifests)
+    [rewritten] = index_keys(storage)
+    assert json.loads((tmp_path / rewritten).read_text())["format"] == 2

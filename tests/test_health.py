@@ -386,7 +386,7 @@ def test_cli_run_due_status_audit_and_schema_drift(cli: Any, health_db: DbHandle
     assert "| check | frequency | last status | last run | next check |" in text
     assert "| Index performance | Weekly | FAILED |" in text and "| Schema validation | Daily | passed |" in text
     assert "index_performance: duplicate indexes on public.projects" in text
-    assert "**WARNING** (health): health check index_performance failed" in text
+    assert "| WARNING | health | health check index_performance failed" in text
 
     # Since the backup the duplicate index was dropped; now a column is added: both are drift.
     health_db.execute("ALTER TABLE public.projects ADD COLUMN archived boolean")

@@ -126,12 +126,13 @@ def audit_cmd(
     from backup_tool.core.cron import parse_ts
     from backup_tool.jobs.audit import run_audit
 
-    report, text = run_audit(inv.settings, parse_ts(now) if now else None, fmt, output)
+    written = run_audit(inv.settings, parse_ts(now) if now else None, fmt, output)
+    report, text = written.report, written.text
     if output:
-        summary = {"verdict": report.verdict, "output": output, "format": fmt,
-                   "findings": [f.to_dict() for f in report.findings]}
+        summary = {"verdict": report.verdict, "output": output, "format": fmt, "sha256": written.sha256,
+                   "sha256_file": written.sidecar, "findings": [f.to_dict() for f in report.findings]}
         inv.out(summary, f"audit written to {output}: {report.verdict} "
-                         f"({len(report.findings)} finding(s))")
+                         f"({len(report.findings)} finding(s))\nsha256 {written.sha256} (also in {written.sidecar})")
     elif inv.common.json and fmt == "json":
         inv.out(report.to_dict(), text)
     else:

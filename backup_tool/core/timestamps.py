@@ -7,6 +7,7 @@ without zone as UTC; the result is always an aware UTC datetime.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 UTC = timezone.utc
@@ -19,6 +20,20 @@ def utc_iso(ts: datetime) -> str:
 def iso(ts: datetime | None) -> str | None:
     """:func:`utc_iso`, passing None through (for optional fields)."""
     return None if ts is None else utc_iso(ts)
+
+
+def iso_seconds(ts: datetime | None) -> str | None:
+    """The one style reports show times in: :func:`utc_iso` cut to the second
+    (``2026-11-25T02:00:00Z``), None passed through."""
+    return None if ts is None else ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_ISO_IN_TEXT = re.compile(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.\d+)?(?:Z|\+00:00|\+00)")
+
+
+def seconds_in(text: str) -> str:
+    """Every UTC timestamp inside ``text`` (a reason, a note) in the :func:`iso_seconds` style."""
+    return _ISO_IN_TEXT.sub(r"\1T\2Z", text)
 
 
 def parse_utc(text: str) -> datetime:

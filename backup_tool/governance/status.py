@@ -46,6 +46,15 @@ LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 
 
 @dataclass(frozen=True)
+class RestoreTest:
+    """One restore drill of a verification run: how long restoring and validating took."""
+
+    backup: str
+    ok: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Verification:
     at: datetime
     ok: bool
@@ -53,6 +62,7 @@ class Verification:
     restore_test: bool
     checks: tuple[dict[str, Any], ...]
     key: str = ""
+    restore_tests: tuple[RestoreTest, ...] | None = None  # None: a record from before durations were kept
 
     def failed_checks(self) -> list[dict[str, Any]]:
         return [c for c in self.checks if not c.get("ok")]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 from backup_tool.core.timestamps import parse_utc
 from backup_tool.errors import BackupToolError
-from backup_tool.governance.status import WARNING, Check, StatusReport, Verification, WalState, evaluate
+from backup_tool.governance.status import WARNING, Check, RestoreTest, StatusReport, Verification, WalState, evaluate
 from backup_tool.jobs.health import read_records, records_for
 from backup_tool.jobs.verify import VERIFICATIONS_PREFIX
 from backup_tool.physical.wal import histories
@@ -39,8 +39,11 @@ def read_verifications(storage: Storage) -> list[Verification]:
         try:
             body = json.loads(storage.get_bytes(info.key))
             at = parse_utc(body["at"])
+            drills = None if "restore_tests" not in body else tuple(
+                RestoreTest(str(t["backup"]), bool(t["ok"]), float(t["seconds"])) for t in body["restore_tests"])
             found.append(Verification(at, bool(body.get("ok")), tuple(body.get("backups", [])),
-                                      bool(body.get("restore_test")), tuple(body.get("checks", [])), info.key))
+                                      bool(body.get("restore_test")), tuple(body.get("checks", [])), info.key,
+                                      drills))
         except (BackupToolError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return sorted(found, key=lambda v: v.at)

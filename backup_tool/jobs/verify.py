@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Any, Iterable
 
 from psycopg import sql
 
@@ -63,8 +64,10 @@ def check_objects(storage: Storage, manifest: Manifest, reporter: Reporter,
                  f"{len(objects)} objects, {sum(o.size for o in objects)} bytes, checksums match{note}")
 
 
-def restore_test(settings: Settings, manifest: Manifest, scratch_dsn: str, reporter: Reporter) -> Check:
-    """Restore into a fresh scratch database on the scratch server, validate, drop it."""
+def restore_test(settings: Settings, manifest: Manifest, scratch_dsn: str, reporter: Reporter) -> tuple[Check, float]:
+    """Restore into a fresh scratch database on the scratch server, validate, drop it; with the
+    seconds the restore and its validation took (to the failure, when it failed): the
+    recovery-time evidence the audit shows."""
     base = ConnInfo(scratch_dsn or settings.dsn)
     name = f"backup_tool_verify_{secrets.token_hex(4)}"
     scratch = base.with_database(name)
@@ -72,13 +75,14 @@ def restore_test(settings: Settings, manifest: Manifest, scratch_dsn: str, repor
     with admin.connect() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {}").format(
             sql.Identifier(name), sql.Literal(manifest.encoding)))
+    started = time.monotonic()
     try:
         result = restore_full(settings, scratch, manifest.id, with_roles=True,
                               run_validation=True, reporter=reporter)
         detail = f"restored {result.tables} tables, {result.rows} rows in {result.seconds:.1f}s; validation passed"
-        return Check(f"restore_test {manifest.id}", True, detail)
+        return Check(f"restore_test {manifest.id}", True, detail), result.seconds
     except BackupToolError as exc:
-        return Check(f"restore_test {manifest.id}", False, exc.message[:500])
+        return Check(f"restore_test {manifest.id}", False, exc.message[:500]), time.monotonic() - started
     finally:
         with admin.connect() as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -94,19 +98,25 @@ def verify(settings: Settings, ref: str = "latest", with_restore_test: bool = Fa
     manifests, problems = catalog.scan() if ref == "all" else ([catalog.resolve(ref, database=database)], [])
     checks = [Check("manifest", False, p.message) for p in problems]
     seen: set[str] = set()
+    timings: list[dict[str, Any]] = []
     for manifest in manifests:
         checks.append(check_objects(storage, manifest, reporter, seen))
         if with_restore_test and checks[-1].ok and manifest.kind in LOGICAL_KINDS:
-            checks.append(restore_test(settings, manifest, scratch_dsn, reporter))
+            check, seconds = restore_test(settings, manifest, scratch_dsn, reporter)
+            checks.append(check)
+            timings.append({"backup": manifest.id, "ok": check.ok, "seconds": round(seconds, 3)})
     if any(m.kind == BackupKind.BASE for m in manifests):
         checks.extend(c for c in repository_health(settings).checks() if c.name == "wal_continuity")
     report = ValidationReport(storage.url, ref, tuple(checks))
-    record(storage, report, [m.id for m in manifests], with_restore_test)
+    record(storage, report, [m.id for m in manifests], with_restore_test, timings)
     return report
 
 
-def record(storage: Storage, report: ValidationReport, ids: Iterable[str], restore_tested: bool) -> None:
+def record(storage: Storage, report: ValidationReport, ids: Iterable[str], restore_tested: bool,
+           restore_tests: Iterable[dict[str, Any]] = ()) -> None:
+    """Store the run as audit evidence; ``restore_tests``: backup, ok, seconds of each drill."""
     now = datetime.now(timezone.utc)
-    body = {"at": utc_iso(now), "backups": list(ids), "restore_test": restore_tested, **report.to_dict()}
+    body = {"at": utc_iso(now), "backups": list(ids), "restore_test": restore_tested,
+            "restore_tests": list(restore_tests), **report.to_dict()}
     key = f"{VERIFICATIONS_PREFIX}{now.strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(2)}.json"
     storage.put_bytes(key, json.dumps(body, indent=1).encode())

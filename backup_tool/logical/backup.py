@@ -396,7 +396,7 @@ def _dump(storage: Storage, conninfo: ConnInfo, info: dict[str, Any], major: int
         snapshot_lsn=snap.wal_lsn, schema=schema_obj, globals=globals_obj,
         schema_fingerprint=schema.fingerprint(normalized),
         tables=tuple(entries), sequences=tuple(sequences), inventory=inventory, large_objects=lo_obj,
-        options={"jobs": jobs, "compression_level": level,
+        options={"jobs": jobs, "compression_level": level, "host": info["host"],
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None},
         tool_version=__version__,
     )

@@ -330,7 +330,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
                     "retention_days": policy.retention.pitr_days},
             snapshot_lsn=physical.stop_lsn, schema=None, globals=None, schema_fingerprint="",
             tables=(), sequences=(), inventory={},
-            options={"checkpoint": physical.checkpoint, "compression_level": level,
+            options={"checkpoint": physical.checkpoint, "compression_level": level, "host": info["host"],
                      "tar_members": scanner.members,
                      **({"object_lock": {"mode": policy.object_lock.mode, "retain_until": utc_iso(expires_at)}}
                         if policy.object_lock.mode != "none" else {})},

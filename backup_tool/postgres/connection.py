@@ -240,6 +240,7 @@ def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         "encoding": row[3],
         "system_identifier": row[4],
         "in_recovery": row[5],
+        "host": f"{conn.info.host}:{conn.info.port}",
     }
 
 

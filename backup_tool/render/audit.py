@@ -5,25 +5,36 @@ from __future__ import annotations
 
 import html
 import json
+import math
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backup_tool.governance.audit import AuditReport
+from backup_tool.core.timestamps import iso_seconds as iso
+from backup_tool.core.timestamps import seconds_in
+from backup_tool.governance.audit import NOT_RECORDED, AuditReport
+
+if TYPE_CHECKING:
+    pass
 
 UTC = timezone.utc
 FORMATS = ("json", "markdown", "html")
+
+
+
+SIDECAR_SUFFIX = ".sha256"
 
 
 def _ts(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
-def render(report: AuditReport, fmt: str) -> str:
+def render(report: AuditReport, fmt: str, output_name: str | None = None) -> str:
     if fmt == "json":
         return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
     if fmt == "markdown":
-        return render_markdown(report)
-    return render_html(report)
+        return render_markdown(report, output_name)
+    return render_html(report, output_name)
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -39,7 +50,7 @@ def _size(n: int) -> str:
 
 
 def _d(ts: datetime | None) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if ts else "—"
+    return iso(ts) or "—"
 
 
 def _ok(flag: bool | None, ts: datetime | None) -> str:
@@ -62,59 +73,169 @@ def _policy_lines(report: AuditReport) -> list[tuple[str, str]]:
     ]
 
 
-def render_markdown(report: AuditReport) -> str:
-    counts = report.slot_counts()
-    out = [f"# Backup compliance audit — {report.verdict}", "",
-           f"- Repository: `{report.repository}`",
-           f"- Evaluated at: {_d(report.now)} (generated {_d(report.generated_at)})",
-           f"- Audit window: {_d(report.window_start)} → {_d(report.window_end)}", "",
-           "## Policy in force", "", "| | |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in _policy_lines(report)]
-    out += ["", "## Findings", ""]
-    out += [f"- **{f.severity.upper()}** ({f.area}): {f.message}" for f in report.findings] or ["- none"]
+@dataclass(frozen=True)
+class Table:
+    """A table of a report section; without rows it renders as "none"."""
+
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    row_classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Items:
+    """A bulleted list; empty, it renders as "none"."""
+
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Para:
+    text: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section, the same in Markdown and HTML: both renderers draw :func:`sections`."""
+
+    title: str
+    blocks: tuple[Table | Items | Para, ...]
+
+
+NONE = "none"
+
+
+def _restore_test_text(at: datetime | None, ok: bool | None, seconds: float | None) -> str:
+    if at is None:
+        return "never"
+    took = f" in {seconds:.1f} s" if seconds is not None else " (duration not recorded)"
+    return f"{_d(at)} {'ok' if ok else 'FAILED'}{took}"
+
+
+def _drills(report: AuditReport) -> list[tuple[str, str, str, str]]:
+    """Every restore test in the report's verification runs: backup, when, result, duration."""
+    rows = []
+    for v in report.verifications:
+        seconds = {t.backup: t for t in v.restore_tests or ()}
+        for c in v.checks:
+            kind, _, backup_id = str(c.get("name", "")).partition(" ")
+            if kind != "restore_test" or not backup_id:
+                continue
+            t = seconds.get(backup_id)
+            rows.append((backup_id, _d(v.at), "ok" if c.get("ok") else "FAILED",
+                         f"{t.seconds:.1f} s" if t else NOT_RECORDED))
+    return rows
+
+
+def sections(report: AuditReport, output_name: str | None = None) -> list[Section]:
+    """The report's sections in order; ``output_name`` is the file the report is written to
+    (its hash is then in ``<output_name>.sha256``)."""
+    state = report.repository_state
+    meta = Items((
+        f"Repository: {report.repository}",
+        f"Evaluated at: {_d(report.now)} (generated {_d(report.generated_at)})",
+        f"Audit window: {_d(report.window_start)} → {_d(report.window_end)}",
+        f"Tool: backup-tool {report.tool_version or NOT_RECORDED}",
+        (f"Repository state read: sha256 {state.sha256} of {state.manifests} manifest(s) (the sorted lines "
+         "'manifests/<id>.json <manifest_sha256>')") if state else "Repository state read: not computed",
+        (f"Report SHA-256: in {output_name}{SIDECAR_SUFFIX} beside this file ('sha256sum -c "
+         f"{output_name}{SIDECAR_SUFFIX}' checks it)") if output_name else
+        f"Report SHA-256: not kept (written to standard output; --output FILE keeps it in FILE{SIDECAR_SUFFIX})",
+    ))
+    out = [Section("Report", (meta,))]
+    out.append(Section("Scope", (Table(
+        ("database", "host", "cluster (system identifier)", "backups", "first", "last"),
+        tuple((s.database, s.host or NOT_RECORDED, s.system_identifier or NOT_RECORDED, str(s.backups),
+               _d(s.first), _d(s.last)) for s in report.scope)),)))
+    findings: list[Table | Items | Para] = [Table(
+        ("severity", "area", "finding"),
+        tuple((f.severity.upper(), f.area, f.message) for f in report.findings),
+        tuple("crit" if f.severity == "critical" else "warn" for f in report.findings))]
     if report.facts:
-        out += ["", "Notes:", ""] + [f"- {f}" for f in report.facts]
+        findings += [Para("Notes:"), Items(report.facts)]
     if report.schema_drift:
-        out += ["", str(report.schema_drift.get("line", ""))]
-    out += ["", "## Schedule adherence", "", "| schedule | met | late | missed | pending |", "|---|---|---|---|---|"]
-    out += [f"| {k} | {v['met']} | {v['late']} | {v['missed']} | {v['pending']} |" for k, v in counts.items()]
-    out += ["", "| slot | schedule | status | backup |", "|---|---|---|---|"]
-    for s in report.slots:
-        who = f"{s.backup_id} at {_d(s.backup_at)}" + (" (since deleted per retention)" if s.backup_deleted else "") \
-            if s.backup_id else "—"
-        out.append(f"| {_d(s.slot)} | {s.schedule} | {s.status.upper() if s.status != 'met' else 'met'} | {who} |")
-    out += ["", "## Backups", "", "| id | kind | taken | size | expires | lock | checksums verified | restore test | retention |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for b in report.backups:
-        lock = f"{b.lock_mode} until {_d(b.lock_until)}" if b.lock_until else "none"
-        out.append(f"| {b.id} | {b.kind} | {_d(b.started_at)} | {_size(b.size_bytes)} | {_d(b.expires_at)} | {lock} | "
-                   f"{_ok(b.last_verified_ok, b.last_verified)} | {_ok(b.last_restore_test_ok, b.last_restore_test)} | "
-                   f"{b.retention}: {'; '.join(b.reasons)} |")
-    out += ["", "## Retention adherence", "",
-            f"Retention runs recorded: {report.retention_runs}, last {_d(report.last_retention_run)}.", ""]
+        findings.append(Para(str(report.schema_drift.get("line", ""))))
+    out.append(Section("Findings", tuple(findings)))
+    out.append(Section("Policy in force", (Table(("setting", "value"), tuple(_policy_lines(report))),)))
+    counts = report.slot_counts()
+    out.append(Section("Schedule adherence", (
+        Table(("schedule", "met", "late", "missed", "pending"),
+              tuple((k, str(v["met"]), str(v["late"]), str(v["missed"]), str(v["pending"])) for k, v in counts.items())),
+        Para(f"{sum(1 for s in report.slots if s.status in ('missed', 'late'))} slot(s) missed or late; every slot:"),
+        Table(("slot", "schedule", "status", "backup", "taken"),
+              tuple((_d(s.slot), s.schedule, s.status if s.status in ("met", "pending") else s.status.upper(),
+                     (s.backup_id + (" (since deleted per retention)" if s.backup_deleted else "")) if s.backup_id
+                     else "—", _d(s.backup_at)) for s in report.slots),
+              tuple(s.status if s.status in ("missed", "late") else "" for s in report.slots)))))
+    out.append(Section("Backups", (Table(
+        ("id", "kind", "database", "taken", "size", "expires", "encryption at rest", "Object Lock",
+         "checksums verified", "restore test", "retention"),
+        tuple((b.id, b.kind, b.database, _d(b.started_at), _size(b.size_bytes), _d(b.expires_at),
+               b.encryption_text(), b.lock_text(), _ok(b.last_verified_ok, b.last_verified),
+               _restore_test_text(b.last_restore_test, b.last_restore_test_ok, b.last_restore_test_seconds),
+               f"{b.retention}: {'; '.join(b.reasons)}") for b in report.backups)),)))
     past = [b for b in report.backups if b.retention != "retained"]
-    out += ["Kept past expiry:", ""] + ([f"- {b.id} ({b.kind}, expired {_d(b.expires_at)}): {b.retention} — "
-                                         f"{'; '.join(b.reasons)}" for b in past] or ["- none"])
-    out += ["", "Deletions (append-only log):", "", "| id | kind | taken | deleted | expired | why |", "|---|---|---|---|---|---|"]
-    for d in report.deletions:
-        early = " **EARLY**" if d.expires_at and d.at < d.expires_at else ""
-        out.append(f"| {d.id} | {d.kind} | {_d(d.started_at)} | {_d(d.at)}{early} | {_d(d.expires_at)} | "
-                   f"{'; '.join(d.reasons)}{'' if d.completed else ' (failed)'} |")
+    out.append(Section("Retention adherence", (
+        Para(f"Retention runs recorded: {report.retention_runs}, last {_d(report.last_retention_run)}."),
+        Para("Kept past expiry:"),
+        Items(tuple(f"{b.id} ({b.kind}, expired {_d(b.expires_at)}): {b.retention} — {'; '.join(b.reasons)}"
+                    for b in past)),
+        Para("Deletions (append-only log):"),
+        Table(("id", "kind", "taken", "deleted", "expired", "why"),
+              tuple((d.id, d.kind, _d(d.started_at),
+                     _d(d.at) + (" EARLY" if d.expires_at and d.at < d.expires_at else ""), _d(d.expires_at),
+                     "; ".join(d.reasons) + ("" if d.completed else " (failed)")) for d in report.deletions),
+              tuple("missed" if d.expires_at and d.at < d.expires_at else "" for d in report.deletions)))))
     p = report.pitr
-    out += ["", "## Point-in-time recovery", ""]
-    if not p.in_use:
-        out.append("Not in use: no base backups and no archived WAL.")
-    else:
-        out += [f"- PITR window: {_d(p.window_start)} → {_d(report.now)}",
-                f"- Recoverable: {_d(p.recoverable_from)} → {_d(p.recoverable_to)}",
-                f"- Base backups: {', '.join(p.bases) or 'none'}",
-                f"- WAL: {p.wal_segments} segments, {p.wal_first or '—'} … {p.wal_last or '—'}, newest archived {_d(p.newest_wal_at)}",
-                f"- Gaps: {', '.join(f'{a}..{b}' for a, b in p.gaps) or 'none'}"]
-    out += ["", "## Verification runs", "", "| at | result | backups | restore test |", "|---|---|---|---|"]
-    out += [f"| {_d(v.at)} | {'ok' if v.ok else 'FAILED'} | {len(v.backups)} | {'yes' if v.restore_test else 'no'} |"
-            for v in report.verifications[-20:]]
-    if report.health:
-        out += _health_markdown(report.health)
+    out.append(Section("Point-in-time recovery", (Items((
+        f"PITR window: {_d(p.window_start)} → {_d(report.now)}",
+        f"Recoverable: {_d(p.recoverable_from)} → {_d(p.recoverable_to)}",
+        f"Base backups: {', '.join(p.bases) or NONE}",
+        f"WAL: {p.wal_segments} segments, {p.wal_first or '—'} … {p.wal_last or '—'}, newest archived "
+        f"{_d(p.newest_wal_at)}",
+        f"Gaps: {', '.join(f'{a}..{b}' for a, b in p.gaps) or NONE}") if p.in_use else ()),
+        *(() if p.in_use else (Para("No base backups and no archived WAL."),)))))
+    drills = _drills(report)
+    timed = [float(r[3].split()[0]) for r in drills if r[3] != NOT_RECORDED]
+    out.append(Section("Restore tests (recovery-time evidence)", (
+        *((Para(f"{len(drills)} restore test(s); restore and validation took at most {max(timed):.1f} s"),)
+          if timed else ()),
+        Table(("backup", "tested at", "result", "restore + validation time"), tuple(drills)))))
+    out.append(Section("Verification runs", (Table(
+        ("at", "result", "backups covered", "restore test"),
+        tuple((_d(v.at), "ok" if v.ok else "FAILED", ", ".join(v.backups) or NONE, "yes" if v.restore_test else "no")
+              for v in report.verifications),
+        tuple("" if v.ok else "missed" for v in report.verifications)),)))
+    health = report.health
+    out.append(Section("Health checks", (
+        Table(("check", "frequency", "last status", "last run", "next check"),
+              tuple((r["title"], r["frequency"], r["last_status"], _d(_ts(r["last_run"])), _d(_ts(r["next_check"])))
+                    for r in (health or {}).get("checks", ())),
+              tuple("missed" if r["last_status"] == "FAILED" else "" for r in (health or {}).get("checks", ()))),
+        Para("Failed runs in the audit window:"),
+        Items(tuple(f"{_d(_ts(f['at']))} {f['check']}: {f['detail']}" for f in (health or {}).get("failures", [])[:50])))))
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return seconds_in(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: AuditReport, output_name: str | None = None) -> str:
+    out = [f"# Backup compliance audit — {report.verdict}"]
+    for section in sections(report, output_name):
+        out += ["", f"## {section.title}"]
+        for block in section.blocks:
+            out.append("")
+            if isinstance(block, Para):
+                out.append(seconds_in(block.text))
+            elif isinstance(block, Items):
+                out += [f"- {seconds_in(i)}" for i in block.items] or [f"- {NONE}"]
+            elif block.rows:
+                out += ["| " + " | ".join(block.header) + " |", "|" + "---|" * len(block.header)]
+                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
+            else:
+                out.append(NONE)
     return "\n".join(out) + "\n"
 
 
@@ -138,6 +259,7 @@ table{border-collapse:collapse;width:100%;background:#fff;font-size:12.5px}
 th,td{border:1px solid #e1e5ec;padding:4px 6px;text-align:left;vertical-align:top}
 th{background:#eef1f6}
 .crit{color:#c62828;font-weight:600}.warn{color:#9a6b00;font-weight:600}
+tr.crit td+td,tr.warn td+td{color:inherit;font-weight:normal}
 .missed{background:#fdecec}.late{background:#fff6db}
 .tl{background:#fff;border:1px solid #d8dde6;border-radius:8px;padding:8px}
 details summary{cursor:pointer;color:#1f5fbf}
@@ -149,8 +271,14 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+TICK_SPACING = 64
+LEGEND_CHAR = 7.5  # px per character of an 11px label, wider than any common sans-serif face's average
+
+
 def timeline_svg(report: AuditReport, width: int = 1260) -> str:
-    """The timeline picture: slots, backups, retention spans, the PITR window and WAL coverage."""
+    """The timeline picture: slots, backups, retention spans, the PITR window and WAL coverage.
+    Below the lanes, one row each: the date axis, the "now" label, then the legend (wrapped to
+    the width), so no label can be drawn over another."""
     start, end = report.window_start, report.now
     span = max((end - start).total_seconds(), 3600.0)
     left, right = 130, 20
@@ -160,7 +288,19 @@ def timeline_svg(report: AuditReport, width: int = 1260) -> str:
     if report.policy["schedule"].get("base") or report.pitr.in_use:
         lanes += [("Base backups", "base"), ("WAL archive", "wal")]
     lane_h, top = 34, 34
-    height = top + lane_h * len(lanes) + 46
+    bottom = top + lane_h * len(lanes)
+    legend = [("met", "slot met", "circle"), ("late", "slot late", "circle"), ("missed", "slot missed", "x"),
+              ("pending", "pending", "circle"), ("full", "full (bar: kept until expiry)", "rect"),
+              ("incremental", "incremental", "rect")] + ([("base", "base", "rect")] if any(k == "base" for _, k in lanes) else [])
+    legend_at: list[tuple[float, float]] = []
+    lx, ly = 8.0, bottom + 62.0
+    for _, text, _ in legend:
+        item = 14 + LEGEND_CHAR * len(text)
+        if lx > 8 and lx + item > width - right:
+            lx, ly = 8.0, ly + 18
+        legend_at.append((lx, ly))
+        lx += item + 18
+    height = int(ly + 8)
 
     def x(ts: datetime) -> float:
         return left + plot * min(max((ts - start).total_seconds() / span, 0.0), 1.0)
@@ -172,17 +312,17 @@ def timeline_svg(report: AuditReport, width: int = 1260) -> str:
     pitr_x = x(max(report.pitr.window_start, start))
     parts.append(f'<rect x="{pitr_x:.1f}" y="{top - 8}" width="{x(end) - pitr_x:.1f}" '
                  f'height="{lane_h * len(lanes) + 4}" fill="{COLORS["pitr"]}"/>')
-    parts.append(f'<text x="{pitr_x + 4:.1f}" y="{top - 12}" fill="#1f5fbf">PITR window '
+    parts.append(f'<text x="{min(pitr_x + 4, width - right - 140):.1f}" y="{top - 12}" fill="#1f5fbf">PITR window '
                  f'({report.policy["retention"]["pitr_days"]} days)</text>')
     days = int(span // 86400) + 1
-    step = max(1, days // 16)
+    step = max(1, math.ceil(TICK_SPACING / (plot * 86400 / span)))  # day labels at least TICK_SPACING px apart
     day0 = datetime(start.year, start.month, start.day, tzinfo=UTC)
     for i in range(0, days + 2, step):
         t = day0 + timedelta(days=i)
         if start <= t <= end:
-            parts.append(f'<line x1="{x(t):.1f}" y1="{top - 8}" x2="{x(t):.1f}" y2="{height - 36}" '
+            parts.append(f'<line x1="{x(t):.1f}" y1="{top - 8}" x2="{x(t):.1f}" y2="{bottom + 10}" '
                          'stroke="#e3e6eb"/>')
-            parts.append(f'<text x="{x(t):.1f}" y="{height - 22}" text-anchor="middle">{t:%b %d}</text>')
+            parts.append(f'<text x="{x(t):.1f}" y="{bottom + 24}" text-anchor="middle">{t:%b %d}</text>')
     for label, key in lanes:
         y = row[key]
         parts.append(f'<text class="lbl" x="8" y="{y + 16}">{_e(label)}</text>')
@@ -229,29 +369,40 @@ def timeline_svg(report: AuditReport, width: int = 1260) -> str:
         parts.append(f'<text x="{left + 4}" y="{row["wal"] + 30}" fill="{COLORS["missed"]}">'
                      f'{len(report.pitr.gaps)} WAL gap(s)</text>')
     nx = x(end)
-    parts.append(f'<line x1="{nx:.1f}" y1="{top - 8}" x2="{nx:.1f}" y2="{height - 36}" stroke="#c62828" '
+    parts.append(f'<line x1="{nx:.1f}" y1="{top - 8}" x2="{nx:.1f}" y2="{bottom + 10}" stroke="#c62828" '
                  'stroke-dasharray="4,3"/>')
-    parts.append(f'<text x="{nx - 4:.1f}" y="{height - 8}" text-anchor="end" fill="#c62828">now {_e(_d(end))}</text>')
-    legend = [("met", "slot met", "circle"), ("late", "slot late", "circle"), ("missed", "slot missed", "x"),
-              ("pending", "pending", "circle"), ("full", "full (bar: kept until expiry)", "rect"),
-              ("incremental", "incremental", "rect")] + ([("base", "base", "rect")] if "base" in row else [])
-    lx = left
-    for key, text, shape in legend:
+    parts.append(f'<text x="{nx - 4:.1f}" y="{bottom + 40}" text-anchor="end" fill="#c62828">now {_e(_d(end))}</text>')
+    for (key, text, shape), (lx, ly) in zip(legend, legend_at, strict=False):
         c = COLORS[key]
         if shape == "circle":
-            parts.append(f'<circle cx="{lx + 5}" cy="{height - 40 + 34}" r="4" fill="{c}"/>')
+            parts.append(f'<circle cx="{lx + 5:.1f}" cy="{ly - 4:.1f}" r="4" fill="{c}"/>')
         elif shape == "x":
-            parts.append(f'<g stroke="{c}" stroke-width="2"><line x1="{lx + 1}" y1="{height - 10}" x2="{lx + 9}" '
-                         f'y2="{height - 2}"/><line x1="{lx + 1}" y1="{height - 2}" x2="{lx + 9}" y2="{height - 10}"/></g>')
+            parts.append(f'<g stroke="{c}" stroke-width="2"><line x1="{lx + 1:.1f}" y1="{ly - 8:.1f}" '
+                         f'x2="{lx + 9:.1f}" y2="{ly:.1f}"/><line x1="{lx + 1:.1f}" y1="{ly:.1f}" x2="{lx + 9:.1f}" '
+                         f'y2="{ly - 8:.1f}"/></g>')
         else:
-            parts.append(f'<rect x="{lx + 2}" y="{height - 13}" width="5" height="13" fill="{c}"/>')
-        parts.append(f'<text x="{lx + 14}" y="{height - 2}">{_e(text)}</text>')
-        lx += 24 + 7 * len(text)
+            parts.append(f'<rect x="{lx + 2:.1f}" y="{ly - 10:.1f}" width="5" height="11" fill="{c}"/>')
+        parts.append(f'<text x="{lx + 14:.1f}" y="{ly:.1f}">{_e(text)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def render_html(report: AuditReport) -> str:
+def _html_block(block: Table | Items | Para) -> str:
+    if isinstance(block, Para):
+        return f"<p>{_e(seconds_in(block.text))}</p>"
+    if isinstance(block, Items):
+        return "<ul>" + ("".join(f"<li>{_e(seconds_in(i))}</li>" for i in block.items)
+                         or f'<li class="none">{NONE}</li>') + "</ul>"
+    if not block.rows:
+        return f'<p class="none">{NONE}</p>'
+    classes = block.row_classes or ("",) * len(block.rows)
+    head = "".join(f"<th>{_e(h)}</th>" for h in block.header)
+    body = "".join((f'<tr class="{c}">' if c else "<tr>") + "".join(f"<td>{_e(seconds_in(cell))}</td>" for cell in row)
+                   + "</tr>" for row, c in zip(block.rows, classes, strict=False))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(report: AuditReport, output_name: str | None = None) -> str:
     counts = report.slot_counts()
     verdict_class = {"COMPLIANT": "v-ok", "COMPLIANT WITH WARNINGS": "v-warn"}.get(report.verdict, "v-bad")
     crit = sum(1 for f in report.findings if f.severity == "critical")
@@ -265,96 +416,11 @@ def render_html(report: AuditReport) -> str:
              f'<div class="card">backups kept<b>{len(report.backups)}</b></div>',
              f'<div class="card">deleted (log)<b>{len(report.deletions)}</b></div>',
              f'<div class="card">findings<b>{crit} critical, {warn} warn</b></div>']
-    body = ["<h1>Backup compliance audit</h1>",
-            f'<div class="meta">Repository <code>{_e(report.repository)}</code> · evaluated at {_e(_d(report.now))}'
-            f" · window {_e(_d(report.window_start))} → {_e(_d(report.window_end))}"
-            f" · generated {_e(_d(report.generated_at))}</div>",
-            f'<div class="cards">{"".join(cards)}</div>',
-            *([f'<div class="meta">{_e(str(report.schema_drift.get("line", "")))}</div>']
-              if report.schema_drift else []),
-            "<h2>Timeline</h2>", f'<div class="tl">{timeline_svg(report)}</div>',
-            "<h2>Findings</h2>"]
-    if report.findings:
-        body.append("<table><tr><th>severity</th><th>area</th><th>finding</th></tr>" + "".join(
-            f'<tr><td class="{"crit" if f.severity == "critical" else "warn"}">{_e(f.severity)}</td>'
-            f"<td>{_e(f.area)}</td><td>{_e(f.message)}</td></tr>" for f in report.findings) + "</table>")
-    else:
-        body.append("<p>No findings: every promise of the policy is met.</p>")
-    if report.facts:
-        body.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in report.facts) + "</ul>")
-    body.append("<h2>Policy in force</h2><table>" + "".join(
-        f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in _policy_lines(report)) + "</table>")
-    body.append("<h2>Schedule adherence</h2><table><tr><th>schedule</th><th>met</th><th>late</th><th>missed</th>"
-                "<th>pending</th></tr>" + "".join(
-                    f"<tr><td>{_e(k)}</td><td>{v['met']}</td><td>{v['late']}</td><td>{v['missed']}</td>"
-                    f"<td>{v['pending']}</td></tr>" for k, v in counts.items()) + "</table>")
-    problems = [s for s in report.slots if s.status in ("missed", "late")]
-    rows = "".join(
-        f'<tr class="{s.status}"><td>{_e(_d(s.slot))}</td><td>{_e(s.schedule)}</td><td>{_e(s.status)}</td>'
-        f"<td>{_e(s.backup_id or '—')}{' (since deleted)' if s.backup_deleted else ''}</td>"
-        f"<td>{_e(_d(s.backup_at))}</td></tr>" for s in report.slots)
-    body.append(f"<p>{len(problems)} slot(s) missed or late.</p><details><summary>every slot ({len(report.slots)})"
-                f"</summary><table><tr><th>slot</th><th>schedule</th><th>status</th><th>backup</th><th>taken</th></tr>"
-                f"{rows}</table></details>")
-    body.append("<h2>Backups</h2><table><tr><th>id</th><th>kind</th><th>taken</th><th>size</th><th>expires</th>"
-                "<th>lock</th><th>checksums verified</th><th>restore test</th><th>retention</th></tr>" + "".join(
-                    f"<tr><td>{_e(b.id)}</td><td>{_e(b.kind)}</td><td>{_e(_d(b.started_at))}</td>"
-                    f"<td>{_e(_size(b.size_bytes))}</td><td>{_e(_d(b.expires_at))}</td>"
-                    f"<td>{_e(f'{b.lock_mode} until {_d(b.lock_until)}' if b.lock_until else 'none')}</td>"
-                    f"<td>{_e(_ok(b.last_verified_ok, b.last_verified))}</td>"
-                    f"<td>{_e(_ok(b.last_restore_test_ok, b.last_restore_test))}</td>"
-                    f"<td>{_e(b.retention)}: {_e('; '.join(b.reasons))}</td></tr>" for b in report.backups)
-                + "</table>")
-    body.append(f"<h2>Retention adherence</h2><p>Retention runs recorded: {report.retention_runs}, last "
-                f"{_e(_d(report.last_retention_run))}.</p>")
-    crit_cell = ' class="crit"'
-    body.append("<table><tr><th>deleted backup</th><th>kind</th><th>taken</th><th>deleted</th><th>expired</th>"
-                "<th>why</th></tr>" + "".join(
-                    f"<tr><td>{_e(d.id)}</td><td>{_e(d.kind)}</td><td>{_e(_d(d.started_at))}</td>"
-                    f"<td{crit_cell if d.expires_at and d.at < d.expires_at else ''}>{_e(_d(d.at))}</td>"
-                    f"<td>{_e(_d(d.expires_at))}</td><td>{_e('; '.join(d.reasons))}</td></tr>"
-                    for d in report.deletions) + "</table>")
-    p = report.pitr
-    body.append("<h2>Point-in-time recovery</h2>")
-    if not p.in_use:
-        body.append("<p>Not in use: no base backups and no archived WAL.</p>")
-    else:
-        body.append("<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in [
-            ("PITR window", f"{_d(p.window_start)} → {_d(report.now)}"),
-            ("recoverable", f"{_d(p.recoverable_from)} → {_d(p.recoverable_to)}"),
-            ("base backups", ", ".join(p.bases) or "none"),
-            ("WAL", f"{p.wal_segments} segments {p.wal_first or '—'} … {p.wal_last or '—'}"),
-            ("gaps", ", ".join(f"{a}..{b}" for a, b in p.gaps) or "none")]) + "</table>")
-    body.append("<h2>Verification runs</h2><table><tr><th>at</th><th>result</th><th>backups</th><th>restore test</th>"
-                "</tr>" + "".join(f"<tr><td>{_e(_d(v.at))}</td><td{'' if v.ok else crit_cell}>"
-                                  f"{'ok' if v.ok else 'FAILED'}</td><td>{len(v.backups)}</td>"
-                                  f"<td>{'yes' if v.restore_test else 'no'}</td></tr>"
-                                  for v in report.verifications[-30:]) + "</table>")
-    if report.health:
-        body.append(_health_html(report.health))
+    body = ["<h1>Backup compliance audit</h1>", f'<div class="cards">{"".join(cards)}</div>']
+    for i, section in enumerate(sections(report, output_name)):
+        body.append(f'<section><h2>{_e(section.title)}</h2>{"".join(_html_block(b) for b in section.blocks)}</section>')
+        if i == 0:
+            body.append(f'<section><h2>Timeline</h2><div class="tl">{timeline_svg(report)}</div></section>')
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>Backup audit — {_e(report.verdict)}</title><style>{CSS}</style></head>"
             f"<body><main>{''.join(body)}</main></body></html>\n")
-
-
-def _health_markdown(health: dict[str, Any]) -> list[str]:
-    out = ["", "## Health checks", "", "| check | frequency | last status | last run | next check |",
-           "|---|---|---|---|---|"]
-    out += [f"| {r['title']} | {r['frequency']} | {r['last_status']} | {_d(_ts(r['last_run']))} | "
-            f"{_d(_ts(r['next_check']))} |" for r in health["checks"]]
-    out += ["", "Failed runs in the audit window:", ""]
-    out += [f"- {_d(_ts(f['at']))} {f['check']}: {f['detail']}" for f in health["failures"][:50]] or ["- none"]
-    return out
-
-
-def _health_html(health: dict[str, Any]) -> str:
-    crit = ' class="crit"'
-    rows = "".join(f"<tr><td>{_e(r['title'])}</td><td>{_e(r['frequency'])}</td>"
-                   f"<td{crit if r['last_status'] == 'FAILED' else ''}>{_e(r['last_status'])}</td>"
-                   f"<td>{_e(_d(_ts(r['last_run'])))}</td><td>{_e(_d(_ts(r['next_check'])))}</td></tr>"
-                   for r in health["checks"])
-    failures = "".join(f"<li>{_e(_d(_ts(f['at'])))} {_e(f['check'])}: {_e(f['detail'])}</li>"
-                       for f in health["failures"][:50]) or "<li>none</li>"
-    return ("<h2>Health checks</h2><table><tr><th>check</th><th>frequency</th><th>last status</th>"
-            f"<th>last run</th><th>next check</th></tr>{rows}</table>"
-            f"<p>Failed runs in the audit window:</p><ul>{failures}</ul>")

@@ -5,7 +5,7 @@ manifest.
 Layout: ``catalog/index-<UTC time>-<random>.json``, the newest by name being current (objects
 are never replaced, so each write is a new key and older ones are deleted best-effort)::
 
-    {"format": 1, "written_at": ..., "ids": [every manifest id listed when it was written],
+    {"format": 2, "written_at": ..., "ids": [every manifest id listed when it was written],
      "entries": [{"id", "manifest_sha256", "key_id", "verified", "record", "summary"}],
      "sealed_by": key id or null, "index_sha256": ..., "seal": HMAC (with a key)}
 
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from backup_tool.repository.storage import Storage
 
 INDEX_PREFIX = "catalog/"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: summaries carry system_identifier, host and tool_version (the audit's scope)
 INDEX_RE = re.compile(r"^catalog/index-\d{8}T\d{12}Z-[0-9a-f]{6}\.json$")
 
 

@@ -137,6 +137,13 @@ class Manifest:
         return str(enc["key_id"]) if isinstance(enc, dict) and enc.get("key_id") else None
 
     @property
+    def host(self) -> str | None:
+        """``host:port`` the backup was taken from, as the tool connected (None: not recorded,
+        backups before it was)."""
+        host = self.options.get("host")
+        return str(host) if host else None
+
+    @property
     def size_bytes(self) -> int:
         return sum(o.size for o in self.own_objects())
 
@@ -160,6 +167,9 @@ class Manifest:
             "raw_bytes": sum(o.raw_size for o in self.own_objects()),
             "policy": self.policy.get("name"),
             "encryption_key_id": self.encryption_key_id,
+            "system_identifier": self.system_identifier,
+            "host": self.host,
+            "tool_version": self.tool_version,
             **({"start_lsn": self.physical.start_lsn, "stop_lsn": self.physical.stop_lsn,
                 "timeline": self.physical.timeline, "checkpoint": self.physical.checkpoint}
                if self.physical else {}),

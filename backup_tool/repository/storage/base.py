@@ -95,6 +95,18 @@ class ObjectLock:
     legal_hold: bool = False
 
 
+@dataclass(frozen=True)
+class AtRest:
+    """How the store says it keeps one object: server-side encryption and Object Lock, as a
+    HEAD of the object reports them now (evidence, not what the writer asked for).
+    ``applicable`` is False for a backend that has neither (a local directory)."""
+
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    lock: ObjectLock | None = None
+    applicable: bool = True
+
+
 class Storage(ABC):
     """A repository backend. Implementations: :mod:`.local` and :mod:`.s3`."""
 
@@ -135,6 +147,10 @@ class Storage(ABC):
     def lock_of(self, key: str) -> ObjectLock | None:
         """The Object Lock retention on the object's current version (None: not locked)."""
         return None
+
+    def at_rest(self, key: str) -> AtRest:
+        """Server-side encryption and Object Lock of the object as the store reports them."""
+        return AtRest(applicable=False)
 
     def repository_exists(self) -> bool:
         """Whether the repository's location exists at all (a reader refuses a missing one);

@@ -72,6 +72,7 @@ from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
 
 from backup_tool.errors import ConfigError, IntegrityError, StorageError
 from backup_tool.repository.storage.base import (
+    AtRest,
     HashingCounter,
     ObjectExistsError,
     ObjectInfo,
@@ -597,6 +598,11 @@ class S3Storage(Storage):
                        Bucket=self.bucket, Key=self._key(partial.key), UploadId=partial.upload_id)
         except ObjectMissingError:
             pass
+
+    def at_rest(self, key: str) -> AtRest:
+        head = self._call(key, self._client.head_object, Bucket=self.bucket, Key=self._key(key))
+        sse, kms = head.get("ServerSideEncryption"), head.get("SSEKMSKeyId")
+        return AtRest(str(sse) if sse else None, str(kms) if kms else None, _head_lock(head))
 
     def exists(self, key: str) -> bool:
         try:
