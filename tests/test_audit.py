@@ -266,3 +266,13 @@ def test_restore_test_durations_and_backups_covered() -> None:
     assert f"| {b.id} | 2026-11-25T05:00:00Z | ok | 12.3 s |" in md
     assert f"| 2026-11-25T05:00:00Z | ok | {a.id}, {b.id} | yes |" in md
     assert "2026-11-25T05:00:00Z ok in 12.3 s" in md and "2026-11-24T05:00:00Z ok (duration not recorded)" in md
+
+
+def test_retention_state_is_not_said_twice() -> None:
+    """A retained backup reads "retained until …", never "retained: retained until …"."""
+    now = ts("2026-11-25T12:00Z")
+    full = record("full", "2026-11-25T02:00Z")
+    report = build_report([full], [], [], None, P, now)
+    for text in (render_markdown(report), render_html(report)):
+        assert "retained until 2026-12-25" in text
+        assert "retained: retained" not in text

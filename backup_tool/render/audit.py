@@ -8,7 +8,7 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from backup_tool.core.timestamps import iso_seconds as iso
 from backup_tool.core.timestamps import seconds_in
@@ -105,6 +105,15 @@ class Section:
 NONE = "none"
 
 
+def _retention_text(state: str, reasons: Sequence[str]) -> str:
+    """The backup's retention state and why, without saying the state twice
+    ("retained until …", not "retained: retained until …")."""
+    why = "; ".join(reasons)
+    if not why:
+        return state
+    return why if why.startswith(state) else f"{state}: {why}"
+
+
 def _restore_test_text(at: datetime | None, ok: bool | None, seconds: float | None) -> str:
     if at is None:
         return "never"
@@ -173,7 +182,7 @@ def sections(report: AuditReport, output_name: str | None = None) -> list[Sectio
         tuple((b.id, b.kind, b.database, _d(b.started_at), _size(b.size_bytes), _d(b.expires_at),
                b.encryption_text(), b.lock_text(), _ok(b.last_verified_ok, b.last_verified),
                _restore_test_text(b.last_restore_test, b.last_restore_test_ok, b.last_restore_test_seconds),
-               f"{b.retention}: {'; '.join(b.reasons)}") for b in report.backups)),)))
+               _retention_text(b.retention, b.reasons)) for b in report.backups)),)))
     past = [b for b in report.backups if b.retention != "retained"]
     out.append(Section("Retention adherence", (
         Para(f"Retention runs recorded: {report.retention_runs}, last {_d(report.last_retention_run)}."),
