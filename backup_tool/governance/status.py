@@ -151,89 +151,29 @@ def _age(now: datetime, ts: datetime) -> str:
 def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verification], wal: WalState | None,
              policy: Policy, now: datetime, repository: str = "",
              health: Sequence[HealthRecord] = ()) -> StatusReport:
-    """The monitoring verdict at ``now`` (pure); a backup counts from when it started."""
-    s = policy.schedule
-    grace = timedelta(minutes=s.grace_minutes)
+    """The monitoring verdict at ``now`` (pure); a backup counts from when it started.
+    One rule per check, each below, in the order the verdict lists them."""
     present = sorted((b for b in backups if b.started_at <= now), key=lambda b: (b.started_at, b.id))
     newest: dict[str, BackupRecord] = {}
     for b in present:
         newest[b.kind] = b
+    done = sorted((v for v in verifications if v.at <= now), key=lambda v: v.at)
+    last_verify = done[-1] if done else None
+    checks = [_full_check(newest.get(BackupKind.FULL), policy, now)]
     logical = [b for b in present if b.kind in LOGICAL_KINDS]
-    checks: list[Check] = []
-
-    full = newest.get(BackupKind.FULL)
-    full_slot = last_due_slot(s.full, s.timezone, now, grace)
-    if full is None:
-        checks.append(Check("full", CRITICAL, "no full backup in the repository"))
-    elif full_slot and full.started_at < full_slot:
-        checks.append(Check("full", CRITICAL,
-                            f"full backup missed: newest full {full.id} is {_age(now, full.started_at)} old; "
-                            f"the {iso(full_slot)} slot passed its {s.grace_minutes} min grace without one"))
-    else:
-        checks.append(Check("full", OK, f"newest full {full.id} {_age(now, full.started_at)} old"))
-
-    if s.incremental and logical:
-        head = logical[-1]
-        slot = last_due_slot(s.incremental, s.timezone, now, grace)
-        if slot and head.started_at < slot:
-            checks.append(Check("incremental", WARNING,
-                                f"incremental late: newest backup {head.id} is {_age(now, head.started_at)} old; "
-                                f"the {iso(slot)} slot passed its grace without one"))
-        else:
-            checks.append(Check("incremental", OK, f"newest backup {head.id} {_age(now, head.started_at)} old"))
-
+    if policy.schedule.incremental and logical:
+        checks.append(_incremental_check(logical[-1], policy, now))
     base = newest.get(BackupKind.BASE)
-    if s.base:
-        slot = last_due_slot(s.base, s.timezone, now, grace)
-        if base is None:
-            checks.append(Check("base", CRITICAL, "no base backup: point-in-time recovery is impossible"))
-        elif slot and base.started_at < slot:
-            checks.append(Check("base", CRITICAL, f"base backup missed: newest {base.id} is "
-                                                  f"{_age(now, base.started_at)} old; slot {iso(slot)} passed"))
-        else:
-            checks.append(Check("base", OK, f"newest base {base.id} {_age(now, base.started_at)} old"))
-
+    if policy.schedule.base:
+        checks.append(_base_check(base, policy, now))
     wal_lag: float | None = None
     gaps: list[tuple[str, str]] = []
     if wal is not None and (wal.names or base is not None):
-        limit = timedelta(minutes=policy.monitoring.wal_max_age_minutes)
-        if wal.newest_modified is None:
-            checks.append(Check("wal", CRITICAL, "base backups exist but the WAL archive is empty: "
-                                                 "check archive_command"))
-        else:
-            wal_lag = max(0.0, (now - wal.newest_modified).total_seconds())
-            gaps = wal_gap_ranges(present, wal)
-            if gaps:
-                first, last = gaps[0]
-                checks.append(Check("wal", CRITICAL, f"WAL archive has {len(gaps)} gap(s), first {first}"
-                                                     + (f"..{last}" if last != first else "")
-                                                     + ": point-in-time recovery cannot cross it"))
-            elif limit and now - wal.newest_modified > limit:
-                checks.append(Check("wal", CRITICAL, f"WAL archive stale: newest segment archived "
-                                                     f"{_age(now, wal.newest_modified)} ago (limit "
-                                                     f"{policy.monitoring.wal_max_age_minutes} min)"))
-            else:
-                checks.append(Check("wal", OK, f"WAL archived {_age(now, wal.newest_modified)} ago, no gaps"))
-
-    done = sorted((v for v in verifications if v.at <= now), key=lambda v: v.at)
-    last_verify = done[-1] if done else None
-    max_age = timedelta(hours=policy.monitoring.verify_max_age_hours)
-    if last_verify is not None and not last_verify.ok:
-        failed = last_verify.failed_checks()
-        what = f"{failed[0].get('name')}: {failed[0].get('detail', '')}"[:160] if failed else "see its record"
-        checks.append(Check("verification", CRITICAL, f"last verification ({iso(last_verify.at)}) failed: {what}"))
-    elif max_age and present and min(b.started_at for b in present) < now - max_age and (
-            last_verify is None or last_verify.at < now - max_age):
-        when = f"last one {_age(now, last_verify.at)} ago" if last_verify else "never verified"
-        checks.append(Check("verification", WARNING, f"no verification in {policy.monitoring.verify_max_age_hours} h "
-                                                     f"({when}): run 'backup-tool verify latest'"))
-    else:
-        checks.append(Check("verification", OK, f"last verification {iso(last_verify.at)} passed" if last_verify
-                            else "no verification yet"))
-
+        wal_check, wal_lag, gaps = _wal_check(present, wal, policy, now)
+        checks.append(wal_check)
+    checks.append(_verification_check(last_verify, present, policy, now))
     per_check = status_checks(health, policy, now)
     checks += [Check(f"health_{h.check}", h.severity, h.detail) for h in per_check]
-
     metrics: dict[str, Any] = {
         "health": {h.check: {"last_run": h.last_run.timestamp() if h.last_run else None,
                              "last_ok": h.last_ok} for h in per_check},
@@ -253,6 +193,82 @@ def evaluate(backups: Sequence[BackupRecord], verifications: Sequence[Verificati
         "verification_ok": None if last_verify is None else last_verify.ok,
     }
     return StatusReport(now, repository, tuple(checks), metrics)
+
+
+def _full_check(full: BackupRecord | None, policy: Policy, now: datetime) -> Check:
+    """CRITICAL without a full, or when the newest full slot passed its grace without one."""
+    s = policy.schedule
+    slot = last_due_slot(s.full, s.timezone, now, timedelta(minutes=s.grace_minutes))
+    if full is None:
+        return Check("full", CRITICAL, "no full backup in the repository")
+    if slot and full.started_at < slot:
+        return Check("full", CRITICAL,
+                     f"full backup missed: newest full {full.id} is {_age(now, full.started_at)} old; "
+                     f"the {iso(slot)} slot passed its {s.grace_minutes} min grace without one")
+    return Check("full", OK, f"newest full {full.id} {_age(now, full.started_at)} old")
+
+
+def _incremental_check(head: BackupRecord, policy: Policy, now: datetime) -> Check:
+    """WARNING when the newest backup is older than the last incremental slot past its grace."""
+    s = policy.schedule
+    assert s.incremental
+    slot = last_due_slot(s.incremental, s.timezone, now, timedelta(minutes=s.grace_minutes))
+    if slot and head.started_at < slot:
+        return Check("incremental", WARNING,
+                     f"incremental late: newest backup {head.id} is {_age(now, head.started_at)} old; "
+                     f"the {iso(slot)} slot passed its grace without one")
+    return Check("incremental", OK, f"newest backup {head.id} {_age(now, head.started_at)} old")
+
+
+def _base_check(base: BackupRecord | None, policy: Policy, now: datetime) -> Check:
+    """CRITICAL without a base backup, or when the last base slot was missed."""
+    s = policy.schedule
+    assert s.base
+    slot = last_due_slot(s.base, s.timezone, now, timedelta(minutes=s.grace_minutes))
+    if base is None:
+        return Check("base", CRITICAL, "no base backup: point-in-time recovery is impossible")
+    if slot and base.started_at < slot:
+        return Check("base", CRITICAL, f"base backup missed: newest {base.id} is "
+                                       f"{_age(now, base.started_at)} old; slot {iso(slot)} passed")
+    return Check("base", OK, f"newest base {base.id} {_age(now, base.started_at)} old")
+
+
+def _wal_check(present: Sequence[BackupRecord], wal: WalState, policy: Policy,
+               now: datetime) -> tuple[Check, float | None, list[tuple[str, str]]]:
+    """CRITICAL for an empty archive beside base backups, a gap after the oldest base, or an
+    archive older than ``monitoring.wal_max_age_minutes``; with the lag and the gaps."""
+    if wal.newest_modified is None:
+        return Check("wal", CRITICAL, "base backups exist but the WAL archive is empty: check archive_command"), None, []
+    limit = timedelta(minutes=policy.monitoring.wal_max_age_minutes)
+    lag = max(0.0, (now - wal.newest_modified).total_seconds())
+    gaps = wal_gap_ranges(present, wal)
+    if gaps:
+        first, last = gaps[0]
+        return Check("wal", CRITICAL, f"WAL archive has {len(gaps)} gap(s), first {first}"
+                                      + (f"..{last}" if last != first else "")
+                                      + ": point-in-time recovery cannot cross it"), lag, gaps
+    if limit and now - wal.newest_modified > limit:
+        return Check("wal", CRITICAL, f"WAL archive stale: newest segment archived "
+                                      f"{_age(now, wal.newest_modified)} ago (limit "
+                                      f"{policy.monitoring.wal_max_age_minutes} min)"), lag, gaps
+    return Check("wal", OK, f"WAL archived {_age(now, wal.newest_modified)} ago, no gaps"), lag, gaps
+
+
+def _verification_check(last: Verification | None, present: Sequence[BackupRecord], policy: Policy,
+                        now: datetime) -> Check:
+    """CRITICAL when the newest verification failed; WARNING when backups older than
+    ``monitoring.verify_max_age_hours`` have no verification that recent."""
+    max_age = timedelta(hours=policy.monitoring.verify_max_age_hours)
+    if last is not None and not last.ok:
+        failed = last.failed_checks()
+        what = f"{failed[0].get('name')}: {failed[0].get('detail', '')}"[:160] if failed else "see its record"
+        return Check("verification", CRITICAL, f"last verification ({iso(last.at)}) failed: {what}")
+    if max_age and present and min(b.started_at for b in present) < now - max_age and (
+            last is None or last.at < now - max_age):
+        when = f"last one {_age(now, last.at)} ago" if last else "never verified"
+        return Check("verification", WARNING, f"no verification in {policy.monitoring.verify_max_age_hours} h "
+                                              f"({when}): run 'backup-tool verify latest'")
+    return Check("verification", OK, f"last verification {iso(last.at)} passed" if last else "no verification yet")
 
 
 def wal_gap_ranges(present: Sequence[BackupRecord], wal: WalState) -> list[tuple[str, str]]:
