@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from backup_tool import __version__
 from backup_tool.core.report import NullReporter
 from backup_tool.core.timestamps import iso
 from backup_tool.errors import BackupToolError
 from backup_tool.governance.retention import (
+    Decision,
     GarbageItem,
     RetentionPlan,
     doomed_segments,
@@ -29,13 +30,14 @@ from backup_tool.governance.retention import (
     plan_retention,
 )
 from backup_tool.repository.catalog import REFUSED, RUNNING_PREFIX, Catalog, manifest_key
+from backup_tool.repository.records import BackupRecord
 from backup_tool.repository.retention_log import LOG_FORMAT, LOG_PREFIX
 from backup_tool.repository.storage import open_repository
 from backup_tool.repository.storage.base import (
     ObjectLock,
     ObjectLockedError,
 )
-from backup_tool.repository.walarchive import list_segments
+from backup_tool.repository.walarchive import WalSegment, list_segments
 
 if TYPE_CHECKING:
     from backup_tool.config.policy import Policy
@@ -96,54 +98,95 @@ def _storage_lock(storage: Storage, keys: Iterable[str], clock: datetime) -> Obj
     return found
 
 
+@dataclass
+class _Outcome:
+    """What went wrong while applying, gathered across the deletion steps."""
+
+    notes: list[str]
+    failed: list[str] = field(default_factory=list)
+    failed_ids: list[str] = field(default_factory=list)
+
+
 def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bool = False,
                     reporter: Reporter | None = None) -> RetentionResult:
     """Plan retention at ``now`` (default: the current time) and, unless ``dry_run``, delete
-    what the plan allows, log it in the repository, and sweep garbage."""
+    what the plan allows, log it in the repository, and sweep garbage.
 
+    The steps, in order: gather and plan (including the storage's own locks), log the decision,
+    delete backups newest first (sparing what a backup that could not go still needs), delete
+    WAL, sweep garbage, refresh the catalog index, log the failures."""
     reporter = reporter or NullReporter()
     clock = datetime.now(UTC)
     now = now or clock
     policy = settings.policy
     storage = open_repository(settings.repo_url)
     catalog = Catalog(storage)
-    all_ids = set(catalog.ids())
     records, problems = catalog.records()
-    notes = [f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest ignored, "
-             f"its backup is left alone: {p.message}" for p in problems]
     segments = list_segments(storage)
-    names = [s.name for s in segments]
-
-    plan = plan_retention(records, policy, now, wal_segments=names)
-    locking = storage.object_lock_enabled()
-    hard: dict[str, ObjectLock] = {}
-    if locking:
-        for backup_id in plan.deleted:
-            keys = [manifest_key(backup_id)] + [o.key for o in storage.list(f"backups/{backup_id}/")]
-            if (lock := _storage_lock(storage, keys, clock)) is not None:
-                hard[backup_id] = lock
-        if hard:
-            plan = plan_retention(records, policy, now, hard_locks=hard, wal_segments=names)
-
-    referenced = set().union(*(r.deps for r in records)) if records else set()
-    listed = list(storage.list("backups/")) + list(storage.list("tmp/"))
-    partials = list(storage.list_partials())
-    grace = timedelta(hours=policy.retention.garbage_grace_hours)
-    garbage, garbage_notes = plan_garbage(listed, partials, all_ids | referenced, grace, min(now, clock),
-                                          list(storage.list(RUNNING_PREFIX)))
-    notes += garbage_notes
-
+    plan = _plan_with_locks(storage, records, policy, now, clock, [s.name for s in segments])
+    garbage, garbage_notes = _plan_garbage(storage, catalog, records, policy, now, clock)
+    out = _Outcome([f"{'refused' if isinstance(p, REFUSED) else 'unreadable'} manifest ignored, "
+                    f"its backup is left alone: {p.message}" for p in problems] + garbage_notes)
     to_delete = [plan.decision(i) for i in plan.deleted]
     by_id = {r.id: r for r in records}
     wal_doomed = [] if plan.wal is None else doomed_segments(segments, plan.wal)
     if dry_run:
-        return RetentionResult(now, True, policy.name, plan, tuple(garbage), tuple(notes),
+        return RetentionResult(now, True, policy.name, plan, tuple(garbage), tuple(out.notes),
                                deleted_bytes=sum(d.size_bytes for d in to_delete),
                                wal_deleted=len(wal_doomed), wal_bytes=sum(s.size for s in wal_doomed))
 
     run_id = f"{clock.strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(3)}"
     log_key = f"{LOG_PREFIX}{run_id}.json"
-    record = {
+    storage.put_bytes(log_key, json.dumps(_log_record(run_id, clock, now, storage, policy, plan, to_delete,
+                                                      by_id, garbage), indent=1).encode())
+    deleted_bytes = _delete_backups(storage, to_delete, by_id, out, reporter)
+    wal_deleted, wal_bytes = _delete_wal(storage, wal_doomed, out)
+    _sweep(storage, garbage, out)
+    try:
+        catalog.entries(refresh=True)
+    except BackupToolError:
+        pass  # the catalog index is a cache: the next run (or status) rewrites it
+    if out.failed or out.failed_ids:
+        outcome = {"format": LOG_FORMAT, "run": run_id, "at": iso(datetime.now(UTC)), "outcome_of": log_key,
+                   "failed": out.failed, "failed_ids": out.failed_ids}
+        storage.put_bytes(f"{LOG_PREFIX}{run_id}-outcome.json", json.dumps(outcome, indent=1).encode())
+    reporter.event("retention applied", deleted=len(to_delete) - len(out.failed_ids), kept=len(plan.kept),
+                   wal_deleted=wal_deleted, garbage=len(garbage), log=log_key)
+    return RetentionResult(now, False, policy.name, plan, tuple(garbage), tuple(out.notes), tuple(out.failed),
+                           tuple(out.failed_ids), log_key, wal_deleted, wal_bytes, deleted_bytes)
+
+
+def _plan_with_locks(storage: Storage, records: Sequence[BackupRecord], policy: Policy, now: datetime,
+                     clock: datetime, wal_names: list[str]) -> RetentionPlan:
+    """The plan, redone with the storage's own locks (legal holds included) when the bucket
+    locks objects, so that a locked backup is never even attempted."""
+    plan = plan_retention(records, policy, now, wal_segments=wal_names)
+    if not storage.object_lock_enabled():
+        return plan
+    hard: dict[str, ObjectLock] = {}
+    for backup_id in plan.deleted:
+        keys = [manifest_key(backup_id)] + [o.key for o in storage.list(f"backups/{backup_id}/")]
+        if (lock := _storage_lock(storage, keys, clock)) is not None:
+            hard[backup_id] = lock
+    return plan_retention(records, policy, now, hard_locks=hard, wal_segments=wal_names) if hard else plan
+
+
+def _plan_garbage(storage: Storage, catalog: Catalog, records: Sequence[BackupRecord], policy: Policy,
+                  now: datetime, clock: datetime) -> tuple[list[GarbageItem], list[str]]:
+    """Objects of no listed backup, and unfinished uploads, old enough to be a crashed run's."""
+    referenced = set().union(*(r.deps for r in records)) if records else set()
+    listed = list(storage.list("backups/")) + list(storage.list("tmp/"))
+    grace = timedelta(hours=policy.retention.garbage_grace_hours)
+    garbage, notes = plan_garbage(listed, list(storage.list_partials()), set(catalog.ids()) | referenced, grace,
+                                  min(now, clock), list(storage.list(RUNNING_PREFIX)))
+    return list(garbage), list(notes)
+
+
+def _log_record(run_id: str, clock: datetime, now: datetime, storage: Storage, policy: Policy,
+                plan: RetentionPlan, to_delete: Sequence[Decision], by_id: Mapping[str, BackupRecord],
+                garbage: Sequence[GarbageItem]) -> dict[str, Any]:
+    """The ``retention-log/`` record written before anything is deleted."""
+    return {
         "format": LOG_FORMAT, "run": run_id, "at": iso(clock), "evaluated_at": iso(now),
         "tool_version": __version__, "repository": storage.url,
         "policy": {"name": policy.name, "source": policy.source,
@@ -159,16 +202,17 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
         "wal": None if plan.wal is None else {**plan.wal.to_dict(), "segments": list(plan.wal.delete)},
         "garbage": [g.to_dict() for g in garbage],
     }
-    storage.put_bytes(log_key, json.dumps(record, indent=1).encode())
 
-    failed: list[str] = []
-    failed_ids: list[str] = []
+
+def _delete_backups(storage: Storage, to_delete: Sequence[Decision], by_id: Mapping[str, BackupRecord],
+                    out: _Outcome, reporter: Reporter) -> int:
+    """Delete newest first; a backup that cannot go spares everything it needs. Returns bytes deleted."""
     spared: set[str] = set()
     deleted_bytes = 0
     for d in sorted(to_delete, key=lambda x: (x.started_at, x.id), reverse=True):
         if d.id in spared:
-            failed.append(f"{d.id}: kept because a backup that needs it could not be deleted")
-            failed_ids.append(d.id)
+            out.failed.append(f"{d.id}: kept because a backup that needs it could not be deleted")
+            out.failed_ids.append(d.id)
             spared |= by_id[d.id].deps
             continue
         try:
@@ -178,29 +222,36 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
             deleted_bytes += d.size_bytes
             reporter.event("retention: deleted", id=d.id, kind=d.kind, reason=d.reasons[0])
         except ObjectLockedError as exc:
-            notes.append(f"{d.id} kept: {exc.message}; it goes in a later run")
-            failed_ids.append(d.id)
+            out.notes.append(f"{d.id} kept: {exc.message}; it goes in a later run")
+            out.failed_ids.append(d.id)
             spared |= by_id[d.id].deps
         except BackupToolError as exc:
-            failed.append(f"{d.id}: {exc.message}")
-            failed_ids.append(d.id)
+            out.failed.append(f"{d.id}: {exc.message}")
+            out.failed_ids.append(d.id)
             spared |= by_id[d.id].deps
             reporter.warning(f"could not delete {d.id}: {exc.message}")
+    return deleted_bytes
 
-    wal_deleted = wal_bytes = 0
-    wal_locked = 0
-    for seg in wal_doomed:
+
+def _delete_wal(storage: Storage, doomed: Sequence[WalSegment], out: _Outcome) -> tuple[int, int]:
+    """Delete the WAL segments the plan lets go; (count, bytes) deleted."""
+    deleted = size = locked = 0
+    for seg in doomed:
         try:
             storage.purge(seg.key)
-            wal_deleted += 1
-            wal_bytes += seg.size
+            deleted += 1
+            size += seg.size
         except ObjectLockedError:
-            wal_locked += 1
+            locked += 1
         except BackupToolError as exc:
-            failed.append(f"WAL {seg.name}: {exc.message}")
-    if wal_locked:
-        notes.append(f"{wal_locked} WAL segments are still under Object Lock: they go in a later run")
+            out.failed.append(f"WAL {seg.name}: {exc.message}")
+    if locked:
+        out.notes.append(f"{locked} WAL segments are still under Object Lock: they go in a later run")
+    return deleted, size
 
+
+def _sweep(storage: Storage, garbage: Sequence[GarbageItem], out: _Outcome) -> None:
+    """Remove the garbage of crashed runs (objects and unfinished uploads)."""
     for g in garbage:
         try:
             for key in g.keys:
@@ -208,22 +259,9 @@ def apply_retention(settings: Settings, now: datetime | None = None, dry_run: bo
             for p in g.partials:
                 storage.delete_partial(p)
         except ObjectLockedError:
-            notes.append(f"garbage {g.what} is under Object Lock: removed in a later run")
+            out.notes.append(f"garbage {g.what} is under Object Lock: removed in a later run")
         except BackupToolError as exc:
-            failed.append(f"garbage {g.what}: {exc.message}")
-
-    try:
-        catalog.entries(refresh=True)
-    except BackupToolError:
-        pass  # the catalog index is a cache: the next run (or status) rewrites it
-    if failed or failed_ids:
-        outcome = {"format": LOG_FORMAT, "run": run_id, "at": iso(datetime.now(UTC)), "outcome_of": log_key,
-                   "failed": failed, "failed_ids": failed_ids}
-        storage.put_bytes(f"{LOG_PREFIX}{run_id}-outcome.json", json.dumps(outcome, indent=1).encode())
-    reporter.event("retention applied", deleted=len(to_delete) - len(failed_ids), kept=len(plan.kept),
-                   wal_deleted=wal_deleted, garbage=len(garbage), log=log_key)
-    return RetentionResult(now, False, policy.name, plan, tuple(garbage), tuple(notes), tuple(failed),
-                           tuple(failed_ids), log_key, wal_deleted, wal_bytes, deleted_bytes)
+            out.failed.append(f"garbage {g.what}: {exc.message}")
 
 
 def check_object_lock(storage: Storage, policy: Policy) -> tuple[bool, str]:
