@@ -170,13 +170,71 @@ def _read(migration: Migration) -> tuple[str, str]:
     return text.removeprefix("\ufeff"), hashlib.sha256(raw).hexdigest()
 
 
+class _Unterminated(Exception):
+    """A scanner ran off the end of the text; ``what`` names the construct left open."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+def _block_comment_end(text: str, i: int) -> int:
+    """The index just past the ``/* ... */`` comment starting at ``i`` (they nest)."""
+    depth, j, n = 0, i, len(text)
+    while j < n:
+        if text.startswith("/*", j):
+            depth, j = depth + 1, j + 2
+        elif text.startswith("*/", j):
+            depth, j = depth - 1, j + 2
+            if depth == 0:
+                return j
+        else:
+            j += 1
+    raise _Unterminated("unterminated /* comment")
+
+
+def _quoted_end(text: str, i: int) -> int:
+    """The index just past the string or quoted identifier opening at ``i``: a doubled quote
+    stays inside; backslash escapes count only in ``E'...'`` strings."""
+    ch, n = text[i], len(text)
+    escapes = ch == "'" and i > 0 and text[i - 1] in "eE" and (
+        i < 2 or not re.match(r"[A-Za-z0-9_$\u0080-\uffff]", text[i - 2]))
+    j = i + 1
+    while j < n:
+        if escapes and text[j] == "\\":
+            j += 2
+            continue
+        if text[j] == ch:
+            if j + 1 < n and text[j + 1] == ch:
+                j += 2
+                continue
+            return j + 1
+        j += 1
+    raise _Unterminated(f"unterminated {'string' if ch == chr(39) else 'quoted identifier'}")
+
+
+def _dollar_quoted_end(text: str, i: int) -> int | None:
+    """The index just past the dollar-quoted string opening at ``i``; None when the ``$`` at
+    ``i`` does not open one (a parameter such as ``$1``, or part of an identifier)."""
+    if i > 0 and re.match(r"[A-Za-z0-9_$\u0080-\uffff]", text[i - 1]):
+        return None
+    tag = _DOLLAR_TAG.match(text, i)
+    if not tag:
+        return None
+    close = text.find(tag.group(), tag.end())
+    if close < 0:
+        raise _Unterminated(f"unterminated dollar-quoted string {tag.group()}")
+    return close + len(tag.group())
+
+
 def split_statements(text: str, file: str = "<sql>") -> list[Statement]:
     """Split SQL text into statements the way psql does, each with the line it starts on.
 
     Comments before a statement are not part of it; semicolons inside quotes, dollar
     quotes, comments, parentheses and ``BEGIN ... END`` / ``CASE ... END`` blocks do not end
     a statement. Raises MigrationError for an unterminated quote or comment and for psql
-    meta-commands.
+    meta-commands. The loop below is the state machine (statement start, nesting depth);
+    the scanners above skip over one lexical construct each.
     """
     statements: list[Statement] = []
     n = len(text)
@@ -205,27 +263,24 @@ def split_statements(text: str, file: str = "<sql>") -> list[Statement]:
         if ch.isspace():
             i += 1
             continue
-        if text.startswith("--", i):
-            end = text.find("\n", i)
-            skip_to(n if end < 0 else end)
-            continue
-        if text.startswith("/*", i):
-            depth, j, opened = 0, i, line
-            while j < n:
-                if text.startswith("/*", j):
-                    depth, j = depth + 1, j + 2
-                elif text.startswith("*/", j):
-                    depth, j = depth - 1, j + 2
-                    if depth == 0:
-                        break
-                else:
-                    j += 1
-            if depth:
-                raise fail("unterminated /* comment", opened)
-            skip_to(j)
-            continue
-        if start is None:
-            start, start_line, parens, blocks, words = i, line, 0, 0, 0
+        try:
+            if text.startswith("--", i):
+                end = text.find("\n", i)
+                skip_to(n if end < 0 else end)
+                continue
+            if text.startswith("/*", i):
+                skip_to(_block_comment_end(text, i))
+                continue
+            if start is None:
+                start, start_line, parens, blocks, words = i, line, 0, 0, 0
+            if ch in "'\"":
+                skip_to(_quoted_end(text, i))
+                continue
+            if ch == "$" and (close := _dollar_quoted_end(text, i)) is not None:
+                skip_to(close)
+                continue
+        except _Unterminated as exc:
+            raise fail(exc.what, line) from None
         if ch == ";" and parens == 0 and blocks == 0:
             statements.append(Statement(text[start:i + 1], start_line))
             start = None
@@ -234,32 +289,6 @@ def split_statements(text: str, file: str = "<sql>") -> list[Statement]:
         if ch == "\\":
             raise fail(f"psql meta-command {text[i:i + 12].split()[0]!r} is not SQL; migration files must be plain SQL",
                        line)
-        if ch in "'\"":
-            escapes = ch == "'" and i > 0 and text[i - 1] in "eE" and (
-                i < 2 or not re.match(r"[A-Za-z0-9_$\u0080-\uffff]", text[i - 2]))
-            j, opened = i + 1, line
-            while True:
-                if j >= n:
-                    raise fail(f"unterminated {'string' if ch == chr(39) else 'quoted identifier'}", opened)
-                if escapes and text[j] == "\\":
-                    j += 2
-                    continue
-                if text[j] == ch:
-                    if j + 1 < n and text[j + 1] == ch:
-                        j += 2
-                        continue
-                    break
-                j += 1
-            skip_to(j + 1)
-            continue
-        if ch == "$" and (i == 0 or not re.match(r"[A-Za-z0-9_$\u0080-\uffff]", text[i - 1])):
-            tag = _DOLLAR_TAG.match(text, i)
-            if tag:
-                close = text.find(tag.group(), tag.end())
-                if close < 0:
-                    raise fail(f"unterminated dollar-quoted string {tag.group()}", line)
-                skip_to(close + len(tag.group()))
-                continue
         if _WORD_START.match(ch):
             word = _WORD.match(text, i + 1)
             end = word.end() if word else i + 1
