@@ -42,6 +42,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from backup_tool.core.cron import next_slot, slots_between
+from backup_tool.core.kinds import ALL_KINDS, BackupKind
 from backup_tool.core.timestamps import iso_seconds as iso
 from backup_tool.core.timestamps import seconds_in
 from backup_tool.core.walnames import DEFAULT_SEGMENT_SIZE, segment_number
@@ -364,9 +365,9 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
                  backup_evidence: Mapping[str, BackupEvidence] | None = None, tool_version: str = "",
                  repo_state: RepositoryState | None = None) -> AuditReport:
     """The audit at ``now`` (pure). ``backup_evidence`` (by backup id) says where each backup was
-    taken and how the store keeps it; ``repo_state`` is the digest of the repository state read."""
-    by_id = backup_evidence or {}
-    findings: list[Finding] = []
+    taken and how the store keeps it; ``repo_state`` is the digest of the repository state read.
+    One function below per promise: schedule, each backup (retention, immutability, integrity,
+    checksums), deletions, verification, PITR."""
     present = [b for b in backups if b.started_at <= now]
     gone = [d for d in deletions if d.started_at is None or d.started_at <= now]
     evidence = [b.started_at for b in present] + [d.started_at for d in gone if d.started_at]
@@ -376,13 +377,33 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
         facts.append(f"the audit window starts at the repository's first backup ({iso(min(evidence))}), "
                      f"not {policy.audit.window_days} days back")
         window_start = min(evidence)
-
-    candidates = [Candidate(b.id, b.kind, b.started_at) for b in present]
     present_ids = {b.id for b in present}
+    candidates = [Candidate(b.id, b.kind, b.started_at) for b in present]
     candidates += [Candidate(d.id, d.kind, d.started_at, True) for d in gone
                    if d.started_at and d.completed and d.id not in present_ids]
     slots = schedule_adherence(candidates, policy, window_start, now)
-    for sched in ("full", "incremental", "base"):
+    findings = _schedule_findings(slots)
+    rows, backup_findings = _backup_rows(present, verifications, policy, now, backup_evidence or {})
+    findings += backup_findings
+    if policy.object_lock.mode != "none" and lock_supported is False:
+        findings.append(Finding("critical", "immutability", f"the policy requires Object Lock "
+                                f"({policy.object_lock.mode}) but the repository does not support it"))
+    findings += _deletion_findings(gone, present_ids)
+    findings += _verification_findings(rows, present, verifications, window_start, now)
+    pitr = _pitr(present, wal, policy, now)
+    findings += _pitr_findings(pitr, policy)
+    runs = sorted(retention_runs)
+    return AuditReport(now, repository, policy.to_dict(), window_start, now, tuple(rows), tuple(slots),
+                       tuple(gone), tuple(v for v in verifications if v.at <= now), pitr,
+                       tuple(sorted(findings, key=lambda f: (f.severity != "critical", f.area))),
+                       tuple(seconds_in(f) for f in facts), len(runs), runs[-1] if runs else None,
+                       tool_version=tool_version, repository_state=repo_state)
+
+
+def _schedule_findings(slots: Sequence[SlotResult]) -> list[Finding]:
+    """Missed slots are critical, late ones a warning, per schedule."""
+    findings: list[Finding] = []
+    for sched in ALL_KINDS:
         missed = [s for s in slots if s.schedule == sched and s.status == "missed"]
         late = [s for s in slots if s.schedule == sched and s.status == "late"]
         if missed:
@@ -393,10 +414,19 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
             shown = ", ".join(f"{iso(s.slot)} by {s.backup_id}" for s in late[:3])
             findings.append(Finding("warning", "schedule", f"{len(late)} {sched} slot(s) taken late: {shown}"
                                     + (" ..." if len(late) > 3 else "")))
+    return findings
 
+
+def _backup_rows(present: Sequence[BackupRecord], verifications: Sequence[Verification], policy: Policy,
+                 now: datetime, by_id: Mapping[str, BackupEvidence]) -> tuple[list[BackupRow], list[Finding]]:
+    """One row per backup with its retention state, and the findings about each backup:
+    kept long past expiry, lock weaker than recorded or required, a missing dependency, a
+    failed checksum verification."""
     plan = plan_retention(present, policy, now)
     checked, restored = _verification_index(verifications, now)
+    present_ids = {b.id for b in present}
     rows: list[BackupRow] = []
+    findings: list[Finding] = []
     overdue: list[tuple[str, datetime]] = []
     for b in sorted(present, key=lambda b: (b.started_at, b.id)):
         d = plan.decision(b.id)
@@ -415,27 +445,11 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
                               expiry, b.lock_mode, b.lock_until, chk[0] if chk else None,
                               chk[1] if chk else None, rst[0] if rst else None, rst[1] if rst else None,
                               state, tuple(seconds_in(r) for r in d.reasons), ev, rst[2] if rst else None))
-        store_lock = ev.at_rest.lock if ev.at_rest is not None and ev.at_rest.applicable else None
-        if ev.at_rest is not None and ev.at_rest.applicable and b.lock_until and b.lock_until > now and (
-                store_lock is None or (not store_lock.legal_hold
-                                       and store_lock.retain_until < b.lock_until - timedelta(minutes=1))):
-            findings.append(Finding("critical", "immutability",
-                                    f"{b.id} records Object Lock until {iso(b.lock_until)} but the store holds "
-                                    + (f"its manifest only until {iso(store_lock.retain_until)}" if store_lock
-                                       else "no lock on its manifest")))
+        findings += _immutability_findings(b, ev, expiry, policy, now)
         missing = sorted(dep for dep in b.deps if dep not in present_ids)
         if missing:
             findings.append(Finding("critical", "integrity", f"{b.id} needs {', '.join(missing)}, "
                                                              "which is not in the repository: it cannot be restored"))
-        if policy.object_lock.mode != "none" and expiry > now:
-            if not b.lock_until:
-                findings.append(Finding("critical", "immutability",
-                                        f"{b.id} is not under Object Lock although the policy requires "
-                                        f"{policy.object_lock.mode} mode"))
-            elif b.lock_until < b.expires_at - timedelta(minutes=1):
-                findings.append(Finding("warning", "immutability",
-                                        f"{b.id} is locked only until {iso(b.lock_until)}, before its expiry "
-                                        f"{iso(b.expires_at)}"))
         if chk is not None and not chk[1]:
             findings.append(Finding("critical", "verification",
                                     f"{b.id}: its last checksum verification ({iso(chk[0])}) failed"))
@@ -445,10 +459,37 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
                                 f"{len(overdue)} backup(s) kept more than a day past expiry without a rule "
                                 f"requiring it (longest: {oldest_id}, expired {iso(oldest)}): retention is not "
                                 "being applied; run 'backup-tool retention apply'"))
-    if policy.object_lock.mode != "none" and lock_supported is False:
-        findings.append(Finding("critical", "immutability", f"the policy requires Object Lock "
-                                f"({policy.object_lock.mode}) but the repository does not support it"))
+    return rows, findings
 
+
+def _immutability_findings(b: BackupRecord, ev: BackupEvidence, expiry: datetime, policy: Policy,
+                           now: datetime) -> list[Finding]:
+    """The store holding less lock than the backup records; no lock, or one ending before the
+    expiry, where the policy requires Object Lock."""
+    findings: list[Finding] = []
+    store_lock = ev.at_rest.lock if ev.at_rest is not None and ev.at_rest.applicable else None
+    if ev.at_rest is not None and ev.at_rest.applicable and b.lock_until and b.lock_until > now and (
+            store_lock is None or (not store_lock.legal_hold
+                                   and store_lock.retain_until < b.lock_until - timedelta(minutes=1))):
+        findings.append(Finding("critical", "immutability",
+                                f"{b.id} records Object Lock until {iso(b.lock_until)} but the store holds "
+                                + (f"its manifest only until {iso(store_lock.retain_until)}" if store_lock
+                                   else "no lock on its manifest")))
+    if policy.object_lock.mode != "none" and expiry > now:
+        if not b.lock_until:
+            findings.append(Finding("critical", "immutability",
+                                    f"{b.id} is not under Object Lock although the policy requires "
+                                    f"{policy.object_lock.mode} mode"))
+        elif b.lock_until < b.expires_at - timedelta(minutes=1):
+            findings.append(Finding("warning", "immutability",
+                                    f"{b.id} is locked only until {iso(b.lock_until)}, before its expiry "
+                                    f"{iso(b.expires_at)}"))
+    return findings
+
+
+def _deletion_findings(gone: Sequence[LogEntry], present_ids: set[str]) -> list[Finding]:
+    """A deletion before expiry is critical; a logged deletion of a backup still listed, a warning."""
+    findings: list[Finding] = []
     for entry in gone:
         if entry.expires_at and entry.at < entry.expires_at:
             findings.append(Finding("critical", "retention", f"{entry.id} ({entry.kind}) was deleted at "
@@ -456,8 +497,15 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
         if entry.id in present_ids and entry.completed:
             findings.append(Finding("warning", "retention", f"{entry.id} is logged as deleted at {iso(entry.at)} "
                                                             "but is still listed: the deletion was interrupted"))
+    return findings
 
-    logical_full = [r for r in rows if r.kind == "full"]
+
+def _verification_findings(rows: Sequence[BackupRow], present: Sequence[BackupRecord],
+                           verifications: Sequence[Verification], window_start: datetime,
+                           now: datetime) -> list[Finding]:
+    """The newest full never verified, no successful restore test in the window, the last run failed."""
+    findings: list[Finding] = []
+    logical_full = [r for r in rows if r.kind == BackupKind.FULL]
     if logical_full and logical_full[-1].last_verified is None:
         findings.append(Finding("warning", "verification", f"the newest full {logical_full[-1].id} has never "
                                                            "been verified ('backup-tool verify latest')"))
@@ -468,27 +516,24 @@ def build_report(backups: Sequence[BackupRecord], deletions: Sequence[LogEntry],
     done = [v for v in verifications if v.at <= now]
     if done and not done[-1].ok:
         findings.append(Finding("critical", "verification", f"the last verification run ({iso(done[-1].at)}) failed"))
+    return findings
 
-    pitr = _pitr(present, wal, policy, now)
-    if pitr.in_use:
-        if pitr.gaps:
-            first, last = pitr.gaps[0]
-            findings.append(Finding("critical", "pitr", f"{len(pitr.gaps)} gap(s) in the WAL archive, first "
-                                                        f"{first}..{last}: recovery cannot cross them"))
-        if pitr.recoverable_from is None or pitr.recoverable_from > pitr.window_start:
-            findings.append(Finding("critical" if policy.schedule.base else "warning", "pitr",
-                                    f"the PITR window ({policy.retention.pitr_days} days, from "
-                                    f"{iso(pitr.window_start)}) is covered only from {iso(pitr.recoverable_from)}"))
-    elif policy.schedule.base:
-        findings.append(Finding("critical", "pitr", "base backups are scheduled but there is none: "
-                                                    "point-in-time recovery is impossible"))
 
-    runs = sorted(retention_runs)
-    return AuditReport(now, repository, policy.to_dict(), window_start, now, tuple(rows), tuple(slots),
-                       tuple(gone), tuple(v for v in verifications if v.at <= now), pitr,
-                       tuple(sorted(findings, key=lambda f: (f.severity != "critical", f.area))),
-                       tuple(seconds_in(f) for f in facts), len(runs), runs[-1] if runs else None,
-                       tool_version=tool_version, repository_state=repo_state)
+def _pitr_findings(pitr: Pitr, policy: Policy) -> list[Finding]:
+    """Gaps in the WAL archive, a PITR window not covered, base backups scheduled but none taken."""
+    if not pitr.in_use:
+        return [Finding("critical", "pitr", "base backups are scheduled but there is none: "
+                                            "point-in-time recovery is impossible")] if policy.schedule.base else []
+    findings: list[Finding] = []
+    if pitr.gaps:
+        first, last = pitr.gaps[0]
+        findings.append(Finding("critical", "pitr", f"{len(pitr.gaps)} gap(s) in the WAL archive, first "
+                                                    f"{first}..{last}: recovery cannot cross them"))
+    if pitr.recoverable_from is None or pitr.recoverable_from > pitr.window_start:
+        findings.append(Finding("critical" if policy.schedule.base else "warning", "pitr",
+                                f"the PITR window ({policy.retention.pitr_days} days, from "
+                                f"{iso(pitr.window_start)}) is covered only from {iso(pitr.recoverable_from)}"))
+    return findings
 
 
 def _pitr(present: Sequence[BackupRecord], wal: WalState | None, policy: Policy, now: datetime) -> Pitr:
