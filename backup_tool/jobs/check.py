@@ -32,7 +32,6 @@ from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog
-from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.encrypted import ALGORITHM, KEY_HINT, encryption_of
 from backup_tool.repository.walidentity import ClusterIdentity, mismatch, read_archive_identity
@@ -220,10 +219,11 @@ def access_fix(blocked: Path, root: Path, ancestors: Sequence[Path], user: str) 
     return f"install -d -o {user} -g {user} -m 750 {root}"
 
 
-def encryption_check(storage: Storage, manifests: list[Manifest]) -> Check:
-    """Which key new backups will use, and whether it is the one the repository's backups need."""
+def encryption_check(storage: Storage, key_ids: Iterable[str | None]) -> Check:
+    """Which key new backups will use, and whether it is the one the repository's backups need
+    (``key_ids``: the key id each backup is sealed with, None for a plaintext one)."""
     key = encryption_of(storage)
-    used = sorted({m.encryption_key_id for m in manifests if m.encryption_key_id})
+    used = sorted({k for k in key_ids if k})
     if key is None:
         if used:
             return Check("encryption", False, f"backups here are encrypted (key id {', '.join(used)}) but no key is "
@@ -273,17 +273,18 @@ def run_checks(settings: Settings) -> ValidationReport:
         storage = open_storage(settings.repo_url)
         with _leave_local_dirs_as_found(settings.repo_url):
             storage.check_writable()
-        manifests, problems = Catalog(storage).scan()
-        uses_pitr = any(m.kind == BackupKind.BASE for m in manifests) or any(True for _ in storage.list("wal/"))
+        entries, problems = Catalog(storage).entries()
+        uses_pitr = any(e.record.get("kind") == BackupKind.BASE for e in entries) or any(
+            True for _ in storage.list("wal/"))
         if problems:
             checks.append(Check("repository", False, problems[0].message))
         else:
             checks.append(Check("repository", True, f"{storage.url} writable by {_user_name(os.geteuid())}, "
-                                                    f"{len(manifests)} backups"))
+                                                    f"{len(entries)} backups"))
 
         ok, detail = check_object_lock(storage, settings.policy)
         checks.append(Check("object_lock", ok, detail))
-        checks.append(encryption_check(storage, manifests))
+        checks.append(encryption_check(storage, [e.key_id for e in entries]))
     except BackupToolError as exc:
         checks.append(Check("repository", False, str(exc)))
     conninfo = ConnInfo(settings.dsn)

@@ -133,7 +133,7 @@ def _live_timeline(settings: Settings, target: Any) -> int | None:
     if row is None:
         return None
     storage = open_repository(settings.repo_url)
-    same = any(m.kind == BackupKind.BASE and m.system_identifier == row[0] for m in Catalog(storage).scan()[0])
+    same = any(m.system_identifier == row[0] for m in Catalog(storage).of_kinds([BackupKind.BASE])[0])
     return int(row[1]) if same else None
 
 

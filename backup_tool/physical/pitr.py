@@ -393,7 +393,7 @@ def plan_recovery(settings: Settings, target: Target, database: str | None = Non
     """
     reporter = reporter or NullReporter()
     storage = open_repository(settings.repo_url)
-    backups = of_cluster_holding(Catalog(storage).scan()[0], database, storage.url)
+    backups = of_cluster_holding(Catalog(storage).of_kinds([BackupKind.BASE])[0], database, storage.url)
     scanner = CommitScanner(storage, backups[-1].server_version_num // 10000 if backups else 0)
     deadline = clock() + max(0.0, wait)
     announced = False
@@ -894,7 +894,7 @@ def private_dir(os_user: str) -> Iterator[Path]:
 def repository_health(settings: Settings, now: datetime | None = None) -> wal.ArchiveHealth:
     """The WAL archive's continuity after the oldest base backup and its newest segment's age."""
     storage = open_repository(settings.repo_url)
-    bases = [m.physical for m in Catalog(storage).scan()[0] if m.kind == BackupKind.BASE and m.physical]
+    bases = [m.physical for m in Catalog(storage).of_kinds([BackupKind.BASE])[0] if m.physical]
     return wal.archive_health(storage, [(p.timeline, walnames.parse_lsn(p.start_lsn), p.wal_segment_size)
                                         for p in bases], now)
 

@@ -349,6 +349,16 @@ class Catalog:
         entries, problems = self.entries(refresh)
         return [e.backup_record() for e in entries], problems
 
+    def of_kinds(self, kinds: Iterable[str]) -> tuple[list[Manifest], list[BackupToolError]]:
+        """The readable manifests of backups of ``kinds`` (oldest first), chosen from the catalog
+        index so that only those manifests are read (base backups among thousands of logical
+        ones cost a handful of reads)."""
+        wanted = set(kinds)
+        entries, problems = self.entries()
+        manifests, more = self._load_many([e.id for e in entries if e.record.get("kind") in wanted])
+        manifests.sort(key=lambda m: (m.started_at, m.id))
+        return manifests, problems + more
+
     def backups(self) -> list[Manifest]:
         """Every complete, authenticated backup, oldest first; raises on the first unreadable
         manifest (a refused, unauthenticated one is not a backup of ours and is left out)."""
