@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from clioutput import only_line
-from conftest import Cli, DbHandle, PgServer, free_port
+from support.cli import Cli
+from support.clusters import DbHandle, PgServer, free_port
 
 pytestmark = pytest.mark.slow
 

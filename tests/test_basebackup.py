@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import pytest
 from clioutput import one_line
-from conftest import PgServer, free_port
 from server_tool import install_source, write_wrapper
+from support.clusters import PgServer, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import Cli, PgServer
+from support.cli import Cli
+from support.clusters import PgServer
 
 from backup_tool.jobs.check import DirStat, first_blocked
 

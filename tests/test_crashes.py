@@ -29,8 +29,8 @@ import boto3
 import dbcompare
 import pytest
 from clioutput import add_bulk, one_line
-from conftest import PgServer, start_pg_server
 from server_tool import install_source, write_wrapper
+from support.clusters import PgServer, start_pg_server
 
 from backup_tool.physical.wal import segment_name, segment_number
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from conftest import Cli, DbHandle
+from support.cli import Cli
+from support.clusters import DbHandle
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DbHandle, PgServer
+from support.clusters import DbHandle, PgServer
 
 from backup_tool.config.policy import Policy, parse_policy
 from backup_tool.config.settings import Settings

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from conftest import Cli, DbHandle
+from support.cli import Cli
+from support.clusters import DbHandle
 
 from backup_tool.cli.common import render_entries, render_show
 from backup_tool.cli.retention import render_retention

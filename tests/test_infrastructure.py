@@ -16,7 +16,8 @@ import psycopg
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import Cli, DbHandle, PgServer
+    from support.cli import Cli
+    from support.clusters import DbHandle, PgServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEED_FILES = [FIXTURES / "seed_schema.sql", FIXTURES / "seed_data.sql"]

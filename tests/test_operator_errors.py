@@ -12,7 +12,8 @@ from typing import Iterator
 import psycopg
 import pytest
 from clioutput import only_line
-from conftest import Cli, PgServer, free_port
+from support.cli import Cli
+from support.clusters import PgServer, free_port
 
 from backup_tool.postgres.connection import describe_connect_error
 

@@ -22,8 +22,10 @@ import clioutput
 import dbcompare
 import psycopg
 import pytest
-from conftest import SEED_FILES, Cli, PgServer, free_port, start_pg_server
 from server_tool import install_source, write_wrapper
+from support.cli import Cli
+from support.clusters import PgServer, free_port, start_pg_server
+from support.paths import SEED_FILES
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ import re
 from typing import Callable
 
 import pytest
-from conftest import Cli, DbHandle
+from support.cli import Cli
+from support.clusters import DbHandle
 from terminal import run_on_terminal
 
 pytestmark = pytest.mark.slow

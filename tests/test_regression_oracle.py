@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, Cli, PgServer, start_pg_server
+from support.cli import Cli
+from support.clusters import PgServer, start_pg_server
+from support.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

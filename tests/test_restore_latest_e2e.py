@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from clioutput import only_line
-from conftest import Cli, DbHandle, PgServer
+from support.cli import Cli
+from support.clusters import DbHandle, PgServer
 
 pytestmark = pytest.mark.slow
 

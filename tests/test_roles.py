@@ -22,7 +22,9 @@ from typing import Any, Callable
 
 import dbcompare
 import pytest
-from conftest import SEED_FILES, Cli, PgServer
+from support.cli import Cli
+from support.clusters import PgServer
+from support.paths import SEED_FILES
 
 APP_OWNER = '"App ""Owner"""'
 

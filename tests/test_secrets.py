@@ -29,8 +29,10 @@ from typing import Any, Iterator
 
 import pytest
 import zstandard
-from conftest import SEED_FILES, Cli, PgServer, free_port, start_pg_server
 from server_tool import install_source, write_wrapper
+from support.cli import Cli
+from support.clusters import PgServer, free_port, start_pg_server
+from support.paths import SEED_FILES
 
 from backup_tool.repository.storage.encrypted import EncryptionKey, decrypt_stream
 

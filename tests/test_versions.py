@@ -24,15 +24,10 @@ from typing import Any
 import dbcompare
 import psycopg
 import pytest
-from conftest import (
-    SEED_FILES,
-    Cli,
-    PgServer,
-    find_pg_bin_dir,
-    free_port,
-    start_pg_server,
-)
 from server_tool import install_source, write_wrapper
+from support.cli import Cli
+from support.clusters import PgServer, find_pg_bin_dir, free_port, start_pg_server
+from support.paths import SEED_FILES
 
 pytestmark = [pytest.mark.slow, pytest.mark.versions]
 

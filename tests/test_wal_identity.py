@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli, PgServer, start_pg_server
 from faultproxy import FaultProxy, Rule
 from server_tool import install_source, write_wrapper
+from support.cli import Cli
+from support.clusters import PgServer, start_pg_server
 
 from backup_tool.physical import wal
 from backup_tool.repository import walidentity

@@ -23,8 +23,11 @@ from typing import Any, Iterator
 
 import dbcompare
 import pytest
-from conftest import REPO_ROOT, SEED_FILES, Cli, PgServer, S3Server, start_pg_server
 from server_tool import install_source, write_wrapper
+from support.cli import Cli
+from support.clusters import PgServer, start_pg_server
+from support.paths import REPO_ROOT, SEED_FILES
+from support.s3 import S3Server
 
 pytestmark = pytest.mark.slow
 
