@@ -75,10 +75,12 @@ def _records(settings: Settings, manifests: Sequence[Any]) -> list[BackupRecord]
     return [BackupRecord.from_manifest(m) for m in manifests if database is None or m.database == database]
 
 
-def _indexed_records(settings: Settings, storage: Storage, reporter: Reporter) -> list[BackupRecord]:
+def _indexed_records(settings: Settings, storage: Storage, reporter: Reporter,
+                     refresh: bool) -> list[BackupRecord]:
     """This database's backups from the catalog index (manifests it does not vouch for are read),
-    so planning costs the same with 5,000 backups as with 5."""
-    records, problems = Catalog(storage).records(refresh=True)
+    so planning costs the same with 5,000 backups as with 5; ``refresh`` rewrites a stale index
+    (never in a dry run, which writes nothing)."""
+    records, problems = Catalog(storage).records(refresh=refresh)
     for p in problems:
         reporter.warning(f"unreadable manifest ignored: {p.message}")
     database = database_of(settings.dsn)
@@ -92,7 +94,7 @@ def plan_due(settings: Settings, now: datetime | None = None, reporter: Reporter
     reporter = reporter or NullReporter()
     storage = open_repository(settings.repo_url)
     at = now or datetime.now(UTC)
-    plan = decide_due(_indexed_records(settings, storage, reporter), settings.policy, at)
+    plan = decide_due(_indexed_records(settings, storage, reporter, refresh=False), settings.policy, at)
     return RunDueResult(plan, (), None, None, dry_run=True, health=plan_health(settings, storage, at).to_dict())
 
 
@@ -103,7 +105,8 @@ def run_due(settings: Settings, reporter: Reporter | None = None) -> RunDueResul
     reporter = reporter or NullReporter()
     evaluated_at = datetime.now(UTC)
     storage = open_storage(settings.repo_url)
-    plan = decide_due(_indexed_records(settings, storage, reporter), settings.policy, evaluated_at)
+    plan = decide_due(_indexed_records(settings, storage, reporter, refresh=True), settings.policy,
+                     evaluated_at)
     reporter.event("run-due", now=iso(evaluated_at), due=plan.kinds or "nothing",
                    reasons=[i.reason for i in plan.items] or list(plan.notes))
     taken: list[dict[str, Any]] = []

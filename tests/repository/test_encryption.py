@@ -269,7 +269,7 @@ def test_open_storage_reads_the_key_from_the_environment(tmp_path: Path, monkeyp
 
 
 def test_commit_records_the_key_id_and_seals_the_manifest(tmp_path: Path) -> None:
-    from test_manifest import make_manifest
+    from support.manifests import make_manifest
 
     from backup_tool.repository.catalog import Catalog
 
@@ -299,7 +299,7 @@ def test_commit_records_the_key_id_and_seals_the_manifest(tmp_path: Path) -> Non
 
 
 def test_restoring_needs_the_recorded_key(tmp_path: Path) -> None:
-    from test_manifest import make_manifest
+    from support.manifests import make_manifest
 
     from backup_tool.repository.catalog import Catalog
 
@@ -314,7 +314,7 @@ def test_restoring_needs_the_recorded_key(tmp_path: Path) -> None:
 def test_an_incremental_chain_never_mixes_keys() -> None:
     from dataclasses import replace
 
-    from test_manifest import T0, make_manifest
+    from support.manifests import T0, make_manifest
 
     from backup_tool.config.policy import Policy
     from backup_tool.logical.backup import choose_parent
@@ -378,7 +378,7 @@ def b64(key: EncryptionKey) -> str:
 def test_encrypted_backup_restores_identically_and_fails_clearly_otherwise(
         cli: Any, repo: str, seed_db: Any, fresh_db: Callable[..., Any], tmp_path: Path) -> None:
     import dbcompare
-    from test_backup_restore import object_keys, overwrite_object, read_object
+    from support.objects import object_keys, read_object, write_object
 
     key_file = tmp_path / "repo.key"
     key_file.write_text(b64(KEY) + "\n")
@@ -416,7 +416,7 @@ def test_encrypted_backup_restores_identically_and_fails_clearly_otherwise(
     victim = max((t for t in show["tables"] if t["object"]), key=lambda t: t["size_bytes"])
     data = bytearray(read_object(repo, victim["object"]))
     data[HEADER_SIZE + 10] ^= 0x40
-    overwrite_object(repo, victim["object"], bytes(data))
+    write_object(repo, victim["object"], bytes(data))
     other = fresh_db("tampered")
     tampered = cli("restore", "full", "--repo", repo, "--target-dsn", other.dsn, env=with_key)
     assert tampered.returncode == 3

@@ -280,7 +280,7 @@ CASES = [
                     str(w.base / "pitr")], 1, ("no base backup",)),
     # policy and configuration
     # a broken policy blocks the commands that act on it (list and restores only warn: see
-    # tests/test_operator_errors.py)
+    # tests/cli/test_operator_errors.py)
     Case("policy file that is not TOML", lambda w: ["retention", "apply", "--dry-run", "--repo", w.repo,
                                                     "--policy", str(w.base / "bad-syntax.toml")],
          2, ("bad-syntax.toml",)),

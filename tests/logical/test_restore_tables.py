@@ -8,7 +8,7 @@ from typing import Any, Callable
 import clioutput
 import dbcompare
 import pytest
-from test_manifest import make_manifest
+from support.manifests import make_manifest
 
 from backup_tool.cli.common import one_line
 from backup_tool.config.settings import resolve_settings

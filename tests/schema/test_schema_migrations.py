@@ -15,6 +15,7 @@ from typing import Any, Callable
 import dbcompare
 import pytest
 from clioutput import one_line
+from support.paths import FIXTURES_DIR
 
 from backup_tool.config.policy import parse_policy
 from backup_tool.config.settings import Settings
@@ -22,7 +23,7 @@ from backup_tool.schema import drift
 
 pytestmark = pytest.mark.slow
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "migrations"
+FIXTURE = FIXTURES_DIR / "migrations"
 FILES = FIXTURE / "supabase" / "migrations"
 DATA_SECTIONS = ("tables", "sequences")
 

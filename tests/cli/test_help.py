@@ -13,13 +13,13 @@ import struct
 import subprocess
 import sys
 import termios
-from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
+from support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 TYPE_DISPLAY = re.compile(r"<(bool|str|int|float|int range|float range|path)>")
 
 

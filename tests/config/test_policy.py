@@ -6,11 +6,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from support.paths import REPO_ROOT
 
 from backup_tool.config.policy import Policy, load_policy, parse_policy
 from backup_tool.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 def test_shipped_default_is_the_seed_policy() -> None:

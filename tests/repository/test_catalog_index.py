@@ -11,8 +11,9 @@ from typing import Iterator
 
 import pytest
 from simhistory import History, ts
-from test_manifest import make_manifest
-from test_tamper import KEY, plant, resealed, sealed_repo
+from support.manifests import make_manifest
+from support.objects import write_object
+from test_tamper import KEY, resealed, sealed_repo
 
 from backup_tool.config.policy import Policy
 from backup_tool.errors import IntegrityError
@@ -102,7 +103,7 @@ def test_a_damaged_index_is_ignored(tmp_path: Path) -> None:
     key = index_keys(storage)[0]
     body = json.loads(storage.get_bytes(key))
     body["entries"][0]["record"]["size_bytes"] = 1
-    plant(str(tmp_path), key, json.dumps(body).encode())
+    write_object(str(tmp_path), key, json.dumps(body).encode())
     inner.reads.clear()
     assert Catalog(storage).records()[0] == truth
     assert len(manifest_reads(inner)) == len(truth)
@@ -121,7 +122,7 @@ def test_with_a_key_only_a_sealed_index_vouches_and_only_for_sealed_manifests(tm
 
     # the attacker plants a manifest and lists it in an index claiming it was verified
     planted = make_manifest("20261125T020000Z-Fevil")
-    plant(repo, manifest_key(planted.id), planted.to_json())
+    write_object(repo, manifest_key(planted.id), planted.to_json())
     keyless, _ = opened(tmp_path)
     forged_entry = IndexEntry.of(planted, "0" * 64, [KEY.key_id])
     forged_entry = IndexEntry(**{**forged_entry.__dict__, "key_id": KEY.key_id, "verified": True})
@@ -132,7 +133,7 @@ def test_with_a_key_only_a_sealed_index_vouches_and_only_for_sealed_manifests(tm
         if seal == "dropped":
             body.pop("seal")
         body["index_sha256"] = _digest(body)
-        plant(repo, f"{INDEX_PREFIX}index-29991231T235959999999Z-abcdef.json", json.dumps(body).encode())
+        write_object(repo, f"{INDEX_PREFIX}index-29991231T235959999999Z-abcdef.json", json.dumps(body).encode())
         records, problems = Catalog(storage).records()
         assert records == truth, seal
         assert len(problems) == 1 and isinstance(problems[0], REFUSED) and planted.id in problems[0].message
@@ -154,7 +155,7 @@ def test_an_edited_manifest_behind_a_sealed_index_is_still_refused_when_read(tmp
     Catalog(storage).records(refresh=True)
     body = json.loads((tmp_path / manifest_key(real.id)).read_bytes())
     body["tables"][0]["rows"] = 4
-    plant(repo, manifest_key(real.id), resealed(body))
+    write_object(repo, manifest_key(real.id), resealed(body))
     catalog = Catalog(storage)
     assert [r.id for r in catalog.records()[0]] == [real.id]  # planning sees what the key holder sealed
     with pytest.raises(IntegrityError, match="fails authentication"):

@@ -18,11 +18,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-import boto3
 import pytest
 from clioutput import one_line
-from test_backup_restore import object_keys, read_object
-from test_manifest import T0, make_manifest
+from support.manifests import T0, make_manifest
+from support.objects import drop_object, object_keys, read_object, write_object
 
 from backup_tool.errors import IntegrityError
 from backup_tool.repository.catalog import Catalog, manifest_key
@@ -36,27 +35,6 @@ OTHER = EncryptionKey(bytes(range(1, 33)))
 
 def b64(key: EncryptionKey) -> str:
     return base64.b64encode(key.secret).decode()
-
-
-def plant(repo: str, key: str, data: bytes) -> None:
-    """Write an object as the attacker does: with bucket credentials, without backup-tool or the key."""
-    if repo.startswith("s3://"):
-        bucket, _, prefix = repo[5:].partition("/")
-        boto3.client("s3").put_object(Bucket=bucket, Key=prefix.strip("/") + "/" + key, Body=data)
-    else:
-        path = Path(repo) / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            path.chmod(0o644)
-        path.write_bytes(data)
-
-
-def drop(repo: str, key: str) -> None:
-    if repo.startswith("s3://"):
-        bucket, _, prefix = repo[5:].partition("/")
-        boto3.client("s3").delete_object(Bucket=bucket, Key=prefix.strip("/") + "/" + key)
-    else:
-        (Path(repo) / key).unlink()
 
 
 def resealed(body: dict[str, Any], strip: bool = False) -> bytes:
@@ -100,14 +78,14 @@ def test_a_manifest_not_sealed_under_the_key_is_refused_by_every_reader(repo: st
     sealed_repo(repo, real)
     original = read_object(repo, manifest_key(real.id))
     for what, forged in forgeries(original).items():
-        plant(repo, manifest_key(real.id), forged)
+        write_object(repo, manifest_key(real.id), forged)
         with_key = Catalog(open_storage(repo, KEY))
         with pytest.raises(REFUSED, match=f"manifest {manifest_key(real.id)} "):
             with_key.load(real.id)
         manifests, problems = with_key.scan()
         assert manifests == [] and len(problems) == 1 and isinstance(problems[0], REFUSED), what
         assert with_key.backups() == [], what
-    plant(repo, manifest_key(real.id), original)
+    write_object(repo, manifest_key(real.id), original)
     assert Catalog(open_storage(repo, KEY)).load(real.id).tables == real.tables
 
 
@@ -129,7 +107,7 @@ def test_untagged_manifests_are_trusted_only_on_request_and_a_failing_tag_never(
     assert [m.id for m in allowed.backups()] == [old.id, real.id]
     edited = json.loads(read_object(repo, manifest_key(real.id)))
     edited["tables"][0]["rows"] = 4
-    plant(repo, manifest_key(real.id), resealed(edited))
+    write_object(repo, manifest_key(real.id), resealed(edited))
     with pytest.raises(IntegrityError, match="fails authentication"):
         Catalog(open_storage(repo, KEY)).load(real.id)
 
@@ -152,7 +130,7 @@ def test_after_a_rotation_previous_keys_authenticate_what_they_sealed(
     assert [m.id for m in Catalog(open_storage(local_repo, OTHER)).backups()] == [old.id, new.id]
     forged = json.loads(read_object(local_repo, manifest_key(old.id)))
     forged["tables"] = forged["tables"][1:]
-    plant(local_repo, manifest_key(old.id), resealed(forged))
+    write_object(local_repo, manifest_key(old.id), resealed(forged))
     with pytest.raises(IntegrityError, match=f"fails authentication with key id {KEY.key_id}"):
         Catalog(open_storage(local_repo, OTHER)).load(old.id)
 
@@ -160,7 +138,7 @@ def test_after_a_rotation_previous_keys_authenticate_what_they_sealed(
 def test_a_manifest_replayed_under_another_id_is_refused_with_or_without_a_key(repo: str) -> None:
     older, newer = make_manifest("20261124T020000Z-Fold1"), make_manifest()
     sealed_repo(repo, older, newer)
-    plant(repo, manifest_key(newer.id), read_object(repo, manifest_key(older.id)))
+    write_object(repo, manifest_key(newer.id), read_object(repo, manifest_key(older.id)))
     for key in (KEY, None):
         with pytest.raises(IntegrityError, match=f"holds backup {older.id}, not {newer.id}"):
             Catalog(open_storage(repo, key)).load(newer.id)
@@ -173,7 +151,7 @@ def test_retention_is_not_tricked_by_a_planted_full(cli: Any, repo: str) -> None
                       finished_at=T0 + timedelta(days=6, seconds=5), expires_at=T0 + timedelta(days=36))
     claims_the_key = replace(planted, options={"encryption": KEY.describe()}, format=2)
     for forged in (planted.to_json(), claims_the_key.to_json(lambda digest: "0" * 64)):
-        plant(repo, manifest_key(planted.id), forged)
+        write_object(repo, manifest_key(planted.id), forged)
         result = cli.json("retention", "apply", "--repo", repo, "--now", "2027-02-01T00:00:00Z",
                           env={KEY_ENV: b64(KEY)})
         decisions = {d["id"]: d for d in result["decisions"]}
@@ -214,7 +192,7 @@ def test_guard_refuses_without_writing_and_records_the_key(local_repo: str) -> N
     assert json.loads(read_object(local_repo, key_marker(KEY.key_id))) == KEY.describe()
     with pytest.raises(KeyRequiredError, match=f"key id {KEY.key_id} and no encryption key is configured"):
         guard_writes(keyless, "", "default", "write")
-    drop(local_repo, key_marker(KEY.key_id))
+    drop_object(local_repo, key_marker(KEY.key_id))
     sealed_repo(local_repo, make_manifest())
     before = sorted(object_keys(local_repo))
     with pytest.raises(KeyRequiredError, match=KEY.key_id):
@@ -271,15 +249,15 @@ def test_tampering_without_the_key_is_detected_and_refused(
     def checksum_changed(strip: bool) -> None:
         edited = json.loads(original)
         next(t for t in edited["tables"] if t["name"] == victim["name"])["checksum"] = "0" * 16
-        plant(repo, key, resealed(edited, strip))
+        write_object(repo, key, resealed(edited, strip))
 
     attacks: list[tuple[str, Callable[[], None], Callable[[], None], str]] = [
-        ("checksum changed, tag kept", lambda: checksum_changed(False), lambda: plant(repo, key, original), key),
-        ("checksum changed, tag stripped", lambda: checksum_changed(True), lambda: plant(repo, key, original), key),
-        ("table object dropped", lambda: drop(repo, victim["object"]["key"]),
-         lambda: plant(repo, victim["object"]["key"], victim_object), victim["object"]["key"]),
+        ("checksum changed, tag kept", lambda: checksum_changed(False), lambda: write_object(repo, key, original), key),
+        ("checksum changed, tag stripped", lambda: checksum_changed(True), lambda: write_object(repo, key, original), key),
+        ("table object dropped", lambda: drop_object(repo, victim["object"]["key"]),
+         lambda: write_object(repo, victim["object"]["key"], victim_object), victim["object"]["key"]),
         ("older manifest replayed under the newer id",
-         lambda: plant(repo, key, read_object(repo, manifest_key(older["id"]))), lambda: plant(repo, key, original), key),
+         lambda: write_object(repo, key, read_object(repo, manifest_key(older["id"]))), lambda: write_object(repo, key, original), key),
     ]
     for what, attack, undo, named in attacks:
         attack()

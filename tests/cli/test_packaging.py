@@ -16,9 +16,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from support.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 def _clean_env(venv: Path) -> dict[str, str]:

@@ -93,7 +93,7 @@ ALTER ROLE oracle_reader IN DATABASE regression SET search_path = oracle, public
 # The regression suite leaves materialized views stale (mvtest_bb holds 28 rows; its query
 # now gives 41). A logical restore can only refill a materialized view by running its query,
 # so such a view comes back fresh and `materialized_views` rightly fails on it
-# (tests/test_fidelity.py proves that verdict). Here the populated ones are refreshed first,
+# (tests/validation/test_fidelity.py proves that verdict). Here the populated ones are refreshed first,
 # three passes so that views over views settle, to compare everything else exactly.
 REFRESH_STALE_SQL = """
 DO $$

@@ -10,43 +10,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import boto3
 import dbcompare
 import psycopg
 import pytest
 from clioutput import one_line
+from support.objects import read_object, write_object
 
 pytestmark = pytest.mark.slow
-
-
-def object_keys(repo: str) -> list[str]:
-    """Every key in a repository (relative to its root), read without backup_tool."""
-    if repo.startswith("s3://"):
-        bucket, _, prefix = repo[5:].partition("/")
-        prefix = prefix.strip("/") + "/"
-        client = boto3.client("s3")
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return [o["Key"][len(prefix):] for p in pages for o in p.get("Contents", [])]
-    root = Path(repo)
-    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-
-
-def read_object(repo: str, key: str) -> bytes:
-    if repo.startswith("s3://"):
-        bucket, _, prefix = repo[5:].partition("/")
-        return boto3.client("s3").get_object(Bucket=bucket, Key=prefix.strip("/") + "/" + key)["Body"].read()
-    return (Path(repo) / key).read_bytes()
-
-
-def overwrite_object(repo: str, key: str, data: bytes) -> None:
-    """Damage an object behind the tool's back (what bit rot or a bad actor would do)."""
-    if repo.startswith("s3://"):
-        bucket, _, prefix = repo[5:].partition("/")
-        boto3.client("s3").put_object(Bucket=bucket, Key=prefix.strip("/") + "/" + key, Body=data)
-    else:
-        path = Path(repo) / key
-        path.chmod(0o644)
-        path.write_bytes(data)
 
 
 @pytest.fixture
@@ -100,7 +70,7 @@ def test_verify_detects_a_flipped_byte_and_restore_refuses_it(cli: Any, repo: st
     victim = max((t for t in show["tables"] if t["object"]), key=lambda t: t["size_bytes"])
     data = bytearray(read_object(repo, victim["object"]))
     data[len(data) // 2] ^= 0x01
-    overwrite_object(repo, victim["object"], bytes(data))
+    write_object(repo, victim["object"], bytes(data))
 
     proc = cli("verify", "--repo", repo, "all", "--json")
     assert proc.returncode == 3
@@ -119,7 +89,7 @@ def test_verify_detects_a_flipped_byte_and_restore_refuses_it(cli: Any, repo: st
 def test_damaged_manifest_is_reported_not_trusted(cli: Any, local_repo: str, seed_db: Any) -> None:
     entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn)
     key = f"manifests/{entry['id']}.json"
-    overwrite_object(local_repo, key, read_object(local_repo, key).replace(b'"rows": ', b'"rows": 1', 1))
+    write_object(local_repo, key, read_object(local_repo, key).replace(b'"rows": ', b'"rows": 1', 1))
     proc = cli("show", "--repo", local_repo, entry["id"])
     assert proc.returncode == 3
     assert "checksum" in one_line(proc)

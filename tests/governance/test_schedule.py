@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from simhistory import record, ts
+from support.paths import REPO_ROOT
 
 from backup_tool.config.policy import Policy, Retention, Schedule, parse_policy
 from backup_tool.config.settings import Settings
@@ -166,7 +167,7 @@ def test_optional_schedules_may_be_empty() -> None:
 
 
 def test_shipped_policies_load() -> None:
-    root = Path(__file__).resolve().parent.parent / "policies"
+    root = REPO_ROOT / "policies"
     paths = sorted(root.glob("*.toml"))
     assert [p.name for p in paths] == ["compliance.toml", "default.toml", "staging.toml"]
     for path in paths:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import dbcompare
 import pytest
-from test_manifest import make_manifest
+from support.manifests import make_manifest
 
 from backup_tool.config.policy import Policy, Retention
 from backup_tool.logical.backup import choose_parent

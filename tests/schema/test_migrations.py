@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.paths import FIXTURES_DIR
 
 from backup_tool.config.policy import parse_policy
 from backup_tool.errors import ConfigError, UsageError
 from backup_tool.schema import drift
 from backup_tool.schema.migrations import MigrationError, discover, split_statements
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "migrations"
+FIXTURE = FIXTURES_DIR / "migrations"
 SEED_ORDER = ["init_schema", "user_profiles_system", "projects_core", "ai_integration", "gamification_v1",
               "admin_permissions", "crm_basic", "analytics_enhanced", "security_audit", "email_system",
               "payment_integration", "alerts_system"]

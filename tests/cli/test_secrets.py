@@ -32,7 +32,7 @@ import zstandard
 from server_tool import install_source, write_wrapper
 from support.cli import Cli
 from support.clusters import PgServer, free_port, start_pg_server
-from support.paths import SEED_FILES
+from support.paths import FIXTURES_DIR, SEED_FILES
 
 from backup_tool.repository.storage.encrypted import EncryptionKey, decrypt_stream
 
@@ -282,7 +282,7 @@ def test_no_command_leaks_a_secret(world: World) -> None:
     world.pgdatas.append(pgdata)
     cmd("restore pitr", "--latest", "--pgdata", pgdata, "--port", str(free_port()), "--no-archive", "--json")
 
-    migrations = Path(__file__).parent / "fixtures" / "migrations"
+    migrations = FIXTURES_DIR / "migrations"
     with server.admin_conn() as conn:
         conn.execute("CREATE DATABASE replayed")
     cmd("schema replay", "--migrations", migrations, "--target-dsn", world.dsn_without_password("replayed"))
