@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
@@ -136,8 +137,13 @@ class RetentionPlan:
     def kept(self) -> list[str]:
         return [d.id for d in self.decisions if not d.delete]
 
+    @cached_property
+    def _by_id(self) -> dict[str, Decision]:
+        return {d.id: d for d in self.decisions}
+
     def decision(self, backup_id: str) -> Decision:
-        return next(d for d in self.decisions if d.id == backup_id)
+        """The decision about one backup (constant time: planners ask once per backup)."""
+        return self._by_id[backup_id]
 
 
 def _order(b: BackupRecord) -> tuple[datetime, str]:

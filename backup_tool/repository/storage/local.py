@@ -95,7 +95,9 @@ class LocalStorage(Storage):
         if not self.root.is_dir():
             return
         found: list[ObjectInfo] = []
-        for dirpath, _dirnames, filenames in os.walk(self.root):
+        # Walk only below the prefix's directory: listing manifests/ must not walk every backup.
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        for dirpath, _dirnames, filenames in os.walk(start):
             for name in filenames:
                 if PARTIAL_MARK in name:
                     continue
