@@ -61,10 +61,9 @@ from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Unit
 from backup_tool.core.walnames import WalSpan, parse_lsn
 from backup_tool.errors import BackupToolError, LockHeldError
-from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema
+from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema, walbasis
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import inventory as catalog_inventory
-from backup_tool.postgres import walbasis
 from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.repository.keyguard import guard_writes

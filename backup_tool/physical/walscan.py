@@ -463,7 +463,7 @@ def archive_source(storage: Storage, span: walnames.WalSpan) -> SegmentSource:
         data = bytearray()
         for chunk in wal.read_archived(storage, obj):
             data += chunk
-        header = walnames.parse_long_header(data)
+        header = walnames.parse_long_header(bytes(data[:walnames.LONG_HEADER_SIZE]))
         if header is None or header.system_identifier != span.system_identifier \
                 or header.segment_size != span.segment_size or header.block_size != BLCKSZ:
             raise WalScanUncertain(f"archived {name} does not come from this cluster "

@@ -23,21 +23,21 @@ from typing import Any, Iterator
 
 import psycopg
 import pytest
-from support.cli import Cli
-from support.clusters import PgServer, start_pg_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_tool import install_source, write_wrapper
+from support.cli import Cli
+from support.clusters import PgServer, start_pg_server
 
 from backup_tool.config.policy import BackupSettings, Policy, Retention
 from backup_tool.config.settings import Settings
 from backup_tool.core import walnames
+from backup_tool.errors import ConfigError
 from backup_tool.logical import backup
 from backup_tool.physical import wal, walscan
 from backup_tool.postgres import connection as postgres
-from backup_tool.repository.manifest import Manifest
-from backup_tool.errors import ConfigError
 from backup_tool.repository import walidentity
+from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import open_storage
 from backup_tool.repository.storage.encrypted import EncryptionKey
 
