@@ -48,11 +48,15 @@ def backup_incremental_cmd(
 ) -> int:
     """Back up only the tables that changed since the newest backup of this database (takes a full, and says so, if none)."""
     from backup_tool.logical.backup import backup_incremental
+    from backup_tool.physical import walscan
 
-    manifest = backup_incremental(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout)
+    manifest = backup_incremental(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout,
+                                  changes=walscan.changed_relations)
     entry = manifest.summary()
     changed = len([t for t in manifest.tables if t.object and t.object.key.startswith(f"backups/{manifest.id}/")])
+    how = {"wal": " (changes read from the WAL archive)",
+           "checksum": " (changes found by comparing checksums)"}.get(entry.get("changed_tables_method", ""), "")
     inv.out(entry, lambda: f"backup {entry['id']} ({entry['kind']}{', parent ' + entry['parent_id'] if entry['parent_id'] else ''}) "
-                           f"complete: {changed} of {entry['tables']} tables stored, {human_size(entry['size_bytes'])}, "
+                           f"complete: {changed} of {entry['tables']} tables stored{how}, {human_size(entry['size_bytes'])}, "
                            f"expires {human_time(entry['expires_at'])}")
     return 0

@@ -75,12 +75,16 @@ class Retention:
     garbage_grace_hours: int = 24
 
 
+CHANGE_DETECTION = ("auto", "wal", "checksum")
+
+
 @dataclass(frozen=True)
 class BackupSettings:
     jobs: int = 2
     compression_level: int = 3
     fast_checkpoint: bool = True
     encryption_key_id: str = ""
+    change_detection: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,9 @@ def _validate(policy: Policy, path: str) -> None:
         raise ConfigError(f"{path}: backup.jobs must be between 1 and 64")
     if not 1 <= b.compression_level <= 19:
         raise ConfigError(f"{path}: backup.compression_level must be between 1 and 19")
+    if b.change_detection not in CHANGE_DETECTION:
+        raise ConfigError(f"{path}: backup.change_detection = {b.change_detection!r} is not allowed",
+                          f"allowed: {', '.join(CHANGE_DETECTION)}")
     if b.encryption_key_id and not re.fullmatch(r"[0-9a-f]{16}", b.encryption_key_id):
         raise ConfigError(f"{path}: backup.encryption_key_id = {b.encryption_key_id!r} is not a key id",
                           "use the 16 hex digits 'backup-tool check' or 'list --json' show for the key")

@@ -81,6 +81,21 @@ def segment_start_lsn(segno: int, seg_size: int = DEFAULT_SEGMENT_SIZE) -> int:
     return segno * seg_size
 
 
+@dataclass(frozen=True)
+class WalSpan:
+    """The WAL between two record positions on one timeline of one cluster.
+
+    ``early_xids``: transactions that may have written before ``start`` and must be
+    followed back to their beginning (see :mod:`backup_tool.physical.walscan`)."""
+
+    timeline: int
+    start: int
+    end: int
+    segment_size: int
+    system_identifier: int
+    early_xids: tuple[int, ...] = ()
+
+
 XLP_LONG_HEADER = 0x0002
 LONG_HEADER_SIZE = 40
 

@@ -22,7 +22,7 @@ from backup_tool.governance.due import DueItem, DuePlan, decide_due
 from backup_tool.jobs.expire import apply_retention
 from backup_tool.jobs.health import plan_health, run_due_checks
 from backup_tool.logical import backup
-from backup_tool.physical import basebackup
+from backup_tool.physical import basebackup, walscan
 from backup_tool.postgres.connection import database_of
 from backup_tool.repository.catalog import Catalog
 from backup_tool.repository.records import BackupRecord
@@ -119,7 +119,8 @@ def run_due(settings: Settings, reporter: Reporter | None = None) -> RunDueResul
             if item.kind == BackupKind.FULL:
                 manifest = backup.backup_full(settings, reporter, still_due=still_due)
             elif item.kind == BackupKind.INCREMENTAL:
-                manifest = backup.backup_incremental(settings, reporter, still_due=still_due)
+                manifest = backup.backup_incremental(settings, reporter, still_due=still_due,
+                                                     changes=walscan.changed_relations)
             else:
                 manifest = None
         except backup.NoLongerDue as exc:

@@ -13,6 +13,12 @@ Format 2 is format 1 plus what client-side encryption adds: ``options["encryptio
 sha256 under the repository key, so a manifest edited by someone without the key is
 detected by anyone with it. Unencrypted backups are still written as format 1, readable
 by older versions.
+
+``wal_basis`` (optional, ignored by versions that do not know it) records where the
+backup's snapshot sits in the WAL and which file each table's rows lived in, so that the
+next incremental can learn from the archived WAL which tables changed since (see
+:mod:`backup_tool.physical.walscan`). A manifest without it, or with one that does not
+parse, is simply not used that way.
 """
 
 from __future__ import annotations
@@ -86,6 +92,69 @@ class PhysicalInfo:
 
 
 @dataclass(frozen=True)
+class RelationFile:
+    """Where a table's rows lived at a backup's snapshot: its oid, the (tablespace,
+    relfilenode) of its heap and of its TOAST table (0: none), whether it is WAL-logged
+    (permanent) heap, and a digest of its column types (a type change that rewrites
+    nothing can still change the rows' text)."""
+
+    table: str  # format('%I.%I', schema, name)
+    oid: int
+    tablespace: int
+    relfilenode: int
+    toast_relfilenode: int
+    logged_heap: bool
+    column_types: str
+
+
+@dataclass(frozen=True)
+class WalBasis:
+    """A snapshot's position in the WAL, recorded so a later incremental can read the WAL
+    written since.
+
+    ``start_lsn`` was read before the snapshot was taken and ``next_xid`` just after it
+    (before the snapshot): every transaction the snapshot does not see either started
+    writing at or after ``start_lsn`` or is one of ``running_xids`` (those in progress at
+    the snapshot below ``next_xid``). ``end_lsn`` was read after the snapshot: every record
+    of every transaction it sees lies before it. ``types_digest`` covers the definitions
+    that shape rows' text without rewriting them (enum labels, composite and domain types,
+    output functions of user types).
+    """
+
+    timeline: int
+    start_lsn: str
+    end_lsn: str
+    next_xid: int
+    running_xids: tuple[int, ...]
+    database_oid: int
+    segment_size: int
+    system_identifier: str
+    types_digest: str
+    relations: tuple[RelationFile, ...]
+
+    def relation(self, table: str) -> RelationFile | None:
+        return next((r for r in self.relations if r.table == table), None)
+
+
+def wal_basis_from(data: Any) -> WalBasis | None:
+    """The parsed ``wal_basis`` of a manifest, or None when absent or not as expected."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        rels = tuple(RelationFile(**r) for r in data["relations"])
+        basis = WalBasis(**{**data, "running_xids": tuple(int(x) for x in data["running_xids"]),
+                            "relations": rels})
+        ints = (basis.timeline, basis.next_xid, basis.database_oid, basis.segment_size)
+        if not all(type(v) is int for v in ints) or not all(
+                type(r.oid) is int and type(r.relfilenode) is int and type(r.toast_relfilenode) is int
+                and type(r.tablespace) is int and type(r.logged_heap) is bool for r in rels):
+            return None
+        return basis
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
 class Manifest:
     id: str
     kind: str
@@ -113,6 +182,7 @@ class Manifest:
     physical: PhysicalInfo | None = None
     large_objects: StoredObject | None = None
     client_tools: dict[str, str] = field(default_factory=dict)
+    wal_basis: WalBasis | None = None
 
     @property
     def server_major(self) -> int:
@@ -167,6 +237,8 @@ class Manifest:
             "raw_bytes": sum(o.raw_size for o in self.own_objects()),
             "policy": self.policy.get("name"),
             "encryption_key_id": self.encryption_key_id,
+            **({"changed_tables_method": self.options["changed_tables_method"]}
+               if self.options.get("changed_tables_method") else {}),
             "system_identifier": self.system_identifier,
             "host": self.host,
             "tool_version": self.tool_version,
@@ -185,6 +257,8 @@ class Manifest:
             del data["physical"]
         if self.large_objects is None:
             del data["large_objects"]
+        if self.wal_basis is None:
+            del data["wal_basis"]
         return data
 
     def to_json(self, seal: Callable[[str], str] | None = None) -> bytes:
@@ -293,6 +367,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             physical=_physical(body.get("physical")),
             large_objects=_obj(body.get("large_objects")),
             client_tools=dict(body.get("client_tools", {})),
+            wal_basis=wal_basis_from(body.get("wal_basis")),
         ))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise IntegrityError(f"manifest {where} is malformed ({exc})",

@@ -1,0 +1,544 @@
+"""Which relations the archived WAL says were written between two LSNs.
+
+An incremental logical backup asks: which tables' rows may differ between the parent's
+snapshot and mine? Every change to a permanent table's rows is WAL-logged as a record whose
+block references name the relation's file (tablespace, database, relfilenode). This module
+reads the records of an LSN range ``[start, end)`` from archived segments (fetched and
+sha256-checked exactly as ``wal fetch`` does) and returns the set of relation files that a
+row-changing record touched in their main fork.
+
+The WAL format read is PostgreSQL 15's (``XLOG_PAGE_MAGIC`` 0xD110): page headers
+(XLogPageHeaderData / XLogLongPageHeaderData), records (XLogRecord) that may cross page and
+segment boundaries, block references with their image and RelFileNode headers, and
+XLOG_SWITCH. ``start`` and ``end`` must be record boundaries as PostgreSQL reports them
+(``pg_current_wal_insert_lsn()``): every record starting before ``end`` then also ends by it.
+
+Guaranteed: the answer is never a guess. Every page header must carry the expected magic
+and address, every continuation the expected remaining length, every record a header and
+block-reference layout whose lengths add up to its total length, a known resource manager
+(or it counts as a change), and a ``xl_prev`` pointing at the record before; the walk must
+land exactly on ``end``. Anything else raises :class:`WalScanUncertain`, and the caller
+falls back to comparing checksums. Records are counted as changes unless they are one of a
+short list known to leave rows as they are (hint-bit images, pruning, vacuum, freezing,
+visibility-map bits, row locks), so the set is a superset of the tables whose rows changed
+(a rolled-back insert still counts). Tables changed without WAL (unlogged tables) and
+changes of a table's file (TRUNCATE, VACUUM FULL, CLUSTER, rewrites) are the caller's to
+detect by comparing the catalog at both snapshots.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from backup_tool.core import walnames
+from backup_tool.errors import BackupToolError
+from backup_tool.physical import wal
+from backup_tool.repository import walidentity
+from backup_tool.repository.storage.base import Storage
+
+PAGE_MAGIC = 0xD110
+BLCKSZ = 8192
+SHORT_PHD = 24
+LONG_PHD = 40
+RECORD_HEADER = 24
+
+XLP_FIRST_IS_CONTRECORD = 0x0001
+XLP_LONG_HEADER = 0x0002
+XLP_FIRST_IS_OVERWRITE_CONTRECORD = 0x0008
+
+RM_XLOG, RM_SMGR, RM_STANDBY, RM_HEAP2, RM_HEAP = 0, 2, 8, 9, 10
+RM_MAX_BUILTIN = 21
+XLOG_SWITCH, XLOG_FPI_FOR_HINT, XLOG_OVERWRITE_CONTRECORD = 0x40, 0xA0, 0xD0
+XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE = 0x10, 0x20
+XLOG_RUNNING_XACTS = 0x10
+#: How far back (in segments before the span) the start of a transaction is looked for.
+MAX_SEGMENTS_BACK = 64
+
+#: (resource manager, info & 0xF0) of records that never change a table's rows.
+ROW_PRESERVING = frozenset({
+    (RM_XLOG, XLOG_FPI_FOR_HINT),
+    (RM_HEAP, 0x60),   # XLOG_HEAP_LOCK
+    (RM_HEAP2, 0x10),  # XLOG_HEAP2_PRUNE
+    (RM_HEAP2, 0x20),  # XLOG_HEAP2_VACUUM
+    (RM_HEAP2, 0x30),  # XLOG_HEAP2_FREEZE_PAGE
+    (RM_HEAP2, 0x40),  # XLOG_HEAP2_VISIBLE
+    (RM_HEAP2, 0x60),  # XLOG_HEAP2_LOCK_UPDATED
+    (RM_HEAP2, 0x70),  # XLOG_HEAP2_NEW_CID
+})
+
+BKPBLOCK_FORK_MASK = 0x0F
+BKPBLOCK_HAS_IMAGE = 0x10
+BKPBLOCK_HAS_DATA = 0x20
+BKPBLOCK_SAME_REL = 0x80
+BKPIMAGE_HAS_HOLE = 0x01
+BKPIMAGE_COMPRESSED = 0x04 | 0x08 | 0x10
+XLR_MAX_BLOCK_ID = 32
+XLR_BLOCK_ID_DATA_SHORT = 255
+XLR_BLOCK_ID_DATA_LONG = 254
+XLR_BLOCK_ID_ORIGIN = 253
+XLR_BLOCK_ID_TOPLEVEL_XID = 252
+MAIN_FORK = 0
+
+_RECORD = struct.Struct("<IIQBB")
+_PAGE = struct.Struct("<HHIQI")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_RELFILE = struct.Struct("<III")
+
+RelFile = tuple[int, int, int]
+"""(tablespace oid, database oid, relfilenode) as WAL block references name a relation."""
+
+
+class WalScanUncertain(BackupToolError):
+    """The WAL could not be read with certainty (missing segment, unknown layout, damage)."""
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    touched: frozenset[RelFile]
+    records: int
+    segments: int
+
+
+SegmentSource = Callable[[int], bytes]
+"""Returns the whole content of segment number ``segno`` (on the scanned timeline)."""
+
+
+class _Walker:
+    """Reads a range of the WAL stream: bytes at LSNs, page headers checked and skipped."""
+
+    def __init__(self, source: SegmentSource, seg_size: int) -> None:
+        self.source = source
+        self.seg_size = seg_size
+        self.segno = -1
+        self.seg = b""
+        self.loaded = 0
+
+    def segment(self, segno: int) -> bytes:
+        if segno != self.segno:
+            data = self.source(segno)
+            if len(data) != self.seg_size:
+                raise WalScanUncertain(f"WAL segment {segno} has {len(data)} bytes, not {self.seg_size}")
+            self.seg, self.segno = data, segno
+            self.loaded += 1
+            self.check_page(segno * self.seg_size)
+        return self.seg
+
+    def check_page(self, page_lsn: int) -> int:
+        """Validate the header of the page at ``page_lsn``; return its ``xlp_info``."""
+        seg = self.segment(page_lsn // self.seg_size) if page_lsn // self.seg_size != self.segno else self.seg
+        off = page_lsn % self.seg_size
+        magic, info, _tli, pageaddr, _rem = _PAGE.unpack_from(seg, off)
+        if magic != PAGE_MAGIC or pageaddr != page_lsn:
+            raise WalScanUncertain(f"WAL page at {walnames.format_lsn(page_lsn)} has magic {magic:#x} and address "
+                                   f"{walnames.format_lsn(pageaddr)} (expected {PAGE_MAGIC:#x}, its own LSN)")
+        if bool(info & XLP_LONG_HEADER) != (off == 0):
+            raise WalScanUncertain(f"WAL page at {walnames.format_lsn(page_lsn)} has a wrong header kind")
+        if info & XLP_FIRST_IS_OVERWRITE_CONTRECORD:
+            raise WalScanUncertain(f"WAL page at {walnames.format_lsn(page_lsn)} overwrites a lost record")
+        return int(info)
+
+    def header_size(self, page_lsn: int) -> int:
+        return LONG_PHD if page_lsn % self.seg_size == 0 else SHORT_PHD
+
+
+def _maxalign(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _block_refs(buf: bytes, base: int, tot_len: int, where: int) -> tuple[tuple[tuple[int, RelFile], ...], int]:
+    """(fork, relation) of each block reference of the record at ``buf[base:base+tot_len]``;
+    and the length of its main data; raises unless the headers and the payload lengths they
+    announce add up to ``tot_len``."""
+    pos = base + RECORD_HEADER
+    end = base + tot_len
+    refs: list[tuple[int, RelFile]] = []
+    payload = 0
+    main_len = 0
+    last_id = -1
+    rel: RelFile | None = None
+    try:
+        while pos < end - payload:
+            block_id = buf[pos]
+            if block_id == XLR_BLOCK_ID_DATA_SHORT:
+                main_len = buf[pos + 1]
+                pos += 2
+                break
+            if block_id == XLR_BLOCK_ID_DATA_LONG:
+                main_len = _U32.unpack_from(buf, pos + 1)[0]
+                pos += 5
+                break
+            if block_id == XLR_BLOCK_ID_ORIGIN:
+                pos += 3
+                continue
+            if block_id == XLR_BLOCK_ID_TOPLEVEL_XID:
+                pos += 5
+                continue
+            if block_id > XLR_MAX_BLOCK_ID or block_id <= last_id:
+                raise WalScanUncertain(f"record at {walnames.format_lsn(where)} has block id {block_id} "
+                                       f"after {last_id}")
+            last_id = block_id
+            flags = buf[pos + 1]
+            data_len = _U16.unpack_from(buf, pos + 2)[0]
+            if bool(flags & BKPBLOCK_HAS_DATA) != (data_len > 0):
+                raise WalScanUncertain(f"record at {walnames.format_lsn(where)} has inconsistent block data flags")
+            payload += data_len
+            pos += 4
+            if flags & BKPBLOCK_HAS_IMAGE:
+                bimg_len = _U16.unpack_from(buf, pos)[0]
+                bimg_info = buf[pos + 4]
+                payload += bimg_len
+                pos += 5
+                if bimg_info & BKPIMAGE_HAS_HOLE and bimg_info & BKPIMAGE_COMPRESSED:
+                    pos += 2
+            if flags & BKPBLOCK_SAME_REL:
+                if rel is None:
+                    raise WalScanUncertain(f"record at {walnames.format_lsn(where)} reuses a relation it never named")
+            else:
+                rel = _RELFILE.unpack_from(buf, pos)
+                pos += 12
+            pos += 4
+            refs.append((flags & BKPBLOCK_FORK_MASK, rel))
+    except (IndexError, struct.error):
+        raise WalScanUncertain(f"record at {walnames.format_lsn(where)} is cut short") from None
+    if pos + payload + main_len != end:
+        raise WalScanUncertain(f"record at {walnames.format_lsn(where)}: its parts add up to "
+                               f"{pos + payload + main_len - base} bytes, not its length {tot_len}")
+    return tuple(refs), main_len
+
+
+@dataclass(frozen=True)
+class Record:
+    """One WAL record: where it starts, its resource manager and info byte, and the
+    (fork, relation file) of each of its block references."""
+
+    lsn: int
+    rmid: int
+    info: int
+    xid: int
+    blocks: tuple[tuple[int, RelFile], ...]
+    main_data: bytes = b""
+
+
+#: Resource managers whose records are read down to their block references: those that can
+#: change a table's rows (XLOG full-page images, heap, generic WAL) and SMGR. The others
+#: (transactions, index access methods, sequences, ...) name no table's file, and a
+#: resource manager id that is neither built in nor in the custom range is refused.
+DETAILED = frozenset({RM_XLOG, RM_SMGR, RM_STANDBY, RM_HEAP2, RM_HEAP, 20})
+RM_MIN_CUSTOM = 128
+
+_Raw = tuple[int, int, int, int, tuple[tuple[int, RelFile], ...], bytes]
+
+
+def _walk(source: SegmentSource, start: int, end: int, seg_size: int, everything: bool) -> Iterator[_Raw]:
+    """(lsn, rmid, info, xid, block references, main data) of each record in ``[start, end)``.
+    Block references (and, for SMGR and standby records, main data) are read for the
+    :data:`DETAILED` and custom resource managers, or for all with ``everything``."""
+    if start > end:
+        raise WalScanUncertain(f"the WAL range {walnames.format_lsn(start)}..{walnames.format_lsn(end)} is reversed")
+    if seg_size & (seg_size - 1):
+        raise WalScanUncertain(f"WAL segment size {seg_size} is not a power of two")
+    walker = _Walker(source, seg_size)
+    unpack_record = _RECORD.unpack_from
+    unpack_u32 = _U32.unpack_from
+    detailed = DETAILED
+    lsn, prev = start, -1
+    segno, seg = -1, b""
+    while lsn < end:
+        page_off = lsn & (BLCKSZ - 1)
+        if page_off <= LONG_PHD or lsn == start:
+            page = lsn - page_off
+            header = walker.header_size(page)
+            if page_off < header:
+                raise WalScanUncertain(f"{walnames.format_lsn(lsn)} is not a record position")
+            info_page = walker.check_page(page)
+            if page_off == header and info_page & XLP_FIRST_IS_CONTRECORD:
+                raise WalScanUncertain(f"WAL page at {walnames.format_lsn(page)} continues a record that had ended")
+        if lsn // seg_size != segno:
+            segno = lsn // seg_size
+            seg = walker.segment(segno)
+        off = lsn & (seg_size - 1)
+        tot_len = unpack_u32(seg, off)[0]
+        if tot_len < RECORD_HEADER or tot_len > 0x3FFFFFFF:
+            raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} claims a length of {tot_len}")
+        if page_off + tot_len <= BLCKSZ:
+            buf, base, after = seg, off, lsn + tot_len
+        else:
+            buf, after = _read_record(walker, lsn, tot_len, BLCKSZ - page_off)
+            base = 0
+            seg = walker.seg if walker.segno == segno else walker.segment(segno)
+        _tot, xid, xl_prev, info, rmid = unpack_record(buf, base)
+        if prev >= 0 and xl_prev != prev:
+            raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} points back to "
+                                   f"{walnames.format_lsn(xl_prev)}, not to {walnames.format_lsn(prev)}")
+        if RM_MAX_BUILTIN < rmid < RM_MIN_CUSTOM:
+            raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} has unknown resource manager {rmid}")
+        if everything or rmid in detailed or rmid >= RM_MIN_CUSTOM:
+            refs, main_len = _block_refs(buf, base, tot_len, lsn)
+            main = bytes(buf[base + tot_len - main_len:base + tot_len]) if rmid in (RM_SMGR, RM_STANDBY) else b""
+        else:
+            refs, main = (), b""
+        yield lsn, rmid, info, xid, refs, main
+        prev = lsn
+        if rmid == RM_XLOG and info & 0xF0 == XLOG_SWITCH:
+            lsn = (lsn // seg_size + 1) * seg_size + LONG_PHD
+            continue
+        lsn = (after + 7) & ~7
+        if not lsn & (BLCKSZ - 1):
+            lsn += walker.header_size(lsn)
+    if lsn != end:
+        raise WalScanUncertain(f"the records end at {walnames.format_lsn(lsn)}, not at {walnames.format_lsn(end)}")
+
+
+def records(source: SegmentSource, start: int, end: int,
+            seg_size: int = walnames.DEFAULT_SEGMENT_SIZE) -> Iterator[Record]:
+    """Every record starting in ``[start, end)`` with all its block references, checked as
+    the module docstring says; raises :class:`WalScanUncertain` (or the source's own error)
+    when that is not possible. ``main_data`` is filled for SMGR and standby records only."""
+    for raw in _walk(source, start, end, seg_size, True):
+        yield Record(*raw)
+
+
+def changes_rows(rmid: int, info: int) -> bool:
+    """Whether a record may change the rows of the relations it references: all but the
+    :data:`ROW_PRESERVING` kinds of the built-in resource managers."""
+    return rmid > RM_MAX_BUILTIN or (rmid, info & 0xF0) not in ROW_PRESERVING
+
+
+def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.DEFAULT_SEGMENT_SIZE,
+         from_xid: int | None = None) -> ScanResult:
+    """The relation files whose rows the records in ``[start, end)`` may have changed:
+    main-fork block references of row-changing records, and the relations SMGR create and
+    truncate records name. With ``from_xid``, only records of that transaction id or a later
+    one count (32-bit ids compared as PostgreSQL does, modulo 2^32). Raises
+    :class:`WalScanUncertain` when not certain."""
+    touched: set[RelFile] = set()
+    count = 0
+    loaded: set[int] = set()
+
+    def counting(segno: int) -> bytes:
+        loaded.add(segno)
+        return source(segno)
+
+    preserving = ROW_PRESERVING
+    for lsn, rmid, info, xid, refs, main in _walk(counting, start, end, seg_size, False):
+        count += 1
+        if not refs and rmid != RM_SMGR and rmid != RM_XLOG:
+            continue
+        if from_xid is not None and not _xid_at_or_after(xid, from_xid):
+            continue
+        kind = info & 0xF0
+        if refs and (rmid, kind) not in preserving:
+            for fork, rel in refs:
+                if fork == MAIN_FORK:
+                    touched.add(rel)
+        if rmid == RM_SMGR and kind in (XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE):
+            touched.add(_smgr_relation(main, kind, lsn))
+        elif rmid == RM_XLOG and kind == XLOG_OVERWRITE_CONTRECORD:
+            raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} overwrites a lost record")
+    return ScanResult(frozenset(touched), count, len(loaded))
+
+
+def _xid_at_or_after(xid: int, first: int) -> bool:
+    """TransactionIdFollowsOrEquals(xid, first) for normal 32-bit xids (0-2 are not)."""
+    return xid >= 3 and ((xid - first) & 0xFFFFFFFF) < 0x80000000
+
+
+def first_record(source: SegmentSource, segno: int, seg_size: int) -> int:
+    """The LSN of the first record that starts in segment ``segno``: past the rest of a
+    record continued from the segment before (``xlp_rem_len`` of each page it covers)."""
+    walker = _Walker(source, seg_size)
+    lsn = segno * seg_size
+    info = walker.check_page(lsn)
+    rem = _U32.unpack_from(walker.seg, 16)[0] if info & XLP_FIRST_IS_CONTRECORD else 0
+    lsn += LONG_PHD
+    while rem:
+        room = BLCKSZ - lsn % BLCKSZ
+        if rem <= room:
+            lsn += rem
+            break
+        rem -= room
+        lsn += room
+        info = walker.check_page(lsn)
+        page_rem = _U32.unpack_from(walker.seg, lsn % seg_size + 16)[0]
+        if not info & XLP_FIRST_IS_CONTRECORD or page_rem != rem:
+            raise WalScanUncertain(f"WAL page at {walnames.format_lsn(lsn)} does not continue the record "
+                                   f"before it as expected")
+        lsn += walker.header_size(lsn)
+    lsn = _maxalign(lsn)
+    if lsn % BLCKSZ == 0:
+        lsn += walker.header_size(lsn)
+    return lsn
+
+
+def running_xacts_next_xid(record: Record) -> int | None:
+    """``nextXid`` of an XLOG_RUNNING_XACTS record (None for other records)."""
+    if record.rmid != RM_STANDBY or record.info & 0xF0 != XLOG_RUNNING_XACTS:
+        return None
+    if len(record.main_data) < 24:
+        raise WalScanUncertain(f"running-transactions record at {walnames.format_lsn(record.lsn)} is too short")
+    next_xid: int = _U32.unpack_from(record.main_data, 12)[0]
+    return next_xid
+
+
+def start_before(source: SegmentSource, start: int, first_xid: int, seg_size: int,
+                 max_segments: int = MAX_SEGMENTS_BACK) -> int:
+    """A record position before ``start`` from which every record of transaction
+    ``first_xid`` (32 bits) and of every later one lies ahead: the latest XLOG_RUNNING_XACTS
+    record whose ``nextXid`` is not after it. The server writes that record while holding
+    the lock that assigns xids, so no xid at or beyond its ``nextXid`` wrote before it.
+    Raises :class:`WalScanUncertain` when none is found within ``max_segments``."""
+    window_end = start
+    segno = start // seg_size
+    for _ in range(max_segments):
+        if segno < 0:
+            break
+        begin = first_record(source, segno, seg_size)
+        if begin < window_end:
+            found = None
+            for record in records(source, begin, window_end, seg_size):
+                next_xid = running_xacts_next_xid(record)
+                if next_xid is not None and _xid_at_or_after(first_xid, next_xid):
+                    found = record.lsn
+            if found is not None:
+                return found
+            window_end = begin
+        segno -= 1
+    raise WalScanUncertain(f"no record of the running transactions before transaction {first_xid} began was found "
+                           f"within {max_segments} segments before {walnames.format_lsn(start)}")
+
+
+def _read_record(walker: _Walker, lsn: int, tot_len: int, first: int) -> tuple[bytes, int]:
+    """A record crossing pages: its first ``first`` bytes, then each continuation page whose
+    header must say how much of the record remains."""
+    seg = walker.segment(lsn // walker.seg_size)
+    off = lsn % walker.seg_size
+    parts = [seg[off:off + first]]
+    remaining = tot_len - first
+    pos = lsn + first
+    while remaining > 0:
+        info = walker.check_page(pos)
+        page = walker.seg
+        poff = pos % walker.seg_size
+        rem = _U32.unpack_from(page, poff + 16)[0]
+        if not info & XLP_FIRST_IS_CONTRECORD or rem != remaining:
+            raise WalScanUncertain(f"WAL page at {walnames.format_lsn(pos)} does not continue the record at "
+                                   f"{walnames.format_lsn(lsn)} ({remaining} bytes expected, the page says {rem})")
+        hdr = walker.header_size(pos)
+        take = min(BLCKSZ - hdr, remaining)
+        parts.append(page[poff + hdr:poff + hdr + take])
+        remaining -= take
+        pos += hdr + take
+    return b"".join(parts), pos
+
+
+def _smgr_relation(main: bytes, kind: int, where: int) -> RelFile:
+    """The relation an SMGR create (rnode, fork) or truncate (blkno, rnode, flags) names."""
+    size, offset = (16, 0) if kind == XLOG_SMGR_CREATE else (20, 4)
+    if len(main) != size:
+        raise WalScanUncertain(f"SMGR record at {walnames.format_lsn(where)} has {len(main)} bytes of data, "
+                               f"not the {size} its kind has")
+    rel: RelFile = _RELFILE.unpack_from(main, offset)
+    return rel
+
+
+# --------------------------------------------------------------------------- archived segments
+
+ARCHIVE_POLL_SECONDS = 0.1
+
+
+def archive_source(storage: Storage, span: walnames.WalSpan) -> SegmentSource:
+    """Segments of the span's timeline read from the repository's WAL archive, verified as
+    ``wal fetch`` verifies them, and checked to come from the span's cluster; a segment that
+    is not archived makes the scan uncertain."""
+    def load(segno: int) -> bytes:
+        name = walnames.segment_name(span.timeline, segno, span.segment_size)
+        try:
+            obj = wal.open_archived(storage, name)
+        except wal.WalMissingError:
+            raise WalScanUncertain(f"{name} is not in the WAL archive") from None
+        data = bytearray()
+        for chunk in wal.read_archived(storage, obj):
+            data += chunk
+        header = walnames.parse_long_header(bytes(data[:walnames.LONG_HEADER_SIZE]))
+        if header is None or header.system_identifier != span.system_identifier \
+                or header.segment_size != span.segment_size or header.block_size != BLCKSZ:
+            raise WalScanUncertain(f"archived {name} does not come from this cluster "
+                                   f"(system identifier {span.system_identifier})")
+        return data  # type: ignore[return-value]  # a bytearray reads like bytes, without a copy
+    return load
+
+
+def _recent(source: SegmentSource, keep: int = 2) -> SegmentSource:
+    """``source`` remembering the last ``keep`` segments it returned (the backward search
+    reads a segment again right after finding where its first record starts)."""
+    cache: dict[int, bytes] = {}
+
+    def load(segno: int) -> bytes:
+        if segno not in cache:
+            if len(cache) >= keep:
+                del cache[next(iter(cache))]
+            cache[segno] = source(segno)
+        return cache[segno]
+    return load
+
+
+def segments_needed(start: int, end: int, seg_size: int) -> range:
+    """Numbers of the segments holding the record bytes of ``[start, end)`` (an ``end``
+    just past a page header needs nothing of that page)."""
+    if end <= start:
+        return range(0)
+    last_byte = end - 1
+    page = end - end % BLCKSZ
+    if end - page == (LONG_PHD if page % seg_size == 0 else SHORT_PHD) and page > start:
+        last_byte = page - 1
+    return range(start // seg_size, last_byte // seg_size + 1)
+
+
+def _archived(storage: Storage, name: str) -> bool:
+    try:
+        wal.open_archived(storage, name)
+        return True
+    except wal.WalMissingError:
+        return False
+
+
+def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: float,
+                      clock: Callable[[], float] = time.monotonic,
+                      sleep: Callable[[float], None] = time.sleep) -> ScanResult:
+    """:func:`scan` of the span from the archive. The span's segments may still be on their
+    way to the archive (the caller just asked the server to switch; ``wal push`` may store
+    them in any order): they are waited for up to ``wait_seconds``, but only when the archive says it is this cluster's (``wal push``
+    recorded its identity), so a repository the server does not archive to costs no wait."""
+    needed = segments_needed(span.start, span.end, span.segment_size)
+    if not needed:
+        return ScanResult(frozenset(), 0, 0)
+    identity = walidentity.read_archive_identity(storage)
+    if identity is None or identity.system_identifier != span.system_identifier:
+        raise WalScanUncertain("the repository holds no WAL archive of this cluster")
+    missing = [walnames.segment_name(span.timeline, n, span.segment_size) for n in needed]
+    deadline = clock() + wait_seconds
+    while True:
+        missing = [name for name in missing if not _archived(storage, name)]
+        if not missing:
+            break
+        if clock() >= deadline:
+            raise WalScanUncertain(f"{missing[0]} was not archived within {wait_seconds:g} s")
+        sleep(ARCHIVE_POLL_SECONDS)
+    source = _recent(archive_source(storage, span))
+    result = scan(source, span.start, span.end, span.segment_size)
+    if not span.early_xids:
+        return result
+    first = min(span.early_xids) & 0xFFFFFFFF
+    begin = start_before(source, span.start, first, span.segment_size)
+    early = scan(source, begin, span.start, span.segment_size, from_xid=first)
+    return ScanResult(result.touched | early.touched, result.records + early.records,
+                      result.segments + early.segments)
+
+
+def changed_relations(storage: Storage, span: walnames.WalSpan, wait_seconds: float) -> frozenset[RelFile]:
+    """The incremental backup's WAL reader (:data:`backup_tool.logical.backup.ChangeSource`)."""
+    return relations_written(storage, span, wait_seconds).touched

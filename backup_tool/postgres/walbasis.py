@@ -1,0 +1,156 @@
+"""What a backup records about its snapshot's place in the WAL (manifest ``wal_basis``).
+
+The capture is split around the snapshot. :func:`before_snapshot` runs on an autocommit
+connection just before the snapshot is taken: it reads the WAL insert position, then
+commits a transaction that takes an xid (``pg_current_xact_id()``), so every xid assigned
+before that position was read is below ``next_xid`` and, as that transaction has ended,
+below the snapshot's xmax. :func:`after_snapshot` runs inside the snapshot's transaction
+once its tables are locked: the snapshot's in-progress xids, the insert position now (every
+record of every transaction the snapshot sees lies before it), and each table's relation
+files both as the snapshot sees the catalog and as the locked table is read (TRUNCATE is
+not MVCC-safe: the two differ after a TRUNCATE committed since the snapshot).
+
+Every capture step may fail (a standby, a role that may not call the functions, a server
+without them); the result is then None and the backup records no basis: the next
+incremental compares checksums. Nothing here changes data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import psycopg
+
+from backup_tool.core import walnames
+from backup_tool.repository.manifest import RelationFile, WalBasis
+
+
+@dataclass(frozen=True)
+class BeforeSnapshot:
+    start_lsn: str
+    next_xid: int
+
+
+def before_snapshot(conn: psycopg.Connection[Any]) -> BeforeSnapshot | None:
+    """The WAL position and next xid, read in that order on an autocommit connection."""
+    try:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+    except psycopg.Error:
+        return None
+    if row is None or xid is None:
+        return None
+    return BeforeSnapshot(str(row[0]), int(xid[0]))
+
+
+TYPES_DIGEST_SQL = """
+SELECT md5(coalesce(string_agg(x, E'\\n' ORDER BY x), '')) FROM (
+  SELECT format('enum %s %s %s', enumtypid, enumsortorder, enumlabel) FROM pg_enum
+  UNION ALL
+  SELECT format('type %s %s %s %s %s %s %s %s', t.oid, t.typtype, t.typbasetype, t.typtypmod, t.typelem,
+                t.typoutput::oid, md5(coalesce(p.prosrc, '')), coalesce(p.probin, ''))
+    FROM pg_type t JOIN pg_proc p ON p.oid = t.typoutput WHERE t.oid >= 16384
+  UNION ALL
+  SELECT format('range %s %s', rngtypid, rngsubtype) FROM pg_range
+  UNION ALL
+  SELECT format('attr %s %s %s %s %s %s', a.attrelid, a.attnum, a.attname, a.atttypid, a.atttypmod, a.attisdropped)
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+   WHERE a.attnum > 0 AND (c.relkind = 'c' OR c.reltype <> 0 AND c.reltype IN (
+           SELECT u.atttypid FROM pg_attribute u WHERE u.attnum > 0
+           UNION SELECT ty.typarray FROM pg_type ty
+                  WHERE ty.oid IN (SELECT u.atttypid FROM pg_attribute u WHERE u.attnum > 0)
+           UNION SELECT ty.typelem FROM pg_type ty
+                  WHERE ty.oid IN (SELECT u.atttypid FROM pg_attribute u WHERE u.attnum > 0)
+           UNION SELECT typbasetype FROM pg_type UNION SELECT rngsubtype FROM pg_range))
+) AS s(x)
+"""
+
+RELATIONS_SQL = """
+SELECT c.oid, format('%%I.%%I', n.nspname, c.relname),
+       CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END::bigint,
+       c.relfilenode::bigint, coalesce(t.relfilenode, 0)::bigint,
+       coalesce(pg_relation_filenode(c.oid), 0)::bigint,
+       coalesce(pg_relation_filenode(NULLIF(c.reltoastrelid, 0)), 0)::bigint,
+       c.relpersistence = 'p' AND c.relam = (SELECT oid FROM pg_am WHERE amname = 'heap')
+         AND (t.oid IS NULL OR t.relpersistence = 'p'),
+       md5(coalesce((SELECT string_agg(format('%%s %%s', a.atttypid, a.atttypmod), ',' ORDER BY a.attnum)
+                       FROM pg_attribute a
+                      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                        AND a.attgenerated = ''), ''))
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_database d ON d.datname = current_database()
+  LEFT JOIN pg_class t ON t.oid = c.reltoastrelid
+ WHERE c.oid = ANY(%s)
+"""
+
+
+def after_snapshot(conn: psycopg.Connection[Any], before: BeforeSnapshot | None, system_identifier: str,
+                   table_oids: Sequence[int]) -> WalBasis | None:
+    """The basis of the snapshot ``conn``'s transaction holds (its tables locked), or None."""
+    if before is None:
+        return None
+    try:
+        with conn.transaction():
+            row, digest, rels = _read_basis(conn, table_oids)
+    except psycopg.Error:
+        return None
+    if row is None or digest is None:
+        return None
+    return _basis(row, digest, rels, before, system_identifier)
+
+
+def _read_basis(conn: psycopg.Connection[Any], table_oids: Sequence[int]) -> tuple[Any, Any, list[Any]]:
+    row = conn.execute(
+            "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text,"
+            " ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::bigint,"
+            " (SELECT oid FROM pg_database WHERE datname = current_database())::bigint,"
+            " (SELECT bytes_per_wal_segment FROM pg_control_init())::bigint").fetchone()
+    digest = conn.execute(TYPES_DIGEST_SQL).fetchone()
+    rels = conn.execute(RELATIONS_SQL, (list(table_oids),)).fetchall()
+    return row, digest, rels
+
+
+def _basis(row: Any, digest: Any, rels: list[Any], before: BeforeSnapshot, system_identifier: str) -> WalBasis:
+    snapshot, end_lsn, timeline, db_oid, seg_size = row
+    xip = (snapshot.split(":") + [""])[2]
+    running = tuple(sorted(int(x) for x in xip.split(",") if x and int(x) < before.next_xid))
+    relations = []
+    for oid, name, spc, rfn, toast, rfn_now, toast_now, logged_heap, column_types in rels:
+        same_file = (rfn, toast) == (rfn_now, toast_now)
+        relations.append(RelationFile(name, int(oid), int(spc), int(rfn) if same_file else 0,
+                                      int(toast), bool(logged_heap) and same_file and rfn != 0, column_types))
+    walnames.parse_lsn(end_lsn)
+    return WalBasis(int(timeline), before.start_lsn, end_lsn, before.next_xid, running, int(db_oid),
+                    int(seg_size), system_identifier, str(digest[0]), tuple(sorted(relations, key=lambda r: r.table)))
+
+
+def switch_wal(conn: psycopg.Connection[Any]) -> bool:
+    """Ask the server to finish the current WAL segment so it gets archived now (as
+    pg_basebackup does); False when this role may not or archiving is off."""
+    try:
+        row = conn.execute("SELECT current_setting('archive_mode')").fetchone()
+        if row is None or row[0] == "off":
+            return False
+        conn.execute("SELECT pg_switch_wal()")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def committed_since(conn: psycopg.Connection[Any], xids: Sequence[int]) -> tuple[int, ...] | str:
+    """Which of these transactions (open at the parent's snapshot) have committed since: the
+    WAL must then be read back to where they began. A status no longer known (or not
+    readable) is returned as the reason the WAL cannot be used."""
+    committed = []
+    for xid in xids:
+        try:
+            row = conn.execute("SELECT pg_xact_status(%s::text::xid8)", (str(xid),)).fetchone()
+        except psycopg.Error:
+            return f"the status of transaction {xid} (open at the parent's snapshot) is unknown"
+        status = row[0] if row else None
+        if status == "committed":
+            committed.append(xid)
+        elif status not in ("aborted", "in progress"):
+            return f"the status of transaction {xid} (open at the parent's snapshot) is unknown"
+    return tuple(committed)
