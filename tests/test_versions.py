@@ -187,7 +187,7 @@ def test_round_trip_and_pitr(archiving_server: tuple[PgServer, str, Cli]) -> Non
     refused = cli("restore", "pitr", "--repo", repo, "--target-time", t1, "--pgdata", pgdata, "--port", str(port),
                   "--no-archive", "--database", "app")
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    assert f"pg_ctl of PostgreSQL {major} not found" in refused.stderr and "--pg-bin" in refused.stderr
+    assert f"of PostgreSQL {major} not found" in refused.stderr and "--pg-bin" in refused.stderr
     assert list(pgdata.iterdir()) == [], "a refused restore pitr writes nothing"
     try:
         pitr = cli.json("restore", "pitr", "--repo", repo, "--target-time", t1, "--pgdata", pgdata,

@@ -125,11 +125,24 @@ def live_schema(conninfo: ConnInfo, major: int) -> str:
     return normalize(schema_text(dump_schema(conninfo, major), major))
 
 
-def section_items(archive_path: Path, major: int, section: str) -> int:
-    """How many objects one section of the schema archive holds (its table of contents)."""
+def section_ids(archive_path: Path, major: int, section: str) -> set[str]:
+    """The table-of-contents ids of the objects one section of the schema archive holds."""
     listing = pipeline.run([find_tool("pg_restore", major), "--list", f"--section={section}", str(archive_path)],
                            dict(os.environ), "pg_restore (list)")
-    return sum(1 for line in listing.decode("utf-8", "replace").splitlines() if line and not line.startswith(";"))
+    return {line.split(";", 1)[0].strip() for line in listing.decode("utf-8", "replace").splitlines()
+            if line and not line.startswith(";")}
+
+
+def section_items(archive_path: Path, major: int, section: str) -> int:
+    """How many objects one section of the schema archive holds."""
+    return len(section_ids(archive_path, major, section))
+
+
+# An item is done when pg_restore says so: serially "processing item N" (then it creates it), in
+# parallel "finished item N" from a worker, or "processing item N" / "processing missed item N"
+# from the leader, which restores some items itself before and after the workers (which ones
+# depends on timing). Each item is counted once, by its table-of-contents id.
+_ITEM_DONE = re.compile(r"^pg_restore: (?:processing item|processing missed item|finished item) (\d+) ")
 
 
 def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section: str,
@@ -148,13 +161,13 @@ def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section:
         argv.append(str(archive_path))
         pipeline.run(argv, conninfo.tool_env(), f"pg_restore ({section})")
         return
-    # Parallel mode reports each item as finished by a worker, or as a "missed item" the leader
-    # restores after the workers (which items go which way depends on timing).
-    done = re.compile(r"^pg_restore: (finished item|processing missed item) " if jobs > 1
-                      else r"^pg_restore: creating ")
+    counted: set[str] = set()
+    wanted = section_ids(archive_path, major, section)
 
     def seen(line: str) -> None:
-        if done.match(line):
+        found = _ITEM_DONE.match(line)
+        if found and found.group(1) in wanted and found.group(1) not in counted:
+            counted.add(found.group(1))
             on_item()
 
     argv += ["--verbose", str(archive_path)]
