@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from server_tool import install_source, write_wrapper
 from support.cli import Cli
-from support.clusters import PgServer, find_pg_bin_dir, free_port, start_pg_server
+from support.clusters import PgServer, find_pg_bin_dir, free_port, run_sql, start_pg_server, switch_and_wait_archived
 from support.paths import SEED_FILES
 
 pytestmark = [pytest.mark.slow, pytest.mark.versions]
@@ -45,29 +45,6 @@ def bin_dir_or_skip(major: int) -> Path:
         if str(major) in required:
             raise
         pytest.skip(f"PostgreSQL {major} not installed ({exc})")
-
-
-def run_sql(server: PgServer, db: str, *statements: str) -> Any:
-    with server.admin_conn(db) as conn:
-        result = None
-        for stmt in statements:
-            cur = conn.execute(stmt)
-            result = cur.fetchone() if cur.description else None
-        return result
-
-
-def switch_and_wait_archived(server: PgServer) -> None:
-    with server.admin_conn() as conn:
-        last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
-        conn.execute("SELECT pg_switch_wal()")
-        deadline = time.monotonic() + 60
-        while True:
-            archived, failed = conn.execute("SELECT last_archived_wal, failed_count FROM pg_stat_archiver").fetchone()
-            if archived is not None and archived >= last:
-                return
-            assert failed == 0, f"archiving failed, see {server.log_file}"
-            assert time.monotonic() < deadline, f"{last} not archived, see {server.log_file}"
-            time.sleep(0.1)
 
 
 def fingerprint(server: PgServer, dsn: str) -> dict[str, Any]:

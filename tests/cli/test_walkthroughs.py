@@ -19,13 +19,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import dbcompare
 import pytest
 from server_tool import install_source, write_wrapper
 from support.cli import Cli
-from support.clusters import PgServer, start_pg_server
+from support.clusters import PgServer, run_sql, start_pg_server, switch_and_wait_archived
 from support.paths import REPO_ROOT, SEED_FILES
 from support.s3 import S3Server
 
@@ -63,30 +63,6 @@ class Stage:
         env.update(values)
         return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", walk.script], env=env, cwd=self.cli.workdir,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
-
-
-def sql(server: PgServer, db: str, *statements: str) -> Any:
-    with server.admin_conn(db) as conn:
-        result = None
-        for stmt in statements:
-            cur = conn.execute(stmt)
-            result = cur.fetchone() if cur.description else None
-        return result
-
-
-def archived(server: PgServer) -> None:
-    """Switch to a new WAL segment and wait until the one holding everything so far is archived."""
-    with server.admin_conn() as conn:
-        last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
-        conn.execute("SELECT pg_switch_wal()")
-        deadline = time.monotonic() + 60
-        while True:
-            done, failed = conn.execute("SELECT last_archived_wal, failed_count FROM pg_stat_archiver").fetchone()
-            if done is not None and done >= last:
-                return
-            assert failed == 0, f"archiving failed, see {server.log_file}"
-            assert time.monotonic() < deadline, f"{last} not archived, see {server.log_file}"
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +119,7 @@ def test_rows_deleted_restore_tables_from_the_backup(stage: Stage) -> None:
     dsn = stage.server.dsn("app")
     before = dbcompare.table_hashes(dsn)
     # every client has projects (a foreign key forbids deleting them): the damage is an UPDATE
-    damaged = sql(stage.server, "app", "WITH d AS (UPDATE public.crm_clients SET notes = 'overwritten', phone = NULL "
+    damaged = run_sql(stage.server, "app", "WITH d AS (UPDATE public.crm_clients SET notes = 'overwritten', phone = NULL "
                                        "RETURNING 1) SELECT count(*) FROM d")[0]
     assert damaged > 0 and dbcompare.table_hashes(dsn)["public.crm_clients"] != before["public.crm_clients"]
     done = stage.run(walkthroughs()["restore-tables"], DATABASE_URL=dsn, BACKUP=stage.full_id)
@@ -157,11 +133,11 @@ def test_delete_minutes_ago_point_in_time_table_recovery(stage: Stage) -> None:
     dsn = stage.server.dsn("app")
     expected = dbcompare.table_hashes(dsn)
     time.sleep(0.3)
-    moment = sql(stage.server, "app", "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+    moment = run_sql(stage.server, "app", "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
                                       "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")[0]
     time.sleep(0.3)
-    assert sql(stage.server, "app", "WITH d AS (DELETE FROM public.payments RETURNING 1) SELECT count(*) FROM d")[0] > 0
-    archived(stage.server)
+    assert run_sql(stage.server, "app", "WITH d AS (DELETE FROM public.payments RETURNING 1) SELECT count(*) FROM d")[0] > 0
+    switch_and_wait_archived(stage.server)
     done = stage.run(walkthroughs()["pitr-tables"], DATABASE_URL=dsn, BEFORE=moment)
     assert done.returncode == 0, done.stderr[-3000:]
     after = dbcompare.table_hashes(dsn)

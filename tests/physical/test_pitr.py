@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from server_tool import install_source, write_wrapper
 from support.cli import Cli
-from support.clusters import PgServer, free_port, start_pg_server
+from support.clusters import PgServer, free_port, run_sql, start_pg_server, switch_and_wait_archived
 from support.paths import SEED_FILES
 
 pytestmark = pytest.mark.slow
@@ -59,29 +59,6 @@ class Scenario:
                                             "stop"], check=False)
 
 
-def run_sql(server: PgServer, *statements: str) -> Any:
-    with server.admin_conn("app") as conn:
-        result = None
-        for stmt in statements:
-            cur = conn.execute(stmt)
-            result = cur.fetchone() if cur.description else None
-        return result
-
-
-def switch_and_wait_archived(server: PgServer) -> None:
-    with server.admin_conn() as conn:
-        last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
-        conn.execute("SELECT pg_switch_wal()")
-        deadline = time.monotonic() + 60
-        while True:
-            archived, failed = conn.execute("SELECT last_archived_wal, failed_count FROM pg_stat_archiver").fetchone()
-            if archived is not None and archived >= last:
-                return
-            assert failed == 0, f"archiving failed, see {server.log_file}"
-            assert time.monotonic() < deadline, f"{last} not archived, see {server.log_file}"
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def scenario() -> Iterator[Scenario]:
     base = Path(tempfile.mkdtemp(prefix="backup-tool-pitr-test-", dir="/tmp"))
@@ -98,27 +75,27 @@ def scenario() -> Iterator[Scenario]:
     try:
         server.create_db("app")
         server.load_sql("app", list(SEED_FILES))
-        run_sql(server, "CREATE TABLE ledger (id bigserial PRIMARY KEY, phase int NOT NULL, note text)")
+        run_sql(server, "app", "CREATE TABLE ledger (id bigserial PRIMARY KEY, phase int NOT NULL, note text)")
         backup = cli.json("backup", "base", "--repo", str(repo), "--dsn", server.dsn("app"))
 
-        run_sql(server, "INSERT INTO ledger (phase, note) SELECT 1, 'one-' || g FROM generate_series(1, 300) g",
+        run_sql(server, "app", "INSERT INTO ledger (phase, note) SELECT 1, 'one-' || g FROM generate_series(1, 300) g",
                 "UPDATE coupons SET code = code || '-p1' WHERE ctid IN (SELECT ctid FROM coupons LIMIT 2)",
                 "SELECT pg_create_restore_point('after_phase_one')")
         fp_rp = dbcompare.table_hashes(server.dsn("app"))
         switch_and_wait_archived(server)
 
-        run_sql(server, "INSERT INTO ledger (phase, note) SELECT 2, 'two-' || g FROM generate_series(1, 300) g",
+        run_sql(server, "app", "INSERT INTO ledger (phase, note) SELECT 2, 'two-' || g FROM generate_series(1, 300) g",
                 "DELETE FROM ledger WHERE phase = 1 AND id % 10 = 0")
         time.sleep(0.3)
-        t1, lsn1 = run_sql(server, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+        t1, lsn1 = run_sql(server, "app", "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
                                    "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), pg_current_wal_insert_lsn()::text")
         fp_t1 = dbcompare.fingerprint(server.dsn("app"))
         time.sleep(0.3)
 
-        run_sql(server, "INSERT INTO ledger (phase, note) SELECT 3, 'three-' || g FROM generate_series(1, 300) g",
+        run_sql(server, "app", "INSERT INTO ledger (phase, note) SELECT 3, 'three-' || g FROM generate_series(1, 300) g",
                 "UPDATE ledger SET note = note || ' (edited)' WHERE phase = 2")
         switch_and_wait_archived(server)
-        run_sql(server, "DELETE FROM ledger", "DROP TABLE coupons CASCADE")
+        run_sql(server, "app", "DELETE FROM ledger", "DROP TABLE coupons CASCADE")
         switch_and_wait_archived(server)
         fp_after = dbcompare.table_hashes(server.dsn("app"))
         sc = Scenario(server, str(repo), base, cli, backup, t1, lsn1, fp_rp, fp_t1, fp_after)
@@ -215,7 +192,7 @@ def test_tables_at_a_time_beside_the_live_ones(scenario: Scenario) -> None:
     assert now['as_of_t1.ledger'] == scenario.fp_t1["tables"]["public.ledger"]
     assert {k: v for k, v in now.items() if not k.startswith("as_of_t1.")} == scenario.fp_after
     assert set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) - leftovers == set()
-    run_sql(scenario.server, "DROP SCHEMA as_of_t1 CASCADE")
+    run_sql(scenario.server, "app", "DROP SCHEMA as_of_t1 CASCADE")
 
 
 def test_targets_outside_the_archive_are_refused(scenario: Scenario) -> None:
@@ -397,7 +374,7 @@ def test_a_time_whose_next_commit_is_not_archived_is_refused_before_anything_is_
         now = dbcompare.table_hashes(server.dsn("app"))
         assert now["as_of_wait.ledger"] == now["public.ledger"]
     finally:
-        run_sql(server, "DROP SCHEMA IF EXISTS as_of_wait CASCADE")
+        run_sql(server, "app", "DROP SCHEMA IF EXISTS as_of_wait CASCADE")
         with server.admin_conn() as conn:
             conn.execute("DROP TABLE IF EXISTS filler")
             conn.execute("ALTER SYSTEM RESET autovacuum")

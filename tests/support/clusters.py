@@ -484,3 +484,28 @@ def seed_copy(pg_server: PgServer, seed_template: str) -> Iterator[Callable[[str
 def seed_db_rw(seed_copy: Callable[[str], DbHandle]) -> DbHandle:
     """One writable copy of the seed for this test."""
     return seed_copy("seed")
+
+
+def run_sql(server: PgServer, db: str, *statements: str) -> Any:
+    """Run statements as the superuser in ``db``; the first row of the last one that returns rows."""
+    with server.admin_conn(db) as conn:
+        result = None
+        for stmt in statements:
+            cur = conn.execute(stmt)
+            result = cur.fetchone() if cur.description else None
+        return result
+
+
+def switch_and_wait_archived(server: PgServer, timeout: float = 60) -> None:
+    """Switch to a new WAL segment and wait until the one holding everything so far is archived."""
+    with server.admin_conn() as conn:
+        last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
+        conn.execute("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + timeout
+        while True:
+            done, failed = conn.execute("SELECT last_archived_wal, failed_count FROM pg_stat_archiver").fetchone()
+            if done is not None and done >= last:
+                return
+            assert failed == 0, f"archiving failed, see {server.log_file}"
+            assert time.monotonic() < deadline, f"{last} not archived, see {server.log_file}"
+            time.sleep(0.05)
