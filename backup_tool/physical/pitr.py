@@ -968,7 +968,12 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                 layout, point = _only_database_recovered(settings, target, layout, point, server, only_database,
                                                          port, os_user, archive, server_command, timeout,
                                                          database, reporter)
-                dropped = _keep_only(server, only_database, reporter)
+                try:
+                    dropped = _keep_only(server, only_database, reporter)
+                except BaseException:
+                    server.stop("immediate")
+                    _empty_dir(layout.pgdata, remove=False)
+                    raise
             if target.kind == "latest":
                 _check_reached_end(point, layout, open_storage(settings.repo_url))
             do_validate = settings.policy.validation.after_restore if run_validation is None else run_validation
