@@ -1,8 +1,7 @@
 """The base backup's stored tar, compressed in independent zstd frames, and its index.
 
-A base backup is one object (``base.tar.zst``): pg_basebackup's tar through zstd. Since
-backup-tool 0.x the compressor ends a zstd frame and starts a new one at chosen tar member
-boundaries (:class:`FramedCompressor`): every member of 1 MiB or more gets frames of its own,
+A base backup is one object (``base.tar.zst``): pg_basebackup's tar through zstd, which the
+compressor cuts into independent zstd frames at chosen tar member boundaries (:class:`FramedCompressor`): every member of 1 MiB or more gets frames of its own,
 and runs of smaller members (catalogs, configuration, small tables) are grouped in frames
 of about 4 MiB raw. The concatenated frames are one valid zstd stream, so the whole object
 restores and verifies exactly as before.
