@@ -1,8 +1,9 @@
 """The base backup's stored tar, compressed in independent zstd frames, and its index.
 
 A base backup is one object (``base.tar.zst``): pg_basebackup's tar through zstd, which the
-compressor cuts into independent zstd frames at chosen tar member boundaries (:class:`FramedCompressor`): every member of 1 MiB or more gets frames of its own,
-and runs of smaller members (catalogs, configuration, small tables) are grouped in frames
+compressor cuts into independent zstd frames at chosen tar member boundaries
+(:class:`FramedCompressor`): every member of 1 MiB or more gets a frame of its own, and runs
+of smaller members (catalogs, configuration, small tables) are grouped in frames
 of about 4 MiB raw. The concatenated frames are one valid zstd stream, so the whole object
 restores and verifies exactly as before.
 
