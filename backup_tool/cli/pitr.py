@@ -81,6 +81,10 @@ def restore_pitr_cmd(
         help="Use only base backups of a cluster that held this database (a base backup restores "
              "the whole cluster)")] = None,
     wait: Annotated[float, typer.Option("--wait", metavar="SECONDS", min=0, help=WAIT_HELP)] = 0.0,
+    only_database: Annotated[Optional[str], typer.Option(
+        "--only-database", metavar="NAME",
+        help="Restore this database alone (with postgres and the templates): the others are laid out "
+             "as sparse files and dropped after recovery")] = None,
 ) -> int:
     """Point-in-time recovery into a new data directory: the newest base backup before the target plus
     archived WAL. With --start (default) the server recovers privately, promotes at the target, is
@@ -92,13 +96,16 @@ def restore_pitr_cmd(
     result = restore_pitr(inv.settings, target, pgdata, port=port, start=start, os_user=os_user,
                           archive=archive, server_command=server_command,
                           run_validation=False if no_validate else None, timeout=timeout,
-                          reporter=inv.reporter, database=database, wait=wait)
+                          reporter=inv.reporter, database=database, wait=wait, only_database=only_database)
 
     def text() -> str:
         d = result.to_dict()
         held = f"databases {', '.join(d['databases'])}; " if d["databases"] else ""
         lines = [f"restored base backup {d['backup_id']} ({held}finished {d['backup_finished_at']}) into "
                  f"{d['pgdata']} (owner {d['os_user']}), target {target.describe()}"]
+        if result.only_database:
+            lines.append(f"only database {result.only_database} kept ({result.layout} lay-out); dropped: "
+                         f"{', '.join(result.dropped) or 'none'}")
         r = d["recovered_to"]
         if r:
             lines.append(f"recovered to: {r['stop_reason']}; last transaction {r['time']}, LSN {r['lsn']}, "

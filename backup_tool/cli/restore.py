@@ -72,6 +72,9 @@ def restore_tables_cmd(
     target_time: Annotated[Optional[str], typer.Option("--target-time", metavar="TS",
                                                        help="Tables as they were at this time (point-in-time, "
                                                             "from base backup + WAL)")] = None,
+    full_layout: Annotated[bool, typer.Option("--full-layout",
+                                              help="With --target-time: recover from the whole base backup "
+                                                   "instead of just the files the tables need")] = False,
     into_schema: Annotated[Optional[str], typer.Option("--into-schema", metavar="NAME",
                                                        help="Recreate the tables in this new schema, beside the live ones")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Replace the tables' current contents "
@@ -93,10 +96,13 @@ def restore_tables_cmd(
         from backup_tool.jobs.table_pitr import restore_tables_at
 
         result = restore_tables_at(inv.settings, target_dsn, names, target_time, into_schema=into_schema,
-                                   replace=replace, jobs=jobs, reporter=inv.reporter, wait=wait)
+                                   replace=replace, jobs=jobs, reporter=inv.reporter, wait=wait,
+                                   partial_layout=not full_layout)
     else:
         if wait:
             raise UsageError("--wait goes with --target-time", "it waits for the WAL archive to reach that time")
+        if full_layout:
+            raise UsageError("--full-layout applies only with --target-time")
         from backup_tool.logical.restore_tables import restore_tables
 
         result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,

@@ -6,6 +6,14 @@ temporary local repository (:mod:`backup_tool.logical.backup`) and restored from
 selective restore (:mod:`backup_tool.logical.restore_tables`: same refusal rules,
 ``into_schema`` / ``replace``, validation). Everything temporary is removed on success,
 failure, Ctrl-C or SIGTERM.
+
+The temporary cluster is laid out partially when the base backup allows it: only the files
+the tables need are read and written, every other relation is a sparse file
+(:mod:`backup_tool.physical.partial` says why that is exact). After recovery the lay-out is
+checked against the tables as recovered (replay skipped no block outside the sparse files;
+no target file was left sparse); when it does not hold them, the whole base backup is laid
+out and recovered instead, so the result never depends on which lay-out was used. The
+result's ``recovery_layout`` says which one served and why it fell back.
 """
 
 from __future__ import annotations
@@ -33,10 +41,14 @@ from backup_tool.logical.backup import backup_full
 from backup_tool.logical.restore import BackupOrigin
 from backup_tool.logical.restore_tables import restore_tables, split_name
 from backup_tool.physical.pitr import (
+    Layout,
+    PartialRequest,
+    RecoveryPoint,
     Target,
     free_port,
     lay_out,
     parse_time,
+    partial_shortfall,
     plan_recovery,
     recover,
     server_for,
@@ -47,7 +59,7 @@ from backup_tool.postgres.cluster import (
     LocalServer,
     server_os_user,
 )
-from backup_tool.postgres.connection import ConnInfo
+from backup_tool.postgres.connection import ConnInfo, quoted_table
 from backup_tool.repository.catalog import Catalog
 from backup_tool.repository.manifest import utc_iso
 from backup_tool.repository.storage import open_repository
@@ -56,10 +68,12 @@ from backup_tool.repository.storage import open_repository
 def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], target_time: str | datetime,
                       into_schema: str | None = None, replace: bool = False, jobs: int | None = None,
                       reporter: Reporter | None = None, os_user: str | None = None,
-                      server_command: str | None = None, wait: float = 0.0) -> Any:
+                      server_command: str | None = None, wait: float = 0.0, partial_layout: bool = True) -> Any:
     """Restore ``tables`` as they were at ``target_time`` into the target database.
 
-    A temporary cluster is recovered to the time in a private temporary directory, the
+    A temporary cluster is recovered to the time in a private temporary directory (with
+    ``partial_layout``, from just the files the tables need when the base backup allows it,
+    else from all of it), the
     tables are backed up from it into a temporary local repository and restored from there
     with selective restore (same refusal rules, ``into_schema`` / ``replace``, validation).
     The temporary cluster and repository are removed on success, failure, Ctrl-C or SIGTERM;
@@ -82,28 +96,45 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
         try:
             work.chmod(0o711)
             user = server_os_user(work / "data", os_user)
+            request = PartialRequest(source_db, tuple(split_name(t.strip()) for t in tables)) if partial_layout else None
             layout = lay_out(settings, target, work / "data", None, user, archive=False,
                              server_command=server_command, reporter=reporter, plan=plan,
-                             server_binaries=True)
+                             server_binaries=True, partial_for=request)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
-            try:
-                point = recover(server, layout, None, reporter)
-            except DatabaseError as exc:
-                raise DatabaseError(exc.message, f"the server log is kept at {_keep_log(server)}") from exc
+            point = _recover_keeping_log(server, layout, reporter)
+            source = server.conninfo(source_db)
+            with source.connect() as conn:
+                wanted = _resolve_live(postgres.list_tables(conn), tables, when)
+                missed = _partial_missed(conn, layout, server.log_text(), wanted)
+            if missed:
+                reporter.event("the partial lay-out does not hold the tables as recovered; laying out the "
+                               "whole base backup", missed=missed)
+                server.stop("immediate")
+                server = None
+                shutil.rmtree(work / "data")
+                layout = lay_out(settings, target, work / "data", None, user, archive=False,
+                                 server_command=server_command, reporter=reporter, plan=layout.plan,
+                                 server_binaries=True)
+                server = server_for(layout, priv, free_port())
+                point = _recover_keeping_log(server, layout, reporter)
+                source = server.conninfo(source_db)
             reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
-                           if point.last_transaction_time else None, lsn=point.redo_done_lsn)
+                           if point.last_transaction_time else None, lsn=point.redo_done_lsn,
+                           layout="partial" if layout.choice is not None else "full")
             tmp_repo = work / "repo"
             tmp_repo.mkdir()
             source = server.conninfo(source_db)
             tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=settings.policy)
-            with source.connect() as conn:
-                wanted = _resolve_live(postgres.list_tables(conn), tables, when)
             backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
             result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
                                     into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
             return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
-                source_db, when, layout.plan.backup.finished_at), recovered_to=point.last_transaction_time)
+                source_db, when, layout.plan.backup.finished_at), recovered_to=point.last_transaction_time,
+                recovery_layout={
+                    "kind": "partial" if layout.choice is not None else "full",
+                    "bytes_written": layout.bytes_written, "bytes_fetched": layout.bytes_fetched,
+                    "fallback_because": missed or None, "seconds": round(layout.seconds, 2)})
         finally:
             if server is not None:
                 try:
@@ -113,12 +144,28 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _recover_keeping_log(server: LocalServer, layout: Layout, reporter: Reporter) -> RecoveryPoint:
+    try:
+        return recover(server, layout, None, reporter)
+    except DatabaseError as exc:
+        raise DatabaseError(exc.message, f"the server log is kept at {_keep_log(server)}") from exc
+
+
 def _keep_log(server: LocalServer) -> Path:
     """A copy of the temporary server's log outside the directory about to be removed."""
     fd, name = tempfile.mkstemp(prefix="backup-tool-recovery-", suffix=".log")
     with os.fdopen(fd, "w") as out:
         out.write(server.log_text())
     return Path(name)
+
+
+def _partial_missed(conn: Any, layout: Layout, log_text: str, wanted: set[tuple[str, str]]) -> list[str]:
+    """Why the partial lay-out does not hold ``wanted`` as recovered (empty: it does)."""
+    if layout.choice is None:
+        return []
+    oids = [int(postgres.scalar(conn, "SELECT %s::regclass::oid::bigint", (quoted_table(s, n),)))
+            for s, n in sorted(wanted)]
+    return partial_shortfall(conn, layout, log_text, oids)
 
 
 def _live_timeline(settings: Settings, target: Any) -> int | None:

@@ -457,7 +457,7 @@ def _dump(storage: Storage, conninfo: ConnInfo, control: psycopg.Connection[Any]
                                policy, jobs)
     sequences = postgres.sequences(snap.conn)
     inventory = {**catalog_inventory.inventory(snap.conn), "database": database_level.properties(snap.conn),
-                 "matviews": matviews.inventory(snap.conn),
+                 "matviews": matviews.inventory(snap.conn, contents=only_tables is None),
                  "large_objects": large_objects.summary(snap.conn)}
     inventory[column_order.INVENTORY_KEY] = column_order.record(snap.conn)
 

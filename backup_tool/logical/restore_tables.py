@@ -103,9 +103,11 @@ class TablesRestoreResult:
     sequences: tuple[SequenceCopy, ...] = ()
     source: BackupOrigin | None = None
     recovered_to: datetime | None = None
+    recovery_layout: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"recovery_layout": self.recovery_layout} if self.recovery_layout is not None else {}),
             "backup_id": self.backup_id,
             **(self.source.to_dict() if self.source else {}),
             "recovered_to": utc_iso(self.recovered_to) if self.recovered_to else None,

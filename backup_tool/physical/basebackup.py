@@ -2,7 +2,9 @@
 
 ``pg_basebackup -D - -Ft -X none`` streams the whole cluster as one tar on stdout; the tar
 flows through zstd into the repository (``backups/<id>/base.tar.zst``) without a local
-copy. ``-X none``: the WAL that makes the copy consistent is *not* in the tar but in the
+copy, in independent frames cut at member boundaries, with an index of frames, members and
+each database's relation files beside it (``base.index.json.zst``, see
+:mod:`backup_tool.physical.basetar`) so that table PITR can read just what it needs. ``-X none``: the WAL that makes the copy consistent is *not* in the tar but in the
 WAL archive, and the server only reports the backup finished once that WAL has been
 archived. Before committing the manifest the tool checks that every segment from the
 backup's start to its stop is in *this* repository, so a listed base backup is always
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
+import psycopg
+
 from backup_tool import __version__
 from backup_tool.config.settings import Settings
 from backup_tool.core import walnames
@@ -38,13 +42,13 @@ from backup_tool.errors import (
     LockHeldError,
     RefusedError,
 )
-from backup_tool.physical import wal
+from backup_tool.physical import basetar, partial, wal
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo, scalar
 from backup_tool.repository import walarchive
 from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.repository.keyguard import guard_writes
-from backup_tool.repository.manifest import Manifest, PhysicalInfo, StoredObject, utc_iso
+from backup_tool.repository.manifest import FRAMED_BASE_FORMAT, Manifest, PhysicalInfo, StoredObject, utc_iso
 from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.base import ObjectLock
 from backup_tool.repository.walidentity import ClusterIdentity, verify_archive_identity
@@ -299,8 +303,9 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         key = data_prefix(backup_id) + TAR_KEY
         try:
             try:
-                result = storage.put(key, testhooks.paused_stream("base:upload", pipeline.compress(
-                    scanner.scan(proc.chunks()), level, 0, stats, progress.advance)))
+                framer = basetar.FramedCompressor(level, stats, progress.advance)
+                result = storage.put(key, testhooks.paused_stream("base:upload", framer.compress(
+                    scanner.scan(proc.chunks()))))
                 proc.finish()
             except DatabaseError as exc:
                 raise explain_basebackup_error(proc.error_text(), facts["user"]) from exc
@@ -309,6 +314,8 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
                 raise
             progress.finish()
             stop_time = scalar(control, "SELECT clock_timestamp()")
+            index_obj = _store_index(storage, data_prefix(backup_id) + basetar.INDEX_KEY, framer.index(
+                partial.relations_to_json(_relation_maps(conninfo, facts["databases"], reporter))), level)
             physical = _physical(scanner, facts, fast, stop_time)
             missing = _wal_complete(storage, physical.timeline, walnames.parse_lsn(physical.start_lsn),
                                     walnames.parse_lsn(physical.stop_lsn), physical.wal_segment_size)
@@ -334,8 +341,8 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
                      "tar_members": scanner.members,
                      **({"object_lock": {"mode": policy.object_lock.mode, "retain_until": utc_iso(expires_at)}}
                         if policy.object_lock.mode != "none" else {})},
-            extra_objects=(StoredObject(key, result.size, result.sha256, stats.raw_size),),
-            tool_version=__version__, physical=physical, client_tools=tools,
+            extra_objects=(StoredObject(key, result.size, result.sha256, stats.raw_size), index_obj),
+            tool_version=__version__, physical=physical, client_tools=tools, format=FRAMED_BASE_FORMAT,
         )
         try:
             testhooks.pause_point("base:before-manifest")
@@ -369,10 +376,32 @@ def _physical(scanner: TarScanner, facts: dict[str, Any], fast: bool, stop_time:
         archive_command=facts["archive_command"], data_checksums=bool(facts["data_checksums"]))
 
 
+def _relation_maps(conninfo: ConnInfo, databases: list[str],
+                   reporter: Reporter) -> list[partial.DatabaseRelations]:
+    """Each database's relations and their files, read right after the tar was taken (for
+    the partial lay-out of table PITR; a database that cannot be read is simply not mapped,
+    so its files are always laid out in full)."""
+    found = []
+    for name in databases:
+        try:
+            with conninfo.with_database(name).connect() as conn:
+                found.append(partial.capture(conn))
+        except (BackupToolError, psycopg.Error) as exc:
+            reporter.warning(f"database {name} not mapped for partial table recovery: {exc}")
+    return found
+
+
+def _store_index(storage: Storage, key: str, index: basetar.TarIndex, level: int) -> StoredObject:
+    stats = pipeline.StreamStats()
+    result = storage.put(key, pipeline.compress([index.to_json()], level, 0, stats))
+    return StoredObject(key, result.size, result.sha256, stats.raw_size)
+
+
 def _discard(storage: Storage, key: str, backup_id: str) -> None:
-    """Best-effort removal of the unfinished tar, unless its manifest made it after all."""
+    """Best-effort removal of the unfinished tar and index, unless its manifest made it after all."""
     try:
         if not storage.exists(manifest_key(backup_id)):
             storage.delete(key)
+            storage.delete(key.rsplit("/", 1)[0] + "/" + basetar.INDEX_KEY)
     except Exception:  # noqa: BLE001 - cleanup on a failure path: the caller reports the failure itself
         pass

@@ -18,6 +18,13 @@ repository, restores them into the target database with selective restore's sema
 and removes the temporary cluster and repository whatever happens (failure, Ctrl-C,
 SIGTERM).
 
+Partial lay-outs (``lay_out(partial_for=...)``, used by table PITR and ``--only-database``):
+from a base backup with an index only the files needed are read, by ranged requests, and
+every other user relation is a sparse file (:mod:`backup_tool.physical.partial` states why
+that is exact and what makes it fall back). The private start then adds
+``ignore_invalid_pages`` and turns autovacuum off on its command line only, so neither
+outlives recovery; :func:`partial_shortfall` checks the result before anything is read.
+
 Restore points: ``--target-name`` needs to know *where* the named point is to choose a
 base backup before it; the archive is scanned with ``pg_waldump`` for the RESTORE_POINT
 record, newest base backup first.
@@ -42,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import psycopg
+from psycopg import sql
 
 from backup_tool.config.settings import Settings
 from backup_tool.core import walnames
@@ -55,7 +63,7 @@ from backup_tool.errors import (
     UsageError,
 )
 from backup_tool.governance import walcoverage
-from backup_tool.physical import wal, walspool
+from backup_tool.physical import basetar, partial, wal, walspool
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.cluster import (
     LocalServer,
@@ -543,6 +551,58 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
     return written
 
 
+PARTIAL_SETTINGS = {"ignore_invalid_pages": "on", "autovacuum": "off"}
+"""Given on the private start's command line only: never part of the restored configuration."""
+
+
+def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarIndex, choice: partial.Choice,
+                    pgdata: Path, os_user: str, reporter: Reporter) -> tuple[int, int]:
+    """Lay out ``choice``: directories, sparse files of the recorded size, and the full
+    files read through ranged reads of their frames only. Returns (bytes written, stored
+    bytes read)."""
+    obj = manifest.extra_objects[0]
+    for m in index.members:
+        rel = _safe_member(m.name)
+        if m.kind == "d" and rel:
+            (pgdata / rel).mkdir(mode=0o700, parents=True, exist_ok=True)
+            chown_to(pgdata / rel, os_user)
+        elif m.kind == "l":
+            raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
+    sparse = {m.name for m in choice.sparse}
+    for m in (*choice.sparse, *(m for m in choice.full if m.kind == "f")):
+        dest = pgdata / _safe_member(m.name)
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, m.mode & 0o600 or 0o600)
+        try:
+            if m.name in sparse:
+                os.ftruncate(fd, m.size)
+        finally:
+            os.close(fd)
+    progress = reporter.task(f"restoring the needed files of base backup {manifest.id}", total=choice.full_bytes)
+    current: list[Any] = [None, None]
+
+    def write(member: basetar.Member, offset: int, data: bytes) -> None:
+        if current[0] != member.name:
+            if current[1] is not None:
+                current[1].close()
+            current[0], current[1] = member.name, open(pgdata / member.name, "r+b")
+        current[1].seek(offset)
+        current[1].write(data)
+        progress.advance(len(data))
+
+    try:
+        fetched = basetar.extract(storage, obj.key, obj.size, index, list(choice.full), write)
+    finally:
+        if current[1] is not None:
+            current[1].close()
+    for m in (*choice.sparse, *(m for m in choice.full if m.kind == "f")):
+        dest = pgdata / m.name
+        os.utime(dest, (m.mtime, m.mtime))
+        chown_to(dest, os_user)
+    progress.finish()
+    return choice.full_bytes, fetched
+
+
 def _append_conf(pgdata: Path, settings: dict[str, str], why: str) -> None:
     conf = pgdata / "postgresql.auto.conf"
     lines = [f"{CONF_MARK}: {why}"] + [f"{k} = {conf_quote(v)}" for k, v in settings.items()]
@@ -567,6 +627,15 @@ def _ensure_config(pgdata: Path, os_user: str, reporter: Reporter) -> None:
 
 
 @dataclass(frozen=True)
+class PartialRequest:
+    """Lay out only what copying ``tables`` (schema or None, name) of ``database`` needs;
+    ``tables`` None: all of ``database`` (and of ``postgres``), the other databases sparse."""
+
+    database: str
+    tables: tuple[tuple[str | None, str], ...] | None
+
+
+@dataclass(frozen=True)
 class Layout:
     plan: Plan
     pgdata: Path
@@ -576,16 +645,42 @@ class Layout:
     bytes_written: int
     seconds: float
     bin_dir: Path | None = None
+    choice: partial.Choice | None = None
+    databases_in_backup: frozenset[int] = frozenset()
+    bytes_fetched: int | None = None
+
+
+def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
+                    reporter: Reporter) -> tuple[partial.Choice, basetar.TarIndex] | None:
+    """The partial lay-out for ``request``, or None (with the reason reported) when this
+    backup cannot have one: taken before base backups carried an index."""
+    if len(backup.extra_objects) < 2 or not backup.extra_objects[1].key.endswith(basetar.INDEX_KEY):
+        reporter.event("partial lay-out unavailable: this base backup has no index (taken by an older "
+                       "backup-tool); laying out all of it", id=backup.id)
+        return None
+    obj = backup.extra_objects[1]
+    index = basetar.load_index(storage, obj.key, obj.sha256, obj.size)
+    dbs = partial.relations_from_json(index.relations)
+    if request.tables is None:
+        keep = {d.oid: frozenset(r.oid for r in d.relations) for d in dbs.values()
+                if d.name in (request.database, "postgres")}
+    else:
+        db = next((d for d in dbs.values() if d.name == request.database), None)
+        keep = {db.oid: partial.needed(db, request.tables)} if db is not None else {}
+    return partial.choose(index.members, dbs, keep), index
 
 
 def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
             reporter: Reporter | None = None, database: str | None = None, plan: Plan | None = None,
-            wait: float = 0.0, server_binaries: bool = False) -> Layout:
+            wait: float = 0.0, server_binaries: bool = False,
+            partial_for: PartialRequest | None = None) -> Layout:
     """Choose the base backup (of a cluster holding ``database``, if given; ``plan``: already
     chosen by :func:`plan_recovery`), fill the empty ``pgdata`` and write the recovery settings.
     With ``server_binaries``, the base backup's major's server programs are found first: without
-    them nothing is written."""
+    them nothing is written. With ``partial_for`` only what copying those tables (or that
+    database) needs is read and written (:mod:`backup_tool.physical.partial`), when the backup
+    allows it; the Layout's ``choice`` says whether it did."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
@@ -610,7 +705,14 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                                                             sys.argv[0], sys.executable))
         restore_command = (f"{command} wal fetch %f %p --abort-on-error "
                            f"--repo {_shell_quote(storage.url)}")
-        written = extract_base(storage, plan.backup, pgdata, user, reporter)
+        found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
+        choice = found[0] if found else None
+        fetched: int | None = None
+        if found is not None:
+            written, fetched = extract_partial(storage, plan.backup, found[1], found[0], pgdata, user, reporter)
+        else:
+            written = extract_base(storage, plan.backup, pgdata, user, reporter)
+            fetched = plan.backup.extra_objects[0].size
         for stale in ("standby.signal", "recovery.signal", "postmaster.pid", "postmaster.opts"):
             (pgdata / stale).unlink(missing_ok=True)
         for sub in ("pg_wal", "pg_wal/archive_status"):
@@ -630,8 +732,11 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     except BaseException:
         _empty_dir(pgdata, remove=created)
         raise
-    reporter.event("data directory laid out", pgdata=str(pgdata), bytes=written, os_user=user)
-    return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started, bin_dir)
+    reporter.event("data directory laid out", pgdata=str(pgdata), bytes=written, os_user=user,
+                   partial=choice is not None, bytes_fetched=fetched)
+    return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started, bin_dir,
+                  choice=choice, databases_in_backup=partial.databases_in(found[1].members) if found else frozenset(),
+                  bytes_fetched=fetched)
 
 
 def _shell_quote(text: str) -> str:
@@ -724,6 +829,10 @@ class PitrResult:
     bytes_restored: int
     databases: tuple[str, ...] = ()
     backup_finished_at: datetime | None = None
+    only_database: str | None = None
+    dropped: tuple[str, ...] = ()
+    layout: str = "full"
+    bytes_fetched: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -737,6 +846,8 @@ class PitrResult:
                 "validation": self.validation.to_dict() if self.validation else None,
                 "bytes_restored": self.bytes_restored, "databases": list(self.databases),
                 "backup_finished_at": utc_iso(self.backup_finished_at) if self.backup_finished_at else None,
+                "layout": {"kind": self.layout, "bytes_fetched": self.bytes_fetched,
+                           "only_database": self.only_database, "dropped": list(self.dropped)},
                 "seconds": {"layout": round(self.layout_seconds, 2), "recovery": round(self.recovery_seconds, 2),
                             "total": round(self.layout_seconds + self.recovery_seconds, 2)}}
 
@@ -760,7 +871,7 @@ def _promoted(server: LocalServer) -> bool:
 
 def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter: Reporter) -> RecoveryPoint:
     """Start ``server`` privately and wait until recovery reached the target and promoted."""
-    server.start_private()
+    server.start_private(PARTIAL_SETTINGS if layout.choice is not None else None)
     reporter.event("recovery started", target=layout.settings.get("recovery_target_time")
                    or layout.settings.get("recovery_target_lsn") or layout.settings.get("recovery_target_name")
                    or "end of archive")
@@ -820,10 +931,15 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                  start: bool = True, os_user: str | None = None, archive: bool = True,
                  server_command: str | None = None, run_validation: bool | None = None,
                  timeout: float | None = None, reporter: Reporter | None = None,
-                 database: str | None = None, wait: float = 0.0) -> PitrResult:
+                 database: str | None = None, wait: float = 0.0, only_database: str | None = None) -> PitrResult:
     """``restore pitr``: lay out, and with ``start`` recover, validate and start the server.
     ``database``: use only base backups of a cluster that held this database. ``wait``: seconds
     to wait for the archive to reach a time target (see :func:`plan_recovery`).
+    ``only_database``: restore that database alone (with ``postgres`` and the templates):
+    the others are laid out as sparse files when the backup allows it
+    (:mod:`backup_tool.physical.partial`) and dropped once recovery has promoted, before
+    validation; when the partial lay-out cannot hold the database as recovered, the whole
+    backup is laid out and recovered instead.
 
     A failed validation does not raise (the server is recovered and running either way):
     the result's ``ok`` is False and its ``validation`` names the failed checks.
@@ -832,8 +948,12 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
     if start and port is not None and _port_in_use(port):
         raise RefusedError(f"port {port} is already in use on this machine",
                            "pass another --port for the restored server")
+    if only_database and not start:
+        raise UsageError("--only-database needs the server started (the other databases are dropped after "
+                         "recovery)", "leave out --no-start")
+    request = PartialRequest(only_database, None) if only_database else None
     layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database,
-                     server_binaries=start, wait=wait)
+                     server_binaries=start, wait=wait, partial_for=request)
     if not start:
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
                           None, None, layout.seconds, 0.0, layout.bytes_written, layout.plan.physical.databases,
@@ -843,6 +963,17 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
         server = server_for(layout, priv, port or 5432)
         try:
             point = recover(server, layout, timeout, reporter)
+            dropped: tuple[str, ...] = ()
+            if only_database:
+                layout, point = _only_database_recovered(settings, target, layout, point, server, only_database,
+                                                         port, os_user, archive, server_command, timeout,
+                                                         database, reporter)
+                try:
+                    dropped = _keep_only(server, only_database, reporter)
+                except BaseException:
+                    server.stop("immediate")
+                    _empty_dir(layout.pgdata, remove=False)
+                    raise
             if target.kind == "latest":
                 _check_reached_end(point, layout, open_storage(settings.repo_url))
             do_validate = settings.policy.validation.after_restore if run_validation is None else run_validation
@@ -856,11 +987,74 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
     reporter.event("server running", pgdata=str(layout.pgdata), port=port or "as configured")
     result = PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, True,
                         point, report, layout.seconds, seconds, layout.bytes_written, layout.plan.physical.databases,
-                        layout.plan.backup.finished_at)
+                        layout.plan.backup.finished_at, only_database, dropped,
+                        "partial" if layout.choice is not None else "full", layout.bytes_fetched)
     if report is not None and not report.ok:
         reporter.warning(f"the recovered cluster failed {len(report.failed)} check(s)",
                          failed=[c.name for c in report.failed])
     return result
+
+
+def _only_database_recovered(settings: Settings, target: Target, layout: Layout, point: RecoveryPoint,
+                             server: LocalServer, name: str, port: int | None, os_user: str | None, archive: bool,
+                             server_command: str | None, timeout: float | None, database: str | None,
+                             reporter: Reporter) -> tuple[Layout, RecoveryPoint]:
+    """Check the recovered cluster holds database ``name`` and that the partial lay-out served
+    it; otherwise lay out the whole backup in the same directory and recover again."""
+    try:
+        with psycopg.connect(server.conninfo(name).tool_conninfo(), autocommit=True) as conn:
+            missed = partial_shortfall(conn, layout, server.log_text(), None)
+    except psycopg.OperationalError as exc:
+        server.stop("immediate")
+        _empty_dir(layout.pgdata, remove=False)
+        raise NotFoundError(f"database {name} does not exist at {target.describe()} ({exc})".splitlines()[0],
+                            "check the name and the target; nothing was left in --pgdata") from None
+    except BaseException:
+        server.stop("immediate")
+        _empty_dir(layout.pgdata, remove=False)
+        raise
+    if not missed:
+        return layout, point
+    reporter.event("the partial lay-out does not hold the database as recovered; laying out the whole "
+                   "base backup", missed=missed)
+    server.stop("immediate")
+    _empty_dir(layout.pgdata, remove=False)
+    full = lay_out(settings, target, layout.pgdata, port, os_user, archive, server_command, reporter, database,
+                   plan=layout.plan, server_binaries=True)
+    return full, recover(server, full, timeout, reporter)
+
+
+def partial_shortfall(conn: Any, layout: Layout, log_text: str, table_oids: list[int] | None) -> list[str]:
+    """After recovery from a partial lay-out: why it does not hold the tables ``table_oids``
+    (None: the whole database ``conn`` is in) as recovered; empty when it does, or when the
+    lay-out was full. Raises IntegrityError when replay skipped a block of a file laid out in
+    full (a full lay-out would have stopped there: the backup or the archive is damaged)."""
+    if layout.choice is None:
+        return []
+    bad = partial.unexplained_invalid_pages(log_text, layout.choice.sparse_files)
+    if bad:
+        raise IntegrityError(f"recovery met WAL records for pages the base backup does not hold, in {bad[0]}"
+                             f"{' ...' if len(bad) > 1 else ''}",
+                             "the base backup or the WAL archive is damaged: run 'backup-tool verify all' "
+                             "and recover from another base backup")
+    if table_oids is None:
+        row = conn.execute(partial.DATABASE_FILES_SQL).fetchone()
+    else:
+        row = conn.execute(partial.FILES_AT_TARGET_SQL, (table_oids,)).fetchone()
+    return partial.missed_files(int(row[0]), [int(f) for f in row[1]], layout.choice, layout.databases_in_backup)
+
+
+def _keep_only(server: LocalServer, database: str, reporter: Reporter) -> tuple[str, ...]:
+    """Drop every database but ``database`` and the templates / ``postgres`` (whose sparse
+    files were never meant to be read); returns the dropped names."""
+    with psycopg.connect(server.conninfo(database).tool_conninfo(), autocommit=True) as conn:
+        names = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datname NOT IN (%s, 'postgres', 'template0', 'template1') "
+            "ORDER BY 1", (database,)).fetchall()]
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    reporter.event("other databases dropped", kept=database, dropped=names)
+    return tuple(names)
 
 
 def _adapt_to_this_host(server: LocalServer, reporter: Reporter) -> None:

@@ -56,12 +56,13 @@ class MatView:
         return f"{self.schema}.{self.name}"
 
 
-def inventory(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
-    """Every user materialized view: populated or not, and for populated ones rows + checksum."""
+def inventory(conn: psycopg.Connection[Any], contents: bool = True) -> list[dict[str, Any]]:
+    """Every user materialized view: populated or not, and for populated ones rows + checksum
+    (unless ``contents`` is False: then no matview is read, as when only some tables are wanted)."""
     result = []
     for schema, name, populated, columns in conn.execute(_LIST_SQL).fetchall():
         item: dict[str, Any] = {"schema": schema, "name": name, "populated": bool(populated)}
-        if populated:
+        if populated and contents:
             rows, checksum = postgres.table_checksum(conn, schema, name, columns)
             item.update(rows=rows, checksum=checksum)
         result.append(item)

@@ -438,7 +438,7 @@ class Catalog:
         key = encryption_of(self.storage)
         if key is not None:
             manifest = replace(manifest, options={**manifest.options, "encryption": key.describe()},
-                               format=ENCRYPTED_FORMAT)
+                               format=max(manifest.format, ENCRYPTED_FORMAT))
         raw = manifest.to_json(key.seal if key else None)
         self.storage.put_bytes(manifest_key(manifest.id), raw)
         self._cache[manifest.id] = manifest

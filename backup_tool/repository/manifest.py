@@ -19,6 +19,10 @@ backup's snapshot sits in the WAL and which file each table's rows lived in, so 
 next incremental can learn from the archived WAL which tables changed since (see
 :mod:`backup_tool.physical.walscan`). A manifest without it, or with one that does not
 parse, is simply not used that way.
+
+Format 3 marks a base backup whose tar is stored as several zstd frames with an index
+(:mod:`backup_tool.physical.basetar`): a version before it would decompress only the first
+frame, so it must refuse the manifest rather than restore part of a data directory.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from backup_tool.core.kinds import ALL_KINDS
 from backup_tool.core.timestamps import parse_utc, utc_iso
 from backup_tool.errors import BackupToolError, IntegrityError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ENCRYPTED_FORMAT = 2
+FRAMED_BASE_FORMAT = 3
 SEAL_FIELD = "manifest_mac"
 KINDS = ALL_KINDS
 

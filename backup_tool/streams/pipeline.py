@@ -186,7 +186,8 @@ class ChunkReader:
 
 
 def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:
-    """Decompress a zstd stream of object ``key`` with output bounded to CHUNK bytes per step.
+    """Decompress a zstd stream of object ``key`` (one frame or several, as a framed base
+    backup has) with output bounded to CHUNK bytes per step.
 
     The input is read to its very end even after the frame is complete, so that a checking
     stage upstream (:func:`verified`) always sees every byte and delivers its verdict.
@@ -194,7 +195,10 @@ def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
     source = ChunkReader(chunks)
     try:
-        yield from dctx.read_to_iter(source, read_size=CHUNK, write_size=CHUNK)  # type: ignore[arg-type]  # ChunkReader has read(n), all zstandard needs
+        reader = dctx.stream_reader(source, read_size=CHUNK,  # type: ignore[arg-type]  # ChunkReader has read(n)
+                                    read_across_frames=True)
+        while out := reader.read(CHUNK):
+            yield out
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"object {key} is corrupt: it does not decompress ({exc})",
                              "restore from another backup and run 'backup-tool verify all'") from None

@@ -77,7 +77,8 @@ def test_base_backup_and_pitr_through_s3(cli: Any, s3_server: Any, s3_repo: str,
         entry = cli.json("backup", "base", "--repo", s3_repo, "--dsn", server.dsn(), "--spread-checkpoint")
         assert entry["kind"] == "base" and entry["checkpoint"] == "spread"
         shown = cli.json("show", entry["id"], "--repo", s3_repo)
-        assert [o["key"] for o in shown["objects"]] == [f"backups/{entry['id']}/base.tar.zst"]
+        assert [o["key"] for o in shown["objects"]] == [f"backups/{entry['id']}/base.tar.zst",
+                                                        f"backups/{entry['id']}/base.index.json.zst"]
         verified = cli.json("verify", entry["id"], "--repo", s3_repo)
         assert verified["ok"] is True
 

@@ -178,6 +178,21 @@ class Storage(ABC):
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.get(key))
 
+    def get_range(self, key: str, start: int, end: int, stored_size: int) -> bytes:
+        """Bytes ``[start, end)`` of what the writer passed to :meth:`put` (``stored_size``: the
+        object's stored size, as a manifest records it). Backends override this with a ranged
+        read; this fallback streams the object up to ``end``."""
+        out = bytearray()
+        pos = 0
+        for chunk in self.get(key):
+            lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
+            if lo < hi:
+                out += chunk[lo:hi]
+            pos += len(chunk)
+            if pos >= end:
+                break
+        return bytes(out)
+
     def check_writable(self) -> None:
         """Write, read back and delete a probe object; raise StorageError if any step fails."""
         import uuid

@@ -91,6 +91,16 @@ class LocalStorage(Storage):
             while chunk := fh.read(READ_SIZE):
                 yield chunk
 
+    def get_range(self, key: str, start: int, end: int, stored_size: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as fh:
+                fh.seek(start)
+                return fh.read(end - start)
+        except FileNotFoundError:
+            raise ObjectMissingError(f"object {key} is missing from {self.root}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {key} in {self.root}: {exc.strerror}") from exc
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.is_dir():
             return

@@ -448,6 +448,33 @@ class S3Storage(Storage):
                                f"({reads} interrupted reads): {exc}",
                                "check the network and run the command again") from exc
 
+    def get_range(self, key: str, start: int, end: int, stored_size: int) -> bytes:
+        """One ranged GET (retried as a whole under the request retry policy)."""
+        if end <= start:
+            return b""
+        full = self._key(key)
+
+        def fetch() -> bytes:
+            resp = self._call(key, self._client.get_object, Bucket=self.bucket, Key=full,
+                              Range=f"bytes={start}-{end - 1}")
+            body = resp["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+        try:
+            data = self._retrying()(fetch)
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            raise StorageError(f"ranged download of {key} from {self.url} kept failing: {exc}",
+                               "check the network and run the command again") from exc
+        if len(data) != end - start:
+            raise IntegrityError(f"object {key} in {self.url} is shorter than the bytes {start}-{end - 1} "
+                                 "its backup recorded", "run 'backup-tool verify all'")
+        return data
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: str | None = None
         while True:

@@ -1,0 +1,264 @@
+"""The framed base backup tar and its index (backup_tool.physical.basetar), ranged reads
+(local, encrypted, S3) and the partial lay-out's pure decisions (backup_tool.physical.partial).
+
+Fast: synthetic tars built with tarfile, no PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.manifests import make_manifest
+
+from backup_tool.errors import IntegrityError
+from backup_tool.physical import basetar, partial, pitr
+from backup_tool.physical.basetar import Member
+from backup_tool.repository.manifest import StoredObject
+from backup_tool.repository.storage import open_storage
+from backup_tool.repository.storage.encrypted import EncryptedStorage, EncryptionKey
+from backup_tool.repository.storage.local import LocalStorage
+from backup_tool.streams import pipeline
+
+KEY = EncryptionKey(bytes(range(32)))
+
+
+def make_tar(files: list[tuple[str, bytes]], fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        dirs = sorted({str(Path(name).parent) for name, _ in files} - {"."})
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o700
+            tar.addfile(info)
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o600
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def cluster_like(rnd: random.Random) -> list[tuple[str, bytes]]:
+    """Catalog-sized files between big relation files, a long path, an empty file."""
+    files = [("PG_VERSION", b"15\n"), ("global/pg_control", rnd.randbytes(8192)), ("base/5/PG_VERSION", b"15\n")]
+    for i in range(40):
+        files.append((f"base/5/{1200 + i}", (rnd.randbytes(64) * 128)[: rnd.choice([0, 8192, 16384, 40960])]))
+        if i % 10 == 3:
+            files.append((f"base/5/{16384 + i}", rnd.randbytes(rnd.randint(33, 48) << 15)))
+    files.append(("base/5/" + "x" * 120, b"long name"))
+    return files
+
+
+def chunked(data: bytes, rnd: random.Random) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(data):
+        n = rnd.choice([1, 100, 511, 512, 513, 8192, 1 << 20, 3 << 20])
+        out.append(data[pos:pos + n])
+        pos += n
+    return out
+
+
+def framed(raw: bytes, rnd: random.Random) -> tuple[bytes, basetar.TarIndex]:
+    fc = basetar.FramedCompressor(3, pipeline.StreamStats())
+    stored = b"".join(fc.compress(chunked(raw, rnd)))
+    return stored, fc.index({})
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), fmt=st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+def test_framed_stream_is_the_tar_and_the_index_finds_every_member(seed: int, fmt: int) -> None:
+    rnd = random.Random(seed)
+    raw = make_tar(cluster_like(rnd), fmt)
+    stored, index = framed(raw, rnd)
+    assert b"".join(pipeline.decompress([stored], "k")) == raw
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        expected = {m.name: m for m in tar.getmembers()}
+        by_name = {m.name: m for m in index.members}
+        assert set(by_name) == set(expected)
+        for name, m in by_name.items():
+            ref = expected[name]
+            assert m.kind == ("d" if ref.isdir() else "f")
+            if ref.isfile():
+                assert raw[m.data_offset:m.data_offset + m.size] == tar.extractfile(ref).read()
+                assert (m.mode, m.mtime) == (ref.mode, ref.mtime)
+    starts = [f.raw_start for f in index.frames]
+    assert starts[0] == 0 and all(a.raw_start + a.raw_size == b.raw_start for a, b in zip(index.frames, index.frames[1:], strict=False))
+    assert sum(f.size for f in index.frames) == len(stored)
+    for m in index.members:
+        if m.kind == "f" and m.size >= basetar.BIG_MEMBER:
+            assert m.data_offset - 512 in starts, f"big member {m.name} shares a frame"
+
+
+def test_frames_cost_little_against_one_frame() -> None:
+    rnd = random.Random(7)
+    raw = make_tar(cluster_like(rnd))
+    stored, index = framed(raw, rnd)
+    single = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(raw)
+    assert len(index.frames) > 5
+    assert len(stored) <= len(single) * 1.05
+
+
+def test_multi_frame_objects_decompress_whole() -> None:
+    parts = [zstandard.ZstdCompressor().compress(os.urandom(3000) * 400), zstandard.ZstdCompressor().compress(b"end")]
+    assert b"".join(pipeline.decompress(parts, "k")) == zstandard.ZstdDecompressor().decompressobj(
+        read_across_frames=True).decompress(b"".join(parts))
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_extract_reads_only_the_frames_of_the_wanted_files(tmp_path: Path, encrypted: bool) -> None:
+    rnd = random.Random(3)
+    raw = make_tar(cluster_like(rnd))
+    stored, index = framed(raw, rnd)
+    storage = EncryptedStorage(LocalStorage(tmp_path), KEY if encrypted else None)
+    result = storage.put("backups/b/base.tar.zst", [stored])
+    small = [m for m in index.members if m.kind == "f" and m.size < basetar.BIG_MEMBER]
+    got: dict[str, bytearray] = {}
+
+    def write(m: Member, offset: int, data: bytes) -> None:
+        assert len(got.setdefault(m.name, bytearray())) == offset
+        got[m.name] += data
+
+    fetched = basetar.extract(storage, "backups/b/base.tar.zst", result.size, index, small, write, merge_gap=0)
+    assert {n: bytes(v) for n, v in got.items()} == {m.name: raw[m.data_offset:m.data_offset + m.size]
+                                                     for m in small if m.size}
+    assert fetched < len(stored) / 2
+
+
+def test_a_damaged_frame_is_refused(tmp_path: Path) -> None:
+    rnd = random.Random(5)
+    raw = make_tar(cluster_like(rnd))
+    stored, index = framed(raw, rnd)
+    frame = next(f for f in index.frames if f.size > 100)
+    damaged = bytearray(stored)
+    damaged[frame.offset + frame.size // 2] ^= 0x40
+    storage = LocalStorage(tmp_path)
+    storage.put("b/base.tar.zst", [bytes(damaged)])
+    member = next(m for m in index.members if m.kind == "f" and m.size
+                  and frame.raw_start <= m.data_offset < frame.raw_start + frame.raw_size)
+    with pytest.raises(IntegrityError, match="corrupt at frame"):
+        basetar.extract(storage, "b/base.tar.zst", len(damaged), index, [member], lambda *a: None)
+
+
+def test_index_round_trips_through_json() -> None:
+    rnd = random.Random(9)
+    _, index = framed(make_tar(cluster_like(rnd)), rnd)
+    relations = partial.relations_to_json([DB])
+    again = basetar.TarIndex.from_json(basetar.TarIndex(index.frames, index.members, relations).to_json())
+    assert (again.frames, again.members) == (index.frames, index.members)
+    assert partial.relations_from_json(again.relations) == {DB.oid: DB}
+
+
+def test_ranged_reads_on_s3(s3_repo: str) -> None:
+    data = os.urandom(50_000)
+    for key in (None, KEY):
+        storage = open_storage(s3_repo, key)
+        put = storage.put(f"backups/x/{'enc' if key else 'plain'}", [data])
+        for lo, hi in ((0, 1), (100, 20_000), (49_990, 50_000), (0, 50_000)):
+            assert storage.get_range(put.key, lo, hi, put.size) == data[lo:hi]
+
+
+# --------------------------------------------------------------------------- partial lay-out decisions
+
+R = partial.Relation
+DB = partial.DatabaseRelations(16384, "app", (
+    R(16390, 16390, "r", "public", "orders", 0, ()),
+    R(16393, 16393, "t", "pg_toast", "pg_toast_16390", 16390, ()),
+    R(16395, 16395, "i", "pg_toast", "pg_toast_16390_index", 16393, ()),
+    R(16396, 16396, "i", "public", "orders_pkey", 16390, ()),
+    R(16397, 16397, "S", "public", "orders_id_seq", 0, ()),
+    R(16400, 16400, "p", "public", "events", 0, ()),
+    R(16401, 16401, "r", "public", "events_2025", 0, (16400,)),
+    R(16402, 16402, "i", "public", "events_2025_idx", 16401, ()),
+    R(16410, 16410, "r", "public", "noise", 0, ()),
+    R(16411, 16411, "i", "public", "noise_pkey", 16410, ()),
+    R(16420, 16430, "m", "public", "summary", 0, ()),
+    R(16421, 16421, "r", "public", "Orders", 0, ()),
+))
+OTHER = partial.DatabaseRelations(16500, "other", (R(16501, 16501, "r", "public", "orders", 0, ()),))
+
+
+def member(name: str, size: int = 8192) -> Member:
+    return Member(name, "f", 0, size, 0o600, 0)
+
+
+def test_needed_brings_toast_indexes_and_partitions() -> None:
+    assert partial.needed(DB, [(None, "orders")]) == {16390, 16393, 16395, 16396}
+    assert partial.needed(DB, [("public", "events")]) == {16400, 16401, 16402}
+    assert partial.needed(DB, [(None, "Orders")]) == {16421}
+    assert partial.needed(DB, [(None, "ORDERS")]) == {16390, 16393, 16395, 16396, 16421}
+    assert partial.needed(DB, [(None, "missing")]) == frozenset()
+
+
+def test_choose_leaves_only_unneeded_user_relations_sparse() -> None:
+    names = ["global/1262", "global/pg_control", "base/16384/1259", "base/16384/pg_filenode.map",
+             "base/16384/16390", "base/16384/16390.1", "base/16384/16390_fsm", "base/16384/16393",
+             "base/16384/16395", "base/16384/16396", "base/16384/16397", "base/16384/16410",
+             "base/16384/16410.2", "base/16384/16410_vm", "base/16384/16410_init", "base/16384/16411",
+             "base/16384/16430", "base/16384/16420", "base/16384/99999", "base/16500/16501", "base/16600/16501",
+             "PG_VERSION", "pg_xact/0000"]
+    keep = {16384: partial.needed(DB, [(None, "orders")])}
+    choice = partial.choose([member(n) for n in names], {16384: DB, 16500: OTHER}, keep)
+    assert sorted(m.name for m in choice.sparse) == [
+        "base/16384/16410", "base/16384/16410.2", "base/16384/16410_vm", "base/16384/16411", "base/16384/16430",
+        "base/16500/16501"]
+    assert choice.sparse_files == {(16384, 16410), (16384, 16411), (16384, 16430), (16500, 16501)}
+    assert len(choice.full) == len(names) - 6
+
+
+def test_a_catalog_moved_by_vacuum_full_stays_full() -> None:
+    db = partial.DatabaseRelations(1, "x", (R(1259, 16999, "r", "pg_catalog", "pg_class", 0, ()),))
+    assert partial.choose([member("base/1/16999")], {1: db}, {}).sparse == ()
+
+
+def test_invalid_pages_outside_sparse_files_are_reported() -> None:
+    log = ("WARNING:  page 3 of relation base/16384/16410 is uninitialized\n"
+           "WARNING:  page 0 of relation base/16384/16410_vm does not exist\n"
+           "WARNING:  page 7 of relation base/16384/16390 is uninitialized\n"
+           "WARNING:  page 1 of relation global/1262 does not exist\n")
+    sparse = frozenset({(16384, 16410)})
+    assert partial.unexplained_invalid_pages(log, sparse) == ["base/16384/16390", "global/1262"]
+    assert partial.unexplained_invalid_pages(log.splitlines()[0], sparse) == []
+
+
+def test_missed_files_names_targets_left_sparse_and_new_databases() -> None:
+    choice = partial.choose([member("base/16384/16410"), member("base/16384/16390")], {16384: DB},
+                            {16384: partial.needed(DB, [(None, "orders")])})
+    in_backup = frozenset({16384})
+    assert partial.missed_files(16384, [16390, 17000], choice, in_backup) == []
+    assert partial.missed_files(16384, [16410, 16390], choice, in_backup) == ["base/16384/16410"]
+    assert partial.missed_files(20000, [1], choice, in_backup) == ["database oid 20000 was created after the backup"]
+    full = partial.choose([member("base/16384/16410")], {}, {})
+    assert partial.missed_files(20000, [1], full, in_backup) == []
+
+
+def test_databases_in_backup() -> None:
+    members = [Member("base", "d", 0, 0, 0o700, 0), Member("base/1", "d", 0, 0, 0o700, 0),
+               Member("base/16384", "d", 0, 0, 0o700, 0), member("base/16384/1")]
+    assert partial.databases_in(members) == {1, 16384}
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def event(self, message: str, **fields: object) -> None:
+        self.seen.append(message)
+
+
+def test_a_base_backup_without_index_is_laid_out_whole(tmp_path: Path) -> None:
+    old = replace(make_manifest(kind="base"), tables=(), extra_objects=(
+        StoredObject("backups/x/base.tar.zst", 10, "a" * 64, 30),))
+    events = Events()
+    request = pitr.PartialRequest("app", ((None, "orders"),))
+    assert pitr._partial_choice(LocalStorage(tmp_path), old, request, events) is None  # type: ignore[arg-type]
+    assert events.seen and "no index" in events.seen[0]
