@@ -31,7 +31,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, TypedDict, cast
 
 from backup_tool.core.kinds import ALL_KINDS
 from backup_tool.core.timestamps import parse_utc, utc_iso
@@ -69,6 +69,36 @@ class TableEntry:
     @property
     def full_name(self) -> str:
         return f"{self.schema}.{self.name}"
+
+
+class ManifestPolicy(TypedDict, total=False):
+    """The policy a backup was taken under, as its manifest records it."""
+
+    name: str
+    source: str
+    retention_days: int
+
+
+class ObjectLockRecord(TypedDict):
+    """The Object Lock a backup's objects were written under."""
+
+    mode: str
+    retain_until: str
+
+
+class ManifestOptions(TypedDict, total=False):
+    """How a backup was taken. Every key is optional: older backups lack the newer ones."""
+
+    jobs: int
+    compression_level: int
+    host: str | None
+    only_tables: list[str] | None
+    changed_tables_method: str
+    changed_tables_note: str
+    checkpoint: str
+    tar_members: int
+    object_lock: ObjectLockRecord
+    encryption: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -172,7 +202,7 @@ class Manifest:
     started_at: datetime
     finished_at: datetime
     expires_at: datetime
-    policy: dict[str, Any]
+    policy: ManifestPolicy
     snapshot_lsn: str | None
     schema: StoredObject | None
     globals: StoredObject | None
@@ -180,7 +210,7 @@ class Manifest:
     tables: tuple[TableEntry, ...]
     sequences: tuple[dict[str, Any], ...]
     inventory: dict[str, Any]
-    options: dict[str, Any] = field(default_factory=dict)
+    options: ManifestOptions = field(default_factory=lambda: ManifestOptions())
     extra_objects: tuple[StoredObject, ...] = ()
     tool_version: str = ""
     format: int = 1
@@ -362,11 +392,11 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             server_version_num=body["server_version_num"], encoding=body["encoding"],
             system_identifier=body["system_identifier"],
             started_at=parse_utc(body["started_at"]), finished_at=parse_utc(body["finished_at"]),
-            expires_at=parse_utc(body["expires_at"]), policy=body["policy"],
+            expires_at=parse_utc(body["expires_at"]), policy=cast(ManifestPolicy, body["policy"]),
             snapshot_lsn=body["snapshot_lsn"], schema=_obj(body["schema"]),
             globals=_obj(body["globals"]), schema_fingerprint=body["schema_fingerprint"],
             tables=tables, sequences=tuple(body["sequences"]), inventory=body["inventory"],
-            options=body.get("options", {}),
+            options=cast(ManifestOptions, body.get("options", {})),
             extra_objects=tuple(StoredObject(**o) for o in body.get("extra_objects", [])),
             tool_version=body.get("tool_version", ""), format=fmt,
             physical=_physical(body.get("physical")),

@@ -54,13 +54,13 @@ class BackupRecord:
     def from_manifest(cls, m: Manifest) -> BackupRecord:
         needs = {o.key.split("/")[1] for o in m.objects()
                  if o.key.startswith("backups/") and o.key.count("/") >= 2}
-        lock = m.options.get("object_lock") or {}
-        until = lock.get("retain_until")
+        lock = m.options.get("object_lock")
+        until = lock.get("retain_until") if lock else None
         return cls(
             id=m.id, kind=m.kind, parent_id=m.parent_id, database=m.database,
             started_at=m.started_at, finished_at=m.finished_at, expires_at=m.expires_at,
             needs=frozenset(needs - {m.id}),
-            lock_mode=lock.get("mode") if until else None,
+            lock_mode=lock.get("mode") if lock and until else None,
             lock_until=parse_utc(until) if isinstance(until, str) else None,
             size_bytes=m.size_bytes, objects=len(m.own_objects()),
             start_wal=base_start_segment(m), policy_name=str(m.policy.get("name", "")),

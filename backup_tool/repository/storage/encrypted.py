@@ -425,6 +425,7 @@ def unauthenticated_allowed(environ: Mapping[str, str] | None = None) -> bool:
     return env.get(ALLOW_UNAUTHENTICATED_ENV, "") == "1"
 
 
-def manifest_encryption(options: dict[str, Any]) -> dict[str, str] | None:
+def manifest_encryption(options: Mapping[str, object]) -> dict[str, str] | None:
+    """The encryption a manifest's options record (None: the backup is not encrypted)."""
     enc = options.get("encryption")
     return enc if isinstance(enc, dict) and enc.get("key_id") else None
