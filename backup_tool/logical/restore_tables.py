@@ -51,7 +51,7 @@ from backup_tool.errors import (
     UsageError,
     ValidationFailed,
 )
-from backup_tool.logical.restore import BackupOrigin, load_table
+from backup_tool.logical.loading import BackupOrigin, load_table
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, qualified

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from backup_tool.postgres.connection import ConnInfo, find_tool
 from backup_tool.streams import pipeline
@@ -294,7 +294,7 @@ def table_definition_ids(toc: list[TocEntry], tables: set[tuple[str, str]]) -> l
     def table_deps(e: TocEntry) -> list[TocEntry]:
         return [by_id[d] for d in dict.fromkeys(e.deps) if d in by_id and by_id[d].desc == "TABLE"]
 
-    def owner(e: TocEntry) -> TocEntry | None | bool:
+    def owner(e: TocEntry) -> TocEntry | None | Literal[False]:
         """The table ``e`` belongs to; None: not a part of a table; False: ambiguous."""
         if e.desc in ("INDEX", "ROW SECURITY"):
             found = table_deps(e)
