@@ -91,6 +91,8 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                 point = recover(server, layout, None, reporter)
             except DatabaseError as exc:
                 raise DatabaseError(exc.message, f"the server log is kept at {_keep_log(server)}") from exc
+            finally:
+                layout.stop_prefetch()
             reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
                            if point.last_transaction_time else None, lsn=point.redo_done_lsn)
             tmp_repo = work / "repo"

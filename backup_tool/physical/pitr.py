@@ -576,6 +576,12 @@ class Layout:
     bytes_written: int
     seconds: float
     bin_dir: Path | None = None
+    prefetch: wal.RecoveryPrefetch | None = None
+
+    def stop_prefetch(self) -> None:
+        """Stop reading WAL ahead of recovery (idempotent)."""
+        if self.prefetch is not None:
+            self.prefetch.stop()
 
 
 def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
@@ -600,6 +606,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     user = server_os_user(pgdata, os_user)
     created = not pgdata.exists()
     pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
+    prefetch: wal.RecoveryPrefetch | None = None
     try:
         chown_to(pgdata, user)
         pgdata.chmod(0o700)
@@ -610,6 +617,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                                                             sys.argv[0], sys.executable))
         restore_command = (f"{command} wal fetch %f %p --abort-on-error "
                            f"--repo {_shell_quote(storage.url)}")
+        prefetch = _start_prefetch(storage, plan, pgdata, user)
         written = extract_base(storage, plan.backup, pgdata, user, reporter)
         for stale in ("standby.signal", "recovery.signal", "postmaster.pid", "postmaster.opts"):
             (pgdata / stale).unlink(missing_ok=True)
@@ -628,10 +636,25 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
         chown_to(signal_file, user)
         chown_to(pgdata / "postgresql.auto.conf", user)
     except BaseException:
+        if prefetch is not None:
+            prefetch.stop()
         _empty_dir(pgdata, remove=created)
         raise
-    reporter.event("data directory laid out", pgdata=str(pgdata), bytes=written, os_user=user)
-    return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started, bin_dir)
+    reporter.event("data directory laid out", pgdata=str(pgdata), bytes=written, os_user=user,
+                   wal_prefetched=len(prefetch.fetched) if prefetch else 0)
+    return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started, bin_dir,
+                  prefetch)
+
+
+def _start_prefetch(storage: Storage, plan: Plan, pgdata: Path, user: str) -> wal.RecoveryPrefetch:
+    """Start downloading the WAL the recovery from ``plan`` will replay (see
+    :class:`wal.RecoveryPrefetch`), in parallel with the base backup's lay-out."""
+    p = plan.physical
+    names = walcoverage.recovery_segments(plan.path, walnames.parse_lsn(p.start_lsn), plan.coverage.last_segment,
+                                          p.wal_segment_size)
+    (pgdata / "pg_wal").mkdir(mode=0o700, exist_ok=True)
+    chown_to(pgdata / "pg_wal", user)
+    return wal.RecoveryPrefetch(storage, names, pgdata / "pg_wal", lambda path: chown_to(path, user)).start()
 
 
 def _shell_quote(text: str) -> str:
@@ -835,6 +858,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
     layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database,
                      server_binaries=start, wait=wait)
     if not start:
+        layout.stop_prefetch()
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
                           None, None, layout.seconds, 0.0, layout.bytes_written, layout.plan.physical.databases,
                           layout.plan.backup.finished_at)
@@ -843,11 +867,13 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
         server = server_for(layout, priv, port or 5432)
         try:
             point = recover(server, layout, timeout, reporter)
+            layout.stop_prefetch()
             if target.kind == "latest":
                 _check_reached_end(point, layout, open_storage(settings.repo_url))
             do_validate = settings.policy.validation.after_restore if run_validation is None else run_validation
             report = validate_cluster(server, settings.policy.backup.jobs, reporter) if do_validate else None
         finally:
+            layout.stop_prefetch()
             server.stop("fast")
             shutil.rmtree(layout.pgdata / "pg_wal" / walspool.SPOOL_DIR / "prefetch", ignore_errors=True)
     _adapt_to_this_host(server, reporter)
