@@ -481,3 +481,31 @@ def test_recovery_prefetch_stays_a_window_ahead_and_stops_at_the_archive_end(tmp
     assert sorted(fetched) == names[0:5]
     assert set(names[0:5]) <= set(owned) and "prefetch" in owned
     assert not list(ahead.glob(".0*"))  # no partial download left behind
+
+
+def test_answers_from_the_spool_load_no_command_line(tmp_path: Path) -> None:
+    """PostgreSQL starts ``wal push``/``wal fetch`` once per segment: one answered from the
+    spool must not import the command line framework, psycopg or boto3."""
+    import subprocess
+    import sys
+
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    segment = pg_wal / walnames.segment_name(1, 1)
+    segment.write_bytes(b"\0" * 1000)
+    repo = str(tmp_path / "repo")
+    walspool.write_marker(segment, walspool.repo_identity(repo),
+                          walspool.PushResult(segment.name, "k", 1000, 10, "0" * 64, False))
+    ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
+    ahead.mkdir()
+    (ahead / walnames.segment_name(1, 2)).write_bytes(b"\1" * 1000)
+    root = Path(__file__).resolve().parent.parent
+    for argv in (["wal", "push", str(segment), "--repo", repo],
+                 ["wal", "fetch", walnames.segment_name(1, 2), str(pg_wal / "RECOVERYXLOG"), "--repo", repo]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "backup_tool", *argv], cwd=root,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        imported = {ln.split("|")[-1].strip() for ln in done.stderr.splitlines() if ln.startswith("import time:")}
+        assert "backup_tool.physical.walspool" in imported
+        assert not {m for m in imported if m.split(".")[0] in ("typer", "psycopg", "boto3", "botocore")}, argv
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == b"\1" * 1000
