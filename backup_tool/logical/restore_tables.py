@@ -416,7 +416,7 @@ def _run_script(conn: psycopg.Connection[Any], script: str, section: str) -> Non
     settings back (the script sets search_path, row_security...)."""
     try:
         with conn.transaction():
-            conn.execute(script)  # type: ignore[call-overload]
+            conn.execute(script.encode())
     except psycopg.Error as exc:
         raise DatabaseError(f"pg_restore ({section}) failed: {str(exc).splitlines()[0]}") from None
     finally:
@@ -424,11 +424,14 @@ def _run_script(conn: psycopg.Connection[Any], script: str, section: str) -> Non
 
 
 def _script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_path: Path,
-                        tables: list[TableEntry], major: int) -> Definitions | None:
+                        tables: list[TableEntry], major: int, encoding: str) -> Definitions | None:
     """The tables' definitions selected from the backup's own schema archive (see
     :func:`schema.table_definition_ids`), as SQL from one pg_restore run, executed in
     ``conn``. None when the archive's table of contents cannot be read or the selection is
-    ambiguous: the caller then extracts them with pg_dump (:func:`extract_definitions`)."""
+    ambiguous, or the database's encoding is not UTF8 (the SQL is read as text): the caller
+    then extracts them with pg_dump (:func:`extract_definitions`)."""
+    if encoding.upper() not in ("UTF8", "UTF-8"):
+        return None
     try:
         toc = schema.read_toc(archive)
     except schema.UnreadableToc:
@@ -507,7 +510,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                     control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
                     definitions = _archive_definitions(Path(tmp) / "tables.pgdump", extracted.archive, target, major)
                 else:
-                    definitions = (_script_definitions(control, archive, archive_path, create, major)
+                    definitions = (_script_definitions(control, archive, archive_path, create, major, manifest.encoding)
                                    or _archive_definitions(Path(tmp) / "tables.pgdump",
                                                            extract_definitions(target, major, archive_path, create,
                                                                                None).archive, target, major))

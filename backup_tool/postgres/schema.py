@@ -234,7 +234,10 @@ def read_toc(archive: bytes) -> list[TocEntry]:
             return None
         if pos + n > len(archive):
             raise UnreadableToc("the archive's table of contents is truncated")
-        text = archive[pos:pos + n].decode("utf-8", "replace")
+        try:
+            text = archive[pos:pos + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnreadableToc("the archive's table of contents is not UTF-8") from None
         pos += n
         return text
 
@@ -361,7 +364,7 @@ class DefinitionScripts:
 
 def _header(entry: TocEntry) -> str:
     def clean(text: str) -> str:
-        return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+        return text.replace("\n", " ").replace("\r", " ")
     return f"-- Name: {clean(entry.tag)}; Type: {entry.desc}; Schema: {clean(entry.namespace) or '-'}; Owner: "
 
 
