@@ -499,7 +499,7 @@ def test_answers_from_the_spool_load_no_command_line(tmp_path: Path) -> None:
     ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
     ahead.mkdir()
     (ahead / walnames.segment_name(1, 2)).write_bytes(b"\1" * 1000)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(wal.__file__).resolve().parents[2]  # the checkout whose backup_tool is under test
     for argv in (["wal", "push", str(segment), "--repo", repo],
                  ["wal", "fetch", walnames.segment_name(1, 2), str(pg_wal / "RECOVERYXLOG"), "--repo", repo]):
         done = subprocess.run([sys.executable, "-X", "importtime", "-m", "backup_tool", *argv], cwd=root,
