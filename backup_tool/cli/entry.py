@@ -21,7 +21,7 @@ def main() -> None:
         fetch = parse_fetch(sys.argv[1:])
         if fetch is not None:
             _quick_fetch(fetch, never_archived(fetch.name))
-    from backup_tool.cli import main as cli_main
+    from backup_tool.cli.program import main as cli_main
 
     cli_main()
 

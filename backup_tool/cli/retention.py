@@ -44,7 +44,7 @@ def retention_apply_cmd(
     Never deletes the newest full (or fewer than retention.min_fulls), a backup a retained one
     depends on, WAL the PITR window needs, a backup in progress, or an object under Object Lock;
     each kept backup says why. Every real run is recorded in the repository's retention-log/."""
-    from backup_tool.core.cron import parse_ts
+    from backup_tool.core.timestamps import parse_ts
     from backup_tool.jobs.expire import apply_retention
 
     result = apply_retention(inv.settings, parse_ts(now) if now else None, dry_run, inv.reporter)

@@ -74,7 +74,7 @@ def run_due_cmd(
     when the policy says so, then run and record the health checks that are due ([health]
     frequencies; a failed check is reported by 'status', not by this exit code). Safe to call every few minutes: it never takes a slot twice.
     Backups are only taken at the real current time; --now plans with --dry-run."""
-    from backup_tool.core.cron import parse_ts
+    from backup_tool.core.timestamps import parse_ts
     from backup_tool.errors import UsageError
     from backup_tool.jobs.run_due import plan_due, run_due
 
@@ -100,7 +100,7 @@ def status_cmd(
 
     CRITICAL: no full since the last full slot + grace, WAL archive stale or gapped, last
     verification failed. WARNING: incremental late, verification too old."""
-    from backup_tool.core.cron import parse_ts
+    from backup_tool.core.timestamps import parse_ts
     from backup_tool.jobs.status import collect_status, write_textfile
     from backup_tool.render.prometheus import prometheus_text
 
@@ -123,7 +123,7 @@ def audit_cmd(
     """The compliance report: policy in force, every backup (taken, size, verified, restore-tested,
     expiry, lock), every scheduled slot met or missed, retention adherence from the deletion log,
     PITR coverage, and a verdict. HTML is one self-contained page with a timeline."""
-    from backup_tool.core.cron import parse_ts
+    from backup_tool.core.timestamps import parse_ts
     from backup_tool.jobs.audit import run_audit
 
     written = run_audit(inv.settings, parse_ts(now) if now else None, fmt, output)

@@ -15,9 +15,6 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import TYPE_CHECKING, Mapping
 from zoneinfo import ZoneInfo
 
-from backup_tool.core.timestamps import parse_utc
-from backup_tool.errors import UsageError
-
 if TYPE_CHECKING:
     pass
 
@@ -33,18 +30,6 @@ FIELDS: tuple[tuple[str, int, int, Mapping[str, int]], ...] = (
     ("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
     ("month", 1, 12, MONTHS), ("day of week", 0, 7, DAYS))
 SEARCH_DAYS = 4 * 366 + 1
-
-
-# ----------------------------------------------------------------------------- timestamps
-
-
-def parse_ts(text: str, option: str = "--now") -> datetime:
-    """An ISO 8601 timestamp (``Z`` or an offset; none means UTC) as an aware UTC datetime."""
-    try:
-        return parse_utc(text)
-    except ValueError:
-        raise UsageError(f"{option} {text!r} is not an ISO 8601 time",
-                         "use e.g. 2026-11-25T14:02:00Z (a time without zone is UTC)") from None
 
 
 # ----------------------------------------------------------------------------- cron

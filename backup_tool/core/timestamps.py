@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
+from backup_tool.errors import UsageError
+
 UTC = timezone.utc
 
 
@@ -40,3 +42,13 @@ def parse_utc(text: str) -> datetime:
     """Inverse of :func:`utc_iso` for any ISO 8601 text; ValueError when it is not one."""
     ts = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def parse_ts(text: str, option: str = "--now") -> datetime:
+    """The value of a command-line time option: ISO 8601 (``Z`` or an offset; none means UTC) as
+    an aware UTC datetime; a UsageError naming ``option`` otherwise."""
+    try:
+        return parse_utc(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not an ISO 8601 time",
+                         "use e.g. 2026-11-25T14:02:00Z (a time without zone is UTC)") from None

@@ -84,6 +84,17 @@ def timeline_for(path: list[TimelineSpan], segno: int, seg_size: int) -> int:
     return chosen
 
 
+def recovery_segments(path: list[TimelineSpan], start_lsn: int, last_segment: str | None,
+                      seg_size: int = DEFAULT_SEGMENT_SIZE) -> list[str]:
+    """The segment names a recovery along ``path`` asks for, in order, from the one holding
+    ``start_lsn`` to ``last_segment`` (the archive's last continuous one). Pure."""
+    if last_segment is None:
+        return []
+    first, last = lsn_segment(start_lsn, seg_size), segment_number(last_segment, seg_size)
+    return [segment_name(timeline_for(path, n, seg_size), n, seg_size) for n in range(first, last + 1)]
+
+
+
 @dataclass(frozen=True)
 class Gap:
     """Missing WAL along a timeline path: from ``first_missing`` to ``last_missing``, with

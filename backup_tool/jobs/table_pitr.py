@@ -145,10 +145,14 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
 
 
 def _recover_keeping_log(server: LocalServer, layout: Layout, reporter: Reporter) -> RecoveryPoint:
+    """Recover; on failure keep a copy of the server log and name it. The WAL read-ahead stops
+    either way once recovery is over."""
     try:
         return recover(server, layout, None, reporter)
     except DatabaseError as exc:
         raise DatabaseError(exc.message, f"the server log is kept at {_keep_log(server)}") from exc
+    finally:
+        layout.stop_prefetch()
 
 
 def _keep_log(server: LocalServer) -> Path:

@@ -22,9 +22,8 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import psycopg
 from psycopg import sql
@@ -38,6 +37,7 @@ from backup_tool.errors import (
     RefusedError,
     ValidationFailed,
 )
+from backup_tool.logical.loading import BackupOrigin, load_table
 from backup_tool.postgres import (
     column_order,
     database_level,
@@ -51,8 +51,8 @@ from backup_tool.postgres import (
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog, DatabaseHint
-from backup_tool.repository.manifest import Manifest, TableEntry, utc_iso
-from backup_tool.repository.storage import Storage, open_repository
+from backup_tool.repository.manifest import Manifest, TableEntry
+from backup_tool.repository.storage import open_repository
 from backup_tool.schema import rebuild
 from backup_tool.streams import pipeline, testhooks
 from backup_tool.validation.validate import ValidationReport, validate
@@ -83,24 +83,6 @@ class RestoreResult:
             "validation": self.validation.to_dict() if self.validation else None,
             **({"schema_from_migrations": self.schema_from_migrations} if self.schema_from_migrations else {}),
         }
-
-
-@dataclass(frozen=True)
-class BackupOrigin:
-    """What a restore brought back: the source database and the moment its data represents
-    (the backup's snapshot, taken as it started) and when the backup finished."""
-
-    database: str
-    snapshot_at: datetime
-    finished_at: datetime
-
-    @classmethod
-    def of(cls, manifest: Manifest) -> "BackupOrigin":
-        return cls(manifest.database, manifest.started_at, manifest.finished_at)
-
-    def to_dict(self) -> dict[str, str]:
-        return {"database": self.database, "snapshot_at": utc_iso(self.snapshot_at),
-                "backup_finished_at": utc_iso(self.finished_at)}
 
 
 def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any] | None = None) -> bool:
@@ -154,40 +136,6 @@ def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter) -
                 reporter.warning(f"could not drop database {conninfo.dbname}, created by this restore: "
                                  f"{str(exc).splitlines()[0]}")
         raise
-
-
-def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding: str,
-               advance: Callable[[int], None], conn: psycopg.Connection[Any] | None = None,
-               target: tuple[str, str] | None = None, fresh: bool = False,
-               on_raw: Callable[[int], None] | None = None) -> None:
-    """COPY one table's object into ``target`` (default: the table itself), in one transaction.
-    ``advance`` counts the stored (compressed) bytes read, ``on_raw`` the uncompressed bytes
-    written to COPY (what a progress bar over ``raw_size`` measures).
-
-    ``fresh``: the table was created by this restore and nothing references it yet, so it is
-    truncated in the loading transaction and loaded with COPY FREEZE: rows arrive frozen with
-    their hint bits set, so neither validation's scan nor the first VACUUM rewrites every page.
-    """
-    obj = entry.object
-    assert obj is not None
-    schema_name, name = target or (entry.schema, entry.name)
-    stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh)
-    own = conn is None
-    conn = conn or conninfo.connect(autocommit=True, settings={"client_encoding": encoding})
-    try:
-        with conn.transaction(), conn.cursor() as cur:
-            if fresh:
-                cur.execute(postgres.truncate_statement(schema_name, name))
-            with cur.copy(stmt) as copy:
-                for chunk in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance):
-                    copy.write(chunk)
-                    if on_raw is not None:
-                        on_raw(len(chunk))
-    except psycopg.Error as exc:
-        raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
-    finally:
-        if own:
-            conn.close()
 
 
 def set_sequences(conn: psycopg.Connection[Any], sequences: list[dict[str, Any]]) -> None:

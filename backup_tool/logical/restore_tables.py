@@ -32,6 +32,7 @@ import difflib
 import secrets
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -50,7 +51,7 @@ from backup_tool.errors import (
     UsageError,
     ValidationFailed,
 )
-from backup_tool.logical.restore import BackupOrigin, load_table
+from backup_tool.logical.loading import BackupOrigin, load_table
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, qualified
@@ -402,6 +403,56 @@ def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: 
                                "restore the referenced tables too, or use --into-schema to inspect")
 
 
+class Definitions:
+    """How the chosen tables' definitions reach the target: ``before_data`` creates the
+    tables (and their sequences and defaults) before the rows load, ``after_data`` their
+    indexes, constraints, triggers and policies after."""
+
+    def __init__(self, before_data: Callable[[], None], after_data: Callable[[], None]) -> None:
+        self.before_data = before_data
+        self.after_data = after_data
+
+
+def _run_script(conn: psycopg.Connection[Any], script: str, section: str) -> None:
+    """Run pg_restore's SQL in one transaction in ``conn``, then give the session its own
+    settings back (the script sets search_path, row_security...)."""
+    try:
+        with conn.transaction():
+            conn.execute(script.encode())
+    except psycopg.Error as exc:
+        raise DatabaseError(f"pg_restore ({section}) failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        conn.execute("RESET ALL")
+
+
+def _script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_path: Path,
+                        tables: list[TableEntry], major: int, encoding: str) -> Definitions | None:
+    """The tables' definitions selected from the backup's own schema archive (see
+    :func:`schema.table_definition_ids`), as SQL from one pg_restore run, executed in
+    ``conn``. None when the archive's table of contents cannot be read or the selection is
+    ambiguous, or the database's encoding is not UTF8 (the SQL is read as text): the caller
+    then extracts them with pg_dump (:func:`extract_definitions`)."""
+    if encoding.upper() not in ("UTF8", "UTF-8"):
+        return None
+    try:
+        toc = schema.read_toc(archive)
+    except schema.UnreadableToc:
+        return None
+    ids = schema.table_definition_ids(toc, {(t.schema, t.name) for t in tables})
+    if ids is None:
+        return None
+    scripts = schema.definition_scripts(archive_path, toc, ids, major)
+    return Definitions(lambda: _run_script(conn, scripts.before_data, "pre-data"),
+                       lambda: _run_script(conn, scripts.after_data, "post-data") if scripts.after_data else None)
+
+
+def _archive_definitions(path: Path, archive: bytes, target: ConnInfo, major: int) -> Definitions:
+    """Definitions from a pg_dump archive of just the tables, replayed by pg_restore."""
+    path.write_bytes(archive)
+    return Definitions(lambda: schema.restore_section(path, target, major, "pre-data"),
+                       lambda: schema.restore_section(path, target, major, "post-data"))
+
+
 def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
                    backup_ref: str | None = "latest", into_schema: str | None = None, replace: bool = False,
                    with_roles: bool = False, jobs: int | None = None, run_validation: bool = True,
@@ -425,7 +476,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
     def count(n: int) -> None:
         fetched[0] += n
 
-    with target.connect() as control:
+    with target.connect(settings={"client_encoding": manifest.encoding}) as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
@@ -447,20 +498,25 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                        create=len(create), existing=len(existing))
 
         with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
-            definitions = None
+            definitions: Definitions | None = None
             copies: tuple[SequenceCopy, ...] = ()
             if create:
                 assert manifest.schema is not None
                 roles.ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
                 archive_path = Path(tmp) / "schema.pgdump"
-                archive_path.write_bytes(pipeline.read_object(storage, manifest.schema, count))
-                definitions = Path(tmp) / "tables.pgdump"
-                extracted = extract_definitions(target, major, archive_path, create, into_schema)
-                definitions.write_bytes(extracted.archive)
-                copies = extracted.sequences
+                archive = pipeline.read_object(storage, manifest.schema, count)
+                archive_path.write_bytes(archive)
                 if into_schema:
+                    extracted = extract_definitions(target, major, archive_path, create, into_schema)
+                    copies = extracted.sequences
                     control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
-                schema.restore_section(definitions, target, major, "pre-data")
+                    definitions = _archive_definitions(Path(tmp) / "tables.pgdump", extracted.archive, target, major)
+                else:
+                    definitions = (_script_definitions(control, archive, archive_path, create, major, manifest.encoding)
+                                   or _archive_definitions(Path(tmp) / "tables.pgdump",
+                                                           extract_definitions(target, major, archive_path, create,
+                                                                               None).archive, target, major))
+                definitions.before_data()
 
             total = sum(t.object.raw_size for t in entries if t.object)
             progress = reporter.task("data", total=total)
@@ -468,10 +524,24 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
             if existing:
                 replace_in_place(control, storage, manifest, existing, replace, count, progress.advance)
             loads = [t for t in create if t.object is not None]
-            pipeline.run_parallel(jobs, [(lambda t: load_table(target, storage, t, manifest.encoding, count,
-                                                               target=location[(t.schema, t.name)], fresh=True,
-                                                               on_raw=progress.advance), t)
-                                         for t in loads])
+            checksums: dict[TableKey, tuple[int, str]] = {}
+
+            def load(t: TableEntry, conn: psycopg.Connection[Any]) -> None:
+                where = location[(t.schema, t.name)]
+                load_table(target, storage, t, manifest.encoding, count, conn=conn, target=where, fresh=True,
+                           on_raw=progress.advance)
+                if run_validation and t.relkind == "r":
+                    checksums[(t.schema, t.name)] = postgres.table_checksum(conn, *where, t.columns)
+
+            def load_alone(t: TableEntry) -> None:
+                with target.connect(settings={"client_encoding": manifest.encoding}) as conn:
+                    load(t, conn)
+
+            if jobs == 1 or len(loads) == 1:
+                for t in loads:
+                    load(t, control)
+            else:
+                pipeline.run_parallel(jobs, [(load_alone, t) for t in loads])
             progress.finish()
             recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
             with control.transaction():
@@ -486,16 +556,16 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                                      seq["is_called"]))
             if definitions is not None:
                 try:
-                    schema.restore_section(definitions, target, major, "post-data")
+                    definitions.after_data()
                 except DatabaseError as exc:
                     raise DatabaseError(f"tables loaded, but building their indexes/constraints failed: {exc.message}",
                                         "inspect the restored tables; a foreign key may point at rows missing live") from None
         reporter.event("tables restored", tables=len(entries), bytes=fetched[0])
 
-    report = None
-    if run_validation:
-        report = validate_tables(target, manifest, entries, location, jobs, reporter,
-                                 copies if into_schema else None)
+        report = None
+        if run_validation:
+            report = validate_tables(target, manifest, entries, location, jobs, reporter,
+                                     copies if into_schema else None, conn=control, checksums=checksums)
     result = TablesRestoreResult(manifest.id, target.redacted(), tuple(t.full_name for t in entries), mode,
                                  into_schema, sum(t.rows for t in entries), fetched[0],
                                  time.monotonic() - started, report, copies, BackupOrigin.of(manifest))
@@ -545,18 +615,37 @@ def check_table_sequences(conn: psycopg.Connection[Any], manifest: Manifest, ent
 
 def validate_tables(target: ConnInfo, manifest: Manifest, entries: list[TableEntry],
                     location: dict[TableKey, TableKey], jobs: int, reporter: Reporter,
-                    copies: tuple[SequenceCopy, ...] | None = None) -> ValidationReport:
+                    copies: tuple[SequenceCopy, ...] | None = None, conn: psycopg.Connection[Any] | None = None,
+                    checksums: dict[TableKey, tuple[int, str]] | None = None) -> ValidationReport:
     """Row counts and content checksums of the restored tables, their sequences, and the
-    foreign keys and indexes touching them."""
+    foreign keys and indexes touching them.
+
+    ``conn``: a session on the target to run the checks in (else one is opened);
+    ``checksums``: row counts and checksums already read from the target after the loads
+    committed, by table key; only the other tables are scanned (in ``conn`` when one remains).
+    """
     data = [t for t in entries if t.relkind == "r"]
-    live = table_checksums(target, {(t.schema, t.name): (*location[(t.schema, t.name)], t.columns)
-                                    for t in data}, jobs, reporter)
-    checks = check_tables(manifest, live)
-    with target.connect() as conn:
+    known = {k: v for k, v in (checksums or {}).items()}
+    wanted = {(t.schema, t.name): (*location[(t.schema, t.name)], t.columns) for t in data
+              if (t.schema, t.name) not in known}
+    with (nullcontext(conn) if conn is not None else target.connect()) as session:
+        if len(wanted) == 1:
+            key, (schema_name, name, columns) = next(iter(wanted.items()))
+            try:
+                live: dict[TableKey, tuple[int, str] | None] = {
+                    key: postgres.table_checksum(session, schema_name, name, columns)}
+            except psycopg.errors.UndefinedTable:
+                live = {key: None}
+            except psycopg.errors.UndefinedColumn:
+                live = {key: (-1, "")}
+        else:
+            live = dict(table_checksums(target, wanted, jobs, reporter))
+        live.update(known)
+        checks = check_tables(manifest, live)
         places = set(location.values())
-        checks.append(check_table_sequences(conn, manifest, entries, location, copies))
-        checks.append(check_foreign_keys(conn, _fks_touching(conn, places)))
-        bad = [f"{i['schema']}.{i['name']}" for i in postgres.indexes(conn)
+        checks.append(check_table_sequences(session, manifest, entries, location, copies))
+        checks.append(check_foreign_keys(session, _fks_touching(session, places)))
+        bad = [f"{i['schema']}.{i['name']}" for i in postgres.indexes(session)
                if (i["schema"], i["table"]) in places and not (i["valid"] and i["ready"])]
         checks.append(Check("indexes_valid", not bad, f"invalid: {', '.join(bad)}" if bad
                             else "indexes of the restored tables valid"))

@@ -65,6 +65,7 @@ from backup_tool.errors import (
 from backup_tool.governance.walcoverage import Coverage, Gap, archive_coverage, parse_history
 from backup_tool.physical.walspool import (
     PushResult,
+    drop_older,
     keep_fetched,
     prefetch_dir,
     repo_identity,
@@ -364,11 +365,13 @@ def quick_fetch(name: str, destination: str, repo: str | None, prefetch: int | N
 
 def _keep_for_asking_again(dest: Path, name: str) -> None:
     """Keep a link to a fetched segment in the read-ahead directory: at the end of the
-    archive PostgreSQL asks again for the last segment it replayed."""
+    archive PostgreSQL asks again for the last segment it replayed. The older segments of
+    its timeline there are dropped, as when one is taken from the directory."""
     folder = prefetch_dir(dest)
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         keep_fetched(dest, folder / name)
+        drop_older(folder, name)
     except OSError:
         pass
 
@@ -443,6 +446,115 @@ def prefetch_in_background(repo_url: str, name: str, destination: str | Path, co
 
 
 # --------------------------------------------------------------------------- health
+
+
+PREFETCH_WORKERS = 4
+PREFETCH_WINDOW = 16
+
+
+class RecoveryPrefetch:
+    """Downloads the segments a recovery will ask for into the read-ahead directory of
+    ``pg_wal`` (see :func:`take_prefetched`), ``workers`` at a time and in order, while the
+    ``restore pitr`` process lays out the base backup and then while the server recovers:
+    PostgreSQL's ``restore_command`` then finds each one already there (pgBackRest's
+    asynchronous archive-get, done by the restoring process itself).
+
+    Guarantees: a file enters the directory only complete and verified (as :func:`fetch`
+    writes it); at most ``window`` segments are held on disk (the last one recovery took,
+    which it may ask for again, and those after it);
+    a download that fails or a segment the archive lacks only stops the read-ahead
+    (``restore_command`` then fetches from the repository as usual). While it runs, it holds
+    the directory's lock, so the per-call read-ahead of ``wal fetch`` stays out of its way.
+    """
+
+    def __init__(self, storage: Storage, names: list[str], pg_wal: Path, owner: Callable[[Path], None],
+                 workers: int = PREFETCH_WORKERS, window: int = PREFETCH_WINDOW) -> None:
+        import threading
+
+        self.storage = storage
+        self.names = names
+        self.folder = prefetch_dir(pg_wal / "RECOVERYXLOG")
+        self.owner = owner
+        self.workers = max(1, workers)
+        self.window = max(self.workers, window)
+        self.fetched: list[str] = []
+        self.failure: str | None = None
+        self._next = 0
+        self._done: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock_file: Any = None
+
+    def start(self) -> "RecoveryPrefetch":
+        import fcntl
+        import threading
+
+        if not self.names:
+            return self
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.owner(self.folder.parent)
+        self.owner(self.folder)
+        self._lock_file = open(self.folder / ".lock", "w")
+        self.owner(self.folder / ".lock")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            return self
+        self._threads = [threading.Thread(target=self._work, name=f"wal-prefetch-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> list[str]:
+        """Stop reading ahead (downloads under way finish first); the segments fetched."""
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        return list(self.fetched)
+
+    def _recovery_at(self) -> int:
+        """Index in ``names`` recovery has reached at least: one past the newest segment
+        downloaded here that is gone again (taking a segment drops the older ones)."""
+        try:
+            present = {e.name for e in os.scandir(self.folder)}
+        except OSError:
+            return 0
+        with self._lock:
+            done = list(self._done)
+        return max((i + 1 for i in done if self.names[i] not in present), default=0)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if self._next >= len(self.names) or self.failure is not None:
+                    return
+                index = self._next
+                self._next += 1
+            name = self.names[index]
+            while not self._stop.is_set() and index >= self._recovery_at() + self.window:
+                self._stop.wait(0.05)
+            if self._stop.is_set():
+                return
+            target = self.folder / name
+            if not target.exists():
+                try:
+                    _download(self.storage, open_archived(self.storage, name), target)
+                    self.owner(target)
+                except (BackupToolError, OSError) as exc:
+                    with self._lock:
+                        self.failure = self.failure or f"{name}: {exc}"
+                    return
+                with self._lock:
+                    self.fetched.append(name)
+            with self._lock:
+                self._done.add(index)
 
 
 def histories(storage: Storage, files: Iterable[WalFile]) -> dict[int, list[tuple[int, int]]]:

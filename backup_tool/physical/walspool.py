@@ -192,11 +192,17 @@ def take_prefetched(name: str, destination: str | Path) -> bool:
         return False
     if not keep_fetched(folder / name, dest):
         return False
+    drop_older(folder, name)
+    return True
+
+
+def drop_older(folder: Path, name: str) -> None:
+    """Remove the read-ahead directory's segments of ``name``'s timeline older than ``name``:
+    recovery asked for ``name``, so it has moved past them."""
     if is_segment(name):
         for entry in os.scandir(folder):
             if is_segment(entry.name) and entry.name[:8] == name[:8] and entry.name < name:
                 Path(entry.path).unlink(missing_ok=True)
-    return True
 
 
 def keep_fetched(source: Path, dest: Path) -> bool:

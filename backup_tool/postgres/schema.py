@@ -10,11 +10,13 @@ pg_dump 15.14+ writes.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from backup_tool.postgres.connection import ConnInfo, find_tool
 from backup_tool.streams import pipeline
@@ -172,3 +174,231 @@ def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section:
 
     argv += ["--verbose", str(archive_path)]
     pipeline.run_watching(argv, conninfo.tool_env(), f"pg_restore ({section})", seen)
+
+
+# --------------------------------------------------------------------------- table definitions
+
+
+class Section(enum.IntEnum):
+    """pg_dump's TOC sections (``teSection``)."""
+
+    NONE = 1
+    PRE_DATA = 2
+    DATA = 3
+    POST_DATA = 4
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    """One entry of a custom-format archive's table of contents: what pg_restore -l lists,
+    plus the section and the dump ids the entry depends on."""
+
+    dump_id: int
+    section: Section
+    desc: str
+    namespace: str
+    tag: str
+    deps: tuple[int, ...]
+
+
+class UnreadableToc(Exception):
+    """The archive is not a custom-format archive of a version :func:`read_toc` knows."""
+
+
+_READABLE_VERSIONS = ((1, 12), (1, 13), (1, 14), (1, 15))
+
+
+def read_toc(archive: bytes) -> list[TocEntry]:
+    """The table of contents of a pg_dump custom-format archive (format 1.12 to 1.15, written
+    by pg_dump 11 to 16), in archive order; :class:`UnreadableToc` for anything else."""
+    if archive[:5] != b"PGDMP" or len(archive) < 11:
+        raise UnreadableToc("not a pg_dump custom-format archive")
+    vmaj, vmin, _, int_size, off_size, fmt = archive[5:11]
+    if (vmaj, vmin) not in _READABLE_VERSIONS or fmt != 1:
+        raise UnreadableToc(f"archive format {vmaj}.{vmin} (kind {fmt}) is not read here")
+    pos = 11
+
+    def read_int() -> int:
+        nonlocal pos
+        if pos + 1 + int_size > len(archive):
+            raise UnreadableToc("the archive's table of contents is truncated")
+        negative = archive[pos]
+        value = int.from_bytes(archive[pos + 1:pos + 1 + int_size], "little")
+        pos += 1 + int_size
+        return -value if negative else value
+
+    def read_str() -> str | None:
+        nonlocal pos
+        n = read_int()
+        if n < 0:
+            return None
+        if pos + n > len(archive):
+            raise UnreadableToc("the archive's table of contents is truncated")
+        try:
+            text = archive[pos:pos + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnreadableToc("the archive's table of contents is not UTF-8") from None
+        pos += n
+        return text
+
+    if (vmaj, vmin) >= (1, 15):
+        pos += 1
+    else:
+        read_int()
+    for _ in range(7):
+        read_int()
+    for _ in range(3):
+        read_str()
+    entries = []
+    for _ in range(read_int()):
+        dump_id = read_int()
+        read_int()
+        read_str(), read_str()
+        tag = read_str() or ""
+        desc = read_str() or ""
+        section = read_int()
+        for _ in range(3):
+            read_str()
+        namespace = read_str() or ""
+        read_str()
+        if (vmaj, vmin) >= (1, 14):
+            read_str()
+        read_str(), read_str()
+        deps = []
+        while (dep := read_str()) is not None:
+            deps.append(int(dep))
+        pos += 1 + off_size
+        try:
+            entries.append(TocEntry(dump_id, Section(section), desc, namespace, tag, tuple(deps)))
+        except ValueError:
+            raise UnreadableToc(f"entry {dump_id} has an unknown section {section}") from None
+    return entries
+
+
+_TABLE_PARTS = frozenset({"CONSTRAINT", "CHECK CONSTRAINT", "FK CONSTRAINT", "DEFAULT", "TRIGGER",
+                          "POLICY", "RULE"})
+_ANNOTATIONS = frozenset({"COMMENT", "ACL", "SECURITY LABEL"})
+_RELATIONS = frozenset({"TABLE", "VIEW", "MATERIALIZED VIEW", "FOREIGN TABLE"})
+
+
+def table_definition_ids(toc: list[TocEntry], tables: set[tuple[str, str]]) -> list[int] | None:
+    """The dump ids that ``pg_dump --schema-only --table`` of ``tables``
+    would write: each table with its owned and identity sequences, column defaults,
+    constraints (foreign keys included), indexes, triggers, rules, row security and policies,
+    partition attachments, and the comments, privileges and security labels on all of
+    those; not extended statistics, not sequences a default only calls, not views. In archive
+    order, except that every post-data entry (by :func:`effective_section`) comes last.
+
+    Pure. None when an entry's table cannot be told from its tag and dependencies (a table
+    name containing a space can make ``"a b" c`` ambiguous): the caller then asks pg_dump.
+    """
+    by_id = {e.dump_id: e for e in toc}
+
+    def table_deps(e: TocEntry) -> list[TocEntry]:
+        return [by_id[d] for d in dict.fromkeys(e.deps) if d in by_id and by_id[d].desc == "TABLE"]
+
+    def owner(e: TocEntry) -> TocEntry | None | Literal[False]:
+        """The table ``e`` belongs to; None: not a part of a table; False: ambiguous."""
+        if e.desc in ("INDEX", "ROW SECURITY"):
+            found = table_deps(e)
+            return found[0] if len(found) == 1 else False
+        if e.desc == "TABLE ATTACH":
+            found = [t for t in table_deps(e) if t.tag == e.tag and t.namespace == e.namespace]
+            return found[0] if len(found) == 1 else False
+        if e.desc == "INDEX ATTACH":
+            index = [by_id[d] for d in dict.fromkeys(e.deps) if d in by_id and by_id[d].namespace == e.namespace
+                     and ((by_id[d].desc == "INDEX" and by_id[d].tag == e.tag)
+                          or (by_id[d].desc == "CONSTRAINT" and by_id[d].tag.endswith(" " + e.tag)))]
+            return owner(index[0]) if len(index) == 1 else False
+        if e.desc in _TABLE_PARTS:
+            found = [by_id[d] for d in dict.fromkeys(e.deps) if d in by_id and by_id[d].desc in _RELATIONS
+                     and by_id[d].namespace == e.namespace and e.tag.startswith(by_id[d].tag + " ")]
+            if len(found) != 1:
+                return False
+            return found[0] if found[0].desc == "TABLE" else None
+        return None
+
+    chosen: set[int] = {e.dump_id for e in toc if e.desc == "TABLE" and (e.namespace, e.tag) in tables}
+    for e in toc:
+        if e.desc == "SEQUENCE" and any(d in chosen and by_id[d].desc == "TABLE" for d in e.deps):
+            chosen.add(e.dump_id)
+        elif e.desc == "SEQUENCE OWNED BY" and any(d in chosen for d in e.deps):
+            chosen.add(e.dump_id)
+        else:
+            table = owner(e)
+            if table is False:
+                if any(d in chosen for d in e.deps):
+                    return None
+            elif table is not None and table.dump_id in chosen:
+                chosen.add(e.dump_id)
+    grew = True
+    while grew:
+        extra = {e.dump_id for e in toc if e.desc in _ANNOTATIONS and e.dump_id not in chosen
+                 and e.deps and all(d in chosen for d in e.deps)}
+        chosen |= extra
+        grew = bool(extra)
+    picked = [e for e in toc if e.dump_id in chosen]
+    return ([e.dump_id for e in picked if effective_section(e, by_id) != Section.POST_DATA]
+            + [e.dump_id for e in picked if effective_section(e, by_id) == Section.POST_DATA])
+
+
+def effective_section(entry: TocEntry, by_id: dict[int, TocEntry]) -> Section:
+    """The section an entry is restored in: its own, or for a comment, privilege or security
+    label (section "none") that of the object it is about, as in an archive of that object
+    alone (pg_dump writes those right after their object)."""
+    seen: set[int] = set()
+    while entry.section == Section.NONE and entry.deps and entry.deps[0] in by_id and entry.dump_id not in seen:
+        seen.add(entry.dump_id)
+        entry = by_id[entry.deps[0]]
+    return Section.PRE_DATA if entry.section == Section.NONE else entry.section
+
+
+@dataclass(frozen=True)
+class DefinitionScripts:
+    """SQL that creates some tables: ``before_data`` (tables, sequences, defaults: run before
+    loading the rows) and ``after_data`` (indexes, constraints, triggers, policies)."""
+
+    before_data: str
+    after_data: str
+
+
+def _header(entry: TocEntry) -> str:
+    def clean(text: str) -> str:
+        return text.replace("\n", " ").replace("\r", " ")
+    return f"-- Name: {clean(entry.tag)}; Type: {entry.desc}; Schema: {clean(entry.namespace) or '-'}; Owner: "
+
+
+def _script(archive_path: Path, ids: list[int], major: int, section: str | None = None) -> list[str]:
+    listing = archive_path.with_name(archive_path.name + ".list")
+    listing.write_text("".join(f"{i}\n" for i in ids))
+    argv = [find_tool("pg_restore", major), "--use-list", str(listing), "--file=-",
+            *([f"--section={section}"] if section else []), str(archive_path)]
+    text = pipeline.run(argv, dict(os.environ), "pg_restore (table definitions)").decode()
+    return [ln for ln in text.split("\n") if not ln.startswith(("\\restrict ", "\\unrestrict "))]
+
+
+def definition_scripts(archive_path: Path, toc: list[TocEntry], ids: list[int], major: int) -> DefinitionScripts:
+    """The SQL of the TOC entries ``ids`` (see :func:`table_definition_ids`) from one
+    pg_restore run, cut where the first post-data entry begins; each part starts with the
+    archive's session settings (search_path, encoding...), so it runs on any session.
+    Privileges come in the second part (pg_restore applies them after every other entry).
+
+    If the cut cannot be placed with certainty (its entry header not found exactly once),
+    each section is asked for separately instead."""
+    lines = _script(archive_path, ids, major)
+    by_id = {e.dump_id: e for e in toc}
+    entries = [by_id[i] for i in ids]
+    heads = [i for i, ln in enumerate(lines) if ln.startswith("-- Name: ") and i and lines[i - 1] == "--"]
+    preamble = lines[:heads[0] - 1] if heads else lines
+    first_post = next((e for e in entries if effective_section(e, by_id) == Section.POST_DATA), None)
+    if first_post is None:
+        return DefinitionScripts("\n".join(lines), "")
+    cut = [i for i in heads if lines[i].startswith(_header(first_post))]
+    if len(cut) != 1:
+        pre = _script(archive_path, ids, major, "pre-data")
+        post = _script(archive_path, ids, major, "post-data")
+        return DefinitionScripts("\n".join(pre), "\n".join(post))
+    start = cut[0] - 1
+    while start > 0 and (lines[start - 1] == "" or lines[start - 1].startswith("SET ")):
+        start -= 1
+    return DefinitionScripts("\n".join(lines[:start]), "\n".join(preamble + lines[start:]))

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Sequence
 
 from backup_tool.core.timestamps import iso_seconds as iso
-from backup_tool.core.timestamps import seconds_in
+from backup_tool.core.timestamps import parse_utc, seconds_in
 from backup_tool.governance.audit import NOT_RECORDED, AuditReport
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ SIDECAR_SUFFIX = ".sha256"
 
 
 def _ts(text: str | None) -> datetime | None:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    return parse_utc(text) if text else None
 
 
 def render(report: AuditReport, fmt: str, output_name: str | None = None) -> str:

@@ -16,7 +16,8 @@ from support.paths import REPO_ROOT
 
 from backup_tool.config.policy import Policy, Retention, Schedule, parse_policy
 from backup_tool.config.settings import Settings
-from backup_tool.core.cron import next_slot, parse_cron, parse_ts, previous_slot, slots_between
+from backup_tool.core.cron import next_slot, parse_cron, previous_slot, slots_between
+from backup_tool.core.timestamps import parse_ts
 from backup_tool.errors import ConfigError, UsageError
 from backup_tool.governance.due import decide_due
 from backup_tool.render.units import render_schedule

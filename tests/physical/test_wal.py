@@ -420,3 +420,92 @@ def test_fetch_reads_ahead_verified_segments(cli: Any, local_repo: str, tmp_path
     moved.rename(local_repo)
     # segments older than the last one taken are dropped; the last one and those ahead stay
     assert sorted(p.name for p in ahead.glob("0*")) == names[2:4]
+
+
+def test_recovery_segments_follow_the_timeline_path() -> None:
+    path = walcoverage.timeline_path(2, [(1, walnames.parse_lsn("0/5000100"))])
+    assert walcoverage.recovery_segments(path, walnames.parse_lsn("0/3000028"), "000000020000000000000007") == [
+        "000000010000000000000003", "000000010000000000000004", "000000020000000000000005",
+        "000000020000000000000006", "000000020000000000000007"]
+    assert walcoverage.recovery_segments(path, walnames.parse_lsn("0/3000028"), None) == []
+
+
+def test_recovery_prefetch_stays_a_window_ahead_and_stops_at_the_archive_end(tmp_path: Path) -> None:
+    from backup_tool.repository.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "repo"))
+    names = [wal.segment_name(1, n) for n in range(1, 8)]
+    source = tmp_path / "source"
+    source.mkdir()
+    for i, name in enumerate(names[:5]):  # the archive ends after the fifth
+        (source / name).write_bytes(os.urandom(64) + bytes([i]) * 50000)
+        wal.push_file(storage, source / name)
+    pg_wal = tmp_path / "data" / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    owned: list[str] = []
+    ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
+    prefetch = wal.RecoveryPrefetch(storage, names, pg_wal, lambda p: owned.append(p.name), workers=2,
+                                    window=3).start()
+    try:
+        def present() -> list[str]:
+            return sorted(p.name for p in ahead.glob("0*"))
+
+        def wait_for(want: list[str]) -> None:
+            deadline = time.monotonic() + 20
+            while present() != want:
+                assert time.monotonic() < deadline, present()
+                time.sleep(0.05)
+
+        wait_for(names[0:3])
+        time.sleep(0.3)
+        assert present() == names[0:3]  # no more than the window ahead of recovery
+        assert not walspool.try_fast_fetch(["wal", "fetch", names[0], str(tmp_path / "elsewhere" / "x")])
+        dest = pg_wal / "RECOVERYXLOG"
+        for taken in names[0:2]:
+            assert walspool.take_prefetched(taken, dest)
+            assert dest.read_bytes() == (source / taken).read_bytes()
+        wait_for(names[1:4])  # the last one taken stays (PostgreSQL may ask again) and counts
+        for taken in names[2:4]:
+            assert walspool.take_prefetched(taken, dest)
+            assert dest.read_bytes() == (source / taken).read_bytes()
+        wait_for(names[3:5])
+        for name in names[3:5]:
+            assert (ahead / name).read_bytes() == (source / name).read_bytes()
+        deadline = time.monotonic() + 20
+        while prefetch.failure is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert names[5] in prefetch.failure
+    finally:
+        fetched = prefetch.stop()
+    assert sorted(fetched) == names[0:5]
+    assert set(names[0:5]) <= set(owned) and "prefetch" in owned
+    assert not list(ahead.glob(".0*"))  # no partial download left behind
+
+
+def test_answers_from_the_spool_load_no_command_line(tmp_path: Path) -> None:
+    """PostgreSQL starts ``wal push``/``wal fetch`` once per segment: one answered from the
+    spool must not import the command line framework, psycopg or boto3."""
+    import subprocess
+    import sys
+
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    segment = pg_wal / walnames.segment_name(1, 1)
+    segment.write_bytes(b"\0" * 1000)
+    repo = str(tmp_path / "repo")
+    walspool.write_marker(segment, walspool.repo_identity(repo),
+                          walspool.PushResult(segment.name, "k", 1000, 10, "0" * 64, False))
+    ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
+    ahead.mkdir()
+    (ahead / walnames.segment_name(1, 2)).write_bytes(b"\1" * 1000)
+    root = Path(wal.__file__).resolve().parents[2]  # the checkout whose backup_tool is under test
+    for argv in (["wal", "push", str(segment), "--repo", repo],
+                 ["wal", "fetch", walnames.segment_name(1, 2), str(pg_wal / "RECOVERYXLOG"), "--repo", repo]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "backup_tool", *argv], cwd=root,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        imported = {ln.split("|")[-1].strip() for ln in done.stderr.splitlines() if ln.startswith("import time:")}
+        assert "backup_tool.physical.walspool" in imported
+        assert not {m for m in imported if m.split(".")[0] in ("typer", "psycopg", "boto3", "botocore")}, argv
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == b"\1" * 1000
