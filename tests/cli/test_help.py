@@ -24,7 +24,7 @@ TYPE_DISPLAY = re.compile(r"<(bool|str|int|float|int range|float range|path)>")
 
 
 def _commands() -> list[tuple[list[str], Any]]:
-    from backup_tool.cli.common import app
+    from backup_tool.cli.program import app
 
     found: list[tuple[list[str], Any]] = []
 
@@ -39,7 +39,7 @@ def _commands() -> list[tuple[list[str], Any]]:
 
 
 def _help(path: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    from backup_tool.cli.common import app
+    from backup_tool.cli.program import app
 
     assert app([*path, "--help"], prog_name="backup-tool", standalone_mode=False) in (0, None)
     return capsys.readouterr().out

@@ -175,7 +175,7 @@ def cli_commands() -> set[str]:
     """Every leaf command of the CLI, as 'group name' or 'name'."""
     import typer.main
 
-    from backup_tool.cli.common import app
+    from backup_tool.cli.program import app
 
     found: set[str] = set()
 
