@@ -55,7 +55,7 @@ def test_parallel_replay_leaves_every_partitioned_index_valid(fresh_db: Any, tmp
         target = ConnInfo(dst.dsn)
         schema.restore_section(archive, target, 15, "pre-data")
         done: list[int] = []
-        schema.restore_section(archive, target, 15, "post-data", jobs=4, on_item=lambda: done.append(1))
+        schema.restore_section(archive, target, 15, "post-data", jobs=4, on_item=lambda d=done: d.append(1))
         assert dst.scalar("SELECT count(*) FROM pg_index WHERE NOT indisvalid") == 0
         assert len(done) == len(schema.section_ids(archive, 15, "post-data"))
         assert dst.scalar("SELECT count(*) FROM pg_constraint WHERE contype = 'f'") >= 1
