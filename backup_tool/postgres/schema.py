@@ -14,7 +14,6 @@ import enum
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -148,38 +147,12 @@ def section_items(archive_path: Path, major: int, section: str) -> int:
 _ITEM_DONE = re.compile(r"(?:processing item|processing missed item|finished item) (\d+) ")
 
 
-# A post-data entry's kind, as ``pg_restore --list`` prints it after the entry's id and oids.
-_LIST_DESC = re.compile(r"^\d+; \d+ \d+ (INDEX ATTACH|FK CONSTRAINT) ")
-
-
-def _post_data_passes(archive_path: Path, major: int) -> list[tuple[list[str], bool]]:
-    """The post-data section as (use-list lines, parallel) passes, or [] for one ordinary pass.
-
-    Parallel ``ALTER INDEX … ATTACH PARTITION`` at two levels of a multi-level partitioned
-    index can race: each checks the other's uncommitted work and neither marks the top index
-    valid, which is then left invalid for good (reproduced: 2 restores in 15). So the attach
-    entries run alone, in one transaction, after everything else has been built in parallel;
-    foreign keys come last, because one referencing a partitioned table needs its index valid.
-    """
-    listing = pipeline.run([find_tool("pg_restore", major), "--list", "--section=post-data", str(archive_path)],
-                           dict(os.environ), "pg_restore (list)").decode("utf-8", "replace").splitlines()
-    entries = [line for line in listing if line and not line.startswith(";")]
-    kinds = [(_LIST_DESC.match(line) or None) for line in entries]
-    attach = [e for e, k in zip(entries, kinds, strict=True) if k and k.group(1) == "INDEX ATTACH"]
-    if not attach:
-        return []
-    keys = [e for e, k in zip(entries, kinds, strict=True) if k and k.group(1) == "FK CONSTRAINT"]
-    rest = [e for e, k in zip(entries, kinds, strict=True) if not k]
-    return [(lines, parallel) for lines, parallel in ((rest, True), (attach, False), (keys, True)) if lines]
-
-
 def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section: str,
                     jobs: int = 1, extra: list[str] | None = None,
                     on_item: Callable[[], None] | None = None) -> None:
     """Replay one section (pre-data or post-data) of the schema archive into the target;
     ``on_item`` is called as pg_restore reports each object it creates (with ``--jobs``:
-    each one finished). A parallel post-data replay attaches partition indexes serially
-    (see :func:`_post_data_passes`)."""
+    each one finished)."""
     base = [find_tool("pg_restore", major), f"--section={section}", "--exit-on-error",
             "--dbname", conninfo.tool_conninfo(), *(extra or [])]
     counted: set[str] = set()
@@ -197,25 +170,15 @@ def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section:
         if on_item is not None and line.startswith("pg_restore: creating "):
             on_item()
 
-    def run(parallel: bool, use_list: Path | None) -> None:
+    def run(parallel: bool) -> None:
         argv = [*base, f"--jobs={jobs}" if parallel else "--single-transaction"]
-        if use_list is not None:
-            argv.append(f"--use-list={use_list}")
         if on_item is None:
             pipeline.run([*argv, str(archive_path)], conninfo.tool_env(), f"pg_restore ({section})")
         else:
             pipeline.run_watching([*argv, "--verbose", str(archive_path)], conninfo.tool_env(),
                                   f"pg_restore ({section})", seen_parallel if parallel else seen_serial)
 
-    passes = _post_data_passes(archive_path, major) if section == "post-data" and jobs > 1 and not extra else []
-    if not passes:
-        run(jobs > 1, None)
-        return
-    with tempfile.TemporaryDirectory(prefix="backup-tool-post-data-") as tmp:
-        for n, (lines, parallel) in enumerate(passes):
-            use_list = Path(tmp) / f"pass-{n}.list"
-            use_list.write_text("\n".join(lines) + "\n")
-            run(parallel, use_list)
+    run(jobs > 1)
 
 
 # --------------------------------------------------------------------------- table definitions
