@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from backup_tool.config.settings import Settings, default_repo, resolve_settings
+from backup_tool.config.locations import default_repo
+from backup_tool.config.settings import Settings, resolve_settings
 from backup_tool.core.report import LOG_ENV, Reporter
 from backup_tool.core.units import human_size
 from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed

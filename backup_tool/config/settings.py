@@ -10,21 +10,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
+from backup_tool.config.locations import repo_url
 from backup_tool.config.policy import Policy, load_policy
 from backup_tool.errors import ConfigError
-
-
-def default_repo() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return str(Path(base) / "backup-tool" / "repo")
-
-
-def repo_url(repo: str | None) -> str:
-    """The repository: ``--repo``, else ``BACKUP_TOOL_REPO``, else the embedded default."""
-    return repo or os.environ.get("BACKUP_TOOL_REPO") or default_repo()
 
 
 @dataclass(frozen=True)

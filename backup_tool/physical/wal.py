@@ -44,7 +44,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from backup_tool.config.settings import repo_url
+from backup_tool.config.locations import repo_url
 from backup_tool.core import walnames
 from backup_tool.core.walnames import (
     DEFAULT_SEGMENT_SIZE,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from backup_tool.config.settings import default_repo
+from backup_tool.config.locations import default_repo
 from backup_tool.core.walnames import is_segment
 
 SPOOL_DIR = "backup-tool-spool"
