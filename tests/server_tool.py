@@ -91,3 +91,20 @@ def write_wrapper(path: Path, source: Path, env: Mapping[str, str] | None = None
     path.write_text(f"#!/bin/sh\nexec env {assignments} {shlex.quote(python)} -m backup_tool \"$@\"\n")
     path.chmod(0o755)
     return path
+
+
+def archiving_workspace(prefix: str) -> tuple[Path, Path, Path]:
+    """A world-readable scratch directory under /tmp holding the tool installed for the server's
+    OS user and an empty local repository: (base, wrapper, repo). ``archive_command`` for it is
+    :func:`archive_settings`."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)
+    wrapper = write_wrapper(base / "bin" / "backup-tool", install_source(base / "src"))
+    repo = base / "repo"
+    repo.mkdir()
+    return base, wrapper, repo
+
+
+def archive_settings(wrapper: Path, repo: Path) -> dict[str, str]:
+    """Server settings that archive every WAL segment into ``repo`` with ``wal push``."""
+    return {"archive_mode": "on", "archive_command": f"{wrapper} wal push %p --repo {repo}"}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_tool import install_source, write_wrapper
+from server_tool import archive_settings, archiving_workspace
 from support.cli import Cli
 from support.clusters import PgServer, start_pg_server
 
@@ -96,13 +95,8 @@ class Archiving:
 
 @pytest.fixture(scope="module")
 def archiving() -> Iterator[Archiving]:
-    base = Path(tempfile.mkdtemp(prefix="backup-tool-walinc-", dir="/tmp"))
-    base.chmod(0o755)
-    wrapper = write_wrapper(base / "bin" / "backup-tool", install_source(base / "src"))
-    repo = base / "repo"
-    repo.mkdir()
-    server = start_pg_server({"archive_mode": "on", "archive_command": f"{wrapper} wal push %p --repo {repo}",
-                              "autovacuum": "off"})
+    base, wrapper, repo = archiving_workspace("backup-tool-walinc-")
+    server = start_pg_server({**archive_settings(wrapper, repo), "autovacuum": "off"})
     shutil.chown(repo, server.os_user, server.os_user)
     try:
         archiving = Archiving(server, repo, base)

@@ -22,7 +22,7 @@ import clioutput
 import dbcompare
 import psycopg
 import pytest
-from server_tool import install_source, write_wrapper
+from server_tool import archive_settings, archiving_workspace
 from support.cli import Cli
 from support.clusters import PgServer, free_port, run_sql, start_pg_server, switch_and_wait_archived
 from support.paths import SEED_FILES
@@ -61,12 +61,8 @@ class Scenario:
 
 @pytest.fixture(scope="module")
 def scenario() -> Iterator[Scenario]:
-    base = Path(tempfile.mkdtemp(prefix="backup-tool-pitr-test-", dir="/tmp"))
-    base.chmod(0o755)
-    wrapper = write_wrapper(base / "bin" / "backup-tool", install_source(base / "src"))
-    repo = base / "repo"
-    repo.mkdir()
-    server = start_pg_server({"archive_mode": "on", "archive_command": f"{wrapper} wal push %p --repo {repo}"})
+    base, wrapper, repo = archiving_workspace("backup-tool-pitr-test-")
+    server = start_pg_server(archive_settings(wrapper, repo))
     shutil.chown(repo, server.os_user, server.os_user)
     workdir = base / "cli"
     workdir.mkdir()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Iterator
 
 import psycopg
 import pytest
-from server_tool import install_source, write_wrapper
+from server_tool import archive_settings, archiving_workspace
 from support.cli import Cli
 from support.clusters import PgServer, free_port, start_pg_server
 
@@ -93,12 +92,8 @@ def step(server: PgServer, rnd: random.Random, n: int) -> None:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    base = Path(tempfile.mkdtemp(prefix="backup-tool-partial-test-", dir="/tmp"))
-    base.chmod(0o755)
-    wrapper = write_wrapper(base / "bin" / "backup-tool", install_source(base / "src"))
-    repo = base / "repo"
-    repo.mkdir()
-    server = start_pg_server({"archive_mode": "on", "archive_command": f"{wrapper} wal push %p --repo {repo}"})
+    base, wrapper, repo = archiving_workspace("backup-tool-partial-test-")
+    server = start_pg_server(archive_settings(wrapper, repo))
     shutil.chown(repo, server.os_user, server.os_user)
     (base / "cli").mkdir()
     cli = Cli(workdir=base / "cli")

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from faultproxy import FaultProxy, Rule
-from server_tool import install_source, write_wrapper
+from server_tool import archive_settings, archiving_workspace
 from support.cli import Cli
 from support.clusters import PgServer, start_pg_server
 
@@ -146,12 +145,8 @@ def _archiver(server: PgServer) -> tuple[Any, int]:
 
 @pytest.mark.slow
 def test_two_clusters_into_one_repository(tmp_path: Path) -> None:
-    base = Path(tempfile.mkdtemp(prefix="backup-tool-walid-test-", dir="/tmp"))
-    base.chmod(0o755)
-    wrapper = write_wrapper(base / "bin" / "backup-tool", install_source(base / "src"))
-    repo = base / "repo"
-    repo.mkdir()
-    settings = {"archive_mode": "on", "archive_command": f"{wrapper} wal push %p --repo {repo}"}
+    base, wrapper, repo = archiving_workspace("backup-tool-walid-test-")
+    settings = archive_settings(wrapper, repo)
     servers: list[PgServer] = []
     cli = Cli(workdir=tmp_path)
     try:
