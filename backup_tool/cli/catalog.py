@@ -58,6 +58,7 @@ def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="
              database: DatabaseOption = None) -> int:
     """Show one backup's manifest summary: tables, rows, objects, checksums."""
     from backup_tool.repository.catalog import Catalog
+    from backup_tool.repository.manifest import inventory_counts
     from backup_tool.repository.storage import open_repository
 
     m = Catalog(open_repository(inv.settings.repo_url)).resolve(backup_id, database=inv.database(database))
@@ -69,7 +70,7 @@ def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="
                         "size_bytes": t.object.size if t.object else 0} for t in m.tables],
             "objects": [{"key": o.key, "size": o.size, "sha256": o.sha256, "raw_size": o.raw_size}
                         for o in m.objects()],
-            "inventory": {k: len(v) for k, v in m.inventory.items()},
+            "inventory": inventory_counts(m.inventory),
             **({"databases": list(m.physical.databases)} if m.physical else {})}
 
     inv.out(data, lambda: render_show(data))

@@ -50,7 +50,7 @@ import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import psycopg
 
@@ -58,7 +58,7 @@ from backup_tool import __version__
 from backup_tool.config.policy import Policy
 from backup_tool.config.settings import Settings
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
-from backup_tool.core.report import NullReporter, Reporter, Unit
+from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalSpan, parse_lsn
 from backup_tool.errors import BackupToolError, LockHeldError
 from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema, walbasis
@@ -67,7 +67,15 @@ from backup_tool.postgres import inventory as catalog_inventory
 from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.repository.keyguard import guard_writes
-from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry, WalBasis, utc_iso
+from backup_tool.repository.manifest import (
+    Manifest,
+    ManifestInventory,
+    SequenceRecord,
+    StoredObject,
+    TableEntry,
+    WalBasis,
+    utc_iso,
+)
 from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.base import ObjectLock
 from backup_tool.repository.storage.encrypted import encryption_of, manifest_encryption
@@ -386,10 +394,9 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         reporter.event("backup started", id=backup_id, kind=kind, database=database,
                        parent=parent.id if parent else None, repository=storage.url)
         try:
-            manifest = replace(_dump(storage, conninfo, control, info, major, policy, jobs, level, threads, kind,
-                                     backup_id, started_at, expires_at, parent, only_tables, reporter, stack,
-                                     changes),
-                               client_tools=tools)
+            job = _DumpJob(storage, conninfo, major, policy, jobs, level, threads, kind, backup_id, started_at,
+                           expires_at, parent, only_tables, reporter)
+            manifest = replace(_dump(job, control, info, stack, changes), client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
             testhooks.pause_point("backup:before-manifest")
@@ -440,144 +447,246 @@ def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: 
     return _Background(changes, storage, replace(span, early_xids=early), wait)
 
 
-def _dump(storage: Storage, conninfo: ConnInfo, control: psycopg.Connection[Any], info: dict[str, Any],
-          major: int, policy: Policy, jobs: int, level: int, threads: int, kind: str, backup_id: str,
-          started_at: datetime, expires_at: datetime, parent: Manifest | None,
-          only_tables: set[tuple[str, str]] | None, reporter: Reporter, stack: ExitStack,
+@dataclass(frozen=True)
+class _DumpJob:
+    """What one backup run fixed before its snapshot: where it goes, how it compresses, what it
+    is (kind, id, parent) and what it covers."""
+
+    storage: Storage
+    conninfo: ConnInfo
+    major: int
+    policy: Policy
+    jobs: int
+    level: int
+    threads: int
+    kind: str
+    backup_id: str
+    started_at: datetime
+    expires_at: datetime
+    parent: Manifest | None
+    only_tables: set[tuple[str, str]] | None
+    reporter: Reporter
+
+    @property
+    def prefix(self) -> str:
+        return data_prefix(self.backup_id)
+
+
+@dataclass(frozen=True)
+class _Snapshotted:
+    """What was read in the backup's snapshot before any data moved."""
+
+    snap: Snapshot
+    tables: list[TableInfo]
+    basis: WalBasis | None
+    wal_scan: _Background | str
+    sequences: list[SequenceRecord]
+    inventory: ManifestInventory
+
+    @property
+    def data_tables(self) -> list[TableInfo]:
+        return [t for t in self.tables if t.has_data]
+
+
+@dataclass(frozen=True)
+class _SideObjects:
+    schema: StoredObject
+    globals: StoredObject
+    large_objects: StoredObject | None
+    fingerprint: str
+
+
+def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
           changes: ChangeSource | None = None) -> Manifest:
-    prefix = data_prefix(backup_id)
+    taken = _take_snapshot(job, control, info, stack, changes)
+    side = _store_side_objects(job, taken)
+    dumper = _TableDumper(job, taken, info["encoding"], stack)
+    method = reason = ""
+    if job.parent is None:
+        dumper.dump_all()
+    else:
+        method, reason = dumper.dump_changed(job.parent)
+    return _assemble(job, info, taken, side, dumper.entries(), method, reason)
+
+
+def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
+                   changes: ChangeSource | None) -> _Snapshotted:
+    """Export the snapshot every worker shares, lock the tables, record the WAL basis, start the
+    WAL scan for an incremental, and read sequences and the inventory in that snapshot."""
     before = walbasis.before_snapshot(control)
-    snap = Snapshot(conninfo)
+    snap = Snapshot(job.conninfo)
     stack.callback(snap.close)
-    tables = _selected(postgres.list_tables(snap.conn), only_tables)
+    tables = _selected(postgres.list_tables(snap.conn), job.only_tables)
     snap.lock_tables(tables)
     basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
                                     [t.oid for t in tables if t.has_data])
-    wal_scan = _start_wal_scan(storage, control, parent, basis, changes, sum(t.size for t in tables if t.has_data),
-                               policy, jobs)
+    wal_scan = _start_wal_scan(job.storage, control, job.parent, basis, changes,
+                               sum(t.size for t in tables if t.has_data), job.policy, job.jobs)
     sequences = postgres.sequences(snap.conn)
-    inventory = {**catalog_inventory.inventory(snap.conn), "database": database_level.properties(snap.conn),
-                 "matviews": matviews.inventory(snap.conn, contents=only_tables is None),
-                 "large_objects": large_objects.summary(snap.conn)}
-    inventory[column_order.INVENTORY_KEY] = column_order.record(snap.conn)
+    inventory = cast(ManifestInventory, {
+        **catalog_inventory.inventory(snap.conn), "database": database_level.properties(snap.conn),
+        "matviews": matviews.inventory(snap.conn, contents=job.only_tables is None),
+        "large_objects": large_objects.summary(snap.conn), column_order.INVENTORY_KEY: column_order.record(snap.conn)})
+    return _Snapshotted(snap, tables, basis, wal_scan, sequences, inventory)
 
-    archive = schema.dump_schema(conninfo, major, snap.snapshot_id)
+
+def _store_side_objects(job: _DumpJob, taken: _Snapshotted) -> _SideObjects:
+    """The schema archive, the globals and the large objects (reused from the parent when the
+    parent's are the same), all from the snapshot."""
+    conninfo, major, snapshot_id, parent = job.conninfo, job.major, taken.snap.snapshot_id, job.parent
+    archive = schema.dump_schema(conninfo, major, snapshot_id)
     normalized = schema.normalize(schema.schema_text(archive, major))
-    schema_obj, _ = _store_compressed(storage, prefix + "schema.pgdump.zst", [archive], level, 0)
-    globals_obj, _ = _store_compressed(storage, prefix + "globals.sql.zst",
-                                       [schema.dump_globals(conninfo, major)], level, 0)
+    schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
+    globals_obj, _ = _store_compressed(job.storage, job.prefix + "globals.sql.zst",
+                                       [schema.dump_globals(conninfo, major)], job.level, 0)
     lo_obj = None
+    lo_summary = taken.inventory["large_objects"]
     if (parent is not None and parent.large_objects is not None
-            and parent.inventory.get("large_objects") == inventory["large_objects"]):
+            and parent.inventory.get("large_objects") == lo_summary):
         lo_obj = parent.large_objects
-    elif inventory["large_objects"]["count"]:
-        proc = large_objects.dump_stream(conninfo, major, snap.snapshot_id)
+    elif lo_summary["count"]:
+        proc = large_objects.dump_stream(conninfo, major, snapshot_id)
         try:
-            lo_obj, _ = _store_compressed(storage, prefix + "large_objects.pgdump.zst",
-                                          large_objects.chunks_of(proc), level, threads)
+            lo_obj, _ = _store_compressed(job.storage, job.prefix + "large_objects.pgdump.zst",
+                                          large_objects.chunks_of(proc), job.level, job.threads)
         except BaseException:
             proc.kill()
             raise
+    return _SideObjects(schema_obj, globals_obj, lo_obj, schema.fingerprint(normalized))
 
-    data_tables = [t for t in tables if t.has_data]
-    workers = _Workers(conninfo, snap.snapshot_id, stack)
-    objects: dict[int, tuple[StoredObject, int]] = {}
-    checksums: dict[int, tuple[int, str]] = {}
-    encoding = info["encoding"]
 
-    def checksum(table: TableInfo) -> None:
-        checksums[table.oid] = postgres.table_checksum(workers.conn(), table.schema, table.name,
-                                                       table.columns)
-        summed.advance(1)
+class _TableDumper:
+    """Streams tables' COPY output into objects and takes their content checksums, in parallel
+    sessions that share the backup's snapshot.
 
-    def dump(table: TableInfo) -> None:
-        credited = [0]
+    The data phase is measured in the tables' on-disk size (the only size known before COPY):
+    each table is credited as its COPY text flows, never past its own size, and in full when
+    its object is stored, so the bar ends at exactly 100 %."""
 
-        def advance(n: int) -> None:
-            step = min(n, table.size - credited[0])
-            if step > 0:
-                credited[0] += step
-                progress.advance(step)
+    def __init__(self, job: _DumpJob, taken: _Snapshotted, encoding: str, stack: ExitStack) -> None:
+        self.job = job
+        self.taken = taken
+        self.encoding = encoding
+        self.workers = _Workers(job.conninfo, taken.snap.snapshot_id, stack)
+        self.objects: dict[int, tuple[StoredObject, int]] = {}
+        self.checksums: dict[int, tuple[int, str]] = {}
+        self.reused: dict[int, TableEntry] = {}
+        self._pending: set[int] = set()
+        self._pending_lock = threading.Lock()
+        self._progress: Task = NullReporter().task("")
+        self._summed: Task = NullReporter().task("")
 
-        objects[table.oid] = _dump_table(storage, conninfo, major, snap.snapshot_id, table,
-                                         f"{prefix}data/{table.oid}.copy.zst", level, threads,
-                                         encoding, advance)
-        progress.advance(table.size - credited[0])
-        with pending_lock:
-            pending.discard(table.oid)
-            if not pending:
-                progress.finish()
-        testhooks.pause_point("backup:between-objects")
+    def dump_all(self) -> None:
+        data_tables = self.taken.data_tables
+        self._start("data", data_tables)
+        self._summed = self.job.reporter.task("table checksums", total=len(data_tables), unit=Unit.ITEMS)
+        pipeline.run_parallel(self.job.jobs, [(self._dump, t) for t in data_tables]
+                              + [(self._checksum, t) for t in data_tables])
+        self._summed.finish()
+        self._progress.finish()
 
-    # The data phase is measured in the tables' on-disk size (the only size known before
-    # COPY): each table is credited as its COPY text flows, never past its own size, and in
-    # full when its object is stored, so the bar ends at exactly 100 %.
-    reused: dict[int, TableEntry] = {}
-    pending_lock = threading.Lock()
-    method = reason = ""
-    if parent is None:
-        pending = {t.oid for t in data_tables}
-        progress = reporter.task("data", total=sum(t.size for t in data_tables))
-        summed = reporter.task("table checksums", total=len(data_tables), unit=Unit.ITEMS)
-        pipeline.run_parallel(jobs, [(dump, t) for t in data_tables] + [(checksum, t) for t in data_tables])
-        summed.finish()
-    else:
-        verdicts, method, reason = _wal_verdicts(wal_scan, parent, basis)
+    def dump_changed(self, parent: Manifest) -> tuple[str, str]:
+        """Reuse the parent's object for every table shown unchanged (by the WAL, or by equal
+        checksums), dump the rest; returns (method, reason for the checksum method or '')."""
+        job, reporter, data_tables = self.job, self.job.reporter, self.taken.data_tables
+        verdicts, method, reason = _wal_verdicts(self.taken.wal_scan, parent, self.taken.basis)
         to_check = [t for t in data_tables if verdicts.get(t.oid, TableVerdict.SCAN) is TableVerdict.SCAN]
         for t in data_tables:
             entry = parent.table(t.schema, t.name)
             if verdicts.get(t.oid) is TableVerdict.UNCHANGED and entry is not None and same_shape(entry, t):
-                reused[t.oid] = entry
-                checksums[t.oid] = (entry.rows, entry.checksum)
-        summed = reporter.task("comparing tables with the parent backup", total=len(to_check), unit=Unit.ITEMS)
-        pipeline.run_parallel(jobs, [(checksum, t) for t in to_check])
-        summed.finish()
+                self.reused[t.oid] = entry
+                self.checksums[t.oid] = (entry.rows, entry.checksum)
+        self._summed = reporter.task("comparing tables with the parent backup", total=len(to_check),
+                                     unit=Unit.ITEMS)
+        pipeline.run_parallel(job.jobs, [(self._checksum, t) for t in to_check])
+        self._summed.finish()
         for t in to_check:
             entry = parent.table(t.schema, t.name)
-            if entry is not None and unchanged(entry, t, *checksums[t.oid]):
-                reused[t.oid] = entry
-        missing = Catalog(storage).missing_keys(e.object.key for e in reused.values() if e.object)
+            if entry is not None and unchanged(entry, t, *self.checksums[t.oid]):
+                self.reused[t.oid] = entry
+        missing = Catalog(job.storage).missing_keys(e.object.key for e in self.reused.values() if e.object)
         if missing:
             raise BackupToolError(f"parent backup {parent.id} lacks objects it lists ({missing[0]})",
                                   "run 'backup-tool verify all', then take a full backup")
-        changed = [t for t in data_tables if t.oid not in reused]
-        reporter.event("change detection", changed=len(changed), unchanged=len(reused), method=method,
+        changed = [t for t in data_tables if t.oid not in self.reused]
+        reporter.event("change detection", changed=len(changed), unchanged=len(self.reused), method=method,
                        **({"reason": reason} if reason else {}))
-        pending = {t.oid for t in changed}
-        progress = reporter.task("data (changed tables)", total=sum(t.size for t in changed))
-        unsummed = [t for t in changed if t.oid not in checksums]
+        self._start("data (changed tables)", changed)
+        unsummed = [t for t in changed if t.oid not in self.checksums]
         if unsummed:
-            summed = reporter.task("table checksums", total=len(unsummed), unit=Unit.ITEMS)
-        pipeline.run_parallel(jobs, [(dump, t) for t in changed] + [(checksum, t) for t in unsummed])
+            self._summed = reporter.task("table checksums", total=len(unsummed), unit=Unit.ITEMS)
+        pipeline.run_parallel(job.jobs, [(self._dump, t) for t in changed]
+                              + [(self._checksum, t) for t in unsummed])
         if unsummed:
-            summed.finish()
-    progress.finish()
+            self._summed.finish()
+        self._progress.finish()
+        return method, reason
 
-    entries = []
-    for t in tables:
-        rows, digest = checksums.get(t.oid, (0, "0" * 16))
-        if t.oid in reused:
-            entries.append(replace(reused[t.oid], rows=rows, checksum=digest))
-            continue
-        obj, lines = objects.get(t.oid, (None, 0))
-        if obj is not None and lines != rows:
-            raise BackupToolError(f"COPY of {t.schema}.{t.name} produced {lines} rows but the "
-                                  f"table has {rows} in the snapshot", "report this as a bug")
-        entries.append(TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, rows, digest, obj))
+    def entries(self) -> list[TableEntry]:
+        """One entry per table, in the snapshot's order; refuses a COPY whose row count is not
+        the snapshot's."""
+        entries = []
+        for t in self.taken.tables:
+            rows, digest = self.checksums.get(t.oid, (0, "0" * 16))
+            if t.oid in self.reused:
+                entries.append(replace(self.reused[t.oid], rows=rows, checksum=digest))
+                continue
+            obj, lines = self.objects.get(t.oid, (None, 0))
+            if obj is not None and lines != rows:
+                raise BackupToolError(f"COPY of {t.schema}.{t.name} produced {lines} rows but the "
+                                      f"table has {rows} in the snapshot", "report this as a bug")
+            entries.append(TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, rows, digest, obj))
+        return entries
+
+    def _start(self, title: str, tables: list[TableInfo]) -> None:
+        self._pending = {t.oid for t in tables}
+        self._progress = self.job.reporter.task(title, total=sum(t.size for t in tables))
+
+    def _checksum(self, table: TableInfo) -> None:
+        self.checksums[table.oid] = postgres.table_checksum(self.workers.conn(), table.schema, table.name,
+                                                            table.columns)
+        self._summed.advance(1)
+
+    def _dump(self, table: TableInfo) -> None:
+        credited = 0
+
+        def advance(n: int) -> None:
+            nonlocal credited
+            step = min(n, table.size - credited)
+            if step > 0:
+                credited += step
+                self._progress.advance(step)
+
+        job = self.job
+        self.objects[table.oid] = _dump_table(job.storage, job.conninfo, job.major, self.taken.snap.snapshot_id,
+                                              table, f"{job.prefix}data/{table.oid}.copy.zst", job.level,
+                                              job.threads, self.encoding, advance)
+        self._progress.advance(table.size - credited)
+        with self._pending_lock:
+            self._pending.discard(table.oid)
+            if not self._pending:
+                self._progress.finish()
+        testhooks.pause_point("backup:between-objects")
+
+
+def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _SideObjects,
+              entries: list[TableEntry], method: str, reason: str) -> Manifest:
+    parent, only_tables = job.parent, job.only_tables
     return Manifest(
-        id=backup_id, kind=kind, parent_id=parent.id if parent else None, database=info["database"],
+        id=job.backup_id, kind=job.kind, parent_id=parent.id if parent else None, database=info["database"],
         server_version=info["server_version"], server_version_num=info["server_version_num"],
-        encoding=encoding, system_identifier=info["system_identifier"],
-        started_at=started_at, finished_at=datetime.now(timezone.utc), expires_at=expires_at,
-        policy={"name": policy.name, "source": policy.source,
-                "retention_days": policy.retention_for(kind).days},
-        snapshot_lsn=snap.wal_lsn, schema=schema_obj, globals=globals_obj,
-        schema_fingerprint=schema.fingerprint(normalized),
-        tables=tuple(entries), sequences=tuple(sequences), inventory=inventory, large_objects=lo_obj,
-        options={"jobs": jobs, "compression_level": level, "host": info["host"],
+        encoding=info["encoding"], system_identifier=info["system_identifier"],
+        started_at=job.started_at, finished_at=datetime.now(timezone.utc), expires_at=job.expires_at,
+        policy={"name": job.policy.name, "source": job.policy.source,
+                "retention_days": job.policy.retention_for(job.kind).days},
+        snapshot_lsn=taken.snap.wal_lsn, schema=side.schema, globals=side.globals,
+        schema_fingerprint=side.fingerprint,
+        tables=tuple(entries), sequences=tuple(taken.sequences), inventory=taken.inventory,
+        large_objects=side.large_objects,
+        options={"jobs": job.jobs, "compression_level": job.level, "host": info["host"],
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
-        tool_version=__version__, wal_basis=basis,
+        tool_version=__version__, wal_basis=taken.basis,
     )
 
 

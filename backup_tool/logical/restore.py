@@ -19,11 +19,12 @@ step is done; ``restart_unfinished`` starts such a target over.
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import psycopg
 from psycopg import sql
@@ -51,8 +52,8 @@ from backup_tool.postgres import (
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog, DatabaseHint
-from backup_tool.repository.manifest import Manifest, TableEntry
-from backup_tool.repository.storage import open_repository
+from backup_tool.repository.manifest import Manifest, SequenceRecord, TableEntry
+from backup_tool.repository.storage import Storage, open_repository
 from backup_tool.schema import rebuild
 from backup_tool.streams import pipeline, testhooks
 from backup_tool.validation.validate import ValidationReport, validate
@@ -138,7 +139,7 @@ def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter) -
         raise
 
 
-def set_sequences(conn: psycopg.Connection[Any], sequences: list[dict[str, Any]]) -> None:
+def set_sequences(conn: psycopg.Connection[Any], sequences: Iterable[SequenceRecord]) -> None:
     with conn.transaction():
         for seq in sequences:
             name = postgres.quoted_table(seq["schema"], seq["name"])
@@ -169,9 +170,9 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     storage = open_repository(settings.repo_url)
     manifest = Catalog(storage).resolve_logical(backup_ref, database)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
-    jobs = jobs or settings.policy.backup.jobs
-    validating = run_validation if run_validation is not None else settings.policy.validation.after_restore
-    rebuilt = None
+    run = _Run(storage, manifest, target, jobs or settings.policy.backup.jobs,
+               run_validation if run_validation is not None else settings.policy.validation.after_restore,
+               reporter)
     created = create and create_database(target, manifest.encoding, manifest.inventory.get("database"))
     if created:
         reporter.event("database created", database=target.dbname)
@@ -179,85 +180,38 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
 
     with dropped_unless_kept(target, created, reporter) as new_database, target.connect() as control:
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
-        if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
-            raise LockHeldError(f"another restore into {target.redacted()} is running",
-                                "wait for it to finish")
-        _start_over_if_unfinished(control, target, restart_unfinished, reporter)
-        existing = postgres.user_objects(control)
-        if existing:
-            raise RefusedError(f"target database {target.redacted()} is not empty ({', '.join(existing[:3])}"
-                               f"{' ...' if len(existing) > 3 else ''})",
-                               "restore into a new database (--create with a new name) or drop the objects first")
-        created_roles = roles.ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
-        restore_marker.mark(control, manifest.id)
+        created_roles = _claim_target(control, run, major, with_roles, restart_unfinished)
         new_database.keep()
-
-        assert manifest.schema is not None
-        fetched = [0]
-
-        def count(n: int) -> None:
-            fetched[0] += n
-
         with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
             archive_path = Path(tmp) / "schema.pgdump"
-            loader = target
+            rebuilt = None
             if schema_from_migrations is None:
-                archive_path.write_bytes(pipeline.read_object(storage, manifest.schema, count))
-                objects = schema.section_items(archive_path, major, "pre-data")
-                phase = reporter.task("schema", total=objects, unit=Unit.ITEMS)
-                replay = extensions.PreDataReplay(archive_path, target, major, manifest.inventory.get("extensions"))
-                column_order.restore_pre_data(archive_path, target, major, manifest, reporter, replay)
-                for fallback in replay.fallbacks:
-                    reporter.warning(f"extension {fallback}: installed the target server's default version")
-                phase.advance(objects)
-                phase.finish()
-                reporter.event("schema created", id=manifest.id)
+                _create_schema(run, archive_path, major)
             else:
                 rebuilt = rebuild.rebuild_schema(schema_from_migrations, target, storage, manifest, archive_path,
-                                                 major, reporter, count)
-                loader = rebuilt.loader
-
-            data = [t for t in manifest.tables if t.object is not None]
-            checksums: dict[tuple[str, str], tuple[int, str]] = {}
-            progress = reporter.task("data", total=sum(t.object.raw_size for t in data if t.object))
-
-            def load(t: TableEntry) -> None:
-                with loader.connect(settings={"client_encoding": manifest.encoding}) as conn:
-                    load_table(loader, storage, t, manifest.encoding, count, conn=conn, fresh=rebuilt is None,
-                               on_raw=progress.advance)
-                    if validating and t.relkind == "r":
-                        checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns)
-                testhooks.pause_point("restore:loading")
-
-            pipeline.run_parallel(jobs, [(load, t) for t in data])
-            progress.finish()
-            set_sequences(control, list(manifest.sequences))
+                                                 major, reporter, run.count)
+            checksums = _load_data(run, rebuilt.loader if rebuilt else target, fresh=rebuilt is None)
+            set_sequences(control, manifest.sequences)
             if manifest.large_objects is not None:
                 lo = manifest.large_objects
-                large_objects.restore(loader, major, storage, lo.key, lo.sha256, lo.size, Path(tmp), count)
+                large_objects.restore(rebuilt.loader if rebuilt else target, major, storage, lo.key, lo.sha256,
+                                      lo.size, Path(tmp), run.count)
                 reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
-            reporter.event("data loaded", tables=len(data), bytes=fetched[0])
+            reporter.event("data loaded", tables=len(_stored(manifest)), bytes=run.bytes_read)
             if rebuilt is None:
-                built = reporter.task("indexes and constraints", total=schema.section_items(archive_path, major,
-                                                                                           "post-data"),
-                                      unit=Unit.ITEMS)
-                schema.restore_section(archive_path, target, major, "post-data", jobs=jobs,
-                                       on_item=lambda: built.advance(1))
-                built.finish()
-                reporter.event("indexes and constraints built", id=manifest.id)
+                _build_post_data(run, archive_path, major)
             else:
-                rebuild.finish(target, validating)
-        finish_database(target, manifest, jobs, analyze, created, reporter)
+                rebuild.finish(target, run.validating)
+        finish_database(target, manifest, run.jobs, analyze, created, reporter)
         restore_marker.clear(control)
 
     report = None
-    if validating:
+    if run.validating:
         report = validate(target, manifest, storage if rebuilt is None or rebuilt.archive_usable else None,
-                          jobs=jobs, reporter=reporter, checksums=checksums,
-                          created_roles=created_roles)
+                          jobs=run.jobs, reporter=reporter, checksums=checksums, created_roles=created_roles)
     result = RestoreResult(manifest.id, target.redacted(),
                            len([t for t in manifest.tables if t.relkind == "r"]),
-                           sum(t.rows for t in manifest.tables), fetched[0],
+                           sum(t.rows for t in manifest.tables), run.bytes_read,
                            time.monotonic() - started, report, rebuilt.to_dict() if rebuilt else None,
                            BackupOrigin.of(manifest))
     if report is not None and not report.ok:
@@ -266,6 +220,98 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                                report=result)
     reporter.event("restore finished", id=manifest.id, seconds=round(result.seconds, 2))
     return result
+
+
+@dataclass
+class _Run:
+    """What every step of one full restore shares; ``bytes_read`` counts what came from the
+    repository (the result's ``bytes_read``)."""
+
+    storage: Storage
+    manifest: Manifest
+    target: ConnInfo
+    jobs: int
+    validating: bool
+    reporter: Reporter
+    bytes_read: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, n: int) -> None:
+        with self._lock:
+            self.bytes_read += n
+
+
+def _stored(manifest: Manifest) -> list[TableEntry]:
+    return [t for t in manifest.tables if t.object is not None]
+
+
+def _claim_target(control: psycopg.Connection[Any], run: _Run, major: int, with_roles: bool,
+                  restart_unfinished: bool) -> frozenset[str]:
+    """Make the target this run's: the restore lock, an empty database (or an unfinished restore
+    started over), the roles the backup needs, then the restore marker. Returns the roles this
+    run created (validation holds them to the backup's definitions)."""
+    target = run.target
+    if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
+        raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")
+    _start_over_if_unfinished(control, target, restart_unfinished, run.reporter)
+    existing = postgres.user_objects(control)
+    if existing:
+        raise RefusedError(f"target database {target.redacted()} is not empty ({', '.join(existing[:3])}"
+                           f"{' ...' if len(existing) > 3 else ''})",
+                           "restore into a new database (--create with a new name) or drop the objects first")
+    created_roles = roles.ensure_roles(control, target, run.storage, run.manifest, major, with_roles, run.reporter)
+    restore_marker.mark(control, run.manifest.id)
+    return created_roles
+
+
+def _create_schema(run: _Run, archive_path: Path, major: int) -> None:
+    """Fetch the schema archive to ``archive_path`` and replay its pre-data (types, functions,
+    tables) into the target, with the backed-up column order and extension versions."""
+    manifest, reporter = run.manifest, run.reporter
+    assert manifest.schema is not None
+    archive_path.write_bytes(pipeline.read_object(run.storage, manifest.schema, run.count))
+    objects = schema.section_items(archive_path, major, "pre-data")
+    phase = reporter.task("schema", total=objects, unit=Unit.ITEMS)
+    replay = extensions.PreDataReplay(archive_path, run.target, major, manifest.inventory.get("extensions"))
+    column_order.restore_pre_data(archive_path, run.target, major, manifest, reporter, replay)
+    for fallback in replay.fallbacks:
+        reporter.warning(f"extension {fallback}: installed the target server's default version")
+    phase.advance(objects)
+    phase.finish()
+    reporter.event("schema created", id=manifest.id)
+
+
+def _load_data(run: _Run, loader: ConnInfo, fresh: bool) -> dict[tuple[str, str], tuple[int, str]]:
+    """Load every stored table in parallel sessions, each in its own transaction; when
+    validating, take each ordinary table's content checksum in the session that loaded it.
+    Returns those checksums for validation."""
+    manifest = run.manifest
+    data = _stored(manifest)
+    checksums: dict[tuple[str, str], tuple[int, str]] = {}
+    progress = run.reporter.task("data", total=sum(t.object.raw_size for t in data if t.object))
+
+    def load(t: TableEntry) -> None:
+        with loader.connect(settings={"client_encoding": manifest.encoding}) as conn:
+            load_table(loader, run.storage, t, manifest.encoding, run.count, conn=conn, fresh=fresh,
+                       on_raw=progress.advance)
+            if run.validating and t.relkind == "r":
+                checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns)
+        testhooks.pause_point("restore:loading")
+
+    pipeline.run_parallel(run.jobs, [(load, t) for t in data])
+    progress.finish()
+    return checksums
+
+
+def _build_post_data(run: _Run, archive_path: Path, major: int) -> None:
+    """Replay the archive's post-data (indexes, constraints, triggers, policies) with
+    ``run.jobs`` pg_restore workers."""
+    built = run.reporter.task("indexes and constraints",
+                              total=schema.section_items(archive_path, major, "post-data"), unit=Unit.ITEMS)
+    schema.restore_section(archive_path, run.target, major, "post-data", jobs=run.jobs,
+                           on_item=lambda: built.advance(1))
+    built.finish()
+    run.reporter.event("indexes and constraints built", id=run.manifest.id)
 
 
 def finish_database(target: ConnInfo, manifest: Manifest, jobs: int, analyze: bool, created: bool,

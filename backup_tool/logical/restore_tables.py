@@ -56,7 +56,7 @@ from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, qualified
 from backup_tool.repository.catalog import Catalog, DatabaseHint
-from backup_tool.repository.manifest import Manifest, TableEntry, utc_iso
+from backup_tool.repository.manifest import Manifest, SequenceRecord, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage, open_repository
 from backup_tool.streams import pipeline
 from backup_tool.validation.validate import (
@@ -339,7 +339,7 @@ def _fks_touching(conn: psycopg.Connection[Any], keys: set[TableKey]) -> list[di
             if (fk["schema"], fk["table"]) in keys or (fk["ref_schema"], fk["ref_table"]) in keys]
 
 
-def _owned_sequences(manifest: Manifest, keys: set[TableKey]) -> Iterator[dict[str, Any]]:
+def _owned_sequences(manifest: Manifest, keys: set[TableKey]) -> Iterator[SequenceRecord]:
     for seq in manifest.sequences:
         owner = seq.get("owned_by")
         if owner and (owner["schema"], owner["table"]) in keys:
@@ -389,7 +389,8 @@ def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: 
             if not superuser:
                 conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(target))
         for seq in _owned_sequences(manifest, keys):
-            owner = seq["owned_by"]
+            owner = seq.get("owned_by")
+            assert owner is not None
             conn.execute(sql.SQL(
                 "SELECT setval({seq}::regclass, GREATEST((SELECT last_value FROM {seqtab}), {value},"
                 " coalesce((SELECT max({col}) FROM {tab}), {value})), true)").format(

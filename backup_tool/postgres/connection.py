@@ -24,6 +24,7 @@ from psycopg.rows import dict_row
 
 from backup_tool.errors import BackupToolError, ConfigError, DatabaseError
 from backup_tool.postgres import tools as pg_tools
+from backup_tool.repository.manifest import SequenceRecord
 
 SESSION_SETTINGS = {
     "TimeZone": "UTC",
@@ -286,7 +287,7 @@ def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str,
     return int(row[0]), f"{int(row[1]):016x}"
 
 
-def sequences(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+def sequences(conn: psycopg.Connection[Any]) -> list[SequenceRecord]:
     """Every sequence with its current value and the column that owns it, if any."""
     rows = conn.execute(f"""
         SELECT n.nspname, c.relname, s.seqincrement,
@@ -303,7 +304,7 @@ def sequences(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
           JOIN pg_sequence s ON s.seqrelid = c.oid
          WHERE c.relkind = 'S' AND {SYSTEM_SCHEMA_FILTER}
          ORDER BY 1, 2""").fetchall()
-    result = []
+    result: list[SequenceRecord] = []
     for schema, name, increment, owner in rows:
         value = conn.execute(
             sql.SQL("SELECT last_value, is_called FROM {}").format(qualified(schema, name))

@@ -31,7 +31,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Callable, TypedDict, cast
+from typing import Any, Callable, NotRequired, TypedDict, cast
 
 from backup_tool.core.kinds import ALL_KINDS
 from backup_tool.core.timestamps import parse_utc, utc_iso
@@ -84,6 +84,74 @@ class ObjectLockRecord(TypedDict):
 
     mode: str
     retain_until: str
+
+
+class SequenceOwner(TypedDict):
+    """The column a sequence belongs to (``OWNED BY``, serial or identity)."""
+
+    schema: str
+    table: str
+    column: str
+
+
+class SequenceRecord(TypedDict):
+    """One sequence's state in the backup's snapshot; older manifests lack the last two keys."""
+
+    schema: str
+    name: str
+    last_value: int
+    is_called: bool
+    increment: NotRequired[int]
+    owned_by: NotRequired[SequenceOwner | None]
+
+
+class LargeObjectSummary(TypedDict):
+    """How many large objects the database held, and an order-independent checksum of them."""
+
+    count: int
+    checksum: str
+
+
+Rows = list[dict[str, Any]]
+
+
+class ManifestInventory(TypedDict, total=False):
+    """What validation compares the restored database against, by kind of object. Every key
+    is optional: older manifests lack the kinds added since (a check with no record is
+    skipped and says so, never failed)."""
+
+    rls: Rows
+    policies: Rows
+    foreign_keys: Rows
+    indexes: Rows
+    functions: Rows
+    triggers: Rows
+    extensions: Rows
+    roles: list[str]
+    publications: Rows
+    event_triggers: Rows
+    comments: Rows
+    object_privileges: Rows
+    column_privileges: Rows
+    default_privileges: Rows
+    database: dict[str, Any]
+    matviews: Rows
+    large_objects: LargeObjectSummary
+    column_order: dict[str, Any]
+
+
+def inventory_counts(inventory: ManifestInventory) -> dict[str, int]:
+    """How many objects of each kind the inventory records (``show``): list lengths, the
+    number of large objects, one database."""
+    counts = {}
+    for key, value in inventory.items():
+        if key == "large_objects" and isinstance(value, dict):
+            counts[key] = int(value.get("count", 0))
+        elif key == "database":
+            counts[key] = 1
+        else:
+            counts[key] = len(value) if isinstance(value, (list, dict)) else 0
+    return counts
 
 
 class ManifestOptions(TypedDict, total=False):
@@ -208,8 +276,8 @@ class Manifest:
     globals: StoredObject | None
     schema_fingerprint: str
     tables: tuple[TableEntry, ...]
-    sequences: tuple[dict[str, Any], ...]
-    inventory: dict[str, Any]
+    sequences: tuple[SequenceRecord, ...]
+    inventory: ManifestInventory
     options: ManifestOptions = field(default_factory=lambda: ManifestOptions())
     extra_objects: tuple[StoredObject, ...] = ()
     tool_version: str = ""
@@ -395,7 +463,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             expires_at=parse_utc(body["expires_at"]), policy=cast(ManifestPolicy, body["policy"]),
             snapshot_lsn=body["snapshot_lsn"], schema=_obj(body["schema"]),
             globals=_obj(body["globals"]), schema_fingerprint=body["schema_fingerprint"],
-            tables=tables, sequences=tuple(body["sequences"]), inventory=body["inventory"],
+            tables=tables, sequences=tuple(body["sequences"]), inventory=cast(ManifestInventory, body["inventory"]),
             options=cast(ManifestOptions, body.get("options", {})),
             extra_objects=tuple(StoredObject(**o) for o in body.get("extra_objects", [])),
             tool_version=body.get("tool_version", ""), format=fmt,

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from backup_tool.repository.manifest import ManifestInventory
+
 MAINTAIN_SINCE = 17
 PRE_17_TABLE_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"})
 RELATION_KINDS = ("table ", "view ", "materialized view ", "foreign table ")
@@ -65,12 +67,12 @@ def _relation_acl(key: str, item: dict[str, Any]) -> bool:
     return key == "default_privileges" and name.endswith(" on tables")
 
 
-def expected_inventory(inventory: dict[str, Any], backup_major: int,
-                       target_major: int) -> tuple[dict[str, Any], tuple[Tolerance, ...]]:
+def expected_inventory(inventory: ManifestInventory, backup_major: int,
+                       target_major: int) -> tuple[ManifestInventory, tuple[Tolerance, ...]]:
     """The backup's inventory as the target major expresses it, and the tolerances applied."""
     if not (is_upgrade(backup_major, target_major) and backup_major < MAINTAIN_SINCE <= target_major):
         return inventory, ()
-    result = dict(inventory)
+    result = inventory.copy()
     added = 0
     for key in ("object_privileges", "default_privileges"):
         if key not in inventory:

@@ -31,7 +31,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, cast
 
 import psycopg
 from psycopg import sql
@@ -49,7 +49,7 @@ from backup_tool.postgres import (
 )
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
-from backup_tool.repository.manifest import Manifest
+from backup_tool.repository.manifest import Manifest, ManifestInventory, Rows, SequenceRecord
 from backup_tool.repository.storage import Storage
 from backup_tool.streams import pipeline
 from backup_tool.validation import majors
@@ -170,10 +170,10 @@ class InventoryCheck:
     identity: Callable[[dict[str, Any]], str]
     change: Change | None = None
 
-    def run(self, expected: dict[str, Any], live: dict[str, Any]) -> Check:
+    def run(self, expected: Mapping[str, object], live: dict[str, Any]) -> Check:
         if self.key not in expected:
             return Check(self.name, True, f"{self.what} not recorded by this backup (made before this check)")
-        return compare_sets(self.name, self.what, expected[self.key], live[self.key], self.identity,
+        return compare_sets(self.name, self.what, cast(Rows, expected[self.key]), live[self.key], self.identity,
                             self.change)
 
 
@@ -374,8 +374,8 @@ def check_rls_without_manifest(inv: dict[str, Any]) -> Check:
                  f"RLS enabled on {len(enabled)} tables, {len(inv['policies'])} policies")
 
 
-def check_sequences(conn: psycopg.Connection[Any], live: list[dict[str, Any]],
-                    expected: list[dict[str, Any]] | None) -> Check:
+def check_sequences(conn: psycopg.Connection[Any], live: list[SequenceRecord],
+                    expected: Iterable[SequenceRecord] | None) -> Check:
     """No sequence behind its column, nor behind the backup's value. With the backup's values, a
     sequence behind its column at exactly the backed-up value was so in the source (the content
     checksums prove the column equal) and passes."""
@@ -416,7 +416,7 @@ def check_sequences(conn: psycopg.Connection[Any], live: list[dict[str, Any]],
     return Check("sequences_not_behind", True, f"{len(live)} sequences not behind their columns{note}")
 
 
-def check_database_contents(conn: psycopg.Connection[Any], expected: dict[str, Any]) -> list[Check]:
+def check_database_contents(conn: psycopg.Connection[Any], expected: ManifestInventory) -> list[Check]:
     """Database-level properties, materialized views and large objects, each compared with
     the backup's record when the backup has one (older backups did not record them)."""
     checks = [Check(name, True, f"{what} not recorded by this backup (made before this check)")
@@ -573,7 +573,7 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
             checks.extend(c.run(expected_inv, inv) for c in INVENTORY_CHECKS)
             if tables is None:
                 checks.append(check_roles(conninfo, major, manifest, storage, created_roles))
-        checks.append(check_sequences(conn, seqs, list(manifest.sequences) if manifest else None))
+        checks.append(check_sequences(conn, seqs, manifest.sequences if manifest else None))
         if manifest is not None and tables is None:
             checks.extend(check_database_contents(conn, manifest.inventory))
         progress.advance(1)
