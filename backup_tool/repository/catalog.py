@@ -64,7 +64,6 @@ from backup_tool.repository.manifest import (
     Manifest,
     manifest_seal,
     parse_manifest,
-    parse_utc,
 )
 from backup_tool.repository.storage import ObjectMissingError, Storage
 from backup_tool.repository.storage.encrypted import (
@@ -340,7 +339,7 @@ class Catalog:
                 write_index(self.storage, ids, use.values())
             except BackupToolError:
                 pass  # a cache: without write access (or on a lost race) the manifests still answer
-        ordered = sorted(use.values(), key=lambda e: (parse_utc(str(e.record["started_at"])), e.id))
+        ordered = sorted(use.values(), key=lambda e: (e.parsed.started_at, e.id))
         return ordered, problems
 
     def records(self, refresh: bool = False) -> tuple[list[BackupRecord], list[BackupToolError]]:

@@ -34,6 +34,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from backup_tool.core.timestamps import utc_iso
@@ -74,8 +75,13 @@ class IndexEntry:
     def vouched(self, keyring: Mapping[str, Any]) -> bool:
         return not keyring or (self.verified and self.key_id in keyring)
 
-    def backup_record(self) -> BackupRecord:
+    @cached_property
+    def parsed(self) -> BackupRecord:
+        """The record, parsed once (ValueError/KeyError/TypeError for a malformed one)."""
         return BackupRecord.from_index(self.record)
+
+    def backup_record(self) -> BackupRecord:
+        return self.parsed
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "manifest_sha256": self.manifest_sha256, "key_id": self.key_id,

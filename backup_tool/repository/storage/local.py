@@ -106,17 +106,26 @@ class LocalStorage(Storage):
             return
         found: list[ObjectInfo] = []
         # Walk only below the prefix's directory: listing manifests/ must not walk every backup.
-        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        for dirpath, _dirnames, filenames in os.walk(start):
-            for name in filenames:
-                if PARTIAL_MARK in name:
-                    continue
-                full = Path(dirpath) / name
-                key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    st = full.stat()
-                    found.append(ObjectInfo(key, st.st_size,
-                                            datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+        base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        pending = [base]
+        while pending:
+            rel = pending.pop()
+            try:
+                with os.scandir(os.path.join(self.root, rel) if rel else self.root) as it:
+                    for entry in it:
+                        key = rel + entry.name
+                        if entry.is_dir(follow_symlinks=False):
+                            if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                                pending.append(key + "/")
+                        elif PARTIAL_MARK not in entry.name and key.startswith(prefix):
+                            try:
+                                st = entry.stat()
+                            except FileNotFoundError:
+                                continue
+                            found.append(ObjectInfo(key, st.st_size,
+                                                    datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
         yield from sorted(found, key=lambda o: o.key)
 
     def list_partials(self, prefix: str = "") -> Iterator[PartialUpload]:
