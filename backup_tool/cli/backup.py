@@ -53,7 +53,7 @@ def backup_incremental_cmd(
     manifest = backup_incremental(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout,
                                   changes=walscan.changed_relations)
     entry = manifest.summary()
-    changed = len([t for t in manifest.tables if t.object and t.object.key.startswith(f"backups/{manifest.id}/")])
+    changed = len([t for t in manifest.tables if t.stored and t.stored[0].key.startswith(f"backups/{manifest.id}/")])
     how = {"wal": " (changes read from the WAL archive)",
            "checksum": " (changes found by comparing checksums)"}.get(entry.get("changed_tables_method", ""), "")
     inv.out(entry, lambda: f"backup {entry['id']} ({entry['kind']}{', parent ' + entry['parent_id'] if entry['parent_id'] else ''}) "

@@ -66,8 +66,9 @@ def show_cmd(inv: Invocation, backup_id: Annotated[str, typer.Argument(metavar="
             "schema_fingerprint": m.schema_fingerprint, "policy": m.policy, "options": m.options,
             "server_major": m.server_major, "client_tools": m.client_tools,
             "tables": [{"table": t.full_name, "kind": t.relkind, "parent": t.parent, "rows": t.rows,
-                        "checksum": t.checksum, "object": t.object.key if t.object else None,
-                        "size_bytes": t.object.size if t.object else 0} for t in m.tables],
+                        "checksum": t.checksum, "object": t.stored[0].key if t.stored else None,
+                        "size_bytes": sum(o.size for o in t.stored),
+                        **({"parts": [o.key for o in t.parts]} if t.parts else {})} for t in m.tables],
             "objects": [{"key": o.key, "size": o.size, "sha256": o.sha256, "raw_size": o.raw_size}
                         for o in m.objects()],
             "inventory": inventory_counts(m.inventory),

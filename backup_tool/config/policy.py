@@ -85,6 +85,7 @@ class BackupSettings:
     fast_checkpoint: bool = True
     encryption_key_id: str = ""
     change_detection: str = "auto"
+    split_table_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,8 @@ def _validate(policy: Policy, path: str) -> None:
         raise ConfigError(f"{path}: backup.jobs must be between 1 and 64")
     if not 1 <= b.compression_level <= 19:
         raise ConfigError(f"{path}: backup.compression_level must be between 1 and 19")
+    if not 0 <= b.split_table_mb <= 1048576:
+        raise ConfigError(f"{path}: backup.split_table_mb must be between 0 (never split) and 1048576")
     if b.change_detection not in CHANGE_DETECTION:
         raise ConfigError(f"{path}: backup.change_detection = {b.change_detection!r} is not allowed",
                           f"allowed: {', '.join(CHANGE_DETECTION)}")

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import psycopg
 
 from backup_tool.errors import DatabaseError
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
-from backup_tool.repository.manifest import Manifest, TableEntry, utc_iso
+from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage
 from backup_tool.streams import pipeline
 
@@ -42,17 +42,20 @@ class BackupOrigin:
 def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding: str,
                advance: Callable[[int], None], conn: psycopg.Connection[Any] | None = None,
                target: tuple[str, str] | None = None, fresh: bool = False,
-               on_raw: Callable[[int], None] | None = None) -> None:
-    """COPY one table's object into ``target`` (default: the table itself), in one transaction.
-    ``advance`` counts the stored (compressed) bytes read, ``on_raw`` the uncompressed bytes
-    written to COPY (what a progress bar over ``raw_size`` measures).
+               on_raw: Callable[[int], None] | None = None,
+               objects: Sequence[StoredObject] | None = None) -> None:
+    """COPY one table's objects (all its parts, in order, for a split table) into ``target``
+    (default: the table itself), in one transaction. ``advance`` counts the stored
+    (compressed) bytes read, ``on_raw`` the uncompressed bytes written to COPY (what a
+    progress bar over ``raw_size`` measures). ``objects``: only these of the table's parts
+    (a restore loading the parts of one table from several sessions at once).
 
     ``fresh``: the table was created by this restore and nothing references it yet, so it is
     truncated in the loading transaction and loaded with COPY FREEZE: rows arrive frozen with
     their hint bits set, so neither validation's scan nor the first VACUUM rewrites every page.
     """
-    obj = entry.object
-    assert obj is not None
+    objects = entry.stored if objects is None else objects
+    assert objects
     schema_name, name = target or (entry.schema, entry.name)
     stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh)
     own = conn is None
@@ -61,11 +64,12 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
         with conn.transaction(), conn.cursor() as cur:
             if fresh:
                 cur.execute(postgres.truncate_statement(schema_name, name))
-            with cur.copy(stmt) as copy:
-                for chunk in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance):
-                    copy.write(chunk)
-                    if on_raw is not None:
-                        on_raw(len(chunk))
+            for obj in objects:
+                with cur.copy(stmt) as copy:
+                    for chunk in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance):
+                        copy.write(chunk)
+                        if on_raw is not None:
+                            on_raw(len(chunk))
     except psycopg.Error as exc:
         raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
     finally:

@@ -384,7 +384,7 @@ def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: 
                     conn.execute(sql.SQL("DELETE FROM ONLY {}").format(target))
                 else:
                     conn.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
-            if t.object is not None:
+            if t.stored:
                 load_table(ConnInfo(), storage, t, manifest.encoding, advance, conn=conn, on_raw=on_raw)
             if not superuser:
                 conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(target))
@@ -519,12 +519,12 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                                                                                None).archive, target, major))
                 definitions.before_data()
 
-            total = sum(t.object.raw_size for t in entries if t.object)
+            total = sum(t.raw_size for t in entries)
             progress = reporter.task("data", total=total)
 
             if existing:
                 replace_in_place(control, storage, manifest, existing, replace, count, progress.advance)
-            loads = [t for t in create if t.object is not None]
+            loads = [t for t in create if t.stored]
             checksums: dict[TableKey, tuple[int, str]] = {}
 
             def load(t: TableEntry, conn: psycopg.Connection[Any]) -> None:

@@ -268,23 +268,64 @@ def list_tables(conn: psycopg.Connection[Any]) -> list[TableInfo]:
 CHECKSUM_SQL = (
     "SELECT n, (s % 18446744073709551616 + 18446744073709551616) % 18446744073709551616"
     " FROM (SELECT count(*) AS n, coalesce(sum(hashtextextended(ROW({})::text, 0)), 0) AS s"
-    " FROM ONLY {} AS t) AS agg"
+    " FROM ONLY {} AS t{}) AS agg"
 )
+CHECKSUM_MODULUS = 2**64
+
+BlockRange = tuple[int | None, int | None]
+"""A range of a table's heap blocks, [start, stop): None leaves that end open."""
+
+
+def block_ranges(blocks: int, parts: int) -> list[BlockRange]:
+    """``parts`` contiguous ranges of about equal block counts covering a heap of ``blocks``
+    blocks and anything beyond it: the first is open below, the last open above, so rows in
+    blocks added after the size was read still belong to exactly one range. Pure."""
+    parts = max(1, min(parts, blocks))
+    cuts = [blocks * i // parts for i in range(1, parts)]
+    return list(zip([None, *cuts], [*cuts, None]))
+
+
+def ctid_condition(blocks: BlockRange) -> str:
+    """SQL condition selecting the rows stored in ``blocks`` (a TID range scan on PostgreSQL
+    14 and later: only those blocks are read); empty for the whole table."""
+    start, stop = blocks
+    terms = ([f"ctid >= '({int(start)},0)'::tid"] if start is not None else []) + \
+            ([f"ctid < '({int(stop)},0)'::tid"] if stop is not None else [])
+    return " AND ".join(terms)
+
+
+def combine_checksums(parts: Sequence[tuple[int, str]]) -> tuple[int, str]:
+    """The (rows, checksum) of a table from those of parts that hold each of its rows once:
+    counts add up, and the checksum is a sum of row hashes modulo 2**64. Pure."""
+    rows = sum(n for n, _ in parts)
+    total = sum(int(digest, 16) for _, digest in parts) % CHECKSUM_MODULUS
+    return rows, f"{total:016x}"
 
 
 def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str,
-                   columns: Sequence[str]) -> tuple[int, str]:
+                   columns: Sequence[str], blocks: BlockRange = (None, None)) -> tuple[int, str]:
     """Row count and an order-independent content checksum (sum of per-row 64-bit hashes).
 
     Order-independent so that a table rewritten by VACUUM FULL or loaded in another order
     still matches; computed over ``columns`` (the dumped, non-generated ones) from each
     row's text form under the pinned session settings, so a copy of the table elsewhere
-    (another schema, extra columns) compares equal when it holds the same rows.
+    (another schema, extra columns) compares equal when it holds the same rows. ``blocks``
+    restricts it to the rows of a range of heap blocks (see :func:`combine_checksums`).
     """
     cols = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in columns)
-    row = conn.execute(sql.SQL(CHECKSUM_SQL).format(cols, qualified(schema, name))).fetchone()
+    condition = ctid_condition(blocks)
+    where = sql.SQL(" WHERE " + condition) if condition else sql.SQL("")
+    row = conn.execute(sql.SQL(CHECKSUM_SQL).format(cols, qualified(schema, name), where)).fetchone()
     assert row is not None
     return int(row[0]), f"{int(row[1]):016x}"
+
+
+def heap_blocks(conn: psycopg.Connection[Any], oids: Sequence[int]) -> dict[int, int]:
+    """Blocks in each table's main fork now (read after a snapshot is taken, it covers every
+    row the snapshot sees: a heap only shrinks under a lock the backup's share lock excludes)."""
+    rows = conn.execute("SELECT c.oid, pg_relation_size(c.oid, 'main') / current_setting('block_size')::bigint"
+                        " FROM pg_class c WHERE c.oid = ANY(%s)", (list(oids),)).fetchall()
+    return {int(oid): int(blocks) for oid, blocks in rows}
 
 
 def sequences(conn: psycopg.Connection[Any]) -> list[SequenceRecord]:
@@ -479,15 +520,23 @@ def advisory_lock(conn: psycopg.Connection[Any], name: str, wait_seconds: float 
         conn.execute("RESET lock_timeout")
 
 
-def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: TableInfo) -> list[str]:
+def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: TableInfo,
+                     blocks: BlockRange = (None, None)) -> list[str]:
     """psql command line that writes one table's rows as COPY text to stdout, in the snapshot
-    (a table without columns yields one empty line per row)."""
-    columns = f" ({', '.join(quote_ident(c) for c in table.columns)})" if table.columns else ""
+    (a table without columns yields one empty line per row); ``blocks``: only the rows stored
+    in that range of heap blocks, in the same text form."""
+    condition = ctid_condition(blocks)
+    if condition:
+        columns = ", ".join(quote_ident(c) for c in table.columns)
+        copy = f"COPY (SELECT {columns} FROM ONLY {table.qualified} WHERE {condition}) TO STDOUT"
+    else:
+        columns = f" ({', '.join(quote_ident(c) for c in table.columns)})" if table.columns else ""
+        copy = f"COPY {table.qualified}{columns} TO STDOUT"
     return [
         find_tool("psql", major), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo.tool_conninfo(),
         "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
         "-c", f"SET TRANSACTION SNAPSHOT '{snapshot_id}'",
-        "-c", f"COPY {table.qualified}{columns} TO STDOUT",
+        "-c", copy,
         "-c", "COMMIT",
     ]
 

@@ -23,6 +23,11 @@ parse, is simply not used that way.
 Format 3 marks a base backup whose tar is stored as several zstd frames with an index
 (:mod:`backup_tool.physical.basetar`): a version before it would decompress only the first
 frame, so it must refuse the manifest rather than restore part of a data directory.
+
+Format 4 marks a logical backup with a table split into parts (``parts`` on its table entry,
+an ordered list of objects whose rows together are the table's, ``object`` then null): a
+version before it would see a table without an object and restore it empty, so it must refuse
+the manifest instead. A backup without a split table is still written in its older format.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from backup_tool.core.kinds import ALL_KINDS
 from backup_tool.core.timestamps import parse_utc, utc_iso
 from backup_tool.errors import BackupToolError, IntegrityError
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 ENCRYPTED_FORMAT = 2
 FRAMED_BASE_FORMAT = 3
+SPLIT_TABLE_FORMAT = 4
 SEAL_FIELD = "manifest_mac"
 KINDS = ALL_KINDS
 
@@ -57,6 +63,11 @@ class StoredObject:
 
 @dataclass(frozen=True)
 class TableEntry:
+    """One backed-up table. Its rows are stored in ``object``, or, for a table split across
+    sessions, in ``parts`` (``object`` then None): each part holds the rows of one range of
+    the table's blocks, and the parts together hold every row once. ``rows`` and ``checksum``
+    are the whole table's, whichever way it is stored (the checksum is additive over rows)."""
+
     schema: str
     name: str
     relkind: str
@@ -65,10 +76,23 @@ class TableEntry:
     rows: int
     checksum: str
     object: StoredObject | None
+    parts: tuple[StoredObject, ...] = ()
 
     @property
     def full_name(self) -> str:
         return f"{self.schema}.{self.name}"
+
+    @property
+    def stored(self) -> tuple[StoredObject, ...]:
+        """The objects holding the table's rows, in order (empty: the table has no data object)."""
+        if self.parts:
+            return self.parts
+        return (self.object,) if self.object is not None else ()
+
+    @property
+    def raw_size(self) -> int:
+        """Uncompressed bytes of the table's rows as stored."""
+        return sum(o.raw_size for o in self.stored)
 
 
 class ManifestPolicy(TypedDict, total=False):
@@ -294,7 +318,7 @@ class Manifest:
     def objects(self) -> list[StoredObject]:
         """Every object the backup needs, including those it shares with its parents."""
         found = [o for o in (self.schema, self.globals, self.large_objects) if o is not None]
-        found += [t.object for t in self.tables if t.object is not None]
+        found += [o for t in self.tables for o in t.stored]
         found += list(self.extra_objects)
         return found
 
@@ -362,6 +386,9 @@ class Manifest:
             del data["large_objects"]
         if self.wal_basis is None:
             del data["wal_basis"]
+        for table in data["tables"]:
+            if not table["parts"]:
+                del table["parts"]
         return data
 
     def to_json(self, seal: Callable[[str], str] | None = None) -> bytes:
@@ -401,7 +428,7 @@ _NONE = type(None)
 _SHAPES: dict[type, dict[str, tuple[type, ...]]] = {
     StoredObject: {"key": (str,), "size": (int,), "sha256": (str,), "raw_size": (int,), "compression": (str,)},
     TableEntry: {"schema": (str,), "name": (str,), "relkind": (str,), "parent": (str, _NONE), "columns": (tuple,),
-                 "rows": (int,), "checksum": (str,), "object": (StoredObject, _NONE)},
+                 "rows": (int,), "checksum": (str,), "object": (StoredObject, _NONE), "parts": (tuple,)},
     Manifest: {"id": (str,), "kind": (str,), "parent_id": (str, _NONE), "database": (str,),
                "server_version": (str,), "server_version_num": (int,), "encoding": (str,),
                "system_identifier": (str,), "policy": (dict,), "snapshot_lsn": (str, _NONE),
@@ -426,6 +453,10 @@ def _checked(manifest: Manifest) -> Manifest:
         _check_shape(obj)
     if not all(isinstance(c, str) for t in manifest.tables for c in t.columns):
         raise TypeError("a column name is not a string")
+    if any(t.parts and (t.object is not None or len(t.parts) < 2) for t in manifest.tables):
+        raise ValueError("a split table has an object besides its parts, or fewer than two parts")
+    if any(t.parts for t in manifest.tables) and manifest.format < SPLIT_TABLE_FORMAT:
+        raise ValueError(f"a table is split into parts in a format {manifest.format} manifest")
     if not all(isinstance(s, dict) for s in manifest.sequences):
         raise TypeError("a sequence is not an object")
     return manifest
@@ -452,7 +483,8 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
                              "run 'backup-tool verify all' and use another backup")
     try:
         tables = tuple(
-            TableEntry(**{**t, "columns": tuple(t["columns"]), "object": _obj(t["object"])})
+            TableEntry(**{**t, "columns": tuple(t["columns"]), "object": _obj(t["object"]),
+                          "parts": tuple(StoredObject(**p) for p in t.get("parts", ()))})
             for t in body["tables"])
         return _checked(Manifest(
             id=body["id"], kind=body["kind"], parent_id=body["parent_id"],

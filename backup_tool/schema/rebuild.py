@@ -124,7 +124,7 @@ def incompatibilities(manifest: Manifest, backup: Shape, built: Shape) -> list[s
     """Why the rebuilt schema cannot take the backup's rows, one entry per table or sequence."""
     problems: list[str] = []
     for entry in manifest.tables:
-        if entry.object is None:
+        if not entry.stored:
             continue
         key = (entry.schema, entry.name)
         name = display(*key)

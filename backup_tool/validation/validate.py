@@ -537,7 +537,7 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
     reporter = reporter or NullReporter()
     checks: list[Check] = []
     wanted = {(t.schema, t.name): (t.schema, t.name, t.columns)
-              for t in sorted(manifest.tables, key=lambda t: -(t.object.raw_size if t.object else 0))
+              for t in sorted(manifest.tables, key=lambda t: -t.raw_size)
               if t.relkind == "r" and (tables is None or (t.schema, t.name) in tables)} if manifest else {}
     known = {k: v for k, v in (checksums or {}).items() if k in wanted}
     to_read = {k: v for k, v in wanted.items() if k not in known}
