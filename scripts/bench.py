@@ -16,6 +16,17 @@ Physical scenarios (base backup, PITR restore, WAL archiving vs pgBackRest) run 
 `backup-tool backup base` exists and pgBackRest can be installed; pgBackRest only speaks
 TLS to S3, so nginx with a self-signed certificate fronts the endpoint for it.
 
+`--large-table` builds instead a database dominated by one table (a pgbench_accounts-like
+table with a primary key and a wide filler, about 60 MB per --scale unit: 3 GB at 50) and
+times backup full and restore full (validated) against pg_dump -Fc, pg_dump -Fd -j N and
+pg_restore -j N, with the table split into parts (policy backup.split_table_mb, default) and
+unsplit (split_table_mb = 0) in the same run.
+
+`--curve 50,200` runs the scenarios at each scale (--runs at the first, one run at the
+others; table PITR is left out) and adds the time per GB and peak RSS of every row at every
+size to the markdown, with a PNG plot beside it (matplotlib, installed with pip if missing:
+a bench-only dependency).
+
 Run as root on a fresh Debian 12 machine (it installs PostgreSQL 15, pgBackRest and nginx
 with apt when missing); the cluster runs as the unprivileged `postgres` user.
 """
@@ -179,12 +190,46 @@ SELECT g,
 
 
 def build_database(cluster: Cluster, scale: int) -> int:
+    cluster.psql("DROP DATABASE IF EXISTS bench WITH (FORCE)", db="postgres")
     cluster.psql("CREATE DATABASE bench", db="postgres")
     log(f"pgbench -i -s {scale}")
     sh([str(PG_BIN / "pgbench"), "-i", "-q", "-s", str(scale), "-d", cluster.dsn()])
     rows = max(5000, scale * 1500)
     for n in range(1, 17):
         cluster.psql(WIDE_TABLE.format(n=n, rows=rows))
+    cluster.psql("VACUUM ANALYZE")
+    return int(cluster.psql("SELECT pg_database_size('bench')"))
+
+
+LARGE_ROWS_PER_SCALE = 200_000  # about 60 MB of heap per scale unit
+LARGE_TABLE = "big_accounts"
+LARGE_FILL = """
+INSERT INTO big_accounts
+SELECT g, 1 + g % {branches}, (g % 10007) - 5000,
+       md5(g::text) || md5((g * 7)::text) || repeat(md5((g % 1000)::text), 5)
+  FROM generate_series({start}, {stop}) g;
+"""
+
+
+def build_large_table(cluster: Cluster, scale: int, jobs: int) -> int:
+    """A database dominated by one pgbench_accounts-like table (primary key, wide filler that
+    compresses about 3:1), filled by ``jobs`` sessions at once; a small branches table beside it."""
+    cluster.psql("DROP DATABASE IF EXISTS bench WITH (FORCE)", db="postgres")
+    cluster.psql("CREATE DATABASE bench", db="postgres")
+    branches = max(1, scale)
+    cluster.psql(f"CREATE TABLE big_branches (bid int PRIMARY KEY, bbalance int NOT NULL, filler text);"
+                 f"INSERT INTO big_branches SELECT g, 0, md5(g::text) FROM generate_series(1, {branches}) g;"
+                 f"CREATE TABLE {LARGE_TABLE} (aid bigint NOT NULL, bid int NOT NULL, abalance int NOT NULL,"
+                 " filler text NOT NULL) WITH (fillfactor = 100)")
+    rows = scale * LARGE_ROWS_PER_SCALE
+    log(f"filling {LARGE_TABLE}: {rows} rows in {jobs} sessions")
+    cuts = [rows * i // jobs for i in range(jobs + 1)]
+    fills = [subprocess.Popen([str(PG_BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", cluster.dsn(), "-c",
+                               LARGE_FILL.format(branches=branches, start=cuts[i] + 1, stop=cuts[i + 1])])
+             for i in range(jobs) if cuts[i + 1] > cuts[i]]
+    if any(p.wait() != 0 for p in fills):
+        raise RuntimeError(f"filling {LARGE_TABLE} failed")
+    cluster.psql(f"ALTER TABLE {LARGE_TABLE} ADD PRIMARY KEY (aid)")
     cluster.psql("VACUUM ANALYZE")
     return int(cluster.psql("SELECT pg_database_size('bench')"))
 
@@ -332,8 +377,11 @@ class Row:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, work: Path, cluster: Cluster, s3: S3, db_bytes: int) -> None:
+    def __init__(self, args: argparse.Namespace, work: Path, cluster: Cluster, s3: S3, db_bytes: int,
+                 scale: int, runs: int) -> None:
         self.args = args
+        self.scale = scale
+        self.runs = runs
         self.work = work
         self.cluster = cluster
         self.s3 = s3
@@ -349,6 +397,15 @@ class Bench:
         self.live_pgdata: list[Path] = []
         self.server_tool: Path | None = None
         self.pitr_repo: str | None = None
+
+    def carry_over(self, previous: "Bench") -> None:
+        """Reuse what the previous scale's bench set up once (nginx, the server's backup-tool,
+        WAL segments of this cluster): a curve rebuilds the database, not the machinery."""
+        for name in ("nginx", "server_tool", "scratch", "wal_segments"):
+            if hasattr(previous, name):
+                setattr(self, name, getattr(previous, name))
+        self.versions.update(previous.versions)
+        previous.nginx = None  # closed by this bench from now on
 
     def settle(self) -> None:
         """Start every measurement from the same state: the previous step's dirty pages
@@ -443,6 +500,59 @@ class Bench:
         self.s3.drop_bucket(bucket)
         shutil.rmtree(local_repo, ignore_errors=True)
         for name in ("r_pg", "r_bt", "r_one"):  # the physical scenarios back up the cluster: only the bench db
+            self.cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", db="postgres")
+
+    def run_large(self, run: int) -> None:
+        """The database dominated by one table: pg_dump -Fc, pg_dump -Fd -j N and pg_restore
+        -j N against backup full / restore full (validated), with the table split into parts
+        (the default policy) and unsplit (split_table_mb = 0), in the same run."""
+        j = str(self.args.jobs)
+        src = self.cluster.dsn()
+        dump_file = self.work / "bench.dump"
+        dump_dir = self.work / "bench.dir"
+        unsplit = self.work / "unsplit.toml"
+        unsplit.write_text("[backup]\nsplit_table_mb = 0\n")
+        repos = {"split": f"s3://{self.s3.new_bucket()}/bench", "unsplit": f"s3://{self.s3.new_bucket()}/bench"}
+        policy = {"split": [], "unsplit": ["--policy", str(unsplit)]}
+        backup = "large table: backup full"
+
+        def dump_dir_jobs() -> Measure:
+            shutil.rmtree(dump_dir, ignore_errors=True)
+            return timed([str(PG_BIN / "pg_dump"), "-Fd", "-j", j, "-f", str(dump_dir), "-d", src], self.env)
+
+        steps: list[tuple[str, str, Callable[[], Measure]]] = [
+            (backup, "pg_dump -Fc (local file)",
+             lambda: timed([str(PG_BIN / "pg_dump"), "-Fc", "-f", str(dump_file), "-d", src], self.env)),
+            (backup, f"pg_dump -Fd -j {j} (local dir)", dump_dir_jobs),
+            *[(backup, f"backup-tool backup full (S3, {how})",
+               lambda how=how: timed([*self.tool, "backup", "full", "--repo", repos[how], "--dsn", src, "--jobs", j,
+                                      *policy[how]], self.env))
+              for how in ("split", "unsplit")],
+        ]
+        restore = "large table: restore full"
+        restores: list[tuple[str, str, Callable[[], Measure]]] = [
+            (restore, f"pg_restore -j {j} (local dir)",
+             lambda: timed([str(PG_BIN / "pg_restore"), "-j", j, "-d", self.fresh_db("r_pg"), str(dump_dir)],
+                           self.env)),
+            *[(restore, f"backup-tool restore full (S3, validated, {how})",
+               lambda how=how: timed([*self.tool, "restore", "full", "--repo", repos[how], "--target-dsn",
+                                      self.fresh_db("r_bt"), "--jobs", j], self.env))
+              for how in ("split", "unsplit")],
+        ]
+        if run % 2:
+            steps, restores = steps[::-1], restores[::-1]
+        for scenario, name, fn in steps + restores:
+            self.settle()
+            self.record(scenario, name, fn())
+        for how, repo in repos.items():
+            listing = json.loads(subprocess.run([*self.tool, "show", "latest", "--repo", repo, "--json"],
+                                                env=self.env, capture_output=True, text=True, check=True).stdout)
+            table = next(t for t in listing["tables"] if t["table"] == f"public.{LARGE_TABLE}")
+            self.sizes[f"backup full bytes (S3, {how}; {LARGE_TABLE} in {len(table.get('parts', [])) or 1} "
+                       "object(s))"] = listing["size_bytes"]
+            self.s3.drop_bucket(repo.split("/")[2])
+        self.sizes["pg_dump -Fc bytes"] = dump_file.stat().st_size
+        for name in ("r_pg", "r_bt"):
             self.cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", db="postgres")
 
     # ----------------------------------------------------------------------------------- physical
@@ -834,6 +944,12 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
         whole = row("logical full restore", "backup-tool restore full (S3, validated)")
         if one and whole:
             out.append(f"| restore tables (one table) ÷ restore full (time) | {one.seconds / whole.seconds:.2f} |  |")
+        for scenario, name in (("large table: backup full", "backup-tool backup full (S3, {})"),
+                               ("large table: restore full", "backup-tool restore full (S3, validated, {})")):
+            split, unsplit = row(scenario, name.format("split")), row(scenario, name.format("unsplit"))
+            if split and unsplit:
+                out.append(f"| {scenario}: table split into parts ÷ unsplit (time) "
+                           f"| {split.seconds / unsplit.seconds:.2f} | < 1 with jobs ≥ 2 |")
         incr = row("incremental (1 of 20 changed)", "backup-tool backup incremental (S3)")
         full = row("logical full backup", "backup-tool backup full (S3)")
         if incr and full:
@@ -852,7 +968,7 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
             f"- machine: {platform.machine()}, {os.cpu_count()} cores, "
             f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, {platform.platform()}",
             f"- PostgreSQL: {sh([str(PG_BIN / 'postgres'), '--version']).stdout.strip()}",
-            f"- database: pgbench scale {self.args.scale} + 16 wide tables = {mb:.0f} MB; runs: {self.args.runs}"
+            f"- database: {self.dataset()} = {mb:.0f} MB; runs: {self.runs}"
             f" (median), jobs: {self.args.jobs}; S3: moto server on 127.0.0.1",
         ]
         lines += [f"- {k}: {v}" for k, v in self.versions.items()]
@@ -884,8 +1000,11 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
         lines += ["", "| ratio backup-tool ÷ contender | value | target |", "| --- | ---: | --- |"]
         # Issue 15's targets (the ratio each contender pair must reach).
         targets = {"physical base backup": "≤ 0.80", "PITR restore": "≤ 0.90", "WAL archiving": "≥ 1.00",
-                   "logical full restore": "≤ 1.00", "single table restore": "≤ 1.5"}
-        logical_goals = {("backup full (S3)", "pg_dump -Fc"): "≤ 0.50", ("backup full (S3)", "pg_dump -Fd"): "≤ 0.80"}
+                   "logical full restore": "≤ 1.00", "single table restore": "≤ 1.5",
+                   "large table: restore full": "≤ 1.00"}
+        logical_goals = {("backup full (S3)", "pg_dump -Fc"): "≤ 0.50", ("backup full (S3)", "pg_dump -Fd"): "≤ 0.80",
+                         ("backup full (S3, split)", "pg_dump -Fc"): "≤ 0.50",
+                         ("backup full (S3, split)", "pg_dump -Fd"): "≤ 0.80"}
         for scenario in dict.fromkeys(r.scenario for r in self.rows.values()):
             ours = [r for r in self.rows.values() if r.scenario == scenario and r.contender.startswith("backup-tool")]
             theirs = [r for r in self.rows.values() if r.scenario == scenario and not r.contender.startswith("backup-tool")]
@@ -906,6 +1025,63 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
             lines += [f"| {k} | {v} |" for k, v in self.sizes.items()]
         return "\n".join(lines) + "\n"
 
+    def dataset(self) -> str:
+        if self.args.large_table:
+            return (f"one {LARGE_TABLE} table of {self.scale * LARGE_ROWS_PER_SCALE} rows (--large-table, scale "
+                    f"{self.scale}) + a {self.scale}-row branches table")
+        return f"pgbench scale {self.scale} + 16 wide tables"
+
+
+def curve_report(benches: list[Bench], png: Path) -> str:
+    """Time per GB and peak RSS of every row at every size, as a markdown table, and the same
+    as a PNG plot at ``png`` (backup-tool's rows solid, the contenders' dashed)."""
+    gb = {b.scale: b.db_bytes / 2**30 for b in benches}
+    keys = list(dict.fromkeys((r.scenario, r.contender) for b in benches for r in b.rows.values()
+                              if not r.segments))
+    lines = ["", "## Scale curve", "",
+             "| scenario | contender | " + " | ".join(f"s/GB at {gb[b.scale]:.2f} GB" for b in benches)
+             + " | " + " | ".join(f"peak RSS MB at {gb[b.scale]:.2f} GB" for b in benches) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in range(2 * len(benches))) + " |"]
+    for scenario, contender in keys:
+        rows = [b.rows.get((scenario, contender)) for b in benches]
+        per_gb = [f"{r.seconds / gb[b.scale]:.1f}" if r else "" for r, b in zip(rows, benches, strict=True)]
+        rss = [f"{r.rss:.0f}" if r else "" for r in rows]
+        lines.append(f"| {scenario} | {contender} | " + " | ".join(per_gb + rss) + " |")
+    try:
+        plot_curve(benches, keys, gb, png)
+        lines += ["", f"![scale curve]({png.name})"]
+    except Exception as exc:  # noqa: BLE001 - the table above is the result; the plot is a convenience
+        log(f"no plot: {exc}")
+        lines += ["", f"(no plot: {exc})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(benches: list[Bench], keys: list[tuple[str, str]], gb: dict[int, float], png: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        log("installing matplotlib for the plot (bench only)")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], check=True)
+        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    for scenario, contender in keys:
+        points = [(gb[b.scale], r) for b in benches if (r := b.rows.get((scenario, contender)))]
+        style = "-" if contender.startswith("backup-tool") else "--"
+        label = f"{scenario}: {contender}"[:70]
+        xs = [x for x, _ in points]
+        left.plot(xs, [r.seconds / x for x, r in points], style, marker="o", label=label)
+        right.plot(xs, [r.rss for _, r in points], style, marker="o", label=label)
+    left.set(xlabel="database GB", ylabel="seconds per GB", title="time per GB")
+    right.set(xlabel="database GB", ylabel="peak RSS MB", title="peak RSS (process tree)")
+    left.legend(fontsize=5, loc="best")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=int, default=50, help="pgbench scale (50: 1.25 GB with the 16 wide tables)")
@@ -917,9 +1093,23 @@ def main() -> int:
     parser.add_argument("--barman", action="store_true", help="also time barman-cloud-backup (one run)")
     parser.add_argument("--table-pitr-only", action="store_true",
                         help="only table PITR, partial against full lay-out (no pgBackRest needed)")
+    parser.add_argument("--large-table", action="store_true",
+                        help="a database dominated by one table (60 MB per scale unit: 3 GB at 50), backup full "
+                             "and restore full with the table split and unsplit against pg_dump/pg_restore")
+    parser.add_argument("--curve", metavar="SCALES",
+                        help="comma-separated scales (e.g. 50,200): every scenario at each (--runs at the first, "
+                             "one run at the others), with time per GB and peak RSS per size and a PNG plot")
     args = parser.parse_args()
     if args.logical_only and args.physical_only:
         parser.error("--logical-only and --physical-only exclude each other")
+    if args.large_table and (args.physical_only or args.table_pitr_only):
+        parser.error("--large-table times logical backups; it excludes --physical-only and --table-pitr-only")
+    try:
+        scales = [int(x) for x in args.curve.split(",")] if args.curve else [args.scale]
+    except ValueError:
+        parser.error("--curve takes comma-separated whole scales, e.g. 50,200")
+    if args.curve and (len(scales) < 2 or min(scales) < 1):
+        parser.error("--curve needs at least two scales, each at least 1")
     if os.geteuid() != 0:
         print("scripts/bench runs as root (it installs packages and runs PostgreSQL as 'postgres')", file=sys.stderr)
         return 2
@@ -933,29 +1123,41 @@ def main() -> int:
     work.chmod(0o755)
     cluster: Cluster | None = None
     s3: S3 | None = None
-    bench: Bench | None = None
+    benches: list[Bench] = []
     try:
         cluster = start_cluster(work)
         s3 = start_s3()
-        db_bytes = build_database(cluster, args.scale)
-        log(f"database ready: {db_bytes / 2**20:.0f} MB")
-        bench = Bench(args, work, cluster, s3, db_bytes)
-        for run in range(args.runs):
-            log(f"run {run + 1}/{args.runs}")
-            if args.table_pitr_only:
-                bench.run_table_pitr(run)
-                continue
-            if not args.physical_only:
-                bench.run_logical(run)
-            if not args.logical_only:
-                bench.run_physical(run)
-                bench.run_table_pitr(run)
-        report = bench.report()
-        Path(args.out).write_text(report)
+        for index, scale in enumerate(scales):
+            db_bytes = (build_large_table(cluster, scale, args.jobs) if args.large_table
+                        else build_database(cluster, scale))
+            log(f"database ready: {db_bytes / 2**20:.0f} MB (scale {scale})")
+            runs = args.runs if index == 0 else 1
+            bench = Bench(args, work, cluster, s3, db_bytes, scale, runs)
+            if benches:
+                bench.carry_over(benches[-1])
+            benches.append(bench)
+            for run in range(runs):
+                log(f"run {run + 1}/{runs} at scale {scale}")
+                if args.table_pitr_only:
+                    bench.run_table_pitr(run)
+                    continue
+                if args.large_table:
+                    bench.run_large(run)
+                elif not args.physical_only:
+                    bench.run_logical(run)
+                if not args.logical_only:
+                    bench.run_physical(run)
+                    if not args.large_table and not args.curve:
+                        bench.run_table_pitr(run)
+        out = Path(args.out)
+        report = "\n".join(b.report() for b in benches)
+        if args.curve:
+            report += curve_report(benches, out.with_suffix(".png"))
+        out.write_text(report)
         print(report)
         return 0
     finally:
-        if bench is not None:
+        for bench in benches:
             bench.close()
         if s3 is not None:
             s3.proc.terminate()
