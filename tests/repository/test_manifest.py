@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from support.manifests import make_manifest
 
 from backup_tool.errors import BackupToolError, IntegrityError
-from backup_tool.repository.manifest import FORMAT_VERSION, StoredObject, TableEntry, parse_manifest
+from backup_tool.repository.manifest import (
+    FORMAT_VERSION,
+    SPLIT_TABLE_FORMAT,
+    Manifest,
+    StoredObject,
+    TableEntry,
+    parse_manifest,
+)
 
 
 def test_round_trip_preserves_every_field() -> None:
@@ -117,7 +124,7 @@ def test_any_field_of_any_type_is_parsed_or_refused_cleanly(field: str, value: o
 
 
 @settings(max_examples=100, deadline=None)
-@given(table_field=st.sampled_from(["schema", "name", "relkind", "parent", "columns", "rows", "checksum", "object"]),
+@given(table_field=st.sampled_from(["schema", "name", "relkind", "parent", "columns", "rows", "checksum", "object", "parts"]),
        value=json_values)
 def test_any_table_field_of_any_type_is_parsed_or_refused_cleanly(table_field: str, value: object) -> None:
     body = json.loads(make_manifest().to_json())
@@ -166,3 +173,49 @@ def test_sealing_keeps_the_round_trip_and_older_readers_see_a_newer_format() -> 
     m = replace(make_manifest(), options={"encryption": key.describe()}, format=2)
     assert parse_manifest(m.to_json(key.seal), "x") == m
     assert json.loads(make_manifest().to_json())["format"] == 1, "unencrypted backups stay readable by format-1 tools"
+
+
+def split_manifest() -> Manifest:
+    prefix = "backups/20261125T020000Z-Fabcd/data/"
+    parts = tuple(StoredObject(f"{prefix}7.{i}.copy.zst", 10 + i, f"{i}" * 64, 100 + i) for i in range(3))
+    big = TableEntry("public", "big", "r", None, ("id", "note"), 30, "0123456789abcdef", None, parts)
+    return replace(make_manifest(tables=(*make_manifest().tables, big)), format=SPLIT_TABLE_FORMAT)
+
+
+def test_a_split_table_round_trips_and_its_parts_are_objects_of_the_backup() -> None:
+    m = split_manifest()
+    parsed = parse_manifest(m.to_json(), "x")
+    assert parsed == m
+    big = parsed.table("public", "big")
+    assert big is not None and big.object is None and big.stored == big.parts and len(big.parts) == 3
+    assert big.raw_size == 100 + 101 + 102
+    assert set(big.parts) <= set(parsed.objects()) and set(big.parts) <= set(parsed.own_objects())
+    assert parsed.size_bytes == make_manifest().size_bytes + 10 + 11 + 12
+
+
+def test_a_manifest_without_split_tables_keeps_its_old_format_and_shape() -> None:
+    """Older tools read it: no ``parts`` key on any table, format 1."""
+    body = json.loads(make_manifest().to_json())
+    assert body["format"] == 1 and all("parts" not in t for t in body["tables"])
+
+
+def test_an_older_tool_refuses_a_manifest_with_a_split_table() -> None:
+    """A reader of format 3 (the version before parts) refuses it instead of restoring the
+    table empty; and parts in a manifest claiming an older format are refused as damage."""
+    body = json.loads(split_manifest().to_json())
+    assert body["format"] == SPLIT_TABLE_FORMAT > 3
+    body["format"] = 3
+    with pytest.raises(IntegrityError, match="split into parts"):
+        parse_manifest(resealed(body), "x")
+
+
+@pytest.mark.parametrize("edit", ["object and parts", "one part"])
+def test_a_split_table_must_have_parts_only(edit: str) -> None:
+    body = json.loads(split_manifest().to_json())
+    big = body["tables"][-1]
+    if edit == "one part":
+        big["parts"] = big["parts"][:1]
+    else:
+        big["object"] = big["parts"][0]
+    with pytest.raises(IntegrityError, match="malformed"):
+        parse_manifest(resealed(body), "x")
