@@ -1,0 +1,81 @@
+"""Which tables a logical backup splits into parts, and how.
+
+A table of at least ``backup.split_table_mb`` on disk is dumped as several objects ("parts"),
+each the rows of one contiguous range of its heap blocks, read with a TID range scan
+(``ctid >= '(b0,0)' AND ctid < '(b1,0)'``, PostgreSQL 14 and later: each part reads only its
+blocks). The parts of one table are dumped, checksummed and later loaded by different
+sessions at once, which is what makes one large table as fast to back up and restore as many
+small ones. The ranges are cut from the heap's block count read after the backup's snapshot
+was taken; the first range is open below and the last open above, so every row the snapshot
+sees is in exactly one part whatever the table did since. A table's row count and checksum
+are the sums of its parts' (see :func:`backup_tool.postgres.connection.combine_checksums`).
+
+Everything here is pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backup_tool.postgres.connection import BlockRange, TableInfo, block_ranges
+
+MAX_PARTS = 64
+MIN_SERVER_MAJOR = 14
+"""TID range scans arrived in PostgreSQL 14: before it every part would read the whole table."""
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One unit of a backup's data phase: a whole table (``count`` 1) or one of its parts."""
+
+    table: TableInfo
+    index: int
+    count: int
+    blocks: BlockRange = (None, None)
+
+    @property
+    def split(self) -> bool:
+        return self.count > 1
+
+    @property
+    def object_name(self) -> str:
+        """The object's name under the backup's ``data/`` prefix."""
+        oid = self.table.oid
+        return f"{oid}.{self.index}.copy.zst" if self.split else f"{oid}.copy.zst"
+
+    @property
+    def size(self) -> int:
+        """This slice's share of the table's on-disk size (what progress is measured in); the
+        shares of a table's slices add up to its size."""
+        size = self.table.size
+        return size * (self.index + 1) // self.count - size * self.index // self.count
+
+
+def part_count(size: int, blocks: int, threshold_mb: int, jobs: int, major: int, columns: int) -> int:
+    """How many parts a table is dumped in (1: not split).
+
+    Not split below ``threshold_mb`` MiB on disk (0: never), before PostgreSQL 14, or without
+    columns (nothing to select). Otherwise at least one part per job and at most about
+    ``threshold_mb`` each (so a restore with more sessions than the backup had still finds
+    work for them), never more than :data:`MAX_PARTS` nor than the heap has blocks."""
+    threshold = threshold_mb * 2**20
+    if threshold <= 0 or size < threshold or major < MIN_SERVER_MAJOR or columns == 0:
+        return 1
+    wanted = max(2, jobs, -(-size // threshold))
+    return max(1, min(wanted, MAX_PARTS, blocks))
+
+
+def slices(tables: list[TableInfo], blocks: dict[int, int], threshold_mb: int, jobs: int,
+           major: int) -> list[Slice]:
+    """The data phase's units, in the tables' order: each table whole or in its parts.
+    ``blocks``: heap blocks per table oid, read after the snapshot (missing: 0)."""
+    found: list[Slice] = []
+    for table in tables:
+        heap = blocks.get(table.oid, 0)
+        count = part_count(table.size, heap, threshold_mb, jobs, major, len(table.columns))
+        if count == 1:
+            found.append(Slice(table, 0, 1))
+            continue
+        ranges = block_ranges(heap, count)
+        found += [Slice(table, i, len(ranges), r) for i, r in enumerate(ranges)]
+    return found

@@ -1,0 +1,46 @@
+"""Which tables a backup splits, into how many parts, and the parts' objects and shares (pure)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backup_tool.logical.parts import MAX_PARTS, part_count, slices
+from backup_tool.postgres.connection import TableInfo
+
+MB = 2**20
+
+
+def table(oid: int, size: int, columns: tuple[str, ...] = ("id", "v")) -> TableInfo:
+    return TableInfo(oid, "public", f"t{oid}", "r", None, columns, size)
+
+
+def test_small_tables_old_servers_and_a_zero_threshold_are_not_split() -> None:
+    assert part_count(255 * MB, 32000, 256, 4, 15, 2) == 1
+    assert part_count(3000 * MB, 400000, 256, 4, 13, 2) == 1, "no TID range scan before PostgreSQL 14"
+    assert part_count(3000 * MB, 400000, 0, 4, 15, 2) == 1
+    assert part_count(3000 * MB, 400000, 256, 4, 15, 0) == 1, "a table without columns"
+
+
+def test_parts_are_at_most_the_threshold_and_at_least_one_per_job() -> None:
+    assert part_count(3000 * MB, 384000, 256, 2, 15, 2) == 12
+    assert part_count(300 * MB, 38400, 256, 8, 15, 2) == 8
+    assert part_count(256 * MB, 32768, 256, 1, 15, 2) == 2
+    assert part_count(100000 * MB, 10**7, 256, 2, 15, 2) == MAX_PARTS
+    assert part_count(300 * MB, 3, 256, 8, 15, 2) == 3, "never more parts than blocks"
+
+
+@given(st.lists(st.integers(0, 600 * MB), min_size=1, max_size=8), st.integers(1, 8))
+def test_slices_name_distinct_objects_and_their_shares_add_up(sizes: list[int], jobs: int) -> None:
+    tables = [table(100 + i, s) for i, s in enumerate(sizes)]
+    found = slices(tables, {t.oid: t.size // 8192 for t in tables}, 256, jobs, 15)
+    assert len({s.object_name for s in found}) == len(found)
+    for t in tables:
+        mine = [s for s in found if s.table == t]
+        assert sum(s.size for s in mine) == t.size
+        assert [s.index for s in mine] == list(range(len(mine))) and {s.count for s in mine} == {len(mine)}
+        if len(mine) == 1:
+            assert mine[0].object_name == f"{t.oid}.copy.zst" and mine[0].blocks == (None, None)
+        else:
+            assert mine[0].blocks[0] is None and mine[-1].blocks[1] is None
+            assert [s.blocks[1] for s in mine[:-1]] == [s.blocks[0] for s in mine[1:]]
