@@ -4,8 +4,10 @@ A full backup exports one snapshot and lets every worker import it, so the schem
 (pg_dump --snapshot), every table's COPY stream and every checksum describe the same
 instant. Each ordinary table (and each leaf partition) becomes one zstd object streamed
 from ``psql``'s COPY output straight into the repository: no local copy of the data is
-made, and a table can later be restored alone. Content checksums are computed in the same
-snapshot by parallel sessions. Objects go under ``backups/<id>/``; the manifest is written
+made, and a table can later be restored alone. A table of at least ``backup.split_table_mb``
+is stored as several objects instead, one per range of its heap blocks, dumped and
+checksummed by parallel sessions (see :mod:`backup_tool.logical.parts`). Content
+checksums are computed in the same snapshot by parallel sessions. Objects go under ``backups/<id>/``; the manifest is written
 last, after every object is durable, so an interrupted backup is never listed.
 
 Incremental backups store only the tables whose content changed since the parent backup
@@ -61,6 +63,7 @@ from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalSpan, parse_lsn
 from backup_tool.errors import BackupToolError, LockHeldError
+from backup_tool.logical import parts
 from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema, walbasis
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import inventory as catalog_inventory
@@ -68,6 +71,7 @@ from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.manifest import (
+    SPLIT_TABLE_FORMAT,
     Manifest,
     ManifestInventory,
     SequenceRecord,
@@ -124,8 +128,9 @@ def _store_compressed(storage: Storage, key: str, chunks: Any, level: int, threa
 
 def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: str,
                 table: TableInfo, key: str, level: int, threads: int, encoding: str,
-                advance: Callable[[int], None]) -> tuple[StoredObject, int]:
-    argv = postgres.copy_out_command(conninfo, major, snapshot_id, table)
+                advance: Callable[[int], None],
+                blocks: postgres.BlockRange = (None, None)) -> tuple[StoredObject, int]:
+    argv = postgres.copy_out_command(conninfo, major, snapshot_id, table, blocks)
     env = conninfo.tool_env(settings={})
     env["PGCLIENTENCODING"] = encoding
     proc = pipeline.Process(argv, env, f"COPY of {table.schema}.{table.name}")
@@ -175,7 +180,7 @@ def choose_parent(backups: list[Manifest], database: str, policy: Policy,
 
 def unchanged(entry: TableEntry | None, table: TableInfo, rows: int, checksum: str) -> bool:
     """True only if the parent's object holds exactly this table's current rows."""
-    return (entry is not None and entry.object is not None and entry.relkind == table.relkind
+    return (entry is not None and bool(entry.stored) and entry.relkind == table.relkind
             and entry.parent == table.parent and entry.columns == table.columns
             and entry.rows == rows and entry.checksum == checksum)
 
@@ -270,7 +275,7 @@ def classify(parent: WalBasis, current: WalBasis, touched: frozenset[RelFile]) -
 
 def same_shape(entry: TableEntry | None, table: TableInfo) -> bool:
     """True if the parent's object was dumped from a table of this kind, place and columns."""
-    return (entry is not None and entry.object is not None and entry.relkind == table.relkind
+    return (entry is not None and bool(entry.stored) and entry.relkind == table.relkind
             and entry.parent == table.parent and entry.columns == table.columns)
 
 
@@ -555,35 +560,62 @@ def _store_side_objects(job: _DumpJob, taken: _Snapshotted) -> _SideObjects:
     return _SideObjects(schema_obj, globals_obj, lo_obj, schema.fingerprint(normalized))
 
 
+SlotKey = tuple[int, int]
+"""(table oid, part index) of one slice of the data phase."""
+
+
 class _TableDumper:
     """Streams tables' COPY output into objects and takes their content checksums, in parallel
-    sessions that share the backup's snapshot.
+    sessions that share the backup's snapshot. A table at least ``backup.split_table_mb`` big
+    is worked on in slices, one per range of its heap blocks (see :mod:`backup_tool.logical.parts`):
+    each slice is its own object and its own checksum query, and the table's checksum is the
+    sum of its slices'.
 
     The data phase is measured in the tables' on-disk size (the only size known before COPY):
-    each table is credited as its COPY text flows, never past its own size, and in full when
-    its object is stored, so the bar ends at exactly 100 %."""
+    each slice is credited as its COPY text flows, never past its share of the table's size,
+    and in full when its object is stored, so the bar ends at exactly 100 %."""
 
     def __init__(self, job: _DumpJob, taken: _Snapshotted, encoding: str, stack: ExitStack) -> None:
         self.job = job
         self.taken = taken
         self.encoding = encoding
         self.workers = _Workers(job.conninfo, taken.snap.snapshot_id, stack)
-        self.objects: dict[int, tuple[StoredObject, int]] = {}
+        self.objects: dict[SlotKey, tuple[StoredObject, int]] = {}
         self.checksums: dict[int, tuple[int, str]] = {}
         self.reused: dict[int, TableEntry] = {}
-        self._pending: set[int] = set()
+        self._sums: dict[SlotKey, tuple[int, str]] = {}
+        self._pending: set[SlotKey] = set()
         self._pending_lock = threading.Lock()
         self._progress: Task = NullReporter().task("")
         self._summed: Task = NullReporter().task("")
+        threshold = job.policy.backup.split_table_mb
+        big = [t.oid for t in taken.data_tables if threshold and t.size >= threshold * 2**20]
+        heap = postgres.heap_blocks(taken.snap.conn, big) if big and job.major >= parts.MIN_SERVER_MAJOR else {}
+        self.slices: dict[int, list[parts.Slice]] = {}
+        for piece in parts.slices(taken.data_tables, heap, threshold, job.jobs, job.major):
+            self.slices.setdefault(piece.table.oid, []).append(piece)
+
+    def _of(self, tables: list[TableInfo]) -> list[parts.Slice]:
+        return [piece for t in tables for piece in self.slices[t.oid]]
 
     def dump_all(self) -> None:
         data_tables = self.taken.data_tables
         self._start("data", data_tables)
-        self._summed = self.job.reporter.task("table checksums", total=len(data_tables), unit=Unit.ITEMS)
-        pipeline.run_parallel(self.job.jobs, [(self._dump, t) for t in data_tables]
-                              + [(self._checksum, t) for t in data_tables])
-        self._summed.finish()
+        self._sum(data_tables, [(self._dump, piece) for piece in self._of(data_tables)])
         self._progress.finish()
+
+    def _sum(self, tables: list[TableInfo], also: list[tuple[Callable[[Any], object], Any]],
+             title: str = "table checksums") -> None:
+        """Checksum ``tables`` (slice by slice) while running ``also``; then record each
+        table's checksum as the sum of its slices'."""
+        pieces = self._of(tables)
+        self._summed = self.job.reporter.task(title, total=len(pieces), unit=Unit.ITEMS) if pieces or not also \
+            else NullReporter().task("")
+        pipeline.run_parallel(self.job.jobs, also + [(self._checksum, piece) for piece in pieces])
+        self._summed.finish()
+        for t in tables:
+            self.checksums[t.oid] = postgres.combine_checksums([self._sums[(t.oid, p.index)]
+                                                                for p in self.slices[t.oid]])
 
     def dump_changed(self, parent: Manifest) -> tuple[str, str]:
         """Reuse the parent's object for every table shown unchanged (by the WAL, or by equal
@@ -596,15 +628,12 @@ class _TableDumper:
             if verdicts.get(t.oid) is TableVerdict.UNCHANGED and entry is not None and same_shape(entry, t):
                 self.reused[t.oid] = entry
                 self.checksums[t.oid] = (entry.rows, entry.checksum)
-        self._summed = reporter.task("comparing tables with the parent backup", total=len(to_check),
-                                     unit=Unit.ITEMS)
-        pipeline.run_parallel(job.jobs, [(self._checksum, t) for t in to_check])
-        self._summed.finish()
+        self._sum(to_check, [], "comparing tables with the parent backup")
         for t in to_check:
             entry = parent.table(t.schema, t.name)
             if entry is not None and unchanged(entry, t, *self.checksums[t.oid]):
                 self.reused[t.oid] = entry
-        missing = Catalog(job.storage).missing_keys(e.object.key for e in self.reused.values() if e.object)
+        missing = Catalog(job.storage).missing_keys(o.key for e in self.reused.values() for o in e.stored)
         if missing:
             raise BackupToolError(f"parent backup {parent.id} lacks objects it lists ({missing[0]})",
                                   "run 'backup-tool verify all', then take a full backup")
@@ -613,12 +642,7 @@ class _TableDumper:
                        **({"reason": reason} if reason else {}))
         self._start("data (changed tables)", changed)
         unsummed = [t for t in changed if t.oid not in self.checksums]
-        if unsummed:
-            self._summed = reporter.task("table checksums", total=len(unsummed), unit=Unit.ITEMS)
-        pipeline.run_parallel(job.jobs, [(self._dump, t) for t in changed]
-                              + [(self._checksum, t) for t in unsummed])
-        if unsummed:
-            self._summed.finish()
+        self._sum(unsummed, [(self._dump, piece) for piece in self._of(changed)])
         self._progress.finish()
         return method, reason
 
@@ -631,39 +655,46 @@ class _TableDumper:
             if t.oid in self.reused:
                 entries.append(replace(self.reused[t.oid], rows=rows, checksum=digest))
                 continue
-            obj, lines = self.objects.get(t.oid, (None, 0))
-            if obj is not None and lines != rows:
+            stored = [self.objects[(t.oid, p.index)] for p in self.slices.get(t.oid, ())
+                      if (t.oid, p.index) in self.objects]
+            lines = sum(n for _, n in stored)
+            if stored and lines != rows:
                 raise BackupToolError(f"COPY of {t.schema}.{t.name} produced {lines} rows but the "
                                       f"table has {rows} in the snapshot", "report this as a bug")
-            entries.append(TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, rows, digest, obj))
+            objects = tuple(obj for obj, _ in stored)
+            entries.append(TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, rows, digest,
+                                      objects[0] if len(objects) == 1 else None,
+                                      objects if len(objects) > 1 else ()))
         return entries
 
     def _start(self, title: str, tables: list[TableInfo]) -> None:
-        self._pending = {t.oid for t in tables}
+        self._pending = {(p.table.oid, p.index) for p in self._of(tables)}
         self._progress = self.job.reporter.task(title, total=sum(t.size for t in tables))
 
-    def _checksum(self, table: TableInfo) -> None:
-        self.checksums[table.oid] = postgres.table_checksum(self.workers.conn(), table.schema, table.name,
-                                                            table.columns)
+    def _checksum(self, piece: parts.Slice) -> None:
+        table = piece.table
+        self._sums[(table.oid, piece.index)] = postgres.table_checksum(
+            self.workers.conn(), table.schema, table.name, table.columns, piece.blocks)
         self._summed.advance(1)
 
-    def _dump(self, table: TableInfo) -> None:
+    def _dump(self, piece: parts.Slice) -> None:
         credited = 0
+        share = piece.size
 
         def advance(n: int) -> None:
             nonlocal credited
-            step = min(n, table.size - credited)
+            step = min(n, share - credited)
             if step > 0:
                 credited += step
                 self._progress.advance(step)
 
-        job = self.job
-        self.objects[table.oid] = _dump_table(job.storage, job.conninfo, job.major, self.taken.snap.snapshot_id,
-                                              table, f"{job.prefix}data/{table.oid}.copy.zst", job.level,
-                                              job.threads, self.encoding, advance)
-        self._progress.advance(table.size - credited)
+        job, table = self.job, piece.table
+        self.objects[(table.oid, piece.index)] = _dump_table(
+            job.storage, job.conninfo, job.major, self.taken.snap.snapshot_id, table,
+            f"{job.prefix}data/{piece.object_name}", job.level, job.threads, self.encoding, advance, piece.blocks)
+        self._progress.advance(share - credited)
         with self._pending_lock:
-            self._pending.discard(table.oid)
+            self._pending.discard((table.oid, piece.index))
             if not self._pending:
                 self._progress.finish()
         testhooks.pause_point("backup:between-objects")
@@ -687,6 +718,7 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
         tool_version=__version__, wal_basis=taken.basis,
+        format=SPLIT_TABLE_FORMAT if any(e.parts for e in entries) else 1,
     )
 
 

@@ -5,7 +5,11 @@ holds any user object. Order: roles (optional), schema pre-data (types, function
 in one transaction, table data in parallel, sequence values, then post-data (indexes,
 constraints, triggers, policies) built in parallel by pg_restore, then validation against
 the manifest. Each table's data is loaded in its own transaction that commits only after
-the object's sha256 has matched, so a damaged object never leaves half a table behind.
+the object's sha256 has matched, so a damaged object never leaves half a table behind. A
+table stored in parts (see :mod:`backup_tool.logical.parts`) is loaded from several sessions
+at once, one transaction per part (a damaged part fails the restore, whose marker then
+says it is unfinished), without COPY FREEZE, which needs the table to itself; its checksum
+is read afterwards by ranges of its blocks in parallel.
 
 With ``schema_from_migrations`` the schema comes from the team's migrations instead of the
 backup's archive (see :mod:`backup_tool.schema.rebuild`): the migrations replace pre-data and
@@ -38,7 +42,7 @@ from backup_tool.errors import (
     RefusedError,
     ValidationFailed,
 )
-from backup_tool.logical.loading import BackupOrigin, load_table
+from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, load_table
 from backup_tool.postgres import (
     column_order,
     database_level,
@@ -52,7 +56,7 @@ from backup_tool.postgres import (
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog, DatabaseHint
-from backup_tool.repository.manifest import Manifest, SequenceRecord, TableEntry
+from backup_tool.repository.manifest import Manifest, SequenceRecord, StoredObject, TableEntry
 from backup_tool.repository.storage import Storage, open_repository
 from backup_tool.schema import rebuild
 from backup_tool.streams import pipeline, testhooks
@@ -242,7 +246,7 @@ class _Run:
 
 
 def _stored(manifest: Manifest) -> list[TableEntry]:
-    return [t for t in manifest.tables if t.object is not None]
+    return [t for t in manifest.tables if t.stored]
 
 
 def _claim_target(control: psycopg.Connection[Any], run: _Run, major: int, with_roles: bool,
@@ -282,24 +286,36 @@ def _create_schema(run: _Run, archive_path: Path, major: int) -> None:
 
 
 def _load_data(run: _Run, loader: ConnInfo, fresh: bool) -> dict[tuple[str, str], tuple[int, str]]:
-    """Load every stored table in parallel sessions, each in its own transaction; when
-    validating, take each ordinary table's content checksum in the session that loaded it.
-    Returns those checksums for validation."""
+    """Load every stored table in parallel sessions, each in its own transaction (a split
+    table one transaction per part, its parts spread over the sessions); when validating,
+    take each ordinary table's content checksum in the session that loaded it (a split
+    table's once all its parts are in, by block ranges in parallel). Returns those checksums
+    for validation."""
     manifest = run.manifest
     data = _stored(manifest)
     checksums: dict[tuple[str, str], tuple[int, str]] = {}
-    progress = run.reporter.task("data", total=sum(t.object.raw_size for t in data if t.object))
+    progress = run.reporter.task("data", total=sum(t.raw_size for t in data))
 
-    def load(t: TableEntry) -> None:
+    def load(task: tuple[TableEntry, StoredObject | None]) -> None:
+        t, part = task
         with loader.connect(settings={"client_encoding": manifest.encoding}) as conn:
-            load_table(loader, run.storage, t, manifest.encoding, run.count, conn=conn, fresh=fresh,
-                       on_raw=progress.advance)
-            if run.validating and t.relkind == "r":
-                checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns)
+            if part is not None:
+                load_table(loader, run.storage, t, manifest.encoding, run.count, conn=conn,
+                           on_raw=progress.advance, objects=(part,))
+            else:
+                load_table(loader, run.storage, t, manifest.encoding, run.count, conn=conn, fresh=fresh,
+                           on_raw=progress.advance)
+                if run.validating and t.relkind == "r":
+                    checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns)
         testhooks.pause_point("restore:loading")
 
-    pipeline.run_parallel(run.jobs, [(load, t) for t in data])
+    tasks: list[tuple[TableEntry, StoredObject | None]] = [
+        (t, part) for t in data for part in (t.parts or (None,))]
+    pipeline.run_parallel(run.jobs, [(load, task) for task in tasks])
     progress.finish()
+    if run.validating:
+        checksums.update(checksums_by_ranges(loader, {(t.schema, t.name): t.columns for t in data
+                                                      if t.parts and t.relkind == "r"}, run.jobs))
     return checksums
 
 

@@ -282,7 +282,7 @@ def block_ranges(blocks: int, parts: int) -> list[BlockRange]:
     blocks added after the size was read still belong to exactly one range. Pure."""
     parts = max(1, min(parts, blocks))
     cuts = [blocks * i // parts for i in range(1, parts)]
-    return list(zip([None, *cuts], [*cuts, None]))
+    return list(zip([None, *cuts], [*cuts, None], strict=True))
 
 
 def ctid_condition(blocks: BlockRange) -> str:
