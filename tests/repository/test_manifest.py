@@ -20,6 +20,7 @@ from backup_tool.repository.manifest import (
     TableEntry,
     parse_manifest,
 )
+from backup_tool.repository.records import BackupRecord
 
 
 def test_round_trip_preserves_every_field() -> None:
@@ -219,3 +220,17 @@ def test_a_split_table_must_have_parts_only(edit: str) -> None:
         big["object"] = big["parts"][0]
     with pytest.raises(IntegrityError, match="malformed"):
         parse_manifest(resealed(body), "x")
+
+
+def test_an_incremental_referencing_a_split_table_needs_its_parent_for_retention() -> None:
+    """Parts are objects of the backup that wrote them: an incremental reusing them keeps
+    that backup alive (retention and the garbage sweep go by these dependencies)."""
+    parent = split_manifest()
+    big = parent.table("public", "big")
+    assert big is not None
+    child_id = "20261125T080000Z-Iabcd"
+    child = replace(make_manifest(child_id, tables=(big,), parent_id=None, kind="incremental"),
+                    format=SPLIT_TABLE_FORMAT)
+    record = BackupRecord.from_manifest(child)
+    assert parent.id in record.needs
+    assert record.objects == 2 and child.size_bytes == 9, "the parent's parts are not the child's own"
