@@ -1034,7 +1034,8 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
 
 def curve_report(benches: list[Bench], png: Path) -> str:
     """Time per GB and peak RSS of every row at every size, as a markdown table, and the same
-    as a PNG plot at ``png`` (backup-tool's rows solid, the contenders' dashed)."""
+    as a PNG plot at ``png`` (backup-tool's rows solid, the contenders' dashed). WAL archiving
+    rows, measured in segments per second rather than per GB, are left out."""
     gb = {b.scale: b.db_bytes / 2**30 for b in benches}
     keys = list(dict.fromkeys((r.scenario, r.contender) for b in benches for r in b.rows.values()
                               if not r.segments))
@@ -1066,7 +1067,9 @@ def plot_curve(benches: list[Bench], keys: list[tuple[str, str]], gb: dict[int, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    legend_inches = 0.16 * -(-len(keys) // 2) + 0.2
+    height = 5 + legend_inches
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, height))
     for scenario, contender in keys:
         points = [(gb[b.scale], r) for b in benches if (r := b.rows.get((scenario, contender)))]
         style = "-" if contender.startswith("backup-tool") else "--"
@@ -1076,8 +1079,9 @@ def plot_curve(benches: list[Bench], keys: list[tuple[str, str]], gb: dict[int, 
         right.plot(xs, [r.rss for _, r in points], style, marker="o", label=label)
     left.set(xlabel="database GB", ylabel="seconds per GB", title="time per GB")
     right.set(xlabel="database GB", ylabel="peak RSS MB", title="peak RSS (process tree)")
-    left.legend(fontsize=5, loc="best")
-    fig.tight_layout()
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
 

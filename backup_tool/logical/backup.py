@@ -7,8 +7,9 @@ from ``psql``'s COPY output straight into the repository: no local copy of the d
 made, and a table can later be restored alone. A table of at least ``backup.split_table_mb``
 is stored as several objects instead, one per range of its heap blocks, dumped and
 checksummed by parallel sessions (see :mod:`backup_tool.logical.parts`). Content
-checksums are computed in the same snapshot by parallel sessions. Objects go under ``backups/<id>/``; the manifest is written
-last, after every object is durable, so an interrupted backup is never listed.
+checksums are computed in the same snapshot by parallel sessions. Objects go under
+``backups/<id>/``; the manifest is written last, after every object is durable, so an
+interrupted backup is never listed.
 
 Incremental backups store only the tables whose content changed since the parent backup
 (the newest complete backup of the same database) and reference the parent's objects for
