@@ -3,8 +3,9 @@ comes back valid, and progress counts every table-of-contents item exactly once,
 pg_restore reports it (worker, leader, interleaved lines; serial attachment pass).
 
 Before the replay attached partition indexes in a pass of their own
-(:func:`schema.post_data_passes`), about one replay in 20 to 40 of this schema left ``tp_pkey``
-or ``tp_c`` invalid; the loop gives that a fair chance to show."""
+(:func:`schema.post_data_passes`), 4 plain ``pg_restore --jobs=4`` replays of this schema in 120
+left ``tp_pkey`` or ``tp_c`` invalid (or failed on the foreign key that needs ``tp_pkey``); the loop
+gives that a fair chance to show."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_parallel_replay_leaves_indexes_valid_and_counts_each_item_once(fresh_db
         target = ConnInfo(dst.dsn)
         schema.restore_section(archive, target, 15, "pre-data")
         done: list[int] = []
-        schema.restore_section(archive, target, 15, "post-data", jobs=6, on_item=lambda d=done: d.append(1))
+        schema.restore_section(archive, target, 15, "post-data", jobs=4, on_item=lambda d=done: d.append(1))
         invalid = dst.scalar("SELECT string_agg(indexrelid::regclass::text, ', ') FROM pg_index WHERE NOT indisvalid")
         assert invalid is None, f"run {n}: invalid after the replay: {invalid}"
         assert dst.scalar("SELECT count(*) FROM pg_class WHERE relkind = 'I'") == 2 * 13
