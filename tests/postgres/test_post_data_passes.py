@@ -6,6 +6,8 @@ and end to end in tests/logical/test_partitioned_indexes.py."""
 
 from __future__ import annotations
 
+import pytest
+
 from backup_tool.postgres import schema
 from backup_tool.postgres.schema import ReplayPass, Section, TocEntry
 
@@ -56,3 +58,33 @@ def test_an_attachment_that_would_have_to_wait_for_the_last_pass_keeps_one_pass(
     toc = [*TOC, _e(22, "ACL", "INDEX tp_1_1_pkey", (12,), Section.NONE), _e(23, "INDEX ATTACH", "x", (22,))]
     section = SECTION | {22, 23}
     assert schema.post_data_passes(toc, section) == [ReplayPass(tuple(sorted(section)), True)]
+
+
+def _archive(minor: int, entries: list[tuple[int, str, str, int, tuple[int, ...]]]) -> bytes:
+    """A custom-format archive header and table of contents as pg_dump 17 writes them (format
+    1.``minor``, 4-byte ints, 8-byte offsets), entries without data."""
+    def num(v: int) -> bytes:
+        return bytes([v < 0]) + abs(v).to_bytes(4, "little")
+
+    def text(s: str | None) -> bytes:
+        return num(-1) if s is None else num(len(s.encode())) + s.encode()
+
+    out = b"PGDMP" + bytes([1, minor, 0, 4, 8, 1]) + b"\x00"
+    out += b"".join(num(0) for _ in range(7)) + text("db") + text("17.6") + text("17.6") + num(len(entries))
+    for dump_id, desc, tag, section, deps in entries:
+        out += num(dump_id) + num(0) + text("0") + text("0") + text(tag) + text(desc) + num(section)
+        out += text("-- sql") + text("") + text("") + text("public") + text("") + text("") + num(ord("i"))
+        out += text("postgres") + text("false") + b"".join(text(str(d)) for d in deps) + text(None)
+        out += b"\x03" + bytes(8)
+    return out
+
+
+def test_pg_dump_17_archives_are_read_for_planning_only() -> None:
+    archive = _archive(16, [(7, "INDEX", "tp_1_1_b_idx", 4, ()), (9, "INDEX ATTACH", "tp_1_1_b_idx", 4, (7, 3))])
+    assert schema.read_toc(archive, schema._PLANNABLE_VERSIONS) == [
+        TocEntry(7, POST, "INDEX", "public", "tp_1_1_b_idx", ()),
+        TocEntry(9, POST, "INDEX ATTACH", "public", "tp_1_1_b_idx", (7, 3))]
+    with pytest.raises(schema.UnreadableToc):
+        schema.read_toc(archive)
+    with pytest.raises(schema.UnreadableToc):
+        schema.read_toc(archive[:-20], schema._PLANNABLE_VERSIONS)
