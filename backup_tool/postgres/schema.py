@@ -182,7 +182,7 @@ def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section:
 
     ids = section_ids(archive_path, major, section) if on_item is not None or jobs > 1 else set()
     passes = _planned_passes(archive_path, ids) if section == "post-data" and jobs > 1 and not extra else []
-    if len(passes) <= 1:
+    if len(passes) <= 1 and all(step.parallel for step in passes):
         run(jobs > 1, ids, None)
         return
     with tempfile.TemporaryDirectory(prefix="backup-tool-post-data-") as tmp:
