@@ -86,12 +86,10 @@ class Process:
         check_cancelled()
 
     def error_text(self) -> str:
-        lines = [ln for ln in self._stderr if ln]
-        errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
-        return (errors or lines or ["no error output"])[-1]
+        return failure_line(self._stderr)
 
     def finish(self) -> None:
-        """Wait for the process; raise DatabaseError with its last error line if it failed."""
+        """Wait for the process; raise DatabaseError with its error line if it failed."""
         code = self.proc.wait()
         self._reader.join(timeout=5)
         if code != 0:
@@ -131,11 +129,26 @@ def run_watching(argv: list[str], env: dict[str, str], what: str, on_line: Calla
     _raise_failed(proc.returncode, b"".join(kept), what)
 
 
+# Lines a client tool prints as a consequence of an earlier error (a parallel pg_restore's
+# leader reports its worker's death after the worker printed the real cause).
+_CONSEQUENCES = ("worker process died unexpectedly", "errors ignored on restore")
+
+
+def failure_line(stderr: bytes | Iterable[str]) -> str:
+    """The line of a failed client tool's stderr that says what went wrong: the first error
+    that is not a consequence of another, else the last line."""
+    text = stderr.decode("utf-8", "replace").splitlines() if isinstance(stderr, bytes) else stderr
+    lines = [ln for ln in text if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
+    causes = [ln for ln in errors if not any(c in ln for c in _CONSEQUENCES)]
+    if causes:
+        return causes[0]
+    return (errors or lines or ["no error output"])[-1]
+
+
 def _raise_failed(returncode: int, stderr: bytes, what: str) -> None:
     if returncode != 0:
-        lines = [ln for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
-        raise DatabaseError(f"{what} failed: {(errors or lines or ['no error output'])[-1]}")
+        raise DatabaseError(f"{what} failed: {failure_line(stderr)}")
 
 
 class StreamStats:
