@@ -99,7 +99,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             request = PartialRequest(source_db, tuple(split_name(t.strip()) for t in tables)) if partial_layout else None
             layout = lay_out(settings, target, work / "data", None, user, archive=False,
                              server_command=server_command, reporter=reporter, plan=plan,
-                             server_binaries=True, partial_for=request)
+                             server_binaries=True, partial_for=request, scratch=True)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
             point = _recover_keeping_log(server, layout, reporter)
@@ -115,7 +115,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                 shutil.rmtree(work / "data")
                 layout = lay_out(settings, target, work / "data", None, user, archive=False,
                                  server_command=server_command, reporter=reporter, plan=layout.plan,
-                                 server_binaries=True)
+                                 server_binaries=True, scratch=True)
                 server = server_for(layout, priv, free_port())
                 point = _recover_keeping_log(server, layout, reporter)
                 source = server.conninfo(source_db)

@@ -149,9 +149,12 @@ def pg_timestamp(ts: datetime) -> str:
     return text + "+00"
 
 
-def recovery_settings(target: Target, restore_command: str) -> dict[str, str]:
+def recovery_settings(target: Target, restore_command: str, timeline: int | None = None) -> dict[str, str]:
+    """PostgreSQL's recovery settings for ``target``; ``timeline``: follow exactly this one
+    (default: the target's, else the newest in the archive)."""
+    tli = timeline or target.timeline
     settings = {"restore_command": restore_command,
-                "recovery_target_timeline": str(target.timeline) if target.timeline else "latest"}
+                "recovery_target_timeline": str(tli) if tli else "latest"}
     if target.kind == "time" and target.time is not None:
         settings["recovery_target_time"] = pg_timestamp(target.time)
     elif target.kind == "lsn" and target.lsn is not None:
@@ -647,6 +650,7 @@ class Layout:
     databases_in_backup: frozenset[int] = frozenset()
     bytes_fetched: int | None = None
     prefetch: wal.RecoveryPrefetch | None = None
+    scratch: bool = False
 
     def stop_prefetch(self) -> int:
         """Stop reading WAL ahead of recovery (idempotent); the number of segments it fetched."""
@@ -677,13 +681,16 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
             reporter: Reporter | None = None, database: str | None = None, plan: Plan | None = None,
             wait: float = 0.0, server_binaries: bool = False,
-            partial_for: PartialRequest | None = None) -> Layout:
+            partial_for: PartialRequest | None = None, scratch: bool = False) -> Layout:
     """Choose the base backup (of a cluster holding ``database``, if given; ``plan``: already
     chosen by :func:`plan_recovery`), fill the empty ``pgdata`` and write the recovery settings.
     With ``server_binaries``, the base backup's major's server programs are found first: without
     them nothing is written. With ``partial_for`` only what copying those tables (or that
     database) needs is read and written (:mod:`backup_tool.physical.partial`), when the backup
-    allows it; the Layout's ``choice`` says whether it did."""
+    allows it; the Layout's ``choice`` says whether it did. ``scratch``: a throw-away cluster
+    recovered to a time only to read from it (table PITR; see :func:`recover`): recovery
+    follows the plan's timeline, and the files it asks for but cannot need are answered
+    "not archived" without running this tool (:func:`scratch_unneeded`)."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
@@ -709,6 +716,8 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                                                             sys.argv[0], sys.executable))
         restore_command = (f"{command} wal fetch %f %p --abort-on-error "
                            f"--repo {_shell_quote(storage.url)}")
+        if scratch:
+            restore_command = _skipping_unneeded(restore_command, pgdata, plan, user)
         prefetch = _start_prefetch(storage, plan, pgdata, user)
         found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
         choice = found[0] if found else None
@@ -724,7 +733,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             (pgdata / sub).mkdir(mode=0o700, exist_ok=True)
             chown_to(pgdata / sub, user)
         _ensure_config(pgdata, user, reporter)
-        conf = recovery_settings(target, restore_command)
+        conf = recovery_settings(target, restore_command, timeline=plan.timeline if scratch else None)
         if port is not None:
             conf["port"] = str(port)
         if not archive:
@@ -744,7 +753,44 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                    wal_prefetched=len(prefetch.fetched) if prefetch else 0)
     return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started, bin_dir,
                   choice=choice, databases_in_backup=partial.databases_in(found[1].members) if found else frozenset(),
-                  bytes_fetched=fetched, prefetch=prefetch)
+                  bytes_fetched=fetched, prefetch=prefetch, scratch=scratch)
+
+
+UNNEEDED_DIR = "unneeded"
+
+
+def scratch_unneeded(plan: Plan) -> tuple[str, ...]:
+    """Files a scratch recovery to a time inside the archive asks ``restore_command`` for
+    but never needs (pure): the segment after the archive's last continuous one (WAL
+    read-ahead asks for it; the target's first later commit is archived before it, so the
+    stop is reached without it), the history file of the next timeline (probed when
+    choosing the new timeline at promotion: a scratch cluster never archives, so a clash
+    with a timeline in the repository changes nothing) and, on timeline 1, timeline 1's
+    history file (asked for when the new one is written; it never exists)."""
+    names = [f"{plan.timeline + 1:08X}.history"]
+    if plan.timeline == 1:
+        names.append("00000001.history")
+    last = plan.coverage.last_segment
+    if last is not None:
+        seg_size = plan.physical.wal_segment_size
+        after = walnames.segment_number(last, seg_size) + 1
+        names.append(walnames.segment_name(walcoverage.timeline_for(plan.path, after, seg_size), after, seg_size)
+                     if plan.path else walnames.segment_name(plan.timeline, after, seg_size))
+    return tuple(names)
+
+
+def _skipping_unneeded(restore_command: str, pgdata: Path, plan: Plan, user: str) -> str:
+    """``restore_command`` preceded by a shell test that answers "not archived" for
+    :func:`scratch_unneeded` files (each a marker file in the spool), so that those requests
+    cost no interpreter start and no repository listing."""
+    folder = walspool.spool_dir(pgdata / "pg_wal" / "RECOVERYXLOG") / UNNEEDED_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    chown_to(folder.parent, user)
+    chown_to(folder, user)
+    for name in scratch_unneeded(plan):
+        (folder / name).touch()
+    quoted = _shell_quote(str(folder)).replace("%", "%%")
+    return f"test ! -e {quoted}/%f && {restore_command}"
 
 
 def _start_prefetch(storage: Storage, plan: Plan, pgdata: Path, user: str) -> wal.RecoveryPrefetch:
@@ -890,15 +936,25 @@ def _promoted(server: LocalServer) -> bool:
         return False
 
 
+SCRATCH_SETTINGS = {"fsync": "off"}
+"""The private start of a scratch cluster (``Layout.scratch``): it is removed after use, so
+nothing in it needs to reach the disk."""
+
+
 def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter: Reporter) -> RecoveryPoint:
     """Start ``server`` privately and wait until recovery reached the target and promoted.
 
     On Linux the start syncs the laid-out data directory with one ``syncfs`` instead of an
     ``fsync`` per file (``recovery_init_sync_method``, for this start only): a server starting
     from a backup label first makes every file durable, and with thousands of files the
-    per-file flushes alone took seconds."""
-    settings = {**(INIT_SYNC if sys.platform.startswith("linux") else {}),
-                **(PARTIAL_SETTINGS if layout.choice is not None else {})}
+    per-file flushes alone took seconds.
+
+    A scratch lay-out (``Layout.scratch``) starts with ``fsync`` off: no sync of the laid-out
+    directory at start, and the end-of-recovery checkpoint only hands the pages replay
+    changed to the operating system."""
+    settings = {**(INIT_SYNC if sys.platform.startswith("linux") and not layout.scratch else {}),
+                **(PARTIAL_SETTINGS if layout.choice is not None else {}),
+                **(SCRATCH_SETTINGS if layout.scratch else {})}
     server.start_private(settings or None)
     reporter.event("recovery started", target=layout.settings.get("recovery_target_time")
                    or layout.settings.get("recovery_target_lsn") or layout.settings.get("recovery_target_name")
