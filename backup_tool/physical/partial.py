@@ -157,16 +157,21 @@ def needed(db: DatabaseRelations, tables: Iterable[tuple[str | None, str]]) -> f
 
 @dataclass(frozen=True)
 class Choice:
-    """Which tar members are laid out in full and which as sparse files."""
+    """Which tar members are laid out in full, which as sparse files and which not at all
+    (``left_out``: relation files of databases nothing connects to; replay creates those
+    it writes into, as it does for a relation dropped later in the WAL); ``catalogs_of``:
+    the databases (oids) whose system catalogs are laid out (None: every database's)."""
 
     full: tuple[Member, ...]
     sparse: tuple[Member, ...]
+    catalogs_of: frozenset[int] | None = None
+    left_out: tuple[Member, ...] = ()
 
     @property
     def sparse_files(self) -> frozenset[tuple[int, int]]:
-        """(database oid, relfilenode) of every relation left sparse."""
+        """(database oid, relfilenode) of every relation left sparse or left out."""
         found = set()
-        for m in self.sparse:
+        for m in (*self.sparse, *self.left_out):
             match = RELATION_FILE.match(m.name)
             assert match is not None
             found.add((int(match.group(1)), int(match.group(2))))
@@ -178,21 +183,29 @@ class Choice:
 
 
 def choose(members: Iterable[Member], dbs: dict[int, DatabaseRelations],
-           keep: dict[int, frozenset[int]]) -> Choice:
-    """Split the tar's members: a regular file is sparse only when the backup-time map names
-    it as a user table, TOAST table, index or materialized view (not a sequence, not an
-    ``_init`` fork) whose oid is not in ``keep`` for its database; everything else is full."""
+           keep: dict[int, frozenset[int]], catalogs_of: frozenset[int] | None = None) -> Choice:
+    """Split the tar's members: a regular file is sparse when the backup-time map names it
+    as a user table, TOAST table, index or materialized view (not a sequence, not an
+    ``_init`` fork) whose oid is not in ``keep`` for its database; given ``catalogs_of``,
+    every relation file (but an ``_init`` fork) of a database not in it is left out;
+    everything else is full."""
     by_file = {dboid: {r.filenode: r for r in db.relations if r.filenode} for dboid, db in dbs.items()}
-    full, sparse = [], []
+    full, sparse, left_out = [], [], []
     for m in members:
         match = RELATION_FILE.match(m.name) if m.kind == "f" else None
-        rel = by_file.get(int(match.group(1)), {}).get(int(match.group(2))) if match else None
-        if (match and rel is not None and match.group(3) != "_init" and rel.kind in STORED_KINDS
-                and rel.oid >= FIRST_NORMAL_OID and rel.oid not in keep.get(int(match.group(1)), frozenset())):
+        if match is None or match.group(3) == "_init":
+            full.append(m)
+            continue
+        dboid = int(match.group(1))
+        rel = by_file.get(dboid, {}).get(int(match.group(2)))
+        if catalogs_of is not None and dboid not in catalogs_of:
+            left_out.append(m)
+        elif (rel is not None and rel.kind in STORED_KINDS and rel.oid >= FIRST_NORMAL_OID
+                and rel.oid not in keep.get(dboid, frozenset())):
             sparse.append(m)
         else:
             full.append(m)
-    return Choice(tuple(full), tuple(sparse))
+    return Choice(tuple(full), tuple(sparse), catalogs_of, tuple(left_out))
 
 
 def unexplained_invalid_pages(log_text: str, sparse_files: frozenset[tuple[int, int]]) -> list[str]:

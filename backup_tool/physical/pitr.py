@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -71,6 +72,7 @@ from backup_tool.postgres.cluster import (
     chown_to,
     conf_quote,
     find_bin_dir,
+    is_root,
     server_os_user,
     server_tool_command,
     tool_candidates,
@@ -562,21 +564,29 @@ def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarInde
     files read through ranged reads of their frames only. Returns (bytes written, stored
     bytes read)."""
     obj = manifest.extra_objects[0]
+    made: set[Path] = set()
     for m in index.members:
         rel = _safe_member(m.name)
         if m.kind == "d" and rel:
             (pgdata / rel).mkdir(mode=0o700, parents=True, exist_ok=True)
             chown_to(pgdata / rel, os_user)
+            made.add(pgdata / rel)
         elif m.kind == "l":
             raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
+    ids = _owner_ids(os_user)
     sparse = {m.name for m in choice.sparse}
     for m in (*choice.sparse, *(m for m in choice.full if m.kind == "f")):
         dest = pgdata / _safe_member(m.name)
-        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if dest.parent not in made:
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            made.add(dest.parent)
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, m.mode & 0o600 or 0o600)
         try:
+            if ids is not None:
+                os.fchown(fd, *ids)
             if m.name in sparse:
                 os.ftruncate(fd, m.size)
+                os.utime(fd, (m.mtime, m.mtime))
         finally:
             os.close(fd)
     progress = reporter.task(f"restoring the needed files of base backup {manifest.id}", total=choice.full_bytes)
@@ -596,12 +606,19 @@ def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarInde
     finally:
         if current[1] is not None:
             current[1].close()
-    for m in (*choice.sparse, *(m for m in choice.full if m.kind == "f")):
-        dest = pgdata / m.name
-        os.utime(dest, (m.mtime, m.mtime))
-        chown_to(dest, os_user)
+    for m in choice.full:
+        if m.kind == "f":
+            os.utime(pgdata / m.name, (m.mtime, m.mtime))
     progress.finish()
     return choice.full_bytes, fetched
+
+
+def _owner_ids(os_user: str) -> tuple[int, int] | None:
+    """(uid, gid) to give laid-out files to ``os_user`` (None: not root, files stay ours)."""
+    if not is_root():
+        return None
+    pw = pwd.getpwnam(os_user)
+    return pw.pw_uid, pw.pw_gid
 
 
 def _append_conf(pgdata: Path, settings: dict[str, str], why: str) -> None:
@@ -660,7 +677,9 @@ class Layout:
 def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
                     reporter: Reporter) -> tuple[partial.Choice, basetar.TarIndex] | None:
     """The partial lay-out for ``request``, or None (with the reason reported) when this
-    backup cannot have one: taken before base backups carried an index."""
+    backup cannot have one: taken before base backups carried an index. For tables, only
+    their database's and ``postgres``'s catalogs are laid out (the scratch cluster is only
+    ever connected to those two; the templates and other databases are sparse files)."""
     if len(backup.extra_objects) < 2 or not backup.extra_objects[1].key.endswith(basetar.INDEX_KEY):
         reporter.event("partial lay-out unavailable: this base backup has no index (taken by an older "
                        "backup-tool); laying out all of it", id=backup.id)
@@ -668,13 +687,17 @@ def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
     obj = backup.extra_objects[1]
     index = basetar.load_index(storage, obj.key, obj.sha256, obj.size)
     dbs = partial.relations_from_json(index.relations)
+    catalogs_of = None
     if request.tables is None:
         keep = {d.oid: frozenset(r.oid for r in d.relations) for d in dbs.values()
                 if d.name in (request.database, "postgres")}
     else:
         db = next((d for d in dbs.values() if d.name == request.database), None)
         keep = {db.oid: partial.needed(db, request.tables)} if db is not None else {}
-    return partial.choose(index.members, dbs, keep), index
+        admin = next((d for d in dbs.values() if d.name == "postgres"), None)
+        if db is not None and admin is not None:
+            catalogs_of = frozenset({db.oid, admin.oid})
+    return partial.choose(index.members, dbs, keep, catalogs_of), index
 
 
 def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
@@ -689,8 +712,8 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     database) needs is read and written (:mod:`backup_tool.physical.partial`), when the backup
     allows it; the Layout's ``choice`` says whether it did. ``scratch``: a throw-away cluster
     recovered to a time only to read from it (table PITR; see :func:`recover`): recovery
-    follows the plan's timeline, and the files it asks for but cannot need are answered
-    "not archived" without running this tool (:func:`scratch_unneeded`)."""
+    follows the plan's timeline, and ``restore_command`` answers what it can without running
+    this tool (:func:`_scratch_restore_command`)."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
@@ -717,7 +740,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
         restore_command = (f"{command} wal fetch %f %p --abort-on-error "
                            f"--repo {_shell_quote(storage.url)}")
         if scratch:
-            restore_command = _skipping_unneeded(restore_command, pgdata, plan, user)
+            restore_command = _scratch_restore_command(restore_command, pgdata, plan, user)
         prefetch = _start_prefetch(storage, plan, pgdata, user)
         found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
         choice = found[0] if found else None
@@ -779,18 +802,27 @@ def scratch_unneeded(plan: Plan) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _skipping_unneeded(restore_command: str, pgdata: Path, plan: Plan, user: str) -> str:
-    """``restore_command`` preceded by a shell test that answers "not archived" for
-    :func:`scratch_unneeded` files (each a marker file in the spool), so that those requests
-    cost no interpreter start and no repository listing."""
-    folder = walspool.spool_dir(pgdata / "pg_wal" / "RECOVERYXLOG") / UNNEEDED_DIR
+def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, user: str) -> str:
+    """``restore_command`` for a scratch recovery: a shell prologue answers, without starting
+    this tool, the requests it can answer from files alone: "not archived" for
+    :func:`scratch_unneeded` files (a marker file each), and a segment the read-ahead
+    (:class:`wal.RecoveryPrefetch`) already downloaded and verified, linked into place. The
+    segment taken is renamed ``NAME.taken`` (the one before it removed): the read-ahead sees
+    it gone and reads further, and PostgreSQL, which asks again for the last segment it
+    replayed, finds it there. Anything else (or any failure of the prologue) runs the tool."""
+    spool = walspool.spool_dir(pgdata / "pg_wal" / "RECOVERYXLOG")
+    folder = spool / UNNEEDED_DIR
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     chown_to(folder.parent, user)
     chown_to(folder, user)
     for name in scratch_unneeded(plan):
         (folder / name).touch()
-    quoted = _shell_quote(str(folder)).replace("%", "%%")
-    return f"test ! -e {quoted}/%f && {restore_command}"
+    unneeded = _shell_quote(str(folder)).replace("%", "%%")
+    ahead = _shell_quote(str(walspool.prefetch_dir(pgdata / "pg_wal" / "RECOVERYXLOG"))).replace("%", "%%")
+    return (f"if [ -e {unneeded}/%f ]; then exit 1; fi; "
+            f"if ln -f {ahead}/%f %p 2>/dev/null; then "
+            f"rm -f {ahead}/*.taken; mv -f {ahead}/%f {ahead}/%f.taken; exit 0; fi; "
+            f"ln -f {ahead}/%f.taken %p 2>/dev/null || {restore_command}")
 
 
 def _start_prefetch(storage: Storage, plan: Plan, pgdata: Path, user: str) -> wal.RecoveryPrefetch:
