@@ -181,14 +181,16 @@ def _tables_as_recovered(server: LocalServer, layout: Layout, source_db: str, ta
     """The (schema, name) of ``tables`` in the recovered database, and why a partial
     lay-out does not hold them as recovered (empty: it does, or the lay-out is full).
 
-    A partial lay-out wrote the catalogs of only two databases: the database now called
-    ``source_db`` is checked to be one of them (through ``postgres``) before anything
-    connects to it (it may have been renamed or created after the backup)."""
+    A partial lay-out that left other databases out is only connected to the database of
+    that name in the base backup: the one now called ``source_db`` is checked (through
+    ``postgres``) to be that one before anything connects to it. Renamed or created after
+    the backup, it may be a file copy of a database left out, whose catalogs a connection
+    cannot read."""
     choice = layout.choice
-    if choice is not None and choice.catalogs_of is not None:
+    if choice is not None and choice.left_out:
         with server.conninfo().connect() as conn:
             row = conn.execute("SELECT oid::bigint FROM pg_database WHERE datname = %s", (source_db,)).fetchone()
-        if row is not None and int(row[0]) not in choice.catalogs_of:
+        if row is not None and int(row[0]) != choice.database:
             return set(), [f"database {source_db} (oid {row[0]}) is not the database of that name in the base backup"]
     with server.conninfo(source_db).connect() as conn:
         wanted = _resolve_live(postgres.list_tables(conn), tables, when)

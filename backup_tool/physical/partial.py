@@ -158,14 +158,15 @@ def needed(db: DatabaseRelations, tables: Iterable[tuple[str | None, str]]) -> f
 @dataclass(frozen=True)
 class Choice:
     """Which tar members are laid out in full, which as sparse files and which not at all
-    (``left_out``: relation files of databases nothing connects to; replay creates those
-    it writes into, as it does for a relation dropped later in the WAL); ``catalogs_of``:
-    the databases (oids) whose system catalogs are laid out (None: every database's)."""
+    (``left_out``: every relation file of the databases ``choose`` was told nothing
+    connects to; replay creates those it writes into, as it does for a relation dropped
+    later in the WAL); ``database``: the oid of the database whose tables are laid out,
+    for a table request."""
 
     full: tuple[Member, ...]
     sparse: tuple[Member, ...]
-    catalogs_of: frozenset[int] | None = None
     left_out: tuple[Member, ...] = ()
+    database: int | None = None
 
     @property
     def sparse_files(self) -> frozenset[tuple[int, int]]:
@@ -183,12 +184,12 @@ class Choice:
 
 
 def choose(members: Iterable[Member], dbs: dict[int, DatabaseRelations],
-           keep: dict[int, frozenset[int]], catalogs_of: frozenset[int] | None = None) -> Choice:
+           keep: dict[int, frozenset[int]], leave_out: frozenset[int] = frozenset()) -> Choice:
     """Split the tar's members: a regular file is sparse when the backup-time map names it
     as a user table, TOAST table, index or materialized view (not a sequence, not an
-    ``_init`` fork) whose oid is not in ``keep`` for its database; given ``catalogs_of``,
-    every relation file (but an ``_init`` fork) of a database not in it is left out;
-    everything else is full."""
+    ``_init`` fork) whose oid is not in ``keep`` for its database; every relation file
+    (but an ``_init`` fork) of a database in ``leave_out`` is left out; everything else
+    is full."""
     by_file = {dboid: {r.filenode: r for r in db.relations if r.filenode} for dboid, db in dbs.items()}
     full, sparse, left_out = [], [], []
     for m in members:
@@ -198,14 +199,14 @@ def choose(members: Iterable[Member], dbs: dict[int, DatabaseRelations],
             continue
         dboid = int(match.group(1))
         rel = by_file.get(dboid, {}).get(int(match.group(2)))
-        if catalogs_of is not None and dboid not in catalogs_of:
+        if dboid in leave_out:
             left_out.append(m)
         elif (rel is not None and rel.kind in STORED_KINDS and rel.oid >= FIRST_NORMAL_OID
                 and rel.oid not in keep.get(dboid, frozenset())):
             sparse.append(m)
         else:
             full.append(m)
-    return Choice(tuple(full), tuple(sparse), catalogs_of, tuple(left_out))
+    return Choice(tuple(full), tuple(sparse), tuple(left_out))
 
 
 def unexplained_invalid_pages(log_text: str, sparse_files: frozenset[tuple[int, int]]) -> list[str]:

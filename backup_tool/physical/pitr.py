@@ -677,9 +677,10 @@ class Layout:
 def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
                     reporter: Reporter) -> tuple[partial.Choice, basetar.TarIndex] | None:
     """The partial lay-out for ``request``, or None (with the reason reported) when this
-    backup cannot have one: taken before base backups carried an index. For tables, only
-    their database's and ``postgres``'s catalogs are laid out (the scratch cluster is only
-    ever connected to those two; the templates and other databases are sparse files)."""
+    backup cannot have one: taken before base backups carried an index. For tables, the
+    other user databases (all but theirs and ``postgres``) are left out entirely: the
+    scratch cluster never connects to them. The templates stay (a database created after
+    the backup may be a file copy of one)."""
     if len(backup.extra_objects) < 2 or not backup.extra_objects[1].key.endswith(basetar.INDEX_KEY):
         reporter.event("partial lay-out unavailable: this base backup has no index (taken by an older "
                        "backup-tool); laying out all of it", id=backup.id)
@@ -687,17 +688,17 @@ def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
     obj = backup.extra_objects[1]
     index = basetar.load_index(storage, obj.key, obj.sha256, obj.size)
     dbs = partial.relations_from_json(index.relations)
-    catalogs_of = None
+    leave_out: frozenset[int] = frozenset()
     if request.tables is None:
         keep = {d.oid: frozenset(r.oid for r in d.relations) for d in dbs.values()
                 if d.name in (request.database, "postgres")}
     else:
         db = next((d for d in dbs.values() if d.name == request.database), None)
         keep = {db.oid: partial.needed(db, request.tables)} if db is not None else {}
-        admin = next((d for d in dbs.values() if d.name == "postgres"), None)
-        if db is not None and admin is not None:
-            catalogs_of = frozenset({db.oid, admin.oid})
-    return partial.choose(index.members, dbs, keep, catalogs_of), index
+        if db is not None:
+            leave_out = frozenset(d.oid for d in dbs.values() if d.name not in (request.database, "postgres"))
+            return dataclasses.replace(partial.choose(index.members, dbs, keep, leave_out), database=db.oid), index
+    return partial.choose(index.members, dbs, keep, leave_out), index
 
 
 def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
@@ -822,7 +823,7 @@ def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, use
     return (f"if [ -e {unneeded}/%f ]; then exit 1; fi; "
             f"if ln -f {ahead}/%f %p 2>/dev/null; then "
             f"rm -f {ahead}/*.taken; mv -f {ahead}/%f {ahead}/%f.taken; exit 0; fi; "
-            f"ln -f {ahead}/%f.taken %p 2>/dev/null || {restore_command}")
+            f"ln -f {ahead}/%f.taken %p 2>/dev/null || {{ {restore_command}; }}")
 
 
 def _start_prefetch(storage: Storage, plan: Plan, pgdata: Path, user: str) -> wal.RecoveryPrefetch:
