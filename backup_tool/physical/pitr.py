@@ -32,6 +32,7 @@ record, newest base backup first.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import os
 import pwd
@@ -736,21 +737,26 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
         if not user_can_write(user, pgdata):
             raise RefusedError(f"OS user {user} cannot reach {pgdata}",
                                "choose a directory whose parents that user may enter (not under /root)")
-        command = server_tool_command(user, tool_candidates(server_command, plan.physical.archive_command,
-                                                            sys.argv[0], sys.executable))
-        restore_command = (f"{command} wal fetch %f %p --abort-on-error "
-                           f"--repo {_shell_quote(storage.url)}")
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="tool-check") as checking:
+            # a scratch lay-out overlaps the server user's run of `<tool> version` (an interpreter
+            # start); any other refuses before writing anything when that user cannot run the tool
+            tool = checking.submit(server_tool_command, user, tool_candidates(
+                server_command, plan.physical.archive_command, sys.argv[0], sys.executable))
+            if not scratch:
+                tool.result()
+            prefetch = _start_prefetch(storage, plan, pgdata, user)
+            found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
+            choice = found[0] if found else None
+            fetched: int | None = None
+            if found is not None:
+                written, fetched = extract_partial(storage, plan.backup, found[1], found[0], pgdata, user, reporter)
+            else:
+                written = extract_base(storage, plan.backup, pgdata, user, reporter)
+                fetched = plan.backup.extra_objects[0].size
+            restore_command = (f"{tool.result()} wal fetch %f %p --abort-on-error "
+                               f"--repo {_shell_quote(storage.url)}")
         if scratch:
             restore_command = _scratch_restore_command(restore_command, pgdata, plan, user)
-        prefetch = _start_prefetch(storage, plan, pgdata, user)
-        found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
-        choice = found[0] if found else None
-        fetched: int | None = None
-        if found is not None:
-            written, fetched = extract_partial(storage, plan.backup, found[1], found[0], pgdata, user, reporter)
-        else:
-            written = extract_base(storage, plan.backup, pgdata, user, reporter)
-            fetched = plan.backup.extra_objects[0].size
         for stale in ("standby.signal", "recovery.signal", "postmaster.pid", "postmaster.opts"):
             (pgdata / stale).unlink(missing_ok=True)
         for sub in ("pg_wal", "pg_wal/archive_status"):
