@@ -124,7 +124,8 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             tmp_repo = work / "repo"
             tmp_repo.mkdir()
             source = server.conninfo(source_db)
-            tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=settings.policy)
+            tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=dataclasses.replace(
+                settings.policy, backup=dataclasses.replace(settings.policy.backup, compression_level=1)))
             backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
             retiring = threading.Thread(target=_retire, args=(server, work / "data"), name="retire-scratch-cluster")
             retiring.start()
