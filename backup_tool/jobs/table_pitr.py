@@ -5,7 +5,9 @@ the WAL archive (:mod:`backup_tool.physical.pitr`), the tables are backed up fro
 temporary local repository (:mod:`backup_tool.logical.backup`) and restored from there with the
 selective restore (:mod:`backup_tool.logical.restore_tables`: same refusal rules,
 ``into_schema`` / ``replace``, validation). Everything temporary is removed on success,
-failure, Ctrl-C or SIGTERM.
+failure, Ctrl-C or SIGTERM. The temporary cluster is a scratch one (``lay_out(scratch=True)``:
+no fsync, WAL linked from the read-ahead by the shell); once the tables are copied out of
+it, it is stopped and removed while they load into the target.
 
 The temporary cluster is laid out partially when the base backup allows it: only the files
 the tables need are read and written, every other relation is a sparse file

@@ -12,7 +12,10 @@ records every database's relations at backup time) it lays out in full only:
   every index of those (so the copy can use any plan it likes, hash indexes included);
 
 and writes every other user relation file as a sparse file of its recorded size (reads as
-zeros, costs nothing). Only those frames of the stored tar are read.
+zeros, costs nothing). The other user databases (all but the tables' own and ``postgres``)
+are not written at all, catalogs included: the scratch cluster never connects to them, and
+replay creates the files it writes into, as it does for a relation dropped later in the
+WAL. Only the frames of the stored tar that hold a needed file are read and decompressed.
 
 Why that is exact. Redo is per block: replaying a record onto block B of relation R reads
 only the record and B's previous contents, never another relation's pages (a record that
@@ -39,7 +42,9 @@ alone (such operations log every page), which the lay-out never wrote, so that i
 but a target whose file *is* in the backup and was left sparse (the table was renamed
 after the backup, or its name was ambiguous) or a database created after the backup by
 copying another one's directory (``STRATEGY FILE_COPY``) means the lay-out was wrong, and
-the restore falls back to the full lay-out. Unlogged tables come back empty either way
+the restore falls back to the full lay-out. The database is checked to be the backup's
+one of that name before anything connects to it: a copy of a database left out has no
+catalogs, and a connection to it makes PostgreSQL PANIC. Unlogged tables come back empty either way
 (their data is never in a backup or in WAL).
 """
 
