@@ -621,29 +621,57 @@ class Bench:
 
     def run_table_pitr(self, run: int) -> None:
         """`restore tables --target-time` of one table: the whole base backup laid out (as
-        before issue 18, --full-layout) against just the files the table needs."""
+        before issue 18, --full-layout) against just the files the table needs. Each run's
+        `--json` says which lay-out served; the first run's bytes read and written and
+        lay-out seconds go into the report's notes."""
         self.table_pitr_setup()
         mb = 2**20
         scenario = (f"table PITR ({PITR_TABLE}: {self.pitr_table_bytes / mb:.0f} MB of a "
                     f"{self.pitr_cluster_bytes / mb:.0f} MB cluster, local repo)")
+        layouts: dict[str, dict[str, object]] = {}
 
-        def restore(schema: str, *extra: str) -> Measure:
+        def timed_json(argv: list[str], env: dict[str, str]) -> tuple[Measure, dict[str, dict[str, object]]]:
+            """:func:`timed` for a command printing one JSON document: the measure and the document."""
+            with tempfile.TemporaryFile() as outfile, tempfile.TemporaryFile() as errfile:
+                start = time.perf_counter()
+                proc = subprocess.Popen(argv, env=env, stdout=outfile, stderr=errfile)
+                _, status, usage = os.wait4(proc.pid, 0)
+                elapsed = time.perf_counter() - start
+                outfile.seek(0)
+                errfile.seek(0)
+                out, err = outfile.read().decode(errors="replace"), errfile.read().decode(errors="replace")
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"{' '.join(argv[:6])} ... failed ({os.waitstatus_to_exitcode(status)}): {err[-2000:]}")
+            return Measure(elapsed, usage.ru_maxrss / 1024), json.loads(out)
+
+        def restore(schema: str, kind: str, *extra: str) -> Measure:
             try:
-                return timed([*self.tool, "restore", "tables", "--repo", self.pitr_repo, "--tables", PITR_TABLE,
-                              "--target-time", self.pitr_time, "--target-dsn", self.cluster.dsn(),
-                              "--into-schema", schema, *extra], self.env)
+                measure, result = timed_json([*self.tool, "restore", "tables", "--repo", self.pitr_repo, "--tables",
+                                              PITR_TABLE, "--target-time", self.pitr_time, "--target-dsn",
+                                              self.cluster.dsn(), "--into-schema", schema, "--json", *extra], self.env)
             finally:
                 self.cluster.psql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            layout = result["recovery_layout"]
+            if not result.get("ok") or layout["kind"] != kind:
+                raise RuntimeError(f"table PITR expected a validated {kind} lay-out, got {result}")
+            layouts.setdefault(kind, layout)
+            return measure
 
         contenders: list[tuple[str, Callable[[], Measure]]] = [
-            (PITR_FULL, lambda: restore(f"pitr_full_{run}", "--full-layout")),
-            (PITR_PARTIAL, lambda: restore(f"pitr_partial_{run}")),
+            (PITR_FULL, lambda: restore(f"pitr_full_{run}", "full", "--full-layout")),
+            (PITR_PARTIAL, lambda: restore(f"pitr_partial_{run}", "partial")),
         ]
         if run % 2:
             contenders = contenders[::-1]
         for name, fn in contenders:
             self.settle()
             self.record(scenario, name, fn())
+        if run == 0:
+            self.notes.append("table PITR lay-out (first run): " + "; ".join(
+                f"{kind} read {int(str(lay['bytes_fetched'])) / mb:.0f} MB of the stored base backup, wrote "
+                f"{int(str(lay['bytes_written'])) / mb:.0f} MB in {lay['seconds']} s"
+                for kind, lay in sorted(layouts.items())) + "; the rest of each time is the scratch server's "
+                "recovery and the logical copy of the table, the same for both")
 
     def set_archive(self, command: str) -> None:
         self.cluster.psql(f"ALTER SYSTEM SET archive_command = {quote_sql(command)}", db="postgres")

@@ -5,7 +5,9 @@ the WAL archive (:mod:`backup_tool.physical.pitr`), the tables are backed up fro
 temporary local repository (:mod:`backup_tool.logical.backup`) and restored from there with the
 selective restore (:mod:`backup_tool.logical.restore_tables`: same refusal rules,
 ``into_schema`` / ``replace``, validation). Everything temporary is removed on success,
-failure, Ctrl-C or SIGTERM.
+failure, Ctrl-C or SIGTERM. The temporary cluster is a scratch one (``lay_out(scratch=True)``:
+no fsync, WAL linked from the read-ahead by the shell); once the tables are copied out of
+it, it is stopped and removed while they load into the target.
 
 The temporary cluster is laid out partially when the base backup allows it: only the files
 the tables need are read and written, every other relation is a sparse file
@@ -22,6 +24,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -93,20 +96,18 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
         plan = plan_recovery(settings, target, None, reporter, wait)
         work = Path(tempfile.mkdtemp(prefix="backup-tool-tables-at-"))
         server: LocalServer | None = None
+        retiring: threading.Thread | None = None
         try:
             work.chmod(0o711)
             user = server_os_user(work / "data", os_user)
             request = PartialRequest(source_db, tuple(split_name(t.strip()) for t in tables)) if partial_layout else None
             layout = lay_out(settings, target, work / "data", None, user, archive=False,
                              server_command=server_command, reporter=reporter, plan=plan,
-                             server_binaries=True, partial_for=request)
+                             server_binaries=True, partial_for=request, scratch=True)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
             point = _recover_keeping_log(server, layout, reporter)
-            source = server.conninfo(source_db)
-            with source.connect() as conn:
-                wanted = _resolve_live(postgres.list_tables(conn), tables, when)
-                missed = _partial_missed(conn, layout, server.log_text(), wanted)
+            wanted, missed = _tables_as_recovered(server, layout, source_db, tables, when)
             if missed:
                 reporter.event("the partial lay-out does not hold the tables as recovered; laying out the "
                                "whole base backup", missed=missed)
@@ -115,18 +116,22 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                 shutil.rmtree(work / "data")
                 layout = lay_out(settings, target, work / "data", None, user, archive=False,
                                  server_command=server_command, reporter=reporter, plan=layout.plan,
-                                 server_binaries=True)
+                                 server_binaries=True, scratch=True)
                 server = server_for(layout, priv, free_port())
                 point = _recover_keeping_log(server, layout, reporter)
-                source = server.conninfo(source_db)
+                wanted, _ = _tables_as_recovered(server, layout, source_db, tables, when)
             reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
                            if point.last_transaction_time else None, lsn=point.redo_done_lsn,
                            layout="partial" if layout.choice is not None else "full")
             tmp_repo = work / "repo"
             tmp_repo.mkdir()
             source = server.conninfo(source_db)
-            tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=settings.policy)
+            tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=dataclasses.replace(
+                settings.policy, backup=dataclasses.replace(settings.policy.backup, compression_level=1)))
             backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
+            retiring = threading.Thread(target=_retire, args=(server, work / "data"), name="retire-scratch-cluster")
+            retiring.start()
+            server = None
             result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
                                     into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
             return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
@@ -136,12 +141,23 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                     "bytes_written": layout.bytes_written, "bytes_fetched": layout.bytes_fetched,
                     "fallback_because": missed or None, "seconds": round(layout.seconds, 2)})
         finally:
+            if retiring is not None:
+                retiring.join()
             if server is not None:
-                try:
-                    server.stop("immediate")
-                except Exception:  # noqa: BLE001 - the scratch server dies with its directory, removed next
-                    pass
+                _retire(server, None)
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _retire(server: LocalServer, data: Path | None) -> None:
+    """Stop the scratch server and remove its data directory (``data``; None: left to the
+    caller). Run beside the restore into the target once the tables are copied out: nothing
+    reads the scratch cluster any more."""
+    try:
+        server.stop("immediate")
+    except Exception:  # noqa: BLE001 - the scratch server dies with its directory, removed next
+        pass
+    if data is not None:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def _recover_keeping_log(server: LocalServer, layout: Layout, reporter: Reporter) -> RecoveryPoint:
@@ -163,13 +179,29 @@ def _keep_log(server: LocalServer) -> Path:
     return Path(name)
 
 
-def _partial_missed(conn: Any, layout: Layout, log_text: str, wanted: set[tuple[str, str]]) -> list[str]:
-    """Why the partial lay-out does not hold ``wanted`` as recovered (empty: it does)."""
-    if layout.choice is None:
-        return []
-    oids = [int(postgres.scalar(conn, "SELECT %s::regclass::oid::bigint", (quoted_table(s, n),)))
-            for s, n in sorted(wanted)]
-    return partial_shortfall(conn, layout, log_text, oids)
+def _tables_as_recovered(server: LocalServer, layout: Layout, source_db: str, tables: list[str],
+                         when: datetime) -> tuple[set[tuple[str, str]], list[str]]:
+    """The (schema, name) of ``tables`` in the recovered database, and why a partial
+    lay-out does not hold them as recovered (empty: it does, or the lay-out is full).
+
+    A partial lay-out that left other databases out is only connected to the database of
+    that name in the base backup: the one now called ``source_db`` is checked (through
+    ``postgres``) to be that one before anything connects to it. Renamed or created after
+    the backup, it may be a file copy of a database left out, whose catalogs a connection
+    cannot read."""
+    choice = layout.choice
+    if choice is not None and choice.left_out:
+        with server.conninfo().connect() as conn:
+            row = conn.execute("SELECT oid::bigint FROM pg_database WHERE datname = %s", (source_db,)).fetchone()
+        if row is not None and int(row[0]) != choice.database:
+            return set(), [f"database {source_db} (oid {row[0]}) is not the database of that name in the base backup"]
+    with server.conninfo(source_db).connect() as conn:
+        wanted = _resolve_live(postgres.list_tables(conn), tables, when)
+        if choice is None:
+            return wanted, []
+        oids = [int(postgres.scalar(conn, "SELECT %s::regclass::oid::bigint", (quoted_table(s, n),)))
+                for s, n in sorted(wanted)]
+        return wanted, partial_shortfall(conn, layout, server.log_text(), oids)
 
 
 def _live_timeline(settings: Settings, target: Any) -> int | None:

@@ -270,10 +270,8 @@ def load_index(storage: Storage, key: str, sha256: str, size: int) -> TarIndex:
                              "run 'backup-tool verify all'") from None
 
 
-def runs_for(frames: tuple[Frame, ...], spans: list[tuple[int, int]], merge_gap: int = MERGE_GAP
-             ) -> list[tuple[int, int]]:
-    """Index ranges ``[first, last]`` of frames that cover the raw ``spans``, neighbouring
-    runs merged when the stored bytes between them are under ``merge_gap`` (fewer requests)."""
+def frames_for(frames: tuple[Frame, ...], spans: list[tuple[int, int]]) -> set[int]:
+    """Indexes of the frames holding any byte of the raw ``spans``."""
     starts = [f.raw_start for f in frames]
     wanted: set[int] = set()
     for lo, hi in spans:
@@ -282,6 +280,14 @@ def runs_for(frames: tuple[Frame, ...], spans: list[tuple[int, int]], merge_gap:
         first = bisect.bisect_right(starts, lo) - 1
         last = bisect.bisect_right(starts, hi - 1) - 1
         wanted.update(range(max(first, 0), last + 1))
+    return wanted
+
+
+def runs_for(frames: tuple[Frame, ...], spans: list[tuple[int, int]], merge_gap: int = MERGE_GAP
+             ) -> list[tuple[int, int]]:
+    """Index ranges ``[first, last]`` of frames that cover the raw ``spans``, neighbouring
+    runs merged when the stored bytes between them are under ``merge_gap`` (fewer requests)."""
+    wanted = frames_for(frames, spans)
     runs: list[tuple[int, int]] = []
     for i in sorted(wanted):
         if runs and (i == runs[-1][1] + 1 or frames[i].offset - (frames[runs[-1][1]].offset
@@ -327,10 +333,11 @@ def fetch_ranges(storage: Storage, key: str, stored_size: int, ranges: list[tupl
 
 
 def read_frames(pieces: Iterator[bytes], key: str, frames: tuple[Frame, ...], first: int,
-                last: int) -> Iterator[tuple[int, bytes]]:
+                last: int, skip: frozenset[int] = frozenset()) -> Iterator[tuple[int, bytes]]:
     """(raw offset, raw bytes) of frames ``first..last`` (contiguous in the object) from
     ``pieces``, the run's stored bytes in order; each frame's stored bytes are checked against
-    its sha256 when it ends (IntegrityError)."""
+    its sha256 when it ends (IntegrityError). The frames in ``skip`` (read only because they
+    lie between wanted ones) are passed over: neither checked nor decompressed nor yielded."""
     pos, end = frames[first].offset, frames[last].offset + frames[last].size
     i = first
     digest = hashlib.sha256()
@@ -347,6 +354,11 @@ def read_frames(pieces: Iterator[bytes], key: str, frames: tuple[Frame, ...], fi
                 part = view[:take]
                 view = view[take:]
                 pos += take
+                if i in skip:
+                    if pos == frame.offset + frame.size:
+                        raw_pos = frame.raw_start + frame.raw_size
+                        i += 1
+                    continue
                 digest.update(part)
                 out = dobj.decompress(part)
                 if out:
@@ -372,14 +384,17 @@ def extract(storage: Storage, key: str, stored_size: int, index: TarIndex, membe
     ``write(member, offset, data)`` receives it in order. Returns the stored bytes read."""
     wanted = sorted((m for m in members if m.kind == "f" and m.size), key=lambda m: m.data_offset)
     fetched = 0
-    runs = runs_for(index.frames, [(m.data_offset, m.data_offset + m.size) for m in wanted], merge_gap)
+    spans = [(m.data_offset, m.data_offset + m.size) for m in wanted]
+    runs = runs_for(index.frames, spans, merge_gap)
+    needed = frames_for(index.frames, spans)
     pieces = fetch_ranges(storage, key, stored_size, ranges_of(index.frames, runs))
     try:
         cursor = 0
         for first, last in runs:
             fetched += sum(f.size for f in index.frames[first:last + 1])
             run_end = index.frames[last].raw_start + index.frames[last].raw_size
-            for raw_pos, data in read_frames(pieces, key, index.frames, first, last):
+            skip = frozenset(i for i in range(first, last + 1) if i not in needed)
+            for raw_pos, data in read_frames(pieces, key, index.frames, first, last, skip):
                 chunk_end = raw_pos + len(data)
                 i = cursor
                 while i < len(wanted) and wanted[i].data_offset < chunk_end:

@@ -12,7 +12,10 @@ records every database's relations at backup time) it lays out in full only:
   every index of those (so the copy can use any plan it likes, hash indexes included);
 
 and writes every other user relation file as a sparse file of its recorded size (reads as
-zeros, costs nothing). Only those frames of the stored tar are read.
+zeros, costs nothing). The other user databases (all but the tables' own and ``postgres``)
+are not written at all, catalogs included: the scratch cluster never connects to them, and
+replay creates the files it writes into, as it does for a relation dropped later in the
+WAL. Only the frames of the stored tar that hold a needed file are read and decompressed.
 
 Why that is exact. Redo is per block: replaying a record onto block B of relation R reads
 only the record and B's previous contents, never another relation's pages (a record that
@@ -39,7 +42,9 @@ alone (such operations log every page), which the lay-out never wrote, so that i
 but a target whose file *is* in the backup and was left sparse (the table was renamed
 after the backup, or its name was ambiguous) or a database created after the backup by
 copying another one's directory (``STRATEGY FILE_COPY``) means the lay-out was wrong, and
-the restore falls back to the full lay-out. Unlogged tables come back empty either way
+the restore falls back to the full lay-out. The database is checked to be the backup's
+one of that name before anything connects to it: a copy of a database left out has no
+catalogs, and a connection to it makes PostgreSQL PANIC. Unlogged tables come back empty either way
 (their data is never in a backup or in WAL).
 """
 
@@ -157,16 +162,22 @@ def needed(db: DatabaseRelations, tables: Iterable[tuple[str | None, str]]) -> f
 
 @dataclass(frozen=True)
 class Choice:
-    """Which tar members are laid out in full and which as sparse files."""
+    """Which tar members are laid out in full, which as sparse files and which not at all
+    (``left_out``: every relation file of the databases ``choose`` was told nothing
+    connects to; replay creates those it writes into, as it does for a relation dropped
+    later in the WAL); ``database``: the oid of the database whose tables are laid out,
+    for a table request."""
 
     full: tuple[Member, ...]
     sparse: tuple[Member, ...]
+    left_out: tuple[Member, ...] = ()
+    database: int | None = None
 
     @property
     def sparse_files(self) -> frozenset[tuple[int, int]]:
-        """(database oid, relfilenode) of every relation left sparse."""
+        """(database oid, relfilenode) of every relation left sparse or left out."""
         found = set()
-        for m in self.sparse:
+        for m in (*self.sparse, *self.left_out):
             match = RELATION_FILE.match(m.name)
             assert match is not None
             found.add((int(match.group(1)), int(match.group(2))))
@@ -178,21 +189,29 @@ class Choice:
 
 
 def choose(members: Iterable[Member], dbs: dict[int, DatabaseRelations],
-           keep: dict[int, frozenset[int]]) -> Choice:
-    """Split the tar's members: a regular file is sparse only when the backup-time map names
-    it as a user table, TOAST table, index or materialized view (not a sequence, not an
-    ``_init`` fork) whose oid is not in ``keep`` for its database; everything else is full."""
+           keep: dict[int, frozenset[int]], leave_out: frozenset[int] = frozenset()) -> Choice:
+    """Split the tar's members: a regular file is sparse when the backup-time map names it
+    as a user table, TOAST table, index or materialized view (not a sequence, not an
+    ``_init`` fork) whose oid is not in ``keep`` for its database; every relation file
+    (but an ``_init`` fork) of a database in ``leave_out`` is left out; everything else
+    is full."""
     by_file = {dboid: {r.filenode: r for r in db.relations if r.filenode} for dboid, db in dbs.items()}
-    full, sparse = [], []
+    full, sparse, left_out = [], [], []
     for m in members:
         match = RELATION_FILE.match(m.name) if m.kind == "f" else None
-        rel = by_file.get(int(match.group(1)), {}).get(int(match.group(2))) if match else None
-        if (match and rel is not None and match.group(3) != "_init" and rel.kind in STORED_KINDS
-                and rel.oid >= FIRST_NORMAL_OID and rel.oid not in keep.get(int(match.group(1)), frozenset())):
+        if match is None or match.group(3) == "_init":
+            full.append(m)
+            continue
+        dboid = int(match.group(1))
+        rel = by_file.get(dboid, {}).get(int(match.group(2)))
+        if dboid in leave_out:
+            left_out.append(m)
+        elif (rel is not None and rel.kind in STORED_KINDS and rel.oid >= FIRST_NORMAL_OID
+                and rel.oid not in keep.get(dboid, frozenset())):
             sparse.append(m)
         else:
             full.append(m)
-    return Choice(tuple(full), tuple(sparse))
+    return Choice(tuple(full), tuple(sparse), tuple(left_out))
 
 
 def unexplained_invalid_pages(log_text: str, sparse_files: frozenset[tuple[int, int]]) -> list[str]:

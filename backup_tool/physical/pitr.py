@@ -32,8 +32,10 @@ record, newest base backup first.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -71,6 +73,7 @@ from backup_tool.postgres.cluster import (
     chown_to,
     conf_quote,
     find_bin_dir,
+    is_root,
     server_os_user,
     server_tool_command,
     tool_candidates,
@@ -149,9 +152,12 @@ def pg_timestamp(ts: datetime) -> str:
     return text + "+00"
 
 
-def recovery_settings(target: Target, restore_command: str) -> dict[str, str]:
+def recovery_settings(target: Target, restore_command: str, timeline: int | None = None) -> dict[str, str]:
+    """PostgreSQL's recovery settings for ``target``; ``timeline``: follow exactly this one
+    (default: the target's, else the newest in the archive)."""
+    tli = timeline or target.timeline
     settings = {"restore_command": restore_command,
-                "recovery_target_timeline": str(target.timeline) if target.timeline else "latest"}
+                "recovery_target_timeline": str(tli) if tli else "latest"}
     if target.kind == "time" and target.time is not None:
         settings["recovery_target_time"] = pg_timestamp(target.time)
     elif target.kind == "lsn" and target.lsn is not None:
@@ -559,21 +565,29 @@ def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarInde
     files read through ranged reads of their frames only. Returns (bytes written, stored
     bytes read)."""
     obj = manifest.extra_objects[0]
+    made: set[Path] = set()
     for m in index.members:
         rel = _safe_member(m.name)
         if m.kind == "d" and rel:
             (pgdata / rel).mkdir(mode=0o700, parents=True, exist_ok=True)
             chown_to(pgdata / rel, os_user)
+            made.add(pgdata / rel)
         elif m.kind == "l":
             raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
+    ids = _owner_ids(os_user)
     sparse = {m.name for m in choice.sparse}
     for m in (*choice.sparse, *(m for m in choice.full if m.kind == "f")):
         dest = pgdata / _safe_member(m.name)
-        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if dest.parent not in made:
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            made.add(dest.parent)
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, m.mode & 0o600 or 0o600)
         try:
+            if ids is not None:
+                os.fchown(fd, *ids)
             if m.name in sparse:
                 os.ftruncate(fd, m.size)
+                os.utime(fd, (m.mtime, m.mtime))
         finally:
             os.close(fd)
     progress = reporter.task(f"restoring the needed files of base backup {manifest.id}", total=choice.full_bytes)
@@ -593,12 +607,19 @@ def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarInde
     finally:
         if current[1] is not None:
             current[1].close()
-    for m in (*choice.sparse, *(m for m in choice.full if m.kind == "f")):
-        dest = pgdata / m.name
-        os.utime(dest, (m.mtime, m.mtime))
-        chown_to(dest, os_user)
+    for m in choice.full:
+        if m.kind == "f":
+            os.utime(pgdata / m.name, (m.mtime, m.mtime))
     progress.finish()
     return choice.full_bytes, fetched
+
+
+def _owner_ids(os_user: str) -> tuple[int, int] | None:
+    """(uid, gid) to give laid-out files to ``os_user`` (None: not root, files stay ours)."""
+    if not is_root():
+        return None
+    pw = pwd.getpwnam(os_user)
+    return pw.pw_uid, pw.pw_gid
 
 
 def _append_conf(pgdata: Path, settings: dict[str, str], why: str) -> None:
@@ -647,6 +668,7 @@ class Layout:
     databases_in_backup: frozenset[int] = frozenset()
     bytes_fetched: int | None = None
     prefetch: wal.RecoveryPrefetch | None = None
+    scratch: bool = False
 
     def stop_prefetch(self) -> int:
         """Stop reading WAL ahead of recovery (idempotent); the number of segments it fetched."""
@@ -656,7 +678,10 @@ class Layout:
 def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
                     reporter: Reporter) -> tuple[partial.Choice, basetar.TarIndex] | None:
     """The partial lay-out for ``request``, or None (with the reason reported) when this
-    backup cannot have one: taken before base backups carried an index."""
+    backup cannot have one: taken before base backups carried an index. For tables, the
+    other user databases (all but theirs and ``postgres``) are left out entirely: the
+    scratch cluster never connects to them. The templates stay (a database created after
+    the backup may be a file copy of one)."""
     if len(backup.extra_objects) < 2 or not backup.extra_objects[1].key.endswith(basetar.INDEX_KEY):
         reporter.event("partial lay-out unavailable: this base backup has no index (taken by an older "
                        "backup-tool); laying out all of it", id=backup.id)
@@ -664,26 +689,33 @@ def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
     obj = backup.extra_objects[1]
     index = basetar.load_index(storage, obj.key, obj.sha256, obj.size)
     dbs = partial.relations_from_json(index.relations)
+    leave_out: frozenset[int] = frozenset()
     if request.tables is None:
         keep = {d.oid: frozenset(r.oid for r in d.relations) for d in dbs.values()
                 if d.name in (request.database, "postgres")}
     else:
         db = next((d for d in dbs.values() if d.name == request.database), None)
         keep = {db.oid: partial.needed(db, request.tables)} if db is not None else {}
-    return partial.choose(index.members, dbs, keep), index
+        if db is not None:
+            leave_out = frozenset(d.oid for d in dbs.values() if d.name not in (request.database, "postgres"))
+            return dataclasses.replace(partial.choose(index.members, dbs, keep, leave_out), database=db.oid), index
+    return partial.choose(index.members, dbs, keep, leave_out), index
 
 
 def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None = None,
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
             reporter: Reporter | None = None, database: str | None = None, plan: Plan | None = None,
             wait: float = 0.0, server_binaries: bool = False,
-            partial_for: PartialRequest | None = None) -> Layout:
+            partial_for: PartialRequest | None = None, scratch: bool = False) -> Layout:
     """Choose the base backup (of a cluster holding ``database``, if given; ``plan``: already
     chosen by :func:`plan_recovery`), fill the empty ``pgdata`` and write the recovery settings.
     With ``server_binaries``, the base backup's major's server programs are found first: without
     them nothing is written. With ``partial_for`` only what copying those tables (or that
     database) needs is read and written (:mod:`backup_tool.physical.partial`), when the backup
-    allows it; the Layout's ``choice`` says whether it did."""
+    allows it; the Layout's ``choice`` says whether it did. ``scratch``: a throw-away cluster
+    recovered to a time only to read from it (table PITR; see :func:`recover`): recovery
+    follows the plan's timeline, and ``restore_command`` answers what it can without running
+    this tool (:func:`_scratch_restore_command`)."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
@@ -705,26 +737,33 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
         if not user_can_write(user, pgdata):
             raise RefusedError(f"OS user {user} cannot reach {pgdata}",
                                "choose a directory whose parents that user may enter (not under /root)")
-        command = server_tool_command(user, tool_candidates(server_command, plan.physical.archive_command,
-                                                            sys.argv[0], sys.executable))
-        restore_command = (f"{command} wal fetch %f %p --abort-on-error "
-                           f"--repo {_shell_quote(storage.url)}")
-        prefetch = _start_prefetch(storage, plan, pgdata, user)
-        found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
-        choice = found[0] if found else None
-        fetched: int | None = None
-        if found is not None:
-            written, fetched = extract_partial(storage, plan.backup, found[1], found[0], pgdata, user, reporter)
-        else:
-            written = extract_base(storage, plan.backup, pgdata, user, reporter)
-            fetched = plan.backup.extra_objects[0].size
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="tool-check") as checking:
+            # a scratch lay-out overlaps the server user's run of `<tool> version` (an interpreter
+            # start); any other refuses before writing anything when that user cannot run the tool
+            tool = checking.submit(server_tool_command, user, tool_candidates(
+                server_command, plan.physical.archive_command, sys.argv[0], sys.executable))
+            if not scratch:
+                tool.result()
+            prefetch = _start_prefetch(storage, plan, pgdata, user)
+            found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
+            choice = found[0] if found else None
+            fetched: int | None = None
+            if found is not None:
+                written, fetched = extract_partial(storage, plan.backup, found[1], found[0], pgdata, user, reporter)
+            else:
+                written = extract_base(storage, plan.backup, pgdata, user, reporter)
+                fetched = plan.backup.extra_objects[0].size
+            restore_command = (f"{tool.result()} wal fetch %f %p --abort-on-error "
+                               f"--repo {_shell_quote(storage.url)}")
+        if scratch:
+            restore_command = _scratch_restore_command(restore_command, pgdata, plan, user)
         for stale in ("standby.signal", "recovery.signal", "postmaster.pid", "postmaster.opts"):
             (pgdata / stale).unlink(missing_ok=True)
         for sub in ("pg_wal", "pg_wal/archive_status"):
             (pgdata / sub).mkdir(mode=0o700, exist_ok=True)
             chown_to(pgdata / sub, user)
         _ensure_config(pgdata, user, reporter)
-        conf = recovery_settings(target, restore_command)
+        conf = recovery_settings(target, restore_command, timeline=plan.timeline if scratch else None)
         if port is not None:
             conf["port"] = str(port)
         if not archive:
@@ -744,7 +783,53 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                    wal_prefetched=len(prefetch.fetched) if prefetch else 0)
     return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started, bin_dir,
                   choice=choice, databases_in_backup=partial.databases_in(found[1].members) if found else frozenset(),
-                  bytes_fetched=fetched, prefetch=prefetch)
+                  bytes_fetched=fetched, prefetch=prefetch, scratch=scratch)
+
+
+UNNEEDED_DIR = "unneeded"
+
+
+def scratch_unneeded(plan: Plan) -> tuple[str, ...]:
+    """Files a scratch recovery to a time inside the archive asks ``restore_command`` for
+    but never needs (pure): the segment after the archive's last continuous one (WAL
+    read-ahead asks for it; the target's first later commit is archived before it, so the
+    stop is reached without it), the history file of the next timeline (probed when
+    choosing the new timeline at promotion: a scratch cluster never archives, so a clash
+    with a timeline in the repository changes nothing) and, on timeline 1, timeline 1's
+    history file (asked for when the new one is written; it never exists)."""
+    names = [f"{plan.timeline + 1:08X}.history"]
+    if plan.timeline == 1:
+        names.append("00000001.history")
+    last = plan.coverage.last_segment
+    if last is not None:
+        seg_size = plan.physical.wal_segment_size
+        after = walnames.segment_number(last, seg_size) + 1
+        names.append(walnames.segment_name(walcoverage.timeline_for(plan.path, after, seg_size), after, seg_size)
+                     if plan.path else walnames.segment_name(plan.timeline, after, seg_size))
+    return tuple(names)
+
+
+def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, user: str) -> str:
+    """``restore_command`` for a scratch recovery: a shell prologue answers, without starting
+    this tool, the requests it can answer from files alone: "not archived" for
+    :func:`scratch_unneeded` files (a marker file each), and a segment the read-ahead
+    (:class:`wal.RecoveryPrefetch`) already downloaded and verified, linked into place. The
+    segment taken is renamed ``NAME.taken`` (the one before it removed): the read-ahead sees
+    it gone and reads further, and PostgreSQL, which asks again for the last segment it
+    replayed, finds it there. Anything else (or any failure of the prologue) runs the tool."""
+    spool = walspool.spool_dir(pgdata / "pg_wal" / "RECOVERYXLOG")
+    folder = spool / UNNEEDED_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    chown_to(folder.parent, user)
+    chown_to(folder, user)
+    for name in scratch_unneeded(plan):
+        (folder / name).touch()
+    unneeded = _shell_quote(str(folder)).replace("%", "%%")
+    ahead = _shell_quote(str(walspool.prefetch_dir(pgdata / "pg_wal" / "RECOVERYXLOG"))).replace("%", "%%")
+    return (f"if [ -e {unneeded}/%f ]; then exit 1; fi; "
+            f"if ln -f {ahead}/%f %p 2>/dev/null; then "
+            f"rm -f {ahead}/*.taken; mv -f {ahead}/%f {ahead}/%f.taken; exit 0; fi; "
+            f"ln -f {ahead}/%f.taken %p 2>/dev/null || {{ {restore_command}; }}")
 
 
 def _start_prefetch(storage: Storage, plan: Plan, pgdata: Path, user: str) -> wal.RecoveryPrefetch:
@@ -890,15 +975,25 @@ def _promoted(server: LocalServer) -> bool:
         return False
 
 
+SCRATCH_SETTINGS = {"fsync": "off"}
+"""The private start of a scratch cluster (``Layout.scratch``): it is removed after use, so
+nothing in it needs to reach the disk."""
+
+
 def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter: Reporter) -> RecoveryPoint:
     """Start ``server`` privately and wait until recovery reached the target and promoted.
 
     On Linux the start syncs the laid-out data directory with one ``syncfs`` instead of an
     ``fsync`` per file (``recovery_init_sync_method``, for this start only): a server starting
     from a backup label first makes every file durable, and with thousands of files the
-    per-file flushes alone took seconds."""
-    settings = {**(INIT_SYNC if sys.platform.startswith("linux") else {}),
-                **(PARTIAL_SETTINGS if layout.choice is not None else {})}
+    per-file flushes alone took seconds.
+
+    A scratch lay-out (``Layout.scratch``) starts with ``fsync`` off: no sync of the laid-out
+    directory at start, and the end-of-recovery checkpoint only hands the pages replay
+    changed to the operating system."""
+    settings = {**(INIT_SYNC if sys.platform.startswith("linux") and not layout.scratch else {}),
+                **(PARTIAL_SETTINGS if layout.choice is not None else {}),
+                **(SCRATCH_SETTINGS if layout.scratch else {})}
     server.start_private(settings or None)
     reporter.event("recovery started", target=layout.settings.get("recovery_target_time")
                    or layout.settings.get("recovery_target_lsn") or layout.settings.get("recovery_target_name")

@@ -149,6 +149,33 @@ def test_a_damaged_frame_is_refused(tmp_path: Path) -> None:
         basetar.extract(storage, "b/base.tar.zst", len(damaged), index, [member], lambda *a: None)
 
 
+def test_frames_read_only_between_wanted_ones_are_not_decompressed(tmp_path: Path) -> None:
+    """Runs of frames are merged into one read across small gaps; the frames in between are
+    passed over: a damaged one there does not matter, the wanted files come out exact."""
+    rnd = random.Random(11)
+    raw = make_tar(cluster_like(rnd))
+    stored, index = framed(raw, rnd)
+    files = [m for m in index.members if m.kind == "f" and m.size]
+    first, between, last = (basetar.frames_for(index.frames, [(m.data_offset, m.data_offset + m.size)])
+                            for m in (files[0], files[len(files) // 2], files[-1]))
+    wanted = [m for m in files if basetar.frames_for(index.frames, [(m.data_offset, m.data_offset + m.size)])
+              <= first | last]
+    skipped = sorted(between - first - last)
+    assert skipped and all(min(first) < i < max(last) for i in skipped)
+    damaged = bytearray(stored)
+    for i in skipped:
+        damaged[index.frames[i].offset + index.frames[i].size // 2] ^= 0x40
+    storage = LocalStorage(tmp_path)
+    storage.put("b/base.tar.zst", [bytes(damaged)])
+    got: dict[str, bytearray] = {}
+    fetched = basetar.extract(storage, "b/base.tar.zst", len(damaged), index, wanted,
+                              lambda m, offset, data: got.setdefault(m.name, bytearray()).extend(data),
+                              merge_gap=len(stored))
+    assert fetched == len(stored)
+    assert {n: bytes(v) for n, v in got.items()} == {m.name: raw[m.data_offset:m.data_offset + m.size]
+                                                     for m in wanted}
+
+
 def test_index_round_trips_through_json() -> None:
     rnd = random.Random(9)
     _, index = framed(make_tar(cluster_like(rnd)), rnd)
@@ -213,6 +240,22 @@ def test_choose_leaves_only_unneeded_user_relations_sparse() -> None:
         "base/16500/16501"]
     assert choice.sparse_files == {(16384, 16410), (16384, 16411), (16384, 16430), (16500, 16501)}
     assert len(choice.full) == len(names) - 6
+
+
+def test_choose_leaves_out_the_relation_files_of_databases_nothing_connects_to() -> None:
+    names = ["global/1262", "base/1/PG_VERSION", "base/1/pg_filenode.map", "base/1/1259", "base/1/1259_fsm",
+             "base/1/16384_init", "base/1/16384", "base/5/1259", "base/16384/1259", "base/16384/16390",
+             "base/16384/16410", "base/16500/16501", "base/16500/2600"]
+    keep = {16384: partial.needed(DB, [(None, "orders")])}
+    choice = partial.choose([member(n) for n in names], {16384: DB, 16500: OTHER}, keep, frozenset({1, 16500}))
+    assert sorted(m.name for m in choice.left_out) == [
+        "base/1/1259", "base/1/1259_fsm", "base/1/16384", "base/16500/16501", "base/16500/2600"]
+    assert [m.name for m in choice.sparse] == ["base/16384/16410"]
+    assert sorted(m.name for m in choice.full) == [
+        "base/1/16384_init", "base/1/PG_VERSION", "base/1/pg_filenode.map", "base/16384/1259", "base/16384/16390",
+        "base/5/1259", "global/1262"]
+    assert choice.sparse_files == {(1, 1259), (1, 16384), (16500, 16501), (16500, 2600), (16384, 16410)}
+    assert partial.unexplained_invalid_pages("page 2 of relation base/1/1259 does not exist", choice.sparse_files) == []
 
 
 def test_a_catalog_moved_by_vacuum_full_stays_full() -> None:

@@ -43,6 +43,8 @@ class World:
     renamed_at: str
     renamed_rows: tuple[int, str]
     base_size: int
+    fresh_at: str
+    fresh_rows: tuple[int, str]
 
 
 def sql(server: PgServer, *statements: str, db: str = "app") -> Any:
@@ -126,6 +128,12 @@ def world() -> Iterator[World]:
             moments.append((now_utc(server), rows(server, "orders")))
         sql(server, "UPDATE stock SET qty = qty * 2 WHERE id % 3 = 0", "ALTER TABLE stock RENAME TO stock_renamed")
         renamed_at, renamed_rows = now_utc(server), rows(server, "stock_renamed")
+        sql(server, "ALTER DATABASE other RENAME TO other_before",
+            "CREATE DATABASE other TEMPLATE app STRATEGY FILE_COPY", db="postgres")
+        sql(server, "CREATE TABLE late (id int PRIMARY KEY, v text)",
+            "INSERT INTO late SELECT g, md5(g::text) FROM generate_series(1, 500) g", db="other")
+        fresh_at, fresh_rows = now_utc(server), rows(server, "late", db="other")
+        sql(server, "DELETE FROM late WHERE id % 2 = 0", db="other")
         sql(server, "DELETE FROM orders", "DROP TABLE stock_renamed", "UPDATE noise SET v = 'gone' WHERE id < 1000")
         with server.admin_conn() as conn:
             last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
@@ -134,7 +142,8 @@ def world() -> Iterator[World]:
             while (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < last:
                 assert time.monotonic() < deadline, f"{last} not archived, see {server.log_file}"
                 time.sleep(0.1)
-        yield World(server, str(repo), cli, moments, renamed_at, renamed_rows, int(backup["size_bytes"]))
+        yield World(server, str(repo), cli, moments, renamed_at, renamed_rows, int(backup["size_bytes"]),
+                    fresh_at, fresh_rows)
     finally:
         server.pg_ctl("-m", "immediate", "stop", check=False)
         server.destroy()
@@ -212,6 +221,22 @@ def test_table_renamed_after_the_backup_falls_back_to_the_full_layout(world: Wor
     assert result["recovery_layout"]["kind"] == "full"
     assert result["recovery_layout"]["fallback_because"]
     assert rows(world.server, "renamed.stock_renamed") == world.renamed_rows
+
+
+def test_a_database_replaced_after_the_backup_by_a_copy_of_a_template_falls_back(world: World) -> None:
+    """"other" was renamed after the backup and a new "other" made as a copy of "app" by
+    CREATE DATABASE ... STRATEGY FILE_COPY, which copies the directory when replayed. The
+    partial lay-out for a table of "other" lays out the backup's "other" and leaves the
+    relation files of the other user databases, "app" among them, out: the new "other"
+    has no catalogs in the scratch cluster. It is found to be another database before
+    anything connects to it (a connection makes PostgreSQL PANIC), and the whole base
+    backup is laid out instead."""
+    result = world.cli.json("restore", "tables", "--repo", world.repo, "--tables", "late", "--target-time",
+                            world.fresh_at, "--target-dsn", world.server.dsn("other"), "--into-schema", "late_back")
+    assert result["ok"] is True
+    assert result["recovery_layout"]["kind"] == "full"
+    assert "is not the database of that name in the base backup" in result["recovery_layout"]["fallback_because"][0]
+    assert rows(world.server, "late_back.late", db="other") == world.fresh_rows
 
 
 def test_restore_pitr_of_one_database_drops_the_others(world: World) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
+import subprocess
 import tarfile
 import time
 from datetime import datetime, timedelta, timezone
@@ -509,3 +511,58 @@ def test_answers_from_the_spool_load_no_command_line(tmp_path: Path) -> None:
         assert "backup_tool.physical.walspool" in imported
         assert not {m for m in imported if m.split(".")[0] in ("typer", "psycopg", "boto3", "botocore")}, argv
     assert (pg_wal / "RECOVERYXLOG").read_bytes() == b"\1" * 1000
+
+
+def test_a_scratch_recovery_is_told_what_it_cannot_need() -> None:
+    """The segment after the archive's end, the next timeline's history probe and, on
+    timeline 1, timeline 1's history file: nothing a recovery to a time inside the archive
+    needs."""
+    archive = segs(1, 3, 12)
+    plan = pitr.choose_base_backup([base_manifest("B1", "0/3000028", "0/3000100", 1)], archive, {},
+                                   pitr.Target("time", time=T0 + timedelta(minutes=6)))
+    assert pitr.scratch_unneeded(plan) == ("00000002.history", "00000001.history", "00000001000000000000000D")
+    forked = archive + segs(2, 6, 8, start_minute=20)
+    plan2 = pitr.choose_base_backup([base_manifest("B1", "0/3000028", "0/3000100", 1)], forked,
+                                    {2: wal.parse_history("1\t0/6012345\tbefore\n")},
+                                    pitr.Target("time", time=T0 + timedelta(minutes=22)))
+    assert plan2.timeline == 2
+    assert pitr.scratch_unneeded(plan2) == ("00000003.history", "000000020000000000000009")
+
+
+def run_restore_command(command: str, pgdata: Path, name: str) -> int:
+    """Run ``restore_command`` for ``name`` as PostgreSQL does (placeholders, /bin/sh, in
+    the data directory)."""
+    text = command.replace("%%", "\0").replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG").replace("\0", "%")
+    (pgdata / "pg_wal" / "RECOVERYXLOG").unlink(missing_ok=True)
+    return subprocess.run(["/bin/sh", "-c", text], cwd=pgdata).returncode
+
+
+def test_a_scratch_restore_command_answers_from_files_in_the_shell(tmp_path: Path) -> None:
+    """Read-ahead segments are linked into place (the one taken kept as NAME.taken for the
+    second request PostgreSQL makes, older ones dropped), unneeded files are "not archived",
+    anything else runs the tool."""
+    pgdata = tmp_path / "data %x"
+    (pgdata / "pg_wal").mkdir(parents=True)
+    plan = pitr.choose_base_backup([base_manifest("B1", "0/3000028", "0/3000100", 1)], segs(1, 3, 5), {},
+                                   pitr.Target("time", time=T0 + timedelta(minutes=1)))
+    tool = "printf %s %f > tool-ran; exit 7"
+    command = pitr._scratch_restore_command(tool, pgdata, plan, pwd.getpwuid(os.getuid()).pw_name)
+    ahead = walspool.prefetch_dir(pgdata / "pg_wal" / "RECOVERYXLOG")
+    ahead.mkdir(parents=True, exist_ok=True)
+    first, second = "000000010000000000000003", "000000010000000000000004"
+    for name in (first, second):
+        (ahead / name).write_bytes(name.encode() * 10)
+    got = pgdata / "pg_wal" / "RECOVERYXLOG"
+
+    assert run_restore_command(command, pgdata, first) == 0 and got.read_bytes() == first.encode() * 10
+    assert sorted(p.name for p in ahead.iterdir()) == [f"{first}.taken", second]
+    assert run_restore_command(command, pgdata, second) == 0 and got.read_bytes() == second.encode() * 10
+    assert sorted(p.name for p in ahead.iterdir()) == [f"{second}.taken"]
+    assert run_restore_command(command, pgdata, second) == 0 and got.read_bytes() == second.encode() * 10
+    assert not (pgdata / "tool-ran").exists()
+
+    for unneeded in pitr.scratch_unneeded(plan):
+        assert run_restore_command(command, pgdata, unneeded) == 1 and not got.exists()
+    assert not (pgdata / "tool-ran").exists()
+    assert run_restore_command(command, pgdata, "000000010000000000000005") == 7
+    assert (pgdata / "tool-ran").read_text() == "000000010000000000000005"
