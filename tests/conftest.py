@@ -25,21 +25,25 @@ pytest_plugins = ["support.clusters", "support.s3", "support.cli"]
 
 _WORKER_TMPDIR_KEY = pytest.StashKey[str]()
 
-# The longest test files (seconds, from --durations), slowest first. In a parallel run they
-# start before every other file, so that none of them is left running alone at the end while
-# the other workers idle. Only the order changes: a file missing here runs in xdist's order.
+# The longest test files, slowest first (per-file totals of `--durations=0` in a parallel run).
+# In a parallel run they start before every other file, so that none of them is left running
+# alone at the end while the other workers idle. Only the order changes: a file missing here
+# runs in xdist's order (most tests first).
 SLOWEST_FILES = (
     "tests/validation/test_regression_oracle.py",
     "tests/test_versions.py",
-    "tests/logical/test_incremental.py",
     "tests/logical/test_crashes.py",
-    "tests/cli/test_secrets.py",
-    "tests/physical/test_pitr.py",
-    "tests/logical/test_fault_e2e.py",
-    "tests/postgres/test_identifiers.py",
     "tests/repository/test_tamper.py",
+    "tests/physical/test_pitr.py",
+    "tests/logical/test_backup_restore.py",
+    "tests/logical/test_restore_tables.py",
+    "tests/logical/test_incremental.py",
+    "tests/cli/test_secrets.py",
+    "tests/cli/test_bad_input.py",
+    "tests/repository/test_encryption.py",
+    "tests/logical/test_fault_e2e.py",
     "tests/physical/test_table_pitr_partial.py",
-    "tests/physical/test_basebackup.py",
+    "tests/postgres/test_identifiers.py",
 )
 
 
