@@ -252,7 +252,9 @@ def test_no_command_leaks_a_secret(world: World) -> None:
     cmd("version")
     cmd("check")
     full = cmd("backup full", "--json")
-    assert any(b"psql" in c or b"pg_dump" in c for c in full.cmdlines), "the watcher saw no child process"
+    # This server's port in the child's conninfo: another test's processes (parallel runs) do not count.
+    assert any((b"psql" in c or b"pg_dump" in c) and f"port={server.port}".encode() in c for c in full.cmdlines), \
+        "the watcher saw no child process"
     with server.admin_conn("app") as conn:
         conn.execute("UPDATE public.coupons SET code = code || '-x' WHERE ctid IN "
                      "(SELECT ctid FROM public.coupons LIMIT 1)")
