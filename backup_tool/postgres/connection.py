@@ -446,8 +446,7 @@ class Snapshot:
     """
 
     def __init__(self, conninfo: ConnInfo, lock_timeout: str = "5min") -> None:
-        self.conn = conninfo.connect(autocommit=False, settings={"lock_timeout": lock_timeout})
-        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self.conn = _repeatable_read(conninfo.connect(autocommit=False, settings={"lock_timeout": lock_timeout}))
         row = self.conn.execute("SELECT pg_export_snapshot(), pg_current_wal_lsn()::text"
                                 " , now()").fetchone()
         assert row is not None
@@ -484,12 +483,19 @@ class Snapshot:
             self.conn.close()
 
 
+def _repeatable_read(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    """``conn`` with its next transaction REPEATABLE READ READ ONLY: psycopg opens it with the
+    first statement (an explicit BEGIN after psycopg's own only drew a server warning)."""
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    return conn
+
+
 @contextmanager
 def snapshot_session(conninfo: ConnInfo, snapshot_id: str) -> Iterator[psycopg.Connection[Any]]:
     """A connection whose open transaction imports ``snapshot_id``."""
-    conn = conninfo.connect(autocommit=False)
+    conn = _repeatable_read(conninfo.connect(autocommit=False))
     try:
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
         yield conn
     finally:
