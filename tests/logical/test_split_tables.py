@@ -1,6 +1,6 @@
 """A table above ``backup.split_table_mb`` is dumped in parts, one per range of its heap blocks,
-and every path that reads a table's data reads all of them: full restore (parts loaded from
-several sessions), incremental (an unchanged split table references all its parent's parts),
+and every path that reads a table's data reads all of them: full restore (parts loaded in one
+frozen transaction; validation names a changed row's table), incremental (an unchanged split table references all its parent's parts),
 restore tables, verify. Awkward data: TOAST values, NULLs, text that needs COPY escapes, rows
 updated and deleted so that live rows are scattered over the blocks with holes between."""
 
@@ -11,6 +11,7 @@ from typing import Any, Callable
 import dbcompare
 import psycopg
 import pytest
+from support.cli import Cli
 from support.objects import read_object, write_object
 
 from backup_tool.config.policy import BackupSettings, Policy, Retention
@@ -51,7 +52,7 @@ def split_settings(repo: str, dsn: str) -> Settings:
 
 
 def test_a_split_table_backs_up_in_parts_and_every_reader_restores_it_row_for_row(
-        s3_repo: str, fresh_db: Callable[..., Any]) -> None:
+        s3_repo: str, fresh_db: Callable[..., Any], cli: Cli) -> None:
     db = fresh_db("split")
     for statement in AWKWARD.split(";\n"):
         if statement.strip():
@@ -74,6 +75,13 @@ def test_a_split_table_backs_up_in_parts_and_every_reader_restores_it_row_for_ro
     result = restore_full(settings, restored.dsn, full.id)
     assert result.validation is not None and result.validation.ok
     assert dbcompare.table_hashes(restored.dsn) == dbcompare.table_hashes(db.dsn)
+
+    altered = fresh_db("split_v")
+    restore_full(settings, altered.dsn, full.id)
+    altered.execute("UPDATE public.big SET note = note || '.' WHERE id = 9000")  # a row in a later part
+    out = cli.json("validate", "--repo", s3_repo, "--dsn", altered.dsn, "--against", full.id, expect_rc=3)
+    failed = [c for c in out["checks"] if not c["ok"]]
+    assert failed and "public.big" in " ".join(c["detail"] for c in failed)
 
     db.execute("UPDATE public.small SET v = v || '!' WHERE id = 1")
     incremental = backup.backup_incremental(settings)
