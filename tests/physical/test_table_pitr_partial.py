@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from server_tool import archive_settings, archiving_workspace
 from support.cli import Cli
-from support.clusters import PgServer, free_port, start_pg_server
+from support.clusters import PgServer, free_port, run_sql, start_pg_server, switch_and_wait_archived
 
 from backup_tool.config.settings import resolve_settings
 from backup_tool.physical import partial as partial_mod
@@ -48,12 +48,7 @@ class World:
 
 
 def sql(server: PgServer, *statements: str, db: str = "app") -> Any:
-    with server.admin_conn(db) as conn:
-        row = None
-        for stmt in statements:
-            cur = conn.execute(stmt)
-            row = cur.fetchone() if cur.description else None
-        return row
+    return run_sql(server, db, *statements)
 
 
 def now_utc(server: PgServer) -> str:
@@ -135,13 +130,7 @@ def world() -> Iterator[World]:
         fresh_at, fresh_rows = now_utc(server), rows(server, "late", db="other")
         sql(server, "DELETE FROM late WHERE id % 2 = 0", db="other")
         sql(server, "DELETE FROM orders", "DROP TABLE stock_renamed", "UPDATE noise SET v = 'gone' WHERE id < 1000")
-        with server.admin_conn() as conn:
-            last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
-            conn.execute("SELECT pg_switch_wal()")
-            deadline = time.monotonic() + 60
-            while (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < last:
-                assert time.monotonic() < deadline, f"{last} not archived, see {server.log_file}"
-                time.sleep(0.1)
+        switch_and_wait_archived(server)
         yield World(server, str(repo), cli, moments, renamed_at, renamed_rows, int(backup["size_bytes"]),
                     fresh_at, fresh_rows)
     finally:
