@@ -16,7 +16,7 @@ import psycopg
 from backup_tool.errors import DatabaseError
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
-from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry, utc_iso
+from backup_tool.repository.manifest import Manifest, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage
 from backup_tool.streams import pipeline
 
@@ -44,19 +44,17 @@ class BackupOrigin:
 def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding: str,
                advance: Callable[[int], None], conn: psycopg.Connection[Any] | None = None,
                target: tuple[str, str] | None = None, fresh: bool = False,
-               on_raw: Callable[[int], None] | None = None,
-               objects: Sequence[StoredObject] | None = None) -> None:
+               on_raw: Callable[[int], None] | None = None) -> None:
     """COPY one table's objects (all its parts, in order, for a split table) into ``target``
     (default: the table itself), in one transaction. ``advance`` counts the stored
     (compressed) bytes read, ``on_raw`` the uncompressed bytes written to COPY (what a
-    progress bar over ``raw_size`` measures). ``objects``: only these of the table's parts
-    (a restore loading the parts of one table from several sessions at once).
+    progress bar over ``raw_size`` measures).
 
     ``fresh``: the table was created by this restore and nothing references it yet, so it is
     truncated in the loading transaction and loaded with COPY FREEZE: rows arrive frozen with
     their hint bits set, so neither validation's scan nor the first VACUUM rewrites every page.
     """
-    objects = entry.stored if objects is None else objects
+    objects = entry.stored
     assert objects
     schema_name, name = target or (entry.schema, entry.name)
     stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh)

@@ -56,8 +56,8 @@ def part_count(size: int, blocks: int, threshold_mb: int, jobs: int, major: int,
 
     Not split below ``threshold_mb`` MiB on disk (0: never), before PostgreSQL 14, or without
     columns (nothing to select). Otherwise at least one part per job and at most about
-    ``threshold_mb`` each (so a restore with more sessions than the backup had still finds
-    work for them), never more than :data:`MAX_PARTS` nor than the heap has blocks."""
+    ``threshold_mb`` each (so a backup with more sessions finds work for them all), never more
+    than :data:`MAX_PARTS` nor than the heap has blocks."""
     threshold = threshold_mb * 2**20
     if threshold <= 0 or size < threshold or major < MIN_SERVER_MAJOR or columns == 0:
         return 1
