@@ -15,7 +15,8 @@ Incremental backups store only the tables whose content changed since the parent
 (the newest complete backup of the same database) and reference the parent's objects for
 the rest. Change detection compares, per table, the content checksum computed in the new
 snapshot with the parent's: row count plus the sum of 64-bit hashes of every row's text
-over the dumped column list. Any INSERT, UPDATE, DELETE, TRUNCATE or COPY changes the
+form over the dumped column list, by the parent's checksum method (a chain keeps the method
+of its full backup; a full backup takes the cheapest the server has). Any INSERT, UPDATE, DELETE, TRUNCATE or COPY changes the
 multiset of rows and so the checksum (a collision needs two different row multisets with
 equal 64-bit hash sums); ALTER TABLE that adds, drops, renames or reorders columns changes
 the column list; partitions attached or detached change the table's parent; new tables
@@ -60,6 +61,7 @@ import psycopg
 from backup_tool import __version__
 from backup_tool.config.policy import Policy
 from backup_tool.config.settings import Settings
+from backup_tool.core.checksum_methods import LEGACY_CHECKSUM_METHOD, ChecksumMethod, checksum_method_for
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalSpan, parse_lsn
@@ -72,6 +74,7 @@ from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.manifest import (
+    CHECKSUM_METHOD_FORMAT,
     SPLIT_TABLE_FORMAT,
     Manifest,
     ManifestInventory,
@@ -383,6 +386,10 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
             key = encryption_of(storage)
             parent, why = choose_parent(catalog.backups(), database, policy, started_at,
                                         key.key_id if key else None)
+            if parent is not None and major < parent.checksum_method.min_server_major:
+                why = (f"the chain of {parent.id} checksums tables by {parent.checksum_method}, "
+                       f"which PostgreSQL {major} cannot compute")
+                parent = None
             if parent is None:
                 kind = BackupKind.FULL
                 reporter.warning(f"taking a full backup instead of an incremental: {why}")
@@ -400,8 +407,9 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         reporter.event("backup started", id=backup_id, kind=kind, database=database,
                        parent=parent.id if parent else None, repository=storage.url)
         try:
+            method = parent.checksum_method if parent is not None else checksum_method_for(major)
             job = _DumpJob(storage, conninfo, major, policy, jobs, level, threads, kind, backup_id, started_at,
-                           expires_at, parent, only_tables, reporter)
+                           expires_at, parent, only_tables, reporter, method)
             manifest = replace(_dump(job, control, info, stack, changes), client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
@@ -472,6 +480,8 @@ class _DumpJob:
     parent: Manifest | None
     only_tables: set[tuple[str, str]] | None
     reporter: Reporter
+    checksum_method: ChecksumMethod
+    """The parent's (its unchanged tables' checksums are reused), else the cheapest the server has."""
 
     @property
     def prefix(self) -> str:
@@ -675,7 +685,7 @@ class _TableDumper:
     def _checksum(self, piece: parts.Slice) -> None:
         table = piece.table
         self._sums[(table.oid, piece.index)] = postgres.table_checksum(
-            self.workers.conn(), table.schema, table.name, table.columns, piece.blocks)
+            self.workers.conn(), table.schema, table.name, table.columns, self.job.checksum_method, piece.blocks)
         self._summed.advance(1)
 
     def _dump(self, piece: parts.Slice) -> None:
@@ -718,8 +728,9 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
         options={"jobs": job.jobs, "compression_level": job.level, "host": info["host"],
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
-        tool_version=__version__, wal_basis=taken.basis,
-        format=SPLIT_TABLE_FORMAT if any(e.parts for e in entries) else 1,
+        tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,
+        format=max([1] + ([SPLIT_TABLE_FORMAT] if any(e.parts for e in entries) else [])
+                   + ([CHECKSUM_METHOD_FORMAT] if job.checksum_method is not LEGACY_CHECKSUM_METHOD else [])),
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import psycopg
 
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import DatabaseError
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
@@ -78,7 +79,7 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
 
 
 def checksums_by_ranges(conninfo: ConnInfo, tables: dict[TableKey, Sequence[str]],
-                        jobs: int) -> dict[TableKey, tuple[int, str]]:
+                        jobs: int, method: ChecksumMethod) -> dict[TableKey, tuple[int, str]]:
     """Row count and content checksum of each table (key: (schema, name), over its columns),
     each read as ``jobs`` ranges of its heap blocks by as many sessions at once and summed.
 
@@ -96,7 +97,7 @@ def checksums_by_ranges(conninfo: ConnInfo, tables: dict[TableKey, Sequence[str]
     def one(task: tuple[TableKey, postgres.BlockRange]) -> None:
         key, span = task
         with conninfo.connect() as session:
-            pieces[key].append(postgres.table_checksum(session, *key, tables[key], span))
+            pieces[key].append(postgres.table_checksum(session, *key, tables[key], method, span))
 
     pipeline.run_parallel(max(1, jobs), [(one, t) for t in tasks])
     return {key: postgres.combine_checksums(found) for key, found in pieces.items()}

@@ -303,7 +303,8 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool) -> dict[tuple[str, str]
             load_table(loader, run.storage, t, manifest.encoding, run.count, conn=conn, fresh=fresh,
                        on_raw=progress.advance)
             if run.validating and t.relkind == "r" and not t.parts:
-                checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns)
+                checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns,
+                                                                               manifest.checksum_method)
         testhooks.pause_point("restore:loading")
 
     largest_first = sorted(data, key=lambda t: t.raw_size, reverse=True)
@@ -311,7 +312,8 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool) -> dict[tuple[str, str]
     progress.finish()
     if run.validating:
         checksums.update(checksums_by_ranges(loader, {(t.schema, t.name): t.columns for t in data
-                                                      if t.parts and t.relkind == "r"}, run.jobs))
+                                                      if t.parts and t.relkind == "r"}, run.jobs,
+                                             manifest.checksum_method))
     return checksums
 
 

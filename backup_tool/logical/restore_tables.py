@@ -532,7 +532,8 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                 load_table(target, storage, t, manifest.encoding, count, conn=conn, target=where, fresh=True,
                            on_raw=progress.advance)
                 if run_validation and t.relkind == "r":
-                    checksums[(t.schema, t.name)] = postgres.table_checksum(conn, *where, t.columns)
+                    checksums[(t.schema, t.name)] = postgres.table_checksum(conn, *where, t.columns,
+                                                                                manifest.checksum_method)
 
             def load_alone(t: TableEntry) -> None:
                 with target.connect(settings={"client_encoding": manifest.encoding}) as conn:
@@ -634,13 +635,13 @@ def validate_tables(target: ConnInfo, manifest: Manifest, entries: list[TableEnt
             key, (schema_name, name, columns) = next(iter(wanted.items()))
             try:
                 live: dict[TableKey, tuple[int, str] | None] = {
-                    key: postgres.table_checksum(session, schema_name, name, columns)}
+                    key: postgres.table_checksum(session, schema_name, name, columns, manifest.checksum_method)}
             except psycopg.errors.UndefinedTable:
                 live = {key: None}
             except psycopg.errors.UndefinedColumn:
                 live = {key: (-1, "")}
         else:
-            live = dict(table_checksums(target, wanted, jobs, reporter))
+            live = dict(table_checksums(target, wanted, jobs, reporter, manifest.checksum_method))
         live.update(known)
         checks = check_tables(manifest, live)
         places = set(location.values())

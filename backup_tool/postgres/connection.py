@@ -22,6 +22,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import BackupToolError, ConfigError, DatabaseError
 from backup_tool.postgres import tools as pg_tools
 from backup_tool.repository.manifest import SequenceRecord
@@ -267,7 +268,7 @@ def list_tables(conn: psycopg.Connection[Any]) -> list[TableInfo]:
 
 CHECKSUM_SQL = (
     "SELECT n, (s % 18446744073709551616 + 18446744073709551616) % 18446744073709551616"
-    " FROM (SELECT count(*) AS n, coalesce(sum(hashtextextended(ROW({})::text, 0)), 0) AS s"
+    " FROM (SELECT count(*) AS n, coalesce(sum({}), 0) AS s"
     " FROM ONLY {} AS t{}) AS agg"
 )
 CHECKSUM_MODULUS = 2**64
@@ -302,20 +303,102 @@ def combine_checksums(parts: Sequence[tuple[int, str]]) -> tuple[int, str]:
     return rows, f"{total:016x}"
 
 
-def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str,
-                   columns: Sequence[str], blocks: BlockRange = (None, None)) -> tuple[int, str]:
+@dataclass(frozen=True)
+class ColumnType:
+    """A column as the checksum sees it: name, type oid and type modifier (pg_attribute)."""
+
+    name: str
+    type_oid: int
+    typmod: int = -1
+
+
+NATIVE_HASHES: dict[int, str] = {
+    16: "{}",                       # bool: hashchar of the byte; text 't'/'f'
+    17: "{}",                       # bytea: hash of every byte; text is their hex (pinned)
+    21: "{}",                       # int2: hash of the value widened to 32 bits
+    23: "{}",                       # int4
+    26: "{}",                       # oid
+    1082: "{}",                     # date: hash of the day number; text (DateStyle ISO) follows from it
+    2950: "{}",                     # uuid: hash of the 16 bytes
+    25: '{} COLLATE "C"',           # text: bytes hashed as such under a deterministic collation
+    1043: '{} COLLATE "C"',         # varchar: as text
+    1042: '{} COLLATE "C"',         # bpchar(n): bytes without trailing blanks, plus n (below)
+    20: "int8send({})",             # int8, timestamp, timestamptz: their own hash folds 64 bits
+    1114: "timestamp_send({})",     # into 32 (1 and 2^32 hash equal); their 8-byte send form is
+    1184: "timestamptz_send({})",   # hashed whole instead (text under TimeZone UTC follows from it)
+}
+"""Built-in types (oids are fixed across majors) whose hash, as written here, determines the
+value's text form, so hashing them natively keeps the checksum's guarantee. Everything else
+(numeric, interval, float4/8, json/jsonb, arrays, ranges, composites, domains, enums, citext,
+unbounded bpchar...) has values of different text that hash equal, or no hash at all, and goes
+through its text form."""
+
+
+def _natively_hashed(col: ColumnType) -> bool:
+    return col.type_oid in NATIVE_HASHES and (col.type_oid != 1042 or col.typmod >= 0)
+
+
+def row_hash_sql(method: ChecksumMethod, columns: Sequence[ColumnType]) -> sql.Composable:
+    """The SQL expression of one row's 64-bit hash (the row aliased ``t``). Pure.
+
+    ``row-text``: ``hashtextextended(ROW(columns)::text, 0)``. ``typed-row``: the natively
+    hashed columns (:data:`NATIVE_HASHES`) and the declared lengths of their bpchar(n) columns
+    go through ``hash_record_extended``, whose result seeds ``hashtextextended`` over the text
+    form of the other columns (``ROW(...)::text``, as injective as today's). The seed matters:
+    ``hash_record_extended`` combines column hashes linearly, so summed over rows it would not
+    notice values swapped between rows; the keyed text hash mixes them per row. A column changes
+    the row's hash whichever part it is in; a table without natively hashed columns gets the
+    ``row-text`` value."""
+    def ref(c: ColumnType) -> sql.Composable:
+        return sql.SQL("t.{}").format(sql.Identifier(c.name))
+
+    if method is ChecksumMethod.ROW_TEXT:
+        return sql.SQL("hashtextextended(ROW({})::text, 0)").format(sql.SQL(", ").join(ref(c) for c in columns))
+    native = [c for c in columns if _natively_hashed(c)]
+    others = [c for c in columns if not _natively_hashed(c)]
+    lengths = [sql.Literal(c.typmod) for c in native if c.type_oid == 1042]
+    parts = [sql.SQL(NATIVE_HASHES[c.type_oid]).format(ref(c)) for c in native] + lengths
+    seed = sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts)) if native \
+        else sql.SQL("0")
+    return sql.SQL('hashtextextended((ROW({})::text) COLLATE "C", {})').format(
+        sql.SQL(", ").join(ref(c) for c in others), seed)
+
+
+def column_types(conn: psycopg.Connection[Any], schema: str, name: str,
+                 columns: Sequence[str]) -> list[ColumnType]:
+    """``columns`` of the table with their types, in the order given; a column the table lacks
+    keeps an unknown type (the checksum query then fails on it, as a missing column should)."""
+    rows = conn.execute("SELECT attname, atttypid, atttypmod FROM pg_attribute"
+                        " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                        (quoted_table(schema, name),)).fetchall()
+    found = {str(n): (int(oid), int(mod)) for n, oid, mod in rows}
+    return [ColumnType(c, *found.get(c, (0, -1))) for c in columns]
+
+
+def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str, columns: Sequence[str],
+                   method: ChecksumMethod, blocks: BlockRange = (None, None)) -> tuple[int, str]:
     """Row count and an order-independent content checksum (sum of per-row 64-bit hashes).
 
     Order-independent so that a table rewritten by VACUUM FULL or loaded in another order
-    still matches; computed over ``columns`` (the dumped, non-generated ones) from each
-    row's text form under the pinned session settings, so a copy of the table elsewhere
-    (another schema, extra columns) compares equal when it holds the same rows. ``blocks``
-    restricts it to the rows of a range of heap blocks (see :func:`combine_checksums`).
+    still matches; computed over ``columns`` (the dumped, non-generated ones) by ``method``
+    (see :func:`row_hash_sql`) under the pinned session settings, so a copy of the table
+    elsewhere (another schema, extra columns) compares equal when it holds the same rows.
+    Guaranteed: a table whose rows' text forms differ (as a multiset) gets another checksum,
+    up to a 64-bit collision. ``blocks`` restricts it to the rows of a range of heap blocks
+    (see :func:`combine_checksums`). Raises :class:`DatabaseError` when the server is too old
+    for ``method``.
     """
-    cols = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in columns)
+    major = conn.info.server_version // 10000
+    if major < method.min_server_major:
+        raise DatabaseError(f"the backup's content checksums ({method}) need PostgreSQL "
+                            f"{method.min_server_major} or later; this server is {major}",
+                            "validate against a server of that major or later")
+    typed = column_types(conn, schema, name, columns) if method is ChecksumMethod.TYPED_ROW \
+        else [ColumnType(c, 0) for c in columns]
     condition = ctid_condition(blocks)
     where = sql.SQL(" WHERE " + condition) if condition else sql.SQL("")
-    row = conn.execute(sql.SQL(CHECKSUM_SQL).format(cols, qualified(schema, name), where)).fetchone()
+    row = conn.execute(sql.SQL(CHECKSUM_SQL).format(row_hash_sql(method, typed), qualified(schema, name),
+                                                    where)).fetchone()
     assert row is not None
     return int(row[0]), f"{int(row[1]):016x}"
 

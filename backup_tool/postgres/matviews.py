@@ -20,9 +20,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import DatabaseError
 from backup_tool.postgres import connection as postgres
 from backup_tool.streams import pipeline
+
+MATVIEW_CHECKSUM_METHOD = ChecksumMethod.ROW_TEXT
+"""Materialized views' checksums live in the inventory, which records no method: they keep the
+legacy one, so every manifest's compare (and no backup reads a materialized view twice)."""
 
 _LIST_SQL = f"""
     SELECT n.nspname, c.relname, c.relispopulated,
@@ -63,7 +68,7 @@ def inventory(conn: psycopg.Connection[Any], contents: bool = True) -> list[dict
     for schema, name, populated, columns in conn.execute(_LIST_SQL).fetchall():
         item: dict[str, Any] = {"schema": schema, "name": name, "populated": bool(populated)}
         if populated and contents:
-            rows, checksum = postgres.table_checksum(conn, schema, name, columns)
+            rows, checksum = postgres.table_checksum(conn, schema, name, columns, MATVIEW_CHECKSUM_METHOD)
             item.update(rows=rows, checksum=checksum)
         result.append(item)
     return result

@@ -28,6 +28,11 @@ Format 4 marks a logical backup with a table split into parts (``parts`` on its 
 an ordered list of objects whose rows together are the table's, ``object`` then null): a
 version before it would see a table without an object and restore it empty, so it must refuse
 the manifest instead. A backup without a split table is still written in its older format.
+
+Format 5 marks a logical backup whose ``checksum_method`` is not the legacy ``row-text`` (see
+:mod:`backup_tool.core.checksum_methods`): a version before it would validate with the old
+method and fail every table, so it must refuse the manifest instead. Validation recomputes
+with the manifest's method; a manifest without the field used ``row-text``.
 """
 
 from __future__ import annotations
@@ -38,14 +43,16 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Callable, NotRequired, TypedDict, cast
 
+from backup_tool.core.checksum_methods import LEGACY_CHECKSUM_METHOD, ChecksumMethod
 from backup_tool.core.kinds import ALL_KINDS
 from backup_tool.core.timestamps import parse_utc, utc_iso
 from backup_tool.errors import BackupToolError, IntegrityError
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 ENCRYPTED_FORMAT = 2
 FRAMED_BASE_FORMAT = 3
 SPLIT_TABLE_FORMAT = 4
+CHECKSUM_METHOD_FORMAT = 5
 SEAL_FIELD = "manifest_mac"
 KINDS = ALL_KINDS
 
@@ -310,6 +317,7 @@ class Manifest:
     large_objects: StoredObject | None = None
     client_tools: dict[str, str] = field(default_factory=dict)
     wal_basis: WalBasis | None = None
+    checksum_method: ChecksumMethod = LEGACY_CHECKSUM_METHOD
 
     @property
     def server_major(self) -> int:
@@ -386,6 +394,10 @@ class Manifest:
             del data["large_objects"]
         if self.wal_basis is None:
             del data["wal_basis"]
+        if self.checksum_method is LEGACY_CHECKSUM_METHOD:
+            del data["checksum_method"]
+        else:
+            data["checksum_method"] = str(self.checksum_method)
         for table in data["tables"]:
             if not table["parts"]:
                 del table["parts"]
@@ -457,6 +469,8 @@ def _checked(manifest: Manifest) -> Manifest:
         raise ValueError("a split table has an object besides its parts, or fewer than two parts")
     if any(t.parts for t in manifest.tables) and manifest.format < SPLIT_TABLE_FORMAT:
         raise ValueError(f"a table is split into parts in a format {manifest.format} manifest")
+    if manifest.checksum_method is not LEGACY_CHECKSUM_METHOD and manifest.format < CHECKSUM_METHOD_FORMAT:
+        raise ValueError(f"checksum method {manifest.checksum_method} in a format {manifest.format} manifest")
     if not all(isinstance(s, dict) for s in manifest.sequences):
         raise TypeError("a sequence is not an object")
     return manifest
@@ -503,6 +517,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             large_objects=_obj(body.get("large_objects")),
             client_tools=dict(body.get("client_tools", {})),
             wal_basis=wal_basis_from(body.get("wal_basis")),
+            checksum_method=ChecksumMethod(body.get("checksum_method", LEGACY_CHECKSUM_METHOD)),
         ))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise IntegrityError(f"manifest {where} is malformed ({exc})",

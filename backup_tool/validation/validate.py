@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, cast
 import psycopg
 from psycopg import sql
 
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.postgres import (
     column_order,
@@ -453,9 +454,10 @@ foreign-key scan, and the index/inventory/sequence checks."""
 
 
 def table_checksums(conninfo: ConnInfo, targets: dict[TableKey, tuple[str, str, tuple[str, ...]]],
-                    jobs: int, reporter: Reporter,
+                    jobs: int, reporter: Reporter, method: ChecksumMethod,
                     progress: Task | None = None) -> dict[TableKey, tuple[int, str] | None]:
-    """Live row count and content checksum per table key, read at (schema, name) over columns.
+    """Live row count and content checksum per table key, read at (schema, name) over columns
+    by ``method`` (the backup's, so the two compare).
 
     None when the table is missing; a row count of -1 when a backed-up column is missing.
     Tables are taken largest first by whichever session is free, so one big table does not
@@ -479,7 +481,7 @@ def table_checksums(conninfo: ConnInfo, targets: dict[TableKey, tuple[str, str, 
             while (key := next_key()) is not None:
                 schema_name, name, columns = targets[key]
                 try:
-                    results[key] = postgres.table_checksum(conn, schema_name, name, columns)
+                    results[key] = postgres.table_checksum(conn, schema_name, name, columns, method)
                 except psycopg.errors.UndefinedTable:
                     results[key] = None
                 except psycopg.errors.UndefinedColumn:
@@ -578,7 +580,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
             checks.extend(check_database_contents(conn, manifest.inventory))
         progress.advance(1)
     if manifest is not None:
-        live = {**table_checksums(conninfo, to_read, jobs, reporter, progress), **known}
+        live = {**table_checksums(conninfo, to_read, jobs, reporter, manifest.checksum_method, progress),
+                **known}
         checks.extend(check_tables(manifest, live))
     progress.finish()
     if tables is not None:
