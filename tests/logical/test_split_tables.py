@@ -16,12 +16,13 @@ from support.objects import read_object, write_object
 
 from backup_tool.config.policy import BackupSettings, Policy, Retention
 from backup_tool.config.settings import Settings
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.jobs.verify import verify
 from backup_tool.logical import backup
 from backup_tool.logical.restore import restore_full
 from backup_tool.logical.restore_tables import restore_tables
 from backup_tool.postgres import connection as postgres
-from backup_tool.repository.manifest import SPLIT_TABLE_FORMAT
+from backup_tool.repository.manifest import CHECKSUM_METHOD_FORMAT, SPLIT_TABLE_FORMAT
 
 pytestmark = pytest.mark.slow
 
@@ -63,13 +64,15 @@ def test_a_split_table_backs_up_in_parts_and_every_reader_restores_it_row_for_ro
     full = backup.backup_full(settings)
     big = full.table("public", "big")
     assert big is not None and big.object is None and len(big.parts) >= 3
-    assert full.format == SPLIT_TABLE_FORMAT
+    assert full.format == CHECKSUM_METHOD_FORMAT > SPLIT_TABLE_FORMAT
+    assert full.checksum_method is ChecksumMethod.TYPED_ROW
     assert len({p.key for p in big.parts}) == len(big.parts)
     assert all(p.key.startswith(f"backups/{full.id}/") for p in big.parts)
     small = full.table("public", "small")
     assert small is not None and small.object is not None and not small.parts
     with psycopg.connect(db.dsn) as conn:
-        assert (big.rows, big.checksum) == postgres.table_checksum(conn, "public", "big", big.columns)
+        assert (big.rows, big.checksum) == postgres.table_checksum(conn, "public", "big", big.columns,
+                                                                             full.checksum_method)
 
     restored = fresh_db("split_r")
     result = restore_full(settings, restored.dsn, full.id)
@@ -87,7 +90,7 @@ def test_a_split_table_backs_up_in_parts_and_every_reader_restores_it_row_for_ro
     incremental = backup.backup_incremental(settings)
     assert incremental.parent_id == full.id
     assert incremental.table("public", "big") == big, "an unchanged split table references all its parent's parts"
-    assert incremental.format == SPLIT_TABLE_FORMAT
+    assert incremental.format == CHECKSUM_METHOD_FORMAT and incremental.checksum_method is full.checksum_method
 
     db.execute("DELETE FROM public.small WHERE id = 2; UPDATE public.big SET doc = '{\"changed\": 1}' WHERE id = 5")
     second = backup.backup_incremental(settings)
@@ -111,7 +114,9 @@ def test_a_split_table_backs_up_in_parts_and_every_reader_restores_it_row_for_ro
     assert not report.ok and part in "; ".join(c.detail for c in report.failed)
 
 
-def test_ranges_from_a_stale_block_count_still_cover_every_row_once(fresh_db: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("method", list(ChecksumMethod))
+def test_ranges_from_a_stale_block_count_still_cover_every_row_once(fresh_db: Callable[..., Any],
+                                                                    method: ChecksumMethod) -> None:
     """Rows stored beyond the block count a backup read (the table grew since) fall in the
     last, open-ended range: the parts' checksums still sum to the whole table's."""
     db = fresh_db("stale")
@@ -120,8 +125,8 @@ def test_ranges_from_a_stale_block_count_still_cover_every_row_once(fresh_db: Ca
     with psycopg.connect(db.dsn) as conn:
         blocks = postgres.heap_blocks(conn, [int(db.scalar("SELECT 'public.t'::regclass::oid"))])
         measured = next(iter(blocks.values()))
-        whole = postgres.table_checksum(conn, "public", "t", ("id", "v"))
-        parts = [postgres.table_checksum(conn, "public", "t", ("id", "v"), r)
+        whole = postgres.table_checksum(conn, "public", "t", ("id", "v"), method)
+        parts = [postgres.table_checksum(conn, "public", "t", ("id", "v"), method, r)
                  for r in postgres.block_ranges(measured // 2, 4)]
     assert whole[0] == 3750 + 4000
     assert all(n > 0 for n, _ in parts)

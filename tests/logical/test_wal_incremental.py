@@ -31,6 +31,7 @@ from support.clusters import PgServer, start_pg_server
 from backup_tool.config.policy import BackupSettings, Policy, Retention
 from backup_tool.config.settings import Settings
 from backup_tool.core import walnames
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import ConfigError
 from backup_tool.logical import backup
 from backup_tool.physical import wal, walscan
@@ -217,13 +218,15 @@ def settings_for(archiving: Archiving, db: str, detection: str = "wal") -> Setti
                                                                    backup=BackupSettings(change_detection=detection)))
 
 
-def truth(dsn: str) -> dict[str, tuple[str, str | None, tuple[str, ...], int, str]]:
-    """Every table's kind, parent, columns, row count and content checksum, read now."""
+def truth(dsn: str, method: ChecksumMethod = ChecksumMethod.TYPED_ROW
+          ) -> dict[str, tuple[str, str | None, tuple[str, ...], int, str]]:
+    """Every table's kind, parent, columns, row count and content checksum (by the method a
+    PostgreSQL 15 backup uses), read now."""
     info = postgres.ConnInfo(dsn)
     with info.connect() as conn:
         found = {}
         for t in postgres.list_tables(conn):
-            rows, digest = postgres.table_checksum(conn, t.schema, t.name, t.columns) if t.has_data else (0, "0" * 16)
+            rows, digest = postgres.table_checksum(conn, t.schema, t.name, t.columns, method) if t.has_data else (0, "0" * 16)
             found[f"{t.schema}.{t.name}"] = (t.relkind, t.parent, t.columns, rows, digest)
     return found
 
