@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.manifests import make_manifest
 
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import BackupToolError, IntegrityError
 from backup_tool.repository.manifest import (
+    CHECKSUM_METHOD_FORMAT,
     FORMAT_VERSION,
     SPLIT_TABLE_FORMAT,
     Manifest,
@@ -234,3 +236,29 @@ def test_an_incremental_referencing_a_split_table_needs_its_parent_for_retention
     record = BackupRecord.from_manifest(child)
     assert parent.id in record.needs
     assert record.objects == 2 and child.size_bytes == 9, "the parent's parts are not the child's own"
+
+
+def typed_manifest() -> Manifest:
+    return replace(make_manifest(), checksum_method=ChecksumMethod.TYPED_ROW, format=CHECKSUM_METHOD_FORMAT)
+
+
+def test_a_manifest_without_a_checksum_method_used_row_text_and_keeps_its_shape() -> None:
+    body = json.loads(make_manifest().to_json())
+    assert "checksum_method" not in body and body["format"] == 1
+    assert parse_manifest(make_manifest().to_json(), "x").checksum_method is ChecksumMethod.ROW_TEXT
+
+
+def test_the_checksum_method_round_trips_and_older_tools_refuse_it() -> None:
+    """A reader before format 5 would validate typed-row checksums by row text and fail every
+    table: it refuses the manifest instead; the method in a manifest claiming an older format
+    is refused as damage, and an unknown method as malformed."""
+    m = typed_manifest()
+    body = json.loads(m.to_json())
+    assert body["checksum_method"] == "typed-row" and body["format"] == CHECKSUM_METHOD_FORMAT == FORMAT_VERSION
+    assert parse_manifest(m.to_json(), "x") == m
+    body["format"] = SPLIT_TABLE_FORMAT
+    with pytest.raises(IntegrityError, match="checksum method typed-row in a format 4"):
+        parse_manifest(resealed(body), "x")
+    body["format"], body["checksum_method"] = CHECKSUM_METHOD_FORMAT, "sha3-rows"
+    with pytest.raises(IntegrityError, match="malformed"):
+        parse_manifest(resealed(body), "x")
