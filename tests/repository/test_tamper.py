@@ -25,7 +25,7 @@ from support.objects import drop_object, object_keys, read_object, write_object
 
 from backup_tool.errors import IntegrityError
 from backup_tool.repository.catalog import Catalog, manifest_key
-from backup_tool.repository.manifest import SEAL_FIELD, Manifest, _digest
+from backup_tool.repository.manifest import CHECKSUM_METHOD_FORMAT, SEAL_FIELD, Manifest, _digest
 from backup_tool.repository.storage import open_storage
 from backup_tool.repository.storage.encrypted import KEY_ENV, EncryptionKey
 
@@ -38,12 +38,13 @@ def b64(key: EncryptionKey) -> str:
 
 
 def resealed(body: dict[str, Any], strip: bool = False) -> bytes:
-    """The manifest as the attacker rewrites it: checksum recomputed (anyone can), tag kept or stripped."""
+    """The manifest as the attacker rewrites it: checksum recomputed (anyone can), tag kept or stripped
+    (stripped: the lowest format an unencrypted manifest of that content has)."""
     body = json.loads(json.dumps(body))
     if strip:
         body.pop(SEAL_FIELD, None)
         body["options"].pop("encryption", None)
-        body["format"] = 1
+        body["format"] = CHECKSUM_METHOD_FORMAT if "checksum_method" in body else 1
     body["manifest_sha256"] = _digest(body)
     return json.dumps(body, indent=1, sort_keys=True).encode()
 
