@@ -16,8 +16,8 @@ Incremental backups store only the tables whose content changed since the parent
 the rest. Change detection compares, per table, the content checksum computed in the new
 snapshot with the parent's: row count plus the sum of 64-bit hashes of every row's text
 form over the dumped column list, by the parent's checksum method (a chain keeps the method
-of its full backup; a full backup takes the cheapest the server has). Any INSERT, UPDATE, DELETE, TRUNCATE or COPY changes the
-multiset of rows and so the checksum (a collision needs two different row multisets with
+of its full backup; a full backup takes the cheapest the server has). Any INSERT, UPDATE,
+DELETE, TRUNCATE or COPY changes the multiset of rows and so the checksum (a collision needs two different row multisets with
 equal 64-bit hash sums); ALTER TABLE that adds, drops, renames or reorders columns changes
 the column list; partitions attached or detached change the table's parent; new tables
 have no parent entry. The checksum is taken in the backup's own snapshot, so a change
