@@ -53,7 +53,8 @@ import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable, cast
+from functools import partial
+from typing import Any, Callable, Protocol, cast
 
 import psycopg
 
@@ -62,7 +63,7 @@ from backup_tool.config.policy import Policy
 from backup_tool.config.settings import Settings
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
-from backup_tool.core.walnames import WalSpan, parse_lsn
+from backup_tool.core.walnames import WalChanges, WalSpan, format_lsn, parse_lsn
 from backup_tool.errors import BackupToolError, LockHeldError
 from backup_tool.logical import parts
 from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema, walbasis
@@ -187,14 +188,25 @@ def unchanged(entry: TableEntry | None, table: TableInfo, rows: int, checksum: s
 
 
 RelFile = tuple[int, int, int]
-ChangeSource = Callable[[Storage, WalSpan, float], frozenset[RelFile]]
-"""Reads the archived WAL of a span and returns the (tablespace, database, relfilenode) of
-every relation a row-changing record touched; raises when it cannot say for certain. The
-third argument is how long to wait for the span's last segment to reach the archive. The
-CLI passes :func:`backup_tool.physical.walscan.changed_relations` (this layer may not
-import it)."""
+LiveWal = Callable[[str, int], "bytes | None"]
+"""The first ``n`` bytes of WAL segment ``name`` as the server's ``pg_wal`` holds it, or None."""
+
+
+class ChangeSource(Protocol):
+    """Reads the WAL of a span and returns the (tablespace, database, relfilenode) of every
+    relation a row-changing record touched; raises when it cannot say for certain. The
+    third argument is how long to wait for the span's last segment to reach the archive;
+    ``live``, when given, reads the segments not archived yet from the server instead (the
+    server has flushed its WAL through the span's end). The CLI passes
+    :func:`backup_tool.physical.walscan.changed_relations` (this layer may not import it)."""
+
+    def __call__(self, storage: Storage, span: WalSpan, wait_seconds: float,
+                 live: LiveWal | None = None) -> WalChanges: ...
+
 
 ARCHIVE_WAIT_SECONDS = 30.0
+#: How long the WAL writer gets to flush the span's end before the archive is waited for instead.
+FLUSH_WAIT_SECONDS = 2.0
 #: Estimates behind ``change_detection = "auto"`` (measured on 2 cores by scripts/bench):
 #: checksumming tables per session, reading archived WAL, and the fixed delay of having the
 #: server switch segments and its archiver push the last one.
@@ -449,8 +461,22 @@ def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: 
     early = walbasis.committed_since(control, parent.wal_basis.running_xids)
     if isinstance(early, str):
         return early
+    span = replace(span, early_xids=early)
+    if walbasis.can_read_wal_files(control) and walbasis.request_wal_flush(control):
+        return _Background(_read_wal_from_server, changes, storage, control, span)
     wait = ARCHIVE_WAIT_SECONDS if walbasis.switch_wal(control) else 0.0
-    return _Background(changes, storage, replace(span, early_xids=early), wait)
+    return _Background(changes, storage, span, wait)
+
+
+def _read_wal_from_server(changes: ChangeSource, storage: Storage, control: psycopg.Connection[Any],
+                          span: WalSpan) -> WalChanges:
+    """The span read from the archive and, for what it does not hold yet, from the server's
+    ``pg_wal`` once flushed through the span's end; if the flush is not seen in time, the
+    server switches segments and the archive is waited for, as without that privilege."""
+    if walbasis.wal_flushed_through(control, format_lsn(span.end), FLUSH_WAIT_SECONDS):
+        return changes(storage, span, 0.0, live=partial(walbasis.read_wal_file, control))
+    wait = ARCHIVE_WAIT_SECONDS if walbasis.switch_wal(control) else 0.0
+    return changes(storage, span, wait)
 
 
 @dataclass(frozen=True)
@@ -640,7 +666,7 @@ class _TableDumper:
                                   "run 'backup-tool verify all', then take a full backup")
         changed = [t for t in data_tables if t.oid not in self.reused]
         reporter.event("change detection", changed=len(changed), unchanged=len(self.reused), method=method,
-                       **({"reason": reason} if reason else {}))
+                       **({"reason" if method == "checksum" else "note": reason} if reason else {}))
         self._start("data (changed tables)", changed)
         unsummed = [t for t in changed if t.oid not in self.checksums]
         self._sum(unsummed, [(self._dump, piece) for piece in self._of(changed)])
@@ -730,8 +756,15 @@ def _wal_verdicts(wal_scan: _Background | str, parent: Manifest,
     if isinstance(wal_scan, str):
         return {}, "checksum", wal_scan
     try:
-        touched = wal_scan.result()
+        found: WalChanges = wal_scan.result()
     except Exception as exc:  # noqa: BLE001 - any doubt about the WAL means comparing checksums
         return {}, "checksum", f"the WAL could not be read for certain: {exc}"
     assert parent.wal_basis is not None and basis is not None
-    return classify(parent.wal_basis, basis, touched), "wal", ""
+    return classify(parent.wal_basis, basis, found.touched), "wal", wal_note(found)
+
+
+def wal_note(found: WalChanges) -> str:
+    """Where the WAL method read its segments (the manifest's ``changed_tables_note``). Pure."""
+    archived = found.segments - found.from_server
+    return (f"read {found.segments} WAL segment(s): {archived} from the archive, "
+            f"{found.from_server} from the server's pg_wal (not archived yet)")

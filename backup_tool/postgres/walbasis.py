@@ -10,6 +10,11 @@ record of every transaction the snapshot sees lies before it), and each table's 
 files both as the snapshot sees the catalog and as the locked table is read (TRUNCATE is
 not MVCC-safe: the two differ after a TRUNCATE committed since the snapshot).
 
+An incremental that may read the server's own ``pg_wal`` files (:func:`can_read_wal_files`)
+reads the segments not archived yet there (:func:`read_wal_file`) once the server has
+flushed its WAL through the snapshot's position (:func:`request_wal_flush`,
+:func:`wal_flushed_through`), instead of waiting for the archiver.
+
 Every capture step may fail (a standby, a role that may not call the functions, a server
 without them); the result is then None and the backup records no basis: the next
 incremental compares checksums. Nothing here changes data.
@@ -17,8 +22,9 @@ incremental compares checksums. Nothing here changes data.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import psycopg
 
@@ -136,6 +142,61 @@ def switch_wal(conn: psycopg.Connection[Any]) -> bool:
         return True
     except psycopg.Error:
         return False
+
+
+def can_read_wal_files(conn: psycopg.Connection[Any]) -> bool:
+    """Whether this role may read the server's own ``pg_wal`` files with
+    ``pg_read_binary_file`` (superuser, ``pg_read_server_files``, or EXECUTE granted)."""
+    try:
+        row = conn.execute("SELECT has_function_privilege("
+                           "'pg_read_binary_file(text, bigint, bigint, boolean)', 'EXECUTE')").fetchone()
+    except psycopg.Error:
+        return False
+    return bool(row and row[0])
+
+
+def request_wal_flush(conn: psycopg.Connection[Any]) -> bool:
+    """Commit a transaction that takes an xid, so a commit record follows every record
+    inserted so far. It is an asynchronous commit (the transaction wrote nothing else), which
+    the WAL writer flushes within ``wal_writer_delay``: :func:`wal_flushed_through` then
+    turns true for any position read before this call. False when the server refuses."""
+    try:
+        conn.execute("SELECT pg_current_xact_id()")
+    except psycopg.Error:
+        return False
+    return True
+
+
+def wal_flushed_through(conn: psycopg.Connection[Any], lsn: str, timeout: float,
+                        clock: Callable[[], float] = time.monotonic,
+                        sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Whether the server has flushed its WAL through ``lsn`` within ``timeout`` seconds
+    (polled, quickly at first), so a reader of the ``pg_wal`` files finds every record before
+    ``lsn`` there."""
+    deadline = clock() + timeout
+    pause = 0.002
+    while True:
+        try:
+            row = conn.execute("SELECT pg_current_wal_flush_lsn() >= %s::text::pg_lsn", (lsn,)).fetchone()
+        except psycopg.Error:
+            return False
+        if row and row[0]:
+            return True
+        if clock() >= deadline:
+            return False
+        sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+def read_wal_file(conn: psycopg.Connection[Any], name: str, length: int) -> bytes | None:
+    """The first ``length`` bytes of ``pg_wal/<name>`` as the server has written them, or
+    None when the file is not there (removed or recycled after it was archived). Raises
+    psycopg.Error when the role may not read it."""
+    row = conn.execute("SELECT pg_read_binary_file(%s, 0, %s, true)", (f"pg_wal/{name}", length),
+                       binary=True).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return bytes(row[0])
 
 
 def committed_since(conn: psycopg.Connection[Any], xids: Sequence[int]) -> tuple[int, ...] | str:
