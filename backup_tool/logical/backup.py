@@ -205,7 +205,7 @@ class ChangeSource(Protocol):
 
 
 ARCHIVE_WAIT_SECONDS = 30.0
-#: How long the WAL writer gets to flush the span's end before the archive is waited for instead.
+#: How long the WAL writer gets to flush the span's end before the checksums decide instead.
 FLUSH_WAIT_SECONDS = 2.0
 #: Estimates behind ``change_detection = "auto"`` (measured on 2 cores by scripts/bench):
 #: checksumming tables per session, reading archived WAL, and the fixed delay of having the
@@ -463,20 +463,10 @@ def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: 
         return early
     span = replace(span, early_xids=early)
     if walbasis.can_read_wal_files(control) and walbasis.request_wal_flush(control):
-        return _Background(_read_wal_from_server, changes, storage, control, span)
+        live = walbasis.ServerWal(control, format_lsn(span.end), span.segment_size, FLUSH_WAIT_SECONDS)
+        return _Background(partial(changes, live=live), storage, span, 0.0)
     wait = ARCHIVE_WAIT_SECONDS if walbasis.switch_wal(control) else 0.0
     return _Background(changes, storage, span, wait)
-
-
-def _read_wal_from_server(changes: ChangeSource, storage: Storage, control: psycopg.Connection[Any],
-                          span: WalSpan) -> WalChanges:
-    """The span read from the archive and, for what it does not hold yet, from the server's
-    ``pg_wal`` once flushed through the span's end; if the flush is not seen in time, the
-    server switches segments and the archive is waited for, as without that privilege."""
-    if walbasis.wal_flushed_through(control, format_lsn(span.end), FLUSH_WAIT_SECONDS):
-        return changes(storage, span, 0.0, live=partial(walbasis.read_wal_file, control))
-    wait = ARCHIVE_WAIT_SECONDS if walbasis.switch_wal(control) else 0.0
-    return changes(storage, span, wait)
 
 
 @dataclass(frozen=True)

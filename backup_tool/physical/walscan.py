@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import struct
 import time
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from backup_tool.core import walnames
@@ -450,6 +451,8 @@ def _smgr_relation(main: bytes, kind: int, where: int) -> RelFile:
 # --------------------------------------------------------------------------- archived segments
 
 ARCHIVE_POLL_SECONDS = 0.1
+#: Segments loaded ahead of the scan (each up to a segment's size in memory).
+PREFETCH_SEGMENTS = 2
 
 
 def _from_cluster(data: bytes | bytearray, name: str, span: walnames.WalSpan, where: str) -> None:
@@ -490,8 +493,10 @@ flushed its WAL through the span's end before the first call."""
 
 @dataclass
 class _Origins:
-    archived: int = 0
-    live: int = 0
+    """Which segments came from where (added to from the loading threads)."""
+
+    archived: set[int] = field(default_factory=set)
+    live: set[int] = field(default_factory=set)
 
 
 def server_source(storage: Storage, span: walnames.WalSpan, live: LiveSource, origins: _Origins) -> SegmentSource:
@@ -510,7 +515,7 @@ def server_source(storage: Storage, span: walnames.WalSpan, live: LiveSource, or
             if found:
                 if len({f.sha256 for f in found}) > 1:
                     raise WalScanUncertain(f"{name} is archived more than once with different content")
-                origins.archived += 1
+                origins.archived.add(segno)
                 return _archived_content(storage, found[0], span)
             if attempt:
                 break
@@ -523,7 +528,7 @@ def server_source(storage: Storage, span: walnames.WalSpan, live: LiveSource, or
                 if len(data) != length:
                     raise WalScanUncertain(f"pg_wal/{name} gave {len(data)} bytes, not {length}")
                 _from_cluster(data, name, span, "pg_wal/")
-                origins.live += 1
+                origins.live.add(segno)
                 return data + bytes(span.segment_size - length) if length < span.segment_size else data
         raise WalScanUncertain(f"{name} is neither in the WAL archive nor in the server's pg_wal")
     return load
@@ -541,6 +546,37 @@ def _recent(source: SegmentSource, keep: int = 2) -> SegmentSource:
             cache[segno] = source(segno)
         return cache[segno]
     return load
+
+
+class _Prefetch:
+    """``source`` with the span's segments loaded ahead of the walk, ``ahead`` at a time on
+    other threads (fetching, decompressing and hashing a segment mostly releases the GIL, so
+    it overlaps the scan of the one before). Each segment is loaded at most once ahead;
+    segments outside ``needed`` (the backward search) are loaded when asked for."""
+
+    def __init__(self, source: SegmentSource, needed: range, ahead: int = PREFETCH_SEGMENTS) -> None:
+        self.source = source
+        self.needed = needed
+        self.ahead = ahead
+        self.pool = ThreadPoolExecutor(ahead, thread_name_prefix="wal-prefetch")
+        self.futures: dict[int, Future[bytes]] = {}
+        self.submitted: set[int] = set()
+        self._submit_from(needed.start)
+
+    def _submit_from(self, segno: int) -> None:
+        for n in range(segno, segno + self.ahead + 1):
+            if n in self.needed and n not in self.submitted:
+                self.submitted.add(n)
+                self.futures[n] = self.pool.submit(self.source, n)
+
+    def __call__(self, segno: int) -> bytes:
+        self._submit_from(segno + 1)
+        future = self.futures.pop(segno, None)
+        return future.result() if future is not None else self.source(segno)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.futures.clear()
 
 
 def segments_needed(start: int, end: int, seg_size: int) -> range:
@@ -580,18 +616,22 @@ def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
         raise WalScanUncertain("the repository holds no WAL archive of this cluster")
     origins = _Origins()
     if live is not None:
-        source = _recent(server_source(storage, span, live, origins))
+        loader = _Prefetch(server_source(storage, span, live, origins), needed)
     else:
         _wait_archived(storage, span, needed, wait_seconds, clock, sleep)
-        source = _recent(archive_source(storage, span))
-    result = scan(source, span.start, span.end, span.segment_size)
-    if span.early_xids:
-        first = min(span.early_xids) & 0xFFFFFFFF
-        begin = start_before(source, span.start, first, span.segment_size)
-        early = scan(source, begin, span.start, span.segment_size, from_xid=first)
-        result = ScanResult(result.touched | early.touched, result.records + early.records,
-                            result.segments + early.segments)
-    return replace(result, from_server=origins.live)
+        loader = _Prefetch(archive_source(storage, span), needed)
+    try:
+        source = _recent(loader)
+        result = scan(source, span.start, span.end, span.segment_size)
+        if span.early_xids:
+            first = min(span.early_xids) & 0xFFFFFFFF
+            begin = start_before(source, span.start, first, span.segment_size)
+            early = scan(source, begin, span.start, span.segment_size, from_xid=first)
+            result = ScanResult(result.touched | early.touched, result.records + early.records,
+                                result.segments + early.segments)
+    finally:
+        loader.close()
+    return replace(result, from_server=len(origins.live))
 
 
 def _wait_archived(storage: Storage, span: walnames.WalSpan, needed: range, wait_seconds: float,

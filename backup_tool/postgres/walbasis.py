@@ -11,9 +11,9 @@ files both as the snapshot sees the catalog and as the locked table is read (TRU
 not MVCC-safe: the two differ after a TRUNCATE committed since the snapshot).
 
 An incremental that may read the server's own ``pg_wal`` files (:func:`can_read_wal_files`)
-reads the segments not archived yet there (:func:`read_wal_file`) once the server has
-flushed its WAL through the snapshot's position (:func:`request_wal_flush`,
-:func:`wal_flushed_through`), instead of waiting for the archiver.
+reads the segments not archived yet there (:class:`ServerWal`) once the server has flushed
+its WAL through the snapshot's position (:func:`request_wal_flush`), instead of waiting for
+the archiver.
 
 Every capture step may fail (a standby, a role that may not call the functions, a server
 without them); the result is then None and the backup records no basis: the next
@@ -22,6 +22,7 @@ incremental compares checksums. Nothing here changes data.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -29,6 +30,7 @@ from typing import Any, Callable, Sequence
 import psycopg
 
 from backup_tool.core import walnames
+from backup_tool.errors import BackupToolError
 from backup_tool.repository.manifest import RelationFile, WalBasis
 
 
@@ -188,10 +190,57 @@ def wal_flushed_through(conn: psycopg.Connection[Any], lsn: str, timeout: float,
         pause = min(pause * 2, 0.05)
 
 
+class WalNotFlushed(BackupToolError):
+    """The server did not flush its WAL through the span's end in time."""
+
+
+class ServerWal:
+    """WAL segment files read from the server's own ``pg_wal`` through ``conn``
+    (``pg_read_binary_file``), for the segments the archive does not hold yet.
+
+    Guaranteed: bytes are returned only when they are what the server wrote. The first read
+    waits until the server has flushed its WAL through ``end_lsn`` (:func:`wal_flushed_through`;
+    :class:`WalNotFlushed` after ``flush_timeout`` seconds), so every record before it is in
+    the files. A file read is returned only if, once read, the server still could not have
+    removed or recycled it while it was read: it is the segment being written or a later one,
+    or it still waits to be archived (its ``archive_status/<name>.ready`` is there; the server
+    removes no segment before it is archived). Otherwise, or when the file is not there,
+    the answer is None (the archive has it now, or nobody does). Safe to call from several
+    threads (calls take turns on the connection)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], end_lsn: str, segment_size: int,
+                 flush_timeout: float) -> None:
+        self.conn = conn
+        self.end_lsn = end_lsn
+        self.segment_size = segment_size
+        self.flush_timeout = flush_timeout
+        self._flushed = False
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, length: int) -> bytes | None:
+        with self._lock:
+            if not self._flushed:
+                if not wal_flushed_through(self.conn, self.end_lsn, self.flush_timeout):
+                    raise WalNotFlushed(f"the server did not flush its WAL through {self.end_lsn} "
+                                        f"within {self.flush_timeout:g} s", "check the server's WAL writer")
+                self._flushed = True
+            data = read_wal_file(self.conn, name, length)
+            if data is None:
+                return None
+            row = self.conn.execute("SELECT pg_current_wal_insert_lsn()::text,"
+                                    " pg_read_binary_file(%s, 0, 0, true) IS NOT NULL",
+                                    (f"pg_wal/archive_status/{name}.ready",)).fetchone()
+        if row is None:
+            return None
+        writing = walnames.parse_lsn(row[0]) // self.segment_size
+        segno = walnames.segment_number(name, self.segment_size)
+        return data if segno >= writing or row[1] else None
+
+
 def read_wal_file(conn: psycopg.Connection[Any], name: str, length: int) -> bytes | None:
-    """The first ``length`` bytes of ``pg_wal/<name>`` as the server has written them, or
-    None when the file is not there (removed or recycled after it was archived). Raises
-    psycopg.Error when the role may not read it."""
+    """The first ``length`` bytes of ``pg_wal/<name>`` as the server has them now, or None
+    when the file is not there. Raises psycopg.Error when the role may not read it. Says
+    nothing about whether the file was being recycled meanwhile: see :class:`ServerWal`."""
     row = conn.execute("SELECT pg_read_binary_file(%s, 0, %s, true)", (f"pg_wal/{name}", length),
                        binary=True).fetchone()
     if row is None or row[0] is None:

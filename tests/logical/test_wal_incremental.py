@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -415,8 +414,8 @@ def test_without_a_recorded_position_or_archive_the_checksums_decide(archiving: 
     assert stored(incr) == {"public.a"}
 
 
-def server_wal(conn: psycopg.Connection[Any]) -> walscan.LiveSource:
-    return partial(walbasis.read_wal_file, conn)
+def server_wal(conn: psycopg.Connection[Any], end: int) -> walbasis.ServerWal:
+    return walbasis.ServerWal(conn, walnames.format_lsn(end), walnames.DEFAULT_SEGMENT_SIZE, 5.0)
 
 
 def test_segments_not_archived_yet_are_read_from_the_servers_pg_wal(archiving: Archiving) -> None:
@@ -435,23 +434,29 @@ def test_segments_not_archived_yet_are_read_from_the_servers_pg_wal(archiving: A
         assert not walbasis.wal_flushed_through(conn, walnames.format_lsn(end + 2**40), 0.02)
         span = walnames.WalSpan(1, start, end, walnames.DEFAULT_SEGMENT_SIZE, sysid)
         storage = open_storage(str(archiving.repo))
-        live = walscan.relations_written(storage, span, 0, live=server_wal(conn))
+        live = walscan.relations_written(storage, span, 0, live=server_wal(conn, end))
         assert live.from_server >= 1
         with pytest.raises(walscan.WalScanUncertain, match="neither in the WAL archive nor"):
             walscan.relations_written(storage, span, 0, live=lambda name, n: None)
 
         def recycled(name: str, n: int) -> bytes:
             """The file as it reads once recycled: its page headers carry an older address."""
-            data = bytearray(server_wal(conn)(name, n) or b"")
+            data = bytearray(server_wal(conn, end)(name, n) or b"")
             for page in range(0, len(data), walscan.BLCKSZ):
                 addr = int.from_bytes(data[page + 8:page + 16], "little")
-                data[page + 8:page + 16] = (addr - 4 * span.segment_size).to_bytes(8, "little")
+                data[page + 8:page + 16] = (addr ^ 1 << 40).to_bytes(8, "little")
             return bytes(data)
         with pytest.raises(walscan.WalScanUncertain, match="address"):
             walscan.relations_written(storage, span, 0, live=recycled)
+        with pytest.raises(walbasis.WalNotFlushed):
+            walbasis.ServerWal(conn, walnames.format_lsn(end + 2**40), span.segment_size, 0.02)("x", 1)
     archiving.switch_and_wait()
     archived = walscan.relations_written(storage, span, 0)
     assert archived.from_server == 0
+    first = walnames.segment_name(1, start // span.segment_size)
+    with archiving.server.admin_conn() as conn:
+        assert walbasis.read_wal_file(conn, first, 8192) is not None
+        assert server_wal(conn, end)(first, 8192) is None, "archived, so it may be recycled while read"
     assert (live.touched, live.records, live.segments) == (archived.touched, archived.records, archived.segments)
     assert live.touched
 
@@ -480,8 +485,17 @@ def test_a_stalled_archiver_costs_no_wait_when_the_server_wal_is_readable(archiv
             conn.execute("UPDATE b SET v = 'changed' WHERE id % 9 = 0")
         now = truth(archiving.dsn("stalled"))
         incr = backup.backup_incremental(settings_for(archiving, "stalled"), changes=walscan.changed_relations)
+        with archiving.server.admin_conn() as conn:
+            finished = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
+            end = walnames.parse_lsn(conn.execute("SELECT pg_switch_wal()::text").fetchone()[0])
+            assert server_wal(conn, end)(finished, 8192) is not None, "waiting to be archived, so it stays"
     finally:
         set_archive_command(archiving, None)
+    with psycopg.connect(archiving.dsn("stalled"), autocommit=True) as conn:
+        conn.execute("INSERT INTO a VALUES (0, 'a record after the switch, so the next switch has one to finish')")
+    archiving.switch_and_wait()
+    with archiving.server.admin_conn() as conn:
+        assert server_wal(conn, end)(finished, 8192) is None
     assert incr.options["changed_tables_method"] == "wal", incr.options
     assert re.search(r", [1-9]\d* from the server's pg_wal", incr.options["changed_tables_note"]), incr.options
     assert stored(incr) == {"public.b"}
