@@ -293,7 +293,7 @@ def same_shape(entry: TableEntry | None, table: TableInfo) -> bool:
 
 
 class _Background:
-    """A call run on a daemon thread (the WAL scan overlaps the schema dump)."""
+    """A call run on a daemon thread (the WAL scan and the side objects overlap the tables)."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
         self._result: Any = None
@@ -306,6 +306,10 @@ class _Background:
             self._result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
             self._error = exc
+
+    def join(self) -> None:
+        """Wait for the call to end, whatever its outcome."""
+        self._thread.join()
 
     def result(self) -> Any:
         self._thread.join()
@@ -520,14 +524,21 @@ class _SideObjects:
 
 def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
           changes: ChangeSource | None = None) -> Manifest:
+    """The snapshot, then its side objects (schema, roles, large objects: client tools that
+    mostly wait on the server) on a thread of their own while the tables are compared and
+    dumped; both are finished before anything is assembled or a failure propagates."""
     taken = _take_snapshot(job, control, info, stack, changes)
-    side = _store_side_objects(job, taken)
-    dumper = _TableDumper(job, taken, info["encoding"], stack)
-    method = reason = ""
-    if job.parent is None:
-        dumper.dump_all()
-    else:
-        method, reason = dumper.dump_changed(job.parent)
+    side_objects = _Background(_store_side_objects, job, taken)
+    try:
+        dumper = _TableDumper(job, taken, info["encoding"], stack)
+        method = reason = ""
+        if job.parent is None:
+            dumper.dump_all()
+        else:
+            method, reason = dumper.dump_changed(job.parent)
+    finally:
+        side_objects.join()
+    side: _SideObjects = side_objects.result()
     return _assemble(job, info, taken, side, dumper.entries(), method, reason)
 
 
