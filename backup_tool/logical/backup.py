@@ -209,10 +209,12 @@ ARCHIVE_WAIT_SECONDS = 30.0
 FLUSH_WAIT_SECONDS = 2.0
 #: Estimates behind ``change_detection = "auto"`` (measured on 2 cores by scripts/bench):
 #: checksumming tables per session, reading archived WAL, and the fixed delay of having the
-#: server switch segments and its archiver push the last one.
+#: server switch segments and its archiver push the last one, or (for a role that may read
+#: the server's pg_wal) of having it flush its WAL and reading the tail there.
 CHECKSUM_BYTES_PER_SECOND = 150e6
 WAL_BYTES_PER_SECOND = 40e6
 ARCHIVE_DELAY_SECONDS = 2.5
+SERVER_WAL_DELAY_SECONDS = 0.3
 
 
 class TableVerdict(enum.Enum):
@@ -244,18 +246,20 @@ def wal_span(parent: WalBasis | None, current: WalBasis | None) -> WalSpan | str
     return WalSpan(current.timeline, start, end, current.segment_size, int(current.system_identifier))
 
 
-def wal_worth_reading(mode: str, span: WalSpan, table_bytes: int, jobs: int) -> str | None:
+def wal_worth_reading(mode: str, span: WalSpan, table_bytes: int, jobs: int,
+                      from_server: bool = False) -> str | None:
     """Why the checksums decide instead of the span's WAL, or None. Pure.
 
     ``mode`` is the policy's ``backup.change_detection``: ``wal`` reads the WAL whenever it
     can answer, ``checksum`` never does, ``auto`` reads it when that is estimated cheaper
-    than checksumming the tables with ``jobs`` sessions."""
+    than checksumming the tables with ``jobs`` sessions. ``from_server``: the WAL not
+    archived yet can be read from the server's pg_wal, so the archiver is not waited for."""
     if mode == "checksum":
         return "the policy says backup.change_detection = checksum"
     if mode == "wal":
         return None
     wal_bytes = span.end - span.start
-    wal_cost = ARCHIVE_DELAY_SECONDS + wal_bytes / WAL_BYTES_PER_SECOND
+    wal_cost = (SERVER_WAL_DELAY_SECONDS if from_server else ARCHIVE_DELAY_SECONDS) + wal_bytes / WAL_BYTES_PER_SECOND
     checksum_cost = table_bytes / (CHECKSUM_BYTES_PER_SECOND * max(jobs, 1))
     if wal_cost >= checksum_cost:
         return (f"checksumming the tables ({table_bytes / 2**20:.0f} MiB, about {checksum_cost:.1f} s) is cheaper "
@@ -458,7 +462,8 @@ def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: 
     span = wal_span(parent.wal_basis, basis)
     if isinstance(span, str):
         return span
-    costly = wal_worth_reading(policy.backup.change_detection, span, table_bytes, jobs)
+    readable = walbasis.can_read_wal_files(control)
+    costly = wal_worth_reading(policy.backup.change_detection, span, table_bytes, jobs, readable)
     if costly is not None:
         return costly
     assert parent.wal_basis is not None
@@ -466,7 +471,7 @@ def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: 
     if isinstance(early, str):
         return early
     span = replace(span, early_xids=early)
-    if walbasis.can_read_wal_files(control) and walbasis.request_wal_flush(control):
+    if readable and walbasis.request_wal_flush(control):
         live = walbasis.ServerWal(control, format_lsn(span.end), span.segment_size, FLUSH_WAIT_SECONDS)
         return _Background(partial(changes, live=live), storage, span, 0.0)
     wait = ARCHIVE_WAIT_SECONDS if walbasis.switch_wal(control) else 0.0

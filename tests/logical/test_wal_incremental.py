@@ -556,6 +556,13 @@ class TestPureDecisions:
         assert backup.wal_worth_reading("wal", span, 1, 2) is None
         assert "policy" in str(backup.wal_worth_reading("checksum", span, 10**12, 2))
 
+    def test_auto_counts_no_archiver_delay_when_the_server_wal_is_readable(self) -> None:
+        span = walnames.WalSpan(1, 0, 4_000_000, 16 << 20, 42)
+        tables = int(1.0 * backup.CHECKSUM_BYTES_PER_SECOND * 2)
+        assert "is cheaper" in str(backup.wal_worth_reading("auto", span, tables, 2, from_server=False))
+        assert backup.wal_worth_reading("auto", span, tables, 2, from_server=True) is None
+        assert "about 0.4 s" in str(backup.wal_worth_reading("auto", span, tables // 10, 2, from_server=True))
+
     def test_classify(self) -> None:
         from backup_tool.repository.manifest import RelationFile
         parent = self.basis()
