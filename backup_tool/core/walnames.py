@@ -96,6 +96,17 @@ class WalSpan:
     early_xids: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class WalChanges:
+    """What reading a :class:`WalSpan` found: the (tablespace, database, relfilenode) of every
+    relation a row-changing record touched, how many segments were read, and how many of
+    those came from the server's ``pg_wal`` rather than the archive."""
+
+    touched: frozenset[tuple[int, int, int]]
+    segments: int
+    from_server: int
+
+
 XLP_LONG_HEADER = 0x0002
 LONG_HEADER_SIZE = 40
 

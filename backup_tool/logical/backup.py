@@ -54,7 +54,8 @@ import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable, cast
+from functools import partial
+from typing import Any, Callable, Protocol, cast
 
 import psycopg
 
@@ -64,7 +65,7 @@ from backup_tool.config.settings import Settings
 from backup_tool.core.checksum_methods import LEGACY_CHECKSUM_METHOD, ChecksumMethod, checksum_method_for
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
-from backup_tool.core.walnames import WalSpan, parse_lsn
+from backup_tool.core.walnames import WalChanges, WalSpan, format_lsn, parse_lsn
 from backup_tool.errors import BackupToolError, LockHeldError
 from backup_tool.logical import parts
 from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema, walbasis
@@ -190,20 +191,33 @@ def unchanged(entry: TableEntry | None, table: TableInfo, rows: int, checksum: s
 
 
 RelFile = tuple[int, int, int]
-ChangeSource = Callable[[Storage, WalSpan, float], frozenset[RelFile]]
-"""Reads the archived WAL of a span and returns the (tablespace, database, relfilenode) of
-every relation a row-changing record touched; raises when it cannot say for certain. The
-third argument is how long to wait for the span's last segment to reach the archive. The
-CLI passes :func:`backup_tool.physical.walscan.changed_relations` (this layer may not
-import it)."""
+LiveWal = Callable[[str, int], "bytes | None"]
+"""The first ``n`` bytes of WAL segment ``name`` as the server's ``pg_wal`` holds it, or None."""
+
+
+class ChangeSource(Protocol):
+    """Reads the WAL of a span and returns the (tablespace, database, relfilenode) of every
+    relation a row-changing record touched; raises when it cannot say for certain. The
+    third argument is how long to wait for the span's last segment to reach the archive;
+    ``live``, when given, reads the segments not archived yet from the server instead (the
+    server has flushed its WAL through the span's end). The CLI passes
+    :func:`backup_tool.physical.walscan.changed_relations` (this layer may not import it)."""
+
+    def __call__(self, storage: Storage, span: WalSpan, wait_seconds: float,
+                 live: LiveWal | None = None) -> WalChanges: ...
+
 
 ARCHIVE_WAIT_SECONDS = 30.0
+#: How long the WAL writer gets to flush the span's end before the checksums decide instead.
+FLUSH_WAIT_SECONDS = 2.0
 #: Estimates behind ``change_detection = "auto"`` (measured on 2 cores by scripts/bench):
 #: checksumming tables per session, reading archived WAL, and the fixed delay of having the
-#: server switch segments and its archiver push the last one.
+#: server switch segments and its archiver push the last one, or (for a role that may read
+#: the server's pg_wal) of having it flush its WAL and reading the tail there.
 CHECKSUM_BYTES_PER_SECOND = 150e6
 WAL_BYTES_PER_SECOND = 40e6
 ARCHIVE_DELAY_SECONDS = 2.5
+SERVER_WAL_DELAY_SECONDS = 0.3
 
 
 class TableVerdict(enum.Enum):
@@ -235,18 +249,20 @@ def wal_span(parent: WalBasis | None, current: WalBasis | None) -> WalSpan | str
     return WalSpan(current.timeline, start, end, current.segment_size, int(current.system_identifier))
 
 
-def wal_worth_reading(mode: str, span: WalSpan, table_bytes: int, jobs: int) -> str | None:
+def wal_worth_reading(mode: str, span: WalSpan, table_bytes: int, jobs: int,
+                      from_server: bool = False) -> str | None:
     """Why the checksums decide instead of the span's WAL, or None. Pure.
 
     ``mode`` is the policy's ``backup.change_detection``: ``wal`` reads the WAL whenever it
     can answer, ``checksum`` never does, ``auto`` reads it when that is estimated cheaper
-    than checksumming the tables with ``jobs`` sessions."""
+    than checksumming the tables with ``jobs`` sessions. ``from_server``: the WAL not
+    archived yet can be read from the server's pg_wal, so the archiver is not waited for."""
     if mode == "checksum":
         return "the policy says backup.change_detection = checksum"
     if mode == "wal":
         return None
     wal_bytes = span.end - span.start
-    wal_cost = ARCHIVE_DELAY_SECONDS + wal_bytes / WAL_BYTES_PER_SECOND
+    wal_cost = (SERVER_WAL_DELAY_SECONDS if from_server else ARCHIVE_DELAY_SECONDS) + wal_bytes / WAL_BYTES_PER_SECOND
     checksum_cost = table_bytes / (CHECKSUM_BYTES_PER_SECOND * max(jobs, 1))
     if wal_cost >= checksum_cost:
         return (f"checksumming the tables ({table_bytes / 2**20:.0f} MiB, about {checksum_cost:.1f} s) is cheaper "
@@ -284,7 +300,7 @@ def same_shape(entry: TableEntry | None, table: TableInfo) -> bool:
 
 
 class _Background:
-    """A call run on a daemon thread (the WAL scan overlaps the schema dump)."""
+    """A call run on a daemon thread (the WAL scan and the side objects overlap the tables)."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
         self._result: Any = None
@@ -297,6 +313,10 @@ class _Background:
             self._result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
             self._error = exc
+
+    def join(self) -> None:
+        """Wait for the call to end, whatever its outcome."""
+        self._thread.join()
 
     def result(self) -> Any:
         self._thread.join()
@@ -450,15 +470,20 @@ def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: 
     span = wal_span(parent.wal_basis, basis)
     if isinstance(span, str):
         return span
-    costly = wal_worth_reading(policy.backup.change_detection, span, table_bytes, jobs)
+    readable = walbasis.can_read_wal_files(control)
+    costly = wal_worth_reading(policy.backup.change_detection, span, table_bytes, jobs, readable)
     if costly is not None:
         return costly
     assert parent.wal_basis is not None
     early = walbasis.committed_since(control, parent.wal_basis.running_xids)
     if isinstance(early, str):
         return early
+    span = replace(span, early_xids=early)
+    if readable and walbasis.request_wal_flush(control):
+        live = walbasis.ServerWal(control, format_lsn(span.end), span.segment_size, FLUSH_WAIT_SECONDS)
+        return _Background(partial(changes, live=live), storage, span, 0.0)
     wait = ARCHIVE_WAIT_SECONDS if walbasis.switch_wal(control) else 0.0
-    return _Background(changes, storage, replace(span, early_xids=early), wait)
+    return _Background(changes, storage, span, wait)
 
 
 @dataclass(frozen=True)
@@ -514,14 +539,21 @@ class _SideObjects:
 
 def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
           changes: ChangeSource | None = None) -> Manifest:
+    """The snapshot, then its side objects (schema, roles, large objects: client tools that
+    mostly wait on the server) on a thread of their own while the tables are compared and
+    dumped; both are finished before anything is assembled or a failure propagates."""
     taken = _take_snapshot(job, control, info, stack, changes)
-    side = _store_side_objects(job, taken)
-    dumper = _TableDumper(job, taken, info["encoding"], stack)
-    method = reason = ""
-    if job.parent is None:
-        dumper.dump_all()
-    else:
-        method, reason = dumper.dump_changed(job.parent)
+    side_objects = _Background(_store_side_objects, job, taken)
+    try:
+        dumper = _TableDumper(job, taken, info["encoding"], stack)
+        method = reason = ""
+        if job.parent is None:
+            dumper.dump_all()
+        else:
+            method, reason = dumper.dump_changed(job.parent)
+    finally:
+        side_objects.join()
+    side: _SideObjects = side_objects.result()
     return _assemble(job, info, taken, side, dumper.entries(), method, reason)
 
 
@@ -650,7 +682,7 @@ class _TableDumper:
                                   "run 'backup-tool verify all', then take a full backup")
         changed = [t for t in data_tables if t.oid not in self.reused]
         reporter.event("change detection", changed=len(changed), unchanged=len(self.reused), method=method,
-                       **({"reason": reason} if reason else {}))
+                       **({"reason" if method == "checksum" else "note": reason} if reason else {}))
         self._start("data (changed tables)", changed)
         unsummed = [t for t in changed if t.oid not in self.checksums]
         self._sum(unsummed, [(self._dump, piece) for piece in self._of(changed)])
@@ -741,8 +773,15 @@ def _wal_verdicts(wal_scan: _Background | str, parent: Manifest,
     if isinstance(wal_scan, str):
         return {}, "checksum", wal_scan
     try:
-        touched = wal_scan.result()
+        found: WalChanges = wal_scan.result()
     except Exception as exc:  # noqa: BLE001 - any doubt about the WAL means comparing checksums
         return {}, "checksum", f"the WAL could not be read for certain: {exc}"
     assert parent.wal_basis is not None and basis is not None
-    return classify(parent.wal_basis, basis, touched), "wal", ""
+    return classify(parent.wal_basis, basis, found.touched), "wal", wal_note(found)
+
+
+def wal_note(found: WalChanges) -> str:
+    """Where the WAL method read its segments (the manifest's ``changed_tables_note``). Pure."""
+    archived = found.segments - found.from_server
+    return (f"read {found.segments} WAL segment(s): {archived} from the archive, "
+            f"{found.from_server} from the server's pg_wal (not archived yet)")

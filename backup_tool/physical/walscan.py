@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import struct
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from backup_tool.core import walnames
@@ -101,6 +102,8 @@ class ScanResult:
     touched: frozenset[RelFile]
     records: int
     segments: int
+    from_server: int = 0
+    """How many of the segments were read from the server's ``pg_wal`` (not yet archived)."""
 
 
 SegmentSource = Callable[[int], bytes]
@@ -448,6 +451,16 @@ def _smgr_relation(main: bytes, kind: int, where: int) -> RelFile:
 # --------------------------------------------------------------------------- archived segments
 
 ARCHIVE_POLL_SECONDS = 0.1
+#: Segments loaded ahead of the scan (each up to a segment's size in memory).
+PREFETCH_SEGMENTS = 2
+
+
+def _from_cluster(data: bytes | bytearray, name: str, span: walnames.WalSpan, where: str) -> None:
+    header = walnames.parse_long_header(bytes(data[:walnames.LONG_HEADER_SIZE]))
+    if header is None or header.system_identifier != span.system_identifier \
+            or header.segment_size != span.segment_size or header.block_size != BLCKSZ:
+        raise WalScanUncertain(f"{where} {name} does not come from this cluster "
+                               f"(system identifier {span.system_identifier})")
 
 
 def archive_source(storage: Storage, span: walnames.WalSpan) -> SegmentSource:
@@ -460,15 +473,64 @@ def archive_source(storage: Storage, span: walnames.WalSpan) -> SegmentSource:
             obj = wal.open_archived(storage, name)
         except wal.WalMissingError:
             raise WalScanUncertain(f"{name} is not in the WAL archive") from None
-        data = bytearray()
-        for chunk in wal.read_archived(storage, obj):
-            data += chunk
-        header = walnames.parse_long_header(bytes(data[:walnames.LONG_HEADER_SIZE]))
-        if header is None or header.system_identifier != span.system_identifier \
-                or header.segment_size != span.segment_size or header.block_size != BLCKSZ:
-            raise WalScanUncertain(f"archived {name} does not come from this cluster "
-                                   f"(system identifier {span.system_identifier})")
-        return data  # type: ignore[return-value]  # a bytearray reads like bytes, without a copy
+        return _archived_content(storage, obj, span)
+    return load
+
+
+def _archived_content(storage: Storage, obj: wal.WalFile, span: walnames.WalSpan) -> bytes:
+    data = bytearray()
+    for chunk in wal.read_archived(storage, obj):
+        data += chunk
+    _from_cluster(data, obj.name, span, "archived")
+    return data  # type: ignore[return-value]  # a bytearray reads like bytes, without a copy
+
+
+LiveSource = Callable[[str, int], "bytes | None"]
+"""The first ``n`` bytes of WAL segment ``name`` read from the server's own ``pg_wal``
+directory, or None when the file is not there. The caller guarantees the server has
+flushed its WAL through the span's end before the first call."""
+
+
+@dataclass
+class _Origins:
+    """Which segments came from where (added to from the loading threads)."""
+
+    archived: set[int] = field(default_factory=set)
+    live: set[int] = field(default_factory=set)
+
+
+def server_source(storage: Storage, span: walnames.WalSpan, live: LiveSource, origins: _Origins) -> SegmentSource:
+    """Each segment from the archive when it is there (verified as ``wal fetch`` does), else
+    from the server's ``pg_wal`` (a segment not yet archived is never removed there), so no
+    wait for the archiver. Of the segment holding the span's end only the pages up to it are
+    read; the rest reads as zeros, which no page header check accepts, so a walk past the
+    end can only make the scan uncertain. A file that is neither archived nor in ``pg_wal``
+    makes the scan uncertain."""
+    end_segno = (span.end - 1) // span.segment_size if span.end else 0
+
+    def load(segno: int) -> bytes:
+        name = walnames.segment_name(span.timeline, segno, span.segment_size)
+        for attempt in range(2):
+            found = wal.find_archived(storage, name)
+            if found:
+                if len({f.sha256 for f in found}) > 1:
+                    raise WalScanUncertain(f"{name} is archived more than once with different content")
+                origins.archived.add(segno)
+                return _archived_content(storage, found[0], span)
+            if attempt:
+                break
+            length = span.segment_size
+            if segno >= end_segno:
+                length = min(span.segment_size, -(-(span.end - segno * span.segment_size) // BLCKSZ) * BLCKSZ)
+                length = max(length, BLCKSZ)
+            data = live(name, length)
+            if data is not None:
+                if len(data) != length:
+                    raise WalScanUncertain(f"pg_wal/{name} gave {len(data)} bytes, not {length}")
+                _from_cluster(data, name, span, "pg_wal/")
+                origins.live.add(segno)
+                return data + bytes(span.segment_size - length) if length < span.segment_size else data
+        raise WalScanUncertain(f"{name} is neither in the WAL archive nor in the server's pg_wal")
     return load
 
 
@@ -484,6 +546,37 @@ def _recent(source: SegmentSource, keep: int = 2) -> SegmentSource:
             cache[segno] = source(segno)
         return cache[segno]
     return load
+
+
+class _Prefetch:
+    """``source`` with the span's segments loaded ahead of the walk, ``ahead`` at a time on
+    other threads (fetching, decompressing and hashing a segment mostly releases the GIL, so
+    it overlaps the scan of the one before). Each segment is loaded at most once ahead;
+    segments outside ``needed`` (the backward search) are loaded when asked for."""
+
+    def __init__(self, source: SegmentSource, needed: range, ahead: int = PREFETCH_SEGMENTS) -> None:
+        self.source = source
+        self.needed = needed
+        self.ahead = ahead
+        self.pool = ThreadPoolExecutor(ahead, thread_name_prefix="wal-prefetch")
+        self.futures: dict[int, Future[bytes]] = {}
+        self.submitted: set[int] = set()
+        self._submit_from(needed.start)
+
+    def _submit_from(self, segno: int) -> None:
+        for n in range(segno, segno + self.ahead + 1):
+            if n in self.needed and n not in self.submitted:
+                self.submitted.add(n)
+                self.futures[n] = self.pool.submit(self.source, n)
+
+    def __call__(self, segno: int) -> bytes:
+        self._submit_from(segno + 1)
+        future = self.futures.pop(segno, None)
+        return future.result() if future is not None else self.source(segno)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.futures.clear()
 
 
 def segments_needed(start: int, end: int, seg_size: int) -> range:
@@ -508,37 +601,54 @@ def _archived(storage: Storage, name: str) -> bool:
 
 def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: float,
                       clock: Callable[[], float] = time.monotonic,
-                      sleep: Callable[[float], None] = time.sleep) -> ScanResult:
-    """:func:`scan` of the span from the archive. The span's segments may still be on their
-    way to the archive (the caller just asked the server to switch; ``wal push`` may store
-    them in any order): they are waited for up to ``wait_seconds``, but only when the archive says it is this cluster's (``wal push``
-    recorded its identity), so a repository the server does not archive to costs no wait."""
+                      sleep: Callable[[float], None] = time.sleep, live: LiveSource | None = None) -> ScanResult:
+    """:func:`scan` of the span from the archive, only when the archive says it is this
+    cluster's (``wal push`` recorded its identity). With ``live`` (the server's ``pg_wal``,
+    flushed through the span's end), segments not archived yet are read there and nothing is
+    waited for. Without it the span's segments may still be on their way to the archive (the
+    caller just asked the server to switch; ``wal push`` may store them in any order): they
+    are waited for up to ``wait_seconds``."""
     needed = segments_needed(span.start, span.end, span.segment_size)
     if not needed:
         return ScanResult(frozenset(), 0, 0)
     identity = walidentity.read_archive_identity(storage)
     if identity is None or identity.system_identifier != span.system_identifier:
         raise WalScanUncertain("the repository holds no WAL archive of this cluster")
+    origins = _Origins()
+    if live is not None:
+        loader = _Prefetch(server_source(storage, span, live, origins), needed)
+    else:
+        _wait_archived(storage, span, needed, wait_seconds, clock, sleep)
+        loader = _Prefetch(archive_source(storage, span), needed)
+    try:
+        source = _recent(loader)
+        result = scan(source, span.start, span.end, span.segment_size)
+        if span.early_xids:
+            first = min(span.early_xids) & 0xFFFFFFFF
+            begin = start_before(source, span.start, first, span.segment_size)
+            early = scan(source, begin, span.start, span.segment_size, from_xid=first)
+            result = ScanResult(result.touched | early.touched, result.records + early.records,
+                                result.segments + early.segments)
+    finally:
+        loader.close()
+    return replace(result, from_server=len(origins.live))
+
+
+def _wait_archived(storage: Storage, span: walnames.WalSpan, needed: range, wait_seconds: float,
+                   clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
     missing = [walnames.segment_name(span.timeline, n, span.segment_size) for n in needed]
     deadline = clock() + wait_seconds
     while True:
         missing = [name for name in missing if not _archived(storage, name)]
         if not missing:
-            break
+            return
         if clock() >= deadline:
             raise WalScanUncertain(f"{missing[0]} was not archived within {wait_seconds:g} s")
         sleep(ARCHIVE_POLL_SECONDS)
-    source = _recent(archive_source(storage, span))
-    result = scan(source, span.start, span.end, span.segment_size)
-    if not span.early_xids:
-        return result
-    first = min(span.early_xids) & 0xFFFFFFFF
-    begin = start_before(source, span.start, first, span.segment_size)
-    early = scan(source, begin, span.start, span.segment_size, from_xid=first)
-    return ScanResult(result.touched | early.touched, result.records + early.records,
-                      result.segments + early.segments)
 
 
-def changed_relations(storage: Storage, span: walnames.WalSpan, wait_seconds: float) -> frozenset[RelFile]:
+def changed_relations(storage: Storage, span: walnames.WalSpan, wait_seconds: float,
+                      live: LiveSource | None = None) -> walnames.WalChanges:
     """The incremental backup's WAL reader (:data:`backup_tool.logical.backup.ChangeSource`)."""
-    return relations_written(storage, span, wait_seconds).touched
+    result = relations_written(storage, span, wait_seconds, live=live)
+    return walnames.WalChanges(result.touched, result.segments, result.from_server)

@@ -10,6 +10,11 @@ record of every transaction the snapshot sees lies before it), and each table's 
 files both as the snapshot sees the catalog and as the locked table is read (TRUNCATE is
 not MVCC-safe: the two differ after a TRUNCATE committed since the snapshot).
 
+An incremental that may read the server's own ``pg_wal`` files (:func:`can_read_wal_files`)
+reads the segments not archived yet there (:class:`ServerWal`) once the server has flushed
+its WAL through the snapshot's position (:func:`request_wal_flush`), instead of waiting for
+the archiver.
+
 Every capture step may fail (a standby, a role that may not call the functions, a server
 without them); the result is then None and the backup records no basis: the next
 incremental compares checksums. Nothing here changes data.
@@ -17,12 +22,15 @@ incremental compares checksums. Nothing here changes data.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import psycopg
 
 from backup_tool.core import walnames
+from backup_tool.errors import BackupToolError
 from backup_tool.repository.manifest import RelationFile, WalBasis
 
 
@@ -136,6 +144,108 @@ def switch_wal(conn: psycopg.Connection[Any]) -> bool:
         return True
     except psycopg.Error:
         return False
+
+
+def can_read_wal_files(conn: psycopg.Connection[Any]) -> bool:
+    """Whether this role may read the server's own ``pg_wal`` files with
+    ``pg_read_binary_file`` (superuser, ``pg_read_server_files``, or EXECUTE granted)."""
+    try:
+        row = conn.execute("SELECT has_function_privilege("
+                           "'pg_read_binary_file(text, bigint, bigint, boolean)', 'EXECUTE')").fetchone()
+    except psycopg.Error:
+        return False
+    return bool(row and row[0])
+
+
+def request_wal_flush(conn: psycopg.Connection[Any]) -> bool:
+    """Commit a transaction that takes an xid, so a commit record follows every record
+    inserted so far. It is an asynchronous commit (the transaction wrote nothing else), which
+    the WAL writer flushes within ``wal_writer_delay``: :func:`wal_flushed_through` then
+    turns true for any position read before this call. False when the server refuses."""
+    try:
+        conn.execute("SELECT pg_current_xact_id()")
+    except psycopg.Error:
+        return False
+    return True
+
+
+def wal_flushed_through(conn: psycopg.Connection[Any], lsn: str, timeout: float,
+                        clock: Callable[[], float] = time.monotonic,
+                        sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Whether the server has flushed its WAL through ``lsn`` within ``timeout`` seconds
+    (polled, quickly at first), so a reader of the ``pg_wal`` files finds every record before
+    ``lsn`` there."""
+    deadline = clock() + timeout
+    pause = 0.002
+    while True:
+        try:
+            row = conn.execute("SELECT pg_current_wal_flush_lsn() >= %s::text::pg_lsn", (lsn,)).fetchone()
+        except psycopg.Error:
+            return False
+        if row and row[0]:
+            return True
+        if clock() >= deadline:
+            return False
+        sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+class WalNotFlushed(BackupToolError):
+    """The server did not flush its WAL through the span's end in time."""
+
+
+class ServerWal:
+    """WAL segment files read from the server's own ``pg_wal`` through ``conn``
+    (``pg_read_binary_file``), for the segments the archive does not hold yet.
+
+    Guaranteed: bytes are returned only when they are what the server wrote. The first read
+    waits until the server has flushed its WAL through ``end_lsn`` (:func:`wal_flushed_through`;
+    :class:`WalNotFlushed` after ``flush_timeout`` seconds), so every record before it is in
+    the files. A file read is returned only if, once read, the server still could not have
+    removed or recycled it while it was read: it is the segment being written or a later one,
+    or it still waits to be archived (its ``archive_status/<name>.ready`` is there; the server
+    removes no segment before it is archived). Otherwise, or when the file is not there,
+    the answer is None (the archive has it now, or nobody does). Safe to call from several
+    threads (calls take turns on the connection)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], end_lsn: str, segment_size: int,
+                 flush_timeout: float) -> None:
+        self.conn = conn
+        self.end_lsn = end_lsn
+        self.segment_size = segment_size
+        self.flush_timeout = flush_timeout
+        self._flushed = False
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, length: int) -> bytes | None:
+        with self._lock:
+            if not self._flushed:
+                if not wal_flushed_through(self.conn, self.end_lsn, self.flush_timeout):
+                    raise WalNotFlushed(f"the server did not flush its WAL through {self.end_lsn} "
+                                        f"within {self.flush_timeout:g} s", "check the server's WAL writer")
+                self._flushed = True
+            data = read_wal_file(self.conn, name, length)
+            if data is None:
+                return None
+            row = self.conn.execute("SELECT pg_current_wal_insert_lsn()::text,"
+                                    " pg_read_binary_file(%s, 0, 0, true) IS NOT NULL",
+                                    (f"pg_wal/archive_status/{name}.ready",)).fetchone()
+        if row is None:
+            return None
+        writing = walnames.parse_lsn(row[0]) // self.segment_size
+        segno = walnames.segment_number(name, self.segment_size)
+        return data if segno >= writing or row[1] else None
+
+
+def read_wal_file(conn: psycopg.Connection[Any], name: str, length: int) -> bytes | None:
+    """The first ``length`` bytes of ``pg_wal/<name>`` as the server has them now, or None
+    when the file is not there. Raises psycopg.Error when the role may not read it. Says
+    nothing about whether the file was being recycled meanwhile: see :class:`ServerWal`."""
+    row = conn.execute("SELECT pg_read_binary_file(%s, 0, %s, true)", (f"pg_wal/{name}", length),
+                       binary=True).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return bytes(row[0])
 
 
 def committed_since(conn: psycopg.Connection[Any], xids: Sequence[int]) -> tuple[int, ...] | str:

@@ -36,6 +36,7 @@ from backup_tool.errors import ConfigError
 from backup_tool.logical import backup
 from backup_tool.physical import wal, walscan
 from backup_tool.postgres import connection as postgres
+from backup_tool.postgres import walbasis
 from backup_tool.repository import walidentity
 from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import open_storage
@@ -416,6 +417,119 @@ def test_without_a_recorded_position_or_archive_the_checksums_decide(archiving: 
     assert stored(incr) == {"public.a"}
 
 
+def server_wal(conn: psycopg.Connection[Any], end: int) -> walbasis.ServerWal:
+    return walbasis.ServerWal(conn, walnames.format_lsn(end), walnames.DEFAULT_SEGMENT_SIZE, 5.0)
+
+
+def test_segments_not_archived_yet_are_read_from_the_servers_pg_wal(archiving: Archiving) -> None:
+    """Reading a span's tail from the server's pg_wal gives what reading it from the archive
+    gives once archived; a file that is not the segment asked for, or is not there, makes
+    the scan uncertain instead of answering."""
+    archiving.server.create_db("tail")
+    with psycopg.connect(archiving.dsn("tail"), autocommit=True) as conn:
+        start = lsn_now(conn)
+        conn.execute("CREATE TABLE w (id int, v text); INSERT INTO w SELECT g, md5(g::text) FROM generate_series(1, 3000) g;"
+                     "UPDATE w SET v = v || 'x' WHERE id % 7 = 0")
+        end = lsn_now(conn)
+        sysid = int(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+        assert walbasis.can_read_wal_files(conn) and walbasis.request_wal_flush(conn)
+        assert walbasis.wal_flushed_through(conn, walnames.format_lsn(end), 5.0)
+        assert not walbasis.wal_flushed_through(conn, walnames.format_lsn(end + 2**40), 0.02)
+        span = walnames.WalSpan(1, start, end, walnames.DEFAULT_SEGMENT_SIZE, sysid)
+        storage = open_storage(str(archiving.repo))
+        live = walscan.relations_written(storage, span, 0, live=server_wal(conn, end))
+        assert live.from_server >= 1
+        with pytest.raises(walscan.WalScanUncertain, match="neither in the WAL archive nor"):
+            walscan.relations_written(storage, span, 0, live=lambda name, n: None)
+
+        def recycled(name: str, n: int) -> bytes:
+            """The file as it reads once recycled: its page headers carry an older address."""
+            data = bytearray(server_wal(conn, end)(name, n) or b"")
+            for page in range(0, len(data), walscan.BLCKSZ):
+                addr = int.from_bytes(data[page + 8:page + 16], "little")
+                data[page + 8:page + 16] = (addr ^ 1 << 40).to_bytes(8, "little")
+            return bytes(data)
+        with pytest.raises(walscan.WalScanUncertain, match="address"):
+            walscan.relations_written(storage, span, 0, live=recycled)
+        with pytest.raises(walbasis.WalNotFlushed):
+            walbasis.ServerWal(conn, walnames.format_lsn(end + 2**40), span.segment_size, 0.02)("x", 1)
+    archiving.switch_and_wait()
+    archived = walscan.relations_written(storage, span, 0)
+    assert archived.from_server == 0
+    first = walnames.segment_name(1, start // span.segment_size)
+    with archiving.server.admin_conn() as conn:
+        assert walbasis.read_wal_file(conn, first, 8192) is not None
+        assert server_wal(conn, end)(first, 8192) is None, "archived, so it may be recycled while read"
+    assert (live.touched, live.records, live.segments) == (archived.touched, archived.records, archived.segments)
+    assert live.touched
+
+
+def set_archive_command(archiving: Archiving, command: str | None) -> None:
+    with archiving.server.admin_conn() as conn:
+        if command is None:
+            conn.execute("ALTER SYSTEM RESET archive_command")
+        else:
+            conn.execute(f"ALTER SYSTEM SET archive_command = '{command}'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def test_a_stalled_archiver_costs_no_wait_when_the_server_wal_is_readable(archiving: Archiving) -> None:
+    """With the archiver failing, the incremental still learns its changes from the WAL (its
+    tail read from pg_wal), stores exactly the changed table, and says where it read."""
+    archiving.server.create_db("stalled")
+    with psycopg.connect(archiving.dsn("stalled"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE a (id int, v text); CREATE TABLE b (id int, v text);"
+                     "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 500) g;"
+                     "INSERT INTO b SELECT g, md5(g::text) FROM generate_series(1, 500) g")
+    backup.backup_full(settings_for(archiving, "stalled"))
+    set_archive_command(archiving, "false")
+    try:
+        with psycopg.connect(archiving.dsn("stalled"), autocommit=True) as conn:
+            conn.execute("UPDATE b SET v = 'changed' WHERE id % 9 = 0")
+        now = truth(archiving.dsn("stalled"))
+        incr = backup.backup_incremental(settings_for(archiving, "stalled"), changes=walscan.changed_relations)
+        with archiving.server.admin_conn() as conn:
+            finished = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
+            end = walnames.parse_lsn(conn.execute("SELECT pg_switch_wal()::text").fetchone()[0])
+            assert server_wal(conn, end)(finished, 8192) is not None, "waiting to be archived, so it stays"
+    finally:
+        set_archive_command(archiving, None)
+    with psycopg.connect(archiving.dsn("stalled"), autocommit=True) as conn:
+        conn.execute("INSERT INTO a VALUES (0, 'a record after the switch, so the next switch has one to finish')")
+    archiving.switch_and_wait()
+    with archiving.server.admin_conn() as conn:
+        assert server_wal(conn, end)(finished, 8192) is None
+    assert incr.options["changed_tables_method"] == "wal", incr.options
+    assert re.search(r", [1-9]\d* from the server's pg_wal", incr.options["changed_tables_note"]), incr.options
+    assert stored(incr) == {"public.b"}
+    assert {t.full_name: (t.rows, t.checksum) for t in incr.tables} == {n: (v[3], v[4]) for n, v in now.items()}
+
+
+def test_a_role_that_may_not_read_pg_wal_waits_for_the_archive(archiving: Archiving) -> None:
+    """Without the right to read the server's files, the server switches segments and the
+    archive is waited for, as before; the note says every segment came from the archive."""
+    archiving.server.create_db("plain")
+    with archiving.server.admin_conn() as admin:
+        admin.execute("DROP ROLE IF EXISTS plain_owner")
+        admin.execute("CREATE ROLE plain_owner LOGIN PASSWORD 'plain-pw'")
+        admin.execute("ALTER DATABASE plain OWNER TO plain_owner")
+    with archiving.server.admin_conn("plain") as admin:
+        admin.execute("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO plain_owner")
+    dsn = archiving.dsn("plain").replace(f"{archiving.server.user}:{archiving.server.password}@",
+                                         "plain_owner:plain-pw@")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert not walbasis.can_read_wal_files(conn)
+        conn.execute("CREATE TABLE a (id int, v text); CREATE TABLE b (id int, v text);"
+                     "INSERT INTO a VALUES (1, 'one'); INSERT INTO b VALUES (1, 'one')")
+        settings_ = replace(settings_for(archiving, "plain"), dsn=dsn)
+        backup.backup_full(settings_)
+        conn.execute("INSERT INTO a VALUES (2, 'two')")
+    incr = backup.backup_incremental(settings_, changes=walscan.changed_relations)
+    assert incr.options["changed_tables_method"] == "wal", incr.options
+    assert incr.options["changed_tables_note"].endswith(", 0 from the server's pg_wal (not archived yet)")
+    assert stored(incr) == {"public.a"}
+
+
 class TestPureDecisions:
     def basis(self, **changes: Any) -> Any:
         from backup_tool.repository.manifest import RelationFile, WalBasis
@@ -444,6 +558,13 @@ class TestPureDecisions:
         assert "is cheaper" in str(backup.wal_worth_reading("auto", span, cheap_tables + 2000, 4))
         assert backup.wal_worth_reading("wal", span, 1, 2) is None
         assert "policy" in str(backup.wal_worth_reading("checksum", span, 10**12, 2))
+
+    def test_auto_counts_no_archiver_delay_when_the_server_wal_is_readable(self) -> None:
+        span = walnames.WalSpan(1, 0, 4_000_000, 16 << 20, 42)
+        tables = int(1.0 * backup.CHECKSUM_BYTES_PER_SECOND * 2)
+        assert "is cheaper" in str(backup.wal_worth_reading("auto", span, tables, 2, from_server=False))
+        assert backup.wal_worth_reading("auto", span, tables, 2, from_server=True) is None
+        assert "about 0.4 s" in str(backup.wal_worth_reading("auto", span, tables // 10, 2, from_server=True))
 
     def test_classify(self) -> None:
         from backup_tool.repository.manifest import RelationFile
