@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,9 @@ from backup_tool.errors import (
     NotFoundError,
     UsageError,
 )
-from backup_tool.logical.backup import backup_full
+from backup_tool.logical.live_tables import LiveTables
 from backup_tool.logical.restore import BackupOrigin
-from backup_tool.logical.restore_tables import restore_tables, split_name
+from backup_tool.logical.restore_tables import check_request, restore_tables_from, split_name
 from backup_tool.physical.pitr import (
     Layout,
     PartialRequest,
@@ -85,6 +86,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
     seconds to wait for it, see :func:`backup_tool.physical.pitr.plan_recovery`). The result's
     ``source`` says the moment recovered: the last commit replayed before ``target_time``.
     """
+    check_request(tables, into_schema, replace)
     reporter = reporter or NullReporter()
     when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
     target = Target("time", time=when, timeline=_live_timeline(settings, ConnInfo(target_dsn)))
@@ -123,17 +125,20 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
                            if point.last_transaction_time else None, lsn=point.redo_done_lsn,
                            layout="partial" if layout.choice is not None else "full")
-            tmp_repo = work / "repo"
-            tmp_repo.mkdir()
-            source = server.conninfo(source_db)
-            tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=dataclasses.replace(
-                settings.policy, backup=dataclasses.replace(settings.policy.backup, compression_level=1)))
-            backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
-            retiring = threading.Thread(target=_retire, args=(server, work / "data"), name="retire-scratch-cluster")
-            retiring.start()
-            server = None
-            result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
-                                    into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
+            started = time.monotonic()
+
+            def retire_now() -> None:
+                nonlocal server, retiring
+                retiring = threading.Thread(target=_retire, args=(server, work / "data"),
+                                            name="retire-scratch-cluster")
+                retiring.start()
+                server = None
+
+            jobs = jobs or settings.policy.backup.jobs
+            with LiveTables(server.conninfo(source_db), wanted, layout.plan.backup.id, into_schema, jobs,
+                            on_settled=retire_now) as live:
+                result = restore_tables_from(live, target_dsn, tables, into_schema=into_schema, replace=replace,
+                                             jobs=jobs, reporter=reporter, started=started)
             return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
                 source_db, when, layout.plan.backup.finished_at), recovered_to=point.last_transaction_time,
                 recovery_layout={

@@ -336,7 +336,9 @@ def backup_incremental(settings: Settings, reporter: Reporter | None = None,
                            lock_timeout, changes)
 
 
-def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
+def selected_tables(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
+    """``tables`` limited to ``only`` (all of them when None) and the partitions, at any
+    depth, of partitioned tables among them."""
     if only is None:
         return tables
     chosen = set(only)
@@ -522,7 +524,7 @@ def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[s
     before = walbasis.before_snapshot(control)
     snap = Snapshot(job.conninfo)
     stack.callback(snap.close)
-    tables = _selected(postgres.list_tables(snap.conn), job.only_tables)
+    tables = selected_tables(postgres.list_tables(snap.conn), job.only_tables)
     snap.lock_tables(tables)
     basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
                                     [t.oid for t in tables if t.has_data])
