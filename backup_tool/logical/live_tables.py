@@ -72,6 +72,7 @@ class LiveTables:
         self._sessions: list[psycopg.Connection[Any]] = []
         self._snap: Snapshot | None = None
         self._summing: threading.Thread | None = None
+        self._dumping: _Background | None = None
         self._closed = False
         self.copies: tuple[SequenceCopy, ...] = ()
         with conninfo.connect() as conn:
@@ -102,6 +103,8 @@ class LiveTables:
             self._summing = threading.Thread(target=self._sum_all, args=(data, jobs), daemon=True,
                                              name="live-table-checksums")
             self._summing.start()
+            if into_schema:
+                self._dumping = _Background(self._dump_definitions, list(self._located.values()), self.major)
         except BaseException:
             self.close()
             raise
@@ -173,18 +176,27 @@ class LiveTables:
 
     def definitions(self, control: psycopg.Connection[Any], target: ConnInfo, major: int, tmp: Path,
                     create: list[TableEntry], into_schema: str | None) -> tuple[Definitions, tuple[SequenceCopy, ...]]:
+        """From one ``pg_dump --schema-only --table`` of the source (started as the source
+        opened when it is a copy: every table is created then), run as SQL in ``control``
+        when its table of contents allows, else replayed by pg_restore."""
         located = [self._located[(t.schema, t.name)] for t in create]
-        argv = [postgres.find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
-                "--strict-names", "--dbname", self.conninfo.tool_conninfo(),
-                *(f"--table={t.qualified}" for t in located)]
-        archive = pipeline.run(argv, self.conninfo.tool_env(), "pg_dump (table definitions)")
+        if self._dumping is not None and len(located) == len(self._located):
+            archive = self._dumping.result()
+        else:
+            archive = self._dump_definitions(located, major)
         path = tmp / "tables.pgdump"
+        path.write_bytes(archive)
         if into_schema:
             control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
-            return archive_definitions(path, archive, target, major), self.copies
-        path.write_bytes(archive)
-        return (script_definitions(control, archive, path, create, major, self.encoding)
-                or archive_definitions(path, archive, target, major)), ()
+        named = [replace(t, schema=into_schema) for t in create] if into_schema else create
+        return (script_definitions(control, archive, path, named, major, self.encoding)
+                or archive_definitions(path, archive, target, major)), self.copies
+
+    def _dump_definitions(self, tables: list[TableInfo], major: int) -> bytes:
+        argv = [postgres.find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
+                "--strict-names", "--dbname", self.conninfo.tool_conninfo(),
+                *(f"--table={t.qualified}" for t in tables)]
+        return pipeline.run(argv, self.conninfo.tool_env(), "pg_dump (table definitions)")
 
     def bytes_read(self) -> int:
         return self._read
@@ -216,6 +228,33 @@ class LiveTables:
                     pass
         if self._summing is not None and self._summing is not threading.current_thread():
             self._summing.join()
+        if self._dumping is not None:
+            self._dumping.wait()
         if self._snap is not None:
             self._snap.close()
             self._snap = None
+
+
+class _Background:
+    """A call run on a daemon thread; :meth:`result` waits for it and re-raises its error."""
+
+    def __init__(self, fn: Callable[..., bytes], *args: Any) -> None:
+        self._result = b""
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., bytes], *args: Any) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> bytes:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result

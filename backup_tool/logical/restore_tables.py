@@ -52,7 +52,7 @@ from backup_tool.errors import (
     UsageError,
     ValidationFailed,
 )
-from backup_tool.logical.loading import BackupOrigin, load_table
+from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, load_table
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, qualified
@@ -70,6 +70,10 @@ from backup_tool.validation.validate import (
 )
 
 TableKey = tuple[str, str]
+
+RANGED_CHECKSUM_BYTES = 32 * 2**20
+"""A table loaded alone at least this big is checksummed by ``jobs`` sessions at once, each
+over a range of its heap blocks, instead of by the session that loaded it."""
 
 
 @dataclass(frozen=True)
@@ -626,7 +630,11 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
             def load(t: TableEntry, conn: psycopg.Connection[Any]) -> None:
                 where = location[(t.schema, t.name)]
                 source.load(t, conn, where, True, progress.advance)
-                if run_validation and t.relkind == "r":
+                if not run_validation or t.relkind != "r":
+                    return
+                if len(loads) == 1 and jobs > 1 and source.size(t) >= RANGED_CHECKSUM_BYTES:
+                    checksums[(t.schema, t.name)] = checksums_by_ranges(target, {where: t.columns}, jobs)[where]
+                else:
                     checksums[(t.schema, t.name)] = postgres.table_checksum(conn, *where, t.columns)
 
             def load_alone(t: TableEntry) -> None:
