@@ -57,9 +57,11 @@ class LiveTables:
     restore source named ``label`` (the manifest id validation reports against).
 
     ``into_schema``: the restore will be a copy there; the tables are moved there in the
-    source first (see the module docstring). ``on_settled`` is called once every table is
-    copied and checksummed and the source's sessions are closed: nothing reads the source
-    any more. Use as a context manager: leaving it closes every session it opened."""
+    source first (see the module docstring). ``on_settled`` is called once, as soon as every
+    table's rows are copied out and checksummed and the snapshot is closed: nothing reads the
+    source any more (it may run on a worker thread, while the target still checksums and
+    indexes the tables). Use as a context manager: leaving it closes every session it
+    opened, and after that ``on_settled`` is never called."""
 
     def __init__(self, conninfo: ConnInfo, tables: set[TableKey], label: str, into_schema: str | None = None,
                  jobs: int = 2, on_settled: Callable[[], None] | None = None) -> None:
@@ -71,9 +73,12 @@ class LiveTables:
         self._error: BaseException | None = None
         self._sessions: list[psycopg.Connection[Any]] = []
         self._snap: Snapshot | None = None
+        self.snapshot_id = ""
         self._summing: threading.Thread | None = None
         self._dumping: _Background | None = None
         self._closed = False
+        self._released = False
+        self._pending = 1
         self.copies: tuple[SequenceCopy, ...] = ()
         with conninfo.connect() as conn:
             info = postgres.server_info(conn)
@@ -99,7 +104,9 @@ class LiveTables:
         try:
             self._snap = Snapshot(conninfo)
             self._snap.lock_tables(list(self._located.values()))
+            self.snapshot_id = self._snap.snapshot_id
             data = [t for t in found if t.has_data]
+            self._pending = len(data) + 1
             self._summing = threading.Thread(target=self._sum_all, args=(data, jobs), daemon=True,
                                              name="live-table-checksums")
             self._summing.start()
@@ -124,12 +131,34 @@ class LiveTables:
             pipeline.run_parallel(max(1, jobs), [(self._sum, t) for t in tables])
         except BaseException as exc:  # noqa: BLE001 - handed to the restore by settled()
             self._error = exc
+            return
+        self._one_done()
+
+    def _one_done(self) -> None:
+        """A table's rows or the checksums are read: once all are, nothing reads the source
+        any more and it is released at once (while the target checksums and indexes them)."""
+        with self._lock:
+            self._pending -= 1
+            last = self._pending == 0
+        if last:
+            self._release()
+
+    def _release(self) -> None:
+        """Close the snapshot and call ``on_settled``, once."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            snap, self._snap = self._snap, None
+        if snap is not None:
+            snap.close()
+        if self.on_settled is not None:
+            self.on_settled()
 
     def _sum(self, table: TableInfo) -> None:
-        assert self._snap is not None
         if self._closed:
             return
-        with postgres.snapshot_session(self.conninfo, self._snap.snapshot_id) as conn:
+        with postgres.snapshot_session(self.conninfo, self.snapshot_id) as conn:
             with self._lock:
                 self._sessions.append(conn)
             try:
@@ -148,8 +177,7 @@ class LiveTables:
 
     def load(self, entry: TableEntry, conn: psycopg.Connection[Any], target: TableKey | None, fresh: bool,
              on_raw: Callable[[int], None]) -> None:
-        assert self._snap is not None
-        argv = postgres.copy_out_command(self.conninfo, self.major, self._snap.snapshot_id,
+        argv = postgres.copy_out_command(self.conninfo, self.major, self.snapshot_id,
                                          self._located[(entry.schema, entry.name)])
         env = self.conninfo.tool_env(settings={})
         env["PGCLIENTENCODING"] = self.encoding
@@ -166,6 +194,7 @@ class LiveTables:
             copy_rows(conn, entry, [rows()], target, fresh, on_raw)
         finally:
             proc.kill()
+        self._one_done()
 
     def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,
                      reporter: Reporter) -> None:
@@ -202,8 +231,8 @@ class LiveTables:
         return self._read
 
     def settled(self) -> Manifest:
-        """The manifest with each table's rows and checksum in the snapshot; closes the
-        source's sessions and calls ``on_settled``."""
+        """The manifest with each table's rows and checksum in the snapshot; the source is
+        released (see :meth:`_release`) when it was not already."""
         if self._summing is not None:
             self._summing.join()
         if self._error is not None:
@@ -211,10 +240,7 @@ class LiveTables:
         tables = tuple(replace(t, rows=self._sums[(t.schema, t.name)][0], checksum=self._sums[(t.schema, t.name)][1])
                        if (t.schema, t.name) in self._sums else t for t in self._manifest.tables)
         self._manifest = replace(self._manifest, tables=tables)
-        self.close()
-        if self.on_settled is not None:
-            self.on_settled()
-            self.on_settled = None
+        self._release()
         return self._manifest
 
     def close(self) -> None:
@@ -230,9 +256,10 @@ class LiveTables:
             self._summing.join()
         if self._dumping is not None:
             self._dumping.wait()
-        if self._snap is not None:
-            self._snap.close()
-            self._snap = None
+        with self._lock:
+            snap, self._snap = self._snap, None
+        if snap is not None:
+            snap.close()
 
 
 class _Background:
