@@ -1,13 +1,15 @@
 """Table point-in-time recovery: ``restore tables --target-time``.
 
 It combines the two paths: a temporary cluster is recovered to the time from a base backup and
-the WAL archive (:mod:`backup_tool.physical.pitr`), the tables are backed up from it into a
-temporary local repository (:mod:`backup_tool.logical.backup`) and restored from there with the
-selective restore (:mod:`backup_tool.logical.restore_tables`: same refusal rules,
-``into_schema`` / ``replace``, validation). Everything temporary is removed on success,
-failure, Ctrl-C or SIGTERM. The temporary cluster is a scratch one (``lay_out(scratch=True)``:
-no fsync, WAL linked from the read-ahead by the shell); once the tables are copied out of
-it, it is stopped and removed while they load into the target.
+the WAL archive (:mod:`backup_tool.physical.pitr`), and the tables are copied straight from it
+into the target by the selective restore (:mod:`backup_tool.logical.restore_tables`: same
+refusal rules, ``into_schema`` / ``replace``, validation) with the recovered database as its
+source (:mod:`backup_tool.logical.live_tables`: COPY piped into COPY, checksums in the same
+snapshot, definitions from ``pg_dump --table`` of it). Everything temporary is removed on
+success, failure, Ctrl-C or SIGTERM. The temporary cluster is a scratch one
+(``lay_out(scratch=True)``: no fsync, WAL linked from the read-ahead by the shell); once the
+tables' rows and checksums are read from it, it is stopped and removed while the target
+checksums and indexes them.
 
 The temporary cluster is laid out partially when the base backup allows it: only the files
 the tables need are read and written, every other relation is a sparse file
@@ -77,10 +79,9 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
 
     A temporary cluster is recovered to the time in a private temporary directory (with
     ``partial_layout``, from just the files the tables need when the base backup allows it,
-    else from all of it), the
-    tables are backed up from it into a temporary local repository and restored from there
-    with selective restore (same refusal rules, ``into_schema`` / ``replace``, validation).
-    The temporary cluster and repository are removed on success, failure, Ctrl-C or SIGTERM;
+    else from all of it), and the tables are copied from it into the target with the
+    selective restore (same refusal rules, ``into_schema`` / ``replace``, validation against
+    the recovered rows). The temporary cluster is removed on success, failure, Ctrl-C or SIGTERM;
     when recovery fails its server log is first copied out and named in the error.
     A time the archive cannot reach yet is refused before anything is written (``wait``:
     seconds to wait for it, see :func:`backup_tool.physical.pitr.plan_recovery`). The result's
