@@ -173,6 +173,8 @@ class LiveTables:
         return entry.relkind == "r"
 
     def size(self, entry: TableEntry) -> int:
+        """The table's size on disk: the progress of its load is credited as its COPY text
+        flows, never past that, and in full once loaded."""
         return self._located[(entry.schema, entry.name)].size
 
     def load(self, entry: TableEntry, conn: psycopg.Connection[Any], target: TableKey | None, fresh: bool,
@@ -190,10 +192,20 @@ class LiveTables:
                 yield chunk
             proc.finish()
 
+        share, credited = self.size(entry), 0
+
+        def advance(n: int) -> None:
+            nonlocal credited
+            step = min(n, share - credited)
+            if step > 0:
+                credited += step
+                on_raw(step)
+
         try:
-            copy_rows(conn, entry, [rows()], target, fresh, on_raw)
+            copy_rows(conn, entry, [rows()], target, fresh, advance)
         finally:
             proc.kill()
+        on_raw(share - credited)
         self._one_done()
 
     def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,

@@ -24,6 +24,11 @@ Table definitions are taken from the backup's own schema archive: it is replayed
 scratch database, the tables moved to the inspection schema if asked, and pg_dump then
 extracts exactly those tables' definitions (with their indexes, constraints, owned
 sequences, policies and grants) in PostgreSQL's own quoting.
+
+The same restore runs from a running database instead of a backup
+(:func:`restore_tables_from` with a :class:`TableSource`, e.g.
+:class:`backup_tool.logical.live_tables.LiveTables` for table PITR): same modes, refusals and
+validation, against the source's rows and checksums.
 """
 
 from __future__ import annotations
