@@ -44,7 +44,7 @@ from backup_tool.errors import (
     UsageError,
 )
 from backup_tool.logical.live_tables import LiveTables
-from backup_tool.logical.restore import BackupOrigin
+from backup_tool.logical.loading import BackupOrigin
 from backup_tool.logical.restore_tables import check_request, restore_tables_from, split_name
 from backup_tool.physical.pitr import (
     Layout,

@@ -34,7 +34,6 @@ from psycopg import sql
 from backup_tool.core.kinds import BackupKind
 from backup_tool.core.report import Reporter
 from backup_tool.errors import RefusedError
-from backup_tool.logical.backup import selected_tables
 from backup_tool.logical.loading import copy_rows
 from backup_tool.logical.restore_tables import (
     Definitions,
@@ -84,7 +83,7 @@ class LiveTables:
             info = postgres.server_info(conn)
             self.major = int(info["server_version_num"]) // 10000
             self.encoding = str(info["encoding"])
-            found = selected_tables(postgres.list_tables(conn), tables)
+            found = postgres.selected_tables(postgres.list_tables(conn), tables)
             sequences = postgres.sequences(conn)
             needed = catalog_inventory.inventory(conn)["roles"]
             entries = [TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, 0, "", None) for t in found]

@@ -223,6 +223,21 @@ class TableInfo:
         return self.relkind == "r"
 
 
+def selected_tables(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
+    """``tables`` limited to ``only`` (all of them when None) and the partitions, at any
+    depth, of partitioned tables among them."""
+    if only is None:
+        return tables
+    chosen = set(only)
+    grew = True
+    while grew:
+        names = {f"{s}.{n}" for s, n in chosen}
+        extra = {(t.schema, t.name) for t in tables if t.parent in names} - chosen
+        chosen |= extra
+        grew = bool(extra)
+    return [t for t in tables if (t.schema, t.name) in chosen]
+
+
 def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     row = conn.execute(
         "SELECT current_database(), current_setting('server_version'),"
