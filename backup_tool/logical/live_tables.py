@@ -8,7 +8,8 @@ What it guarantees:
 - One exported snapshot of the source database, the tables share-locked in it. Each
   table's rows stream from ``psql``'s COPY TO STDOUT in that snapshot straight into COPY
   FROM STDIN on the target (one chunk in flight per table: memory does not grow with the
-  table), and each table's row count and content checksum are computed in the same snapshot
+  table; in COPY's binary format where that is safe, see :meth:`LiveTables.load`), and each
+  table's row count and content checksum are computed in the same snapshot
   by parallel sessions while the rows move. Validation compares the restored tables with
   those, exactly as with a backup taken of the source at that snapshot.
 - Definitions come from ``pg_dump --schema-only --table`` of the source itself: no dump of
@@ -85,6 +86,10 @@ class LiveTables:
             self.encoding = str(info["encoding"])
             found = postgres.selected_tables(postgres.list_tables(conn), tables)
             sequences = postgres.sequences(conn)
+            builtin = {int(oid): bool(ok) for oid, ok in conn.execute(
+                "SELECT attrelid, bool_and(atttypid < 16384) FROM pg_attribute"
+                " WHERE attrelid = ANY(%s) AND attnum > 0 AND NOT attisdropped GROUP BY attrelid",
+                ([t.oid for t in found],)).fetchall()}
             needed = catalog_inventory.inventory(conn)["roles"]
             entries = [TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, 0, "", None) for t in found]
             if into_schema:
@@ -98,6 +103,7 @@ class LiveTables:
             finished_at=now, expires_at=now, policy={}, snapshot_lsn=None, schema=None, globals=None,
             schema_fingerprint="", tables=tuple(entries), sequences=tuple(sequences),
             inventory=cast(ManifestInventory, {"roles": needed}))
+        self._builtin = {(t.schema, t.name): builtin.get(t.oid, True) for t in found}
         self._located: dict[TableKey, TableInfo] = {
             (t.schema, t.name): replace(t, schema=into_schema) if into_schema else t for t in found}
         try:
@@ -178,8 +184,14 @@ class LiveTables:
 
     def load(self, entry: TableEntry, conn: psycopg.Connection[Any], target: TableKey | None, fresh: bool,
              on_raw: Callable[[int], None]) -> None:
+        """Stream the rows from the source's snapshot. Into a table this restore created
+        (``fresh``: from the source's own definition) whose columns are all of built-in
+        types, on a server of the source's major, in COPY's binary format (its parsing costs
+        the target about a third less); else as text, which any column type accepts."""
+        binary = fresh and self._builtin[(entry.schema, entry.name)] and \
+            conn.info.server_version // 10000 == self.major
         argv = postgres.copy_out_command(self.conninfo, self.major, self.snapshot_id,
-                                         self._located[(entry.schema, entry.name)])
+                                         self._located[(entry.schema, entry.name)], binary=binary)
         env = self.conninfo.tool_env(settings={})
         env["PGCLIENTENCODING"] = self.encoding
         proc = pipeline.Process(argv, env, f"COPY of {entry.full_name} from {self.conninfo.redacted()}")
@@ -201,7 +213,7 @@ class LiveTables:
                 on_raw(step)
 
         try:
-            copy_rows(conn, entry, [rows()], target, fresh, advance)
+            copy_rows(conn, entry, [rows()], target, fresh, advance, binary)
         finally:
             proc.kill()
         on_raw(share - credited)

@@ -62,17 +62,17 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
 
 def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterable[Iterable[bytes]],
               target: tuple[str, str] | None = None, fresh: bool = False,
-              on_raw: Callable[[int], None] | None = None) -> None:
-    """COPY the COPY-text ``streams`` (one COPY each, in order) into ``target`` (default: the
-    table itself) over the entry's columns, in one transaction of ``conn``: a stream that
-    raises rolls all of it back.
+              on_raw: Callable[[int], None] | None = None, binary: bool = False) -> None:
+    """COPY the COPY-text ``streams`` (one COPY each, in order; ``binary``: in COPY's binary
+    format) into ``target`` (default: the table itself) over the entry's columns, in one
+    transaction of ``conn``: a stream that raises rolls all of it back.
 
     ``fresh``: the table was created by this restore and nothing references it yet, so it is
     truncated in the loading transaction and loaded with COPY FREEZE: rows arrive frozen with
     their hint bits set, so neither validation's scan nor the first VACUUM rewrites every page.
     """
     schema_name, name = target or (entry.schema, entry.name)
-    stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh)
+    stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh, binary=binary)
     try:
         with conn.transaction(), conn.cursor() as cur:
             if fresh:
