@@ -51,6 +51,10 @@ from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.manifest import Manifest, ManifestInventory, TableEntry
 from backup_tool.streams import pipeline
 
+FIRST_USER_OID = 16384
+"""PostgreSQL's FirstNormalObjectId: types below it are built in (the same in every database
+of a major version, so their binary COPY format means the same on both sides)."""
+
 
 class LiveTables:
     """``tables`` (with their partitions) of the database ``conninfo`` points at, as a
@@ -87,9 +91,9 @@ class LiveTables:
             found = postgres.selected_tables(postgres.list_tables(conn), tables)
             sequences = postgres.sequences(conn)
             builtin = {int(oid): bool(ok) for oid, ok in conn.execute(
-                "SELECT attrelid, bool_and(atttypid < 16384) FROM pg_attribute"
+                "SELECT attrelid, bool_and(atttypid < %s) FROM pg_attribute"
                 " WHERE attrelid = ANY(%s) AND attnum > 0 AND NOT attisdropped GROUP BY attrelid",
-                ([t.oid for t in found],)).fetchall()}
+                (FIRST_USER_OID, [t.oid for t in found])).fetchall()}
             needed = catalog_inventory.inventory(conn)["roles"]
             entries = [TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, 0, "", None) for t in found]
             if into_schema:
