@@ -1,13 +1,15 @@
 """Table point-in-time recovery: ``restore tables --target-time``.
 
 It combines the two paths: a temporary cluster is recovered to the time from a base backup and
-the WAL archive (:mod:`backup_tool.physical.pitr`), the tables are backed up from it into a
-temporary local repository (:mod:`backup_tool.logical.backup`) and restored from there with the
-selective restore (:mod:`backup_tool.logical.restore_tables`: same refusal rules,
-``into_schema`` / ``replace``, validation). Everything temporary is removed on success,
-failure, Ctrl-C or SIGTERM. The temporary cluster is a scratch one (``lay_out(scratch=True)``:
-no fsync, WAL linked from the read-ahead by the shell); once the tables are copied out of
-it, it is stopped and removed while they load into the target.
+the WAL archive (:mod:`backup_tool.physical.pitr`), and the tables are copied straight from it
+into the target by the selective restore (:mod:`backup_tool.logical.restore_tables`: same
+refusal rules, ``into_schema`` / ``replace``, validation) with the recovered database as its
+source (:mod:`backup_tool.logical.live_tables`: COPY piped into COPY, checksums in the same
+snapshot, definitions from ``pg_dump --table`` of it). Everything temporary is removed on
+success, failure, Ctrl-C or SIGTERM. The temporary cluster is a scratch one
+(``lay_out(scratch=True)``: no fsync, WAL linked from the read-ahead by the shell); once the
+tables' rows and checksums are read from it, it is stopped and removed while the target
+checksums and indexes them.
 
 The temporary cluster is laid out partially when the base backup allows it: only the files
 the tables need are read and written, every other relation is a sparse file
@@ -25,6 +27,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,9 +43,9 @@ from backup_tool.errors import (
     NotFoundError,
     UsageError,
 )
-from backup_tool.logical.backup import backup_full
-from backup_tool.logical.restore import BackupOrigin
-from backup_tool.logical.restore_tables import restore_tables, split_name
+from backup_tool.logical.live_tables import LiveTables
+from backup_tool.logical.loading import BackupOrigin
+from backup_tool.logical.restore_tables import check_request, restore_tables_from, split_name
 from backup_tool.physical.pitr import (
     Layout,
     PartialRequest,
@@ -76,15 +79,15 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
 
     A temporary cluster is recovered to the time in a private temporary directory (with
     ``partial_layout``, from just the files the tables need when the base backup allows it,
-    else from all of it), the
-    tables are backed up from it into a temporary local repository and restored from there
-    with selective restore (same refusal rules, ``into_schema`` / ``replace``, validation).
-    The temporary cluster and repository are removed on success, failure, Ctrl-C or SIGTERM;
+    else from all of it), and the tables are copied from it into the target with the
+    selective restore (same refusal rules, ``into_schema`` / ``replace``, validation against
+    the recovered rows). The temporary cluster is removed on success, failure, Ctrl-C or SIGTERM;
     when recovery fails its server log is first copied out and named in the error.
     A time the archive cannot reach yet is refused before anything is written (``wait``:
     seconds to wait for it, see :func:`backup_tool.physical.pitr.plan_recovery`). The result's
     ``source`` says the moment recovered: the last commit replayed before ``target_time``.
     """
+    check_request(tables, into_schema, replace)
     reporter = reporter or NullReporter()
     when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
     target = Target("time", time=when, timeline=_live_timeline(settings, ConnInfo(target_dsn)))
@@ -123,17 +126,20 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
                            if point.last_transaction_time else None, lsn=point.redo_done_lsn,
                            layout="partial" if layout.choice is not None else "full")
-            tmp_repo = work / "repo"
-            tmp_repo.mkdir()
-            source = server.conninfo(source_db)
-            tmp_settings = Settings(repo_url=str(tmp_repo), dsn=source.tool_conninfo(), policy=dataclasses.replace(
-                settings.policy, backup=dataclasses.replace(settings.policy.backup, compression_level=1)))
-            backup_full(tmp_settings, reporter, jobs, only_tables=wanted)
-            retiring = threading.Thread(target=_retire, args=(server, work / "data"), name="retire-scratch-cluster")
-            retiring.start()
-            server = None
-            result = restore_tables(tmp_settings, target_dsn, tables, backup_ref=None,
-                                    into_schema=into_schema, replace=replace, jobs=jobs, reporter=reporter)
+            started = time.monotonic()
+
+            def retire_now() -> None:
+                nonlocal server, retiring
+                retiring = threading.Thread(target=_retire, args=(server, work / "data"),
+                                            name="retire-scratch-cluster")
+                retiring.start()
+                server = None
+
+            jobs = jobs or settings.policy.backup.jobs
+            with LiveTables(server.conninfo(source_db), wanted, layout.plan.backup.id, into_schema, jobs,
+                            on_settled=retire_now) as live:
+                result = restore_tables_from(live, target_dsn, tables, into_schema=into_schema, replace=replace,
+                                             jobs=jobs, reporter=reporter, started=started)
             return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
                 source_db, when, layout.plan.backup.finished_at), recovered_to=point.last_transaction_time,
                 recovery_layout={

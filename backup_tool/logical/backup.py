@@ -359,19 +359,6 @@ def backup_incremental(settings: Settings, reporter: Reporter | None = None,
                            lock_timeout, changes)
 
 
-def _selected(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
-    if only is None:
-        return tables
-    chosen = set(only)
-    grew = True
-    while grew:
-        names = {f"{s}.{n}" for s, n in chosen}
-        extra = {(t.schema, t.name) for t in tables if t.parent in names} - chosen
-        chosen |= extra
-        grew = bool(extra)
-    return [t for t in tables if (t.schema, t.name) in chosen]
-
-
 def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, kind: str,
                     only_tables: set[tuple[str, str]] | None, still_due: StillDue | None = None,
                     lock_timeout: float = 0.0, changes: ChangeSource | None = None) -> Manifest:
@@ -564,7 +551,7 @@ def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[s
     before = walbasis.before_snapshot(control)
     snap = Snapshot(job.conninfo)
     stack.callback(snap.close)
-    tables = _selected(postgres.list_tables(snap.conn), job.only_tables)
+    tables = postgres.selected_tables(postgres.list_tables(snap.conn), job.only_tables)
     snap.lock_tables(tables)
     basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
                                     [t.oid for t in tables if t.has_data])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import psycopg
 
@@ -47,35 +47,45 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
                target: tuple[str, str] | None = None, fresh: bool = False,
                on_raw: Callable[[int], None] | None = None) -> None:
     """COPY one table's objects (all its parts, in order, for a split table) into ``target``
-    (default: the table itself), in one transaction. ``advance`` counts the stored
-    (compressed) bytes read, ``on_raw`` the uncompressed bytes written to COPY (what a
-    progress bar over ``raw_size`` measures).
+    (default: the table itself), in one transaction (see :func:`copy_rows`). ``advance``
+    counts the stored (compressed) bytes read, ``on_raw`` the uncompressed bytes written to
+    COPY (what a progress bar over ``raw_size`` measures)."""
+    assert entry.stored
+    own = conn is None
+    conn = conn or conninfo.connect(autocommit=True, settings={"client_encoding": encoding})
+    try:
+        copy_rows(conn, entry, (pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance)
+                                for obj in entry.stored), target, fresh, on_raw)
+    finally:
+        if own:
+            conn.close()
+
+
+def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterable[Iterable[bytes]],
+              target: tuple[str, str] | None = None, fresh: bool = False,
+              on_raw: Callable[[int], None] | None = None, binary: bool = False) -> None:
+    """COPY the COPY-text ``streams`` (one COPY each, in order; ``binary``: in COPY's binary
+    format) into ``target`` (default: the table itself) over the entry's columns, in one
+    transaction of ``conn``: a stream that raises rolls all of it back.
 
     ``fresh``: the table was created by this restore and nothing references it yet, so it is
     truncated in the loading transaction and loaded with COPY FREEZE: rows arrive frozen with
     their hint bits set, so neither validation's scan nor the first VACUUM rewrites every page.
     """
-    objects = entry.stored
-    assert objects
     schema_name, name = target or (entry.schema, entry.name)
-    stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh)
-    own = conn is None
-    conn = conn or conninfo.connect(autocommit=True, settings={"client_encoding": encoding})
+    stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh, binary=binary)
     try:
         with conn.transaction(), conn.cursor() as cur:
             if fresh:
                 cur.execute(postgres.truncate_statement(schema_name, name))
-            for obj in objects:
+            for stream in streams:
                 with cur.copy(stmt) as copy:
-                    for chunk in pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance):
+                    for chunk in stream:
                         copy.write(chunk)
                         if on_raw is not None:
                             on_raw(len(chunk))
     except psycopg.Error as exc:
         raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
-    finally:
-        if own:
-            conn.close()
 
 
 def checksums_by_ranges(conninfo: ConnInfo, tables: dict[TableKey, Sequence[str]],

@@ -24,6 +24,11 @@ Table definitions are taken from the backup's own schema archive: it is replayed
 scratch database, the tables moved to the inspection schema if asked, and pg_dump then
 extracts exactly those tables' definitions (with their indexes, constraints, owned
 sequences, policies and grants) in PostgreSQL's own quoting.
+
+The same restore runs from a running database instead of a backup
+(:func:`restore_tables_from` with a :class:`TableSource`, e.g.
+:class:`backup_tool.logical.live_tables.LiveTables` for table PITR): same modes, refusals and
+validation, against the source's rows and checksums.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from __future__ import annotations
 import difflib
 import secrets
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import psycopg
 from psycopg import sql
@@ -51,7 +57,7 @@ from backup_tool.errors import (
     UsageError,
     ValidationFailed,
 )
-from backup_tool.logical.loading import BackupOrigin, load_table
+from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, load_table
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, qualified
@@ -69,6 +75,10 @@ from backup_tool.validation.validate import (
 )
 
 TableKey = tuple[str, str]
+
+RANGED_CHECKSUM_BYTES = 32 * 2**20
+"""A table loaded alone at least this big is checksummed by ``jobs`` sessions at once, each
+over a range of its heap blocks, instead of by the session that loaded it."""
 
 
 @dataclass(frozen=True)
@@ -253,7 +263,7 @@ def _free_name(conn: psycopg.Connection[Any], schema_name: str, name: str) -> st
     return candidate
 
 
-def _detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_schema: str) -> list[SequenceCopy]:
+def detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_schema: str) -> list[SequenceCopy]:
     """In the scratch database: move ``tables`` into ``into_schema`` without foreign keys and
     triggers, and give them their own sequences there, each owned by a copied column.
 
@@ -304,7 +314,7 @@ def _detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_s
 def extract_definitions(target: ConnInfo, major: int, archive_path: Path, tables: list[TableEntry],
                         into_schema: str | None) -> TableDefinitions:
     """A pg_dump archive holding just ``tables``' definitions (moved to ``into_schema`` if given,
-    with their own sequences there: see :func:`_detach_copy`)."""
+    with their own sequences there: see :func:`detach_copy`)."""
     scratch_name = f"backup_tool_scratch_{secrets.token_hex(4)}"
     with target.connect() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch_name)))
@@ -316,7 +326,7 @@ def extract_definitions(target: ConnInfo, major: int, archive_path: Path, tables
         copies: list[SequenceCopy] = []
         if into_schema:
             with scratch.connect() as conn, conn.transaction():
-                copies = _detach_copy(conn, tables, into_schema)
+                copies = detach_copy(conn, tables, into_schema)
             where = [(into_schema, t.name) for t in tables]
         argv = [postgres.find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
                 "--strict-names", "--dbname", scratch.tool_conninfo()]
@@ -356,13 +366,13 @@ def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> b
     return bool(row and row[0])
 
 
-def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: Manifest,
-                     entries: list[TableEntry], replace: bool, advance: Callable[[int], None],
-                     on_raw: Callable[[int], None] | None = None) -> None:
+def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries: list[TableEntry],
+                     replace: bool, on_raw: Callable[[int], None]) -> None:
     """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back.
 
     A partitioned table holds no rows of its own: it is neither emptied nor loaded, its
     partitions (always among ``entries``) are, so the whole tree is replaced at once."""
+    manifest = source.manifest
     keys = {(t.schema, t.name) for t in entries}
     superuser = _is_superuser(conn)
     with conn.transaction():
@@ -384,8 +394,8 @@ def replace_in_place(conn: psycopg.Connection[Any], storage: Storage, manifest: 
                     conn.execute(sql.SQL("DELETE FROM ONLY {}").format(target))
                 else:
                     conn.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
-            if t.stored:
-                load_table(ConnInfo(), storage, t, manifest.encoding, advance, conn=conn, on_raw=on_raw)
+            if source.has_rows(t):
+                source.load(t, conn, None, False, on_raw)
             if not superuser:
                 conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(target))
         for seq in _owned_sequences(manifest, keys):
@@ -426,7 +436,7 @@ def _run_script(conn: psycopg.Connection[Any], script: str, section: str) -> Non
         conn.execute("RESET ALL")
 
 
-def _script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_path: Path,
+def script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_path: Path,
                         tables: list[TableEntry], major: int, encoding: str) -> Definitions | None:
     """The tables' definitions selected from the backup's own schema archive (see
     :func:`schema.table_definition_ids`), as SQL from one pg_restore run, executed in
@@ -447,11 +457,106 @@ def _script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_p
                        lambda: _run_script(conn, scripts.after_data, "post-data") if scripts.after_data else None)
 
 
-def _archive_definitions(path: Path, archive: bytes, target: ConnInfo, major: int) -> Definitions:
+def archive_definitions(path: Path, archive: bytes, target: ConnInfo, major: int) -> Definitions:
     """Definitions from a pg_dump archive of just the tables, replayed by pg_restore."""
     path.write_bytes(archive)
     return Definitions(lambda: schema.restore_section(path, target, major, "pre-data"),
                        lambda: schema.restore_section(path, target, major, "post-data"))
+
+
+class TableSource(Protocol):
+    """Where a selective restore takes the tables from: a backup in a repository
+    (:class:`BackupSource`) or a running database
+    (:class:`backup_tool.logical.live_tables.LiveTables`). The restore's refusal rules,
+    modes and validation are the same for both."""
+
+    @property
+    def manifest(self) -> Manifest:
+        """The tables (their rows and checksums need not be known yet: see :meth:`settled`),
+        sequences, encoding and server version of the source."""
+
+    def has_rows(self, entry: TableEntry) -> bool:
+        """Whether the table has rows to load (a partitioned table has none of its own)."""
+
+    def size(self, entry: TableEntry) -> int:
+        """About how many bytes of COPY text loading the table writes (for progress)."""
+
+    def load(self, entry: TableEntry, conn: psycopg.Connection[Any], target: TableKey | None, fresh: bool,
+             on_raw: Callable[[int], None]) -> None:
+        """COPY the table's rows into ``target`` in one transaction of ``conn`` (see
+        :func:`backup_tool.logical.loading.copy_rows`)."""
+
+    def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,
+                     reporter: Reporter) -> None:
+        """Refuse (or create, when asked) the roles the source needs that the target lacks."""
+
+    def definitions(self, control: psycopg.Connection[Any], target: ConnInfo, major: int, tmp: Path,
+                    create: list[TableEntry], into_schema: str | None) -> tuple[Definitions, tuple[SequenceCopy, ...]]:
+        """How ``create`` reach the target (moved to ``into_schema`` with their own sequences,
+        when given), and those sequences."""
+
+    def bytes_read(self) -> int:
+        """Bytes read from the source so far."""
+
+    def settled(self) -> Manifest:
+        """Called once every table is loaded: the manifest whose rows and checksums the
+        restored tables must match."""
+
+
+class BackupSource:
+    """The tables of a logical backup in a repository."""
+
+    def __init__(self, storage: Storage, manifest: Manifest, with_roles: bool = False) -> None:
+        self.storage = storage
+        self._manifest = manifest
+        self.with_roles = with_roles
+        self._read = [0]
+        self._lock = threading.Lock()
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self._read[0] += n
+
+    def has_rows(self, entry: TableEntry) -> bool:
+        return bool(entry.stored)
+
+    def size(self, entry: TableEntry) -> int:
+        return entry.raw_size
+
+    def load(self, entry: TableEntry, conn: psycopg.Connection[Any], target: TableKey | None, fresh: bool,
+             on_raw: Callable[[int], None]) -> None:
+        load_table(ConnInfo(), self.storage, entry, self._manifest.encoding, self._count, conn=conn, target=target,
+                   fresh=fresh, on_raw=on_raw)
+
+    def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,
+                     reporter: Reporter) -> None:
+        roles.ensure_roles(control, target, self.storage, self._manifest, major, self.with_roles, reporter)
+
+    def definitions(self, control: psycopg.Connection[Any], target: ConnInfo, major: int, tmp: Path,
+                    create: list[TableEntry], into_schema: str | None) -> tuple[Definitions, tuple[SequenceCopy, ...]]:
+        manifest = self._manifest
+        assert manifest.schema is not None
+        archive_path = tmp / "schema.pgdump"
+        archive = pipeline.read_object(self.storage, manifest.schema, self._count)
+        archive_path.write_bytes(archive)
+        if into_schema:
+            extracted = extract_definitions(target, major, archive_path, create, into_schema)
+            control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
+            return archive_definitions(tmp / "tables.pgdump", extracted.archive, target, major), extracted.sequences
+        return (script_definitions(control, archive, archive_path, create, major, manifest.encoding)
+                or archive_definitions(tmp / "tables.pgdump",
+                                        extract_definitions(target, major, archive_path, create, None).archive,
+                                        target, major)), ()
+
+    def bytes_read(self) -> int:
+        return self._read[0]
+
+    def settled(self) -> Manifest:
+        return self._manifest
 
 
 def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
@@ -460,22 +565,36 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                    reporter: Reporter | None = None, database: DatabaseHint | None = None) -> TablesRestoreResult:
     """Restore only ``tables`` from a backup into the target database, then validate them.
     ``database``: which database ``latest`` means (see :func:`backup_tool.repository.catalog.choose_latest`)."""
+    check_request(tables, into_schema, replace)
+    started = time.monotonic()
+    storage = open_repository(settings.repo_url)
+    manifest = Catalog(storage).resolve_logical(backup_ref, database)
+    return restore_tables_from(BackupSource(storage, manifest, with_roles), target_dsn, tables, into_schema, replace,
+                               jobs or settings.policy.backup.jobs, run_validation, reporter, started)
+
+
+def check_request(tables: list[str], into_schema: str | None, replace: bool) -> None:
+    """Refuse a request whose options exclude each other or that names no table."""
     if into_schema and replace:
         raise UsageError("--into-schema and --replace exclude each other", "choose one")
     if not tables:
         raise UsageError("no tables given", "pass --tables SCHEMA.TABLE[,...]")
+
+
+def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables: list[str],
+                        into_schema: str | None = None, replace: bool = False, jobs: int = 2,
+                        run_validation: bool = True, reporter: Reporter | None = None,
+                        started: float | None = None) -> TablesRestoreResult:
+    """Restore only ``tables`` from ``source`` into the target database, then validate them
+    against what :meth:`TableSource.settled` says the source held (see the module docstring
+    for the modes and their refusals)."""
+    check_request(tables, into_schema, replace)
     reporter = reporter or NullReporter()
-    started = time.monotonic()
-    storage = open_repository(settings.repo_url)
-    manifest = Catalog(storage).resolve_logical(backup_ref, database)
+    started = time.monotonic() if started is None else started
+    manifest = source.manifest
     entries = resolve_tables(manifest, tables)
     target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
-    jobs = jobs or settings.policy.backup.jobs
     mode = "into-schema" if into_schema else "replace" if replace else "restore"
-    fetched = [0]
-
-    def count(n: int) -> None:
-        fetched[0] += n
 
     with target.connect(settings={"client_encoding": manifest.encoding}) as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
@@ -502,36 +621,26 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
             definitions: Definitions | None = None
             copies: tuple[SequenceCopy, ...] = ()
             if create:
-                assert manifest.schema is not None
-                roles.ensure_roles(control, target, storage, manifest, major, with_roles, reporter)
-                archive_path = Path(tmp) / "schema.pgdump"
-                archive = pipeline.read_object(storage, manifest.schema, count)
-                archive_path.write_bytes(archive)
-                if into_schema:
-                    extracted = extract_definitions(target, major, archive_path, create, into_schema)
-                    copies = extracted.sequences
-                    control.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
-                    definitions = _archive_definitions(Path(tmp) / "tables.pgdump", extracted.archive, target, major)
-                else:
-                    definitions = (_script_definitions(control, archive, archive_path, create, major, manifest.encoding)
-                                   or _archive_definitions(Path(tmp) / "tables.pgdump",
-                                                           extract_definitions(target, major, archive_path, create,
-                                                                               None).archive, target, major))
+                source.ensure_roles(control, target, major, reporter)
+                definitions, copies = source.definitions(control, target, major, Path(tmp), create, into_schema)
                 definitions.before_data()
 
-            total = sum(t.raw_size for t in entries)
-            progress = reporter.task("data", total=total)
+            progress = reporter.task("data", total=sum(source.size(t) for t in entries))
 
             if existing:
-                replace_in_place(control, storage, manifest, existing, replace, count, progress.advance)
-            loads = [t for t in create if t.stored]
+                replace_in_place(control, source, existing, replace, progress.advance)
+            loads = [t for t in create if source.has_rows(t)]
             checksums: dict[TableKey, tuple[int, str]] = {}
 
             def load(t: TableEntry, conn: psycopg.Connection[Any]) -> None:
                 where = location[(t.schema, t.name)]
-                load_table(target, storage, t, manifest.encoding, count, conn=conn, target=where, fresh=True,
-                           on_raw=progress.advance)
-                if run_validation and t.relkind == "r":
+                source.load(t, conn, where, True, progress.advance)
+                if not run_validation or t.relkind != "r":
+                    return
+                if len(loads) == 1 and jobs > 1 and source.size(t) >= RANGED_CHECKSUM_BYTES:
+                    checksums[(t.schema, t.name)] = checksums_by_ranges(target, {where: t.columns}, jobs,
+                                                                        manifest.checksum_method)[where]
+                else:
                     checksums[(t.schema, t.name)] = postgres.table_checksum(conn, *where, t.columns,
                                                                                 manifest.checksum_method)
 
@@ -545,6 +654,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
             else:
                 pipeline.run_parallel(jobs, [(load_alone, t) for t in loads])
             progress.finish()
+            settled = source.settled()
             recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
             with control.transaction():
                 if into_schema:
@@ -562,14 +672,15 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
                 except DatabaseError as exc:
                     raise DatabaseError(f"tables loaded, but building their indexes/constraints failed: {exc.message}",
                                         "inspect the restored tables; a foreign key may point at rows missing live") from None
-        reporter.event("tables restored", tables=len(entries), bytes=fetched[0])
+        reporter.event("tables restored", tables=len(entries), bytes=source.bytes_read())
 
         report = None
+        settled_entries = [settled.table(t.schema, t.name) or t for t in entries]
         if run_validation:
-            report = validate_tables(target, manifest, entries, location, jobs, reporter,
+            report = validate_tables(target, settled, settled_entries, location, jobs, reporter,
                                      copies if into_schema else None, conn=control, checksums=checksums)
     result = TablesRestoreResult(manifest.id, target.redacted(), tuple(t.full_name for t in entries), mode,
-                                 into_schema, sum(t.rows for t in entries), fetched[0],
+                                 into_schema, sum(t.rows for t in settled_entries), source.bytes_read(),
                                  time.monotonic() - started, report, copies, BackupOrigin.of(manifest))
     if report is not None and not report.ok:
         raise ValidationFailed(f"tables restored from {manifest.id} but validation failed: "

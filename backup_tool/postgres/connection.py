@@ -224,6 +224,21 @@ class TableInfo:
         return self.relkind == "r"
 
 
+def selected_tables(tables: list[TableInfo], only: set[tuple[str, str]] | None) -> list[TableInfo]:
+    """``tables`` limited to ``only`` (all of them when None) and the partitions, at any
+    depth, of partitioned tables among them."""
+    if only is None:
+        return tables
+    chosen = set(only)
+    grew = True
+    while grew:
+        names = {f"{s}.{n}" for s, n in chosen}
+        extra = {(t.schema, t.name) for t in tables if t.parent in names} - chosen
+        chosen |= extra
+        grew = bool(extra)
+    return [t for t in tables if (t.schema, t.name) in chosen]
+
+
 def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     row = conn.execute(
         "SELECT current_database(), current_setting('server_version'),"
@@ -610,10 +625,11 @@ def advisory_lock(conn: psycopg.Connection[Any], name: str, wait_seconds: float 
 
 
 def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: TableInfo,
-                     blocks: BlockRange = (None, None)) -> list[str]:
+                     blocks: BlockRange = (None, None), binary: bool = False) -> list[str]:
     """psql command line that writes one table's rows as COPY text to stdout, in the snapshot
     (a table without columns yields one empty line per row); ``blocks``: only the rows stored
-    in that range of heap blocks, in the same text form."""
+    in that range of heap blocks, in the same text form; ``binary``: in COPY's binary format
+    instead (for a table of the same column types on a server of the same major only)."""
     condition = ctid_condition(blocks)
     if condition:
         columns = ", ".join(quote_ident(c) for c in table.columns)
@@ -621,6 +637,8 @@ def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: Ta
     else:
         columns = f" ({', '.join(quote_ident(c) for c in table.columns)})" if table.columns else ""
         copy = f"COPY {table.qualified}{columns} TO STDOUT"
+    if binary:
+        copy += " (FORMAT binary)"
     return [
         find_tool("psql", major), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo.tool_conninfo(),
         "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
@@ -630,13 +648,16 @@ def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: Ta
     ]
 
 
-def copy_in_statement(schema: str, name: str, columns: Sequence[str], freeze: bool = False) -> sql.Composed:
+def copy_in_statement(schema: str, name: str, columns: Sequence[str], freeze: bool = False,
+                      binary: bool = False) -> sql.Composed:
     """COPY FROM STDIN over ``columns``; with none (a table without columns, which can still
-    hold rows: one empty line each) the column list is left out, as COPY's syntax requires."""
+    hold rows: one empty line each) the column list is left out, as COPY's syntax requires.
+    ``binary``: the rows come in COPY's binary format."""
     column_list = sql.SQL(" ({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns)) \
         if columns else sql.SQL("")
+    options = [*(["FORMAT binary"] if binary else []), *(["FREEZE"] if freeze else [])]
     return sql.SQL("COPY {}{} FROM STDIN{}").format(
-        qualified(schema, name), column_list, sql.SQL(" WITH (FREEZE)" if freeze else ""))
+        qualified(schema, name), column_list, sql.SQL(f" WITH ({', '.join(options)})" if options else ""))
 
 
 def truncate_statement(schema: str, name: str) -> sql.Composed:
