@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from support.paths import REPO_ROOT
 
 
@@ -43,3 +44,16 @@ def test_table_restore_help_loads_neither_other_groups_nor_the_s3_driver() -> No
     assert {"backup_tool.cli.restore", "backup_tool.cli.pitr"} <= loaded
     assert not loaded & {"backup_tool.cli.wal", "backup_tool.cli.backup", "backup_tool.cli.catalog",
                          "backup_tool.cli.schedule", "boto3", "botocore", "psycopg"}
+
+
+def test_version_is_answered_without_the_command_line_framework(capsys: pytest.CaptureFixture[str]) -> None:
+    from backup_tool.cli.program import app
+
+    app(["version"], prog_name="backup-tool", standalone_mode=False)
+    through_typer = capsys.readouterr().out
+    for argv in (["--version"], ["version"]):
+        done = subprocess.run([sys.executable, "-c", _LOADED, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert done.stdout == through_typer, done.stderr[-2000:]
+        loaded = set(json.loads(done.stderr.splitlines()[-1]))
+        assert not {m for m in loaded if m.split(".")[0] in ("typer", "pydantic", "psycopg", "botocore")}, argv
