@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import secrets
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from psycopg import sql
 from backup_tool.config.settings import Settings
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import (
+    BackupToolError,
     DatabaseError,
     LockHeldError,
     NotFoundError,
@@ -454,6 +456,61 @@ def _archive_definitions(path: Path, archive: bytes, target: ConnInfo, major: in
                        lambda: schema.restore_section(path, target, major, "post-data"))
 
 
+class _ConnectAhead:
+    """The target session, opened by a thread while the repository is read (the S3 client's
+    start, the manifests): the server starts the backend, authenticates and, in a database
+    just created, builds its relation cache on the other core instead of after the manifest.
+
+    It is opened with client_encoding ``encoding``: a session's startup settings are what
+    ``RESET ALL`` (see :func:`_run_script`) returns to, so the backup's encoding cannot be set
+    afterwards. :meth:`take` hands it over only if the backup's encoding is that one; otherwise
+    (or when the command stops first: :meth:`abandon`) it is closed and nothing else changes."""
+
+    def __init__(self, target: ConnInfo, encoding: str) -> None:
+        self.target = target
+        self.encoding = encoding
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        threading.Thread(target=self._open, name="connect-ahead", daemon=True).start()
+
+    def _open(self) -> None:
+        try:
+            conn = self.target.connect(settings={"client_encoding": self.encoding})
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that takes the session
+            self._error = exc
+        else:
+            with self._lock:
+                if self._abandoned:
+                    conn.close()
+                else:
+                    self._conn = conn
+        self._done.set()
+
+    def take(self, encoding: str) -> psycopg.Connection[Any] | None:
+        """The session (the caller owns it now), None if it was opened with another encoding
+        than ``encoding``; its connection error, raised here, where the caller would connect."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        if encoding != self.encoding:
+            self.abandon()
+            return None
+        with self._lock:
+            conn, self._conn = self._conn, None
+        return conn
+
+    def abandon(self) -> None:
+        """Close the session now, or as soon as it is open."""
+        with self._lock:
+            self._abandoned = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
 def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
                    backup_ref: str | None = "latest", into_schema: str | None = None, replace: bool = False,
                    with_roles: bool = False, jobs: int | None = None, run_validation: bool = True,
@@ -466,10 +523,20 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
         raise UsageError("no tables given", "pass --tables SCHEMA.TABLE[,...]")
     reporter = reporter or NullReporter()
     started = time.monotonic()
-    storage = open_repository(settings.repo_url)
-    manifest = Catalog(storage).resolve_logical(backup_ref, database)
-    entries = resolve_tables(manifest, tables)
-    target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
+    try:
+        ahead: _ConnectAhead | None = _ConnectAhead(
+            target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn), "UTF8")
+    except BackupToolError:
+        ahead = None  # a DSN that does not parse is reported below, where it always was
+    try:
+        storage = open_repository(settings.repo_url)
+        manifest = Catalog(storage).resolve_logical(backup_ref, database)
+        entries = resolve_tables(manifest, tables)
+        target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
+    except BaseException:
+        if ahead is not None:
+            ahead.abandon()
+        raise
     jobs = jobs or settings.policy.backup.jobs
     mode = "into-schema" if into_schema else "replace" if replace else "restore"
     fetched = [0]
@@ -477,7 +544,8 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
     def count(n: int) -> None:
         fetched[0] += n
 
-    with target.connect(settings={"client_encoding": manifest.encoding}) as control:
+    opened = ahead.take(manifest.encoding) if ahead is not None else None
+    with opened or target.connect(settings={"client_encoding": manifest.encoding}) as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
