@@ -2,7 +2,7 @@
 
 The only module that talks to S3, through botocore's client alone (boto3's session adds
 only the resource layer and s3transfer, which nothing here uses, and loading them costs a
-short command such as ``restore tables`` about a tenth of a second). Endpoint, region and
+short command such as ``restore tables`` tens of milliseconds). Endpoint, region and
 credentials come from the standard chain boto3 also uses (``AWS_ENDPOINT_URL_S3``,
 ``AWS_PROFILE``, instance roles...).
 
