@@ -299,17 +299,28 @@ def _quiet_library_logs(debug: bool) -> None:
         root.addHandler(logging.NullHandler())
 
 
+def _nothing() -> None:
+    return None
+
+
 def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str], kwargs: dict[str, Any],
            needs_policy: bool = True) -> int:
-    from backup_tool.render.console import RichReporter, make_reporter
+    from backup_tool.render.log import log_reporter, progress_wanted
     from backup_tool.streams import pipeline
 
     signal.signal(signal.SIGTERM, _raise_terminated)
     _quiet_library_logs(common.debug)
 
-    reporter = make_reporter(redact, common.json)
-    inv = Invocation(common, reporter, redact, needs_policy,
-                     reporter.close if isinstance(reporter, RichReporter) else lambda: None)
+    reporter: Reporter
+    close: Callable[[], None] = _nothing
+    if progress_wanted(common.json):
+        from backup_tool.render.console import RichReporter  # rich loads only for a terminal
+
+        reporter = RichReporter(redact)
+        close = reporter.close
+    else:
+        reporter = log_reporter(redact)
+    inv = Invocation(common, reporter, redact, needs_policy, close)
     try:
         try:
             return fn(inv, **kwargs) or 0
@@ -338,8 +349,7 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
                      "rerun with --debug for details", redact)
         return EXIT_FAILED
     finally:
-        if isinstance(reporter, RichReporter):
-            reporter.close()
+        close()
 
 
 def print_traceback(redact: Callable[[str], str]) -> None:

@@ -1,7 +1,8 @@
 """Process entry point, kept light: ``wal push``/``wal fetch`` called by PostgreSQL's
 archiver and recovery once per file are answered from the spool before the CLI (Typer,
 psycopg, boto3) is even imported, when the segment is already known to be durable in the
-repository or already fetched; a plain ``wal fetch`` otherwise runs without the CLI."""
+repository or already fetched; a plain ``wal fetch`` otherwise runs without the CLI.
+``--version`` (and ``version``) alone is answered here too, as the CLI would answer it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ if TYPE_CHECKING:
 
 
 def main() -> None:
+    if sys.argv[1:] in (["--version"], ["version"]):
+        from backup_tool import __version__
+
+        print(f"backup-tool {__version__}")
+        sys.exit(0)
     if sys.argv[1:3] in (["wal", "push"], ["wal", "fetch"]):
         from backup_tool.physical.walspool import never_archived, parse_fetch, try_fast_fetch, try_fast_push
 

@@ -18,14 +18,24 @@ from backup_tool.cli.common import app, report_error
 
 _NOT_COMMANDS = frozenset({"common", "entry", "program"})
 
+GROUP_MODULES: dict[str, tuple[str, ...]] = {
+    "backup": ("backup", "pitr"),
+    "restore": ("restore", "pitr"),
+    "wal": ("wal",),
+    "retention": ("retention",),
+    "schema": ("schema",),
+}
+"""The command modules that register commands on each group: a command line naming a group
+loads only those (tests/cli/test_program.py checks this against what every module registers)."""
+
 
 def _command_modules(argv: list[str]) -> list[str]:
-    """Every command module, except for ``wal push``/``wal fetch``: PostgreSQL starts the
-    tool once per WAL segment, so those load only the ``wal`` group (help lists them all)."""
-    names = sorted(m.name for m in pkgutil.iter_modules(_PACKAGE.__path__) if m.name not in _NOT_COMMANDS)
-    if argv[1:3] in (["wal", "push"], ["wal", "fetch"]) and not {"--help", "-h"} & set(argv):
-        return ["wal"]
-    return names
+    """The command modules ``argv`` can reach: a group's own (``restore tables`` needs neither
+    ``backup`` nor ``wal``; PostgreSQL starts ``wal push``/``wal fetch`` once per segment), or
+    every module for a top-level command or ``--help``."""
+    if len(argv) > 1 and argv[1] in GROUP_MODULES:
+        return sorted(GROUP_MODULES[argv[1]])
+    return sorted(m.name for m in pkgutil.iter_modules(_PACKAGE.__path__) if m.name not in _NOT_COMMANDS)
 
 
 for _module in _command_modules(sys.argv):

@@ -50,6 +50,7 @@ from psycopg import sql
 from backup_tool.config.settings import Settings
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import (
+    BackupToolError,
     DatabaseError,
     LockHeldError,
     NotFoundError,
@@ -559,6 +560,61 @@ class BackupSource:
         return self._manifest
 
 
+class _ConnectAhead:
+    """The target session, opened by a thread while the repository is read (the S3 client's
+    start, the manifests): the server starts the backend, authenticates and, in a database
+    just created, builds its relation cache on the other core instead of after the manifest.
+
+    It is opened with client_encoding ``encoding``: a session's startup settings are what
+    ``RESET ALL`` (see :func:`_run_script`) returns to, so the backup's encoding cannot be set
+    afterwards. :meth:`take` hands it over only if the backup's encoding is that one; otherwise
+    (or when the command stops first: :meth:`abandon`) it is closed and nothing else changes."""
+
+    def __init__(self, target: ConnInfo, encoding: str) -> None:
+        self.target = target
+        self.encoding = encoding
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        threading.Thread(target=self._open, name="connect-ahead", daemon=True).start()
+
+    def _open(self) -> None:
+        try:
+            conn = self.target.connect(settings={"client_encoding": self.encoding})
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that takes the session
+            self._error = exc
+        else:
+            with self._lock:
+                if self._abandoned:
+                    conn.close()
+                else:
+                    self._conn = conn
+        self._done.set()
+
+    def take(self, encoding: str) -> psycopg.Connection[Any] | None:
+        """The session (the caller owns it now), None if it was opened with another encoding
+        than ``encoding``; its connection error, raised here, where the caller would connect."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        if encoding != self.encoding:
+            self.abandon()
+            return None
+        with self._lock:
+            conn, self._conn = self._conn, None
+        return conn
+
+    def abandon(self) -> None:
+        """Close the session now, or as soon as it is open."""
+        with self._lock:
+            self._abandoned = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
 def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
                    backup_ref: str | None = "latest", into_schema: str | None = None, replace: bool = False,
                    with_roles: bool = False, jobs: int | None = None, run_validation: bool = True,
@@ -567,10 +623,20 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
     ``database``: which database ``latest`` means (see :func:`backup_tool.repository.catalog.choose_latest`)."""
     check_request(tables, into_schema, replace)
     started = time.monotonic()
-    storage = open_repository(settings.repo_url)
-    manifest = Catalog(storage).resolve_logical(backup_ref, database)
+    try:
+        ahead: _ConnectAhead | None = _ConnectAhead(
+            target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn), "UTF8")
+    except BackupToolError:
+        ahead = None  # a DSN that does not parse is reported where it always was
+    try:
+        storage = open_repository(settings.repo_url)
+        manifest = Catalog(storage).resolve_logical(backup_ref, database)
+    except BaseException:
+        if ahead is not None:
+            ahead.abandon()
+        raise
     return restore_tables_from(BackupSource(storage, manifest, with_roles), target_dsn, tables, into_schema, replace,
-                               jobs or settings.policy.backup.jobs, run_validation, reporter, started)
+                               jobs or settings.policy.backup.jobs, run_validation, reporter, started, ahead)
 
 
 def check_request(tables: list[str], into_schema: str | None, replace: bool) -> None:
@@ -584,19 +650,25 @@ def check_request(tables: list[str], into_schema: str | None, replace: bool) -> 
 def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables: list[str],
                         into_schema: str | None = None, replace: bool = False, jobs: int = 2,
                         run_validation: bool = True, reporter: Reporter | None = None,
-                        started: float | None = None) -> TablesRestoreResult:
+                        started: float | None = None, ahead: _ConnectAhead | None = None) -> TablesRestoreResult:
     """Restore only ``tables`` from ``source`` into the target database, then validate them
     against what :meth:`TableSource.settled` says the source held (see the module docstring
-    for the modes and their refusals)."""
+    for the modes and their refusals). ``ahead``: the target session being opened meanwhile."""
     check_request(tables, into_schema, replace)
     reporter = reporter or NullReporter()
     started = time.monotonic() if started is None else started
     manifest = source.manifest
-    entries = resolve_tables(manifest, tables)
-    target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
+    try:
+        entries = resolve_tables(manifest, tables)
+        target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
+    except BaseException:
+        if ahead is not None:
+            ahead.abandon()
+        raise
     mode = "into-schema" if into_schema else "replace" if replace else "restore"
 
-    with target.connect(settings={"client_encoding": manifest.encoding}) as control:
+    opened = ahead.take(manifest.encoding) if ahead is not None else None
+    with opened or target.connect(settings={"client_encoding": manifest.encoding}) as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")
         major = postgres.tools_major(control, manifest.server_version_num // 10000)

@@ -194,7 +194,7 @@ def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section:
 
 def _planned_passes(archive_path: Path, ids: set[str]) -> list[ReplayPass]:
     try:
-        toc = read_toc(archive_path.read_bytes(), _PLANNABLE_VERSIONS)
+        toc = read_toc(archive_path.read_bytes())
     except UnreadableToc:
         return []
     return post_data_passes(toc, {int(i) for i in ids})
@@ -291,15 +291,13 @@ class UnreadableToc(Exception):
     """The archive is not a custom-format archive of a version :func:`read_toc` knows."""
 
 
-_READABLE_VERSIONS = ((1, 12), (1, 13), (1, 14), (1, 15))
-# Format 1.16 (pg_dump 17 and later) adds the relation kind to each entry. Read for the order of
-# a post-data replay (:func:`post_data_passes`); table definitions are not yet taken from it.
-_PLANNABLE_VERSIONS = (*_READABLE_VERSIONS, (1, 16))
+# Format 1.16 (pg_dump 17 and 18) adds the relation kind to each entry, which is skipped.
+_READABLE_VERSIONS = ((1, 12), (1, 13), (1, 14), (1, 15), (1, 16))
 
 
 def read_toc(archive: bytes, versions: tuple[tuple[int, int], ...] = _READABLE_VERSIONS) -> list[TocEntry]:
-    """The table of contents of a pg_dump custom-format archive (format 1.12 to 1.15, written
-    by pg_dump 11 to 16, or those of ``versions``), in archive order; :class:`UnreadableToc`
+    """The table of contents of a pg_dump custom-format archive (format 1.12 to 1.16, written
+    by pg_dump 11 to 18, or those of ``versions``), in archive order; :class:`UnreadableToc`
     for anything else."""
     if archive[:5] != b"PGDMP" or len(archive) < 11:
         raise UnreadableToc("not a pg_dump custom-format archive")

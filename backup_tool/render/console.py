@@ -8,16 +8,15 @@ machine-readable: one JSON object per line for each warning, and for each milest
 when ``BACKUP_TOOL_LOG=json`` asks stderr to carry logs. So a failing command's stderr is
 exactly its one error line unless logs were asked for, and a successful one prints nothing
 there but warnings. Both write to stderr, so stdout stays clean for ``--json`` documents.
+
+The JSON-lines reporter lives in :mod:`backup_tool.render.log`, which does not load rich: a
+command run by cron or a script (no terminal) does not pay for importing it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from rich.console import Console
@@ -34,42 +33,9 @@ from rich.progress import (
 from rich.progress import Task as ProgressTask
 from rich.text import Text
 
-from backup_tool.core.report import LOG_ENV, Reporter, Task, Unit
+from backup_tool.core.report import Reporter, Task, Unit
 from backup_tool.core.units import human_size
-
-
-class LogReporter:
-    """JSON lines on stderr: {"ts", "level", "event", ...fields}; milestones only if ``info``."""
-
-    def __init__(self, redact: Callable[[str], str], stream: Any = None, info: bool = True) -> None:
-        self.redact = redact
-        self.stream = stream or sys.stderr
-        self.info = info
-        self._lock = threading.Lock()
-
-    def _write(self, level: str, message: str, fields: dict[str, Any]) -> None:
-        line = json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "level": level, "event": message, **fields}, default=str)
-        with self._lock:
-            print(self.redact(line), file=self.stream, flush=True)
-
-    def event(self, message: str, **fields: Any) -> None:
-        if self.info:
-            self._write("info", message, fields)
-
-    def warning(self, message: str, **fields: Any) -> None:
-        self._write("warning", message, fields)
-
-    def task(self, description: str, total: int | None = None, unit: Unit = Unit.BYTES) -> Task:
-        return _QuietTask()
-
-
-class _QuietTask:
-    def advance(self, amount: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
+from backup_tool.render.log import LogReporter, log_reporter, progress_wanted
 
 
 def _amounts(done: float, total: float | None, unit: Unit) -> str:
@@ -170,6 +136,9 @@ class RichReporter:
 
 def make_reporter(redact: Callable[[str], str], json_output: bool = False) -> Reporter:
     """Progress on a terminal; otherwise warnings only, plus milestones with ``BACKUP_TOOL_LOG=json``."""
-    if sys.stderr.isatty() and not json_output:
+    if progress_wanted(json_output):
         return RichReporter(redact)
-    return LogReporter(redact, info=os.environ.get(LOG_ENV, "").lower() == "json")
+    return log_reporter(redact)
+
+
+__all__ = ["LogReporter", "RichReporter", "make_reporter"]

@@ -45,7 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.errors import (
@@ -151,8 +151,32 @@ class DatabaseHint:
     dsn: str | None = None
 
 
-def choose_latest(backups: Iterable[Manifest], database: DatabaseHint,
-                  kinds: tuple[str, ...] = LOGICAL_KINDS, where: str = "the repository") -> Manifest:
+LOAD_THREADS = 8
+"""Manifests read at once; ``latest`` among no more than this many reads them all (one round
+of GETs, as fast as reading the catalog index)."""
+
+
+class Candidate(Protocol):
+    """What :func:`choose_latest` reads of a backup: a manifest, or its index record."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def database(self) -> str: ...
+
+    @property
+    def started_at(self) -> datetime: ...
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+def choose_latest(backups: Iterable[C], database: DatabaseHint,
+                  kinds: tuple[str, ...] = LOGICAL_KINDS, where: str = "the repository") -> C:
     """The newest backup (by start, the moment its snapshot was taken) of ``kinds`` of one database.
 
     The database is ``database.option`` if given; else the only database the repository holds
@@ -302,16 +326,17 @@ class Catalog:
         raise ConfigError(f"backup {manifest.id} is encrypted with key id {recorded['key_id']}, but the "
                           f"configured key has id {key.key_id}", KEY_HINT)
 
-    def scan(self) -> tuple[list[Manifest], list[BackupToolError]]:
-        """Every readable manifest (oldest first) and the errors of those that are not."""
-        manifests, problems = self._load_many(self.ids())
+    def scan(self, ids: list[str] | None = None) -> tuple[list[Manifest], list[BackupToolError]]:
+        """Every readable manifest (oldest first; of ``ids`` if given, else of the listing)
+        and the errors of those that are not."""
+        manifests, problems = self._load_many(self.ids() if ids is None else ids)
         manifests.sort(key=lambda m: (m.started_at, m.id))
         return manifests, problems
 
     def _load_many(self, ids: list[str]) -> tuple[list[Manifest], list[BackupToolError]]:
         manifests: list[Manifest] = []
         problems: list[BackupToolError] = []
-        with cf.ThreadPoolExecutor(8) as pool:
+        with cf.ThreadPoolExecutor(LOAD_THREADS) as pool:
             for fut in [pool.submit(self.load, i) for i in ids]:
                 try:
                     manifests.append(fut.result())
@@ -319,12 +344,13 @@ class Catalog:
                     problems.append(exc)
         return manifests, problems
 
-    def entries(self, refresh: bool = False) -> tuple[list[IndexEntry], list[BackupToolError]]:
+    def entries(self, refresh: bool = False,
+                ids: list[str] | None = None) -> tuple[list[IndexEntry], list[BackupToolError]]:
         """What :meth:`scan` would give, as index entries (oldest first), reading only the
         manifests the catalog index does not vouch for (:mod:`backup_tool.repository.catalog_index`).
         With ``refresh``, a stale or missing index is rewritten (best effort: a read-only
-        repository just stays without one)."""
-        ids = self.ids()
+        repository just stays without one). ``ids``: the manifest listing, if just taken."""
+        ids = self.ids() if ids is None else ids
         index = read_index(self.storage)
         known, vouched = index if index is not None else ([], {})
         listed = set(ids)
@@ -374,7 +400,11 @@ class Catalog:
         ref = ref or LATEST
         hint = database or DatabaseHint()
         if ref == LATEST:
-            manifests, refused = self.scan()
+            ids = self.ids()
+            indexed = self._latest_by_index(ids, hint, kinds) if len(ids) > LOAD_THREADS else None
+            if indexed is not None:
+                return indexed
+            manifests, refused = self.scan(ids)
             try:
                 return choose_latest(manifests, hint, kinds, self.storage.url)
             except UnresolvedBackup as exc:
@@ -384,6 +414,24 @@ class Catalog:
         manifest = self.load(match_id(self.ids(), ref, self.storage.url))
         check_database(manifest, hint)
         return manifest
+
+    def _latest_by_index(self, ids: list[str], hint: DatabaseHint, kinds: tuple[str, ...]) -> Manifest | None:
+        """``latest`` among the listed ``ids``, chosen from the catalog index (:meth:`entries`:
+        one GET for the index, the manifests it does not vouch for, then the chosen one), so a
+        restore does not read every manifest of a large repository. None, and the caller reads
+        them all as before, when the choice is not certain to be the same: no backup qualifies
+        (the errors name the refused manifests), or the chosen manifest does not load or is not
+        the one the index recorded (its sha256 differs)."""
+        entries = {e.id: e for e in self.entries(ids=ids)[0]}
+        try:
+            newest = choose_latest([e.parsed for e in entries.values()], hint, kinds, self.storage.url)
+        except UnresolvedBackup:
+            return None
+        try:
+            manifest = self.load(newest.id)
+        except BackupToolError:
+            return None
+        return manifest if self._digests.get(newest.id) == entries[newest.id].manifest_sha256 else None
 
     def resolve_logical(self, ref: str | None, database: DatabaseHint | None = None) -> Manifest:
         """Like :meth:`resolve`, refusing a physical base backup (those restore with ``restore pitr``)."""

@@ -3,11 +3,13 @@ refusals change nothing, and each mode ends validated."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Callable
 
 import clioutput
 import dbcompare
 import pytest
+from support.clusters import DbHandle, free_port
 from support.manifests import make_manifest
 
 from backup_tool.cli.common import one_line
@@ -352,3 +354,33 @@ def test_validation_after_restore_tables_fails_when_the_result_differs(
     assert "observability_logs_default" in failures(check_in_place())
     db.execute("SELECT setval(pg_get_serial_sequence('public.payments', 'id'), 1)")
     assert "payments_id_seq" in failures(check_in_place())
+
+
+def test_a_latin1_database_gets_its_table_back_byte_for_byte(cli: Any, local_repo: str, pg_server: Any) -> None:
+    """The target session opened while the repository is read has UTF8 as its client
+    encoding; a backup in another encoding is loaded through a session in its own."""
+    name = f"latin_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
+    try:
+        db = DbHandle(pg_server, name)
+        db.execute("CREATE TABLE public.words (id int PRIMARY KEY, w text NOT NULL)")
+        db.execute("INSERT INTO public.words VALUES (1, 'café'), (2, 'Straße'), (3, 'naïve ½ ÿ'), (4, 'plain')")
+        stored = "SELECT id, convert_to(w, 'LATIN1') FROM public.words ORDER BY id"
+        expected = db.execute(stored)
+        cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+        db.execute("DROP TABLE public.words")
+        result = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.words", "--target-dsn", db.dsn)
+        assert result["ok"] is True and result["rows"] == 4
+        assert db.execute(stored) == expected and expected[1][1] == "Straße".encode("latin-1")
+    finally:
+        pg_server.drop_db(name)
+
+
+def test_a_missing_repository_is_reported_before_an_unreachable_target(cli: Any, tmp_path: Any) -> None:
+    """The target is connected to while the repository is read, but its failure is reported
+    where it always was: after the repository's."""
+    proc = cli("restore", "tables", "--repo", str(tmp_path / "nowhere"), "--tables", "public.t",
+               "--target-dsn", f"host=127.0.0.1 port={free_port()} dbname=x user=x connect_timeout=2")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "repository" in proc.stderr and "does not exist" in proc.stderr

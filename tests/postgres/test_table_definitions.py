@@ -4,14 +4,18 @@ writes for it, and the SQL run before and after the data is exactly pg_dump's.""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from support.paths import FIXTURES_DIR
 
 from backup_tool.postgres import schema
 from backup_tool.postgres.schema import Section, TocEntry
+
+PG18 = FIXTURES_DIR / "pg18"
 
 AWKWARD = r"""
 CREATE SCHEMA "Odd Schema";
@@ -108,6 +112,28 @@ def test_definitions_equal_pg_dumps_table_selection(awkward_db: Any, tmp_path: P
         assert sorted(ours + _statements(scripts.after_data)) == \
             sorted(theirs + _statements("\n".join(post))), (ns, name)
     # "sp" with constraint "ace x" and "sp ace": the tag "sp ace x" names either table
+    assert ambiguous == [("public", "sp")] or sorted(ambiguous) == [("public", "sp"), ("public", "sp ace")]
+
+
+def test_pg_dump_18_archives_give_the_selection_pg_dump_18_makes() -> None:
+    """Archive format 1.16 (pg_dump 17 and 18): the AWKWARD schema as pg_dump 18.6 archived it,
+    and for each table the entries ``pg_dump --schema-only --table`` of it wrote (recorded by
+    tests/fixtures/pg18/regenerate.py, since no PostgreSQL 17+ client is installed here)."""
+    archive = (PG18 / "schema.pgdump").read_bytes()
+    assert archive[5:7] == bytes([1, 16])
+    recorded = {tuple(json.loads(k)): v for k, v in
+                json.loads((PG18 / "table_selections.json").read_text())["selections"].items()}
+    toc = schema.read_toc(archive)
+    by_id = {e.dump_id: e for e in toc}
+    assert sorted(recorded) == sorted((e.namespace, e.tag) for e in toc if e.desc == "TABLE")
+    ambiguous = []
+    for (ns, name), want in recorded.items():
+        ids = schema.table_definition_ids(toc, {(ns, name)})
+        if ids is None:
+            ambiguous.append((ns, name))
+            continue
+        got = sorted([int(by_id[i].section), by_id[i].desc, by_id[i].namespace, by_id[i].tag] for i in ids)
+        assert got == want, (ns, name)
     assert ambiguous == [("public", "sp")] or sorted(ambiguous) == [("public", "sp"), ("public", "sp ace")]
 
 

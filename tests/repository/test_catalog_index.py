@@ -17,7 +17,7 @@ from test_tamper import KEY, resealed, sealed_repo
 
 from backup_tool.config.policy import Policy
 from backup_tool.errors import IntegrityError
-from backup_tool.repository.catalog import REFUSED, Catalog, manifest_key
+from backup_tool.repository.catalog import LOAD_THREADS, REFUSED, Catalog, DatabaseHint, choose_latest, manifest_key
 from backup_tool.repository.catalog_index import INDEX_PREFIX, IndexEntry, _digest, index_keys, write_index
 from backup_tool.repository.records import BackupRecord
 from backup_tool.repository.storage.encrypted import EncryptedStorage, EncryptionKey
@@ -181,3 +181,26 @@ def test_an_index_of_the_previous_format_is_read_past(tmp_path: Path) -> None:
     assert len(manifest_reads(inner)) == len(h.manifests)
     [rewritten] = index_keys(storage)
     assert json.loads((tmp_path / rewritten).read_text())["format"] == 2
+
+
+def test_latest_reads_only_the_manifest_the_index_chooses_and_falls_back_to_all_of_them(tmp_path: Path) -> None:
+    """A restore of ``latest`` reads the index and the chosen manifest, not every manifest;
+    when that manifest is not the one the index recorded (here damaged, so refused), every
+    manifest is read and the choice is the one reading them all makes."""
+    history(tmp_path)
+    storage, inner = opened(tmp_path)
+    ids = Catalog(storage).ids()
+    assert len(ids) > LOAD_THREADS
+    want = choose_latest(Catalog(storage).scan()[0], DatabaseHint())
+    Catalog(storage).records(refresh=True)
+    inner.reads.clear()
+    assert Catalog(storage).resolve("latest") == want
+    assert manifest_reads(inner) == [manifest_key(want.id)]
+
+    body = json.loads((tmp_path / manifest_key(want.id)).read_bytes())
+    body["tables"][0]["rows"] += 1
+    write_object(str(tmp_path), manifest_key(want.id), json.dumps(body).encode())
+    inner.reads.clear()
+    chosen = Catalog(storage).resolve("latest")
+    assert chosen == choose_latest(Catalog(storage).scan()[0], DatabaseHint()) and chosen.id != want.id
+    assert sorted(set(manifest_reads(inner))) == sorted(manifest_key(i) for i in ids)

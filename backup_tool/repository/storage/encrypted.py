@@ -48,15 +48,13 @@ import secrets
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from backup_tool.errors import BackupToolError, ConfigError, IntegrityError
 from backup_tool.repository.storage.base import ObjectInfo, ObjectLock, PutResult, Storage
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEY_ENV = "BACKUP_TOOL_ENCRYPTION_KEY"
 KEY_FILE_ENV = "BACKUP_TOOL_ENCRYPTION_KEY_FILE"
@@ -95,6 +93,9 @@ class EncryptionKey:
         return hashlib.sha256(self.secret).hexdigest()[:16]
 
     def derive(self, salt: bytes, info: bytes) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
         return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=info).derive(self.secret)
 
     def seal(self, digest: str) -> str:
@@ -213,6 +214,23 @@ def _nonce(header: Header, index: int, final: bool) -> bytes:
     return header.prefix + struct.pack(">IB", index, 1 if final else 0)
 
 
+def _object_cipher(key: EncryptionKey, salt: bytes) -> AESGCM:
+    """The AEAD of one object. cryptography is imported here, on first use, not with the
+    module: every repository is opened through :class:`EncryptedStorage`, and a command
+    reading an unencrypted one (a ``restore tables`` counts its fixed cost in tens of
+    milliseconds) never needs it."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key.derive(salt, b"backup-tool object v1"))
+
+
+def _invalid_tag() -> type[Exception]:
+    """cryptography's authentication failure, imported only when a decryption raised."""
+    from cryptography.exceptions import InvalidTag
+
+    return InvalidTag
+
+
 def _aad(header: Header, object_key: str) -> bytes:
     return header.raw + object_key.encode()
 
@@ -223,7 +241,7 @@ def encrypt_stream(key: EncryptionKey, object_key: str, chunks: Iterable[bytes],
     salt, prefix = secrets.token_bytes(SALT_SIZE), secrets.token_bytes(PREFIX_SIZE)
     raw = _HEADER.pack(MAGIC, VERSION, frame_size, bytes.fromhex(key.key_id), salt, prefix)
     header = Header(frame_size, key.key_id, salt, prefix, raw)
-    aead = AESGCM(key.derive(salt, b"backup-tool object v1"))
+    aead = _object_cipher(key, salt)
     aad = _aad(header, object_key)
     yield raw
     buf = bytearray()
@@ -264,7 +282,7 @@ def decrypt_stream(key: EncryptionKey | None, object_key: str, stored: Iterable[
     if key.key_id != header.key_id:
         raise ConfigError(f"object {object_key} is encrypted with key id {header.key_id}, but the configured "
                           f"key has id {key.key_id}", KEY_HINT)
-    aead = AESGCM(key.derive(header.salt, b"backup-tool object v1"))
+    aead = _object_cipher(key, header.salt)
     aad = _aad(header, object_key)
     sealed = header.frame_size + TAG_SIZE
     rest = bytes(buf[HEADER_SIZE:])
@@ -274,7 +292,7 @@ def decrypt_stream(key: EncryptionKey | None, object_key: str, stored: Iterable[
     def open_frame(data: bytes, final: bool) -> bytes:
         try:
             return aead.decrypt(_nonce(header, index, final), data, aad)
-        except InvalidTag:
+        except _invalid_tag():
             raise IntegrityError(f"object {object_key} fails authentication at frame {index}: it was altered, "
                                  "truncated or damaged", "restore from another backup and run "
                                  "'backup-tool verify all'") from None
@@ -350,7 +368,7 @@ class EncryptedStorage(Storage):
         if k is None or k.key_id != header.key_id:
             raise ConfigError(f"object {key} is encrypted with key id {header.key_id} and the configured "
                               "key does not match", KEY_HINT)
-        aead = AESGCM(k.derive(header.salt, b"backup-tool object v1"))
+        aead = _object_cipher(k, header.salt)
         aad = _aad(header, key)
         sealed = header.frame_size + TAG_SIZE
         frames = max(1, -(-(stored_size - HEADER_SIZE) // sealed))
@@ -365,7 +383,7 @@ class EncryptedStorage(Storage):
             piece = data[(index - first) * sealed:(index - first + 1) * sealed]
             try:
                 plain += aead.decrypt(_nonce(header, index, index == frames - 1), piece, aad)
-            except InvalidTag:
+            except _invalid_tag():
                 raise IntegrityError(f"object {key} fails authentication at frame {index}: it was altered, "
                                      "truncated or damaged", "restore from another backup and run "
                                      "'backup-tool verify all'") from None

@@ -1,7 +1,8 @@
 """S3 repository (AWS S3 and compatible stores: MinIO, R2, test endpoints).
 
-The only module that imports boto3. Endpoint, region and credentials come from boto3's
-standard chain (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, instance roles...).
+The only module that imports boto3 (the S3 library the project is built on). Endpoint, region
+and credentials come from boto3's standard chain (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``,
+instance roles...).
 
 Uploads stream: chunks are cut into multipart parts uploaded by a few threads, so memory
 stays at (parts in flight + 1) x part size whatever the object size. Objects smaller than
