@@ -2,10 +2,13 @@
 
 A base backup is one object (``base.tar.zst``): pg_basebackup's tar through zstd, which the
 compressor cuts into independent zstd frames at chosen tar member boundaries
-(:class:`FramedCompressor`): every member of 1 MiB or more gets a frame of its own, and runs
+(:class:`FramedCompressor`): every member of 1 MiB or more starts a frame of its own, and runs
 of smaller members (catalogs, configuration, small tables) are grouped in frames
-of about 4 MiB raw. The concatenated frames are one valid zstd stream, so the whole object
-restores and verifies exactly as before.
+of about 4 MiB raw; no frame holds more than 8 MiB raw (a bigger member spans several), so
+the frames of one big relation file are compressed on several threads at once. The
+concatenated frames are one valid zstd stream, so the whole object restores and verifies
+exactly as before, and readers that follow the index by raw offsets (ranged reads, older
+versions included) need no frame to start at a member.
 
 Beside it, ``base.index.json.zst`` (:class:`TarIndex`) records each frame (raw and stored
 offsets, sizes and the sha256 of its stored bytes) and each tar member (name, kind, data
@@ -25,6 +28,7 @@ import concurrent.futures as cf
 import hashlib
 import itertools
 import json
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Iterator
@@ -38,6 +42,7 @@ from backup_tool.streams import pipeline
 INDEX_KEY = "base.index.json.zst"
 INDEX_VERSION = 1
 FRAME_TARGET = 4 << 20
+FRAME_MAX = 8 << 20
 BIG_MEMBER = 1 << 20
 READ_PIECE = 8 << 20
 MERGE_GAP = 4 << 20
@@ -182,79 +187,115 @@ class TarWalker:
 
 
 class FramedCompressor:
-    """zstd compression of a tar stream in frames cut at member boundaries (see the module
-    docstring); :attr:`frames` and :attr:`walker` hold the index once the stream is consumed."""
+    """zstd compression of a tar stream in independent frames (see the module docstring);
+    :attr:`frames` and :attr:`walker` hold the index once the stream is consumed.
+
+    With ``workers`` > 1 the frames are compressed (and their stored bytes hashed) on that
+    many threads (zstd and sha256 release the GIL) while this thread reads on; they are
+    emitted in stream order. Memory: the open frame plus at most ``workers`` frames in
+    flight, each at most :data:`FRAME_MAX` raw bytes and its compressed form."""
 
     def __init__(self, level: int, stats: pipeline.StreamStats,
-                 on_raw: Callable[[int], None] | None = None) -> None:
+                 on_raw: Callable[[int], None] | None = None, workers: int = 1) -> None:
         self.level = level
         self.stats = stats
         self.on_raw = on_raw
+        self.workers = max(1, workers)
         self.walker = TarWalker()
         self.frames: list[Frame] = []
-        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        self._obj = self._cctx.compressobj()
-        self._hash = hashlib.sha256()
-        self._raw_start = 0
-        self._raw = 0
+        self._local = threading.local()
         self._offset = 0
-        self._size = 0
         self._cuts: list[int] = []
         self._next_start = 0
 
-    def _emit(self, data: bytes) -> bytes:
-        if data:
-            self._hash.update(data)
-            self._size += len(data)
-        return data
-
-    def _end_frame(self) -> bytes:
-        out = self._emit(self._obj.flush())
-        self.frames.append(Frame(self._raw_start, self._raw - self._raw_start, self._offset, self._size,
-                                 self._hash.hexdigest()))
-        self._offset += self._size
-        self._raw_start, self._size = self._raw, 0
-        self._hash = hashlib.sha256()
-        self._obj = self._cctx.compressobj()
-        return out
-
     def _cut(self, offset: int, big: bool) -> None:
         """A member header at ``offset``: end the frame there if the member (or the one
-        before) is big, or the frame has reached its target size."""
+        before) is big, or the frame has reached its target size; a frame reaching
+        :data:`FRAME_MAX` before any such header ends where it reaches it."""
+        self._split_before(offset)
         if offset > self._next_start and (big or offset - self._next_start >= FRAME_TARGET):
             self._cuts.append(offset)
             self._next_start = offset
 
+    def _split_before(self, offset: int) -> None:
+        while offset - self._next_start > FRAME_MAX:
+            self._next_start += FRAME_MAX
+            self._cuts.append(self._next_start)
+
+    def _compress_frame(self, data: bytes | memoryview) -> tuple[bytes, str]:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
+        out = cctx.compress(data)
+        return out, hashlib.sha256(out).hexdigest()
+
+    def _record(self, raw_start: int, raw_size: int, out: bytes, digest: str) -> bytes:
+        self.frames.append(Frame(raw_start, raw_size, self._offset, len(out), digest))
+        self._offset += len(out)
+        return out
+
     def compress(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        pending = bytearray()
-        for chunk in chunks:
-            pipeline.check_cancelled()
-            self.stats.raw_size += len(chunk)
-            if self.on_raw:
-                self.on_raw(len(chunk))
-            self._cuts = []
-            self.walker.feed(chunk, self._cut)
-            pending += chunk
-            for offset in self._cuts:
-                n = offset - self._raw
-                out = self._obj.compress(bytes(pending[:n]))
-                del pending[:n]
-                self._raw += n
-                yield self._emit(out) + self._end_frame()
-            n = self.walker.parsed - self._raw
-            if n > 0:
-                out = self._obj.compress(bytes(pending[:n]))
-                del pending[:n]
-                self._raw += n
-                if out:
-                    yield self._emit(out)
-        if pending:
-            out = self._obj.compress(bytes(pending))
-            self._raw += len(pending)
-            if out:
-                yield self._emit(out)
-        if self._raw > self._raw_start or not self.frames:
-            yield self._end_frame()
+        pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="zstd") if self.workers > 1 else None
+        inflight: deque[tuple[int, int, cf.Future[tuple[bytes, str]]]] = deque()
+        held: deque[memoryview] = deque()
+        held_start = 0
+        fed = 0
+
+        def take(upto: int) -> bytes | memoryview:
+            """The held raw bytes before stream offset ``upto`` (removed from ``held``)."""
+            nonlocal held_start
+            n = upto - held_start
+            out: list[memoryview] = []
+            while n:
+                head = held[0]
+                if len(head) <= n:
+                    out.append(held.popleft())
+                    n -= len(head)
+                else:
+                    out.append(head[:n])
+                    held[0] = head[n:]
+                    n = 0
+            held_start = upto
+            return out[0] if len(out) == 1 else b"".join(out)
+
+        def submit(raw_start: int, data: bytes | memoryview) -> None:
+            if pool is None:
+                done: cf.Future[tuple[bytes, str]] = cf.Future()
+                done.set_result(self._compress_frame(data))
+                inflight.append((raw_start, len(data), done))
+            else:
+                inflight.append((raw_start, len(data), pool.submit(self._compress_frame, data)))
+
+        def ready(limit: int) -> Iterator[bytes]:
+            while len(inflight) > limit:
+                raw_start, raw_size, fut = inflight.popleft()
+                out, digest = fut.result()
+                yield self._record(raw_start, raw_size, out, digest)
+
+        try:
+            for chunk in chunks:
+                pipeline.check_cancelled()
+                self.stats.raw_size += len(chunk)
+                if self.on_raw:
+                    self.on_raw(len(chunk))
+                self._cuts = []
+                self.walker.feed(chunk, self._cut)
+                fed += len(chunk)
+                self._split_before(fed)
+                held.append(memoryview(chunk))
+                for offset in self._cuts:
+                    start = held_start
+                    submit(start, take(offset))
+                    yield from ready(self.workers - 1)
+            if fed > held_start or not (self.frames or inflight):
+                start = held_start
+                submit(start, take(fed))
+            yield from ready(0)
+        finally:
+            for _, _, fut in inflight:
+                fut.cancel()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def index(self, relations: dict[str, Any]) -> TarIndex:
         return TarIndex(tuple(self.frames), tuple(self.walker.members), relations)
