@@ -80,6 +80,7 @@ from backup_tool.postgres.cluster import (
     user_can_write,
 )
 from backup_tool.postgres.connection import find_tool
+from backup_tool.repository import walarchive
 from backup_tool.repository.catalog import Catalog, of_cluster_holding
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, utc_iso
 from backup_tool.repository.storage import Storage, open_repository, open_storage
@@ -706,7 +707,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
             reporter: Reporter | None = None, database: str | None = None, plan: Plan | None = None,
             wait: float = 0.0, server_binaries: bool = False,
-            partial_for: PartialRequest | None = None, scratch: bool = False) -> Layout:
+            partial_for: PartialRequest | None = None, scratch: bool = False, recovering: bool = False) -> Layout:
     """Choose the base backup (of a cluster holding ``database``, if given; ``plan``: already
     chosen by :func:`plan_recovery`), fill the empty ``pgdata`` and write the recovery settings.
     With ``server_binaries``, the base backup's major's server programs are found first: without
@@ -715,7 +716,10 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     allows it; the Layout's ``choice`` says whether it did. ``scratch``: a throw-away cluster
     recovered to a time only to read from it (table PITR; see :func:`recover`): recovery
     follows the plan's timeline, and ``restore_command`` answers what it can without running
-    this tool (:func:`_scratch_restore_command`)."""
+    this tool (:func:`_scratch_restore_command`). ``recovering``: the caller starts the
+    recovery at once and removes the answers afterwards (:func:`settle_restore_command`), so
+    ``restore_command`` may answer from the read-ahead and "not archived" for what the
+    archive did not hold when the plan was made (:func:`known_absent`)."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
@@ -755,8 +759,12 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                 fetched = plan.backup.extra_objects[0].size
             restore_command = (f"{tool.result()} wal fetch %f %p --abort-on-error "
                                f"--repo {_shell_quote(storage.url)}")
+        plain_command = restore_command
         if scratch:
             restore_command = _scratch_restore_command(restore_command, pgdata, plan, user)
+        elif recovering:
+            restore_command = _scratch_restore_command(restore_command, pgdata, plan, user,
+                                                       known_absent(plan, _archived_histories(storage)))
         for stale in ("standby.signal", "recovery.signal", "postmaster.pid", "postmaster.opts"):
             (pgdata / stale).unlink(missing_ok=True)
         for sub in ("pg_wal", "pg_wal/archive_status"):
@@ -781,7 +789,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     reporter.event("data directory laid out", pgdata=str(pgdata), bytes=written, os_user=user,
                    partial=choice is not None, bytes_fetched=fetched,
                    wal_prefetched=len(prefetch.fetched) if prefetch else 0)
-    return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started, bin_dir,
+    return Layout(plan, pgdata, user, restore_command if scratch else plain_command, conf, written, time.monotonic() - started, bin_dir,
                   choice=choice, databases_in_backup=partial.databases_in(found[1].members) if found else frozenset(),
                   bytes_fetched=fetched, prefetch=prefetch, scratch=scratch)
 
@@ -809,10 +817,42 @@ def scratch_unneeded(plan: Plan) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, user: str) -> str:
+def known_absent(plan: Plan, histories: frozenset[str]) -> tuple[str, ...]:
+    """Files a recovery from ``plan`` started now asks ``restore_command`` for and that the
+    archive, as listed for the plan (``histories``: its history files), does not hold (pure):
+    :func:`scratch_unneeded` less the history files it has. Answering "not archived" for
+    them ends a ``--latest`` recovery at the archive's end as the plan saw it, which is
+    where :func:`_check_reached_end` expects it."""
+    return tuple(name for name in scratch_unneeded(plan) if name not in histories)
+
+
+def _archived_histories(storage: Storage) -> frozenset[str]:
+    found = (walarchive.KEY_RE.match(info.key.rsplit("/", 1)[-1]) for info in storage.list(walarchive.HISTORY_PREFIX))
+    return frozenset(m["name"] for m in found if m and walarchive.HISTORY_RE.match(m["name"]))
+
+
+def settle_restore_command(layout: Layout) -> None:
+    """After a recovery run by this process: the read-ahead answers go (directories
+    removed) and the configuration keeps the plain ``restore_command`` (``wal fetch``), so a
+    later recovery of this cluster asks the repository for everything."""
+    spool = walspool.spool_dir(layout.pgdata / "pg_wal" / "RECOVERYXLOG")
+    for sub in (spool / UNNEEDED_DIR, walspool.prefetch_dir(layout.pgdata / "pg_wal" / "RECOVERYXLOG")):
+        shutil.rmtree(sub, ignore_errors=True)
+    used = layout.settings.get("restore_command")
+    if used is None or used == layout.restore_command:
+        return
+    conf = layout.pgdata / "postgresql.auto.conf"
+    text = conf.read_text()
+    line = f"restore_command = {conf_quote(used)}"
+    if line in text:
+        conf.write_text(text.replace(line, f"restore_command = {conf_quote(layout.restore_command)}"))
+
+
+def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, user: str,
+                             unneeded: tuple[str, ...] | None = None) -> str:
     """``restore_command`` for a scratch recovery: a shell prologue answers, without starting
-    this tool, the requests it can answer from files alone: "not archived" for
-    :func:`scratch_unneeded` files (a marker file each), and a segment the read-ahead
+    this tool, the requests it can answer from files alone: "not archived" for ``unneeded``
+    (default :func:`scratch_unneeded`; a marker file each), and a segment the read-ahead
     (:class:`wal.RecoveryPrefetch`) already downloaded and verified, linked into place. The
     segment taken is renamed ``NAME.taken`` (the one before it removed): the read-ahead sees
     it gone and reads further, and PostgreSQL, which asks again for the last segment it
@@ -822,11 +862,11 @@ def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, use
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     chown_to(folder.parent, user)
     chown_to(folder, user)
-    for name in scratch_unneeded(plan):
+    for name in scratch_unneeded(plan) if unneeded is None else unneeded:
         (folder / name).touch()
-    unneeded = _shell_quote(str(folder)).replace("%", "%%")
+    markers = _shell_quote(str(folder)).replace("%", "%%")
     ahead = _shell_quote(str(walspool.prefetch_dir(pgdata / "pg_wal" / "RECOVERYXLOG"))).replace("%", "%%")
-    return (f"if [ -e {unneeded}/%f ]; then exit 1; fi; "
+    return (f"if [ -e {markers}/%f ]; then exit 1; fi; "
             f"if ln -f {ahead}/%f %p 2>/dev/null; then "
             f"rm -f {ahead}/*.taken; mv -f {ahead}/%f {ahead}/%f.taken; exit 0; fi; "
             f"ln -f {ahead}/%f.taken %p 2>/dev/null || {{ {restore_command}; }}")
@@ -1076,7 +1116,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                          "recovery)", "leave out --no-start")
     request = PartialRequest(only_database, None) if only_database else None
     layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database,
-                     server_binaries=start, wait=wait, partial_for=request)
+                     server_binaries=start, wait=wait, partial_for=request, recovering=start)
     if not start:
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
                           None, None, layout.seconds, 0.0, layout.bytes_written, layout.plan.physical.databases,
@@ -1105,7 +1145,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
         finally:
             layout.stop_prefetch()
             server.stop("fast")
-            shutil.rmtree(layout.pgdata / "pg_wal" / walspool.SPOOL_DIR / "prefetch", ignore_errors=True)
+            settle_restore_command(layout)
     _adapt_to_this_host(server, reporter)
     server.start_normal()
     seconds = time.monotonic() - started
@@ -1146,7 +1186,7 @@ def _only_database_recovered(settings: Settings, target: Target, layout: Layout,
     server.stop("immediate")
     _empty_dir(layout.pgdata, remove=False)
     full = lay_out(settings, target, layout.pgdata, port, os_user, archive, server_command, reporter, database,
-                   plan=layout.plan, server_binaries=True)
+                   plan=layout.plan, server_binaries=True, recovering=True)
     return full, recover(server, full, timeout, reporter)
 
 
