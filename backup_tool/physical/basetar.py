@@ -452,3 +452,89 @@ def extract(storage: Storage, key: str, stored_size: int, index: TarIndex, membe
     finally:
         pieces.close()
     return fetched
+
+
+def parallel_readable(index: TarIndex, stored_size: int) -> bool:
+    """True when :func:`extract_whole` can lay the object out: its frames are contiguous,
+    cover the object and hold at most :data:`FRAME_MAX` raw bytes each (older backups kept a
+    big member in one frame of any size: they are streamed whole instead)."""
+    raw = offset = 0
+    for f in index.frames:
+        if f.raw_start != raw or f.offset != offset or f.raw_size > FRAME_MAX:
+            return False
+        raw, offset = raw + f.raw_size, offset + f.size
+    return bool(index.frames) and offset == stored_size
+
+
+def _frame_error(key: str, i: int, what: str) -> IntegrityError:
+    return IntegrityError(f"object {key} is corrupt at frame {i}: {what}",
+                          "restore from another backup and run 'backup-tool verify all'")
+
+
+def extract_whole(pieces: Iterable[bytes], key: str, index: TarIndex,
+                  write: Callable[[Member, int, memoryview], None], workers: int,
+                  on_frame: Callable[[int], None] | None = None) -> None:
+    """Every regular file's data from the whole object (``pieces``: its stored bytes in order,
+    decrypted; :func:`parallel_readable` must hold). Each frame is checked against its
+    sha256 and raw size, decompressed and handed to ``write(member, offset, data)`` on one
+    of ``workers`` threads, so frames arrive in any order (the pieces of one member never
+    overlap). ``pieces`` is read to its end, so a check upstream of it delivers its verdict;
+    nothing is trusted before it has. Memory: at most ``workers + 1`` frames in flight."""
+    members = sorted((m for m in index.members if m.kind == "f" and m.size), key=lambda m: m.data_offset)
+    starts = [m.data_offset for m in members]
+    frames = index.frames
+
+    def work(i: int, data: bytes) -> int:
+        frame = frames[i]
+        if hashlib.sha256(data).hexdigest() != frame.sha256:
+            raise _frame_error(key, i, "sha256 differs from its index")
+        try:
+            raw = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        except zstandard.ZstdError as exc:
+            raise _frame_error(key, i, f"it does not decompress ({exc})") from None
+        if len(raw) != frame.raw_size:
+            raise _frame_error(key, i, "its size differs from its index")
+        lo, hi = frame.raw_start, frame.raw_start + frame.raw_size
+        view = memoryview(raw)
+        j = max(bisect.bisect_right(starts, lo) - 1, 0)
+        while j < len(members) and members[j].data_offset < hi:
+            m = members[j]
+            a, b = max(m.data_offset, lo), min(m.data_offset + m.size, hi)
+            if a < b:
+                write(m, a - m.data_offset, view[a - lo:b - lo])
+            j += 1
+        return frame.raw_size
+
+    pool = cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="unzstd")
+    inflight: deque[cf.Future[int]] = deque()
+    held: list[memoryview] = []
+    have = 0
+    i = 0
+    try:
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                if i >= len(frames):
+                    raise IntegrityError(f"object {key} is longer than its index says",
+                                         "restore from another backup and run 'backup-tool verify all'")
+                take = min(len(view), frames[i].size - have)
+                held.append(view[:take])
+                view = view[take:]
+                have += take
+                if have == frames[i].size:
+                    inflight.append(pool.submit(work, i, b"".join(held)))
+                    held, have, i = [], 0, i + 1
+                    while len(inflight) > max(1, workers):
+                        done = inflight.popleft().result()
+                        if on_frame:
+                            on_frame(done)
+        if i < len(frames):
+            raise IntegrityError(f"object {key} ends before frame {i}", "run 'backup-tool verify all'")
+        while inflight:
+            done = inflight.popleft().result()
+            if on_frame:
+                on_frame(done)
+    finally:
+        for fut in inflight:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)

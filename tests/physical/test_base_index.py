@@ -9,6 +9,7 @@ import io
 import os
 import random
 import tarfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -335,3 +336,47 @@ def test_big_members_span_frames_compressed_alike_on_any_number_of_threads(tmp_p
     basetar.extract(storage, "backups/b/base.tar.zst", result.size, index, [part],
                     lambda m, offset, data: got.extend(data))
     assert bytes(got) == big[9 << 20:14 << 20]
+
+
+def whole_layout(stored: bytes, index: basetar.TarIndex, workers: int) -> dict[str, bytes]:
+    got: dict[str, bytearray] = {}
+    lock = threading.Lock()
+
+    def write(m: Member, offset: int, data: memoryview) -> None:
+        with lock:
+            buf = got.setdefault(m.name, bytearray(m.size))
+            buf[offset:offset + len(data)] = data
+
+    pieces = [stored[i:i + 300_001] for i in range(0, len(stored), 300_001)]
+    basetar.extract_whole(iter(pieces), "k", index, write, workers)
+    return {n: bytes(v) for n, v in got.items()}
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_whole_object_lays_out_every_file_exactly_on_any_number_of_threads(workers: int) -> None:
+    rnd = random.Random(13)
+    files = [*cluster_like(rnd), ("base/5/16390", b"".join(rnd.randbytes(200) * 90 for _ in range(1000)))]
+    raw = make_tar(files)
+    fc = basetar.FramedCompressor(3, pipeline.StreamStats(), workers=2)
+    stored = b"".join(fc.compress(chunked(raw, rnd)))
+    index = fc.index({})
+    assert basetar.parallel_readable(index, len(stored))
+    assert whole_layout(stored, index, workers) == {name: data for name, data in files if data}
+
+
+def test_whole_lay_out_refuses_a_damaged_or_cut_object_and_older_big_frames() -> None:
+    rnd = random.Random(17)
+    raw = make_tar(cluster_like(rnd))
+    stored, index = framed(raw, rnd)
+    frame = index.frames[len(index.frames) // 2]
+    damaged = bytearray(stored)
+    damaged[frame.offset + frame.size // 2] ^= 0x40
+    with pytest.raises(IntegrityError, match=f"corrupt at frame {len(index.frames) // 2}: sha256"):
+        whole_layout(bytes(damaged), index, 2)
+    with pytest.raises(IntegrityError, match="ends before frame"):
+        whole_layout(stored[:frame.offset], index, 2)
+    with pytest.raises(IntegrityError, match="longer than its index"):
+        whole_layout(stored + b"x", index, 2)
+    assert not basetar.parallel_readable(index, len(stored) + 1)
+    old_style = replace(index, frames=(*index.frames[:-1], replace(index.frames[-1], raw_size=basetar.FRAME_MAX + 1)))
+    assert not basetar.parallel_readable(old_style, len(stored))
