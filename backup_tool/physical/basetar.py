@@ -489,7 +489,7 @@ def extract_whole(pieces: Iterable[bytes], key: str, index: TarIndex,
         if hashlib.sha256(data).hexdigest() != frame.sha256:
             raise _frame_error(key, i, "sha256 differs from its index")
         try:
-            raw = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=frame.raw_size)
         except zstandard.ZstdError as exc:
             raise _frame_error(key, i, f"it does not decompress ({exc})") from None
         if len(raw) != frame.raw_size:
