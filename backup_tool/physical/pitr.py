@@ -521,17 +521,18 @@ def _safe_member(name: str) -> str:
 
 
 def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: str,
-                 reporter: Reporter, workers: int = 1) -> int:
+                 reporter: Reporter, workers: int = 1, guard: Callable[[], None] = lambda: None) -> int:
     """Lay the base backup's tar out in ``pgdata`` (verified, decompressed); return bytes
     written. A backup whose index allows it (:func:`basetar.parallel_readable`) is read in
     one stream and its frames decompressed and written on ``workers`` threads
-    (:func:`extract_frames`); older ones stream through one tar reader."""
+    (:func:`extract_frames`); older ones stream through one tar reader. ``guard`` is called
+    as the data advances: what it raises stops the lay-out."""
     obj = manifest.extra_objects[0]
     if len(manifest.extra_objects) > 1 and manifest.extra_objects[1].key.endswith(basetar.INDEX_KEY):
         idx = manifest.extra_objects[1]
         index = basetar.load_index(storage, idx.key, idx.sha256, idx.size)
         if basetar.parallel_readable(index, obj.size):
-            return extract_frames(storage, manifest, index, pgdata, os_user, reporter, workers)
+            return extract_frames(storage, manifest, index, pgdata, os_user, reporter, workers, guard)
     progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
     written = 0
     stream = pipeline.read_stored(storage, obj.key, obj.sha256, obj.size)
@@ -554,6 +555,7 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
                         out.write(chunk)
                         written += len(chunk)
                         progress.advance(len(chunk))
+                        guard()
                 os.utime(dest, (member.mtime, member.mtime))
             elif member.issym():
                 raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
@@ -565,7 +567,7 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
 
 
 def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex, pgdata: Path, os_user: str,
-                   reporter: Reporter, workers: int) -> int:
+                   reporter: Reporter, workers: int, guard: Callable[[], None] = lambda: None) -> int:
     """Every directory and file of the index created first (owned, modes as in the tar), then
     the object read once and its frames written in place on ``workers`` threads
     (:func:`basetar.extract_whole`), then the files dated. Returns bytes written."""
@@ -603,7 +605,11 @@ def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex
             os.close(fd)
 
     stream = storage.decode(obj.key, pipeline.verified(storage.get_stored(obj.key), obj.key, obj.sha256, obj.size))
-    basetar.extract_whole(pipeline.read_ahead(stream), obj.key, index, write, workers, progress.advance)
+    def advance(raw: int) -> None:
+        guard()
+        progress.advance(raw)
+
+    basetar.extract_whole(pipeline.read_ahead(stream), obj.key, index, write, workers, advance)
     for m in files:
         os.utime(pgdata / _safe_member(m.name), (m.mtime, m.mtime))
     progress.finish()
@@ -796,12 +802,15 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             raise RefusedError(f"OS user {user} cannot reach {pgdata}",
                                "choose a directory whose parents that user may enter (not under /root)")
         with cf.ThreadPoolExecutor(1, thread_name_prefix="tool-check") as checking:
-            # a scratch lay-out overlaps the server user's run of `<tool> version` (an interpreter
-            # start); any other refuses before writing anything when that user cannot run the tool
+            # the lay-out overlaps the server user's run of `<tool> version` (an interpreter
+            # start); when that user cannot run the tool the full lay-out stops as soon as the
+            # check says so, and what was written goes (below)
             tool = checking.submit(server_tool_command, user, tool_candidates(
                 server_command, plan.physical.archive_command, sys.argv[0], sys.executable))
-            if not scratch:
-                tool.result()
+
+            def guard() -> None:
+                if tool.done():
+                    tool.result()
             prefetch = _start_prefetch(storage, plan, pgdata, user)
             found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
             choice = found[0] if found else None
@@ -809,7 +818,8 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             if found is not None:
                 written, fetched = extract_partial(storage, plan.backup, found[1], found[0], pgdata, user, reporter)
             else:
-                written = extract_base(storage, plan.backup, pgdata, user, reporter, settings.policy.backup.jobs)
+                written = extract_base(storage, plan.backup, pgdata, user, reporter, settings.policy.backup.jobs,
+                                       guard)
                 fetched = plan.backup.extra_objects[0].size
             restore_command = (f"{tool.result()} wal fetch %f %p --abort-on-error "
                                f"--repo {_shell_quote(storage.url)}")

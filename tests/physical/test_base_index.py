@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
 import random
 import tarfile
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -19,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.manifests import make_manifest
 
-from backup_tool.errors import IntegrityError
+from backup_tool.core.report import NullReporter
+from backup_tool.errors import IntegrityError, RefusedError
 from backup_tool.physical import basetar, partial, pitr
 from backup_tool.physical.basetar import Member
 from backup_tool.repository.manifest import StoredObject
@@ -380,3 +383,59 @@ def test_whole_lay_out_refuses_a_damaged_or_cut_object_and_older_big_frames() ->
     assert not basetar.parallel_readable(index, len(stored) + 1)
     old_style = replace(index, frames=(*index.frames[:-1], replace(index.frames[-1], raw_size=basetar.FRAME_MAX + 1)))
     assert not basetar.parallel_readable(old_style, len(stored))
+
+
+def stored_backup(tmp_path: Path, files: list[tuple[str, bytes]], with_index: bool) -> tuple[LocalStorage, Any]:
+    """A base backup's tar and (``with_index``) its index in a local repository, and its manifest."""
+    rnd = random.Random(23)
+    raw = make_tar(files)
+    fc = basetar.FramedCompressor(3, pipeline.StreamStats(), workers=2)
+    stored = b"".join(fc.compress(chunked(raw, rnd)))
+    storage = LocalStorage(tmp_path / "repo")
+    tar = storage.put("backups/x/base.tar.zst", [stored])
+    objects = [StoredObject(tar.key, tar.size, tar.sha256, len(raw))]
+    if with_index:
+        index = storage.put("backups/x/" + basetar.INDEX_KEY, pipeline.compress([fc.index({}).to_json()], 3, 0,
+                                                                               pipeline.StreamStats()))
+        objects.append(StoredObject(index.key, index.size, index.sha256, 0))
+    return storage, replace(make_manifest(kind="base"), tables=(), extra_objects=tuple(objects))
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
+    return {str(p.relative_to(root)): (p.stat().st_mode, int(p.stat().st_mtime) if p.is_file() else 0,
+                                       p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_the_parallel_lay_out_writes_what_the_tar_reader_writes(tmp_path: Path) -> None:
+    """Files, directories, modes, dates and content are the same whether a backup is laid out
+    frame by frame in parallel (index) or through the tar reader (no index, older backups)."""
+    rnd = random.Random(29)
+    files = [*cluster_like(rnd), ("base/5/16500", b"".join(rnd.randbytes(100) * 50 for _ in range(2000)))]
+    user = pwd.getpwuid(os.getuid()).pw_name
+    laid: list[dict[str, tuple[int, int, bytes | None]]] = []
+    for with_index in (True, False):
+        storage, manifest = stored_backup(tmp_path / str(with_index), files, with_index)
+        pgdata = tmp_path / str(with_index) / "data"
+        pgdata.mkdir()
+        written = pitr.extract_base(storage, manifest, pgdata, user, NullReporter(), workers=3)
+        assert written == sum(len(data) for _, data in files)
+        laid.append(tree(pgdata))
+    assert laid[0] == laid[1] and laid[0]["base/5/16500"][2] == files[-1][1]
+
+
+def test_a_failing_guard_stops_the_parallel_lay_out(tmp_path: Path) -> None:
+    rnd = random.Random(31)
+    storage, manifest = stored_backup(tmp_path, cluster_like(rnd), True)
+    calls: list[int] = []
+
+    def guard() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RefusedError("OS user postgres cannot run backup-tool")
+
+    (tmp_path / "data").mkdir()
+    with pytest.raises(RefusedError, match="cannot run"):
+        pitr.extract_base(storage, manifest, tmp_path / "data", pwd.getpwuid(os.getuid()).pw_name, NullReporter(),
+                          workers=2, guard=guard)
+    assert len(calls) == 2
