@@ -4,7 +4,7 @@ A base backup is one object (``base.tar.zst``): pg_basebackup's tar through zstd
 compressor cuts into independent zstd frames at chosen tar member boundaries
 (:class:`FramedCompressor`): every member of 1 MiB or more starts a frame of its own, and runs
 of smaller members (catalogs, configuration, small tables) are grouped in frames
-of about 4 MiB raw; no frame holds more than 8 MiB raw (a bigger member spans several), so
+of about 4 MiB raw; no frame holds more than 4 MiB raw (a bigger member spans several), so
 the frames of one big relation file are compressed on several threads at once. The
 concatenated frames are one valid zstd stream, so the whole object restores and verifies
 exactly as before, and readers that follow the index by raw offsets (ranged reads, older
@@ -42,7 +42,7 @@ from backup_tool.streams import pipeline
 INDEX_KEY = "base.index.json.zst"
 INDEX_VERSION = 1
 FRAME_TARGET = 4 << 20
-FRAME_MAX = 8 << 20
+FRAME_MAX = 4 << 20
 BIG_MEMBER = 1 << 20
 READ_PIECE = 8 << 20
 MERGE_GAP = 4 << 20
