@@ -454,16 +454,17 @@ def extract(storage: Storage, key: str, stored_size: int, index: TarIndex, membe
     return fetched
 
 
-def parallel_readable(index: TarIndex, stored_size: int) -> bool:
-    """True when :func:`extract_whole` can lay the object out: its frames are contiguous,
-    cover the object and hold at most :data:`FRAME_MAX` raw bytes each (older backups kept a
-    big member in one frame of any size: they are streamed whole instead)."""
+def parallel_readable(index: TarIndex) -> bool:
+    """True when :func:`extract_whole` can lay the object out: its frames are contiguous and
+    hold at most :data:`FRAME_MAX` raw bytes each (older backups kept a big member in one
+    frame of any size: they are streamed whole instead). Whether they cover the object
+    exactly, :func:`extract_whole` finds out as it reads."""
     raw = offset = 0
     for f in index.frames:
         if f.raw_start != raw or f.offset != offset or f.raw_size > FRAME_MAX:
             return False
         raw, offset = raw + f.raw_size, offset + f.size
-    return bool(index.frames) and offset == stored_size
+    return bool(index.frames)
 
 
 def _frame_error(key: str, i: int, what: str) -> IntegrityError:

@@ -531,7 +531,7 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
     if len(manifest.extra_objects) > 1 and manifest.extra_objects[1].key.endswith(basetar.INDEX_KEY):
         idx = manifest.extra_objects[1]
         index = basetar.load_index(storage, idx.key, idx.sha256, idx.size)
-        if basetar.parallel_readable(index, obj.size):
+        if basetar.parallel_readable(index):
             return extract_frames(storage, manifest, index, pgdata, os_user, reporter, workers, guard)
     progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
     written = 0

@@ -363,7 +363,7 @@ def test_the_whole_object_lays_out_every_file_exactly_on_any_number_of_threads(w
     fc = basetar.FramedCompressor(3, pipeline.StreamStats(), workers=2)
     stored = b"".join(fc.compress(chunked(raw, rnd)))
     index = fc.index({})
-    assert basetar.parallel_readable(index, len(stored))
+    assert basetar.parallel_readable(index)
     assert whole_layout(stored, index, workers) == {name: data for name, data in files if data}
 
 
@@ -380,18 +380,20 @@ def test_whole_lay_out_refuses_a_damaged_or_cut_object_and_older_big_frames() ->
         whole_layout(stored[:frame.offset], index, 2)
     with pytest.raises(IntegrityError, match="longer than its index"):
         whole_layout(stored + b"x", index, 2)
-    assert not basetar.parallel_readable(index, len(stored) + 1)
     old_style = replace(index, frames=(*index.frames[:-1], replace(index.frames[-1], raw_size=basetar.FRAME_MAX + 1)))
-    assert not basetar.parallel_readable(old_style, len(stored))
+    assert basetar.parallel_readable(index) and not basetar.parallel_readable(old_style)
+    gap = replace(index, frames=(index.frames[0], replace(index.frames[1], offset=index.frames[1].offset + 1)))
+    assert not basetar.parallel_readable(gap)
 
 
-def stored_backup(tmp_path: Path, files: list[tuple[str, bytes]], with_index: bool) -> tuple[LocalStorage, Any]:
+def stored_backup(tmp_path: Path, files: list[tuple[str, bytes]], with_index: bool,
+                  encrypted: bool = False) -> tuple[EncryptedStorage, Any]:
     """A base backup's tar and (``with_index``) its index in a local repository, and its manifest."""
     rnd = random.Random(23)
     raw = make_tar(files)
     fc = basetar.FramedCompressor(3, pipeline.StreamStats(), workers=2)
     stored = b"".join(fc.compress(chunked(raw, rnd)))
-    storage = LocalStorage(tmp_path / "repo")
+    storage = EncryptedStorage(LocalStorage(tmp_path / "repo"), KEY if encrypted else None)
     tar = storage.put("backups/x/base.tar.zst", [stored])
     objects = [StoredObject(tar.key, tar.size, tar.sha256, len(raw))]
     if with_index:
@@ -407,7 +409,8 @@ def tree(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
             for p in sorted(root.rglob("*"))}
 
 
-def test_the_parallel_lay_out_writes_what_the_tar_reader_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_the_parallel_lay_out_writes_what_the_tar_reader_writes(tmp_path: Path, encrypted: bool) -> None:
     """Files, directories, modes, dates and content are the same whether a backup is laid out
     frame by frame in parallel (index) or through the tar reader (no index, older backups)."""
     rnd = random.Random(29)
@@ -415,9 +418,12 @@ def test_the_parallel_lay_out_writes_what_the_tar_reader_writes(tmp_path: Path) 
     user = pwd.getpwuid(os.getuid()).pw_name
     laid: list[dict[str, tuple[int, int, bytes | None]]] = []
     for with_index in (True, False):
-        storage, manifest = stored_backup(tmp_path / str(with_index), files, with_index)
+        storage, manifest = stored_backup(tmp_path / str(with_index), files, with_index, encrypted)
         pgdata = tmp_path / str(with_index) / "data"
         pgdata.mkdir()
+        if with_index:
+            index = manifest.extra_objects[1]
+            assert basetar.parallel_readable(basetar.load_index(storage, index.key, index.sha256, index.size))
         written = pitr.extract_base(storage, manifest, pgdata, user, NullReporter(), workers=3)
         assert written == sum(len(data) for _, data in files)
         laid.append(tree(pgdata))
