@@ -479,8 +479,9 @@ def extract_whole(pieces: Iterable[bytes], key: str, index: TarIndex,
     decrypted; :func:`parallel_readable` must hold). Each frame is checked against its
     sha256 and raw size, decompressed and handed to ``write(member, offset, data)`` on one
     of ``workers`` threads, so frames arrive in any order (the pieces of one member never
-    overlap). ``pieces`` is read to its end, so a check upstream of it delivers its verdict;
-    nothing is trusted before it has. Memory: at most ``workers + 1`` frames in flight."""
+    overlap). A frame's bytes are written only once they matched the (verified) index;
+    ``pieces`` is read to its end, so a check of the whole object upstream delivers its
+    verdict before this returns. Memory: at most ``workers + 1`` frames in flight."""
     members = sorted((m for m in index.members if m.kind == "f" and m.size), key=lambda m: m.data_offset)
     starts = [m.data_offset for m in members]
     frames = index.frames

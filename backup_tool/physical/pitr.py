@@ -604,11 +604,11 @@ def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex
         finally:
             os.close(fd)
 
-    stream = storage.decode(obj.key, pipeline.verified(storage.get_stored(obj.key), obj.key, obj.sha256, obj.size))
     def advance(raw: int) -> None:
         guard()
         progress.advance(raw)
 
+    stream = storage.decode(obj.key, pipeline.verified(storage.get_stored(obj.key), obj.key, obj.sha256, obj.size))
     basetar.extract_whole(pipeline.read_ahead(stream), obj.key, index, write, workers, advance)
     for m in files:
         os.utime(pgdata / _safe_member(m.name), (m.mtime, m.mtime))
