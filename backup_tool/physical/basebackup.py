@@ -82,30 +82,29 @@ class TarScanner:
             yield chunk
 
     def feed(self, chunk: bytes) -> None:
-        self._buf += chunk
-        while not self._ended:
-            if self._remaining or self._padding:
-                if not self._buf:
-                    return
-                if self._remaining:
-                    take = min(self._remaining, len(self._buf))
-                    if self._current is not None or self._special is not None:
-                        self._data += self._buf[:take]
-                    del self._buf[:take]
-                    self._remaining -= take
-                    if self._remaining:
-                        return
+        view = memoryview(chunk)
+        while view and not self._ended:
+            if self._remaining:
+                take = min(self._remaining, len(view))
+                if self._current is not None or self._special is not None:
+                    self._data += view[:take]
+                view = view[take:]
+                self._remaining -= take
+                if not self._remaining:
                     self._member_done()
-                take = min(self._padding, len(self._buf))
-                del self._buf[:take]
-                self._padding -= take
-                if self._padding:
-                    return
                 continue
+            if self._padding:
+                take = min(self._padding, len(view))
+                view = view[take:]
+                self._padding -= take
+                continue
+            need = 512 - len(self._buf)
+            self._buf += view[:need]
+            view = view[need:]
             if len(self._buf) < 512:
                 return
-            header = bytes(self._buf[:512])
-            del self._buf[:512]
+            header = bytes(self._buf)
+            self._buf.clear()
             if header == b"\0" * 512:
                 continue
             self._header(header)
@@ -303,9 +302,9 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         key = data_prefix(backup_id) + TAR_KEY
         try:
             try:
-                framer = basetar.FramedCompressor(level, stats, progress.advance)
+                framer = basetar.FramedCompressor(level, stats, progress.advance, workers=policy.backup.jobs)
                 result = storage.put(key, testhooks.paused_stream("base:upload", framer.compress(
-                    scanner.scan(proc.chunks()))))
+                    scanner.scan(pipeline.read_ahead(proc.chunks())))))
                 proc.finish()
             except DatabaseError as exc:
                 raise explain_basebackup_error(proc.error_text(), facts["user"]) from exc

@@ -2,10 +2,13 @@
 
 A base backup is one object (``base.tar.zst``): pg_basebackup's tar through zstd, which the
 compressor cuts into independent zstd frames at chosen tar member boundaries
-(:class:`FramedCompressor`): every member of 1 MiB or more gets a frame of its own, and runs
+(:class:`FramedCompressor`): every member of 1 MiB or more starts a frame of its own, and runs
 of smaller members (catalogs, configuration, small tables) are grouped in frames
-of about 4 MiB raw. The concatenated frames are one valid zstd stream, so the whole object
-restores and verifies exactly as before.
+of about 4 MiB raw; no frame holds more than 4 MiB raw (a bigger member spans several), so
+the frames of one big relation file are compressed on several threads at once. The
+concatenated frames are one valid zstd stream, so the whole object restores and verifies
+exactly as before, and readers that follow the index by raw offsets (ranged reads, older
+versions included) need no frame to start at a member.
 
 Beside it, ``base.index.json.zst`` (:class:`TarIndex`) records each frame (raw and stored
 offsets, sizes and the sha256 of its stored bytes) and each tar member (name, kind, data
@@ -25,6 +28,7 @@ import concurrent.futures as cf
 import hashlib
 import itertools
 import json
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Iterator
@@ -38,6 +42,7 @@ from backup_tool.streams import pipeline
 INDEX_KEY = "base.index.json.zst"
 INDEX_VERSION = 1
 FRAME_TARGET = 4 << 20
+FRAME_MAX = 4 << 20
 BIG_MEMBER = 1 << 20
 READ_PIECE = 8 << 20
 MERGE_GAP = 4 << 20
@@ -182,79 +187,115 @@ class TarWalker:
 
 
 class FramedCompressor:
-    """zstd compression of a tar stream in frames cut at member boundaries (see the module
-    docstring); :attr:`frames` and :attr:`walker` hold the index once the stream is consumed."""
+    """zstd compression of a tar stream in independent frames (see the module docstring);
+    :attr:`frames` and :attr:`walker` hold the index once the stream is consumed.
+
+    With ``workers`` > 1 the frames are compressed (and their stored bytes hashed) on that
+    many threads (zstd and sha256 release the GIL) while this thread reads on; they are
+    emitted in stream order. Memory: the open frame plus at most ``workers`` frames in
+    flight, each at most :data:`FRAME_MAX` raw bytes and its compressed form."""
 
     def __init__(self, level: int, stats: pipeline.StreamStats,
-                 on_raw: Callable[[int], None] | None = None) -> None:
+                 on_raw: Callable[[int], None] | None = None, workers: int = 1) -> None:
         self.level = level
         self.stats = stats
         self.on_raw = on_raw
+        self.workers = max(1, workers)
         self.walker = TarWalker()
         self.frames: list[Frame] = []
-        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        self._obj = self._cctx.compressobj()
-        self._hash = hashlib.sha256()
-        self._raw_start = 0
-        self._raw = 0
+        self._local = threading.local()
         self._offset = 0
-        self._size = 0
         self._cuts: list[int] = []
         self._next_start = 0
 
-    def _emit(self, data: bytes) -> bytes:
-        if data:
-            self._hash.update(data)
-            self._size += len(data)
-        return data
-
-    def _end_frame(self) -> bytes:
-        out = self._emit(self._obj.flush())
-        self.frames.append(Frame(self._raw_start, self._raw - self._raw_start, self._offset, self._size,
-                                 self._hash.hexdigest()))
-        self._offset += self._size
-        self._raw_start, self._size = self._raw, 0
-        self._hash = hashlib.sha256()
-        self._obj = self._cctx.compressobj()
-        return out
-
     def _cut(self, offset: int, big: bool) -> None:
         """A member header at ``offset``: end the frame there if the member (or the one
-        before) is big, or the frame has reached its target size."""
+        before) is big, or the frame has reached its target size; a frame reaching
+        :data:`FRAME_MAX` before any such header ends where it reaches it."""
+        self._split_before(offset)
         if offset > self._next_start and (big or offset - self._next_start >= FRAME_TARGET):
             self._cuts.append(offset)
             self._next_start = offset
 
+    def _split_before(self, offset: int) -> None:
+        while offset - self._next_start > FRAME_MAX:
+            self._next_start += FRAME_MAX
+            self._cuts.append(self._next_start)
+
+    def _compress_frame(self, data: bytes | memoryview) -> tuple[bytes, str]:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
+        out = cctx.compress(data)
+        return out, hashlib.sha256(out).hexdigest()
+
+    def _record(self, raw_start: int, raw_size: int, out: bytes, digest: str) -> bytes:
+        self.frames.append(Frame(raw_start, raw_size, self._offset, len(out), digest))
+        self._offset += len(out)
+        return out
+
     def compress(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        pending = bytearray()
-        for chunk in chunks:
-            pipeline.check_cancelled()
-            self.stats.raw_size += len(chunk)
-            if self.on_raw:
-                self.on_raw(len(chunk))
-            self._cuts = []
-            self.walker.feed(chunk, self._cut)
-            pending += chunk
-            for offset in self._cuts:
-                n = offset - self._raw
-                out = self._obj.compress(bytes(pending[:n]))
-                del pending[:n]
-                self._raw += n
-                yield self._emit(out) + self._end_frame()
-            n = self.walker.parsed - self._raw
-            if n > 0:
-                out = self._obj.compress(bytes(pending[:n]))
-                del pending[:n]
-                self._raw += n
-                if out:
-                    yield self._emit(out)
-        if pending:
-            out = self._obj.compress(bytes(pending))
-            self._raw += len(pending)
-            if out:
-                yield self._emit(out)
-        if self._raw > self._raw_start or not self.frames:
-            yield self._end_frame()
+        pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="zstd") if self.workers > 1 else None
+        inflight: deque[tuple[int, int, cf.Future[tuple[bytes, str]]]] = deque()
+        held: deque[memoryview] = deque()
+        held_start = 0
+        fed = 0
+
+        def take(upto: int) -> bytes | memoryview:
+            """The held raw bytes before stream offset ``upto`` (removed from ``held``)."""
+            nonlocal held_start
+            n = upto - held_start
+            out: list[memoryview] = []
+            while n:
+                head = held[0]
+                if len(head) <= n:
+                    out.append(held.popleft())
+                    n -= len(head)
+                else:
+                    out.append(head[:n])
+                    held[0] = head[n:]
+                    n = 0
+            held_start = upto
+            return out[0] if len(out) == 1 else b"".join(out)
+
+        def submit(raw_start: int, data: bytes | memoryview) -> None:
+            if pool is None:
+                done: cf.Future[tuple[bytes, str]] = cf.Future()
+                done.set_result(self._compress_frame(data))
+                inflight.append((raw_start, len(data), done))
+            else:
+                inflight.append((raw_start, len(data), pool.submit(self._compress_frame, data)))
+
+        def ready(limit: int) -> Iterator[bytes]:
+            while len(inflight) > limit:
+                raw_start, raw_size, fut = inflight.popleft()
+                out, digest = fut.result()
+                yield self._record(raw_start, raw_size, out, digest)
+
+        try:
+            for chunk in chunks:
+                pipeline.check_cancelled()
+                self.stats.raw_size += len(chunk)
+                if self.on_raw:
+                    self.on_raw(len(chunk))
+                self._cuts = []
+                self.walker.feed(chunk, self._cut)
+                fed += len(chunk)
+                self._split_before(fed)
+                held.append(memoryview(chunk))
+                for offset in self._cuts:
+                    start = held_start
+                    submit(start, take(offset))
+                    yield from ready(self.workers - 1)
+            if fed > held_start or not (self.frames or inflight):
+                start = held_start
+                submit(start, take(fed))
+            yield from ready(0)
+        finally:
+            for _, _, fut in inflight:
+                fut.cancel()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def index(self, relations: dict[str, Any]) -> TarIndex:
         return TarIndex(tuple(self.frames), tuple(self.walker.members), relations)
@@ -411,3 +452,91 @@ def extract(storage: Storage, key: str, stored_size: int, index: TarIndex, membe
     finally:
         pieces.close()
     return fetched
+
+
+def parallel_readable(index: TarIndex) -> bool:
+    """True when :func:`extract_whole` can lay the object out: its frames are contiguous and
+    hold at most :data:`FRAME_MAX` raw bytes each (older backups kept a big member in one
+    frame of any size: they are streamed whole instead). Whether they cover the object
+    exactly, :func:`extract_whole` finds out as it reads."""
+    raw = offset = 0
+    for f in index.frames:
+        if f.raw_start != raw or f.offset != offset or f.raw_size > FRAME_MAX:
+            return False
+        raw, offset = raw + f.raw_size, offset + f.size
+    return bool(index.frames)
+
+
+def _frame_error(key: str, i: int, what: str) -> IntegrityError:
+    return IntegrityError(f"object {key} is corrupt at frame {i}: {what}",
+                          "restore from another backup and run 'backup-tool verify all'")
+
+
+def extract_whole(pieces: Iterable[bytes], key: str, index: TarIndex,
+                  write: Callable[[Member, int, memoryview], None], workers: int,
+                  on_frame: Callable[[int], None] | None = None) -> None:
+    """Every regular file's data from the whole object (``pieces``: its stored bytes in order,
+    decrypted; :func:`parallel_readable` must hold). Each frame is checked against its
+    sha256 and raw size, decompressed and handed to ``write(member, offset, data)`` on one
+    of ``workers`` threads, so frames arrive in any order (the pieces of one member never
+    overlap). A frame's bytes are written only once they matched the (verified) index;
+    ``pieces`` is read to its end, so a check of the whole object upstream delivers its
+    verdict before this returns. Memory: at most ``workers + 1`` frames in flight."""
+    members = sorted((m for m in index.members if m.kind == "f" and m.size), key=lambda m: m.data_offset)
+    starts = [m.data_offset for m in members]
+    frames = index.frames
+
+    def work(i: int, data: bytes) -> int:
+        frame = frames[i]
+        if hashlib.sha256(data).hexdigest() != frame.sha256:
+            raise _frame_error(key, i, "sha256 differs from its index")
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=frame.raw_size)
+        except zstandard.ZstdError as exc:
+            raise _frame_error(key, i, f"it does not decompress ({exc})") from None
+        if len(raw) != frame.raw_size:
+            raise _frame_error(key, i, "its size differs from its index")
+        lo, hi = frame.raw_start, frame.raw_start + frame.raw_size
+        view = memoryview(raw)
+        j = max(bisect.bisect_right(starts, lo) - 1, 0)
+        while j < len(members) and members[j].data_offset < hi:
+            m = members[j]
+            a, b = max(m.data_offset, lo), min(m.data_offset + m.size, hi)
+            if a < b:
+                write(m, a - m.data_offset, view[a - lo:b - lo])
+            j += 1
+        return frame.raw_size
+
+    pool = cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="unzstd")
+    inflight: deque[cf.Future[int]] = deque()
+    held: list[memoryview] = []
+    have = 0
+    i = 0
+    try:
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                if i >= len(frames):
+                    raise IntegrityError(f"object {key} is longer than its index says",
+                                         "restore from another backup and run 'backup-tool verify all'")
+                take = min(len(view), frames[i].size - have)
+                held.append(view[:take])
+                view = view[take:]
+                have += take
+                if have == frames[i].size:
+                    inflight.append(pool.submit(work, i, b"".join(held)))
+                    held, have, i = [], 0, i + 1
+                    while len(inflight) > max(1, workers):
+                        done = inflight.popleft().result()
+                        if on_frame:
+                            on_frame(done)
+        if i < len(frames):
+            raise IntegrityError(f"object {key} ends before frame {i}", "run 'backup-tool verify all'")
+        while inflight:
+            done = inflight.popleft().result()
+            if on_frame:
+                on_frame(done)
+    finally:
+        for fut in inflight:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)

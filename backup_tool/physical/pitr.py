@@ -80,6 +80,7 @@ from backup_tool.postgres.cluster import (
     user_can_write,
 )
 from backup_tool.postgres.connection import find_tool
+from backup_tool.repository import walarchive
 from backup_tool.repository.catalog import Catalog, of_cluster_holding
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, utc_iso
 from backup_tool.repository.storage import Storage, open_repository, open_storage
@@ -520,9 +521,18 @@ def _safe_member(name: str) -> str:
 
 
 def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: str,
-                 reporter: Reporter) -> int:
-    """Stream the base backup's tar into ``pgdata`` (verified, decompressed); return bytes written."""
+                 reporter: Reporter, workers: int = 1, guard: Callable[[], None] = lambda: None) -> int:
+    """Lay the base backup's tar out in ``pgdata`` (verified, decompressed); return bytes
+    written. A backup whose index allows it (:func:`basetar.parallel_readable`) is read in
+    one stream and its frames decompressed and written on ``workers`` threads
+    (:func:`extract_frames`); older ones stream through one tar reader. ``guard`` is called
+    as the data advances: what it raises stops the lay-out."""
     obj = manifest.extra_objects[0]
+    if len(manifest.extra_objects) > 1 and manifest.extra_objects[1].key.endswith(basetar.INDEX_KEY):
+        idx = manifest.extra_objects[1]
+        index = basetar.load_index(storage, idx.key, idx.sha256, idx.size)
+        if basetar.parallel_readable(index):
+            return extract_frames(storage, manifest, index, pgdata, os_user, reporter, workers, guard)
     progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
     written = 0
     stream = pipeline.read_stored(storage, obj.key, obj.sha256, obj.size)
@@ -545,6 +555,7 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
                         out.write(chunk)
                         written += len(chunk)
                         progress.advance(len(chunk))
+                        guard()
                 os.utime(dest, (member.mtime, member.mtime))
             elif member.issym():
                 raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
@@ -553,6 +564,56 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
         pass
     progress.finish()
     return written
+
+
+def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex, pgdata: Path, os_user: str,
+                   reporter: Reporter, workers: int, guard: Callable[[], None] = lambda: None) -> int:
+    """Every directory and file of the index created first (owned, modes as in the tar), then
+    the object read once and its frames written in place on ``workers`` threads
+    (:func:`basetar.extract_whole`), then the files dated. Returns bytes written."""
+    obj = manifest.extra_objects[0]
+    ids = _owner_ids(os_user)
+    files: list[basetar.Member] = []
+    for m in index.members:
+        rel = _safe_member(m.name)
+        if not rel or rel == ".":
+            continue
+        if m.kind == "d":
+            (pgdata / rel).mkdir(mode=0o700, parents=True, exist_ok=True)
+            chown_to(pgdata / rel, os_user)
+        elif m.kind == "l":
+            raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
+        elif m.kind == "f":
+            dest = pgdata / rel
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, m.mode & 0o600 or 0o600)
+            try:
+                if ids is not None:
+                    os.fchown(fd, *ids)
+            finally:
+                os.close(fd)
+            files.append(m)
+    progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
+
+    def write(member: basetar.Member, offset: int, data: memoryview) -> None:
+        fd = os.open(pgdata / member.name, os.O_WRONLY)
+        try:
+            while data:
+                n = os.pwrite(fd, data, offset)
+                data, offset = data[n:], offset + n
+        finally:
+            os.close(fd)
+
+    def advance(raw: int) -> None:
+        guard()
+        progress.advance(raw)
+
+    stream = storage.decode(obj.key, pipeline.verified(storage.get_stored(obj.key), obj.key, obj.sha256, obj.size))
+    basetar.extract_whole(pipeline.read_ahead(stream), obj.key, index, write, workers, advance)
+    for m in files:
+        os.utime(pgdata / _safe_member(m.name), (m.mtime, m.mtime))
+    progress.finish()
+    return sum(m.size for m in files)
 
 
 PARTIAL_SETTINGS = {"ignore_invalid_pages": "on", "autovacuum": "off"}
@@ -706,7 +767,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
             reporter: Reporter | None = None, database: str | None = None, plan: Plan | None = None,
             wait: float = 0.0, server_binaries: bool = False,
-            partial_for: PartialRequest | None = None, scratch: bool = False) -> Layout:
+            partial_for: PartialRequest | None = None, scratch: bool = False, recovering: bool = False) -> Layout:
     """Choose the base backup (of a cluster holding ``database``, if given; ``plan``: already
     chosen by :func:`plan_recovery`), fill the empty ``pgdata`` and write the recovery settings.
     With ``server_binaries``, the base backup's major's server programs are found first: without
@@ -715,7 +776,10 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     allows it; the Layout's ``choice`` says whether it did. ``scratch``: a throw-away cluster
     recovered to a time only to read from it (table PITR; see :func:`recover`): recovery
     follows the plan's timeline, and ``restore_command`` answers what it can without running
-    this tool (:func:`_scratch_restore_command`)."""
+    this tool (:func:`_scratch_restore_command`). ``recovering``: the caller starts the
+    recovery at once and removes the answers afterwards (:func:`settle_restore_command`), so
+    ``restore_command`` may answer from the read-ahead and "not archived" for what the
+    archive did not hold when the plan was made (:func:`known_absent`)."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     pgdata = pgdata.expanduser().absolute()
@@ -738,12 +802,15 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             raise RefusedError(f"OS user {user} cannot reach {pgdata}",
                                "choose a directory whose parents that user may enter (not under /root)")
         with cf.ThreadPoolExecutor(1, thread_name_prefix="tool-check") as checking:
-            # a scratch lay-out overlaps the server user's run of `<tool> version` (an interpreter
-            # start); any other refuses before writing anything when that user cannot run the tool
+            # the lay-out overlaps the server user's run of `<tool> version` (an interpreter
+            # start); when that user cannot run the tool the full lay-out stops as soon as the
+            # check says so, and what was written goes (below)
             tool = checking.submit(server_tool_command, user, tool_candidates(
                 server_command, plan.physical.archive_command, sys.argv[0], sys.executable))
-            if not scratch:
-                tool.result()
+
+            def guard() -> None:
+                if tool.done():
+                    tool.result()
             prefetch = _start_prefetch(storage, plan, pgdata, user)
             found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
             choice = found[0] if found else None
@@ -751,12 +818,17 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             if found is not None:
                 written, fetched = extract_partial(storage, plan.backup, found[1], found[0], pgdata, user, reporter)
             else:
-                written = extract_base(storage, plan.backup, pgdata, user, reporter)
+                written = extract_base(storage, plan.backup, pgdata, user, reporter, settings.policy.backup.jobs,
+                                       guard)
                 fetched = plan.backup.extra_objects[0].size
             restore_command = (f"{tool.result()} wal fetch %f %p --abort-on-error "
                                f"--repo {_shell_quote(storage.url)}")
+        plain_command = restore_command
         if scratch:
             restore_command = _scratch_restore_command(restore_command, pgdata, plan, user)
+        elif recovering:
+            restore_command = _scratch_restore_command(restore_command, pgdata, plan, user,
+                                                       known_absent(plan, _archived_histories(storage)))
         for stale in ("standby.signal", "recovery.signal", "postmaster.pid", "postmaster.opts"):
             (pgdata / stale).unlink(missing_ok=True)
         for sub in ("pg_wal", "pg_wal/archive_status"):
@@ -781,7 +853,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     reporter.event("data directory laid out", pgdata=str(pgdata), bytes=written, os_user=user,
                    partial=choice is not None, bytes_fetched=fetched,
                    wal_prefetched=len(prefetch.fetched) if prefetch else 0)
-    return Layout(plan, pgdata, user, restore_command, conf, written, time.monotonic() - started, bin_dir,
+    return Layout(plan, pgdata, user, restore_command if scratch else plain_command, conf, written, time.monotonic() - started, bin_dir,
                   choice=choice, databases_in_backup=partial.databases_in(found[1].members) if found else frozenset(),
                   bytes_fetched=fetched, prefetch=prefetch, scratch=scratch)
 
@@ -809,10 +881,42 @@ def scratch_unneeded(plan: Plan) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, user: str) -> str:
+def known_absent(plan: Plan, histories: frozenset[str]) -> tuple[str, ...]:
+    """Files a recovery from ``plan`` started now asks ``restore_command`` for and that the
+    archive, as listed for the plan (``histories``: its history files), does not hold (pure):
+    :func:`scratch_unneeded` less the history files it has. Answering "not archived" for
+    them ends a ``--latest`` recovery at the archive's end as the plan saw it, which is
+    where :func:`_check_reached_end` expects it."""
+    return tuple(name for name in scratch_unneeded(plan) if name not in histories)
+
+
+def _archived_histories(storage: Storage) -> frozenset[str]:
+    found = (walarchive.KEY_RE.match(info.key.rsplit("/", 1)[-1]) for info in storage.list(walarchive.HISTORY_PREFIX))
+    return frozenset(m["name"] for m in found if m and walarchive.HISTORY_RE.match(m["name"]))
+
+
+def settle_restore_command(layout: Layout) -> None:
+    """After a recovery run by this process: the read-ahead answers go (directories
+    removed) and the configuration keeps the plain ``restore_command`` (``wal fetch``), so a
+    later recovery of this cluster asks the repository for everything."""
+    spool = walspool.spool_dir(layout.pgdata / "pg_wal" / "RECOVERYXLOG")
+    for sub in (spool / UNNEEDED_DIR, walspool.prefetch_dir(layout.pgdata / "pg_wal" / "RECOVERYXLOG")):
+        shutil.rmtree(sub, ignore_errors=True)
+    used = layout.settings.get("restore_command")
+    if used is None or used == layout.restore_command:
+        return
+    conf = layout.pgdata / "postgresql.auto.conf"
+    text = conf.read_text()
+    line = f"restore_command = {conf_quote(used)}"
+    if line in text:
+        conf.write_text(text.replace(line, f"restore_command = {conf_quote(layout.restore_command)}"))
+
+
+def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, user: str,
+                             unneeded: tuple[str, ...] | None = None) -> str:
     """``restore_command`` for a scratch recovery: a shell prologue answers, without starting
-    this tool, the requests it can answer from files alone: "not archived" for
-    :func:`scratch_unneeded` files (a marker file each), and a segment the read-ahead
+    this tool, the requests it can answer from files alone: "not archived" for ``unneeded``
+    (default :func:`scratch_unneeded`; a marker file each), and a segment the read-ahead
     (:class:`wal.RecoveryPrefetch`) already downloaded and verified, linked into place. The
     segment taken is renamed ``NAME.taken`` (the one before it removed): the read-ahead sees
     it gone and reads further, and PostgreSQL, which asks again for the last segment it
@@ -822,11 +926,11 @@ def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, use
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     chown_to(folder.parent, user)
     chown_to(folder, user)
-    for name in scratch_unneeded(plan):
+    for name in scratch_unneeded(plan) if unneeded is None else unneeded:
         (folder / name).touch()
-    unneeded = _shell_quote(str(folder)).replace("%", "%%")
+    markers = _shell_quote(str(folder)).replace("%", "%%")
     ahead = _shell_quote(str(walspool.prefetch_dir(pgdata / "pg_wal" / "RECOVERYXLOG"))).replace("%", "%%")
-    return (f"if [ -e {unneeded}/%f ]; then exit 1; fi; "
+    return (f"if [ -e {markers}/%f ]; then exit 1; fi; "
             f"if ln -f {ahead}/%f %p 2>/dev/null; then "
             f"rm -f {ahead}/*.taken; mv -f {ahead}/%f {ahead}/%f.taken; exit 0; fi; "
             f"ln -f {ahead}/%f.taken %p 2>/dev/null || {{ {restore_command}; }}")
@@ -1076,7 +1180,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                          "recovery)", "leave out --no-start")
     request = PartialRequest(only_database, None) if only_database else None
     layout = lay_out(settings, target, Path(pgdata), port, os_user, archive, server_command, reporter, database,
-                     server_binaries=start, wait=wait, partial_for=request)
+                     server_binaries=start, wait=wait, partial_for=request, recovering=start)
     if not start:
         return PitrResult(layout.plan.backup.id, str(layout.pgdata), target, layout.os_user, port, False,
                           None, None, layout.seconds, 0.0, layout.bytes_written, layout.plan.physical.databases,
@@ -1105,7 +1209,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
         finally:
             layout.stop_prefetch()
             server.stop("fast")
-            shutil.rmtree(layout.pgdata / "pg_wal" / walspool.SPOOL_DIR / "prefetch", ignore_errors=True)
+            settle_restore_command(layout)
     _adapt_to_this_host(server, reporter)
     server.start_normal()
     seconds = time.monotonic() - started
@@ -1146,7 +1250,7 @@ def _only_database_recovered(settings: Settings, target: Target, layout: Layout,
     server.stop("immediate")
     _empty_dir(layout.pgdata, remove=False)
     full = lay_out(settings, target, layout.pgdata, port, os_user, archive, server_command, reporter, database,
-                   plan=layout.plan, server_binaries=True)
+                   plan=layout.plan, server_binaries=True, recovering=True)
     return full, recover(server, full, timeout, reporter)
 
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
 import random
 import tarfile
+import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -18,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.manifests import make_manifest
 
-from backup_tool.errors import IntegrityError
+from backup_tool.core.report import NullReporter
+from backup_tool.errors import IntegrityError, RefusedError
 from backup_tool.physical import basetar, partial, pitr
 from backup_tool.physical.basetar import Member
 from backup_tool.repository.manifest import StoredObject
@@ -305,3 +309,139 @@ def test_a_base_backup_without_index_is_laid_out_whole(tmp_path: Path) -> None:
     request = pitr.PartialRequest("app", ((None, "orders"),))
     assert pitr._partial_choice(LocalStorage(tmp_path), old, request, events) is None  # type: ignore[arg-type]
     assert events.seen and "no index" in events.seen[0]
+
+
+def test_big_members_span_frames_compressed_alike_on_any_number_of_threads(tmp_path: Path) -> None:
+    """A member over FRAME_MAX is cut into frames of at most FRAME_MAX raw bytes; the stored
+    object and its index are byte-identical whether one thread or several compress, and a
+    range inside the big member reads back through the index."""
+    rnd = random.Random(11)
+    big = b"".join(rnd.randbytes(256) * 64 for _ in range(1300))  # ~21 MiB, compressible
+    files = [("PG_VERSION", b"15\n"), ("base/5/16384", big), ("base/5/1259", rnd.randbytes(8192)),
+             ("global/pg_control", rnd.randbytes(8192))]
+    raw = make_tar(files)
+    chunks = chunked(raw, random.Random(2))
+    results = []
+    for workers in (1, 3):
+        fc = basetar.FramedCompressor(3, pipeline.StreamStats(), workers=workers)
+        results.append((b"".join(fc.compress(iter(chunks))), fc.index({})))
+    (stored, index), (stored_par, index_par) = results
+    assert stored_par == stored and index_par.to_json() == index.to_json()
+    assert b"".join(pipeline.decompress([stored], "k")) == raw
+    assert max(f.raw_size for f in index.frames) <= basetar.FRAME_MAX
+    member = next(m for m in index.members if m.name == "base/5/16384")
+    inside = [f for f in index.frames if member.data_offset <= f.raw_start < member.data_offset + member.size]
+    assert len(inside) >= 2
+    storage = LocalStorage(tmp_path)
+    result = storage.put("backups/b/base.tar.zst", [stored])
+    got = bytearray()
+    part = replace(member, data_offset=member.data_offset + (9 << 20), size=5 << 20)
+    basetar.extract(storage, "backups/b/base.tar.zst", result.size, index, [part],
+                    lambda m, offset, data: got.extend(data))
+    assert bytes(got) == big[9 << 20:14 << 20]
+
+
+def whole_layout(stored: bytes, index: basetar.TarIndex, workers: int) -> dict[str, bytes]:
+    got: dict[str, bytearray] = {}
+    lock = threading.Lock()
+
+    def write(m: Member, offset: int, data: memoryview) -> None:
+        with lock:
+            buf = got.setdefault(m.name, bytearray(m.size))
+            buf[offset:offset + len(data)] = data
+
+    pieces = [stored[i:i + 300_001] for i in range(0, len(stored), 300_001)]
+    basetar.extract_whole(iter(pieces), "k", index, write, workers)
+    return {n: bytes(v) for n, v in got.items()}
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_whole_object_lays_out_every_file_exactly_on_any_number_of_threads(workers: int) -> None:
+    rnd = random.Random(13)
+    files = [*cluster_like(rnd), ("base/5/16390", b"".join(rnd.randbytes(200) * 90 for _ in range(1000)))]
+    raw = make_tar(files)
+    fc = basetar.FramedCompressor(3, pipeline.StreamStats(), workers=2)
+    stored = b"".join(fc.compress(chunked(raw, rnd)))
+    index = fc.index({})
+    assert basetar.parallel_readable(index)
+    assert whole_layout(stored, index, workers) == {name: data for name, data in files if data}
+
+
+def test_whole_lay_out_refuses_a_damaged_or_cut_object_and_older_big_frames() -> None:
+    rnd = random.Random(17)
+    raw = make_tar(cluster_like(rnd))
+    stored, index = framed(raw, rnd)
+    frame = index.frames[len(index.frames) // 2]
+    damaged = bytearray(stored)
+    damaged[frame.offset + frame.size // 2] ^= 0x40
+    with pytest.raises(IntegrityError, match=f"corrupt at frame {len(index.frames) // 2}: sha256"):
+        whole_layout(bytes(damaged), index, 2)
+    with pytest.raises(IntegrityError, match="ends before frame"):
+        whole_layout(stored[:frame.offset], index, 2)
+    with pytest.raises(IntegrityError, match="longer than its index"):
+        whole_layout(stored + b"x", index, 2)
+    old_style = replace(index, frames=(*index.frames[:-1], replace(index.frames[-1], raw_size=basetar.FRAME_MAX + 1)))
+    assert basetar.parallel_readable(index) and not basetar.parallel_readable(old_style)
+    gap = replace(index, frames=(index.frames[0], replace(index.frames[1], offset=index.frames[1].offset + 1)))
+    assert not basetar.parallel_readable(gap)
+
+
+def stored_backup(tmp_path: Path, files: list[tuple[str, bytes]], with_index: bool,
+                  encrypted: bool = False) -> tuple[EncryptedStorage, Any]:
+    """A base backup's tar and (``with_index``) its index in a local repository, and its manifest."""
+    rnd = random.Random(23)
+    raw = make_tar(files)
+    fc = basetar.FramedCompressor(3, pipeline.StreamStats(), workers=2)
+    stored = b"".join(fc.compress(chunked(raw, rnd)))
+    storage = EncryptedStorage(LocalStorage(tmp_path / "repo"), KEY if encrypted else None)
+    tar = storage.put("backups/x/base.tar.zst", [stored])
+    objects = [StoredObject(tar.key, tar.size, tar.sha256, len(raw))]
+    if with_index:
+        index = storage.put("backups/x/" + basetar.INDEX_KEY, pipeline.compress([fc.index({}).to_json()], 3, 0,
+                                                                               pipeline.StreamStats()))
+        objects.append(StoredObject(index.key, index.size, index.sha256, 0))
+    return storage, replace(make_manifest(kind="base"), tables=(), extra_objects=tuple(objects))
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
+    return {str(p.relative_to(root)): (p.stat().st_mode, int(p.stat().st_mtime) if p.is_file() else 0,
+                                       p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_the_parallel_lay_out_writes_what_the_tar_reader_writes(tmp_path: Path, encrypted: bool) -> None:
+    """Files, directories, modes, dates and content are the same whether a backup is laid out
+    frame by frame in parallel (index) or through the tar reader (no index, older backups)."""
+    rnd = random.Random(29)
+    files = [*cluster_like(rnd), ("base/5/16500", b"".join(rnd.randbytes(100) * 50 for _ in range(2000)))]
+    user = pwd.getpwuid(os.getuid()).pw_name
+    laid: list[dict[str, tuple[int, int, bytes | None]]] = []
+    for with_index in (True, False):
+        storage, manifest = stored_backup(tmp_path / str(with_index), files, with_index, encrypted)
+        pgdata = tmp_path / str(with_index) / "data"
+        pgdata.mkdir()
+        if with_index:
+            index = manifest.extra_objects[1]
+            assert basetar.parallel_readable(basetar.load_index(storage, index.key, index.sha256, index.size))
+        written = pitr.extract_base(storage, manifest, pgdata, user, NullReporter(), workers=3)
+        assert written == sum(len(data) for _, data in files)
+        laid.append(tree(pgdata))
+    assert laid[0] == laid[1] and laid[0]["base/5/16500"][2] == files[-1][1]
+
+
+def test_a_failing_guard_stops_the_parallel_lay_out(tmp_path: Path) -> None:
+    rnd = random.Random(31)
+    storage, manifest = stored_backup(tmp_path, cluster_like(rnd), True)
+    calls: list[int] = []
+
+    def guard() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RefusedError("OS user postgres cannot run backup-tool")
+
+    (tmp_path / "data").mkdir()
+    with pytest.raises(RefusedError, match="cannot run"):
+        pitr.extract_base(storage, manifest, tmp_path / "data", pwd.getpwuid(os.getuid()).pw_name, NullReporter(),
+                          workers=2, guard=guard)
+    assert len(calls) == 2

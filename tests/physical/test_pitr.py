@@ -257,6 +257,24 @@ def test_damaged_archive_never_reaches_postgres(scenario: Scenario) -> None:
     assert list(pgdata.iterdir()) == []
 
 
+def test_a_damaged_base_backup_frame_stops_the_lay_out_and_leaves_nothing(scenario: Scenario) -> None:
+    """The parallel lay-out checks every frame against the index before its bytes count: a
+    flipped byte fails the restore naming the frame, and --pgdata is left empty."""
+    copy = scenario.server.make_user_dir("repo-damaged-base")
+    copy.rmdir()
+    shutil.copytree(scenario.repo, copy)
+    subprocess.run(["chown", "-R", f"{scenario.server.os_user}:", str(copy)], check=True)
+    tar = copy / "backups" / scenario.backup["id"] / "base.tar.zst"
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    tar.write_bytes(bytes(data))
+    pgdata = scenario.pgdata()
+    proc = scenario.cli("restore", "pitr", "--repo", str(copy), "--latest", "--pgdata", pgdata, "--no-start")
+    assert proc.returncode == 3, proc.stderr
+    assert re.search(r"base\.tar\.zst is corrupt at frame \d+", proc.stderr), proc.stderr
+    assert list(pgdata.iterdir()) == []
+
+
 def _segment_of(lsn: str) -> str:
     hi, lo = (int(x, 16) for x in lsn.split("/"))
     return f"00000001{hi:08X}{(lo >> 24):08X}"

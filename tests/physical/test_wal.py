@@ -20,6 +20,7 @@ from backup_tool.errors import NotFoundError, RefusedError, UsageError
 from backup_tool.governance import walcoverage
 from backup_tool.physical import pitr, wal, walspool
 from backup_tool.physical.basebackup import TarScanner, parse_backup_label, stop_lsn_from_manifest
+from backup_tool.postgres.cluster import conf_quote
 from backup_tool.repository import walarchive
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, parse_manifest
 
@@ -527,6 +528,39 @@ def test_a_scratch_recovery_is_told_what_it_cannot_need() -> None:
                                     pitr.Target("time", time=T0 + timedelta(minutes=22)))
     assert plan2.timeline == 2
     assert pitr.scratch_unneeded(plan2) == ("00000003.history", "000000020000000000000009")
+
+
+def test_a_recovery_run_now_is_told_only_what_the_archive_lacks() -> None:
+    """``restore pitr`` answers "not archived" from files for what the plan's archive did not
+    hold: the next timeline's history only while no promotion archived it."""
+    plan = pitr.choose_base_backup([base_manifest("B1", "0/3000028", "0/3000100", 1)], segs(1, 3, 12), {},
+                                   pitr.Target("latest"))
+    assert pitr.known_absent(plan, frozenset()) == ("00000002.history", "00000001.history",
+                                                    "00000001000000000000000D")
+    assert pitr.known_absent(plan, frozenset({"00000002.history"})) == ("00000001.history",
+                                                                          "00000001000000000000000D")
+
+
+def test_the_restored_configuration_keeps_the_plain_restore_command(tmp_path: Path) -> None:
+    """After the recovery the answers from files go and postgresql.auto.conf names ``wal
+    fetch`` again: a later recovery of the restored cluster must ask the repository."""
+    pgdata = tmp_path / "data"
+    (pgdata / "pg_wal").mkdir(parents=True)
+    plan = pitr.choose_base_backup([base_manifest("B1", "0/3000028", "0/3000100", 1)], segs(1, 3, 5), {},
+                                   pitr.Target("latest"))
+    plain = "backup-tool wal fetch %f %p --abort-on-error --repo 's3://b/x'"
+    shell = pitr._scratch_restore_command(plain, pgdata, plan, pwd.getpwuid(os.getuid()).pw_name,
+                                          pitr.known_absent(plan, frozenset()))
+    (pgdata / "postgresql.auto.conf").write_text("port = 5433\n")
+    pitr._append_conf(pgdata, {"restore_command": shell, "recovery_target_timeline": "latest"}, "recovery")
+    walspool.prefetch_dir(pgdata / "pg_wal" / "RECOVERYXLOG").mkdir(parents=True)
+    layout = pitr.Layout(plan, pgdata, "postgres", plain, {"restore_command": shell}, 0, 0.0)
+    assert run_restore_command(shell, pgdata, "000000010000000000000006") == 1
+    pitr.settle_restore_command(layout)
+    text = (pgdata / "postgresql.auto.conf").read_text()
+    assert f"\nrestore_command = {conf_quote(plain)}\nrecovery_target_timeline = 'latest'\n" in text
+    assert "ln -f" not in text and text.startswith("port = 5433\n")
+    assert list((pgdata / "pg_wal" / walspool.SPOOL_DIR).iterdir()) == []
 
 
 def run_restore_command(command: str, pgdata: Path, name: str) -> int:
