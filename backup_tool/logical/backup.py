@@ -89,6 +89,7 @@ from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.base import ObjectLock
 from backup_tool.repository.storage.encrypted import encryption_of, manifest_encryption
 from backup_tool.streams import pipeline, testhooks
+from backup_tool.streams.background import Background
 
 
 def compression_threads(jobs: int) -> int:
@@ -299,32 +300,6 @@ def same_shape(entry: TableEntry | None, table: TableInfo) -> bool:
             and entry.parent == table.parent and entry.columns == table.columns)
 
 
-class _Background:
-    """A call run on a daemon thread (the WAL scan and the side objects overlap the tables)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._result: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            self._result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
-            self._error = exc
-
-    def join(self) -> None:
-        """Wait for the call to end, whatever its outcome."""
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
 class NoLongerDue(Exception):
     """Raised instead of backing up when ``still_due`` says, under the lock, that another
     run has already taken the backup (run-due's guard against two overlapping cron runs)."""
@@ -450,7 +425,7 @@ def _discard(storage: Storage, prefix: str, backup_id: str) -> None:
 
 def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: Manifest | None,
                     basis: WalBasis | None, changes: ChangeSource | None, table_bytes: int,
-                    policy: Policy, jobs: int) -> _Background | str:
+                    policy: Policy, jobs: int) -> Background[Any] | str:
     """The WAL scan of the span since the parent, started in the background, or why not."""
     if parent is None or changes is None:
         return "no WAL reader"
@@ -468,9 +443,9 @@ def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: 
     span = replace(span, early_xids=early)
     if readable and walbasis.request_wal_flush(control):
         live = walbasis.ServerWal(control, format_lsn(span.end), span.segment_size, FLUSH_WAIT_SECONDS)
-        return _Background(partial(changes, live=live), storage, span, 0.0)
+        return Background(partial(changes, live=live), storage, span, 0.0)
     wait = ARCHIVE_WAIT_SECONDS if walbasis.switch_wal(control) else 0.0
-    return _Background(changes, storage, span, wait)
+    return Background(changes, storage, span, wait)
 
 
 @dataclass(frozen=True)
@@ -507,7 +482,7 @@ class _Snapshotted:
     snap: Snapshot
     tables: list[TableInfo]
     basis: WalBasis | None
-    wal_scan: _Background | str
+    wal_scan: Background[Any] | str
     sequences: list[SequenceRecord]
     inventory: ManifestInventory
 
@@ -530,7 +505,7 @@ def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any],
     mostly wait on the server) on a thread of their own while the tables are compared and
     dumped; both are finished before anything is assembled or a failure propagates."""
     taken = _take_snapshot(job, control, info, stack, changes)
-    side_objects = _Background(_store_side_objects, job, taken)
+    side_objects = Background(_store_side_objects, job, taken)
     try:
         dumper = _TableDumper(job, taken, info["encoding"], stack)
         method = reason = ""
@@ -753,7 +728,7 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
     )
 
 
-def _wal_verdicts(wal_scan: _Background | str, parent: Manifest,
+def _wal_verdicts(wal_scan: Background[Any] | str, parent: Manifest,
                   basis: WalBasis | None) -> tuple[dict[int, TableVerdict], str, str]:
     """(verdicts, method, reason for the checksum method or ''): the WAL scan's answer, or
     every table to be compared by checksum."""

@@ -51,6 +51,7 @@ from backup_tool.postgres import roles
 from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.manifest import Manifest, ManifestInventory, TableEntry
 from backup_tool.streams import pipeline
+from backup_tool.streams.background import Background
 
 FIRST_USER_OID = 16384
 """PostgreSQL's FirstNormalObjectId: types below it are built in (the same in every database
@@ -80,7 +81,7 @@ class LiveTables:
         self._snap: Snapshot | None = None
         self.snapshot_id = ""
         self._summing: threading.Thread | None = None
-        self._dumping: _Background | None = None
+        self._dumping: Background[bytes] | None = None
         self._closed = False
         self._released = False
         self._pending = 1
@@ -122,7 +123,7 @@ class LiveTables:
                                              name="live-table-checksums")
             self._summing.start()
             if into_schema:
-                self._dumping = _Background(self._dump_definitions, list(self._located.values()), self.major)
+                self._dumping = Background(self._dump_definitions, list(self._located.values()), self.major)
         except BaseException:
             self.close()
             raise
@@ -284,33 +285,10 @@ class LiveTables:
         if self._summing is not None and self._summing is not threading.current_thread():
             self._summing.join()
         if self._dumping is not None:
-            self._dumping.wait()
+            self._dumping.join()
         with self._lock:
             snap, self._snap = self._snap, None
         if snap is not None:
             snap.close()
 
 
-class _Background:
-    """A call run on a daemon thread; :meth:`result` waits for it and re-raises its error."""
-
-    def __init__(self, fn: Callable[..., bytes], *args: Any) -> None:
-        self._result = b""
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., bytes], *args: Any) -> None:
-        try:
-            self._result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
-            self._error = exc
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> bytes:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
