@@ -79,11 +79,12 @@ from backup_tool.repository.storage.base import (
     HashingCounter,
     Storage,
 )
-from backup_tool.repository.walarchive import (
+from backup_tool.repository.walarchive import (  # noqa: F401 - object_key re-exported
     WalFile,
     WalSegment,
     find_archived,
     list_archive,
+    object_key,
     segments_of,
     wal_file_kind,
 )
