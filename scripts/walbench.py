@@ -16,8 +16,10 @@ Usage (root): python3 scripts/walbench.py [--runs 5] [--old REV] [--repos s3,loc
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -99,7 +101,22 @@ def wait_spool_idle(pg_wal: Path, timeout: float = 120) -> None:
                 time.sleep(0.05)
 
 
-def push_all(scratch: Path, cluster: bench.Cluster, segments: list[Path], argv_for, env: dict[str, str]) -> float:
+def reap_orphans() -> None:
+    """Collect the processes reparented to us (we are a subreaper): detached push-ahead
+    processes, so that their CPU time counts in RUSAGE_CHILDREN."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def push_all(scratch: Path, cluster: bench.Cluster, segments: list[Path], argv_for,
+             env: dict[str, str]) -> tuple[float, float]:
+    """Sum of the calls' wall times, and the CPU time of every process they started
+    (detached ones included), as the bench's row times them."""
     pg_wal = scratch / "pg_wal"
     status = pg_wal / "archive_status"
     status.mkdir(parents=True)
@@ -110,15 +127,21 @@ def push_all(scratch: Path, cluster: bench.Cluster, segments: list[Path], argv_f
         (status / f"{seg.name}.ready").touch()
     chown_tree(pg_wal.parent)
     total = 0.0
+    reap_orphans()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         for seg in segments:
             m = timed(argv_for(pg_wal / seg.name), env, user=OS_USER)
             (status / f"{seg.name}.ready").rename(status / f"{seg.name}.done")
             total += m.seconds
         wait_spool_idle(pg_wal)
+        time.sleep(1.0)  # pgBackRest's async process ends on its own once its queue is empty
+        reap_orphans()
     finally:
         shutil.rmtree(pg_wal.parent, ignore_errors=True)
-    return total
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return total, cpu
 
 
 def main() -> int:
@@ -135,6 +158,7 @@ def main() -> int:
         print("run as root (the calls run as 'postgres' like the archiver's)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: detached pushers are reaped here
     work = Path(tempfile.mkdtemp(prefix="bt-walbench-", dir="/tmp"))
     work.chmod(0o755)
     cluster = s3 = nginx = None
@@ -161,6 +185,7 @@ def main() -> int:
             nginx = start_nginx(work, s3.endpoint)
             contenders.append(("pgbackrest async", None))
         results: dict[str, list[float]] = {name: [] for name, _ in contenders}
+        cpus: dict[str, list[float]] = {name: [] for name, _ in contenders}
         for run in range(args.runs):
             order = contenders[run % len(contenders):] + contenders[:run % len(contenders)]
             for name, spec in order:
@@ -186,13 +211,16 @@ def main() -> int:
                     def argv_for(p: Path, wrapper: Path = wrapper, repo: str = repo) -> list[str]:
                         return [str(wrapper), "wal", "push", str(p), "--repo", repo]
                 os.sync()
-                seconds = push_all(scratch, cluster, segments, argv_for, {**os.environ, **s3.env})
+                seconds, cpu = push_all(scratch, cluster, segments, argv_for, {**os.environ, **s3.env})
                 results[name].append(seconds)
-                log(f"run {run + 1}: {name:<24} {seconds:6.2f} s")
+                cpus[name].append(cpu)
+                log(f"run {run + 1}: {name:<24} {seconds:6.2f} s  cpu {cpu:6.2f} s  load {os.getloadavg()[0]:.1f}")
                 shutil.rmtree(scratch, ignore_errors=True)
-        print(f"\n{args.segments} segments, one call each; medians of {args.runs} (all runs)")
+        print(f"\n{args.segments} segments, one call each; medians of {args.runs}: wall (sum of calls), CPU of "
+              "every process the calls started (moto/nginx excluded); all runs")
         for name, times in results.items():
-            print(f"{name:<26} {statistics.median(times):6.2f} s   " + " ".join(f"{t:.2f}" for t in times))
+            print(f"{name:<26} {statistics.median(times):6.2f} s  cpu {statistics.median(cpus[name]):6.2f} s   "
+                  + " ".join(f"{t:.2f}" for t in times) + "  cpu " + " ".join(f"{c:.2f}" for c in cpus[name]))
     finally:
         if nginx is not None:
             nginx.stop()

@@ -13,6 +13,8 @@ TYPE_CHECKING = False  # not typing's: see backup_tool.physical.walack
 if TYPE_CHECKING:
     from backup_tool.physical.walspool import FetchArgs
 
+PREPARED_EARLY = 2
+
 
 def main() -> None:
     if sys.argv[1:3] == ["wal", "push"]:
@@ -48,11 +50,16 @@ def _quick_push() -> None:
     def push_ahead() -> None:
         from pathlib import Path
 
+        from backup_tool.physical import walprepare
+
+        pg_wal = Path(path).absolute().parent
+        early = walprepare.EarlyStart(pg_wal, PREPARED_EARLY)  # compressing while the rest loads
+
         from backup_tool.config.settings import resolve_settings
         from backup_tool.physical import walpush
 
-        walpush.run_pusher(Path(path).absolute().parent,
-                           lambda: walpush.open_push_target(resolve_settings(repo, None, None)), batch)
+        walpush.run_pusher(pg_wal, lambda: walpush.open_push_target(resolve_settings(repo, None, None)), batch,
+                           early=early)
 
     if walack.await_push(path, repo, lambda fd: walack.spawn_detached(fd, push_ahead)) == walack.ACKNOWLEDGED:
         sys.exit(0)

@@ -26,29 +26,25 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterator
-
-import zstandard
+from typing import Callable
 
 from backup_tool.config.settings import Settings
 from backup_tool.errors import BackupToolError, NotFoundError, StorageError, UsageError
 from backup_tool.physical import walack
+from backup_tool.physical.walprepare import EarlyStart, Prepared, prepare
 from backup_tool.physical.walspool import PushResult, spool_dir
 from backup_tool.repository import walidentity
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.storage import open_storage
-from backup_tool.repository.storage.base import HashingCounter, ObjectExistsError, ObjectLock, Storage
+from backup_tool.repository.storage.base import ObjectExistsError, ObjectLock, Storage
 from backup_tool.repository.walarchive import find_archived, object_key, wal_file_kind
 from backup_tool.streams import testhooks
 
-READ_SIZE = 1 << 20
-SPOOL_IN_MEMORY = 1 << 20
 DEFAULT_BATCH = 16
 PUSH_WORKERS = 2
 LINGER_SECONDS = 5.0
@@ -67,56 +63,41 @@ def _read_error(path: Path, exc: OSError) -> BackupToolError:
     return StorageError(f"cannot read WAL file {path}: {exc.strerror}")
 
 
-def _push(storage: Storage, path: Path, level: int,
-          archive: walidentity.ClusterIdentity | None) -> tuple[PushResult, str | None]:
-    """Push ``path``; the result and the file's identity (None if the file changed while it
-    was read, so what was pushed may not be what the file holds now)."""
+def _push(storage: Storage, path: Path, level: int, archive: walidentity.ClusterIdentity | None,
+          prepared: Prepared | None = None) -> tuple[PushResult, str | None]:
+    """Push ``path`` (or what :func:`prepare` made of it); the result and the file's
+    identity (None if the file changed while it was read, so what was pushed may not be what
+    the file holds now)."""
     name = path.name
     kind = wal_file_kind(name)
-    if archive is not None and kind in ("segment", "partial"):
-        own = walidentity.segment_identity(path)
-        if own is not None and own.system_identifier != archive.system_identifier:
-            raise walidentity.refusal(archive, own, storage.url, f"archiving {name}")
-    counter = HashingCounter()
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as buf:
-        chunker = cctx.chunker(chunk_size=READ_SIZE)
-        try:
-            with open(path, "rb") as fh:
-                before = walack.file_identity(os.fstat(fh.fileno()))
-                while chunk := fh.read(READ_SIZE):
-                    counter.update(chunk)
-                    for out in chunker.compress(chunk):
-                        buf.write(out)
-                after = walack.file_identity(os.fstat(fh.fileno()))
-            still = walack.file_identity(os.stat(path))
-        except OSError as exc:
-            raise _read_error(path, exc) from None
-        for out in chunker.finish():
-            buf.write(out)
-        identity = before if before == after == still else None
-        sha, size = counter.hexdigest(), counter.size
+    try:
+        if archive is not None and kind in ("segment", "partial"):
+            own = walidentity.segment_identity(path)
+            if own is not None and own.system_identifier != archive.system_identifier:
+                raise walidentity.refusal(archive, own, storage.url, f"archiving {name}")
+        if prepared is None:
+            try:
+                prepared = prepare(path, level)
+            except OSError as exc:
+                raise _read_error(path, exc) from None
+        sha, size = prepared.sha256, prepared.raw_size
         existing = find_archived(storage, name)
         for obj in existing:
             if obj.sha256 == sha:
-                return PushResult(name, obj.key, size, obj.size, sha, True), identity
+                return PushResult(name, obj.key, size, obj.size, sha, True), prepared.identity
         if existing:
             raise WalConflictError(
                 f"{name} is already archived with different content ({existing[0].key}); nothing was overwritten",
                 "two clusters may be archiving into the same repository: give each its own --repo")
         key = object_key(name, sha)
-        buf.seek(0)
-
-        def spooled() -> Iterator[bytes]:
-            while chunk := buf.read(READ_SIZE):
-                yield chunk
-            buf.truncate(0)  # the store holds its own copy for retries: drop ours now
-
         try:
-            result = storage.put(key, testhooks.paused_stream("wal:upload", spooled()))
+            result = storage.put(key, testhooks.paused_stream("wal:upload", prepared.chunks()))
         except ObjectExistsError:
-            return PushResult(name, key, size, 0, sha, True), identity
-    return PushResult(name, key, size, result.size, sha, False), identity
+            return PushResult(name, key, size, 0, sha, True), prepared.identity
+        return PushResult(name, key, size, result.size, sha, False), prepared.identity
+    finally:
+        if prepared is not None:
+            prepared.close()
 
 
 def push_file(storage: Storage, path: Path, level: int = 3,
@@ -124,10 +105,8 @@ def push_file(storage: Storage, path: Path, level: int = 3,
     """Archive one WAL file; idempotent for identical content, refuses different content,
     and refuses a segment whose own header names a cluster other than ``archive``'s.
 
-    The file is read once: hashed and compressed together into a spooled buffer (memory up
-    to 1 MiB, then a temporary file: the store's upload buffers are the only copy in
-    memory), which is uploaded under the content's sha256 only if no object of that name
-    exists yet.
+    The file is read once, hashed and compressed (:func:`prepare`), and uploaded under the
+    content's sha256 only if no object of that name exists yet.
     """
     return _push(storage, path, level, archive)[0]
 
@@ -236,8 +215,10 @@ def _report(spool: Path, entry: str, message: str) -> None:
 
 
 class _Pusher:
-    def __init__(self, pg_wal: Path, target: PushTarget, batch: int, workers: int) -> None:
+    def __init__(self, pg_wal: Path, target: PushTarget, batch: int, workers: int,
+                 early: EarlyStart | None) -> None:
         self.pg_wal = pg_wal
+        self.early = early
         self.spool = pg_wal / walack.SPOOL_DIR
         self.target = target
         self.batch = max(1, batch)
@@ -249,7 +230,8 @@ class _Pusher:
         path = self.pg_wal / name
         with self._identity_lock:
             archive = archive_identity(self.target.storage, path, self.target.repo_url)
-        result, identity = _push(self.target.storage, path, self.target.level, archive)
+        prepared = self.early.take(name, self.target.level) if self.early is not None else None
+        result, identity = _push(self.target.storage, path, self.target.level, archive, prepared)
         if identity is None:
             raise StorageError(f"WAL file {path} changed while it was being archived")
         testhooks.pause_point("wal:before-ack")
@@ -314,9 +296,11 @@ class _Pusher:
 
 
 def run_pusher(pg_wal: Path, target: Callable[[], PushTarget], batch: int = DEFAULT_BATCH,
-               workers: int = PUSH_WORKERS, linger: float = LINGER_SECONDS) -> None:
+               workers: int = PUSH_WORKERS, linger: float = LINGER_SECONDS,
+               early: EarlyStart | None = None) -> None:
     """The push-ahead process's body (see the module docstring); ``target`` is opened here,
-    and a failure to open it is reported for the waiting calls."""
+    and a failure to open it is reported for the waiting calls. ``early`` holds files
+    already prepared while the process was loading."""
     spool = pg_wal / walack.SPOOL_DIR
     if os.environ.get("WALTRACE"):
         with open(os.environ["WALTRACE"], "a") as fh:
@@ -329,8 +313,14 @@ def run_pusher(pg_wal: Path, target: Callable[[], PushTarget], batch: int = DEFA
         sweep_spool(pg_wal)
     except BaseException as exc:  # noqa: BLE001 - reported to the waiting call, which pushes itself
         _report(spool, walack.PUSHER_ERROR, str(exc))
+        if early is not None:
+            early.close()
         return
-    _Pusher(pg_wal, opened, batch, workers).run(linger)
+    try:
+        _Pusher(pg_wal, opened, batch, workers, early).run(linger)
+    finally:
+        if early is not None:
+            early.close()
     if os.environ.get("WALTRACE"):
         import resource
         ru = resource.getrusage(resource.RUSAGE_SELF)
