@@ -30,7 +30,7 @@ from backup_tool.physical import walack
 
 READ_SIZE = 1 << 20
 SPOOL_IN_MEMORY = 1 << 20
-ONE_SHOT_MAX = 64 << 20
+ONE_SHOT_MAX = 16 << 20  # PostgreSQL's default segment size: two in flight stay well under 200 MB
 DEFAULT_LEVEL = 3
 
 
