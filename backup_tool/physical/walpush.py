@@ -226,7 +226,6 @@ class _Pusher:
         self._identity_lock = threading.Lock()
 
     def push_one(self, name: str) -> None:
-        _t0 = time.monotonic()
         path = self.pg_wal / name
         with self._identity_lock:
             archive = archive_identity(self.target.storage, path, self.target.repo_url)
@@ -238,9 +237,6 @@ class _Pusher:
         walack.write_marker(str(path), walack.marker_line(
             self.target.repo_url, result.key, result.sha256, result.raw_size, result.stored_size,
             result.already_archived, identity))
-        if os.environ.get("WALTRACE"):
-            with open(os.environ["WALTRACE"], "a") as fh:
-                fh.write(f"{time.time():.3f} pushed {name} in {time.monotonic() - _t0:.3f}\n")
 
     def scan(self, in_flight: dict[str, cf.Future[None]]) -> list[str]:
         """Drop markers PostgreSQL no longer needs; the ready files to push now, in order."""
@@ -302,14 +298,8 @@ def run_pusher(pg_wal: Path, target: Callable[[], PushTarget], batch: int = DEFA
     and a failure to open it is reported for the waiting calls. ``early`` holds files
     already prepared while the process was loading."""
     spool = pg_wal / walack.SPOOL_DIR
-    if os.environ.get("WALTRACE"):
-        with open(os.environ["WALTRACE"], "a") as fh:
-            fh.write(f"{time.time():.3f} pusher start\n")
     try:
         opened = target()
-        if os.environ.get("WALTRACE"):
-            with open(os.environ["WALTRACE"], "a") as fh:
-                fh.write(f"{time.time():.3f} pusher opened\n")
         sweep_spool(pg_wal)
     except BaseException as exc:  # noqa: BLE001 - reported to the waiting call, which pushes itself
         _report(spool, walack.PUSHER_ERROR, str(exc))
@@ -321,8 +311,3 @@ def run_pusher(pg_wal: Path, target: Callable[[], PushTarget], batch: int = DEFA
     finally:
         if early is not None:
             early.close()
-    if os.environ.get("WALTRACE"):
-        import resource
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        with open(os.environ["WALTRACE"], "a") as fh:
-            fh.write(f"{time.time():.3f} pusher end cpu {ru.ru_utime + ru.ru_stime:.3f}\n")
