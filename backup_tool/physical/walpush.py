@@ -239,24 +239,25 @@ class _Pusher:
             result.already_archived, identity))
 
     def scan(self, in_flight: dict[str, cf.Future[None]]) -> list[str]:
-        """Drop markers PostgreSQL no longer needs; the ready files to push now, in order."""
+        """Drop markers PostgreSQL no longer needs; the ready files to push now, in order
+        (only the first ``batch`` not yet acknowledged are looked at)."""
         markers = [e.name[:-len(".pushed")] for e in os.scandir(self.spool) if e.name.endswith(".pushed")]
         ready = ready_names(self.pg_wal)
         waiting = set(ready)
         for name in markers:
             if name not in waiting and name not in in_flight:
                 (self.spool / f"{name}.pushed").unlink(missing_ok=True)
-        url = self.target.repo_url
-        done = {n for n in ready if walack.acknowledged(str(self.pg_wal / n), url) is not None}
-        room = min(self.workers - len(in_flight), self.batch - len(done) - len(in_flight))
-        todo = []
+        todo: list[str] = []
+        ahead = len(in_flight)
         for name in ready:
-            if room <= 0:
+            if len(in_flight) + len(todo) >= self.workers or ahead >= self.batch:
                 break
-            if name in done or name in in_flight or (self.spool / f"{name}.error").exists():
+            if name in in_flight:
                 continue
-            todo.append(name)
-            room -= 1
+            ahead += 1
+            if walack.acknowledged(str(self.pg_wal / name), self.target.repo_url) is None \
+                    and not (self.spool / f"{name}.error").exists():
+                todo.append(name)
         return todo
 
     def run(self, linger: float) -> None:
@@ -277,7 +278,9 @@ class _Pusher:
                         return
                     time.sleep(IDLE_SCAN_SECONDS)
                     continue
-                cf.wait(list(in_flight.values()), timeout=SCAN_SECONDS, return_when=cf.FIRST_COMPLETED)
+                full = len(in_flight) >= self.workers  # nothing to start before one finishes
+                cf.wait(list(in_flight.values()), timeout=IDLE_SCAN_SECONDS if full else SCAN_SECONDS,
+                        return_when=cf.FIRST_COMPLETED)
                 for name, fut in list(in_flight.items()):
                     if not fut.done():
                         continue
