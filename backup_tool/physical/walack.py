@@ -154,18 +154,6 @@ def _take_lock(spool: str) -> int | None:
     return fd
 
 
-def pusher_running(spool: str) -> bool:
-    """True while a push-ahead process holds the spool's lock."""
-    try:
-        fd = _take_lock(spool)
-    except OSError:
-        return False
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
-
-
 def spawn_detached(lock_fd: int, run: Callable[[], None]) -> None:
     """Fork a detached process (own session, stdio on /dev/null, no other descriptor but the
     lock's) that calls ``run()`` holding the lock, and return at once."""
