@@ -302,6 +302,7 @@ def run_pusher(pg_wal: Path, target: Callable[[], PushTarget], batch: int = DEFA
     already prepared while the process was loading."""
     spool = pg_wal / walack.SPOOL_DIR
     try:
+        spool.mkdir(mode=0o700, exist_ok=True)
         opened = target()
         sweep_spool(pg_wal)
     except BaseException as exc:  # noqa: BLE001 - reported to the waiting call, which pushes itself

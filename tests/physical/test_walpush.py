@@ -176,3 +176,26 @@ def test_one_call_per_segment_loads_no_command_line_while_waiting(tmp_path: Path
                     "backup_tool.config.locations", "backup_tool.physical", "backup_tool.physical.walack"}
     assert not {m for m in imported if m.split(".")[0] in ("typer", "psycopg", "boto3", "botocore", "zstandard")}
     assert archived(local_repo, NAMES[0]) == (pg_wal / NAMES[0]).read_bytes()
+
+
+def test_the_pusher_records_each_ready_file_once_it_is_stored(local_repo: str, tmp_path: Path) -> None:
+    """In-process, on a pg_wal without a spool yet: every ready file stored, byte-identical,
+    and recorded for its repository; at most ``batch`` ahead of PostgreSQL's calls."""
+    from backup_tool.config.settings import resolve_settings
+    from backup_tool.physical import walpush
+
+    pg_wal = fake_pg_wal(tmp_path, NAMES)
+
+    def target() -> walpush.PushTarget:
+        return walpush.open_push_target(resolve_settings(local_repo, None, None))
+
+    walpush.run_pusher(pg_wal, target, batch=4, linger=0)
+    recorded = [n for n in NAMES if walack.acknowledged(str(pg_wal / n), local_repo)]
+    assert recorded == NAMES[:4]
+    assert [n for n in NAMES if archived(local_repo, n) == (pg_wal / n).read_bytes()] == NAMES[:4]
+    assert not any(walack.acknowledged(str(pg_wal / n), local_repo + "-other") for n in NAMES)
+    for name in NAMES[:4]:
+        done(pg_wal, name)
+    walpush.run_pusher(pg_wal, target, batch=4, linger=0)
+    assert [n for n in NAMES if archived(local_repo, n) == (pg_wal / n).read_bytes()] == NAMES
+    assert sorted(p.name for p in (pg_wal / walack.SPOOL_DIR).glob("*.pushed")) == [f"{n}.pushed" for n in NAMES[4:]]
