@@ -9,7 +9,10 @@ is imported by :mod:`.program`, so adding a command group means adding a module.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every archive_command call
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def __getattr__(name: str) -> Any:

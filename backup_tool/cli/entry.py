@@ -1,16 +1,20 @@
 """Process entry point, kept light: ``wal push``/``wal fetch`` called by PostgreSQL's
 archiver and recovery once per file are answered from the spool before the CLI (Typer,
 psycopg, boto3) is even imported, when the segment is already known to be durable in the
-repository or already fetched; a plain ``wal fetch`` otherwise runs without the CLI.
+repository or already fetched; a plain ``wal push`` of a ready segment waits there for the
+push-ahead process (started if none runs) to make it durable, and a plain ``wal fetch``
+otherwise runs without the CLI. Whatever these cannot answer, the full command does.
 ``--version`` (and ``version``) alone is answered here too, as the CLI would answer it."""
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing's: see backup_tool.physical.walack
 if TYPE_CHECKING:
     from backup_tool.physical.walspool import FetchArgs
+
+PREPARED_EARLY = 2
 
 
 def main() -> None:
@@ -19,10 +23,12 @@ def main() -> None:
 
         print(f"backup-tool {__version__}")
         sys.exit(0)
-    if sys.argv[1:3] in (["wal", "push"], ["wal", "fetch"]):
-        from backup_tool.physical.walspool import never_archived, parse_fetch, try_fast_fetch, try_fast_push
+    if sys.argv[1:3] == ["wal", "push"]:
+        _quick_push()
+    elif sys.argv[1:3] == ["wal", "fetch"]:
+        from backup_tool.physical.walspool import never_archived, parse_fetch, try_fast_fetch
 
-        if try_fast_push(sys.argv[1:]) or try_fast_fetch(sys.argv[1:]):
+        if try_fast_fetch(sys.argv[1:]):
             sys.exit(0)
         fetch = parse_fetch(sys.argv[1:])
         if fetch is not None:
@@ -30,6 +36,40 @@ def main() -> None:
     from backup_tool.cli.program import main as cli_main
 
     cli_main()
+
+
+def _quick_push() -> None:
+    """``archive_command`` without the command line framework: exit 0 once a marker proves
+    the file durable. When the push-ahead cannot make it so, the full command pushes it
+    itself (``--batch 1``: synchronously) and reports any failure as usual."""
+    from backup_tool.physical import walack
+
+    parsed = walack.parse_push(sys.argv[1:])
+    if parsed is None:
+        return
+    path, repo, batch = parsed
+    if walack.acknowledged(path, repo) is not None:
+        sys.exit(0)
+    if batch <= 1 or not walack.is_ready(path):
+        return
+
+    def push_ahead() -> None:
+        from pathlib import Path
+
+        from backup_tool.physical import walprepare
+
+        pg_wal = Path(path).absolute().parent
+        early = walprepare.EarlyStart(pg_wal, PREPARED_EARLY)  # compressing while the rest loads
+
+        from backup_tool.config.settings import resolve_settings
+        from backup_tool.physical import walpush
+
+        walpush.run_pusher(pg_wal, lambda: walpush.open_push_target(resolve_settings(repo, None, None)), batch,
+                           early=early)
+
+    if walack.await_push(path, repo, lambda fd: walack.spawn_detached(fd, push_ahead)) == walack.ACKNOWLEDGED:
+        sys.exit(0)
+    sys.argv += ["--batch", "1"]
 
 
 def _quick_fetch(fetch: FetchArgs, never: bool) -> None:

@@ -23,30 +23,36 @@ def wal_push_cmd(
     wal_path: Annotated[str, typer.Argument(metavar="WAL_PATH",
                                             help="The file to archive: PostgreSQL's %p")],
     batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, max=64,
-                                       help="Also push up to N-1 other segments PostgreSQL has marked "
-                                            "ready, in parallel; its next calls for them return at once "
-                                            "(1 = one segment per call)")] = 16,
+                                       help="Push the segments PostgreSQL has marked ready in a background "
+                                            "process, in parallel, up to N ahead of its calls, which then "
+                                            "only wait for their own (1 = one segment per call, in the "
+                                            "call itself)")] = 16,
 ) -> int:
     """Archive one WAL file (archive_command = 'backup-tool wal push %p'). Exit 0 only once it is
     durable in the repository; pushing identical content again succeeds, different content under
     the same name is refused (exit 1) and nothing is overwritten."""
-    from backup_tool.physical import wal
+    from pathlib import Path
+
+    from backup_tool.physical import walack, walpush
 
     settings = inv.settings
-    if walspool.fast_ack(wal_path, settings.repo_url):
-        if inv.common.json:
-            inv.out({"name": wal_path.rsplit("/", 1)[-1], "from_spool": True}, "")
-        return 0
-    from backup_tool.repository.keyguard import guard_writes
-    from backup_tool.repository.storage import open_storage
+    pg_wal = Path(wal_path).absolute().parent
+    marker = walack.acknowledged(wal_path, settings.repo_url)
+    if marker is None and batch > 1 and walack.is_ready(wal_path):
+        def push_ahead() -> None:
+            walpush.run_pusher(pg_wal, lambda: walpush.open_push_target(settings), batch)
 
-    policy = settings.policy
-    storage = open_storage(settings.repo_url)
-    guard_writes(storage, policy.backup.encryption_key_id, policy.name, "archive WAL")
-    result = wal.push(storage, wal_path, settings.repo_url,
-                      level=policy.backup.compression_level, batch=batch,
-                      lock=wal.wal_lock(policy.object_lock.mode, policy.retention.pitr_days),
-                      warn=inv.reporter.warning)
+        if walack.await_push(wal_path, settings.repo_url,
+                             lambda fd: walack.spawn_detached(fd, push_ahead)) == walack.ACKNOWLEDGED:
+            marker = walack.acknowledged(wal_path, settings.repo_url)
+    name = wal_path.rsplit("/", 1)[-1]
+    if marker is not None:
+        if inv.common.json:
+            ahead = walpush.pushed_ahead(pg_wal, settings.repo_url, name)
+            inv.out(walpush.result_from_marker(name, marker, ahead).to_dict(), "")
+        return 0
+    target = walpush.open_push_target(settings)
+    result = walpush.push(target.storage, wal_path, settings.repo_url, level=target.level)
     if inv.common.json:
         inv.out(result.to_dict(), "")
     return 0

@@ -2,19 +2,18 @@
 else the embedded default local directory (``$XDG_DATA_HOME/backup-tool/repo``, usually
 ``~/.local/share/backup-tool/repo``).
 
-Standard library only: the ``wal push``/``wal fetch`` fast path, run by PostgreSQL once per
-segment, needs these without loading the policy machinery.
+Only ``os`` (not even ``pathlib``): the ``wal push``/``wal fetch`` fast path, run by
+PostgreSQL once per segment, needs these without loading the policy machinery.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 def default_repo() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return str(Path(base) / "backup-tool" / "repo")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(os.path.normpath(base), "backup-tool", "repo")
 
 
 def repo_url(repo: str | None) -> str:

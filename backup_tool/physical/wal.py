@@ -25,12 +25,12 @@ Guarantees:
 - Cluster identity: the first push records the pushing cluster (system identifier,
   PostgreSQL major) in ``wal/archive.info``; a push from another cluster is refused
   before anything is written (:mod:`backup_tool.repository.walidentity`).
-- Batching: ``push`` of segment N may also push other segments PostgreSQL has marked
-  ready (``pg_wal/archive_status/*.ready``) and record each, *after* it is durable, in a
-  spool directory beside them (``pg_wal/backup-tool-spool``). PostgreSQL's next calls for
-  those segments are then acknowledged from the spool (:func:`fast_ack`) without
-  contacting the repository; a spool entry is only trusted while the segment file is the
-  very same file (inode, size, modification time) that was pushed, to the same repository.
+- Push-ahead: a detached process pushes the segments PostgreSQL has marked ready
+  (``pg_wal/archive_status/*.ready``) in parallel and records each, *after* it is durable,
+  in a spool directory beside them (``pg_wal/backup-tool-spool``); PostgreSQL's call for a
+  segment waits for that record and returns without contacting the repository. The
+  writing side is :mod:`backup_tool.physical.walpush`, the records
+  :mod:`backup_tool.physical.walack`.
 
 The pure functions at the end (timeline paths, continuity, gaps) decide what the archive
 covers; :mod:`backup_tool.physical.pitr` and the monitoring commands build on them.
@@ -60,27 +60,26 @@ from backup_tool.errors import (
     IntegrityError,
     NotFoundError,
     StorageError,
-    UsageError,
 )
 from backup_tool.governance.walcoverage import Coverage, Gap, archive_coverage, parse_history
+from backup_tool.physical.walpush import (  # noqa: F401 - re-exported: the archive's API
+    DEFAULT_BATCH,
+    WalConflictError,
+    push,
+    push_file,
+    wal_lock,
+)
 from backup_tool.physical.walspool import (
-    PushResult,
     drop_older,
     keep_fetched,
     prefetch_dir,
-    repo_identity,
-    spool_dir,
-    write_marker,
 )
-from backup_tool.repository import walidentity
 from backup_tool.repository.storage import open_repository, open_storage
 from backup_tool.repository.storage.base import (
     HashingCounter,
-    ObjectExistsError,
-    ObjectLock,
     Storage,
 )
-from backup_tool.repository.walarchive import (
+from backup_tool.repository.walarchive import (  # noqa: F401 - object_key re-exported
     WalFile,
     WalSegment,
     find_archived,
@@ -89,7 +88,6 @@ from backup_tool.repository.walarchive import (
     segments_of,
     wal_file_kind,
 )
-from backup_tool.streams import testhooks
 from backup_tool.streams.pipeline import ChunkReader
 from backup_tool.validation.validate import Check
 
@@ -99,182 +97,12 @@ if TYPE_CHECKING:
     from backup_tool.validation.validate import Check
 
 READ_SIZE = 1 << 20
-DEFAULT_BATCH = 16
 DEFAULT_PREFETCH = 8
-SPOOL_IN_MEMORY = 1 << 20
-PUSH_THREADS = 2
 
 
 
 class WalMissingError(NotFoundError):
     """The requested file is not in the archive (for recovery: the end of the archive)."""
-
-
-class WalConflictError(BackupToolError):
-    """A file of that name is already archived with different content."""
-
-
-# --------------------------------------------------------------------------- push
-
-
-def _file_chunks(path: Path, counter: HashingCounter | None = None) -> Iterator[bytes]:
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(READ_SIZE):
-                if counter is not None:
-                    counter.update(chunk)
-                yield chunk
-    except FileNotFoundError:
-        raise NotFoundError(f"WAL file {path} does not exist",
-                            "archive_command must be 'backup-tool wal push %p' (%p, not %f)") from None
-    except OSError as exc:
-        raise StorageError(f"cannot read WAL file {path}: {exc.strerror}") from None
-
-
-def push_file(storage: Storage, path: Path, level: int = 3,
-              archive: walidentity.ClusterIdentity | None = None) -> PushResult:
-    """Archive one WAL file; idempotent for identical content, refuses different content,
-    and refuses a segment whose own header names a cluster other than ``archive``'s.
-
-    The file is read once: hashed and compressed together into a spooled buffer (memory up
-    to 1 MiB, then a temporary file: the store's upload buffers are the only copy in
-    memory), which is uploaded under the content's sha256 only if no object of that name
-    exists yet.
-    """
-    import tempfile
-
-    import zstandard
-
-    name = path.name
-    kind = wal_file_kind(name)
-    if archive is not None and kind in ("segment", "partial"):
-        own = walidentity.segment_identity(path)
-        if own is not None and own.system_identifier != archive.system_identifier:
-            raise walidentity.refusal(archive, own, storage.url, f"archiving {name}")
-    counter = HashingCounter()
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as buf:
-        chunker = cctx.chunker(chunk_size=READ_SIZE)
-        for chunk in _file_chunks(path, counter):
-            for out in chunker.compress(chunk):
-                buf.write(out)
-        for out in chunker.finish():
-            buf.write(out)
-        sha, size = counter.hexdigest(), counter.size
-        existing = find_archived(storage, name)
-        for obj in existing:
-            if obj.sha256 == sha:
-                return PushResult(name, obj.key, size, obj.size, sha, True)
-        if existing:
-            raise WalConflictError(
-                f"{name} is already archived with different content ({existing[0].key}); nothing was overwritten",
-                "two clusters may be archiving into the same repository: give each its own --repo")
-        key = object_key(name, sha)
-        buf.seek(0)
-
-        def spooled() -> Iterator[bytes]:
-            while chunk := buf.read(READ_SIZE):
-                yield chunk
-            buf.truncate(0)  # the store holds its own copy for retries: drop ours now
-
-        try:
-            result = storage.put(key, testhooks.paused_stream("wal:upload", spooled()))
-        except ObjectExistsError:
-            return PushResult(name, key, size, 0, sha, True)
-    return PushResult(name, key, size, result.size, sha, False)
-
-
-def _ready_ahead(path: Path, limit: int) -> list[Path]:
-    status = path.parent / "archive_status"
-    if limit <= 0 or not status.is_dir():
-        return []
-    names = []
-    for entry in os.scandir(status):
-        if entry.name.endswith(".ready"):
-            name = entry.name[:-len(".ready")]
-            if name != path.name:
-                try:
-                    wal_file_kind(name)
-                except UsageError:
-                    continue
-                names.append(name)
-    names.sort(key=lambda n: (not n.endswith(".history"), n))
-    return [path.parent / n for n in names[:limit]]
-
-
-def _sweep_spool(path: Path) -> None:
-    spool = spool_dir(path)
-    if not spool.is_dir():
-        return
-    if (spool / "prefetch").is_dir():
-        import shutil
-
-        shutil.rmtree(spool / "prefetch", ignore_errors=True)
-    for entry in os.scandir(spool):
-        if entry.name.endswith(".pushed") and not (path.parent / entry.name[:-len(".pushed")]).exists():
-            Path(entry.path).unlink(missing_ok=True)
-
-
-def _archive_identity(storage: Storage, path: Path, repo_url: str) -> walidentity.ClusterIdentity | None:
-    """The pushing cluster, verified against (or recorded as) the archive's owner; from the
-    spool's cache when this repository was verified before. None: the cluster is unknown."""
-    local = walidentity.wal_file_identity(path)
-    if local is None:
-        return None
-    repo_id, spool = repo_identity(repo_url), spool_dir(path)
-    if not walidentity.cached(spool, repo_id, local):
-        walidentity.claim_archive(storage, local, f"archiving {path.name}")
-        walidentity.remember(spool, repo_id, local)
-    return local
-
-
-def push(storage: Storage, wal_path: str | Path, repo_url: str, level: int = 3,
-         batch: int = DEFAULT_BATCH, lock: ObjectLock | None = None,
-         warn: Callable[[str], None] | None = None) -> PushResult:
-    """``archive_command``: archive ``wal_path``; with ``batch`` > 1 also push up to
-    ``batch - 1`` other ready files in parallel and spool their acknowledgements.
-
-    Returns only when ``wal_path`` itself is durable. Failures of files pushed ahead are
-    reported through ``warn`` and leave no spool entry (PostgreSQL's own call retries them).
-    """
-    import concurrent.futures as cf
-
-    path = Path(wal_path)
-    if lock is not None:
-        storage.lock_new_objects(lock)
-    archive = _archive_identity(storage, path, repo_url)
-    _sweep_spool(path)
-    ahead = _ready_ahead(path, batch - 1)
-    if not ahead:
-        result = push_file(storage, path, level, archive)
-        testhooks.pause_point("wal:before-ack")
-        return result
-    pushed: list[str] = []
-    with cf.ThreadPoolExecutor(min(PUSH_THREADS, len(ahead) + 1), thread_name_prefix="wal-push") as pool:
-        own = pool.submit(push_file, storage, path, level, archive)
-        others = {pool.submit(push_file, storage, p, level, archive): p for p in ahead}
-        for fut in cf.as_completed(others):
-            p = others[fut]
-            try:
-                result = fut.result()
-                write_marker(p, repo_identity(repo_url), result)
-                pushed.append(p.name)
-            except BackupToolError as exc:
-                if warn is not None:
-                    warn(f"pushing {p.name} ahead failed (PostgreSQL will retry it): {exc}")
-            except OSError:
-                pass
-        result = own.result()
-    testhooks.pause_point("wal:before-ack")
-    return PushResult(result.name, result.key, result.raw_size, result.stored_size, result.sha256,
-                      result.already_archived, tuple(sorted(pushed)))
-
-
-def wal_lock(mode: str, pitr_days: int, now: datetime | None = None) -> ObjectLock | None:
-    """Object Lock for newly archived WAL: kept immutable as long as the PITR window needs it."""
-    if mode == "none":
-        return None
-    return ObjectLock(mode, (now or datetime.now(timezone.utc)) + timedelta(days=pitr_days))
 
 
 # --------------------------------------------------------------------------- fetch

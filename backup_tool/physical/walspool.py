@@ -1,42 +1,34 @@
-"""The spool beside ``pg_wal``: acknowledgements of segments pushed ahead, segments fetched
-ahead.
+"""The spool beside ``pg_wal``: segments fetched ahead for recovery, and the result of a push.
 
-PostgreSQL starts ``archive_command`` and ``restore_command`` once per 16 MiB segment, so
-the calls answered from the spool must cost little more than starting the interpreter.
-This module therefore imports only the standard library (and :mod:`backup_tool.core.walnames`), and the executable's entry
-point consults it before loading the command line, psycopg or boto3. An entry is trusted
-only for the very same file (inode, size, modification time) and the same repository;
-fetched files enter the read-ahead directory only after their sha256 matched.
+PostgreSQL starts ``restore_command`` once per 16 MiB segment, so the calls answered from
+the spool must cost little more than starting the interpreter. This module therefore
+imports only the standard library (and :mod:`backup_tool.core.walnames`), and the
+executable's entry point consults it before loading the command line, psycopg or boto3.
+Fetched files enter the read-ahead directory only after their sha256 matched. The pushing
+side of the spool (acknowledgements of segments pushed ahead) is
+:mod:`backup_tool.physical.walack`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from backup_tool.config.locations import default_repo
 from backup_tool.core.walnames import is_segment
+from backup_tool.physical import walack
 
-SPOOL_DIR = "backup-tool-spool"
+SPOOL_DIR = walack.SPOOL_DIR
 
 
 def spool_dir(wal_path: Path) -> Path:
     return wal_path.parent / SPOOL_DIR
 
 
-def _identity(path: Path) -> dict[str, int]:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
-
-
 def repo_identity(url: str) -> str:
     """The repository URL as spool entries record it (without opening the repository)."""
-    if url.startswith("s3://"):
-        return url.rstrip("/")
-    return str(Path(url.removeprefix("file://")).expanduser().absolute())
+    return walack.repo_identity(url)
 
 
 @dataclass(frozen=True)
@@ -55,71 +47,6 @@ class PushResult:
                 "stored_size": self.stored_size, "sha256": self.sha256,
                 "already_archived": self.already_archived, "pushed_ahead": list(self.ahead),
                 "from_spool": self.from_spool}
-
-
-def write_marker(path: Path, repo_url: str, result: PushResult) -> None:
-    spool = spool_dir(path)
-    spool.mkdir(mode=0o700, exist_ok=True)
-    marker = spool / f"{path.name}.pushed"
-    tmp = spool / f".{path.name}.pushed.tmp{os.getpid()}"
-    tmp.write_text(json.dumps({"repo": repo_url, "key": result.key, "sha256": result.sha256,
-                               **_identity(path)}))
-    os.replace(tmp, marker)
-
-
-def fast_ack(wal_path: str | Path, repo_url: str) -> bool:
-    """True (and the spool entry consumed) if this exact file was already pushed ahead to
-    ``repo_url`` by an earlier batched call; False means: push it normally."""
-    path = Path(wal_path)
-    repo_url = repo_identity(repo_url)
-    marker = spool_dir(path) / f"{path.name}.pushed"
-    try:
-        data = json.loads(marker.read_text())
-        same = data.get("repo") == repo_url and all(data.get(k) == v for k, v in _identity(path).items())
-    except (OSError, ValueError):
-        return False
-    marker.unlink(missing_ok=True)
-    return bool(same)
-
-
-def try_fast_push(argv: list[str], environ: dict[str, str] | None = None) -> bool:
-    """Acknowledge ``backup-tool wal push WAL_PATH [--repo URL] [--batch N]`` from the spool
-    without loading the command line framework or the S3 client.
-
-    Meant to be called first thing by the executable's entry point with ``sys.argv[1:]``:
-    True means the segment is durable in the repository and the process may exit 0; False
-    (any other command line, no spool entry) means: run the command normally.
-    """
-    env = os.environ if environ is None else environ
-    if argv[:2] != ["wal", "push"]:
-        return False
-    rest = argv[2:]
-    repo = None
-    path = None
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        if arg in ("--repo", "--batch") and i + 1 < len(rest):
-            if arg == "--repo":
-                repo = rest[i + 1]
-            i += 2
-            continue
-        if arg.startswith("--repo="):
-            repo = arg[len("--repo="):]
-        elif arg.startswith("--batch="):
-            pass
-        elif arg.startswith("-") or path is not None:
-            return False
-        else:
-            path = arg
-        i += 1
-    if path is None:
-        return False
-    if repo is None:
-        repo = env.get("BACKUP_TOOL_REPO")
-    if not repo:
-        repo = default_repo()
-    return fast_ack(path, repo)
 
 
 class FetchArgs(NamedTuple):

@@ -18,7 +18,7 @@ import pytest
 from backup_tool.core import walnames
 from backup_tool.errors import NotFoundError, RefusedError, UsageError
 from backup_tool.governance import walcoverage
-from backup_tool.physical import pitr, wal, walspool
+from backup_tool.physical import pitr, wal, walack, walspool
 from backup_tool.physical.basebackup import TarScanner, parse_backup_label, stop_lsn_from_manifest
 from backup_tool.postgres.cluster import conf_quote
 from backup_tool.repository import walarchive
@@ -334,32 +334,6 @@ def test_fetch_missing_is_quick_and_corrupt_is_an_error(cli: Any, local_repo: st
     assert not dest.exists()
 
 
-def test_batched_push_acknowledges_from_the_spool(cli: Any, repo: str, tmp_path: Path) -> None:
-    names = [wal.segment_name(1, n) for n in range(1, 7)]
-    pg_wal = fake_pg_wal(tmp_path, names)
-    out = cli.json("wal", "push", pg_wal / names[0], "--repo", repo, "--batch", "4")
-    assert out["name"] == names[0] and out["pushed_ahead"] == names[1:4]
-    assert sorted(k.split("/")[-1].split("-")[0] for k in keys_under(repo, "wal/")) == names[:4]
-    spool = pg_wal / walspool.SPOOL_DIR
-    assert sorted(p.name for p in spool.iterdir()) == [f"{n}.pushed" for n in names[1:4]]
-
-    os.utime(pg_wal / names[2], ns=(1, 1))  # not the file that was pushed: no acknowledgement from the spool
-    assert walspool.try_fast_push(["wal", "push", str(pg_wal / names[1]), "--repo", repo]) is True
-    assert walspool.try_fast_push(["wal", "push", str(pg_wal / names[2]), "--repo", repo]) is False
-    assert walspool.try_fast_push(["wal", "push", str(pg_wal / names[3]), "--repo", repo + "-other"]) is False
-    assert not (spool / f"{names[1]}.pushed").exists()
-
-    for name in names[1:]:
-        (pg_wal / "archive_status" / f"{name}.ready").rename(pg_wal / "archive_status" / f"{name}.done")
-        done = cli("wal", "push", pg_wal / name, "--repo", repo, "--batch", "4")
-        assert done.returncode == 0, done.stderr
-    assert sorted(k.split("/")[-1].split("-")[0] for k in keys_under(repo, "wal/")) == names
-    for name in names:
-        dest = tmp_path / f"fetched-{name}"
-        assert cli("wal", "fetch", name, dest, "--repo", repo).returncode == 0
-        assert dest.read_bytes() == (pg_wal / name).read_bytes()
-
-
 def test_list_segments_and_health(tmp_path: Path, local_repo: str) -> None:
     from backup_tool.repository.storage import open_storage
 
@@ -497,8 +471,8 @@ def test_answers_from_the_spool_load_no_command_line(tmp_path: Path) -> None:
     segment = pg_wal / walnames.segment_name(1, 1)
     segment.write_bytes(b"\0" * 1000)
     repo = str(tmp_path / "repo")
-    walspool.write_marker(segment, walspool.repo_identity(repo),
-                          walspool.PushResult(segment.name, "k", 1000, 10, "0" * 64, False))
+    walack.write_marker(str(segment), walack.marker_line(repo, "k", "0" * 64, 1000, 10, False,
+                                                         walack.file_identity(segment.stat())))
     ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
     ahead.mkdir()
     (ahead / walnames.segment_name(1, 2)).write_bytes(b"\1" * 1000)
@@ -509,7 +483,7 @@ def test_answers_from_the_spool_load_no_command_line(tmp_path: Path) -> None:
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
         assert done.returncode == 0, done.stderr[-2000:]
         imported = {ln.split("|")[-1].strip() for ln in done.stderr.splitlines() if ln.startswith("import time:")}
-        assert "backup_tool.physical.walspool" in imported
+        assert ("backup_tool.physical.walack" if argv[1] == "push" else "backup_tool.physical.walspool") in imported
         assert not {m for m in imported if m.split(".")[0] in ("typer", "psycopg", "boto3", "botocore")}, argv
     assert (pg_wal / "RECOVERYXLOG").read_bytes() == b"\1" * 1000
 

@@ -212,7 +212,7 @@ class _Expected:
 
     size: int
     sha256_b64: str
-    etag: str
+    etag: str | Callable[[], str]
 
 
 @dataclass(frozen=True)
@@ -341,7 +341,7 @@ class S3Storage(Storage):
             if upload is None:
                 body = bytes(buf)
                 del buf[:]
-                self._put_single(key, full, body)
+                self._put_single(key, full, body, bytes.fromhex(counter.hexdigest()))
             else:
                 if buf:
                     upload.submit(bytes(buf))
@@ -354,9 +354,10 @@ class S3Storage(Storage):
             raise
         return PutResult(key, counter.size, counter.hexdigest())
 
-    def _put_single(self, key: str, full: str, body: bytes) -> None:
-        sha = hashlib.sha256(body).digest()
-        expected = _Expected(len(body), _b64(sha), hashlib.md5(body, usedforsecurity=False).hexdigest())
+    def _put_single(self, key: str, full: str, body: bytes, sha: bytes) -> None:
+        """``sha``: the body's sha256 (the caller hashed it already). Its MD5 is computed only
+        if a lost answer makes the ETag the proof of what the store holds."""
+        expected = _Expected(len(body), _b64(sha), lambda: hashlib.md5(body, usedforsecurity=False).hexdigest())
         self._conditional_write(f"writing {key}", full, expected, self._client.put_object,
                                 Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*",
                                 ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(sha), **self._lock_args())
@@ -395,7 +396,8 @@ class S3Storage(Storage):
             return str(stored).split("-")[0] == expected.sha256_b64.split("-")[0]
         if head.get("ServerSideEncryption") in ("aws:kms", "aws:kms:dsse") or head.get("SSECustomerAlgorithm"):
             return False
-        return str(head.get("ETag", "")).strip('"') == expected.etag
+        etag = expected.etag() if callable(expected.etag) else expected.etag
+        return str(head.get("ETag", "")).strip('"') == etag
 
     def _upload_part(self, full: str, upload_id: str, number: int, body: bytes,
                      stop: threading.Event) -> _Part:
