@@ -720,40 +720,7 @@ class Bench:
     def pgbr_config(self, bucket: str) -> Path:
         """A pgBackRest configuration for one bucket (its own lock, log and spool paths), and its stanza."""
         assert self.nginx is not None
-        d = self.scratch / f"pgbackrest-{bucket}"
-        for sub in ("lock", "log", "spool"):
-            (d / sub).mkdir(parents=True)
-        conf = d / "pgbackrest.conf"
-        conf.write_text(f"""[global]
-repo1-type=s3
-repo1-s3-endpoint=127.0.0.1
-repo1-storage-port={self.nginx.port}
-repo1-storage-verify-tls=n
-repo1-s3-uri-style=path
-repo1-s3-bucket={bucket}
-repo1-s3-region=us-east-1
-repo1-s3-key=bench
-repo1-s3-key-secret=bench-secret
-repo1-path=/pgbackrest
-process-max={self.args.jobs}
-compress-type=zst
-compress-level=3
-start-fast=y
-lock-path={d}/lock
-log-path={d}/log
-spool-path={d}/spool
-log-level-console=warn
-log-level-file=off
-
-[bench]
-pg1-path={self.cluster.data}
-pg1-port={self.cluster.port}
-pg1-socket-path={self.cluster.base}
-""")
-        chown_tree(d)
-        conf.chmod(0o644)
-        sh(self.pgbr(conf, "stanza-create"), user=OS_USER)
-        return conf
+        return pgbackrest_config(self.scratch, bucket, self.nginx.port, self.cluster, self.args.jobs)
 
     @staticmethod
     def pgbr(conf: Path, *args: str) -> list[str]:
@@ -1201,6 +1168,45 @@ def main() -> int:
                 pass
         shutil.rmtree(work, ignore_errors=True)
 
+
+
+def pgbackrest_config(scratch: Path, bucket: str, port: int, cluster: "Cluster", jobs: int) -> Path:
+    """A pgBackRest configuration for one bucket reached through nginx on ``port`` (its own
+    lock, log and spool paths), owned by the cluster's user, and its stanza created."""
+    d = scratch / f"pgbackrest-{bucket}"
+    for sub in ("lock", "log", "spool"):
+        (d / sub).mkdir(parents=True)
+    conf = d / "pgbackrest.conf"
+    conf.write_text(f"""[global]
+repo1-type=s3
+repo1-s3-endpoint=127.0.0.1
+repo1-storage-port={port}
+repo1-storage-verify-tls=n
+repo1-s3-uri-style=path
+repo1-s3-bucket={bucket}
+repo1-s3-region=us-east-1
+repo1-s3-key=bench
+repo1-s3-key-secret=bench-secret
+repo1-path=/pgbackrest
+process-max={jobs}
+compress-type=zst
+compress-level=3
+start-fast=y
+lock-path={d}/lock
+log-path={d}/log
+spool-path={d}/spool
+log-level-console=warn
+log-level-file=off
+
+[bench]
+pg1-path={cluster.data}
+pg1-port={cluster.port}
+pg1-socket-path={cluster.base}
+""")
+    chown_tree(d)
+    conf.chmod(0o644)
+    sh(["pgbackrest", f"--config={conf}", "--stanza=bench", "stanza-create"], user=OS_USER)
+    return conf
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import bench  # noqa: E402
-from bench import OS_USER, chown_tree, log, quote_sql, sh, start_cluster, start_nginx, start_s3, timed  # noqa: E402
+from bench import OS_USER, chown_tree, log, quote_sql, start_cluster, start_nginx, start_s3, timed  # noqa: E402
 from server_tool import server_python  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +192,7 @@ def main() -> int:
                 scratch = work / "push" / f"{name.replace(' ', '-')}-{run}"
                 scratch.mkdir(parents=True)
                 if spec is None:
-                    pgbr_conf = pgbr_config(work, s3, nginx, cluster, args.jobs)
+                    pgbr_conf = bench.pgbackrest_config(work, s3.new_bucket(), nginx.port, cluster, args.jobs)
                     conf = pgbr_conf
 
                     def argv_for(p: Path, conf: Path = conf) -> list[str]:
@@ -230,43 +230,6 @@ def main() -> int:
             cluster.ctl("-m", "immediate", "stop")
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def pgbr_config(work: Path, s3: bench.S3, nginx: bench.Nginx, cluster: bench.Cluster, jobs: int) -> Path:
-    bucket = s3.new_bucket()
-    d = work / f"pgbackrest-{bucket}"
-    for sub in ("lock", "log", "spool"):
-        (d / sub).mkdir(parents=True)
-    conf = d / "pgbackrest.conf"
-    conf.write_text(f"""[global]
-repo1-type=s3
-repo1-s3-endpoint=127.0.0.1
-repo1-storage-port={nginx.port}
-repo1-storage-verify-tls=n
-repo1-s3-uri-style=path
-repo1-s3-bucket={bucket}
-repo1-s3-region=us-east-1
-repo1-s3-key=bench
-repo1-s3-key-secret=bench-secret
-repo1-path=/pgbackrest
-process-max={jobs}
-compress-type=zst
-compress-level=3
-lock-path={d}/lock
-log-path={d}/log
-spool-path={d}/spool
-log-level-console=warn
-log-level-file=off
-
-[bench]
-pg1-path={cluster.data}
-pg1-port={cluster.port}
-pg1-socket-path={cluster.base}
-""")
-    chown_tree(d)
-    conf.chmod(0o644)
-    sh(["pgbackrest", f"--config={conf}", "--stanza=bench", "stanza-create"], user=OS_USER)
-    return conf
 
 
 if __name__ == "__main__":
