@@ -48,10 +48,6 @@ def _quick_push() -> None:
     if parsed is None:
         return
     path, repo, batch = parsed
-    if walack.acknowledged(path, repo) is not None:
-        sys.exit(0)
-    if batch <= 1 or not walack.is_ready(path):
-        return
 
     def push_ahead() -> None:
         from pathlib import Path
@@ -67,7 +63,7 @@ def _quick_push() -> None:
         walpush.run_pusher(pg_wal, lambda: walpush.open_push_target(resolve_settings(repo, None, None)), batch,
                            early=early)
 
-    if walack.await_push(path, repo, lambda fd: walack.spawn_detached(fd, push_ahead)) == walack.ACKNOWLEDGED:
+    if walack.acknowledge_or_push_ahead(path, repo, batch, push_ahead):
         sys.exit(0)
     sys.argv += ["--batch", "1"]
 

@@ -37,14 +37,12 @@ def wal_push_cmd(
 
     settings = inv.settings
     pg_wal = Path(wal_path).absolute().parent
-    marker = walack.acknowledged(wal_path, settings.repo_url)
-    if marker is None and batch > 1 and walack.is_ready(wal_path):
-        def push_ahead() -> None:
-            walpush.run_pusher(pg_wal, lambda: walpush.open_push_target(settings), batch)
 
-        if walack.await_push(wal_path, settings.repo_url,
-                             lambda fd: walack.spawn_detached(fd, push_ahead)) == walack.ACKNOWLEDGED:
-            marker = walack.acknowledged(wal_path, settings.repo_url)
+    def push_ahead() -> None:
+        walpush.run_pusher(pg_wal, lambda: walpush.open_push_target(settings), batch)
+
+    marker = walack.acknowledged(wal_path, settings.repo_url) \
+        if walack.acknowledge_or_push_ahead(wal_path, settings.repo_url, batch, push_ahead) else None
     name = wal_path.rsplit("/", 1)[-1]
     if marker is not None:
         if inv.common.json:

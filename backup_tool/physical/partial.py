@@ -54,6 +54,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from backup_tool.core.graphs import reachable
 from backup_tool.physical.basetar import Member
 
 FIRST_NORMAL_OID = 16384
@@ -148,12 +149,7 @@ def needed(db: DatabaseRelations, tables: Iterable[tuple[str | None, str]]) -> f
     for r in db.relations:
         for p in r.parents:
             children.setdefault(p, []).append(r.oid)
-    todo = list(chosen)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in chosen:
-                chosen.add(child)
-                todo.append(child)
+    chosen = reachable(chosen, children)
     toast = {r.oid for r in db.relations if r.kind == "t" and r.owner in chosen}
     chosen |= toast
     chosen |= {r.oid for r in db.relations if r.kind == "i" and r.owner in chosen}

@@ -226,3 +226,16 @@ def await_push(wal_path: str, repo_url: str, start: Callable[[int], None], timeo
                 started = True
         polls += 1
         time.sleep(POLL_SECONDS)
+
+
+def acknowledge_or_push_ahead(wal_path: str, repo_url: str, batch: int, push_ahead: Callable[[], None]) -> bool:
+    """True once a marker proves ``wal_path`` durable in ``repo_url``: already, or after a
+    push-ahead process (``push_ahead()`` run detached, when none runs) stored it. False: the
+    caller pushes the file itself, synchronously (``batch`` 1, a file PostgreSQL has not
+    marked ready, or the push-ahead could not make it durable)."""
+    if acknowledged(wal_path, repo_url) is not None:
+        return True
+    if batch <= 1 or not is_ready(wal_path):
+        return False
+    return await_push(wal_path, repo_url, lambda fd: spawn_detached(fd, push_ahead)) == ACKNOWLEDGED
+

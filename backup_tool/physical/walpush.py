@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -133,8 +134,6 @@ def sweep_spool(pg_wal: Path) -> None:
     if not spool.is_dir():
         return
     if (spool / "prefetch").is_dir():
-        import shutil
-
         shutil.rmtree(spool / "prefetch", ignore_errors=True)
     for entry in os.scandir(spool):
         if entry.name.endswith(".pushed") and not (pg_wal / entry.name[:-len(".pushed")]).exists():

@@ -26,11 +26,6 @@ def spool_dir(wal_path: Path) -> Path:
     return wal_path.parent / SPOOL_DIR
 
 
-def repo_identity(url: str) -> str:
-    """The repository URL as spool entries record it (without opening the repository)."""
-    return walack.repo_identity(url)
-
-
 @dataclass(frozen=True)
 class PushResult:
     name: str

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+from backup_tool.core.graphs import reachable
 from backup_tool.postgres.connection import ConnInfo, find_tool
 from backup_tool.streams import pipeline
 
@@ -246,13 +247,7 @@ def post_data_passes(toc: list[TocEntry], section: set[int]) -> list[ReplayPass]
     for e in entries:
         for d in e.deps:
             dependents.setdefault(d, []).append(e.dump_id)
-    later = attach | {e.dump_id for e in entries if _late_pass(e)}
-    todo = list(later)
-    while todo:
-        for d in dependents.get(todo.pop(), []):
-            if d not in later:
-                later.add(d)
-                todo.append(d)
+    later = reachable(attach | {e.dump_id for e in entries if _late_pass(e)}, dependents)
     last = later - attach
     if any(d in last for e in entries if e.dump_id in attach for d in e.deps):
         return [ReplayPass(tuple(e.dump_id for e in entries), True)]
