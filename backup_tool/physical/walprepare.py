@@ -96,6 +96,12 @@ def prepare(path: Path, level: int) -> Prepared:
     return Prepared(path, level, sha.hexdigest(), size, identity, data, spool)
 
 
+def archive_order(name: str) -> tuple[bool, str]:
+    """Sort key of ready files in the order PostgreSQL's archiver takes them: history files
+    first, then by name."""
+    return not name.endswith(".history"), name
+
+
 class EarlyStart:
     """Prepares the first ``count`` files PostgreSQL marked ready, at the default level, on
     threads, while the caller loads the rest of the push machinery; :meth:`take` hands them
@@ -107,7 +113,7 @@ class EarlyStart:
         try:
             names = sorted((e.name[:-len(".ready")] for e in os.scandir(pg_wal / "archive_status")
                             if e.name.endswith(".ready") and "/" not in e.name),
-                           key=lambda n: (not n.endswith(".history"), n))
+                           key=archive_order)
         except OSError:
             names = []
         self._threads = [threading.Thread(target=self._prepare, args=(pg_wal / n,), daemon=True)

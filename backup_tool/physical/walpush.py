@@ -37,7 +37,7 @@ from typing import Callable
 from backup_tool.config.settings import Settings
 from backup_tool.errors import BackupToolError, NotFoundError, StorageError, UsageError
 from backup_tool.physical import walack
-from backup_tool.physical.walprepare import EarlyStart, Prepared, prepare
+from backup_tool.physical.walprepare import EarlyStart, Prepared, archive_order, prepare
 from backup_tool.physical.walspool import PushResult, spool_dir
 from backup_tool.repository import walidentity
 from backup_tool.repository.keyguard import guard_writes
@@ -124,7 +124,7 @@ def ready_names(pg_wal: Path) -> list[str]:
             except UsageError:
                 continue
             names.append(name)
-    names.sort(key=lambda n: (not n.endswith(".history"), n))
+    names.sort(key=archive_order)
     return names
 
 
