@@ -47,7 +47,7 @@ from backup_tool.logical.restore_tables import (
 )
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import inventory as catalog_inventory
-from backup_tool.postgres import roles
+from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.manifest import Manifest, ManifestInventory, TableEntry
 from backup_tool.streams import pipeline
@@ -252,10 +252,7 @@ class LiveTables:
                 or archive_definitions(path, archive, target, major)), self.copies
 
     def _dump_definitions(self, tables: list[TableInfo], major: int) -> bytes:
-        argv = [postgres.find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
-                "--strict-names", "--dbname", self.conninfo.tool_conninfo(),
-                *(f"--table={t.qualified}" for t in tables)]
-        return pipeline.run(argv, self.conninfo.tool_env(), "pg_dump (table definitions)")
+        return schema.dump_schema(self.conninfo, major, tables=[t.qualified for t in tables])
 
     def bytes_read(self) -> int:
         return self._read

@@ -329,11 +329,7 @@ def extract_definitions(target: ConnInfo, major: int, archive_path: Path, tables
             with scratch.connect() as conn, conn.transaction():
                 copies = detach_copy(conn, tables, into_schema)
             where = [(into_schema, t.name) for t in tables]
-        argv = [postgres.find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
-                "--strict-names", "--dbname", scratch.tool_conninfo()]
-        for schema_name, name in where:
-            argv.append(f"--table={_pattern(schema_name, name)}")
-        return TableDefinitions(pipeline.run(argv, scratch.tool_env(), "pg_dump (table definitions)"),
+        return TableDefinitions(schema.dump_schema(scratch, major, tables=[_pattern(*w) for w in where]),
                                 tuple(copies))
     finally:
         with target.connect() as conn:

@@ -17,19 +17,24 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 from backup_tool.core.graphs import reachable
 from backup_tool.postgres.connection import ConnInfo, find_tool
 from backup_tool.streams import pipeline
 
 
-def dump_schema(conninfo: ConnInfo, major: int, snapshot_id: str | None = None) -> bytes:
+def dump_schema(conninfo: ConnInfo, major: int, snapshot_id: str | None = None,
+                tables: Sequence[str] = ()) -> bytes:
+    """A schema-only custom-format archive of the database, or only of ``tables`` (pg_dump
+    ``--table`` patterns, each required to match: ``--strict-names``)."""
     argv = [find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
             "--dbname", conninfo.tool_conninfo()]
     if snapshot_id:
         argv.append(f"--snapshot={snapshot_id}")
-    return pipeline.run(argv, conninfo.tool_env(), "pg_dump (schema)")
+    if tables:
+        argv += ["--strict-names", *(f"--table={t}" for t in tables)]
+    return pipeline.run(argv, conninfo.tool_env(), "pg_dump (table definitions)" if tables else "pg_dump (schema)")
 
 
 def dump_globals(conninfo: ConnInfo, major: int) -> bytes:
