@@ -37,6 +37,7 @@ import dataclasses
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -822,7 +823,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                                        guard)
                 fetched = plan.backup.extra_objects[0].size
             restore_command = (f"{tool.result()} wal fetch %f %p --abort-on-error "
-                               f"--repo {_shell_quote(storage.url)}")
+                               f"--repo {shlex.quote(storage.url)}")
         plain_command = restore_command
         if scratch:
             restore_command = _scratch_restore_command(restore_command, pgdata, plan, user)
@@ -928,8 +929,8 @@ def _scratch_restore_command(restore_command: str, pgdata: Path, plan: Plan, use
     chown_to(folder, user)
     for name in scratch_unneeded(plan) if unneeded is None else unneeded:
         (folder / name).touch()
-    markers = _shell_quote(str(folder)).replace("%", "%%")
-    ahead = _shell_quote(str(walspool.prefetch_dir(pgdata / "pg_wal" / "RECOVERYXLOG"))).replace("%", "%%")
+    markers = shlex.quote(str(folder)).replace("%", "%%")
+    ahead = shlex.quote(str(walspool.prefetch_dir(pgdata / "pg_wal" / "RECOVERYXLOG"))).replace("%", "%%")
     return (f"if [ -e {markers}/%f ]; then exit 1; fi; "
             f"if ln -f {ahead}/%f %p 2>/dev/null; then "
             f"rm -f {ahead}/*.taken; mv -f {ahead}/%f {ahead}/%f.taken; exit 0; fi; "
@@ -945,12 +946,6 @@ def _start_prefetch(storage: Storage, plan: Plan, pgdata: Path, user: str) -> wa
     (pgdata / "pg_wal").mkdir(mode=0o700, exist_ok=True)
     chown_to(pgdata / "pg_wal", user)
     return wal.RecoveryPrefetch(storage, names, pgdata / "pg_wal", lambda path: chown_to(path, user)).start()
-
-
-def _shell_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 def _empty_dir(path: Path, remove: bool) -> None:
