@@ -407,15 +407,12 @@ def read_frames(pieces: Iterator[bytes], key: str, frames: tuple[Frame, ...], fi
                     raw_pos += len(out)
                 if pos == frame.offset + frame.size:
                     if digest.hexdigest() != frame.sha256 or raw_pos != frame.raw_start + frame.raw_size:
-                        raise IntegrityError(f"object {key} is corrupt at frame {i}: sha256 or size differs from "
-                                             "its index", "restore from another backup and run "
-                                             "'backup-tool verify all'")
+                        raise _frame_error(key, i, "sha256 or size differs from its index")
                     i += 1
                     digest = hashlib.sha256()
                     dobj = zstandard.ZstdDecompressor().decompressobj()
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"object {key} is corrupt at frame {i}: it does not decompress ({exc})",
-                             "restore from another backup and run 'backup-tool verify all'") from None
+        raise _frame_error(key, i, f"it does not decompress ({exc})") from None
 
 
 def extract(storage: Storage, key: str, stored_size: int, index: TarIndex, members: list[Member],
