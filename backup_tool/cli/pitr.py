@@ -26,17 +26,36 @@ def backup_base_cmd(
         "--fast-checkpoint/--spread-checkpoint",
         help="Start with an immediate checkpoint, or wait for a spread one (minutes) "
              "(default: policy backup.fast_checkpoint)")] = None,
+    method: Annotated[str, typer.Option(
+        "--method", metavar="auto|direct|pg_basebackup",
+        help="Read the data directory directly (on the database host, when it is provably this "
+             "cluster's), or stream through pg_basebackup; auto picks direct when it can")] = "auto",
+    data_directory: Annotated[Optional[str], typer.Option(
+        "--data-directory", metavar="DIR",
+        help="Where the cluster's data directory is seen from here, for --method direct/auto "
+             "(default: the server's data_directory setting)")] = None,
 ) -> int:
-    """Take a physical base backup of the whole cluster (pg_basebackup) for point-in-time recovery.
-    Needs a role with REPLICATION, a pg_hba.conf 'replication' line, and WAL archiving into this
+    """Take a physical base backup of the whole cluster for point-in-time recovery, reading the
+    data directory directly on the database host or through pg_basebackup (which needs a role
+    with REPLICATION and a pg_hba.conf 'replication' line), with WAL archiving into this
     repository (archive_command = 'backup-tool wal push %p')."""
-    from backup_tool.physical.basebackup import backup_base
+    from pathlib import Path
 
-    manifest = backup_base(inv.settings, inv.reporter, fast_checkpoint)
+    from backup_tool.errors import UsageError
+    from backup_tool.physical.basebackup import BaseMethod, backup_base
+
+    try:
+        chosen = BaseMethod(method)
+    except ValueError:
+        raise UsageError(f"--method {method} is not one of auto, direct, pg_basebackup",
+                         "auto reads the data directory when it can, else runs pg_basebackup") from None
+    manifest = backup_base(inv.settings, inv.reporter, fast_checkpoint, chosen,
+                           Path(data_directory) if data_directory else None)
     entry = manifest.summary()
     inv.out(entry, lambda: f"base backup {entry['id']} complete: {human_size(entry['raw_bytes'])} stored as "
                            f"{human_size(entry['size_bytes'])}, WAL {entry['start_lsn']} .. {entry['stop_lsn']} "
                            f"on timeline {entry['timeline']}, {entry['checkpoint']} checkpoint, "
+                           f"{entry.get('method', 'pg_basebackup')}, "
                            f"expires {human_time(entry['expires_at'])}")
     return 0
 

@@ -1,6 +1,9 @@
 """Physical base backups (``backup base``): the starting point of point-in-time recovery.
 
-``pg_basebackup -D - -Ft -X none`` streams the whole cluster as one tar on stdout; the tar
+``pg_basebackup -D - -Ft -X none`` streams the whole cluster as one tar on stdout, or, when
+the tool runs on the database host and can read the data directory, the tool writes the
+same tar itself, reading files in parallel (:mod:`backup_tool.physical.basedirect`,
+``--method auto|direct|pg_basebackup``, recorded as the manifest's ``options.method``); the tar
 flows through zstd into the repository (``backups/<id>/base.tar.zst``) without a local
 copy, in independent frames cut at member boundaries, with an index of frames, members and
 each database's relation files beside it (``base.index.json.zst``, see
@@ -27,7 +30,8 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Generator, Iterable, Iterator
 
 import psycopg
 
@@ -42,7 +46,8 @@ from backup_tool.errors import (
     LockHeldError,
     RefusedError,
 )
-from backup_tool.physical import basetar, partial, wal
+from backup_tool.physical import basedirect, basetar, partial, wal
+from backup_tool.physical.basedirect import BaseMethod
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo, scalar
 from backup_tool.repository import walarchive
@@ -231,9 +236,9 @@ def _server_facts(conn: Any) -> dict[str, Any]:
     return dict(zip(keys, row, strict=True))
 
 
-def _check_prerequisites(facts: dict[str, Any], where: str) -> None:
+def _check_prerequisites(facts: dict[str, Any], where: str, method: BaseMethod) -> None:
     user = facts["user"]
-    if not facts["can_replicate"]:
+    if method is BaseMethod.PG_BASEBACKUP and not facts["can_replicate"]:
         raise RefusedError(
             f"role {user} at {where} lacks the REPLICATION attribute needed by pg_basebackup",
             f"as a superuser: ALTER ROLE {user} REPLICATION; and allow it in pg_hba.conf with "
@@ -258,8 +263,14 @@ def _wal_complete(storage: Storage, timeline: int, start: int, stop: int, seg_si
 
 
 def backup_base(settings: Settings, reporter: Reporter | None = None,
-                fast_checkpoint: bool | None = None) -> Manifest:
-    """Take a physical base backup of the cluster behind ``settings.dsn``; return its manifest."""
+                fast_checkpoint: bool | None = None, method: BaseMethod = BaseMethod.AUTO,
+                data_directory: Path | None = None) -> Manifest:
+    """Take a physical base backup of the cluster behind ``settings.dsn``; return its manifest.
+
+    ``method`` (see :mod:`backup_tool.physical.basedirect`): ``auto`` reads the data directory
+    directly when it is provably the cluster's (``data_directory``, or the server's own
+    setting, seen from here), else runs pg_basebackup; the manifest's ``options.method``
+    says which was used."""
     reporter = reporter or NullReporter()
     storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
@@ -275,7 +286,10 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         facts = _server_facts(control)
         major = info["server_version_num"] // 10000
         tools = postgres.tool_versions(major, ("pg_basebackup",))
-        _check_prerequisites(facts, conninfo.redacted())
+        found = (basedirect.Probe(None, "requested") if method is BaseMethod.PG_BASEBACKUP
+                 else basedirect.probe(control, int(info["system_identifier"]), data_directory))
+        used, why = basedirect.choose_method(method, found)
+        _check_prerequisites(facts, conninfo.redacted(), used)
         verify_archive_identity(storage, ClusterIdentity(int(info["system_identifier"]), major), "backup base")
         catalog.ids()
         lock_name = f"backup-tool:base:{storage.url}:{info['system_identifier']}"
@@ -288,15 +302,25 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         if policy.object_lock.mode != "none":
             storage.lock_new_objects(ObjectLock(policy.object_lock.mode, expires_at))
         reporter.event("base backup started", id=backup_id, repository=storage.url,
-                       checkpoint="fast" if fast else "spread")
+                       checkpoint="fast" if fast else "spread", method=str(used), why=why)
         if not fast:
             reporter.event("waiting for a spread checkpoint (up to checkpoint_timeout x "
                            "checkpoint_completion_target; use --fast-checkpoint to hurry)")
-        argv = [postgres.find_tool("pg_basebackup", major), "-d", conninfo.tool_conninfo(),
-                "-D", "-", "-Ft", "-X", "none", "-c", "fast" if fast else "spread",
-                "-l", f"backup-tool {backup_id}", "--no-password"]
         scanner = TarScanner(CAPTURED)
-        proc = pipeline.Process(argv, conninfo.tool_env(), "pg_basebackup")
+        direct: basedirect.DirectBackup | None = None
+        proc: pipeline.Process | None = None
+        source: Iterable[bytes]
+        if used is BaseMethod.DIRECT:
+            assert found.data_directory is not None
+            direct = basedirect.DirectBackup(conninfo, found.data_directory, major, int(info["system_identifier"]),
+                                             f"backup-tool {backup_id}", fast, policy.backup.jobs, reporter.warning)
+            source = direct.stream()
+        else:
+            argv = [postgres.find_tool("pg_basebackup", major), "-d", conninfo.tool_conninfo(),
+                    "-D", "-", "-Ft", "-X", "none", "-c", "fast" if fast else "spread",
+                    "-l", f"backup-tool {backup_id}", "--no-password"]
+            proc = pipeline.Process(argv, conninfo.tool_env(), "pg_basebackup")
+            source = pipeline.read_ahead(proc.chunks())
         progress = reporter.task("streaming base backup", total=int(facts["size"] or 0) or None)
         stats = pipeline.StreamStats()
         key = data_prefix(backup_id) + TAR_KEY
@@ -304,18 +328,25 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             try:
                 framer = basetar.FramedCompressor(level, stats, progress.advance, workers=policy.backup.jobs)
                 result = storage.put(key, testhooks.paused_stream("base:upload", framer.compress(
-                    scanner.scan(pipeline.read_ahead(proc.chunks())))))
-                proc.finish()
+                    scanner.scan(source))))
+                if proc is not None:
+                    proc.finish()
             except DatabaseError as exc:
+                if proc is None:
+                    raise
                 raise explain_basebackup_error(proc.error_text(), facts["user"]) from exc
             except BaseException:
-                proc.kill()
+                if proc is not None:
+                    proc.kill()
                 raise
+            finally:
+                if isinstance(source, Generator):
+                    source.close()
             progress.finish()
             stop_time = scalar(control, "SELECT clock_timestamp()")
             index_obj = _store_index(storage, data_prefix(backup_id) + basetar.INDEX_KEY, framer.index(
                 partial.relations_to_json(_relation_maps(conninfo, facts["databases"], reporter))), level)
-            physical = _physical(scanner, facts, fast, stop_time)
+            physical = _physical(scanner, facts, fast, stop_time, str(used))
             missing = _wal_complete(storage, physical.timeline, walnames.parse_lsn(physical.start_lsn),
                                     walnames.parse_lsn(physical.stop_lsn), physical.wal_segment_size)
             if missing:
@@ -337,7 +368,8 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             snapshot_lsn=physical.stop_lsn, schema=None, globals=None, schema_fingerprint="",
             tables=(), sequences=(), inventory={},
             options={"checkpoint": physical.checkpoint, "compression_level": level, "host": info["host"],
-                     "tar_members": scanner.members,
+                     "tar_members": scanner.members, "method": str(used),
+                     **({"copy_changes": direct.result.changes.as_dict()} if direct is not None else {}),
                      **({"object_lock": {"mode": policy.object_lock.mode, "retain_until": utc_iso(expires_at)}}
                         if policy.object_lock.mode != "none" else {})},
             extra_objects=(StoredObject(key, result.size, result.sha256, stats.raw_size), index_obj),
@@ -351,18 +383,20 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             raise
         reporter.event("base backup finished", id=backup_id, size_bytes=manifest.size_bytes,
                        start_lsn=physical.start_lsn, stop_lsn=physical.stop_lsn, timeline=physical.timeline,
+                       method=str(used),
                        seconds=round((finished_at - started_at).total_seconds(), 2))
         return manifest
 
 
-def _physical(scanner: TarScanner, facts: dict[str, Any], fast: bool, stop_time: datetime) -> PhysicalInfo:
+def _physical(scanner: TarScanner, facts: dict[str, Any], fast: bool, stop_time: datetime,
+              method: str) -> PhysicalInfo:
     if "backup_label" not in scanner.found:
-        raise BackupToolError("pg_basebackup's tar has no backup_label", "report this as a bug")
+        raise BackupToolError(f"the {method} tar has no backup_label", "report this as a bug")
     label = parse_backup_label(scanner.found["backup_label"].decode("utf-8", "replace"))
     seg_size = int(facts["wal_segment_size"])
     stop = stop_lsn_from_manifest(scanner.found.get("backup_manifest", b""))
     if stop is None:
-        raise BackupToolError("pg_basebackup's tar has no backup_manifest with the stop LSN",
+        raise BackupToolError(f"the {method} tar has no backup_manifest with the stop LSN",
                               "do not disable backup manifests on the server")
     stop_lsn, stop_tli = stop
     return PhysicalInfo(

@@ -196,6 +196,8 @@ class ManifestOptions(TypedDict, total=False):
     changed_tables_note: str
     checkpoint: str
     tar_members: int
+    method: str
+    copy_changes: dict[str, int]
     object_lock: ObjectLockRecord
     encryption: dict[str, Any]
 
@@ -380,6 +382,7 @@ class Manifest:
             **({"start_lsn": self.physical.start_lsn, "stop_lsn": self.physical.stop_lsn,
                 "timeline": self.physical.timeline, "checkpoint": self.physical.checkpoint}
                if self.physical else {}),
+            **({"method": self.options["method"]} if self.physical and self.options.get("method") else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,507 @@
+"""Direct base backups: the tool reads the data directory itself, as pgBackRest does.
+
+``pg_basebackup`` sends the whole cluster through one walsender, one file after another;
+when the tool runs on the database host and can read the data directory it takes the same
+backup by itself instead, reading files on ``backup.jobs`` threads ahead of the tar writer.
+
+Guaranteed, so that every reader of a base backup works unchanged:
+
+- The tar is what ``pg_basebackup -Ft -X none`` writes: the same member paths and kinds
+  (directories with a trailing ``/``, ``pg_tblspc`` symlinks), headers as PostgreSQL's
+  ``tarCreateHeader`` builds them, ``backup_label`` and ``tablespace_map`` (when not empty)
+  with the contents ``pg_backup_stop`` returns, ``global/pg_control`` read after every
+  other file, and a ``backup_manifest`` in PostgreSQL's format (without file checksums)
+  whose WAL range gives the stop LSN. The member order differs (``backup_label`` comes
+  after the data files, since PostgreSQL 15+ hands its content out only at the stop);
+  no reader depends on the order.
+- What is left out follows PostgreSQL's ``basebackup.c`` (:func:`excluded`): the contents
+  of ``pg_wal`` and of the directories in :data:`EXCLUDE_DIR_CONTENTS` (kept as empty
+  directories), the files in :data:`EXCLUDE_FILES`, ``pgsql_tmp*``, temporary relations,
+  and every fork but ``_init`` of unlogged relations.
+- Files changing during the copy are handled as PostgreSQL and pgBackRest do: a file's
+  size is taken when the directory is listed and that many bytes are stored; a file
+  that shrank is padded with zeros, one that grew is cut, one that vanished before it was
+  opened is left out (WAL replay from the backup's start recreates all of it). The counts
+  are reported (:class:`CopyChanges`).
+- Backup mode lives in one held session: ``pg_backup_start`` on a connection of its own,
+  ``pg_backup_stop`` on the same one; if anything fails (or the process dies) the session
+  ends and PostgreSQL aborts the backup mode itself.
+- The WAL is not in the tar (as with ``-X none``): ``pg_backup_stop`` waits until the stop
+  segment is archived and the caller checks the repository's archive holds the whole
+  range, exactly as for ``pg_basebackup``.
+
+:func:`probe` proves the data directory is the connected cluster's (the server's
+``data_directory`` exists here, or the one given, and its ``global/pg_control`` carries the
+server's system identifier); :func:`choose_method` decides from that, purely.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg
+
+from backup_tool.errors import BackupToolError, DatabaseError, RefusedError
+from backup_tool.postgres.connection import ConnInfo
+from backup_tool.streams import pipeline, testhooks
+
+PIECE = 4 << 20
+FLUSH = 1 << 20
+TAR_BLOCK = 512
+PG_FILE_MODE = 0o600
+PG_DIR_MODE = 0o700
+
+EXCLUDE_DIR_CONTENTS = frozenset({"pg_stat_tmp", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial",
+                                  "pg_snapshots", "pg_subtrans"})
+EXCLUDE_FILES = frozenset({"postgresql.auto.conf.tmp", "current_logfiles.tmp", "backup_label", "tablespace_map",
+                           "backup_manifest", "postmaster.pid", "postmaster.opts"})
+EXCLUDE_PREFIXES = ("pg_internal.init", "pgsql_tmp")
+RELATION_FILE = re.compile(r"^(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?$")
+TEMP_RELATION = re.compile(r"^t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
+CONTROL_FILE = "global/pg_control"
+
+
+class BaseMethod(StrEnum):
+    """How ``backup base`` copies the cluster: ``auto`` reads the data directory when
+    :func:`probe` proves it is the cluster's, else runs pg_basebackup."""
+
+    AUTO = "auto"
+    DIRECT = "direct"
+    PG_BASEBACKUP = "pg_basebackup"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What :func:`probe` found: the readable data directory, or why there is none."""
+
+    data_directory: Path | None
+    reason: str = ""
+
+
+def choose_method(requested: BaseMethod, found: Probe) -> tuple[BaseMethod, str]:
+    """The method to use and, when ``auto`` falls back to pg_basebackup, why; a forced
+    ``direct`` whose data directory was not proved is refused."""
+    if requested is BaseMethod.PG_BASEBACKUP:
+        return requested, "requested"
+    if found.data_directory is not None:
+        return BaseMethod.DIRECT, "the data directory is readable here"
+    if requested is BaseMethod.DIRECT:
+        raise RefusedError(f"cannot take a direct base backup: {found.reason}",
+                           "run backup-tool on the database host as the cluster's OS user (or root), "
+                           "give --data-directory, or use --method pg_basebackup")
+    return BaseMethod.PG_BASEBACKUP, found.reason
+
+
+def control_system_identifier(data: bytes) -> int:
+    """The system identifier at the start of ``pg_control`` (native byte order, as written)."""
+    if len(data) < 8:
+        raise ValueError("pg_control is shorter than 8 bytes")
+    return int.from_bytes(data[:8], sys.byteorder)
+
+
+def probe(conn: psycopg.Connection[Any], system_identifier: int, given: Path | None) -> Probe:
+    """Whether this process can read the connected cluster's data directory (``given``, or
+    the server's ``data_directory``): its ``global/pg_control`` must carry the server's
+    system identifier, the server must be a primary and the role allowed backup mode."""
+    try:
+        row = conn.execute(
+            "SELECT pg_is_in_recovery(),"
+            " has_function_privilege('pg_catalog.pg_backup_start(text, boolean)', 'EXECUTE'),"
+            " (SELECT setting FROM pg_settings WHERE name = 'data_directory')").fetchone()
+    except psycopg.Error as exc:
+        return Probe(None, f"the server did not say where its data directory is ({exc})")
+    assert row is not None
+    in_recovery, may_backup, server_dir = row
+    if in_recovery:
+        return Probe(None, "the server is a standby (direct backups are taken from a primary)")
+    if not may_backup:
+        return Probe(None, "the role may not run pg_backup_start")
+    where = given or (Path(server_dir) if server_dir else None)
+    if where is None:
+        return Probe(None, "the role may not read the data_directory setting (grant pg_read_all_settings)")
+    try:
+        found = control_system_identifier((where / CONTROL_FILE).read_bytes()[:8])
+    except (OSError, ValueError) as exc:
+        return Probe(None, f"cannot read {where / CONTROL_FILE} here ({exc.__class__.__name__}: {exc})")
+    if found != system_identifier:
+        return Probe(None, f"{where} belongs to another cluster (system identifier {found}, "
+                           f"the server's is {system_identifier})")
+    return Probe(where)
+
+
+def excluded(parent: str, name: str) -> bool:
+    """Whether PostgreSQL's base backup leaves out the entry ``name`` of the directory
+    ``parent`` (relative to the data directory, "" for the top) entirely."""
+    if name.startswith(EXCLUDE_PREFIXES) or name in EXCLUDE_FILES:
+        return True
+    if not _is_database_dir(parent):
+        return False
+    return bool(TEMP_RELATION.match(name))
+
+
+def _is_database_dir(parent: str) -> bool:
+    head, _, last = parent.rpartition("/")
+    return head == "base" and last.isdigit()
+
+
+def unlogged_skip(names: set[str], name: str) -> bool:
+    """A non-init fork of an unlogged relation (a ``<relfilenode>_init`` beside it)."""
+    m = RELATION_FILE.match(name)
+    return m is not None and m.group(2) != "init" and f"{m.group(1)}_init" in names
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tar member to write: ``kind`` ``f``, ``d`` or ``l``; ``size`` as listed."""
+
+    name: str
+    kind: str
+    size: int
+    mode: int
+    mtime: int
+    uid: int
+    gid: int
+    link: str = ""
+
+
+def _entry(name: str, st: os.stat_result, kind: str, link: str = "") -> Entry:
+    mode = st.st_mode
+    if kind == "d" and stat.S_ISLNK(mode):
+        mode = stat.S_IFDIR | PG_DIR_MODE
+    return Entry(name, kind, st.st_size if kind == "f" else 0, mode, int(st.st_mtime), st.st_uid, st.st_gid, link)
+
+
+def list_files(root: Path, major: int, warn: Callable[[str], None]) -> list[Entry]:
+    """Every member PostgreSQL's base backup would send from ``root`` except
+    ``global/pg_control`` (sent last), in directory order, sizes as of now."""
+    out: list[Entry] = []
+
+    def walk(rel: str) -> None:
+        path = root / rel if rel else root
+        try:
+            names = sorted(os.listdir(path))
+        except FileNotFoundError:
+            return
+        present = set(names)
+        is_db = _is_database_dir(rel)
+        for name in names:
+            child = f"{rel}/{name}" if rel else name
+            if excluded(rel, name) or (is_db and unlogged_skip(present, name)) or child == CONTROL_FILE:
+                continue
+            try:
+                st = os.lstat(root / child)
+            except FileNotFoundError:
+                continue
+            if name in EXCLUDE_DIR_CONTENTS:
+                out.append(_entry(child, st, "d"))
+                continue
+            if child == "pg_wal":
+                wal_dir = _entry(child, st, "d")
+                out.append(wal_dir)
+                out.append(Entry("pg_wal/archive_status", "d", 0, wal_dir.mode, wal_dir.mtime, wal_dir.uid,
+                                 wal_dir.gid))
+                if major >= 17:
+                    out.append(Entry("pg_wal/summaries", "d", 0, wal_dir.mode, wal_dir.mtime, wal_dir.uid,
+                                     wal_dir.gid))
+                continue
+            if rel == "pg_tblspc" and stat.S_ISLNK(st.st_mode):
+                out.append(_entry(child, st, "l", os.readlink(root / child)))
+            elif stat.S_ISDIR(st.st_mode):
+                out.append(_entry(child, st, "d"))
+                walk(child)
+            elif stat.S_ISREG(st.st_mode):
+                out.append(_entry(child, st, "f"))
+            else:
+                warn(f"skipping special file {child}")
+
+    walk("")
+    return out
+
+
+def _number(value: int, length: int) -> bytes:
+    if value < 1 << ((length - 1) * 3):
+        return f"{value:0{length - 1}o} ".encode()
+    return b"\x80" + value.to_bytes(length - 1, "big")
+
+
+def tar_header(entry: Entry) -> bytes:
+    """The 512-byte header PostgreSQL's ``tarCreateHeader`` writes for ``entry``."""
+    name = entry.name.encode()
+    if entry.kind in ("d", "l"):
+        name += b"/"
+    if len(name) > 99:
+        raise BackupToolError(f"file name too long for tar format: {entry.name}",
+                              "use --method pg_basebackup (which refuses it too) or shorten the path")
+    h = bytearray(TAR_BLOCK)
+    h[0:len(name)] = name
+    h[100:108] = _number(entry.mode & 0o7777, 8)
+    h[108:116] = _number(entry.uid, 8)
+    h[116:124] = _number(entry.gid, 8)
+    h[124:136] = _number(entry.size if entry.kind == "f" else 0, 12)
+    h[136:148] = _number(entry.mtime, 12)
+    h[156:157] = {"f": b"0", "d": b"5", "l": b"2"}[entry.kind]
+    if entry.kind == "l":
+        link = entry.link.encode()[:99]
+        h[157:157 + len(link)] = link
+    h[257:262] = b"ustar"
+    h[263:265] = b"00"
+    h[265:273] = b"postgres"
+    h[297:305] = b"postgres"
+    h[329:337] = _number(0, 8)
+    h[337:345] = _number(0, 8)
+    h[148:156] = _number(sum(h[:148]) + 8 * 32 + sum(h[156:]), 8)
+    return bytes(h)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * ((-size) % TAR_BLOCK)
+
+
+def backup_manifest(files: list[tuple[str, int, int]], timeline: int, start_lsn: str, stop_lsn: str,
+                    major: int, system_identifier: int) -> bytes:
+    """A ``backup_manifest`` as PostgreSQL writes it with ``--manifest-checksums=NONE``:
+    ``files`` are (path, size, mtime); version 2 (with the system identifier) from 17 on."""
+    head = '{ "PostgreSQL-Backup-Manifest-Version": ' + ("2" if major >= 17 else "1") + ",\n"
+    if major >= 17:
+        head += f'"System-Identifier": {system_identifier},\n'
+    lines = [f'{{ "Path": {json.dumps(p)}, "Size": {s}, "Last-Modified": '
+             f'"{time.strftime("%Y-%m-%d %H:%M:%S GMT", time.gmtime(m))}" }}' for p, s, m in files]
+    body = (head + '"Files": [\n' + ",\n".join(lines) + '\n],\n"WAL-Ranges": [\n'
+            + f'{{ "Timeline": {timeline}, "Start-LSN": "{start_lsn}", "End-LSN": "{stop_lsn}" }}' + "\n],\n")
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    return (body + f'"Manifest-Checksum": "{digest}"}}\n').encode()
+
+
+@dataclass
+class CopyChanges:
+    """Files that changed between listing and copying (see the module docstring)."""
+
+    files: int = 0
+    grew: int = 0
+    shrank: int = 0
+    vanished: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"files": self.files, "grew": self.grew, "shrank": self.shrank, "vanished": self.vanished}
+
+
+@dataclass(frozen=True)
+class _Piece:
+    entry: Entry
+    offset: int
+    length: int
+    first: bool
+    last: bool
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A piece's bytes (zero-padded to its length), or ``data`` None: the file is gone."""
+
+    data: bytes | None
+    short: bool = False
+    grew: bool = False
+
+
+def _read_piece(root: Path, piece: _Piece) -> _Read:
+    try:
+        fd = os.open(root / piece.entry.name, os.O_RDONLY)
+    except FileNotFoundError:
+        return _Read(None)
+    except OSError as exc:
+        raise _unreadable(root / piece.entry.name, exc) from None
+    try:
+        data = os.pread(fd, piece.length, piece.offset) if piece.length else b""
+        grew = piece.last and os.fstat(fd).st_size > piece.entry.size
+    except OSError as exc:
+        raise _unreadable(root / piece.entry.name, exc) from None
+    finally:
+        os.close(fd)
+    if len(data) < piece.length:
+        return _Read(data + b"\0" * (piece.length - len(data)), short=True)
+    return _Read(data, grew=grew)
+
+
+def _unreadable(path: Path, exc: OSError) -> BackupToolError:
+    hint = ("run backup-tool as the cluster's OS user (or root), or use --method pg_basebackup"
+            if exc.errno in (errno.EACCES, errno.EPERM) else "check the data directory's disk")
+    return BackupToolError(f"cannot read {path} for the direct base backup: {exc.strerror}", hint)
+
+
+def _pieces(entries: list[Entry]) -> Iterator[_Piece]:
+    for e in entries:
+        if e.kind != "f":
+            continue
+        if not e.size:
+            yield _Piece(e, 0, 0, True, True)
+        for off in range(0, e.size, PIECE):
+            n = min(PIECE, e.size - off)
+            yield _Piece(e, off, n, off == 0, off + n == e.size)
+
+
+@dataclass
+class DirectResult:
+    """Filled in as :meth:`DirectBackup.stream` runs: the stop position and the counts."""
+
+    stop_lsn: str = ""
+    label: str = ""
+    changes: CopyChanges = field(default_factory=CopyChanges)
+
+
+class DirectBackup:
+    """One direct base backup of the data directory ``root``; :meth:`stream` is the tar."""
+
+    def __init__(self, conninfo: ConnInfo, root: Path, major: int, system_identifier: int, label: str,
+                 fast: bool, jobs: int, warn: Callable[[str], None]) -> None:
+        self.conninfo = conninfo
+        self.root = root
+        self.major = major
+        self.system_identifier = system_identifier
+        self.label = label
+        self.fast = fast
+        self.jobs = max(1, jobs)
+        self.warn = warn
+        self.result = DirectResult()
+
+    def stream(self) -> Iterator[bytes]:
+        """The tar, start to end; backup mode begins when the first chunk is asked for and
+        ends (``pg_backup_stop``, or the session closing on any failure) before the last."""
+        session = self.conninfo.connect(settings={"statement_timeout": "0"})
+        try:
+            try:
+                start = session.execute("SELECT pg_backup_start(%s, %s)::text", (self.label, self.fast)).fetchone()
+            except psycopg.Error as exc:
+                raise DatabaseError(f"pg_backup_start failed: {exc}") from None
+            assert start is not None
+            entries = list_files(self.root, self.major, self.warn)
+            testhooks.pause_point("base:direct-copy")
+            manifest_files: list[tuple[str, int, int]] = []
+            yield from self._members(entries, manifest_files)
+            control_stat = os.stat(self.root / CONTROL_FILE)
+            control = (self.root / CONTROL_FILE).read_bytes()
+            try:
+                stop = session.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)").fetchone()
+            except psycopg.Error as exc:
+                raise DatabaseError(f"pg_backup_stop failed: {exc}") from None
+            assert stop is not None
+        finally:
+            session.close()
+        stop_lsn, labelfile, spcmap = stop
+        self.result.stop_lsn, self.result.label = stop_lsn, labelfile
+        owner = os.stat(self.root / "PG_VERSION")
+        now = int(time.time())
+        out = bytearray()
+        extra = [("backup_label", labelfile.encode())]
+        if spcmap:
+            extra.append(("tablespace_map", spcmap.encode()))
+        for name, content in extra:
+            out += self._inline(Entry(name, "f", len(content), PG_FILE_MODE, now, owner.st_uid, owner.st_gid),
+                                content, manifest_files)
+        out += self._inline(Entry(CONTROL_FILE, "f", len(control), control_stat.st_mode, int(control_stat.st_mtime),
+                                  control_stat.st_uid, control_stat.st_gid), control, manifest_files)
+        timeline = _label_timeline(labelfile)
+        manifest = backup_manifest(manifest_files, timeline, _label_start(labelfile), stop_lsn, self.major,
+                                   self.system_identifier)
+        out += tar_header(Entry("backup_manifest", "f", len(manifest), PG_FILE_MODE, now, owner.st_uid,
+                                owner.st_gid)) + manifest + _padding(len(manifest))
+        out += b"\0" * (2 * TAR_BLOCK)
+        yield bytes(out)
+
+    @staticmethod
+    def _inline(entry: Entry, content: bytes, files: list[tuple[str, int, int]]) -> bytes:
+        files.append((entry.name, entry.size, entry.mtime))
+        return tar_header(entry) + content + _padding(len(content))
+
+    def _members(self, entries: list[Entry], files: list[tuple[str, int, int]]) -> Iterator[bytes]:
+        """Headers and data of ``entries``, file pieces read on ``jobs`` threads at most
+        ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`)."""
+        changes = self.result.changes
+        pool = cf.ThreadPoolExecutor(self.jobs, thread_name_prefix="pgread")
+        inflight: deque[tuple[_Piece, cf.Future[_Read]]] = deque()
+        todo = _pieces(entries)
+        depth = 2 * self.jobs + 2
+        out = bytearray()
+        skipping: Entry | None = None
+        shrank = False
+
+        def refill() -> None:
+            while len(inflight) < depth:
+                piece = next(todo, None)
+                if piece is None:
+                    return
+                inflight.append((piece, pool.submit(_read_piece, self.root, piece)))
+
+        try:
+            refill()
+            for entry in entries:
+                if entry.kind != "f":
+                    out += tar_header(entry)
+                    continue
+                changes.files += 1
+                shrank = False
+                while True:
+                    pipeline.check_cancelled()
+                    piece, fut = inflight.popleft()
+                    refill()
+                    got = fut.result()
+                    assert piece.entry is entry
+                    if piece.first:
+                        if got.data is None:
+                            changes.vanished += 1
+                            skipping = entry
+                        else:
+                            skipping = None
+                            files.append((entry.name, entry.size, entry.mtime))
+                            out += tar_header(entry)
+                    if skipping is None:
+                        data = got.data if got.data is not None else b"\0" * piece.length
+                        shrank = shrank or got.data is None or got.short
+                        if len(data) >= FLUSH:
+                            if out:
+                                yield bytes(out)
+                                out.clear()
+                            yield data
+                        else:
+                            out += data
+                        if piece.last:
+                            out += _padding(entry.size)
+                            changes.shrank += shrank
+                            changes.grew += got.grew and not shrank
+                    if len(out) >= FLUSH:
+                        yield bytes(out)
+                        out.clear()
+                    if piece.last:
+                        break
+            if out:
+                yield bytes(out)
+        finally:
+            for _, fut in inflight:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _label_start(label: str) -> str:
+    m = re.search(r"^START WAL LOCATION: (\S+)", label, re.M)
+    if not m:
+        raise BackupToolError("pg_backup_stop returned a backup_label without a START WAL LOCATION",
+                              "report this as a bug")
+    return m.group(1)
+
+
+def _label_timeline(label: str) -> int:
+    m = re.search(r"^START TIMELINE: (\d+)", label, re.M)
+    return int(m.group(1)) if m else 1
+
