@@ -7,9 +7,10 @@ backup by itself instead, reading files on ``backup.jobs`` threads ahead of the 
 Guaranteed, so that every reader of a base backup works unchanged:
 
 - The tar is what ``pg_basebackup -Ft -X none`` writes: the same member paths and kinds
-  (directories with a trailing ``/``, ``pg_tblspc`` symlinks), headers as PostgreSQL's
-  ``tarCreateHeader`` builds them, ``backup_label`` and ``tablespace_map`` (when not empty)
-  with the contents ``pg_backup_stop`` returns, ``global/pg_control`` read after every
+  (directories with a trailing ``/``), headers as PostgreSQL's ``tarCreateHeader`` builds
+  them, ``backup_label`` and ``tablespace_map`` with the contents ``pg_backup_stop`` returns
+  (so ``pg_tblspc`` is sent empty, as pg_basebackup does when it sends a tablespace map;
+  ``backup base`` refuses clusters with extra tablespaces anyway), ``global/pg_control`` read after every
   other file, and a ``backup_manifest`` in PostgreSQL's format (without file checksums)
   whose WAL range gives the stop LSN. The member order differs (``backup_label`` comes
   after the data files, since PostgreSQL 15+ hands its content out only at the stop);
@@ -165,7 +166,7 @@ def unlogged_skip(names: set[str], name: str) -> bool:
 
 @dataclass(frozen=True)
 class Entry:
-    """One tar member to write: ``kind`` ``f``, ``d`` or ``l``; ``size`` as listed."""
+    """One tar member to write: ``kind`` ``f`` or ``d``; ``size`` as listed."""
 
     name: str
     kind: str
@@ -174,14 +175,13 @@ class Entry:
     mtime: int
     uid: int
     gid: int
-    link: str = ""
 
 
-def _entry(name: str, st: os.stat_result, kind: str, link: str = "") -> Entry:
+def _entry(name: str, st: os.stat_result, kind: str) -> Entry:
     mode = st.st_mode
     if kind == "d" and stat.S_ISLNK(mode):
         mode = stat.S_IFDIR | PG_DIR_MODE
-    return Entry(name, kind, st.st_size if kind == "f" else 0, mode, int(st.st_mtime), st.st_uid, st.st_gid, link)
+    return Entry(name, kind, st.st_size if kind == "f" else 0, mode, int(st.st_mtime), st.st_uid, st.st_gid)
 
 
 def list_files(root: Path, major: int, warn: Callable[[str], None]) -> list[Entry]:
@@ -217,11 +217,10 @@ def list_files(root: Path, major: int, warn: Callable[[str], None]) -> list[Entr
                     out.append(Entry("pg_wal/summaries", "d", 0, wal_dir.mode, wal_dir.mtime, wal_dir.uid,
                                      wal_dir.gid))
                 continue
-            if rel == "pg_tblspc" and stat.S_ISLNK(st.st_mode):
-                out.append(_entry(child, st, "l", os.readlink(root / child)))
-            elif stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
                 out.append(_entry(child, st, "d"))
-                walk(child)
+                if child != "pg_tblspc":
+                    walk(child)
             elif stat.S_ISREG(st.st_mode):
                 out.append(_entry(child, st, "f"))
             else:
@@ -240,7 +239,7 @@ def _number(value: int, length: int) -> bytes:
 def tar_header(entry: Entry) -> bytes:
     """The 512-byte header PostgreSQL's ``tarCreateHeader`` writes for ``entry``."""
     name = entry.name.encode()
-    if entry.kind in ("d", "l"):
+    if entry.kind == "d":
         name += b"/"
     if len(name) > 99:
         raise BackupToolError(f"file name too long for tar format: {entry.name}",
@@ -252,10 +251,7 @@ def tar_header(entry: Entry) -> bytes:
     h[116:124] = _number(entry.gid, 8)
     h[124:136] = _number(entry.size if entry.kind == "f" else 0, 12)
     h[136:148] = _number(entry.mtime, 12)
-    h[156:157] = {"f": b"0", "d": b"5", "l": b"2"}[entry.kind]
-    if entry.kind == "l":
-        link = entry.link.encode()[:99]
-        h[157:157 + len(link)] = link
+    h[156:157] = b"5" if entry.kind == "d" else b"0"
     h[257:262] = b"ustar"
     h[263:265] = b"00"
     h[265:273] = b"postgres"
@@ -404,10 +400,7 @@ class DirectBackup:
         owner = os.stat(self.root / "PG_VERSION")
         now = int(time.time())
         out = bytearray()
-        extra = [("backup_label", labelfile.encode())]
-        if spcmap:
-            extra.append(("tablespace_map", spcmap.encode()))
-        for name, content in extra:
+        for name, content in (("backup_label", labelfile.encode()), ("tablespace_map", (spcmap or "").encode())):
             out += self._inline(Entry(name, "f", len(content), PG_FILE_MODE, now, owner.st_uid, owner.st_gid),
                                 content, manifest_files)
         out += self._inline(Entry(CONTROL_FILE, "f", len(control), control_stat.st_mode, int(control_stat.st_mtime),

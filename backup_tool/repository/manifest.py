@@ -197,6 +197,7 @@ class ManifestOptions(TypedDict, total=False):
     checkpoint: str
     tar_members: int
     method: str
+    method_note: str
     copy_changes: dict[str, int]
     object_lock: ObjectLockRecord
     encryption: dict[str, Any]

@@ -1,6 +1,7 @@
 """`backup base` against real PostgreSQL 15 clusters: what it refuses and why (replication
 privilege, pg_hba.conf, archiving), the checkpoint mode it records, and a base backup +
-WAL archive in S3 (moto) recovered with `restore pitr --latest`."""
+WAL archive in S3 (moto) recovered with `restore pitr --latest` (through pg_basebackup; the
+direct method is in test_basedirect.py, test_pitr.py and test_table_pitr_partial.py)."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def test_base_backup_and_pitr_through_s3(cli: Any, s3_server: Any, s3_repo: str,
         hba.write_text("".join(ln for ln in original.splitlines(keepends=True) if "replication" not in ln))
         server.pg_ctl("reload")
         time.sleep(0.5)
-        refused = cli("backup", "base", "--repo", s3_repo, "--dsn", server.dsn())
+        refused = cli("backup", "base", "--repo", s3_repo, "--dsn", server.dsn(), "--method", "pg_basebackup")
         assert refused.returncode == 1
         line = one_line(refused.stderr)
         assert "replication" in line and re.search(r"pg_hba\.conf line such as 'host replication postgres", line)
@@ -74,8 +75,9 @@ def test_base_backup_and_pitr_through_s3(cli: Any, s3_server: Any, s3_repo: str,
 
         with server.admin_conn() as conn:
             conn.execute("CHECKPOINT")
-        entry = cli.json("backup", "base", "--repo", s3_repo, "--dsn", server.dsn(), "--spread-checkpoint")
-        assert entry["kind"] == "base" and entry["checkpoint"] == "spread"
+        entry = cli.json("backup", "base", "--repo", s3_repo, "--dsn", server.dsn(), "--spread-checkpoint",
+                         "--method", "pg_basebackup")
+        assert entry["kind"] == "base" and entry["checkpoint"] == "spread" and entry["method"] == "pg_basebackup"
         shown = cli.json("show", entry["id"], "--repo", s3_repo)
         assert [o["key"] for o in shown["objects"]] == [f"backups/{entry['id']}/base.tar.zst",
                                                         f"backups/{entry['id']}/base.index.json.zst"]

@@ -115,7 +115,7 @@ def first_recovery(scenario: Scenario) -> tuple[Path, int, dict[str, Any]]:
 def test_base_backup_is_listed_with_its_wal_range(scenario: Scenario) -> None:
     entry = scenario.backup
     assert entry["kind"] == "base" and entry["parent_id"] is None and entry["size_bytes"] > 0
-    assert entry["timeline"] == 1 and entry["checkpoint"] == "fast"
+    assert entry["timeline"] == 1 and entry["checkpoint"] == "fast" and entry["method"] == "direct"
     assert entry["start_lsn"] and entry["stop_lsn"]
     listed = scenario.cli.json("list", "--repo", scenario.repo)
     assert [(e["id"], e["kind"]) for e in listed] == [(entry["id"], "base")]

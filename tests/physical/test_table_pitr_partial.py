@@ -115,6 +115,7 @@ def world() -> Iterator[World]:
             "INSERT INTO stock SELECT g, g FROM generate_series(1, 500) g",
             "CHECKPOINT")
         backup = cli.json("backup", "base", "--repo", str(repo), "--dsn", server.dsn("app"))
+        assert backup["method"] == "direct", "the partial lay-out is proved over a direct backup's index"
         sql(server, "VACUUM cold")  # all-visible marks on pages with no image since the checkpoint
         rnd = random.Random(18)
         moments = []
