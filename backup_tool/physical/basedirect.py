@@ -51,7 +51,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import psycopg
 
@@ -296,39 +296,58 @@ class CopyChanges:
 
 @dataclass(frozen=True)
 class _Piece:
+    """Bytes ``[offset, offset + length)`` of a file; the first piece carries the member's
+    header before them and the last its padding after, so that a member's frames are
+    single chunks (no copy in the compressor)."""
+
     entry: Entry
     offset: int
     length: int
     first: bool
     last: bool
 
+    @property
+    def stored(self) -> int:
+        return (TAR_BLOCK if self.first else 0) + self.length + ((-self.entry.size) % TAR_BLOCK if self.last else 0)
+
 
 @dataclass(frozen=True)
 class _Read:
-    """A piece's bytes (zero-padded to its length), or ``data`` None: the file is gone."""
+    """A piece as stored (header, data zero-filled where the file had shrunk, padding), or
+    ``data`` None: the file is gone."""
 
-    data: bytes | None
+    data: bytearray | None
     short: bool = False
     grew: bool = False
 
 
 def _read_piece(root: Path, piece: _Piece) -> _Read:
+    path = root / piece.entry.name
     try:
-        fd = os.open(root / piece.entry.name, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return _Read(None)
     except OSError as exc:
-        raise _unreadable(root / piece.entry.name, exc) from None
+        raise _unreadable(path, exc) from None
+    buf = bytearray(piece.stored)
+    start = TAR_BLOCK if piece.first else 0
+    if piece.first:
+        buf[:TAR_BLOCK] = tar_header(piece.entry)
+    view = memoryview(buf)[start:start + piece.length]
+    done = 0
     try:
-        data = os.pread(fd, piece.length, piece.offset) if piece.length else b""
+        while done < piece.length:
+            n = os.preadv(fd, [view[done:]], piece.offset + done)
+            if not n:
+                break
+            done += n
         grew = piece.last and os.fstat(fd).st_size > piece.entry.size
     except OSError as exc:
-        raise _unreadable(root / piece.entry.name, exc) from None
+        raise _unreadable(path, exc) from None
     finally:
+        view.release()
         os.close(fd)
-    if len(data) < piece.length:
-        return _Read(data + b"\0" * (piece.length - len(data)), short=True)
-    return _Read(data, grew=grew)
+    return _Read(buf, short=done < piece.length, grew=grew)
 
 
 def _unreadable(path: Path, exc: OSError) -> BackupToolError:
@@ -338,14 +357,18 @@ def _unreadable(path: Path, exc: OSError) -> BackupToolError:
 
 
 def _pieces(entries: list[Entry]) -> Iterator[_Piece]:
+    """Each file's pieces: the first :data:`PIECE` bytes less its header, then :data:`PIECE`
+    each (a big member's frames start at its header, see :mod:`basetar`)."""
     for e in entries:
         if e.kind != "f":
             continue
-        if not e.size:
-            yield _Piece(e, 0, 0, True, True)
-        for off in range(0, e.size, PIECE):
-            n = min(PIECE, e.size - off)
+        off = 0
+        while True:
+            n = min(PIECE - (TAR_BLOCK if off == 0 else 0), e.size - off)
             yield _Piece(e, off, n, off == 0, off + n == e.size)
+            off += n
+            if off == e.size:
+                break
 
 
 @dataclass
@@ -420,15 +443,15 @@ class DirectBackup:
 
     def _members(self, entries: list[Entry], files: list[tuple[str, int, int]]) -> Iterator[bytes]:
         """Headers and data of ``entries``, file pieces read on ``jobs`` threads at most
-        ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`)."""
+        ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`). Big
+        pieces are passed on as the reader filled them (bytearrays, never written again:
+        the compressor and the scanner only read them through the buffer protocol)."""
         changes = self.result.changes
         pool = cf.ThreadPoolExecutor(self.jobs, thread_name_prefix="pgread")
         inflight: deque[tuple[_Piece, cf.Future[_Read]]] = deque()
         todo = _pieces(entries)
         depth = 2 * self.jobs + 2
         out = bytearray()
-        skipping: Entry | None = None
-        shrank = False
 
         def refill() -> None:
             while len(inflight) < depth:
@@ -444,33 +467,29 @@ class DirectBackup:
                     out += tar_header(entry)
                     continue
                 changes.files += 1
-                shrank = False
+                shrank = skipping = False
                 while True:
                     pipeline.check_cancelled()
                     piece, fut = inflight.popleft()
                     refill()
                     got = fut.result()
-                    assert piece.entry is entry
                     if piece.first:
-                        if got.data is None:
+                        skipping = got.data is None
+                        if skipping:
                             changes.vanished += 1
-                            skipping = entry
                         else:
-                            skipping = None
                             files.append((entry.name, entry.size, entry.mtime))
-                            out += tar_header(entry)
-                    if skipping is None:
-                        data = got.data if got.data is not None else b"\0" * piece.length
+                    if not skipping:
+                        data = got.data if got.data is not None else bytearray(piece.stored)
                         shrank = shrank or got.data is None or got.short
                         if len(data) >= FLUSH:
                             if out:
                                 yield bytes(out)
                                 out.clear()
-                            yield data
+                            yield cast(bytes, data)
                         else:
                             out += data
                         if piece.last:
-                            out += _padding(entry.size)
                             changes.shrank += shrank
                             changes.grew += got.grew and not shrank
                     if len(out) >= FLUSH:
