@@ -35,6 +35,7 @@ from backup_tool.physical import basetar
 from backup_tool.physical.basebackup import stop_lsn_from_manifest
 from backup_tool.physical.basedirect import (
     BaseMethod,
+    DirectBackup,
     Entry,
     Probe,
     backup_manifest,
@@ -45,6 +46,7 @@ from backup_tool.physical.basedirect import (
     tar_header,
     unlogged_skip,
 )
+from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog
 from backup_tool.repository.storage import open_storage
 
@@ -116,6 +118,38 @@ def test_list_files_sends_what_basebackup_sends(tmp_path: Path) -> None:
                    ("postgresql.conf", "f", 15)]
     assert [e.mode & 0o170777 for e in list_files(root, 15, lambda _: None) if e.name == "pg_notify"] == [0o40700]
     assert "pg_wal/summaries" in [e.name for e in list_files(root, 17, lambda _: None)]
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_files_that_change_during_the_copy_are_stored_as_listed(tmp_path: Path, jobs: int) -> None:
+    root = tmp_path / "data"
+    (root / "base" / "5").mkdir(parents=True)
+    content = {name: os.urandom(size) for name, size in [("base/5/big", (9 << 20) + 1000), ("base/5/grows", 20000),
+                                                         ("base/5/shrinks", (5 << 20) + 7), ("base/5/gone", 8192),
+                                                         ("base/5/emptied", 4096), ("base/5/empty", 0)]}
+    for name, data in content.items():
+        (root / name).write_bytes(data)
+    entries = list_files(root, 15, lambda _: None)
+    with open(root / "base/5/grows", "ab") as fh:
+        fh.write(b"more" * 5000)
+    (root / "base/5/shrinks").write_bytes(content["base/5/shrinks"][:(4 << 20) + 3])
+    (root / "base/5/gone").unlink()
+    (root / "base/5/emptied").write_bytes(b"")
+    copy = DirectBackup(ConnInfo(), root, 15, 1, "test", True, jobs, lambda _: None)
+    listed: list[tuple[str, int, int]] = []
+    raw = b"".join(copy._members(entries, listed)) + b"\0" * 1024
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        stored = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    expected = dict(content)
+    del expected["base/5/gone"]
+    expected["base/5/shrinks"] = content["base/5/shrinks"][:(4 << 20) + 3] + bytes((1 << 20) + 4)
+    expected["base/5/emptied"] = bytes(4096)
+    assert stored == expected
+    assert [n for n, _, _ in listed] == sorted(expected)
+    assert copy.result.changes.as_dict() == {"files": 6, "grew": 1, "shrank": 2, "vanished": 1}
+    walker = basetar.TarWalker()
+    walker.feed(raw, lambda offset, big: None)
+    assert {m.name: m.size for m in walker.members if m.kind == "f"} == {k: len(v) for k, v in expected.items()}
 
 
 def test_backup_manifest_is_postgres_format_with_a_valid_checksum() -> None:
