@@ -369,7 +369,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             tables=(), sequences=(), inventory={},
             options={"checkpoint": physical.checkpoint, "compression_level": level, "host": info["host"],
                      "tar_members": scanner.members, "method": str(used), "method_note": why,
-                     **({"copy_changes": direct.result.changes.as_dict()} if direct is not None else {}),
+                     **({"copy_changes": direct.changes.as_dict()} if direct is not None else {}),
                      **({"object_lock": {"mode": policy.object_lock.mode, "retain_until": utc_iso(expires_at)}}
                         if policy.object_lock.mode != "none" else {})},
             extra_objects=(StoredObject(key, result.size, result.sha256, stats.raw_size), index_obj),

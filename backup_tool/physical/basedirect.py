@@ -48,7 +48,7 @@ import stat
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Iterator, cast
@@ -371,17 +371,9 @@ def _pieces(entries: list[Entry]) -> Iterator[_Piece]:
                 break
 
 
-@dataclass
-class DirectResult:
-    """Filled in as :meth:`DirectBackup.stream` runs: the stop position and the counts."""
-
-    stop_lsn: str = ""
-    label: str = ""
-    changes: CopyChanges = field(default_factory=CopyChanges)
-
-
 class DirectBackup:
-    """One direct base backup of the data directory ``root``; :meth:`stream` is the tar."""
+    """One direct base backup of the data directory ``root``: :meth:`stream` is the tar,
+    :attr:`changes` counts the files that changed during the copy once it has run."""
 
     def __init__(self, conninfo: ConnInfo, root: Path, major: int, system_identifier: int, label: str,
                  fast: bool, jobs: int, warn: Callable[[str], None]) -> None:
@@ -393,7 +385,7 @@ class DirectBackup:
         self.fast = fast
         self.jobs = max(1, jobs)
         self.warn = warn
-        self.result = DirectResult()
+        self.changes = CopyChanges()
 
     def stream(self) -> Iterator[bytes]:
         """The tar, start to end; backup mode begins when the first chunk is asked for and
@@ -419,7 +411,6 @@ class DirectBackup:
         finally:
             session.close()
         stop_lsn, labelfile, spcmap = stop
-        self.result.stop_lsn, self.result.label = stop_lsn, labelfile
         owner = os.stat(self.root / "PG_VERSION")
         now = int(time.time())
         out = bytearray()
@@ -446,7 +437,7 @@ class DirectBackup:
         ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`). Big
         pieces are passed on as the reader filled them (bytearrays, never written again:
         the compressor and the scanner only read them through the buffer protocol)."""
-        changes = self.result.changes
+        changes = self.changes
         pool = cf.ThreadPoolExecutor(self.jobs, thread_name_prefix="pgread")
         inflight: deque[tuple[_Piece, cf.Future[_Read]]] = deque()
         todo = _pieces(entries)

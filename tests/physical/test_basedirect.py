@@ -146,7 +146,7 @@ def test_files_that_change_during_the_copy_are_stored_as_listed(tmp_path: Path, 
     expected["base/5/emptied"] = bytes(4096)
     assert stored == expected
     assert [n for n, _, _ in listed] == sorted(expected)
-    assert copy.result.changes.as_dict() == {"files": 6, "grew": 1, "shrank": 2, "vanished": 1}
+    assert copy.changes.as_dict() == {"files": 6, "grew": 1, "shrank": 2, "vanished": 1}
     walker = basetar.TarWalker()
     walker.feed(raw, lambda offset, big: None)
     assert {m.name: m.size for m in walker.members if m.kind == "f"} == {k: len(v) for k, v in expected.items()}
