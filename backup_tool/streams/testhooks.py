@@ -12,7 +12,8 @@ stream has carried ``BACKUP_TOOL_TEST_PAUSE_AFTER_BYTES`` bytes (default 1: the 
 
 Points: ``backup:upload`` (inside a table's object stream), ``backup:between-objects``
 (after the first table object is stored), ``backup:before-manifest``; ``base:upload``,
-``base:before-manifest``; ``wal:upload`` (inside a segment's stream), ``wal:before-ack``
+``base:before-manifest``, ``base:direct-copy`` (a direct base backup in backup mode, its files
+listed, none read yet); ``wal:upload`` (inside a segment's stream), ``wal:before-ack``
 (segment durable, command not yet successful); ``restore:loading`` (after the first table
 is loaded).
 """

@@ -3,8 +3,8 @@ backup_manifest as PostgreSQL writes them (fast), and end to end on a real Postg
 cluster: files growing, shrinking and vanishing during the copy, a temporary and an unlogged
 relation, `restore pitr` equal to the source, the same members and relation map as a
 pg_basebackup backup of the same cluster, the fallback to pg_basebackup for another
-cluster's data directory, the refusal of a forced direct backup, and a killed backup that
-leaves nothing and ends its backup session."""
+cluster's data directory, the refusal of a forced direct backup, and an interrupted (SIGTERM,
+kill -9) backup that leaves nothing and ends its backup session."""
 
 from __future__ import annotations
 
@@ -224,9 +224,9 @@ def _index(world: World, backup_id: str) -> tuple[Any, basetar.TarIndex]:
     return manifest, basetar.load_index(storage, obj.key, obj.sha256, obj.size)
 
 
-def _objects(world: World) -> list[str]:
+def _objects(world: World, partials: bool = False) -> list[str]:
     return sorted(str(p.relative_to(world.repo)) for p in Path(world.repo, "backups").rglob("*")
-                  if p.is_file() and ".partial-" not in p.name)
+                  if p.is_file() and (partials or ".partial-" not in p.name))
 
 
 def _backup_sessions(server: PgServer) -> int:
@@ -328,18 +328,22 @@ def test_same_members_as_pg_basebackup_and_fallback_for_another_cluster(world: W
 
 
 @pytest.mark.slow
-def test_a_killed_direct_backup_leaves_nothing_and_ends_backup_mode(world: World) -> None:
+def test_an_interrupted_direct_backup_leaves_nothing_and_ends_backup_mode(world: World) -> None:
     before = world.cli.json("list", "--repo", world.repo)
     stored = _objects(world)
-    proc, flag = _start(world, "backup", "base", "--repo", world.repo, "--dsn", world.server.dsn(),
-                        pause_at="base:direct-copy")
-    assert _backup_sessions(world.server) == 1
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    flag.unlink(missing_ok=True)
-    deadline = time.monotonic() + 30
-    while _backup_sessions(world.server):
-        assert time.monotonic() < deadline, "the backup session outlived the tool"
-        time.sleep(0.1)
-    assert world.cli.json("list", "--repo", world.repo) == before
-    assert _objects(world) == stored, "only an ignorable .partial upload may stay (as with pg_basebackup)"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc, flag = _start(world, "backup", "base", "--repo", world.repo, "--dsn", world.server.dsn(),
+                            pause_at="base:direct-copy")
+        assert _backup_sessions(world.server) == 1
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+        flag.unlink(missing_ok=True)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 1 and "interrupted" in one_line(err.decode())
+            assert _objects(world, partials=True) == stored, "a signalled backup removes its partial upload too"
+        deadline = time.monotonic() + 30
+        while _backup_sessions(world.server):
+            assert time.monotonic() < deadline, f"the backup session outlived the tool ({sig.name})"
+            time.sleep(0.1)
+        assert world.cli.json("list", "--repo", world.repo) == before
+        assert _objects(world) == stored, "only an ignorable .partial upload may stay after kill -9"
