@@ -287,7 +287,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         major = info["server_version_num"] // 10000
         tools = postgres.tool_versions(major, ("pg_basebackup",))
         found = (basedirect.Probe(None, "requested") if method is BaseMethod.PG_BASEBACKUP
-                 else basedirect.probe(control, int(info["system_identifier"]), data_directory))
+                 else basedirect.probe(control, data_directory))
         used, why = basedirect.choose_method(method, found)
         _check_prerequisites(facts, conninfo.redacted(), used)
         verify_archive_identity(storage, ClusterIdentity(int(info["system_identifier"]), major), "backup base")

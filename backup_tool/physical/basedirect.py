@@ -31,9 +31,11 @@ Guaranteed, so that every reader of a base backup works unchanged:
   segment is archived and the caller checks the repository's archive holds the whole
   range, exactly as for ``pg_basebackup``.
 
-:func:`probe` proves the data directory is the connected cluster's (the server's
-``data_directory`` exists here, or the one given, and its ``global/pg_control`` carries the
-server's system identifier); :func:`choose_method` decides from that, purely.
+:func:`probe` proves the data directory is the connected server's own (the server's
+``data_directory`` exists here, or the one given, and its ``global/pg_control`` is the file
+the server reads: same system identifier, last update and checkpoint, so neither another
+cluster nor a standby or copy of this one passes); :func:`choose_method` decides from that,
+purely.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from typing import Any, Callable, Iterator, cast
 
 import psycopg
 
+from backup_tool.core import walnames
 from backup_tool.errors import BackupToolError, DatabaseError, RefusedError
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.streams import pipeline, testhooks
@@ -106,17 +109,49 @@ def choose_method(requested: BaseMethod, found: Probe) -> tuple[BaseMethod, str]
     return BaseMethod.PG_BASEBACKUP, found.reason
 
 
-def control_system_identifier(data: bytes) -> int:
-    """The system identifier at the start of ``pg_control`` (native byte order, as written)."""
-    if len(data) < 8:
-        raise ValueError("pg_control is shorter than 8 bytes")
-    return int.from_bytes(data[:8], sys.byteorder)
+@dataclass(frozen=True)
+class ControlHead:
+    """The head of ``pg_control`` (unchanged from PostgreSQL 9.x through 18): system
+    identifier, time of its last update (epoch seconds) and the last checkpoint's LSN."""
+
+    system_identifier: int
+    modified: int
+    checkpoint_lsn: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> ControlHead:
+        """From the file's first 40 bytes (native byte order, as the server writes them)."""
+        if len(data) < 40:
+            raise ValueError("pg_control is shorter than 40 bytes")
+        order = sys.byteorder
+        return cls(int.from_bytes(data[0:8], order), int.from_bytes(data[24:32], order, signed=True),
+                   int.from_bytes(data[32:40], order))
 
 
-def probe(conn: psycopg.Connection[Any], system_identifier: int, given: Path | None) -> Probe:
+CONTROL_SQL = ("SELECT s.system_identifier, extract(epoch FROM s.pg_control_last_modified)::bigint,"
+               " c.checkpoint_lsn::text FROM pg_control_system() s, pg_control_checkpoint() c")
+PROBE_ATTEMPTS = 3
+
+
+def same_control(local: ControlHead, server: ControlHead) -> str:
+    """Why the local ``pg_control`` is not the connected server's ("" when it is): another
+    cluster, or the same cluster's file at another moment (a standby or a copy, whose
+    files the server's backup mode would not cover)."""
+    if local.system_identifier != server.system_identifier:
+        return (f"belongs to another cluster (system identifier {local.system_identifier}, "
+                f"the server's is {server.system_identifier})")
+    if (local.modified, local.checkpoint_lsn) != (server.modified, server.checkpoint_lsn):
+        return ("holds this cluster's pg_control as of another moment (checkpoint "
+                f"{walnames.format_lsn(local.checkpoint_lsn)}, the server's is "
+                f"{walnames.format_lsn(server.checkpoint_lsn)}): a standby or a copy, not the server's own files")
+    return ""
+
+
+def probe(conn: psycopg.Connection[Any], given: Path | None) -> Probe:
     """Whether this process can read the connected cluster's data directory (``given``, or
-    the server's ``data_directory``): its ``global/pg_control`` must carry the server's
-    system identifier, the server must be a primary and the role allowed backup mode."""
+    the server's ``data_directory``): its ``global/pg_control`` must be the very file the
+    server reads (:func:`same_control`, re-read a few times should a checkpoint land in
+    between), the server must be a primary and the role allowed backup mode."""
     try:
         row = conn.execute(
             "SELECT pg_is_in_recovery(),"
@@ -133,14 +168,22 @@ def probe(conn: psycopg.Connection[Any], system_identifier: int, given: Path | N
     where = given or (Path(server_dir) if server_dir else None)
     if where is None:
         return Probe(None, "the role may not read the data_directory setting (grant pg_read_all_settings)")
-    try:
-        found = control_system_identifier((where / CONTROL_FILE).read_bytes()[:8])
-    except (OSError, ValueError) as exc:
-        return Probe(None, f"cannot read {where / CONTROL_FILE} here ({exc.__class__.__name__}: {exc})")
-    if found != system_identifier:
-        return Probe(None, f"{where} belongs to another cluster (system identifier {found}, "
-                           f"the server's is {system_identifier})")
-    return Probe(where)
+    why = ""
+    for _ in range(PROBE_ATTEMPTS):
+        try:
+            found = conn.execute(CONTROL_SQL).fetchone()
+        except psycopg.Error as exc:
+            return Probe(None, f"the server did not show its pg_control ({exc})")
+        assert found is not None
+        server = ControlHead(int(found[0]), int(found[1]), walnames.parse_lsn(found[2]))
+        try:
+            local = ControlHead.parse((where / CONTROL_FILE).read_bytes()[:40])
+        except (OSError, ValueError) as exc:
+            return Probe(None, f"cannot read {where / CONTROL_FILE} here ({exc.__class__.__name__}: {exc})")
+        why = same_control(local, server)
+        if not why or local.system_identifier != server.system_identifier:
+            break
+    return Probe(None, f"{where} {why}") if why else Probe(where)
 
 
 def excluded(parent: str, name: str) -> bool:

@@ -35,14 +35,15 @@ from backup_tool.physical import basetar
 from backup_tool.physical.basebackup import stop_lsn_from_manifest
 from backup_tool.physical.basedirect import (
     BaseMethod,
+    ControlHead,
     DirectBackup,
     Entry,
     Probe,
     backup_manifest,
     choose_method,
-    control_system_identifier,
     excluded,
     list_files,
+    same_control,
     tar_header,
     unlogged_skip,
 )
@@ -173,8 +174,20 @@ def test_method_choice() -> None:
     assert choose_method(BaseMethod.DIRECT, here)[0] is BaseMethod.DIRECT
     with pytest.raises(RefusedError, match="pg_control"):
         choose_method(BaseMethod.DIRECT, gone)
-    assert control_system_identifier((7_300_000_000_000_000_001).to_bytes(8, sys.byteorder) + b"rest") == \
-        7_300_000_000_000_000_001
+
+
+def test_only_the_servers_own_pg_control_proves_the_directory() -> None:
+    order = sys.byteorder
+    raw = ((7_300_000_000_000_000_001).to_bytes(8, order) + bytes(16) + (1_700_000_000).to_bytes(8, order)
+           + (0x3_0000_0060).to_bytes(8, order) + bytes(8152))
+    head = ControlHead.parse(raw)
+    assert head == ControlHead(7_300_000_000_000_000_001, 1_700_000_000, 0x3_0000_0060)
+    assert same_control(head, head) == ""
+    assert "another cluster" in same_control(head, ControlHead(42, head.modified, head.checkpoint_lsn))
+    stale = same_control(ControlHead(head.system_identifier, head.modified - 60, 0x2_0000_0028), head)
+    assert "another moment" in stale and "2/28" in stale and "3/60" in stale
+    with pytest.raises(ValueError):
+        ControlHead.parse(raw[:39])
 
 
 # ------------------------------------------------------------------ end to end
@@ -319,11 +332,16 @@ def test_same_members_as_pg_basebackup_and_fallback_for_another_cluster(world: W
     assert by_direct.relations == by_tool.relations
 
     before = cli.json("list", "--repo", world.repo)
-    refused = cli("backup", "base", "--repo", world.repo, "--dsn", server.dsn(), "--method", "direct",
-                  "--data-directory", str(world.base / "nowhere"))
-    assert refused.returncode == 1
-    line = one_line(refused.stderr)
-    assert "cannot take a direct base backup" in line and "--method pg_basebackup" in line
+    stale = world.base / "stale-copy"
+    (stale / "global").mkdir(parents=True)
+    shutil.copy(server.data_dir / "global" / "pg_control", stale / "global" / "pg_control")
+    run_sql(server, "postgres", "CHECKPOINT")
+    for where, why in [(world.base / "nowhere", "cannot read"), (stale, "another moment")]:
+        refused = cli("backup", "base", "--repo", world.repo, "--dsn", server.dsn(), "--method", "direct",
+                      "--data-directory", str(where))
+        assert refused.returncode == 1
+        line = one_line(refused.stderr)
+        assert "cannot take a direct base backup" in line and why in line and "--method pg_basebackup" in line
     assert cli.json("list", "--repo", world.repo) == before
 
 
