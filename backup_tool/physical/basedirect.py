@@ -238,6 +238,8 @@ def list_files(root: Path, major: int, warn: Callable[[str], None]) -> list[Entr
             names = sorted(os.listdir(path))
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
         present = set(names)
         is_db = _is_database_dir(rel)
         for name in names:
@@ -248,6 +250,8 @@ def list_files(root: Path, major: int, warn: Callable[[str], None]) -> list[Entr
                 st = os.lstat(root / child)
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                raise _unreadable(root / child, exc) from None
             if name in EXCLUDE_DIR_CONTENTS:
                 out.append(_entry(child, st, "d"))
                 continue
@@ -443,8 +447,11 @@ class DirectBackup:
             testhooks.pause_point("base:direct-copy")
             manifest_files: list[tuple[str, int, int]] = []
             yield from self._members(entries, manifest_files)
-            control_stat = os.stat(self.root / CONTROL_FILE)
-            control = (self.root / CONTROL_FILE).read_bytes()
+            try:
+                control_stat = os.stat(self.root / CONTROL_FILE)
+                control = (self.root / CONTROL_FILE).read_bytes()
+            except OSError as exc:
+                raise _unreadable(self.root / CONTROL_FILE, exc) from None
             try:
                 stop = session.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)").fetchone()
             except psycopg.Error as exc:

@@ -30,7 +30,7 @@ from server_tool import archive_settings, archiving_workspace
 from support.cli import Cli
 from support.clusters import PgServer, free_port, run_sql, start_pg_server, switch_and_wait_archived
 
-from backup_tool.errors import RefusedError
+from backup_tool.errors import BackupToolError, RefusedError
 from backup_tool.physical import basetar
 from backup_tool.physical.basebackup import stop_lsn_from_manifest
 from backup_tool.physical.basedirect import (
@@ -119,6 +119,8 @@ def test_list_files_sends_what_basebackup_sends(tmp_path: Path) -> None:
                    ("postgresql.conf", "f", 15)]
     assert [e.mode & 0o170777 for e in list_files(root, 15, lambda _: None) if e.name == "pg_notify"] == [0o40700]
     assert "pg_wal/summaries" in [e.name for e in list_files(root, 17, lambda _: None)]
+    with pytest.raises(BackupToolError, match="cannot read .*PG_VERSION for the direct base backup"):
+        list_files(root / "PG_VERSION", 15, lambda _: None)
 
 
 @pytest.mark.parametrize("jobs", [1, 3])
