@@ -93,6 +93,7 @@ class Probe:
 
     data_directory: Path | None
     reason: str = ""
+    page_checksums: bool = False
 
 
 def choose_method(requested: BaseMethod, found: Probe) -> tuple[BaseMethod, str]:
@@ -100,6 +101,9 @@ def choose_method(requested: BaseMethod, found: Probe) -> tuple[BaseMethod, str]
     ``direct`` whose data directory was not proved is refused."""
     if requested is BaseMethod.PG_BASEBACKUP:
         return requested, "requested"
+    if found.data_directory is not None and requested is BaseMethod.AUTO and found.page_checksums:
+        return BaseMethod.PG_BASEBACKUP, ("data checksums are on: pg_basebackup verifies every page "
+                                          "while copying (--method direct skips that check)")
     if found.data_directory is not None:
         return BaseMethod.DIRECT, "the data directory is readable here"
     if requested is BaseMethod.DIRECT:
@@ -156,11 +160,12 @@ def probe(conn: psycopg.Connection[Any], given: Path | None) -> Probe:
         row = conn.execute(
             "SELECT pg_is_in_recovery(),"
             " has_function_privilege('pg_catalog.pg_backup_start(text, boolean)', 'EXECUTE'),"
-            " (SELECT setting FROM pg_settings WHERE name = 'data_directory')").fetchone()
+            " (SELECT setting FROM pg_settings WHERE name = 'data_directory'),"
+            " current_setting('data_checksums') = 'on'").fetchone()
     except psycopg.Error as exc:
         return Probe(None, f"the server did not say where its data directory is ({exc})")
     assert row is not None
-    in_recovery, may_backup, server_dir = row
+    in_recovery, may_backup, server_dir, page_checksums = row
     if in_recovery:
         return Probe(None, "the server is a standby (direct backups are taken from a primary)")
     if not may_backup:
@@ -183,7 +188,7 @@ def probe(conn: psycopg.Connection[Any], given: Path | None) -> Probe:
         why = same_control(local, server)
         if not why or local.system_identifier != server.system_identifier:
             break
-    return Probe(None, f"{where} {why}") if why else Probe(where)
+    return Probe(None, f"{where} {why}") if why else Probe(where, page_checksums=bool(page_checksums))
 
 
 def excluded(parent: str, name: str) -> bool:
