@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import backup_tool.cli as _PACKAGE
 from backup_tool.cli.common import app, report_error
@@ -74,12 +74,13 @@ def _coerce_without_pydantic() -> None:
         from typer._coercion import RuntimeParam
     except ImportError:
         return
-    build = getattr(typer_core, "build_runtime_param", None)
-    if build is None or getattr(build, "plain_values_first", False):
+    found = getattr(typer_core, "build_runtime_param", None)
+    if found is None or getattr(found, "plain_values_first", False):
         return
+    build: Callable[[Any], Any] = found
 
     @dataclass(frozen=True)
-    class PlainFirst(RuntimeParam):  # type: ignore[misc]
+    class PlainFirst(RuntimeParam):
         descriptor: Any = None
         built: list[Any] = field(default_factory=list)
 
