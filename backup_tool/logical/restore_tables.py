@@ -61,6 +61,7 @@ from backup_tool.errors import (
 from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
+from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo, qualified
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest, SequenceRecord, StoredObject, TableEntry, utc_iso
@@ -585,6 +586,8 @@ class _ConnectAhead:
     """The target session, opened by a thread while the repository is read (the S3 client's
     start, the manifests): the server starts the backend, authenticates and, in a database
     just created, builds its relation cache on the other core instead of after the manifest.
+    Once it is open, the thread also probes the target major's ``pg_restore`` (its
+    ``--version``, cached), which the definitions need, while the main thread works.
 
     It is opened with client_encoding ``encoding``: a session's startup settings are what
     ``RESET ALL`` (see :func:`_run_script`) returns to, so the backup's encoding cannot be set
@@ -602,17 +605,24 @@ class _ConnectAhead:
         threading.Thread(target=self._open, name="connect-ahead", daemon=True).start()
 
     def _open(self) -> None:
+        major = 0
         try:
             conn = self.target.connect(settings={"client_encoding": self.encoding})
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that takes the session
             self._error = exc
         else:
+            major = conn.info.server_version // 10000
             with self._lock:
                 if self._abandoned:
                     conn.close()
                 else:
                     self._conn = conn
         self._done.set()
+        if major:
+            try:
+                pg_tools.find("pg_restore", major)  # its --version probe, cached, off the main thread
+            except BackupToolError:
+                pass  # reported by the restore itself when it needs the program
 
     def take(self, encoding: str) -> psycopg.Connection[Any] | None:
         """The session (the caller owns it now), None if it was opened with another encoding
