@@ -81,8 +81,8 @@ def _coerce_without_pydantic() -> None:
 
     @dataclass(frozen=True)
     class PlainFirst(RuntimeParam):
-        descriptor: Any = None
-        built: list[Any] = field(default_factory=list)
+        descriptor: Any = field(default=None, compare=False, repr=False)
+        built: list[Any] = field(default_factory=list, compare=False, repr=False)
 
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
             info = self.parameter_info
