@@ -58,12 +58,13 @@ from backup_tool.errors import (
     UsageError,
     ValidationFailed,
 )
-from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, load_table
+from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
+from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo, qualified
 from backup_tool.repository.catalog import Catalog, DatabaseHint
-from backup_tool.repository.manifest import Manifest, SequenceRecord, TableEntry, utc_iso
+from backup_tool.repository.manifest import Manifest, SequenceRecord, StoredObject, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage, open_repository
 from backup_tool.streams import pipeline
 from backup_tool.validation.validate import (
@@ -509,6 +510,32 @@ class BackupSource:
         self.with_roles = with_roles
         self._read = [0]
         self._lock = threading.Lock()
+        self._early: dict[str, pipeline.EarlyRead] = {}
+
+    def prefetch(self, entries: list[TableEntry], tables: int) -> None:
+        """Start downloading, in the background, the first object of the first ``tables`` of
+        ``entries`` that have rows (the loads that start at once), so its request and first
+        chunks overlap the target's checks and the tables' definitions instead of following
+        them. Each is read once, by the load; :meth:`close` stops what no load took (a
+        refused restore). The schema archive is read only once a table turns out absent."""
+        for obj in [t.stored[0] for t in entries if t.stored][:max(0, tables)]:
+            if obj.key not in self._early:
+                self._early[obj.key] = pipeline.EarlyRead(self.storage, obj, self._count)
+
+    def _chunks(self, obj: StoredObject) -> Iterator[bytes]:
+        """The object's content: from its early read when one was started, else read now."""
+        with self._lock:
+            early = self._early.pop(obj.key, None)
+        if early is not None:
+            return early.chunks()
+        return pipeline.read_stored(self.storage, obj.key, obj.sha256, obj.size, self._count)
+
+    def close(self) -> None:
+        """Stop the early reads nobody took (a refused or failed restore)."""
+        with self._lock:
+            early, self._early = list(self._early.values()), {}
+        for read in early:
+            read.close()
 
     @property
     def manifest(self) -> Manifest:
@@ -526,8 +553,7 @@ class BackupSource:
 
     def load(self, entry: TableEntry, conn: psycopg.Connection[Any], target: TableKey | None, fresh: bool,
              on_raw: Callable[[int], None]) -> None:
-        load_table(ConnInfo(), self.storage, entry, self._manifest.encoding, self._count, conn=conn, target=target,
-                   fresh=fresh, on_raw=on_raw)
+        copy_rows(conn, entry, (self._chunks(obj) for obj in entry.stored), target, fresh, on_raw)
 
     def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,
                      reporter: Reporter) -> None:
@@ -538,7 +564,7 @@ class BackupSource:
         manifest = self._manifest
         assert manifest.schema is not None
         archive_path = tmp / "schema.pgdump"
-        archive = pipeline.read_object(self.storage, manifest.schema, self._count)
+        archive = b"".join(self._chunks(manifest.schema))
         archive_path.write_bytes(archive)
         if into_schema:
             extracted = extract_definitions(target, major, archive_path, create, into_schema)
@@ -560,6 +586,8 @@ class _ConnectAhead:
     """The target session, opened by a thread while the repository is read (the S3 client's
     start, the manifests): the server starts the backend, authenticates and, in a database
     just created, builds its relation cache on the other core instead of after the manifest.
+    Once it is open, the thread also probes the target major's ``pg_restore`` (its
+    ``--version``, cached), which the definitions need, while the main thread works.
 
     It is opened with client_encoding ``encoding``: a session's startup settings are what
     ``RESET ALL`` (see :func:`_run_script`) returns to, so the backup's encoding cannot be set
@@ -577,17 +605,24 @@ class _ConnectAhead:
         threading.Thread(target=self._open, name="connect-ahead", daemon=True).start()
 
     def _open(self) -> None:
+        major = 0
         try:
             conn = self.target.connect(settings={"client_encoding": self.encoding})
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that takes the session
             self._error = exc
         else:
+            major = conn.info.server_version // 10000
             with self._lock:
                 if self._abandoned:
                     conn.close()
                 else:
                     self._conn = conn
         self._done.set()
+        if major:
+            try:
+                pg_tools.find("pg_restore", major)  # its --version probe, cached, off the main thread
+            except BackupToolError:
+                pass  # reported by the restore itself when it needs the program
 
     def take(self, encoding: str) -> psycopg.Connection[Any] | None:
         """The session (the caller owns it now), None if it was opened with another encoding
@@ -624,15 +659,21 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
             target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn), "UTF8")
     except BackupToolError:
         ahead = None  # a DSN that does not parse is reported where it always was
+    jobs = jobs or settings.policy.backup.jobs
     try:
         storage = open_repository(settings.repo_url)
         manifest = Catalog(storage).resolve_logical(backup_ref, database)
+        source = BackupSource(storage, manifest, with_roles)
+        source.prefetch(resolve_tables(manifest, tables), jobs)
     except BaseException:
         if ahead is not None:
             ahead.abandon()
         raise
-    return restore_tables_from(BackupSource(storage, manifest, with_roles), target_dsn, tables, into_schema, replace,
-                               jobs or settings.policy.backup.jobs, run_validation, reporter, started, ahead)
+    try:
+        return restore_tables_from(source, target_dsn, tables, into_schema, replace, jobs, run_validation, reporter,
+                                   started, ahead)
+    finally:
+        source.close()
 
 
 def check_request(tables: list[str], into_schema: str | None, replace: bool) -> None:

@@ -254,56 +254,72 @@ def run_parallel(jobs: int, tasks: Sequence[tuple[Callable[[Any], object], Any]]
 READ_AHEAD = 8
 
 
+class ReadAhead:
+    """``chunks`` produced by a background thread started at once, at most ``depth`` chunks
+    ahead of the consumer iterating this object; errors reach the consumer in order, after the
+    chunks that preceded them. :meth:`close` (idempotent) stops the producer, which closes its
+    source in its own thread, whether or not anything was consumed."""
+
+    def __init__(self, chunks: Iterable[bytes], depth: int = READ_AHEAD) -> None:
+        import queue
+
+        self._box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._full = queue.Full
+        self._stop = threading.Event()
+        self._producer = threading.Thread(target=self._produce, args=(chunks,), name="read-ahead", daemon=True)
+        self._producer.start()
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._box.put(item, timeout=0.2)
+                return True
+            except self._full:
+                continue
+        return False
+
+    def _produce(self, chunks: Iterable[bytes]) -> None:
+        source = iter(chunks)
+        try:
+            for chunk in source:
+                if not self._put(("chunk", chunk)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(("error", exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            while True:
+                kind, value = self._box.get()
+                if kind == "chunk":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise value
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._producer.join(timeout=5)  # a read stalled past that ends on the store's own timeout
+
+
 def read_ahead(chunks: Iterable[bytes], depth: int = READ_AHEAD) -> Iterator[bytes]:
-    """``chunks`` produced by a background thread, at most ``depth`` chunks ahead.
+    """``chunks`` produced by a background thread (a :class:`ReadAhead` started on the first
+    read), at most ``depth`` chunks ahead.
 
     Lets the network, the checksum and decryption of a stored object run while the caller
     decompresses and writes the previous chunks. Errors reach the caller in order, after the
     chunks that preceded them; when the caller stops early the producer stops too and
     closes its source in its own thread.
     """
-    import queue
-
-    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                box.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        source = iter(chunks)
-        try:
-            for chunk in source:
-                if not put(("chunk", chunk)):
-                    return
-            put(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(("error", exc))
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
-
-    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    producer.start()
-    try:
-        while True:
-            kind, value = box.get()
-            if kind == "chunk":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise value
-    finally:
-        stop.set()
-        producer.join(timeout=5)  # a read stalled past that ends on the store's own timeout
+    yield from ReadAhead(chunks, depth)
 
 
 def read_stored(storage: Storage, key: str, sha256: str, size: int,
@@ -317,6 +333,24 @@ def read_stored(storage: Storage, key: str, sha256: str, size: int,
     """
     return decompress(read_ahead(storage.decode(key, verified(storage.get_stored(key), key, sha256, size, on_chunk))),
                       key)
+
+
+class EarlyRead:
+    """An object's decompressed content, as :func:`read_stored` gives it, whose download
+    starts now (its first ``READ_AHEAD`` chunks are fetched, checked and decrypted in the
+    background before anyone reads). :meth:`close` stops it, read or not; a consumer that
+    reads it to the end needs no close."""
+
+    def __init__(self, storage: Storage, obj: StoredObject, on_chunk: Callable[[int], None] | None = None) -> None:
+        self.key = obj.key
+        self._ahead = ReadAhead(storage.decode(obj.key, verified(storage.get_stored(obj.key), obj.key, obj.sha256,
+                                                                 obj.size, on_chunk)))
+
+    def chunks(self) -> Iterator[bytes]:
+        return decompress(self._ahead, self.key)
+
+    def close(self) -> None:
+        self._ahead.close()
 
 
 def read_object(storage: Storage, obj: StoredObject,

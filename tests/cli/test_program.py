@@ -57,3 +57,52 @@ def test_version_is_answered_without_the_command_line_framework(capsys: pytest.C
         assert done.stdout == through_typer, done.stderr[-2000:]
         loaded = set(json.loads(done.stderr.splitlines()[-1]))
         assert not {m for m in loaded if m.split(".")[0] in ("typer", "pydantic", "psycopg", "botocore")}, argv
+
+
+def test_a_table_restore_command_line_is_parsed_without_pydantic() -> None:
+    """Typer coerces every value of a ``restore tables`` command line (strings, an in-range
+    number) without importing Pydantic; the command then runs as usual (here: refuses)."""
+    done = subprocess.run([sys.executable, "-c", _LOADED, "restore", "tables", "--repo", "/nonexistent",
+                           "--tables", 'public.a,"x,y".b', "--target-dsn", "dbname=nowhere", "--jobs", "3",
+                           "--into-schema", "copy", "--replace"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    lines = done.stderr.splitlines()
+    assert lines[0] == "backup-tool: error: --into-schema and --replace exclude each other — choose one", done.stderr
+    loaded = set(json.loads(lines[-1]))
+    assert "typer" in loaded and not {m for m in loaded if m.split(".")[0] == "pydantic"}
+
+
+@pytest.mark.parametrize(("value", "annotation", "low", "high", "expected"), [
+    ("a,b", str, None, None, "a,b"),
+    ("", str, None, None, ""),
+    ("7", int, 1, 64, 7),
+    ("007", int, None, None, 7),
+    (0.0, float, 0, None, 0.0),
+    (5, int, 1, 64, 5),
+    ("0", int, 1, 64, NotImplemented),
+    ("65", int, 1, 64, NotImplemented),
+    ("-1", int, None, None, NotImplemented),
+    ("1.5", int, None, None, NotImplemented),
+    ("٣", int, None, None, NotImplemented),
+    ("2.5", float, None, None, NotImplemented),
+    (-1.0, float, 0, None, NotImplemented),
+    (True, int, None, None, NotImplemented),
+    (b"x", str, None, None, NotImplemented),
+    ("yes", bool, None, None, NotImplemented),
+])
+def test_plain_values_are_coerced_as_typer_would(value: object, annotation: type, low: object, high: object,
+                                                 expected: object) -> None:
+    from backup_tool.cli.program import _plain_value
+
+    got = _plain_value(value, annotation, low, high)
+    assert got is NotImplemented if expected is NotImplemented else (got == expected and type(got) is annotation)
+
+
+@pytest.mark.parametrize("argv", [["--jobs", "many"], ["--jobs", "0"], ["--jobs", "65"], ["--wait", "-1"]])
+def test_values_only_typer_can_judge_keep_its_messages(argv: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "backup_tool", "restore", "tables", "--repo", "/nonexistent",
+                           "--tables", "a.b", "--target-dsn", "dbname=nowhere", "--target-time", "2020-01-01", *argv],
+                          cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"backup-tool: error: Invalid value for '{argv[0]}'"), done.stderr
+    assert "Input should be" in done.stderr

@@ -82,6 +82,25 @@ def test_emptied_table_comes_back_alone(cli: Any, local_repo: str, live: tuple[A
     assert result["bytes_read"] < entry["size_bytes"] - schema_bytes
 
 
+def test_a_target_trigger_that_changes_rows_fails_the_verdict_naming_the_table(
+        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
+    """Rows are loaded into an existing empty table whose trigger (enabled ALWAYS: it fires
+    even with the restore's replication role) rewrites the rows: the restore reports exit 3,
+    with the content checksum naming that table."""
+    db, _ = live
+    db.execute("DELETE FROM public.crm_projects")
+    db.execute("CREATE FUNCTION public.mark_project() RETURNS trigger LANGUAGE plpgsql AS $$"
+               " BEGIN NEW.name := NEW.name || ' (changed)'; RETURN NEW; END $$")
+    db.execute("CREATE TRIGGER mark BEFORE INSERT ON public.crm_projects FOR EACH ROW EXECUTE FUNCTION public.mark_project()")
+    db.execute("ALTER TABLE public.crm_projects ENABLE ALWAYS TRIGGER mark")
+    result = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.crm_projects",
+                      "--target-dsn", db.dsn, expect_rc=3)
+    failed = {c["name"]: c["detail"] for c in result["validation"]["checks"] if not c["ok"]}
+    assert result["ok"] is False and set(failed) == {"content_checksums"}, failed
+    assert "public.crm_projects" in failed["content_checksums"]
+    assert db.scalar("SELECT count(*) FROM public.crm_projects WHERE name LIKE '%(changed)'") == result["rows"] > 0
+
+
 def test_non_empty_table_is_refused_untouched(cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
     db, _ = live
     db.execute("DELETE FROM public.coupons WHERE ctid = (SELECT min(ctid) FROM public.coupons)")
