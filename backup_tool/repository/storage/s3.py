@@ -1,10 +1,8 @@
 """S3 repository (AWS S3 and compatible stores: MinIO, R2, test endpoints).
 
-The only module that imports the S3 library the project is built on: botocore, the client
-under boto3 (the client is made by a botocore session directly, without boto3's resource
-layer and s3transfer, which nothing here uses and which cost start-up time). Endpoint, region
-and credentials come from the standard chain boto3 also uses (``AWS_ENDPOINT_URL_S3``,
-``AWS_PROFILE``, instance roles...).
+The only module that imports boto3 (the S3 library the project is built on). Endpoint, region
+and credentials come from boto3's standard chain (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``,
+instance roles...).
 
 Uploads stream: chunks are cut into multipart parts uploaded by a few threads, so memory
 stays at (parts in flight + 1) x part size whatever the object size. Objects smaller than
@@ -49,7 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
-import botocore.session
+import boto3
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -258,7 +256,7 @@ class S3Storage(Storage):
             read_timeout=self.tuning.read_timeout,
             max_pool_connections=32,
         )
-        self._client = botocore.session.get_session().create_client("s3", config=config)
+        self._client = boto3.session.Session().client("s3", config=config)
         self.sse = sse_args()
 
     def _key(self, key: str) -> str:
