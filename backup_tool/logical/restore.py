@@ -335,10 +335,10 @@ def _build_early(conn: psycopg.Connection[Any], entry: TableEntry, statements: s
 
 
 LOAD_SETTINGS = {"synchronous_commit": "off"}
-"""Settings of the loading sessions. Their commits need not wait for the WAL flush: until
-the restore marker is cleared (a synchronous commit, whose flush covers every earlier
-commit's WAL) the target reads as an unfinished restore, so a crash in between loses
-nothing a finished restore promised."""
+"""Settings of the loading sessions. Their commits need not wait for the WAL flush: WAL
+reaches disk in order, so after a crash the restore marker (see
+:mod:`backup_tool.postgres.restore_marker`) is gone only if every commit before its removal
+survived too, and a target that lost any still reads as an unfinished restore."""
 
 
 def _load_data(run: _Run, loader: ConnInfo, fresh: bool,

@@ -135,11 +135,12 @@ def live_schema(conninfo: ConnInfo, major: int) -> str:
 
 
 def section_ids(archive_path: Path, major: int, section: str) -> set[str]:
-    """The table-of-contents ids of the objects one section of the schema archive holds."""
+    """The table-of-contents ids of the objects one section of the schema archive holds (a
+    line of the listing that does not start with one continues a name holding a line break)."""
     listing = pipeline.run([find_tool("pg_restore", major), "--list", f"--section={section}", str(archive_path)],
                            dict(os.environ), "pg_restore (list)")
     return {line.split(";", 1)[0].strip() for line in listing.decode("utf-8", "replace").splitlines()
-            if line and not line.startswith(";")}
+            if line and not line.startswith(";") and line.split(";", 1)[0].strip().isdigit()}
 
 
 def section_items(archive_path: Path, major: int, section: str) -> int:
