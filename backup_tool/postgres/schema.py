@@ -526,7 +526,9 @@ def per_table_post_data(toc: list[TocEntry], tables: set[tuple[str, str]]) -> di
     constraints, each depending on that table and on pre-data objects only, and not needed by
     a partition index attachment (those keep the order of :func:`post_data_passes`). What
     ``pg_restore --jobs`` builds per table as soon as that table's data is loaded; foreign
-    keys, triggers, policies and the rest wait for every table. Pure."""
+    keys, triggers, policies and the rest wait for every table. Not ``analyze_early``: a table
+    another table depends on (an inheritance parent, whose ANALYZE also samples its children).
+    Pure."""
     by_id = {e.dump_id: e for e in toc}
     attached = {d for e in toc if e.desc == "INDEX ATTACH" for d in e.deps}
 
@@ -535,7 +537,8 @@ def per_table_post_data(toc: list[TocEntry], tables: set[tuple[str, str]]) -> di
         return found.pop() if len(found) == 1 else None
 
     early: dict[tuple[str, str], list[int]] = {}
-    late: set[tuple[str, str]] = set()
+    late = {(by_id[d].namespace, by_id[d].tag) for e in toc if e.desc == "TABLE"
+            for d in e.deps if d in by_id and by_id[d].desc == "TABLE"}
     for e in toc:
         if e.section != Section.POST_DATA:
             continue

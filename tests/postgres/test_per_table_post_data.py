@@ -58,6 +58,15 @@ def test_only_the_tables_asked_for() -> None:
     assert schema.per_table_post_data(TOC, set()) == {}
 
 
+def test_an_inheritance_parent_is_analyzed_once_its_children_are_in() -> None:
+    toc = [*TOC, _e(8, "TABLE", "orders_2024", (5,), PRE), _e(42, "INDEX", "orders_2024_code", (8, 4))]
+    plan = schema.per_table_post_data(toc, {("public", "plain"), ("public", "orders_2024")})
+    assert plan == {("public", "plain"): TablePostData((), True),
+                    ("public", "orders_2024"): TablePostData((42,), True)}
+    toc = [*TOC, _e(8, "TABLE", "plain_child", (6,), PRE)]
+    assert schema.per_table_post_data(toc, {("public", "plain")}) == {("public", "plain"): TablePostData((), False)}
+
+
 def test_an_entry_of_two_tables_or_of_a_table_it_does_not_name_waits() -> None:
     toc = [*TOC, _e(40, "INDEX", "odd", (3, 5)), _e(41, "CONSTRAINT", "orders not_orders_but_ref", (3,))]
     plan = schema.per_table_post_data(toc, {("public", "ref"), ("public", "orders")})
