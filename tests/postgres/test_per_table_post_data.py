@@ -4,7 +4,12 @@ tests/logical/test_partitioned_indexes.py."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+from typing import Any
+
 from backup_tool.postgres import schema
+from backup_tool.postgres.connection import ConnInfo
 from backup_tool.postgres.schema import Section, TablePostData, TocEntry
 
 POST = Section.POST_DATA
@@ -72,3 +77,52 @@ def test_an_entry_of_two_tables_or_of_a_table_it_does_not_name_waits() -> None:
     plan = schema.per_table_post_data(toc, {("public", "ref"), ("public", "orders")})
     assert plan[("public", "ref")] == TablePostData((13, 14), False)
     assert plan[("public", "orders")] == TablePostData((20,), False)
+
+
+ODD = '"Odd ""name"""'
+SCHEMA = ";".join([
+    f"CREATE TABLE {ODD} (id int PRIMARY KEY, code text UNIQUE, span circle, EXCLUDE USING gist (span WITH &&))",
+    f'CREATE INDEX "Odd lower" ON {ODD} (lower(code)) WHERE id > 0',
+    "COMMENT ON INDEX \"Odd lower\" IS 'kept by the late replay'",
+    'ALTER INDEX "Odd lower" ALTER COLUMN 1 SET STATISTICS 500',
+    f'ALTER TABLE {ODD} CLUSTER ON "Odd ""name""_pkey"',
+    f"CREATE TABLE child (id int REFERENCES {ODD}, note text)",
+    "CREATE INDEX child_note ON child (note text_pattern_ops)",
+    "CREATE SCHEMA other",
+    "CREATE TABLE other.t (a int, b int, UNIQUE (a, b) DEFERRABLE INITIALLY DEFERRED)",
+    "CREATE TABLE tp (a int, b int, PRIMARY KEY (a, b)) PARTITION BY LIST (a)",
+    "CREATE TABLE tp_1 PARTITION OF tp FOR VALUES IN (1)",
+    "CREATE INDEX tp_1_b ON tp_1 (b)",
+])
+
+
+def test_per_table_statements_and_the_late_replay_rebuild_the_whole_post_data(fresh_db: Any, tmp_path: Path) -> None:
+    """Each table's early entries run alone on a plain session, the replay skips them and
+    does the rest: the schema comes out as the source's, every item counted once."""
+    src = fresh_db("early_src")
+    src.execute(SCHEMA)
+    archive = tmp_path / "schema.pgdump"
+    archive.write_bytes(subprocess.run([schema.find_tool("pg_dump", 15), "--format=custom", "--schema-only",
+                                        "--dbname", src.dsn], check=True, capture_output=True).stdout)
+    toc = schema.read_toc(archive.read_bytes())
+    tables = {(e.namespace, e.tag) for e in toc if e.desc == "TABLE" and e.tag != "tp"}
+    plan = schema.per_table_post_data(toc, tables)
+    early = [i for p in plan.values() for i in p.ids]
+    by_id = {e.dump_id: e for e in toc}
+    assert sorted(by_id[i].tag for i in early) == sorted([
+        'Odd "name" Odd "name"_pkey', 'Odd "name" Odd "name"_code_key', 'Odd "name" Odd "name"_span_excl',
+        "Odd lower", "child_note", "tp_1_b", "t t_a_b_key"])
+    statements = schema.post_data_statements(archive, toc, early, 15)
+    assert statements is not None and set(statements) == set(early)
+
+    dst = fresh_db("early_dst")
+    target = ConnInfo(dst.dsn)
+    schema.restore_section(archive, target, 15, "pre-data")
+    with target.connect() as conn:
+        for i in early:
+            conn.execute(statements[i].encode("utf-8", "surrogateescape"))
+    done: list[int] = []
+    schema.restore_section(archive, target, 15, "post-data", jobs=2, on_item=lambda: done.append(1),
+                           skip=frozenset(early))
+    assert len(done) == len(schema.section_ids(archive, 15, "post-data")) - len(early)
+    assert schema.live_schema(target, 15) == schema.live_schema(ConnInfo(src.dsn), 15)
