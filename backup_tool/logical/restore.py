@@ -382,11 +382,12 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
 def _build_post_data(run: _Run, archive_path: Path, major: int, built_early: frozenset[int] = frozenset()) -> None:
     """Replay the archive's post-data (indexes, constraints, triggers, policies) with
     ``run.jobs`` pg_restore workers, but for the entries ``built_early`` by the loading sessions."""
-    built = run.reporter.task("indexes and constraints",
-                              total=schema.section_items(archive_path, major, "post-data"), unit=Unit.ITEMS)
+    ids = schema.section_ids(archive_path, major, "post-data")
+    built = run.reporter.task("indexes and constraints", total=len(ids), unit=Unit.ITEMS)
     built.advance(len(built_early))
-    schema.restore_section(archive_path, run.target, major, "post-data", jobs=run.jobs,
-                           on_item=lambda: built.advance(1), skip=built_early)
+    if any(int(i) not in built_early for i in ids):
+        schema.restore_section(archive_path, run.target, major, "post-data", jobs=run.jobs,
+                               on_item=lambda: built.advance(1), skip=built_early)
     built.finish()
     run.reporter.event("indexes and constraints built", id=run.manifest.id)
 
