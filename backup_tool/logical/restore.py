@@ -5,7 +5,12 @@ holds any user object. Order: roles (optional), schema pre-data (types, function
 in one transaction, table data in parallel, sequence values, then post-data (indexes,
 constraints, triggers, policies) built in parallel by pg_restore, then validation against
 the manifest. Each table's data is loaded in its own transaction that commits only after
-the object's sha256 has matched, so a damaged object never leaves half a table behind. A
+the object's sha256 has matched, so a damaged object never leaves half a table behind.
+As ``pg_restore --jobs`` does, each table's own indexes and primary key, unique and
+exclusion constraints are built by the session that loaded it, right after its rows (and
+its content checksum, when validating), followed by its ANALYZE; foreign keys, triggers,
+policies and whatever spans tables wait for all the data (see
+:func:`backup_tool.postgres.schema.per_table_post_data`). A
 table stored in parts (see :mod:`backup_tool.logical.parts`) is loaded part after part in
 one transaction with COPY FREEZE, like any other (see :func:`_load_data` for why not from
 several sessions); its checksum is read afterwards by ranges of its blocks in parallel.
@@ -41,7 +46,7 @@ from backup_tool.errors import (
     RefusedError,
     ValidationFailed,
 )
-from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, load_table
+from backup_tool.logical.loading import BackupOrigin, TableKey, checksums_by_ranges, load_table
 from backup_tool.postgres import (
     column_order,
     database_level,
@@ -188,12 +193,14 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
         with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
             archive_path = Path(tmp) / "schema.pgdump"
             rebuilt = None
+            early = _EarlyPostData()
             if schema_from_migrations is None:
                 _create_schema(run, archive_path, major)
+                early = _early_post_data(run, archive_path, major, analyze)
             else:
                 rebuilt = rebuild.rebuild_schema(schema_from_migrations, target, storage, manifest, archive_path,
                                                  major, reporter, run.count)
-            checksums = _load_data(run, rebuilt.loader if rebuilt else target, fresh=rebuilt is None)
+            checksums = _load_data(run, rebuilt.loader if rebuilt else target, fresh=rebuilt is None, early=early)
             set_sequences(control, manifest.sequences)
             if manifest.large_objects is not None:
                 lo = manifest.large_objects
@@ -202,10 +209,10 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                 reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
             reporter.event("data loaded", tables=len(_stored(manifest)), bytes=run.bytes_read)
             if rebuilt is None:
-                _build_post_data(run, archive_path, major)
+                _build_post_data(run, archive_path, major, early.ids)
             else:
                 rebuild.finish(target, run.validating)
-        finish_database(target, manifest, run.jobs, analyze, created, reporter)
+        finish_database(target, manifest, run.jobs, analyze, created, reporter, analyzed=early.analyze)
         restore_marker.clear(control)
 
     report = None
@@ -284,27 +291,82 @@ def _create_schema(run: _Run, archive_path: Path, major: int) -> None:
     reporter.event("schema created", id=manifest.id)
 
 
-def _load_data(run: _Run, loader: ConnInfo, fresh: bool) -> dict[tuple[str, str], tuple[int, str]]:
+@dataclass(frozen=True)
+class _EarlyPostData:
+    """What the loading sessions build right after a table's rows: per table, the SQL of
+    its own post-data entries (``statements``); the tables they then ANALYZE (``analyze``);
+    the dump ids of those entries, left out of the final post-data replay (``ids``)."""
+
+    statements: dict[TableKey, str] = field(default_factory=dict)
+    analyze: frozenset[TableKey] = frozenset()
+    ids: frozenset[int] = frozenset()
+
+
+def _early_post_data(run: _Run, archive_path: Path, major: int, analyze: bool) -> _EarlyPostData:
+    """Plan the per-table post-data of the tables loaded whole by one session (a split
+    table's checksum and indexes wait for all its parts); nothing early when the archive's
+    table of contents or pg_restore's script of it cannot be read with certainty."""
+    tables = {(t.schema, t.name) for t in _stored(run.manifest) if t.relkind == "r" and not t.parts}
+    try:
+        toc = schema.read_toc(archive_path.read_bytes())
+    except schema.UnreadableToc:
+        return _EarlyPostData()
+    plan = schema.per_table_post_data(toc, tables)
+    ids = [i for p in plan.values() for i in p.ids]
+    statements = schema.post_data_statements(archive_path, toc, ids, major)
+    if statements is None:
+        return _EarlyPostData()
+    return _EarlyPostData({key: "\n".join(statements[i] for i in p.ids) for key, p in plan.items() if p.ids},
+                          frozenset(key for key, p in plan.items() if p.analyze_early and analyze),
+                          frozenset(ids))
+
+
+def _build_early(conn: psycopg.Connection[Any], entry: TableEntry, statements: str | None, analyze: bool) -> None:
+    """Build ``entry``'s own post-data entries and gather its statistics, on the session that
+    loaded it (the archive's SQL sets its own search path and settings)."""
+    try:
+        if statements:
+            conn.execute(statements.encode("utf-8", "surrogateescape"))
+        if analyze:
+            conn.execute(sql.SQL("ANALYZE {}").format(postgres.qualified(entry.schema, entry.name)))
+    except psycopg.Error as exc:
+        raise DatabaseError(f"building the indexes and constraints of {entry.full_name} failed: "
+                            f"{str(exc).splitlines()[0]}") from None
+
+
+LOAD_SETTINGS = {"synchronous_commit": "off"}
+"""Settings of the loading sessions. Their commits need not wait for the WAL flush: WAL
+reaches disk in order, so after a crash the restore marker (see
+:mod:`backup_tool.postgres.restore_marker`) is gone only if every commit before its removal
+survived too, and a target that lost any still reads as an unfinished restore."""
+
+
+def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
+               early: _EarlyPostData = _EarlyPostData()) -> dict[tuple[str, str], tuple[int, str]]:
     """Load every stored table in parallel sessions, each in its own transaction with COPY
     FREEZE (a split table's parts in order in one session: freezing needs the table to one
     transaction, and a table loaded unfrozen has every page rewritten later, by the first scan
     that sets hint bits and again by the VACUUM that freezes it; on 2 cores that cost more than
     loading the parts in parallel saved: 28.3 s against 24.5 s for a 3 GB table). When
     validating, each ordinary table's content checksum is taken in the session that loaded it,
-    a split table's by block ranges in parallel once everything is in. Returns those checksums
-    for validation."""
+    a split table's by block ranges in parallel once everything is in; then that session builds
+    the table's ``early`` post-data. Returns the checksums for validation."""
     manifest = run.manifest
     data = _stored(manifest)
     checksums: dict[tuple[str, str], tuple[int, str]] = {}
     progress = run.reporter.task("data", total=sum(t.raw_size for t in data))
 
     def load(t: TableEntry) -> None:
-        with loader.connect(settings={"client_encoding": manifest.encoding}) as conn:
+        key = (t.schema, t.name)
+        with loader.connect(settings={"client_encoding": manifest.encoding, **LOAD_SETTINGS}) as conn:
             load_table(loader, run.storage, t, manifest.encoding, run.count, conn=conn, fresh=fresh,
                        on_raw=progress.advance)
+            testhooks.pause_point("restore:loaded")
             if run.validating and t.relkind == "r" and not t.parts:
-                checksums[(t.schema, t.name)] = postgres.table_checksum(conn, t.schema, t.name, t.columns,
-                                                                               manifest.checksum_method)
+                checksums[key] = postgres.table_checksum(conn, t.schema, t.name, t.columns,
+                                                         manifest.checksum_method)
+            if key in early.statements or key in early.analyze:
+                _build_early(conn, t, early.statements.get(key), key in early.analyze)
         testhooks.pause_point("restore:loading")
 
     largest_first = sorted(data, key=lambda t: t.raw_size, reverse=True)
@@ -317,28 +379,31 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool) -> dict[tuple[str, str]
     return checksums
 
 
-def _build_post_data(run: _Run, archive_path: Path, major: int) -> None:
+def _build_post_data(run: _Run, archive_path: Path, major: int, built_early: frozenset[int] = frozenset()) -> None:
     """Replay the archive's post-data (indexes, constraints, triggers, policies) with
-    ``run.jobs`` pg_restore workers."""
-    built = run.reporter.task("indexes and constraints",
-                              total=schema.section_items(archive_path, major, "post-data"), unit=Unit.ITEMS)
-    schema.restore_section(archive_path, run.target, major, "post-data", jobs=run.jobs,
-                           on_item=lambda: built.advance(1))
+    ``run.jobs`` pg_restore workers, but for the entries ``built_early`` by the loading sessions."""
+    ids = schema.section_ids(archive_path, major, "post-data")
+    built = run.reporter.task("indexes and constraints", total=len(ids), unit=Unit.ITEMS)
+    built.advance(len(built_early))
+    if any(int(i) not in built_early for i in ids):
+        schema.restore_section(archive_path, run.target, major, "post-data", jobs=run.jobs,
+                               on_item=lambda: built.advance(1), skip=built_early)
     built.finish()
     run.reporter.event("indexes and constraints built", id=run.manifest.id)
 
 
 def finish_database(target: ConnInfo, manifest: Manifest, jobs: int, analyze: bool, created: bool,
-                    reporter: Reporter) -> None:
+                    reporter: Reporter, analyzed: frozenset[TableKey] = frozenset()) -> None:
     """The steps after the data and post-data: refresh the materialized views that were
-    populated, gather statistics, then apply the database's own properties (last, so that
-    a backed-up setting such as ``default_transaction_read_only`` cannot break the restore)."""
+    populated, gather statistics (but for the tables ``analyzed`` already), then apply the
+    database's own properties (last, so that a backed-up setting such as
+    ``default_transaction_read_only`` cannot break the restore)."""
     populated = {(m["schema"], m["name"]) for m in manifest.inventory.get("matviews", []) if m["populated"]}
     refreshed = matviews.refresh(target, populated, jobs)
     if refreshed:
         reporter.event("materialized views refreshed", count=refreshed)
     if analyze:
-        analyze_all(target, jobs)
+        analyze_all(target, jobs, skip=analyzed)
         reporter.event("statistics gathered")
     wanted = manifest.inventory.get("database")
     if wanted is not None:
@@ -354,14 +419,16 @@ def finish_database(target: ConnInfo, manifest: Manifest, jobs: int, analyze: bo
                              role=item.role)
 
 
-def analyze_all(target: ConnInfo, jobs: int) -> None:
-    """ANALYZE every user table, partitioned table and materialized view, in parallel."""
+def analyze_all(target: ConnInfo, jobs: int, skip: frozenset[TableKey] = frozenset()) -> None:
+    """ANALYZE every user table, partitioned table and materialized view but the ordinary
+    tables ``skip``, in parallel."""
     with target.connect() as conn:
         rels = conn.execute(f"""
             SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind IN ('r', 'p', 'm') AND {postgres.SYSTEM_SCHEMA_FILTER}
                AND (c.relkind <> 'm' OR c.relispopulated)
              ORDER BY pg_table_size(c.oid) DESC""").fetchall()
+    rels = [(schema_name, name) for schema_name, name in rels if (schema_name, name) not in skip]
 
     def one(rel: tuple[str, str]) -> None:
         try:

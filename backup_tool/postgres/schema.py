@@ -135,11 +135,12 @@ def live_schema(conninfo: ConnInfo, major: int) -> str:
 
 
 def section_ids(archive_path: Path, major: int, section: str) -> set[str]:
-    """The table-of-contents ids of the objects one section of the schema archive holds."""
+    """The table-of-contents ids of the objects one section of the schema archive holds (a
+    line of the listing that does not start with one continues a name holding a line break)."""
     listing = pipeline.run([find_tool("pg_restore", major), "--list", f"--section={section}", str(archive_path)],
                            dict(os.environ), "pg_restore (list)")
     return {line.split(";", 1)[0].strip() for line in listing.decode("utf-8", "replace").splitlines()
-            if line and not line.startswith(";")}
+            if line and not line.startswith(";") and line.split(";", 1)[0].strip().isdigit()}
 
 
 def section_items(archive_path: Path, major: int, section: str) -> int:
@@ -156,11 +157,12 @@ _ITEM_DONE = re.compile(r"(?:processing item|processing missed item|finished ite
 
 def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section: str,
                     jobs: int = 1, extra: list[str] | None = None,
-                    on_item: Callable[[], None] | None = None) -> None:
+                    on_item: Callable[[], None] | None = None, skip: frozenset[int] = frozenset()) -> None:
     """Replay one section (pre-data or post-data) of the schema archive into the target;
     ``on_item`` is called as pg_restore reports each object it creates (with ``--jobs``:
     each one finished). A parallel post-data replay runs in the passes of
-    :func:`post_data_passes` (partition index attachments one at a time)."""
+    :func:`post_data_passes` (partition index attachments one at a time). ``skip``: dump
+    ids already created (see :func:`per_table_post_data`), left out of the replay."""
     base = [find_tool("pg_restore", major), f"--section={section}", "--exit-on-error",
             "--dbname", conninfo.tool_conninfo(), *(extra or [])]
     counted: set[str] = set()
@@ -186,9 +188,16 @@ def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section:
             pipeline.run_watching([*argv, "--verbose", str(archive_path)], conninfo.tool_env(),
                                   f"pg_restore ({section})", seen_parallel if parallel else seen_serial)
 
-    ids = section_ids(archive_path, major, section) if on_item is not None or jobs > 1 else set()
+    ids = section_ids(archive_path, major, section) if on_item is not None or jobs > 1 or skip else set()
+    if skip:
+        ids = {i for i in ids if int(i) not in skip}
+        if not ids:
+            return
     passes = _planned_passes(archive_path, ids) if section == "post-data" and jobs > 1 and not extra else []
-    if len(passes) <= 1 and all(step.parallel for step in passes):
+    if skip and not passes:
+        passes = [ReplayPass(tuple(e.dump_id for e in read_toc(archive_path.read_bytes()) if str(e.dump_id) in ids),
+                             jobs > 1)]
+    if not skip and len(passes) <= 1 and all(step.parallel for step in passes):
         run(jobs > 1, ids, None)
         return
     with tempfile.TemporaryDirectory(prefix="backup-tool-post-data-") as tmp:
@@ -458,12 +467,13 @@ def _header(entry: TocEntry) -> str:
     return f"-- Name: {clean(entry.tag)}; Type: {entry.desc}; Schema: {clean(entry.namespace) or '-'}; Owner: "
 
 
-def _script(archive_path: Path, ids: list[int], major: int, section: str | None = None) -> list[str]:
+def _script(archive_path: Path, ids: list[int], major: int, section: str | None = None,
+            errors: str = "strict") -> list[str]:
     listing = archive_path.with_name(archive_path.name + ".list")
     listing.write_text("".join(f"{i}\n" for i in ids))
     argv = [find_tool("pg_restore", major), "--use-list", str(listing), "--file=-",
             *([f"--section={section}"] if section else []), str(archive_path)]
-    text = pipeline.run(argv, dict(os.environ), "pg_restore (table definitions)").decode()
+    text = pipeline.run(argv, dict(os.environ), "pg_restore (table definitions)").decode(errors=errors)
     return [ln for ln in text.split("\n") if not ln.startswith(("\\restrict ", "\\unrestrict "))]
 
 
@@ -492,3 +502,92 @@ def definition_scripts(archive_path: Path, toc: list[TocEntry], ids: list[int], 
     while start > 0 and (lines[start - 1] == "" or lines[start - 1].startswith("SET ")):
         start -= 1
     return DefinitionScripts("\n".join(lines[:start]), "\n".join(preamble + lines[start:]))
+
+
+# --------------------------------------------------------------------------- per-table post-data
+
+_EARLY_KINDS = frozenset({"INDEX", "CONSTRAINT"})
+# Post-data entries that leave a table's planner statistics as they are: ANALYZE may run before them.
+_STATS_NEUTRAL = frozenset({"FK CONSTRAINT", "CHECK CONSTRAINT", "TRIGGER", "POLICY", "ROW SECURITY", "RULE"})
+
+
+@dataclass(frozen=True)
+class TablePostData:
+    """The post-data entries of one table that can be built as soon as its rows are in
+    (``ids``, archive order), and whether its statistics may be gathered right after them
+    (``analyze_early``: no other post-data entry of the table changes what ANALYZE collects)."""
+
+    ids: tuple[int, ...]
+    analyze_early: bool
+
+
+def per_table_post_data(toc: list[TocEntry], tables: set[tuple[str, str]]) -> dict[tuple[str, str], TablePostData]:
+    """For each of ``tables`` (schema, name): its indexes and its primary key, unique and exclusion
+    constraints, each depending on that table and on pre-data objects only, and not needed by
+    a partition index attachment (those keep the order of :func:`post_data_passes`). What
+    ``pg_restore --jobs`` builds per table as soon as that table's data is loaded; foreign
+    keys, triggers, policies and the rest wait for every table. Not ``analyze_early``: a table
+    another table depends on (an inheritance parent, whose ANALYZE also samples its children).
+    Pure."""
+    by_id = {e.dump_id: e for e in toc}
+    attached = {d for e in toc if e.desc == "INDEX ATTACH" for d in e.deps}
+
+    def table_of(e: TocEntry) -> tuple[str, str] | None:
+        found = {(by_id[d].namespace, by_id[d].tag) for d in e.deps if d in by_id and by_id[d].desc == "TABLE"}
+        return found.pop() if len(found) == 1 else None
+
+    early: dict[tuple[str, str], list[int]] = {}
+    late = {(by_id[d].namespace, by_id[d].tag) for e in toc if e.desc == "TABLE"
+            for d in e.deps if d in by_id and by_id[d].desc == "TABLE"}
+    for e in toc:
+        if e.section != Section.POST_DATA:
+            continue
+        key = table_of(e)
+        movable = (e.desc in _EARLY_KINDS and e.dump_id not in attached and key is not None
+                   and key[0] == e.namespace and (e.desc == "INDEX" or e.tag.startswith(key[1] + " "))
+                   and all(d in by_id and by_id[d].section == Section.PRE_DATA for d in e.deps))
+        if movable and key in tables:
+            early.setdefault(key, []).append(e.dump_id)
+        elif e.desc not in _STATS_NEUTRAL:
+            late.update({(by_id[d].namespace, by_id[d].tag) for d in e.deps
+                         if d in by_id and by_id[d].desc == "TABLE"} if key is None else {key})
+    return {key: TablePostData(tuple(early.get(key, ())), key not in late) for key in tables}
+
+
+_STATE_SETTINGS = ("SET default_tablespace ", "SET default_table_access_method ")
+
+
+def post_data_statements(archive_path: Path, toc: list[TocEntry], ids: Sequence[int],
+                         major: int) -> dict[int, str] | None:
+    """The SQL of each post-data entry ``ids`` as pg_restore writes it, each preceded by the
+    archive's session settings (search path, encoding...) and the tablespace it is built in,
+    so that it runs alone on any session; bytes that are not UTF-8 (an archive in another
+    encoding) are kept as surrogate escapes, to be encoded back with them. None when an entry's header is not found exactly
+    once in pg_restore's script (the caller then leaves those entries to pg_restore)."""
+    if not ids:
+        return {}
+    lines = _script(archive_path, list(ids), major, "post-data", errors="surrogateescape")
+    heads = [i for i, ln in enumerate(lines) if ln.startswith("-- Name: ") and i and lines[i - 1] == "--"]
+    if not heads:
+        return None
+    preamble = [ln for ln in lines[:heads[0] - 1] if not ln.startswith(_STATE_SETTINGS)]
+    state: dict[str, str] = {}
+    blocks: list[tuple[str, list[str], dict[str, str]]] = []
+    for ln in lines[:heads[0] - 1]:
+        if ln.startswith(_STATE_SETTINGS):
+            state[ln.split("=", 1)[0]] = ln
+    for n, head in enumerate(heads):
+        body = lines[head - 1:heads[n + 1] - 1] if n + 1 < len(heads) else lines[head - 1:]
+        blocks.append((lines[head], [ln for ln in body if not ln.startswith(_STATE_SETTINGS)], dict(state)))
+        for ln in body:
+            if ln.startswith(_STATE_SETTINGS):
+                state[ln.split("=", 1)[0]] = ln
+    by_id = {e.dump_id: e for e in toc}
+    result: dict[int, str] = {}
+    for i in ids:
+        found = [b for b in blocks if b[0].startswith(_header(by_id[i]))]
+        if len(found) != 1:
+            return None
+        _, body, settings = found[0]
+        result[i] = "\n".join([*preamble, *settings.values(), *body])
+    return result

@@ -15,7 +15,7 @@ Points: ``backup:upload`` (inside a table's object stream), ``backup:between-obj
 ``base:before-manifest``, ``base:direct-copy`` (a direct base backup in backup mode, its files
 listed, none read yet); ``wal:upload`` (inside a segment's stream), ``wal:before-ack``
 (segment durable, command not yet successful); ``restore:loading`` (after the first table
-is loaded).
+is loaded); ``restore:loaded`` (a table's rows committed, its checksum and indexes not yet taken).
 """
 
 from __future__ import annotations

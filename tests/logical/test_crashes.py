@@ -386,6 +386,38 @@ def test_interrupted_restore_is_marked_and_a_rerun_finishes_it(cli: Any, start: 
     dbcompare.assert_same(complete, dbcompare.fingerprint(target.dsn))
 
 
+def test_a_row_changed_between_loading_and_checksum_fails_validation_naming_its_table(
+        cli: Any, start: Callable[..., Running], local_repo: str, seed_db: Any, fresh_db: Callable[..., Any]) -> None:
+    """The checksum a loading session takes right after a table's rows (before building that
+    table's indexes) reads what the table holds then: a row altered in between (by anything)
+    fails ``content_checksums`` naming the table, though every other table and check passes."""
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", seed_db.dsn)
+    target = fresh_db("altered")
+    run = start("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn, "--jobs", "1", "--json",
+                pause_at="restore:loaded")
+    run.wait_paused()
+    loaded = [r for r in target.execute("""
+        SELECT n.nspname || '.' || c.relname, format('%I.%I', n.nspname, c.relname), quote_ident(a.attname)
+          FROM pg_class c
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         WHERE c.relkind = 'r' AND pg_relation_size(c.oid) > 0 AND a.atttypid IN ('text'::regtype, 'varchar'::regtype)
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'backup_tool_unfinished_restore')
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'c'
+                                                            AND a.attnum = ANY(k.conkey))
+         ORDER BY a.attnum""")]
+    assert loaded, "the first table's rows are committed when the loading session pauses"
+    table, quoted, column = loaded[0]
+    target.execute(f"UPDATE {quoted} SET {column} = {column} || '!' "
+                   f"WHERE ctid = (SELECT min(ctid) FROM {quoted} WHERE {column} IS NOT NULL)")
+    run.resume()
+    assert run.finish() == 3, run.stderr()
+    checks = {c["name"]: c for c in json.loads(run.stdout())["validation"]["checks"]}
+    failed = {name for name, c in checks.items() if not c["ok"]}
+    assert failed == {"content_checksums"}, checks
+    assert checks["content_checksums"]["detail"] == f"content differs: {table}"
+
+
 # ------------------------------------------------------------------------ overlapping runs
 
 
