@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from support.clusters import PgServer, find_pg_bin_dir, server_os_user
 
+from backup_tool.errors import PageChecksumError
 from backup_tool.physical import pagecheck
+from backup_tool.physical.basebackup import explain_basebackup_error
 from backup_tool.physical.basedirect import PIECE, DirectBackup, checksum_error, list_files
 from backup_tool.physical.pagecheck import Failure, PageVerifier, page_checksums, relation_segment
 from backup_tool.postgres.connection import ConnInfo
@@ -217,3 +219,12 @@ def test_only_a_direct_backup_of_a_checksummed_cluster_loads_numpy() -> None:
             "print('numpy' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_pg_basebackups_checksum_failure_is_the_same_typed_error() -> None:
+    text = ('pg_basebackup: error: could not get COPY data stream: ERROR:  checksum verification failure '
+            'during base backup')
+    error = explain_basebackup_error(text, "postgres")
+    assert isinstance(error, PageChecksumError) and error.exit_code == 1
+    assert error.message == f"pg_basebackup failed: {text}" and error.hint and "damaged" in error.hint
+    assert type(checksum_error({"base/5/1": [3]})) is PageChecksumError
