@@ -59,6 +59,15 @@ class DatabaseError(BackupToolError):
     """PostgreSQL refused or failed; exit code 1."""
 
 
+class PageChecksumError(DatabaseError):
+    """Data pages of the cluster fail their checksums (a base backup verified them); exit
+    code 1. ``pages`` holds each failing (file relative to the data directory, block)."""
+
+    def __init__(self, message: str, hint: str | None = None, pages: tuple[tuple[str, int], ...] = ()) -> None:
+        super().__init__(message, hint)
+        self.pages = pages
+
+
 class RefusedError(BackupToolError):
     """A destructive action was refused because it would overwrite data; exit code 1."""
 

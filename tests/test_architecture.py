@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "backup_tool"
 
 # Deferred on purpose: the CLI imports each command's library module only when that command
-# runs (so `--help` and the `wal push`/`wal fetch` fast path stay fast), and the storage factory
-# imports the S3 driver (boto3) only for s3:// repositories.
-DEFERRED_ALLOWED = ("backup_tool/cli/", "backup_tool/repository/storage/__init__.py")
+# runs (so `--help` and the `wal push`/`wal fetch` fast path stay fast), the storage factory
+# imports the S3 driver (boto3) only for s3:// repositories, and a direct base backup imports
+# the page verifier (numpy) only for a cluster with data checksums.
+DEFERRED_ALLOWED = ("backup_tool/cli/", "backup_tool/repository/storage/__init__.py",
+                    "backup_tool/physical/basedirect.py")
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:

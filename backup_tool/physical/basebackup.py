@@ -44,6 +44,7 @@ from backup_tool.errors import (
     BackupToolError,
     DatabaseError,
     LockHeldError,
+    PageChecksumError,
     RefusedError,
 )
 from backup_tool.physical import basedirect, basetar, partial, wal
@@ -214,6 +215,10 @@ def explain_basebackup_error(text: str, user: str) -> DatabaseError:
     if "max_wal_senders" in text or "too many" in text.lower() and "wal sender" in text.lower():
         return DatabaseError(f"no WAL sender slot is free: {text}",
                              "raise max_wal_senders on the server (restart needed) or retry later")
+    if "checksum verification failure during base backup" in text:
+        return PageChecksumError(f"pg_basebackup failed: {text}",
+                                 "the cluster's data files are damaged (its warnings above name the files and "
+                                 "blocks): check the storage, then repair or restore the affected relations first")
     if "can only write single tablespace to stdout" in text:
         return DatabaseError("the cluster has extra tablespaces, which backup base does not support yet",
                              "move the objects to pg_default or use pg_basebackup directly")
@@ -313,7 +318,8 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         if used is BaseMethod.DIRECT:
             assert found.data_directory is not None
             direct = basedirect.DirectBackup(conninfo, found.data_directory, major, int(info["system_identifier"]),
-                                             f"backup-tool {backup_id}", fast, policy.backup.jobs, reporter.warning)
+                                             f"backup-tool {backup_id}", fast, policy.backup.jobs, reporter.warning,
+                                             verify_checksums=found.page_checksums)
             source = direct.stream()
         else:
             argv = [postgres.find_tool("pg_basebackup", major), "-d", conninfo.tool_conninfo(),
@@ -370,6 +376,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             options={"checkpoint": physical.checkpoint, "compression_level": level, "host": info["host"],
                      "tar_members": scanner.members, "method": str(used), "method_note": why,
                      **({"copy_changes": direct.changes.as_dict()} if direct is not None else {}),
+                     **({"pages_verified": direct.pages_verified} if direct is not None and direct.verifier else {}),
                      **({"object_lock": {"mode": policy.object_lock.mode, "retain_until": utc_iso(expires_at)}}
                         if policy.object_lock.mode != "none" else {})},
             extra_objects=(StoredObject(key, result.size, result.sha256, stats.raw_size), index_obj),

@@ -30,6 +30,10 @@ Guaranteed, so that every reader of a base backup works unchanged:
 - The WAL is not in the tar (as with ``-X none``): ``pg_backup_stop`` waits until the stop
   segment is archived and the caller checks the repository's archive holds the whole
   range, exactly as for ``pg_basebackup``.
+- With data checksums on, every relation page is verified as pg_basebackup verifies it
+  (:mod:`backup_tool.physical.pagecheck`, loaded only then, on the reader threads); any
+  failure fails the backup once every file has been read, naming the files and blocks
+  (:class:`~backup_tool.errors.PageChecksumError`), before ``pg_backup_stop``.
 
 :func:`probe` proves the data directory is the connected server's own (the server's
 ``data_directory`` exists here, or the one given, and its ``global/pg_control`` is the file
@@ -53,14 +57,17 @@ from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import psycopg
 
 from backup_tool.core import walnames
-from backup_tool.errors import BackupToolError, DatabaseError, RefusedError
+from backup_tool.errors import BackupToolError, DatabaseError, PageChecksumError, RefusedError
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.streams import pipeline, testhooks
+
+if TYPE_CHECKING:
+    from backup_tool.physical.pagecheck import PageVerifier, PieceCheck
 
 PIECE = 4 << 20
 FLUSH = 1 << 20
@@ -76,6 +83,7 @@ EXCLUDE_PREFIXES = ("pg_internal.init", "pgsql_tmp")
 RELATION_FILE = re.compile(r"^(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?$")
 TEMP_RELATION = re.compile(r"^t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
 CONTROL_FILE = "global/pg_control"
+REPORTED_PER_FILE = 5
 
 
 class BaseMethod(StrEnum):
@@ -98,12 +106,10 @@ class Probe:
 
 def choose_method(requested: BaseMethod, found: Probe) -> tuple[BaseMethod, str]:
     """The method to use and, when ``auto`` falls back to pg_basebackup, why; a forced
-    ``direct`` whose data directory was not proved is refused."""
+    ``direct`` whose data directory was not proved is refused. Data checksums do not matter:
+    direct mode verifies pages as pg_basebackup does."""
     if requested is BaseMethod.PG_BASEBACKUP:
         return requested, "requested"
-    if found.data_directory is not None and requested is BaseMethod.AUTO and found.page_checksums:
-        return BaseMethod.PG_BASEBACKUP, ("data checksums are on: pg_basebackup verifies every page "
-                                          "while copying (--method direct skips that check)")
     if found.data_directory is not None:
         return BaseMethod.DIRECT, "the data directory is readable here"
     if requested is BaseMethod.DIRECT:
@@ -366,14 +372,15 @@ class _Piece:
 @dataclass(frozen=True)
 class _Read:
     """A piece as stored (header, data zero-filled where the file had shrunk, padding), or
-    ``data`` None: the file is gone."""
+    ``data`` None: the file is gone; ``check`` what verifying its pages found (None: not verified)."""
 
     data: bytearray | None
     short: bool = False
     grew: bool = False
+    check: PieceCheck | None = None
 
 
-def _read_piece(root: Path, piece: _Piece) -> _Read:
+def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None) -> _Read:
     path = root / piece.entry.name
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -394,12 +401,14 @@ def _read_piece(root: Path, piece: _Piece) -> _Read:
                 break
             done += n
         grew = piece.last and os.fstat(fd).st_size > piece.entry.size
+        check = (verifier.check(fd, view[:done], piece.entry.name, piece.offset, piece.last and done == piece.length)
+                 if verifier is not None else None)
     except OSError as exc:
         raise _unreadable(path, exc) from None
     finally:
         view.release()
         os.close(fd)
-    return _Read(buf, short=done < piece.length, grew=grew)
+    return _Read(buf, short=done < piece.length, grew=grew, check=check)
 
 
 def _unreadable(path: Path, exc: OSError) -> BackupToolError:
@@ -425,10 +434,12 @@ def _pieces(entries: list[Entry]) -> Iterator[_Piece]:
 
 class DirectBackup:
     """One direct base backup of the data directory ``root``: :meth:`stream` is the tar,
-    :attr:`changes` counts the files that changed during the copy once it has run."""
+    :attr:`changes` counts the files that changed during the copy once it has run and
+    :attr:`pages_verified` the pages whose checksum was verified (``verify_checksums``: the
+    cluster has data checksums on)."""
 
     def __init__(self, conninfo: ConnInfo, root: Path, major: int, system_identifier: int, label: str,
-                 fast: bool, jobs: int, warn: Callable[[str], None]) -> None:
+                 fast: bool, jobs: int, warn: Callable[[str], None], verify_checksums: bool = False) -> None:
         self.conninfo = conninfo
         self.root = root
         self.major = major
@@ -437,7 +448,11 @@ class DirectBackup:
         self.fast = fast
         self.jobs = max(1, jobs)
         self.warn = warn
+        self.verify_checksums = verify_checksums
+        self.verifier: PageVerifier | None = None
         self.changes = CopyChanges()
+        self.pages_verified = 0
+        self.checksum_failures: dict[str, list[int]] = {}
 
     def stream(self) -> Iterator[bytes]:
         """The tar, start to end; backup mode begins when the first chunk is asked for and
@@ -445,13 +460,21 @@ class DirectBackup:
         session = self.conninfo.connect(settings={"statement_timeout": "0"})
         try:
             try:
-                session.execute("SELECT pg_backup_start(%s, %s)", (self.label, self.fast))
+                started = session.execute("SELECT pg_backup_start(%s, %s)::text, current_setting('block_size')::int,"
+                                          " pg_size_bytes(current_setting('segment_size'))"
+                                          " / current_setting('block_size')::int",
+                                          (self.label, self.fast)).fetchone()
             except psycopg.Error as exc:
                 raise DatabaseError(f"pg_backup_start failed: {exc}") from None
+            assert started is not None
+            if self.verify_checksums:
+                self.verifier = _verifier(walnames.parse_lsn(started[0]), int(started[1]), int(started[2]))
             entries = list_files(self.root, self.major, self.warn)
             testhooks.pause_point("base:direct-copy")
             manifest_files: list[tuple[str, int, int]] = []
             yield from self._members(entries, manifest_files)
+            if self.checksum_failures:
+                raise checksum_error(self.checksum_failures)
             try:
                 control_stat = os.stat(self.root / CONTROL_FILE)
                 control = (self.root / CONTROL_FILE).read_bytes()
@@ -503,7 +526,7 @@ class DirectBackup:
                 piece = next(todo, None)
                 if piece is None:
                     return
-                inflight.append((piece, pool.submit(_read_piece, self.root, piece)))
+                inflight.append((piece, pool.submit(_read_piece, self.root, piece, self.verifier)))
 
         try:
             refill()
@@ -518,6 +541,8 @@ class DirectBackup:
                     piece, fut = inflight.popleft()
                     refill()
                     got = fut.result()
+                    if got.check is not None:
+                        self._checked(entry.name, got.check)
                     if piece.first:
                         skipping = got.data is None
                         if skipping:
@@ -548,6 +573,47 @@ class DirectBackup:
             for _, fut in inflight:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+    def _checked(self, name: str, check: PieceCheck) -> None:
+        """Count a piece's verified pages and failures, warning of the first few of each
+        file's failures and of a partial last page, as PostgreSQL does."""
+        self.pages_verified += check.verified
+        for failure in check.failures:
+            blocks = self.checksum_failures.setdefault(name, [])
+            blocks.append(failure.block)
+            if len(blocks) <= REPORTED_PER_FILE:
+                self.warn(f"checksum verification failed in file {name}, block {failure.block}: "
+                          f"calculated {failure.calculated:X} but expected {failure.stored:X}")
+            if len(blocks) == REPORTED_PER_FILE:
+                self.warn(f"further checksum verification failures in file {name} will not be reported")
+        if check.partial_tail:
+            self.warn(f"could not verify the checksum of the last page of {name}: "
+                      "its size is not a multiple of the page size")
+
+
+def _verifier(start_lsn: int, block_size: int, segment_blocks: int) -> PageVerifier:
+    """The page verifier of a backup started at ``start_lsn``; numpy is loaded here, so only
+    direct backups of clusters with data checksums pay for it."""
+    from backup_tool.physical import pagecheck
+
+    return pagecheck.PageVerifier(start_lsn, block_size, segment_blocks)
+
+
+def checksum_error(failures: dict[str, list[int]]) -> PageChecksumError:
+    """The error of a copy whose pages failed verification (``failures``: each file's
+    failing blocks, in copy order): counts, then the first files and blocks."""
+    total = sum(len(b) for b in failures.values())
+    shown = [f"{name} (block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks[:3]))}"
+             f"{', ...' if len(blocks) > 3 else ''})" for name, blocks in list(failures.items())[:3]]
+    more = f" and {len(failures) - 3} more file(s)" if len(failures) > 3 else ""
+    return PageChecksumError(
+        f"checksum verification failed for {total} page{'s' if total > 1 else ''} in {len(failures)} "
+        f"file{'s' if len(failures) > 1 else ''} of the cluster: {'; '.join(shown)}{more}; no backup was kept",
+        "the cluster's data files are damaged (PostgreSQL reports 'invalid page' reading them, and "
+        "pg_basebackup fails the same way): check the storage, then repair or restore the affected "
+        "relations (pg_filenode_relation(0, <the file's number>) in its database names one) first",
+        tuple((name, block) for name, blocks in failures.items() for block in blocks))
 
 
 def _label_start(label: str) -> str:

@@ -199,6 +199,7 @@ class ManifestOptions(TypedDict, total=False):
     method: str
     method_note: str
     copy_changes: dict[str, int]
+    pages_verified: int
     object_lock: ObjectLockRecord
     encryption: dict[str, Any]
 

@@ -1,7 +1,8 @@
 """Direct base backups (`backup base --method auto|direct`): the tar headers, exclusions and
 backup_manifest as PostgreSQL writes them (fast), and end to end on a real PostgreSQL 15
-cluster: files growing, shrinking and vanishing during the copy, a temporary and an unlogged
-relation, `restore pitr` equal to the source, the same members and relation map as a
+cluster initdb'd with --data-checksums: files growing, shrinking and vanishing during the copy
+(every page verified), a temporary and an unlogged relation, `restore pitr` equal to the source,
+a damaged page that fails the backup (nothing kept) as it fails pg_basebackup, the same members and relation map as a
 pg_basebackup backup of the same cluster, the fallback to pg_basebackup for another
 cluster's data directory, the refusal of a forced direct backup, and an interrupted (SIGTERM,
 kill -9) backup that leaves nothing and ends its backup session."""
@@ -175,8 +176,7 @@ def test_method_choice() -> None:
     assert choose_method(BaseMethod.PG_BASEBACKUP, here)[0] is BaseMethod.PG_BASEBACKUP
     assert choose_method(BaseMethod.DIRECT, here)[0] is BaseMethod.DIRECT
     verified = Probe(Path("/pg"), page_checksums=True)
-    used, why = choose_method(BaseMethod.AUTO, verified)
-    assert used is BaseMethod.PG_BASEBACKUP and "data checksums are on" in why
+    assert choose_method(BaseMethod.AUTO, verified) == (BaseMethod.DIRECT, "the data directory is readable here")
     assert choose_method(BaseMethod.DIRECT, verified)[0] is BaseMethod.DIRECT
     with pytest.raises(RefusedError, match="pg_control"):
         choose_method(BaseMethod.DIRECT, gone)
@@ -210,7 +210,7 @@ class World:
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     base, wrapper, repo = archiving_workspace("backup-tool-direct-test-")
-    server = start_pg_server(archive_settings(wrapper, repo))
+    server = start_pg_server(archive_settings(wrapper, repo), initdb_args=["--data-checksums"])
     shutil.chown(repo, server.os_user, server.os_user)
     (base / "cli").mkdir()
     try:
@@ -289,9 +289,10 @@ def test_direct_backup_of_a_changing_cluster_restores_equal(world: World) -> Non
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()
     entry = json.loads(out)
-    assert entry["method"] == "direct"
+    assert entry["method"] == "direct", "auto takes the backup itself on a cluster with data checksums"
     manifest, index = _index(world, entry["id"])
     assert manifest.options["method"] == "direct"
+    assert manifest.options["pages_verified"] > 1000
     changes = manifest.options["copy_changes"]
     assert changes["vanished"] >= 1 and changes["shrank"] >= 1 and changes["grew"] >= 1, changes
     names = {m.name for m in index.members}
@@ -371,3 +372,37 @@ def test_an_interrupted_direct_backup_leaves_nothing_and_ends_backup_mode(world:
             time.sleep(0.1)
         assert world.cli.json("list", "--repo", world.repo) == before
         assert _objects(world) == stored, "only an ignorable .partial upload may stay after kill -9"
+
+
+@pytest.mark.slow
+def test_a_damaged_page_fails_the_direct_backup_and_nothing_is_kept(world: World) -> None:
+    """Two pages of a table damaged on disk (server stopped, a byte flipped in each, started
+    again): PostgreSQL refuses to read them, and `backup base --method direct` fails naming the
+    file, its blocks and the count, as pg_basebackup would, leaving nothing in the repository."""
+    server, cli = world.server, world.cli
+    run_sql(server, "postgres", "CREATE TABLE damaged (id int, v text) WITH (autovacuum_enabled = off)",
+            "INSERT INTO damaged SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 2000) g")
+    path = run_sql(server, "postgres", "SELECT pg_relation_filepath('damaged')")[0]
+    before, stored = cli.json("list", "--repo", world.repo), _objects(world, partials=True)
+    server.stop()
+    try:
+        with open(server.data_dir / path, "r+b") as fh:
+            for block in (2, 5):
+                fh.seek(block * 8192 + 8100)
+                byte = fh.read(1)[0]
+                fh.seek(block * 8192 + 8100)
+                fh.write(bytes([byte ^ 0x20]))
+        server.start()
+        with pytest.raises(psycopg.errors.DataCorrupted, match=f"invalid page in block 2 of relation {path}"):
+            run_sql(server, "postgres", "SELECT count(*) FROM damaged")
+
+        failed = cli("backup", "base", "--repo", world.repo, "--dsn", server.dsn(), "--method", "direct")
+        assert failed.returncode == 1
+        line = one_line(failed.stderr)
+        assert f"checksum verification failed for 2 pages in 1 file of the cluster: {path} (blocks 2, 5)" in line
+        assert "no backup was kept" in line and "damaged" in line
+        assert cli.json("list", "--repo", world.repo) == before
+        assert _objects(world, partials=True) == stored
+        assert _backup_sessions(server) == 0
+    finally:
+        run_sql(server, "postgres", "DROP TABLE IF EXISTS damaged")
