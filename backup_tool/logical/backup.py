@@ -62,7 +62,7 @@ import psycopg
 from backup_tool import __version__
 from backup_tool.config.policy import Policy
 from backup_tool.config.settings import Settings
-from backup_tool.core.checksum_methods import LEGACY_CHECKSUM_METHOD, ChecksumMethod, checksum_method_for
+from backup_tool.core.checksum_methods import ChecksumMethod, checksum_method_for
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalChanges, WalSpan, format_lsn, parse_lsn
@@ -75,7 +75,7 @@ from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.manifest import (
-    CHECKSUM_METHOD_FORMAT,
+    CHECKSUM_METHOD_FORMATS,
     SPLIT_TABLE_FORMAT,
     Manifest,
     ManifestInventory,
@@ -724,7 +724,7 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
         tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,
         format=max([1] + ([SPLIT_TABLE_FORMAT] if any(e.parts for e in entries) else [])
-                   + ([CHECKSUM_METHOD_FORMAT] if job.checksum_method is not LEGACY_CHECKSUM_METHOD else [])),
+                   + [CHECKSUM_METHOD_FORMATS[job.checksum_method]]),
     )
 
 
