@@ -606,17 +606,18 @@ class _TableDumper:
     def dump_all(self) -> None:
         data_tables = self.taken.data_tables
         self._start("data", data_tables)
-        self._sum(data_tables, [(self._dump, piece) for piece in self._of(data_tables)])
+        self._sum(data_tables, self._of(data_tables))
         self._progress.finish()
 
-    def _sum(self, tables: list[TableInfo], also: list[tuple[Callable[[Any], object], Any]],
-             title: str = "table checksums") -> None:
-        """Checksum ``tables`` (slice by slice) while running ``also``; then record each
-        table's checksum as the sum of its slices'."""
+    def _sum(self, tables: list[TableInfo], dumps: list[parts.Slice], title: str = "table checksums") -> None:
+        """Checksum ``tables`` (slice by slice) while dumping ``dumps``, longest task first
+        (:func:`backup_tool.logical.parts.schedule`); then record each table's checksum as
+        the sum of its slices'."""
         pieces = self._of(tables)
-        self._summed = self.job.reporter.task(title, total=len(pieces), unit=Unit.ITEMS) if pieces or not also \
+        self._summed = self.job.reporter.task(title, total=len(pieces), unit=Unit.ITEMS) if pieces or not dumps \
             else NullReporter().task("")
-        pipeline.run_parallel(self.job.jobs, also + [(self._checksum, piece) for piece in pieces])
+        run = {parts.Work.DUMP: self._dump, parts.Work.CHECKSUM: self._checksum}
+        pipeline.run_parallel(self.job.jobs, [(run[work], piece) for work, piece in parts.schedule(dumps, pieces)])
         self._summed.finish()
         for t in tables:
             self.checksums[t.oid] = postgres.combine_checksums([self._sums[(t.oid, p.index)]
@@ -647,7 +648,7 @@ class _TableDumper:
                        **({"reason" if method == "checksum" else "note": reason} if reason else {}))
         self._start("data (changed tables)", changed)
         unsummed = [t for t in changed if t.oid not in self.checksums]
-        self._sum(unsummed, [(self._dump, piece) for piece in self._of(changed)])
+        self._sum(unsummed, self._of(changed))
         self._progress.finish()
         return method, reason
 
