@@ -51,11 +51,11 @@ from __future__ import annotations
 import enum
 import os
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
-from typing import Any, Callable, Protocol, cast
+from typing import Any, Callable, Iterator, Protocol, cast
 
 import psycopg
 
@@ -101,26 +101,52 @@ def lock_name(repo_url: str, database: str) -> str:
     return f"backup-tool:backup:{repo_url}:{database}"
 
 
-@dataclass
-class _Workers:
-    """Per-thread sessions importing the backup's snapshot, for checksum queries."""
+class _Sessions:
+    """The data phase's server sessions: at most ``jobs`` work on the server at once (a COPY
+    or a checksum query each), whatever the number of threads. A dump holds its slot only
+    while its COPY runs, not while its object's upload completes, so the next table's COPY
+    starts while the last request of the previous one is answered. Checksum queries run on
+    sessions importing the backup's snapshot, opened on demand (never more than ``jobs``) and
+    reused."""
 
-    conninfo: ConnInfo
-    snapshot_id: str
-    stack: ExitStack
-
-    def __post_init__(self) -> None:
-        self._local = threading.local()
+    def __init__(self, conninfo: ConnInfo, snapshot_id: str, stack: ExitStack, jobs: int) -> None:
+        self.conninfo = conninfo
+        self.snapshot_id = snapshot_id
+        self.stack = stack
+        self._slots = threading.Semaphore(jobs)
+        self._idle: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
 
-    def conn(self) -> psycopg.Connection[Any]:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+    def acquire(self) -> Callable[[], None]:
+        """Wait for a slot; returns its release, which may be called more than once."""
+        self._slots.acquire()
+        once = threading.Lock()
+
+        def release() -> None:
+            if once.acquire(blocking=False):
+                self._slots.release()
+        try:
+            pipeline.check_cancelled()
+        except BaseException:
+            release()
+            raise
+        return release
+
+    @contextmanager
+    def checksum_session(self) -> Iterator[psycopg.Connection[Any]]:
+        """A slot and a snapshot session for one query."""
+        release = self.acquire()
+        try:
             with self._lock:
-                conn = self.stack.enter_context(
-                    postgres.snapshot_session(self.conninfo, self.snapshot_id))
-            self._local.conn = conn
-        return conn
+                conn = self._idle.pop() if self._idle else \
+                    self.stack.enter_context(postgres.snapshot_session(self.conninfo, self.snapshot_id))
+            try:
+                yield conn
+            finally:
+                with self._lock:
+                    self._idle.append(conn)
+        finally:
+            release()
 
 
 def _store_compressed(storage: Storage, key: str, chunks: Any, level: int, threads: int,
@@ -134,18 +160,33 @@ def _store_compressed(storage: Storage, key: str, chunks: Any, level: int, threa
 
 def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: str,
                 table: TableInfo, key: str, level: int, threads: int, encoding: str,
-                advance: Callable[[int], None],
+                advance: Callable[[int], None], sessions: _Sessions,
                 blocks: postgres.BlockRange = (None, None)) -> tuple[StoredObject, int]:
+    """COPY ``table`` (or its ``blocks``) into the object ``key``. The session slot is held
+    from the start of the COPY to its end (psql's exit checked, so a failed COPY never
+    completes its object); the upload's last request is answered outside it."""
     argv = postgres.copy_out_command(conninfo, major, snapshot_id, table, blocks)
     env = conninfo.tool_env(settings={})
     env["PGCLIENTENCODING"] = encoding
-    proc = pipeline.Process(argv, env, f"COPY of {table.schema}.{table.name}")
+    release = sessions.acquire()
     try:
-        obj, stats = _store_compressed(storage, key, proc.chunks(), level, threads, advance, "backup:upload")
+        proc = pipeline.Process(argv, env, f"COPY of {table.schema}.{table.name}")
+    except BaseException:
+        release()
+        raise
+
+    def copied() -> Iterator[bytes]:
+        yield from proc.chunks()
         proc.finish()
+        release()
+
+    try:
+        obj, stats = _store_compressed(storage, key, copied(), level, threads, advance, "backup:upload")
     except BaseException:
         proc.kill()
         raise
+    finally:
+        release()
     return obj, stats.lines
 
 
@@ -584,7 +625,7 @@ class _TableDumper:
         self.job = job
         self.taken = taken
         self.encoding = encoding
-        self.workers = _Workers(job.conninfo, taken.snap.snapshot_id, stack)
+        self.sessions = _Sessions(job.conninfo, taken.snap.snapshot_id, stack, job.jobs)
         self.objects: dict[SlotKey, tuple[StoredObject, int]] = {}
         self.checksums: dict[int, tuple[int, str]] = {}
         self.reused: dict[int, TableEntry] = {}
@@ -617,7 +658,8 @@ class _TableDumper:
         self._summed = self.job.reporter.task(title, total=len(pieces), unit=Unit.ITEMS) if pieces or not dumps \
             else NullReporter().task("")
         run = {parts.Work.DUMP: self._dump, parts.Work.CHECKSUM: self._checksum}
-        pipeline.run_parallel(self.job.jobs, [(run[work], piece) for work, piece in parts.schedule(dumps, pieces)])
+        pipeline.run_parallel(self.job.jobs + (self.job.jobs if dumps else 0),
+                              [(run[work], piece) for work, piece in parts.schedule(dumps, pieces)])
         self._summed.finish()
         for t in tables:
             self.checksums[t.oid] = postgres.combine_checksums([self._sums[(t.oid, p.index)]
@@ -679,8 +721,9 @@ class _TableDumper:
 
     def _checksum(self, piece: parts.Slice) -> None:
         table = piece.table
-        self._sums[(table.oid, piece.index)] = postgres.table_checksum(
-            self.workers.conn(), table.schema, table.name, table.columns, self.job.checksum_method, piece.blocks)
+        with self.sessions.checksum_session() as conn:
+            self._sums[(table.oid, piece.index)] = postgres.table_checksum(
+                conn, table.schema, table.name, table.columns, self.job.checksum_method, piece.blocks)
         self._summed.advance(1)
 
     def _dump(self, piece: parts.Slice) -> None:
@@ -697,7 +740,8 @@ class _TableDumper:
         job, table = self.job, piece.table
         self.objects[(table.oid, piece.index)] = _dump_table(
             job.storage, job.conninfo, job.major, self.taken.snap.snapshot_id, table,
-            f"{job.prefix}data/{piece.object_name}", job.level, job.threads, self.encoding, advance, piece.blocks)
+            f"{job.prefix}data/{piece.object_name}", job.level, job.threads, self.encoding, advance, self.sessions,
+            piece.blocks)
         self._progress.advance(share - credited)
         with self._pending_lock:
             self._pending.discard((table.oid, piece.index))
