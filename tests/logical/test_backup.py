@@ -68,9 +68,11 @@ def test_one_session_copies_the_next_table_while_the_last_upload_is_answered(
         """How many of the backup's sessions run a COPY or a checksum query, every few ms."""
         with psycopg.connect(db.dsn, autocommit=True) as conn:
             while not done.is_set():
-                busiest.append(int(conn.execute(
+                row = conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND state = 'active' AND (query LIKE 'COPY %%' OR query LIKE 'SELECT n, %%')").fetchone()[0]))
+                    " AND state = 'active' AND (query LIKE 'COPY %%' OR query LIKE 'SELECT n, %%')").fetchone()
+                assert row is not None
+                busiest.append(int(row[0]))
                 time.sleep(0.002)
 
     watcher = threading.Thread(target=watch)
