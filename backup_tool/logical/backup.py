@@ -51,18 +51,18 @@ from __future__ import annotations
 import enum
 import os
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
-from typing import Any, Callable, Protocol, cast
+from typing import Any, Callable, Iterator, Protocol, cast
 
 import psycopg
 
 from backup_tool import __version__
 from backup_tool.config.policy import Policy
 from backup_tool.config.settings import Settings
-from backup_tool.core.checksum_methods import LEGACY_CHECKSUM_METHOD, ChecksumMethod, checksum_method_for
+from backup_tool.core.checksum_methods import ChecksumMethod, checksum_method_for
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalChanges, WalSpan, format_lsn, parse_lsn
@@ -75,7 +75,7 @@ from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.manifest import (
-    CHECKSUM_METHOD_FORMAT,
+    CHECKSUM_METHOD_FORMATS,
     SPLIT_TABLE_FORMAT,
     Manifest,
     ManifestInventory,
@@ -101,26 +101,52 @@ def lock_name(repo_url: str, database: str) -> str:
     return f"backup-tool:backup:{repo_url}:{database}"
 
 
-@dataclass
-class _Workers:
-    """Per-thread sessions importing the backup's snapshot, for checksum queries."""
+class _Sessions:
+    """The data phase's server sessions: at most ``jobs`` work on the server at once (a COPY
+    or a checksum query each), whatever the number of threads. A dump holds its slot only
+    while its COPY runs, not while its object's upload completes, so the next table's COPY
+    starts while the last request of the previous one is answered. Checksum queries run on
+    sessions importing the backup's snapshot, opened on demand (never more than ``jobs``) and
+    reused."""
 
-    conninfo: ConnInfo
-    snapshot_id: str
-    stack: ExitStack
-
-    def __post_init__(self) -> None:
-        self._local = threading.local()
+    def __init__(self, conninfo: ConnInfo, snapshot_id: str, stack: ExitStack, jobs: int) -> None:
+        self.conninfo = conninfo
+        self.snapshot_id = snapshot_id
+        self.stack = stack
+        self._slots = threading.Semaphore(jobs)
+        self._idle: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
 
-    def conn(self) -> psycopg.Connection[Any]:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+    def acquire(self) -> Callable[[], None]:
+        """Wait for a slot; returns its release, which may be called more than once."""
+        self._slots.acquire()
+        once = threading.Lock()
+
+        def release() -> None:
+            if once.acquire(blocking=False):
+                self._slots.release()
+        try:
+            pipeline.check_cancelled()
+        except BaseException:
+            release()
+            raise
+        return release
+
+    @contextmanager
+    def checksum_session(self) -> Iterator[psycopg.Connection[Any]]:
+        """A slot and a snapshot session for one query."""
+        release = self.acquire()
+        try:
             with self._lock:
-                conn = self.stack.enter_context(
-                    postgres.snapshot_session(self.conninfo, self.snapshot_id))
-            self._local.conn = conn
-        return conn
+                conn = self._idle.pop() if self._idle else \
+                    self.stack.enter_context(postgres.snapshot_session(self.conninfo, self.snapshot_id))
+            try:
+                yield conn
+            finally:
+                with self._lock:
+                    self._idle.append(conn)
+        finally:
+            release()
 
 
 def _store_compressed(storage: Storage, key: str, chunks: Any, level: int, threads: int,
@@ -134,18 +160,33 @@ def _store_compressed(storage: Storage, key: str, chunks: Any, level: int, threa
 
 def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: str,
                 table: TableInfo, key: str, level: int, threads: int, encoding: str,
-                advance: Callable[[int], None],
+                advance: Callable[[int], None], sessions: _Sessions,
                 blocks: postgres.BlockRange = (None, None)) -> tuple[StoredObject, int]:
+    """COPY ``table`` (or its ``blocks``) into the object ``key``. The session slot is held
+    from the start of the COPY to its end (psql's exit checked, so a failed COPY never
+    completes its object); the upload's last request is answered outside it."""
     argv = postgres.copy_out_command(conninfo, major, snapshot_id, table, blocks)
     env = conninfo.tool_env(settings={})
     env["PGCLIENTENCODING"] = encoding
-    proc = pipeline.Process(argv, env, f"COPY of {table.schema}.{table.name}")
+    release = sessions.acquire()
     try:
-        obj, stats = _store_compressed(storage, key, proc.chunks(), level, threads, advance, "backup:upload")
+        proc = pipeline.Process(argv, env, f"COPY of {table.schema}.{table.name}")
+    except BaseException:
+        release()
+        raise
+
+    def copied() -> Iterator[bytes]:
+        yield from proc.chunks()
         proc.finish()
+        release()
+
+    try:
+        obj, stats = _store_compressed(storage, key, copied(), level, threads, advance, "backup:upload")
     except BaseException:
         proc.kill()
         raise
+    finally:
+        release()
     return obj, stats.lines
 
 
@@ -584,7 +625,7 @@ class _TableDumper:
         self.job = job
         self.taken = taken
         self.encoding = encoding
-        self.workers = _Workers(job.conninfo, taken.snap.snapshot_id, stack)
+        self.sessions = _Sessions(job.conninfo, taken.snap.snapshot_id, stack, job.jobs)
         self.objects: dict[SlotKey, tuple[StoredObject, int]] = {}
         self.checksums: dict[int, tuple[int, str]] = {}
         self.reused: dict[int, TableEntry] = {}
@@ -606,17 +647,19 @@ class _TableDumper:
     def dump_all(self) -> None:
         data_tables = self.taken.data_tables
         self._start("data", data_tables)
-        self._sum(data_tables, [(self._dump, piece) for piece in self._of(data_tables)])
+        self._sum(data_tables, self._of(data_tables))
         self._progress.finish()
 
-    def _sum(self, tables: list[TableInfo], also: list[tuple[Callable[[Any], object], Any]],
-             title: str = "table checksums") -> None:
-        """Checksum ``tables`` (slice by slice) while running ``also``; then record each
-        table's checksum as the sum of its slices'."""
+    def _sum(self, tables: list[TableInfo], dumps: list[parts.Slice], title: str = "table checksums") -> None:
+        """Checksum ``tables`` (slice by slice) while dumping ``dumps``, longest task first
+        (:func:`backup_tool.logical.parts.schedule`); then record each table's checksum as
+        the sum of its slices'."""
         pieces = self._of(tables)
-        self._summed = self.job.reporter.task(title, total=len(pieces), unit=Unit.ITEMS) if pieces or not also \
+        self._summed = self.job.reporter.task(title, total=len(pieces), unit=Unit.ITEMS) if pieces or not dumps \
             else NullReporter().task("")
-        pipeline.run_parallel(self.job.jobs, also + [(self._checksum, piece) for piece in pieces])
+        run = {parts.Work.DUMP: self._dump, parts.Work.CHECKSUM: self._checksum}
+        pipeline.run_parallel(self.job.jobs + (self.job.jobs if dumps else 0),
+                              [(run[work], piece) for work, piece in parts.schedule(dumps, pieces)])
         self._summed.finish()
         for t in tables:
             self.checksums[t.oid] = postgres.combine_checksums([self._sums[(t.oid, p.index)]
@@ -647,7 +690,7 @@ class _TableDumper:
                        **({"reason" if method == "checksum" else "note": reason} if reason else {}))
         self._start("data (changed tables)", changed)
         unsummed = [t for t in changed if t.oid not in self.checksums]
-        self._sum(unsummed, [(self._dump, piece) for piece in self._of(changed)])
+        self._sum(unsummed, self._of(changed))
         self._progress.finish()
         return method, reason
 
@@ -678,8 +721,9 @@ class _TableDumper:
 
     def _checksum(self, piece: parts.Slice) -> None:
         table = piece.table
-        self._sums[(table.oid, piece.index)] = postgres.table_checksum(
-            self.workers.conn(), table.schema, table.name, table.columns, self.job.checksum_method, piece.blocks)
+        with self.sessions.checksum_session() as conn:
+            self._sums[(table.oid, piece.index)] = postgres.table_checksum(
+                conn, table.schema, table.name, table.columns, self.job.checksum_method, piece.blocks)
         self._summed.advance(1)
 
     def _dump(self, piece: parts.Slice) -> None:
@@ -696,7 +740,8 @@ class _TableDumper:
         job, table = self.job, piece.table
         self.objects[(table.oid, piece.index)] = _dump_table(
             job.storage, job.conninfo, job.major, self.taken.snap.snapshot_id, table,
-            f"{job.prefix}data/{piece.object_name}", job.level, job.threads, self.encoding, advance, piece.blocks)
+            f"{job.prefix}data/{piece.object_name}", job.level, job.threads, self.encoding, advance, self.sessions,
+            piece.blocks)
         self._progress.advance(share - credited)
         with self._pending_lock:
             self._pending.discard((table.oid, piece.index))
@@ -724,7 +769,7 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
         tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,
         format=max([1] + ([SPLIT_TABLE_FORMAT] if any(e.parts for e in entries) else [])
-                   + ([CHECKSUM_METHOD_FORMAT] if job.checksum_method is not LEGACY_CHECKSUM_METHOD else [])),
+                   + [CHECKSUM_METHOD_FORMATS[job.checksum_method]]),
     )
 
 

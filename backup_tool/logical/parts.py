@@ -15,6 +15,7 @@ Everything here is pure.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from backup_tool.postgres.connection import BlockRange, TableInfo, block_ranges
@@ -79,3 +80,25 @@ def slices(tables: list[TableInfo], blocks: dict[int, int], threshold_mb: int, j
         ranges = block_ranges(heap, count)
         found += [Slice(table, i, len(ranges), r) for i, r in enumerate(ranges)]
     return found
+
+
+class Work(enum.Enum):
+    """What a data-phase task does with a slice."""
+
+    DUMP = "dump"
+    CHECKSUM = "checksum"
+
+
+CHECKSUM_COST = 0.5
+"""A slice's checksum query for about half the CPU of its dump (COPY on the server plus the
+client's compression and upload), measured with the ``typed-column`` method."""
+
+
+def schedule(dumps: list[Slice], checksums: list[Slice]) -> list[tuple[Work, Slice]]:
+    """The order the data phase's sessions take their tasks in: longest first (by estimated
+    CPU: the slice's size, a checksum weighted by :data:`CHECKSUM_COST`), so dumps and
+    checksums of different tables run side by side and the last tasks, which leave sessions
+    idle while they finish, are the shortest. Ties keep the tables' order, a dump before a
+    checksum. Pure."""
+    tasks = [(Work.DUMP, s) for s in dumps] + [(Work.CHECKSUM, s) for s in checksums]
+    return sorted(tasks, key=lambda task: -task[1].size * (CHECKSUM_COST if task[0] is Work.CHECKSUM else 1.0))

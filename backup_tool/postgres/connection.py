@@ -353,6 +353,57 @@ def _natively_hashed(col: ColumnType) -> bool:
     return col.type_oid in NATIVE_HASHES and (col.type_oid != 1042 or col.typmod >= 0)
 
 
+SEEDED_HASHES: dict[int, str] = {
+    16: "hashint4extended({}::int4, {})",          # bool: 0 or 1
+    21: "hashint2extended({}, {})",
+    23: "hashint4extended({}, {})",
+    26: "hashoidextended({}, {})",
+    2950: "uuid_hash_extended({}, {})",
+    25: 'hashtextextended({} COLLATE "C", {})',
+    1043: 'hashtextextended({} COLLATE "C", {})',
+    1042: 'hashbpcharextended({} COLLATE "C", {})',  # bounded only; the key carries the length
+    20: "hashtextextended({}::text, {})",           # int8: its decimal text (int8out), not the folding hash
+}
+"""``typed-column``: natively hashed types (:data:`NATIVE_HASHES`) with a seeded hash function
+callable on their own, as ``(value, key)`` templates. The rest of :data:`NATIVE_HASHES`
+(bytea, date, timestamp, timestamptz) has no such function and is hashed together in one
+``hash_record_extended``, as ``typed-row`` does."""
+
+POSITION_BITS = 11
+"""Column positions (at most 1600) fit below this bit; a bpchar(n) key holds n above it."""
+
+
+def _typed_column_sql(columns: Sequence[ColumnType]) -> sql.Composable:
+    """``typed-column``: the XOR of one 64-bit hash per column, each keyed by the column's
+    position (and a bpchar's declared length), mixed by ``hashtextextended('', xor)``.
+
+    Injective as far as 64-bit hashes go: a value is hashed by a function that determines its
+    text form (:data:`SEEDED_HASHES`, or its output function called by ``concat``, never a cast
+    to text, which for bpchar, inet or bool differs from the output); the position key tells
+    columns apart; a NULL becomes a constant of its position (``-position``); the columns
+    hashed in ``hash_record_extended`` are one term (its NULLs are part of it). The final keyed
+    hash mixes the XOR per row, so values swapped between rows change the sum. Pure."""
+    def ref(c: ColumnType) -> sql.Composable:
+        return sql.SQL("t.{}").format(sql.Identifier(c.name))
+
+    terms: list[sql.Composable] = []
+    grouped: list[sql.Composable] = []
+    for position, c in enumerate(columns, start=1):
+        if c.type_oid in SEEDED_HASHES and _natively_hashed(c):
+            key = (c.typmod << POSITION_BITS) | position if c.type_oid == 1042 else position
+            hashed = sql.SQL(SEEDED_HASHES[c.type_oid]).format(ref(c), sql.Literal(key))
+            terms.append(sql.SQL("coalesce({}, {})").format(hashed, sql.Literal(-position)))
+        elif _natively_hashed(c):
+            grouped.append(sql.SQL(NATIVE_HASHES[c.type_oid]).format(ref(c)))
+        else:
+            terms.append(sql.SQL('CASE WHEN {c} IS NULL THEN {n} ELSE hashtextextended(concat({c}) COLLATE "C", {k}) END')
+                         .format(c=ref(c), n=sql.Literal(-position), k=sql.Literal(position)))
+    if grouped:
+        terms.append(sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(grouped)))
+    combined = sql.SQL(" # ").join(sql.SQL("({})").format(term) for term in terms) if terms else sql.SQL("0")
+    return sql.SQL("hashtextextended('', {})").format(combined)
+
+
 def row_hash_sql(method: ChecksumMethod, columns: Sequence[ColumnType]) -> sql.Composable:
     """The SQL expression of one row's 64-bit hash (the row aliased ``t``). Pure.
 
@@ -363,12 +414,14 @@ def row_hash_sql(method: ChecksumMethod, columns: Sequence[ColumnType]) -> sql.C
     ``hash_record_extended`` combines column hashes linearly, so summed over rows it would not
     notice values swapped between rows; the keyed text hash mixes them per row. A column changes
     the row's hash whichever part it is in; a table without natively hashed columns gets the
-    ``row-text`` value."""
+    ``row-text`` value. ``typed-column``: see :func:`_typed_column_sql`."""
     def ref(c: ColumnType) -> sql.Composable:
         return sql.SQL("t.{}").format(sql.Identifier(c.name))
 
     if method is ChecksumMethod.ROW_TEXT:
         return sql.SQL("hashtextextended(ROW({})::text, 0)").format(sql.SQL(", ").join(ref(c) for c in columns))
+    if method is ChecksumMethod.TYPED_COLUMN:
+        return _typed_column_sql(columns)
     native = [c for c in columns if _natively_hashed(c)]
     others = [c for c in columns if not _natively_hashed(c)]
     lengths = [sql.Literal(c.typmod) for c in native if c.type_oid == 1042]
@@ -408,8 +461,8 @@ def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str, column
         raise DatabaseError(f"the backup's content checksums ({method}) need PostgreSQL "
                             f"{method.min_server_major} or later; this server is {major}",
                             "validate against a server of that major or later")
-    typed = column_types(conn, schema, name, columns) if method is ChecksumMethod.TYPED_ROW \
-        else [ColumnType(c, 0) for c in columns]
+    typed = [ColumnType(c, 0) for c in columns] if method is ChecksumMethod.ROW_TEXT \
+        else column_types(conn, schema, name, columns)
     condition = ctid_condition(blocks)
     where = sql.SQL(" WHERE " + condition) if condition else sql.SQL("")
     row = conn.execute(sql.SQL(CHECKSUM_SQL).format(row_hash_sql(method, typed), qualified(schema, name),

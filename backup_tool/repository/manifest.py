@@ -33,6 +33,10 @@ Format 5 marks a logical backup whose ``checksum_method`` is not the legacy ``ro
 :mod:`backup_tool.core.checksum_methods`): a version before it would validate with the old
 method and fail every table, so it must refuse the manifest instead. Validation recomputes
 with the manifest's method; a manifest without the field used ``row-text``.
+
+Format 6 marks a logical backup whose ``checksum_method`` is ``typed-column``: a version of
+format 5 knows only ``row-text`` and ``typed-row`` and must refuse it rather than misread it.
+Each method is written in the lowest format that knows it (:data:`CHECKSUM_METHOD_FORMATS`).
 """
 
 from __future__ import annotations
@@ -48,11 +52,16 @@ from backup_tool.core.kinds import ALL_KINDS
 from backup_tool.core.timestamps import parse_utc, utc_iso
 from backup_tool.errors import BackupToolError, IntegrityError
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 ENCRYPTED_FORMAT = 2
 FRAMED_BASE_FORMAT = 3
 SPLIT_TABLE_FORMAT = 4
 CHECKSUM_METHOD_FORMAT = 5
+TYPED_COLUMN_FORMAT = 6
+CHECKSUM_METHOD_FORMATS: dict[ChecksumMethod, int] = {
+    ChecksumMethod.ROW_TEXT: 1, ChecksumMethod.TYPED_ROW: CHECKSUM_METHOD_FORMAT,
+    ChecksumMethod.TYPED_COLUMN: TYPED_COLUMN_FORMAT}
+"""The lowest manifest format whose readers know each checksum method."""
 SEAL_FIELD = "manifest_mac"
 KINDS = ALL_KINDS
 
@@ -474,7 +483,7 @@ def _checked(manifest: Manifest) -> Manifest:
         raise ValueError("a split table has an object besides its parts, or fewer than two parts")
     if any(t.parts for t in manifest.tables) and manifest.format < SPLIT_TABLE_FORMAT:
         raise ValueError(f"a table is split into parts in a format {manifest.format} manifest")
-    if manifest.checksum_method is not LEGACY_CHECKSUM_METHOD and manifest.format < CHECKSUM_METHOD_FORMAT:
+    if manifest.format < CHECKSUM_METHOD_FORMATS[manifest.checksum_method]:
         raise ValueError(f"checksum method {manifest.checksum_method} in a format {manifest.format} manifest")
     if not all(isinstance(s, dict) for s in manifest.sequences):
         raise TypeError("a sequence is not an object")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backup_tool.logical.parts import MAX_PARTS, part_count, slices
+from backup_tool.logical.parts import MAX_PARTS, Work, part_count, schedule, slices
 from backup_tool.postgres.connection import TableInfo
 
 MB = 2**20
@@ -44,3 +44,24 @@ def test_slices_name_distinct_objects_and_their_shares_add_up(sizes: list[int], 
         else:
             assert mine[0].blocks[0] is None and mine[-1].blocks[1] is None
             assert [s.blocks[1] for s in mine[:-1]] == [s.blocks[0] for s in mine[1:]]
+
+
+def test_the_longest_tasks_go_first_dumps_and_checksums_of_different_tables_side_by_side() -> None:
+    small, big, mid = table(1, 10 * MB), table(2, 300 * MB), table(3, 100 * MB)
+    pieces = slices([small, big, mid], {2: 300 * MB // 8192}, 256, 2, 15)
+    big_parts = [s for s in pieces if s.table == big]
+    assert len(big_parts) == 2
+    order = [(work, s.table.name, s.index) for work, s in schedule(pieces, pieces)]
+    assert order == [(Work.DUMP, "t2", 0), (Work.DUMP, "t2", 1), (Work.DUMP, "t3", 0), (Work.CHECKSUM, "t2", 0),
+                     (Work.CHECKSUM, "t2", 1), (Work.CHECKSUM, "t3", 0), (Work.DUMP, "t1", 0), (Work.CHECKSUM, "t1", 0)]
+    assert [w for w, _ in schedule([], pieces)] == [Work.CHECKSUM] * 4
+    assert [s.table.name for _, s in schedule(pieces[:1], [])] == ["t1"]
+
+
+@given(st.lists(st.integers(0, 600 * MB), min_size=1, max_size=8), st.integers(1, 8))
+def test_the_schedule_runs_every_task_once(sizes: list[int], jobs: int) -> None:
+    tables = [table(100 + i, s) for i, s in enumerate(sizes)]
+    found = slices(tables, {t.oid: t.size // 8192 for t in tables}, 256, jobs, 15)
+    planned = schedule(found, found[::2])
+    assert sorted((w.value, s.object_name) for w, s in planned) == sorted(
+        [("dump", s.object_name) for s in found] + [("checksum", s.object_name) for s in found[::2]])

@@ -22,7 +22,7 @@ from backup_tool.logical import backup
 from backup_tool.logical.restore import restore_full
 from backup_tool.logical.restore_tables import restore_tables
 from backup_tool.postgres import connection as postgres
-from backup_tool.repository.manifest import CHECKSUM_METHOD_FORMAT, SPLIT_TABLE_FORMAT
+from backup_tool.repository.manifest import SPLIT_TABLE_FORMAT, TYPED_COLUMN_FORMAT
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +64,8 @@ def test_a_split_table_backs_up_in_parts_and_every_reader_restores_it_row_for_ro
     full = backup.backup_full(settings)
     big = full.table("public", "big")
     assert big is not None and big.object is None and len(big.parts) >= 3
-    assert full.format == CHECKSUM_METHOD_FORMAT > SPLIT_TABLE_FORMAT
-    assert full.checksum_method is ChecksumMethod.TYPED_ROW
+    assert full.format == TYPED_COLUMN_FORMAT > SPLIT_TABLE_FORMAT
+    assert full.checksum_method is ChecksumMethod.TYPED_COLUMN
     assert len({p.key for p in big.parts}) == len(big.parts)
     assert all(p.key.startswith(f"backups/{full.id}/") for p in big.parts)
     small = full.table("public", "small")
@@ -90,7 +90,7 @@ def test_a_split_table_backs_up_in_parts_and_every_reader_restores_it_row_for_ro
     incremental = backup.backup_incremental(settings)
     assert incremental.parent_id == full.id
     assert incremental.table("public", "big") == big, "an unchanged split table references all its parent's parts"
-    assert incremental.format == CHECKSUM_METHOD_FORMAT and incremental.checksum_method is full.checksum_method
+    assert incremental.format == TYPED_COLUMN_FORMAT and incremental.checksum_method is full.checksum_method
 
     db.execute("DELETE FROM public.small WHERE id = 2; UPDATE public.big SET doc = '{\"changed\": 1}' WHERE id = 5")
     second = backup.backup_incremental(settings)

@@ -219,7 +219,7 @@ def settings_for(archiving: Archiving, db: str, detection: str = "wal") -> Setti
                                                                    backup=BackupSettings(change_detection=detection)))
 
 
-def truth(dsn: str, method: ChecksumMethod = ChecksumMethod.TYPED_ROW
+def truth(dsn: str, method: ChecksumMethod = ChecksumMethod.TYPED_COLUMN
           ) -> dict[str, tuple[str, str | None, tuple[str, ...], int, str]]:
     """Every table's kind, parent, columns, row count and content checksum (by the method a
     PostgreSQL 15 backup uses), read now."""

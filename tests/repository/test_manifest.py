@@ -15,8 +15,10 @@ from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import BackupToolError, IntegrityError
 from backup_tool.repository.manifest import (
     CHECKSUM_METHOD_FORMAT,
+    CHECKSUM_METHOD_FORMATS,
     FORMAT_VERSION,
     SPLIT_TABLE_FORMAT,
+    TYPED_COLUMN_FORMAT,
     Manifest,
     StoredObject,
     TableEntry,
@@ -254,11 +256,25 @@ def test_the_checksum_method_round_trips_and_older_tools_refuse_it() -> None:
     is refused as damage, and an unknown method as malformed."""
     m = typed_manifest()
     body = json.loads(m.to_json())
-    assert body["checksum_method"] == "typed-row" and body["format"] == CHECKSUM_METHOD_FORMAT == FORMAT_VERSION
+    assert body["checksum_method"] == "typed-row" and body["format"] == CHECKSUM_METHOD_FORMAT
     assert parse_manifest(m.to_json(), "x") == m
     body["format"] = SPLIT_TABLE_FORMAT
     with pytest.raises(IntegrityError, match="checksum method typed-row in a format 4"):
         parse_manifest(resealed(body), "x")
     body["format"], body["checksum_method"] = CHECKSUM_METHOD_FORMAT, "sha3-rows"
     with pytest.raises(IntegrityError, match="malformed"):
+        parse_manifest(resealed(body), "x")
+
+
+def test_typed_column_needs_format_6_which_format_5_readers_refuse() -> None:
+    """A format 5 reader knows row-text and typed-row only: typed-column is written as format 6
+    (which it refuses as newer), and a typed-column manifest claiming format 5 is damage."""
+    m = replace(make_manifest(), checksum_method=ChecksumMethod.TYPED_COLUMN, format=TYPED_COLUMN_FORMAT)
+    body = json.loads(m.to_json())
+    assert body["checksum_method"] == "typed-column" and body["format"] == TYPED_COLUMN_FORMAT == FORMAT_VERSION
+    assert parse_manifest(m.to_json(), "x") == m
+    assert {CHECKSUM_METHOD_FORMATS[method] for method in ChecksumMethod} == {1, CHECKSUM_METHOD_FORMAT,
+                                                                               TYPED_COLUMN_FORMAT}
+    body["format"] = CHECKSUM_METHOD_FORMAT
+    with pytest.raises(IntegrityError, match="checksum method typed-column in a format 5"):
         parse_manifest(resealed(body), "x")
