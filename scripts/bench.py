@@ -804,9 +804,14 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
                 (base, f"pgbackrest backup --type=full (process-max {j}, zst 3, TLS via nginx)",
                  lambda: (self.set_archive(pgbr_archive),
                           timed(self.pgbr(pgbr_conf, "backup", "--type=full"), self.env, user=OS_USER))[1]),
-                (base, "backup-tool backup base (S3, zstd 3)",
+                (base, "backup-tool backup base (S3, zstd 3, direct)",
                  lambda: (self.set_archive(tool_archive),
-                          timed([*self.tool, "backup", "base", "--repo", tool_repo, "--dsn", src], self.env))[1]),
+                          timed([*self.tool, "backup", "base", "--repo", tool_repo, "--dsn", src,
+                                 "--method", "direct"], self.env))[1]),
+                (base, "backup-tool backup base (S3, zstd 3, --method pg_basebackup)",
+                 lambda: (self.set_archive(tool_archive),
+                          timed([*self.tool, "backup", "base", "--repo", tool_repo, "--dsn", src,
+                                 "--method", "pg_basebackup"], self.env))[1]),
             ]
             if run % 2:
                 backups = backups[::-1]
@@ -1006,7 +1011,8 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
             target = next((t for k, t in targets.items() if scenario.startswith(k)), "")
             for a in ours:
                 for b in theirs:
-                    goal = target if b.contender.startswith(("pgbackrest", "pg_restore")) and "--no-validate" not in a.contender else ""
+                    goal = target if b.contender.startswith(("pgbackrest", "pg_restore")) and "--no-validate" not in a.contender \
+                        and "--method" not in a.contender else ""
                     goal = next((g for (x, y), g in logical_goals.items() if x in a.contender and y in b.contender),
                                 goal)
                     if a.segments:  # throughput: higher is better
