@@ -92,11 +92,13 @@ XLR_BLOCK_ID_ORIGIN = 253
 XLR_BLOCK_ID_TOPLEVEL_XID = 252
 MAIN_FORK = 0
 
-_RECORD = struct.Struct("<IIQBB")
+_RECORD = struct.Struct("<IIQBBxxI")
 _PAGE = struct.Struct("<HHIQI")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _RELFILE = struct.Struct("<III")
+#: The most common layout: block 0 (no image, its own RelFileNode, block number), then short main data.
+_ONE_BLOCK = struct.Struct("<BBHIIIIBB")
 
 RelFile = tuple[int, int, int]
 """(tablespace oid, database oid, relfilenode) as WAL block references name a relation."""
@@ -178,6 +180,13 @@ def _block_refs(buf: bytes, base: int, tot_len: int, where: int) -> tuple[tuple[
     announce add up to ``tot_len``."""
     pos = base + RECORD_HEADER
     end = base + tot_len
+    if tot_len >= RECORD_HEADER + _ONE_BLOCK.size:
+        block_id, flags, data_len, spc, db, node, _blkno, next_id, main_len = _ONE_BLOCK.unpack_from(buf, pos)
+        if (block_id == 0 and next_id == XLR_BLOCK_ID_DATA_SHORT
+                and not flags & (BKPBLOCK_HAS_IMAGE | BKPBLOCK_SAME_REL)
+                and bool(flags & BKPBLOCK_HAS_DATA) == (data_len > 0)
+                and pos + _ONE_BLOCK.size + data_len + main_len == end):
+            return ((flags & BKPBLOCK_FORK_MASK, (spc, db, node)),), main_len
     refs: list[tuple[int, RelFile]] = []
     payload = 0
     main_len = 0
@@ -270,7 +279,7 @@ def _walk(source: SegmentSource, start: int, end: int, seg_size: int, everything
     crc = crc32c
     detailed = DETAILED
     lsn, prev = start, -1
-    segno, seg = -1, b""
+    segno, seg, seg_end = -1, b"", -1
     while lsn < end:
         page_off = lsn & (BLCKSZ - 1)
         if page_off <= LONG_PHD or lsn == start:
@@ -281,11 +290,15 @@ def _walk(source: SegmentSource, start: int, end: int, seg_size: int, everything
             info_page = walker.check_page(page)
             if page_off == header and info_page & XLP_FIRST_IS_CONTRECORD:
                 raise WalScanUncertain(f"WAL page at {walnames.format_lsn(page)} continues a record that had ended")
-        if lsn // seg_size != segno:
+        if lsn >= seg_end:
             segno = lsn // seg_size
             seg = walker.segment(segno)
+            seg_end = (segno + 1) * seg_size
         off = lsn & (seg_size - 1)
-        tot_len = unpack_u32(seg, off)[0]
+        if page_off + RECORD_HEADER <= BLCKSZ:
+            tot_len, xid, xl_prev, info, rmid, xl_crc = unpack_record(seg, off)
+        else:
+            tot_len = unpack_u32(seg, off)[0]
         if tot_len < RECORD_HEADER or tot_len > 0x3FFFFFFF:
             raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} claims a length of {tot_len}")
         if page_off + tot_len <= BLCKSZ:
@@ -294,14 +307,13 @@ def _walk(source: SegmentSource, start: int, end: int, seg_size: int, everything
             buf, after = _read_record(walker, lsn, tot_len, BLCKSZ - page_off)
             base = 0
             seg = walker.seg if walker.segno == segno else walker.segment(segno)
-        _tot, xid, xl_prev, info, rmid = unpack_record(buf, base)
+            tot_len, xid, xl_prev, info, rmid, xl_crc = unpack_record(buf, 0)
         if prev >= 0 and xl_prev != prev:
             raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} points back to "
                                    f"{walnames.format_lsn(xl_prev)}, not to {walnames.format_lsn(prev)}")
         if RM_MAX_BUILTIN < rmid < RM_MIN_CUSTOM:
             raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} has unknown resource manager {rmid}")
-        if crc(buf[base:base + XL_CRC_OFFSET], crc(buf[base + RECORD_HEADER:base + tot_len])) \
-                != unpack_u32(buf, base + XL_CRC_OFFSET)[0]:
+        if crc(buf[base + RECORD_HEADER:base + tot_len] + buf[base:base + XL_CRC_OFFSET]) != xl_crc:
             following = (after + 7) & ~7
             raise WalRecordDamaged(lsn, following + (walker.header_size(following)
                                                      if not following & (BLCKSZ - 1) else 0))
