@@ -29,8 +29,6 @@ from backup_tool.repository import walidentity
 from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import Storage, open_storage
 
-pytestmark = pytest.mark.slow
-
 SEG = walnames.DEFAULT_SEGMENT_SIZE
 SCHEMA = r"""
 CREATE TABLE orders (id int PRIMARY KEY, customer text NOT NULL, items jsonb, receipt bytea, note text);
@@ -77,6 +75,7 @@ def archive_of(db: DbHandle, repo: Path) -> tuple[Storage, walidentity.ClusterId
     return storage, identity, sysid
 
 
+@pytest.mark.slow
 def test_a_damaged_record_in_an_archived_segment_sends_the_incremental_to_the_checksums(
         fresh_db: Callable[[str], DbHandle], tmp_path: Path) -> None:
     """One byte of the relation a row insert names, flipped in the archived segment (its
@@ -131,6 +130,7 @@ def test_a_damaged_record_in_an_archived_segment_sends_the_incremental_to_the_ch
     assert len(contents(target.dsn)["public.orders"]) == 401
 
 
+@pytest.mark.slow
 def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callable[[str], DbHandle],
                                                                  tmp_path: Path) -> None:
     """The span's tail read from ``pg_wal``: its last record with its data not yet written
@@ -185,3 +185,20 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
     with pytest.raises(walscan.WalScanUncertain, match=f"pg_wal/{name} is damaged: the record at "
                                                        f"{walnames.format_lsn(records[earlier].lsn)} fails its CRC"):
         walscan.relations_written(storage, span, 0, live=unwritten(earlier))
+
+
+def test_what_a_failed_crc_means_depends_on_where_the_record_was_read() -> None:
+    span = walnames.WalSpan(1, 0x3000028, 0x5000100, SEG, 42)
+    last, before = walnames.segment_name(1, 5), walnames.segment_name(1, 4)
+
+    def reason(lsn: int, following: int, from_server: set[int]) -> str:
+        return walscan.damaged_record_reason(walscan.WalRecordDamaged(lsn, following), span, frozenset(from_server))
+
+    assert reason(0x50000C8, 0x5000100, {5}).startswith("the WAL the server has written ends at 0/50000C8: ")
+    assert reason(0x4FFFFE0, 0x5000100, {4, 5}).startswith("the WAL the server has written ends at 0/4FFFFE0: ")
+    assert reason(0x50000C8, 0x5000200, {5}).startswith("the WAL the server has written ends at")
+    assert reason(0x50000C8, 0x5000100, set()) == (f"archived WAL segment {last} is damaged: the record at 0/50000C8 "
+                                                   f"fails its CRC check (incorrect resource manager data checksum)")
+    assert reason(0x5000040, 0x50000C8, {5}).startswith(f"pg_wal/{last} is damaged: the record at 0/5000040 fails")
+    assert reason(0x4FFFFE0, 0x5000060, {5}).startswith(f"archived WAL segment {before}, pg_wal/{last} are damaged")
+    assert reason(0x4000028, 0x4000100, {4, 5}).startswith(f"pg_wal/{before} is damaged")
