@@ -21,12 +21,12 @@ matching its bytes (CRC-32C as PostgreSQL's ``ValidXLogRecord`` computes it, che
 anything past the header is believed); the walk must land exactly on ``end``. Anything else
 raises :class:`WalScanUncertain`, and the caller falls back to comparing checksums. A record
 failing its CRC check is :class:`WalRecordDamaged`; :func:`relations_written` says what it
-means: in the last record of WAL read from the server's ``pg_wal`` (a record still being
-written) it is where the server's WAL ends, as PostgreSQL takes it, anywhere else (an
-archived segment, or a complete one in ``pg_wal``) the segment is damaged. Records are counted as changes unless they are one of a
-short list known to leave rows as they are (hint-bit images, pruning, vacuum, freezing,
-visibility-map bits, row locks), so the set is a superset of the tables whose rows changed
-(a rolled-back insert still counts). Tables changed without WAL (unlogged tables) and
+means: as the last record of WAL read from the server's ``pg_wal`` (one still being
+written) it is where the server's WAL ends, as PostgreSQL takes it; anywhere else (an
+archived segment, or a complete one in ``pg_wal``) the segment is damaged. Records are
+counted as changes unless they are one of a short list known to leave rows as they are
+(hint-bit images, pruning, vacuum, freezing, visibility-map bits, row locks), so the set is
+a superset of the tables whose rows changed (a rolled-back insert still counts). Tables changed without WAL (unlogged tables) and
 changes of a table's file (TRUNCATE, VACUUM FULL, CLUSTER, rewrites) are the caller's to
 detect by comparing the catalog at both snapshots.
 """
