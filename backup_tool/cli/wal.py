@@ -105,8 +105,7 @@ def wal_status_cmd(inv: Invocation) -> int:
     segment older than the policy's monitoring.wal_max_age_minutes)."""
     from datetime import timedelta
 
-    from backup_tool.physical.pitr import repository_health
-    from backup_tool.physical.wal import format_lsn
+    from backup_tool.physical.wal import format_lsn, repository_health
 
     health = repository_health(inv.settings)
     minutes = inv.settings.policy.monitoring.wal_max_age_minutes

@@ -27,7 +27,7 @@ from backup_tool.core.kinds import BackupKind
 from backup_tool.errors import BackupToolError
 from backup_tool.jobs.expire import check_object_lock
 from backup_tool.physical import wal
-from backup_tool.physical.pitr import repository_health
+from backup_tool.physical.wal import repository_health
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo

@@ -26,7 +26,7 @@ from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import BackupToolError
 from backup_tool.logical.restore import restore_full
-from backup_tool.physical.pitr import repository_health
+from backup_tool.physical.wal import repository_health
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest, utc_iso

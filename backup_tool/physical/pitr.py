@@ -1310,14 +1310,6 @@ def private_dir(os_user: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def repository_health(settings: Settings, now: datetime | None = None) -> wal.ArchiveHealth:
-    """The WAL archive's continuity after the oldest base backup and its newest segment's age."""
-    storage = open_repository(settings.repo_url)
-    bases = [m.physical for m in Catalog(storage).of_kinds([BackupKind.BASE])[0] if m.physical]
-    return wal.archive_health(storage, [(p.timeline, walnames.parse_lsn(p.start_lsn), p.wal_segment_size)
-                                        for p in bases], now)
-
-
 # --------------------------------------------------------------------------- tables at a time
 
 

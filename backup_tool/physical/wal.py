@@ -45,7 +45,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from backup_tool.config.locations import repo_url
+from backup_tool.config.settings import Settings
 from backup_tool.core import walnames
+from backup_tool.core.checks import Check
+from backup_tool.core.kinds import BackupKind
 from backup_tool.core.walnames import (
     DEFAULT_SEGMENT_SIZE,
     SEGMENT_RE,
@@ -74,6 +77,7 @@ from backup_tool.physical.walspool import (
     keep_fetched,
     prefetch_dir,
 )
+from backup_tool.repository.catalog import Catalog
 from backup_tool.repository.storage import open_repository, open_storage
 from backup_tool.repository.storage.base import (
     HashingCounter,
@@ -89,12 +93,9 @@ from backup_tool.repository.walarchive import (  # noqa: F401 - object_key re-ex
     wal_file_kind,
 )
 from backup_tool.streams.pipeline import ChunkReader
-from backup_tool.validation.validate import Check
 
 if TYPE_CHECKING:
     import psycopg
-
-    from backup_tool.validation.validate import Check
 
 READ_SIZE = 1 << 20
 DEFAULT_PREFETCH = 8
@@ -427,7 +428,7 @@ class ArchiveHealth:
                          for c in self.coverage],
         }
 
-    def checks(self, max_age: timedelta | None = None) -> list["Check"]:
+    def checks(self, max_age: timedelta | None = None) -> list[Check]:
         """``wal_continuity`` and ``wal_newest_age`` as validation checks."""
         if self.oldest_base_start is None:
             cont = Check("wal_continuity", True, f"{self.segments} segments archived; no base backup yet")
@@ -485,7 +486,15 @@ def archive_health(storage: Storage, base_starts: Iterable[tuple[int, int, int]]
                          oldest, gaps, covs)
 
 
-def archiving_checks(conn: "psycopg.Connection[Any]", storage: Storage) -> list["Check"]:
+def repository_health(settings: Settings, now: datetime | None = None) -> ArchiveHealth:
+    """The WAL archive's continuity after the oldest base backup and its newest segment's age."""
+    storage = open_repository(settings.repo_url)
+    bases = [m.physical for m in Catalog(storage).of_kinds([BackupKind.BASE])[0] if m.physical]
+    return archive_health(storage, [(p.timeline, walnames.parse_lsn(p.start_lsn), p.wal_segment_size)
+                                    for p in bases], now)
+
+
+def archiving_checks(conn: "psycopg.Connection[Any]", storage: Storage) -> list[Check]:
     """The server side of archiving, for ``check``: archive_mode and archive_command point at
     this tool, ``pg_stat_archiver`` shows no current failure, and the last segment the
     server archived is in *this* repository."""

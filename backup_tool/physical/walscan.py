@@ -16,12 +16,17 @@ XLOG_SWITCH. ``start`` and ``end`` must be record boundaries as PostgreSQL repor
 Guaranteed: the answer is never a guess. Every page header must carry the expected magic
 and address, every continuation the expected remaining length, every record a header and
 block-reference layout whose lengths add up to its total length, a known resource manager
-(or it counts as a change), and a ``xl_prev`` pointing at the record before; the walk must
-land exactly on ``end``. Anything else raises :class:`WalScanUncertain`, and the caller
-falls back to comparing checksums. Records are counted as changes unless they are one of a
-short list known to leave rows as they are (hint-bit images, pruning, vacuum, freezing,
-visibility-map bits, row locks), so the set is a superset of the tables whose rows changed
-(a rolled-back insert still counts). Tables changed without WAL (unlogged tables) and
+(or it counts as a change), a ``xl_prev`` pointing at the record before, and a ``xl_crc``
+matching its bytes (CRC-32C as PostgreSQL's ``ValidXLogRecord`` computes it, checked before
+anything past the header is believed); the walk must land exactly on ``end``. Anything else
+raises :class:`WalScanUncertain`, and the caller falls back to comparing checksums. A record
+failing its CRC check is :class:`WalRecordDamaged`; :func:`relations_written` says what it
+means: as the last record of WAL read from the server's ``pg_wal`` (one still being
+written) it is where the server's WAL ends, as PostgreSQL takes it; anywhere else (an
+archived segment, or a complete one in ``pg_wal``) the segment is damaged. Records are
+counted as changes unless they are one of a short list known to leave rows as they are
+(hint-bit images, pruning, vacuum, freezing, visibility-map bits, row locks), so the set is
+a superset of the tables whose rows changed (a rolled-back insert still counts). Tables changed without WAL (unlogged tables) and
 changes of a table's file (TRUNCATE, VACUUM FULL, CLUSTER, rewrites) are the caller's to
 detect by comparing the catalog at both snapshots.
 """
@@ -34,6 +39,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
+from crc32c import crc32c
+
 from backup_tool.core import walnames
 from backup_tool.errors import BackupToolError
 from backup_tool.physical import wal
@@ -45,6 +52,8 @@ BLCKSZ = 8192
 SHORT_PHD = 24
 LONG_PHD = 40
 RECORD_HEADER = 24
+#: offsetof(XLogRecord, xl_crc): the header bytes the CRC covers, after the record's data.
+XL_CRC_OFFSET = 20
 
 XLP_FIRST_IS_CONTRECORD = 0x0001
 XLP_LONG_HEADER = 0x0002
@@ -83,11 +92,13 @@ XLR_BLOCK_ID_ORIGIN = 253
 XLR_BLOCK_ID_TOPLEVEL_XID = 252
 MAIN_FORK = 0
 
-_RECORD = struct.Struct("<IIQBB")
+_RECORD = struct.Struct("<IIQBBxxI")
 _PAGE = struct.Struct("<HHIQI")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _RELFILE = struct.Struct("<III")
+#: The most common layout: block 0 (no image, its own RelFileNode, block number), then short main data.
+_ONE_BLOCK = struct.Struct("<BBHIIIIBB")
 
 RelFile = tuple[int, int, int]
 """(tablespace oid, database oid, relfilenode) as WAL block references name a relation."""
@@ -95,6 +106,17 @@ RelFile = tuple[int, int, int]
 
 class WalScanUncertain(BackupToolError):
     """The WAL could not be read with certainty (missing segment, unknown layout, damage)."""
+
+
+class WalRecordDamaged(WalScanUncertain):
+    """A record whose ``xl_crc`` does not match its bytes: torn or damaged. ``lsn`` is where
+    it starts, ``following`` where the next record would start if its length were right."""
+
+    def __init__(self, lsn: int, following: int) -> None:
+        super().__init__(f"the record at {walnames.format_lsn(lsn)} fails its CRC check "
+                         f"(incorrect resource manager data checksum)")
+        self.lsn = lsn
+        self.following = following
 
 
 @dataclass(frozen=True)
@@ -158,6 +180,13 @@ def _block_refs(buf: bytes, base: int, tot_len: int, where: int) -> tuple[tuple[
     announce add up to ``tot_len``."""
     pos = base + RECORD_HEADER
     end = base + tot_len
+    if tot_len >= RECORD_HEADER + _ONE_BLOCK.size:
+        block_id, flags, data_len, spc, db, node, _blkno, next_id, main_len = _ONE_BLOCK.unpack_from(buf, pos)
+        if (block_id == 0 and next_id == XLR_BLOCK_ID_DATA_SHORT
+                and not flags & (BKPBLOCK_HAS_IMAGE | BKPBLOCK_SAME_REL)
+                and bool(flags & BKPBLOCK_HAS_DATA) == (data_len > 0)
+                and pos + _ONE_BLOCK.size + data_len + main_len == end):
+            return ((flags & BKPBLOCK_FORK_MASK, (spc, db, node)),), main_len
     refs: list[tuple[int, RelFile]] = []
     payload = 0
     main_len = 0
@@ -247,9 +276,10 @@ def _walk(source: SegmentSource, start: int, end: int, seg_size: int, everything
     walker = _Walker(source, seg_size)
     unpack_record = _RECORD.unpack_from
     unpack_u32 = _U32.unpack_from
+    crc = crc32c
     detailed = DETAILED
     lsn, prev = start, -1
-    segno, seg = -1, b""
+    segno, seg, seg_end = -1, b"", -1
     while lsn < end:
         page_off = lsn & (BLCKSZ - 1)
         if page_off <= LONG_PHD or lsn == start:
@@ -260,11 +290,15 @@ def _walk(source: SegmentSource, start: int, end: int, seg_size: int, everything
             info_page = walker.check_page(page)
             if page_off == header and info_page & XLP_FIRST_IS_CONTRECORD:
                 raise WalScanUncertain(f"WAL page at {walnames.format_lsn(page)} continues a record that had ended")
-        if lsn // seg_size != segno:
+        if lsn >= seg_end:
             segno = lsn // seg_size
             seg = walker.segment(segno)
+            seg_end = (segno + 1) * seg_size
         off = lsn & (seg_size - 1)
-        tot_len = unpack_u32(seg, off)[0]
+        if page_off + RECORD_HEADER <= BLCKSZ:
+            tot_len, xid, xl_prev, info, rmid, xl_crc = unpack_record(seg, off)
+        else:
+            tot_len = unpack_u32(seg, off)[0]
         if tot_len < RECORD_HEADER or tot_len > 0x3FFFFFFF:
             raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} claims a length of {tot_len}")
         if page_off + tot_len <= BLCKSZ:
@@ -273,12 +307,16 @@ def _walk(source: SegmentSource, start: int, end: int, seg_size: int, everything
             buf, after = _read_record(walker, lsn, tot_len, BLCKSZ - page_off)
             base = 0
             seg = walker.seg if walker.segno == segno else walker.segment(segno)
-        _tot, xid, xl_prev, info, rmid = unpack_record(buf, base)
+            tot_len, xid, xl_prev, info, rmid, xl_crc = unpack_record(buf, 0)
         if prev >= 0 and xl_prev != prev:
             raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} points back to "
                                    f"{walnames.format_lsn(xl_prev)}, not to {walnames.format_lsn(prev)}")
         if RM_MAX_BUILTIN < rmid < RM_MIN_CUSTOM:
             raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} has unknown resource manager {rmid}")
+        if crc(buf[base + RECORD_HEADER:base + tot_len] + buf[base:base + XL_CRC_OFFSET]) != xl_crc:
+            following = (after + 7) & ~7
+            raise WalRecordDamaged(lsn, following + (walker.header_size(following)
+                                                     if not following & (BLCKSZ - 1) else 0))
         if everything or rmid in detailed or rmid >= RM_MIN_CUSTOM:
             refs, main_len = _block_refs(buf, base, tot_len, lsn)
             main = bytes(buf[base + tot_len - main_len:base + tot_len]) if rmid in (RM_SMGR, RM_STANDBY) else b""
@@ -629,9 +667,32 @@ def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
             early = scan(source, begin, span.start, span.segment_size, from_xid=first)
             result = ScanResult(result.touched | early.touched, result.records + early.records,
                                 result.segments + early.segments)
+    except WalRecordDamaged as exc:
+        raise WalScanUncertain(damaged_record_reason(exc, span, frozenset(origins.live))) from None
     finally:
         loader.close()
     return replace(result, from_server=len(origins.live))
+
+
+def damaged_record_reason(damaged: WalRecordDamaged, span: walnames.WalSpan, from_server: frozenset[int]) -> str:
+    """What a record failing its CRC check means, given the numbers of the segments read from
+    the server's ``pg_wal``. Pure.
+
+    The last record of the WAL read from the server (the one the span's end follows, or that
+    claims to run past it) may still have been being written: there, as for PostgreSQL, the
+    WAL ends, so the span is not all there. Anywhere else the record was complete when read
+    (a later one follows it, or its segment is archived, which the server does only to a
+    finished segment): the segment holding it is damaged. Either way the scan gives no answer."""
+    size = span.segment_size
+    at = walnames.format_lsn(damaged.lsn)
+    segnos = range(damaged.lsn // size, max(damaged.following - 1, damaged.lsn) // size + 1)
+    if damaged.following >= span.end and segnos[-1] in from_server:
+        return (f"the WAL the server has written ends at {at}: its last record fails its CRC check, as one still "
+                f"being written does (PostgreSQL takes that as the end of WAL), short of "
+                f"{walnames.format_lsn(span.end)}")
+    places = ", ".join(("pg_wal/" if n in from_server else "archived WAL segment ")
+                       + walnames.segment_name(span.timeline, n, size) for n in segnos)
+    return f"{places} {'is' if len(segnos) == 1 else 'are'} damaged: {damaged}"
 
 
 def _wait_archived(storage: Storage, span: walnames.WalSpan, needed: range, wait_seconds: float,

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, cast
 import psycopg
 from psycopg import sql
 
+from backup_tool.core.checks import Check
 from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.postgres import (
@@ -56,16 +57,6 @@ from backup_tool.streams import pipeline
 from backup_tool.validation import majors
 
 SHOWN = 5
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from support.paths import REPO_ROOT
@@ -44,6 +45,20 @@ def test_table_restore_help_loads_neither_other_groups_nor_the_s3_driver() -> No
     assert {"backup_tool.cli.restore", "backup_tool.cli.pitr"} <= loaded
     assert not loaded & {"backup_tool.cli.wal", "backup_tool.cli.backup", "backup_tool.cli.catalog",
                          "backup_tool.cli.schedule", "boto3", "botocore", "psycopg"}
+
+
+def test_wal_commands_load_no_database_driver(tmp_path: Path) -> None:
+    """``wal fetch`` runs once per segment during recovery and ``wal status`` talks only to the
+    repository: neither imports psycopg (the archive's checks are built without the
+    validation layer)."""
+    repo = str(tmp_path / "repo")
+    for argv in (["wal", "fetch", "000000010000000000000001", str(tmp_path / "x"), "--repo", repo],
+                 ["wal", "status", "--repo", repo]):
+        done = subprocess.run([sys.executable, "-c", _LOADED, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        loaded = set(json.loads(done.stderr.splitlines()[-1]))
+        assert "backup_tool.physical.wal" in loaded, done.stderr[-2000:]
+        assert not {m for m in loaded if m.split(".")[0] == "psycopg"}, argv
 
 
 def test_version_is_answered_without_the_command_line_framework(capsys: pytest.CaptureFixture[str]) -> None:
