@@ -7,9 +7,12 @@ refusal rules, ``into_schema`` / ``replace``, validation) with the recovered dat
 source (:mod:`backup_tool.logical.live_tables`: COPY piped into COPY, checksums in the same
 snapshot, definitions from ``pg_dump --table`` of it). Everything temporary is removed on
 success, failure, Ctrl-C or SIGTERM. The temporary cluster is a scratch one
-(``lay_out(scratch=True)``: no fsync, WAL linked from the read-ahead by the shell); once the
-tables' rows and checksums are read from it, it is stopped and removed while the target
-checksums and indexes them.
+(``lay_out(scratch=True)``: no fsync, WAL linked from the read-ahead by the shell). It
+pauses at the time as a read-only hot standby and the tables are read there, in the state
+promotion would leave them, unless ``into_schema`` must move them in it first (then it
+promotes at the time: a promotion asked for during a pause waits up to a second in
+PostgreSQL 15). Once the tables' rows and checksums are read from it, it is stopped and
+removed while the target checksums and indexes them.
 
 The temporary cluster is laid out partially when the base backup allows it: only the files
 the tables need are read and written, every other relation is a sparse file
@@ -106,7 +109,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             request = PartialRequest(source_db, tuple(split_name(t.strip()) for t in tables)) if partial_layout else None
             layout = lay_out(settings, target, work / "data", None, user, archive=False,
                              server_command=server_command, reporter=reporter, plan=plan,
-                             server_binaries=True, partial_for=request, scratch=True)
+                             server_binaries=True, partial_for=request, scratch=True, pause=not into_schema)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
             point = _recover_keeping_log(server, layout, reporter)
@@ -119,7 +122,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                 shutil.rmtree(work / "data")
                 layout = lay_out(settings, target, work / "data", None, user, archive=False,
                                  server_command=server_command, reporter=reporter, plan=layout.plan,
-                                 server_binaries=True, scratch=True)
+                                 server_binaries=True, scratch=True, pause=not into_schema)
                 server = server_for(layout, priv, free_port())
                 point = _recover_keeping_log(server, layout, reporter)
                 wanted, _ = _tables_as_recovered(server, layout, source_db, tables, when)
