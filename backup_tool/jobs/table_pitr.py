@@ -20,7 +20,8 @@ the tables need are read and written, every other relation is a sparse file
 checked against the tables as recovered (replay skipped no block outside the sparse files;
 no target file was left sparse); when it does not hold them, the whole base backup is laid
 out and recovered instead, so the result never depends on which lay-out was used. The
-result's ``recovery_layout`` says which one served and why it fell back.
+result's ``recovery_layout`` says which one served and why it fell back, and
+``read_paused`` whether the tables were read from the cluster paused at the time.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                 recovery_layout={
                     "kind": "partial" if layout.choice is not None else "full",
                     "bytes_written": layout.bytes_written, "bytes_fetched": layout.bytes_fetched,
-                    "fallback_because": missed or None, "seconds": round(layout.seconds, 2)})
+                    "fallback_because": missed or None, "seconds": round(layout.seconds, 2),
+                    "read_paused": point.paused})
         finally:
             if retiring is not None:
                 retiring.join()
