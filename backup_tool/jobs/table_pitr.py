@@ -27,8 +27,11 @@ result's ``recovery_layout`` says which one served and why it fell back, and
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -101,9 +104,15 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                          "name it in --target-dsn (or --dsn)")
     with terminate_as_interrupt():
         plan = plan_recovery(settings, target, None, reporter, wait)
-        work = Path(tempfile.mkdtemp(prefix="backup-tool-tables-at-"))
+        cleared = clear_leftovers(Path(tempfile.gettempdir()))
+        if cleared:
+            reporter.event("removed scratch directories of interrupted runs", paths=[str(p) for p in cleared])
+        work = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
+        owner = _claim(work)
         server: LocalServer | None = None
         retiring: threading.Thread | None = None
+        removing = False
+        succeeded = False
         try:
             work.chmod(0o711)
             user = server_os_user(work / "data", os_user)
@@ -134,16 +143,21 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
 
             def retire_now() -> None:
                 nonlocal server, retiring
-                retiring = threading.Thread(target=_retire, args=(server, work / "data"),
-                                            name="retire-scratch-cluster")
+                retiring = threading.Thread(target=retire, args=(server,), name="retire-scratch-cluster")
                 retiring.start()
                 server = None
+
+            def retire(scratch: LocalServer) -> None:
+                nonlocal removing
+                _retire(scratch, None)
+                removing = _remove_detached(work)
 
             jobs = jobs or settings.policy.backup.jobs
             with LiveTables(server.conninfo(source_db), wanted, layout.plan.backup.id, into_schema, jobs,
                             on_settled=retire_now) as live:
                 result = restore_tables_from(live, target_dsn, tables, into_schema=into_schema, replace=replace,
                                              jobs=jobs, reporter=reporter, started=started)
+            succeeded = True
             return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
                 source_db, when, layout.plan.backup.finished_at), recovered_to=point.last_transaction_time,
                 recovery_layout={
@@ -156,7 +170,92 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                 retiring.join()
             if server is not None:
                 _retire(server, None)
-            shutil.rmtree(work, ignore_errors=True)
+            if not (succeeded and removing):
+                shutil.rmtree(work, ignore_errors=True)
+            os.close(owner)
+
+
+SCRATCH_PREFIX = "backup-tool-tables-at-"
+OWNER_FILE = ".owner"
+"""In each scratch directory: locked (``flock``) by the run using it for as long as it runs."""
+
+
+def _claim(work: Path) -> int:
+    """Lock ``work`` for this run (released when the process ends, however it ends)."""
+    fd = os.open(work / OWNER_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_detached(work: Path) -> bool:
+    """Hand ``work`` (its server stopped) to a detached ``rm -rf``, so that the command ends
+    without waiting for the file system to free it; False when that cannot start."""
+    try:
+        subprocess.Popen(["rm", "-rf", "--", str(work)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    except OSError:
+        return False
+    return True
+
+
+def clear_leftovers(tmp: Path, min_age: float = 60.0) -> list[Path]:
+    """Remove the scratch directories under ``tmp`` that no live run holds (a run killed
+    with SIGKILL, or a detached removal that did not finish), stopping the scratch server
+    still running in one; returns them. A directory without its owner file (a run claims
+    its own a moment after creating it; older versions did not) is taken only when older
+    than ``min_age`` seconds and no server runs in it."""
+    removed = []
+    for path in sorted(tmp.glob(SCRATCH_PREFIX + "*")):
+        try:
+            fd: int | None = os.open(path / OWNER_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            try:
+                if time.time() - path.stat().st_mtime < min_age or _postmaster_on(path / "data") is not None:
+                    continue
+            except OSError:
+                continue
+            fd = None
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue
+                _kill_postmaster(path / "data")
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+def _postmaster_on(data: Path) -> int | None:
+    """The pid of the live (not zombie) process named in ``data``'s ``postmaster.pid`` when
+    its command line names ``data``: the postmaster running there, not a recycled pid."""
+    try:
+        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if state != "Z" and str(data).encode() in command else None
+
+
+def _kill_postmaster(data: Path, timeout: float = 10.0) -> None:
+    """Stop (immediate shutdown) the postmaster still running on ``data``, if any."""
+    pid = _postmaster_on(data)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGQUIT)
+    except OSError:
+        return
+    deadline = time.monotonic() + timeout
+    while _postmaster_on(data) == pid and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _retire(server: LocalServer, data: Path | None) -> None:
