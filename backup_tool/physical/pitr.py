@@ -638,13 +638,22 @@ def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarInde
             made.add(pgdata / rel)
         elif m.kind == "l":
             raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
-    files = [*choice.sparse, *(m for m in choice.full if m.kind == "f")]
-    for m in files:
-        parent = (pgdata / _safe_member(m.name)).parent
-        if parent not in made:
-            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            made.add(parent)
-    create_files(pgdata, files, frozenset(m.name for m in choice.sparse), _owner_ids(os_user))
+    ids = _owner_ids(os_user)
+    sparse = {m.name for m in choice.sparse}
+    for m in (*choice.sparse, *(m for m in choice.full if m.kind == "f")):
+        dest = pgdata / _safe_member(m.name)
+        if dest.parent not in made:
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            made.add(dest.parent)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, m.mode & 0o600 or 0o600)
+        try:
+            if ids is not None:
+                os.fchown(fd, *ids)
+            if m.name in sparse:
+                os.ftruncate(fd, m.size)
+                os.utime(fd, (m.mtime, m.mtime))
+        finally:
+            os.close(fd)
     progress = reporter.task(f"restoring the needed files of base backup {manifest.id}", total=choice.full_bytes)
     current: list[Any] = [None, None]
 
@@ -667,45 +676,6 @@ def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarInde
             os.utime(pgdata / m.name, (m.mtime, m.mtime))
     progress.finish()
     return choice.full_bytes, fetched
-
-
-CREATE_BATCH = 64
-"""Files one worker of :func:`create_files` creates in a row (in one directory)."""
-
-
-def create_files(pgdata: Path, members: list[basetar.Member], sparse: frozenset[str],
-                 ids: tuple[int, int] | None, workers: int = 4) -> None:
-    """Create ``members`` in their existing directories, empty (owned by ``ids``; those named
-    in ``sparse`` extended to their recorded size and dated), on ``workers`` threads in
-    batches of one directory, each opened once: a partial lay-out creates over a thousand
-    files, and under I/O contention each creation costs the kernel a fraction of a
-    millisecond. Raises what the first failed creation raised (FileExistsError included)."""
-    by_dir: dict[str, list[tuple[str, basetar.Member]]] = {}
-    for m in members:
-        folder, _, name = _safe_member(m.name).rpartition("/")
-        by_dir.setdefault(folder, []).append((name, m))
-    batches = [(folder, items[i:i + CREATE_BATCH]) for folder, items in by_dir.items()
-               for i in range(0, len(items), CREATE_BATCH)]
-
-    def make(folder: str, items: list[tuple[str, basetar.Member]]) -> None:
-        dir_fd = os.open(pgdata / folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for name, m in items:
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, m.mode & 0o600 or 0o600, dir_fd=dir_fd)
-                try:
-                    if ids is not None:
-                        os.fchown(fd, *ids)
-                    if m.name in sparse:
-                        os.ftruncate(fd, m.size)
-                        os.utime(fd, (m.mtime, m.mtime))
-                finally:
-                    os.close(fd)
-        finally:
-            os.close(dir_fd)
-
-    with cf.ThreadPoolExecutor(max(1, min(workers, len(batches))), thread_name_prefix="create-files") as pool:
-        for done in [pool.submit(make, folder, items) for folder, items in batches]:
-            done.result()
 
 
 def _owner_ids(os_user: str) -> tuple[int, int] | None:
