@@ -86,6 +86,7 @@ from backup_tool.repository.catalog import Catalog, of_cluster_holding
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, utc_iso
 from backup_tool.repository.storage import Storage, open_repository, open_storage
 from backup_tool.streams import pipeline
+from backup_tool.streams.background import Background
 from backup_tool.validation.validate import Check, ValidationReport, validate
 
 CONF_MARK = "# --- backup-tool restore pitr"
@@ -1258,6 +1259,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                     server.stop("immediate")
                     _empty_dir(layout.pgdata, remove=False)
                     raise
+            host = Background(_host_changes, server, name="host-settings")
             if target.kind == "latest":
                 _check_reached_end(point, layout, open_storage(settings.repo_url))
             do_validate = settings.policy.validation.after_restore if run_validation is None else run_validation
@@ -1266,7 +1268,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
             layout.stop_prefetch()
             server.stop("fast")
             settle_restore_command(layout)
-    _adapt_to_this_host(server, reporter)
+    _adapt_to_this_host(server, reporter, host.result())
     server.start_normal()
     seconds = time.monotonic() - started
     reporter.event("server running", pgdata=str(layout.pgdata), port=port or "as configured")
@@ -1343,9 +1345,18 @@ def _keep_only(server: LocalServer, database: str, reporter: Reporter) -> tuple[
     return tuple(names)
 
 
-def _adapt_to_this_host(server: LocalServer, reporter: Reporter) -> None:
+def _adapt_to_this_host(server: LocalServer, reporter: Reporter, changes: dict[str, str]) -> None:
+    """Override, with a warning, the settings :func:`_host_changes` found."""
+    if changes:
+        _append_conf(server.pgdata, changes, "settings this host cannot honour")
+        reporter.warning("restored configuration adjusted for this host", **changes)
+
+
+def _host_changes(server: LocalServer) -> dict[str, str]:
     """Settings of the backed-up server that would stop it from starting here (socket
-    directories or TLS files that do not exist on this machine) are overridden, with a warning."""
+    directories or TLS files that do not exist on this machine), as they should be. Read
+    with ``postgres -C`` from the restored configuration files, which recovery and
+    validation do not change, so it runs beside them."""
     changes: dict[str, str] = {}
     sockets = [d.strip() for d in server.config_value("unix_socket_directories").split(",")]
     if any(d and not d.startswith("@") and not Path(d).is_dir() for d in sockets):
@@ -1354,9 +1365,7 @@ def _adapt_to_this_host(server: LocalServer, reporter: Reporter) -> None:
         files = [server.config_value(k) for k in ("ssl_cert_file", "ssl_key_file")]
         if any(not (server.pgdata / f).exists() for f in files if f):
             changes["ssl"] = "off"
-    if changes:
-        _append_conf(server.pgdata, changes, "settings this host cannot honour")
-        reporter.warning("restored configuration adjusted for this host", **changes)
+    return changes
 
 
 @contextmanager
