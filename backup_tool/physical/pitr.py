@@ -743,10 +743,12 @@ class Layout:
 def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
                     reporter: Reporter) -> tuple[partial.Choice, basetar.TarIndex] | None:
     """The partial lay-out for ``request``, or None (with the reason reported) when this
-    backup cannot have one: taken before base backups carried an index. For tables, the
-    other user databases (all but theirs and ``postgres``) are left out entirely: the
-    scratch cluster never connects to them. The templates stay (a database created after
-    the backup may be a file copy of one)."""
+    backup cannot have one: taken before base backups carried an index. For tables, every
+    other database (all but theirs and ``postgres``; the templates and any database the
+    backup's map does not name too, when it names ``postgres``) is left out entirely: the
+    scratch cluster never connects to them. A database created after the backup as a file
+    copy of one of them is never connected to either: the tables' database must be the
+    backup's one of that name (:func:`partial_shortfall`), else the whole backup is laid out."""
     if len(backup.extra_objects) < 2 or not backup.extra_objects[1].key.endswith(basetar.INDEX_KEY):
         reporter.event("partial lay-out unavailable: this base backup has no index (taken by an older "
                        "backup-tool); laying out all of it", id=backup.id)
@@ -763,6 +765,9 @@ def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
         keep = {db.oid: partial.needed(db, request.tables)} if db is not None else {}
         if db is not None:
             leave_out = frozenset(d.oid for d in dbs.values() if d.name not in (request.database, "postgres"))
+            kept = {d.oid for d in dbs.values() if d.name in (request.database, "postgres")}
+            if len(kept) == 2:
+                leave_out |= partial.databases_in(index.members) - kept
             return dataclasses.replace(partial.choose(index.members, dbs, keep, leave_out), database=db.oid), index
     return partial.choose(index.members, dbs, keep, leave_out), index
 

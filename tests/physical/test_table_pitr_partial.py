@@ -187,6 +187,9 @@ def test_partial_layout_equals_full_layout_and_live_rows_at_every_moment(world: 
     assert "invalid pages" in log
     assert partial_mod.unexplained_invalid_pages(log, layout.choice.sparse_files) == []
     assert layout.bytes_fetched is not None and layout.bytes_fetched < world.base_size * 0.6
+    template1 = [m.name for m in layout.choice.full if m.name.startswith("base/1/")
+                 and partial_mod.RELATION_FILE.match(m.name)]
+    assert template1 == [], "nothing connects to template1 in the scratch cluster: its relation files are left out"
 
 
 def restore_at(world: World, table: str, moment: str, schema: str, *extra: str) -> dict[str, Any]:
