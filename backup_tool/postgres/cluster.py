@@ -173,11 +173,14 @@ class LocalServer:
         chown_to(hba, self.os_user)
 
     def start_private(self, extra: dict[str, str] | None = None) -> None:
-        """Start without waiting; only the private socket accepts (trusted) connections."""
+        """Start without waiting; only the private socket accepts (trusted) connections. The
+        server logs in English to ``log_file`` whatever its configuration says (the tool
+        reads recovery's progress and end there)."""
         self.prepare_private()
         settings = {"listen_addresses": "", "unix_socket_directories": str(self.private_dir),
                     "hba_file": str(self.private_dir / "pg_hba.conf"), "port": str(self.port),
-                    "lc_messages": "C", "logging_collector": "off", "log_min_messages": "warning",
+                    "lc_messages": "C", "logging_collector": "off", "log_destination": "stderr",
+                    "log_min_messages": "warning",
                     "ssl": "off", **(extra or {})}
         options = " ".join(f"-c {k}={shlex.quote(v)}" for k, v in settings.items())
         self.log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,21 @@
-"""LocalServer's cheap looks at a server (no server needed): ``postmaster.pid`` and the log."""
+"""LocalServer's cheap looks at a server: ``postmaster.pid`` and the log (a stand-in process
+for most, one real private start)."""
 
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from support.clusters import find_pg_bin_dir, free_port
+
 from backup_tool.physical.pitr import LOG_PAUSED, LOG_PROMOTED, LogWatch
-from backup_tool.postgres.cluster import LocalServer
+from backup_tool.postgres.cluster import LocalServer, is_root, run_as
 
 
 def server_in(tmp: Path) -> LocalServer:
@@ -75,3 +81,29 @@ def test_log_watch_finds_lines_across_reads_and_ignores_what_came_before(tmp_pat
     with server.log_file.open("a") as log:
         log.write(f"LOG:  {LOG_PROMOTED}\n")
     assert watch.saw(LOG_PROMOTED) and watch.saw(LOG_PAUSED)
+
+
+def test_a_private_start_logs_to_its_log_file_whatever_the_configuration_says() -> None:
+    """The waits read the server log: a restored configuration logging to syslog must not
+    hide the start (or recovery's end) from them."""
+    user = "postgres" if is_root() else pwd.getpwuid(os.geteuid()).pw_name
+    base = Path(tempfile.mkdtemp(prefix="backup-tool-cluster-test-"))
+    base.chmod(0o755)
+    if is_root():
+        shutil.chown(base, user)
+    bin_dir = find_pg_bin_dir()
+    server = LocalServer(pgdata=base / "data", os_user=user, bin_dir=bin_dir, port=free_port(),
+                         private_dir=base / "s", log_file=base / "log" / "server.log")
+    try:
+        done = run_as(user, [str(bin_dir / "initdb"), "-D", str(server.pgdata), "-U", "postgres", "--no-sync",
+                             "-A", "trust"])
+        assert done.returncode == 0, done.stderr
+        with (server.pgdata / "postgresql.auto.conf").open("a") as conf:
+            conf.write("log_destination = 'syslog'\nlog_min_messages = 'error'\n")
+        log = LogWatch(server, (LOG_PROMOTED,), server.log_offset())
+        server.start_private()
+        server.wait_until(lambda: log.saw(LOG_PROMOTED) and server.postmaster() is not None, 60, "the start")
+        assert server.postmaster() is not None and server.postmaster()[1] == "ready"  # type: ignore[index]
+    finally:
+        server.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
