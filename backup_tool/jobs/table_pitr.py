@@ -7,9 +7,12 @@ refusal rules, ``into_schema`` / ``replace``, validation) with the recovered dat
 source (:mod:`backup_tool.logical.live_tables`: COPY piped into COPY, checksums in the same
 snapshot, definitions from ``pg_dump --table`` of it). Everything temporary is removed on
 success, failure, Ctrl-C or SIGTERM. The temporary cluster is a scratch one
-(``lay_out(scratch=True)``: no fsync, WAL linked from the read-ahead by the shell); once the
-tables' rows and checksums are read from it, it is stopped and removed while the target
-checksums and indexes them.
+(``lay_out(scratch=True)``: no fsync, WAL linked from the read-ahead by the shell). It
+pauses at the time as a read-only hot standby and the tables are read there, in the state
+promotion would leave them, unless ``into_schema`` must move them in it first (then it
+promotes at the time: a promotion asked for during a pause waits up to a second in
+PostgreSQL 15). Once the tables' rows and checksums are read from it, it is stopped and
+removed while the target checksums and indexes them.
 
 The temporary cluster is laid out partially when the base backup allows it: only the files
 the tables need are read and written, every other relation is a sparse file
@@ -17,14 +20,18 @@ the tables need are read and written, every other relation is a sparse file
 checked against the tables as recovered (replay skipped no block outside the sparse files;
 no target file was left sparse); when it does not hold them, the whole base backup is laid
 out and recovered instead, so the result never depends on which lay-out was used. The
-result's ``recovery_layout`` says which one served and why it fell back.
+result's ``recovery_layout`` says which one served and why it fell back, and
+``read_paused`` whether the tables were read from the cluster paused at the time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -97,16 +104,22 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                          "name it in --target-dsn (or --dsn)")
     with terminate_as_interrupt():
         plan = plan_recovery(settings, target, None, reporter, wait)
-        work = Path(tempfile.mkdtemp(prefix="backup-tool-tables-at-"))
+        cleared = clear_leftovers(Path(tempfile.gettempdir()))
+        if cleared:
+            reporter.event("removed scratch directories of interrupted runs", paths=[str(p) for p in cleared])
+        work = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
+        owner = _claim(work)
         server: LocalServer | None = None
         retiring: threading.Thread | None = None
+        removing = False
+        succeeded = False
         try:
             work.chmod(0o711)
             user = server_os_user(work / "data", os_user)
             request = PartialRequest(source_db, tuple(split_name(t.strip()) for t in tables)) if partial_layout else None
             layout = lay_out(settings, target, work / "data", None, user, archive=False,
                              server_command=server_command, reporter=reporter, plan=plan,
-                             server_binaries=True, partial_for=request, scratch=True)
+                             server_binaries=True, partial_for=request, scratch=True, pause=not into_schema)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
             point = _recover_keeping_log(server, layout, reporter)
@@ -119,7 +132,7 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
                 shutil.rmtree(work / "data")
                 layout = lay_out(settings, target, work / "data", None, user, archive=False,
                                  server_command=server_command, reporter=reporter, plan=layout.plan,
-                                 server_binaries=True, scratch=True)
+                                 server_binaries=True, scratch=True, pause=not into_schema)
                 server = server_for(layout, priv, free_port())
                 point = _recover_keeping_log(server, layout, reporter)
                 wanted, _ = _tables_as_recovered(server, layout, source_db, tables, when)
@@ -130,28 +143,119 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
 
             def retire_now() -> None:
                 nonlocal server, retiring
-                retiring = threading.Thread(target=_retire, args=(server, work / "data"),
-                                            name="retire-scratch-cluster")
+                retiring = threading.Thread(target=retire, args=(server,), name="retire-scratch-cluster")
                 retiring.start()
                 server = None
+
+            def retire(scratch: LocalServer) -> None:
+                nonlocal removing
+                _retire(scratch, None)
+                removing = _remove_detached(work)
 
             jobs = jobs or settings.policy.backup.jobs
             with LiveTables(server.conninfo(source_db), wanted, layout.plan.backup.id, into_schema, jobs,
                             on_settled=retire_now) as live:
                 result = restore_tables_from(live, target_dsn, tables, into_schema=into_schema, replace=replace,
                                              jobs=jobs, reporter=reporter, started=started)
+            succeeded = True
             return dataclasses.replace(result, backup_id=layout.plan.backup.id, source=BackupOrigin(
                 source_db, when, layout.plan.backup.finished_at), recovered_to=point.last_transaction_time,
                 recovery_layout={
                     "kind": "partial" if layout.choice is not None else "full",
                     "bytes_written": layout.bytes_written, "bytes_fetched": layout.bytes_fetched,
-                    "fallback_because": missed or None, "seconds": round(layout.seconds, 2)})
+                    "fallback_because": missed or None, "seconds": round(layout.seconds, 2),
+                    "read_paused": point.paused})
         finally:
             if retiring is not None:
                 retiring.join()
             if server is not None:
                 _retire(server, None)
-            shutil.rmtree(work, ignore_errors=True)
+            if not (succeeded and removing):
+                shutil.rmtree(work, ignore_errors=True)
+            os.close(owner)
+
+
+SCRATCH_PREFIX = "backup-tool-tables-at-"
+OWNER_FILE = ".owner"
+"""In each scratch directory: locked (``flock``) by the run using it for as long as it runs."""
+
+
+def _claim(work: Path) -> int:
+    """Lock ``work`` for this run (released when the process ends, however it ends)."""
+    fd = os.open(work / OWNER_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_detached(work: Path) -> bool:
+    """Hand ``work`` (its server stopped) to a detached ``rm -rf``, so that the command ends
+    without waiting for the file system to free it; False when that cannot start."""
+    try:
+        subprocess.Popen(["rm", "-rf", "--", str(work)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    except OSError:
+        return False
+    return True
+
+
+def clear_leftovers(tmp: Path, min_age: float = 60.0) -> list[Path]:
+    """Remove the scratch directories under ``tmp`` that no live run holds (a run killed
+    with SIGKILL, or a detached removal that did not finish), stopping the scratch server
+    still running in one; returns them. A directory without its owner file (a run claims
+    its own a moment after creating it; older versions did not) is taken only when older
+    than ``min_age`` seconds and no server runs in it."""
+    removed = []
+    for path in sorted(tmp.glob(SCRATCH_PREFIX + "*")):
+        try:
+            fd: int | None = os.open(path / OWNER_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            try:
+                if time.time() - path.stat().st_mtime < min_age or _postmaster_on(path / "data") is not None:
+                    continue
+            except OSError:
+                continue
+            fd = None
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue
+                _kill_postmaster(path / "data")
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+def _postmaster_on(data: Path) -> int | None:
+    """The pid of the live (not zombie) process named in ``data``'s ``postmaster.pid`` when
+    its command line names ``data``: the postmaster running there, not a recycled pid."""
+    try:
+        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if state != "Z" and str(data).encode() in command else None
+
+
+def _kill_postmaster(data: Path, timeout: float = 10.0) -> None:
+    """Stop (immediate shutdown) the postmaster still running on ``data``, if any."""
+    pid = _postmaster_on(data)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGQUIT)
+    except OSError:
+        return
+    deadline = time.monotonic() + timeout
+    while _postmaster_on(data) == pid and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _retire(server: LocalServer, data: Path | None) -> None:

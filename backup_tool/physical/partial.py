@@ -12,10 +12,11 @@ records every database's relations at backup time) it lays out in full only:
   every index of those (so the copy can use any plan it likes, hash indexes included);
 
 and writes every other user relation file as a sparse file of its recorded size (reads as
-zeros, costs nothing). The other user databases (all but the tables' own and ``postgres``)
-are not written at all, catalogs included: the scratch cluster never connects to them, and
-replay creates the files it writes into, as it does for a relation dropped later in the
-WAL. Only the frames of the stored tar that hold a needed file are read and decompressed.
+zeros, costs nothing). The other databases (all but the tables' own and ``postgres``: the
+other user databases, the templates, any database the backup-time map does not name) get
+their directories but no relation file, catalogs included: the scratch cluster never
+connects to them, and replay creates the files it writes into, as it does for a relation
+dropped later in the WAL. Only the frames of the stored tar that hold a needed file are read and decompressed.
 
 Why that is exact. Redo is per block: replaying a record onto block B of relation R reads
 only the record and B's previous contents, never another relation's pages (a record that

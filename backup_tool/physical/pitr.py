@@ -86,6 +86,7 @@ from backup_tool.repository.catalog import Catalog, of_cluster_holding
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, utc_iso
 from backup_tool.repository.storage import Storage, open_repository, open_storage
 from backup_tool.streams import pipeline
+from backup_tool.streams.background import Background
 from backup_tool.validation.validate import Check, ValidationReport, validate
 
 CONF_MARK = "# --- backup-tool restore pitr"
@@ -154,9 +155,11 @@ def pg_timestamp(ts: datetime) -> str:
     return text + "+00"
 
 
-def recovery_settings(target: Target, restore_command: str, timeline: int | None = None) -> dict[str, str]:
+def recovery_settings(target: Target, restore_command: str, timeline: int | None = None,
+                      action: str = "promote") -> dict[str, str]:
     """PostgreSQL's recovery settings for ``target``; ``timeline``: follow exactly this one
-    (default: the target's, else the newest in the archive)."""
+    (default: the target's, else the newest in the archive); ``action``: what the server
+    does at the target (``promote``, or ``pause`` to be read there as a hot standby)."""
     tli = timeline or target.timeline
     settings = {"restore_command": restore_command,
                 "recovery_target_timeline": str(tli) if tli else "latest"}
@@ -167,7 +170,7 @@ def recovery_settings(target: Target, restore_command: str, timeline: int | None
     elif target.kind == "name" and target.name is not None:
         settings["recovery_target_name"] = target.name
     if target.kind != "latest":
-        settings["recovery_target_action"] = "promote"
+        settings["recovery_target_action"] = action
         settings["recovery_target_inclusive"] = "on"
     return settings
 
@@ -740,10 +743,12 @@ class Layout:
 def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
                     reporter: Reporter) -> tuple[partial.Choice, basetar.TarIndex] | None:
     """The partial lay-out for ``request``, or None (with the reason reported) when this
-    backup cannot have one: taken before base backups carried an index. For tables, the
-    other user databases (all but theirs and ``postgres``) are left out entirely: the
-    scratch cluster never connects to them. The templates stay (a database created after
-    the backup may be a file copy of one)."""
+    backup cannot have one: taken before base backups carried an index. For tables, every
+    other database (all but theirs and ``postgres``; the templates and any database the
+    backup's map does not name too, when it names ``postgres``) is left out entirely: the
+    scratch cluster never connects to them. A database created after the backup as a file
+    copy of one of them is never connected to either: the tables' database must be the
+    backup's one of that name (:func:`partial_shortfall`), else the whole backup is laid out."""
     if len(backup.extra_objects) < 2 or not backup.extra_objects[1].key.endswith(basetar.INDEX_KEY):
         reporter.event("partial lay-out unavailable: this base backup has no index (taken by an older "
                        "backup-tool); laying out all of it", id=backup.id)
@@ -760,6 +765,9 @@ def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
         keep = {db.oid: partial.needed(db, request.tables)} if db is not None else {}
         if db is not None:
             leave_out = frozenset(d.oid for d in dbs.values() if d.name not in (request.database, "postgres"))
+            kept = {d.oid for d in dbs.values() if d.name in (request.database, "postgres")}
+            if len(kept) == 2:
+                leave_out |= partial.databases_in(index.members) - kept
             return dataclasses.replace(partial.choose(index.members, dbs, keep, leave_out), database=db.oid), index
     return partial.choose(index.members, dbs, keep, leave_out), index
 
@@ -768,7 +776,8 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             os_user: str | None = None, archive: bool = True, server_command: str | None = None,
             reporter: Reporter | None = None, database: str | None = None, plan: Plan | None = None,
             wait: float = 0.0, server_binaries: bool = False,
-            partial_for: PartialRequest | None = None, scratch: bool = False, recovering: bool = False) -> Layout:
+            partial_for: PartialRequest | None = None, scratch: bool = False, recovering: bool = False,
+            pause: bool = False) -> Layout:
     """Choose the base backup (of a cluster holding ``database``, if given; ``plan``: already
     chosen by :func:`plan_recovery`), fill the empty ``pgdata`` and write the recovery settings.
     With ``server_binaries``, the base backup's major's server programs are found first: without
@@ -777,7 +786,8 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     allows it; the Layout's ``choice`` says whether it did. ``scratch``: a throw-away cluster
     recovered to a time only to read from it (table PITR; see :func:`recover`): recovery
     follows the plan's timeline, and ``restore_command`` answers what it can without running
-    this tool (:func:`_scratch_restore_command`). ``recovering``: the caller starts the
+    this tool (:func:`_scratch_restore_command`); with ``pause`` it pauses at the target as a
+    read-only hot standby instead of promoting (see :func:`recover`). ``recovering``: the caller starts the
     recovery at once and removes the answers afterwards (:func:`settle_restore_command`), so
     ``restore_command`` may answer from the read-ahead and "not archived" for what the
     archive did not hold when the plan was made (:func:`known_absent`)."""
@@ -836,7 +846,8 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             (pgdata / sub).mkdir(mode=0o700, exist_ok=True)
             chown_to(pgdata / sub, user)
         _ensure_config(pgdata, user, reporter)
-        conf = recovery_settings(target, restore_command, timeline=plan.timeline if scratch else None)
+        conf = recovery_settings(target, restore_command, timeline=plan.timeline if scratch else None,
+                                 action="pause" if scratch and pause else "promote")
         if port is not None:
             conf["port"] = str(port)
         if not archive:
@@ -974,6 +985,8 @@ class RecoveryPoint:
     redo_done_lsn: str | None
     timeline: int | None
     segments_restored: int
+    paused: bool = False
+    """Recovery paused at the target (a read-only hot standby, not promoted)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"stop_reason": self.stop_reason,
@@ -1065,34 +1078,84 @@ def server_for(layout: Layout, private_dir: Path, port: int) -> LocalServer:
                        log_file=layout.pgdata / "log" / "backup-tool-recovery.log", superuser=p.superuser)
 
 
-def _promoted(server: LocalServer) -> bool:
+LOG_PROMOTED = "database system is ready to accept connections"
+LOG_PAUSED = "pausing at the end of recovery"
+
+
+class LogWatch:
+    """Which of ``needles`` the server log has shown since ``offset`` (read on from where the
+    last look stopped): a look every few milliseconds costs one small read, no connection."""
+
+    def __init__(self, server: LocalServer, needles: tuple[str, ...], offset: int = 0) -> None:
+        self.server = server
+        self.needles = needles
+        self.offset = offset
+        self.tail = ""
+        self.found: set[str] = set()
+
+    def saw(self, needle: str) -> bool:
+        if needle not in self.found:
+            chunk, self.offset = self.server.log_since(self.offset)
+            text = self.tail + chunk
+            self.found.update(n for n in self.needles if n in text)
+            self.tail = text[-max(len(n) for n in self.needles):]
+        return needle in self.found
+
+
+def _promoted(server: LocalServer, log: LogWatch) -> bool:
+    """Recovery is over and the server accepts writes: asked of the server once its log says
+    it accepts connections (not read-only ones) and ``postmaster.pid`` says "ready"."""
+    if not log.saw(LOG_PROMOTED) or not _ready(server):
+        return False
+    return _ask(server, "SELECT NOT pg_is_in_recovery()")
+
+
+def _paused_or_promoted(server: LocalServer, log: LogWatch) -> bool:
+    """Recovery paused at its target (``recovery_target_action = 'pause'``) and the server
+    reads as a hot standby, or it ended and promoted: PostgreSQL promotes instead of pausing
+    when it cannot take hot-standby connections yet at the target."""
+    if log.saw(LOG_PAUSED) and _ready(server):
+        return _ask(server, "SELECT pg_get_wal_replay_pause_state() = 'paused'") or _promoted(server, log)
+    return _promoted(server, log)
+
+
+def _ready(server: LocalServer) -> bool:
+    found = server.postmaster()
+    return found is not None and found[1] == "ready"
+
+
+def _ask(server: LocalServer, query: str) -> bool:
     try:
         with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True, connect_timeout=5) as conn:
-            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            return row is not None and not row[0]
+            row = conn.execute(query).fetchone()
+            return row is not None and bool(row[0])
     except psycopg.Error:
         return False
 
 
-SCRATCH_SETTINGS = {"fsync": "off"}
+SCRATCH_SETTINGS = {"fsync": "off", "hot_standby": "on"}
 """The private start of a scratch cluster (``Layout.scratch``): it is removed after use, so
-nothing in it needs to reach the disk."""
+nothing in it needs to reach the disk; it is read at its target as a paused hot standby."""
 
 
 def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter: Reporter) -> RecoveryPoint:
-    """Start ``server`` privately and wait until recovery reached the target and promoted.
+    """Start ``server`` privately and wait until recovery reached the target and promoted
+    (or, for ``recovery_target_action = 'pause'``, paused there).
 
     On Linux the start syncs the laid-out data directory with one ``syncfs`` instead of an
     ``fsync`` per file (``recovery_init_sync_method``, for this start only): a server starting
     from a backup label first makes every file durable, and with thousands of files the
     per-file flushes alone took seconds.
 
-    A scratch lay-out (``Layout.scratch``) starts with ``fsync`` off: no sync of the laid-out
-    directory at start, and the end-of-recovery checkpoint only hands the pages replay
-    changed to the operating system."""
+    A scratch lay-out (``Layout.scratch``) starts with ``fsync`` off (no sync of the laid-out
+    directory at start) and may pause at its target: it is read there as a hot standby, in
+    the state promotion would leave it in (the same transactions visible), without the
+    end-of-recovery checkpoint and timeline switch, when its lay-out asked for that
+    (``lay_out(pause=True)``). The point's ``paused`` says which state it is in."""
     settings = {**(INIT_SYNC if sys.platform.startswith("linux") and not layout.scratch else {}),
                 **(PARTIAL_SETTINGS if layout.choice is not None else {}),
                 **(SCRATCH_SETTINGS if layout.scratch else {})}
+    log = LogWatch(server, (LOG_PROMOTED, LOG_PAUSED), server.log_offset())
     server.start_private(settings or None)
     reporter.event("recovery started", target=layout.settings.get("recovery_target_time")
                    or layout.settings.get("recovery_target_lsn") or layout.settings.get("recovery_target_name")
@@ -1105,8 +1168,10 @@ def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter
             reporter.event("recovering", segments_restored=restored)
             seen[0] = restored
 
+    pausing = layout.settings.get("recovery_target_action") == "pause"
     try:
-        server.wait_until(lambda: _promoted(server), timeout, "recovery", tick)
+        server.wait_until(lambda: _paused_or_promoted(server, log) if pausing else _promoted(server, log), timeout,
+                          "recovery", tick)
     except DatabaseError as exc:
         fetch_errors = [ln.strip() for ln in server.log_text().splitlines() if "backup-tool: error" in ln]
         if fetch_errors:
@@ -1115,13 +1180,15 @@ def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter
     point = parse_recovery_log(server.log_text())
     with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True) as conn:
         row = conn.execute("SELECT pg_last_xact_replay_timestamp(),"
-                           " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+                           " (SELECT timeline_id FROM pg_control_checkpoint()), pg_is_in_recovery(),"
+                           " pg_last_wal_replay_lsn()::text").fetchone()
     if row is not None:
         point = RecoveryPoint(point.stop_reason, point.last_transaction_time or row[0],
-                              point.redo_done_lsn, point.timeline or row[1], point.segments_restored)
+                              point.redo_done_lsn or (row[3] if row[2] else None), point.timeline or row[1],
+                              point.segments_restored, paused=bool(row[2]))
     reporter.event("recovery finished", stop=point.stop_reason, lsn=point.redo_done_lsn,
                    time=utc_iso(point.last_transaction_time) if point.last_transaction_time else None,
-                   timeline=point.timeline, segments_restored=point.segments_restored)
+                   timeline=point.timeline, segments_restored=point.segments_restored, paused=point.paused)
     return point
 
 
@@ -1197,6 +1264,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                     server.stop("immediate")
                     _empty_dir(layout.pgdata, remove=False)
                     raise
+            host = Background(_host_changes, server, name="host-settings")
             if target.kind == "latest":
                 _check_reached_end(point, layout, open_storage(settings.repo_url))
             do_validate = settings.policy.validation.after_restore if run_validation is None else run_validation
@@ -1205,7 +1273,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
             layout.stop_prefetch()
             server.stop("fast")
             settle_restore_command(layout)
-    _adapt_to_this_host(server, reporter)
+    _adapt_to_this_host(server, reporter, host.result())
     server.start_normal()
     seconds = time.monotonic() - started
     reporter.event("server running", pgdata=str(layout.pgdata), port=port or "as configured")
@@ -1282,9 +1350,18 @@ def _keep_only(server: LocalServer, database: str, reporter: Reporter) -> tuple[
     return tuple(names)
 
 
-def _adapt_to_this_host(server: LocalServer, reporter: Reporter) -> None:
+def _adapt_to_this_host(server: LocalServer, reporter: Reporter, changes: dict[str, str]) -> None:
+    """Override, with a warning, the settings :func:`_host_changes` found."""
+    if changes:
+        _append_conf(server.pgdata, changes, "settings this host cannot honour")
+        reporter.warning("restored configuration adjusted for this host", **changes)
+
+
+def _host_changes(server: LocalServer) -> dict[str, str]:
     """Settings of the backed-up server that would stop it from starting here (socket
-    directories or TLS files that do not exist on this machine) are overridden, with a warning."""
+    directories or TLS files that do not exist on this machine), as they should be. Read
+    with ``postgres -C`` from the restored configuration files, which recovery and
+    validation do not change, so it runs beside them."""
     changes: dict[str, str] = {}
     sockets = [d.strip() for d in server.config_value("unix_socket_directories").split(",")]
     if any(d and not d.startswith("@") and not Path(d).is_dir() for d in sockets):
@@ -1293,9 +1370,7 @@ def _adapt_to_this_host(server: LocalServer, reporter: Reporter) -> None:
         files = [server.config_value(k) for k in ("ssl_cert_file", "ssl_key_file")]
         if any(not (server.pgdata / f).exists() for f in files if f):
             changes["ssl"] = "off"
-    if changes:
-        _append_conf(server.pgdata, changes, "settings this host cannot honour")
-        reporter.warning("restored configuration adjusted for this host", **changes)
+    return changes
 
 
 @contextmanager

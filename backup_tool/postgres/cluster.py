@@ -9,6 +9,11 @@ in a directory only the server user (and root) can enter, and a temporary pg_hba
 trusting that socket alone. Nobody else can connect to a database that has not been
 recovered and validated yet, and the tool needs no password of the restored cluster. The
 server's own configuration applies again when it is restarted normally.
+
+Waiting for the server (a start, the end of recovery, a stop) looks at ``postmaster.pid``
+every :data:`POLL_SECONDS`, as ``pg_ctl -w`` does every 0.1 s: the postmaster writes its
+state there ("starting", "standby", "ready", "stopping") and removes the file as it exits.
+A stop signals the postmaster exactly as ``pg_ctl stop`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,6 +35,11 @@ from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo
 
 DEFAULT_OS_USER = "postgres"
+POLL_SECONDS = 0.02
+"""How often a wait for the server looks again (a cheap read of ``postmaster.pid`` first)."""
+TICK_SECONDS = 0.3
+"""How often a wait calls its progress callback."""
+STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 
 
 def is_root() -> bool:
@@ -162,11 +173,14 @@ class LocalServer:
         chown_to(hba, self.os_user)
 
     def start_private(self, extra: dict[str, str] | None = None) -> None:
-        """Start without waiting; only the private socket accepts (trusted) connections."""
+        """Start without waiting; only the private socket accepts (trusted) connections. The
+        server logs in English to ``log_file`` whatever its configuration says (the tool
+        reads recovery's progress and end there)."""
         self.prepare_private()
         settings = {"listen_addresses": "", "unix_socket_directories": str(self.private_dir),
                     "hba_file": str(self.private_dir / "pg_hba.conf"), "port": str(self.port),
-                    "lc_messages": "C", "logging_collector": "off", "log_min_messages": "warning",
+                    "lc_messages": "C", "logging_collector": "off", "log_destination": "stderr",
+                    "log_min_messages": "warning",
                     "ssl": "off", **(extra or {})}
         options = " ".join(f"-c {k}={shlex.quote(v)}" for k, v in settings.items())
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -177,23 +191,57 @@ class LocalServer:
                                 f"see {self.log_file}")
 
     def start_normal(self, timeout: int = 300) -> None:
-        done = self._ctl("-l", str(self.log_file), "-w", "-t", str(timeout), "start", timeout=timeout + 30)
+        """Start with the server's own configuration and wait until it accepts connections."""
+        mark = self._log_size()
+        done = self._ctl("-l", str(self.log_file), "-W", "start", timeout=60)
         if done.returncode != 0:
             raise DatabaseError(f"the restored server did not start with its own configuration: "
                                 f"{self.last_error() or done.stderr.strip()}", f"see {self.log_file}")
 
-    def running(self) -> bool:
-        pid_file = self.pgdata / "postmaster.pid"
-        try:
-            pid = int(pid_file.read_text().splitlines()[0])
-            os.kill(pid, 0)
-            return True
-        except (OSError, ValueError, IndexError):
+        def up() -> bool:
+            found = self.postmaster()
+            if found is not None:
+                return found[1] in ("ready", "standby")
+            failed = self.last_error(self.log_text()[mark:])
+            if failed:
+                raise DatabaseError(f"the restored server did not start with its own configuration: {failed}",
+                                    f"see {self.log_file}")
             return False
+        self.wait_until(up, timeout, "the start with its own configuration")
 
-    def stop(self, mode: str = "fast") -> None:
-        if self.running():
-            self._ctl("-m", mode, "-w", "-t", "120", "stop", timeout=180)
+    def postmaster(self) -> tuple[int, str] | None:
+        """(pid, state) of the live postmaster named in ``postmaster.pid`` (state: "" until
+        written, "starting", "standby", "ready" or "stopping"); None when there is none."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+            pid = int(lines[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid, lines[7].strip() if len(lines) > 7 else ""
+
+    def running(self) -> bool:
+        return self.postmaster() is not None
+
+    def stop(self, mode: str = "fast", timeout: float = 120.0) -> None:
+        """Stop as ``pg_ctl stop -m mode`` does (the same signal to the postmaster) and return
+        once it is gone; a server still there after ``timeout`` is stopped ``immediate``."""
+        found = self.postmaster()
+        if found is None:
+            return
+        try:
+            os.kill(found[0], STOP_SIGNALS[mode])
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            self._ctl("-m", mode, "-w", "-t", str(int(timeout)), "stop", timeout=timeout + 60)
+            return
+        deadline = time.monotonic() + timeout
+        while self.postmaster() is not None:
+            if time.monotonic() > deadline:
+                self._ctl("-m", "immediate", "-w", "-t", "60", "stop", timeout=120)
+                return
+            time.sleep(POLL_SECONDS / 2)
 
     def conninfo(self, dbname: str = "postgres") -> ConnInfo:
         return ConnInfo(f"host={self.private_dir} port={self.port} user={self.superuser} dbname={dbname}")
@@ -204,35 +252,59 @@ class LocalServer:
         except OSError:
             return ""
 
-    def last_error(self) -> str:
-        lines = [ln for ln in self.log_text().splitlines()
+    def _log_size(self) -> int:
+        return len(self.log_text())
+
+    def log_since(self, offset: int) -> tuple[str, int]:
+        """The server log from byte ``offset`` on, and the offset after it."""
+        try:
+            with self.log_file.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except OSError:
+            return "", offset
+        return data.decode(errors="replace"), offset + len(data)
+
+    def log_offset(self) -> int:
+        try:
+            return self.log_file.stat().st_size
+        except OSError:
+            return 0
+
+    def last_error(self, text: str | None = None) -> str:
+        """The last error line of the server log (of ``text``, a part of it, when given)."""
+        lines = [ln for ln in (self.log_text() if text is None else text).splitlines()
                  if (re.search(r"\b(FATAL|PANIC|ERROR)\b", ln) and "the database system is starting up" not in ln)
                  or "backup-tool: error" in ln]
         return lines[-1].strip() if lines else ""
 
     def wait_until(self, ready: Callable[[], bool], timeout: float | None, what: str,
                    on_tick: Callable[[], None] | None = None, startup_grace: float = 60.0) -> None:
-        """Poll ``ready`` until it holds; raise if the server stops (or never starts) or time runs out."""
+        """Poll ``ready`` every :data:`POLL_SECONDS` until it holds (``on_tick`` every
+        :data:`TICK_SECONDS`); raise if the server stops (or never starts) or time runs out."""
         began = time.monotonic()
         deadline = None if timeout is None else began + timeout
+        next_tick = began + TICK_SECONDS
         seen_running = False
         while True:
             if ready():
                 return
+            now = time.monotonic()
             if self.running():
                 seen_running = True
-            elif seen_running or time.monotonic() - began > startup_grace:
+            elif seen_running or now - began > startup_grace:
                 time.sleep(0.5)
                 if ready():
                     return
                 raise DatabaseError(f"the restored server stopped during {what}: "
                                     f"{self.last_error() or 'no error in its log'}",
                                     f"see {self.log_file}")
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and now > deadline:
                 raise DatabaseError(f"{what} did not finish within {timeout:.0f}s", f"see {self.log_file}")
-            if on_tick:
+            if on_tick and now >= next_tick:
                 on_tick()
-            time.sleep(0.3)
+                next_tick = now + TICK_SECONDS
+            time.sleep(POLL_SECONDS)
 
 
 def find_bin_dir(major: int) -> Path:

@@ -593,13 +593,14 @@ class Snapshot:
     Every session that imports ``snapshot_id`` sees exactly the same data, so parallel
     per-table dumps and pg_dump's schema dump form one consistent backup. The snapshot
     lives as long as this object's connection; tables are share-locked so that no
-    concurrent DDL can drop or rewrite them while the backup runs.
+    concurrent DDL can drop or rewrite them while the backup runs. On a hot standby
+    ``wal_lsn`` is the last WAL location replayed.
     """
 
     def __init__(self, conninfo: ConnInfo, lock_timeout: str = "5min") -> None:
         self.conn = _repeatable_read(conninfo.connect(autocommit=False, settings={"lock_timeout": lock_timeout}))
-        row = self.conn.execute("SELECT pg_export_snapshot(), pg_current_wal_lsn()::text"
-                                " , now()").fetchone()
+        row = self.conn.execute("SELECT pg_export_snapshot(), (CASE WHEN pg_is_in_recovery()"
+                                " THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, now()").fetchone()
         assert row is not None
         self.snapshot_id: str = row[0]
         self.wal_lsn: str = row[1]

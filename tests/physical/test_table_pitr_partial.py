@@ -188,6 +188,9 @@ def test_partial_layout_equals_full_layout_and_live_rows_at_every_moment(world: 
     assert "invalid pages" in log
     assert partial_mod.unexplained_invalid_pages(log, layout.choice.sparse_files) == []
     assert layout.bytes_fetched is not None and layout.bytes_fetched < world.base_size * 0.6
+    template1 = [m.name for m in layout.choice.full if m.name.startswith("base/1/")
+                 and partial_mod.RELATION_FILE.match(m.name)]
+    assert template1 == [], "nothing connects to template1 in the scratch cluster: its relation files are left out"
 
 
 def restore_at(world: World, table: str, moment: str, schema: str, *extra: str) -> dict[str, Any]:
@@ -201,6 +204,7 @@ def test_restore_tables_at_a_time_uses_the_partial_layout(world: World) -> None:
     assert result["ok"] is True
     layout = result["recovery_layout"]
     assert layout["kind"] == "partial" and layout["fallback_because"] is None
+    assert layout["read_paused"] is False, "--into-schema moves the tables in the scratch cluster: promoted"
     assert layout["bytes_fetched"] < world.base_size * 0.6
     assert rows(world.server, "at_moment.orders") == expected
 
@@ -250,3 +254,18 @@ def test_restore_pitr_of_one_database_drops_the_others(world: World) -> None:
     finally:
         world.server.run_as_os_user([world.server.bin_dir / "pg_ctl", "-D", pgdata, "-m", "immediate", "stop"],
                                     check=False)
+
+
+def test_tables_are_read_paused_at_the_time_unless_the_copy_must_write(world: World) -> None:
+    """Without --into-schema the scratch cluster is read paused at the time as a hot standby
+    (never promoted); the rows are exactly those the live server had at each moment, as with
+    the promoted cluster --into-schema needs (the test above)."""
+    world.server.create_db("paused_copy")
+    for n in (1, 4):
+        moment, expected = world.moments[n]
+        sql(world.server, "DROP TABLE IF EXISTS orders", db="paused_copy")
+        result = world.cli.json("restore", "tables", "--repo", world.repo, "--tables", "orders", "--target-time",
+                                moment, "--target-dsn", world.server.dsn("paused_copy"), "--dsn",
+                                world.server.dsn("app"))
+        assert result["ok"] is True and result["recovery_layout"]["read_paused"] is True
+        assert rows(world.server, "orders", db="paused_copy") == expected
