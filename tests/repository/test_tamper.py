@@ -23,9 +23,10 @@ from clioutput import one_line
 from support.manifests import T0, make_manifest
 from support.objects import drop_object, object_keys, read_object, write_object
 
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import IntegrityError
 from backup_tool.repository.catalog import Catalog, manifest_key
-from backup_tool.repository.manifest import CHECKSUM_METHOD_FORMAT, SEAL_FIELD, Manifest, _digest
+from backup_tool.repository.manifest import CHECKSUM_METHOD_FORMATS, SEAL_FIELD, Manifest, _digest
 from backup_tool.repository.storage import open_storage
 from backup_tool.repository.storage.encrypted import KEY_ENV, EncryptionKey
 
@@ -44,7 +45,8 @@ def resealed(body: dict[str, Any], strip: bool = False) -> bytes:
     if strip:
         body.pop(SEAL_FIELD, None)
         body["options"].pop("encryption", None)
-        body["format"] = CHECKSUM_METHOD_FORMAT if "checksum_method" in body else 1
+        body["format"] = CHECKSUM_METHOD_FORMATS[ChecksumMethod(body["checksum_method"])] \
+            if "checksum_method" in body else 1
     body["manifest_sha256"] = _digest(body)
     return json.dumps(body, indent=1, sort_keys=True).encode()
 
