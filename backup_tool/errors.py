@@ -68,6 +68,12 @@ class PageChecksumError(DatabaseError):
         self.pages = pages
 
 
+class WalDamagedError(BackupToolError):
+    """A finished WAL segment (archived, or complete in ``pg_wal``) fails its record checks:
+    recovery through it would stop there. Raised where WAL is read for another purpose
+    (an incremental's change detection), which then falls back and warns; exit code 1."""
+
+
 class RefusedError(BackupToolError):
     """A destructive action was refused because it would overwrite data; exit code 1."""
 

@@ -66,7 +66,7 @@ from backup_tool.core.checksum_methods import ChecksumMethod, checksum_method_fo
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalChanges, WalSpan, format_lsn, parse_lsn
-from backup_tool.errors import BackupToolError, LockHeldError
+from backup_tool.errors import BackupToolError, LockHeldError, WalDamagedError
 from backup_tool.logical import parts
 from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema, walbasis
 from backup_tool.postgres import connection as postgres
@@ -669,7 +669,7 @@ class _TableDumper:
         """Reuse the parent's object for every table shown unchanged (by the WAL, or by equal
         checksums), dump the rest; returns (method, reason for the checksum method or '')."""
         job, reporter, data_tables = self.job, self.job.reporter, self.taken.data_tables
-        verdicts, method, reason = _wal_verdicts(self.taken.wal_scan, parent, self.taken.basis)
+        verdicts, method, reason = _wal_verdicts(self.taken.wal_scan, parent, self.taken.basis, reporter)
         to_check = [t for t in data_tables if verdicts.get(t.oid, TableVerdict.SCAN) is TableVerdict.SCAN]
         for t in data_tables:
             entry = parent.table(t.schema, t.name)
@@ -773,14 +773,20 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
     )
 
 
-def _wal_verdicts(wal_scan: Background[Any] | str, parent: Manifest,
-                  basis: WalBasis | None) -> tuple[dict[int, TableVerdict], str, str]:
+def _wal_verdicts(wal_scan: Background[Any] | str, parent: Manifest, basis: WalBasis | None,
+                  reporter: Reporter) -> tuple[dict[int, TableVerdict], str, str]:
     """(verdicts, method, reason for the checksum method or ''): the WAL scan's answer, or
-    every table to be compared by checksum."""
+    every table to be compared by checksum. Damaged finished WAL is also a warning: the
+    incremental is still exact, but point-in-time recovery through that WAL would stop there."""
     if isinstance(wal_scan, str):
         return {}, "checksum", wal_scan
     try:
         found: WalChanges = wal_scan.result()
+    except WalDamagedError as exc:
+        reporter.warning(f"damaged WAL: {exc}; point-in-time recovery through it would stop there — "
+                         "take a new base backup ('backup-tool backup base'): recovery to later times "
+                         "does not read it")
+        return {}, "checksum", f"the WAL could not be read for certain: {exc}"
     except Exception as exc:  # noqa: BLE001 - any doubt about the WAL means comparing checksums
         return {}, "checksum", f"the WAL could not be read for certain: {exc}"
     assert parent.wal_basis is not None and basis is not None

@@ -42,7 +42,7 @@ from typing import Callable, Iterator
 from crc32c import crc32c
 
 from backup_tool.core import walnames
-from backup_tool.errors import BackupToolError
+from backup_tool.errors import BackupToolError, WalDamagedError
 from backup_tool.physical import wal
 from backup_tool.repository import walidentity
 from backup_tool.repository.storage.base import Storage
@@ -106,6 +106,10 @@ RelFile = tuple[int, int, int]
 
 class WalScanUncertain(BackupToolError):
     """The WAL could not be read with certainty (missing segment, unknown layout, damage)."""
+
+
+class WalSegmentDamaged(WalScanUncertain, WalDamagedError):
+    """A finished segment holds a record failing its CRC check (:func:`damaged_record_reason`)."""
 
 
 class WalRecordDamaged(WalScanUncertain):
@@ -668,10 +672,19 @@ def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
             result = ScanResult(result.touched | early.touched, result.records + early.records,
                                 result.segments + early.segments)
     except WalRecordDamaged as exc:
-        raise WalScanUncertain(damaged_record_reason(exc, span, frozenset(origins.live))) from None
+        served = frozenset(origins.live)
+        kind = WalScanUncertain if at_end_of_written_wal(exc, span, served) else WalSegmentDamaged
+        raise kind(damaged_record_reason(exc, span, served)) from None
     finally:
         loader.close()
     return replace(result, from_server=len(origins.live))
+
+
+def at_end_of_written_wal(damaged: WalRecordDamaged, span: walnames.WalSpan, from_server: frozenset[int]) -> bool:
+    """Whether the damaged record is the last of the WAL read from the server (one still being
+    written, as PostgreSQL takes it) rather than inside a finished segment. Pure."""
+    last = max(damaged.following - 1, damaged.lsn) // span.segment_size
+    return damaged.following >= span.end and last in from_server
 
 
 def damaged_record_reason(damaged: WalRecordDamaged, span: walnames.WalSpan, from_server: frozenset[int]) -> str:
@@ -686,7 +699,7 @@ def damaged_record_reason(damaged: WalRecordDamaged, span: walnames.WalSpan, fro
     size = span.segment_size
     at = walnames.format_lsn(damaged.lsn)
     segnos = range(damaged.lsn // size, max(damaged.following - 1, damaged.lsn) // size + 1)
-    if damaged.following >= span.end and segnos[-1] in from_server:
+    if at_end_of_written_wal(damaged, span, from_server):
         return (f"the WAL the server has written ends at {at}: its last record fails its CRC check, as one still "
                 f"being written does (PostgreSQL takes that as the end of WAL), short of "
                 f"{walnames.format_lsn(span.end)}")

@@ -22,6 +22,7 @@ from backup_tool.config.policy import BackupSettings, Policy, Retention
 from backup_tool.config.settings import Settings
 from backup_tool.core import walnames
 from backup_tool.core.report import NullReporter
+from backup_tool.errors import WalDamagedError
 from backup_tool.logical import backup, restore
 from backup_tool.physical import wal, walscan
 from backup_tool.postgres import walbasis
@@ -46,8 +47,13 @@ class Events(NullReporter):
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
 
+        self.warnings: list[str] = []
+
     def event(self, message: str, **fields: Any) -> None:
         self.events.append((message, fields))
+
+    def warning(self, message: str, **fields: Any) -> None:
+        self.warnings.append(message)
 
 
 def lsn_now(conn: psycopg.Connection[Any]) -> int:
@@ -121,6 +127,8 @@ def test_a_damaged_record_in_an_archived_segment_sends_the_incremental_to_the_ch
     assert incr.options["changed_tables_method"] == "checksum", incr.options
     assert why in incr.options["changed_tables_note"]
     assert any(message == "change detection" and why in fields.get("reason", "") for message, fields in events.events)
+    assert [w for w in events.warnings if why in w and "point-in-time recovery through it would stop" in w] \
+        == events.warnings and len(events.warnings) == 1
     assert stored(incr) == {"public.orders"}
 
     target = fresh_db("walcrc_restored")
@@ -171,8 +179,10 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
 
     torn = unwritten(len(records) - 1)
     with pytest.raises(walscan.WalScanUncertain, match=f"the WAL the server has written ends at "
-                                                       f"{walnames.format_lsn(records[-1].lsn)}: its last record"):
+                                                       f"{walnames.format_lsn(records[-1].lsn)}: its last record") \
+            as ended:
         walscan.relations_written(storage, span, 0, live=torn)
+    assert not isinstance(ended.value, WalDamagedError), "a record still being written is no damage to warn about"
     got = []
     with pytest.raises(walscan.WalRecordDamaged) as stopped:
         for record in walscan.records(lambda n: torn(walnames.segment_name(1, n), SEG)
@@ -182,8 +192,8 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
 
     earlier = len(records) - 2
     name = walnames.segment_name(1, records[earlier].lsn // SEG)
-    with pytest.raises(walscan.WalScanUncertain, match=f"pg_wal/{name} is damaged: the record at "
-                                                       f"{walnames.format_lsn(records[earlier].lsn)} fails its CRC"):
+    with pytest.raises(walscan.WalSegmentDamaged, match=f"pg_wal/{name} is damaged: the record at "
+                                                        f"{walnames.format_lsn(records[earlier].lsn)} fails its CRC"):
         walscan.relations_written(storage, span, 0, live=unwritten(earlier))
 
 
