@@ -225,7 +225,8 @@ def clear_leftovers(tmp: Path, min_age: float = 60.0) -> list[Path]:
                     continue
                 _kill_postmaster(path / "data")
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+            if not path.exists():
+                removed.append(path)
         finally:
             if fd is not None:
                 os.close(fd)

@@ -393,7 +393,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         stack.callback(control.close)
         info = postgres.server_info(control)
         major = info["server_version_num"] // 10000
-        tools = postgres.tool_versions(major)
+        probing = Background(postgres.tool_versions, major, name="client-tool-versions")
         database = info["database"]
         if lock_timeout > 0:
             reporter.event("waiting for the backup lock", database=database, seconds=lock_timeout)
@@ -418,6 +418,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
                 reporter.warning(f"taking a full backup instead of an incremental: {why}")
         else:
             catalog.ids()
+        tools = probing.result()
         backup_id = new_backup_id(kind, started_at)
         prefix = data_prefix(backup_id)
         expires_at = policy.expires_at(kind, started_at)

@@ -612,7 +612,8 @@ def checksum_error(failures: dict[str, list[int]]) -> PageChecksumError:
         f"file{'s' if len(failures) > 1 else ''} of the cluster: {'; '.join(shown)}{more}; no backup was kept",
         "the cluster's data files are damaged (PostgreSQL reports 'invalid page' reading them, and "
         "pg_basebackup fails the same way): check the storage, then repair or restore the affected "
-        "relations (pg_filenode_relation(0, <the file's number>) in its database names one) first",
+        "relations first (pg_filenode_relation(0, N) in its database names the relation of base/<db>/N; "
+        "pg_filenode_relation(1664, N) that of global/N)",
         tuple((name, block) for name, blocks in failures.items() for block in blocks))
 
 
