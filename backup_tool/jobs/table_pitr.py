@@ -30,7 +30,6 @@ import dataclasses
 import fcntl
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -70,7 +69,9 @@ from backup_tool.physical.pitr import (
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.cluster import (
     LocalServer,
+    leftover_postmaster,
     server_os_user,
+    stop_leftover,
 )
 from backup_tool.postgres.connection import ConnInfo, quoted_table
 from backup_tool.repository.catalog import Catalog
@@ -210,7 +211,7 @@ def clear_leftovers(tmp: Path, min_age: float = 60.0) -> list[Path]:
             fd: int | None = os.open(path / OWNER_FILE, os.O_RDONLY)
         except FileNotFoundError:
             try:
-                if time.time() - path.stat().st_mtime < min_age or _postmaster_on(path / "data") is not None:
+                if time.time() - path.stat().st_mtime < min_age or leftover_postmaster(path / "data") is not None:
                     continue
             except OSError:
                 continue
@@ -223,7 +224,7 @@ def clear_leftovers(tmp: Path, min_age: float = 60.0) -> list[Path]:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     continue
-                _kill_postmaster(path / "data")
+                stop_leftover(path / "data")
             shutil.rmtree(path, ignore_errors=True)
             if not path.exists():
                 removed.append(path)
@@ -231,32 +232,6 @@ def clear_leftovers(tmp: Path, min_age: float = 60.0) -> list[Path]:
             if fd is not None:
                 os.close(fd)
     return removed
-
-
-def _postmaster_on(data: Path) -> int | None:
-    """The pid of the live (not zombie) process named in ``data``'s ``postmaster.pid`` when
-    its command line names ``data``: the postmaster running there, not a recycled pid."""
-    try:
-        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if state != "Z" and str(data).encode() in command else None
-
-
-def _kill_postmaster(data: Path, timeout: float = 10.0) -> None:
-    """Stop (immediate shutdown) the postmaster still running on ``data``, if any."""
-    pid = _postmaster_on(data)
-    if pid is None:
-        return
-    try:
-        os.kill(pid, signal.SIGQUIT)
-    except OSError:
-        return
-    deadline = time.monotonic() + timeout
-    while _postmaster_on(data) == pid and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def _retire(server: LocalServer, data: Path | None) -> None:

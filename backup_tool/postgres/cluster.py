@@ -212,13 +212,14 @@ class LocalServer:
     def postmaster(self) -> tuple[int, str] | None:
         """(pid, state) of the live postmaster named in ``postmaster.pid`` (state: "" until
         written, "starting", "standby", "ready" or "stopping"); None when there is none."""
-        try:
-            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
-            pid = int(lines[0])
-            os.kill(pid, 0)
-        except (OSError, ValueError, IndexError):
+        found = pid_file(self.pgdata)
+        if found is None:
             return None
-        return pid, lines[7].strip() if len(lines) > 7 else ""
+        try:
+            os.kill(found[0], 0)
+        except OSError:
+            return None
+        return found
 
     def running(self) -> bool:
         return self.postmaster() is not None
@@ -305,6 +306,46 @@ class LocalServer:
                 on_tick()
                 next_tick = now + TICK_SECONDS
             time.sleep(POLL_SECONDS)
+
+
+def pid_file(pgdata: Path) -> tuple[int, str] | None:
+    """(pid, state) as ``pgdata``'s ``postmaster.pid`` names them, alive or not; None without
+    a readable one."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        return int(lines[0]), lines[7].strip() if len(lines) > 7 else ""
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def leftover_postmaster(pgdata: Path) -> int | None:
+    """The pid of the live (not zombie) postmaster of ``pgdata`` when its command line names
+    ``pgdata``: for a directory left by a run that was killed, where the pid in the file may
+    since have been reused by another process."""
+    found = pid_file(pgdata)
+    if found is None:
+        return None
+    pid = found[0]
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return pid if state != "Z" and str(pgdata).encode() in command else None
+
+
+def stop_leftover(pgdata: Path, timeout: float = 10.0) -> None:
+    """Stop (immediate shutdown) the :func:`leftover_postmaster` of ``pgdata``, if any."""
+    pid = leftover_postmaster(pgdata)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, STOP_SIGNALS["immediate"])
+    except OSError:
+        return
+    deadline = time.monotonic() + timeout
+    while leftover_postmaster(pgdata) == pid and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
 
 
 def find_bin_dir(major: int) -> Path:
