@@ -14,15 +14,18 @@ from backup_tool.cli.common import (
     human_time,
 )
 
+LockTimeout = Annotated[float, typer.Option(
+    "--lock-timeout", metavar="SECONDS", min=0,
+    help="If another backup of this database into this repository is running, wait up to SECONDS for it "
+         "(default 0: exit 4 at once)")]
+
 
 @command(backup_app, "full")
 def backup_full_cmd(
     inv: Invocation,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", min=1, max=64,
                                                 help="Tables dumped in parallel (default: policy backup.jobs)")] = None,
-    lock_timeout: Annotated[float, typer.Option("--lock-timeout", metavar="SECONDS", min=0,
-                                                help="If another backup of this database into this repository "
-                                                     "is running, wait up to SECONDS for it (default 0: exit 4 at once)")] = 0.0,
+    lock_timeout: LockTimeout = 0.0,
 ) -> int:
     """Take a full logical backup now: schema, roles and every table, from one snapshot."""
     from backup_tool.logical.backup import backup_full
@@ -42,9 +45,7 @@ def backup_incremental_cmd(
     inv: Invocation,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", min=1, max=64,
                                                 help="Tables compared/dumped in parallel (default: policy backup.jobs)")] = None,
-    lock_timeout: Annotated[float, typer.Option("--lock-timeout", metavar="SECONDS", min=0,
-                                                help="If another backup of this database into this repository "
-                                                     "is running, wait up to SECONDS for it (default 0: exit 4 at once)")] = 0.0,
+    lock_timeout: LockTimeout = 0.0,
 ) -> int:
     """Back up only the tables that changed since the newest backup of this database (takes a full, and says so, if none)."""
     from backup_tool.logical.backup import backup_incremental
