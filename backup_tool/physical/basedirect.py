@@ -52,6 +52,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ RELATION_FILE = re.compile(r"^(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?$")
 TEMP_RELATION = re.compile(r"^t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
 CONTROL_FILE = "global/pg_control"
 REPORTED_PER_FILE = 5
+_ZEROS = memoryview(bytes(PIECE))
 
 
 class BaseMethod(StrEnum):
@@ -380,7 +382,51 @@ class _Read:
     check: PieceCheck | None = None
 
 
-def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None) -> _Read:
+class _Buffers:
+    """Read buffers of :data:`PIECE` bytes, each reused once nothing but this pool refers to
+    it (a consumer still holding the chunk, a memoryview of it or a numpy array over it keeps
+    a reference): a fresh 4 MiB buffer costs a page fault per 4 KiB and zero-filling, a
+    reused one neither. Pieces of half a :data:`PIECE` or more get a pooled buffer cut to
+    their size (a bytearray keeps its allocation when shrunk by less than half); at most
+    ``keep`` are pooled, beyond that and for smaller pieces buffers are plain allocations.
+    The idle reference count is measured, not assumed, so an interpreter that counts
+    references differently finds no buffer idle rather than a busy one idle."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.reused = 0
+        self._owned: list[bytearray] = [bytearray(0)]
+        self._idle = _refs(self._owned, 0)
+        self._owned.clear()
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes whose content is arbitrary (zeros when new)."""
+        if not PIECE // 2 <= size <= PIECE:
+            return bytearray(size)
+        with self._lock:
+            owned = self._owned
+            for i in range(len(owned)):
+                if _refs(owned, i) == self._idle:
+                    self.reused += 1
+                    buf = owned[i]
+                    if len(buf) > size:
+                        del buf[size:]
+                    else:
+                        buf += _ZEROS[:size - len(buf)]
+                    return buf
+            buf = bytearray(size)
+            if len(owned) < self.keep:
+                owned.append(buf)
+            return buf
+
+
+def _refs(owned: list[bytearray], i: int) -> int:
+    return sys.getrefcount(owned[i])
+
+
+def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None,
+                buffers: _Buffers | None = None) -> _Read:
     path = root / piece.entry.name
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -388,7 +434,7 @@ def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None)
         return _Read(None)
     except OSError as exc:
         raise _unreadable(path, exc) from None
-    buf = bytearray(piece.stored)
+    buf = buffers.take(piece.stored) if buffers is not None else bytearray(piece.stored)
     start = TAR_BLOCK if piece.first else 0
     if piece.first:
         buf[:TAR_BLOCK] = tar_header(piece.entry)
@@ -400,6 +446,10 @@ def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None)
             if not n:
                 break
             done += n
+        if done < piece.length:
+            view[done:] = _ZEROS[:piece.length - done]
+        if piece.last and start + piece.length < len(buf):
+            buf[start + piece.length:] = _ZEROS[:len(buf) - start - piece.length]
         grew = piece.last and os.fstat(fd).st_size > piece.entry.size
         check = (verifier.check(fd, view[:done], piece.entry.name, piece.offset, piece.last and done == piece.length)
                  if verifier is not None else None)
@@ -519,6 +569,7 @@ class DirectBackup:
         inflight: deque[tuple[_Piece, cf.Future[_Read]]] = deque()
         todo = _pieces(entries)
         depth = 2 * self.jobs + 2
+        buffers = _Buffers(depth + self.jobs + 2)
         out = bytearray()
 
         def refill() -> None:
@@ -526,7 +577,7 @@ class DirectBackup:
                 piece = next(todo, None)
                 if piece is None:
                     return
-                inflight.append((piece, pool.submit(_read_piece, self.root, piece, self.verifier)))
+                inflight.append((piece, pool.submit(_read_piece, self.root, piece, self.verifier, buffers)))
 
         try:
             refill()
