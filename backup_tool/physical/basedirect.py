@@ -503,6 +503,7 @@ class DirectBackup:
         self.changes = CopyChanges()
         self.pages_verified = 0
         self.checksum_failures: dict[str, list[int]] = {}
+        self._buffers = _Buffers(0)
 
     def stream(self) -> Iterator[bytes]:
         """The tar, start to end; backup mode begins when the first chunk is asked for and
@@ -561,15 +562,16 @@ class DirectBackup:
 
     def _members(self, entries: list[Entry], files: list[tuple[str, int, int]]) -> Iterator[bytes]:
         """Headers and data of ``entries``, file pieces read on ``jobs`` threads at most
-        ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`). Big
-        pieces are passed on as the reader filled them (bytearrays, never written again:
-        the compressor and the scanner only read them through the buffer protocol)."""
+        ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`, and
+        the idle :class:`_Buffers`). Big pieces are passed on as the reader filled them
+        (bytearrays, written again only once nothing refers to them: the compressor and
+        the scanner only read them through the buffer protocol)."""
         changes = self.changes
         pool = cf.ThreadPoolExecutor(self.jobs, thread_name_prefix="pgread")
         inflight: deque[tuple[_Piece, cf.Future[_Read]]] = deque()
         todo = _pieces(entries)
         depth = 2 * self.jobs + 2
-        buffers = _Buffers(depth + self.jobs + 2)
+        buffers = self._buffers = _Buffers(depth + self.jobs + 2)
         out = bytearray()
 
         def refill() -> None:
