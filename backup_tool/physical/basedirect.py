@@ -565,7 +565,8 @@ class DirectBackup:
         ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`, and
         the idle :class:`_Buffers`). Big pieces are passed on as the reader filled them
         (bytearrays, written again only once nothing refers to them: the compressor and
-        the scanner only read them through the buffer protocol)."""
+        the scanner only read them through the buffer protocol); runs of small members
+        go out as the bytearray that gathered them, never written again either."""
         changes = self.changes
         pool = cf.ThreadPoolExecutor(self.jobs, thread_name_prefix="pgread")
         inflight: deque[tuple[_Piece, cf.Future[_Read]]] = deque()
@@ -607,8 +608,8 @@ class DirectBackup:
                         shrank = shrank or got.data is None or got.short
                         if len(data) >= FLUSH:
                             if out:
-                                yield bytes(out)
-                                out.clear()
+                                yield cast(bytes, out)
+                                out = bytearray()
                             yield cast(bytes, data)
                         else:
                             out += data
@@ -616,12 +617,12 @@ class DirectBackup:
                             changes.shrank += shrank
                             changes.grew += got.grew and not shrank
                     if len(out) >= FLUSH:
-                        yield bytes(out)
-                        out.clear()
+                        yield cast(bytes, out)
+                        out = bytearray()
                     if piece.last:
                         break
             if out:
-                yield bytes(out)
+                yield cast(bytes, out)
         finally:
             for _, fut in inflight:
                 fut.cancel()
