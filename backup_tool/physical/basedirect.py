@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -85,7 +86,6 @@ RELATION_FILE = re.compile(r"^(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?$")
 TEMP_RELATION = re.compile(r"^t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
 CONTROL_FILE = "global/pg_control"
 REPORTED_PER_FILE = 5
-_ZEROS = memoryview(bytes(PIECE))
 
 
 class BaseMethod(StrEnum):
@@ -413,12 +413,22 @@ class _Buffers:
                     if len(buf) > size:
                         del buf[size:]
                     else:
-                        buf += _ZEROS[:size - len(buf)]
+                        buf += _zeros()[:size - len(buf)]
                     return buf
             buf = bytearray(size)
             if len(owned) < self.keep:
                 owned.append(buf)
             return buf
+
+    def release(self) -> None:
+        """Let go of the pooled buffers (the copy is over); :attr:`reused` stays."""
+        with self._lock:
+            self._owned.clear()
+
+
+@functools.cache
+def _zeros() -> memoryview:
+    return memoryview(bytes(PIECE))
 
 
 def _refs(owned: list[bytearray], i: int) -> int:
@@ -447,9 +457,9 @@ def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None,
                 break
             done += n
         if done < piece.length:
-            view[done:] = _ZEROS[:piece.length - done]
+            view[done:] = _zeros()[:piece.length - done]
         if piece.last and start + piece.length < len(buf):
-            buf[start + piece.length:] = _ZEROS[:len(buf) - start - piece.length]
+            buf[start + piece.length:] = _zeros()[:len(buf) - start - piece.length]
         grew = piece.last and os.fstat(fd).st_size > piece.entry.size
         check = (verifier.check(fd, view[:done], piece.entry.name, piece.offset, piece.last and done == piece.length)
                  if verifier is not None else None)
@@ -627,6 +637,7 @@ class DirectBackup:
             for _, fut in inflight:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+            buffers.release()
 
 
     def _checked(self, name: str, check: PieceCheck) -> None:
