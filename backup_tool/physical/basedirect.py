@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import functools
 import hashlib
 import json
 import os
 import re
 import stat
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -380,7 +382,61 @@ class _Read:
     check: PieceCheck | None = None
 
 
-def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None) -> _Read:
+class _Buffers:
+    """Read buffers of :data:`PIECE` bytes, each reused once nothing but this pool refers to
+    it (a consumer still holding the chunk, a memoryview of it or a numpy array over it keeps
+    a reference): a fresh 4 MiB buffer costs a page fault per 4 KiB and zero-filling, a
+    reused one neither. Pieces of half a :data:`PIECE` or more get a pooled buffer cut to
+    their size (a bytearray keeps its allocation when shrunk by less than half); at most
+    ``keep`` are pooled, beyond that and for smaller pieces buffers are plain allocations.
+    The idle reference count is measured, not assumed, so an interpreter that counts
+    references differently finds no buffer idle rather than a busy one idle."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.reused = 0
+        self._owned: list[bytearray] = [bytearray(0)]
+        self._idle = _refs(self._owned, 0)
+        self._owned.clear()
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes whose content is arbitrary (zeros when new)."""
+        if not PIECE // 2 <= size <= PIECE:
+            return bytearray(size)
+        with self._lock:
+            owned = self._owned
+            for i in range(len(owned)):
+                if _refs(owned, i) == self._idle:
+                    self.reused += 1
+                    buf = owned[i]
+                    if len(buf) > size:
+                        del buf[size:]
+                    else:
+                        buf += _zeros()[:size - len(buf)]
+                    return buf
+            buf = bytearray(size)
+            if len(owned) < self.keep:
+                owned.append(buf)
+            return buf
+
+    def release(self) -> None:
+        """Let go of the pooled buffers (the copy is over); :attr:`reused` stays."""
+        with self._lock:
+            self._owned.clear()
+
+
+@functools.cache
+def _zeros() -> memoryview:
+    return memoryview(bytes(PIECE))
+
+
+def _refs(owned: list[bytearray], i: int) -> int:
+    return sys.getrefcount(owned[i])
+
+
+def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None,
+                buffers: _Buffers | None = None) -> _Read:
     path = root / piece.entry.name
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -388,7 +444,7 @@ def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None)
         return _Read(None)
     except OSError as exc:
         raise _unreadable(path, exc) from None
-    buf = bytearray(piece.stored)
+    buf = buffers.take(piece.stored) if buffers is not None else bytearray(piece.stored)
     start = TAR_BLOCK if piece.first else 0
     if piece.first:
         buf[:TAR_BLOCK] = tar_header(piece.entry)
@@ -400,6 +456,10 @@ def _read_piece(root: Path, piece: _Piece, verifier: PageVerifier | None = None)
             if not n:
                 break
             done += n
+        if done < piece.length:
+            view[done:] = _zeros()[:piece.length - done]
+        if piece.last and start + piece.length < len(buf):
+            buf[start + piece.length:] = _zeros()[:len(buf) - start - piece.length]
         grew = piece.last and os.fstat(fd).st_size > piece.entry.size
         check = (verifier.check(fd, view[:done], piece.entry.name, piece.offset, piece.last and done == piece.length)
                  if verifier is not None else None)
@@ -453,6 +513,7 @@ class DirectBackup:
         self.changes = CopyChanges()
         self.pages_verified = 0
         self.checksum_failures: dict[str, list[int]] = {}
+        self._buffers = _Buffers(0)
 
     def stream(self) -> Iterator[bytes]:
         """The tar, start to end; backup mode begins when the first chunk is asked for and
@@ -511,14 +572,17 @@ class DirectBackup:
 
     def _members(self, entries: list[Entry], files: list[tuple[str, int, int]]) -> Iterator[bytes]:
         """Headers and data of ``entries``, file pieces read on ``jobs`` threads at most
-        ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`). Big
-        pieces are passed on as the reader filled them (bytearrays, never written again:
-        the compressor and the scanner only read them through the buffer protocol)."""
+        ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`, and
+        the idle :class:`_Buffers`). Big pieces are passed on as the reader filled them
+        (bytearrays, written again only once nothing refers to them: the compressor and
+        the scanner only read them through the buffer protocol); runs of small members
+        go out as the bytearray that gathered them, never written again either."""
         changes = self.changes
         pool = cf.ThreadPoolExecutor(self.jobs, thread_name_prefix="pgread")
         inflight: deque[tuple[_Piece, cf.Future[_Read]]] = deque()
         todo = _pieces(entries)
         depth = 2 * self.jobs + 2
+        buffers = self._buffers = _Buffers(depth + self.jobs + 2)
         out = bytearray()
 
         def refill() -> None:
@@ -526,7 +590,7 @@ class DirectBackup:
                 piece = next(todo, None)
                 if piece is None:
                     return
-                inflight.append((piece, pool.submit(_read_piece, self.root, piece, self.verifier)))
+                inflight.append((piece, pool.submit(_read_piece, self.root, piece, self.verifier, buffers)))
 
         try:
             refill()
@@ -554,8 +618,8 @@ class DirectBackup:
                         shrank = shrank or got.data is None or got.short
                         if len(data) >= FLUSH:
                             if out:
-                                yield bytes(out)
-                                out.clear()
+                                yield cast(bytes, out)
+                                out = bytearray()
                             yield cast(bytes, data)
                         else:
                             out += data
@@ -563,16 +627,17 @@ class DirectBackup:
                             changes.shrank += shrank
                             changes.grew += got.grew and not shrank
                     if len(out) >= FLUSH:
-                        yield bytes(out)
-                        out.clear()
+                        yield cast(bytes, out)
+                        out = bytearray()
                     if piece.last:
                         break
             if out:
-                yield bytes(out)
+                yield cast(bytes, out)
         finally:
             for _, fut in inflight:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+            buffers.release()
 
 
     def _checked(self, name: str, check: PieceCheck) -> None:

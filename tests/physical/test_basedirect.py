@@ -35,11 +35,13 @@ from backup_tool.errors import BackupToolError, RefusedError
 from backup_tool.physical import basetar
 from backup_tool.physical.basebackup import stop_lsn_from_manifest
 from backup_tool.physical.basedirect import (
+    PIECE,
     BaseMethod,
     ControlHead,
     DirectBackup,
     Entry,
     Probe,
+    _Buffers,
     backup_manifest,
     choose_method,
     excluded,
@@ -154,6 +156,56 @@ def test_files_that_change_during_the_copy_are_stored_as_listed(tmp_path: Path, 
     walker = basetar.TarWalker()
     walker.feed(raw, lambda offset, big: None)
     assert {m.name: m.size for m in walker.members if m.kind == "f"} == {k: len(v) for k, v in expected.items()}
+
+
+def test_read_buffers_are_reused_only_when_nothing_refers_to_them() -> None:
+    pool = _Buffers(2)
+    first = pool.take(PIECE)
+    first_id = id(first)
+    view = memoryview(first)
+    del first
+    second = pool.take(PIECE)
+    second_id = id(second)
+    assert second_id != first_id and pool.reused == 0
+    del second
+    third = pool.take(PIECE // 2)
+    assert id(third) == second_id and len(third) == PIECE // 2 and pool.reused == 1
+    view.release()
+    again = pool.take(PIECE - 512)
+    assert id(again) == first_id and len(again) == PIECE - 512 and pool.reused == 2
+    extra = pool.take(PIECE)
+    assert id(extra) not in (first_id, second_id) and len(extra) == PIECE
+    del extra
+    assert len(pool.take(PIECE)) == PIECE and pool.reused == 2
+    del third
+    grown = pool.take(PIECE)
+    assert id(grown) == second_id and len(grown) == PIECE and pool.reused == 3
+    small = pool.take(PIECE // 2 - 1)
+    assert small == bytearray(PIECE // 2 - 1) and pool.reused == 3
+
+
+def test_reused_read_buffers_carry_no_stale_bytes(tmp_path: Path) -> None:
+    """A piece read short (the file shrank) and a last piece's padding are zeros in a
+    recycled buffer that held another file's bytes."""
+    root = tmp_path / "data"
+    (root / "base" / "5").mkdir(parents=True)
+    content = {"base/5/a": os.urandom(6 * PIECE), "base/5/b": os.urandom(2 * PIECE + 1000),
+               "base/5/c": os.urandom(3 * PIECE // 4 + 5)}
+    for name, data in content.items():
+        (root / name).write_bytes(data)
+    entries = list_files(root, 15, lambda _: None)
+    (root / "base/5/b").write_bytes(content["base/5/b"][:PIECE + 3])
+    copy = DirectBackup(ConnInfo(), root, 15, 1, "test", True, 1, lambda _: None)
+    raw = bytearray()
+    for chunk in copy._members(entries, []):
+        raw += chunk
+    raw += bytes(1024)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        stored = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    assert stored == {**content, "base/5/b": content["base/5/b"][:PIECE + 3] + bytes(PIECE + 997)}
+    assert raw.endswith(bytes((-len(content["base/5/c"])) % 512) + bytes(1024))
+    assert copy._buffers.reused >= 4
+    assert copy.changes.as_dict() == {"files": 3, "grew": 0, "shrank": 1, "vanished": 0}
 
 
 def test_backup_manifest_is_postgres_format_with_a_valid_checksum() -> None:

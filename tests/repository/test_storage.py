@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from backup_tool.errors import StorageError
 from backup_tool.repository.storage import ObjectExistsError, ObjectMissingError, Storage, open_storage
 from backup_tool.repository.storage.local import LocalStorage
+from backup_tool.repository.storage.s3 import MIN_PART, _Held
 
 
 @pytest.fixture
@@ -49,6 +52,44 @@ def test_multipart_stream_round_trip(storage: Storage) -> None:
     for part in storage.get("big"):
         got += len(part)
     assert got == r.size
+
+
+def test_stream_of_mixed_buffers_is_stored_byte_for_byte(storage: Storage) -> None:
+    """Parts are cut across chunks of any type: ``bytes`` held as given, a bytearray its
+    producer rewrites after each yield and memoryviews copied on arrival."""
+    reused = bytearray(3 << 20)
+    expected = bytearray()
+
+    def chunks() -> Iterator[bytes | bytearray | memoryview]:
+        for i in range(3):
+            data = os.urandom((5 << 20) + 4099 * i)
+            expected.extend(data)
+            yield data
+            reused[:] = os.urandom(len(reused))
+            expected.extend(reused)
+            yield reused
+            view = memoryview(os.urandom(777_777))[11:]
+            expected.extend(view)
+            yield view
+            yield b""
+
+    r = storage.put("mixed", chunks())
+    assert r.size == len(expected) and r.sha256 == hashlib.sha256(expected).hexdigest()
+    assert b"".join(storage.get("mixed")) == expected
+
+
+def test_held_chunks_make_parts_with_one_copy_at_most() -> None:
+    held = _Held()
+    part = os.urandom(MIN_PART)
+    held.add(part)
+    assert held.take(MIN_PART) is part
+    held.add(part[:100])
+    held.add(memoryview(part)[100:])
+    held.add(b"tail")
+    assert held.size == MIN_PART + 4
+    assert held.take(MIN_PART - 1) == part[:-1]
+    assert held.take(held.size) == part[-1:] + b"tail" and held.size == 0
+    assert held.take(0) == b""
 
 
 def test_failed_stream_leaves_nothing(storage: Storage) -> None:

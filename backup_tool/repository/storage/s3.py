@@ -43,6 +43,7 @@ import concurrent.futures as cf
 import hashlib
 import os
 import threading
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
@@ -326,26 +327,22 @@ class S3Storage(Storage):
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
         full = self._key(key)
         counter = HashingCounter()
-        buf = bytearray()
+        held = _Held()
         upload: _MultipartUpload | None = None
         try:
             for chunk in chunks:
                 counter.update(chunk)
-                buf += chunk
-                while len(buf) >= part_size_for(upload.parts + 1 if upload else 1):
+                held.add(chunk)
+                while held.size >= part_size_for(upload.parts + 1 if upload else 1):
                     size = part_size_for(upload.parts + 1 if upload else 1)
                     if upload is None:
                         upload = _MultipartUpload.start(self, key, full)
-                    upload.submit(bytes(buf[:size]))
-                    del buf[:size]
+                    upload.submit(held.take(size))
             if upload is None:
-                body = bytes(buf)
-                del buf[:]
-                self._put_single(key, full, body, bytes.fromhex(counter.hexdigest()))
+                self._put_single(key, full, held.take(held.size), bytes.fromhex(counter.hexdigest()))
             else:
-                if buf:
-                    upload.submit(bytes(buf))
-                buf = bytearray()
+                if held.size:
+                    upload.submit(held.take(held.size))
                 upload.complete()
                 upload = None
         except BaseException:
@@ -653,6 +650,38 @@ def _head_lock(head: Mapping[str, Any]) -> ObjectLock | None:
     if not until or not mode:
         return None
     return ObjectLock(str(mode).lower(), until.astimezone(timezone.utc))
+
+
+class _Held:
+    """The chunks of an object not yet sent: each part is joined from them once (a single
+    copy, none when one immutable chunk is exactly the part). ``bytes`` chunks are held as
+    given; other buffers are copied on arrival, since their producer may reuse them."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes | memoryview] = deque()
+        self.size = 0
+
+    def add(self, chunk: bytes | bytearray | memoryview) -> None:
+        self._chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
+        self.size += len(chunk)
+
+    def take(self, n: int) -> bytes:
+        """The next ``n`` held bytes (``n`` at most :attr:`size`)."""
+        out: list[bytes | memoryview] = []
+        got = 0
+        while got < n:
+            head = self._chunks[0]
+            if len(head) <= n - got:
+                out.append(self._chunks.popleft())
+                got += len(head)
+            else:
+                view = memoryview(head)
+                out.append(view[:n - got])
+                self._chunks[0] = view[n - got:]
+                got = n
+        self.size -= n
+        first = out[0] if out else b""
+        return first if len(out) <= 1 and type(first) is bytes else b"".join(out)
 
 
 class _MultipartUpload:
