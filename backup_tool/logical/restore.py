@@ -13,7 +13,9 @@ policies and whatever spans tables wait for all the data (see
 :func:`backup_tool.postgres.schema.per_table_post_data`). A
 table stored in parts (see :mod:`backup_tool.logical.parts`) is loaded part after part in
 one transaction with COPY FREEZE, like any other (see :func:`_load_data` for why not from
-several sessions); its checksum is read afterwards by ranges of its blocks in parallel.
+several sessions); then its checksum is read by ranges of its blocks in parallel and its
+own post-data and ANALYZE follow on its loading session, as for any table, while the other
+tables still load.
 
 With ``schema_from_migrations`` the schema comes from the team's migrations instead of the
 backup's archive (see :mod:`backup_tool.schema.rebuild`): the migrations replace pre-data and
@@ -303,10 +305,10 @@ class _EarlyPostData:
 
 
 def _early_post_data(run: _Run, archive_path: Path, major: int, analyze: bool) -> _EarlyPostData:
-    """Plan the per-table post-data of the tables loaded whole by one session (a split
-    table's checksum and indexes wait for all its parts); nothing early when the archive's
-    table of contents or pg_restore's script of it cannot be read with certainty."""
-    tables = {(t.schema, t.name) for t in _stored(run.manifest) if t.relkind == "r" and not t.parts}
+    """Plan the per-table post-data of every loaded table (each, split or not, is loaded
+    whole by one session); nothing early when the archive's table of contents or pg_restore's
+    script of it cannot be read with certainty."""
+    tables = {(t.schema, t.name) for t in _stored(run.manifest) if t.relkind == "r"}
     try:
         toc = schema.read_toc(archive_path.read_bytes())
     except schema.UnreadableToc:
@@ -348,9 +350,11 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
     transaction, and a table loaded unfrozen has every page rewritten later, by the first scan
     that sets hint bits and again by the VACUUM that freezes it; on 2 cores that cost more than
     loading the parts in parallel saved: 28.3 s against 24.5 s for a 3 GB table). When
-    validating, each ordinary table's content checksum is taken in the session that loaded it,
-    a split table's by block ranges in parallel once everything is in; then that session builds
-    the table's ``early`` post-data. Returns the checksums for validation."""
+    validating, each table's content checksum is taken as soon as its transaction committed:
+    by the session that loaded it, or for a split table by block ranges on ``run.jobs``
+    sessions at once (one large table would otherwise keep one core busy while the others wait)
+    while the other tables still load; then the loading session builds the table's ``early``
+    post-data and ANALYZE. Returns the checksums for validation."""
     manifest = run.manifest
     data = _stored(manifest)
     checksums: dict[tuple[str, str], tuple[int, str]] = {}
@@ -362,9 +366,11 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
             load_table(loader, run.storage, t, manifest.encoding, run.count, conn=conn, fresh=fresh,
                        on_raw=progress.advance)
             testhooks.pause_point("restore:loaded")
-            if run.validating and t.relkind == "r" and not t.parts:
-                checksums[key] = postgres.table_checksum(conn, t.schema, t.name, t.columns,
-                                                         manifest.checksum_method)
+            if run.validating and t.relkind == "r":
+                checksums[key] = (
+                    checksums_by_ranges(loader, {key: t.columns}, run.jobs, manifest.checksum_method)[key]
+                    if t.parts else
+                    postgres.table_checksum(conn, t.schema, t.name, t.columns, manifest.checksum_method))
             if key in early.statements or key in early.analyze:
                 _build_early(conn, t, early.statements.get(key), key in early.analyze)
         testhooks.pause_point("restore:loading")
@@ -372,10 +378,6 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
     largest_first = sorted(data, key=lambda t: t.raw_size, reverse=True)
     pipeline.run_parallel(run.jobs, [(load, t) for t in largest_first])
     progress.finish()
-    if run.validating:
-        checksums.update(checksums_by_ranges(loader, {(t.schema, t.name): t.columns for t in data
-                                                      if t.parts and t.relkind == "r"}, run.jobs,
-                                             manifest.checksum_method))
     return checksums
 
 

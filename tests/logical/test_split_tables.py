@@ -17,6 +17,7 @@ from support.objects import read_object, write_object
 from backup_tool.config.policy import BackupSettings, Policy, Retention
 from backup_tool.config.settings import Settings
 from backup_tool.core.checksum_methods import ChecksumMethod
+from backup_tool.core.report import NullReporter
 from backup_tool.jobs.verify import verify
 from backup_tool.logical import backup
 from backup_tool.logical.restore import restore_full
@@ -47,6 +48,28 @@ INSERT INTO public.small SELECT g, g, 'v' || g FROM generate_series(1, 50) g WHE
 """
 
 
+class StateWhenDataLoaded(NullReporter):
+    """Reads, at the restore's "data loaded" milestone (every table's rows in, before the final
+    post-data and ANALYZE steps), which of the split table's post-data steps are already done."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.state: dict[str, bool] = {}
+
+    def event(self, message: str, **fields: Any) -> None:
+        if message != "data loaded":
+            return
+        with psycopg.connect(self.dsn) as conn:
+            def exists(query: str) -> bool:
+                return bool(postgres.scalar(conn, f"SELECT EXISTS ({query})"))
+            self.state = {
+                "big_pkey": exists("SELECT FROM pg_index WHERE indrelid = 'public.big'::regclass AND indisprimary"),
+                "big_statistics": exists("SELECT FROM pg_stats WHERE schemaname = 'public' AND tablename = 'big'"),
+                "small_fkey": exists("SELECT FROM pg_constraint WHERE conrelid = 'public.small'::regclass"
+                                     " AND contype = 'f'"),
+            }
+
+
 def split_settings(repo: str, dsn: str) -> Settings:
     return Settings(repo, dsn, Policy(retention=Retention(max_chain_length=10),
                                       backup=BackupSettings(jobs=2, split_table_mb=1)))
@@ -75,8 +98,11 @@ def test_a_split_table_backs_up_in_parts_and_every_reader_restores_it_row_for_ro
                                                                              full.checksum_method)
 
     restored = fresh_db("split_r")
-    result = restore_full(settings, restored.dsn, full.id)
+    seen = StateWhenDataLoaded(restored.dsn)
+    result = restore_full(settings, restored.dsn, full.id, reporter=seen)
     assert result.validation is not None and result.validation.ok
+    assert seen.state == {"big_pkey": True, "big_statistics": True, "small_fkey": False}, \
+        "a split table's primary key and ANALYZE come right after its parts, while other tables load"
     assert dbcompare.table_hashes(restored.dsn) == dbcompare.table_hashes(db.dsn)
 
     altered = fresh_db("split_v")
