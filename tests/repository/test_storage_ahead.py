@@ -117,16 +117,30 @@ def test_a_read_the_recorder_failed_is_the_stores_own_failure(fds: Fds, store: L
     assert replay.answered == []
 
 
-def test_a_recorder_that_dies_mid_object_leaves_every_read_to_the_store(fds: Fds, store: LocalStorage) -> None:
+def test_a_recorder_that_dies_mid_object_leaves_the_rest_to_the_store(fds: Fds, store: LocalStorage) -> None:
     journal = Journal(fds.write, fds.data)
     journal.plan(["manifests/m3.json"])
     reading = RecordingBackend(store, journal).get("manifests/m3.json")
-    next(reading)
+    first = next(reading)
     fds.close_writer()  # the process is gone before the object was whole
     real = counting(store)
     replay = ReplayBackend(JournalReader(fds.read, fds.data), lambda: real)
-    assert replay.get_bytes("manifests/m3.json") == store.get_bytes("manifests/m3.json")
-    assert real.reads == ["get manifests/m3.json"] and replay.answered == []
+    streamed = replay.get_stored("manifests/m3.json")
+    assert next(streamed) == first
+    assert first + b"".join(streamed) == store.get_bytes("manifests/m3.json")
+    assert real.reads == ["get manifests/m3.json"] and replay.answered == [("get", "manifests/m3.json")]
+
+
+def test_an_object_streams_while_it_is_being_read(fds: Fds, store: LocalStorage) -> None:
+    journal = Journal(fds.write, fds.data)
+    journal.plan(["manifests/m5.json"])
+    reading = RecordingBackend(store, journal).get("manifests/m5.json")
+    replay = ReplayBackend(JournalReader(fds.read, fds.data), lambda: counting(store))
+    streamed = replay.get_stored("manifests/m5.json")
+    first = next(reading)
+    assert next(streamed) == first
+    rest = b"".join(reading)
+    assert b"".join(streamed) == rest and first + rest == store.get_bytes("manifests/m5.json")
 
 
 def test_a_replayed_get_waits_for_nothing_until_read(fds: Fds, store: LocalStorage) -> None:

@@ -3,22 +3,23 @@
 A command whose first repository reads are known before it has loaded its own machinery
 (``restore tables``: the catalog, the manifest, the schema archive, the first data object)
 can have a forked process make them meanwhile. That process wraps its backend in a
-:class:`RecordingBackend`, which writes each read it completes to a journal: the content into
-an anonymous file both processes hold (a memfd: it has no name, so nothing is ever left on
+:class:`RecordingBackend`, which writes what it reads to a journal: the content into an
+anonymous file both processes hold (a memfd: it has no name, so nothing is ever left on
 disk), then one index line on a pipe. The command wraps the journal in a
 :class:`ReplayBackend` and uses it as its backend.
 
 Guarantees:
 
-- A read is answered from the journal only when the same read (``list`` of the same prefix,
-  ``get`` of the same key, ``exists``, ``repository_exists``) completed there: the answer is
-  what the same code got from the same store moments earlier. Repository objects are never
-  replaced, so a recorded object is the object; a recorded listing is the store's listing at
-  that moment, as a command that read a little earlier would have seen it.
+- A ``list`` (of the same prefix), ``exists`` or ``repository_exists`` is answered from the
+  journal only when the same read completed there: the answer is what the same code got from
+  the same store moments earlier (a listing as a command reading a little earlier would
+  have seen it). A ``get`` streams the object's bytes from the journal as the reading
+  process downloads them; should that process stop before the end, the rest comes from the
+  store (objects are never replaced, and the command checks every object's sha256 anyway).
 - Every other read goes to the real backend (opened on first use), and so does every read
   once the journal ends without it (the reading process finished, failed or died): errors,
   retries and results are then exactly the backend's own. A read the reading process failed
-  is never recorded, so a failure is always the command's own, reported as it would be.
+  is never answered, so a failure is always the command's own, reported as it would be.
 - While the reading process has not yet said which objects it will fetch (it is still
   reading the catalog), a read it has not recorded waits for its next line: the command's
   first reads are the same as its. Once it has named them (``plan``), only those are waited
@@ -45,9 +46,9 @@ ReadKey = tuple[str, str]
 
 class Journal:
     """The writing end: one JSON line per record on ``control_fd``, a record's content first
-    written whole into ``data_fd`` at the next free offset. Safe for several threads of the
-    one reading process (the catalog reads manifests on a pool): each record is appended and
-    announced under one lock, so contents never interleave."""
+    written into ``data_fd`` at the next free offset. Safe for several threads of the one
+    reading process (the catalog reads manifests on a pool): each piece of content is
+    appended and announced under one lock, so every line names its own bytes."""
 
     def __init__(self, control_fd: int, data_fd: int) -> None:
         self.control_fd = control_fd
@@ -83,20 +84,27 @@ class Journal:
 
 
 class RecordingBackend(Storage):
-    """``inner`` for reading, every completed read written to ``journal``; no writes."""
+    """``inner`` for reading, what it reads written to ``journal``; no writes."""
 
     def __init__(self, inner: Storage, journal: Journal) -> None:
         self.inner = inner
         self.url = inner.url
         self.journal = journal
+        self._begun: set[str] = set()
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> Iterator[bytes]:
-        """The object's chunks as they arrive; recorded once all have (held until then)."""
-        chunks: list[bytes] = []
+        """The object's chunks as they arrive, each recorded at once (``part``), then its end
+        (``get``): the replaying side streams it while it downloads. A key is recorded once."""
+        with self._lock:
+            record = key not in self._begun
+            self._begun.add(key)
         for chunk in self.inner.get_stored(key):
-            chunks.append(chunk)
+            if record:
+                self.journal.line({"op": "part", "arg": key}, [chunk])
             yield chunk
-        self.journal.line({"op": "get", "arg": key}, chunks)
+        if record:
+            self.journal.line({"op": "get", "arg": key})
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         found = list(self.inner.list(prefix))
@@ -130,6 +138,8 @@ class JournalReader:
         self.data_fd = data_fd
         self.url: str | None = None
         self.records: dict[ReadKey, dict[str, Any]] = {}
+        self.parts: dict[str, list[tuple[int, int]]] = {}
+        self.complete: set[str] = set()
         self.planned: frozenset[str] | None = None
         self.ended = False
         self._buffer = b""
@@ -159,6 +169,11 @@ class JournalReader:
             self.planned = frozenset(record["keys"])
         elif op == "end":
             self.ended = True
+        elif op == "part":
+            self.parts.setdefault(str(record["arg"]), []).append((int(record["off"]), int(record["len"])))
+        elif op == "get":
+            self.parts.setdefault(str(record["arg"]), [])
+            self.complete.add(str(record["arg"]))
         else:
             self.records[(op, str(record["arg"]))] = record
 
@@ -169,14 +184,44 @@ class JournalReader:
                 self._next_line()
             return self.url
 
+    def _coming(self, key: ReadKey, present: Callable[[], bool]) -> bool:
+        """Wait (holding the lock) until ``present()`` or until it cannot become true."""
+        while not present() and not self.ended:
+            if self.planned is not None and (key[0] != "get" or key[1] not in self.planned):
+                return False
+            self._next_line()
+        return present()
+
     def find(self, key: ReadKey) -> dict[str, Any] | None:
-        """The record of ``key``, waiting for it while it may still come; None if it will not."""
+        """The record of ``key`` (a list, exists or repository read), waiting for it while it
+        may still come; None if it will not."""
         with self._lock:
-            while key not in self.records and not self.ended:
-                if self.planned is not None and (key[0] != "get" or key[1] not in self.planned):
-                    return None
-                self._next_line()
-            return self.records.get(key)
+            return self.records.get(key) if self._coming(key, lambda: key in self.records) else None
+
+    def started(self, key: str) -> bool:
+        """Whether the object's read began in the journal (waiting while it may still begin)."""
+        with self._lock:
+            return self._coming(("get", key), lambda: key in self.parts)
+
+    def stream(self, key: str) -> Iterator[bytes]:
+        """The object's bytes as the journal records them, waiting for each part; stops
+        early (without error) if the journal ends before the object does: the caller can
+        tell by the count of bytes (:meth:`whole`)."""
+        i = 0
+        while True:
+            with self._lock:
+                parts = self.parts.get(key, [])
+                while i >= len(parts) and key not in self.complete and not self.ended:
+                    self._next_line()
+                if i >= len(parts):
+                    return
+                off, length = parts[i]
+            i += 1
+            yield from self.content({"off": off, "len": length})
+
+    def whole(self, key: str) -> bool:
+        with self._lock:
+            return key in self.complete
 
     def content(self, record: dict[str, Any]) -> Iterator[bytes]:
         pos, end = int(record["off"]), int(record["off"]) + int(record["len"])
@@ -228,12 +273,27 @@ class ReplayBackend(Storage):
         return record
 
     def get(self, key: str) -> Iterator[bytes]:
-        """Lazy, like the backends' own: nothing waits until the first chunk is asked for."""
-        record = self._recorded("get", key)
-        if record is None:
+        """Lazy, like the backends' own: nothing waits until the first chunk is asked for.
+        Streamed from the journal while the reading process downloads it; if that process
+        stops before the end, the rest comes from the store (the object read again, the part
+        already given skipped: objects are never replaced, and callers check the sha256)."""
+        if not self.journal.started(key):
             yield from self.real.get_stored(key)
-        else:
-            yield from self.journal.content(record)
+            return
+        self.answered.append(("get", key))
+        given = 0
+        for chunk in self.journal.stream(key):
+            given += len(chunk)
+            yield chunk
+        if self.journal.whole(key):
+            return
+        skip = given
+        for chunk in self.real.get_stored(key):
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            yield chunk[skip:] if skip else chunk
+            skip = 0
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         record = self._recorded("list", prefix)
