@@ -36,9 +36,12 @@ from backup_tool.repository.storage.ahead import Journal, JournalReader, ReplayB
 
 DISABLE_ENV = "BACKUP_TOOL_READ_AHEAD"
 PAUSE_POINT = "ahead:planned"
+AHEAD_TABLES = 4
+"""Tables whose first object is read ahead when ``--jobs`` is not given (the policy is not
+loaded for this: an object read ahead that the restore reads later is still answered)."""
 
 _VALUES = {"--tables": "tables", "--backup": "backup", "--jobs": "jobs", "-j": "jobs", "--database": "database",
-           "--repo": "repo", "--dsn": "dsn", "--policy": "policy",
+           "--repo": "repo", "--dsn": "dsn", "--policy": "",
            "--target-dsn": "", "--into-schema": "", "--wait": "", "--pg-bin": ""}
 _FLAGS = {"--with-roles": "with_roles", "--replace": "", "--json": "", "--debug": ""}
 
@@ -52,7 +55,6 @@ class AheadRequest:
     backup: str | None = None
     database: str | None = None
     dsn: str | None = None
-    policy: str | None = None
     jobs: int | None = None
     with_roles: bool = False
 
@@ -92,7 +94,7 @@ def parse_request(argv: list[str]) -> AheadRequest | None:
     if jobs is not None and not (jobs.isascii() and jobs.isdigit() and 1 <= int(jobs) <= 64):
         return None
     return AheadRequest(tables=found["tables"], repo=found.get("repo"), backup=found.get("backup"),
-                        database=found.get("database"), dsn=found.get("dsn"), policy=found.get("policy"),
+                        database=found.get("database"), dsn=found.get("dsn"),
                         jobs=int(jobs) if jobs is not None else None, with_roles="with_roles" in flags)
 
 
@@ -204,19 +206,11 @@ def _detach(parent: int) -> None:
 
 
 def _read(request: AheadRequest, url: str, journal: Journal) -> None:
-    from backup_tool.config.policy import Policy, load_policy
-    from backup_tool.errors import ConfigError
     from backup_tool.logical.selection import read_ahead, split_names
     from backup_tool.repository.catalog import DatabaseHint
     from backup_tool.repository.storage import open_repository
     from backup_tool.repository.storage.ahead import RecordingBackend
 
-    jobs = request.jobs
-    if jobs is None:
-        try:
-            jobs = load_policy(request.policy or os.environ.get("BACKUP_TOOL_POLICY")).backup.jobs
-        except ConfigError:
-            jobs = Policy().backup.jobs
     backend = open_backend(url)
     journal.hello(backend.url)
     storage = open_repository(url, backend=RecordingBackend(backend, journal))
@@ -229,7 +223,7 @@ def _read(request: AheadRequest, url: str, journal: Journal) -> None:
             testhooks.pause_point(PAUSE_POINT)
 
     read_ahead(storage, split_names(request.tables), request.backup, DatabaseHint(request.database, _dbname(request)),
-               jobs, request.with_roles, plan)
+               request.jobs or AHEAD_TABLES, request.with_roles, plan)
 
 
 def _dbname(request: AheadRequest) -> str | None:

@@ -8,6 +8,7 @@ Nothing here imports psycopg: the reading process starts before the command has 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import difflib
 from typing import Callable
 
@@ -115,12 +116,18 @@ def ahead_objects(manifest: Manifest, entries: list[TableEntry], tables: int, wi
 def read_ahead(storage: Storage, names: list[str], backup_ref: str | None, database: DatabaseHint, tables: int,
                with_roles: bool, plan: Callable[[list[str]], None]) -> None:
     """Make the reads a restore of ``names`` from ``backup_ref`` starts with: the catalog and
-    the manifests it resolves ``latest`` or an id with, then :func:`ahead_objects` (``plan``
-    hears their keys first). Errors propagate: the restore makes the same reads and reports
-    them itself."""
+    the manifests it resolves ``latest`` or an id with, then :func:`ahead_objects`, all at
+    once (``plan`` hears their keys first). Errors propagate: the restore makes the same reads
+    and reports them itself."""
     manifest = Catalog(storage).resolve_logical(backup_ref, database)
     objects = ahead_objects(manifest, resolve_tables(manifest, names), tables, with_roles)
     plan([o.key for o in objects])
-    for obj in objects:
-        for _ in storage.get_stored(obj.key):
+
+    def drain(key: str) -> None:
+        for _ in storage.get_stored(key):
             pass
+
+    if objects:
+        with cf.ThreadPoolExecutor(len(objects)) as pool:
+            for done in [pool.submit(drain, o.key) for o in objects]:
+                done.result()

@@ -14,7 +14,7 @@ from backup_tool.cli.ahead import AheadRequest, parse_request
     (["restore", "tables", "--tables=a.b,c.d", "--jobs=3", "--backup", "latest", "--database", "shop",
       "--dsn", "dbname=shop", "--policy", "nightly", "--with-roles", "--json", "--debug", "--replace",
       "--target-dsn=host=h password=secret"],
-     AheadRequest(tables="a.b,c.d", backup="latest", database="shop", dsn="dbname=shop", policy="nightly", jobs=3,
+     AheadRequest(tables="a.b,c.d", backup="latest", database="shop", dsn="dbname=shop", jobs=3,
                   with_roles=True)),
     (["restore", "tables", "--tables", "t", "-j4", "--into-schema", "inspect"], AheadRequest(tables="t", jobs=4)),
     (["restore", "tables", "--tables", "t", "-j", "64"], AheadRequest(tables="t", jobs=64)),
