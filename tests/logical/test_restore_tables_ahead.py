@@ -4,6 +4,7 @@ the reading process dies, the same outcome as without it. No process outlives th
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -175,3 +176,22 @@ def test_a_missing_bucket_is_reported_exactly_as_without_read_ahead(backed: Back
     plain = backed.cli(*argv, env={"BACKUP_TOOL_READ_AHEAD": "0"})
     assert ahead.returncode == plain.returncode == 1
     assert ahead.stderr == plain.stderr and "does not exist" in ahead.stderr
+
+
+def test_an_encrypted_repository_is_read_ahead_and_decrypted_by_the_command(backed: Backed, target: Any) -> None:
+    """Reads made ahead carry the stored (encrypted) bytes; the command authenticates the
+    manifests and decrypts the objects with its key. A wrong key fails exactly as without."""
+    key, wrong = base64.b64encode(os.urandom(32)).decode(), base64.b64encode(os.urandom(32)).decode()
+    repo = f"s3://{backed.bucket}/encrypted"
+    backed.cli.json("backup", "full", "--repo", repo, "--dsn", backed.source.dsn,
+                    env={"BACKUP_TOOL_ENCRYPTION_KEY": key})
+    argv = ("restore", "tables", "--repo", repo, "--tables", TABLE, "--target-dsn", target.dsn, "--json")
+    refused = [backed.cli(*argv, env={"BACKUP_TOOL_ENCRYPTION_KEY": wrong, **off})
+               for off in ({}, {"BACKUP_TOOL_READ_AHEAD": "0"})]
+    assert refused[0].returncode == refused[1].returncode != 0 and "key id" in refused[0].stderr
+    assert refused[0].stdout == refused[1].stdout and refused[0].stderr == refused[1].stderr
+    proc = backed.cli(*argv, env={"BACKUP_TOOL_ENCRYPTION_KEY": key, "BACKUP_TOOL_LOG": "json"})
+    assert proc.returncode == 0, proc.stderr
+    assert dbcompare.table_hashes(target.dsn)[TABLE] == dbcompare.table_hashes(backed.source.dsn)[TABLE]
+    ahead = events(proc.stderr)[READ_AHEAD_EVENT]
+    assert ahead["answered"] >= 4 and ahead["store_opened"] is False, ahead
