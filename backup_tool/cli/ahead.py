@@ -124,6 +124,7 @@ def start(argv: list[str]) -> None:
         read_fd, write_fd = os.pipe()
     except OSError:
         return
+    _widen(write_fd)
     parent = os.getpid()
     try:
         pid = os.fork()
@@ -139,6 +140,18 @@ def start(argv: list[str]) -> None:
     import atexit
 
     atexit.register(stop)
+
+
+def _widen(fd: int) -> None:
+    """Room on the pipe for a whole journal's index lines (one per downloaded chunk), so the
+    reading process never waits for the command to read them; the default 64 KiB is kept
+    where the system refuses more."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def backend_for(url: str) -> ReplayBackend | None:
