@@ -4,7 +4,8 @@ psycopg, boto3) is even imported, when the segment is already known to be durabl
 repository or already fetched; a plain ``wal push`` of a ready segment waits there for the
 push-ahead process (started if none runs) to make it durable, and a plain ``wal fetch``
 otherwise runs without the CLI. Whatever these cannot answer, the full command does.
-``--version`` (and ``version``) alone is answered here too, as the CLI would answer it."""
+``--version`` (and ``version``) alone is answered here too, as the CLI would answer it.
+``restore tables`` forks its repository reads off here, before the CLI loads (:mod:`.ahead`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def main() -> None:
         sys.exit(0)
     if sys.argv[1:3] == ["wal", "push"]:
         _quick_push()
+    elif sys.argv[1:3] == ["restore", "tables"]:
+        from backup_tool.cli import ahead
+
+        ahead.start(sys.argv[1:])
     elif sys.argv[1:3] == ["wal", "fetch"]:
         from backup_tool.physical.walspool import never_archived, parse_fetch, try_fast_fetch
 

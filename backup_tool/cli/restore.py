@@ -87,7 +87,7 @@ def restore_tables_cmd(
     database: DatabaseOption = None,
 ) -> int:
     """Restore only the named tables: into empty/absent tables, beside them (--into-schema), or over them (--replace)."""
-    from backup_tool.logical.restore_tables import split_names
+    from backup_tool.logical.selection import split_names
 
     names = split_names(tables)
     if target_time:
@@ -103,10 +103,18 @@ def restore_tables_cmd(
             raise UsageError("--wait goes with --target-time", "it waits for the WAL archive to reach that time")
         if full_layout:
             raise UsageError("--full-layout applies only with --target-time")
+        from backup_tool.cli import ahead
         from backup_tool.logical.restore_tables import restore_tables
 
-        result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,
-                                replace=replace, with_roles=with_roles, jobs=jobs, reporter=inv.reporter,
-                                database=inv.database(database))
+        backend = ahead.backend_for(inv.settings.repo_url)
+        try:
+            result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,
+                                    replace=replace, with_roles=with_roles, jobs=jobs, reporter=inv.reporter,
+                                    database=inv.database(database), backend=backend)
+        finally:
+            ahead.stop()
+            if backend is not None:
+                inv.reporter.event("repository reads made ahead", answered=len(backend.answered),
+                                   store_opened=backend.opened)
     inv.out(result.to_dict(), lambda: render_report(result))
     return 0

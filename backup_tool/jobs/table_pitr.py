@@ -51,7 +51,8 @@ from backup_tool.errors import (
 )
 from backup_tool.logical.live_tables import LiveTables
 from backup_tool.logical.loading import BackupOrigin
-from backup_tool.logical.restore_tables import check_request, restore_tables_from, split_name
+from backup_tool.logical.restore_tables import check_request, restore_tables_from
+from backup_tool.logical.selection import split_name
 from backup_tool.physical.pitr import (
     Layout,
     PartialRequest,

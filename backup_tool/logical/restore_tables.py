@@ -33,7 +33,6 @@ validation, against the source's rows and checksums.
 
 from __future__ import annotations
 
-import difflib
 import secrets
 import tempfile
 import threading
@@ -53,12 +52,12 @@ from backup_tool.errors import (
     BackupToolError,
     DatabaseError,
     LockHeldError,
-    NotFoundError,
     RefusedError,
     UsageError,
     ValidationFailed,
 )
 from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows
+from backup_tool.logical.selection import resolve_tables
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
 from backup_tool.postgres import tools as pg_tools
@@ -136,79 +135,6 @@ class TablesRestoreResult:
             "sequence_copies": [{"source": ".".join(c.source), "copy": ".".join(c.copy),
                            "column": f"{'.'.join(c.table)}.{c.column}"} for c in self.sequences],
         }
-
-
-def split_names(text: str) -> list[str]:
-    """``a.b, "x,y".z`` → ['a.b', '"x,y".z']: commas inside double quotes belong to the name,
-    and only whitespace outside quotes is trimmed."""
-    names: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        if ch == "," and not quoted:
-            names.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    names.append("".join(current))
-    return [n.strip() for n in names if n.strip()]
-
-
-def split_name(text: str) -> tuple[str | None, str]:
-    """``schema.table`` → (schema, table); double quotes protect dots and are removed."""
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == '"':
-            if quoted and i + 1 < len(text) and text[i + 1] == '"':
-                current.append('"')
-                i += 1
-            else:
-                quoted = not quoted
-        elif ch == "." and not quoted and not parts:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    parts.append("".join(current))
-    if quoted or any(not p for p in parts):
-        raise UsageError(f"cannot read table name {text!r}", 'write SCHEMA.TABLE, quoting parts like "Mixed Case"')
-    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
-
-
-def resolve_tables(manifest: Manifest, names: list[str]) -> list[TableEntry]:
-    """The manifest entries the names select, partitions of selected tables included."""
-    known = {(t.schema, t.name): t for t in manifest.tables}
-    chosen: list[TableKey] = []
-    for raw in names:
-        schema_name, name = split_name(raw.strip())
-        matches = [k for k in known if k[1] == name and (schema_name is None or k[0] == schema_name)]
-        if not matches:
-            matches = [k for k in known if k[1].lower() == name.lower()
-                       and (schema_name is None or k[0].lower() == schema_name.lower())]
-        if len(matches) != 1:
-            everything = [f"{s}.{n}" for s, n in known]
-            close = difflib.get_close_matches(raw, everything, n=3, cutoff=0.5)
-            if matches:
-                raise UsageError(f"table name {raw!r} is ambiguous: {', '.join(f'{s}.{n}' for s, n in matches)}",
-                                 "qualify it with its schema")
-            raise NotFoundError(f"table {raw!r} is not in backup {manifest.id}",
-                                f"closest: {', '.join(close)}" if close else "see 'backup-tool show ID' for its tables")
-        if matches[0] not in chosen:
-            chosen.append(matches[0])
-    grew = True
-    while grew:
-        parents = {f"{s}.{n}" for s, n in chosen}
-        extra = [k for k, t in known.items() if t.parent in parents and k not in chosen]
-        chosen += extra
-        grew = bool(extra)
-    return [known[k] for k in chosen]
 
 
 def _state(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
@@ -649,9 +575,12 @@ class _ConnectAhead:
 def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
                    backup_ref: str | None = "latest", into_schema: str | None = None, replace: bool = False,
                    with_roles: bool = False, jobs: int | None = None, run_validation: bool = True,
-                   reporter: Reporter | None = None, database: DatabaseHint | None = None) -> TablesRestoreResult:
+                   reporter: Reporter | None = None, database: DatabaseHint | None = None,
+                   backend: Storage | None = None) -> TablesRestoreResult:
     """Restore only ``tables`` from a backup into the target database, then validate them.
-    ``database``: which database ``latest`` means (see :func:`backup_tool.repository.catalog.choose_latest`)."""
+    ``database``: which database ``latest`` means (see :func:`backup_tool.repository.catalog.choose_latest`);
+    ``backend``: the repository's store already opened (reads made ahead:
+    :class:`backup_tool.repository.storage.ahead.ReplayBackend`)."""
     check_request(tables, into_schema, replace)
     started = time.monotonic()
     try:
@@ -661,7 +590,7 @@ def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[
         ahead = None  # a DSN that does not parse is reported where it always was
     jobs = jobs or settings.policy.backup.jobs
     try:
-        storage = open_repository(settings.repo_url)
+        storage = open_repository(settings.repo_url, backend=backend)
         manifest = Catalog(storage).resolve_logical(backup_ref, database)
         source = BackupSource(storage, manifest, with_roles)
         source.prefetch(resolve_tables(manifest, tables), jobs)

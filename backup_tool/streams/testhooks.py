@@ -15,7 +15,9 @@ Points: ``backup:upload`` (inside a table's object stream), ``backup:between-obj
 ``base:before-manifest``, ``base:direct-copy`` (a direct base backup in backup mode, its files
 listed, none read yet); ``wal:upload`` (inside a segment's stream), ``wal:before-ack``
 (segment durable, command not yet successful); ``restore:loading`` (after the first table
-is loaded); ``restore:loaded`` (a table's rows committed, its checksum and indexes not yet taken).
+is loaded); ``restore:loaded`` (a table's rows committed, its checksum and indexes not yet taken);
+``ahead:planned`` (in ``restore tables``' forked reading process: the backup resolved, its
+objects named, none fetched yet; the pid in the file is that process's).
 """
 
 from __future__ import annotations

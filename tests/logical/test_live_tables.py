@@ -13,7 +13,8 @@ import pytest
 
 from backup_tool.core.report import NullReporter
 from backup_tool.logical.live_tables import LiveTables
-from backup_tool.logical.restore_tables import resolve_tables, restore_tables_from, validate_tables
+from backup_tool.logical.restore_tables import restore_tables_from, validate_tables
+from backup_tool.logical.selection import resolve_tables
 from backup_tool.postgres.connection import ConnInfo
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,8 @@ from backup_tool.cli.common import one_line
 from backup_tool.config.settings import resolve_settings
 from backup_tool.core.report import NullReporter
 from backup_tool.errors import NotFoundError, UsageError
-from backup_tool.logical.restore_tables import resolve_tables, restore_tables, split_name, validate_tables
+from backup_tool.logical.restore_tables import restore_tables, validate_tables
+from backup_tool.logical.selection import resolve_tables, split_name
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog
 from backup_tool.repository.storage import open_storage

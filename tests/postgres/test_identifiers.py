@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from backup_tool.logical.restore_tables import split_name, split_names
+from backup_tool.logical.selection import split_name, split_names
 
 NASTY = ['a"b', "a.b", "with space", " lead", "trail ", "ü名前", "Mixed", "'q'", "semi;colon", "--",
          "$1", "x\\y", '"', ".", ",", "a,b", "*", "?", "[x]", "tab\there", "new\nline", "%s", "DROP TABLE x"]

@@ -17,23 +17,16 @@ from backup_tool.repository.storage.encrypted import (
 )
 
 __all__ = ["EncryptedStorage", "EncryptionKey", "ObjectExistsError", "ObjectInfo", "ObjectMissingError",
-           "PutResult", "Storage", "open_repository", "open_storage"]
+           "PutResult", "Storage", "open_backend", "open_repository", "open_storage"]
 
 
-def open_storage(url: str, key: EncryptionKey | None = None) -> Storage:
-    """The backend for a repository URL: ``s3://bucket/prefix`` or a local directory path.
-
-    Objects are encrypted with ``key``, else with the key configured in the environment
-    (``BACKUP_TOOL_ENCRYPTION_KEY`` / ``BACKUP_TOOL_ENCRYPTION_KEY_FILE``), else not at all;
-    encrypted objects are recognised (and a missing key named) in every case. Keys retired by
-    a rotation (``BACKUP_TOOL_PREVIOUS_KEYS_FILE``) still read what was written with them.
-    """
-    key = key or key_from_environment()
-    previous = previous_keys_from_environment()
+def open_backend(url: str) -> Storage:
+    """The store itself for a repository URL (no encryption layer): ``s3://bucket/prefix`` or a
+    local directory path; ConfigError for any other scheme."""
     if url.startswith("s3://"):
         from backup_tool.repository.storage.s3 import S3Storage
 
-        return EncryptedStorage(S3Storage(url), key, previous)
+        return S3Storage(url)
     if "://" in url and not url.startswith("file://"):
         from backup_tool.errors import ConfigError
 
@@ -41,10 +34,24 @@ def open_storage(url: str, key: EncryptionKey | None = None) -> Storage:
                           "use s3://BUCKET/PREFIX or a local directory path")
     from backup_tool.repository.storage.local import LocalStorage
 
-    return EncryptedStorage(LocalStorage(url.removeprefix("file://")), key, previous)
+    return LocalStorage(url.removeprefix("file://"))
 
 
-def open_repository(url: str, key: EncryptionKey | None = None) -> Storage:
+def open_storage(url: str, key: EncryptionKey | None = None, backend: Storage | None = None) -> Storage:
+    """The backend for a repository URL: ``s3://bucket/prefix`` or a local directory path.
+
+    Objects are encrypted with ``key``, else with the key configured in the environment
+    (``BACKUP_TOOL_ENCRYPTION_KEY`` / ``BACKUP_TOOL_ENCRYPTION_KEY_FILE``), else not at all;
+    encrypted objects are recognised (and a missing key named) in every case. Keys retired by
+    a rotation (``BACKUP_TOOL_PREVIOUS_KEYS_FILE``) still read what was written with them.
+    ``backend``: the store of ``url`` already opened (e.g. a :class:`.ahead.ReplayBackend`).
+    """
+    key = key or key_from_environment()
+    previous = previous_keys_from_environment()
+    return EncryptedStorage(backend or open_backend(url), key, previous)
+
+
+def open_repository(url: str, key: EncryptionKey | None = None, backend: Storage | None = None) -> Storage:
     """:func:`open_storage` for a command that reads the repository: a repository that does not
     exist is an error naming it (RepositoryMissingError, exit 1), never "no backups".
 
@@ -54,7 +61,7 @@ def open_repository(url: str, key: EncryptionKey | None = None) -> Storage:
     (``backup``, ``run-due``, ``wal push``, ``check``'s write probe) use :func:`open_storage`
     and create the repository with their first object.
     """
-    storage = open_storage(url, key)
+    storage = open_storage(url, key, backend)
     if not storage.repository_exists():
         from backup_tool.errors import RepositoryMissingError
 

@@ -1,0 +1,250 @@
+"""``restore tables`` reads its repository ahead: the entry point forks a process that makes
+the command's first repository reads (S3 client start, the catalog and manifests, the schema
+archive, the first data object) while the command itself loads Typer and psycopg, opens the
+target session and creates the table. Threads cannot do this: importing and starting an S3
+client is CPU under the GIL. The reads are journalled and answered by
+:class:`backup_tool.repository.storage.ahead.ReplayBackend` (see that module for what is
+answered from the journal and what goes to the store).
+
+Guarantees:
+
+- Only a plain ``restore tables`` command line this module's parser fully understands, with
+  an S3 repository, on a system with ``fork`` and ``memfd_create``; anything else (an option
+  it does not know, ``--help``, ``--target-time``, a local repository,
+  ``BACKUP_TOOL_READ_AHEAD=0``) runs the command exactly as before, without a fork.
+- The reading process is a fork, not a new program: nothing reaches it through a command line
+  or the environment that the command did not already hold, so no secret ever appears in
+  argv. It writes nothing to the store, nothing to stdout or stderr (both /dev/null), and no
+  file (its journal is an anonymous memfd).
+- It never outlives the command: killed and reaped when the restore returns or fails and at
+  exit (:func:`stop`), killed by the kernel if the command is killed (``PR_SET_PDEATHSIG``),
+  and Ctrl-C stops it with the command.
+- Its failures are never reported: a read it could not make is made by the command, which
+  reports any failure exactly as it did without the read-ahead (same message, same exit code).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from backup_tool.config.locations import repo_url
+from backup_tool.repository.storage import open_backend
+from backup_tool.repository.storage.ahead import Journal, JournalReader, ReplayBackend
+
+DISABLE_ENV = "BACKUP_TOOL_READ_AHEAD"
+PAUSE_POINT = "ahead:planned"
+AHEAD_TABLES = 4
+"""Tables whose first object is read ahead when ``--jobs`` is not given (the policy is not
+loaded for this: an object read ahead that the restore reads later is still answered)."""
+
+_VALUES = {"--tables": "tables", "--backup": "backup", "--jobs": "jobs", "-j": "jobs", "--database": "database",
+           "--repo": "repo", "--dsn": "dsn", "--policy": "",
+           "--target-dsn": "", "--into-schema": "", "--wait": "", "--pg-bin": ""}
+_FLAGS = {"--with-roles": "with_roles", "--replace": "", "--json": "", "--debug": ""}
+
+
+@dataclass(frozen=True)
+class AheadRequest:
+    """What the reading process needs of a ``restore tables`` command line."""
+
+    tables: str
+    repo: str | None = None
+    backup: str | None = None
+    database: str | None = None
+    dsn: str | None = None
+    jobs: int | None = None
+    with_roles: bool = False
+
+
+def parse_request(argv: list[str]) -> AheadRequest | None:
+    """``argv`` (after the program name) as a ``restore tables`` command the read-ahead
+    serves, or None: another command, ``--help``, ``--target-time`` or ``--full-layout``, an
+    option or argument it does not know, an option without its value, no ``--tables``, or a
+    ``--jobs`` that is not a number from 1 to 64. The last of a repeated option wins, as in
+    Click. Pure."""
+    if argv[:2] != ["restore", "tables"]:
+        return None
+    found: dict[str, str] = {}
+    flags: set[str] = set()
+    rest = argv[2:]
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name not in _VALUES and token.startswith("-j") and token[2:].isdigit():
+            name, eq, value = "-j", "=", token[2:]
+        if name in _FLAGS and not eq:
+            flags.add(_FLAGS[name])
+        elif name in _VALUES:
+            if not eq:
+                if i + 1 >= len(rest):
+                    return None
+                i += 1
+                value = rest[i]
+            found[_VALUES[name]] = value
+        else:
+            return None
+        i += 1
+    if not found.get("tables"):
+        return None
+    jobs = found.get("jobs")
+    if jobs is not None and not (jobs.isascii() and jobs.isdigit() and 1 <= int(jobs) <= 64):
+        return None
+    return AheadRequest(tables=found["tables"], repo=found.get("repo"), backup=found.get("backup"),
+                        database=found.get("database"), dsn=found.get("dsn"),
+                        jobs=int(jobs) if jobs is not None else None, with_roles="with_roles" in flags)
+
+
+@dataclass
+class _Ahead:
+    pid: int
+    url: str
+    reader: JournalReader
+
+
+_AHEAD: _Ahead | None = None
+
+
+def start(argv: list[str]) -> None:
+    """Fork the reading process for this command line, when it qualifies (module docstring)."""
+    global _AHEAD
+    if _AHEAD is not None or os.environ.get(DISABLE_ENV, "").strip() == "0":
+        return
+    request = parse_request(argv)
+    if request is None or not hasattr(os, "fork") or not hasattr(os, "memfd_create"):
+        return
+    url = repo_url(request.repo)
+    if not url.startswith("s3://"):
+        return
+    try:
+        data_fd = os.memfd_create("backup-tool-read-ahead", os.MFD_CLOEXEC)
+        read_fd, write_fd = os.pipe()
+    except OSError:
+        return
+    _widen(write_fd)
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (data_fd, read_fd, write_fd):
+            os.close(fd)
+        return
+    if pid == 0:
+        os.close(read_fd)
+        _child(request, url, parent, Journal(write_fd, data_fd))
+    os.close(write_fd)
+    _AHEAD = _Ahead(pid, url, JournalReader(read_fd, data_fd))
+    import atexit
+
+    atexit.register(stop)
+
+
+def _widen(fd: int) -> None:
+    """Room on the pipe for a whole journal's index lines (one per downloaded chunk), so the
+    reading process never waits for the command to read them; the default 64 KiB is kept
+    where the system refuses more."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+def backend_for(url: str) -> ReplayBackend | None:
+    """The store of ``url`` answered by the reads made ahead, when they were made from it;
+    else None (and the reading process is stopped): the command opens its store as usual."""
+    ahead = _AHEAD
+    if ahead is None:
+        return None
+    if url != ahead.url:
+        stop()
+        return None
+
+    return ReplayBackend(ahead.reader, lambda: open_backend(url))
+
+
+def stop() -> None:
+    """Kill the reading process (done or not) and reap it; later reads go to the store. Its
+    journal stays open until the process exits: a read still streaming from it finishes."""
+    global _AHEAD
+    ahead, _AHEAD = _AHEAD, None
+    if ahead is None:
+        return
+    ahead.reader.finish()
+    try:
+        os.kill(ahead.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(ahead.pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _child(request: AheadRequest, url: str, parent: int, journal: Journal) -> None:
+    """The reading process: never returns, never prints, exits when done or on any error."""
+    code = 0
+    try:
+        _detach(parent)
+        _read(request, url, journal)
+    except BaseException:  # noqa: BLE001 - the command makes the read itself and reports it
+        code = 1
+    finally:
+        try:
+            journal.end()
+        finally:
+            os._exit(code)
+
+
+def _detach(parent: int) -> None:
+    """Default signal handling (Ctrl-C and SIGTERM end it at once), no terminal output, and
+    death with the command (the kernel's parent-death signal, where there is one)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _read(request: AheadRequest, url: str, journal: Journal) -> None:
+    from backup_tool.logical.selection import read_ahead, split_names
+    from backup_tool.repository.catalog import DatabaseHint
+    from backup_tool.repository.storage import open_repository
+    from backup_tool.repository.storage.ahead import RecordingBackend
+
+    backend = open_backend(url)
+    journal.hello(backend.url)
+    storage = open_repository(url, backend=RecordingBackend(backend, journal))
+
+    def plan(keys: list[str]) -> None:
+        journal.plan(keys)
+        if os.environ.get("BACKUP_TOOL_TEST_PAUSE_AT") == PAUSE_POINT:
+            from backup_tool.streams import testhooks
+
+            testhooks.pause_point(PAUSE_POINT)
+
+    read_ahead(storage, split_names(request.tables), request.backup, DatabaseHint(request.database, _dbname(request)),
+               request.jobs or AHEAD_TABLES, request.with_roles, plan)
+
+
+def _dbname(request: AheadRequest) -> str | None:
+    """The database the command's DSN names (``--dsn``, else ``DATABASE_URL``, else libpq's
+    PGDATABASE), as :meth:`Invocation.database` reads it; psycopg loads only for a DSN."""
+    dsn = request.dsn if request.dsn is not None else os.environ.get("DATABASE_URL", "")
+    if not dsn:
+        return os.environ.get("PGDATABASE") or None
+    from backup_tool.postgres.connection import database_of
+
+    return database_of(dsn)

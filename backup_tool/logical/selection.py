@@ -1,0 +1,133 @@
+"""Which tables and repository objects a selective restore reads, decided without
+PostgreSQL: names as operators write them, the manifest entries they select, and the reads
+:func:`read_ahead` makes in a process of its own while the command starts (see
+:mod:`backup_tool.repository.storage.ahead`).
+
+Nothing here imports psycopg: the reading process starts before the command has loaded it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import difflib
+from typing import Callable
+
+from backup_tool.errors import NotFoundError, UsageError
+from backup_tool.repository.catalog import Catalog, DatabaseHint
+from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry
+from backup_tool.repository.storage import Storage
+
+TableKey = tuple[str, str]
+
+AHEAD_DATA_BYTES = 64 * 2**20
+"""At most this many stored bytes of table data are read ahead (a larger first object is
+left to the restore's own early read, which streams it)."""
+
+
+def split_names(text: str) -> list[str]:
+    """``a.b, "x,y".z`` → ['a.b', '"x,y".z']: commas inside double quotes belong to the name,
+    and only whitespace outside quotes is trimmed."""
+    names: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            names.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    names.append("".join(current))
+    return [n.strip() for n in names if n.strip()]
+
+
+def split_name(text: str) -> tuple[str | None, str]:
+    """``schema.table`` → (schema, table); double quotes protect dots and are removed."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            if quoted and i + 1 < len(text) and text[i + 1] == '"':
+                current.append('"')
+                i += 1
+            else:
+                quoted = not quoted
+        elif ch == "." and not quoted and not parts:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    if quoted or any(not p for p in parts):
+        raise UsageError(f"cannot read table name {text!r}", 'write SCHEMA.TABLE, quoting parts like "Mixed Case"')
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+def resolve_tables(manifest: Manifest, names: list[str]) -> list[TableEntry]:
+    """The manifest entries the names select, partitions of selected tables included."""
+    known = {(t.schema, t.name): t for t in manifest.tables}
+    chosen: list[TableKey] = []
+    for raw in names:
+        schema_name, name = split_name(raw.strip())
+        matches = [k for k in known if k[1] == name and (schema_name is None or k[0] == schema_name)]
+        if not matches:
+            matches = [k for k in known if k[1].lower() == name.lower()
+                       and (schema_name is None or k[0].lower() == schema_name.lower())]
+        if len(matches) != 1:
+            everything = [f"{s}.{n}" for s, n in known]
+            close = difflib.get_close_matches(raw, everything, n=3, cutoff=0.5)
+            if matches:
+                raise UsageError(f"table name {raw!r} is ambiguous: {', '.join(f'{s}.{n}' for s, n in matches)}",
+                                 "qualify it with its schema")
+            raise NotFoundError(f"table {raw!r} is not in backup {manifest.id}",
+                                f"closest: {', '.join(close)}" if close else "see 'backup-tool show ID' for its tables")
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    grew = True
+    while grew:
+        parents = {f"{s}.{n}" for s, n in chosen}
+        extra = [k for k, t in known.items() if t.parent in parents and k not in chosen]
+        chosen += extra
+        grew = bool(extra)
+    return [known[k] for k in chosen]
+
+
+def ahead_objects(manifest: Manifest, entries: list[TableEntry], tables: int, with_roles: bool,
+                  budget: int = AHEAD_DATA_BYTES) -> list[StoredObject]:
+    """The objects a restore of ``entries`` reads first, in the order it needs them: the
+    schema archive (the definitions of absent tables), the roles when it may create them,
+    then the first object of each of the first ``tables`` tables with rows (the loads that
+    start at once), as long as their stored sizes fit in ``budget``. Pure."""
+    wanted = [o for o in (manifest.schema, manifest.globals if with_roles else None) if o is not None]
+    used = 0
+    for obj in [t.stored[0] for t in entries if t.stored][:max(0, tables)]:
+        if used + obj.size > budget:
+            break
+        used += obj.size
+        wanted.append(obj)
+    return wanted
+
+
+def read_ahead(storage: Storage, names: list[str], backup_ref: str | None, database: DatabaseHint, tables: int,
+               with_roles: bool, plan: Callable[[list[str]], None]) -> None:
+    """Make the reads a restore of ``names`` from ``backup_ref`` starts with: the catalog and
+    the manifests it resolves ``latest`` or an id with, then :func:`ahead_objects`, all at
+    once (``plan`` hears their keys first). Errors propagate: the restore makes the same reads
+    and reports them itself."""
+    manifest = Catalog(storage).resolve_logical(backup_ref, database)
+    objects = ahead_objects(manifest, resolve_tables(manifest, names), tables, with_roles)
+    plan([o.key for o in objects])
+
+    def drain(key: str) -> None:
+        for _ in storage.get_stored(key):
+            pass
+
+    if objects:
+        with cf.ThreadPoolExecutor(len(objects)) as pool:
+            for done in [pool.submit(drain, o.key) for o in objects]:
+                done.result()
