@@ -483,7 +483,7 @@ def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: 
     if isinstance(early, str):
         return early
     span = replace(span, early_xids=early)
-    if readable and walbasis.request_wal_flush(control):
+    if readable and (walbasis.force_wal_flush(control) or walbasis.request_wal_flush(control)):
         live = walbasis.ServerWal(control, format_lsn(span.end), span.segment_size, FLUSH_WAIT_SECONDS)
         return Background(partial(changes, live=live), storage, span, 0.0)
     wait = ARCHIVE_WAIT_SECONDS if walbasis.switch_wal(control) else 0.0
@@ -668,7 +668,9 @@ class _TableDumper:
 
     def dump_changed(self, parent: Manifest) -> tuple[str, str]:
         """Reuse the parent's object for every table shown unchanged (by the WAL, or by equal
-        checksums), dump the rest; returns (method, reason for the checksum method or '')."""
+        checksums), dump the rest; returns (method, reason for the checksum method or '').
+        The parent's reused objects are listed while the changed tables are dumped; one
+        missing fails the backup once the dump is over (nothing is committed)."""
         job, reporter, data_tables = self.job, self.job.reporter, self.taken.data_tables
         verdicts, method, reason = _wal_verdicts(self.taken.wal_scan, parent, self.taken.basis, reporter)
         to_check = [t for t in data_tables if verdicts.get(t.oid, TableVerdict.SCAN) is TableVerdict.SCAN]
@@ -682,10 +684,8 @@ class _TableDumper:
             entry = parent.table(t.schema, t.name)
             if entry is not None and unchanged(entry, t, *self.checksums[t.oid]):
                 self.reused[t.oid] = entry
-        missing = Catalog(job.storage).missing_keys(o.key for e in self.reused.values() for o in e.stored)
-        if missing:
-            raise BackupToolError(f"parent backup {parent.id} lacks objects it lists ({missing[0]})",
-                                  "run 'backup-tool verify all', then take a full backup")
+        listing = Background(Catalog(job.storage).missing_keys,
+                             [o.key for e in self.reused.values() for o in e.stored], name="parent-objects")
         changed = [t for t in data_tables if t.oid not in self.reused]
         reporter.event("change detection", changed=len(changed), unchanged=len(self.reused), method=method,
                        **({"reason" if method == "checksum" else "note": reason} if reason else {}))
@@ -693,6 +693,10 @@ class _TableDumper:
         unsummed = [t for t in changed if t.oid not in self.checksums]
         self._sum(unsummed, self._of(changed))
         self._progress.finish()
+        missing = listing.result()
+        if missing:
+            raise BackupToolError(f"parent backup {parent.id} lacks objects it lists ({missing[0]})",
+                                  "run 'backup-tool verify all', then take a full backup")
         return method, reason
 
     def entries(self) -> list[TableEntry]:

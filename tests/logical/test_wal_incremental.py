@@ -464,6 +464,46 @@ def test_segments_not_archived_yet_are_read_from_the_servers_pg_wal(archiving: A
     assert live.touched
 
 
+def test_a_role_that_may_emit_messages_has_the_wal_flushed_at_once(archiving: Archiving) -> None:
+    """force_wal_flush returns only once the server has flushed every record inserted before
+    it (no waiting for the WAL writer: one look at the flush position suffices), and the
+    message it writes is read by the WAL reader as touching no table; a role that may not
+    emit messages (EXECUTE revoked) is told so, and the WAL writer is left to flush."""
+    archiving.server.create_db("flushnow")
+    with psycopg.connect(archiving.dsn("flushnow"), autocommit=True) as conn:
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("CREATE TABLE f (id int)")
+        start = lsn_now(conn)
+        for i in range(20):
+            conn.execute("INSERT INTO f VALUES (%s)", (i,))
+            end = lsn_now(conn)
+            assert walbasis.force_wal_flush(conn)
+            assert walbasis.wal_flushed_through(conn, walnames.format_lsn(end), 0.0)
+        past = lsn_now(conn)
+        sysid = int(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+        span = walnames.WalSpan(1, end, past, walnames.DEFAULT_SEGMENT_SIZE, sysid)
+        found = walscan.relations_written(open_storage(str(archiving.repo)), span, 0,
+                                          live=server_wal(conn, past))
+        assert found.records >= 1 and found.touched == frozenset()
+        assert walscan.relations_written(open_storage(str(archiving.repo)), replace(span, start=start), 0,
+                                         live=server_wal(conn, past)).touched
+    emit = "pg_logical_emit_message(boolean, text, text)"
+    with archiving.server.admin_conn("flushnow") as admin:
+        admin.execute("CREATE ROLE flush_reader LOGIN PASSWORD 'flush-pw'")
+        admin.execute("GRANT EXECUTE ON FUNCTION pg_read_binary_file(text, bigint, bigint, boolean) TO flush_reader")
+        admin.execute(f"REVOKE EXECUTE ON FUNCTION {emit} FROM PUBLIC")
+    dsn = archiving.dsn("flushnow").replace(f"{archiving.server.user}:{archiving.server.password}@",
+                                            "flush_reader:flush-pw@")
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert walbasis.can_read_wal_files(conn)
+            assert not walbasis.force_wal_flush(conn)
+            assert walbasis.request_wal_flush(conn)
+    finally:
+        with archiving.server.admin_conn("flushnow") as admin:
+            admin.execute(f"GRANT EXECUTE ON FUNCTION {emit} TO PUBLIC")
+
+
 def set_archive_command(archiving: Archiving, command: str | None) -> None:
     with archiving.server.admin_conn() as conn:
         if command is None:
