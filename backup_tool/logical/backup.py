@@ -40,7 +40,9 @@ was open at the parent's snapshot and has committed since is followed back to wh
 began (its earlier records precede the span); and no definition that shapes rows' text
 (enum labels, composite types) may have changed; see :mod:`backup_tool.postgres.walbasis`. Anything uncertain (no archive,
 a segment missing, a timeline change, a record the reader does not know) means today's
-checksum comparison (method ``checksum``), with the reason in the output.
+checksum comparison (method ``checksum``), with the reason in the output. A table the WAL
+shows written is dumped as soon as the reading finds it, while the rest of the span is read
+(:class:`Touched`); only the reading's final answer decides which parent objects are reused.
 
 Only one backup of a database into a repository runs at a time: a PostgreSQL advisory
 lock on the source database (visible to every machine that backs it up) guards the run.
@@ -757,8 +759,8 @@ class _TableDumper:
     def dump_changed(self, parent: Manifest) -> tuple[str, str]:
         """Reuse the parent's object for every table shown unchanged (by the WAL, or by equal
         checksums), dump the rest; returns (method, reason for the checksum method or '').
-        A table the WAL scan finds written is dumped as soon as it is found, while the scan
-        reads on (:class:`Touched`); should the scan then fail and the checksums show it
+        A table the WAL scan finds written is dumped and checksummed as soon as it is found,
+        while the scan reads on (:class:`Touched`); should the scan then fail and the checksums show it
         unchanged after all, its new objects are deleted and the parent's reused. The
         parent's reused objects are listed while the changed tables are dumped; one missing
         fails the backup once the dump is over (nothing is committed)."""
@@ -791,12 +793,16 @@ class _TableDumper:
         reporter.event("change detection", changed=len(changed), unchanged=len(self.reused), method=method,
                        **({"reason" if method == "checksum" else "note": reason} if reason else {}))
         self._start("data (changed tables)", changed)
-        unsummed = [t for t in changed if t.oid not in self.checksums]
+        unsummed = [t for t in changed if t.oid not in self.checksums and t.oid not in self._early]
         self._sum(unsummed, [p for p in self._of(changed) if p.table.oid not in self._early])
         for futures in self._early.values():
             for fut in futures:
                 fut.result()
         self._progress.finish()
+        for t in changed:
+            if t.oid in self._early and t.oid not in self.checksums:
+                self.checksums[t.oid] = postgres.combine_checksums([self._sums[(t.oid, p.index)]
+                                                                    for p in self.slices[t.oid]])
         for oid in [oid for oid in self._early if oid in self.reused]:
             for piece in self.slices[oid]:
                 obj, _ = self.objects.pop((oid, piece.index))
@@ -808,7 +814,8 @@ class _TableDumper:
         return method, reason
 
     def _dump_while_scanning(self, early: cf.ThreadPoolExecutor) -> None:
-        """Start dumping each table the WAL scan finds written, until the scan ends."""
+        """Start dumping and checksumming each table the WAL scan finds written, until the
+        scan ends."""
         touched = self.taken.touched
         if touched is None:
             return
@@ -818,7 +825,8 @@ class _TableDumper:
             known += len(found)
             for oid in found:
                 if oid in self.slices and oid not in self._early:
-                    self._early[oid] = [early.submit(self._dump, piece) for piece in self.slices[oid]]
+                    self._early[oid] = [early.submit(work, piece) for work in (self._dump, self._checksum)
+                                        for piece in self.slices[oid]]
             if ended:
                 return
 
