@@ -92,6 +92,7 @@ from backup_tool.repository.storage.base import (
 T = TypeVar("T")
 
 MIN_PART = 8 << 20
+FIRST_PART = 5 << 20
 PARTS_IN_FLIGHT = 3
 READ_CHUNK = 1 << 20
 ATTEMPTS = 6
@@ -230,7 +231,11 @@ def _b64(digest: bytes) -> str:
 
 
 def part_size_for(part_number: int) -> int:
-    """Part size grows with the object so 10,000 parts reach ~5 TB while small ones stay cheap."""
+    """Part size grows with the object so 10,000 parts reach ~5 TB while small ones stay cheap.
+    The first part is S3's smallest (:data:`FIRST_PART`): the upload of a stream starts, and
+    its first part travels while the rest is produced, as early as S3 allows."""
+    if part_number == 1:
+        return FIRST_PART
     if part_number <= 2000:
         return MIN_PART
     if part_number <= 8000:
