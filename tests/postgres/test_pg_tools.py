@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from backup_tool.postgres import tools
+from backup_tool.postgres.connection import tool_versions
 from backup_tool.postgres.tools import Candidate, Match, Source, ToolError
 from backup_tool.validation import majors
 
@@ -95,8 +96,6 @@ def test_find_probes_real_programs_along_path(tmp_path: Path) -> None:
 def test_client_tool_versions_are_probed_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A backup records the four client tools' versions; each ``--version`` (here half a second
     long) runs beside the others, and a missing one is the error of the first missing."""
-    from backup_tool.postgres.connection import tool_versions
-
     bindir = tmp_path / "bin"
     for n, name in enumerate(tools.CLIENT_TOOLS):
         fake_program(bindir, name, f"27.{n}")
