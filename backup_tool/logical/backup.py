@@ -40,7 +40,9 @@ was open at the parent's snapshot and has committed since is followed back to wh
 began (its earlier records precede the span); and no definition that shapes rows' text
 (enum labels, composite types) may have changed; see :mod:`backup_tool.postgres.walbasis`. Anything uncertain (no archive,
 a segment missing, a timeline change, a record the reader does not know) means today's
-checksum comparison (method ``checksum``), with the reason in the output.
+checksum comparison (method ``checksum``), with the reason in the output. A table the WAL
+shows written is dumped as soon as the reading finds it, while the rest of the span is read
+(:class:`Touched`); only the reading's final answer decides which parent objects are reused.
 
 Only one backup of a database into a repository runs at a time: a PostgreSQL advisory
 lock on the source database (visible to every machine that backs it up) guards the run.
@@ -48,13 +50,13 @@ lock on the source database (visible to every machine that backs it up) guards t
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import enum
 import os
 import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from functools import partial
 from typing import Any, Callable, Iterator, Protocol, cast
 
 import psycopg
@@ -242,11 +244,57 @@ class ChangeSource(Protocol):
     relation a row-changing record touched; raises when it cannot say for certain. The
     third argument is how long to wait for the span's last segment to reach the archive;
     ``live``, when given, reads the segments not archived yet from the server instead (the
-    server has flushed its WAL through the span's end). The CLI passes
+    server has flushed its WAL through the span's end); ``seen``, when given, is told each
+    relation as it is first found touched, while the reading goes on. The CLI passes
     :func:`backup_tool.physical.walscan.changed_relations` (this layer may not import it)."""
 
     def __call__(self, storage: Storage, span: WalSpan, wait_seconds: float,
-                 live: LiveWal | None = None) -> WalChanges: ...
+                 live: LiveWal | None = None, seen: Callable[[RelFile], None] | None = None) -> WalChanges: ...
+
+
+class Touched:
+    """The tables the WAL scan has shown written so far, as it reads, and whether it has ended.
+
+    Fed by the scan's thread (:meth:`seen`, :meth:`ended`), read by the data phase
+    (:meth:`wait`), which starts dumping those tables before the scan is over: a table a
+    row-changing record touched is changed whatever the rest of the span holds (see
+    :func:`classify`), so its COPY, taken in the backup's snapshot like any other, is needed.
+    Only the scan's final answer decides what is reused. Only WAL-logged heaps of the
+    backup's database count (the others are compared by checksum)."""
+
+    def __init__(self, basis: WalBasis | None) -> None:
+        self._database = basis.database_oid if basis is not None else -1
+        self._tables: dict[int, int] = {}
+        for rel in basis.relations if basis is not None else ():
+            if rel.logged_heap:
+                self._tables[rel.relfilenode] = rel.oid
+                if rel.toast_relfilenode:
+                    self._tables[rel.toast_relfilenode] = rel.oid
+        self._found: list[int] = []
+        self._ended = False
+        self._changed = threading.Condition()
+
+    def seen(self, rel: RelFile) -> None:
+        _tablespace, database, node = rel
+        oid = self._tables.get(node) if database == self._database else None
+        if oid is None:
+            return
+        with self._changed:
+            if oid not in self._found:
+                self._found.append(oid)
+                self._changed.notify_all()
+
+    def ended(self) -> None:
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait(self, known: int) -> tuple[list[int], bool]:
+        """The table oids found after the first ``known``, once there are some or the scan has
+        ended; and whether it has."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._ended or len(self._found) > known)
+            return self._found[known:], self._ended
 
 
 ARCHIVE_WAIT_SECONDS = 30.0
@@ -467,8 +515,9 @@ def _discard(storage: Storage, prefix: str, backup_id: str) -> None:
 
 def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: Manifest | None,
                     basis: WalBasis | None, changes: ChangeSource | None, table_bytes: int,
-                    policy: Policy, jobs: int) -> Background[Any] | str:
-    """The WAL scan of the span since the parent, started in the background, or why not."""
+                    policy: Policy, jobs: int, touched: Touched) -> Background[Any] | str:
+    """The WAL scan of the span since the parent, started in the background (telling
+    ``touched`` what it finds), or why not."""
     if parent is None or changes is None:
         return "no WAL reader"
     span = wal_span(parent.wal_basis, basis)
@@ -483,11 +532,20 @@ def _start_wal_scan(storage: Storage, control: psycopg.Connection[Any], parent: 
     if isinstance(early, str):
         return early
     span = replace(span, early_xids=early)
-    if readable and walbasis.request_wal_flush(control):
+    if readable and (walbasis.force_wal_flush(control) or walbasis.request_wal_flush(control)):
         live = walbasis.ServerWal(control, format_lsn(span.end), span.segment_size, FLUSH_WAIT_SECONDS)
-        return Background(partial(changes, live=live), storage, span, 0.0)
+        return Background(_watched_scan, changes, touched, storage, span, 0.0, live, name="wal-scan")
     wait = ARCHIVE_WAIT_SECONDS if walbasis.switch_wal(control) else 0.0
-    return Background(changes, storage, span, wait)
+    return Background(_watched_scan, changes, touched, storage, span, wait, None, name="wal-scan")
+
+
+def _watched_scan(changes: ChangeSource, touched: Touched, storage: Storage, span: WalSpan, wait: float,
+                  live: LiveWal | None) -> WalChanges:
+    """The WAL scan, telling ``touched`` what it finds as it reads and when it has ended."""
+    try:
+        return changes(storage, span, wait, live=live, seen=touched.seen)
+    finally:
+        touched.ended()
 
 
 @dataclass(frozen=True)
@@ -525,12 +583,22 @@ class _Snapshotted:
     tables: list[TableInfo]
     basis: WalBasis | None
     wal_scan: Background[Any] | str
-    sequences: list[SequenceRecord]
-    inventory: ManifestInventory
+    touched: Touched | None
+    """What the running WAL scan has found so far (None: no scan)."""
+    large_objects: dict[str, Any]
+    """The large objects' summary (manifest inventory ``large_objects``)."""
 
     @property
     def data_tables(self) -> list[TableInfo]:
         return [t for t in self.tables if t.has_data]
+
+
+@dataclass(frozen=True)
+class _Catalogs:
+    """What the manifest records of the snapshot's catalogs besides its tables."""
+
+    sequences: list[SequenceRecord]
+    inventory: ManifestInventory
 
 
 @dataclass(frozen=True)
@@ -543,11 +611,13 @@ class _SideObjects:
 
 def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
           changes: ChangeSource | None = None) -> Manifest:
-    """The snapshot, then its side objects (schema, roles, large objects: client tools that
-    mostly wait on the server) on a thread of their own while the tables are compared and
-    dumped; both are finished before anything is assembled or a failure propagates."""
+    """The snapshot, then, each on a thread of its own while the tables are compared and
+    dumped: its side objects (schema, roles, large objects: client tools that mostly wait on
+    the server) and its catalog reads (sequences, inventories: only the manifest needs them).
+    All are finished before anything is assembled or a failure propagates."""
     taken = _take_snapshot(job, control, info, stack, changes)
-    side_objects = Background(_store_side_objects, job, taken)
+    side_objects = Background(_store_side_objects, job, taken, name="side-objects")
+    catalogs = Background(_read_catalogs, job, taken, name="snapshot-catalogs")
     try:
         dumper = _TableDumper(job, taken, info["encoding"], stack)
         method = reason = ""
@@ -557,14 +627,16 @@ def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any],
             method, reason = dumper.dump_changed(job.parent)
     finally:
         side_objects.join()
+        catalogs.join()
     side: _SideObjects = side_objects.result()
-    return _assemble(job, info, taken, side, dumper.entries(), method, reason)
+    read: _Catalogs = catalogs.result()
+    return _assemble(job, info, taken, side, read, dumper.entries(), method, reason)
 
 
 def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
                    changes: ChangeSource | None) -> _Snapshotted:
     """Export the snapshot every worker shares, lock the tables, record the WAL basis, start the
-    WAL scan for an incremental, and read sequences and the inventory in that snapshot."""
+    WAL scan for an incremental, and read the large objects' summary in that snapshot."""
     before = walbasis.before_snapshot(control)
     snap = Snapshot(job.conninfo)
     stack.callback(snap.close)
@@ -572,27 +644,42 @@ def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[s
     snap.lock_tables(tables)
     basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
                                     [t.oid for t in tables if t.has_data])
+    touched = Touched(basis)
     wal_scan = _start_wal_scan(job.storage, control, job.parent, basis, changes,
-                               sum(t.size for t in tables if t.has_data), job.policy, job.jobs)
-    sequences = postgres.sequences(snap.conn)
+                               sum(t.size for t in tables if t.has_data), job.policy, job.jobs, touched)
+    return _Snapshotted(snap, tables, basis, wal_scan, touched if isinstance(wal_scan, Background) else None,
+                        large_objects.summary(snap.conn))
+
+
+def _read_catalogs(job: _DumpJob, taken: _Snapshotted) -> _Catalogs:
+    """Sequences and the inventories validation compares, read in the backup's snapshot (on
+    its session, which the data phase's own queries take turns on)."""
+    conn = taken.snap.conn
+    sequences = postgres.sequences(conn)
     inventory = cast(ManifestInventory, {
-        **catalog_inventory.inventory(snap.conn), "database": database_level.properties(snap.conn),
-        "matviews": matviews.inventory(snap.conn, contents=job.only_tables is None),
-        "large_objects": large_objects.summary(snap.conn), column_order.INVENTORY_KEY: column_order.record(snap.conn)})
-    return _Snapshotted(snap, tables, basis, wal_scan, sequences, inventory)
+        **catalog_inventory.inventory(conn), "database": database_level.properties(conn),
+        "matviews": matviews.inventory(conn, contents=job.only_tables is None),
+        "large_objects": taken.large_objects, column_order.INVENTORY_KEY: column_order.record(conn)})
+    return _Catalogs(sequences, inventory)
 
 
 def _store_side_objects(job: _DumpJob, taken: _Snapshotted) -> _SideObjects:
-    """The schema archive, the globals and the large objects (reused from the parent when the
-    parent's are the same), all from the snapshot."""
+    """The schema archive, the globals (roles: cluster-wide, no snapshot to share; dumped
+    meanwhile) and the large objects (reused from the parent when the parent's are the same),
+    all from the snapshot."""
     conninfo, major, snapshot_id, parent = job.conninfo, job.major, taken.snap.snapshot_id, job.parent
-    archive = schema.dump_schema(conninfo, major, snapshot_id)
-    normalized = schema.normalize(schema.schema_text(archive, major))
-    schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
-    globals_obj, _ = _store_compressed(job.storage, job.prefix + "globals.sql.zst",
-                                       [schema.dump_globals(conninfo, major)], job.level, 0)
+    globals_dump = Background(lambda: _store_compressed(job.storage, job.prefix + "globals.sql.zst",
+                                                        [schema.dump_globals(conninfo, major)], job.level, 0)[0],
+                              name="globals")
+    try:
+        archive = schema.dump_schema(conninfo, major, snapshot_id)
+        normalized = schema.normalize(schema.schema_text(archive, major))
+        schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
+    finally:
+        globals_dump.join()
+    globals_obj: StoredObject = globals_dump.result()
     lo_obj = None
-    lo_summary = taken.inventory["large_objects"]
+    lo_summary = taken.large_objects
     if (parent is not None and parent.large_objects is not None
             and parent.inventory.get("large_objects") == lo_summary):
         lo_obj = parent.large_objects
@@ -633,6 +720,9 @@ class _TableDumper:
         self._sums: dict[SlotKey, tuple[int, str]] = {}
         self._pending: set[SlotKey] = set()
         self._pending_lock = threading.Lock()
+        self._credited: dict[SlotKey, int] = {}
+        self._dumped: set[SlotKey] = set()
+        self._early: dict[int, list[cf.Future[None]]] = {}
         self._progress: Task = NullReporter().task("")
         self._summed: Task = NullReporter().task("")
         threshold = job.policy.backup.split_table_mb
@@ -668,8 +758,23 @@ class _TableDumper:
 
     def dump_changed(self, parent: Manifest) -> tuple[str, str]:
         """Reuse the parent's object for every table shown unchanged (by the WAL, or by equal
-        checksums), dump the rest; returns (method, reason for the checksum method or '')."""
+        checksums), dump the rest; returns (method, reason for the checksum method or '').
+        A table the WAL scan finds written is dumped and checksummed as soon as it is found,
+        while the scan reads on (:class:`Touched`); should the scan then fail and the checksums show it
+        unchanged after all, its new objects are deleted and the parent's reused. The
+        parent's reused objects are listed while the changed tables are dumped; one missing
+        fails the backup once the dump is over (nothing is committed)."""
+        with cf.ThreadPoolExecutor(self.job.jobs, thread_name_prefix="early") as early:
+            try:
+                return self._dump_changed(parent, early)
+            finally:
+                for futures in self._early.values():
+                    for fut in futures:
+                        fut.cancel()
+
+    def _dump_changed(self, parent: Manifest, early: cf.ThreadPoolExecutor) -> tuple[str, str]:
         job, reporter, data_tables = self.job, self.job.reporter, self.taken.data_tables
+        self._dump_while_scanning(early)
         verdicts, method, reason = _wal_verdicts(self.taken.wal_scan, parent, self.taken.basis, reporter)
         to_check = [t for t in data_tables if verdicts.get(t.oid, TableVerdict.SCAN) is TableVerdict.SCAN]
         for t in data_tables:
@@ -682,18 +787,48 @@ class _TableDumper:
             entry = parent.table(t.schema, t.name)
             if entry is not None and unchanged(entry, t, *self.checksums[t.oid]):
                 self.reused[t.oid] = entry
-        missing = Catalog(job.storage).missing_keys(o.key for e in self.reused.values() for o in e.stored)
-        if missing:
-            raise BackupToolError(f"parent backup {parent.id} lacks objects it lists ({missing[0]})",
-                                  "run 'backup-tool verify all', then take a full backup")
+        listing = Background(Catalog(job.storage).missing_keys,
+                             [o.key for e in self.reused.values() for o in e.stored], name="parent-objects")
         changed = [t for t in data_tables if t.oid not in self.reused]
         reporter.event("change detection", changed=len(changed), unchanged=len(self.reused), method=method,
                        **({"reason" if method == "checksum" else "note": reason} if reason else {}))
         self._start("data (changed tables)", changed)
-        unsummed = [t for t in changed if t.oid not in self.checksums]
-        self._sum(unsummed, self._of(changed))
+        unsummed = [t for t in changed if t.oid not in self.checksums and t.oid not in self._early]
+        self._sum(unsummed, [p for p in self._of(changed) if p.table.oid not in self._early])
+        for futures in self._early.values():
+            for fut in futures:
+                fut.result()
         self._progress.finish()
+        for t in changed:
+            if t.oid in self._early and t.oid not in self.checksums:
+                self.checksums[t.oid] = postgres.combine_checksums([self._sums[(t.oid, p.index)]
+                                                                    for p in self.slices[t.oid]])
+        for oid in [oid for oid in self._early if oid in self.reused]:
+            for piece in self.slices[oid]:
+                obj, _ = self.objects.pop((oid, piece.index))
+                job.storage.delete(obj.key)
+        missing = listing.result()
+        if missing:
+            raise BackupToolError(f"parent backup {parent.id} lacks objects it lists ({missing[0]})",
+                                  "run 'backup-tool verify all', then take a full backup")
         return method, reason
+
+    def _dump_while_scanning(self, early: cf.ThreadPoolExecutor) -> None:
+        """Start dumping and checksumming each table the WAL scan finds written, until the
+        scan ends."""
+        touched = self.taken.touched
+        if touched is None:
+            return
+        known = 0
+        while True:
+            found, ended = touched.wait(known)
+            known += len(found)
+            for oid in found:
+                if oid in self.slices and oid not in self._early:
+                    self._early[oid] = [early.submit(work, piece) for work in (self._dump, self._checksum)
+                                        for piece in self.slices[oid]]
+            if ended:
+                return
 
     def entries(self) -> list[TableEntry]:
         """One entry per table, in the snapshot's order; refuses a COPY whose row count is not
@@ -717,8 +852,14 @@ class _TableDumper:
         return entries
 
     def _start(self, title: str, tables: list[TableInfo]) -> None:
-        self._pending = {(p.table.oid, p.index) for p in self._of(tables)}
-        self._progress = self.job.reporter.task(title, total=sum(t.size for t in tables))
+        """The data phase's progress over ``tables``, crediting what was dumped of them already."""
+        keys = [(p.table.oid, p.index) for p in self._of(tables)]
+        with self._pending_lock:
+            self._pending = {k for k in keys if k not in self._dumped}
+            self._progress = self.job.reporter.task(title, total=sum(t.size for t in tables))
+            done = sum(self._credited.get(k, 0) for k in keys)
+            if done:
+                self._progress.advance(done)
 
     def _checksum(self, piece: parts.Slice) -> None:
         table = piece.table
@@ -728,30 +869,30 @@ class _TableDumper:
         self._summed.advance(1)
 
     def _dump(self, piece: parts.Slice) -> None:
-        credited = 0
-        share = piece.size
+        job, table = self.job, piece.table
+        key = (table.oid, piece.index)
 
         def advance(n: int) -> None:
-            nonlocal credited
-            step = min(n, share - credited)
-            if step > 0:
-                credited += step
-                self._progress.advance(step)
+            with self._pending_lock:
+                step = min(n, piece.size - self._credited.get(key, 0))
+                if step > 0:
+                    self._credited[key] = self._credited.get(key, 0) + step
+                    self._progress.advance(step)
 
-        job, table = self.job, piece.table
-        self.objects[(table.oid, piece.index)] = _dump_table(
+        self.objects[key] = _dump_table(
             job.storage, job.conninfo, job.major, self.taken.snap.snapshot_id, table,
             f"{job.prefix}data/{piece.object_name}", job.level, job.threads, self.encoding, advance, self.sessions,
             piece.blocks)
-        self._progress.advance(share - credited)
+        advance(piece.size)
         with self._pending_lock:
-            self._pending.discard((table.oid, piece.index))
+            self._dumped.add(key)
+            self._pending.discard(key)
             if not self._pending:
                 self._progress.finish()
         testhooks.pause_point("backup:between-objects")
 
 
-def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _SideObjects,
+def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _SideObjects, read: _Catalogs,
               entries: list[TableEntry], method: str, reason: str) -> Manifest:
     parent, only_tables = job.parent, job.only_tables
     return Manifest(
@@ -763,7 +904,7 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
                 "retention_days": job.policy.retention_for(job.kind).days},
         snapshot_lsn=taken.snap.wal_lsn, schema=side.schema, globals=side.globals,
         schema_fingerprint=side.fingerprint,
-        tables=tuple(entries), sequences=tuple(taken.sequences), inventory=taken.inventory,
+        tables=tuple(entries), sequences=tuple(read.sequences), inventory=read.inventory,
         large_objects=side.large_objects,
         options={"jobs": job.jobs, "compression_level": job.level, "host": info["host"],
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,

@@ -353,14 +353,25 @@ def changes_rows(rmid: int, info: int) -> bool:
     return rmid > RM_MAX_BUILTIN or (rmid, info & 0xF0) not in ROW_PRESERVING
 
 
+Seen = Callable[[RelFile], None]
+"""Told each relation file as the scan first finds it touched, while it reads on (its answer
+stands only once the scan has ended without an error)."""
+
+
 def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.DEFAULT_SEGMENT_SIZE,
-         from_xid: int | None = None) -> ScanResult:
+         from_xid: int | None = None, seen: Seen | None = None) -> ScanResult:
     """The relation files whose rows the records in ``[start, end)`` may have changed:
     main-fork block references of row-changing records, and the relations SMGR create and
     truncate records name. With ``from_xid``, only records of that transaction id or a later
-    one count (32-bit ids compared as PostgreSQL does, modulo 2^32). Raises
-    :class:`WalScanUncertain` when not certain."""
+    one count (32-bit ids compared as PostgreSQL does, modulo 2^32). ``seen`` is called with
+    each of them as it is found. Raises :class:`WalScanUncertain` when not certain."""
     touched: set[RelFile] = set()
+
+    def touch(rel: RelFile) -> None:
+        if rel not in touched:
+            touched.add(rel)
+            if seen is not None:
+                seen(rel)
     count = 0
     loaded: set[int] = set()
 
@@ -378,10 +389,10 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
         kind = info & 0xF0
         if refs and (rmid, kind) not in preserving:
             for fork, rel in refs:
-                if fork == MAIN_FORK:
-                    touched.add(rel)
+                if fork == MAIN_FORK and rel not in touched:
+                    touch(rel)
         if rmid == RM_SMGR and kind in (XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE):
-            touched.add(_smgr_relation(main, kind, lsn))
+            touch(_smgr_relation(main, kind, lsn))
         elif rmid == RM_XLOG and kind == XLOG_OVERWRITE_CONTRECORD:
             raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} overwrites a lost record")
     return ScanResult(frozenset(touched), count, len(loaded))
@@ -643,13 +654,14 @@ def _archived(storage: Storage, name: str) -> bool:
 
 def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: float,
                       clock: Callable[[], float] = time.monotonic,
-                      sleep: Callable[[float], None] = time.sleep, live: LiveSource | None = None) -> ScanResult:
+                      sleep: Callable[[float], None] = time.sleep, live: LiveSource | None = None,
+                      seen: Seen | None = None) -> ScanResult:
     """:func:`scan` of the span from the archive, only when the archive says it is this
     cluster's (``wal push`` recorded its identity). With ``live`` (the server's ``pg_wal``,
     flushed through the span's end), segments not archived yet are read there and nothing is
     waited for. Without it the span's segments may still be on their way to the archive (the
     caller just asked the server to switch; ``wal push`` may store them in any order): they
-    are waited for up to ``wait_seconds``."""
+    are waited for up to ``wait_seconds``. ``seen``: see :func:`scan`."""
     needed = segments_needed(span.start, span.end, span.segment_size)
     if not needed:
         return ScanResult(frozenset(), 0, 0)
@@ -664,11 +676,11 @@ def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
         loader = _Prefetch(archive_source(storage, span), needed)
     try:
         source = _recent(loader)
-        result = scan(source, span.start, span.end, span.segment_size)
+        result = scan(source, span.start, span.end, span.segment_size, seen=seen)
         if span.early_xids:
             first = min(span.early_xids) & 0xFFFFFFFF
             begin = start_before(source, span.start, first, span.segment_size)
-            early = scan(source, begin, span.start, span.segment_size, from_xid=first)
+            early = scan(source, begin, span.start, span.segment_size, from_xid=first, seen=seen)
             result = ScanResult(result.touched | early.touched, result.records + early.records,
                                 result.segments + early.segments)
     except WalRecordDamaged as exc:
@@ -722,7 +734,7 @@ def _wait_archived(storage: Storage, span: walnames.WalSpan, needed: range, wait
 
 
 def changed_relations(storage: Storage, span: walnames.WalSpan, wait_seconds: float,
-                      live: LiveSource | None = None) -> walnames.WalChanges:
+                      live: LiveSource | None = None, seen: Seen | None = None) -> walnames.WalChanges:
     """The incremental backup's WAL reader (:data:`backup_tool.logical.backup.ChangeSource`)."""
-    result = relations_written(storage, span, wait_seconds, live=live)
+    result = relations_written(storage, span, wait_seconds, live=live, seen=seen)
     return walnames.WalChanges(result.touched, result.segments, result.from_server)

@@ -10,6 +10,7 @@ their environment, never in their arguments.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import re
 from contextlib import contextmanager
@@ -152,8 +153,11 @@ def find_tool(name: str, major: int) -> str:
 
 
 def tool_versions(major: int, names: Sequence[str] = pg_tools.CLIENT_TOOLS) -> dict[str, str]:
-    """``{"pg_dump": "17.10", ...}``: the versions of the programs that serve ``major``."""
-    return {name: pg_tools.find(name, major).version for name in names}
+    """``{"pg_dump": "17.10", ...}``: the versions of the programs that serve ``major``
+    (probed at once, one thread per program); the first program's error if one is missing."""
+    with cf.ThreadPoolExecutor(max(len(names), 1), thread_name_prefix="tool-version") as pool:
+        tools = list(pool.map(lambda name: pg_tools.find(name, major), names))
+    return {tool.name: tool.version for tool in tools}
 
 
 def tools_major(conn: psycopg.Connection[Any], backup_major: int) -> int:

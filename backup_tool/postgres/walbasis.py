@@ -12,12 +12,14 @@ not MVCC-safe: the two differ after a TRUNCATE committed since the snapshot).
 
 An incremental that may read the server's own ``pg_wal`` files (:func:`can_read_wal_files`)
 reads the segments not archived yet there (:class:`ServerWal`) once the server has flushed
-its WAL through the snapshot's position (:func:`request_wal_flush`), instead of waiting for
-the archiver.
+its WAL through the snapshot's position, instead of waiting for the archiver: flushed at
+once where the role may (:func:`force_wal_flush`), else within ``wal_writer_delay``
+(:func:`request_wal_flush`).
 
 Every capture step may fail (a standby, a role that may not call the functions, a server
 without them); the result is then None and the backup records no basis: the next
-incremental compares checksums. Nothing here changes data.
+incremental compares checksums. Nothing here changes data (:func:`force_wal_flush` writes
+one empty logical decoding message, and only when no logical slot would read it).
 """
 
 from __future__ import annotations
@@ -164,6 +166,33 @@ def request_wal_flush(conn: psycopg.Connection[Any]) -> bool:
     turns true for any position read before this call. False when the server refuses."""
     try:
         conn.execute("SELECT pg_current_xact_id()")
+    except psycopg.Error:
+        return False
+    return True
+
+
+FLUSH_MESSAGE_PREFIX = "backup-tool"
+
+
+def force_wal_flush(conn: psycopg.Connection[Any]) -> bool:
+    """Have the server flush its WAL through every record inserted so far, now, instead of
+    within ``wal_writer_delay`` (:func:`request_wal_flush`): a transaction that takes an xid
+    and writes one empty, non-transactional logical decoding message (prefix ``backup-tool``)
+    commits with ``synchronous_commit = local``, which flushes before it returns. True once
+    that commit has returned. False, with nothing written, when the role may not emit
+    messages (every role may unless EXECUTE was revoked), when a logical replication slot
+    exists (its consumers would receive the message), or when the server refuses (a
+    standby). The message changes no data and lies after the span the backup reads."""
+    try:
+        row = conn.execute("SELECT has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE')"
+                           " AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_type = 'logical')"
+                           ).fetchone()
+        if not row or not row[0]:
+            return False
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = local")
+            conn.execute("SELECT pg_current_xact_id(), pg_logical_emit_message(false, %s, '')",
+                         (FLUSH_MESSAGE_PREFIX,))
     except psycopg.Error:
         return False
     return True

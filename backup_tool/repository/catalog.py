@@ -473,10 +473,16 @@ class Catalog:
         return self.missing_keys(o.key for o in manifest.objects())
 
     def missing_keys(self, keys: Iterable[str]) -> list[str]:
-        """Which of ``keys`` the repository does not hold, with one LIST per backup prefix."""
+        """Which of ``keys`` the repository does not hold, with one LIST per backup prefix
+        (the prefixes listed at once: an incremental's objects span its chain)."""
         wanted = set(keys)
-        prefixes = {"/".join(k.split("/")[:2]) + "/" for k in wanted}
-        present = {info.key for p in sorted(prefixes) for info in self.storage.list(p)}
+        prefixes = sorted({"/".join(k.split("/")[:2]) + "/" for k in wanted})
+        if len(prefixes) < 2:
+            present = {info.key for p in prefixes for info in self.storage.list(p)}
+        else:
+            with cf.ThreadPoolExecutor(min(LOAD_THREADS, len(prefixes))) as pool:
+                present = {info.key for listing in pool.map(lambda p: list(self.storage.list(p)), prefixes)
+                           for info in listing}
         return sorted(wanted - present)
 
     def commit(self, manifest: Manifest) -> Manifest:

@@ -149,6 +149,28 @@ def test_one_of_twenty_tables_costs_a_fraction(cli: Any, s3_repo: str, fresh_db:
     assert dbcompare.table_hashes(db.dsn) == dbcompare.table_hashes(target.dsn)
 
 
+def test_a_parent_lacking_a_reused_object_fails_the_incremental_and_commits_nothing(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any]) -> None:
+    """The parent's reused objects are listed while the changed tables are dumped: one gone
+    fails the backup naming it, and leaves no manifest, object or running marker behind."""
+    db = fresh_db("lacking")
+    for name in ("kept", "gone", "edited"):
+        db.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
+        db.execute(f"INSERT INTO {name} SELECT g, md5(g::text) FROM generate_series(1, 500) g")
+    full = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    show = cli.json("show", "--repo", local_repo, full["id"])
+    lost = next(t["object"] for t in show["tables"] if t["table"] == "public.gone")
+    (Path(local_repo) / lost).unlink()
+    db.execute("UPDATE edited SET v = upper(v) WHERE id % 7 = 0")
+    before = sorted(p.relative_to(local_repo) for p in Path(local_repo).rglob("*") if p.is_file())
+    proc = cli("backup", "incremental", "--repo", local_repo, "--dsn", db.dsn, "--json")
+    assert proc.returncode == 1, proc.stderr
+    assert f"parent backup {full['id']} lacks objects it lists ({lost})" in proc.stderr
+    after = sorted(p.relative_to(local_repo) for p in Path(local_repo).rglob("*") if p.is_file())
+    assert after == before
+    assert [b["id"] for b in cli.json("list", "--repo", local_repo)] == [full["id"]]
+
+
 def test_verify_and_validate_work_for_incrementals(cli: Any, local_repo: str, seed_copy: Callable[..., Any]) -> None:
     db = seed_copy("vi")
     cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)

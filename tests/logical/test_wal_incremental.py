@@ -464,6 +464,124 @@ def test_segments_not_archived_yet_are_read_from_the_servers_pg_wal(archiving: A
     assert live.touched
 
 
+def test_a_role_that_may_emit_messages_has_the_wal_flushed_at_once(archiving: Archiving) -> None:
+    """force_wal_flush returns only once the server has flushed every record inserted before
+    it (no waiting for the WAL writer: one look at the flush position suffices), and the
+    message it writes is read by the WAL reader as touching no table; a role that may not
+    emit messages (EXECUTE revoked) is told so, and the WAL writer is left to flush."""
+    archiving.server.create_db("flushnow")
+    with psycopg.connect(archiving.dsn("flushnow"), autocommit=True) as conn:
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("CREATE TABLE f (id int)")
+        start = lsn_now(conn)
+        for i in range(20):
+            conn.execute("INSERT INTO f VALUES (%s)", (i,))
+            end = lsn_now(conn)
+            assert walbasis.force_wal_flush(conn)
+            assert walbasis.wal_flushed_through(conn, walnames.format_lsn(end), 0.0)
+        past = lsn_now(conn)
+        sysid = int(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+        span = walnames.WalSpan(1, end, past, walnames.DEFAULT_SEGMENT_SIZE, sysid)
+        found = walscan.relations_written(open_storage(str(archiving.repo)), span, 0,
+                                          live=server_wal(conn, past))
+        assert found.records >= 1 and found.touched == frozenset()
+        assert walscan.relations_written(open_storage(str(archiving.repo)), replace(span, start=start), 0,
+                                         live=server_wal(conn, past)).touched
+    emit = "pg_logical_emit_message(boolean, text, text)"
+    with archiving.server.admin_conn("flushnow") as admin:
+        admin.execute("CREATE ROLE flush_reader LOGIN PASSWORD 'flush-pw'")
+        admin.execute("GRANT EXECUTE ON FUNCTION pg_read_binary_file(text, bigint, bigint, boolean) TO flush_reader")
+        admin.execute(f"REVOKE EXECUTE ON FUNCTION {emit} FROM PUBLIC")
+    dsn = archiving.dsn("flushnow").replace(f"{archiving.server.user}:{archiving.server.password}@",
+                                            "flush_reader:flush-pw@")
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert walbasis.can_read_wal_files(conn)
+            assert not walbasis.force_wal_flush(conn)
+            assert walbasis.request_wal_flush(conn)
+    finally:
+        with archiving.server.admin_conn("flushnow") as admin:
+            admin.execute(f"GRANT EXECUTE ON FUNCTION {emit} TO PUBLIC")
+
+
+def _data_objects(archiving: Archiving) -> set[str]:
+    return {str(p.relative_to(archiving.repo)) for p in archiving.repo.glob("backups/*/data/*")}
+
+
+def test_a_table_the_wal_shows_written_is_dumped_while_the_scan_reads_on(archiving: Archiving) -> None:
+    """The data phase starts a touched table's COPY as soon as the scan names it: here the
+    scan, once it has named table b, goes on only when b's new object is stored. The
+    incremental is exactly what reading the whole span first gives."""
+    archiving.server.create_db("early")
+    with psycopg.connect(archiving.dsn("early"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE a (id int, v text); CREATE TABLE b (id int, v text);"
+                     "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 2000) g;"
+                     "INSERT INTO b SELECT g, md5(g::text) FROM generate_series(1, 2000) g")
+    backup.backup_full(settings_for(archiving, "early"))
+    with psycopg.connect(archiving.dsn("early"), autocommit=True) as conn:
+        conn.execute("UPDATE b SET v = upper(v) WHERE id % 5 = 0")
+        b_node = conn.execute("SELECT pg_relation_filenode('b')").fetchone()[0]
+    now = truth(archiving.dsn("early"))
+    before = _data_objects(archiving)
+    stored_while_scanning: list[bool] = []
+
+    def source(storage: Any, span: walnames.WalSpan, wait: float, live: Any = None, seen: Any = None) -> Any:
+        def told(rel: walscan.RelFile) -> None:
+            seen(rel)
+            if rel[2] != b_node:
+                return
+            deadline = time.monotonic() + 30
+            while not _data_objects(archiving) - before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stored_while_scanning.append(bool(_data_objects(archiving) - before))
+        return walscan.changed_relations(storage, span, wait, live=live, seen=told if seen else None)
+
+    incr = backup.backup_incremental(settings_for(archiving, "early"), changes=source)
+    assert stored_while_scanning and all(stored_while_scanning)
+    assert incr.options["changed_tables_method"] == "wal", incr.options
+    assert stored(incr) == {"public.b"}
+    assert {t.full_name: (t.rows, t.checksum) for t in incr.tables} == {n: (v[3], v[4]) for n, v in now.items()}
+    assert _data_objects(archiving) - before == {o.key for o in incr.objects() if "/data/" in o.key
+                                                 and o.key.startswith(f"backups/{incr.id}/")}
+
+
+def test_a_table_dumped_early_then_found_unchanged_is_reused_and_its_object_deleted(archiving: Archiving) -> None:
+    """Should the scan fail after naming a table that the checksums then show unchanged, the
+    table's early object is deleted and the parent's reused: the incremental is what the
+    checksum method alone gives."""
+    archiving.server.create_db("early2")
+    with psycopg.connect(archiving.dsn("early2"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE a (id int, v text); CREATE TABLE b (id int, v text);"
+                     "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 2000) g;"
+                     "INSERT INTO b SELECT g, md5(g::text) FROM generate_series(1, 2000) g")
+        a_file = conn.execute("SELECT reltablespace, (SELECT oid FROM pg_database WHERE datname = current_database()),"
+                              " pg_relation_filenode('a') FROM pg_class WHERE relname = 'a'").fetchone()
+    full = backup.backup_full(settings_for(archiving, "early2"))
+    with psycopg.connect(archiving.dsn("early2"), autocommit=True) as conn:
+        conn.execute("UPDATE b SET v = upper(v) WHERE id % 5 = 0")
+    now = truth(archiving.dsn("early2"))
+    before = _data_objects(archiving)
+    early_objects: list[set[str]] = []
+
+    def source(storage: Any, span: walnames.WalSpan, wait: float, live: Any = None, seen: Any = None) -> Any:
+        assert seen is not None
+        seen((a_file[0] or 1663, a_file[1], a_file[2]))
+        deadline = time.monotonic() + 30
+        while not _data_objects(archiving) - before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        early_objects.append(_data_objects(archiving) - before)
+        raise walscan.WalScanUncertain("the scan stopped short (test)")
+
+    incr = backup.backup_incremental(settings_for(archiving, "early2"), changes=source)
+    assert early_objects and early_objects[0], "table a was dumped while the scan ran"
+    assert incr.options["changed_tables_method"] == "checksum"
+    assert stored(incr) == {"public.b"}
+    a_entry = incr.table("public", "a")
+    assert a_entry is not None and a_entry.object == full.table("public", "a").object
+    assert {t.full_name: (t.rows, t.checksum) for t in incr.tables} == {n: (v[3], v[4]) for n, v in now.items()}
+    assert not early_objects[0] & _data_objects(archiving), "the early object of a is deleted"
+
+
 def set_archive_command(archiving: Archiving, command: str | None) -> None:
     with archiving.server.admin_conn() as conn:
         if command is None:

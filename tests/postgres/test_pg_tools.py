@@ -5,11 +5,13 @@ plus the real lookup against fake program directories."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from backup_tool.postgres import tools
+from backup_tool.postgres.connection import tool_versions
 from backup_tool.postgres.tools import Candidate, Match, Source, ToolError
 from backup_tool.validation import majors
 
@@ -89,6 +91,23 @@ def test_find_probes_real_programs_along_path(tmp_path: Path) -> None:
     with pytest.raises(ToolError) as err:
         tools.find("pg_restore", 28, {**env, "BACKUP_TOOL_PG_BIN": str(tmp_path / "empty")})
     assert str(err.value).startswith(f"pg_restore is not in {tmp_path / 'empty'}")
+
+
+def test_client_tool_versions_are_probed_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup records the four client tools' versions; each ``--version`` (here half a second
+    long) runs beside the others, and a missing one is the error of the first missing."""
+    bindir = tmp_path / "bin"
+    for n, name in enumerate(tools.CLIENT_TOOLS):
+        fake_program(bindir, name, f"27.{n}")
+        (bindir / name).write_text(f"#!/bin/sh\nsleep 0.5\necho '{name} (PostgreSQL) 27.{n}'\n")
+    monkeypatch.setenv(tools.PG_BIN_ENV, str(bindir))
+    started = time.monotonic()
+    assert tool_versions(27) == {name: f"27.{n}" for n, name in enumerate(tools.CLIENT_TOOLS)}
+    assert time.monotonic() - started < 1.5, "probed one after the other"
+    (bindir / "psql").unlink()
+    (bindir / "pg_dumpall").unlink()
+    with pytest.raises(ToolError, match="^psql is not in"):
+        tool_versions(27)
 
 
 def acl_item(obj: str, *entries: tuple[str, str, str, bool]) -> dict[str, object]:

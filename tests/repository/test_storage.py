@@ -120,3 +120,26 @@ def test_bad_keys_rejected(tmp_path: Path, key: str) -> None:
 def test_missing_bucket_is_clear(s3_server: object) -> None:
     with pytest.raises(StorageError, match="does not exist"):
         list(open_storage("s3://no-such-bucket-here/prefix").list())
+
+
+def test_a_stream_goes_out_in_parts_from_its_first_five_mib(s3_repo: str) -> None:
+    """S3 takes parts of 5 MiB and more: the first part of a stream is sent as soon as 5 MiB
+    are there, while the stream is still being produced, and the object is exactly its bytes."""
+    import boto3
+
+    storage = open_storage(s3_repo)
+    bucket, prefix = s3_repo[len("s3://"):].split("/", 1)
+    client = boto3.client("s3")
+    uploading: list[int] = []
+    chunks = [os.urandom(1 << 20) for _ in range(7)]
+
+    def stream() -> Iterator[bytes]:
+        for n, chunk in enumerate(chunks):
+            if n == 6:
+                uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/")
+                uploading.append(len(uploads.get("Uploads", [])))
+            yield chunk
+
+    result = storage.put("data/table.copy.zst", stream())
+    assert uploading == [1]
+    assert result.size == 7 << 20 and storage.get_bytes("data/table.copy.zst") == b"".join(chunks)
