@@ -121,14 +121,3 @@ def test_values_only_typer_can_judge_keep_its_messages(argv: list[str]) -> None:
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"backup-tool: error: Invalid value for '{argv[0]}'"), done.stderr
     assert "Input should be" in done.stderr
-
-
-def test_an_s3_repository_is_read_through_botocore_without_boto3(s3_repo: str) -> None:
-    """Every command on an S3 repository pays for the S3 library's import: the client comes
-    from botocore itself, and boto3 (resources, transfer managers) is never loaded."""
-    done = subprocess.run([sys.executable, "-c", _LOADED, "list", "--repo", s3_repo, "--json"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    assert done.stdout.strip() == "[]", done.stderr[-2000:]
-    loaded = set(json.loads(done.stderr.splitlines()[-1]))
-    assert "backup_tool.repository.storage.s3" in loaded and "botocore.client" in loaded
-    assert not {m for m in loaded if m.split(".")[0] in ("boto3", "s3transfer")}

@@ -1,10 +1,8 @@
 """S3 repository (AWS S3 and compatible stores: MinIO, R2, test endpoints).
 
-The only module that imports the S3 library the project is built on: botocore, the core of
-boto3, used directly (a client is all this needs; importing boto3 as well costs every
-command on an S3 repository about 40 ms of CPU for resources and transfer managers it never
-uses). Endpoint, region and credentials come from the standard AWS chain, the same as boto3's
-(``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, instance roles...).
+The only module that imports boto3 (the S3 library the project is built on). Endpoint, region
+and credentials come from boto3's standard chain (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``,
+instance roles...).
 
 Uploads stream: chunks are cut into multipart parts uploaded by a few threads, so memory
 stays at (parts in flight + 1) x part size whatever the object size. Objects smaller than
@@ -50,7 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
-import botocore.session
+import boto3
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -264,7 +262,7 @@ class S3Storage(Storage):
             read_timeout=self.tuning.read_timeout,
             max_pool_connections=32,
         )
-        self._client = botocore.session.get_session().create_client("s3", config=config)
+        self._client = boto3.session.Session().client("s3", config=config)
         self.sse = sse_args()
 
     def _key(self, key: str) -> str:
