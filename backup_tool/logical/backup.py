@@ -55,7 +55,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
-from typing import Any, Callable, Iterator, Protocol, cast
+from typing import Any, Callable, Iterable, Iterator, Protocol, cast
 
 import psycopg
 
@@ -149,11 +149,13 @@ class _Sessions:
             release()
 
 
-def _store_compressed(storage: Storage, key: str, chunks: Any, level: int, threads: int,
-                      on_raw: Callable[[int], None] | None = None,
+def _store_compressed(storage: Storage, key: str, chunks: Iterable[bytes] | pipeline.Fill, level: int,
+                      threads: int, on_raw: Callable[[int], None] | None = None,
                       pause: str = "") -> tuple[StoredObject, pipeline.StreamStats]:
+    """Compress ``chunks`` (an iterator of chunks, or a :data:`pipeline.Fill`) into the object ``key``."""
     stats = pipeline.StreamStats()
-    stream = pipeline.compress(chunks, level, threads, stats, on_raw)
+    fill = chunks if callable(chunks) else pipeline.fill_from(chunks)
+    stream = pipeline.compress_filled(fill, level, threads, stats, on_raw)
     result = storage.put(key, testhooks.paused_stream(pause, stream) if pause else stream)
     return StoredObject(key, result.size, result.sha256, stats.raw_size), stats
 
@@ -162,9 +164,10 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
                 table: TableInfo, key: str, level: int, threads: int, encoding: str,
                 advance: Callable[[int], None], sessions: _Sessions,
                 blocks: postgres.BlockRange = (None, None)) -> tuple[StoredObject, int]:
-    """COPY ``table`` (or its ``blocks``) into the object ``key``. The session slot is held
-    from the start of the COPY to its end (psql's exit checked, so a failed COPY never
-    completes its object); the upload's last request is answered outside it."""
+    """COPY ``table`` (or its ``blocks``) into the object ``key``, read from psql's stdout
+    straight into the compressor's frame buffers. The session slot is held from the start
+    of the COPY to its end (psql's exit checked, so a failed COPY never completes its
+    object); the upload's last request is answered outside it."""
     argv = postgres.copy_out_command(conninfo, major, snapshot_id, table, blocks)
     env = conninfo.tool_env(settings={})
     env["PGCLIENTENCODING"] = encoding
@@ -175,13 +178,15 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
         release()
         raise
 
-    def copied() -> Iterator[bytes]:
-        yield from proc.chunks()
-        proc.finish()
-        release()
+    def copied(view: memoryview) -> int:
+        n = proc.readinto(view)
+        if not n:
+            proc.finish()
+            release()
+        return n
 
     try:
-        obj, stats = _store_compressed(storage, key, copied(), level, threads, advance, "backup:upload")
+        obj, stats = _store_compressed(storage, key, copied, level, threads, advance, "backup:upload")
     except BaseException:
         proc.kill()
         raise
