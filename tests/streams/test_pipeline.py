@@ -131,7 +131,7 @@ def test_a_stream_longer_than_a_frame_is_stored_in_independent_frames_every_read
     cuts = [0]
     while cuts[-1] < len(raw):
         cuts.append(cuts[-1] + (1000, 65536, 3 << 20, 7)[len(cuts) % 4])
-    chunks = [raw[a:b] for a, b in zip(cuts, cuts[1:])]
+    chunks = [raw[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
     stored = b"".join(compress(iter(chunks), 3, threads, stats, seen.append))
     frames = _frames(stored)
     assert [size for size, _ in frames] == [FRAME] * (len(raw) // FRAME) + [len(raw) % FRAME]
