@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -49,6 +50,19 @@ def test_multipart_stream_round_trip(storage: Storage) -> None:
     for part in storage.get("big"):
         got += len(part)
     assert got == r.size
+
+
+def test_chunks_of_any_size_are_stored_byte_for_byte_across_part_boundaries(storage: Storage) -> None:
+    """Chunks smaller and larger than a part, one exactly a part, a boundary inside a chunk,
+    an empty chunk: the object holds exactly their concatenation, and put's sha256 is its own."""
+    sizes = [1, (3 << 20) + 5, 0, 8 << 20, 100 << 10, (9 << 20) + 3, 7, 8 << 20, 12345]
+    chunks = [os.urandom(n) for n in sizes]
+    whole = b"".join(chunks)
+    r = storage.put("odd", iter(chunks))
+    assert (r.size, r.sha256) == (len(whole), hashlib.sha256(whole).hexdigest())
+    assert storage.get_bytes("odd") == whole
+    one = storage.put("one-chunk", [chunks[3]])
+    assert storage.get_bytes("one-chunk") == chunks[3] and one.size == 8 << 20
 
 
 def test_failed_stream_leaves_nothing(storage: Storage) -> None:

@@ -43,6 +43,7 @@ import concurrent.futures as cf
 import hashlib
 import os
 import threading
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
@@ -245,6 +246,42 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, (prefix + "/") if prefix else ""
 
 
+class _Held:
+    """Bytes received and not sent yet, as the chunks they came in."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes | memoryview] = deque()
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        if chunk:
+            self._chunks.append(chunk)
+            self.size += len(chunk)
+
+    def take(self, size: int) -> bytes:
+        """The first ``size`` bytes held (all of them at most), removed."""
+        size = min(size, self.size)
+        first = self._chunks[0] if self._chunks else b""
+        if len(first) == size and isinstance(first, bytes):
+            self._chunks.popleft()
+            self.size -= size
+            return first
+        pieces: list[bytes | memoryview] = []
+        need = size
+        while need:
+            head = self._chunks[0]
+            if len(head) <= need:
+                pieces.append(self._chunks.popleft())
+                need -= len(head)
+            else:
+                view = memoryview(head)
+                pieces.append(view[:need])
+                self._chunks[0] = view[need:]
+                need = 0
+        self.size -= size
+        return b"".join(pieces)
+
+
 class S3Storage(Storage):
     def __init__(self, url: str, tuning: S3Tuning | None = None) -> None:
         self.url = url.rstrip("/")
@@ -324,28 +361,26 @@ class S3Storage(Storage):
     # -- writing ---------------------------------------------------------------------------
 
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        """Chunks are held as they come and joined once per request body (a body that is one
+        whole chunk is sent as it is): each byte is copied at most once on its way out."""
         full = self._key(key)
         counter = HashingCounter()
-        buf = bytearray()
+        held = _Held()
         upload: _MultipartUpload | None = None
         try:
             for chunk in chunks:
                 counter.update(chunk)
-                buf += chunk
-                while len(buf) >= part_size_for(upload.parts + 1 if upload else 1):
+                held.add(chunk)
+                while held.size >= part_size_for(upload.parts + 1 if upload else 1):
                     size = part_size_for(upload.parts + 1 if upload else 1)
                     if upload is None:
                         upload = _MultipartUpload.start(self, key, full)
-                    upload.submit(bytes(buf[:size]))
-                    del buf[:size]
+                    upload.submit(held.take(size))
             if upload is None:
-                body = bytes(buf)
-                del buf[:]
-                self._put_single(key, full, body, bytes.fromhex(counter.hexdigest()))
+                self._put_single(key, full, held.take(held.size), bytes.fromhex(counter.hexdigest()))
             else:
-                if buf:
-                    upload.submit(bytes(buf))
-                buf = bytearray()
+                if held.size:
+                    upload.submit(held.take(held.size))
                 upload.complete()
                 upload = None
         except BaseException:
