@@ -76,6 +76,7 @@ from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, n
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.manifest import (
     CHECKSUM_METHOD_FORMATS,
+    FRAMED_BASE_FORMAT,
     SPLIT_TABLE_FORMAT,
     Manifest,
     ManifestInventory,
@@ -774,9 +775,24 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
         tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,
-        format=max([1] + ([SPLIT_TABLE_FORMAT] if any(e.parts for e in entries) else [])
-                   + [CHECKSUM_METHOD_FORMATS[job.checksum_method]]),
+        format=manifest_format(entries, [side.schema, side.globals, side.large_objects], job.checksum_method),
     )
+
+
+def manifest_format(entries: list[TableEntry], side_objects: list[StoredObject | None],
+                    method: ChecksumMethod) -> int:
+    """The lowest manifest format whose readers read this logical backup whole. Pure.
+
+    An object whose raw size exceeds :data:`pipeline.FRAME` is stored in several zstd frames
+    (or, written by an older version, in one): versions before
+    :data:`FRAMED_BASE_FORMAT` decompress only an object's first frame, so they must refuse
+    the manifest rather than restore part of a table. A split table needs
+    :data:`SPLIT_TABLE_FORMAT`; the checksum method, the lowest format that knows it."""
+    objects = [o for e in entries for o in (e.object, *e.parts) if o is not None]
+    objects += [o for o in side_objects if o is not None]
+    return max([1, CHECKSUM_METHOD_FORMATS[method]]
+               + ([SPLIT_TABLE_FORMAT] if any(e.parts for e in entries) else [])
+               + ([FRAMED_BASE_FORMAT] if any(o.raw_size > pipeline.FRAME for o in objects) else []))
 
 
 def _wal_verdicts(wal_scan: Background[Any] | str, parent: Manifest, basis: WalBasis | None,

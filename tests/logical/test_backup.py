@@ -17,10 +17,18 @@ import zstandard
 
 from backup_tool.config.policy import BackupSettings, Policy
 from backup_tool.config.settings import Settings
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.jobs.verify import verify
 from backup_tool.logical import backup
 from backup_tool.logical.restore import restore_full
 from backup_tool.logical.restore_tables import restore_tables
+from backup_tool.repository.manifest import (
+    FRAMED_BASE_FORMAT,
+    SPLIT_TABLE_FORMAT,
+    TYPED_COLUMN_FORMAT,
+    StoredObject,
+    TableEntry,
+)
 from backup_tool.repository.storage.base import PutResult
 from backup_tool.repository.storage.local import LocalStorage
 from backup_tool.streams import pipeline
@@ -166,3 +174,25 @@ def test_a_table_object_restores_verifies_and_reads_back_whichever_way_it_was_co
     assert dbcompare.table_hashes(db.dsn, ["inspect.wide"])["inspect.wide"] == \
         dbcompare.table_hashes(db.dsn, ["public.wide"])["public.wide"]
     assert verify(settings, full.id).ok
+
+
+def test_a_backup_with_an_object_of_several_frames_is_refused_by_readers_of_one_frame() -> None:
+    """Versions before FRAMED_BASE_FORMAT decompress only an object's first frame: a manifest
+    listing an object longer than a frame (a table, its part, or a side object) is written in
+    that format at least, whatever its checksum method; a backup of small objects keeps its
+    older format."""
+    def obj(raw: int) -> StoredObject:
+        return StoredObject(f"backups/b/data/{raw}.copy.zst", 100, "0" * 64, raw)
+
+    def table(stored: StoredObject | None, parts: tuple[StoredObject, ...] = ()) -> TableEntry:
+        return TableEntry("public", "t", "r", None, ("id",), 1, "0" * 16, stored, parts)
+
+    small, big = obj(pipeline.FRAME), obj(pipeline.FRAME + 1)
+    schema = obj(10)
+    row_text = ChecksumMethod.ROW_TEXT
+    assert backup.manifest_format([table(small)], [schema, schema, None], row_text) == 1
+    assert backup.manifest_format([table(big)], [schema, schema, None], row_text) == FRAMED_BASE_FORMAT
+    assert backup.manifest_format([table(small)], [schema, schema, big], row_text) == FRAMED_BASE_FORMAT
+    assert backup.manifest_format([table(None, (small, big))], [schema, schema, None], row_text) == SPLIT_TABLE_FORMAT
+    assert backup.manifest_format([table(big)], [schema, schema, None], ChecksumMethod.TYPED_COLUMN) == \
+        TYPED_COLUMN_FORMAT
