@@ -57,7 +57,7 @@ import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Protocol, cast
+from typing import Any, Callable, Iterable, Iterator, Protocol, cast
 
 import psycopg
 
@@ -78,6 +78,7 @@ from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, n
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.manifest import (
     CHECKSUM_METHOD_FORMATS,
+    FRAMED_BASE_FORMAT,
     SPLIT_TABLE_FORMAT,
     Manifest,
     ManifestInventory,
@@ -151,11 +152,13 @@ class _Sessions:
             release()
 
 
-def _store_compressed(storage: Storage, key: str, chunks: Any, level: int, threads: int,
-                      on_raw: Callable[[int], None] | None = None,
+def _store_compressed(storage: Storage, key: str, chunks: Iterable[bytes] | pipeline.Fill, level: int,
+                      threads: int, on_raw: Callable[[int], None] | None = None,
                       pause: str = "") -> tuple[StoredObject, pipeline.StreamStats]:
+    """Compress ``chunks`` (an iterator of chunks, or a :data:`pipeline.Fill`) into the object ``key``."""
     stats = pipeline.StreamStats()
-    stream = pipeline.compress(chunks, level, threads, stats, on_raw)
+    fill = chunks if callable(chunks) else pipeline.fill_from(chunks)
+    stream = pipeline.compress_filled(fill, level, threads, stats, on_raw)
     result = storage.put(key, testhooks.paused_stream(pause, stream) if pause else stream)
     return StoredObject(key, result.size, result.sha256, stats.raw_size), stats
 
@@ -164,9 +167,10 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
                 table: TableInfo, key: str, level: int, threads: int, encoding: str,
                 advance: Callable[[int], None], sessions: _Sessions,
                 blocks: postgres.BlockRange = (None, None)) -> tuple[StoredObject, int]:
-    """COPY ``table`` (or its ``blocks``) into the object ``key``. The session slot is held
-    from the start of the COPY to its end (psql's exit checked, so a failed COPY never
-    completes its object); the upload's last request is answered outside it."""
+    """COPY ``table`` (or its ``blocks``) into the object ``key``, read from psql's stdout
+    straight into the compressor's frame buffers. The session slot is held from the start
+    of the COPY to its end (psql's exit checked, so a failed COPY never completes its
+    object); the upload's last request is answered outside it."""
     argv = postgres.copy_out_command(conninfo, major, snapshot_id, table, blocks)
     env = conninfo.tool_env(settings={})
     env["PGCLIENTENCODING"] = encoding
@@ -177,13 +181,15 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
         release()
         raise
 
-    def copied() -> Iterator[bytes]:
-        yield from proc.chunks()
-        proc.finish()
-        release()
+    def copied(view: memoryview) -> int:
+        n = proc.readinto(view)
+        if not n:
+            proc.finish()
+            release()
+        return n
 
     try:
-        obj, stats = _store_compressed(storage, key, copied(), level, threads, advance, "backup:upload")
+        obj, stats = _store_compressed(storage, key, copied, level, threads, advance, "backup:upload")
     except BaseException:
         proc.kill()
         raise
@@ -910,9 +916,24 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
         tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,
-        format=max([1] + ([SPLIT_TABLE_FORMAT] if any(e.parts for e in entries) else [])
-                   + [CHECKSUM_METHOD_FORMATS[job.checksum_method]]),
+        format=manifest_format(entries, [side.schema, side.globals, side.large_objects], job.checksum_method),
     )
+
+
+def manifest_format(entries: list[TableEntry], side_objects: list[StoredObject | None],
+                    method: ChecksumMethod) -> int:
+    """The lowest manifest format whose readers read this logical backup whole. Pure.
+
+    An object whose raw size exceeds :data:`pipeline.FRAME` is stored in several zstd frames
+    (or, written by an older version, in one): versions before
+    :data:`FRAMED_BASE_FORMAT` decompress only an object's first frame, so they must refuse
+    the manifest rather than restore part of a table. A split table needs
+    :data:`SPLIT_TABLE_FORMAT`; the checksum method, the lowest format that knows it."""
+    objects = [o for e in entries for o in (e.object, *e.parts) if o is not None]
+    objects += [o for o in side_objects if o is not None]
+    return max([1, CHECKSUM_METHOD_FORMATS[method]]
+               + ([SPLIT_TABLE_FORMAT] if any(e.parts for e in entries) else [])
+               + ([FRAMED_BASE_FORMAT] if any(o.raw_size > pipeline.FRAME for o in objects) else []))
 
 
 def _wal_verdicts(wal_scan: Background[Any] | str, parent: Manifest, basis: WalBasis | None,

@@ -22,7 +22,10 @@ parse, is simply not used that way.
 
 Format 3 marks a base backup whose tar is stored as several zstd frames with an index
 (:mod:`backup_tool.physical.basetar`): a version before it would decompress only the first
-frame, so it must refuse the manifest rather than restore part of a data directory.
+frame, so it must refuse the manifest rather than restore part of a data directory. It
+also marks a logical backup holding an object of more than one frame (one of more than
+:data:`backup_tool.streams.pipeline.FRAME` raw bytes; table objects are stored in frames
+of that size), which such a version would restore in part.
 
 Format 4 marks a logical backup with a table split into parts (``parts`` on its table entry,
 an ordered list of objects whose rows together are the table's, ``object`` then null): a

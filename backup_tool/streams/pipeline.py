@@ -85,6 +85,13 @@ class Process:
             yield chunk
         check_cancelled()
 
+    def readinto(self, view: memoryview) -> int:
+        """Read what the child has written, at most ``len(view)`` bytes, into ``view`` (no
+        intermediate copy); 0 at the end of its output."""
+        n = os.readv(self.stdout.fileno(), [view])
+        check_cancelled()
+        return n
+
     def error_text(self) -> str:
         return failure_line(self._stderr)
 
@@ -159,18 +166,135 @@ class StreamStats:
         self.lines = 0
 
 
+FRAME = 4 << 20
+"""Raw bytes per zstd frame of a compressed object (see :func:`compress_filled`)."""
+
+Fill = Callable[[memoryview], int]
+"""Copies the next bytes of a stream into the given buffer and returns how many (0: the
+stream has ended; never called again after that)."""
+
+
+class _Buffers:
+    """Frame buffers kept for reuse across streams (at most ``keep``): a fresh buffer costs
+    its page faults when first filled, a reused one nothing."""
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+
+    def take(self) -> bytearray:
+        try:
+            return self._free.pop()
+        except IndexError:
+            return bytearray(FRAME)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(buf)
+
+
+_BUFFERS = _Buffers(keep=8)
+
+
+def fill_from(chunks: Iterable[bytes]) -> Fill:
+    """A :data:`Fill` over an iterator of chunks (each byte copied once, into the buffer)."""
+    source = iter(chunks)
+    rest = memoryview(b"")
+
+    def fill(view: memoryview) -> int:
+        nonlocal rest
+        while not rest:
+            chunk = next(source, None)
+            if chunk is None:
+                return 0
+            rest = memoryview(chunk).cast("B")
+        n = min(len(view), len(rest))
+        view[:n] = rest[:n]
+        rest = rest[n:]
+        return n
+
+    return fill
+
+
 def compress(chunks: Iterable[bytes], level: int, threads: int, stats: StreamStats,
              on_raw: Callable[[int], None] | None = None) -> Iterator[bytes]:
-    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-    chunker = cctx.chunker(chunk_size=CHUNK)
-    for chunk in chunks:
-        check_cancelled()
-        stats.raw_size += len(chunk)
-        stats.lines += chunk.count(b"\n")
-        if on_raw:
-            on_raw(len(chunk))
-        yield from chunker.compress(chunk)
-    yield from chunker.finish()
+    """:func:`compress_filled` over an iterator of chunks."""
+    return compress_filled(fill_from(chunks), level, threads, stats, on_raw)
+
+
+def compress_filled(fill: Fill, level: int, threads: int, stats: StreamStats,
+                    on_raw: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """The stream ``fill`` gives, as independent zstd frames of :data:`FRAME` raw bytes each
+    (the last one shorter), each with its content size and checksum; an empty stream is one
+    empty frame. Concatenated frames are one valid zstd stream (:func:`decompress` reads
+    them, as it reads the single frame older objects hold).
+
+    One-shot frames cost less CPU than one streaming frame (about a fifth less on wide
+    rows: zstd's one-shot path carries no window over from earlier input), for a few tenths
+    of a percent in size. Once a stream is longer than one frame its frames are compressed
+    (and their lines counted) on ``max(1, threads)`` worker threads while this thread reads
+    on: zstd releases the GIL. Memory: at most ``max(1, threads) + 1`` frame buffers (kept
+    for the next stream, up to eight) and the compressed frames not yet consumed. The
+    stream is read with :func:`check_cancelled` between reads; ``on_raw`` is told each read's
+    size as it is read."""
+    workers = max(1, threads)
+    local = threading.local()
+
+    def frame(buf: bytearray, n: int) -> tuple[bytes, int]:
+        cctx = getattr(local, "cctx", None)
+        if cctx is None:
+            cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True,
+                                                        write_content_size=True)
+        with memoryview(buf) as view, view[:n] as data:
+            out = cctx.compress(data)
+        lines = buf.count(b"\n", 0, n)
+        _BUFFERS.give(buf)
+        return out, lines
+
+    pool: cf.ThreadPoolExecutor | None = None
+    inflight: deque[cf.Future[tuple[bytes, int]]] = deque()
+
+    def done(limit: int) -> Iterator[bytes]:
+        while len(inflight) > limit:
+            out, lines = inflight.popleft().result()
+            stats.lines += lines
+            yield out
+
+    try:
+        ended = False
+        while not ended:
+            buf = _BUFFERS.take()
+            n = 0
+            with memoryview(buf) as view:
+                while n < FRAME:
+                    check_cancelled()
+                    got = fill(view[n:])
+                    if not got:
+                        ended = True
+                        break
+                    n += got
+                    stats.raw_size += got
+                    if on_raw:
+                        on_raw(got)
+            check_cancelled()
+            if ended and pool is None:
+                out, lines = frame(buf, n)
+                stats.lines += lines
+                yield out
+                return
+            if n == 0:
+                _BUFFERS.give(buf)
+                break
+            if pool is None:
+                pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="zstd")
+            inflight.append(pool.submit(frame, buf, n))
+            yield from done(workers)
+        yield from done(0)
+    finally:
+        for fut in inflight:
+            fut.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ChunkReader:

@@ -1,6 +1,7 @@
 """The data phase of a logical backup on a real server and a real (local) repository: at most
 ``jobs`` COPY sessions at once, and the next table's COPY runs while the previous object's
-upload is still being answered."""
+upload is still being answered; a table's object, in independent zstd frames (or in the one
+frame older versions wrote), restores, verifies and reads back byte for byte."""
 
 from __future__ import annotations
 
@@ -9,14 +10,28 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import dbcompare
 import psycopg
 import pytest
+import zstandard
 
 from backup_tool.config.policy import BackupSettings, Policy
 from backup_tool.config.settings import Settings
+from backup_tool.core.checksum_methods import ChecksumMethod
+from backup_tool.jobs.verify import verify
 from backup_tool.logical import backup
+from backup_tool.logical.restore import restore_full
+from backup_tool.logical.restore_tables import restore_tables
+from backup_tool.repository.manifest import (
+    FRAMED_BASE_FORMAT,
+    SPLIT_TABLE_FORMAT,
+    TYPED_COLUMN_FORMAT,
+    StoredObject,
+    TableEntry,
+)
 from backup_tool.repository.storage.base import PutResult
 from backup_tool.repository.storage.local import LocalStorage
+from backup_tool.streams import pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +106,93 @@ def test_one_session_copies_the_next_table_while_the_last_upload_is_answered(
             answered = events.index(("stored", key))
             overlapped += any(w == "put" for w, _ in events[i:answered])
     assert overlapped >= 2, f"no COPY began while an upload was answered: {events}"
+
+
+WIDE = """
+CREATE TABLE public.wide (id int PRIMARY KEY, note text, doc jsonb, blob bytea, tags text[]);
+INSERT INTO public.wide
+SELECT g,
+       CASE WHEN g % 13 = 0 THEN NULL ELSE repeat(md5(g::text), 1 + g % 5) || E'\\t tab \\\\ back\\nline café' END,
+       CASE WHEN g % 7 = 0 THEN NULL ELSE jsonb_build_object('g', g, 's', md5((g * 3)::text)) END,
+       decode(md5(g::text), 'hex'),
+       ARRAY[md5(g::text), NULL, 'a"b']
+  FROM generate_series(1, 40000) g;
+CREATE TABLE public.small (id int PRIMARY KEY, wide_id int REFERENCES public.wide (id), v text);
+INSERT INTO public.small SELECT g, g, 'v' || g FROM generate_series(1, 50) g;
+"""
+
+
+def _frame_count(data: bytes) -> int:
+    count = 0
+    while data:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        dobj.decompress(data)
+        data = dobj.unused_data
+        count += 1
+    return count
+
+
+def _streamed_in_one_frame(fill: pipeline.Fill, level: int, threads: int, stats: pipeline.StreamStats,
+                           on_raw: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """What versions before frames wrote: one frame from zstd's streaming compressor."""
+    chunker = zstandard.ZstdCompressor(level=level, write_checksum=True).chunker(chunk_size=1 << 20)
+    buf = bytearray(1 << 16)
+    with memoryview(buf) as view:
+        while n := fill(view):
+            stats.raw_size += n
+            stats.lines += buf.count(b"\n", 0, n)
+            yield from chunker.compress(bytes(buf[:n]))
+    yield from chunker.finish()
+
+
+@pytest.mark.parametrize("writer", ["frames", "one frame (older versions)"])
+def test_a_table_object_restores_verifies_and_reads_back_whichever_way_it_was_compressed(
+        fresh_db: Callable[..., Any], local_repo: str, monkeypatch: pytest.MonkeyPatch, writer: str) -> None:
+    db = fresh_db("frames")
+    db.execute(WIDE)
+    settings = Settings(local_repo, db.dsn, Policy(backup=BackupSettings(jobs=2)))
+    if writer != "frames":
+        monkeypatch.setattr(pipeline, "compress_filled", _streamed_in_one_frame)
+    full = backup.backup_full(settings)
+    monkeypatch.undo()
+
+    wide = full.table("public", "wide")
+    assert wide is not None and wide.object is not None
+    with psycopg.connect(db.dsn) as conn, conn.cursor().copy("COPY public.wide TO STDOUT") as copy:
+        copied = b"".join(bytes(block) for block in copy)
+    assert len(copied) > 2 * pipeline.FRAME
+    stored = (Path(local_repo) / wide.object.key).read_bytes()
+    assert _frame_count(stored) == (-(-len(copied) // pipeline.FRAME) if writer == "frames" else 1)
+    assert pipeline.read_object(LocalStorage(local_repo), wide.object) == copied
+
+    restored = fresh_db("frames_r")
+    result = restore_full(settings, restored.dsn, full.id)
+    assert result.validation is not None and result.validation.ok
+    assert dbcompare.table_hashes(restored.dsn) == dbcompare.table_hashes(db.dsn)
+    copy_back = restore_tables(settings, db.dsn, ["public.wide"], backup_ref=full.id, into_schema="inspect")
+    assert copy_back.validation is not None and copy_back.validation.ok
+    assert dbcompare.table_hashes(db.dsn, ["inspect.wide"])["inspect.wide"] == \
+        dbcompare.table_hashes(db.dsn, ["public.wide"])["public.wide"]
+    assert verify(settings, full.id).ok
+
+
+def test_a_backup_with_an_object_of_several_frames_is_refused_by_readers_of_one_frame() -> None:
+    """Versions before FRAMED_BASE_FORMAT decompress only an object's first frame: a manifest
+    listing an object longer than a frame (a table, its part, or a side object) is written in
+    that format at least, whatever its checksum method; a backup of small objects keeps its
+    older format."""
+    def obj(raw: int) -> StoredObject:
+        return StoredObject(f"backups/b/data/{raw}.copy.zst", 100, "0" * 64, raw)
+
+    def table(stored: StoredObject | None, parts: tuple[StoredObject, ...] = ()) -> TableEntry:
+        return TableEntry("public", "t", "r", None, ("id",), 1, "0" * 16, stored, parts)
+
+    small, big = obj(pipeline.FRAME), obj(pipeline.FRAME + 1)
+    schema = obj(10)
+    row_text = ChecksumMethod.ROW_TEXT
+    assert backup.manifest_format([table(small)], [schema, schema, None], row_text) == 1
+    assert backup.manifest_format([table(big)], [schema, schema, None], row_text) == FRAMED_BASE_FORMAT
+    assert backup.manifest_format([table(small)], [schema, schema, big], row_text) == FRAMED_BASE_FORMAT
+    assert backup.manifest_format([table(None, (small, big))], [schema, schema, None], row_text) == SPLIT_TABLE_FORMAT
+    assert backup.manifest_format([table(big)], [schema, schema, None], ChecksumMethod.TYPED_COLUMN) == \
+        TYPED_COLUMN_FORMAT

@@ -92,6 +92,19 @@ def test_held_chunks_make_parts_with_one_copy_at_most() -> None:
     assert held.take(0) == b""
 
 
+def test_chunks_of_any_size_are_stored_byte_for_byte_across_part_boundaries(storage: Storage) -> None:
+    """Chunks smaller and larger than a part, one exactly a part, a boundary inside a chunk,
+    an empty chunk: the object holds exactly their concatenation, and put's sha256 is its own."""
+    sizes = [1, (3 << 20) + 5, 0, 8 << 20, 100 << 10, (9 << 20) + 3, 7, 8 << 20, 12345]
+    chunks = [os.urandom(n) for n in sizes]
+    whole = b"".join(chunks)
+    r = storage.put("odd", iter(chunks))
+    assert (r.size, r.sha256) == (len(whole), hashlib.sha256(whole).hexdigest())
+    assert storage.get_bytes("odd") == whole
+    one = storage.put("one-chunk", [chunks[3]])
+    assert storage.get_bytes("one-chunk") == chunks[3] and one.size == 8 << 20
+
+
 def test_failed_stream_leaves_nothing(storage: Storage) -> None:
     def chunks():
         yield os.urandom(9 << 20)

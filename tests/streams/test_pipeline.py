@@ -1,4 +1,5 @@
-"""What a failed client tool's error message keeps."""
+"""What a failed client tool's error message keeps; objects compressed in independent frames
+(and the single-frame objects older versions wrote) read back by every reader; early reads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,19 @@ import zstandard
 from backup_tool.errors import DatabaseError, IntegrityError
 from backup_tool.repository.manifest import StoredObject
 from backup_tool.repository.storage.local import LocalStorage
-from backup_tool.streams.pipeline import READ_AHEAD, EarlyRead, Process, failure_line, read_stored
+from backup_tool.streams.pipeline import (
+    FRAME,
+    READ_AHEAD,
+    EarlyRead,
+    Process,
+    StreamStats,
+    compress,
+    compress_filled,
+    decompress,
+    failure_line,
+    read_object,
+    read_stored,
+)
 
 
 def test_parallel_pg_restore_names_the_cause_not_the_worker_death() -> None:
@@ -86,3 +99,128 @@ def test_a_damaged_object_read_early_still_fails_its_check(tmp_path: Path) -> No
     damaged = StoredObject(obj.key, obj.size, "0" * 64, obj.raw_size)
     with pytest.raises(IntegrityError, match="is corrupt"):
         b"".join(EarlyRead(storage, damaged).chunks())
+
+
+def _copy_text(rows: int) -> bytes:
+    """COPY text as psql writes it: escapes, NULLs, long and short lines, non-ASCII."""
+    return b"".join(b"%d\t%s\t\\N\tcaf\xc3\xa9 \\t tab \\\\ back \\n line %s\n"
+                    % (i, b"x" * (i % 300), str(i * 7919).encode()) for i in range(rows))
+
+
+def _frames(data: bytes) -> list[tuple[int, int]]:
+    """(content size the frame header records, compressed length) of each zstd frame."""
+    out = []
+    while data:
+        params = zstandard.get_frame_parameters(data)
+        assert params.has_checksum
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        dobj.decompress(data)
+        used = len(data) - len(dobj.unused_data)
+        out.append((params.content_size, used))
+        data = data[used:]
+    return out
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_stream_longer_than_a_frame_is_stored_in_independent_frames_every_reader_reads(
+        tmp_path: Path, threads: int) -> None:
+    raw = _copy_text(60_000)
+    assert len(raw) > 2 * FRAME
+    stats = StreamStats()
+    seen: list[int] = []
+    cuts = [0]
+    while cuts[-1] < len(raw):
+        cuts.append(cuts[-1] + (1000, 65536, 3 << 20, 7)[len(cuts) % 4])
+    chunks = [raw[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    stored = b"".join(compress(iter(chunks), 3, threads, stats, seen.append))
+    frames = _frames(stored)
+    assert [size for size, _ in frames] == [FRAME] * (len(raw) // FRAME) + [len(raw) % FRAME]
+    assert (stats.raw_size, stats.lines, sum(seen)) == (len(raw), raw.count(b"\n"), len(raw))
+
+    storage = LocalStorage(tmp_path)
+    put = storage.put("backups/b/data/1.copy.zst", [stored])
+    obj = StoredObject(put.key, put.size, put.sha256, len(raw))
+    assert read_object(storage, obj) == raw
+    assert b"".join(read_stored(storage, obj.key, obj.sha256, obj.size)) == raw
+    assert b"".join(EarlyRead(storage, obj).chunks()) == raw
+    assert b"".join(decompress(iter([stored[i:i + 1000] for i in range(0, len(stored), 1000)]), obj.key)) == raw
+
+
+def test_frames_do_not_depend_on_the_number_of_workers_or_on_chunking() -> None:
+    raw = _copy_text(40_000)
+    one = b"".join(compress([raw], 3, 0, StreamStats()))
+    assert b"".join(compress([raw[i:i + 4096] for i in range(0, len(raw), 4096)], 3, 3, StreamStats())) == one
+
+
+def test_an_old_single_frame_object_still_reads(tmp_path: Path) -> None:
+    """What versions before frames wrote: one frame from the streaming compressor."""
+    raw = _copy_text(60_000)
+    chunker = zstandard.ZstdCompressor(level=3, write_checksum=True).chunker(chunk_size=1 << 20)
+    stored = b"".join([*(out for i in range(0, len(raw), 65536) for out in chunker.compress(raw[i:i + 65536])),
+                       *chunker.finish()])
+    assert len(_frames(stored)) == 1
+    storage = LocalStorage(tmp_path)
+    put = storage.put("backups/old/data/1.copy.zst", [stored])
+    obj = StoredObject(put.key, put.size, put.sha256, len(raw))
+    assert read_object(storage, obj) == raw == b"".join(EarlyRead(storage, obj).chunks())
+
+
+def test_an_empty_stream_is_one_empty_frame() -> None:
+    stats = StreamStats()
+    stored = b"".join(compress([], 3, 0, stats))
+    assert _frames(stored) == [(0, len(stored))]
+    assert b"".join(decompress([stored], "k")) == b"" and (stats.raw_size, stats.lines) == (0, 0)
+
+
+def test_a_damaged_frame_in_the_middle_fails_to_decompress() -> None:
+    raw = _copy_text(60_000)
+    stored = bytearray(b"".join(compress([raw], 3, 0, StreamStats())))
+    first = _frames(bytes(stored))[0][1]
+    stored[first + 100] ^= 0x55
+    with pytest.raises(IntegrityError, match="does not decompress"):
+        b"".join(decompress([bytes(stored)], "k"))
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_reading_stays_a_bounded_number_of_frames_ahead_of_the_consumer(threads: int) -> None:
+    """Memory: the stream is read at most ``max(1, threads) + 1`` frames ahead of what the
+    consumer has taken."""
+    read = 0
+
+    def fill(view: memoryview) -> int:
+        nonlocal read
+        n = min(len(view), 1 << 20)
+        view[:n] = b"\n" * n
+        read += n
+        return n
+
+    stream = compress_filled(fill, 1, threads, StreamStats())
+    next(stream)
+    assert read <= (max(1, threads) + 1) * FRAME
+    stream.close()
+
+
+def test_a_failing_source_stops_the_stream_and_its_workers() -> None:
+    def fill(view: memoryview) -> int:
+        if fill.calls == 3:  # type: ignore[attr-defined]
+            raise DatabaseError("COPY of public.t failed: boom")
+        fill.calls += 1  # type: ignore[attr-defined]
+        view[:] = b"a" * len(view)
+        return len(view)
+
+    fill.calls = 0  # type: ignore[attr-defined]
+    with pytest.raises(DatabaseError, match="boom"):
+        b"".join(compress_filled(fill, 1, 2, StreamStats()))
+    assert not [t for t in threading.enumerate() if t.name.startswith("zstd") and t.is_alive()]
+
+
+def test_a_child_process_is_read_into_frame_buffers(tmp_path: Path) -> None:
+    raw = _copy_text(50_000)
+    source = tmp_path / "copy.txt"
+    source.write_bytes(raw)
+    proc = Process(["cat", str(source)], {}, "cat")
+    stats = StreamStats()
+    stored = b"".join(compress_filled(proc.readinto, 3, 0, stats))
+    proc.finish()
+    assert b"".join(decompress([stored], "k")) == raw and stats.lines == raw.count(b"\n")
+    assert len(_frames(stored)) == -(-len(raw) // FRAME)

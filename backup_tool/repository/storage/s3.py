@@ -330,6 +330,8 @@ class S3Storage(Storage):
     # -- writing ---------------------------------------------------------------------------
 
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        """Chunks are held (:class:`_Held`) and joined once per request body: each byte is
+        copied at most once on its way out."""
         full = self._key(key)
         counter = HashingCounter()
         held = _Held()
