@@ -156,3 +156,20 @@ def test_a_stream_goes_out_in_parts_from_its_first_five_mib(s3_repo: str) -> Non
     result = storage.put("data/table.copy.zst", stream())
     assert uploading == [1]
     assert result.size == 7 << 20 and storage.get_bytes("data/table.copy.zst") == b"".join(chunks)
+
+
+def test_what_has_all_arrived_and_fits_a_part_is_one_put(s3_repo: str) -> None:
+    """A WAL segment or any object handed over whole, up to a part's size, is one PUT (an
+    ETag without a part count), not a multipart upload of three requests; beyond a part's
+    size it goes in parts."""
+    import boto3
+
+    storage = open_storage(s3_repo)
+    bucket, prefix = s3_repo[len("s3://"):].split("/", 1)
+    client = boto3.client("s3")
+    for name, size, parts in (("seven", 7 << 20, None), ("whole-part", MIN_PART, None), ("nine", 9 << 20, 2)):
+        data = os.urandom(size)
+        storage.put_bytes(f"wal/{name}", data)
+        etag = client.head_object(Bucket=bucket, Key=f"{prefix}/wal/{name}")["ETag"].strip('"')
+        assert (int(etag.split("-")[1]) if "-" in etag else None) == parts, name
+        assert storage.get_bytes(f"wal/{name}") == data

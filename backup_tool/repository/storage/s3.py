@@ -46,7 +46,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar, cast
 
 import boto3
 from botocore.config import Config
@@ -331,16 +331,20 @@ class S3Storage(Storage):
 
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
         """Chunks are held (:class:`_Held`) and joined once per request body: each byte is
-        copied at most once on its way out."""
+        copied at most once on its way out. A stream still producing goes multipart from its
+        first :data:`FIRST_PART` bytes (the upload travels while the rest is made); what has
+        all arrived and is at most :data:`MIN_PART` (a WAL segment, a manifest) is one PUT,
+        one request instead of three."""
         full = self._key(key)
         counter = HashingCounter()
         held = _Held()
         upload: _MultipartUpload | None = None
         try:
-            for chunk in chunks:
+            for chunk, more in _with_more(chunks):
                 counter.update(chunk)
                 held.add(chunk)
-                while held.size >= part_size_for(upload.parts + 1 if upload else 1):
+                while (held.size >= part_size_for(upload.parts + 1 if upload else 1)
+                       and (upload is not None or more or held.size > MIN_PART)):
                     size = part_size_for(upload.parts + 1 if upload else 1)
                     if upload is None:
                         upload = _MultipartUpload.start(self, key, full)
@@ -657,6 +661,17 @@ def _head_lock(head: Mapping[str, Any]) -> ObjectLock | None:
     if not until or not mode:
         return None
     return ObjectLock(str(mode).lower(), until.astimezone(timezone.utc))
+
+
+def _with_more(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, bool]]:
+    """Each chunk with whether another follows (the next is read before the chunk is given)."""
+    it = iter(chunks)
+    end = object()
+    current: object = next(it, end)
+    while current is not end:
+        following = next(it, end)
+        yield cast(bytes, current), following is not end
+        current = following
 
 
 class _Held:
