@@ -572,17 +572,18 @@ class DirectBackup:
 
     def _members(self, entries: list[Entry], files: list[tuple[str, int, int]]) -> Iterator[bytes]:
         """Headers and data of ``entries``, file pieces read on ``jobs`` threads at most
-        ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`, and
-        the idle :class:`_Buffers`). Big pieces are passed on as the reader filled them
-        (bytearrays, written again only once nothing refers to them: the compressor and
-        the scanner only read them through the buffer protocol); runs of small members
-        go out as the bytearray that gathered them, never written again either."""
+        ``2 * jobs + 2`` pieces ahead of the writer (memory: that many :data:`PIECE`; the
+        :class:`_Buffers` pool keeps no more than that, so reuse never raises the peak). Big
+        pieces are passed on as the reader filled them (bytearrays, written again only once
+        nothing refers to them: the compressor and the scanner only read them through the
+        buffer protocol); runs of small members go out as the bytearray that gathered them,
+        never written again either."""
         changes = self.changes
         pool = cf.ThreadPoolExecutor(self.jobs, thread_name_prefix="pgread")
         inflight: deque[tuple[_Piece, cf.Future[_Read]]] = deque()
         todo = _pieces(entries)
         depth = 2 * self.jobs + 2
-        buffers = self._buffers = _Buffers(depth + self.jobs + 2)
+        buffers = self._buffers = _Buffers(depth)
         out = bytearray()
 
         def refill() -> None:
