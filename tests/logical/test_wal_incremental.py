@@ -504,6 +504,16 @@ def test_a_role_that_may_emit_messages_has_the_wal_flushed_at_once(archiving: Ar
             admin.execute(f"GRANT EXECUTE ON FUNCTION {emit} TO PUBLIC")
 
 
+def _two_tables_backed_up(archiving: Archiving, db: str, rows: int) -> None:
+    """Database ``db`` with tables a and b of ``rows`` rows each, and its full backup."""
+    archiving.server.create_db(db)
+    with psycopg.connect(archiving.dsn(db), autocommit=True) as conn:
+        conn.execute("CREATE TABLE a (id int, v text); CREATE TABLE b (id int, v text);"
+                     f"INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, {rows}) g;"
+                     f"INSERT INTO b SELECT g, md5(g::text) FROM generate_series(1, {rows}) g")
+    backup.backup_full(settings_for(archiving, db))
+
+
 def _data_objects(archiving: Archiving) -> set[str]:
     return {str(p.relative_to(archiving.repo)) for p in archiving.repo.glob("backups/*/data/*")}
 
@@ -512,12 +522,7 @@ def test_a_table_the_wal_shows_written_is_dumped_while_the_scan_reads_on(archivi
     """The data phase starts a touched table's COPY as soon as the scan names it: here the
     scan, once it has named table b, goes on only when b's new object is stored. The
     incremental is exactly what reading the whole span first gives."""
-    archiving.server.create_db("early")
-    with psycopg.connect(archiving.dsn("early"), autocommit=True) as conn:
-        conn.execute("CREATE TABLE a (id int, v text); CREATE TABLE b (id int, v text);"
-                     "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 2000) g;"
-                     "INSERT INTO b SELECT g, md5(g::text) FROM generate_series(1, 2000) g")
-    backup.backup_full(settings_for(archiving, "early"))
+    _two_tables_backed_up(archiving, "early", 2000)
     with psycopg.connect(archiving.dsn("early"), autocommit=True) as conn:
         conn.execute("UPDATE b SET v = upper(v) WHERE id % 5 = 0")
         b_node = conn.execute("SELECT pg_relation_filenode('b')").fetchone()[0]
@@ -594,12 +599,7 @@ def set_archive_command(archiving: Archiving, command: str | None) -> None:
 def test_a_stalled_archiver_costs_no_wait_when_the_server_wal_is_readable(archiving: Archiving) -> None:
     """With the archiver failing, the incremental still learns its changes from the WAL (its
     tail read from pg_wal), stores exactly the changed table, and says where it read."""
-    archiving.server.create_db("stalled")
-    with psycopg.connect(archiving.dsn("stalled"), autocommit=True) as conn:
-        conn.execute("CREATE TABLE a (id int, v text); CREATE TABLE b (id int, v text);"
-                     "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 500) g;"
-                     "INSERT INTO b SELECT g, md5(g::text) FROM generate_series(1, 500) g")
-    backup.backup_full(settings_for(archiving, "stalled"))
+    _two_tables_backed_up(archiving, "stalled", 500)
     set_archive_command(archiving, "false")
     try:
         with psycopg.connect(archiving.dsn("stalled"), autocommit=True) as conn:
