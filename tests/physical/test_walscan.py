@@ -168,12 +168,15 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
     ends = [r.lsn for r in records[1:]] + [end]
 
     def unwritten(index: int) -> Callable[[str, int], bytes]:
-        """The server's files with the data of ``records[index]`` (on its first page) zeros."""
+        """The server's files with the data of ``records[index]`` (what follows its header, on
+        the first page that holds any: a header can end at or cross a page boundary) zeros."""
         lsn = records[index].lsn
+        base = lsn // SEG * SEG
         data = bytearray(tail[lsn // SEG])
-        first, stop = lsn % SEG + walscan.RECORD_HEADER, min(ends[index] - lsn // SEG * SEG,
-                                                            (lsn % SEG // walscan.BLCKSZ + 1) * walscan.BLCKSZ)
-        assert any(data[first:stop])
+        spots = [p - base for p in _record_bytes(lsn, min(ends[index], base + SEG))[walscan.RECORD_HEADER:]]
+        page = [p for p in spots if p // walscan.BLCKSZ == spots[0] // walscan.BLCKSZ]
+        first, stop = page[0], page[-1] + 1
+        assert stop - first == len(page) and any(data[first:stop])
         data[first:stop] = bytes(stop - first)
         return lambda name, n: bytes(data[:n]) if walnames.segment_number(name) == lsn // SEG else read[name][:n]
 
@@ -195,6 +198,20 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
     with pytest.raises(walscan.WalSegmentDamaged, match=f"pg_wal/{name} is damaged: the record at "
                                                         f"{walnames.format_lsn(records[earlier].lsn)} fails its CRC"):
         walscan.relations_written(storage, span, 0, live=unwritten(earlier))
+
+
+def _record_bytes(lsn: int, stop: int) -> list[int]:
+    """WAL positions of the record at ``lsn`` up to ``stop``, page headers left out."""
+    spots: list[int] = []
+    p = lsn
+    while p < stop:
+        header = walscan.LONG_PHD if p % SEG < walscan.BLCKSZ else walscan.SHORT_PHD
+        if p % walscan.BLCKSZ < header:
+            p += header - p % walscan.BLCKSZ
+            continue
+        spots.append(p)
+        p += 1
+    return spots
 
 
 def test_what_a_failed_crc_means_depends_on_where_the_record_was_read() -> None:
