@@ -5,7 +5,8 @@ repository or already fetched; a plain ``wal push`` of a ready segment waits the
 push-ahead process (started if none runs) to make it durable, and a plain ``wal fetch``
 otherwise runs without the CLI. Whatever these cannot answer, the full command does.
 ``--version`` (and ``version``) alone is answered here too, as the CLI would answer it.
-``restore tables`` forks its repository reads off here, before the CLI loads (:mod:`.ahead`)."""
+``restore tables`` forks its repository reads off here, before the CLI loads (:mod:`.ahead`).
+Every full command runs with glibc's mmap threshold fixed (:func:`fixed_mmap_threshold`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from backup_tool.physical.walspool import FetchArgs
 
 PREPARED_EARLY = 2
+MMAP_THRESHOLD = 1 << 20
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def main() -> None:
@@ -38,9 +41,35 @@ def main() -> None:
         fetch = parse_fetch(sys.argv[1:])
         if fetch is not None:
             _quick_fetch(fetch, never_archived(fetch.name))
+    fixed_mmap_threshold()
     from backup_tool.cli.program import main as cli_main
 
     cli_main()
+
+
+def fixed_mmap_threshold() -> bool:
+    """Have glibc map every allocation of :data:`MMAP_THRESHOLD` or more on its own, and give
+    it back on free. Left alone, glibc raises the threshold to the size of each large block
+    freed (up to 32 MiB), after which the 4-8 MiB buffers of this program (zstd frames, S3
+    parts, read pieces, made on one thread and freed on another) come from per-thread heaps
+    that keep their pages: a backup full of a 3 GB table peaked at 183-211 MB of RSS, with the
+    threshold fixed at 125 MB, in the same time. Setting it also turns glibc's adjustment off.
+    True when set; False off glibc or when the user set ``MALLOC_MMAP_THRESHOLD_``."""
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+    except (ValueError, OSError, AttributeError):
+        return False
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def _quick_push() -> None:
