@@ -28,7 +28,6 @@ import concurrent.futures as cf
 import hashlib
 import itertools
 import json
-import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Iterator
@@ -203,7 +202,6 @@ class FramedCompressor:
         self.workers = max(1, workers)
         self.walker = TarWalker()
         self.frames: list[Frame] = []
-        self._local = threading.local()
         self._offset = 0
         self._cuts: list[int] = []
         self._next_start = 0
@@ -222,21 +220,19 @@ class FramedCompressor:
             self._next_start += FRAME_MAX
             self._cuts.append(self._next_start)
 
-    def _compress_frame(self, data: bytes | memoryview) -> tuple[bytes, str]:
-        cctx = getattr(self._local, "cctx", None)
-        if cctx is None:
-            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
+    @staticmethod
+    def _compress_frame(cctx: zstandard.ZstdCompressor, raw_start: int, data: bytes | memoryview
+                        ) -> tuple[int, int, bytes, str]:
         out = cctx.compress(data)
-        return out, hashlib.sha256(out).hexdigest()
+        return raw_start, len(data), out, hashlib.sha256(out).hexdigest()
 
-    def _record(self, raw_start: int, raw_size: int, out: bytes, digest: str) -> bytes:
+    def _record(self, done: tuple[int, int, bytes, str]) -> bytes:
+        raw_start, raw_size, out, digest = done
         self.frames.append(Frame(raw_start, raw_size, self._offset, len(out), digest))
         self._offset += len(out)
         return out
 
     def compress(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="zstd") if self.workers > 1 else None
-        inflight: deque[tuple[int, int, cf.Future[tuple[bytes, str]]]] = deque()
         held: deque[memoryview] = deque()
         held_start = 0
         fed = 0
@@ -258,21 +254,9 @@ class FramedCompressor:
             held_start = upto
             return out[0] if len(out) == 1 else b"".join(out)
 
-        def submit(raw_start: int, data: bytes | memoryview) -> None:
-            if pool is None:
-                done: cf.Future[tuple[bytes, str]] = cf.Future()
-                done.set_result(self._compress_frame(data))
-                inflight.append((raw_start, len(data), done))
-            else:
-                inflight.append((raw_start, len(data), pool.submit(self._compress_frame, data)))
-
-        def ready(limit: int) -> Iterator[bytes]:
-            while len(inflight) > limit:
-                raw_start, raw_size, fut = inflight.popleft()
-                out, digest = fut.result()
-                yield self._record(raw_start, raw_size, out, digest)
-
-        try:
+        inline = self.workers == 1
+        with pipeline.FrameWorkers(self.level, 0 if inline else self.workers,
+                                   self._compress_frame) as frames:
             for chunk in chunks:
                 pipeline.check_cancelled()
                 self.stats.raw_size += len(chunk)
@@ -284,18 +268,13 @@ class FramedCompressor:
                 self._split_before(fed)
                 held.append(memoryview(chunk))
                 for offset in self._cuts:
-                    start = held_start
-                    submit(start, take(offset))
-                    yield from ready(self.workers - 1)
-            if fed > held_start or not (self.frames or inflight):
-                start = held_start
-                submit(start, take(fed))
-            yield from ready(0)
-        finally:
-            for _, _, fut in inflight:
-                fut.cancel()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                    frames.submit(held_start, take(offset))
+                    for done in frames.ready(self.workers - 1):
+                        yield self._record(done)
+            if fed > held_start or not (self.frames or frames.started):
+                frames.submit(held_start, take(fed))
+            for done in frames.ready(0):
+                yield self._record(done)
 
     def index(self, relations: dict[str, Any]) -> TarIndex:
         return TarIndex(tuple(self.frames), tuple(self.walker.members), relations)

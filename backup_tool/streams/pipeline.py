@@ -20,7 +20,7 @@ import subprocess
 import threading
 import weakref
 from collections import deque
-from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 import zstandard
 
@@ -29,6 +29,7 @@ from backup_tool.repository.manifest import StoredObject
 from backup_tool.repository.storage.base import HashingCounter, Storage
 
 CHUNK = 1 << 20
+R = TypeVar("R")
 _CANCELLED = threading.Event()
 _CHILDREN: "weakref.WeakSet[Process]" = weakref.WeakSet()
 
@@ -222,6 +223,72 @@ def compress(chunks: Iterable[bytes], level: int, threads: int, stats: StreamSta
     return compress_filled(fill_from(chunks), level, threads, stats, on_raw)
 
 
+class FrameWorkers(Generic[R]):
+    """Independent zstd frames compressed on worker threads, their results given back in the
+    order they were submitted: the one home of parallel frame compression (logical objects
+    here, a base backup's tar in :mod:`backup_tool.physical.basetar`).
+
+    ``work(cctx, *args)`` runs on a worker with that thread's own compressor (a zstd context
+    is not thread-safe, and making one per frame costs): it compresses its frame and may do
+    more there (hash the output, count lines, hand a buffer back). zstd and hashlib release
+    the GIL, so the workers and the submitting thread run at once. ``workers`` = 0 runs each
+    frame at once on the submitting thread. The pool starts with the first :meth:`submit`, so
+    a stream of one frame that goes through :meth:`here` never starts a thread.
+    :meth:`close` cancels what has not started and waits for the rest (use ``with``)."""
+
+    def __init__(self, level: int, workers: int, work: Callable[..., R], *,
+                 content_size: bool = False) -> None:
+        self._level = level
+        self._workers = workers
+        self._work = work
+        self._content_size = content_size
+        self._local = threading.local()
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._inflight: deque[cf.Future[R]] = deque()
+
+    def _run(self, *args: Any) -> R:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(
+                level=self._level, write_checksum=True, write_content_size=self._content_size)
+        return self._work(cctx, *args)
+
+    def here(self, *args: Any) -> R:
+        """One frame's work on this thread, outside the order of :meth:`submit`."""
+        return self._run(*args)
+
+    def submit(self, *args: Any) -> None:
+        if self._workers < 1:
+            done: cf.Future[R] = cf.Future()
+            done.set_result(self._run(*args))
+            self._inflight.append(done)
+            return
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(self._workers, thread_name_prefix="zstd")
+        self._inflight.append(self._pool.submit(self._run, *args))
+
+    @property
+    def started(self) -> bool:
+        return bool(self._pool or self._inflight)
+
+    def ready(self, limit: int) -> Iterator[R]:
+        """Results in submission order until at most ``limit`` frames are left in flight."""
+        while len(self._inflight) > limit:
+            yield self._inflight.popleft().result()
+
+    def close(self) -> None:
+        for fut in self._inflight:
+            fut.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "FrameWorkers[R]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def compress_filled(fill: Fill, level: int, threads: int, stats: StreamStats,
                     on_raw: Callable[[int], None] | None = None) -> Iterator[bytes]:
     """The stream ``fill`` gives, as independent zstd frames of :data:`FRAME` raw bytes each
@@ -233,34 +300,20 @@ def compress_filled(fill: Fill, level: int, threads: int, stats: StreamStats,
     rows: zstd's one-shot path carries no window over from earlier input), for a few tenths
     of a percent in size. Once a stream is longer than one frame its frames are compressed
     (and their lines counted) on ``max(1, threads)`` worker threads while this thread reads
-    on: zstd releases the GIL. Memory: at most ``max(1, threads) + 1`` frame buffers (kept
+    on (:class:`FrameWorkers`). Memory: at most ``max(1, threads) + 1`` frame buffers (kept
     for the next stream, up to eight) and the compressed frames not yet consumed. The
     stream is read with :func:`check_cancelled` between reads; ``on_raw`` is told each read's
     size as it is read."""
     workers = max(1, threads)
-    local = threading.local()
 
-    def frame(buf: bytearray, n: int) -> tuple[bytes, int]:
-        cctx = getattr(local, "cctx", None)
-        if cctx is None:
-            cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True,
-                                                        write_content_size=True)
+    def frame(cctx: zstandard.ZstdCompressor, buf: bytearray, n: int) -> tuple[bytes, int]:
         with memoryview(buf) as view, view[:n] as data:
             out = cctx.compress(data)
         lines = buf.count(b"\n", 0, n)
         _BUFFERS.give(buf)
         return out, lines
 
-    pool: cf.ThreadPoolExecutor | None = None
-    inflight: deque[cf.Future[tuple[bytes, int]]] = deque()
-
-    def done(limit: int) -> Iterator[bytes]:
-        while len(inflight) > limit:
-            out, lines = inflight.popleft().result()
-            stats.lines += lines
-            yield out
-
-    try:
+    with FrameWorkers(level, workers, frame, content_size=True) as frames:
         ended = False
         while not ended:
             buf = _BUFFERS.take()
@@ -277,24 +330,21 @@ def compress_filled(fill: Fill, level: int, threads: int, stats: StreamStats,
                     if on_raw:
                         on_raw(got)
             check_cancelled()
-            if ended and pool is None:
-                out, lines = frame(buf, n)
+            if ended and not frames.started:
+                out, lines = frames.here(buf, n)
                 stats.lines += lines
                 yield out
                 return
             if n == 0:
                 _BUFFERS.give(buf)
                 break
-            if pool is None:
-                pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="zstd")
-            inflight.append(pool.submit(frame, buf, n))
-            yield from done(workers)
-        yield from done(0)
-    finally:
-        for fut in inflight:
-            fut.cancel()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            frames.submit(buf, n)
+            for out, lines in frames.ready(workers):
+                stats.lines += lines
+                yield out
+        for out, lines in frames.ready(0):
+            stats.lines += lines
+            yield out
 
 
 class ChunkReader:
