@@ -398,7 +398,8 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
     by the session that loaded it, or for a split table by block ranges on ``run.jobs``
     sessions at once (one large table would otherwise keep one core busy while the others wait)
     while the other tables still load; then the loading session builds the table's ``early``
-    post-data and ANALYZE. Returns the checksums for validation."""
+    post-data and ANALYZE, without parallel workers while every session is busy (see
+    :func:`parallel_workers_wanted`). Returns the checksums for validation."""
     manifest = run.manifest
     data = _stored(manifest)
     checksums: dict[tuple[str, str], tuple[int, str]] = {}
