@@ -352,9 +352,9 @@ def parallel_workers_wanted(busy_sessions: int, jobs: int) -> bool:
     parallel workers: not while all ``jobs`` sessions (two or more) are working, since their
     cores are then spoken for and parallel workers only add their start-up, tuple hand-over
     and sort merging (restoring pgbench at scale 15 plus 16 wide tables with ``--jobs 2`` on 2
-    cores: 4.99 server CPU-s instead of 5.28); yes once a session is idle (the big table's tail
-    then keeps the other cores busy) or with one job (the other cores are free). The results
-    are the same either way. Pure."""
+    cores: 5-8 % less server CPU); yes once a session is idle (the big table's tail then keeps
+    the other cores busy) or with one job (the other cores are free). The results are the
+    same either way. Pure."""
     return jobs < 2 or busy_sessions < jobs
 
 
