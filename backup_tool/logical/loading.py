@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import psycopg
 
@@ -17,7 +17,7 @@ from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import DatabaseError
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.connection import ConnInfo
-from backup_tool.repository.manifest import Manifest, TableEntry, utc_iso
+from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage
 from backup_tool.streams import pipeline
 
@@ -53,12 +53,39 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
     assert entry.stored
     own = conn is None
     conn = conn or conninfo.connect(autocommit=True, settings={"client_encoding": encoding})
+    contents = stored_contents(storage, entry.stored, advance)
     try:
-        copy_rows(conn, entry, (pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, advance)
-                                for obj in entry.stored), target, fresh, on_raw)
+        copy_rows(conn, entry, contents, target, fresh, on_raw)
     finally:
+        contents.close()
         if own:
             conn.close()
+
+
+def stored_contents(storage: Storage, objects: Sequence[StoredObject],
+                    advance: Callable[[int], None]) -> Generator[Iterator[bytes], None, None]:
+    """The decompressed, checked content of each of ``objects`` in order, the next one's
+    download started as the previous one is handed out: a split table's COPY then goes from
+    one part to the next without waiting for the next part's first bytes. Whatever has not
+    been read is stopped when the consumer stops early."""
+    if not objects:
+        return
+    current: pipeline.EarlyRead | None = None
+    ahead: pipeline.EarlyRead | None = None
+    try:
+        first = objects[0]
+        if len(objects) == 1:
+            yield pipeline.read_stored(storage, first.key, first.sha256, first.size, advance)
+            return
+        ahead = pipeline.EarlyRead(storage, first, advance)
+        for nxt in [*objects[1:], None]:
+            current, ahead = ahead, (pipeline.EarlyRead(storage, nxt, advance) if nxt is not None else None)
+            assert current is not None
+            yield current.chunks()
+    finally:
+        for early in (current, ahead):
+            if early is not None:
+                early.close()
 
 
 def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterable[Iterable[bytes]],

@@ -526,23 +526,31 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
     session that loaded it, once its COPY committed, while other tables still load); only
     the other tables are scanned. ``created_roles``: roles the restore created, which must
     match the backup exactly (other backed-up roles' differences are only listed).
+
+    The schema and roles comparisons (a pg_dump and a pg_dumpall each, and the backup's
+    archives read) run beside the catalog checks, on their own sessions; the report keeps
+    the checks' order.
     """
     reporter = reporter or NullReporter()
-    checks: list[Check] = []
+    checks: list[Check | cf.Future[Check]] = []
     wanted = {(t.schema, t.name): (t.schema, t.name, t.columns)
               for t in sorted(manifest.tables, key=lambda t: -t.raw_size)
               if t.relkind == "r" and (tables is None or (t.schema, t.name) in tables)} if manifest else {}
     known = {k: v for k, v in (checksums or {}).items() if k in wanted}
     to_read = {k: v for k, v in wanted.items() if k not in known}
     progress = reporter.task("validation", total=VALIDATION_STEPS + len(to_read), unit=Unit.ITEMS)
-    with conninfo.connect() as conn:
+    with conninfo.connect() as conn, cf.ThreadPoolExecutor(2, thread_name_prefix="validate") as beside:
         info = postgres.server_info(conn)
         major = info["server_version_num"] // 10000
+        whole = manifest if tables is None else None
+        schema_check = beside.submit(check_schema, conninfo, major, whole, storage) if whole else None
+        roles_check = beside.submit(check_roles, conninfo, major, whole, storage, created_roles) \
+            if whole else None
         inv = inventory.inventory(conn)
         seqs = postgres.sequences(conn)
         checks.append(check_restore_finished(conn))
-        if manifest is not None and tables is None:
-            checks.append(check_schema(conninfo, major, manifest, storage))
+        if manifest is not None and schema_check is not None:
+            checks.append(schema_check)
             checks.append(check_column_order(conn, manifest))
         if manifest is not None:
             exp = manifest.inventory
@@ -564,8 +572,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
             if majors.is_upgrade(manifest.server_major, major):
                 checks.append(check_major_upgrade(manifest.server_major, major, tolerated, tables is None))
             checks.extend(c.run(expected_inv, inv) for c in INVENTORY_CHECKS)
-            if tables is None:
-                checks.append(check_roles(conninfo, major, manifest, storage, created_roles))
+            if roles_check is not None:
+                checks.append(roles_check)
         checks.append(check_sequences(conn, seqs, manifest.sequences if manifest else None))
         if manifest is not None and tables is None:
             checks.extend(check_database_contents(conn, manifest.inventory))
@@ -575,7 +583,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
                 **known}
         checks.extend(check_tables(manifest, live))
     progress.finish()
+    done = [c.result() if isinstance(c, cf.Future) else c for c in checks]
     if tables is not None:
-        checks = [c for c in checks if c.name in ("row_counts", "content_checksums", "foreign_keys_hold",
-                                                  "indexes_valid", "sequences_not_behind")]
-    return ValidationReport(conninfo.redacted(), manifest.id if manifest else None, tuple(checks))
+        done = [c for c in done if c.name in ("row_counts", "content_checksums", "foreign_keys_hold",
+                                              "indexes_valid", "sequences_not_behind")]
+    return ValidationReport(conninfo.redacted(), manifest.id if manifest else None, tuple(done))
