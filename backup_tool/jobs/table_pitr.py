@@ -26,8 +26,10 @@ result's ``recovery_layout`` says which one served and why it fell back, and
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import fcntl
+import functools
 import os
 import shutil
 import subprocess
@@ -36,7 +38,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psycopg
 
@@ -70,14 +72,16 @@ from backup_tool.physical.pitr import (
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.cluster import (
     LocalServer,
+    find_bin_dir,
     leftover_postmaster,
     server_os_user,
     stop_leftover,
 )
-from backup_tool.postgres.connection import ConnInfo, quoted_table
+from backup_tool.postgres.connection import ConnInfo, find_tool, quoted_table
 from backup_tool.repository.catalog import Catalog
 from backup_tool.repository.manifest import utc_iso
 from backup_tool.repository.storage import open_repository
+from backup_tool.streams.background import Background
 
 
 def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], target_time: str | datetime,
@@ -98,6 +102,17 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
     """
     check_request(tables, into_schema, replace)
     reporter = reporter or NullReporter()
+    warming = Background(_warm_programs, settings, name="probe-programs")
+    try:
+        return _restore_tables_at(settings, target_dsn, tables, target_time, into_schema, replace, jobs, reporter,
+                                  os_user, server_command, wait, partial_layout)
+    finally:
+        warming.join()
+
+
+def _restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], target_time: str | datetime,
+                       into_schema: str | None, replace: bool, jobs: int | None, reporter: Reporter,
+                       os_user: str | None, server_command: str | None, wait: float, partial_layout: bool) -> Any:
     when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
     target = Target("time", time=when, timeline=_live_timeline(settings, ConnInfo(target_dsn)))
     source_db = ConnInfo(settings.dsn).params.get("dbname") or ConnInfo(target_dsn).dbname
@@ -175,6 +190,32 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             if not (succeeded and removing):
                 shutil.rmtree(work, ignore_errors=True)
             os.close(owner)
+
+
+PROGRAMS = ("pg_waldump", "psql", "pg_dump", "pg_restore")
+"""Run by every table PITR (the plan's reach check, the copy, the definitions), beside
+``pg_ctl`` and ``postgres`` (:func:`find_bin_dir`)."""
+
+
+def _warm_programs(settings: Settings) -> None:
+    """Probe the versions of the PostgreSQL programs a table PITR runs, for the majors of the
+    repository's base backups, all at once on threads. Each probe is a process start that
+    :mod:`backup_tool.postgres.tools` caches per path; made here, they overlap the plan
+    instead of each waiting in front of the step that first needs its program. Changes no
+    outcome: a program missing or unusable is reported by that step's own lookup."""
+    try:
+        storage = open_repository(settings.repo_url)
+        majors = {m.server_version_num // 10000 for m in Catalog(storage).of_kinds([BackupKind.BASE])[0]}
+    except Exception:  # noqa: BLE001 - the plan reads the catalog again and reports its errors
+        return
+    probes: list[Callable[[], object]] = [functools.partial(find_bin_dir, major) for major in majors]
+    probes += [functools.partial(find_tool, name, major) for major in majors for name in PROGRAMS]
+    with cf.ThreadPoolExecutor(max(1, len(probes)), thread_name_prefix="probe") as pool:
+        for future in [pool.submit(probe) for probe in probes]:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - see the docstring: the real lookup reports it
+                pass
 
 
 SCRATCH_PREFIX = "backup-tool-tables-at-"
