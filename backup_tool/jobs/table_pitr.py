@@ -26,8 +26,10 @@ result's ``recovery_layout`` says which one served and why it fell back, and
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import fcntl
+import functools
 import os
 import shutil
 import subprocess
@@ -36,7 +38,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psycopg
 
@@ -70,14 +72,16 @@ from backup_tool.physical.pitr import (
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres.cluster import (
     LocalServer,
+    find_bin_dir,
     leftover_postmaster,
     server_os_user,
     stop_leftover,
 )
-from backup_tool.postgres.connection import ConnInfo, quoted_table
+from backup_tool.postgres.connection import ConnInfo, find_tool, quoted_table
 from backup_tool.repository.catalog import Catalog
-from backup_tool.repository.manifest import utc_iso
+from backup_tool.repository.manifest import Manifest, utc_iso
 from backup_tool.repository.storage import open_repository
+from backup_tool.streams.background import Background
 
 
 def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], target_time: str | datetime,
@@ -98,8 +102,22 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
     """
     check_request(tables, into_schema, replace)
     reporter = reporter or NullReporter()
+    bases = Catalog(open_repository(settings.repo_url)).of_kinds([BackupKind.BASE])[0]
+    warming = Background(_warm_programs, frozenset(m.server_version_num // 10000 for m in bases),
+                         name="probe-programs")
+    try:
+        return _restore_tables_at(bases, settings, target_dsn, tables, target_time, into_schema, replace, jobs,
+                                  reporter, os_user, server_command, wait, partial_layout)
+    finally:
+        warming.join()
+
+
+def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: str, tables: list[str],
+                       target_time: str | datetime, into_schema: str | None, replace: bool, jobs: int | None,
+                       reporter: Reporter, os_user: str | None, server_command: str | None, wait: float,
+                       partial_layout: bool) -> Any:
     when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
-    target = Target("time", time=when, timeline=_live_timeline(settings, ConnInfo(target_dsn)))
+    target = Target("time", time=when, timeline=_live_timeline(bases, ConnInfo(target_dsn)))
     source_db = ConnInfo(settings.dsn).params.get("dbname") or ConnInfo(target_dsn).dbname
     if not source_db:
         raise UsageError("cannot tell which database the tables come from",
@@ -175,6 +193,27 @@ def restore_tables_at(settings: Settings, target_dsn: str, tables: list[str], ta
             if not (succeeded and removing):
                 shutil.rmtree(work, ignore_errors=True)
             os.close(owner)
+
+
+PROGRAMS = ("pg_waldump", "psql", "pg_dump", "pg_restore")
+"""Run by every table PITR (the plan's reach check, the copy, the definitions), beside
+``pg_ctl`` and ``postgres`` (:func:`find_bin_dir`)."""
+
+
+def _warm_programs(majors: frozenset[int]) -> None:
+    """Probe the versions of the PostgreSQL programs a table PITR runs, for ``majors`` (those
+    of the repository's base backups), all at once on threads. Each probe is a process start
+    that :mod:`backup_tool.postgres.tools` caches per path; made here, they overlap the plan
+    instead of each waiting in front of the step that first needs its program. Changes no
+    outcome: a program missing or unusable is reported by that step's own lookup."""
+    probes: list[Callable[[], object]] = [functools.partial(find_bin_dir, major) for major in majors]
+    probes += [functools.partial(find_tool, name, major) for major in majors for name in PROGRAMS]
+    with cf.ThreadPoolExecutor(max(1, len(probes)), thread_name_prefix="probe") as pool:
+        for future in [pool.submit(probe) for probe in probes]:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - see the docstring: the real lookup reports it
+                pass
 
 
 SCRATCH_PREFIX = "backup-tool-tables-at-"
@@ -291,9 +330,10 @@ def _tables_as_recovered(server: LocalServer, layout: Layout, source_db: str, ta
         return wanted, partial_shortfall(conn, layout, server.log_text(), oids)
 
 
-def _live_timeline(settings: Settings, target: Any) -> int | None:
-    """The target server's current timeline when it is the backed-up cluster itself, so that
-    the tables come from *its* history, not from a timeline another recovery forked off."""
+def _live_timeline(bases: list[Manifest], target: Any) -> int | None:
+    """The target server's current timeline when it is the backed-up cluster itself (one of
+    ``bases``, the repository's base backups, is of it), so that the tables come from *its*
+    history, not from a timeline another recovery forked off."""
     try:
         with target.connect() as conn:
             row = conn.execute("SELECT (SELECT system_identifier FROM pg_control_system())::text,"
@@ -302,8 +342,7 @@ def _live_timeline(settings: Settings, target: Any) -> int | None:
         return None
     if row is None:
         return None
-    storage = open_repository(settings.repo_url)
-    same = any(m.system_identifier == row[0] for m in Catalog(storage).of_kinds([BackupKind.BASE])[0])
+    same = any(m.system_identifier == row[0] for m in bases)
     return int(row[1]) if same else None
 
 

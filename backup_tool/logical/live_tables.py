@@ -114,6 +114,8 @@ class LiveTables:
         self._located: dict[TableKey, TableInfo] = {
             (t.schema, t.name): replace(t, schema=into_schema) if into_schema else t for t in found}
         try:
+            if into_schema:
+                self._dumping = Background(self._dump_definitions, list(self._located.values()), self.major)
             self._snap = Snapshot(conninfo)
             self._snap.lock_tables(list(self._located.values()))
             self.snapshot_id = self._snap.snapshot_id
@@ -122,8 +124,6 @@ class LiveTables:
             self._summing = threading.Thread(target=self._sum_all, args=(data, jobs), daemon=True,
                                              name="live-table-checksums")
             self._summing.start()
-            if into_schema:
-                self._dumping = Background(self._dump_definitions, list(self._located.values()), self.major)
         except BaseException:
             self.close()
             raise

@@ -394,21 +394,104 @@ def read_frames(pieces: Iterator[bytes], key: str, frames: tuple[Frame, ...], fi
         raise _frame_error(key, i, f"it does not decompress ({exc})") from None
 
 
+def _frame_writer(key: str, frames: tuple[Frame, ...], members: list[Member],
+                  write: Callable[[Member, int, memoryview], None]) -> Callable[[int, bytes], int]:
+    """``work(i, stored)``: frame ``i`` checked against its sha256 and raw size, decompressed,
+    and the parts of ``members`` (sorted by data offset, not overlapping) it holds handed to
+    ``write``; returns the frame's raw size. Safe to run on several threads at once."""
+    starts = [m.data_offset for m in members]
+
+    def work(i: int, data: bytes) -> int:
+        frame = frames[i]
+        if hashlib.sha256(data).hexdigest() != frame.sha256:
+            raise _frame_error(key, i, "sha256 differs from its index")
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=frame.raw_size)
+        except zstandard.ZstdError as exc:
+            raise _frame_error(key, i, f"it does not decompress ({exc})") from None
+        if len(raw) != frame.raw_size:
+            raise _frame_error(key, i, "its size differs from its index")
+        lo, hi = frame.raw_start, frame.raw_start + frame.raw_size
+        view = memoryview(raw)
+        j = max(bisect.bisect_right(starts, lo) - 1, 0)
+        while j < len(members) and members[j].data_offset < hi:
+            m = members[j]
+            a, b = max(m.data_offset, lo), min(m.data_offset + m.size, hi)
+            if a < b:
+                write(m, a - m.data_offset, view[a - lo:b - lo])
+            j += 1
+        return frame.raw_size
+
+    return work
+
+
+def _extract_frames_parallel(pieces: Iterator[bytes], key: str, frames: tuple[Frame, ...],
+                             runs: list[tuple[int, int]], needed: set[int], work: Callable[[int, bytes], int],
+                             workers: int) -> None:
+    """Cut ``pieces`` (the stored bytes of ``runs``, in order) into frames and run ``work`` on
+    each frame in ``needed`` on ``workers`` threads (the others, read only because they lie
+    between wanted ones, are passed over). Memory: at most ``workers + 1`` frames in flight."""
+    order = iter([i for first, last in runs for i in range(first, last + 1)])
+    pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="unzstd")
+    inflight: deque[cf.Future[int]] = deque()
+    held: list[memoryview] = []
+    have = 0
+    i = next(order, None)
+    try:
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                if i is None:
+                    raise IntegrityError(f"object {key} returned more bytes than its frames hold",
+                                         "run 'backup-tool verify all'")
+                take = min(len(view), frames[i].size - have)
+                if i in needed:
+                    held.append(view[:take])
+                view = view[take:]
+                have += take
+                if have == frames[i].size:
+                    if i in needed:
+                        inflight.append(pool.submit(work, i, b"".join(held)))
+                        while len(inflight) > workers:
+                            inflight.popleft().result()
+                    held, have, i = [], 0, next(order, None)
+        if i is not None:
+            raise IntegrityError(f"object {key} ends before frame {i}", "run 'backup-tool verify all'")
+        while inflight:
+            inflight.popleft().result()
+    finally:
+        for fut in inflight:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def extract(storage: Storage, key: str, stored_size: int, index: TarIndex, members: list[Member],
-            write: Callable[[Member, int, bytes], None], merge_gap: int = MERGE_GAP) -> int:
+            write: Callable[[Member, int, bytes | memoryview], None], merge_gap: int = MERGE_GAP, workers: int = 1) -> int:
     """Read the data of ``members`` (regular files) with ranged reads of their frames only
     (runs of frames less than ``merge_gap`` stored bytes apart are read as one);
-    ``write(member, offset, data)`` receives it in order. Returns the stored bytes read."""
+    ``write(member, offset, data)`` receives it in order. Returns the stored bytes read.
+
+    With ``workers`` > 1 and frames of at most :data:`FRAME_MAX` raw bytes (every backup
+    since frames were capped), each wanted frame is checked and decompressed whole on one
+    of that many threads (zstd and sha256 release the GIL): ``write`` is then called from
+    those threads, in any order across frames (pieces of one member never overlap), and
+    must be thread-safe. A frame's bytes are written only once its sha256 matched."""
     wanted = sorted((m for m in members if m.kind == "f" and m.size), key=lambda m: m.data_offset)
-    fetched = 0
     spans = [(m.data_offset, m.data_offset + m.size) for m in wanted]
     runs = runs_for(index.frames, spans, merge_gap)
     needed = frames_for(index.frames, spans)
     pieces = fetch_ranges(storage, key, stored_size, ranges_of(index.frames, runs))
+    fetched = sum(f.size for first, last in runs for f in index.frames[first:last + 1])
+    if workers > 1 and all(index.frames[i].raw_size <= FRAME_MAX for i in needed):
+        try:
+            _extract_frames_parallel(pieces, key, index.frames, runs, needed,
+                                     _frame_writer(key, index.frames, wanted, write), workers)
+        finally:
+            pieces.close()
+        return fetched
     try:
         cursor = 0
         for first, last in runs:
-            fetched += sum(f.size for f in index.frames[first:last + 1])
             run_end = index.frames[last].raw_start + index.frames[last].raw_size
             skip = frozenset(i for i in range(first, last + 1) if i not in needed)
             for raw_pos, data in read_frames(pieces, key, index.frames, first, last, skip):
@@ -459,29 +542,8 @@ def extract_whole(pieces: Iterable[bytes], key: str, index: TarIndex,
     ``pieces`` is read to its end, so a check of the whole object upstream delivers its
     verdict before this returns. Memory: at most ``workers + 1`` frames in flight."""
     members = sorted((m for m in index.members if m.kind == "f" and m.size), key=lambda m: m.data_offset)
-    starts = [m.data_offset for m in members]
     frames = index.frames
-
-    def work(i: int, data: bytes) -> int:
-        frame = frames[i]
-        if hashlib.sha256(data).hexdigest() != frame.sha256:
-            raise _frame_error(key, i, "sha256 differs from its index")
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=frame.raw_size)
-        except zstandard.ZstdError as exc:
-            raise _frame_error(key, i, f"it does not decompress ({exc})") from None
-        if len(raw) != frame.raw_size:
-            raise _frame_error(key, i, "its size differs from its index")
-        lo, hi = frame.raw_start, frame.raw_start + frame.raw_size
-        view = memoryview(raw)
-        j = max(bisect.bisect_right(starts, lo) - 1, 0)
-        while j < len(members) and members[j].data_offset < hi:
-            m = members[j]
-            a, b = max(m.data_offset, lo), min(m.data_offset + m.size, hi)
-            if a < b:
-                write(m, a - m.data_offset, view[a - lo:b - lo])
-            j += 1
-        return frame.raw_size
+    work = _frame_writer(key, frames, members, write)
 
     pool = cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="unzstd")
     inflight: deque[cf.Future[int]] = deque()

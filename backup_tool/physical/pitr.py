@@ -625,10 +625,16 @@ PARTIAL_SETTINGS = {"ignore_invalid_pages": "on", "autovacuum": "off"}
 
 
 def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarIndex, choice: partial.Choice,
-                    pgdata: Path, os_user: str, reporter: Reporter) -> tuple[int, int]:
+                    pgdata: Path, os_user: str, reporter: Reporter, workers: int = 1) -> tuple[int, int]:
     """Lay out ``choice``: directories, sparse files of the recorded size, and the full
-    files read through ranged reads of their frames only. Returns (bytes written, stored
-    bytes read)."""
+    files read through ranged reads of their frames only, checked and decompressed on
+    ``workers`` threads. Returns (bytes written, stored bytes read).
+
+    A file receiving data is created by its first write; the sparse files and the empty
+    full ones are created on a thread of their own meanwhile (a few hundred file creations
+    cost as much as decompressing tens of MB). Every file exists, with its size, owner and
+    (full files) recorded mtime, once this returns; on failure what was written is the
+    caller's to remove."""
     obj = manifest.extra_objects[0]
     made: set[Path] = set()
     for m in index.members:
@@ -640,41 +646,54 @@ def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarInde
         elif m.kind == "l":
             raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
     ids = _owner_ids(os_user)
-    sparse = {m.name for m in choice.sparse}
-    for m in (*choice.sparse, *(m for m in choice.full if m.kind == "f")):
-        dest = pgdata / _safe_member(m.name)
-        if dest.parent not in made:
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            made.add(dest.parent)
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, m.mode & 0o600 or 0o600)
-        try:
-            if ids is not None:
+    files = [m for m in choice.full if m.kind == "f"]
+    for m in (*choice.sparse, *files):
+        parent = (pgdata / _safe_member(m.name)).parent
+        if parent not in made:
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            made.add(parent)
+
+    def open_member(m: basetar.Member) -> int:
+        fd = os.open(pgdata / m.name, os.O_WRONLY | os.O_CREAT, m.mode & 0o600 or 0o600)
+        if ids is not None:
+            try:
                 os.fchown(fd, *ids)
-            if m.name in sparse:
-                os.ftruncate(fd, m.size)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def create(members: list[basetar.Member]) -> None:
+        for m in members:
+            fd = open_member(m)
+            try:
+                if m.size:
+                    os.ftruncate(fd, m.size)
                 os.utime(fd, (m.mtime, m.mtime))
+            finally:
+                os.close(fd)
+
+    progress = reporter.task(f"restoring the needed files of base backup {manifest.id}", total=choice.full_bytes)
+
+    def write(member: basetar.Member, offset: int, data: bytes | memoryview) -> None:
+        fd = open_member(member)
+        try:
+            view = memoryview(data)
+            while view:
+                done = os.pwrite(fd, view, offset)
+                view, offset = view[done:], offset + done
         finally:
             os.close(fd)
-    progress = reporter.task(f"restoring the needed files of base backup {manifest.id}", total=choice.full_bytes)
-    current: list[Any] = [None, None]
-
-    def write(member: basetar.Member, offset: int, data: bytes) -> None:
-        if current[0] != member.name:
-            if current[1] is not None:
-                current[1].close()
-            current[0], current[1] = member.name, open(pgdata / member.name, "r+b")
-        current[1].seek(offset)
-        current[1].write(data)
         progress.advance(len(data))
 
+    creating = Background(create, [*choice.sparse, *(m for m in files if not m.size)], name="create-files")
     try:
-        fetched = basetar.extract(storage, obj.key, obj.size, index, list(choice.full), write)
+        fetched = basetar.extract(storage, obj.key, obj.size, index, files, write, workers=workers)
     finally:
-        if current[1] is not None:
-            current[1].close()
-    for m in choice.full:
-        if m.kind == "f":
-            os.utime(pgdata / m.name, (m.mtime, m.mtime))
+        creating.join()
+    creating.result()
+    for m in files:
+        os.utime(pgdata / m.name, (m.mtime, m.mtime))
     progress.finish()
     return choice.full_bytes, fetched
 
@@ -827,7 +846,8 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             choice = found[0] if found else None
             fetched: int | None = None
             if found is not None:
-                written, fetched = extract_partial(storage, plan.backup, found[1], found[0], pgdata, user, reporter)
+                written, fetched = extract_partial(storage, plan.backup, found[1], found[0], pgdata, user, reporter,
+                                                   settings.policy.backup.jobs)
             else:
                 written = extract_base(storage, plan.backup, pgdata, user, reporter, settings.policy.backup.jobs,
                                        guard)
@@ -1133,9 +1153,13 @@ def _ask(server: LocalServer, query: str) -> bool:
         return False
 
 
-SCRATCH_SETTINGS = {"fsync": "off", "hot_standby": "on"}
+SCRATCH_SETTINGS = {"fsync": "off", "hot_standby": "on", "huge_pages": "off"}
 """The private start of a scratch cluster (``Layout.scratch``): it is removed after use, so
-nothing in it needs to reach the disk; it is read at its target as a paused hot standby."""
+nothing in it needs to reach the disk; it is read at its target as a paused hot standby. No
+huge pages: the live server may hold them all. The buffer pool stays as configured: a smaller
+one would spare promotion's end-of-recovery checkpoint the writing of the pages replay dirtied,
+but replay then writes and rereads a page for every pass over it (six updates of a 44 MB table
+replayed in 0.75 s instead of 0.45 s)."""
 
 
 def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter: Reporter) -> RecoveryPoint:

@@ -13,7 +13,7 @@ import tarfile
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import zstandard
@@ -118,27 +118,44 @@ def test_multi_frame_objects_decompress_whole() -> None:
         read_across_frames=True).decompress(b"".join(parts))
 
 
-@pytest.mark.parametrize("encrypted", [False, True])
-def test_extract_reads_only_the_frames_of_the_wanted_files(tmp_path: Path, encrypted: bool) -> None:
+def collector(workers: int) -> tuple[dict[str, bytearray], Callable[[Member, int, bytes | memoryview], None]]:
+    """Members' bytes as ``extract`` hands them over: in order with one worker, in any
+    order across frames (each byte once) with several."""
+    got: dict[str, bytearray] = {}
+    seen: dict[str, set[int]] = {}
+    lock = threading.Lock()
+
+    def write(m: Member, offset: int, data: bytes | memoryview) -> None:
+        with lock:
+            buf = got.setdefault(m.name, bytearray(m.size) if workers > 1 else bytearray())
+            if workers == 1:
+                assert len(buf) == offset
+                buf += data
+                return
+            assert not seen.setdefault(m.name, set()) & set(range(offset, offset + len(data)))
+            seen[m.name] |= set(range(offset, offset + len(data)))
+            buf[offset:offset + len(data)] = data
+    return got, write
+
+
+@pytest.mark.parametrize("encrypted,workers", [(False, 1), (True, 1), (False, 3), (True, 2)])
+def test_extract_reads_only_the_frames_of_the_wanted_files(tmp_path: Path, encrypted: bool, workers: int) -> None:
     rnd = random.Random(3)
     raw = make_tar(cluster_like(rnd))
     stored, index = framed(raw, rnd)
     storage = EncryptedStorage(LocalStorage(tmp_path), KEY if encrypted else None)
     result = storage.put("backups/b/base.tar.zst", [stored])
     small = [m for m in index.members if m.kind == "f" and m.size < basetar.BIG_MEMBER]
-    got: dict[str, bytearray] = {}
-
-    def write(m: Member, offset: int, data: bytes) -> None:
-        assert len(got.setdefault(m.name, bytearray())) == offset
-        got[m.name] += data
-
-    fetched = basetar.extract(storage, "backups/b/base.tar.zst", result.size, index, small, write, merge_gap=0)
+    got, write = collector(workers)
+    fetched = basetar.extract(storage, "backups/b/base.tar.zst", result.size, index, small, write, merge_gap=0,
+                              workers=workers)
     assert {n: bytes(v) for n, v in got.items()} == {m.name: raw[m.data_offset:m.data_offset + m.size]
                                                      for m in small if m.size}
     assert fetched < len(stored) / 2
 
 
-def test_a_damaged_frame_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_damaged_frame_is_refused(tmp_path: Path, workers: int) -> None:
     rnd = random.Random(5)
     raw = make_tar(cluster_like(rnd))
     stored, index = framed(raw, rnd)
@@ -149,11 +166,16 @@ def test_a_damaged_frame_is_refused(tmp_path: Path) -> None:
     storage.put("b/base.tar.zst", [bytes(damaged)])
     member = next(m for m in index.members if m.kind == "f" and m.size
                   and frame.raw_start <= m.data_offset < frame.raw_start + frame.raw_size)
+    written: list[int] = []
     with pytest.raises(IntegrityError, match="corrupt at frame"):
-        basetar.extract(storage, "b/base.tar.zst", len(damaged), index, [member], lambda *a: None)
+        basetar.extract(storage, "b/base.tar.zst", len(damaged), index, [member],
+                        lambda m, offset, data: written.append(len(data)), workers=workers)
+    if workers > 1:
+        assert written == [], "a frame decompressed whole is written only once its sha256 matched"
 
 
-def test_frames_read_only_between_wanted_ones_are_not_decompressed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_frames_read_only_between_wanted_ones_are_not_decompressed(tmp_path: Path, workers: int) -> None:
     """Runs of frames are merged into one read across small gaps; the frames in between are
     passed over: a damaged one there does not matter, the wanted files come out exact."""
     rnd = random.Random(11)
@@ -171,10 +193,9 @@ def test_frames_read_only_between_wanted_ones_are_not_decompressed(tmp_path: Pat
         damaged[index.frames[i].offset + index.frames[i].size // 2] ^= 0x40
     storage = LocalStorage(tmp_path)
     storage.put("b/base.tar.zst", [bytes(damaged)])
-    got: dict[str, bytearray] = {}
-    fetched = basetar.extract(storage, "b/base.tar.zst", len(damaged), index, wanted,
-                              lambda m, offset, data: got.setdefault(m.name, bytearray()).extend(data),
-                              merge_gap=len(stored))
+    got, write = collector(workers)
+    fetched = basetar.extract(storage, "b/base.tar.zst", len(damaged), index, wanted, write,
+                              merge_gap=len(stored), workers=workers)
     assert fetched == len(stored)
     assert {n: bytes(v) for n, v in got.items()} == {m.name: raw[m.data_offset:m.data_offset + m.size]
                                                      for m in wanted}

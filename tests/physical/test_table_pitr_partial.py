@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,12 @@ from support.cli import Cli
 from support.clusters import PgServer, free_port, run_sql, start_pg_server, switch_and_wait_archived
 
 from backup_tool.config.settings import resolve_settings
+from backup_tool.jobs import table_pitr
 from backup_tool.physical import partial as partial_mod
 from backup_tool.physical import pitr
-from backup_tool.postgres.cluster import LocalServer
+from backup_tool.postgres import tools as pg_tools
+from backup_tool.postgres.cluster import LocalServer, find_bin_dir
+from backup_tool.postgres.connection import find_tool
 
 pytestmark = pytest.mark.slow
 
@@ -269,3 +273,18 @@ def test_tables_are_read_paused_at_the_time_unless_the_copy_must_write(world: Wo
                                 world.server.dsn("app"))
         assert result["ok"] is True and result["recovery_layout"]["read_paused"] is True
         assert rows(world.server, "orders", db="paused_copy") == expected
+
+
+def test_program_probes_are_made_beside_the_plan(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every PostgreSQL program a table PITR runs has its version probed by the warm-up that
+    runs beside the plan: afterwards finding each one starts no process."""
+    with psycopg.connect(world.server.dsn("app")) as conn:
+        major = conn.info.server_version // 10000
+    pg_tools._versions.clear()
+    table_pitr._warm_programs(frozenset({major}))
+
+    def no_process(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"a process was started: {args[0] if args else kwargs}")
+    monkeypatch.setattr(subprocess, "run", no_process)
+    assert find_bin_dir(major) == world.server.bin_dir
+    assert all(find_tool(name, major) for name in table_pitr.PROGRAMS)
