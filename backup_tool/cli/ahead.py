@@ -6,6 +6,9 @@ client is CPU under the GIL. The reads are journalled and answered by
 :class:`backup_tool.repository.storage.ahead.ReplayBackend` (see that module for what is
 answered from the journal and what goes to the store).
 
+The modules both processes use (the catalog, the selection of tables) are loaded before
+the fork, once; boto3 is loaded by the reading process only, psycopg by the command only.
+
 Guarantees:
 
 - Only a plain ``restore tables`` command line this module's parser fully understands, with
@@ -32,8 +35,10 @@ import sys
 from dataclasses import dataclass
 
 from backup_tool.config.locations import repo_url
-from backup_tool.repository.storage import open_backend
-from backup_tool.repository.storage.ahead import Journal, JournalReader, ReplayBackend
+from backup_tool.logical.selection import read_ahead, split_names
+from backup_tool.repository.catalog import DatabaseHint
+from backup_tool.repository.storage import open_backend, open_repository
+from backup_tool.repository.storage.ahead import Journal, JournalReader, RecordingBackend, ReplayBackend
 
 DISABLE_ENV = "BACKUP_TOOL_READ_AHEAD"
 PAUSE_POINT = "ahead:planned"
@@ -225,11 +230,6 @@ def _detach(parent: int) -> None:
 
 
 def _read(request: AheadRequest, url: str, journal: Journal) -> None:
-    from backup_tool.logical.selection import read_ahead, split_names
-    from backup_tool.repository.catalog import DatabaseHint
-    from backup_tool.repository.storage import open_repository
-    from backup_tool.repository.storage.ahead import RecordingBackend
-
     backend = open_backend(url)
     journal.hello(backend.url)
     storage = open_repository(url, backend=RecordingBackend(backend, journal))
