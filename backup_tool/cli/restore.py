@@ -106,14 +106,22 @@ def restore_tables_cmd(
         if full_layout:
             raise UsageError("--full-layout applies only with --target-time")
         from backup_tool.cli import ahead
-        from backup_tool.logical.restore_tables import restore_tables
+        from backup_tool.logical.session_ahead import open_session_ahead
 
-        resume_collection()
-        backend = ahead.backend_for(inv.settings.repo_url)
+        session = open_session_ahead(target_dsn)  # opening while the restore's modules load
+        backend = None
         try:
+            from backup_tool.logical.restore_tables import restore_tables
+
+            resume_collection()
+            backend = ahead.backend_for(inv.settings.repo_url)
             result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,
                                     replace=replace, with_roles=with_roles, jobs=jobs, reporter=inv.reporter,
-                                    database=inv.database(database), backend=backend)
+                                    database=inv.database(database), backend=backend, session=session)
+        except BaseException:
+            if session is not None:
+                session.abandon()
+            raise
         finally:
             ahead.stop()
             if backend is not None:

@@ -51,7 +51,6 @@ from psycopg import sql
 from backup_tool.config.settings import Settings
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import (
-    BackupToolError,
     DatabaseError,
     LockHeldError,
     RefusedError,
@@ -60,9 +59,9 @@ from backup_tool.errors import (
 )
 from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows
 from backup_tool.logical.selection import resolve_tables
+from backup_tool.logical.session_ahead import SessionAhead, open_session_ahead
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
-from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo, qualified
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest, SequenceRecord, StoredObject, TableEntry, utc_iso
@@ -549,86 +548,27 @@ class BackupSource:
         return self._manifest
 
 
-class _ConnectAhead:
-    """The target session, opened by a thread while the repository is read (the S3 client's
-    start, the manifests): the server starts the backend, authenticates and, in a database
-    just created, builds its relation cache on the other core instead of after the manifest.
-    Once it is open, the thread also probes the target major's ``pg_restore`` (its
-    ``--version``, cached), which the definitions need, while the main thread works.
-
-    It is opened with client_encoding ``encoding``: a session's startup settings are what
-    ``RESET ALL`` (see :func:`_run_script`) returns to, so the backup's encoding cannot be set
-    afterwards. :meth:`take` hands it over only if the backup's encoding is that one; otherwise
-    (or when the command stops first: :meth:`abandon`) it is closed and nothing else changes."""
-
-    def __init__(self, target: ConnInfo, encoding: str) -> None:
-        self.target = target
-        self.encoding = encoding
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._conn: psycopg.Connection[Any] | None = None
-        self._error: BaseException | None = None
-        self._abandoned = False
-        threading.Thread(target=self._open, name="connect-ahead", daemon=True).start()
-
-    def _open(self) -> None:
-        major = 0
-        try:
-            conn = self.target.connect(settings={"client_encoding": self.encoding})
-        except BaseException as exc:  # noqa: BLE001 - handed to the thread that takes the session
-            self._error = exc
-        else:
-            major = conn.info.server_version // 10000
-            with self._lock:
-                if self._abandoned:
-                    conn.close()
-                else:
-                    self._conn = conn
-        self._done.set()
-        if major:
-            try:
-                pg_tools.find("pg_restore", major)  # its --version probe, cached, off the main thread
-            except BackupToolError:
-                pass  # reported by the restore itself when it needs the program
-
-    def take(self, encoding: str) -> psycopg.Connection[Any] | None:
-        """The session (the caller owns it now), None if it was opened with another encoding
-        than ``encoding``; its connection error, raised here, where the caller would connect."""
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        if encoding != self.encoding:
-            self.abandon()
-            return None
-        with self._lock:
-            conn, self._conn = self._conn, None
-        return conn
-
-    def abandon(self) -> None:
-        """Close the session now, or as soon as it is open."""
-        with self._lock:
-            self._abandoned = True
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-
 def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
                    backup_ref: str | None = "latest", into_schema: str | None = None, replace: bool = False,
                    with_roles: bool = False, jobs: int | None = None, run_validation: bool = True,
                    reporter: Reporter | None = None, database: DatabaseHint | None = None,
-                   backend: Storage | None = None) -> TablesRestoreResult:
+                   backend: Storage | None = None, session: SessionAhead | None = None) -> TablesRestoreResult:
     """Restore only ``tables`` from a backup into the target database, then validate them.
     ``database``: which database ``latest`` means (see :func:`backup_tool.repository.catalog.choose_latest`);
     ``backend``: the repository's store already opened (reads made ahead:
-    :class:`backup_tool.repository.storage.ahead.ReplayBackend`)."""
-    check_request(tables, into_schema, replace)
+    :class:`backup_tool.repository.storage.ahead.ReplayBackend`); ``session``: the target
+    session already being opened (:func:`open_session_ahead` of ``target_dsn``), else one is
+    opened here."""
     started = time.monotonic()
+    ahead = session
     try:
-        ahead: _ConnectAhead | None = _ConnectAhead(
-            target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn), "UTF8")
-    except BackupToolError:
-        ahead = None  # a DSN that does not parse is reported where it always was
+        check_request(tables, into_schema, replace)
+    except BaseException:
+        if ahead is not None:
+            ahead.abandon()
+        raise
+    if ahead is None:
+        ahead = open_session_ahead(target_dsn)
     jobs = jobs or settings.policy.backup.jobs
     try:
         storage = open_repository(settings.repo_url, backend=backend)
@@ -657,7 +597,7 @@ def check_request(tables: list[str], into_schema: str | None, replace: bool) -> 
 def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables: list[str],
                         into_schema: str | None = None, replace: bool = False, jobs: int = 2,
                         run_validation: bool = True, reporter: Reporter | None = None,
-                        started: float | None = None, ahead: _ConnectAhead | None = None) -> TablesRestoreResult:
+                        started: float | None = None, ahead: SessionAhead | None = None) -> TablesRestoreResult:
     """Restore only ``tables`` from ``source`` into the target database, then validate them
     against what :meth:`TableSource.settled` says the source held (see the module docstring
     for the modes and their refusals). ``ahead``: the target session being opened meanwhile."""
