@@ -71,7 +71,8 @@ def exempt_from_collection() -> None:
     """Called as the command returns: every object then alive is left out of the garbage
     collector's passes (``gc.freeze``), so Python's finalization does not walk the CLI's,
     psycopg's and boto3's object graphs several times over (35-45 ms of CPU per command,
-    in series after the command's work). Their memory goes back with the process; thread joins, ``atexit`` handlers and output flushing are unchanged."""
+    in series after the command's work). Their memory goes back with the process; thread
+    joins, ``atexit`` handlers and output flushing are unchanged."""
     import gc
 
     gc.freeze()
