@@ -6,7 +6,8 @@ push-ahead process (started if none runs) to make it durable, and a plain ``wal 
 otherwise runs without the CLI. Whatever these cannot answer, the full command does.
 ``--version`` (and ``version``) alone is answered here too, as the CLI would answer it.
 ``restore tables`` forks its repository reads off here, before the CLI loads (:mod:`.ahead`).
-Every full command runs with glibc's mmap threshold fixed (:func:`fixed_mmap_threshold`)."""
+Every full command runs with glibc's mmap threshold fixed (:func:`fixed_mmap_threshold`) and
+ends without a collector pass over what it loaded (:func:`exempt_from_collection`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def main() -> None:
     if sys.argv[1:3] == ["wal", "push"]:
         _quick_push()
     elif sys.argv[1:3] == ["restore", "tables"]:
+        import gc
+
+        gc.disable()  # until the command has loaded: see resume_collection
         from backup_tool.cli import ahead
 
         ahead.start(sys.argv[1:])
@@ -44,7 +48,34 @@ def main() -> None:
     fixed_mmap_threshold()
     from backup_tool.cli.program import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    finally:
+        exempt_from_collection()
+
+
+def resume_collection() -> None:
+    """Turn the garbage collector back on, with what is alive now exempt from its passes.
+    ``restore tables`` loads (Typer, psycopg, the restore's modules) with it off: loading
+    builds long-lived objects only, and the collections it set off cost 10-25 ms of CPU
+    while the command waits to start its restore. Does nothing where the collector is on (a
+    command run in-process, as tests do)."""
+    import gc
+
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
+def exempt_from_collection() -> None:
+    """Called as the command returns: every object then alive is left out of the garbage
+    collector's passes (``gc.freeze``), so Python's finalization does not walk the CLI's,
+    psycopg's and boto3's object graphs several times over (35-45 ms of CPU per command,
+    in series after the command's work). Their memory goes back with the process; thread
+    joins, ``atexit`` handlers and output flushing are unchanged."""
+    import gc
+
+    gc.freeze()
 
 
 def fixed_mmap_threshold() -> bool:

@@ -87,6 +87,7 @@ def restore_tables_cmd(
     database: DatabaseOption = None,
 ) -> int:
     """Restore only the named tables: into empty/absent tables, beside them (--into-schema), or over them (--replace)."""
+    from backup_tool.cli.entry import resume_collection
     from backup_tool.logical.selection import split_names
 
     names = split_names(tables)
@@ -95,6 +96,7 @@ def restore_tables_cmd(
             raise UsageError("give --backup or --target-time, not both", "--target-time picks the base backup itself")
         from backup_tool.jobs.table_pitr import restore_tables_at
 
+        resume_collection()
         result = restore_tables_at(inv.settings, target_dsn, names, target_time, into_schema=into_schema,
                                    replace=replace, jobs=jobs, reporter=inv.reporter, wait=wait,
                                    partial_layout=not full_layout)
@@ -104,13 +106,22 @@ def restore_tables_cmd(
         if full_layout:
             raise UsageError("--full-layout applies only with --target-time")
         from backup_tool.cli import ahead
-        from backup_tool.logical.restore_tables import restore_tables
+        from backup_tool.logical.session_ahead import open_session_ahead
 
-        backend = ahead.backend_for(inv.settings.repo_url)
+        session = open_session_ahead(target_dsn)  # opening while the restore's modules load
+        backend = None
         try:
+            from backup_tool.logical.restore_tables import restore_tables
+
+            resume_collection()
+            backend = ahead.backend_for(inv.settings.repo_url)
             result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,
                                     replace=replace, with_roles=with_roles, jobs=jobs, reporter=inv.reporter,
-                                    database=inv.database(database), backend=backend)
+                                    database=inv.database(database), backend=backend, session=session)
+        except BaseException:
+            if session is not None:
+                session.abandon()
+            raise
         finally:
             ahead.stop()
             if backend is not None:

@@ -6,7 +6,9 @@ partitioned table selects all its partitions; a single partition can be chosen a
 Three modes, each refusing rather than overwriting by accident:
 
 - default: each table is restored where it was if it is absent (created from the backup's
-  definition) or empty; a table holding rows is refused and nothing changes.
+  definition) or empty; a table holding rows is refused and nothing changes. Absent tables
+  loaded by one session are created and loaded in one transaction: a load that fails leaves
+  no new table behind.
 - ``into_schema``: the tables are recreated (columns, defaults, check and unique
   constraints, indexes, RLS and policies; not foreign keys or triggers, which would tie an
   inspection copy to live data) in a separate schema, live data untouched. A partitioned
@@ -49,7 +51,6 @@ from psycopg import sql
 from backup_tool.config.settings import Settings
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import (
-    BackupToolError,
     DatabaseError,
     LockHeldError,
     RefusedError,
@@ -58,9 +59,9 @@ from backup_tool.errors import (
 )
 from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows
 from backup_tool.logical.selection import resolve_tables
+from backup_tool.logical.session_ahead import SessionAhead, open_session_ahead
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
-from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.connection import ConnInfo, qualified
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest, SequenceRecord, StoredObject, TableEntry, utc_iso
@@ -341,11 +342,15 @@ def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries
 class Definitions:
     """How the chosen tables' definitions reach the target: ``before_data`` creates the
     tables (and their sequences and defaults) before the rows load, ``after_data`` their
-    indexes, constraints, triggers and policies after."""
+    indexes, constraints, triggers and policies after. ``before_sql``: the SQL
+    ``before_data`` runs in the restore's own session, when that is how they come (the
+    restore may then run it in the transaction that loads the tables instead)."""
 
-    def __init__(self, before_data: Callable[[], None], after_data: Callable[[], None]) -> None:
+    def __init__(self, before_data: Callable[[], None], after_data: Callable[[], None],
+                 before_sql: str | None = None) -> None:
         self.before_data = before_data
         self.after_data = after_data
+        self.before_sql = before_sql
 
 
 def _run_script(conn: psycopg.Connection[Any], script: str, section: str) -> None:
@@ -378,7 +383,27 @@ def script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_pa
         return None
     scripts = schema.definition_scripts(archive_path, toc, ids, major)
     return Definitions(lambda: _run_script(conn, scripts.before_data, "pre-data"),
-                       lambda: _run_script(conn, scripts.after_data, "post-data") if scripts.after_data else None)
+                       lambda: _run_script(conn, scripts.after_data, "post-data") if scripts.after_data else None,
+                       scripts.before_data)
+
+
+def create_and_load(conn: psycopg.Connection[Any], before_sql: str, source: BackupSource,
+                    loads: list[tuple[TableEntry, TableKey]], on_raw: Callable[[int], None]) -> None:
+    """Create the tables (``before_sql``, pg_restore's pre-data) and COPY their rows in ONE
+    transaction of ``conn``: a load that fails (a damaged object, a row the table refuses)
+    takes the new tables with it, so the target is left as it was found. Created in that
+    transaction, the tables take COPY FREEZE without being truncated first (a truncation
+    leaves a file to drop at commit: 10-20 ms more). The session's settings are its own
+    again afterwards (the script's SETs, search_path, row_security..., are reset in the
+    transaction, or undone with it)."""
+    with conn.transaction():
+        try:
+            conn.execute(before_sql.encode())
+        except psycopg.Error as exc:
+            raise DatabaseError(f"pg_restore (pre-data) failed: {str(exc).splitlines()[0]}") from None
+        conn.execute("RESET ALL")
+        for entry, where in loads:
+            source.load_created(entry, conn, where, on_raw)
 
 
 def archive_definitions(path: Path, archive: bytes, target: ConnInfo, major: int) -> Definitions:
@@ -481,6 +506,21 @@ class BackupSource:
              on_raw: Callable[[int], None]) -> None:
         copy_rows(conn, entry, (self._chunks(obj) for obj in entry.stored), target, fresh, on_raw)
 
+    def load_created(self, entry: TableEntry, conn: psycopg.Connection[Any], target: TableKey,
+                     on_raw: Callable[[int], None]) -> None:
+        """COPY FREEZE the table's rows into ``target``, which ``conn``'s open transaction
+        created, in that transaction (see :func:`create_and_load`)."""
+        stmt = postgres.copy_in_statement(*target, entry.columns, freeze=True)
+        try:
+            with conn.cursor() as cur:
+                for obj in entry.stored:
+                    with cur.copy(stmt) as copy:
+                        for chunk in self._chunks(obj):
+                            copy.write(chunk)
+                            on_raw(len(chunk))
+        except psycopg.Error as exc:
+            raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
+
     def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,
                      reporter: Reporter) -> None:
         roles.ensure_roles(control, target, self.storage, self._manifest, major, self.with_roles, reporter)
@@ -508,86 +548,27 @@ class BackupSource:
         return self._manifest
 
 
-class _ConnectAhead:
-    """The target session, opened by a thread while the repository is read (the S3 client's
-    start, the manifests): the server starts the backend, authenticates and, in a database
-    just created, builds its relation cache on the other core instead of after the manifest.
-    Once it is open, the thread also probes the target major's ``pg_restore`` (its
-    ``--version``, cached), which the definitions need, while the main thread works.
-
-    It is opened with client_encoding ``encoding``: a session's startup settings are what
-    ``RESET ALL`` (see :func:`_run_script`) returns to, so the backup's encoding cannot be set
-    afterwards. :meth:`take` hands it over only if the backup's encoding is that one; otherwise
-    (or when the command stops first: :meth:`abandon`) it is closed and nothing else changes."""
-
-    def __init__(self, target: ConnInfo, encoding: str) -> None:
-        self.target = target
-        self.encoding = encoding
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._conn: psycopg.Connection[Any] | None = None
-        self._error: BaseException | None = None
-        self._abandoned = False
-        threading.Thread(target=self._open, name="connect-ahead", daemon=True).start()
-
-    def _open(self) -> None:
-        major = 0
-        try:
-            conn = self.target.connect(settings={"client_encoding": self.encoding})
-        except BaseException as exc:  # noqa: BLE001 - handed to the thread that takes the session
-            self._error = exc
-        else:
-            major = conn.info.server_version // 10000
-            with self._lock:
-                if self._abandoned:
-                    conn.close()
-                else:
-                    self._conn = conn
-        self._done.set()
-        if major:
-            try:
-                pg_tools.find("pg_restore", major)  # its --version probe, cached, off the main thread
-            except BackupToolError:
-                pass  # reported by the restore itself when it needs the program
-
-    def take(self, encoding: str) -> psycopg.Connection[Any] | None:
-        """The session (the caller owns it now), None if it was opened with another encoding
-        than ``encoding``; its connection error, raised here, where the caller would connect."""
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        if encoding != self.encoding:
-            self.abandon()
-            return None
-        with self._lock:
-            conn, self._conn = self._conn, None
-        return conn
-
-    def abandon(self) -> None:
-        """Close the session now, or as soon as it is open."""
-        with self._lock:
-            self._abandoned = True
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-
 def restore_tables(settings: Settings, target_dsn: str | ConnInfo, tables: list[str],
                    backup_ref: str | None = "latest", into_schema: str | None = None, replace: bool = False,
                    with_roles: bool = False, jobs: int | None = None, run_validation: bool = True,
                    reporter: Reporter | None = None, database: DatabaseHint | None = None,
-                   backend: Storage | None = None) -> TablesRestoreResult:
+                   backend: Storage | None = None, session: SessionAhead | None = None) -> TablesRestoreResult:
     """Restore only ``tables`` from a backup into the target database, then validate them.
     ``database``: which database ``latest`` means (see :func:`backup_tool.repository.catalog.choose_latest`);
     ``backend``: the repository's store already opened (reads made ahead:
-    :class:`backup_tool.repository.storage.ahead.ReplayBackend`)."""
-    check_request(tables, into_schema, replace)
+    :class:`backup_tool.repository.storage.ahead.ReplayBackend`); ``session``: the target
+    session already being opened (:func:`open_session_ahead` of ``target_dsn``), else one is
+    opened here."""
     started = time.monotonic()
+    ahead = session
     try:
-        ahead: _ConnectAhead | None = _ConnectAhead(
-            target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn), "UTF8")
-    except BackupToolError:
-        ahead = None  # a DSN that does not parse is reported where it always was
+        check_request(tables, into_schema, replace)
+    except BaseException:
+        if ahead is not None:
+            ahead.abandon()
+        raise
+    if ahead is None:
+        ahead = open_session_ahead(target_dsn)
     jobs = jobs or settings.policy.backup.jobs
     try:
         storage = open_repository(settings.repo_url, backend=backend)
@@ -616,7 +597,7 @@ def check_request(tables: list[str], into_schema: str | None, replace: bool) -> 
 def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables: list[str],
                         into_schema: str | None = None, replace: bool = False, jobs: int = 2,
                         run_validation: bool = True, reporter: Reporter | None = None,
-                        started: float | None = None, ahead: _ConnectAhead | None = None) -> TablesRestoreResult:
+                        started: float | None = None, ahead: SessionAhead | None = None) -> TablesRestoreResult:
     """Restore only ``tables`` from ``source`` into the target database, then validate them
     against what :meth:`TableSource.settled` says the source held (see the module docstring
     for the modes and their refusals). ``ahead``: the target session being opened meanwhile."""
@@ -658,21 +639,29 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
         with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
             definitions: Definitions | None = None
             copies: tuple[SequenceCopy, ...] = ()
+            loads = [t for t in create if source.has_rows(t)]
+            serial = jobs == 1 or len(loads) <= 1
+            together: str | None = None
             if create:
                 source.ensure_roles(control, target, major, reporter)
                 definitions, copies = source.definitions(control, target, major, Path(tmp), create, into_schema)
-                definitions.before_data()
+                if serial and not existing and isinstance(source, BackupSource):
+                    together = definitions.before_sql
+                if together is None:
+                    definitions.before_data()
 
             progress = reporter.task("data", total=sum(source.size(t) for t in entries))
 
             if existing:
                 replace_in_place(control, source, existing, replace, progress.advance)
-            loads = [t for t in create if source.has_rows(t)]
             checksums: dict[TableKey, tuple[int, str]] = {}
 
             def load(t: TableEntry, conn: psycopg.Connection[Any]) -> None:
+                source.load(t, conn, location[(t.schema, t.name)], True, progress.advance)
+                checksum(t, conn)
+
+            def checksum(t: TableEntry, conn: psycopg.Connection[Any]) -> None:
                 where = location[(t.schema, t.name)]
-                source.load(t, conn, where, True, progress.advance)
                 if not run_validation or t.relkind != "r":
                     return
                 if len(loads) == 1 and jobs > 1 and source.size(t) >= RANGED_CHECKSUM_BYTES:
@@ -686,7 +675,13 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
                 with target.connect(settings={"client_encoding": manifest.encoding}) as conn:
                     load(t, conn)
 
-            if jobs == 1 or len(loads) == 1:
+            if together is not None:
+                assert isinstance(source, BackupSource)
+                create_and_load(control, together, source, [(t, location[(t.schema, t.name)]) for t in loads],
+                                progress.advance)
+                for t in loads:
+                    checksum(t, control)
+            elif serial:
                 for t in loads:
                     load(t, control)
             else:
@@ -694,12 +689,12 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
             progress.finish()
             settled = source.settled()
             recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
-            with control.transaction():
-                if into_schema:
-                    values = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
-                else:
-                    values = [((seq["schema"], seq["name"]), seq)
-                                 for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create})]
+            if into_schema:
+                values = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
+            else:
+                values = [((seq["schema"], seq["name"]), seq)
+                          for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create})]
+            with control.transaction() if values else nullcontext():
                 for (seq_schema, seq_name), seq in values:
                     control.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
                                     (postgres.quoted_table(seq_schema, seq_name), seq["last_value"],

@@ -116,12 +116,16 @@ def ahead_objects(manifest: Manifest, entries: list[TableEntry], tables: int, wi
 def read_ahead(storage: Storage, names: list[str], backup_ref: str | None, database: DatabaseHint, tables: int,
                with_roles: bool, plan: Callable[[list[str]], None]) -> None:
     """Make the reads a restore of ``names`` from ``backup_ref`` starts with: the catalog and
-    the manifests it resolves ``latest`` or an id with, then :func:`ahead_objects`, all at
-    once (``plan`` hears their keys first). Errors propagate: the restore makes the same reads
-    and reports them itself."""
+    the manifests it resolves ``latest`` or an id with, then :func:`ahead_objects` (``plan``
+    hears their keys first): the definitions (schema archive, roles) at once, then the tables'
+    data at once. The restore waits for the definitions first, and a small object downloaded
+    beside a large one took 10-30 ms longer; the data is needed only once the tables exist.
+    Errors propagate: the restore makes the same reads and reports them itself."""
     manifest = Catalog(storage).resolve_logical(backup_ref, database)
-    objects = ahead_objects(manifest, resolve_tables(manifest, names), tables, with_roles)
+    entries = resolve_tables(manifest, names)
+    objects = ahead_objects(manifest, entries, tables, with_roles)
     plan([o.key for o in objects])
+    data = {t.stored[0].key for t in entries if t.stored}
 
     def drain(key: str) -> None:
         for _ in storage.get_stored(key):
@@ -129,5 +133,6 @@ def read_ahead(storage: Storage, names: list[str], backup_ref: str | None, datab
 
     if objects:
         with cf.ThreadPoolExecutor(len(objects)) as pool:
-            for done in [pool.submit(drain, o.key) for o in objects]:
-                done.result()
+            for stage in ([o for o in objects if o.key not in data], [o for o in objects if o.key in data]):
+                for done in [pool.submit(drain, o.key) for o in stage]:
+                    done.result()

@@ -1,4 +1,5 @@
-"""The entry point's process set-up: glibc's mmap threshold fixed for full commands."""
+"""The entry point's process set-up: glibc's mmap threshold fixed for full commands, and the
+garbage collector kept off the start-up and the exit of a command."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"),
+glibc_only = pytest.mark.skipif(not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"),
                                 reason="glibc only")
 
 PROBE = textwrap.dedent("""
@@ -40,6 +41,7 @@ def _probe(mode: str, **env: str) -> list[str]:
     return out.stdout.split()
 
 
+@glibc_only
 def test_a_freed_large_block_no_longer_moves_later_buffers_onto_the_heap() -> None:
     """Without the fixed threshold, freeing an 8 MiB block makes glibc serve the next 2 MiB
     buffer from a heap that keeps its pages; with it, the buffer is mapped on its own (and
@@ -48,5 +50,39 @@ def test_a_freed_large_block_no_longer_moves_later_buffers_onto_the_heap() -> No
     assert _probe("fixed") == ["True", "1"]
 
 
+@glibc_only
 def test_the_users_own_threshold_is_left_alone() -> None:
     assert _probe("fixed", MALLOC_MMAP_THRESHOLD_="4194304")[0] == "False"
+
+
+GC_PROBE = textwrap.dedent("""
+    import gc, sys
+    from backup_tool.cli import entry
+
+    if sys.argv[1] == "off":
+        gc.disable()
+    import backup_tool.cli.program  # what a command loads: the CLI, Typer
+    loaded = len(gc.get_objects())
+    getattr(entry, sys.argv[2])()
+    print(gc.isenabled(), loaded > 10000, len(gc.get_objects()) < loaded // 10)
+""")
+
+
+def _gc_probe(state: str, step: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", GC_PROBE, state, step], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.split()
+
+
+def test_a_command_that_loaded_with_the_collector_off_gets_it_back_without_the_loaded_objects() -> None:
+    """``restore tables`` loads with the collector off; turned back on, its passes skip what was loaded."""
+    assert _gc_probe("off", "resume_collection") == ["True", "True", "True"]
+
+
+def test_a_collector_already_on_is_left_as_it_is() -> None:
+    """A command run in-process (tests) keeps its collector as it was: nothing is exempted."""
+    assert _gc_probe("on", "resume_collection") == ["True", "True", "False"]
+
+
+def test_at_exit_the_objects_alive_are_out_of_the_collectors_passes() -> None:
+    assert _gc_probe("on", "exempt_from_collection") == ["True", "True", "True"]
