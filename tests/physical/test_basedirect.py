@@ -477,6 +477,12 @@ def test_a_damaged_page_fails_the_direct_backup_and_nothing_is_kept(world: World
 
 
 def _set_archive_command(server: PgServer, command: str | None) -> None:
+    """A new archive_command, given to an idle archiver: one working through a backlog may
+    archive more files with the old command before it rereads its configuration."""
+    deadline = time.monotonic() + 60
+    while run_sql(server, "postgres", "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'")[0]:
+        assert time.monotonic() < deadline, f"the archiver never caught up, see {server.log_file}"
+        time.sleep(0.05)
     setting = ("ALTER SYSTEM RESET archive_command" if command is None
                else "ALTER SYSTEM SET archive_command = '" + command.replace("'", "''") + "'")
     run_sql(server, "postgres", setting, "SELECT pg_reload_conf()")
@@ -517,9 +523,17 @@ def test_backup_mode_ends_without_waiting_for_the_archiver(world: World) -> None
 
         listed, stored = cli.json("list", "--repo", world.repo), _objects(world, partials=True)
         _set_archive_command(server, "/bin/true")
+        deadline = time.monotonic() + 30
+        while True:
+            segment = run_sql(server, "postgres", "SELECT txid_current()",
+                              "SELECT pg_walfile_name(pg_current_wal_insert_lsn())")[0]
+            switch_and_wait_archived(server)
+            if not walarchive.find_archived(open_storage(world.repo), segment):
+                break
+            assert time.monotonic() < deadline, "the archiver kept pushing into the repository"
         started = time.monotonic()
         failed = cli("backup", "base", "--repo", world.repo, "--dsn", server.dsn(), "--method", "direct")
-        assert failed.returncode == 1 and time.monotonic() - started < 60
+        assert failed.returncode == 1 and time.monotonic() - started < 60, (failed.returncode, failed.stderr)
         line = one_line(failed.stderr)
         assert "is not in" in line and "archive_command pushes elsewhere" in line, line
         assert cli.json("list", "--repo", world.repo) == listed
