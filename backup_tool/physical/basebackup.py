@@ -271,6 +271,8 @@ def _wal_complete(storage: Storage, timeline: int, start: int, stop: int, seg_si
 
 
 class WalWait(StrEnum):
+    """Where a base backup's WAL range stands (:func:`wal_wait_verdict`)."""
+
     COMPLETE = "complete"
     ELSEWHERE = "elsewhere"
     WAITING = "waiting"
@@ -294,12 +296,13 @@ WAL_POLL_FIRST, WAL_POLL_MAX, WAL_WARN_EVERY = 0.05, 2.0, 60.0
 
 
 def _await_wal(control: psycopg.Connection[Any], storage: Storage, physical: PhysicalInfo,
-               reporter: Reporter) -> list[str]:
-    """Wait until the backup's WAL range is in the repository; return the segments that will
-    never get there (empty: all there). The direct method ends backup mode without waiting
-    for the archiver (as pgBackRest does), so the stop segment is pushed while the tar's
-    upload completes; as ``pg_backup_stop(true)`` would, this waits as long as the archiver
-    has not reached the range, warning every minute."""
+               reporter: Reporter, wait: bool) -> list[str]:
+    """The segments of the backup's WAL range missing from the repository (empty: all there).
+    With ``wait`` (the direct method, which ends backup mode on a primary without waiting for
+    its archiver, as pgBackRest does, so the stop segment is pushed while the tar's upload
+    completes), as ``pg_backup_stop(true)`` would, it waits as long as the archiver has not
+    reached the range, warning every minute; pg_basebackup has waited already (on a standby,
+    whose own archiver never advances, waiting could never end)."""
     seg_size = physical.wal_segment_size
     begun = time.monotonic()
     pause, warned = WAL_POLL_FIRST, 0
@@ -313,7 +316,7 @@ def _await_wal(control: psycopg.Connection[Any], storage: Storage, physical: Phy
         else:
             missing = [n for n in missing if not walarchive.find_archived(storage, n)]
         verdict = wal_wait_verdict(missing, last)
-        if verdict is not WalWait.WAITING:
+        if verdict is not WalWait.WAITING or not wait:
             return missing
         waited = time.monotonic() - begun
         if waited >= (warned + 1) * WAL_WARN_EVERY:
@@ -410,7 +413,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             index_obj = _store_index(storage, data_prefix(backup_id) + basetar.INDEX_KEY, framer.index(
                 partial.relations_to_json(_relation_maps(conninfo, facts["databases"], reporter))), level)
             physical = _physical(scanner, facts, fast, stop_time, str(used))
-            missing = _await_wal(control, storage, physical, reporter)
+            missing = _await_wal(control, storage, physical, reporter, wait=used is BaseMethod.DIRECT)
             if missing:
                 raise BackupToolError(
                     f"the WAL of this base backup ({missing[0]}{' ...' if len(missing) > 1 else ''}) "
