@@ -221,6 +221,7 @@ class FaultProxy:
         self.enabled = True
         self.faults: list[Fault] = []
         self.requests = 0
+        self.seen: list[Request] = []
         self._occurrences: Counter[str] = Counter()
         self._streak: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -277,6 +278,7 @@ class FaultProxy:
         identity = req.identity()
         with self._lock:
             self.requests += 1
+            self.seen.append(req)
             self._occurrences[identity] += 1
             n = self._occurrences[identity]
             if not self.enabled:

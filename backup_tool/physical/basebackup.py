@@ -8,10 +8,11 @@ flows through zstd into the repository (``backups/<id>/base.tar.zst``) without a
 copy, in independent frames cut at member boundaries, with an index of frames, members and
 each database's relation files beside it (``base.index.json.zst``, see
 :mod:`backup_tool.physical.basetar`) so that table PITR can read just what it needs. ``-X none``: the WAL that makes the copy consistent is *not* in the tar but in the
-WAL archive, and the server only reports the backup finished once that WAL has been
-archived. Before committing the manifest the tool checks that every segment from the
-backup's start to its stop is in *this* repository, so a listed base backup is always
-restorable from the repository alone.
+WAL archive. Before committing the manifest the tool waits until every segment from the
+backup's start to its stop is in *this* repository (failing at once if the server's
+archiver went past one that is not there: it pushes elsewhere), so a listed base backup is
+always restorable from the repository alone. The direct method ends backup mode without
+waiting for the archiver, so that wait overlaps the tar's upload.
 
 While the tar streams past, its ``backup_label`` and ``backup_manifest`` members are read
 (never written to disk): the manifest records start and stop LSN, timeline, the label,
@@ -28,8 +29,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generator, Iterable, Iterator
 
@@ -267,6 +270,63 @@ def _wal_complete(storage: Storage, timeline: int, start: int, stop: int, seg_si
     return [n for n in wanted if n not in present]
 
 
+class WalWait(StrEnum):
+    """Where a base backup's WAL range stands (:func:`wal_wait_verdict`)."""
+
+    COMPLETE = "complete"
+    ELSEWHERE = "elsewhere"
+    WAITING = "waiting"
+
+
+def wal_wait_verdict(missing: list[str], last_archived: str | None) -> WalWait:
+    """Whether a base backup's WAL range is all in the repository, can no longer arrive there
+    (the server's archiver already went past the last missing segment: its archive_command
+    put it somewhere else), or is still on its way. ``missing``: segment names in order;
+    ``last_archived``: ``pg_stat_archiver.last_archived_wal`` read *before* the repository
+    was looked at (the archiver works through segments in name order and a segment counts
+    as archived only once its archive_command has returned)."""
+    if not missing:
+        return WalWait.COMPLETE
+    if last_archived and walnames.segment_prefix(last_archived) and last_archived >= missing[-1]:
+        return WalWait.ELSEWHERE
+    return WalWait.WAITING
+
+
+WAL_POLL_FIRST, WAL_POLL_MAX, WAL_WARN_EVERY = 0.05, 2.0, 60.0
+
+
+def _await_wal(control: psycopg.Connection[Any], storage: Storage, physical: PhysicalInfo,
+               reporter: Reporter, wait: bool) -> list[str]:
+    """The segments of the backup's WAL range missing from the repository (empty: all there).
+    With ``wait`` (the direct method, which ends backup mode on a primary without waiting for
+    its archiver, as pgBackRest does, so the stop segment is pushed while the tar's upload
+    completes), as ``pg_backup_stop(true)`` would, it waits as long as the archiver has not
+    reached the range, warning every minute; pg_basebackup has waited already (on a standby,
+    whose own archiver never advances, waiting could never end)."""
+    seg_size = physical.wal_segment_size
+    begun = time.monotonic()
+    pause, warned = WAL_POLL_FIRST, 0
+    missing: list[str] | None = None
+    while True:
+        control.execute("SELECT pg_stat_clear_snapshot()")
+        last = scalar(control, "SELECT last_archived_wal FROM pg_stat_archiver")
+        if missing is None:
+            missing = _wal_complete(storage, physical.timeline, walnames.parse_lsn(physical.start_lsn),
+                                    walnames.parse_lsn(physical.stop_lsn), seg_size)
+        else:
+            missing = [n for n in missing if not walarchive.find_archived(storage, n)]
+        verdict = wal_wait_verdict(missing, last)
+        if verdict is not WalWait.WAITING or not wait:
+            return missing
+        waited = time.monotonic() - begun
+        if waited >= (warned + 1) * WAL_WARN_EVERY:
+            warned += 1
+            reporter.warning(f"still waiting for the server to archive {missing[0]} ({int(waited)} s); "
+                             "check that archive_command succeeds (pg_stat_archiver, the server log)")
+        time.sleep(pause)
+        pause = min(pause * 1.5, WAL_POLL_MAX)
+
+
 def backup_base(settings: Settings, reporter: Reporter | None = None,
                 fast_checkpoint: bool | None = None, method: BaseMethod = BaseMethod.AUTO,
                 data_directory: Path | None = None) -> Manifest:
@@ -353,8 +413,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             index_obj = _store_index(storage, data_prefix(backup_id) + basetar.INDEX_KEY, framer.index(
                 partial.relations_to_json(_relation_maps(conninfo, facts["databases"], reporter))), level)
             physical = _physical(scanner, facts, fast, stop_time, str(used))
-            missing = _wal_complete(storage, physical.timeline, walnames.parse_lsn(physical.start_lsn),
-                                    walnames.parse_lsn(physical.stop_lsn), physical.wal_segment_size)
+            missing = _await_wal(control, storage, physical, reporter, wait=used is BaseMethod.DIRECT)
             if missing:
                 raise BackupToolError(
                     f"the WAL of this base backup ({missing[0]}{' ...' if len(missing) > 1 else ''}) "

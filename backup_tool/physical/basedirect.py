@@ -27,9 +27,11 @@ Guaranteed, so that every reader of a base backup works unchanged:
 - Backup mode lives in one held session: ``pg_backup_start`` on a connection of its own,
   ``pg_backup_stop`` on the same one; if anything fails (or the process dies) the session
   ends and PostgreSQL aborts the backup mode itself.
-- The WAL is not in the tar (as with ``-X none``): ``pg_backup_stop`` waits until the stop
-  segment is archived and the caller checks the repository's archive holds the whole
-  range, exactly as for ``pg_basebackup``.
+- The WAL is not in the tar (as with ``-X none``). ``pg_backup_stop`` does not wait for the
+  archiver (as pgBackRest calls it), so the tar's end and upload go on while the stop
+  segment is archived; the caller then waits until the repository's archive holds the
+  whole range (:func:`backup_tool.physical.basebackup.wal_wait_verdict`) before any
+  manifest exists.
 - With data checksums on, every relation page is verified as pg_basebackup verifies it
   (:mod:`backup_tool.physical.pagecheck`, loaded only then, on the reader threads); any
   failure fails the backup once every file has been read, naming the files and blocks
@@ -542,7 +544,7 @@ class DirectBackup:
             except OSError as exc:
                 raise _unreadable(self.root / CONTROL_FILE, exc) from None
             try:
-                stop = session.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)").fetchone()
+                stop = session.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)").fetchone()
             except psycopg.Error as exc:
                 raise DatabaseError(f"pg_backup_stop failed: {exc}") from None
             assert stop is not None

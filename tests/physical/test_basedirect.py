@@ -33,7 +33,7 @@ from support.clusters import PgServer, free_port, run_sql, start_pg_server, swit
 
 from backup_tool.errors import BackupToolError, RefusedError
 from backup_tool.physical import basetar
-from backup_tool.physical.basebackup import stop_lsn_from_manifest
+from backup_tool.physical.basebackup import TAR_KEY, WalWait, stop_lsn_from_manifest, wal_wait_verdict
 from backup_tool.physical.basedirect import (
     PIECE,
     BaseMethod,
@@ -51,6 +51,7 @@ from backup_tool.physical.basedirect import (
     unlogged_skip,
 )
 from backup_tool.postgres.connection import ConnInfo
+from backup_tool.repository import walarchive
 from backup_tool.repository.catalog import Catalog
 from backup_tool.repository.storage import open_storage
 
@@ -219,6 +220,21 @@ def test_backup_manifest_is_postgres_format_with_a_valid_checksum() -> None:
     assert stop_lsn_from_manifest(text) == ("0/2000138", 1)
     v2 = json.loads(backup_manifest([], 2, "0/5000028", "0/6000000", 17, 7))
     assert v2["PostgreSQL-Backup-Manifest-Version"] == 2 and v2["System-Identifier"] == 7
+
+
+def test_wal_wait_verdict() -> None:
+    """The WAL range is waited for until it is in the repository, and given up on only once the
+    server's archiver has gone past its last missing segment (pushed somewhere else)."""
+    seg = ["000000010000000000000004", "000000010000000000000005"]
+    assert wal_wait_verdict([], None) is WalWait.COMPLETE
+    assert wal_wait_verdict([], "000000010000000000000003") is WalWait.COMPLETE
+    assert wal_wait_verdict(seg, None) is WalWait.WAITING
+    assert wal_wait_verdict(seg, "000000010000000000000004") is WalWait.WAITING
+    assert wal_wait_verdict(seg, "000000010000000000000004.00000028.backup") is WalWait.WAITING
+    assert wal_wait_verdict(seg, "000000010000000000000005") is WalWait.ELSEWHERE
+    assert wal_wait_verdict(seg, "000000010000000000000005.00000028.backup") is WalWait.ELSEWHERE
+    assert wal_wait_verdict(seg, "00000001000000010000000A") is WalWait.ELSEWHERE
+    assert wal_wait_verdict(seg, "00000002.history") is WalWait.WAITING
 
 
 def test_method_choice() -> None:
@@ -458,3 +474,72 @@ def test_a_damaged_page_fails_the_direct_backup_and_nothing_is_kept(world: World
         assert _backup_sessions(server) == 0
     finally:
         run_sql(server, "postgres", "DROP TABLE IF EXISTS damaged")
+
+
+def _set_archive_command(server: PgServer, command: str | None) -> None:
+    """A new archive_command, given to an idle archiver: one working through a backlog may
+    archive more files with the old command before it rereads its configuration."""
+    deadline = time.monotonic() + 60
+    while run_sql(server, "postgres", "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'")[0]:
+        assert time.monotonic() < deadline, f"the archiver never caught up, see {server.log_file}"
+        time.sleep(0.05)
+    setting = ("ALTER SYSTEM RESET archive_command" if command is None
+               else "ALTER SYSTEM SET archive_command = '" + command.replace("'", "''") + "'")
+    run_sql(server, "postgres", setting, "SELECT pg_reload_conf()")
+
+
+def _tars(world: World) -> set[Path]:
+    return set(Path(world.repo, "backups").glob("*/" + TAR_KEY))
+
+
+@pytest.mark.slow
+def test_backup_mode_ends_without_waiting_for_the_archiver(world: World) -> None:
+    """The direct method ends backup mode without waiting for the archiver (as pgBackRest), so
+    the tar's upload completes while the stop segment is being archived; the manifest is
+    committed once that WAL is in the repository. Here archive_command holds every segment
+    until the tar is stored: a backup whose pg_backup_stop waited for the archiver would
+    never store it. An archive_command that sends the WAL elsewhere still fails the backup."""
+    server, cli = world.server, world.cli
+    release = world.base / f"release-{time.monotonic_ns()}"
+    command = run_sql(server, "postgres", "SHOW archive_command")[0]
+    tars = _tars(world)
+    _set_archive_command(server, f"while [ ! -e {release} ]; do sleep 0.05; done; {command}")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "backup_tool", "backup", "base", "--repo", world.repo,
+                                 "--dsn", server.dsn(), "--method", "direct", "--json"],
+                                env=world.cli.base_env(), cwd=world.cli.workdir, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not (_tars(world) - tars) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stored_first = bool(_tars(world) - tars)
+        release.touch()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        assert stored_first, "the tar was stored only after the archiver had pushed the stop segment"
+        manifest = Catalog(open_storage(world.repo)).load(json.loads(out)["id"])
+        assert manifest.physical is not None
+        assert walarchive.find_archived(open_storage(world.repo), manifest.physical.stop_wal)
+
+        listed, stored = cli.json("list", "--repo", world.repo), _objects(world, partials=True)
+        _set_archive_command(server, "/bin/true")
+        deadline = time.monotonic() + 30
+        while True:
+            segment = run_sql(server, "postgres", "SELECT txid_current()",
+                              "SELECT pg_walfile_name(pg_current_wal_insert_lsn())")[0]
+            switch_and_wait_archived(server)
+            if not walarchive.find_archived(open_storage(world.repo), segment):
+                break
+            assert time.monotonic() < deadline, "the archiver kept pushing into the repository"
+        started = time.monotonic()
+        failed = cli("backup", "base", "--repo", world.repo, "--dsn", server.dsn(), "--method", "direct")
+        assert failed.returncode == 1 and time.monotonic() - started < 60, (failed.returncode, failed.stderr)
+        line = one_line(failed.stderr)
+        assert "is not in" in line and "archive_command pushes elsewhere" in line, line
+        assert cli.json("list", "--repo", world.repo) == listed
+        assert _objects(world, partials=True) == stored
+    finally:
+        release.touch()
+        _set_archive_command(server, None)
+        run_sql(server, "postgres", "SELECT txid_current()")
+        switch_and_wait_archived(server)

@@ -5,8 +5,10 @@ no partial object and no unfinished multipart upload behind."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,7 +19,7 @@ from faultproxy import ACTIONS, CHAOS_ACTIONS, Chaos, FaultProxy, Request, Rule
 
 from backup_tool.errors import ConfigError, IntegrityError, StorageError
 from backup_tool.repository.storage import ObjectExistsError
-from backup_tool.repository.storage.s3 import MIN_PART, S3Storage, S3Tuning
+from backup_tool.repository.storage.s3 import FIRST_PART, MIN_PART, S3Storage, S3Tuning
 from backup_tool.streams import pipeline
 
 TUNING = S3Tuning(connect_timeout=2, read_timeout=1, attempts=4)
@@ -251,6 +253,27 @@ def test_bytes_altered_on_the_way_are_never_returned_as_good(through: Callable[.
 
 
 # ------------------------------------------------------------------------ tunables
+
+
+def test_bodies_are_bound_to_the_signature_by_their_signed_sha256(through: Callable[..., Any]) -> None:
+    """Part and object bodies are not hashed a second time for SigV4 (UNSIGNED-PAYLOAD, as
+    botocore does over HTTPS anyway): each carries its SHA-256 in a header the signature
+    covers, which the store checks against the body. Other requests keep a signed payload."""
+    storage, proxy = through()
+    data = os.urandom(FIRST_PART + MIN_PART + 1000)
+    storage.put("big", chunks(data))
+    storage.put("small", [SMALL])
+    cuts = [(0, FIRST_PART), (FIRST_PART, FIRST_PART + MIN_PART), (FIRST_PART + MIN_PART, len(data))]
+    expected = {base64.b64encode(hashlib.sha256(b).digest()).decode() for b in
+                [data[lo:hi] for lo, hi in cuts] + [SMALL]}
+    bodies = [r for r in proxy.seen if r.method == "PUT"]
+    assert {r.header("x-amz-checksum-sha256") for r in bodies} == expected
+    for r in bodies:
+        assert r.header("x-amz-content-sha256") == "UNSIGNED-PAYLOAD"
+        assert "x-amz-checksum-sha256" in (r.header("Authorization") or "").split("SignedHeaders=")[1].split(",")[0]
+    completes = [r for r in proxy.seen if r.method == "POST" and "uploadId=" in r.query]
+    assert len(completes) == 1
+    assert re.fullmatch(r"[0-9a-f]{64}", completes[0].header("x-amz-content-sha256") or "")
 
 
 def test_tunables_come_from_the_environment() -> None:

@@ -8,7 +8,11 @@ Uploads stream: chunks are cut into multipart parts uploaded by a few threads, s
 stays at (parts in flight + 1) x part size whatever the object size. Objects smaller than
 one part are sent with a single PutObject. Both paths use ``If-None-Match: *`` so an
 existing object is never replaced, and send a SHA-256 of every part/object, so the store
-rejects bytes damaged on the way (S3 answers BadDigest) instead of keeping them.
+rejects bytes damaged on the way (S3 answers BadDigest) instead of keeping them. That
+checksum header is signed, so it binds the body to the request signature: part and object
+bodies go out as ``UNSIGNED-PAYLOAD`` (what botocore does over HTTPS anyway) instead of being
+hashed a second time for SigV4 on plain-HTTP endpoints; every other request keeps botocore's
+signing.
 
 Faults: every request is retried with jittered exponential backoff (tenacity, the only
 retry layer: botocore's own retries are off so the budget is exactly
@@ -262,7 +266,9 @@ class S3Storage(Storage):
             read_timeout=self.tuning.read_timeout,
             max_pool_connections=32,
         )
-        self._client = boto3.session.Session().client("s3", config=config)
+        session = boto3.session.Session()
+        self._client = session.client("s3", config=config)
+        self._bodies = session.client("s3", config=config.merge(Config(s3={"payload_signing_enabled": False})))
         self.sse = sse_args()
 
     def _key(self, key: str) -> str:
@@ -366,7 +372,7 @@ class S3Storage(Storage):
         """``sha``: the body's sha256 (the caller hashed it already). Its MD5 is computed only
         if a lost answer makes the ETag the proof of what the store holds."""
         expected = _Expected(len(body), _b64(sha), lambda: hashlib.md5(body, usedforsecurity=False).hexdigest())
-        self._conditional_write(f"writing {key}", full, expected, self._client.put_object,
+        self._conditional_write(f"writing {key}", full, expected, self._bodies.put_object,
                                 Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*",
                                 ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(sha), **self._lock_args())
 
@@ -410,7 +416,7 @@ class S3Storage(Storage):
     def _upload_part(self, full: str, upload_id: str, number: int, body: bytes,
                      stop: threading.Event) -> _Part:
         sha = hashlib.sha256(body).digest()
-        resp = self._call(f"uploading part {number} of {full[len(self.prefix):]}", self._client.upload_part, stop_event=stop,
+        resp = self._call(f"uploading part {number} of {full[len(self.prefix):]}", self._bodies.upload_part, stop_event=stop,
                           Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body,
                           ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(sha))
         return _Part(number, str(resp["ETag"]), sha, len(body))
