@@ -266,10 +266,22 @@ class S3Storage(Storage):
             read_timeout=self.tuning.read_timeout,
             max_pool_connections=32,
         )
-        session = boto3.session.Session()
-        self._client = session.client("s3", config=config)
-        self._bodies = session.client("s3", config=config.merge(Config(s3={"payload_signing_enabled": False})))
+        self._session = boto3.session.Session()
+        self._client = self._session.client("s3", config=config)
+        self._config = config
+        self._bodies_client: Any = None
+        self._bodies_lock = threading.Lock()
         self.sse = sse_args()
+
+    @property
+    def _bodies(self) -> Any:
+        """The client that sends part and object bodies as ``UNSIGNED-PAYLOAD`` (see the module
+        docstring), made on the first write: a command that only reads never builds it."""
+        with self._bodies_lock:
+            if self._bodies_client is None:
+                self._bodies_client = self._session.client(
+                    "s3", config=self._config.merge(Config(s3={"payload_signing_enabled": False})))
+            return self._bodies_client
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
