@@ -366,6 +366,16 @@ def check_rls_without_manifest(inv: dict[str, Any]) -> Check:
                  f"RLS enabled on {len(enabled)} tables, {len(inv['policies'])} policies")
 
 
+def _next_value(seq: SequenceRecord) -> int:
+    """The value ``nextval`` hands out next: ``setval(s, v, false)`` still owes ``v`` itself, so a
+    sequence at the backed-up value but no longer called is one step behind it."""
+    return seq["last_value"] + seq.get("increment", 1) if seq["is_called"] else seq["last_value"]
+
+
+def _state(seq: SequenceRecord) -> str:
+    return str(seq["last_value"]) if seq["is_called"] else f"{seq['last_value']} (not yet called)"
+
+
 def check_sequences(conn: psycopg.Connection[Any], live: list[SequenceRecord],
                     expected: Iterable[SequenceRecord] | None) -> Check:
     """No sequence behind its column, nor behind the backup's value. With the backup's values, a
@@ -399,9 +409,8 @@ def check_sequences(conn: psycopg.Connection[Any], live: list[SequenceRecord],
             cur = now.get((seq["schema"], seq["name"]))
             if cur is None:
                 behind.append(f"{seq['schema']}.{seq['name']} missing")
-            elif (cur["last_value"] - seq["last_value"]) * seq["increment"] < 0:
-                behind.append(f"{seq['schema']}.{seq['name']} at {cur['last_value']}, "
-                              f"backup had {seq['last_value']}")
+            elif (_next_value(cur) - _next_value(seq)) * seq.get("increment", 1) < 0:
+                behind.append(f"{seq['schema']}.{seq['name']} at {_state(cur)}, backup had {_state(seq)}")
     if behind:
         return Check("sequences_not_behind", False, "behind: " + _names(behind))
     note = f"; behind their column as in the backup: {_names(as_in_backup)}" if as_in_backup else ""

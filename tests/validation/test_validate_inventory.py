@@ -255,3 +255,30 @@ def test_acls_compare_as_sets_and_changes_name_the_entries() -> None:
                              "gained bob INSERT by alice with grant option)")
     old = check.run({"functions": []}, changed)
     assert old.ok and "not recorded by this backup" in old.detail
+
+
+def test_sequence_reset_to_not_called_at_the_backed_up_value_is_behind(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any]) -> None:
+    """`setval(s, v, false)` keeps last_value but makes nextval hand out v again, a value the
+    backup's source already gave out: one step behind, for a free-standing sequence as for an
+    identity column's."""
+    db = fresh_db("seqcalled")
+    seq = "'" + ident('Free "seq"') + "'"
+    with db.connect() as conn:
+        conn.execute(f"""
+            CREATE SEQUENCE {seq[1:-1]} START 100 INCREMENT 5;
+            SELECT nextval({seq}), nextval({seq});
+            CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY, v text);
+            INSERT INTO ident (v) VALUES ('a'), ('b');
+        """)
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    assert failed_checks(cli, local_repo, db.dsn, entry["id"]) == {}
+    with db.connect() as conn:
+        conn.execute(f"SELECT setval({seq}, 105, false), setval('ident_id_seq', 2, false)")
+    failed = failed_checks(cli, local_repo, db.dsn, entry["id"])
+    assert set(failed) == {"sequences_not_behind"}
+    assert 'public.Free "seq" at 105 (not yet called), backup had 105' in failed["sequences_not_behind"]
+    assert "public.ident_id_seq at 2 (not yet called), backup had 2" in failed["sequences_not_behind"]
+    with db.connect() as conn:
+        conn.execute(f"SELECT setval({seq}, 105), setval('ident_id_seq', 2)")
+    assert failed_checks(cli, local_repo, db.dsn, entry["id"]) == {}
