@@ -1229,13 +1229,15 @@ def _check_reached_end(point: RecoveryPoint, layout: Layout, storage: Storage) -
 
 
 def validate_cluster(server: LocalServer, jobs: int, reporter: Reporter) -> ValidationReport:
-    """The health checks that need no manifest, on every database of the recovered cluster."""
+    """The health checks that need no manifest, on every database of the recovered cluster, as
+    on a physical copy: states WAL replay copies from the source (invalid indexes, logged
+    sequences behind their columns) are listed, not failed."""
     with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True) as conn:
         dbs = [r[0] for r in conn.execute(
             "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1").fetchall()]
     checks: list[Check] = []
     for db in dbs:
-        report = validate(server.conninfo(db), None, None, jobs=jobs, reporter=reporter)
+        report = validate(server.conninfo(db), None, None, jobs=jobs, reporter=reporter, physical_copy=True)
         checks.extend(Check(f"{db}: {c.name}", c.ok, c.detail) for c in report.checks)
     return ValidationReport(str(server.pgdata), None, tuple(checks))
 
