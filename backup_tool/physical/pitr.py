@@ -444,8 +444,33 @@ def _plan_once(storage: Storage, backups: list[Manifest], target: Target, scanne
             raise ArchiveBehindError(exc.message, exc.hint) from None
         raise
     if target.kind == "time" and target.time is not None and not scanner.reaches(plan, target.time):
-        raise _behind(target, scanner, storage.url)
+        raise _forked_before(backups, segments, hist, target, plan, scanner, storage.url) \
+            or _behind(target, scanner, storage.url)
     return plan
+
+
+def _forked_before(backups: list[Manifest], segments: list[wal.WalSegment],
+                   histories: dict[int, list[tuple[int, int]]], target: Target, plan: Plan,
+                   scanner: CommitScanner, where: str) -> RefusedError | None:
+    """When the timeline followed was forked (by an earlier recovery) off an ancestor whose own
+    archived WAL does reach the time target, the refusal naming that ancestor: waiting for the
+    source's archiver cannot help, since new commits of the source land on the ancestor."""
+    assert target.time is not None
+    for span in reversed(plan.path[:-1]):
+        try:
+            ancestor = choose_base_backup(backups, segments, histories,
+                                          dataclasses.replace(target, timeline=span.timeline), None, where)
+        except RefusedError:
+            continue
+        if scanner.reaches(ancestor, target.time):
+            switch = wal.format_lsn(span.end) if span.end is not None else "?"
+            return RefusedError(
+                f"cannot recover to {target.describe()} along timeline {plan.timeline}: it branched off timeline "
+                f"{span.timeline} at LSN {switch} (a recovery promoted there) and no commit after the target is "
+                f"archived on it; timeline {span.timeline} reaches the target",
+                f"pass --target-timeline {span.timeline} to restore pitr (restore tables --target-time follows "
+                f"timeline {span.timeline} when --target-dsn is the cluster still on it)")
+    return None
 
 
 # --------------------------------------------------------------------------- restore points

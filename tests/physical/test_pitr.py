@@ -436,3 +436,50 @@ def test_tables_at_a_time_into_the_live_table_are_validated_against_the_recovere
         assert dbcompare.table_hashes(server.dsn("app"))["public.ledger"] == scenario.fp_t1["tables"]["public.ledger"]
     finally:
         run_sql(server, "app", "ALTER TABLE ledger ALTER COLUMN note TYPE text", "TRUNCATE ledger")
+
+
+def test_a_time_past_where_an_earlier_recovery_forked_names_the_timeline_that_reaches_it(tmp_path: Path) -> None:
+    """Recover to t1 (timeline 2 is archived), then ask for t2 > t1: timeline 2 branched off
+    before t2 and holds no commit, timeline 1 does. The refusal must name timeline 1 and
+    --target-timeline, not tell the user to wait for the source's archiver (its commits land
+    on timeline 1 and never help); with --target-timeline 1 the same request is laid out."""
+    base, wrapper, repo = archiving_workspace("backup-tool-pitr-fork-")
+    server = start_pg_server({**archive_settings(wrapper, repo), "autovacuum": "off"})
+    shutil.chown(repo, server.os_user, server.os_user)
+    cli = Cli(workdir=tmp_path)
+    sc = Scenario(server, str(repo), base, cli, {}, "", "", {}, {}, {})
+    stamp = "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    try:
+        server.create_db("app")
+        run_sql(server, "app", "CREATE TABLE t (phase int)")
+        cli.json("backup", "base", "--repo", str(repo), "--dsn", server.dsn("app"))
+        run_sql(server, "app", "INSERT INTO t VALUES (1)")
+        time.sleep(0.2)
+        t1 = run_sql(server, "app", stamp)[0]
+        time.sleep(0.2)
+        run_sql(server, "app", "INSERT INTO t VALUES (2)")
+        time.sleep(0.2)
+        t2 = run_sql(server, "app", stamp)[0]
+        time.sleep(0.2)
+        run_sql(server, "app", "INSERT INTO t VALUES (3)")
+        switch_and_wait_archived(server)
+        cli.json("restore", "pitr", "--repo", str(repo), "--target-time", t1, "--pgdata", sc.pgdata(),
+                 "--port", str(free_port()))
+        deadline = time.monotonic() + 30
+        while 2 not in cli.json("wal", "status", "--repo", str(repo))["timelines"]:
+            assert time.monotonic() < deadline, "timeline 2 was not archived"
+            time.sleep(0.2)
+
+        pgdata = sc.pgdata()
+        proc = cli("restore", "pitr", "--repo", str(repo), "--target-time", t2, "--pgdata", pgdata, "--no-start")
+        assert proc.returncode == 1, proc.stderr
+        assert "along timeline 2: it branched off timeline 1" in proc.stderr
+        assert "pass --target-timeline 1" in proc.stderr and "archive_timeout" not in proc.stderr
+        assert list(pgdata.iterdir()) == []
+        laid_out = cli.json("restore", "pitr", "--repo", str(repo), "--target-time", t2, "--target-timeline", "1",
+                            "--pgdata", pgdata, "--no-start")
+        assert laid_out["started"] is False and (pgdata / "recovery.signal").exists()
+    finally:
+        sc.stop_all()
+        server.destroy()
+        shutil.rmtree(base, ignore_errors=True)
