@@ -19,14 +19,13 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from psycopg import sql
-
 from backup_tool.config.settings import Settings
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import BackupToolError
 from backup_tool.logical.restore import create_database, restore_full
 from backup_tool.physical.wal import repository_health
+from backup_tool.postgres import database_level
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest, utc_iso
@@ -84,7 +83,7 @@ def restore_test(settings: Settings, manifest: Manifest, scratch_dsn: str, repor
         return Check(f"restore_test {manifest.id}", False, exc.message[:500]), time.monotonic() - started
     finally:
         with admin.connect() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            database_level.drop_database(conn, name)
 
 
 def verify(settings: Settings, ref: str = "latest", with_restore_test: bool = False,

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import psycopg
-from psycopg import sql
 
 from backup_tool.config.settings import Settings
 from backup_tool.core import walnames
@@ -69,6 +68,7 @@ from backup_tool.errors import (
 from backup_tool.governance import walcoverage
 from backup_tool.physical import basetar, partial, wal, walspool
 from backup_tool.postgres import connection as postgres
+from backup_tool.postgres import database_level
 from backup_tool.postgres.cluster import (
     LocalServer,
     chown_to,
@@ -1396,7 +1396,7 @@ def _keep_only(server: LocalServer, database: str, reporter: Reporter) -> tuple[
             "SELECT datname FROM pg_database WHERE datname NOT IN (%s, 'postgres', 'template0', 'template1') "
             "ORDER BY 1", (database,)).fetchall()]
         for name in names:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            database_level.drop_database(conn, name)
     reporter.event("other databases dropped", kept=database, dropped=names)
     return tuple(names)
 
