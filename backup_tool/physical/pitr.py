@@ -963,6 +963,8 @@ def settle_restore_command(layout: Layout) -> None:
     if used is None or used == layout.restore_command:
         return
     conf = layout.pgdata / "postgresql.auto.conf"
+    if not conf.exists():
+        return  # a failed run emptied the directory: nothing to settle, its own error stands
     text = conf.read_text()
     line = f"restore_command = {conf_quote(used)}"
     if line in text:
