@@ -19,14 +19,13 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from psycopg import sql
-
 from backup_tool.config.settings import Settings
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import BackupToolError
-from backup_tool.logical.restore import restore_full
+from backup_tool.logical.restore import create_database, restore_full
 from backup_tool.physical.wal import repository_health
+from backup_tool.postgres import database_level
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest, utc_iso
@@ -65,18 +64,17 @@ def check_objects(storage: Storage, manifest: Manifest, reporter: Reporter,
 
 
 def restore_test(settings: Settings, manifest: Manifest, scratch_dsn: str, reporter: Reporter) -> tuple[Check, float]:
-    """Restore into a fresh scratch database on the scratch server, validate, drop it; with the
+    """Restore into a fresh scratch database on the scratch server, created as the backup's was
+    (encoding and locale: validation compares them), validate, drop it; with the
     seconds the restore and its validation took (to the failure, when it failed): the
     recovery-time evidence the audit shows."""
     base = ConnInfo(scratch_dsn or settings.dsn)
     name = f"backup_tool_verify_{secrets.token_hex(4)}"
     scratch = base.with_database(name)
     admin = base.with_database("postgres")
-    with admin.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {}").format(
-            sql.Identifier(name), sql.Literal(manifest.encoding)))
     started = time.monotonic()
     try:
+        create_database(scratch, manifest.encoding, manifest.inventory.get("database"))
         result = restore_full(settings, scratch, manifest.id, with_roles=True,
                               run_validation=True, reporter=reporter)
         detail = f"restored {result.tables} tables, {result.rows} rows in {result.seconds:.1f}s; validation passed"
@@ -85,7 +83,7 @@ def restore_test(settings: Settings, manifest: Manifest, scratch_dsn: str, repor
         return Check(f"restore_test {manifest.id}", False, exc.message[:500]), time.monotonic() - started
     finally:
         with admin.connect() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            database_level.drop_database(conn, name)
 
 
 def verify(settings: Settings, ref: str = "latest", with_restore_test: bool = False,

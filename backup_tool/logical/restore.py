@@ -141,8 +141,7 @@ def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter) -
             assert conninfo.dbname
             try:
                 with conninfo.with_database("postgres").connect() as admin:
-                    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                        sql.Identifier(conninfo.dbname)))
+                    database_level.drop_database(admin, conninfo.dbname)
             except (BackupToolError, psycopg.Error) as exc:
                 reporter.warning(f"could not drop database {conninfo.dbname}, created by this restore: "
                                  f"{str(exc).splitlines()[0]}")

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import psycopg
-from psycopg import sql
 
 from backup_tool.config.settings import Settings
 from backup_tool.core import walnames
@@ -69,6 +68,7 @@ from backup_tool.errors import (
 from backup_tool.governance import walcoverage
 from backup_tool.physical import basetar, partial, wal, walspool
 from backup_tool.postgres import connection as postgres
+from backup_tool.postgres import database_level
 from backup_tool.postgres.cluster import (
     LocalServer,
     chown_to,
@@ -444,8 +444,33 @@ def _plan_once(storage: Storage, backups: list[Manifest], target: Target, scanne
             raise ArchiveBehindError(exc.message, exc.hint) from None
         raise
     if target.kind == "time" and target.time is not None and not scanner.reaches(plan, target.time):
-        raise _behind(target, scanner, storage.url)
+        raise _forked_before(backups, segments, hist, target, plan, scanner, storage.url) \
+            or _behind(target, scanner, storage.url)
     return plan
+
+
+def _forked_before(backups: list[Manifest], segments: list[wal.WalSegment],
+                   histories: dict[int, list[tuple[int, int]]], target: Target, plan: Plan,
+                   scanner: CommitScanner, where: str) -> RefusedError | None:
+    """When the timeline followed was forked (by an earlier recovery) off an ancestor whose own
+    archived WAL does reach the time target, the refusal naming that ancestor: waiting for the
+    source's archiver cannot help, since new commits of the source land on the ancestor."""
+    assert target.time is not None
+    for span in reversed(plan.path[:-1]):
+        try:
+            ancestor = choose_base_backup(backups, segments, histories,
+                                          dataclasses.replace(target, timeline=span.timeline), None, where)
+        except RefusedError:
+            continue
+        if scanner.reaches(ancestor, target.time):
+            switch = wal.format_lsn(span.end) if span.end is not None else "?"
+            return RefusedError(
+                f"cannot recover to {target.describe()} along timeline {plan.timeline}: it branched off timeline "
+                f"{span.timeline} at LSN {switch} (a recovery promoted there) and no commit after the target is "
+                f"archived on it; timeline {span.timeline} reaches the target",
+                f"pass --target-timeline {span.timeline} to restore pitr (restore tables --target-time follows "
+                f"timeline {span.timeline} when --target-dsn is the cluster still on it)")
+    return None
 
 
 # --------------------------------------------------------------------------- restore points
@@ -938,6 +963,8 @@ def settle_restore_command(layout: Layout) -> None:
     if used is None or used == layout.restore_command:
         return
     conf = layout.pgdata / "postgresql.auto.conf"
+    if not conf.exists():
+        return  # a failed run emptied the directory: nothing to settle, its own error stands
     text = conf.read_text()
     line = f"restore_command = {conf_quote(used)}"
     if line in text:
@@ -1229,13 +1256,15 @@ def _check_reached_end(point: RecoveryPoint, layout: Layout, storage: Storage) -
 
 
 def validate_cluster(server: LocalServer, jobs: int, reporter: Reporter) -> ValidationReport:
-    """The health checks that need no manifest, on every database of the recovered cluster."""
+    """The health checks that need no manifest, on every database of the recovered cluster, as
+    on a physical copy: states WAL replay copies from the source (invalid indexes, logged
+    sequences behind their columns) are listed, not failed."""
     with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True) as conn:
         dbs = [r[0] for r in conn.execute(
             "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1").fetchall()]
     checks: list[Check] = []
     for db in dbs:
-        report = validate(server.conninfo(db), None, None, jobs=jobs, reporter=reporter)
+        report = validate(server.conninfo(db), None, None, jobs=jobs, reporter=reporter, physical_copy=True)
         checks.extend(Check(f"{db}: {c.name}", c.ok, c.detail) for c in report.checks)
     return ValidationReport(str(server.pgdata), None, tuple(checks))
 
@@ -1369,7 +1398,7 @@ def _keep_only(server: LocalServer, database: str, reporter: Reporter) -> tuple[
             "SELECT datname FROM pg_database WHERE datname NOT IN (%s, 'postgres', 'template0', 'template1') "
             "ORDER BY 1", (database,)).fetchall()]
         for name in names:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            database_level.drop_database(conn, name)
     reporter.event("other databases dropped", kept=database, dropped=names)
     return tuple(names)
 

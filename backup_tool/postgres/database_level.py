@@ -2,7 +2,9 @@
 
 A logical backup records, in its manifest inventory under ``"database"``, the properties of
 the backed-up database itself: owner, encoding and locale (collation, ctype, provider, ICU
-locale), connection limit, comment, its ACL as a set of (grantee, grantor, privilege,
+locale), connection limit, whether it is a template (``IS_TEMPLATE``, which pg_dump
+--create carries; absent from manifests older than it, then neither applied nor compared),
+comment, its ACL as a set of (grantee, grantor, privilege,
 grantable), ``ALTER DATABASE … SET`` settings and ``ALTER ROLE … IN DATABASE … SET``
 settings (in their stored order, which is the order pg_dump prints them in). A restore applies them to the target database under its own name (a restore
 into ``app_dr`` gets ``app``'s properties), last, so that a setting such as
@@ -36,7 +38,7 @@ _PROPERTIES_SQL = """
     SELECT pg_get_userbyid(d.datdba) AS owner, pg_encoding_to_char(d.encoding) AS encoding,
            d.datcollate AS collate, d.datctype AS ctype, d.datlocprovider::text AS locale_provider,
            coalesce(to_jsonb(d) ->> 'datlocale', to_jsonb(d) ->> 'daticulocale') AS icu_locale,
-           d.datconnlimit AS connection_limit,
+           d.datconnlimit AS connection_limit, d.datistemplate AS is_template,
            shobj_description(d.oid, 'pg_database') AS comment,
            ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
                               pg_get_userbyid(a.grantor), a.privilege_type, a.is_grantable::text]
@@ -61,7 +63,9 @@ def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """What differs between two property records, one phrase per difference."""
     found = []
     for key in ("owner", "encoding", "collate", "ctype", "locale_provider", "icu_locale",
-                "connection_limit", "comment"):
+                "connection_limit", "comment", "is_template"):
+        if key == "is_template" and key not in expected:
+            continue
         if expected.get(key) != actual.get(key):
             found.append(f"{key.replace('_', ' ')} {actual.get(key)!r}, backup {expected.get(key)!r}")
     for key, what in (("acl", "grant"), ("settings", "setting")):
@@ -123,6 +127,8 @@ def apply(conn: psycopg.Connection[Any], wanted: dict[str, Any], create: bool) -
             conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
                 db, sql.Literal(wanted.get("connection_limit", -1))))
         conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(wanted.get("comment"))))
+        if "is_template" in wanted:
+            conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE {}").format(db, sql.Literal(bool(wanted["is_template"]))))
         have = properties(conn)
         for role, setting in sorted({tuple(s) for s in have["settings"]} - {tuple(s) for s in wanted["settings"]}):
             name = sql.Identifier(setting.partition("=")[0])
@@ -173,3 +179,12 @@ def create_options(wanted: dict[str, Any] | None, encoding: str) -> sql.Composab
     if wanted.get("locale_provider") == "i":
         parts += [sql.SQL("LOCALE_PROVIDER icu"), sql.SQL("ICU_LOCALE {}").format(sql.Literal(wanted["icu_locale"]))]
     return sql.SQL(" ").join(parts)
+
+
+def drop_database(admin: psycopg.Connection[Any], name: str) -> None:
+    """``DROP DATABASE IF EXISTS name WITH (FORCE)`` on an autocommit connection, clearing
+    ``IS_TEMPLATE`` first: PostgreSQL refuses to drop a template, and restoring a template
+    database's backup (or recovering a cluster holding one) makes one."""
+    if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s AND datistemplate", (name,)).fetchone():
+        admin.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(sql.Identifier(name)))
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -335,11 +335,17 @@ def check_foreign_keys(conn: psycopg.Connection[Any], fks: list[dict[str, Any]],
     return Check("foreign_keys_hold", True, f"{len(fks) - skipped} foreign keys hold, no orphan rows{note}")
 
 
-def check_indexes(live: list[dict[str, Any]], expected: list[dict[str, Any]] | None) -> Check:
+def check_indexes(live: list[dict[str, Any]], expected: list[dict[str, Any]] | None,
+                  physical_copy: bool = False) -> Check:
     """Every index valid and ready; with the backup's inventory, an index that was already
-    invalid (or not ready) in the backup's source may stay so, and the indexes must match."""
+    invalid (or not ready) in the backup's source may stay so, and the indexes must match.
+    In a ``physical_copy`` the flags are the source's own catalog rows, so invalid ones are
+    listed, not failed."""
     was_invalid = {_qual(i) for i in expected or [] if not (i["valid"] and i["ready"])}
     invalid = [_qual(i) for i in live if not (i["valid"] and i["ready"])]
+    if physical_copy and expected is None:
+        note = f"; invalid as in the source (recovered from its WAL): {_names(invalid)}" if invalid else ""
+        return Check("indexes_valid", True, f"{len(live) - len(invalid)} indexes valid{note}")
     new_invalid = [q for q in invalid if q not in was_invalid]
     if new_invalid:
         return Check("indexes_valid", False, f"invalid indexes: {_names(new_invalid)}"
@@ -366,13 +372,29 @@ def check_rls_without_manifest(inv: dict[str, Any]) -> Check:
                  f"RLS enabled on {len(enabled)} tables, {len(inv['policies'])} policies")
 
 
+def _next_value(seq: SequenceRecord) -> int:
+    """The value ``nextval`` hands out next: ``setval(s, v, false)`` still owes ``v`` itself, so a
+    sequence at the backed-up value but no longer called is one step behind it."""
+    return seq["last_value"] + seq.get("increment", 1) if seq["is_called"] else seq["last_value"]
+
+
+def _state(seq: SequenceRecord) -> str:
+    return str(seq["last_value"]) if seq["is_called"] else f"{seq['last_value']} (not yet called)"
+
+
 def check_sequences(conn: psycopg.Connection[Any], live: list[SequenceRecord],
-                    expected: Iterable[SequenceRecord] | None) -> Check:
+                    expected: Iterable[SequenceRecord] | None, physical_copy: bool = False) -> Check:
     """No sequence behind its column, nor behind the backup's value. With the backup's values, a
     sequence behind its column at exactly the backed-up value was so in the source (the content
-    checksums prove the column equal) and passes."""
+    checksums prove the column equal) and passes. In a ``physical_copy`` WAL replay leaves a
+    logged sequence at or ahead of the source's value, so one behind its column was so in the
+    source and passes; an unlogged one was reset by recovery and still fails."""
     recorded = {(s["schema"], s["name"]): s for s in expected or []}
-    behind, as_in_backup = [], []
+    unlogged = {(r[0], r[1]) for r in conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind = 'S' AND c.relpersistence = 'u'")} if physical_copy else set()
+    behind: list[str] = []
+    as_in_backup: list[str] = []
     for seq in live:
         owner = seq["owned_by"]
         if not owner:
@@ -389,22 +411,25 @@ def check_sequences(conn: psycopg.Connection[Any], live: list[SequenceRecord],
                     step < 0 and (value > top or (value == top and not called))):
                 as_in_backup.append(f"{seq['schema']}.{seq['name']}")
             continue
-        if step > 0 and (value < top or (value == top and not called)):
-            behind.append(f"{seq['schema']}.{seq['name']} at {value}, column max {top}")
-        if step < 0 and (value > top or (value == top and not called)):
-            behind.append(f"{seq['schema']}.{seq['name']} at {value}, column min {top}")
+        name = f"{seq['schema']}.{seq['name']}"
+        if (step > 0 and (value < top or (value == top and not called))) or (
+                step < 0 and (value > top or (value == top and not called))):
+            if physical_copy and (seq["schema"], seq["name"]) not in unlogged:
+                as_in_backup.append(name)
+            else:
+                behind.append(f"{name} at {value}, column {'max' if step > 0 else 'min'} {top}")
     if expected is not None:
         now = {(s["schema"], s["name"]): s for s in live}
         for seq in expected:
             cur = now.get((seq["schema"], seq["name"]))
             if cur is None:
                 behind.append(f"{seq['schema']}.{seq['name']} missing")
-            elif (cur["last_value"] - seq["last_value"]) * seq["increment"] < 0:
-                behind.append(f"{seq['schema']}.{seq['name']} at {cur['last_value']}, "
-                              f"backup had {seq['last_value']}")
+            elif (_next_value(cur) - _next_value(seq)) * seq.get("increment", 1) < 0:
+                behind.append(f"{seq['schema']}.{seq['name']} at {_state(cur)}, backup had {_state(seq)}")
     if behind:
         return Check("sequences_not_behind", False, "behind: " + _names(behind))
-    note = f"; behind their column as in the backup: {_names(as_in_backup)}" if as_in_backup else ""
+    source = "the source (recovered from its WAL)" if physical_copy else "the backup"
+    note = f"; behind their column as in {source}: {_names(as_in_backup)}" if as_in_backup else ""
     return Check("sequences_not_behind", True, f"{len(live)} sequences not behind their columns{note}")
 
 
@@ -517,7 +542,7 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
              jobs: int = 2, reporter: Reporter | None = None,
              tables: set[tuple[str, str]] | None = None,
              checksums: dict[TableKey, tuple[int, str]] | None = None,
-             created_roles: frozenset[str] | None = None) -> ValidationReport:
+             created_roles: frozenset[str] | None = None, physical_copy: bool = False) -> ValidationReport:
     """Run the health checks against the database; compare with ``manifest`` when given.
 
     ``tables`` restricts the per-table checks to those tables (after a selective restore);
@@ -526,6 +551,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
     session that loaded it, once its COPY committed, while other tables still load); only
     the other tables are scanned. ``created_roles``: roles the restore created, which must
     match the backup exactly (other backed-up roles' differences are only listed).
+    ``physical_copy``: the database was recovered from a base backup and WAL (``restore pitr``),
+    so its index flags and logged sequences are the source's own, listed rather than failed.
 
     The schema and roles comparisons (a pg_dump and a pg_dumpall each, and the backup's
     archives read) run beside the catalog checks, on their own sessions; the report keeps
@@ -566,7 +593,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
                               if fk.get("validated") is False) if manifest else frozenset()
         checks.append(check_foreign_keys(conn, inv["foreign_keys"], not_valid))
         progress.advance(1)
-        checks.append(check_indexes(inv["indexes"], manifest.inventory["indexes"] if manifest else None))
+        checks.append(check_indexes(inv["indexes"], manifest.inventory["indexes"] if manifest else None,
+                                    physical_copy))
         if manifest is not None:
             expected_inv, tolerated = majors.expected_inventory(manifest.inventory, manifest.server_major, major)
             if majors.is_upgrade(manifest.server_major, major):
@@ -574,7 +602,7 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
             checks.extend(c.run(expected_inv, inv) for c in INVENTORY_CHECKS)
             if roles_check is not None:
                 checks.append(roles_check)
-        checks.append(check_sequences(conn, seqs, manifest.sequences if manifest else None))
+        checks.append(check_sequences(conn, seqs, manifest.sequences if manifest else None, physical_copy))
         if manifest is not None and tables is None:
             checks.extend(check_database_contents(conn, manifest.inventory))
         progress.advance(1)

@@ -103,6 +103,9 @@ def world() -> Iterator[World]:
         server.create_db("other")
         sql(server, "CREATE TABLE elsewhere (id int PRIMARY KEY, v text)",
             "INSERT INTO elsewhere SELECT g, md5(g::text) FROM generate_series(1, 20000) g", db="other")
+        # a template database (as PostGIS set-ups keep one): --only-database must still drop it
+        server.create_db("spare_template")
+        sql(server, "ALTER DATABASE spare_template IS_TEMPLATE true", db="postgres")
         sql(server,
             "CREATE TABLE orders (id bigserial PRIMARY KEY, amount int NOT NULL, note text)",
             "CREATE INDEX orders_amount_hash ON orders USING hash (amount)",
@@ -244,7 +247,7 @@ def test_restore_pitr_of_one_database_drops_the_others(world: World) -> None:
                             "--port", str(port), "--no-archive", "--only-database", "app")
     try:
         assert result["ok"] is True
-        assert result["layout"]["kind"] == "partial" and result["layout"]["dropped"] == ["other"]
+        assert result["layout"]["kind"] == "partial" and result["layout"]["dropped"] == ["other", "spare_template"]
         assert result["layout"]["bytes_fetched"] < world.base_size
         dsn = f"postgresql://postgres:{world.server.password}@127.0.0.1:{port}/app"
         with psycopg.connect(dsn) as conn:
