@@ -147,6 +147,17 @@ def _state(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
     return "rows" if has and has[0] else "empty"
 
 
+def missing_schemas(conn: psycopg.Connection[Any], schemas: set[str]) -> list[str]:
+    """Those of ``schemas`` the database lacks, sorted: a table is restored into its own schema,
+    which ``restore tables`` does not create (as ``pg_restore --table``), so the restore is
+    refused before anything is written rather than failing halfway through its definitions."""
+    if not schemas:
+        return []
+    found = {r[0] for r in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
+                                        (sorted(schemas),)).fetchall()}
+    return sorted(schemas - found)
+
+
 def _pattern(schema_name: str, name: str) -> str:
     return postgres.quoted_table(schema_name, name)
 
@@ -633,6 +644,13 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
                                    "use --replace to replace their contents, or --into-schema NAME to restore beside them")
         create = [t for t in entries if states[(t.schema, t.name)] == "absent"]
         existing = [t for t in entries if states[(t.schema, t.name)] != "absent"]
+        if not into_schema:
+            missing = missing_schemas(control, {t.schema for t in create})
+            if missing:
+                raise RefusedError(f"schema {', '.join(missing)} does not exist in the target database "
+                                   f"{target.redacted()}",
+                                   "create it first, restore beside with --into-schema NAME, or restore the "
+                                   "whole backup with 'restore full'")
         reporter.event("restore tables started", id=manifest.id, mode=mode, target=target.redacted(),
                        create=len(create), existing=len(existing))
 

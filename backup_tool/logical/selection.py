@@ -68,6 +68,18 @@ def split_name(text: str) -> tuple[str | None, str]:
     return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
 
 
+def _typed_part(part: str) -> str:
+    if part and part == part.strip() and not any(c in part for c in '.,"'):
+        return part
+    return '"' + part.replace('"', '""') + '"'
+
+
+def as_typed(schema: str, name: str) -> str:
+    """``schema.name`` as ``--tables`` reads it back (see :func:`split_name`): a part holding a
+    dot, comma or double quote, or spaces at its ends, in double quotes. Pure."""
+    return f"{_typed_part(schema)}.{_typed_part(name)}"
+
+
 def resolve_tables(manifest: Manifest, names: list[str]) -> list[TableEntry]:
     """The manifest entries the names select, partitions of selected tables included."""
     known = {(t.schema, t.name): t for t in manifest.tables}
@@ -79,12 +91,13 @@ def resolve_tables(manifest: Manifest, names: list[str]) -> list[TableEntry]:
             matches = [k for k in known if k[1].lower() == name.lower()
                        and (schema_name is None or k[0].lower() == schema_name.lower())]
         if len(matches) != 1:
-            everything = [f"{s}.{n}" for s, n in known]
-            close = difflib.get_close_matches(raw, everything, n=3, cutoff=0.5)
+            everything = [as_typed(s, n) for s, n in known]
+            close = difflib.get_close_matches(raw.strip(), everything, n=3, cutoff=0.5)
             if matches:
-                raise UsageError(f"table name {raw!r} is ambiguous: {', '.join(f'{s}.{n}' for s, n in matches)}",
+                raise UsageError(f"table name {raw.strip()} is ambiguous: "
+                                 f"{', '.join(as_typed(s, n) for s, n in matches)}",
                                  "qualify it with its schema")
-            raise NotFoundError(f"table {raw!r} is not in backup {manifest.id}",
+            raise NotFoundError(f"table {raw.strip()} is not in backup {manifest.id}",
                                 f"closest: {', '.join(close)}" if close else "see 'backup-tool show ID' for its tables")
         if matches[0] not in chosen:
             chosen.append(matches[0])

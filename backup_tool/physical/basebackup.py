@@ -228,19 +228,26 @@ def explain_basebackup_error(text: str, user: str) -> DatabaseError:
     return DatabaseError(f"pg_basebackup failed: {text}")
 
 
+USER_DATABASES = "datname NOT IN ('template0', 'template1')"
+"""The databases a base backup names as held (what ``restore pitr --database`` and table PITR
+look for): every database but the two system templates, a user's own template databases
+included; those that take no connections are held but not mapped for partial lay-outs."""
+
+
 def _server_facts(conn: Any) -> dict[str, Any]:
     row = conn.execute(
         "SELECT current_user, (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user),"
         " current_setting('archive_mode'), current_setting('archive_command'),"
         " pg_size_bytes(current_setting('wal_segment_size')),"
         " (SELECT rolname FROM pg_roles WHERE oid = 10),"
-        " ARRAY(SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1),"
+        f" ARRAY(SELECT datname FROM pg_database WHERE {USER_DATABASES} ORDER BY 1),"
+        f" ARRAY(SELECT datname FROM pg_database WHERE {USER_DATABASES} AND datallowconn ORDER BY 1),"
         " current_setting('data_checksums') = 'on',"
         " (SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')),"
         " (SELECT sum(pg_database_size(oid)) FROM pg_database)::bigint").fetchone()
     assert row is not None
     keys = ("user", "can_replicate", "archive_mode", "archive_command", "wal_segment_size", "superuser",
-            "databases", "data_checksums", "tablespaces", "size")
+            "databases", "connectable", "data_checksums", "tablespaces", "size")
     return dict(zip(keys, row, strict=True))
 
 
@@ -411,7 +418,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             progress.finish()
             stop_time = scalar(control, "SELECT clock_timestamp()")
             index_obj = _store_index(storage, data_prefix(backup_id) + basetar.INDEX_KEY, framer.index(
-                partial.relations_to_json(_relation_maps(conninfo, facts["databases"], reporter))), level)
+                partial.relations_to_json(_relation_maps(conninfo, facts["connectable"], reporter))), level)
             physical = _physical(scanner, facts, fast, stop_time, str(used))
             missing = _await_wal(control, storage, physical, reporter, wait=used is BaseMethod.DIRECT)
             if missing:

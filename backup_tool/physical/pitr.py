@@ -1261,7 +1261,8 @@ def validate_cluster(server: LocalServer, jobs: int, reporter: Reporter) -> Vali
     sequences behind their columns) are listed, not failed."""
     with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True) as conn:
         dbs = [r[0] for r in conn.execute(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1").fetchall()]
+            "SELECT datname FROM pg_database WHERE datallowconn AND datname NOT IN ('template0', 'template1')"
+            " ORDER BY 1").fetchall()]
     checks: list[Check] = []
     for db in dbs:
         report = validate(server.conninfo(db), None, None, jobs=jobs, reporter=reporter, physical_copy=True)

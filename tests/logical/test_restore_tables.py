@@ -18,9 +18,10 @@ from backup_tool.config.settings import resolve_settings
 from backup_tool.core.report import NullReporter
 from backup_tool.errors import NotFoundError, UsageError
 from backup_tool.logical.restore_tables import restore_tables, validate_tables
-from backup_tool.logical.selection import resolve_tables, split_name
+from backup_tool.logical.selection import as_typed, resolve_tables, split_name, split_names
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.catalog import Catalog
+from backup_tool.repository.manifest import TableEntry
 from backup_tool.repository.storage import open_storage
 
 pytestmark = pytest.mark.slow
@@ -47,6 +48,24 @@ def test_unknown_table_lists_closest_names() -> None:
     with pytest.raises(NotFoundError) as err:
         resolve_tables(make_manifest(), ["public.user"])
     assert "public.users" in str(err.value)
+
+
+def test_a_suggested_name_reads_back_as_the_table_it_names() -> None:
+    """The closest names an unknown one gets are written as --tables reads them: pasted
+    back, each selects its table (a backslash is not doubled, a dot or quote is quoted)."""
+    odd = ("we\\ird.sch", 'say "hi", ok', "Mixed Case")
+    tables = tuple(TableEntry(s, n, "r", None, ("id",), 0, "0" * 16, None) for s in ("public", odd[0])
+                   for n in odd[1:])
+    manifest = make_manifest(tables=tables)
+    for t in tables:
+        typed = as_typed(t.schema, t.name)
+        assert split_names(typed) == [typed] and resolve_tables(manifest, [typed]) == [t]
+    with pytest.raises(NotFoundError) as err:
+        resolve_tables(manifest, ['"we\\ird.sch"."say hi"'])
+    hint = err.value.hint or ""
+    assert "\\\\" not in str(err.value) + hint
+    suggested = split_names(hint.removeprefix("closest: "))[0]
+    assert resolve_tables(manifest, [suggested])[0].schema == odd[0]
 
 
 @pytest.fixture
@@ -121,6 +140,22 @@ def test_dropped_table_is_recreated_with_everything(cli: Any, local_repo: str, l
                       "--target-dsn", db.dsn)
     assert result["ok"] is True
     dbcompare.assert_same(dbcompare.fingerprint(seed_db.dsn), dbcompare.fingerprint(db.dsn))
+
+
+def test_a_table_whose_schema_the_target_lacks_is_refused_untouched(
+        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
+    """As ``pg_restore --table``, a table goes back into its own schema and the schema is not
+    created: without it the restore is refused before anything is written, naming the schema
+    and the ways on (it failed inside pg_restore's pre-data with no hint)."""
+    db, _ = live
+    db.execute("DROP SCHEMA analytics CASCADE")
+    before = dbcompare.fingerprint(db.dsn)
+    proc = cli("restore", "tables", "--repo", local_repo, "--tables", 'analytics."feature usage"',
+               "--target-dsn", db.dsn)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "schema analytics does not exist" in proc.stderr
+    assert "--into-schema" in proc.stderr and "Traceback" not in proc.stderr
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
 
 
 def test_a_dropped_table_whose_rows_fail_to_load_is_not_left_behind(cli: Any, local_repo: str,

@@ -291,3 +291,13 @@ def test_program_probes_are_made_beside_the_plan(world: World, monkeypatch: pyte
     monkeypatch.setattr(subprocess, "run", no_process)
     assert find_bin_dir(major) == world.server.bin_dir
     assert all(find_tool(name, major) for name in table_pitr.PROGRAMS)
+
+
+def test_a_user_template_database_is_held_by_the_base_backup(world: World) -> None:
+    """A template database of the user's (IS_TEMPLATE, as PostGIS set-ups keep one) is in the
+    base backup's files, so the backup names it among the databases it holds (what `restore
+    pitr --database` and table PITR look for); the two system templates are not named."""
+    base = [e["id"] for e in world.cli.json("list", "--repo", world.repo) if e["kind"] == "base"]
+    shown = world.cli.json("show", base[-1], "--repo", world.repo)
+    assert set(shown["databases"]) >= {"app", "other", "spare_template"}
+    assert not {"template0", "template1"} & set(shown["databases"])
