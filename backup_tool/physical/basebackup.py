@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Generator, Iterable, Iterator
+from typing import Any, Generator, Iterable
 
 import psycopg
 
@@ -65,101 +65,6 @@ from backup_tool.streams import pipeline, testhooks
 
 TAR_KEY = "base.tar.zst"
 CAPTURED = ("backup_label", "backup_manifest", "tablespace_map")
-CAPTURE_LIMIT = 64 << 20
-
-
-class TarScanner:
-    """Passes a tar stream through unchanged, keeping the content of a few small members."""
-
-    def __init__(self, wanted: Iterable[str], limit: int = CAPTURE_LIMIT) -> None:
-        self.wanted = set(wanted)
-        self.limit = limit
-        self.found: dict[str, bytes] = {}
-        self.members = 0
-        self._buf = bytearray()
-        self._remaining = 0
-        self._padding = 0
-        self._current: str | None = None
-        self._data = bytearray()
-        self._long_name: str | None = None
-        self._special: str | None = None
-        self._ended = False
-
-    def scan(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            self.feed(chunk)
-            yield chunk
-
-    def feed(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        while view and not self._ended:
-            if self._remaining:
-                take = min(self._remaining, len(view))
-                if self._current is not None or self._special is not None:
-                    self._data += view[:take]
-                view = view[take:]
-                self._remaining -= take
-                if not self._remaining:
-                    self._member_done()
-                continue
-            if self._padding:
-                take = min(self._padding, len(view))
-                view = view[take:]
-                self._padding -= take
-                continue
-            need = 512 - len(self._buf)
-            self._buf += view[:need]
-            view = view[need:]
-            if len(self._buf) < 512:
-                return
-            header = bytes(self._buf)
-            self._buf.clear()
-            if header == b"\0" * 512:
-                continue
-            self._header(header)
-
-    def _header(self, header: bytes) -> None:
-        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if prefix and header[257:262] == b"ustar":
-            name = f"{prefix}/{name}"
-        size_field = header[124:136]
-        if size_field[0] & 0x80:
-            size = int.from_bytes(size_field[1:], "big")
-        else:
-            size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
-        kind = header[156:157]
-        self._remaining = size
-        self._padding = (-size) % 512
-        self._data = bytearray()
-        self._current = None
-        self._special = None
-        if kind in (b"L", b"x"):
-            self._special = kind.decode()
-        else:
-            if self._long_name is not None:
-                name, self._long_name = self._long_name, None
-            name = name.removeprefix("./")
-            self.members += 1
-            if name in self.wanted and kind in (b"0", b"\0") and size <= self.limit:
-                self._current = name
-        if size == 0:
-            self._member_done()
-
-    def _member_done(self) -> None:
-        if self._special == "L":
-            self._long_name = bytes(self._data).split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif self._special == "x":
-            for line in bytes(self._data).decode("utf-8", "replace").splitlines():
-                _, _, rest = line.partition(" ")
-                key, _, value = rest.partition("=")
-                if key == "path":
-                    self._long_name = value
-        elif self._current is not None:
-            self.found[self._current] = bytes(self._data)
-        self._current = None
-        self._special = None
-        self._data = bytearray()
 
 
 @dataclass(frozen=True)
@@ -378,7 +283,6 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         if not fast:
             reporter.event("waiting for a spread checkpoint (up to checkpoint_timeout x "
                            "checkpoint_completion_target; use --fast-checkpoint to hurry)")
-        scanner = TarScanner(CAPTURED)
         direct: basedirect.DirectBackup | None = None
         proc: pipeline.Process | None = None
         source: Iterable[bytes]
@@ -399,9 +303,9 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         key = data_prefix(backup_id) + TAR_KEY
         try:
             try:
-                framer = basetar.FramedCompressor(level, stats, progress.advance, workers=policy.backup.jobs)
-                result = storage.put(key, testhooks.paused_stream("base:upload", framer.compress(
-                    scanner.scan(source))))
+                framer = basetar.FramedCompressor(level, stats, progress.advance, workers=policy.backup.jobs,
+                                                  capture=CAPTURED)
+                result = storage.put(key, testhooks.paused_stream("base:upload", framer.compress(source)))
                 if proc is not None:
                     proc.finish()
             except DatabaseError as exc:
@@ -419,7 +323,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             stop_time = scalar(control, "SELECT clock_timestamp()")
             index_obj = _store_index(storage, data_prefix(backup_id) + basetar.INDEX_KEY, framer.index(
                 partial.relations_to_json(_relation_maps(conninfo, facts["connectable"], reporter))), level)
-            physical = _physical(scanner, facts, fast, stop_time, str(used))
+            physical = _physical(framer.walker.found, facts, fast, stop_time, str(used))
             missing = _await_wal(control, storage, physical, reporter, wait=used is BaseMethod.DIRECT)
             if missing:
                 raise BackupToolError(
@@ -440,7 +344,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
             snapshot_lsn=physical.stop_lsn, schema=None, globals=None, schema_fingerprint="",
             tables=(), sequences=(), inventory={},
             options={"checkpoint": physical.checkpoint, "compression_level": level, "host": info["host"],
-                     "tar_members": scanner.members, "method": str(used), "method_note": why,
+                     "tar_members": len(framer.walker.members), "method": str(used), "method_note": why,
                      **({"copy_changes": direct.changes.as_dict()} if direct is not None else {}),
                      **({"pages_verified": direct.pages_verified} if direct is not None and direct.verifier else {}),
                      **({"object_lock": {"mode": policy.object_lock.mode, "retain_until": utc_iso(expires_at)}}
@@ -461,13 +365,13 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
         return manifest
 
 
-def _physical(scanner: TarScanner, facts: dict[str, Any], fast: bool, stop_time: datetime,
+def _physical(found: dict[str, bytes], facts: dict[str, Any], fast: bool, stop_time: datetime,
               method: str) -> PhysicalInfo:
-    if "backup_label" not in scanner.found:
+    if "backup_label" not in found:
         raise BackupToolError(f"the {method} tar has no backup_label", "report this as a bug")
-    label = parse_backup_label(scanner.found["backup_label"].decode("utf-8", "replace"))
+    label = parse_backup_label(found["backup_label"].decode("utf-8", "replace"))
     seg_size = int(facts["wal_segment_size"])
-    stop = stop_lsn_from_manifest(scanner.found.get("backup_manifest", b""))
+    stop = stop_lsn_from_manifest(found.get("backup_manifest", b""))
     if stop is None:
         raise BackupToolError(f"the {method} tar has no backup_manifest with the stop LSN",
                               "do not disable backup manifests on the server")

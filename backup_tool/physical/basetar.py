@@ -43,6 +43,7 @@ INDEX_VERSION = 1
 FRAME_TARGET = 4 << 20
 FRAME_MAX = 4 << 20
 BIG_MEMBER = 1 << 20
+CAPTURE_LIMIT = 64 << 20
 READ_PIECE = 8 << 20
 MERGE_GAP = 4 << 20
 FETCH_DEPTH = 8
@@ -99,16 +100,22 @@ def _octal(field: bytes) -> int:
 
 
 class TarWalker:
-    """Follows a tar stream's member boundaries (absolute offsets) as bytes are fed."""
+    """Follows a tar stream's member boundaries (absolute offsets) as bytes are fed, and keeps
+    the content of the regular members named in ``capture`` (at most ``limit`` bytes each) in
+    :attr:`found`: the one parser of tar headers, for the index and for ``backup_label`` and
+    ``backup_manifest`` alike."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture: Iterable[str] = (), limit: int = CAPTURE_LIMIT) -> None:
         self.members: list[Member] = []
+        self.found: dict[str, bytes] = {}
         self.parsed = 0
+        self._capture = frozenset(capture)
+        self._limit = limit
         self._buf = bytearray()
         self._skip = 0
-        self._ext_left = 0
-        self._ext = bytearray()
-        self._ext_kind = b""
+        self._grab_left = 0
+        self._grab = bytearray()
+        self._grab_for: bytes | str = b""
         self._long_name: str | None = None
         self._big_prev = False
         self._ext_pending = False
@@ -120,15 +127,15 @@ class TarWalker:
         while view:
             if self._skip:
                 take = min(self._skip, len(view))
-                if self._ext_left:
-                    grab = min(self._ext_left, take)
-                    self._ext += view[:grab]
-                    self._ext_left -= grab
+                if self._grab_left:
+                    grab = min(self._grab_left, take)
+                    self._grab += view[:grab]
+                    self._grab_left -= grab
                 view = view[take:]
                 self._skip -= take
                 self.parsed += take
-                if not self._skip and self._ext_kind:
-                    self._finish_ext()
+                if not self._skip and self._grab_for:
+                    self._finish_grab()
                 continue
             need = 512 - len(self._buf)
             self._buf += view[:need]
@@ -143,6 +150,11 @@ class TarWalker:
                 continue
             self._header(header, start, cut)
 
+    def _start_grab(self, what: bytes | str, size: int) -> None:
+        self._grab_for, self._grab_left, self._grab = what, size, bytearray()
+        if not self._skip:
+            self._finish_grab()
+
     def _header(self, header: bytes, start: int, cut: Callable[[int, bool], None]) -> None:
         name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -155,10 +167,8 @@ class TarWalker:
             if not self._ext_pending:
                 cut(start, self._big_prev)
             self._ext_pending = True
-            self._ext_kind, self._ext_left, self._ext = kind, size, bytearray()
             self._skip = padded
-            if not padded:
-                self._finish_ext()
+            self._start_grab(kind, size)
             return
         if not self._ext_pending:
             cut(start, self._big_prev or size >= BIG_MEMBER)
@@ -171,10 +181,15 @@ class TarWalker:
                                    _octal(header[100:108]), _octal(header[136:148])))
         self._big_prev = letter == "f" and size >= BIG_MEMBER
         self._skip = padded
+        if letter == "f" and name in self._capture and size <= self._limit:
+            self._start_grab(name, size)
 
-    def _finish_ext(self) -> None:
-        data = bytes(self._ext)
-        if self._ext_kind == b"L":
+    def _finish_grab(self) -> None:
+        data, what = bytes(self._grab), self._grab_for
+        self._grab_for, self._grab = b"", bytearray()
+        if isinstance(what, str):
+            self.found[what] = data
+        elif what == b"L":
             self._long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
         else:
             for line in data.decode("utf-8", "replace").splitlines():
@@ -182,12 +197,12 @@ class TarWalker:
                 key, _, value = rest.partition("=")
                 if key == "path":
                     self._long_name = value
-        self._ext_kind, self._ext = b"", bytearray()
 
 
 class FramedCompressor:
     """zstd compression of a tar stream in independent frames (see the module docstring);
-    :attr:`frames` and :attr:`walker` hold the index once the stream is consumed.
+    :attr:`frames` and :attr:`walker` hold the index once the stream is consumed, and
+    ``walker.found`` the members named in ``capture``.
 
     With ``workers`` > 1 the frames are compressed (and their stored bytes hashed) on that
     many threads (zstd and sha256 release the GIL) while this thread reads on; they are
@@ -195,12 +210,13 @@ class FramedCompressor:
     flight, each at most :data:`FRAME_MAX` raw bytes and its compressed form."""
 
     def __init__(self, level: int, stats: pipeline.StreamStats,
-                 on_raw: Callable[[int], None] | None = None, workers: int = 1) -> None:
+                 on_raw: Callable[[int], None] | None = None, workers: int = 1,
+                 capture: Iterable[str] = ()) -> None:
         self.level = level
         self.stats = stats
         self.on_raw = on_raw
         self.workers = max(1, workers)
-        self.walker = TarWalker()
+        self.walker = TarWalker(capture)
         self.frames: list[Frame] = []
         self._offset = 0
         self._cuts: list[int] = []

@@ -18,8 +18,8 @@ import pytest
 from backup_tool.core import walnames
 from backup_tool.errors import NotFoundError, RefusedError, UsageError
 from backup_tool.governance import walcoverage
-from backup_tool.physical import pitr, wal, walack, walspool
-from backup_tool.physical.basebackup import TarScanner, parse_backup_label, stop_lsn_from_manifest
+from backup_tool.physical import basetar, pitr, wal, walack, walspool
+from backup_tool.physical.basebackup import parse_backup_label, stop_lsn_from_manifest
 from backup_tool.postgres.cluster import conf_quote
 from backup_tool.repository import walarchive
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, parse_manifest
@@ -220,24 +220,29 @@ def test_choose_follows_timelines() -> None:
     assert plan.backup.id == "B2" and plan.timeline == 1
 
 
-def test_tar_scanner_captures_members_without_changing_the_stream() -> None:
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_walker_captures_named_members_wherever_the_chunks_cut(tar_format: int) -> None:
     buf = io.BytesIO()
     label = b"START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\nCHECKPOINT LOCATION: 0/3000060\n" \
             b"BACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-25 13:39:52 UTC\n" \
             b"LABEL: backup-tool x\nSTART TIMELINE: 1\n"
     manifest = b'{"WAL-Ranges": [{"Timeline": 1, "Start-LSN": "0/3000028", "End-LSN": "0/3000100"}]}'
     long_name = "base/" + "x" * 150
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in (("base/1/1234", os.urandom(70000)), (long_name, b"y" * 10),
-                           ("backup_label", label), ("backup_manifest", manifest)):
+    members = (("base/1/1234", os.urandom(70000)), (long_name, b"y" * 10), ("backup_label", label),
+               ("empty", b""), ("big", b"z" * 2000), ("backup_manifest", manifest))
+    with tarfile.open(fileobj=buf, mode="w", format=tar_format) as tar:
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     raw = buf.getvalue()
-    scanner = TarScanner({"backup_label", "backup_manifest"})
-    out = b"".join(scanner.scan(raw[i:i + 777] for i in range(0, len(raw), 777)))
-    assert out == raw
-    assert scanner.found == {"backup_label": label, "backup_manifest": manifest}
+    for step in (1, 511, 777, len(raw)):
+        walker = basetar.TarWalker({"backup_label", "backup_manifest", "empty", "big", long_name}, limit=1000)
+        for i in range(0, len(raw), step):
+            walker.feed(raw[i:i + step], lambda offset, big: None)
+        assert walker.found == {"backup_label": label, "backup_manifest": manifest, "empty": b"",
+                                long_name: b"y" * 10}
+        assert [m.name for m in walker.members] == [name for name, _ in members]
     parsed = parse_backup_label(label.decode())
     assert (parsed.start_lsn, parsed.start_wal, parsed.timeline) == ("0/3000028", "000000010000000000000003", 1)
     assert stop_lsn_from_manifest(manifest) == ("0/3000100", 1)
