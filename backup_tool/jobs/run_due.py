@@ -70,9 +70,9 @@ class RunDueResult:
                 "health": self.health, "health_error": self.health_error}
 
 
-def _records(settings: Settings, manifests: Sequence[Any]) -> list[BackupRecord]:
+def _of_database(settings: Settings, records: Sequence[BackupRecord]) -> list[BackupRecord]:
     database = database_of(settings.dsn)
-    return [BackupRecord.from_manifest(m) for m in manifests if database is None or m.database == database]
+    return [r for r in records if database is None or r.database == database]
 
 
 def _indexed_records(settings: Settings, storage: Storage, reporter: Reporter,
@@ -83,8 +83,7 @@ def _indexed_records(settings: Settings, storage: Storage, reporter: Reporter,
     records, problems = Catalog(storage).records(refresh=refresh)
     for p in problems:
         reporter.warning(f"unreadable manifest ignored: {p.message}")
-    database = database_of(settings.dsn)
-    return [r for r in records if database is None or r.database == database]
+    return _of_database(settings, records)
 
 
 def plan_due(settings: Settings, now: datetime | None = None, reporter: Reporter | None = None) -> RunDueResult:
@@ -112,8 +111,8 @@ def run_due(settings: Settings, reporter: Reporter | None = None) -> RunDueResul
     taken: list[dict[str, Any]] = []
     for item in plan.items:
 
-        def still_due(current: list[Any], kind: str = item.kind) -> bool:
-            return kind in decide_due(_records(settings, current), settings.policy, datetime.now(UTC)).kinds
+        def still_due(current: list[BackupRecord], kind: str = item.kind) -> bool:
+            return kind in decide_due(_of_database(settings, current), settings.policy, datetime.now(UTC)).kinds
 
         try:
             if item.kind == BackupKind.FULL:

@@ -57,7 +57,7 @@ import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Protocol, cast
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar, cast
 
 import psycopg
 
@@ -75,6 +75,7 @@ from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import inventory as catalog_inventory
 from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
 from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
+from backup_tool.repository.catalog_index import IndexEntry
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.manifest import (
     CHECKSUM_METHOD_FORMATS,
@@ -88,9 +89,10 @@ from backup_tool.repository.manifest import (
     WalBasis,
     utc_iso,
 )
+from backup_tool.repository.records import BackupRecord
 from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.base import ObjectLock
-from backup_tool.repository.storage.encrypted import encryption_of, manifest_encryption
+from backup_tool.repository.storage.encrypted import encryption_of
 from backup_tool.streams import pipeline, testhooks
 from backup_tool.streams.background import Background
 
@@ -198,12 +200,50 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
     return obj, stats.lines
 
 
-def choose_parent(backups: list[Manifest], database: str, policy: Policy,
-                  now: datetime, key_id: str | None = None) -> tuple[Manifest | None, str]:
+class ChainMember(Protocol):
+    """What :func:`choose_parent` reads of a backup (a :class:`Manifest` or a :class:`ChainLink`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def parent_id(self) -> str | None: ...
+    @property
+    def expires_at(self) -> datetime: ...
+    @property
+    def encryption_key_id(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """A backup as the catalog index describes it, enough to choose a parent without reading
+    every manifest."""
+
+    id: str
+    kind: str
+    database: str
+    parent_id: str | None
+    expires_at: datetime
+    encryption_key_id: str | None
+
+    @classmethod
+    def of(cls, entry: IndexEntry) -> ChainLink:
+        r = entry.parsed
+        return cls(entry.id, r.kind, r.database, r.parent_id, r.expires_at, entry.key_id)
+
+
+M = TypeVar("M", bound=ChainMember)
+
+
+def choose_parent(backups: Sequence[M], database: str, policy: Policy,
+                  now: datetime, key_id: str | None = None) -> tuple[M | None, str]:
     """The backup an incremental taken ``now`` builds on, or None and the reason a full is needed.
 
-    Pure: a function of the repository's backups, the policy, the time and the id of the
-    encryption key in use. The parent is the newest full or incremental of the same
+    Pure: a function of the repository's backups (oldest first), the policy, the time and the
+    id of the encryption key in use. The parent is the newest full or incremental of the same
     database. A full is needed when there is none, when the chain already holds
     ``max_chain_length`` incrementals, when the chain's full would expire before the new
     incremental (a chain must outlive its tips), or when the chain was written with another
@@ -213,7 +253,7 @@ def choose_parent(backups: list[Manifest], database: str, policy: Policy,
     if not chain:
         return None, f"no full backup of {database} in the repository"
     parent = chain[-1]
-    parent_key = (manifest_encryption(parent.options) or {}).get("key_id")
+    parent_key = parent.encryption_key_id
     if parent_key != key_id:
         was = f"encrypted with key id {parent_key}" if parent_key else "not encrypted"
         now_ = f"key id {key_id}" if key_id else "no key"
@@ -400,7 +440,8 @@ class NoLongerDue(Exception):
     run has already taken the backup (run-due's guard against two overlapping cron runs)."""
 
 
-StillDue = Callable[[list[Manifest]], bool]
+StillDue = Callable[[list[BackupRecord]], bool]
+"""Asked under the lock with every backup's record (oldest first)."""
 
 
 def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int | None = None,
@@ -437,7 +478,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
     conninfo = ConnInfo(settings.dsn)
     policy = settings.policy
     guard_writes(storage, policy.backup.encryption_key_id, policy.name, f"take a {kind} backup",
-                 lambda: catalog.scan()[0])
+                 catalog.key_ids)
     jobs = jobs or policy.backup.jobs
     level = policy.backup.compression_level
     threads = compression_threads(jobs)
@@ -455,14 +496,15 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
             waited = f" (waited {lock_timeout:g} s)" if lock_timeout > 0 else ""
             raise LockHeldError(f"another backup of {database} into {storage.url} is running{waited}",
                                 "wait for it to finish, let cron retry later, or pass --lock-timeout SECONDS")
-        if still_due is not None and not still_due(catalog.backups()):
+        if still_due is not None and not still_due([e.backup_record() for e in catalog.current()]):
             raise NoLongerDue(f"another run already took the due backup of {database}")
         started_at = datetime.now(timezone.utc)
         parent = None
         if kind == BackupKind.INCREMENTAL:
             key = encryption_of(storage)
-            parent, why = choose_parent(catalog.backups(), database, policy, started_at,
-                                        key.key_id if key else None)
+            link, why = choose_parent([ChainLink.of(e) for e in catalog.current()], database, policy,
+                                      started_at, key.key_id if key else None)
+            parent = catalog.load(link.id) if link is not None else None
             if parent is not None and major < parent.checksum_method.min_server_major:
                 why = (f"the chain of {parent.id} checksums tables by {parent.checksum_method}, "
                        f"which PostgreSQL {major} cannot compute")

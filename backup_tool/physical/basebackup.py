@@ -254,7 +254,7 @@ def backup_base(settings: Settings, reporter: Reporter | None = None,
     conninfo = ConnInfo(settings.dsn)
     policy = settings.policy
     guard_writes(storage, policy.backup.encryption_key_id, policy.name, "take a base backup",
-                 lambda: catalog.scan()[0])
+                 catalog.key_ids)
     fast = policy.backup.fast_checkpoint if fast_checkpoint is None else fast_checkpoint
     level = policy.backup.compression_level
 

@@ -259,6 +259,7 @@ class Catalog:
                                       else allow_unauthenticated)
         self._cache: dict[str, Manifest] = {}
         self._digests: dict[str, str] = {}
+        self._seen: tuple[list[str], list[IndexEntry]] | None = None
 
     def ids(self) -> list[str]:
         return sorted(
@@ -365,6 +366,8 @@ class Catalog:
                 write_index(self.storage, ids, use.values())
             except BackupToolError:
                 pass  # a cache: without write access (or on a lost race) the manifests still answer
+        elif loaded or sorted(known) != ids:
+            self._seen = (ids, list(use.values()))
         ordered = sorted(use.values(), key=lambda e: (e.parsed.started_at, e.id))
         return ordered, problems
 
@@ -383,6 +386,26 @@ class Catalog:
         manifests, more = self._load_many([e.id for e in entries if e.record.get("kind") in wanted])
         manifests.sort(key=lambda m: (m.started_at, m.id))
         return manifests, problems + more
+
+    def current(self) -> list[IndexEntry]:
+        """Every complete, authenticated backup (oldest first) as :meth:`backups` judges them,
+        from the catalog index: only the manifests it does not vouch for are read (and
+        :meth:`commit` then writes the index afresh, so the next run reads none), so a backup's
+        own planning costs the same with thousands of backups as with five. Raises on the first
+        unreadable manifest."""
+        entries, problems = self.entries()
+        damaged = [p for p in problems if not isinstance(p, REFUSED)]
+        if damaged:
+            raise damaged[0]
+        return entries
+
+    def key_ids(self) -> list[str]:
+        """The encryption key ids of the readable backups, oldest backup first, from the index."""
+        ids: list[str] = []
+        for e in self.entries()[0]:
+            if e.key_id and e.key_id not in ids:
+                ids.append(e.key_id)
+        return ids
 
     def backups(self) -> list[Manifest]:
         """Every complete, authenticated backup, oldest first; raises on the first unreadable
@@ -501,15 +524,21 @@ class Catalog:
 
     def _index_committed(self, manifest: Manifest) -> None:
         """Add a just-committed backup to a current index (one that lists every other
-        manifest): the next reader then reads no manifest at all. Best effort."""
+        manifest), or, when this catalog has just read what a stale or missing index lacked,
+        write it afresh: the next reader then reads no manifest at all. Only a committed backup
+        writes it, so a failed one leaves the repository as it found it. Best effort."""
         try:
+            entry = IndexEntry.of(manifest, self._digests[manifest.id], keyring_of(self.storage))
+            if self._seen is not None:
+                (ids, seen), self._seen = self._seen, None
+                write_index(self.storage, [*ids, manifest.id], [*seen, entry])
+                return
             index = read_index(self.storage)
             if index is None:
                 return
             known, vouched = index
             if set(known) != set(vouched) or manifest.id in known:
                 return
-            entry = IndexEntry.of(manifest, self._digests[manifest.id], keyring_of(self.storage))
             write_index(self.storage, [*known, manifest.id], [*vouched.values(), entry])
         except BackupToolError:
             pass  # the index is a cache: the committed manifest is what counts, readers catch up

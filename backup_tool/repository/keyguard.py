@@ -20,11 +20,10 @@ with another id than the repository's is key rotation, and allowed.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from backup_tool.errors import KeyRequiredError
-from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import ObjectExistsError, Storage
 from backup_tool.repository.storage.encrypted import KEY_HINT, encryption_of
 
@@ -66,23 +65,17 @@ def recorded_key_ids(storage: Storage) -> list[str]:
     return [info.key[len(KEYS_PREFIX):-len(".json")] for info in sorted(found, key=lambda i: (i.modified, i.key))]
 
 
-def manifest_key_ids(manifests: Iterable[Manifest]) -> list[str]:
-    ids: list[str] = []
-    for m in sorted(manifests, key=lambda m: (m.started_at, m.id)):
-        if m.encryption_key_id and m.encryption_key_id not in ids:
-            ids.append(m.encryption_key_id)
-    return ids
-
-
 def guard_writes(storage: Storage, policy_key_id: str, policy_name: str, what: str,
-                 manifests: Callable[[], Iterable[Manifest]] | None = None) -> None:
+                 backup_key_ids: Callable[[], list[str]] | None = None) -> None:
     """Refuse before anything is written when the write needs a key it lacks; with a key,
-    record it as the repository's (once)."""
+    record it as the repository's (once). ``backup_key_ids``: the key ids the repository's
+    backups were written with, asked only when no key marker answers (a repository written
+    before markers existed)."""
     key = encryption_of(storage)
     configured = key.key_id if key else None
     repository = [] if configured else recorded_key_ids(storage)
-    if configured is None and not repository and manifests is not None and not policy_key_id:
-        repository = manifest_key_ids(manifests())
+    if configured is None and not repository and backup_key_ids is not None and not policy_key_id:
+        repository = backup_key_ids()
     needed = key_needed(configured, policy_key_id, policy_name, repository, storage.url)
     if needed is not None:
         raise KeyRequiredError(needed.message(what), KEY_HINT)

@@ -186,3 +186,24 @@ def test_verify_and_validate_work_for_incrementals(cli: Any, local_repo: str, se
 
 
 pytestmark = pytest.mark.slow
+
+
+def test_an_incremental_reads_only_its_parents_manifest_once_the_index_is_current(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any]) -> None:
+    """Planning a backup costs the same with thousands of backups as with two: once a commit
+    has written the catalog index, the next backup reads no other manifest than its parent's
+    (an old manifest made unreadable does not stop it; `verify all` still names it)."""
+    db = fresh_db("indexed")
+    db.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    db.execute("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 200) g")
+    first = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    second = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    assert list((Path(local_repo) / "catalog").glob("index-*.json"))
+    damaged = Path(local_repo) / "manifests" / f"{first['id']}.json"
+    damaged.chmod(0o644)
+    damaged.write_bytes(b"{ not a manifest")
+    db.execute("UPDATE t SET v = upper(v) WHERE id < 10")
+    incr = cli.json("backup", "incremental", "--repo", local_repo, "--dsn", db.dsn)
+    assert incr["kind"] == "incremental" and incr["parent_id"] == second["id"]
+    proc = cli("verify", "--repo", local_repo, "all", "--json")
+    assert proc.returncode != 0 and first["id"] in proc.stdout + proc.stderr

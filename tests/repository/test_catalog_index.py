@@ -204,3 +204,33 @@ def test_latest_reads_only_the_manifest_the_index_chooses_and_falls_back_to_all_
     chosen = Catalog(storage).resolve("latest")
     assert chosen == choose_latest(Catalog(storage).scan()[0], DatabaseHint()) and chosen.id != want.id
     assert sorted(set(manifest_reads(inner))) == sorted(manifest_key(i) for i in ids)
+
+
+def test_a_backup_plans_from_the_index_and_its_commit_leaves_one_for_the_next(tmp_path: Path) -> None:
+    """A backup reads the manifests only while no current index vouches for them; writing the
+    index waits for its commit (a failed backup writes nothing), and the next backup then
+    chooses its parent and checks key ids without reading a single manifest."""
+    history(tmp_path)
+    storage, inner = opened(tmp_path)
+    catalog = Catalog(storage)
+    truth = [m.id for m in Catalog(storage).scan()[0]]
+    assert [e.id for e in catalog.current()] == truth and catalog.key_ids() == []
+    assert index_keys(storage) == []
+    nxt = make_manifest("20261120T020000Z-Fnext")
+    catalog.commit(nxt)
+    assert len(index_keys(storage)) == 1
+    inner.reads.clear()
+    later = Catalog(storage)
+    assert [e.id for e in later.current()] == truth + [nxt.id] and later.key_ids() == []
+    assert manifest_reads(inner) == []
+
+
+def test_key_ids_of_the_backups_answer_with_and_without_the_key(tmp_path: Path) -> None:
+    """What the write guard asks when no key marker answers: the key ids the backups were
+    written with, from the manifests or, once there is one, from the index."""
+    sealed_repo(str(tmp_path), make_manifest("20261120T020000Z-Fone"))
+    keyed, _ = opened(tmp_path, KEY)
+    assert Catalog(keyed).key_ids() == [KEY.key_id]
+    Catalog(keyed).records(refresh=True)
+    plain, inner = opened(tmp_path)
+    assert Catalog(plain).key_ids() == [KEY.key_id] and manifest_reads(inner) == []
