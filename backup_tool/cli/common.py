@@ -345,8 +345,13 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
     except Exception as exc:  # a bug: still one line unless --debug
         if common.debug:
             print_traceback(redact)
-        report_error(common.json, EXIT_FAILED, f"unexpected {type(exc).__name__}: {one_line(str(exc))}",
-                     "rerun with --debug for details", redact)
+        diag = getattr(exc, "diag", None)
+        if type(exc).__module__.startswith("psycopg") and diag is not None and diag.message_primary:
+            report_error(common.json, EXIT_FAILED, f"PostgreSQL: {one_line(diag.message_primary)}",
+                         diag.message_hint or "rerun with --debug for details", redact)
+        else:
+            report_error(common.json, EXIT_FAILED, f"unexpected {type(exc).__name__}: {one_line(str(exc))}",
+                         "rerun with --debug for details", redact)
         return EXIT_FAILED
     finally:
         close()

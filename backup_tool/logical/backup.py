@@ -68,7 +68,7 @@ from backup_tool.core.checksum_methods import ChecksumMethod, checksum_method_fo
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalChanges, WalSpan, format_lsn, parse_lsn
-from backup_tool.errors import BackupToolError, LockHeldError, WalDamagedError
+from backup_tool.errors import BackupToolError, DatabaseError, LockHeldError, WalDamagedError
 from backup_tool.logical import parts
 from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema, walbasis
 from backup_tool.postgres import connection as postgres
@@ -106,20 +106,30 @@ def lock_name(repo_url: str, database: str) -> str:
     return f"backup-tool:backup:{repo_url}:{database}"
 
 
+RENEW_EVERY = 8
+"""Statements a snapshot session runs before it lets go of its locks (see :class:`_Sessions`)."""
+
+
 class _Sessions:
     """The data phase's server sessions: at most ``jobs`` work on the server at once (a COPY
     or a checksum query each), whatever the number of threads. A dump holds its slot only
     while its COPY runs, not while its object's upload completes, so the next table's COPY
-    starts while the last request of the previous one is answered. Checksum queries run on
-    sessions importing the backup's snapshot, opened on demand (never more than ``jobs``) and
-    reused."""
+    starts while the last request of the previous one is answered. Checksum queries (and the
+    COPY of small tables) run on sessions importing the backup's snapshot, opened on demand
+    (never more than ``jobs``) and reused; every :data:`RENEW_EVERY` uses a session ends its
+    transaction and imports the snapshot again, so it holds the locks of a few tables at a
+    time (the snapshot's own session holds every table's): a database of thousands of tables
+    needs no more lock slots than ``pg_dump`` does."""
 
-    def __init__(self, conninfo: ConnInfo, snapshot_id: str, stack: ExitStack, jobs: int) -> None:
+    def __init__(self, conninfo: ConnInfo, snapshot_id: str, stack: ExitStack, jobs: int,
+                 encoding: str) -> None:
         self.conninfo = conninfo
         self.snapshot_id = snapshot_id
+        self.settings = {"client_encoding": encoding}
         self.stack = stack
         self._slots = threading.Semaphore(jobs)
         self._idle: list[psycopg.Connection[Any]] = []
+        self._uses: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def acquire(self) -> Callable[[], None]:
@@ -138,18 +148,21 @@ class _Sessions:
         return release
 
     @contextmanager
-    def checksum_session(self) -> Iterator[psycopg.Connection[Any]]:
-        """A slot and a snapshot session for one query."""
+    def snapshot_session(self) -> Iterator[psycopg.Connection[Any]]:
+        """A slot and a snapshot session for one statement."""
         release = self.acquire()
         try:
             with self._lock:
-                conn = self._idle.pop() if self._idle else \
-                    self.stack.enter_context(postgres.snapshot_session(self.conninfo, self.snapshot_id))
-            try:
-                yield conn
-            finally:
-                with self._lock:
-                    self._idle.append(conn)
+                conn = self._idle.pop() if self._idle else self.stack.enter_context(
+                    postgres.snapshot_session(self.conninfo, self.snapshot_id, self.settings))
+            yield conn
+            uses = self._uses.get(id(conn), 0) + 1
+            if uses >= RENEW_EVERY:
+                postgres.renew_snapshot(conn, self.snapshot_id)
+                uses = 0
+            with self._lock:
+                self._uses[id(conn)] = uses
+                self._idle.append(conn)
         finally:
             release()
 
@@ -172,7 +185,11 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
     """COPY ``table`` (or its ``blocks``) into the object ``key``, read from psql's stdout
     straight into the compressor's frame buffers. The session slot is held from the start
     of the COPY to its end (psql's exit checked, so a failed COPY never completes its
-    object); the upload's last request is answered outside it."""
+    object); the upload's last request is answered outside it. A table smaller than
+    :data:`SMALL_COPY_BYTES` is copied on a snapshot session of our own instead: no psql
+    process and server backend to start for each of thousands of small tables."""
+    if table.size < SMALL_COPY_BYTES and blocks == (None, None):
+        return _dump_small_table(storage, table, key, level, threads, advance, sessions)
     argv = postgres.copy_out_command(conninfo, major, snapshot_id, table, blocks)
     env = conninfo.tool_env(settings={})
     env["PGCLIENTENCODING"] = encoding
@@ -198,6 +215,27 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
     finally:
         release()
     return obj, stats.lines
+
+
+SMALL_COPY_BYTES = 1 << 20
+"""Tables smaller than this on disk are copied in-process (see :func:`_dump_table`)."""
+
+
+def _dump_small_table(storage: Storage, table: TableInfo, key: str, level: int, threads: int,
+                      advance: Callable[[int], None], sessions: _Sessions) -> tuple[StoredObject, int]:
+    """The COPY and its compression inside the session slot; the compressed object (about the
+    table's size on disk) is uploaded after it, while the next table's COPY runs."""
+    stats = pipeline.StreamStats()
+    with sessions.snapshot_session() as conn:
+        try:
+            with conn.cursor() as cur, cur.copy(postgres.copy_out_sql(table)) as copy:
+                compressed = list(pipeline.compress_filled(pipeline.fill_from(bytes(row) for row in copy),
+                                                           level, threads, stats, advance))
+        except psycopg.Error as exc:
+            raise DatabaseError(f"COPY of {table.schema}.{table.name} failed: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    result = storage.put(key, testhooks.paused_stream("backup:upload", iter(compressed)))
+    return StoredObject(key, result.size, result.sha256, stats.raw_size), stats.lines
 
 
 class ChainMember(Protocol):
@@ -761,7 +799,7 @@ class _TableDumper:
         self.job = job
         self.taken = taken
         self.encoding = encoding
-        self.sessions = _Sessions(job.conninfo, taken.snap.snapshot_id, stack, job.jobs)
+        self.sessions = _Sessions(job.conninfo, taken.snap.snapshot_id, stack, job.jobs, encoding)
         self.objects: dict[SlotKey, tuple[StoredObject, int]] = {}
         self.checksums: dict[int, tuple[int, str]] = {}
         self.reused: dict[int, TableEntry] = {}
@@ -911,7 +949,7 @@ class _TableDumper:
 
     def _checksum(self, piece: parts.Slice) -> None:
         table = piece.table
-        with self.sessions.checksum_session() as conn:
+        with self.sessions.snapshot_session() as conn:
             self._sums[(table.oid, piece.index)] = postgres.table_checksum(
                 conn, table.schema, table.name, table.columns, self.job.checksum_method, piece.blocks)
         self._summed.advance(1)

@@ -654,12 +654,25 @@ def _repeatable_read(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
     return conn
 
 
+def import_snapshot(conn: psycopg.Connection[Any], snapshot_id: str) -> None:
+    """Open ``conn``'s next transaction (REPEATABLE READ READ ONLY) in ``snapshot_id``."""
+    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+
+
+def renew_snapshot(conn: psycopg.Connection[Any], snapshot_id: str) -> None:
+    """End ``conn``'s transaction, letting go of the locks it took, and import ``snapshot_id``
+    again in a new one: the same data, for as long as the exporting transaction lasts."""
+    conn.rollback()
+    import_snapshot(conn, snapshot_id)
+
+
 @contextmanager
-def snapshot_session(conninfo: ConnInfo, snapshot_id: str) -> Iterator[psycopg.Connection[Any]]:
+def snapshot_session(conninfo: ConnInfo, snapshot_id: str,
+                     settings: dict[str, str] | None = None) -> Iterator[psycopg.Connection[Any]]:
     """A connection whose open transaction imports ``snapshot_id``."""
-    conn = _repeatable_read(conninfo.connect(autocommit=False))
+    conn = _repeatable_read(conninfo.connect(autocommit=False, settings=settings))
     try:
-        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+        import_snapshot(conn, snapshot_id)
         yield conn
     finally:
         try:
@@ -695,6 +708,17 @@ def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: Ta
     (a table without columns yields one empty line per row); ``blocks``: only the rows stored
     in that range of heap blocks, in the same text form; ``binary``: in COPY's binary format
     instead (for a table of the same column types on a server of the same major only)."""
+    return [
+        find_tool("psql", major), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo.tool_conninfo(),
+        "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        "-c", f"SET TRANSACTION SNAPSHOT '{snapshot_id}'",
+        "-c", copy_out_sql(table, blocks, binary),
+        "-c", "COMMIT",
+    ]
+
+
+def copy_out_sql(table: TableInfo, blocks: BlockRange = (None, None), binary: bool = False) -> str:
+    """The COPY ... TO STDOUT statement of :func:`copy_out_command`, for a session of our own."""
     condition = ctid_condition(blocks)
     if condition:
         columns = ", ".join(quote_ident(c) for c in table.columns)
@@ -704,13 +728,7 @@ def copy_out_command(conninfo: ConnInfo, major: int, snapshot_id: str, table: Ta
         copy = f"COPY {table.qualified}{columns} TO STDOUT"
     if binary:
         copy += " (FORMAT binary)"
-    return [
-        find_tool("psql", major), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo.tool_conninfo(),
-        "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        "-c", f"SET TRANSACTION SNAPSHOT '{snapshot_id}'",
-        "-c", copy,
-        "-c", "COMMIT",
-    ]
+    return copy
 
 
 def copy_in_statement(schema: str, name: str, columns: Sequence[str], freeze: bool = False,

@@ -461,10 +461,13 @@ class DefinitionScripts:
     after_data: str
 
 
+_OWNER = "; Owner: "
+
+
 def _header(entry: TocEntry) -> str:
     def clean(text: str) -> str:
         return text.replace("\n", " ").replace("\r", " ")
-    return f"-- Name: {clean(entry.tag)}; Type: {entry.desc}; Schema: {clean(entry.namespace) or '-'}; Owner: "
+    return f"-- Name: {clean(entry.tag)}; Type: {entry.desc}; Schema: {clean(entry.namespace) or '-'}{_OWNER}"
 
 
 def _script(archive_path: Path, ids: list[int], major: int, section: str | None = None,
@@ -583,11 +586,27 @@ def post_data_statements(archive_path: Path, toc: list[TocEntry], ids: Sequence[
             if ln.startswith(_STATE_SETTINGS):
                 state[ln.split("=", 1)[0]] = ln
     by_id = {e.dump_id: e for e in toc}
+    by_head: dict[str, list[tuple[str, list[str], dict[str, str]]]] = {}
+    for block in blocks:
+        for prefix in _header_prefixes(block[0]):
+            by_head.setdefault(prefix, []).append(block)
     result: dict[int, str] = {}
     for i in ids:
-        found = [b for b in blocks if b[0].startswith(_header(by_id[i]))]
+        found = by_head.get(_header(by_id[i]), [])
         if len(found) != 1:
             return None
         _, body, settings = found[0]
         result[i] = "\n".join([*preamble, *settings.values(), *body])
     return result
+
+
+def _header_prefixes(line: str) -> list[str]:
+    """Every prefix of a script's entry header line that :func:`_header` could have made
+    (each ends with ``"; Owner: "``): a line starts with an entry's header exactly when the
+    header is one of them. Looked up in a dict, matching thousands of entries stays linear."""
+    prefixes = []
+    at = line.find(_OWNER)
+    while at >= 0:
+        prefixes.append(line[:at + len(_OWNER)])
+        at = line.find(_OWNER, at + 1)
+    return prefixes

@@ -149,9 +149,11 @@ def failure_line(stderr: bytes | Iterable[str]) -> str:
     lines = [ln for ln in text if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
     causes = [ln for ln in errors if not any(c in ln for c in _CONSEQUENCES)]
-    if causes:
-        return causes[0]
-    return (errors or lines or ["no error output"])[-1]
+    line = causes[0] if causes else (errors or lines or ["no error output"])[-1]
+    after = lines[lines.index(line) + 1:lines.index(line) + 2] if line in lines else []
+    if after and ("HINT:" in after[0] or ": hint:" in after[0]):
+        return f"{line} ({' '.join(after[0].split())})"
+    return line
 
 
 def _raise_failed(returncode: int, stderr: bytes, what: str) -> None:

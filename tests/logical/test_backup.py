@@ -5,6 +5,7 @@ frame older versions wrote), restores, verifies and reads back byte for byte."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -196,3 +197,28 @@ def test_a_backup_with_an_object_of_several_frames_is_refused_by_readers_of_one_
     assert backup.manifest_format([table(None, (small, big))], [schema, schema, None], row_text) == SPLIT_TABLE_FORMAT
     assert backup.manifest_format([table(big)], [schema, schema, None], ChecksumMethod.TYPED_COLUMN) == \
         TYPED_COLUMN_FORMAT
+
+
+def test_a_backup_needs_no_more_lock_slots_than_pg_dump_jobs(
+        pg_cluster_factory: Callable[..., Any], cli: Any, local_repo: str, tmp_path: Path) -> None:
+    """A server's lock table holds max_locks_per_transaction x (connections) locks in all. A
+    backup's checksum sessions used to keep every table's lock (and its indexes', taken by the
+    planner) until the backup ended, so a database pg_dump --jobs 2 backs up ran the server
+    out of shared memory. Now they let go every few tables: on a server sized for 200 tables
+    both take it, and the restore validates. (At 250 tables pg_dump --jobs 2 fails too: the
+    snapshot's session and pg_dump each lock every table.)"""
+    server = pg_cluster_factory(max_locks_per_transaction="10", max_connections="20")
+    db = server.create_db("many")
+    for start in range(0, 200, 50):
+        db.execute(";".join(f"CREATE TABLE public.t{i} (id int PRIMARY KEY, v text);"
+                            f"INSERT INTO public.t{i} SELECT g, md5(g::text) FROM generate_series(1, {i % 7}) g"
+                            for i in range(start, start + 50)))
+    jobs_dump = subprocess.run([dbcompare.find_pg_dump(), "-Fd", "-j", "2", "-f", str(tmp_path / "dump"), "-d", db.dsn],
+                               capture_output=True, text=True)
+    assert jobs_dump.returncode == 0, jobs_dump.stderr
+    made = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    assert made["tables"] == 200
+    target = server.create_db("many_restored")
+    report = cli.json("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn)
+    assert report["validation"]["ok"] is True
+    assert dbcompare.table_hashes(db.dsn) == dbcompare.table_hashes(target.dsn)

@@ -224,3 +224,12 @@ def test_a_child_process_is_read_into_frame_buffers(tmp_path: Path) -> None:
     proc.finish()
     assert b"".join(decompress([stored], "k")) == raw and stats.lines == raw.count(b"\n")
     assert len(_frames(stored)) == -(-len(raw) // FRAME)
+
+
+def test_the_servers_hint_after_the_cause_comes_with_it() -> None:
+    stderr = (b"pg_dump: error: query failed: ERROR:  out of shared memory\n"
+              b"HINT:  You might need to increase max_locks_per_transaction.\n"
+              b"pg_dump: detail: Query was: LOCK TABLE public.t1 IN ACCESS SHARE MODE\n")
+    assert failure_line(stderr) == ("pg_dump: error: query failed: ERROR:  out of shared memory "
+                                    "(HINT: You might need to increase max_locks_per_transaction.)")
+    assert failure_line(b"psql: error: gone\nsomething else\n") == "psql: error: gone"
