@@ -404,11 +404,11 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
     checksums: dict[tuple[str, str], tuple[int, str]] = {}
     progress = run.reporter.task("data", total=sum(t.raw_size for t in data))
     busy = _Busy()
+    sessions = _LoadingSessions(loader, {"client_encoding": manifest.encoding, **LOAD_SETTINGS})
 
     def load(t: TableEntry) -> None:
         key = (t.schema, t.name)
-        with busy.working(), loader.connect(settings={"client_encoding": manifest.encoding,
-                                                      **LOAD_SETTINGS}) as conn:
+        with busy.working(), sessions.session() as conn:
             load_table(loader, run.storage, t, manifest.encoding, run.count, conn=conn, fresh=fresh,
                        on_raw=progress.advance)
             testhooks.pause_point("restore:loaded")
@@ -426,9 +426,46 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
         testhooks.pause_point("restore:loading")
 
     largest_first = sorted(data, key=lambda t: t.raw_size, reverse=True)
-    pipeline.run_parallel(run.jobs, [(load, t) for t in largest_first])
+    try:
+        pipeline.run_parallel(run.jobs, [(load, t) for t in largest_first])
+    finally:
+        sessions.close()
     progress.finish()
     return checksums
+
+
+class _LoadingSessions:
+    """The loading sessions, reused from one table to the next (a database of thousands of
+    small tables would otherwise start a server backend per table). A session goes back to
+    the pool only after a table's work succeeded, with ``RESET ALL``: what the post-data
+    script or :func:`allow_parallel_workers` set is undone, the settings it was opened with
+    stay."""
+
+    def __init__(self, conninfo: ConnInfo, settings: dict[str, str]) -> None:
+        self.conninfo = conninfo
+        self.settings = settings
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def session(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        conn = conn or self.conninfo.connect(settings=self.settings)
+        try:
+            yield conn
+            conn.execute("RESET ALL")
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 def _build_post_data(run: _Run, archive_path: Path, major: int, built_early: frozenset[int] = frozenset()) -> None:
