@@ -22,6 +22,12 @@ times backup full and restore full (validated) against pg_dump -Fc, pg_dump -Fd 
 pg_restore -j N, with the table split into parts (policy backup.split_table_mb, default) and
 unsplit (split_table_mb = 0) in the same run.
 
+`--many-tables N` builds instead a database of N small tables (in 10 schemas, each with a
+serial primary key, an index, numeric, timestamptz and jsonb columns and 20-69 rows: a
+schema-per-tenant application) and times backup full (S3 and a local repository) and
+restore full (validated) against pg_dump -Fc, pg_dump -Fd -j N and pg_restore -j N: the
+per-table costs (objects, sessions, locks) rather than the bytes.
+
 `--curve 50,200` runs the scenarios at each scale (--runs at the first, one run at the
 others; table PITR is left out) and adds the time per GB and peak RSS of every row at every
 size to the markdown, with a PNG plot beside it (matplotlib, installed with pip if missing:
@@ -230,6 +236,23 @@ def build_large_table(cluster: Cluster, scale: int, jobs: int) -> int:
     if any(p.wait() != 0 for p in fills):
         raise RuntimeError(f"filling {LARGE_TABLE} failed")
     cluster.psql(f"ALTER TABLE {LARGE_TABLE} ADD PRIMARY KEY (aid)")
+    cluster.psql("VACUUM ANALYZE")
+    return int(cluster.psql("SELECT pg_database_size('bench')"))
+
+
+def build_many_tables(cluster: Cluster, tables: int) -> int:
+    """``tables`` small tables in 10 schemas (see the module docstring), 200 per transaction."""
+    cluster.psql("DROP DATABASE IF EXISTS bench WITH (FORCE)", db="postgres")
+    cluster.psql("CREATE DATABASE bench", db="postgres")
+    cluster.psql("; ".join(f"CREATE SCHEMA tenant_{s}" for s in range(10)))
+    log(f"creating {tables} tables")
+    for start in range(0, tables, 200):
+        cluster.psql("BEGIN; " + " ".join(
+            f"CREATE TABLE tenant_{i % 10}.t_{i} (id serial PRIMARY KEY, name text NOT NULL, amount numeric(12,2),"
+            f" created timestamptz NOT NULL DEFAULT now(), note jsonb); CREATE INDEX ON tenant_{i % 10}.t_{i} (created);"
+            f" INSERT INTO tenant_{i % 10}.t_{i} (name, amount, note) SELECT 'n' || g, g * 1.5,"
+            f" jsonb_build_object('g', g) FROM generate_series(1, {20 + i % 50}) g;"
+            for i in range(start, min(tables, start + 200))) + " COMMIT;")
     cluster.psql("VACUUM ANALYZE")
     return int(cluster.psql("SELECT pg_database_size('bench')"))
 
@@ -552,6 +575,49 @@ class Bench:
                        "object(s))"] = listing["size_bytes"]
             self.s3.drop_bucket(repo.split("/")[2])
         self.sizes["pg_dump -Fc bytes"] = dump_file.stat().st_size
+        for name in ("r_pg", "r_bt"):
+            self.cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", db="postgres")
+
+    def run_many(self, run: int) -> None:
+        """Many small tables: pg_dump -Fc, pg_dump -Fd -j N and pg_restore -j N against backup
+        full (S3 and local) and restore full (validated)."""
+        j = str(self.args.jobs)
+        src = self.cluster.dsn()
+        dump_dir = self.work / "many.dir"
+        s3_repo = f"s3://{self.s3.new_bucket()}/bench"
+        local_repo = self.work / "many-repo"
+        shutil.rmtree(local_repo, ignore_errors=True)
+        backup, restore = "many tables: backup full", "many tables: restore full"
+
+        def dump_dir_jobs() -> Measure:
+            shutil.rmtree(dump_dir, ignore_errors=True)
+            return timed([str(PG_BIN / "pg_dump"), "-Fd", "-j", j, "-f", str(dump_dir), "-d", src], self.env)
+
+        steps: list[tuple[str, str, Callable[[], Measure]]] = [
+            (backup, "pg_dump -Fc (local file)",
+             lambda: timed([str(PG_BIN / "pg_dump"), "-Fc", "-f", str(self.work / "many.dump"), "-d", src], self.env)),
+            (backup, f"pg_dump -Fd -j {j} (local dir)", dump_dir_jobs),
+            (backup, "backup-tool backup full (S3)",
+             lambda: timed([*self.tool, "backup", "full", "--repo", s3_repo, "--dsn", src, "--jobs", j], self.env)),
+            (backup, "backup-tool backup full (local repo)",
+             lambda: timed([*self.tool, "backup", "full", "--repo", str(local_repo), "--dsn", src, "--jobs", j],
+                           self.env)),
+        ]
+        restores: list[tuple[str, str, Callable[[], Measure]]] = [
+            (restore, f"pg_restore -j {j} (local dir)",
+             lambda: timed([str(PG_BIN / "pg_restore"), "-j", j, "-d", self.fresh_db("r_pg"), str(dump_dir)],
+                           self.env)),
+            (restore, "backup-tool restore full (S3, validated)",
+             lambda: timed([*self.tool, "restore", "full", "--repo", s3_repo, "--target-dsn", self.fresh_db("r_bt"),
+                            "--jobs", j], self.env)),
+        ]
+        if run % 2:
+            steps, restores = steps[::-1], restores[::-1]
+        for scenario, name, fn in steps + restores:
+            self.settle()
+            self.record(scenario, name, fn())
+        self.s3.drop_bucket(s3_repo.split("/")[2])
+        shutil.rmtree(local_repo, ignore_errors=True)
         for name in ("r_pg", "r_bt"):
             self.cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", db="postgres")
 
@@ -1001,10 +1067,12 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
         # Issue 15's targets (the ratio each contender pair must reach).
         targets = {"physical base backup": "≤ 0.80", "PITR restore": "≤ 0.90", "WAL archiving": "≥ 1.00",
                    "logical full restore": "≤ 1.00", "single table restore": "≤ 1.5",
-                   "large table: restore full": "≤ 1.00"}
+                   "large table: restore full": "≤ 1.00", "many tables: restore full": "≤ 1.00"}
         logical_goals = {("backup full (S3)", "pg_dump -Fc"): "≤ 0.50", ("backup full (S3)", "pg_dump -Fd"): "≤ 0.80",
                          ("backup full (S3, split)", "pg_dump -Fc"): "≤ 0.50",
                          ("backup full (S3, split)", "pg_dump -Fd"): "≤ 0.80"}
+        if self.args.many_tables:
+            logical_goals = {}
         for scenario in dict.fromkeys(r.scenario for r in self.rows.values()):
             ours = [r for r in self.rows.values() if r.scenario == scenario and r.contender.startswith("backup-tool")]
             theirs = [r for r in self.rows.values() if r.scenario == scenario and not r.contender.startswith("backup-tool")]
@@ -1027,6 +1095,8 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
         return "\n".join(lines) + "\n"
 
     def dataset(self) -> str:
+        if self.args.many_tables:
+            return f"{self.args.many_tables} small tables in 10 schemas (--many-tables)"
         if self.args.large_table:
             return (f"one {LARGE_TABLE} table of {self.scale * LARGE_ROWS_PER_SCALE} rows (--large-table, scale "
                     f"{self.scale}) + a {self.scale}-row branches table")
@@ -1101,6 +1171,9 @@ def main() -> int:
     parser.add_argument("--large-table", action="store_true",
                         help="a database dominated by one table (60 MB per scale unit: 3 GB at 50), backup full "
                              "and restore full with the table split and unsplit against pg_dump/pg_restore")
+    parser.add_argument("--many-tables", type=int, metavar="N", default=0,
+                        help="a database of N small tables (e.g. 3000): backup full and restore full against "
+                             "pg_dump/pg_restore, the per-table costs rather than the bytes")
     parser.add_argument("--curve", metavar="SCALES",
                         help="comma-separated scales (e.g. 50,200): every scenario at each (--runs at the first, "
                              "one run at the others), with time per GB and peak RSS per size and a PNG plot")
@@ -1109,6 +1182,9 @@ def main() -> int:
         parser.error("--logical-only and --physical-only exclude each other")
     if args.large_table and (args.physical_only or args.table_pitr_only):
         parser.error("--large-table times logical backups; it excludes --physical-only and --table-pitr-only")
+    if args.many_tables and (args.large_table or args.physical_only or args.table_pitr_only or args.curve):
+        parser.error("--many-tables times logical backups of its own database; it excludes --large-table, "
+                     "--physical-only, --table-pitr-only and --curve")
     try:
         scales = [int(x) for x in args.curve.split(",")] if args.curve else [args.scale]
     except ValueError:
@@ -1122,7 +1198,8 @@ def main() -> int:
         pwd.getpwnam(OS_USER)
     except KeyError:
         ensure_packages(False)
-    ensure_packages(not args.logical_only and not args.table_pitr_only, args.barman and not args.logical_only)
+    ensure_packages(not args.logical_only and not args.table_pitr_only and not args.many_tables,
+                    args.barman and not args.logical_only)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally below) on kill too
     work = Path(tempfile.mkdtemp(prefix="bt-bench-", dir="/tmp"))
     work.chmod(0o755)
@@ -1133,7 +1210,8 @@ def main() -> int:
         cluster = start_cluster(work)
         s3 = start_s3()
         for index, scale in enumerate(scales):
-            db_bytes = (build_large_table(cluster, scale, args.jobs) if args.large_table
+            db_bytes = (build_many_tables(cluster, args.many_tables) if args.many_tables
+                        else build_large_table(cluster, scale, args.jobs) if args.large_table
                         else build_database(cluster, scale))
             log(f"database ready: {db_bytes / 2**20:.0f} MB (scale {scale})")
             runs = args.runs if index == 0 else 1
@@ -1145,6 +1223,9 @@ def main() -> int:
                 log(f"run {run + 1}/{runs} at scale {scale}")
                 if args.table_pitr_only:
                     bench.run_table_pitr(run)
+                    continue
+                if args.many_tables:
+                    bench.run_many(run)
                     continue
                 if args.large_table:
                     bench.run_large(run)
