@@ -681,6 +681,12 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
     return result
 
 
+TAKE_BACK_LOCK_WAIT = 30
+"""Seconds :func:`take_back` waits for a lock on what it drops (a session still holding one,
+e.g. the control session's own transaction when it could not be used) before giving up and
+naming what is left."""
+
+
 @dataclass
 class Undo:
     """What a restore has done so far that it must take back if it fails before it is
@@ -717,6 +723,7 @@ def take_back(control: psycopg.Connection[Any], target: ConnInfo, encoding: str,
         with nullcontext(control) if idle else target.connect(settings={"client_encoding": encoding}) as conn:
             superuser = _is_superuser(conn)
             with conn.transaction():
+                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{TAKE_BACK_LOCK_WAIT}s")))
                 if superuser:
                     conn.execute("SET LOCAL session_replication_role = replica")
                 if undo.created:
@@ -727,8 +734,6 @@ def take_back(control: psycopg.Connection[Any], target: ConnInfo, encoding: str,
                     conn.execute(sql.SQL(empty).format(qualified(*key)))
                 if undo.schema:
                     conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(undo.schema)))
-            if idle:
-                conn.execute("RESET session_replication_role")
     except (psycopg.Error, DatabaseError) as exc:
         reporter.warning(f"the failed restore could not take back what it did: {str(exc).splitlines()[0]}",
                          left=undo.describe())
