@@ -181,13 +181,15 @@ def test_a_dropped_table_whose_rows_fail_to_load_is_not_left_behind(cli: Any, lo
 def test_a_parallel_restore_that_fails_leaves_the_database_as_it_found_it(
         cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
     """Three absent tables loaded by three sessions, one of whose objects is damaged: in
-    place and into a new schema, the restore fails and takes back every table, sequence,
-    index and schema it created (the whole database dumps as before). Then, the objects
+    place, into a new schema and into an existing empty one, the restore fails and takes back
+    every table, sequence, index and schema it created, and only those (the whole database
+    dumps as before). Then, the objects
     whole again, the created tables' foreign key cannot be built (its referenced rows are
     gone live): the created tables go, and the existing empty table it filled is empty
     again."""
     db, entry = live
     db.execute("DROP TABLE public.crm_projects, public.email_logs, analytics.\"feature usage\"")
+    db.execute("CREATE SCHEMA inspection")
     tables = 'public.crm_projects,public.email_logs,analytics."feature usage"'
     before = dbcompare.fingerprint(db.dsn)
     show = cli.json("show", "--repo", local_repo, entry["id"])
@@ -196,7 +198,7 @@ def test_a_parallel_restore_that_fails_leaves_the_database_as_it_found_it(
     damaged = bytearray(whole)
     damaged[len(damaged) // 2] ^= 0xFF
     write_object(local_repo, key, bytes(damaged))
-    for extra in ([], ["--into-schema", "recovered"]):
+    for extra in ([], ["--into-schema", "recovered"], ["--into-schema", "inspection"]):
         proc = cli("restore", "tables", "--repo", local_repo, "--tables", tables, "--target-dsn", db.dsn,
                    "--jobs", "3", *extra)
         assert proc.returncode != 0 and key in proc.stderr, proc.stderr
