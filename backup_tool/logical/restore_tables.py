@@ -365,6 +365,12 @@ class Definitions:
         self.after_data = after_data
         self.before_sql = before_sql
 
+    @property
+    def in_session(self) -> bool:
+        """Whether both halves run as SQL in the restore's own session (so they may share
+        its transactions), rather than in pg_restore's."""
+        return self.before_sql is not None
+
 
 def _run_script(conn: psycopg.Connection[Any], script: str, section: str) -> None:
     """Run pg_restore's SQL in one transaction in ``conn``, then give the session its own
@@ -751,7 +757,10 @@ def _restore_into(source: TableSource, control: psycopg.Connection[Any], target:
 
     Existing tables are loaded (or replaced) after the created ones, in their one
     transaction: a created table's load that fails leaves them untouched. Their rows are in
-    place before the created tables' foreign keys are added."""
+    place before the created tables' foreign keys are added; when those come as SQL run in
+    ``control`` (:attr:`Definitions.in_session`) they are added in that same transaction,
+    so a key that cannot be built rolls the existing tables back too (else the tables that
+    were empty are emptied again by :func:`take_back`; replaced contents stay replaced)."""
     manifest = source.manifest
     definitions: Definitions | None = None
     copies: tuple[SequenceCopy, ...] = ()
@@ -803,30 +812,32 @@ def _restore_into(source: TableSource, control: psycopg.Connection[Any], target:
             load(t, control)
     else:
         pipeline.run_parallel(jobs, [(load_alone, t) for t in loads])
-    if existing:
-        replace_in_place(control, source, existing, replace, progress.advance)
-        if not replace:
-            undo.filled = tuple((t.schema, t.name) for t in existing if source.has_rows(t))
-    progress.finish()
-    settled = source.settled()
-    recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
-    if into_schema:
-        values = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
-    else:
-        values = [((seq["schema"], seq["name"]), seq)
-                  for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create})]
-    with control.transaction() if values else nullcontext():
-        for (seq_schema, seq_name), seq in values:
-            control.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
-                            (postgres.quoted_table(seq_schema, seq_name), seq["last_value"], seq["is_called"]))
-    if definitions is not None:
-        try:
-            definitions.after_data()
-        except DatabaseError as exc:
-            raise DatabaseError(f"building the restored tables' indexes/constraints failed, nothing was kept: "
-                                f"{exc.message}",
-                                "a foreign key may point at rows missing live: restore those tables too, "
-                                "or use --into-schema NAME to inspect") from None
+    in_session = definitions is not None and definitions.in_session
+    with control.transaction() if existing and in_session else nullcontext():
+        if existing:
+            replace_in_place(control, source, existing, replace, progress.advance)
+            if not replace and not in_session:
+                undo.filled = tuple((t.schema, t.name) for t in existing if source.has_rows(t))
+        progress.finish()
+        settled = source.settled()
+        recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
+        if into_schema:
+            values = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
+        else:
+            values = [((seq["schema"], seq["name"]), seq)
+                      for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create})]
+        with control.transaction() if values else nullcontext():
+            for (seq_schema, seq_name), seq in values:
+                control.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
+                                (postgres.quoted_table(seq_schema, seq_name), seq["last_value"], seq["is_called"]))
+        if definitions is not None:
+            try:
+                definitions.after_data()
+            except DatabaseError as exc:
+                raise DatabaseError(f"building the restored tables' indexes/constraints failed, nothing was kept: "
+                                    f"{exc.message}",
+                                    "a foreign key may point at rows missing live: restore those tables too, "
+                                    "or use --into-schema NAME to inspect") from None
     return copies, checksums, settled
 
 

@@ -185,8 +185,8 @@ def test_a_parallel_restore_that_fails_leaves_the_database_as_it_found_it(
     every table, sequence, index and schema it created, and only those (the whole database
     dumps as before). Then, the objects
     whole again, the created tables' foreign key cannot be built (its referenced rows are
-    gone live): the created tables go, and the existing empty table it filled is empty
-    again."""
+    gone live): the created tables go, and the existing table it filled is empty again, or
+    with --replace holds its own rows again."""
     db, entry = live
     db.execute("DROP TABLE public.crm_projects, public.email_logs, analytics.\"feature usage\"")
     db.execute("CREATE SCHEMA inspection")
@@ -212,6 +212,13 @@ def test_a_parallel_restore_that_fails_leaves_the_database_as_it_found_it(
                "--target-dsn", db.dsn, "--jobs", "3")
     assert proc.returncode == 1 and "crm_projects_client_id_fkey" in proc.stderr, proc.stderr
     assert "nothing was kept" in proc.stderr and proc.stderr.count("\n") == 1
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+
+    db.execute("INSERT INTO public.n8n_chat_histories (session_id, message) VALUES ('live', '{}')")
+    before = dbcompare.fingerprint(db.dsn)
+    proc = cli("restore", "tables", "--repo", local_repo, "--tables", tables + ",public.n8n_chat_histories",
+               "--target-dsn", db.dsn, "--jobs", "3", "--replace")
+    assert proc.returncode == 1 and "crm_projects_client_id_fkey" in proc.stderr, proc.stderr
     dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
 
 
