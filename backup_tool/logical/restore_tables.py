@@ -8,7 +8,10 @@ Three modes, each refusing rather than overwriting by accident:
 - default: each table is restored where it was if it is absent (created from the backup's
   definition) or empty; a table holding rows is refused and nothing changes. Absent tables
   loaded by one session are created and loaded in one transaction: a load that fails leaves
-  no new table behind.
+  no new table behind. Whatever the sessions, a restore that fails before it is complete
+  (a load, the indexes and constraints, an interruption) takes back what it did (see
+  :class:`Undo`): the target is left as it was found. A restore that completes but fails
+  validation keeps the tables, for inspection.
 - ``into_schema``: the tables are recreated (columns, defaults, check and unique
   constraints, indexes, RLS and policies; not foreign keys or triggers, which would tie an
   inspection copy to live data) in a separate schema, live data untouched. A partitioned
@@ -66,7 +69,7 @@ from backup_tool.postgres.connection import ConnInfo, qualified
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest, SequenceRecord, StoredObject, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage, open_repository
-from backup_tool.streams import pipeline
+from backup_tool.streams import pipeline, testhooks
 from backup_tool.validation.validate import (
     Check,
     ValidationReport,
@@ -281,8 +284,7 @@ def _is_superuser(conn: psycopg.Connection[Any]) -> bool:
 
 
 def _fks_touching(conn: psycopg.Connection[Any], keys: set[TableKey]) -> list[dict[str, Any]]:
-    return [fk for fk in postgres.foreign_keys(conn)
-            if (fk["schema"], fk["table"]) in keys or (fk["ref_schema"], fk["ref_table"]) in keys]
+    return postgres.foreign_keys(conn, touching=sorted(keys))
 
 
 def _owned_sequences(manifest: Manifest, keys: set[TableKey]) -> Iterator[SequenceRecord]:
@@ -362,6 +364,12 @@ class Definitions:
         self.before_data = before_data
         self.after_data = after_data
         self.before_sql = before_sql
+
+    @property
+    def in_session(self) -> bool:
+        """Whether both halves run as SQL in the restore's own session (so they may share
+        its transactions), rather than in pg_restore's."""
+        return self.before_sql is not None
 
 
 def _run_script(conn: psycopg.Connection[Any], script: str, section: str) -> None:
@@ -654,75 +662,15 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
         reporter.event("restore tables started", id=manifest.id, mode=mode, target=target.redacted(),
                        create=len(create), existing=len(existing))
 
+        undo = Undo(schema=into_schema if into_schema and missing_schemas(control, {into_schema}) else None)
         with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
-            definitions: Definitions | None = None
-            copies: tuple[SequenceCopy, ...] = ()
-            loads = [t for t in create if source.has_rows(t)]
-            serial = jobs == 1 or len(loads) <= 1
-            together: str | None = None
-            if create:
-                source.ensure_roles(control, target, major, reporter)
-                definitions, copies = source.definitions(control, target, major, Path(tmp), create, into_schema)
-                if serial and not existing and isinstance(source, BackupSource):
-                    together = definitions.before_sql
-                if together is None:
-                    definitions.before_data()
-
-            progress = reporter.task("data", total=sum(source.size(t) for t in entries))
-
-            if existing:
-                replace_in_place(control, source, existing, replace, progress.advance)
-            checksums: dict[TableKey, tuple[int, str]] = {}
-
-            def load(t: TableEntry, conn: psycopg.Connection[Any]) -> None:
-                source.load(t, conn, location[(t.schema, t.name)], True, progress.advance)
-                checksum(t, conn)
-
-            def checksum(t: TableEntry, conn: psycopg.Connection[Any]) -> None:
-                where = location[(t.schema, t.name)]
-                if not run_validation or t.relkind != "r":
-                    return
-                if len(loads) == 1 and jobs > 1 and source.size(t) >= RANGED_CHECKSUM_BYTES:
-                    checksums[(t.schema, t.name)] = checksums_by_ranges(target, {where: t.columns}, jobs,
-                                                                        manifest.checksum_method)[where]
-                else:
-                    checksums[(t.schema, t.name)] = postgres.table_checksum(conn, *where, t.columns,
-                                                                                manifest.checksum_method)
-
-            def load_alone(t: TableEntry) -> None:
-                with target.connect(settings={"client_encoding": manifest.encoding}) as conn:
-                    load(t, conn)
-
-            if together is not None:
-                assert isinstance(source, BackupSource)
-                create_and_load(control, together, source, [(t, location[(t.schema, t.name)]) for t in loads],
-                                progress.advance)
-                for t in loads:
-                    checksum(t, control)
-            elif serial:
-                for t in loads:
-                    load(t, control)
-            else:
-                pipeline.run_parallel(jobs, [(load_alone, t) for t in loads])
-            progress.finish()
-            settled = source.settled()
-            recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
-            if into_schema:
-                values = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
-            else:
-                values = [((seq["schema"], seq["name"]), seq)
-                          for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create})]
-            with control.transaction() if values else nullcontext():
-                for (seq_schema, seq_name), seq in values:
-                    control.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
-                                    (postgres.quoted_table(seq_schema, seq_name), seq["last_value"],
-                                     seq["is_called"]))
-            if definitions is not None:
-                try:
-                    definitions.after_data()
-                except DatabaseError as exc:
-                    raise DatabaseError(f"tables loaded, but building their indexes/constraints failed: {exc.message}",
-                                        "inspect the restored tables; a foreign key may point at rows missing live") from None
+            try:
+                copies, checksums, settled = _restore_into(
+                    source, control, target, major, Path(tmp), create, existing, location, into_schema,
+                    replace, jobs, run_validation, reporter, undo)
+            except BaseException:
+                take_back(control, target, manifest.encoding, undo, reporter)
+                raise
         reporter.event("tables restored", tables=len(entries), bytes=source.bytes_read())
 
         report = None
@@ -739,6 +687,160 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
     return result
 
 
+TAKE_BACK_LOCK_WAIT = 30
+"""Seconds :func:`take_back` waits for a lock on what it drops (a session still holding one,
+e.g. the control session's own transaction when it could not be used) before giving up and
+naming what is left."""
+
+
+@dataclass
+class Undo:
+    """What a restore has done so far that it must take back if it fails before it is
+    complete (see :func:`take_back`): the tables it created (their sequences, indexes,
+    constraints, triggers, policies and partitions go with them), the ``--into-schema``
+    schema when it created it, and the existing tables that were empty and that it filled.
+    Nothing that existed before the run is ever listed."""
+
+    schema: str | None = None
+    created: tuple[TableKey, ...] = ()
+    filled: tuple[TableKey, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.schema or self.created or self.filled)
+
+    def describe(self) -> str:
+        parts = [".".join(k) for k in self.created] + [f"rows of {'.'.join(k)}" for k in self.filled]
+        return ", ".join(parts + ([f"schema {self.schema}"] if self.schema else []))
+
+
+def take_back(control: psycopg.Connection[Any], target: ConnInfo, encoding: str, undo: Undo,
+              reporter: Reporter) -> None:
+    """Leave the target as the restore found it, in one transaction: drop the tables the run
+    created (never CASCADE: anything else depending on them was not the run's and makes the
+    drop fail rather than go), empty again the tables it filled, drop the schema it created
+    (if it is empty again). Runs in ``control`` when that session is idle, else in a new one
+    (the control session was lost or interrupted mid-statement). If this fails too, the
+    reporter is told what is left behind and the restore's own error stands."""
+    if not undo:
+        return
+    idle = not control.closed and not control.broken and \
+        control.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    try:
+        with nullcontext(control) if idle else target.connect(settings={"client_encoding": encoding}) as conn:
+            superuser = _is_superuser(conn)
+            with conn.transaction():
+                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{TAKE_BACK_LOCK_WAIT}s")))
+                if superuser:
+                    conn.execute("SET LOCAL session_replication_role = replica")
+                if undo.created:
+                    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
+                        sql.SQL(", ").join(qualified(*k) for k in undo.created)))
+                for key in undo.filled:
+                    empty = "DELETE FROM ONLY {}" if _referenced(conn, *key) else "TRUNCATE ONLY {}"
+                    conn.execute(sql.SQL(empty).format(qualified(*key)))
+                if undo.schema:
+                    conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(undo.schema)))
+    except (psycopg.Error, DatabaseError) as exc:
+        reporter.warning(f"the failed restore could not take back what it did: {str(exc).splitlines()[0]}",
+                         left=undo.describe())
+
+
+def _restore_into(source: TableSource, control: psycopg.Connection[Any], target: ConnInfo, major: int,
+                  tmp: Path, create: list[TableEntry], existing: list[TableEntry],
+                  location: dict[TableKey, TableKey], into_schema: str | None, replace: bool, jobs: int,
+                  run_validation: bool, reporter: Reporter,
+                  undo: Undo) -> tuple[tuple[SequenceCopy, ...], dict[TableKey, tuple[int, str]], Manifest]:
+    """Create the absent tables, load every table, set the sequences, build the created
+    tables' indexes and constraints; ``undo`` records, as it goes, what a failure must take
+    back. Returns the sequence copies, the checksums read after the loads, and the manifest
+    the restored tables must match.
+
+    Existing tables are loaded (or replaced) after the created ones, in their one
+    transaction: a created table's load that fails leaves them untouched. Their rows are in
+    place before the created tables' foreign keys are added; when those come as SQL run in
+    ``control`` (:attr:`Definitions.in_session`) they are added in that same transaction,
+    so a key that cannot be built rolls the existing tables back too (else the tables that
+    were empty are emptied again by :func:`take_back`; replaced contents stay replaced)."""
+    manifest = source.manifest
+    definitions: Definitions | None = None
+    copies: tuple[SequenceCopy, ...] = ()
+    loads = [t for t in create if source.has_rows(t)]
+    serial = jobs == 1 or len(loads) <= 1
+    together: str | None = None
+    created = tuple(location[(t.schema, t.name)] for t in create)
+    if create:
+        source.ensure_roles(control, target, major, reporter)
+        definitions, copies = source.definitions(control, target, major, tmp, create, into_schema)
+        if serial and not existing and isinstance(source, BackupSource):
+            together = definitions.before_sql
+        if together is None:
+            definitions.before_data()
+            undo.created = created
+
+    progress = reporter.task("data", total=sum(source.size(t) for t in [*create, *existing]))
+    checksums: dict[TableKey, tuple[int, str]] = {}
+
+    def load(t: TableEntry, conn: psycopg.Connection[Any]) -> None:
+        source.load(t, conn, location[(t.schema, t.name)], True, progress.advance)
+        checksum(t, conn)
+
+    def checksum(t: TableEntry, conn: psycopg.Connection[Any]) -> None:
+        where = location[(t.schema, t.name)]
+        if not run_validation or t.relkind != "r":
+            return
+        if len(loads) == 1 and jobs > 1 and source.size(t) >= RANGED_CHECKSUM_BYTES:
+            checksums[(t.schema, t.name)] = checksums_by_ranges(target, {where: t.columns}, jobs,
+                                                                manifest.checksum_method)[where]
+        else:
+            checksums[(t.schema, t.name)] = postgres.table_checksum(conn, *where, t.columns,
+                                                                    manifest.checksum_method)
+
+    def load_alone(t: TableEntry) -> None:
+        with target.connect(settings={"client_encoding": manifest.encoding}) as conn:
+            load(t, conn)
+        testhooks.pause_point("tables:loaded")
+
+    if together is not None:
+        assert isinstance(source, BackupSource)
+        create_and_load(control, together, source, [(t, location[(t.schema, t.name)]) for t in loads],
+                        progress.advance)
+        undo.created = created
+        for t in loads:
+            checksum(t, control)
+    elif serial:
+        for t in loads:
+            load(t, control)
+    else:
+        pipeline.run_parallel(jobs, [(load_alone, t) for t in loads])
+    in_session = definitions is not None and definitions.in_session
+    with control.transaction() if existing and in_session else nullcontext():
+        if existing:
+            replace_in_place(control, source, existing, replace, progress.advance)
+            if not replace and not in_session:
+                undo.filled = tuple((t.schema, t.name) for t in existing if source.has_rows(t))
+        progress.finish()
+        settled = source.settled()
+        recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
+        if into_schema:
+            values = [(c.copy, recorded[c.source]) for c in copies if c.source in recorded]
+        else:
+            values = [((seq["schema"], seq["name"]), seq)
+                      for seq in _owned_sequences(manifest, {(t.schema, t.name) for t in create})]
+        with control.transaction() if values else nullcontext():
+            for (seq_schema, seq_name), seq in values:
+                control.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
+                                (postgres.quoted_table(seq_schema, seq_name), seq["last_value"], seq["is_called"]))
+        if definitions is not None:
+            try:
+                definitions.after_data()
+            except DatabaseError as exc:
+                raise DatabaseError(f"building the restored tables' indexes/constraints failed, nothing was kept: "
+                                    f"{exc.message}",
+                                    "a foreign key may point at rows missing live: restore those tables too, "
+                                    "or use --into-schema NAME to inspect") from None
+    return copies, checksums, settled
+
+
 def check_table_sequences(conn: psycopg.Connection[Any], manifest: Manifest, entries: list[TableEntry],
                           location: dict[TableKey, TableKey], copies: tuple[SequenceCopy, ...] | None) -> Check:
     """The restored tables' sequences hold the backup's values.
@@ -749,14 +851,15 @@ def check_table_sequences(conn: psycopg.Connection[Any], manifest: Manifest, ent
     owned by the restored tables must be neither behind the backup nor behind their column.
     """
     recorded = {(seq["schema"], seq["name"]): seq for seq in manifest.sequences}
-    present = {(s["schema"], s["name"]): s for s in postgres.sequences(conn)}
     if copies is None:
         keys = {(t.schema, t.name) for t in entries}
-        mine = [s for s in present.values()
+        mine = [s for s in postgres.sequences(conn, owned_by=sorted(keys))
                 if s["owned_by"] and (s["owned_by"]["schema"], s["owned_by"]["table"]) in keys]
         check = check_sequences(conn, mine, list(_owned_sequences(manifest, keys)))
         return Check("table_sequences", check.ok, check.detail)
     copied = set(location.values())
+    present = {(s["schema"], s["name"]): s
+               for s in postgres.sequences(conn, owned_by=sorted(copied), named=sorted({c.copy for c in copies}))}
     bad: list[str] = []
     for c in copies:
         uses = {col: (sch, name) for col, sch, name, _ in column_sequences(conn, *c.table)}
@@ -809,7 +912,7 @@ def validate_tables(target: ConnInfo, manifest: Manifest, entries: list[TableEnt
         places = set(location.values())
         checks.append(check_table_sequences(session, manifest, entries, location, copies))
         checks.append(check_foreign_keys(session, _fks_touching(session, places)))
-        bad = [f"{i['schema']}.{i['name']}" for i in postgres.indexes(session)
+        bad = [f"{i['schema']}.{i['name']}" for i in postgres.indexes(session, of=sorted(places))
                if (i["schema"], i["table"]) in places and not (i["valid"] and i["ready"])]
         checks.append(Check("indexes_valid", not bad, f"invalid: {', '.join(bad)}" if bad
                             else "indexes of the restored tables valid"))

@@ -490,8 +490,32 @@ def heap_blocks(conn: psycopg.Connection[Any], oids: Sequence[int]) -> dict[int,
     return {int(oid): int(blocks) for oid, blocks in rows}
 
 
-def sequences(conn: psycopg.Connection[Any]) -> list[SequenceRecord]:
-    """Every sequence with its current value and the column that owns it, if any."""
+def _regclasses(tables: Sequence[tuple[str, str]]) -> list[str]:
+    return [quoted_table(schema, name) for schema, name in tables]
+
+
+_WANTED = "(SELECT to_regclass(q)::oid FROM unnest(%(tables)s::text[]) q)"
+_SYSTEM_SCHEMA_FILTER_PARAMS = SYSTEM_SCHEMA_FILTER.replace("%", "%%")
+
+
+def _system_filter(scoped: bool) -> str:
+    """:data:`SYSTEM_SCHEMA_FILTER`, its ``%`` doubled in a query that takes parameters."""
+    return _SYSTEM_SCHEMA_FILTER_PARAMS if scoped else SYSTEM_SCHEMA_FILTER
+
+
+def sequences(conn: psycopg.Connection[Any], owned_by: Sequence[tuple[str, str]] | None = None,
+              named: Sequence[tuple[str, str]] = ()) -> list[SequenceRecord]:
+    """Every sequence with its current value and the column that owns it, if any; with
+    ``owned_by``, only the sequences owned by a column (or identity) of those tables plus the
+    ``named`` ones, found from the tables through the catalog's indexes: the cost follows
+    those tables, not the database (one value read per sequence returned)."""
+    scope = "" if owned_by is None else f"""
+           AND c.oid IN (SELECT d.objid FROM pg_depend d
+                          WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+                            AND d.refobjid IN {_WANTED} AND d.refobjsubid > 0 AND d.deptype IN ('a', 'i')
+                         UNION ALL
+                         SELECT to_regclass(q)::oid FROM unnest(%(named)s::text[]) q)"""
+    params = {} if owned_by is None else {"tables": _regclasses(owned_by), "named": _regclasses(named)}
     rows = conn.execute(f"""
         SELECT n.nspname, c.relname, s.seqincrement,
                (SELECT json_build_object('schema', tn.nspname, 'table', t.relname,
@@ -505,8 +529,8 @@ def sequences(conn: psycopg.Connection[Any]) -> list[SequenceRecord]:
                    AND d.deptype IN ('a', 'i') LIMIT 1)
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
           JOIN pg_sequence s ON s.seqrelid = c.oid
-         WHERE c.relkind = 'S' AND {SYSTEM_SCHEMA_FILTER}
-         ORDER BY 1, 2""").fetchall()
+         WHERE c.relkind = 'S' AND {_system_filter(bool(scope))}{scope}
+         ORDER BY 1, 2""", params or None).fetchall()
     result: list[SequenceRecord] = []
     for schema, name, increment, owner in rows:
         value = conn.execute(
@@ -527,14 +551,22 @@ def scalar(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> Any
     return row[0]
 
 
-def dict_rows(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any]]:
+def dict_rows(conn: psycopg.Connection[Any], query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
-    return list(cur.execute(query).fetchall())
+    return list(cur.execute(query, params).fetchall())
 
 
-def foreign_keys(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+def foreign_keys(conn: psycopg.Connection[Any], touching: Sequence[tuple[str, str]] | None = None
+                 ) -> list[dict[str, Any]]:
     """Every user foreign key (partition clones left out) with its columns and MATCH rule: what
-    orphan counts and restore-time checks need, without the rest of :func:`inventory`."""
+    orphan counts and restore-time checks need, without the rest of :func:`inventory`. With
+    ``touching``, only the keys of those tables or referencing them, found through the
+    constraints' dependencies on them (cost follows those tables, not the database)."""
+    scope = "" if touching is None else f"""
+               AND (con.conrelid IN {_WANTED} OR con.confrelid IN {_WANTED})
+               AND con.oid IN (SELECT d.objid FROM pg_depend d
+                                WHERE d.classid = 'pg_constraint'::regclass
+                                  AND d.refclassid = 'pg_class'::regclass AND d.refobjid IN {_WANTED})"""
     return dict_rows(conn, f"""
             SELECT n.nspname AS schema, c.relname AS table, con.conname AS name,
                    fn.nspname AS ref_schema, f.relname AS ref_table,
@@ -551,12 +583,14 @@ def foreign_keys(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
               JOIN pg_namespace n ON n.oid = c.relnamespace
               JOIN pg_class f ON f.oid = con.confrelid
               JOIN pg_namespace fn ON fn.oid = f.relnamespace
-             WHERE con.contype = 'f' AND con.conparentid = 0 AND {SYSTEM_SCHEMA_FILTER}
-             ORDER BY 1, 2, 3""")
+             WHERE con.contype = 'f' AND con.conparentid = 0 AND {_system_filter(bool(scope))}{scope}
+             ORDER BY 1, 2, 3""", None if touching is None else {"tables": _regclasses(touching)})
 
 
-def indexes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
-    """Every user index with its definition and valid/ready state."""
+def indexes(conn: psycopg.Connection[Any], of: Sequence[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Every user index with its definition and valid/ready state; with ``of``, only those
+    tables' indexes (looked up by table: cost follows those tables, not the database)."""
+    scope = "" if of is None else f" AND i.indrelid IN {_WANTED}"
     return dict_rows(conn, f"""
             SELECT n.nspname AS schema, t.relname AS table, c.relname AS name,
                    pg_get_indexdef(c.oid) AS definition, i.indisvalid AS valid,
@@ -565,8 +599,8 @@ def indexes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
               JOIN pg_class c ON c.oid = i.indexrelid
               JOIN pg_class t ON t.oid = i.indrelid
               JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE {SYSTEM_SCHEMA_FILTER}
-             ORDER BY 1, 2, 3""")
+             WHERE {_system_filter(bool(scope))}{scope}
+             ORDER BY 1, 2, 3""", None if of is None else {"tables": _regclasses(of)})
 
 
 def user_objects(conn: psycopg.Connection[Any]) -> list[str]:

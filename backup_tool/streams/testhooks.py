@@ -16,6 +16,7 @@ Points: ``backup:upload`` (inside a table's object stream), ``backup:between-obj
 listed, none read yet); ``wal:upload`` (inside a segment's stream), ``wal:before-ack``
 (segment durable, command not yet successful); ``restore:loading`` (after the first table
 is loaded); ``restore:loaded`` (a table's rows committed, its checksum and indexes not yet taken);
+``tables:loaded`` (``restore tables``: one of the tables loaded by sessions of their own committed);
 ``ahead:planned`` (in ``restore tables``' forked reading process: the backup resolved, its
 objects named, none fetched yet; the pid in the file is that process's).
 """

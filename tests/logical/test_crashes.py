@@ -343,6 +343,38 @@ def test_sigterm_aborts_backup_and_restore_cleanly(cli: Any, start: Callable[...
     assert not {c["name"]: c["ok"] for c in proc.json()["checks"]}["restore_finished"]
 
 
+def test_sigterm_during_parallel_table_loads_leaves_the_target_as_it_was(
+        cli: Any, start: Callable[..., Running], local_repo: str, seed_copy: Callable[..., Any]) -> None:
+    """``restore tables`` of two dropped tables by two sessions, stopped by SIGTERM once one
+    table is loaded and committed, then again with its control session terminated at that
+    moment: each time the tables it created are dropped again (in a new session when its own
+    is lost) and the target dumps as before the command."""
+    db = seed_copy("sigterm_tables")
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    db.execute("DROP TABLE public.email_logs, analytics.\"feature usage\"")
+    before = dbcompare.fingerprint(db.dsn)
+    run = start("restore", "tables", "--repo", local_repo, "--target-dsn", db.dsn, "--jobs", "2",
+                "--tables", 'public.email_logs,analytics."feature usage"', pause_at="tables:loaded")
+    run.wait_paused()
+    assert db.scalar("SELECT count(*) FROM pg_class WHERE relname IN ('email_logs', 'feature usage')") == 2
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish(60) == 1
+    assert "interrupted" in one_line(run.stderr())
+    wait_no_sessions(db)
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+
+    run = start("restore", "tables", "--repo", local_repo, "--target-dsn", db.dsn, "--jobs", "2",
+                "--tables", 'public.email_logs,analytics."feature usage"', pause_at="tables:loaded")
+    run.wait_paused()
+    assert db.scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory'"
+                     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())") == 1
+    run.resume()
+    assert run.finish(60) == 1, run.stderr()
+    assert "Traceback" not in run.stderr() and run.stderr().count("\n") == 1, run.stderr()
+    wait_no_sessions(db)
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+
+
 # ------------------------------------------------------------------------ interrupted restore
 
 

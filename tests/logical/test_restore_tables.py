@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import clioutput
 import dbcompare
+import psycopg
 import pytest
 from support.clusters import DbHandle, free_port
 from support.manifests import make_manifest
@@ -174,6 +175,50 @@ def test_a_dropped_table_whose_rows_fail_to_load_is_not_left_behind(cli: Any, lo
     proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.crm_projects", "--target-dsn", db.dsn)
     assert proc.returncode != 0 and key in proc.stderr
     assert db.scalar("SELECT to_regclass('public.crm_projects')") is None
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+
+
+def test_a_parallel_restore_that_fails_leaves_the_database_as_it_found_it(
+        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
+    """Three absent tables loaded by three sessions, one of whose objects is damaged: in
+    place, into a new schema and into an existing empty one, the restore fails and takes back
+    every table, sequence, index and schema it created, and only those (the whole database
+    dumps as before). Then, the objects
+    whole again, the created tables' foreign key cannot be built (its referenced rows are
+    gone live): the created tables go, and the existing table it filled is empty again, or
+    with --replace holds its own rows again."""
+    db, entry = live
+    db.execute("DROP TABLE public.crm_projects, public.email_logs, analytics.\"feature usage\"")
+    db.execute("CREATE SCHEMA inspection")
+    tables = 'public.crm_projects,public.email_logs,analytics."feature usage"'
+    before = dbcompare.fingerprint(db.dsn)
+    show = cli.json("show", "--repo", local_repo, entry["id"])
+    key = next(t["object"] for t in show["tables"] if t["table"] == "public.crm_projects")
+    whole = read_object(local_repo, key)
+    damaged = bytearray(whole)
+    damaged[len(damaged) // 2] ^= 0xFF
+    write_object(local_repo, key, bytes(damaged))
+    for extra in ([], ["--into-schema", "recovered"], ["--into-schema", "inspection"]):
+        proc = cli("restore", "tables", "--repo", local_repo, "--tables", tables, "--target-dsn", db.dsn,
+                   "--jobs", "3", *extra)
+        assert proc.returncode != 0 and key in proc.stderr, proc.stderr
+        dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+
+    write_object(local_repo, key, whole)
+    db.execute("DELETE FROM public.crm_clients")
+    db.execute("DELETE FROM public.n8n_chat_histories")
+    before = dbcompare.fingerprint(db.dsn)
+    proc = cli("restore", "tables", "--repo", local_repo, "--tables", tables + ",public.n8n_chat_histories",
+               "--target-dsn", db.dsn, "--jobs", "3")
+    assert proc.returncode == 1 and "crm_projects_client_id_fkey" in proc.stderr, proc.stderr
+    assert "nothing was kept" in proc.stderr and proc.stderr.count("\n") == 1
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+
+    db.execute("INSERT INTO public.n8n_chat_histories (session_id, message) VALUES ('live', '{}')")
+    before = dbcompare.fingerprint(db.dsn)
+    proc = cli("restore", "tables", "--repo", local_repo, "--tables", tables + ",public.n8n_chat_histories",
+               "--target-dsn", db.dsn, "--jobs", "3", "--replace")
+    assert proc.returncode == 1 and "crm_projects_client_id_fkey" in proc.stderr, proc.stderr
     dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
 
 
@@ -444,6 +489,52 @@ def test_validation_after_restore_tables_fails_when_the_result_differs(
     assert "observability_logs_default" in failures(check_in_place())
     db.execute("SELECT setval(pg_get_serial_sequence('public.payments', 'id'), 1)")
     assert "payments_id_seq" in failures(check_in_place())
+
+
+def test_validation_looks_only_at_the_restored_tables(local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
+    """validate_tables reads the restored tables' own sequences, indexes and foreign keys,
+    never the whole database's: run by a role that cannot read an unrelated sequence it
+    passes (it failed: every sequence's value was read), an invalid index, a sequence behind
+    its column and an orphan row elsewhere leave the verdict alone, and the same damage on
+    the restored tables fails it, naming each object."""
+    db, _ = live
+    names = ["public.payments", "public.crm_projects"]
+    manifest = Catalog(open_storage(local_repo)).resolve_logical("latest")
+    entries = resolve_tables(manifest, names)
+    in_place = {(t.schema, t.name): (t.schema, t.name) for t in entries}
+    role = f"validator_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE ROLE {role} BYPASSRLS")
+    db.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+    db.execute(f"GRANT SELECT ON public.payments, public.crm_projects, public.crm_clients, public.user_profiles,"
+               f" public.payments_id_seq, public.invoice_number_seq TO {role}")
+    try:
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            conn.execute(f"SET ROLE {role}")
+
+            def verdict() -> Any:
+                return validate_tables(ConnInfo(db.dsn), manifest, entries, in_place, 2, NullReporter(), conn=conn)
+
+            assert verdict().ok, failures(verdict())
+            with psycopg.connect(db.dsn, autocommit=True) as admin:
+                with pytest.raises(psycopg.errors.UniqueViolation):
+                    admin.execute("CREATE UNIQUE INDEX CONCURRENTLY email_logs_status_bad ON public.email_logs (status)")
+                admin.execute("SELECT setval('public.email_logs_id_seq', 1)")
+                admin.execute("SET session_replication_role = replica")
+                admin.execute("UPDATE public.email_logs SET template_id = 999999 WHERE ctid = (SELECT min(ctid) FROM public.email_logs)")
+                assert verdict().ok, failures(verdict())
+
+                with pytest.raises(psycopg.errors.UniqueViolation):
+                    admin.execute("CREATE UNIQUE INDEX CONCURRENTLY payments_currency_bad ON public.payments (currency)")
+                assert "indexes_valid: invalid: public.payments_currency_bad" in failures(verdict())
+                admin.execute("SELECT setval(pg_get_serial_sequence('public.payments', 'id'), 1)")
+                assert "public.payments_id_seq at 1" in failures(verdict())
+                admin.execute("DELETE FROM public.crm_clients WHERE id = (SELECT client_id FROM public.crm_projects LIMIT 1)")
+                failed = failures(verdict())
+                assert "foreign_keys_hold" in failed and "crm_projects_client_id_fkey" in failed, failed
+                assert {c.name for c in verdict().failed} == {"indexes_valid", "table_sequences", "foreign_keys_hold"}
+    finally:
+        db.execute(f"DROP OWNED BY {role}")
+        db.execute(f"DROP ROLE {role}")
 
 
 def test_a_latin1_database_gets_its_table_back_byte_for_byte(cli: Any, local_repo: str, pg_server: Any) -> None:
