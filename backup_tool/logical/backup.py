@@ -70,7 +70,15 @@ from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalChanges, WalSpan, format_lsn, parse_lsn
 from backup_tool.errors import BackupToolError, LockHeldError, WalDamagedError
 from backup_tool.logical import parts
-from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema, walbasis
+from backup_tool.postgres import (
+    column_order,
+    database_level,
+    extension_config,
+    large_objects,
+    matviews,
+    schema,
+    walbasis,
+)
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import inventory as catalog_inventory
 from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
@@ -665,7 +673,8 @@ def _read_catalogs(job: _DumpJob, taken: _Snapshotted) -> _Catalogs:
     inventory = cast(ManifestInventory, {
         **catalog_inventory.inventory(conn), "database": database_level.properties(conn),
         "matviews": matviews.inventory(conn, contents=job.only_tables is None),
-        "large_objects": taken.large_objects, column_order.INVENTORY_KEY: column_order.record(conn)})
+        "large_objects": taken.large_objects, column_order.INVENTORY_KEY: column_order.record(conn),
+        "extension_config": extension_config.inventory(conn, with_rows=True)})
     return _Catalogs(sequences, inventory)
 
 

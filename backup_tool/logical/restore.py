@@ -52,6 +52,7 @@ from backup_tool.logical.loading import BackupOrigin, TableKey, checksums_by_ran
 from backup_tool.postgres import (
     column_order,
     database_level,
+    extension_config,
     extensions,
     large_objects,
     matviews,
@@ -208,6 +209,11 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                 large_objects.restore(rebuilt.loader if rebuilt else target, major, storage, lo.key, lo.sha256,
                                       lo.size, Path(tmp), run.count)
                 reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
+            if manifest.inventory.get("extension_config"):
+                with (rebuilt.loader if rebuilt else target).connect() as loader:
+                    written = extension_config.restore(loader, manifest.inventory["extension_config"])
+                if written:
+                    reporter.event("extension configuration restored", relations=written)
             reporter.event("data loaded", tables=len(_stored(manifest)), bytes=run.bytes_read)
             if rebuilt is None:
                 _build_post_data(run, archive_path, major, early.ids)
