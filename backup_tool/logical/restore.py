@@ -28,6 +28,7 @@ step is done; ``restart_unfinished`` starts such a target over.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 import time
@@ -338,7 +339,20 @@ def _build_early(conn: psycopg.Connection[Any], entry: TableEntry, statements: s
             conn.execute(sql.SQL("ANALYZE {}").format(postgres.qualified(entry.schema, entry.name)))
     except psycopg.Error as exc:
         raise DatabaseError(f"building the indexes and constraints of {entry.full_name} failed: "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{str(exc).splitlines()[0]}", _inlined_function_hint(exc)) from None
+
+
+def _inlined_function_hint(exc: psycopg.Error) -> str | None:
+    """A hint when an index expression failed inside a SQL function's body: pg_restore (and
+    so any restore of a pg_dump) runs with an empty search_path, and a function whose body
+    names objects unqualified (earthdistance's ll_to_earth on PostgreSQL 15) fails there."""
+    context = (exc.diag.context or "") if isinstance(exc, psycopg.errors.Error) else ""
+    found = re.search(r'SQL function "([^"]+)"', context)
+    if found is None:
+        return None
+    return (f"the SQL function {found.group(1)} names objects without their schema, and restores run with an "
+            "empty search_path (pg_restore of this backup fails the same way); drop that index in the source "
+            "or use a function that qualifies its names (see README 'What is restored')")
 
 
 LOAD_SETTINGS = {"synchronous_commit": "off"}

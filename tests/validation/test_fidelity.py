@@ -303,3 +303,26 @@ def test_rows_users_added_to_an_extension_configuration_table_come_back(
     target.execute("SELECT setval('public.site_config_serial', 1)")
     rc, checks = verdict()
     assert rc == 3 and "public.site_config_serial" in checks["extension_config"]["detail"]
+
+
+def test_an_index_pg_restore_cannot_rebuild_fails_the_restore_with_the_reason(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    """earthdistance on PostgreSQL 15: ll_to_earth's body names cube and earth without their
+    schema; pg_restore runs with an empty search_path, so an index on it cannot be rebuilt by
+    any restore of a pg_dump. The restore fails (exit 1) saying which function and why."""
+    source = fresh_db("earth")
+    source.execute("CREATE EXTENSION cube")
+    source.execute("CREATE EXTENSION earthdistance")
+    source.execute("CREATE TABLE public.stores (id int PRIMARY KEY, lat float8, lon float8)")
+    source.execute("INSERT INTO public.stores SELECT g, g % 80, g % 170 FROM generate_series(1, 50) g")
+    source.execute("CREATE INDEX stores_earth ON public.stores USING gist (ll_to_earth(lat, lon))")
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    target = fresh_db("earth_r")
+    pg_server.drop_db(target.name)
+
+    proc = cli("restore", "full", "--repo", local_repo, "--backup", entry["id"], "--target-dsn", target.dsn,
+               "--create")
+
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "public.stores" in proc.stderr and "ll_to_earth" in proc.stderr and "search_path" in proc.stderr
