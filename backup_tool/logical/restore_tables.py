@@ -58,7 +58,7 @@ from backup_tool.errors import (
     ValidationFailed,
 )
 from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows
-from backup_tool.logical.selection import resolve_tables
+from backup_tool.logical.selection import check_into_schema, resolve_tables
 from backup_tool.logical.session_ahead import SessionAhead, open_session_ahead
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
@@ -618,6 +618,8 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
     manifest = source.manifest
     try:
         entries = resolve_tables(manifest, tables)
+        if into_schema:
+            check_into_schema(manifest, entries)
         target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     except BaseException:
         if ahead is not None:
