@@ -211,8 +211,10 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                                       lo.size, Path(tmp), run.count)
                 reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
             if manifest.inventory.get("extension_config"):
+                rows = next((pipeline.read_object(storage, o, run.count) for o in manifest.extra_objects
+                             if o.key.endswith("/" + extension_config.ROWS_OBJECT)), None)
                 with (rebuilt.loader if rebuilt else target).connect() as loader:
-                    written = extension_config.restore(loader, manifest.inventory["extension_config"])
+                    written = extension_config.restore(loader, manifest.inventory["extension_config"], rows)
                 if written:
                     reporter.event("extension configuration restored", relations=written)
             reporter.event("data loaded", tables=len(_stored(manifest)), bytes=run.bytes_read)

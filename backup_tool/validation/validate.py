@@ -466,7 +466,7 @@ def check_database_contents(conn: psycopg.Connection[Any], expected: ManifestInv
     if "extension_config" in expected:
         checks.append(compare_sets("extension_config",
                                    "extension configuration tables and sequences (the rows pg_dump dumps of them)",
-                                   extension_config.comparable(expected["extension_config"]),
+                                   expected["extension_config"],
                                    extension_config.inventory(conn),
                                    lambda c: f"{c['schema']}.{c['name']} ({c['extension']})", _changed_fields))
     return checks

@@ -281,6 +281,9 @@ def test_rows_users_added_to_an_extension_configuration_table_come_back(
                    "('ünïcode key', NULL, false)")
     source.execute("SELECT nextval('public.site_config_serial') FROM generate_series(1, 3)")
     entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    manifest = (Path(local_repo) / "manifests" / f"{entry['id']}.json").read_text()
+    assert "site grid" not in manifest and "extension_config.json.zst" in manifest, \
+        "the rows are user data: in a stored object (encrypted like the tables), not in the manifest"
     target = fresh_db("extcfg_r")
     pg_server.drop_db(target.name)
 
