@@ -1,8 +1,10 @@
-"""`restore tables --into-schema` of a partition named without its partitioned table (pagila's
-payment_p2022_03): the partition's definition is `PARTITION OF` the live parent, so the copy
-joined the live table (its rows visible in public.payment) when the live partition was gone,
-and failed midway with pg_restore's overlap error when it was there. It is refused before
-anything is written; naming the partitioned table brings its whole tree into the schema."""
+"""`restore tables --into-schema` makes a copy that cannot reach live data, links to parents
+included. A partition named without its partitioned table (pagila's payment_p2022_03) is
+`PARTITION OF` the live parent, so the copy joined the live table (its rows visible in
+public.payment) when the live partition was gone, and failed midway with pg_restore's overlap
+error when it was there: it is refused before anything is written, and naming the partitioned
+table brings its whole tree into the schema. An inheritance child was copied `INHERITS` the
+live parent (its rows doubled in the parent's queries): it is copied without that link."""
 
 from __future__ import annotations
 
@@ -62,3 +64,24 @@ def test_the_partitioned_table_brings_its_tree_beside_the_live_one(
     assert db.scalar("SELECT string_agg(DISTINCT inhparent::regclass::text, ',') FROM pg_inherits i "
                      "JOIN pg_class c ON c.oid = i.inhrelid AND c.relkind = 'r' "
                      "WHERE inhrelid::regclass::text LIKE 'recovered.%'") == "recovered.payment"
+
+
+def test_an_inheritance_child_is_copied_without_joining_the_live_parent(
+        cli: Any, local_repo: str, fresh_db: Callable[[str], Any]) -> None:
+    """The copy of a child was created INHERITS the live parent: its rows doubled those a query
+    on the live parent returns."""
+    db = fresh_db("inherit")
+    db.execute("CREATE TABLE public.events (id int PRIMARY KEY, at timestamptz NOT NULL, CHECK (id > 0));"
+               "CREATE TABLE public.events_2024 (note text) INHERITS (public.events);"
+               "INSERT INTO public.events_2024 SELECT g, '2024-01-01'::timestamptz + g * interval '1 day', 'n' || g "
+               "FROM generate_series(1, 30) g")
+    backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+
+    cli.json("restore", "tables", "--repo", local_repo, "--backup", backup["id"],
+             "--tables", "public.events_2024", "--target-dsn", db.dsn, "--into-schema", "recovered")
+
+    assert db.scalar("SELECT count(*) FROM public.events") == 30
+    assert db.scalar("SELECT count(*) FROM recovered.events_2024") == 30
+    assert db.scalar("SELECT count(*) FROM pg_inherits WHERE inhrelid = 'recovered.events_2024'::regclass") == 0
+    assert db.scalar("SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute "
+                     "WHERE attrelid = 'recovered.events_2024'::regclass AND attnum > 0") == "id,at,note"
