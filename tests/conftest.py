@@ -35,6 +35,7 @@ SLOWEST_FILES = (
     "tests/logical/test_crashes.py",
     "tests/repository/test_tamper.py",
     "tests/physical/test_pitr.py",
+    "tests/validation/test_realdb_oracle.py",
     "tests/logical/test_backup_restore.py",
     "tests/logical/test_restore_tables.py",
     "tests/logical/test_incremental.py",

@@ -70,7 +70,15 @@ from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalChanges, WalSpan, format_lsn, parse_lsn
 from backup_tool.errors import BackupToolError, DatabaseError, LockHeldError, WalDamagedError
 from backup_tool.logical import parts
-from backup_tool.postgres import column_order, database_level, large_objects, matviews, schema, walbasis
+from backup_tool.postgres import (
+    column_order,
+    database_level,
+    extension_config,
+    large_objects,
+    matviews,
+    schema,
+    walbasis,
+)
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import inventory as catalog_inventory
 from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
@@ -685,6 +693,8 @@ class _Catalogs:
 
     sequences: list[SequenceRecord]
     inventory: ManifestInventory
+    extension_rows: StoredObject | None
+    """The extension configuration tables' rows (see :mod:`backup_tool.postgres.extension_config`)."""
 
 
 @dataclass(frozen=True)
@@ -745,8 +755,12 @@ def _read_catalogs(job: _DumpJob, taken: _Snapshotted) -> _Catalogs:
     inventory = cast(ManifestInventory, {
         **catalog_inventory.inventory(conn), "database": database_level.properties(conn),
         "matviews": matviews.inventory(conn, contents=job.only_tables is None),
-        "large_objects": taken.large_objects, column_order.INVENTORY_KEY: column_order.record(conn)})
-    return _Catalogs(sequences, inventory)
+        "large_objects": taken.large_objects, column_order.INVENTORY_KEY: column_order.record(conn),
+        "extension_config": extension_config.inventory(conn)})
+    document = extension_config.rows_document(conn, inventory["extension_config"])
+    rows = None if document is None else _store_compressed(
+        job.storage, job.prefix + extension_config.ROWS_OBJECT, [document], job.level, 0)[0]
+    return _Catalogs(sequences, inventory, rows)
 
 
 def _store_side_objects(job: _DumpJob, taken: _Snapshotted) -> _SideObjects:
@@ -992,6 +1006,7 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
         schema_fingerprint=side.fingerprint,
         tables=tuple(entries), sequences=tuple(read.sequences), inventory=read.inventory,
         large_objects=side.large_objects,
+        extra_objects=(read.extension_rows,) if read.extension_rows is not None else (),
         options={"jobs": job.jobs, "compression_level": job.level, "host": info["host"],
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},

@@ -28,6 +28,7 @@ step is done; ``restart_unfinished`` starts such a target over.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 import time
@@ -52,6 +53,7 @@ from backup_tool.logical.loading import BackupOrigin, TableKey, checksums_by_ran
 from backup_tool.postgres import (
     column_order,
     database_level,
+    extension_config,
     extensions,
     large_objects,
     matviews,
@@ -208,6 +210,13 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                 large_objects.restore(rebuilt.loader if rebuilt else target, major, storage, lo.key, lo.sha256,
                                       lo.size, Path(tmp), run.count)
                 reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
+            if manifest.inventory.get("extension_config"):
+                rows = next((pipeline.read_object(storage, o, run.count) for o in manifest.extra_objects
+                             if o.key.endswith("/" + extension_config.ROWS_OBJECT)), None)
+                with (rebuilt.loader if rebuilt else target).connect() as loader:
+                    written = extension_config.restore(loader, manifest.inventory["extension_config"], rows)
+                if written:
+                    reporter.event("extension configuration restored", relations=written)
             reporter.event("data loaded", tables=len(_stored(manifest)), bytes=run.bytes_read)
             if rebuilt is None:
                 _build_post_data(run, archive_path, major, early.ids)
@@ -332,7 +341,20 @@ def _build_early(conn: psycopg.Connection[Any], entry: TableEntry, statements: s
             conn.execute(sql.SQL("ANALYZE {}").format(postgres.qualified(entry.schema, entry.name)))
     except psycopg.Error as exc:
         raise DatabaseError(f"building the indexes and constraints of {entry.full_name} failed: "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{str(exc).splitlines()[0]}", _inlined_function_hint(exc)) from None
+
+
+def _inlined_function_hint(exc: psycopg.Error) -> str | None:
+    """A hint when an index expression failed inside a SQL function's body: pg_restore (and
+    so any restore of a pg_dump) runs with an empty search_path, and a function whose body
+    names objects unqualified (earthdistance's ll_to_earth on PostgreSQL 15) fails there."""
+    context = (exc.diag.context or "") if isinstance(exc, psycopg.errors.Error) else ""
+    found = re.search(r'SQL function "([^"]+)"', context)
+    if found is None:
+        return None
+    return (f"the SQL function {found.group(1)} names objects without their schema, and restores run with an "
+            "empty search_path (pg_restore of this backup fails the same way); drop that index in the source "
+            "or use a function that qualifies its names (see README 'What is restored')")
 
 
 FREEZE_MIN_BYTES = 1 << 20

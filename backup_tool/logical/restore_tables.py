@@ -61,7 +61,7 @@ from backup_tool.errors import (
     ValidationFailed,
 )
 from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows
-from backup_tool.logical.selection import resolve_tables
+from backup_tool.logical.selection import check_into_schema, resolve_tables
 from backup_tool.logical.session_ahead import SessionAhead, open_session_ahead
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
@@ -207,8 +207,9 @@ def _free_name(conn: psycopg.Connection[Any], schema_name: str, name: str) -> st
 
 
 def detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_schema: str) -> list[SequenceCopy]:
-    """In the scratch database: move ``tables`` into ``into_schema`` without foreign keys and
-    triggers, and give them their own sequences there, each owned by a copied column.
+    """In the scratch database: move ``tables`` into ``into_schema`` without foreign keys,
+    triggers and inheritance from a parent left behind (the copy's rows would show in the live
+    parent), and give them their own sequences there, each owned by a copied column.
 
     Sequences owned by a copied column move with their table; a sequence the copy only calls
     (a shared one, or one owned elsewhere) is moved into the schema too and made owned by the
@@ -216,8 +217,16 @@ def detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_sc
     """
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
     used: list[tuple[TableEntry, str, TableKey, int]] = []
+    moved = {(t.schema, t.name) for t in tables}
     for t in tables:
         table = postgres.quoted_table(t.schema, t.name)
+        for parent in conn.execute(
+                "SELECT n.nspname, p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent"
+                " JOIN pg_namespace n ON n.oid = p.relnamespace JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhrelid = %s::regclass AND NOT c.relispartition", (table,)).fetchall():
+            if (parent[0], parent[1]) not in moved:
+                conn.execute(sql.SQL("ALTER TABLE {} NO INHERIT {}").format(
+                    qualified(t.schema, t.name), qualified(parent[0], parent[1])))
         for (con,) in conn.execute(
                 "SELECT conname FROM pg_constraint WHERE contype = 'f' AND conrelid = %s::regclass"
                 " AND conparentid = 0", (table,)).fetchall():
@@ -626,6 +635,8 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
     manifest = source.manifest
     try:
         entries = resolve_tables(manifest, tables)
+        if into_schema:
+            check_into_schema(manifest, entries)
         target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
     except BaseException:
         if ahead is not None:

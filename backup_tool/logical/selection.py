@@ -12,7 +12,7 @@ import concurrent.futures as cf
 import difflib
 from typing import Callable
 
-from backup_tool.errors import NotFoundError, UsageError
+from backup_tool.errors import NotFoundError, RefusedError, UsageError
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest, StoredObject, TableEntry
 from backup_tool.repository.storage import Storage
@@ -108,6 +108,22 @@ def resolve_tables(manifest: Manifest, names: list[str]) -> list[TableEntry]:
         chosen += extra
         grew = bool(extra)
     return [known[k] for k in chosen]
+
+
+def check_into_schema(manifest: Manifest, entries: list[TableEntry]) -> None:
+    """Refuse ``--into-schema`` for a partition named without its partitioned table: its
+    definition is ``PARTITION OF`` the live parent, so the copy would join the live table
+    (its rows visible there) or collide with the live partition."""
+    chosen = {f"{t.schema}.{t.name}" for t in entries}
+    alone = [t for t in entries if t.parent is not None and t.parent not in chosen]
+    if alone:
+        first = alone[0]
+        parent = next((as_typed(t.schema, t.name) for t in manifest.tables
+                       if f"{t.schema}.{t.name}" == first.parent), first.parent)
+        raise RefusedError(f"--into-schema cannot take partition {as_typed(first.schema, first.name)} without its "
+                           f"partitioned table {parent}: the copy would be attached to the live table",
+                           f"name {parent} to restore its whole tree into the new schema, or restore the "
+                           "partition in place (without --into-schema) when it is absent or empty")
 
 
 def ahead_objects(manifest: Manifest, entries: list[TableEntry], tables: int, with_roles: bool,

@@ -181,6 +181,7 @@ class ManifestInventory(TypedDict, total=False):
     matviews: Rows
     large_objects: LargeObjectSummary
     column_order: dict[str, Any]
+    extension_config: Rows
 
 
 def inventory_counts(inventory: ManifestInventory) -> dict[str, int]:

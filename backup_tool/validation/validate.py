@@ -42,6 +42,7 @@ from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.postgres import (
     column_order,
     database_level,
+    extension_config,
     inventory,
     large_objects,
     matviews,
@@ -439,7 +440,9 @@ def check_database_contents(conn: psycopg.Connection[Any], expected: ManifestInv
     checks = [Check(name, True, f"{what} not recorded by this backup (made before this check)")
               for key, name, what in (("database", "database_properties", "database properties"),
                                       ("matviews", "materialized_views", "materialized views"),
-                                      ("large_objects", "large_objects", "large objects"))
+                                      ("large_objects", "large_objects", "large objects"),
+                                      ("extension_config", "extension_config",
+                                       "extension configuration tables"))
               if key not in expected]
     if "database" in expected:
         diff = database_level.differences(expected["database"], database_level.properties(conn))
@@ -460,6 +463,12 @@ def check_database_contents(conn: psycopg.Connection[Any], expected: ManifestInv
         else:
             checks.append(Check("large_objects", False,
                                 f"content, owner, ACL or comment of the {have['count']} large objects differs"))
+    if "extension_config" in expected:
+        checks.append(compare_sets("extension_config",
+                                   "extension configuration tables and sequences (the rows pg_dump dumps of them)",
+                                   expected["extension_config"],
+                                   extension_config.inventory(conn),
+                                   lambda c: f"{c['schema']}.{c['name']} ({c['extension']})", _changed_fields))
     return checks
 
 

@@ -9,13 +9,16 @@ normalised.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 import dbcompare
 import pytest
+from support.clusters import find_pg_bin_dir
 
 pytestmark = pytest.mark.slow
 
@@ -238,3 +241,91 @@ def test_a_materialized_view_stale_in_the_source_is_named_by_the_verdict(
     assert list(failed) == ["materialized_views"]
     assert "public.stale" in failed["materialized_views"] and "public.fresh" not in failed["materialized_views"]
     assert target.scalar("SELECT n FROM public.stale") == 3
+
+
+# An extension with a configuration table and sequence, as PostGIS marks spatial_ref_sys: its
+# script inserts built-in rows; pg_dump dumps only the rows the filter keeps (the user's).
+CONFIG_EXTENSION = "backup_tool_site_config"
+CONFIG_EXTENSION_SQL = """
+CREATE TABLE site_config (key text PRIMARY KEY, value text, builtin boolean NOT NULL DEFAULT false);
+INSERT INTO site_config VALUES ('default_srid', '4326', true), ('units', 'metre', true);
+CREATE SEQUENCE site_config_serial;
+SELECT pg_catalog.pg_extension_config_dump('site_config', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('site_config_serial', '');
+"""
+
+
+@pytest.fixture(scope="module")
+def config_extension() -> str:
+    """Installs CONFIG_EXTENSION into the server's extension directory (needs write access
+    there: root in CI)."""
+    sharedir = subprocess.run([str(find_pg_bin_dir() / "pg_config"), "--sharedir"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    extdir = Path(sharedir) / "extension"
+    if not os.access(extdir, os.W_OK):
+        pytest.skip(f"cannot install a test extension into {extdir}")
+    (extdir / f"{CONFIG_EXTENSION}.control").write_text(
+        "comment = 'backup-tool test: an extension with a configuration table'\n"
+        "default_version = '1.0'\nrelocatable = false\nschema = public\n")
+    (extdir / f"{CONFIG_EXTENSION}--1.0.sql").write_text(CONFIG_EXTENSION_SQL)
+    return CONFIG_EXTENSION
+
+
+def test_rows_users_added_to_an_extension_configuration_table_come_back(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any, config_extension: str) -> None:
+    """PostGIS's spatial_ref_sys with a custom SRID: CREATE EXTENSION makes the built-in rows,
+    the user's rows are data only the backup holds. They were lost while the verdict said OK."""
+    source = fresh_db("extcfg")
+    source.execute(f"CREATE EXTENSION {config_extension}")
+    source.execute("INSERT INTO public.site_config VALUES ('site grid', E'LOCAL_CS[\"grid\"]\\t+proj=tmerc', false), "
+                   "('ünïcode key', NULL, false)")
+    source.execute("SELECT nextval('public.site_config_serial') FROM generate_series(1, 3)")
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    manifest = (Path(local_repo) / "manifests" / f"{entry['id']}.json").read_text()
+    assert "site grid" not in manifest and "extension_config.json.zst" in manifest, \
+        "the rows are user data: in a stored object (encrypted like the tables), not in the manifest"
+    target = fresh_db("extcfg_r")
+    pg_server.drop_db(target.name)
+
+    result = restore_into(cli, local_repo, entry["id"], target)
+
+    assert result["ok"] is True
+    assert target.scalar("SELECT count(*) FROM public.site_config") == 4
+    assert dump_create(source) == dump_create(target)
+    assert check(result, "extension_config")["ok"], check(result, "extension_config")
+
+    def verdict() -> tuple[int, dict[str, Any]]:
+        proc = cli("validate", "--repo", local_repo, "--dsn", target.dsn, "--against", entry["id"], "--json")
+        return proc.returncode, {c["name"]: c for c in proc.json()["checks"]}
+
+    target.execute("UPDATE public.site_config SET value = 'changed' WHERE key = 'site grid'")
+    rc, checks = verdict()
+    assert rc == 3 and not checks["extension_config"]["ok"]
+    assert "public.site_config" in checks["extension_config"]["detail"]
+    target.execute("UPDATE public.site_config SET value = E'LOCAL_CS[\"grid\"]\\t+proj=tmerc' WHERE key = 'site grid'")
+    target.execute("SELECT setval('public.site_config_serial', 1)")
+    rc, checks = verdict()
+    assert rc == 3 and "public.site_config_serial" in checks["extension_config"]["detail"]
+
+
+def test_an_index_pg_restore_cannot_rebuild_fails_the_restore_with_the_reason(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    """earthdistance on PostgreSQL 15: ll_to_earth's body names cube and earth without their
+    schema; pg_restore runs with an empty search_path, so an index on it cannot be rebuilt by
+    any restore of a pg_dump. The restore fails (exit 1) saying which function and why."""
+    source = fresh_db("earth")
+    source.execute("CREATE EXTENSION cube")
+    source.execute("CREATE EXTENSION earthdistance")
+    source.execute("CREATE TABLE public.stores (id int PRIMARY KEY, lat float8, lon float8)")
+    source.execute("INSERT INTO public.stores SELECT g, g % 80, g % 170 FROM generate_series(1, 50) g")
+    source.execute("CREATE INDEX stores_earth ON public.stores USING gist (ll_to_earth(lat, lon))")
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    target = fresh_db("earth_r")
+    pg_server.drop_db(target.name)
+
+    proc = cli("restore", "full", "--repo", local_repo, "--backup", entry["id"], "--target-dsn", target.dsn,
+               "--create")
+
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "public.stores" in proc.stderr and "ll_to_earth" in proc.stderr and "search_path" in proc.stderr

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +32,15 @@ from typing import Any
 import pytest
 from support.cli import Cli
 from support.clusters import PgServer, start_pg_server
+from support.dumps import (
+    assert_same_dump,
+    dump_database,
+    dump_globals,
+    failed_checks,
+    psql,
+    tool_env,
+    unexplained_diff,
+)
 from support.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -55,6 +62,7 @@ class KnownDifference:
 # Differences between source and restore that the tool makes on purpose. README
 # ("Fidelity oracle") lists the same names.
 KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = ()
+KNOWN = tuple(k.pattern for k in KNOWN_DIFFERENCES)
 
 # Roles, memberships and settings added to the regression database's cluster (the suite
 # drops the roles it creates), so that --with-roles has something real to carry.
@@ -148,94 +156,6 @@ if _skip_reason:
     pytestmark = [pytest.mark.slow, pytest.mark.skip(reason=_skip_reason)]
 
 
-# --------------------------------------------------------------------------- dumps
-
-
-def _env(server: PgServer, dbname: str = "postgres") -> dict[str, str]:
-    return {**os.environ, **server.libpq_env(dbname)}
-
-
-def run_tool(server: PgServer, tool: str, *args: str, dbname: str = "postgres") -> str:
-    proc = subprocess.run([str(server.bin_dir / tool), *args], env=_env(server, dbname),
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise AssertionError(f"{tool} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
-def psql(server: PgServer, dbname: str, script: str) -> str:
-    return run_tool(server, "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-c", script, dbname=dbname)
-
-
-_RESTRICT = re.compile(r"^\\(un)?restrict \S+$")
-
-
-def normalise_dump(text: str, dbname: str) -> list[str]:
-    """pg_dump --create output with the database name replaced by <DB>, \\restrict keys
-    blanked, the rows of each COPY block sorted, and blank and bare `--` lines dropped."""
-    name_re = re.compile(r'(?<![\w"])("?)' + re.escape(dbname) + r'\1(?![\w"])')
-    out: list[str] = []
-    block: list[str] | None = None
-    for line in text.splitlines():
-        if block is not None:
-            if line == "\\.":
-                out.extend(sorted(block))
-                out.append(line)
-                block = None
-            else:
-                block.append(line)
-            continue
-        if not line or line == "--":
-            continue
-        if _RESTRICT.match(line):
-            out.append(line.split()[0] + " <KEY>")
-            continue
-        if line.startswith("COPY ") and line.endswith("FROM stdin;"):
-            block = []
-        elif (dbname in line and (line.startswith(("\\connect", "-- Name: ", "CREATE DATABASE", "ALTER DATABASE",
-                                                     "COMMENT ON DATABASE", "GRANT ", "REVOKE ", "ALTER ROLE",
-                                                     "SECURITY LABEL ON DATABASE", "-- Database ")))):
-            line = name_re.sub("<DB>", line)
-        out.append(line)
-    return out
-
-
-def dump_database(server: PgServer, dbname: str) -> list[str]:
-    return normalise_dump(run_tool(server, "pg_dump", "--create", "--no-sync", dbname=dbname), dbname)
-
-
-def dump_globals(server: PgServer) -> list[str]:
-    text = run_tool(server, "pg_dumpall", "--globals-only", "--no-role-passwords")
-    return [ln.split()[0] + " <KEY>" if _RESTRICT.match(ln) else ln for ln in text.splitlines()]
-
-
-def unexplained_diff(label: str, before: list[str], after: list[str]) -> list[str]:
-    """`diff -u` of the two dumps minus lines covered by KNOWN_DIFFERENCES (kept in
-    BACKUP_TOOL_ORACLE_DIFF_DIR when set)."""
-    keep = os.environ.get("BACKUP_TOOL_ORACLE_DIFF_DIR")
-    workdir = Path(keep) if keep else None
-    if workdir:
-        workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        base = workdir or Path(tmp)
-        a, b = base / f"{label}.source.sql", base / f"{label}.restored.sql"
-        a.write_text("\n".join(before) + "\n")
-        b.write_text("\n".join(after) + "\n")
-        diff = subprocess.run(["diff", "-u", str(a), str(b)], capture_output=True, text=True).stdout
-    if workdir:
-        (workdir / f"{label}.diff").write_text(diff)
-    lines = diff.splitlines()
-    first_hunk = next((i for i, ln in enumerate(lines) if ln.startswith("@@")), len(lines))
-    changed = [ln for ln in lines[first_hunk:] if ln[:1] in "+-"]
-    known = [re.compile(k.pattern) for k in KNOWN_DIFFERENCES]
-    return [ln for ln in changed if not any(p.search(ln[1:]) for p in known)]
-
-
-def assert_same_dump(label: str, before: list[str], after: list[str]) -> None:
-    left = unexplained_diff(label, before, after)
-    assert not left, f"{label}: {len(left)} differing dump lines, first 120:\n" + "\n".join(left[:120])
-
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -268,7 +188,7 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
         started = time.monotonic()
         proc = subprocess.run(
             ["bash", str(REGRESS_DB), "--dbname", SOURCE_DB],
-            env=_env(source), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900,
+            env=tool_env(source), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900,
         )
         regress_seconds = time.monotonic() - started
         assert proc.returncode == 0, f"scripts/regress-db failed:\n{proc.stderr[-4000:]}"
@@ -352,8 +272,8 @@ def test_backup_full_of_the_regression_database(oracle: Oracle) -> None:
 
 def test_full_restore_into_an_empty_cluster_is_identical(oracle: Oracle, restored_elsewhere: Restored) -> None:
     target = restored_elsewhere.server
-    db_diff = unexplained_diff("full-other-cluster", oracle.full_dump, dump_database(target, SOURCE_DB))
-    roles_diff = unexplained_diff("globals-other-cluster", oracle.full_globals, dump_globals(target))
+    db_diff = unexplained_diff("full-other-cluster", oracle.full_dump, dump_database(target, SOURCE_DB), KNOWN)
+    roles_diff = unexplained_diff("globals-other-cluster", oracle.full_globals, dump_globals(target), KNOWN)
     assert not db_diff, f"{len(db_diff)} differing dump lines, first 120:\n" + "\n".join(db_diff[:120])
     assert not roles_diff, f"{len(roles_diff)} differing globals lines:\n" + "\n".join(roles_diff[:120])
     restored_elsewhere.assert_ok()
@@ -363,7 +283,7 @@ def test_full_restore_into_the_same_cluster_is_identical(oracle: Oracle) -> None
     name = "regression_restored"
     try:
         restored = restore(oracle, oracle.source, name, oracle.full_id)
-        assert_same_dump("full-same-cluster", oracle.full_dump, dump_database(oracle.source, name))
+        assert_same_dump("full-same-cluster", oracle.full_dump, dump_database(oracle.source, name), KNOWN)
         restored.assert_ok()
     finally:
         oracle.source.drop_db(name)
@@ -419,15 +339,6 @@ def test_validate_passes_the_faithful_restore_and_fails_each_alteration(
         "alterations it did not notice:\n" + "\n".join(missed))
 
 
-def failed_checks(proc: Any) -> list[str]:
-    try:
-        report = json.loads(proc.stdout)
-    except ValueError:
-        return [f"(no JSON: {proc.stderr.strip()[-300:]})"]
-    checks = report.get("checks") or report.get("validation", {}).get("checks", [])
-    return [f"{c['name']}: {c.get('detail', '')[:200]}" for c in checks if not c.get("ok")]
-
-
 def test_incremental_chain_restores_identically(oracle: Oracle, empty_cluster: PgServer,
                                                 restored_elsewhere: Restored) -> None:
     # restored_elsewhere first: it restores the full before the source changes.
@@ -437,5 +348,5 @@ def test_incremental_chain_restores_identically(oracle: Oracle, empty_cluster: P
     expected = dump_database(oracle.source, SOURCE_DB)
     name = "regression_incremental"
     restored = restore(oracle, empty_cluster, name, inc["id"])
-    assert_same_dump("incremental-other-cluster", expected, dump_database(empty_cluster, name))
+    assert_same_dump("incremental-other-cluster", expected, dump_database(empty_cluster, name), KNOWN)
     restored.assert_ok()

@@ -173,12 +173,12 @@ def test_manifest_without_the_new_inventories_skips_their_checks(cli: Any, local
         conn.execute(source_sql(role))
     entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
     new = ("publications", "event_triggers", "comments", "object_privileges", "column_privileges",
-           "default_privileges")
+           "default_privileges", "extension_config")
     strip_manifest(local_repo, entry["id"], new)
     report = cli.json("validate", "--repo", local_repo, "--dsn", db.dsn, "--against", entry["id"])
     checks = {c["name"]: c for c in report["checks"]}
     for name in ("publications", "event_triggers", "comments", "object_privileges", "column_privileges",
-                 "default_privileges"):
+                 "default_privileges", "extension_config"):
         assert checks[name]["ok"] and "not recorded by this backup" in checks[name]["detail"], checks[name]
     assert cli.json("validate", "--dsn", db.dsn)["ok"] is True
 
