@@ -377,13 +377,18 @@ within, the WAL in flight at the time is not replayed (in the benchmark's table 
 second of replay, against a tenth of a second of ``pg_waldump``)."""
 
 
+SCAN_STEP = 4
+"""Segments :func:`commit_stop` waits for before reading on: it reads what the read-ahead
+holds while the next ones are fetched."""
+
+
 def commit_stop(waldump: str, folder: Path, held: Callable[[int], list[str]], start: int, consistent: int,
                 target: datetime, seg_size: int, limit: int) -> CommitStop | None:
     """The last commit/abort record recovery to ``target`` replays, read with ``pg_waldump``
     from ``start`` (the base backup's redo point) through the segments in ``folder``:
     ``held(n)`` waits for the first ``n`` segments of the recovery there and names those
-    it holds (consecutive, in order), asked for more, up to ``limit``, until the stop is
-    among them. None when it cannot be told exactly from them: they change timeline, a record
+    it holds (consecutive, in order; fewer only when there are no more), asked for more,
+    up to ``limit``, until the stop is among them. None when it cannot be told exactly from them: they change timeline, a record
     cannot be read before the stop, the stop is not in the first ``limit`` segments, or the
     record is before ``consistent`` (the base backup's end: recovery must be consistent first).
 
@@ -392,10 +397,10 @@ def commit_stop(waldump: str, folder: Path, held: Callable[[int], list[str]], st
     a table PITR whose time falls inside a long transaction replays none of it."""
     ends: list[tuple[int, datetime]] = []
     resume = start
-    want = min(limit, wal.PREFETCH_WINDOW)
+    want = 1
     first = walnames.lsn_segment(start, seg_size)
     while True:
-        segments = held(want)[:want]
+        segments = held(want)[:limit]
         numbers = [walnames.segment_number(name, seg_size) for name in segments]
         if not segments or len({walnames.segment_timeline(name) for name in segments}) != 1 \
                 or numbers != list(range(first, first + len(numbers))):
@@ -411,10 +416,10 @@ def commit_stop(waldump: str, folder: Path, held: Callable[[int], list[str]], st
             if found.last_before is None or found.last_before < consistent:
                 return None
             return CommitStop(found.last_before, dict(ends)[found.last_before])
-        if len(segments) < want or want >= limit:
+        if len(segments) < want or len(segments) >= limit:
             return None
         resume = ends[-1][0] if ends else start
-        want = min(limit, want * 2)
+        want = len(segments) + SCAN_STEP
 
 
 def reaches_time(target: datetime, newest_first: list[tuple[str, tuple[datetime, ...]]]) -> bool | None:

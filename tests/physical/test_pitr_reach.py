@@ -73,7 +73,7 @@ def test_the_scan_for_the_stop_refuses_what_it_cannot_read_in_one_run(tmp_path: 
     start = 0x0F000028
 
     def held(names: list[str]) -> Callable[[int], list[str]]:
-        return lambda n: names[:n]
+        return lambda n: names
     for names in ([], ["00000001000000000000000F", "000000020000000000000010"],
                   ["00000001000000000000000F", "000000010000000000000011"], ["000000010000000000000010"]):
         assert commit_stop(missing, tmp_path, held(names), start, start, utc("2026-11-26 02:27:41"),
