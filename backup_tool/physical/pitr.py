@@ -351,7 +351,8 @@ def time_stop(ends: list[tuple[int, datetime]], target: datetime) -> TimeStop:
 
     PostgreSQL stops before the first of them whose timestamp is after ``target``, whatever
     the timestamps of the later ones; what it replays between the last one before that and
-    the stop is WAL of transactions not committed at the stop, which no snapshot there sees."""
+    the stop is WAL of transactions not committed at the stop, which no snapshot there sees
+    (and sequence advances, not transactional, drawn by them)."""
     last = None
     for lsn, at in ends:
         if at > target:
