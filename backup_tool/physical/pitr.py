@@ -59,6 +59,7 @@ from backup_tool.core.kinds import BackupKind
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.core.timestamps import parse_ts
 from backup_tool.errors import (
+    BackupToolError,
     DatabaseError,
     IntegrityError,
     NotFoundError,
@@ -1033,7 +1034,7 @@ def _early_stop(plan: Plan, prefetch: wal.RecoveryPrefetch | None, target: Targe
     """:func:`commit_stop` over the segments the read-ahead holds before recovery starts (it
     fetches them during the lay-out; those up to the stop recovery needs first, so waiting
     for them delays the start of recovery, not its end; those after the last commit it does
-    not replay). Nothing is fetched twice."""
+    not replay). Nothing is fetched twice. A scan that cannot run only costs the saving."""
     if target.kind != "time" or target.time is None or prefetch is None:
         return None
     p = plan.physical
@@ -1041,6 +1042,8 @@ def _early_stop(plan: Plan, prefetch: wal.RecoveryPrefetch | None, target: Targe
         stop = commit_stop(find_tool("pg_waldump", plan.backup.server_version_num // 10000), prefetch.folder,
                            prefetch.wait_leading, walnames.parse_lsn(p.start_lsn), walnames.parse_lsn(p.stop_lsn),
                            target.time, p.wal_segment_size, max(1, EARLY_STOP_SCAN_BYTES // p.wal_segment_size))
+    except (BackupToolError, OSError):
+        stop = None
     finally:
         prefetch.reset_window()
     if stop is not None:
