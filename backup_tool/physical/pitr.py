@@ -390,9 +390,11 @@ def commit_stop(waldump: str, folder: Path, held: Callable[[int], list[str]], st
     from ``start`` (the base backup's redo point) through the segments in ``folder``:
     ``held(n)`` waits for the first ``n`` segments of the recovery there and names those
     it holds (consecutive, in order; fewer only when there are no more), asked for more,
-    up to ``limit``, until the stop is among them. None when it cannot be told exactly from them: they change timeline, a record
-    cannot be read before the stop, the stop is not in the first ``limit`` segments, or the
-    record is before ``consistent`` (the base backup's end: recovery must be consistent first).
+    up to ``limit``, until the stop is among them. None when it cannot be told exactly from
+    them: they change timeline, a record cannot be read before the stop, the stop is not in
+    the first ``limit`` segments, or the record is before ``consistent`` (the base backup's
+    end: recovery must be consistent first). Each run of ``pg_waldump`` resumes at the last
+    commit/abort record read, so the records are read once, in order, none left out.
 
     Recovery to its LSN (inclusive) leaves every table as recovery to the time does (see
     :func:`time_stop`) without replaying the WAL of the transactions in progress at the stop:
