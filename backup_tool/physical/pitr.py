@@ -394,7 +394,7 @@ def commit_stop(waldump: str, folder: Path, held: Callable[[int], list[str]], st
     them: they change timeline, a record cannot be read before the stop, the stop is not in
     the first ``limit`` segments, or the record is before ``consistent`` (the base backup's
     end: recovery must be consistent first). Each run of ``pg_waldump`` resumes at the last
-    commit/abort record read, so the records are read once, in order, none left out.
+    commit/abort record read: none is left out or counted twice.
 
     Recovery to its LSN (inclusive) leaves every table as recovery to the time does (see
     :func:`time_stop`) without replaying the WAL of the transactions in progress at the stop:
