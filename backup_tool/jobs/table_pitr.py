@@ -22,6 +22,11 @@ no target file was left sparse); when it does not hold them, the whole base back
 out and recovered instead, so the result never depends on which lay-out was used. The
 result's ``recovery_layout`` says which one served and why it fell back, and
 ``read_paused`` whether the tables were read from the cluster paused at the time.
+
+Recovery to the time stops at the last commit it replays, named by its LSN, when the WAL
+read ahead during the lay-out shows where that is (``lay_out(stop_early=True)``; the
+result's ``recovery_layout.stopped_at_commit``): the tables are those recovery to the time
+gives, without replaying the WAL of transactions in flight at the time.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import psycopg
 from backup_tool.config.settings import Settings
 from backup_tool.core.kinds import BackupKind
 from backup_tool.core.report import NullReporter, Reporter
+from backup_tool.core.walnames import format_lsn
 from backup_tool.errors import (
     BackupToolError,
     DatabaseError,
@@ -139,7 +145,8 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
             request = PartialRequest(source_db, tuple(split_name(t.strip()) for t in tables)) if partial_layout else None
             layout = lay_out(settings, target, work / "data", None, user, archive=False,
                              server_command=server_command, reporter=reporter, plan=plan,
-                             server_binaries=True, partial_for=request, scratch=True, pause=not into_schema)
+                             server_binaries=True, partial_for=request, scratch=True, pause=not into_schema,
+                             stop_early=True)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
             point = _recover_keeping_log(server, layout, reporter)
@@ -152,7 +159,7 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
                 shutil.rmtree(work / "data")
                 layout = lay_out(settings, target, work / "data", None, user, archive=False,
                                  server_command=server_command, reporter=reporter, plan=layout.plan,
-                                 server_binaries=True, scratch=True, pause=not into_schema)
+                                 server_binaries=True, scratch=True, pause=not into_schema, stop_early=True)
                 server = server_for(layout, priv, free_port())
                 point = _recover_keeping_log(server, layout, reporter)
                 wanted, _ = _tables_as_recovered(server, layout, source_db, tables, when)
@@ -184,6 +191,7 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
                     "kind": "partial" if layout.choice is not None else "full",
                     "bytes_written": layout.bytes_written, "bytes_fetched": layout.bytes_fetched,
                     "fallback_because": missed or None, "seconds": round(layout.seconds, 2),
+                    "stopped_at_commit": format_lsn(layout.stop.lsn) if layout.stop is not None else None,
                     "read_paused": point.paused})
         finally:
             if retiring is not None:

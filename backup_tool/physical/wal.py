@@ -306,6 +306,7 @@ class RecoveryPrefetch:
         self.owner = owner
         self.workers = max(1, workers)
         self.window = max(self.workers, window)
+        self._window = self.window
         self.fetched: list[str] = []
         self.failure: str | None = None
         self._next = 0
@@ -347,6 +348,28 @@ class RecoveryPrefetch:
             self._lock_file.close()
             self._lock_file = None
         return list(self.fetched)
+
+    def wait_leading(self, count: int) -> list[str]:
+        """Wait until the read-ahead holds the first ``count`` segments of ``names`` (its
+        window widened to that until :meth:`reset_window`), or has ended (all fetched, failed
+        or stopped); the leading run of ``names`` it holds then, in order."""
+        want = min(count, len(self.names))
+        self.window = max(self.window, want)
+        while True:
+            with self._lock:
+                done = set(self._done)
+                ended = self.failure is not None or self._next >= len(self.names) and len(done) >= self._next
+            leading = 0
+            while leading in done:
+                leading += 1
+            if leading >= want or ended or self._stop.is_set() or not any(t.is_alive() for t in self._threads):
+                return self.names[:leading]
+            self._stop.wait(0.01)
+
+    def reset_window(self) -> None:
+        """Back to the window it started with: no more segments fetched ahead of recovery
+        than that (those held already stay until recovery takes them)."""
+        self.window = self._window
 
     def _recovery_at(self) -> int:
         """Index in ``names`` recovery has reached at least: one past the newest segment

@@ -32,6 +32,7 @@ from backup_tool.physical import pitr
 from backup_tool.postgres import tools as pg_tools
 from backup_tool.postgres.cluster import LocalServer, find_bin_dir
 from backup_tool.postgres.connection import find_tool
+from backup_tool.repository.manifest import utc_iso
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +50,8 @@ class World:
     base_size: int
     fresh_at: str
     fresh_rows: tuple[int, str]
+    inflight_at: str
+    inflight_rows: tuple[int, str]
 
 
 def sql(server: PgServer, *statements: str, db: str = "app") -> Any:
@@ -129,6 +132,13 @@ def world() -> Iterator[World]:
         for n in range(6):
             step(server, rnd, n)
             moments.append((now_utc(server), rows(server, "orders")))
+        with psycopg.connect(server.dsn("app")) as bulk:
+            bulk.execute("SELECT txid_current()")  # begun before the moment, its ~20 MB of WAL after it
+            sql(server, "UPDATE orders SET amount = amount + 1 WHERE id % 17 = 0")
+            inflight_at, inflight_rows = now_utc(server), rows(server, "orders")
+            bulk.execute("INSERT INTO orders (amount, note) SELECT g, repeat(md5(g::text), 20)"
+                         " FROM generate_series(1, 30000) g")
+            bulk.execute("UPDATE orders SET note = 'bulk' WHERE id % 2 = 0")
         sql(server, "UPDATE stock SET qty = qty * 2 WHERE id % 3 = 0", "ALTER TABLE stock RENAME TO stock_renamed")
         renamed_at, renamed_rows = now_utc(server), rows(server, "stock_renamed")
         sql(server, "ALTER DATABASE other RENAME TO other_before",
@@ -140,7 +150,7 @@ def world() -> Iterator[World]:
         sql(server, "DELETE FROM orders", "DROP TABLE stock_renamed", "UPDATE noise SET v = 'gone' WHERE id < 1000")
         switch_and_wait_archived(server)
         yield World(server, str(repo), cli, moments, renamed_at, renamed_rows, int(backup["size_bytes"]),
-                    fresh_at, fresh_rows)
+                    fresh_at, fresh_rows, inflight_at, inflight_rows)
     finally:
         server.pg_ctl("-m", "immediate", "stop", check=False)
         server.destroy()
@@ -214,6 +224,28 @@ def test_restore_tables_at_a_time_uses_the_partial_layout(world: World) -> None:
     assert layout["read_paused"] is False, "--into-schema moves the tables in the scratch cluster: promoted"
     assert layout["bytes_fetched"] < world.base_size * 0.6
     assert rows(world.server, "at_moment.orders") == expected
+
+
+def test_recovery_stops_at_the_last_commit_before_the_time(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transaction begun before the moment writes ~20 MB of WAL after it and commits later:
+    the scratch recovery stops at the commit before the moment, found in the WAL read ahead
+    (none of that WAL replayed), with exactly the rows the live server had at the moment. With
+    the scan allowed less WAL than reaches that commit, recovery stops at the time as before,
+    with the same rows."""
+    early = restore_at(world, "orders", world.inflight_at, "inflight_early")
+    assert early["ok"] is True and early["recovery_layout"]["stopped_at_commit"]
+    assert rows(world.server, "inflight_early.orders") == world.inflight_rows
+    assert early["recovered_to"] is not None and early["recovered_to"] < world.inflight_at
+
+    monkeypatch.setattr(pitr, "EARLY_STOP_SCAN_BYTES", 1)
+    settings = resolve_settings(world.repo, world.server.dsn("app"), None)
+    late = table_pitr.restore_tables_at(settings, world.server.dsn("app"), ["orders"], world.inflight_at,
+                                        into_schema="inflight_time")
+    assert late.validation is not None and late.validation.ok
+    assert late.recovery_layout["stopped_at_commit"] is None
+    assert rows(world.server, "inflight_time.orders") == world.inflight_rows
+    assert late.recovered_to is not None
+    assert utc_iso(late.recovered_to) == early["recovered_to"], "the same last commit, however recovery stopped"
 
 
 def test_table_renamed_after_the_backup_falls_back_to_the_full_layout(world: World) -> None:
