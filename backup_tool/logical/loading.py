@@ -45,7 +45,7 @@ class BackupOrigin:
 def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding: str,
                advance: Callable[[int], None], conn: psycopg.Connection[Any] | None = None,
                target: tuple[str, str] | None = None, fresh: bool = False,
-               on_raw: Callable[[int], None] | None = None) -> None:
+               on_raw: Callable[[int], None] | None = None, prefetch: pipeline.Prefetch | None = None) -> None:
     """COPY one table's objects (all its parts, in order, for a split table) into ``target``
     (default: the table itself), in one transaction (see :func:`copy_rows`). ``advance``
     counts the stored (compressed) bytes read, ``on_raw`` the uncompressed bytes written to
@@ -53,7 +53,7 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
     assert entry.stored
     own = conn is None
     conn = conn or conninfo.connect(autocommit=True, settings={"client_encoding": encoding})
-    contents = stored_contents(storage, entry.stored, advance)
+    contents = stored_contents(storage, entry.stored, advance, prefetch)
     try:
         copy_rows(conn, entry, contents, target, fresh, on_raw)
     finally:
@@ -62,12 +62,13 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
             conn.close()
 
 
-def stored_contents(storage: Storage, objects: Sequence[StoredObject],
-                    advance: Callable[[int], None]) -> Generator[Iterator[bytes], None, None]:
+def stored_contents(storage: Storage, objects: Sequence[StoredObject], advance: Callable[[int], None],
+                    prefetch: pipeline.Prefetch | None = None) -> Generator[Iterator[bytes], None, None]:
     """The decompressed, checked content of each of ``objects`` in order, the next one's
     download started as the previous one is handed out: a split table's COPY then goes from
     one part to the next without waiting for the next part's first bytes. Whatever has not
-    been read is stopped when the consumer stops early."""
+    been read is stopped when the consumer stops early. A lone object ``prefetch`` fetched
+    already is read from its bytes (checked as any other)."""
     if not objects:
         return
     current: pipeline.EarlyRead | None = None
@@ -75,7 +76,8 @@ def stored_contents(storage: Storage, objects: Sequence[StoredObject],
     try:
         first = objects[0]
         if len(objects) == 1:
-            yield pipeline.read_stored(storage, first.key, first.sha256, first.size, advance)
+            fetched = prefetch.take(first.key) if prefetch is not None else None
+            yield pipeline.read_stored(storage, first.key, first.sha256, first.size, advance, fetched)
             return
         ahead = pipeline.EarlyRead(storage, first, advance)
         for nxt in [*objects[1:], None]:

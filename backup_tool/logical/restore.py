@@ -363,6 +363,10 @@ the TRUNCATE that freezing needs scans the server's whole buffer pool twice (whe
 at commit), which costs a small table more than its few pages' later rewrite (3,000 tables
 of 50 rows under 512 MB of shared_buffers: about a third of the restore)."""
 
+PREFETCH_MAX_BYTES = 1 << 20
+"""Stored objects up to this size are downloaded ahead of their loading session (see
+:class:`backup_tool.streams.pipeline.Prefetch`), 16 at most at a time."""
+
 LOAD_SETTINGS = {"synchronous_commit": "off"}
 """Settings of the loading sessions. Their commits need not wait for the WAL flush: WAL
 reaches disk in order, so after a crash the restore marker (see
@@ -438,7 +442,7 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
         key = (t.schema, t.name)
         with busy.working(), sessions.session() as conn:
             load_table(loader, run.storage, t, manifest.encoding, run.count, conn=conn,
-                       fresh=fresh and t.raw_size >= FREEZE_MIN_BYTES,
+                       fresh=fresh and t.raw_size >= FREEZE_MIN_BYTES, prefetch=prefetch,
                        on_raw=progress.advance)
             testhooks.pause_point("restore:loaded")
             if run.validating and t.relkind == "r":
@@ -455,9 +459,12 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
         testhooks.pause_point("restore:loading")
 
     largest_first = sorted(data, key=lambda t: t.raw_size, reverse=True)
+    prefetch = pipeline.Prefetch(run.storage, [t.stored[0] for t in largest_first
+                                               if len(t.stored) == 1 and t.stored[0].size <= PREFETCH_MAX_BYTES])
     try:
         pipeline.run_parallel(run.jobs, [(load, t) for t in largest_first])
     finally:
+        prefetch.close()
         sessions.close()
     progress.finish()
     return checksums

@@ -499,16 +499,79 @@ def read_ahead(chunks: Iterable[bytes], depth: int = READ_AHEAD) -> Iterator[byt
 
 
 def read_stored(storage: Storage, key: str, sha256: str, size: int,
-                on_chunk: Callable[[int], None] | None = None) -> Iterator[bytes]:
+                on_chunk: Callable[[int], None] | None = None,
+                stored: Iterable[bytes] | None = None) -> Iterator[bytes]:
     """An object's decompressed content; raises IntegrityError if it is damaged in any way.
 
     The sha256 (of the stored bytes, so of the ciphertext when the repository is encrypted)
     is checked as they stream; its verdict arrives when the last chunk has been read, so
     consumers must only commit what they wrote once the iterator is exhausted. Decryption
-    authenticates each frame before releasing it.
+    authenticates each frame before releasing it. ``stored``: the object's stored bytes, if
+    already fetched (see :class:`Prefetch`); they are checked the same way.
     """
-    return decompress(read_ahead(storage.decode(key, verified(storage.get_stored(key), key, sha256, size, on_chunk))),
-                      key)
+    source = storage.get_stored(key) if stored is None else stored
+    return decompress(read_ahead(storage.decode(key, verified(source, key, sha256, size, on_chunk))), key)
+
+
+class Prefetch:
+    """Downloads small objects' stored bytes ahead of their readers, in the order given (the
+    order they will be read in), at most ``depth`` held at once, on ``threads`` threads: a
+    restore of thousands of small tables then does not wait for one GET per table. Nothing
+    is trusted here: :meth:`take` hands the bytes to :func:`read_stored`, which checks them.
+    Readers must take the objects in about the order given (each among the first ``depth``
+    not yet taken), or wait for the ones before them."""
+
+    def __init__(self, storage: Storage, objects: Sequence[StoredObject], depth: int = 16,
+                 threads: int = 4) -> None:
+        self._storage = storage
+        self._keys = {o.key for o in objects}
+        self._slots = threading.Semaphore(max(1, depth))
+        self._futures: dict[str, cf.Future[bytes]] = {}
+        self._ready = threading.Condition()
+        self._closed = False
+        self._pool = cf.ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefetch")
+        self._feeder = threading.Thread(target=self._feed, args=([o.key for o in objects],),
+                                        name="prefetch-feeder", daemon=True)
+        self._feeder.start()
+
+    def _feed(self, keys: list[str]) -> None:
+        for key in keys:
+            while not self._slots.acquire(timeout=0.2):
+                if self._closed:
+                    return
+            with self._ready:
+                if self._closed:
+                    return
+                self._futures[key] = self._pool.submit(self._fetch, key)
+                self._ready.notify_all()
+
+    def _fetch(self, key: str) -> bytes:
+        return b"".join(self._storage.get_stored(key))
+
+    def take(self, key: str) -> list[bytes] | None:
+        """The stored bytes of ``key`` (once), or None when it is not one of the objects given."""
+        if key not in self._keys:
+            return None
+        with self._ready:
+            self._keys.discard(key)
+            while key not in self._futures and not self._closed:
+                self._ready.wait(0.2)
+            future = self._futures.pop(key, None)
+        if future is None:
+            return None
+        try:
+            return [future.result()]
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            futures, self._futures = list(self._futures.values()), {}
+            self._ready.notify_all()
+        for future in futures:
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class EarlyRead:

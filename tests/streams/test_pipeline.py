@@ -18,6 +18,7 @@ from backup_tool.streams.pipeline import (
     FRAME,
     READ_AHEAD,
     EarlyRead,
+    Prefetch,
     Process,
     StreamStats,
     compress,
@@ -233,3 +234,64 @@ def test_the_servers_hint_after_the_cause_comes_with_it() -> None:
     assert failure_line(stderr) == ("pg_dump: error: query failed: ERROR:  out of shared memory "
                                     "(HINT: You might need to increase max_locks_per_transaction.)")
     assert failure_line(b"psql: error: gone\nsomething else\n") == "psql: error: gone"
+
+
+class CountingStorage(LocalStorage):
+    """A local repository that notes the order in which objects are fetched."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(str(root))
+        self.fetched: list[str] = []
+        self._lock = threading.Lock()
+
+    def get_stored(self, key: str) -> Iterator[bytes]:
+        with self._lock:
+            self.fetched.append(key)
+        return super().get_stored(key)
+
+
+def _small_objects(storage: LocalStorage, count: int) -> tuple[list[StoredObject], list[bytes]]:
+    objects, texts = [], []
+    for n in range(count):
+        text = f"{n}\trow {n}\n".encode() * (n + 1)
+        stored = storage.put(f"data/{n}.zst", [zstandard.ZstdCompressor().compress(text)])
+        objects.append(StoredObject(stored.key, stored.size, stored.sha256, len(text)))
+        texts.append(text)
+    return objects, texts
+
+
+def test_prefetched_objects_read_back_checked_in_order_and_at_most_depth_ahead(tmp_path: Path) -> None:
+    storage = CountingStorage(tmp_path)
+    objects, texts = _small_objects(storage, 40)
+    damaged = objects[7]
+    (tmp_path / damaged.key).write_bytes(b"x" + (tmp_path / damaged.key).read_bytes()[1:])
+    storage.fetched.clear()
+    prefetch = Prefetch(storage, objects, depth=4, threads=2)
+    try:
+        for n, obj in enumerate(objects):
+            fetched = prefetch.take(obj.key)
+            assert fetched is not None
+            assert len(storage.fetched) <= n + 4
+            reading = read_stored(storage, obj.key, obj.sha256, obj.size, stored=fetched)
+            if obj is damaged:
+                with pytest.raises(IntegrityError):
+                    b"".join(reading)
+                continue
+            assert b"".join(reading) == texts[n]
+        assert storage.fetched == [o.key for o in objects]
+        assert prefetch.take(objects[0].key) is None and prefetch.take("data/other.zst") is None
+    finally:
+        prefetch.close()
+
+
+def test_closing_a_prefetch_with_objects_never_taken_returns_at_once(tmp_path: Path) -> None:
+    storage = CountingStorage(tmp_path)
+    objects, _ = _small_objects(storage, 30)
+    prefetch = Prefetch(storage, objects, depth=3, threads=2)
+    assert prefetch.take(objects[0].key) is not None
+    done = threading.Event()
+    closer = threading.Thread(target=lambda: (prefetch.close(), done.set()))
+    closer.start()
+    assert done.wait(5), "close() waited for objects nobody takes"
+    closer.join()
+    assert len(storage.fetched) <= 1 + 3, "the taken object and a window of 3, nothing more"
