@@ -82,7 +82,7 @@ from backup_tool.postgres import (
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import inventory as catalog_inventory
 from backup_tool.postgres.connection import ConnInfo, Snapshot, TableInfo
-from backup_tool.repository.catalog import Catalog, data_prefix, manifest_key, new_backup_id
+from backup_tool.repository.catalog import Candidate, Catalog, data_prefix, manifest_key, new_backup_id
 from backup_tool.repository.catalog_index import IndexEntry
 from backup_tool.repository.keyguard import guard_writes
 from backup_tool.repository.manifest import (
@@ -246,15 +246,9 @@ def _dump_small_table(storage: Storage, table: TableInfo, key: str, level: int, 
     return StoredObject(key, result.size, result.sha256, stats.raw_size), stats.lines
 
 
-class ChainMember(Protocol):
+class ChainMember(Candidate, Protocol):
     """What :func:`choose_parent` reads of a backup (a :class:`Manifest` or a :class:`ChainLink`)."""
 
-    @property
-    def id(self) -> str: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def database(self) -> str: ...
     @property
     def parent_id(self) -> str | None: ...
     @property
@@ -271,6 +265,7 @@ class ChainLink:
     id: str
     kind: str
     database: str
+    started_at: datetime
     parent_id: str | None
     expires_at: datetime
     encryption_key_id: str | None
@@ -278,7 +273,7 @@ class ChainLink:
     @classmethod
     def of(cls, entry: IndexEntry) -> ChainLink:
         r = entry.parsed
-        return cls(entry.id, r.kind, r.database, r.parent_id, r.expires_at, entry.key_id)
+        return cls(entry.id, r.kind, r.database, r.started_at, r.parent_id, r.expires_at, entry.key_id)
 
 
 M = TypeVar("M", bound=ChainMember)
