@@ -32,7 +32,7 @@ from support.cli import Cli
 from support.clusters import PgServer, free_port, run_sql, start_pg_server, switch_and_wait_archived
 
 from backup_tool.errors import BackupToolError, RefusedError
-from backup_tool.physical import basetar
+from backup_tool.physical import basetar, walack, walspool
 from backup_tool.physical.basebackup import TAR_KEY, WalWait, stop_lsn_from_manifest, wal_wait_verdict
 from backup_tool.physical.basedirect import (
     PIECE,
@@ -488,6 +488,19 @@ def _set_archive_command(server: PgServer, command: str | None) -> None:
     run_sql(server, "postgres", setting, "SELECT pg_reload_conf()")
 
 
+def _pusher_gone(server: PgServer) -> bool:
+    """No push-ahead process of `wal push` holds the server's spool lock: none is left to
+    push segments PostgreSQL marked ready."""
+    spool = walspool.spool_dir(server.data_dir / "pg_wal" / "segment")
+    if not (spool / walack.LOCK_NAME).exists():
+        return True
+    fd = walack._take_lock(str(spool))
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 def _tars(world: World) -> set[Path]:
     return set(Path(world.repo, "backups").glob("*/" + TAR_KEY))
 
@@ -524,6 +537,9 @@ def test_backup_mode_ends_without_waiting_for_the_archiver(world: World) -> None
         listed, stored = cli.json("list", "--repo", world.repo), _objects(world, partials=True)
         _set_archive_command(server, "/bin/true")
         deadline = time.monotonic() + 30
+        while not _pusher_gone(server):  # a lingering push-ahead would push the new segments itself
+            assert time.monotonic() < deadline, "the push-ahead process never lingered out"
+            time.sleep(0.1)
         while True:
             segment = run_sql(server, "postgres", "SELECT txid_current()",
                               "SELECT pg_walfile_name(pg_current_wal_insert_lsn())")[0]
