@@ -537,13 +537,14 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
             waited = f" (waited {lock_timeout:g} s)" if lock_timeout > 0 else ""
             raise LockHeldError(f"another backup of {database} into {storage.url} is running{waited}",
                                 "wait for it to finish, let cron retry later, or pass --lock-timeout SECONDS")
-        if still_due is not None and not still_due([e.backup_record() for e in catalog.current()]):
+        current = catalog.current() if still_due is not None or kind == BackupKind.INCREMENTAL else []
+        if still_due is not None and not still_due([e.backup_record() for e in current]):
             raise NoLongerDue(f"another run already took the due backup of {database}")
         started_at = datetime.now(timezone.utc)
         parent = None
         if kind == BackupKind.INCREMENTAL:
             key = encryption_of(storage)
-            link, why = choose_parent([ChainLink.of(e) for e in catalog.current()], database, policy,
+            link, why = choose_parent([ChainLink.of(e) for e in current], database, policy,
                                       started_at, key.key_id if key else None)
             parent = catalog.load(link.id) if link is not None else None
             if parent is not None and major < parent.checksum_method.min_server_major:

@@ -285,12 +285,22 @@ def list_tables(conn: psycopg.Connection[Any]) -> list[TableInfo]:
     return [TableInfo(r[0], r[1], r[2], r[3], r[4], tuple(r[5]), r[6]) for r in rows]
 
 
-CHECKSUM_SQL = (
-    "SELECT n, (s % 18446744073709551616 + 18446744073709551616) % 18446744073709551616"
-    " FROM (SELECT count(*) AS n, coalesce(sum({}), 0) AS s"
-    " FROM ONLY {} AS t{}) AS agg"
-)
 CHECKSUM_MODULUS = 2**64
+
+
+def unsigned_64_sql(total: str) -> str:
+    """SQL of ``total`` (a sum of signed 64-bit hashes) as a non-negative number modulo 2^64."""
+    return f"({total} % {CHECKSUM_MODULUS} + {CHECKSUM_MODULUS}) % {CHECKSUM_MODULUS}"
+
+
+def hash_sum_sql(row_hash: str) -> str:
+    """SQL of the order-independent checksum every content check uses: the sum of a signed
+    64-bit hash over rows, modulo 2^64 (0 without rows)."""
+    return unsigned_64_sql(f"coalesce(sum({row_hash}), 0)")
+
+
+CHECKSUM_SQL = ("SELECT n, " + unsigned_64_sql("s") + " FROM (SELECT count(*) AS n, coalesce(sum({}), 0) AS s"
+                " FROM ONLY {} AS t{}) AS agg")
 
 BlockRange = tuple[int | None, int | None]
 """A range of a table's heap blocks, [start, stop): None leaves that end open."""

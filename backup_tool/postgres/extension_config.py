@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from backup_tool.errors import DatabaseError
+from backup_tool.postgres.connection import hash_sum_sql
 
 _CONFIG_RELATIONS = """
     SELECT e.extname, n.nspname, c.relname, c.relkind,
@@ -40,8 +41,7 @@ def _rows_query(schema: str, name: str, condition: str, select: sql.Composable) 
     return sql.SQL("SELECT {} FROM {} AS t {}").format(select, sql.Identifier(schema, name), sql.SQL(condition))
 
 
-_SUMMARY = sql.SQL("count(*), (coalesce(sum(hashtextextended(t::text, 0)), 0) % 18446744073709551616 "
-                   "+ 18446744073709551616) % 18446744073709551616")
+_SUMMARY = sql.SQL("count(*), " + hash_sum_sql("hashtextextended(t::text, 0)"))
 
 
 def _summary(conn: psycopg.Connection[Any], schema: str, name: str, kind: str, condition: str) -> dict[str, Any]:

@@ -17,17 +17,13 @@ from typing import Any, Callable, Iterator
 
 import psycopg
 
-from backup_tool.postgres.connection import ConnInfo, find_tool
+from backup_tool.postgres.connection import ConnInfo, find_tool, hash_sum_sql
 from backup_tool.repository.storage import Storage
 from backup_tool.streams import pipeline
 
-_CHECKSUM_SQL = """
-    SELECT count(*),
-           (coalesce(sum(hashtextextended(concat_ws(':', m.oid, pg_get_userbyid(m.lomowner),
-                (SELECT string_agg(a::text, ',' ORDER BY a::text) FROM unnest(m.lomacl) a),
-                obj_description(m.oid, 'pg_largeobject'), md5(lo_get(m.oid))), 0)), 0)
-             % 18446744073709551616 + 18446744073709551616) % 18446744073709551616
-      FROM pg_largeobject_metadata m"""
+_CHECKSUM_SQL = "SELECT count(*), " + hash_sum_sql("""hashtextextended(concat_ws(':', m.oid,
+    pg_get_userbyid(m.lomowner), (SELECT string_agg(a::text, ',' ORDER BY a::text) FROM unnest(m.lomacl) a),
+    obj_description(m.oid, 'pg_largeobject'), md5(lo_get(m.oid))), 0)""") + " FROM pg_largeobject_metadata m"
 
 
 def summary(conn: psycopg.Connection[Any]) -> dict[str, Any]:
