@@ -227,11 +227,12 @@ class LiveTables:
         self._one_done()
 
     def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,
-                     reporter: Reporter) -> None:
+                     reporter: Reporter) -> frozenset[str]:
         missing = roles.missing_roles(control, self._manifest.inventory.get("roles", []))
         if missing:
             raise RefusedError(f"roles missing on the target server: {', '.join(missing)}",
                                "create them and rerun")
+        return frozenset()
 
     def definitions(self, control: psycopg.Connection[Any], target: ConnInfo, major: int, tmp: Path,
                     create: list[TableEntry], into_schema: str | None) -> tuple[Definitions, tuple[SequenceCopy, ...]]:

@@ -464,8 +464,9 @@ class TableSource(Protocol):
         :func:`backup_tool.logical.loading.copy_rows`)."""
 
     def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,
-                     reporter: Reporter) -> None:
-        """Refuse (or create, when asked) the roles the source needs that the target lacks."""
+                     reporter: Reporter) -> frozenset[str]:
+        """Refuse (or create, when asked) the roles the source needs that the target lacks;
+        return the roles created."""
 
     def definitions(self, control: psycopg.Connection[Any], target: ConnInfo, major: int, tmp: Path,
                     create: list[TableEntry], into_schema: str | None) -> tuple[Definitions, tuple[SequenceCopy, ...]]:
@@ -550,8 +551,8 @@ class BackupSource:
             raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
 
     def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,
-                     reporter: Reporter) -> None:
-        roles.ensure_roles(control, target, self.storage, self._manifest, major, self.with_roles, reporter)
+                     reporter: Reporter) -> frozenset[str]:
+        return roles.ensure_roles(control, target, self.storage, self._manifest, major, self.with_roles, reporter)
 
     def definitions(self, control: psycopg.Connection[Any], target: ConnInfo, major: int, tmp: Path,
                     create: list[TableEntry], into_schema: str | None) -> tuple[Definitions, tuple[SequenceCopy, ...]]:
@@ -709,19 +710,21 @@ class Undo:
     """What a restore has done so far that it must take back if it fails before it is
     complete (see :func:`take_back`): the tables it created (their sequences, indexes,
     constraints, triggers, policies and partitions go with them), the ``--into-schema``
-    schema when it created it, and the existing tables that were empty and that it filled.
-    Nothing that existed before the run is ever listed."""
+    schema when it created it, the existing tables that were empty and that it filled, and
+    the roles ``--with-roles`` created. Nothing that existed before the run is ever listed."""
 
     schema: str | None = None
     created: tuple[TableKey, ...] = ()
     filled: tuple[TableKey, ...] = ()
+    roles: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
-        return bool(self.schema or self.created or self.filled)
+        return bool(self.schema or self.created or self.filled or self.roles)
 
     def describe(self) -> str:
         parts = [".".join(k) for k in self.created] + [f"rows of {'.'.join(k)}" for k in self.filled]
-        return ", ".join(parts + ([f"schema {self.schema}"] if self.schema else []))
+        return ", ".join(parts + ([f"schema {self.schema}"] if self.schema else [])
+                         + [f"role {r}" for r in sorted(self.roles)])
 
 
 def take_back(control: psycopg.Connection[Any], target: ConnInfo, encoding: str, undo: Undo,
@@ -729,9 +732,10 @@ def take_back(control: psycopg.Connection[Any], target: ConnInfo, encoding: str,
     """Leave the target as the restore found it, in one transaction: drop the tables the run
     created (never CASCADE: anything else depending on them was not the run's and makes the
     drop fail rather than go), empty again the tables it filled, drop the schema it created
-    (if it is empty again). Runs in ``control`` when that session is idle, else in a new one
-    (the control session was lost or interrupted mid-statement). If this fails too, the
-    reporter is told what is left behind and the restore's own error stands."""
+    (if it is empty again) and the roles it created (once nothing depends on them: the
+    tables they owned are gone by then). Runs in ``control`` when that session is idle, else
+    in a new one (the control session was lost or interrupted mid-statement). If this fails
+    too, the reporter is told what is left behind and the restore's own error stands."""
     if not undo:
         return
     idle = not control.closed and not control.broken and \
@@ -751,9 +755,23 @@ def take_back(control: psycopg.Connection[Any], target: ConnInfo, encoding: str,
                     conn.execute(sql.SQL(empty).format(qualified(*key)))
                 if undo.schema:
                     conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(undo.schema)))
+                if undo.roles:
+                    _drop_roles(conn, undo.roles, reporter)
     except (psycopg.Error, DatabaseError) as exc:
         reporter.warning(f"the failed restore could not take back what it did: {str(exc).splitlines()[0]}",
                          left=undo.describe())
+
+
+def _drop_roles(conn: psycopg.Connection[Any], names: frozenset[str], reporter: Reporter) -> None:
+    """Drop the roles a failed run created, in a savepoint: a role something else came to
+    depend on meanwhile stays (named), and the rest of the take-back still commits."""
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(
+                sql.SQL(", ").join(sql.Identifier(r) for r in sorted(names))))
+    except psycopg.Error as exc:
+        reporter.warning(f"roles created by the failed restore were left: {str(exc).splitlines()[0]}",
+                         left=sorted(names))
 
 
 def _restore_into(source: TableSource, control: psycopg.Connection[Any], target: ConnInfo, major: int,
@@ -780,7 +798,7 @@ def _restore_into(source: TableSource, control: psycopg.Connection[Any], target:
     together: str | None = None
     created = tuple(location[(t.schema, t.name)] for t in create)
     if create:
-        source.ensure_roles(control, target, major, reporter)
+        undo.roles = source.ensure_roles(control, target, major, reporter)
         definitions, copies = source.definitions(control, target, major, tmp, create, into_schema)
         if serial and not existing and isinstance(source, BackupSource):
             together = definitions.before_sql

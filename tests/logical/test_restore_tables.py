@@ -222,6 +222,41 @@ def test_a_parallel_restore_that_fails_leaves_the_database_as_it_found_it(
     dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
 
 
+def test_roles_created_by_a_failed_restore_are_dropped_again(cli: Any, local_repo: str,
+                                                            live: tuple[Any, dict[str, Any]]) -> None:
+    """--with-roles creates the role that owns a dropped table; the table's object is
+    damaged, so the restore fails: the role goes with the table. With the object whole the
+    same command keeps both (the role is really the run's)."""
+    db, _ = live
+    role = f"tb_owner_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE ROLE {role} NOLOGIN")
+    db.execute("CREATE TABLE public.owned_notes (id int PRIMARY KEY, note text)")
+    db.execute("INSERT INTO public.owned_notes SELECT g, repeat('n', g % 50) FROM generate_series(1, 500) g")
+    db.execute(f"ALTER TABLE public.owned_notes OWNER TO {role}")
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    db.execute("DROP TABLE public.owned_notes")
+    db.execute(f"DROP ROLE {role}")
+    before = dbcompare.fingerprint(db.dsn)
+    show = cli.json("show", "--repo", local_repo, entry["id"])
+    key = next(t["object"] for t in show["tables"] if t["table"] == "public.owned_notes")
+    whole = read_object(local_repo, key)
+    damaged = bytearray(whole)
+    damaged[len(damaged) // 2] ^= 0xFF
+    write_object(local_repo, key, bytes(damaged))
+    command = ("restore", "tables", "--repo", local_repo, "--backup", entry["id"], "--tables", "public.owned_notes",
+               "--target-dsn", db.dsn, "--with-roles")
+    proc = cli(*command)
+    assert proc.returncode != 0 and key in proc.stderr, proc.stderr
+    assert db.scalar(f"SELECT count(*) FROM pg_roles WHERE rolname = '{role}'") == 0
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+
+    write_object(local_repo, key, whole)
+    assert cli.json(*command)["ok"] is True
+    assert db.scalar("SELECT tableowner FROM pg_tables WHERE tablename = 'owned_notes'") == role
+    db.execute("DROP TABLE public.owned_notes")
+    db.execute(f"DROP ROLE {role}")
+
+
 def test_into_schema_leaves_live_data_alone(cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]],
                                            seed_db: Any) -> None:
     db, _ = live
