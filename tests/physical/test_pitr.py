@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -26,6 +25,8 @@ from server_tool import archive_settings, archiving_workspace
 from support.cli import Cli
 from support.clusters import PgServer, free_port, run_sql, start_pg_server, switch_and_wait_archived
 from support.paths import SEED_FILES
+
+from backup_tool.jobs.table_pitr import SCRATCH_PREFIX
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,10 @@ def scenario() -> Iterator[Scenario]:
     shutil.chown(repo, server.os_user, server.os_user)
     workdir = base / "cli"
     workdir.mkdir()
-    cli = Cli(workdir=workdir)
+    scratch = base / "tmp"
+    scratch.mkdir()
+    scratch.chmod(0o1777)
+    cli = Cli(workdir=workdir, tmpdir=scratch)
     sc: Scenario | None = None
     try:
         server.create_db("app")
@@ -188,8 +192,23 @@ def test_second_recovery_follows_the_promoted_timeline(scenario: Scenario,
     assert result["wal_prefetched"] > 0
 
 
+def scratch_dirs(scenario: Scenario) -> list[Path]:
+    """The temporary clusters' directories of the scenario's runs (its own TMPDIR)."""
+    assert scenario.cli.tmpdir is not None
+    return list(scenario.cli.tmpdir.glob(SCRATCH_PREFIX + "*"))
+
+
+def assert_scratch_gone(scenario: Scenario, before: set[Path], wait: float = 30.0) -> None:
+    """No directory beyond ``before`` is left: a successful run hands its directory to a
+    detached ``rm -rf``, so that removal may still be under way when the command returns."""
+    deadline = time.monotonic() + wait
+    while set(scratch_dirs(scenario)) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(scratch_dirs(scenario)) - before == set()
+
+
 def test_tables_at_a_time_beside_the_live_ones(scenario: Scenario) -> None:
-    leftovers = set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*"))
+    leftovers = set(scratch_dirs(scenario))
     result = scenario.cli.json("restore", "tables", "--repo", scenario.repo, "--tables", "public.ledger",
                                "--target-time", scenario.t1, "--target-dsn", scenario.server.dsn("app"),
                                "--into-schema", "as_of_t1")
@@ -200,7 +219,7 @@ def test_tables_at_a_time_beside_the_live_ones(scenario: Scenario) -> None:
     now = dbcompare.table_hashes(scenario.server.dsn("app"))
     assert now['as_of_t1.ledger'] == scenario.fp_t1["tables"]["public.ledger"]
     assert {k: v for k, v in now.items() if not k.startswith("as_of_t1.")} == scenario.fp_after
-    assert set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) - leftovers == set()
+    assert_scratch_gone(scenario, leftovers)
     run_sql(scenario.server, "app", "DROP SCHEMA as_of_t1 CASCADE")
 
 
@@ -293,7 +312,7 @@ def _segment_of(lsn: str) -> str:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_tables_at_a_time_cleans_up_when_interrupted(scenario: Scenario, sig: signal.Signals) -> None:
-    before = set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*"))
+    before = set(scratch_dirs(scenario))
     argv = [*scenario.cli.command, "restore", "tables", "--repo", scenario.repo, "--tables", "public.ledger",
             "--target-time", scenario.t1, "--target-dsn", scenario.server.dsn("app"), "--into-schema", "never"]
     proc = subprocess.Popen(argv, env=scenario.cli.base_env(), cwd=scenario.cli.workdir,
@@ -304,7 +323,7 @@ def test_tables_at_a_time_cleans_up_when_interrupted(scenario: Scenario, sig: si
         while not running:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the temporary cluster never started"
-            running = [p for p in set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) - before
+            running = [p for p in set(scratch_dirs(scenario)) - before
                        if (p / "data" / "postmaster.pid").exists()]
             time.sleep(0.05)
         pid_line = (running[0] / "data" / "postmaster.pid").read_text().splitlines()[0]
@@ -360,7 +379,7 @@ def test_a_time_whose_next_commit_is_not_archived_is_refused_before_anything_is_
                     f"{filled[:16]}{int(filled[16:], 16) - 1:08X}":
                 assert time.monotonic() < deadline, "the filled segments were not archived"
                 time.sleep(0.1)
-    leftovers = set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*"))
+    leftovers = set(scratch_dirs(scenario))
     try:
         started = time.monotonic()
         refused = cli("restore", "tables", "--repo", repo, "--tables", "public.ledger", "--target-time", target,
@@ -369,7 +388,7 @@ def test_a_time_whose_next_commit_is_not_archived_is_refused_before_anything_is_
         line = clioutput.only_line(refused)
         assert "no commit after it is archived" in line and "pg_switch_wal()" in line and "--wait" in line, line
         assert "archive_timeout" in line and time.monotonic() - started < 30
-        assert set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) - leftovers == set()
+        assert set(scratch_dirs(scenario)) - leftovers == set()
         pgdata = scenario.pgdata()
         refused = cli("restore", "pitr", "--repo", repo, "--target-time", target, "--pgdata", pgdata,
                       "--port", str(free_port()), "--no-archive")
@@ -383,7 +402,7 @@ def test_a_time_whose_next_commit_is_not_archived_is_refused_before_anything_is_
         try:
             time.sleep(2)
             assert proc.poll() is None, proc.communicate()
-            assert set(Path(tempfile.gettempdir()).glob("backup-tool-tables-at-*")) - leftovers == set()
+            assert set(scratch_dirs(scenario)) - leftovers == set()
             switch_and_wait_archived(server)
             out, err = proc.communicate(timeout=240)
         finally:

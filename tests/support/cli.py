@@ -50,6 +50,9 @@ class Cli:
     workdir: Path
     command: tuple[str, ...] = (sys.executable, "-m", "backup_tool")
     default_timeout: float = 600.0
+    tmpdir: Path | None = None
+    """TMPDIR of every run, when set: a test that looks for what a run left in its temporary
+    directory then sees only its own runs, not those of tests running beside it."""
 
     def base_env(self) -> dict[str, str]:
         env = {
@@ -62,6 +65,8 @@ class Cli:
         env["HOME"] = str(home)
         pythonpath = env.get("PYTHONPATH")
         env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
+        if self.tmpdir is not None:
+            env["TMPDIR"] = str(self.tmpdir)
         return env
 
     def __call__(
