@@ -369,7 +369,7 @@ class Definitions:
     restore may then run it in the transaction that loads the tables instead)."""
 
     def __init__(self, before_data: Callable[[], None], after_data: Callable[[], None],
-                 before_sql: str | None = None) -> None:
+                 before_sql: bytes | None = None) -> None:
         self.before_data = before_data
         self.after_data = after_data
         self.before_sql = before_sql
@@ -381,12 +381,12 @@ class Definitions:
         return self.before_sql is not None
 
 
-def _run_script(conn: psycopg.Connection[Any], script: str, section: str) -> None:
+def _run_script(conn: psycopg.Connection[Any], script: bytes, section: str) -> None:
     """Run pg_restore's SQL in one transaction in ``conn``, then give the session its own
     settings back (the script sets search_path, row_security...)."""
     try:
         with conn.transaction():
-            conn.execute(script.encode())
+            conn.execute(script)
     except psycopg.Error as exc:
         raise DatabaseError(f"pg_restore ({section}) failed: {str(exc).splitlines()[0]}") from None
     finally:
@@ -398,10 +398,8 @@ def script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_pa
     """The tables' definitions selected from the backup's own schema archive (see
     :func:`schema.table_definition_ids`), as SQL from one pg_restore run, executed in
     ``conn``. None when the archive's table of contents cannot be read or the selection is
-    ambiguous, or the database's encoding is not UTF8 (the SQL is read as text): the caller
-    then extracts them with pg_dump (:func:`extract_definitions`)."""
-    if encoding.upper() not in ("UTF8", "UTF-8"):
-        return None
+    ambiguous: the caller then extracts them with pg_dump (:func:`extract_definitions`).
+    ``conn``'s client encoding must be ``encoding``, the archive's."""
     try:
         toc = schema.read_toc(archive)
     except schema.UnreadableToc:
@@ -409,13 +407,14 @@ def script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_pa
     ids = schema.table_definition_ids(toc, {(t.schema, t.name) for t in tables})
     if ids is None:
         return None
-    scripts = schema.definition_scripts(archive_path, toc, ids, major)
+    scripts = schema.definition_scripts(archive_path, toc, ids, major,
+                                        utf8=encoding.upper().replace("-", "") == "UTF8")
     return Definitions(lambda: _run_script(conn, scripts.before_data, "pre-data"),
                        lambda: _run_script(conn, scripts.after_data, "post-data") if scripts.after_data else None,
                        scripts.before_data)
 
 
-def create_and_load(conn: psycopg.Connection[Any], before_sql: str, source: BackupSource,
+def create_and_load(conn: psycopg.Connection[Any], before_sql: bytes, source: BackupSource,
                     loads: list[tuple[TableEntry, TableKey]], on_raw: Callable[[int], None]) -> None:
     """Create the tables (``before_sql``, pg_restore's pre-data) and COPY their rows in ONE
     transaction of ``conn``: a load that fails (a damaged object, a row the table refuses)
@@ -426,7 +425,7 @@ def create_and_load(conn: psycopg.Connection[Any], before_sql: str, source: Back
     transaction, or undone with it)."""
     with conn.transaction():
         try:
-            conn.execute(before_sql.encode())
+            conn.execute(before_sql)
         except psycopg.Error as exc:
             raise DatabaseError(f"pg_restore (pre-data) failed: {str(exc).splitlines()[0]}") from None
         conn.execute("RESET ALL")
@@ -795,7 +794,7 @@ def _restore_into(source: TableSource, control: psycopg.Connection[Any], target:
     copies: tuple[SequenceCopy, ...] = ()
     loads = [t for t in create if source.has_rows(t)]
     serial = jobs == 1 or len(loads) <= 1
-    together: str | None = None
+    together: bytes | None = None
     created = tuple(location[(t.schema, t.name)] for t in create)
     if create:
         undo.roles = source.ensure_roles(control, target, major, reporter)

@@ -457,8 +457,8 @@ class DefinitionScripts:
     """SQL that creates some tables: ``before_data`` (tables, sequences, defaults: run before
     loading the rows) and ``after_data`` (indexes, constraints, triggers, policies)."""
 
-    before_data: str
-    after_data: str
+    before_data: bytes
+    after_data: bytes
 
 
 _OWNER = "; Owner: "
@@ -471,40 +471,48 @@ def _header(entry: TocEntry) -> str:
 
 
 def _script(archive_path: Path, ids: list[int], major: int, section: str | None = None,
-            errors: str = "strict") -> list[str]:
+            errors: str = "strict", codec: str = "utf-8") -> list[str]:
     listing = archive_path.with_name(archive_path.name + ".list")
     listing.write_text("".join(f"{i}\n" for i in ids))
     argv = [find_tool("pg_restore", major), "--use-list", str(listing), "--file=-",
             *([f"--section={section}"] if section else []), str(archive_path)]
-    text = pipeline.run(argv, dict(os.environ), "pg_restore (table definitions)").decode(errors=errors)
+    text = pipeline.run(argv, dict(os.environ), "pg_restore (table definitions)").decode(codec, errors=errors)
     return [ln for ln in text.split("\n") if not ln.startswith(("\\restrict ", "\\unrestrict "))]
 
 
-def definition_scripts(archive_path: Path, toc: list[TocEntry], ids: list[int], major: int) -> DefinitionScripts:
+def definition_scripts(archive_path: Path, toc: list[TocEntry], ids: list[int], major: int,
+                       utf8: bool = True) -> DefinitionScripts:
     """The SQL of the TOC entries ``ids`` (see :func:`table_definition_ids`) from one
     pg_restore run, cut where the first post-data entry begins; each part starts with the
     archive's session settings (search_path, encoding...), so it runs on any session.
     Privileges come in the second part (pg_restore applies them after every other entry).
 
+    The parts are pg_restore's bytes, in the archive's encoding: not ``utf8``, they are cut
+    as Latin-1 text, which maps every byte to one character and back (each server encoding
+    is a superset of ASCII, where the cut's markers are). Run them in a session whose
+    client encoding is the archive's.
+
     If the cut cannot be placed with certainty (its entry header not found exactly once),
     each section is asked for separately instead."""
-    lines = _script(archive_path, ids, major)
+    codec = "utf-8" if utf8 else "latin-1"
+    lines = _script(archive_path, ids, major, codec=codec)
     by_id = {e.dump_id: e for e in toc}
     entries = [by_id[i] for i in ids]
     heads = [i for i, ln in enumerate(lines) if ln.startswith("-- Name: ") and i and lines[i - 1] == "--"]
     preamble = lines[:heads[0] - 1] if heads else lines
     first_post = next((e for e in entries if effective_section(e, by_id) == Section.POST_DATA), None)
     if first_post is None:
-        return DefinitionScripts("\n".join(lines), "")
+        return DefinitionScripts("\n".join(lines).encode(codec), b"")
     cut = [i for i in heads if lines[i].startswith(_header(first_post))]
     if len(cut) != 1:
-        pre = _script(archive_path, ids, major, "pre-data")
-        post = _script(archive_path, ids, major, "post-data")
-        return DefinitionScripts("\n".join(pre), "\n".join(post))
+        pre = _script(archive_path, ids, major, "pre-data", codec=codec)
+        post = _script(archive_path, ids, major, "post-data", codec=codec)
+        return DefinitionScripts("\n".join(pre).encode(codec), "\n".join(post).encode(codec))
     start = cut[0] - 1
     while start > 0 and (lines[start - 1] == "" or lines[start - 1].startswith("SET ")):
         start -= 1
-    return DefinitionScripts("\n".join(lines[:start]), "\n".join(preamble + lines[start:]))
+    return DefinitionScripts("\n".join(lines[:start]).encode(codec),
+                             "\n".join(preamble + lines[start:]).encode(codec))
 
 
 # --------------------------------------------------------------------------- per-table post-data

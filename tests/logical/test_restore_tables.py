@@ -593,6 +593,39 @@ def test_a_latin1_database_gets_its_table_back_byte_for_byte(cli: Any, local_rep
         pg_server.drop_db(name)
 
 
+def test_a_latin1_replace_whose_new_foreign_key_fails_gives_the_replaced_rows_back(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """In a LATIN1 database the definitions come as SQL run in the restore's session, as in
+    UTF8 ones, so the replacement and the created table's foreign key share one transaction:
+    the key cannot be built (its referenced rows are gone live), the restore fails and the
+    replaced table holds its live rows again, the created table is gone. They came from a
+    separate pg_restore before, whose failure left the replaced rows replaced."""
+    name = f"latin_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
+    try:
+        db = DbHandle(pg_server, name)
+        db.execute("CREATE TABLE public.clients (id int PRIMARY KEY, name text NOT NULL)")
+        db.execute("CREATE TABLE public.orders (id int PRIMARY KEY, client_id int REFERENCES public.clients,"
+                   " note text)")
+        db.execute("CREATE TABLE public.notes (id int PRIMARY KEY, body text)")
+        db.execute("INSERT INTO public.clients VALUES (1, 'Müller'), (2, 'Þórr')")
+        db.execute("INSERT INTO public.orders VALUES (10, 1, 'crème'), (11, 2, '½ kg')")
+        db.execute("INSERT INTO public.notes VALUES (1, 'garçon')")
+        cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+        db.execute("DROP TABLE public.orders")
+        db.execute("DELETE FROM public.clients")
+        db.execute("INSERT INTO public.notes VALUES (2, 'live: déjà vu')")
+        before = dbcompare.fingerprint(db.dsn)
+        proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.orders,public.notes",
+                   "--replace", "--target-dsn", db.dsn)
+        assert proc.returncode == 1 and "orders_client_id_fkey" in proc.stderr, proc.stderr
+        dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+        assert db.scalar("SELECT count(*) FROM public.notes WHERE body LIKE 'live:%'") == 1
+    finally:
+        pg_server.drop_db(name)
+
+
 def test_a_missing_repository_is_reported_before_an_unreachable_target(cli: Any, tmp_path: Any) -> None:
     """The target is connected to while the repository is read, but its failure is reported
     where it always was: after the repository's."""

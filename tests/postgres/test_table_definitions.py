@@ -106,10 +106,10 @@ def test_definitions_equal_pg_dumps_table_selection(awkward_db: Any, tmp_path: P
         ref_path.write_bytes(reference)
         pre = schema._script(ref_path, [e.dump_id for e in _toc_entries(reference)], 15, "pre-data")
         post = schema._script(ref_path, [e.dump_id for e in _toc_entries(reference)], 15, "post-data")
-        ours, theirs = _statements(scripts.before_data), _statements("\n".join(pre))
+        ours, theirs = _statements(scripts.before_data.decode()), _statements("\n".join(pre))
         assert [s for s in ours if not s.startswith(PRIVILEGES)] == \
             [s for s in theirs if not s.startswith(PRIVILEGES)], (ns, name)
-        assert sorted(ours + _statements(scripts.after_data)) == \
+        assert sorted(ours + _statements(scripts.after_data.decode())) == \
             sorted(theirs + _statements("\n".join(post))), (ns, name)
     # "sp" with constraint "ace x" and "sp ace": the tag "sp ace x" names either table
     assert ambiguous == [("public", "sp")] or sorted(ambiguous) == [("public", "sp"), ("public", "sp ace")]
