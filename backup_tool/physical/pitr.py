@@ -960,6 +960,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     created = not pgdata.exists()
     pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
     prefetch: wal.RecoveryPrefetch | None = None
+    scan: Background[CommitStop | None] | None = None
     try:
         chown_to(pgdata, user)
         pgdata.chmod(0o700)
@@ -976,7 +977,9 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             def guard() -> None:
                 if tool.done():
                     tool.result()
+            early = stop_early and target.kind == "time" and target.time is not None
             prefetch = _start_prefetch(storage, plan, pgdata, user)
+            scan = Background(_early_stop, plan, prefetch, target, reporter, name="early-stop-scan") if early else None
             found = _partial_choice(storage, plan.backup, partial_for, reporter) if partial_for else None
             choice = found[0] if found else None
             fetched: int | None = None
@@ -1001,7 +1004,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
             (pgdata / sub).mkdir(mode=0o700, exist_ok=True)
             chown_to(pgdata / sub, user)
         _ensure_config(pgdata, user, reporter)
-        stop = _early_stop(plan, prefetch, target, reporter) if stop_early else None
+        stop = scan.result() if scan is not None else None
         if stop is not None:
             target = Target("lsn", lsn=stop.lsn, timeline=target.timeline)
         conf = recovery_settings(target, restore_command, timeline=plan.timeline if scratch else None,
@@ -1018,6 +1021,8 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     except BaseException:
         if prefetch is not None:
             prefetch.stop()
+        if scan is not None:
+            scan.join()
         _empty_dir(pgdata, remove=created)
         raise
     reporter.event("data directory laid out", pgdata=str(pgdata), bytes=written, os_user=user,
@@ -1031,15 +1036,17 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
 UNNEEDED_DIR = "unneeded"
 
 
-def _early_stop(plan: Plan, prefetch: wal.RecoveryPrefetch | None, target: Target,
+def _early_stop(plan: Plan, prefetch: wal.RecoveryPrefetch, target: Target,
                 reporter: Reporter) -> CommitStop | None:
-    """:func:`commit_stop` over the segments the read-ahead holds before recovery starts (it
-    fetches them during the lay-out; those up to the stop recovery needs first, so waiting
-    for them delays the start of recovery, not its end; those after the last commit it does
-    not replay). Nothing is fetched twice. A scan that cannot run only costs the saving."""
-    if target.kind != "time" or target.time is None or prefetch is None:
-        return None
+    """:func:`commit_stop` over the segments the read-ahead fetches, run on a thread beside
+    the base backup's lay-out (those up to the stop recovery needs first, so waiting for them
+    delays the start of recovery, not its end). Once the stop is known, no segment after the
+    one following the stop's is fetched: recovery stops there, and each segment fetched
+    is decompressed, verified and written on the cores the restore needs. Nothing is fetched
+    twice. A scan that cannot run only costs the saving: the read-ahead goes on as usual."""
+    assert target.time is not None
     p = plan.physical
+    stop: CommitStop | None = None
     try:
         stop = commit_stop(find_tool("pg_waldump", plan.backup.server_version_num // 10000), prefetch.folder,
                            prefetch.wait_leading, walnames.parse_lsn(p.start_lsn), walnames.parse_lsn(p.stop_lsn),
@@ -1047,11 +1054,20 @@ def _early_stop(plan: Plan, prefetch: wal.RecoveryPrefetch | None, target: Targe
     except (BackupToolError, OSError):
         stop = None
     finally:
+        if stop is not None:
+            prefetch.limit(stop_segments(walnames.parse_lsn(p.start_lsn), stop.lsn, p.wal_segment_size))
         prefetch.reset_window()
     if stop is not None:
         reporter.event("recovery stops at the last commit before the time", lsn=walnames.format_lsn(stop.lsn),
                        time=utc_iso(stop.time))
     return stop
+
+
+def stop_segments(start: int, stop: int, seg_size: int) -> int:
+    """How many segments from the one holding ``start`` (the base backup's redo point) a
+    recovery stopping at the record at ``stop`` may ask for: through the segment after the
+    record's (a record may cross into it, and recovery's read-ahead may look there). Pure."""
+    return walnames.lsn_segment(stop, seg_size) - walnames.lsn_segment(start, seg_size) + 2
 
 
 def scratch_unneeded(plan: Plan) -> tuple[str, ...]:
