@@ -226,6 +226,32 @@ def test_restore_tables_at_a_time_uses_the_partial_layout(world: World) -> None:
     assert rows(world.server, "at_moment.orders") == expected
 
 
+def test_a_copy_into_a_schema_promotes_the_scratch_from_its_pause_without_a_checkpoint(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--into-schema must write in the scratch cluster: it pauses at the time and is promoted
+    from there by a promotion request the paused startup process takes at once (no
+    end-of-recovery checkpoint of every page replay dirtied, no second's wait), with exactly
+    the rows the live server had at the moment."""
+    logs: list[str] = []
+    retire = table_pitr._retire
+
+    def keep_log(server: LocalServer, data: Path | None) -> None:
+        logs.append(server.log_text())
+        retire(server, data)
+    monkeypatch.setattr(table_pitr, "_retire", keep_log)
+    moment, expected = world.moments[2]
+    settings = resolve_settings(world.repo, world.server.dsn("app"), None)
+    result = table_pitr.restore_tables_at(settings, world.server.dsn("app"), ["orders"], moment,
+                                          into_schema="from_pause")
+    assert result.validation is not None and result.validation.ok
+    assert result.recovery_layout is not None and result.recovery_layout["read_paused"] is False
+    assert rows(world.server, "from_pause.orders") == expected
+    log = logs[0]
+    assert "pausing at the end of recovery" in log and "received promote request" in log
+    assert "end-of-recovery" not in log
+    assert log.index("pausing at the end of recovery") < log.index("received promote request")
+
+
 def test_recovery_stops_at_the_last_commit_before_the_time(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A transaction begun before the moment writes ~20 MB of WAL after it and commits later:
     the scratch recovery stops at the commit before the moment, found in the WAL read ahead
