@@ -226,12 +226,14 @@ def test_restore_tables_at_a_time_uses_the_partial_layout(world: World) -> None:
     assert rows(world.server, "at_moment.orders") == expected
 
 
-def test_a_copy_into_a_schema_promotes_the_scratch_from_its_pause_without_a_checkpoint(
+def test_a_copy_into_a_schema_promotes_the_scratch_at_the_time_without_a_checkpoint(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--into-schema must write in the scratch cluster: it pauses at the time and is promoted
-    from there by a promotion request the paused startup process takes at once (no
-    end-of-recovery checkpoint of every page replay dirtied, no second's wait), with exactly
-    the rows the live server had at the moment."""
+    """--into-schema must write in the scratch cluster: it is asked to promote while it
+    replays, replays on to the time all the same and promotes there instead of pausing,
+    without the end-of-recovery checkpoint of every page replay dirtied, with exactly the
+    rows the live server had at the moment. A request that comes after the pause (here: never
+    made early) is finished from the pause (here by just ending it, which takes the
+    checkpoint), with the same rows."""
     logs: list[str] = []
     retire = table_pitr._retire
 
@@ -239,17 +241,21 @@ def test_a_copy_into_a_schema_promotes_the_scratch_from_its_pause_without_a_chec
         logs.append(server.log_text())
         retire(server, data)
     monkeypatch.setattr(table_pitr, "_retire", keep_log)
-    moment, expected = world.moments[2]
     settings = resolve_settings(world.repo, world.server.dsn("app"), None)
-    result = table_pitr.restore_tables_at(settings, world.server.dsn("app"), ["orders"], moment,
-                                          into_schema="from_pause")
-    assert result.validation is not None and result.validation.ok
-    assert result.recovery_layout is not None and result.recovery_layout["read_paused"] is False
-    assert rows(world.server, "from_pause.orders") == expected
-    log = logs[0]
-    assert "pausing at the end of recovery" in log and "received promote request" in log
-    assert "end-of-recovery" not in log
-    assert log.index("pausing at the end of recovery") < log.index("received promote request")
+    for n, schema in ((2, "promoted_early"), (3, "promoted_late")):
+        if schema == "promoted_late":
+            monkeypatch.setattr(pitr, "LOG_HOT_STANDBY", "never logged")
+            monkeypatch.setattr(pitr, "PROMOTE_TRIES", 0)
+        moment, expected = world.moments[n]
+        result = table_pitr.restore_tables_at(settings, world.server.dsn("app"), ["orders"], moment,
+                                              into_schema=schema)
+        assert result.validation is not None and result.validation.ok
+        assert result.recovery_layout is not None and result.recovery_layout["read_paused"] is False
+        assert rows(world.server, f"{schema}.orders") == expected
+    early, late = logs
+    assert "received promote request" in early and "end-of-recovery" not in early, early
+    assert early.index("recovery stopping after") < early.index("received promote request")
+    assert "pausing at the end of recovery" in late and "end-of-recovery" in late, late
 
 
 def test_recovery_stops_at_the_last_commit_before_the_time(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
