@@ -62,6 +62,7 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 OS_USER = "postgres"
 WAL_SEGMENTS = 32
 PITR_TABLE = "wide_01"
+SCRATCH_PREFIX = "backup-tool-tables-at-"  # backup_tool.jobs.table_pitr.SCRATCH_PREFIX
 PITR_FULL = "backup-tool restore tables --target-time --full-layout (whole base backup)"
 PITR_PARTIAL = "backup-tool restore tables --target-time (partial lay-out)"
 
@@ -432,9 +433,15 @@ class Bench:
 
     def settle(self) -> None:
         """Start every measurement from the same state: the previous step's dirty pages
-        written out (a checkpoint) and the OS caches' dirty data on disk, so no contender
-        pays for another's writes."""
+        written out (a checkpoint), the OS caches' dirty data on disk and the scratch
+        directories a table PITR hands to a detached ``rm -rf`` gone, so no contender pays
+        for another's writes or removals (the partial lay-out's run right after the whole
+        lay-out's, whose 5 GB were still being unlinked, took 3.60 s against 3.09 s when
+        it ran first)."""
         self.cluster.psql("CHECKPOINT", db="postgres")
+        deadline = time.monotonic() + 300
+        while any(Path(tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
         os.sync()
 
     def record(self, scenario: str, contender: str, measure: Measure, segments: int | None = None) -> None:

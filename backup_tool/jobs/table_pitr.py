@@ -9,10 +9,12 @@ snapshot, definitions from ``pg_dump --table`` of it). Everything temporary is r
 success, failure, Ctrl-C or SIGTERM. The temporary cluster is a scratch one
 (``lay_out(scratch=True)``: no fsync, WAL linked from the read-ahead by the shell). It
 pauses at the time as a read-only hot standby and the tables are read there, in the state
-promotion would leave them, unless ``into_schema`` must move them in it first (then it
-promotes at the time: a promotion asked for during a pause waits up to a second in
-PostgreSQL 15). Once the tables' rows and checksums are read from it, it is stopped and
-removed while the target checksums and indexes them.
+promotion would leave them, unless ``into_schema`` must move them in it first: then it is
+asked to promote while it replays, and promotes at the time instead of pausing, without an
+end-of-recovery checkpoint (:func:`backup_tool.physical.pitr.recover` with ``promote``;
+:func:`backup_tool.physical.pitr.promote_paused` when the request came after the pause). Once
+the tables' rows and checksums are read from it, it is stopped and removed while the target
+checksums and indexes them.
 
 The temporary cluster is laid out partially when the base backup allows it: only the files
 the tables need are read and written, every other relation is a sparse file
@@ -71,6 +73,7 @@ from backup_tool.physical.pitr import (
     parse_time,
     partial_shortfall,
     plan_recovery,
+    promote_paused,
     recover,
     server_for,
     terminate_as_interrupt,
@@ -145,11 +148,11 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
             request = PartialRequest(source_db, tuple(split_name(t.strip()) for t in tables)) if partial_layout else None
             layout = lay_out(settings, target, work / "data", None, user, archive=False,
                              server_command=server_command, reporter=reporter, plan=plan,
-                             server_binaries=True, partial_for=request, scratch=True, pause=not into_schema,
+                             server_binaries=True, partial_for=request, scratch=True, pause=True,
                              stop_early=True)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
-            point = _recover_keeping_log(server, layout, reporter)
+            point = _recover_keeping_log(server, layout, reporter, bool(into_schema))
             wanted, missed = _tables_as_recovered(server, layout, source_db, tables, when)
             if missed:
                 reporter.event("the partial lay-out does not hold the tables as recovered; laying out the "
@@ -159,10 +162,13 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
                 shutil.rmtree(work / "data")
                 layout = lay_out(settings, target, work / "data", None, user, archive=False,
                                  server_command=server_command, reporter=reporter, plan=layout.plan,
-                                 server_binaries=True, scratch=True, pause=not into_schema, stop_early=True)
+                                 server_binaries=True, scratch=True, pause=True, stop_early=True)
                 server = server_for(layout, priv, free_port())
-                point = _recover_keeping_log(server, layout, reporter)
+                point = _recover_keeping_log(server, layout, reporter, bool(into_schema))
                 wanted, _ = _tables_as_recovered(server, layout, source_db, tables, when)
+            if into_schema and point.paused:
+                promote_paused(server)
+                point = dataclasses.replace(point, paused=False)
             reporter.event("temporary cluster recovered", time=utc_iso(point.last_transaction_time)
                            if point.last_transaction_time else None, lsn=point.redo_done_lsn,
                            layout="partial" if layout.choice is not None else "full")
@@ -294,11 +300,13 @@ def _retire(server: LocalServer, data: Path | None) -> None:
         shutil.rmtree(data, ignore_errors=True)
 
 
-def _recover_keeping_log(server: LocalServer, layout: Layout, reporter: Reporter) -> RecoveryPoint:
-    """Recover; on failure keep a copy of the server log and name it. The WAL read-ahead stops
-    either way once recovery is over."""
+def _recover_keeping_log(server: LocalServer, layout: Layout, reporter: Reporter,
+                         promote: bool) -> RecoveryPoint:
+    """Recover (``promote``: promoted at the target, see :func:`recover`); on failure keep a
+    copy of the server log and name it. The WAL read-ahead stops either way once recovery is
+    over."""
     try:
-        return recover(server, layout, None, reporter)
+        return recover(server, layout, None, reporter, promote=promote)
     except DatabaseError as exc:
         raise DatabaseError(exc.message, f"the server log is kept at {_keep_log(server)}") from exc
     finally:

@@ -310,6 +310,7 @@ class RecoveryPrefetch:
         self.fetched: list[str] = []
         self.failure: str | None = None
         self._next = 0
+        self._limit = len(names)
         self._done: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -358,7 +359,7 @@ class RecoveryPrefetch:
         while True:
             with self._lock:
                 done = set(self._done)
-                ended = self.failure is not None or self._next >= len(self.names) and len(done) >= self._next
+                ended = self.failure is not None or self._next >= self._limit and len(done) >= self._next
             leading = 0
             while leading in done:
                 leading += 1
@@ -370,6 +371,13 @@ class RecoveryPrefetch:
         """Back to the window it started with: no more segments fetched ahead of recovery
         than that (those held already stay until recovery takes them)."""
         self.window = self._window
+
+    def limit(self, count: int) -> None:
+        """Fetch none of ``names`` from the ``count``-th on (downloads under way finish):
+        recovery is known to need no more, and a segment it asks for after all is fetched
+        by ``restore_command`` as without the read-ahead."""
+        with self._lock:
+            self._limit = max(0, min(self._limit, count))
 
     def _recovery_at(self) -> int:
         """Index in ``names`` recovery has reached at least: one past the newest segment
@@ -385,14 +393,14 @@ class RecoveryPrefetch:
     def _work(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                if self._next >= len(self.names) or self.failure is not None:
+                if self._next >= self._limit or self.failure is not None:
                     return
                 index = self._next
                 self._next += 1
             name = self.names[index]
-            while not self._stop.is_set() and index >= self._recovery_at() + self.window:
+            while not self._stop.is_set() and index >= self._recovery_at() + self.window and index < self._limit:
                 self._stop.wait(0.05)
-            if self._stop.is_set():
+            if self._stop.is_set() or index >= self._limit:
                 return
             target = self.folder / name
             if not target.exists():

@@ -66,3 +66,19 @@ def test_a_scratch_without_owner_file_is_left_while_young_or_its_server_runs(tmp
         server.kill()
         server.wait()
     assert clear_leftovers(tmp_path) == [running]
+
+
+def test_the_benchmark_waits_for_the_scratch_directories_table_pitr_names() -> None:
+    """scripts/bench.py waits, before each measurement, for the scratch directories a table
+    PITR hands to a detached removal: it must look for the names table PITR gives them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[2] / "scripts" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench"]
+    assert bench.SCRATCH_PREFIX == SCRATCH_PREFIX

@@ -226,6 +226,38 @@ def test_restore_tables_at_a_time_uses_the_partial_layout(world: World) -> None:
     assert rows(world.server, "at_moment.orders") == expected
 
 
+def test_a_copy_into_a_schema_promotes_the_scratch_at_the_time_without_a_checkpoint(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--into-schema must write in the scratch cluster: it is asked to promote while it
+    replays, replays on to the time all the same and promotes there instead of pausing,
+    without the end-of-recovery checkpoint of every page replay dirtied, with exactly the
+    rows the live server had at the moment. A request that comes after the pause (here: never
+    made early) is finished from the pause (here by just ending it, which takes the
+    checkpoint), with the same rows."""
+    logs: list[str] = []
+    retire = table_pitr._retire
+
+    def keep_log(server: LocalServer, data: Path | None) -> None:
+        logs.append(server.log_text())
+        retire(server, data)
+    monkeypatch.setattr(table_pitr, "_retire", keep_log)
+    settings = resolve_settings(world.repo, world.server.dsn("app"), None)
+    for n, schema in ((2, "promoted_early"), (3, "promoted_late")):
+        if schema == "promoted_late":
+            monkeypatch.setattr(pitr, "LOG_HOT_STANDBY", "never logged")
+            monkeypatch.setattr(pitr, "PROMOTE_TRIES", 0)
+        moment, expected = world.moments[n]
+        result = table_pitr.restore_tables_at(settings, world.server.dsn("app"), ["orders"], moment,
+                                              into_schema=schema)
+        assert result.validation is not None and result.validation.ok
+        assert result.recovery_layout is not None and result.recovery_layout["read_paused"] is False
+        assert rows(world.server, f"{schema}.orders") == expected
+    early, late = logs
+    assert "received promote request" in early and "end-of-recovery" not in early, early
+    assert early.index("recovery stopping after") < early.index("received promote request")
+    assert "pausing at the end of recovery" in late and "end-of-recovery" in late, late
+
+
 def test_recovery_stops_at_the_last_commit_before_the_time(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A transaction begun before the moment writes ~20 MB of WAL after it and commits later:
     the scratch recovery stops at the commit before the moment, found in the WAL read ahead

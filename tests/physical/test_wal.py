@@ -579,3 +579,53 @@ def test_a_scratch_restore_command_answers_from_files_in_the_shell(tmp_path: Pat
     assert not (pgdata / "tool-ran").exists()
     assert run_restore_command(command, pgdata, "000000010000000000000005") == 7
     assert (pgdata / "tool-ran").read_text() == "000000010000000000000005"
+
+
+def test_recovery_prefetch_fetches_nothing_past_its_limit(tmp_path: Path) -> None:
+    """Once a table PITR knows where recovery stops, the read-ahead fetches no segment after
+    it (each one is decompressed, verified and written on the cores the restore needs), and
+    a caller waiting for segments is not kept waiting for those it will never get."""
+    from backup_tool.repository.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "repo"))
+    names = [wal.segment_name(1, n) for n in range(1, 7)]
+    source = tmp_path / "source"
+    source.mkdir()
+    for i, name in enumerate(names):
+        (source / name).write_bytes(os.urandom(64) + bytes([i]) * 50000)
+        wal.push_file(storage, source / name)
+    pg_wal = tmp_path / "data" / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
+    prefetch = wal.RecoveryPrefetch(storage, names, pg_wal, lambda p: None, workers=1, window=6)
+    prefetch.limit(3)
+    prefetch.limit(5)  # a limit never widens
+    prefetch.start()
+    try:
+        assert prefetch.wait_leading(6) == names[0:3]
+        time.sleep(0.3)
+        assert sorted(p.name for p in ahead.glob("0*")) == names[0:3]
+        assert all((ahead / n).read_bytes() == (source / n).read_bytes() for n in names[0:3])
+        assert prefetch.failure is None
+    finally:
+        assert sorted(prefetch.stop()) == names[0:3]
+    for name in names:
+        (ahead / name).unlink(missing_ok=True)
+    waiting = wal.RecoveryPrefetch(storage, names, pg_wal, lambda p: None, workers=2, window=2).start()
+    try:
+        assert waiting.wait_leading(2) == names[0:2]
+        time.sleep(0.2)  # the next worker waits for recovery to take one
+        waiting.limit(2)
+        assert waiting.wait_leading(6) == names[0:2]
+        time.sleep(0.2)
+        assert sorted(p.name for p in ahead.glob("0*")) == names[0:2]
+    finally:
+        assert sorted(waiting.stop()) == names[0:2]
+
+
+def test_a_stop_lets_recovery_ask_for_the_segment_after_its_own() -> None:
+    seg = 16 << 20
+    start = 0x14000028
+    assert pitr.stop_segments(start, 0x14000100, seg) == 2
+    assert pitr.stop_segments(start, 0x1D81AA98, seg) == 11  # 0x14..0x1D, and 0x1E
+    assert pitr.stop_segments(start, 0x1DFFFFF0, seg) == 11
