@@ -409,6 +409,10 @@ def script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_pa
     ids = schema.table_definition_ids(toc, {(t.schema, t.name) for t in tables})
     if ids is None:
         return None
+    chosen = set(ids)
+    needed = schema.tablespaces(e for e in toc if e.dump_id in chosen)
+    if refusal := schema.missing_tablespaces(needed, (r[0] for r in conn.execute("SELECT spcname FROM pg_tablespace"))):
+        raise refusal
     scripts = schema.definition_scripts(archive_path, toc, ids, major)
     return Definitions(lambda: _run_script(conn, scripts.before_data, "pre-data"),
                        lambda: _run_script(conn, scripts.after_data, "post-data") if scripts.after_data else None,
