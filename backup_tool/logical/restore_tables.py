@@ -60,7 +60,7 @@ from backup_tool.errors import (
     UsageError,
     ValidationFailed,
 )
-from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows
+from backup_tool.logical.loading import CHECK_HINT, BackupOrigin, checksums_by_ranges, copy_rows
 from backup_tool.logical.selection import check_into_schema, resolve_tables
 from backup_tool.logical.session_ahead import SessionAhead, open_session_ahead
 from backup_tool.postgres import connection as postgres
@@ -550,6 +550,8 @@ class BackupSource:
                         for chunk in self._chunks(obj):
                             copy.write(chunk)
                             on_raw(len(chunk))
+        except psycopg.errors.CheckViolation as exc:
+            raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}", CHECK_HINT) from None
         except psycopg.Error as exc:
             raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
 
