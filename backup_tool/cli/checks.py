@@ -20,12 +20,14 @@ from backup_tool.errors import EXIT_VALIDATION
 def validate_cmd(
     inv: Invocation,
     against: Annotated[Optional[str], typer.Option("--against", metavar="ID|latest",
-                                                   help="Also compare with this backup's manifest")] = None,
+                                                   help="Compare with this backup: a restore's check (without it, no row or schema comparison)")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="N", min=1, max=64, help="Parallel checksum sessions")] = 2,
     database: DatabaseOption = None,
 ) -> int:
-    """Run the health checks on the --dsn database: schema, RLS and policies, foreign keys, indexes,
-    functions, row counts and content checksums, sequences. Exit 3 if any fails."""
+    """Run the health checks on the --dsn database; with --against, also compare it with a backup.
+    Alone: foreign keys hold, indexes valid, RLS on where policies are, sequences not behind.
+    --against adds the schema, privileges, roles, rows and content checksums... of that backup.
+    Exit 3 if any fails."""
     from backup_tool.postgres.connection import ConnInfo
     from backup_tool.repository.catalog import Catalog
     from backup_tool.repository.storage import open_repository

@@ -32,6 +32,9 @@ from backup_tool.core.report import LOG_ENV, Reporter
 from backup_tool.core.units import human_size
 from backup_tool.errors import EXIT_FAILED, BackupToolError, ValidationFailed
 
+# The reader closed stdout (`| head`): the shell's code for a program killed by SIGPIPE.
+EXIT_PIPE_CLOSED = 141
+
 if TYPE_CHECKING:
     from typer._click import Context, HelpFormatter
 
@@ -342,6 +345,9 @@ def invoke(fn: Callable[..., Any], common: Common, redact: Callable[[str], str],
         report_error(common.json, code, "interrupted; partial work was discarded or rolled back",
                      "run the command again", redact)
         return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
     except Exception as exc:  # a bug: still one line unless --debug
         if common.debug:
             print_traceback(redact)

@@ -34,7 +34,9 @@ the changed tables are learnt from the WAL instead, without reading every table 
 ``wal``, recorded in the manifest's ``changed_tables_method``): a table is unchanged when
 its relation files (heap and TOAST) are the same at both snapshots, no row-changing record
 in the span touched them, and its column types are the same; every table that is not a
-WAL-logged heap (unlogged tables) is still compared by checksum. The span runs from a WAL
+WAL-logged heap (unlogged tables), or that has a column printing catalog names (regclass,
+regrole... directly or through an array, domain, composite or range: a rename elsewhere
+changes its text), is still compared by checksum. The span runs from a WAL
 position read before the parent's snapshot to one read after this one; a transaction that
 was open at the parent's snapshot and has committed since is followed back to where it
 began (its earlier records precede the span); and no definition that shapes rows' text

@@ -113,8 +113,16 @@ def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterabl
                         copy.write(chunk)
                         if on_raw is not None:
                             on_raw(len(chunk))
+    except psycopg.errors.CheckViolation as exc:
+        raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}", CHECK_HINT) from None
     except psycopg.Error as exc:
         raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
+
+
+CHECK_HINT = ("these rows are the backup's, so the constraint reads more than its row (another table through a "
+              "function, a setting, the time): PostgreSQL checks such a condition only when a row is written, and "
+              "pg_restore of this backup fails the same way; in the source, fix the rows or enforce the rule with a "
+              "trigger instead, then take a new backup")
 
 
 def checksums_by_ranges(conninfo: ConnInfo, tables: dict[TableKey, Sequence[str]],

@@ -191,6 +191,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
 
     with dropped_unless_kept(target, created, reporter) as new_database, target.connect() as control:
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
+        archive = _schema_archive(run, control) if schema_from_migrations is None else None
         created_roles = _claim_target(control, run, major, with_roles, restart_unfinished)
         new_database.keep()
         with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
@@ -198,6 +199,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             rebuilt = None
             early = _EarlyPostData()
             if schema_from_migrations is None:
+                assert archive is not None
+                archive_path.write_bytes(archive)
                 _create_schema(run, archive_path, major)
                 early = _early_post_data(run, archive_path, major, analyze)
             else:
@@ -284,12 +287,24 @@ def _claim_target(control: psycopg.Connection[Any], run: _Run, major: int, with_
     return created_roles
 
 
+def _schema_archive(run: _Run, control: psycopg.Connection[Any]) -> bytes:
+    """The backup's schema archive, once the target is known to have every tablespace its
+    tables and indexes are created in (refused before anything is created otherwise)."""
+    assert run.manifest.schema is not None
+    archive = pipeline.read_object(run.storage, run.manifest.schema, run.count)
+    try:
+        needed = schema.tablespaces(schema.read_toc(archive))
+    except schema.UnreadableToc:
+        return archive
+    if refusal := schema.missing_tablespaces(needed, (r[0] for r in control.execute("SELECT spcname FROM pg_tablespace"))):
+        raise refusal
+    return archive
+
+
 def _create_schema(run: _Run, archive_path: Path, major: int) -> None:
-    """Fetch the schema archive to ``archive_path`` and replay its pre-data (types, functions,
-    tables) into the target, with the backed-up column order and extension versions."""
+    """Replay the pre-data (types, functions, tables) of the schema archive at ``archive_path``
+    into the target, with the backed-up column order and extension versions."""
     manifest, reporter = run.manifest, run.reporter
-    assert manifest.schema is not None
-    archive_path.write_bytes(pipeline.read_object(run.storage, manifest.schema, run.count))
     objects = schema.section_items(archive_path, major, "pre-data")
     phase = reporter.task("schema", total=objects, unit=Unit.ITEMS)
     replay = extensions.PreDataReplay(archive_path, run.target, major, manifest.inventory.get("extensions"))

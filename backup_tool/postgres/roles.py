@@ -279,8 +279,9 @@ def compare_role(backup: RoleSet, live: RoleSet, name: str, as_granted: bool = F
     want, have = backup.roles[name], live.roles[name]
     details: list[str] = []
     if want.attributes != have.attributes:
-        details.append(f"attributes {' '.join(sorted(set(have.attributes) - set(want.attributes)))} here, "
-                       f"{' '.join(sorted(set(want.attributes) - set(have.attributes)))} in the backup")
+        here = " ".join(sorted(set(have.attributes) - set(want.attributes))) or "none"
+        there = " ".join(sorted(set(want.attributes) - set(have.attributes))) or "none"
+        details.append(f"attributes {here} here, {there} in the backup")
     ws, hs = dict(want.settings), dict(have.settings)
     for key in sorted(ws.keys() | hs.keys()):
         if ws.get(key) != hs.get(key):

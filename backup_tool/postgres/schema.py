@@ -17,9 +17,10 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 from backup_tool.core.graphs import reachable
+from backup_tool.errors import RefusedError
 from backup_tool.postgres.connection import ConnInfo, find_tool
 from backup_tool.streams import pipeline
 
@@ -294,6 +295,7 @@ class TocEntry:
     namespace: str
     tag: str
     deps: tuple[int, ...]
+    tablespace: str = ""
 
 
 class UnreadableToc(Exception):
@@ -357,7 +359,7 @@ def read_toc(archive: bytes, versions: tuple[tuple[int, int], ...] = _READABLE_V
         for _ in range(3):
             read_str()
         namespace = read_str() or ""
-        read_str()
+        tablespace = read_str() or ""
         if (vmaj, vmin) >= (1, 14):
             read_str()
         if (vmaj, vmin) >= (1, 16):
@@ -368,10 +370,30 @@ def read_toc(archive: bytes, versions: tuple[tuple[int, int], ...] = _READABLE_V
             deps.append(int(dep))
         pos += 1 + off_size
         try:
-            entries.append(TocEntry(dump_id, Section(section), desc, namespace, tag, tuple(deps)))
+            entries.append(TocEntry(dump_id, Section(section), desc, namespace, tag, tuple(deps), tablespace))
         except ValueError:
             raise UnreadableToc(f"entry {dump_id} has an unknown section {section}") from None
     return entries
+
+
+def tablespaces(toc: Iterable[TocEntry]) -> frozenset[str]:
+    """The tablespaces these entries' tables, indexes and materialized views are created in
+    (pg_restore sets ``default_tablespace`` to each; the database's default has none)."""
+    return frozenset(e.tablespace for e in toc if e.tablespace)
+
+
+def missing_tablespaces(needed: frozenset[str], present: Iterable[str]) -> RefusedError | None:
+    """The refusal of a restore needing tablespaces the target server lacks (None: it has them
+    all). A ``CREATE TABLESPACE`` is never carried (it names a directory on the server's disk),
+    and without it pg_restore fails half-way."""
+    missing = sorted(needed - set(present))
+    if not missing:
+        return None
+    names = ", ".join(f'tablespace "{name}"' for name in missing)
+    verb = "does" if len(missing) == 1 else "do"
+    return RefusedError(f"the backup puts tables or indexes in {names}, which {verb} not exist on the target server",
+                        "create it there first (CREATE TABLESPACE \"NAME\" LOCATION '/a/directory/the/server/owns'), "
+                        "then run the restore again")
 
 
 _TABLE_PARTS = frozenset({"CONSTRAINT", "CHECK CONSTRAINT", "FK CONSTRAINT", "DEFAULT", "TRIGGER",

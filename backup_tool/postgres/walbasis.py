@@ -76,14 +76,32 @@ SELECT md5(coalesce(string_agg(x, E'\\n' ORDER BY x), '')) FROM (
 ) AS s(x)
 """
 
+NAMES_SHAPED_TYPES = ("regclass", "regtype", "regproc", "regprocedure", "regoper", "regoperator", "regconfig",
+                      "regdictionary", "regnamespace", "regrole", "regcollation")
+"""Types stored as an OID and printed as the name of what it identifies: renaming that object
+changes a row's text without writing the row."""
+
 RELATIONS_SQL = """
+WITH RECURSIVE names_shaped(oid) AS (
+  SELECT t.oid FROM pg_type t
+   WHERE t.typnamespace = 'pg_catalog'::regnamespace AND t.typname = ANY(%s)
+  UNION
+  SELECT t.oid FROM pg_type t JOIN names_shaped s
+    ON t.typelem = s.oid OR t.typbasetype = s.oid
+       OR EXISTS (SELECT FROM pg_attribute a
+                   WHERE t.typrelid <> 0 AND a.attrelid = t.typrelid AND a.atttypid = s.oid AND a.attnum > 0)
+       OR EXISTS (SELECT FROM pg_range r
+                   WHERE (r.rngtypid = t.oid OR r.rngmultitypid = t.oid) AND r.rngsubtype = s.oid)
+)
 SELECT c.oid, format('%%I.%%I', n.nspname, c.relname),
        CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END::bigint,
        c.relfilenode::bigint, coalesce(t.relfilenode, 0)::bigint,
        coalesce(pg_relation_filenode(c.oid), 0)::bigint,
        coalesce(pg_relation_filenode(NULLIF(c.reltoastrelid, 0)), 0)::bigint,
        c.relpersistence = 'p' AND c.relam = (SELECT oid FROM pg_am WHERE amname = 'heap')
-         AND (t.oid IS NULL OR t.relpersistence = 'p'),
+         AND (t.oid IS NULL OR t.relpersistence = 'p')
+         AND NOT EXISTS (SELECT FROM pg_attribute a JOIN names_shaped s ON s.oid = a.atttypid
+                          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
        md5(coalesce((SELECT string_agg(format('%%s %%s', a.atttypid, a.atttypmod), ',' ORDER BY a.attnum)
                        FROM pg_attribute a
                       WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -117,7 +135,7 @@ def _read_basis(conn: psycopg.Connection[Any], table_oids: Sequence[int]) -> tup
             " (SELECT oid FROM pg_database WHERE datname = current_database())::bigint,"
             " (SELECT bytes_per_wal_segment FROM pg_control_init())::bigint").fetchone()
     digest = conn.execute(TYPES_DIGEST_SQL).fetchone()
-    rels = conn.execute(RELATIONS_SQL, (list(table_oids),)).fetchall()
+    rels = conn.execute(RELATIONS_SQL, (list(NAMES_SHAPED_TYPES), list(table_oids))).fetchall()
     return row, digest, rels
 
 

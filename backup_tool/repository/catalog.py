@@ -204,7 +204,7 @@ def choose_latest(backups: Iterable[C], database: DatabaseHint,
         raise UnresolvedBackup(RefProblem.SEVERAL_DATABASES,
                                f"'latest' is ambiguous: {where} holds backups of {len(names)} databases "
                                f"({', '.join(names)}) and none is named",
-                               "add --database NAME (or name the database in --dsn / DATABASE_URL), or give --backup ID")
+                               "add --database NAME (or name the database in --dsn / DATABASE_URL), or give a backup ID instead of 'latest'")
     return max((m for m in pool if m.database == chosen), key=lambda m: (m.started_at, m.id))
 
 

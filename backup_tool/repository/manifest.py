@@ -245,9 +245,10 @@ class PhysicalInfo:
 @dataclass(frozen=True)
 class RelationFile:
     """Where a table's rows lived at a backup's snapshot: its oid, the (tablespace,
-    relfilenode) of its heap and of its TOAST table (0: none), whether it is WAL-logged
-    (permanent) heap, and a digest of its column types (a type change that rewrites
-    nothing can still change the rows' text)."""
+    relfilenode) of its heap and of its TOAST table (0: none), whether the WAL describes its
+    content (``logged_heap``: a WAL-logged, permanent heap none of whose columns prints catalog
+    names, as regclass or regrole do, which change with a rename elsewhere), and a digest of its
+    column types (a type change that rewrites nothing can still change the rows' text)."""
 
     table: str  # format('%I.%I', schema, name)
     oid: int

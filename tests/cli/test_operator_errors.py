@@ -4,7 +4,9 @@ policy file blocks only the commands that use the policy."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -91,3 +93,18 @@ def test_broken_policy_blocks_only_the_commands_that_use_it(cli: Cli, tmp_path: 
     assert strict.returncode == 2
     line = only_line(strict)
     assert str(policy) in line and "keep_dialy" in line
+
+
+def test_output_cut_short_by_its_reader_is_no_error(cli: Cli, tmp_path: Path) -> None:
+    """`backup-tool schedule | head -3`: the reader closing the pipe is not a failure to report
+    ("unexpected BrokenPipeError — rerun with --debug"); the command stops writing, says
+    nothing on stderr and exits 141, as a program killed by SIGPIPE does."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([*cli.command, "schedule", "--repo", str(tmp_path / "repo")], stdout=write_end,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli.base_env(),
+                              cwd=cli.workdir, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")

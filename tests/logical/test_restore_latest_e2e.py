@@ -87,6 +87,7 @@ def test_latest_never_crosses_databases(cli: Cli, pg_server: PgServer, two_dbs: 
                   pg_server.dsn(unnamed)]):
         proc = cli(*args, "--repo", w.repo)
         assert proc.returncode == 2 and "ambiguous" in only_line(proc), (args, proc.stdout, proc.stderr)
+        assert "--backup" not in only_line(proc) or args[0] == "restore", (args, "hint names an option it lacks")
 
     by_option = targets("app_dr")
     result = cli.json("restore", "full", "--repo", w.repo, "--backup", "latest", "--database", w.app.name,

@@ -417,6 +417,37 @@ def test_without_a_recorded_position_or_archive_the_checksums_decide(archiving: 
     assert stored(incr) == {"public.a"}
 
 
+def test_a_column_naming_catalog_objects_is_compared_by_checksum(archiving: Archiving) -> None:
+    """A regclass, regtype, regrole or regproc value is stored as an OID and printed as a name:
+    renaming what it names changes the table's content (its COPY text, which a restore loads)
+    without writing the table. Such tables (also through an array, a domain or a composite
+    type) are compared by checksum, as unlogged ones are; the others still by the WAL."""
+    db = "names_" + archiving.base.name[-6:].lower().replace("-", "_")
+    archiving.server.create_db(db)
+    with psycopg.connect(archiving.dsn(db), autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id int); CREATE TYPE pair AS (a int);"
+                     "CREATE FUNCTION f_old() RETURNS int LANGUAGE sql AS 'SELECT 1';"
+                     "CREATE DOMAIN rels AS regclass[];"
+                     "CREATE TYPE audited AS (rel regclass, at date);"
+                     "CREATE TABLE watched (id int, rel regclass, typ regtype, fn regproc);"
+                     "CREATE TABLE via_domain (id int, rs rels);"
+                     "CREATE TABLE via_composite (id int, a audited);"
+                     "CREATE TABLE plain (id int);"
+                     "INSERT INTO watched VALUES (1, 'orders', 'pair', 'f_old');"
+                     "INSERT INTO via_domain VALUES (1, ARRAY['orders'::regclass]);"
+                     "INSERT INTO via_composite VALUES (1, ROW('orders', '2024-01-01'));"
+                     "INSERT INTO plain VALUES (1)")
+    backup.backup_full(settings_for(archiving, db))
+    with psycopg.connect(archiving.dsn(db), autocommit=True) as conn:
+        conn.execute("ALTER TABLE orders RENAME TO orders_2024; ALTER TYPE pair RENAME TO pair2;"
+                     "ALTER FUNCTION f_old() RENAME TO f_new")
+    incr = backup.backup_incremental(settings_for(archiving, db), changes=walscan.changed_relations)
+    assert incr.options["changed_tables_method"] == "wal", incr.options
+    assert stored(incr) == {"public.watched", "public.via_domain", "public.via_composite", "public.orders_2024"}
+    now = truth(archiving.dsn(db))
+    assert {t.full_name: t.checksum for t in incr.tables} == {name: v[4] for name, v in now.items()}
+
+
 def server_wal(conn: psycopg.Connection[Any], end: int) -> walbasis.ServerWal:
     return walbasis.ServerWal(conn, walnames.format_lsn(end), walnames.DEFAULT_SEGMENT_SIZE, 5.0)
 

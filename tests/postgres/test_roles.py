@@ -323,6 +323,19 @@ def test_plan_and_verdict_decisions() -> None:
     assert not missing.ok and 'App "Owner"' in missing.detail
 
 
+def test_an_attribute_only_one_side_has_is_named_against_none() -> None:
+    """`ALTER ROLE r VALID UNTIL 'infinity'` on a role the backup has without an expiry: the
+    difference says what the backup has ("none"), not a blank."""
+    from backup_tool.postgres import roles
+
+    backup = roles.parse_globals("CREATE ROLE r;\nALTER ROLE r WITH NOSUPERUSER LOGIN;\n")
+    live = roles.parse_globals("CREATE ROLE r;\nALTER ROLE r WITH NOSUPERUSER LOGIN VALID UNTIL 'infinity';\n")
+    diff = roles.compare_role(backup, live, "r")
+    assert diff is not None and diff.details == ("attributes VALID UNTIL infinity here, none in the backup",)
+    back = roles.compare_role(live, backup, "r")
+    assert back is not None and back.details == ("attributes none here, VALID UNTIL infinity in the backup",)
+
+
 def test_normalize_orders_privileges_per_object_and_keeps_every_statement() -> None:
     from backup_tool.postgres import schema
 

@@ -3,8 +3,10 @@ domains, enums, triggers, full text, views, sequences) and chinook from
 neondatabase/postgres-sample-dbs, plus contrib extensions as a user uses them (hstore, ltree,
 citext, cube, seg, isn, intarray, pg_trgm, btree_gist, bloom, earthdistance, tablefunc, unaccent,
 pgcrypto, uuid-ossp, postgres_fdw, file_fdw: data in their types, their index kinds, a text search
-configuration, servers, user mappings with passwords, foreign tables), in one database with
-roles owning and reading part of it (fixtures in tests/fixtures/realdb).
+configuration, servers, user mappings with passwords, foreign tables), and an application
+schema using what those lack (app_features.sql: ICU collations, multiranges, rules, sub-partitions,
+an unlogged table, an event trigger, publications, default and column privileges...), in one
+database with roles owning and reading part of it (fixtures in tests/fixtures/realdb).
 
 Through the real CLI: `backup full`, changes, `backup incremental`, `restore full --create
 --with-roles` of the incremental into an empty cluster. `pg_dump --create` of source and
@@ -54,6 +56,9 @@ INSERT INTO shop.customer (email, attrs, category, name)
 UPDATE shop.customer SET attrs = attrs || 'changed=>yes' WHERE height IS NOT NULL AND id::text < '4';
 INSERT INTO shop.booking (room, during) VALUES (99, '[2030-01-01, 2030-01-02)');
 ALTER SERVER remote_pg OPTIONS (SET fetch_size '1000');
+UPDATE app.account SET mood = 'happy' WHERE id % 5 = 0;
+INSERT INTO app.events (region, at, payload) VALUES ('eu', '2024-05-05', '{"n": -1}'), ('zz', '2020-01-01', NULL);
+REFRESH MATERIALIZED VIEW CONCURRENTLY app.mood_counts;
 """
 
 
@@ -79,7 +84,7 @@ def realdb(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
         for name in ("pagila.sql", "chinook.sql"):
             (scripts / name).write_bytes(lzma.decompress((FIXTURES / f"{name}.xz").read_bytes()))
         pg_server.load_sql(dbname, [scripts / "pagila.sql", scripts / "chinook.sql",
-                                    FIXTURES / "contrib_extensions.sql"])
+                                    FIXTURES / "contrib_extensions.sql", FIXTURES / "app_features.sql"])
         repo = str(tmp_path_factory.mktemp("realdb-repo"))
         cli = Cli(workdir=tmp_path_factory.mktemp("realdb-cli"))
         full = cli.json("backup", "full", "--repo", repo, "--dsn", pg_server.dsn(dbname))
@@ -121,6 +126,26 @@ ALTERATIONS: tuple[tuple[str, str, str], ...] = (
      "GRANT USAGE ON FOREIGN SERVER remote_pg TO realdb_reader", "object_privileges"),
     ("UPDATE shop.customer SET attrs = attrs || 'x=>1' WHERE email = 'late@example.com'",
      "UPDATE shop.customer SET attrs = attrs - 'x'::text WHERE email = 'late@example.com'", "content_checksums"),
+    ("ALTER TABLE app.session_cache SET LOGGED", "ALTER TABLE app.session_cache SET UNLOGGED", "schema_matches"),
+    ("UPDATE app.session_cache SET v = '{}' WHERE k = 'k1'", "UPDATE app.session_cache SET v = '{\"g\": 1}' WHERE k = 'k1'",
+     "content_checksums"),
+    ("ALTER EVENT TRIGGER realdb_ddl ENABLE", "ALTER EVENT TRIGGER realdb_ddl DISABLE", "event_triggers"),
+    ("ALTER PUBLICATION realdb_pub SET (publish = 'insert')",
+     "ALTER PUBLICATION realdb_pub SET (publish = 'insert, update')", "publications"),
+    ("ALTER DEFAULT PRIVILEGES FOR ROLE realdb_app IN SCHEMA app REVOKE SELECT ON TABLES FROM realdb_ro",
+     "ALTER DEFAULT PRIVILEGES FOR ROLE realdb_app IN SCHEMA app GRANT SELECT ON TABLES TO realdb_ro",
+     "default_privileges"),
+    ("REVOKE GRANT OPTION FOR UPDATE (score) ON app.account FROM realdb_app",
+     "GRANT UPDATE (score) ON app.account TO realdb_app WITH GRANT OPTION", "column_privileges"),
+    ("ALTER TABLE app.account ALTER CONSTRAINT account_parent_fkey INITIALLY IMMEDIATE",
+     "ALTER TABLE app.account ALTER CONSTRAINT account_parent_fkey INITIALLY DEFERRED", "foreign_keys_match"),
+    ("REFRESH MATERIALIZED VIEW app.never_filled", "REFRESH MATERIALIZED VIEW app.never_filled WITH NO DATA",
+     "materialized_views"),
+    ("ALTER ROLE realdb_ro IN DATABASE {db} RESET search_path",
+     "ALTER ROLE realdb_ro IN DATABASE {db} SET search_path = app, public", "database_properties"),
+    ("ALTER DOMAIN app.posint DROP CONSTRAINT posint_pos",
+     "ALTER DOMAIN app.posint ADD CONSTRAINT posint_pos CHECK (VALUE > 0);"
+     " COMMENT ON CONSTRAINT posint_pos ON DOMAIN app.posint IS 'positive'", "schema_matches"),
     ("UPDATE public.payment SET amount = amount + 1 WHERE payment_id = (SELECT min(payment_id) FROM public.payment)",
      "UPDATE public.payment SET amount = amount - 1 WHERE payment_id = (SELECT min(payment_id) FROM public.payment)",
      "content_checksums"),
@@ -140,6 +165,7 @@ def test_restore_of_the_incremental_is_identical_and_validates(realdb: RealDb, r
 
     missed = []
     for alter, undo, check in ALTERATIONS:
+        alter, undo = alter.replace("{db}", realdb.dbname), undo.replace("{db}", realdb.dbname)
         psql(realdb.target, realdb.dbname, alter)
         proc = validate()
         if proc.returncode != 3 or not any(f.startswith(check + ":") for f in failed_checks(proc)):
@@ -150,10 +176,11 @@ def test_restore_of_the_incremental_is_identical_and_validates(realdb: RealDb, r
     assert final.returncode == 0, failed_checks(final)
 
 
-@pytest.mark.parametrize("table", ["public.payment", "shop.customer"])
+@pytest.mark.parametrize("table", ["public.payment", "shop.customer", "app.events"])
 def test_restore_tables_gives_the_rows_back(realdb: RealDb, restored: Any, table: str) -> None:
-    """A partitioned table (rows in its partitions) and one with citext-domain, hstore, ltree,
-    isn, cube and seg columns, restored beside the originals into a database holding the schema."""
+    """A partitioned table (rows in its partitions), one with citext-domain, hstore, ltree, isn,
+    cube and seg columns, and one sub-partitioned by list, then range and hash, with default
+    partitions, restored into a database holding the schema."""
     target_db = realdb.dbname
     count = int(psql(realdb.target, target_db, f"SELECT count(*) FROM {table}"))
     psql(realdb.target, target_db, f"TRUNCATE {table}")
