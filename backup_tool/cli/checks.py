@@ -39,7 +39,7 @@ def validate_cmd(
         storage = open_repository(settings.repo_url)
         manifest = Catalog(storage).resolve(against, database=inv.database(database))
     report = validate(ConnInfo(settings.dsn), manifest, storage, jobs=jobs, reporter=inv.reporter)
-    inv.out(report.to_dict(), lambda: render_report(report))
+    inv.out(report.to_dict(), lambda: render_report(report, uncompared=manifest is None))
     return 0 if report.ok else EXIT_VALIDATION
 
 

@@ -404,8 +404,14 @@ def error_line(message: str, hint: str | None, exit_code: int) -> str:
     return f"backup-tool: error: {message}{f' — {hint}' if hint else ''}"
 
 
-def render_report(report: Any) -> str:
-    """Text for a validation/verification report or a restore result carrying one."""
+UNCOMPARED = "consistent in itself; compared with no backup (--against ID|latest compares its contents)"
+"""The verdict of ``validate`` without ``--against``: its checks find a database broken in
+itself, never one that lacks what a backup holds, so it must not read as a restore's."""
+
+
+def render_report(report: Any, uncompared: bool = False) -> str:
+    """Text for a validation/verification report or a restore result carrying one;
+    ``uncompared``: ``validate`` without ``--against`` (see :data:`UNCOMPARED`)."""
     validation = getattr(report, "validation", None)
     lines = []
     if hasattr(report, "backup_id"):
@@ -428,8 +434,12 @@ def render_report(report: Any) -> str:
     width = max((len(c.name) for c in report.checks), default=10)
     for c in report.checks:
         lines.append(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
-    lines.append("verdict: OK — complete and consistent" if report.ok else
-                 f"verdict: FAILED — {len(report.failed)} check(s) failed")
+    if not report.ok:
+        lines.append(f"verdict: FAILED — {len(report.failed)} check(s) failed")
+    elif uncompared:
+        lines.append(f"verdict: OK — {UNCOMPARED}")
+    else:
+        lines.append("verdict: OK — complete and consistent")
     return "\n".join(lines)
 
 

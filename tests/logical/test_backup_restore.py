@@ -165,6 +165,9 @@ def test_validate_counts_orphans_of_not_valid_foreign_keys(cli: Any, seed_copy: 
              WHERE contype = 'f' AND NOT convalidated""").fetchall()
     assert fks, "the seed must contain a NOT VALID foreign key"
     assert cli.json("validate", "--dsn", db.dsn)["ok"] is True
+    alone = cli("validate", "--dsn", db.dsn)
+    assert alone.returncode == 0 and alone.stdout.splitlines()[-1] == \
+        "verdict: OK — consistent in itself; compared with no backup (--against ID|latest compares its contents)"
     table, name = fks[0]
     with db.connect() as conn:
         col, ref_table = conn.execute("""
