@@ -85,6 +85,18 @@ def assert_only_changed(before: dict[str, Any], after: dict[str, Any], changed: 
     assert differing <= changed, differing - changed
 
 
+def damage_table_object(cli: Any, repo: str, backup_id: str, table: str) -> tuple[str, bytes]:
+    """Flip a byte in the middle of ``table``'s data object in backup ``backup_id``; return
+    its key and its whole bytes (to put back)."""
+    show = cli.json("show", "--repo", repo, backup_id)
+    key = next(t["object"] for t in show["tables"] if t["table"] == table)
+    whole = read_object(repo, key)
+    damaged = bytearray(whole)
+    damaged[len(damaged) // 2] ^= 0xFF
+    write_object(repo, key, bytes(damaged))
+    return key, whole
+
+
 def test_emptied_table_comes_back_alone(cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]],
                                         seed_db: Any) -> None:
     db, entry = live
@@ -167,11 +179,7 @@ def test_a_dropped_table_whose_rows_fail_to_load_is_not_left_behind(cli: Any, lo
     db, entry = live
     db.execute("DROP TABLE public.crm_projects")
     before = dbcompare.fingerprint(db.dsn)
-    show = cli.json("show", "--repo", local_repo, entry["id"])
-    key = next(t["object"] for t in show["tables"] if t["table"] == "public.crm_projects")
-    data = bytearray(read_object(local_repo, key))
-    data[len(data) // 2] ^= 0xFF
-    write_object(local_repo, key, bytes(data))
+    key, _ = damage_table_object(cli, local_repo, entry["id"], "public.crm_projects")
     proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.crm_projects", "--target-dsn", db.dsn)
     assert proc.returncode != 0 and key in proc.stderr
     assert db.scalar("SELECT to_regclass('public.crm_projects')") is None
@@ -192,12 +200,7 @@ def test_a_parallel_restore_that_fails_leaves_the_database_as_it_found_it(
     db.execute("CREATE SCHEMA inspection")
     tables = 'public.crm_projects,public.email_logs,analytics."feature usage"'
     before = dbcompare.fingerprint(db.dsn)
-    show = cli.json("show", "--repo", local_repo, entry["id"])
-    key = next(t["object"] for t in show["tables"] if t["table"] == "public.crm_projects")
-    whole = read_object(local_repo, key)
-    damaged = bytearray(whole)
-    damaged[len(damaged) // 2] ^= 0xFF
-    write_object(local_repo, key, bytes(damaged))
+    key, whole = damage_table_object(cli, local_repo, entry["id"], "public.crm_projects")
     for extra in ([], ["--into-schema", "recovered"], ["--into-schema", "inspection"]):
         proc = cli("restore", "tables", "--repo", local_repo, "--tables", tables, "--target-dsn", db.dsn,
                    "--jobs", "3", *extra)
@@ -237,12 +240,7 @@ def test_roles_created_by_a_failed_restore_are_dropped_again(cli: Any, local_rep
     db.execute("DROP TABLE public.owned_notes")
     db.execute(f"DROP ROLE {role}")
     before = dbcompare.fingerprint(db.dsn)
-    show = cli.json("show", "--repo", local_repo, entry["id"])
-    key = next(t["object"] for t in show["tables"] if t["table"] == "public.owned_notes")
-    whole = read_object(local_repo, key)
-    damaged = bytearray(whole)
-    damaged[len(damaged) // 2] ^= 0xFF
-    write_object(local_repo, key, bytes(damaged))
+    key, whole = damage_table_object(cli, local_repo, entry["id"], "public.owned_notes")
     command = ("restore", "tables", "--repo", local_repo, "--backup", entry["id"], "--tables", "public.owned_notes",
                "--target-dsn", db.dsn, "--with-roles")
     proc = cli(*command)
