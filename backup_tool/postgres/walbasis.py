@@ -82,16 +82,18 @@ NAMES_SHAPED_TYPES = ("regclass", "regtype", "regproc", "regprocedure", "regoper
 changes a row's text without writing the row."""
 
 RELATIONS_SQL = """
-WITH RECURSIVE names_shaped(oid) AS (
+WITH RECURSIVE contains(outer_type, inner_type) AS MATERIALIZED (
+  SELECT oid, typelem FROM pg_type WHERE typelem <> 0
+  UNION ALL SELECT oid, typbasetype FROM pg_type WHERE typbasetype <> 0
+  UNION ALL SELECT t.oid, a.atttypid FROM pg_type t JOIN pg_attribute a ON a.attrelid = t.typrelid
+   WHERE t.typtype = 'c' AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL SELECT rngtypid, rngsubtype FROM pg_range
+  UNION ALL SELECT rngmultitypid, rngsubtype FROM pg_range
+), names_shaped(oid) AS (
   SELECT t.oid FROM pg_type t
    WHERE t.typnamespace = 'pg_catalog'::regnamespace AND t.typname = ANY(%s)
   UNION
-  SELECT t.oid FROM pg_type t JOIN names_shaped s
-    ON t.typelem = s.oid OR t.typbasetype = s.oid
-       OR EXISTS (SELECT FROM pg_attribute a
-                   WHERE t.typrelid <> 0 AND a.attrelid = t.typrelid AND a.atttypid = s.oid AND a.attnum > 0)
-       OR EXISTS (SELECT FROM pg_range r
-                   WHERE (r.rngtypid = t.oid OR r.rngmultitypid = t.oid) AND r.rngsubtype = s.oid)
+  SELECT c.outer_type FROM contains c JOIN names_shaped s ON c.inner_type = s.oid
 )
 SELECT c.oid, format('%%I.%%I', n.nspname, c.relname),
        CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END::bigint,
