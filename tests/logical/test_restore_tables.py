@@ -4,7 +4,7 @@ refusals change nothing, and each mode ends validated."""
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import clioutput
 import dbcompare
@@ -570,58 +570,58 @@ def test_validation_looks_only_at_the_restored_tables(local_repo: str, live: tup
         db.execute(f"DROP ROLE {role}")
 
 
-def test_a_latin1_database_gets_its_table_back_byte_for_byte(cli: Any, local_repo: str, pg_server: Any) -> None:
-    """The target session opened while the repository is read has UTF8 as its client
-    encoding; a backup in another encoding is loaded through a session in its own."""
+@pytest.fixture
+def latin1_db(pg_server: Any) -> Iterator[DbHandle]:
+    """A new database in LATIN1 on the shared server, dropped afterwards."""
     name = f"latin_{uuid.uuid4().hex[:8]}"
     with pg_server.admin_conn() as conn:
         conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
     try:
-        db = DbHandle(pg_server, name)
-        db.execute("CREATE TABLE public.words (id int PRIMARY KEY, w text NOT NULL)")
-        db.execute("INSERT INTO public.words VALUES (1, 'café'), (2, 'Straße'), (3, 'naïve ½ ÿ'), (4, 'plain')")
-        stored = "SELECT id, convert_to(w, 'LATIN1') FROM public.words ORDER BY id"
-        expected = db.execute(stored)
-        cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
-        db.execute("DROP TABLE public.words")
-        result = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.words", "--target-dsn", db.dsn)
-        assert result["ok"] is True and result["rows"] == 4
-        assert db.execute(stored) == expected and expected[1][1] == "Straße".encode("latin-1")
+        yield DbHandle(pg_server, name)
     finally:
         pg_server.drop_db(name)
 
 
+def test_a_latin1_database_gets_its_table_back_byte_for_byte(cli: Any, local_repo: str, latin1_db: DbHandle) -> None:
+    """The target session opened while the repository is read has UTF8 as its client
+    encoding; a backup in another encoding is loaded through a session in its own."""
+    db = latin1_db
+    db.execute("CREATE TABLE public.words (id int PRIMARY KEY, w text NOT NULL)")
+    db.execute("INSERT INTO public.words VALUES (1, 'café'), (2, 'Straße'), (3, 'naïve ½ ÿ'), (4, 'plain')")
+    stored = "SELECT id, convert_to(w, 'LATIN1') FROM public.words ORDER BY id"
+    expected = db.execute(stored)
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    db.execute("DROP TABLE public.words")
+    result = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.words", "--target-dsn", db.dsn)
+    assert result["ok"] is True and result["rows"] == 4
+    assert db.execute(stored) == expected and expected[1][1] == "Straße".encode("latin-1")
+
+
 def test_a_latin1_replace_whose_new_foreign_key_fails_gives_the_replaced_rows_back(
-        cli: Any, local_repo: str, pg_server: Any) -> None:
+        cli: Any, local_repo: str, latin1_db: DbHandle) -> None:
     """In a LATIN1 database the definitions come as SQL run in the restore's session, as in
     UTF8 ones, so the replacement and the created table's foreign key share one transaction:
     the key cannot be built (its referenced rows are gone live), the restore fails and the
     replaced table holds its live rows again, the created table is gone. They came from a
     separate pg_restore before, whose failure left the replaced rows replaced."""
-    name = f"latin_{uuid.uuid4().hex[:8]}"
-    with pg_server.admin_conn() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
-    try:
-        db = DbHandle(pg_server, name)
-        db.execute("CREATE TABLE public.clients (id int PRIMARY KEY, name text NOT NULL)")
-        db.execute("CREATE TABLE public.orders (id int PRIMARY KEY, client_id int REFERENCES public.clients,"
-                   " note text)")
-        db.execute("CREATE TABLE public.notes (id int PRIMARY KEY, body text)")
-        db.execute("INSERT INTO public.clients VALUES (1, 'Müller'), (2, 'Þórr')")
-        db.execute("INSERT INTO public.orders VALUES (10, 1, 'crème'), (11, 2, '½ kg')")
-        db.execute("INSERT INTO public.notes VALUES (1, 'garçon')")
-        cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
-        db.execute("DROP TABLE public.orders")
-        db.execute("DELETE FROM public.clients")
-        db.execute("INSERT INTO public.notes VALUES (2, 'live: déjà vu')")
-        before = dbcompare.fingerprint(db.dsn)
-        proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.orders,public.notes",
-                   "--replace", "--target-dsn", db.dsn)
-        assert proc.returncode == 1 and "orders_client_id_fkey" in proc.stderr, proc.stderr
-        dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
-        assert db.scalar("SELECT count(*) FROM public.notes WHERE body LIKE 'live:%'") == 1
-    finally:
-        pg_server.drop_db(name)
+    db = latin1_db
+    db.execute("CREATE TABLE public.clients (id int PRIMARY KEY, name text NOT NULL)")
+    db.execute("CREATE TABLE public.orders (id int PRIMARY KEY, client_id int REFERENCES public.clients,"
+               " note text)")
+    db.execute("CREATE TABLE public.notes (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO public.clients VALUES (1, 'Müller'), (2, 'Þórr')")
+    db.execute("INSERT INTO public.orders VALUES (10, 1, 'crème'), (11, 2, '½ kg')")
+    db.execute("INSERT INTO public.notes VALUES (1, 'garçon')")
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    db.execute("DROP TABLE public.orders")
+    db.execute("DELETE FROM public.clients")
+    db.execute("INSERT INTO public.notes VALUES (2, 'live: déjà vu')")
+    before = dbcompare.fingerprint(db.dsn)
+    proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.orders,public.notes",
+               "--replace", "--target-dsn", db.dsn)
+    assert proc.returncode == 1 and "orders_client_id_fkey" in proc.stderr, proc.stderr
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
+    assert db.scalar("SELECT count(*) FROM public.notes WHERE body LIKE 'live:%'") == 1
 
 
 def test_a_missing_repository_is_reported_before_an_unreachable_target(cli: Any, tmp_path: Any) -> None:

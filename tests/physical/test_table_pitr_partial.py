@@ -233,7 +233,13 @@ def test_a_copy_into_a_schema_promotes_the_scratch_at_the_time_without_a_checkpo
     without the end-of-recovery checkpoint of every page replay dirtied, with exactly the
     rows the live server had at the moment. A request that comes after the pause (here: never
     made early) is finished from the pause (here by just ending it, which takes the
-    checkpoint), with the same rows."""
+    checkpoint), with the same rows.
+
+    The early request races a short replay (tens of ms here), and the late path's own wake-up
+    of the paused startup process can lose too (then it ends the pause: the checkpoint): a
+    run that took the checkpoint is checked for its rows like any, and tried again (up to
+    :data:`EARLY_TRIES` runs) until one promotes without it. The old code, which promoted
+    at the target, took it every time."""
     logs: list[str] = []
     retire = table_pitr._retire
 
@@ -242,20 +248,31 @@ def test_a_copy_into_a_schema_promotes_the_scratch_at_the_time_without_a_checkpo
         retire(server, data)
     monkeypatch.setattr(table_pitr, "_retire", keep_log)
     settings = resolve_settings(world.repo, world.server.dsn("app"), None)
-    for n, schema in ((2, "promoted_early"), (3, "promoted_late")):
-        if schema == "promoted_late":
-            monkeypatch.setattr(pitr, "LOG_HOT_STANDBY", "never logged")
-            monkeypatch.setattr(pitr, "PROMOTE_TRIES", 0)
+
+    def restore(n: int, schema: str) -> str:
         moment, expected = world.moments[n]
         result = table_pitr.restore_tables_at(settings, world.server.dsn("app"), ["orders"], moment,
                                               into_schema=schema)
         assert result.validation is not None and result.validation.ok
         assert result.recovery_layout is not None and result.recovery_layout["read_paused"] is False
         assert rows(world.server, f"{schema}.orders") == expected
-    early, late = logs
-    assert "received promote request" in early and "end-of-recovery" not in early, early
+        return logs[-1]
+
+    early = ""
+    for attempt in range(EARLY_TRIES):
+        log = restore(2, f"promoted_early_{attempt}")
+        if "received promote request" in log and "end-of-recovery" not in log:
+            early = log
+            break
+    assert early, f"every one of {EARLY_TRIES} runs promoted with the end-of-recovery checkpoint:\n{log}"
     assert early.index("recovery stopping after") < early.index("received promote request")
+    monkeypatch.setattr(pitr, "LOG_HOT_STANDBY", "never logged")
+    monkeypatch.setattr(pitr, "PROMOTE_TRIES", 0)
+    late = restore(3, "promoted_late")
     assert "pausing at the end of recovery" in late and "end-of-recovery" in late, late
+
+
+EARLY_TRIES = 4
 
 
 def test_recovery_stops_at_the_last_commit_before_the_time(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
