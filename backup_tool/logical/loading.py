@@ -113,10 +113,15 @@ def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterabl
                         copy.write(chunk)
                         if on_raw is not None:
                             on_raw(len(chunk))
-    except psycopg.errors.CheckViolation as exc:
-        raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}", CHECK_HINT) from None
     except psycopg.Error as exc:
-        raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
+        raise load_failure(entry, exc) from None
+
+
+def load_failure(entry: TableEntry, exc: psycopg.Error) -> DatabaseError:
+    """The one-line error of a COPY into ``entry`` that the server refused; a CHECK
+    constraint's refusal says why rows the source held can fail (:data:`CHECK_HINT`)."""
+    hint = CHECK_HINT if isinstance(exc, psycopg.errors.CheckViolation) else None
+    return DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}", hint)
 
 
 CHECK_HINT = ("these rows are the backup's, so the constraint reads more than its row (another table through a "

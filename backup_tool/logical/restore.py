@@ -296,8 +296,7 @@ def _schema_archive(run: _Run, control: psycopg.Connection[Any]) -> bytes:
         needed = schema.tablespaces(schema.read_toc(archive))
     except schema.UnreadableToc:
         return archive
-    if refusal := schema.missing_tablespaces(needed, (r[0] for r in control.execute("SELECT spcname FROM pg_tablespace"))):
-        raise refusal
+    schema.refuse_missing_tablespaces(control, needed)
     return archive
 
 

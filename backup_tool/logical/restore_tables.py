@@ -60,7 +60,7 @@ from backup_tool.errors import (
     UsageError,
     ValidationFailed,
 )
-from backup_tool.logical.loading import CHECK_HINT, BackupOrigin, checksums_by_ranges, copy_rows
+from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows, load_failure
 from backup_tool.logical.selection import check_into_schema, resolve_tables
 from backup_tool.logical.session_ahead import SessionAhead, open_session_ahead
 from backup_tool.postgres import connection as postgres
@@ -408,9 +408,7 @@ def script_definitions(conn: psycopg.Connection[Any], archive: bytes, archive_pa
     if ids is None:
         return None
     chosen = set(ids)
-    needed = schema.tablespaces(e for e in toc if e.dump_id in chosen)
-    if refusal := schema.missing_tablespaces(needed, (r[0] for r in conn.execute("SELECT spcname FROM pg_tablespace"))):
-        raise refusal
+    schema.refuse_missing_tablespaces(conn, schema.tablespaces(e for e in toc if e.dump_id in chosen))
     scripts = schema.definition_scripts(archive_path, toc, ids, major,
                                         utf8=encoding.upper().replace("-", "") == "UTF8")
     return Definitions(lambda: _run_script(conn, scripts.before_data, "pre-data"),
@@ -550,10 +548,8 @@ class BackupSource:
                         for chunk in self._chunks(obj):
                             copy.write(chunk)
                             on_raw(len(chunk))
-        except psycopg.errors.CheckViolation as exc:
-            raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}", CHECK_HINT) from None
         except psycopg.Error as exc:
-            raise DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}") from None
+            raise load_failure(entry, exc) from None
 
     def ensure_roles(self, control: psycopg.Connection[Any], target: ConnInfo, major: int,
                      reporter: Reporter) -> frozenset[str]:

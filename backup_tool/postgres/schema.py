@@ -17,7 +17,9 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import psycopg
 
 from backup_tool.core.graphs import reachable
 from backup_tool.errors import RefusedError
@@ -394,6 +396,13 @@ def missing_tablespaces(needed: frozenset[str], present: Iterable[str]) -> Refus
     return RefusedError(f"the backup puts tables or indexes in {names}, which {verb} not exist on the target server",
                         "create it there first (CREATE TABLESPACE \"NAME\" LOCATION '/a/directory/the/server/owns'), "
                         "then run the restore again")
+
+
+def refuse_missing_tablespaces(conn: psycopg.Connection[Any], needed: frozenset[str]) -> None:
+    """Raise :func:`missing_tablespaces`' refusal for the server ``conn`` is on, if any."""
+    if needed and (refusal := missing_tablespaces(needed, (r[0] for r in conn.execute(
+            "SELECT spcname FROM pg_catalog.pg_tablespace")))):
+        raise refusal
 
 
 _TABLE_PARTS = frozenset({"CONSTRAINT", "CHECK CONSTRAINT", "FK CONSTRAINT", "DEFAULT", "TRIGGER",
