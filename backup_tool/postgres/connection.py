@@ -71,6 +71,9 @@ def describe_connect_error(exc: Exception, target: str) -> DatabaseError:
     elif "Connection refused" in text or "could not translate host" in text or "resolve host" in text \
             or "timeout" in text:
         hint = "check the host and port in --dsn / DATABASE_URL and that the server is running"
+    elif "socket" in text and "No such file or directory" in text:
+        hint = ("no server listens on that local socket (libpq's default when no host is given): name the "
+                "server's host and port in --dsn / DATABASE_URL (or PGHOST/PGPORT), or start the server")
     elif "closed the connection unexpectedly" in text:
         hint = "the server (or a proxy or pooler in front of it) dropped the connection: check its log and sslmode"
     else:

@@ -72,6 +72,13 @@ def test_refused_connection_keeps_the_reason_once_per_error() -> None:
     assert f'connection to server at "127.0.0.1", port {port} failed: Connection refused Is the server running' in message
 
 
+def test_no_server_on_the_local_socket_says_to_name_a_host(tmp_path: Path) -> None:
+    exc = _connect_error(f"host={tmp_path} port=5432 dbname=app")
+    message = str(describe_connect_error(exc, "PostgreSQL at localhost:5432/app"))
+    assert "No such file or directory" in message
+    assert "no server listens on that local socket" in message and "name the server's host and port" in message
+
+
 def test_missing_database_mentions_create(pg_server: PgServer) -> None:
     exc = _connect_error(pg_server.dsn("no_such_restore_target"))
     message = str(describe_connect_error(exc, "PostgreSQL"))
