@@ -92,10 +92,58 @@ class Unapplied:
     role: str
 
 
+def split_guc_list(value: str) -> list[str] | None:
+    """The elements of a list setting as the server stores it (``"$user", public``,
+    ``"app, public"``): comma-separated, spaces around elements ignored, a double-quoted element
+    taken whole (commas and spaces included, ``""`` for a quote), an unquoted one verbatim; None
+    where the text is not such a list. PostgreSQL's own ``SplitGUCList`` rules, which pg_dump
+    applies before quoting each element; splitting on every comma would turn the one schema
+    ``"app, public"`` into two. Pure."""
+    items: list[str] = []
+    i, n = 0, len(value)
+    while i < n and value[i].isspace():
+        i += 1
+    if i == n:
+        return items
+    while True:
+        if value[i] == '"':
+            chars: list[str] = []
+            i += 1
+            while True:
+                end = value.find('"', i)
+                if end < 0:
+                    return None
+                chars.append(value[i:end])
+                if value[end + 1:end + 2] != '"':
+                    i = end + 1
+                    break
+                chars.append('"')
+                i = end + 2
+            items.append("".join(chars))
+        else:
+            start = i
+            while i < n and value[i] != "," and not value[i].isspace():
+                i += 1
+            if i == start:
+                return None
+            items.append(value[start:i])
+        while i < n and value[i].isspace():
+            i += 1
+        if i == n:
+            return items
+        if value[i] != ",":
+            return None
+        i += 1
+        while i < n and value[i].isspace():
+            i += 1
+
+
 def _set_clause(setting: str) -> sql.Composable:
+    """``SET name TO value`` that stores ``setting`` (``name=value`` as the catalog holds it)
+    again unchanged: a list setting's elements each as one literal, as pg_dump writes them."""
     name, _, value = setting.partition("=")
-    if name.lower() in LIST_SETTINGS:
-        items = [v.strip().strip('"') for v in value.split(",")] if value else [""]
+    items = split_guc_list(value) if name.lower() in LIST_SETTINGS else None
+    if items:
         rendered: sql.Composable = sql.SQL(", ").join(sql.Literal(v) for v in items)
     else:
         rendered = sql.Literal(value)

@@ -48,3 +48,50 @@ def test_template_database_restores_as_a_template(cli: Any, local_repo: str, pg_
     finally:
         _drop(pg_server, source)
         _drop(pg_server, copy)
+
+
+@pytest.mark.parametrize(("stored", "items"), [
+    ('"$user", public', ["$user", "public"]),
+    ('"app, public"', ["app, public"]),
+    ('app,  "we""ird" , x', ["app", 'we"ird', "x"]),
+    ("", []),
+    ('"unclosed', None),
+    ("a b", None),
+])
+def test_list_settings_split_as_the_server_quotes_them(stored: str, items: list[str] | None) -> None:
+    from backup_tool.postgres.database_level import split_guc_list
+
+    assert split_guc_list(stored) == items
+
+
+def test_list_settings_with_quoted_commas_restore_unchanged(cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database's and a role-in-database's ``search_path`` naming one schema whose name holds
+    a comma came back as two schemas (found on a trial database); validation named it."""
+    source, copy = f"lists_{uuid.uuid4().hex[:8]}", f"lists_copy_{uuid.uuid4().hex[:8]}"
+    role = f"lists_role_{uuid.uuid4().hex[:6]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"CREATE ROLE {role}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+            conn.execute(f"ALTER DATABASE {source} SET search_path = 'app, public', \"$user\", 'we\"ird'")
+            conn.execute(f"ALTER ROLE {role} IN DATABASE {source} SET search_path = 'app, public'")
+        settings_sql = ("SELECT coalesce(r.rolname, ''), s.setconfig FROM pg_db_role_setting s "
+                        "JOIN pg_database d ON d.oid = s.setdatabase LEFT JOIN pg_roles r ON r.oid = s.setrole "
+                        "WHERE d.datname = %s ORDER BY 1")
+        with pg_server.admin_conn() as conn:
+            before = conn.execute(settings_sql, (source,)).fetchall()
+        assert before == [("", ['search_path="app, public", "$user", "we""ird"']),
+                          (role, ['search_path="app, public"'])]
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                            "--target-dsn", pg_server.dsn(copy), "--create")
+        assert restored["ok"] is True
+        with pg_server.admin_conn() as conn:
+            assert conn.execute(settings_sql, (copy,)).fetchall() == before
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
