@@ -128,6 +128,19 @@ def _kept_lines(text: str) -> list[str]:
             if line.strip() and not line.startswith(("--", "\\restrict", "\\unrestrict"))]
 
 
+_SECRET_OPTION = re.compile(
+    r"""((?:^|[\s(,])(?:SET\s+|ADD\s+)?"?[A-Za-z_]*(?:password|passwd|pwd|secret|token)[A-Za-z_]*"?\s+)'(?:[^']|'')*'""",
+    re.IGNORECASE)
+
+
+def mask_secret_options(line: str) -> str:
+    """``line`` of schema text with the value of every option whose name says it holds a
+    secret (``password``, ``secret_access_key``, ``token``, ...) replaced by ``'***'``: pg_dump
+    writes user mappings' and servers' options in the clear, and a line quoted in a message
+    must not carry them. Pure."""
+    return _SECRET_OPTION.sub(r"\1'***'", line)
+
+
 def fingerprint(normalized: str) -> str:
     return hashlib.sha256(normalized.encode()).hexdigest()
 

@@ -210,7 +210,7 @@ def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: St
         diff = [ln for ln in difflib.unified_diff(expected.splitlines(), live.splitlines(),
                                                   "backup", "database", n=0, lineterm="")
                 if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
-        detail += f" ({len(diff)} lines): " + " | ".join(ln[:120] for ln in diff[:4])
+        detail += f" ({len(diff)} lines): " + " | ".join(schema.mask_secret_options(ln)[:120] for ln in diff[:4])
     return Check("schema_matches", False, detail)
 
 

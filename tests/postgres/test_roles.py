@@ -398,7 +398,8 @@ def test_owners_of_servers_mappings_collations_and_search_configs_are_roles_the_
         cli: Cli, local_repo: str, pg_cluster_factory: Callable[..., PgServer]) -> None:
     """These roles were not among those a backup needs: without them on the target, the
     restore failed half-way in pg_restore (leaving an unfinished database), and
-    ``--with-roles`` did not create them."""
+    ``--with-roles`` did not create them. A changed user mapping fails validation without
+    its password (old or new) in the output: the schema difference quoted the options."""
     source = pg_cluster_factory()
     source.create_db("elsewhere")
     run_sql(source, "elsewhere", OWNERS_ELSEWHERE)
@@ -415,3 +416,10 @@ def test_owners_of_servers_mappings_collations_and_search_configs_are_roles_the_
     assert result["ok"] is True
     dbcompare.assert_same(dbcompare.fingerprint(source.dsn("elsewhere")),
                           dbcompare.fingerprint(target.dsn("elsewhere")))
+    with target.admin_conn("elsewhere") as conn:
+        conn.execute("ALTER USER MAPPING FOR mapped_user SERVER far_away OPTIONS (SET password 'changed-secret')")
+    changed = cli("validate", "--repo", local_repo, "--dsn", target.dsn("elsewhere"), "--against", "latest")
+    assert changed.returncode == 3
+    assert "schema_matches" in changed.stdout and "password '***'" in changed.stdout
+    assert "not-shown-anywhere" not in changed.stdout + changed.stderr
+    assert "changed-secret" not in changed.stdout + changed.stderr
