@@ -313,6 +313,37 @@ def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> b
     return bool(row and row[0])
 
 
+_ENABLE = {"O": "ENABLE TRIGGER {}", "R": "ENABLE REPLICA TRIGGER {}", "A": "ENABLE ALWAYS TRIGGER {}"}
+
+
+def quiet_triggers(conn: psycopg.Connection[Any], schema_name: str, name: str) -> list[tuple[str, str]]:
+    """Disable, by name, every user trigger of the table that fires in some mode (origin,
+    replica or always), so emptying and loading it fire none of them: the rows loaded are
+    the backup's and nothing else is written (an audit trigger would write elsewhere). A
+    superuser's ``session_replication_role = replica`` alone leaves ``REPLICA`` and
+    ``ALWAYS`` triggers firing. Returns (trigger, state) for :func:`wake_triggers`, which
+    sets each state back exactly, in the same transaction: no other session sees them off."""
+    rows = conn.execute(
+        "SELECT tgname, tgenabled::text FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal"
+        " AND tgenabled <> 'D' ORDER BY tgname", (postgres.quoted_table(schema_name, name),)).fetchall()
+    target = qualified(schema_name, name)
+    for trigger, _ in rows:
+        conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(target, sql.Identifier(trigger)))
+    return [(str(trigger), str(state)) for trigger, state in rows]
+
+
+def wake_triggers(conn: psycopg.Connection[Any], quieted: dict[TableKey, list[tuple[str, str]]]) -> None:
+    """Set back the states :func:`quiet_triggers` found, once every table is loaded. Deferred
+    constraint checks still pending are made first (as the commit would make them, on the
+    same rows): ALTER TABLE refuses a table with pending trigger events."""
+    if not any(quieted.values()):
+        return
+    conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    for key, states in quieted.items():
+        for trigger, state in states:
+            conn.execute(sql.SQL("ALTER TABLE {} " + _ENABLE[state]).format(qualified(*key), sql.Identifier(trigger)))
+
+
 def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries: list[TableEntry],
                      replace: bool, on_raw: Callable[[int], None]) -> None:
     """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back.
@@ -326,12 +357,12 @@ def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries
         conn.execute(sql.SQL("SET LOCAL client_encoding = {}").format(sql.Literal(manifest.encoding)))
         if superuser:
             conn.execute("SET LOCAL session_replication_role = replica")
+        quieted: dict[TableKey, list[tuple[str, str]]] = {}
         for t in entries:
             if t.relkind == "p":
                 continue
             target = qualified(t.schema, t.name)
-            if not superuser:
-                conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(target))
+            quieted[(t.schema, t.name)] = quiet_triggers(conn, t.schema, t.name)
             if replace:
                 referenced = _referenced(conn, t.schema, t.name)
                 if referenced and not superuser:
@@ -343,8 +374,7 @@ def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries
                     conn.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
             if source.has_rows(t):
                 source.load(t, conn, None, False, on_raw)
-            if not superuser:
-                conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(target))
+        wake_triggers(conn, quieted)
         for seq in _owned_sequences(manifest, keys):
             owner = seq.get("owned_by")
             assert owner is not None
@@ -751,9 +781,11 @@ def take_back(control: psycopg.Connection[Any], target: ConnInfo, encoding: str,
                 if undo.created:
                     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
                         sql.SQL(", ").join(qualified(*k) for k in undo.created)))
+                quieted = {key: quiet_triggers(conn, *key) for key in undo.filled}
                 for key in undo.filled:
                     empty = "DELETE FROM ONLY {}" if _referenced(conn, *key) else "TRUNCATE ONLY {}"
                     conn.execute(sql.SQL(empty).format(qualified(*key)))
+                wake_triggers(conn, quieted)
                 if undo.schema:
                     conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(undo.schema)))
                 if undo.roles:

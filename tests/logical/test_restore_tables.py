@@ -116,23 +116,59 @@ def test_emptied_table_comes_back_alone(cli: Any, local_repo: str, live: tuple[A
     assert result["bytes_read"] < entry["size_bytes"] - schema_bytes
 
 
-def test_a_target_trigger_that_changes_rows_fails_the_verdict_naming_the_table(
-        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
-    """Rows are loaded into an existing empty table whose trigger (enabled ALWAYS: it fires
-    even with the restore's replication role) rewrites the rows: the restore reports exit 3,
-    with the content checksum naming that table."""
+TRIGGERS = """
+CREATE TABLE public.project_audit (what text, at_row text);
+CREATE FUNCTION public.mark_project() RETURNS trigger LANGUAGE plpgsql AS $$
+  BEGIN NEW.name := NEW.name || ' (changed)'; RETURN NEW; END $$;
+CREATE FUNCTION public.audit_project() RETURNS trigger LANGUAGE plpgsql AS $$
+  BEGIN INSERT INTO public.project_audit VALUES (TG_NAME, CASE WHEN TG_LEVEL = 'ROW' THEN NEW.name END);
+        RETURN NULL; END $$;
+CREATE TRIGGER always_mark BEFORE INSERT ON public.crm_projects FOR EACH ROW EXECUTE FUNCTION public.mark_project();
+ALTER TABLE public.crm_projects ENABLE ALWAYS TRIGGER always_mark;
+CREATE TRIGGER replica_mark BEFORE INSERT ON public.crm_projects FOR EACH ROW EXECUTE FUNCTION public.mark_project();
+ALTER TABLE public.crm_projects ENABLE REPLICA TRIGGER replica_mark;
+CREATE TRIGGER origin_audit AFTER INSERT ON public.crm_projects FOR EACH ROW EXECUTE FUNCTION public.audit_project();
+CREATE TRIGGER always_truncate AFTER TRUNCATE ON public.crm_projects EXECUTE FUNCTION public.audit_project();
+ALTER TABLE public.crm_projects ENABLE ALWAYS TRIGGER always_truncate;
+CREATE TRIGGER disabled_audit AFTER INSERT ON public.crm_projects FOR EACH ROW EXECUTE FUNCTION public.audit_project();
+ALTER TABLE public.crm_projects DISABLE TRIGGER disabled_audit;
+"""
+TRIGGER_STATES = [("always_mark", "A"), ("always_truncate", "A"), ("disabled_audit", "D"), ("origin_audit", "O"),
+                  ("replica_mark", "R")]
+
+
+@pytest.mark.parametrize("as_owner", [False, True], ids=["superuser", "table-owner"])
+def test_target_triggers_fire_on_no_restored_row_and_keep_their_states(
+        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]], seed_db: Any, as_owner: bool) -> None:
+    """The target's triggers on a table being refilled (origin, replica, always; row and
+    TRUNCATE) fire on nothing: the rows are the backup's and nothing is written elsewhere.
+    Before, a superuser's restore fired REPLICA and ALWAYS triggers (rows rewritten, verdict
+    failed), and a table owner's turned every trigger, a disabled one included, into an origin
+    trigger."""
     db, _ = live
-    db.execute("DELETE FROM public.crm_projects")
-    db.execute("CREATE FUNCTION public.mark_project() RETURNS trigger LANGUAGE plpgsql AS $$"
-               " BEGIN NEW.name := NEW.name || ' (changed)'; RETURN NEW; END $$")
-    db.execute("CREATE TRIGGER mark BEFORE INSERT ON public.crm_projects FOR EACH ROW EXECUTE FUNCTION public.mark_project()")
-    db.execute("ALTER TABLE public.crm_projects ENABLE ALWAYS TRIGGER mark")
-    result = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.crm_projects",
-                      "--target-dsn", db.dsn, expect_rc=3)
-    failed = {c["name"]: c["detail"] for c in result["validation"]["checks"] if not c["ok"]}
-    assert result["ok"] is False and set(failed) == {"content_checksums"}, failed
-    assert "public.crm_projects" in failed["content_checksums"]
-    assert db.scalar("SELECT count(*) FROM public.crm_projects WHERE name LIKE '%(changed)'") == result["rows"] > 0
+    expected = hashes(seed_db)["public.crm_projects"]
+    db.execute(TRIGGERS)
+    dsn = db.dsn
+    if as_owner:
+        role = f"owner_{db.name[-8:]}"
+        db.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'trg-pw-51' NOSUPERUSER BYPASSRLS")
+        db.execute(f"GRANT USAGE ON SCHEMA public TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};"
+                   f" GRANT ALL ON public.project_audit TO {role};"
+                   f" ALTER TABLE public.crm_projects OWNER TO {role}")
+        server = db.server
+        dsn = f"postgresql://{role}:trg-pw-51@{server.host}:{server.port}/{db.name}"
+    db.execute("UPDATE public.crm_projects SET name = 'vandalised'")
+    try:
+        result = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.crm_projects",
+                          "--replace", "--target-dsn", dsn)
+        assert result["ok"] is True
+        assert hashes(db)["public.crm_projects"] == expected
+        assert db.scalar("SELECT count(*) FROM public.project_audit") == 0
+        assert db.execute("SELECT tgname, tgenabled::text FROM pg_trigger WHERE tgrelid = 'public.crm_projects'::regclass"
+                          " AND NOT tgisinternal ORDER BY 1") == TRIGGER_STATES
+    finally:
+        if as_owner:
+            db.execute(f"ALTER TABLE public.crm_projects OWNER TO postgres; DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 def test_non_empty_table_is_refused_untouched(cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
