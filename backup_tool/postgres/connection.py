@@ -6,6 +6,13 @@ Sessions opened here pin every setting that changes how values are written as te
 rows always produce the same COPY text and the same content checksum, at backup time and
 at validation time. Passwords are handed to child processes through ``PGPASSWORD`` in
 their environment, never in their arguments.
+
+They also turn off every timeout a role or database may set for its applications (statement,
+lock, idle in transaction, idle session, transaction), as pg_dump and pg_restore do: a
+database-level ``statement_timeout = '60s'`` must not kill a backup's COPY of a large table,
+nor an ``idle_in_transaction_session_timeout`` the snapshot a backup's sessions share, nor a
+restored ``default_transaction_read_only`` a restore's writes. A value the caller's DSN sets in
+its own ``options`` still wins over these.
 """
 
 from __future__ import annotations
@@ -44,9 +51,39 @@ SYSTEM_SCHEMA_FILTER = (
 )
 
 
+SESSION_DEFAULTS = {
+    "statement_timeout": "0",
+    "lock_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "default_transaction_read_only": "off",
+}
+"""Settings before the DSN's own ``options`` (which may change them), after the role's and
+database's defaults (which they override)."""
+NEWER_TIMEOUTS = ((140000, "idle_session_timeout"), (170000, "transaction_timeout"))
+"""Timeouts of newer servers (server version, setting), set to 0 once connected: an older
+server refuses an unknown setting in the startup options."""
+
+
 def session_options(extra: dict[str, str] | None = None) -> str:
     settings = {**SESSION_SETTINGS, **(extra or {})}
     return " ".join(f"-c {k}={v}" for k, v in settings.items())
+
+
+def _with_defaults(options: str) -> str:
+    return " ".join([*(f"-c {k}={v}" for k, v in SESSION_DEFAULTS.items()), *([options] if options else [])])
+
+
+def clear_newer_timeouts(conn: psycopg.Connection[Any]) -> None:
+    """Set this server's newer timeouts (:data:`NEWER_TIMEOUTS`) to 0 for the session, unless
+    the DSN's ``options`` named them; leaves no transaction open."""
+    version = conn.info.server_version
+    named = conn.info.get_parameters().get("options", "")
+    wanted = [name for since, name in NEWER_TIMEOUTS if version >= since and name not in named]
+    if not wanted:
+        return
+    conn.execute("; ".join(f"SET {name} = 0" for name in wanted))
+    if not conn.autocommit:
+        conn.commit()
 
 
 def describe_connect_error(exc: Exception, target: str) -> DatabaseError:
@@ -115,14 +152,21 @@ class ConnInfo:
     def connect(self, autocommit: bool = True, settings: dict[str, str] | None = None,
                 application: str = "backup-tool") -> psycopg.Connection[Any]:
         params = dict(self.params)
+        own = str(params.get("options") or "")
         options = session_options(settings)
-        params["options"] = f"{params['options']} {options}" if params.get("options") else options
+        params["options"] = f"{_with_defaults(own)} {options}"
         params.setdefault("application_name", application)
         params.setdefault("connect_timeout", "15")
         try:
-            return psycopg.connect(make_conninfo(**params), autocommit=autocommit)
+            conn = psycopg.connect(make_conninfo(**params), autocommit=autocommit)
         except psycopg.OperationalError as exc:
             raise describe_connect_error(exc, f"PostgreSQL at {self.redacted()}") from None
+        try:
+            clear_newer_timeouts(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def tool_conninfo(self) -> str:
         """Connection string for a child tool's ``-d``: everything but the password."""
@@ -136,7 +180,7 @@ class ConnInfo:
         if self.params.get("password"):
             env["PGPASSWORD"] = str(self.params["password"])
         if settings is not None:
-            env["PGOPTIONS"] = session_options(settings)
+            env["PGOPTIONS"] = f"{_with_defaults('')} {session_options(settings)}"
         return env
 
 

@@ -257,30 +257,32 @@ def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                 UNION SELECT unnest(polroles) FROM pg_policy
                 UNION SELECT lomowner FROM pg_largeobject_metadata
                 UNION SELECT (aclexplode(lomacl)).grantee FROM pg_largeobject_metadata
-                UNION SELECT o.owner FROM (
-                    SELECT 'pg_collation'::regclass, oid, collowner, collnamespace FROM pg_collation
-                    UNION ALL SELECT 'pg_conversion'::regclass, oid, conowner, connamespace FROM pg_conversion
-                    UNION ALL SELECT 'pg_operator'::regclass, oid, oprowner, oprnamespace FROM pg_operator
-                    UNION ALL SELECT 'pg_opclass'::regclass, oid, opcowner, opcnamespace FROM pg_opclass
-                    UNION ALL SELECT 'pg_opfamily'::regclass, oid, opfowner, opfnamespace FROM pg_opfamily
-                    UNION ALL SELECT 'pg_ts_config'::regclass, oid, cfgowner, cfgnamespace FROM pg_ts_config
-                    UNION ALL SELECT 'pg_ts_dict'::regclass, oid, dictowner, dictnamespace FROM pg_ts_dict
-                    UNION ALL SELECT 'pg_statistic_ext'::regclass, oid, stxowner, stxnamespace
-                      FROM pg_statistic_ext
-                    UNION ALL SELECT 'pg_foreign_data_wrapper'::regclass, oid, fdwowner, 0 FROM pg_foreign_data_wrapper
-                    UNION ALL SELECT 'pg_foreign_server'::regclass, oid, srvowner, 0 FROM pg_foreign_server
-                    ) o(cls, oid, owner, nsp)
-                  LEFT JOIN pg_namespace n ON n.oid = o.nsp
-                 WHERE (o.nsp = 0 OR {SYSTEM_SCHEMA_FILTER})
-                   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = o.cls AND d.objid = o.oid
-                                     AND d.deptype = 'e')
-                UNION SELECT (aclexplode(fdwacl)).grantee FROM pg_foreign_data_wrapper
-                UNION SELECT (aclexplode(srvacl)).grantee FROM pg_foreign_server
-                UNION SELECT umuser FROM pg_user_mapping
                 UNION SELECT datdba FROM pg_database WHERE datname = current_database()
                 UNION SELECT (aclexplode(datacl)).grantee FROM pg_database WHERE datname = current_database())
               AND r.oid <> 0 ORDER BY 1""")],
         **extra,
     }
-    found["roles"] = sorted(set(found["roles"]) | roles_used(extra))
+    found["roles"] = sorted(set(found["roles"]) | roles_used(extra) | _owners_elsewhere(conn))
     return found
+
+
+def _owners_elsewhere(conn: psycopg.Connection[Any]) -> set[str]:
+    """Roles that own, or are granted, any other object of this database (collations,
+    operators, text search objects, statistics, foreign-data wrappers and servers, user
+    mappings, ...), as the shared dependencies record them; pg_restore needs each (an object
+    of an extension is the extension's, a temporary table nobody's). Read in a savepoint
+    rolled back at once: locks taken after a savepoint go with it, so in a backup's
+    snapshot session these catalogs hold no lock slot for the rest of the backup (which
+    needs no more of them than pg_dump)."""
+    with conn.transaction():
+        rows = conn.execute("""
+            SELECT DISTINCT r.rolname FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid
+             WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND s.refclassid = 'pg_authid'::regclass AND s.deptype IN ('o', 'a', 'r')
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = s.classid AND d.objid = s.objid
+                                 AND d.deptype = 'e')
+               AND NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                WHERE s.classid = 'pg_class'::regclass AND c.oid = s.objid
+                                  AND n.nspname ~ '^pg_(toast_)?temp_')""").fetchall()
+        raise psycopg.Rollback()
+    return {str(r[0]) for r in rows}

@@ -95,3 +95,42 @@ def test_list_settings_with_quoted_commas_restore_unchanged(cli: Any, local_repo
         pg_server.drop_db(source)
         with pg_server.admin_conn() as conn:
             conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+APPLICATION_LIMITS = {
+    "statement_timeout": "5ms", "lock_timeout": "1ms", "idle_in_transaction_session_timeout": "100ms",
+    "idle_session_timeout": "300ms", "default_transaction_read_only": "on",
+}
+
+
+def test_timeouts_a_database_sets_for_its_applications_bind_none_of_the_tool_sessions(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """Production databases set timeouts for their applications. Before, a database-level
+    ``statement_timeout`` killed the backup's COPY and ``idle_in_transaction_session_timeout``
+    the snapshot its sessions share; restored last, they and ``default_transaction_read_only``
+    then stopped validation and ``restore tables`` in the restored database."""
+    source, copy = f"limits_{uuid.uuid4().hex[:8]}", f"limits_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.events AS SELECT g AS id, md5(g::text) AS body"
+                         " FROM generate_series(1, 300000) g; ALTER TABLE public.events ADD PRIMARY KEY (id)")
+            for name, value in APPLICATION_LIMITS.items():
+                conn.execute(f"ALTER DATABASE {source} SET {name} = '{value}'")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                            "--target-dsn", pg_server.dsn(copy), "--create")
+        assert restored["ok"] is True
+        with pg_server.admin_conn() as conn:
+            settings = conn.execute("SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d"
+                                    " ON d.oid = s.setdatabase WHERE d.datname = %s", (copy,)).fetchone()
+        assert settings is not None and sorted(settings[0]) == sorted(f"{k}={v}" for k, v in APPLICATION_LIMITS.items())
+        replaced = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.events", "--replace",
+                            "--target-dsn", pg_server.dsn(copy))
+        assert replaced["ok"] is True and replaced["rows"] == 300000
+        again = cli.json("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"])
+        assert again["ok"] is True
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
