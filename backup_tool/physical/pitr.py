@@ -1398,7 +1398,7 @@ def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter
     point = parse_recovery_log(server.log_text())
     if layout.stop is not None:
         point = dataclasses.replace(point, last_transaction_time=layout.stop.time)
-    with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True) as conn:
+    with server.conninfo().connect() as conn:
         row = conn.execute("SELECT pg_last_xact_replay_timestamp(),"
                            " (SELECT timeline_id FROM pg_control_checkpoint()), pg_is_in_recovery(),"
                            " pg_last_wal_replay_lsn()::text").fetchone()
@@ -1436,7 +1436,7 @@ def promote_paused(server: LocalServer, timeout: float = 60.0) -> None:
     cluster ends up promoted from the same target, replaying nothing more, at worst with
     that checkpoint."""
     deadline = time.monotonic() + timeout
-    with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True) as conn:
+    with server.conninfo().connect() as conn:
         row = conn.execute("SELECT pg_promote(false)").fetchone()
         tries = PROMOTE_TRIES if row is not None and row[0] else 0
         while True:
@@ -1473,7 +1473,7 @@ def validate_cluster(server: LocalServer, jobs: int, reporter: Reporter) -> Vali
     """The health checks that need no manifest, on every database of the recovered cluster, as
     on a physical copy: states WAL replay copies from the source (invalid indexes, logged
     sequences behind their columns) are listed, not failed."""
-    with psycopg.connect(server.conninfo().tool_conninfo(), autocommit=True) as conn:
+    with server.conninfo().connect() as conn:
         dbs = [r[0] for r in conn.execute(
             "SELECT datname FROM pg_database WHERE datallowconn AND datname NOT IN ('template0', 'template1')"
             " ORDER BY 1").fetchall()]
@@ -1608,7 +1608,7 @@ def partial_shortfall(conn: Any, layout: Layout, log_text: str, table_oids: list
 def _keep_only(server: LocalServer, database: str, reporter: Reporter) -> tuple[str, ...]:
     """Drop every database but ``database`` and the templates / ``postgres`` (whose sparse
     files were never meant to be read); returns the dropped names."""
-    with psycopg.connect(server.conninfo(database).tool_conninfo(), autocommit=True) as conn:
+    with server.conninfo(database).connect() as conn:
         names = [r[0] for r in conn.execute(
             "SELECT datname FROM pg_database WHERE datname NOT IN (%s, 'postgres', 'template0', 'template1') "
             "ORDER BY 1", (database,)).fetchall()]

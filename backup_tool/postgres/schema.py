@@ -133,12 +133,16 @@ _SECRET_OPTION = re.compile(
     re.IGNORECASE)
 
 
+_CONNINFO_SECRET = re.compile(r"(\b(?:ssl)?password\s*=\s*)(?:''(?:[^']|'''')*''|[^\s']+)", re.IGNORECASE)
+
+
 def mask_secret_options(line: str) -> str:
     """``line`` of schema text with the value of every option whose name says it holds a
-    secret (``password``, ``secret_access_key``, ``token``, ...) replaced by ``'***'``: pg_dump
-    writes user mappings' and servers' options in the clear, and a line quoted in a message
-    must not carry them. Pure."""
-    return _SECRET_OPTION.sub(r"\1'***'", line)
+    secret (``password``, ``secret_access_key``, ``token``, ...) and of a connection string's
+    ``password=`` replaced by ``***``: pg_dump writes user mappings', servers' and
+    subscriptions' secrets in the clear, and a line quoted in a message must not carry them.
+    Pure."""
+    return _CONNINFO_SECRET.sub(r"\1***", _SECRET_OPTION.sub(r"\1'***'", line))
 
 
 def fingerprint(normalized: str) -> str:

@@ -403,6 +403,8 @@ def test_owners_of_servers_mappings_collations_and_search_configs_are_roles_the_
     source = pg_cluster_factory()
     source.create_db("elsewhere")
     run_sql(source, "elsewhere", OWNERS_ELSEWHERE)
+    run_sql(source, "elsewhere", "CREATE SUBSCRIPTION far_feed CONNECTION 'host=10.255.0.1 dbname=x"
+                                 " password=sub-secret-77' PUBLICATION p WITH (connect = false)")
     cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn("elsewhere"))
     target = pg_cluster_factory()
     refused = cli("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn("elsewhere"), "--create")
@@ -418,8 +420,14 @@ def test_owners_of_servers_mappings_collations_and_search_configs_are_roles_the_
                           dbcompare.fingerprint(target.dsn("elsewhere")))
     with target.admin_conn("elsewhere") as conn:
         conn.execute("ALTER USER MAPPING FOR mapped_user SERVER far_away OPTIONS (SET password 'changed-secret')")
+        conn.execute("ALTER SUBSCRIPTION far_feed CONNECTION 'host=10.255.0.1 dbname=x password=changed-sub-77'")
     changed = cli("validate", "--repo", local_repo, "--dsn", target.dsn("elsewhere"), "--against", "latest")
     assert changed.returncode == 3
     assert "schema_matches" in changed.stdout and "password '***'" in changed.stdout
     assert "not-shown-anywhere" not in changed.stdout + changed.stderr
     assert "changed-secret" not in changed.stdout + changed.stderr
+    detail = next(c["detail"] for c in cli.json("validate", "--repo", local_repo, "--dsn", target.dsn("elsewhere"),
+                                                 "--against", "latest", expect_rc=3)["checks"]
+                  if c["name"] == "schema_matches")
+    assert "(4 lines)" in detail and "password=***" in detail
+    assert "sub-secret-77" not in detail and "changed-sub-77" not in detail
