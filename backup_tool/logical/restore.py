@@ -191,6 +191,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
 
     with dropped_unless_kept(target, created, reporter) as new_database, target.connect() as control:
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
+        if schema_from_migrations is None:
+            extensions.refuse_missing_extensions(control, manifest.inventory.get("extensions", []))
         archive = _schema_archive(run, control) if schema_from_migrations is None else None
         created_roles = _claim_target(control, run, major, with_roles, restart_unfinished)
         new_database.keep()

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import psycopg
 from psycopg import sql
 
+from backup_tool.errors import RefusedError
 from backup_tool.postgres import schema
 from backup_tool.postgres.connection import ConnInfo, find_tool
 from backup_tool.streams import pipeline
@@ -50,6 +51,26 @@ def pinned(toc: list[str], backed_up: list[dict[str, Any]], defaults: dict[str, 
             if name in versions and name in defaults and versions[name] != defaults[name]:
                 found.append(Pinned(name, versions[name], i))
     return found
+
+
+def missing_extensions(needed: Sequence[str], available: Sequence[str]) -> RefusedError | None:
+    """The refusal for extensions a backup uses that the target server cannot install (no
+    control file: its package is missing there), or None. Pure."""
+    missing = sorted(set(needed) - set(available))
+    if not missing:
+        return None
+    return RefusedError(f"the backup uses extension{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which "
+                        "the target server cannot install (not in pg_available_extensions)",
+                        "install their packages on the target server (on Debian e.g. postgresql-15-postgis-3 "
+                        "for postgis), then run the restore again")
+
+
+def refuse_missing_extensions(conn: psycopg.Connection[Any], backed_up: Sequence[dict[str, Any]]) -> None:
+    """Raise :func:`missing_extensions`' refusal for the server ``conn`` is on, if any: before
+    anything is created, not half-way through the schema."""
+    available = [r[0] for r in conn.execute("SELECT name FROM pg_catalog.pg_available_extensions").fetchall()]
+    if refusal := missing_extensions([str(e["name"]) for e in backed_up], available):
+        raise refusal
 
 
 def _write_list(path: Path, lines: Sequence[str]) -> Path:

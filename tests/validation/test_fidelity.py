@@ -329,3 +329,38 @@ def test_an_index_pg_restore_cannot_rebuild_fails_the_restore_with_the_reason(
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "public.stores" in proc.stderr and "ll_to_earth" in proc.stderr and "search_path" in proc.stderr
+
+
+def test_an_extension_the_target_cannot_install_is_refused_before_anything_is_created(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    """A backup of a PostGIS database restored into a server without PostGIS failed half-way
+    through the schema (a marked, unfinished database left behind); now it is refused first,
+    naming the extension, and the database --create would make is not made."""
+    sharedir = subprocess.run([str(find_pg_bin_dir() / "pg_config"), "--sharedir"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    extdir = Path(sharedir) / "extension"
+    if not os.access(extdir, os.W_OK):
+        pytest.skip(f"cannot install a test extension into {extdir}")
+    name = f"bt_gone_{uuid.uuid4().hex[:8]}"
+    files = [extdir / f"{name}.control", extdir / f"{name}--1.0.sql"]
+    files[0].write_text("comment = 'backup-tool test: removed before the restore'\ndefault_version = '1.0'\n"
+                        "relocatable = true\n")
+    files[1].write_text("CREATE FUNCTION gone_answer() RETURNS int LANGUAGE sql AS 'SELECT 42';\n")
+    try:
+        source = fresh_db("extgone")
+        source.execute(f"CREATE EXTENSION {name}")
+        source.execute("CREATE TABLE public.answers AS SELECT gone_answer() AS a")
+        entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+        for f in files:
+            f.unlink()
+        target_name = f"extgone_r_{uuid.uuid4().hex[:8]}"
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", entry["id"],
+                   "--target-dsn", pg_server.dsn(target_name), "--create")
+        assert proc.returncode == 1
+        assert f"the backup uses extension {name}, which the target server cannot install" in proc.stderr
+        assert "install their packages on the target server" in proc.stderr
+        with pg_server.admin_conn() as conn:
+            assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (target_name,)).fetchone() == (0,)
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
