@@ -46,12 +46,23 @@ def main() -> None:
         if fetch is not None:
             _quick_fetch(fetch, never_archived(fetch.name))
     fixed_mmap_threshold()
+    readable_output()
     from backup_tool.cli.program import main as cli_main
 
     try:
         cli_main()
     finally:
         exempt_from_collection()
+
+
+def readable_output() -> None:
+    """A byte of a non-UTF-8 database (a SQL_ASCII or LATIN1 comment, a name) reaches the
+    output as a lone surrogate: written as its escape (``\\udce9``), valid inside a JSON
+    string, instead of failing the command under a UTF-8 locale's strict output."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 def resume_collection() -> None:

@@ -530,6 +530,8 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         control = conninfo.connect()
         stack.callback(control.close)
         info = postgres.server_info(control)
+        if info["encoding"] == "SQL_ASCII":
+            postgres.refuse_non_ascii_names(control)
         major = info["server_version_num"] // 10000
         probing = Background(postgres.tool_versions, major, name="client-tool-versions")
         database = info["database"]

@@ -27,11 +27,14 @@ from typing import Any, Iterator, Sequence
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import Format
 from psycopg.rows import dict_row
 
 from backup_tool.core.checksum_methods import ChecksumMethod
-from backup_tool.errors import BackupToolError, ConfigError, DatabaseError
+from backup_tool.errors import BackupToolError, ConfigError, DatabaseError, RefusedError
 from backup_tool.postgres import tools as pg_tools
 from backup_tool.repository.manifest import SequenceRecord
 
@@ -73,15 +76,38 @@ def _with_defaults(options: str) -> str:
     return " ".join([*(f"-c {k}={v}" for k, v in SESSION_DEFAULTS.items()), *([options] if options else [])])
 
 
-def clear_newer_timeouts(conn: psycopg.Connection[Any]) -> None:
+class _TransparentText(Loader):
+    """Text of a SQL_ASCII database, whose bytes carry no encoding: read as UTF-8 (what such
+    databases mostly hold), any other byte kept as a lone surrogate (``surrogateescape``), so
+    names and definitions are ``str`` and go back to the server as the same bytes. psycopg's
+    own loader returns ``bytes`` for such a database, which nothing here expects."""
+
+    def load(self, data: Buffer) -> str:
+        return bytes(data).decode("utf-8", "surrogateescape")
+
+
+class _TransparentBinaryText(_TransparentText):
+    format = Format.BINARY
+
+
+_TEXT_TYPES = (0, "bpchar", "name", "text", "varchar", '"char"')
+
+
+def _after_connect(conn: psycopg.Connection[Any]) -> None:
     """Set this server's newer timeouts (:data:`NEWER_TIMEOUTS`) to 0 for the session, unless
-    the DSN's ``options`` named them; leaves no transaction open."""
+    the DSN's ``options`` named them; on a SQL_ASCII database read text as
+    :class:`_TransparentText` (a client encoding of UTF8 would have the server refuse every
+    non-UTF-8 byte it sends). Leaves no transaction open."""
     version = conn.info.server_version
     named = conn.info.get_parameters().get("options", "")
-    wanted = [name for since, name in NEWER_TIMEOUTS if version >= since and name not in named]
-    if not wanted:
+    statements = [f"SET {name} = 0" for since, name in NEWER_TIMEOUTS if version >= since and name not in named]
+    if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
+        for name in _TEXT_TYPES:
+            conn.adapters.register_loader(name, _TransparentText)
+            conn.adapters.register_loader(name, _TransparentBinaryText)
+    if not statements:
         return
-    conn.execute("; ".join(f"SET {name} = 0" for name in wanted))
+    conn.execute("; ".join(statements))
     if not conn.autocommit:
         conn.commit()
 
@@ -162,7 +188,7 @@ class ConnInfo:
         except psycopg.OperationalError as exc:
             raise describe_connect_error(exc, f"PostgreSQL at {self.redacted()}") from None
         try:
-            clear_newer_timeouts(conn)
+            _after_connect(conn)
         except BaseException:
             conn.close()
             raise
@@ -310,6 +336,29 @@ def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         "in_recovery": row[5],
         "host": f"{conn.info.host}:{conn.info.port}",
     }
+
+
+def refuse_non_ascii_names(conn: psycopg.Connection[Any]) -> None:
+    """A SQL_ASCII database's names must be ASCII here: psycopg can only send such a
+    database's text as ASCII, so a table or schema named with other bytes could be read but
+    not named again in a statement. Refused up front, naming them (its data, comments and
+    definitions may hold any bytes)."""
+    rows = conn.execute(f"""
+        SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE {SYSTEM_SCHEMA_FILTER} AND c.relkind IN ('r', 'p', 'S', 'v', 'm', 'f')
+           AND (n.nspname || c.relname) ~ '[^\x01-\x7f]'
+         UNION SELECT format('%I.%I.%I', n.nspname, c.relname, a.attname) FROM pg_attribute a
+          JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE {SYSTEM_SCHEMA_FILTER} AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname::text ~ '[^\x01-\x7f]'
+         ORDER BY 1 LIMIT 6""").fetchall()
+    if rows:
+        names = [str(r[0]) for r in rows]
+        raise RefusedError(f"this SQL_ASCII database names tables or columns with non-ASCII bytes "
+                           f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}), which backup-tool "
+                           "cannot address in such a database",
+                           "rename them to ASCII names, or convert the database to UTF8 (pg_dump, then "
+                           "restore into a database created WITH ENCODING 'UTF8')")
 
 
 def list_tables(conn: psycopg.Connection[Any]) -> list[TableInfo]:

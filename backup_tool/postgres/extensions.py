@@ -96,7 +96,7 @@ class PreDataReplay:
             defaults = {r[0]: r[1] for r in conn.execute(
                 "SELECT name, default_version FROM pg_available_extensions").fetchall()}
         self.toc = pipeline.run([find_tool("pg_restore", major), "--list", str(archive_path)], target.tool_env(),
-                                "pg_restore (list)").decode().splitlines()
+                                "pg_restore (list)").decode("utf-8", "surrogateescape").splitlines()
         self._pins = {self.toc[p.toc_line]: p for p in pinned(self.toc, backed_up or [], defaults)}
 
     def _list(self, lines: Sequence[str]) -> Path:

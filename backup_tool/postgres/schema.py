@@ -48,8 +48,12 @@ def dump_globals(conninfo: ConnInfo, major: int) -> bytes:
 
 
 def schema_text(archive: bytes, major: int) -> str:
+    """The archive's schema as SQL text. pg_restore writes it in the database's encoding: read
+    as UTF-8 with any other byte kept as a lone surrogate, so a LATIN1 or SQL_ASCII schema
+    (a comment, a default) is compared byte for byte rather than refused."""
     argv = [find_tool("pg_restore", major), "--schema-only", "--file=-"]
-    return pipeline.run(argv, dict(os.environ), "pg_restore (schema text)", input_bytes=archive).decode()
+    return pipeline.run(argv, dict(os.environ), "pg_restore (schema text)",
+                        input_bytes=archive).decode("utf-8", "surrogateescape")
 
 
 def normalize_v1(text: str) -> str:
@@ -146,7 +150,7 @@ def mask_secret_options(line: str) -> str:
 
 
 def fingerprint(normalized: str) -> str:
-    return hashlib.sha256(normalized.encode()).hexdigest()
+    return hashlib.sha256(normalized.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def live_schema(conninfo: ConnInfo, major: int) -> str:

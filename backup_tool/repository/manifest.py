@@ -428,7 +428,7 @@ class Manifest:
         body["manifest_sha256"] = _digest(body)
         if seal is not None:
             body[SEAL_FIELD] = seal(body["manifest_sha256"])
-        return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode()
+        return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 def manifest_seal(raw: bytes) -> tuple[str, str | None]:
@@ -439,9 +439,13 @@ def manifest_seal(raw: bytes) -> tuple[str, str | None]:
 
 
 def _digest(body: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON. A lone surrogate (a byte of a non-UTF-8 database's
+    comment or definition, see :func:`backup_tool.postgres.schema.schema_text`) is written
+    as its JSON escape, which reads back as the same string; any other text is UTF-8 as
+    before, so digests of existing manifests are unchanged."""
     canonical = json.dumps({k: v for k, v in body.items() if k not in ("manifest_sha256", SEAL_FIELD)},
                            sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical.encode("utf-8", "backslashreplace")).hexdigest()
 
 
 def _obj(data: dict[str, Any] | None) -> StoredObject | None:

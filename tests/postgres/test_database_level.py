@@ -4,6 +4,7 @@ differs, and the databases the tool drops (a restore-test's scratch copy) may be
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from typing import Any
 
@@ -134,3 +135,65 @@ def test_timeouts_a_database_sets_for_its_applications_bind_none_of_the_tool_ses
     finally:
         pg_server.drop_db(copy)
         pg_server.drop_db(source)
+
+
+NON_UTF8 = """
+CREATE TABLE public.notes (id int PRIMARY KEY, body text DEFAULT E'd\\xe9faut' CHECK (body <> E'\\xff'), raw text);
+INSERT INTO public.notes VALUES (1, E'caf\\xe9', E'\\xfe\\xfd'), (2, 'plain', NULL);
+COMMENT ON TABLE public.notes IS E'comment \\xe9';
+CREATE FUNCTION public.greet() RETURNS text LANGUAGE sql AS $$ SELECT E'h\\xe9llo' $$;
+"""
+
+
+@pytest.mark.parametrize("encoding", ["SQL_ASCII", "LATIN1"])
+def test_a_database_whose_bytes_are_not_utf8_round_trips_and_its_changes_are_named(
+        cli: Any, local_repo: str, pg_server: Any, encoding: str) -> None:
+    """Every backup of a SQL_ASCII database failed (psycopg returns such a database's text
+    as bytes), and one of a LATIN1 database whose schema held a non-ASCII byte (a comment, a
+    default) failed reading the schema text. Both now round-trip byte for byte; a changed
+    byte fails validation, and the verdict prints under a strict UTF-8 output."""
+    source, copy = f"bytes_{uuid.uuid4().hex[:8]}", f"bytes_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source} TEMPLATE template0 ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute(f"SET client_encoding = '{encoding}'")
+            conn.execute(NON_UTF8)
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                            "--target-dsn", pg_server.dsn(copy), "--create")
+        assert restored["ok"] is True
+
+        def dump(db: str) -> bytes:
+            out = subprocess.run([str(pg_server.bin_dir / "pg_dump"), "--create", "-d", pg_server.dsn(db)],
+                                 capture_output=True, check=True).stdout
+            return b"\n".join(ln for ln in out.replace(copy.encode(), source.encode()).splitlines()
+                              if not ln.startswith((b"\\restrict", b"\\unrestrict")))
+        assert dump(copy) == dump(source) and b"comment \xe9" in dump(source)
+        with pg_server.admin_conn(copy) as conn:
+            conn.execute(f"SET client_encoding = '{encoding}'")
+            conn.execute("COMMENT ON TABLE public.notes IS E'comment \\xe8'")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"],
+                   "--json", env={"PYTHONIOENCODING": "utf-8:strict"})
+        assert proc.returncode == 3, proc.stderr
+        failed = {c["name"] for c in proc.json()["checks"] if not c["ok"]}
+        assert failed == {"schema_matches", "comments"}
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+
+
+def test_a_sql_ascii_database_naming_a_table_with_other_bytes_is_refused_clearly(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    name = f"named_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'")
+    try:
+        with pg_server.admin_conn(name) as conn:
+            conn.execute('CREATE TABLE public."café" (id int)'.encode())
+        proc = cli("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(name))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert 'names tables or columns with non-ASCII bytes (public."café")' in proc.stderr
+        assert "convert the database to UTF8" in proc.stderr
+    finally:
+        pg_server.drop_db(name)
