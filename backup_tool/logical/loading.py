@@ -120,8 +120,21 @@ def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterabl
 def load_failure(entry: TableEntry, exc: psycopg.Error) -> DatabaseError:
     """The one-line error of a COPY into ``entry`` that the server refused; a CHECK
     constraint's refusal says why rows the source held can fail (:data:`CHECK_HINT`)."""
-    hint = CHECK_HINT if isinstance(exc, psycopg.errors.CheckViolation) else None
+    if isinstance(exc, psycopg.errors.CheckViolation):
+        hint: str | None = CHECK_HINT
+    elif isinstance(exc, (psycopg.errors.UndefinedColumn, psycopg.errors.InvalidTextRepresentation,
+                          psycopg.errors.InvalidDatetimeFormat, psycopg.errors.NumericValueOutOfRange,
+                          psycopg.errors.StringDataRightTruncation, psycopg.errors.NotNullViolation,
+                          psycopg.errors.BadCopyFileFormat)):
+        hint = COLUMNS_HINT
+    else:
+        hint = None
     return DatabaseError(f"loading {entry.full_name} failed: {str(exc).splitlines()[0]}", hint)
+
+
+COLUMNS_HINT = ("the table's columns here are not the backup's (altered since the backup was taken?); nothing was "
+                "kept: restore it with --into-schema NAME to get the backed-up table beside the live one, then copy "
+                "the rows you need")
 
 
 CHECK_HINT = ("these rows are the backup's, so the constraint reads more than its row (another table through a "

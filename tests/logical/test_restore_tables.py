@@ -667,3 +667,17 @@ def test_a_missing_repository_is_reported_before_an_unreachable_target(cli: Any,
                "--target-dsn", f"host=127.0.0.1 port={free_port()} dbname=x user=x connect_timeout=2")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "repository" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_a_live_table_altered_since_the_backup_fails_with_a_hint_and_keeps_its_rows(
+        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
+    db, _ = live
+    db.execute("ALTER TABLE public.coupons DROP COLUMN " + db.scalar(
+        "SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = 'public.coupons'::regclass AND attnum > 0"
+        " AND NOT attisdropped AND NOT attnotnull ORDER BY attnum DESC LIMIT 1"))
+    before = hashes(db)
+    proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.coupons", "--replace",
+               "--target-dsn", db.dsn)
+    assert proc.returncode == 1 and "loading public.coupons failed: column" in proc.stderr
+    assert "restore it with --into-schema NAME" in proc.stderr and "Traceback" not in proc.stderr
+    assert hashes(db) == before
