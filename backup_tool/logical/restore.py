@@ -226,7 +226,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             if rebuilt is None:
                 _build_post_data(run, archive_path, major, early.ids)
             else:
-                rebuild.finish(target, run.validating)
+                rebuild.finish(target, run.validating, rebuilt)
         finish_database(target, manifest, run.jobs, analyze, created, reporter, analyzed=early.analyze)
         restore_marker.clear(control)
 

@@ -66,6 +66,7 @@ from backup_tool.logical.session_ahead import SessionAhead, open_session_ahead
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
 from backup_tool.postgres.connection import ConnInfo, qualified
+from backup_tool.postgres.triggers import Quieted, quiet_triggers, wake_triggers
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest, SequenceRecord, StoredObject, TableEntry, utc_iso
 from backup_tool.repository.storage import Storage, open_repository
@@ -313,37 +314,6 @@ def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> b
     return bool(row and row[0])
 
 
-_ENABLE = {"O": "ENABLE TRIGGER {}", "R": "ENABLE REPLICA TRIGGER {}", "A": "ENABLE ALWAYS TRIGGER {}"}
-
-
-def quiet_triggers(conn: psycopg.Connection[Any], schema_name: str, name: str) -> list[tuple[str, str]]:
-    """Disable, by name, every user trigger of the table that fires in some mode (origin,
-    replica or always), so emptying and loading it fire none of them: the rows loaded are
-    the backup's and nothing else is written (an audit trigger would write elsewhere). A
-    superuser's ``session_replication_role = replica`` alone leaves ``REPLICA`` and
-    ``ALWAYS`` triggers firing. Returns (trigger, state) for :func:`wake_triggers`, which
-    sets each state back exactly, in the same transaction: no other session sees them off."""
-    rows = conn.execute(
-        "SELECT tgname, tgenabled::text FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal"
-        " AND tgenabled <> 'D' ORDER BY tgname", (postgres.quoted_table(schema_name, name),)).fetchall()
-    target = qualified(schema_name, name)
-    for trigger, _ in rows:
-        conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(target, sql.Identifier(trigger)))
-    return [(str(trigger), str(state)) for trigger, state in rows]
-
-
-def wake_triggers(conn: psycopg.Connection[Any], quieted: dict[TableKey, list[tuple[str, str]]]) -> None:
-    """Set back the states :func:`quiet_triggers` found, once every table is loaded. Deferred
-    constraint checks still pending are made first (as the commit would make them, on the
-    same rows): ALTER TABLE refuses a table with pending trigger events."""
-    if not any(quieted.values()):
-        return
-    conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
-    for key, states in quieted.items():
-        for trigger, state in states:
-            conn.execute(sql.SQL("ALTER TABLE {} " + _ENABLE[state]).format(qualified(*key), sql.Identifier(trigger)))
-
-
 def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries: list[TableEntry],
                      replace: bool, on_raw: Callable[[int], None]) -> None:
     """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back.
@@ -357,7 +327,7 @@ def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries
         conn.execute(sql.SQL("SET LOCAL client_encoding = {}").format(sql.Literal(manifest.encoding)))
         if superuser:
             conn.execute("SET LOCAL session_replication_role = replica")
-        quieted: dict[TableKey, list[tuple[str, str]]] = {}
+        quieted: Quieted = {}
         for t in entries:
             if t.relkind == "p":
                 continue

@@ -23,7 +23,9 @@ What is guaranteed:
 - The replayed schema already has its indexes, constraints, triggers and policies, so the
   archive's post-data is not replayed. Tables are loaded with ``session_replication_role =
   replica``: user triggers (which would rewrite or add rows) and foreign-key triggers (which
-  would reject rows loaded in parallel, in any order) do not fire. That setting needs a
+  would reject rows loaded in parallel, in any order) do not fire; the ``REPLICA`` and
+  ``ALWAYS`` triggers, which that role does not silence, are disabled for the load and set
+  back to their states after it (:mod:`backup_tool.postgres.triggers`). That setting needs a
   superuser, or a role granted ``SET`` on it; the restore refuses up front otherwise.
   Foreign keys are then checked for orphan rows: by validation's ``foreign_keys_hold``, or
   here when validation is off.
@@ -50,7 +52,7 @@ from backup_tool.errors import (
     ValidationFailed,
 )
 from backup_tool.postgres import connection as postgres
-from backup_tool.postgres import schema
+from backup_tool.postgres import schema, triggers
 from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import Storage
@@ -83,6 +85,7 @@ class RebuiltSchema:
     loader: ConnInfo
     archive_usable: bool
     differences: tuple[drift.Drift, ...]
+    quieted: triggers.Quieted
 
     def to_dict(self) -> dict[str, Any]:
         return {"folder": self.replay.folder, "files": [a.file for a in self.replay.applied],
@@ -226,11 +229,18 @@ def rebuild_schema(folder: str | Path, target: ConnInfo, storage: Storage, manif
     result = migrations.replay(target, found, record=False, reporter=reporter)
     reporter.event("schema rebuilt from migrations", files=len(result.applied),
                    seconds=round(time.monotonic() - started, 2))
-    return RebuiltSchema(result, replica_loader(target), backup_model is not None, differences)
+    with target.connect() as conn:
+        quieted = triggers.quiet_firing_triggers(conn)
+    return RebuiltSchema(result, replica_loader(target), backup_model is not None, differences, quieted)
 
 
-def finish(target: ConnInfo, validating: bool) -> None:
-    """After the load: unless validation will, prove the foreign keys hold (triggers were off)."""
+def finish(target: ConnInfo, validating: bool, rebuilt: RebuiltSchema) -> None:
+    """After the load: the REPLICA and ALWAYS triggers the migrations made (disabled for the
+    load: the replication role does not silence them) get their states back; then, unless
+    validation will, prove the foreign keys hold (triggers were off). A restore interrupted
+    before this replays the migrations again when restarted, states and all."""
+    with target.connect() as conn, conn.transaction():
+        triggers.wake_triggers(conn, rebuilt.quieted)
     if validating:
         return
     with target.connect() as conn:

@@ -239,3 +239,34 @@ def test_unusable_schema_dump_rebuild_from_migrations(cli: Any, local_repo: str,
     assert result["ok"] is True and result["schema_from_migrations"]["backup_schema_usable"] is False
     assert "schema archive is unusable" in proc.stderr
     dbcompare.assert_same(dbcompare.fingerprint(seed_db.dsn), dbcompare.fingerprint(target.dsn))
+
+
+FIRING_TRIGGERS = """
+CREATE FUNCTION public.stamp_coupon() RETURNS trigger LANGUAGE plpgsql AS $$
+  BEGIN NEW.code := NEW.code || '-stamped'; RETURN NEW; END $$;
+CREATE TRIGGER always_stamp BEFORE INSERT ON public.coupons FOR EACH ROW EXECUTE FUNCTION public.stamp_coupon();
+ALTER TABLE public.coupons ENABLE ALWAYS TRIGGER always_stamp;
+CREATE TRIGGER replica_stamp BEFORE INSERT ON public.coupons FOR EACH ROW EXECUTE FUNCTION public.stamp_coupon();
+ALTER TABLE public.coupons ENABLE REPLICA TRIGGER replica_stamp;
+"""
+
+
+def test_restore_onto_migrations_fires_no_replica_or_always_trigger_and_keeps_their_states(
+        cli: Any, local_repo: str, seed_copy: Callable[..., Any], fresh_db: Callable[..., Any],
+        tmp_path: Path) -> None:
+    """The load's replication role silences origin triggers only: a migration's ALWAYS or
+    REPLICA trigger rewrote every loaded row (verdict failed on the content)."""
+    source = seed_copy("firing")
+    source.execute(FIRING_TRIGGERS)
+    backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    folder = copy_migrations(tmp_path / "firing")
+    (folder / "20991231000000_firing_triggers.sql").write_text(FIRING_TRIGGERS)
+    target = fresh_db("firing_r")
+    result = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                      "--target-dsn", target.dsn, "--schema-from-migrations", folder)
+    assert result["ok"] is True
+    states = "SELECT tgname, tgenabled::text FROM pg_trigger WHERE tgrelid = 'public.coupons'::regclass" \
+             " AND NOT tgisinternal ORDER BY 1"
+    assert target.execute(states) == source.execute(states) == [("always_stamp", "A"), ("replica_stamp", "R")]
+    assert target.scalar("SELECT count(*) FROM public.coupons WHERE code LIKE '%-stamped'") == 0
+    assert dbcompare.table_hashes(target.dsn) == dbcompare.table_hashes(source.dsn)
