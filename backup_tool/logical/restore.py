@@ -109,6 +109,8 @@ def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any
     with admin.connect() as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             return False
+        if properties and properties.get("tablespace"):
+            schema.refuse_missing_tablespaces(conn, frozenset({str(properties["tablespace"])}))
         try:
             conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 {}").format(
                 sql.Identifier(name), database_level.create_options(properties, encoding)))

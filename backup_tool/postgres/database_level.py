@@ -39,6 +39,7 @@ _PROPERTIES_SQL = """
            d.datcollate AS collate, d.datctype AS ctype, d.datlocprovider::text AS locale_provider,
            coalesce(to_jsonb(d) ->> 'datlocale', to_jsonb(d) ->> 'daticulocale') AS icu_locale,
            d.datconnlimit AS connection_limit, d.datistemplate AS is_template,
+           (SELECT spcname FROM pg_tablespace WHERE oid = d.dattablespace) AS tablespace,
            shobj_description(d.oid, 'pg_database') AS comment,
            ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
                               pg_get_userbyid(a.grantor), a.privilege_type, a.is_grantable::text]
@@ -63,8 +64,8 @@ def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """What differs between two property records, one phrase per difference."""
     found = []
     for key in ("owner", "encoding", "collate", "ctype", "locale_provider", "icu_locale",
-                "connection_limit", "comment", "is_template"):
-        if key == "is_template" and key not in expected:
+                "connection_limit", "comment", "is_template", "tablespace"):
+        if key in ("is_template", "tablespace") and key not in expected:
             continue
         if expected.get(key) != actual.get(key):
             found.append(f"{key.replace('_', ' ')} {actual.get(key)!r}, backup {expected.get(key)!r}")
@@ -218,7 +219,8 @@ def _grantee(name: str) -> sql.Composable:
 
 
 def create_options(wanted: dict[str, Any] | None, encoding: str) -> sql.Composable:
-    """The ``CREATE DATABASE`` options that reproduce the backed-up encoding and locale."""
+    """The ``CREATE DATABASE`` options that reproduce the backed-up encoding, locale and
+    default tablespace (where the database's tables live unless they name another one)."""
     if not wanted:
         return sql.SQL("ENCODING {}").format(sql.Literal(encoding))
     parts: list[sql.Composable] = [sql.SQL("ENCODING {}").format(sql.Literal(wanted["encoding"])),
@@ -226,6 +228,8 @@ def create_options(wanted: dict[str, Any] | None, encoding: str) -> sql.Composab
              sql.SQL("LC_CTYPE {}").format(sql.Literal(wanted["ctype"]))]
     if wanted.get("locale_provider") == "i":
         parts += [sql.SQL("LOCALE_PROVIDER icu"), sql.SQL("ICU_LOCALE {}").format(sql.Literal(wanted["icu_locale"]))]
+    if wanted.get("tablespace") not in (None, "pg_default"):
+        parts.append(sql.SQL("TABLESPACE {}").format(sql.Identifier(wanted["tablespace"])))
     return sql.SQL(" ").join(parts)
 
 

@@ -65,3 +65,41 @@ def test_restore_into_a_server_without_the_tablespace_refuses_naming_it(cli: Cli
         pg_server.drop_db(copy)
         pg_server.drop_db(source)
         psql(pg_server, "postgres", f'DROP TABLESPACE IF EXISTS "{space}"')
+
+
+def test_a_database_whose_default_tablespace_is_another_comes_back_in_it(cli: Cli, local_repo: str,
+                                                                         pg_server: PgServer) -> None:
+    """``CREATE DATABASE ... TABLESPACE``: its tables name no tablespace, they live in the
+    database's default one. --create made the copy in pg_default and validation passed; now
+    the copy is made there (refused, naming it, where it is missing), and a restore into a
+    database elsewhere names the difference."""
+    suffix = uuid.uuid4().hex[:8]
+    source, copy, other, space = f"dts_src_{suffix}", f"dts_copy_{suffix}", f"dts_other_{suffix}", f"db space {suffix}"
+    location = pg_server.make_user_dir(f"dts-{suffix}")
+    psql(pg_server, "postgres", f"CREATE TABLESPACE \"{space}\" LOCATION '{location}'")
+    try:
+        psql(pg_server, "postgres", f"CREATE DATABASE {source} TABLESPACE \"{space}\"")
+        psql(pg_server, source, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 20)")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        done = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                        "--target-dsn", pg_server.dsn(copy), "--create")
+        assert done["ok"] is True
+        where = "SELECT t.spcname FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = '{}'"
+        assert psql(pg_server, "postgres", where.format(copy)).strip() == space
+        pg_server.create_db(other)
+        elsewhere = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                        "--target-dsn", pg_server.dsn(other), "--json")
+        assert elsewhere.returncode == 3
+        failed = {c["name"]: c["detail"] for c in json.loads(elsewhere.stdout)["validation"]["checks"] if not c["ok"]}
+        assert failed == {"database_properties": f"tablespace 'pg_default', backup '{space}'"}
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        psql(pg_server, "postgres", f'DROP TABLESPACE "{space}"')
+        refused = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                      "--target-dsn", pg_server.dsn(copy), "--create", "--json")
+        assert refused.returncode == 1 and f'tablespace "{space}"' in json.loads(refused.stdout)["error"]
+        assert not psql(pg_server, "postgres", f"SELECT 1 FROM pg_database WHERE datname = '{copy}'")
+    finally:
+        for db in (copy, other, source):
+            pg_server.drop_db(db)
+        psql(pg_server, "postgres", f'DROP TABLESPACE IF EXISTS "{space}"')
