@@ -649,6 +649,20 @@ def sequences(conn: psycopg.Connection[Any], owned_by: Sequence[tuple[str, str]]
     return result
 
 
+FORCE_STATS_FLUSH = "SELECT pg_catalog.pg_stat_force_next_flush()"
+"""Asks the server to write this session's pending activity counts (rows inserted, changed
+since the last ANALYZE...) to the shared statistics as soon as the current statement ends,
+instead of up to a second later (PostgreSQL 15 and later)."""
+
+
+def can_force_stats_flush(conn: psycopg.Connection[Any]) -> bool:
+    """Whether sessions of this role on this server may run :data:`FORCE_STATS_FLUSH`."""
+    if conn.info.server_version < 150000:
+        return False
+    return bool(scalar(conn, "SELECT pg_catalog.has_function_privilege("
+                             "'pg_catalog.pg_stat_force_next_flush()', 'EXECUTE')"))
+
+
 def scalar(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> Any:
     """The first column of the first row of ``query``; DatabaseError when it returns no row."""
     row = conn.execute(query, params).fetchone()

@@ -69,6 +69,29 @@ def test_tables_of_a_mebibyte_or_more_arrive_frozen_smaller_ones_skip_the_trunca
     assert dbcompare.table_hashes(db.dsn) == dbcompare.table_hashes(target.dsn)
 
 
+def test_each_restored_table_is_analyzed_once_its_rows_counted_first(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any]) -> None:
+    """A loaded table's rows reach the server's statistics before its ANALYZE resets the count
+    of rows changed since the last one: counted after, they read as the whole table changed
+    and autovacuum analyzes it a second time. One loading session, tables loaded well within
+    the second a session otherwise waits between two writes of its counts."""
+    db = fresh_db("stats")
+    db.execute(";".join(f"CREATE TABLE public.t{i} (id int PRIMARY KEY, v text);"
+                        f"INSERT INTO public.t{i} SELECT g, md5(g::text) FROM generate_series(1, 2000) g"
+                        for i in range(8)))
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    target = fresh_db("stats_r")
+    assert cli.json("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn, "--jobs", "1")["ok"] is True
+    deadline = time.monotonic() + 30
+    while target.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND pid <> pg_backend_pid()") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the restore's sessions write their last counts as they exit
+    with psycopg.connect(target.dsn, autocommit=True) as conn:
+        stats = conn.execute("SELECT relname, n_mod_since_analyze, last_analyze IS NOT NULL, last_autoanalyze IS NULL"
+                             " FROM pg_stat_user_tables WHERE schemaname = 'public' ORDER BY relname").fetchall()
+    assert stats == [(f"t{i}", 0, True, True) for i in range(8)]
+
+
 def assert_loaded_frozen(dsn: str, table: str) -> None:
     """Rows a restore created its table for arrive frozen (COPY FREEZE): every tuple on the
     first page has both HEAP_XMIN_COMMITTED and HEAP_XMIN_INVALID set (= frozen)."""
