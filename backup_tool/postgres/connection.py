@@ -785,6 +785,19 @@ class Snapshot:
                                 f"up ({', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''})",
                                 f"grant {user} USAGE on their schemas and SELECT on them, or back up as "
                                 "their owner or a superuser")
+        hidden = [row[0] for row in self.conn.execute(sql.SQL("""
+            SELECT format('%I.%I', n.nspname, c.relname)
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.oid = ANY({oids}) AND c.relrowsecurity
+               AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.rolname = current_user)
+               AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+             ORDER BY 1""").format(oids=sql.Literal([t.oid for t in tables]))).fetchall()]
+        if hidden:
+            raise DatabaseError(f"row-level security would hide rows of {len(hidden)} of the tables to back up from "
+                                f"role {scalar(self.conn, 'SELECT current_user')} ({', '.join(hidden[:3])}"
+                                f"{' ...' if len(hidden) > 3 else ''}); a backup must hold every row",
+                                "back up as a superuser or a role with BYPASSRLS, or as the tables' owner where "
+                                "they do not FORCE ROW LEVEL SECURITY")
         for start in range(0, len(tables), 200):
             names = sql.SQL(", ").join(qualified(t.schema, t.name) for t in tables[start:start + 200])
             try:
