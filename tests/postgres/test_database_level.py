@@ -19,6 +19,16 @@ def _drop(pg_server: Any, name: str) -> None:
     pg_server.drop_db(name)
 
 
+def back_up_and_restore(cli: Any, repo: str, pg_server: Any, source: str, copy: str) -> dict[str, Any]:
+    """``backup full`` of ``source``, then ``restore full --create`` of it as ``copy`` (which
+    must succeed); the backup's entry."""
+    backup: dict[str, Any] = cli.json("backup", "full", "--repo", repo, "--dsn", pg_server.dsn(source))
+    restored = cli.json("restore", "full", "--repo", repo, "--backup", backup["id"],
+                        "--target-dsn", pg_server.dsn(copy), "--create")
+    assert restored["ok"] is True
+    return backup
+
+
 def test_template_database_restores_as_a_template(cli: Any, local_repo: str, pg_server: Any) -> None:
     source, copy = f"tmpl_{uuid.uuid4().hex[:8]}", f"tmpl_copy_{uuid.uuid4().hex[:8]}"
     with pg_server.admin_conn() as conn:
@@ -27,10 +37,7 @@ def test_template_database_restores_as_a_template(cli: Any, local_repo: str, pg_
         with pg_server.admin_conn(source) as conn:
             conn.execute("CREATE TABLE base_rows (id int PRIMARY KEY); INSERT INTO base_rows VALUES (1), (2)")
             conn.execute(f"ALTER DATABASE {source} IS_TEMPLATE true")
-        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
-        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
-                            "--target-dsn", pg_server.dsn(copy), "--create")
-        assert restored["ok"] is True
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
         with pg_server.admin_conn() as conn:
             assert conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s",
                                 (copy,)).fetchone() == (True,)
@@ -85,10 +92,7 @@ def test_list_settings_with_quoted_commas_restore_unchanged(cli: Any, local_repo
             before = conn.execute(settings_sql, (source,)).fetchall()
         assert before == [("", ['search_path="app, public", "$user", "we""ird"']),
                           (role, ['search_path="app, public"'])]
-        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
-        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
-                            "--target-dsn", pg_server.dsn(copy), "--create")
-        assert restored["ok"] is True
+        back_up_and_restore(cli, local_repo, pg_server, source, copy)
         with pg_server.admin_conn() as conn:
             assert conn.execute(settings_sql, (copy,)).fetchall() == before
     finally:
@@ -119,10 +123,7 @@ def test_timeouts_a_database_sets_for_its_applications_bind_none_of_the_tool_ses
                          " FROM generate_series(1, 300000) g; ALTER TABLE public.events ADD PRIMARY KEY (id)")
             for name, value in APPLICATION_LIMITS.items():
                 conn.execute(f"ALTER DATABASE {source} SET {name} = '{value}'")
-        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
-        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
-                            "--target-dsn", pg_server.dsn(copy), "--create")
-        assert restored["ok"] is True
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
         with pg_server.admin_conn() as conn:
             settings = conn.execute("SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d"
                                     " ON d.oid = s.setdatabase WHERE d.datname = %s", (copy,)).fetchone()
@@ -159,10 +160,7 @@ def test_a_database_whose_bytes_are_not_utf8_round_trips_and_its_changes_are_nam
         with pg_server.admin_conn(source) as conn:
             conn.execute(f"SET client_encoding = '{encoding}'")
             conn.execute(NON_UTF8)
-        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
-        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
-                            "--target-dsn", pg_server.dsn(copy), "--create")
-        assert restored["ok"] is True
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
 
         def dump(db: str) -> bytes:
             out = subprocess.run([str(pg_server.bin_dir / "pg_dump"), "--create", "-d", pg_server.dsn(db)],
