@@ -749,15 +749,17 @@ def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[s
 
 def _read_catalogs(job: _DumpJob, taken: _Snapshotted) -> _Catalogs:
     """Sequences and the inventories validation compares, read in the backup's snapshot (on
-    its session, which the data phase's own queries take turns on)."""
+    its session, which the data phase's own queries take turns on), with the locks of what
+    they read released at once (:func:`backup_tool.postgres.connection.locks_released_after`)."""
     conn = taken.snap.conn
-    sequences = postgres.sequences(conn)
-    inventory = cast(ManifestInventory, {
-        **catalog_inventory.inventory(conn), "database": database_level.properties(conn),
-        "matviews": matviews.inventory(conn, contents=job.only_tables is None),
-        "large_objects": taken.large_objects, column_order.INVENTORY_KEY: column_order.record(conn),
-        "extension_config": extension_config.inventory(conn)})
-    document = extension_config.rows_document(conn, inventory["extension_config"])
+    with postgres.locks_released_after(conn):
+        sequences = postgres.sequences(conn)
+        inventory = cast(ManifestInventory, {
+            **catalog_inventory.inventory(conn), "database": database_level.properties(conn),
+            "matviews": matviews.inventory(conn, contents=job.only_tables is None),
+            "large_objects": taken.large_objects, column_order.INVENTORY_KEY: column_order.record(conn),
+            "extension_config": extension_config.inventory(conn)})
+        document = extension_config.rows_document(conn, inventory["extension_config"])
     rows = None if document is None else _store_compressed(
         job.storage, job.prefix + extension_config.ROWS_OBJECT, [document], job.level, 0)[0]
     return _Catalogs(sequences, inventory, rows)

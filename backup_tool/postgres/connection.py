@@ -338,6 +338,19 @@ def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def locks_released_after(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Reads in ``conn``'s open transaction whose locks go when the block ends: they run in a
+    savepoint that is then rolled back (PostgreSQL releases the locks taken after a savepoint
+    rolled back to). A backup's snapshot session holds every table's lock to its end; the
+    catalogs and other relations it reads for the manifest need not hold a slot of the
+    server's lock table that long (a backup needs no more of them than pg_dump). What was
+    read stays read; an error inside still propagates."""
+    with conn.transaction():
+        yield
+        raise psycopg.Rollback()
+
+
 def refuse_non_ascii_names(conn: psycopg.Connection[Any]) -> None:
     """A SQL_ASCII database's names must be ASCII here: psycopg can only send such a
     database's text as ASCII, so a table or schema named with other bytes could be read but
@@ -773,6 +786,18 @@ class Snapshot:
 
     def lock_tables(self, tables: Sequence[TableInfo]) -> None:
         """Share-lock the tables, after checking this role may read them and every sequence."""
+        with locks_released_after(self.conn):
+            self._check_readable(tables)
+        for start in range(0, len(tables), 200):
+            names = sql.SQL(", ").join(qualified(t.schema, t.name) for t in tables[start:start + 200])
+            try:
+                self.conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(names))
+            except psycopg.errors.LockNotAvailable as exc:
+                raise DatabaseError(f"could not lock the tables to back up: {exc}",
+                                    "a long-running DDL or VACUUM FULL holds a lock; retry later") from None
+
+    def _check_readable(self, tables: Sequence[TableInfo]) -> None:
+        """Refuse tables this role may not read whole: no SELECT, or row security filtering."""
         denied = self.conn.execute(sql.SQL(f"""
             SELECT current_user, format('%I.%I', n.nspname, c.relname)
               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -798,13 +823,6 @@ class Snapshot:
                                 f"{' ...' if len(hidden) > 3 else ''}); a backup must hold every row",
                                 "back up as a superuser or a role with BYPASSRLS, or as the tables' owner where "
                                 "they do not FORCE ROW LEVEL SECURITY")
-        for start in range(0, len(tables), 200):
-            names = sql.SQL(", ").join(qualified(t.schema, t.name) for t in tables[start:start + 200])
-            try:
-                self.conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(names))
-            except psycopg.errors.LockNotAvailable as exc:
-                raise DatabaseError(f"could not lock the tables to back up: {exc}",
-                                    "a long-running DDL or VACUUM FULL holds a lock; retry later") from None
 
     def close(self) -> None:
         try:

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import psycopg
 
-from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER, dict_rows, foreign_keys, indexes
+from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER, dict_rows, foreign_keys, indexes, locks_released_after
 
 FIRST_NORMAL_OID = 16384
 KEYS = ("publications", "event_triggers", "comments", "object_privileges", "column_privileges",
@@ -270,11 +270,8 @@ def _owners_elsewhere(conn: psycopg.Connection[Any]) -> set[str]:
     """Roles that own, or are granted, any other object of this database (collations,
     operators, text search objects, statistics, foreign-data wrappers and servers, user
     mappings, ...), as the shared dependencies record them; pg_restore needs each (an object
-    of an extension is the extension's, a temporary table nobody's). Read in a savepoint
-    rolled back at once: locks taken after a savepoint go with it, so in a backup's
-    snapshot session these catalogs hold no lock slot for the rest of the backup (which
-    needs no more of them than pg_dump)."""
-    with conn.transaction():
+    of an extension is the extension's, a temporary table nobody's)."""
+    with locks_released_after(conn):
         rows = conn.execute("""
             SELECT DISTINCT r.rolname FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid
              WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
@@ -284,5 +281,4 @@ def _owners_elsewhere(conn: psycopg.Connection[Any]) -> set[str]:
                AND NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                                 WHERE s.classid = 'pg_class'::regclass AND c.oid = s.objid
                                   AND n.nspname ~ '^pg_(toast_)?temp_')""").fetchall()
-        raise psycopg.Rollback()
     return {str(r[0]) for r in rows}
