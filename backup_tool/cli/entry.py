@@ -112,9 +112,9 @@ def padded_heap_top() -> bool:
     mmap threshold that a table PITR makes and frees by the thousand (ranged reads of the
     base backup, zstd output, WAL pieces, COPY data) are freed at a heap's top, handed back to
     the kernel, and faulted in page by page when the next one is made: 340-380 thousand page
-    faults per table PITR of the benchmark's shape, 115-125 thousand with the pad, and 0.45
-    CPU-seconds less of its 3.4 (medians of 3, ``perf stat``), for 9 MB more peak RSS. True
-    when set; False off glibc or when the user set ``MALLOC_TOP_PAD_``."""
+    faults per table PITR of the benchmark's shape, 115-125 thousand with the pad, and 0.6
+    CPU-seconds less of its 3.7 (medians of 6 interleaved runs, ``perf stat``), for 10-27 MB
+    more peak RSS. True when set; False off glibc or when the user set ``MALLOC_TOP_PAD_``."""
     import os
 
     if "MALLOC_TOP_PAD_" in os.environ:
