@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import mmap
 import os
 import pwd
 import re
@@ -67,7 +68,7 @@ from backup_tool.errors import (
     UsageError,
 )
 from backup_tool.governance import walcoverage
-from backup_tool.physical import basetar, partial, wal, walspool
+from backup_tool.physical import basetar, partial, wal, walscan, walspool
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import database_level
 from backup_tool.postgres.cluster import (
@@ -394,7 +395,10 @@ def commit_stop(waldump: str, folder: Path, held: Callable[[int], list[str]], st
     them: they change timeline, a record cannot be read before the stop, the stop is not in
     the first ``limit`` segments, or the record is before ``consistent`` (the base backup's
     end: recovery must be consistent first). Each run of ``pg_waldump`` resumes at the last
-    commit/abort record read: none is left out or counted twice.
+    commit/abort record read or, when the run before read to its end, at the page where the
+    record it left unread begins (:func:`_resume_page`), whichever is later: none is left out
+    or counted twice, and each segment is read once (a page twice), however long no
+    transaction ends.
 
     Recovery to its LSN (inclusive) leaves every table as recovery to the time does (see
     :func:`time_stop`) without replaying the WAL of the transactions in progress at the stop:
@@ -422,8 +426,21 @@ def commit_stop(waldump: str, folder: Path, held: Callable[[int], list[str]], st
             return CommitStop(found.last_before, dict(ends)[found.last_before])
         if len(segments) < want or len(segments) >= limit:
             return None
-        resume = ends[-1][0] if ends else start
+        resume = max(ends[-1][0] if ends else start,
+                     _resume_page(folder / segments[-1], numbers[-1], seg_size) if done.returncode == 0 else 0)
         want = len(segments) + SCAN_STEP
+
+
+def _resume_page(path: Path, segno: int, seg_size: int) -> int:
+    """Where the next run of ``pg_waldump`` over the segments after ``path`` may start once a
+    run read through the end of ``path`` without an error: the page on which the record left
+    unread there (one running into the next segment) begins (:func:`walscan.last_record_page`);
+    0 when the page headers do not say (the run resumes at its last commit/abort record)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return walscan.last_record_page(data, segno, seg_size) or 0  # type: ignore[arg-type]
+    except (OSError, ValueError):
+        return 0
 
 
 def reaches_time(target: datetime, newest_first: list[tuple[str, tuple[datetime, ...]]]) -> bool | None:

@@ -430,6 +430,28 @@ def first_record(source: SegmentSource, segno: int, seg_size: int) -> int:
     return lsn
 
 
+def last_record_page(segment: bytes, segno: int, seg_size: int) -> int | None:
+    """The LSN of the last page of segment ``segno`` (its whole content ``segment``) on which
+    a record may begin, from page headers alone: a record running past the segment's end
+    begins on it or on no later page (every page after the one it begins on is all
+    continuation: ``XLP_FIRST_IS_CONTRECORD`` with more left than the page holds). Pages of
+    zeros at the end (after an ``XLOG_SWITCH``) are passed over. None when a page header is
+    neither valid nor zero, or no page has room for a record to begin."""
+    if len(segment) != seg_size:
+        return None
+    for off in range(seg_size - BLCKSZ, -1, -BLCKSZ):
+        magic, info, _tli, pageaddr, rem = _PAGE.unpack_from(segment, off)
+        page = segno * seg_size + off
+        if magic == 0 and pageaddr == 0 and not segment[off:off + SHORT_PHD].strip(b"\0"):
+            continue
+        if magic != PAGE_MAGIC or pageaddr != page:
+            return None
+        header = LONG_PHD if off == 0 else SHORT_PHD
+        if not info & XLP_FIRST_IS_CONTRECORD or header + _maxalign(rem) < BLCKSZ:
+            return page
+    return None
+
+
 def running_xacts_next_xid(record: Record) -> int | None:
     """``nextXid`` of an XLOG_RUNNING_XACTS record (None for other records)."""
     if record.rmid != RM_STANDBY or record.info & 0xF0 != XLOG_RUNNING_XACTS:

@@ -1,5 +1,6 @@
-"""The entry point's process set-up: glibc's mmap threshold fixed for full commands, and the
-garbage collector kept off the start-up and the exit of a command."""
+"""The entry point's process set-up: glibc's mmap threshold fixed for full commands, its heaps
+padded for ``restore tables``, and the garbage collector kept off the start-up and the exit of
+a command."""
 
 from __future__ import annotations
 
@@ -53,6 +54,40 @@ def test_a_freed_large_block_no_longer_moves_later_buffers_onto_the_heap() -> No
 @glibc_only
 def test_the_users_own_threshold_is_left_alone() -> None:
     assert _probe("fixed", MALLOC_MMAP_THRESHOLD_="4194304")[0] == "False"
+
+
+PAD_PROBE = textwrap.dedent("""
+    import resource, sys
+    from backup_tool.cli import entry
+
+    if sys.argv[1] == "restore":
+        sys.argv = ["backup-tool", "restore", "tables", "--help"]
+        try:
+            entry.main()
+        except SystemExit:
+            pass
+    entry.fixed_mmap_threshold()
+    bytearray(900 << 10)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        bytearray(900 << 10)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 20 * 225 // 2)
+""")
+
+
+def _pad_probe(mode: str, **env: str) -> str:
+    out = subprocess.run([sys.executable, "-c", PAD_PROBE, mode], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env={k: v for k, v in os.environ.items() if k != "MALLOC_TOP_PAD_"} | env)
+    return out.stdout.split()[-1]
+
+
+@glibc_only
+def test_restore_tables_keeps_a_padded_heap_top_instead_of_giving_each_freed_buffer_back() -> None:
+    """Buffers under the mmap threshold made and freed in turn: a command gives each back to
+    the kernel and faults the next one's 225 pages in again; ``restore tables`` keeps them."""
+    assert _pad_probe("other") == "False"
+    assert _pad_probe("restore") == "True"
+    assert _pad_probe("restore", MALLOC_TOP_PAD_="0") == "False"
 
 
 GC_PROBE = textwrap.dedent("""

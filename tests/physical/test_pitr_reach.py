@@ -3,12 +3,29 @@ a table PITR names the moment it recovered (issue 13)."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from support.clusters import DbHandle, PgServer
+
 from backup_tool.cli.common import as_of
-from backup_tool.physical.pitr import TimeStop, commit_stop, reaches_time, time_stop, xact_ends, xact_times
+from backup_tool.core import walnames
+from backup_tool.physical import walscan
+from backup_tool.physical.pitr import (
+    SCAN_STEP,
+    CommitStop,
+    TimeStop,
+    commit_stop,
+    reaches_time,
+    time_stop,
+    xact_ends,
+    xact_times,
+)
+from backup_tool.postgres import walbasis
 
 WALDUMP = """\
 rmgr: Heap        len (rec/tot):     59/  8215, tx:        725, lsn: 0/01516E00, prev 0/01516DC8, desc: INSERT off 3
@@ -78,3 +95,73 @@ def test_the_scan_for_the_stop_refuses_what_it_cannot_read_in_one_run(tmp_path: 
                   ["00000001000000000000000F", "000000010000000000000011"], ["000000010000000000000010"]):
         assert commit_stop(missing, tmp_path, held(names), start, start, utc("2026-11-26 02:27:41"),
                            16 << 20, 64) is None
+
+
+def test_the_scan_for_the_stop_reads_each_segment_once_and_misses_no_commit(
+        pg_server: PgServer, fresh_db: Callable[[str], DbHandle], tmp_path: Path) -> None:
+    """Real WAL of one transaction running over several segments with no commit in between,
+    then commits on either side of the time: each run of pg_waldump starts a few pages at most
+    before where the run before it ended (it used to start again at the last commit read,
+    reading the segments of a long transaction once per step), and the stop is the one a
+    single run over all the WAL gives, however the runs cut it."""
+    db = fresh_db("stopscan")
+    seg = walnames.DEFAULT_SEGMENT_SIZE
+    with db.connect() as conn:
+        conn.autocommit = True
+        conn.execute("CREATE TABLE bulk (id int, pad text)")
+        start = walnames.parse_lsn(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+        conn.execute("INSERT INTO bulk VALUES (0, 'before')")
+        conn.execute("INSERT INTO bulk SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 500000) g")
+        target = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        conn.execute("INSERT INTO bulk VALUES (-1, 'after')")
+        end = walnames.parse_lsn(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+        conn.execute("SELECT pg_switch_wal()")
+        names = [walnames.segment_name(1, n) for n in range(start // seg, (end - 1) // seg + 1)]
+        folder = tmp_path / "wal"
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(walbasis.read_wal_file(conn, name, seg) or b"")
+    assert len(names) >= 1 + SCAN_STEP, "the transaction must outlast two steps of the scan"
+    waldump = pg_server.bin_dir / "pg_waldump"
+    runs = tmp_path / "runs"
+    wrapper = tmp_path / "pg_waldump"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(runs))}\nexec {shlex.quote(str(waldump))} "$@"\n')
+    wrapper.chmod(0o755)
+    whole = subprocess.run([str(waldump), "-r", "Transaction", "-p", str(folder), "-s", walnames.format_lsn(start),
+                            "-e", walnames.format_lsn(walnames.segment_start_lsn(start // seg + len(names), seg))],
+                           capture_output=True, text=True, check=True, env={**os.environ, "TZ": "UTC"})
+    ends = xact_ends(whole.stdout)
+    expected = time_stop(ends, target)
+    assert expected.last_before is not None and expected.stop is not None
+
+    found = commit_stop(str(wrapper), folder, lambda n: names[:n], start, start, target, seg, 64)
+
+    assert found == CommitStop(expected.last_before, dict(ends)[expected.last_before])
+    spans = [(walnames.parse_lsn(a[a.index("-s") + 1]), walnames.parse_lsn(a[a.index("-e") + 1]))
+             for a in (line.split() for line in runs.read_text().splitlines())]
+    assert len(spans) >= 2
+    for (_, ended), (began, _) in zip(spans, spans[1:], strict=False):
+        assert ended - 4 * walscan.BLCKSZ <= began < ended, [tuple(map(walnames.format_lsn, s)) for s in spans]
+
+
+def test_the_last_page_a_record_may_begin_on_is_read_from_page_headers() -> None:
+    """Whole continuation pages are passed over, so are zeroed pages after a WAL switch; a
+    page header that is neither valid nor zero gives no answer."""
+    seg, segno = 8 * walscan.BLCKSZ, 3
+
+    def page(n: int, info: int = 0, rem: int = 0, addr: int | None = None) -> bytes:
+        head = walscan._PAGE.pack(walscan.PAGE_MAGIC, info | (walscan.XLP_LONG_HEADER if n == 0 else 0), 1,
+                                  segno * seg + n * walscan.BLCKSZ if addr is None else addr, rem)
+        return head.ljust(walscan.BLCKSZ, b"\1")
+    cont = walscan.XLP_FIRST_IS_CONTRECORD
+    body = [page(0), page(1, cont, 100), page(2, cont, 9000)]
+    full = [page(n, cont, 30000 - n) for n in range(3, 8)]
+    assert walscan.last_record_page(b"".join(body + full), segno, seg) == segno * seg + walscan.BLCKSZ
+    zeros = [bytes(walscan.BLCKSZ)] * 5
+    assert walscan.last_record_page(b"".join(body + zeros), segno, seg) == segno * seg + walscan.BLCKSZ
+    room_left = [page(0), page(1, cont, walscan.BLCKSZ - walscan.SHORT_PHD - 8), page(2, cont, 9000)]
+    assert walscan.last_record_page(b"".join(room_left + full), segno, seg) == segno * seg + walscan.BLCKSZ
+    no_room = [page(0), page(1, cont, walscan.BLCKSZ - walscan.SHORT_PHD), page(2, cont, 9000)]
+    assert walscan.last_record_page(b"".join(no_room + full), segno, seg) == segno * seg
+    assert walscan.last_record_page(b"".join(body + full[:-1] + [page(7, addr=5)]), segno, seg) is None
+    assert walscan.last_record_page(b"".join(body), segno, seg) is None
