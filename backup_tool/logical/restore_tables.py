@@ -315,8 +315,14 @@ def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> b
 
 
 def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries: list[TableEntry],
-                     replace: bool, on_raw: Callable[[int], None]) -> None:
+                     replace: bool, on_raw: Callable[[int], None],
+                     on_wait: Callable[[str], None] = lambda _: None) -> None:
     """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back.
+
+    Each table is first locked against other writers (and, when it is truncated, readers)
+    until the commit, so no row written meanwhile mixes with the restored ones; a lock other
+    sessions hold is waited for, ``on_wait`` told who holds it
+    (:func:`backup_tool.postgres.connection.lock_for_writing`).
 
     A partitioned table holds no rows of its own: it is neither emptied nor loaded, its
     partitions (always among ``entries``) are, so the whole tree is replaced at once."""
@@ -332,9 +338,11 @@ def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries
             if t.relkind == "p":
                 continue
             target = qualified(t.schema, t.name)
+            referenced = replace and _referenced(conn, t.schema, t.name)
+            postgres.lock_for_writing(conn, t.schema, t.name, truncating=replace and not referenced,
+                                      on_wait=on_wait)
             quieted[(t.schema, t.name)] = quiet_triggers(conn, t.schema, t.name)
             if replace:
-                referenced = _referenced(conn, t.schema, t.name)
                 if referenced and not superuser:
                     raise RefusedError(f"--replace of {t.full_name}, which other tables reference, needs a superuser",
                                        "connect as a superuser, or use --into-schema")
@@ -847,7 +855,8 @@ def _restore_into(source: TableSource, control: psycopg.Connection[Any], target:
     in_session = definitions is not None and definitions.in_session
     with control.transaction() if existing and in_session else nullcontext():
         if existing:
-            replace_in_place(control, source, existing, replace, progress.advance)
+            replace_in_place(control, source, existing, replace, progress.advance,
+                             lambda holders: reporter.warning(f"waiting for a lock: {holders}"))
             if not replace and not in_session:
                 undo.filled = tuple((t.schema, t.name) for t in existing if source.has_rows(t))
         progress.finish()

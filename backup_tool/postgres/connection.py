@@ -23,7 +23,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import psycopg
 from psycopg import sql
@@ -349,6 +349,45 @@ def locks_released_after(conn: psycopg.Connection[Any]) -> Iterator[None]:
     with conn.transaction():
         yield
         raise psycopg.Rollback()
+
+
+LOCK_PATIENCE_MS = 2000
+"""How long a restore waits for a table's lock before it says who holds it (then waits on)."""
+
+
+def lock_for_writing(conn: psycopg.Connection[Any], schema_name: str, name: str, truncating: bool,
+                     on_wait: Callable[[str], None]) -> None:
+    """Lock the table in ``conn``'s open transaction against other writers (``SHARE ROW
+    EXCLUSIVE``) or, when it is to be truncated, against everyone (``ACCESS EXCLUSIVE``). If
+    other sessions hold it for longer than :data:`LOCK_PATIENCE_MS`, ``on_wait`` is told
+    once which (pid, user, application, state and since when), and the lock is then waited
+    for as long as it takes, as pg_restore does: at 3 a.m. a restore that stands still says
+    why. The transaction's own ``lock_timeout`` is left as it was."""
+    target = qualified(schema_name, name)
+    lock = sql.SQL("LOCK TABLE ONLY {} IN {} MODE").format(
+        target, sql.SQL("ACCESS EXCLUSIVE" if truncating else "SHARE ROW EXCLUSIVE"))
+    try:
+        with conn.transaction():
+            before = scalar(conn, "SELECT current_setting('lock_timeout')")
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{LOCK_PATIENCE_MS}ms",))
+            conn.execute(lock)
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (before,))
+        return
+    except psycopg.errors.LockNotAvailable:
+        pass
+    holders = conn.execute("""
+        SELECT format('pid %%s (%%s%%s, %%s since %%s)', a.pid, a.usename,
+                      CASE WHEN a.application_name <> '' THEN ', ' || a.application_name ELSE '' END,
+                      a.state, to_char(coalesce(a.xact_start, a.backend_start) AT TIME ZONE 'UTC',
+                                       'YYYY-MM-DD"T"HH24:MI:SS"Z"'))
+          FROM pg_stat_activity a
+         WHERE a.pid <> pg_backend_pid()
+           AND a.pid IN (SELECT l.pid FROM pg_locks l WHERE l.relation = %s::regclass AND l.granted)
+         ORDER BY a.pid""", (quoted_table(schema_name, name),)).fetchall()
+    on_wait(f"{schema_name}.{name} is held by "
+            f"{', '.join(str(r[0]) for r in holders) or 'another session'}; waiting for it (Ctrl-C stops the "
+            "restore and leaves the table as it was)")
+    conn.execute(lock)
 
 
 def refuse_non_ascii_names(conn: psycopg.Connection[Any]) -> None:

@@ -3,6 +3,8 @@ refusals change nothing, and each mode ends validated."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -681,3 +683,33 @@ def test_a_live_table_altered_since_the_backup_fails_with_a_hint_and_keeps_its_r
     assert proc.returncode == 1 and "loading public.coupons failed: column" in proc.stderr
     assert "restore it with --into-schema NAME" in proc.stderr and "Traceback" not in proc.stderr
     assert hashes(db) == before
+
+
+def test_a_replace_blocked_by_another_session_says_who_holds_the_table_and_then_finishes(
+        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]], seed_db: Any) -> None:
+    """It stood silent for as long as the other transaction lasted."""
+    db, _ = live
+    expected = hashes(seed_db)["public.crm_projects"]
+    db.execute("UPDATE public.crm_projects SET name = name || ' (edited)'")
+    holding = threading.Event()
+
+    def reader() -> None:
+        with psycopg.connect(db.dsn, autocommit=False, application_name="nightly-report") as conn:
+            conn.execute("SELECT count(*) FROM public.crm_projects")
+            holding.set()
+            time.sleep(4)
+            conn.commit()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.crm_projects", "--replace",
+                   "--target-dsn", db.dsn, "--json")
+    finally:
+        thread.join()
+    assert proc.returncode == 0, proc.stderr
+    waits = [line for line in proc.stderr.splitlines() if "waiting for a lock" in line]
+    assert len(waits) == 1 and "public.crm_projects is held by pid" in waits[0] and "nightly-report" in waits[0]
+    assert "idle in transaction" in waits[0]
+    assert hashes(db)["public.crm_projects"] == expected
