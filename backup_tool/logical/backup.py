@@ -736,8 +736,8 @@ def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[s
     before = walbasis.before_snapshot(control)
     snap = Snapshot(job.conninfo)
     stack.callback(snap.close)
-    tables = postgres.selected_tables(postgres.list_tables(snap.conn), job.only_tables)
-    snap.lock_tables(tables)
+    tables = postgres.selected_tables(snap.list_tables(job.reporter.warning), job.only_tables)
+    snap.lock_tables(tables, job.reporter.warning)
     basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
                                     [t.oid for t in tables if t.has_data])
     touched = Touched(basis)

@@ -352,7 +352,21 @@ def locks_released_after(conn: psycopg.Connection[Any]) -> Iterator[None]:
 
 
 LOCK_PATIENCE_MS = 2000
-"""How long a restore waits for a table's lock before it says who holds it (then waits on)."""
+"""How long a backup or restore waits for a table's lock before it says who holds it (then
+waits on)."""
+
+
+@contextmanager
+def lock_patience(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A savepoint in ``conn``'s open transaction in which a lock wait gives up after
+    :data:`LOCK_PATIENCE_MS` (``LockNotAvailable`` propagates, the savepoint rolled back,
+    nothing of it kept); when the block succeeds, what it locked stays locked and
+    ``lock_timeout`` is as before."""
+    with conn.transaction():
+        before = scalar(conn, "SELECT current_setting('lock_timeout')")
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{LOCK_PATIENCE_MS}ms",))
+        yield
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (before,))
 
 
 def lock_for_writing(conn: psycopg.Connection[Any], schema_name: str, name: str, truncating: bool,
@@ -367,27 +381,35 @@ def lock_for_writing(conn: psycopg.Connection[Any], schema_name: str, name: str,
     lock = sql.SQL("LOCK TABLE ONLY {} IN {} MODE").format(
         target, sql.SQL("ACCESS EXCLUSIVE" if truncating else "SHARE ROW EXCLUSIVE"))
     try:
-        with conn.transaction():
-            before = scalar(conn, "SELECT current_setting('lock_timeout')")
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{LOCK_PATIENCE_MS}ms",))
+        with lock_patience(conn):
             conn.execute(lock)
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", (before,))
         return
     except psycopg.errors.LockNotAvailable:
         pass
-    holders = conn.execute("""
+    oid = int(scalar(conn, "SELECT %s::regclass::oid", (quoted_table(schema_name, name),)))
+    on_wait(f"{schema_name}.{name} is held by {lock_holders(conn, [oid])}; waiting for it (Ctrl-C stops the "
+            "restore and leaves the table as it was)")
+    conn.execute(lock)
+
+
+def lock_holders(conn: psycopg.Connection[Any], oids: Sequence[int] | None, modes: Sequence[str] = ()) -> str:
+    """The other sessions holding a lock (of one of ``modes``, e.g. ``AccessExclusiveLock``;
+    any mode when empty) on any of the relations ``oids`` (None: any relation of this
+    database), one phrase each: pid, user, application, state and since when."""
+    rows = conn.execute("""
         SELECT format('pid %%s (%%s%%s, %%s since %%s)', a.pid, a.usename,
                       CASE WHEN a.application_name <> '' THEN ', ' || a.application_name ELSE '' END,
                       a.state, to_char(coalesce(a.xact_start, a.backend_start) AT TIME ZONE 'UTC',
                                        'YYYY-MM-DD"T"HH24:MI:SS"Z"'))
           FROM pg_stat_activity a
          WHERE a.pid <> pg_backend_pid()
-           AND a.pid IN (SELECT l.pid FROM pg_locks l WHERE l.relation = %s::regclass AND l.granted)
-         ORDER BY a.pid""", (quoted_table(schema_name, name),)).fetchall()
-    on_wait(f"{schema_name}.{name} is held by "
-            f"{', '.join(str(r[0]) for r in holders) or 'another session'}; waiting for it (Ctrl-C stops the "
-            "restore and leaves the table as it was)")
-    conn.execute(lock)
+           AND a.pid IN (SELECT l.pid FROM pg_locks l
+                          WHERE l.locktype = 'relation' AND l.granted
+                            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                            AND (%s::oid[] IS NULL OR l.relation = ANY(%s::oid[]))
+                            AND (cardinality(%s::text[]) = 0 OR l.mode = ANY(%s::text[])))
+         ORDER BY a.pid""", (oids and list(oids), oids and list(oids), list(modes), list(modes))).fetchall()
+    return ", ".join(str(r[0]) for r in rows) or "another session"
 
 
 def refuse_non_ascii_names(conn: psycopg.Connection[Any]) -> None:
@@ -823,14 +845,42 @@ class Snapshot:
         self.wal_lsn: str = row[1]
         self.taken_at = row[2]
 
-    def lock_tables(self, tables: Sequence[TableInfo]) -> None:
-        """Share-lock the tables, after checking this role may read them and every sequence."""
+    def list_tables(self, on_wait: Callable[[str], None] = lambda _: None) -> list[TableInfo]:
+        """:func:`list_tables` in the snapshot (whose sizes take each table's share lock, kept
+        to the end), telling ``on_wait`` who holds an exclusive lock when that waits longer
+        than :data:`LOCK_PATIENCE_MS`."""
+        try:
+            with lock_patience(self.conn):
+                return list_tables(self.conn)
+        except psycopg.errors.LockNotAvailable:
+            on_wait(f"tables to back up are locked exclusively by {lock_holders(self.conn, None, ['AccessExclusiveLock'])}; "
+                    "waiting for them")
+        try:
+            return list_tables(self.conn)
+        except psycopg.errors.LockNotAvailable as exc:
+            raise DatabaseError(f"could not lock the tables to back up: {exc}",
+                                "a long-running DDL or VACUUM FULL holds a lock; retry later") from None
+
+    def lock_tables(self, tables: Sequence[TableInfo], on_wait: Callable[[str], None] = lambda _: None) -> None:
+        """Share-lock the tables, after checking this role may read them and every sequence.
+        Where another session's exclusive lock (DDL, VACUUM FULL) keeps them waiting longer
+        than :data:`LOCK_PATIENCE_MS`, ``on_wait`` is told which sessions hold which tables,
+        once, and the wait goes on up to the snapshot's ``lock_timeout``."""
         with locks_released_after(self.conn):
             self._check_readable(tables)
         for start in range(0, len(tables), 200):
-            names = sql.SQL(", ").join(qualified(t.schema, t.name) for t in tables[start:start + 200])
+            part = tables[start:start + 200]
+            names = sql.SQL(", ").join(qualified(t.schema, t.name) for t in part)
+            lock = sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(names)
             try:
-                self.conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(names))
+                with lock_patience(self.conn):
+                    self.conn.execute(lock)
+                continue
+            except psycopg.errors.LockNotAvailable:
+                holders = lock_holders(self.conn, [t.oid for t in part], ["AccessExclusiveLock"])
+                on_wait(f"tables to back up are locked exclusively by {holders}; waiting for them")
+            try:
+                self.conn.execute(lock)
             except psycopg.errors.LockNotAvailable as exc:
                 raise DatabaseError(f"could not lock the tables to back up: {exc}",
                                     "a long-running DDL or VACUUM FULL holds a lock; retry later") from None
