@@ -523,7 +523,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
     guard_writes(storage, policy.backup.encryption_key_id, policy.name, f"take a {kind} backup",
                  catalog.key_ids)
     jobs = jobs or policy.backup.jobs
-    level = policy.backup.compression_level
+    level = policy.backup.logical_compression_level
     threads = compression_threads(jobs)
 
     with ExitStack() as stack:

@@ -59,3 +59,17 @@ def test_policy_by_path(tmp_path: Path) -> None:
     f.write_text("[retention]\nfull_days = 90\n")
     p = load_policy(str(f))
     assert p.retention.full_days == 90 and p.name == "weekly"
+
+
+def test_logical_backups_have_their_own_compression_level() -> None:
+    """Logical backups compress at level 1 by default, base backups and WAL at 3; a policy that
+    sets only ``compression_level`` keeps it for logical backups as well, as before."""
+    assert (Policy().backup.compression_level, Policy().backup.logical_compression_level) == (3, 1)
+    only = parse_policy("[backup]\ncompression_level = 6\n", "p.toml").backup
+    assert (only.compression_level, only.logical_compression_level) == (6, 6)
+    both = parse_policy("[backup]\ncompression_level = 6\nlogical_compression_level = 2\n", "p.toml").backup
+    assert (both.compression_level, both.logical_compression_level) == (6, 2)
+    logical = parse_policy("[backup]\nlogical_compression_level = 4\n", "p.toml").backup
+    assert (logical.compression_level, logical.logical_compression_level) == (3, 4)
+    with pytest.raises(ConfigError, match="logical_compression_level must be between 1 and 19"):
+        parse_policy("[backup]\nlogical_compression_level = 0\n", "p.toml")

@@ -177,6 +177,24 @@ def test_a_table_object_restores_verifies_and_reads_back_whichever_way_it_was_co
     assert verify(settings, full.id).ok
 
 
+def test_table_data_is_compressed_at_the_logical_level(fresh_db: Callable[..., Any], local_repo: str) -> None:
+    """A logical backup compresses at ``backup.logical_compression_level`` (1 by default), not at
+    the ``compression_level`` of base backups and WAL, and records the level it used: each stored
+    frame is exactly zstd's at that level."""
+    db = fresh_db("levels")
+    db.execute(WIDE)
+    with psycopg.connect(db.dsn) as conn, conn.cursor().copy("COPY public.wide TO STDOUT") as copy:
+        copied = b"".join(bytes(block) for block in copy)
+    for policy, level in ((Policy(), 1), (Policy(backup=BackupSettings(compression_level=2, logical_compression_level=5)), 5)):
+        full = backup.backup_full(Settings(local_repo, db.dsn, policy))
+        assert full.options["compression_level"] == level
+        wide = full.table("public", "wide")
+        assert wide is not None and wide.object is not None
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        expected = b"".join(cctx.compress(copied[i:i + pipeline.FRAME]) for i in range(0, len(copied), pipeline.FRAME))
+        assert (Path(local_repo) / wide.object.key).read_bytes() == expected, level
+
+
 def test_a_backup_with_an_object_of_several_frames_is_refused_by_readers_of_one_frame() -> None:
     """Versions before FRAMED_BASE_FORMAT decompress only an object's first frame: a manifest
     listing an object longer than a frame (a table, its part, or a side object) is written in

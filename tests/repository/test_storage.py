@@ -135,27 +135,44 @@ def test_missing_bucket_is_clear(s3_server: object) -> None:
         list(open_storage("s3://no-such-bucket-here/prefix").list())
 
 
-def test_a_stream_goes_out_in_parts_from_its_first_five_mib(s3_repo: str) -> None:
-    """S3 takes parts of 5 MiB and more: the first part of a stream is sent as soon as 5 MiB
-    are there, while the stream is still being produced, and the object is exactly its bytes."""
+def test_a_stream_goes_out_in_parts_once_it_outgrows_one_part(s3_repo: str) -> None:
+    """A stream beyond :data:`MIN_PART` is uploaded in parts while it is still being produced
+    (the first as soon as it outgrew one part), and the object is exactly its bytes."""
     import boto3
 
     storage = open_storage(s3_repo)
     bucket, prefix = s3_repo[len("s3://"):].split("/", 1)
     client = boto3.client("s3")
     uploading: list[int] = []
-    chunks = [os.urandom(1 << 20) for _ in range(7)]
+    chunks = [os.urandom(1 << 20) for _ in range(11)]
 
     def stream() -> Iterator[bytes]:
         for n, chunk in enumerate(chunks):
-            if n == 6:
+            if n == 10:
                 uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/")
                 uploading.append(len(uploads.get("Uploads", [])))
             yield chunk
 
     result = storage.put("data/table.copy.zst", stream())
     assert uploading == [1]
-    assert result.size == 7 << 20 and storage.get_bytes("data/table.copy.zst") == b"".join(chunks)
+    assert result.size == 11 << 20 and storage.get_bytes("data/table.copy.zst") == b"".join(chunks)
+
+
+def test_a_stream_that_ends_within_one_part_is_one_put(s3_repo: str) -> None:
+    """A streamed object of at most :data:`MIN_PART` bytes (most tables' objects) is one PUT
+    sent when it has all arrived (an ETag without a part count), not a multipart upload of
+    four requests whose start the producer waits for."""
+    import boto3
+
+    storage = open_storage(s3_repo)
+    bucket, prefix = s3_repo[len("s3://"):].split("/", 1)
+    client = boto3.client("s3")
+    for name, size in (("six", 6 << 20), ("whole-part", MIN_PART)):
+        chunks = [os.urandom(1 << 20) for _ in range(size >> 20)]
+        result = storage.put(f"data/{name}.copy.zst", iter(chunks))
+        etag = client.head_object(Bucket=bucket, Key=f"{prefix}/data/{name}.copy.zst")["ETag"].strip('"')
+        assert "-" not in etag, name
+        assert result.size == size and storage.get_bytes(f"data/{name}.copy.zst") == b"".join(chunks)
 
 
 def test_what_has_all_arrived_and_fits_a_part_is_one_put(s3_repo: str) -> None:

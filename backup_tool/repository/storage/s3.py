@@ -50,7 +50,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar, cast
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -349,20 +349,23 @@ class S3Storage(Storage):
 
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
         """Chunks are held (:class:`_Held`) and joined once per request body: each byte is
-        copied at most once on its way out. A stream still producing goes multipart from its
-        first :data:`FIRST_PART` bytes (the upload travels while the rest is made); what has
-        all arrived and is at most :data:`MIN_PART` (a WAL segment, a manifest) is one PUT,
-        one request instead of three."""
+        copied at most once on its way out. An object of at most :data:`MIN_PART` bytes (a WAL
+        segment, a manifest, most tables' objects), handed over whole or streamed, is one PUT
+        sent once it has all arrived: one request instead of a multipart upload's four (start,
+        two parts, complete), the start's round trip no longer paid while the producer waits.
+        A stream that grows beyond :data:`MIN_PART` goes multipart then, its first part
+        (:data:`FIRST_PART`) sent while the rest is made; at most :data:`MIN_PART` bytes are
+        held before an upload starts."""
         full = self._key(key)
         counter = HashingCounter()
         held = _Held()
         upload: _MultipartUpload | None = None
         try:
-            for chunk, more in _with_more(chunks):
+            for chunk in chunks:
                 counter.update(chunk)
                 held.add(chunk)
                 while (held.size >= part_size_for(upload.parts + 1 if upload else 1)
-                       and (upload is not None or more or held.size > MIN_PART)):
+                       and (upload is not None or held.size > MIN_PART)):
                     size = part_size_for(upload.parts + 1 if upload else 1)
                     if upload is None:
                         upload = _MultipartUpload.start(self, key, full)
@@ -679,17 +682,6 @@ def _head_lock(head: Mapping[str, Any]) -> ObjectLock | None:
     if not until or not mode:
         return None
     return ObjectLock(str(mode).lower(), until.astimezone(timezone.utc))
-
-
-def _with_more(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, bool]]:
-    """Each chunk with whether another follows (the next is read before the chunk is given)."""
-    it = iter(chunks)
-    end = object()
-    current: object = next(it, end)
-    while current is not end:
-        following = next(it, end)
-        yield cast(bytes, current), following is not end
-        current = following
 
 
 class _Held:
