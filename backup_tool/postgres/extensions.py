@@ -83,8 +83,8 @@ def refuse_missing_extensions(conn: psycopg.Connection[Any], backed_up: Sequence
     if refused:
         raise RefusedError(f"the target database cannot create extension{'s' if len(refused) > 1 else ''} "
                            f"{', '.join(refused)}",
-                           "restore into a database where the server allows them (pg_cron: the one its "
-                           "cron.database_name setting names), or change the server's settings first")
+                           "set up the target server as the source's was (shared_preload_libraries; pg_cron "
+                           "installs only in the database its cron.database_name names), then restore again")
 
 
 def _write_list(path: Path, lines: Sequence[str]) -> Path:
