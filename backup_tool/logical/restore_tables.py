@@ -273,8 +273,7 @@ def extract_definitions(target: ConnInfo, major: int, archive_path: Path, tables
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch_name)))
     scratch = target.with_database(scratch_name)
     try:
-        schema.restore_section(archive_path, scratch, major, "pre-data")
-        schema.restore_section(archive_path, scratch, major, "post-data")
+        schema.replay_into_scratch(archive_path, scratch, major)
         where = [(t.schema, t.name) for t in tables]
         copies: list[SequenceCopy] = []
         if into_schema:

@@ -66,11 +66,25 @@ def missing_extensions(needed: Sequence[str], available: Sequence[str]) -> Refus
 
 
 def refuse_missing_extensions(conn: psycopg.Connection[Any], backed_up: Sequence[dict[str, Any]]) -> None:
-    """Raise :func:`missing_extensions`' refusal for the server ``conn`` is on, if any: before
+    """Raise :func:`missing_extensions`' refusal for the server ``conn`` is on, if any, or a
+    refusal naming the extensions the server will not create in this database (pg_cron only
+    installs in ``cron.database_name``; each is tried in a rolled-back transaction): before
     anything is created, not half-way through the schema."""
     available = [r[0] for r in conn.execute("SELECT name FROM pg_catalog.pg_available_extensions").fetchall()]
     if refusal := missing_extensions([str(e["name"]) for e in backed_up], available):
         raise refusal
+    refused: list[str] = []
+    for name in sorted({str(e["name"]) for e in backed_up}):
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} CASCADE").format(sql.Identifier(name)))
+        except psycopg.Error as exc:
+            refused.append(f"{name} ({str(exc).splitlines()[0]})")
+    if refused:
+        raise RefusedError(f"the target database cannot create extension{'s' if len(refused) > 1 else ''} "
+                           f"{', '.join(refused)}",
+                           "set up the target server as the source's was (shared_preload_libraries; pg_cron "
+                           "installs only in the database its cron.database_name names), then restore again")
 
 
 def _write_list(path: Path, lines: Sequence[str]) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import psycopg
+from psycopg import sql
 
 from backup_tool.core.graphs import reachable
 from backup_tool.errors import RefusedError
@@ -670,3 +671,31 @@ def _header_prefixes(line: str) -> list[str]:
         prefixes.append(line[:at + len(_OWNER)])
         at = line.find(_OWNER, at + 1)
     return prefixes
+
+
+def replay_into_scratch(archive_path: Path, scratch: ConnInfo, major: int) -> None:
+    """Replay the archive's schema (pre-data and post-data) into an empty scratch database.
+
+    An extension that refuses to be created there (pg_cron only installs in the database
+    ``cron.database_name`` names) is left out, with the entries that depend on nothing else
+    (its comment, grants on its objects): the scratch copy only serves to read definitions,
+    and a table needing that extension still fails, naming it."""
+    try:
+        toc = read_toc(archive_path.read_bytes())
+    except UnreadableToc:
+        toc = []
+    refused: set[int] = set()
+    with scratch.connect() as conn:
+        for entry in toc:
+            if entry.desc != "EXTENSION":
+                continue
+            try:
+                with conn.transaction(force_rollback=True):
+                    conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} CASCADE").format(
+                        sql.Identifier(entry.tag)))
+            except psycopg.Error:
+                refused.add(entry.dump_id)
+    skip = frozenset(refused | {e.dump_id for e in toc if e.section is not Section.POST_DATA and e.deps
+                                and set(e.deps) <= refused})
+    restore_section(archive_path, scratch, major, "pre-data", skip=skip)
+    restore_section(archive_path, scratch, major, "post-data")

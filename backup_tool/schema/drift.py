@@ -431,8 +431,7 @@ def backup_model(manifest: Manifest, storage: Storage, server: ConnInfo, with_ro
         archive = Path(tmp) / "schema.pgdump"
         archive.write_bytes(pipeline.read_object(storage, manifest.schema))
         with scratch_database(server, manifest.encoding, "schema") as scratch:
-            schema.restore_section(archive, scratch, major, "pre-data")
-            schema.restore_section(archive, scratch, major, "post-data")
+            schema.replay_into_scratch(archive, scratch, major)
             with scratch.connect() as conn:
                 return read_model(conn, exclude_schemas)
 

@@ -184,8 +184,7 @@ def backup_side(storage: Storage, manifest: Manifest, archive_path: Path, server
         obj = manifest.schema
         archive_path.write_bytes(b"".join(pipeline.read_stored(storage, obj.key, obj.sha256, obj.size, on_chunk)))
         with drift.scratch_database(server, manifest.encoding, "schema") as scratch:
-            schema.restore_section(archive_path, scratch, major, "pre-data")
-            schema.restore_section(archive_path, scratch, major, "post-data")
+            schema.replay_into_scratch(archive_path, scratch, major)
             with scratch.connect() as conn:
                 return read_shape(conn), drift.read_model(conn)
     except pipeline.Cancelled:

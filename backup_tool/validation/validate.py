@@ -236,8 +236,7 @@ def rendered_schema(conninfo: ConnInfo, major: int, archive: bytes, encoding: st
         with tempfile.TemporaryDirectory(prefix="backup-tool-") as tmp:
             path = Path(tmp) / "schema.pgdump"
             path.write_bytes(archive)
-            schema.restore_section(path, scratch, major, "pre-data")
-            schema.restore_section(path, scratch, major, "post-data")
+            schema.replay_into_scratch(path, scratch, major)
         return schema.normalize(schema.schema_text(schema.dump_schema(scratch, major), major))
     finally:
         with admin.connect() as conn:
