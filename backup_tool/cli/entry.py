@@ -100,21 +100,7 @@ def fixed_mmap_threshold() -> bool:
     that keep their pages: a backup full of a 3 GB table peaked at 183-211 MB of RSS, with the
     threshold fixed at 125 MB, in the same time. Setting it also turns glibc's adjustment off.
     True when set; False off glibc or when the user set ``MALLOC_MMAP_THRESHOLD_``."""
-    import os
-
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
-    except (ValueError, OSError, AttributeError):
-        return False
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
+    return _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_")
 
 
 def padded_heap_top() -> bool:
@@ -126,9 +112,15 @@ def padded_heap_top() -> bool:
     faults per table PITR of the benchmark's shape, 115-125 thousand with the pad, and 0.6
     CPU-seconds less of its 3.7 (medians of 6 interleaved runs, ``perf stat``), for 10-27 MB
     more peak RSS. True when set; False off glibc or when the user set ``MALLOC_TOP_PAD_``."""
+    return _mallopt(M_TOP_PAD, HEAP_TOP_PAD, "MALLOC_TOP_PAD_")
+
+
+def _mallopt(param: int, value: int, user_variable: str) -> bool:
+    """glibc's ``mallopt(param, value)``, unless the user set that tunable through
+    ``user_variable``; False off glibc or when refused."""
     import os
 
-    if "MALLOC_TOP_PAD_" in os.environ:
+    if user_variable in os.environ:
         return False
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
@@ -138,7 +130,7 @@ def padded_heap_top() -> bool:
     import ctypes
 
     try:
-        return bool(ctypes.CDLL(None).mallopt(M_TOP_PAD, HEAP_TOP_PAD))
+        return bool(ctypes.CDLL(None).mallopt(param, value))
     except (OSError, AttributeError):
         return False
 

@@ -15,6 +15,7 @@ import dbcompare
 import psycopg
 import pytest
 import zstandard
+from sessions import holding
 
 from backup_tool.config.policy import BackupSettings, Policy
 from backup_tool.config.settings import Settings
@@ -271,22 +272,8 @@ def test_a_backup_waiting_on_an_exclusive_lock_says_who_holds_it_then_finishes(
         cli: Any, local_repo: str, seed_db_rw: Any) -> None:
     """A migration's ACCESS EXCLUSIVE lock kept the backup silent for as long as it lasted."""
     db = seed_db_rw
-    holding = threading.Event()
-
-    def migration() -> None:
-        with psycopg.connect(db.dsn, autocommit=False, application_name="schema-migration") as conn:
-            conn.execute("LOCK TABLE public.coupons IN ACCESS EXCLUSIVE MODE")
-            holding.set()
-            time.sleep(4)
-            conn.commit()
-
-    thread = threading.Thread(target=migration)
-    thread.start()
-    try:
-        assert holding.wait(10)
+    with holding(db.dsn, "LOCK TABLE public.coupons IN ACCESS EXCLUSIVE MODE", "schema-migration", 4):
         proc = cli("backup", "full", "--repo", local_repo, "--dsn", db.dsn, "--json")
-    finally:
-        thread.join()
     assert proc.returncode == 0, proc.stderr
     waits = [line for line in proc.stderr.splitlines() if "locked exclusively by" in line]
     assert len(waits) == 1 and "schema-migration" in waits[0] and "waiting for them" in waits[0]

@@ -6,10 +6,11 @@ skipped without it)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from support.cli import Cli
-from support.clusters import find_pg_bin_dir
+from support.clusters import PgServer, find_pg_bin_dir
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +20,25 @@ def _have_pg_cron() -> bool:
     return (share / "pg_cron.control").exists() or Path("/usr/share/postgresql/15/extension/pg_cron.control").exists()
 
 
-@pytest.mark.skipif(not _have_pg_cron(), reason="pg_cron not installed (apt-get install postgresql-15-cron)")
-def test_into_schema_with_pg_cron(pg_cluster_factory, cli: Cli, tmp_path: Path) -> None:
+NEEDS_PG_CRON = pytest.mark.skipif(not _have_pg_cron(),
+                                   reason="pg_cron not installed (apt-get install postgresql-15-cron)")
+
+
+@pytest.fixture
+def cron_server(pg_cluster_factory: Callable[..., PgServer]) -> PgServer:
+    """A server whose pg_cron lives in database ``app``, where it is created."""
     server = pg_cluster_factory(shared_preload_libraries="pg_cron", **{"cron.database_name": "app"})
     with server.admin_conn() as conn:
         conn.execute("CREATE DATABASE app")
     with server.admin_conn("app") as conn:
         conn.execute("CREATE EXTENSION pg_cron")
+    return server
+
+
+@NEEDS_PG_CRON
+def test_into_schema_with_pg_cron(cron_server: PgServer, cli: Cli, tmp_path: Path) -> None:
+    server = cron_server
+    with server.admin_conn("app") as conn:
         conn.execute("SELECT cron.schedule('nightly', '0 3 * * *', 'VACUUM')")
         conn.execute("CREATE TABLE events (id int PRIMARY KEY, payload text)")
         conn.execute("INSERT INTO events SELECT g, md5(g::text) FROM generate_series(1, 50) g")
@@ -40,16 +53,13 @@ def test_into_schema_with_pg_cron(pg_cluster_factory, cli: Cli, tmp_path: Path) 
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'backup_tool_scratch%'").fetchone() == (0,)
 
 
-@pytest.mark.skipif(not _have_pg_cron(), reason="pg_cron not installed (apt-get install postgresql-15-cron)")
-def test_restore_full_refuses_a_database_pg_cron_will_not_install_in(pg_cluster_factory, cli: Cli,
+@NEEDS_PG_CRON
+def test_restore_full_refuses_a_database_pg_cron_will_not_install_in(cron_server: PgServer, cli: Cli,
                                                                     tmp_path: Path) -> None:
     """Beside the source on its server, pg_cron cannot be created: refused before anything is
     created, naming the extension, and the database --create made is gone again."""
-    server = pg_cluster_factory(shared_preload_libraries="pg_cron", **{"cron.database_name": "app"})
-    with server.admin_conn() as conn:
-        conn.execute("CREATE DATABASE app")
+    server = cron_server
     with server.admin_conn("app") as conn:
-        conn.execute("CREATE EXTENSION pg_cron")
         conn.execute("CREATE TABLE events (id int PRIMARY KEY)")
     repo = str(tmp_path / "repo")
     cli.json("backup", "full", "--repo", repo, "--dsn", server.dsn("app"), expect_rc=0)

@@ -3,8 +3,6 @@ refusals change nothing, and each mode ends validated."""
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -12,6 +10,7 @@ import clioutput
 import dbcompare
 import psycopg
 import pytest
+from sessions import holding
 from support.clusters import DbHandle, free_port
 from support.manifests import make_manifest
 from support.objects import read_object, write_object
@@ -691,23 +690,9 @@ def test_a_replace_blocked_by_another_session_says_who_holds_the_table_and_then_
     db, _ = live
     expected = hashes(seed_db)["public.crm_projects"]
     db.execute("UPDATE public.crm_projects SET name = name || ' (edited)'")
-    holding = threading.Event()
-
-    def reader() -> None:
-        with psycopg.connect(db.dsn, autocommit=False, application_name="nightly-report") as conn:
-            conn.execute("SELECT count(*) FROM public.crm_projects")
-            holding.set()
-            time.sleep(4)
-            conn.commit()
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    try:
-        assert holding.wait(10)
+    with holding(db.dsn, "SELECT count(*) FROM public.crm_projects", "nightly-report", 4):
         proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.crm_projects", "--replace",
                    "--target-dsn", db.dsn, "--json")
-    finally:
-        thread.join()
     assert proc.returncode == 0, proc.stderr
     waits = [line for line in proc.stderr.splitlines() if "waiting for a lock" in line]
     assert len(waits) == 1 and "public.crm_projects is held by pid" in waits[0] and "nightly-report" in waits[0]
