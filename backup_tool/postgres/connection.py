@@ -18,12 +18,13 @@ its own ``options`` still wins over these.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -37,6 +38,8 @@ from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import BackupToolError, ConfigError, DatabaseError, RefusedError
 from backup_tool.postgres import tools as pg_tools
 from backup_tool.repository.manifest import SequenceRecord
+
+T = TypeVar("T")
 
 SESSION_SETTINGS = {
     "TimeZone": "UTC",
@@ -363,10 +366,23 @@ def lock_patience(conn: psycopg.Connection[Any]) -> Iterator[None]:
     nothing of it kept); when the block succeeds, what it locked stays locked and
     ``lock_timeout`` is as before."""
     with conn.transaction():
-        before = scalar(conn, "SELECT current_setting('lock_timeout')")
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{LOCK_PATIENCE_MS}ms",))
+        before = scalar(conn, "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, true)",
+                        (f"{LOCK_PATIENCE_MS}ms",))
         yield
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (before,))
+
+
+def patiently(conn: psycopg.Connection[Any], attempt: Callable[[], T], waiting: Callable[[], str],
+              on_wait: Callable[[str], None]) -> T:
+    """``attempt()`` under :func:`lock_patience`; when a lock keeps it waiting longer than
+    that, ``on_wait`` is told ``waiting()`` (who holds what) once, and ``attempt()`` runs again
+    under the transaction's own ``lock_timeout``."""
+    try:
+        with lock_patience(conn):
+            return attempt()
+    except psycopg.errors.LockNotAvailable:
+        on_wait(waiting())
+    return attempt()
 
 
 def lock_for_writing(conn: psycopg.Connection[Any], schema_name: str, name: str, truncating: bool,
@@ -380,16 +396,13 @@ def lock_for_writing(conn: psycopg.Connection[Any], schema_name: str, name: str,
     target = qualified(schema_name, name)
     lock = sql.SQL("LOCK TABLE ONLY {} IN {} MODE").format(
         target, sql.SQL("ACCESS EXCLUSIVE" if truncating else "SHARE ROW EXCLUSIVE"))
-    try:
-        with lock_patience(conn):
-            conn.execute(lock)
-        return
-    except psycopg.errors.LockNotAvailable:
-        pass
-    oid = int(scalar(conn, "SELECT %s::regclass::oid", (quoted_table(schema_name, name),)))
-    on_wait(f"{schema_name}.{name} is held by {lock_holders(conn, [oid])}; waiting for it (Ctrl-C stops the "
-            "restore and leaves the table as it was)")
-    conn.execute(lock)
+
+    def waiting() -> str:
+        oid = int(scalar(conn, "SELECT %s::regclass::oid", (quoted_table(schema_name, name),)))
+        return (f"{schema_name}.{name} is held by {lock_holders(conn, [oid])}; waiting for it (Ctrl-C stops the "
+                "restore and leaves the table as it was)")
+
+    patiently(conn, lambda: conn.execute(lock), waiting, on_wait)
 
 
 def lock_holders(conn: psycopg.Connection[Any], oids: Sequence[int] | None, modes: Sequence[str] = ()) -> str:
@@ -849,17 +862,7 @@ class Snapshot:
         """:func:`list_tables` in the snapshot (whose sizes take each table's share lock, kept
         to the end), telling ``on_wait`` who holds an exclusive lock when that waits longer
         than :data:`LOCK_PATIENCE_MS`."""
-        try:
-            with lock_patience(self.conn):
-                return list_tables(self.conn)
-        except psycopg.errors.LockNotAvailable:
-            on_wait(f"tables to back up are locked exclusively by {lock_holders(self.conn, None, ['AccessExclusiveLock'])}; "
-                    "waiting for them")
-        try:
-            return list_tables(self.conn)
-        except psycopg.errors.LockNotAvailable as exc:
-            raise DatabaseError(f"could not lock the tables to back up: {exc}",
-                                "a long-running DDL or VACUUM FULL holds a lock; retry later") from None
+        return self._patiently(lambda: list_tables(self.conn), None, on_wait)
 
     def lock_tables(self, tables: Sequence[TableInfo], on_wait: Callable[[str], None] = lambda _: None) -> None:
         """Share-lock the tables, after checking this role may read them and every sequence.
@@ -870,20 +873,19 @@ class Snapshot:
             self._check_readable(tables)
         for start in range(0, len(tables), 200):
             part = tables[start:start + 200]
-            names = sql.SQL(", ").join(qualified(t.schema, t.name) for t in part)
-            lock = sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(names)
-            try:
-                with lock_patience(self.conn):
-                    self.conn.execute(lock)
-                continue
-            except psycopg.errors.LockNotAvailable:
-                holders = lock_holders(self.conn, [t.oid for t in part], ["AccessExclusiveLock"])
-                on_wait(f"tables to back up are locked exclusively by {holders}; waiting for them")
-            try:
-                self.conn.execute(lock)
-            except psycopg.errors.LockNotAvailable as exc:
-                raise DatabaseError(f"could not lock the tables to back up: {exc}",
-                                    "a long-running DDL or VACUUM FULL holds a lock; retry later") from None
+            lock = sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
+                sql.SQL(", ").join(qualified(t.schema, t.name) for t in part))
+            self._patiently(functools.partial(self.conn.execute, lock), [t.oid for t in part], on_wait)
+
+    def _patiently(self, attempt: Callable[[], T], oids: list[int] | None, on_wait: Callable[[str], None]) -> T:
+        """:func:`patiently`, naming who holds an exclusive lock on ``oids`` (None: any table);
+        a wait past the snapshot's ``lock_timeout`` fails the backup with a hint."""
+        try:
+            return patiently(self.conn, attempt, lambda: "tables to back up are locked exclusively by "
+                             f"{lock_holders(self.conn, oids, ['AccessExclusiveLock'])}; waiting for them", on_wait)
+        except psycopg.errors.LockNotAvailable as exc:
+            raise DatabaseError(f"could not lock the tables to back up: {exc}",
+                                "a long-running DDL or VACUUM FULL holds a lock; retry later") from None
 
     def _check_readable(self, tables: Sequence[TableInfo]) -> None:
         """Refuse tables this role may not read whole: no SELECT, or row security filtering."""

@@ -73,13 +73,8 @@ def refuse_missing_extensions(conn: psycopg.Connection[Any], backed_up: Sequence
     available = [r[0] for r in conn.execute("SELECT name FROM pg_catalog.pg_available_extensions").fetchall()]
     if refusal := missing_extensions([str(e["name"]) for e in backed_up], available):
         raise refusal
-    refused: list[str] = []
-    for name in sorted({str(e["name"]) for e in backed_up}):
-        try:
-            with conn.transaction(force_rollback=True):
-                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} CASCADE").format(sql.Identifier(name)))
-        except psycopg.Error as exc:
-            refused.append(f"{name} ({str(exc).splitlines()[0]})")
+    refused = [f"{name} ({why})" for name, why in
+               schema.uncreatable_extensions(conn, [str(e["name"]) for e in backed_up]).items()]
     if refused:
         raise RefusedError(f"the target database cannot create extension{'s' if len(refused) > 1 else ''} "
                            f"{', '.join(refused)}",

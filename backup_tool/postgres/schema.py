@@ -673,6 +673,21 @@ def _header_prefixes(line: str) -> list[str]:
     return prefixes
 
 
+def uncreatable_extensions(conn: psycopg.Connection[Any], names: Iterable[str]) -> dict[str, str]:
+    """The extensions of ``names`` that ``conn``'s database will not create, with the
+    server's reason (its package missing, a library not preloaded, pg_cron's
+    ``cron.database_name`` naming another database): each is tried in a transaction rolled
+    back at once, so nothing is left behind."""
+    refused: dict[str, str] = {}
+    for name in sorted(set(names)):
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} CASCADE").format(sql.Identifier(name)))
+        except psycopg.Error as exc:
+            refused[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return refused
+
+
 def replay_into_scratch(archive_path: Path, scratch: ConnInfo, major: int) -> None:
     """Replay the archive's schema (pre-data and post-data) into an empty scratch database.
 
@@ -684,17 +699,9 @@ def replay_into_scratch(archive_path: Path, scratch: ConnInfo, major: int) -> No
         toc = read_toc(archive_path.read_bytes())
     except UnreadableToc:
         toc = []
-    refused: set[int] = set()
     with scratch.connect() as conn:
-        for entry in toc:
-            if entry.desc != "EXTENSION":
-                continue
-            try:
-                with conn.transaction(force_rollback=True):
-                    conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} CASCADE").format(
-                        sql.Identifier(entry.tag)))
-            except psycopg.Error:
-                refused.add(entry.dump_id)
+        uncreatable = uncreatable_extensions(conn, [e.tag for e in toc if e.desc == "EXTENSION"])
+    refused = {e.dump_id for e in toc if e.desc == "EXTENSION" and e.tag in uncreatable}
     skip = frozenset(refused | {e.dump_id for e in toc if e.section is not Section.POST_DATA and e.deps
                                 and set(e.deps) <= refused})
     restore_section(archive_path, scratch, major, "pre-data", skip=skip)
