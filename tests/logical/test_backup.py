@@ -37,35 +37,46 @@ from backup_tool.streams import pipeline
 
 pytestmark = pytest.mark.slow
 
-SLOW_ANSWER = 0.3
+HELD_ANSWERS = 2
+ANSWER_PATIENCE = 20.0
 
 
 class SlowlyAnsweringStorage(LocalStorage):
-    """A local repository whose every data object's put returns ``SLOW_ANSWER`` seconds after
-    its stream ended (as an S3 PUT is answered after its body is sent); records, per data
-    object, when its put began (its COPY had started), when its stream ended and when the put
-    returned."""
+    """A local repository that holds the answer to each of its first ``HELD_ANSWERS`` data
+    objects' puts after the stream ended (as an S3 PUT is answered after its body is sent),
+    until the next data object's put begins or ``ANSWER_PATIENCE`` seconds pass: a backup
+    that overlaps a COPY with the answer shows it however slow the machine is, one that
+    waits for the answer first waits out the patience and shows none. Records, per data
+    object, when its put began (its COPY had started), when its stream ended and when the
+    put returned."""
 
     def __init__(self, root: str | Path, events: list[tuple[str, str]]) -> None:
         super().__init__(root)
         self.events = events
-        self._lock = threading.Lock()
+        self._began = threading.Condition()
+        self._puts = 0
 
     def _note(self, what: str, key: str) -> None:
-        with self._lock:
+        with self._began:
             self.events.append((what, key))
 
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
         if "/data/" not in key:
             return super().put(key, chunks)
-        self._note("put", key)
+        with self._began:
+            self._puts += 1
+            ordinal = self._puts
+            self.events.append(("put", key))
+            self._began.notify_all()
 
         def watched() -> Iterator[bytes]:
             yield from chunks
             self._note("end", key)
 
         result = super().put(key, watched())
-        time.sleep(SLOW_ANSWER)
+        if ordinal <= HELD_ANSWERS:
+            with self._began:
+                self._began.wait_for(lambda: self._puts > ordinal, timeout=ANSWER_PATIENCE)
         self._note("stored", key)
         return result
 
