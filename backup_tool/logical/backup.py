@@ -489,7 +489,7 @@ StillDue = Callable[[list[BackupRecord]], bool]
 
 def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int | None = None,
                 only_tables: set[tuple[str, str]] | None = None, still_due: StillDue | None = None,
-                lock_timeout: float = 0.0) -> Manifest:
+                lock_timeout: float = 0.0, storage: Storage | None = None) -> Manifest:
     """Take a full logical backup of the settings' database; return its committed manifest.
 
     ``only_tables`` limits the table data to those (schema, name) pairs (and, for a
@@ -497,26 +497,31 @@ def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int 
     ``still_due`` is asked, once the lock is held, whether the backup is still wanted.
     ``lock_timeout``: seconds to wait for a running backup of the same database into the
     same repository to finish (0: fail at once with :class:`LockHeldError`).
+    ``storage``: the repository of ``settings.repo_url`` already opened (:func:`open_storage`).
     """
     return _logical_backup(settings, reporter or NullReporter(), jobs, BackupKind.FULL, only_tables, still_due,
-                           lock_timeout)
+                           lock_timeout, storage=storage)
 
 
 def backup_incremental(settings: Settings, reporter: Reporter | None = None,
                        jobs: int | None = None, still_due: StillDue | None = None,
-                       lock_timeout: float = 0.0, changes: ChangeSource | None = None) -> Manifest:
+                       lock_timeout: float = 0.0, changes: ChangeSource | None = None,
+                       storage: Storage | None = None) -> Manifest:
     """Back up only what changed since the newest backup; take a full (and say so) if needed.
 
     ``changes`` reads the archived WAL (see :data:`ChangeSource`); without it, or when the
-    WAL cannot answer for certain, every table is compared by checksum."""
+    WAL cannot answer for certain, every table is compared by checksum. ``storage``: as for
+    :func:`backup_full`."""
     return _logical_backup(settings, reporter or NullReporter(), jobs, BackupKind.INCREMENTAL, None, still_due,
-                           lock_timeout, changes)
+                           lock_timeout, changes, storage)
 
 
 def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, kind: str,
                     only_tables: set[tuple[str, str]] | None, still_due: StillDue | None = None,
-                    lock_timeout: float = 0.0, changes: ChangeSource | None = None) -> Manifest:
-    storage = open_storage(settings.repo_url)
+                    lock_timeout: float = 0.0, changes: ChangeSource | None = None,
+                    storage: Storage | None = None) -> Manifest:
+    if storage is None:
+        storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
     policy = settings.policy
