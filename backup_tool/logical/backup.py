@@ -639,8 +639,8 @@ def _open_source(conninfo: ConnInfo) -> _Source:
 
 
 def _close_when_open(opening: Background[_Source]) -> None:
-    """Close the source session once it is open, without waiting for it here (a refused
-    backup must not wait for an unreachable server's connect timeout)."""
+    """Close the source's sessions once they are open, without waiting for them here (a
+    refused backup must not wait for an unreachable server's connect timeout)."""
     def close() -> None:
         try:
             opening.result().close()
