@@ -489,7 +489,7 @@ StillDue = Callable[[list[BackupRecord]], bool]
 
 def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int | None = None,
                 only_tables: set[tuple[str, str]] | None = None, still_due: StillDue | None = None,
-                lock_timeout: float = 0.0) -> Manifest:
+                lock_timeout: float = 0.0, storage: Storage | None = None) -> Manifest:
     """Take a full logical backup of the settings' database; return its committed manifest.
 
     ``only_tables`` limits the table data to those (schema, name) pairs (and, for a
@@ -497,43 +497,54 @@ def backup_full(settings: Settings, reporter: Reporter | None = None, jobs: int 
     ``still_due`` is asked, once the lock is held, whether the backup is still wanted.
     ``lock_timeout``: seconds to wait for a running backup of the same database into the
     same repository to finish (0: fail at once with :class:`LockHeldError`).
+    ``storage``: the repository of ``settings.repo_url`` already opened (:func:`open_storage`).
     """
     return _logical_backup(settings, reporter or NullReporter(), jobs, BackupKind.FULL, only_tables, still_due,
-                           lock_timeout)
+                           lock_timeout, storage=storage)
 
 
 def backup_incremental(settings: Settings, reporter: Reporter | None = None,
                        jobs: int | None = None, still_due: StillDue | None = None,
-                       lock_timeout: float = 0.0, changes: ChangeSource | None = None) -> Manifest:
+                       lock_timeout: float = 0.0, changes: ChangeSource | None = None,
+                       storage: Storage | None = None) -> Manifest:
     """Back up only what changed since the newest backup; take a full (and say so) if needed.
 
     ``changes`` reads the archived WAL (see :data:`ChangeSource`); without it, or when the
-    WAL cannot answer for certain, every table is compared by checksum."""
+    WAL cannot answer for certain, every table is compared by checksum. ``storage``: as for
+    :func:`backup_full`."""
     return _logical_backup(settings, reporter or NullReporter(), jobs, BackupKind.INCREMENTAL, None, still_due,
-                           lock_timeout, changes)
+                           lock_timeout, changes, storage)
 
 
 def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, kind: str,
                     only_tables: set[tuple[str, str]] | None, still_due: StillDue | None = None,
-                    lock_timeout: float = 0.0, changes: ChangeSource | None = None) -> Manifest:
-    storage = open_storage(settings.repo_url)
+                    lock_timeout: float = 0.0, changes: ChangeSource | None = None,
+                    storage: Storage | None = None) -> Manifest:
+    if storage is None:
+        storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
     conninfo = ConnInfo(settings.dsn)
     policy = settings.policy
-    guard_writes(storage, policy.backup.encryption_key_id, policy.name, f"take a {kind} backup",
-                 catalog.key_ids)
+    opening = Background(_open_source, conninfo, name="source-session")
+    try:
+        guard_writes(storage, policy.backup.encryption_key_id, policy.name, f"take a {kind} backup",
+                     catalog.key_ids)
+    except BaseException:
+        _close_when_open(opening)
+        raise
     jobs = jobs or policy.backup.jobs
     level = policy.backup.logical_compression_level
     threads = compression_threads(jobs)
 
     with ExitStack() as stack:
-        control = conninfo.connect()
-        stack.callback(control.close)
-        info = postgres.server_info(control)
+        source = opening.result()
+        control = source.control
+        stack.callback(source.close)
+        info = source.info
         if info["encoding"] == "SQL_ASCII":
             postgres.refuse_non_ascii_names(control)
         major = info["server_version_num"] // 10000
-        probing = Background(postgres.tool_versions, major, name="client-tool-versions")
+        probing = source.tools
         database = info["database"]
         if lock_timeout > 0:
             reporter.event("waiting for the backup lock", database=database, seconds=lock_timeout)
@@ -576,7 +587,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
             method = parent.checksum_method if parent is not None else checksum_method_for(major)
             job = _DumpJob(storage, conninfo, major, policy, jobs, level, threads, kind, backup_id, started_at,
                            expires_at, parent, only_tables, reporter, method)
-            manifest = replace(_dump(job, control, info, stack, changes), client_tools=tools)
+            manifest = replace(_dump(job, control, info, stack, changes, source.snapshot_session), client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
             testhooks.pause_point("backup:before-manifest")
@@ -593,6 +604,49 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         reporter.event("backup finished", id=backup_id, kind=kind, size_bytes=manifest.size_bytes,
                        seconds=round((manifest.finished_at - started_at).total_seconds(), 2))
         return manifest
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The backup's control session, what the server said of itself, and the probe of the
+    client programs serving its major (started as soon as the major was known)."""
+
+    control: psycopg.Connection[Any]
+    info: dict[str, Any]
+    tools: Background[dict[str, str]]
+    snapshot_session: psycopg.Connection[Any]
+    """The session the snapshot will be exported from, opened (no transaction yet)."""
+
+    def close(self) -> None:
+        self.snapshot_session.close()
+        self.control.close()
+
+
+def _open_source(conninfo: ConnInfo) -> _Source:
+    """Connect to the source, read its server information, start probing the client
+    programs and open the snapshot's session: run on a thread while the repository's key
+    guard and catalog are read, so the backends' start and the programs' ``--version`` runs
+    overlap those requests. Its errors are raised where the backup takes the session, after
+    the guard's, as when it connected there."""
+    control = conninfo.connect()
+    try:
+        info = postgres.server_info(control)
+        tools = Background(postgres.tool_versions, info["server_version_num"] // 10000, name="client-tool-versions")
+        return _Source(control, info, tools, Snapshot.open_session(conninfo))
+    except BaseException:
+        control.close()
+        raise
+
+
+def _close_when_open(opening: Background[_Source]) -> None:
+    """Close the source's sessions once they are open, without waiting for them here (a
+    refused backup must not wait for an unreachable server's connect timeout)."""
+    def close() -> None:
+        try:
+            opening.result().close()
+        except BaseException:  # noqa: BLE001 - the backup already fails with its own error
+            pass
+    threading.Thread(target=close, name="source-session-close", daemon=True).start()
 
 
 def _discard(storage: Storage, prefix: str, backup_id: str) -> None:
@@ -706,12 +760,12 @@ class _SideObjects:
 
 
 def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
-          changes: ChangeSource | None = None) -> Manifest:
+          changes: ChangeSource | None = None, snapshot_session: psycopg.Connection[Any] | None = None) -> Manifest:
     """The snapshot, then, each on a thread of its own while the tables are compared and
     dumped: its side objects (schema, roles, large objects: client tools that mostly wait on
     the server) and its catalog reads (sequences, inventories: only the manifest needs them).
     All are finished before anything is assembled or a failure propagates."""
-    taken = _take_snapshot(job, control, info, stack, changes)
+    taken = _take_snapshot(job, control, info, stack, changes, snapshot_session)
     side_objects = Background(_store_side_objects, job, taken, name="side-objects")
     catalogs = Background(_read_catalogs, job, taken, name="snapshot-catalogs")
     try:
@@ -730,11 +784,12 @@ def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any],
 
 
 def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
-                   changes: ChangeSource | None) -> _Snapshotted:
+                   changes: ChangeSource | None, session: psycopg.Connection[Any] | None = None) -> _Snapshotted:
     """Export the snapshot every worker shares, lock the tables, record the WAL basis, start the
-    WAL scan for an incremental, and read the large objects' summary in that snapshot."""
+    WAL scan for an incremental, and read the large objects' summary in that snapshot.
+    ``session``: the snapshot's connection, opened ahead (:func:`_open_source`)."""
     before = walbasis.before_snapshot(control)
-    snap = Snapshot(job.conninfo)
+    snap = Snapshot(job.conninfo, session=session)
     stack.callback(snap.close)
     tables = postgres.selected_tables(snap.list_tables(job.reporter.warning), job.only_tables)
     snap.lock_tables(tables, job.reporter.warning)

@@ -849,14 +849,22 @@ class Snapshot:
     ``wal_lsn`` is the last WAL location replayed.
     """
 
-    def __init__(self, conninfo: ConnInfo, lock_timeout: str = "5min") -> None:
-        self.conn = _repeatable_read(conninfo.connect(autocommit=False, settings={"lock_timeout": lock_timeout}))
+    def __init__(self, conninfo: ConnInfo, lock_timeout: str = "5min",
+                 session: psycopg.Connection[Any] | None = None) -> None:
+        """``session``: the connection :meth:`open_session` opened for it ahead of time (its
+        backend started while the caller did other work); else one is opened here."""
+        self.conn = _repeatable_read(session if session is not None else self.open_session(conninfo, lock_timeout))
         row = self.conn.execute("SELECT pg_export_snapshot(), (CASE WHEN pg_is_in_recovery()"
                                 " THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, now()").fetchone()
         assert row is not None
         self.snapshot_id: str = row[0]
         self.wal_lsn: str = row[1]
         self.taken_at = row[2]
+
+    @staticmethod
+    def open_session(conninfo: ConnInfo, lock_timeout: str = "5min") -> psycopg.Connection[Any]:
+        """A connection for a snapshot not taken yet (no transaction open)."""
+        return conninfo.connect(autocommit=False, settings={"lock_timeout": lock_timeout})
 
     def list_tables(self, on_wait: Callable[[str], None] = lambda _: None) -> list[TableInfo]:
         """:func:`list_tables` in the snapshot (whose sizes take each table's share lock, kept

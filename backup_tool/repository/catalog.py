@@ -260,6 +260,7 @@ class Catalog:
         self._cache: dict[str, Manifest] = {}
         self._digests: dict[str, str] = {}
         self._seen: tuple[list[str], list[IndexEntry]] | None = None
+        self._entries: tuple[list[str], list[IndexEntry], list[BackupToolError]] | None = None
 
     def ids(self) -> list[str]:
         return sorted(
@@ -350,8 +351,14 @@ class Catalog:
         """What :meth:`scan` would give, as index entries (oldest first), reading only the
         manifests the catalog index does not vouch for (:mod:`backup_tool.repository.catalog_index`).
         With ``refresh``, a stale or missing index is rewritten (best effort: a read-only
-        repository just stays without one). ``ids``: the manifest listing, if just taken."""
+        repository just stays without one). ``ids``: the manifest listing, if just taken.
+        Asked again (a backup reads the catalog before and after taking its lock), a listing
+        equal to the last one is answered from what that one was found to hold, without
+        reading the index again: manifests are written once, so the same listing holds the
+        same backups."""
         ids = self.ids() if ids is None else ids
+        if not refresh and self._entries is not None and self._entries[0] == ids:
+            return list(self._entries[1]), list(self._entries[2])
         index = read_index(self.storage)
         known, vouched = index if index is not None else ([], {})
         listed = set(ids)
@@ -369,7 +376,8 @@ class Catalog:
         elif loaded or sorted(known) != ids:
             self._seen = (ids, list(use.values()))
         ordered = sorted(use.values(), key=lambda e: (e.parsed.started_at, e.id))
-        return ordered, problems
+        self._entries = (ids, ordered, problems)
+        return list(ordered), list(problems)
 
     def records(self, refresh: bool = False) -> tuple[list[BackupRecord], list[BackupToolError]]:
         """Every backup as retention, scheduling, monitoring and the audit see it (oldest

@@ -234,3 +234,21 @@ def test_key_ids_of_the_backups_answer_with_and_without_the_key(tmp_path: Path) 
     Catalog(keyed).records(refresh=True)
     plain, inner = opened(tmp_path)
     assert Catalog(plain).key_ids() == [KEY.key_id] and manifest_reads(inner) == []
+
+
+def test_the_same_listing_asked_again_is_answered_without_reading_the_index_again(tmp_path: Path) -> None:
+    """A backup reads the catalog before and after taking its lock: when the manifests'
+    listing has not changed, the second answer is the first, without the index's GET; a
+    backup committed in between changes the listing, and the catalog is read afresh."""
+    h = history(tmp_path)
+    storage, inner = opened(tmp_path)
+    Catalog(storage).records(refresh=True)
+    catalog = Catalog(storage)
+    first = catalog.entries()
+    inner.reads.clear()
+    assert catalog.entries() == first and inner.reads == []
+
+    h.full(ts("2026-11-06T02:00Z"))
+    entries, _ = catalog.entries()
+    assert [e.id for e in entries] == [e.id for e in first[0]] + [h.manifests[-1].id]
+    assert any(k.startswith(INDEX_PREFIX) for k in inner.reads)
