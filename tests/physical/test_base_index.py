@@ -407,6 +407,24 @@ def test_whole_lay_out_refuses_a_damaged_or_cut_object_and_older_big_frames() ->
     assert not basetar.parallel_readable(gap)
 
 
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_a_frame_holding_other_than_its_recorded_raw_size_is_refused(delta: int) -> None:
+    """The frame's stored bytes match their sha256 (the index was written with another raw
+    size): decompressing into the thread's reusable buffer still finds the size wrong, one
+    byte more or less, and nothing of that frame is written."""
+    rnd = random.Random(19)
+    raw = make_tar(cluster_like(rnd))
+    stored, index = framed(raw, rnd)
+    k = len(index.frames) // 2
+    frames = list(index.frames)
+    frames[k] = replace(frames[k], raw_size=frames[k].raw_size + delta)
+    for j in range(k + 1, len(frames)):
+        frames[j] = replace(frames[j], raw_start=frames[j].raw_start + delta)
+    with pytest.raises(IntegrityError, match=f"corrupt at frame {k}: "):
+        whole_layout(stored, replace(index, frames=tuple(frames)), 1)
+
+
 def stored_backup(tmp_path: Path, files: list[tuple[str, bytes]], with_index: bool,
                   encrypted: bool = False) -> tuple[EncryptedStorage, Any]:
     """A base backup's tar and (``with_index``) its index in a local repository, and its manifest."""
