@@ -469,6 +469,26 @@ def test_the_parallel_lay_out_writes_what_the_tar_reader_writes(tmp_path: Path, 
     assert laid[0] == laid[1] and laid[0]["base/5/16500"][2] == files[-1][1]
 
 
+
+@pytest.mark.parametrize("size", [0, 8192])
+def test_an_index_naming_a_file_twice_is_refused_before_anything_is_written(tmp_path: Path, size: int) -> None:
+    """Files are created by their first write, so creating one twice can no longer refuse
+    the lay-out (it did, with O_EXCL, when every file was created up front): the index is
+    checked for duplicates first, and nothing but the directories is made."""
+    rnd = random.Random(37)
+    storage, manifest = stored_backup(tmp_path, cluster_like(rnd), True)
+    obj = manifest.extra_objects[1]
+    index = basetar.load_index(storage, obj.key, obj.sha256, obj.size)
+    twice = next(m for m in index.members if m.kind == "f" and m.size == size)
+    forged = replace(index, members=(*index.members, twice))
+    pgdata = tmp_path / "data"
+    pgdata.mkdir()
+    with pytest.raises(IntegrityError, match=f"names {twice.name} twice"):
+        pitr.extract_frames(storage, manifest, forged, pgdata, pwd.getpwuid(os.getuid()).pw_name, NullReporter(),
+                            workers=2)
+    assert not [p for p in pgdata.rglob("*") if p.is_file()]
+
+
 def test_a_failing_guard_stops_the_parallel_lay_out(tmp_path: Path) -> None:
     rnd = random.Random(31)
     storage, manifest = stored_backup(tmp_path, cluster_like(rnd), True)
