@@ -88,7 +88,7 @@ from backup_tool.postgres.connection import find_tool
 from backup_tool.repository import walarchive
 from backup_tool.repository.catalog import Catalog, of_cluster_holding
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, utc_iso
-from backup_tool.repository.storage import Storage, open_repository, open_storage
+from backup_tool.repository.storage import Storage, open_repository
 from backup_tool.streams import pipeline
 from backup_tool.streams.background import Background
 from backup_tool.validation.validate import Check, ValidationReport, validate
@@ -521,17 +521,18 @@ def _behind(target: Target, scanner: CommitScanner, where: str) -> ArchiveBehind
 def plan_recovery(settings: Settings, target: Target, database: str | None = None,
                   reporter: Reporter | None = None, wait: float = 0.0,
                   clock: Callable[[], float] = time.monotonic,
-                  sleep: Callable[[float], None] = time.sleep) -> Plan:
+                  sleep: Callable[[float], None] = time.sleep, storage: Storage | None = None) -> Plan:
     """Choose the base backup for ``target`` from the repository, before anything is written.
 
     A time target is accepted only when the archive holds a commit or abort record timestamped
     after it (:func:`reaches_time`): recovery stops there, and without it PostgreSQL would
     replay to the end of the archive and fail after the base backup was laid out. When the
     archive is merely behind (:class:`ArchiveBehindError`), ``wait`` seconds of polling give
-    the source's archiver time to catch up; any other refusal is immediate.
+    the source's archiver time to catch up; any other refusal is immediate. ``storage``: the
+    repository already opened by the caller.
     """
     reporter = reporter or NullReporter()
-    storage = open_repository(settings.repo_url)
+    storage = storage or open_repository(settings.repo_url)
     backups = of_cluster_holding(Catalog(storage).of_kinds([BackupKind.BASE])[0], database, storage.url)
     scanner = CommitScanner(storage, backups[-1].server_version_num // 10000 if backups else 0)
     deadline = clock() + max(0.0, wait)
@@ -976,6 +977,8 @@ class Layout:
     stop: CommitStop | None = None
     """Set when the recovery settings name the LSN of the last commit recovery to the time
     replays instead of the time (``lay_out(stop_early=True)``)."""
+    repo_url: str = ""
+    """The repository's URL as opened (for messages)."""
 
     def stop_prefetch(self) -> int:
         """Stop reading WAL ahead of recovery (idempotent); the number of segments it fetched."""
@@ -1042,7 +1045,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     pgdata = pgdata.expanduser().absolute()
     _check_empty(pgdata)
     storage = open_repository(settings.repo_url)
-    plan = plan or plan_recovery(settings, target, database, reporter, wait)
+    plan = plan or plan_recovery(settings, target, database, reporter, wait, storage=storage)
     Catalog(storage).require_key(plan.backup)
     bin_dir = find_bin_dir(plan.backup.server_version_num // 10000) if server_binaries else None
     reporter.event("base backup chosen", id=plan.backup.id, stop_lsn=plan.physical.stop_lsn,
@@ -1122,7 +1125,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                    wal_prefetched=len(prefetch.fetched) if prefetch else 0)
     return Layout(plan, pgdata, user, restore_command if scratch else plain_command, conf, written, time.monotonic() - started, bin_dir,
                   choice=choice, databases_in_backup=partial.databases_in(found[1].members) if found else frozenset(),
-                  bytes_fetched=fetched, prefetch=prefetch, scratch=scratch, stop=stop)
+                  bytes_fetched=fetched, prefetch=prefetch, scratch=scratch, stop=stop, repo_url=storage.url)
 
 
 UNNEEDED_DIR = "unneeded"
@@ -1549,7 +1552,7 @@ def promote_paused(server: LocalServer, timeout: float = 60.0) -> None:
                                     f"see {server.log_file}")
 
 
-def _check_reached_end(point: RecoveryPoint, layout: Layout, storage: Storage) -> None:
+def _check_reached_end(point: RecoveryPoint, layout: Layout, where: str) -> None:
     """After --latest: recovery must not have stopped before the archive's end."""
     if point.redo_done_lsn is None:
         return
@@ -1557,7 +1560,7 @@ def _check_reached_end(point: RecoveryPoint, layout: Layout, storage: Storage) -
     seg_size = layout.plan.physical.wal_segment_size
     if wal.lsn_segment(walnames.parse_lsn(point.redo_done_lsn), seg_size) + 1 < wal.lsn_segment(cov.end_lsn, seg_size):
         raise DatabaseError(f"recovery ended at {point.redo_done_lsn} although the archive continues to "
-                            f"{cov.last_segment} in {storage.url}",
+                            f"{cov.last_segment} in {where}",
                             "a segment could not be fetched: check the server log and 'backup-tool wal status'")
 
 
@@ -1626,7 +1629,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                     raise
             host = Background(_host_changes, server, name="host-settings")
             if target.kind == "latest":
-                _check_reached_end(point, layout, open_storage(settings.repo_url))
+                _check_reached_end(point, layout, layout.repo_url)
             do_validate = settings.policy.validation.after_restore if run_validation is None else run_validation
             report = validate_cluster(server, settings.policy.backup.jobs, reporter) if do_validate else None
         finally:
