@@ -732,7 +732,9 @@ def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex
     would be), the empty ones on a thread of their own meanwhile: creating ~1,400 files
     one after the other before the download began took half a second in the benchmark.
     Every file exists, with its owner, mode, size and mtime, once this returns; on failure
-    what was written is the caller's to remove.
+    what was written is the caller's to remove. A symbolic link found where a file goes (the
+    directory belongs to the server's user meanwhile) is never written through: the lay-out
+    fails, as creating the file with ``O_EXCL`` made it fail before.
 
     The frames of one big file are written one at a time (a lock per file): the kernel
     serialises writes to one file anyway, and a second thread waiting for it there spins
@@ -770,7 +772,7 @@ def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex
     locks = {m.name: threading.Lock() for m in files}
 
     def open_member(m: basetar.Member) -> int:
-        fd = os.open(pgdata / m.name, os.O_WRONLY | os.O_CREAT, m.mode & 0o600 or 0o600)
+        fd = os.open(pgdata / m.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, m.mode & 0o600 or 0o600)
         if ids is not None:
             try:
                 os.fchown(fd, *ids)

@@ -489,6 +489,27 @@ def test_an_index_naming_a_file_twice_is_refused_before_anything_is_written(tmp_
     assert not [p for p in pgdata.rglob("*") if p.is_file()]
 
 
+
+@pytest.mark.parametrize("size", [0, 8192])
+def test_the_parallel_lay_out_never_writes_through_a_symbolic_link(tmp_path: Path, size: int) -> None:
+    """A file is created by its first write (or, empty, by a thread of its own): a symbolic
+    link planted where it goes fails the lay-out instead of receiving the data."""
+    rnd = random.Random(41)
+    storage, manifest = stored_backup(tmp_path, cluster_like(rnd), True)
+    obj = manifest.extra_objects[1]
+    index = basetar.load_index(storage, obj.key, obj.sha256, obj.size)
+    victim = next(m for m in index.members if m.kind == "f" and m.size == size)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"untouched")
+    pgdata = tmp_path / "data"
+    (pgdata / victim.name).parent.mkdir(parents=True)
+    (pgdata / victim.name).symlink_to(outside)
+    with pytest.raises(OSError):
+        pitr.extract_frames(storage, manifest, index, pgdata, pwd.getpwuid(os.getuid()).pw_name, NullReporter(),
+                            workers=2)
+    assert outside.read_bytes() == b"untouched"
+
+
 def test_a_failing_guard_stops_the_parallel_lay_out(tmp_path: Path) -> None:
     rnd = random.Random(31)
     storage, manifest = stored_backup(tmp_path, cluster_like(rnd), True)
