@@ -33,6 +33,7 @@ record, newest base backup first.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import dataclasses
 import mmap
 import os
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,7 +88,7 @@ from backup_tool.postgres.connection import find_tool
 from backup_tool.repository import walarchive
 from backup_tool.repository.catalog import Catalog, of_cluster_holding
 from backup_tool.repository.manifest import Manifest, PhysicalInfo, utc_iso
-from backup_tool.repository.storage import Storage, open_repository, open_storage
+from backup_tool.repository.storage import Storage, open_repository
 from backup_tool.streams import pipeline
 from backup_tool.streams.background import Background
 from backup_tool.validation.validate import Check, ValidationReport, validate
@@ -519,17 +521,18 @@ def _behind(target: Target, scanner: CommitScanner, where: str) -> ArchiveBehind
 def plan_recovery(settings: Settings, target: Target, database: str | None = None,
                   reporter: Reporter | None = None, wait: float = 0.0,
                   clock: Callable[[], float] = time.monotonic,
-                  sleep: Callable[[float], None] = time.sleep) -> Plan:
+                  sleep: Callable[[float], None] = time.sleep, storage: Storage | None = None) -> Plan:
     """Choose the base backup for ``target`` from the repository, before anything is written.
 
     A time target is accepted only when the archive holds a commit or abort record timestamped
     after it (:func:`reaches_time`): recovery stops there, and without it PostgreSQL would
     replay to the end of the archive and fail after the base backup was laid out. When the
     archive is merely behind (:class:`ArchiveBehindError`), ``wait`` seconds of polling give
-    the source's archiver time to catch up; any other refusal is immediate.
+    the source's archiver time to catch up; any other refusal is immediate. ``storage``: the
+    repository already opened by the caller.
     """
     reporter = reporter or NullReporter()
-    storage = open_repository(settings.repo_url)
+    storage = storage or open_repository(settings.repo_url)
     backups = of_cluster_holding(Catalog(storage).of_kinds([BackupKind.BASE])[0], database, storage.url)
     scanner = CommitScanner(storage, backups[-1].server_version_num // 10000 if backups else 0)
     deadline = clock() + max(0.0, wait)
@@ -670,18 +673,20 @@ def _safe_member(name: str) -> str:
 
 
 def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: str,
-                 reporter: Reporter, workers: int = 1, guard: Callable[[], None] = lambda: None) -> int:
+                 reporter: Reporter, workers: int = 1, guard: Callable[[], None] = lambda: None,
+                 durable: bool = False) -> int:
     """Lay the base backup's tar out in ``pgdata`` (verified, decompressed); return bytes
     written. A backup whose index allows it (:func:`basetar.parallel_readable`) is read in
     one stream and its frames decompressed and written on ``workers`` threads
     (:func:`extract_frames`); older ones stream through one tar reader. ``guard`` is called
-    as the data advances: what it raises stops the lay-out."""
+    as the data advances: what it raises stops the lay-out. ``durable``: the directory will
+    be synced before it is used (see :func:`extract_frames`)."""
     obj = manifest.extra_objects[0]
     if len(manifest.extra_objects) > 1 and manifest.extra_objects[1].key.endswith(basetar.INDEX_KEY):
         idx = manifest.extra_objects[1]
         index = basetar.load_index(storage, idx.key, idx.sha256, idx.size)
         if basetar.parallel_readable(index):
-            return extract_frames(storage, manifest, index, pgdata, os_user, reporter, workers, guard)
+            return extract_frames(storage, manifest, index, pgdata, os_user, reporter, workers, guard, durable)
     progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
     written = 0
     stream = pipeline.read_stored(storage, obj.key, obj.sha256, obj.size)
@@ -716,13 +721,32 @@ def extract_base(storage: Storage, manifest: Manifest, pgdata: Path, os_user: st
 
 
 def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex, pgdata: Path, os_user: str,
-                   reporter: Reporter, workers: int, guard: Callable[[], None] = lambda: None) -> int:
-    """Every directory and file of the index created first (owned, modes as in the tar), then
-    the object read once and its frames written in place on ``workers`` threads
-    (:func:`basetar.extract_whole`), then the files dated. Returns bytes written."""
+                   reporter: Reporter, workers: int, guard: Callable[[], None] = lambda: None,
+                   durable: bool = False) -> int:
+    """Every directory of the index created first (owned, modes as in the tar), then the
+    object read once and its frames written in place on ``workers`` threads
+    (:func:`basetar.extract_whole`), then the files dated. Returns bytes written.
+
+    A file with data is created by its first write (owned, mode as in the tar; the index
+    naming a file twice is refused before anything is written, as creating it twice
+    would be), the empty ones on a thread of their own meanwhile: creating ~1,400 files
+    one after the other before the download began took half a second in the benchmark.
+    Every file exists, with its owner, mode, size and mtime, once this returns; on failure
+    what was written is the caller's to remove. A symbolic link found where a file goes (the
+    directory belongs to the server's user meanwhile) is never written through: the lay-out
+    fails, as creating the file with ``O_EXCL`` made it fail before.
+
+    The frames of one big file are written one at a time (a lock per file): the kernel
+    serialises writes to one file anyway, and a second thread waiting for it there spins
+    on a core (14 % of the lay-out's CPU in the benchmark) that the download, the checksum
+    and the next frame's decompression need. ``durable`` (the server syncs the directory
+    before recovery): each write's writeback to disk is started at once
+    (:func:`_start_writeback`), so the sync at the start finds little left to write
+    instead of the whole backup; it still makes everything durable itself."""
     obj = manifest.extra_objects[0]
     ids = _owner_ids(os_user)
     files: list[basetar.Member] = []
+    made: set[Path] = set()
     for m in index.members:
         rel = _safe_member(m.name)
         if not rel or rel == ".":
@@ -730,39 +754,93 @@ def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex
         if m.kind == "d":
             (pgdata / rel).mkdir(mode=0o700, parents=True, exist_ok=True)
             chown_to(pgdata / rel, os_user)
+            made.add(pgdata / rel)
         elif m.kind == "l":
             raise RefusedError(f"the base backup holds a symbolic link ({rel}): tablespaces are not supported")
         elif m.kind == "f":
-            dest = pgdata / rel
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, m.mode & 0o600 or 0o600)
-            try:
-                if ids is not None:
-                    os.fchown(fd, *ids)
-            finally:
-                os.close(fd)
             files.append(m)
+    names = [_safe_member(m.name) for m in files]
+    if len(set(names)) != len(names):
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise IntegrityError(f"base backup index names {twice} twice", "the backup is damaged; use another one")
+    for rel in names:
+        parent = (pgdata / rel).parent
+        if parent not in made:
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            made.add(parent)
     progress = reporter.task(f"restoring base backup {manifest.id}", total=obj.raw_size or None)
+    locks = {m.name: threading.Lock() for m in files}
+
+    def open_member(m: basetar.Member) -> int:
+        fd = os.open(pgdata / m.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, m.mode & 0o600 or 0o600)
+        if ids is not None:
+            try:
+                os.fchown(fd, *ids)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def create(members: list[basetar.Member]) -> None:
+        for m in members:
+            os.close(open_member(m))
 
     def write(member: basetar.Member, offset: int, data: memoryview) -> None:
-        fd = os.open(pgdata / member.name, os.O_WRONLY)
-        try:
-            while data:
-                n = os.pwrite(fd, data, offset)
-                data, offset = data[n:], offset + n
-        finally:
-            os.close(fd)
+        with locks[member.name]:
+            fd = open_member(member)
+            try:
+                start, length = offset, len(data)
+                while data:
+                    n = os.pwrite(fd, data, offset)
+                    data, offset = data[n:], offset + n
+                if durable:
+                    _start_writeback(fd, start, length)
+            finally:
+                os.close(fd)
 
     def advance(raw: int) -> None:
         guard()
         progress.advance(raw)
 
-    stream = storage.decode(obj.key, pipeline.verified(storage.get_stored(obj.key), obj.key, obj.sha256, obj.size))
-    basetar.extract_whole(pipeline.read_ahead(stream), obj.key, index, write, workers, advance)
+    creating = Background(create, [m for m in files if not m.size], name="create-files")
+    try:
+        stream = storage.decode(obj.key, pipeline.verified(storage.get_stored(obj.key), obj.key, obj.sha256,
+                                                           obj.size))
+        basetar.extract_whole(pipeline.read_ahead(stream), obj.key, index, write, workers, advance)
+    finally:
+        creating.join()
+    creating.result()
     for m in files:
-        os.utime(pgdata / _safe_member(m.name), (m.mtime, m.mtime))
+        os.utime(pgdata / m.name, (m.mtime, m.mtime))
     progress.finish()
     return sum(m.size for m in files)
+
+
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``fd``'s range to disk without waiting for it (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; elsewhere nothing). It guarantees nothing
+    about durability — the server's sync at start does — it only moves the disk writes
+    from that sync to the time of the lay-out, which they then overlap."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 PARTIAL_SETTINGS = {"ignore_invalid_pages": "on", "autovacuum": "off"}
@@ -901,6 +979,8 @@ class Layout:
     stop: CommitStop | None = None
     """Set when the recovery settings name the LSN of the last commit recovery to the time
     replays instead of the time (``lay_out(stop_early=True)``)."""
+    repo_url: str = ""
+    """The repository's URL as opened (for messages)."""
 
     def stop_prefetch(self) -> int:
         """Stop reading WAL ahead of recovery (idempotent); the number of segments it fetched."""
@@ -967,7 +1047,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
     pgdata = pgdata.expanduser().absolute()
     _check_empty(pgdata)
     storage = open_repository(settings.repo_url)
-    plan = plan or plan_recovery(settings, target, database, reporter, wait)
+    plan = plan or plan_recovery(settings, target, database, reporter, wait, storage=storage)
     Catalog(storage).require_key(plan.backup)
     bin_dir = find_bin_dir(plan.backup.server_version_num // 10000) if server_binaries else None
     reporter.event("base backup chosen", id=plan.backup.id, stop_lsn=plan.physical.stop_lsn,
@@ -1005,7 +1085,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                                                    settings.policy.backup.jobs)
             else:
                 written = extract_base(storage, plan.backup, pgdata, user, reporter, settings.policy.backup.jobs,
-                                       guard)
+                                       guard, durable=not scratch)
                 fetched = plan.backup.extra_objects[0].size
             restore_command = (f"{tool.result()} wal fetch %f %p --abort-on-error "
                                f"--repo {shlex.quote(storage.url)}")
@@ -1047,7 +1127,7 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                    wal_prefetched=len(prefetch.fetched) if prefetch else 0)
     return Layout(plan, pgdata, user, restore_command if scratch else plain_command, conf, written, time.monotonic() - started, bin_dir,
                   choice=choice, databases_in_backup=partial.databases_in(found[1].members) if found else frozenset(),
-                  bytes_fetched=fetched, prefetch=prefetch, scratch=scratch, stop=stop)
+                  bytes_fetched=fetched, prefetch=prefetch, scratch=scratch, stop=stop, repo_url=storage.url)
 
 
 UNNEEDED_DIR = "unneeded"
@@ -1474,7 +1554,7 @@ def promote_paused(server: LocalServer, timeout: float = 60.0) -> None:
                                     f"see {server.log_file}")
 
 
-def _check_reached_end(point: RecoveryPoint, layout: Layout, storage: Storage) -> None:
+def _check_reached_end(point: RecoveryPoint, layout: Layout, where: str) -> None:
     """After --latest: recovery must not have stopped before the archive's end."""
     if point.redo_done_lsn is None:
         return
@@ -1482,7 +1562,7 @@ def _check_reached_end(point: RecoveryPoint, layout: Layout, storage: Storage) -
     seg_size = layout.plan.physical.wal_segment_size
     if wal.lsn_segment(walnames.parse_lsn(point.redo_done_lsn), seg_size) + 1 < wal.lsn_segment(cov.end_lsn, seg_size):
         raise DatabaseError(f"recovery ended at {point.redo_done_lsn} although the archive continues to "
-                            f"{cov.last_segment} in {storage.url}",
+                            f"{cov.last_segment} in {where}",
                             "a segment could not be fetched: check the server log and 'backup-tool wal status'")
 
 
@@ -1551,7 +1631,7 @@ def restore_pitr(settings: Settings, target: Target, pgdata: str | Path, port: i
                     raise
             host = Background(_host_changes, server, name="host-settings")
             if target.kind == "latest":
-                _check_reached_end(point, layout, open_storage(settings.repo_url))
+                _check_reached_end(point, layout, layout.repo_url)
             do_validate = settings.policy.validation.after_restore if run_validation is None else run_validation
             report = validate_cluster(server, settings.policy.backup.jobs, reporter) if do_validate else None
         finally:

@@ -407,6 +407,24 @@ def test_whole_lay_out_refuses_a_damaged_or_cut_object_and_older_big_frames() ->
     assert not basetar.parallel_readable(gap)
 
 
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_a_frame_holding_other_than_its_recorded_raw_size_is_refused(delta: int) -> None:
+    """The frame's stored bytes match their sha256 (the index was written with another raw
+    size): decompressing into the thread's reusable buffer still finds the size wrong, one
+    byte more or less, and nothing of that frame is written."""
+    rnd = random.Random(19)
+    raw = make_tar(cluster_like(rnd))
+    stored, index = framed(raw, rnd)
+    k = len(index.frames) // 2
+    frames = list(index.frames)
+    frames[k] = replace(frames[k], raw_size=frames[k].raw_size + delta)
+    for j in range(k + 1, len(frames)):
+        frames[j] = replace(frames[j], raw_start=frames[j].raw_start + delta)
+    with pytest.raises(IntegrityError, match=f"corrupt at frame {k}: "):
+        whole_layout(stored, replace(index, frames=tuple(frames)), 1)
+
+
 def stored_backup(tmp_path: Path, files: list[tuple[str, bytes]], with_index: bool,
                   encrypted: bool = False) -> tuple[EncryptedStorage, Any]:
     """A base backup's tar and (``with_index``) its index in a local repository, and its manifest."""
@@ -449,6 +467,47 @@ def test_the_parallel_lay_out_writes_what_the_tar_reader_writes(tmp_path: Path, 
         assert written == sum(len(data) for _, data in files)
         laid.append(tree(pgdata))
     assert laid[0] == laid[1] and laid[0]["base/5/16500"][2] == files[-1][1]
+
+
+
+@pytest.mark.parametrize("size", [0, 8192])
+def test_an_index_naming_a_file_twice_is_refused_before_anything_is_written(tmp_path: Path, size: int) -> None:
+    """Files are created by their first write, so creating one twice can no longer refuse
+    the lay-out (it did, with O_EXCL, when every file was created up front): the index is
+    checked for duplicates first, and nothing but the directories is made."""
+    rnd = random.Random(37)
+    storage, manifest = stored_backup(tmp_path, cluster_like(rnd), True)
+    obj = manifest.extra_objects[1]
+    index = basetar.load_index(storage, obj.key, obj.sha256, obj.size)
+    twice = next(m for m in index.members if m.kind == "f" and m.size == size)
+    forged = replace(index, members=(*index.members, twice))
+    pgdata = tmp_path / "data"
+    pgdata.mkdir()
+    with pytest.raises(IntegrityError, match=f"names {twice.name} twice"):
+        pitr.extract_frames(storage, manifest, forged, pgdata, pwd.getpwuid(os.getuid()).pw_name, NullReporter(),
+                            workers=2)
+    assert not [p for p in pgdata.rglob("*") if p.is_file()]
+
+
+
+@pytest.mark.parametrize("size", [0, 8192])
+def test_the_parallel_lay_out_never_writes_through_a_symbolic_link(tmp_path: Path, size: int) -> None:
+    """A file is created by its first write (or, empty, by a thread of its own): a symbolic
+    link planted where it goes fails the lay-out instead of receiving the data."""
+    rnd = random.Random(41)
+    storage, manifest = stored_backup(tmp_path, cluster_like(rnd), True)
+    obj = manifest.extra_objects[1]
+    index = basetar.load_index(storage, obj.key, obj.sha256, obj.size)
+    victim = next(m for m in index.members if m.kind == "f" and m.size == size)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"untouched")
+    pgdata = tmp_path / "data"
+    (pgdata / victim.name).parent.mkdir(parents=True)
+    (pgdata / victim.name).symlink_to(outside)
+    with pytest.raises(OSError):
+        pitr.extract_frames(storage, manifest, index, pgdata, pwd.getpwuid(os.getuid()).pw_name, NullReporter(),
+                            workers=2)
+    assert outside.read_bytes() == b"untouched"
 
 
 def test_a_failing_guard_stops_the_parallel_lay_out(tmp_path: Path) -> None:
