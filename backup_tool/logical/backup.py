@@ -6,7 +6,8 @@ instant. Each ordinary table (and each leaf partition) becomes one zstd object s
 from ``psql``'s COPY output straight into the repository: no local copy of the data is
 made, and a table can later be restored alone. A table of at least ``backup.split_table_mb``
 is stored as several objects instead, one per range of its heap blocks, dumped and
-checksummed by parallel sessions (see :mod:`backup_tool.logical.parts`). Content
+checksummed by parallel sessions (see :mod:`backup_tool.logical.parts`; a full backup splits
+only a table too big for the sessions to share the work otherwise). Content
 checksums are computed in the same snapshot by parallel sessions. Objects go under
 ``backups/<id>/``; the manifest is written last, after every object is durable, so an
 interrupted backup is never listed.
@@ -119,10 +120,18 @@ def lock_name(repo_url: str, database: str) -> str:
 RENEW_EVERY = 8
 """Statements a snapshot session runs before it lets go of its locks (see :class:`_Sessions`)."""
 
+DATA_SESSION_SETTINGS = {"max_parallel_workers_per_gather": "0"}
+"""Settings of the data phase's sessions (snapshot sessions and psql's COPY sessions): no
+parallel workers, so ``jobs`` bounds the server processes the backup keeps busy. A checksum
+query's workers would be more processes than cores beside the other sessions, each a fresh
+backend paying its start and a page fault for every shared buffer page it reads (pgbench
+scale 50 with 16 wide tables, jobs 2: 0.2-0.3 s of the server's CPU); results are the same."""
+
 
 class _Sessions:
     """The data phase's server sessions: at most ``jobs`` work on the server at once (a COPY
-    or a checksum query each), whatever the number of threads. A dump holds its slot only
+    or a checksum query each, without parallel workers: :data:`DATA_SESSION_SETTINGS`),
+    whatever the number of threads. A dump holds its slot only
     while its COPY runs, not while its object's upload completes, so the next table's COPY
     starts while the last request of the previous one is answered. Checksum queries (and the
     COPY of small tables) run on sessions importing the backup's snapshot, opened on demand
@@ -135,7 +144,7 @@ class _Sessions:
                  encoding: str) -> None:
         self.conninfo = conninfo
         self.snapshot_id = snapshot_id
-        self.settings = {"client_encoding": encoding}
+        self.settings = {"client_encoding": encoding, **DATA_SESSION_SETTINGS}
         self.stack = stack
         self._slots = threading.Semaphore(jobs)
         self._idle: list[psycopg.Connection[Any]] = []
@@ -201,7 +210,7 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
     if table.size < SMALL_COPY_BYTES and blocks == (None, None):
         return _dump_small_table(storage, table, key, level, threads, advance, sessions)
     argv = postgres.copy_out_command(conninfo, major, snapshot_id, table, blocks)
-    env = conninfo.tool_env(settings={})
+    env = conninfo.tool_env(settings=DATA_SESSION_SETTINGS)
     env["PGCLIENTENCODING"] = encoding
     release = sessions.acquire()
     try:
@@ -858,7 +867,8 @@ SlotKey = tuple[int, int]
 class _TableDumper:
     """Streams tables' COPY output into objects and takes their content checksums, in parallel
     sessions that share the backup's snapshot. A table at least ``backup.split_table_mb`` big
-    is worked on in slices, one per range of its heap blocks (see :mod:`backup_tool.logical.parts`):
+    (in a full backup, only when its dump is more than a session's even share of the work) is
+    worked on in slices, one per range of its heap blocks (see :mod:`backup_tool.logical.parts`):
     each slice is its own object and its own checksum query, and the table's checksum is the
     sum of its slices'.
 
@@ -883,10 +893,11 @@ class _TableDumper:
         self._progress: Task = NullReporter().task("")
         self._summed: Task = NullReporter().task("")
         threshold = job.policy.backup.split_table_mb
-        big = [t.oid for t in taken.data_tables if threshold and t.size >= threshold * 2**20]
-        heap = postgres.heap_blocks(taken.snap.conn, big) if big and job.major >= parts.MIN_SERVER_MAJOR else {}
+        share = parts.even_share(taken.data_tables, job.jobs) if job.parent is None else None
+        big = [t.oid for t in parts.split_tables(taken.data_tables, threshold, job.jobs, job.major, share)]
+        heap = postgres.heap_blocks(taken.snap.conn, big) if big else {}
         self.slices: dict[int, list[parts.Slice]] = {}
-        for piece in parts.slices(taken.data_tables, heap, threshold, job.jobs, job.major):
+        for piece in parts.slices(taken.data_tables, heap, threshold, job.jobs, job.major, share):
             self.slices.setdefault(piece.table.oid, []).append(piece)
 
     def _of(self, tables: list[TableInfo]) -> list[parts.Slice]:

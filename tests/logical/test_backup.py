@@ -121,6 +121,44 @@ def test_one_session_copies_the_next_table_while_the_last_upload_is_answered(
     assert overlapped >= 2, f"no COPY began while an upload was answered: {events}"
 
 
+def test_the_backups_sessions_start_no_parallel_workers(fresh_db: Callable[..., Any], local_repo: str) -> None:
+    """``--jobs`` bounds the server processes a backup keeps busy: its checksum queries start
+    no parallel workers, even where the planner gives every other session some (here parallel
+    plans are made free for the database)."""
+    db = fresh_db("noparallel")
+    db.execute("CREATE TABLE public.t (id int, v text);"
+               "INSERT INTO public.t SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 100000) g")
+    for setting in ("parallel_setup_cost = 0", "parallel_tuple_cost = 0", "min_parallel_table_scan_size = 0",
+                    "max_parallel_workers_per_gather = 2"):
+        db.execute(f"ALTER DATABASE {db.name} SET {setting}")
+    with psycopg.connect(db.dsn) as conn:
+        plan = "\n".join(str(r[0]) for r in conn.execute("EXPLAIN SELECT count(*) FROM public.t").fetchall())
+    assert "Workers Planned: 2" in plan, plan
+    workers: list[int] = []
+    checksums: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            while not done.is_set():
+                for kind, count in conn.execute(
+                        "SELECT backend_type, count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND state = 'active' AND query LIKE 'SELECT n, %%' GROUP BY 1").fetchall():
+                    (workers if kind == "parallel worker" else checksums).append(int(count))
+                time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        manifest = backup.backup_full(Settings(local_repo, db.dsn, Policy(backup=BackupSettings(jobs=2))))
+    finally:
+        done.set()
+        watcher.join()
+    assert [(t.name, t.rows) for t in manifest.tables] == [("t", 100000)]
+    assert checksums, "the watcher saw no checksum query: make the table bigger"
+    assert not workers, f"parallel workers ran a checksum query beside the backup's sessions: {workers}"
+
+
 WIDE = """
 CREATE TABLE public.wide (id int PRIMARY KEY, note text, doc jsonb, blob bytea, tags text[]);
 INSERT INTO public.wide

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backup_tool.logical.parts import MAX_PARTS, Work, part_count, schedule, slices
+from backup_tool.logical.parts import MAX_PARTS, Work, even_share, part_count, schedule, slices, split_tables
 from backup_tool.postgres.connection import TableInfo
 
 MB = 2**20
@@ -28,6 +28,21 @@ def test_parts_are_at_most_the_threshold_and_at_least_one_per_job() -> None:
     assert part_count(256 * MB, 32768, 256, 1, 15, 2) == 2
     assert part_count(100000 * MB, 10**7, 256, 2, 15, 2) == MAX_PARTS
     assert part_count(300 * MB, 3, 256, 8, 15, 2) == 3, "never more parts than blocks"
+
+
+def test_a_full_backup_splits_only_a_table_whose_dump_is_more_than_a_sessions_share_of_the_work() -> None:
+    accounts, wide = table(1, 641 * MB), [table(2 + i, 29 * MB) for i in range(16)]
+    everything = [accounts, *wide]
+    share = even_share(everything, 2)
+    assert share == (641 + 16 * 29) * MB * 3 // 4, "every table dumped and checksummed (half a dump), over 2 sessions"
+    assert part_count(641 * MB, 82000, 256, 2, 15, 2, share) == 1, "its one COPY fits one session's share"
+    assert [s.count for s in slices(everything, {1: 82000}, 256, 2, 15, share)] == [1] * 17
+    assert split_tables(everything, 256, 2, 15, share) == []
+    alone = even_share([accounts, table(2, MB)], 2)
+    assert part_count(641 * MB, 82000, 256, 2, 15, 2, alone) == 3, "a table most of the work still is"
+    assert split_tables([accounts, table(2, MB)], 256, 2, 15, alone) == [accounts]
+    assert part_count(641 * MB, 82000, 256, 1, 15, 2, even_share([accounts], 1)) == 1, "one session: nothing to share"
+    assert part_count(641 * MB, 82000, 256, 2, 15, 2) == 3, "without a share (an incremental's comparison), as before"
 
 
 @given(st.lists(st.integers(0, 600 * MB), min_size=1, max_size=8), st.integers(1, 8))

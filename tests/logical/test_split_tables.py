@@ -140,6 +140,37 @@ def test_a_split_table_backs_up_in_parts_and_every_reader_restores_it_row_for_ro
     assert not report.ok and part in "; ".join(c.detail for c in report.failed)
 
 
+def test_a_full_backup_dumps_whole_the_tables_its_sessions_share_the_work_around_and_an_incremental_splits(
+        local_repo: str, fresh_db: Callable[..., Any]) -> None:
+    """Two tables above ``split_table_mb`` of about the same size: neither's dump is more than
+    a session's even share of a full backup's work, so each is one object (one COPY, no TID
+    range scans). An incremental, whose work is mostly checksums, still reads a changed one by
+    ranges into parts; both restore row for row."""
+    db = fresh_db("share")
+    for name in ("a", "b"):
+        db.execute(f"CREATE TABLE public.{name} (id int PRIMARY KEY, v text);"
+                   f"INSERT INTO public.{name} SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 15000) g")
+    assert int(db.scalar("SELECT min(pg_table_size(c)) FROM unnest(ARRAY['public.a', 'public.b']::regclass[]) c")) \
+        > 2**20
+    settings = split_settings(local_repo, db.dsn)
+
+    full = backup.backup_full(settings)
+    for name in ("a", "b"):
+        entry = full.table("public", name)
+        assert entry is not None and entry.object is not None and not entry.parts, name
+        assert entry.rows == 15000
+
+    db.execute("UPDATE public.a SET v = 'changed' WHERE id IN (7, 14000)")
+    incremental = backup.backup_incremental(settings)
+    changed = incremental.table("public", "a")
+    assert incremental.parent_id == full.id and changed is not None and len(changed.parts) >= 2
+    assert incremental.table("public", "b") == full.table("public", "b")
+    for made in (full, incremental):
+        restored = fresh_db("share_r")
+        assert restore_full(settings, restored.dsn, made.id).validation.ok  # type: ignore[union-attr]
+    assert dbcompare.table_hashes(restored.dsn) == dbcompare.table_hashes(db.dsn)
+
+
 @pytest.mark.parametrize("method", list(ChecksumMethod))
 def test_ranges_from_a_stale_block_count_still_cover_every_row_once(fresh_db: Callable[..., Any],
                                                                     method: ChecksumMethod) -> None:
