@@ -321,7 +321,7 @@ def test_a_backup_waiting_on_an_exclusive_lock_says_who_holds_it_then_finishes(
         cli: Any, local_repo: str, seed_db_rw: Any) -> None:
     """A migration's ACCESS EXCLUSIVE lock kept the backup silent for as long as it lasted."""
     db = seed_db_rw
-    with holding(db.dsn, "LOCK TABLE public.coupons IN ACCESS EXCLUSIVE MODE", "schema-migration", 4):
+    with holding(db.dsn, "LOCK TABLE public.coupons IN ACCESS EXCLUSIVE MODE", "schema-migration", 3):
         proc = cli("backup", "full", "--repo", local_repo, "--dsn", db.dsn, "--json")
     assert proc.returncode == 0, proc.stderr
     waits = [line for line in proc.stderr.splitlines() if "locked exclusively by" in line]

@@ -690,7 +690,7 @@ def test_a_replace_blocked_by_another_session_says_who_holds_the_table_and_then_
     db, _ = live
     expected = hashes(seed_db)["public.crm_projects"]
     db.execute("UPDATE public.crm_projects SET name = name || ' (edited)'")
-    with holding(db.dsn, "SELECT count(*) FROM public.crm_projects", "nightly-report", 4):
+    with holding(db.dsn, "SELECT count(*) FROM public.crm_projects", "nightly-report", 3):
         proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.crm_projects", "--replace",
                    "--target-dsn", db.dsn, "--json")
     assert proc.returncode == 0, proc.stderr
