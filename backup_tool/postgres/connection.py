@@ -4,15 +4,21 @@ and the command lines of PostgreSQL's own tools (pg_dump, pg_restore, psql, pg_d
 Sessions opened here pin every setting that changes how values are written as text
 (time zone, date and interval style, float digits, bytea format, encoding), so the same
 rows always produce the same COPY text and the same content checksum, at backup time and
-at validation time. Passwords are handed to child processes through ``PGPASSWORD`` in
+at validation time; and every setting that changes how that text is read back
+(``array_nulls``: off reads an array's NULL element as the string ``'NULL'``; ``xmloption``:
+``document`` refuses an xml value that is a content fragment), so a database or role that
+sets them for its applications cannot change or refuse the rows a restore loads. Passwords are handed to child processes through ``PGPASSWORD`` in
 their environment, never in their arguments.
 
 They also turn off every timeout a role or database may set for its applications (statement,
 lock, idle in transaction, idle session, transaction), as pg_dump and pg_restore do: a
 database-level ``statement_timeout = '60s'`` must not kill a backup's COPY of a large table,
 nor an ``idle_in_transaction_session_timeout`` the snapshot a backup's sessions share, nor a
-restored ``default_transaction_read_only`` a restore's writes. A value the caller's DSN sets in
-its own ``options`` still wins over these.
+restored ``default_transaction_read_only`` a restore's writes. They act as the role the DSN
+names: a ``role`` a database or role sets (``ALTER DATABASE app SET role = 'web'``, meant for
+applications) would have a superuser's backup read, and a restore write, as that role. A value
+the caller's DSN sets in its own ``options`` (``-c role=NAME`` to act as another role) still
+wins over these; PostgreSQL's programs the tool runs get them too (``PGOPTIONS``).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ SESSION_SETTINGS = {
     "bytea_output": "hex",
     "synchronize_seqscans": "off",
     "row_security": "off",
+    "array_nulls": "on",
+    "xmloption": "content",
 }
 UNFINISHED_RESTORE_SCHEMA = "backup_tool_unfinished_restore"
 SYSTEM_SCHEMA_FILTER = (
@@ -62,6 +70,7 @@ SESSION_DEFAULTS = {
     "lock_timeout": "0",
     "idle_in_transaction_session_timeout": "0",
     "default_transaction_read_only": "off",
+    "role": "none",
 }
 """Settings before the DSN's own ``options`` (which may change them), after the role's and
 database's defaults (which they override)."""
@@ -204,12 +213,17 @@ class ConnInfo:
 
     def tool_env(self, settings: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for a PostgreSQL client tool: the password in PGPASSWORD (never in its
-        arguments) and none of the repository's secrets, which those tools never need."""
+        arguments), none of the repository's secrets, which those tools never need, and
+        :data:`SESSION_DEFAULTS` in ``PGOPTIONS`` (before the caller's own ``PGOPTIONS``, or,
+        given ``settings``, followed by :data:`SESSION_SETTINGS` and them). libpq ignores
+        ``PGOPTIONS`` where the DSN sets ``options``."""
         env = {k: v for k, v in os.environ.items() if k not in REPOSITORY_SECRETS}
         if self.params.get("password"):
             env["PGPASSWORD"] = str(self.params["password"])
         if settings is not None:
             env["PGOPTIONS"] = f"{_with_defaults('')} {session_options(settings)}"
+        else:
+            env["PGOPTIONS"] = _with_defaults(env.get("PGOPTIONS", ""))
         return env
 
 

@@ -195,3 +195,70 @@ def test_a_sql_ascii_database_naming_a_table_with_other_bytes_is_refused_clearly
         assert "convert the database to UTF8" in proc.stderr
     finally:
         pg_server.drop_db(name)
+
+
+@pytest.mark.parametrize("scope", ["database", "role in database"])
+def test_a_role_a_database_sets_for_its_applications_is_not_who_the_tool_acts_as(
+        cli: Any, local_repo: str, pg_server: Any, scope: str) -> None:
+    """``ALTER DATABASE app SET role = 'web'`` (or the same for the role backing up, in that
+    database) made every session of the tool, and its pg_dump, act as ``web``: a superuser's
+    backup was refused for a table ``web`` may not read (found on a trial database), and
+    ``restore tables`` into the restored copy would create tables as ``web``. The tool acts
+    as the role its DSN names."""
+    source, copy = f"setrole_{uuid.uuid4().hex[:8]}", f"setrole_copy_{uuid.uuid4().hex[:8]}"
+    web = f"web_{uuid.uuid4().hex[:6]}"
+    target = f"ALTER DATABASE {source}" if scope == "database" else f"ALTER ROLE postgres IN DATABASE {source}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"CREATE ROLE {web}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.visible (id int PRIMARY KEY); INSERT INTO public.visible VALUES (1);"
+                         "CREATE TABLE public.secret (id int PRIMARY KEY, s text); INSERT INTO public.secret VALUES (1, 'x');"
+                         f"GRANT SELECT ON public.visible TO {web}; {target} SET role = '{web}'")
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        replaced = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.secret", "--replace",
+                            "--target-dsn", pg_server.dsn(copy))
+        assert replaced["ok"] is True and replaced["rows"] == 1
+        with pg_server.admin_conn(copy) as conn:
+            conn.execute("SET ROLE NONE")
+            assert conn.execute("SELECT relowner::regrole::text FROM pg_class WHERE relname = 'secret'"
+                                ).fetchone() == ("postgres",)
+            conn.execute(f"{target.replace(source, copy)} SET role = 'postgres'")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        role = "" if scope == "database" else " for role postgres"
+        assert proc.returncode == 3 and failed == {"database_properties": f"missing setting role={web}{role}; "
+                                                   f"unexpected setting role=postgres{role}"}
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {web}")
+
+
+def test_settings_that_change_how_rows_are_read_do_not_change_the_rows_a_restore_loads(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database's ``array_nulls = off`` read every NULL element of an array as the string
+    ``'NULL'``, and its ``xmloption = document`` refused xml content fragments, when
+    ``restore tables`` loaded into it (the restored copy carries both): rows changed (which
+    validation named) or the load failed."""
+    source, copy = f"reading_{uuid.uuid4().hex[:8]}", f"reading_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, tags text[], body xml);"
+                         "INSERT INTO public.docs VALUES (1, '{a,NULL,\"NULL\"}', 'text <b>bold</b> tail'),"
+                         " (2, ARRAY[NULL]::text[], '<doc/>'), (3, NULL, NULL)")
+            conn.execute(f"ALTER DATABASE {source} SET array_nulls = off; ALTER DATABASE {source} SET xmloption = document")
+        back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        replaced = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.docs", "--replace",
+                            "--target-dsn", pg_server.dsn(copy))
+        assert replaced["ok"] is True and replaced["rows"] == 3
+        with pg_server.admin_conn(copy) as conn:
+            rows = conn.execute("SELECT id, tags, body::text FROM public.docs ORDER BY id").fetchall()
+        assert rows == [(1, ["a", None, "NULL"], "text <b>bold</b> tail"), (2, [None], "<doc/>"), (3, None, None)]
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
