@@ -71,9 +71,18 @@ SESSION_DEFAULTS = {
     "idle_in_transaction_session_timeout": "0",
     "default_transaction_read_only": "off",
     "role": "none",
+    "lc_monetary": "C",
+    "quote_all_identifiers": "off",
 }
 """Settings before the DSN's own ``options`` (which may change them), after the role's and
 database's defaults (which they override)."""
+RECORDED_PINS = ("lc_monetary", "quote_all_identifiers")
+"""Settings of :data:`SESSION_DEFAULTS` that change the text a backup stores and that backups
+before them left to the database, role or server: ``lc_monetary`` writes and reads money
+(``1.234,56 €`` under ``de_DE``, refused by a restore session under ``C``), in rows and in
+the schema's defaults and constraints; ``quote_all_identifiers`` the schema text. A backup
+records the ones its sessions pinned (``options["pinned"]``); sessions restoring or
+validating it, or taking an incremental on it, pin the same (:meth:`ConnInfo.pinned_as`)."""
 NEWER_TIMEOUTS = ((140000, "idle_session_timeout"), (170000, "transaction_timeout"))
 """Timeouts of newer servers (server version, setting), set to 0 once connected: an older
 server refuses an unknown setting in the startup options."""
@@ -84,8 +93,9 @@ def session_options(extra: dict[str, str] | None = None) -> str:
     return " ".join(f"-c {k}={v}" for k, v in settings.items())
 
 
-def _with_defaults(options: str) -> str:
-    return " ".join([*(f"-c {k}={v}" for k, v in SESSION_DEFAULTS.items()), *([options] if options else [])])
+def _with_defaults(options: str, unpinned: frozenset[str] = frozenset()) -> str:
+    return " ".join([*(f"-c {k}={v}" for k, v in SESSION_DEFAULTS.items() if k not in unpinned),
+                     *([options] if options else [])])
 
 
 class _TransparentText(Loader):
@@ -169,10 +179,25 @@ class ConnInfo:
         except psycopg.ProgrammingError:
             raise ConfigError("the DSN is not a valid PostgreSQL connection string",
                               "use postgresql://user@host:port/dbname or 'host=... dbname=...'") from None
+        self.unpinned: frozenset[str] = frozenset()
 
     def with_database(self, dbname: str) -> "ConnInfo":
+        other = self._copy()
+        other.params["dbname"] = dbname
+        return other
+
+    def pinned_as(self, recorded: Sequence[str] | None) -> "ConnInfo":
+        """This connection, its sessions and programs pinning of :data:`RECORDED_PINS` only
+        what a backup recorded it pinned (``options["pinned"]``; None: a backup from before
+        they were recorded, which pinned none of them)."""
+        other = self._copy()
+        other.unpinned = frozenset(RECORDED_PINS) - frozenset(recorded or ())
+        return other
+
+    def _copy(self) -> "ConnInfo":
         other = ConnInfo.__new__(ConnInfo)
-        other.params = {**self.params, "dbname": dbname}
+        other.params = dict(self.params)
+        other.unpinned = self.unpinned
         return other
 
     @property
@@ -192,7 +217,7 @@ class ConnInfo:
         params = dict(self.params)
         own = str(params.get("options") or "")
         options = session_options(settings)
-        params["options"] = f"{_with_defaults(own)} {options}"
+        params["options"] = f"{_with_defaults(own, self.unpinned)} {options}"
         params.setdefault("application_name", application)
         params.setdefault("connect_timeout", "15")
         try:
@@ -221,9 +246,9 @@ class ConnInfo:
         if self.params.get("password"):
             env["PGPASSWORD"] = str(self.params["password"])
         if settings is not None:
-            env["PGOPTIONS"] = f"{_with_defaults('')} {session_options(settings)}"
+            env["PGOPTIONS"] = f"{_with_defaults('', self.unpinned)} {session_options(settings)}"
         else:
-            env["PGOPTIONS"] = _with_defaults(env.get("PGOPTIONS", ""))
+            env["PGOPTIONS"] = _with_defaults(env.get("PGOPTIONS", ""), self.unpinned)
         return env
 
 

@@ -262,3 +262,109 @@ def test_settings_that_change_how_rows_are_read_do_not_change_the_rows_a_restore
     finally:
         pg_server.drop_db(copy)
         pg_server.drop_db(source)
+
+
+SEARCHED = """
+CREATE SCHEMA app;
+CREATE FUNCTION app.norm(text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT lower($1) $$;
+CREATE FUNCTION app.keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE TABLE app.parent (id int PRIMARY KEY);
+CREATE TABLE app.child (id int PRIMARY KEY, p int REFERENCES app.parent (id), name text);
+CREATE INDEX child_norm ON app.child (app.norm(name)) WHERE app.norm(name) <> '';
+CREATE TRIGGER keep BEFORE INSERT ON app.child FOR EACH ROW EXECUTE FUNCTION app.keep();
+ALTER TABLE app.child ENABLE ROW LEVEL SECURITY;
+CREATE POLICY named ON app.child USING (app.norm(name) = 'b');
+INSERT INTO app.parent VALUES (1); INSERT INTO app.child VALUES (1, 1, 'B');
+"""
+
+
+def test_the_search_path_and_quoting_of_the_role_backing_up_do_not_change_what_validation_compares(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A ``search_path`` set for the role backing up, on the source only, made the backup record
+    definitions naming ``app``'s objects without their schema (``pg_get_indexdef`` qualifies
+    only what the search_path does not find): validation of the restore, by another role,
+    then failed ``rls_policies``, ``foreign_keys_match``, ``indexes_valid`` and
+    ``triggers_present`` (found on a trial database); its ``quote_all_identifiers`` failed
+    ``schema_matches`` and ``column_order``. A change after the restore is still named."""
+    source, copy = f"searched_{uuid.uuid4().hex[:8]}", f"searched_copy_{uuid.uuid4().hex[:8]}"
+    backer, password = f"backer_{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"CREATE ROLE {backer} SUPERUSER LOGIN PASSWORD '{password}'")
+        conn.execute(f"ALTER ROLE {backer} SET search_path = app, public")
+        conn.execute(f"ALTER ROLE {backer} SET quote_all_identifiers = on")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute(SEARCHED)
+        as_backer = f"postgresql://{backer}:{password}@{pg_server.host}:{pg_server.port}/{source}"
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", as_backer)
+        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                            "--target-dsn", pg_server.dsn(copy), "--create")
+        assert restored["ok"] is True, [c for c in restored["validation"]["checks"] if not c["ok"]]
+        with pg_server.admin_conn(copy) as conn:
+            conn.execute("DROP INDEX app.child_norm; CREATE INDEX child_norm ON app.child (app.norm(name))")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and set(failed) == {"schema_matches", "indexes_valid"}
+        assert failed["indexes_valid"] == "indexes: changed app.child.child_norm"
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {backer}")
+
+
+def _has_locale(pg_server: Any, name: str) -> bool:
+    with pg_server.admin_conn() as conn:
+        try:
+            conn.execute(f"SET lc_monetary = '{name}'")
+        except Exception:  # noqa: BLE001 - the server says the locale is not installed
+            return False
+    return True
+
+
+def test_money_written_under_a_database_lc_monetary_restores_and_validates(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database's ``lc_monetary = 'de_DE.UTF-8'`` made the backup store money as ``1.234,56 €``
+    (rows, and pg_dump's defaults and constraints), which the restore's sessions, under the
+    target's own lc_monetary, refused: ``restore full`` failed loading the table (found on a
+    trial database). Every session now reads and writes money under ``C``; the restored
+    database keeps its setting, and a changed amount is named."""
+    if not _has_locale(pg_server, "de_DE.UTF-8"):
+        pytest.skip("locale de_DE.UTF-8 not installed (localedef -i de_DE -f UTF-8 de_DE.UTF-8)")
+    source, copy = f"money_{uuid.uuid4().hex[:8]}", f"money_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"ALTER DATABASE {source} SET lc_monetary = 'de_DE.UTF-8'")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.prices (id int PRIMARY KEY, amount money DEFAULT 1234.5"
+                         " CHECK (amount > 0.25::money));"
+                         "INSERT INTO public.prices VALUES (1, 1234.56), (2, 1000000), (3, DEFAULT), (4, NULL)")
+            assert conn.execute("SELECT amount::text FROM public.prices WHERE id = 1").fetchone() == ("1.234,56 €",)
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        with pg_server.admin_conn(copy) as conn:
+            assert conn.execute("SELECT id, amount::text FROM public.prices ORDER BY id").fetchall() == [
+                (1, "1.234,56 €"), (2, "1.000.000,00 €"), (3, "1.234,50 €"), (4, None)]
+            conn.execute("UPDATE public.prices SET amount = amount + 0.01::money WHERE id = 2")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and failed == {"content_checksums": "content differs: public.prices"}
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+
+
+def test_a_backup_that_recorded_no_pins_is_read_under_the_servers_settings_as_it_was_taken() -> None:
+    """Backups taken before ``lc_monetary`` and ``quote_all_identifiers`` were pinned wrote money
+    and the schema under the database's own: restoring and validating them leaves both to the
+    database again, and an incremental on them does too (a chain keeps one text form)."""
+    from backup_tool.postgres.connection import RECORDED_PINS, ConnInfo
+
+    new = ConnInfo("host=h dbname=d").pinned_as(RECORDED_PINS)
+    old = ConnInfo("host=h dbname=d").pinned_as(None)
+    assert "-c lc_monetary=C" in new.tool_env()["PGOPTIONS"] and "-c quote_all_identifiers=off" in new.tool_env()["PGOPTIONS"]
+    assert "lc_monetary" not in old.tool_env()["PGOPTIONS"] and "quote_all_identifiers" not in old.tool_env()["PGOPTIONS"]
+    assert "-c role=none" in old.tool_env()["PGOPTIONS"]
+    assert old.with_database("other").unpinned == old.unpinned == frozenset(RECORDED_PINS)
+
