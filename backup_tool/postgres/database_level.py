@@ -11,6 +11,10 @@ into ``app_dr`` gets ``app``'s properties), last, so that a setting such as
 ``default_transaction_read_only`` cannot get in the restore's way. Validation compares the
 same record, name excluded.
 
+The rows are text arrays: an array whose first element is a role's ``name`` would be a
+``name[]``, cutting every setting to 63 bytes (a long ``search_path`` lost its last schemas,
+an ``app.jwt_secret`` its tail, and validation, reading both sides the same way, passed).
+
 Guarantees: the target ends with exactly the backed-up settings and grants (extras on an
 existing target are reset or revoked); what cannot be applied, a setting or grant of a
 role missing on the target server, is returned to the caller to report, never dropped
@@ -27,7 +31,8 @@ from typing import Any, Sequence
 import psycopg
 from psycopg import sql
 
-from backup_tool.postgres.connection import scalar
+from backup_tool.errors import RefusedError
+from backup_tool.postgres.connection import ConnInfo, scalar
 
 # Settings whose value is a list (pg_dump's variable_is_guc_list_quote): each element is
 # quoted on its own when the setting is replayed.
@@ -41,11 +46,11 @@ _PROPERTIES_SQL = """
            d.datconnlimit AS connection_limit, d.datistemplate AS is_template,
            (SELECT spcname FROM pg_tablespace WHERE oid = d.dattablespace) AS tablespace,
            shobj_description(d.oid, 'pg_database') AS comment,
-           ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
-                              pg_get_userbyid(a.grantor), a.privilege_type, a.is_grantable::text]
+           ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END,
+                              pg_get_userbyid(a.grantor)::text, a.privilege_type, a.is_grantable::text]
                    FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
                   ORDER BY 1) AS acl,
-           ARRAY(SELECT ARRAY[coalesce(pg_get_userbyid(NULLIF(s.setrole, 0)), ''), c.setting]
+           ARRAY(SELECT ARRAY[coalesce(pg_get_userbyid(NULLIF(s.setrole, 0))::text, ''), c.setting]
                    FROM pg_db_role_setting s, unnest(s.setconfig) WITH ORDINALITY c(setting, i)
                   WHERE s.setdatabase = d.oid
                   ORDER BY coalesce(pg_get_userbyid(NULLIF(s.setrole, 0)), ''), c.i) AS settings
@@ -137,6 +142,53 @@ def split_guc_list(value: str) -> list[str] | None:
         i += 1
         while i < n and value[i].isspace():
             i += 1
+
+
+PRELOAD_SETTINGS = frozenset({"session_preload_libraries", "local_preload_libraries"})
+"""Settings naming libraries the server loads when a session starts: one it cannot load fails
+every connection to the database (or of the role) that sets it."""
+
+
+def preloaded_libraries(wanted: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(role or '', setting name, library as the server loads it) for each library the
+    backed-up database's settings preload; ``local_preload_libraries``' names without a
+    directory are looked up in ``$libdir/plugins``, as the server does. Pure."""
+    found = []
+    for role, setting in (wanted or {}).get("settings", []):
+        name, _, value = setting.partition("=")
+        if name.lower() not in PRELOAD_SETTINGS:
+            continue
+        for library in split_guc_list(value) or [value]:
+            if name.lower() == "local_preload_libraries" and "/" not in library:
+                library = f"$libdir/plugins/{library}"
+            found.append((role, name, library))
+    return found
+
+
+def refuse_unloadable_libraries(target: ConnInfo, wanted: dict[str, Any] | None) -> None:
+    """Refuse, before a restore creates anything, a backup whose database settings preload a
+    library the ``target`` server cannot load: applied (last), the setting would fail every
+    connection to the restored database, the restore's validation first. Each library is
+    loaded (``LOAD``) in a session of its own, closed at once."""
+    libraries = preloaded_libraries(wanted)
+    if not libraries:
+        return
+    failed = []
+    with target.connect() as probe:
+        for role, name, library in libraries:
+            try:
+                probe.execute(sql.SQL("LOAD {}").format(sql.Literal(library)))
+            except psycopg.errors.InsufficientPrivilege:
+                continue
+            except psycopg.Error as exc:
+                reason = (exc.diag.message_primary or str(exc)).strip()
+                failed.append(f"{name} of the database{f' for role {role}' if role else ''} names {library!r} "
+                              f"({reason})")
+    if failed:
+        raise RefusedError(f"the backup's database settings preload {'a library' if len(failed) == 1 else 'libraries'} "
+                           f"the target server cannot load: {'; '.join(failed)}",
+                           "install it on the target server, then restore again: once set, every connection to "
+                           "the restored database would fail")
 
 
 def _set_clause(setting: str) -> sql.Composable:

@@ -368,3 +368,80 @@ def test_a_backup_that_recorded_no_pins_is_read_under_the_servers_settings_as_it
     assert "-c role=none" in old.tool_env()["PGOPTIONS"]
     assert old.with_database("other").unpinned == old.unpinned == frozenset(RECORDED_PINS)
 
+
+def test_a_database_preloading_a_library_the_target_lacks_is_refused_before_anything_is_created(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database's ``session_preload_libraries`` naming a library the target server lacks was
+    applied last, after which every connection to the restored database failed: the restore
+    ended with "cannot connect ... check --dsn" (found on a trial database). It is refused up
+    front, naming the setting and the library, and the database it created is dropped."""
+    source, copy = f"preload_{uuid.uuid4().hex[:8]}", f"preload_copy_{uuid.uuid4().hex[:8]}"
+    library = pg_server.make_user_dir() / "only_on_the_source.so"
+    library.write_bytes((pg_server.bin_dir.parent / "lib" / "auto_explain.so").read_bytes())
+    library.parent.chmod(0o755)
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.t (id int PRIMARY KEY); INSERT INTO public.t VALUES (1)")
+            conn.execute(f"ALTER DATABASE {source} SET session_preload_libraries = '{library.with_suffix('')}'")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        library.unlink()
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                   "--target-dsn", pg_server.dsn(copy), "--create")
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert (f"preload a library the target server cannot load: session_preload_libraries of the database "
+                f"names '{library.with_suffix('')}' (could not access file") in proc.stderr
+        with pg_server.admin_conn() as conn:
+            assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (copy,)).fetchone() == (0,)
+    finally:
+        pg_server.drop_db(copy)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"ALTER DATABASE {source} RESET ALL")
+        pg_server.drop_db(source)
+
+
+@pytest.mark.parametrize(("settings", "loaded"), [
+    ([["", "session_preload_libraries=auto_explain, \"/opt/x y\""]], [("", "session_preload_libraries", "auto_explain"),
+                                                                     ("", "session_preload_libraries", "/opt/x y")]),
+    ([["app", "local_preload_libraries=plug"]], [("app", "local_preload_libraries", "$libdir/plugins/plug")]),
+    ([["", "work_mem=64kB"]], []),
+])
+def test_preloaded_libraries_are_named_as_the_server_loads_them(
+        settings: list[list[str]], loaded: list[tuple[str, str, str]]) -> None:
+    from backup_tool.postgres.database_level import preloaded_libraries
+
+    assert preloaded_libraries({"settings": settings}) == loaded
+
+
+def test_settings_longer_than_a_name_restore_whole_and_a_cut_one_is_named(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """Database settings were read as ``name`` (63 bytes): a Supabase-style ``app.jwt_secret``
+    came back cut, a long ``search_path`` without its last schemas, and validation, reading
+    both sides the same way, passed (found on a trial database)."""
+    source, copy = f"long_{uuid.uuid4().hex[:8]}", f"long_copy_{uuid.uuid4().hex[:8]}"
+    secret = "super-secret-jwt-token-with-at-least-32-characters-long-" + "x" * 40
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.t (id int PRIMARY KEY)")
+            conn.execute(f"ALTER DATABASE {source} SET app.jwt_secret = '{secret}'")
+            conn.execute(f"ALTER ROLE postgres IN DATABASE {source} SET search_path = "
+                         "app_schema_one, app_schema_two, extensions, \"$user\", public")
+        settings_sql = ("SELECT coalesce(r.rolname, ''), s.setconfig FROM pg_db_role_setting s "
+                        "JOIN pg_database d ON d.oid = s.setdatabase LEFT JOIN pg_roles r ON r.oid = s.setrole "
+                        "WHERE d.datname = %s ORDER BY 1")
+        with pg_server.admin_conn() as conn:
+            before = conn.execute(settings_sql, (source,)).fetchall()
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        with pg_server.admin_conn() as conn:
+            assert conn.execute(settings_sql, (copy,)).fetchall() == before
+            conn.execute(f"ALTER DATABASE {copy} SET app.jwt_secret = '{secret[:50]}'")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and failed == {
+            "database_properties": f"missing setting app.jwt_secret={secret}; unexpected setting app.jwt_secret={secret[:50]}"}
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
