@@ -73,14 +73,17 @@ SESSION_DEFAULTS = {
     "role": "none",
     "lc_monetary": "C",
     "quote_all_identifiers": "off",
+    "standard_conforming_strings": "on",
 }
 """Settings before the DSN's own ``options`` (which may change them), after the role's and
 database's defaults (which they override)."""
-RECORDED_PINS = ("lc_monetary", "quote_all_identifiers")
+RECORDED_PINS = ("lc_monetary", "quote_all_identifiers", "standard_conforming_strings")
 """Settings of :data:`SESSION_DEFAULTS` that change the text a backup stores and that backups
 before them left to the database, role or server: ``lc_monetary`` writes and reads money
 (``1.234,56 €`` under ``de_DE``, refused by a restore session under ``C``), in rows and in
-the schema's defaults and constraints; ``quote_all_identifiers`` the schema text. A backup
+the schema's defaults and constraints; ``quote_all_identifiers`` and
+``standard_conforming_strings`` the schema text (pg_dump quotes every name, or writes its
+string constants and ``SET`` lines for the other string syntax). A backup
 records the ones its sessions pinned (``options["pinned"]``); sessions restoring or
 validating it, or taking an incremental on it, pin the same (:meth:`ConnInfo.pinned_as`)."""
 NEWER_TIMEOUTS = ((140000, "idle_session_timeout"), (170000, "transaction_timeout"))

@@ -269,7 +269,7 @@ CREATE SCHEMA app;
 CREATE FUNCTION app.norm(text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT lower($1) $$;
 CREATE FUNCTION app.keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
 CREATE TABLE app.parent (id int PRIMARY KEY);
-CREATE TABLE app.child (id int PRIMARY KEY, p int REFERENCES app.parent (id), name text);
+CREATE TABLE app.child (id int PRIMARY KEY, p int REFERENCES app.parent (id), name text DEFAULT E'back\\\\slash');
 CREATE INDEX child_norm ON app.child (app.norm(name)) WHERE app.norm(name) <> '';
 CREATE TRIGGER keep BEFORE INSERT ON app.child FOR EACH ROW EXECUTE FUNCTION app.keep();
 ALTER TABLE app.child ENABLE ROW LEVEL SECURITY;
@@ -285,7 +285,9 @@ def test_the_search_path_and_quoting_of_the_role_backing_up_do_not_change_what_v
     only what the search_path does not find): validation of the restore, by another role,
     then failed ``rls_policies``, ``foreign_keys_match``, ``indexes_valid`` and
     ``triggers_present`` (found on a trial database); its ``quote_all_identifiers`` failed
-    ``schema_matches`` and ``column_order``. A change after the restore is still named."""
+    ``schema_matches`` and ``column_order``, and its ``standard_conforming_strings = off``
+    ``schema_matches`` (pg_dump writes string constants for that syntax). A change after the
+    restore is still named."""
     source, copy = f"searched_{uuid.uuid4().hex[:8]}", f"searched_copy_{uuid.uuid4().hex[:8]}"
     backer, password = f"backer_{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     with pg_server.admin_conn() as conn:
@@ -293,6 +295,7 @@ def test_the_search_path_and_quoting_of_the_role_backing_up_do_not_change_what_v
         conn.execute(f"CREATE ROLE {backer} SUPERUSER LOGIN PASSWORD '{password}'")
         conn.execute(f"ALTER ROLE {backer} SET search_path = app, public")
         conn.execute(f"ALTER ROLE {backer} SET quote_all_identifiers = on")
+        conn.execute(f"ALTER ROLE {backer} SET standard_conforming_strings = off")
     try:
         with pg_server.admin_conn(source) as conn:
             conn.execute(SEARCHED)
@@ -445,3 +448,32 @@ def test_settings_longer_than_a_name_restore_whole_and_a_cut_one_is_named(
     finally:
         pg_server.drop_db(copy)
         pg_server.drop_db(source)
+
+
+def test_a_search_path_of_the_role_restoring_does_not_refuse_the_backups_extensions(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """The restore tries each backed-up extension in a rolled-back transaction first; under a
+    search_path the restoring role sets (``app``, a schema the new database does not have
+    yet) every extension was refused, "no schema has been selected to create in" (found on a
+    trial database)."""
+    source, copy = f"extpath_{uuid.uuid4().hex[:8]}", f"extpath_copy_{uuid.uuid4().hex[:8]}"
+    restorer, password = f"restorer_{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"CREATE ROLE {restorer} SUPERUSER LOGIN PASSWORD '{password}'")
+        conn.execute(f"ALTER ROLE {restorer} SET search_path = app")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE SCHEMA app; CREATE EXTENSION pg_trgm WITH SCHEMA public;"
+                         "CREATE TABLE app.words (id int PRIMARY KEY, w text); INSERT INTO app.words VALUES (1, 'abc');"
+                         "CREATE INDEX words_trgm ON app.words USING gin (w public.gin_trgm_ops)")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        as_restorer = f"postgresql://{restorer}:{password}@{pg_server.host}:{pg_server.port}/{copy}"
+        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                            "--target-dsn", as_restorer, "--create")
+        assert restored["ok"] is True
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {restorer}")
