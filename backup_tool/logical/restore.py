@@ -575,8 +575,7 @@ def finish_database(target: ConnInfo, manifest: Manifest, jobs: int, analyze: bo
                              "(restore as the database owner or a superuser)")
             unapplied = []
         for item in unapplied:
-            reporter.warning(f"not restored: {item.what} (role {item.role} does not exist on the target server)",
-                             role=item.role)
+            reporter.warning(f"not restored: {item.describe()}", **({"role": item.role} if item.role else {}))
 
 
 def analyze_all(target: ConnInfo, jobs: int, skip: frozenset[TableKey] = frozenset()) -> None:

@@ -17,8 +17,9 @@ an ``app.jwt_secret`` its tail, and validation, reading both sides the same way,
 
 Guarantees: the target ends with exactly the backed-up settings and grants (extras on an
 existing target are reset or revoked); what cannot be applied, a setting or grant of a
-role missing on the target server, is returned to the caller to report, never dropped
-silently, and validation then fails naming it. Encoding and locale can only be chosen when
+role missing on the target server, or a setting the restoring role may not set (a database
+owner restoring ``log_min_messages``: the others are still applied), is returned to the
+caller to report, never dropped silently, and validation then fails naming it. Encoding and locale can only be chosen when
 the database is created (``--create``); on an existing target a difference is reported by
 validation.
 """
@@ -92,10 +93,15 @@ def _describe(key: str, item: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class Unapplied:
-    """A backed-up setting or grant that names a role missing on the target server."""
+    """A backed-up setting or grant that names a role missing on the target server (``role``),
+    or a setting the restoring role may not set (``role`` empty, ``reason`` the server's)."""
 
     what: str
     role: str
+    reason: str = ""
+
+    def describe(self) -> str:
+        return f"{self.what} ({self.reason or f'role {self.role} does not exist on the target server'})"
 
 
 def split_guc_list(value: str) -> list[str] | None:
@@ -240,11 +246,16 @@ def apply(conn: psycopg.Connection[Any], wanted: dict[str, Any], create: bool) -
         for role, setting in wanted["settings"]:
             if role and role not in present:
                 unapplied.append(Unapplied(f"setting {setting}", role))
-            elif role:
-                conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} {}").format(
-                    sql.Identifier(role), db, _set_clause(setting)))
-            else:
-                conn.execute(sql.SQL("ALTER DATABASE {} {}").format(db, _set_clause(setting)))
+                continue
+            statement = sql.SQL("ALTER ROLE {} IN DATABASE {} {}").format(sql.Identifier(role), db, _set_clause(setting)) \
+                if role else sql.SQL("ALTER DATABASE {} {}").format(db, _set_clause(setting))
+            try:
+                with conn.transaction():
+                    conn.execute(statement)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                unapplied.append(Unapplied(f"setting {setting}{f' for role {role}' if role else ''}", "",
+                                           f"{exc.diag.message_primary or exc}: only a superuser, or a role "
+                                           "granted SET on it, may set it"))
         want_acl = {tuple(a) for a in wanted["acl"]}
         have_acl = {tuple(a) for a in have["acl"]}
         for grantee, _grantor, privilege, _grantable in sorted(have_acl - want_acl):

@@ -4,6 +4,7 @@ differs, and the databases the tool drops (a restore-test's scratch copy) may be
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from typing import Any
@@ -477,3 +478,40 @@ def test_a_search_path_of_the_role_restoring_does_not_refuse_the_backups_extensi
         pg_server.drop_db(source)
         with pg_server.admin_conn() as conn:
             conn.execute(f"DROP ROLE IF EXISTS {restorer}")
+
+
+def test_a_database_owner_restoring_gets_every_setting_it_may_set_and_is_told_which_it_may_not(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A restore by the database's owner (not a superuser) of a database setting
+    ``log_min_messages`` (superuser-only) dropped every property with it, ``work_mem`` and the
+    comment included, under one warning. Now only that setting is missing: the warning names
+    it and why, and validation fails naming it alone."""
+    source, copy = f"owned_{uuid.uuid4().hex[:8]}", f"owned_copy_{uuid.uuid4().hex[:8]}"
+    owner, password = f"owner_{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE ROLE {owner} CREATEDB LOGIN PASSWORD '{password}'")
+        conn.execute(f"CREATE DATABASE {source} OWNER {owner}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute(f"CREATE TABLE public.t (id int PRIMARY KEY); ALTER TABLE public.t OWNER TO {owner};"
+                         f"COMMENT ON DATABASE {source} IS 'kept';"
+                         f"ALTER DATABASE {source} SET log_min_messages = panic;"
+                         f"ALTER DATABASE {source} SET work_mem = '1MB'")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        as_owner = f"postgresql://{owner}:{password}@{pg_server.host}:{pg_server.port}/{copy}"
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"], "--target-dsn", as_owner,
+                   "--create", "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["validation"]["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and failed == {"database_properties": "missing setting log_min_messages=panic"}
+        warnings = [json.loads(line)["event"] for line in proc.stderr.splitlines() if '"warning"' in line]
+        assert warnings == ['not restored: setting log_min_messages=panic (permission denied to set parameter '
+                            '"log_min_messages": only a superuser, or a role granted SET on it, may set it)']
+        with pg_server.admin_conn() as conn:
+            assert conn.execute("SELECT s.setconfig, shobj_description(d.oid, 'pg_database') FROM pg_db_role_setting s"
+                                " JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = %s",
+                                (copy,)).fetchone() == (["work_mem=1MB"], "kept")
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {owner}")
