@@ -118,20 +118,30 @@ class _TransparentBinaryText(_TransparentText):
 _TEXT_TYPES = (0, "bpchar", "name", "text", "varchar", '"char"')
 
 
+CATALOG_FIRST = ("SELECT pg_catalog.set_config('search_path', CASE WHEN pg_catalog.current_setting('search_path')"
+                 " OPERATOR(pg_catalog.=) '' THEN 'pg_catalog' ELSE pg_catalog.concat('pg_catalog, ',"
+                 " pg_catalog.current_setting('search_path')) END, false)")
+"""Puts ``pg_catalog`` first in the session's search_path (where PostgreSQL searches it anyway
+unless the path lists it later). A database or role whose search_path lists a schema before
+it (``evil, public, pg_catalog``; orafce suggests ``oracle`` there) would otherwise have that
+schema's ``count(*)`` or ``hashtextextended`` answer the tool's row counts and checksums (a
+trial database's ``count`` made validation pass a table with a row added). Names outside
+pg_catalog resolve as before."""
+
+
 def _after_connect(conn: psycopg.Connection[Any]) -> None:
     """Set this server's newer timeouts (:data:`NEWER_TIMEOUTS`) to 0 for the session, unless
-    the DSN's ``options`` named them; on a SQL_ASCII database read text as
-    :class:`_TransparentText` (a client encoding of UTF8 would have the server refuse every
-    non-UTF-8 byte it sends). Leaves no transaction open."""
+    the DSN's ``options`` named them, and :data:`CATALOG_FIRST`; on a SQL_ASCII database read
+    text as :class:`_TransparentText` (a client encoding of UTF8 would have the server refuse
+    every non-UTF-8 byte it sends). Leaves no transaction open."""
     version = conn.info.server_version
     named = conn.info.get_parameters().get("options", "")
     statements = [f"SET {name} = 0" for since, name in NEWER_TIMEOUTS if version >= since and name not in named]
+    statements.append(CATALOG_FIRST)
     if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
         for name in _TEXT_TYPES:
             conn.adapters.register_loader(name, _TransparentText)
             conn.adapters.register_loader(name, _TransparentBinaryText)
-    if not statements:
-        return
     conn.execute("; ".join(statements))
     if not conn.autocommit:
         conn.commit()

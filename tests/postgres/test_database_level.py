@@ -515,3 +515,37 @@ def test_a_database_owner_restoring_gets_every_setting_it_may_set_and_is_told_wh
         pg_server.drop_db(source)
         with pg_server.admin_conn() as conn:
             conn.execute(f"DROP ROLE IF EXISTS {owner}")
+
+
+SHADOWING = """
+CREATE SCHEMA shadow;
+CREATE FUNCTION shadow.two(bigint) RETURNS bigint LANGUAGE sql IMMUTABLE AS 'SELECT 2::bigint';
+CREATE AGGREGATE shadow.count(*) (sfunc = shadow.two, stype = bigint, initcond = '2');
+CREATE FUNCTION shadow.hashtextextended(text, bigint) RETURNS bigint LANGUAGE sql IMMUTABLE AS 'SELECT 7::bigint';
+CREATE TABLE public.t (id int PRIMARY KEY, s text);
+INSERT INTO public.t VALUES (1, 'a'), (2, 'b');
+"""
+
+
+def test_a_search_path_listing_a_schema_before_pg_catalog_cannot_answer_the_tools_counts(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database whose search_path lists a schema before ``pg_catalog`` had that schema's
+    ``count(*)`` and ``hashtextextended`` answer the backup's and validation's row counts and
+    checksums: the restore failed its checksums, and validation of a copy with a row added
+    said its row counts matched (found on a trial database)."""
+    source, copy = f"shadowed_{uuid.uuid4().hex[:8]}", f"shadowed_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute(SHADOWING)
+            conn.execute(f"ALTER DATABASE {source} SET search_path = shadow, public, pg_catalog")
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        with pg_server.admin_conn(copy) as conn:
+            conn.execute("INSERT INTO public.t VALUES (3, 'c')")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and failed["row_counts"] == "public.t has 3 rows, backup 2"
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
