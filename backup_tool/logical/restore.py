@@ -196,7 +196,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
         if schema_from_migrations is None:
             extensions.refuse_missing_extensions(control, manifest.inventory.get("extensions", []))
-        database_level.refuse_unloadable_libraries(target, manifest.inventory.get("database"))
+        database_level.refuse_unloadable_libraries(
+            target, database_level.preloaded_libraries(manifest.inventory.get("database")), "database settings")
         archive = _schema_archive(run, control) if schema_from_migrations is None else None
         created_roles = _claim_target(control, run, major, with_roles, restart_unfinished)
         new_database.keep()

@@ -155,46 +155,48 @@ PRELOAD_SETTINGS = frozenset({"session_preload_libraries", "local_preload_librar
 every connection to the database (or of the role) that sets it."""
 
 
+def library_path(setting: str, library: str) -> str:
+    """``library`` as the server loads it for ``setting``: ``local_preload_libraries``' names
+    without a directory are looked up in ``$libdir/plugins``. Pure."""
+    return f"$libdir/plugins/{library}" if setting.lower() == "local_preload_libraries" and "/" not in library \
+        else library
+
+
 def preloaded_libraries(wanted: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    """(role or '', setting name, library as the server loads it) for each library the
-    backed-up database's settings preload; ``local_preload_libraries``' names without a
-    directory are looked up in ``$libdir/plugins``, as the server does. Pure."""
+    """(whose setting, setting name, library as the server loads it) for each library the
+    backed-up database's settings preload. Pure."""
     found = []
     for role, setting in (wanted or {}).get("settings", []):
         name, _, value = setting.partition("=")
-        if name.lower() not in PRELOAD_SETTINGS:
-            continue
-        for library in split_guc_list(value) or [value]:
-            if name.lower() == "local_preload_libraries" and "/" not in library:
-                library = f"$libdir/plugins/{library}"
-            found.append((role, name, library))
+        if name.lower() in PRELOAD_SETTINGS:
+            found += [(f"the database{f' for role {role}' if role else ''}", name, library_path(name, library))
+                      for library in split_guc_list(value) or [value]]
     return found
 
 
-def refuse_unloadable_libraries(target: ConnInfo, wanted: dict[str, Any] | None) -> None:
-    """Refuse, before a restore creates anything, a backup whose database settings preload a
-    library the ``target`` server cannot load: applied (last), the setting would fail every
-    connection to the restored database, the restore's validation first. Each library is
-    loaded (``LOAD``) in a session of its own, closed at once."""
-    libraries = preloaded_libraries(wanted)
+def refuse_unloadable_libraries(target: ConnInfo, libraries: Sequence[tuple[str, str, str]], whose: str) -> None:
+    """Refuse, before a restore creates anything, settings (``libraries``, as
+    :func:`preloaded_libraries` lists them) that preload a library the ``target`` server
+    cannot load: applied, such a setting fails every connection it applies to (the restored
+    database's, the restore's validation first; or a created role's). Each library is loaded
+    (``LOAD``) in a session of its own, closed at once; one the restoring role may not load
+    is left to the setting's own check (only a superuser may set it)."""
     if not libraries:
         return
     failed = []
     with target.connect() as probe:
-        for role, name, library in libraries:
+        for scope, name, library in libraries:
             try:
                 probe.execute(sql.SQL("LOAD {}").format(sql.Literal(library)))
             except psycopg.errors.InsufficientPrivilege:
                 continue
             except psycopg.Error as exc:
-                reason = (exc.diag.message_primary or str(exc)).strip()
-                failed.append(f"{name} of the database{f' for role {role}' if role else ''} names {library!r} "
-                              f"({reason})")
+                failed.append(f"{name} of {scope} names {library!r} ({(exc.diag.message_primary or str(exc)).strip()})")
     if failed:
-        raise RefusedError(f"the backup's database settings preload {'a library' if len(failed) == 1 else 'libraries'} "
+        raise RefusedError(f"the backup's {whose} preload {'a library' if len(failed) == 1 else 'libraries'} "
                            f"the target server cannot load: {'; '.join(failed)}",
-                           "install it on the target server, then restore again: once set, every connection to "
-                           "the restored database would fail")
+                           "install it on the target server, then restore again: once set, every connection "
+                           "it applies to would fail")
 
 
 def _set_clause(setting: str) -> sql.Composable:

@@ -406,9 +406,11 @@ def test_a_database_preloading_a_library_the_target_lacks_is_refused_before_anyt
 
 
 @pytest.mark.parametrize(("settings", "loaded"), [
-    ([["", "session_preload_libraries=auto_explain, \"/opt/x y\""]], [("", "session_preload_libraries", "auto_explain"),
-                                                                     ("", "session_preload_libraries", "/opt/x y")]),
-    ([["app", "local_preload_libraries=plug"]], [("app", "local_preload_libraries", "$libdir/plugins/plug")]),
+    ([["", "session_preload_libraries=auto_explain, \"/opt/x y\""]],
+     [("the database", "session_preload_libraries", "auto_explain"),
+      ("the database", "session_preload_libraries", "/opt/x y")]),
+    ([["app", "local_preload_libraries=plug"]],
+     [("the database for role app", "local_preload_libraries", "$libdir/plugins/plug")]),
     ([["", "work_mem=64kB"]], []),
 ])
 def test_preloaded_libraries_are_named_as_the_server_loads_them(
@@ -416,6 +418,19 @@ def test_preloaded_libraries_are_named_as_the_server_loads_them(
     from backup_tool.postgres.database_level import preloaded_libraries
 
     assert preloaded_libraries({"settings": settings}) == loaded
+
+
+def test_libraries_a_roles_own_settings_preload_are_read_from_the_roles_script() -> None:
+    from backup_tool.postgres import roles
+
+    backup = roles.parse_globals("CREATE ROLE app;\nALTER ROLE app WITH NOLOGIN;\n"
+                                 "ALTER ROLE app SET session_preload_libraries TO 'auto_explain', '/opt/it''s';\n"
+                                 "ALTER ROLE app SET local_preload_libraries TO 'plug';\n"
+                                 "ALTER ROLE app SET work_mem TO '1MB';\n")
+    assert roles.preloaded_libraries(backup.roles.values()) == [
+        ("role app", "local_preload_libraries", "$libdir/plugins/plug"),
+        ("role app", "session_preload_libraries", "auto_explain"),
+        ("role app", "session_preload_libraries", "/opt/it's")]
 
 
 def test_settings_longer_than_a_name_restore_whole_and_a_cut_one_is_named(
@@ -549,3 +564,38 @@ def test_a_search_path_listing_a_schema_before_pg_catalog_cannot_answer_the_tool
     finally:
         pg_server.drop_db(copy)
         pg_server.drop_db(source)
+
+
+def test_a_role_preloading_a_library_the_target_lacks_is_refused_before_it_is_created(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """``--with-roles`` created a role whose own ``session_preload_libraries`` names a library the
+    target lacks: every login of that role then failed, and the restore said nothing."""
+    source, copy = f"rolelib_{uuid.uuid4().hex[:8]}", f"rolelib_copy_{uuid.uuid4().hex[:8]}"
+    role = f"preloading_{uuid.uuid4().hex[:6]}"
+    library = pg_server.make_user_dir() / "only_on_the_source.so"
+    library.write_bytes((pg_server.bin_dir.parent / "lib" / "auto_explain.so").read_bytes())
+    library.parent.chmod(0o755)
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"ALTER ROLE {role} SET session_preload_libraries = '{library.with_suffix('')}'")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.t (id int PRIMARY KEY)")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE {role}")
+        library.unlink()
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                   "--target-dsn", pg_server.dsn(copy), "--create", "--with-roles")
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert (f"the backup's role settings preload a library the target server cannot load: session_preload_libraries "
+                f"of role {role} names '{library.with_suffix('')}' (could not access file") in proc.stderr
+        with pg_server.admin_conn() as conn:
+            assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (copy,)).fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone() == (0,)
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
