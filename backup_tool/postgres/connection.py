@@ -118,15 +118,18 @@ class _TransparentBinaryText(_TransparentText):
 _TEXT_TYPES = (0, "bpchar", "name", "text", "varchar", '"char"')
 
 
-CATALOG_FIRST = ("SELECT pg_catalog.set_config('search_path', CASE WHEN pg_catalog.current_setting('search_path')"
-                 " OPERATOR(pg_catalog.=) '' THEN 'pg_catalog' ELSE pg_catalog.concat('pg_catalog, ',"
-                 " pg_catalog.current_setting('search_path')) END, false)")
-"""Puts ``pg_catalog`` first in the session's search_path (where PostgreSQL searches it anyway
-unless the path lists it later). A database or role whose search_path lists a schema before
-it (``evil, public, pg_catalog``; orafce suggests ``oracle`` there) would otherwise have that
-schema's ``count(*)`` or ``hashtextextended`` answer the tool's row counts and checksums (a
-trial database's ``count`` made validation pass a table with a row added). Names outside
-pg_catalog resolve as before."""
+CATALOG_FIRST = ("SELECT pg_catalog.set_config('search_path', coalesce((SELECT pg_catalog.string_agg("
+                 "pg_catalog.quote_ident(u.s), ', ' ORDER BY u.i) FROM pg_catalog.unnest("
+                 "pg_catalog.current_schemas(false)) WITH ORDINALITY AS u(s, i) WHERE u.s OPERATOR(pg_catalog.<>) "
+                 "'pg_catalog'), ''), false) WHERE (pg_catalog.current_schemas(true))[1] OPERATOR(pg_catalog.<>) "
+                 "'pg_catalog'")
+"""Where the session's search_path lists a schema before ``pg_catalog`` (``shadow, public,
+pg_catalog``; orafce suggests ``oracle, "$user", public, pg_catalog``), it becomes the schemas
+it resolves to without ``pg_catalog`` (``shadow, public``), which PostgreSQL then searches
+first, as it does by default; other search_paths are left alone, and objects are created in
+the same schema as before. Otherwise that schema's ``count(*)`` or ``hashtextextended`` would
+answer the tool's row counts and checksums (a trial database's ``count`` made validation pass
+a table with a row added)."""
 
 
 def _after_connect(conn: psycopg.Connection[Any]) -> None:
