@@ -594,9 +594,11 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
                        parent=parent.id if parent else None, repository=storage.url)
         try:
             method = parent.checksum_method if parent is not None else checksum_method_for(major)
-            job = _DumpJob(storage, conninfo, major, policy, jobs, level, threads, kind, backup_id, started_at,
-                           expires_at, parent, only_tables, reporter, method)
-            manifest = replace(_dump(job, control, info, stack, changes, source.snapshot_session), client_tools=tools)
+            pinned = parent.options.get("pinned") if parent is not None else postgres.RECORDED_PINS
+            job = _DumpJob(storage, conninfo.pinned_as(pinned), major, policy, jobs, level, threads, kind, backup_id,
+                           started_at, expires_at, parent, only_tables, reporter, method)
+            manifest = replace(_dump(job, control, info, stack, changes, _pinned_like(source, job.conninfo)),
+                               client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
             testhooks.pause_point("backup:before-manifest")
@@ -613,6 +615,17 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         reporter.event("backup finished", id=backup_id, kind=kind, size_bytes=manifest.size_bytes,
                        seconds=round((manifest.finished_at - started_at).total_seconds(), 2))
         return manifest
+
+
+def _pinned_like(source: _Source, conninfo: ConnInfo) -> psycopg.Connection[Any]:
+    """The snapshot's session opened ahead, unless this backup's sessions leave some of
+    :data:`~backup_tool.postgres.connection.RECORDED_PINS` to the database (an incremental on a
+    backup from before they were pinned): then one opened as they are, so that every session of
+    the backup reads rows and writes checksums under the same settings."""
+    if not conninfo.unpinned:
+        return source.snapshot_session
+    source.snapshot_session.close()
+    return Snapshot.open_session(conninfo)
 
 
 @dataclass(frozen=True)
@@ -1076,6 +1089,8 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
         large_objects=side.large_objects,
         extra_objects=(read.extension_rows,) if read.extension_rows is not None else (),
         options={"jobs": job.jobs, "compression_level": job.level, "host": info["host"],
+                 "inventory_read_with": dict(catalog_inventory.READ_WITH),
+                 "pinned": sorted(set(postgres.RECORDED_PINS) - job.conninfo.unpinned),
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
         tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,

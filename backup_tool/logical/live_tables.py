@@ -109,6 +109,7 @@ class LiveTables:
             finished_at=now, expires_at=now, policy={}, snapshot_lsn=None, schema=None, globals=None,
             schema_fingerprint="", tables=tuple(entries), sequences=tuple(sequences),
             inventory=cast(ManifestInventory, {"roles": needed}),
+            options={"pinned": sorted(set(postgres.RECORDED_PINS) - conninfo.unpinned)},
             checksum_method=checksum_method_for(int(info["server_version_num"]) // 10000))
         self._builtin = {(t.schema, t.name): builtin.get(t.oid, True) for t in found}
         self._located: dict[TableKey, TableInfo] = {

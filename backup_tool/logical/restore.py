@@ -182,7 +182,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     started = time.monotonic()
     storage = open_repository(settings.repo_url)
     manifest = Catalog(storage).resolve_logical(backup_ref, database)
-    target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
+    target = (target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)).pinned_as(
+        manifest.options.get("pinned"))
     run = _Run(storage, manifest, target, jobs or settings.policy.backup.jobs,
                run_validation if run_validation is not None else settings.policy.validation.after_restore,
                reporter)
@@ -195,6 +196,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
         if schema_from_migrations is None:
             extensions.refuse_missing_extensions(control, manifest.inventory.get("extensions", []))
+        database_level.refuse_unloadable_libraries(
+            target, database_level.preloaded_libraries(manifest.inventory.get("database")), "database settings")
         archive = _schema_archive(run, control) if schema_from_migrations is None else None
         created_roles = _claim_target(control, run, major, with_roles, restart_unfinished)
         new_database.keep()
@@ -573,8 +576,7 @@ def finish_database(target: ConnInfo, manifest: Manifest, jobs: int, analyze: bo
                              "(restore as the database owner or a superuser)")
             unapplied = []
         for item in unapplied:
-            reporter.warning(f"not restored: {item.what} (role {item.role} does not exist on the target server)",
-                             role=item.role)
+            reporter.warning(f"not restored: {item.describe()}", **({"role": item.role} if item.role else {}))
 
 
 def analyze_all(target: ConnInfo, jobs: int, skip: frozenset[TableKey] = frozenset()) -> None:

@@ -4,15 +4,21 @@ and the command lines of PostgreSQL's own tools (pg_dump, pg_restore, psql, pg_d
 Sessions opened here pin every setting that changes how values are written as text
 (time zone, date and interval style, float digits, bytea format, encoding), so the same
 rows always produce the same COPY text and the same content checksum, at backup time and
-at validation time. Passwords are handed to child processes through ``PGPASSWORD`` in
+at validation time; and every setting that changes how that text is read back
+(``array_nulls``: off reads an array's NULL element as the string ``'NULL'``; ``xmloption``:
+``document`` refuses an xml value that is a content fragment), so a database or role that
+sets them for its applications cannot change or refuse the rows a restore loads. Passwords are handed to child processes through ``PGPASSWORD`` in
 their environment, never in their arguments.
 
 They also turn off every timeout a role or database may set for its applications (statement,
 lock, idle in transaction, idle session, transaction), as pg_dump and pg_restore do: a
 database-level ``statement_timeout = '60s'`` must not kill a backup's COPY of a large table,
 nor an ``idle_in_transaction_session_timeout`` the snapshot a backup's sessions share, nor a
-restored ``default_transaction_read_only`` a restore's writes. A value the caller's DSN sets in
-its own ``options`` still wins over these.
+restored ``default_transaction_read_only`` a restore's writes. They act as the role the DSN
+names: a ``role`` a database or role sets (``ALTER DATABASE app SET role = 'web'``, meant for
+applications) would have a superuser's backup read, and a restore write, as that role. A value
+the caller's DSN sets in its own ``options`` (``-c role=NAME`` to act as another role) still
+wins over these; PostgreSQL's programs the tool runs get them too (``PGOPTIONS``).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ SESSION_SETTINGS = {
     "bytea_output": "hex",
     "synchronize_seqscans": "off",
     "row_security": "off",
+    "array_nulls": "on",
+    "xmloption": "content",
 }
 UNFINISHED_RESTORE_SCHEMA = "backup_tool_unfinished_restore"
 SYSTEM_SCHEMA_FILTER = (
@@ -62,9 +70,22 @@ SESSION_DEFAULTS = {
     "lock_timeout": "0",
     "idle_in_transaction_session_timeout": "0",
     "default_transaction_read_only": "off",
+    "role": "none",
+    "lc_monetary": "C",
+    "quote_all_identifiers": "off",
+    "standard_conforming_strings": "on",
 }
 """Settings before the DSN's own ``options`` (which may change them), after the role's and
 database's defaults (which they override)."""
+RECORDED_PINS = ("lc_monetary", "quote_all_identifiers", "standard_conforming_strings")
+"""Settings of :data:`SESSION_DEFAULTS` that change the text a backup stores and that backups
+before them left to the database, role or server: ``lc_monetary`` writes and reads money
+(``1.234,56 €`` under ``de_DE``, refused by a restore session under ``C``), in rows and in
+the schema's defaults and constraints; ``quote_all_identifiers`` and
+``standard_conforming_strings`` the schema text (pg_dump quotes every name, or writes its
+string constants and ``SET`` lines for the other string syntax). A backup
+records the ones its sessions pinned (``options["pinned"]``); sessions restoring or
+validating it, or taking an incremental on it, pin the same (:meth:`ConnInfo.pinned_as`)."""
 NEWER_TIMEOUTS = ((140000, "idle_session_timeout"), (170000, "transaction_timeout"))
 """Timeouts of newer servers (server version, setting), set to 0 once connected: an older
 server refuses an unknown setting in the startup options."""
@@ -75,8 +96,9 @@ def session_options(extra: dict[str, str] | None = None) -> str:
     return " ".join(f"-c {k}={v}" for k, v in settings.items())
 
 
-def _with_defaults(options: str) -> str:
-    return " ".join([*(f"-c {k}={v}" for k, v in SESSION_DEFAULTS.items()), *([options] if options else [])])
+def _with_defaults(options: str, unpinned: frozenset[str] = frozenset()) -> str:
+    return " ".join([*(f"-c {k}={v}" for k, v in SESSION_DEFAULTS.items() if k not in unpinned),
+                     *([options] if options else [])])
 
 
 class _TransparentText(Loader):
@@ -96,20 +118,34 @@ class _TransparentBinaryText(_TransparentText):
 _TEXT_TYPES = (0, "bpchar", "name", "text", "varchar", '"char"')
 
 
+CATALOG_FIRST = ("SELECT pg_catalog.set_config('search_path', coalesce((SELECT pg_catalog.string_agg("
+                 "pg_catalog.quote_ident(u.s), ', ' ORDER BY u.i) FROM pg_catalog.unnest("
+                 "pg_catalog.current_schemas(false)) WITH ORDINALITY AS u(s, i) WHERE u.s OPERATOR(pg_catalog.<>) "
+                 "'pg_catalog'), ''), false) WHERE (pg_catalog.current_schemas(true))[1] OPERATOR(pg_catalog.<>) "
+                 "'pg_catalog'")
+"""Where the session's search_path lists a schema before ``pg_catalog`` (``shadow, public,
+pg_catalog``; orafce suggests ``oracle, "$user", public, pg_catalog``), it becomes the schemas
+it resolves to without ``pg_catalog`` (``shadow, public``), which PostgreSQL then searches
+first, as it does by default; other search_paths are left alone, and objects are created in
+the same schema as before. Otherwise that schema's ``count(*)`` or ``hashtextextended`` would
+answer the tool's row counts and checksums (a trial database's ``count`` made validation pass
+a table with a row added). Run with ``jit`` off (then reset to the session's own): a database's
+``jit_above_cost = 0`` compiled it, 0.13 s of server CPU for every session the tool opened."""
+
+
 def _after_connect(conn: psycopg.Connection[Any]) -> None:
     """Set this server's newer timeouts (:data:`NEWER_TIMEOUTS`) to 0 for the session, unless
-    the DSN's ``options`` named them; on a SQL_ASCII database read text as
-    :class:`_TransparentText` (a client encoding of UTF8 would have the server refuse every
-    non-UTF-8 byte it sends). Leaves no transaction open."""
+    the DSN's ``options`` named them, and :data:`CATALOG_FIRST`; on a SQL_ASCII database read
+    text as :class:`_TransparentText` (a client encoding of UTF8 would have the server refuse
+    every non-UTF-8 byte it sends). Leaves no transaction open."""
     version = conn.info.server_version
     named = conn.info.get_parameters().get("options", "")
     statements = [f"SET {name} = 0" for since, name in NEWER_TIMEOUTS if version >= since and name not in named]
+    statements += ["SET jit = off", CATALOG_FIRST, "RESET jit"]
     if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
         for name in _TEXT_TYPES:
             conn.adapters.register_loader(name, _TransparentText)
             conn.adapters.register_loader(name, _TransparentBinaryText)
-    if not statements:
-        return
     conn.execute("; ".join(statements))
     if not conn.autocommit:
         conn.commit()
@@ -160,10 +196,25 @@ class ConnInfo:
         except psycopg.ProgrammingError:
             raise ConfigError("the DSN is not a valid PostgreSQL connection string",
                               "use postgresql://user@host:port/dbname or 'host=... dbname=...'") from None
+        self.unpinned: frozenset[str] = frozenset()
 
     def with_database(self, dbname: str) -> "ConnInfo":
+        other = self._copy()
+        other.params["dbname"] = dbname
+        return other
+
+    def pinned_as(self, recorded: Sequence[str] | None) -> "ConnInfo":
+        """This connection, its sessions and programs pinning of :data:`RECORDED_PINS` only
+        what a backup recorded it pinned (``options["pinned"]``; None: a backup from before
+        they were recorded, which pinned none of them)."""
+        other = self._copy()
+        other.unpinned = frozenset(RECORDED_PINS) - frozenset(recorded or ())
+        return other
+
+    def _copy(self) -> "ConnInfo":
         other = ConnInfo.__new__(ConnInfo)
-        other.params = {**self.params, "dbname": dbname}
+        other.params = dict(self.params)
+        other.unpinned = self.unpinned
         return other
 
     @property
@@ -183,7 +234,7 @@ class ConnInfo:
         params = dict(self.params)
         own = str(params.get("options") or "")
         options = session_options(settings)
-        params["options"] = f"{_with_defaults(own)} {options}"
+        params["options"] = f"{_with_defaults(own, self.unpinned)} {options}"
         params.setdefault("application_name", application)
         params.setdefault("connect_timeout", "15")
         try:
@@ -204,12 +255,17 @@ class ConnInfo:
 
     def tool_env(self, settings: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for a PostgreSQL client tool: the password in PGPASSWORD (never in its
-        arguments) and none of the repository's secrets, which those tools never need."""
+        arguments), none of the repository's secrets, which those tools never need, and
+        :data:`SESSION_DEFAULTS` in ``PGOPTIONS`` (before the caller's own ``PGOPTIONS``, or,
+        given ``settings``, followed by :data:`SESSION_SETTINGS` and them). libpq ignores
+        ``PGOPTIONS`` where the DSN sets ``options``."""
         env = {k: v for k, v in os.environ.items() if k not in REPOSITORY_SECRETS}
         if self.params.get("password"):
             env["PGPASSWORD"] = str(self.params["password"])
         if settings is not None:
-            env["PGOPTIONS"] = f"{_with_defaults('')} {session_options(settings)}"
+            env["PGOPTIONS"] = f"{_with_defaults('', self.unpinned)} {session_options(settings)}"
+        else:
+            env["PGOPTIONS"] = _with_defaults(env.get("PGOPTIONS", ""), self.unpinned)
         return env
 
 

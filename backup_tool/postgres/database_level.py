@@ -11,10 +11,15 @@ into ``app_dr`` gets ``app``'s properties), last, so that a setting such as
 ``default_transaction_read_only`` cannot get in the restore's way. Validation compares the
 same record, name excluded.
 
+The rows are text arrays: an array whose first element is a role's ``name`` would be a
+``name[]``, cutting every setting to 63 bytes (a long ``search_path`` lost its last schemas,
+an ``app.jwt_secret`` its tail, and validation, reading both sides the same way, passed).
+
 Guarantees: the target ends with exactly the backed-up settings and grants (extras on an
 existing target are reset or revoked); what cannot be applied, a setting or grant of a
-role missing on the target server, is returned to the caller to report, never dropped
-silently, and validation then fails naming it. Encoding and locale can only be chosen when
+role missing on the target server, or a setting the restoring role may not set (a database
+owner restoring ``log_min_messages``: the others are still applied), is returned to the
+caller to report, never dropped silently, and validation then fails naming it. Encoding and locale can only be chosen when
 the database is created (``--create``); on an existing target a difference is reported by
 validation.
 """
@@ -27,7 +32,8 @@ from typing import Any, Sequence
 import psycopg
 from psycopg import sql
 
-from backup_tool.postgres.connection import scalar
+from backup_tool.errors import RefusedError
+from backup_tool.postgres.connection import ConnInfo, scalar
 
 # Settings whose value is a list (pg_dump's variable_is_guc_list_quote): each element is
 # quoted on its own when the setting is replayed.
@@ -41,11 +47,11 @@ _PROPERTIES_SQL = """
            d.datconnlimit AS connection_limit, d.datistemplate AS is_template,
            (SELECT spcname FROM pg_tablespace WHERE oid = d.dattablespace) AS tablespace,
            shobj_description(d.oid, 'pg_database') AS comment,
-           ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
-                              pg_get_userbyid(a.grantor), a.privilege_type, a.is_grantable::text]
+           ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END,
+                              pg_get_userbyid(a.grantor)::text, a.privilege_type, a.is_grantable::text]
                    FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
                   ORDER BY 1) AS acl,
-           ARRAY(SELECT ARRAY[coalesce(pg_get_userbyid(NULLIF(s.setrole, 0)), ''), c.setting]
+           ARRAY(SELECT ARRAY[coalesce(pg_get_userbyid(NULLIF(s.setrole, 0))::text, ''), c.setting]
                    FROM pg_db_role_setting s, unnest(s.setconfig) WITH ORDINALITY c(setting, i)
                   WHERE s.setdatabase = d.oid
                   ORDER BY coalesce(pg_get_userbyid(NULLIF(s.setrole, 0)), ''), c.i) AS settings
@@ -87,10 +93,15 @@ def _describe(key: str, item: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class Unapplied:
-    """A backed-up setting or grant that names a role missing on the target server."""
+    """A backed-up setting or grant that names a role missing on the target server (``role``),
+    or a setting the restoring role may not set (``role`` empty, ``reason`` the server's)."""
 
     what: str
     role: str
+    reason: str = ""
+
+    def describe(self) -> str:
+        return f"{self.what} ({self.reason or f'role {self.role} does not exist on the target server'})"
 
 
 def split_guc_list(value: str) -> list[str] | None:
@@ -137,6 +148,55 @@ def split_guc_list(value: str) -> list[str] | None:
         i += 1
         while i < n and value[i].isspace():
             i += 1
+
+
+PRELOAD_SETTINGS = frozenset({"session_preload_libraries", "local_preload_libraries"})
+"""Settings naming libraries the server loads when a session starts: one it cannot load fails
+every connection to the database (or of the role) that sets it."""
+
+
+def library_path(setting: str, library: str) -> str:
+    """``library`` as the server loads it for ``setting``: ``local_preload_libraries``' names
+    without a directory are looked up in ``$libdir/plugins``. Pure."""
+    return f"$libdir/plugins/{library}" if setting.lower() == "local_preload_libraries" and "/" not in library \
+        else library
+
+
+def preloaded_libraries(wanted: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(whose setting, setting name, library as the server loads it) for each library the
+    backed-up database's settings preload. Pure."""
+    found = []
+    for role, setting in (wanted or {}).get("settings", []):
+        name, _, value = setting.partition("=")
+        if name.lower() in PRELOAD_SETTINGS:
+            found += [(f"the database{f' for role {role}' if role else ''}", name, library_path(name, library))
+                      for library in split_guc_list(value) or [value]]
+    return found
+
+
+def refuse_unloadable_libraries(target: ConnInfo, libraries: Sequence[tuple[str, str, str]], whose: str) -> None:
+    """Refuse, before a restore creates anything, settings (``libraries``, as
+    :func:`preloaded_libraries` lists them) that preload a library the ``target`` server
+    cannot load: applied, such a setting fails every connection it applies to (the restored
+    database's, the restore's validation first; or a created role's). Each library is loaded
+    (``LOAD``) in a session of its own, closed at once; one the restoring role may not load
+    is left to the setting's own check (only a superuser may set it)."""
+    if not libraries:
+        return
+    failed = []
+    with target.connect() as probe:
+        for scope, name, library in libraries:
+            try:
+                probe.execute(sql.SQL("LOAD {}").format(sql.Literal(library)))
+            except psycopg.errors.InsufficientPrivilege:
+                continue
+            except psycopg.Error as exc:
+                failed.append(f"{name} of {scope} names {library!r} ({(exc.diag.message_primary or str(exc)).strip()})")
+    if failed:
+        raise RefusedError(f"the backup's {whose} preload {'a library' if len(failed) == 1 else 'libraries'} "
+                           f"the target server cannot load: {'; '.join(failed)}",
+                           "install it on the target server, then restore again: once set, every connection "
+                           "it applies to would fail")
 
 
 def _set_clause(setting: str) -> sql.Composable:
@@ -188,11 +248,16 @@ def apply(conn: psycopg.Connection[Any], wanted: dict[str, Any], create: bool) -
         for role, setting in wanted["settings"]:
             if role and role not in present:
                 unapplied.append(Unapplied(f"setting {setting}", role))
-            elif role:
-                conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} {}").format(
-                    sql.Identifier(role), db, _set_clause(setting)))
-            else:
-                conn.execute(sql.SQL("ALTER DATABASE {} {}").format(db, _set_clause(setting)))
+                continue
+            statement = sql.SQL("ALTER ROLE {} IN DATABASE {} {}").format(sql.Identifier(role), db, _set_clause(setting)) \
+                if role else sql.SQL("ALTER DATABASE {} {}").format(db, _set_clause(setting))
+            try:
+                with conn.transaction():
+                    conn.execute(statement)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                unapplied.append(Unapplied(f"setting {setting}{f' for role {role}' if role else ''}", "",
+                                           f"{exc.diag.message_primary or exc}: only a superuser, or a role "
+                                           "granted SET on it, may set it"))
         want_acl = {tuple(a) for a in wanted["acl"]}
         have_acl = {tuple(a) for a in have["acl"]}
         for grantee, _grantor, privilege, _grantable in sorted(have_acl - want_acl):

@@ -12,12 +12,18 @@ read again from the restored database; validation compares the two. Guarantees:
 - an object ACL equal to its built-in default (``acldefault``) counts as no ACL, since a
   restore legitimately turns an explicit default into NULL;
 - objects belonging to an extension (``pg_depend`` deptype ``e``) and objects in system
-  schemas are left out: they come from the extension script or the server itself.
+  schemas are left out: they come from the extension script or the server itself;
+- the inventory is read under :data:`READ_WITH` (the settings a backup records it read
+  under, which validation reads under again), never under a search_path or
+  ``quote_all_identifiers`` a role or database sets: the definitions it records
+  (``pg_get_indexdef``, ``pg_get_constraintdef``, policies, triggers) name an object
+  without its schema only where the search_path finds it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping
 
 import psycopg
 
@@ -200,9 +206,37 @@ def _more(conn: psycopg.Connection[Any]) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+READ_WITH = {"search_path": "pg_catalog", "quote_all_identifiers": "off"}
+"""The settings :func:`inventory` is read under; a backup records them in its manifest
+(``options["inventory_read_with"]``). A search_path set for the role backing up on the
+source only made validation report every definition naming an object of that path changed
+(found on a trial database); ``pg_catalog`` alone also keeps a schema listed before it from
+shadowing the functions and operators the queries call."""
+
+
+@contextmanager
+def reading_with(conn: psycopg.Connection[Any], settings: Mapping[str, str] | None) -> Iterator[None]:
+    """A transaction (a savepoint inside an open one) in which ``settings`` hold, set back as
+    they were when the block ends; None: the session's own settings."""
+    with conn.transaction():
+        before = [(name, conn.execute("SELECT pg_catalog.current_setting(%s), pg_catalog.set_config(%s, %s, true)",
+                                      (name, name, value)).fetchone()) for name, value in (settings or {}).items()]
+        yield
+        for name, row in before:
+            assert row is not None
+            conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, row[0]))
+
+
+def inventory(conn: psycopg.Connection[Any], read_with: Mapping[str, str] | None = READ_WITH) -> dict[str, Any]:
     """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions,
-    and this module's own (publications, event triggers, comments, privileges)."""
+    and this module's own (publications, event triggers, comments, privileges), read under
+    ``read_with`` (:data:`READ_WITH`; None: the session's settings, as backups that recorded
+    none were read)."""
+    with reading_with(conn, read_with):
+        return _inventory(conn)
+
+
+def _inventory(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     extra = _more(conn)
 
     def q(query: str) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ import psycopg
 
 from backup_tool.core.report import Reporter
 from backup_tool.errors import RefusedError
-from backup_tool.postgres import schema
+from backup_tool.postgres import database_level, schema
 from backup_tool.postgres.connection import ConnInfo, missing_roles
 from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.storage import Storage
@@ -298,6 +298,19 @@ def compare_role(backup: RoleSet, live: RoleSet, name: str, as_granted: bool = F
     return RoleDifference(name, tuple(details)) if details else None
 
 
+def preloaded_libraries(roles: Iterable[Role]) -> list[tuple[str, str, str]]:
+    """(whose setting, setting name, library as the server loads it) for each library the
+    ``roles``' own settings preload (``ALTER ROLE app SET session_preload_libraries = ...``). Pure."""
+    return [(f"role {role.name}", name, database_level.library_path(name, library))
+            for role in roles for name, value in role.settings if name.lower() in database_level.PRELOAD_SETTINGS
+            for library in _literals(value)]
+
+
+def _literals(value: str) -> list[str]:
+    """The string constants of a setting's value as pg_dumpall writes it (``'a', 'b'``)."""
+    return [t.text[1:-1].replace("''", "'") for t in _tokens(value) if t.kind == "string"]
+
+
 def plan(backup: RoleSet, live: RoleSet) -> RolePlan:
     """What ``--with-roles`` does: create what is missing, grant its memberships, report the rest."""
     create = tuple(backup.roles[n] for n in sorted(backup.roles.keys() - live.roles.keys()))
@@ -412,7 +425,9 @@ def ensure_roles(conn: psycopg.Connection[Any], conninfo: ConnInfo, storage: Sto
                                "create them, or rerun with --with-roles to create them from the backup")
         return frozenset()
     backup = parse_globals(pipeline.read_object(storage, manifest.globals).decode())
-    created = apply(conn, plan(backup, server_roles(conninfo, major)), needed, reporter)
+    the_plan = plan(backup, server_roles(conninfo, major))
+    database_level.refuse_unloadable_libraries(conninfo, preloaded_libraries(the_plan.create), "role settings")
+    created = apply(conn, the_plan, needed, reporter)
     still = missing_roles(conn, missing)
     if still:
         raise RefusedError(f"could not create roles {', '.join(still)} on the target server",

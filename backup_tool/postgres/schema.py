@@ -677,11 +677,14 @@ def uncreatable_extensions(conn: psycopg.Connection[Any], names: Iterable[str]) 
     """The extensions of ``names`` that ``conn``'s database will not create, with the
     server's reason (its package missing, a library not preloaded, pg_cron's
     ``cron.database_name`` naming another database): each is tried in a transaction rolled
-    back at once, so nothing is left behind."""
+    back at once, so nothing is left behind. It is created in ``public``, not in the first
+    schema of the session's search_path: a search_path the restoring role sets (``app``, not
+    yet restored) would have every extension refused for want of a schema to create it in."""
     refused: dict[str, str] = {}
     for name in sorted(set(names)):
         try:
             with conn.transaction(force_rollback=True):
+                conn.execute("SELECT pg_catalog.set_config('search_path', 'public', true)")
                 conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} CASCADE").format(sql.Identifier(name)))
         except psycopg.Error as exc:
             refused[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

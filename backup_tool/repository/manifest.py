@@ -215,6 +215,8 @@ class ManifestOptions(TypedDict, total=False):
     pages_verified: int
     object_lock: ObjectLockRecord
     encryption: dict[str, Any]
+    inventory_read_with: dict[str, str]
+    pinned: list[str]
 
 
 @dataclass(frozen=True)

@@ -567,6 +567,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
     the checks' order.
     """
     reporter = reporter or NullReporter()
+    if manifest is not None:
+        conninfo = conninfo.pinned_as(manifest.options.get("pinned"))
     checks: list[Check | cf.Future[Check]] = []
     wanted = {(t.schema, t.name): (t.schema, t.name, t.columns)
               for t in sorted(manifest.tables, key=lambda t: -t.raw_size)
@@ -581,7 +583,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
         schema_check = beside.submit(check_schema, conninfo, major, whole, storage) if whole else None
         roles_check = beside.submit(check_roles, conninfo, major, whole, storage, created_roles) \
             if whole else None
-        inv = inventory.inventory(conn)
+        inv = inventory.inventory(conn, manifest.options.get("inventory_read_with") if manifest
+                                  else inventory.READ_WITH)
         seqs = postgres.sequences(conn)
         checks.append(check_restore_finished(conn))
         if manifest is not None and schema_check is not None:

@@ -4,6 +4,7 @@ differs, and the databases the tool drops (a restore-test's scratch copy) may be
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from typing import Any
@@ -195,3 +196,406 @@ def test_a_sql_ascii_database_naming_a_table_with_other_bytes_is_refused_clearly
         assert "convert the database to UTF8" in proc.stderr
     finally:
         pg_server.drop_db(name)
+
+
+@pytest.mark.parametrize("scope", ["database", "role in database"])
+def test_a_role_a_database_sets_for_its_applications_is_not_who_the_tool_acts_as(
+        cli: Any, local_repo: str, pg_server: Any, scope: str) -> None:
+    """``ALTER DATABASE app SET role = 'web'`` (or the same for the role backing up, in that
+    database) made every session of the tool, and its pg_dump, act as ``web``: a superuser's
+    backup was refused for a table ``web`` may not read (found on a trial database), and
+    ``restore tables`` into the restored copy would create tables as ``web``. The tool acts
+    as the role its DSN names."""
+    source, copy = f"setrole_{uuid.uuid4().hex[:8]}", f"setrole_copy_{uuid.uuid4().hex[:8]}"
+    web = f"web_{uuid.uuid4().hex[:6]}"
+    target = f"ALTER DATABASE {source}" if scope == "database" else f"ALTER ROLE postgres IN DATABASE {source}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"CREATE ROLE {web}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.visible (id int PRIMARY KEY); INSERT INTO public.visible VALUES (1);"
+                         "CREATE TABLE public.secret (id int PRIMARY KEY, s text); INSERT INTO public.secret VALUES (1, 'x');"
+                         f"GRANT SELECT ON public.visible TO {web}; {target} SET role = '{web}'")
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        replaced = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.secret", "--replace",
+                            "--target-dsn", pg_server.dsn(copy))
+        assert replaced["ok"] is True and replaced["rows"] == 1
+        with pg_server.admin_conn(copy) as conn:
+            conn.execute("SET ROLE NONE")
+            assert conn.execute("SELECT relowner::regrole::text FROM pg_class WHERE relname = 'secret'"
+                                ).fetchone() == ("postgres",)
+            conn.execute(f"{target.replace(source, copy)} SET role = 'postgres'")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        role = "" if scope == "database" else " for role postgres"
+        assert proc.returncode == 3 and failed == {"database_properties": f"missing setting role={web}{role}; "
+                                                   f"unexpected setting role=postgres{role}"}
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {web}")
+
+
+def test_settings_that_change_how_rows_are_read_do_not_change_the_rows_a_restore_loads(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database's ``array_nulls = off`` read every NULL element of an array as the string
+    ``'NULL'``, and its ``xmloption = document`` refused xml content fragments, when
+    ``restore tables`` loaded into it (the restored copy carries both): rows changed (which
+    validation named) or the load failed."""
+    source, copy = f"reading_{uuid.uuid4().hex[:8]}", f"reading_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, tags text[], body xml);"
+                         "INSERT INTO public.docs VALUES (1, '{a,NULL,\"NULL\"}', 'text <b>bold</b> tail'),"
+                         " (2, ARRAY[NULL]::text[], '<doc/>'), (3, NULL, NULL)")
+            conn.execute(f"ALTER DATABASE {source} SET array_nulls = off; ALTER DATABASE {source} SET xmloption = document")
+        back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        replaced = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.docs", "--replace",
+                            "--target-dsn", pg_server.dsn(copy))
+        assert replaced["ok"] is True and replaced["rows"] == 3
+        with pg_server.admin_conn(copy) as conn:
+            rows = conn.execute("SELECT id, tags, body::text FROM public.docs ORDER BY id").fetchall()
+        assert rows == [(1, ["a", None, "NULL"], "text <b>bold</b> tail"), (2, [None], "<doc/>"), (3, None, None)]
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+
+
+SEARCHED = """
+CREATE SCHEMA app;
+CREATE FUNCTION app.norm(text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT lower($1) $$;
+CREATE FUNCTION app.keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE TABLE app.parent (id int PRIMARY KEY);
+CREATE TABLE app.child (id int PRIMARY KEY, p int REFERENCES app.parent (id), name text DEFAULT E'back\\\\slash');
+CREATE INDEX child_norm ON app.child (app.norm(name)) WHERE app.norm(name) <> '';
+CREATE TRIGGER keep BEFORE INSERT ON app.child FOR EACH ROW EXECUTE FUNCTION app.keep();
+ALTER TABLE app.child ENABLE ROW LEVEL SECURITY;
+CREATE POLICY named ON app.child USING (app.norm(name) = 'b');
+INSERT INTO app.parent VALUES (1); INSERT INTO app.child VALUES (1, 1, 'B');
+"""
+
+
+def test_the_search_path_and_quoting_of_the_role_backing_up_do_not_change_what_validation_compares(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A ``search_path`` set for the role backing up, on the source only, made the backup record
+    definitions naming ``app``'s objects without their schema (``pg_get_indexdef`` qualifies
+    only what the search_path does not find): validation of the restore, by another role,
+    then failed ``rls_policies``, ``foreign_keys_match``, ``indexes_valid`` and
+    ``triggers_present`` (found on a trial database); its ``quote_all_identifiers`` failed
+    ``schema_matches`` and ``column_order``, and its ``standard_conforming_strings = off``
+    ``schema_matches`` (pg_dump writes string constants for that syntax). A change after the
+    restore is still named."""
+    source, copy = f"searched_{uuid.uuid4().hex[:8]}", f"searched_copy_{uuid.uuid4().hex[:8]}"
+    backer, password = f"backer_{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"CREATE ROLE {backer} SUPERUSER LOGIN PASSWORD '{password}'")
+        conn.execute(f"ALTER ROLE {backer} SET search_path = app, public")
+        conn.execute(f"ALTER ROLE {backer} SET quote_all_identifiers = on")
+        conn.execute(f"ALTER ROLE {backer} SET standard_conforming_strings = off")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute(SEARCHED)
+        as_backer = f"postgresql://{backer}:{password}@{pg_server.host}:{pg_server.port}/{source}"
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", as_backer)
+        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                            "--target-dsn", pg_server.dsn(copy), "--create")
+        assert restored["ok"] is True, [c for c in restored["validation"]["checks"] if not c["ok"]]
+        with pg_server.admin_conn(copy) as conn:
+            conn.execute("DROP INDEX app.child_norm; CREATE INDEX child_norm ON app.child (app.norm(name))")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and set(failed) == {"schema_matches", "indexes_valid"}
+        assert failed["indexes_valid"] == "indexes: changed app.child.child_norm"
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {backer}")
+
+
+def _has_locale(pg_server: Any, name: str) -> bool:
+    with pg_server.admin_conn() as conn:
+        try:
+            conn.execute(f"SET lc_monetary = '{name}'")
+        except Exception:  # noqa: BLE001 - the server says the locale is not installed
+            return False
+    return True
+
+
+def test_money_written_under_a_database_lc_monetary_restores_and_validates(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database's ``lc_monetary = 'de_DE.UTF-8'`` made the backup store money as ``1.234,56 €``
+    (rows, and pg_dump's defaults and constraints), which the restore's sessions, under the
+    target's own lc_monetary, refused: ``restore full`` failed loading the table (found on a
+    trial database). Every session now reads and writes money under ``C``; the restored
+    database keeps its setting, and a changed amount is named."""
+    if not _has_locale(pg_server, "de_DE.UTF-8"):
+        pytest.skip("locale de_DE.UTF-8 not installed (localedef -i de_DE -f UTF-8 de_DE.UTF-8)")
+    source, copy = f"money_{uuid.uuid4().hex[:8]}", f"money_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"ALTER DATABASE {source} SET lc_monetary = 'de_DE.UTF-8'")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.prices (id int PRIMARY KEY, amount money DEFAULT 1234.5"
+                         " CHECK (amount > 0.25::money));"
+                         "INSERT INTO public.prices VALUES (1, 1234.56), (2, 1000000), (3, DEFAULT), (4, NULL)")
+            assert conn.execute("SELECT amount::text FROM public.prices WHERE id = 1").fetchone() == ("1.234,56 €",)
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        with pg_server.admin_conn(copy) as conn:
+            assert conn.execute("SELECT id, amount::text FROM public.prices ORDER BY id").fetchall() == [
+                (1, "1.234,56 €"), (2, "1.000.000,00 €"), (3, "1.234,50 €"), (4, None)]
+            conn.execute("UPDATE public.prices SET amount = amount + 0.01::money WHERE id = 2")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and failed == {"content_checksums": "content differs: public.prices"}
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+
+
+def test_a_backup_that_recorded_no_pins_is_read_under_the_servers_settings_as_it_was_taken() -> None:
+    """Backups taken before ``lc_monetary`` and ``quote_all_identifiers`` were pinned wrote money
+    and the schema under the database's own: restoring and validating them leaves both to the
+    database again, and an incremental on them does too (a chain keeps one text form)."""
+    from backup_tool.postgres.connection import RECORDED_PINS, ConnInfo
+
+    new = ConnInfo("host=h dbname=d").pinned_as(RECORDED_PINS)
+    old = ConnInfo("host=h dbname=d").pinned_as(None)
+    assert "-c lc_monetary=C" in new.tool_env()["PGOPTIONS"] and "-c quote_all_identifiers=off" in new.tool_env()["PGOPTIONS"]
+    assert "lc_monetary" not in old.tool_env()["PGOPTIONS"] and "quote_all_identifiers" not in old.tool_env()["PGOPTIONS"]
+    assert "-c role=none" in old.tool_env()["PGOPTIONS"]
+    assert old.with_database("other").unpinned == old.unpinned == frozenset(RECORDED_PINS)
+
+
+def test_a_database_preloading_a_library_the_target_lacks_is_refused_before_anything_is_created(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database's ``session_preload_libraries`` naming a library the target server lacks was
+    applied last, after which every connection to the restored database failed: the restore
+    ended with "cannot connect ... check --dsn" (found on a trial database). It is refused up
+    front, naming the setting and the library, and the database it created is dropped."""
+    source, copy = f"preload_{uuid.uuid4().hex[:8]}", f"preload_copy_{uuid.uuid4().hex[:8]}"
+    library = pg_server.make_user_dir() / "only_on_the_source.so"
+    library.write_bytes((pg_server.bin_dir.parent / "lib" / "auto_explain.so").read_bytes())
+    library.parent.chmod(0o755)
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.t (id int PRIMARY KEY); INSERT INTO public.t VALUES (1)")
+            conn.execute(f"ALTER DATABASE {source} SET session_preload_libraries = '{library.with_suffix('')}'")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        library.unlink()
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                   "--target-dsn", pg_server.dsn(copy), "--create")
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert (f"preload a library the target server cannot load: session_preload_libraries of the database "
+                f"names '{library.with_suffix('')}' (could not access file") in proc.stderr
+        with pg_server.admin_conn() as conn:
+            assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (copy,)).fetchone() == (0,)
+    finally:
+        pg_server.drop_db(copy)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"ALTER DATABASE {source} RESET ALL")
+        pg_server.drop_db(source)
+
+
+@pytest.mark.parametrize(("settings", "loaded"), [
+    ([["", "session_preload_libraries=auto_explain, \"/opt/x y\""]],
+     [("the database", "session_preload_libraries", "auto_explain"),
+      ("the database", "session_preload_libraries", "/opt/x y")]),
+    ([["app", "local_preload_libraries=plug"]],
+     [("the database for role app", "local_preload_libraries", "$libdir/plugins/plug")]),
+    ([["", "work_mem=64kB"]], []),
+])
+def test_preloaded_libraries_are_named_as_the_server_loads_them(
+        settings: list[list[str]], loaded: list[tuple[str, str, str]]) -> None:
+    from backup_tool.postgres.database_level import preloaded_libraries
+
+    assert preloaded_libraries({"settings": settings}) == loaded
+
+
+def test_libraries_a_roles_own_settings_preload_are_read_from_the_roles_script() -> None:
+    from backup_tool.postgres import roles
+
+    backup = roles.parse_globals("CREATE ROLE app;\nALTER ROLE app WITH NOLOGIN;\n"
+                                 "ALTER ROLE app SET session_preload_libraries TO 'auto_explain', '/opt/it''s';\n"
+                                 "ALTER ROLE app SET local_preload_libraries TO 'plug';\n"
+                                 "ALTER ROLE app SET work_mem TO '1MB';\n")
+    assert roles.preloaded_libraries(backup.roles.values()) == [
+        ("role app", "local_preload_libraries", "$libdir/plugins/plug"),
+        ("role app", "session_preload_libraries", "auto_explain"),
+        ("role app", "session_preload_libraries", "/opt/it's")]
+
+
+def test_settings_longer_than_a_name_restore_whole_and_a_cut_one_is_named(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """Database settings were read as ``name`` (63 bytes): a Supabase-style ``app.jwt_secret``
+    came back cut, a long ``search_path`` without its last schemas, and validation, reading
+    both sides the same way, passed (found on a trial database)."""
+    source, copy = f"long_{uuid.uuid4().hex[:8]}", f"long_copy_{uuid.uuid4().hex[:8]}"
+    secret = "super-secret-jwt-token-with-at-least-32-characters-long-" + "x" * 40
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.t (id int PRIMARY KEY)")
+            conn.execute(f"ALTER DATABASE {source} SET app.jwt_secret = '{secret}'")
+            conn.execute(f"ALTER ROLE postgres IN DATABASE {source} SET search_path = "
+                         "app_schema_one, app_schema_two, extensions, \"$user\", public")
+        settings_sql = ("SELECT coalesce(r.rolname, ''), s.setconfig FROM pg_db_role_setting s "
+                        "JOIN pg_database d ON d.oid = s.setdatabase LEFT JOIN pg_roles r ON r.oid = s.setrole "
+                        "WHERE d.datname = %s ORDER BY 1")
+        with pg_server.admin_conn() as conn:
+            before = conn.execute(settings_sql, (source,)).fetchall()
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        with pg_server.admin_conn() as conn:
+            assert conn.execute(settings_sql, (copy,)).fetchall() == before
+            conn.execute(f"ALTER DATABASE {copy} SET app.jwt_secret = '{secret[:50]}'")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and failed == {
+            "database_properties": f"missing setting app.jwt_secret={secret}; unexpected setting app.jwt_secret={secret[:50]}"}
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+
+
+def test_a_search_path_of_the_role_restoring_does_not_refuse_the_backups_extensions(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """The restore tries each backed-up extension in a rolled-back transaction first; under a
+    search_path the restoring role sets (``app``, a schema the new database does not have
+    yet) every extension was refused, "no schema has been selected to create in" (found on a
+    trial database)."""
+    source, copy = f"extpath_{uuid.uuid4().hex[:8]}", f"extpath_copy_{uuid.uuid4().hex[:8]}"
+    restorer, password = f"restorer_{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"CREATE ROLE {restorer} SUPERUSER LOGIN PASSWORD '{password}'")
+        conn.execute(f"ALTER ROLE {restorer} SET search_path = app")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE SCHEMA app; CREATE EXTENSION pg_trgm WITH SCHEMA public;"
+                         "CREATE TABLE app.words (id int PRIMARY KEY, w text); INSERT INTO app.words VALUES (1, 'abc');"
+                         "CREATE INDEX words_trgm ON app.words USING gin (w public.gin_trgm_ops)")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        as_restorer = f"postgresql://{restorer}:{password}@{pg_server.host}:{pg_server.port}/{copy}"
+        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                            "--target-dsn", as_restorer, "--create")
+        assert restored["ok"] is True
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {restorer}")
+
+
+def test_a_database_owner_restoring_gets_every_setting_it_may_set_and_is_told_which_it_may_not(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A restore by the database's owner (not a superuser) of a database setting
+    ``log_min_messages`` (superuser-only) dropped every property with it, ``work_mem`` and the
+    comment included, under one warning. Now only that setting is missing: the warning names
+    it and why, and validation fails naming it alone."""
+    source, copy = f"owned_{uuid.uuid4().hex[:8]}", f"owned_copy_{uuid.uuid4().hex[:8]}"
+    owner, password = f"owner_{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE ROLE {owner} CREATEDB LOGIN PASSWORD '{password}'")
+        conn.execute(f"CREATE DATABASE {source} OWNER {owner}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute(f"CREATE TABLE public.t (id int PRIMARY KEY); ALTER TABLE public.t OWNER TO {owner};"
+                         f"COMMENT ON DATABASE {source} IS 'kept';"
+                         f"ALTER DATABASE {source} SET log_min_messages = panic;"
+                         f"ALTER DATABASE {source} SET work_mem = '1MB'")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        as_owner = f"postgresql://{owner}:{password}@{pg_server.host}:{pg_server.port}/{copy}"
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"], "--target-dsn", as_owner,
+                   "--create", "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["validation"]["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and failed == {"database_properties": "missing setting log_min_messages=panic"}
+        warnings = [json.loads(line)["event"] for line in proc.stderr.splitlines() if '"warning"' in line]
+        assert warnings == ['not restored: setting log_min_messages=panic (permission denied to set parameter '
+                            '"log_min_messages": only a superuser, or a role granted SET on it, may set it)']
+        with pg_server.admin_conn() as conn:
+            assert conn.execute("SELECT s.setconfig, shobj_description(d.oid, 'pg_database') FROM pg_db_role_setting s"
+                                " JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = %s",
+                                (copy,)).fetchone() == (["work_mem=1MB"], "kept")
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {owner}")
+
+
+SHADOWING = """
+CREATE SCHEMA shadow;
+CREATE FUNCTION shadow.two(bigint) RETURNS bigint LANGUAGE sql IMMUTABLE AS 'SELECT 2::bigint';
+CREATE AGGREGATE shadow.count(*) (sfunc = shadow.two, stype = bigint, initcond = '2');
+CREATE FUNCTION shadow.hashtextextended(text, bigint) RETURNS bigint LANGUAGE sql IMMUTABLE AS 'SELECT 7::bigint';
+CREATE TABLE public.t (id int PRIMARY KEY, s text);
+INSERT INTO public.t VALUES (1, 'a'), (2, 'b');
+"""
+
+
+def test_a_search_path_listing_a_schema_before_pg_catalog_cannot_answer_the_tools_counts(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database whose search_path lists a schema before ``pg_catalog`` had that schema's
+    ``count(*)`` and ``hashtextextended`` answer the backup's and validation's row counts and
+    checksums: the restore failed its checksums, and validation of a copy with a row added
+    said its row counts matched (found on a trial database)."""
+    source, copy = f"shadowed_{uuid.uuid4().hex[:8]}", f"shadowed_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute(SHADOWING)
+            conn.execute(f"ALTER DATABASE {source} SET search_path = shadow, public, pg_catalog")
+        backup = back_up_and_restore(cli, local_repo, pg_server, source, copy)
+        with pg_server.admin_conn(copy) as conn:
+            conn.execute("INSERT INTO public.t VALUES (3, 'c')")
+        proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
+        failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
+        assert proc.returncode == 3 and failed["row_counts"] == "public.t has 3 rows, backup 2"
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+
+
+def test_a_role_preloading_a_library_the_target_lacks_is_refused_before_it_is_created(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """``--with-roles`` created a role whose own ``session_preload_libraries`` names a library the
+    target lacks: every login of that role then failed, and the restore said nothing."""
+    source, copy = f"rolelib_{uuid.uuid4().hex[:8]}", f"rolelib_copy_{uuid.uuid4().hex[:8]}"
+    role = f"preloading_{uuid.uuid4().hex[:6]}"
+    library = pg_server.make_user_dir() / "only_on_the_source.so"
+    library.write_bytes((pg_server.bin_dir.parent / "lib" / "auto_explain.so").read_bytes())
+    library.parent.chmod(0o755)
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"ALTER ROLE {role} SET session_preload_libraries = '{library.with_suffix('')}'")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.t (id int PRIMARY KEY)")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE {role}")
+        library.unlink()
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                   "--target-dsn", pg_server.dsn(copy), "--create", "--with-roles")
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert (f"the backup's role settings preload a library the target server cannot load: session_preload_libraries "
+                f"of role {role} names '{library.with_suffix('')}' (could not access file") in proc.stderr
+        with pg_server.admin_conn() as conn:
+            assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (copy,)).fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone() == (0,)
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+        with pg_server.admin_conn() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
