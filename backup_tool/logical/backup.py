@@ -518,7 +518,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
                     lock_timeout: float = 0.0, changes: ChangeSource | None = None) -> Manifest:
     storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
-    conninfo = ConnInfo(settings.dsn)
+    conninfo = ConnInfo(settings.dsn).with_search_path(postgres.NAME_SEARCH_PATH)
     policy = settings.policy
     guard_writes(storage, policy.backup.encryption_key_id, policy.name, f"take a {kind} backup",
                  catalog.key_ids)
@@ -1010,6 +1010,7 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
         large_objects=side.large_objects,
         extra_objects=(read.extension_rows,) if read.extension_rows is not None else (),
         options={"jobs": job.jobs, "compression_level": job.level, "host": info["host"],
+                 "search_path": postgres.NAME_SEARCH_PATH,
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
         tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,

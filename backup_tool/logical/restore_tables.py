@@ -660,14 +660,15 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
         entries = resolve_tables(manifest, tables)
         if into_schema:
             check_into_schema(manifest, entries)
-        target = target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)
+        target = (target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)).with_search_path(
+            manifest.options.get("search_path"))
     except BaseException:
         if ahead is not None:
             ahead.abandon()
         raise
     mode = "into-schema" if into_schema else "replace" if replace else "restore"
 
-    opened = ahead.take(manifest.encoding) if ahead is not None else None
+    opened = ahead.take(manifest.encoding, manifest.options.get("search_path")) if ahead is not None else None
     with opened or target.connect(settings={"client_encoding": manifest.encoding}) as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")

@@ -13,6 +13,14 @@ database-level ``statement_timeout = '60s'`` must not kill a backup's COPY of a 
 nor an ``idle_in_transaction_session_timeout`` the snapshot a backup's sessions share, nor a
 restored ``default_transaction_read_only`` a restore's writes. A value the caller's DSN sets in
 its own ``options`` still wins over these.
+
+Names written as text (a ``regclass`` or ``regtype`` value in a row, a foreign key's target,
+a function's argument types, a trigger's definition) depend on ``search_path``, which a role
+or database may set. A backup's sessions pin it to :data:`NAME_SEARCH_PATH` and record that
+in the manifest; a restore or validation against that backup pins the recorded value on its
+sessions (:meth:`ConnInfo.with_search_path`), so whichever role runs each side and whatever
+path it has, names are written and read back the same way. A backup that recorded none (made
+before) keeps the sessions' own path, as it was taken.
 """
 
 from __future__ import annotations
@@ -50,6 +58,10 @@ SESSION_SETTINGS = {
     "synchronize_seqscans": "off",
     "row_security": "off",
 }
+NAME_SEARCH_PATH = "public"
+"""The ``search_path`` a backup's sessions write names under: PostgreSQL's default path as it
+reads for a role without a schema of its own name, so such a backup writes what one taken
+before this was pinned did."""
 UNFINISHED_RESTORE_SCHEMA = "backup_tool_unfinished_restore"
 SYSTEM_SCHEMA_FILTER = (
     "n.nspname NOT IN ('pg_catalog', 'information_schema') "
@@ -160,6 +172,17 @@ class ConnInfo:
         except psycopg.ProgrammingError:
             raise ConfigError("the DSN is not a valid PostgreSQL connection string",
                               "use postgresql://user@host:port/dbname or 'host=... dbname=...'") from None
+
+    def with_search_path(self, path: str | None) -> "ConnInfo":
+        """The same, with every session it opens (and every client tool it runs) on ``path``
+        (None: unchanged), over the role's, the database's and the DSN's own ``options``."""
+        if path is None:
+            return self
+        other = ConnInfo.__new__(ConnInfo)
+        own = str(self.params.get("options") or "")
+        pinned = "-c search_path=" + path.replace("\\", "\\\\").replace(" ", "\\ ")
+        other.params = {**self.params, "options": f"{own} {pinned}".strip()}
+        return other
 
     def with_database(self, dbname: str) -> "ConnInfo":
         other = ConnInfo.__new__(ConnInfo)

@@ -215,6 +215,7 @@ class ManifestOptions(TypedDict, total=False):
     pages_verified: int
     object_lock: ObjectLockRecord
     encryption: dict[str, Any]
+    search_path: str
 
 
 @dataclass(frozen=True)

@@ -580,6 +580,8 @@ def validate(conninfo: ConnInfo, manifest: Manifest | None = None, storage: Stor
     the checks' order.
     """
     reporter = reporter or NullReporter()
+    if manifest is not None:
+        conninfo = conninfo.with_search_path(manifest.options.get("search_path"))
     checks: list[Check | cf.Future[Check]] = []
     wanted = {(t.schema, t.name): (t.schema, t.name, t.columns)
               for t in sorted(manifest.tables, key=lambda t: -t.raw_size)

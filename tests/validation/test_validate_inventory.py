@@ -338,3 +338,45 @@ def test_a_wrapped_cycle_sequence_passes_and_a_descending_one_behind_fails(
     assert behind.returncode == 3
     detail = next(c["detail"] for c in behind.json()["checks"] if c["name"] == "sequences_not_behind")
     assert "public.down_id_seq at -4, column min -10" in detail
+
+
+def test_names_are_written_the_same_whatever_search_path_the_sessions_have(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    """A role or database may set search_path (`ALTER ROLE app SET search_path = app, public`;
+    here the DSN's options stand for it). A backup taken under it wrote regclass/regtype values
+    and the names in foreign keys and function arguments unqualified: the untouched source then
+    failed validation by a role without that path (foreign_keys_match, functions_present,
+    content_checksums), a restore by one failed loading ('relation "t" does not exist'), and a
+    restore by a role with the path read a public table's unqualified name as app's."""
+    db = fresh_db("searchpath")
+    with db.connect() as conn:
+        conn.execute("""
+            CREATE SCHEMA app;
+            CREATE TABLE app.t (id int PRIMARY KEY, r regclass, ty regtype);
+            CREATE TABLE app.u (id int PRIMARY KEY, t_id int REFERENCES app.t);
+            CREATE FUNCTION app.f(x app.t) RETURNS int LANGUAGE sql AS 'SELECT 1';
+            CREATE TABLE public.pt (); CREATE TABLE app.pt ();
+            INSERT INTO app.t VALUES (1, 'app.t', 'app.t'), (2, 'app.u', 'app.u[]'), (3, 'public.pt', 'int4');
+            INSERT INTO app.u VALUES (1, 1);
+        """)
+    with_path = db.dsn + "?options=-c%20search_path%3Dapp%2Cpublic"
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", with_path)
+    assert failed_checks(cli, local_repo, db.dsn, entry["id"]) == {}
+    assert failed_checks(cli, local_repo, with_path, entry["id"]) == {}
+    target_name = f"searchpath_dst_{uuid.uuid4().hex[:8]}"
+    try:
+        result = cli.json("restore", "full", "--repo", local_repo, "--backup", entry["id"],
+                          "--target-dsn", pg_server.dsn(target_name), "--create")
+        assert result["ok"] is True
+        with pg_server.admin_conn(target_name) as conn:
+            assert conn.execute("SELECT r::text, ty::text FROM app.t ORDER BY id").fetchall() == [
+                ("app.t", "app.t"), ("app.u", "app.u[]"), ("pt", "integer")]
+    finally:
+        pg_server.drop_db(target_name)
+    with db.connect() as conn:
+        conn.execute("DELETE FROM app.u; DELETE FROM app.t")
+    cli.json("restore", "tables", "--repo", local_repo, "--backup", entry["id"], "--tables", "app.t,app.u",
+             "--target-dsn", with_path, "--replace")
+    with db.connect() as conn:
+        assert conn.execute("SELECT r = 'public.pt'::regclass FROM app.t WHERE id = 3").fetchone() == (True,), \
+            "read back as app.pt under the restoring role's path"
