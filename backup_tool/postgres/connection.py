@@ -221,18 +221,25 @@ class ConnInfo:
         return conn
 
     def tool_conninfo(self) -> str:
-        """Connection string for a child tool's ``-d``: everything but the password."""
-        params = {k: v for k, v in self.params.items() if k != "password"}
+        """Connection string for a child tool's ``-d``: everything but the password and the
+        ``options``, which :meth:`tool_env` carries (an ``options`` in the connection string
+        would make libpq ignore ``PGOPTIONS``, and with it the session settings and defaults)."""
+        params = {k: v for k, v in self.params.items() if k not in ("password", "options")}
         return make_conninfo(**params) if params else ""
 
     def tool_env(self, settings: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for a PostgreSQL client tool: the password in PGPASSWORD (never in its
-        arguments) and none of the repository's secrets, which those tools never need."""
+        """Environment for a PostgreSQL client tool run with :meth:`tool_conninfo`: the password
+        in PGPASSWORD (never in its arguments), the DSN's own ``options`` in PGOPTIONS (after
+        the session defaults and before ``settings``, when given, as :meth:`connect` orders
+        them), and none of the repository's secrets, which those tools never need."""
         env = {k: v for k, v in os.environ.items() if k not in REPOSITORY_SECRETS}
         if self.params.get("password"):
             env["PGPASSWORD"] = str(self.params["password"])
+        own = str(self.params.get("options") or "")
         if settings is not None:
-            env["PGOPTIONS"] = f"{_with_defaults('')} {session_options(settings)}"
+            env["PGOPTIONS"] = f"{_with_defaults(own)} {session_options(settings)}"
+        elif own:
+            env["PGOPTIONS"] = own
         return env
 
 
