@@ -532,7 +532,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
     if storage is None:
         storage = open_storage(settings.repo_url)
     catalog = Catalog(storage)
-    conninfo = ConnInfo(settings.dsn)
+    conninfo = ConnInfo(settings.dsn).with_search_path(postgres.NAME_SEARCH_PATH)
     policy = settings.policy
     opening = Background(_open_source, conninfo, name="source-session")
     try:
@@ -594,10 +594,10 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
                        parent=parent.id if parent else None, repository=storage.url)
         try:
             method = parent.checksum_method if parent is not None else checksum_method_for(major)
-            pinned = parent.options.get("pinned") if parent is not None else postgres.RECORDED_PINS
-            job = _DumpJob(storage, conninfo.pinned_as(pinned), major, policy, jobs, level, threads, kind, backup_id,
+            written_as = _written_as(conninfo, settings.dsn, parent)
+            job = _DumpJob(storage, written_as, major, policy, jobs, level, threads, kind, backup_id,
                            started_at, expires_at, parent, only_tables, reporter, method)
-            manifest = replace(_dump(job, control, info, stack, changes, _pinned_like(source, job.conninfo)),
+            manifest = replace(_dump(job, control, info, stack, changes, _session_as(source, conninfo, written_as)),
                                client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
@@ -617,15 +617,22 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         return manifest
 
 
-def _pinned_like(source: _Source, conninfo: ConnInfo) -> psycopg.Connection[Any]:
-    """The snapshot's session opened ahead, unless this backup's sessions leave some of
-    :data:`~backup_tool.postgres.connection.RECORDED_PINS` to the database (an incremental on a
-    backup from before they were pinned): then one opened as they are, so that every session of
-    the backup reads rows and writes checksums under the same settings."""
-    if not conninfo.unpinned:
+def _written_as(opened: ConnInfo, dsn: str, parent: Manifest | None) -> ConnInfo:
+    """How this backup's sessions read and write text: as its parent was written (the text
+    settings it pinned, the search_path it wrote names under, or the sessions' own where it
+    recorded none), so that every backup of a chain reads alike; a full backup as ``opened``
+    (every pin, :data:`~backup_tool.postgres.connection.NAME_SEARCH_PATH`)."""
+    return ConnInfo(dsn).as_written(parent.options) if parent is not None else opened
+
+
+def _session_as(source: _Source, opened: ConnInfo, written_as: ConnInfo) -> psycopg.Connection[Any]:
+    """The snapshot's session opened ahead (as ``opened``), unless the backup's sessions are
+    to be opened otherwise (an incremental on a backup written before a pin): then one opened
+    as they are, so that every session of the backup reads rows and writes checksums alike."""
+    if (written_as.unpinned, written_as.params.get("options")) == (opened.unpinned, opened.params.get("options")):
         return source.snapshot_session
     source.snapshot_session.close()
-    return Snapshot.open_session(conninfo)
+    return Snapshot.open_session(written_as)
 
 
 @dataclass(frozen=True)
@@ -1073,6 +1080,12 @@ class _TableDumper:
         testhooks.pause_point("backup:between-objects")
 
 
+def _search_path_of(parent: Manifest | None) -> str | None:
+    """The search_path a backup's names are written under (its parent's, None where that
+    recorded none)."""
+    return parent.options.get("search_path") if parent is not None else postgres.NAME_SEARCH_PATH
+
+
 def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _SideObjects, read: _Catalogs,
               entries: list[TableEntry], method: str, reason: str) -> Manifest:
     parent, only_tables = job.parent, job.only_tables
@@ -1091,6 +1104,7 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
         options={"jobs": job.jobs, "compression_level": job.level, "host": info["host"],
                  "inventory_read_with": dict(catalog_inventory.READ_WITH),
                  "pinned": sorted(set(postgres.RECORDED_PINS) - job.conninfo.unpinned),
+                 **({"search_path": path} if (path := _search_path_of(job.parent)) is not None else {}),
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
         tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,

@@ -71,6 +71,7 @@ class LiveTables:
 
     def __init__(self, conninfo: ConnInfo, tables: set[TableKey], label: str, into_schema: str | None = None,
                  jobs: int = 2, on_settled: Callable[[], None] | None = None) -> None:
+        conninfo = conninfo.with_search_path(postgres.NAME_SEARCH_PATH)
         self.conninfo = conninfo
         self.on_settled = on_settled
         self._read = 0
@@ -109,7 +110,8 @@ class LiveTables:
             finished_at=now, expires_at=now, policy={}, snapshot_lsn=None, schema=None, globals=None,
             schema_fingerprint="", tables=tuple(entries), sequences=tuple(sequences),
             inventory=cast(ManifestInventory, {"roles": needed}),
-            options={"pinned": sorted(set(postgres.RECORDED_PINS) - conninfo.unpinned)},
+            options={"pinned": sorted(set(postgres.RECORDED_PINS) - conninfo.unpinned),
+                     "search_path": postgres.NAME_SEARCH_PATH},
             checksum_method=checksum_method_for(int(info["server_version_num"]) // 10000))
         self._builtin = {(t.schema, t.name): builtin.get(t.oid, True) for t in found}
         self._located: dict[TableKey, TableInfo] = {

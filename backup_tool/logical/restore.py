@@ -182,8 +182,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     started = time.monotonic()
     storage = open_repository(settings.repo_url)
     manifest = Catalog(storage).resolve_logical(backup_ref, database)
-    target = (target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)).pinned_as(
-        manifest.options.get("pinned"))
+    target = (target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)).as_written(manifest.options)
     run = _Run(storage, manifest, target, jobs or settings.policy.backup.jobs,
                run_validation if run_validation is not None else settings.policy.validation.after_restore,
                reporter)

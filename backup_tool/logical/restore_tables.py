@@ -23,7 +23,8 @@ Three modes, each refusing rather than overwriting by accident:
   to other tables; a partitioned table is replaced through its leaf partitions, all in that
   transaction. Foreign keys from and to the replaced tables are then checked and any
   violation rolls everything back, reporting the orphan rows per foreign key. Owned
-  sequences are moved forward (never back) past both the backed-up value and the data.
+  sequences are moved forward (never back) past both the backed-up value and the data (a
+  CYCLE sequence past the backed-up value only: see ``_MOVE_FORWARD``).
 
 Table definitions are taken from the backup's own schema archive: it is replayed into a
 scratch database, the tables moved to the inspection schema if asked, and pg_dump then
@@ -303,6 +304,21 @@ def _owned_sequences(manifest: Manifest, keys: set[TableKey]) -> Iterator[Sequen
             yield seq
 
 
+_MOVE_FORWARD = """
+    SELECT pg_catalog.setval({seq}::regclass, CASE
+             WHEN s.seqcycle AND s.seqincrement > 0 THEN GREATEST((SELECT last_value FROM {seqtab}), {value})
+             WHEN s.seqcycle THEN LEAST((SELECT last_value FROM {seqtab}), {value})
+             WHEN s.seqincrement > 0 THEN GREATEST((SELECT last_value FROM {seqtab}), {value},
+                                                   coalesce((SELECT max({col}) FROM {tab}), {value}))
+             ELSE LEAST((SELECT last_value FROM {seqtab}), {value}, coalesce((SELECT min({col}) FROM {tab}), {value}))
+           END, true)
+      FROM pg_catalog.pg_sequence s WHERE s.seqrelid = {seq}::regclass"""
+"""Moves a replaced table's owned sequence forward, never back, past the backed-up value and,
+in its direction (a descending one down, past the column's minimum), past the data. A
+CYCLE sequence is not moved past the data: its column holds values of earlier laps, so at
+the column's end it would wrap and hand out the values the rows hold."""
+
+
 def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> bool:
     """Whether a foreign key references the table or a partitioned table it belongs to (a
     partition is referenced through its ancestors, so TRUNCATE would refuse it)."""
@@ -355,9 +371,7 @@ def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries
         for seq in _owned_sequences(manifest, keys):
             owner = seq.get("owned_by")
             assert owner is not None
-            conn.execute(sql.SQL(
-                "SELECT setval({seq}::regclass, GREATEST((SELECT last_value FROM {seqtab}), {value},"
-                " coalesce((SELECT max({col}) FROM {tab}), {value})), true)").format(
+            conn.execute(sql.SQL(_MOVE_FORWARD).format(
                 seq=sql.Literal(postgres.quoted_table(seq["schema"], seq["name"])),
                 seqtab=qualified(seq["schema"], seq["name"]), col=sql.Identifier(owner["column"]),
                 tab=qualified(owner["schema"], owner["table"]), value=sql.Literal(seq["last_value"])))
@@ -646,8 +660,8 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
         entries = resolve_tables(manifest, tables)
         if into_schema:
             check_into_schema(manifest, entries)
-        target = (target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)).pinned_as(
-            manifest.options.get("pinned"))
+        target = (target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn)).as_written(
+            manifest.options)
     except BaseException:
         if ahead is not None:
             ahead.abandon()
@@ -657,7 +671,7 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
     if ahead is not None and target.unpinned:
         ahead.abandon()
         ahead = None
-    opened = ahead.take(manifest.encoding) if ahead is not None else None
+    opened = ahead.take(manifest.encoding, manifest.options.get("search_path")) if ahead is not None else None
     with opened or target.connect(settings={"client_encoding": manifest.encoding}) as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")

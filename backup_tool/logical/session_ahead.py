@@ -11,7 +11,7 @@ import psycopg
 
 from backup_tool.errors import BackupToolError
 from backup_tool.postgres import tools as pg_tools
-from backup_tool.postgres.connection import ConnInfo
+from backup_tool.postgres.connection import NAME_SEARCH_PATH, ConnInfo
 
 SESSION_ENCODING = "UTF8"
 """The client encoding the session is opened with (see :class:`SessionAhead`)."""
@@ -22,7 +22,7 @@ def open_session_ahead(target_dsn: str | ConnInfo) -> SessionAhead | None:
     where the restore connects, as it always was)."""
     try:
         return SessionAhead(target_dsn if isinstance(target_dsn, ConnInfo) else ConnInfo(target_dsn),
-                            SESSION_ENCODING)
+                            SESSION_ENCODING, NAME_SEARCH_PATH)
     except BackupToolError:
         return None
 
@@ -36,12 +36,15 @@ class SessionAhead:
 
     It is opened with client_encoding ``encoding``: a session's startup settings are what
     ``RESET ALL`` (see :func:`backup_tool.logical.restore_tables._run_script`) returns to, so the backup's encoding cannot be set
-    afterwards. :meth:`take` hands it over only if the backup's encoding is that one; otherwise
-    (or when the command stops first: :meth:`abandon`) it is closed and nothing else changes."""
+    afterwards; nor the ``search_path`` names are read under (pinned at startup too,
+    :meth:`ConnInfo.with_search_path`). :meth:`take` hands it over only if the backup's encoding
+    and recorded path are those; otherwise (or when the command stops first: :meth:`abandon`)
+    it is closed and nothing else changes."""
 
-    def __init__(self, target: ConnInfo, encoding: str) -> None:
-        self.target = target
+    def __init__(self, target: ConnInfo, encoding: str, search_path: str | None = None) -> None:
+        self.target = target.with_search_path(search_path)
         self.encoding = encoding
+        self.search_path = search_path
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
@@ -69,13 +72,14 @@ class SessionAhead:
             except BackupToolError:
                 pass  # reported by the restore itself when it needs the program
 
-    def take(self, encoding: str) -> psycopg.Connection[Any] | None:
+    def take(self, encoding: str, search_path: str | None = None) -> psycopg.Connection[Any] | None:
         """The session (the caller owns it now), None if it was opened with another encoding
-        than ``encoding``; its connection error, raised here, where the caller would connect."""
+        than ``encoding`` or another search path than ``search_path``; its connection error,
+        raised here, where the caller would connect."""
         self._done.wait()
         if self._error is not None:
             raise self._error
-        if encoding != self.encoding:
+        if (encoding, search_path) != (self.encoding, self.search_path):
             self.abandon()
             return None
         with self._lock:

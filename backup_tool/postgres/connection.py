@@ -19,6 +19,14 @@ names: a ``role`` a database or role sets (``ALTER DATABASE app SET role = 'web'
 applications) would have a superuser's backup read, and a restore write, as that role. A value
 the caller's DSN sets in its own ``options`` (``-c role=NAME`` to act as another role) still
 wins over these; PostgreSQL's programs the tool runs get them too (``PGOPTIONS``).
+
+Names written as text (a ``regclass`` or ``regtype`` value in a row, a foreign key's target,
+a function's argument types, a trigger's definition) depend on ``search_path``, which a role
+or database may set. A backup's sessions pin it to :data:`NAME_SEARCH_PATH` and record that
+in the manifest; a restore or validation against that backup pins the recorded value on its
+sessions (:meth:`ConnInfo.with_search_path`), so whichever role runs each side and whatever
+path it has, names are written and read back the same way. A backup that recorded none (made
+before) keeps the sessions' own path, as it was taken.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -58,6 +66,10 @@ SESSION_SETTINGS = {
     "array_nulls": "on",
     "xmloption": "content",
 }
+NAME_SEARCH_PATH = "public"
+"""The ``search_path`` a backup's sessions write names under: PostgreSQL's default path as it
+reads for a role without a schema of its own name, so such a backup writes what one taken
+before this was pinned did."""
 UNFINISHED_RESTORE_SCHEMA = "backup_tool_unfinished_restore"
 SYSTEM_SCHEMA_FILTER = (
     "n.nspname NOT IN ('pg_catalog', 'information_schema') "
@@ -198,6 +210,23 @@ class ConnInfo:
                               "use postgresql://user@host:port/dbname or 'host=... dbname=...'") from None
         self.unpinned: frozenset[str] = frozenset()
 
+    def with_search_path(self, path: str | None) -> "ConnInfo":
+        """The same, with every session it opens (and every client tool it runs) on ``path``
+        (None: unchanged), over the role's, the database's and the DSN's own ``options``."""
+        if path is None:
+            return self
+        other = self._copy()
+        own = str(self.params.get("options") or "")
+        pinned = "-c search_path=" + path.replace("\\", "\\\\").replace(" ", "\\ ")
+        other.params["options"] = f"{own} {pinned}".strip()
+        return other
+
+    def as_written(self, options: Mapping[str, Any]) -> "ConnInfo":
+        """This connection as the backup whose manifest ``options`` these are was written: the
+        text settings it pinned (:meth:`pinned_as`) and the search_path it wrote names under
+        (:meth:`with_search_path`), each as the sessions' own where it recorded none."""
+        return self.pinned_as(options.get("pinned")).with_search_path(options.get("search_path"))
+
     def with_database(self, dbname: str) -> "ConnInfo":
         other = self._copy()
         other.params["dbname"] = dbname
@@ -249,23 +278,28 @@ class ConnInfo:
         return conn
 
     def tool_conninfo(self) -> str:
-        """Connection string for a child tool's ``-d``: everything but the password."""
-        params = {k: v for k, v in self.params.items() if k != "password"}
+        """Connection string for a child tool's ``-d``: everything but the password and the
+        ``options``, which :meth:`tool_env` carries (an ``options`` in the connection string
+        would make libpq ignore ``PGOPTIONS``, and with it the session settings and defaults)."""
+        params = {k: v for k, v in self.params.items() if k not in ("password", "options")}
         return make_conninfo(**params) if params else ""
 
     def tool_env(self, settings: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for a PostgreSQL client tool: the password in PGPASSWORD (never in its
-        arguments), none of the repository's secrets, which those tools never need, and
-        :data:`SESSION_DEFAULTS` in ``PGOPTIONS`` (before the caller's own ``PGOPTIONS``, or,
-        given ``settings``, followed by :data:`SESSION_SETTINGS` and them). libpq ignores
-        ``PGOPTIONS`` where the DSN sets ``options``."""
+        """Environment for a PostgreSQL client tool run with :meth:`tool_conninfo`: the password
+        in PGPASSWORD (never in its arguments), none of the repository's secrets, which those
+        tools never need, and in ``PGOPTIONS`` :data:`SESSION_DEFAULTS`, then the DSN's own
+        ``options`` (or, where it has none, the caller's own ``PGOPTIONS``), then, given
+        ``settings``, :data:`SESSION_SETTINGS` and them, as :meth:`connect` orders them. The
+        DSN's ``options`` stay out of the connection string: there libpq would let them replace
+        ``PGOPTIONS`` whole."""
         env = {k: v for k, v in os.environ.items() if k not in REPOSITORY_SECRETS}
         if self.params.get("password"):
             env["PGPASSWORD"] = str(self.params["password"])
+        own = str(self.params.get("options") or "")
         if settings is not None:
-            env["PGOPTIONS"] = f"{_with_defaults('', self.unpinned)} {session_options(settings)}"
+            env["PGOPTIONS"] = f"{_with_defaults(own, self.unpinned)} {session_options(settings)}"
         else:
-            env["PGOPTIONS"] = _with_defaults(env.get("PGOPTIONS", ""), self.unpinned)
+            env["PGOPTIONS"] = _with_defaults(own or env.get("PGOPTIONS", ""), self.unpinned)
         return env
 
 

@@ -217,6 +217,7 @@ class ManifestOptions(TypedDict, total=False):
     encryption: dict[str, Any]
     inventory_read_with: dict[str, str]
     pinned: list[str]
+    search_path: str
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from datetime import date, datetime
 from typing import Any
 
 import pytest
@@ -134,6 +135,34 @@ def test_timeouts_a_database_sets_for_its_applications_bind_none_of_the_tool_ses
         assert replaced["ok"] is True and replaced["rows"] == 300000
         again = cli.json("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"])
         assert again["ok"] is True
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
+
+
+def test_a_dsn_with_its_own_options_keeps_the_session_settings_of_the_copy_processes(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """An ``options`` in the DSN went into the connection string of the psql that copies a large
+    table out, where libpq lets it replace PGOPTIONS and with it every pinned setting: under a
+    database's ``DateStyle = 'SQL, DMY'`` the rows were stored as 13/03/2020 and the restore
+    failed loading them (dates up to the 12th would have come back with day and month swapped)."""
+    source, copy = f"dmy_{uuid.uuid4().hex[:8]}", f"dmy_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        conn.execute(f"ALTER DATABASE {source} SET DateStyle = 'SQL, DMY'")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.days AS SELECT g AS id, date '2020-01-02' + g AS day,"
+                         " timestamp '2020-03-04 05:06:07' + g * interval '1 hour' AS at, md5(g::text) AS pad"
+                         " FROM generate_series(1, 40000) g")
+        with_options = pg_server.dsn(source) + "?options=-c%20work_mem%3D8MB"
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", with_options)
+        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                            "--target-dsn", pg_server.dsn(copy), "--create")
+        assert restored["ok"] is True
+        with pg_server.admin_conn(copy) as conn:
+            assert conn.execute("SELECT day, at FROM public.days WHERE id = 1").fetchone() == (
+                date(2020, 1, 3), datetime(2020, 3, 4, 6, 6, 7))
     finally:
         pg_server.drop_db(copy)
         pg_server.drop_db(source)
