@@ -86,9 +86,13 @@ SESSION_DEFAULTS = {
     "lc_monetary": "C",
     "quote_all_identifiers": "off",
     "standard_conforming_strings": "on",
+    "jit": "off",
 }
 """Settings before the DSN's own ``options`` (which may change them), after the role's and
-database's defaults (which they override)."""
+database's defaults (which they override). ``jit`` is off because nothing the tool runs gains
+from compiling, and a database's ``jit_above_cost = 0`` (set to speed up its applications'
+analytics) compiled each of its catalog queries: 0.13 s of server CPU for the one every
+session opens with."""
 RECORDED_PINS = ("lc_monetary", "quote_all_identifiers", "standard_conforming_strings")
 """Settings of :data:`SESSION_DEFAULTS` that change the text a backup stores and that backups
 before them left to the database, role or server: ``lc_monetary`` writes and reads money
@@ -141,8 +145,7 @@ it resolves to without ``pg_catalog`` (``shadow, public``), which PostgreSQL the
 first, as it does by default; other search_paths are left alone, and objects are created in
 the same schema as before. Otherwise that schema's ``count(*)`` or ``hashtextextended`` would
 answer the tool's row counts and checksums (a trial database's ``count`` made validation pass
-a table with a row added). Run with ``jit`` off (then reset to the session's own): a database's
-``jit_above_cost = 0`` compiled it, 0.13 s of server CPU for every session the tool opened."""
+a table with a row added)."""
 
 
 def _after_connect(conn: psycopg.Connection[Any]) -> None:
@@ -153,7 +156,7 @@ def _after_connect(conn: psycopg.Connection[Any]) -> None:
     version = conn.info.server_version
     named = conn.info.get_parameters().get("options", "")
     statements = [f"SET {name} = 0" for since, name in NEWER_TIMEOUTS if version >= since and name not in named]
-    statements += ["SET jit = off", CATALOG_FIRST, "RESET jit"]
+    statements.append(CATALOG_FIRST)
     if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
         for name in _TEXT_TYPES:
             conn.adapters.register_loader(name, _TransparentText)
@@ -756,7 +759,6 @@ def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str, column
                             "validate against a server of that major or later")
     typed = [ColumnType(c, 0) for c in columns] if method is ChecksumMethod.ROW_TEXT \
         else column_types(conn, schema, name, columns)
-    conn.execute("SET jit = off")
     condition = ctid_condition(blocks)
     where = sql.SQL(" WHERE " + condition) if condition else sql.SQL("")
     row = conn.execute(sql.SQL(CHECKSUM_SQL).format(row_hash_sql(method, typed), qualified(schema, name),

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from backup_tool.postgres.connection import ConnInfo, find_tool
+
 pytestmark = pytest.mark.slow
 
 
@@ -628,3 +630,27 @@ def test_a_role_preloading_a_library_the_target_lacks_is_refused_before_it_is_cr
         pg_server.drop_db(source)
         with pg_server.admin_conn() as conn:
             conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_no_session_or_program_of_the_tool_compiles_its_queries_whatever_jit_a_database_sets(
+        pg_server: Any) -> None:
+    """A database's ``jit = on, jit_above_cost = 0`` (set for its applications' analytics) had
+    every catalog query of the tool's sessions and of the programs it runs compiled (0.13 s
+    of server CPU for the first statement of each session): they now run with ``jit`` off,
+    unless the DSN's own ``options`` asks for it."""
+    name = f"jitted_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+        conn.execute(f"ALTER DATABASE {name} SET jit = on")
+        conn.execute(f"ALTER DATABASE {name} SET jit_above_cost = 0")
+    try:
+        conninfo = ConnInfo(pg_server.dsn(name))
+        with conninfo.connect() as conn:
+            assert conn.execute("SHOW jit").fetchone() == ("off",)
+        shown = subprocess.run([find_tool("psql", 15), "-X", "-At", "-d", conninfo.tool_conninfo(), "-c", "SHOW jit"],
+                               env=conninfo.tool_env(), capture_output=True, text=True, check=True)
+        assert shown.stdout.strip() == "off"
+        with ConnInfo(pg_server.dsn(name) + "?options=-c%20jit%3Don").connect() as conn:
+            assert conn.execute("SHOW jit").fetchone() == ("on",)
+    finally:
+        pg_server.drop_db(name)
