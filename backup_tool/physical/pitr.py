@@ -772,14 +772,7 @@ def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex
     locks = {m.name: threading.Lock() for m in files}
 
     def open_member(m: basetar.Member) -> int:
-        fd = os.open(pgdata / m.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, m.mode & 0o600 or 0o600)
-        if ids is not None:
-            try:
-                os.fchown(fd, *ids)
-            except BaseException:
-                os.close(fd)
-                raise
-        return fd
+        return _open_owned(pgdata / m.name, m.mode, ids)
 
     def create(members: list[basetar.Member]) -> None:
         for m in members:
@@ -814,6 +807,20 @@ def extract_frames(storage: Storage, manifest: Manifest, index: basetar.TarIndex
         os.utime(pgdata / m.name, (m.mtime, m.mtime))
     progress.finish()
     return sum(m.size for m in files)
+
+
+def _open_owned(path: Path, mode: int, ids: tuple[int, int] | None) -> int:
+    """``path`` opened for writing, created (owner-only ``mode`` bits) and given to ``ids``
+    if new. A symbolic link there is never written through (``O_NOFOLLOW``): the data
+    directory belongs to the server's user while it is laid out."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, mode & 0o600 or 0o600)
+    if ids is not None:
+        try:
+            os.fchown(fd, *ids)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
@@ -877,14 +884,7 @@ def extract_partial(storage: Storage, manifest: Manifest, index: basetar.TarInde
             made.add(parent)
 
     def open_member(m: basetar.Member) -> int:
-        fd = os.open(pgdata / m.name, os.O_WRONLY | os.O_CREAT, m.mode & 0o600 or 0o600)
-        if ids is not None:
-            try:
-                os.fchown(fd, *ids)
-            except BaseException:
-                os.close(fd)
-                raise
-        return fd
+        return _open_owned(pgdata / m.name, m.mode, ids)
 
     def create(members: list[basetar.Member]) -> None:
         for m in members:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -81,6 +82,26 @@ class SlowlyAnsweringStorage(LocalStorage):
         return result
 
 
+@contextmanager
+def watching(dsn: str, sample: Callable[[psycopg.Connection[Any]], None]) -> Iterator[None]:
+    """Inside the block, ``sample`` looks at the server through a session of its own every few ms."""
+    done = threading.Event()
+
+    def watch() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not done.is_set():
+                sample(conn)
+                time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
 def test_one_session_copies_the_next_table_while_the_last_upload_is_answered(
         fresh_db: Callable[..., Any], local_repo: str, monkeypatch: pytest.MonkeyPatch) -> None:
     db = fresh_db("sessions")
@@ -90,26 +111,17 @@ def test_one_session_copies_the_next_table_while_the_last_upload_is_answered(
     events: list[tuple[str, str]] = []
     monkeypatch.setattr(backup, "open_storage", lambda url: SlowlyAnsweringStorage(url, events))
     busiest: list[int] = []
-    done = threading.Event()
 
-    def watch() -> None:
-        """How many of the backup's sessions run a COPY or a checksum query, every few ms."""
-        with psycopg.connect(db.dsn, autocommit=True) as conn:
-            while not done.is_set():
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND state = 'active' AND (query LIKE 'COPY %%' OR query LIKE 'SELECT n, %%')").fetchone()
-                assert row is not None
-                busiest.append(int(row[0]))
-                time.sleep(0.002)
+    def sample(conn: psycopg.Connection[Any]) -> None:
+        """How many of the backup's sessions run a COPY or a checksum query."""
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'active' AND (query LIKE 'COPY %%' OR query LIKE 'SELECT n, %%')").fetchone()
+        assert row is not None
+        busiest.append(int(row[0]))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with watching(db.dsn, sample):
         manifest = backup.backup_full(Settings(local_repo, db.dsn, Policy(backup=BackupSettings(jobs=1))))
-    finally:
-        done.set()
-        watcher.join()
 
     assert sorted((t.name, t.rows) for t in manifest.tables) == [(f"t{n}", 3000) for n in range(4)]
     assert max(busiest, default=0) <= 1, "with jobs 1 one session works at a time"  # sampling may miss a short COPY
@@ -136,24 +148,15 @@ def test_the_backups_sessions_start_no_parallel_workers(fresh_db: Callable[..., 
     assert "Workers Planned: 2" in plan, plan
     workers: list[int] = []
     checksums: list[int] = []
-    done = threading.Event()
 
-    def watch() -> None:
-        with psycopg.connect(db.dsn, autocommit=True) as conn:
-            while not done.is_set():
-                for kind, count in conn.execute(
-                        "SELECT backend_type, count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                        " AND state = 'active' AND query LIKE 'SELECT n, %%' GROUP BY 1").fetchall():
-                    (workers if kind == "parallel worker" else checksums).append(int(count))
-                time.sleep(0.002)
+    def sample(conn: psycopg.Connection[Any]) -> None:
+        for kind, count in conn.execute(
+                "SELECT backend_type, count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state = 'active' AND query LIKE 'SELECT n, %%' GROUP BY 1").fetchall():
+            (workers if kind == "parallel worker" else checksums).append(int(count))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with watching(db.dsn, sample):
         manifest = backup.backup_full(Settings(local_repo, db.dsn, Policy(backup=BackupSettings(jobs=2))))
-    finally:
-        done.set()
-        watcher.join()
     assert [(t.name, t.rows) for t in manifest.tables] == [("t", 100000)]
     assert checksums, "the watcher saw no checksum query: make the table bigger"
     assert not workers, f"parallel workers ran a checksum query beside the backup's sessions: {workers}"
