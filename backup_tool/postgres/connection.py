@@ -759,6 +759,7 @@ def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str, column
                             "validate against a server of that major or later")
     typed = [ColumnType(c, 0) for c in columns] if method is ChecksumMethod.ROW_TEXT \
         else column_types(conn, schema, name, columns)
+    conn.execute("SET jit = off")
     condition = ctid_condition(blocks)
     where = sql.SQL(" WHERE " + condition) if condition else sql.SQL("")
     row = conn.execute(sql.SQL(CHECKSUM_SQL).format(row_hash_sql(method, typed), qualified(schema, name),

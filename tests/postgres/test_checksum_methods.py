@@ -316,13 +316,13 @@ def test_a_checksum_query_is_not_jit_compiled_whatever_the_servers_thresholds(db
             "INSERT INTO jitted SELECT g, md5(g::text), g / 7.0 FROM generate_series(1, 2000) g")
     cols = ("id", "v", "n")
     with postgres.ConnInfo(db).connect() as conn:
+        conn.execute("SET jit = on; SET jit_above_cost = 0; SET jit_optimize_above_cost = 0;"
+                     " SET jit_inline_above_cost = 0")
         if not conn.execute("SELECT pg_jit_available()").fetchone()[0]:  # type: ignore[index]
             pytest.skip("this server has no JIT provider")
         query = sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) " + postgres.CHECKSUM_SQL).format(
             row_hash_sql(COLUMN, postgres.column_types(conn, "public", "jitted", cols)),
             postgres.qualified("public", "jitted"), sql.SQL(""))
-        conn.execute("SET jit = on; SET jit_above_cost = 0; SET jit_optimize_above_cost = 0;"
-                     " SET jit_inline_above_cost = 0")
         assert "JIT" in conn.execute(query).fetchone()[0][0], "the thresholds compile any query"  # type: ignore[index]
         jitted = postgres.table_checksum(conn, "public", "jitted", cols, COLUMN)
         assert "JIT" not in conn.execute(query).fetchone()[0][0]  # type: ignore[index]
