@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from contextlib import contextmanager
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -21,6 +22,22 @@ def _drop(pg_server: Any, name: str) -> None:
     with pg_server.admin_conn() as conn:
         conn.execute(f"UPDATE pg_database SET datistemplate = false WHERE datname = '{name}'")
     pg_server.drop_db(name)
+
+
+@contextmanager
+def database_pair(pg_server: Any, prefix: str, *settings: str) -> Iterator[tuple[str, str]]:
+    """A new database named ``<prefix>_…`` with ``settings`` (each ``ALTER DATABASE … SET``
+    one), and the name its copy is to be restored as; both dropped when the block ends."""
+    source, copy = f"{prefix}_{uuid.uuid4().hex[:8]}", f"{prefix}_copy_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source}")
+        for setting in settings:
+            conn.execute(f"ALTER DATABASE {source} SET {setting}")
+    try:
+        yield source, copy
+    finally:
+        pg_server.drop_db(copy)
+        pg_server.drop_db(source)
 
 
 def back_up_and_restore(cli: Any, repo: str, pg_server: Any, source: str, copy: str) -> dict[str, Any]:
@@ -118,10 +135,7 @@ def test_timeouts_a_database_sets_for_its_applications_bind_none_of_the_tool_ses
     ``statement_timeout`` killed the backup's COPY and ``idle_in_transaction_session_timeout``
     the snapshot its sessions share; restored last, they and ``default_transaction_read_only``
     then stopped validation and ``restore tables`` in the restored database."""
-    source, copy = f"limits_{uuid.uuid4().hex[:8]}", f"limits_copy_{uuid.uuid4().hex[:8]}"
-    with pg_server.admin_conn() as conn:
-        conn.execute(f"CREATE DATABASE {source}")
-    try:
+    with database_pair(pg_server, "limits") as (source, copy):
         with pg_server.admin_conn(source) as conn:
             conn.execute("CREATE TABLE public.events AS SELECT g AS id, md5(g::text) AS body"
                          " FROM generate_series(1, 300000) g; ALTER TABLE public.events ADD PRIMARY KEY (id)")
@@ -137,9 +151,6 @@ def test_timeouts_a_database_sets_for_its_applications_bind_none_of_the_tool_ses
         assert replaced["ok"] is True and replaced["rows"] == 300000
         again = cli.json("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"])
         assert again["ok"] is True
-    finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
 
 
 def test_a_dsn_with_its_own_options_keeps_the_session_settings_of_the_copy_processes(
@@ -148,11 +159,7 @@ def test_a_dsn_with_its_own_options_keeps_the_session_settings_of_the_copy_proce
     table out, where libpq lets it replace PGOPTIONS and with it every pinned setting: under a
     database's ``DateStyle = 'SQL, DMY'`` the rows were stored as 13/03/2020 and the restore
     failed loading them (dates up to the 12th would have come back with day and month swapped)."""
-    source, copy = f"dmy_{uuid.uuid4().hex[:8]}", f"dmy_copy_{uuid.uuid4().hex[:8]}"
-    with pg_server.admin_conn() as conn:
-        conn.execute(f"CREATE DATABASE {source}")
-        conn.execute(f"ALTER DATABASE {source} SET DateStyle = 'SQL, DMY'")
-    try:
+    with database_pair(pg_server, "dmy", "DateStyle = 'SQL, DMY'") as (source, copy):
         with pg_server.admin_conn(source) as conn:
             conn.execute("CREATE TABLE public.days AS SELECT g AS id, date '2020-01-02' + g AS day,"
                          " timestamp '2020-03-04 05:06:07' + g * interval '1 hour' AS at, md5(g::text) AS pad"
@@ -165,9 +172,6 @@ def test_a_dsn_with_its_own_options_keeps_the_session_settings_of_the_copy_proce
         with pg_server.admin_conn(copy) as conn:
             assert conn.execute("SELECT day, at FROM public.days WHERE id = 1").fetchone() == (
                 date(2020, 1, 3), datetime(2020, 3, 4, 6, 6, 7))
-    finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
 
 
 NON_UTF8 = """
@@ -275,10 +279,7 @@ def test_settings_that_change_how_rows_are_read_do_not_change_the_rows_a_restore
     ``'NULL'``, and its ``xmloption = document`` refused xml content fragments, when
     ``restore tables`` loaded into it (the restored copy carries both): rows changed (which
     validation named) or the load failed."""
-    source, copy = f"reading_{uuid.uuid4().hex[:8]}", f"reading_copy_{uuid.uuid4().hex[:8]}"
-    with pg_server.admin_conn() as conn:
-        conn.execute(f"CREATE DATABASE {source}")
-    try:
+    with database_pair(pg_server, "reading") as (source, copy):
         with pg_server.admin_conn(source) as conn:
             conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, tags text[], body xml);"
                          "INSERT INTO public.docs VALUES (1, '{a,NULL,\"NULL\"}', 'text <b>bold</b> tail'),"
@@ -291,9 +292,6 @@ def test_settings_that_change_how_rows_are_read_do_not_change_the_rows_a_restore
         with pg_server.admin_conn(copy) as conn:
             rows = conn.execute("SELECT id, tags, body::text FROM public.docs ORDER BY id").fetchall()
         assert rows == [(1, ["a", None, "NULL"], "text <b>bold</b> tail"), (2, [None], "<doc/>"), (3, None, None)]
-    finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
 
 
 SEARCHED = """
@@ -367,11 +365,7 @@ def test_money_written_under_a_database_lc_monetary_restores_and_validates(
     database keeps its setting, and a changed amount is named."""
     if not _has_locale(pg_server, "de_DE.UTF-8"):
         pytest.skip("locale de_DE.UTF-8 not installed (localedef -i de_DE -f UTF-8 de_DE.UTF-8)")
-    source, copy = f"money_{uuid.uuid4().hex[:8]}", f"money_copy_{uuid.uuid4().hex[:8]}"
-    with pg_server.admin_conn() as conn:
-        conn.execute(f"CREATE DATABASE {source}")
-        conn.execute(f"ALTER DATABASE {source} SET lc_monetary = 'de_DE.UTF-8'")
-    try:
+    with database_pair(pg_server, "money", "lc_monetary = 'de_DE.UTF-8'") as (source, copy):
         with pg_server.admin_conn(source) as conn:
             conn.execute("CREATE TABLE public.prices (id int PRIMARY KEY, amount money DEFAULT 1234.5"
                          " CHECK (amount > 0.25::money));"
@@ -385,9 +379,6 @@ def test_money_written_under_a_database_lc_monetary_restores_and_validates(
         proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
         failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
         assert proc.returncode == 3 and failed == {"content_checksums": "content differs: public.prices"}
-    finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
 
 
 def test_a_backup_that_recorded_no_pins_is_read_under_the_servers_settings_as_it_was_taken() -> None:
@@ -579,10 +570,7 @@ def test_a_search_path_listing_a_schema_before_pg_catalog_cannot_answer_the_tool
     ``count(*)`` and ``hashtextextended`` answer the backup's and validation's row counts and
     checksums: the restore failed its checksums, and validation of a copy with a row added
     said its row counts matched (found on a trial database)."""
-    source, copy = f"shadowed_{uuid.uuid4().hex[:8]}", f"shadowed_copy_{uuid.uuid4().hex[:8]}"
-    with pg_server.admin_conn() as conn:
-        conn.execute(f"CREATE DATABASE {source}")
-    try:
+    with database_pair(pg_server, "shadowed") as (source, copy):
         with pg_server.admin_conn(source) as conn:
             conn.execute(SHADOWING)
             conn.execute(f"ALTER DATABASE {source} SET search_path = shadow, public, pg_catalog")
@@ -592,9 +580,6 @@ def test_a_search_path_listing_a_schema_before_pg_catalog_cannot_answer_the_tool
         proc = cli("validate", "--repo", local_repo, "--dsn", pg_server.dsn(copy), "--against", backup["id"], "--json")
         failed = {c["name"]: c["detail"] for c in proc.json()["checks"] if not c["ok"]}
         assert proc.returncode == 3 and failed["row_counts"] == "public.t has 3 rows, backup 2"
-    finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
 
 
 def test_a_role_preloading_a_library_the_target_lacks_is_refused_before_it_is_created(
