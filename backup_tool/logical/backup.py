@@ -793,10 +793,16 @@ def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any],
     """The snapshot, then, each on a thread of its own while the tables are compared and
     dumped: its side objects (schema, roles, large objects: client tools that mostly wait on
     the server) and its catalog reads (sequences, inventories: only the manifest needs them).
-    All are finished before anything is assembled or a failure propagates."""
+    All are finished before anything is assembled or a failure propagates.
+
+    The schema's pg_dump starts once the catalog reads are done: it locks every table as the
+    snapshot's session does, and the catalog relations the reads lock meanwhile (released at
+    once, but taken beyond each session's fast-path slots) would otherwise come on top of both
+    in the server's shared lock table, so a server sized for ``pg_dump --jobs 2`` ran out of
+    it in one backup in six or eight (``test_a_backup_needs_no_more_lock_slots_than_pg_dump_jobs``)."""
     taken = _take_snapshot(job, control, info, stack, changes, snapshot_session)
-    side_objects = Background(_store_side_objects, job, taken, name="side-objects")
     catalogs = Background(_read_catalogs, job, taken, name="snapshot-catalogs")
+    side_objects = Background(_store_side_objects, job, taken, catalogs.join, name="side-objects")
     try:
         dumper = _TableDumper(job, taken, info["encoding"], stack)
         method = reason = ""
@@ -849,15 +855,16 @@ def _read_catalogs(job: _DumpJob, taken: _Snapshotted) -> _Catalogs:
     return _Catalogs(sequences, inventory, rows)
 
 
-def _store_side_objects(job: _DumpJob, taken: _Snapshotted) -> _SideObjects:
+def _store_side_objects(job: _DumpJob, taken: _Snapshotted, after: Callable[[], None] = lambda: None) -> _SideObjects:
     """The schema archive, the globals (roles: cluster-wide, no snapshot to share; dumped
     meanwhile) and the large objects (reused from the parent when the parent's are the same),
-    all from the snapshot."""
+    all from the snapshot. The schema's dump starts once ``after`` returns (see :func:`_dump`)."""
     conninfo, major, snapshot_id, parent = job.conninfo, job.major, taken.snap.snapshot_id, job.parent
     globals_dump = Background(lambda: _store_compressed(job.storage, job.prefix + "globals.sql.zst",
                                                         [schema.dump_globals(conninfo, major)], job.level, 0)[0],
                               name="globals")
     try:
+        after()
         archive = schema.dump_schema(conninfo, major, snapshot_id)
         normalized = schema.normalize(schema.schema_text(archive, major))
         schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
