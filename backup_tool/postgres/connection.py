@@ -35,7 +35,7 @@ import concurrent.futures as cf
 import functools
 import os
 import re
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
@@ -453,16 +453,25 @@ waits on)."""
 
 
 @contextmanager
-def lock_patience(conn: psycopg.Connection[Any]) -> Iterator[None]:
+def settings_within(conn: psycopg.Connection[Any], settings: Mapping[str, str] | None) -> Iterator[None]:
+    """A transaction (a savepoint inside an open one) in which ``settings`` hold; when the block
+    succeeds, what it did is kept and the settings are as before it (on an error the savepoint
+    is rolled back, the settings with it). None: the session's own settings."""
+    with conn.transaction():
+        before = [(name, conn.execute("SELECT pg_catalog.current_setting(%s), pg_catalog.set_config(%s, %s, true)",
+                                      (name, name, value)).fetchone()) for name, value in (settings or {}).items()]
+        yield
+        for name, row in before:
+            assert row is not None
+            conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, row[0]))
+
+
+def lock_patience(conn: psycopg.Connection[Any]) -> AbstractContextManager[None]:
     """A savepoint in ``conn``'s open transaction in which a lock wait gives up after
     :data:`LOCK_PATIENCE_MS` (``LockNotAvailable`` propagates, the savepoint rolled back,
     nothing of it kept); when the block succeeds, what it locked stays locked and
     ``lock_timeout`` is as before."""
-    with conn.transaction():
-        before = scalar(conn, "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, true)",
-                        (f"{LOCK_PATIENCE_MS}ms",))
-        yield
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (before,))
+    return settings_within(conn, {"lock_timeout": f"{LOCK_PATIENCE_MS}ms"})
 
 
 def patiently(conn: psycopg.Connection[Any], attempt: Callable[[], T], waiting: Callable[[], str],

@@ -22,12 +22,18 @@ read again from the restored database; validation compares the two. Guarantees:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import psycopg
 
-from backup_tool.postgres.connection import SYSTEM_SCHEMA_FILTER, dict_rows, foreign_keys, indexes, locks_released_after
+from backup_tool.postgres.connection import (
+    SYSTEM_SCHEMA_FILTER,
+    dict_rows,
+    foreign_keys,
+    indexes,
+    locks_released_after,
+    settings_within,
+)
 
 FIRST_NORMAL_OID = 16384
 KEYS = ("publications", "event_triggers", "comments", "object_privileges", "column_privileges",
@@ -214,25 +220,12 @@ source only made validation report every definition naming an object of that pat
 shadowing the functions and operators the queries call."""
 
 
-@contextmanager
-def reading_with(conn: psycopg.Connection[Any], settings: Mapping[str, str] | None) -> Iterator[None]:
-    """A transaction (a savepoint inside an open one) in which ``settings`` hold, set back as
-    they were when the block ends; None: the session's own settings."""
-    with conn.transaction():
-        before = [(name, conn.execute("SELECT pg_catalog.current_setting(%s), pg_catalog.set_config(%s, %s, true)",
-                                      (name, name, value)).fetchone()) for name, value in (settings or {}).items()]
-        yield
-        for name, row in before:
-            assert row is not None
-            conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, row[0]))
-
-
 def inventory(conn: psycopg.Connection[Any], read_with: Mapping[str, str] | None = READ_WITH) -> dict[str, Any]:
     """What validation compares: RLS flags, policies, FKs, indexes, functions, triggers, extensions,
     and this module's own (publications, event triggers, comments, privileges), read under
     ``read_with`` (:data:`READ_WITH`; None: the session's settings, as backups that recorded
     none were read)."""
-    with reading_with(conn, read_with):
+    with settings_within(conn, read_with):
         return _inventory(conn)
 
 
