@@ -24,6 +24,15 @@ def _drop(pg_server: Any, name: str) -> None:
     pg_server.drop_db(name)
 
 
+def drop_all(pg_server: Any, databases: list[str], roles: list[str] | None = None) -> None:
+    """Drop the ``databases`` (those that exist), then the ``roles``."""
+    for name in databases:
+        pg_server.drop_db(name)
+    with pg_server.admin_conn() as conn:
+        for role in roles or []:
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
 @contextmanager
 def database_pair(pg_server: Any, prefix: str, *settings: str) -> Iterator[tuple[str, str]]:
     """A new database named ``<prefix>_…`` with ``settings`` (each ``ALTER DATABASE … SET``
@@ -36,8 +45,7 @@ def database_pair(pg_server: Any, prefix: str, *settings: str) -> Iterator[tuple
     try:
         yield source, copy
     finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
+        drop_all(pg_server, [copy, source])
 
 
 def back_up_and_restore(cli: Any, repo: str, pg_server: Any, source: str, copy: str) -> dict[str, Any]:
@@ -117,10 +125,7 @@ def test_list_settings_with_quoted_commas_restore_unchanged(cli: Any, local_repo
         with pg_server.admin_conn() as conn:
             assert conn.execute(settings_sql, (copy,)).fetchall() == before
     finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
-        with pg_server.admin_conn() as conn:
-            conn.execute(f"DROP ROLE IF EXISTS {role}")
+        drop_all(pg_server, [copy, source], [role])
 
 
 APPLICATION_LIMITS = {
@@ -213,8 +218,7 @@ def test_a_database_whose_bytes_are_not_utf8_round_trips_and_its_changes_are_nam
         failed = {c["name"] for c in proc.json()["checks"] if not c["ok"]}
         assert failed == {"schema_matches", "comments"}
     finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
+        drop_all(pg_server, [copy, source])
 
 
 def test_a_sql_ascii_database_naming_a_table_with_other_bytes_is_refused_clearly(
@@ -267,10 +271,7 @@ def test_a_role_a_database_sets_for_its_applications_is_not_who_the_tool_acts_as
         assert proc.returncode == 3 and failed == {"database_properties": f"missing setting role={web}{role}; "
                                                    f"unexpected setting role=postgres{role}"}
     finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
-        with pg_server.admin_conn() as conn:
-            conn.execute(f"DROP ROLE IF EXISTS {web}")
+        drop_all(pg_server, [copy, source], [web])
 
 
 def test_settings_that_change_how_rows_are_read_do_not_change_the_rows_a_restore_loads(
@@ -341,10 +342,7 @@ def test_the_search_path_and_quoting_of_the_role_backing_up_do_not_change_what_v
         assert proc.returncode == 3 and set(failed) == {"schema_matches", "indexes_valid"}
         assert failed["indexes_valid"] == "indexes: changed app.child.child_norm"
     finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
-        with pg_server.admin_conn() as conn:
-            conn.execute(f"DROP ROLE IF EXISTS {backer}")
+        drop_all(pg_server, [copy, source], [backer])
 
 
 def _has_locale(pg_server: Any, name: str) -> bool:
@@ -484,8 +482,7 @@ def test_settings_longer_than_a_name_restore_whole_and_a_cut_one_is_named(
         assert proc.returncode == 3 and failed == {
             "database_properties": f"missing setting app.jwt_secret={secret}; unexpected setting app.jwt_secret={secret[:50]}"}
     finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
+        drop_all(pg_server, [copy, source])
 
 
 def test_a_search_path_of_the_role_restoring_does_not_refuse_the_backups_extensions(
@@ -511,10 +508,7 @@ def test_a_search_path_of_the_role_restoring_does_not_refuse_the_backups_extensi
                             "--target-dsn", as_restorer, "--create")
         assert restored["ok"] is True
     finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
-        with pg_server.admin_conn() as conn:
-            conn.execute(f"DROP ROLE IF EXISTS {restorer}")
+        drop_all(pg_server, [copy, source], [restorer])
 
 
 def test_a_database_owner_restoring_gets_every_setting_it_may_set_and_is_told_which_it_may_not(
@@ -548,10 +542,7 @@ def test_a_database_owner_restoring_gets_every_setting_it_may_set_and_is_told_wh
                                 " JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = %s",
                                 (copy,)).fetchone() == (["work_mem=1MB"], "kept")
     finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
-        with pg_server.admin_conn() as conn:
-            conn.execute(f"DROP ROLE IF EXISTS {owner}")
+        drop_all(pg_server, [copy, source], [owner])
 
 
 SHADOWING = """
@@ -611,10 +602,7 @@ def test_a_role_preloading_a_library_the_target_lacks_is_refused_before_it_is_cr
             assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (copy,)).fetchone() == (0,)
             assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone() == (0,)
     finally:
-        pg_server.drop_db(copy)
-        pg_server.drop_db(source)
-        with pg_server.admin_conn() as conn:
-            conn.execute(f"DROP ROLE IF EXISTS {role}")
+        drop_all(pg_server, [copy, source], [role])
 
 
 def test_no_session_or_program_of_the_tool_compiles_its_queries_whatever_jit_a_database_sets(
