@@ -51,7 +51,7 @@ from backup_tool.config.settings import Settings
 from backup_tool.core.report import NullReporter, Reporter
 from backup_tool.errors import BackupToolError, DatabaseError, NotFoundError
 from backup_tool.postgres import connection as postgres
-from backup_tool.postgres import roles, schema
+from backup_tool.postgres import deparse, roles, schema
 from backup_tool.postgres.connection import ConnInfo, scalar
 from backup_tool.repository.catalog import Catalog, DatabaseHint
 from backup_tool.repository.manifest import Manifest
@@ -318,6 +318,12 @@ QUERIES: dict[str, str] = {
 }
 
 
+_DEPARSED = frozenset({"default", "generated", "checks", "definition", "partition_key", "partition_bound",
+                       "using", "with_check"})
+"""The fields holding deparsed SQL, read :func:`backup_tool.postgres.deparse.comparable`: a schema
+restored from a backup shows ``EXTRACT(year FROM x)`` where the migrations wrote ``'YEAR'``."""
+
+
 def read_model(conn: psycopg.Connection[Any], exclude_schemas: Sequence[str] = ()) -> Model:
     """Every compared object of the connected database, read in one snapshot."""
     excluded = [*ALWAYS_EXCLUDED, *exclude_schemas]
@@ -334,6 +340,8 @@ def read_model(conn: psycopg.Connection[Any], exclude_schemas: Sequence[str] = (
             for row in rows:
                 name = row.pop("name")
                 parent = (row.pop("parent_kind"), row.pop("parent")) if "parent" in row else None
+                for f in _DEPARSED & row.keys():
+                    row[f] = deparse.comparable(row[f])
                 if "definition" in row and kind in ("function", "view"):
                     row["definition_sha256"] = _sha(row.pop("definition"))
                 model[(kind, name)] = SchemaObject(kind, name, row, parent)

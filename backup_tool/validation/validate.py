@@ -42,6 +42,7 @@ from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.postgres import (
     column_order,
     database_level,
+    deparse,
     extension_config,
     inventory,
     large_objects,
@@ -89,17 +90,22 @@ Change = Callable[[str, dict[str, Any], dict[str, Any]], str]
 
 
 def compare_sets(name: str, what: str, expected: list[dict[str, Any]], actual: list[dict[str, Any]],
-                 key: Callable[[dict[str, Any]], str], change: Change | None = None) -> Check:
-    """Compare two inventories item by item: missing, unexpected and changed entries.
+                 key: Callable[[dict[str, Any]], str], change: Change | None = None,
+                 matched: str | None = None) -> Check:
+    """Compare two inventories item by item: missing, unexpected and changed entries. Items
+    whose deparsed SQL differs only where pg_dump cannot keep it (:mod:`backup_tool.postgres.deparse`)
+    match, and the detail counts them.
 
-    ``change`` words a changed entry from its key, the backup's item and the database's.
+    ``change`` words a changed entry from its key, the backup's item and the database's;
+    ``matched`` the detail when all match (default: how many).
     """
     exp = {key(i): i for i in expected}
     act = {key(i): i for i in actual}
     missing = exp.keys() - act.keys()
     extra = act.keys() - exp.keys()
-    changed = {(change(k, exp[k], act[k]) if change else k)
-               for k in exp.keys() & act.keys() if exp[k] != act[k]}
+    differing = [k for k in exp.keys() & act.keys() if exp[k] != act[k]]
+    folded = [k for k in differing if deparse.same_when_folded(exp[k], act[k])]
+    changed = {(change(k, exp[k], act[k]) if change else k) for k in differing if k not in folded}
     problems = []
     if missing:
         problems.append(f"missing {_names(missing)}")
@@ -109,7 +115,8 @@ def compare_sets(name: str, what: str, expected: list[dict[str, Any]], actual: l
         problems.append(f"changed {_names(changed)}")
     if problems:
         return Check(name, False, f"{what}: " + "; ".join(problems))
-    return Check(name, True, f"{len(exp)} {what} match")
+    return Check(name, True, (matched or f"{len(exp)} {what} match")
+                 + (f" ({len(folded)} up to {deparse.TOLERATED})" if folded else ""))
 
 
 def _qual(item: dict[str, Any]) -> str:
@@ -189,7 +196,8 @@ def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: St
     :func:`schema.normalize`). A manifest written before that normalisation holds the
     fingerprint of the older one: it matches either, or the archive's text re-normalized.
     Into a newer major, the comparison is with the archive as that major renders it
-    (``schema_rendered_by_target``, see :mod:`backup_tool.validation.majors`)."""
+    (``schema_rendered_by_target``, see :mod:`backup_tool.validation.majors`). Text that differs
+    only where pg_dump cannot keep it (:mod:`backup_tool.postgres.deparse`) matches, saying so."""
     raw = schema.schema_text(schema.dump_schema(conninfo, major), major)
     live = schema.normalize(raw)
     if manifest.schema_fingerprint in (schema.fingerprint(live), schema.fingerprint(schema.normalize_v1(raw))):
@@ -207,6 +215,9 @@ def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: St
             return Check("schema_matches", True,
                          f"schema matches the backup's archive as PostgreSQL {major} renders it" if upgrade
                          else "schema matches the backup's archive (privileges compared as sets)")
+        expected, live = deparse.folded(expected), deparse.folded(live)
+        if expected == live:
+            return Check("schema_matches", True, f"schema matches the backup's archive up to {deparse.TOLERATED}")
         diff = [ln for ln in difflib.unified_diff(expected.splitlines(), live.splitlines(),
                                                   "backup", "database", n=0, lineterm="")
                 if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
@@ -356,10 +367,9 @@ def check_indexes(live: list[dict[str, Any]], expected: list[dict[str, Any]] | N
              for i in expected]
     have = [{k: v for k, v in i.items() if k in ("schema", "table", "name", "definition")}
             for i in live]
-    check = compare_sets("indexes_valid", "indexes", strip, have, _qual)
     note = f"; invalid as in the backup: {_names(invalid)}" if invalid else ""
-    return check if not check.ok else Check("indexes_valid", True,
-                                            f"{len(live)} indexes present and valid{note}")
+    return compare_sets("indexes_valid", "indexes", strip, have, _qual,
+                        matched=f"{len(live)} indexes present and valid{note}")
 
 
 def check_rls_without_manifest(inv: dict[str, Any]) -> Check:

@@ -270,3 +270,30 @@ def test_restore_onto_migrations_fires_no_replica_or_always_trigger_and_keeps_th
     assert target.execute(states) == source.execute(states) == [("always_stamp", "A"), ("replica_stamp", "R")]
     assert target.scalar("SELECT count(*) FROM public.coupons WHERE code LIKE '%-stamped'") == 0
     assert dbcompare.table_hashes(target.dsn) == dbcompare.table_hashes(source.dsn)
+
+
+def test_diff_against_a_backup_is_blind_only_to_the_extract_field_case_pg_dump_cannot_keep(
+        cli: Any, local_repo: str, empty_db: Any, pg_server: Any, tmp_path: Path) -> None:
+    """Migrations writing `extract('YEAR' FROM x)` build `EXTRACT(YEAR FROM x)`; the backup's
+    schema, replayed from pg_dump's text, reads `EXTRACT(year FROM x)`. `schema diff --against`
+    reported that as drift of every such view, index, default and policy; a real change to the
+    field is still drift."""
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    (folder / "001_init.sql").write_text("""
+        CREATE TABLE t (id int PRIMARY KEY, d date, y numeric DEFAULT extract('YEAR' FROM now()),
+                        CHECK (extract('DOW' FROM d) >= 0));
+        CREATE INDEX t_year ON t ((extract('YEAR' FROM d)));
+        ALTER TABLE t ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY p ON t USING (extract('YEAR' FROM d) > 2000);
+        CREATE VIEW v AS SELECT extract('EPOCH' FROM d) AS e FROM t;
+    """)
+    cli.json("schema", "replay", "--migrations", folder, "--target-dsn", empty_db.dsn)
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", empty_db.dsn)
+    report = cli.json("schema", "diff", "--migrations", folder, "--against", "latest", "--repo", local_repo,
+                      "--scratch-dsn", pg_server.dsn())
+    assert report["ok"] is True, report["drift"]
+    edit(folder / "001_init.sql", "CREATE INDEX t_year ON t ((extract('YEAR'", "CREATE INDEX t_year ON t ((extract('MONTH'")
+    drifted = cli.json("schema", "diff", "--migrations", folder, "--against", "latest", "--repo", local_repo,
+                       "--scratch-dsn", pg_server.dsn(), expect_rc=3)
+    assert [(d["kind"], d["name"], d["change"]) for d in drifted["drift"]] == [("index", "public.t_year", "changed")]

@@ -380,3 +380,53 @@ def test_names_are_written_the_same_whatever_search_path_the_sessions_have(
     with db.connect() as conn:
         assert conn.execute("SELECT r = 'public.pt'::regclass FROM app.t WHERE id = 3").fetchone() == (True,), \
             "read back as app.pt under the restoring role's path"
+
+
+def test_extract_fields_pg_dump_cannot_keep_in_upper_case_match_and_other_changes_still_fail(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    """`EXTRACT('YEAR' FROM x)` (LedgerSMB writes it so) deparses as `EXTRACT(YEAR FROM x)`,
+    which pg_dump writes and PostgreSQL reads back as `EXTRACT(year FROM x)`: every restore of
+    such a view, index, trigger, policy, default, check, publication filter or SQL-standard
+    function body differed from its backup, and validation failed a faithful restore. Those
+    compare without the field's letter case, saying so; any other change still fails."""
+    db = fresh_db("extractcase")
+    with db.connect() as conn:
+        conn.execute("""
+            CREATE TABLE t (id int PRIMARY KEY, ts timestamptz NOT NULL, d date,
+                y numeric DEFAULT extract('YEAR' FROM now()),
+                m numeric GENERATED ALWAYS AS (extract('Month' FROM d)) STORED,
+                CHECK (extract('DOW' FROM ts) BETWEEN 0 AND 6));
+            CREATE INDEX t_year ON t ((extract('YEAR' FROM d)));
+            CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+            CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW WHEN (extract('Hour' FROM NEW.ts) >= 0)
+                EXECUTE FUNCTION f();
+            ALTER TABLE t ENABLE ROW LEVEL SECURITY;
+            CREATE POLICY p ON t USING (extract('YEAR' FROM ts) > 2000);
+            CREATE PUBLICATION pub FOR TABLE t WHERE (extract('YEAR' FROM d) > 2000);
+            CREATE VIEW v AS SELECT extract('EPOCH' FROM ts) AS e FROM t;
+            CREATE FUNCTION year_of(timestamptz) RETURNS numeric LANGUAGE sql
+                BEGIN ATOMIC SELECT extract('YEAR' FROM $1); END;
+            INSERT INTO t (id, ts, d) SELECT g, '2024-01-01'::timestamptz + g * interval '1 hour',
+                date '2024-01-01' + g FROM generate_series(1, 20) g;
+        """)
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    target_name = f"extractcase_dst_{uuid.uuid4().hex[:8]}"
+    try:
+        result = cli.json("restore", "full", "--repo", local_repo, "--backup", entry["id"],
+                          "--target-dsn", pg_server.dsn(target_name), "--create")
+        checks = {c["name"]: c["detail"] for c in result["validation"]["checks"]}
+        assert result["ok"] is True
+        for name in ("schema_matches", "indexes_valid", "triggers_present", "rls_policies", "publications"):
+            assert "letter case of EXTRACT fields" in checks[name], (name, checks[name])
+        with pg_server.admin_conn(target_name) as conn:
+            assert "EXTRACT(year FROM d)" in conn.execute(
+                "SELECT pg_get_indexdef('t_year'::regclass)").fetchone()[0]
+            conn.execute("""
+                DROP INDEX t_year; CREATE INDEX t_year ON t ((extract('MONTH' FROM d)));
+                ALTER POLICY p ON t USING (extract('YEAR' FROM ts) > 2001);""")
+        failed = failed_checks(cli, local_repo, pg_server.dsn(target_name), entry["id"])
+        assert set(failed) == {"schema_matches", "indexes_valid", "rls_policies"}, failed
+        assert "changed public.t.t_year" in failed["indexes_valid"]
+        assert "EXTRACT(month FROM d)" in failed["schema_matches"]
+    finally:
+        pg_server.drop_db(target_name)

@@ -1,0 +1,36 @@
+"""The one tolerance of deparsed text: EXTRACT fields compared without their letter case,
+only outside quoted literals, quoted identifiers and dollar-quoted bodies."""
+
+from __future__ import annotations
+
+import pytest
+
+from backup_tool.postgres.deparse import folded, same_when_folded
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("SELECT EXTRACT(YEAR FROM now())", "SELECT EXTRACT(year FROM now())"),
+    ("(EXTRACT(Month FROM d)) + EXTRACT(DOW FROM ts)", "(EXTRACT(month FROM d)) + EXTRACT(dow FROM ts)"),
+    ("EXTRACT(year FROM $1)", "EXTRACT(year FROM $1)"),
+    ("'EXTRACT(YEAR FROM x)' || EXTRACT(EPOCH FROM t)", "'EXTRACT(YEAR FROM x)' || EXTRACT(epoch FROM t)"),
+    ("'it''s EXTRACT(YEAR FROM x)'", "'it''s EXTRACT(YEAR FROM x)'"),
+    ('"EXTRACT(YEAR FROM x)" EXTRACT(HOUR FROM t)', '"EXTRACT(YEAR FROM x)" EXTRACT(hour FROM t)'),
+    ("AS $_$ SELECT EXTRACT(YEAR FROM $1) $_$; EXTRACT(DAY FROM d)",
+     "AS $_$ SELECT EXTRACT(YEAR FROM $1) $_$; EXTRACT(day FROM d)"),
+    ("AS $f$ EXTRACT(YEAR FROM x) $f$", "AS $f$ EXTRACT(YEAR FROM x) $f$"),
+    ("a$b$ EXTRACT(YEAR FROM x)", "a$b$ EXTRACT(year FROM x)"),
+    ("date_part('YEAR'::text, x)", "date_part('YEAR'::text, x)"),
+    ("extract_year(YEAR FROM x) MYEXTRACT(YEAR FROM x)", "extract_year(YEAR FROM x) MYEXTRACT(YEAR FROM x)"),
+])
+def test_only_deparsed_extract_fields_fold(text: str, expected: str) -> None:
+    assert folded(text) == expected
+
+
+def test_items_equal_only_when_their_deparsed_fields_differ_in_extract_case_alone() -> None:
+    backup = {"name": "t_year", "definition": "CREATE INDEX t_year ON t USING btree (EXTRACT(YEAR FROM d))"}
+    assert same_when_folded(backup, {**backup, "definition": backup["definition"].replace("YEAR", "year")})
+    assert not same_when_folded(backup, {**backup, "definition": backup["definition"].replace("YEAR", "month")})
+    assert not same_when_folded({"comment": "EXTRACT(YEAR FROM x)"}, {"comment": "EXTRACT(year FROM x)"})
+    assert same_when_folded({"tables": ["t WHERE (EXTRACT(YEAR FROM d) > 2000)"]},
+                            {"tables": ["t WHERE (EXTRACT(year FROM d) > 2000)"]})
+    assert not same_when_folded({"qual": "x", "extra": 1}, {"qual": "x"})
