@@ -213,13 +213,6 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
             else:
                 rebuilt = rebuild.rebuild_schema(schema_from_migrations, target, storage, manifest, archive_path,
                                                  major, reporter, run.count)
-            checksums = _load_data(run, rebuilt.loader if rebuilt else target, fresh=rebuilt is None, early=early)
-            set_sequences(control, manifest.sequences)
-            if manifest.large_objects is not None:
-                lo = manifest.large_objects
-                large_objects.restore(rebuilt.loader if rebuilt else target, major, storage, lo.key, lo.sha256,
-                                      lo.size, Path(tmp), run.count)
-                reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
             if manifest.inventory.get("extension_config"):
                 rows = next((pipeline.read_object(storage, o, run.count) for o in manifest.extra_objects
                              if o.key.endswith("/" + extension_config.ROWS_OBJECT)), None)
@@ -227,6 +220,13 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
                     written = extension_config.restore(loader, manifest.inventory["extension_config"], rows)
                 if written:
                     reporter.event("extension configuration restored", relations=written)
+            checksums = _load_data(run, rebuilt.loader if rebuilt else target, fresh=rebuilt is None, early=early)
+            set_sequences(control, manifest.sequences)
+            if manifest.large_objects is not None:
+                lo = manifest.large_objects
+                large_objects.restore(rebuilt.loader if rebuilt else target, major, storage, lo.key, lo.sha256,
+                                      lo.size, Path(tmp), run.count)
+                reporter.event("large objects restored", count=manifest.inventory["large_objects"]["count"])
             reporter.event("data loaded", tables=len(_stored(manifest)), bytes=run.bytes_read)
             if rebuilt is None:
                 _build_post_data(run, archive_path, major, early.ids)

@@ -10,9 +10,10 @@ insert), and the value of such a sequence. A backup records in the manifest inve
 table the matching rows' count and order-independent checksum; for a sequence its value.
 The rows themselves are user data: they go into a stored object of the backup
 (:data:`ROWS_OBJECT`, encrypted like the tables; manifests are not), which :func:`rows_document`
-writes and :func:`restore` reads. A restore copies the rows in (and sets the sequences) after
-the tables are loaded, on top of what ``CREATE EXTENSION`` inserted; validation compares count,
-checksum and value per relation.
+writes and :func:`restore` reads. A restore copies the rows in (and sets the sequences) before
+the tables are loaded, on top of what ``CREATE EXTENSION`` inserted: an extension's types may
+read its configuration to take a value in (pointcloud's ``pcpatch`` input looks its format up in
+``pointcloud_formats``). Validation compares count, checksum and value per relation.
 """
 
 from __future__ import annotations
@@ -37,36 +38,51 @@ _CONFIG_RELATIONS = """
      ORDER BY 1, 2, 3"""
 
 
-def _rows_query(schema: str, name: str, condition: str, select: sql.Composable) -> sql.Composed:
-    return sql.SQL("SELECT {} FROM {} AS t {}").format(select, sql.Identifier(schema, name), sql.SQL(condition))
+ONLY = "only"
+"""``scope`` of a table item read without its inheritance children, as pg_dump dumps it: pgq's
+``event_template`` is a configuration table whose children (``pgq.event_1_0``...) are the
+user's tables, backed up as such. Items written before this was recorded carry no ``scope``:
+their rows and summary included the children's rows, and are read back the same way."""
+
+
+def _rows_query(schema: str, name: str, condition: str, select: sql.Composable, only: bool) -> sql.Composed:
+    return sql.SQL("SELECT {} FROM {}{} AS t {}").format(select, sql.SQL("ONLY " if only else ""),
+                                                       sql.Identifier(schema, name), sql.SQL(condition))
 
 
 _SUMMARY = sql.SQL("count(*), " + hash_sum_sql("hashtextextended(t::text, 0)"))
 
 
-def _summary(conn: psycopg.Connection[Any], schema: str, name: str, kind: str, condition: str) -> dict[str, Any]:
+def _summary(conn: psycopg.Connection[Any], schema: str, name: str, kind: str, condition: str,
+             only: bool) -> dict[str, Any]:
     if kind == "S":
         row = conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(
             sql.Identifier(schema, name))).fetchone()
         assert row is not None
         return {"last_value": int(row[0]), "is_called": bool(row[1])}
-    row = conn.execute(_rows_query(schema, name, condition, _SUMMARY)).fetchone()
+    row = conn.execute(_rows_query(schema, name, condition, _SUMMARY, only)).fetchone()
     assert row is not None
-    return {"rows": int(row[0]), "checksum": f"{int(row[1]):016x}"}
+    return {"rows": int(row[0]), "checksum": f"{int(row[1]):016x}", **({"scope": ONLY} if only else {})}
+
+
+def _only(item: dict[str, Any]) -> bool:
+    return item.get("scope") == ONLY
 
 
 ROWS_OBJECT = "extension_config.json.zst"
 """Name (within the backup's prefix) of the object holding the configuration tables' rows."""
 
 
-def inventory(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+def inventory(conn: psycopg.Connection[Any], like: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every extension configuration relation with what pg_dump would dump of it, summarised
-    (see the module docstring)."""
+    (see the module docstring). ``like``: a backup's items to compare with; a table it recorded
+    without a ``scope`` is read as it was, children included."""
+    with_children = {(i["schema"], i["name"]) for i in like or [] if i["kind"] == "table" and not _only(i)}
     out = []
     for ext, schema, name, kind, condition in conn.execute(_CONFIG_RELATIONS).fetchall():
         out.append({"extension": ext, "schema": schema, "name": name,
                     "kind": "sequence" if kind == "S" else "table", "condition": condition,
-                    **_summary(conn, schema, name, kind, condition)})
+                    **_summary(conn, schema, name, kind, condition, (schema, name) not in with_children)})
     return out
 
 
@@ -79,7 +95,7 @@ def rows_document(conn: psycopg.Connection[Any], items: list[dict[str, Any]]) ->
             continue
         data = bytearray()
         query = sql.SQL("COPY ({}) TO STDOUT").format(
-            _rows_query(item["schema"], item["name"], item["condition"], sql.SQL("*")))
+            _rows_query(item["schema"], item["name"], item["condition"], sql.SQL("*"), _only(item)))
         with conn.cursor().copy(query) as copy:
             for chunk in copy:
                 data += chunk

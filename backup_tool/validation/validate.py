@@ -489,7 +489,7 @@ def check_database_contents(conn: psycopg.Connection[Any], expected: ManifestInv
         checks.append(compare_sets("extension_config",
                                    "extension configuration tables and sequences (the rows pg_dump dumps of them)",
                                    expected["extension_config"],
-                                   extension_config.inventory(conn),
+                                   extension_config.inventory(conn, like=expected["extension_config"]),
                                    lambda c: f"{c['schema']}.{c['name']} ({c['extension']})", _changed_fields))
     return checks
 

@@ -255,20 +255,24 @@ SELECT pg_catalog.pg_extension_config_dump('site_config_serial', '');
 """
 
 
-@pytest.fixture(scope="module")
-def config_extension() -> str:
-    """Installs CONFIG_EXTENSION into the server's extension directory (needs write access
-    there: root in CI)."""
+def install_extension(name: str, script: str) -> str:
+    """Installs extension ``name`` (version 1.0, schema public) with ``script`` into the
+    server's extension directory (needs write access there: root in CI)."""
     sharedir = subprocess.run([str(find_pg_bin_dir() / "pg_config"), "--sharedir"], capture_output=True,
                               text=True, check=True).stdout.strip()
     extdir = Path(sharedir) / "extension"
     if not os.access(extdir, os.W_OK):
         pytest.skip(f"cannot install a test extension into {extdir}")
-    (extdir / f"{CONFIG_EXTENSION}.control").write_text(
+    (extdir / f"{name}.control").write_text(
         "comment = 'backup-tool test: an extension with a configuration table'\n"
         "default_version = '1.0'\nrelocatable = false\nschema = public\n")
-    (extdir / f"{CONFIG_EXTENSION}--1.0.sql").write_text(CONFIG_EXTENSION_SQL)
-    return CONFIG_EXTENSION
+    (extdir / f"{name}--1.0.sql").write_text(script)
+    return name
+
+
+@pytest.fixture(scope="module")
+def config_extension() -> str:
+    return install_extension(CONFIG_EXTENSION, CONFIG_EXTENSION_SQL)
 
 
 def test_rows_users_added_to_an_extension_configuration_table_come_back(
@@ -306,6 +310,52 @@ def test_rows_users_added_to_an_extension_configuration_table_come_back(
     target.execute("SELECT setval('public.site_config_serial', 1)")
     rc, checks = verdict()
     assert rc == 3 and "public.site_config_serial" in checks["extension_config"]["detail"]
+
+
+# As pointcloud's pcpatch input looks its format up in pointcloud_formats, this extension's
+# domain takes a value only once its configuration holds it; as pgq's event_template, its
+# configuration table is the parent of the user's own tables.
+FORMATS_EXTENSION_SQL = """
+CREATE TABLE formats (pcid int PRIMARY KEY, name text NOT NULL);
+INSERT INTO formats VALUES (1, 'built-in');
+SELECT pg_catalog.pg_extension_config_dump('formats', 'WHERE pcid > 1');
+CREATE FUNCTION known_format(int) RETURNS boolean LANGUAGE sql STABLE
+    AS 'SELECT EXISTS (SELECT 1 FROM public.formats WHERE pcid = $1)';
+CREATE DOMAIN patch AS int CHECK (public.known_format(VALUE));
+CREATE TABLE event_template (ev_id bigint, ev_data text);
+SELECT pg_catalog.pg_extension_config_dump('event_template', '');
+"""
+
+
+def test_configuration_rows_are_in_before_the_data_that_needs_them_and_without_their_childrens_rows(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    """pointcloud: a table of pcpatch values failed to load (`no entry in pointcloud_formats for
+    pcid = 1`) because the configuration rows were restored after the tables. pgq: the rows of
+    event_template were read with its children's (the user's event tables), so the restore put
+    every event a second time into event_template and validation failed extension_config."""
+    extension = install_extension("backup_tool_formats", FORMATS_EXTENSION_SQL)
+    source = fresh_db("extorder")
+    source.execute(f"CREATE EXTENSION {extension}")
+    source.execute("INSERT INTO public.formats VALUES (7, 'user format')")
+    source.execute("CREATE TABLE public.patches (id int PRIMARY KEY, p patch)")
+    source.execute("INSERT INTO public.patches SELECT g, 7 FROM generate_series(1, 20) g")
+    source.execute("CREATE TABLE public.event_1 () INHERITS (public.event_template)")
+    source.execute("INSERT INTO public.event_1 SELECT g, 'event ' || g FROM generate_series(1, 30) g")
+    source.execute("INSERT INTO public.event_template VALUES (0, 'in the template itself')")
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    target = fresh_db("extorder_r")
+    pg_server.drop_db(target.name)
+
+    result = restore_into(cli, local_repo, entry["id"], target)
+
+    assert result["ok"] is True, [c for c in result["validation"]["checks"] if not c["ok"]]
+    assert target.scalar("SELECT count(*) FROM ONLY public.event_template") == 1
+    assert target.scalar("SELECT count(*) FROM public.event_1") == 30
+    assert dump_create(source) == dump_create(target)
+    target.execute("INSERT INTO public.event_template VALUES (1, 'one more')")
+    out = cli.json("validate", "--repo", local_repo, "--dsn", target.dsn, "--against", entry["id"], expect_rc=3)
+    failed = {c["name"]: c["detail"] for c in out["checks"] if not c["ok"]}
+    assert list(failed) == ["extension_config"] and "public.event_template" in failed["extension_config"]
 
 
 def test_an_index_pg_restore_cannot_rebuild_fails_the_restore_with_the_reason(
