@@ -63,12 +63,14 @@ def load_table(conninfo: ConnInfo, storage: Storage, entry: TableEntry, encoding
 
 
 def stored_contents(storage: Storage, objects: Sequence[StoredObject], advance: Callable[[int], None],
-                    prefetch: pipeline.Prefetch | None = None) -> Generator[Iterator[bytes], None, None]:
+                    prefetch: pipeline.Prefetch | None = None) -> Generator[Iterator[memoryview], None, None]:
     """The decompressed, checked content of each of ``objects`` in order, the next one's
     download started as the previous one is handed out: a split table's COPY then goes from
     one part to the next without waiting for the next part's first bytes. Whatever has not
     been read is stopped when the consumer stops early. A lone object ``prefetch`` fetched
-    already is read from its bytes (checked as any other)."""
+    already is read from its bytes (checked as any other). Each piece is valid until the
+    next is asked for (see :func:`backup_tool.streams.pipeline.decompress_views`): what
+    :func:`copy_rows` needs, as it sends a piece before asking for the next."""
     if not objects:
         return
     current: pipeline.EarlyRead | None = None
@@ -77,25 +79,26 @@ def stored_contents(storage: Storage, objects: Sequence[StoredObject], advance: 
         first = objects[0]
         if len(objects) == 1:
             fetched = prefetch.take(first.key) if prefetch is not None else None
-            yield pipeline.read_stored(storage, first.key, first.sha256, first.size, advance, fetched)
+            yield pipeline.read_stored_views(storage, first.key, first.sha256, first.size, advance, fetched)
             return
         ahead = pipeline.EarlyRead(storage, first, advance)
         for nxt in [*objects[1:], None]:
             current, ahead = ahead, (pipeline.EarlyRead(storage, nxt, advance) if nxt is not None else None)
             assert current is not None
-            yield current.chunks()
+            yield current.views()
     finally:
         for early in (current, ahead):
             if early is not None:
                 early.close()
 
 
-def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterable[Iterable[bytes]],
+def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterable[Iterable[bytes | memoryview]],
               target: tuple[str, str] | None = None, fresh: bool = False,
               on_raw: Callable[[int], None] | None = None, binary: bool = False) -> None:
     """COPY the COPY-text ``streams`` (one COPY each, in order; ``binary``: in COPY's binary
     format) into ``target`` (default: the table itself) over the entry's columns, in one
-    transaction of ``conn``: a stream that raises rolls all of it back.
+    transaction of ``conn``: a stream that raises rolls all of it back. Each piece is sent
+    before the next is asked for, so a stream may reuse one buffer for all its pieces.
 
     ``fresh``: the table was created by this restore and nothing references it yet, so it is
     truncated in the loading transaction and loaded with COPY FREEZE: rows arrive frozen with

@@ -238,7 +238,8 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     report = None
     if run.validating:
         report = validate(target, manifest, storage if rebuilt is None or rebuilt.archive_usable else None,
-                          jobs=run.jobs, reporter=reporter, checksums=checksums, created_roles=created_roles)
+                          jobs=run.jobs, reporter=reporter, checksums=checksums, created_roles=created_roles,
+                          keys_created_after_data=rebuilt is None)
     result = RestoreResult(manifest.id, target.redacted(),
                            len([t for t in manifest.tables if t.relkind == "r"]),
                            sum(t.rows for t in manifest.tables), run.bytes_read,

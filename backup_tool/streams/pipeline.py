@@ -20,6 +20,7 @@ import subprocess
 import threading
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from typing import IO, Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 import zstandard
@@ -381,16 +382,48 @@ def decompress(chunks: Iterable[bytes], key: str) -> Iterator[bytes]:
     The input is read to its very end even after the frame is complete, so that a checking
     stage upstream (:func:`verified`) always sees every byte and delivers its verdict.
     """
-    dctx = zstandard.ZstdDecompressor()
     source = ChunkReader(chunks)
-    try:
-        reader = dctx.stream_reader(source, read_size=CHUNK,  # type: ignore[arg-type]  # ChunkReader has read(n)
-                                    read_across_frames=True)
+    with _corruption_named(key):
+        reader = _reader(source)
         while out := reader.read(CHUNK):
             yield out
+    _drain(source)
+
+
+def decompress_views(chunks: Iterable[bytes], key: str) -> Iterator[memoryview]:
+    """As :func:`decompress`, each piece a view of one buffer that the next piece overwrites:
+    for a consumer done with a piece before it asks for the next (a COPY that has sent it).
+
+    No buffer is made per piece. Under the 1 MiB mmap threshold the CLI fixes (see
+    :func:`backup_tool.cli.entry.fixed_mmap_threshold`) each 1 MiB piece was mapped, faulted in
+    page by page and unmapped again: reading the 344 MB of rows of a pgbench scale 20 plus 16
+    wide tables backup from S3, 112 thousand page faults and 0.42 CPU-s, against 29 thousand
+    and 0.28 CPU-s this way."""
+    source = ChunkReader(chunks)
+    buffer = memoryview(bytearray(CHUNK))
+    with _corruption_named(key):
+        reader = _reader(source)
+        while n := reader.readinto(buffer):
+            yield buffer[:n]
+    _drain(source)
+
+
+def _reader(source: ChunkReader) -> Any:
+    return zstandard.ZstdDecompressor().stream_reader(
+        source, read_size=CHUNK, read_across_frames=True)  # type: ignore[arg-type]  # ChunkReader has read(n)
+
+
+@contextmanager
+def _corruption_named(key: str) -> Iterator[None]:
+    try:
+        yield
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"object {key} is corrupt: it does not decompress ({exc})",
                              "restore from another backup and run 'backup-tool verify all'") from None
+
+
+def _drain(source: ChunkReader) -> None:
+    """Read the rest of a stream whose frames are complete, so its checks give their verdict."""
     while source.read(CHUNK):
         pass
 
@@ -509,8 +542,21 @@ def read_stored(storage: Storage, key: str, sha256: str, size: int,
     authenticates each frame before releasing it. ``stored``: the object's stored bytes, if
     already fetched (see :class:`Prefetch`); they are checked the same way.
     """
+    return decompress(_checked_source(storage, key, sha256, size, on_chunk, stored), key)
+
+
+def read_stored_views(storage: Storage, key: str, sha256: str, size: int,
+                      on_chunk: Callable[[int], None] | None = None,
+                      stored: Iterable[bytes] | None = None) -> Iterator[memoryview]:
+    """As :func:`read_stored`, each piece valid only until the next is asked for (see
+    :func:`decompress_views`)."""
+    return decompress_views(_checked_source(storage, key, sha256, size, on_chunk, stored), key)
+
+
+def _checked_source(storage: Storage, key: str, sha256: str, size: int,
+                    on_chunk: Callable[[int], None] | None, stored: Iterable[bytes] | None) -> Iterator[bytes]:
     source = storage.get_stored(key) if stored is None else stored
-    return decompress(read_ahead(storage.decode(key, verified(source, key, sha256, size, on_chunk))), key)
+    return read_ahead(storage.decode(key, verified(source, key, sha256, size, on_chunk)))
 
 
 class Prefetch:
@@ -587,6 +633,10 @@ class EarlyRead:
 
     def chunks(self) -> Iterator[bytes]:
         return decompress(self._ahead, self.key)
+
+    def views(self) -> Iterator[memoryview]:
+        """The content as :func:`decompress_views` gives it."""
+        return decompress_views(self._ahead, self.key)
 
     def close(self) -> None:
         self._ahead.close()

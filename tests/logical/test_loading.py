@@ -1,5 +1,6 @@
 """Reading a table's stored objects for a restore: every part in order, the next one's download
-started as the previous one is handed out, and nothing left running when the reader stops."""
+started as the previous one is handed out, nothing left running when the reader stops, and
+each part's pieces given in one reused buffer."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_parts_come_in_order_and_the_next_download_starts_before_the_previous_pa
     for n, content in enumerate(stored_contents(storage, objects, lambda _: None)):
         if n + 1 < len(objects):
             _wait_for(partial(storage.was_fetched, objects[n + 1].key), f"part {n + 1} not fetched while part {n} waits")
-        read.append(b"".join(content))
+        read.append(_joined(content))
     assert read == texts
     assert storage.fetched == [o.key for o in objects]
 
@@ -75,7 +76,22 @@ def test_parts_come_in_order_and_the_next_download_starts_before_the_previous_pa
 def test_a_single_object_is_read_as_before(tmp_path: Path) -> None:
     storage = WatchedStorage(tmp_path)
     objects, texts = _parts(storage, 1)
-    assert [b"".join(c) for c in stored_contents(storage, objects, lambda _: None)] == texts
+    assert [_joined(c) for c in stored_contents(storage, objects, lambda _: None)] == texts
+
+
+def _joined(pieces: Iterator[memoryview]) -> bytes:
+    """Each piece copied before the next is asked for (it is only valid until then)."""
+    return b"".join(bytes(piece) for piece in pieces)
+
+
+def test_an_objects_pieces_come_in_one_reused_buffer(tmp_path: Path) -> None:
+    """No buffer is made per piece: the COPY sends each before asking for the next."""
+    storage = WatchedStorage(tmp_path)
+    objects, texts = _parts(storage, 2)
+    for content, text in zip(stored_contents(storage, objects, lambda _: None), texts, strict=True):
+        pieces = [(piece.obj, bytes(piece)) for piece in content]
+        assert len(pieces) > 1 and len({id(buffer) for buffer, _ in pieces}) == 1
+        assert b"".join(data for _, data in pieces) == text
 
 
 def test_a_reader_that_stops_early_leaves_no_download_running(tmp_path: Path) -> None:
