@@ -2,10 +2,11 @@
 comparison that tolerates it.
 
 ``EXTRACT('YEAR' FROM x)`` (the field given as a string, as LedgerSMB and others write it) is
-stored with the field as the string ``'YEAR'``. Every deparser (``pg_get_viewdef``,
-``pg_get_indexdef``, ``pg_get_triggerdef``, ``pg_get_expr``, and so pg_dump) prints it as
-``EXTRACT(YEAR FROM x)``, unquoted; read back, a bare field is an identifier and folds to lower
-case, so a restore of any such view, index, trigger, policy, default, check or publication
+stored with the field as the string ``'YEAR'``. Before PostgreSQL fixed it (15.18 has it, 15.20
+prints ``EXTRACT("YEAR" FROM x)``, which reads back exactly), every deparser
+(``pg_get_viewdef``, ``pg_get_indexdef``, ``pg_get_triggerdef``, ``pg_get_expr``, and so
+pg_dump) printed it as ``EXTRACT(YEAR FROM x)``, unquoted; read back, a bare field is an
+identifier and folds to lower case, so a restore of any such view, index, trigger, policy, default, check or publication
 filter (by pg_restore or by this tool) shows ``EXTRACT(year FROM x)``. ``extract()`` ignores
 the letter case of its field, so both mean the same, and nothing a restore can do keeps the
 upper case. Comparisons of deparsed text (the schema text, index and trigger definitions,

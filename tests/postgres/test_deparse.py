@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from backup_tool.postgres.deparse import folded, same_when_folded
+from backup_tool.validation.validate import compare_sets
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -34,3 +35,18 @@ def test_items_equal_only_when_their_deparsed_fields_differ_in_extract_case_alon
     assert same_when_folded({"tables": ["t WHERE (EXTRACT(YEAR FROM d) > 2000)"]},
                             {"tables": ["t WHERE (EXTRACT(year FROM d) > 2000)"]})
     assert not same_when_folded({"qual": "x", "extra": 1}, {"qual": "x"})
+
+
+def test_a_check_passes_on_folded_definitions_saying_so_and_fails_on_any_other_change() -> None:
+    """A backup taken on PostgreSQL 15.18 or earlier recorded `EXTRACT(YEAR FROM d)`; any
+    restore of it shows `EXTRACT(year FROM d)`."""
+    backup = [{"schema": "public", "table": "t", "name": "t_year",
+               "definition": "CREATE INDEX t_year ON public.t USING btree (EXTRACT(YEAR FROM d))"}]
+    restored = [{**backup[0], "definition": backup[0]["definition"].replace("YEAR", "year")}]
+    key = lambda i: f"{i['schema']}.{i['table']}.{i['name']}"  # noqa: E731
+    check = compare_sets("indexes_valid", "indexes", backup, restored, key)
+    assert check.ok and "1 up to the letter case of EXTRACT fields" in check.detail
+    assert compare_sets("indexes_valid", "indexes", backup, backup, key).detail == "1 indexes match"
+    moved = [{**backup[0], "definition": backup[0]["definition"].replace("YEAR", "month")}]
+    changed = compare_sets("indexes_valid", "indexes", backup, moved, key)
+    assert not changed.ok and "changed public.t.t_year" in changed.detail

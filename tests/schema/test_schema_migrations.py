@@ -274,7 +274,8 @@ def test_restore_onto_migrations_fires_no_replica_or_always_trigger_and_keeps_th
 
 def test_diff_against_a_backup_is_blind_only_to_the_extract_field_case_pg_dump_cannot_keep(
         cli: Any, local_repo: str, empty_db: Any, pg_server: Any, tmp_path: Path) -> None:
-    """Migrations writing `extract('YEAR' FROM x)` build `EXTRACT(YEAR FROM x)`; the backup's
+    """Migrations writing `extract('YEAR' FROM x)` build, on PostgreSQL 15.18 and earlier,
+    `EXTRACT(YEAR FROM x)` (15.20 quotes it: `EXTRACT("YEAR" FROM x)`); the backup's
     schema, replayed from pg_dump's text, reads `EXTRACT(year FROM x)`. `schema diff --against`
     reported that as drift of every such view, index, default and policy; a real change to the
     field is still drift."""
