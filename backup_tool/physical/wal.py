@@ -373,11 +373,17 @@ class RecoveryPrefetch:
         self.window = self._window
 
     def limit(self, count: int) -> None:
-        """Fetch none of ``names`` from the ``count``-th on (downloads under way finish):
-        recovery is known to need no more, and a segment it asks for after all is fetched
-        by ``restore_command`` as without the read-ahead."""
+        """Fetch none of ``names`` from the ``count``-th on, and hold none of them: those
+        downloaded already go at once, one under way when it lands. Recovery is known to
+        need no more (a segment it asks for after all is fetched by ``restore_command`` as
+        without the read-ahead); what they held on disk and in the page cache is free again
+        for what comes next (the recovery's buffers, the restore), which reuses memory the
+        kernel just freed more cheaply than memory it has not touched for a while."""
         with self._lock:
             self._limit = max(0, min(self._limit, count))
+            beyond = [self.names[i] for i in self._done if i >= self._limit]
+        for name in beyond:
+            (self.folder / name).unlink(missing_ok=True)
 
     def _recovery_at(self) -> int:
         """Index in ``names`` recovery has reached at least: one past the newest segment
@@ -415,6 +421,9 @@ class RecoveryPrefetch:
                     self.fetched.append(name)
             with self._lock:
                 self._done.add(index)
+                past = index >= self._limit
+            if past:
+                target.unlink(missing_ok=True)
 
 
 def histories(storage: Storage, files: Iterable[WalFile]) -> dict[int, list[tuple[int, int]]]:

@@ -623,6 +623,33 @@ def test_recovery_prefetch_fetches_nothing_past_its_limit(tmp_path: Path) -> Non
         assert sorted(waiting.stop()) == names[0:2]
 
 
+def test_recovery_prefetch_drops_what_it_holds_past_a_limit(tmp_path: Path) -> None:
+    """The segments a table PITR's scan read past where recovery stops (up to the first
+    commit after the time) are never replayed: once the limit says so they leave the
+    read-ahead at once, those below it stay, and a segment asked for past it anyway is
+    still fetched by the restore_command's fallback (the prologue finds nothing)."""
+    from backup_tool.repository.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "repo"))
+    names = [wal.segment_name(1, n) for n in range(1, 7)]
+    source = tmp_path / "source"
+    source.mkdir()
+    for i, name in enumerate(names):
+        (source / name).write_bytes(os.urandom(64) + bytes([i]) * 50000)
+        wal.push_file(storage, source / name)
+    pg_wal = tmp_path / "data" / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
+    prefetch = wal.RecoveryPrefetch(storage, names, pg_wal, lambda p: None, workers=2, window=6).start()
+    try:
+        assert prefetch.wait_leading(6) == names
+        prefetch.limit(3)
+        assert sorted(p.name for p in ahead.glob("0*")) == names[0:3]
+        assert all((ahead / n).read_bytes() == (source / n).read_bytes() for n in names[0:3])
+    finally:
+        assert sorted(prefetch.stop()) == names
+
+
 def test_a_stop_lets_recovery_ask_for_the_segment_after_its_own() -> None:
     seg = 16 << 20
     start = 0x14000028
