@@ -414,7 +414,7 @@ def read_frames(pieces: Iterator[bytes], key: str, frames: tuple[Frame, ...], fi
 _THREAD_BUFFER = threading.local()
 
 
-def _decompress_frame(data: bytes, raw_size: int) -> memoryview | None:
+def _decompress_frame(data: bytes | memoryview, raw_size: int) -> memoryview | None:
     """The one zstd frame ``data`` decompressed into this thread's reusable buffer (valid
     until the thread's next call); None when it holds other than exactly ``raw_size`` bytes.
 
@@ -438,15 +438,22 @@ def _decompress_frame(data: bytes, raw_size: int) -> memoryview | None:
     return view[:raw_size] if have == raw_size else None
 
 
+def _joined(held: list[memoryview]) -> bytes | memoryview:
+    """A frame's stored bytes from the pieces of the stream that hold it: the view itself when
+    one piece holds all of it (most frames of a ranged read), so that no copy of it is made
+    (a fresh mapping, every page faulted in, for each frame above glibc's mmap threshold)."""
+    return held[0] if len(held) == 1 else b"".join(held)
+
+
 def _frame_writer(key: str, frames: tuple[Frame, ...], members: list[Member],
-                  write: Callable[[Member, int, memoryview], None]) -> Callable[[int, bytes], int]:
+                  write: Callable[[Member, int, memoryview], None]) -> Callable[[int, bytes | memoryview], int]:
     """``work(i, stored)``: frame ``i`` checked against its sha256 and raw size, decompressed,
     and the parts of ``members`` (sorted by data offset, not overlapping) it holds handed to
     ``write``; returns the frame's raw size. Safe to run on several threads at once. The
     data handed to ``write`` is valid only during that call (a buffer reused by the thread)."""
     starts = [m.data_offset for m in members]
 
-    def work(i: int, data: bytes) -> int:
+    def work(i: int, data: bytes | memoryview) -> int:
         frame = frames[i]
         if hashlib.sha256(data).hexdigest() != frame.sha256:
             raise _frame_error(key, i, "sha256 differs from its index")
@@ -470,7 +477,7 @@ def _frame_writer(key: str, frames: tuple[Frame, ...], members: list[Member],
 
 
 def _extract_frames_parallel(pieces: Iterator[bytes], key: str, frames: tuple[Frame, ...],
-                             runs: list[tuple[int, int]], needed: set[int], work: Callable[[int, bytes], int],
+                             runs: list[tuple[int, int]], needed: set[int], work: Callable[[int, bytes | memoryview], int],
                              workers: int) -> None:
     """Cut ``pieces`` (the stored bytes of ``runs``, in order) into frames and run ``work`` on
     each frame in ``needed`` on ``workers`` threads (the others, read only because they lie
@@ -495,7 +502,7 @@ def _extract_frames_parallel(pieces: Iterator[bytes], key: str, frames: tuple[Fr
                 have += take
                 if have == frames[i].size:
                     if i in needed:
-                        inflight.append(pool.submit(work, i, b"".join(held)))
+                        inflight.append(pool.submit(work, i, _joined(held)))
                         while len(inflight) > workers:
                             inflight.popleft().result()
                     held, have, i = [], 0, next(order, None)
@@ -606,7 +613,7 @@ def extract_whole(pieces: Iterable[bytes], key: str, index: TarIndex,
                 view = view[take:]
                 have += take
                 if have == frames[i].size:
-                    inflight.append(pool.submit(work, i, b"".join(held)))
+                    inflight.append(pool.submit(work, i, _joined(held)))
                     held, have, i = [], 0, i + 1
                     while len(inflight) > max(1, workers):
                         done = inflight.popleft().result()

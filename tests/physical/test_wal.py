@@ -623,6 +623,64 @@ def test_recovery_prefetch_fetches_nothing_past_its_limit(tmp_path: Path) -> Non
         assert sorted(waiting.stop()) == names[0:2]
 
 
+def test_fetches_on_one_thread_share_a_decompressor_and_each_gets_its_own_content(tmp_path: Path) -> None:
+    """One thread's downloads reuse one decompressor and buffer: a segment after one abandoned
+    half-way, and after one whose stored object is damaged (refused), is still whole."""
+    from backup_tool.errors import IntegrityError
+    from backup_tool.repository.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "repo"))
+    names = [wal.segment_name(1, n) for n in range(1, 4)]
+    source = tmp_path / "source"
+    source.mkdir()
+    for i, name in enumerate(names):
+        (source / name).write_bytes(os.urandom(3 << 20) + bytes([i]) * (2 << 20))
+        wal.push_file(storage, source / name)
+    dctx, buffer = wal._thread_tools()
+    steps = wal._read_archived_into(storage, wal.open_archived(storage, names[0]), dctx, buffer)
+    assert next(steps) > 0
+    steps.close()
+    wal.fetch(storage, names[1], tmp_path / "a")
+    assert (tmp_path / "a").read_bytes() == (source / names[1]).read_bytes()
+    stored = tmp_path / "repo" / wal.open_archived(storage, names[2]).key
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.chmod(0o644)
+    stored.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        wal.fetch(storage, names[2], tmp_path / "b")
+    wal.fetch(storage, names[0], tmp_path / "c")
+    assert (tmp_path / "c").read_bytes() == (source / names[0]).read_bytes()
+    assert wal._thread_tools()[0] is dctx
+
+
+def test_recovery_prefetch_drops_what_it_holds_past_a_limit(tmp_path: Path) -> None:
+    """The segments a table PITR's scan read past where recovery stops (up to the first
+    commit after the time) are never replayed: once the limit says so they leave the
+    read-ahead at once, those below it stay, and a segment asked for past it anyway is
+    still fetched by the restore_command's fallback (the prologue finds nothing)."""
+    from backup_tool.repository.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "repo"))
+    names = [wal.segment_name(1, n) for n in range(1, 7)]
+    source = tmp_path / "source"
+    source.mkdir()
+    for i, name in enumerate(names):
+        (source / name).write_bytes(os.urandom(64) + bytes([i]) * 50000)
+        wal.push_file(storage, source / name)
+    pg_wal = tmp_path / "data" / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
+    prefetch = wal.RecoveryPrefetch(storage, names, pg_wal, lambda p: None, workers=2, window=6).start()
+    try:
+        assert prefetch.wait_leading(6) == names
+        prefetch.limit(3)
+        assert sorted(p.name for p in ahead.glob("0*")) == names[0:3]
+        assert all((ahead / n).read_bytes() == (source / n).read_bytes() for n in names[0:3])
+    finally:
+        assert sorted(prefetch.stop()) == names
+
+
 def test_a_stop_lets_recovery_ask_for_the_segment_after_its_own() -> None:
     seg = 16 << 20
     start = 0x14000028
