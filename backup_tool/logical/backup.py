@@ -333,16 +333,17 @@ def unchanged(entry: TableEntry | None, table: TableInfo, rows: int, checksum: s
 
 
 RelFile = tuple[int, int, int]
-LiveWal = Callable[[str, int], "bytes | None"]
-"""The first ``n`` bytes of WAL segment ``name`` as the server's ``pg_wal`` holds it, or None."""
+LiveWal = Callable[[str, int, int], "bytes | None"]
+"""Bytes ``[start, stop)`` of WAL segment ``name`` as the server's ``pg_wal`` holds it
+(``live(name, start, stop)``), or None."""
 
 
 class ChangeSource(Protocol):
     """Reads the WAL of a span and returns the (tablespace, database, relfilenode) of every
     relation a row-changing record touched; raises when it cannot say for certain. The
     third argument is how long to wait for the span's last segment to reach the archive;
-    ``live``, when given, reads the segments not archived yet from the server instead (the
-    server has flushed its WAL through the span's end); ``seen``, when given, is told each
+    ``live``, when given, reads the segments still in the server's ``pg_wal`` there, archived
+    or not (the server has flushed its WAL through the span's end); ``seen``, when given, is told each
     relation as it is first found touched, while the reading goes on. The CLI passes
     :func:`backup_tool.physical.walscan.changed_relations` (this layer may not import it)."""
 
@@ -1159,4 +1160,4 @@ def wal_note(found: WalChanges) -> str:
     """Where the WAL method read its segments (the manifest's ``changed_tables_note``). Pure."""
     archived = found.segments - found.from_server
     return (f"read {found.segments} WAL segment(s): {archived} from the archive, "
-            f"{found.from_server} from the server's pg_wal (not archived yet)")
+            f"{found.from_server} from the server's pg_wal")
