@@ -33,6 +33,7 @@ detect by comparing the catalog at both snapshots.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -530,7 +531,7 @@ ARCHIVE_POLL_SECONDS = 0.1
 PREFETCH_SEGMENTS = 2
 
 
-def _from_cluster(data: bytes | bytearray, name: str, span: walnames.WalSpan, where: str) -> None:
+def _from_cluster(data: bytes | bytearray | mmap.mmap, name: str, span: walnames.WalSpan, where: str) -> None:
     header = walnames.parse_long_header(bytes(data[:walnames.LONG_HEADER_SIZE]))
     if header is None or header.system_identifier != span.system_identifier \
             or header.segment_size != span.segment_size or header.block_size != BLCKSZ:
@@ -575,7 +576,7 @@ class _Origins:
     live: set[int] = field(default_factory=set)
 
 
-def _pages_mismatch(data: bytes | bytearray, segno: int, seg_size: int, ranges: tuple[range, ...]) -> str | None:
+def _pages_mismatch(data: bytes | mmap.mmap, segno: int, seg_size: int, ranges: tuple[range, ...]) -> str | None:
     """Why the pages of ``data`` (a segment's content) in ``ranges`` are not segment
     ``segno``'s, or None: each page must carry the magic and its own address, or be all
     zeros (the rest of a segment after a WAL switch). Pure."""
@@ -610,20 +611,26 @@ def server_source(storage: Storage, span: walnames.WalSpan, live: LiveSource, or
     start_segno = span.start // size
     start_page = span.start % size - span.start % BLCKSZ
 
-    def from_server(segno: int, name: str) -> tuple[bytearray | None, str]:
+    def from_server(segno: int, name: str) -> tuple[bytes | mmap.mmap | None, str]:
         stop = size
         if segno >= end_segno:
             stop = max(min(size, -(-(span.end - segno * size) // BLCKSZ) * BLCKSZ), BLCKSZ)
         start = start_page if segno == start_segno and not span.early_xids and start_page < stop else 0
         ranges = (range(0, BLCKSZ, BLCKSZ), range(start, stop, BLCKSZ)) if start else (range(0, stop, BLCKSZ),)
-        data = bytearray(size)
+        data: bytes | mmap.mmap | None = None
         for pages in ranges:
             got = live(name, pages.start, pages.stop)
             if got is None:
                 return None, "it is not there"
             if len(got) != len(pages) * BLCKSZ:
                 return None, f"it gave {len(got)} bytes, not {len(pages) * BLCKSZ}"
+            if len(got) == size:
+                data = got
+                break
+            if not isinstance(data, mmap.mmap):
+                data = mmap.mmap(-1, size)  # pages never written read as zeros, without being allocated
             data[pages.start:pages.stop] = got
+        assert data is not None
         mismatch = _pages_mismatch(data, segno, size, ranges)
         if mismatch is not None:
             return None, mismatch
@@ -651,7 +658,7 @@ def server_source(storage: Storage, span: walnames.WalSpan, live: LiveSource, or
         data, why = from_server(segno, name)
         if data is not None:
             origins.live.add(segno)
-            return data  # type: ignore[return-value]  # a bytearray reads like bytes, without a copy
+            return data  # type: ignore[return-value]  # an mmap reads like bytes
         archived = from_archive(segno, name)
         if archived is not None:
             return archived
@@ -743,15 +750,17 @@ def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
     needed = segments_needed(span.start, span.end, span.segment_size)
     if not needed:
         return ScanResult(frozenset(), 0, 0)
-    identity = walidentity.read_archive_identity(storage)
-    if identity is None or identity.system_identifier != span.system_identifier:
-        raise WalScanUncertain("the repository holds no WAL archive of this cluster")
+    def this_clusters() -> None:
+        identity = walidentity.read_archive_identity(storage)
+        if identity is None or identity.system_identifier != span.system_identifier:
+            raise WalScanUncertain("the repository holds no WAL archive of this cluster")
     if live is None:
+        this_clusters()
         _wait_archived(storage, span, needed, wait_seconds, clock, sleep)
         return _read_span(span, needed, archive_source(storage, span), _Origins(), seen)
     origins = _Origins()
     try:
-        return _read_span(span, needed, server_source(storage, span, live, origins), origins, seen)
+        return _read_span(span, needed, server_source(storage, span, live, origins), origins, seen, this_clusters)
     except WalScanUncertain:
         if not origins.live:
             raise
@@ -760,11 +769,13 @@ def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
 
 
 def _read_span(span: walnames.WalSpan, needed: range, source: SegmentSource, origins: _Origins,
-               seen: Seen | None) -> ScanResult:
+               seen: Seen | None, meanwhile: Callable[[], None] = lambda: None) -> ScanResult:
     """:func:`scan` of the span (and back to where its early transactions began) from
-    ``source``, which records in ``origins`` where it read each segment."""
+    ``source``, which records in ``origins`` where it read each segment; ``meanwhile`` is
+    called once the first segments are being loaded (on other threads), before the scan."""
     loader = _Prefetch(source, needed)
     try:
+        meanwhile()
         recent = _recent(loader)
         result = scan(recent, span.start, span.end, span.segment_size, seen=seen)
         if span.early_xids:
