@@ -333,9 +333,9 @@ def unchanged(entry: TableEntry | None, table: TableInfo, rows: int, checksum: s
 
 
 RelFile = tuple[int, int, int]
-LiveWal = Callable[[str, int, int], "bytes | None"]
-"""Bytes ``[start, stop)`` of WAL segment ``name`` as the server's ``pg_wal`` holds it
-(``live(name, start, stop)``), or None."""
+LiveWal = Callable[[str, "list[tuple[int, int]]"], "list[bytes] | None"]
+"""The bytes of WAL segment ``name`` in each ``[start, stop)`` of a list of ranges, as the
+server's ``pg_wal`` holds it (``live(name, ranges)``), or None."""
 
 
 class ChangeSource(Protocol):

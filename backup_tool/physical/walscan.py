@@ -561,11 +561,11 @@ def _archived_content(storage: Storage, obj: wal.WalFile, span: walnames.WalSpan
     return data  # type: ignore[return-value]  # a bytearray reads like bytes, without a copy
 
 
-LiveSource = Callable[[str, int, int], "bytes | None"]
-"""Bytes ``[start, stop)`` of WAL segment ``name`` read from the server's own ``pg_wal``
-directory (``live(name, start, stop)``), or None when the file is not there or may have been
-recycled while it was read. The caller guarantees the server has flushed its WAL through the
-span's end before the first call."""
+LiveSource = Callable[[str, "list[tuple[int, int]]"], "list[bytes] | None"]
+"""The bytes of WAL segment ``name`` in each ``[start, stop)`` of a list of ranges, read at
+once from the server's own ``pg_wal`` directory (``live(name, ranges)``), or None when the
+file is not there or may have been recycled while it was read. The caller guarantees the
+server has flushed its WAL through the span's end before the first call."""
 
 
 @dataclass
@@ -617,20 +617,21 @@ def server_source(storage: Storage, span: walnames.WalSpan, live: LiveSource, or
             stop = max(min(size, -(-(span.end - segno * size) // BLCKSZ) * BLCKSZ), BLCKSZ)
         start = start_page if segno == start_segno and not span.early_xids and start_page < stop else 0
         ranges = (range(0, BLCKSZ, BLCKSZ), range(start, stop, BLCKSZ)) if start else (range(0, stop, BLCKSZ),)
-        data: bytes | mmap.mmap | None = None
-        for pages in ranges:
-            got = live(name, pages.start, pages.stop)
-            if got is None:
-                return None, "it is not there"
-            if len(got) != len(pages) * BLCKSZ:
-                return None, f"it gave {len(got)} bytes, not {len(pages) * BLCKSZ}"
-            if len(got) == size:
-                data = got
-                break
-            if not isinstance(data, mmap.mmap):
-                data = mmap.mmap(-1, size)  # pages never written read as zeros, without being allocated
-            data[pages.start:pages.stop] = got
-        assert data is not None
+        got = live(name, [(pages.start, pages.stop) for pages in ranges])
+        if got is None:
+            return None, "it is not there"
+        if len(got) != len(ranges):
+            return None, f"it gave {len(got)} pieces, not {len(ranges)}"
+        for pages, piece in zip(ranges, got, strict=True):
+            if len(piece) != len(pages) * BLCKSZ:
+                return None, f"it gave {len(piece)} bytes from {pages.start}, not {len(pages) * BLCKSZ}"
+        data: bytes | mmap.mmap
+        if len(got) == 1 and len(got[0]) == size:
+            data = got[0]
+        else:
+            data = mmap.mmap(-1, size)  # pages never written read as zeros, without being allocated
+            for pages, piece in zip(ranges, got, strict=True):
+                data[pages.start:pages.stop] = piece
         mismatch = _pages_mismatch(data, segno, size, ranges)
         if mismatch is not None:
             return None, mismatch
@@ -685,8 +686,10 @@ def _recent(source: SegmentSource, keep: int = 2) -> SegmentSource:
 class _Prefetch:
     """``source`` with the span's segments loaded ahead of the walk, ``ahead`` at a time on
     other threads (fetching, decompressing and hashing a segment mostly releases the GIL, so
-    it overlaps the scan of the one before). Each segment is loaded at most once ahead;
-    segments outside ``needed`` (the backward search) are loaded when asked for."""
+    it overlaps the scan of the one before). The first is asked for alone, the next ones once
+    the walk asks for it, so a source serving one request at a time (the server's ``pg_wal``
+    over one connection) starts with it. Each segment is loaded at most once ahead; segments
+    outside ``needed`` (the backward search) are loaded when asked for."""
 
     def __init__(self, source: SegmentSource, needed: range, ahead: int = PREFETCH_SEGMENTS) -> None:
         self.source = source
@@ -695,16 +698,16 @@ class _Prefetch:
         self.pool = ThreadPoolExecutor(ahead, thread_name_prefix="wal-prefetch")
         self.futures: dict[int, Future[bytes]] = {}
         self.submitted: set[int] = set()
-        self._submit_from(needed.start)
+        self._submit_from(needed.start, 0)
 
-    def _submit_from(self, segno: int) -> None:
-        for n in range(segno, segno + self.ahead + 1):
+    def _submit_from(self, segno: int, ahead: int) -> None:
+        for n in range(segno, segno + ahead + 1):
             if n in self.needed and n not in self.submitted:
                 self.submitted.add(n)
                 self.futures[n] = self.pool.submit(self.source, n)
 
     def __call__(self, segno: int) -> bytes:
-        self._submit_from(segno + 1)
+        self._submit_from(segno + 1, self.ahead)
         future = self.futures.pop(segno, None)
         return future.result() if future is not None else self.source(segno)
 

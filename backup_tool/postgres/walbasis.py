@@ -268,27 +268,46 @@ class ServerWal:
         self.segment_size = segment_size
         self.flush_timeout = flush_timeout
         self._flushed = False
-        self._lock = threading.Lock()
+        self._turn = threading.Condition()
+        self._busy = False
+        self._waiting: list[str] = []
 
-    def __call__(self, name: str, start: int, stop: int) -> bytes | None:
-        """Bytes ``[start, stop)`` of segment ``name``, or None (see the class)."""
-        with self._lock:
-            if not self._flushed:
-                if not wal_flushed_through(self.conn, self.end_lsn, self.flush_timeout):
-                    raise WalNotFlushed(f"the server did not flush its WAL through {self.end_lsn} "
-                                        f"within {self.flush_timeout:g} s", "check the server's WAL writer")
-                self._flushed = True
-            data = read_wal_file(self.conn, name, stop - start, start)
-            if data is None:
-                return None
-            row = self.conn.execute("SELECT pg_current_wal_insert_lsn()::text,"
-                                    " pg_read_binary_file(%s, 0, 0, true) IS NOT NULL",
-                                    (f"pg_wal/{name}",)).fetchone()
-        if row is None:
+    def __call__(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        """The bytes of segment ``name`` in each ``[start, stop)`` of ``ranges``, read at once,
+        or None (see the class). Calls waiting for the connection take it earliest segment
+        first: a reader walks the WAL forwards."""
+        with self._turn:
+            self._waiting.append(name)
+            self._turn.wait_for(lambda: not self._busy and min(self._waiting) == name)
+            self._waiting.remove(name)
+            self._busy = True
+        try:
+            read = self._read(name, ranges)
+        finally:
+            with self._turn:
+                self._busy = False
+                self._turn.notify_all()
+        if read is None:
             return None
-        writing = walnames.parse_lsn(row[0]) // self.segment_size
+        pieces, now, still_there = read
+        writing = walnames.parse_lsn(now) // self.segment_size
         segno = walnames.segment_number(name, self.segment_size)
-        return data if segno >= writing or row[1] else None
+        return pieces if segno >= writing or still_there else None
+
+    def _read(self, name: str, ranges: Sequence[tuple[int, int]]) -> tuple[list[bytes], str, bool] | None:
+        """The pieces, then the insert position and whether the file is still there."""
+        if not self._flushed:
+            if not wal_flushed_through(self.conn, self.end_lsn, self.flush_timeout):
+                raise WalNotFlushed(f"the server did not flush its WAL through {self.end_lsn} "
+                                    f"within {self.flush_timeout:g} s", "check the server's WAL writer")
+            self._flushed = True
+        pieces = read_wal_ranges(self.conn, name, ranges)
+        if pieces is None:
+            return None
+        row = self.conn.execute("SELECT pg_current_wal_insert_lsn()::text,"
+                                " pg_read_binary_file(%s, 0, 0, true) IS NOT NULL",
+                                (f"pg_wal/{name}",)).fetchone()
+        return None if row is None else (pieces, str(row[0]), bool(row[1]))
 
 
 READ_PIECE = 1 << 20
@@ -297,21 +316,35 @@ come through (the server and libpq building and taking one 16 MiB message), as 1
 1 MiB 14-35 ms."""
 
 
-def read_wal_file(conn: psycopg.Connection[Any], name: str, length: int, offset: int = 0) -> bytes | None:
-    """``length`` bytes from ``offset`` of ``pg_wal/<name>`` as the server has them now (fewer
-    at the file's end), or None when the file is not there. Raises psycopg.Error when the
-    role may not read it. Says nothing about whether the file was being recycled meanwhile:
-    see :class:`ServerWal`."""
-    if length <= 0:
-        row = conn.execute("SELECT pg_read_binary_file(%s, %s, 0, true)", (f"pg_wal/{name}", offset)).fetchone()
-        return None if row is None or row[0] is None else b""
-    rows = conn.execute("SELECT pg_read_binary_file(%s, o, least(%s, %s - o), true)"
-                        " FROM generate_series(%s::bigint, %s::bigint - 1, %s) AS o ORDER BY o",
-                        (f"pg_wal/{name}", READ_PIECE, offset + length, offset, offset + length, READ_PIECE),
-                        binary=True).fetchall()
-    if not rows or any(r[0] is None for r in rows):
+def read_wal_ranges(conn: psycopg.Connection[Any], name: str,
+                    ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+    """The bytes of ``pg_wal/<name>`` in each ``[start, stop)`` of ``ranges`` as the server has
+    them now (fewer at the file's end), in one query, or None when the file is not there.
+    Raises psycopg.Error when the role may not read it. Says nothing about whether the file
+    was being recycled meanwhile: see :class:`ServerWal`."""
+    offsets: list[int] = []
+    lengths: list[int] = []
+    index: list[int] = []
+    for i, (start, stop) in enumerate(ranges):
+        for at in range(start, stop, READ_PIECE) if stop > start else [start]:
+            offsets.append(at)
+            lengths.append(max(0, min(READ_PIECE, stop - at)))
+            index.append(i)
+    rows = conn.execute("SELECT pg_read_binary_file(%s, p.o, p.l, true)"
+                        " FROM unnest(%s::bigint[], %s::bigint[]) WITH ORDINALITY AS p(o, l, n) ORDER BY p.n",
+                        (f"pg_wal/{name}", offsets, lengths), binary=True).fetchall()
+    if len(rows) != len(offsets) or any(r[0] is None for r in rows):
         return None
-    return b"".join(r[0] for r in rows)
+    parts: list[list[bytes]] = [[] for _ in ranges]
+    for i, row in zip(index, rows, strict=True):
+        parts[i].append(row[0])
+    return [p[0] if len(p) == 1 else b"".join(p) for p in parts]
+
+
+def read_wal_file(conn: psycopg.Connection[Any], name: str, length: int, offset: int = 0) -> bytes | None:
+    """``length`` bytes from ``offset`` of ``pg_wal/<name>`` (see :func:`read_wal_ranges`)."""
+    pieces = read_wal_ranges(conn, name, [(offset, offset + length)])
+    return None if pieces is None else pieces[0]
 
 
 def committed_since(conn: psycopg.Connection[Any], xids: Sequence[int]) -> tuple[int, ...] | str:

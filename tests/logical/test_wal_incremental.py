@@ -471,19 +471,22 @@ def test_segments_not_archived_yet_are_read_from_the_servers_pg_wal(archiving: A
         live = walscan.relations_written(storage, span, 0, live=server_wal(conn, end))
         assert live.from_server >= 1
         with pytest.raises(walscan.WalScanUncertain, match="neither in the WAL archive nor"):
-            walscan.relations_written(storage, span, 0, live=lambda name, start, stop: None)
+            walscan.relations_written(storage, span, 0, live=lambda name, ranges: None)
 
-        def recycled(name: str, start: int, stop: int) -> bytes:
+        def recycled(name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
             """The file as it reads once recycled: its page headers carry an older address."""
-            data = bytearray(server_wal(conn, end)(name, start, stop) or b"")
-            for page in range(0, len(data), walscan.BLCKSZ):
-                addr = int.from_bytes(data[page + 8:page + 16], "little")
-                data[page + 8:page + 16] = (addr ^ 1 << 40).to_bytes(8, "little")
-            return bytes(data)
+            pieces = []
+            for piece in server_wal(conn, end)(name, ranges) or []:
+                data = bytearray(piece)
+                for page in range(0, len(data), walscan.BLCKSZ):
+                    addr = int.from_bytes(data[page + 8:page + 16], "little")
+                    data[page + 8:page + 16] = (addr ^ 1 << 40).to_bytes(8, "little")
+                pieces.append(bytes(data))
+            return pieces
         with pytest.raises(walscan.WalScanUncertain, match="address"):
             walscan.relations_written(storage, span, 0, live=recycled)
         with pytest.raises(walbasis.WalNotFlushed):
-            walbasis.ServerWal(conn, walnames.format_lsn(end + 2**40), span.segment_size, 0.02)("x", 0, 1)
+            walbasis.ServerWal(conn, walnames.format_lsn(end + 2**40), span.segment_size, 0.02)("x", [(0, 1)])
     archiving.switch_and_wait()
     archived = walscan.relations_written(storage, span, 0)
     assert archived.from_server == 0
@@ -515,27 +518,27 @@ def test_archived_segments_still_in_pg_wal_are_read_there(archiving: Archiving) 
     assert len(names) == 2 and all(wal.find_archived(storage, name) for name in names)
     archived = walscan.relations_written(storage, span, 0)
     with archiving.server.admin_conn() as conn:
-        asked: list[tuple[str, int, int]] = []
+        asked: list[tuple[str, list[tuple[int, int]]]] = []
 
-        def server(name: str, first: int, stop: int) -> bytes | None:
-            asked.append((name, first, stop))
-            return server_wal(conn, end)(name, first, stop)
+        def server(name: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+            asked.append((name, ranges))
+            return server_wal(conn, end)(name, ranges)
         local = walscan.relations_written(storage, span, 0, live=server)
         assert (local.touched, local.records, local.segments) == (archived.touched, archived.records, archived.segments)
         assert local.from_server == 2 and local.touched
         page = start % span.segment_size // walscan.BLCKSZ * walscan.BLCKSZ
         last = -(-(end % span.segment_size) // walscan.BLCKSZ) * walscan.BLCKSZ
-        assert page > 0 and sorted(asked) == [(names[0], 0, walscan.BLCKSZ), (names[0], page, span.segment_size),
-                                              (names[1], 0, last)]
-        assert server_wal(conn, end)(names[0], 0, 8192) is not None, "archived, still there: read there"
+        assert page > 0 and sorted(asked) == [(names[0], [(0, walscan.BLCKSZ), (page, span.segment_size)]),
+                                              (names[1], [(0, last)])]
+        assert server_wal(conn, end)(names[0], [(0, 8192)]) is not None, "archived, still there: read there"
         conn.execute("CHECKPOINT")
         assert walbasis.read_wal_file(conn, names[0], 8192) is None, "recycled or removed by the checkpoint"
-        assert server_wal(conn, end)(names[0], 0, 8192) is None
+        assert server_wal(conn, end)(names[0], [(0, 8192)]) is None
         asked.clear()
         again = walscan.relations_written(storage, span, 0, live=server)
         assert (again.touched, again.records, again.segments, again.from_server) == (
             archived.touched, archived.records, archived.segments, 0)
-        assert {name for name, _, _ in asked} == set(names)
+        assert {name for name, _ in asked} == set(names)
 
 
 def test_a_segment_in_pg_wal_that_gives_no_answer_is_read_from_the_archive(archiving: Archiving) -> None:
@@ -558,13 +561,16 @@ def test_a_segment_in_pg_wal_that_gives_no_answer_is_read_from_the_archive(archi
     with archiving.server.admin_conn() as conn:
         asked: list[str] = []
 
-        def spoiled(offset: int, flip: int) -> Callable[[str, int, int], bytes | None]:
-            def read(name: str, first: int, stop: int) -> bytes | None:
+        def spoiled(offset: int, flip: int) -> Callable[[str, list[tuple[int, int]]], list[bytes] | None]:
+            def read(name: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
                 asked.append(name)
-                data = bytearray(server_wal(conn, end)(name, first, stop) or b"")
-                if first <= offset < stop:
-                    data[offset - first] ^= flip
-                return bytes(data)
+                pieces = []
+                for (first, stop), piece in zip(ranges, server_wal(conn, end)(name, ranges) or [], strict=True):
+                    data = bytearray(piece)
+                    if first <= offset < stop and name == walnames.segment_name(1, start // span.segment_size):
+                        data[offset - first] ^= flip
+                    pieces.append(bytes(data))
+                return pieces
             return read
         in_segment = start % span.segment_size
         page = in_segment - in_segment % walscan.BLCKSZ
@@ -721,7 +727,7 @@ def test_a_stalled_archiver_costs_no_wait_when_the_server_wal_is_readable(archiv
         with archiving.server.admin_conn() as conn:
             finished = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
             end = walnames.parse_lsn(conn.execute("SELECT pg_switch_wal()::text").fetchone()[0])
-            assert server_wal(conn, end)(finished, 0, 8192) is not None, "waiting to be archived, so it stays"
+            assert server_wal(conn, end)(finished, [(0, 8192)]) is not None, "waiting to be archived, so it stays"
     finally:
         set_archive_command(archiving, None)
     with psycopg.connect(archiving.dsn("stalled"), autocommit=True) as conn:

@@ -160,10 +160,10 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
         span = walnames.WalSpan(1, start, end, SEG, sysid)
         read: dict[str, bytes] = {}
 
-        def server(name: str, start: int, stop: int) -> bytes | None:
-            data = walbasis.ServerWal(conn, walnames.format_lsn(end), SEG, 5.0)(name, 0, stop)
-            read[name] = data or b""
-            return data[start:] if data is not None else None
+        def server(name: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+            whole = walbasis.ServerWal(conn, walnames.format_lsn(end), SEG, 5.0)(name, [(0, ranges[-1][1])])
+            read[name] = whole[0] if whole else b""
+            return [read[name][first:stop] for first, stop in ranges] if whole else None
 
         whole = walscan.relations_written(storage, span, 0, live=server)
     assert whole.from_server == whole.segments >= 1
@@ -171,7 +171,7 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
     records = list(walscan.records(lambda n: tail[n] + bytes(SEG - len(tail[n])), start, end))
     ends = [r.lsn for r in records[1:]] + [end]
 
-    def unwritten(index: int) -> Callable[[str, int, int], bytes]:
+    def unwritten(index: int) -> Callable[[str, list[tuple[int, int]]], list[bytes]]:
         """The server's files with the data of ``records[index]`` (what follows its header, on
         the first page that holds any: a header can end at or cross a page boundary) zeros."""
         lsn = records[index].lsn
@@ -182,8 +182,8 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
         first, stop = page[0], page[-1] + 1
         assert stop - first == len(page) and any(data[first:stop])
         data[first:stop] = bytes(stop - first)
-        return lambda name, start, stop: (bytes(data[start:stop]) if walnames.segment_number(name) == lsn // SEG
-                                          else read[name][start:stop])
+        return lambda name, ranges: [bytes(data[first:stop]) if walnames.segment_number(name) == lsn // SEG
+                                     else read[name][first:stop] for first, stop in ranges]
 
     torn = unwritten(len(records) - 1)
     with pytest.raises(walscan.WalScanUncertain, match=f"the WAL the server has written ends at "
@@ -193,7 +193,7 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
     assert not isinstance(ended.value, WalDamagedError), "a record still being written is no damage to warn about"
     got = []
     with pytest.raises(walscan.WalRecordDamaged) as stopped:
-        for record in walscan.records(lambda n: torn(walnames.segment_name(1, n), 0, SEG)
+        for record in walscan.records(lambda n: torn(walnames.segment_name(1, n), [(0, SEG)])[0]
                                       + bytes(SEG - len(tail[n])), start, end):
             got.append(record)
     assert got == records[:-1] and stopped.value.lsn == records[-1].lsn
