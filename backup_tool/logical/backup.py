@@ -585,10 +585,11 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         backup_id = new_backup_id(kind, started_at)
         prefix = data_prefix(backup_id)
         expires_at = policy.expires_at(kind, started_at)
-        catalog.mark_running(backup_id, kind, database)
-        stack.callback(catalog.unmark_running, backup_id)
+        marking = Background(catalog.mark_running, backup_id, kind, database, name="running-marker")
+        stack.callback(_unmark_when_marked, marking, catalog, backup_id)
         lock = None
         if policy.object_lock.mode != "none":
+            marking.result()  # the marker itself is written unlocked: it is deleted at the end
             lock = ObjectLock(policy.object_lock.mode, expires_at)
             storage.lock_new_objects(lock)
         reporter.event("backup started", id=backup_id, kind=kind, database=database,
@@ -598,8 +599,8 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
             written_as = _written_as(conninfo, settings.dsn, parent)
             job = _DumpJob(storage, written_as, major, policy, jobs, level, threads, kind, backup_id,
                            started_at, expires_at, parent, only_tables, reporter, method)
-            manifest = replace(_dump(job, control, info, stack, changes, _session_as(source, conninfo, written_as)),
-                               client_tools=tools)
+            manifest = replace(_dump(job, control, info, stack, changes, _session_as(source, conninfo, written_as),
+                                     marking.result), client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
             testhooks.pause_point("backup:before-manifest")
@@ -616,6 +617,13 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         reporter.event("backup finished", id=backup_id, kind=kind, size_bytes=manifest.size_bytes,
                        seconds=round((manifest.finished_at - started_at).total_seconds(), 2))
         return manifest
+
+
+def _unmark_when_marked(marking: Background[None], catalog: Catalog, backup_id: str) -> None:
+    """Remove the running marker once its write has ended (were it still on its way, the
+    removal could come first and leave it behind)."""
+    marking.join()
+    catalog.unmark_running(backup_id)
 
 
 def _written_as(opened: ConnInfo, dsn: str, parent: Manifest | None) -> ConnInfo:
@@ -790,8 +798,11 @@ class _SideObjects:
 
 
 def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
-          changes: ChangeSource | None = None, snapshot_session: psycopg.Connection[Any] | None = None) -> Manifest:
-    """The snapshot, then, each on a thread of its own while the tables are compared and
+          changes: ChangeSource | None = None, snapshot_session: psycopg.Connection[Any] | None = None,
+          marked: Callable[[], None] = lambda: None) -> Manifest:
+    """The snapshot, then (once ``marked`` has returned: the backup's running marker, written
+    while the snapshot is taken, is in the repository before any of its objects), each on a
+    thread of its own while the tables are compared and
     dumped: its side objects (schema, roles, large objects: client tools that mostly wait on
     the server) and its catalog reads (sequences, inventories: only the manifest needs them).
     All are finished before anything is assembled or a failure propagates.
@@ -802,6 +813,7 @@ def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any],
     in the server's shared lock table, so a server sized for ``pg_dump --jobs 2`` ran out of
     it in one backup in six or eight (``test_a_backup_needs_no_more_lock_slots_than_pg_dump_jobs``)."""
     taken = _take_snapshot(job, control, info, stack, changes, snapshot_session)
+    marked()
     catalogs = Background(_read_catalogs, job, taken, name="snapshot-catalogs")
     side_objects = Background(_store_side_objects, job, taken, catalogs.join, name="side-objects")
     try:
