@@ -768,7 +768,8 @@ def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
         if not origins.live:
             raise
     origins = _Origins()
-    return _read_span(span, needed, server_source(storage, span, live, origins, local_first=False), origins, seen)
+    return _read_span(span, needed, server_source(storage, span, live, origins, local_first=False), origins, seen,
+                      this_clusters)
 
 
 def _read_span(span: walnames.WalSpan, needed: range, source: SegmentSource, origins: _Origins,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -580,6 +581,43 @@ def test_a_segment_in_pg_wal_that_gives_no_answer_is_read_from_the_archive(archi
             assert asked, "pg_wal was read first"
             assert (found.touched, found.records, found.segments, found.from_server) == (
                 archived.touched, archived.records, archived.segments, kept)
+
+
+def test_pg_wal_never_answers_for_a_repository_without_this_clusters_archive(archiving: Archiving,
+                                                                             tmp_path: Path) -> None:
+    """The span is read only when the repository's WAL archive is this cluster's, even when
+    the server's pg_wal holds every segment of it: here the archive's identity is read (and
+    found missing) only once the first segment has come from pg_wal, and the scan still
+    gives no answer, the first time or when the span is read again from the archive."""
+    from backup_tool.repository.storage.local import LocalStorage
+
+    archiving.server.create_db("noarchive")
+    with psycopg.connect(archiving.dsn("noarchive"), autocommit=True) as conn:
+        start = lsn_now(conn)
+        conn.execute("CREATE TABLE w (id int, v text); INSERT INTO w SELECT g, md5(g::text) FROM generate_series(1, 500) g")
+        end = lsn_now(conn)
+        sysid = int(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+        assert walbasis.force_wal_flush(conn) or walbasis.request_wal_flush(conn)
+        served = threading.Event()
+
+        class IdentityReadLate(LocalStorage):
+            def get(self, key: str) -> Iterator[bytes]:
+                if key == walidentity.ARCHIVE_INFO_KEY:
+                    assert served.wait(30)
+                return super().get(key)
+
+        def server(name: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+            pieces = server_wal(conn, end)(name, ranges)
+            served.set()
+            return pieces
+        (tmp_path / "empty").mkdir()
+        storage = open_storage(str(tmp_path / "empty"), backend=IdentityReadLate(tmp_path / "empty"))
+        span = walnames.WalSpan(1, start, end, walnames.DEFAULT_SEGMENT_SIZE, sysid)
+        assert walscan.relations_written(open_storage(str(archiving.repo)), span, 0, live=server).touched
+        served.clear()
+        with pytest.raises(walscan.WalScanUncertain, match="no WAL archive of this cluster"):
+            walscan.relations_written(storage, span, 0, live=server)
+        assert served.is_set()
 
 
 def test_a_role_that_may_emit_messages_has_the_wal_flushed_at_once(archiving: Archiving) -> None:
