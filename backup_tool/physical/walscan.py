@@ -33,6 +33,7 @@ detect by comparing the catalog at both snapshots.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -129,7 +130,7 @@ class ScanResult:
     records: int
     segments: int
     from_server: int = 0
-    """How many of the segments were read from the server's ``pg_wal`` (not yet archived)."""
+    """How many of the segments were read from the server's ``pg_wal`` (archived or not)."""
 
 
 SegmentSource = Callable[[int], bytes]
@@ -530,7 +531,7 @@ ARCHIVE_POLL_SECONDS = 0.1
 PREFETCH_SEGMENTS = 2
 
 
-def _from_cluster(data: bytes | bytearray, name: str, span: walnames.WalSpan, where: str) -> None:
+def _from_cluster(data: bytes | bytearray | mmap.mmap, name: str, span: walnames.WalSpan, where: str) -> None:
     header = walnames.parse_long_header(bytes(data[:walnames.LONG_HEADER_SIZE]))
     if header is None or header.system_identifier != span.system_identifier \
             or header.segment_size != span.segment_size or header.block_size != BLCKSZ:
@@ -560,10 +561,11 @@ def _archived_content(storage: Storage, obj: wal.WalFile, span: walnames.WalSpan
     return data  # type: ignore[return-value]  # a bytearray reads like bytes, without a copy
 
 
-LiveSource = Callable[[str, int], "bytes | None"]
-"""The first ``n`` bytes of WAL segment ``name`` read from the server's own ``pg_wal``
-directory, or None when the file is not there. The caller guarantees the server has
-flushed its WAL through the span's end before the first call."""
+LiveSource = Callable[[str, "list[tuple[int, int]]"], "list[bytes] | None"]
+"""The bytes of WAL segment ``name`` in each ``[start, stop)`` of a list of ranges, read at
+once from the server's own ``pg_wal`` directory (``live(name, ranges)``), or None when the
+file is not there or may have been recycled while it was read. The caller guarantees the
+server has flushed its WAL through the span's end before the first call."""
 
 
 @dataclass
@@ -574,38 +576,96 @@ class _Origins:
     live: set[int] = field(default_factory=set)
 
 
-def server_source(storage: Storage, span: walnames.WalSpan, live: LiveSource, origins: _Origins) -> SegmentSource:
-    """Each segment from the archive when it is there (verified as ``wal fetch`` does), else
-    from the server's ``pg_wal`` (a segment not yet archived is never removed there), so no
-    wait for the archiver. Of the segment holding the span's end only the pages up to it are
-    read; the rest reads as zeros, which no page header check accepts, so a walk past the
-    end can only make the scan uncertain. A file that is neither archived nor in ``pg_wal``
-    makes the scan uncertain."""
-    end_segno = (span.end - 1) // span.segment_size if span.end else 0
+def _pages_mismatch(data: bytes | mmap.mmap, segno: int, seg_size: int, ranges: tuple[range, ...]) -> str | None:
+    """Why the pages of ``data`` (a segment's content) in ``ranges`` are not segment
+    ``segno``'s, or None: each page must carry the magic and its own address, or be all
+    zeros (the rest of a segment after a WAL switch). Pure."""
+    base = segno * seg_size
+    zero = bytes(SHORT_PHD)
+    for pages in ranges:
+        for off in pages:
+            magic, _info, _tli, pageaddr, _rem = _PAGE.unpack_from(data, off)
+            if magic == PAGE_MAGIC and pageaddr == base + off:
+                continue
+            if data[off:off + SHORT_PHD] == zero and not any(data[off:off + BLCKSZ]):
+                continue
+            return (f"its page at {walnames.format_lsn(base + off)} has magic {magic:#x} and address "
+                    f"{walnames.format_lsn(pageaddr)}")
+    return None
+
+
+def server_source(storage: Storage, span: walnames.WalSpan, live: LiveSource, origins: _Origins,
+                  local_first: bool = True) -> SegmentSource:
+    """Each segment read from the server's ``pg_wal`` when it is there and its pages are the
+    segment's (each page's address checked), else from the archive (verified as ``wal fetch``
+    does); with ``local_first`` False, from the archive whenever it is there, and from
+    ``pg_wal`` only the segments not archived yet (a segment not yet archived is never removed
+    there), so no wait for the archiver either way. Of the segment holding the span's end only
+    the pages up to it are read, and of the one holding its start (when no transaction is
+    followed back before it) only its first page and the pages from the start on; the rest
+    reads as zeros, which no page header check accepts, so a walk outside what was read can
+    only make the scan uncertain. A segment that is neither in ``pg_wal`` (as itself) nor
+    archived makes the scan uncertain."""
+    size = span.segment_size
+    end_segno = (span.end - 1) // size if span.end else 0
+    start_segno = span.start // size
+    start_page = span.start % size - span.start % BLCKSZ
+
+    def from_server(segno: int, name: str) -> tuple[bytes | mmap.mmap | None, str]:
+        stop = size
+        if segno >= end_segno:
+            stop = max(min(size, -(-(span.end - segno * size) // BLCKSZ) * BLCKSZ), BLCKSZ)
+        start = start_page if segno == start_segno and not span.early_xids and start_page < stop else 0
+        ranges = (range(0, BLCKSZ, BLCKSZ), range(start, stop, BLCKSZ)) if start else (range(0, stop, BLCKSZ),)
+        got = live(name, [(pages.start, pages.stop) for pages in ranges])
+        if got is None:
+            return None, "it is not there"
+        if len(got) != len(ranges):
+            return None, f"it gave {len(got)} pieces, not {len(ranges)}"
+        for pages, piece in zip(ranges, got, strict=True):
+            if len(piece) != len(pages) * BLCKSZ:
+                return None, f"it gave {len(piece)} bytes from {pages.start}, not {len(pages) * BLCKSZ}"
+        data: bytes | mmap.mmap
+        if len(got) == 1 and len(got[0]) == size:
+            data = got[0]
+        else:
+            data = mmap.mmap(-1, size)  # pages never written read as zeros, without being allocated
+            for pages, piece in zip(ranges, got, strict=True):
+                data[pages.start:pages.stop] = piece
+        mismatch = _pages_mismatch(data, segno, size, ranges)
+        if mismatch is not None:
+            return None, mismatch
+        try:
+            _from_cluster(data, name, span, "pg_wal/")
+        except WalScanUncertain as exc:
+            return None, str(exc)
+        return data, ""
+
+    def from_archive(segno: int, name: str) -> bytes | None:
+        found = wal.find_archived(storage, name)
+        if not found:
+            return None
+        if len({f.sha256 for f in found}) > 1:
+            raise WalScanUncertain(f"{name} is archived more than once with different content")
+        origins.archived.add(segno)
+        return _archived_content(storage, found[0], span)
 
     def load(segno: int) -> bytes:
-        name = walnames.segment_name(span.timeline, segno, span.segment_size)
-        for attempt in range(2):
-            found = wal.find_archived(storage, name)
-            if found:
-                if len({f.sha256 for f in found}) > 1:
-                    raise WalScanUncertain(f"{name} is archived more than once with different content")
-                origins.archived.add(segno)
-                return _archived_content(storage, found[0], span)
-            if attempt:
-                break
-            length = span.segment_size
-            if segno >= end_segno:
-                length = min(span.segment_size, -(-(span.end - segno * span.segment_size) // BLCKSZ) * BLCKSZ)
-                length = max(length, BLCKSZ)
-            data = live(name, length)
-            if data is not None:
-                if len(data) != length:
-                    raise WalScanUncertain(f"pg_wal/{name} gave {len(data)} bytes, not {length}")
-                _from_cluster(data, name, span, "pg_wal/")
-                origins.live.add(segno)
-                return data + bytes(span.segment_size - length) if length < span.segment_size else data
-        raise WalScanUncertain(f"{name} is neither in the WAL archive nor in the server's pg_wal")
+        name = walnames.segment_name(span.timeline, segno, size)
+        if not local_first:
+            archived = from_archive(segno, name)
+            if archived is not None:
+                return archived
+        data, why = from_server(segno, name)
+        if data is not None:
+            origins.live.add(segno)
+            return data  # type: ignore[return-value]  # an mmap reads like bytes
+        archived = from_archive(segno, name)
+        if archived is not None:
+            return archived
+        if why == "it is not there":
+            raise WalScanUncertain(f"{name} is neither in the WAL archive nor in the server's pg_wal")
+        raise WalScanUncertain(f"{name} is not in the WAL archive, and pg_wal/{name} is not that segment: {why}")
     return load
 
 
@@ -626,8 +686,10 @@ def _recent(source: SegmentSource, keep: int = 2) -> SegmentSource:
 class _Prefetch:
     """``source`` with the span's segments loaded ahead of the walk, ``ahead`` at a time on
     other threads (fetching, decompressing and hashing a segment mostly releases the GIL, so
-    it overlaps the scan of the one before). Each segment is loaded at most once ahead;
-    segments outside ``needed`` (the backward search) are loaded when asked for."""
+    it overlaps the scan of the one before). The first is asked for alone, the next ones once
+    the walk asks for it, so a source serving one request at a time (the server's ``pg_wal``
+    over one connection) starts with it. Each segment is loaded at most once ahead; segments
+    outside ``needed`` (the backward search) are loaded when asked for."""
 
     def __init__(self, source: SegmentSource, needed: range, ahead: int = PREFETCH_SEGMENTS) -> None:
         self.source = source
@@ -636,16 +698,16 @@ class _Prefetch:
         self.pool = ThreadPoolExecutor(ahead, thread_name_prefix="wal-prefetch")
         self.futures: dict[int, Future[bytes]] = {}
         self.submitted: set[int] = set()
-        self._submit_from(needed.start)
+        self._submit_from(needed.start, 0)
 
-    def _submit_from(self, segno: int) -> None:
-        for n in range(segno, segno + self.ahead + 1):
+    def _submit_from(self, segno: int, ahead: int) -> None:
+        for n in range(segno, segno + ahead + 1):
             if n in self.needed and n not in self.submitted:
                 self.submitted.add(n)
                 self.futures[n] = self.pool.submit(self.source, n)
 
     def __call__(self, segno: int) -> bytes:
-        self._submit_from(segno + 1)
+        self._submit_from(segno + 1, self.ahead)
         future = self.futures.pop(segno, None)
         return future.result() if future is not None else self.source(segno)
 
@@ -680,29 +742,50 @@ def relations_written(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
                       seen: Seen | None = None) -> ScanResult:
     """:func:`scan` of the span from the archive, only when the archive says it is this
     cluster's (``wal push`` recorded its identity). With ``live`` (the server's ``pg_wal``,
-    flushed through the span's end), segments not archived yet are read there and nothing is
-    waited for. Without it the span's segments may still be on their way to the archive (the
-    caller just asked the server to switch; ``wal push`` may store them in any order): they
-    are waited for up to ``wait_seconds``. ``seen``: see :func:`scan`."""
+    flushed through the span's end), each segment still there is read there (those archived
+    too: a local read instead of a download), the rest from the archive, and nothing is
+    waited for; should that give no answer, the span is read again with each segment taken
+    from the archive wherever it is there (pg_wal only for those not archived yet), so a
+    file in pg_wal never makes the answer worse than the archive's. Without ``live`` the
+    span's segments may still be on their way to the archive (the caller just asked the
+    server to switch; ``wal push`` may store them in any order): they are waited for up to
+    ``wait_seconds``. ``seen``: see :func:`scan`."""
     needed = segments_needed(span.start, span.end, span.segment_size)
     if not needed:
         return ScanResult(frozenset(), 0, 0)
-    identity = walidentity.read_archive_identity(storage)
-    if identity is None or identity.system_identifier != span.system_identifier:
-        raise WalScanUncertain("the repository holds no WAL archive of this cluster")
-    origins = _Origins()
-    if live is not None:
-        loader = _Prefetch(server_source(storage, span, live, origins), needed)
-    else:
+    def this_clusters() -> None:
+        identity = walidentity.read_archive_identity(storage)
+        if identity is None or identity.system_identifier != span.system_identifier:
+            raise WalScanUncertain("the repository holds no WAL archive of this cluster")
+    if live is None:
+        this_clusters()
         _wait_archived(storage, span, needed, wait_seconds, clock, sleep)
-        loader = _Prefetch(archive_source(storage, span), needed)
+        return _read_span(span, needed, archive_source(storage, span), _Origins(), seen)
+    origins = _Origins()
     try:
-        source = _recent(loader)
-        result = scan(source, span.start, span.end, span.segment_size, seen=seen)
+        return _read_span(span, needed, server_source(storage, span, live, origins), origins, seen, this_clusters)
+    except WalScanUncertain:
+        if not origins.live:
+            raise
+    origins = _Origins()
+    return _read_span(span, needed, server_source(storage, span, live, origins, local_first=False), origins, seen,
+                      this_clusters)
+
+
+def _read_span(span: walnames.WalSpan, needed: range, source: SegmentSource, origins: _Origins,
+               seen: Seen | None, meanwhile: Callable[[], None] = lambda: None) -> ScanResult:
+    """:func:`scan` of the span (and back to where its early transactions began) from
+    ``source``, which records in ``origins`` where it read each segment; ``meanwhile`` is
+    called once the first segments are being loaded (on other threads), before the scan."""
+    loader = _Prefetch(source, needed)
+    try:
+        meanwhile()
+        recent = _recent(loader)
+        result = scan(recent, span.start, span.end, span.segment_size, seen=seen)
         if span.early_xids:
             first = min(span.early_xids) & 0xFFFFFFFF
-            begin = start_before(source, span.start, first, span.segment_size)
-            early = scan(source, begin, span.start, span.segment_size, from_xid=first, seen=seen)
+            begin = start_before(recent, span.start, first, span.segment_size)
+            early = scan(recent, begin, span.start, span.segment_size, from_xid=first, seen=seen)
             result = ScanResult(result.touched | early.touched, result.records + early.records,
                                 result.segments + early.segments)
     except WalRecordDamaged as exc:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
@@ -471,28 +472,152 @@ def test_segments_not_archived_yet_are_read_from_the_servers_pg_wal(archiving: A
         live = walscan.relations_written(storage, span, 0, live=server_wal(conn, end))
         assert live.from_server >= 1
         with pytest.raises(walscan.WalScanUncertain, match="neither in the WAL archive nor"):
-            walscan.relations_written(storage, span, 0, live=lambda name, n: None)
+            walscan.relations_written(storage, span, 0, live=lambda name, ranges: None)
 
-        def recycled(name: str, n: int) -> bytes:
+        def recycled(name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
             """The file as it reads once recycled: its page headers carry an older address."""
-            data = bytearray(server_wal(conn, end)(name, n) or b"")
-            for page in range(0, len(data), walscan.BLCKSZ):
-                addr = int.from_bytes(data[page + 8:page + 16], "little")
-                data[page + 8:page + 16] = (addr ^ 1 << 40).to_bytes(8, "little")
-            return bytes(data)
+            pieces = []
+            for piece in server_wal(conn, end)(name, ranges) or []:
+                data = bytearray(piece)
+                for page in range(0, len(data), walscan.BLCKSZ):
+                    addr = int.from_bytes(data[page + 8:page + 16], "little")
+                    data[page + 8:page + 16] = (addr ^ 1 << 40).to_bytes(8, "little")
+                pieces.append(bytes(data))
+            return pieces
         with pytest.raises(walscan.WalScanUncertain, match="address"):
             walscan.relations_written(storage, span, 0, live=recycled)
         with pytest.raises(walbasis.WalNotFlushed):
-            walbasis.ServerWal(conn, walnames.format_lsn(end + 2**40), span.segment_size, 0.02)("x", 1)
+            walbasis.ServerWal(conn, walnames.format_lsn(end + 2**40), span.segment_size, 0.02)("x", [(0, 1)])
     archiving.switch_and_wait()
     archived = walscan.relations_written(storage, span, 0)
     assert archived.from_server == 0
-    first = walnames.segment_name(1, start // span.segment_size)
-    with archiving.server.admin_conn() as conn:
-        assert walbasis.read_wal_file(conn, first, 8192) is not None
-        assert server_wal(conn, end)(first, 8192) is None, "archived, so it may be recycled while read"
     assert (live.touched, live.records, live.segments) == (archived.touched, archived.records, archived.segments)
     assert live.touched
+
+
+def test_archived_segments_still_in_pg_wal_are_read_there(archiving: Archiving) -> None:
+    """Segments the archive holds are read from pg_wal while they are still there (a local
+    read instead of a download), with the same answer; the segment holding the span's start
+    only from the span's start on. The server may recycle such a segment at any checkpoint:
+    once it has, the file is not read there (not even under its old name), and the archive's
+    copy is read instead."""
+    archiving.server.create_db("local")
+    with psycopg.connect(archiving.dsn("local"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE w (id int, v text); INSERT INTO w SELECT g, md5(g::text) FROM generate_series(1, 3000) g")
+        conn.execute("SELECT pg_switch_wal()")
+        conn.execute("INSERT INTO w SELECT g, repeat(md5(g::text), 20) FROM generate_series(1, 2000) g")
+        start = lsn_now(conn)
+        conn.execute("UPDATE w SET v = v || 'x' WHERE id % 7 = 0")
+        conn.execute("SELECT pg_switch_wal()")
+        conn.execute("UPDATE w SET v = v || 'y' WHERE id % 5 = 0")
+        end = lsn_now(conn)
+        sysid = int(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+    archiving.switch_and_wait()
+    span = walnames.WalSpan(1, start, end, walnames.DEFAULT_SEGMENT_SIZE, sysid)
+    storage = open_storage(str(archiving.repo))
+    names = [walnames.segment_name(1, n) for n in walscan.segments_needed(start, end, span.segment_size)]
+    assert len(names) == 2 and all(wal.find_archived(storage, name) for name in names)
+    archived = walscan.relations_written(storage, span, 0)
+    with archiving.server.admin_conn() as conn:
+        asked: list[tuple[str, list[tuple[int, int]]]] = []
+
+        def server(name: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+            asked.append((name, ranges))
+            return server_wal(conn, end)(name, ranges)
+        local = walscan.relations_written(storage, span, 0, live=server)
+        assert (local.touched, local.records, local.segments) == (archived.touched, archived.records, archived.segments)
+        assert local.from_server == 2 and local.touched
+        page = start % span.segment_size // walscan.BLCKSZ * walscan.BLCKSZ
+        last = -(-(end % span.segment_size) // walscan.BLCKSZ) * walscan.BLCKSZ
+        assert page > 0 and sorted(asked) == [(names[0], [(0, walscan.BLCKSZ), (page, span.segment_size)]),
+                                              (names[1], [(0, last)])]
+        assert server_wal(conn, end)(names[0], [(0, 8192)]) is not None, "archived, still there: read there"
+        conn.execute("CHECKPOINT")
+        assert walbasis.read_wal_file(conn, names[0], 8192) is None, "recycled or removed by the checkpoint"
+        assert server_wal(conn, end)(names[0], [(0, 8192)]) is None
+        asked.clear()
+        again = walscan.relations_written(storage, span, 0, live=server)
+        assert (again.touched, again.records, again.segments, again.from_server) == (
+            archived.touched, archived.records, archived.segments, 0)
+        assert {name for name, _ in asked} == set(names)
+
+
+def test_a_segment_in_pg_wal_that_gives_no_answer_is_read_from_the_archive(archiving: Archiving) -> None:
+    """A file in pg_wal that is not the segment it is named after (pages of another address,
+    as a recycled file reads), or whose records fail their CRC check, never costs the WAL
+    method its answer when the archive holds the segment: the archive's copy is read, and
+    the answer and its damage verdict are the archive's."""
+    archiving.server.create_db("fallback")
+    with psycopg.connect(archiving.dsn("fallback"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE w (id int, v text); INSERT INTO w SELECT g, md5(g::text) FROM generate_series(1, 3000) g")
+        start = lsn_now(conn)
+        conn.execute("UPDATE w SET v = v || 'x' WHERE id % 7 = 0")
+        end = lsn_now(conn)
+        sysid = int(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+    archiving.switch_and_wait()
+    span = walnames.WalSpan(1, start, end, walnames.DEFAULT_SEGMENT_SIZE, sysid)
+    storage = open_storage(str(archiving.repo))
+    archived = walscan.relations_written(storage, span, 0)
+    assert archived.touched
+    with archiving.server.admin_conn() as conn:
+        asked: list[str] = []
+
+        def spoiled(offset: int, flip: int) -> Callable[[str, list[tuple[int, int]]], list[bytes] | None]:
+            def read(name: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+                asked.append(name)
+                pieces = []
+                for (first, stop), piece in zip(ranges, server_wal(conn, end)(name, ranges) or [], strict=True):
+                    data = bytearray(piece)
+                    if first <= offset < stop and name == walnames.segment_name(1, start // span.segment_size):
+                        data[offset - first] ^= flip
+                    pieces.append(bytes(data))
+                return pieces
+            return read
+        in_segment = start % span.segment_size
+        page = in_segment - in_segment % walscan.BLCKSZ
+        for offset, kept in ((page + 8, archived.segments - 1), (in_segment + walscan.XL_CRC_OFFSET, 0)):
+            asked.clear()
+            found = walscan.relations_written(storage, span, 0, live=spoiled(offset, 0x01))
+            assert asked, "pg_wal was read first"
+            assert (found.touched, found.records, found.segments, found.from_server) == (
+                archived.touched, archived.records, archived.segments, kept)
+
+
+def test_pg_wal_never_answers_for_a_repository_without_this_clusters_archive(archiving: Archiving,
+                                                                             tmp_path: Path) -> None:
+    """The span is read only when the repository's WAL archive is this cluster's, even when
+    the server's pg_wal holds every segment of it: here the archive's identity is read (and
+    found missing) only once the first segment has come from pg_wal, and the scan still
+    gives no answer, the first time or when the span is read again from the archive."""
+    from backup_tool.repository.storage.local import LocalStorage
+
+    archiving.server.create_db("noarchive")
+    with psycopg.connect(archiving.dsn("noarchive"), autocommit=True) as conn:
+        start = lsn_now(conn)
+        conn.execute("CREATE TABLE w (id int, v text); INSERT INTO w SELECT g, md5(g::text) FROM generate_series(1, 500) g")
+        end = lsn_now(conn)
+        sysid = int(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+        assert walbasis.force_wal_flush(conn) or walbasis.request_wal_flush(conn)
+        served = threading.Event()
+
+        class IdentityReadLate(LocalStorage):
+            def get(self, key: str) -> Iterator[bytes]:
+                if key == walidentity.ARCHIVE_INFO_KEY:
+                    assert served.wait(30)
+                return super().get(key)
+
+        def server(name: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+            pieces = server_wal(conn, end)(name, ranges)
+            served.set()
+            return pieces
+        (tmp_path / "empty").mkdir()
+        storage = open_storage(str(tmp_path / "empty"), backend=IdentityReadLate(tmp_path / "empty"))
+        span = walnames.WalSpan(1, start, end, walnames.DEFAULT_SEGMENT_SIZE, sysid)
+        assert walscan.relations_written(open_storage(str(archiving.repo)), span, 0, live=server).touched
+        served.clear()
+        with pytest.raises(walscan.WalScanUncertain, match="no WAL archive of this cluster"):
+            walscan.relations_written(storage, span, 0, live=server)
+        assert served.is_set()
 
 
 def test_a_role_that_may_emit_messages_has_the_wal_flushed_at_once(archiving: Archiving) -> None:
@@ -640,14 +765,12 @@ def test_a_stalled_archiver_costs_no_wait_when_the_server_wal_is_readable(archiv
         with archiving.server.admin_conn() as conn:
             finished = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
             end = walnames.parse_lsn(conn.execute("SELECT pg_switch_wal()::text").fetchone()[0])
-            assert server_wal(conn, end)(finished, 8192) is not None, "waiting to be archived, so it stays"
+            assert server_wal(conn, end)(finished, [(0, 8192)]) is not None, "waiting to be archived, so it stays"
     finally:
         set_archive_command(archiving, None)
     with psycopg.connect(archiving.dsn("stalled"), autocommit=True) as conn:
         conn.execute("INSERT INTO a VALUES (0, 'a record after the switch, so the next switch has one to finish')")
     archiving.switch_and_wait()
-    with archiving.server.admin_conn() as conn:
-        assert server_wal(conn, end)(finished, 8192) is None
     assert incr.options["changed_tables_method"] == "wal", incr.options
     assert re.search(r", [1-9]\d* from the server's pg_wal", incr.options["changed_tables_note"]), incr.options
     assert stored(incr) == {"public.b"}
@@ -675,7 +798,7 @@ def test_a_role_that_may_not_read_pg_wal_waits_for_the_archive(archiving: Archiv
         conn.execute("INSERT INTO a VALUES (2, 'two')")
     incr = backup.backup_incremental(settings_, changes=walscan.changed_relations)
     assert incr.options["changed_tables_method"] == "wal", incr.options
-    assert incr.options["changed_tables_note"].endswith(", 0 from the server's pg_wal (not archived yet)")
+    assert incr.options["changed_tables_note"].endswith(", 0 from the server's pg_wal")
     assert stored(incr) == {"public.a"}
 
 

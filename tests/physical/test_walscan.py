@@ -86,7 +86,7 @@ def test_a_damaged_record_in_an_archived_segment_sends_the_incremental_to_the_ch
         fresh_db: Callable[[str], DbHandle], tmp_path: Path) -> None:
     """One byte of the relation a row insert names, flipped in the archived segment (its
     sha256 is that of the damaged content, as when the server's disk damaged it before the
-    archiver read it): the page headers, lengths and back-pointers all still hold, and the
+    archiver read it; the server has recycled its own copy since): the page headers, lengths and back-pointers all still hold, and the
     record would name a relation that does not exist instead of ``orders``. The CRC check
     refuses it, the incremental compares checksums (and says why), stores ``orders`` and only
     it, and restores equal to the source."""
@@ -119,6 +119,10 @@ def test_a_damaged_record_in_an_archived_segment_sends_the_incremental_to_the_ch
     for n, name in names.items():
         (tmp_path / name).write_bytes(segments[n])
         wal.push_file(storage, tmp_path / name, archive=identity)
+    with db.connect() as conn:
+        conn.execute("CHECKPOINT")
+        assert not any(walbasis.read_wal_file(conn, name, 8192) for name in names.values()), \
+            "recycled: only the archive's (damaged) copies are left to read"
 
     events = Events()
     incr = backup.backup_incremental(settings, events, changes=walscan.changed_relations)
@@ -156,10 +160,10 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
         span = walnames.WalSpan(1, start, end, SEG, sysid)
         read: dict[str, bytes] = {}
 
-        def server(name: str, n: int) -> bytes | None:
-            data = walbasis.ServerWal(conn, walnames.format_lsn(end), SEG, 5.0)(name, n)
-            read[name] = data or b""
-            return data
+        def server(name: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+            whole = walbasis.ServerWal(conn, walnames.format_lsn(end), SEG, 5.0)(name, [(0, ranges[-1][1])])
+            read[name] = whole[0] if whole else b""
+            return [read[name][first:stop] for first, stop in ranges] if whole else None
 
         whole = walscan.relations_written(storage, span, 0, live=server)
     assert whole.from_server == whole.segments >= 1
@@ -167,7 +171,7 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
     records = list(walscan.records(lambda n: tail[n] + bytes(SEG - len(tail[n])), start, end))
     ends = [r.lsn for r in records[1:]] + [end]
 
-    def unwritten(index: int) -> Callable[[str, int], bytes]:
+    def unwritten(index: int) -> Callable[[str, list[tuple[int, int]]], list[bytes]]:
         """The server's files with the data of ``records[index]`` (what follows its header, on
         the first page that holds any: a header can end at or cross a page boundary) zeros."""
         lsn = records[index].lsn
@@ -178,7 +182,8 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
         first, stop = page[0], page[-1] + 1
         assert stop - first == len(page) and any(data[first:stop])
         data[first:stop] = bytes(stop - first)
-        return lambda name, n: bytes(data[:n]) if walnames.segment_number(name) == lsn // SEG else read[name][:n]
+        return lambda name, ranges: [bytes(data[first:stop]) if walnames.segment_number(name) == lsn // SEG
+                                     else read[name][first:stop] for first, stop in ranges]
 
     torn = unwritten(len(records) - 1)
     with pytest.raises(walscan.WalScanUncertain, match=f"the WAL the server has written ends at "
@@ -188,7 +193,7 @@ def test_a_torn_last_record_in_the_servers_wal_is_where_it_ends(fresh_db: Callab
     assert not isinstance(ended.value, WalDamagedError), "a record still being written is no damage to warn about"
     got = []
     with pytest.raises(walscan.WalRecordDamaged) as stopped:
-        for record in walscan.records(lambda n: torn(walnames.segment_name(1, n), SEG)
+        for record in walscan.records(lambda n: torn(walnames.segment_name(1, n), [(0, SEG)])[0]
                                       + bytes(SEG - len(tail[n])), start, end):
             got.append(record)
     assert got == records[:-1] and stopped.value.lsn == records[-1].lsn
