@@ -90,6 +90,8 @@ def resolve_tables(manifest: Manifest, names: list[str]) -> list[TableEntry]:
         if not matches:
             matches = [k for k in known if k[1].lower() == name.lower()
                        and (schema_name is None or k[0].lower() == schema_name.lower())]
+        if not matches:
+            _refuse_configuration_table(manifest, raw.strip(), schema_name, name)
         if len(matches) != 1:
             everything = [as_typed(s, n) for s, n in known]
             close = difflib.get_close_matches(raw.strip(), everything, n=3, cutoff=0.5)
@@ -108,6 +110,18 @@ def resolve_tables(manifest: Manifest, names: list[str]) -> list[TableEntry]:
         chosen += extra
         grew = bool(extra)
     return [known[k] for k in chosen]
+
+
+def _refuse_configuration_table(manifest: Manifest, raw: str, schema_name: str | None, name: str) -> None:
+    """An extension's configuration table (pgagent's ``pga_job``) is not among the backup's
+    tables, yet its rows are in the backup: say so rather than that the table is not there."""
+    for item in manifest.inventory.get("extension_config") or []:
+        if (item.get("kind") == "table" and item["name"] == name
+                and schema_name in (None, item["schema"])):
+            raise NotFoundError(
+                f"table {raw} is a configuration table of extension {item['extension']}: backup "
+                f"{manifest.id} holds its rows ({item.get('rows', 0)}), which only 'restore full' restores, "
+                "with the extension", "restore the backup in full into another database and copy the rows over")
 
 
 def check_into_schema(manifest: Manifest, entries: list[TableEntry]) -> None:

@@ -1,5 +1,5 @@
 """What PostgreSQL's deparser writes in a form that reads back differently, and the one
-comparison that tolerates it.
+comparison that tolerates it (two such forms are known).
 
 ``EXTRACT('YEAR' FROM x)`` (the field given as a string, as LedgerSMB and others write it) is
 stored with the field as the string ``'YEAR'``. Before PostgreSQL fixed it (15.18 has it, 15.20
@@ -15,6 +15,17 @@ case, and say so when that was what made them equal (``schema diff``, which repo
 differences rather than a verdict, reads its definitions folded). Everything else, the field's spelling
 included, is compared as is; quoted literals, quoted identifiers and dollar-quoted bodies
 (kept verbatim by pg_dump) are never touched.
+
+``x IN ('a', 'b')`` on a ``varchar`` column (Django writes every ``__in`` condition so: Wagtail's
+``unique_in_progress_workflow`` partial index, choices check constraints) is stored as an array
+of ``varchar`` coerced as a whole to ``text[]``, deparsed
+``(x)::text = ANY ((ARRAY['a'::character varying, 'b'::character varying])::text[])``. Read
+back, a cast written right after ``ARRAY[...]`` is applied to each element instead, so the
+restore shows ``ANY (ARRAY[('a'::character varying)::text, ('b'::character varying)::text])``:
+the same array, and again nothing a restore can do keeps the first form. Deparsed text is
+therefore compared with each ``(ARRAY[e1, e2])::T[]`` written as PostgreSQL reads it back,
+``ARRAY[(e1)::T, (e2)::T]`` (nested ``ARRAY[...]`` elements alike); any change of an element
+or of the type still differs.
 """
 
 from __future__ import annotations
@@ -22,8 +33,9 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-TOLERATED = ("the letter case of EXTRACT fields, which pg_dump does not keep "
-             "(EXTRACT('YEAR' FROM x) reads back as EXTRACT(year FROM x), the same)")
+TOLERATED = ("what pg_dump does not keep: the letter case of EXTRACT fields "
+             "(EXTRACT('YEAR' FROM x) reads back as EXTRACT(year FROM x), the same) and casts of "
+             "whole ARRAY[...] constructors ((ARRAY[a, b])::T[] reads back as ARRAY[(a)::T, (b)::T], the same)")
 """How a check says it compared deparsed text with :func:`folded`."""
 
 _TOKENS = re.compile(r"""
@@ -31,12 +43,75 @@ _TOKENS = re.compile(r"""
     | "[^"]*(?:""[^"]*)*"                       # a quoted identifier
     | (?P<dollar>(?<![\w$])\$(?:[A-Za-z_\x80-\U0010ffff][\w\x80-\U0010ffff]*)?\$)   # a dollar quote opens
     | \bEXTRACT\((?P<field>[^\s()'"]+)\ FROM\                               # a deparsed EXTRACT
+    | (?<![\w$"])(?P<array>\(ARRAY\[)                                          # (ARRAY[ ... ])::T[] ?
     """, re.VERBOSE)
+
+_QUOTED = re.compile(r"'[^']*(?:''[^']*)*'" r'|"[^"]*(?:""[^"]*)*"')
+_ARRAY_CAST = re.compile(r"""\)::(?P<type>(?:[^\s\[\](),'"]|\ (?=\w)|"[^"]*(?:""[^"]*)*"|\([\d,]+\))+)\[\]""")
+"""What follows the closing bracket of a cast ``ARRAY[...]``: ``)::type[]``, the type as
+``format_type`` writes it (``character varying(10)``, ``public."My type"``)."""
+
+
+def _closing(text: str, start: int, closing: str) -> int:
+    """Index of the bracket closing the one just before ``start``, skipping quoted text; -1 if none."""
+    depth = 1
+    pos = start
+    while pos < len(text):
+        c = text[pos]
+        if c in "'\"":
+            m = _QUOTED.match(text, pos)
+            if m is None:
+                return -1
+            pos = m.end()
+            continue
+        if c in "([":
+            depth += 1
+        elif c in ")]":
+            depth -= 1
+            if depth == 0:
+                return pos if c == closing else -1
+        pos += 1
+    return -1
+
+
+def _elements(body: str) -> list[str]:
+    """The top-level comma-separated elements of an ``ARRAY[...]`` body."""
+    out: list[str] = []
+    depth = 0
+    start = pos = 0
+    while pos < len(body):
+        c = body[pos]
+        if c in "'\"":
+            m = _QUOTED.match(body, pos)
+            pos = m.end() if m else len(body)
+            continue
+        if c in "([":
+            depth += 1
+        elif c in ")]":
+            depth -= 1
+        elif c == "," and depth == 0:
+            out.append(body[start:pos].strip())
+            start = pos + 1
+        pos += 1
+    out.append(body[start:].strip())
+    return out
+
+
+def _cast_each(body: str, type_: str) -> str:
+    """``ARRAY[body]`` cast to ``type_[]`` as PostgreSQL reads it back: each element cast."""
+    parts = []
+    for e in _elements(body):
+        if e.startswith("ARRAY[") and _closing(e, 6, "]") == len(e) - 1:
+            parts.append(_cast_each(e[6:-1], type_))
+        else:
+            parts.append(f"({folded(e)})::{type_}")
+    return "ARRAY[" + ", ".join(parts) + "]"
 
 
 def folded(text: str) -> str:
-    """``text`` (SQL as PostgreSQL deparses it) with each EXTRACT field in lower case. Pure."""
-    if "EXTRACT(" not in text:
+    """``text`` (SQL as PostgreSQL deparses it) with each EXTRACT field in lower case and each
+    ``(ARRAY[...])::T[]`` written ``ARRAY[(...)::T, ...]``. Pure."""
+    if "EXTRACT(" not in text and "(ARRAY[" not in text:
         return text
     out: list[str] = []
     pos = 0
@@ -49,6 +124,16 @@ def folded(text: str) -> str:
             end = len(text) if close < 0 else close + len(m.group("dollar"))
             out.append(text[pos:end])
             pos = end
+            continue
+        if m.group("array"):
+            close = _closing(text, m.end(), "]")
+            cast = _ARRAY_CAST.match(text, close + 1) if close >= 0 else None
+            if cast is None:
+                out.append(text[pos:m.end()])
+                pos = m.end()
+                continue
+            out.append(text[pos:m.start()] + _cast_each(text[m.end():close], cast.group("type")))
+            pos = cast.end()
             continue
         field = m.group("field")
         if field is not None:

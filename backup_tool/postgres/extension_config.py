@@ -13,7 +13,10 @@ The rows themselves are user data: they go into a stored object of the backup
 writes and :func:`restore` reads. A restore copies the rows in (and sets the sequences) before
 the tables are loaded, on top of what ``CREATE EXTENSION`` inserted: an extension's types may
 read its configuration to take a value in (pointcloud's ``pcpatch`` input looks its format up in
-``pointcloud_formats``). Validation compares count, checksum and value per relation.
+``pointcloud_formats``), and in an order where a table comes after the configuration tables
+its foreign keys reference, as pg_dump orders them (pgagent's ``pga_job`` references
+``pga_jobclass``; the inventory lists them by name). Validation compares count, checksum and
+value per relation.
 """
 
 from __future__ import annotations
@@ -36,6 +39,34 @@ _CONFIG_RELATIONS = """
       JOIN pg_class c ON c.oid = cfg.oid
       JOIN pg_namespace n ON n.oid = c.relnamespace
      ORDER BY 1, 2, 3"""
+
+
+_REFERENCES = """
+    SELECT n.nspname, c.relname, fn.nspname, f.relname
+      FROM pg_constraint k
+      JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_class f ON f.oid = k.confrelid JOIN pg_namespace fn ON fn.oid = f.relnamespace
+     WHERE k.contype = 'f' AND k.conrelid <> k.confrelid"""
+
+
+def load_order(items: list[dict[str, Any]],
+               references: list[tuple[str, str, str, str]]) -> list[dict[str, Any]]:
+    """``items`` with each after the items its foreign keys reference (``references``: rows of
+    referencing schema and table, referenced schema and table), otherwise in their order; items
+    in a cycle keep their order. Pure."""
+    keys = [(i["schema"], i["name"]) for i in items]
+    needs = {k: {(rs, rn) for s, n, rs, rn in references if (s, n) == k and (rs, rn) in keys and (rs, rn) != k}
+             for k in keys}
+    out: list[dict[str, Any]] = []
+    placed: set[tuple[str, str]] = set()
+    pending = list(zip(keys, items, strict=True))
+    while pending:
+        ready = [(k, i) for k, i in pending if needs[k] <= placed]
+        for k, i in ready or pending[:1]:
+            out.append(i)
+            placed.add(k)
+        pending = [(k, i) for k, i in pending if k not in placed]
+    return out
 
 
 ONLY = "only"
@@ -116,7 +147,8 @@ def restore(conn: psycopg.Connection[Any], items: list[dict[str, Any]], document
     by_name = {(t["schema"], t["name"]): t["copy"] for t in rows["tables"]}
     written = 0
     with conn.transaction():
-        for item in items:
+        references = [(str(a), str(b), str(c), str(d)) for a, b, c, d in conn.execute(_REFERENCES).fetchall()]
+        for item in load_order(items, references):
             target = sql.Identifier(item["schema"], item["name"])
             where = f"{item['extension']} configuration {item['kind']} {item['schema']}.{item['name']}"
             try:

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 from support.manifests import make_manifest
 
+from backup_tool.errors import NotFoundError
 from backup_tool.logical.selection import ahead_objects, read_ahead, resolve_tables
 from backup_tool.repository.catalog import DatabaseHint, manifest_key
 from backup_tool.repository.manifest import StoredObject, TableEntry
@@ -78,3 +80,18 @@ def test_the_definitions_are_read_whole_before_the_data(tmp_path: Path) -> None:
     first_data_start = min(i for i, (event, key) in enumerate(gets) if event == "start" and key not in definitions)
     assert last_definition_end < first_data_start
     assert sorted(key for event, key in gets if event == "end") == sorted(planned[0])
+
+
+def test_an_extension_configuration_table_is_named_as_such_not_as_missing_from_the_backup() -> None:
+    """pgagent's jobs are in ``pgagent.pga_job``, a configuration table: its rows are in the
+    backup (restored by ``restore full``), so saying the table is not in the backup misled."""
+    manifest = make_manifest()
+    manifest.inventory["extension_config"] = [
+        {"extension": "pgagent", "schema": "pgagent", "name": "pga_job", "kind": "table", "condition": "",
+         "rows": 20, "checksum": "0" * 16}]
+    for name in ("pgagent.pga_job", "pga_job"):
+        with pytest.raises(NotFoundError, match="configuration table of extension pgagent.*holds its rows "
+                                                "[(]20[)], which only 'restore full' restores"):
+            resolve_tables(manifest, [name])
+    with pytest.raises(NotFoundError, match="is not in backup"):
+        resolve_tables(manifest, ["other.pga_job"])

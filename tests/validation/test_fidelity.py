@@ -20,6 +20,8 @@ import dbcompare
 import pytest
 from support.clusters import find_pg_bin_dir
 
+from backup_tool.postgres.extension_config import load_order
+
 pytestmark = pytest.mark.slow
 
 
@@ -414,3 +416,47 @@ def test_an_extension_the_target_cannot_install_is_refused_before_anything_is_cr
     finally:
         for f in files:
             f.unlink(missing_ok=True)
+
+
+# As pgagent's pga_job references pga_jobclass: configuration tables with foreign keys between
+# them, whose names sort the referencing one first.
+JOBS_EXTENSION_SQL = """
+CREATE TABLE job_class (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE job (id int PRIMARY KEY, class int NOT NULL REFERENCES job_class, name text);
+CREATE TABLE a_step (id int PRIMARY KEY, job int NOT NULL REFERENCES job ON DELETE CASCADE);
+INSERT INTO job_class VALUES (1, 'built-in');
+SELECT pg_catalog.pg_extension_config_dump('job_class', 'WHERE id > 1');
+SELECT pg_catalog.pg_extension_config_dump('job', '');
+SELECT pg_catalog.pg_extension_config_dump('a_step', '');
+"""
+
+
+def test_configuration_tables_load_after_the_configuration_tables_they_reference(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    """pgagent: restore full failed (`pga_job` violates `pga_job_jobjclid_fkey`) because the
+    configuration tables were loaded in name order, `pga_job` before the `pga_jobclass` it
+    references; pg_dump orders them by their foreign keys."""
+    extension = install_extension("backup_tool_jobs", JOBS_EXTENSION_SQL)
+    source = fresh_db("extfk")
+    source.execute(f"CREATE EXTENSION {extension}")
+    source.execute("INSERT INTO public.job_class VALUES (2, 'nightly')")
+    source.execute("INSERT INTO public.job SELECT g, 2, 'job ' || g FROM generate_series(1, 5) g")
+    source.execute("INSERT INTO public.a_step SELECT g, g % 5 + 1 FROM generate_series(1, 10) g")
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", source.dsn)
+    target = fresh_db("extfk_r")
+    pg_server.drop_db(target.name)
+
+    result = restore_into(cli, local_repo, entry["id"], target)
+
+    assert result["ok"] is True, [c for c in result["validation"]["checks"] if not c["ok"]]
+    assert target.scalar("SELECT count(*) FROM public.a_step") == 10
+    assert dump_create(source) == dump_create(target)
+
+
+def test_load_order_puts_referenced_configuration_tables_first_and_keeps_cycles() -> None:
+    items = [{"schema": "s", "name": n} for n in ("a", "b", "c", "d")]
+    refs = [("s", "a", "s", "c"), ("s", "c", "s", "d"), ("s", "b", "s", "b"), ("x", "a", "s", "b"),
+            ("s", "a", "s", "zz")]
+    assert [i["name"] for i in load_order(items, refs)] == ["b", "d", "c", "a"]
+    cyclic = [("s", "a", "s", "b"), ("s", "b", "s", "a")]
+    assert [i["name"] for i in load_order(items, cyclic)] == ["c", "d", "a", "b"]

@@ -434,3 +434,43 @@ def test_extract_fields_pg_dump_cannot_keep_in_upper_case_match_and_other_change
         assert ('EXTRACT("MONTH" FROM d)' if quoted else "EXTRACT(month FROM d)") in failed["schema_matches"]
     finally:
         pg_server.drop_db(target_name)
+
+
+def test_in_lists_on_varchar_columns_that_pg_dump_cannot_keep_as_written_match_and_changes_still_fail(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any], pg_server: Any) -> None:
+    """Django writes ``status IN ('in_progress', 'needs_changes')`` on a varchar column (Wagtail's
+    ``unique_in_progress_workflow`` partial index); PostgreSQL deparses it with a cast of the whole
+    array to ``text[]`` and reads that back with a cast of each element, so every restore of
+    Wagtail failed ``schema_matches`` and ``indexes_valid``. Both forms now match, saying so; a
+    changed literal still fails."""
+    db = fresh_db("inlist")
+    with db.connect() as conn:
+        conn.execute("""
+            CREATE TABLE w (id int PRIMARY KEY, ct int, status varchar(50) NOT NULL,
+                CONSTRAINT w_status_check CHECK (status IN ('in_progress', 'approved', 'needs_changes')));
+            CREATE UNIQUE INDEX unique_in_progress ON w (ct) WHERE status IN ('in_progress', 'needs_changes');
+            ALTER TABLE w ENABLE ROW LEVEL SECURITY;
+            CREATE POLICY p ON w USING (status IN ('approved', 'in_progress'));
+            CREATE VIEW open_w AS SELECT id FROM w WHERE status IN ('in_progress', 'needs_changes');
+            INSERT INTO w SELECT g, g, 'approved' FROM generate_series(1, 10) g;
+        """)
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    target_name = f"inlist_dst_{uuid.uuid4().hex[:8]}"
+    try:
+        result = cli.json("restore", "full", "--repo", local_repo, "--backup", entry["id"],
+                          "--target-dsn", pg_server.dsn(target_name), "--create")
+        checks = {c["name"]: c["detail"] for c in result["validation"]["checks"]}
+        assert result["ok"] is True, checks
+        for name in ("schema_matches", "indexes_valid", "rls_policies"):
+            assert "casts of whole ARRAY[...] constructors" in checks[name], (name, checks[name])
+        with pg_server.admin_conn(target_name) as conn:
+            assert "('in_progress'::character varying)::text" in conn.execute(
+                "SELECT pg_get_indexdef('unique_in_progress'::regclass)").fetchone()[0]
+            conn.execute("""
+                DROP INDEX unique_in_progress;
+                CREATE UNIQUE INDEX unique_in_progress ON w (ct) WHERE status IN ('in_progress', 'rejected');""")
+        failed = failed_checks(cli, local_repo, pg_server.dsn(target_name), entry["id"])
+        assert set(failed) == {"schema_matches", "indexes_valid"}, failed
+        assert "changed public.w.unique_in_progress" in failed["indexes_valid"]
+    finally:
+        pg_server.drop_db(target_name)
