@@ -135,25 +135,12 @@ def open_archived(storage: Storage, name: str) -> WalFile:
 
 def read_archived(storage: Storage, obj: WalFile) -> Iterator[bytes]:
     """Decompressed content of an archived file; raises IntegrityError at the end unless the
-    content's sha256 equals the one recorded in its key."""
+    content's sha256 equals the one recorded in its key (see :func:`_read_archived_into`)."""
     import zstandard
 
-    counter = HashingCounter()
-    dctx = zstandard.ZstdDecompressor()
-    try:
-        reader = dctx.stream_reader(ChunkReader(storage.get(obj.key)),  # type: ignore[arg-type]  # ChunkReader has read(n), all zstandard needs
-                                   read_across_frames=True)
-        while chunk := reader.read(READ_SIZE):
-            counter.update(chunk)
-            yield chunk
-    except zstandard.ZstdError as exc:
-        raise IntegrityError(f"archived {obj.name} is corrupt: it does not decompress ({exc})",
-                             "recover to an earlier point, and take a new base backup") from None
-    if counter.hexdigest() != obj.sha256:
-        raise IntegrityError(
-            f"archived {obj.name} is corrupt: content sha256 {counter.hexdigest()[:16]}… "
-            f"does not match {obj.sha256[:16]}… recorded when it was archived",
-            "recover to an earlier point, and take a new base backup")
+    buffer = memoryview(bytearray(READ_SIZE))
+    for n in _read_archived_into(storage, obj, zstandard.ZstdDecompressor(), buffer):
+        yield bytes(buffer[:n])
 
 
 _THREAD: Any = None

@@ -581,10 +581,9 @@ def test_a_scratch_restore_command_answers_from_files_in_the_shell(tmp_path: Pat
     assert (pgdata / "tool-ran").read_text() == "000000010000000000000005"
 
 
-def test_recovery_prefetch_fetches_nothing_past_its_limit(tmp_path: Path) -> None:
-    """Once a table PITR knows where recovery stops, the read-ahead fetches no segment after
-    it (each one is decompressed, verified and written on the cores the restore needs), and
-    a caller waiting for segments is not kept waiting for those it will never get."""
+def _six_archived_segments(tmp_path: Path) -> tuple[Any, list[str], Path, Path]:
+    """A local repository holding six archived segments of timeline 1, an empty pg_wal, and
+    where a RecoveryPrefetch in it lays its segments."""
     from backup_tool.repository.storage import open_storage
 
     storage = open_storage(str(tmp_path / "repo"))
@@ -596,7 +595,14 @@ def test_recovery_prefetch_fetches_nothing_past_its_limit(tmp_path: Path) -> Non
         wal.push_file(storage, source / name)
     pg_wal = tmp_path / "data" / "pg_wal"
     pg_wal.mkdir(parents=True)
-    ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
+    return storage, names, pg_wal, pg_wal / walspool.SPOOL_DIR / "prefetch"
+
+
+def test_recovery_prefetch_fetches_nothing_past_its_limit(tmp_path: Path) -> None:
+    """Once a table PITR knows where recovery stops, the read-ahead fetches no segment after
+    it (each one is decompressed, verified and written on the cores the restore needs), and
+    a caller waiting for segments is not kept waiting for those it will never get."""
+    storage, names, pg_wal, ahead = _six_archived_segments(tmp_path)
     prefetch = wal.RecoveryPrefetch(storage, names, pg_wal, lambda p: None, workers=1, window=6)
     prefetch.limit(3)
     prefetch.limit(5)  # a limit never widens
@@ -605,7 +611,7 @@ def test_recovery_prefetch_fetches_nothing_past_its_limit(tmp_path: Path) -> Non
         assert prefetch.wait_leading(6) == names[0:3]
         time.sleep(0.3)
         assert sorted(p.name for p in ahead.glob("0*")) == names[0:3]
-        assert all((ahead / n).read_bytes() == (source / n).read_bytes() for n in names[0:3])
+        assert all((ahead / n).read_bytes() == (tmp_path / "source" / n).read_bytes() for n in names[0:3])
         assert prefetch.failure is None
     finally:
         assert sorted(prefetch.stop()) == names[0:3]
@@ -659,24 +665,13 @@ def test_recovery_prefetch_drops_what_it_holds_past_a_limit(tmp_path: Path) -> N
     commit after the time) are never replayed: once the limit says so they leave the
     read-ahead at once, those below it stay, and a segment asked for past it anyway is
     still fetched by the restore_command's fallback (the prologue finds nothing)."""
-    from backup_tool.repository.storage import open_storage
-
-    storage = open_storage(str(tmp_path / "repo"))
-    names = [wal.segment_name(1, n) for n in range(1, 7)]
-    source = tmp_path / "source"
-    source.mkdir()
-    for i, name in enumerate(names):
-        (source / name).write_bytes(os.urandom(64) + bytes([i]) * 50000)
-        wal.push_file(storage, source / name)
-    pg_wal = tmp_path / "data" / "pg_wal"
-    pg_wal.mkdir(parents=True)
-    ahead = pg_wal / walspool.SPOOL_DIR / "prefetch"
+    storage, names, pg_wal, ahead = _six_archived_segments(tmp_path)
     prefetch = wal.RecoveryPrefetch(storage, names, pg_wal, lambda p: None, workers=2, window=6).start()
     try:
         assert prefetch.wait_leading(6) == names
         prefetch.limit(3)
         assert sorted(p.name for p in ahead.glob("0*")) == names[0:3]
-        assert all((ahead / n).read_bytes() == (source / n).read_bytes() for n in names[0:3])
+        assert all((ahead / n).read_bytes() == (tmp_path / "source" / n).read_bytes() for n in names[0:3])
     finally:
         assert sorted(prefetch.stop()) == names
 
