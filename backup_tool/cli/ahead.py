@@ -39,6 +39,7 @@ from backup_tool.logical.selection import read_ahead, split_names
 from backup_tool.repository.catalog import DatabaseHint
 from backup_tool.repository.storage import open_backend, open_repository
 from backup_tool.repository.storage.ahead import Journal, JournalReader, RecordingBackend, ReplayBackend
+from backup_tool.streams.pipes import widen_pipe
 
 DISABLE_ENV = "BACKUP_TOOL_READ_AHEAD"
 PAUSE_POINT = "ahead:planned"
@@ -130,7 +131,7 @@ def start(argv: list[str]) -> None:
         read_fd, write_fd = os.pipe()
     except OSError:
         return
-    _widen(write_fd)
+    widen_pipe(write_fd)  # room for a whole journal's index lines: the reader never waits on us
     parent = os.getpid()
     try:
         pid = os.fork()
@@ -146,18 +147,6 @@ def start(argv: list[str]) -> None:
     import atexit
 
     atexit.register(stop)
-
-
-def _widen(fd: int) -> None:
-    """Room on the pipe for a whole journal's index lines (one per downloaded chunk), so the
-    reading process never waits for the command to read them; the default 64 KiB is kept
-    where the system refuses more."""
-    import fcntl
-
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except (OSError, AttributeError):
-        pass
 
 
 def backend_for(url: str) -> ReplayBackend | None:

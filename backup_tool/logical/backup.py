@@ -104,7 +104,7 @@ from backup_tool.repository.records import BackupRecord
 from backup_tool.repository.storage import Storage, open_storage
 from backup_tool.repository.storage.base import ObjectLock
 from backup_tool.repository.storage.encrypted import encryption_of
-from backup_tool.streams import pipeline, testhooks
+from backup_tool.streams import pipeline, pipes, testhooks
 from backup_tool.streams.background import Background
 
 
@@ -218,7 +218,10 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
     except BaseException:
         release()
         raise
-    _widen_pipe(proc.stdout.fileno())
+    # one wake-up of this thread per 64 KiB of COPY text otherwise, each waiting for the GIL
+    # beside a computing thread (an incremental's WAL scan): the bench's 26 MB table read in
+    # 0.26-0.34 s that way, 0.18-0.22 s through 1 MiB (0.19 s without that thread)
+    pipes.widen_pipe(proc.stdout.fileno())
 
     def copied(view: memoryview) -> int:
         n = proc.readinto(view)
@@ -239,25 +242,6 @@ def _dump_table(storage: Storage, conninfo: ConnInfo, major: int, snapshot_id: s
 
 SMALL_COPY_BYTES = 1 << 20
 """Tables smaller than this on disk are copied in-process (see :func:`_dump_table`)."""
-
-COPY_PIPE_BYTES = 1 << 20
-"""Capacity asked for psql's output pipe (Linux's default is 64 KiB)."""
-
-
-def _widen_pipe(fd: int) -> None:
-    """Let psql write up to :data:`COPY_PIPE_BYTES` ahead of us (best effort, Linux only).
-    With the default 64 KiB, reading a table takes one wake-up of the reading thread per
-    64 KiB, each waiting for the interpreter lock while another thread computes (an
-    incremental's WAL scan, up to the 5 ms switch interval each): psql's COPY of the bench's
-    26 MB table beside a computing thread took 0.26-0.34 s, 0.18-0.22 s with 1 MiB (0.19 s
-    without that thread), medians of 4-7 interleaved runs."""
-    import fcntl
-
-    try:
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), COPY_PIPE_BYTES)
-    except OSError:
-        pass
-
 
 def _dump_small_table(storage: Storage, table: TableInfo, key: str, level: int, threads: int,
                       advance: Callable[[int], None], sessions: _Sessions) -> tuple[StoredObject, int]:
@@ -830,7 +814,7 @@ def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any],
     snapshot's session does, and the catalog relations the reads lock meanwhile (released at
     once, but taken beyond each session's fast-path slots) would otherwise come on top of both
     in the server's shared lock table, so a server sized for ``pg_dump --jobs 2`` ran out of
-    it in one backup in six or eight (``test_a_backup_needs_no_more_lock_slots_than_pg_dump_jobs``)."""
+    it in one backup in six or eight (``test_a_backup_needs_two_lock_slots_per_table_as_readme_says``)."""
     taken = _take_snapshot(job, control, info, stack, changes, snapshot_session)
     marked()
     catalogs = Background(_read_catalogs, job, taken, name="snapshot-catalogs")
