@@ -205,7 +205,9 @@ def test_reused_read_buffers_carry_no_stale_bytes(tmp_path: Path) -> None:
         stored = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
     assert stored == {**content, "base/5/b": content["base/5/b"][:PIECE + 3] + bytes(PIECE + 997)}
     assert raw.endswith(bytes((-len(content["base/5/c"])) % 512) + bytes(1024))
-    assert copy._buffers.reused >= 4
+    # how many of the 9 pooled pieces find a buffer idle depends on how far the reading thread
+    # is ahead (3 of them once in CI, on a loaded machine); the first pieces' are by then
+    assert copy._buffers.reused >= 1
     assert copy.changes.as_dict() == {"files": 3, "grew": 0, "shrank": 1, "vanished": 0}
 
 
