@@ -548,7 +548,7 @@ def _build_post_data(run: _Run, archive_path: Path, major: int, built_early: fro
     built.advance(len(built_early))
     if any(int(i) not in built_early for i in ids):
         schema.restore_section(archive_path, run.target, major, "post-data", jobs=run.jobs,
-                               on_item=lambda: built.advance(1), skip=built_early)
+                               on_item=lambda: built.advance(1), skip=built_early, lock_bounded=True)
     built.finish()
     run.reporter.event("indexes and constraints built", id=run.manifest.id)
 

@@ -435,10 +435,8 @@ def _entry_sql(archive_path: Path, major: int, lines: Sequence[str], tmp: Path) 
     return pipeline.run(argv, dict(os.environ), "pg_restore (table definition)").decode()
 
 
-def _replay(archive_path: Path, target: ConnInfo, major: int, lines: Sequence[str], tmp: Path) -> None:
-    listing = tmp / "replay.list"
-    listing.write_text("".join(ln + "\n" for ln in lines))
-    schema.restore_section(archive_path, target, major, "pre-data", extra=["-L", str(listing)])
+def _replay(archive_path: Path, target: ConnInfo, major: int, lines: Sequence[str]) -> None:
+    schema.restore_section(archive_path, target, major, "pre-data", listing=lines, lock_bounded=True)
 
 
 def _recreate(conn: psycopg.Connection[Any], table: TableLayout, entry_sql: str) -> bool:
@@ -479,11 +477,10 @@ def restore_pre_data(archive_path: Path, target: ConnInfo, major: int, manifest:
     each child that would be reordered is created in between by :func:`_recreate`.
     """
     def plain(lines: Sequence[str] | None) -> None:
-        with tempfile.TemporaryDirectory(prefix="backup-tool-order-") as tmp_name:
-            if lines is None:
-                schema.restore_section(archive_path, target, major, "pre-data")
-            else:
-                _replay(archive_path, target, major, lines, Path(tmp_name))
+        if lines is None:
+            schema.restore_section(archive_path, target, major, "pre-data", lock_bounded=True)
+        else:
+            _replay(archive_path, target, major, lines)
 
     replay = replay or plain
     tables = recorded(manifest)

@@ -113,8 +113,8 @@ class PreDataReplay:
         return _write_list(self.archive_path.with_suffix(f".part{self._parts}"), lines)
 
     def _replay(self, lines: Sequence[str] | None) -> None:
-        extra = ["--use-list", str(self._list(lines))] if lines is not None else None
-        schema.restore_section(self.archive_path, self.target, self.major, "pre-data", extra=extra)
+        schema.restore_section(self.archive_path, self.target, self.major, "pre-data", listing=lines,
+                               lock_bounded=True)
 
     def __call__(self, lines: Sequence[str] | None = None) -> None:
         if not any(line in self._pins for line in (self.toc if lines is None else lines)):

@@ -159,18 +159,54 @@ def live_schema(conninfo: ConnInfo, major: int) -> str:
     return normalize(schema_text(dump_schema(conninfo, major), major))
 
 
-def section_ids(archive_path: Path, major: int, section: str) -> set[str]:
-    """The table-of-contents ids of the objects one section of the schema archive holds (a
-    line of the listing that does not start with one continues a name holding a line break)."""
+def section_listing(archive_path: Path, major: int, section: str) -> list[str]:
+    """The table-of-contents ids of the objects one section of the schema archive holds, in
+    the archive's order (a line of the listing that does not start with one continues a name
+    holding a line break)."""
     listing = pipeline.run([find_tool("pg_restore", major), "--list", f"--section={section}", str(archive_path)],
                            dict(os.environ), "pg_restore (list)")
-    return {line.split(";", 1)[0].strip() for line in listing.decode("utf-8", "replace").splitlines()
-            if line and not line.startswith(";") and line.split(";", 1)[0].strip().isdigit()}
+    return _listed_ids(listing.decode("utf-8", "replace").splitlines())
+
+
+def section_ids(archive_path: Path, major: int, section: str) -> set[str]:
+    """The table-of-contents ids of the objects one section of the schema archive holds."""
+    return set(section_listing(archive_path, major, section))
 
 
 def section_items(archive_path: Path, major: int, section: str) -> int:
     """How many objects one section of the schema archive holds."""
     return len(section_ids(archive_path, major, section))
+
+
+LOCKS_PER_ENTRY = 3
+"""Lock-table entries one replayed object may hold until its transaction ends: a table
+takes its own, its TOAST table's and that index's (measured: pre-data of N tables with a
+text column holds 3N relation locks)."""
+
+MIN_ENTRIES_PER_TRANSACTION = 64
+
+
+def entries_per_transaction(lock_table_size: int) -> int:
+    """How many archive entries one transaction of a lock-bounded replay restores: a quarter
+    of the server's lock table (``max_locks_per_transaction`` x (``max_connections`` +
+    ``max_prepared_transactions``), the size PostgreSQL documents), so the replay leaves the
+    rest to the server's other sessions. Pure."""
+    return max(MIN_ENTRIES_PER_TRANSACTION, lock_table_size // 4 // LOCKS_PER_ENTRY)
+
+
+def batches(ids: Sequence[str], size: int) -> list[list[str]]:
+    """``ids`` cut in order into runs of at most ``size``. Pure."""
+    return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
+
+
+def lock_table_size(conninfo: ConnInfo) -> int:
+    """The number of locks the server's shared lock table is sized for."""
+    with conninfo.connect() as conn:
+        row = conn.execute("SELECT current_setting('max_locks_per_transaction')::int * "
+                           "(current_setting('max_connections')::int "
+                           "+ current_setting('max_prepared_transactions')::int)").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 # In a parallel replay an item is done when a worker reports "finished item N", or the leader
@@ -181,18 +217,29 @@ _ITEM_DONE = re.compile(r"(?:processing item|processing missed item|finished ite
 
 
 def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section: str,
-                    jobs: int = 1, extra: list[str] | None = None,
-                    on_item: Callable[[], None] | None = None, skip: frozenset[int] = frozenset()) -> None:
-    """Replay one section (pre-data or post-data) of the schema archive into the target;
+                    jobs: int = 1, listing: Sequence[str] | None = None,
+                    on_item: Callable[[], None] | None = None, skip: frozenset[int] = frozenset(),
+                    lock_bounded: bool = False) -> None:
+    """Replay one section (pre-data or post-data) of the schema archive into the target, or
+    only the entries of ``listing`` (lines of ``pg_restore --list``, in the order to restore);
     ``on_item`` is called as pg_restore reports each object it creates (with ``--jobs``:
     each one finished). A parallel post-data replay runs in the passes of
     :func:`post_data_passes` (partition index attachments one at a time). ``skip``: dump
-    ids already created (see :func:`per_table_post_data`), left out of the replay."""
+    ids already created (see :func:`per_table_post_data`), left out of the replay.
+
+    What is not replayed in parallel is replayed in a single transaction, which holds the
+    lock of every object it creates until it commits: thousands of tables can need more locks
+    than the server's lock table holds, although a backup of them needed fewer. With
+    ``lock_bounded`` (a restore guarded by its unfinished-restore marker, or a scratch
+    database) such a replay is cut, in the archive's order, into transactions of
+    :func:`entries_per_transaction` entries; without it, it stays all-or-nothing."""
     base = [find_tool("pg_restore", major), f"--section={section}", "--exit-on-error",
-            "--dbname", conninfo.tool_conninfo(), *(extra or [])]
+            "--dbname", conninfo.tool_conninfo()]
     counted: set[str] = set()
 
-    def run(parallel: bool, wanted: set[str], use_list: Path | None) -> None:
+    def run(parallel: bool, ids: Sequence[str] | None, tmp: Path) -> None:
+        wanted = set(ids) if ids is not None else set(everything()) if parallel and on_item is not None else set()
+
         def seen_parallel(line: str) -> None:
             # Searched, not matched at the start: workers share stderr and pg_restore writes its
             # "pg_restore: " prefix apart from the message, so two messages can share a line.
@@ -205,31 +252,57 @@ def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section:
             if on_item is not None and line.startswith("pg_restore: creating "):
                 on_item()
 
-        argv = [*base, f"--jobs={jobs}" if parallel else "--single-transaction",
-                *([f"--use-list={use_list}"] if use_list is not None else [])]
+        use_list: list[str] = []
+        if ids is not None:
+            path = tmp / f"run-{len(list(tmp.iterdir()))}.list"
+            path.write_text("".join(f"{i}\n" for i in ids))
+            use_list = [f"--use-list={path}"]
+        argv = [*base, f"--jobs={jobs}" if parallel else "--single-transaction", *use_list]
         if on_item is None:
             pipeline.run([*argv, str(archive_path)], conninfo.tool_env(), f"pg_restore ({section})")
         else:
             pipeline.run_watching([*argv, "--verbose", str(archive_path)], conninfo.tool_env(),
                                   f"pg_restore ({section})", seen_parallel if parallel else seen_serial)
 
-    ids = section_ids(archive_path, major, section) if on_item is not None or jobs > 1 or skip else set()
-    if skip:
-        ids = {i for i in ids if int(i) not in skip}
-        if not ids:
-            return
-    passes = _planned_passes(archive_path, ids) if section == "post-data" and jobs > 1 and not extra else []
-    if skip and not passes:
-        passes = [ReplayPass(tuple(e.dump_id for e in read_toc(archive_path.read_bytes()) if str(e.dump_id) in ids),
-                             jobs > 1)]
-    if not skip and len(passes) <= 1 and all(step.parallel for step in passes):
-        run(jobs > 1, ids, None)
+    listed = None if listing is None else [i for i in _listed_ids(listing) if int(i) not in skip]
+    whole: list[str] = []
+
+    def everything() -> list[str]:
+        if listed is not None:
+            return listed
+        if not whole:
+            whole.extend(i for i in section_listing(archive_path, major, section) if int(i) not in skip)
+        return whole
+
+    if skip and not everything():
         return
-    with tempfile.TemporaryDirectory(prefix="backup-tool-post-data-") as tmp:
-        for n, step in enumerate(passes):
-            use_list = Path(tmp) / f"pass-{n}.list"
-            use_list.write_text("".join(f"{i}\n" for i in step.ids))
-            run(step.parallel, {str(i) for i in step.ids}, use_list)
+    passes = _planned_passes(archive_path, set(everything())) \
+        if section == "post-data" and jobs > 1 and listing is None else []
+    if skip and not passes:
+        passes = [ReplayPass(tuple(int(i) for i in everything()), jobs > 1)]
+    runs: list[tuple[bool, Sequence[str] | None]]
+    if not skip and len(passes) <= 1 and all(step.parallel for step in passes):
+        runs = [(jobs > 1, listed)]
+    else:
+        runs = [(step.parallel, [str(i) for i in step.ids]) for step in passes]
+    size: list[int] = []
+    with tempfile.TemporaryDirectory(prefix=f"backup-tool-{section}-") as tmp_name:
+        for parallel, ids in runs:
+            entries = ids if ids is not None else (everything() if lock_bounded and not parallel else ())
+            if parallel or not lock_bounded or len(entries) <= MIN_ENTRIES_PER_TRANSACTION:
+                run(parallel, ids, Path(tmp_name))
+                continue
+            if not size:
+                size.append(entries_per_transaction(lock_table_size(conninfo)))
+            for batch in batches(entries, size[0]) if len(entries) > size[0] else [ids]:
+                run(False, batch, Path(tmp_name))
+
+
+def _listed_ids(listing: Sequence[str]) -> list[str]:
+    """The dump ids of ``pg_restore --list`` lines (comments and the continuation lines of a
+    name holding a line break have none)."""
+    return [line.split(";", 1)[0].strip() for line in listing
+            if line and not line.startswith(";") and line.split(";", 1)[0].strip().isdigit()]
 
 
 def _planned_passes(archive_path: Path, ids: set[str]) -> list[ReplayPass]:
@@ -707,5 +780,5 @@ def replay_into_scratch(archive_path: Path, scratch: ConnInfo, major: int) -> No
     refused = {e.dump_id for e in toc if e.desc == "EXTENSION" and e.tag in uncreatable}
     skip = frozenset(refused | {e.dump_id for e in toc if e.section is not Section.POST_DATA and e.deps
                                 and set(e.deps) <= refused})
-    restore_section(archive_path, scratch, major, "pre-data", skip=skip)
-    restore_section(archive_path, scratch, major, "post-data")
+    restore_section(archive_path, scratch, major, "pre-data", skip=skip, lock_bounded=True)
+    restore_section(archive_path, scratch, major, "post-data", lock_bounded=True)
