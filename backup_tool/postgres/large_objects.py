@@ -3,8 +3,8 @@
 Large objects live outside every table, so per-table COPY does not see them. A backup whose
 database holds any writes one more object, ``large_objects.pgdump.zst``: pg_dump's custom
 archive of the large objects alone (their OIDs, owners, ACLs, comments and contents),
-taken in the backup's snapshot. A restore replays it with pg_restore in one transaction
-after the tables are loaded, so large objects come back with the same OIDs the tables
+taken in the backup's snapshot. A restore replays it with pg_restore after the tables are
+loaded (in one transaction, or several where the target's lock table needs, see :func:`restore`), so large objects come back with the same OIDs the tables
 reference. The manifest inventory records ``large_objects``: the count and an
 order-independent checksum over (oid, owner, ACL as a sorted set, comment, md5 of the
 content); validation compares both.
@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import psycopg
 
+from backup_tool.postgres import schema
 from backup_tool.postgres.connection import ConnInfo, find_tool, hash_sum_sql
 from backup_tool.repository.storage import Storage
 from backup_tool.streams import pipeline
@@ -47,14 +48,30 @@ def dump_stream(conninfo: ConnInfo, major: int, snapshot_id: str) -> pipeline.Pr
 
 def restore(conninfo: ConnInfo, major: int, storage: Storage, key: str, sha256: str, size: int,
             workdir: Path, on_chunk: Callable[[int], None] | None = None) -> None:
-    """Replay the stored large-object archive into the target in one transaction."""
+    """Replay the stored large-object archive into the target: in one transaction, unless it
+    holds more large objects than a quarter of the target's lock table (each one created
+    keeps a lock until its transaction ends: 20,000 of them did not fit a default server,
+    where ``pg_restore`` without ``--single-transaction`` does), then in transactions of
+    :func:`schema.entries_per_transaction` entries, in the archive's order (the restore's
+    unfinished-restore marker covers a failure between them)."""
     path = workdir / "large_objects.pgdump"
     with open(path, "wb") as fh:
         for chunk in pipeline.read_stored(storage, key, sha256, size, on_chunk):
             fh.write(chunk)
     argv = [find_tool("pg_restore", major), "--data-only", "--exit-on-error", "--single-transaction",
-            "--dbname", conninfo.tool_conninfo(), str(path)]
-    pipeline.run(argv, conninfo.tool_env(), "pg_restore (large objects)")
+            "--dbname", conninfo.tool_conninfo()]
+    ids = schema.section_listing(path, major, None)
+    per = schema.entries_per_transaction(schema.lock_table_size(conninfo)) \
+        if len(ids) > schema.MIN_ENTRIES_PER_TRANSACTION else len(ids)
+    if len(ids) <= per:
+        pipeline.run([*argv, str(path)], conninfo.tool_env(), "pg_restore (large objects)")
+    else:
+        listing = workdir / "large_objects.list"
+        for batch in schema.batches(ids, per):
+            listing.write_text("".join(f"{i}\n" for i in batch))
+            pipeline.run([*argv, f"--use-list={listing}", str(path)], conninfo.tool_env(),
+                         "pg_restore (large objects)")
+        listing.unlink()
     path.unlink()
 
 

@@ -159,11 +159,12 @@ def live_schema(conninfo: ConnInfo, major: int) -> str:
     return normalize(schema_text(dump_schema(conninfo, major), major))
 
 
-def section_listing(archive_path: Path, major: int, section: str) -> list[str]:
-    """The table-of-contents ids of the objects one section of the schema archive holds, in
-    the archive's order (a line of the listing that does not start with one continues a name
-    holding a line break)."""
-    listing = pipeline.run([find_tool("pg_restore", major), "--list", f"--section={section}", str(archive_path)],
+def section_listing(archive_path: Path, major: int, section: str | None) -> list[str]:
+    """The table-of-contents ids of the objects one section of the archive holds (None: all
+    of them), in the archive's order (a line of the listing that does not start with one
+    continues a name holding a line break)."""
+    chosen = [f"--section={section}"] if section is not None else []
+    listing = pipeline.run([find_tool("pg_restore", major), "--list", *chosen, str(archive_path)],
                            dict(os.environ), "pg_restore (list)")
     return _listed_ids(listing.decode("utf-8", "replace").splitlines())
 
