@@ -26,7 +26,7 @@ extending it page by page, which costs little for forks a few pages long. Each o
 files is an inode fewer to allocate, and ext4 without a journal passes over every inode
 freed in the last seconds of the directory's block group when it allocates one: on the
 benchmark's machine, whose ``/tmp`` sees other runs' clusters come and go, a file creation
-there cost about 0.5 CPU-ms and up to 2 ms, and the benchmark's table request writes 186 of
+there cost about 0.5 CPU-ms and up to 2 ms, and the benchmark's table request writes 196 of
 its 783 files no more. Unneeded relations stay sparse files of their recorded size rather
 than left out: replay extends an absent file one zeroed buffer at a time up to the block a
 full-page image goes to, which for a busy large table beside the target would cost more
@@ -101,6 +101,7 @@ SELECT (SELECT oid::bigint FROM pg_database WHERE datname = current_database()),
        ARRAY(SELECT pg_relation_filenode(oid)::bigint FROM pg_class WHERE pg_relation_filenode(oid) IS NOT NULL)"""
 
 RELATION_FILE = re.compile(r"^base/(\d+)/(\d+)(_[a-z]+)?(\.\d+)?$")
+SHARED_MAP_FILE = re.compile(r"^global/\d+_(?:fsm|vm)(?:\.\d+)?$")
 INVALID_PAGE = re.compile(r"page \d+ of relation (\S+) (?:is uninitialized|does not exist)")
 
 
@@ -211,11 +212,15 @@ def choose(members: Iterable[Member], dbs: dict[int, DatabaseRelations],
     ``_init`` fork) whose oid is not in ``keep`` for its database; every relation file
     (but an ``_init`` fork) of a database in ``leave_out`` is left out; everything else
     is full. With ``lean`` (a table request, see the module docstring) no free space map
-    or visibility map fork outside those databases is written either (``maps_left_out``)."""
+    or visibility map fork is written either, the shared catalogs' included
+    (``maps_left_out``)."""
     by_file = {dboid: {r.filenode: r for r in db.relations if r.filenode} for dboid, db in dbs.items()}
     full, sparse, left_out, maps = [], [], [], []
     for m in members:
         match = RELATION_FILE.match(m.name) if m.kind == "f" else None
+        if lean and match is None and m.kind == "f" and SHARED_MAP_FILE.match(m.name):
+            maps.append(m)
+            continue
         if match is None or match.group(3) == "_init":
             full.append(m)
             continue
