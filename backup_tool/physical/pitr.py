@@ -1015,7 +1015,8 @@ def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
             kept = {d.oid for d in dbs.values() if d.name in (request.database, "postgres")}
             if len(kept) == 2:
                 leave_out |= partial.databases_in(index.members) - kept
-            return dataclasses.replace(partial.choose(index.members, dbs, keep, leave_out), database=db.oid), index
+            return dataclasses.replace(partial.choose(index.members, dbs, keep, leave_out, lean=True),
+                                       database=db.oid), index
     return partial.choose(index.members, dbs, keep, leave_out), index
 
 

@@ -283,6 +283,25 @@ def test_choose_leaves_out_the_relation_files_of_databases_nothing_connects_to()
     assert partial.unexplained_invalid_pages("page 2 of relation base/1/1259 does not exist", choice.sparse_files) == []
 
 
+def test_choose_for_a_table_request_writes_no_free_space_or_visibility_map() -> None:
+    names = ["global/1262", "global/1262_vm", "base/16384/1259", "base/16384/1259_fsm", "base/16384/1259_vm",
+             "base/16384/16390", "base/16384/16390_fsm", "base/16384/16390_vm", "base/16384/16410",
+             "base/16384/16410_vm", "base/16384/16410_init", "base/16500/16501", "base/16500/16501_fsm"]
+    keep = {16384: partial.needed(DB, [(None, "orders")])}
+    choice = partial.choose([member(n) for n in names], {16384: DB, 16500: OTHER}, keep, frozenset({16500}), lean=True)
+    assert sorted(m.name for m in choice.maps_left_out) == [
+        "base/16384/1259_fsm", "base/16384/1259_vm", "base/16384/16390_fsm", "base/16384/16390_vm",
+        "base/16384/16410_vm", "global/1262_vm"]
+    assert sorted(m.name for m in choice.full) == [
+        "base/16384/1259", "base/16384/16390", "base/16384/16410_init", "global/1262"]
+    assert [m.name for m in choice.sparse] == ["base/16384/16410"]
+    assert sorted(m.name for m in choice.left_out) == ["base/16500/16501", "base/16500/16501_fsm"]
+    assert choice.sparse_files == {(16384, 16410), (16500, 16501)}, "a catalog's or target's main fork stays checked"
+    assert partial.unexplained_invalid_pages("page 2 of relation base/16384/1259 does not exist",
+                                             choice.sparse_files) == ["base/16384/1259"]
+    assert partial.choose([member(n) for n in names], {16384: DB}, keep).maps_left_out == ()
+
+
 def test_a_catalog_moved_by_vacuum_full_stays_full() -> None:
     db = partial.DatabaseRelations(1, "x", (R(1259, 16999, "r", "pg_catalog", "pg_class", 0, ()),))
     assert partial.choose([member("base/1/16999")], {1: db}, {}).sparse == ()

@@ -167,6 +167,10 @@ def walk(world: World, tmp: Path, partial: bool,
     layout = pitr.lay_out(settings, first, tmp / "data", None, world.server.os_user, archive=False,
                           partial_for=request)
     assert (layout.choice is not None) == partial
+    if partial:
+        maps = sorted(p.name for p in [*(tmp / "data" / "base").glob("*/*"), *(tmp / "data" / "global").glob("*")]
+                      if p.name.endswith(("_fsm", "_vm")))
+        assert maps == [], "a table request lays out no free space map or visibility map fork"
     server = LocalServer(pgdata=layout.pgdata, os_user=layout.os_user, bin_dir=world.server.bin_dir,
                          port=free_port(), private_dir=tmp / "s", log_file=tmp / "recovery.log", superuser="postgres")
     found = []
