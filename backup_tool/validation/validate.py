@@ -521,7 +521,8 @@ def table_checksums(conninfo: ConnInfo, targets: dict[TableKey, tuple[str, str, 
     """Live row count and content checksum per table key, read at (schema, name) over columns
     by ``method`` (the backup's, so the two compare).
 
-    None when the table is missing; a row count of -1 when a backed-up column is missing.
+    None when the table (or its schema) is missing; a row count of -1 when a backed-up column is
+    missing.
     Tables are taken largest first by whichever session is free, so one big table does not
     leave the other sessions idle. ``progress`` (advanced by one per table, not finished
     here) is a caller's phase; without it a phase of its own is shown, unless there is
@@ -544,7 +545,7 @@ def table_checksums(conninfo: ConnInfo, targets: dict[TableKey, tuple[str, str, 
                 schema_name, name, columns = targets[key]
                 try:
                     results[key] = postgres.table_checksum(conn, schema_name, name, columns, method)
-                except psycopg.errors.UndefinedTable:
+                except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
                     results[key] = None
                 except psycopg.errors.UndefinedColumn:
                     results[key] = (-1, "")

@@ -474,3 +474,25 @@ def test_in_lists_on_varchar_columns_that_pg_dump_cannot_keep_as_written_match_a
         assert "changed public.w.unique_in_progress" in failed["indexes_valid"]
     finally:
         pg_server.drop_db(target_name)
+
+
+def test_a_dropped_schema_fails_the_checks_naming_its_tables(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any]) -> None:
+    """A backed-up table whose schema is gone is missing, as one whose table alone is gone:
+    `validate` exited 1 with `schema "..." does not exist` instead of a verdict (found
+    validating Mailman 3's database, all in `public`, after `DROP SCHEMA public CASCADE`)."""
+    db = fresh_db("goneschema")
+    with db.connect() as conn:
+        conn.execute(f"""
+            CREATE SCHEMA {S};
+            CREATE TABLE {T} (id int PRIMARY KEY, v text);
+            INSERT INTO {T} SELECT g, 'v' FROM generate_series(1, 5) g;
+            CREATE TABLE public.kept (id int PRIMARY KEY);
+            INSERT INTO public.kept VALUES (1);
+        """)
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    with db.connect() as conn:
+        conn.execute(f"DROP SCHEMA {S} CASCADE")
+    failed = failed_checks(cli, local_repo, db.dsn, entry["id"])
+    assert failed["row_counts"] == f"missing tables: {SCHEMA}.Tab le ü"
+    assert f"{SCHEMA}.Tab le ü" in failed["column_order"]
