@@ -11,6 +11,7 @@ from backup_tool.cli.common import (
     Invocation,
     app,
     command,
+    human_time,
     render_report,
 )
 from backup_tool.errors import EXIT_VALIDATION
@@ -39,7 +40,17 @@ def validate_cmd(
         storage = open_repository(settings.repo_url)
         manifest = Catalog(storage).resolve(against, database=inv.database(database))
     report = validate(ConnInfo(settings.dsn), manifest, storage, jobs=jobs, reporter=inv.reporter)
-    inv.out(report.to_dict(), lambda: render_report(report, uncompared=manifest is None))
+
+    def text() -> str:
+        body = render_report(report, uncompared=manifest is None)
+        if manifest is None:
+            return body
+        from backup_tool.repository.manifest import utc_iso
+
+        return (f"compared {report.target} with backup {manifest.id} of database {manifest.database} "
+                f"(taken {human_time(utc_iso(manifest.started_at))})\n{body}")
+
+    inv.out(report.to_dict(), text)
     return 0 if report.ok else EXIT_VALIDATION
 
 

@@ -113,6 +113,11 @@ def test_latest_never_crosses_databases(cli: Cli, pg_server: PgServer, two_dbs: 
     assert verified["ok"] and w.app_id in json.dumps(verified) and w.bench_id not in json.dumps(verified)
     assert cli.json("validate", "--repo", w.repo, "--dsn", pg_server.dsn(by_option), "--against", "latest",
                     "--database", w.app.name)["ok"] is True
+    said = cli("validate", "--repo", w.repo, "--dsn", pg_server.dsn(by_option), "--against", "latest",
+               "--database", w.app.name)
+    assert said.returncode == 0 and said.stdout.startswith(
+        f"compared postgres@127.0.0.1:{pg_server.port}/{by_option} with backup {w.app_id} of database "
+        f"{w.app.name} (taken {snapshot})"), said.stdout
 
     tables_target = targets("bench_tables")
     pg_server.create_db(tables_target)
