@@ -17,7 +17,9 @@ What it guarantees:
   are first moved, in the source, into that schema with their own sequences
   (:func:`backup_tool.logical.restore_tables.detach_copy`), which changes the source: only
   a disposable source (the scratch cluster) may be asked for that.
-- Sequence values and the roles the database uses are read before anything is moved.
+- Sequence values, the roles the database uses and its foreign keys (what the validation of
+  tables restored in place compares the keys touching them with) are read before anything
+  is moved.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class LiveTables:
                 "SELECT attrelid, bool_and(atttypid < %s) FROM pg_attribute"
                 " WHERE attrelid = ANY(%s) AND attnum > 0 AND NOT attisdropped GROUP BY attrelid",
                 (FIRST_USER_OID, [t.oid for t in found])).fetchall()}
-            needed = catalog_inventory.inventory(conn)["roles"]
+            read = catalog_inventory.inventory(conn)
             entries = [TableEntry(t.schema, t.name, t.relkind, t.parent, t.columns, 0, "", None) for t in found]
             if into_schema:
                 with conn.transaction():
@@ -109,9 +111,10 @@ class LiveTables:
             encoding=self.encoding, system_identifier=str(info["system_identifier"]), started_at=now,
             finished_at=now, expires_at=now, policy={}, snapshot_lsn=None, schema=None, globals=None,
             schema_fingerprint="", tables=tuple(entries), sequences=tuple(sequences),
-            inventory=cast(ManifestInventory, {"roles": needed}),
+            inventory=cast(ManifestInventory, {"roles": read["roles"], "foreign_keys": read["foreign_keys"]}),
             options={"pinned": sorted(set(postgres.RECORDED_PINS) - conninfo.unpinned),
-                     "search_path": postgres.NAME_SEARCH_PATH},
+                     "search_path": postgres.NAME_SEARCH_PATH,
+                     "inventory_read_with": dict(catalog_inventory.READ_WITH)},
             checksum_method=checksum_method_for(int(info["server_version_num"]) // 10000))
         self._builtin = {(t.schema, t.name): builtin.get(t.oid, True) for t in found}
         self._located: dict[TableKey, TableInfo] = {

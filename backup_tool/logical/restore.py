@@ -297,14 +297,17 @@ def _claim_target(control: psycopg.Connection[Any], run: _Run, major: int, with_
 
 def _schema_archive(run: _Run, control: psycopg.Connection[Any]) -> bytes:
     """The backup's schema archive, once the target is known to have every tablespace its
-    tables and indexes are created in (refused before anything is created otherwise)."""
+    tables and indexes are created in and the role restoring may give every object back to
+    its owner (refused before anything is created otherwise)."""
     assert run.manifest.schema is not None
     archive = pipeline.read_object(run.storage, run.manifest.schema, run.count)
     try:
-        needed = schema.tablespaces(schema.read_toc(archive))
+        toc = schema.read_toc(archive)
     except schema.UnreadableToc:
         return archive
+    needed = schema.tablespaces(toc)
     schema.refuse_missing_tablespaces(control, needed)
+    schema.refuse_unsettable_owners(control, schema.owners(toc))
     return archive
 
 

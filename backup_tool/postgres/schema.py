@@ -394,6 +394,7 @@ class TocEntry:
     tag: str
     deps: tuple[int, ...]
     tablespace: str = ""
+    owner: str = ""
 
 
 class UnreadableToc(Exception):
@@ -462,13 +463,14 @@ def read_toc(archive: bytes, versions: tuple[tuple[int, int], ...] = _READABLE_V
             read_str()
         if (vmaj, vmin) >= (1, 16):
             read_int()
-        read_str(), read_str()
+        owner = read_str() or ""
+        read_str()
         deps = []
         while (dep := read_str()) is not None:
             deps.append(int(dep))
         pos += 1 + off_size
         try:
-            entries.append(TocEntry(dump_id, Section(section), desc, namespace, tag, tuple(deps), tablespace))
+            entries.append(TocEntry(dump_id, Section(section), desc, namespace, tag, tuple(deps), tablespace, owner))
         except ValueError:
             raise UnreadableToc(f"entry {dump_id} has an unknown section {section}") from None
     return entries
@@ -499,6 +501,36 @@ def refuse_missing_tablespaces(conn: psycopg.Connection[Any], needed: frozenset[
     if needed and (refusal := missing_tablespaces(needed, (r[0] for r in conn.execute(
             "SELECT spcname FROM pg_catalog.pg_tablespace")))):
         raise refusal
+
+
+def owners(toc: Iterable[TocEntry]) -> frozenset[str]:
+    """The roles these entries' objects are given to (``ALTER ... OWNER TO``)."""
+    return frozenset(e.owner for e in toc if e.owner)
+
+
+def refuse_unsettable_owners(conn: psycopg.Connection[Any], needed: frozenset[str]) -> None:
+    """Refuse, before anything is created, a restore whose role cannot give the objects back to
+    their owners: ``ALTER ... OWNER TO`` needs a superuser or a member of the new owner (on
+    PostgreSQL 15), and pg_restore otherwise fails half-way on the first object (a role the
+    restore would create with ``--with-roles`` is not granted to the role restoring either)."""
+    if not needed:
+        return
+    rows = conn.execute(
+        "SELECT pg_catalog.quote_ident(o), r.oid IS NOT NULL FROM unnest(%s::text[]) o LEFT JOIN pg_catalog.pg_roles r ON r.rolname = o"
+        " WHERE NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)"
+        "   AND (r.oid IS NULL OR NOT pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER'))"
+        " ORDER BY 1", (sorted(needed),)).fetchall()
+    if not rows:
+        return
+    user = conn.execute("SELECT pg_catalog.quote_ident(current_user)").fetchone()
+    me = str(user[0]) if user else "the role restoring"
+    names = ", ".join(r[0] for r in rows)
+    grant = ", ".join(r[0] for r in rows if r[1])
+    raise RefusedError(
+        f"{me} cannot give the backup's objects back to their owners: it is not a superuser and not a member of "
+        f"{'role' if len(rows) == 1 else 'roles'} {names}",
+        "restore as a superuser" + (f", or grant them first (GRANT {grant} TO {me})" if grant else
+                                    " (roles the restore creates are not granted to the role restoring)"))
 
 
 _TABLE_PARTS = frozenset({"CONSTRAINT", "CHECK CONSTRAINT", "FK CONSTRAINT", "DEFAULT", "TRIGGER",

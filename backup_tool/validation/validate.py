@@ -116,7 +116,8 @@ def compare_sets(name: str, what: str, expected: list[dict[str, Any]], actual: l
     if problems:
         return Check(name, False, f"{what}: " + "; ".join(problems))
     return Check(name, True, (matched or f"{len(exp)} {what} match")
-                 + (f" ({len(folded)} up to {deparse.TOLERATED})" if folded else ""))
+                 + (f" ({len(folded)} up to {deparse.tolerated((exp[k], act[k]) for k in folded)})"
+                    if folded else ""))
 
 
 def _qual(item: dict[str, Any]) -> str:
@@ -215,9 +216,10 @@ def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: St
             return Check("schema_matches", True,
                          f"schema matches the backup's archive as PostgreSQL {major} renders it" if upgrade
                          else "schema matches the backup's archive (privileges compared as sets)")
+        if deparse.folded(expected) == deparse.folded(live):
+            return Check("schema_matches", True,
+                         f"schema matches the backup's archive up to {deparse.tolerated([(expected, live)])}")
         expected, live = deparse.folded(expected), deparse.folded(live)
-        if expected == live:
-            return Check("schema_matches", True, f"schema matches the backup's archive up to {deparse.TOLERATED}")
         diff = [ln for ln in difflib.unified_diff(expected.splitlines(), live.splitlines(),
                                                   "backup", "database", n=0, lineterm="")
                 if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]

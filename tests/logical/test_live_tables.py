@@ -70,3 +70,21 @@ def test_live_replace_brings_back_the_source_rows(seed_copy: Callable[..., Any])
     assert replaced.validation is not None and replaced.validation.ok, failures(replaced.validation)
     assert replaced.mode == "replace"
     assert copied(dbcompare.table_hashes(target.dsn), "public") == expected
+
+
+def test_a_key_gone_with_a_dropped_table_fails_the_live_restore_naming_it(seed_copy: Callable[..., Any]) -> None:
+    """Table PITR of a table dropped with CASCADE: the table comes back from the recovered
+    cluster, crm_projects' key to it does not (a table restore writes no other table), and the
+    verdict says so, as it does for a restore from a backup, instead of "OK"."""
+    source, target = seed_copy("livesrc"), seed_copy("livedst")
+    target.execute("DROP TABLE public.crm_clients CASCADE")
+    with LiveTables(ConnInfo(source.dsn), {("public", "crm_clients")}, "live-source", None, 2) as live:
+        restored = restore_tables_from(live, target.dsn, ["public.crm_clients"], run_validation=False)
+        manifest = live.settled()
+    assert restored.validation is None
+    entries = resolve_tables(manifest, ["public.crm_clients"])
+    report = validate_tables(ConnInfo(target.dsn), manifest, entries,
+                             {("public", "crm_clients"): ("public", "crm_clients")}, 2, NullReporter())
+    assert [c.name for c in report.failed] == ["foreign_keys_match"], failures(report)
+    assert "missing public.crm_projects.crm_projects_client_id_fkey" in failures(report)
+    assert "ALTER TABLE public.crm_projects ADD CONSTRAINT crm_projects_client_id_fkey" in failures(report)

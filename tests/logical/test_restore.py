@@ -1,7 +1,9 @@
-"""Loading sessions of a full restore: when they let the server add parallel workers."""
+"""A full restore: when its loading sessions let the server add parallel workers, and the
+refusal, before anything is created, of a role that cannot give objects back to their owners."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Callable
 
 import psycopg
@@ -38,3 +40,43 @@ def test_parallel_workers_are_turned_off_then_back_to_the_databases_own_settings
         assert _shown(conn) == {"max_parallel_workers_per_gather": "0", "max_parallel_maintenance_workers": "0"}
         allow_parallel_workers(conn, True)
         assert _shown(conn) == {"max_parallel_workers_per_gather": "3", "max_parallel_maintenance_workers": "1"}
+
+
+def test_a_restore_that_cannot_give_objects_back_to_their_owners_is_refused_before_anything_is_created(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """GNUmed's objects belong to gm-dbo. Restored by a role that may create databases but is
+    neither a superuser nor a member of gm-dbo, pg_restore failed half-way (`must be member of
+    role "gm-dbo"`), leaving a new database marked unfinished. The restore now refuses before
+    creating anything, naming the owners and the grant that lets it through."""
+    tag = uuid.uuid4().hex[:8]
+    source, copy, owner, restorer = f"owned_{tag}", f"owned_copy_{tag}", f"app-owner_{tag}", f"restorer_{tag}"
+    password = uuid.uuid4().hex
+    with pg_server.admin_conn() as conn:
+        conn.execute(f'CREATE ROLE "{owner}" NOLOGIN')
+        conn.execute(f"CREATE ROLE {restorer} CREATEDB LOGIN PASSWORD '{password}'")
+        conn.execute(f"CREATE DATABASE {source} OWNER {restorer}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute(f'CREATE SCHEMA app AUTHORIZATION "{owner}";'
+                         "CREATE TABLE app.t (id int PRIMARY KEY, note text);"
+                         f'ALTER TABLE app.t OWNER TO "{owner}";'
+                         "INSERT INTO app.t VALUES (1, 'a'), (2, E'tab\\there')")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        as_restorer = f"postgresql://{restorer}:{password}@{pg_server.host}:{pg_server.port}/{copy}"
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"], "--target-dsn", as_restorer,
+                   "--create")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f'"{owner}"' in proc.stderr and f'GRANT "{owner}" TO {restorer}' in proc.stderr, proc.stderr
+        with pg_server.admin_conn() as conn:
+            assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (copy,)).fetchone() == (0,)
+            conn.execute(f'GRANT "{owner}" TO {restorer}')
+        restored = cli.json("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                            "--target-dsn", as_restorer, "--create")
+        assert restored["ok"] is True
+    finally:
+        with pg_server.admin_conn() as conn:
+            for db in (copy, source):
+                conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+            conn.execute(f'DROP ROLE IF EXISTS "{owner}"')
+            conn.execute(f"DROP ROLE IF EXISTS {restorer}")

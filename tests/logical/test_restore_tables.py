@@ -192,6 +192,43 @@ def test_dropped_table_is_recreated_with_everything(cli: Any, local_repo: str, l
     dbcompare.assert_same(dbcompare.fingerprint(seed_db.dsn), dbcompare.fingerprint(db.dsn))
 
 
+def test_foreign_keys_gone_with_a_dropped_table_are_named_with_the_statement_that_adds_them_back(
+        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]], seed_db: Any) -> None:
+    """``DROP TABLE crm_clients CASCADE`` also drops crm_projects' key to it. The restore
+    brings the table back with its own definition and writes no other table, so that key stays
+    missing: the restore's verdict said "OK — complete and consistent" all the same (GNUmed's
+    clin_narrative, which two tables reference, came back so). It now fails naming the key
+    and the statement that adds it back; once that is run the database validates against the
+    backup."""
+    db, _ = live
+    db.execute("DROP TABLE public.crm_clients CASCADE")
+    result = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.crm_clients",
+                      "--target-dsn", db.dsn, expect_rc=3)
+    failed = {c["name"]: c["detail"] for c in _checks(result) if not c["ok"]}
+    assert set(failed) == {"foreign_keys_match"}, failed
+    detail = failed["foreign_keys_match"]
+    assert "missing public.crm_projects.crm_projects_client_id_fkey" in detail, detail
+    statement = detail.split("add a missing key back with ", 1)[1].removesuffix(")")
+    assert statement.startswith("ALTER TABLE public.crm_projects ADD CONSTRAINT crm_projects_client_id_fkey"
+                                " FOREIGN KEY (client_id) REFERENCES public.crm_clients(id)"), statement
+    assert db.scalar("SELECT count(*) FROM public.crm_clients") == seed_db.scalar("SELECT count(*) FROM public.crm_clients")
+    db.execute(statement)
+    assert cli.json("validate", "--repo", local_repo, "--dsn", db.dsn, "--against", "latest")["ok"] is True
+    again = cli.json("restore", "tables", "--repo", local_repo, "--tables", "public.crm_clients",
+                     "--target-dsn", db.dsn, "--replace")
+    assert again["ok"] is True
+
+
+def _checks(result: Any) -> list[dict[str, Any]]:
+    """Every check dict anywhere in a command's JSON."""
+    if isinstance(result, dict):
+        own = [result] if {"name", "ok", "detail"} <= result.keys() else []
+        return own + [c for v in result.values() for c in _checks(v)]
+    if isinstance(result, list):
+        return [c for v in result for c in _checks(v)]
+    return []
+
+
 def test_a_table_whose_schema_the_target_lacks_is_refused_untouched(
         cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
     """As ``pg_restore --table``, a table goes back into its own schema and the schema is not

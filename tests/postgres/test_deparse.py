@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backup_tool.postgres.deparse import folded, same_when_folded
+from backup_tool.postgres.deparse import TOLERATED, folded, same_when_folded, tolerated
 from backup_tool.validation.validate import compare_sets
 
 
@@ -82,3 +82,27 @@ def test_a_changed_element_or_type_of_a_cast_array_still_differs() -> None:
     assert folded(_IN_LIST.replace("needs_changes", "approved")) != folded(_READ_BACK)
     assert folded(_IN_LIST.replace("::text[]", "::name[]")) != folded(_READ_BACK)
     assert not same_when_folded({"definition": _IN_LIST.replace("in_progress", "x")}, {"definition": _READ_BACK})
+
+
+
+def test_a_check_that_passed_on_a_tolerated_form_names_that_form_alone() -> None:
+    """GNUmed's `laterality IN (...)` check matched through the ARRAY-cast form, and the check
+    said it matched "up to ... the letter case of EXTRACT fields ... and casts of whole ARRAY
+    constructors": a form its schema does not have. Each check now names only the forms that
+    made it pass."""
+    key = lambda i: f"{i['schema']}.{i['table']}.{i['name']}"  # noqa: E731
+    in_list = [{"schema": "public", "table": "w", "name": "u", "definition": _IN_LIST}]
+    read_back = [{**in_list[0], "definition": _READ_BACK}]
+    year = [{**in_list[0], "name": "y", "definition": "CREATE INDEX y ON public.w USING btree (EXTRACT(YEAR FROM d))"}]
+    lower = [{**year[0], "definition": year[0]["definition"].replace("YEAR", "year")}]
+    arrays = compare_sets("indexes_valid", "indexes", in_list, read_back, key)
+    assert arrays.ok and "casts of whole ARRAY[...] constructors" in arrays.detail, arrays.detail
+    assert "EXTRACT" not in arrays.detail, arrays.detail
+    fields = compare_sets("indexes_valid", "indexes", year, lower, key)
+    assert fields.ok and "EXTRACT fields" in fields.detail and "ARRAY" not in fields.detail, fields.detail
+    both = compare_sets("indexes_valid", "indexes", in_list + year, read_back + lower, key)
+    assert both.ok and "2 up to" in both.detail and "EXTRACT fields" in both.detail and "ARRAY" in both.detail
+    assert tolerated([(_IN_LIST, _READ_BACK)]) == ("what pg_dump does not keep: casts of whole ARRAY[...]"
+                                                   " constructors ((ARRAY[a, b])::T[] reads back as"
+                                                   " ARRAY[(a)::T, (b)::T], the same)")
+    assert tolerated([(_IN_LIST + " EXTRACT(YEAR FROM d)", _READ_BACK + " EXTRACT(year FROM d)")]) == TOLERATED

@@ -82,8 +82,8 @@ def _archive(minor: int, entries: list[tuple[int, str, str, int, tuple[int, ...]
 def test_pg_dump_17_archives_are_read() -> None:
     archive = _archive(16, [(7, "INDEX", "tp_1_1_b_idx", 4, ()), (9, "INDEX ATTACH", "tp_1_1_b_idx", 4, (7, 3))])
     assert schema.read_toc(archive) == [
-        TocEntry(7, POST, "INDEX", "public", "tp_1_1_b_idx", ()),
-        TocEntry(9, POST, "INDEX ATTACH", "public", "tp_1_1_b_idx", (7, 3))]
+        TocEntry(7, POST, "INDEX", "public", "tp_1_1_b_idx", (), owner="postgres"),
+        TocEntry(9, POST, "INDEX ATTACH", "public", "tp_1_1_b_idx", (7, 3), owner="postgres")]
     with pytest.raises(schema.UnreadableToc):
         schema.read_toc(archive[:-20])
     with pytest.raises(schema.UnreadableToc):
