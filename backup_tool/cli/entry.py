@@ -37,6 +37,9 @@ def main() -> None:
         import gc
 
         gc.disable()  # until the command has loaded and opened its repository: see resume_collection
+        from backup_tool.cli import ahead
+
+        ahead.start_backup(sys.argv[1:])  # its S3 client built, its first reads made while the CLI loads
     elif sys.argv[1:3] == ["restore", "tables"]:
         import gc
 
