@@ -283,12 +283,12 @@ def _read_for_backup(incremental: bool, storage: Storage, journal: Journal,
     key = encryption_of(storage)
     catalog = Catalog(storage)
     with cf.ThreadPoolExecutor(LOAD_THREADS) as pool:
-        first: list[cf.Future[Any]] = [pool.submit(storage.exists, key_marker(key.key_id)) if key is not None
-                                       else pool.submit(recorded_key_ids, storage)]
+        guard: cf.Future[Any] = (pool.submit(storage.exists, key_marker(key.key_id)) if key is not None
+                                 else pool.submit(recorded_key_ids, storage))
         listing = pool.submit(catalog.ids)
         index = pool.submit(read_index, storage)
-        if incremental:
-            first.append(pool.submit(_drain, storage, ARCHIVE_INFO_KEY))
+        first: list[cf.Future[Any]] = [pool.submit(_drain, storage, ARCHIVE_INFO_KEY)] if incremental else []
+        guard.result()  # every listing recorded before the plan: past it, only planned objects are waited for
         ids, vouched = listing.result(), (index.result() or ([], {}))[1]
         unvouched = [i for i in ids if i not in vouched]
         loading = [pool.submit(catalog.load, i) for i in unvouched]
