@@ -7,12 +7,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from backup_tool.repository.storage import ObjectMissingError, Storage
 from backup_tool.repository.storage.ahead import Journal, JournalReader, RecordingBackend, ReplayBackend
+from backup_tool.repository.storage.base import ObjectLock
 from backup_tool.repository.storage.local import LocalStorage
 
 
@@ -198,3 +200,14 @@ def test_what_the_command_wrote_is_read_from_the_store(fds: Fds, store: LocalSto
     assert replay.get_bytes("manifests/m1.json") == store.get_bytes("manifests/m1.json")
     assert [i.key for i in replay.list("data/")] == ["data/empty"]
     assert real.reads == ["get manifests/m0.json", "get manifests/new.json", "list manifests/"]
+
+
+def test_the_object_lock_set_through_the_replay_is_the_stores(fds: Fds, store: LocalStorage) -> None:
+    """A backup locks what it writes through the replay; what reads the lock back (the catalog
+    index is never written under a lock) reads the store's."""
+    fds.close_writer()
+    replay = ReplayBackend(JournalReader(fds.read, fds.data), lambda: store)
+    assert replay.object_lock is None
+    lock = ObjectLock("governance", datetime(2030, 1, 1, tzinfo=timezone.utc))
+    replay.lock_new_objects(lock)
+    assert replay.object_lock == lock == store.object_lock

@@ -347,6 +347,11 @@ class ReplayBackend(Storage):
     def lock_new_objects(self, lock: ObjectLock | None) -> None:
         self.real.lock_new_objects(lock)
 
+    @property
+    def object_lock(self) -> ObjectLock | None:  # type: ignore[override]  # the base declares a plain attribute; a wrapper must delegate
+        """The store's: what :meth:`lock_new_objects` set there (None while it is unopened)."""
+        return self._real.object_lock if self._real is not None else None
+
     def get_range(self, key: str, start: int, end: int, stored_size: int) -> bytes:
         return self.real.get_range(key, start, end, stored_size)
 
