@@ -139,7 +139,8 @@ class BackupAhead:
 def parse_backup(argv: list[str]) -> BackupAhead | None:
     """``argv`` (after the program name) as a ``backup full|incremental`` command whose reads
     are made ahead, or None: another command, ``--help``, an option or argument this parser
-    does not know, an option without its value. The last of a repeated option wins. Pure."""
+    does not know, an option without its value, a ``--jobs`` that is not a number from 1 to 64
+    (the command refuses it at once). The last of a repeated option wins. Pure."""
     if argv[:2] not in (["backup", "full"], ["backup", "incremental"]):
         return None
     found: dict[str, str] = {}
@@ -149,7 +150,7 @@ def parse_backup(argv: list[str]) -> BackupAhead | None:
         token = rest[i]
         name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
         if name not in _BACKUP_VALUES and token.startswith("-j") and token[2:].isdigit():
-            name, eq = "-j", "="
+            name, eq, value = "--jobs", "=", token[2:]
         if name in _BACKUP_FLAGS and not eq:
             pass
         elif name in _BACKUP_VALUES:
@@ -158,10 +159,13 @@ def parse_backup(argv: list[str]) -> BackupAhead | None:
                     return None
                 i += 1
                 value = rest[i]
-            found[name] = value
+            found["--jobs" if name == "-j" else name] = value
         else:
             return None
         i += 1
+    jobs = found.get("--jobs")
+    if jobs is not None and not (jobs.isascii() and jobs.isdigit() and 1 <= int(jobs) <= 64):
+        return None
     return BackupAhead(argv[1] == "incremental", found.get("--repo"))
 
 

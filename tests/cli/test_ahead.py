@@ -66,6 +66,8 @@ def test_a_plain_backup_line_is_read_ahead(argv: list[str], expected: BackupAhea
     ["backup", "full", "positional"],
     ["backup", "incremental", "--repo"],
     ["backup", "incremental", "--json=yes"],
+    ["backup", "full", "--jobs", "0"],
+    ["backup", "incremental", "-j65"],
 ])
 def test_any_other_backup_line_runs_without_read_ahead(argv: list[str]) -> None:
     assert parse_backup(argv) is None

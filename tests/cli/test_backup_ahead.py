@@ -5,7 +5,9 @@ its lock taken from the store."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -64,3 +66,26 @@ def test_an_incremental_starts_from_the_reads_made_ahead(tmp_path: Any, repo: st
 def test_without_read_ahead_nothing_is_read_ahead(tmp_path: Any, repo: str, source: Any) -> None:
     full, reads = backup(Cli(workdir=tmp_path), "full", repo, source, env={"BACKUP_TOOL_READ_AHEAD": "0"})
     assert reads is None and full["kind"] == "full"
+
+
+def test_an_encrypted_repository_is_guarded_and_read_ahead_alike(tmp_path: Any, repo: str, source: Any) -> None:
+    """The key guard's read (the key marker) is made ahead; a backup without the key is refused
+    exactly as without read-ahead, before anything is written."""
+    cli = Cli(workdir=tmp_path)
+    key = {"BACKUP_TOOL_ENCRYPTION_KEY": base64.b64encode(os.urandom(32)).decode()}
+    full, _ = backup(cli, "full", repo, source, env=key)
+    incremental, reads = backup(cli, "incremental", repo, source, env=key)
+    assert incremental["parent_id"] == full["id"]
+    assert reads is not None and any(r.startswith("exists encryption/") for r in reads), reads
+    argv = ("backup", "incremental", "--repo", repo, "--dsn", source.dsn, "--json")
+    refused = [cli(*argv, env=off) for off in ({}, {"BACKUP_TOOL_READ_AHEAD": "0"})]
+    assert refused[0].returncode == refused[1].returncode == 1 and "key id" in refused[0].stderr
+    assert (refused[0].stdout, refused[0].stderr) == (refused[1].stdout, refused[1].stderr)
+
+
+def test_a_missing_bucket_is_reported_exactly_as_without_read_ahead(tmp_path: Any, source: Any) -> None:
+    cli = Cli(workdir=tmp_path)
+    argv = ("backup", "incremental", "--repo", f"s3://bt-missing-{uuid.uuid4().hex[:10]}/x", "--dsn", source.dsn)
+    runs = [cli(*argv, env=off) for off in ({}, {"BACKUP_TOOL_READ_AHEAD": "0"})]
+    assert runs[0].returncode == runs[1].returncode == 1 and "does not exist" in runs[0].stderr
+    assert (runs[0].stdout, runs[0].stderr) == (runs[1].stdout, runs[1].stderr)
