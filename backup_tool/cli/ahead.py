@@ -29,12 +29,14 @@ Guarantees:
 they need an S3 client of their own anyway (they write), so the entry point builds it first
 and a thread makes, while Typer, psycopg and the backup's modules load, the reads the backup
 starts with: the key guard's (:mod:`backup_tool.repository.keyguard`), the catalog's listing
-and index, and, for an incremental, the newest manifest of the database (its parent, unless
-the policy starts a new chain) and the WAL archive's identity. Three requests go out at once,
-then two. The same journal carries them (in one process), answered with ``lists_once``: the
-listing the backup makes again once it holds its lock comes from the store, as do the reads of
-anything it wrote. The same command lines qualify as above (an S3 repository, options this
-module's parser knows); the thread writes nothing and its failures are never reported.
+and index, the newest manifests the index does not vouch for, and, for an incremental, the
+newest manifest of the database (its parent, unless the policy starts a new chain) and the WAL
+archive's identity. The listings and the identity go out at once, then the index and the
+manifests, each on a daemon thread (a command that stops early exits at once). The same
+journal carries them (in one process), answered with ``lists_once``: the listing the backup
+makes again once it holds its lock comes from the store, as do the reads of anything it wrote.
+The same command lines qualify as above (an S3 repository, options this module's parser
+knows); the thread writes nothing and its failures are never reported.
 """
 
 from __future__ import annotations
