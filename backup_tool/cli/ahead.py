@@ -24,22 +24,45 @@ Guarantees:
   and Ctrl-C stops it with the command.
 - Its failures are never reported: a read it could not make is made by the command, which
   reports any failure exactly as it did without the read-ahead (same message, same exit code).
+
+``backup full`` and ``backup incremental`` read ahead on a thread instead (:func:`start_backup`):
+they need an S3 client of their own anyway (they write), so the entry point builds it first
+and a thread makes, while Typer, psycopg and the backup's modules load, the reads the backup
+starts with: the key guard's (:mod:`backup_tool.repository.keyguard`), the catalog's listing
+and index, the newest manifests the index does not vouch for, and, for an incremental, the
+newest manifest of the database (its parent, unless the policy starts a new chain) and the WAL
+archive's identity. The listings and the identity go out at once, then the index and the
+manifests, each on a daemon thread (a command that stops early exits at once). The same
+journal carries them (in one process), answered with ``lists_once``: the listing the backup
+makes again once it holds its lock comes from the store, as do the reads of anything it wrote.
+The same command lines qualify as above (an S3 repository, options this module's parser
+knows); the thread writes nothing and its failures are never reported.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import gc
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 from backup_tool.config.locations import repo_url
+from backup_tool.core.kinds import LOGICAL_KINDS
 from backup_tool.logical.selection import read_ahead, split_names
-from backup_tool.repository.catalog import DatabaseHint
-from backup_tool.repository.storage import open_backend, open_repository
+from backup_tool.repository.catalog import LOAD_THREADS, Catalog, DatabaseHint, manifest_key
+from backup_tool.repository.catalog_index import IndexEntry, read_index
+from backup_tool.repository.keyguard import key_marker, recorded_key_ids
+from backup_tool.repository.storage import Storage, open_backend, open_repository, open_storage
 from backup_tool.repository.storage.ahead import Journal, JournalReader, RecordingBackend, ReplayBackend
+from backup_tool.repository.storage.encrypted import encryption_of
+from backup_tool.repository.walidentity import ARCHIVE_INFO_KEY
 from backup_tool.streams.pipes import widen_pipe
+
+T = TypeVar("T")
 
 DISABLE_ENV = "BACKUP_TOOL_READ_AHEAD"
 PAUSE_POINT = "ahead:planned"
@@ -105,11 +128,78 @@ def parse_request(argv: list[str]) -> AheadRequest | None:
                         jobs=int(jobs) if jobs is not None else None, with_roles="with_roles" in flags)
 
 
+_BACKUP_VALUES = frozenset({"--repo", "--dsn", "--policy", "--jobs", "-j", "--lock-timeout", "--pg-bin"})
+_BACKUP_FLAGS = frozenset({"--json", "--debug"})
+
+
+@dataclass(frozen=True)
+class BackupAhead:
+    """What the reading thread needs of a ``backup full|incremental`` command line."""
+
+    incremental: bool
+    repo: str | None = None
+
+
+def parse_backup(argv: list[str]) -> BackupAhead | None:
+    """``argv`` (after the program name) as a ``backup full|incremental`` command whose reads
+    are made ahead, or None: another command, ``--help``, an option or argument this parser
+    does not know, an option without its value, a ``--jobs`` that is not a number from 1 to 64
+    (the command refuses it at once). The last of a repeated option wins. Pure."""
+    if argv[:2] not in (["backup", "full"], ["backup", "incremental"]):
+        return None
+    found: dict[str, str] = {}
+    rest = argv[2:]
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name not in _BACKUP_VALUES and token.startswith("-j") and token[2:].isdigit():
+            name, eq, value = "--jobs", "=", token[2:]
+        if name in _BACKUP_FLAGS and not eq:
+            pass
+        elif name in _BACKUP_VALUES:
+            if not eq:
+                if i + 1 >= len(rest):
+                    return None
+                i += 1
+                value = rest[i]
+            found["--jobs" if name == "-j" else name] = value
+        else:
+            return None
+        i += 1
+    jobs = found.get("--jobs")
+    if jobs is not None and not (jobs.isascii() and jobs.isdigit() and 1 <= int(jobs) <= 64):
+        return None
+    return BackupAhead(argv[1] == "incremental", found.get("--repo"))
+
+
 @dataclass
 class _Ahead:
-    pid: int
+    pid: int | None
+    """The reading process; None: a thread of this process reads (:func:`start_backup`)."""
     url: str
     reader: JournalReader
+    backend: Storage | None = None
+    """The store, opened by this process (a backup's: :func:`start_backup`)."""
+    database: _Told | None = None
+    """The backup's database, told the reading thread by :func:`backend_for`."""
+
+
+class _Told:
+    """A value one thread tells another once."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._value: str | None = None
+
+    def tell(self, value: str | None) -> None:
+        if not self._event.is_set():
+            self._value = value
+            self._event.set()
+
+    def wait(self) -> str | None:
+        self._event.wait()
+        return self._value
 
 
 _AHEAD: _Ahead | None = None
@@ -149,16 +239,119 @@ def start(argv: list[str]) -> None:
     atexit.register(stop)
 
 
-def backend_for(url: str) -> ReplayBackend | None:
+def start_backup(argv: list[str]) -> None:
+    """Open the store of a ``backup full|incremental`` command line that qualifies (module
+    docstring) and start the thread reading ahead from it."""
+    global _AHEAD
+    if _AHEAD is not None or os.environ.get(DISABLE_ENV, "").strip() == "0" or not hasattr(os, "memfd_create"):
+        return
+    request = parse_backup(argv)
+    if request is None:
+        return
+    url = repo_url(request.repo)
+    if not url.startswith("s3://"):
+        return
+    try:
+        backend = open_backend(url)
+    except Exception:  # noqa: BLE001 - the command opens it again and reports why it cannot
+        return
+    try:
+        data_fd = os.memfd_create("backup-tool-read-ahead", os.MFD_CLOEXEC)
+        read_fd, write_fd = os.pipe()
+    except OSError:
+        return
+    widen_pipe(write_fd)
+    journal = Journal(write_fd, data_fd)
+    database = _Told()
+
+    def read() -> None:
+        try:
+            journal.hello(backend.url)
+            _read_for_backup(request.incremental, open_storage(url, backend=RecordingBackend(backend, journal)),
+                             journal, database.wait)
+        except BaseException:  # noqa: BLE001 - the backup makes the read itself and reports it
+            pass
+        finally:
+            journal.end()
+
+    threading.Thread(target=read, name="read-ahead", daemon=True).start()
+    _AHEAD = _Ahead(None, url, JournalReader(read_fd, data_fd), backend, database)
+    import atexit
+
+    atexit.register(stop)
+
+
+def _read_for_backup(incremental: bool, storage: Storage, journal: Journal,
+                     database: Callable[[], str | None]) -> None:
+    """The reads a backup starts with (module docstring), independent ones at once: the key
+    guard's, the catalog's listing and index, the newest manifests the index does not vouch for
+    (the catalog reads them), and for an incremental the WAL archive's identity and the newest
+    manifest of the database, once ``database`` has said which it is (the command parses its
+    DSN: psycopg, which would parse it here, must not be imported by two threads at once)."""
+    key = encryption_of(storage)
+    catalog = Catalog(storage)
+    guard = (_spawn(storage.exists, key_marker(key.key_id)) if key is not None
+             else _spawn(recorded_key_ids, storage))
+    listing = _spawn(catalog.ids)
+    index = _spawn(read_index, storage)
+    first: list[cf.Future[Any]] = [_spawn(_drain, storage, ARCHIVE_INFO_KEY)] if incremental else []
+    guard.result()  # every listing recorded before the plan: past it, only planned objects are waited for
+    ids, vouched = listing.result(), (index.result() or ([], {}))[1]
+    unvouched = [i for i in ids if i not in vouched][-LOAD_THREADS:]  # the newest: the rest the backup reads
+    loading = [_spawn(catalog.load, i) for i in unvouched]
+    parent = _newest_of(database(), [vouched[i] for i in ids if i in vouched]) if incremental else None
+    planned = [manifest_key(i) for i in unvouched] + ([manifest_key(parent)] if parent else [])
+    journal.plan(planned + ([ARCHIVE_INFO_KEY] if incremental else []))
+    if parent:
+        first.append(_spawn(_drain, storage, manifest_key(parent)))
+    for done in (*first, *loading):
+        done.result()
+
+
+def _spawn(fn: Callable[..., T], *args: Any) -> cf.Future[T]:
+    """``fn(*args)`` on a daemon thread of its own: a command that stops early (a usage error,
+    a refusal) exits at once, never waiting for a read made ahead (an executor's workers are
+    joined at exit, through every retry of a store that does not answer)."""
+    future: cf.Future[T] = cf.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="read-ahead", daemon=True).start()
+    return future
+
+
+def _newest_of(database: str | None, entries: list[IndexEntry]) -> str | None:
+    """The newest logical backup of ``database`` among ``entries``: the parent an incremental
+    is likeliest to take. Pure."""
+    chain = [e for e in entries if database is not None and e.record.get("database") == database
+             and e.record.get("kind") in LOGICAL_KINDS]
+    return max(chain, key=lambda e: (e.parsed.started_at, e.id)).id if chain else None
+
+
+def _drain(storage: Storage, key: str) -> None:
+    for _ in storage.get_stored(key):
+        pass
+
+
+def backend_for(url: str, database: str | None = None) -> ReplayBackend | None:
     """The store of ``url`` answered by the reads made ahead, when they were made from it;
-    else None (and the reading process is stopped): the command opens its store as usual."""
+    else None (and the reading is stopped): the command opens its store as usual.
+    ``database``: a backup's (see :func:`start_backup`), None when its DSN names none."""
     ahead = _AHEAD
     if ahead is None:
         return None
+    if ahead.database is not None:
+        ahead.database.tell(database)
     if url != ahead.url:
         stop()
         return None
-
+    if ahead.backend is not None:
+        opened = ahead.backend
+        return ReplayBackend(ahead.reader, lambda: opened, lists_once=True)
     return ReplayBackend(ahead.reader, lambda: open_backend(url))
 
 
@@ -170,6 +363,8 @@ def stop() -> None:
     if ahead is None:
         return
     ahead.reader.finish()
+    if ahead.pid is None:
+        return
     try:
         os.kill(ahead.pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 
@@ -16,6 +17,8 @@ from backup_tool.cli.common import (
 
 if TYPE_CHECKING:
     from backup_tool.repository.storage import Storage
+
+READ_AHEAD_EVENT = "repository reads made ahead"
 
 LockTimeout = Annotated[float, typer.Option(
     "--lock-timeout", metavar="SECONDS", min=0,
@@ -33,8 +36,8 @@ def backup_full_cmd(
     """Take a full logical backup now: schema, roles and every table, from one snapshot."""
     from backup_tool.logical.backup import backup_full
 
-    manifest = backup_full(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout,
-                           storage=_opened_while_loading(inv))
+    with _opened_while_loading(inv) as storage:
+        manifest = backup_full(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout, storage=storage)
     entry = manifest.summary()
     inv.out(entry, lambda: f"backup {entry['id']} complete: {entry['tables']} tables, {entry['rows']} rows, "
                            f"{human_size(entry['raw_bytes'])} of data stored as {human_size(entry['size_bytes'])}, "
@@ -55,8 +58,9 @@ def backup_incremental_cmd(
     from backup_tool.logical.backup import backup_incremental
     from backup_tool.physical import walscan
 
-    manifest = backup_incremental(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout,
-                                  changes=walscan.changed_relations, storage=_opened_while_loading(inv))
+    with _opened_while_loading(inv) as storage:
+        manifest = backup_incremental(inv.settings, inv.reporter, jobs=jobs, lock_timeout=lock_timeout,
+                                      changes=walscan.changed_relations, storage=storage)
     entry = manifest.summary()
     changed = len([t for t in manifest.tables if t.stored and t.stored[0].key.startswith(f"backups/{manifest.id}/")])
     how = {"wal": " (changes read from the WAL archive)",
@@ -67,15 +71,27 @@ def backup_incremental_cmd(
     return 0
 
 
-def _opened_while_loading(inv: Invocation) -> Storage:
+@contextmanager
+def _opened_while_loading(inv: Invocation) -> Iterator[Storage]:
     """The repository, opened before the garbage collector comes back on: the entry point
     turns it off while a backup command loads (:func:`backup_tool.cli.entry.resume_collection`),
     and building the S3 client (botocore's endpoint and service data) set off 20-35 ms of
-    collections on its own."""
+    collections on its own. Over the reads the entry point made ahead, when it did
+    (:func:`backup_tool.cli.ahead.start_backup`; reported once the backup ends)."""
+    from backup_tool.cli import ahead
     from backup_tool.cli.entry import resume_collection
     from backup_tool.repository.storage import open_storage
 
+    url = inv.settings.repo_url
     try:
-        return open_storage(inv.settings.repo_url)
+        backend = ahead.backend_for(url, inv.database(None).dsn)
+        storage = open_storage(url, backend=backend)
     finally:
         resume_collection()
+    try:
+        yield storage
+    finally:
+        ahead.stop()
+        if backend is not None:
+            inv.reporter.event(READ_AHEAD_EVENT, answered=len(backend.answered),
+                               reads=[f"{op} {arg}" for op, arg in backend.answered])

@@ -6,8 +6,9 @@ push-ahead process (started if none runs) to make it durable, and a plain ``wal 
 otherwise runs without the CLI. Whatever these cannot answer, the full command does.
 ``--version`` (and ``version``) alone is answered here too, as the CLI would answer it.
 ``restore tables`` forks its repository reads off here, before the CLI loads (:mod:`.ahead`),
-with glibc's heaps padded (:func:`padded_heap_top`); it and ``backup full|incremental`` load
-with the garbage collector off (:func:`resume_collection`). Every full command runs with glibc's mmap threshold fixed (:func:`fixed_mmap_threshold`) and
+with glibc's heaps padded (:func:`padded_heap_top`); ``backup full|incremental`` build their S3
+client here and a thread makes their first repository reads while the CLI loads
+(:func:`.ahead.start_backup`); all three load with the garbage collector off (:func:`resume_collection`). Every full command runs with glibc's mmap threshold fixed (:func:`fixed_mmap_threshold`) and
 ends without a collector pass over what it loaded (:func:`exempt_from_collection`)."""
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main() -> None:
         import gc
 
         gc.disable()  # until the command has loaded and opened its repository: see resume_collection
+        from backup_tool.cli import ahead
+
+        ahead.start_backup(sys.argv[1:])  # its S3 client built, its first reads made while the CLI loads
     elif sys.argv[1:3] == ["restore", "tables"]:
         import gc
 

@@ -1,11 +1,12 @@
-"""Which ``restore tables`` command lines get their repository reads made ahead (cli/ahead.py):
-exactly the ones its parser fully understands; everything else runs as before."""
+"""Which ``restore tables`` and ``backup full|incremental`` command lines get their repository
+reads made ahead (cli/ahead.py): exactly the ones its parsers fully understand; everything else
+runs as before."""
 
 from __future__ import annotations
 
 import pytest
 
-from backup_tool.cli.ahead import AheadRequest, parse_request
+from backup_tool.cli.ahead import AheadRequest, BackupAhead, parse_backup, parse_request
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -43,3 +44,30 @@ def test_a_plain_restore_tables_line_is_read_ahead(argv: list[str], expected: Ah
 ])
 def test_anything_unusual_runs_without_read_ahead(argv: list[str]) -> None:
     assert parse_request(argv) is None
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["backup", "incremental", "--repo", "s3://b/p", "--dsn", "dbname=x"], BackupAhead(True, "s3://b/p")),
+    (["backup", "full", "--repo=s3://b/p", "-j2", "--lock-timeout", "30", "--policy", "nightly", "--json",
+      "--debug", "--pg-bin", "/usr/lib/postgresql/15/bin"], BackupAhead(False, "s3://b/p")),
+    (["backup", "incremental", "--jobs=4", "--repo", "s3://a/x", "--repo", "s3://b/y"], BackupAhead(True, "s3://b/y")),
+    (["backup", "incremental"], BackupAhead(True, None)),
+])
+def test_a_plain_backup_line_is_read_ahead(argv: list[str], expected: BackupAhead) -> None:
+    assert parse_backup(argv) == expected
+
+
+@pytest.mark.parametrize("argv", [
+    ["backup", "base", "--repo", "s3://b/p"],
+    ["restore", "tables", "--tables", "t"],
+    ["backup", "incremental", "--help"],
+    ["backup", "full", "-h"],
+    ["backup", "full", "--unknown"],
+    ["backup", "full", "positional"],
+    ["backup", "incremental", "--repo"],
+    ["backup", "incremental", "--json=yes"],
+    ["backup", "full", "--jobs", "0"],
+    ["backup", "incremental", "-j65"],
+])
+def test_any_other_backup_line_runs_without_read_ahead(argv: list[str]) -> None:
+    assert parse_backup(argv) is None

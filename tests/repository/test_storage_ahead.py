@@ -7,12 +7,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from backup_tool.repository.storage import ObjectMissingError, Storage
 from backup_tool.repository.storage.ahead import Journal, JournalReader, RecordingBackend, ReplayBackend
+from backup_tool.repository.storage.base import ObjectLock
 from backup_tool.repository.storage.local import LocalStorage
 
 
@@ -161,3 +163,51 @@ def test_writes_are_the_stores(fds: Fds, store: LocalStorage) -> None:
     assert store.get_bytes("new/object") == b"x"
     with pytest.raises(NotImplementedError):
         RecordingBackend(store, Journal(fds.data, fds.data)).put("k", [b"x"])
+
+
+def test_with_lists_once_a_prefix_listed_again_is_the_stores_listing(fds: Fds, store: LocalStorage) -> None:
+    """A backup lists the catalog before and after taking its lock: the second listing must see
+    a backup committed in between, so it is not answered from the journal."""
+    journal = Journal(fds.write, fds.data)
+    list(RecordingBackend(store, journal).list("manifests/"))
+    journal.end()
+    store.put("manifests/committed-meanwhile.json", [b"{}"])
+    real = counting(store)
+    replay = ReplayBackend(JournalReader(fds.read, fds.data), lambda: real, lists_once=True)
+    assert "manifests/committed-meanwhile.json" not in [i.key for i in replay.list("manifests/")]
+    assert "manifests/committed-meanwhile.json" in [i.key for i in replay.list("manifests/")]
+    assert real.reads == ["list manifests/"]
+
+
+def test_what_the_command_wrote_is_read_from_the_store(fds: Fds, store: LocalStorage) -> None:
+    """A read after one's own write sees it: neither the key written (nor deleted) nor a
+    listing of a prefix holding it is answered from the journal; other recorded reads still are."""
+    journal = Journal(fds.write, fds.data)
+    recorder = RecordingBackend(store, journal)
+    for key in ("manifests/m0.json", "manifests/m1.json"):
+        b"".join(recorder.get(key))
+    list(recorder.list("manifests/"))
+    list(recorder.list("data/"))
+    journal.end()
+    real = counting(store)
+    replay = ReplayBackend(JournalReader(fds.read, fds.data), lambda: real)
+    replay.delete("manifests/m0.json")
+    replay.put("manifests/new.json", [b"new"])
+    with pytest.raises(ObjectMissingError):
+        replay.get_bytes("manifests/m0.json")
+    assert replay.get_bytes("manifests/new.json") == b"new"
+    assert "manifests/new.json" in [i.key for i in replay.list("manifests/")]
+    assert replay.get_bytes("manifests/m1.json") == store.get_bytes("manifests/m1.json")
+    assert [i.key for i in replay.list("data/")] == ["data/empty"]
+    assert real.reads == ["get manifests/m0.json", "get manifests/new.json", "list manifests/"]
+
+
+def test_the_object_lock_set_through_the_replay_is_the_stores(fds: Fds, store: LocalStorage) -> None:
+    """A backup locks what it writes through the replay; what reads the lock back (the catalog
+    index is never written under a lock) reads the store's."""
+    fds.close_writer()
+    replay = ReplayBackend(JournalReader(fds.read, fds.data), lambda: store)
+    assert replay.object_lock is None
+    lock = ObjectLock("governance", datetime(2030, 1, 1, tzinfo=timezone.utc))
+    replay.lock_new_objects(lock)
+    assert replay.object_lock == lock == store.object_lock

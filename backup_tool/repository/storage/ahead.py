@@ -25,7 +25,15 @@ Guarantees:
   first reads are the same as its. Once it has named them (``plan``), only those are waited
   for.
 - Writes, deletes and everything else go to the real backend; nothing is ever written to the
-  store by the reading process.
+  store by the reading process. Once the command has written or deleted a key (or begun to),
+  that key is never answered from the journal again, nor a listing of a prefix holding it: a
+  read after one's own write sees it.
+- A command that lists a prefix again to see what changed meanwhile (a backup reads the catalog
+  before and after taking its lock) opens the replay with ``lists_once``: the journal answers
+  each prefix's first listing only, and every later one comes from the store.
+
+The reads may also be made by a thread of the command itself (``backup full|incremental``:
+see :mod:`backup_tool.cli.ahead`), the journal then being written and read in one process.
 """
 
 from __future__ import annotations
@@ -243,12 +251,14 @@ class ReplayBackend(Storage):
     backend ``open_real`` opens (once, on first need). See the module docstring.
     ``answered``: the reads answered from the journal; ``opened``: whether the store was."""
 
-    def __init__(self, journal: JournalReader, open_real: Callable[[], Storage]) -> None:
+    def __init__(self, journal: JournalReader, open_real: Callable[[], Storage], lists_once: bool = False) -> None:
         self.journal = journal
         self._open_real = open_real
         self._real: Storage | None = None
         self._lock = threading.Lock()
         self.answered: list[ReadKey] = []
+        self.lists_once = lists_once
+        self._written: set[str] = set()
 
     @property
     def url(self) -> str:  # type: ignore[override]  # the base declares a plain attribute
@@ -267,17 +277,32 @@ class ReplayBackend(Storage):
         return self._real is not None
 
     def _recorded(self, op: str, arg: str) -> dict[str, Any] | None:
+        if self._touched(op, arg):
+            return None
         record = self.journal.find((op, arg))
         if record is not None:
             self.answered.append((op, arg))
         return record
+
+    def _touched(self, op: str, arg: str) -> bool:
+        """Whether the read ``(op, arg)`` must come from the store: the command wrote what it
+        covers, or (``lists_once``) the journal already answered this listing."""
+        with self._lock:
+            if op == "list":
+                return ((self.lists_once and (op, arg) in self.answered)
+                        or any(key.startswith(arg) for key in self._written))
+            return arg in self._written
+
+    def _writing(self, key: str) -> None:
+        with self._lock:
+            self._written.add(key)
 
     def get(self, key: str) -> Iterator[bytes]:
         """Lazy, like the backends' own: nothing waits until the first chunk is asked for.
         Streamed from the journal while the reading process downloads it; if that process
         stops before the end, the rest comes from the store (the object read again, the part
         already given skipped: objects are never replaced, and callers check the sha256)."""
-        if not self.journal.started(key):
+        if self._touched("get", key) or not self.journal.started(key):
             yield from self.real.get_stored(key)
             return
         self.answered.append(("get", key))
@@ -312,13 +337,20 @@ class ReplayBackend(Storage):
         return self.real.repository_exists() if record is None else bool(record["value"])
 
     def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        self._writing(key)
         return self.real.put(key, chunks)
 
     def delete(self, key: str) -> None:
+        self._writing(key)
         self.real.delete(key)
 
     def lock_new_objects(self, lock: ObjectLock | None) -> None:
         self.real.lock_new_objects(lock)
+
+    @property
+    def object_lock(self) -> ObjectLock | None:  # type: ignore[override]  # the base declares a plain attribute; a wrapper must delegate
+        """The store's: what :meth:`lock_new_objects` set there (None while it is unopened)."""
+        return self._real.object_lock if self._real is not None else None
 
     def get_range(self, key: str, start: int, end: int, stored_size: int) -> bytes:
         return self.real.get_range(key, start, end, stored_size)
@@ -333,6 +365,7 @@ class ReplayBackend(Storage):
         return self.real.object_lock_enabled()
 
     def purge(self, key: str) -> None:
+        self._writing(key)
         self.real.purge(key)
 
     def list_partials(self, prefix: str = "") -> Iterator[PartialUpload]:
