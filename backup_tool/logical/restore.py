@@ -472,7 +472,7 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
     checksums: dict[tuple[str, str], tuple[int, str]] = {}
     progress = run.reporter.task("data", total=sum(t.raw_size for t in data))
     busy = _Busy()
-    sessions = _LoadingSessions(loader, {"client_encoding": manifest.encoding, **LOAD_SETTINGS})
+    sessions = postgres.SessionPool(loader, {"client_encoding": manifest.encoding, **LOAD_SETTINGS})
 
     def load(t: TableEntry) -> None:
         key = (t.schema, t.name)
@@ -504,42 +504,6 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
         sessions.close()
     progress.finish()
     return checksums
-
-
-class _LoadingSessions:
-    """The loading sessions, reused from one table to the next (a database of thousands of
-    small tables would otherwise start a server backend per table). A session goes back to
-    the pool only after a table's work succeeded, with ``RESET ALL`` (unless ``reset`` is
-    False: the work sets nothing): what the post-data script or :func:`allow_parallel_workers`
-    set is undone, the settings it was opened with stay."""
-
-    def __init__(self, conninfo: ConnInfo, settings: dict[str, str], reset: bool = True) -> None:
-        self.conninfo = conninfo
-        self.settings = settings
-        self.reset = reset
-        self._idle: list[psycopg.Connection[Any]] = []
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def session(self) -> Iterator[psycopg.Connection[Any]]:
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        conn = conn or self.conninfo.connect(settings=self.settings)
-        try:
-            yield conn
-            if self.reset:
-                conn.execute("RESET ALL")
-        except BaseException:
-            conn.close()
-            raise
-        with self._lock:
-            self._idle.append(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
 
 
 def _build_post_data(run: _Run, archive_path: Path, major: int, built_early: frozenset[int] = frozenset()) -> None:
@@ -598,7 +562,7 @@ def analyze_all(target: ConnInfo, jobs: int, skip: frozenset[TableKey] = frozens
                                                        FROM pg_partition_tree(c.oid) t)
                            ELSE pg_table_size(c.oid) END DESC NULLS LAST""").fetchall()
     rels = [(schema_name, name) for schema_name, name in rels if (schema_name, name) not in skip]
-    sessions = _LoadingSessions(target, LOAD_SETTINGS, reset=False)
+    sessions = postgres.SessionPool(target, LOAD_SETTINGS, reset=False)
 
     def one(rel: tuple[str, str]) -> None:
         try:
