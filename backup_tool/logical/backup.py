@@ -587,6 +587,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         tools = probing.result()
         backup_id = new_backup_id(kind, started_at)
         prefix = data_prefix(backup_id)
+        storage.defer_name_sync(prefix)  # Catalog.commit syncs them, before the manifest publishes them
         expires_at = policy.expires_at(kind, started_at)
         marking = Background(catalog.mark_running, backup_id, kind, database, name="running-marker")
         stack.callback(_unmark_when_marked, marking, catalog, backup_id)

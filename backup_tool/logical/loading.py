@@ -79,7 +79,8 @@ def stored_contents(storage: Storage, objects: Sequence[StoredObject], advance: 
         first = objects[0]
         if len(objects) == 1:
             fetched = prefetch.take(first.key) if prefetch is not None else None
-            yield pipeline.read_stored_views(storage, first.key, first.sha256, first.size, advance, fetched)
+            yield pipeline.read_stored_views(storage, first.key, first.sha256, first.size, advance, fetched,
+                                             first.raw_size)
             return
         ahead = pipeline.EarlyRead(storage, first, advance)
         for nxt in [*objects[1:], None]:

@@ -475,7 +475,7 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
     checksums: dict[tuple[str, str], tuple[int, str]] = {}
     progress = run.reporter.task("data", total=sum(t.raw_size for t in data))
     busy = _Busy()
-    sessions = _LoadingSessions(loader, {"client_encoding": manifest.encoding, **LOAD_SETTINGS})
+    sessions = postgres.SessionPool(loader, {"client_encoding": manifest.encoding, **LOAD_SETTINGS})
 
     def load(t: TableEntry) -> None:
         key = (t.schema, t.name)
@@ -507,40 +507,6 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
         sessions.close()
     progress.finish()
     return checksums
-
-
-class _LoadingSessions:
-    """The loading sessions, reused from one table to the next (a database of thousands of
-    small tables would otherwise start a server backend per table). A session goes back to
-    the pool only after a table's work succeeded, with ``RESET ALL``: what the post-data
-    script or :func:`allow_parallel_workers` set is undone, the settings it was opened with
-    stay."""
-
-    def __init__(self, conninfo: ConnInfo, settings: dict[str, str]) -> None:
-        self.conninfo = conninfo
-        self.settings = settings
-        self._idle: list[psycopg.Connection[Any]] = []
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def session(self) -> Iterator[psycopg.Connection[Any]]:
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        conn = conn or self.conninfo.connect(settings=self.settings)
-        try:
-            yield conn
-            conn.execute("RESET ALL")
-        except BaseException:
-            conn.close()
-            raise
-        with self._lock:
-            self._idle.append(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
 
 
 def _build_post_data(run: _Run, archive_path: Path, major: int, built_early: frozenset[int] = frozenset()) -> None:
@@ -584,23 +550,34 @@ def finish_database(target: ConnInfo, manifest: Manifest, jobs: int, analyze: bo
 
 def analyze_all(target: ConnInfo, jobs: int, skip: frozenset[TableKey] = frozenset()) -> None:
     """ANALYZE every user table, partitioned table and materialized view but the ordinary
-    tables ``skip``, in parallel."""
+    tables ``skip``, in parallel, on ``jobs`` sessions reused from one relation to the next
+    (a new backend per table cost ~5 server CPU-ms each with 3,000 partitions, 15 s in all,
+    and 0.3 CPU-s of ours). Not partitions: ANALYZE of their partitioned root analyzes each
+    of them too (on PostgreSQL 15 it cannot be told not to), so a partition analyzed on its
+    own was analyzed twice. The sessions' commits do not wait for the WAL flush, as the
+    loading sessions' (see :data:`LOAD_SETTINGS`)."""
     with target.connect() as conn:
         rels = conn.execute(f"""
             SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind IN ('r', 'p', 'm') AND {postgres.SYSTEM_SCHEMA_FILTER}
-               AND (c.relkind <> 'm' OR c.relispopulated)
-             ORDER BY pg_table_size(c.oid) DESC""").fetchall()
+               AND (c.relkind <> 'm' OR c.relispopulated) AND NOT c.relispartition
+             ORDER BY CASE WHEN c.relkind = 'p' THEN (SELECT sum(pg_table_size(t.relid))
+                                                       FROM pg_partition_tree(c.oid) t)
+                           ELSE pg_table_size(c.oid) END DESC NULLS LAST""").fetchall()
     rels = [(schema_name, name) for schema_name, name in rels if (schema_name, name) not in skip]
+    sessions = postgres.SessionPool(target, LOAD_SETTINGS, reset=False)
 
     def one(rel: tuple[str, str]) -> None:
         try:
-            with target.connect() as conn:
+            with sessions.session() as conn:
                 conn.execute(sql.SQL("ANALYZE {}").format(postgres.qualified(*rel)))
         except psycopg.Error as exc:
             raise DatabaseError(f"ANALYZE of {rel[0]}.{rel[1]} failed: {str(exc).splitlines()[0]}") from None
 
-    pipeline.run_parallel(max(1, jobs), [(one, r) for r in rels])
+    try:
+        pipeline.run_parallel(max(1, jobs), [(one, r) for r in rels])
+    finally:
+        sessions.close()
 
 
 def _start_over_if_unfinished(control: psycopg.Connection[Any], target: ConnInfo, restart: bool,

@@ -35,6 +35,7 @@ import concurrent.futures as cf
 import functools
 import os
 import re
+import threading
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -1064,6 +1065,42 @@ def snapshot_session(conninfo: ConnInfo, snapshot_id: str,
         try:
             conn.rollback()
         finally:
+            conn.close()
+
+
+class SessionPool:
+    """Sessions reused from one task to the next, at most one per thread at a time (a database
+    of thousands of small tables would otherwise start a server backend per table: ~5 ms of
+    server CPU each with 3,000 partitions). A session goes back to the pool only after its
+    task succeeded, with ``RESET ALL`` (unless ``reset`` is False: the tasks set nothing): what
+    a task set is undone, the ``settings`` it was opened with stay."""
+
+    def __init__(self, conninfo: ConnInfo, settings: dict[str, str] | None = None, reset: bool = True) -> None:
+        self.conninfo = conninfo
+        self.settings = settings
+        self.reset = reset
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def session(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        conn = conn or self.conninfo.connect(settings=self.settings)
+        try:
+            yield conn
+            if self.reset:
+                conn.execute("RESET ALL")
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
             conn.close()
 
 

@@ -122,21 +122,27 @@ def refresh_order(conn: psycopg.Connection[Any], wanted: set[tuple[str, str]]) -
 
 
 def refresh(conninfo: postgres.ConnInfo, populated: set[tuple[str, str]], jobs: int) -> int:
-    """Refresh the materialized views that were populated in the backup, in dependency order."""
+    """Refresh the materialized views that were populated in the backup, in dependency order,
+    on ``jobs`` sessions reused from one view to the next."""
     if not populated:
         return 0
     with conninfo.connect() as conn:
         waves = refresh_order(conn, populated)
 
+    sessions = postgres.SessionPool(conninfo, reset=False)
+
     def one(view: MatView) -> None:
         try:
-            with conninfo.connect() as conn:
+            with sessions.session() as conn:
                 conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(
                     postgres.qualified(view.schema, view.name)))
         except psycopg.Error as exc:
             raise DatabaseError(f"refreshing materialized view {view.full_name} failed: "
                                 f"{str(exc).splitlines()[0]}") from None
 
-    for wave in waves:
-        pipeline.run_parallel(jobs, [(one, v) for v in wave])
+    try:
+        for wave in waves:
+            pipeline.run_parallel(jobs, [(one, v) for v in wave])
+    finally:
+        sessions.close()
     return sum(len(w) for w in waves)

@@ -517,13 +517,15 @@ class Catalog:
         return sorted(wanted - present)
 
     def commit(self, manifest: Manifest) -> Manifest:
-        """Publish the backup: from here on it is listed and restorable. Returns it as stored
-        (with the key id recorded when the repository is encrypted)."""
+        """Publish the backup: from here on it is listed and restorable. Its objects' names
+        deferred by ``defer_name_sync`` are made durable first. Returns it as stored (with the
+        key id recorded when the repository is encrypted)."""
         key = encryption_of(self.storage)
         if key is not None:
             manifest = replace(manifest, options={**manifest.options, "encryption": key.describe()},
                                format=max(manifest.format, ENCRYPTED_FORMAT))
         raw = manifest.to_json(key.seal if key else None)
+        self.storage.sync_names(data_prefix(manifest.id))
         self.storage.put_bytes(manifest_key(manifest.id), raw)
         self._cache[manifest.id] = manifest
         self._digests[manifest.id] = manifest_seal(raw)[0]

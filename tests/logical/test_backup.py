@@ -5,6 +5,7 @@ frame older versions wrote), restores, verifies and reads back byte for byte."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -131,6 +132,48 @@ def test_one_session_copies_the_next_table_while_the_last_upload_is_answered(
             answered = events.index(("stored", key))
             overlapped += any(w == "put" for w, _ in events[i:answered])
     assert overlapped >= 2, f"no COPY began while an upload was answered: {events}"
+
+
+def test_a_local_backup_makes_its_data_directory_durable_once_before_its_manifest(
+        fresh_db: Callable[..., Any], local_repo: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each table object's file is fsynced before its name appears, but the data directory's
+    entries are fsynced once, after the last object and before the manifest is linked (with
+    the directories above it, made by the backup and never fsynced into their parents
+    before): it fsynced the directory once per table (6,000 fsyncs for 3,000 tables)."""
+    db = fresh_db("dirsync")
+    db.execute(";".join(f"CREATE TABLE public.t{n} (id int PRIMARY KEY);INSERT INTO public.t{n} VALUES (1)"
+                        for n in range(5)))
+    root = Path(local_repo).resolve()
+    events: list[tuple[str, str]] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.is_relative_to(root):
+            events.append(("fsync", path.relative_to(root).as_posix()))
+
+    def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real_link(src, dst, *args, **kwargs)
+        events.append(("link", Path(dst).resolve().relative_to(root).as_posix()))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    manifest = backup.backup_full(Settings(local_repo, db.dsn, Policy(backup=BackupSettings(jobs=2))))
+
+    data = f"backups/{manifest.id}/data"
+    objects = {t.object.key for t in manifest.tables if t.object is not None}
+    assert len(objects) == 5 and all(k.startswith(data + "/") for k in objects)
+    manifest_linked = events.index(("link", f"manifests/{manifest.id}.json"))
+    assert [e for e in events if e == ("fsync", data)] == [("fsync", data)], events
+    synced = events.index(("fsync", data))
+    assert all(events.index(("link", k)) < synced for k in objects)
+    assert synced < events.index(("fsync", f"backups/{manifest.id}")) < events.index(("fsync", "backups")) \
+        < manifest_linked
+    for key in objects:
+        linked = events.index(("link", key))
+        name = key.rsplit("/", 1)[1]
+        assert any(w == "fsync" and p.startswith(f"{data}/.{name}.partial-") for w, p in events[:linked]), key
 
 
 def test_the_backups_sessions_start_no_parallel_workers(fresh_db: Callable[..., Any], local_repo: str) -> None:

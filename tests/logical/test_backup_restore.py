@@ -92,6 +92,48 @@ def test_each_restored_table_is_analyzed_once_its_rows_counted_first(
     assert stats == [(f"t{i}", 0, True, True) for i in range(8)]
 
 
+def test_a_restore_analyzes_each_partition_once_on_sessions_it_reuses(
+        cli: Any, local_repo: str, fresh_db: Callable[..., Any]) -> None:
+    """ANALYZE of a partitioned table analyzes each partition too: the restore analyzed every
+    partition twice (alone, then through its root), and ran each ANALYZE and each refresh of
+    a materialized view on a session of its own (a server backend started per relation:
+    with 3,000 partitions, 15 server CPU-s). Now each partition once, through its root, the
+    inheritance parents and materialized views (refreshed, then analyzed after the data, as
+    the partitioned root) on a few sessions reused, and the statistics are all there."""
+    partitions = parents = views = 40
+    db = fresh_db("parts")
+    db.execute("CREATE TABLE public.ev (id bigint, day int, note text, PRIMARY KEY (id, day)) PARTITION BY LIST (day);"
+               + ";".join(f"CREATE TABLE public.ev_{d} PARTITION OF public.ev FOR VALUES IN ({d})"
+                          for d in range(partitions))
+               + f";INSERT INTO public.ev SELECT g, g % {partitions}, md5(g::text) FROM generate_series(1, 4000) g;"
+               + ";".join(f"CREATE TABLE public.up_{m} (note text);CREATE TABLE public.kid_{m} () INHERITS (public.up_{m});"
+                          f"INSERT INTO public.kid_{m} VALUES ('n')" for m in range(parents)) + ";"
+               + ";".join(f"CREATE MATERIALIZED VIEW public.mv_{v} AS SELECT note FROM public.ev_{v}"
+                          for v in range(views)))
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    target = fresh_db("parts_r")
+    assert cli.json("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn, "--jobs", "2")["ok"] is True
+    deadline = time.monotonic() + 30
+    while target.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND pid <> pg_backend_pid()") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the restore's sessions write their last counts as they exit
+    with psycopg.connect(target.dsn, autocommit=True) as conn:
+        counts = conn.execute("SELECT relname, analyze_count FROM pg_stat_user_tables"
+                              " WHERE schemaname = 'public' AND relname LIKE 'ev\\_%' ORDER BY relname").fetchall()
+        with_stats = conn.execute("SELECT tablename, bool_or(inherited) FROM pg_stats WHERE schemaname = 'public'"
+                                  " AND attname = 'note' AND tablename LIKE 'ev%' GROUP BY 1").fetchall()
+        inherited = conn.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'public'"
+                                 " AND tablename LIKE 'up\\_%' AND inherited").fetchone()
+        refreshed = conn.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'public'"
+                                 " AND tablename LIKE 'mv\\_%'").fetchone()
+        sessions = conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()").fetchone()
+    assert sorted(counts) == sorted((f"ev_{d}", 1) for d in range(partitions))
+    assert sorted(with_stats) == sorted([("ev", True), *((f"ev_{d}", False) for d in range(partitions))])
+    assert inherited == (parents,)
+    assert refreshed == (views,)
+    assert sessions is not None and sessions[0] < views, sessions
+
+
 def assert_loaded_frozen(dsn: str, table: str) -> None:
     """Rows a restore created its table for arrive frozen (COPY FREEZE): every tuple on the
     first page has both HEAP_XMIN_COMMITTED and HEAP_XMIN_INVALID set (= frozen)."""

@@ -4,6 +4,10 @@ A repository is a flat namespace of immutable objects addressed by ``/``-separat
 Backends guarantee that an object becomes visible only when it is completely and durably
 written (a crashed writer leaves nothing under the key), that ``put`` never replaces an
 existing object, and that ``put`` returns the sha256 and size of exactly the bytes stored.
+One relaxation is opt-in: under a prefix passed to ``defer_name_sync`` the object's bytes are
+still durable before its name appears, but the name itself may be lost to a power failure
+until ``sync_names`` returns. A writer uses it only for objects that nothing references
+before that call (a backup's data objects, published by the manifest written after it).
 """
 
 from __future__ import annotations
@@ -135,6 +139,14 @@ class Storage(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    def defer_name_sync(self, prefix: str) -> None:  # noqa: B027 - optional hook, a no-op where a completed write is durable whole
+        """Let objects put under ``prefix`` from now on have their names made durable together
+        by :meth:`sync_names` instead of one by one (see the module docstring)."""
+
+    def sync_names(self, prefix: str) -> None:  # noqa: B027 - optional hook, see defer_name_sync
+        """Make durable the name of every object put under ``prefix`` since
+        :meth:`defer_name_sync`, and stop deferring there. Raises StorageError if that fails."""
 
     def get_stored(self, key: str) -> Iterator[bytes]:
         """The object's bytes exactly as stored: what a manifest's size and sha256 describe."""

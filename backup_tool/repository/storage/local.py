@@ -4,12 +4,19 @@ Writes go to a hidden temporary file in the destination directory, are fsynced, 
 then hard-linked into place (``link`` fails if the name exists, so objects are never
 replaced), after which the directory itself is fsynced: a crash leaves either the complete
 object or an ignorable ``.partial`` file that garbage collection removes.
+
+Under a prefix given to ``defer_name_sync`` the directory fsync waits for ``sync_names``,
+which fsyncs each directory written to once, and its ancestors up to the root (directories
+made on the way were never fsynced into their parents): a backup of 3,000 tables fsyncs its
+data directory once instead of 3,000 times. Each file is still fsynced before it is linked,
+so a name that survives a crash always holds the complete object.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +50,8 @@ class LocalStorage(Storage):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
+        self._deferred: dict[str, set[Path]] = {}
+        self._deferring = threading.Lock()
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -72,12 +81,38 @@ class LocalStorage(Storage):
                 os.link(tmp, path)
             except FileExistsError:
                 raise ObjectExistsError(f"object {key} already exists in {self.root}") from None
-            _fsync_dir(path.parent)
+            if not self._defer_sync(key, path.parent):
+                _fsync_dir(path.parent)
         except OSError as exc:
             raise self._os_error(exc, key) from exc
         finally:
             tmp.unlink(missing_ok=True)
         return PutResult(key, counter.size, counter.hexdigest())
+
+    def _defer_sync(self, key: str, directory: Path) -> bool:
+        with self._deferring:
+            for prefix, dirs in self._deferred.items():
+                if key.startswith(prefix):
+                    dirs.add(directory)
+                    return True
+        return False
+
+    def defer_name_sync(self, prefix: str) -> None:
+        with self._deferring:
+            self._deferred.setdefault(prefix, set())
+
+    def sync_names(self, prefix: str) -> None:
+        with self._deferring:
+            dirs = self._deferred.pop(prefix, set())
+        todo: set[Path] = set()
+        for directory in dirs:
+            todo.add(directory)
+            todo.update(p for p in directory.parents if p.is_relative_to(self.root))
+        try:
+            for directory in sorted(todo, key=lambda p: len(p.parts), reverse=True):
+                _fsync_dir(directory)
+        except OSError as exc:
+            raise self._os_error(exc, f"the directories under {prefix}") from exc
 
     def get(self, key: str) -> Iterator[bytes]:
         path = self._path(key)
