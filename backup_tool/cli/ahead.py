@@ -97,39 +97,54 @@ def parse_request(argv: list[str]) -> AheadRequest | None:
     Click. Pure."""
     if argv[:2] != ["restore", "tables"]:
         return None
-    found: dict[str, str] = {}
-    flags: set[str] = set()
-    rest = argv[2:]
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
-        if name not in _VALUES and token.startswith("-j") and token[2:].isdigit():
-            name, eq, value = "-j", "=", token[2:]
-        if name in _FLAGS and not eq:
-            flags.add(_FLAGS[name])
-        elif name in _VALUES:
-            if not eq:
-                if i + 1 >= len(rest):
-                    return None
-                i += 1
-                value = rest[i]
-            found[_VALUES[name]] = value
-        else:
-            return None
-        i += 1
-    if not found.get("tables"):
+    parsed = _options(argv[2:], _VALUES, _FLAGS)
+    if parsed is None:
         return None
+    found, flags = parsed
     jobs = found.get("jobs")
-    if jobs is not None and not (jobs.isascii() and jobs.isdigit() and 1 <= int(jobs) <= 64):
+    if not found.get("tables") or not _jobs_ok(jobs):
         return None
     return AheadRequest(tables=found["tables"], repo=found.get("repo"), backup=found.get("backup"),
                         database=found.get("database"), dsn=found.get("dsn"),
                         jobs=int(jobs) if jobs is not None else None, with_roles="with_roles" in flags)
 
 
-_BACKUP_VALUES = frozenset({"--repo", "--dsn", "--policy", "--jobs", "-j", "--lock-timeout", "--pg-bin"})
-_BACKUP_FLAGS = frozenset({"--json", "--debug"})
+def _options(rest: list[str], values: dict[str, str], flags: dict[str, str]) -> tuple[dict[str, str], set[str]] | None:
+    """The options of a command line's ``rest`` (after the command's words): each value option's
+    value under its name in ``values``, each flag's name in ``flags``; None for an option or
+    argument neither knows, or an option without its value. ``-jN`` is ``-j N``; the last of a
+    repeated option wins, as in Click. Pure."""
+    found: dict[str, str] = {}
+    seen: set[str] = set()
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name not in values and token.startswith("-j") and token[2:].isdigit():
+            name, eq, value = "-j", "=", token[2:]
+        if name in flags and not eq:
+            seen.add(flags[name])
+        elif name in values:
+            if not eq:
+                if i + 1 >= len(rest):
+                    return None
+                i += 1
+                value = rest[i]
+            found[values[name]] = value
+        else:
+            return None
+        i += 1
+    return found, seen
+
+
+def _jobs_ok(jobs: str | None) -> bool:
+    """Whether a ``--jobs`` value is one the command accepts (a number from 1 to 64), or absent."""
+    return jobs is None or (jobs.isascii() and jobs.isdigit() and 1 <= int(jobs) <= 64)
+
+
+_BACKUP_VALUES = {"--repo": "repo", "--dsn": "", "--policy": "", "--jobs": "jobs", "-j": "jobs", "--lock-timeout": "",
+                  "--pg-bin": ""}
+_BACKUP_FLAGS = {"--json": "", "--debug": ""}
 
 
 @dataclass(frozen=True)
@@ -147,30 +162,11 @@ def parse_backup(argv: list[str]) -> BackupAhead | None:
     (the command refuses it at once). The last of a repeated option wins. Pure."""
     if argv[:2] not in (["backup", "full"], ["backup", "incremental"]):
         return None
-    found: dict[str, str] = {}
-    rest = argv[2:]
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
-        if name not in _BACKUP_VALUES and token.startswith("-j") and token[2:].isdigit():
-            name, eq, value = "--jobs", "=", token[2:]
-        if name in _BACKUP_FLAGS and not eq:
-            pass
-        elif name in _BACKUP_VALUES:
-            if not eq:
-                if i + 1 >= len(rest):
-                    return None
-                i += 1
-                value = rest[i]
-            found["--jobs" if name == "-j" else name] = value
-        else:
-            return None
-        i += 1
-    jobs = found.get("--jobs")
-    if jobs is not None and not (jobs.isascii() and jobs.isdigit() and 1 <= int(jobs) <= 64):
+    parsed = _options(argv[2:], _BACKUP_VALUES, _BACKUP_FLAGS)
+    if parsed is None or not _jobs_ok(parsed[0].get("jobs")):
         return None
-    return BackupAhead(argv[1] == "incremental", found.get("--repo"))
+    found = parsed[0]
+    return BackupAhead(argv[1] == "incremental", found.get("repo"))
 
 
 @dataclass
