@@ -58,7 +58,7 @@ from backup_tool.errors import (
     UnauthenticatedError,
     UsageError,
 )
-from backup_tool.repository.catalog_index import IndexEntry, read_index, write_index
+from backup_tool.repository.catalog_index import IndexEntry, index_keys, read_newest_index, write_index
 from backup_tool.repository.manifest import (
     ENCRYPTED_FORMAT,
     Manifest,
@@ -260,6 +260,9 @@ class Catalog:
         self._cache: dict[str, Manifest] = {}
         self._digests: dict[str, str] = {}
         self._seen: tuple[list[str], list[IndexEntry]] | None = None
+        self._index_read: tuple[str | None, tuple[list[str], dict[str, IndexEntry]] | None] = (None, None)
+        """The newest index key :meth:`entries` found, and what it held: still the newest at
+        commit, it is not read again."""
         self._entries: tuple[list[str], list[IndexEntry], list[BackupToolError]] | None = None
 
     def ids(self) -> list[str]:
@@ -359,7 +362,8 @@ class Catalog:
         ids = self.ids() if ids is None else ids
         if not refresh and self._entries is not None and self._entries[0] == ids:
             return list(self._entries[1]), list(self._entries[2])
-        index = read_index(self.storage)
+        self._index_read = read_newest_index(self.storage, index_keys(self.storage))
+        index = self._index_read[1]
         known, vouched = index if index is not None else ([], {})
         listed = set(ids)
         use = {i: e for i, e in vouched.items() if i in listed}
@@ -543,12 +547,15 @@ class Catalog:
                 (ids, seen), self._seen = self._seen, None
                 write_index(self.storage, [*ids, manifest.id], [*seen, entry])
                 return
-            index = read_index(self.storage)
+            keys = index_keys(self.storage)
+            read_key, index = self._index_read
+            if not keys or keys[-1] != read_key:
+                index = read_newest_index(self.storage, keys)[1]
             if index is None:
                 return
             known, vouched = index
             if set(known) != set(vouched) or manifest.id in known:
                 return
-            write_index(self.storage, [*known, manifest.id], [*vouched.values(), entry])
+            write_index(self.storage, [*known, manifest.id], [*vouched.values(), entry], older=keys)
         except BackupToolError:
             pass  # the index is a cache: the committed manifest is what counts, readers catch up

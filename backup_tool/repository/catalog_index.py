@@ -35,7 +35,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from backup_tool.core.timestamps import utc_iso
 from backup_tool.errors import BackupToolError
@@ -125,21 +125,28 @@ def parse_index(raw: bytes, keyring: Mapping[str, Any]) -> tuple[list[str], dict
 
 def read_index(storage: Storage) -> tuple[list[str], dict[str, IndexEntry]] | None:
     """The newest index the storage's keyring can trust (None: none, or not trustworthy)."""
-    keys = index_keys(storage)
+    return read_newest_index(storage, index_keys(storage))[1]
+
+
+def read_newest_index(storage: Storage, keys: Sequence[str]
+                      ) -> tuple[str | None, tuple[list[str], dict[str, IndexEntry]] | None]:
+    """(the newest of ``keys``, the index it holds as :func:`read_index` gives it). Index
+    objects are written once under a new name, so one key always holds the same index."""
     if not keys:
-        return None
+        return None, None
     try:
         raw = storage.get_bytes(keys[-1])
     except BackupToolError:
-        return None  # replaced and deleted under us, or unreadable: the manifests are the truth
-    return parse_index(raw, keyring_of(storage))
+        return keys[-1], None  # replaced and deleted under us, or unreadable: the manifests are the truth
+    return keys[-1], parse_index(raw, keyring_of(storage))
 
 
 def write_index(storage: Storage, ids: Iterable[str], entries: Iterable[IndexEntry],
-                now: datetime | None = None) -> str | None:
-    """Write a new index and delete the older ones; None (nothing written) when the storage
-    has a keyring but no current key to seal with (keyed readers could not trust it), or
-    when new objects would be locked (a locked index could never be replaced)."""
+                now: datetime | None = None, older: Sequence[str] | None = None) -> str | None:
+    """Write a new index and delete the older ones (``older``: the index keys, if just
+    listed); None (nothing written) when the storage has a keyring but no current key to seal
+    with (keyed readers could not trust it), or when new objects would be locked (a locked
+    index could never be replaced)."""
     key = encryption_of(storage)
     if (keyring_of(storage) and key is None) or storage.object_lock is not None:
         return None
@@ -151,7 +158,7 @@ def write_index(storage: Storage, ids: Iterable[str], entries: Iterable[IndexEnt
     if key is not None:
         body["seal"] = key.seal(body["index_sha256"])
     name = f"{INDEX_PREFIX}index-{now.astimezone(timezone.utc):%Y%m%dT%H%M%S%f}Z-{secrets.token_hex(3)}.json"
-    older = index_keys(storage)
+    older = index_keys(storage) if older is None else older
     storage.put_bytes(name, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
     for old in older:
         if old < name:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from simhistory import History, ts
@@ -252,3 +252,51 @@ def test_the_same_listing_asked_again_is_answered_without_reading_the_index_agai
     entries, _ = catalog.entries()
     assert [e.id for e in entries] == [e.id for e in first[0]] + [h.manifests[-1].id]
     assert any(k.startswith(INDEX_PREFIX) for k in inner.reads)
+
+
+class ListCountingStorage(CountingStorage):
+    """A counting repository that also remembers which prefixes were listed."""
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root)
+        self.listed: list[str] = []
+
+    def list(self, prefix: str = "") -> Iterator[Any]:
+        self.listed.append(prefix)
+        return super().list(prefix)
+
+
+def test_a_commit_reads_the_index_again_only_when_another_has_replaced_it(tmp_path: Path) -> None:
+    """A backup reads the index when it plans (``entries``) and, at commit, added itself to
+    it after reading it again: a second LIST and GET of the same object, written once under
+    its name. Now the commit lists the index keys once and reads the index only when its
+    newest key is not the one read before; an index another writer put in between is read
+    and extended, never overwritten with the stale one."""
+    history(tmp_path)
+    inner = ListCountingStorage(tmp_path)
+    storage = EncryptedStorage(inner, None)
+    Catalog(storage).records(refresh=True)
+    catalog = Catalog(storage)
+    before = [e.id for e in catalog.entries()[0]]
+    inner.reads.clear()
+    inner.listed.clear()
+    first = make_manifest("20261120T020000Z-Fone")
+    catalog.commit(first)
+    assert [k for k in inner.reads if k.startswith(INDEX_PREFIX)] == []
+    assert inner.listed.count(INDEX_PREFIX) == 1
+    assert [e.id for e in Catalog(storage).entries()[0]] == [*before, first.id]
+
+    stale = Catalog(storage)
+    stale.entries()
+    other = make_manifest("20261121T020000Z-Fother")
+    Catalog(storage).commit(other)  # another writer replaces the index after `stale` read it
+    inner.reads.clear()
+    late = make_manifest("20261122T020000Z-Flate")
+    stale.commit(late)
+    assert [k for k in inner.reads if k.startswith(INDEX_PREFIX)] != []
+    [key] = index_keys(storage)
+    body = json.loads(storage.get_bytes(key))
+    assert {first.id, other.id, late.id} <= set(body["ids"])
+    inner.reads.clear()
+    assert [e.id for e in Catalog(storage).entries()[0]] == [*before, first.id, other.id, late.id]
+    assert manifest_reads(inner) == []
