@@ -212,12 +212,10 @@ def start(argv: list[str]) -> None:
     url = repo_url(request.repo)
     if not url.startswith("s3://"):
         return
-    try:
-        data_fd = os.memfd_create("backup-tool-read-ahead", os.MFD_CLOEXEC)
-        read_fd, write_fd = os.pipe()
-    except OSError:
+    channel = _journal_channel()
+    if channel is None:
         return
-    widen_pipe(write_fd)  # room for a whole journal's index lines: the reader never waits on us
+    data_fd, read_fd, write_fd = channel
     parent = os.getpid()
     try:
         pid = os.fork()
@@ -233,6 +231,19 @@ def start(argv: list[str]) -> None:
     import atexit
 
     atexit.register(stop)
+
+
+def _journal_channel() -> tuple[int, int, int] | None:
+    """(data, read end, write end) of a new journal: an anonymous file for the objects' bytes
+    and a pipe for the index lines, widened so the reader never makes the writer wait; None
+    where the system gives neither."""
+    try:
+        data_fd = os.memfd_create("backup-tool-read-ahead", os.MFD_CLOEXEC)
+        read_fd, write_fd = os.pipe()
+    except OSError:
+        return None
+    widen_pipe(write_fd)
+    return data_fd, read_fd, write_fd
 
 
 def start_backup(argv: list[str]) -> None:
@@ -251,12 +262,10 @@ def start_backup(argv: list[str]) -> None:
         backend = open_backend(url)
     except Exception:  # noqa: BLE001 - the command opens it again and reports why it cannot
         return
-    try:
-        data_fd = os.memfd_create("backup-tool-read-ahead", os.MFD_CLOEXEC)
-        read_fd, write_fd = os.pipe()
-    except OSError:
+    channel = _journal_channel()
+    if channel is None:
         return
-    widen_pipe(write_fd)
+    data_fd, read_fd, write_fd = channel
     journal = Journal(write_fd, data_fd)
     database = _Told()
 

@@ -11,6 +11,7 @@ pg_dump 15.14+ writes.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import os
 import re
@@ -162,11 +163,18 @@ def live_schema(conninfo: ConnInfo, major: int) -> str:
 def section_listing(archive_path: Path, major: int, section: str | None) -> list[str]:
     """The table-of-contents ids of the objects one section of the archive holds (None: all
     of them), in the archive's order (a line of the listing that does not start with one
-    continues a name holding a line break)."""
+    continues a name holding a line break). Listed once per archive file as it stands: a
+    restore counts a section for its progress and then replays it."""
+    st = archive_path.stat()
+    return list(_listing(str(archive_path), st.st_ino, st.st_size, st.st_mtime_ns, major, section))
+
+
+@functools.lru_cache(maxsize=16)
+def _listing(path: str, _inode: int, _size: int, _mtime_ns: int, major: int, section: str | None) -> tuple[str, ...]:
     chosen = [f"--section={section}"] if section is not None else []
-    listing = pipeline.run([find_tool("pg_restore", major), "--list", *chosen, str(archive_path)],
+    listing = pipeline.run([find_tool("pg_restore", major), "--list", *chosen, path],
                            dict(os.environ), "pg_restore (list)")
-    return _listed_ids(listing.decode("utf-8", "replace").splitlines())
+    return tuple(_listed_ids(listing.decode("utf-8", "replace").splitlines()))
 
 
 def section_ids(archive_path: Path, major: int, section: str) -> set[str]:
