@@ -5,6 +5,7 @@ frame older versions wrote), restores, verifies and reads back byte for byte."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -344,6 +345,10 @@ def test_a_backup_needs_two_lock_slots_per_table_and_its_restore_fits_a_smaller_
     report = cli.json("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn)
     assert report["validation"]["ok"] is True
     assert dbcompare.table_hashes(db.dsn) == dbcompare.table_hashes(target.dsn)
+    target.execute("ALTER TABLE public.t149 ALTER COLUMN v SET DEFAULT 'changed'")
+    altered = cli("validate", "--repo", local_repo, "--dsn", target.dsn, "--against", made["id"], "--json")
+    assert altered.returncode == 3, altered.stdout + altered.stderr
+    assert [c["name"] for c in json.loads(altered.stdout)["checks"] if not c["ok"]] == ["schema_matches"]
 
 
 def test_a_table_whose_row_security_binds_the_role_backing_up_is_refused_naming_it(

@@ -4,10 +4,11 @@ Each large object created by a restore keeps a lock until its transaction ends: 
 them backed up on a default server could not be restored onto it in one transaction (out of
 shared memory) where ``pg_restore`` without ``--single-transaction`` could. They are now
 restored in transactions the target's lock table holds, in the archive's order, owners,
-grants and comments included."""
+grants and comments included; one changed afterwards fails ``large_objects``."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import pytest
@@ -41,3 +42,8 @@ def test_more_large_objects_than_the_lock_table_holds_restore_whole_with_owners_
     assert target.scalar(query) == db.scalar(query)
     assert target.scalar("SELECT sum(length(lo_get(body))) FROM public.docs") == \
         db.scalar("SELECT sum(length(lo_get(body))) FROM public.docs")
+    target.execute(f"SELECT lo_put({last}, 0, '\\x01')")
+    altered = cli("validate", "--repo", local_repo, "--dsn", target.dsn, "--against", made["id"], "--json")
+    assert altered.returncode == 3, altered.stdout + altered.stderr
+    failed = [c["name"] for c in json.loads(altered.stdout)["checks"] if not c["ok"]]
+    assert failed == ["large_objects"], failed
