@@ -121,6 +121,12 @@ class Measure:
     peak_rss_mb: float
 
 
+def after(prepare: Callable[[], object], run: Callable[[], Measure]) -> Measure:
+    """``run()`` once ``prepare()`` has set the stage (outside the measured time)."""
+    prepare()
+    return run()
+
+
 def timed(argv: list[str], env: dict[str, str], user: str | None = None) -> Measure:
     """Wall time and peak RSS (process tree, via wait4) of one command; fails loudly."""
     if user and os.geteuid() == 0:
@@ -473,8 +479,9 @@ class Bench:
             ("logical full backup", "pg_dump -Fc (local file)",
              lambda: timed([str(PG_BIN / "pg_dump"), "-Fc", "-f", str(dump_file), "-d", src], self.env)),
             ("logical full backup", f"pg_dump -Fd -j {j} (local dir)",
-             lambda: (shutil.rmtree(dump_dir, ignore_errors=True),
-                      timed([str(PG_BIN / "pg_dump"), "-Fd", "-j", j, "-f", str(dump_dir), "-d", src], self.env))[1]),
+             lambda: after(lambda: shutil.rmtree(dump_dir, ignore_errors=True),
+                           lambda: timed([str(PG_BIN / "pg_dump"), "-Fd", "-j", j, "-f", str(dump_dir), "-d", src],
+                                         self.env))),
             ("logical full backup", "backup-tool backup full (S3)",
              lambda: timed([*self.tool, "backup", "full", "--repo", s3_repo, "--dsn", src, "--jobs", j], self.env)),
             ("logical full backup", "backup-tool backup full (local repo)",
@@ -735,6 +742,7 @@ class Bench:
             return Measure(elapsed, usage.ru_maxrss / 1024), json.loads(out)
 
         def restore(schema: str, kind: str, *extra: str) -> Measure:
+            assert self.pitr_repo is not None
             try:
                 measure, result = timed_json([*self.tool, "restore", "tables", "--repo", self.pitr_repo, "--tables",
                                               PITR_TABLE, "--target-time", self.pitr_time, "--target-dsn",
@@ -892,16 +900,16 @@ until [ "$({PG_BIN}/psql -X -A -t -h 127.0.0.1 -p {port} -U postgres -d postgres
             base = "physical base backup"
             backups: list[tuple[str, str, Callable[[], Measure]]] = [
                 (base, f"pgbackrest backup --type=full (process-max {j}, zst 3, TLS via nginx)",
-                 lambda: (self.set_archive(pgbr_archive),
-                          timed(self.pgbr(pgbr_conf, "backup", "--type=full"), self.env, user=OS_USER))[1]),
+                 lambda: after(lambda: self.set_archive(pgbr_archive),
+                               lambda: timed(self.pgbr(pgbr_conf, "backup", "--type=full"), self.env, user=OS_USER))),
                 (base, "backup-tool backup base (S3, zstd 3, direct)",
-                 lambda: (self.set_archive(tool_archive),
-                          timed([*self.tool, "backup", "base", "--repo", tool_repo, "--dsn", src,
-                                 "--method", "direct"], self.env))[1]),
+                 lambda: after(lambda: self.set_archive(tool_archive),
+                               lambda: timed([*self.tool, "backup", "base", "--repo", tool_repo, "--dsn", src,
+                                              "--method", "direct"], self.env))),
                 (base, "backup-tool backup base (S3, zstd 3, --method pg_basebackup)",
-                 lambda: (self.set_archive(tool_archive),
-                          timed([*self.tool, "backup", "base", "--repo", tool_repo, "--dsn", src,
-                                 "--method", "pg_basebackup"], self.env))[1]),
+                 lambda: after(lambda: self.set_archive(tool_archive),
+                               lambda: timed([*self.tool, "backup", "base", "--repo", tool_repo, "--dsn", src,
+                                              "--method", "pg_basebackup"], self.env))),
             ]
             if run % 2:
                 backups = backups[::-1]

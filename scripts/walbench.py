@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import fcntl
+import functools
 import os
 import resource
 import shutil
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -144,6 +146,15 @@ def push_all(scratch: Path, cluster: bench.Cluster, segments: list[Path], argv_f
     return total, cpu
 
 
+def pgbackrest_argv(conf: Path, p: Path) -> list[str]:
+    return ["pgbackrest", f"--config={conf}", "--stanza=bench", f"--pg1-path={p.parent.parent}",
+            "--archive-async", "archive-push", str(p)]
+
+
+def tool_argv(wrapper: Path, repo: str, p: Path) -> list[str]:
+    return [str(wrapper), "wal", "push", str(p), "--repo", repo]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -191,13 +202,11 @@ def main() -> int:
             for name, spec in order:
                 scratch = work / "push" / f"{name.replace(' ', '-')}-{run}"
                 scratch.mkdir(parents=True)
+                argv_for: Callable[[Path], list[str]]
                 if spec is None:
+                    assert nginx is not None
                     pgbr_conf = bench.pgbackrest_config(work, s3.new_bucket(), nginx.port, cluster, args.jobs)
-                    conf = pgbr_conf
-
-                    def argv_for(p: Path, conf: Path = conf) -> list[str]:
-                        return ["pgbackrest", f"--config={conf}", "--stanza=bench", f"--pg1-path={p.parent.parent}",
-                                "--archive-async", "archive-push", str(p)]
+                    argv_for = functools.partial(pgbackrest_argv, pgbr_conf)
                 else:
                     wrapper, kind = spec  # type: ignore[misc]
                     if kind == "s3":
@@ -207,9 +216,7 @@ def main() -> int:
                         repo_dir.mkdir()
                         shutil.chown(repo_dir, OS_USER, OS_USER)
                         repo = str(repo_dir)
-
-                    def argv_for(p: Path, wrapper: Path = wrapper, repo: str = repo) -> list[str]:
-                        return [str(wrapper), "wal", "push", str(p), "--repo", repo]
+                    argv_for = functools.partial(tool_argv, wrapper, repo)
                 os.sync()
                 seconds, cpu = push_all(scratch, cluster, segments, argv_for, {**os.environ, **s3.env})
                 results[name].append(seconds)
