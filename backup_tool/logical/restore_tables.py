@@ -707,8 +707,14 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
                 copies, checksums, settled = _restore_into(
                     source, control, target, major, Path(tmp), create, existing, location, into_schema,
                     replace, jobs, run_validation, reporter, undo)
-            except BaseException:
+            except BaseException as exc:
                 take_back(control, target, manifest.encoding, undo, reporter)
+                if schema.lock_table_exhausted(exc):
+                    raise schema.lock_table_refusal(
+                        control, list(location.values()),
+                        "name fewer tables (a partition can be restored alone)" if into_schema else
+                        "restore them beside the live tables with --into-schema NAME, or name fewer tables "
+                        "(a partition can be restored alone)") from exc
                 raise
         reporter.event("tables restored", tables=len(entries), bytes=source.bytes_read())
 

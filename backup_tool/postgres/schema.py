@@ -25,7 +25,7 @@ from psycopg import sql
 
 from backup_tool.core.graphs import reachable
 from backup_tool.errors import RefusedError
-from backup_tool.postgres.connection import ConnInfo, find_tool
+from backup_tool.postgres.connection import ConnInfo, find_tool, quoted_table
 from backup_tool.streams import pipeline
 
 
@@ -197,9 +197,8 @@ MIN_ENTRIES_PER_TRANSACTION = 64
 
 def entries_per_transaction(lock_table_size: int) -> int:
     """How many archive entries one transaction of a lock-bounded replay restores: a quarter
-    of the server's lock table (``max_locks_per_transaction`` x (``max_connections`` +
-    ``max_prepared_transactions``), the size PostgreSQL documents), so the replay leaves the
-    rest to the server's other sessions. Pure."""
+    of the server's lock table (:class:`LockTable`), so the replay leaves the rest to the
+    server's other sessions. Pure."""
     return max(MIN_ENTRIES_PER_TRANSACTION, lock_table_size // 4 // LOCKS_PER_ENTRY)
 
 
@@ -208,14 +207,81 @@ def batches(ids: Sequence[str], size: int) -> list[list[str]]:
     return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
 
 
+def lock_table_exhausted(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL's "out of shared memory" for want of lock-table slots
+    (SQLSTATE 53200 with the hint naming ``max_locks_per_transaction``, which is never
+    translated), rather than any other shortage of memory."""
+    diag = getattr(exc, "diag", None)
+    return (isinstance(exc, psycopg.errors.OutOfMemory) and diag is not None
+            and "max_locks_per_transaction" in (diag.message_hint or ""))
+
+
+@dataclass(frozen=True)
+class LockTable:
+    """The settings that size a server's shared lock table: ``max_locks_per_transaction``
+    slots for each server process that may lock (``max_connections``, autovacuum workers and
+    their launcher, background workers, WAL senders) and each prepared transaction, as
+    PostgreSQL 15's lock manager allocates it."""
+    per_transaction: int
+    processes: int
+
+    @property
+    def slots(self) -> int:
+        return self.per_transaction * self.processes
+
+    def sized_for(self, relations: int) -> int:
+        """The smallest multiple of 64 above today's ``max_locks_per_transaction`` whose
+        table holds ``relations`` locks with a quarter to spare for the server's other
+        sessions. Pure."""
+        need = max(-(-relations * 5 // 4 // self.processes), self.per_transaction + 1)
+        return -(-need // 64) * 64
+
+
+def lock_table(conn: psycopg.Connection[Any]) -> LockTable:
+    row = conn.execute("SELECT current_setting('max_locks_per_transaction')::int, "
+                       "current_setting('max_connections')::int + current_setting('autovacuum_max_workers')::int"
+                       " + 1 + current_setting('max_worker_processes')::int"
+                       " + current_setting('max_wal_senders')::int"
+                       " + current_setting('max_prepared_transactions')::int").fetchone()
+    assert row is not None
+    return LockTable(int(row[0]), int(row[1]))
+
+
+def relations_locked(conn: psycopg.Connection[Any], tables: Sequence[tuple[str, str]]) -> int:
+    """How many relations a transaction that creates or rewrites ``tables`` locks: each
+    table, its TOAST table and that table's index, and its indexes; a table the database
+    does not have counts as :data:`LOCKS_PER_ENTRY`."""
+    names = [quoted_table(s, n) for s, n in tables]
+    row = conn.execute("""
+        WITH t AS (SELECT to_regclass(name) AS oid FROM unnest(%s::text[]) AS name)
+        SELECT count(*) FILTER (WHERE t.oid IS NULL),
+               count(c.oid) + 2 * count(NULLIF(c.reltoastrelid, 0)) + coalesce(sum(
+                   (SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid)), 0)
+          FROM t LEFT JOIN pg_class c ON c.oid = t.oid""", (names,)).fetchone()
+    assert row is not None
+    return int(row[0]) * LOCKS_PER_ENTRY + int(row[1])
+
+
+def lock_table_refusal(conn: psycopg.Connection[Any], tables: Sequence[tuple[str, str]], other_ways: str,
+                       ) -> RefusedError:
+    """The error for a transaction over ``tables`` that ran out of lock slots (see
+    :func:`lock_table_exhausted`), raised once it has been rolled back: how many locks it
+    needed, how many the server holds and the setting that would fit them."""
+    size = lock_table(conn)
+    relations = relations_locked(conn, tables)
+    return RefusedError(
+        f"restoring {len(tables):,} tables in one transaction needs about {relations:,} locks (the tables, "
+        f"their TOAST tables and indexes), more than the server's lock table holds: {size.slots:,} "
+        f"(max_locks_per_transaction {size.per_transaction} for each of {size.processes} server processes and "
+        f"prepared transactions); nothing was changed",
+        f"set max_locks_per_transaction = {size.sized_for(relations)} on the target server (ALTER SYSTEM, "
+        f"then a restart), {other_ways}")
+
+
 def lock_table_size(conninfo: ConnInfo) -> int:
     """The number of locks the server's shared lock table is sized for."""
     with conninfo.connect() as conn:
-        row = conn.execute("SELECT current_setting('max_locks_per_transaction')::int * "
-                           "(current_setting('max_connections')::int "
-                           "+ current_setting('max_prepared_transactions')::int)").fetchone()
-    assert row is not None
-    return int(row[0])
+        return lock_table(conn).slots
 
 
 # In a parallel replay an item is done when a worker reports "finished item N", or the leader

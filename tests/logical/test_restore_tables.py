@@ -3,6 +3,7 @@ refusals change nothing, and each mode ends validated."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -765,3 +766,43 @@ def test_replace_moves_cycle_and_descending_sequences_only_where_no_row_is_hande
     with db.connect() as conn:
         assert conn.execute("INSERT INTO lap (v) VALUES ('next') RETURNING id").fetchone() == (4,)
         assert conn.execute("INSERT INTO down (v) VALUES ('next') RETURNING id").fetchone() == (-11,)
+
+
+def test_a_replace_that_needs_more_locks_than_the_server_holds_is_refused_saying_what_fits(
+        pg_cluster_factory: Callable[..., Any], cli: Any, local_repo: str) -> None:
+    """``--replace`` holds every table it restores, with its TOAST table and indexes, until it
+    commits. A tree of 150 partitions with two indexes each (about 750 locks) on a server whose
+    lock table holds about 400 (10 for each of 20 connections and the other server processes)
+    backs up (two locks a table); the replace ended with PostgreSQL's bare "out of shared memory". It is refused, the
+    tree as it was, naming the locks needed, the table's size and a setting that fits, which
+    then does (autovacuum off: its workers take slots at random)."""
+    server = pg_cluster_factory(max_locks_per_transaction="10", max_connections="20", autovacuum="off")
+    db = server.create_db("parts")
+    db.execute("CREATE TABLE public.p (k int, v text, PRIMARY KEY (k, v)) PARTITION BY LIST (k);"
+               "CREATE INDEX ON public.p (v)")
+    for start in range(0, 150, 25):
+        db.execute("".join(f"CREATE TABLE public.p_{i} PARTITION OF public.p FOR VALUES IN ({i});"
+                           for i in range(start, start + 25)))
+    for start in range(0, 150, 50):
+        db.execute(f"INSERT INTO public.p SELECT {start} + g % 50, repeat('v', g % 5000) || g "
+                   "FROM generate_series(1, 500) g")
+    made = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    db.execute("DELETE FROM public.p WHERE k < 5")
+    before, definitions = dbcompare.table_hashes(db.dsn), dbcompare.schema_dump(db.dsn)
+
+    refused = cli("restore", "tables", "--repo", local_repo, "--target-dsn", db.dsn, "--tables", "public.p",
+                  "--replace")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    line = clioutput.only_line(refused)
+    assert "restoring 151 tables in one transaction needs about" in line
+    held = re.search(r"lock table holds: (\d+) \(max_locks_per_transaction 10 for each of (\d+) server", line)
+    assert held and int(held[1]) == 10 * int(held[2]) and int(held[2]) >= 20 + 3 + 1, line
+    assert "nothing was changed" in line and "--into-schema NAME" in line
+    assert dbcompare.table_hashes(db.dsn) == before and dbcompare.schema_dump(db.dsn) == definitions
+
+    setting = line.split("set max_locks_per_transaction = ")[1].split()[0]
+    server.set_config(restart=True, max_locks_per_transaction=setting)
+    report = cli.json("restore", "tables", "--repo", local_repo, "--target-dsn", db.dsn, "--tables", "public.p",
+                      "--replace", "--backup", made["id"])
+    assert report["validation"]["ok"] is True
+    assert db.scalar("SELECT count(*) FROM public.p") == 1500

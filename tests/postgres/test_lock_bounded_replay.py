@@ -61,3 +61,12 @@ def test_pre_data_larger_than_the_lock_table_replays_bounded_and_all_or_nothing_
                           "AND relkind = 'r'") == 150
     assert bounded.scalar("SELECT count(*) FROM pg_constraint WHERE contype = 'p' "
                           "AND connamespace = 'public'::regnamespace") == 150
+
+
+def test_a_setting_that_fits_holds_the_locks_with_a_quarter_to_spare_in_steps_of_64() -> None:
+    defaults = schema.LockTable(per_transaction=64, processes=122)
+    assert defaults.slots == 7808
+    assert defaults.sized_for(7503) == 128          # 7503 x 1.25 / 122 = 77 -> 128
+    assert defaults.sized_for(100) == 128           # never less than one step above today's
+    assert schema.LockTable(10, 36).sized_for(753) == 64
+    assert schema.LockTable(64, 122).sized_for(50_000) == 576
