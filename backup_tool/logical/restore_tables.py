@@ -859,8 +859,10 @@ def _restore_into(source: TableSource, control: psycopg.Connection[Any], target:
             checksums[(t.schema, t.name)] = postgres.table_checksum(conn, *where, t.columns,
                                                                     manifest.checksum_method)
 
+    sessions = postgres.SessionPool(target, {"client_encoding": manifest.encoding})
+
     def load_alone(t: TableEntry) -> None:
-        with target.connect(settings={"client_encoding": manifest.encoding}) as conn:
+        with sessions.session() as conn:
             load(t, conn)
         testhooks.pause_point("tables:loaded")
 
@@ -875,7 +877,10 @@ def _restore_into(source: TableSource, control: psycopg.Connection[Any], target:
         for t in loads:
             load(t, control)
     else:
-        pipeline.run_parallel(jobs, [(load_alone, t) for t in loads])
+        try:
+            pipeline.run_parallel(jobs, [(load_alone, t) for t in loads])
+        finally:
+            sessions.close()
     in_session = definitions is not None and definitions.in_session
     with control.transaction() if existing and in_session else nullcontext():
         if existing:

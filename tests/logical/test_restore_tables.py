@@ -4,6 +4,7 @@ refusals change nothing, and each mode ends validated."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -806,3 +807,31 @@ def test_a_replace_that_needs_more_locks_than_the_server_holds_is_refused_saying
                       "--replace", "--backup", made["id"])
     assert report["validation"]["ok"] is True
     assert db.scalar("SELECT count(*) FROM public.p") == 1500
+
+
+def test_tables_loaded_by_several_sessions_reuse_them(cli: Any, local_repo: str,
+                                                      fresh_db: Callable[..., Any]) -> None:
+    """With ``--jobs``, each table was loaded and checksummed on a session opened for it alone:
+    a server backend (and an authentication) per table, a third of the time of a tree of
+    1,500 partitions restored ``--into-schema``. The loading sessions are now reused, so the
+    target sees a few sessions, whatever the number of tables."""
+    partitions = 40
+    db = fresh_db("tree")
+    db.execute("CREATE TABLE public.ev (id bigint, day int, note text, PRIMARY KEY (id, day)) PARTITION BY LIST (day);"
+               + ";".join(f"CREATE TABLE public.ev_{d} PARTITION OF public.ev FOR VALUES IN ({d})"
+                          for d in range(partitions))
+               + f";INSERT INTO public.ev SELECT g, g % {partitions}, md5(g::text) FROM generate_series(1, 4000) g")
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    before = db.scalar("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+    report = cli.json("restore", "tables", "--repo", local_repo, "--target-dsn", db.dsn, "--tables", "public.ev",
+                      "--into-schema", "inspect", "--jobs", "2")
+    assert report["validation"]["ok"] is True and len(report["tables"]) == partitions + 1
+    hashes = dbcompare.table_hashes(db.dsn)
+    assert {k.split(".")[1]: v for k, v in hashes.items() if k.startswith("public.ev")} == \
+        {k.split(".")[1]: v for k, v in hashes.items() if k.startswith("inspect.")}
+    deadline = time.monotonic() + 30
+    while db.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid()") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the restore's sessions write their last counts as they exit
+    sessions = db.scalar("SELECT sessions FROM pg_stat_database WHERE datname = current_database()") - before
+    assert sessions < partitions // 2, sessions
