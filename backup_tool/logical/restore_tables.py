@@ -269,13 +269,38 @@ def detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_sc
 def extract_definitions(target: ConnInfo, major: int, archive_path: Path, tables: list[TableEntry],
                         into_schema: str | None) -> TableDefinitions:
     """A pg_dump archive holding just ``tables``' definitions (moved to ``into_schema`` if given,
-    with their own sequences there: see :func:`detach_copy`)."""
+    with their own sequences there: see :func:`detach_copy`), read from a scratch database
+    holding only what those definitions need (:func:`schema.definition_closure`: a table of a
+    database of thousands costs its own definitions, not the whole schema's replay), or, where
+    that cannot be told or its replay fails, the whole schema."""
+    for only in scratch_attempts(archive_path, {(t.schema, t.name) for t in tables}):
+        try:
+            return _definitions_in_scratch(target, major, archive_path, tables, into_schema, only)
+        except (DatabaseError, psycopg.Error):
+            pass
+    return _definitions_in_scratch(target, major, archive_path, tables, into_schema, None)
+
+
+def scratch_attempts(archive_path: Path, tables: set[TableKey]) -> list[set[int]]:
+    """What a scratch database holds for the tables' definitions, smallest first, before the
+    whole schema: what they depend on, then that and every extension
+    (:func:`schema.definition_closure`); none when their entries cannot be told."""
+    try:
+        toc = schema.read_toc(archive_path.read_bytes())
+    except schema.UnreadableToc:
+        return []
+    closures = [schema.definition_closure(toc, tables, extensions) for extensions in (False, True)]
+    return [c for i, c in enumerate(closures) if c is not None and c not in closures[:i]]
+
+
+def _definitions_in_scratch(target: ConnInfo, major: int, archive_path: Path, tables: list[TableEntry],
+                            into_schema: str | None, only: set[int] | None) -> TableDefinitions:
     scratch_name = f"backup_tool_scratch_{secrets.token_hex(4)}"
     with target.connect() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch_name)))
     scratch = target.with_database(scratch_name)
     try:
-        schema.replay_into_scratch(archive_path, scratch, major)
+        schema.replay_into_scratch(archive_path, scratch, major, only)
         where = [(t.schema, t.name) for t in tables]
         copies: list[SequenceCopy] = []
         if into_schema:

@@ -871,8 +871,29 @@ def uncreatable_extensions(conn: psycopg.Connection[Any], names: Iterable[str]) 
     return refused
 
 
-def replay_into_scratch(archive_path: Path, scratch: ConnInfo, major: int) -> None:
-    """Replay the archive's schema (pre-data and post-data) into an empty scratch database.
+def definition_closure(toc: list[TocEntry], tables: set[tuple[str, str]],
+                       extensions: bool = False) -> set[int] | None:
+    """The dump ids a scratch database needs for ``pg_dump --table`` of ``tables`` to write
+    what it writes after a replay of the whole archive: the tables' own definitions
+    (:func:`table_definition_ids`) and everything they depend on, transitively, as pg_dump
+    recorded it (their schemas, types, domains, collations, functions their defaults, checks,
+    triggers and policies call, sequences, the tables their partitions attach to and their
+    foreign keys reference, the extensions of the types they use). With ``extensions``,
+    every extension too: a dependency on an extension's object is not always recorded (an
+    exclusion constraint's default GiST operator class for an integer column comes from
+    btree_gist, and its entry names no extension). Pure. None when the tables' entries
+    cannot be told."""
+    ids = table_definition_ids(toc, tables)
+    if ids is None:
+        return None
+    return reachable([*ids, *(e.dump_id for e in toc if extensions and e.desc == "EXTENSION")],
+                     {e.dump_id: e.deps for e in toc})
+
+
+def replay_into_scratch(archive_path: Path, scratch: ConnInfo, major: int,
+                        only: set[int] | None = None) -> None:
+    """Replay the archive's schema (pre-data and post-data) into an empty scratch database,
+    or only the entries ``only`` names (see :func:`definition_closure`), in archive order.
 
     An extension that refuses to be created there (pg_cron only installs in the database
     ``cron.database_name`` names) is left out, with the entries that depend on nothing else
@@ -883,9 +904,15 @@ def replay_into_scratch(archive_path: Path, scratch: ConnInfo, major: int) -> No
     except UnreadableToc:
         toc = []
     with scratch.connect() as conn:
-        uncreatable = uncreatable_extensions(conn, [e.tag for e in toc if e.desc == "EXTENSION"])
+        uncreatable = uncreatable_extensions(conn, [e.tag for e in toc if e.desc == "EXTENSION"
+                                                    and (only is None or e.dump_id in only)])
     refused = {e.dump_id for e in toc if e.desc == "EXTENSION" and e.tag in uncreatable}
     skip = frozenset(refused | {e.dump_id for e in toc if e.section is not Section.POST_DATA and e.deps
                                 and set(e.deps) <= refused})
-    restore_section(archive_path, scratch, major, "pre-data", skip=skip, lock_bounded=True)
-    restore_section(archive_path, scratch, major, "post-data", lock_bounded=True)
+    for section in ("pre-data", "post-data"):
+        listing = None if only is None else [i for i in section_listing(archive_path, major, section)
+                                             if int(i) in only]
+        if listing == []:
+            continue
+        restore_section(archive_path, scratch, major, section, listing=listing,
+                        skip=skip if section == "pre-data" else frozenset(), lock_bounded=True)
