@@ -418,7 +418,10 @@ class Bench:
         self.s3 = s3
         self.db_bytes = db_bytes
         self.rows: dict[tuple[str, str], Row] = {}
-        self.env = {**os.environ, **s3.env, "PGPASSWORD": ""}
+        self.tmp = work / "tmp"  # the tool's TMPDIR: settle waits for this bench's scratch directories only
+        self.tmp.mkdir(exist_ok=True)
+        self.tmp.chmod(0o1777)
+        self.env = {**os.environ, **s3.env, "PGPASSWORD": "", "TMPDIR": str(self.tmp)}
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure the tool as installed: bytecode cached
         self.tool = [sys.executable, "-m", "backup_tool"]
         self.nginx: Nginx | None = None
@@ -453,7 +456,7 @@ class Bench:
             self.cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", db="postgres")
         self.cluster.psql("CHECKPOINT", db="postgres")
         deadline = time.monotonic() + 300
-        while any(Path(tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*")) and time.monotonic() < deadline:
+        while any(self.tmp.glob(SCRATCH_PREFIX + "*")) and time.monotonic() < deadline:
             time.sleep(0.2)
         os.sync()
 
