@@ -178,6 +178,12 @@ def walk(world: World, tmp: Path, partial: bool,
         maps = sorted(p.name for p in [*(tmp / "data" / "base").glob("*/*"), *(tmp / "data" / "global").glob("*")]
                       if p.name.endswith(("_fsm", "_vm")))
         assert maps == [], "a table request lays out no free space map or visibility map fork"
+        assert layout.choice is not None
+        app = sql(world.server, "SELECT oid::bigint FROM pg_database WHERE datname = 'app'")[0]
+        others = [m.name for m in (*layout.choice.full, *layout.choice.sparse)
+                  if partial_mod.RELATION_FILE.match(m.name) and not m.name.startswith(f"base/{app}/")]
+        assert others == [], "the scratch cluster connects to app alone: every other database's relation " \
+                             "files (postgres's, template1's) are left out"
     assert layout.database == ("app" if partial else "postgres")
     server = LocalServer(pgdata=layout.pgdata, os_user=layout.os_user, bin_dir=world.server.bin_dir,
                          port=free_port(), private_dir=tmp / "s", log_file=tmp / "recovery.log", superuser="postgres",
@@ -218,11 +224,6 @@ def test_partial_layout_equals_full_layout_and_live_rows_at_every_moment(world: 
     assert "invalid pages" in log
     assert partial_mod.unexplained_invalid_pages(log, layout.choice.sparse_files) == []
     assert layout.bytes_fetched is not None and layout.bytes_fetched < world.base_size * 0.6
-    app = sql(world.server, "SELECT oid::bigint FROM pg_database WHERE datname = 'app'")[0]
-    others = [m.name for m in (*layout.choice.full, *layout.choice.sparse)
-              if partial_mod.RELATION_FILE.match(m.name) and not m.name.startswith(f"base/{app}/")]
-    assert others == [], "the scratch cluster connects to app alone: every other database's relation files " \
-                         "(postgres's, template1's) are left out"
 
 
 def restore_at(world: World, table: str, moment: str, schema: str, *extra: str) -> dict[str, Any]:
