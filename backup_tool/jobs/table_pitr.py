@@ -154,7 +154,7 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
             server = server_for(layout, priv, free_port())
             try:
                 point = _recover_keeping_log(server, layout, reporter, bool(into_schema),
-                                             _first_look(server, layout, source_db))
+                                             _first_look(server, layout, source_db, when))
                 wanted, missed = _tables_as_recovered(server, layout, source_db, tables, when)
             except _OtherDatabase as exc:
                 missed = [str(exc)]
@@ -329,7 +329,8 @@ class _OtherDatabase(Exception):
     """The database a partial lay-out's scratch cluster connects to is not the one laid out."""
 
 
-def _first_look(server: LocalServer, layout: Layout, source_db: str) -> Callable[[], None] | None:
+def _first_look(server: LocalServer, layout: Layout, source_db: str,
+                when: datetime) -> Callable[[], None] | None:
     """For a table request's partial lay-out (every other database left out, ``postgres``
     included): the check :func:`recover` makes on its first connection, to ``source_db``.
 
@@ -340,7 +341,9 @@ def _first_look(server: LocalServer, layout: Layout, source_db: str) -> Callable
     needs there, is answered from ``pg_database``, a shared catalog laid out in full, with
     the other oid: either way :class:`_OtherDatabase` is raised, nothing else has connected,
     and the whole base backup is laid out instead. It runs once recovery reached the time:
-    before, the database of that name may still be the backup's one."""
+    before, the database of that name may still be the backup's one. A database of that
+    name the server says does not exist there is reported as such (NotFoundError) at once,
+    as without the partial lay-out."""
     choice = layout.choice
     if choice is None or choice.database is None:
         return None
@@ -352,6 +355,9 @@ def _first_look(server: LocalServer, layout: Layout, source_db: str) -> Callable
                                  connect_timeout=10) as conn:
                 row = conn.execute("SELECT oid::bigint FROM pg_database WHERE datname = current_database()").fetchone()
         except psycopg.Error as exc:
+            if f'database "{source_db}" does not exist' in str(exc):
+                raise NotFoundError(f"database {source_db} did not exist at {utc_iso(when)}",
+                                    "check the name and the time") from None
             raise _OtherDatabase(f"database {source_db} cannot be read from the partial lay-out: "
                                  f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
         if row is None or int(row[0]) != expected:

@@ -53,6 +53,7 @@ class World:
     fresh_rows: tuple[int, str]
     inflight_at: str
     inflight_rows: tuple[int, str]
+    gone_at: str
 
 
 def sql(server: PgServer, *statements: str, db: str = "app") -> Any:
@@ -108,6 +109,8 @@ def world() -> Iterator[World]:
     try:
         server.create_db("app")
         server.create_db("other")
+        server.create_db("gone")
+        sql(server, "CREATE TABLE kept (id int PRIMARY KEY)", db="gone")
         # the postgres database, left out of a table request's lay-out, is written to all along
         sql(server, "CREATE TABLE chores (id int PRIMARY KEY, v text)",
             "INSERT INTO chores SELECT g, md5(g::text) FROM generate_series(1, 4000) g", db="postgres")
@@ -154,10 +157,12 @@ def world() -> Iterator[World]:
             "INSERT INTO late SELECT g, md5(g::text) FROM generate_series(1, 500) g", db="other")
         fresh_at, fresh_rows = now_utc(server), rows(server, "late", db="other")
         sql(server, "DELETE FROM late WHERE id % 2 = 0", db="other")
+        sql(server, "DROP DATABASE gone", db="postgres")
+        gone_at = now_utc(server)
         sql(server, "DELETE FROM orders", "DROP TABLE stock_renamed", "UPDATE noise SET v = 'gone' WHERE id < 1000")
         switch_and_wait_archived(server)
         yield World(server, str(repo), cli, moments, renamed_at, renamed_rows, int(backup["size_bytes"]),
-                    fresh_at, fresh_rows, inflight_at, inflight_rows)
+                    fresh_at, fresh_rows, inflight_at, inflight_rows, gone_at)
     finally:
         server.pg_ctl("-m", "immediate", "stop", check=False)
         server.destroy()
@@ -338,6 +343,19 @@ def test_a_database_replaced_after_the_backup_by_a_copy_of_a_template_falls_back
     assert rows(world.server, "late_back.late", db="other") == world.fresh_rows
 
 
+def test_a_database_dropped_before_the_time_is_named_without_the_whole_lay_out(world: World) -> None:
+    """The tables' database is in the base backup but was dropped before the time: the first
+    connection to it, once recovery reached the time, is refused as a database that does not
+    exist, and the restore says so at once instead of laying out the whole base backup to
+    find the same."""
+    proc = world.cli("restore", "tables", "--repo", world.repo, "--tables", "kept", "--target-time", world.gone_at,
+                     "--dsn", world.server.dsn("gone"), "--target-dsn", world.server.dsn("app"),
+                     "--into-schema", "gone_back", "--json")
+    assert proc.returncode == 1, proc.stderr
+    assert f"database gone did not exist at {world.gone_at[:19]}" in proc.stderr, proc.stderr
+    assert "laying out the whole base backup" not in proc.stdout + proc.stderr
+
+
 def test_restore_pitr_of_one_database_drops_the_others(world: World) -> None:
     moment, expected = world.moments[2]
     pgdata, port = world.server.make_user_dir(), free_port()
@@ -345,7 +363,7 @@ def test_restore_pitr_of_one_database_drops_the_others(world: World) -> None:
                             "--port", str(port), "--no-archive", "--only-database", "app")
     try:
         assert result["ok"] is True
-        assert result["layout"]["kind"] == "partial" and result["layout"]["dropped"] == ["other", "spare_template"]
+        assert result["layout"]["kind"] == "partial" and result["layout"]["dropped"] == ["gone", "other", "spare_template"]
         assert result["layout"]["bytes_fetched"] < world.base_size
         dsn = f"postgresql://postgres:{world.server.password}@127.0.0.1:{port}/app"
         with psycopg.connect(dsn) as conn:
