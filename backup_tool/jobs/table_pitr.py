@@ -152,8 +152,12 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
                              stop_early=True)
             priv = work / "s"
             server = server_for(layout, priv, free_port())
-            point = _recover_keeping_log(server, layout, reporter, bool(into_schema))
-            wanted, missed = _tables_as_recovered(server, layout, source_db, tables, when)
+            try:
+                point = _recover_keeping_log(server, layout, reporter, bool(into_schema),
+                                             _first_look(server, layout, source_db, when))
+                wanted, missed = _tables_as_recovered(server, layout, source_db, tables, when)
+            except _OtherDatabase as exc:
+                missed = [str(exc)]
             if missed:
                 reporter.event("the partial lay-out does not hold the tables as recovered; laying out the "
                                "whole base backup", missed=missed)
@@ -301,12 +305,12 @@ def _retire(server: LocalServer, data: Path | None) -> None:
 
 
 def _recover_keeping_log(server: LocalServer, layout: Layout, reporter: Reporter,
-                         promote: bool) -> RecoveryPoint:
-    """Recover (``promote``: promoted at the target, see :func:`recover`); on failure keep a
-    copy of the server log and name it. The WAL read-ahead stops either way once recovery is
-    over."""
+                         promote: bool, first: Callable[[], None] | None = None) -> RecoveryPoint:
+    """Recover (``promote``: promoted at the target; ``first``: the first connection's check;
+    see :func:`recover`); on failure keep a copy of the server log and name it. The WAL
+    read-ahead stops either way once recovery is over."""
     try:
-        return recover(server, layout, None, reporter, promote=promote)
+        return recover(server, layout, None, reporter, promote=promote, first=first)
     except DatabaseError as exc:
         raise DatabaseError(exc.message, f"the server log is kept at {_keep_log(server)}") from exc
     finally:
@@ -321,22 +325,53 @@ def _keep_log(server: LocalServer) -> Path:
     return Path(name)
 
 
+class _OtherDatabase(Exception):
+    """The database a partial lay-out's scratch cluster connects to is not the one laid out."""
+
+
+def _first_look(server: LocalServer, layout: Layout, source_db: str,
+                when: datetime) -> Callable[[], None] | None:
+    """For a table request's partial lay-out (every other database left out, ``postgres``
+    included): the check :func:`recover` makes on its first connection, to ``source_db``.
+
+    The database of that name at the target must be the backup's one, the one laid out
+    (renamed or created after the backup, it may be another, maybe a file copy of a database
+    left out, whose catalogs are not there). A connection to such a database fails
+    (PostgreSQL PANICs on a missing critical catalog and restarts) or, were the catalogs it
+    needs there, is answered from ``pg_database``, a shared catalog laid out in full, with
+    the other oid: either way :class:`_OtherDatabase` is raised, nothing else has connected,
+    and the whole base backup is laid out instead. It runs once recovery reached the time:
+    before, the database of that name may still be the backup's one. A database of that
+    name the server says does not exist there is reported as such (NotFoundError) at once,
+    as without the partial lay-out."""
+    choice = layout.choice
+    if choice is None or choice.database is None:
+        return None
+    expected = choice.database
+
+    def look() -> None:
+        try:
+            with psycopg.connect(server.conninfo(source_db).tool_conninfo(), autocommit=True,
+                                 connect_timeout=10) as conn:
+                row = conn.execute("SELECT oid::bigint FROM pg_database WHERE datname = current_database()").fetchone()
+        except psycopg.Error as exc:
+            if f'database "{source_db}" does not exist' in str(exc):
+                raise NotFoundError(f"database {source_db} did not exist at {utc_iso(when)}",
+                                    "check the name and the time") from None
+            raise _OtherDatabase(f"database {source_db} cannot be read from the partial lay-out: "
+                                 f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+        if row is None or int(row[0]) != expected:
+            raise _OtherDatabase(f"database {source_db} (oid {row[0] if row else None}) is not the database of "
+                                 "that name in the base backup")
+    return look
+
+
 def _tables_as_recovered(server: LocalServer, layout: Layout, source_db: str, tables: list[str],
                          when: datetime) -> tuple[set[tuple[str, str]], list[str]]:
     """The (schema, name) of ``tables`` in the recovered database, and why a partial
-    lay-out does not hold them as recovered (empty: it does, or the lay-out is full).
-
-    A partial lay-out that left other databases out is only connected to the database of
-    that name in the base backup: the one now called ``source_db`` is checked (through
-    ``postgres``) to be that one before anything connects to it. Renamed or created after
-    the backup, it may be a file copy of a database left out, whose catalogs a connection
-    cannot read."""
+    lay-out does not hold them as recovered (empty: it does, or the lay-out is full). A
+    partial lay-out's database was checked to be the backup's one (:func:`_first_look`)."""
     choice = layout.choice
-    if choice is not None and choice.left_out:
-        with server.conninfo().connect() as conn:
-            row = conn.execute("SELECT oid::bigint FROM pg_database WHERE datname = %s", (source_db,)).fetchone()
-        if row is not None and int(row[0]) != choice.database:
-            return set(), [f"database {source_db} (oid {row[0]}) is not the database of that name in the base backup"]
     with server.conninfo(source_db).connect() as conn:
         wanted = _resolve_live(postgres.list_tables(conn), tables, when)
         if choice is None:

@@ -12,11 +12,13 @@ records every database's relations at backup time) it lays out in full only:
   every index of those (so the copy can use any plan it likes, hash indexes included);
 
 and writes every other user relation file as a sparse file of its recorded size (reads as
-zeros, costs nothing). The other databases (all but the tables' own and ``postgres``: the
+zeros, costs nothing). The other databases (all but the tables' own: ``postgres``, the
 other user databases, the templates, any database the backup-time map does not name) get
 their directories but no relation file, catalogs included: the scratch cluster never
-connects to them, and replay creates the files it writes into, as it does for a relation
-dropped later in the WAL. Only the frames of the stored tar that hold a needed file are read and decompressed.
+connects to them (its own connections go to the tables' database), and replay creates the
+files it writes into, as it does for a relation dropped later in the WAL (redo of a record
+for a block the file lacks and that carries no full-page image is skipped as an invalid
+page, see below; one with an image extends the file up to that block). Only the frames of the stored tar that hold a needed file are read and decompressed.
 
 For a table request (``choose(lean=True)``) no free space map or visibility map fork is
 written (``Choice.maps_left_out``): both are hints, and an absent one reads as empty (no
@@ -57,9 +59,9 @@ alone (such operations log every page), which the lay-out never wrote, so that i
 but a target whose file *is* in the backup and was left sparse (the table was renamed
 after the backup, or its name was ambiguous) or a database created after the backup by
 copying another one's directory (``STRATEGY FILE_COPY``) means the lay-out was wrong, and
-the restore falls back to the full lay-out. The database is checked to be the backup's
-one of that name before anything connects to it: a copy of a database left out has no
-catalogs, and a connection to it makes PostgreSQL PANIC. Unlogged tables come back empty either way
+the restore falls back to the full lay-out. The first connection, to the tables'
+database, checks that it is the backup's one of that name (a copy of a database left out
+has no catalogs: a connection to it fails, and the restore falls back likewise). Unlogged tables come back empty either way
 (their data is never in a backup or in WAL).
 """
 

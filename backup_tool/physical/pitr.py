@@ -981,6 +981,9 @@ class Layout:
     replays instead of the time (``lay_out(stop_early=True)``)."""
     repo_url: str = ""
     """The repository's URL as opened (for messages)."""
+    database: str = "postgres"
+    """The database the recovered server's own connections go to (:func:`server_for`): the
+    tables' database when a table request's partial lay-out left every other one out."""
 
     def stop_prefetch(self) -> int:
         """Stop reading WAL ahead of recovery (idempotent); the number of segments it fetched."""
@@ -991,11 +994,11 @@ def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
                     reporter: Reporter) -> tuple[partial.Choice, basetar.TarIndex] | None:
     """The partial lay-out for ``request``, or None (with the reason reported) when this
     backup cannot have one: taken before base backups carried an index. For tables, every
-    other database (all but theirs and ``postgres``; the templates and any database the
-    backup's map does not name too, when it names ``postgres``) is left out entirely: the
-    scratch cluster never connects to them. A database created after the backup as a file
-    copy of one of them is never connected to either: the tables' database must be the
-    backup's one of that name (:func:`partial_shortfall`), else the whole backup is laid out."""
+    other database (``postgres``, the templates and any database the backup's map does not
+    name included) is left out entirely: the scratch cluster connects to the tables'
+    database alone (``Layout.database``), and the first connection checks that the
+    database of that name at the target is the backup's one (:func:`recover`'s ``first``,
+    see :mod:`backup_tool.jobs.table_pitr`), else the whole backup is laid out."""
     if len(backup.extra_objects) < 2 or not backup.extra_objects[1].key.endswith(basetar.INDEX_KEY):
         reporter.event("partial lay-out unavailable: this base backup has no index (taken by an older "
                        "backup-tool); laying out all of it", id=backup.id)
@@ -1011,10 +1014,8 @@ def _partial_choice(storage: Storage, backup: Manifest, request: PartialRequest,
         db = next((d for d in dbs.values() if d.name == request.database), None)
         keep = {db.oid: partial.needed(db, request.tables)} if db is not None else {}
         if db is not None:
-            leave_out = frozenset(d.oid for d in dbs.values() if d.name not in (request.database, "postgres"))
-            kept = {d.oid for d in dbs.values() if d.name in (request.database, "postgres")}
-            if len(kept) == 2:
-                leave_out |= partial.databases_in(index.members) - kept
+            leave_out = frozenset(d.oid for d in dbs.values() if d.oid != db.oid)
+            leave_out |= partial.databases_in(index.members) - {db.oid}
             return dataclasses.replace(partial.choose(index.members, dbs, keep, leave_out, lean=True),
                                        database=db.oid), index
     return partial.choose(index.members, dbs, keep, leave_out), index
@@ -1128,7 +1129,9 @@ def lay_out(settings: Settings, target: Target, pgdata: Path, port: int | None =
                    wal_prefetched=len(prefetch.fetched) if prefetch else 0)
     return Layout(plan, pgdata, user, restore_command if scratch else plain_command, conf, written, time.monotonic() - started, bin_dir,
                   choice=choice, databases_in_backup=partial.databases_in(found[1].members) if found else frozenset(),
-                  bytes_fetched=fetched, prefetch=prefetch, scratch=scratch, stop=stop, repo_url=storage.url)
+                  bytes_fetched=fetched, prefetch=prefetch, scratch=scratch, stop=stop, repo_url=storage.url,
+                  database=partial_for.database if choice is not None and choice.database is not None
+                  and partial_for is not None else "postgres")
 
 
 UNNEEDED_DIR = "unneeded"
@@ -1372,7 +1375,8 @@ def server_for(layout: Layout, private_dir: Path, port: int) -> LocalServer:
     return LocalServer(pgdata=layout.pgdata, os_user=layout.os_user,
                        bin_dir=layout.bin_dir or find_bin_dir(layout.plan.backup.server_version_num // 10000),
                        port=port, private_dir=private_dir,
-                       log_file=layout.pgdata / "log" / "backup-tool-recovery.log", superuser=p.superuser)
+                       log_file=layout.pgdata / "log" / "backup-tool-recovery.log", superuser=p.superuser,
+                       database=layout.database)
 
 
 LOG_PROMOTED = "database system is ready to accept connections"
@@ -1441,7 +1445,7 @@ replayed in 0.75 s instead of 0.45 s)."""
 
 
 def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter: Reporter,
-            promote: bool = False) -> RecoveryPoint:
+            promote: bool = False, first: Callable[[], None] | None = None) -> RecoveryPoint:
     """Start ``server`` privately and wait until recovery reached the target and promoted
     (or, for ``recovery_target_action = 'pause'``, paused there).
 
@@ -1462,7 +1466,15 @@ def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter
     directory at start) and may pause at its target: it is read there as a hot standby, in
     the state promotion would leave it in (the same transactions visible), without the
     end-of-recovery checkpoint and timeline switch, when its lay-out asked for that
-    (``lay_out(pause=True)``). The point's ``paused`` says which state it is in."""
+    (``lay_out(pause=True)``). The point's ``paused`` says which state it is in.
+
+    ``first`` is called once, before this function connects to the server at all, once
+    recovery reached the target (paused or promoted there); what it raises ends the wait (the
+    server left running, for the caller to stop). A table request's partial lay-out, which
+    left every database but the tables' one out, checks there that it is that one it
+    connects to: before the target, the database of that name may be another one, and a
+    connection to a database left out makes the server PANIC. So with ``first`` the early
+    promotion is asked for without a connection (``pg_ctl promote``)."""
     settings = {**(INIT_SYNC if sys.platform.startswith("linux") and not layout.scratch else {}),
                 **(PARTIAL_SETTINGS if layout.choice is not None else {}),
                 **(SCRATCH_SETTINGS if layout.scratch else {})}
@@ -1481,8 +1493,17 @@ def recover(server: LocalServer, layout: Layout, timeout: float | None, reporter
 
     pausing = layout.settings.get("recovery_target_action") == "pause"
     asking = [pausing and promote]
+    looking = [first]
 
     def reached() -> bool:
+        look = looking[0]
+        if look is not None:
+            if asking[0] and log.saw(LOG_HOT_STANDBY):
+                asking[0] = not server.request_promotion()
+            if not ((log.saw(LOG_PAUSED) or log.saw(LOG_PROMOTED)) and _ready(server)):
+                return False
+            look()
+            looking[0] = None
         if asking[0] and log.saw(LOG_HOT_STANDBY):
             asking[0] = not _ask(server, "SELECT pg_promote(false)")
         return _paused_or_promoted(server, log) if pausing else _promoted(server, log)

@@ -153,6 +153,8 @@ class LocalServer:
     private_dir: Path
     log_file: Path
     superuser: str = "postgres"
+    database: str = "postgres"
+    """The database :meth:`conninfo` connects to unless told another."""
 
     def _ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return run_as(self.os_user, [str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), *args],
@@ -171,6 +173,11 @@ class LocalServer:
         hba = self.private_dir / "pg_hba.conf"
         hba.write_text("# backup-tool: private socket while recovery is supervised\nlocal all all trust\n")
         chown_to(hba, self.os_user)
+
+    def request_promotion(self) -> bool:
+        """Ask the server to promote, without waiting and without a connection (``pg_ctl
+        promote -W``: the promote signal file, then a signal); False when pg_ctl refused."""
+        return self._ctl("promote", "-W", timeout=30).returncode == 0
 
     def start_private(self, extra: dict[str, str] | None = None) -> None:
         """Start without waiting; only the private socket accepts (trusted) connections. The
@@ -244,7 +251,8 @@ class LocalServer:
                 return
             time.sleep(POLL_SECONDS / 2)
 
-    def conninfo(self, dbname: str = "postgres") -> ConnInfo:
+    def conninfo(self, dbname: str | None = None) -> ConnInfo:
+        dbname = dbname or self.database
         return ConnInfo(f"host={self.private_dir} port={self.port} user={self.superuser} dbname={dbname}")
 
     def log_text(self) -> str:

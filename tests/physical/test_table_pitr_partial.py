@@ -3,7 +3,8 @@
 (inserts, updates, deletes with TOASTed values, TRUNCATE, ALTER TABLE ... TYPE, VACUUM FULL,
 index builds including a hash index) interleaved with noise on tables the copy does not need
 (one with a matview and btree index over it, one whose untouched pages VACUUM marks
-all-visible without a full-page image, another database). At several recorded moments the
+all-visible without a full-page image, another database, and the postgres database, which
+a table request's lay-out leaves out). At several recorded moments the
 table's rows are fingerprinted on the live server; `restore tables --target-time` must
 bring back exactly those rows from the partial lay-out, equal to what the full lay-out
 brings back, read only part of the stored backup, and fall back to the full lay-out when
@@ -52,6 +53,7 @@ class World:
     fresh_rows: tuple[int, str]
     inflight_at: str
     inflight_rows: tuple[int, str]
+    gone_at: str
 
 
 def sql(server: PgServer, *statements: str, db: str = "app") -> Any:
@@ -83,6 +85,9 @@ def step(server: PgServer, rnd: random.Random, n: int) -> None:
     sql(server, rnd.choice(choices), rnd.choice(choices),
         f"INSERT INTO noise (v) SELECT md5(g::text) FROM generate_series(1, {rnd.randint(100, 2000)}) g",
         f"UPDATE noise SET v = v || 'x' WHERE id < {rnd.randint(50, 400)}")
+    sql(server, f"UPDATE chores SET v = v || 'y' WHERE id % {rnd.randint(3, 9)} = 0",
+        f"INSERT INTO chores SELECT g, md5(g::text) FROM generate_series({5000 + 100 * n}, {5099 + 100 * n}) g",
+        "VACUUM chores", db="postgres")
     ddl = [
         "TRUNCATE orders; INSERT INTO orders (amount, note) SELECT g, 't' || g FROM generate_series(1, 300) g",
         f"ALTER TABLE orders ALTER COLUMN amount TYPE {'numeric(12,2)' if n % 2 else 'bigint'}",
@@ -104,6 +109,11 @@ def world() -> Iterator[World]:
     try:
         server.create_db("app")
         server.create_db("other")
+        server.create_db("gone")
+        sql(server, "CREATE TABLE kept (id int PRIMARY KEY)", db="gone")
+        # the postgres database, left out of a table request's lay-out, is written to all along
+        sql(server, "CREATE TABLE chores (id int PRIMARY KEY, v text)",
+            "INSERT INTO chores SELECT g, md5(g::text) FROM generate_series(1, 4000) g", db="postgres")
         sql(server, "CREATE TABLE elsewhere (id int PRIMARY KEY, v text)",
             "INSERT INTO elsewhere SELECT g, md5(g::text) FROM generate_series(1, 20000) g", db="other")
         # a template database (as PostGIS set-ups keep one): --only-database must still drop it
@@ -147,10 +157,12 @@ def world() -> Iterator[World]:
             "INSERT INTO late SELECT g, md5(g::text) FROM generate_series(1, 500) g", db="other")
         fresh_at, fresh_rows = now_utc(server), rows(server, "late", db="other")
         sql(server, "DELETE FROM late WHERE id % 2 = 0", db="other")
+        sql(server, "DROP DATABASE gone", db="postgres")
+        gone_at = now_utc(server)
         sql(server, "DELETE FROM orders", "DROP TABLE stock_renamed", "UPDATE noise SET v = 'gone' WHERE id < 1000")
         switch_and_wait_archived(server)
         yield World(server, str(repo), cli, moments, renamed_at, renamed_rows, int(backup["size_bytes"]),
-                    fresh_at, fresh_rows, inflight_at, inflight_rows)
+                    fresh_at, fresh_rows, inflight_at, inflight_rows, gone_at)
     finally:
         server.pg_ctl("-m", "immediate", "stop", check=False)
         server.destroy()
@@ -171,8 +183,16 @@ def walk(world: World, tmp: Path, partial: bool,
         maps = sorted(p.name for p in [*(tmp / "data" / "base").glob("*/*"), *(tmp / "data" / "global").glob("*")]
                       if p.name.endswith(("_fsm", "_vm")))
         assert maps == [], "a table request lays out no free space map or visibility map fork"
+        assert layout.choice is not None
+        app = sql(world.server, "SELECT oid::bigint FROM pg_database WHERE datname = 'app'")[0]
+        others = [m.name for m in (*layout.choice.full, *layout.choice.sparse)
+                  if partial_mod.RELATION_FILE.match(m.name) and not m.name.startswith(f"base/{app}/")]
+        assert others == [], "the scratch cluster connects to app alone: every other database's relation " \
+                             "files (postgres's, template1's) are left out"
+    assert layout.database == ("app" if partial else "postgres")
     server = LocalServer(pgdata=layout.pgdata, os_user=layout.os_user, bin_dir=world.server.bin_dir,
-                         port=free_port(), private_dir=tmp / "s", log_file=tmp / "recovery.log", superuser="postgres")
+                         port=free_port(), private_dir=tmp / "s", log_file=tmp / "recovery.log", superuser="postgres",
+                         database=layout.database)
     found = []
     try:
         for moment in moments:
@@ -209,9 +229,6 @@ def test_partial_layout_equals_full_layout_and_live_rows_at_every_moment(world: 
     assert "invalid pages" in log
     assert partial_mod.unexplained_invalid_pages(log, layout.choice.sparse_files) == []
     assert layout.bytes_fetched is not None and layout.bytes_fetched < world.base_size * 0.6
-    template1 = [m.name for m in layout.choice.full if m.name.startswith("base/1/")
-                 and partial_mod.RELATION_FILE.match(m.name)]
-    assert template1 == [], "nothing connects to template1 in the scratch cluster: its relation files are left out"
 
 
 def restore_at(world: World, table: str, moment: str, schema: str, *extra: str) -> dict[str, Any]:
@@ -314,15 +331,29 @@ def test_a_database_replaced_after_the_backup_by_a_copy_of_a_template_falls_back
     CREATE DATABASE ... STRATEGY FILE_COPY, which copies the directory when replayed. The
     partial lay-out for a table of "other" lays out the backup's "other" and leaves the
     relation files of the other user databases, "app" among them, out: the new "other"
-    has no catalogs in the scratch cluster. It is found to be another database before
-    anything connects to it (a connection makes PostgreSQL PANIC), and the whole base
-    backup is laid out instead."""
+    has no catalogs in the scratch cluster. The first connection, made to "other" once
+    recovery reached the time (before it, "other" is still the backup's one), fails
+    (PostgreSQL PANICs on the missing catalogs), and the whole base backup is laid out
+    instead."""
     result = world.cli.json("restore", "tables", "--repo", world.repo, "--tables", "late", "--target-time",
                             world.fresh_at, "--target-dsn", world.server.dsn("other"), "--into-schema", "late_back")
     assert result["ok"] is True
     assert result["recovery_layout"]["kind"] == "full"
-    assert "is not the database of that name in the base backup" in result["recovery_layout"]["fallback_because"][0]
+    assert "database other cannot be read from the partial lay-out" in result["recovery_layout"]["fallback_because"][0]
     assert rows(world.server, "late_back.late", db="other") == world.fresh_rows
+
+
+def test_a_database_dropped_before_the_time_is_named_without_the_whole_lay_out(world: World) -> None:
+    """The tables' database is in the base backup but was dropped before the time: the first
+    connection to it, once recovery reached the time, is refused as a database that does not
+    exist, and the restore says so at once instead of laying out the whole base backup to
+    find the same."""
+    proc = world.cli("restore", "tables", "--repo", world.repo, "--tables", "kept", "--target-time", world.gone_at,
+                     "--dsn", world.server.dsn("gone"), "--target-dsn", world.server.dsn("app"),
+                     "--into-schema", "gone_back", "--json")
+    assert proc.returncode == 1, proc.stderr
+    assert f"database gone did not exist at {world.gone_at[:19]}" in proc.stderr, proc.stderr
+    assert "laying out the whole base backup" not in proc.stdout + proc.stderr
 
 
 def test_restore_pitr_of_one_database_drops_the_others(world: World) -> None:
@@ -332,7 +363,7 @@ def test_restore_pitr_of_one_database_drops_the_others(world: World) -> None:
                             "--port", str(port), "--no-archive", "--only-database", "app")
     try:
         assert result["ok"] is True
-        assert result["layout"]["kind"] == "partial" and result["layout"]["dropped"] == ["other", "spare_template"]
+        assert result["layout"]["kind"] == "partial" and result["layout"]["dropped"] == ["gone", "other", "spare_template"]
         assert result["layout"]["bytes_fetched"] < world.base_size
         dsn = f"postgresql://postgres:{world.server.password}@127.0.0.1:{port}/app"
         with psycopg.connect(dsn) as conn:
