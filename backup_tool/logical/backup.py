@@ -590,7 +590,8 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         storage.defer_name_sync(prefix)  # Catalog.commit syncs them, before the manifest publishes them
         expires_at = policy.expires_at(kind, started_at)
         marking = Background(catalog.mark_running, backup_id, kind, database, name="running-marker")
-        stack.callback(_unmark_when_marked, marking, catalog, backup_id)
+        unmark = _Unmark(marking, catalog, backup_id)
+        stack.callback(unmark)
         lock = None
         if policy.object_lock.mode != "none":
             marking.result()  # the marker itself is written unlocked: it is deleted at the end
@@ -614,7 +615,7 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
                                       f"was written ({missing[0]}); it was not committed",
                                       "something deleted them while the backup ran (a retention sweep or a "
                                       "bucket lifecycle rule?): check, then run the backup again")
-            manifest = catalog.commit(manifest)
+            manifest = catalog.commit(manifest, published=unmark)
         except BaseException:
             _discard(storage, prefix, backup_id)
             raise
@@ -623,11 +624,22 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         return manifest
 
 
-def _unmark_when_marked(marking: Background[None], catalog: Catalog, backup_id: str) -> None:
-    """Remove the running marker once its write has ended (were it still on its way, the
-    removal could come first and leave it behind)."""
-    marking.join()
-    catalog.unmark_running(backup_id)
+class _Unmark:
+    """Removes the backup's running marker once its write has ended (were it still on its
+    way, the removal could come first and leave it behind), at most once: as the commit
+    publishes the manifest (while the catalog index is updated), or when the backup ends
+    without one."""
+
+    def __init__(self, marking: Background[None], catalog: Catalog, backup_id: str) -> None:
+        self._marking = marking
+        self._catalog = catalog
+        self._backup_id = backup_id
+        self._once = threading.Lock()
+
+    def __call__(self) -> None:
+        if self._once.acquire(blocking=False):
+            self._marking.join()
+            self._catalog.unmark_running(self._backup_id)
 
 
 def _written_as(opened: ConnInfo, dsn: str, parent: Manifest | None) -> ConnInfo:
