@@ -94,6 +94,7 @@ from backup_tool.repository.manifest import (
     SPLIT_TABLE_FORMAT,
     Manifest,
     ManifestInventory,
+    RelationFile,
     SequenceRecord,
     StoredObject,
     TableEntry,
@@ -376,6 +377,16 @@ class Touched:
         self._ended = False
         self._changed = threading.Condition()
 
+    def hint(self, oids: Iterable[int]) -> None:
+        """Tables to dump now as if the scan had named them (see :func:`early_candidates`):
+        only the WAL-logged heaps it could name."""
+        known = set(self._tables.values())
+        with self._changed:
+            for oid in oids:
+                if oid in known and oid not in self._found:
+                    self._found.append(oid)
+            self._changed.notify_all()
+
     def seen(self, rel: RelFile) -> None:
         _tablespace, database, node = rel
         oid = self._tables.get(node) if database == self._database else None
@@ -473,16 +484,47 @@ def classify(parent: WalBasis, current: WalBasis, touched: frozenset[RelFile]) -
         before = parent.relation(rel.table)
         if not rel.logged_heap:
             verdicts[rel.oid] = TableVerdict.SCAN
-        elif before is None or not before.logged_heap:
-            verdicts[rel.oid] = TableVerdict.CHANGED
-        elif (before.oid, before.tablespace, before.relfilenode, before.toast_relfilenode, before.column_types) != (
-                rel.oid, rel.tablespace, rel.relfilenode, rel.toast_relfilenode, rel.column_types):
+        elif _replaced(before, rel):
             verdicts[rel.oid] = TableVerdict.CHANGED
         elif (db, rel.relfilenode) in written or (rel.toast_relfilenode and (db, rel.toast_relfilenode) in written):
             verdicts[rel.oid] = TableVerdict.CHANGED
         else:
             verdicts[rel.oid] = TableVerdict.UNCHANGED
     return verdicts
+
+
+def _replaced(before: RelationFile | None, rel: RelationFile) -> bool:
+    """Whether a table is changed whatever the WAL says: new since the parent (or not a
+    WAL-logged heap there), in other relation files, or of other column types. Pure."""
+    return before is None or not before.logged_heap or (
+        before.oid, before.tablespace, before.relfilenode, before.toast_relfilenode, before.column_types) != (
+        rel.oid, rel.tablespace, rel.relfilenode, rel.toast_relfilenode, rel.column_types)
+
+
+def early_candidates(parent: WalBasis, current: WalBasis, parent_writes: Any,
+                     writes: dict[int, int]) -> list[int]:
+    """The tables (oids of ``current``'s WAL-logged heaps) an incremental dumps at once,
+    before its WAL scan names any: those changed whatever the WAL says (:func:`_replaced`),
+    and those whose write count (``writes``, read now) is above the one the parent recorded
+    (``parent_writes``: its ``row_writes`` option, read as the parent ended by
+    :func:`backup_tool.postgres.walbasis.row_writes`). Pure.
+
+    Only the order of the work depends on it, never what is stored: the counts are lossy
+    and reset (a table they miss is dumped once the scan names it, as before), and a table
+    dumped early that the scan's final answer shows unchanged has its new objects deleted and
+    the parent's reused (:meth:`_TableDumper.dump_changed`). A count above the parent's
+    means rows were written since the parent read it, as a reset only lowers them."""
+    recorded = parent_writes if isinstance(parent_writes, dict) else {}
+    found = []
+    for rel in current.relations:
+        if not rel.logged_heap:
+            continue
+        was = recorded.get(str(rel.oid))
+        now = writes.get(rel.oid)
+        if _replaced(parent.relation(rel.table), rel) or (
+                type(was) is int and now is not None and now > was):
+            found.append(rel.oid)
+    return found
 
 
 def same_shape(entry: TableEntry | None, table: TableInfo) -> bool:
@@ -608,6 +650,9 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
                                      marking.result), client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
+            if manifest.wal_basis is not None:
+                manifest.options["row_writes"] = {str(oid): n for oid, n in walbasis.row_writes(
+                    control, [r.oid for r in manifest.wal_basis.relations if r.logged_heap]).items()}
             testhooks.pause_point("backup:before-manifest")
             missing = catalog.missing_objects(manifest)
             if missing:
@@ -860,8 +905,14 @@ def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[s
     basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
                                     [t.oid for t in tables if t.has_data])
     touched = Touched(basis)
+    recorded = job.parent.options.get("row_writes") if job.parent is not None else None
+    writes = walbasis.row_writes(control, [r.oid for r in basis.relations if r.logged_heap]) \
+        if recorded and basis is not None and changes is not None else {}
     wal_scan = _start_wal_scan(job.storage, control, job.parent, basis, changes,
                                sum(t.size for t in tables if t.has_data), job.policy, job.jobs, touched)
+    if isinstance(wal_scan, Background) and job.parent is not None and job.parent.wal_basis is not None \
+            and basis is not None:
+        touched.hint(early_candidates(job.parent.wal_basis, basis, recorded, writes))
     return _Snapshotted(snap, tables, basis, wal_scan, touched if isinstance(wal_scan, Background) else None,
                         large_objects.summary(snap.conn))
 
