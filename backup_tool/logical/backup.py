@@ -45,7 +45,9 @@ began (its earlier records precede the span); and no definition that shapes rows
 a segment missing, a timeline change, a record the reader does not know) means today's
 checksum comparison (method ``checksum``), with the reason in the output. A table the WAL
 shows written is dumped as soon as the reading finds it, while the rest of the span is read
-(:class:`Touched`); only the reading's final answer decides which parent objects are reused.
+(:class:`Touched`), and a table new or replaced since the parent, or counted written since
+then by the server's statistics, with the snapshot (:func:`early_candidates`); only the
+reading's final answer decides which parent objects are reused.
 
 Only one backup of a database into a repository runs at a time: a PostgreSQL advisory
 lock on the source database (visible to every machine that backs it up) guards the run.
