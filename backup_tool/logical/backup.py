@@ -652,11 +652,16 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
                                      marking.result), client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
+            counting = Background(walbasis.row_writes, control, [r.oid for r in manifest.wal_basis.relations
+                                                                 if r.logged_heap] if manifest.wal_basis else [],
+                                  name="row-writes")
+            try:
+                testhooks.pause_point("backup:before-manifest")
+                missing = catalog.missing_objects(manifest)
+            finally:
+                counting.join()  # never left running on the session the backup closes
             if manifest.wal_basis is not None:
-                manifest.options["row_writes"] = {str(oid): n for oid, n in walbasis.row_writes(
-                    control, [r.oid for r in manifest.wal_basis.relations if r.logged_heap]).items()}
-            testhooks.pause_point("backup:before-manifest")
-            missing = catalog.missing_objects(manifest)
+                manifest.options["row_writes"] = {str(oid): n for oid, n in counting.result().items()}
             if missing:
                 raise BackupToolError(f"backup {backup_id} lost {len(missing)} object(s) before its manifest "
                                       f"was written ({missing[0]}); it was not committed",
@@ -903,13 +908,17 @@ def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[s
     snap = Snapshot(job.conninfo, session=session)
     stack.callback(snap.close)
     tables = postgres.selected_tables(snap.list_tables(job.reporter.warning), job.only_tables)
-    snap.lock_tables(tables, job.reporter.warning)
-    basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
-                                    [t.oid for t in tables if t.has_data])
-    touched = Touched(basis)
     recorded = job.parent.options.get("row_writes") if job.parent is not None else None
-    writes = walbasis.row_writes(control, [r.oid for r in basis.relations if r.logged_heap]) \
-        if recorded and basis is not None and changes is not None else {}
+    counting = Background(walbasis.row_writes, control, [t.oid for t in tables if t.has_data]
+                          if recorded and changes is not None else [], name="row-writes")
+    try:
+        snap.lock_tables(tables, job.reporter.warning)
+        basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
+                                        [t.oid for t in tables if t.has_data])
+    finally:
+        counting.join()  # never left running on the session the backup closes
+    touched = Touched(basis)
+    writes = counting.result()
     wal_scan = _start_wal_scan(job.storage, control, job.parent, basis, changes,
                                sum(t.size for t in tables if t.has_data), job.policy, job.jobs, touched)
     if isinstance(wal_scan, Background) and job.parent is not None and job.parent.wal_basis is not None \
