@@ -949,7 +949,9 @@ def _read_catalogs(job: _DumpJob, taken: _Snapshotted) -> _Catalogs:
 def _store_side_objects(job: _DumpJob, taken: _Snapshotted, after: Callable[[], None] = lambda: None) -> _SideObjects:
     """The schema archive, the globals (roles: cluster-wide, no snapshot to share; dumped
     meanwhile) and the large objects (reused from the parent when the parent's are the same),
-    all from the snapshot. The schema's dump starts once ``after`` returns (see :func:`_dump`)."""
+    all from the snapshot. The schema's dump starts once ``after`` returns (see :func:`_dump`);
+    its text for the fingerprint (pg_restore, then normalized) is made while the archive is
+    compressed and stored."""
     conninfo, major, snapshot_id, parent = job.conninfo, job.major, taken.snap.snapshot_id, job.parent
     globals_dump = Background(lambda: _store_compressed(job.storage, job.prefix + "globals.sql.zst",
                                                         [schema.dump_globals(conninfo, major)], job.level, 0)[0],
@@ -957,8 +959,12 @@ def _store_side_objects(job: _DumpJob, taken: _Snapshotted, after: Callable[[], 
     try:
         after()
         archive = schema.dump_schema(conninfo, major, snapshot_id)
-        normalized = schema.normalize(schema.schema_text(archive, major))
-        schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
+        texting = Background(lambda: schema.normalize(schema.schema_text(archive, major)), name="schema-text")
+        try:
+            schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
+        finally:
+            texting.join()
+        normalized: str = texting.result()
     finally:
         globals_dump.join()
     globals_obj: StoredObject = globals_dump.result()
