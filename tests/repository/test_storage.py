@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -193,25 +190,3 @@ def test_what_has_all_arrived_and_fits_a_part_is_one_put(s3_repo: str) -> None:
         etag = client.head_object(Bucket=bucket, Key=f"{prefix}/wal/{name}")["ETag"].strip('"')
         assert (int(etag.split("-")[1]) if "-" in etag else None) == parts, name
         assert storage.get_bytes(f"wal/{name}") == data
-
-
-_S3_MODULES = """
-import json, sys
-from backup_tool.repository.storage import open_storage
-storage = open_storage(sys.argv[1])
-storage.put_bytes("probe", b"x")
-assert storage.get_bytes("probe") == b"x"
-print(json.dumps(sorted(sys.modules)))
-"""
-
-
-def test_the_s3_repository_runs_on_botocore_without_boto3s_layer(s3_repo: str) -> None:
-    """The S3 repository talks to the store through botocore alone: boto3's layer (resources,
-    and s3transfer, which imports multiprocessing) is never loaded, which is start-up CPU
-    every backup paid for nothing it uses."""
-    done = subprocess.run([sys.executable, "-c", _S3_MODULES, s3_repo], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-    assert done.returncode == 0, done.stderr[-2000:]
-    loaded = set(json.loads(done.stdout))
-    assert "botocore.client" in loaded
-    assert not {m for m in loaded if m.split(".")[0] in ("boto3", "s3transfer", "multiprocessing")}

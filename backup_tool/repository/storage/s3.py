@@ -1,10 +1,8 @@
 """S3 repository (AWS S3 and compatible stores: MinIO, R2, test endpoints).
 
-The only module that imports the S3 library the project is built on: botocore, the core of
-boto3, used directly (boto3's own layer adds resources and s3transfer, which imports
-multiprocessing: 10-15 ms more of start-up CPU for nothing a backup uses). Endpoint, region
-and credentials come from the standard chain (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``,
-instance roles...), which is botocore's.
+The only module that imports boto3 (the S3 library the project is built on). Endpoint, region
+and credentials come from boto3's standard chain (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``,
+instance roles...).
 
 Uploads stream: chunks are cut into multipart parts uploaded by a few threads, so memory
 stays at (parts in flight + 1) x part size whatever the object size. Objects smaller than
@@ -54,7 +52,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
-import botocore.session
+import boto3
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -268,8 +266,8 @@ class S3Storage(Storage):
             read_timeout=self.tuning.read_timeout,
             max_pool_connections=32,
         )
-        self._session = botocore.session.Session()
-        self._client = self._session.create_client("s3", config=config)
+        self._session = boto3.session.Session()
+        self._client = self._session.client("s3", config=config)
         self._config = config
         self._bodies_client: Any = None
         self._bodies_lock = threading.Lock()
@@ -281,7 +279,7 @@ class S3Storage(Storage):
         docstring), made on the first write: a command that only reads never builds it."""
         with self._bodies_lock:
             if self._bodies_client is None:
-                self._bodies_client = self._session.create_client(
+                self._bodies_client = self._session.client(
                     "s3", config=self._config.merge(Config(s3={"payload_signing_enabled": False})))
             return self._bodies_client
 
