@@ -45,7 +45,9 @@ began (its earlier records precede the span); and no definition that shapes rows
 a segment missing, a timeline change, a record the reader does not know) means today's
 checksum comparison (method ``checksum``), with the reason in the output. A table the WAL
 shows written is dumped as soon as the reading finds it, while the rest of the span is read
-(:class:`Touched`); only the reading's final answer decides which parent objects are reused.
+(:class:`Touched`), and a table new or replaced since the parent, or counted written since
+then by the server's statistics, with the snapshot (:func:`early_candidates`); only the
+reading's final answer decides which parent objects are reused.
 
 Only one backup of a database into a repository runs at a time: a PostgreSQL advisory
 lock on the source database (visible to every machine that backs it up) guards the run.
@@ -94,6 +96,7 @@ from backup_tool.repository.manifest import (
     SPLIT_TABLE_FORMAT,
     Manifest,
     ManifestInventory,
+    RelationFile,
     SequenceRecord,
     StoredObject,
     TableEntry,
@@ -376,6 +379,16 @@ class Touched:
         self._ended = False
         self._changed = threading.Condition()
 
+    def hint(self, oids: Iterable[int]) -> None:
+        """Tables to dump now as if the scan had named them (see :func:`early_candidates`):
+        only the WAL-logged heaps it could name."""
+        known = set(self._tables.values())
+        with self._changed:
+            for oid in oids:
+                if oid in known and oid not in self._found:
+                    self._found.append(oid)
+            self._changed.notify_all()
+
     def seen(self, rel: RelFile) -> None:
         _tablespace, database, node = rel
         oid = self._tables.get(node) if database == self._database else None
@@ -473,16 +486,47 @@ def classify(parent: WalBasis, current: WalBasis, touched: frozenset[RelFile]) -
         before = parent.relation(rel.table)
         if not rel.logged_heap:
             verdicts[rel.oid] = TableVerdict.SCAN
-        elif before is None or not before.logged_heap:
-            verdicts[rel.oid] = TableVerdict.CHANGED
-        elif (before.oid, before.tablespace, before.relfilenode, before.toast_relfilenode, before.column_types) != (
-                rel.oid, rel.tablespace, rel.relfilenode, rel.toast_relfilenode, rel.column_types):
+        elif _replaced(before, rel):
             verdicts[rel.oid] = TableVerdict.CHANGED
         elif (db, rel.relfilenode) in written or (rel.toast_relfilenode and (db, rel.toast_relfilenode) in written):
             verdicts[rel.oid] = TableVerdict.CHANGED
         else:
             verdicts[rel.oid] = TableVerdict.UNCHANGED
     return verdicts
+
+
+def _replaced(before: RelationFile | None, rel: RelationFile) -> bool:
+    """Whether a table is changed whatever the WAL says: new since the parent (or not a
+    WAL-logged heap there), in other relation files, or of other column types. Pure."""
+    return before is None or not before.logged_heap or (
+        before.oid, before.tablespace, before.relfilenode, before.toast_relfilenode, before.column_types) != (
+        rel.oid, rel.tablespace, rel.relfilenode, rel.toast_relfilenode, rel.column_types)
+
+
+def early_candidates(parent: WalBasis, current: WalBasis, parent_writes: Any,
+                     writes: dict[int, int]) -> list[int]:
+    """The tables (oids of ``current``'s WAL-logged heaps) an incremental dumps at once,
+    before its WAL scan names any: those changed whatever the WAL says (:func:`_replaced`),
+    and those whose write count (``writes``, read now) is above the one the parent recorded
+    (``parent_writes``: its ``row_writes`` option, read as the parent ended by
+    :func:`backup_tool.postgres.walbasis.row_writes`). Pure.
+
+    Only the order of the work depends on it, never what is stored: the counts are lossy
+    and reset (a table they miss is dumped once the scan names it, as before), and a table
+    dumped early that the scan's final answer shows unchanged has its new objects deleted and
+    the parent's reused (:meth:`_TableDumper.dump_changed`). A count above the parent's
+    means rows were written since the parent read it, as a reset only lowers them."""
+    recorded = parent_writes if isinstance(parent_writes, dict) else {}
+    found = []
+    for rel in current.relations:
+        if not rel.logged_heap:
+            continue
+        was = recorded.get(str(rel.oid))
+        now = writes.get(rel.oid)
+        if _replaced(parent.relation(rel.table), rel) or (
+                type(was) is int and now is not None and now > was):
+            found.append(rel.oid)
+    return found
 
 
 def same_shape(entry: TableEntry | None, table: TableInfo) -> bool:
@@ -590,7 +634,8 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         storage.defer_name_sync(prefix)  # Catalog.commit syncs them, before the manifest publishes them
         expires_at = policy.expires_at(kind, started_at)
         marking = Background(catalog.mark_running, backup_id, kind, database, name="running-marker")
-        stack.callback(_unmark_when_marked, marking, catalog, backup_id)
+        unmark = _Unmark(marking, catalog, backup_id)
+        stack.callback(unmark)
         lock = None
         if policy.object_lock.mode != "none":
             marking.result()  # the marker itself is written unlocked: it is deleted at the end
@@ -607,14 +652,22 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
                                      marking.result), client_tools=tools)
             if lock is not None:
                 manifest.options["object_lock"] = {"mode": lock.mode, "retain_until": utc_iso(lock.retain_until)}
-            testhooks.pause_point("backup:before-manifest")
-            missing = catalog.missing_objects(manifest)
+            counting = Background(walbasis.row_writes, control, [r.oid for r in manifest.wal_basis.relations
+                                                                 if r.logged_heap] if manifest.wal_basis else [],
+                                  name="row-writes")
+            try:
+                testhooks.pause_point("backup:before-manifest")
+                missing = catalog.missing_objects(manifest)
+            finally:
+                counting.join()  # never left running on the session the backup closes
+            if manifest.wal_basis is not None:
+                manifest.options["row_writes"] = {str(oid): n for oid, n in counting.result().items()}
             if missing:
                 raise BackupToolError(f"backup {backup_id} lost {len(missing)} object(s) before its manifest "
                                       f"was written ({missing[0]}); it was not committed",
                                       "something deleted them while the backup ran (a retention sweep or a "
                                       "bucket lifecycle rule?): check, then run the backup again")
-            manifest = catalog.commit(manifest)
+            manifest = catalog.commit(manifest, published=unmark)
         except BaseException:
             _discard(storage, prefix, backup_id)
             raise
@@ -623,11 +676,22 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
         return manifest
 
 
-def _unmark_when_marked(marking: Background[None], catalog: Catalog, backup_id: str) -> None:
-    """Remove the running marker once its write has ended (were it still on its way, the
-    removal could come first and leave it behind)."""
-    marking.join()
-    catalog.unmark_running(backup_id)
+class _Unmark:
+    """Removes the backup's running marker once its write has ended (were it still on its
+    way, the removal could come first and leave it behind), at most once: as the commit
+    publishes the manifest (while the catalog index is updated), or when the backup ends
+    without one."""
+
+    def __init__(self, marking: Background[None], catalog: Catalog, backup_id: str) -> None:
+        self._marking = marking
+        self._catalog = catalog
+        self._backup_id = backup_id
+        self._once = threading.Lock()
+
+    def __call__(self) -> None:
+        if self._once.acquire(blocking=False):
+            self._marking.join()
+            self._catalog.unmark_running(self._backup_id)
 
 
 def _written_as(opened: ConnInfo, dsn: str, parent: Manifest | None) -> ConnInfo:
@@ -844,12 +908,22 @@ def _take_snapshot(job: _DumpJob, control: psycopg.Connection[Any], info: dict[s
     snap = Snapshot(job.conninfo, session=session)
     stack.callback(snap.close)
     tables = postgres.selected_tables(snap.list_tables(job.reporter.warning), job.only_tables)
-    snap.lock_tables(tables, job.reporter.warning)
-    basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
-                                    [t.oid for t in tables if t.has_data])
+    recorded = job.parent.options.get("row_writes") if job.parent is not None else None
+    counting = Background(walbasis.row_writes, control, [t.oid for t in tables if t.has_data]
+                          if recorded and changes is not None else [], name="row-writes")
+    try:
+        snap.lock_tables(tables, job.reporter.warning)
+        basis = walbasis.after_snapshot(snap.conn, before, info["system_identifier"],
+                                        [t.oid for t in tables if t.has_data])
+    finally:
+        counting.join()  # never left running on the session the backup closes
     touched = Touched(basis)
+    writes = counting.result()
     wal_scan = _start_wal_scan(job.storage, control, job.parent, basis, changes,
                                sum(t.size for t in tables if t.has_data), job.policy, job.jobs, touched)
+    if isinstance(wal_scan, Background) and job.parent is not None and job.parent.wal_basis is not None \
+            and basis is not None:
+        touched.hint(early_candidates(job.parent.wal_basis, basis, recorded, writes))
     return _Snapshotted(snap, tables, basis, wal_scan, touched if isinstance(wal_scan, Background) else None,
                         large_objects.summary(snap.conn))
 
@@ -875,7 +949,9 @@ def _read_catalogs(job: _DumpJob, taken: _Snapshotted) -> _Catalogs:
 def _store_side_objects(job: _DumpJob, taken: _Snapshotted, after: Callable[[], None] = lambda: None) -> _SideObjects:
     """The schema archive, the globals (roles: cluster-wide, no snapshot to share; dumped
     meanwhile) and the large objects (reused from the parent when the parent's are the same),
-    all from the snapshot. The schema's dump starts once ``after`` returns (see :func:`_dump`)."""
+    all from the snapshot. The schema's dump starts once ``after`` returns (see :func:`_dump`);
+    its text for the fingerprint (pg_restore, then normalized) is made while the archive is
+    compressed and stored."""
     conninfo, major, snapshot_id, parent = job.conninfo, job.major, taken.snap.snapshot_id, job.parent
     globals_dump = Background(lambda: _store_compressed(job.storage, job.prefix + "globals.sql.zst",
                                                         [schema.dump_globals(conninfo, major)], job.level, 0)[0],
@@ -883,8 +959,12 @@ def _store_side_objects(job: _DumpJob, taken: _Snapshotted, after: Callable[[], 
     try:
         after()
         archive = schema.dump_schema(conninfo, major, snapshot_id)
-        normalized = schema.normalize(schema.schema_text(archive, major))
-        schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
+        texting = Background(lambda: schema.normalize(schema.schema_text(archive, major)), name="schema-text")
+        try:
+            schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
+        finally:
+            texting.join()
+        normalized: str = texting.result()
     finally:
         globals_dump.join()
     globals_obj: StoredObject = globals_dump.result()

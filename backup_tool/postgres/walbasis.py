@@ -347,6 +347,23 @@ def read_wal_file(conn: psycopg.Connection[Any], name: str, length: int, offset:
     return None if pieces is None else pieces[0]
 
 
+def row_writes(conn: psycopg.Connection[Any], oids: Sequence[int]) -> dict[int, int]:
+    """Per table oid, the rows inserted, updated and deleted in it as the server's cumulative
+    statistics count them now (``n_tup_ins + n_tup_upd + n_tup_del``, rolled back or not).
+    Lossy (a backend reports its counts up to a second or more after its transaction ends)
+    and reset by ``pg_stat_reset()`` or a crash: good only to guess what to do first. Empty
+    when the server refuses. ``conn``: an autocommit session."""
+    if not oids:
+        return {}
+    try:
+        rows = conn.execute("SELECT relid::bigint, n_tup_ins + n_tup_upd + n_tup_del"
+                            " FROM pg_catalog.pg_stat_all_tables WHERE relid = ANY(%s::bigint[]::oid[])",
+                            (list(oids),)).fetchall()
+    except psycopg.Error:
+        return {}
+    return {int(oid): int(n) for oid, n in rows if n is not None}
+
+
 def committed_since(conn: psycopg.Connection[Any], xids: Sequence[int]) -> tuple[int, ...] | str:
     """Which of these transactions (open at the parent's snapshot) have committed since: the
     WAL must then be read back to where they began. A status no longer known (or not

@@ -41,11 +41,12 @@ import json
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.errors import (
@@ -87,6 +88,24 @@ DATA_PREFIX = "backups/"
 RUNNING_PREFIX = "running/"
 RUNNING_STALE_AFTER = timedelta(hours=48)
 KIND_LETTER: dict[str, str] = {BackupKind.FULL: "F", BackupKind.INCREMENTAL: "I", BackupKind.BASE: "B"}
+
+
+T = TypeVar("T")
+
+
+def _on_thread(fn: Callable[..., T], *args: object) -> cf.Future[T]:
+    """``fn(*args)`` on a daemon thread of its own: a commit that fails at its manifest
+    raises at once, never waiting for (or exiting after) the listing it started."""
+    future: cf.Future[T] = cf.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="catalog-commit", daemon=True).start()
+    return future
 
 
 def manifest_key(backup_id: str) -> str:
@@ -520,34 +539,48 @@ class Catalog:
                            for info in listing}
         return sorted(wanted - present)
 
-    def commit(self, manifest: Manifest) -> Manifest:
+    def commit(self, manifest: Manifest, published: Callable[[], None] | None = None) -> Manifest:
         """Publish the backup: from here on it is listed and restorable. Its objects' names
         deferred by ``defer_name_sync`` are made durable first. Returns it as stored (with the
-        key id recorded when the repository is encrypted)."""
+        key id recorded when the repository is encrypted).
+
+        The manifest's write is the commit point, and everything after it is a cache or a
+        clean-up that may be lost in a crash: the catalog index is listed while the manifest
+        is written (the listing does not depend on it), and once the manifest is stored the
+        index is updated on a thread while ``published`` runs here (a backup removes its
+        running marker: only after the manifest, so the sweep never takes an unpublished
+        backup's objects for garbage). Both have ended when this returns."""
         key = encryption_of(self.storage)
         if key is not None:
             manifest = replace(manifest, options={**manifest.options, "encryption": key.describe()},
                                format=max(manifest.format, ENCRYPTED_FORMAT))
         raw = manifest.to_json(key.seal if key else None)
         self.storage.sync_names(data_prefix(manifest.id))
+        listing = _on_thread(index_keys, self.storage)
         self.storage.put_bytes(manifest_key(manifest.id), raw)
         self._cache[manifest.id] = manifest
         self._digests[manifest.id] = manifest_seal(raw)[0]
-        self._index_committed(manifest)
+        indexing = _on_thread(self._index_committed, manifest, listing)
+        try:
+            if published is not None:
+                published()
+        finally:
+            indexing.result()
         return manifest
 
-    def _index_committed(self, manifest: Manifest) -> None:
+    def _index_committed(self, manifest: Manifest, listing: cf.Future[list[str]]) -> None:
         """Add a just-committed backup to a current index (one that lists every other
         manifest), or, when this catalog has just read what a stale or missing index lacked,
         write it afresh: the next reader then reads no manifest at all. Only a committed backup
-        writes it, so a failed one leaves the repository as it found it. Best effort."""
+        writes it, so a failed one leaves the repository as it found it. ``listing``: the index
+        keys, listed while the manifest was written. Best effort."""
         try:
+            keys = listing.result()
             entry = IndexEntry.of(manifest, self._digests[manifest.id], keyring_of(self.storage))
             if self._seen is not None:
                 (ids, seen), self._seen = self._seen, None
-                write_index(self.storage, [*ids, manifest.id], [*seen, entry])
+                write_index(self.storage, [*ids, manifest.id], [*seen, entry], older=keys)
                 return
-            keys = index_keys(self.storage)
             read_key, index = self._index_read
             if not keys or keys[-1] != read_key:
                 index = read_newest_index(self.storage, keys)[1]

@@ -218,6 +218,9 @@ class ManifestOptions(TypedDict, total=False):
     inventory_read_with: dict[str, str]
     pinned: list[str]
     search_path: str
+    row_writes: dict[str, int]
+    """Per table oid, the rows the server counted written in it as the backup ended: which
+    tables the next incremental dumps before its WAL scan names them (a guess, never a verdict)."""
 
 
 @dataclass(frozen=True)

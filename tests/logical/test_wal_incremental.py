@@ -12,6 +12,7 @@ content's, untouched tables are not read, and the chain restores and validates.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -40,6 +41,7 @@ from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import walbasis
 from backup_tool.repository import walidentity
 from backup_tool.repository.manifest import Manifest
+from backup_tool.repository.manifest import _digest as manifest_digest
 from backup_tool.repository.storage import open_storage
 from backup_tool.repository.storage.encrypted import EncryptionKey
 
@@ -709,7 +711,8 @@ def test_a_table_the_wal_shows_written_is_dumped_while_the_scan_reads_on(archivi
 def test_a_table_dumped_early_then_found_unchanged_is_reused_and_its_object_deleted(archiving: Archiving) -> None:
     """Should the scan fail after naming a table that the checksums then show unchanged, the
     table's early object is deleted and the parent's reused: the incremental is what the
-    checksum method alone gives."""
+    checksum method alone gives. (Table b, counted written since the full, may be dumped
+    early too: it is changed, so its early object is the one stored.)"""
     archiving.server.create_db("early2")
     with psycopg.connect(archiving.dsn("early2"), autocommit=True) as conn:
         conn.execute("CREATE TABLE a (id int, v text); CREATE TABLE b (id int, v text);"
@@ -717,6 +720,8 @@ def test_a_table_dumped_early_then_found_unchanged_is_reused_and_its_object_dele
                      "INSERT INTO b SELECT g, md5(g::text) FROM generate_series(1, 2000) g")
         a_file = conn.execute("SELECT reltablespace, (SELECT oid FROM pg_database WHERE datname = current_database()),"
                               " pg_relation_filenode('a') FROM pg_class WHERE relname = 'a'").fetchone()
+        a_oid = conn.execute("SELECT 'a'::regclass::oid").fetchone()[0]
+        a_object = f"/data/{a_oid}.copy.zst"
     full = backup.backup_full(settings_for(archiving, "early2"))
     with psycopg.connect(archiving.dsn("early2"), autocommit=True) as conn:
         conn.execute("UPDATE b SET v = upper(v) WHERE id % 5 = 0")
@@ -728,9 +733,10 @@ def test_a_table_dumped_early_then_found_unchanged_is_reused_and_its_object_dele
         assert seen is not None
         seen((a_file[0] or 1663, a_file[1], a_file[2]))
         deadline = time.monotonic() + 30
-        while not _data_objects(archiving) - before and time.monotonic() < deadline:
+        while not {k for k in _data_objects(archiving) - before if k.endswith(a_object)} \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
-        early_objects.append(_data_objects(archiving) - before)
+        early_objects.append({k for k in _data_objects(archiving) - before if k.endswith(a_object)})
         raise walscan.WalScanUncertain("the scan stopped short (test)")
 
     incr = backup.backup_incremental(settings_for(archiving, "early2"), changes=source)
@@ -854,3 +860,104 @@ class TestPureDecisions:
         assert backup.classify(parent, new, frozenset())[13] is V.CHANGED
         was_unlogged = replace(parent, relations=(*rels[:2], replace(rels[2], logged_heap=True)))
         assert backup.classify(parent, was_unlogged, frozenset())[12] is V.CHANGED
+
+    def test_early_candidates_are_tables_replaced_or_counted_written_since_the_parent(self) -> None:
+        from backup_tool.repository.manifest import RelationFile
+        parent = self.basis()
+        rels = parent.relations
+        recorded = {"10": 5, "11": 7, "12": 0}
+        assert backup.early_candidates(parent, parent, recorded, {10: 5, 11: 7, 12: 3}) == []
+        assert backup.early_candidates(parent, parent, recorded, {10: 6, 11: 7, 12: 3}) == [10]
+        assert backup.early_candidates(parent, parent, recorded, {10: 0, 11: 2}) == [], "reset counts only lower"
+        assert backup.early_candidates(parent, parent, None, {10: 99, 11: 99}) == [], "a parent that recorded none"
+        assert backup.early_candidates(parent, parent, {"10": "5"}, {10: 99}) == []
+        moved = replace(parent, relations=(rels[0], replace(rels[1], relfilenode=300), rels[2]))
+        new = replace(moved, relations=(*moved.relations, RelationFile('public.n', 13, 1663, 130, 0, True, "c1")))
+        assert backup.early_candidates(parent, new, recorded, {10: 5}) == [11, 13]
+        assert backup.early_candidates(parent, new, {}, {}) == [11, 13]
+
+
+def _counted(archiving: Archiving, db: str, table: str, rows: int) -> None:
+    """Wait until the server's statistics count ``rows`` rows written in ``table`` (a session
+    reports its counts as it ends, a moment after its client has gone)."""
+    deadline = time.monotonic() + 30
+    with psycopg.connect(archiving.dsn(db), autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_all_tables "
+                               "WHERE relid = %s::regclass", (table,)).fetchone()
+            if row and row[0] >= rows:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"the statistics never counted {rows} rows written in {table}")
+
+
+def test_a_table_counted_written_since_the_parent_is_dumped_before_the_scan_names_it(archiving: Archiving) -> None:
+    """The parent recorded how many rows the server had counted written in each table; a
+    table counted with more now has its COPY started with the snapshot, before the WAL scan
+    names it: here the scan starts only once b's new object is stored. The counts decide
+    nothing else: the incremental is exactly what the scan alone gives."""
+    _two_tables_backed_up(archiving, "counted", 2000)
+    full = backup.backup_full(settings_for(archiving, "counted"))
+    assert len(full.options["row_writes"]) == 2
+    with psycopg.connect(archiving.dsn("counted"), autocommit=True) as conn:
+        conn.execute("UPDATE b SET v = upper(v) WHERE id % 5 = 0")
+    _counted(archiving, "counted", "b", 2400)
+    now = truth(archiving.dsn("counted"))
+    before = _data_objects(archiving)
+    stored_before_scan: list[bool] = []
+
+    def source(storage: Any, span: walnames.WalSpan, wait: float, live: Any = None, seen: Any = None) -> Any:
+        deadline = time.monotonic() + 30
+        while not _data_objects(archiving) - before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stored_before_scan.append(bool(_data_objects(archiving) - before))
+        return walscan.changed_relations(storage, span, wait, live=live, seen=seen)
+
+    incr = backup.backup_incremental(settings_for(archiving, "counted"), changes=source)
+    assert stored_before_scan == [True]
+    assert incr.options["changed_tables_method"] == "wal", incr.options
+    assert stored(incr) == {"public.b"}
+    assert {t.full_name: (t.rows, t.checksum) for t in incr.tables} == {n: (v[3], v[4]) for n, v in now.items()}
+    assert _data_objects(archiving) - before == {o.key for o in incr.objects() if "/data/" in o.key
+                                                 and o.key.startswith(f"backups/{incr.id}/")}
+    assert incr.options["row_writes"][str(next(r.oid for r in incr.wal_basis.relations
+                                               if r.table == "public.b"))] >= 2400
+
+
+def test_a_table_dumped_early_on_its_count_that_the_wal_shows_unchanged_is_reused(archiving: Archiving) -> None:
+    """Counts can run ahead of the parent's snapshot (a session reports them only as it ends
+    or a second later): here the parent's stored manifest records a lower count for table a,
+    as if writes made before its snapshot had been reported only after it read them. The table is dumped early, the scan
+    shows it unchanged, and its early object is deleted: the parent's is reused."""
+    _two_tables_backed_up(archiving, "ahead", 2000)
+    full = backup.backup_full(settings_for(archiving, "ahead"))
+    a_oid = next(r.oid for r in full.wal_basis.relations if r.table == "public.a")
+    with psycopg.connect(archiving.dsn("ahead"), autocommit=True) as conn:
+        conn.execute("UPDATE b SET v = upper(v) WHERE id % 5 = 0")
+    _counted(archiving, "ahead", "b", 2400)
+    now = truth(archiving.dsn("ahead"))
+    before = _data_objects(archiving)
+    stored_manifest = archiving.repo / "manifests" / f"{full.id}.json"
+    body = json.loads(stored_manifest.read_bytes())
+    body["options"]["row_writes"][str(a_oid)] = 1
+    body["manifest_sha256"] = manifest_digest(body)
+    stored_manifest.chmod(0o644)
+    stored_manifest.write_text(json.dumps(body))
+    early_objects: list[set[str]] = []
+
+    def source(storage: Any, span: walnames.WalSpan, wait: float, live: Any = None, seen: Any = None) -> Any:
+        deadline = time.monotonic() + 30
+        while len(_data_objects(archiving) - before) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        early_objects.append(_data_objects(archiving) - before)
+        return walscan.changed_relations(storage, span, wait, live=live, seen=seen)
+
+    incr = backup.backup_incremental(settings_for(archiving, "ahead"), changes=source)
+    assert early_objects and len(early_objects[0]) == 2, "a and b dumped before the scan"
+    assert incr.options["changed_tables_method"] == "wal", incr.options
+    assert stored(incr) == {"public.b"}
+    a_entry = incr.table("public", "a")
+    assert a_entry is not None and a_entry.object == full.table("public", "a").object
+    assert {t.full_name: (t.rows, t.checksum) for t in incr.tables} == {n: (v[3], v[4]) for n, v in now.items()}
+    assert not early_objects[0] & _data_objects(archiving) - {o.key for o in incr.objects()}, \
+        "the early object of a is deleted"
