@@ -48,10 +48,11 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 from backup_tool.config.locations import repo_url
 from backup_tool.core.kinds import LOGICAL_KINDS
+from backup_tool.core.threads import spawn
 from backup_tool.logical.selection import read_ahead, split_names
 from backup_tool.repository.catalog import LOAD_THREADS, Catalog, DatabaseHint, manifest_key
 from backup_tool.repository.catalog_index import IndexEntry, read_index
@@ -61,8 +62,6 @@ from backup_tool.repository.storage.ahead import Journal, JournalReader, Recordi
 from backup_tool.repository.storage.encrypted import encryption_of
 from backup_tool.repository.walidentity import ARCHIVE_INFO_KEY
 from backup_tool.streams.pipes import widen_pipe
-
-T = TypeVar("T")
 
 DISABLE_ENV = "BACKUP_TOOL_READ_AHEAD"
 PAUSE_POINT = "ahead:planned"
@@ -295,38 +294,22 @@ def _read_for_backup(incremental: bool, storage: Storage, journal: Journal,
     DSN: psycopg, which would parse it here, must not be imported by two threads at once)."""
     key = encryption_of(storage)
     catalog = Catalog(storage)
-    guard = (_spawn(storage.exists, key_marker(key.key_id)) if key is not None
-             else _spawn(recorded_key_ids, storage))
-    listing = _spawn(catalog.ids)
-    index = _spawn(read_index, storage)
-    first: list[cf.Future[Any]] = [_spawn(_drain, storage, ARCHIVE_INFO_KEY)] if incremental else []
+    guard = (spawn(storage.exists, key_marker(key.key_id), name="read-ahead") if key is not None
+             else spawn(recorded_key_ids, storage, name="read-ahead"))
+    listing = spawn(catalog.ids, name="read-ahead")
+    index = spawn(read_index, storage, name="read-ahead")
+    first: list[cf.Future[Any]] = [spawn(_drain, storage, ARCHIVE_INFO_KEY, name="read-ahead")] if incremental else []
     guard.result()  # every listing recorded before the plan: past it, only planned objects are waited for
     ids, vouched = listing.result(), (index.result() or ([], {}))[1]
     unvouched = [i for i in ids if i not in vouched][-LOAD_THREADS:]  # the newest: the rest the backup reads
-    loading = [_spawn(catalog.load, i) for i in unvouched]
+    loading = [spawn(catalog.load, i, name="read-ahead") for i in unvouched]
     parent = _newest_of(database(), [vouched[i] for i in ids if i in vouched]) if incremental else None
     planned = [manifest_key(i) for i in unvouched] + ([manifest_key(parent)] if parent else [])
     journal.plan(planned + ([ARCHIVE_INFO_KEY] if incremental else []))
     if parent:
-        first.append(_spawn(_drain, storage, manifest_key(parent)))
+        first.append(spawn(_drain, storage, manifest_key(parent), name="read-ahead"))
     for done in (*first, *loading):
         done.result()
-
-
-def _spawn(fn: Callable[..., T], *args: Any) -> cf.Future[T]:
-    """``fn(*args)`` on a daemon thread of its own: a command that stops early (a usage error,
-    a refusal) exits at once, never waiting for a read made ahead (an executor's workers are
-    joined at exit, through every retry of a store that does not answer)."""
-    future: cf.Future[T] = cf.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="read-ahead", daemon=True).start()
-    return future
 
 
 def _newest_of(database: str | None, entries: list[IndexEntry]) -> str | None:

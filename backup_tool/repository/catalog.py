@@ -41,7 +41,6 @@ import json
 import os
 import secrets
 import socket
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -49,6 +48,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
+from backup_tool.core.threads import spawn
 from backup_tool.errors import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -88,24 +88,6 @@ DATA_PREFIX = "backups/"
 RUNNING_PREFIX = "running/"
 RUNNING_STALE_AFTER = timedelta(hours=48)
 KIND_LETTER: dict[str, str] = {BackupKind.FULL: "F", BackupKind.INCREMENTAL: "I", BackupKind.BASE: "B"}
-
-
-T = TypeVar("T")
-
-
-def _on_thread(fn: Callable[..., T], *args: object) -> cf.Future[T]:
-    """``fn(*args)`` on a daemon thread of its own: a commit that fails at its manifest
-    raises at once, never waiting for (or exiting after) the listing it started."""
-    future: cf.Future[T] = cf.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="catalog-commit", daemon=True).start()
-    return future
 
 
 def manifest_key(backup_id: str) -> str:
@@ -556,11 +538,11 @@ class Catalog:
                                format=max(manifest.format, ENCRYPTED_FORMAT))
         raw = manifest.to_json(key.seal if key else None)
         self.storage.sync_names(data_prefix(manifest.id))
-        listing = _on_thread(index_keys, self.storage)
+        listing = spawn(index_keys, self.storage, name="catalog-list")
         self.storage.put_bytes(manifest_key(manifest.id), raw)
         self._cache[manifest.id] = manifest
         self._digests[manifest.id] = manifest_seal(raw)[0]
-        indexing = _on_thread(self._index_committed, manifest, listing)
+        indexing = spawn(self._index_committed, manifest, listing, name="catalog-index")
         try:
             if published is not None:
                 published()
