@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import datetime
 from typing import Any, Callable, NotRequired, TypedDict, cast
 
@@ -408,7 +408,7 @@ class Manifest:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = _plain(self)
         for key in ("started_at", "finished_at", "expires_at"):
             data[key] = utc_iso(getattr(self, key))
         if self.physical is not None:
@@ -435,6 +435,19 @@ class Manifest:
         if seal is not None:
             body[SEAL_FIELD] = seal(body["manifest_sha256"])
         return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON's types: what :func:`dataclasses.asdict` makes of a manifest, built
+    without its deep copies (a backup of 3,000 tables spent 0.3 s in them on every commit).
+    Containers are new; scalars (strings, numbers, enums, datetimes) are shared."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def manifest_seal(raw: bytes) -> tuple[str, str | None]:
