@@ -1020,6 +1020,8 @@ class _TableDumper:
         share = parts.even_share(taken.data_tables, job.jobs) if job.parent is None else None
         big = [t.oid for t in parts.split_tables(taken.data_tables, threshold, job.jobs, job.major, share)]
         heap = postgres.heap_blocks(taken.snap.conn, big) if big else {}
+        self._types = postgres.column_types_of(taken.snap.conn, {t.oid: t.columns for t in taken.data_tables}) \
+            if job.checksum_method is not ChecksumMethod.ROW_TEXT and taken.data_tables else {}
         self.slices: dict[int, list[parts.Slice]] = {}
         for piece in parts.slices(taken.data_tables, heap, threshold, job.jobs, job.major, share):
             self.slices.setdefault(piece.table.oid, []).append(piece)
@@ -1157,7 +1159,8 @@ class _TableDumper:
         table = piece.table
         with self.sessions.snapshot_session() as conn:
             self._sums[(table.oid, piece.index)] = postgres.table_checksum(
-                conn, table.schema, table.name, table.columns, self.job.checksum_method, piece.blocks)
+                conn, table.schema, table.name, table.columns, self.job.checksum_method, piece.blocks,
+                self._types.get(table.oid))
         self._summed.advance(1)
 
     def _dump(self, piece: parts.Slice) -> None:

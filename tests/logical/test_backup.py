@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -207,6 +208,44 @@ def test_the_backups_sessions_start_no_parallel_workers(fresh_db: Callable[..., 
     assert [(t.name, t.rows) for t in manifest.tables] == [("t", 100000)]
     assert checksums, "the watcher saw no checksum query: make the table bigger"
     assert not workers, f"parallel workers ran a checksum query beside the backup's sessions: {workers}"
+
+
+PARTITIONS = 40
+
+
+def _statements(server: Any, dbname: str, since: int) -> list[str]:
+    """Each statement the server logged (``log_statement = all``) for ``dbname`` after byte ``since`` of its log."""
+    text = server.log_file.read_bytes()[since:].decode("utf-8", "replace")
+    entries = re.split(r"\n(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text)
+    return [e for e in entries if f"@{dbname} " in e.split("\n", 1)[0]
+            and re.search(r"LOG:  (statement|execute [^:]*):", e)]
+
+
+def _pid(entry: str) -> str:
+    return entry.split("[", 1)[1].split("]", 1)[0]
+
+
+def test_a_backup_reads_column_types_once_and_sets_jit_on_no_checksum_session(
+        pg_server: Any, fresh_db: Callable[..., Any], local_repo: str) -> None:
+    """Checksumming each of thousands of small partitions cost three round trips: its column
+    types, ``SET jit = off`` and the query. The types of every table are read in one catalog
+    query, and the sessions start with JIT off, so each table costs its query alone."""
+    db = fresh_db("manyparts")
+    db.execute("CREATE TABLE public.m (id int, k int, v numeric, ts timestamptz) PARTITION BY LIST (k);"
+               + "".join(f"CREATE TABLE public.m_{i} PARTITION OF public.m FOR VALUES IN ({i});"
+                         for i in range(PARTITIONS))
+               + f"INSERT INTO public.m SELECT g, g % {PARTITIONS}, g / 7.0, now() FROM generate_series(1, 500) g")
+    db.execute(f"ALTER DATABASE {db.name} SET log_statement = 'all'")
+    since = pg_server.log_file.stat().st_size
+    manifest = backup.backup_full(Settings(local_repo, db.dsn, Policy(backup=BackupSettings(jobs=2))))
+    assert sum(t.rows for t in manifest.tables) == 500
+    logged = _statements(pg_server, db.name, since)
+    checksums = [e for e in logged if "SELECT n, " in e]
+    assert len(checksums) == PARTITIONS, logged
+    assert not [e for e in logged if "SET jit" in e]
+    summing = {_pid(e) for e in checksums}
+    assert not [e for e in logged if _pid(e) in summing and "pg_attribute" in e]
+    assert len([e for e in logged if "pg_attribute" in e]) < PARTITIONS
 
 
 WIDE = """
