@@ -121,7 +121,8 @@ def lock_name(repo_url: str, database: str) -> str:
 
 
 RENEW_EVERY = 8
-"""Statements a snapshot session runs before it lets go of its locks (see :class:`_Sessions`)."""
+"""Tables a snapshot session reads before it lets go of its locks (see :class:`_Sessions`),
+and the small tables checksummed in one statement (:func:`parts.batched`)."""
 
 DATA_SESSION_SETTINGS = {"max_parallel_workers_per_gather": "0"}
 """Settings of the data phase's sessions (snapshot sessions and psql's COPY sessions): no
@@ -170,15 +171,17 @@ class _Sessions:
         return release
 
     @contextmanager
-    def snapshot_session(self) -> Iterator[psycopg.Connection[Any]]:
-        """A slot and a snapshot session for one statement."""
+    def snapshot_session(self, tables: int = 1) -> Iterator[psycopg.Connection[Any]]:
+        """A slot and a snapshot session for one statement that reads ``tables`` tables
+        (counted as that many uses: :data:`RENEW_EVERY` bounds the locks held, not the
+        statements)."""
         release = self.acquire()
         try:
             with self._lock:
                 conn = self._idle.pop() if self._idle else self.stack.enter_context(
                     postgres.snapshot_session(self.conninfo, self.snapshot_id, self.settings))
             yield conn
-            uses = self._uses.get(id(conn), 0) + 1
+            uses = self._uses.get(id(conn), 0) + tables
             if uses >= RENEW_EVERY:
                 postgres.renew_snapshot(conn, self.snapshot_id)
                 uses = 0
@@ -1020,6 +1023,8 @@ class _TableDumper:
         share = parts.even_share(taken.data_tables, job.jobs) if job.parent is None else None
         big = [t.oid for t in parts.split_tables(taken.data_tables, threshold, job.jobs, job.major, share)]
         heap = postgres.heap_blocks(taken.snap.conn, big) if big else {}
+        self._types = postgres.column_types_of(taken.snap.conn, {t.oid: t.columns for t in taken.data_tables}) \
+            if job.checksum_method is not ChecksumMethod.ROW_TEXT and taken.data_tables else {}
         self.slices: dict[int, list[parts.Slice]] = {}
         for piece in parts.slices(taken.data_tables, heap, threshold, job.jobs, job.major, share):
             self.slices.setdefault(piece.table.oid, []).append(piece)
@@ -1040,9 +1045,10 @@ class _TableDumper:
         pieces = self._of(tables)
         self._summed = self.job.reporter.task(title, total=len(pieces), unit=Unit.ITEMS) if pieces or not dumps \
             else NullReporter().task("")
-        run = {parts.Work.DUMP: self._dump, parts.Work.CHECKSUM: self._checksum}
+        tasks = parts.batched(parts.schedule(dumps, pieces), SMALL_COPY_BYTES, RENEW_EVERY)
         pipeline.run_parallel(self.job.jobs + (self.job.jobs if dumps else 0),
-                              [(run[work], piece) for work, piece in parts.schedule(dumps, pieces)])
+                              [(self._checksum, batch) if work is parts.Work.CHECKSUM else (self._dump, batch[0])
+                               for work, batch in tasks])
         self._summed.finish()
         for t in tables:
             self.checksums[t.oid] = postgres.combine_checksums([self._sums[(t.oid, p.index)]
@@ -1117,8 +1123,9 @@ class _TableDumper:
             known += len(found)
             for oid in found:
                 if oid in self.slices and oid not in self._early:
-                    self._early[oid] = [early.submit(work, piece) for work in (self._dump, self._checksum)
-                                        for piece in self.slices[oid]]
+                    self._early[oid] = [fut for piece in self.slices[oid]
+                                        for fut in (early.submit(self._dump, piece),
+                                                    early.submit(self._checksum, (piece,)))]
             if ended:
                 return
 
@@ -1153,12 +1160,21 @@ class _TableDumper:
             if done:
                 self._progress.advance(done)
 
-    def _checksum(self, piece: parts.Slice) -> None:
-        table = piece.table
-        with self.sessions.snapshot_session() as conn:
-            self._sums[(table.oid, piece.index)] = postgres.table_checksum(
-                conn, table.schema, table.name, table.columns, self.job.checksum_method, piece.blocks)
-        self._summed.advance(1)
+    def _checksum(self, pieces: tuple[parts.Slice, ...]) -> None:
+        """Checksum one slice, or several whole small tables in one statement
+        (:func:`parts.batched`)."""
+        method = self.job.checksum_method
+        with self.sessions.snapshot_session(len(pieces)) as conn:
+            if len(pieces) == 1:
+                table = pieces[0].table
+                sums = [postgres.table_checksum(conn, table.schema, table.name, table.columns, method,
+                                                pieces[0].blocks, self._types.get(table.oid))]
+            else:
+                sums = postgres.table_checksums(conn, [(p.table.schema, p.table.name, p.table.columns,
+                                                        self._types.get(p.table.oid)) for p in pieces], method)
+        for piece, found in zip(pieces, sums, strict=True):
+            self._sums[(piece.table.oid, piece.index)] = found
+        self._summed.advance(len(pieces))
 
     def _dump(self, piece: parts.Slice) -> None:
         job, table = self.job, piece.table

@@ -129,3 +129,27 @@ def schedule(dumps: list[Slice], checksums: list[Slice]) -> list[tuple[Work, Sli
     checksum. Pure."""
     tasks = [(Work.DUMP, s) for s in dumps] + [(Work.CHECKSUM, s) for s in checksums]
     return sorted(tasks, key=lambda task: -task[1].size * (CHECKSUM_COST if task[0] is Work.CHECKSUM else 1.0))
+
+
+def batched(tasks: list[tuple[Work, Slice]], small: int, size: int) -> list[tuple[Work, tuple[Slice, ...]]]:
+    """``tasks`` in their order, the checksums of whole tables smaller than ``small`` bytes
+    gathered ``size`` at a time into one task each, where the first of them was: a database of
+    thousands of small partitions checksums each batch in one statement (one round trip)
+    instead of one per table. Every other task stays alone. Pure."""
+    out: list[tuple[Work, tuple[Slice, ...]]] = []
+    batch: list[Slice] = []
+    at = 0
+    for work, piece in tasks:
+        if work is Work.CHECKSUM and piece.count == 1 and piece.table.size < small:
+            if not batch:
+                at = len(out)
+                out.append((work, ()))
+            batch.append(piece)
+            if len(batch) == size:
+                out[at] = (work, tuple(batch))
+                batch = []
+        else:
+            out.append((work, (piece,)))
+    if batch:
+        out[at] = (Work.CHECKSUM, tuple(batch))
+    return out

@@ -41,6 +41,7 @@ import psycopg
 from psycopg import sql
 
 from backup_tool.config.settings import Settings
+from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.core.report import NullReporter, Reporter, Unit
 from backup_tool.errors import (
     BackupToolError,
@@ -476,6 +477,11 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
     progress = run.reporter.task("data", total=sum(t.raw_size for t in data))
     busy = _Busy()
     sessions = postgres.SessionPool(loader, {"client_encoding": manifest.encoding, **LOAD_SETTINGS})
+    summed = {(t.schema, t.name): t.columns for t in data if run.validating and t.relkind == "r" and not t.parts}
+    types: dict[tuple[str, str], list[postgres.ColumnType]] = {}
+    if summed and manifest.checksum_method is not ChecksumMethod.ROW_TEXT:
+        with sessions.session() as conn:
+            types = postgres.column_types_named(conn, summed)
 
     def load(t: TableEntry) -> None:
         key = (t.schema, t.name)
@@ -491,7 +497,7 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
                 else:
                     allow_parallel_workers(conn, parallel_workers_wanted(busy.count, run.jobs))
                     checksums[key] = postgres.table_checksum(conn, t.schema, t.name, t.columns,
-                                                             manifest.checksum_method)
+                                                             manifest.checksum_method, types=types.get(key))
             if key in early.statements or key in early.analyze:
                 allow_parallel_workers(conn, parallel_workers_wanted(busy.count, run.jobs))
                 _build_early(conn, t, early.statements.get(key), key in early.analyze, early.flush_stats)

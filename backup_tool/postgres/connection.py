@@ -743,8 +743,53 @@ def column_types(conn: psycopg.Connection[Any], schema: str, name: str,
     return [ColumnType(c, *found.get(c, (0, -1))) for c in columns]
 
 
+def column_types_of(conn: psycopg.Connection[Any],
+                    tables: Mapping[int, Sequence[str]]) -> dict[int, list[ColumnType]]:
+    """:func:`column_types` of many tables (key: table oid, value: its columns) in one
+    catalog query: a backup of 3,000 partitions read them with 3,000 before."""
+    rows = conn.execute("SELECT attrelid, attname, atttypid, atttypmod FROM pg_attribute"
+                        " WHERE attrelid = ANY(%s) AND attnum > 0 AND NOT attisdropped",
+                        (list(tables),)).fetchall()
+    found: dict[int, dict[str, tuple[int, int]]] = {oid: {} for oid in tables}
+    for oid, n, type_oid, mod in rows:
+        found[int(oid)][str(n)] = (int(type_oid), int(mod))
+    return {oid: [ColumnType(c, *found[oid].get(c, (0, -1))) for c in columns] for oid, columns in tables.items()}
+
+
+def column_types_named(conn: psycopg.Connection[Any],
+                       tables: Mapping[tuple[str, str], Sequence[str]]) -> dict[tuple[str, str], list[ColumnType]]:
+    """:func:`column_types` of many tables (key: (schema, name), value: its columns) in one
+    catalog query; a table not found has its columns' types unknown."""
+    keys = list(tables)
+    rows = conn.execute("SELECT q.i, a.attname, a.atttypid, a.atttypmod"
+                        " FROM unnest(%s::text[]) WITH ORDINALITY AS q(t, i)"
+                        " JOIN pg_attribute a ON a.attrelid = to_regclass(q.t)"
+                        " WHERE a.attnum > 0 AND NOT a.attisdropped", (_regclasses(keys),)).fetchall()
+    found: dict[int, dict[str, tuple[int, int]]] = {i: {} for i in range(len(keys))}
+    for i, n, type_oid, mod in rows:
+        found[int(i) - 1][str(n)] = (int(type_oid), int(mod))
+    return {key: [ColumnType(c, *found[i].get(c, (0, -1))) for c in tables[key]] for i, key in enumerate(keys)}
+
+
+def _jit_off_at_start(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the session's startup ``options`` leave JIT off (as :data:`SESSION_DEFAULTS`
+    has every session :meth:`ConnInfo.connect` opens, unless the DSN's own ``options`` turn
+    it on): they override the role's and database's ``jit``, and nothing the tool runs
+    turns it on again. Read from the connection's parameters, without a round trip."""
+    tokens = conn.info.get_parameters().get("options", "").split()
+    value = None
+    for i, token in enumerate(tokens):
+        setting = tokens[i + 1] if token == "-c" and i + 1 < len(tokens) else \
+            token[2:] if token.startswith(("-c", "--")) else ""
+        name, _, given = setting.partition("=")
+        if name.strip().lower().replace("-", "_") == "jit":
+            value = given.strip().lower()
+    return value in ("off", "false", "no", "0", "of", "f", "n")
+
+
 def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str, columns: Sequence[str],
-                   method: ChecksumMethod, blocks: BlockRange = (None, None)) -> tuple[int, str]:
+                   method: ChecksumMethod, blocks: BlockRange = (None, None),
+                   types: Sequence[ColumnType] | None = None) -> tuple[int, str]:
     """Row count and an order-independent content checksum (sum of per-row 64-bit hashes).
 
     Order-independent so that a table rewritten by VACUUM FULL or loaded in another order
@@ -753,29 +798,64 @@ def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str, column
     elsewhere (another schema, extra columns) compares equal when it holds the same rows.
     Guaranteed: a table whose rows' text forms differ (as a multiset) gets another checksum,
     up to a 64-bit collision. ``blocks`` restricts it to the rows of a range of heap blocks
-    (see :func:`combine_checksums`). Raises :class:`DatabaseError` when the server is too old
-    for ``method``.
+    (see :func:`combine_checksums`); ``types``, ``columns`` with their types as
+    :func:`column_types_of` read them (else read here). Raises :class:`DatabaseError` when
+    the server is too old for ``method``.
 
-    The session's JIT is turned off first (until the session or its transaction ends): the
+    The session's JIT is turned off first unless its startup options did (until the session
+    or its transaction ends): the
     query is one scan calling hash functions, which JIT does not speed up, while compiling
     it costs a big table's query up to seconds of server CPU (inlining and optimization
     start at a plan cost of 500000, a table of a few GB). Results are the same
     either way.
     """
-    major = conn.info.server_version // 10000
-    if major < method.min_server_major:
-        raise DatabaseError(f"the backup's content checksums ({method}) need PostgreSQL "
-                            f"{method.min_server_major} or later; this server is {major}",
-                            "validate against a server of that major or later")
+    _check_server(conn, method)
     typed = [ColumnType(c, 0) for c in columns] if method is ChecksumMethod.ROW_TEXT \
-        else column_types(conn, schema, name, columns)
-    conn.execute("SET jit = off")
+        else list(types) if types is not None else column_types(conn, schema, name, columns)
+    if not _jit_off_at_start(conn):
+        conn.execute("SET jit = off")
     condition = ctid_condition(blocks)
     where = sql.SQL(" WHERE " + condition) if condition else sql.SQL("")
     row = conn.execute(sql.SQL(CHECKSUM_SQL).format(row_hash_sql(method, typed), qualified(schema, name),
                                                     where)).fetchone()
     assert row is not None
     return int(row[0]), f"{int(row[1]):016x}"
+
+
+def _check_server(conn: psycopg.Connection[Any], method: ChecksumMethod) -> None:
+    major = conn.info.server_version // 10000
+    if major < method.min_server_major:
+        raise DatabaseError(f"the backup's content checksums ({method}) need PostgreSQL "
+                            f"{method.min_server_major} or later; this server is {major}",
+                            "validate against a server of that major or later")
+
+
+ChecksumTarget = tuple[str, str, Sequence[str], Sequence[ColumnType] | None]
+"""A whole table to checksum: schema, name, columns and (or None: read here) their types."""
+
+
+def table_checksums(conn: psycopg.Connection[Any], targets: Sequence[ChecksumTarget],
+                    method: ChecksumMethod) -> list[tuple[int, str]]:
+    """:func:`table_checksum` of each whole table of ``targets``, in their order, in one
+    statement: one ``UNION ALL`` branch per table, each its own count and sum over its own
+    rows (the same query :func:`table_checksum` runs, numbered). One round trip for many
+    small tables instead of one each; the statement locks them all until the transaction
+    ends."""
+    _check_server(conn, method)
+    if not targets:
+        return []
+    branches = []
+    for i, (schema, name, columns, types) in enumerate(targets):
+        typed = [ColumnType(c, 0) for c in columns] if method is ChecksumMethod.ROW_TEXT \
+            else list(types) if types is not None else column_types(conn, schema, name, columns)
+        branches.append(sql.SQL("SELECT {} AS i, * FROM ({}) AS one").format(
+            sql.Literal(i), sql.SQL(CHECKSUM_SQL).format(row_hash_sql(method, typed), qualified(schema, name),
+                                                         sql.SQL(""))))
+    if not _jit_off_at_start(conn):
+        conn.execute("SET jit = off")
+    found = {int(i): (int(n), f"{int(s):016x}")
+             for i, n, s in conn.execute(sql.SQL(" UNION ALL ").join(branches)).fetchall()}
+    return [found[i] for i in range(len(targets))]
 
 
 def heap_blocks(conn: psycopg.Connection[Any], oids: Sequence[int]) -> dict[int, int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -19,6 +20,7 @@ import psycopg
 import pytest
 import zstandard
 from sessions import holding
+from support.clusters import logged_pid, logged_statements
 
 from backup_tool.config.policy import BackupSettings, Policy
 from backup_tool.config.settings import Settings
@@ -207,6 +209,35 @@ def test_the_backups_sessions_start_no_parallel_workers(fresh_db: Callable[..., 
     assert [(t.name, t.rows) for t in manifest.tables] == [("t", 100000)]
     assert checksums, "the watcher saw no checksum query: make the table bigger"
     assert not workers, f"parallel workers ran a checksum query beside the backup's sessions: {workers}"
+
+
+PARTITIONS = 40
+
+
+def test_a_backup_reads_column_types_once_and_sets_jit_on_no_checksum_session(
+        pg_server: Any, fresh_db: Callable[..., Any], local_repo: str) -> None:
+    """Checksumming each of thousands of small partitions cost three round trips: its column
+    types, ``SET jit = off`` and the query. The types of every table are read in one catalog
+    query, the sessions start with JIT off, and small tables are checksummed
+    ``RENEW_EVERY`` to a statement, each table still in its own count and sum."""
+    db = fresh_db("manyparts")
+    db.execute("CREATE TABLE public.m (id int, k int, v numeric, ts timestamptz) PARTITION BY LIST (k);"
+               + "".join(f"CREATE TABLE public.m_{i} PARTITION OF public.m FOR VALUES IN ({i});"
+                         for i in range(PARTITIONS))
+               + f"INSERT INTO public.m SELECT g, g % {PARTITIONS}, g / 7.0, now() FROM generate_series(1, 500) g")
+    db.execute(f"ALTER DATABASE {db.name} SET log_statement = 'all'")
+    since = pg_server.log_file.stat().st_size
+    manifest = backup.backup_full(Settings(local_repo, db.dsn, Policy(backup=BackupSettings(jobs=2))))
+    assert sum(t.rows for t in manifest.tables) == 500
+    logged = logged_statements(pg_server, db.name, since)
+    checksums = [e for e in logged if "SELECT n, " in e]
+    named = sorted(name for e in checksums for name in re.findall(r'FROM ONLY "public"\."(m_\d+)"', e))
+    assert named == sorted(f"m_{i}" for i in range(PARTITIONS)), logged
+    assert len(checksums) <= -(-PARTITIONS // backup.RENEW_EVERY) + 1, checksums
+    assert not [e for e in logged if "SET jit" in e]
+    summing = {logged_pid(e) for e in checksums}
+    assert not [e for e in logged if logged_pid(e) in summing and "pg_attribute" in e]
+    assert len([e for e in logged if "pg_attribute" in e]) < PARTITIONS
 
 
 WIDE = """

@@ -5,7 +5,16 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backup_tool.logical.parts import MAX_PARTS, Work, even_share, part_count, schedule, slices, split_tables
+from backup_tool.logical.parts import (
+    MAX_PARTS,
+    Work,
+    batched,
+    even_share,
+    part_count,
+    schedule,
+    slices,
+    split_tables,
+)
 from backup_tool.postgres.connection import TableInfo
 
 MB = 2**20
@@ -80,3 +89,30 @@ def test_the_schedule_runs_every_task_once(sizes: list[int], jobs: int) -> None:
     planned = schedule(found, found[::2])
     assert sorted((w.value, s.object_name) for w, s in planned) == sorted(
         [("dump", s.object_name) for s in found] + [("checksum", s.object_name) for s in found[::2]])
+
+
+def test_small_whole_tables_checksums_are_batched_where_the_first_of_them_was() -> None:
+    tables = [table(1, 300 * MB), *[table(10 + i, 8192) for i in range(5)]]
+    pieces = slices(tables, {1: 300 * MB // 8192}, 256, 2, 15)
+    tasks = batched(schedule(pieces, pieces), MB, 2)
+    shown = [(work, [(s.table.name, s.index) for s in batch]) for work, batch in tasks]
+    assert shown[:4] == [(Work.DUMP, [("t1", 0)]), (Work.DUMP, [("t1", 1)]),
+                         (Work.CHECKSUM, [("t1", 0)]), (Work.CHECKSUM, [("t1", 1)])], "parts stay alone"
+    assert shown[4:] == [(Work.DUMP, [(f"t{10 + i}", 0)]) for i in range(5)] + [
+        (Work.CHECKSUM, [("t10", 0), ("t11", 0)]), (Work.CHECKSUM, [("t12", 0), ("t13", 0)]),
+        (Work.CHECKSUM, [("t14", 0)])]
+    mixed = [(Work.CHECKSUM, pieces[2]), (Work.DUMP, pieces[2]), (Work.CHECKSUM, pieces[3]),
+             (Work.CHECKSUM, pieces[4])]
+    assert [(w, [s.table.name for s in b]) for w, b in batched(mixed, MB, 2)] == [
+        (Work.CHECKSUM, ["t10", "t11"]), (Work.DUMP, ["t10"]), (Work.CHECKSUM, ["t12"])]
+    assert batched([], MB, 8) == []
+
+
+@given(st.lists(st.integers(0, 3 * MB), max_size=30), st.integers(1, 9))
+def test_batching_runs_every_task_once(sizes: list[int], size: int) -> None:
+    found = slices([table(100 + i, s) for i, s in enumerate(sizes)], {}, 256, 2, 15)
+    planned = schedule(found, found[1::2])
+    tasks = batched(planned, MB, size)
+    assert sorted((w.value, s.object_name) for w, batch in tasks for s in batch) == \
+        sorted((w.value, s.object_name) for w, s in planned)
+    assert all(batch and len(batch) <= size and (w is Work.CHECKSUM or len(batch) == 1) for w, batch in tasks)

@@ -8,8 +8,17 @@ from typing import Any, Callable
 
 import psycopg
 import pytest
+from support.clusters import logged_pid, logged_statements
 
-from backup_tool.logical.restore import PARALLEL_WORKER_SETTINGS, allow_parallel_workers, parallel_workers_wanted
+from backup_tool.config.policy import BackupSettings, Policy
+from backup_tool.config.settings import Settings
+from backup_tool.logical.backup import backup_full
+from backup_tool.logical.restore import (
+    PARALLEL_WORKER_SETTINGS,
+    allow_parallel_workers,
+    parallel_workers_wanted,
+    restore_full,
+)
 
 
 @pytest.mark.parametrize(("busy", "jobs", "wanted"), [
@@ -80,3 +89,32 @@ def test_a_restore_that_cannot_give_objects_back_to_their_owners_is_refused_befo
                 conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
             conn.execute(f'DROP ROLE IF EXISTS "{owner}"')
             conn.execute(f"DROP ROLE IF EXISTS {restorer}")
+
+
+PARTITIONS = 30
+
+
+@pytest.mark.slow
+def test_a_validated_restore_reads_column_types_once_and_sets_jit_on_no_checksum_session(
+        pg_server: Any, fresh_db: Callable[..., Any], local_repo: str) -> None:
+    """Each table's checksum after its load cost three round trips: its column types, ``SET
+    jit = off`` and the query. The types of every table are read in one catalog query before
+    the loads, and the sessions start with JIT off: the loading sessions run the checksum
+    query alone, and the restore still validates."""
+    source, target = fresh_db("partsrc"), fresh_db("partdst")
+    source.execute("CREATE TABLE public.m (id int, k int, v numeric, ts timestamptz) PARTITION BY LIST (k);"
+                   + "".join(f"CREATE TABLE public.m_{i} PARTITION OF public.m FOR VALUES IN ({i});"
+                             for i in range(PARTITIONS))
+                   + f"INSERT INTO public.m SELECT g, g % {PARTITIONS}, g / 7.0, now() FROM generate_series(1, 300) g")
+    settings = Settings(local_repo, source.dsn, Policy(backup=BackupSettings(jobs=2)))
+    backup_full(settings)
+    target.execute(f"ALTER DATABASE {target.name} SET log_statement = 'all'")
+    since = pg_server.log_file.stat().st_size
+    result = restore_full(settings, target.dsn, jobs=2, run_validation=True)
+    assert result.validation is not None and result.validation.ok
+    logged = logged_statements(pg_server, target.name, since)
+    checksums = [e for e in logged if "SELECT n, " in e]
+    assert len(checksums) == PARTITIONS, logged
+    assert not [e for e in logged if "SET jit" in e]
+    summing = {logged_pid(e) for e in checksums}
+    assert len([e for e in logged if logged_pid(e) in summing and "pg_attribute" in e]) <= 1

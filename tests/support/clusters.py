@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -509,3 +510,17 @@ def switch_and_wait_archived(server: PgServer, timeout: float = 60) -> None:
             assert failed == 0, f"archiving failed, see {server.log_file}"
             assert time.monotonic() < deadline, f"{last} not archived, see {server.log_file}"
             time.sleep(0.05)
+
+
+def logged_statements(server: PgServer, dbname: str, since: int) -> list[str]:
+    """Each statement ``server`` logged (``log_statement = all``) for ``dbname`` after byte
+    ``since`` of its log, with its continuation lines."""
+    text = server.log_file.read_bytes()[since:].decode("utf-8", "replace")
+    entries = re.split(r"\n(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text)
+    return [e for e in entries if f"@{dbname} " in e.split("\n", 1)[0]
+            and re.search(r"LOG:  (statement|execute [^:]*):", e)]
+
+
+def logged_pid(entry: str) -> str:
+    """The server process of a :func:`logged_statements` entry."""
+    return entry.split("[", 1)[1].split("]", 1)[0]
