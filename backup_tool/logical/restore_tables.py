@@ -26,6 +26,12 @@ Three modes, each refusing rather than overwriting by accident:
   sequences are moved forward (never back) past both the backed-up value and the data (a
   CYCLE sequence past the backed-up value only: see ``_MOVE_FORWARD``).
 
+Restored in place (default or ``replace``), tables the restore leaves out that reference a
+restored one ``ON DELETE CASCADE`` (directly or through each other) or ``SET NULL``/``SET
+DEFAULT`` are named in a warning (:func:`cascade_referrers`): a ``DELETE`` on the restored
+tables took their rows along or reset their references, and the verdict speaks of the
+restored tables only.
+
 Table definitions are taken from the backup's own schema archive: it is replayed into a
 scratch database, the tables moved to the inspection schema if asked, and pg_dump then
 extracts exactly those tables' definitions (with their indexes, constraints, owned
@@ -62,7 +68,7 @@ from backup_tool.errors import (
     ValidationFailed,
 )
 from backup_tool.logical.loading import BackupOrigin, checksums_by_ranges, copy_rows, load_failure
-from backup_tool.logical.selection import check_into_schema, resolve_tables
+from backup_tool.logical.selection import as_typed, check_into_schema, resolve_tables
 from backup_tool.logical.session_ahead import SessionAhead, open_session_ahead
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import roles, schema
@@ -321,6 +327,43 @@ def _is_superuser(conn: psycopg.Connection[Any]) -> bool:
 
 def _fks_touching(conn: psycopg.Connection[Any], keys: set[TableKey]) -> list[dict[str, Any]]:
     return postgres.foreign_keys(conn, touching=sorted(keys))
+
+
+_CASCADE_REFERRERS = """
+    WITH RECURSIVE restored(oid) AS (
+        SELECT to_regclass(format('%%I.%%I', s, n))::oid FROM unnest(%s::text[], %s::text[]) u(s, n)),
+    reached(oid) AS (
+        SELECT c.conrelid FROM pg_catalog.pg_constraint c
+         WHERE c.contype = 'f' AND c.confdeltype = 'c' AND c.conparentid = 0
+           AND c.confrelid IN (SELECT oid FROM restored)
+        UNION
+        SELECT c.conrelid FROM pg_catalog.pg_constraint c JOIN reached r ON c.confrelid = r.oid
+         WHERE c.contype = 'f' AND c.confdeltype = 'c' AND c.conparentid = 0),
+    touched(oid) AS (
+        SELECT oid FROM reached
+        UNION
+        SELECT c.conrelid FROM pg_catalog.pg_constraint c
+         WHERE c.contype = 'f' AND c.confdeltype IN ('n', 'd') AND c.conparentid = 0
+           AND (c.confrelid IN (SELECT oid FROM restored) OR c.confrelid IN (SELECT oid FROM reached)))
+    SELECT n.nspname, k.relname FROM touched r
+      JOIN pg_catalog.pg_class k ON k.oid = r.oid JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
+     WHERE r.oid NOT IN (SELECT oid FROM restored WHERE oid IS NOT NULL) ORDER BY 1, 2"""
+
+
+def cascade_referrers(conn: psycopg.Connection[Any], keys: set[TableKey]) -> list[TableKey]:
+    """The tables not among ``keys`` that reference one of them ``ON DELETE CASCADE``, directly
+    or through each other, and those referencing one of either ``ON DELETE SET NULL`` or ``SET
+    DEFAULT`` (a catalog read, no table scanned).
+
+    A ``DELETE`` on a restored table took their referencing rows along or rewrote their
+    references; a table restore
+    writes no other table, so those rows stay gone while the restore's verdict, about the
+    restored tables, says they are complete: Prefect's ``flow`` restored after a
+    ``DELETE FROM flow`` came back whole, its ``flow_run`` and ``task_run`` rows did not.
+    """
+    ordered = sorted(keys)
+    rows = conn.execute(_CASCADE_REFERRERS, ([k[0] for k in ordered], [k[1] for k in ordered])).fetchall()
+    return [(r[0], r[1]) for r in rows]
 
 
 def _owned_sequences(manifest: Manifest, keys: set[TableKey]) -> Iterator[SequenceRecord]:
@@ -742,6 +785,15 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
                         "(a partition can be restored alone)") from exc
                 raise
         reporter.event("tables restored", tables=len(entries), bytes=source.bytes_read())
+        if not into_schema:
+            referrers = cascade_referrers(control, set(location.values()))
+            if referrers:
+                names = ", ".join(as_typed(*k) for k in referrers)
+                reporter.warning(
+                    f"{names} reference the restored tables ON DELETE CASCADE, SET NULL or SET DEFAULT"
+                    " (directly or through tables that cascade) and were not restored: a DELETE on the restored"
+                    " tables took their referencing rows there along or reset their references, which a table"
+                    " restore does not bring back; if rows were deleted, add these tables to --tables")
 
         report = None
         settled_entries = [settled.table(t.schema, t.name) or t for t in entries]

@@ -221,6 +221,42 @@ def test_foreign_keys_gone_with_a_dropped_table_are_named_with_the_statement_tha
     assert again["ok"] is True
 
 
+def test_tables_a_delete_cascaded_into_are_named(cli: Any, local_repo: str, seed_copy: Callable[..., Any]) -> None:
+    """Prefect's shape: ``flow_run`` references ``flow`` and ``task_run`` references ``flow_run``
+    ``ON DELETE CASCADE``, ``log`` references ``flow_run`` ``ON DELETE SET NULL``. ``DELETE FROM
+    flow`` takes every run and task run along and empties every log line's reference. Restoring
+    ``flow`` alone gives its rows back, and its verdict is right about them, but said nothing of
+    the runs that stayed gone nor of the references. It now warns naming the tables the cascade
+    reaches and the one whose references it reset, and restoring them with it gives every row
+    back without the warning."""
+    db = seed_copy("cascade")
+    db.execute("CREATE SCHEMA app;"
+               " CREATE TABLE app.flow (id int PRIMARY KEY);"
+               " CREATE TABLE app.flow_run (id int PRIMARY KEY, flow_id int REFERENCES app.flow ON DELETE CASCADE);"
+               " CREATE TABLE app.task_run (id int PRIMARY KEY,"
+               "   flow_run_id int REFERENCES app.flow_run ON DELETE CASCADE);"
+               " CREATE TABLE app.log (id int PRIMARY KEY, flow_run_id int REFERENCES app.flow_run ON DELETE SET NULL);"
+               " INSERT INTO app.flow SELECT g FROM generate_series(1, 3) g;"
+               " INSERT INTO app.flow_run SELECT g, g % 3 + 1 FROM generate_series(1, 12) g;"
+               " INSERT INTO app.task_run SELECT g, g % 12 + 1 FROM generate_series(1, 60) g;"
+               " INSERT INTO app.log SELECT g, g % 12 + 1 FROM generate_series(1, 20) g")
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    db.execute("DELETE FROM app.flow")
+    proc = cli("restore", "tables", "--repo", local_repo, "--tables", "app.flow", "--target-dsn", db.dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert "app.flow_run, app.log, app.task_run reference the restored tables ON DELETE CASCADE, SET NULL or" \
+        " SET DEFAULT" in proc.stderr, proc.stderr
+    assert db.scalar("SELECT count(*) FROM app.flow") == 3 and db.scalar("SELECT count(*) FROM app.task_run") == 0
+    assert db.scalar("SELECT count(*) FROM app.log WHERE flow_run_id IS NOT NULL") == 0
+    again = cli("restore", "tables", "--repo", local_repo, "--tables", "app.flow,app.flow_run,app.task_run,app.log",
+                "--target-dsn", db.dsn, "--replace")
+    assert again.returncode == 0, again.stderr
+    assert "ON DELETE CASCADE" not in again.stderr, again.stderr
+    counts = [db.scalar(f"SELECT count(*) FROM app.{t}") for t in ("flow", "flow_run", "task_run", "log")]
+    assert counts == [3, 12, 60, 20]
+    assert db.scalar("SELECT count(*) FROM app.log WHERE flow_run_id IS NULL") == 0
+
+
 def _checks(result: Any) -> list[dict[str, Any]]:
     """Every check dict anywhere in a command's JSON."""
     if isinstance(result, dict):
