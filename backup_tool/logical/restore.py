@@ -451,6 +451,34 @@ class _Busy:
                 self._count -= 1
 
 
+PARALLEL_MIN_BYTES = 1 << 20
+"""Rows (COPY text) below which a loading session leaves its parallel workers as they are for
+the table: the planner gives no parallel workers to a scan or index build of a table under
+``min_parallel_table_scan_size`` (8 MB by default), so the ``SET``/``RESET`` before its
+checksum and before its post-data were two round trips per table for nothing (3,000 small
+tables: 6,000 of the restore's statements). Only where the workers go changes, never a result."""
+
+
+def parallel_workers_matter(raw_size: int) -> bool:
+    """Whether a table of ``raw_size`` bytes of COPY text is worth setting a loading session's
+    parallel workers for (see :data:`PARALLEL_MIN_BYTES`). Pure."""
+    return raw_size >= PARALLEL_MIN_BYTES
+
+
+class _Workers:
+    """One loading task's session's parallel workers, set only when they change: the task
+    starts on a session with the server's own settings (new, or ``RESET ALL`` by the pool)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self._allowed = True
+
+    def allow(self, allowed: bool) -> None:
+        if allowed != self._allowed:
+            allow_parallel_workers(self._conn, allowed)
+            self._allowed = allowed
+
+
 def allow_parallel_workers(conn: psycopg.Connection[Any], allowed: bool) -> None:
     """The session's parallel workers: the server's own settings, or none."""
     conn.execute(sql.SQL("; ").join(
@@ -470,7 +498,8 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
     sessions at once (one large table would otherwise keep one core busy while the others wait)
     while the other tables still load; then the loading session builds the table's ``early``
     post-data and ANALYZE, without parallel workers while every session is busy (see
-    :func:`parallel_workers_wanted`). Returns the checksums for validation."""
+    :func:`parallel_workers_wanted`; a small table's are left alone, see
+    :data:`PARALLEL_MIN_BYTES`). Returns the checksums for validation."""
     manifest = run.manifest
     data = _stored(manifest)
     checksums: dict[tuple[str, str], tuple[int, str]] = {}
@@ -490,16 +519,20 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
                        fresh=fresh and t.raw_size >= FREEZE_MIN_BYTES, prefetch=prefetch,
                        on_raw=progress.advance)
             testhooks.pause_point("restore:loaded")
+            workers = _Workers(conn)
+            sized = parallel_workers_matter(t.raw_size)
             if run.validating and t.relkind == "r":
                 if t.parts:
                     checksums[key] = checksums_by_ranges(loader, {key: t.columns}, run.jobs,
                                                          manifest.checksum_method)[key]
                 else:
-                    allow_parallel_workers(conn, parallel_workers_wanted(busy.count, run.jobs))
+                    if sized:
+                        workers.allow(parallel_workers_wanted(busy.count, run.jobs))
                     checksums[key] = postgres.table_checksum(conn, t.schema, t.name, t.columns,
                                                              manifest.checksum_method, types=types.get(key))
             if key in early.statements or key in early.analyze:
-                allow_parallel_workers(conn, parallel_workers_wanted(busy.count, run.jobs))
+                if sized:
+                    workers.allow(parallel_workers_wanted(busy.count, run.jobs))
                 _build_early(conn, t, early.statements.get(key), key in early.analyze, early.flush_stats)
         testhooks.pause_point("restore:loading")
 
