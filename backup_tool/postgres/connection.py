@@ -1153,13 +1153,17 @@ class SessionPool:
     of thousands of small tables would otherwise start a server backend per table: ~5 ms of
     server CPU each with 3,000 partitions). A session goes back to the pool only after its
     task succeeded, with ``RESET ALL`` (unless ``reset`` is False: the tasks set nothing): what
-    a task set is undone, the ``settings`` it was opened with stay."""
+    a task set is undone, the ``settings`` it was opened with stay. A task whose last query
+    ends with :data:`RESET_ALL` says so with :meth:`was_reset`, which spares the round trip."""
+
+    RESET_ALL = "RESET ALL"
 
     def __init__(self, conninfo: ConnInfo, settings: dict[str, str] | None = None, reset: bool = True) -> None:
         self.conninfo = conninfo
         self.settings = settings
         self.reset = reset
         self._idle: list[psycopg.Connection[Any]] = []
+        self._reset_by_task: set[int] = set()
         self._lock = threading.Lock()
 
     @contextmanager
@@ -1169,13 +1173,23 @@ class SessionPool:
         conn = conn or self.conninfo.connect(settings=self.settings)
         try:
             yield conn
-            if self.reset:
-                conn.execute("RESET ALL")
+            with self._lock:
+                reset = self.reset and id(conn) not in self._reset_by_task
+            if reset:
+                conn.execute(self.RESET_ALL)
         except BaseException:
             conn.close()
             raise
+        finally:
+            with self._lock:
+                self._reset_by_task.discard(id(conn))
         with self._lock:
             self._idle.append(conn)
+
+    def was_reset(self, conn: psycopg.Connection[Any]) -> None:
+        """``conn``'s task ran :data:`RESET_ALL` last, set nothing after it, and succeeded so far."""
+        with self._lock:
+            self._reset_by_task.add(id(conn))
 
     def close(self) -> None:
         with self._lock:

@@ -3,6 +3,7 @@ refusal, before anything is created, of a role that cannot give objects back to 
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any, Callable
 
@@ -131,12 +132,14 @@ SMALL_TABLES = 12
 
 
 @pytest.mark.slow
-def test_a_restore_of_small_tables_leaves_its_sessions_parallel_workers_alone(
+def test_a_restore_of_small_tables_leaves_parallel_workers_alone_and_resets_sessions_with_their_analyze(
         pg_server: Any, fresh_db: Callable[..., Any], local_repo: str) -> None:
     """Each small table's load was followed by ``SET`` of the session's parallel workers before
     its checksum and again before its indexes (``RESET`` when a session was idle): two round
     trips per table that no plan of a table that small could use (3,000 tables: 6,000
-    statements). Now none for a small table, and the restore still validates and analyzes."""
+    statements); then its ANALYZE and the pool's ``RESET ALL``, two more. Now no ``SET`` for a
+    small table, the ``RESET ALL`` goes with the ANALYZE, and the restore still validates and
+    analyzes every table."""
     source, target = fresh_db("smallsrc"), fresh_db("smalldst")
     source.execute("".join(f"CREATE TABLE public.s_{i} (id serial PRIMARY KEY, v text);"
                            f"CREATE INDEX ON public.s_{i} (v);"
@@ -151,3 +154,8 @@ def test_a_restore_of_small_tables_leaves_its_sessions_parallel_workers_alone(
     logged = logged_statements(pg_server, target.name, since)
     assert not [e for e in logged if "max_parallel_workers_per_gather" in e], logged
     assert len([e for e in logged if "ANALYZE " in e]) == SMALL_TABLES
+    resets = [e for e in logged if re.search(r"statement: RESET ALL\s*$", e)]
+    assert len(resets) <= 1, resets  # the session that read every table's column types
+    with psycopg.connect(target.dsn, autocommit=True) as conn:
+        analyzed = conn.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'public' AND attname = 'v'").fetchone()
+    assert analyzed == (SMALL_TABLES,)
