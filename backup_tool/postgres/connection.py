@@ -884,7 +884,7 @@ def sequences(conn: psycopg.Connection[Any], owned_by: Sequence[tuple[str, str]]
     """Every sequence with its current value and the column that owns it, if any; with
     ``owned_by``, only the sequences owned by a column (or identity) of those tables plus the
     ``named`` ones, found from the tables through the catalog's indexes: the cost follows
-    those tables, not the database (one value read per sequence returned)."""
+    those tables, not the database (the values read :data:`SEQUENCES_PER_STATEMENT` at a time)."""
     scope = "" if owned_by is None else f"""
            AND c.oid IN (SELECT d.objid FROM pg_depend d
                           WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
@@ -907,16 +907,25 @@ def sequences(conn: psycopg.Connection[Any], owned_by: Sequence[tuple[str, str]]
           JOIN pg_sequence s ON s.seqrelid = c.oid
          WHERE c.relkind = 'S' AND {_system_filter(bool(scope))}{scope}
          ORDER BY 1, 2""", params or None).fetchall()
+    values: dict[int, tuple[int, bool]] = {}
+    for start in range(0, len(rows), SEQUENCES_PER_STATEMENT):
+        query = sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT {}::int, last_value, is_called FROM {}").format(sql.Literal(i), qualified(row[0], row[1]))
+            for i, row in enumerate(rows[start:start + SEQUENCES_PER_STATEMENT], start))
+        values.update((int(i), (int(last), bool(called))) for i, last, called in conn.execute(query))
     result: list[SequenceRecord] = []
-    for schema, name, increment, owner in rows:
-        value = conn.execute(
-            sql.SQL("SELECT last_value, is_called FROM {}").format(qualified(schema, name))
-        ).fetchone()
-        assert value is not None
-        result.append({"schema": schema, "name": name, "last_value": int(value[0]),
-                       "is_called": bool(value[1]), "increment": int(increment),
+    for i, (schema, name, increment, owner) in enumerate(rows):
+        last_value, is_called = values[i]
+        result.append({"schema": schema, "name": name, "last_value": last_value,
+                       "is_called": is_called, "increment": int(increment),
                        "owned_by": owner})
     return result
+
+
+SEQUENCES_PER_STATEMENT = 100
+"""Sequences whose values :func:`sequences` reads in one statement (``UNION ALL``): one round
+trip per sequence cost a database of 3,000 serial columns 3,000 statements in each backup
+and each validation."""
 
 
 FORCE_STATS_FLUSH = "SELECT pg_catalog.pg_stat_force_next_flush()"
