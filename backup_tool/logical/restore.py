@@ -362,7 +362,7 @@ def _early_post_data(run: _Run, archive_path: Path, major: int, analyze: bool,
 
 
 def _build_early(conn: psycopg.Connection[Any], entry: TableEntry, statements: str | None, analyze: bool,
-                 flush_stats: bool = False) -> None:
+                 flush_stats: bool = False, sessions: postgres.SessionPool | None = None) -> None:
     """Build ``entry``'s own post-data entries and gather its statistics, on the session that
     loaded it (the archive's SQL sets its own search path and settings).
 
@@ -372,13 +372,21 @@ def _build_early(conn: psycopg.Connection[Any], entry: TableEntry, statements: s
     statistics at most once a second, so a table loaded within a second of the session's
     last write had its rows counted only after its ANALYZE had reset the count of rows
     changed since: autovacuum then saw the whole table as changed and analyzed it again
-    (16 tables of 75,000 rows: 1.6 s of server CPU, during or just after the restore)."""
+    (16 tables of 75,000 rows: 1.6 s of server CPU, during or just after the restore).
+
+    ``sessions``: the pool ``conn`` goes back to; the ANALYZE, last, then also resets the
+    session's settings, sparing the pool's ``RESET ALL`` round trip (one per table)."""
     flush = f"{postgres.FORCE_STATS_FLUSH};\n" if analyze and flush_stats else ""
     try:
         if statements or flush:
             conn.execute((flush + (statements or "")).encode("utf-8", "surrogateescape"))
         if analyze:
-            conn.execute(sql.SQL("ANALYZE {}").format(postgres.qualified(entry.schema, entry.name)))
+            query = sql.SQL("ANALYZE {}").format(postgres.qualified(entry.schema, entry.name))
+            if sessions is None:
+                conn.execute(query)
+            else:
+                conn.execute(sql.SQL("{}; {}").format(query, sql.SQL(sessions.RESET_ALL)))
+                sessions.was_reset(conn)
     except psycopg.Error as exc:
         raise DatabaseError(f"building the indexes and constraints of {entry.full_name} failed: "
                             f"{str(exc).splitlines()[0]}", _inlined_function_hint(exc)) from None
@@ -451,6 +459,34 @@ class _Busy:
                 self._count -= 1
 
 
+PARALLEL_MIN_BYTES = 1 << 20
+"""Rows (COPY text) below which a loading session leaves its parallel workers as they are for
+the table: the planner gives no parallel workers to a scan or index build of a table under
+``min_parallel_table_scan_size`` (8 MB by default), so the ``SET``/``RESET`` before its
+checksum and before its post-data were two round trips per table for nothing (3,000 small
+tables: 6,000 of the restore's statements). Only where the workers go changes, never a result."""
+
+
+def parallel_workers_matter(raw_size: int) -> bool:
+    """Whether a table of ``raw_size`` bytes of COPY text is worth setting a loading session's
+    parallel workers for (see :data:`PARALLEL_MIN_BYTES`). Pure."""
+    return raw_size >= PARALLEL_MIN_BYTES
+
+
+class _Workers:
+    """One loading task's session's parallel workers, set only when they change: the task
+    starts on a session with the server's own settings (new, or ``RESET ALL`` by the pool)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self._allowed = True
+
+    def allow(self, allowed: bool) -> None:
+        if allowed != self._allowed:
+            allow_parallel_workers(self._conn, allowed)
+            self._allowed = allowed
+
+
 def allow_parallel_workers(conn: psycopg.Connection[Any], allowed: bool) -> None:
     """The session's parallel workers: the server's own settings, or none."""
     conn.execute(sql.SQL("; ").join(
@@ -470,7 +506,8 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
     sessions at once (one large table would otherwise keep one core busy while the others wait)
     while the other tables still load; then the loading session builds the table's ``early``
     post-data and ANALYZE, without parallel workers while every session is busy (see
-    :func:`parallel_workers_wanted`). Returns the checksums for validation."""
+    :func:`parallel_workers_wanted`; a small table's are left alone, see
+    :data:`PARALLEL_MIN_BYTES`). Returns the checksums for validation."""
     manifest = run.manifest
     data = _stored(manifest)
     checksums: dict[tuple[str, str], tuple[int, str]] = {}
@@ -490,17 +527,22 @@ def _load_data(run: _Run, loader: ConnInfo, fresh: bool,
                        fresh=fresh and t.raw_size >= FREEZE_MIN_BYTES, prefetch=prefetch,
                        on_raw=progress.advance)
             testhooks.pause_point("restore:loaded")
+            workers = _Workers(conn)
+            sized = parallel_workers_matter(t.raw_size)
             if run.validating and t.relkind == "r":
                 if t.parts:
                     checksums[key] = checksums_by_ranges(loader, {key: t.columns}, run.jobs,
                                                          manifest.checksum_method)[key]
                 else:
-                    allow_parallel_workers(conn, parallel_workers_wanted(busy.count, run.jobs))
+                    if sized:
+                        workers.allow(parallel_workers_wanted(busy.count, run.jobs))
                     checksums[key] = postgres.table_checksum(conn, t.schema, t.name, t.columns,
                                                              manifest.checksum_method, types=types.get(key))
             if key in early.statements or key in early.analyze:
-                allow_parallel_workers(conn, parallel_workers_wanted(busy.count, run.jobs))
-                _build_early(conn, t, early.statements.get(key), key in early.analyze, early.flush_stats)
+                if sized:
+                    workers.allow(parallel_workers_wanted(busy.count, run.jobs))
+                _build_early(conn, t, early.statements.get(key), key in early.analyze, early.flush_stats,
+                             sessions)
         testhooks.pause_point("restore:loading")
 
     largest_first = sorted(data, key=lambda t: t.raw_size, reverse=True)

@@ -3,6 +3,7 @@ refusal, before anything is created, of a role that cannot give objects back to 
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any, Callable
 
@@ -14,8 +15,10 @@ from backup_tool.config.policy import BackupSettings, Policy
 from backup_tool.config.settings import Settings
 from backup_tool.logical.backup import backup_full
 from backup_tool.logical.restore import (
+    PARALLEL_MIN_BYTES,
     PARALLEL_WORKER_SETTINGS,
     allow_parallel_workers,
+    parallel_workers_matter,
     parallel_workers_wanted,
     restore_full,
 )
@@ -30,6 +33,11 @@ from backup_tool.logical.restore import (
 ])
 def test_parallel_workers_only_while_a_session_is_idle_or_with_one_job(busy: int, jobs: int, wanted: bool) -> None:
     assert parallel_workers_wanted(busy, jobs) is wanted
+
+
+def test_only_a_table_of_a_megabyte_or_more_has_its_parallel_workers_set() -> None:
+    assert not parallel_workers_matter(PARALLEL_MIN_BYTES - 1)
+    assert parallel_workers_matter(PARALLEL_MIN_BYTES)
 
 
 def _shown(conn: psycopg.Connection[Any]) -> dict[str, str]:
@@ -118,3 +126,36 @@ def test_a_validated_restore_reads_column_types_once_and_sets_jit_on_no_checksum
     assert not [e for e in logged if "SET jit" in e]
     summing = {logged_pid(e) for e in checksums}
     assert len([e for e in logged if logged_pid(e) in summing and "pg_attribute" in e]) <= 1
+
+
+SMALL_TABLES = 12
+
+
+@pytest.mark.slow
+def test_a_restore_of_small_tables_leaves_parallel_workers_alone_and_resets_sessions_with_their_analyze(
+        pg_server: Any, fresh_db: Callable[..., Any], local_repo: str) -> None:
+    """Each small table's load was followed by ``SET`` of the session's parallel workers before
+    its checksum and again before its indexes (``RESET`` when a session was idle): two round
+    trips per table that no plan of a table that small could use (3,000 tables: 6,000
+    statements); then its ANALYZE and the pool's ``RESET ALL``, two more. Now no ``SET`` for a
+    small table, the ``RESET ALL`` goes with the ANALYZE, and the restore still validates and
+    analyzes every table."""
+    source, target = fresh_db("smallsrc"), fresh_db("smalldst")
+    source.execute("".join(f"CREATE TABLE public.s_{i} (id serial PRIMARY KEY, v text);"
+                           f"CREATE INDEX ON public.s_{i} (v);"
+                           f"INSERT INTO public.s_{i} (v) SELECT md5(g::text) FROM generate_series(1, 30) g;"
+                           for i in range(SMALL_TABLES)))
+    settings = Settings(local_repo, source.dsn, Policy(backup=BackupSettings(jobs=2)))
+    backup_full(settings)
+    target.execute(f"ALTER DATABASE {target.name} SET log_statement = 'all'")
+    since = pg_server.log_file.stat().st_size
+    result = restore_full(settings, target.dsn, jobs=2, run_validation=True)
+    assert result.validation is not None and result.validation.ok
+    logged = logged_statements(pg_server, target.name, since)
+    assert not [e for e in logged if "max_parallel_workers_per_gather" in e], logged
+    assert len([e for e in logged if "ANALYZE " in e]) == SMALL_TABLES
+    resets = [e for e in logged if re.search(r"statement: RESET ALL\s*$", e)]
+    assert len(resets) <= 1, resets  # the session that read every table's column types
+    with psycopg.connect(target.dsn, autocommit=True) as conn:
+        analyzed = conn.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'public' AND attname = 'v'").fetchone()
+    assert analyzed == (SMALL_TABLES,)
