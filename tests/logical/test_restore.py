@@ -102,6 +102,19 @@ def test_a_restore_that_cannot_give_objects_back_to_their_owners_is_refused_befo
 PARTITIONS = 30
 
 
+def _validated_restore_logged(pg_server: Any, source: Any, target: Any, local_repo: str) -> list[str]:
+    """The statements a validated ``restore full --jobs 2`` of a backup of ``source`` sent
+    into ``target`` (logged by the database's own ``log_statement``, which the restore's last
+    step, applying the backed-up settings, ends: validation's own statements are not seen)."""
+    settings = Settings(local_repo, source.dsn, Policy(backup=BackupSettings(jobs=2)))
+    backup_full(settings)
+    target.execute(f"ALTER DATABASE {target.name} SET log_statement = 'all'")
+    since = pg_server.log_file.stat().st_size
+    result = restore_full(settings, target.dsn, jobs=2, run_validation=True)
+    assert result.validation is not None and result.validation.ok
+    return logged_statements(pg_server, target.name, since)
+
+
 @pytest.mark.slow
 def test_a_validated_restore_reads_column_types_once_and_sets_jit_on_no_checksum_session(
         pg_server: Any, fresh_db: Callable[..., Any], local_repo: str) -> None:
@@ -114,13 +127,7 @@ def test_a_validated_restore_reads_column_types_once_and_sets_jit_on_no_checksum
                    + "".join(f"CREATE TABLE public.m_{i} PARTITION OF public.m FOR VALUES IN ({i});"
                              for i in range(PARTITIONS))
                    + f"INSERT INTO public.m SELECT g, g % {PARTITIONS}, g / 7.0, now() FROM generate_series(1, 300) g")
-    settings = Settings(local_repo, source.dsn, Policy(backup=BackupSettings(jobs=2)))
-    backup_full(settings)
-    target.execute(f"ALTER DATABASE {target.name} SET log_statement = 'all'")
-    since = pg_server.log_file.stat().st_size
-    result = restore_full(settings, target.dsn, jobs=2, run_validation=True)
-    assert result.validation is not None and result.validation.ok
-    logged = logged_statements(pg_server, target.name, since)
+    logged = _validated_restore_logged(pg_server, source, target, local_repo)
     checksums = [e for e in logged if "SELECT n, " in e]
     assert len(checksums) == PARTITIONS, logged
     assert not [e for e in logged if "SET jit" in e]
@@ -145,13 +152,7 @@ def test_a_restore_of_small_tables_leaves_parallel_workers_alone_and_resets_sess
                            f"CREATE INDEX ON public.s_{i} (v);"
                            f"INSERT INTO public.s_{i} (v) SELECT md5(g::text) FROM generate_series(1, 30) g;"
                            for i in range(SMALL_TABLES)))
-    settings = Settings(local_repo, source.dsn, Policy(backup=BackupSettings(jobs=2)))
-    backup_full(settings)
-    target.execute(f"ALTER DATABASE {target.name} SET log_statement = 'all'")
-    since = pg_server.log_file.stat().st_size
-    result = restore_full(settings, target.dsn, jobs=2, run_validation=True)
-    assert result.validation is not None and result.validation.ok
-    logged = logged_statements(pg_server, target.name, since)
+    logged = _validated_restore_logged(pg_server, source, target, local_repo)
     assert not [e for e in logged if "max_parallel_workers_per_gather" in e], logged
     assert len([e for e in logged if "ANALYZE " in e]) == SMALL_TABLES
     resets = [e for e in logged if re.search(r"statement: RESET ALL\s*$", e)]
