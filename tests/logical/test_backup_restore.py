@@ -82,10 +82,7 @@ def test_each_restored_table_is_analyzed_once_its_rows_counted_first(
     cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
     target = fresh_db("stats_r")
     assert cli.json("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn, "--jobs", "1")["ok"] is True
-    deadline = time.monotonic() + 30
-    while target.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                        " AND pid <> pg_backend_pid()") and time.monotonic() < deadline:
-        time.sleep(0.05)  # the restore's sessions write their last counts as they exit
+    target.wait_alone()  # the restore's sessions write their last counts as they exit
     with psycopg.connect(target.dsn, autocommit=True) as conn:
         stats = conn.execute("SELECT relname, n_mod_since_analyze, last_analyze IS NOT NULL, last_autoanalyze IS NULL"
                              " FROM pg_stat_user_tables WHERE schemaname = 'public' ORDER BY relname").fetchall()
@@ -113,10 +110,7 @@ def test_a_restore_analyzes_each_partition_once_on_sessions_it_reuses(
     cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
     target = fresh_db("parts_r")
     assert cli.json("restore", "full", "--repo", local_repo, "--target-dsn", target.dsn, "--jobs", "2")["ok"] is True
-    deadline = time.monotonic() + 30
-    while target.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                        " AND pid <> pg_backend_pid()") and time.monotonic() < deadline:
-        time.sleep(0.05)  # the restore's sessions write their last counts as they exit
+    target.wait_alone()  # the restore's sessions write their last counts as they exit
     with psycopg.connect(target.dsn, autocommit=True) as conn:
         counts = conn.execute("SELECT relname, analyze_count FROM pg_stat_user_tables"
                               " WHERE schemaname = 'public' AND relname LIKE 'ev\\_%' ORDER BY relname").fetchall()

@@ -4,7 +4,6 @@ refusals change nothing, and each mode ends validated."""
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -865,9 +864,6 @@ def test_tables_loaded_by_several_sessions_reuse_them(cli: Any, local_repo: str,
     hashes = dbcompare.table_hashes(db.dsn)
     assert {k.split(".")[1]: v for k, v in hashes.items() if k.startswith("public.ev")} == \
         {k.split(".")[1]: v for k, v in hashes.items() if k.startswith("inspect.")}
-    deadline = time.monotonic() + 30
-    while db.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid()") and time.monotonic() < deadline:
-        time.sleep(0.05)  # the restore's sessions write their last counts as they exit
+    db.wait_alone()  # the restore's sessions write their last counts as they exit
     sessions = db.scalar("SELECT sessions FROM pg_stat_database WHERE datname = current_database()") - before
     assert sessions < partitions // 2, sessions

@@ -8,7 +8,7 @@ import json
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 from simhistory import History, ts
@@ -40,6 +40,21 @@ class CountingStorage(LocalStorage):
 def opened(root: Path, key: EncryptionKey | None = None) -> tuple[EncryptedStorage, CountingStorage]:
     inner = CountingStorage(root)
     return EncryptedStorage(inner, key), inner
+
+
+S = TypeVar("S", bound=LocalStorage)
+
+
+def planned(root: Path, make: Callable[[Path], S]) -> tuple[S, EncryptedStorage, Catalog, list[str]]:
+    """The backups of :func:`history` under a current index, and a catalog that has read the
+    index as a backup does when it plans: (the inner store, the store, the catalog, the ids
+    the index lists)."""
+    history(root)
+    inner = make(root)
+    storage = EncryptedStorage(inner, None)
+    Catalog(storage).records(refresh=True)
+    catalog = Catalog(storage)
+    return inner, storage, catalog, [e.id for e in catalog.entries()[0]]
 
 
 def manifest_reads(inner: CountingStorage) -> list[str]:
@@ -273,12 +288,7 @@ def test_a_commit_reads_the_index_again_only_when_another_has_replaced_it(tmp_pa
     its name. Now the commit lists the index keys once and reads the index only when its
     newest key is not the one read before; an index another writer put in between is read
     and extended, never overwritten with the stale one."""
-    history(tmp_path)
-    inner = ListCountingStorage(tmp_path)
-    storage = EncryptedStorage(inner, None)
-    Catalog(storage).records(refresh=True)
-    catalog = Catalog(storage)
-    before = [e.id for e in catalog.entries()[0]]
+    inner, storage, catalog, before = planned(tmp_path, ListCountingStorage)
     inner.reads.clear()
     inner.listed.clear()
     first = make_manifest("20261120T020000Z-Fone")
@@ -341,12 +351,7 @@ def test_a_commit_lists_the_index_while_writing_the_manifest_and_updates_it_whil
     caller's ``published`` step (a backup's running marker removal) runs, which starts only
     once the manifest is stored. Before, all went one after the other: five round trips
     where three now follow each other. The index still ends up holding every backup."""
-    history(tmp_path)
-    inner = OverlapStorage(tmp_path)
-    storage = EncryptedStorage(inner, None)
-    Catalog(storage).records(refresh=True)
-    catalog = Catalog(storage)
-    before = [e.id for e in catalog.entries()[0]]
+    inner, storage, catalog, before = planned(tmp_path, OverlapStorage)
     inner.index_listed.clear()
     inner.armed = True
     manifest = make_manifest("20261120T020000Z-Fone")

@@ -151,6 +151,14 @@ class DbHandle:
             raise LookupError(f"no row from {query!r}")
         return rows[0][0]
 
+    def wait_alone(self, timeout: float = 30) -> None:
+        """Wait until no other session is connected to the database: a command's sessions
+        write their last activity counts (``pg_stat_*``) as they exit."""
+        deadline = time.monotonic() + timeout
+        while self.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND pid <> pg_backend_pid()") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
 
 @dataclass
 class PgServer:
