@@ -736,11 +736,7 @@ def column_types(conn: psycopg.Connection[Any], schema: str, name: str,
                  columns: Sequence[str]) -> list[ColumnType]:
     """``columns`` of the table with their types, in the order given; a column the table lacks
     keeps an unknown type (the checksum query then fails on it, as a missing column should)."""
-    rows = conn.execute("SELECT attname, atttypid, atttypmod FROM pg_attribute"
-                        " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
-                        (quoted_table(schema, name),)).fetchall()
-    found = {str(n): (int(oid), int(mod)) for n, oid, mod in rows}
-    return [ColumnType(c, *found.get(c, (0, -1))) for c in columns]
+    return column_types_named(conn, {(schema, name): columns})[(schema, name)]
 
 
 def column_types_of(conn: psycopg.Connection[Any],
