@@ -29,6 +29,7 @@ from backup_tool.jobs.verify import verify
 from backup_tool.logical import backup
 from backup_tool.logical.restore import restore_full
 from backup_tool.logical.restore_tables import restore_tables
+from backup_tool.postgres import connection as postgres
 from backup_tool.repository.manifest import (
     FRAMED_BASE_FORMAT,
     SPLIT_TABLE_FORMAT,
@@ -215,7 +216,7 @@ PARTITIONS = 40
 
 
 def test_a_backup_reads_column_types_once_and_sets_jit_on_no_checksum_session(
-        pg_server: Any, fresh_db: Callable[..., Any], local_repo: str) -> None:
+        pg_server: Any, fresh_db: Callable[..., Any], local_repo: str, cli: Any) -> None:
     """Checksumming each of thousands of small partitions cost three round trips: its column
     types, ``SET jit = off`` and the query. The types of every table are read in one catalog
     query, the sessions start with JIT off, and small tables are checksummed
@@ -238,6 +239,15 @@ def test_a_backup_reads_column_types_once_and_sets_jit_on_no_checksum_session(
     summing = {logged_pid(e) for e in checksums}
     assert not [e for e in logged if logged_pid(e) in summing and "pg_attribute" in e]
     assert len([e for e in logged if "pg_attribute" in e]) < PARTITIONS
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        alone = {t.name: postgres.table_checksum(conn, t.schema, t.name, t.columns, manifest.checksum_method)
+                 for t in manifest.tables if t.relkind == "r"}
+    assert {t.name: (t.rows, t.checksum) for t in manifest.tables if t.relkind == "r"} == alone
+    db.execute("UPDATE public.m_7 SET v = v + 1 WHERE id = (SELECT min(id) FROM public.m_7)")
+    changed = cli("validate", "--repo", local_repo, "--dsn", db.dsn, "--against", manifest.id, "--json")
+    assert changed.returncode == 3, changed.stdout + changed.stderr
+    failed = [c for c in json.loads(changed.stdout)["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == ["content_checksums"] and "m_7" in failed[0]["detail"], failed
 
 
 WIDE = """
