@@ -10,7 +10,9 @@ backup-tool ÷ contender, as a markdown table with versions and the machine.
 During the logical scenarios the cluster archives its WAL into the S3 repository the logical
 backups go to (`wal push`), and the incremental is taken right after the full backups and
 the change of one table, so it may learn the changed tables from the archived WAL; the
-report notes which method each incremental used.
+report notes which method each incremental used. Restore full and restore tables are timed
+from the S3 repository and from the local one: pg_restore reads a local file, so the local
+rows compare like with like and the S3 rows add the endpoint's cost.
 
 Physical scenarios (base backup, PITR restore, WAL archiving vs pgBackRest) run when
 `backup-tool backup base` exists and pgBackRest can be installed; pgBackRest only speaks
@@ -532,6 +534,9 @@ class Bench:
             ("logical full restore", "backup-tool restore full (S3, --no-validate)",
              lambda: timed([*self.tool, "restore", "full", "--repo", s3_repo, "--target-dsn", self.fresh_db("r_bt"),
                             "--jobs", j, "--no-validate"], self.env)),
+            ("logical full restore", "backup-tool restore full (local repo, validated)",
+             lambda: timed([*self.tool, "restore", "full", "--repo", str(local_repo), "--target-dsn",
+                            self.fresh_db("r_bt"), "--jobs", j], self.env)),
         ]
         if run % 2:
             restores = restores[::-1]
@@ -547,6 +552,9 @@ class Bench:
             ("single table restore", "backup-tool restore tables (S3)",
              lambda: timed([*self.tool, "restore", "tables", "--repo", s3_repo, "--tables", one, "--target-dsn",
                             self.fresh_db("r_one")], self.env)),
+            ("single table restore", "backup-tool restore tables (local repo)",
+             lambda: timed([*self.tool, "restore", "tables", "--repo", str(local_repo), "--tables", one,
+                            "--target-dsn", self.fresh_db("r_one")], self.env)),
         ]
         if run % 2:
             single = single[::-1]
