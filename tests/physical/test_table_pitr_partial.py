@@ -27,6 +27,8 @@ from support.cli import Cli
 from support.clusters import PgServer, free_port, run_sql, start_pg_server, switch_and_wait_archived
 
 from backup_tool.config.settings import resolve_settings
+from backup_tool.core import walnames
+from backup_tool.core.report import NullReporter
 from backup_tool.jobs import table_pitr
 from backup_tool.physical import partial as partial_mod
 from backup_tool.physical import pitr
@@ -316,6 +318,45 @@ def test_recovery_stops_at_the_last_commit_before_the_time(world: World, monkeyp
     assert rows(world.server, "inflight_time.orders") == world.inflight_rows
     assert late.recovered_to is not None
     assert utc_iso(late.recovered_to) == early["recovered_to"], "the same last commit, however recovery stopped"
+
+
+class Events(NullReporter):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def event(self, message: str, **fields: Any) -> None:
+        self.seen.append((message, fields))
+
+    def field(self, message: str, name: str) -> Any:
+        return next(fields[name] for seen, fields in self.seen if seen == message)
+
+
+def test_the_scan_for_the_stop_reads_ahead_of_itself_not_of_the_archive(world: World) -> None:
+    """While the WAL read ahead during the lay-out is scanned for the last commit before the
+    time, the read-ahead runs at most SCAN_LEAD segments ahead of the scan: the archive holds
+    more after the stop (WAL written later, elsewhere), which is fetched (decompressed,
+    verified, written) no more. It used to fill its usual window of 16 segments first,
+    whatever the scan had found."""
+    moment, expected = world.moments[0]
+    sql(world.server, "CREATE TABLE IF NOT EXISTS wal_filler AS"
+        " SELECT g, repeat(md5(g::text), 4) AS v FROM generate_series(1, 300000) g", db="postgres")
+    switch_and_wait_archived(world.server)
+    settings = resolve_settings(world.repo, world.server.dsn("app"), None)
+    plan = pitr.plan_recovery(settings, pitr.Target("time", time=pitr.parse_time(moment)))
+    seg = plan.physical.wal_segment_size
+    start = walnames.parse_lsn(plan.physical.start_lsn)
+    assert plan.coverage.last_segment is not None
+    archived = walnames.segment_number(plan.coverage.last_segment, seg) - walnames.lsn_segment(start, seg) + 1
+    events = Events()
+    result = table_pitr.restore_tables_at(settings, world.server.dsn("app"), ["orders"], moment,
+                                          into_schema="read_ahead", reporter=events)
+    assert result.validation is not None and result.validation.ok
+    assert rows(world.server, "read_ahead.orders") == expected
+    assert result.recovery_layout is not None and result.recovery_layout["stopped_at_commit"]
+    needed = pitr.stop_segments(start, walnames.parse_lsn(result.recovery_layout["stopped_at_commit"]), seg)
+    assert archived > needed + pitr.SCAN_LEAD, "the archive must hold more WAL after the stop than the scan reads"
+    fetched = events.field("data directory laid out", "wal_prefetched")
+    assert fetched <= needed + pitr.SCAN_LEAD, (fetched, needed, archived)
 
 
 def test_table_renamed_after_the_backup_falls_back_to_the_full_layout(world: World) -> None:
