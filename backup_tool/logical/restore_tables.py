@@ -223,7 +223,15 @@ def detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_sc
     Sequences owned by a copied column move with their table; a sequence the copy only calls
     (a shared one, or one owned elsewhere) is moved into the schema too and made owned by the
     first copied column that uses it, so the copy's defaults never reach a live sequence.
+
+    The scratch database's event triggers are disabled first (those the session may alter:
+    a superuser's, every one): moving tables is DDL, and an event trigger may refuse it or read
+    a table a table-PITR scratch cluster's partial lay-out left out (``periods`` reads
+    ``periods.periods`` on every ``ddl_command_end``), which would fail the restore.
     """
+    for (trigger,) in conn.execute("SELECT evtname FROM pg_event_trigger WHERE evtenabled <> 'D'"
+                                   " AND pg_has_role(evtowner, 'USAGE')").fetchall():
+        conn.execute(sql.SQL("ALTER EVENT TRIGGER {} DISABLE").format(sql.Identifier(trigger)))
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
     used: list[tuple[TableEntry, str, TableKey, int]] = []
     moved = {(t.schema, t.name) for t in tables}
