@@ -159,6 +159,25 @@ def _state(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
     return "rows" if has and has[0] else "empty"
 
 
+def refuse_orphan_partitions(conn: psycopg.Connection[Any], manifest: Manifest, create: list[TableEntry]) -> None:
+    """Refuse, before anything is written, partitions to create whose partitioned table is
+    neither restored with them nor in the target: they could only be attached to it. The
+    refusal names the topmost such ancestor, whose restore brings the whole tree."""
+    creating = {t.full_name for t in create}
+    known = {t.full_name: t for t in manifest.tables}
+    for t in create:
+        parent = known.get(t.parent) if t.parent is not None and t.parent not in creating else None
+        if parent is not None and _state(conn, parent.schema, parent.name) == "absent":
+            while parent.parent in known and parent.parent not in creating and \
+                    _state(conn, known[parent.parent].schema, known[parent.parent].name) == "absent":
+                parent = known[parent.parent]
+            name = as_typed(parent.schema, parent.name)
+            raise RefusedError(f"partition {as_typed(t.schema, t.name)} cannot be restored without its partitioned "
+                               f"table {name}, which the target database lacks",
+                               f"name {name} too (it brings its partitions), or restore it beside with "
+                               f"--tables {name} --into-schema NAME")
+
+
 def missing_schemas(conn: psycopg.Connection[Any], schemas: set[str]) -> list[str]:
     """Those of ``schemas`` the database lacks, sorted: a table is restored into its own schema,
     which ``restore tables`` does not create (as ``pg_restore --table``), so the restore is
@@ -799,6 +818,7 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
                                    f"{target.redacted()}",
                                    "create it first, restore beside with --into-schema NAME, or restore the "
                                    "whole backup with 'restore full'")
+            refuse_orphan_partitions(control, manifest, create)
         reporter.event("restore tables started", id=manifest.id, mode=mode, target=target.redacted(),
                        create=len(create), existing=len(existing))
 

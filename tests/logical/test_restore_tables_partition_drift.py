@@ -97,3 +97,16 @@ def test_a_dropped_partition_restored_alone_is_attached_with_its_own_indexes(
                      " ORDER BY indexrelid::regclass::text) FROM pg_index JOIN pg_inherits ON inhrelid = indexrelid"
                      " WHERE indrelid = 'app.events_p2026_01_02'::regclass") == \
         "app.events_p2026_01_02_kind_idx:app.events_kind, app.events_p2026_01_02_pkey:app.events_pkey"
+
+
+def test_a_partition_whose_partitioned_table_is_gone_is_refused_naming_it(
+        drifted: tuple[Any, tuple[Any, ...], str], cli: Cli) -> None:
+    """Refused before anything is written, naming the table to restore instead (it failed
+    half-way through the partition's definitions, naming a missing relation)."""
+    db, _, repo = drifted
+    db.execute("DROP TABLE app.events")
+    proc = cli("restore", "tables", "--repo", repo, "--tables", "app.events_p2026_01_03", "--target-dsn", db.dsn)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "partition app.events_p2026_01_03 cannot be restored without its " \
+        "partitioned table app.events, which the target database lacks — name app.events too" in proc.stderr
+    assert db.scalar("SELECT count(*) FROM pg_class WHERE relnamespace = 'app'::regnamespace") == 0
