@@ -165,11 +165,23 @@ def refuse_orphan_partitions(conn: psycopg.Connection[Any], manifest: Manifest, 
     refusal names the topmost such ancestor, whose restore brings the whole tree."""
     creating = {t.full_name for t in create}
     known = {t.full_name: t for t in manifest.tables}
+    present: dict[str, bool] = {}
+
+    def absent(name: str | None) -> bool:
+        if name is None or name not in known or name in creating:
+            return False
+        if name not in present:
+            row = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                               (postgres.quoted_table(known[name].schema, known[name].name),)).fetchone()
+            present[name] = bool(row and row[0])
+        return not present[name]
+
     for t in create:
-        parent = known.get(t.parent) if t.parent is not None and t.parent not in creating else None
-        if parent is not None and _state(conn, parent.schema, parent.name) == "absent":
-            while parent.parent in known and parent.parent not in creating and \
-                    _state(conn, known[parent.parent].schema, known[parent.parent].name) == "absent":
+        if absent(t.parent):
+            assert t.parent is not None
+            parent = known[t.parent]
+            while absent(parent.parent):
+                assert parent.parent is not None
                 parent = known[parent.parent]
             name = as_typed(parent.schema, parent.name)
             raise RefusedError(f"partition {as_typed(t.schema, t.name)} cannot be restored without its partitioned "
