@@ -21,8 +21,9 @@ Three modes, each refusing rather than overwriting by accident:
 - ``replace``: the tables' contents are replaced in one transaction (readers see the old
   rows until commit, never a half-loaded table), with triggers silenced and no cascading
   to other tables; a partitioned table is replaced through its leaf partitions, all in that
-  transaction, its leaf partitions the backup lacks emptied there too. Foreign keys from and to the replaced tables are then checked and any
-  violation rolls everything back, reporting the orphan rows per foreign key. Owned
+  transaction, its leaf partitions the backup lacks emptied there too. Foreign keys from and
+  to the replaced tables are then checked and any violation rolls everything back,
+  reporting the orphan rows per foreign key. Owned
   sequences are moved forward (never back) past both the backed-up value and the data (a
   CYCLE sequence past the backed-up value only: see ``_MOVE_FORWARD``).
 
