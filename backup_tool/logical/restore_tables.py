@@ -21,8 +21,9 @@ Three modes, each refusing rather than overwriting by accident:
 - ``replace``: the tables' contents are replaced in one transaction (readers see the old
   rows until commit, never a half-loaded table), with triggers silenced and no cascading
   to other tables; a partitioned table is replaced through its leaf partitions, all in that
-  transaction. Foreign keys from and to the replaced tables are then checked and any
-  violation rolls everything back, reporting the orphan rows per foreign key. Owned
+  transaction, its leaf partitions the backup lacks emptied there too. Foreign keys from and
+  to the replaced tables are then checked and any violation rolls everything back,
+  reporting the orphan rows per foreign key. Owned
   sequences are moved forward (never back) past both the backed-up value and the data (a
   CYCLE sequence past the backed-up value only: see ``_MOVE_FORWARD``).
 
@@ -159,6 +160,37 @@ def _state(conn: psycopg.Connection[Any], schema_name: str, name: str) -> str:
     return "rows" if has and has[0] else "empty"
 
 
+def refuse_orphan_partitions(conn: psycopg.Connection[Any], manifest: Manifest, create: list[TableEntry]) -> None:
+    """Refuse, before anything is written, partitions to create whose partitioned table is
+    neither restored with them nor in the target: they could only be attached to it. The
+    refusal names the topmost such ancestor, whose restore brings the whole tree."""
+    creating = {t.full_name for t in create}
+    known = {t.full_name: t for t in manifest.tables}
+    present: dict[str, bool] = {}
+
+    def absent(name: str | None) -> bool:
+        if name is None or name not in known or name in creating:
+            return False
+        if name not in present:
+            row = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                               (postgres.quoted_table(known[name].schema, known[name].name),)).fetchone()
+            present[name] = bool(row and row[0])
+        return not present[name]
+
+    for t in create:
+        if absent(t.parent):
+            assert t.parent is not None
+            parent = known[t.parent]
+            while absent(parent.parent):
+                assert parent.parent is not None
+                parent = known[parent.parent]
+            name = as_typed(parent.schema, parent.name)
+            raise RefusedError(f"partition {as_typed(t.schema, t.name)} cannot be restored without its partitioned "
+                               f"table {name}, which the target database lacks",
+                               f"name {name} too (it brings its partitions), or restore it beside with "
+                               f"--tables {name} --into-schema NAME")
+
+
 def missing_schemas(conn: psycopg.Connection[Any], schemas: set[str]) -> list[str]:
     """Those of ``schemas`` the database lacks, sorted: a table is restored into its own schema,
     which ``restore tables`` does not create (as ``pg_restore --table``), so the restore is
@@ -223,7 +255,15 @@ def detach_copy(conn: psycopg.Connection[Any], tables: list[TableEntry], into_sc
     Sequences owned by a copied column move with their table; a sequence the copy only calls
     (a shared one, or one owned elsewhere) is moved into the schema too and made owned by the
     first copied column that uses it, so the copy's defaults never reach a live sequence.
+
+    The scratch database's event triggers are disabled first (those the session may alter:
+    a superuser's, every one): moving tables is DDL, and an event trigger may refuse it or read
+    a table a table-PITR scratch cluster's partial lay-out left out (``periods`` reads
+    ``periods.periods`` on every ``ddl_command_end``), which would fail the restore.
     """
+    for (trigger,) in conn.execute("SELECT evtname FROM pg_event_trigger WHERE evtenabled <> 'D'"
+                                   " AND pg_has_role(evtowner, 'USAGE')").fetchall():
+        conn.execute(sql.SQL("ALTER EVENT TRIGGER {} DISABLE").format(sql.Identifier(trigger)))
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(into_schema)))
     used: list[tuple[TableEntry, str, TableKey, int]] = []
     moved = {(t.schema, t.name) for t in tables}
@@ -398,9 +438,23 @@ def _referenced(conn: psycopg.Connection[Any], schema_name: str, name: str) -> b
     return bool(row and row[0])
 
 
+def leaves_beyond(conn: psycopg.Connection[Any], entries: list[TableEntry], restored: set[TableKey]) -> list[TableKey]:
+    """The leaf partitions (plain tables) the target's partitioned tables among ``entries``
+    have beyond ``restored``: those attached since the backup (pg_partman's premade days),
+    whose rows are rows of the partitioned table the backup did not have. Sorted."""
+    parents = [postgres.quoted_table(t.schema, t.name) for t in entries if t.relkind == "p"]
+    if not parents:
+        return []
+    rows = conn.execute("SELECT DISTINCT n.nspname, c.relname FROM unnest(%s::text[]) AS p(name)"
+                        " CROSS JOIN LATERAL pg_partition_tree(p.name::regclass) t"
+                        " JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+                        " WHERE t.isleaf AND c.relkind = 'r'", (parents,)).fetchall()
+    return sorted(k for k in ((str(r[0]), str(r[1])) for r in rows) if k not in restored)
+
+
 def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries: list[TableEntry],
                      replace: bool, on_raw: Callable[[int], None],
-                     on_wait: Callable[[str], None] = lambda _: None) -> None:
+                     on_wait: Callable[[str], None] = lambda _: None, beside: frozenset[TableKey] = frozenset()) -> None:
     """Load (after emptying, when replacing) existing tables in ONE transaction, or roll back.
 
     Each table is first locked against other writers (and, when it is truncated, readers)
@@ -409,7 +463,10 @@ def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries
     (:func:`backup_tool.postgres.connection.lock_for_writing`).
 
     A partitioned table holds no rows of its own: it is neither emptied nor loaded, its
-    partitions (always among ``entries``) are, so the whole tree is replaced at once."""
+    partitions (always among ``entries``) are, so the whole tree is replaced at once. When
+    replacing, its leaf partitions the backup does not have (:func:`leaves_beyond`; tables
+    ``beside``, created by this restore, aside) are emptied too, in the same way: the
+    partitioned table then holds the backup's rows and no others."""
     manifest = source.manifest
     keys = {(t.schema, t.name) for t in entries}
     superuser = _is_superuser(conn)
@@ -418,24 +475,32 @@ def replace_in_place(conn: psycopg.Connection[Any], source: TableSource, entries
         if superuser:
             conn.execute("SET LOCAL session_replication_role = replica")
         quieted: Quieted = {}
-        for t in entries:
-            if t.relkind == "p":
-                continue
-            target = qualified(t.schema, t.name)
-            referenced = replace and _referenced(conn, t.schema, t.name)
-            postgres.lock_for_writing(conn, t.schema, t.name, truncating=replace and not referenced,
+        beyond = leaves_beyond(conn, entries, keys | beside) if replace else []
+
+        def lock_and_empty(schema_name: str, name: str) -> None:
+            target = qualified(schema_name, name)
+            referenced = replace and _referenced(conn, schema_name, name)
+            postgres.lock_for_writing(conn, schema_name, name, truncating=replace and not referenced,
                                       on_wait=on_wait)
-            quieted[(t.schema, t.name)] = quiet_triggers(conn, t.schema, t.name)
+            quieted[(schema_name, name)] = quiet_triggers(conn, schema_name, name)
             if replace:
                 if referenced and not superuser:
-                    raise RefusedError(f"--replace of {t.full_name}, which other tables reference, needs a superuser",
-                                       "connect as a superuser, or use --into-schema")
+                    raise RefusedError(f"--replace of {schema_name}.{name}, which other tables reference, needs a "
+                                       "superuser", "connect as a superuser, or use --into-schema")
                 if referenced:
                     conn.execute(sql.SQL("DELETE FROM ONLY {}").format(target))
                 else:
                     conn.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
+
+        for t in entries:
+            if t.relkind == "p":
+                continue
+            lock_and_empty(t.schema, t.name)
             if source.has_rows(t):
                 source.load(t, conn, None, False, on_raw)
+        for key in beyond:
+            lock_and_empty(*key)
+        keys |= set(beyond)
         wake_triggers(conn, quieted)
         for seq in _owned_sequences(manifest, keys):
             owner = seq.get("owned_by")
@@ -766,6 +831,7 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
                                    f"{target.redacted()}",
                                    "create it first, restore beside with --into-schema NAME, or restore the "
                                    "whole backup with 'restore full'")
+            refuse_orphan_partitions(control, manifest, create)
         reporter.event("restore tables started", id=manifest.id, mode=mode, target=target.redacted(),
                        create=len(create), existing=len(existing))
 
@@ -962,7 +1028,8 @@ def _restore_into(source: TableSource, control: psycopg.Connection[Any], target:
     with control.transaction() if existing and in_session else nullcontext():
         if existing:
             replace_in_place(control, source, existing, replace, progress.advance,
-                             lambda holders: reporter.warning(f"waiting for a lock: {holders}"))
+                             lambda holders: reporter.warning(f"waiting for a lock: {holders}"),
+                             frozenset(created))
             if not replace and not in_session:
                 undo.filled = tuple((t.schema, t.name) for t in existing if source.has_rows(t))
         progress.finish()

@@ -619,7 +619,12 @@ def table_definition_ids(toc: list[TocEntry], tables: set[tuple[str, str]]) -> l
     constraints (foreign keys included), indexes, triggers, rules, row security and policies,
     partition attachments, and the comments, privileges and security labels on all of
     those; not extended statistics, not sequences a default only calls, not views. In archive
-    order, except that every post-data entry (by :func:`effective_section`) comes last.
+    order, except that every post-data entry (by :func:`effective_section`) comes after the
+    others, and the attachments of a partition to a parent not among ``tables`` (one the target
+    already has: pg_partman's parent, whose partition was dropped since; the archive may not
+    hold it, as ``pg_dump --table`` of the partition alone) come last, with those
+    of its indexes: attached before its own indexes and keys exist, it would get copies of the
+    parent's, named as the archive's own, which then could not be created.
 
     Pure. None when an entry's table cannot be told from its tag and dependencies (a table
     name containing a space can make ``"a b" c`` ambiguous): the caller then asks pg_dump.
@@ -670,8 +675,14 @@ def table_definition_ids(toc: list[TocEntry], tables: set[tuple[str, str]]) -> l
         chosen |= extra
         grew = bool(extra)
     picked = [e for e in toc if e.dump_id in chosen]
-    return ([e.dump_id for e in picked if effective_section(e, by_id) != Section.POST_DATA]
-            + [e.dump_id for e in picked if effective_section(e, by_id) == Section.POST_DATA])
+    attached_late = {child.dump_id for e in picked if e.desc == "TABLE ATTACH"
+                     and (child := owner(e)) and not any((t.namespace, t.tag) in tables
+                                                         for t in table_deps(e) if t is not child)}
+    late = {e.dump_id for e in picked if e.desc in ("TABLE ATTACH", "INDEX ATTACH")
+            and (table := owner(e)) and table.dump_id in attached_late}
+    return ([e.dump_id for e in picked if e.dump_id not in late and effective_section(e, by_id) != Section.POST_DATA]
+            + [e.dump_id for e in picked if e.dump_id not in late and effective_section(e, by_id) == Section.POST_DATA]
+            + [e.dump_id for e in picked if e.dump_id in late])
 
 
 def effective_section(entry: TocEntry, by_id: dict[int, TocEntry]) -> Section:

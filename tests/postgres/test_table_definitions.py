@@ -107,8 +107,11 @@ def test_definitions_equal_pg_dumps_table_selection(awkward_db: Any, tmp_path: P
         pre = schema._script(ref_path, [e.dump_id for e in _toc_entries(reference)], 15, "pre-data")
         post = schema._script(ref_path, [e.dump_id for e in _toc_entries(reference)], 15, "post-data")
         ours, theirs = _statements(scripts.before_data.decode()), _statements("\n".join(pre))
+        # a partition selected alone is attached to its parent after its own indexes and keys
+        attach = [s for s in theirs if " ATTACH PARTITION " in s]
         assert [s for s in ours if not s.startswith(PRIVILEGES)] == \
-            [s for s in theirs if not s.startswith(PRIVILEGES)], (ns, name)
+            [s for s in theirs if not s.startswith(PRIVILEGES) and s not in attach], (ns, name)
+        assert set(attach) <= set(_statements(scripts.after_data.decode())), (ns, name)
         assert sorted(ours + _statements(scripts.after_data.decode())) == \
             sorted(theirs + _statements("\n".join(post))), (ns, name)
     # "sp" with constraint "ace x" and "sp ace": the tag "sp ace x" names either table
@@ -159,6 +162,34 @@ def test_selection_keeps_archive_order_and_skips_what_pg_dump_skips() -> None:
     ]
     assert schema.table_definition_ids(toc, {("public", "t")}) == [2, 3, 4, 8, 10, 11]
     assert schema.table_definition_ids(toc, {("other", "t")}) == []
+
+
+def test_a_partition_of_a_parent_not_created_is_attached_after_its_indexes_and_keys() -> None:
+    """A partition restored under a parent the target already has (pg_partman's, whose
+    partition retention dropped): attached before its own indexes and keys exist, it would get
+    the parent's copies under the same names, and creating its own would fail. Its
+    attachment and its indexes' come last, whether the archive holds the parent (a backup's
+    schema) or not (``pg_dump --table`` of the partition alone, as table PITR reads it); with
+    the parent created too, the archive's order stands."""
+    parent = [_entry(1, "TABLE", "events"),
+              _entry(9, "INDEX", "events_kind", (1,), Section.POST_DATA),
+              _entry(10, "CONSTRAINT", "events events_pkey", (1,), Section.POST_DATA)]
+    partition = [
+        _entry(2, "TABLE", "events_p1"),
+        _entry(3, "TABLE ATTACH", "events_p1", (1, 2)),
+        _entry(4, "DEFAULT", "events_p1 id", (2,)),
+        _entry(11, "INDEX", "events_p1_kind_idx", (2,), Section.POST_DATA),
+        _entry(12, "CONSTRAINT", "events_p1 events_p1_pkey", (2,), Section.POST_DATA),
+        _entry(13, "INDEX ATTACH", "events_p1_kind_idx", (9, 11), Section.POST_DATA),
+        _entry(14, "INDEX ATTACH", "events_p1_pkey", (10, 12), Section.POST_DATA),
+        _entry(15, "COMMENT", "TABLE events_p1", (2,), Section.NONE),
+    ]
+    whole = sorted(parent + partition, key=lambda e: e.dump_id)
+    assert schema.table_definition_ids(whole, {("public", "events_p1")}) == [2, 4, 15, 11, 12, 3, 13, 14]
+    alone = [e for e in whole if e.dump_id not in (1, 9, 10)]
+    assert schema.table_definition_ids(alone, {("public", "events_p1")}) == [2, 4, 15, 11, 12, 3, 13, 14]
+    assert schema.table_definition_ids(whole, {("public", "events"), ("public", "events_p1")}) == \
+        [1, 2, 3, 4, 15, 9, 10, 11, 12, 13, 14]
 
 
 def test_unknown_archive_is_refused_not_misread() -> None:
