@@ -193,6 +193,7 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     reporter.event("restore started", id=manifest.id, database=manifest.database, target=target.redacted())
 
     with dropped_unless_kept(target, created, reporter) as new_database, target.connect() as control:
+        postgres.refuse_unchecked_bytes(control, manifest.encoding, manifest.id, target.redacted())
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
         if schema_from_migrations is None:
             extensions.refuse_missing_extensions(control, manifest.inventory.get("extensions", []))

@@ -809,6 +809,7 @@ def restore_tables_from(source: TableSource, target_dsn: str | ConnInfo, tables:
     with opened or target.connect(settings={"client_encoding": manifest.encoding}) as control:
         if not postgres.try_advisory_lock(control, f"backup-tool:restore:{target.redacted()}"):
             raise LockHeldError(f"another restore into {target.redacted()} is running", "wait for it to finish")
+        postgres.refuse_unchecked_bytes(control, manifest.encoding, manifest.id, target.redacted())
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
         location = {(t.schema, t.name): (into_schema or t.schema, t.name) for t in entries}
         states = {k: _state(control, *loc) for k, loc in location.items()}

@@ -551,6 +551,22 @@ def refuse_non_ascii_names(conn: psycopg.Connection[Any]) -> None:
                            "restore into a database created WITH ENCODING 'UTF8')")
 
 
+def refuse_unchecked_bytes(conn: psycopg.Connection[Any], backup_encoding: str, backup_id: str,
+                           target: str) -> None:
+    """A SQL_ASCII backup is restored only into a SQL_ASCII database. Its text is bytes of no
+    known encoding, loaded with ``client_encoding`` SQL_ASCII, under which PostgreSQL's COPY
+    checks nothing: a database of another encoding would be left holding text invalid in it
+    (Bacula's catalog keeps file names as such bytes). Refused before anything is written."""
+    have = conn.info.parameter_status("server_encoding") or ""
+    if backup_encoding.upper() == "SQL_ASCII" and have.upper() != "SQL_ASCII":
+        raise RefusedError(f"backup {backup_id} is of a SQL_ASCII database, whose text PostgreSQL would "
+                           f"store unchecked in {target}, a {have} database, where any byte not valid "
+                           f"in {have} makes its text unreadable",
+                           "restore into a SQL_ASCII database: --create makes one with the backup's "
+                           "encoding (restore full), or CREATE DATABASE ... ENCODING 'SQL_ASCII' "
+                           "LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+
+
 def list_tables(conn: psycopg.Connection[Any]) -> list[TableInfo]:
     """Ordinary and partitioned tables outside system schemas and extensions, biggest first."""
     rows = conn.execute(f"""

@@ -237,6 +237,64 @@ def test_a_sql_ascii_database_naming_a_table_with_other_bytes_is_refused_clearly
         pg_server.drop_db(name)
 
 
+BACULA_LIKE = """
+CREATE TABLE public.path (pathid serial PRIMARY KEY, path text NOT NULL);
+CREATE UNIQUE INDEX path_name_idx ON public.path (path text_pattern_ops);
+CREATE TABLE public.file (fileid bigserial PRIMARY KEY, pathid int NOT NULL REFERENCES public.path, name text);
+INSERT INTO public.path (path) VALUES (E'/home/u\\xe9ser/\\x80\\x81/'), ('/plain/');
+INSERT INTO public.file (pathid, name) VALUES (1, E'fi\\xe8le\\xc3\\x28.txt'), (2, 'ascii.txt');
+"""
+
+
+def test_a_sql_ascii_backup_is_restored_only_into_a_sql_ascii_database(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """Bacula's catalog is a SQL_ASCII database keeping file names as bytes of no encoding.
+    Restored into an existing UTF8 database, COPY under client_encoding SQL_ASCII checked none
+    of them: `restore full` left text invalid in UTF8 there (and only then failed validation),
+    and `restore tables` failed half-way (psycopg read the target's names as bytes) after
+    creating and loading the table. Both are now refused before anything is written; into a
+    SQL_ASCII database the tables restore byte for byte."""
+    source, utf8 = f"bacula_{uuid.uuid4().hex[:8]}", f"bacula_u8_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source} TEMPLATE template0 ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'")
+        conn.execute(f"CREATE DATABASE {utf8} TEMPLATE template0 ENCODING 'UTF8'")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute(BACULA_LIKE)
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+
+        def user_relations() -> int:
+            with pg_server.admin_conn(utf8) as conn:
+                return int(conn.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                                        " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')"
+                                        " OR c.relname = 'path'").fetchone()[0])
+
+        attempts = [("restore", "full"), ("restore", "tables", "--tables", "public.path,public.file"),
+                    ("restore", "tables", "--tables", "public.path", "--into-schema", "beside")]
+        for argv in attempts:
+            proc = cli(*argv, "--repo", local_repo, "--backup", backup["id"], "--target-dsn", pg_server.dsn(utf8))
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, (argv, proc.stderr)
+            line = proc.stderr.strip()
+            assert len(line.splitlines()) == 1, (argv, proc.stderr)
+            assert f"backup {backup['id']} is of a SQL_ASCII database" in line and "a UTF8 database" in line
+            assert "restore into a SQL_ASCII database" in line
+            assert user_relations() == 0, argv
+
+        proc = cli("restore", "tables", "--repo", local_repo, "--backup", backup["id"], "--tables",
+                   "public.path,public.file", "--into-schema", "beside", "--target-dsn", pg_server.dsn(source))
+        assert proc.returncode == 0, proc.stderr
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("SET client_encoding = 'SQL_ASCII'")
+            for table in ("path", "file"):
+                differ = conn.execute(f"SELECT count(*) FROM ((TABLE public.{table} EXCEPT ALL TABLE beside.{table})"
+                                      f" UNION ALL (TABLE beside.{table} EXCEPT ALL TABLE public.{table})) d").fetchone()
+                assert differ == (0,), table
+            raw = conn.execute("SELECT convert_to(path, 'SQL_ASCII') FROM beside.path WHERE pathid = 1").fetchone()
+            assert bytes(raw[0]) == b"/home/u\xe9ser/\x80\x81/"
+    finally:
+        drop_all(pg_server, [utf8, source])
+
+
 @pytest.mark.parametrize("scope", ["database", "role in database"])
 def test_a_role_a_database_sets_for_its_applications_is_not_who_the_tool_acts_as(
         cli: Any, local_repo: str, pg_server: Any, scope: str) -> None:
