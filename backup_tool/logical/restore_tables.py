@@ -33,6 +33,9 @@ DEFAULT`` are named in a warning (:func:`cascade_referrers`): a ``DELETE`` on th
 tables took their rows along or reset their references, and the verdict speaks of the
 restored tables only.
 
+Every mode refuses, before writing anything, a backup of a SQL_ASCII database into a
+database of another encoding (see :func:`backup_tool.postgres.connection.refuse_unchecked_bytes`).
+
 Table definitions are taken from the backup's own schema archive: it is replayed into a
 scratch database, the tables moved to the inspection schema if asked, and pg_dump then
 extracts exactly those tables' definitions (with their indexes, constraints, owned
