@@ -546,7 +546,8 @@ def _run_script(conn: psycopg.Connection[Any], script: bytes, section: str) -> N
         with conn.transaction():
             conn.execute(script)
     except psycopg.Error as exc:
-        raise DatabaseError(f"pg_restore ({section}) failed: {str(exc).splitlines()[0]}") from None
+        state = f" [SQLSTATE {exc.sqlstate}]" if exc.sqlstate else ""
+        raise DatabaseError(f"pg_restore ({section}) failed: {str(exc).splitlines()[0]}{state}") from None
     finally:
         conn.execute("RESET ALL")
 
@@ -1053,10 +1054,21 @@ def _restore_into(source: TableSource, control: psycopg.Connection[Any], target:
                 definitions.after_data()
             except DatabaseError as exc:
                 raise DatabaseError(f"building the restored tables' indexes/constraints failed, nothing was kept: "
-                                    f"{exc.message}",
-                                    "a foreign key may point at rows missing live: restore those tables too, "
-                                    "or use --into-schema NAME to inspect") from None
+                                    f"{exc.message}", post_data_hint(exc.message)) from None
     return copies, checksums, settled
+
+
+def post_data_hint(message: str) -> str:
+    """What to do when the restored tables' indexes, keys, triggers or policies could not be
+    built (``message``: PostgreSQL's, through pg_restore). A foreign key that fails names rows
+    missing live (SQLSTATE 23503); anything else is in the way or missing in the target (an
+    index or constraint name already taken in the schema, a function a trigger calls), as the
+    message names it. Pure."""
+    if "SQLSTATE 23503" in message or "violates foreign key constraint" in message:
+        return "a foreign key points at rows missing live: restore those tables too, or use --into-schema NAME to inspect"
+    return ("the target is in the way of what the message names (an index or constraint name is taken in its "
+            "schema, or something the definitions use is missing): remove the cause, or restore beside with "
+            "--into-schema NAME")
 
 
 def check_table_sequences(conn: psycopg.Connection[Any], manifest: Manifest, entries: list[TableEntry],

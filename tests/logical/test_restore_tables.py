@@ -867,3 +867,24 @@ def test_tables_loaded_by_several_sessions_reuse_them(cli: Any, local_repo: str,
     db.wait_alone()  # the restore's sessions write their last counts as they exit
     sessions = db.scalar("SELECT sessions FROM pg_stat_database WHERE datname = current_database()") - before
     assert sessions < partitions // 2, sessions
+
+
+def test_indexes_that_cannot_be_built_for_a_cause_other_than_a_foreign_key_say_what_is_in_the_way(
+        cli: Any, local_repo: str, live: tuple[Any, dict[str, Any]]) -> None:
+    """A dropped table comes back while another table of its schema has taken its primary
+    key's index name (index names are unique in a schema): building its key fails. The restore
+    keeps nothing, and its hint speaks of what is in the way, not of a foreign key pointing at
+    rows missing live (which it said for every failure of the tables' indexes and keys)."""
+    db, _ = live
+    db.execute("DROP TABLE public.crm_projects CASCADE")
+    db.execute("CREATE TABLE public.squatter (id int)")
+    db.execute("CREATE INDEX crm_projects_pkey ON public.squatter (id)")
+    before = dbcompare.fingerprint(db.dsn)
+    proc = cli("restore", "tables", "--repo", local_repo, "--tables", "public.crm_projects", "--target-dsn", db.dsn)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "crm_projects_pkey" in lines[0] and "already exists" in lines[0], lines[0]
+    assert "foreign key" not in lines[0] and "in the way" in lines[0], lines[0]
+    assert db.scalar("SELECT to_regclass('public.crm_projects')") is None
+    dbcompare.assert_same(before, dbcompare.fingerprint(db.dsn))
