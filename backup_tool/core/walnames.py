@@ -105,6 +105,21 @@ class WalChanges:
     touched: frozenset[tuple[int, int, int]]
     segments: int
     from_server: int
+    evidence: CatalogEvidence | None = None
+    """What the records say of catalogs (None: the reader does not tell)."""
+
+
+@dataclass(frozen=True)
+class CatalogEvidence:
+    """What a read :class:`WalSpan` says beyond rows (see
+    :data:`backup_tool.physical.walscan.CONTENT_PRESERVING`): the (tablespace, database,
+    relfilenode) of every relation file a record that may change a row's content references
+    (any fork, any resource manager, SMGR create and truncate included), the databases whose
+    relation map was updated (0: shared), and whether the server restarted in the span."""
+
+    written: frozenset[tuple[int, int, int]]
+    relmaps: frozenset[int]
+    restarted: bool
 
 
 XLP_LONG_HEADER = 0x0002

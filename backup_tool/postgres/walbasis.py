@@ -380,3 +380,46 @@ def committed_since(conn: psycopg.Connection[Any], xids: Sequence[int]) -> tuple
         elif status not in ("aborted", "in progress"):
             return f"the status of transaction {xid} (open at the parent's snapshot) is unknown"
     return tuple(committed)
+
+
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """The relation files (tablespace, database, relfilenode) of a snapshot's catalog that a
+    schema-only dump never reads: ``user`` those of every relation created after initdb
+    (tables, TOAST, indexes, sequences, materialized views), ``statistics`` those of
+    ``pg_statistic`` and ``pg_statistic_ext_data`` with their TOAST tables and indexes."""
+
+    user: frozenset[tuple[int, int, int]]
+    statistics: frozenset[tuple[int, int, int]]
+
+
+SNAPSHOT_FILES_SQL = """
+WITH stats AS (
+  SELECT 'pg_catalog.pg_statistic'::regclass::oid AS oid
+  UNION ALL SELECT 'pg_catalog.pg_statistic_ext_data'::regclass::oid
+), heaps AS (
+  SELECT oid FROM stats
+  UNION SELECT c.reltoastrelid FROM pg_class c JOIN stats s ON s.oid = c.oid WHERE c.reltoastrelid <> 0
+), files AS (
+  SELECT oid FROM heaps UNION SELECT i.indexrelid FROM pg_index i JOIN heaps h ON h.oid = i.indrelid
+)
+SELECT CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END::bigint,
+       d.oid::bigint, c.relfilenode::bigint, c.oid >= %s
+  FROM pg_class c JOIN pg_database d ON d.datname = current_database()
+ WHERE c.relfilenode <> 0 AND (c.oid >= %s OR c.oid IN (SELECT oid FROM files))
+"""
+
+
+def snapshot_files(conn: psycopg.Connection[Any], first_normal_oid: int) -> SnapshotFiles:
+    """:class:`SnapshotFiles` as ``conn``'s snapshot sees the catalog."""
+    user: set[tuple[int, int, int]] = set()
+    statistics: set[tuple[int, int, int]] = set()
+    for spc, db, node, is_user in conn.execute(SNAPSHOT_FILES_SQL, (first_normal_oid, first_normal_oid)):
+        (user if is_user else statistics).add((int(spc), int(db), int(node)))
+    return SnapshotFiles(frozenset(user), frozenset(statistics))
+
+
+def session_role(conn: psycopg.Connection[Any]) -> str:
+    """The role the session's queries run as (what a dump made as this session can see)."""
+    row = conn.execute("SELECT current_user::text").fetchone()
+    return str(row[0]) if row else ""
