@@ -114,7 +114,7 @@ class CatalogEvidence:
     """What a read :class:`WalSpan` says beyond rows (see
     :data:`backup_tool.physical.walscan.CONTENT_PRESERVING`): the (tablespace, database,
     relfilenode) of every relation file a record that may change a row's content references
-    (any fork, any resource manager, SMGR create and truncate included), the databases whose
+    (any fork, any resource manager, SMGR creates included; VACUUM's truncation of empty pages not), the databases whose
     relation map was updated (0: shared), and whether the server restarted in the span."""
 
     written: frozenset[tuple[int, int, int]]

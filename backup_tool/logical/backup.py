@@ -23,8 +23,10 @@ equal 64-bit hash sums); ALTER TABLE that adds, drops, renames or reorders colum
 the column list; partitions attached or detached change the table's parent; new tables
 have no parent entry. The checksum is taken in the backup's own snapshot, so a change
 committed just before it is seen. Unchanged tables yield the same rows from the parent's
-object, so the incremental restores to exactly its own snapshot. Schema, roles and
-sequence values are always stored fresh. Table statistics (pg_stat) are deliberately not
+object, so the incremental restores to exactly its own snapshot. Sequence values are
+always stored fresh; so are the schema and roles, unless the WAL method shows that no
+catalog they are read from changed (:mod:`backup_tool.logical.schema_reuse`): then the
+parent's objects are reused. Table statistics (pg_stat) are deliberately not
 trusted: they are lossy and reset on crash.
 
 When the repository's WAL archive covers the span from the parent's snapshot to this one,

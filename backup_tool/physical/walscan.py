@@ -164,7 +164,9 @@ class ScanResult:
     """How many of the segments were read from the server's ``pg_wal`` (archived or not)."""
     written: frozenset[RelFile] = frozenset()
     """Every relation file (any fork, any resource manager) a record not of the
-    :data:`CONTENT_PRESERVING` kinds references, and those SMGR create and truncate records name."""
+    :data:`CONTENT_PRESERVING` kinds references, and those SMGR create records name (not
+    truncates: an SMGR truncate of a relation created before the transaction, as every
+    catalog was, is VACUUM's, cutting off pages left empty)."""
     relmaps: frozenset[int] = frozenset()
     """The database oids (0: the shared map) of relation map updates."""
     restarted: bool = False
@@ -388,7 +390,7 @@ def records(source: SegmentSource, start: int, end: int,
             seg_size: int = walnames.DEFAULT_SEGMENT_SIZE) -> Iterator[Record]:
     """Every record starting in ``[start, end)`` with all its block references, checked as
     the module docstring says; raises :class:`WalScanUncertain` (or the source's own error)
-    when that is not possible. ``main_data`` is filled for SMGR and standby records only."""
+    when that is not possible. ``main_data`` is filled for SMGR, standby and relation map records only."""
     for raw in _walk(source, start, end, seg_size, True):
         yield Record(*raw)
 
@@ -448,7 +450,8 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
         if rmid == RM_SMGR and kind in (XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE):
             rel = _smgr_relation(main, kind, lsn)
             touch(rel)
-            written.add(rel)
+            if kind == XLOG_SMGR_CREATE:
+                written.add(rel)
         elif rmid == RM_RELMAP and kind == XLOG_RELMAP_UPDATE:
             relmaps.add(_relmap_database(main, lsn))
         elif rmid == RM_XLOG and kind in (XLOG_CHECKPOINT_SHUTDOWN, XLOG_END_OF_RECOVERY):

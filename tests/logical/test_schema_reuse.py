@@ -11,6 +11,7 @@ it reused the parent's instead of dumping them.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from backup_tool.physical import walscan
 from backup_tool.postgres import connection as postgres
 from backup_tool.postgres import schema
 from backup_tool.repository.manifest import Manifest
+from backup_tool.repository.manifest import _digest as manifest_digest
 from backup_tool.repository.storage import open_storage
 from backup_tool.streams import pipeline
 
@@ -343,18 +345,26 @@ def test_a_comment_dumps_the_schema_and_a_role_change_both(archiving: Archiving)
 
 
 def test_a_parent_without_a_dump_context_is_not_reused(archiving: Archiving) -> None:
-    """Backups written before the context was recorded (or by another version) are never
-    reused: the next incremental dumps, records its context, and the one after reuses."""
+    """A parent written before the context was recorded is never reused: the next
+    incremental dumps and records its context, and the one after reuses."""
     archiving.server.create_db("old")
     with psycopg.connect(archiving.dsn("old"), autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int)")
     full = backup.backup_full(settings_for(archiving, "old"))
-    storage = open_storage(str(archiving.repo))
-    from backup_tool.repository.catalog import Catalog
-    catalog = Catalog(storage)
-    assert catalog.load(full.id).options.get("dump_context")
+    stored_manifest = archiving.repo / "manifests" / f"{full.id}.json"
+    body = json.loads(stored_manifest.read_bytes())
+    del body["options"]["dump_context"]
+    body["manifest_sha256"] = manifest_digest(body)
+    stored_manifest.chmod(0o644)
+    stored_manifest.write_text(json.dumps(body))
     first = backup.backup_incremental(settings_for(archiving, "old"), changes=walscan.changed_relations)
-    assert first.options.get("schema_reused_from") == full.id
+    assert first.options["changed_tables_method"] == "wal", first.options
+    assert "recorded no dump context" in first.options["schema_dumped_because"]
+    assert "recorded no dump context" in first.options["globals_dumped_because"]
+    second = backup.backup_incremental(settings_for(archiving, "old"), changes=walscan.changed_relations)
+    assert second.options.get("schema_reused_from") == first.id, second.options
+    assert second.schema == first.schema and second.globals == first.globals
+    check_exact(archiving, "old", second)
 
 
 def test_an_incremental_reusing_the_schema_restores_and_validates(archiving: Archiving, tmp_path: Path) -> None:
