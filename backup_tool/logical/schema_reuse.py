@@ -7,19 +7,21 @@ both also of how they are made (server and client versions, the role that runs t
 session settings, this tool's options), recorded as the manifest's ``dump_context``. The WAL
 between the parent's snapshot and this one (the span the WAL method reads, back to where the
 transactions open at the parent's snapshot began) holds every change to those catalogs: a
-catalog row is only ever written through a WAL record naming the catalog's relation file.
-So the parent's objects are exactly what a dump at this snapshot would give when, besides an
-equal context:
+catalog row lives in the catalog's heap (or its TOAST heap) and is only ever written through
+a heap, full-page image or generic WAL record naming that relation file (a catalog index
+changes only with its heap). So the parent's objects are exactly what a dump at this
+snapshot would give when, besides an equal context:
 
-- no record in the span that may change a row's content references a relation file of this
-  database or a shared one (database oid 0) other than those of user relations (oid at least
-  :data:`FIRST_NORMAL_OID`: tables, TOAST, indexes, sequences, materialized views, whose
-  content no schema-only dump reads) at this snapshot, and, while the dump holds no planner
-  statistics (:func:`statistics_in_dump`), those of ``pg_statistic`` and
-  ``pg_statistic_ext_data`` (with their TOAST tables and indexes), which ANALYZE writes.
-  Records that change no row's content (:data:`~backup_tool.physical.walscan.CONTENT_PRESERVING`:
-  hint-bit images, pruning, vacuum, freezing, visibility bits, row locks, B-tree cleanup) do
-  not count, nor do heap in-place updates, which PostgreSQL 15 makes only to columns no
+- no such record in the span that may change a row's content references a relation file of
+  this database or a shared one (database oid 0) other than those of user relations (oid at
+  least :data:`FIRST_NORMAL_OID`: tables, TOAST, indexes, sequences, materialized views,
+  whose content no schema-only dump reads) at this snapshot, and, while the dump holds no
+  planner statistics (:func:`statistics_in_dump`), those of ``pg_statistic`` and
+  ``pg_statistic_ext_data`` (with their TOAST tables and indexes), which ANALYZE writes; and
+  no SMGR create names another. Records that change no row's content
+  (:data:`~backup_tool.physical.walscan.CONTENT_PRESERVING`: hint-bit images, pruning, vacuum,
+  freezing, visibility bits, row locks) do not count, nor does VACUUM's truncation of empty
+  pages, nor do heap in-place updates, which PostgreSQL 15 makes only to columns no
   schema or roles dump prints (see
   :data:`~backup_tool.physical.walscan.INPLACE_COLUMNS`: statistics, frozen xids, and
   ``relhas*`` flags cleared once nothing is left for them to announce). A relation file of

@@ -60,7 +60,7 @@ XLP_FIRST_IS_CONTRECORD = 0x0001
 XLP_LONG_HEADER = 0x0002
 XLP_FIRST_IS_OVERWRITE_CONTRECORD = 0x0008
 
-RM_XLOG, RM_SMGR, RM_RELMAP, RM_STANDBY, RM_HEAP2, RM_HEAP, RM_BTREE = 0, 2, 7, 8, 9, 10, 11
+RM_XLOG, RM_SMGR, RM_RELMAP, RM_STANDBY, RM_HEAP2, RM_HEAP = 0, 2, 7, 8, 9, 10
 RM_MAX_BUILTIN = 21
 XLOG_CHECKPOINT_SHUTDOWN, XLOG_END_OF_RECOVERY = 0x00, 0x90
 XLOG_SWITCH, XLOG_FPI_FOR_HINT, XLOG_OVERWRITE_CONTRECORD = 0x40, 0xA0, 0xD0
@@ -82,22 +82,9 @@ ROW_PRESERVING = frozenset({
     (RM_HEAP2, 0x70),  # XLOG_HEAP2_NEW_CID
 })
 
-#: (resource manager, info & 0xF0) of records that change no column of a row that a query
-#: reads except those of :data:`INPLACE_COLUMNS`: the :data:`ROW_PRESERVING` kinds, heap
-#: in-place updates, and the B-tree records that only remove the entries of dead rows or
-#: recycle pages (vacuum, simple deletion, page deletion, metapage cleanup). A B-tree
-#: entry is derived from its heap row: removing one for a row no snapshot sees changes no
-#: query's answer.
-CONTENT_PRESERVING = ROW_PRESERVING | frozenset({
-    (RM_HEAP, 0x70),    # XLOG_HEAP_INPLACE
-    (RM_BTREE, 0x70),   # XLOG_BTREE_DELETE
-    (RM_BTREE, 0x80),   # XLOG_BTREE_UNLINK_PAGE
-    (RM_BTREE, 0x90),   # XLOG_BTREE_UNLINK_PAGE_META
-    (RM_BTREE, 0xB0),   # XLOG_BTREE_MARK_PAGE_HALFDEAD
-    (RM_BTREE, 0xC0),   # XLOG_BTREE_VACUUM
-    (RM_BTREE, 0xD0),   # XLOG_BTREE_REUSE_PAGE
-    (RM_BTREE, 0xE0),   # XLOG_BTREE_META_CLEANUP
-})
+#: (resource manager, info & 0xF0) of records that change no column of a row except those
+#: of :data:`INPLACE_COLUMNS`: the :data:`ROW_PRESERVING` kinds and heap in-place updates.
+CONTENT_PRESERVING = ROW_PRESERVING | frozenset({(RM_HEAP, 0x70)})  # XLOG_HEAP_INPLACE
 
 INPLACE_COLUMNS = {
     "pg_class": ("relpages", "reltuples", "relallvisible", "relhasindex", "relhasrules", "relhastriggers",
@@ -163,8 +150,8 @@ class ScanResult:
     from_server: int = 0
     """How many of the segments were read from the server's ``pg_wal`` (archived or not)."""
     written: frozenset[RelFile] = frozenset()
-    """Every relation file (any fork, any resource manager) a record not of the
-    :data:`CONTENT_PRESERVING` kinds references, and those SMGR create records name (not
+    """Every relation file (any fork) a record of a :data:`DETAILED` or custom resource
+    manager not of the :data:`CONTENT_PRESERVING` kinds references, and those SMGR create records name (not
     truncates: an SMGR truncate of a relation created before the transaction, as every
     catalog was, is VACUUM's, cutting off pages left empty)."""
     relmaps: frozenset[int] = frozenset()
@@ -307,10 +294,12 @@ class Record:
 
 
 #: Resource managers whose records are read down to their block references: those that can
-#: change a table's rows (XLOG full-page images, heap, generic WAL) and SMGR. The others
-#: (transactions, index access methods, sequences, ...) name no table's file, and a
-#: resource manager id that is neither built in nor in the custom range is refused.
-DETAILED = frozenset({RM_XLOG, RM_SMGR, RM_STANDBY, RM_HEAP2, RM_HEAP, 20})
+#: change a table's rows (XLOG full-page images, heap, generic WAL), SMGR and the relation
+#: map. The others (transactions, index access methods, sequences, ...) name no table's
+#: file: every row, a catalog's included, lives in a heap (or its TOAST heap), and an
+#: index's entries change only with their heap's rows. A resource manager id that is
+#: neither built in nor in the custom range is refused.
+DETAILED = frozenset({RM_XLOG, RM_SMGR, RM_RELMAP, RM_STANDBY, RM_HEAP2, RM_HEAP, 20})
 RM_MIN_CUSTOM = 128
 
 _Raw = tuple[int, int, int, int, tuple[tuple[int, RelFile], ...], bytes]
@@ -434,7 +423,7 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
 
     preserving = ROW_PRESERVING
     quiet = CONTENT_PRESERVING
-    for lsn, rmid, info, xid, refs, main in _walk(counting, start, end, seg_size, True):
+    for lsn, rmid, info, xid, refs, main in _walk(counting, start, end, seg_size, False):
         count += 1
         if not refs and rmid != RM_SMGR and rmid != RM_XLOG and rmid != RM_RELMAP:
             continue
@@ -442,11 +431,15 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
             continue
         kind = info & 0xF0
         if refs and (rmid, kind) not in preserving:
-            for fork, rel in refs:
-                if fork == MAIN_FORK and rel not in touched:
-                    touch(rel)
-            if (rmid, kind) not in quiet:
-                written.update(rel for _fork, rel in refs)
+            if (rmid, kind) in quiet:
+                for fork, rel in refs:
+                    if fork == MAIN_FORK and rel not in touched:
+                        touch(rel)
+            else:
+                for fork, rel in refs:
+                    written.add(rel)
+                    if fork == MAIN_FORK and rel not in touched:
+                        touch(rel)
         if rmid == RM_SMGR and kind in (XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE):
             rel = _smgr_relation(main, kind, lsn)
             touch(rel)
