@@ -388,3 +388,41 @@ def test_an_incremental_reusing_the_schema_restores_and_validates(archiving: Arc
     assert result["ok"] is True, result
     shown = cli.json("list", "--repo", str(archiving.repo))
     assert next(e for e in shown if e["id"] == second.id)["schema_reused_from"] == first.id
+
+
+def test_autovacuum_and_autoanalyze_keep_the_reuse(archiving: Archiving) -> None:
+    """Autovacuum's work between parent and incremental (VACUUM and ANALYZE of the written
+    table, of catalogs, the database's frozen xid) writes no catalog a dump reads."""
+    archiving.server.create_db("auto")
+    with psycopg.connect(archiving.dsn("auto"), autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute("ALTER TABLE a SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,"
+                     " autovacuum_analyze_threshold = 0, autovacuum_analyze_scale_factor = 0)")
+        full = backup.backup_full(settings_for(archiving, "auto"))
+        seen = conn.execute("SELECT autovacuum_count, autoanalyze_count FROM pg_stat_user_tables"
+                            " WHERE relname = 'a'").fetchone()
+        conn.execute("UPDATE a SET n = n + 1 WHERE id % 2 = 0")
+        conn.execute("DELETE FROM a WHERE id % 9 = 0")
+        with archiving.server.admin_conn() as admin:
+            admin.execute("ALTER SYSTEM SET autovacuum = on")
+            admin.execute("ALTER SYSTEM SET autovacuum_naptime = '1s'")
+            admin.execute("SELECT pg_reload_conf()")
+            try:
+                deadline = time.monotonic() + 90
+                while True:
+                    conn.execute("SELECT pg_stat_clear_snapshot()")
+                    now = conn.execute("SELECT autovacuum_count, autoanalyze_count FROM pg_stat_user_tables"
+                                       " WHERE relname = 'a'").fetchone()
+                    if now is not None and seen is not None and now[0] > seen[0] and now[1] > seen[1]:
+                        break
+                    assert time.monotonic() < deadline, f"autovacuum did not process a: {seen} -> {now}"
+                    time.sleep(0.2)
+            finally:
+                admin.execute("ALTER SYSTEM RESET autovacuum")
+                admin.execute("ALTER SYSTEM RESET autovacuum_naptime")
+                admin.execute("SELECT pg_reload_conf()")
+    incr = backup.backup_incremental(settings_for(archiving, "auto"), changes=walscan.changed_relations)
+    assert incr.options["changed_tables_method"] == "wal", incr.options
+    assert incr.options.get("schema_reused_from") == full.id, incr.options
+    assert incr.options.get("globals_reused_from") == full.id, incr.options
+    check_exact(archiving, "auto", incr)
