@@ -980,6 +980,7 @@ def _store_side_objects(job: _DumpJob, taken: _Snapshotted, catalogs: Background
         if isinstance(taken.wal_scan, Background):
             catalogs.join()
             reuse = _side_reuse(job, parent, taken, catalogs.result())
+        job.reporter.event("schema and roles", **_reuse_options(reuse))
     globals_dump = None
     if reuse is None or reuse.globals_from is None:
         globals_dump = Background(lambda: _store_compressed(job.storage, job.prefix + "globals.sql.zst",

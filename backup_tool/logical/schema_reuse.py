@@ -9,13 +9,14 @@ between the parent's snapshot and this one (the span the WAL method reads, back 
 transactions open at the parent's snapshot began) holds every change to those catalogs: a
 catalog row lives in the catalog's heap (or its TOAST heap) and is only ever written through
 a heap, full-page image or generic WAL record naming that relation file (a catalog index
-changes only with its heap). So the parent's objects are exactly what a dump at this
+changes only with its heap; a sequence's value, through a sequence record). So the parent's objects are exactly what a dump at this
 snapshot would give when, besides an equal context:
 
 - no such record in the span that may change a row's content references a relation file of
   this database or a shared one (database oid 0) other than those of user relations (oid at
   least :data:`FIRST_NORMAL_OID`: tables, TOAST, indexes, sequences, materialized views,
-  whose content no schema-only dump reads) at this snapshot, and, while the dump holds no
+  whose content no schema-only dump reads; not extensions' configuration tables and
+  sequences, whose rows and values it does) at this snapshot, and, while the dump holds no
   planner statistics (:func:`statistics_in_dump`), those of ``pg_statistic`` and
   ``pg_statistic_ext_data`` (with their TOAST tables and indexes), which ANALYZE writes; and
   no SMGR create names another. Records that change no row's content

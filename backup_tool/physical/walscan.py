@@ -60,7 +60,7 @@ XLP_FIRST_IS_CONTRECORD = 0x0001
 XLP_LONG_HEADER = 0x0002
 XLP_FIRST_IS_OVERWRITE_CONTRECORD = 0x0008
 
-RM_XLOG, RM_SMGR, RM_RELMAP, RM_STANDBY, RM_HEAP2, RM_HEAP = 0, 2, 7, 8, 9, 10
+RM_XLOG, RM_SMGR, RM_RELMAP, RM_STANDBY, RM_HEAP2, RM_HEAP, RM_SEQ = 0, 2, 7, 8, 9, 10, 15
 RM_MAX_BUILTIN = 21
 XLOG_CHECKPOINT_SHUTDOWN, XLOG_END_OF_RECOVERY = 0x00, 0x90
 XLOG_SWITCH, XLOG_FPI_FOR_HINT, XLOG_OVERWRITE_CONTRECORD = 0x40, 0xA0, 0xD0
@@ -151,7 +151,7 @@ class ScanResult:
     """How many of the segments were read from the server's ``pg_wal`` (archived or not)."""
     written: frozenset[RelFile] = frozenset()
     """Every relation file (any fork) a record of a :data:`DETAILED` or custom resource
-    manager not of the :data:`CONTENT_PRESERVING` kinds references, and those SMGR create records name (not
+    manager (sequences included) not of the :data:`CONTENT_PRESERVING` kinds references, and those SMGR create records name (not
     truncates: an SMGR truncate of a relation created before the transaction, as every
     catalog was, is VACUUM's, cutting off pages left empty)."""
     relmaps: frozenset[int] = frozenset()
@@ -294,12 +294,13 @@ class Record:
 
 
 #: Resource managers whose records are read down to their block references: those that can
-#: change a table's rows (XLOG full-page images, heap, generic WAL), SMGR and the relation
-#: map. The others (transactions, index access methods, sequences, ...) name no table's
-#: file: every row, a catalog's included, lives in a heap (or its TOAST heap), and an
-#: index's entries change only with their heap's rows. A resource manager id that is
-#: neither built in nor in the custom range is refused.
-DETAILED = frozenset({RM_XLOG, RM_SMGR, RM_RELMAP, RM_STANDBY, RM_HEAP2, RM_HEAP, 20})
+#: change a table's rows (XLOG full-page images, heap, generic WAL), sequences (an
+#: extension's configuration sequence has its value in the schema dump), SMGR and the
+#: relation map. The others (transactions, index access methods, ...) name no table's file:
+#: every row, a catalog's included, lives in a heap (or its TOAST heap), and an index's
+#: entries change only with their heap's rows. A resource manager id that is neither built
+#: in nor in the custom range is refused.
+DETAILED = frozenset({RM_XLOG, RM_SMGR, RM_RELMAP, RM_STANDBY, RM_HEAP2, RM_HEAP, RM_SEQ, 20})
 RM_MIN_CUSTOM = 128
 
 _Raw = tuple[int, int, int, int, tuple[tuple[int, RelFile], ...], bytes]

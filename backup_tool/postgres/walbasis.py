@@ -386,8 +386,10 @@ def committed_since(conn: psycopg.Connection[Any], xids: Sequence[int]) -> tuple
 class SnapshotFiles:
     """The relation files (tablespace, database, relfilenode) of a snapshot's catalog that a
     schema-only dump never reads: ``user`` those of every relation created after initdb
-    (tables, TOAST, indexes, sequences, materialized views), ``statistics`` those of
-    ``pg_statistic`` and ``pg_statistic_ext_data`` with their TOAST tables and indexes."""
+    (tables, TOAST, indexes, sequences, materialized views) but extensions' configuration
+    tables and sequences (and their TOAST), whose rows and values ``pg_dump --schema-only``
+    dumps; ``statistics`` those of ``pg_statistic`` and ``pg_statistic_ext_data`` with their
+    TOAST tables and indexes."""
 
     user: frozenset[tuple[int, int, int]]
     statistics: frozenset[tuple[int, int, int]]
@@ -400,13 +402,19 @@ WITH stats AS (
 ), heaps AS (
   SELECT oid FROM stats
   UNION SELECT c.reltoastrelid FROM pg_class c JOIN stats s ON s.oid = c.oid WHERE c.reltoastrelid <> 0
-), files AS (
+), statistics AS (
   SELECT oid FROM heaps UNION SELECT i.indexrelid FROM pg_index i JOIN heaps h ON h.oid = i.indrelid
+), config AS (
+  SELECT unnest(extconfig) AS oid FROM pg_extension WHERE extconfig IS NOT NULL
+), dumped AS (
+  SELECT oid FROM config
+  UNION SELECT c.reltoastrelid FROM pg_class c JOIN config f ON f.oid = c.oid WHERE c.reltoastrelid <> 0
 )
 SELECT CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END::bigint,
        d.oid::bigint, c.relfilenode::bigint, c.oid >= %s
   FROM pg_class c JOIN pg_database d ON d.datname = current_database()
- WHERE c.relfilenode <> 0 AND (c.oid >= %s OR c.oid IN (SELECT oid FROM files))
+ WHERE c.relfilenode <> 0
+   AND (c.oid >= %s AND c.oid NOT IN (SELECT oid FROM dumped) OR c.oid IN (SELECT oid FROM statistics))
 """
 
 

@@ -12,7 +12,9 @@ it reused the parent's instead of dumping them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from server_tool import archive_settings, archiving_workspace
 from support.cli import Cli
-from support.clusters import PgServer, start_pg_server
+from support.clusters import PgServer, find_pg_bin_dir, start_pg_server
 
 from backup_tool.config.policy import BackupSettings, Policy, Retention
 from backup_tool.config.settings import Settings
@@ -245,17 +247,25 @@ def globals_text(raw: bytes) -> list[str]:
             if line.strip() and not line.startswith(("--", "\\restrict", "\\unrestrict"))]
 
 
-def stored_texts(archiving: Archiving, m: Manifest) -> tuple[str, list[str]]:
+def archive_texts(archive: bytes) -> tuple[str, list[str]]:
+    """The schema text the fingerprint is taken of, and every entry of the archive as
+    ``pg_restore`` prints it (the data ``pg_dump --schema-only`` keeps, an extension's
+    configuration rows and sequence values, included)."""
+    whole = pipeline.run([postgres.find_tool("pg_restore", 15), "--file=-"], {}, "pg_restore", archive)
+    return schema.normalize(schema.schema_text(archive, 15)), globals_text(whole)
+
+
+def stored_texts(archiving: Archiving, m: Manifest) -> tuple[tuple[str, list[str]], list[str]]:
     storage = open_storage(str(archiving.repo))
     assert m.schema is not None and m.globals is not None
     archive = pipeline.read_object(storage, m.schema)
-    return schema.normalize(schema.schema_text(archive, 15)), globals_text(pipeline.read_object(storage, m.globals))
+    return archive_texts(archive), globals_text(pipeline.read_object(storage, m.globals))
 
 
-def fresh_texts(archiving: Archiving, db: str) -> tuple[str, list[str]]:
+def fresh_texts(archiving: Archiving, db: str) -> tuple[tuple[str, list[str]], list[str]]:
     info = postgres.ConnInfo(archiving.dsn(db)).with_search_path(postgres.NAME_SEARCH_PATH)
     archive = schema.dump_schema(info, 15)
-    return schema.normalize(schema.schema_text(archive, 15)), globals_text(schema.dump_globals(info, 15))
+    return archive_texts(archive), globals_text(schema.dump_globals(info, 15))
 
 
 def check_exact(archiving: Archiving, db: str, m: Manifest) -> None:
@@ -264,7 +274,7 @@ def check_exact(archiving: Archiving, db: str, m: Manifest) -> None:
     fresh_schema, fresh_globals = fresh_texts(archiving, db)
     assert stored_schema == fresh_schema
     assert stored_globals == fresh_globals
-    assert m.schema_fingerprint == schema.fingerprint(fresh_schema)
+    assert m.schema_fingerprint == schema.fingerprint(fresh_schema[0])
 
 
 @pytest.fixture(scope="module")
@@ -426,3 +436,44 @@ def test_autovacuum_and_autoanalyze_keep_the_reuse(archiving: Archiving) -> None
     assert incr.options.get("schema_reused_from") == full.id, incr.options
     assert incr.options.get("globals_reused_from") == full.id, incr.options
     check_exact(archiving, "auto", incr)
+
+
+CONFIG_EXTENSION = "backup_tool_reuse_config"
+CONFIG_EXTENSION_SQL = """
+CREATE TABLE reuse_config (key text PRIMARY KEY, value text, builtin boolean NOT NULL DEFAULT false);
+INSERT INTO reuse_config VALUES ('units', 'metre', true);
+CREATE SEQUENCE reuse_config_serial;
+SELECT pg_catalog.pg_extension_config_dump('reuse_config', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('reuse_config_serial', '');
+"""
+
+
+def test_an_extensions_configuration_rows_and_sequence_are_in_the_schema_dump(archiving: Archiving) -> None:
+    """``pg_dump --schema-only`` dumps the rows of an extension's configuration table and its
+    configuration sequence's value: writing either dumps the schema again (other tables'
+    writes do not)."""
+    sharedir = subprocess.run([str(find_pg_bin_dir() / "pg_config"), "--sharedir"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    extdir = Path(sharedir) / "extension"
+    if not os.access(extdir, os.W_OK):
+        pytest.skip(f"cannot install a test extension into {extdir}")
+    (extdir / f"{CONFIG_EXTENSION}.control").write_text(
+        "comment = 'backup-tool test: configuration table'\ndefault_version = '1.0'\nrelocatable = false\n"
+        "schema = public\n")
+    (extdir / f"{CONFIG_EXTENSION}--1.0.sql").write_text(CONFIG_EXTENSION_SQL)
+    archiving.server.create_db("extcfg")
+    with psycopg.connect(archiving.dsn("extcfg"), autocommit=True) as conn:
+        conn.execute(f"CREATE EXTENSION {CONFIG_EXTENSION}")
+        conn.execute("CREATE TABLE plain (id int)")
+        backup.backup_full(settings_for(archiving, "extcfg"))
+        conn.execute("INSERT INTO plain VALUES (1)")
+        quiet = backup.backup_incremental(settings_for(archiving, "extcfg"), changes=walscan.changed_relations)
+        assert quiet.options.get("schema_reused_from") == quiet.parent_id, quiet.options
+        conn.execute("INSERT INTO reuse_config VALUES ('grid', 'local', false)")
+        rows = backup.backup_incremental(settings_for(archiving, "extcfg"), changes=walscan.changed_relations)
+        assert rows.options["changed_tables_method"] == "wal" and "schema_reused_from" not in rows.options
+        check_exact(archiving, "extcfg", rows)
+        conn.execute("SELECT nextval('reuse_config_serial')")
+        value = backup.backup_incremental(settings_for(archiving, "extcfg"), changes=walscan.changed_relations)
+        assert value.options["changed_tables_method"] == "wal" and "schema_reused_from" not in value.options
+        check_exact(archiving, "extcfg", value)
