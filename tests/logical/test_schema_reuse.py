@@ -477,3 +477,22 @@ def test_an_extensions_configuration_rows_and_sequence_are_in_the_schema_dump(ar
         value = backup.backup_incremental(settings_for(archiving, "extcfg"), changes=walscan.changed_relations)
         assert value.options["changed_tables_method"] == "wal" and "schema_reused_from" not in value.options
         check_exact(archiving, "extcfg", value)
+
+
+def test_a_server_restart_since_the_parent_dumps_both(archiving: Archiving) -> None:
+    """What changed while the server was down (its programs, a tablespace's link) is in no
+    WAL: a shutdown checkpoint in the span means dumping the schema and roles again."""
+    archiving.server.create_db("restarted")
+    with psycopg.connect(archiving.dsn("restarted"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int)")
+    backup.backup_full(settings_for(archiving, "restarted"))
+    archiving.server.restart()
+    with psycopg.connect(archiving.dsn("restarted"), autocommit=True) as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+    incr = backup.backup_incremental(settings_for(archiving, "restarted"), changes=walscan.changed_relations)
+    assert incr.options["changed_tables_method"] == "wal", incr.options
+    assert "restarted" in incr.options["schema_dumped_because"]
+    assert "restarted" in incr.options["globals_dumped_because"]
+    check_exact(archiving, "restarted", incr)
+    after = backup.backup_incremental(settings_for(archiving, "restarted"), changes=walscan.changed_relations)
+    assert after.options.get("schema_reused_from") == incr.id, after.options
