@@ -832,7 +832,7 @@ class _DumpJob:
     checksum_method: ChecksumMethod
     """The parent's (its unchanged tables' checksums are reused), else the cheapest the server has."""
     dump_context: dict[str, Any] = field(default_factory=dict)
-    """How the schema and roles dumps are made, but the role (see :func:`dump_context`)."""
+    """How the schema and roles dumps are made, but the session's role and settings (see :func:`dump_context`)."""
 
     @property
     def prefix(self) -> str:
@@ -865,8 +865,9 @@ class _Catalogs:
     inventory: ManifestInventory
     extension_rows: StoredObject | None
     """The extension configuration tables' rows (see :mod:`backup_tool.postgres.extension_config`)."""
-    role: str
-    """The role the backup's sessions (and so its dumps) run as."""
+    session: dict[str, str]
+    """The role the backup's sessions (and so its dumps) run as, and the settings that shape
+    how they print values (:func:`backup_tool.postgres.walbasis.dump_session`)."""
     files: walbasis.SnapshotFiles | None
     """The relation files no schema dump reads, for an incremental reading the WAL (else None)."""
 
@@ -957,12 +958,11 @@ def _read_catalogs(job: _DumpJob, taken: _Snapshotted) -> _Catalogs:
             "large_objects": taken.large_objects, column_order.INVENTORY_KEY: column_order.record(conn),
             "extension_config": extension_config.inventory(conn)})
         document = extension_config.rows_document(conn, inventory["extension_config"])
-        role = walbasis.session_role(conn)
         files = walbasis.snapshot_files(conn, schema_reuse.FIRST_NORMAL_OID) \
             if job.parent is not None and isinstance(taken.wal_scan, Background) else None
     rows = None if document is None else _store_compressed(
         job.storage, job.prefix + extension_config.ROWS_OBJECT, [document], job.level, 0)[0]
-    return _Catalogs(sequences, inventory, rows, role, files)
+    return _Catalogs(sequences, inventory, rows, walbasis.dump_session(job.conninfo), files)
 
 
 def _store_side_objects(job: _DumpJob, taken: _Snapshotted, catalogs: Background[_Catalogs]) -> _SideObjects:
@@ -1031,10 +1031,11 @@ def _dump_schema(job: _DumpJob, snapshot_id: str) -> tuple[StoredObject, str]:
 
 def dump_context(info: dict[str, Any], tools: dict[str, str], written_as: ConnInfo,
                  search_path: str | None) -> dict[str, Any]:
-    """What the schema and roles dumps' text depends on besides the catalogs, but the role
-    they run as (added from the snapshot's session): the server's version, the client
-    programs' and this tool's (which chooses their options), and the sessions' settings.
-    Recorded as the manifest's ``dump_context``. Pure."""
+    """What the schema and roles dumps' text depends on besides the catalogs, but what the
+    snapshot's session tells (the role and the settings that shape values' text, added from
+    :func:`backup_tool.postgres.walbasis.dump_session`): the server's version, the client
+    programs' and this tool's (which chooses their options), and the sessions' options.
+    Recorded, with those, as the manifest's ``dump_context``. Pure."""
     return {"server_version_num": info["server_version_num"], "server_version": info["server_version"],
             "tool_version": __version__, "client_tools": dict(tools),
             "schema_dump_options": list(schema.SCHEMA_DUMP_OPTIONS),
@@ -1051,7 +1052,7 @@ def _side_reuse(job: _DumpJob, parent: Manifest, taken: _Snapshotted, read: _Cat
         return SideReuse.dumped("the changed tables were not learnt from the WAL")
     if read.files is None or taken.basis is None or parent.schema is None or parent.globals is None:
         return SideReuse.dumped("the changed tables were not learnt from the WAL")
-    return schema_reuse.plan(parent.id, parent.options.get("dump_context"), {**job.dump_context, "role": read.role},
+    return schema_reuse.plan(parent.id, parent.options.get("dump_context"), {**job.dump_context, **read.session},
                              found.evidence, taken.basis.database_oid, read.files.user, read.files.statistics,
                              schema_reuse.statistics_in_dump(job.major, schema.SCHEMA_DUMP_OPTIONS))
 
@@ -1296,7 +1297,7 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
                  **({"search_path": path} if (path := _search_path_of(job.parent)) is not None else {}),
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
                  **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {}),
-                 "dump_context": {**job.dump_context, "role": read.role},
+                 "dump_context": {**job.dump_context, **read.session},
                  **(_reuse_options(side.reuse) if side.reuse is not None else {})},
         tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,
         format=manifest_format(entries, [side.schema, side.globals, side.large_objects], job.checksum_method),

@@ -4,7 +4,10 @@ running ``pg_dump --schema-only`` and ``pg_dumpall --globals-only`` again. Pure.
 The schema archive is a function of this database's catalogs and of the shared ones (roles,
 the database's own row, comments and settings); the roles dump, of the shared catalogs alone;
 both also of how they are made (server and client versions, the role that runs them, the
-session settings, this tool's options), recorded as the manifest's ``dump_context``. The WAL
+session's options, this tool's) and of the settings that shape how values print (a
+default's ``timestamptz`` constant in the time zone, a bytea one in ``bytea_output``: a
+configuration reload changes them and writes no WAL), recorded as the manifest's
+``dump_context``. The WAL
 between the parent's snapshot and this one (the span the WAL method reads, back to where the
 transactions open at the parent's snapshot began) holds every change to those catalogs: a
 catalog row lives in the catalog's heap (or its TOAST heap) and is only ever written through

@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from backup_tool.core import walnames
 from backup_tool.errors import BackupToolError
+from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.manifest import RelationFile, WalBasis
 
 
@@ -427,7 +429,29 @@ def snapshot_files(conn: psycopg.Connection[Any], first_normal_oid: int) -> Snap
     return SnapshotFiles(frozenset(user), frozenset(statistics))
 
 
-def session_role(conn: psycopg.Connection[Any]) -> str:
-    """The role the session's queries run as (what a dump made as this session can see)."""
-    row = conn.execute("SELECT current_user::text").fetchone()
-    return str(row[0]) if row else ""
+DUMP_SETTINGS = ("TimeZone", "bytea_output", "client_encoding", "DateStyle", "IntervalStyle", "extra_float_digits",
+                 "lc_monetary", "lc_numeric", "lc_time", "xmloption")
+"""Settings that shape how a dump run as this session prints values (a default's timestamptz
+constant, a role's VALID UNTIL, a bytea constant...): the server's own defaults can change
+with a reload, which writes no WAL."""
+
+
+def dump_session(conninfo: ConnInfo) -> dict[str, str]:
+    """The role a client program run as ``conninfo`` (:meth:`ConnInfo.tool_env`, as the schema
+    and roles dumps are) connects as, and its :data:`DUMP_SETTINGS`: the server's defaults,
+    the database's and the role's settings and the tool's options, as a session of its own
+    reads them (the backup's sessions pin some of them: a dump's do not). Empty when the
+    session cannot be opened."""
+    params = {k: v for k, v in conninfo.params.items() if k != "options"}
+    params["options"] = conninfo.tool_env().get("PGOPTIONS", "")
+    params.setdefault("application_name", "backup-tool")
+    params.setdefault("connect_timeout", "15")
+    names = ", ".join(f"current_setting('{name}')" for name in DUMP_SETTINGS)
+    try:
+        with psycopg.connect(make_conninfo(**params), autocommit=True) as conn:
+            row = conn.execute(f"SELECT current_user::text, {names}").fetchone()
+    except psycopg.Error:
+        return {}
+    if row is None:
+        return {}
+    return {"role": str(row[0]), **{name: str(value) for name, value in zip(DUMP_SETTINGS, row[1:], strict=True)}}

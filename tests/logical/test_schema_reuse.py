@@ -496,3 +496,25 @@ def test_a_server_restart_since_the_parent_dumps_both(archiving: Archiving) -> N
     check_exact(archiving, "restarted", incr)
     after = backup.backup_incremental(settings_for(archiving, "restarted"), changes=walscan.changed_relations)
     assert after.options.get("schema_reused_from") == incr.id, after.options
+
+
+def test_a_time_zone_changed_by_a_reload_dumps_both(archiving: Archiving) -> None:
+    """A default's timestamptz constant prints in the session's time zone, which a
+    configuration reload changes without writing WAL."""
+    archiving.server.create_db("zoned")
+    with psycopg.connect(archiving.dsn("zoned"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int, at timestamptz DEFAULT '2025-01-01 12:00+00')")
+    full = backup.backup_full(settings_for(archiving, "zoned"))
+    with archiving.server.admin_conn() as admin:
+        admin.execute("ALTER SYSTEM SET TimeZone = 'Asia/Kolkata'")
+        admin.execute("SELECT pg_reload_conf()")
+        try:
+            time.sleep(0.5)
+            incr = backup.backup_incremental(settings_for(archiving, "zoned"), changes=walscan.changed_relations)
+            assert incr.options["changed_tables_method"] == "wal", incr.options
+            assert "TimeZone changed" in incr.options["schema_dumped_because"], incr.options
+            check_exact(archiving, "zoned", incr)
+            assert incr.schema_fingerprint != full.schema_fingerprint
+        finally:
+            admin.execute("ALTER SYSTEM RESET TimeZone")
+            admin.execute("SELECT pg_reload_conf()")
