@@ -1053,7 +1053,7 @@ def _side_reuse(job: _DumpJob, parent: Manifest, taken: _Snapshotted, read: _Cat
     if read.files is None or taken.basis is None or parent.schema is None or parent.globals is None:
         return SideReuse.dumped("the changed tables were not learnt from the WAL")
     return schema_reuse.plan(parent.id, parent.options.get("dump_context"), {**job.dump_context, **read.session},
-                             found.evidence, taken.basis.database_oid, read.files.user, read.files.statistics,
+                             found.evidence, taken.basis.database_oid, read.files,
                              schema_reuse.statistics_in_dump(job.major, schema.SCHEMA_DUMP_OPTIONS))
 
 

@@ -29,6 +29,12 @@ counted as changes unless they are one of a short list known to leave rows as th
 a superset of the tables whose rows changed (a rolled-back insert still counts). Tables changed without WAL (unlogged tables) and
 changes of a table's file (TRUNCATE, VACUUM FULL, CLUSTER, rewrites) are the caller's to
 detect by comparing the catalog at both snapshots.
+
+The same reading also tells what an incremental needs to reuse its parent's schema dump
+(:class:`~backup_tool.core.walnames.CatalogEvidence`): every relation file a record that may
+change a row's content (any kind but :data:`ROW_PRESERVING`) references, those of heap
+in-place updates apart, the databases whose relation map was updated, and whether the server
+restarted within the span.
 """
 
 from __future__ import annotations
@@ -82,16 +88,15 @@ ROW_PRESERVING = frozenset({
     (RM_HEAP2, 0x70),  # XLOG_HEAP2_NEW_CID
 })
 
-#: (resource manager, info & 0xF0) of records that change no column of a row except those
-#: of :data:`INPLACE_COLUMNS`: the :data:`ROW_PRESERVING` kinds and heap in-place updates.
-CONTENT_PRESERVING = ROW_PRESERVING | frozenset({(RM_HEAP, 0x70)})  # XLOG_HEAP_INPLACE
+XLOG_HEAP_INPLACE = 0x70
 
 INPLACE_COLUMNS = {
     "pg_class": ("relpages", "reltuples", "relallvisible", "relhasindex", "relhasrules", "relhastriggers",
                  "relfrozenxid", "relminmxid"),
     "pg_database": ("datfrozenxid", "datminmxid", "datconnlimit"),
 }
-"""The only columns PostgreSQL 15 writes with a heap in-place update (XLOG_HEAP_INPLACE):
+"""The only columns of ``pg_class`` and ``pg_database`` PostgreSQL 15 writes with a heap
+in-place update (XLOG_HEAP_INPLACE):
 ``vac_update_relstats`` (VACUUM and ANALYZE: the statistics columns, ``relfrozenxid`` and
 ``relminmxid``, and ``relhasindex``/``relhasrules``/``relhastriggers`` cleared only when the
 relation has no index, rule or trigger left), ``index_update_stats`` (CREATE INDEX and
@@ -151,9 +156,12 @@ class ScanResult:
     """How many of the segments were read from the server's ``pg_wal`` (archived or not)."""
     written: frozenset[RelFile] = frozenset()
     """Every relation file (any fork) a record of a :data:`DETAILED` or custom resource
-    manager (sequences included) not of the :data:`CONTENT_PRESERVING` kinds references, and those SMGR create records name (not
-    truncates: an SMGR truncate of a relation created before the transaction, as every
-    catalog was, is VACUUM's, cutting off pages left empty)."""
+    manager (sequences included) references that is neither of the :data:`ROW_PRESERVING`
+    kinds nor a heap in-place update, and those SMGR create records name (not truncates: an
+    SMGR truncate of a relation created before the transaction, as every catalog was, is
+    VACUUM's, cutting off pages left empty)."""
+    inplace: frozenset[RelFile] = frozenset()
+    """The relation files heap in-place updates wrote (see :data:`INPLACE_COLUMNS`)."""
     relmaps: frozenset[int] = frozenset()
     """The database oids (0: the shared map) of relation map updates."""
     restarted: bool = False
@@ -163,7 +171,8 @@ class ScanResult:
     def merged(self, other: ScanResult) -> ScanResult:
         return ScanResult(self.touched | other.touched, self.records + other.records,
                           self.segments + other.segments, self.from_server, self.written | other.written,
-                          self.relmaps | other.relmaps, self.restarted or other.restarted)
+                          self.inplace | other.inplace, self.relmaps | other.relmaps,
+                          self.restarted or other.restarted)
 
 
 SegmentSource = Callable[[int], bytes]
@@ -407,6 +416,7 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
     :class:`WalScanUncertain` when not certain."""
     touched: set[RelFile] = set()
     written: set[RelFile] = set()
+    inplace: set[RelFile] = set()
     relmaps: set[int] = set()
     restarted = False
 
@@ -423,7 +433,6 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
         return source(segno)
 
     preserving = ROW_PRESERVING
-    quiet = CONTENT_PRESERVING
     for lsn, rmid, info, xid, refs, main in _walk(counting, start, end, seg_size, False):
         count += 1
         if not refs and rmid != RM_SMGR and rmid != RM_XLOG and rmid != RM_RELMAP:
@@ -432,15 +441,11 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
             continue
         kind = info & 0xF0
         if refs and (rmid, kind) not in preserving:
-            if (rmid, kind) in quiet:
-                for fork, rel in refs:
-                    if fork == MAIN_FORK and rel not in touched:
-                        touch(rel)
-            else:
-                for fork, rel in refs:
-                    written.add(rel)
-                    if fork == MAIN_FORK and rel not in touched:
-                        touch(rel)
+            into = inplace if rmid == RM_HEAP and kind == XLOG_HEAP_INPLACE else written
+            for fork, rel in refs:
+                into.add(rel)
+                if fork == MAIN_FORK and rel not in touched:
+                    touch(rel)
         if rmid == RM_SMGR and kind in (XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE):
             rel = _smgr_relation(main, kind, lsn)
             touch(rel)
@@ -453,7 +458,7 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
         elif rmid == RM_XLOG and kind == XLOG_OVERWRITE_CONTRECORD:
             raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} overwrites a lost record")
     return ScanResult(frozenset(touched), count, len(loaded), written=frozenset(written),
-                      relmaps=frozenset(relmaps), restarted=restarted)
+                      inplace=frozenset(inplace), relmaps=frozenset(relmaps), restarted=restarted)
 
 
 def _relmap_database(main: bytes, where: int) -> int:
@@ -907,4 +912,5 @@ def changed_relations(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
     """The incremental backup's WAL reader (:data:`backup_tool.logical.backup.ChangeSource`)."""
     result = relations_written(storage, span, wait_seconds, live=live, seen=seen)
     return walnames.WalChanges(result.touched, result.segments, result.from_server,
-                               walnames.CatalogEvidence(result.written, result.relmaps, result.restarted))
+                               walnames.CatalogEvidence(result.written, result.inplace, result.relmaps,
+                                                        result.restarted))

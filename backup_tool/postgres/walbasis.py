@@ -386,15 +386,16 @@ def committed_since(conn: psycopg.Connection[Any], xids: Sequence[int]) -> tuple
 
 @dataclass(frozen=True)
 class SnapshotFiles:
-    """The relation files (tablespace, database, relfilenode) of a snapshot's catalog that a
-    schema-only dump never reads: ``user`` those of every relation created after initdb
-    (tables, TOAST, indexes, sequences, materialized views) but extensions' configuration
-    tables and sequences (and their TOAST), whose rows and values ``pg_dump --schema-only``
-    dumps; ``statistics`` those of ``pg_statistic`` and ``pg_statistic_ext_data`` with their
-    TOAST tables and indexes."""
+    """Relation files (tablespace, database, relfilenode) of a snapshot's catalog: ``user``
+    those of every relation created after initdb (tables, TOAST, indexes, sequences,
+    materialized views) but extensions' configuration tables and sequences (and their
+    TOAST), whose rows and values ``pg_dump --schema-only`` dumps; ``statistics`` those of
+    ``pg_statistic`` and ``pg_statistic_ext_data`` with their TOAST tables and indexes;
+    ``inplace`` those of ``pg_class`` and ``pg_database`` (database oid 0: shared)."""
 
     user: frozenset[tuple[int, int, int]]
     statistics: frozenset[tuple[int, int, int]]
+    inplace: frozenset[tuple[int, int, int]]
 
 
 SNAPSHOT_FILES_SQL = """
@@ -413,20 +414,24 @@ WITH stats AS (
   UNION SELECT c.reltoastrelid FROM pg_class c JOIN config f ON f.oid = c.oid WHERE c.reltoastrelid <> 0
 )
 SELECT CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END::bigint,
-       d.oid::bigint, c.relfilenode::bigint, c.oid >= %s
+       CASE WHEN c.relisshared THEN 0 ELSE d.oid END::bigint,
+       CASE WHEN c.relfilenode <> 0 THEN c.relfilenode ELSE pg_relation_filenode(c.oid) END::bigint,
+       CASE WHEN c.oid IN (SELECT oid FROM statistics) THEN 'statistics'
+            WHEN c.oid IN ('pg_catalog.pg_class'::regclass, 'pg_catalog.pg_database'::regclass) THEN 'inplace'
+            ELSE 'user' END
   FROM pg_class c JOIN pg_database d ON d.datname = current_database()
- WHERE c.relfilenode <> 0
-   AND (c.oid >= %s AND c.oid NOT IN (SELECT oid FROM dumped) OR c.oid IN (SELECT oid FROM statistics))
+ WHERE pg_relation_filenode(c.oid) IS NOT NULL
+   AND (c.oid >= %s AND c.oid NOT IN (SELECT oid FROM dumped) OR c.oid IN (SELECT oid FROM statistics)
+        OR c.oid IN ('pg_catalog.pg_class'::regclass, 'pg_catalog.pg_database'::regclass))
 """
 
 
 def snapshot_files(conn: psycopg.Connection[Any], first_normal_oid: int) -> SnapshotFiles:
     """:class:`SnapshotFiles` as ``conn``'s snapshot sees the catalog."""
-    user: set[tuple[int, int, int]] = set()
-    statistics: set[tuple[int, int, int]] = set()
-    for spc, db, node, is_user in conn.execute(SNAPSHOT_FILES_SQL, (first_normal_oid, first_normal_oid)):
-        (user if is_user else statistics).add((int(spc), int(db), int(node)))
-    return SnapshotFiles(frozenset(user), frozenset(statistics))
+    found: dict[str, set[tuple[int, int, int]]] = {"user": set(), "statistics": set(), "inplace": set()}
+    for spc, db, node, kind in conn.execute(SNAPSHOT_FILES_SQL, (first_normal_oid,)):
+        found[kind].add((int(spc), int(db), int(node)))
+    return SnapshotFiles(frozenset(found["user"]), frozenset(found["statistics"]), frozenset(found["inplace"]))
 
 
 DUMP_SETTINGS = ("TimeZone", "bytea_output", "client_encoding", "DateStyle", "IntervalStyle", "extra_float_digits",

@@ -34,26 +34,27 @@ from backup_tool.core.walnames import CatalogEvidence
 from backup_tool.logical import backup, schema_reuse
 from backup_tool.physical import walscan
 from backup_tool.postgres import connection as postgres
-from backup_tool.postgres import schema
+from backup_tool.postgres import schema, walbasis
 from backup_tool.repository.manifest import Manifest
 from backup_tool.repository.manifest import _digest as manifest_digest
 from backup_tool.repository.storage import open_storage
 from backup_tool.streams import pipeline
 
 DB = 7
-USER = frozenset({(1663, DB, 16400), (1663, DB, 16401)})
-STATS = frozenset({(1663, DB, 2619), (1663, DB, 2840)})
+FILES = walbasis.SnapshotFiles(frozenset({(1663, DB, 16400), (1663, DB, 16401)}),
+                               frozenset({(1663, DB, 2619), (1663, DB, 2840)}),
+                               frozenset({(1663, DB, 1259), (1664, 0, 1262)}))
 CONTEXT = {"server_version_num": 150020, "role": "postgres"}
 
 
-def evidence(*written: tuple[int, int, int], relmaps: frozenset[int] = frozenset(),
-             restarted: bool = False) -> CatalogEvidence:
-    return CatalogEvidence(frozenset(written), relmaps, restarted)
+def evidence(*written: tuple[int, int, int], inplace: frozenset[tuple[int, int, int]] = frozenset(),
+             relmaps: frozenset[int] = frozenset(), restarted: bool = False) -> CatalogEvidence:
+    return CatalogEvidence(frozenset(written), inplace, relmaps, restarted)
 
 
 def plan(found: CatalogEvidence | None, parent_context: Any = CONTEXT, context: dict[str, Any] = CONTEXT,
          statistics_dumped: bool = False) -> schema_reuse.SideReuse:
-    return schema_reuse.plan("P", parent_context, context, found, DB, USER, STATS, statistics_dumped)
+    return schema_reuse.plan("P", parent_context, context, found, DB, FILES, statistics_dumped)
 
 
 class TestPureRule:
@@ -72,6 +73,15 @@ class TestPureRule:
         assert (reuse.schema_from, reuse.globals_from) == (None, "P")
         assert "relation file 1663/7/1259" in reuse.schema_note
         assert plan(evidence(relmaps=frozenset({DB}))).schema_from is None
+
+    def test_in_place_updates_count_only_outside_pg_class_and_pg_database(self) -> None:
+        quiet = plan(evidence(inplace=frozenset({(1663, DB, 1259), (1664, 0, 1262), (1663, DB, 16400)})))
+        assert (quiet.schema_from, quiet.globals_from) == ("P", "P")
+        index_flags = plan(evidence(inplace=frozenset({(1663, DB, 2610)})))
+        assert (index_flags.schema_from, index_flags.globals_from) == (None, "P")
+        shared = plan(evidence(inplace=frozenset({(1664, 0, 1260)})))
+        assert (shared.schema_from, shared.globals_from) == (None, None)
+        assert plan(evidence((1663, DB, 1259))).schema_from is None, "pg_class written otherwise than in place"
 
     def test_a_file_unknown_at_the_snapshot_dumps_the_schema(self) -> None:
         assert plan(evidence((1663, DB, 16999))).schema_from is None
