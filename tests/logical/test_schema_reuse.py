@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,13 +124,17 @@ GRANT SELECT ON a TO reader;
 INSERT INTO a SELECT g, md5(g::text), g % 7 FROM generate_series(1, 500) g;
 INSERT INTO b (v) SELECT md5(g::text) FROM generate_series(1, 300) g;
 INSERT INTO c SELECT g, jsonb_build_object('k', g, 'pad', repeat('x', 3000)) FROM generate_series(1, 40) g;
+CREATE MATERIALIZED VIEW mv AS SELECT id, n FROM a;
+CREATE UNIQUE INDEX mv_id ON mv (id);
 """
 
 REUSABLE = ["insert", "update", "delete", "nextval", "copy-toast", "vacuum", "vacuum-freeze", "analyze",
             "analyze-everything", "vacuum-catalogs", "vacuum-database", "rollback-dml", "subxact-dml", "nothing"]
 SCHEMA_CHANGING = ["create-table", "add-column", "drop-table", "comment", "grant", "create-index", "alter-sequence",
                    "large-object", "temp-table", "rollback-ddl", "subxact-comment", "subxact-grant", "alter-role",
-                   "alter-database", "comment-database", "create-role", "truncate", "vacuum-full-catalog"]
+                   "alter-database", "comment-database", "create-role", "truncate", "vacuum-full-catalog",
+                   "create-index-concurrently", "drop-index-concurrently", "reindex-concurrently", "refresh-mv",
+                   "refresh-mv-concurrently"]
 
 
 @dataclass
@@ -248,6 +253,16 @@ def apply(conn: psycopg.Connection[Any], kind: str, step: int) -> None:
         conn.execute("INSERT INTO c SELECT g, '{}' FROM generate_series(1, 5) g")
     elif kind == "vacuum-full-catalog":
         conn.execute("VACUUM FULL pg_description")
+    elif kind == "create-index-concurrently":
+        conn.execute("CREATE INDEX CONCURRENTLY IF NOT EXISTS b_v ON b (v)")
+    elif kind == "drop-index-concurrently":
+        conn.execute("DROP INDEX CONCURRENTLY IF EXISTS b_v")
+    elif kind == "reindex-concurrently":
+        conn.execute("REINDEX INDEX CONCURRENTLY c_id")
+    elif kind == "refresh-mv":
+        conn.execute("REFRESH MATERIALIZED VIEW mv")
+    elif kind == "refresh-mv-concurrently":
+        conn.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY mv")
     else:
         assert kind == "nothing"
 
@@ -528,3 +543,42 @@ def test_a_time_zone_changed_by_a_reload_dumps_both(archiving: Archiving) -> Non
         finally:
             admin.execute("ALTER SYSTEM RESET TimeZone")
             admin.execute("SELECT pg_reload_conf()")
+
+
+def test_an_index_built_concurrently_across_the_parents_snapshot_dumps_the_schema(archiving: Archiving) -> None:
+    """CREATE INDEX CONCURRENTLY in progress while the parent is taken (its index not valid
+    yet) and finished after: marking the index valid writes pg_index in the span, so the
+    child dumps the schema, which shows the index valid."""
+    archiving.server.create_db("cic")
+    with psycopg.connect(archiving.dsn("cic"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int, v text)")
+        conn.execute("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 2000) g")
+    holder = psycopg.connect(archiving.dsn("cic"))
+    holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    holder.execute("SELECT count(*) FROM pg_class")  # a snapshot CREATE INDEX CONCURRENTLY waits out
+
+    def build() -> None:
+        with psycopg.connect(archiving.dsn("cic"), autocommit=True) as builder:
+            builder.execute("CREATE INDEX CONCURRENTLY t_v ON t (v)")
+    builder = threading.Thread(target=build)
+    builder.start()
+    try:
+        with psycopg.connect(archiving.dsn("cic"), autocommit=True) as conn:
+            deadline = time.monotonic() + 30
+            while conn.execute("SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass('t_v')"
+                               " AND indisready AND NOT indisvalid").fetchone() != (1,):
+                assert time.monotonic() < deadline, "CREATE INDEX CONCURRENTLY did not reach its last wait"
+                time.sleep(0.05)
+            backup.backup_full(settings_for(archiving, "cic"))
+    finally:
+        holder.rollback()
+        holder.close()
+        builder.join()
+    with psycopg.connect(archiving.dsn("cic"), autocommit=True) as conn:
+        assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 't_v'::regclass").fetchone() == (True,)
+    incr = backup.backup_incremental(settings_for(archiving, "cic"), changes=walscan.changed_relations)
+    assert incr.options["changed_tables_method"] == "wal", incr.options
+    assert incr.options.get("schema_dumped_because"), incr.options
+    check_exact(archiving, "cic", incr)
+    stored_schema, _ = stored_texts(archiving, incr)
+    assert "CREATE INDEX t_v ON public.t USING btree (v);" in stored_schema[0]
