@@ -124,7 +124,7 @@ GRANT SELECT ON a TO reader;
 INSERT INTO a SELECT g, md5(g::text), g % 7 FROM generate_series(1, 500) g;
 INSERT INTO b (v) SELECT md5(g::text) FROM generate_series(1, 300) g;
 INSERT INTO c SELECT g, jsonb_build_object('k', g, 'pad', repeat('x', 3000)) FROM generate_series(1, 40) g;
-CREATE MATERIALIZED VIEW mv AS SELECT id, n FROM a;
+CREATE MATERIALIZED VIEW mv AS SELECT id, payload ->> 'k' AS k FROM c;
 CREATE UNIQUE INDEX mv_id ON mv (id);
 """
 
