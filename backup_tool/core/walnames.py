@@ -105,6 +105,24 @@ class WalChanges:
     touched: frozenset[tuple[int, int, int]]
     segments: int
     from_server: int
+    evidence: CatalogEvidence | None = None
+    """What the records say of catalogs (None: the reader does not tell)."""
+
+
+@dataclass(frozen=True)
+class CatalogEvidence:
+    """What a read :class:`WalSpan` says beyond rows (see
+    :mod:`backup_tool.physical.walscan`): the (tablespace, database, relfilenode) of every
+    relation file a record that may change a row's content references (any fork; records of
+    heaps, full-page images, sequences, generic WAL, and SMGR creates: rows live in heaps, and
+    an index changes only with its heap; VACUUM's truncation of empty pages is not counted),
+    apart from those heap in-place updates wrote (``inplace``), the databases whose relation
+    map was updated (0: shared), and whether the server restarted in the span."""
+
+    written: frozenset[tuple[int, int, int]]
+    inplace: frozenset[tuple[int, int, int]]
+    relmaps: frozenset[int]
+    restarted: bool
 
 
 XLP_LONG_HEADER = 0x0002

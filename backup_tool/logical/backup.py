@@ -23,8 +23,10 @@ equal 64-bit hash sums); ALTER TABLE that adds, drops, renames or reorders colum
 the column list; partitions attached or detached change the table's parent; new tables
 have no parent entry. The checksum is taken in the backup's own snapshot, so a change
 committed just before it is seen. Unchanged tables yield the same rows from the parent's
-object, so the incremental restores to exactly its own snapshot. Schema, roles and
-sequence values are always stored fresh. Table statistics (pg_stat) are deliberately not
+object, so the incremental restores to exactly its own snapshot. Sequence values are
+always stored fresh; so are the schema and roles, unless the WAL method shows that no
+catalog they are read from changed (:mod:`backup_tool.logical.schema_reuse`): then the
+parent's objects are reused. Table statistics (pg_stat) are deliberately not
 trusted: they are lossy and reset on crash.
 
 When the repository's WAL archive covers the span from the parent's snapshot to this one,
@@ -60,7 +62,7 @@ import enum
 import os
 import threading
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar, cast
 
@@ -74,7 +76,8 @@ from backup_tool.core.kinds import LOGICAL_KINDS, BackupKind
 from backup_tool.core.report import NullReporter, Reporter, Task, Unit
 from backup_tool.core.walnames import WalChanges, WalSpan, format_lsn, parse_lsn
 from backup_tool.errors import BackupToolError, DatabaseError, LockHeldError, WalDamagedError
-from backup_tool.logical import parts
+from backup_tool.logical import parts, schema_reuse
+from backup_tool.logical.schema_reuse import SideReuse
 from backup_tool.postgres import (
     column_order,
     database_level,
@@ -96,6 +99,7 @@ from backup_tool.repository.manifest import (
     SPLIT_TABLE_FORMAT,
     Manifest,
     ManifestInventory,
+    ManifestOptions,
     RelationFile,
     SequenceRecord,
     StoredObject,
@@ -650,7 +654,8 @@ def _logical_backup(settings: Settings, reporter: Reporter, jobs: int | None, ki
             method = parent.checksum_method if parent is not None else checksum_method_for(major)
             written_as = _written_as(conninfo, settings.dsn, parent)
             job = _DumpJob(storage, written_as, major, policy, jobs, level, threads, kind, backup_id,
-                           started_at, expires_at, parent, only_tables, reporter, method)
+                           started_at, expires_at, parent, only_tables, reporter, method,
+                           dump_context(info, tools, written_as, _search_path_of(parent)))
             manifest = replace(_dump(job, control, info, stack, changes, _session_as(source, conninfo, written_as),
                                      marking.result), client_tools=tools)
             if lock is not None:
@@ -826,6 +831,8 @@ class _DumpJob:
     reporter: Reporter
     checksum_method: ChecksumMethod
     """The parent's (its unchanged tables' checksums are reused), else the cheapest the server has."""
+    dump_context: dict[str, Any] = field(default_factory=dict)
+    """How the schema and roles dumps are made, but the session's role and settings (see :func:`dump_context`)."""
 
     @property
     def prefix(self) -> str:
@@ -858,6 +865,11 @@ class _Catalogs:
     inventory: ManifestInventory
     extension_rows: StoredObject | None
     """The extension configuration tables' rows (see :mod:`backup_tool.postgres.extension_config`)."""
+    session: dict[str, str]
+    """The role the backup's sessions (and so its dumps) run as, and the settings that shape
+    how they print values (:func:`backup_tool.postgres.walbasis.dump_session`)."""
+    files: walbasis.SnapshotFiles | None
+    """The relation files no schema dump reads, for an incremental reading the WAL (else None)."""
 
 
 @dataclass(frozen=True)
@@ -866,6 +878,8 @@ class _SideObjects:
     globals: StoredObject
     large_objects: StoredObject | None
     fingerprint: str
+    reuse: SideReuse | None
+    """What an incremental reused of its parent's schema and roles dumps (None: a full backup)."""
 
 
 def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any], stack: ExitStack,
@@ -886,7 +900,7 @@ def _dump(job: _DumpJob, control: psycopg.Connection[Any], info: dict[str, Any],
     taken = _take_snapshot(job, control, info, stack, changes, snapshot_session)
     marked()
     catalogs = Background(_read_catalogs, job, taken, name="snapshot-catalogs")
-    side_objects = Background(_store_side_objects, job, taken, catalogs.join, name="side-objects")
+    side_objects = Background(_store_side_objects, job, taken, catalogs, name="side-objects")
     try:
         dumper = _TableDumper(job, taken, info["encoding"], stack)
         method = reason = ""
@@ -944,33 +958,49 @@ def _read_catalogs(job: _DumpJob, taken: _Snapshotted) -> _Catalogs:
             "large_objects": taken.large_objects, column_order.INVENTORY_KEY: column_order.record(conn),
             "extension_config": extension_config.inventory(conn)})
         document = extension_config.rows_document(conn, inventory["extension_config"])
+        files = walbasis.snapshot_files(conn, schema_reuse.FIRST_NORMAL_OID) \
+            if job.parent is not None and isinstance(taken.wal_scan, Background) else None
     rows = None if document is None else _store_compressed(
         job.storage, job.prefix + extension_config.ROWS_OBJECT, [document], job.level, 0)[0]
-    return _Catalogs(sequences, inventory, rows)
+    return _Catalogs(sequences, inventory, rows, walbasis.dump_session(job.conninfo), files)
 
 
-def _store_side_objects(job: _DumpJob, taken: _Snapshotted, after: Callable[[], None] = lambda: None) -> _SideObjects:
+def _store_side_objects(job: _DumpJob, taken: _Snapshotted, catalogs: Background[_Catalogs]) -> _SideObjects:
     """The schema archive, the globals (roles: cluster-wide, no snapshot to share; dumped
     meanwhile) and the large objects (reused from the parent when the parent's are the same),
-    all from the snapshot. The schema's dump starts once ``after`` returns (see :func:`_dump`);
+    all from the snapshot. The schema's dump starts once ``catalogs`` are read (see :func:`_dump`);
     its text for the fingerprint (pg_restore, then normalized) is made while the archive is
-    compressed and stored."""
+    compressed and stored. An incremental reading the WAL first waits for the reading's end:
+    the parent's schema archive and roles dump are reused instead of dumped again where
+    :func:`backup_tool.logical.schema_reuse.plan` shows them this snapshot's."""
     conninfo, major, snapshot_id, parent = job.conninfo, job.major, taken.snap.snapshot_id, job.parent
-    globals_dump = Background(lambda: _store_compressed(job.storage, job.prefix + "globals.sql.zst",
-                                                        [schema.dump_globals(conninfo, major)], job.level, 0)[0],
-                              name="globals")
+    reuse = None
+    if parent is not None:
+        reuse = SideReuse.dumped("the changed tables were not learnt from the WAL")
+        if isinstance(taken.wal_scan, Background):
+            catalogs.join()
+            reuse = _side_reuse(job, parent, taken, catalogs.result())
+        job.reporter.event("schema and roles", **_reuse_options(reuse))
+    globals_dump = None
+    if reuse is None or reuse.globals_from is None:
+        globals_dump = Background(lambda: _store_compressed(job.storage, job.prefix + "globals.sql.zst",
+                                                            [schema.dump_globals(conninfo, major)], job.level, 0)[0],
+                                  name="globals")
     try:
-        after()
-        archive = schema.dump_schema(conninfo, major, snapshot_id)
-        texting = Background(lambda: schema.normalize(schema.schema_text(archive, major)), name="schema-text")
-        try:
-            schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
-        finally:
-            texting.join()
-        normalized: str = texting.result()
+        catalogs.join()
+        if reuse is not None and reuse.schema_from is not None:
+            assert parent is not None and parent.schema is not None
+            schema_obj, fingerprint = parent.schema, parent.schema_fingerprint
+        else:
+            schema_obj, fingerprint = _dump_schema(job, snapshot_id)
     finally:
-        globals_dump.join()
-    globals_obj: StoredObject = globals_dump.result()
+        if globals_dump is not None:
+            globals_dump.join()
+    if globals_dump is not None:
+        globals_obj: StoredObject = globals_dump.result()
+    else:
+        assert parent is not None and parent.globals is not None
+        globals_obj = parent.globals
     lo_obj = None
     lo_summary = taken.large_objects
     if (parent is not None and parent.large_objects is not None
@@ -984,7 +1014,47 @@ def _store_side_objects(job: _DumpJob, taken: _Snapshotted, after: Callable[[], 
         except BaseException:
             proc.kill()
             raise
-    return _SideObjects(schema_obj, globals_obj, lo_obj, schema.fingerprint(normalized))
+    return _SideObjects(schema_obj, globals_obj, lo_obj, fingerprint, reuse)
+
+
+def _dump_schema(job: _DumpJob, snapshot_id: str) -> tuple[StoredObject, str]:
+    """The schema archive dumped and stored, and its fingerprint."""
+    archive = schema.dump_schema(job.conninfo, job.major, snapshot_id)
+    texting = Background(lambda: schema.normalize(schema.schema_text(archive, job.major)), name="schema-text")
+    try:
+        schema_obj, _ = _store_compressed(job.storage, job.prefix + "schema.pgdump.zst", [archive], job.level, 0)
+    finally:
+        texting.join()
+    normalized: str = texting.result()
+    return schema_obj, schema.fingerprint(normalized)
+
+
+def dump_context(info: dict[str, Any], tools: dict[str, str], written_as: ConnInfo,
+                 search_path: str | None) -> dict[str, Any]:
+    """What the schema and roles dumps' text depends on besides the catalogs, but what the
+    snapshot's session tells (the role and the settings that shape values' text, added from
+    :func:`backup_tool.postgres.walbasis.dump_session`): the server's version, the client
+    programs' and this tool's (which chooses their options), and the sessions' options.
+    Recorded, with those, as the manifest's ``dump_context``. Pure."""
+    return {"server_version_num": info["server_version_num"], "server_version": info["server_version"],
+            "tool_version": __version__, "client_tools": dict(tools),
+            "schema_dump_options": list(schema.SCHEMA_DUMP_OPTIONS),
+            "session_options": written_as.tool_env().get("PGOPTIONS", ""),
+            "pinned": sorted(set(postgres.RECORDED_PINS) - written_as.unpinned), "search_path": search_path}
+
+
+def _side_reuse(job: _DumpJob, parent: Manifest, taken: _Snapshotted, read: _Catalogs) -> SideReuse:
+    """:func:`schema_reuse.plan` for this incremental, once its WAL reading has ended."""
+    assert isinstance(taken.wal_scan, Background)
+    try:
+        found: WalChanges = taken.wal_scan.result()
+    except Exception:  # noqa: BLE001 - the checksums decide (see _wal_verdicts): dump as before
+        return SideReuse.dumped("the changed tables were not learnt from the WAL")
+    if read.files is None or taken.basis is None or parent.schema is None or parent.globals is None:
+        return SideReuse.dumped("the changed tables were not learnt from the WAL")
+    return schema_reuse.plan(parent.id, parent.options.get("dump_context"), {**job.dump_context, **read.session},
+                             found.evidence, taken.basis.database_oid, read.files,
+                             schema_reuse.statistics_in_dump(job.major, schema.SCHEMA_DUMP_OPTIONS))
 
 
 SlotKey = tuple[int, int]
@@ -1226,10 +1296,27 @@ def _assemble(job: _DumpJob, info: dict[str, Any], taken: _Snapshotted, side: _S
                  "pinned": sorted(set(postgres.RECORDED_PINS) - job.conninfo.unpinned),
                  **({"search_path": path} if (path := _search_path_of(job.parent)) is not None else {}),
                  "only_tables": sorted(f"{s}.{n}" for s, n in only_tables) if only_tables else None,
-                 **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {})},
+                 **({"changed_tables_method": method, "changed_tables_note": reason} if parent else {}),
+                 "dump_context": {**job.dump_context, **read.session},
+                 **(_reuse_options(side.reuse) if side.reuse is not None else {})},
         tool_version=__version__, wal_basis=taken.basis, checksum_method=job.checksum_method,
         format=manifest_format(entries, [side.schema, side.globals, side.large_objects], job.checksum_method),
     )
+
+
+def _reuse_options(reuse: SideReuse) -> ManifestOptions:
+    """The manifest options saying which of the parent's side objects were reused, and why
+    the others were dumped."""
+    found = ManifestOptions()
+    if reuse.schema_from is not None:
+        found["schema_reused_from"] = reuse.schema_from
+    else:
+        found["schema_dumped_because"] = reuse.schema_note
+    if reuse.globals_from is not None:
+        found["globals_reused_from"] = reuse.globals_from
+    else:
+        found["globals_dumped_because"] = reuse.globals_note
+    return found
 
 
 def manifest_format(entries: list[TableEntry], side_objects: list[StoredObject | None],

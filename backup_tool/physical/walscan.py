@@ -29,6 +29,12 @@ counted as changes unless they are one of a short list known to leave rows as th
 a superset of the tables whose rows changed (a rolled-back insert still counts). Tables changed without WAL (unlogged tables) and
 changes of a table's file (TRUNCATE, VACUUM FULL, CLUSTER, rewrites) are the caller's to
 detect by comparing the catalog at both snapshots.
+
+The same reading also tells what an incremental needs to reuse its parent's schema dump
+(:class:`~backup_tool.core.walnames.CatalogEvidence`): every relation file a record that may
+change a row's content (any kind but :data:`ROW_PRESERVING`) references, those of heap
+in-place updates apart, the databases whose relation map was updated, and whether the server
+restarted within the span.
 """
 
 from __future__ import annotations
@@ -60,9 +66,11 @@ XLP_FIRST_IS_CONTRECORD = 0x0001
 XLP_LONG_HEADER = 0x0002
 XLP_FIRST_IS_OVERWRITE_CONTRECORD = 0x0008
 
-RM_XLOG, RM_SMGR, RM_STANDBY, RM_HEAP2, RM_HEAP = 0, 2, 8, 9, 10
+RM_XLOG, RM_SMGR, RM_RELMAP, RM_STANDBY, RM_HEAP2, RM_HEAP, RM_SEQ = 0, 2, 7, 8, 9, 10, 15
 RM_MAX_BUILTIN = 21
+XLOG_CHECKPOINT_SHUTDOWN, XLOG_END_OF_RECOVERY = 0x00, 0x90
 XLOG_SWITCH, XLOG_FPI_FOR_HINT, XLOG_OVERWRITE_CONTRECORD = 0x40, 0xA0, 0xD0
+XLOG_RELMAP_UPDATE = 0x00
 XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE = 0x10, 0x20
 XLOG_RUNNING_XACTS = 0x10
 #: How far back (in segments before the span) the start of a transaction is looked for.
@@ -79,6 +87,21 @@ ROW_PRESERVING = frozenset({
     (RM_HEAP2, 0x60),  # XLOG_HEAP2_LOCK_UPDATED
     (RM_HEAP2, 0x70),  # XLOG_HEAP2_NEW_CID
 })
+
+XLOG_HEAP_INPLACE = 0x70
+
+INPLACE_COLUMNS = {
+    "pg_class": ("relpages", "reltuples", "relallvisible", "relhasindex", "relhasrules", "relhastriggers",
+                 "relfrozenxid", "relminmxid"),
+    "pg_database": ("datfrozenxid", "datminmxid", "datconnlimit"),
+}
+"""The only columns of ``pg_class`` and ``pg_database`` PostgreSQL 15 writes with a heap
+in-place update (XLOG_HEAP_INPLACE):
+``vac_update_relstats`` (VACUUM and ANALYZE: the statistics columns, ``relfrozenxid`` and
+``relminmxid``, and ``relhasindex``/``relhasrules``/``relhastriggers`` cleared only when the
+relation has no index, rule or trigger left), ``index_update_stats`` (CREATE INDEX and
+REINDEX: ``relhasindex`` set, ``relpages``, ``reltuples``), ``vac_update_datfrozenxid``
+and ``dropdb`` (``datconnlimit`` = -2 on the database being dropped)."""
 
 BKPBLOCK_FORK_MASK = 0x0F
 BKPBLOCK_HAS_IMAGE = 0x10
@@ -131,6 +154,25 @@ class ScanResult:
     segments: int
     from_server: int = 0
     """How many of the segments were read from the server's ``pg_wal`` (archived or not)."""
+    written: frozenset[RelFile] = frozenset()
+    """Every relation file (any fork) a record of a :data:`DETAILED` or custom resource
+    manager (sequences included) references that is neither of the :data:`ROW_PRESERVING`
+    kinds nor a heap in-place update, and those SMGR create records name (not truncates: an
+    SMGR truncate of a relation created before the transaction, as every catalog was, is
+    VACUUM's, cutting off pages left empty)."""
+    inplace: frozenset[RelFile] = frozenset()
+    """The relation files heap in-place updates wrote (see :data:`INPLACE_COLUMNS`)."""
+    relmaps: frozenset[int] = frozenset()
+    """The database oids (0: the shared map) of relation map updates."""
+    restarted: bool = False
+    """Whether the span holds a shutdown checkpoint or an end of recovery: the server stopped
+    (or crashed) and started again in it."""
+
+    def merged(self, other: ScanResult) -> ScanResult:
+        return ScanResult(self.touched | other.touched, self.records + other.records,
+                          self.segments + other.segments, self.from_server, self.written | other.written,
+                          self.inplace | other.inplace, self.relmaps | other.relmaps,
+                          self.restarted or other.restarted)
 
 
 SegmentSource = Callable[[int], bytes]
@@ -261,10 +303,13 @@ class Record:
 
 
 #: Resource managers whose records are read down to their block references: those that can
-#: change a table's rows (XLOG full-page images, heap, generic WAL) and SMGR. The others
-#: (transactions, index access methods, sequences, ...) name no table's file, and a
-#: resource manager id that is neither built in nor in the custom range is refused.
-DETAILED = frozenset({RM_XLOG, RM_SMGR, RM_STANDBY, RM_HEAP2, RM_HEAP, 20})
+#: change a table's rows (XLOG full-page images, heap, generic WAL), sequences (an
+#: extension's configuration sequence has its value in the schema dump), SMGR and the
+#: relation map. The others (transactions, index access methods, ...) name no table's file:
+#: every row, a catalog's included, lives in a heap (or its TOAST heap), and an index's
+#: entries change only with their heap's rows. A resource manager id that is neither built
+#: in nor in the custom range is refused.
+DETAILED = frozenset({RM_XLOG, RM_SMGR, RM_RELMAP, RM_STANDBY, RM_HEAP2, RM_HEAP, RM_SEQ, 20})
 RM_MIN_CUSTOM = 128
 
 _Raw = tuple[int, int, int, int, tuple[tuple[int, RelFile], ...], bytes]
@@ -324,7 +369,8 @@ def _walk(source: SegmentSource, start: int, end: int, seg_size: int, everything
                                                      if not following & (BLCKSZ - 1) else 0))
         if everything or rmid in detailed or rmid >= RM_MIN_CUSTOM:
             refs, main_len = _block_refs(buf, base, tot_len, lsn)
-            main = bytes(buf[base + tot_len - main_len:base + tot_len]) if rmid in (RM_SMGR, RM_STANDBY) else b""
+            main = bytes(buf[base + tot_len - main_len:base + tot_len]) \
+                if rmid in (RM_SMGR, RM_STANDBY, RM_RELMAP) else b""
         else:
             refs, main = (), b""
         yield lsn, rmid, info, xid, refs, main
@@ -343,7 +389,7 @@ def records(source: SegmentSource, start: int, end: int,
             seg_size: int = walnames.DEFAULT_SEGMENT_SIZE) -> Iterator[Record]:
     """Every record starting in ``[start, end)`` with all its block references, checked as
     the module docstring says; raises :class:`WalScanUncertain` (or the source's own error)
-    when that is not possible. ``main_data`` is filled for SMGR and standby records only."""
+    when that is not possible. ``main_data`` is filled for SMGR, standby and relation map records only."""
     for raw in _walk(source, start, end, seg_size, True):
         yield Record(*raw)
 
@@ -363,10 +409,16 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
          from_xid: int | None = None, seen: Seen | None = None) -> ScanResult:
     """The relation files whose rows the records in ``[start, end)`` may have changed:
     main-fork block references of row-changing records, and the relations SMGR create and
-    truncate records name. With ``from_xid``, only records of that transaction id or a later
-    one count (32-bit ids compared as PostgreSQL does, modulo 2^32). ``seen`` is called with
-    each of them as it is found. Raises :class:`WalScanUncertain` when not certain."""
+    truncate records name; and what :class:`ScanResult` says of every record besides (the
+    relation files written, relation map updates, restarts). With ``from_xid``, only records
+    of that transaction id or a later one count (32-bit ids compared as PostgreSQL does,
+    modulo 2^32). ``seen`` is called with each touched file as it is found. Raises
+    :class:`WalScanUncertain` when not certain."""
     touched: set[RelFile] = set()
+    written: set[RelFile] = set()
+    inplace: set[RelFile] = set()
+    relmaps: set[int] = set()
+    restarted = False
 
     def touch(rel: RelFile) -> None:
         if rel not in touched:
@@ -383,20 +435,38 @@ def scan(source: SegmentSource, start: int, end: int, seg_size: int = walnames.D
     preserving = ROW_PRESERVING
     for lsn, rmid, info, xid, refs, main in _walk(counting, start, end, seg_size, False):
         count += 1
-        if not refs and rmid != RM_SMGR and rmid != RM_XLOG:
+        if not refs and rmid != RM_SMGR and rmid != RM_XLOG and rmid != RM_RELMAP:
             continue
         if from_xid is not None and not _xid_at_or_after(xid, from_xid):
             continue
         kind = info & 0xF0
         if refs and (rmid, kind) not in preserving:
+            into = inplace if rmid == RM_HEAP and kind == XLOG_HEAP_INPLACE else written
             for fork, rel in refs:
+                into.add(rel)
                 if fork == MAIN_FORK and rel not in touched:
                     touch(rel)
         if rmid == RM_SMGR and kind in (XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE):
-            touch(_smgr_relation(main, kind, lsn))
+            rel = _smgr_relation(main, kind, lsn)
+            touch(rel)
+            if kind == XLOG_SMGR_CREATE:
+                written.add(rel)
+        elif rmid == RM_RELMAP and kind == XLOG_RELMAP_UPDATE:
+            relmaps.add(_relmap_database(main, lsn))
+        elif rmid == RM_XLOG and kind in (XLOG_CHECKPOINT_SHUTDOWN, XLOG_END_OF_RECOVERY):
+            restarted = True
         elif rmid == RM_XLOG and kind == XLOG_OVERWRITE_CONTRECORD:
             raise WalScanUncertain(f"record at {walnames.format_lsn(lsn)} overwrites a lost record")
-    return ScanResult(frozenset(touched), count, len(loaded))
+    return ScanResult(frozenset(touched), count, len(loaded), written=frozenset(written),
+                      inplace=frozenset(inplace), relmaps=frozenset(relmaps), restarted=restarted)
+
+
+def _relmap_database(main: bytes, where: int) -> int:
+    """The database (0: shared) of a relation map update (xl_relmap_update: dbid, tsid, nbytes, map)."""
+    if len(main) < 12:
+        raise WalScanUncertain(f"relation map record at {walnames.format_lsn(where)} is too short")
+    dbid: int = _U32.unpack_from(main, 0)[0]
+    return dbid
 
 
 def _xid_at_or_after(xid: int, first: int) -> bool:
@@ -786,8 +856,7 @@ def _read_span(span: walnames.WalSpan, needed: range, source: SegmentSource, ori
             first = min(span.early_xids) & 0xFFFFFFFF
             begin = start_before(recent, span.start, first, span.segment_size)
             early = scan(recent, begin, span.start, span.segment_size, from_xid=first, seen=seen)
-            result = ScanResult(result.touched | early.touched, result.records + early.records,
-                                result.segments + early.segments)
+            result = result.merged(early)
     except WalRecordDamaged as exc:
         served = frozenset(origins.live)
         kind = WalScanUncertain if at_end_of_written_wal(exc, span, served) else WalSegmentDamaged
@@ -842,4 +911,6 @@ def changed_relations(storage: Storage, span: walnames.WalSpan, wait_seconds: fl
                       live: LiveSource | None = None, seen: Seen | None = None) -> walnames.WalChanges:
     """The incremental backup's WAL reader (:data:`backup_tool.logical.backup.ChangeSource`)."""
     result = relations_written(storage, span, wait_seconds, live=live, seen=seen)
-    return walnames.WalChanges(result.touched, result.segments, result.from_server)
+    return walnames.WalChanges(result.touched, result.segments, result.from_server,
+                               walnames.CatalogEvidence(result.written, result.inplace, result.relmaps,
+                                                        result.restarted))

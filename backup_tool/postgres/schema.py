@@ -28,13 +28,15 @@ from backup_tool.errors import RefusedError
 from backup_tool.postgres.connection import ConnInfo, find_tool, quoted_table
 from backup_tool.streams import pipeline
 
+SCHEMA_DUMP_OPTIONS = ("--format=custom", "--compress=0", "--schema-only")
+"""The options of :func:`dump_schema`'s ``pg_dump`` (what its output holds depends on them)."""
+
 
 def dump_schema(conninfo: ConnInfo, major: int, snapshot_id: str | None = None,
                 tables: Sequence[str] = ()) -> bytes:
     """A schema-only custom-format archive of the database, or only of ``tables`` (pg_dump
     ``--table`` patterns, each required to match: ``--strict-names``)."""
-    argv = [find_tool("pg_dump", major), "--format=custom", "--compress=0", "--schema-only",
-            "--dbname", conninfo.tool_conninfo()]
+    argv = [find_tool("pg_dump", major), *SCHEMA_DUMP_OPTIONS, "--dbname", conninfo.tool_conninfo()]
     if snapshot_id:
         argv.append(f"--snapshot={snapshot_id}")
     if tables:

@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from backup_tool.core import walnames
 from backup_tool.errors import BackupToolError
+from backup_tool.postgres.connection import ConnInfo
 from backup_tool.repository.manifest import RelationFile, WalBasis
 
 
@@ -380,3 +382,81 @@ def committed_since(conn: psycopg.Connection[Any], xids: Sequence[int]) -> tuple
         elif status not in ("aborted", "in progress"):
             return f"the status of transaction {xid} (open at the parent's snapshot) is unknown"
     return tuple(committed)
+
+
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """Relation files (tablespace, database, relfilenode) of a snapshot's catalog: ``user``
+    those of every relation created after initdb (tables, TOAST, indexes, sequences,
+    materialized views) but extensions' configuration tables and sequences (and their
+    TOAST), whose rows and values ``pg_dump --schema-only`` dumps; ``statistics`` those of
+    ``pg_statistic`` and ``pg_statistic_ext_data`` with their TOAST tables and indexes;
+    ``inplace`` those of ``pg_class`` and ``pg_database`` (database oid 0: shared)."""
+
+    user: frozenset[tuple[int, int, int]]
+    statistics: frozenset[tuple[int, int, int]]
+    inplace: frozenset[tuple[int, int, int]]
+
+
+SNAPSHOT_FILES_SQL = """
+WITH stats AS (
+  SELECT 'pg_catalog.pg_statistic'::regclass::oid AS oid
+  UNION ALL SELECT 'pg_catalog.pg_statistic_ext_data'::regclass::oid
+), heaps AS (
+  SELECT oid FROM stats
+  UNION SELECT c.reltoastrelid FROM pg_class c JOIN stats s ON s.oid = c.oid WHERE c.reltoastrelid <> 0
+), statistics AS (
+  SELECT oid FROM heaps UNION SELECT i.indexrelid FROM pg_index i JOIN heaps h ON h.oid = i.indrelid
+), config AS (
+  SELECT unnest(extconfig) AS oid FROM pg_extension WHERE extconfig IS NOT NULL
+), dumped AS (
+  SELECT oid FROM config
+  UNION SELECT c.reltoastrelid FROM pg_class c JOIN config f ON f.oid = c.oid WHERE c.reltoastrelid <> 0
+)
+SELECT CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END::bigint,
+       CASE WHEN c.relisshared THEN 0 ELSE d.oid END::bigint,
+       CASE WHEN c.relfilenode <> 0 THEN c.relfilenode ELSE pg_relation_filenode(c.oid) END::bigint,
+       CASE WHEN c.oid IN (SELECT oid FROM statistics) THEN 'statistics'
+            WHEN c.oid IN ('pg_catalog.pg_class'::regclass, 'pg_catalog.pg_database'::regclass) THEN 'inplace'
+            ELSE 'user' END
+  FROM pg_class c JOIN pg_database d ON d.datname = current_database()
+ WHERE pg_relation_filenode(c.oid) IS NOT NULL
+   AND (c.oid >= %s AND c.oid NOT IN (SELECT oid FROM dumped) OR c.oid IN (SELECT oid FROM statistics)
+        OR c.oid IN ('pg_catalog.pg_class'::regclass, 'pg_catalog.pg_database'::regclass))
+"""
+
+
+def snapshot_files(conn: psycopg.Connection[Any], first_normal_oid: int) -> SnapshotFiles:
+    """:class:`SnapshotFiles` as ``conn``'s snapshot sees the catalog."""
+    found: dict[str, set[tuple[int, int, int]]] = {"user": set(), "statistics": set(), "inplace": set()}
+    for spc, db, node, kind in conn.execute(SNAPSHOT_FILES_SQL, (first_normal_oid,)):
+        found[kind].add((int(spc), int(db), int(node)))
+    return SnapshotFiles(frozenset(found["user"]), frozenset(found["statistics"]), frozenset(found["inplace"]))
+
+
+DUMP_SETTINGS = ("TimeZone", "bytea_output", "client_encoding", "DateStyle", "IntervalStyle", "extra_float_digits",
+                 "lc_monetary", "lc_numeric", "lc_time", "xmloption")
+"""Settings that shape how a dump run as this session prints values (a default's timestamptz
+constant, a role's VALID UNTIL, a bytea constant...): the server's own defaults can change
+with a reload, which writes no WAL."""
+
+
+def dump_session(conninfo: ConnInfo) -> dict[str, str]:
+    """The role a client program run as ``conninfo`` (:meth:`ConnInfo.tool_env`, as the schema
+    and roles dumps are) connects as, and its :data:`DUMP_SETTINGS`: the server's defaults,
+    the database's and the role's settings and the tool's options, as a session of its own
+    reads them (the backup's sessions pin some of them: a dump's do not). Empty when the
+    session cannot be opened."""
+    params = {k: v for k, v in conninfo.params.items() if k != "options"}
+    params["options"] = conninfo.tool_env().get("PGOPTIONS", "")
+    params.setdefault("application_name", "backup-tool")
+    params.setdefault("connect_timeout", "15")
+    names = ", ".join(f"current_setting('{name}')" for name in DUMP_SETTINGS)
+    try:
+        with psycopg.connect(make_conninfo(**params), autocommit=True) as conn:
+            row = conn.execute(f"SELECT current_user::text, {names}").fetchone()
+    except psycopg.Error:
+        return {}
+    if row is None:
+        return {}
+    return {"role": str(row[0]), **{name: str(value) for name, value in zip(DUMP_SETTINGS, row[1:], strict=True)}}

@@ -207,6 +207,15 @@ class ManifestOptions(TypedDict, total=False):
     only_tables: list[str] | None
     changed_tables_method: str
     changed_tables_note: str
+    dump_context: dict[str, Any]
+    """What the schema and roles dumps' text depends on besides the catalogs (an incremental
+    reuses its parent's only where it is the same: see :mod:`backup_tool.logical.schema_reuse`)."""
+    schema_reused_from: str
+    """The parent whose schema archive (and fingerprint) an incremental reused instead of dumping."""
+    schema_dumped_because: str
+    globals_reused_from: str
+    """The parent whose roles dump an incremental reused instead of dumping."""
+    globals_dumped_because: str
     checkpoint: str
     tar_members: int
     method: str
@@ -398,6 +407,8 @@ class Manifest:
             "encryption_key_id": self.encryption_key_id,
             **({"changed_tables_method": self.options["changed_tables_method"]}
                if self.options.get("changed_tables_method") else {}),
+            **({"schema_reused_from": self.options["schema_reused_from"]}
+               if self.options.get("schema_reused_from") else {}),
             "system_identifier": self.system_identifier,
             "host": self.host,
             "tool_version": self.tool_version,

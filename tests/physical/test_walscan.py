@@ -234,3 +234,44 @@ def test_what_a_failed_crc_means_depends_on_where_the_record_was_read() -> None:
     assert reason(0x5000040, 0x50000C8, {5}).startswith(f"pg_wal/{last} is damaged: the record at 0/5000040 fails")
     assert reason(0x4FFFFE0, 0x5000060, {5}).startswith(f"archived WAL segment {before}, pg_wal/{last} are damaged")
     assert reason(0x4000028, 0x4000100, {4, 5}).startswith(f"pg_wal/{before} is damaged")
+
+
+def test_the_scan_tells_catalog_writes_but_not_in_place_updates_vacuum_or_statistics(
+        fresh_db: Callable[[str], DbHandle], tmp_path: Path) -> None:
+    """What an incremental's schema reuse reads (:class:`walnames.CatalogEvidence`): ANALYZE,
+    VACUUM (FREEZE) and DML write ``pg_statistic`` and user relations only (``pg_class`` takes
+    in-place updates, told apart); COMMENT writes ``pg_description``; VACUUM FULL
+    of a mapped catalog updates this database's relation map."""
+    db = fresh_db("walcatalogs")
+    storage, _, sysid = archive_of(db, tmp_path / "repo")
+    with db.connect() as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        conn.execute("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 300) g")
+        conn.execute("DELETE FROM t WHERE id % 2 = 0")
+        files = {name: tuple(int(x) for x in conn.execute(
+            "SELECT CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END,"
+            " CASE WHEN c.relisshared THEN 0 ELSE d.oid END, pg_relation_filenode(c.oid)"
+            " FROM pg_class c, pg_database d WHERE c.oid = %s::regclass AND d.datname = current_database()",
+            (name,)).fetchone()) for name in ("pg_class", "pg_statistic", "pg_description", "t")}
+        db_oid = files["t"][1]
+
+        def evidence(*statements: str) -> walnames.CatalogEvidence:
+            start = lsn_now(conn)
+            for statement in statements:
+                conn.execute(statement)
+            end = lsn_now(conn)
+            assert walbasis.request_wal_flush(conn)
+            live = walbasis.ServerWal(conn, walnames.format_lsn(end), SEG, 5.0)
+            changes = walscan.changed_relations(storage, walnames.WalSpan(1, start, end, SEG, sysid), 0, live=live)
+            assert changes.evidence is not None
+            return changes.evidence
+
+        quiet = evidence("UPDATE t SET v = v || 'x' WHERE id % 3 = 0", "ANALYZE t", "VACUUM (FREEZE) t",
+                         "VACUUM pg_class")
+        assert {files["t"], files["pg_statistic"]} <= quiet.written
+        assert files["pg_class"] not in quiet.written and files["pg_class"] in quiet.inplace
+        assert db_oid not in quiet.relmaps and not quiet.restarted
+        commented = evidence("COMMENT ON TABLE t IS 'now'")
+        assert files["pg_description"] in commented.written
+        rewritten = evidence("VACUUM FULL pg_class")
+        assert db_oid in rewritten.relmaps

@@ -190,3 +190,17 @@ def test_what_has_all_arrived_and_fits_a_part_is_one_put(s3_repo: str) -> None:
         etag = client.head_object(Bucket=bucket, Key=f"{prefix}/wal/{name}")["ETag"].strip('"')
         assert (int(etag.split("-")[1]) if "-" in etag else None) == parts, name
         assert storage.get_bytes(f"wal/{name}") == data
+
+
+def test_syncing_names_passes_over_a_directory_whose_objects_were_all_deleted(tmp_path: Path) -> None:
+    """An incremental deletes the copy of a table it dumped early and then found unchanged
+    (deleting an object removes the directories it leaves empty); committing it syncs the
+    names under its prefix, that directory no longer among them."""
+    storage = LocalStorage(tmp_path / "repo")
+    storage.defer_name_sync("backups/x/")
+    storage.put_bytes("backups/x/data/t.zst", b"early")
+    storage.put_bytes("backups/x/schema.zst", b"kept")
+    storage.delete("backups/x/data/t.zst")
+    assert not (tmp_path / "repo" / "backups" / "x" / "data").exists()
+    storage.sync_names("backups/x/")
+    assert storage.get_bytes("backups/x/schema.zst") == b"kept"

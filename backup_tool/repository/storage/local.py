@@ -110,7 +110,8 @@ class LocalStorage(Storage):
             todo.update(p for p in directory.parents if p.is_relative_to(self.root))
         try:
             for directory in sorted(todo, key=lambda p: len(p.parts), reverse=True):
-                _fsync_dir(directory)
+                if directory.is_dir():  # gone when every object in it was deleted: no name left to sync
+                    _fsync_dir(directory)
         except OSError as exc:
             raise self._os_error(exc, f"the directories under {prefix}") from exc
 
