@@ -88,6 +88,8 @@ def plan(parent_id: str, parent_context: Any, context: Mapping[str, Any], eviden
         return SideReuse.dumped("the changed tables were not learnt from the WAL")
     if not isinstance(parent_context, dict):
         return SideReuse.dumped(f"backup {parent_id} recorded no dump context")
+    if "role" not in context or "role" not in parent_context:
+        return SideReuse.dumped("the role and settings a dump's session gets could not be read")
     changed = sorted(k for k in set(parent_context) | set(context) if parent_context.get(k) != context.get(k))
     if changed:
         return SideReuse.dumped(f"the dumps would not be made as backup {parent_id}'s were: "

@@ -97,6 +97,11 @@ class TestPureRule:
         assert "restarted" in plan(evidence(restarted=True)).schema_note
         assert "role changed" in plan(evidence(), context={**CONTEXT, "role": "other"}).schema_note
         assert "recorded no dump context" in plan(evidence(), parent_context=None).schema_note
+        unread = {"server_version_num": 150020}
+        for context, parent_context in ((unread, unread), (CONTEXT, unread), (unread, CONTEXT)):
+            reuse = plan(evidence(), parent_context=parent_context, context=context)
+            assert (reuse.schema_from, reuse.globals_from) == (None, None)
+            assert "could not be read" in reuse.schema_note
         assert "not learnt from the WAL" in plan(None).globals_note
         for reuse in (plan(evidence(restarted=True)), plan(None), plan(evidence(), parent_context=None)):
             assert (reuse.schema_from, reuse.globals_from) == (None, None)
