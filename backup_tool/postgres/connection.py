@@ -192,6 +192,9 @@ def describe_connect_error(exc: Exception, target: str) -> DatabaseError:
     elif "socket" in text and "No such file or directory" in text:
         hint = ("no server listens on that local socket (libpq's default when no host is given): name the "
                 "server's host and port in --dsn / DATABASE_URL (or PGHOST/PGPORT), or start the server")
+    elif "too many clients" in text or "connection slots are reserved" in text:
+        hint = ("the server has no free connection slot: each of --jobs is a session of its own; lower "
+                "--jobs, wait for other sessions to end, or raise max_connections")
     elif "closed the connection unexpectedly" in text:
         hint = "the server (or a proxy or pooler in front of it) dropped the connection: check its log and sslmode"
     else:

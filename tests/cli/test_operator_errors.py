@@ -9,7 +9,7 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psycopg
 import pytest
@@ -84,6 +84,26 @@ def test_missing_database_mentions_create(pg_server: PgServer) -> None:
     message = str(describe_connect_error(exc, "PostgreSQL"))
     assert 'database "no_such_restore_target" does not exist' in message
     assert "add --create (restore full)" in message
+
+
+def test_a_server_without_a_free_connection_slot_says_so_and_writes_no_backup(
+        cli: Cli, tmp_path: Path, pg_cluster_factory: Callable[..., PgServer]) -> None:
+    """max_connections reached (a small server, other clients holding every slot): one line
+    naming the server's refusal and what to do about it (it said to check --dsn), exit 1,
+    and the repository holds no backup."""
+    server = pg_cluster_factory(max_connections="4", superuser_reserved_connections="0")
+    held = [server.admin_conn() for _ in range(4)]
+    try:
+        repo = tmp_path / "repo"
+        proc = cli("backup", "full", "--jobs", "4", "--repo", str(repo), "--dsn", server.dsn())
+    finally:
+        for conn in held:
+            conn.close()
+    assert proc.returncode == 1, proc.stderr
+    line = only_line(proc.stderr)
+    assert "too many clients" in line and "no free connection slot" in line and "--jobs" in line, line
+    assert "check --dsn" not in line, line
+    assert cli("list", "--repo", str(repo), "--json").json() == [] or not repo.exists()
 
 
 def test_broken_policy_blocks_only_the_commands_that_use_it(cli: Cli, tmp_path: Path) -> None:
