@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import psycopg
+from psycopg import sql
 
 from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import DatabaseError
@@ -107,8 +108,11 @@ def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterabl
     """
     schema_name, name = target or (entry.schema, entry.name)
     stmt = postgres.copy_in_statement(schema_name, name, entry.columns, freeze=fresh, binary=binary)
+    verified = _verified_encoding(conn)
     try:
         with conn.transaction(), conn.cursor() as cur:
+            if verified is not None:
+                cur.execute(sql.SQL("SET LOCAL client_encoding = {}").format(sql.Literal(verified)))
             if fresh:
                 cur.execute(postgres.truncate_statement(schema_name, name))
             for stream in streams:
@@ -119,6 +123,22 @@ def copy_rows(conn: psycopg.Connection[Any], entry: TableEntry, streams: Iterabl
                             on_raw(len(chunk))
     except psycopg.Error as exc:
         raise load_failure(entry, exc) from None
+
+
+def _verified_encoding(conn: psycopg.Connection[Any]) -> str | None:
+    """The client encoding a COPY into ``conn``'s database must run under for the server to
+    check its text, when that is not the session's: rows of a SQL_ASCII backup (bytes of no
+    stated encoding, sent in SQL_ASCII) loaded into a database of another encoding. PostgreSQL
+    checks neither converts text COPY under SQL_ASCII, and bytes invalid in the target's
+    encoding were stored as they were (a UTF8 database holding invalid UTF-8, which its own
+    reads, pg_dump included, then refuse). Under the target's encoding the bytes still go in
+    as they are, and any the target cannot hold fail the load. None: the session's
+    encoding stands."""
+    info = conn.info
+    server = info.parameter_status("server_encoding")
+    if info.parameter_status("client_encoding") == "SQL_ASCII" and server not in (None, "SQL_ASCII"):
+        return server
+    return None
 
 
 def load_failure(entry: TableEntry, exc: psycopg.Error) -> DatabaseError:

@@ -221,6 +221,42 @@ def test_a_database_whose_bytes_are_not_utf8_round_trips_and_its_changes_are_nam
         drop_all(pg_server, [copy, source])
 
 
+def test_a_sql_ascii_backup_restored_into_a_utf8_database_never_stores_invalid_utf8(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """Rows of a SQL_ASCII database are bytes of no stated encoding. Restored into an existing
+    UTF8 database, bytes that are UTF-8 (or ASCII) go in as they are (validation then names
+    the database's other encoding, as for any restore into one); a row holding bytes
+    that are not fails its load, naming the table, instead of being stored as they were (the
+    restore went on, validation failed on content_checksums, and the target held text its
+    own reads and pg_dump refuse: invalid byte sequence for encoding "UTF8")."""
+    source, good, bad = (f"{p}_{uuid.uuid4().hex[:8]}" for p in ("ascii_src", "utf8_ok", "utf8_bad"))
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source} TEMPLATE template0 ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'")
+        conn.execute(f"CREATE DATABASE {good}")
+        conn.execute(f"CREATE DATABASE {bad}")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("SET client_encoding = 'SQL_ASCII'")
+            conn.execute("CREATE TABLE public.words (id int PRIMARY KEY, w text)")
+            conn.execute("INSERT INTO public.words VALUES (1, 'plain'), (2, 'caf\u00e9')".encode())
+        clean = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        loaded = cli("restore", "full", "--repo", local_repo, "--backup", clean["id"], "--target-dsn", pg_server.dsn(good))
+        assert "loading public.words failed" not in loaded.stderr, loaded.stderr
+        with pg_server.admin_conn(good) as conn:
+            assert conn.execute("SELECT w FROM public.words WHERE id = 2").fetchone() == ("caf\u00e9",)
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("SET client_encoding = 'SQL_ASCII'")
+            conn.execute("INSERT INTO public.words VALUES (3, E'caf\\xe9 \\xff')")
+        dirty = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", dirty["id"], "--target-dsn", pg_server.dsn(bad))
+        assert proc.returncode == 1, proc.stderr
+        assert "loading public.words failed" in proc.stderr and 'invalid byte sequence for encoding "UTF8"' in proc.stderr
+        with pg_server.admin_conn(bad) as conn:
+            assert conn.execute("SELECT count(*) FROM public.words").fetchone() == (0,)
+    finally:
+        drop_all(pg_server, [source, good, bad])
+
+
 def test_a_sql_ascii_database_naming_a_table_with_other_bytes_is_refused_clearly(
         cli: Any, local_repo: str, pg_server: Any) -> None:
     name = f"named_{uuid.uuid4().hex[:8]}"
