@@ -25,7 +25,7 @@ from psycopg import sql
 
 from backup_tool.core.graphs import reachable
 from backup_tool.errors import RefusedError
-from backup_tool.postgres.connection import ConnInfo, find_tool, quoted_table
+from backup_tool.postgres.connection import ConnInfo, find_tool, quote_ident, quoted_table
 from backup_tool.streams import pipeline
 
 
@@ -591,8 +591,10 @@ def missing_tablespaces(needed: frozenset[str], present: Iterable[str]) -> Refus
         return None
     names = ", ".join(f'tablespace "{name}"' for name in missing)
     verb = "does" if len(missing) == 1 else "do"
+    create = "; ".join(f"CREATE TABLESPACE {quote_ident(name)} LOCATION '/a/directory/the/server/owns'"
+                       for name in missing)
     return RefusedError(f"the backup puts tables or indexes in {names}, which {verb} not exist on the target server",
-                        "create it there first (CREATE TABLESPACE \"NAME\" LOCATION '/a/directory/the/server/owns'), "
+                        f"create {'it' if len(missing) == 1 else 'them'} there first ({create}), "
                         "then run the restore again")
 
 
