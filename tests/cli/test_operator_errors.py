@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from clioutput import only_line
 from support.cli import Cli
-from support.clusters import PgServer, free_port
+from support.clusters import DbHandle, PgServer, free_port
 
 from backup_tool.postgres.connection import describe_connect_error
 
@@ -104,6 +104,31 @@ def test_a_server_without_a_free_connection_slot_says_so_and_writes_no_backup(
     assert "too many clients" in line and "no free connection slot" in line and "--jobs" in line, line
     assert "check --dsn" not in line, line
     assert cli("list", "--repo", str(repo), "--json").json() == [] or not repo.exists()
+
+
+def test_a_created_database_is_dropped_when_the_server_runs_out_of_slots_before_the_restore_claims_it(
+        cli: Cli, tmp_path: Path, pg_cluster_factory: Callable[..., PgServer]) -> None:
+    """restore full --create on a server with one free connection slot: the database is created,
+    the first connection to it is refused (too many clients), and the database is dropped on
+    the session that created it. It was left behind, empty and unmarked, since the drop
+    needed a new connection too (a warning said it could not drop it)."""
+    server = pg_cluster_factory(max_connections="8", superuser_reserved_connections="0")
+    with server.admin_conn() as conn:
+        conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+    repo = str(tmp_path / "repo")
+    cli.json("backup", "full", "--repo", repo, "--dsn", server.dsn())
+    DbHandle(server, "postgres").wait_alone()
+    held = [server.admin_conn() for _ in range(7)]
+    try:
+        proc = cli("restore", "full", "--repo", repo, "--target-dsn", server.dsn("landing"), "--create",
+                   "--dsn", server.dsn())
+        assert proc.returncode == 1, proc.stderr
+        assert "too many clients" in only_line(proc.stderr)
+        present = held[0].execute("SELECT count(*) FROM pg_database WHERE datname = 'landing'").fetchone()
+    finally:
+        for conn in held:
+            conn.close()
+    assert present == (0,), "a refused restore full --create leaves no database"
 
 
 def test_broken_policy_blocks_only_the_commands_that_use_it(cli: Cli, tmp_path: Path) -> None:
