@@ -127,10 +127,12 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
                        partial_layout: bool) -> Any:
     when = target_time if isinstance(target_time, datetime) else parse_time(target_time)
     target = Target("time", time=when, timeline=_live_timeline(bases, ConnInfo(target_dsn)))
-    source_db = ConnInfo(settings.dsn).params.get("dbname") or ConnInfo(target_dsn).dbname
+    named = ConnInfo(settings.dsn).params.get("dbname")
+    source_db = named or ConnInfo(target_dsn).dbname
     if not source_db:
         raise UsageError("cannot tell which database the tables come from",
                          "name it in --target-dsn (or --dsn)")
+    absent = functools.partial(_absent, source_db, when, "--dsn" if named else "--target-dsn")
     with terminate_as_interrupt():
         plan = plan_recovery(settings, target, None, reporter, wait)
         cleared = clear_leftovers(Path(tempfile.gettempdir()))
@@ -154,8 +156,8 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
             server = server_for(layout, priv, free_port())
             try:
                 point = _recover_keeping_log(server, layout, reporter, bool(into_schema),
-                                             _first_look(server, layout, source_db, when))
-                wanted, missed = _tables_as_recovered(server, layout, source_db, tables, when)
+                                             _first_look(server, layout, source_db, absent))
+                wanted, missed = _tables_as_recovered(server, layout, source_db, tables, when, absent)
             except _OtherDatabase as exc:
                 missed = [str(exc)]
             if missed:
@@ -169,7 +171,7 @@ def _restore_tables_at(bases: list[Manifest], settings: Settings, target_dsn: st
                                  server_binaries=True, scratch=True, pause=True, stop_early=True)
                 server = server_for(layout, priv, free_port())
                 point = _recover_keeping_log(server, layout, reporter, bool(into_schema))
-                wanted, _ = _tables_as_recovered(server, layout, source_db, tables, when)
+                wanted, _ = _tables_as_recovered(server, layout, source_db, tables, when, absent)
             if into_schema and point.paused:
                 promote_paused(server)
                 point = dataclasses.replace(point, paused=False)
@@ -329,8 +331,17 @@ class _OtherDatabase(Exception):
     """The database a partial lay-out's scratch cluster connects to is not the one laid out."""
 
 
+def _absent(source_db: str, when: datetime, named_by: str) -> NotFoundError:
+    """The error for a source database the recovered cluster does not have: the tables are
+    read from the database ``--dsn`` names, else from the one of ``--target-dsn``'s name."""
+    how = ("check the name and the time" if named_by == "--dsn" else
+           "the tables are read from the database of --target-dsn's name unless --dsn names "
+           "the one they come from; check the name and the time")
+    return NotFoundError(f"database {source_db} did not exist at {utc_iso(when)}", how)
+
+
 def _first_look(server: LocalServer, layout: Layout, source_db: str,
-                when: datetime) -> Callable[[], None] | None:
+                absent: Callable[[], NotFoundError]) -> Callable[[], None] | None:
     """For a table request's partial lay-out (every other database left out, ``postgres``
     included): the check :func:`recover` makes on its first connection, to ``source_db``.
 
@@ -356,8 +367,7 @@ def _first_look(server: LocalServer, layout: Layout, source_db: str,
                 row = conn.execute("SELECT oid::bigint FROM pg_database WHERE datname = current_database()").fetchone()
         except psycopg.Error as exc:
             if f'database "{source_db}" does not exist' in str(exc):
-                raise NotFoundError(f"database {source_db} did not exist at {utc_iso(when)}",
-                                    "check the name and the time") from None
+                raise absent() from None
             raise _OtherDatabase(f"database {source_db} cannot be read from the partial lay-out: "
                                  f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
         if row is None or int(row[0]) != expected:
@@ -367,12 +377,21 @@ def _first_look(server: LocalServer, layout: Layout, source_db: str,
 
 
 def _tables_as_recovered(server: LocalServer, layout: Layout, source_db: str, tables: list[str],
-                         when: datetime) -> tuple[set[tuple[str, str]], list[str]]:
+                         when: datetime, absent: Callable[[], NotFoundError]
+                         ) -> tuple[set[tuple[str, str]], list[str]]:
     """The (schema, name) of ``tables`` in the recovered database, and why a partial
     lay-out does not hold them as recovered (empty: it does, or the lay-out is full). A
-    partial lay-out's database was checked to be the backup's one (:func:`_first_look`)."""
+    partial lay-out's database was checked to be the backup's one (:func:`_first_look`);
+    a database the full lay-out does not have is named (``absent``), not reported as a
+    connection failure with a hint for another command."""
     choice = layout.choice
-    with server.conninfo(source_db).connect() as conn:
+    try:
+        conn = server.conninfo(source_db).connect()
+    except DatabaseError as exc:
+        if f'database "{source_db}" does not exist' in str(exc):
+            raise absent() from None
+        raise
+    with conn:
         wanted = _resolve_live(postgres.list_tables(conn), tables, when)
         if choice is None:
             return wanted, []

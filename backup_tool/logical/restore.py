@@ -32,7 +32,7 @@ import re
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -99,15 +99,16 @@ class RestoreResult:
         }
 
 
-def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any] | None = None) -> bool:
+def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any] | None = None,
+                    admin: psycopg.Connection[Any] | None = None) -> bool:
     """Create the target database if missing, with the backed-up encoding and locale
     (``properties``: the manifest's ``database`` record); return True if it was created (then
-    the caller owns it: see :func:`dropped_unless_kept`)."""
+    the caller owns it: see :func:`dropped_unless_kept`). ``admin``: an open session on the
+    server's ``postgres`` database to do it on (left open), else one of its own."""
     name = conninfo.dbname
     if not name:
         raise RefusedError("--create needs a database name in --target-dsn")
-    admin = conninfo.with_database("postgres")
-    with admin.connect() as conn:
+    with nullcontext(admin) if admin is not None else conninfo.with_database("postgres").connect() as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             return False
         if properties and properties.get("tablespace"):
@@ -125,32 +126,46 @@ def create_database(conninfo: ConnInfo, encoding: str, properties: dict[str, Any
 class _Created:
     """The database this run created, until the restore is committed to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, admin: psycopg.Connection[Any] | None = None) -> None:
         self.kept = False
+        self.admin = admin
 
     def keep(self) -> None:
         self.kept = True
+        self.release()
+
+    def release(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
+            self.admin = None
 
 
 @contextmanager
-def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter) -> Iterator[_Created]:
+def dropped_unless_kept(conninfo: ConnInfo, created: bool, reporter: Reporter,
+                        admin: psycopg.Connection[Any] | None = None) -> Iterator[_Created]:
     """Drop the database this run created if the block fails before calling ``keep()``: a
     refused or failed ``--create`` restore leaves the server as it found it. A database that
     already existed is never dropped. The block's own error is the one raised; a drop that
-    fails too is a warning naming the database."""
-    guard = _Created()
+    fails too is a warning naming the database. ``admin``: the session on ``postgres`` that
+    created it, held (and closed here) until ``keep()``, so that the drop needs no new
+    connection: on a server out of connection slots the first connection to the new
+    database failed, and so did the one to drop it, leaving it behind."""
+    guard = _Created(admin)
     try:
         yield guard
     except BaseException:
         if created and not guard.kept:
             assert conninfo.dbname
             try:
-                with conninfo.with_database("postgres").connect() as admin:
-                    database_level.drop_database(admin, conninfo.dbname)
+                with nullcontext(guard.admin) if guard.admin is not None \
+                        else conninfo.with_database("postgres").connect() as conn:
+                    database_level.drop_database(conn, conninfo.dbname)
             except (BackupToolError, psycopg.Error) as exc:
                 reporter.warning(f"could not drop database {conninfo.dbname}, created by this restore: "
                                  f"{str(exc).splitlines()[0]}")
         raise
+    finally:
+        guard.release()
 
 
 def set_sequences(conn: psycopg.Connection[Any], sequences: Iterable[SequenceRecord]) -> None:
@@ -187,12 +202,21 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
     run = _Run(storage, manifest, target, jobs or settings.policy.backup.jobs,
                run_validation if run_validation is not None else settings.policy.validation.after_restore,
                reporter)
-    created = create and create_database(target, manifest.encoding, manifest.inventory.get("database"))
+    admin = target.with_database("postgres").connect() if create else None
+    try:
+        created = create and create_database(target, manifest.encoding, manifest.inventory.get("database"), admin)
+    except BaseException:
+        if admin is not None:
+            admin.close()
+        raise
     if created:
         reporter.event("database created", database=target.dbname)
+    elif admin is not None:
+        admin.close()
+        admin = None
     reporter.event("restore started", id=manifest.id, database=manifest.database, target=target.redacted())
 
-    with dropped_unless_kept(target, created, reporter) as new_database, target.connect() as control:
+    with dropped_unless_kept(target, created, reporter, admin) as new_database, target.connect() as control:
         postgres.refuse_unchecked_bytes(control, manifest.encoding, manifest.id, target.redacted())
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
         if schema_from_migrations is None:

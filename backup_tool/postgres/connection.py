@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import json
 import os
 import re
 import threading
@@ -48,6 +49,7 @@ from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import Format
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 
 from backup_tool.core.checksum_methods import ChecksumMethod
 from backup_tool.errors import BackupToolError, ConfigError, DatabaseError, RefusedError
@@ -162,9 +164,19 @@ def _after_connect(conn: psycopg.Connection[Any]) -> None:
         for name in _TEXT_TYPES:
             conn.adapters.register_loader(name, _TransparentText)
             conn.adapters.register_loader(name, _TransparentBinaryText)
+    set_json_loads(functools.partial(_json_in_session_encoding, conn.info), conn)
     conn.execute("; ".join(statements))
     if not conn.autocommit:
         conn.commit()
+
+
+def _json_in_session_encoding(info: Any, data: str | bytes) -> Any:
+    """A json or jsonb value read in the session's client encoding, as the text beside it:
+    psycopg's own loader reads the bytes as UTF-8, and a name outside ASCII in a LATIN1
+    database (a column naïve in the catalog reads that build JSON) failed to decode."""
+    if not isinstance(data, str):
+        data = bytes(data).decode(info.encoding, "surrogateescape")
+    return json.loads(data)
 
 
 def describe_connect_error(exc: Exception, target: str) -> DatabaseError:
@@ -192,6 +204,9 @@ def describe_connect_error(exc: Exception, target: str) -> DatabaseError:
     elif "socket" in text and "No such file or directory" in text:
         hint = ("no server listens on that local socket (libpq's default when no host is given): name the "
                 "server's host and port in --dsn / DATABASE_URL (or PGHOST/PGPORT), or start the server")
+    elif "too many clients" in text or "connection slots are reserved" in text:
+        hint = ("the server has no free connection slot: each of --jobs is a session of its own; lower "
+                "--jobs, wait for other sessions to end, or raise max_connections")
     elif "closed the connection unexpectedly" in text:
         hint = "the server (or a proxy or pooler in front of it) dropped the connection: check its log and sslmode"
     else:

@@ -25,7 +25,7 @@ from psycopg import sql
 
 from backup_tool.core.graphs import reachable
 from backup_tool.errors import RefusedError
-from backup_tool.postgres.connection import ConnInfo, find_tool, quoted_table
+from backup_tool.postgres.connection import ConnInfo, find_tool, quote_ident, quoted_table
 from backup_tool.streams import pipeline
 
 SCHEMA_DUMP_OPTIONS = ("--format=custom", "--compress=0", "--schema-only")
@@ -204,9 +204,32 @@ def entries_per_transaction(lock_table_size: int) -> int:
     return max(MIN_ENTRIES_PER_TRANSACTION, lock_table_size // 4 // LOCKS_PER_ENTRY)
 
 
-def batches(ids: Sequence[str], size: int) -> list[list[str]]:
-    """``ids`` cut in order into runs of at most ``size``. Pure."""
-    return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
+def batches(ids: Sequence[str], size: int, attached: frozenset[str] = frozenset()) -> list[list[str]]:
+    """``ids`` cut in order into runs of at most ``size``, except that an id of ``attached``
+    never starts a run: it stays with the entry before it, and that run grows by it. Pure."""
+    runs: list[list[str]] = []
+    for i in ids:
+        if runs and (len(runs[-1]) < size or i in attached):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def annotation_ids(archive_path: Path, major: int) -> frozenset[str]:
+    """The dump ids of the archive's comments, privileges and security labels. pg_restore
+    restores one of them with ``--section`` and ``--use-list`` only when the object it
+    annotates is in the same run (otherwise it is skipped without a word): a replay cut into
+    runs keeps each with the entries before it, which pg_dump writes right after its object."""
+    try:
+        return frozenset(str(e.dump_id) for e in read_toc(archive_path.read_bytes()) if e.desc in _ANNOTATIONS)
+    except UnreadableToc:
+        listing = pipeline.run([find_tool("pg_restore", major), "--list", str(archive_path)],
+                               dict(os.environ), "pg_restore (list)").decode("utf-8", "replace")
+        return frozenset(m.group(1) for m in _ANNOTATION_LINE.finditer(listing))
+
+
+_ANNOTATION_LINE = re.compile(r"^(\d+); \d+ \d+ (?:COMMENT|ACL|SECURITY LABEL) ", re.MULTILINE)
 
 
 def lock_table_exhausted(exc: BaseException) -> bool:
@@ -309,7 +332,8 @@ def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section:
     than the server's lock table holds, although a backup of them needed fewer. With
     ``lock_bounded`` (a restore guarded by its unfinished-restore marker, or a scratch
     database) such a replay is cut, in the archive's order, into transactions of
-    :func:`entries_per_transaction` entries; without it, it stays all-or-nothing."""
+    :func:`entries_per_transaction` entries, each comment, privilege and security label in
+    the transaction of its object (:func:`annotation_ids`); without it, it stays all-or-nothing."""
     base = [find_tool("pg_restore", major), f"--section={section}", "--exit-on-error",
             "--dbname", conninfo.tool_conninfo()]
     counted: set[str] = set()
@@ -371,7 +395,9 @@ def restore_section(archive_path: Path, conninfo: ConnInfo, major: int, section:
                 continue
             if not size:
                 size.append(entries_per_transaction(lock_table_size(conninfo)))
-            for batch in batches(entries, size[0]) if len(entries) > size[0] else [ids]:
+            runs_of = batches(entries, size[0], annotation_ids(archive_path, major)) \
+                if len(entries) > size[0] else [ids]
+            for batch in runs_of:
                 run(False, batch, Path(tmp_name))
 
 
@@ -567,8 +593,10 @@ def missing_tablespaces(needed: frozenset[str], present: Iterable[str]) -> Refus
         return None
     names = ", ".join(f'tablespace "{name}"' for name in missing)
     verb = "does" if len(missing) == 1 else "do"
+    create = "; ".join(f"CREATE TABLESPACE {quote_ident(name)} LOCATION '/a/directory/the/server/owns'"
+                       for name in missing)
     return RefusedError(f"the backup puts tables or indexes in {names}, which {verb} not exist on the target server",
-                        "create it there first (CREATE TABLESPACE \"NAME\" LOCATION '/a/directory/the/server/owns'), "
+                        f"create {'it' if len(missing) == 1 else 'them'} there first ({create}), "
                         "then run the restore again")
 
 

@@ -9,13 +9,13 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psycopg
 import pytest
 from clioutput import only_line
 from support.cli import Cli
-from support.clusters import PgServer, free_port
+from support.clusters import DbHandle, PgServer, free_port
 
 from backup_tool.postgres.connection import describe_connect_error
 
@@ -84,6 +84,51 @@ def test_missing_database_mentions_create(pg_server: PgServer) -> None:
     message = str(describe_connect_error(exc, "PostgreSQL"))
     assert 'database "no_such_restore_target" does not exist' in message
     assert "add --create (restore full)" in message
+
+
+def test_a_server_without_a_free_connection_slot_says_so_and_writes_no_backup(
+        cli: Cli, tmp_path: Path, pg_cluster_factory: Callable[..., PgServer]) -> None:
+    """max_connections reached (a small server, other clients holding every slot): one line
+    naming the server's refusal and what to do about it (it said to check --dsn), exit 1,
+    and the repository holds no backup."""
+    server = pg_cluster_factory(max_connections="4", superuser_reserved_connections="0")
+    held = [server.admin_conn() for _ in range(4)]
+    try:
+        repo = tmp_path / "repo"
+        proc = cli("backup", "full", "--jobs", "4", "--repo", str(repo), "--dsn", server.dsn())
+    finally:
+        for conn in held:
+            conn.close()
+    assert proc.returncode == 1, proc.stderr
+    line = only_line(proc.stderr)
+    assert "too many clients" in line and "no free connection slot" in line and "--jobs" in line, line
+    assert "check --dsn" not in line, line
+    assert cli("list", "--repo", str(repo), "--json").json() == [] or not repo.exists()
+
+
+def test_a_created_database_is_dropped_when_the_server_runs_out_of_slots_before_the_restore_claims_it(
+        cli: Cli, tmp_path: Path, pg_cluster_factory: Callable[..., PgServer]) -> None:
+    """restore full --create on a server with one free connection slot: the database is created,
+    the first connection to it is refused (too many clients), and the database is dropped on
+    the session that created it. It was left behind, empty and unmarked, since the drop
+    needed a new connection too (a warning said it could not drop it)."""
+    server = pg_cluster_factory(max_connections="8", superuser_reserved_connections="0")
+    with server.admin_conn() as conn:
+        conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+    repo = str(tmp_path / "repo")
+    cli.json("backup", "full", "--repo", repo, "--dsn", server.dsn())
+    DbHandle(server, "postgres").wait_alone()
+    held = [server.admin_conn() for _ in range(7)]
+    try:
+        proc = cli("restore", "full", "--repo", repo, "--target-dsn", server.dsn("landing"), "--create",
+                   "--dsn", server.dsn())
+        assert proc.returncode == 1, proc.stderr
+        assert "too many clients" in only_line(proc.stderr)
+        present = held[0].execute("SELECT count(*) FROM pg_database WHERE datname = 'landing'").fetchone()
+    finally:
+        for conn in held:
+            conn.close()
+    assert present == (0,), "a refused restore full --create leaves no database"
 
 
 def test_broken_policy_blocks_only_the_commands_that_use_it(cli: Cli, tmp_path: Path) -> None:

@@ -708,6 +708,31 @@ def test_a_latin1_database_gets_its_table_back_byte_for_byte(cli: Any, local_rep
     assert db.execute(stored) == expected and expected[1][1] == "Straße".encode("latin-1")
 
 
+def test_a_latin1_database_with_non_ascii_names_backs_up_and_restores(cli: Any, local_repo: str,
+                                                                       latin1_db: DbHandle) -> None:
+    """Names outside ASCII in a LATIN1 database (a table café, a column naïve, an index,
+    a comment): the catalog reads that come back as JSON are decoded in the session's
+    encoding (the backup failed: unexpected UnicodeDecodeError), and the table comes back."""
+    db = latin1_db
+    db.execute('CREATE TABLE public."café" (id int PRIMARY KEY, "naïve" text NOT NULL)')
+    db.execute('CREATE INDEX "café_naïve" ON public."café" ("naïve")')
+    db.execute('COMMENT ON COLUMN public."café"."naïve" IS \'à la carte\'')
+    db.execute('INSERT INTO public."café" VALUES (1, \'crème brûlée\'), (2, \'ÿ ½\')')
+    state = ("SELECT (SELECT array_agg(convert_to(attname, 'LATIN1') ORDER BY attnum) FROM pg_attribute"
+             "         WHERE attrelid = 'public.\"café\"'::regclass AND attnum > 0),"
+             " (SELECT array_agg(convert_to(indexrelid::regclass::text, 'LATIN1') ORDER BY 1) FROM pg_index"
+             "   WHERE indrelid = 'public.\"café\"'::regclass),"
+             " convert_to(col_description('public.\"café\"'::regclass, 2), 'LATIN1'),"
+             " (SELECT array_agg(convert_to(\"naïve\", 'LATIN1') ORDER BY id) FROM public.\"café\")")
+    expected = db.execute(state)
+    assert expected[0][2] == "à la carte".encode("latin-1")
+    cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    db.execute('DROP TABLE public."café"')
+    result = cli.json("restore", "tables", "--repo", local_repo, "--tables", 'public."café"', "--target-dsn", db.dsn)
+    assert result["ok"] is True and result["rows"] == 2
+    assert db.execute(state) == expected
+
+
 def test_a_latin1_replace_whose_new_foreign_key_fails_gives_the_replaced_rows_back(
         cli: Any, local_repo: str, latin1_db: DbHandle) -> None:
     """In a LATIN1 database the definitions come as SQL run in the restore's session, as in

@@ -43,7 +43,7 @@ def test_restore_into_a_server_without_the_tablespace_refuses_naming_it(cli: Cli
         assert refused.returncode == 1, refused.stdout + refused.stderr
         error = json.loads(refused.stdout)
         assert f'tablespace "{space}"' in error["error"] and "does not exist" in error["error"]
-        assert "CREATE TABLESPACE" in (error["hint"] or "")
+        assert f'CREATE TABLESPACE "{space}" LOCATION' in (error["hint"] or ""), "the statement names the tablespace"
         assert not psql(pg_server, "postgres", f"SELECT 1 FROM pg_database WHERE datname = '{copy}'")
         pg_server.create_db(copy)
         one = cli("restore", "tables", "--repo", local_repo, "--backup", backup["id"], "--tables", "public.hot",

@@ -397,6 +397,26 @@ def test_a_database_dropped_before_the_time_is_named_without_the_whole_lay_out(w
     assert "laying out the whole base backup" not in proc.stdout + proc.stderr
 
 
+def test_a_target_database_absent_at_the_time_is_named_with_how_to_name_the_source(world: World) -> None:
+    """Without --dsn the tables come from the database of --target-dsn's name; a target created
+    after the time is not in the recovered cluster: the restore names it as a database that did
+    not exist then and says how to name the source (it said the scratch cluster could not be
+    connected to, with a hint to use restore full --create), and the target is left as it was."""
+    world.server.drop_db("landing")
+    world.server.create_db("landing")
+    try:
+        proc = world.cli("restore", "tables", "--repo", world.repo, "--tables", "orders",
+                         "--target-time", world.moments[0][0], "--target-dsn", world.server.dsn("landing"))
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"database landing did not exist at {world.moments[0][0][:19]}" in lines[0], lines
+        assert "--dsn" in lines[0] and "--create" not in lines[0] and "cannot connect" not in lines[0], lines
+        assert sql(world.server, "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace",
+                   db="landing")[0] == 0
+    finally:
+        world.server.drop_db("landing")
+
+
 def test_restore_pitr_of_one_database_drops_the_others(world: World) -> None:
     moment, expected = world.moments[2]
     pgdata, port = world.server.make_user_dir(), free_port()

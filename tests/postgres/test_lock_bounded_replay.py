@@ -32,6 +32,41 @@ def test_batches_keep_the_archive_order_and_every_entry_once() -> None:
     assert schema.batches([], 3) == []
 
 
+def test_an_annotation_never_starts_a_batch() -> None:
+    ids = [str(i) for i in (7, 3, 9, 1, 4, 8)]
+    assert schema.batches(ids, 2, frozenset({"9", "1"})) == [["7", "3", "9", "1"], ["4", "8"]]
+    assert schema.batches(ids, 2, frozenset({"7"})) == [["7", "3"], ["9", "1"], ["4", "8"]]
+
+
+def test_a_bounded_replay_keeps_every_comment_and_privilege_of_its_objects(
+        fresh_db: Any, pg_cluster_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """pg_restore --section --use-list skips, without a word, a comment or privilege whose
+    object is not in the same run: cut between a table and its column privileges, the
+    bounded replay lost them (found restoring the seed into a server of max_connections 10)."""
+    source = fresh_db("annotated_src")
+    source.execute("DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'reader') THEN "
+                   "CREATE ROLE reader; END IF; END$$")
+    source.execute(";".join(f"CREATE TABLE public.t{i} (id int PRIMARY KEY, v text); "
+                            f"COMMENT ON TABLE public.t{i} IS 'table {i}'; "
+                            f"COMMENT ON COLUMN public.t{i}.v IS 'value {i}'; "
+                            f"GRANT SELECT ON public.t{i} TO reader; GRANT UPDATE (v) ON public.t{i} TO reader"
+                            for i in range(120)))
+    archive = tmp_path / "schema.pgdump"
+    archive.write_bytes(subprocess.run([schema.find_tool("pg_dump", 15), "--format=custom", "--schema-only",
+                                        "--dbname", source.dsn], check=True, capture_output=True).stdout)
+    small = pg_cluster_factory(max_locks_per_transaction="10", max_connections="10", autovacuum="off")
+    small.admin_conn().execute("CREATE ROLE reader").close()
+    target = small.create_db("annotated")
+    schema.restore_section(archive, ConnInfo(target.dsn), 15, "pre-data", lock_bounded=True)
+    counts = ("SELECT (SELECT count(*) FROM information_schema.column_privileges WHERE grantee = 'reader'),"
+              " (SELECT count(*) FROM information_schema.table_privileges WHERE grantee = 'reader'),"
+              " (SELECT count(*) FROM pg_description d JOIN pg_class c ON c.oid = d.objoid"
+              "   WHERE c.relnamespace = 'public'::regnamespace)")
+    expected = source.execute(counts)[0]
+    assert expected == (360, 120, 240)
+    assert target.execute(counts)[0] == expected
+
+
 def test_listing_lines_give_their_ids_and_comments_or_continued_names_none() -> None:
     lines = ["; Archive created at 2026-11-27", "215; 1259 16390 TABLE public t1 postgres",
              "216; 1259 16395 TABLE public \"two", "lines\" postgres", ";217; 0 0 COMMENT public t1", ""]
