@@ -58,24 +58,32 @@ def before_snapshot(conn: psycopg.Connection[Any]) -> BeforeSnapshot | None:
 
 
 TYPES_DIGEST_SQL = """
+WITH RECURSIVE used(t) AS (
+  SELECT a.atttypid FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+   WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'm', 'f')
+  UNION
+  SELECT n.t FROM used u CROSS JOIN LATERAL (
+    SELECT typelem FROM pg_type WHERE oid = u.t AND typelem <> 0
+    UNION ALL SELECT typbasetype FROM pg_type WHERE oid = u.t AND typbasetype <> 0
+    UNION ALL SELECT rngsubtype FROM pg_range WHERE rngtypid = u.t
+    UNION ALL SELECT rngtypid FROM pg_range WHERE rngmultitypid = u.t
+    UNION ALL SELECT a.atttypid FROM pg_type ty JOIN pg_attribute a ON a.attrelid = ty.typrelid
+               WHERE ty.oid = u.t AND ty.typrelid <> 0 AND a.attnum > 0 AND NOT a.attisdropped
+  ) AS n(t)
+)
 SELECT md5(coalesce(string_agg(x, E'\\n' ORDER BY x), '')) FROM (
   SELECT format('enum %s %s %s', enumtypid, enumsortorder, enumlabel) FROM pg_enum
+   WHERE enumtypid IN (SELECT t FROM used)
   UNION ALL
   SELECT format('type %s %s %s %s %s %s %s %s', t.oid, t.typtype, t.typbasetype, t.typtypmod, t.typelem,
                 t.typoutput::oid, md5(coalesce(p.prosrc, '')), coalesce(p.probin, ''))
-    FROM pg_type t JOIN pg_proc p ON p.oid = t.typoutput WHERE t.oid >= 16384
+    FROM pg_type t JOIN pg_proc p ON p.oid = t.typoutput WHERE t.oid >= 16384 AND t.oid IN (SELECT t FROM used)
   UNION ALL
-  SELECT format('range %s %s', rngtypid, rngsubtype) FROM pg_range
+  SELECT format('range %s %s', rngtypid, rngsubtype) FROM pg_range WHERE rngtypid IN (SELECT t FROM used)
   UNION ALL
   SELECT format('attr %s %s %s %s %s %s', a.attrelid, a.attnum, a.attname, a.atttypid, a.atttypmod, a.attisdropped)
     FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-   WHERE a.attnum > 0 AND (c.relkind = 'c' OR c.reltype <> 0 AND c.reltype IN (
-           SELECT u.atttypid FROM pg_attribute u WHERE u.attnum > 0
-           UNION SELECT ty.typarray FROM pg_type ty
-                  WHERE ty.oid IN (SELECT u.atttypid FROM pg_attribute u WHERE u.attnum > 0)
-           UNION SELECT ty.typelem FROM pg_type ty
-                  WHERE ty.oid IN (SELECT u.atttypid FROM pg_attribute u WHERE u.attnum > 0)
-           UNION SELECT typbasetype FROM pg_type UNION SELECT rngsubtype FROM pg_range))
+   WHERE a.attnum > 0 AND c.reltype IN (SELECT t FROM used)
 ) AS s(x)
 """
 

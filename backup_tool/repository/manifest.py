@@ -285,7 +285,11 @@ class WalBasis:
     the snapshot below ``next_xid``). ``end_lsn`` was read after the snapshot: every record
     of every transaction it sees lies before it. ``types_digest`` covers the definitions
     that shape rows' text without rewriting them (enum labels, composite and domain types,
-    output functions of user types).
+    output functions of user types) of the types tables' columns use, directly or through
+    arrays, domains, ranges and composites: a table created since (its own row type new)
+    leaves it as it was unless its columns bring a type no other table used. A digest of
+    another tool version's query can differ for the same types: the checksums then decide
+    once.
     """
 
     timeline: int

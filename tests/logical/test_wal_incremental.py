@@ -961,3 +961,43 @@ def test_a_table_dumped_early_on_its_count_that_the_wal_shows_unchanged_is_reuse
     assert {t.full_name: (t.rows, t.checksum) for t in incr.tables} == {n: (v[3], v[4]) for n, v in now.items()}
     assert not early_objects[0] & _data_objects(archiving) - {o.key for o in incr.objects()}, \
         "the early object of a is deleted"
+
+
+def test_tables_created_since_the_parent_keep_the_wal_method_and_a_used_enum_relabelled_does_not(
+        archiving: Archiving) -> None:
+    """Every table brings a row type of its own: the digest of type definitions covered every
+    user type, so creating any table (pg_partman's next partition) had each later incremental
+    checksum every table ("a type definition ... changed"). It now covers the types columns
+    use: new tables, a new partition and a composite type no column uses leave the WAL method
+    deciding; an enum a column uses, relabelled, still makes the checksums decide, and both
+    incrementals hold exactly the database's rows."""
+    db = "types_" + archiving.base.name[-6:].lower().replace("-", "_")
+    archiving.server.create_db(db)
+    with psycopg.connect(archiving.dsn(db), autocommit=True) as conn:
+        conn.execute("CREATE TYPE mood AS ENUM ('sad', 'ok');"
+                     "CREATE TABLE t (id int PRIMARY KEY, m mood, tags mood[]);"
+                     "CREATE TABLE quiet (id int);"
+                     "CREATE TABLE meas (k int, v text) PARTITION BY RANGE (k);"
+                     "CREATE TABLE meas_1 PARTITION OF meas FOR VALUES FROM (0) TO (100);"
+                     "INSERT INTO t VALUES (1, 'sad', '{sad,ok}'), (2, 'ok', '{}');"
+                     "INSERT INTO quiet VALUES (1); INSERT INTO meas VALUES (5, 'a')")
+    backup.backup_full(settings_for(archiving, db))
+    with psycopg.connect(archiving.dsn(db), autocommit=True) as conn:
+        conn.execute("CREATE TABLE fresh (id int, m mood, note text);"
+                     "INSERT INTO fresh VALUES (1, 'ok', 'new');"
+                     "CREATE TABLE meas_2 PARTITION OF meas FOR VALUES FROM (100) TO (200);"
+                     "INSERT INTO meas VALUES (150, 'b');"
+                     "CREATE TYPE unused AS (a int, b text)")
+    created = backup.backup_incremental(settings_for(archiving, db), changes=walscan.changed_relations)
+    assert created.options["changed_tables_method"] == "wal", created.options
+    assert stored(created) == {"public.fresh", "public.meas_2"}
+    now = truth(archiving.dsn(db))
+    assert {t.full_name: t.checksum for t in created.tables} == {name: v[4] for name, v in now.items()}
+    with psycopg.connect(archiving.dsn(db), autocommit=True) as conn:
+        conn.execute("ALTER TYPE mood RENAME VALUE 'sad' TO 'blue'")
+    relabelled = backup.backup_incremental(settings_for(archiving, db), changes=walscan.changed_relations)
+    assert relabelled.options["changed_tables_method"] == "checksum", relabelled.options
+    assert "type definition" in relabelled.options["changed_tables_note"]
+    assert stored(relabelled) == {"public.t"}
+    now = truth(archiving.dsn(db))
+    assert {t.full_name: t.checksum for t in relabelled.tables} == {name: v[4] for name, v in now.items()}
