@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,9 +23,9 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from server_tool import archive_settings, archiving_workspace
+from support.archiving import Archiving, archiving_server
 from support.cli import Cli
-from support.clusters import PgServer, find_pg_bin_dir, start_pg_server
+from support.clusters import find_pg_bin_dir
 
 from backup_tool.config.policy import BackupSettings, Policy, Retention
 from backup_tool.config.settings import Settings
@@ -142,38 +140,10 @@ SCHEMA_CHANGING = ["create-table", "add-column", "drop-table", "comment", "grant
                    "refresh-mv-concurrently"]
 
 
-@dataclass
-class Archiving:
-    server: PgServer
-    repo: Path
-
-    def dsn(self, db: str) -> str:
-        return self.server.dsn(db)
-
-    def switch_and_wait(self) -> None:
-        """Have the archive hold a segment (``wal push`` records the cluster's identity with it)."""
-        with self.server.admin_conn() as conn:
-            last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
-            conn.execute("SELECT pg_switch_wal()")
-            deadline = time.monotonic() + 60
-            while (conn.execute("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").fetchone()[0]
-                   < last):
-                assert time.monotonic() < deadline, f"{last} not archived, see {self.server.log_file}"
-                time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def archiving() -> Iterator[Archiving]:
-    base, wrapper, repo = archiving_workspace("backup-tool-schemareuse-")
-    server = start_pg_server({**archive_settings(wrapper, repo), "autovacuum": "off"})
-    shutil.chown(repo, server.os_user, server.os_user)
-    try:
-        archiving = Archiving(server, repo)
-        archiving.switch_and_wait()
+    with archiving_server("backup-tool-schemareuse-") as archiving:
         yield archiving
-    finally:
-        server.destroy()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def settings_for(archiving: Archiving, db: str) -> Settings:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,9 +25,8 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_tool import archive_settings, archiving_workspace
+from support.archiving import Archiving, archiving_server
 from support.cli import Cli
-from support.clusters import PgServer, start_pg_server
 
 from backup_tool.config.policy import BackupSettings, Policy, Retention
 from backup_tool.config.settings import Settings
@@ -78,38 +76,10 @@ INSERT INTO meas_c SELECT 200 + g % 50, md5(g::text) FROM generate_series(1, 80)
 """
 
 
-@dataclass
-class Archiving:
-    server: PgServer
-    repo: Path
-    base: Path
-
-    def dsn(self, db: str = "postgres") -> str:
-        return self.server.dsn(db)
-
-    def switch_and_wait(self) -> None:
-        with self.server.admin_conn() as conn:
-            last = conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
-            conn.execute("SELECT pg_switch_wal()")
-            deadline = time.monotonic() + 60
-            while (conn.execute("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").fetchone()[0]
-                   < last):
-                assert time.monotonic() < deadline, f"{last} not archived, see {self.server.log_file}"
-                time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def archiving() -> Iterator[Archiving]:
-    base, wrapper, repo = archiving_workspace("backup-tool-walinc-")
-    server = start_pg_server({**archive_settings(wrapper, repo), "autovacuum": "off"})
-    shutil.chown(repo, server.os_user, server.os_user)
-    try:
-        archiving = Archiving(server, repo, base)
-        archiving.switch_and_wait()
+    with archiving_server("backup-tool-walinc-") as archiving:
         yield archiving
-    finally:
-        server.destroy()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def lsn_now(conn: psycopg.Connection[Any]) -> int:
