@@ -225,7 +225,8 @@ OPS = st.one_of(
     st.tuples(st.sampled_from(["insert", "update", "same", "delete", "rollback", "truncate", "truncate-rollback",
                                "copy", "vacuum-full", "toast", "retype"]), st.sampled_from(TABLES)),
     st.tuples(st.just("subxact"), st.sampled_from(TABLES), st.sampled_from(TABLES)),
-    st.tuples(st.sampled_from(["unlogged", "partition", "attach-detach", "nothing"])),
+    st.tuples(st.sampled_from(["unlogged", "partition", "attach-detach", "create-table", "drop-table",
+                               "nothing"])),
 )
 
 
@@ -278,6 +279,12 @@ def apply(conn: psycopg.Connection[Any], op: tuple[str, ...]) -> set[str]:
     elif kind == "partition":
         conn.execute("INSERT INTO meas SELECT g % 200, 'later' FROM generate_series(1, 7) g")
         tables = ["meas_a", "meas_b"]
+    elif kind == "create-table":
+        conn.execute("CREATE TABLE IF NOT EXISTS made (id int PRIMARY KEY, v text, n int);"
+                     "INSERT INTO made SELECT nextval('ids'), 'made', 3 FROM generate_series(1, 4)")
+        tables = ["made"]
+    elif kind == "drop-table":
+        conn.execute("DROP TABLE IF EXISTS made")
     elif kind == "attach-detach":
         attached = conn.execute("SELECT relispartition FROM pg_class WHERE oid = 'meas_c'::regclass").fetchone()[0]
         conn.execute("ALTER TABLE meas DETACH PARTITION meas_c" if attached
