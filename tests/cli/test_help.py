@@ -145,3 +145,37 @@ def test_readme_incident_index_links_to_distinct_walkthroughs() -> None:
     commands = [ln for ln in three.split("```", 1)[0].splitlines() if ln.strip()]
     assert len(commands) == 3 and commands[1].startswith("backup-tool check") \
         and commands[2].startswith("backup-tool backup full")
+
+
+COMMON_OPTIONS = {"--repo", "--dsn", "--policy", "--json", "--debug", "--pg-bin", "--help", "-h"}
+
+
+def _readme_command_lines() -> dict[tuple[str, ...], str]:
+    """README's command list: each command's words -> the options its lines write."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Commands\n", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    found: dict[tuple[str, ...], str] = {}
+    current: tuple[str, ...] = ()
+    for line in block.splitlines():
+        if line.startswith("backup-tool "):
+            words = line.split()[1:]
+            current = tuple(w for w in words[:2] if re.fullmatch(r"[a-z-]+", w) and not w.startswith("-"))
+            if len(current) == 2 and current[0] not in ("backup", "restore", "wal", "retention", "schema"):
+                current = current[:1]
+            found[current] = found.get(current, "") + " " + line
+        elif line.startswith(" ") and current:
+            found[current] += " " + line
+    return found
+
+
+def test_readme_command_list_and_help_name_the_same_options() -> None:
+    """README's command list is the contract (DESIGN.md): every option it writes exists, and
+    every option of a command (but the common ones, in the Configuration table) is in it."""
+    readme = _readme_command_lines()
+    commands = {tuple(path): cmd for path, cmd in _commands() if path and not hasattr(cmd, "commands")}
+    assert set(readme) == set(commands) - {("version",)}, set(readme) ^ set(commands)
+    for path, line in readme.items():
+        written = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", line))
+        params = {o for p in commands[path].params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+        assert written - params == set(), (path, written - params)
+        assert params - COMMON_OPTIONS - written == set(), (path, params - COMMON_OPTIONS - written)
