@@ -179,3 +179,15 @@ def test_readme_command_list_and_help_name_the_same_options() -> None:
         params = {o for p in commands[path].params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
         assert written - params == set(), (path, written - params)
         assert params - COMMON_OPTIONS - written == set(), (path, params - COMMON_OPTIONS - written)
+
+
+def test_readme_contents_links_resolve() -> None:
+    """The contents at the top of README link only to headings that exist."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = [ln.lstrip("#").strip() for ln in readme.splitlines() if re.match(r"#{1,4} ", ln)]
+    anchors = {_github_anchor(h) for h in headings}
+    contents = readme.split("**Contents.**", 1)[1].split("\n## ", 1)[0]
+    links = re.findall(r"\]\(#([^)]+)\)", contents)
+    assert len(links) >= 20 and [a for a in links if a not in anchors] == []
+    for anchor in ("set-up-the-two-commands", "exit-codes", "not-carried-by-design"):
+        assert anchor in links, anchor
