@@ -191,3 +191,19 @@ def test_readme_contents_links_resolve() -> None:
     assert len(links) >= 20 and [a for a in links if a not in anchors] == []
     for anchor in ("set-up-the-two-commands", "exit-codes", "not-carried-by-design"):
         assert anchor in links, anchor
+
+
+def test_every_command_help_ends_with_its_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    """An operator reading one command's --help learns what its exit code means without the
+    top-level help (status and wal fetch have codes of their own)."""
+    for path, cmd in _commands():
+        if hasattr(cmd, "commands") or path == ["version"]:
+            continue
+        text = _squeezed(_help(path, capsys))
+        assert "Exitcodes" in text, path
+        if path == ["status"]:
+            assert "0OK,1WARNING,2CRITICAL,3UNKNOWN" in text.split("Exitcodes", 1)[1]
+        elif path == ["wal", "fetch"]:
+            assert "1notinthearchive" in text and "255" in text.split("Exitcodes", 1)[1]
+        else:
+            assert "0ok,1failed,2usageerror,3verification/validationfoundaproblem" in text, path
