@@ -157,7 +157,7 @@ COMMON_PARAMS = [
     inspect.Parameter("repo", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[str], typer.Option("--repo", metavar="URL",
                                     help="Repository: s3://BUCKET/PREFIX or a directory (env BACKUP_TOOL_REPO; "
-                                         "default: the local directory shown in 'backup-tool --help')")]),
+                                         f"default: the local directory {default_repo()})")]),
     inspect.Parameter("dsn", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[str], typer.Option("--dsn", metavar="DSN",
                                     help="Source database (postgresql://user@host:port/db or key=value) "

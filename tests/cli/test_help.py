@@ -207,3 +207,13 @@ def test_every_command_help_ends_with_its_exit_codes(capsys: pytest.CaptureFixtu
             assert "1notinthearchive" in text and "255" in text.split("Exitcodes", 1)[1]
         else:
             assert "0ok,1failed,2usageerror,3verification/validationfoundaproblem" in text, path
+
+
+def test_every_command_help_names_the_default_repository(capsys: pytest.CaptureFixture[str]) -> None:
+    """--repo's help says where the embedded default is, not only the top-level help."""
+    from backup_tool.config.locations import default_repo
+
+    for path, cmd in _commands():
+        if hasattr(cmd, "commands") or path == ["version"]:
+            continue
+        assert _squeezed(str(default_repo())) in _squeezed(_help(path, capsys)), path
