@@ -36,7 +36,7 @@ def validate_cmd(
 
     settings = inv.settings
     manifest = storage = None
-    if against:
+    if against is not None:
         storage = open_repository(settings.repo_url)
         manifest = Catalog(storage).resolve(against, database=inv.database(database))
     report = validate(ConnInfo(settings.dsn), manifest, storage, jobs=jobs, reporter=inv.reporter)

@@ -52,6 +52,11 @@ Exit codes: 0 ok, 1 failed, 2 usage error, 3 verification/validation found a pro
 4 another backup/restore holds the lock.
 """
 
+EXIT_CODES = ("Exit codes: 0 ok, 1 failed, 2 usage error, 3 verification/validation found a problem, "
+              "4 another backup/restore holds the lock.")
+"""The end of every command's ``--help`` unless the command says otherwise (``status``'s
+Nagios codes, ``wal fetch``'s restore_command ones)."""
+
 # The main verbs first in 'backup-tool --help', then the rest in registration order.
 MAIN_COMMANDS = ("backup", "restore", "list", "show", "verify", "validate")
 
@@ -152,7 +157,7 @@ COMMON_PARAMS = [
     inspect.Parameter("repo", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[str], typer.Option("--repo", metavar="URL",
                                     help="Repository: s3://BUCKET/PREFIX or a directory (env BACKUP_TOOL_REPO; "
-                                         "default: the local directory shown in 'backup-tool --help')")]),
+                                         f"default: the local directory {default_repo()})")]),
     inspect.Parameter("dsn", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[str], typer.Option("--dsn", metavar="DSN",
                                     help="Source database (postgresql://user@host:port/db or key=value) "
@@ -257,10 +262,12 @@ class Invocation:
 
 
 def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = (),
-            dsn_help: str = DSN_HELP, needs_policy: bool = True) -> Callable[..., Any]:
+            dsn_help: str = DSN_HELP, needs_policy: bool = True,
+            exit_codes: str = EXIT_CODES) -> Callable[..., Any]:
     """Register ``fn(inv, **options)`` as a command that also takes the common options
     (``dsn_help`` says what ``--dsn`` is for where it is not the database the command reads;
-    ``needs_policy=False``: a broken policy file is a warning, see :attr:`Invocation.settings`)."""
+    ``needs_policy=False``: a broken policy file is a warning, see :attr:`Invocation.settings`;
+    ``exit_codes`` ends its ``--help``)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn, eval_str=True)
@@ -277,7 +284,7 @@ def command(group: typer.Typer, name: str, secret_params: tuple[str, ...] = (),
             raise typer.Exit(invoke(fn, common, redact, kwargs, needs_policy))
 
         wrapper.__signature__ = sig.replace(parameters=own + common_params(dsn_help))  # type: ignore[attr-defined]  # typer reads __signature__
-        group.command(name, cls=HelpCommand)(wrapper)
+        group.command(name, cls=HelpCommand, epilog=exit_codes)(wrapper)
         return fn
 
     return decorate

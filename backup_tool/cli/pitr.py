@@ -77,7 +77,8 @@ def restore_pitr_cmd(
                                                  help="Timeline to follow")] = "latest",
     port: Annotated[Optional[int], typer.Option("--port", metavar="PORT", min=1, max=65535,
                                                 help="Port for the restored server (written to its "
-                                                     "postgresql.auto.conf; default: the backed-up one)")] = None,
+                                                     "postgresql.auto.conf; default: the backed-up one, which the source "
+                                                     "server holds if it runs on this machine)")] = None,
     start: Annotated[bool, typer.Option("--start/--no-start",
                                         help="Start the server, wait for recovery, validate, and leave it "
                                              "running (--no-start: only lay out the data directory)")] = True,

@@ -115,7 +115,7 @@ def restore_tables_cmd(
 
             resume_collection()
             backend = ahead.backend_for(inv.settings.repo_url)
-            result = restore_tables(inv.settings, target_dsn, names, backup or "latest", into_schema=into_schema,
+            result = restore_tables(inv.settings, target_dsn, names, "latest" if backup is None else backup, into_schema=into_schema,
                                     replace=replace, with_roles=with_roles, jobs=jobs, reporter=inv.reporter,
                                     database=inv.database(database), backend=backend, session=session)
         except BaseException:

@@ -89,7 +89,8 @@ def run_due_cmd(
     return EXIT_FAILED if failed else 0
 
 
-@command(app, "status")
+@command(app, "status", exit_codes="Exit codes (Nagios): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. the "
+                                   "repository cannot be read).")
 def status_cmd(
     inv: Invocation,
     now: Annotated[Optional[str], typer.Option("--now", metavar="TS", help=NOW_HELP)] = None,

@@ -61,7 +61,7 @@ def diff_cmd(
     backup's schema (--against) or the live database (--dsn). Exit 3 on drift."""
     from backup_tool.schema.drift import diff
 
-    if against and inv.common.dsn:
+    if against is not None and inv.common.dsn:
         raise UsageError("give --against ID or --dsn DSN, not both",
                          "--against compares with a backup's schema, --dsn with a live database; "
                          "--scratch-dsn names the server for scratch databases")

@@ -56,7 +56,10 @@ def wal_push_cmd(
     return 0
 
 
-@command(wal_app, "fetch", needs_policy=False)
+@command(wal_app, "fetch", needs_policy=False,
+         exit_codes="Exit codes (PostgreSQL's restore_command conventions): 0 DEST holds the file, 1 not in "
+                    "the archive (or another failure), 2 usage error, 3 the archived copy is corrupt; with "
+                    "--abort-on-error, 255 on any failure but 'not in the archive'.")
 def wal_fetch_cmd(
     inv: Invocation,
     wal_name: Annotated[str, typer.Argument(metavar="WAL_NAME", help="The file to restore: PostgreSQL's %f")],

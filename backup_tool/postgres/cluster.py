@@ -198,12 +198,14 @@ class LocalServer:
                                 f"see {self.log_file}")
 
     def start_normal(self, timeout: int = 300) -> None:
-        """Start with the server's own configuration and wait until it accepts connections."""
+        """Start with the server's own configuration and wait until it accepts connections.
+        When its port is taken (the backed-up port, on the machine of the source server), the
+        hint says the directory is complete and how to start it on another port."""
         mark = self._log_size()
         done = self._ctl("-l", str(self.log_file), "-W", "start", timeout=60)
         if done.returncode != 0:
             raise DatabaseError(f"the restored server did not start with its own configuration: "
-                                f"{self.last_error() or done.stderr.strip()}", f"see {self.log_file}")
+                                f"{self.last_error() or done.stderr.strip()}", self._start_hint(self.log_text()[mark:]))
 
         def up() -> bool:
             found = self.postmaster()
@@ -212,7 +214,7 @@ class LocalServer:
             failed = self.last_error(self.log_text()[mark:])
             if failed:
                 raise DatabaseError(f"the restored server did not start with its own configuration: {failed}",
-                                    f"see {self.log_file}")
+                                    self._start_hint(self.log_text()[mark:]))
             return False
         self.wait_until(up, timeout, "the start with its own configuration")
 
@@ -279,6 +281,15 @@ class LocalServer:
             return self.log_file.stat().st_size
         except OSError:
             return 0
+
+    def _start_hint(self, text: str | None = None) -> str:
+        log = self.log_text() if text is None else text
+        if "could not create any TCP/IP sockets" in log or "Address already in use" in log:
+            return (f"its port is taken on this machine (another server); recovery is complete and "
+                    f"{self.pgdata} intact: set port = N (a free one) in its postgresql.auto.conf and start it "
+                    f"as {self.os_user} with 'pg_ctl -D {self.pgdata} start', or pass --port next time; "
+                    f"see {self.log_file}")
+        return f"see {self.log_file}"
 
     def last_error(self, text: str | None = None) -> str:
         """The last error line of the server log (of ``text``, a part of it, when given)."""

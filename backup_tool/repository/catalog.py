@@ -127,9 +127,10 @@ class RefProblem(Enum):
     OTHER_DATABASE = "other_database"
     UNKNOWN_ID = "unknown_id"
     AMBIGUOUS_ID = "ambiguous_id"
+    EMPTY = "empty"
 
 
-_USAGE_PROBLEMS = (RefProblem.SEVERAL_DATABASES, RefProblem.OTHER_DATABASE)
+_USAGE_PROBLEMS = (RefProblem.SEVERAL_DATABASES, RefProblem.OTHER_DATABASE, RefProblem.EMPTY)
 
 
 class UnresolvedBackup(BackupToolError):
@@ -432,8 +433,14 @@ class Catalog:
     def resolve(self, ref: str | None, kinds: tuple[str, ...] = LOGICAL_KINDS,
                 database: DatabaseHint | None = None) -> Manifest:
         """A backup by id, unique id prefix, or ``latest``: the newest of ``kinds`` of the
-        database ``database`` designates (see :func:`choose_latest`)."""
-        ref = ref or LATEST
+        database ``database`` designates (see :func:`choose_latest`). None means ``latest``; an
+        empty or blank reference (``--backup "$BACKUP"`` with the variable unset) is refused, never
+        read as ``latest``, which may be a backup taken after the damage."""
+        if ref is None:
+            ref = LATEST
+        elif not ref.strip():
+            raise UnresolvedBackup(RefProblem.EMPTY, "the backup reference is empty",
+                                   "give a backup id ('backup-tool list' shows them) or 'latest'")
         hint = database or DatabaseHint()
         if ref == LATEST:
             ids = self.ids()

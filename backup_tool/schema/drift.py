@@ -456,7 +456,7 @@ def diff(settings: Settings, migrations_dir: str | Path, against: str | None = N
     started = time.monotonic()
     found = migrations.discover(migrations_dir)
     server = ConnInfo(scratch_dsn if scratch_dsn else settings.dsn)
-    if against:
+    if against is not None:
         storage = open_repository(settings.repo_url)
         hint = database or DatabaseHint(dsn=ConnInfo(settings.dsn).dbname)
         manifest = Catalog(storage).resolve(against, database=hint)

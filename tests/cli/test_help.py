@@ -145,3 +145,75 @@ def test_readme_incident_index_links_to_distinct_walkthroughs() -> None:
     commands = [ln for ln in three.split("```", 1)[0].splitlines() if ln.strip()]
     assert len(commands) == 3 and commands[1].startswith("backup-tool check") \
         and commands[2].startswith("backup-tool backup full")
+
+
+COMMON_OPTIONS = {"--repo", "--dsn", "--policy", "--json", "--debug", "--pg-bin", "--help", "-h"}
+
+
+def _readme_command_lines() -> dict[tuple[str, ...], str]:
+    """README's command list: each command's words -> the options its lines write."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Commands\n", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    found: dict[tuple[str, ...], str] = {}
+    current: tuple[str, ...] = ()
+    for line in block.splitlines():
+        if line.startswith("backup-tool "):
+            words = line.split()[1:]
+            current = tuple(w for w in words[:2] if re.fullmatch(r"[a-z-]+", w) and not w.startswith("-"))
+            if len(current) == 2 and current[0] not in ("backup", "restore", "wal", "retention", "schema"):
+                current = current[:1]
+            found[current] = found.get(current, "") + " " + line
+        elif line.startswith(" ") and current:
+            found[current] += " " + line
+    return found
+
+
+def test_readme_command_list_and_help_name_the_same_options() -> None:
+    """README's command list is the contract (DESIGN.md): every option it writes exists, and
+    every option of a command (but the common ones, in the Configuration table) is in it."""
+    readme = _readme_command_lines()
+    commands = {tuple(path): cmd for path, cmd in _commands() if path and not hasattr(cmd, "commands")}
+    assert set(readme) == set(commands) - {("version",)}, set(readme) ^ set(commands)
+    for path, line in readme.items():
+        written = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", line))
+        params = {o for p in commands[path].params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+        assert written - params == set(), (path, written - params)
+        assert params - COMMON_OPTIONS - written == set(), (path, params - COMMON_OPTIONS - written)
+
+
+def test_readme_contents_links_resolve() -> None:
+    """The contents at the top of README link only to headings that exist."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = [ln.lstrip("#").strip() for ln in readme.splitlines() if re.match(r"#{1,4} ", ln)]
+    anchors = {_github_anchor(h) for h in headings}
+    contents = readme.split("**Contents.**", 1)[1].split("\n## ", 1)[0]
+    links = re.findall(r"\]\(#([^)]+)\)", contents)
+    assert len(links) >= 20 and [a for a in links if a not in anchors] == []
+    for anchor in ("set-up-the-two-commands", "exit-codes", "not-carried-by-design"):
+        assert anchor in links, anchor
+
+
+def test_every_command_help_ends_with_its_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    """An operator reading one command's --help learns what its exit code means without the
+    top-level help (status and wal fetch have codes of their own)."""
+    for path, cmd in _commands():
+        if hasattr(cmd, "commands") or path == ["version"]:
+            continue
+        text = _squeezed(_help(path, capsys))
+        assert "Exitcodes" in text, path
+        if path == ["status"]:
+            assert "0OK,1WARNING,2CRITICAL,3UNKNOWN" in text.split("Exitcodes", 1)[1]
+        elif path == ["wal", "fetch"]:
+            assert "1notinthearchive" in text and "255" in text.split("Exitcodes", 1)[1]
+        else:
+            assert "0ok,1failed,2usageerror,3verification/validationfoundaproblem" in text, path
+
+
+def test_every_command_help_names_the_default_repository(capsys: pytest.CaptureFixture[str]) -> None:
+    """--repo's help says where the embedded default is, not only the top-level help."""
+    from backup_tool.config.locations import default_repo
+
+    for path, cmd in _commands():
+        if hasattr(cmd, "commands") or path == ["version"]:
+            continue
+        assert _squeezed(str(default_repo())) in _squeezed(_help(path, capsys)), path

@@ -160,3 +160,27 @@ def test_output_cut_short_by_its_reader_is_no_error(cli: Cli, tmp_path: Path) ->
     finally:
         os.close(write_end)
     assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_an_empty_backup_reference_is_refused_not_read_as_latest(cli: Cli, tmp_path: Path,
+                                                                  pg_server: PgServer) -> None:
+    """`--backup "$BACKUP"` with BACKUP unset (the restore-tables walk-through sets it to the
+    newest backup before the damage): exit 2, one line, nothing written. It restored `latest`,
+    which may be a backup taken after the damage, and `--replace` then put that in place;
+    `validate --against ""` compared with no backup at all."""
+    db = pg_server.create_db("empty_ref")
+    db.execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
+    repo = str(tmp_path / "repo")
+    cli.json("backup", "full", "--repo", repo, "--dsn", db.dsn)
+    db.execute("DELETE FROM t")
+    for args in (("restore", "tables", "--tables", "public.t", "--backup", "", "--replace"),
+                 ("restore", "tables", "--tables", "public.t", "--backup", " ", "--into-schema", "copy"),
+                 ("restore", "full", "--backup", "", "--create"),
+                 ("show", ""), ("verify", ""), ("validate", "--against", "", "--dsn", db.dsn)):
+        target = pg_server.dsn("empty_ref_copy") if args[:2] == ("restore", "full") else db.dsn
+        proc = cli(*args, "--repo", repo, *(("--target-dsn", target) if args[0] == "restore" else ()))
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "the backup reference is empty" in only_line(proc.stderr), args
+    assert db.scalar("SELECT count(*) FROM t") == 0
+    assert db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'copy'") == 0
+    assert db.scalar("SELECT count(*) FROM pg_database WHERE datname = 'empty_ref_copy'") == 0

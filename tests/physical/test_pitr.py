@@ -249,6 +249,25 @@ def test_targets_outside_the_archive_are_refused(scenario: Scenario) -> None:
     assert usage.returncode == 2
 
 
+
+def test_the_backed_up_port_taken_on_this_machine_says_how_to_start_the_recovered_cluster(
+        scenario: Scenario) -> None:
+    """No --port, on the machine of the source server: the recovered cluster's own port is
+    taken, so its start with its own configuration fails after a complete recovery. The error
+    said only "see <log>"; it says the directory is complete and how to start it, and doing
+    so works."""
+    pgdata = scenario.pgdata()
+    proc = scenario.cli("restore", "pitr", "--repo", scenario.repo, "--target-lsn", scenario.lsn1,
+                        "--pgdata", pgdata, "--no-archive", "--no-validate")
+    assert proc.returncode == 1, proc.stderr
+    assert "port is taken" in proc.stderr and "--port" in proc.stderr and "recovery is complete" in proc.stderr
+    port = free_port()
+    with (pgdata / "postgresql.auto.conf").open("a") as conf:
+        conf.write(f"port = {port}\n")
+    scenario.server.run_as_os_user([scenario.server.bin_dir / "pg_ctl", "-D", pgdata, "-w", "-l",
+                                    pgdata / "log" / "after-hint.log", "start"])
+    assert dbcompare.table_hashes(scenario.dsn(port)) == scenario.fp_t1["tables"]
+
 def test_damaged_archive_never_reaches_postgres(scenario: Scenario) -> None:
     """A corrupt segment stops recovery with the reason; a missing one is refused up front."""
     copy = scenario.server.make_user_dir("repo-copy")
