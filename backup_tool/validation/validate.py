@@ -219,12 +219,30 @@ def check_schema(conninfo: ConnInfo, major: int, manifest: Manifest, storage: St
         if deparse.folded(expected) == deparse.folded(live):
             return Check("schema_matches", True,
                          f"schema matches the backup's archive up to {deparse.tolerated([(expected, live)])}")
-        expected, live = deparse.folded(expected), deparse.folded(live)
-        diff = [ln for ln in difflib.unified_diff(expected.splitlines(), live.splitlines(),
-                                                  "backup", "database", n=0, lineterm="")
-                if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
-        detail += f" ({len(diff)} lines): " + " | ".join(schema.mask_secret_options(ln)[:120] for ln in diff[:4])
+        diff = schema_diff(deparse.folded(expected), deparse.folded(live))
+        detail += f" ({len(diff)} lines): " + " | ".join(diff[:4])
     return Check("schema_matches", False, detail)
+
+
+def schema_diff(expected: str, live: str, shown: int = 4) -> list[str]:
+    """The lines of schema text that differ, ``-`` the backup's and ``+`` the database's; the
+    first ``shown`` are worded (secret options masked, cut at 120 characters) and the others
+    left as they are. A line inside a statement (a column or constraint of ``CREATE TABLE``,
+    indented) is prefixed with that statement's first line: ``lifecycle_stage ... DEFAULT 'x'``
+    alone does not say which of the tables with such a column changed."""
+    a, b = expected.splitlines(), live.splitlines()
+    changed = [(sign, lines, i)
+               for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b).get_opcodes() if tag != "equal"
+               for sign, lines, i in [*(("-", a, i) for i in range(i1, i2)), *(("+", b, j) for j in range(j1, j2))]]
+    return [_worded(sign, lines, i) if n < shown else sign + lines[i] for n, (sign, lines, i) in enumerate(changed)]
+
+
+def _worded(sign: str, lines: list[str], i: int) -> str:
+    line = schema.mask_secret_options(sign + lines[i])[:120]
+    if not lines[i][:1].isspace():
+        return line
+    head = next((ln for ln in reversed(lines[:i]) if ln.strip() and not ln[:1].isspace()), None)
+    return line if head is None else f"{schema.mask_secret_options(head.rstrip(' (')[:120])}: {line}"
 
 
 def check_major_upgrade(backup_major: int, major: int, tolerated: tuple[majors.Tolerance, ...],

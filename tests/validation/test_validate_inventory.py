@@ -496,3 +496,23 @@ def test_a_dropped_schema_fails_the_checks_naming_its_tables(
     failed = failed_checks(cli, local_repo, db.dsn, entry["id"])
     assert failed["row_counts"] == f"missing tables: {SCHEMA}.Tab le ü"
     assert f"{SCHEMA}.Tab le ü" in failed["column_order"]
+
+
+def test_a_changed_column_is_named_with_its_table(cli: Any, local_repo: str, fresh_db: Callable[..., Any]) -> None:
+    """MLflow's ``experiments``, ``runs`` and ``logged_models`` each have a ``lifecycle_stage``
+    column: a default set on one of them failed ``schema_matches`` with the column's line alone,
+    not saying which table. Each changed line inside a statement now comes with its first line."""
+    db = fresh_db("coltable")
+    with db.connect() as conn:
+        conn.execute("""
+            CREATE TABLE experiments (id int PRIMARY KEY, lifecycle_stage varchar(20));
+            CREATE TABLE runs (id int PRIMARY KEY, lifecycle_stage varchar(20), status varchar(9) NOT NULL);
+        """)
+    entry = cli.json("backup", "full", "--repo", local_repo, "--dsn", db.dsn)
+    with db.connect() as conn:
+        conn.execute("ALTER TABLE runs ALTER COLUMN lifecycle_stage SET DEFAULT 'active'")
+    failed = failed_checks(cli, local_repo, db.dsn, entry["id"])
+    assert set(failed) == {"schema_matches"}, failed
+    assert ("CREATE TABLE public.runs: +    lifecycle_stage character varying(20) DEFAULT 'active'"
+            in failed["schema_matches"]), failed
+    assert "public.experiments" not in failed["schema_matches"]
