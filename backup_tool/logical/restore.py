@@ -218,6 +218,13 @@ def restore_full(settings: Settings, target_dsn: str | ConnInfo, backup_ref: str
 
     with dropped_unless_kept(target, created, reporter, admin) as new_database, target.connect() as control:
         postgres.refuse_unchecked_bytes(control, manifest.encoding, manifest.id, target.redacted())
+        fixed = [] if created else database_level.fixed_differences(manifest.inventory.get("database"),
+                                                                    database_level.properties(control))
+        if fixed:
+            reporter.warning(f"the target database keeps its own {'; '.join(fixed)}: a database keeps what it "
+                             "was created with, so validation will fail database_properties (and content_checksums "
+                             "of text the encodings write differently); restore with --create for the backup's",
+                             differences=fixed)
         major = postgres.tools_major(control, manifest.server_version_num // 10000)
         if schema_from_migrations is None:
             extensions.refuse_missing_extensions(control, manifest.inventory.get("extensions", []))

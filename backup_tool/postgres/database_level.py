@@ -66,21 +66,39 @@ def properties(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     return {**row, "acl": [list(a) for a in row["acl"]], "settings": [list(s) for s in row["settings"]]}
 
 
+FIXED_AT_CREATION = ("encoding", "collate", "ctype", "locale_provider", "icu_locale")
+"""Properties a database gets when it is created and keeps: a restore into an existing
+database cannot give it the backup's."""
+
+
 def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """What differs between two property records, one phrase per difference."""
-    found = []
-    for key in ("owner", "encoding", "collate", "ctype", "locale_provider", "icu_locale",
-                "connection_limit", "comment", "is_template", "tablespace"):
+    found = [_phrase(key, expected, actual) for key in FIXED_AT_CREATION if expected.get(key) != actual.get(key)]
+    for key in ("owner", "connection_limit", "comment", "is_template", "tablespace"):
         if key in ("is_template", "tablespace") and key not in expected:
             continue
         if expected.get(key) != actual.get(key):
-            found.append(f"{key.replace('_', ' ')} {actual.get(key)!r}, backup {expected.get(key)!r}")
+            found.append(_phrase(key, expected, actual))
     for key, what in (("acl", "grant"), ("settings", "setting")):
         want = {tuple(x) for x in expected.get(key, [])}
         have = {tuple(x) for x in actual.get(key, [])}
         found += [f"missing {what} {_describe(key, x)}" for x in sorted(want - have)]
         found += [f"unexpected {what} {_describe(key, x)}" for x in sorted(have - want)]
     return found
+
+
+def fixed_differences(expected: dict[str, Any] | None, actual: dict[str, Any]) -> list[str]:
+    """Those of :func:`differences` in :data:`FIXED_AT_CREATION`: what a restore into the
+    existing database ``actual`` describes cannot make equal to the backup's ``expected``
+    (None, or a property it did not record: nothing to say). Pure."""
+    if not expected:
+        return []
+    return [_phrase(key, expected, actual) for key in FIXED_AT_CREATION
+            if key in expected and expected[key] != actual.get(key)]
+
+
+def _phrase(key: str, expected: dict[str, Any], actual: dict[str, Any]) -> str:
+    return f"{key.replace('_', ' ')} {actual.get(key)!r}, backup {expected.get(key)!r}"
 
 
 def _describe(key: str, item: tuple[str, ...]) -> str:

@@ -685,3 +685,33 @@ def test_no_session_or_program_of_the_tool_compiles_its_queries_whatever_jit_a_d
             assert conn.execute("SHOW jit").fetchone() == ("on",)
     finally:
         pg_server.drop_db(name)
+
+
+def test_a_restore_into_an_existing_database_of_another_locale_says_so_before_it_starts(
+        cli: Any, local_repo: str, pg_server: Any) -> None:
+    """A database keeps the encoding and locale it was created with: restored into an existing
+    one of another collation, the restore could only end in exit 3 on database_properties, and
+    said nothing until then. It now warns at the start, naming the differences and --create;
+    a restore with --create (the backup's locale) says nothing of the kind."""
+    source, other, fresh = (f"{p}_{uuid.uuid4().hex[:8]}" for p in ("loc_src", "loc_other", "loc_fresh"))
+    with pg_server.admin_conn() as conn:
+        conn.execute(f"CREATE DATABASE {source} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'")
+        conn.execute(f"CREATE DATABASE {other} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C.UTF-8'"
+                     " LC_CTYPE 'C.UTF-8'")
+    try:
+        with pg_server.admin_conn(source) as conn:
+            conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, w text); INSERT INTO public.t VALUES (1, 'a')")
+        backup = cli.json("backup", "full", "--repo", local_repo, "--dsn", pg_server.dsn(source))
+        proc = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"],
+                   "--target-dsn", pg_server.dsn(other))
+        assert proc.returncode == 3, proc.stderr
+        warned = [line for line in proc.stderr.splitlines() if "keeps its own" in line]
+        assert len(warned) == 1, proc.stderr
+        assert "collate 'C.UTF-8', backup 'C'" in warned[0] and "--create" in warned[0], warned[0]
+        assert proc.stderr.index(warned[0]) < proc.stderr.index("database_properties"), proc.stderr
+        created = cli("restore", "full", "--repo", local_repo, "--backup", backup["id"], "--create",
+                      "--target-dsn", pg_server.dsn(fresh))
+        assert created.returncode == 0, created.stderr
+        assert "keeps its own" not in created.stderr
+    finally:
+        drop_all(pg_server, [source, other, fresh])
