@@ -837,8 +837,7 @@ def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str, column
     either way.
     """
     _check_server(conn, method)
-    typed = [ColumnType(c, 0) for c in columns] if method is ChecksumMethod.ROW_TEXT \
-        else list(types) if types is not None else column_types(conn, schema, name, columns)
+    typed = _hashed_types(conn, method, schema, name, columns, types)
     if not _jit_off_at_start(conn):
         conn.execute("SET jit = off")
     condition = ctid_condition(blocks)
@@ -847,6 +846,15 @@ def table_checksum(conn: psycopg.Connection[Any], schema: str, name: str, column
                                                     where)).fetchone()
     assert row is not None
     return int(row[0]), f"{int(row[1]):016x}"
+
+
+def _hashed_types(conn: psycopg.Connection[Any], method: ChecksumMethod, schema: str, name: str,
+                  columns: Sequence[str], types: Sequence[ColumnType] | None) -> list[ColumnType]:
+    """The columns as ``method`` hashes them: by name alone for ``row-text``, else with their
+    types (``types`` when the caller read them, else read here)."""
+    if method is ChecksumMethod.ROW_TEXT:
+        return [ColumnType(c, 0) for c in columns]
+    return list(types) if types is not None else column_types(conn, schema, name, columns)
 
 
 def _check_server(conn: psycopg.Connection[Any], method: ChecksumMethod) -> None:
@@ -873,8 +881,7 @@ def table_checksums(conn: psycopg.Connection[Any], targets: Sequence[ChecksumTar
         return []
     branches = []
     for i, (schema, name, columns, types) in enumerate(targets):
-        typed = [ColumnType(c, 0) for c in columns] if method is ChecksumMethod.ROW_TEXT \
-            else list(types) if types is not None else column_types(conn, schema, name, columns)
+        typed = _hashed_types(conn, method, schema, name, columns, types)
         branches.append(sql.SQL("SELECT {} AS i, * FROM ({}) AS one").format(
             sql.Literal(i), sql.SQL(CHECKSUM_SQL).format(row_hash_sql(method, typed), qualified(schema, name),
                                                          sql.SQL(""))))

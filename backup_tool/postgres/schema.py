@@ -173,10 +173,15 @@ def section_listing(archive_path: Path, major: int, section: str | None) -> list
 
 @functools.lru_cache(maxsize=16)
 def _listing(path: str, _inode: int, _size: int, _mtime_ns: int, major: int, section: str | None) -> tuple[str, ...]:
+    return tuple(_listed_ids(_listing_text(path, _inode, _size, _mtime_ns, major, section).splitlines()))
+
+
+@functools.lru_cache(maxsize=16)
+def _listing_text(path: str, _inode: int, _size: int, _mtime_ns: int, major: int, section: str | None) -> str:
+    """``pg_restore --list`` of the archive file as it stands (one section, or None: all)."""
     chosen = [f"--section={section}"] if section is not None else []
-    listing = pipeline.run([find_tool("pg_restore", major), "--list", *chosen, path],
-                           dict(os.environ), "pg_restore (list)")
-    return tuple(_listed_ids(listing.decode("utf-8", "replace").splitlines()))
+    return pipeline.run([find_tool("pg_restore", major), "--list", *chosen, path],
+                        dict(os.environ), "pg_restore (list)").decode("utf-8", "replace")
 
 
 def section_ids(archive_path: Path, major: int, section: str) -> set[str]:
@@ -224,8 +229,8 @@ def annotation_ids(archive_path: Path, major: int) -> frozenset[str]:
     try:
         return frozenset(str(e.dump_id) for e in read_toc(archive_path.read_bytes()) if e.desc in _ANNOTATIONS)
     except UnreadableToc:
-        listing = pipeline.run([find_tool("pg_restore", major), "--list", str(archive_path)],
-                               dict(os.environ), "pg_restore (list)").decode("utf-8", "replace")
+        st = archive_path.stat()
+        listing = _listing_text(str(archive_path), st.st_ino, st.st_size, st.st_mtime_ns, major, None)
         return frozenset(m.group(1) for m in _ANNOTATION_LINE.finditer(listing))
 
 
