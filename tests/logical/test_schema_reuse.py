@@ -398,6 +398,12 @@ def test_an_incremental_reusing_the_schema_restores_and_validates(archiving: Arc
     assert result["ok"] is True, result
     shown = cli.json("list", "--repo", str(archiving.repo))
     assert next(e for e in shown if e["id"] == second.id)["schema_reused_from"] == first.id
+    with psycopg.connect(archiving.dsn("restored_reuse"), autocommit=True) as conn:
+        conn.execute("COMMENT ON TABLE a IS 'changed after the restore'")
+    changed = cli.json("validate", "--repo", str(archiving.repo), "--dsn", archiving.dsn("restored_reuse"),
+                       "--against", second.id, expect_rc=3)
+    failed = [c["name"] for c in changed["checks"] if not c["ok"]]
+    assert "schema_matches" in failed, failed
 
 
 def test_autovacuum_and_autoanalyze_keep_the_reuse(archiving: Archiving) -> None:
